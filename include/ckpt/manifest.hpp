@@ -1,0 +1,84 @@
+// The manifest: every input file, every tensor as a byte range, and the decoded
+// FSDP x MP layout, as versioned JSON (schema in README.md, "Manifest schema").
+//
+// Building one reads zip directories and pickles only, never tensor data. Every
+// command that takes checkpoint files also takes a manifest (`.json` or
+// `.json.zst`); `check_fresh` refuses a manifest whose files have changed.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "ckpt/dtype.hpp"
+#include "ckpt/metaseq.hpp"
+
+namespace ckpt {
+
+inline constexpr int kManifestVersion = 1;
+inline constexpr const char* kManifestFormat = "ckpt-tool-manifest";
+
+struct ManifestTensor {
+  std::string path;  // object path: "model/decoder.layers.0.flat_param_0"
+  DType dtype = DType::Float32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> stride;
+  std::string storage_key;
+  std::int64_t storage_offset = 0;
+  std::string record_name;
+  std::uint32_t record_crc32 = 0;
+  std::uint64_t file_byte_offset = 0;
+  std::uint64_t nbytes = 0;
+  bool requires_grad = false;
+
+  std::uint64_t numel() const;
+  // "model", "optimizer_state" or "other", from the top-level key of `path`.
+  std::string section() const;
+};
+
+struct ManifestFile {
+  std::string path;  // absolute
+  std::uint64_t size_bytes = 0;
+  std::int64_t mtime_ns = 0;
+  std::string archive_name;
+  FileRole role;
+  int pickle_protocol = 2;
+  std::vector<std::string> top_level_keys;
+  std::vector<ManifestTensor> tensors;
+  std::optional<FsdpMetadata> fsdp;
+  nlohmann::json objects;  // the object tree, tensors as {"$tensor": index}
+};
+
+struct Grid {
+  int mp = 0;  // parts found (max part + 1); 0 when files carry no roles
+  int dp = 0;  // shards per part
+  std::vector<std::vector<int>> cells;  // [part][shard] -> file index, -1 when missing
+  std::vector<std::string> problems;    // missing cells, duplicates, inconsistent metadata
+};
+
+struct Manifest {
+  std::vector<ManifestFile> files;
+  Grid grid;
+};
+
+// Indexes `paths` (files, already expanded). Throws Error on unreadable input.
+Manifest build_manifest(const std::vector<std::string>& paths);
+ManifestFile describe_file(const Checkpoint& checkpoint);
+Grid detect_grid(const std::vector<ManifestFile>& files);
+
+nlohmann::json manifest_to_json(const Manifest& manifest);
+Manifest manifest_from_json(const nlohmann::json& json, const std::string& source);
+
+// Reads a manifest file (zstd-compressed when it ends in .zst).
+Manifest read_manifest(const std::string& path);
+// Writes it atomically (temp file, fsync, rename); zstd when `path` ends in .zst.
+void write_manifest(const Manifest& manifest, const std::string& path, bool overwrite);
+bool looks_like_manifest(const std::string& path);
+
+// Throws Error naming the first file whose size or mtime no longer match.
+void check_fresh(const Manifest& manifest);
+
+}  // namespace ckpt

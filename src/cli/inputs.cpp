@@ -1,0 +1,66 @@
+#include "inputs.hpp"
+
+#include <fmt/format.h>
+#include <glob.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <tuple>
+
+namespace ckpt::cli {
+
+namespace fs = std::filesystem;
+
+std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
+  std::vector<std::string> files;
+  for (const std::string& input : inputs) {
+    std::error_code ec;
+    if (fs::is_directory(input, ec)) {
+      for (const auto& entry : fs::directory_iterator(input)) {
+        if (entry.is_regular_file() && entry.path().extension() == ".pt") files.push_back(entry.path().string());
+      }
+      continue;
+    }
+    if (fs::exists(input, ec) || input.find_first_of("*?[") == std::string::npos) {
+      files.push_back(input);  // a missing plain name is reported when it is opened
+      continue;
+    }
+    glob_t matches{};
+    int rc = ::glob(input.c_str(), 0, nullptr, &matches);
+    if (rc == 0) {
+      for (std::size_t i = 0; i < matches.gl_pathc; ++i) files.emplace_back(matches.gl_pathv[i]);
+    }
+    globfree(&matches);
+    if (rc != 0) throw Error(Location{input, "", std::nullopt}, "no file matches this pattern");
+  }
+  auto key = [](const std::string& path) {
+    FileRole role = parse_file_role(path);
+    return std::make_tuple(role.mp_part.value_or(-1), role.dp_shard.value_or(-1), path);
+  };
+  std::sort(files.begin(), files.end(), [&](const std::string& a, const std::string& b) { return key(a) < key(b); });
+  files.erase(std::unique(files.begin(), files.end()), files.end());
+  if (files.empty()) throw Error("no input files (directories are searched for *.pt files)");
+  return files;
+}
+
+Manifest load_inputs(const std::vector<std::string>& inputs) {
+  if (inputs.size() == 1 && looks_like_manifest(inputs[0])) {
+    Manifest manifest = read_manifest(inputs[0]);
+    check_fresh(manifest);
+    return manifest;
+  }
+  return build_manifest(expand_inputs(inputs));
+}
+
+std::string human_bytes(std::uint64_t nbytes) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double value = static_cast<double>(nbytes);
+  int unit = 0;
+  while (value >= 1024.0 && unit < 4) {
+    value /= 1024.0;
+    ++unit;
+  }
+  return unit == 0 ? fmt::format("{} B", nbytes) : fmt::format("{:.1f} {}", value, kUnits[unit]);
+}
+
+}  // namespace ckpt::cli

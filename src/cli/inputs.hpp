@@ -1,0 +1,23 @@
+// Turning command-line INPUT arguments into checkpoint files or a manifest.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "ckpt/manifest.hpp"
+
+namespace ckpt::cli {
+
+// Files, globs and directories (every *.pt file inside) to a sorted list of
+// files: by model part, then shard, then name. Throws Error for a name that
+// matches nothing.
+std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs);
+
+// A single `.json`/`.json.zst` argument is read as a manifest (and checked to be
+// fresh); anything else is indexed now.
+Manifest load_inputs(const std::vector<std::string>& inputs);
+
+// "12.3 MiB"
+std::string human_bytes(std::uint64_t nbytes);
+
+}  // namespace ckpt::cli

@@ -1,0 +1,50 @@
+// ckpt-tool: consolidate and reshard sharded PyTorch checkpoints without loading
+// them. Exit codes: 0 success, 1 failure (bad input, I/O), 2 usage error.
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <map>
+
+#include "ckpt/error.hpp"
+#include "ckpt/output_file.hpp"
+#include "commands.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"ckpt-tool: index, inspect, stitch and reshard sharded PyTorch checkpoints, zero-copy"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "ckpt-tool 0.1.0");
+  std::map<CLI::App*, ckpt::cli::Action> actions;
+  auto add = [&](const char* name, const char* description, auto adder) {
+    CLI::App* sub = app.add_subcommand(name, description);
+    actions[sub] = adder(*sub);
+  };
+  add("manifest", "index checkpoint files into a JSON manifest (no tensor data is read)",
+      ckpt::cli::add_manifest_command);
+  add("inspect", "show a manifest or checkpoint files: grid, sizes, object tree, problems",
+      ckpt::cli::add_inspect_command);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+  ckpt::install_cleanup_handlers();
+  try {
+    for (auto& [sub, action] : actions) {
+      if (sub->parsed()) return action();
+    }
+  } catch (const ckpt::Error& e) {
+    fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
+    return 1;
+  }
+  return 2;
+}

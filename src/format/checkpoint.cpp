@@ -1,0 +1,280 @@
+// Opening a torch.save file: archive name, pickle, storages and tensor references.
+#include "ckpt/checkpoint.hpp"
+
+#include "ckpt/pyobject.hpp"
+
+#include <fmt/format.h>
+
+#include <functional>
+#include <unordered_set>
+
+namespace ckpt {
+
+using pickle::Graph;
+using pickle::Kind;
+using pickle::NodeId;
+
+std::uint64_t TensorRef::numel() const {
+  std::uint64_t count = 1;
+  for (std::int64_t dim : shape) count *= static_cast<std::uint64_t>(dim);
+  return count;
+}
+
+bool TensorRef::is_contiguous() const {
+  std::int64_t expected = 1;
+  for (std::size_t i = shape.size(); i-- > 0;) {
+    if (shape[i] != 1 && stride[i] != expected) return false;
+    expected *= shape[i];
+  }
+  return true;
+}
+
+std::string key_label(const Graph& graph, NodeId key) {
+  const pickle::Node& node = graph[key];
+  switch (node.kind) {
+    case Kind::Str: return node.text;
+    case Kind::Int: return std::to_string(node.integer);
+    case Kind::Bool: return node.boolean ? "True" : "False";
+    case Kind::None: return "None";
+    default: return "";
+  }
+}
+
+namespace {
+
+bool is_tensor_wrapper(const Graph& graph, NodeId id) {
+  const pickle::Node* cls = graph.object_class(id);
+  if (cls == nullptr) return false;
+  return (cls->text == "torch._utils" &&
+          (cls->name == "_rebuild_parameter" || cls->name == "_rebuild_parameter_with_state")) ||
+         (cls->text == "torch._tensor" && cls->name == "_rebuild_from_type_v2");
+}
+
+bool is_rebuild_tensor(const Graph& graph, NodeId id) {
+  const pickle::Node* cls = graph.object_class(id);
+  return cls != nullptr && cls->text == "torch._utils" && cls->name == "_rebuild_tensor_v2";
+}
+
+std::string join(const std::string& prefix, const std::string& label) {
+  std::string safe = label.empty() ? "?" : label;
+  return prefix.empty() ? safe : prefix + "/" + safe;
+}
+
+class PathWalker {
+ public:
+  PathWalker(const Graph& graph, const std::function<void(NodeId, const std::string&)>& visit)
+      : graph_(graph), visit_(visit) {}
+
+  void walk(NodeId id, const std::string& path, int depth) {
+    if (id >= graph_.size() || !seen_.insert(id).second) return;
+    if (depth > pickle::kMaxDepth) throw Error(fmt::format("objects nested deeper than {} levels", pickle::kMaxDepth));
+    visit_(id, path);
+    const pickle::Node& node = graph_[id];
+    ++depth;
+    if (node.kind == Kind::Object && is_tensor_wrapper(graph_, id)) {
+      // nn.Parameter and tensor subclasses: the tensor inside has the same path.
+      for (NodeId arg : graph_[node.args].items) walk_transparent(arg, path, depth);
+      if (node.state != pickle::kNoNode) walk(node.state, join(path, "state"), depth);
+      return;
+    }
+    switch (node.kind) {
+      case Kind::Dict:
+        for (const auto& [k, v] : node.entries) walk(v, join(path, key_label(graph_, k)), depth);
+        return;
+      case Kind::List:
+      case Kind::Tuple:
+      case Kind::Set:
+      case Kind::FrozenSet:
+        for (std::size_t i = 0; i < node.items.size(); ++i) walk(node.items[i], join(path, std::to_string(i)), depth);
+        return;
+      case Kind::Object: {
+        for (const auto& [k, v] : node.entries) walk(v, join(path, key_label(graph_, k)), depth);
+        for (std::size_t i = 0; i < node.items.size(); ++i) walk(node.items[i], join(path, std::to_string(i)), depth);
+        if (node.state != pickle::kNoNode) walk_state(node.state, path, depth);
+        if (!is_rebuild_tensor(graph_, id)) {
+          const auto& args = graph_[node.args].items;
+          for (std::size_t i = 0; i < args.size(); ++i) walk(args[i], join(path, fmt::format("args.{}", i)), depth);
+        }
+        return;
+      }
+      default: return;
+    }
+  }
+
+ private:
+  void walk_transparent(NodeId id, const std::string& path, int depth) {
+    if (id < graph_.size() && (is_rebuild_tensor(graph_, id) || is_tensor_wrapper(graph_, id))) {
+      walk(id, path, depth);
+    } else if (id < graph_.size() && graph_[id].kind == Kind::Tuple) {
+      for (NodeId item : graph_[id].items) walk_transparent(item, path, depth);
+    }
+  }
+  void walk_state(NodeId state, const std::string& path, int depth) {
+    const pickle::Node& node = graph_[state];
+    if (node.kind == Kind::Dict && seen_.insert(state).second) {
+      // An instance dict: its keys are attribute names of the object.
+      for (const auto& [k, v] : node.entries) walk(v, join(path, key_label(graph_, k)), depth);
+    } else if (node.kind == Kind::Tuple && node.items.size() == 2 && seen_.insert(state).second) {
+      for (NodeId part : node.items) walk_state(part, path, depth);
+    } else {
+      walk(state, join(path, "state"), depth);
+    }
+  }
+
+  const Graph& graph_;
+  const std::function<void(NodeId, const std::string&)>& visit_;
+  std::unordered_set<NodeId> seen_;
+};
+
+}  // namespace
+
+void walk_paths(const Graph& graph, NodeId from, const std::string& prefix,
+                const std::function<void(NodeId, const std::string&)>& visit) {
+  PathWalker(graph, visit).walk(from, prefix, 0);
+}
+
+std::optional<StorageId> parse_storage_id(const Graph& graph, NodeId persid) {
+  if (persid >= graph.size() || graph[persid].kind != Kind::PersId) return std::nullopt;
+  NodeId pid = graph[persid].callable;
+  if (pid >= graph.size() || graph[pid].kind != Kind::Tuple) return std::nullopt;
+  const auto& items = graph[pid].items;
+  if (items.size() != 5 || !graph.is_str(items[0], "storage")) return std::nullopt;
+  const pickle::Node& type = graph[items[1]];
+  const pickle::Node& key = graph[items[2]];
+  const pickle::Node& location = graph[items[3]];
+  auto numel = as_int(graph, items[4]);
+  if (type.kind != Kind::Global || type.text != "torch" || key.kind != Kind::Str || !numel || *numel < 0) {
+    return std::nullopt;
+  }
+  StorageId id;
+  id.key = key.text;
+  id.numel = static_cast<std::uint64_t>(*numel);
+  id.location = location.kind == Kind::Str ? location.text : "";
+  if (type.name == "UntypedStorage") {
+    id.dtype = DType::UInt8;
+  } else if (auto dtype = dtype_from_storage_name(type.name)) {
+    id.dtype = *dtype;
+  } else {
+    throw Error("unsupported storage type torch." + type.name);
+  }
+  return id;
+}
+
+Checkpoint::Checkpoint(const MappedFile& file) : file_(file), zip_(file.bytes(), file.path()) {
+  if (zip_.records().empty()) throw Error(Location{path(), "", std::nullopt}, "empty zip archive: not a torch.save file");
+  const std::string& first = zip_.records().front().name;
+  archive_name_ = first.substr(0, first.find('/'));
+  pickle_record_ = zip_.find(archive_name_ + "/data.pkl");
+  if (pickle_record_ == nullptr) {
+    throw Error(Location{path(), "", std::nullopt},
+                fmt::format("zip archive has no {}/data.pkl record: not a torch.save file", archive_name_));
+  }
+  if (const ZipRecord* order = zip_.find(archive_name_ + "/byteorder")) {
+    std::string_view value = as_chars(zip_.data(*order));
+    if (value != "little") {
+      throw Error(Location{path(), order->name, order->data_offset},
+                  fmt::format("byte order '{}' is not supported (only little-endian)", value));
+    }
+  }
+  graph_ = pickle::decode(zip_.data(*pickle_record_), path(), pickle_record_->name, pickle_record_->data_offset);
+  collect_storages();
+  collect_tensors();
+}
+
+void Checkpoint::collect_storages() {
+  for (NodeId id = 0; id < graph_.size(); ++id) {
+    if (graph_[id].kind != Kind::PersId) continue;
+    std::optional<StorageId> sid;
+    try {
+      sid = parse_storage_id(graph_, id);
+    } catch (const Error& e) {
+      throw Error(Location{path(), pickle_record_->name, std::nullopt}, e.message());
+    }
+    if (!sid) {
+      throw Error(Location{path(), pickle_record_->name, std::nullopt},
+                  "persistent id that is not a torch storage ('storage', type, key, location, numel)");
+    }
+    std::string record_name = archive_name_ + "/data/" + sid->key;
+    const ZipRecord* record = zip_.find(record_name);
+    if (record == nullptr) {
+      throw Error(Location{path(), record_name, std::nullopt}, "storage record referenced by the pickle is missing");
+    }
+    std::uint64_t expected = checked_mul(sid->numel, dtype_info(sid->dtype).itemsize, "storage size");
+    if (record->nbytes != expected) {
+      throw Error(Location{path(), record_name, record->data_offset},
+                  fmt::format("storage of {} {} elements needs {} bytes, record holds {}", sid->numel,
+                              dtype_info(sid->dtype).name, expected, record->nbytes));
+    }
+    auto [it, inserted] = storages_.try_emplace(sid->key);
+    if (!inserted) {
+      if (it->second.dtype != sid->dtype || it->second.numel != sid->numel) {
+        throw Error(Location{path(), record_name, std::nullopt}, "storage referenced with two different types");
+      }
+      continue;
+    }
+    it->second = StorageRef{sid->key, sid->dtype, sid->numel, sid->location, record};
+  }
+}
+
+void Checkpoint::collect_tensors() {
+  std::unordered_map<NodeId, std::string> paths;
+  walk_paths(graph_, graph_.root, "", [&](NodeId id, const std::string& p) { paths.emplace(id, p); });
+  for (NodeId id = 0; id < graph_.size(); ++id) {
+    if (!is_rebuild_tensor(graph_, id)) continue;
+    TensorRef tensor;
+    tensor.node = id;
+    auto found = paths.find(id);
+    tensor.path = found != paths.end() ? found->second : fmt::format("<unreachable #{}>", id);
+    auto bad = [&](const std::string& message) {
+      return Error(Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt}, message);
+    };
+    const auto& args = graph_[graph_[id].args].items;
+    if (args.size() < 4) throw bad("_rebuild_tensor_v2 with fewer than 4 arguments");
+    auto sid = parse_storage_id(graph_, args[0]);
+    auto offset = as_int(graph_, args[1]);
+    auto shape = as_int_list(graph_, args[2]);
+    auto stride = as_int_list(graph_, args[3]);
+    if (!sid || !offset || !shape || !stride) throw bad("_rebuild_tensor_v2 arguments are not (storage, int, size, stride)");
+    if (shape->size() != stride->size()) throw bad("shape and stride have different lengths");
+    if (*offset < 0) throw bad("negative storage offset");
+    tensor.storage_key = sid->key;
+    tensor.dtype = sid->dtype;
+    tensor.shape = *shape;
+    tensor.stride = *stride;
+    tensor.storage_offset = *offset;
+    tensor.requires_grad = args.size() > 4 && graph_[args[4]].kind == Kind::Bool && graph_[args[4]].boolean;
+    // The span of elements the view touches: offset + sum((size-1)*stride) + 1.
+    std::uint64_t last = static_cast<std::uint64_t>(*offset);
+    bool empty = false;
+    for (std::size_t i = 0; i < shape->size(); ++i) {
+      if ((*shape)[i] < 0 || (*stride)[i] < 0) throw bad("negative size or stride");
+      if ((*shape)[i] == 0) empty = true;
+      if ((*shape)[i] > 0) {
+        last = checked_add(last, checked_mul(static_cast<std::uint64_t>((*shape)[i] - 1),
+                                             static_cast<std::uint64_t>((*stride)[i]), "tensor span"),
+                           "tensor span");
+      }
+    }
+    const StorageRef& storage = storages_.at(sid->key);
+    std::uint64_t itemsize = dtype_info(storage.dtype).itemsize;
+    std::uint64_t span_elements = empty ? 0 : last + 1 - static_cast<std::uint64_t>(*offset);
+    if (!empty && last >= storage.numel) {
+      throw Error(Location{path(), storage.record->name + " (" + tensor.path + ")", storage.record->data_offset},
+                  fmt::format("tensor reaches element {} of a storage of {} elements", last, storage.numel));
+    }
+    tensor.file_byte_offset = storage.record->data_offset + static_cast<std::uint64_t>(*offset) * itemsize;
+    tensor.nbytes = span_elements * itemsize;
+    tensors_.push_back(std::move(tensor));
+  }
+  std::stable_sort(tensors_.begin(), tensors_.end(),
+                   [&](const TensorRef& a, const TensorRef& b) { return a.node < b.node; });
+}
+
+const TensorRef* Checkpoint::find_tensor(std::string_view tensor_path) const {
+  for (const TensorRef& tensor : tensors_) {
+    if (tensor.path == tensor_path) return &tensor;
+  }
+  return nullptr;
+}
+
+}  // namespace ckpt

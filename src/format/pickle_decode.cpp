@@ -1,0 +1,457 @@
+// Pickle decoding into a Graph; nothing is ever executed.
+//
+// Accepted opcodes (protocols 2-5 as CPython writes them):
+//   framing     PROTO FRAME STOP
+//   scalars     NONE NEWTRUE NEWFALSE BININT BININT1 BININT2 LONG1 LONG4 BINFLOAT
+//   text/bytes  BINUNICODE SHORT_BINUNICODE BINUNICODE8 BINBYTES SHORT_BINBYTES
+//               BINBYTES8 BYTEARRAY8
+//   containers  MARK EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_LIST LIST APPEND
+//               APPENDS EMPTY_DICT DICT SETITEM SETITEMS EMPTY_SET ADDITEMS FROZENSET
+//   stack/memo  POP POP_MARK DUP BINPUT LONG_BINPUT MEMOIZE BINGET LONG_BINGET
+//   objects     GLOBAL STACK_GLOBAL REDUCE NEWOBJ NEWOBJ_EX BUILD BINPERSID
+// Everything else (the text opcodes of protocols 0-1, INST/OBJ, EXT*, out-of-band
+// buffers) is rejected with the opcode and its byte offset.
+#include <fmt/format.h>
+
+#include <bit>
+#include <cstring>
+#include <unordered_map>
+
+#include "ckpt/pickle.hpp"
+
+namespace ckpt::pickle {
+
+namespace {
+
+enum Op : std::uint8_t {
+  MARK = '(', STOP = '.', POP = '0', POP_MARK = '1', DUP = '2', BININT = 'J', BININT1 = 'K',
+  BININT2 = 'M', NONE = 'N', BINPERSID = 'Q', REDUCE = 'R', BINUNICODE = 'X', APPEND = 'a',
+  BUILD = 'b', GLOBAL = 'c', DICT = 'd', EMPTY_DICT = '}', APPENDS = 'e', BINGET = 'h',
+  LONG_BINGET = 'j', LIST = 'l', EMPTY_LIST = ']', BINPUT = 'q', LONG_BINPUT = 'r', SETITEM = 's',
+  TUPLE = 't', EMPTY_TUPLE = ')', SETITEMS = 'u', BINFLOAT = 'G', BINBYTES = 'B',
+  SHORT_BINBYTES = 'C', PROTO = 0x80, NEWOBJ = 0x81, TUPLE1 = 0x85, TUPLE2 = 0x86, TUPLE3 = 0x87,
+  NEWTRUE = 0x88, NEWFALSE = 0x89, LONG1 = 0x8a, LONG4 = 0x8b, SHORT_BINUNICODE = 0x8c,
+  BINUNICODE8 = 0x8d, BINBYTES8 = 0x8e, EMPTY_SET = 0x8f, ADDITEMS = 0x90, FROZENSET = 0x91,
+  NEWOBJ_EX = 0x92, STACK_GLOBAL = 0x93, MEMOIZE = 0x94, FRAME = 0x95, BYTEARRAY8 = 0x96,
+};
+
+class Decoder {
+ public:
+  Decoder(Bytes pickle, const std::string& file, const std::string& member, std::uint64_t base_offset)
+      : in_(pickle, file, member, base_offset) {}
+
+  Graph run() {
+    while (true) {
+      op_position_ = in_.position();
+      std::uint8_t op = in_.u8();
+      if (op == STOP) break;
+      step(op);
+    }
+    if (stack_.size() != 1 || !marks_.empty()) fail("STOP with a malformed stack");
+    graph_.root = stack_.back();
+    return std::move(graph_);
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& message) const {
+    in_.fail(op_position_, "pickle: " + message);
+  }
+
+  NodeId pop() {
+    if (stack_.empty() || (!marks_.empty() && stack_.size() == marks_.back())) fail("stack underflow");
+    NodeId id = stack_.back();
+    stack_.pop_back();
+    return id;
+  }
+  NodeId top() {
+    if (stack_.empty() || (!marks_.empty() && stack_.size() == marks_.back())) fail("stack underflow");
+    return stack_.back();
+  }
+  std::vector<NodeId> pop_mark() {
+    if (marks_.empty()) fail("no MARK on the stack");
+    std::size_t start = marks_.back();
+    marks_.pop_back();
+    std::vector<NodeId> items(stack_.begin() + static_cast<std::ptrdiff_t>(start), stack_.end());
+    stack_.resize(start);
+    return items;
+  }
+  void push(Node node) { stack_.push_back(graph_.add(std::move(node))); }
+  void push_text(Kind kind, std::uint64_t length) {
+    if (length > in_.remaining()) fail(fmt::format("string of {} bytes runs past the end", length));
+    Node node;
+    node.kind = kind;
+    node.text = std::string(in_.text(static_cast<std::size_t>(length)));
+    push(std::move(node));
+  }
+  void push_int(std::int64_t value) {
+    Node node;
+    node.kind = Kind::Int;
+    node.integer = value;
+    push(std::move(node));
+  }
+  void push_long(std::uint64_t length) {
+    if (length > in_.remaining()) fail(fmt::format("integer of {} bytes runs past the end", length));
+    Bytes bytes = in_.take(static_cast<std::size_t>(length));
+    // Two's complement, little-endian. Keep it as int64 when it fits.
+    bool negative = length > 0 && (static_cast<std::uint8_t>(bytes[length - 1]) & 0x80);
+    std::size_t significant = length;
+    std::uint8_t filler = negative ? 0xFF : 0x00;
+    while (significant > 0 && static_cast<std::uint8_t>(bytes[significant - 1]) == filler) --significant;
+    bool fits = significant < 8 ||
+                (significant == 8 && ((static_cast<std::uint8_t>(bytes[7]) & 0x80) != 0) == negative);
+    if (fits) {
+      std::uint64_t value = negative ? ~std::uint64_t{0} : 0;
+      for (std::size_t i = 0; i < std::min<std::size_t>(length, 8); ++i) {
+        value &= ~(std::uint64_t{0xFF} << (8 * i));
+        value |= std::uint64_t{static_cast<std::uint8_t>(bytes[i])} << (8 * i);
+      }
+      push_int(static_cast<std::int64_t>(value));
+      return;
+    }
+    Node node;
+    node.kind = Kind::BigInt;
+    node.text = std::string(as_chars(bytes));
+    push(std::move(node));
+  }
+  void push_container(Kind kind, std::vector<NodeId> items) {
+    Node node;
+    node.kind = kind;
+    node.items = std::move(items);
+    push(std::move(node));
+  }
+  std::string_view line() {
+    std::string_view rest = as_chars(in_.rest());
+    std::size_t newline = rest.find('\n');
+    if (newline == std::string_view::npos) fail("GLOBAL without a newline-terminated name");
+    std::string_view text = in_.text(newline);
+    in_.skip(1);
+    return text;
+  }
+  void memo_put(std::uint64_t index) { memo_[index] = top(); }
+  void memo_get(std::uint64_t index) {
+    auto it = memo_.find(index);
+    if (it == memo_.end()) fail(fmt::format("memo entry {} is not defined", index));
+    stack_.push_back(it->second);
+  }
+  Node& object_for_fill(NodeId id, const char* opname) {
+    Node& node = graph_[id];
+    if (node.kind != Kind::Object) fail(fmt::format("{} applied to a {} value", opname, kind_name(node.kind)));
+    return node;
+  }
+  void set_items(NodeId target, const std::vector<NodeId>& kv) {
+    if (kv.size() % 2 != 0) fail("SETITEMS with an odd number of items");
+    Node& node = graph_[target];
+    if (node.kind != Kind::Dict) object_for_fill(target, "SETITEM");
+    for (std::size_t i = 0; i < kv.size(); i += 2) graph_[target].entries.emplace_back(kv[i], kv[i + 1]);
+  }
+  void append_items(NodeId target, const std::vector<NodeId>& items) {
+    Node& node = graph_[target];
+    if (node.kind != Kind::List) object_for_fill(target, "APPEND");
+    for (NodeId item : items) graph_[target].items.push_back(item);
+  }
+  void make_object(ObjectOp op, NodeId callable, NodeId args, NodeId kwargs) {
+    if (graph_[args].kind != Kind::Tuple) fail("REDUCE/NEWOBJ arguments are not a tuple");
+    Node node;
+    node.kind = Kind::Object;
+    node.op = op;
+    node.callable = callable;
+    node.args = args;
+    node.kwargs = kwargs;
+    push(std::move(node));
+  }
+  static const char* kind_name(Kind kind) {
+    switch (kind) {
+      case Kind::None: return "None";
+      case Kind::Bool: return "bool";
+      case Kind::Int: case Kind::BigInt: return "int";
+      case Kind::Float: return "float";
+      case Kind::Str: return "str";
+      case Kind::Bytes: return "bytes";
+      case Kind::ByteArray: return "bytearray";
+      case Kind::Tuple: return "tuple";
+      case Kind::List: return "list";
+      case Kind::Dict: return "dict";
+      case Kind::Set: return "set";
+      case Kind::FrozenSet: return "frozenset";
+      case Kind::Global: return "global";
+      case Kind::Object: return "object";
+      case Kind::PersId: return "persistent id";
+    }
+    return "?";
+  }
+
+  void step(std::uint8_t op) {
+    switch (op) {
+      case PROTO: {
+        int protocol = in_.u8();
+        if (protocol < 2 || protocol > 5) fail(fmt::format("unsupported pickle protocol {} (2-5 accepted)", protocol));
+        graph_.protocol = std::max(graph_.protocol, protocol);
+        return;
+      }
+      case FRAME: in_.skip(8); return;
+      case MARK: marks_.push_back(stack_.size()); return;
+      case POP:
+        if (!marks_.empty() && marks_.back() == stack_.size()) {
+          marks_.pop_back();  // CPython's POP discards a MARK on top, too
+        } else {
+          pop();
+        }
+        return;
+      case POP_MARK: pop_mark(); return;
+      case DUP: stack_.push_back(top()); return;
+      case NONE: push(Node{}); return;
+      case NEWTRUE:
+      case NEWFALSE: {
+        Node node;
+        node.kind = Kind::Bool;
+        node.boolean = op == NEWTRUE;
+        push(std::move(node));
+        return;
+      }
+      case BININT: push_int(in_.i32()); return;
+      case BININT1: push_int(in_.u8()); return;
+      case BININT2: push_int(in_.u16()); return;
+      case LONG1: push_long(in_.u8()); return;
+      case LONG4: {
+        std::int32_t length = in_.i32();
+        if (length < 0) fail("negative LONG4 length");
+        push_long(static_cast<std::uint64_t>(length));
+        return;
+      }
+      case BINFLOAT: {
+        std::uint64_t bits = 0;
+        for (std::byte b : in_.take(8)) bits = (bits << 8) | static_cast<std::uint8_t>(b);  // big-endian
+        Node node;
+        node.kind = Kind::Float;
+        node.real = std::bit_cast<double>(bits);
+        push(std::move(node));
+        return;
+      }
+      case BINUNICODE: push_text(Kind::Str, in_.u32()); return;
+      case SHORT_BINUNICODE: push_text(Kind::Str, in_.u8()); return;
+      case BINUNICODE8: push_text(Kind::Str, in_.u64()); return;
+      case BINBYTES: push_text(Kind::Bytes, in_.u32()); return;
+      case SHORT_BINBYTES: push_text(Kind::Bytes, in_.u8()); return;
+      case BINBYTES8: push_text(Kind::Bytes, in_.u64()); return;
+      case BYTEARRAY8: push_text(Kind::ByteArray, in_.u64()); return;
+      case EMPTY_TUPLE: push_container(Kind::Tuple, {}); return;
+      case TUPLE: push_container(Kind::Tuple, pop_mark()); return;
+      case TUPLE1: {
+        NodeId a = pop();
+        push_container(Kind::Tuple, {a});
+        return;
+      }
+      case TUPLE2: {
+        NodeId b = pop();
+        NodeId a = pop();
+        push_container(Kind::Tuple, {a, b});
+        return;
+      }
+      case TUPLE3: {
+        NodeId c = pop();
+        NodeId b = pop();
+        NodeId a = pop();
+        push_container(Kind::Tuple, {a, b, c});
+        return;
+      }
+      case EMPTY_LIST: push_container(Kind::List, {}); return;
+      case LIST: push_container(Kind::List, pop_mark()); return;
+      case EMPTY_DICT: push_container(Kind::Dict, {}); return;
+      case DICT: {
+        std::vector<NodeId> kv = pop_mark();
+        push_container(Kind::Dict, {});
+        set_items(stack_.back(), kv);
+        return;
+      }
+      case EMPTY_SET: push_container(Kind::Set, {}); return;
+      case FROZENSET: push_container(Kind::FrozenSet, pop_mark()); return;
+      case ADDITEMS: {
+        std::vector<NodeId> items = pop_mark();
+        NodeId target = top();
+        if (graph_[target].kind != Kind::Set) fail("ADDITEMS applied to a non-set");
+        for (NodeId item : items) graph_[target].items.push_back(item);
+        return;
+      }
+      case APPEND: {
+        NodeId item = pop();
+        append_items(top(), {item});
+        return;
+      }
+      case APPENDS: {
+        std::vector<NodeId> items = pop_mark();
+        append_items(top(), items);
+        return;
+      }
+      case SETITEM: {
+        NodeId value = pop();
+        NodeId key = pop();
+        set_items(top(), {key, value});
+        return;
+      }
+      case SETITEMS: {
+        std::vector<NodeId> kv = pop_mark();
+        set_items(top(), kv);
+        return;
+      }
+      case BINPUT: memo_put(in_.u8()); return;
+      case LONG_BINPUT: memo_put(in_.u32()); return;
+      case MEMOIZE: memo_put(memo_.size()); return;
+      case BINGET: memo_get(in_.u8()); return;
+      case LONG_BINGET: memo_get(in_.u32()); return;
+      case GLOBAL: {
+        std::string module(line());
+        std::string name(line());
+        stack_.push_back(graph_.global(module, name));
+        return;
+      }
+      case STACK_GLOBAL: {
+        NodeId name = pop();
+        NodeId module = pop();
+        if (graph_[name].kind != Kind::Str || graph_[module].kind != Kind::Str) fail("STACK_GLOBAL of non-strings");
+        std::string module_text = graph_[module].text;
+        std::string name_text = graph_[name].text;
+        stack_.push_back(graph_.global(module_text, name_text));
+        return;
+      }
+      case REDUCE: {
+        NodeId args = pop();
+        NodeId callable = pop();
+        make_object(ObjectOp::Reduce, callable, args, kNoNode);
+        return;
+      }
+      case NEWOBJ: {
+        NodeId args = pop();
+        NodeId cls = pop();
+        make_object(ObjectOp::NewObj, cls, args, kNoNode);
+        return;
+      }
+      case NEWOBJ_EX: {
+        NodeId kwargs = pop();
+        NodeId args = pop();
+        NodeId cls = pop();
+        if (graph_[kwargs].kind != Kind::Dict) fail("NEWOBJ_EX keyword arguments are not a dict");
+        make_object(ObjectOp::NewObjEx, cls, args, kwargs);
+        return;
+      }
+      case BUILD: {
+        NodeId state = pop();
+        Node& target = object_for_fill(top(), "BUILD");
+        if (target.state != kNoNode) fail("BUILD applied twice to one object");
+        target.state = state;
+        return;
+      }
+      case BINPERSID: {
+        Node node;
+        node.kind = Kind::PersId;
+        node.callable = pop();
+        push(std::move(node));
+        return;
+      }
+      default:
+        fail(fmt::format("unsupported opcode 0x{:02x}{}", op,
+                         (op >= 0x20 && op < 0x7f) ? fmt::format(" ('{}')", static_cast<char>(op)) : ""));
+    }
+  }
+
+  ByteReader in_;
+  Graph graph_;
+  std::vector<NodeId> stack_;
+  std::vector<std::size_t> marks_;
+  std::unordered_map<std::uint64_t, NodeId> memo_;
+  std::size_t op_position_ = 0;
+};
+
+}  // namespace
+
+Graph decode(Bytes pickle, const std::string& file, const std::string& member, std::uint64_t base_offset) {
+  return Decoder(pickle, file, member, base_offset).run();
+}
+
+// ---------------------------------------------------------------- Graph
+
+NodeId Graph::add(Node node) {
+  if (nodes_.size() >= kNoNode) throw Error("pickle: too many objects");
+  nodes_.push_back(std::move(node));
+  return static_cast<NodeId>(nodes_.size() - 1);
+}
+
+NodeId Graph::none() { return add(Node{}); }
+
+NodeId Graph::boolean(bool value) {
+  Node node;
+  node.kind = Kind::Bool;
+  node.boolean = value;
+  return add(std::move(node));
+}
+
+NodeId Graph::integer(std::int64_t value) {
+  Node node;
+  node.kind = Kind::Int;
+  node.integer = value;
+  return add(std::move(node));
+}
+
+NodeId Graph::str(std::string_view value) {
+  Node node;
+  node.kind = Kind::Str;
+  node.text = std::string(value);
+  return add(std::move(node));
+}
+
+NodeId Graph::global(std::string_view module, std::string_view name) {
+  Node node;
+  node.kind = Kind::Global;
+  node.text = std::string(module);
+  node.name = std::string(name);
+  return add(std::move(node));
+}
+
+NodeId Graph::tuple(std::vector<NodeId> items) {
+  Node node;
+  node.kind = Kind::Tuple;
+  node.items = std::move(items);
+  return add(std::move(node));
+}
+
+bool Graph::is_str(NodeId id, std::string_view value) const {
+  return id < nodes_.size() && nodes_[id].kind == Kind::Str && nodes_[id].text == value;
+}
+
+bool Graph::is_global(NodeId id, std::string_view module, std::string_view name) const {
+  return id < nodes_.size() && nodes_[id].kind == Kind::Global && nodes_[id].text == module &&
+         nodes_[id].name == name;
+}
+
+const Node* Graph::object_class(NodeId id) const {
+  if (id >= nodes_.size() || nodes_[id].kind != Kind::Object) return nullptr;
+  NodeId callable = nodes_[id].callable;
+  return callable < nodes_.size() && nodes_[callable].kind == Kind::Global ? &nodes_[callable] : nullptr;
+}
+
+const std::vector<std::pair<NodeId, NodeId>>* Graph::mapping_entries(NodeId id) const {
+  if (id >= nodes_.size()) return nullptr;
+  const Node& node = nodes_[id];
+  if (node.kind == Kind::Dict || node.kind == Kind::Object) return &node.entries;
+  return nullptr;
+}
+
+NodeId Graph::lookup(NodeId mapping, std::string_view key) const {
+  const auto* entries = mapping_entries(mapping);
+  if (entries == nullptr) return kNoNode;
+  for (const auto& [k, v] : *entries) {
+    if (is_str(k, key)) return v;
+  }
+  return kNoNode;
+}
+
+NodeId Graph::attribute(NodeId object, std::string_view name) const {
+  if (object >= nodes_.size() || nodes_[object].kind != Kind::Object) return kNoNode;
+  NodeId state = nodes_[object].state;
+  if (state == kNoNode) return kNoNode;
+  // BUILD state is the instance dict, or (dict, slots dict).
+  if (nodes_[state].kind == Kind::Tuple && nodes_[state].items.size() == 2) state = nodes_[state].items[0];
+  if (state >= nodes_.size() || nodes_[state].kind != Kind::Dict) return kNoNode;
+  return lookup(state, name);
+}
+
+}  // namespace ckpt::pickle

@@ -1,0 +1,220 @@
+#include "ckpt/pyobject.hpp"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+#include <unordered_map>
+
+#include "ckpt/checkpoint.hpp"
+
+namespace ckpt {
+
+using pickle::Graph;
+using pickle::Kind;
+using pickle::NodeId;
+using pickle::kNoNode;
+using json = nlohmann::json;
+
+std::string class_name(const Graph& graph, NodeId id) {
+  const pickle::Node* cls = graph.object_class(id);
+  return cls == nullptr ? "" : cls->text + "." + cls->name;
+}
+
+namespace {
+
+bool is_omegaconf_container(const std::string& name) {
+  return name == "omegaconf.dictconfig.DictConfig" || name == "omegaconf.listconfig.ListConfig";
+}
+
+// An OmegaConf value node (AnyNode, IntegerNode, ...) keeps its value in `_val`.
+NodeId omegaconf_unwrap(const Graph& graph, NodeId id) {
+  std::string name = class_name(graph, id);
+  if (name.rfind("omegaconf.nodes.", 0) == 0) {
+    NodeId value = graph.attribute(id, "_val");
+    if (value != kNoNode) return value;
+  }
+  return id;
+}
+
+}  // namespace
+
+NodeId config_get(const Graph& graph, NodeId container, std::string_view key) {
+  if (container >= graph.size()) return kNoNode;
+  const pickle::Node& node = graph[container];
+  if (node.kind == Kind::Dict) return graph.lookup(container, key);
+  if (node.kind != Kind::Object) return kNoNode;
+  std::string name = class_name(graph, container);
+  if (is_omegaconf_container(name)) {
+    NodeId content = graph.attribute(container, "_content");
+    NodeId child = graph.lookup(content, key);
+    return child == kNoNode ? kNoNode : omegaconf_unwrap(graph, child);
+  }
+  if (!node.entries.empty()) return graph.lookup(container, key);  // OrderedDict and other dict subclasses
+  return graph.attribute(container, key);                          // Namespace and plain objects
+}
+
+NodeId config_get_path(const Graph& graph, NodeId container, const std::vector<std::string_view>& keys) {
+  for (std::string_view key : keys) {
+    container = config_get(graph, container, key);
+    if (container == kNoNode) return kNoNode;
+  }
+  return container;
+}
+
+std::optional<std::int64_t> as_int(const Graph& graph, NodeId id) {
+  if (id < graph.size() && graph[id].kind == Kind::Int) return graph[id].integer;
+  return std::nullopt;
+}
+
+std::optional<std::string> as_str(const Graph& graph, NodeId id) {
+  if (id < graph.size() && graph[id].kind == Kind::Str) return graph[id].text;
+  return std::nullopt;
+}
+
+const std::vector<NodeId>* as_sequence(const Graph& graph, NodeId id) {
+  if (id >= graph.size()) return nullptr;
+  Kind kind = graph[id].kind;
+  return kind == Kind::List || kind == Kind::Tuple ? &graph[id].items : nullptr;
+}
+
+std::optional<std::vector<std::int64_t>> as_int_list(const Graph& graph, NodeId id) {
+  if (class_name(graph, id) == "torch.Size") {
+    const auto& args = graph[graph[id].args].items;
+    if (args.size() != 1) return std::nullopt;
+    id = args[0];
+  }
+  const auto* items = as_sequence(graph, id);
+  if (items == nullptr) return std::nullopt;
+  std::vector<std::int64_t> values;
+  for (NodeId item : *items) {
+    auto value = as_int(graph, item);
+    if (!value) return std::nullopt;
+    values.push_back(*value);
+  }
+  return values;
+}
+
+namespace {
+
+class JsonRenderer {
+ public:
+  JsonRenderer(const Graph& graph, const JsonLeaf& leaf, std::size_t max_nodes)
+      : graph_(graph), leaf_(leaf), max_nodes_(max_nodes) {}
+
+  json render(NodeId id, const std::string& path, int depth) {
+    if (id >= graph_.size()) return nullptr;
+    if (depth > pickle::kMaxDepth) throw Error("objects nested too deeply to render");
+    if (leaf_) {
+      if (auto replaced = leaf_(id)) return *replaced;
+    }
+    const pickle::Node& node = graph_[id];
+    switch (node.kind) {
+      case Kind::None: return nullptr;
+      case Kind::Bool: return node.boolean;
+      case Kind::Int: return node.integer;
+      case Kind::BigInt: return json{{"$bigint_bytes", node.text.size()}};
+      case Kind::Float:
+        if (std::isfinite(node.real)) return node.real;
+        return fmt::format("{}", node.real);
+      case Kind::Str: return node.text;
+      case Kind::Bytes:
+      case Kind::ByteArray: return json{{"$bytes", node.text.size()}};
+      case Kind::Global: return json{{"$global", node.text + "." + node.name}};
+      default: break;
+    }
+    if (auto it = seen_.find(id); it != seen_.end()) return json{{"$ref", it->second}};
+    seen_.emplace(id, path);
+    if (++count_ > max_nodes_) return "...";
+    ++depth;
+    auto child = [&](NodeId c, const std::string& label) {
+      return render(c, path.empty() ? label : path + "/" + label, depth);
+    };
+    switch (node.kind) {
+      case Kind::Tuple:
+      case Kind::List:
+      case Kind::Set:
+      case Kind::FrozenSet: {
+        json out = json::array();
+        for (std::size_t i = 0; i < node.items.size(); ++i) out.push_back(child(node.items[i], std::to_string(i)));
+        return out;
+      }
+      case Kind::Dict: return mapping(node.entries, child);
+      case Kind::PersId: return json{{"$persistent_id", child(node.callable, "id")}};
+      case Kind::Object: return object(id, node, child);
+      default: return nullptr;
+    }
+  }
+
+ private:
+  template <typename Child>
+  json mapping(const std::vector<std::pair<NodeId, NodeId>>& entries, Child& child) {
+    json out = json::object();
+    for (const auto& [k, v] : entries) {
+      std::string label = key_label(graph_, k);
+      if (label.empty()) label = fmt::format("<key #{}>", k);
+      out[label] = child(v, label);
+    }
+    return out;
+  }
+
+  template <typename Child>
+  json object(NodeId id, const pickle::Node& node, Child& child) {
+    std::string name = class_name(graph_, id);
+    if (name == "torch.Size") {
+      if (auto dims = as_int_list(graph_, id)) return json{{"$class", name}, {"value", *dims}};
+    }
+    if (name == "collections.OrderedDict" && node.items.empty()) {
+      json out = mapping(node.entries, child);
+      return out;
+    }
+    if (is_omegaconf_container(name)) {
+      NodeId content = graph_.attribute(id, "_content");
+      json out = {{"$class", name}};
+      if (content != kNoNode && graph_[content].kind == Kind::Dict) {
+        json values = json::object();
+        for (const auto& [k, v] : graph_[content].entries) {
+          std::string label = key_label(graph_, k);
+          values[label] = child(omegaconf_unwrap(graph_, v), label);
+        }
+        out["value"] = std::move(values);
+      } else if (content != kNoNode && graph_[content].kind == Kind::List) {
+        json values = json::array();
+        const auto& items = graph_[content].items;
+        for (std::size_t i = 0; i < items.size(); ++i) values.push_back(child(omegaconf_unwrap(graph_, items[i]), std::to_string(i)));
+        out["value"] = std::move(values);
+      } else {
+        out["value"] = content == kNoNode ? json(nullptr) : child(content, "_content");
+      }
+      return out;
+    }
+    json out = {{"$class", name.empty() ? "<object>" : name}};
+    if (node.state != kNoNode && graph_[node.state].kind == Kind::Dict && graph_[node.args].items.empty()) {
+      out["attributes"] = mapping(graph_[node.state].entries, child);  // Namespace and plain instances
+    } else {
+      if (!graph_[node.args].items.empty()) out["args"] = child(node.args, "args");
+      if (node.state != kNoNode) out["state"] = child(node.state, "state");
+    }
+    if (!node.entries.empty()) out["items"] = mapping(node.entries, child);
+    if (!node.items.empty()) {
+      json items = json::array();
+      for (std::size_t i = 0; i < node.items.size(); ++i) items.push_back(child(node.items[i], std::to_string(i)));
+      out["list"] = std::move(items);
+    }
+    return out;
+  }
+
+  const Graph& graph_;
+  const JsonLeaf& leaf_;
+  std::size_t max_nodes_;
+  std::size_t count_ = 0;
+  std::unordered_map<NodeId, std::string> seen_;
+};
+
+}  // namespace
+
+json to_json(const Graph& graph, NodeId id, const JsonLeaf& leaf, std::size_t max_nodes) {
+  return JsonRenderer(graph, leaf, max_nodes).render(id, "", 0);
+}
+
+}  // namespace ckpt

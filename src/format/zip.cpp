@@ -1,0 +1,322 @@
+// Zip reading and layout. See include/ckpt/zip.hpp for the byte layout.
+//
+// Hand-written rather than libzip/minizip: those open records as streams and
+// cannot tell where a record's data lies in the file, which is the one thing
+// ckpt-tool needs (a tensor is a byte range of the mapped file).
+#include "ckpt/zip.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+
+namespace ckpt {
+
+namespace {
+
+constexpr std::uint32_t kLocalHeaderSig = 0x04034b50;
+constexpr std::uint32_t kCentralSig = 0x02014b50;
+constexpr std::uint32_t kEndSig = 0x06054b50;
+constexpr std::uint32_t kZip64EndSig = 0x06064b50;
+constexpr std::uint32_t kZip64LocatorSig = 0x07064b50;
+constexpr std::uint16_t kZip64ExtraId = 0x0001;
+constexpr std::uint16_t kTorchPadExtraId = 0x4246;  // "FB"
+constexpr std::uint32_t k32 = 0xFFFFFFFF;
+constexpr std::uint16_t k16 = 0xFFFF;
+constexpr std::size_t kEndSize = 22;
+constexpr std::size_t kLocatorSize = 20;
+constexpr std::size_t kZip64EndSize = 56;
+constexpr std::size_t kCentralSize = 46;
+constexpr std::size_t kLocalSize = 30;
+constexpr std::uint16_t kFlagEncrypted = 0x0001;
+constexpr std::uint16_t kFlagUtf8 = 0x0800;
+
+// The legacy (pre-1.6) torch.save format is a bare pickle stream starting with
+// PROTO 2 and LONG1 of the magic number 0x1950a86a20f9469cfc6c.
+bool looks_like_legacy_torch(Bytes bytes) {
+  static constexpr unsigned char kMagic[] = {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8};
+  return bytes.size() >= sizeof(kMagic) && std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) == 0;
+}
+
+}  // namespace
+
+ZipArchive::ZipArchive(Bytes file_bytes, std::string path) : file_bytes_(file_bytes), path_(std::move(path)) {
+  if (looks_like_legacy_torch(file_bytes_)) {
+    throw Error(Location{path_, "", 0},
+                "legacy torch.save format (PyTorch < 1.6) is not supported; load it and save it again with "
+                "a newer torch");
+  }
+  read_central_directory();
+}
+
+const ZipRecord* ZipArchive::find(std::string_view name) const {
+  auto it = index_.find(std::string(name));
+  return it == index_.end() ? nullptr : &records_[it->second];
+}
+
+void ZipArchive::read_central_directory() {
+  ByteReader file(file_bytes_, path_, "zip directory");
+  if (file_bytes_.size() < kEndSize) file.fail(0, "not a zip archive (torch.save file): too short");
+  // The end record sits at the very end unless the archive has a comment (up to
+  // 64 KiB); search backwards for its signature.
+  std::size_t lowest = file_bytes_.size() >= kEndSize + 0xFFFF ? file_bytes_.size() - kEndSize - 0xFFFF : 0;
+  std::size_t end_offset = file_bytes_.size() - kEndSize;
+  for (;; --end_offset) {
+    file.seek(end_offset);
+    if (file.u32() == kEndSig) {
+      file.skip(16);
+      if (end_offset + kEndSize + file.u16() == file_bytes_.size()) break;
+    }
+    if (end_offset == lowest) file.fail(0, "not a zip archive (torch.save file): no end of central directory");
+  }
+  file.seek(end_offset + 4);
+  std::uint16_t disk = file.u16();
+  std::uint16_t cd_disk = file.u16();
+  std::uint64_t entries_here = file.u16();
+  std::uint64_t entries = file.u16();
+  std::uint64_t cd_size = file.u32();
+  std::uint64_t cd_offset = file.u32();
+  if (disk != 0 || cd_disk != 0) file.fail(end_offset, "multi-disk zip archives are not supported");
+
+  // A ZIP64 locator directly before the end record gives the real counts.
+  if (end_offset >= kLocatorSize) {
+    file.seek(end_offset - kLocatorSize);
+    if (file.u32() == kZip64LocatorSig) {
+      file.skip(4);
+      std::uint64_t zip64_end = file.u64();
+      if (zip64_end > end_offset - kLocatorSize || end_offset - kLocatorSize - zip64_end < kZip64EndSize) {
+        file.fail(end_offset - kLocatorSize, "ZIP64 locator points outside the archive");
+      }
+      file.seek(zip64_end);
+      if (file.u32() != kZip64EndSig) file.fail(zip64_end, "bad ZIP64 end of central directory signature");
+      file.skip(8 + 2 + 2 + 4 + 4);
+      entries_here = file.u64();
+      entries = file.u64();
+      cd_size = file.u64();
+      cd_offset = file.u64();
+    }
+  }
+  if (entries_here != entries) file.fail(end_offset, "multi-disk zip archives are not supported");
+  if (cd_offset > file_bytes_.size() || cd_size > file_bytes_.size() - cd_offset) {
+    file.fail(end_offset, fmt::format("central directory (offset {}, {} bytes) lies outside the file of {} bytes",
+                                      cd_offset, cd_size, file_bytes_.size()));
+  }
+  if (entries > cd_size / kCentralSize) {
+    file.fail(end_offset, fmt::format("{} entries cannot fit a central directory of {} bytes", entries, cd_size));
+  }
+
+  ByteReader cd(file_bytes_.subspan(cd_offset, cd_size), path_, "zip directory", cd_offset);
+  for (std::uint64_t i = 0; i < entries; ++i) {
+    std::size_t entry_start = cd.position();
+    if (cd.u32() != kCentralSig) cd.fail(entry_start, "bad central directory entry signature");
+    cd.skip(2 + 2);
+    std::uint16_t flags = cd.u16();
+    std::uint16_t method = cd.u16();
+    cd.skip(2 + 2);
+    ZipRecord record;
+    record.crc32 = cd.u32();
+    std::uint64_t compressed = cd.u32();
+    std::uint64_t uncompressed = cd.u32();
+    std::uint16_t name_len = cd.u16();
+    std::uint16_t extra_len = cd.u16();
+    std::uint16_t comment_len = cd.u16();
+    std::uint64_t entry_disk = cd.u16();
+    cd.skip(2 + 4);
+    record.header_offset = cd.u32();
+    record.name = std::string(cd.text(name_len));
+    ByteReader extra(cd.take(extra_len), path_, record.name, cd.absolute_offset() - extra_len);
+    cd.skip(comment_len);
+    while (extra.remaining() >= 4) {
+      std::uint16_t id = extra.u16();
+      std::uint16_t size = extra.u16();
+      ByteReader field(extra.take(size), path_, record.name, extra.absolute_offset() - size);
+      if (id != kZip64ExtraId) continue;
+      if (uncompressed == k32) uncompressed = field.u64();
+      if (compressed == k32) compressed = field.u64();
+      if (record.header_offset == k32) record.header_offset = field.u64();
+      if (entry_disk == k16) entry_disk = field.u32();
+    }
+    if (entry_disk != 0) cd.fail(entry_start, "record on another disk: multi-disk archives are not supported");
+    if (flags & kFlagEncrypted) cd.fail(entry_start, "record '" + record.name + "' is encrypted");
+    if (method != 0) {
+      cd.fail(entry_start, fmt::format("record '{}' is compressed (method {}); torch.save stores records "
+                                       "uncompressed",
+                                       record.name, method));
+    }
+    if (compressed != uncompressed) cd.fail(entry_start, "record '" + record.name + "': stored sizes disagree");
+    record.nbytes = uncompressed;
+    if (index_.count(record.name) != 0) cd.fail(entry_start, "duplicate record name '" + record.name + "'");
+    read_local_header(record, flags);
+    if (record.data_offset + record.nbytes > cd_offset) {
+      cd.fail(entry_start, fmt::format("record '{}' ({} bytes at offset {}) overlaps the central directory",
+                                       record.name, record.nbytes, record.data_offset));
+    }
+    index_.emplace(record.name, records_.size());
+    records_.push_back(std::move(record));
+  }
+}
+
+void ZipArchive::read_local_header(ZipRecord& record, std::uint16_t /*central_flags*/) const {
+  ByteReader file(file_bytes_, path_, record.name);
+  if (record.header_offset > file_bytes_.size()) {
+    file.fail(file_bytes_.size(), fmt::format("local header offset {} lies past the end of the file",
+                                              record.header_offset));
+  }
+  file.seek(record.header_offset);
+  if (file.remaining() < kLocalSize) file.fail_here("truncated local header");
+  if (file.u32() != kLocalHeaderSig) file.fail(record.header_offset, "local header: bad signature");
+  file.skip(2 + 2 + 2 + 2 + 2 + 4 + 4 + 4);
+  std::uint16_t name_len = file.u16();
+  std::uint16_t extra_len = file.u16();
+  if (file.text(name_len) != record.name) {
+    file.fail(record.header_offset, "local header names another record than the central directory");
+  }
+  file.skip(extra_len);
+  record.data_offset = file.absolute_offset();
+  if (record.nbytes > file.remaining()) {
+    file.fail(record.data_offset, fmt::format("record data of {} bytes runs past the end of the file ({} left): "
+                                              "truncated file?",
+                                              record.nbytes, file.remaining()));
+  }
+}
+
+// ---------------------------------------------------------------- writing
+
+namespace {
+
+bool needs_zip64_sizes(std::uint64_t nbytes) { return nbytes >= k32; }
+
+std::uint64_t local_header_size(const std::string& name, std::uint64_t nbytes, std::uint64_t header_offset,
+                                std::uint64_t alignment) {
+  std::uint64_t fixed = kLocalSize + name.size() + (needs_zip64_sizes(nbytes) ? 20 : 0) + 4;  // +4: 'FB' block header
+  std::uint64_t pad = (alignment - (header_offset + fixed) % alignment) % alignment;
+  return fixed + pad;
+}
+
+class ByteWriter {
+ public:
+  void u8(std::uint64_t v) { out.push_back(static_cast<std::byte>(v & 0xFF)); }
+  void u16(std::uint64_t v) { for (int i = 0; i < 2; ++i) u8(v >> (8 * i)); }
+  void u32(std::uint64_t v) { for (int i = 0; i < 4; ++i) u8(v >> (8 * i)); }
+  void u64(std::uint64_t v) { for (int i = 0; i < 8; ++i) u8(v >> (8 * i)); }
+  void text(std::string_view s) {
+    for (char c : s) u8(static_cast<unsigned char>(c));
+  }
+  std::vector<std::byte> out;
+};
+
+}  // namespace
+
+ZipLayout layout_zip(std::span<const ZipEntrySpec> entries, std::uint64_t alignment) {
+  ZipLayout layout;
+  std::uint64_t offset = 0;
+  for (const ZipEntrySpec& entry : entries) {
+    if (entry.name.size() > 0xFFFF) throw Error("zip record name longer than 65535 bytes: " + entry.name);
+    ZipRecord record;
+    record.name = entry.name;
+    record.nbytes = entry.nbytes;
+    record.header_offset = offset;
+    record.data_offset = checked_add(offset, local_header_size(entry.name, entry.nbytes, offset, alignment),
+                                     "zip layout");
+    offset = checked_add(record.data_offset, entry.nbytes, "zip layout");
+    layout.records.push_back(std::move(record));
+  }
+  layout.central_directory_offset = offset;
+  std::uint64_t cd_size = 0;
+  for (const ZipRecord& record : layout.records) {
+    bool zip64 = needs_zip64_sizes(record.nbytes) || record.header_offset >= k32;
+    cd_size += kCentralSize + record.name.size() + (zip64 ? 28 : 0);
+  }
+  layout.file_size = offset + cd_size + kZip64EndSize + kLocatorSize + kEndSize;
+  return layout;
+}
+
+std::vector<std::byte> render_local_header(const ZipRecord& record) {
+  ByteWriter w;
+  bool zip64 = needs_zip64_sizes(record.nbytes);
+  w.u32(kLocalHeaderSig);
+  w.u16(zip64 ? 45 : 20);
+  w.u16(kFlagUtf8);
+  w.u16(0);  // STORED
+  w.u16(0);  // time and date zero, as torch writes them: output is reproducible
+  w.u16(0);
+  w.u32(record.crc32);
+  w.u32(zip64 ? k32 : record.nbytes);
+  w.u32(zip64 ? k32 : record.nbytes);
+  w.u16(record.name.size());
+  std::uint64_t extra_len = record.data_offset - record.header_offset - kLocalSize - record.name.size();
+  w.u16(extra_len);
+  w.text(record.name);
+  if (zip64) {
+    w.u16(kZip64ExtraId);
+    w.u16(16);
+    w.u64(record.nbytes);
+    w.u64(record.nbytes);
+    extra_len -= 20;
+  }
+  w.u16(kTorchPadExtraId);
+  w.u16(extra_len - 4);
+  for (std::uint64_t i = 4; i < extra_len; ++i) w.u8('Z');
+  return std::move(w.out);
+}
+
+std::vector<std::byte> render_central_directory(const ZipLayout& layout) {
+  ByteWriter w;
+  for (const ZipRecord& record : layout.records) {
+    bool big_size = needs_zip64_sizes(record.nbytes);
+    bool big_offset = record.header_offset >= k32;
+    bool zip64 = big_size || big_offset;
+    w.u32(kCentralSig);
+    w.u16(zip64 ? 45 : 20);  // made by: MS-DOS attributes, spec version
+    w.u16(zip64 ? 45 : 20);
+    w.u16(kFlagUtf8);
+    w.u16(0);
+    w.u16(0);
+    w.u16(0);
+    w.u32(record.crc32);
+    w.u32(zip64 ? k32 : record.nbytes);
+    w.u32(zip64 ? k32 : record.nbytes);
+    w.u16(record.name.size());
+    w.u16(zip64 ? 28 : 0);
+    w.u16(0);  // comment
+    w.u16(0);  // disk
+    w.u16(0);  // internal attributes
+    w.u32(0);  // external attributes
+    w.u32(zip64 ? k32 : record.header_offset);
+    w.text(record.name);
+    if (zip64) {  // all three fields, matching the 0xFFFFFFFF markers above
+      w.u16(kZip64ExtraId);
+      w.u16(24);
+      w.u64(record.nbytes);
+      w.u64(record.nbytes);
+      w.u64(record.header_offset);
+    }
+  }
+  std::uint64_t cd_size = w.out.size();
+  std::uint64_t zip64_end_offset = layout.central_directory_offset + cd_size;
+  std::uint64_t entries = layout.records.size();
+  w.u32(kZip64EndSig);
+  w.u64(kZip64EndSize - 12);
+  w.u16(45);
+  w.u16(45);
+  w.u32(0);
+  w.u32(0);
+  w.u64(entries);
+  w.u64(entries);
+  w.u64(cd_size);
+  w.u64(layout.central_directory_offset);
+  w.u32(kZip64LocatorSig);
+  w.u32(0);
+  w.u64(zip64_end_offset);
+  w.u32(1);
+  w.u32(kEndSig);
+  w.u16(0);
+  w.u16(0);
+  w.u16(std::min<std::uint64_t>(entries, k16));
+  w.u16(std::min<std::uint64_t>(entries, k16));
+  w.u32(std::min<std::uint64_t>(cd_size, k32));
+  w.u32(std::min<std::uint64_t>(layout.central_directory_offset, k32));
+  w.u16(0);
+  return std::move(w.out);
+}
+
+}  // namespace ckpt

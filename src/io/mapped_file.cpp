@@ -1,0 +1,51 @@
+#include "ckpt/mapped_file.hpp"
+
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/interprocess/file_mapping.hpp>
+#include <boost/interprocess/mapped_region.hpp>
+#include <cerrno>
+#include <cstring>
+
+namespace ckpt {
+
+namespace bip = boost::interprocess;
+
+struct MappedFile::Impl {
+  bip::file_mapping mapping;
+  bip::mapped_region region;
+};
+
+MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
+  struct stat info {};
+  if (::stat(path_.c_str(), &info) != 0) {
+    throw Error(Location{path_, "", std::nullopt}, std::string("cannot open: ") + std::strerror(errno));
+  }
+  if (!S_ISREG(info.st_mode)) throw Error(Location{path_, "", std::nullopt}, "not a regular file");
+  mtime_ns_ = static_cast<std::int64_t>(info.st_mtim.tv_sec) * 1'000'000'000 + info.st_mtim.tv_nsec;
+  if (info.st_size == 0) return;
+  try {
+    impl_ = std::make_unique<Impl>();
+    impl_->mapping = bip::file_mapping(path_.c_str(), bip::read_only);
+    impl_->region = bip::mapped_region(impl_->mapping, bip::read_only);
+  } catch (const bip::interprocess_exception& e) {
+    throw Error(Location{path_, "", std::nullopt}, std::string("cannot map: ") + e.what());
+  }
+  bytes_ = Bytes(static_cast<const std::byte*>(impl_->region.get_address()), impl_->region.get_size());
+}
+
+MappedFile::~MappedFile() = default;
+
+void MappedFile::release(std::uint64_t byte_offset, std::uint64_t nbytes) const {
+  if (bytes_.empty() || byte_offset >= bytes_.size()) return;
+  static const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::uint64_t begin = (byte_offset + page - 1) / page * page;
+  std::uint64_t end = std::min<std::uint64_t>(byte_offset + nbytes, bytes_.size()) / page * page;
+  if (end <= begin) return;
+  // Advice only: failure changes nothing observable, so the result is ignored.
+  (void)::madvise(const_cast<std::byte*>(bytes_.data()) + begin, end - begin, MADV_DONTNEED);
+}
+
+}  // namespace ckpt

@@ -1,0 +1,147 @@
+#include "ckpt/metaseq.hpp"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <regex>
+
+#include "ckpt/pyobject.hpp"
+
+namespace ckpt {
+
+using pickle::NodeId;
+using pickle::kNoNode;
+
+FileRole parse_file_role(std::string_view path) {
+  std::string name = std::filesystem::path(std::string(path)).filename().string();
+  static const std::regex part_re(R"((?:^|[-_.])model_part-(\d+)(?=[-_.]|$))");
+  static const std::regex shard_re(R"((?:^|[-_.])shard(\d+)(?=[-_.]|$))");
+  FileRole role;
+  std::smatch match;
+  if (std::regex_search(name, match, part_re) && match[1].length() < 9) role.mp_part = std::stoi(match[1]);
+  if (std::regex_search(name, match, shard_re) && match[1].length() < 9) role.dp_shard = std::stoi(match[1]);
+  return role;
+}
+
+std::int64_t FlatParamMeta::total_numel() const {
+  std::int64_t total = 0;
+  for (std::int64_t n : numels) total += n;
+  return total;
+}
+
+FsdpChunk fsdp_chunk(std::int64_t numel, int world_size, int rank) {
+  std::int64_t chunk = (numel + world_size - 1) / world_size;
+  FsdpChunk out;
+  out.begin = std::min<std::int64_t>(static_cast<std::int64_t>(rank) * chunk, numel);
+  out.numel = std::max<std::int64_t>(0, std::min<std::int64_t>(chunk, numel - out.begin));
+  out.padding = chunk - out.numel;
+  return out;
+}
+
+namespace {
+
+class MetadataReader {
+ public:
+  MetadataReader(const Checkpoint& checkpoint) : graph_(checkpoint.graph()), checkpoint_(checkpoint) {}
+
+  [[noreturn]] void fail(const std::string& field, const std::string& message) const {
+    throw Error(Location{checkpoint_.path(), checkpoint_.pickle_record().name + " (" + field + ")", std::nullopt},
+                "shard_metadata: " + message);
+  }
+  std::string text(NodeId id, const std::string& field) const {
+    auto value = as_str(graph_, id);
+    if (!value) fail(field, "expected a string");
+    return *value;
+  }
+  std::int64_t integer(NodeId id, const std::string& field) const {
+    auto value = as_int(graph_, id);
+    if (!value) fail(field, "expected an integer");
+    return *value;
+  }
+  const std::vector<NodeId>& sequence(NodeId id, const std::string& field) const {
+    const auto* items = as_sequence(graph_, id);
+    if (items == nullptr) fail(field, "expected a list");
+    return *items;
+  }
+
+  FsdpMetadata read(NodeId metadata) {
+    FsdpMetadata out;
+    NodeId params = config_get(graph_, metadata, "param_metadata");
+    const auto& instances = sequence(params, "param_metadata");
+    for (std::size_t i = 0; i < instances.size(); ++i) {
+      out.instances.push_back(read_instance(instances[i], fmt::format("param_metadata/{}", i)));
+    }
+    NodeId buffers = config_get(graph_, metadata, "buffer_names");
+    if (buffers != kNoNode) {
+      for (NodeId name : sequence(buffers, "buffer_names")) out.buffer_names.push_back(text(name, "buffer_names"));
+    }
+    return out;
+  }
+
+ private:
+  FsdpInstanceMeta read_instance(NodeId node, const std::string& field) {
+    FsdpInstanceMeta instance;
+    instance.fsdp_path = text(config_get(graph_, node, "fsdp_path"), field + "/fsdp_path");
+    NodeId no_broadcast = config_get(graph_, node, "no_broadcast_optim_state");
+    if (no_broadcast != kNoNode && graph_[no_broadcast].kind == pickle::Kind::Bool) {
+      instance.no_broadcast_optim_state = graph_[no_broadcast].boolean;
+    }
+    NodeId shared = config_get(graph_, node, "shared_param_info");
+    if (shared != kNoNode) {
+      for (NodeId pair : sequence(shared, field + "/shared_param_info")) {
+        const auto& items = sequence(pair, field + "/shared_param_info");
+        if (items.size() != 2) fail(field + "/shared_param_info", "expected (src, dst) pairs");
+        instance.shared_param_info.emplace_back(text(items[0], field), text(items[1], field));
+      }
+    }
+    NodeId params = config_get(graph_, node, "params");
+    const auto* entries = graph_.mapping_entries(params);
+    if (entries == nullptr) fail(field + "/params", "expected a dict");
+    for (const auto& [key, value] : *entries) {
+      FlatParamMeta flat;
+      flat.name = text(key, field + "/params");
+      std::string where = field + "/params/" + flat.name;
+      flat.state_key = instance.fsdp_path.empty() ? flat.name : instance.fsdp_path + "." + flat.name;
+      for (NodeId name : sequence(config_get(graph_, value, "names"), where + "/names")) {
+        flat.names.push_back(text(name, where + "/names"));
+      }
+      for (NodeId shape : sequence(config_get(graph_, value, "shapes"), where + "/shapes")) {
+        auto dims = as_int_list(graph_, shape);
+        if (!dims) fail(where + "/shapes", "expected torch.Size values");
+        flat.shapes.push_back(*dims);
+      }
+      for (NodeId numel : sequence(config_get(graph_, value, "numels"), where + "/numels")) {
+        std::int64_t n = integer(numel, where + "/numels");
+        if (n < 0) fail(where + "/numels", "negative numel");
+        flat.numels.push_back(n);
+      }
+      flat.padding = integer(config_get(graph_, value, "padding"), where + "/padding");
+      if (flat.names.size() != flat.shapes.size() || flat.names.size() != flat.numels.size()) {
+        fail(where, "names, shapes and numels have different lengths");
+      }
+      for (std::size_t i = 0; i < flat.shapes.size(); ++i) {
+        std::int64_t product = 1;
+        for (std::int64_t d : flat.shapes[i]) product *= d;
+        if (product != flat.numels[i]) {
+          fail(where, fmt::format("{}: shape has {} elements but numel says {}", flat.names[i], product, flat.numels[i]));
+        }
+      }
+      if (flat.padding < 0) fail(where + "/padding", "negative padding");
+      instance.flat_params.push_back(std::move(flat));
+    }
+    return instance;
+  }
+
+  const pickle::Graph& graph_;
+  const Checkpoint& checkpoint_;
+};
+
+}  // namespace
+
+std::optional<FsdpMetadata> read_fsdp_metadata(const Checkpoint& checkpoint) {
+  NodeId metadata = config_get(checkpoint.graph(), checkpoint.graph().root, "shard_metadata");
+  if (metadata == kNoNode || checkpoint.graph()[metadata].kind == pickle::Kind::None) return std::nullopt;
+  return MetadataReader(checkpoint).read(metadata);
+}
+
+}  // namespace ckpt
