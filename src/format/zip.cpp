@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstring>
 
 namespace ckpt {
 
@@ -66,7 +67,11 @@ void ZipArchive::read_central_directory() {
       file.skip(16);
       if (end_offset + kEndSize + file.u16() == file_bytes_.size()) break;
     }
-    if (end_offset == lowest) file.fail(0, "not a zip archive (torch.save file): no end of central directory");
+    if (end_offset == lowest) {
+      bool zip_start = file_bytes_.size() >= 4 && std::memcmp(file_bytes_.data(), "PK\x03\x04", 4) == 0;
+      file.fail(file_bytes_.size(), zip_start ? "zip archive has no end of central directory: truncated file?"
+                                              : "not a zip archive (torch.save file)");
+    }
   }
   file.seek(end_offset + 4);
   std::uint16_t disk = file.u16();

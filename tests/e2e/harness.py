@@ -1,0 +1,71 @@
+"""What every end-to-end test script shares: paths from meson's environment,
+fixtures generated once per build, running the tool, and a tiny test runner that
+prints the closing line `N passed, N failed` and exits non-zero on any failure."""
+import os
+import subprocess
+import sys
+import traceback
+
+SOURCE_ROOT = os.environ.get("CKPT_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
+TOOL = os.environ.get("CKPT_TOOL", os.path.join(SOURCE_ROOT, "build", "ckpt-tool"))
+ROUNDTRIP = os.environ.get("CKPT_ROUNDTRIP", os.path.join(SOURCE_ROOT, "build", "tests", "roundtrip"))
+WORK = os.environ.get("CKPT_WORK", os.path.join(SOURCE_ROOT, "build", "tests", "e2e-work"))
+PYTHON = "/usr/bin/python3"
+
+sys.path.insert(0, os.path.dirname(__file__))
+import ckptcheck  # noqa: E402
+
+
+def fixtures():
+    """Generate every fixture case under WORK/fixtures (once; regenerated when the
+    generator changes). Returns {case name: folder}."""
+    generator = os.path.join(SOURCE_ROOT, "fixtures", "generate.py")
+    out = os.path.join(WORK, "fixtures")
+    stamp = os.path.join(out, ".stamp")
+    wanted = str(os.stat(generator).st_mtime_ns)
+    # Several test scripts may run at once: generate into a private folder, then rename.
+    if not (os.path.exists(stamp) and open(stamp).read() == wanted):
+        tmp = f"{out}.tmp{os.getpid()}"
+        subprocess.run(["rm", "-rf", tmp], check=True)
+        subprocess.run([PYTHON, generator, "--out", tmp], check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(tmp, ".stamp"), "w") as f:
+            f.write(wanted)
+        subprocess.run(["rm", "-rf", out], check=True)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another script won the race
+            subprocess.run(["rm", "-rf", tmp], check=True)
+    return {name: os.path.join(out, name) for name in sorted(os.listdir(out))
+            if os.path.isdir(os.path.join(out, name))}
+
+
+def scratch(name):
+    """An empty folder for one test."""
+    path = os.path.join(WORK, "scratch", name)
+    subprocess.run(["rm", "-rf", path], check=True)
+    os.makedirs(path)
+    return path
+
+
+def run(args, expect=0, tool=None):
+    """Runs the tool; asserts the exit code; returns (stdout, stderr)."""
+    proc = subprocess.run([tool or TOOL] + [str(a) for a in args], capture_output=True, text=True)
+    if proc.returncode != expect:
+        raise AssertionError(f"{' '.join(map(str, args))}: exit {proc.returncode}, expected {expect}\n"
+                             f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}")
+    return proc.stdout, proc.stderr
+
+
+def main(tests):
+    passed = failed = 0
+    for test in tests:
+        try:
+            test()
+            passed += 1
+            print(f"ok   {test.__name__}")
+        except Exception:  # noqa: BLE001 - report every failure, keep going
+            failed += 1
+            print(f"FAIL {test.__name__}")
+            traceback.print_exc()
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
