@@ -3,9 +3,11 @@
 //
 // Commands never copy bytes themselves: they build a Plan and hand it to the one
 // executor (exec.hpp). A record's data is either small inline bytes (the pickle,
-// `version`) or a list of copy operations from the mapped inputs that covers the
-// record exactly, in order of destination offset. Plans are plain data: unit tests
-// assert on them without any I/O, and `--dry-run` prints them.
+// `version`) or copy operations from the mapped inputs that tile the record
+// exactly. A copy operation moves `rows` rows of `nbytes` each, from a source
+// stride to a destination stride (rows == 1: a plain range), and may convert
+// the dtype on the way. Plans are plain data: unit tests assert on them without
+// any I/O, and `--dry-run` prints them.
 #pragma once
 
 #include <cstdint>
@@ -13,28 +15,44 @@
 #include <vector>
 
 #include "ckpt/byte_reader.hpp"
+#include "ckpt/dtype.hpp"
 #include "ckpt/mapped_file.hpp"
 
 namespace ckpt {
 
 struct CopyOp {
   static constexpr std::uint32_t kZeros = 0xFFFFFFFF;  // source that reads as zero bytes
-  std::uint32_t source = kZeros;   // index into Plan::sources, or kZeros
+  std::uint32_t source = kZeros;    // index into Plan::sources, or kZeros
   std::uint64_t source_offset = 0;  // absolute byte offset in the source file
   std::uint64_t dest_offset = 0;    // offset inside the record's data
-  std::uint64_t nbytes = 0;
+  std::uint64_t nbytes = 0;         // destination bytes per row
+  std::uint64_t rows = 1;
+  std::uint64_t source_stride = 0;  // bytes between rows; used when rows > 1
+  std::uint64_t dest_stride = 0;
+  DType source_dtype = DType::UInt8;  // when they differ, elements are converted
+  DType dest_dtype = DType::UInt8;
+
+  bool converts() const { return source_dtype != dest_dtype; }
+  bool plain() const { return rows == 1 && !converts(); }
+  std::uint64_t source_nbytes() const;  // source bytes per row
+  std::uint64_t dest_end() const { return dest_offset + (rows - 1) * dest_stride + nbytes; }
 };
 
 struct PlannedRecord {
-  std::string name;                  // full zip name, "archive/data/3"
+  std::string name;                     // full zip name, "archive/data/3"
   std::uint64_t nbytes = 0;
   std::vector<std::byte> inline_bytes;  // used when `copies` is empty
   std::vector<CopyOp> copies;
+  // Bytes per output row when copies interleave rows (Megatron dim-1 gluing):
+  // the executor then works in whole rows. 0 otherwise.
+  std::uint64_t row_nbytes = 0;
 
-  // Appends a copy at the end of the record, merging it with the previous one
-  // when both source and destination continue it.
+  // Appends a plain copy at the end of the record, merging it with the previous
+  // one when both source and destination continue it.
   void append_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t nbytes);
   void append_zeros(std::uint64_t nbytes) { append_copy(CopyOp::kZeros, 0, nbytes); }
+  // True when every copy is plain and they follow each other in order.
+  bool sequential() const;
 };
 
 struct PlannedFile {
@@ -50,8 +68,8 @@ struct Plan {
   std::uint64_t bytes_to_copy() const;
 };
 
-// Checks the invariants the executor relies on: copies sorted, disjoint, covering
-// each record exactly, and reading inside their source. Throws Error (a bug).
+// Checks the invariants the executor relies on: copies tile each record exactly
+// (no gap, no overlap) and read inside their source. Throws Error (a bug).
 void validate(const Plan& plan);
 
 }  // namespace ckpt

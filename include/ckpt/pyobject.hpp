@@ -44,3 +44,17 @@ nlohmann::json to_json(const pickle::Graph& graph, pickle::NodeId id, const Json
                        std::size_t max_nodes = 100000);
 
 }  // namespace ckpt
+
+namespace ckpt {
+
+// Replaces the int under a path of keys (as config_get_path finds it) with
+// `value`, writing a new node so that nothing shared changes. False when the
+// path does not lead to an int.
+bool config_set_int(pickle::Graph& graph, pickle::NodeId container, const std::vector<std::string_view>& keys,
+                    std::int64_t value);
+
+// Every node reachable from `from` (all edges: items, entries, callables,
+// arguments, states, persistent ids), in no particular order.
+std::vector<pickle::NodeId> reachable(const pickle::Graph& graph, pickle::NodeId from);
+
+}  // namespace ckpt

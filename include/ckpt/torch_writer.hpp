@@ -29,4 +29,18 @@ std::string archive_name_for(const std::string& path);
 // Every storage of `checkpoint`, copied whole from its record.
 std::vector<PlannedStorage> copy_all_storages(const Checkpoint& checkpoint, Plan& plan);
 
+// Building new objects in a graph, the way torch.save pickles them.
+// A contiguous tensor of `shape` over all of storage `storage_key`:
+// _rebuild_tensor_v2(('storage', torch.<Type>Storage, key, 'cpu', numel), 0, shape, stride, False, OrderedDict()).
+pickle::NodeId add_tensor(pickle::Graph& graph, DType dtype, const std::vector<std::int64_t>& shape,
+                          const std::string& storage_key);
+// collections.OrderedDict() (fill its `entries`).
+pickle::NodeId add_ordered_dict(pickle::Graph& graph);
+
+// For a graph copied from `from` and then edited: the storages of `from` that
+// are still reachable from graph.root get new keys, counting from `next_key`,
+// and are planned as whole-record copies. Storages not in `from` are left alone.
+std::vector<PlannedStorage> carry_storages(pickle::Graph& graph, const Checkpoint& from, Plan& plan,
+                                           std::uint64_t& next_key);
+
 }  // namespace ckpt

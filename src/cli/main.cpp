@@ -22,6 +22,8 @@ int main(int argc, char** argv) {
       ckpt::cli::add_manifest_command);
   add("inspect", "show a manifest or checkpoint files: grid, sizes, object tree, problems",
       ckpt::cli::add_inspect_command);
+  add("stitch", "remove the FSDP dimension and glue model-parallel parts into one checkpoint",
+      ckpt::cli::add_stitch_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

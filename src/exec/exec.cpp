@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -18,18 +19,16 @@ namespace ckpt {
 
 namespace {
 
-// Pieces of at most 8 MiB: large enough that pwrite runs at memory speed (see
-// ../shared/BUILD.md), small enough to balance threads and bound the mapped
+// 8 MiB pieces: large enough that pwrite runs at memory speed (see
+// ../shared/BUILD.md), small enough to balance threads and to bound the mapped
 // pages each thread holds before releasing them.
 constexpr std::uint64_t kPieceBytes = 8ull << 20;
 
+// A piece is destination bytes [begin, end) of one record.
 struct Piece {
   std::size_t record = 0;
-  std::uint64_t dest_offset = 0;  // absolute, in the output file
-  std::uint32_t source = CopyOp::kZeros;
-  std::uint64_t source_offset = 0;
-  std::uint64_t nbytes = 0;
-  const std::byte* inline_data = nullptr;
+  std::uint64_t begin = 0;
+  std::uint64_t end = 0;
   std::uint32_t crc32 = 0;
 };
 
@@ -57,8 +56,8 @@ class Progress {
     double seconds = std::chrono::duration<double>(now - start_).count();
     double rate = seconds > 0 ? static_cast<double>(done) / seconds : 0.0;
     double eta = rate > 0 ? static_cast<double>(total_ - done) / rate : 0.0;
-    fmt::print(stderr, "\r{:.1f} / {:.1f} MiB  {:.0f} MiB/s  ETA {:.0f} s   ", done / 1048576.0,
-               total_ / 1048576.0, rate / 1048576.0, eta);
+    fmt::print(stderr, "\r{:.1f} / {:.1f} MiB  {:.0f} MiB/s  ETA {:.0f} s   ", static_cast<double>(done) / 1048576.0,
+               static_cast<double>(total_) / 1048576.0, rate / 1048576.0, eta);
     if (done == total_) fmt::print(stderr, "\n");
   }
 
@@ -72,31 +71,136 @@ class Progress {
   std::mutex mutex_;
 };
 
-void run_pieces(std::vector<Piece>& pieces, const Plan& plan, const OutputFile& out, unsigned threads,
-                Progress& progress) {
+class FileWriter {
+ public:
+  FileWriter(const Plan& plan, const PlannedFile& file, const ZipLayout& layout, const OutputFile& out,
+             const ExecOptions& options)
+      : plan_(plan), file_(file), layout_(layout), out_(out), options_(options) {
+    for (const PlannedRecord& record : file.records) sequential_.push_back(record.sequential());
+  }
+
+  std::vector<Piece> cut_pieces() const {
+    std::vector<Piece> pieces;
+    for (std::size_t r = 0; r < file_.records.size(); ++r) {
+      const PlannedRecord& record = file_.records[r];
+      std::uint64_t step = kPieceBytes;
+      if (record.row_nbytes != 0) step = std::max<std::uint64_t>(1, kPieceBytes / record.row_nbytes) * record.row_nbytes;
+      for (std::uint64_t begin = 0; begin < record.nbytes; begin += step) {
+        pieces.push_back(Piece{r, begin, std::min(record.nbytes, begin + step), 0});
+      }
+    }
+    return pieces;
+  }
+
+  void run_piece(Piece& piece, std::vector<std::byte>& buffer) const {
+    const PlannedRecord& record = file_.records[piece.record];
+    std::uint64_t base = layout_.records[piece.record].data_offset;
+    std::uint64_t length = piece.end - piece.begin;
+    if (record.copies.empty()) {
+      Bytes data(record.inline_bytes.data() + piece.begin, length);
+      out_.write_at(base + piece.begin, data);
+      piece.crc32 = crc32(data);
+      return;
+    }
+    if (sequential_[piece.record]) {
+      // Plain ranges in order: find the first one that reaches this piece.
+      auto it = std::upper_bound(record.copies.begin(), record.copies.end(), piece.begin,
+                                 [](std::uint64_t offset, const CopyOp& op) { return offset < op.dest_offset + op.nbytes; });
+      if (it != record.copies.end() && it->dest_offset <= piece.begin && it->dest_offset + it->nbytes >= piece.end) {
+        write_range(*it, piece, base);  // the common case: one range, no buffer
+        return;
+      }
+    }
+    buffer.resize(length);
+    gather(record, piece, buffer.data());
+    Bytes data(buffer.data(), length);
+    piece.crc32 = crc32(data);
+    out_.write_at(base + piece.begin, data);
+  }
+
+ private:
+  void write_range(const CopyOp& op, Piece& piece, std::uint64_t base) const {
+    std::uint64_t length = piece.end - piece.begin;
+    if (op.source == CopyOp::kZeros) {
+      piece.crc32 = crc32_of_zeros(length);  // the preallocated file already reads as zeros
+      return;
+    }
+    const MappedFile& source = *plan_.sources[op.source];
+    std::uint64_t offset = op.source_offset + (piece.begin - op.dest_offset);
+    Bytes data = source.bytes().subspan(offset, length);
+    piece.crc32 = crc32(data);
+    out_.write_at(base + piece.begin, data);
+    source.release(offset, length);
+  }
+
+  // Fills `dest` (the piece's bytes) from every copy that reaches the piece.
+  void gather(const PlannedRecord& record, const Piece& piece, std::byte* dest) const {
+    for (const CopyOp& op : record.copies) {
+      if (op.dest_end() <= piece.begin || op.dest_offset >= piece.end) continue;
+      std::uint64_t touched_begin = UINT64_MAX;
+      std::uint64_t touched_end = 0;
+      std::uint64_t first_row = 0;
+      if (op.rows > 1 && piece.begin > op.dest_offset) {
+        first_row = (piece.begin - op.dest_offset) / op.dest_stride;
+      }
+      for (std::uint64_t r = first_row; r < op.rows; ++r) {
+        std::uint64_t row_dest = op.dest_offset + r * op.dest_stride;
+        if (row_dest >= piece.end) break;
+        std::uint64_t from = std::max(row_dest, piece.begin);
+        std::uint64_t to = std::min(row_dest + op.nbytes, piece.end);
+        if (from >= to) continue;
+        copy_part(op, r, from - row_dest, to - from, dest + (from - piece.begin));
+        std::uint64_t row_source = op.source_offset + r * op.source_stride;
+        touched_begin = std::min(touched_begin, row_source);
+        touched_end = std::max(touched_end, row_source + op.source_nbytes());
+      }
+      // Drop the pages this piece has consumed from our mapping (they stay in
+      // the page cache): the resident set stays bounded whatever the input size.
+      if (op.source != CopyOp::kZeros && touched_end > touched_begin) {
+        plan_.sources[op.source]->release(touched_begin, touched_end - touched_begin);
+      }
+    }
+  }
+
+  // Destination bytes [skip, skip + count) of row `row` of `op`.
+  void copy_part(const CopyOp& op, std::uint64_t row, std::uint64_t skip, std::uint64_t count, std::byte* dest) const {
+    if (op.source == CopyOp::kZeros) {
+      std::memset(dest, 0, count);
+      return;
+    }
+    const MappedFile& source = *plan_.sources[op.source];
+    std::uint64_t row_source = op.source_offset + row * op.source_stride;
+    if (!op.converts()) {
+      std::memcpy(dest, source.bytes().data() + row_source + skip, count);
+      return;
+    }
+    std::uint64_t out_size = dtype_info(op.dest_dtype).itemsize;
+    std::uint64_t in_size = dtype_info(op.source_dtype).itemsize;
+    if (!options_.convert) throw Error("plan converts dtypes but no converter was given (a bug)");
+    options_.convert(op.source_dtype, op.dest_dtype, source.bytes().data() + row_source + skip / out_size * in_size,
+                     dest, count / out_size);
+  }
+
+  const Plan& plan_;
+  const PlannedFile& file_;
+  const ZipLayout& layout_;
+  const OutputFile& out_;
+  const ExecOptions& options_;
+  std::vector<bool> sequential_;
+};
+
+void run_pieces(std::vector<Piece>& pieces, const FileWriter& writer, unsigned threads, Progress& progress) {
   std::atomic<std::size_t> next{0};
   std::exception_ptr failure;
   std::mutex failure_mutex;
   auto worker = [&] {
+    std::vector<std::byte> buffer;
     while (true) {
       std::size_t i = next.fetch_add(1);
       if (i >= pieces.size()) return;
-      Piece& piece = pieces[i];
       try {
-        if (piece.inline_data != nullptr) {
-          Bytes data(piece.inline_data, piece.nbytes);
-          out.write_at(piece.dest_offset, data);
-          piece.crc32 = crc32(data);
-        } else if (piece.source == CopyOp::kZeros) {
-          piece.crc32 = crc32_of_zeros(piece.nbytes);  // the preallocated file already reads as zeros
-        } else {
-          const MappedFile& source = *plan.sources[piece.source];
-          Bytes data = source.bytes().subspan(piece.source_offset, piece.nbytes);
-          piece.crc32 = crc32(data);
-          out.write_at(piece.dest_offset, data);
-          source.release(piece.source_offset, piece.nbytes);
-        }
-        progress.add(piece.nbytes);
+        writer.run_piece(pieces[i], buffer);
+        progress.add(pieces[i].end - pieces[i].begin);
       } catch (...) {
         std::lock_guard lock(failure_mutex);
         if (!failure) failure = std::current_exception();
@@ -124,28 +228,15 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     for (const PlannedRecord& record : file.records) specs.push_back({record.name, record.nbytes});
     ZipLayout layout = layout_zip(specs);
     OutputFile out(file.path, layout.file_size, options.overwrite);
-
-    std::vector<Piece> pieces;
-    for (std::size_t r = 0; r < file.records.size(); ++r) {
-      const PlannedRecord& record = file.records[r];
-      std::uint64_t base = layout.records[r].data_offset;
-      if (record.copies.empty()) {
-        if (record.nbytes > 0) pieces.push_back(Piece{r, base, CopyOp::kZeros, 0, record.nbytes, record.inline_bytes.data(), 0});
-        continue;
-      }
-      for (const CopyOp& op : record.copies) {
-        for (std::uint64_t done = 0; done < op.nbytes; done += kPieceBytes) {
-          std::uint64_t n = std::min(kPieceBytes, op.nbytes - done);
-          std::uint64_t source_offset = op.source == CopyOp::kZeros ? 0 : op.source_offset + done;
-          pieces.push_back(Piece{r, base + op.dest_offset + done, op.source, source_offset, n, nullptr, 0});
-        }
-      }
-    }
-    run_pieces(pieces, plan, out, threads, progress);
+    FileWriter writer(plan, file, layout, out, options);
+    std::vector<Piece> pieces = writer.cut_pieces();
+    run_pieces(pieces, writer, threads, progress);
 
     // Pieces are in destination order within each record: fold their CRCs.
     std::vector<std::uint32_t> crcs(file.records.size(), 0);
-    for (const Piece& piece : pieces) crcs[piece.record] = crc32_concat(crcs[piece.record], piece.crc32, piece.nbytes);
+    for (const Piece& piece : pieces) {
+      crcs[piece.record] = crc32_concat(crcs[piece.record], piece.crc32, piece.end - piece.begin);
+    }
     for (std::size_t r = 0; r < layout.records.size(); ++r) {
       layout.records[r].crc32 = crcs[r];
       std::vector<std::byte> header = render_local_header(layout.records[r]);
@@ -158,6 +249,27 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
   }
   stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return stats;
+}
+
+void read_source_bytes(const TensorSource& source, const std::vector<const MappedFile*>& files, std::uint64_t begin,
+                       std::uint64_t count, std::byte* out) {
+  std::uint64_t position = 0;
+  std::uint64_t end = begin + count;
+  for (const ByteSegment& segment : source.segments) {
+    std::uint64_t seg_end = position + segment.nbytes;
+    if (seg_end > begin && position < end) {
+      std::uint64_t from = std::max(begin, position);
+      std::uint64_t to = std::min(end, seg_end);
+      std::byte* dest = out + (from - begin);
+      if (segment.file == ByteSegment::kZeroFile) {
+        std::memset(dest, 0, to - from);
+      } else {
+        std::memcpy(dest, files.at(segment.file)->bytes().data() + segment.byte_offset + (from - position), to - from);
+      }
+    }
+    position = seg_end;
+  }
+  if (position < end) throw Error("read past the end of a tensor (a bug)");
 }
 
 }  // namespace ckpt

@@ -218,3 +218,96 @@ json to_json(const Graph& graph, NodeId id, const JsonLeaf& leaf, std::size_t ma
 }
 
 }  // namespace ckpt
+
+namespace ckpt {
+
+namespace {
+
+// The (container, entry index) pairs under which `key` is stored, following the
+// same rules as config_get: dict entries, OmegaConf `_content` plus the value
+// node's `_val`, or the BUILD state dict of an object.
+std::vector<std::pair<NodeId, std::size_t>> entry_slots(const Graph& graph, NodeId container, std::string_view key) {
+  auto find_in = [&](NodeId mapping) -> std::optional<std::size_t> {
+    const auto* entries = graph.mapping_entries(mapping);
+    if (entries == nullptr) return std::nullopt;
+    for (std::size_t i = 0; i < entries->size(); ++i) {
+      if (graph.is_str((*entries)[i].first, key)) return i;
+    }
+    return std::nullopt;
+  };
+  auto state_dict = [&](NodeId object) -> NodeId {
+    if (object >= graph.size() || graph[object].kind != Kind::Object) return kNoNode;
+    NodeId state = graph[object].state;
+    if (state != kNoNode && graph[state].kind == Kind::Tuple && graph[state].items.size() == 2) {
+      state = graph[state].items[0];
+    }
+    return state != kNoNode && graph[state].kind == Kind::Dict ? state : kNoNode;
+  };
+  if (container >= graph.size()) return {};
+  const pickle::Node& node = graph[container];
+  if (node.kind == Kind::Dict || (node.kind == Kind::Object && !node.entries.empty())) {
+    if (auto i = find_in(container)) return {{container, *i}};
+    return {};
+  }
+  if (node.kind != Kind::Object) return {};
+  if (is_omegaconf_container(class_name(graph, container))) {
+    NodeId content = graph.attribute(container, "_content");
+    auto i = find_in(content);
+    if (!i) return {};
+    NodeId child = graph[content].entries[*i].second;
+    NodeId child_state = state_dict(child);
+    if (class_name(graph, child).rfind("omegaconf.nodes.", 0) == 0 && child_state != kNoNode) {
+      // A value node: the value itself is its `_val` attribute.
+      const auto& entries = graph[child_state].entries;
+      for (std::size_t e = 0; e < entries.size(); ++e) {
+        if (graph.is_str(entries[e].first, "_val")) return {{child_state, e}};
+      }
+      return {};
+    }
+    return {{content, *i}};
+  }
+  NodeId state = state_dict(container);
+  if (auto i = find_in(state)) return {{state, *i}};
+  return {};
+}
+
+}  // namespace
+
+bool config_set_int(Graph& graph, NodeId container, const std::vector<std::string_view>& keys, std::int64_t value) {
+  if (keys.empty()) return false;
+  NodeId parent = config_get_path(graph, container, {keys.begin(), keys.end() - 1});
+  if (parent == kNoNode) return false;
+  auto slots = entry_slots(graph, parent, keys.back());
+  if (slots.empty()) return false;
+  auto [mapping, index] = slots.front();
+  NodeId old = graph[mapping].entries[index].second;
+  if (graph[old].kind != Kind::Int) return false;
+  NodeId fresh = graph.integer(value);
+  graph[mapping].entries[index].second = fresh;
+  return true;
+}
+
+std::vector<NodeId> reachable(const Graph& graph, NodeId from) {
+  std::vector<NodeId> out;
+  std::vector<bool> seen(graph.size(), false);
+  std::vector<NodeId> stack{from};
+  while (!stack.empty()) {
+    NodeId id = stack.back();
+    stack.pop_back();
+    if (id >= graph.size() || seen[id]) continue;
+    seen[id] = true;
+    out.push_back(id);
+    const pickle::Node& node = graph[id];
+    for (NodeId item : node.items) stack.push_back(item);
+    for (const auto& [k, v] : node.entries) {
+      stack.push_back(k);
+      stack.push_back(v);
+    }
+    for (NodeId edge : {node.callable, node.args, node.kwargs, node.state}) {
+      if (edge != kNoNode) stack.push_back(edge);
+    }
+  }
+  return out;
+}
+
+}  // namespace ckpt

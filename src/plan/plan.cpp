@@ -2,13 +2,20 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 namespace ckpt {
+
+std::uint64_t CopyOp::source_nbytes() const {
+  if (!converts()) return nbytes;
+  return nbytes / dtype_info(dest_dtype).itemsize * dtype_info(source_dtype).itemsize;
+}
 
 void PlannedRecord::append_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t count) {
   if (count == 0) return;
   if (!copies.empty()) {
     CopyOp& last = copies.back();
-    bool continues = last.source == source && last.dest_offset + last.nbytes == nbytes &&
+    bool continues = last.plain() && last.source == source && last.dest_offset + last.nbytes == nbytes &&
                      (source == CopyOp::kZeros || last.source_offset + last.nbytes == source_offset);
     if (continues) {
       last.nbytes += count;
@@ -16,8 +23,22 @@ void PlannedRecord::append_copy(std::uint32_t source, std::uint64_t source_offse
       return;
     }
   }
-  copies.push_back(CopyOp{source, source_offset, nbytes, count});
+  CopyOp op;
+  op.source = source;
+  op.source_offset = source_offset;
+  op.dest_offset = nbytes;
+  op.nbytes = count;
+  copies.push_back(op);
   nbytes += count;
+}
+
+bool PlannedRecord::sequential() const {
+  std::uint64_t expected = 0;
+  for (const CopyOp& op : copies) {
+    if (!op.plain() || op.dest_offset != expected) return false;
+    expected += op.nbytes;
+  }
+  return true;
 }
 
 std::uint32_t Plan::add_source(const MappedFile& file) {
@@ -36,6 +57,14 @@ std::uint64_t Plan::bytes_to_copy() const {
   return total;
 }
 
+namespace {
+
+// Above this many rows the exact tiling check is skipped in release builds (the
+// byte count and bounds are still checked).
+constexpr std::uint64_t kTilingCheckRows = 1 << 22;
+
+}  // namespace
+
 void validate(const Plan& plan) {
   for (const PlannedFile& file : plan.files) {
     for (const PlannedRecord& record : file.records) {
@@ -46,15 +75,46 @@ void validate(const Plan& plan) {
         if (record.inline_bytes.size() != record.nbytes) throw bug("inline bytes do not match the record size");
         continue;
       }
-      std::uint64_t expected = 0;
+      std::uint64_t covered = 0;
+      std::uint64_t rows = 0;
       for (const CopyOp& op : record.copies) {
-        if (op.dest_offset != expected) throw bug(fmt::format("gap or overlap at offset {}", op.dest_offset));
-        expected += op.nbytes;
+        if (op.rows == 0 || op.nbytes == 0) throw bug("empty copy");
+        if (op.rows > 1 && op.dest_stride < op.nbytes) throw bug("rows of a copy overlap");
+        if (op.dest_end() > record.nbytes) throw bug("copy past the end of the record");
+        if (op.converts() && (op.nbytes % dtype_info(op.dest_dtype).itemsize != 0 ||
+                              op.dest_offset % dtype_info(op.dest_dtype).itemsize != 0)) {
+          throw bug("conversion of partial elements");
+        }
+        if (record.row_nbytes != 0 &&
+            (op.dest_offset % record.row_nbytes + op.nbytes > record.row_nbytes ||
+             (op.rows > 1 && op.dest_stride != record.row_nbytes))) {
+          throw bug("copy crosses an output row");
+        }
+        covered += op.nbytes * op.rows;
+        rows += op.rows;
         if (op.source == CopyOp::kZeros) continue;
         if (op.source >= plan.sources.size()) throw bug("copy from an unknown source");
-        if (op.source_offset + op.nbytes > plan.sources[op.source]->size()) throw bug("copy past the end of its source");
+        std::uint64_t source_end = op.source_offset + (op.rows - 1) * op.source_stride + op.source_nbytes();
+        if (source_end > plan.sources[op.source]->size()) throw bug("copy past the end of its source");
       }
-      if (expected != record.nbytes) throw bug("copies do not cover the record");
+      if (covered != record.nbytes) {
+        throw bug(fmt::format("copies cover {} bytes of a {}-byte record", covered, record.nbytes));
+      }
+      if (record.sequential()) continue;
+#ifdef NDEBUG
+      if (rows > kTilingCheckRows) continue;
+#endif
+      std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
+      ranges.reserve(rows);
+      for (const CopyOp& op : record.copies) {
+        for (std::uint64_t r = 0; r < op.rows; ++r) ranges.emplace_back(op.dest_offset + r * op.dest_stride, op.nbytes);
+      }
+      std::sort(ranges.begin(), ranges.end());
+      std::uint64_t expected = 0;
+      for (const auto& [start, length] : ranges) {
+        if (start != expected) throw bug(fmt::format("gap or overlap at offset {}", start));
+        expected += length;
+      }
     }
   }
 }

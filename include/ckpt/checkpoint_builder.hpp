@@ -1,0 +1,52 @@
+// Planning an output checkpoint: a copy of a base checkpoint's objects with the
+// state dict (and whatever else a command replaces) rebuilt from OutputTensors.
+//
+// Used by stitch and reshard alike. The builder edits a copy of the base graph,
+// so every object the command does not touch (cfg, extra_state, classes only the
+// training code defines) is written back exactly as it was read; storages the
+// kept objects still reference are copied from the base file.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "ckpt/checkpoint.hpp"
+#include "ckpt/plan.hpp"
+#include "ckpt/tensor_source.hpp"
+#include "ckpt/torch_writer.hpp"
+
+namespace ckpt {
+
+class CheckpointBuilder {
+ public:
+  explicit CheckpointBuilder(const Checkpoint& base);
+
+  pickle::Graph& graph() { return graph_; }
+  // A new tensor node whose data is `tensor` (written in tensor.dtype).
+  pickle::NodeId add_tensor(const OutputTensor& tensor);
+  // An OrderedDict of the tensors, in order; an alias shares its target's node.
+  pickle::NodeId add_state_dict(const std::vector<OutputTensor>& tensors);
+  // Top-level keys: replaced in place, appended when new, or dropped.
+  void set_top_level(const std::string& key, pickle::NodeId value);
+  void drop_top_level(const std::string& key);
+  // model_parallel_size in cfg.model (dict, Namespace or OmegaConf) and in a
+  // top-level `args` Namespace, where present.
+  void set_model_parallel_size(std::int64_t parts);
+
+  // The planned file. `sources[i]` is the plan source of manifest file i.
+  PlannedFile finish(const std::string& path, const std::vector<std::uint32_t>& sources, Plan& plan);
+
+ private:
+  const Checkpoint& base_;
+  pickle::Graph graph_;
+  std::vector<std::pair<std::string, pickle::NodeId>> top_level_;  // in order
+  std::vector<std::pair<std::string, OutputTensor>> payloads_;     // storage key -> data
+};
+
+// The record holding one output tensor's data: copy operations from the
+// sources (rows interleaved for Megatron dim-1 gluing, converting when the
+// output dtype differs).
+PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<std::uint32_t>& sources);
+
+}  // namespace ckpt

@@ -1,0 +1,63 @@
+#include "plan_print.hpp"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <map>
+
+#include "ckpt/zip.hpp"
+#include "inputs.hpp"
+
+namespace ckpt::cli {
+
+namespace {
+
+std::string describe_op(const Plan& plan, const CopyOp& op) {
+  std::string source = op.source == CopyOp::kZeros
+                           ? "zeros"
+                           : fmt::format("{}@0x{:x}",
+                                         std::filesystem::path(plan.sources[op.source]->path()).filename().string(),
+                                         op.source_offset);
+  std::string rows = op.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", op.rows, op.source_stride, op.dest_stride) : "";
+  std::string convert = op.converts() ? fmt::format(" {}->{}", dtype_info(op.source_dtype).name, dtype_info(op.dest_dtype).name) : "";
+  return fmt::format("{} -> +{} ({} B{}{})", source, op.dest_offset, op.nbytes, rows, convert);
+}
+
+}  // namespace
+
+void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, std::FILE* out) {
+  std::uint64_t total_copy = 0;
+  std::uint64_t total_size = 0;
+  for (std::size_t k = 0; k < plan.files.size(); ++k) {
+    const PlannedFile& file = plan.files[k];
+    std::vector<ZipEntrySpec> specs;
+    std::map<std::string, const PlannedRecord*> by_name;
+    for (const PlannedRecord& record : file.records) {
+      specs.push_back({record.name, record.nbytes});
+      by_name[record.name] = &record;
+    }
+    ZipLayout layout = layout_zip(specs);
+    total_size += layout.file_size;
+    fmt::print(out, "output {} ({} records, {})\n", file.path, file.records.size(), human_bytes(layout.file_size));
+    std::string prefix = file.records.front().name.substr(0, file.records.front().name.find('/'));
+    std::size_t storage = 0;
+    for (const OutputTensor& tensor : k < tensors.size() ? tensors[k] : std::vector<OutputTensor>{}) {
+      if (tensor.alias_of) {
+        fmt::print(out, "  {} = {} (tied, no bytes)\n", tensor.name, *tensor.alias_of);
+        continue;
+      }
+      const PlannedRecord* record = by_name.at(fmt::format("{}/data/{}", prefix, storage++));
+      fmt::print(out, "  {} {} [{}] {} B in {} copy op(s)\n", tensor.name, dtype_info(tensor.dtype).name,
+                 fmt::join(tensor.shape, ", "), record->nbytes, record->copies.size());
+      for (std::size_t i = 0; i < record->copies.size() && i < 3; ++i) {
+        fmt::print(out, "    {}\n", describe_op(plan, record->copies[i]));
+      }
+      if (record->copies.size() > 3) fmt::print(out, "    ... {} more\n", record->copies.size() - 3);
+    }
+    for (const PlannedRecord& record : file.records) total_copy += record.copies.empty() ? 0 : record.nbytes;
+  }
+  fmt::print(out, "total: {} to copy from {} input file(s), {} to write in {} file(s)\n", human_bytes(total_copy),
+             plan.sources.size(), human_bytes(total_size), plan.files.size());
+}
+
+}  // namespace ckpt::cli

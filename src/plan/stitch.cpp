@@ -1,0 +1,76 @@
+#include "ckpt/stitch.hpp"
+
+#include <fmt/format.h>
+
+#include "ckpt/checkpoint_builder.hpp"
+
+namespace ckpt {
+
+std::vector<std::vector<int>> complete_grid(const Manifest& manifest) {
+  if (manifest.files.empty()) throw Error("no input files");
+  if (!manifest.grid.problems.empty()) {
+    std::string list;
+    for (const std::string& problem : manifest.grid.problems) list += (list.empty() ? "" : "; ") + problem;
+    throw Error("the checkpoint's files do not form a complete grid: " + list);
+  }
+  return manifest.grid.cells;
+}
+
+namespace {
+
+void convert_dtype(std::vector<OutputTensor>& tensors, DType dtype) {
+  for (OutputTensor& tensor : tensors) {
+    if (!tensor.alias_of && dtype_info(tensor.dtype).floating) tensor.dtype = dtype;
+  }
+}
+
+}  // namespace
+
+StitchPlan plan_stitch(const StitchInputs& inputs, const std::vector<std::string>& output_paths,
+                       const StitchOptions& options) {
+  const Manifest& manifest = *inputs.manifest;
+  std::vector<std::vector<int>> grid = complete_grid(manifest);
+
+  std::vector<std::vector<NamedTensor>> consolidated;
+  for (const std::vector<int>& shards : grid) consolidated.push_back(consolidate_part(manifest, shards));
+
+  StitchPlan out;
+  if (options.stitch_megatron) {
+    std::vector<std::string> replicated;
+    out.tensors.push_back(glue_megatron(consolidated, options.glue, &replicated));
+    for (const std::string& key : replicated) {
+      ReplicatedCheck check;
+      check.key = key;
+      for (const auto& part : consolidated) {
+        for (const NamedTensor& tensor : part) {
+          if (tensor.name == key) check.parts.push_back(tensor.source);
+        }
+      }
+      out.checks.push_back(std::move(check));
+    }
+  } else {
+    for (const auto& part : consolidated) {
+      std::vector<OutputTensor> tensors;
+      for (const NamedTensor& tensor : part) tensors.push_back(as_output(tensor));
+      out.tensors.push_back(std::move(tensors));
+    }
+  }
+  if (output_paths.size() != out.tensors.size() || inputs.bases.size() != out.tensors.size()) {
+    throw Error(fmt::format("{} outputs planned for {} paths (a bug)", out.tensors.size(), output_paths.size()));
+  }
+
+  std::vector<std::uint32_t> sources;
+  for (const MappedFile* file : inputs.files) sources.push_back(out.plan.add_source(*file));
+  for (std::size_t k = 0; k < out.tensors.size(); ++k) {
+    if (options.dtype) convert_dtype(out.tensors[k], *options.dtype);
+    CheckpointBuilder builder(*inputs.bases[k]);
+    builder.set_top_level("model", builder.add_state_dict(out.tensors[k]));
+    builder.drop_top_level("shard_metadata");
+    builder.drop_top_level("last_optimizer_state");
+    if (options.stitch_megatron) builder.set_model_parallel_size(1);
+    out.plan.files.push_back(builder.finish(output_paths[k], sources, out.plan));
+  }
+  return out;
+}
+
+}  // namespace ckpt
