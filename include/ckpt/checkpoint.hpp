@@ -40,6 +40,9 @@ struct TensorRef {
   bool requires_grad = false;
   std::uint64_t file_byte_offset = 0;  // first byte of the tensor's first element
   std::uint64_t nbytes = 0;            // bytes from there to the end of its last element
+  // Set when this path reaches a tensor already listed under another path (a
+  // tied weight pickled once and referenced twice): that path.
+  std::string alias_of;
 
   std::uint64_t numel() const;
   bool is_contiguous() const;
@@ -89,9 +92,11 @@ std::optional<StorageId> parse_storage_id(const pickle::Graph& graph, pickle::No
 
 // Visits every node reachable from `from`, depth first, with a path of labels
 // (dict keys, list indices, attribute names); wrappers such as nn.Parameter are
-// transparent. Each node is visited once, at the first path that reaches it.
-void walk_paths(const pickle::Graph& graph, pickle::NodeId from, const std::string& prefix,
-                const std::function<void(pickle::NodeId, const std::string&)>& visit);
+// transparent. Each node is visited once, at the first path that reaches it;
+// `revisit`, when given, is called for every later path that reaches a node.
+using PathVisitor = std::function<void(pickle::NodeId, const std::string&)>;
+void walk_paths(const pickle::Graph& graph, pickle::NodeId from, const std::string& prefix, const PathVisitor& visit,
+                const PathVisitor& revisit = nullptr);
 
 // A scalar key rendered as a path label ("model", "3"), or "" for other keys.
 std::string key_label(const pickle::Graph& graph, pickle::NodeId key);

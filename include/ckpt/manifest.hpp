@@ -33,6 +33,7 @@ struct ManifestTensor {
   std::uint64_t file_byte_offset = 0;
   std::uint64_t nbytes = 0;
   bool requires_grad = false;
+  std::string alias_of;  // another path holding this very tensor (tied); "" if none
 
   std::uint64_t numel() const;
   // "model", "optimizer_state" or "other", from the top-level key of `path`.

@@ -29,6 +29,7 @@ Summary summarize(const Manifest& manifest) {
   std::map<int, bool> part_counted;
   for (const ManifestFile& file : manifest.files) {
     for (const ManifestTensor& t : file.tensors) {
+      if (!t.alias_of.empty()) continue;  // tied: its bytes are counted once
       auto& [count, bytes] = summary.by_dtype[std::string(dtype_info(t.dtype).name)];
       ++count;
       bytes += t.nbytes;
@@ -43,7 +44,7 @@ Summary summarize(const Manifest& manifest) {
       }
     } else {
       for (const ManifestTensor& t : file.tensors) {
-        if (t.section() == "model") summary.parameters += t.numel();
+        if (t.section() == "model" && t.alias_of.empty()) summary.parameters += t.numel();
       }
     }
   }

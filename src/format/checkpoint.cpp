@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <functional>
+#include <tuple>
 #include <unordered_set>
 
 namespace ckpt {
@@ -62,11 +63,15 @@ std::string join(const std::string& prefix, const std::string& label) {
 
 class PathWalker {
  public:
-  PathWalker(const Graph& graph, const std::function<void(NodeId, const std::string&)>& visit)
-      : graph_(graph), visit_(visit) {}
+  PathWalker(const Graph& graph, const PathVisitor& visit, const PathVisitor& revisit)
+      : graph_(graph), visit_(visit), revisit_(revisit) {}
 
   void walk(NodeId id, const std::string& path, int depth) {
-    if (id >= graph_.size() || !seen_.insert(id).second) return;
+    if (id >= graph_.size()) return;
+    if (!seen_.insert(id).second) {
+      if (revisit_) revisit_(id, path);
+      return;
+    }
     if (depth > pickle::kMaxDepth) throw Error(fmt::format("objects nested deeper than {} levels", pickle::kMaxDepth));
     visit_(id, path);
     const pickle::Node& node = graph_[id];
@@ -122,15 +127,16 @@ class PathWalker {
   }
 
   const Graph& graph_;
-  const std::function<void(NodeId, const std::string&)>& visit_;
+  const PathVisitor& visit_;
+  const PathVisitor& revisit_;
   std::unordered_set<NodeId> seen_;
 };
 
 }  // namespace
 
-void walk_paths(const Graph& graph, NodeId from, const std::string& prefix,
-                const std::function<void(NodeId, const std::string&)>& visit) {
-  PathWalker(graph, visit).walk(from, prefix, 0);
+void walk_paths(const Graph& graph, NodeId from, const std::string& prefix, const PathVisitor& visit,
+                const PathVisitor& revisit) {
+  PathWalker(graph, visit, revisit).walk(from, prefix, 0);
 }
 
 std::optional<StorageId> parse_storage_id(const Graph& graph, NodeId persid) {
@@ -217,14 +223,22 @@ void Checkpoint::collect_storages() {
 }
 
 void Checkpoint::collect_tensors() {
-  std::unordered_map<NodeId, std::string> paths;
-  walk_paths(graph_, graph_.root, "", [&](NodeId id, const std::string& p) { paths.emplace(id, p); });
+  // Tensors are listed in the order a depth-first walk meets their paths (the
+  // order of the dicts that hold them), ties included.
+  std::unordered_map<NodeId, std::pair<std::size_t, std::string>> paths;
+  std::vector<std::tuple<NodeId, std::size_t, std::string>> repeats;
+  std::size_t order = 0;
+  walk_paths(
+      graph_, graph_.root, "", [&](NodeId id, const std::string& p) { paths.emplace(id, std::make_pair(order++, p)); },
+      [&](NodeId id, const std::string& p) { repeats.emplace_back(id, order++, p); });
+  std::unordered_map<std::string, std::size_t> rank;
   for (NodeId id = 0; id < graph_.size(); ++id) {
     if (!is_rebuild_tensor(graph_, id)) continue;
     TensorRef tensor;
     tensor.node = id;
     auto found = paths.find(id);
-    tensor.path = found != paths.end() ? found->second : fmt::format("<unreachable #{}>", id);
+    tensor.path = found != paths.end() ? found->second.second : fmt::format("<unreachable #{}>", id);
+    rank[tensor.path] = found != paths.end() ? found->second.first : SIZE_MAX;
     auto bad = [&](const std::string& message) {
       return Error(Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt}, message);
     };
@@ -266,8 +280,26 @@ void Checkpoint::collect_tensors() {
     tensor.nbytes = span_elements * itemsize;
     tensors_.push_back(std::move(tensor));
   }
+  // Tied weights: the same tensor object under a second path.
+  std::unordered_map<NodeId, std::size_t> by_node;
+  for (std::size_t i = 0; i < tensors_.size(); ++i) by_node.emplace(tensors_[i].node, i);
+  for (const auto& [id, position, alias_path] : repeats) {
+    NodeId tensor_node = id;
+    // nn.Parameter wraps its tensor: an alias of the wrapper is an alias of the tensor.
+    if (by_node.count(tensor_node) == 0 && is_tensor_wrapper(graph_, tensor_node)) {
+      const auto& args = graph_[graph_[tensor_node].args].items;
+      if (!args.empty()) tensor_node = args[0];
+    }
+    auto it = by_node.find(tensor_node);
+    if (it == by_node.end()) continue;
+    TensorRef alias = tensors_[it->second];
+    alias.alias_of = alias.path;
+    alias.path = alias_path;
+    rank[alias.path] = position;
+    tensors_.push_back(std::move(alias));
+  }
   std::stable_sort(tensors_.begin(), tensors_.end(),
-                   [&](const TensorRef& a, const TensorRef& b) { return a.node < b.node; });
+                   [&](const TensorRef& a, const TensorRef& b) { return rank[a.path] < rank[b.path]; });
 }
 
 const TensorRef* Checkpoint::find_tensor(std::string_view tensor_path) const {

@@ -51,9 +51,14 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   std::set<std::string> taken;
 
   if (!is_flattened(first)) {
-    // Already consolidated (or never sharded): the model's tensors as they are.
+    // Already consolidated (or never sharded): the model's tensors as they are;
+    // ties (one tensor under two keys) stay ties.
     for (const auto& [key, tensor] : model_tensors(first)) {
-      out.push_back({key, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
+      if (!tensor->alias_of.empty() && tensor->alias_of.rfind("model/", 0) == 0) {
+        out.push_back({key, {}, tensor->alias_of.substr(6)});
+      } else {
+        out.push_back({key, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
+      }
     }
     return out;
   }

@@ -55,7 +55,8 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
     t.file_byte_offset = ref.file_byte_offset;
     t.nbytes = ref.nbytes;
     t.requires_grad = ref.requires_grad;
-    tensor_index.emplace(ref.node, file.tensors.size());
+    t.alias_of = ref.alias_of;
+    if (ref.alias_of.empty()) tensor_index.emplace(ref.node, file.tensors.size());
     file.tensors.push_back(std::move(t));
   }
   file.fsdp = read_fsdp_metadata(checkpoint);

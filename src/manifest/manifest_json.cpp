@@ -74,6 +74,7 @@ json manifest_to_json(const Manifest& manifest) {
                          {"record_name", t.record_name}, {"record_crc32", t.record_crc32},
                          {"file_byte_offset", t.file_byte_offset}, {"nbytes", t.nbytes},
                          {"requires_grad", t.requires_grad}});
+      if (!t.alias_of.empty()) tensors.back()["alias_of"] = t.alias_of;
     }
     files.push_back({{"path", file.path}, {"size_bytes", file.size_bytes}, {"mtime_ns", file.mtime_ns},
                      {"archive_name", file.archive_name}, {"mp_part", role_value(file.role.mp_part)},
@@ -125,6 +126,7 @@ Manifest manifest_from_json(const json& j, const std::string& source) {
         t.file_byte_offset = t_json.at("file_byte_offset").get<std::uint64_t>();
         t.nbytes = t_json.at("nbytes").get<std::uint64_t>();
         t.requires_grad = t_json.value("requires_grad", false);
+        t.alias_of = t_json.value("alias_of", "");
         file.tensors.push_back(std::move(t));
       }
       if (!file_json.at("fsdp").is_null()) file.fsdp = fsdp_from_json(file_json.at("fsdp"));

@@ -1,6 +1,7 @@
 """What every end-to-end test script shares: paths from meson's environment,
 fixtures generated once per build, running the tool, and a tiny test runner that
 prints the closing line `N passed, N failed` and exits non-zero on any failure."""
+import fcntl
 import os
 import subprocess
 import sys
@@ -23,18 +24,15 @@ def fixtures():
     out = os.path.join(WORK, "fixtures")
     stamp = os.path.join(out, ".stamp")
     wanted = str(os.stat(generator).st_mtime_ns)
-    # Several test scripts may run at once: generate into a private folder, then rename.
-    if not (os.path.exists(stamp) and open(stamp).read() == wanted):
-        tmp = f"{out}.tmp{os.getpid()}"
-        subprocess.run(["rm", "-rf", tmp], check=True)
-        subprocess.run([PYTHON, generator, "--out", tmp], check=True, stdout=subprocess.DEVNULL)
-        with open(os.path.join(tmp, ".stamp"), "w") as f:
-            f.write(wanted)
-        subprocess.run(["rm", "-rf", out], check=True)
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another script won the race
-            subprocess.run(["rm", "-rf", tmp], check=True)
+    os.makedirs(WORK, exist_ok=True)
+    # meson runs the test scripts in parallel: one generates, the others wait.
+    with open(os.path.join(WORK, ".fixtures.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (os.path.exists(stamp) and open(stamp).read() == wanted):
+            subprocess.run(["rm", "-rf", out], check=True)
+            subprocess.run([PYTHON, generator, "--out", out], check=True, stdout=subprocess.DEVNULL)
+            with open(stamp, "w") as f:
+                f.write(wanted)
     return {name: os.path.join(out, name) for name in sorted(os.listdir(out))
             if os.path.isdir(os.path.join(out, name))}
 

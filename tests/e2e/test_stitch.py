@@ -1,0 +1,176 @@
+#!/usr/bin/python3
+"""`ckpt-tool stitch` on every fixture case, judged by torch: the output equals
+the generator's expected checkpoint (derived from the full model, never from
+the shards) bit for bit, in every mode; thread count never changes the bytes;
+--dtype rounds as torch's .to(); bad grids and stale manifests are refused
+before anything is written."""
+import os
+import shutil
+import struct
+import time
+
+import torch
+
+import harness
+from harness import ckptcheck
+
+
+def stitch(args, expect=0):
+    return harness.run(["stitch", "--quiet"] + [str(a) for a in args], expect=expect)
+
+
+def check_same(got, want):
+    problems = ckptcheck.zip_problems(got, aligned=True)
+    assert not problems, f"{got}: {problems}"
+    ckptcheck.assert_same(ckptcheck.load(got), ckptcheck.load(want))
+
+
+def test_consolidated_for_every_case():
+    for name, folder in harness.fixtures().items():
+        out = os.path.join(harness.scratch("stitch-" + name), "out.pt")
+        stitch([folder, "-o", out])
+        check_same(out, os.path.join(folder, "expected", "consolidated.pt"))
+
+
+def test_fused_qkv_for_every_case():
+    for name, folder in harness.fixtures().items():
+        out = os.path.join(harness.scratch("fused-" + name), "out.pt")
+        stitch([folder, "-o", out, "--fused-qkv"])
+        check_same(out, os.path.join(folder, "expected", "fused.pt"))
+
+
+def test_one_file_per_part_for_every_case():
+    for name, folder in harness.fixtures().items():
+        out = harness.scratch("parts-" + name)
+        stitch([folder, "-o", os.path.join(out, "part{m}.pt"), "--no-stitch-megatron"])
+        expected = sorted(f for f in os.listdir(os.path.join(folder, "expected")) if f.startswith("part-"))
+        assert sorted(os.listdir(out)) == [f.replace("-", "") for f in expected]
+        for f in expected:
+            check_same(os.path.join(out, f.replace("-", "")), os.path.join(folder, "expected", f))
+
+
+def test_consolidated_parts_glue_again():
+    # reshard-model_part-{m}.pt files (no FSDP) are inputs too; ties are kept
+    for name in ("mp2_dp3_fp32_ns_args", "mp4_dp2_bf16_omega_opt"):
+        folder = harness.fixtures()[name]
+        work = harness.scratch("reglue-" + name)
+        for f in os.listdir(os.path.join(folder, "expected")):
+            if f.startswith("part-"):
+                m = f[len("part-"):-len(".pt")]
+                shutil.copy(os.path.join(folder, "expected", f), os.path.join(work, f"reshard-model_part-{m}.pt"))
+        out = os.path.join(harness.scratch("reglue-out-" + name), "out.pt")
+        stitch([work, "-o", out])
+        check_same(out, os.path.join(folder, "expected", "consolidated.pt"))
+
+
+def test_threads_give_identical_bytes():
+    folder = harness.fixtures()["mp4_dp3_fp16_omega"]
+    one = os.path.join(harness.scratch("t1"), "out.pt")
+    eight = os.path.join(harness.scratch("t8"), "out.pt")
+    stitch([folder, "-o", one, "--threads", "1"])
+    stitch([folder, "-o", eight, "--threads", "8"])
+    assert open(one, "rb").read() == open(eight, "rb").read()
+
+
+def test_dtype_conversion_rounds_like_torch():
+    for name, dtype, flag in (("mp2_dp2_fp16_omega_opt", torch.bfloat16, "bf16"),
+                              ("mp1_dp3_bf16_ns_opt", torch.float16, "fp16"),
+                              ("mp2_dp3_fp32_ns_args", torch.float16, "fp16"),
+                              ("mp4_dp2_bf16_omega_opt", torch.float32, "fp32")):
+        folder = harness.fixtures()[name]
+        out = os.path.join(harness.scratch("dtype-" + name), "out.pt")
+        stitch([folder, "-o", out, "--dtype", flag])
+        expected = ckptcheck.load(os.path.join(folder, "expected", "consolidated.pt"))
+        converted = type(expected["model"])()
+        for key, tensor in expected["model"].items():
+            converted[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        # keep the tie: the converted output projection is the converted embedding
+        converted["decoder.output_projection.weight"] = converted["decoder.embed_tokens.weight"]
+        expected["model"] = converted
+        ckptcheck.assert_same(ckptcheck.load(out), expected)
+
+
+def test_manifest_input_and_stale_manifest():
+    folder = harness.fixtures()["mp2_dp8_fp16_ns_opt"]
+    work = harness.scratch("stitch-manifest")
+    copy = os.path.join(work, "ckpt")
+    shutil.copytree(folder, copy)
+    manifest = os.path.join(work, "m.json.zst")
+    harness.run(["manifest", copy, "-o", manifest])
+    out = os.path.join(work, "out.pt")
+    stitch([manifest, "-o", out])
+    check_same(out, os.path.join(folder, "expected", "consolidated.pt"))
+    later = time.time() + 10
+    os.utime(os.path.join(copy, "checkpoint_last-model_part-1-shard3.pt"), (later, later))
+    _, stderr = stitch([manifest, "-o", os.path.join(work, "again.pt")], expect=1)
+    assert "checkpoint_last-model_part-1-shard3.pt" in stderr and "changed since the manifest" in stderr
+    assert not os.path.exists(os.path.join(work, "again.pt"))
+
+
+def test_dry_run_writes_nothing():
+    folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    work = harness.scratch("dry")
+    stdout, _ = stitch([folder, "-o", os.path.join(work, "out.pt"), "--dry-run"])
+    assert os.listdir(work) == []
+    assert "decoder.layers.0.fc2.weight float16 [4, 6]" in stdout
+    assert "x 4 rows" in stdout  # dim-1 gluing is a strided copy
+    assert "decoder.output_projection.weight = decoder.embed_tokens.weight (tied" in stdout
+    assert "total:" in stdout
+
+
+def test_incomplete_grid_is_refused():
+    folder = harness.fixtures()["mp2_dp3_fp32_ns_args"]
+    work = harness.scratch("incomplete")
+    files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".pt") and "part-1-shard1" not in f]
+    _, stderr = stitch(files + ["-o", os.path.join(work, "out.pt")], expect=1)
+    assert "missing: model part 1 shard 1" in stderr, stderr
+    assert os.listdir(work) == []
+
+
+def flip_layer_norm(path, delta):
+    """Changes one element of decoder.layers.0.self_attn_layer_norm.weight inside the
+    layer's flat parameter of a shard file (it lives in shard 0)."""
+    ckpt = ckptcheck.load(path)
+    meta = [m for m in ckpt["shard_metadata"]["param_metadata"] if m["fsdp_path"] == "decoder.layers.0"][0]
+    flat_meta = meta["params"]["flat_param_0"]
+    offset = 0
+    for n, numel in zip(flat_meta["names"], flat_meta["numels"]):
+        if n == "self_attn_layer_norm.weight":
+            break
+        offset += numel
+    flat = ckpt["model"]["decoder.layers.0.flat_param_0"]
+    assert offset < flat.numel()
+    flat[offset] += delta
+    torch.save(ckpt, path)
+
+
+def test_replicated_mismatch_warns_and_strict_fails():
+    folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    work = harness.scratch("mismatch")
+    copy = os.path.join(work, "ckpt")
+    shutil.copytree(folder, copy)
+    flip_layer_norm(os.path.join(copy, "checkpoint_last-model_part-1-shard0.pt"), 0.5)
+    _, stderr = harness.run(["stitch", copy, "-o", os.path.join(work, "out.pt")])
+    assert "warning: decoder.layers.0.self_attn_layer_norm.weight: model part 1 differs from part 0 in 1 element(s), max |difference| 0.5" in stderr, stderr
+    _, stderr = harness.run(["stitch", copy, "-o", os.path.join(work, "strict.pt"), "--strict"], expect=1)
+    assert "self_attn_layer_norm.weight" in stderr and not os.path.exists(os.path.join(work, "strict.pt"))
+
+
+def test_existing_output_is_kept():
+    folder = harness.fixtures()["mp1_dp1_fp32_ns"]
+    work = harness.scratch("keep")
+    out = os.path.join(work, "out.pt")
+    open(out, "w").write("precious")
+    _, stderr = stitch([folder, "-o", out], expect=1)
+    assert "already exists" in stderr and open(out).read() == "precious"
+    stitch([folder, "-o", out, "--force"])
+    check_same(out, os.path.join(folder, "expected", "consolidated.pt"))
+    assert sorted(os.listdir(work)) == ["out.pt"]
+
+
+if __name__ == "__main__":
+    harness.main([test_consolidated_for_every_case, test_fused_qkv_for_every_case, test_one_file_per_part_for_every_case,
+                  test_consolidated_parts_glue_again, test_threads_give_identical_bytes,
+                  test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,
+                  test_dry_run_writes_nothing, test_incomplete_grid_is_refused,
+                  test_replicated_mismatch_warns_and_strict_fails, test_existing_output_is_kept])
