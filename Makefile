@@ -37,6 +37,9 @@ demo: build
 	$(PYTHON) fixtures/generate.py --out $(DEMO) --case mp2_dp2_fp16_omega_opt >/dev/null
 	$(BUILD)/ckpt-tool manifest $(DEMO)/mp2_dp2_fp16_omega_opt -o $(DEMO)/manifest.json.zst
 	$(BUILD)/ckpt-tool inspect $(DEMO)/manifest.json.zst
+	$(BUILD)/ckpt-tool stitch $(DEMO)/manifest.json.zst -o $(DEMO)/consolidated.pt
+	$(BUILD)/ckpt-tool inspect $(DEMO)/consolidated.pt
+	$(PYTHON) tests/e2e/ckptcheck.py same $(DEMO)/consolidated.pt $(DEMO)/mp2_dp2_fp16_omega_opt/expected/consolidated.pt
 
 test: build
 	meson test -C $(BUILD) --print-errorlogs

@@ -6,6 +6,7 @@
 #include <iostream>
 #include <map>
 #include <regex>
+#include <set>
 
 #include "commands.hpp"
 #include "inputs.hpp"
@@ -89,12 +90,15 @@ class TreePrinter {
         return;
       }
     }
+    if (children.is_object()) children.erase("$class");
     std::size_t tensors = 0;
+    std::set<std::size_t> distinct;  // a tied tensor is counted once
     std::uint64_t tensor_bytes = 0;
     for (const auto& item : children.items()) {
       if (item.value().is_object() && item.value().contains("$tensor")) {
         ++tensors;
-        tensor_bytes += file_.tensors.at(item.value()["$tensor"].get<std::size_t>()).nbytes;
+        std::size_t index = item.value()["$tensor"].get<std::size_t>();
+        if (distinct.insert(index).second) tensor_bytes += file_.tensors.at(index).nbytes;
       }
     }
     std::string header = pad + label + ":" + (kind.empty() ? "" : " " + kind);

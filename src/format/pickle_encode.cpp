@@ -197,11 +197,13 @@ class Encoder {
       case Kind::FrozenSet:
         op('(');
         for (NodeId item : node.items) emit(item, depth);
+        if (fetch_if_written(id, 0, true)) return;
         op(0x91);
         put(id);
         return;
       case Kind::PersId:
         emit(node.callable, depth);
+        if (fetch_if_written(id, 1, false)) return;
         op('Q');
         put(id);
         return;
@@ -209,7 +211,9 @@ class Encoder {
         emit(node.callable, depth);
         emit(node.args, depth);
         if (node.op == ObjectOp::NewObjEx) emit(node.kwargs, depth);
-        if (memo_[id] >= 0) throw Error("pickle: object refers to itself in its own arguments");
+        // Reached again through its own arguments (a list that holds it): the
+        // inner emission built it; drop callable and arguments unused and fetch it.
+        if (fetch_if_written(id, node.op == ObjectOp::NewObjEx ? 3 : 2, false)) return;
         op(node.op == ObjectOp::Reduce ? 'R' : node.op == ObjectOp::NewObj ? 0x81 : 0x92);
         put(id);
         emit_batched(node.items, 'a', 'e', depth);
@@ -222,6 +226,20 @@ class Encoder {
     }
   }
 
+  // After the parts of an immutable node were written: if writing them wrote the
+  // node itself (a cycle through a mutable part), discard the parts from the
+  // stack (`pops` POPs, or POP_MARK) and fetch the finished node from the memo.
+  bool fetch_if_written(NodeId id, std::size_t pops, bool to_mark) {
+    if (memo_[id] < 0) return false;
+    if (to_mark) {
+      op('1');
+    } else {
+      for (std::size_t i = 0; i < pops; ++i) op('0');
+    }
+    get(id);
+    return true;
+  }
+
   void emit_tuple(NodeId id, const Node& node, int depth) {
     if (node.items.empty()) {
       op(')');
@@ -230,17 +248,7 @@ class Encoder {
     bool short_form = node.items.size() <= 3;
     if (!short_form) op('(');
     for (NodeId item : node.items) emit(item, depth);
-    if (memo_[id] >= 0) {
-      // The tuple was written while writing its own elements (a cycle through a
-      // mutable element): drop what was pushed and fetch the finished tuple.
-      if (short_form) {
-        for (std::size_t i = 0; i < node.items.size(); ++i) op('0');
-      } else {
-        op('1');
-      }
-      get(id);
-      return;
-    }
+    if (fetch_if_written(id, node.items.size(), !short_form)) return;
     static constexpr std::uint8_t kShort[] = {0, 0x85, 0x86, 0x87};
     op(short_form ? kShort[node.items.size()] : 't');
     put(id);

@@ -30,11 +30,18 @@ std::int64_t FlatParamMeta::total_numel() const {
 }
 
 FsdpChunk fsdp_chunk(std::int64_t numel, int world_size, int rank) {
-  std::int64_t chunk = (numel + world_size - 1) / world_size;
+  if (numel < 0 || world_size <= 0 || rank < 0 || rank >= world_size) {
+    throw Error(fmt::format("invalid FSDP chunk request: {} elements, rank {} of {}", numel, rank, world_size));
+  }
+  // 128-bit intermediates: numel comes from untrusted metadata and may be huge.
+  __extension__ typedef __int128 Wide;
+  Wide chunk = (Wide{numel} + world_size - 1) / world_size;
+  Wide begin = std::min<Wide>(Wide{rank} * chunk, numel);
+  Wide held = std::max<Wide>(0, std::min<Wide>(chunk, Wide{numel} - begin));
   FsdpChunk out;
-  out.begin = std::min<std::int64_t>(static_cast<std::int64_t>(rank) * chunk, numel);
-  out.numel = std::max<std::int64_t>(0, std::min<std::int64_t>(chunk, numel - out.begin));
-  out.padding = chunk - out.numel;
+  out.begin = static_cast<std::int64_t>(begin);
+  out.numel = static_cast<std::int64_t>(held);
+  out.padding = static_cast<std::int64_t>(chunk - held);
   return out;
 }
 
@@ -119,9 +126,15 @@ class MetadataReader {
       if (flat.names.size() != flat.shapes.size() || flat.names.size() != flat.numels.size()) {
         fail(where, "names, shapes and numels have different lengths");
       }
+      std::int64_t total = 0;
+      for (std::int64_t n : flat.numels) {
+        if (__builtin_add_overflow(total, n, &total)) fail(where + "/numels", "numels overflow 64 bits");
+      }
       for (std::size_t i = 0; i < flat.shapes.size(); ++i) {
         std::int64_t product = 1;
-        for (std::int64_t d : flat.shapes[i]) product *= d;
+        for (std::int64_t d : flat.shapes[i]) {
+          if (d < 0 || __builtin_mul_overflow(product, d, &product)) fail(where + "/shapes", "invalid shape");
+        }
         if (product != flat.numels[i]) {
           fail(where, fmt::format("{}: shape has {} elements but numel says {}", flat.names[i], product, flat.numels[i]));
         }

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <optional>
 
 namespace ckpt {
 
@@ -63,6 +64,17 @@ namespace {
 // byte count and bounds are still checked).
 constexpr std::uint64_t kTilingCheckRows = 1 << 22;
 
+// offset + (rows - 1) * stride + nbytes, or nothing when it overflows 64 bits.
+std::optional<std::uint64_t> span_end(std::uint64_t offset, std::uint64_t rows, std::uint64_t stride,
+                                      std::uint64_t nbytes) {
+  std::uint64_t end = 0;
+  if (__builtin_mul_overflow(rows - 1, stride, &end) || __builtin_add_overflow(end, offset, &end) ||
+      __builtin_add_overflow(end, nbytes, &end)) {
+    return std::nullopt;
+  }
+  return end;
+}
+
 }  // namespace
 
 void validate(const Plan& plan) {
@@ -80,7 +92,8 @@ void validate(const Plan& plan) {
       for (const CopyOp& op : record.copies) {
         if (op.rows == 0 || op.nbytes == 0) throw bug("empty copy");
         if (op.rows > 1 && op.dest_stride < op.nbytes) throw bug("rows of a copy overlap");
-        if (op.dest_end() > record.nbytes) throw bug("copy past the end of the record");
+        std::optional<std::uint64_t> dest_end = span_end(op.dest_offset, op.rows, op.dest_stride, op.nbytes);
+        if (!dest_end || *dest_end > record.nbytes) throw bug("copy past the end of the record");
         if (op.converts() && (op.nbytes % dtype_info(op.dest_dtype).itemsize != 0 ||
                               op.dest_offset % dtype_info(op.dest_dtype).itemsize != 0)) {
           throw bug("conversion of partial elements");
@@ -90,12 +103,13 @@ void validate(const Plan& plan) {
              (op.rows > 1 && op.dest_stride != record.row_nbytes))) {
           throw bug("copy crosses an output row");
         }
-        covered += op.nbytes * op.rows;
+        covered = checked_add(covered, checked_mul(op.nbytes, op.rows, "copy"), "copy");
         rows += op.rows;
         if (op.source == CopyOp::kZeros) continue;
         if (op.source >= plan.sources.size()) throw bug("copy from an unknown source");
-        std::uint64_t source_end = op.source_offset + (op.rows - 1) * op.source_stride + op.source_nbytes();
-        if (source_end > plan.sources[op.source]->size()) throw bug("copy past the end of its source");
+        std::optional<std::uint64_t> source_end =
+            span_end(op.source_offset, op.rows, op.source_stride, op.source_nbytes());
+        if (!source_end || *source_end > plan.sources[op.source]->size()) throw bug("copy past the end of its source");
       }
       if (covered != record.nbytes) {
         throw bug(fmt::format("copies cover {} bytes of a {}-byte record", covered, record.nbytes));

@@ -1,0 +1,271 @@
+// Unit tests for plans as data (src/plan/plan.cpp): how copies are appended and
+// merged, and the invariants validate() enforces before the executor runs.
+// The only file on disk is one small temporary source for MappedFile.
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "ckpt/error.hpp"
+#include "ckpt/mapped_file.hpp"
+#include "ckpt/plan.hpp"
+
+namespace {
+
+using ckpt::CopyOp;
+using ckpt::Plan;
+using ckpt::PlannedFile;
+using ckpt::PlannedRecord;
+
+// A temporary file of `nbytes` bytes, removed when the guard goes away.
+class TempFile {
+ public:
+  explicit TempFile(std::size_t nbytes) {
+    char name[] = "/tmp/ckpt_plan_test_XXXXXX";
+    int fd = ::mkstemp(name);
+    REQUIRE(fd >= 0);
+    path_ = name;
+    std::vector<char> data(nbytes);
+    for (std::size_t i = 0; i < nbytes; ++i) data[i] = static_cast<char>(i);
+    REQUIRE(::write(fd, data.data(), data.size()) == static_cast<ssize_t>(data.size()));
+    ::close(fd);
+  }
+  ~TempFile() { std::filesystem::remove(path_); }
+  TempFile(const TempFile&) = delete;
+  TempFile& operator=(const TempFile&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+bool same(const CopyOp& op, std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset,
+          std::uint64_t nbytes) {
+  return op.source == source && op.source_offset == source_offset && op.dest_offset == dest_offset &&
+         op.nbytes == nbytes;
+}
+
+// A plan of one file with one record, whose copies the test sets directly.
+Plan plan_with(const ckpt::MappedFile& source, PlannedRecord record) {
+  Plan plan;
+  plan.add_source(source);
+  plan.files.push_back(PlannedFile{"/tmp/never-written.pt", {std::move(record)}});
+  return plan;
+}
+
+// A plain copy, fields set by name (CopyOp has more fields: rows, strides, dtypes).
+CopyOp copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset, std::uint64_t nbytes) {
+  CopyOp op;
+  op.source = source;
+  op.source_offset = source_offset;
+  op.dest_offset = dest_offset;
+  op.nbytes = nbytes;
+  return op;
+}
+// `rows` rows of `nbytes`, strided on both sides.
+CopyOp rows_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t source_stride,
+                 std::uint64_t dest_offset, std::uint64_t dest_stride, std::uint64_t nbytes, std::uint64_t rows) {
+  CopyOp op = copy(source, source_offset, dest_offset, nbytes);
+  op.rows = rows;
+  op.source_stride = source_stride;
+  op.dest_stride = dest_stride;
+  return op;
+}
+
+PlannedRecord record_of(std::uint64_t nbytes, std::vector<CopyOp> copies) {
+  PlannedRecord record;
+  record.name = "archive/data/0";
+  record.nbytes = nbytes;
+  record.copies = std::move(copies);
+  return record;
+}
+
+}  // namespace
+
+TEST_SUITE("plan") {
+  TEST_CASE("append_copy merges copies that continue both source and destination") {
+    PlannedRecord record;
+    record.append_copy(0, 100, 10);
+    record.append_copy(0, 110, 5);  // continues: merged
+    record.append_copy(0, 200, 7);  // source jumps: new op
+    record.append_copy(1, 207, 3);  // other source: new op
+    record.append_copy(1, 210, 0);  // empty: ignored
+    record.append_copy(1, 210, 4);  // continues source 1: merged
+    record.append_copy(0, 115, 1);  // source 0 again, after other copies: new op
+    REQUIRE(record.copies.size() == 4);
+    CHECK(same(record.copies[0], 0, 100, 0, 15));
+    CHECK(same(record.copies[1], 0, 200, 15, 7));
+    CHECK(same(record.copies[2], 1, 207, 22, 7));
+    CHECK(same(record.copies[3], 0, 115, 29, 1));
+    CHECK(record.nbytes == 30);
+  }
+
+  TEST_CASE("append_copy does not merge a copy that goes backwards or repeats bytes") {
+    PlannedRecord record;
+    record.append_copy(0, 100, 10);
+    record.append_copy(0, 100, 10);  // the same bytes again
+    record.append_copy(0, 90, 10);   // the bytes before
+    REQUIRE(record.copies.size() == 3);
+    CHECK(same(record.copies[1], 0, 100, 10, 10));
+    CHECK(same(record.copies[2], 0, 90, 20, 10));
+    CHECK(record.nbytes == 30);
+  }
+
+  TEST_CASE("append_zeros merges runs of zeros, never with data") {
+    PlannedRecord record;
+    record.append_zeros(5);
+    record.append_zeros(3);
+    record.append_copy(0, 0, 4);
+    record.append_zeros(2);
+    REQUIRE(record.copies.size() == 3);
+    CHECK(record.copies[0].source == CopyOp::kZeros);
+    CHECK(record.copies[0].nbytes == 8);
+    CHECK(same(record.copies[1], 0, 0, 8, 4));
+    CHECK(record.copies[2].source == CopyOp::kZeros);
+    CHECK(record.copies[2].dest_offset == 12);
+    CHECK(record.nbytes == 14);
+  }
+
+  TEST_CASE("Plan: add_source deduplicates, bytes_to_copy sums record sizes") {
+    TempFile a(16);
+    TempFile b(16);
+    ckpt::MappedFile fa(a.path());
+    ckpt::MappedFile fb(b.path());
+    Plan plan;
+    CHECK(plan.add_source(fa) == 0);
+    CHECK(plan.add_source(fb) == 1);
+    CHECK(plan.add_source(fa) == 0);
+    CHECK(plan.sources.size() == 2);
+    PlannedRecord r1;
+    r1.append_copy(0, 0, 16);
+    PlannedRecord r2;
+    r2.append_copy(1, 4, 8);
+    r2.append_zeros(100);
+    plan.files.push_back(PlannedFile{"x.pt", {r1, r2}});
+    CHECK(plan.bytes_to_copy() == 124);
+    CHECK_NOTHROW(ckpt::validate(plan));
+  }
+
+  TEST_CASE("validate accepts well-formed records") {
+    TempFile file(100);
+    ckpt::MappedFile source(file.path());
+    REQUIRE(source.size() == 100);
+    PlannedRecord copies;
+    copies.name = "archive/data/0";
+    copies.append_copy(0, 0, 50);
+    copies.append_zeros(10);
+    copies.append_copy(0, 60, 40);  // up to the last byte of the source
+    CHECK(copies.sequential());
+    CHECK_NOTHROW(ckpt::validate(plan_with(source, copies)));
+
+    PlannedRecord inline_record;
+    inline_record.name = "archive/version";
+    inline_record.inline_bytes = {std::byte{'3'}, std::byte{'\n'}};
+    inline_record.nbytes = 2;
+    CHECK_NOTHROW(ckpt::validate(plan_with(source, inline_record)));
+
+    PlannedRecord empty;
+    empty.name = "archive/data/1";
+    CHECK_NOTHROW(ckpt::validate(plan_with(source, empty)));
+
+    // Copies that tile the record in another order than their destinations.
+    PlannedRecord shuffled = record_of(30, {copy(0, 0, 20, 10), copy(0, 50, 0, 10), copy(CopyOp::kZeros, 0, 10, 10)});
+    CHECK_FALSE(shuffled.sequential());
+    CHECK_NOTHROW(ckpt::validate(plan_with(source, shuffled)));
+
+    // Two strided copies interleaving 4 output rows of 8 bytes (Megatron dim-1 glue).
+    PlannedRecord glued = record_of(32, {rows_copy(0, 0, 4, 0, 8, 4, 4), rows_copy(0, 16, 4, 4, 8, 4, 4)});
+    glued.row_nbytes = 8;
+    CHECK_FALSE(glued.sequential());
+    CHECK_NOTHROW(ckpt::validate(plan_with(source, glued)));
+  }
+
+  TEST_CASE("validate rejects broken plans, naming the output file and record") {
+    TempFile file(100);
+    ckpt::MappedFile source(file.path());
+    struct Case {
+      const char* what;
+      PlannedRecord record;
+      const char* message;
+    };
+    PlannedRecord bad_inline;
+    bad_inline.name = "archive/version";
+    bad_inline.inline_bytes = {std::byte{'3'}};
+    bad_inline.nbytes = 2;
+    PlannedRecord crossing = record_of(16, {copy(0, 0, 0, 4), copy(0, 4, 4, 8), copy(0, 12, 12, 4)});
+    crossing.row_nbytes = 8;                // the middle copy straddles rows 0 and 1
+    CopyOp converting = copy(0, 0, 0, 60);  // 30 float16 elements from 30 float32 = 120 source bytes
+    converting.source_dtype = ckpt::DType::Float32;
+    converting.dest_dtype = ckpt::DType::Float16;
+    CopyOp partial = copy(0, 0, 0, 3);  // 1.5 float16 elements
+    partial.source_dtype = ckpt::DType::Float32;
+    partial.dest_dtype = ckpt::DType::Float16;
+    const Case cases[] = {
+        {"gap between copies", record_of(30, {copy(0, 0, 0, 10), copy(0, 20, 20, 10)}),
+         "cover 20 bytes of a 30-byte record"},
+        {"gap hidden by an overlap", record_of(30, {copy(0, 0, 0, 10), copy(0, 0, 5, 10), copy(0, 20, 20, 10)}),
+         "gap or overlap at offset 5"},
+        {"overlapping copies", record_of(15, {copy(0, 0, 0, 10), copy(0, 20, 5, 10)}),
+         "cover 20 bytes of a 15-byte record"},
+        {"first copy not at 0", record_of(10, {copy(0, 0, 1, 9)}), "cover 9 bytes of a 10-byte record"},
+        {"copy past the end of the record", record_of(5, {copy(0, 0, 0, 10)}), "past the end of the record"},
+        {"copy past the end of the source", record_of(20, {copy(0, 90, 0, 20)}), "past the end of its source"},
+        {"copy starting past the end of the source", record_of(1, {copy(0, 100, 0, 1)}), "past the end of its source"},
+        {"strided copy whose last row leaves the source", record_of(30, {rows_copy(0, 20, 40, 0, 10, 10, 3)}),
+         "past the end of its source"},
+        {"converting copy whose source bytes leave the source", record_of(60, {converting}),
+         "past the end of its source"},
+        {"conversion of half an element", record_of(3, {partial}), "partial elements"},
+        {"rows that overlap each other", record_of(20, {rows_copy(0, 0, 10, 0, 5, 10, 2)}), "rows of a copy overlap"},
+        {"copy across an output row", crossing, "crosses an output row"},
+        {"empty copy", record_of(0, {copy(0, 0, 0, 0)}), "empty copy"},
+        {"unknown source", record_of(10, {copy(1, 0, 0, 10)}), "unknown source"},
+        {"inline bytes of the wrong size", bad_inline, "inline bytes do not match"},
+    };
+    for (const Case& c : cases) {
+      std::string what = c.what;
+      CAPTURE(what);
+      Plan plan = plan_with(source, c.record);
+      bool threw = false;
+      try {
+        ckpt::validate(plan);
+      } catch (const ckpt::Error& e) {
+        threw = true;
+        std::string message = e.what();
+        CAPTURE(message);
+        CHECK(message.find(c.message) != std::string::npos);
+        CHECK(message.find("invalid plan") != std::string::npos);
+        CHECK(e.where().file == "/tmp/never-written.pt");
+        CHECK(e.where().member == c.record.name);
+      }
+      CHECK(threw);
+    }
+  }
+
+  TEST_CASE("validate rejects a copy whose source end overflows 64 bits") {
+    // Regression test for a bug found by this test (fixed).
+    TempFile file(100);
+    ckpt::MappedFile source(file.path());
+    Plan plan = plan_with(source, record_of(16, {copy(0, ~std::uint64_t{0} - 7, 0, 16)}));
+    CHECK_THROWS_WITH_AS(ckpt::validate(plan), doctest::Contains("past the end of its source"), ckpt::Error);
+    PlannedRecord strided = record_of(24, {rows_copy(0, 0, std::uint64_t{1} << 63, 0, 8, 8, 3)});
+    CHECK_THROWS_WITH_AS(ckpt::validate(plan_with(source, strided)), doctest::Contains("past the end of its source"),
+                         ckpt::Error);
+  }
+
+  TEST_CASE("validate rejects destination ranges that wrap around 64 bits") {
+    TempFile file(100);
+    ckpt::MappedFile source(file.path());
+    // A copy at destination 2^64 - 4 "ends" at 0 and would pass a naive end check;
+    // the tiling check has to catch it.
+    Plan plan = plan_with(
+        source, record_of(14, {copy(CopyOp::kZeros, 0, 0, 10), copy(CopyOp::kZeros, 0, ~std::uint64_t{0} - 3, 4)}));
+    CHECK_THROWS_AS(ckpt::validate(plan), ckpt::Error);
+  }
+
+}  // TEST_SUITE
