@@ -17,8 +17,11 @@ namespace ckpt {
 // concatenated over the shards and split into its named parameters; tied
 // parameters (shared_param_info) as aliases; buffers from shard 0. Files
 // without flat parameters (already consolidated) give their model tensors as
-// they are. Throws Error naming the file and tensor when shards disagree.
-std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files);
+// they are. `state_dict` is the object path of the state dict in each file:
+// "model", or an EMA copy such as "extra_state/ema" (buffers it lacks are taken
+// from "model"). Throws Error naming the file and tensor when shards disagree.
+std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files,
+                                          const std::string& state_dict = "model");
 
 // How one key of a Megatron part is glued; the whole rule table lives in
 // megatron_rule().

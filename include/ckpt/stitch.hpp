@@ -16,7 +16,12 @@ struct StitchOptions {
   bool stitch_megatron = true;      // false: one output per model part
   GlueOptions glue;
   std::optional<DType> dtype;       // convert floating weights
+  std::string state_dict = "model"; // object path of the weights: "model" or an EMA copy in extra_state
 };
+
+// With --ema: the object path of the EMA weights in `file` (extra_state's
+// ema_fp32_params, else ema); throws Error naming the file when there are none.
+std::string ema_state_dict(const ManifestFile& file);
 
 // Parts that should agree across model parts (layer norms, row-parallel biases).
 struct ReplicatedCheck {

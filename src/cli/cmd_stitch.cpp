@@ -63,6 +63,7 @@ Action add_stitch_command(CLI::App& app) {
     unsigned threads = 0;
     bool quiet = false;
     bool force = false;
+    bool ema = false;
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs,
@@ -74,6 +75,7 @@ Action add_stitch_command(CLI::App& app) {
   app.add_flag("--fused-qkv", options->fused_qkv, "keep one qkv_proj per layer, laid out [k_all; v_all; q_all]");
   app.add_option("--dtype", options->dtype, "convert floating weights: fp16, bf16 or fp32")
       ->check(CLI::IsMember({"fp16", "bf16", "fp32", "float16", "bfloat16", "float32"}));
+  app.add_flag("--ema", options->ema, "take the weights from extra_state's EMA copy (ema_fp32_params or ema)");
   app.add_flag("--strict", options->strict, "fail when replicated tensors differ between model parts");
   app.add_flag("--dry-run", options->dry_run, "print the plan; write nothing");
   app.add_option("--threads", options->threads, "copy threads (default: all cores)");
@@ -95,6 +97,7 @@ Action add_stitch_command(CLI::App& app) {
     stitch.stitch_megatron = !options->no_stitch_megatron;
     stitch.glue.fused_qkv = options->fused_qkv;
     if (!options->dtype.empty()) stitch.dtype = dtype_from_name(options->dtype);
+    if (options->ema) stitch.state_dict = ema_state_dict(manifest.files[grid[0][0]]);
     if (stitch.stitch_megatron) {
       outputs.push_back(options->output);
       bases.push_back(std::make_unique<Checkpoint>(*inputs.files[grid[0][0]]));

@@ -17,26 +17,26 @@ const ManifestTensor* find_tensor(const ManifestFile& file, const std::string& p
   return nullptr;
 }
 
-std::string model_path(const std::string& key) { return "model/" + key; }
 
 std::string join_path(const std::string& prefix, const std::string& name) {
   return prefix.empty() ? name : prefix + "." + name;
 }
 
-// Model tensors of a file in order: "model/x" -> "x".
-std::vector<std::pair<std::string, const ManifestTensor*>> model_tensors(const ManifestFile& file) {
+// Tensors of a state dict in order: "model/x" -> "x".
+std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(const ManifestFile& file,
+                                                                              const std::string& prefix) {
   std::vector<std::pair<std::string, const ManifestTensor*>> out;
   for (const ManifestTensor& tensor : file.tensors) {
-    if (tensor.path.rfind("model/", 0) == 0) out.emplace_back(tensor.path.substr(6), &tensor);
+    if (tensor.path.rfind(prefix, 0) == 0) out.emplace_back(tensor.path.substr(prefix.size()), &tensor);
   }
   return out;
 }
 
-bool is_flattened(const ManifestFile& file) {
+bool is_flattened(const ManifestFile& file, const std::string& prefix) {
   if (!file.fsdp) return false;
   for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
     for (const FlatParamMeta& flat : instance.flat_params) {
-      if (find_tensor(file, model_path(flat.state_key)) != nullptr) return true;
+      if (find_tensor(file, prefix + flat.state_key) != nullptr) return true;
     }
   }
   return false;
@@ -44,18 +44,21 @@ bool is_flattened(const ManifestFile& file) {
 
 }  // namespace
 
-std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files) {
+std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files,
+                                          const std::string& state_dict) {
   if (shard_files.empty()) throw Error("no shard files for a model part (a bug)");
   const ManifestFile& first = manifest.files.at(shard_files[0]);
+  const std::string prefix = state_dict + "/";
+  auto model_path = [&](const std::string& key) { return prefix + key; };
   std::vector<NamedTensor> out;
   std::set<std::string> taken;
 
-  if (!is_flattened(first)) {
+  if (!is_flattened(first, prefix)) {
     // Already consolidated (or never sharded): the model's tensors as they are;
     // ties (one tensor under two keys) stay ties.
-    for (const auto& [key, tensor] : model_tensors(first)) {
-      if (!tensor->alias_of.empty() && tensor->alias_of.rfind("model/", 0) == 0) {
-        out.push_back({key, {}, tensor->alias_of.substr(6)});
+    for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
+      if (!tensor->alias_of.empty() && tensor->alias_of.rfind(prefix, 0) == 0) {
+        out.push_back({key, {}, tensor->alias_of.substr(prefix.size())});
       } else {
         out.push_back({key, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
       }
@@ -129,6 +132,7 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   }
   for (const std::string& buffer : metadata.buffer_names) {
     const ManifestTensor* tensor = find_tensor(first, model_path(buffer));
+    if (tensor == nullptr) tensor = find_tensor(first, "model/" + buffer);  // an EMA copy may hold parameters only
     if (tensor == nullptr || !taken.insert(buffer).second) continue;
     out.push_back({buffer, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
   }

@@ -16,6 +16,17 @@ std::vector<std::vector<int>> complete_grid(const Manifest& manifest) {
   return manifest.grid.cells;
 }
 
+std::string ema_state_dict(const ManifestFile& file) {
+  for (const char* candidate : {"extra_state/ema_fp32_params", "extra_state/ema"}) {
+    std::string prefix = std::string(candidate) + "/";
+    for (const ManifestTensor& tensor : file.tensors) {
+      if (tensor.path.rfind(prefix, 0) == 0) return candidate;
+    }
+  }
+  throw Error(Location{file.path, "", std::nullopt},
+              "--ema: no EMA weights here (extra_state holds neither ema_fp32_params nor ema)");
+}
+
 namespace {
 
 void convert_dtype(std::vector<OutputTensor>& tensors, DType dtype) {
@@ -32,7 +43,9 @@ StitchPlan plan_stitch(const StitchInputs& inputs, const std::vector<std::string
   std::vector<std::vector<int>> grid = complete_grid(manifest);
 
   std::vector<std::vector<NamedTensor>> consolidated;
-  for (const std::vector<int>& shards : grid) consolidated.push_back(consolidate_part(manifest, shards));
+  for (const std::vector<int>& shards : grid) {
+    consolidated.push_back(consolidate_part(manifest, shards, options.state_dict));
+  }
 
   StitchPlan out;
   if (options.stitch_megatron) {

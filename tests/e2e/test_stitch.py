@@ -168,9 +168,45 @@ def test_existing_output_is_kept():
     assert sorted(os.listdir(work)) == ["out.pt"]
 
 
+def test_ema_weights():
+    # Add an EMA copy of every shard's flat parameters (weights x 2, exact in any
+    # dtype) to extra_state; --ema must stitch those instead of the model.
+    for name, key in (("mp2_dp3_fp32_ns_args", "ema"), ("mp1_dp8_bf16_omega_opt", "ema_fp32_params")):
+        folder = harness.fixtures()[name]
+        work = harness.scratch("ema-" + name)
+        shard0 = None
+        for f in sorted(os.listdir(folder)):
+            if not f.endswith(".pt"):
+                continue
+            ckpt = ckptcheck.load(os.path.join(folder, f))
+            flat = {k: v * 2 for k, v in ckpt["model"].items() if "flat_param" in k}
+            if key == "ema_fp32_params":  # parameters only, in fp32; buffers come from the model
+                flat = {k: v.float() for k, v in flat.items()}
+            else:
+                flat["decoder.version"] = ckpt["model"]["decoder.version"]
+            ckpt["extra_state"][key] = type(ckpt["model"])(flat)
+            torch.save(ckpt, os.path.join(work, f))
+            shard0 = shard0 or ckpt
+        out = os.path.join(harness.scratch("ema-out-" + name), "out.pt")
+        stitch([work, "-o", out, "--ema"])
+        expected = ckptcheck.load(os.path.join(folder, "expected", "consolidated.pt"))
+        model = type(expected["model"])()
+        for k, v in expected["model"].items():
+            if k == "decoder.version":
+                model[k] = v
+            else:
+                model[k] = (v.float() if key == "ema_fp32_params" else v) * 2
+        model["decoder.output_projection.weight"] = model["decoder.embed_tokens.weight"]
+        expected["model"] = model
+        expected["extra_state"] = ckptcheck.load(os.path.join(work, sorted(os.listdir(work))[0]))["extra_state"]
+        ckptcheck.assert_same(ckptcheck.load(out), expected)
+    _, stderr = stitch([harness.fixtures()["mp1_dp1_fp32_ns"], "-o", os.path.join(work, "none.pt"), "--ema"], expect=1)
+    assert "no EMA weights here" in stderr
+
+
 if __name__ == "__main__":
     harness.main([test_consolidated_for_every_case, test_fused_qkv_for_every_case, test_one_file_per_part_for_every_case,
                   test_consolidated_parts_glue_again, test_threads_give_identical_bytes,
                   test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,
                   test_dry_run_writes_nothing, test_incomplete_grid_is_refused,
-                  test_replicated_mismatch_warns_and_strict_fails, test_existing_output_is_kept])
+                  test_replicated_mismatch_warns_and_strict_fails, test_existing_output_is_kept, test_ema_weights])
