@@ -110,8 +110,10 @@ Graph decode(Bytes pickle, const std::string& file, const std::string& member, s
 // memoised (BINPUT) and re-emitted with BINGET, so sharing and cycles survive.
 std::vector<std::byte> encode(const Graph& graph);
 
-// Deepest nesting accepted when encoding or walking a graph; Python's own pickler
-// stops at its recursion limit (1000) long before this.
-inline constexpr int kMaxDepth = 4000;
+// Deepest nesting accepted when encoding, walking or rendering a graph. Python's
+// pickler recurses through several frames per level and stops at its recursion
+// limit (1000 frames), so no real pickle comes near; the bound keeps our own
+// recursion far from the stack's end, even under AddressSanitizer.
+inline constexpr int kMaxDepth = 1000;
 
 }  // namespace ckpt::pickle
