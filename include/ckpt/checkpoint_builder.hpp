@@ -44,9 +44,9 @@ class CheckpointBuilder {
   std::vector<std::pair<std::string, OutputTensor>> payloads_;     // storage key -> data
 };
 
-// The record holding one output tensor's data: copy operations from the
-// sources (rows interleaved for Megatron dim-1 gluing, converting when the
-// output dtype differs).
+// The record holding one output tensor's data: one copy operation per source
+// piece (strided where the piece is), converting when the output dtype differs;
+// plain ranges merged.
 PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<std::uint32_t>& sources);
 
 }  // namespace ckpt

@@ -23,6 +23,13 @@ namespace ckpt {
 std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files,
                                           const std::string& state_dict = "model");
 
+// The same for per-parameter optimizer state: the flat tensors at
+// `last_optimizer_state/state/<k>/<state_name>` (k counting flat parameters in
+// metadata order) unpadded like their weights and split into the parameters'
+// names and shapes. Only flattened (FSDP) inputs carry such state.
+std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
+                                                     const std::string& state_name);
+
 // How one key of a Megatron part is glued; the whole rule table lives in
 // megatron_rule().
 enum class MpRule {
@@ -39,10 +46,36 @@ struct GlueOptions {
   bool fused_qkv = false;  // keep one qkv_proj as [k_all; v_all; q_all]
 };
 
-// Glues the consolidated parts into one state dict, in part 0's key order.
-// `replicated` receives the keys whose parts should be compared. Throws Error
-// naming the key when parts are missing keys or have mismatched shapes.
-std::vector<OutputTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
-                                        std::vector<std::string>* replicated);
+// Re-cuts the consolidated parts into `new_parts` parts, in part 0's key order:
+// sharded tensors are glued and split evenly on their dimension (qkv per part
+// as [k_i; v_i; q_i]), replicated ones copied to every part. `replicated`
+// receives the keys whose parts should be compared. Throws Error naming the key
+// when parts miss keys, shapes do not glue, or `new_parts` does not divide a
+// sharded dimension.
+std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::vector<NamedTensor>>& parts,
+                                                       int new_parts, std::vector<std::string>* replicated);
+
+// Glues the consolidated parts into one state dict (reshard_megatron to one
+// part), splitting each fused qkv_proj into k_proj, v_proj and q_proj unless
+// `options.fused_qkv`.
+std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
+                                       std::vector<std::string>* replicated);
+
+// FSDP flattening: the flat parameters rank `rank` of `world_size` holds for one
+// model part. `layout` gives the instances, their flat parameters and the names
+// in each (relative to fsdp_path); `params` the full-named tensors. Each flat
+// tensor is the concatenation of its parameters, chunked by fairscale's rule and
+// zero-padded to the chunk length.
+struct FlatShard {
+  std::size_t instance = 0;     // index in layout.instances
+  std::size_t flat_param = 0;   // index in that instance's flat_params
+  std::string state_key;
+  TensorSource source;
+  std::int64_t padding = 0;
+  std::vector<std::vector<std::int64_t>> shapes;  // of the named parameters, in order
+  std::vector<std::int64_t> numels;
+};
+std::vector<FlatShard> flatten_fsdp(const FsdpMetadata& layout, const std::vector<NamedTensor>& params,
+                                    int world_size, int rank);
 
 }  // namespace ckpt

@@ -43,9 +43,6 @@ struct PlannedRecord {
   std::uint64_t nbytes = 0;
   std::vector<std::byte> inline_bytes;  // used when `copies` is empty
   std::vector<CopyOp> copies;
-  // Bytes per output row when copies interleave rows (Megatron dim-1 gluing):
-  // the executor then works in whole rows. 0 otherwise.
-  std::uint64_t row_nbytes = 0;
 
   // Appends a plain copy at the end of the record, merging it with the previous
   // one when both source and destination continue it.

@@ -1,10 +1,13 @@
-// A tensor to be written, described by where its bytes are: row-major contiguous
-// data assembled from byte segments of input files, never loaded.
+// A tensor to be written, described by where its bytes are: its row-major bytes
+// as pieces of input files, never loaded.
 //
-// Layout rules (FSDP unflattening, Megatron gluing) are pure functions from
-// TensorSources to TensorSources; only the planner turns them into copy
-// operations. A segment's `file` indexes the manifest's files; kZeroFile reads
-// as zero bytes (padding, sinusoidal placeholders).
+// A piece copies `rows` runs of `nbytes` from a source file into the tensor's
+// row-major bytes (its logical bytes), each run `source_stride` further in the
+// file and `stride` further in the tensor; rows == 1 is a plain range. Pieces tile
+// the logical bytes exactly. Layout rules (FSDP flattening and unflattening,
+// Megatron gluing and re-cutting) are pure functions from TensorSources to
+// TensorSources; the planner turns pieces into copy operations one for one.
+// A piece of file kZeroFile reads as zero bytes (FSDP padding, placeholders).
 #pragma once
 
 #include <cstdint>
@@ -17,60 +20,62 @@
 
 namespace ckpt {
 
-struct ByteSegment {
+struct SourcePiece {
   static constexpr std::uint32_t kZeroFile = 0xFFFFFFFF;
-  std::uint32_t file = kZeroFile;
-  std::uint64_t byte_offset = 0;
-  std::uint64_t nbytes = 0;
+  std::uint32_t file = kZeroFile;   // index into the manifest's files
+  std::uint64_t source_offset = 0;  // absolute byte offset of row 0 in the file
+  std::uint64_t offset = 0;         // logical offset of row 0 in the tensor
+  std::uint64_t nbytes = 0;         // bytes per row
+  std::uint64_t rows = 1;
+  std::uint64_t source_stride = 0;
+  std::uint64_t stride = 0;         // logical bytes between rows
+
+  std::uint64_t end() const { return offset + (rows - 1) * stride + nbytes; }
 };
 
 struct TensorSource {
   DType dtype = DType::Float32;
   std::vector<std::int64_t> shape;
-  std::vector<ByteSegment> segments;  // in order; their sizes add up to nbytes()
+  std::vector<SourcePiece> pieces;
 
   std::uint64_t numel() const;
   std::uint64_t nbytes() const { return numel() * dtype_info(dtype).itemsize; }
-  // Bytes [begin, begin + count) of the data, as a new source of `shape`.
+  // Logical bytes [begin, begin + count), as a tensor of `new_shape`.
   TensorSource slice(std::uint64_t begin, std::uint64_t count, std::vector<std::int64_t> new_shape) const;
+  // Viewing the bytes as `rows` equal rows: bytes [begin, begin + count) of
+  // every row, as a tensor of `new_shape` (Megatron's dim-1 re-cutting).
+  TensorSource columns(std::uint64_t rows, std::uint64_t begin, std::uint64_t count,
+                       std::vector<std::int64_t> new_shape) const;
 };
 
-// Concatenates sources of one dtype (their bytes one after the other).
+// The parts' bytes one after the other (dim-0 concatenation, flattening).
 TensorSource concat(const std::vector<TensorSource>& parts, std::vector<std::int64_t> shape);
+// Row r of the result is row r of every part in turn, each part viewed as
+// `rows` equal rows (dim-1 concatenation).
+TensorSource interleave_rows(const std::vector<TensorSource>& parts, std::uint64_t rows,
+                             std::vector<std::int64_t> shape);
 
-// The bytes of a manifest tensor in row-major order: one segment when it is
+// The bytes of a manifest tensor in row-major order: one piece when it is
 // contiguous, otherwise one per innermost contiguous run.
 TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file);
-
-// A source of `shape` that reads as zeros.
+// A tensor of `shape` that reads as zeros.
 TensorSource zeros_source(DType dtype, std::vector<std::int64_t> shape);
 
-// A named tensor of a state dict; `alias_of` names an earlier entry whose tensor
-// this key shares (tied weights), in which case `source` is unused.
+// A named tensor of a state dict; `alias_of` names an earlier entry whose
+// tensor this key shares (tied weights), in which case `source` is unused.
 struct NamedTensor {
   std::string name;
   TensorSource source;
   std::optional<std::string> alias_of;
 };
 
-}  // namespace ckpt
-
-namespace ckpt {
-
-// A tensor of an output file: its parts interleaved by rows. For r in
-// [0, rows), each part's r-th row (part.nbytes() / rows bytes) follows the
-// previous part's; with rows == 1 the parts are simply concatenated. Megatron's
-// dim-1 gluing is the one user of rows > 1.
+// A tensor of an output file: written in `dtype`, converted from the source's
+// dtype when they differ.
 struct OutputTensor {
   std::string name;
-  DType dtype = DType::Float32;       // as written; may differ from the parts' (conversion)
-  std::vector<std::int64_t> shape;
-  std::vector<TensorSource> parts;
-  std::uint64_t rows = 1;
-  std::optional<std::string> alias_of;  // shares an earlier tensor's storage
-
-  std::uint64_t numel() const;
-  DType source_dtype() const { return parts.empty() ? dtype : parts.front().dtype; }
+  DType dtype = DType::Float32;
+  TensorSource source;
+  std::optional<std::string> alias_of;
 };
 
 OutputTensor as_output(const NamedTensor& tensor);

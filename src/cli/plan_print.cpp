@@ -48,7 +48,7 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
       }
       const PlannedRecord* record = by_name.at(fmt::format("{}/data/{}", prefix, storage++));
       fmt::print(out, "  {} {} [{}] {} B in {} copy op(s)\n", tensor.name, dtype_info(tensor.dtype).name,
-                 fmt::join(tensor.shape, ", "), record->nbytes, record->copies.size());
+                 fmt::join(tensor.source.shape, ", "), record->nbytes, record->copies.size());
       for (std::size_t i = 0; i < record->copies.size() && i < 3; ++i) {
         fmt::print(out, "    {}\n", describe_op(plan, record->copies[i]));
       }

@@ -83,10 +83,8 @@ class FileWriter {
     std::vector<Piece> pieces;
     for (std::size_t r = 0; r < file_.records.size(); ++r) {
       const PlannedRecord& record = file_.records[r];
-      std::uint64_t step = kPieceBytes;
-      if (record.row_nbytes != 0) step = std::max<std::uint64_t>(1, kPieceBytes / record.row_nbytes) * record.row_nbytes;
-      for (std::uint64_t begin = 0; begin < record.nbytes; begin += step) {
-        pieces.push_back(Piece{r, begin, std::min(record.nbytes, begin + step), 0});
+      for (std::uint64_t begin = 0; begin < record.nbytes; begin += kPieceBytes) {
+        pieces.push_back(Piece{r, begin, std::min(record.nbytes, begin + kPieceBytes), 0});
       }
     }
     return pieces;
@@ -253,23 +251,19 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
 
 void read_source_bytes(const TensorSource& source, const std::vector<const MappedFile*>& files, std::uint64_t begin,
                        std::uint64_t count, std::byte* out) {
-  std::uint64_t position = 0;
-  std::uint64_t end = begin + count;
-  for (const ByteSegment& segment : source.segments) {
-    std::uint64_t seg_end = position + segment.nbytes;
-    if (seg_end > begin && position < end) {
-      std::uint64_t from = std::max(begin, position);
-      std::uint64_t to = std::min(end, seg_end);
-      std::byte* dest = out + (from - begin);
-      if (segment.file == ByteSegment::kZeroFile) {
-        std::memset(dest, 0, to - from);
+  if (begin + count > source.nbytes()) throw Error("read past the end of a tensor (a bug)");
+  TensorSource window = source.slice(begin, count, {static_cast<std::int64_t>(count / dtype_info(source.dtype).itemsize)});
+  for (const SourcePiece& piece : window.pieces) {
+    for (std::uint64_t r = 0; r < piece.rows; ++r) {
+      std::byte* dest = out + piece.offset + r * piece.stride;
+      if (piece.file == SourcePiece::kZeroFile) {
+        std::memset(dest, 0, piece.nbytes);
       } else {
-        std::memcpy(dest, files.at(segment.file)->bytes().data() + segment.byte_offset + (from - position), to - from);
+        std::memcpy(dest, files.at(piece.file)->bytes().data() + piece.source_offset + r * piece.source_stride,
+                    piece.nbytes);
       }
     }
-    position = seg_end;
   }
-  if (position < end) throw Error("read past the end of a tensor (a bug)");
 }
 
 }  // namespace ckpt

@@ -1,8 +1,9 @@
-// Megatron model-parallel gluing (metaseq naming), as byte ranges.
+// Megatron model-parallel gluing and re-cutting (metaseq naming), as byte ranges.
 #include <fmt/format.h>
 
 #include <array>
 #include <map>
+#include <set>
 
 #include "ckpt/layout.hpp"
 
@@ -15,11 +16,12 @@ bool ends_with(std::string_view text, std::string_view suffix) {
   return text.size() >= suffix.size() && text.substr(text.size() - suffix.size()) == suffix;
 }
 
+std::string shape_text(const std::vector<std::int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
 // The three thirds (k, v, q) of a fused part on dim 0.
 std::array<TensorSource, 3> split_qkv(const TensorSource& part, const std::string& key) {
   if (part.shape.empty() || part.shape[0] % 3 != 0) {
-    throw Error(fmt::format("{}: fused qkv of shape [{}] does not split in three on dim 0", key,
-                            fmt::join(part.shape, ", ")));
+    throw Error(fmt::format("{}: fused qkv of shape {} does not split in three on dim 0", key, shape_text(part.shape)));
   }
   std::vector<std::int64_t> shape = part.shape;
   shape[0] /= 3;
@@ -27,10 +29,53 @@ std::array<TensorSource, 3> split_qkv(const TensorSource& part, const std::strin
   return {part.slice(0, third, shape), part.slice(third, third, shape), part.slice(2 * third, third, shape)};
 }
 
-std::string replace_qkv(const std::string& key, const char* with) {
-  std::string out = key;
-  std::size_t at = out.find("qkv_proj");
-  out.replace(at, 8, with);
+std::vector<std::int64_t> glued_shape(const std::vector<TensorSource>& sources, std::size_t dim) {
+  std::vector<std::int64_t> shape = sources.front().shape;
+  shape[dim] = 0;
+  for (const TensorSource& source : sources) shape[dim] += source.shape[dim];
+  return shape;
+}
+
+void check_shapes(const std::string& key, const std::vector<TensorSource>& sources, std::size_t dim) {
+  const std::vector<std::int64_t>& head = sources.front().shape;
+  for (std::size_t m = 1; m < sources.size(); ++m) {
+    bool ok = sources[m].shape.size() == head.size();
+    for (std::size_t d = 0; ok && d < head.size(); ++d) ok = d == dim || sources[m].shape[d] == head[d];
+    if (!ok) {
+      throw Error(fmt::format("{}: shape {} in model part {} does not glue with {} in part 0", key,
+                              shape_text(sources[m].shape), m, shape_text(head)));
+    }
+  }
+}
+
+// Splits `glued` into `parts` equal pieces on dim 0.
+std::vector<TensorSource> split_dim0(const std::string& key, const TensorSource& glued, int parts) {
+  if (glued.shape.empty() || glued.shape[0] % parts != 0) {
+    throw Error(fmt::format("{}: dim 0 of size {} does not split into {} model parts", key,
+                            glued.shape.empty() ? 0 : glued.shape[0], parts));
+  }
+  std::vector<std::int64_t> shape = glued.shape;
+  shape[0] /= parts;
+  std::uint64_t chunk = glued.nbytes() / static_cast<std::uint64_t>(parts);
+  std::vector<TensorSource> out;
+  for (int i = 0; i < parts; ++i) out.push_back(glued.slice(static_cast<std::uint64_t>(i) * chunk, chunk, shape));
+  return out;
+}
+
+// Splits `glued` into `parts` equal pieces on dim 1.
+std::vector<TensorSource> split_dim1(const std::string& key, const TensorSource& glued, int parts) {
+  if (glued.shape[1] % parts != 0) {
+    throw Error(fmt::format("{}: dim 1 of size {} does not split into {} model parts", key, glued.shape[1], parts));
+  }
+  std::vector<std::int64_t> shape = glued.shape;
+  shape[1] /= parts;
+  auto rows = static_cast<std::uint64_t>(glued.shape[0]);
+  std::uint64_t row_bytes = rows == 0 ? 0 : glued.nbytes() / rows;
+  std::uint64_t width = row_bytes / static_cast<std::uint64_t>(parts);
+  std::vector<TensorSource> out;
+  for (int i = 0; i < parts; ++i) {
+    out.push_back(rows == 0 ? glued.slice(0, 0, shape) : glued.columns(rows, static_cast<std::uint64_t>(i) * width, width, shape));
+  }
   return out;
 }
 
@@ -55,106 +100,103 @@ MpRule megatron_rule(std::string_view key) {
   return MpRule::Replicated;
 }
 
-std::vector<OutputTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
-                                        std::vector<std::string>* replicated) {
-  if (parts.empty()) return {};
+std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::vector<NamedTensor>>& parts,
+                                                       int new_parts, std::vector<std::string>* replicated) {
+  if (parts.empty() || new_parts < 1) throw Error("model parts: nothing to re-cut (a bug)");
   std::vector<std::map<std::string, const NamedTensor*>> index(parts.size());
   for (std::size_t m = 0; m < parts.size(); ++m) {
     for (const NamedTensor& tensor : parts[m]) index[m][tensor.name] = &tensor;
   }
-  std::vector<OutputTensor> out;
+  // Every part must hold the same keys as part 0.
+  for (std::size_t m = 1; m < parts.size(); ++m) {
+    for (const NamedTensor& tensor : parts[m]) {
+      if (index[0].count(tensor.name) == 0) throw Error(fmt::format("{}: in model part {} but not in part 0", tensor.name, m));
+    }
+  }
+  std::vector<std::vector<NamedTensor>> out(static_cast<std::size_t>(new_parts));
+  auto emit_all = [&](const std::string& key, const std::vector<TensorSource>& sources) {
+    for (int i = 0; i < new_parts; ++i) out[i].push_back({key, sources[i], std::nullopt});
+  };
   for (const NamedTensor& head : parts[0]) {
     const std::string& key = head.name;
-    if (head.alias_of) {  // ties are restored between the glued tensors
-      out.push_back(as_output(head));
+    if (head.alias_of) {  // ties are restored between the re-cut tensors
+      for (auto& part : out) part.push_back(head);
       continue;
     }
     std::vector<TensorSource> sources;
     for (std::size_t m = 0; m < parts.size(); ++m) {
       auto it = index[m].find(key);
-      if (it == index[m].end() || it->second->alias_of) {
-        throw Error(fmt::format("{}: missing from model part {}", key, m));
-      }
+      if (it == index[m].end() || it->second->alias_of) throw Error(fmt::format("{}: missing from model part {}", key, m));
       const TensorSource& source = it->second->source;
-      if (source.dtype != head.source.dtype || source.shape.size() != head.source.shape.size()) {
-        throw Error(fmt::format("{}: dtype or rank differs between model parts 0 and {}", key, m));
+      if (source.dtype != head.source.dtype) {
+        throw Error(fmt::format("{}: dtype {} in model part {} differs from {} in part 0", key,
+                                dtype_info(source.dtype).name, m, dtype_info(head.source.dtype).name));
       }
       sources.push_back(source);
     }
-    auto same_shape_except = [&](std::size_t dim) {
-      for (std::size_t m = 1; m < sources.size(); ++m) {
-        for (std::size_t d = 0; d < head.source.shape.size(); ++d) {
-          if (d != dim && sources[m].shape[d] != head.source.shape[d]) {
-            throw Error(fmt::format("{}: shape [{}] in model part {} does not glue with [{}] in part 0", key,
-                                    fmt::join(sources[m].shape, ", "), m, fmt::join(head.source.shape, ", ")));
-          }
-        }
-      }
-    };
-    auto glued_shape = [&](std::size_t dim) {
-      std::vector<std::int64_t> shape = head.source.shape;
-      shape[dim] = 0;
-      for (const TensorSource& source : sources) shape[dim] += source.shape[dim];
-      return shape;
-    };
-    OutputTensor glued;
-    glued.name = key;
-    glued.dtype = head.source.dtype;
     switch (megatron_rule(key)) {
       case MpRule::FusedQkv: {
-        same_shape_except(0);
+        check_shapes(key, sources, 0);
         std::array<std::vector<TensorSource>, 3> thirds;  // all k's, all v's, all q's
         for (const TensorSource& source : sources) {
           auto kvq = split_qkv(source, key);
           for (int t = 0; t < 3; ++t) thirds[t].push_back(kvq[t]);
         }
-        std::vector<std::int64_t> third_shape = glued_shape(0);
-        third_shape[0] /= 3;
-        if (options.fused_qkv) {
-          glued.shape = glued_shape(0);
-          for (int t = 0; t < 3; ++t) glued.parts.push_back(concat(thirds[t], third_shape));
-          out.push_back(std::move(glued));
-        } else {
-          static constexpr const char* kNames[] = {"k_proj", "v_proj", "q_proj"};
-          for (int t = 0; t < 3; ++t) {
-            OutputTensor one;
-            one.name = replace_qkv(key, kNames[t]);
-            one.dtype = glued.dtype;
-            one.shape = third_shape;
-            one.parts.push_back(concat(thirds[t], third_shape));
-            out.push_back(std::move(one));
-          }
+        std::array<std::vector<TensorSource>, 3> cut;
+        for (int t = 0; t < 3; ++t) cut[t] = split_dim0(key, concat(thirds[t], glued_shape(thirds[t], 0)), new_parts);
+        std::vector<TensorSource> fused;
+        for (int i = 0; i < new_parts; ++i) {
+          std::vector<TensorSource> kvq = {cut[0][i], cut[1][i], cut[2][i]};
+          fused.push_back(concat(kvq, glued_shape(kvq, 0)));
         }
-        continue;
+        emit_all(key, fused);
+        break;
       }
       case MpRule::ConcatDim0:
         if (head.source.shape.empty()) throw Error(key + ": a scalar cannot be glued on dim 0");
-        same_shape_except(0);
-        glued.shape = glued_shape(0);
-        glued.parts = sources;
+        check_shapes(key, sources, 0);
+        emit_all(key, split_dim0(key, concat(sources, glued_shape(sources, 0)), new_parts));
         break;
       case MpRule::ConcatDim1: {
         if (head.source.shape.size() < 2) throw Error(key + ": fewer than 2 dimensions, cannot glue on dim 1");
-        same_shape_except(1);
-        glued.shape = glued_shape(1);
-        glued.parts = sources;
-        glued.rows = static_cast<std::uint64_t>(head.source.shape[0]);
+        check_shapes(key, sources, 1);
+        auto rows = static_cast<std::uint64_t>(head.source.shape[0]);
+        emit_all(key, split_dim1(key, interleave_rows(sources, rows, glued_shape(sources, 1)), new_parts));
         break;
       }
       case MpRule::Replicated:
         if (replicated != nullptr && parts.size() > 1) replicated->push_back(key);
         [[fallthrough]];
       case MpRule::Copied:
-        glued.shape = head.source.shape;
-        glued.parts = {head.source};
+        emit_all(key, std::vector<TensorSource>(static_cast<std::size_t>(new_parts), head.source));
         break;
       case MpRule::Placeholder:
-        glued.dtype = DType::Float32;
-        glued.shape = {1};
-        glued.parts = {zeros_source(DType::Float32, {1})};
+        emit_all(key, std::vector<TensorSource>(static_cast<std::size_t>(new_parts), zeros_source(DType::Float32, {1})));
         break;
     }
-    out.push_back(std::move(glued));
+  }
+  return out;
+}
+
+std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
+                                       std::vector<std::string>* replicated) {
+  std::vector<NamedTensor> glued = reshard_megatron(parts, 1, replicated).front();
+  if (options.fused_qkv) return glued;
+  std::vector<NamedTensor> out;
+  for (NamedTensor& tensor : glued) {
+    if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) {
+      out.push_back(std::move(tensor));
+      continue;
+    }
+    static constexpr const char* kNames[] = {"k_proj", "v_proj", "q_proj"};
+    auto kvq = split_qkv(tensor.source, tensor.name);
+    std::size_t at = tensor.name.find("qkv_proj");
+    for (int t = 0; t < 3; ++t) {
+      std::string name = tensor.name;
+      if (at != std::string::npos) name.replace(at, 8, kNames[t]);
+      else name += fmt::format(".{}", kNames[t]);
+      out.push_back({name, kvq[t], std::nullopt});
+    }
   }
   return out;
 }

@@ -2,7 +2,94 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 namespace ckpt {
+
+namespace {
+
+[[noreturn]] void bug(const char* what) { throw Error(std::string(what) + " (a bug)"); }
+
+// Appends `piece`, merging it into the previous one when it continues it.
+void append(std::vector<SourcePiece>& out, const SourcePiece& piece) {
+  if (piece.nbytes == 0 || piece.rows == 0) return;
+  if (!out.empty() && piece.rows == 1) {
+    SourcePiece& last = out.back();
+    bool continues = last.rows == 1 && last.file == piece.file && last.offset + last.nbytes == piece.offset &&
+                     (piece.file == SourcePiece::kZeroFile || last.source_offset + last.nbytes == piece.source_offset);
+    if (continues) {
+      last.nbytes += piece.nbytes;
+      return;
+    }
+  }
+  out.push_back(piece);
+}
+
+// One row of a piece, as a plain piece.
+SourcePiece row_of(const SourcePiece& piece, std::uint64_t row) {
+  SourcePiece out = piece;
+  out.rows = 1;
+  out.offset = piece.offset + row * piece.stride;
+  if (piece.file != SourcePiece::kZeroFile) out.source_offset = piece.source_offset + row * piece.source_stride;
+  out.source_stride = out.stride = 0;
+  return out;
+}
+
+// Bytes [from, to) of a plain piece (logical offsets), keeping their offsets.
+SourcePiece cut(const SourcePiece& piece, std::uint64_t from, std::uint64_t to) {
+  SourcePiece out = piece;
+  if (piece.file != SourcePiece::kZeroFile) out.source_offset += from - piece.offset;
+  out.offset = from;
+  out.nbytes = to - from;
+  return out;
+}
+
+// Splits a piece so that every output piece's rows each lie inside one row of
+// size `row_bytes` of the tensor, at the same column when it has several rows.
+void align_to_rows(const SourcePiece& piece, std::uint64_t row_bytes, std::vector<SourcePiece>& out) {
+  if (piece.rows > 1) {
+    bool aligned = piece.stride == row_bytes && piece.offset % row_bytes + piece.nbytes <= row_bytes;
+    if (aligned) {
+      out.push_back(piece);
+    } else {
+      for (std::uint64_t r = 0; r < piece.rows; ++r) align_to_rows(row_of(piece, r), row_bytes, out);
+    }
+    return;
+  }
+  std::uint64_t begin = piece.offset;
+  std::uint64_t end = piece.offset + piece.nbytes;
+  std::uint64_t first_boundary = (begin + row_bytes - 1) / row_bytes * row_bytes;
+  if (first_boundary >= end || (first_boundary == begin && end - begin < row_bytes)) {
+    // Within one row, or less than one row.
+    std::uint64_t split = std::min(end, (begin / row_bytes + 1) * row_bytes);
+    out.push_back(cut(piece, begin, split));
+    if (split < end) out.push_back(cut(piece, split, end));
+    return;
+  }
+  if (first_boundary > begin) out.push_back(cut(piece, begin, first_boundary));
+  std::uint64_t full_rows = (end - first_boundary) / row_bytes;
+  if (full_rows > 0) {
+    SourcePiece rows = cut(piece, first_boundary, first_boundary + row_bytes);
+    rows.rows = full_rows;
+    rows.stride = row_bytes;
+    rows.source_stride = piece.file == SourcePiece::kZeroFile ? 0 : row_bytes;
+    out.push_back(rows);
+  }
+  std::uint64_t tail = first_boundary + full_rows * row_bytes;
+  if (tail < end) out.push_back(cut(piece, tail, end));
+}
+
+void sort_pieces(std::vector<SourcePiece>& pieces) {
+  std::stable_sort(pieces.begin(), pieces.end(),
+                   [](const SourcePiece& a, const SourcePiece& b) { return a.offset < b.offset; });
+}
+
+std::uint64_t row_bytes_of(const TensorSource& source, std::uint64_t rows) {
+  if (rows == 0 || source.nbytes() % rows != 0) bug("rows do not divide a tensor");
+  return source.nbytes() / rows;
+}
+
+}  // namespace
 
 std::uint64_t TensorSource::numel() const {
   std::uint64_t count = 1;
@@ -14,22 +101,77 @@ TensorSource TensorSource::slice(std::uint64_t begin, std::uint64_t count, std::
   TensorSource out;
   out.dtype = dtype;
   out.shape = std::move(new_shape);
-  if (out.nbytes() != count) throw Error(fmt::format("slice of {} bytes given a shape of {} bytes (a bug)", count, out.nbytes()));
-  std::uint64_t position = 0;
+  if (out.nbytes() != count) bug("slice size does not match its shape");
+  if (begin + count > nbytes()) bug("slice past the end of a tensor");
   std::uint64_t end = begin + count;
-  for (const ByteSegment& segment : segments) {
-    std::uint64_t seg_begin = position;
-    std::uint64_t seg_end = position + segment.nbytes;
-    position = seg_end;
-    if (seg_end <= begin || seg_begin >= end) continue;
-    std::uint64_t from = std::max(begin, seg_begin);
-    std::uint64_t to = std::min(end, seg_end);
-    ByteSegment piece = segment;
-    if (piece.file != ByteSegment::kZeroFile) piece.byte_offset += from - seg_begin;
-    piece.nbytes = to - from;
-    out.segments.push_back(piece);
+  std::vector<SourcePiece> pieces;
+  auto shifted = [&](SourcePiece piece) {
+    piece.offset -= begin;
+    return piece;
+  };
+  for (const SourcePiece& piece : this->pieces) {
+    if (piece.end() <= begin || piece.offset >= end) continue;
+    if (piece.rows == 1) {
+      pieces.push_back(shifted(cut(piece, std::max(begin, piece.offset), std::min(end, piece.end()))));
+      continue;
+    }
+    // Rows fully inside [begin, end) stay one strided piece; the (at most two)
+    // rows cut by the boundaries become plain pieces.
+    const std::uint64_t n = piece.nbytes;
+    const std::uint64_t stride = piece.stride;
+    auto row_start = [&](std::uint64_t r) { return piece.offset + r * stride; };
+    auto partial = [&](std::uint64_t r) {
+      std::uint64_t from = std::max(begin, row_start(r));
+      std::uint64_t to = std::min(end, row_start(r) + n);
+      if (from < to) pieces.push_back(shifted(cut(row_of(piece, r), from, to)));
+    };
+    std::uint64_t touched_lo = begin < piece.offset + n ? 0 : (begin - piece.offset - n) / stride + 1;
+    std::uint64_t touched_hi = std::min(piece.rows - 1, (end - 1 - piece.offset) / stride);  // inclusive
+    std::uint64_t full_lo = begin <= piece.offset ? 0 : (begin - piece.offset + stride - 1) / stride;
+    std::uint64_t full_hi = end >= piece.offset + n ? std::min(piece.rows, (end - piece.offset - n) / stride + 1) : 0;
+    if (full_lo >= full_hi) {
+      for (std::uint64_t r = touched_lo; r <= touched_hi; ++r) partial(r);
+      continue;
+    }
+    for (std::uint64_t r = touched_lo; r < full_lo; ++r) partial(r);
+    SourcePiece inside = piece;
+    inside.offset = row_start(full_lo);
+    if (piece.file != SourcePiece::kZeroFile) inside.source_offset = piece.source_offset + full_lo * piece.source_stride;
+    inside.rows = full_hi - full_lo;
+    if (inside.rows == 1) inside.stride = inside.source_stride = 0;
+    pieces.push_back(shifted(inside));
+    for (std::uint64_t r = full_hi; r <= touched_hi; ++r) partial(r);
   }
-  if (position < end) throw Error("slice past the end of a tensor (a bug)");
+  sort_pieces(pieces);
+  for (const SourcePiece& piece : pieces) append(out.pieces, piece);
+  return out;
+}
+
+TensorSource TensorSource::columns(std::uint64_t rows, std::uint64_t begin, std::uint64_t count,
+                                   std::vector<std::int64_t> new_shape) const {
+  TensorSource out;
+  out.dtype = dtype;
+  out.shape = std::move(new_shape);
+  std::uint64_t row_bytes = row_bytes_of(*this, rows);
+  if (begin + count > row_bytes || out.nbytes() != count * rows) bug("columns outside the rows");
+  std::vector<SourcePiece> aligned;
+  for (const SourcePiece& piece : pieces) align_to_rows(piece, row_bytes, aligned);
+  std::vector<SourcePiece> result;
+  for (const SourcePiece& piece : aligned) {
+    std::uint64_t row = piece.offset / row_bytes;
+    std::uint64_t column = piece.offset % row_bytes;
+    std::uint64_t from = std::max(column, begin);
+    std::uint64_t to = std::min(column + piece.nbytes, begin + count);
+    if (from >= to) continue;
+    SourcePiece kept = piece;
+    if (piece.file != SourcePiece::kZeroFile) kept.source_offset += from - column;
+    kept.offset = row * count + (from - begin);
+    kept.nbytes = to - from;
+    kept.stride = piece.rows > 1 ? count : 0;
+    result.push_back(kept);
+  }
+  sort_pieces(result);
+  for (const SourcePiece& piece : result) append(out.pieces, piece);
   return out;
 }
 
@@ -37,21 +179,44 @@ TensorSource concat(const std::vector<TensorSource>& parts, std::vector<std::int
   TensorSource out;
   out.shape = std::move(shape);
   if (!parts.empty()) out.dtype = parts.front().dtype;
-  std::uint64_t total = 0;
+  std::uint64_t base = 0;
   for (const TensorSource& part : parts) {
-    if (part.dtype != out.dtype) throw Error("concatenating tensors of different dtypes (a bug)");
-    for (const ByteSegment& segment : part.segments) {
-      ByteSegment* last = out.segments.empty() ? nullptr : &out.segments.back();
-      if (last != nullptr && last->file == segment.file &&
-          (segment.file == ByteSegment::kZeroFile || last->byte_offset + last->nbytes == segment.byte_offset)) {
-        last->nbytes += segment.nbytes;  // contiguous in the same file: one range
-      } else {
-        out.segments.push_back(segment);
-      }
-      total += segment.nbytes;
+    if (part.dtype != out.dtype) bug("concatenating tensors of different dtypes");
+    for (SourcePiece piece : part.pieces) {
+      piece.offset += base;
+      append(out.pieces, piece);
     }
+    base += part.nbytes();
   }
-  if (total != out.nbytes()) throw Error("concatenation does not match its shape (a bug)");
+  if (base != out.nbytes()) bug("concatenation does not match its shape");
+  return out;
+}
+
+TensorSource interleave_rows(const std::vector<TensorSource>& parts, std::uint64_t rows,
+                             std::vector<std::int64_t> shape) {
+  TensorSource out;
+  out.shape = std::move(shape);
+  if (!parts.empty()) out.dtype = parts.front().dtype;
+  std::uint64_t out_row = 0;
+  for (const TensorSource& part : parts) out_row += row_bytes_of(part, rows);
+  if (out_row * rows != out.nbytes()) bug("interleaved rows do not match their shape");
+  std::vector<SourcePiece> result;
+  std::uint64_t column = 0;
+  for (const TensorSource& part : parts) {
+    if (part.dtype != out.dtype) bug("interleaving tensors of different dtypes");
+    std::uint64_t part_row = row_bytes_of(part, rows);
+    std::vector<SourcePiece> aligned;
+    for (const SourcePiece& piece : part.pieces) align_to_rows(piece, part_row, aligned);
+    for (SourcePiece piece : aligned) {
+      std::uint64_t row = piece.offset / part_row;
+      piece.offset = row * out_row + column + piece.offset % part_row;
+      piece.stride = piece.rows > 1 ? out_row : 0;
+      result.push_back(piece);
+    }
+    column += part_row;
+  }
+  sort_pieces(result);
+  for (const SourcePiece& piece : result) append(out.pieces, piece);
   return out;
 }
 
@@ -63,8 +228,7 @@ TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file) {
   std::uint64_t numel = tensor.numel();
   if (numel == 0) return out;
   // Dimensions at the end that are laid out contiguously form one run.
-  std::size_t dims = tensor.shape.size();
-  std::size_t inner = dims;
+  std::size_t inner = tensor.shape.size();
   std::int64_t expected_stride = 1;
   std::uint64_t run_elements = 1;
   while (inner > 0) {
@@ -74,28 +238,25 @@ TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file) {
     run_elements *= static_cast<std::uint64_t>(tensor.shape[d]);
     --inner;
   }
-  std::uint64_t base = tensor.file_byte_offset;  // element (0, ..., 0)
-  if (inner == 0) {
-    out.segments.push_back({file, base, numel * itemsize});
-    return out;
-  }
+  std::uint64_t run_bytes = run_elements * itemsize;
   std::vector<std::int64_t> index(inner, 0);
+  std::uint64_t logical = 0;
   while (true) {
     std::uint64_t element = 0;
     for (std::size_t d = 0; d < inner; ++d) element += static_cast<std::uint64_t>(index[d] * tensor.stride[d]);
-    ByteSegment segment{file, base + element * itemsize, run_elements * itemsize};
-    ByteSegment* last = out.segments.empty() ? nullptr : &out.segments.back();
-    if (last != nullptr && last->byte_offset + last->nbytes == segment.byte_offset) {
-      last->nbytes += segment.nbytes;
-    } else {
-      out.segments.push_back(segment);
-    }
+    SourcePiece piece;
+    piece.file = file;
+    piece.source_offset = tensor.file_byte_offset + element * itemsize;
+    piece.offset = logical;
+    piece.nbytes = run_bytes;
+    append(out.pieces, piece);
+    logical += run_bytes;
     std::size_t d = inner;
-    while (d > 0) {
+    while (true) {
+      if (d == 0) return out;
       --d;
       if (++index[d] < tensor.shape[d]) break;
       index[d] = 0;
-      if (d == 0) return out;
     }
   }
 }
@@ -104,27 +265,18 @@ TensorSource zeros_source(DType dtype, std::vector<std::int64_t> shape) {
   TensorSource out;
   out.dtype = dtype;
   out.shape = std::move(shape);
-  if (out.nbytes() > 0) out.segments.push_back({ByteSegment::kZeroFile, 0, out.nbytes()});
+  SourcePiece zeros;
+  zeros.nbytes = out.nbytes();
+  append(out.pieces, zeros);
   return out;
-}
-
-}  // namespace ckpt
-
-namespace ckpt {
-
-std::uint64_t OutputTensor::numel() const {
-  std::uint64_t count = 1;
-  for (std::int64_t d : shape) count *= static_cast<std::uint64_t>(d);
-  return count;
 }
 
 OutputTensor as_output(const NamedTensor& tensor) {
   OutputTensor out;
   out.name = tensor.name;
   out.dtype = tensor.source.dtype;
-  out.shape = tensor.source.shape;
+  out.source = tensor.source;
   out.alias_of = tensor.alias_of;
-  if (!tensor.alias_of) out.parts.push_back(tensor.source);
   return out;
 }
 

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "ckpt/pyobject.hpp"
 
 namespace ckpt {
@@ -24,7 +26,7 @@ CheckpointBuilder::CheckpointBuilder(const Checkpoint& base) : base_(base), grap
 NodeId CheckpointBuilder::add_tensor(const OutputTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
   payloads_.emplace_back(key, tensor);
-  return ckpt::add_tensor(graph_, tensor.dtype, tensor.shape, key);
+  return ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key);
 }
 
 NodeId CheckpointBuilder::add_state_dict(const std::vector<OutputTensor>& tensors) {
@@ -85,82 +87,40 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   return plan_torch_file(path, archive_name_for(path), graph_, std::move(storages));
 }
 
-namespace {
-
-std::uint32_t source_of_segment(const ByteSegment& segment, const std::vector<std::uint32_t>& sources) {
-  if (segment.file == ByteSegment::kZeroFile) return CopyOp::kZeros;
-  return sources.at(segment.file);
-}
-
-}  // namespace
-
 PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<std::uint32_t>& sources) {
   PlannedRecord record;
-  DType from = tensor.source_dtype();
+  DType from = tensor.source.dtype;
   DType to = tensor.dtype;
   std::uint64_t in_size = dtype_info(from).itemsize;
   std::uint64_t out_size = dtype_info(to).itemsize;
-  auto dest_bytes = [&](std::uint64_t source_bytes) { return source_bytes / in_size * out_size; };
-  auto make_op = [&](const ByteSegment& segment, std::uint64_t skip, std::uint64_t dest_offset,
-                     std::uint64_t source_bytes) {
+  // Offsets in the tensor's bytes scale with the itemsize when converting.
+  auto dest = [&](std::uint64_t source_bytes) { return source_bytes / in_size * out_size; };
+  record.nbytes = dest(tensor.source.nbytes());
+  for (const SourcePiece& piece : tensor.source.pieces) {
     CopyOp op;
-    op.source = source_of_segment(segment, sources);
-    op.source_offset = op.source == CopyOp::kZeros ? 0 : segment.byte_offset + skip;
-    op.dest_offset = dest_offset;
-    op.nbytes = dest_bytes(source_bytes);
-    op.source_dtype = from;
-    op.dest_dtype = to;
-    if (op.source == CopyOp::kZeros) op.source_dtype = op.dest_dtype = DType::UInt8;  // zeros in any dtype
-    return op;
-  };
-
-  if (tensor.rows <= 1) {
-    for (const TensorSource& part : tensor.parts) {
-      for (const ByteSegment& segment : part.segments) {
-        if (from == to || segment.file == ByteSegment::kZeroFile) {
-          record.append_copy(source_of_segment(segment, sources), segment.byte_offset, dest_bytes(segment.nbytes));
-        } else {
-          record.copies.push_back(make_op(segment, 0, record.nbytes, segment.nbytes));
-          record.nbytes += dest_bytes(segment.nbytes);
-        }
-      }
+    bool zeros = piece.file == SourcePiece::kZeroFile;
+    op.source = zeros ? CopyOp::kZeros : sources.at(piece.file);
+    op.source_offset = zeros ? 0 : piece.source_offset;
+    op.dest_offset = dest(piece.offset);
+    op.nbytes = dest(piece.nbytes);
+    op.rows = piece.rows;
+    op.source_stride = piece.rows > 1 ? piece.source_stride : 0;
+    op.dest_stride = piece.rows > 1 ? dest(piece.stride) : 0;
+    if (!zeros) {  // zeros are zeros in any dtype
+      op.source_dtype = from;
+      op.dest_dtype = to;
     }
-    return record;
+    record.copies.push_back(op);
   }
-
-  // Rows interleaved: output row r is part 0's row r, part 1's row r, ...
-  std::uint64_t rows = tensor.rows;
-  std::uint64_t out_row = 0;
-  for (const TensorSource& part : tensor.parts) out_row += dest_bytes(part.nbytes() / rows);
-  record.row_nbytes = out_row;
-  record.nbytes = out_row * rows;
-  std::uint64_t column = 0;  // destination offset of this part inside an output row
-  for (const TensorSource& part : tensor.parts) {
-    std::uint64_t part_row = part.nbytes() / rows;  // source bytes
-    std::uint64_t position = 0;                     // source bytes of the part consumed so far
-    for (const ByteSegment& segment : part.segments) {
-      std::uint64_t end = position + segment.nbytes;
-      while (position < end) {
-        std::uint64_t row = position / part_row;
-        std::uint64_t within = position % part_row;
-        std::uint64_t skip = position - (end - segment.nbytes);
-        std::uint64_t dest = row * out_row + column + dest_bytes(within);
-        if (within != 0 || end - position < part_row) {  // part of one row
-          std::uint64_t length = std::min(part_row - within, end - position);
-          record.copies.push_back(make_op(segment, skip, dest, length));
-          position += length;
-          continue;
-        }
-        std::uint64_t whole_rows = (end - position) / part_row;
-        CopyOp op = make_op(segment, skip, dest, part_row);
-        op.rows = whole_rows;
-        op.source_stride = part_row;
-        op.dest_stride = out_row;
-        record.copies.push_back(op);
-        position += whole_rows * part_row;
-      }
-    }
-    column += dest_bytes(part_row);
+  // Plain ranges in order merge into as few copies as possible.
+  if (std::all_of(record.copies.begin(), record.copies.end(), [](const CopyOp& op) { return op.plain(); })) {
+    std::vector<CopyOp> plain = std::move(record.copies);
+    std::sort(plain.begin(), plain.end(), [](const CopyOp& a, const CopyOp& b) { return a.dest_offset < b.dest_offset; });
+    std::uint64_t total = record.nbytes;
+    record.copies.clear();
+    record.nbytes = 0;
+    for (const CopyOp& op : plain) record.append_copy(op.source, op.source_offset, op.nbytes);
+    if (record.nbytes != total) throw Error(tensor.name + ": pieces do not tile the tensor (a bug)");
   }
   return record;
 }

@@ -98,11 +98,6 @@ void validate(const Plan& plan) {
                               op.dest_offset % dtype_info(op.dest_dtype).itemsize != 0)) {
           throw bug("conversion of partial elements");
         }
-        if (record.row_nbytes != 0 &&
-            (op.dest_offset % record.row_nbytes + op.nbytes > record.row_nbytes ||
-             (op.rows > 1 && op.dest_stride != record.row_nbytes))) {
-          throw bug("copy crosses an output row");
-        }
         covered = checked_add(covered, checked_mul(op.nbytes, op.rows, "copy"), "copy");
         rows += op.rows;
         if (op.source == CopyOp::kZeros) continue;

@@ -50,7 +50,11 @@ StitchPlan plan_stitch(const StitchInputs& inputs, const std::vector<std::string
   StitchPlan out;
   if (options.stitch_megatron) {
     std::vector<std::string> replicated;
-    out.tensors.push_back(glue_megatron(consolidated, options.glue, &replicated));
+    std::vector<OutputTensor> tensors;
+    for (const NamedTensor& tensor : glue_megatron(consolidated, options.glue, &replicated)) {
+      tensors.push_back(as_output(tensor));
+    }
+    out.tensors.push_back(std::move(tensors));
     for (const std::string& key : replicated) {
       ReplicatedCheck check;
       check.key = key;
