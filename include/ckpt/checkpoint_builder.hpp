@@ -27,6 +27,14 @@ class CheckpointBuilder {
   pickle::NodeId add_tensor(const OutputTensor& tensor);
   // An OrderedDict of the tensors, in order; an alias shares its target's node.
   pickle::NodeId add_state_dict(const std::vector<OutputTensor>& tensors);
+  // Turns the tensor node `node` of the base graph into a new tensor holding
+  // `tensor`: every reference to it (dict entries, nn.Parameter wrappers) now
+  // sees the new data, so key order and surrounding objects stay as they were.
+  void replace_tensor(pickle::NodeId node, const OutputTensor& tensor);
+  // The value under a string key of a dict-like node, replaced; false if absent.
+  bool set_entry(pickle::NodeId mapping, std::string_view key, pickle::NodeId value);
+  // The top-level value under `key`, or kNoNode.
+  pickle::NodeId top_level(const std::string& key) const;
   // Top-level keys: replaced in place, appended when new, or dropped.
   void set_top_level(const std::string& key, pickle::NodeId value);
   void drop_top_level(const std::string& key);

@@ -36,6 +36,11 @@ pickle::NodeId add_tensor(pickle::Graph& graph, DType dtype, const std::vector<s
                           const std::string& storage_key);
 // collections.OrderedDict() (fill its `entries`).
 pickle::NodeId add_ordered_dict(pickle::Graph& graph);
+// torch.Size((d0, d1, ...)).
+pickle::NodeId add_torch_size(pickle::Graph& graph, const std::vector<std::int64_t>& shape);
+// A list of nodes, and a list of ints.
+pickle::NodeId add_list(pickle::Graph& graph, std::vector<pickle::NodeId> items);
+pickle::NodeId add_int_list(pickle::Graph& graph, const std::vector<std::int64_t>& values);
 
 // For a graph copied from `from` and then edited: the storages of `from` that
 // are still reachable from graph.root get new keys, counting from `next_key`,

@@ -15,5 +15,6 @@ using Action = std::function<int()>;
 Action add_manifest_command(CLI::App& app);
 Action add_inspect_command(CLI::App& app);
 Action add_stitch_command(CLI::App& app);
+Action add_reshard_command(CLI::App& app);
 
 }  // namespace ckpt::cli

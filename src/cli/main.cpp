@@ -24,6 +24,8 @@ int main(int argc, char** argv) {
       ckpt::cli::add_inspect_command);
   add("stitch", "remove the FSDP dimension and glue model-parallel parts into one checkpoint",
       ckpt::cli::add_stitch_command);
+  add("reshard", "change the model-parallel and FSDP sizes of a training checkpoint, optimizer state included",
+      ckpt::cli::add_reshard_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -101,6 +101,23 @@ pickle::NodeId int_tuple(pickle::Graph& graph, const std::vector<std::int64_t>& 
 
 }  // namespace
 
+pickle::NodeId add_torch_size(pickle::Graph& graph, const std::vector<std::int64_t>& shape) {
+  return add_reduce(graph, graph.global("torch", "Size"), graph.tuple({int_tuple(graph, shape)}));
+}
+
+pickle::NodeId add_list(pickle::Graph& graph, std::vector<pickle::NodeId> items) {
+  pickle::Node list;
+  list.kind = pickle::Kind::List;
+  list.items = std::move(items);
+  return graph.add(std::move(list));
+}
+
+pickle::NodeId add_int_list(pickle::Graph& graph, const std::vector<std::int64_t>& values) {
+  std::vector<pickle::NodeId> items;
+  for (std::int64_t value : values) items.push_back(graph.integer(value));
+  return add_list(graph, std::move(items));
+}
+
 pickle::NodeId add_ordered_dict(pickle::Graph& graph) {
   return add_reduce(graph, graph.global("collections", "OrderedDict"), graph.tuple({}));
 }

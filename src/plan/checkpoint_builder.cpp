@@ -48,6 +48,34 @@ NodeId CheckpointBuilder::add_state_dict(const std::vector<OutputTensor>& tensor
   return dict;
 }
 
+void CheckpointBuilder::replace_tensor(NodeId node, const OutputTensor& tensor) {
+  std::string key = std::to_string(payloads_.size());
+  payloads_.emplace_back(key, tensor);
+  NodeId fresh = ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key);
+  // Keep the node id (and so every reference), take the fresh node's contents.
+  graph_[node].callable = graph_[fresh].callable;
+  graph_[node].args = graph_[fresh].args;
+  graph_[node].op = pickle::ObjectOp::Reduce;
+}
+
+bool CheckpointBuilder::set_entry(NodeId mapping, std::string_view key, NodeId value) {
+  if (mapping >= graph_.size()) return false;
+  for (auto& [k, v] : graph_[mapping].entries) {
+    if (graph_.is_str(k, key)) {
+      v = value;
+      return true;
+    }
+  }
+  return false;
+}
+
+NodeId CheckpointBuilder::top_level(const std::string& key) const {
+  for (const auto& [name, node] : top_level_) {
+    if (name == key) return node;
+  }
+  return pickle::kNoNode;
+}
+
 void CheckpointBuilder::set_top_level(const std::string& key, NodeId value) {
   for (auto& [name, node] : top_level_) {
     if (name == key) {
