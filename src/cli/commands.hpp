@@ -16,5 +16,7 @@ Action add_manifest_command(CLI::App& app);
 Action add_inspect_command(CLI::App& app);
 Action add_stitch_command(CLI::App& app);
 Action add_reshard_command(CLI::App& app);
+Action add_diff_command(CLI::App& app);
+Action add_verify_command(CLI::App& app);
 
 }  // namespace ckpt::cli

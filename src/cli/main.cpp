@@ -26,6 +26,9 @@ int main(int argc, char** argv) {
       ckpt::cli::add_stitch_command);
   add("reshard", "change the model-parallel and FSDP sizes of a training checkpoint, optimizer state included",
       ckpt::cli::add_reshard_command);
+  add("diff", "compare two checkpoints (files or shard sets) tensor by tensor; exit 0 equal, 1 different, 2 error",
+      ckpt::cli::add_diff_command);
+  add("verify", "check CRCs, tensor ranges and FSDP/MP metadata; report every problem", ckpt::cli::add_verify_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -1,0 +1,190 @@
+// ckpt-tool diff A B: exit 0 when equal, 1 when different, 2 on error.
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <iostream>
+#include <memory>
+
+#include "ckpt/compare.hpp"
+#include "ckpt/layout.hpp"
+#include "ckpt/stitch.hpp"
+#include "commands.hpp"
+#include "inputs.hpp"
+
+namespace ckpt::cli {
+
+using json = nlohmann::json;
+
+namespace {
+
+// One side of a comparison: a single file's tensors as they are, or a set of
+// shard files consolidated on the fly (the stitched model, "model/<key>").
+struct Side {
+  Manifest manifest;
+  std::vector<std::unique_ptr<MappedFile>> mapped;
+  std::vector<const MappedFile*> files;
+  std::vector<NamedTensor> tensors;
+  bool consolidated = false;
+};
+
+std::unique_ptr<Side> load_side(const std::string& input) {
+  auto side = std::make_unique<Side>();
+  side->manifest = load_inputs({input});
+  for (const ManifestFile& file : side->manifest.files) {
+    side->mapped.push_back(std::make_unique<MappedFile>(file.path));
+    side->files.push_back(side->mapped.back().get());
+  }
+  if (side->manifest.files.size() == 1) {
+    for (const ManifestTensor& tensor : side->manifest.files[0].tensors) {
+      if (!tensor.alias_of.empty()) {
+        side->tensors.push_back({tensor.path, {}, tensor.alias_of});
+      } else {
+        side->tensors.push_back({tensor.path, source_of(tensor, 0), std::nullopt});
+      }
+    }
+    return side;
+  }
+  side->consolidated = true;
+  std::vector<std::vector<NamedTensor>> parts;
+  for (const auto& shards : complete_grid(side->manifest)) parts.push_back(consolidate_part(side->manifest, shards));
+  for (NamedTensor& tensor : glue_megatron(parts, {}, nullptr)) {
+    tensor.name = "model/" + tensor.name;
+    if (tensor.alias_of) tensor.alias_of = "model/" + *tensor.alias_of;
+    side->tensors.push_back(std::move(tensor));
+  }
+  return side;
+}
+
+// Non-tensor objects that differ (tensors, {"$tensor": i}, are compared as data).
+void diff_objects(const json& a, const json& b, const std::string& path, std::vector<std::string>& out,
+                  std::size_t limit) {
+  if (out.size() >= limit) return;
+  bool tensor_a = a.is_object() && a.contains("$tensor");
+  bool tensor_b = b.is_object() && b.contains("$tensor");
+  if (tensor_a && tensor_b) return;
+  if (a.type() != b.type() || tensor_a != tensor_b) {
+    out.push_back(fmt::format("{}: {} != {}", path.empty() ? "<root>" : path, a.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 80),
+                              b.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 80)));
+    return;
+  }
+  auto join = [&](const std::string& key) { return path.empty() ? key : path + "/" + key; };
+  auto is_tensor = [](const json& value) { return value.is_object() && value.contains("$tensor"); };
+  // Configs render as {"$class", "value"}: name the path by the config's keys.
+  for (const char* wrapper : {"value", "attributes"}) {
+    if (a.is_object() && b.is_object() && a.contains("$class") && a.value("$class", json()) == b.value("$class", json()) &&
+        a.contains(wrapper) && b.contains(wrapper)) {
+      diff_objects(a[wrapper], b[wrapper], path, out, limit);
+      return;
+    }
+  }
+  if (a.is_object()) {
+    for (const auto& item : a.items()) {
+      if (!b.contains(item.key())) {
+        // A missing tensor is reported by the tensor comparison.
+        if (!is_tensor(item.value())) out.push_back(fmt::format("{}: only in A", join(item.key())));
+      } else {
+        diff_objects(item.value(), b[item.key()], join(item.key()), out, limit);
+      }
+      if (out.size() >= limit) return;
+    }
+    for (const auto& item : b.items()) {
+      if (!a.contains(item.key()) && !is_tensor(item.value()) && out.size() < limit) {
+        out.push_back(fmt::format("{}: only in B", join(item.key())));
+      }
+    }
+  } else if (a.is_array()) {
+    if (a.size() != b.size()) {
+      out.push_back(fmt::format("{}: {} items != {} items", path, a.size(), b.size()));
+      return;
+    }
+    for (std::size_t i = 0; i < a.size(); ++i) diff_objects(a[i], b[i], join(std::to_string(i)), out, limit);
+  } else if (a != b) {
+    out.push_back(fmt::format("{}: {} != {}", path, a.dump(-1, ' ', false, json::error_handler_t::replace),
+                              b.dump(-1, ' ', false, json::error_handler_t::replace)));
+  }
+}
+
+std::string index_text(const std::vector<std::int64_t>& index) {
+  return index.size() == 1 ? fmt::format("({},)", index[0]) : fmt::format("({})", fmt::join(index, ", "));
+}
+
+}  // namespace
+
+Action add_diff_command(CLI::App& app) {
+  struct Options {
+    std::string a;
+    std::string b;
+    double atol = 0.0;
+    double rtol = 0.0;
+    std::size_t max_positions = 20;
+    bool json_output = false;
+    unsigned threads = 0;
+  };
+  auto options = std::make_shared<Options>();
+  app.add_option("A", options->a, "a checkpoint file, or a set of shards (directory, quoted glob, manifest)")->required();
+  app.add_option("B", options->b, "the same for the other side")->required();
+  app.add_option("--atol", options->atol, "absolute tolerance (default: exact, bit for bit)")->check(CLI::NonNegativeNumber);
+  app.add_option("--rtol", options->rtol, "relative tolerance (default: exact, bit for bit)")->check(CLI::NonNegativeNumber);
+  app.add_option("--max-positions", options->max_positions, "wrong positions listed per tensor (default 20)");
+  app.add_flag("--json", options->json_output, "print JSON for machines");
+  app.add_option("--threads", options->threads, "comparison threads (default: all cores)");
+  return [options]() -> int {
+    try {
+      auto start = std::chrono::steady_clock::now();
+      std::unique_ptr<Side> a = load_side(options->a);
+      std::unique_ptr<Side> b = load_side(options->b);
+      CompareOptions compare;
+      compare.atol = options->atol;
+      compare.rtol = options->rtol;
+      compare.max_positions = options->max_positions;
+      compare.threads = options->threads;
+      DiffReport report = diff_tensors(a->tensors, a->files, b->tensors, b->files, compare);
+      std::vector<std::string> objects;
+      if (!a->consolidated && !b->consolidated) {
+        diff_objects(a->manifest.files[0].objects, b->manifest.files[0].objects, "", objects, 50);
+      }
+      double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      bool equal = report.equal() && objects.empty();
+      if (options->json_output) {
+        json out = {{"equal", equal}, {"only_in_a", report.only_in_a}, {"only_in_b", report.only_in_b},
+                    {"objects", objects}, {"compared_tensors", report.compared},
+                    {"compared_bytes", report.compared_bytes}, {"seconds", seconds}};
+        json differing = json::array();
+        for (const TensorDiff& diff : report.differing) {
+          json positions = json::array();
+          for (const DiffPosition& p : diff.positions) positions.push_back({{"index", p.index}, {"a", p.a}, {"b", p.b}});
+          differing.push_back({{"name", diff.name}, {"mismatch", diff.mismatch}, {"numel", diff.numel},
+                               {"count", diff.count}, {"max_abs", diff.max_abs}, {"max_rel", diff.max_rel},
+                               {"positions", positions}});
+        }
+        out["differing"] = std::move(differing);
+        std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+        return equal ? 0 : 1;
+      }
+      for (const std::string& name : report.only_in_a) fmt::print("only in A: {}\n", name);
+      for (const std::string& name : report.only_in_b) fmt::print("only in B: {}\n", name);
+      for (const TensorDiff& diff : report.differing) {
+        if (!diff.mismatch.empty()) {
+          fmt::print("{}: {}\n", diff.name, diff.mismatch);
+          continue;
+        }
+        fmt::print("{}: {} of {} elements differ (max abs {:.6g}, max rel {:.6g})\n", diff.name, diff.count, diff.numel,
+                   diff.max_abs, diff.max_rel);
+        for (const DiffPosition& p : diff.positions) fmt::print("  {} {}: {:.6g} != {:.6g}\n", diff.name, index_text(p.index), p.a, p.b);
+        if (diff.count > diff.positions.size()) fmt::print("  ... {} more\n", diff.count - diff.positions.size());
+      }
+      for (const std::string& line : objects) fmt::print("object {}\n", line);
+      fmt::print("{}: {} tensors compared ({} each side) in {:.2f} s; {} differ, {} only in A, {} only in B{}\n",
+                 equal ? "equal" : "different", report.compared, human_bytes(report.compared_bytes), seconds,
+                 report.differing.size(), report.only_in_a.size(), report.only_in_b.size(),
+                 objects.empty() ? "" : fmt::format(", {} object difference(s)", objects.size()));
+      return equal ? 0 : 1;
+    } catch (const Error& e) {
+      fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
+      return 2;
+    }
+  };
+}
+
+}  // namespace ckpt::cli

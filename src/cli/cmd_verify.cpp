@@ -1,0 +1,47 @@
+// ckpt-tool verify INPUT...: every problem found, one per line; exit 1 if any.
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <memory>
+
+#include "ckpt/verify.hpp"
+#include "commands.hpp"
+#include "inputs.hpp"
+
+namespace ckpt::cli {
+
+Action add_verify_command(CLI::App& app) {
+  struct Options {
+    std::vector<std::string> inputs;
+    unsigned threads = 0;
+    bool quiet = false;
+  };
+  auto options = std::make_shared<Options>();
+  app.add_option("INPUT", options->inputs, "checkpoint files, globs, directories, or a manifest")->required();
+  app.add_option("--threads", options->threads, "CRC threads (default: all cores)");
+  app.add_flag("-q,--quiet", options->quiet, "print problems only, no summary");
+  return [options] {
+    auto start = std::chrono::steady_clock::now();
+    std::vector<std::string> paths;
+    if (options->inputs.size() == 1 && looks_like_manifest(options->inputs[0])) {
+      Manifest manifest = read_manifest(options->inputs[0]);
+      check_fresh(manifest);
+      for (const ManifestFile& file : manifest.files) paths.push_back(file.path);
+    } else {
+      paths = expand_inputs(options->inputs);
+    }
+    VerifyReport report = verify_files(paths, options->threads);
+    for (const std::string& problem : report.problems) fmt::print("{}\n", problem);
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (!options->quiet) {
+      fmt::print("{}: {} file(s), {} record(s), {} checked in {:.2f} s ({:.0f} MiB/s); {} problem(s)\n",
+                 report.problems.empty() ? "ok" : "FAILED", report.files, report.records, human_bytes(report.bytes),
+                 seconds, seconds > 0 ? static_cast<double>(report.bytes) / 1048576.0 / seconds : 0.0,
+                 report.problems.size());
+    }
+    return report.problems.empty() ? 0 : 1;
+  };
+}
+
+}  // namespace ckpt::cli

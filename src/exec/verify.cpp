@@ -1,0 +1,79 @@
+#include "ckpt/verify.hpp"
+
+#include <fmt/format.h>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "ckpt/crc32.hpp"
+#include "ckpt/layout.hpp"
+#include "ckpt/stitch.hpp"
+
+namespace ckpt {
+
+namespace {
+
+// CRC-32 of every record of one archive, records spread over threads.
+void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads, VerifyReport& report,
+                std::mutex& mutex) {
+  const auto& records = zip.records();
+  std::atomic<std::size_t> next{0};
+  auto worker = [&] {
+    for (std::size_t i; (i = next.fetch_add(1)) < records.size();) {
+      const ZipRecord& record = records[i];
+      std::uint32_t crc = crc32(zip.data(record));
+      file.release(record.data_offset, record.nbytes);
+      if (crc != record.crc32) {
+        std::lock_guard lock(mutex);
+        report.problems.push_back(fmt::format("{}: {}: at byte 0x{:x}: CRC-32 of the data is 0x{:08x}, the zip "
+                                              "directory says 0x{:08x} (corrupted data)",
+                                              file.path(), record.name, record.data_offset, crc, record.crc32));
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& thread : pool) thread.join();
+  std::lock_guard lock(mutex);
+  report.records += records.size();
+  for (const ZipRecord& record : records) report.bytes += record.nbytes;
+}
+
+}  // namespace
+
+VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads) {
+  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  VerifyReport report;
+  std::mutex mutex;
+  Manifest manifest;
+  for (const std::string& path : paths) {
+    ++report.files;
+    try {
+      MappedFile file(path);
+      ZipArchive zip(file.bytes(), path);
+      check_crcs(file, zip, threads, report, mutex);
+      Checkpoint checkpoint(file);
+      manifest.files.push_back(describe_file(checkpoint));
+    } catch (const Error& e) {
+      report.problems.push_back(e.what());
+    }
+  }
+  if (manifest.files.size() < 2 && !(manifest.files.size() == 1 && manifest.files[0].fsdp)) return report;
+  manifest.grid = detect_grid(manifest.files);
+  for (const std::string& problem : manifest.grid.problems) report.problems.push_back(problem);
+  if (!manifest.grid.problems.empty() || manifest.files.size() != paths.size()) return report;
+  // The layout rules themselves: every part consolidates, the parts glue.
+  try {
+    std::vector<std::vector<NamedTensor>> parts;
+    for (const auto& shards : manifest.grid.cells) parts.push_back(consolidate_part(manifest, shards));
+    (void)reshard_megatron(parts, 1, nullptr);
+  } catch (const Error& e) {
+    report.problems.push_back(e.what());
+  }
+  return report;
+}
+
+}  // namespace ckpt
