@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
+#include <csignal>
 #include <map>
 
 #include "ckpt/error.hpp"
@@ -42,6 +43,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   ckpt::install_cleanup_handlers();
+  // Past a file-size limit (RLIMIT_FSIZE) a write should fail with EFBIG and be
+  // reported, not kill the process with its temp file still on disk.
+  std::signal(SIGXFSZ, SIG_IGN);
   try {
     for (auto& [sub, action] : actions) {
       if (sub->parsed()) return action();

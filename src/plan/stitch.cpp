@@ -8,10 +8,12 @@ namespace ckpt {
 
 std::vector<std::vector<int>> complete_grid(const Manifest& manifest) {
   if (manifest.files.empty()) throw Error("no input files");
-  if (!manifest.grid.problems.empty()) {
-    std::string list;
-    for (const std::string& problem : manifest.grid.problems) list += (list.empty() ? "" : "; ") + problem;
-    throw Error("the checkpoint's files do not form a complete grid: " + list);
+  const auto& problems = manifest.grid.problems;
+  if (!problems.empty()) {
+    std::string more = problems.size() > 1
+                           ? fmt::format(" (and {} more problem(s): `ckpt-tool verify` lists them)", problems.size() - 1)
+                           : "";
+    throw Error("the files are not one consistent MP x DP grid: " + problems.front() + more);
   }
   return manifest.grid.cells;
 }
