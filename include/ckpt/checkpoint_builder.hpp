@@ -21,10 +21,14 @@ namespace ckpt {
 class CheckpointBuilder {
  public:
   explicit CheckpointBuilder(const Checkpoint& base);
+  // A checkpoint built from nothing (`synth`): an empty top-level dict.
+  CheckpointBuilder();
 
   pickle::Graph& graph() { return graph_; }
   // A new tensor node whose data is `tensor` (written in tensor.dtype).
   pickle::NodeId add_tensor(const OutputTensor& tensor);
+  // A new tensor node holding small data given here (a version buffer).
+  pickle::NodeId add_inline_tensor(DType dtype, const std::vector<std::int64_t>& shape, std::vector<std::byte> data);
   // An OrderedDict of the tensors, in order; an alias shares its target's node.
   pickle::NodeId add_state_dict(const std::vector<OutputTensor>& tensors);
   // Turns the tensor node `node` of the base graph into a new tensor holding
@@ -46,10 +50,15 @@ class CheckpointBuilder {
   PlannedFile finish(const std::string& path, const std::vector<std::uint32_t>& sources, Plan& plan);
 
  private:
-  const Checkpoint& base_;
+  struct Payload {
+    std::string key;
+    OutputTensor tensor;
+    std::vector<std::byte> inline_data;  // used when the tensor has no pieces
+  };
+  const Checkpoint* base_ = nullptr;
   pickle::Graph graph_;
   std::vector<std::pair<std::string, pickle::NodeId>> top_level_;  // in order
-  std::vector<std::pair<std::string, OutputTensor>> payloads_;     // storage key -> data
+  std::vector<Payload> payloads_;                                   // storage key i -> data
 };
 
 // The record holding one output tensor's data: one copy operation per source

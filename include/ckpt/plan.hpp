@@ -22,7 +22,11 @@ namespace ckpt {
 
 struct CopyOp {
   static constexpr std::uint32_t kZeros = 0xFFFFFFFF;  // source that reads as zero bytes
-  std::uint32_t source = kZeros;    // index into Plan::sources, or kZeros
+  // Deterministic pseudo-random values of dest_dtype (`ckpt-tool synth`): element
+  // i of an endless stream sits at byte i * itemsize; source_offset is where the
+  // copy starts in that stream.
+  static constexpr std::uint32_t kSynthetic = 0xFFFFFFFE;
+  std::uint32_t source = kZeros;    // index into Plan::sources, kZeros or kSynthetic
   std::uint64_t source_offset = 0;  // absolute byte offset in the source file
   std::uint64_t dest_offset = 0;    // offset inside the record's data
   std::uint64_t nbytes = 0;         // destination bytes per row
@@ -33,6 +37,7 @@ struct CopyOp {
   DType dest_dtype = DType::UInt8;
 
   bool converts() const { return source_dtype != dest_dtype; }
+  bool mapped() const { return source < kSynthetic; }
   bool plain() const { return rows == 1 && !converts(); }
   std::uint64_t source_nbytes() const;  // source bytes per row
   std::uint64_t dest_end() const { return dest_offset + (rows - 1) * dest_stride + nbytes; }

@@ -22,6 +22,7 @@ namespace ckpt {
 
 struct SourcePiece {
   static constexpr std::uint32_t kZeroFile = 0xFFFFFFFF;
+  static constexpr std::uint32_t kSyntheticFile = 0xFFFFFFFE;  // `synth`'s endless pseudo-random stream
   std::uint32_t file = kZeroFile;   // index into the manifest's files
   std::uint64_t source_offset = 0;  // absolute byte offset of row 0 in the file
   std::uint64_t offset = 0;         // logical offset of row 0 in the tensor

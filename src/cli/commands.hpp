@@ -18,5 +18,6 @@ Action add_stitch_command(CLI::App& app);
 Action add_reshard_command(CLI::App& app);
 Action add_diff_command(CLI::App& app);
 Action add_verify_command(CLI::App& app);
+Action add_synth_command(CLI::App& app);
 
 }  // namespace ckpt::cli

@@ -30,6 +30,8 @@ int main(int argc, char** argv) {
   add("diff", "compare two checkpoints (files or shard sets) tensor by tensor; exit 0 equal, 1 different, 2 error",
       ckpt::cli::add_diff_command);
   add("verify", "check CRCs, tensor ranges and FSDP/MP metadata; report every problem", ckpt::cli::add_verify_command);
+  add("synth", "write a synthetic metaseq training checkpoint of a given size and grid (benchmarks, rehearsals)",
+      ckpt::cli::add_synth_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -13,9 +13,9 @@ namespace ckpt::cli {
 namespace {
 
 std::string describe_op(const Plan& plan, const CopyOp& op) {
-  std::string source = op.source == CopyOp::kZeros
-                           ? "zeros"
-                           : fmt::format("{}@0x{:x}",
+  std::string source = op.source == CopyOp::kZeros       ? "zeros"
+                       : op.source == CopyOp::kSynthetic ? fmt::format("synthetic@0x{:x}", op.source_offset)
+                                                         : fmt::format("{}@0x{:x}",
                                          std::filesystem::path(plan.sources[op.source]->path()).filename().string(),
                                          op.source_offset);
   std::string rows = op.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", op.rows, op.source_stride, op.dest_stride) : "";

@@ -13,6 +13,7 @@
 
 #include "ckpt/crc32.hpp"
 #include "ckpt/output_file.hpp"
+#include "ckpt/synthetic.hpp"
 #include "ckpt/zip.hpp"
 
 namespace ckpt {
@@ -104,7 +105,8 @@ class FileWriter {
       // Plain ranges in order: find the first one that reaches this piece.
       auto it = std::upper_bound(record.copies.begin(), record.copies.end(), piece.begin,
                                  [](std::uint64_t offset, const CopyOp& op) { return offset < op.dest_offset + op.nbytes; });
-      if (it != record.copies.end() && it->dest_offset <= piece.begin && it->dest_offset + it->nbytes >= piece.end) {
+      if (it != record.copies.end() && it->source != CopyOp::kSynthetic && it->dest_offset <= piece.begin &&
+          it->dest_offset + it->nbytes >= piece.end) {
         write_range(*it, piece, base);  // the common case: one range, no buffer
         return;
       }
@@ -154,7 +156,7 @@ class FileWriter {
       }
       // Drop the pages this piece has consumed from our mapping (they stay in
       // the page cache): the resident set stays bounded whatever the input size.
-      if (op.source != CopyOp::kZeros && touched_end > touched_begin) {
+      if (op.mapped() && touched_end > touched_begin) {
         plan_.sources[op.source]->release(touched_begin, touched_end - touched_begin);
       }
     }
@@ -166,8 +168,12 @@ class FileWriter {
       std::memset(dest, 0, count);
       return;
     }
-    const MappedFile& source = *plan_.sources[op.source];
     std::uint64_t row_source = op.source_offset + row * op.source_stride;
+    if (op.source == CopyOp::kSynthetic) {
+      synthesize(op.dest_dtype, row_source + skip, count, dest);
+      return;
+    }
+    const MappedFile& source = *plan_.sources[op.source];
     if (!op.converts()) {
       std::memcpy(dest, source.bytes().data() + row_source + skip, count);
       return;

@@ -10,7 +10,9 @@ namespace ckpt {
 
 using pickle::NodeId;
 
-CheckpointBuilder::CheckpointBuilder(const Checkpoint& base) : base_(base), graph_(base.graph()) {
+CheckpointBuilder::CheckpointBuilder() = default;
+
+CheckpointBuilder::CheckpointBuilder(const Checkpoint& base) : base_(&base), graph_(base.graph()) {
   const auto* entries = graph_.mapping_entries(graph_.root);
   if (entries == nullptr) {
     throw Error(Location{base.path(), base.pickle_record().name, std::nullopt},
@@ -25,8 +27,20 @@ CheckpointBuilder::CheckpointBuilder(const Checkpoint& base) : base_(base), grap
 
 NodeId CheckpointBuilder::add_tensor(const OutputTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
-  payloads_.emplace_back(key, tensor);
+  payloads_.push_back({key, tensor, {}});
   return ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key);
+}
+
+NodeId CheckpointBuilder::add_inline_tensor(DType dtype, const std::vector<std::int64_t>& shape,
+                                            std::vector<std::byte> data) {
+  OutputTensor tensor;
+  tensor.dtype = dtype;
+  tensor.source.dtype = dtype;
+  tensor.source.shape = shape;
+  if (tensor.source.nbytes() != data.size()) throw Error("inline tensor data does not match its shape (a bug)");
+  std::string key = std::to_string(payloads_.size());
+  payloads_.push_back({key, std::move(tensor), std::move(data)});
+  return ckpt::add_tensor(graph_, dtype, shape, key);
 }
 
 NodeId CheckpointBuilder::add_state_dict(const std::vector<OutputTensor>& tensors) {
@@ -50,7 +64,7 @@ NodeId CheckpointBuilder::add_state_dict(const std::vector<OutputTensor>& tensor
 
 void CheckpointBuilder::replace_tensor(NodeId node, const OutputTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
-  payloads_.emplace_back(key, tensor);
+  payloads_.push_back({key, tensor, {}});
   NodeId fresh = ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key);
   // Keep the node id (and so every reference), take the fresh node's contents.
   graph_[node].callable = graph_[fresh].callable;
@@ -104,14 +118,21 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   graph_.root = graph_.add(std::move(root));
 
   std::vector<PlannedStorage> storages;
-  for (const auto& [key, tensor] : payloads_) {
+  for (Payload& payload : payloads_) {
     PlannedStorage storage;
-    storage.key = key;
-    storage.data = plan_tensor_record(tensor, sources);
+    storage.key = payload.key;
+    if (payload.tensor.source.pieces.empty() && !payload.inline_data.empty()) {
+      storage.data.nbytes = payload.inline_data.size();
+      storage.data.inline_bytes = std::move(payload.inline_data);
+    } else {
+      storage.data = plan_tensor_record(payload.tensor, sources);
+    }
     storages.push_back(std::move(storage));
   }
   std::uint64_t next_key = payloads_.size();
-  for (PlannedStorage& carried : carry_storages(graph_, base_, plan, next_key)) storages.push_back(std::move(carried));
+  if (base_ != nullptr) {
+    for (PlannedStorage& carried : carry_storages(graph_, *base_, plan, next_key)) storages.push_back(std::move(carried));
+  }
   return plan_torch_file(path, archive_name_for(path), graph_, std::move(storages));
 }
 
@@ -127,14 +148,18 @@ PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<s
   for (const SourcePiece& piece : tensor.source.pieces) {
     CopyOp op;
     bool zeros = piece.file == SourcePiece::kZeroFile;
-    op.source = zeros ? CopyOp::kZeros : sources.at(piece.file);
+    bool synthetic = piece.file == SourcePiece::kSyntheticFile;
+    op.source = zeros ? CopyOp::kZeros : synthetic ? CopyOp::kSynthetic : sources.at(piece.file);
     op.source_offset = zeros ? 0 : piece.source_offset;
     op.dest_offset = dest(piece.offset);
     op.nbytes = dest(piece.nbytes);
     op.rows = piece.rows;
     op.source_stride = piece.rows > 1 ? piece.source_stride : 0;
     op.dest_stride = piece.rows > 1 ? dest(piece.stride) : 0;
-    if (!zeros) {  // zeros are zeros in any dtype
+    if (synthetic) {  // generated directly in the output dtype
+      if (from != to) throw Error(tensor.name + ": synthetic data cannot be converted (a bug)");
+      op.source_dtype = op.dest_dtype = to;
+    } else if (!zeros) {  // zeros are zeros in any dtype
       op.source_dtype = from;
       op.dest_dtype = to;
     }
@@ -144,11 +169,18 @@ PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<s
   if (std::all_of(record.copies.begin(), record.copies.end(), [](const CopyOp& op) { return op.plain(); })) {
     std::vector<CopyOp> plain = std::move(record.copies);
     std::sort(plain.begin(), plain.end(), [](const CopyOp& a, const CopyOp& b) { return a.dest_offset < b.dest_offset; });
-    std::uint64_t total = record.nbytes;
     record.copies.clear();
-    record.nbytes = 0;
-    for (const CopyOp& op : plain) record.append_copy(op.source, op.source_offset, op.nbytes);
-    if (record.nbytes != total) throw Error(tensor.name + ": pieces do not tile the tensor (a bug)");
+    for (const CopyOp& op : plain) {
+      CopyOp* last = record.copies.empty() ? nullptr : &record.copies.back();
+      bool continues = last != nullptr && last->source == op.source && last->dest_dtype == op.dest_dtype &&
+                       last->dest_offset + last->nbytes == op.dest_offset &&
+                       (op.source == CopyOp::kZeros || last->source_offset + last->nbytes == op.source_offset);
+      if (continues) {
+        last->nbytes += op.nbytes;
+      } else {
+        record.copies.push_back(op);
+      }
+    }
   }
   return record;
 }

@@ -16,7 +16,7 @@ void PlannedRecord::append_copy(std::uint32_t source, std::uint64_t source_offse
   if (count == 0) return;
   if (!copies.empty()) {
     CopyOp& last = copies.back();
-    bool continues = last.plain() && last.source == source && last.dest_offset + last.nbytes == nbytes &&
+    bool continues = last.plain() && source != CopyOp::kSynthetic && last.source == source && last.dest_offset + last.nbytes == nbytes &&
                      (source == CopyOp::kZeros || last.source_offset + last.nbytes == source_offset);
     if (continues) {
       last.nbytes += count;
@@ -100,7 +100,7 @@ void validate(const Plan& plan) {
         }
         covered = checked_add(covered, checked_mul(op.nbytes, op.rows, "copy"), "copy");
         rows += op.rows;
-        if (op.source == CopyOp::kZeros) continue;
+        if (!op.mapped()) continue;
         if (op.source >= plan.sources.size()) throw bug("copy from an unknown source");
         std::optional<std::uint64_t> source_end =
             span_end(op.source_offset, op.rows, op.source_stride, op.source_nbytes());
