@@ -9,9 +9,9 @@ DEMO := $(BUILD)/demo
 # Debian 12 packages this project needs; `deps` installs those not yet present.
 PACKAGES := g++ meson ninja-build pkg-config cmake libtorch-dev libboost-dev libzstd-dev \
             nlohmann-json3-dev doctest-dev libfmt-dev libcli11-dev libisal-dev zlib1g-dev \
-            python3-torch python3-omegaconf
+            python3-torch python3-omegaconf time
 
-.PHONY: all deps configure build demo test sanitize clean
+.PHONY: all deps configure build demo test bench sanitize fuzz clean
 
 all: build
 
@@ -44,11 +44,67 @@ demo: build
 test: build
 	meson test -C $(BUILD) --print-errorlogs
 
+# The benchmark: cp, stitch, the Python pipeline, reshard and diff on 1 and 4 GiB
+# inputs in one run (BENCH_SIZES=1,4,16 for more); writes bench/RESULTS.md.
+BENCH_SIZES ?= 1,4
+bench: build
+	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES)
+
 # The suite under AddressSanitizer and UndefinedBehaviorSanitizer.
 sanitize: deps
 	[ -f build-asan/build.ninja ] || meson setup build-asan --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false -Dwerror=true
 	meson compile -C build-asan
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 meson test -C build-asan --print-errorlogs
+
+# libFuzzer targets (tests/fuzz/) in their own clang build, each run for
+# FUZZ_SECONDS from a corpus seeded with fixture checkpoints. Prints each target's
+# runs and coverage; fails when a target crashes, leaks, times out or runs out of
+# memory (the input is saved under $(FUZZ_BUILD)/artifacts/TARGET/). Inputs that
+# once crashed live in tests/fuzz/regressions/TARGET/ and are replayed by the unit
+# tests (test_fuzz_regressions.cpp), not here.
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := fuzz_zip fuzz_pickle fuzz_checkpoint
+FUZZ_PACKAGES := clang libclang-rt-14-dev
+FUZZ_CASES := mp1_dp1_fp32_ns mp2_dp3_fp32_ns_args mp4_dp3_fp16_omega
+
+fuzz: deps
+	@missing=$$(for p in $(FUZZ_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	[ -f $(FUZZ_BUILD)/build.ninja ] || CC=clang CXX=clang++ meson setup $(FUZZ_BUILD) -Dfuzz=true \
+	  -Db_sanitize=address,undefined -Db_lundef=false --buildtype=debugoptimized
+	ninja -C $(FUZZ_BUILD) $(addprefix tests/fuzz/,$(FUZZ_TARGETS))
+	[ -d $(FUZZ_BUILD)/fixtures ] || $(PYTHON) fixtures/generate.py --out $(FUZZ_BUILD)/fixtures \
+	  $(addprefix --case ,$(FUZZ_CASES)) >/dev/null
+	rm -rf $(FUZZ_BUILD)/seeds
+	$(PYTHON) tests/fuzz/make_seeds.py --out $(FUZZ_BUILD)/seeds fixtures/tiny $(FUZZ_BUILD)/fixtures
+	cat tests/fuzz/zip.dict tests/fuzz/pickle.dict > $(FUZZ_BUILD)/checkpoint.dict
+	@failed=""; \
+	for t in $(FUZZ_TARGETS); do \
+	  case $$t in fuzz_zip) dict=tests/fuzz/zip.dict;; fuzz_pickle) dict=tests/fuzz/pickle.dict;; \
+	    *) dict=$(FUZZ_BUILD)/checkpoint.dict;; esac; \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/artifacts/$$t; \
+	  log=$(FUZZ_BUILD)/$$t.log; \
+	  echo "== $$t: $(FUZZ_SECONDS) s (log: $$log)"; \
+	  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(FUZZ_BUILD)/tests/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=10 \
+	    -dict=$$dict -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/artifacts/$$t/ \
+	    $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/seeds/$$t >$$log 2>&1; \
+	  status=$$?; \
+	  grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)' $$log | sed "s/^/$$t: /"; \
+	  grep -E '^Done [0-9]+ runs' $$log | sed "s/^/$$t: /"; \
+	  if [ $$status -ne 0 ]; then \
+	    failed="$$failed $$t"; \
+	    echo "$$t: FAILED (exit $$status):"; \
+	    grep -E 'ERROR|SUMMARY|invariant violated|Test unit written|^    #[0-9]+ ' $$log | head -30 | sed "s/^/$$t: /"; \
+	  fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: findings in$$failed (inputs in $(FUZZ_BUILD)/artifacts/)"; exit 1; fi; \
+	echo "fuzz: no findings"
 
 clean:
 	rm -rf $(BUILD) build-asan

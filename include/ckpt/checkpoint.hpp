@@ -98,6 +98,9 @@ using PathVisitor = std::function<void(pickle::NodeId, const std::string&)>;
 void walk_paths(const pickle::Graph& graph, pickle::NodeId from, const std::string& prefix, const PathVisitor& visit,
                 const PathVisitor& revisit = nullptr);
 
+// `prefix/label`, bounded in length (long keys are cut with "...").
+std::string append_path(const std::string& prefix, const std::string& label);
+
 // A scalar key rendered as a path label ("model", "3"), or "" for other keys.
 std::string key_label(const pickle::Graph& graph, pickle::NodeId key);
 

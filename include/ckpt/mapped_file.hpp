@@ -30,6 +30,7 @@ class MappedFile {
   // read-only mapping just drops our page-table entries; the page cache stays).
   void release(std::uint64_t byte_offset, std::uint64_t nbytes) const;
 
+
  private:
   struct Impl;
   std::string path_;

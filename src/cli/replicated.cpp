@@ -22,13 +22,13 @@ std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& 
     std::uint64_t itemsize = dtype_info(head.dtype).itemsize;
     std::uint64_t step = kChunkBytes / itemsize * itemsize;
     for (std::size_t m = 1; m < check.parts.size(); ++m) {
-      Difference total;
+      ElementComparison total;
       for (std::uint64_t begin = 0; begin < head.nbytes(); begin += step) {
         std::uint64_t count = std::min(step, head.nbytes() - begin);
         read_source_bytes(head, files, begin, count, first.data());
         read_source_bytes(check.parts[m], files, begin, count, other.data());
         if (std::memcmp(first.data(), other.data(), count) == 0) continue;
-        Difference d = compare_elements(head.dtype, other.data(), first.data(), count / itemsize);
+        ElementComparison d = compare_elements(head.dtype, other.data(), first.data(), count / itemsize, 0.0, 0.0, 0);
         total.count += d.count;
         total.max_abs = std::max(total.max_abs, d.max_abs);
       }

@@ -22,12 +22,27 @@ std::uint64_t TensorRef::numel() const {
 }
 
 bool TensorRef::is_contiguous() const {
-  std::int64_t expected = 1;
+  if (numel() == 0) return true;
+  std::uint64_t expected = 1;  // numel() fits: Checkpoint checked it when it read the tensor
   for (std::size_t i = shape.size(); i-- > 0;) {
-    if (shape[i] != 1 && stride[i] != expected) return false;
-    expected *= shape[i];
+    if (shape[i] != 1 && static_cast<std::uint64_t>(stride[i]) != expected) return false;
+    expected *= static_cast<std::uint64_t>(shape[i]);
   }
   return true;
+}
+
+std::string append_path(const std::string& prefix, const std::string& label) {
+  // Bounded, so that hostile nesting of long keys cannot make paths take memory
+  // quadratic in the pickle's size: a label keeps 256 bytes, a path 1024.
+  constexpr std::size_t kLabelBytes = 256;
+  constexpr std::size_t kPathBytes = 1024;
+  std::string safe = label.empty() ? "?" : label.substr(0, kLabelBytes);
+  if (label.size() > kLabelBytes) safe += "...";
+  if (prefix.empty()) return safe;
+  if (prefix.size() >= kPathBytes) return prefix;  // already cut: deeper paths share it
+  std::string path = prefix + "/" + safe;
+  if (path.size() > kPathBytes) path = path.substr(0, kPathBytes - 3) + "...";
+  return path;
 }
 
 std::string key_label(const Graph& graph, NodeId key) {
@@ -56,10 +71,7 @@ bool is_rebuild_tensor(const Graph& graph, NodeId id) {
   return cls != nullptr && cls->text == "torch._utils" && cls->name == "_rebuild_tensor_v2";
 }
 
-std::string join(const std::string& prefix, const std::string& label) {
-  std::string safe = label.empty() ? "?" : label;
-  return prefix.empty() ? safe : prefix + "/" + safe;
-}
+std::string join(const std::string& prefix, const std::string& label) { return append_path(prefix, label); }
 
 class PathWalker {
  public:
@@ -68,11 +80,11 @@ class PathWalker {
 
   void walk(NodeId id, const std::string& path, int depth) {
     if (id >= graph_.size()) return;
+    check_depth(depth);
     if (!seen_.insert(id).second) {
       if (revisit_) revisit_(id, path);
       return;
     }
-    if (depth > pickle::kMaxDepth) throw Error(fmt::format("objects nested deeper than {} levels", pickle::kMaxDepth));
     visit_(id, path);
     const pickle::Node& node = graph_[id];
     ++depth;
@@ -107,20 +119,27 @@ class PathWalker {
   }
 
  private:
+  static void check_depth(int depth) {
+    if (depth > pickle::kMaxDepth) throw Error(fmt::format("objects nested deeper than {} levels", pickle::kMaxDepth));
+  }
+
   void walk_transparent(NodeId id, const std::string& path, int depth) {
+    check_depth(depth);
+    if (id < graph_.size() && graph_[id].kind == Kind::Tuple && !seen_.insert(id).second) return;  // a DAG of tuples
     if (id < graph_.size() && (is_rebuild_tensor(graph_, id) || is_tensor_wrapper(graph_, id))) {
       walk(id, path, depth);
     } else if (id < graph_.size() && graph_[id].kind == Kind::Tuple) {
-      for (NodeId item : graph_[id].items) walk_transparent(item, path, depth);
+      for (NodeId item : graph_[id].items) walk_transparent(item, path, depth + 1);
     }
   }
   void walk_state(NodeId state, const std::string& path, int depth) {
+    check_depth(depth);
     const pickle::Node& node = graph_[state];
     if (node.kind == Kind::Dict && seen_.insert(state).second) {
       // An instance dict: its keys are attribute names of the object.
       for (const auto& [k, v] : node.entries) walk(v, join(path, key_label(graph_, k)), depth);
     } else if (node.kind == Kind::Tuple && node.items.size() == 2 && seen_.insert(state).second) {
-      for (NodeId part : node.items) walk_state(part, path, depth);
+      for (NodeId part : node.items) walk_state(part, path, depth + 1);
     } else {
       walk(state, join(path, "state"), depth);
     }
@@ -229,8 +248,15 @@ void Checkpoint::collect_tensors() {
   std::vector<std::tuple<NodeId, std::size_t, std::string>> repeats;
   std::size_t order = 0;
   walk_paths(
-      graph_, graph_.root, "", [&](NodeId id, const std::string& p) { paths.emplace(id, std::make_pair(order++, p)); },
-      [&](NodeId id, const std::string& p) { repeats.emplace_back(id, order++, p); });
+      graph_, graph_.root, "",
+      [&](NodeId id, const std::string& p) {
+        ++order;
+        if (is_rebuild_tensor(graph_, id)) paths.emplace(id, std::make_pair(order, p));
+      },
+      [&](NodeId id, const std::string& p) {
+        ++order;
+        if (is_rebuild_tensor(graph_, id) || is_tensor_wrapper(graph_, id)) repeats.emplace_back(id, order, p);
+      });
   std::unordered_map<std::string, std::size_t> rank;
   for (NodeId id = 0; id < graph_.size(); ++id) {
     if (!is_rebuild_tensor(graph_, id)) continue;
@@ -250,6 +276,12 @@ void Checkpoint::collect_tensors() {
     auto stride = as_int_list(graph_, args[3]);
     if (!sid || !offset || !shape || !stride) throw bad("_rebuild_tensor_v2 arguments are not (storage, int, size, stride)");
     if (shape->size() != stride->size()) throw bad("shape and stride have different lengths");
+    std::uint64_t elements = 1;
+    for (std::int64_t dim : *shape) {
+      if (dim < 0 || __builtin_mul_overflow(elements, static_cast<std::uint64_t>(dim), &elements)) {
+        throw bad("shape has a negative size or more elements than 64 bits count");
+      }
+    }
     if (*offset < 0) throw bad("negative storage offset");
     tensor.storage_key = sid->key;
     tensor.dtype = sid->dtype;

@@ -128,7 +128,7 @@ class JsonRenderer {
     if (++count_ > max_nodes_) return "...";
     ++depth;
     auto child = [&](NodeId c, const std::string& label) {
-      return render(c, path.empty() ? label : path + "/" + label, depth);
+      return render(c, append_path(path, label), depth);
     };
     switch (node.kind) {
       case Kind::Tuple:

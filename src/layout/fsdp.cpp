@@ -225,6 +225,11 @@ std::vector<FlatShard> flatten_fsdp(const FsdpMetadata& layout, const std::vecto
       }
       if (flattened.empty()) throw Error(fmt::format("{}: an FSDP flat parameter without parameters", flat.state_key));
       TensorSource full = concat(flattened, {total});
+      if (instance.no_broadcast_optim_state) {  // kept whole on every rank, unpadded
+        shard.source = full;
+        out.push_back(std::move(shard));
+        continue;
+      }
       FsdpChunk chunk = fsdp_chunk(total, world_size, rank);
       std::uint64_t itemsize = dtype_info(full.dtype).itemsize;
       TensorSource held = full.slice(static_cast<std::uint64_t>(chunk.begin) * itemsize,

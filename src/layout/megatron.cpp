@@ -120,6 +120,12 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
   for (const NamedTensor& head : parts[0]) {
     const std::string& key = head.name;
     if (head.alias_of) {  // ties are restored between the re-cut tensors
+      for (std::size_t m = 1; m < parts.size(); ++m) {
+        auto it = index[m].find(key);
+        if (it == index[m].end() || it->second->alias_of != head.alias_of) {
+          throw Error(fmt::format("{}: tied to {} in model part 0 but not in part {}", key, *head.alias_of, m));
+        }
+      }
       for (auto& part : out) part.push_back(head);
       continue;
     }

@@ -299,7 +299,8 @@ TEST_SUITE("zip") {
       Bytes data = zip.data(got);
       CHECK(data.data() == built.file.data() + want.data_offset);  // a view, not a copy
       CHECK(data.size() == built.data[i].size());
-      CHECK(std::memcmp(data.data(), built.data[i].data(), data.size()) == 0);
+      // (memcmp of an empty record would pass a null pointer: undefined, UBSan says so)
+      CHECK((data.size() == 0 || std::memcmp(data.data(), built.data[i].data(), data.size()) == 0));
       CHECK(zip.find(want.name) == &got);
     }
     CHECK(zip.find("archive/data/2") == nullptr);

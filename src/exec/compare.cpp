@@ -1,26 +1,5 @@
 #include "ckpt/compare.hpp"
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/abs.h>
-#include <ATen/ops/add.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/isnan.h>
-#include <ATen/ops/le.h>
-#include <ATen/ops/logical_and.h>
-#include <ATen/ops/logical_not.h>
-#include <ATen/ops/logical_or.h>
-#include <ATen/ops/max.h>
-#include <ATen/ops/ne.h>
-#include <ATen/ops/nonzero.h>
-#include <ATen/ops/sub.h>
-#include <ATen/ops/div.h>
-#include <ATen/ops/eq.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
-#include <ATen/ops/any.h>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -31,7 +10,7 @@
 #include <thread>
 
 #include "ckpt/exec.hpp"
-#include "ckpt/tensor_view.hpp"
+#include "ckpt/tensor_math.hpp"
 
 namespace ckpt {
 
@@ -45,66 +24,6 @@ struct ChunkResult {
   double max_rel = 0.0;
   std::vector<std::tuple<std::uint64_t, double, double>> first;  // flat index, a, b
 };
-
-at::Tensor view(at::ScalarType type, const std::byte* data, std::int64_t numel) {
-  return at::from_blob(const_cast<std::byte*>(data), {numel}, at::TensorOptions().dtype(type));
-}
-
-at::ScalarType same_size_int(std::uint32_t itemsize) {
-  switch (itemsize) {
-    case 1: return at::kByte;
-    case 2: return at::kShort;
-    case 4: return at::kInt;
-    default: return at::kLong;
-  }
-}
-
-ChunkResult compare_chunk(DType dtype, const std::byte* a, const std::byte* b, std::uint64_t numel,
-                          std::uint64_t first_index, const CompareOptions& options) {
-  ChunkResult result;
-  const DTypeInfo& info = dtype_info(dtype);
-  auto n = static_cast<std::int64_t>(numel);
-  bool complex = dtype == DType::Complex64 || dtype == DType::Complex128;
-  at::Tensor differs;
-  at::Tensor x;
-  at::Tensor y;
-  if (complex) {  // compared as (real, imaginary) bit patterns per element
-    at::ScalarType part = same_size_int(info.itemsize / 2);
-    differs = at::any(at::ne(view(part, a, 2 * n), view(part, b, 2 * n)).view({n, 2}), 1);
-    x = view(part, a, 2 * n).view({n, 2}).select(1, 0).to(at::kDouble);
-    y = view(part, b, 2 * n).view({n, 2}).select(1, 0).to(at::kDouble);
-  } else {
-    x = view(to_scalar_type(dtype), a, n).to(at::kDouble);
-    y = view(to_scalar_type(dtype), b, n).to(at::kDouble);
-    if (options.atol == 0.0 && options.rtol == 0.0) {
-      differs = at::ne(view(same_size_int(info.itemsize), a, n), view(same_size_int(info.itemsize), b, n));
-    } else {
-      at::Tensor close = at::le(at::abs(at::sub(x, y)), at::add(at::mul(at::abs(y), options.rtol), options.atol));
-      at::Tensor same = at::logical_or(at::eq(x, y), at::logical_and(at::isnan(x), at::isnan(y)));
-      differs = at::logical_not(at::logical_or(close, same));
-    }
-  }
-  result.count = static_cast<std::uint64_t>(at::sum(differs).item<std::int64_t>());
-  if (result.count == 0) return result;
-  at::Tensor abs_diff = at::where(differs, at::abs(at::sub(x, y)), at::zeros_like(x));
-  at::Tensor finite_abs = at::where(at::isnan(abs_diff), at::zeros_like(abs_diff), abs_diff);
-  result.max_abs = at::max(finite_abs).item<double>();
-  at::Tensor rel = at::div(finite_abs, at::abs(y));
-  rel = at::where(at::logical_or(at::isnan(rel), at::logical_not(differs)), at::zeros_like(rel), rel);
-  result.max_rel = at::max(rel).item<double>();
-  at::Tensor indices = at::nonzero(differs).flatten();
-  std::int64_t keep = std::min<std::int64_t>(indices.numel(), static_cast<std::int64_t>(options.max_positions));
-  const auto* index_data = indices.data_ptr<std::int64_t>();
-  at::Tensor xs = x.contiguous();
-  at::Tensor ys = y.contiguous();
-  const double* x_data = xs.data_ptr<double>();
-  const double* y_data = ys.data_ptr<double>();
-  for (std::int64_t i = 0; i < keep; ++i) {
-    std::int64_t at_index = index_data[i];
-    result.first.emplace_back(first_index + static_cast<std::uint64_t>(at_index), x_data[at_index], y_data[at_index]);
-  }
-  return result;
-}
 
 std::vector<std::int64_t> unravel(std::uint64_t flat, const std::vector<std::int64_t>& shape) {
   std::vector<std::int64_t> index(shape.size(), 0);
@@ -210,7 +129,12 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
         const std::byte* y = bytes_of(*pair.b, files_b, item.begin, item.count, buffer_b);
         if (std::memcmp(x, y, item.count) == 0) continue;
         std::uint64_t itemsize = dtype_info(pair.a->dtype).itemsize;
-        results[i] = compare_chunk(pair.a->dtype, x, y, item.count / itemsize, item.begin / itemsize, options);
+        ElementComparison chunk = compare_elements(pair.a->dtype, x, y, item.count / itemsize, options.atol,
+                                                   options.rtol, options.max_positions);
+        results[i].count = chunk.count;
+        results[i].max_abs = chunk.max_abs;
+        results[i].max_rel = chunk.max_rel;
+        for (const auto& p : chunk.first) results[i].first.emplace_back(item.begin / itemsize + p.index, p.a, p.b);
       } catch (...) {
         std::lock_guard lock(failure_mutex);
         if (!failure) failure = std::current_exception();
@@ -219,7 +143,6 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
     }
   };
   unsigned threads = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
-  at::set_num_threads(1);  // our threads split the work; LibTorch's would oversubscribe
   std::vector<std::thread> pool;
   for (unsigned t = 1; t < threads; ++t) pool.emplace_back(worker);
   worker();

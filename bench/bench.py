@@ -1,0 +1,151 @@
+#!/usr/bin/python3
+"""ckpt-tool's benchmark, all in one run on this machine, warm page cache:
+
+  (a) cp of the input files (the physical limit), and cp + sync (a durable copy:
+      ckpt-tool fsyncs its outputs);
+  (b) ckpt-tool stitch;
+  (c) the Python pipeline (bench/baseline_stitch.py: torch.load every shard,
+      torch.cat, torch.save), checked equal to (b) with ckpt-tool diff;
+  (d) ckpt-tool reshard to another grid;
+  (e) ckpt-tool diff of the stitched output against itself.
+
+Wall time, throughput and peak RSS (/usr/bin/time -v) for each, the ratios
+stitch/cp and baseline/stitch, written as a markdown table to bench/RESULTS.md.
+
+usage: bench.py [--sizes 1,4] [--mp 2] [--dp 4] [--work DIR] [--tool PATH]
+"""
+import argparse
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GIB = 1 << 30
+
+
+def run_timed(args, env=None):
+    """Runs a command under /usr/bin/time -v; returns (seconds, peak RSS in bytes, stdout)."""
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v"] + args, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"bench: {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    return seconds, rss_kib * 1024, proc.stdout
+
+
+def sync():
+    subprocess.run(["sync"], check=True)
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def machine():
+    cpu = "unknown"
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1)) * 1024
+    return f"{os.cpu_count()} cores ({cpu}), {mem / GIB:.0f} GiB RAM, Linux {platform.release()}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1,4", help="input sizes in GiB, comma-separated (default 1,4)")
+    parser.add_argument("--mp", type=int, default=2)
+    parser.add_argument("--dp", type=int, default=4)
+    parser.add_argument("--work", default=os.path.join(ROOT, "build", "bench"))
+    parser.add_argument("--tool", default=os.path.join(ROOT, "build", "ckpt-tool"))
+    parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    args = parser.parse_args()
+    tool = args.tool
+    rows = []
+    for size in [float(s) for s in args.sizes.split(",")]:
+        work = os.path.join(args.work, f"{size:g}GiB")
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        src = os.path.join(work, "input")
+        params = size * GIB / 2  # fp16 weights, no optimizer state: the stitched output is as large as the input
+        synth_s, _, _ = run_timed([tool, "synth", "-q", "--params", f"{params:.0f}", "--mp", str(args.mp), "--dp",
+                                   str(args.dp), "--dtype", "fp16", "-o", src])
+        in_bytes = dir_bytes(src)
+        print(f"== {size:g} GiB: {args.mp} x {args.dp} shards, {in_bytes / GIB:.2f} GiB written by synth in {synth_s:.1f} s",
+              flush=True)
+        subprocess.run(["cat"] + [os.path.join(src, f) for f in sorted(os.listdir(src))], stdout=subprocess.DEVNULL,
+                       check=True)  # warm the page cache
+        sync()
+
+        def measure(name, cmd, nbytes, cleanup=None):
+            sync()
+            seconds, rss, out = run_timed(cmd)
+            if name == "cp + sync":
+                sync_start = time.perf_counter()
+                sync()
+                seconds += time.perf_counter() - sync_start
+            row = {"size": size, "step": name, "seconds": seconds, "rss": rss, "gbps": nbytes / seconds / 1e9}
+            rows.append(row)
+            print(f"  {name:<22} {seconds:8.2f} s  {row['gbps']:6.2f} GB/s  peak RSS {rss / (1 << 20):8.0f} MiB",
+                  flush=True)
+            if cleanup:
+                cleanup()
+            return row, out
+
+        cp_dir = os.path.join(work, "cp")
+        measure("cp", ["cp", "-r", src, cp_dir], in_bytes, lambda: shutil.rmtree(cp_dir))
+        measure("cp + sync", ["cp", "-r", src, cp_dir], in_bytes, lambda: shutil.rmtree(cp_dir))
+        stitched = os.path.join(work, "stitched.pt")
+        measure("ckpt-tool stitch", [tool, "stitch", "-q", src, "-o", stitched], in_bytes)
+        baseline = os.path.join(work, "baseline.pt")
+        measure("python baseline", ["/usr/bin/python3", os.path.join(HERE, "baseline_stitch.py"), src, baseline],
+                in_bytes)
+        diff = subprocess.run([tool, "diff", stitched, baseline], capture_output=True, text=True)
+        if diff.returncode != 0:
+            sys.exit(f"bench: stitch and the Python baseline differ:\n{diff.stdout[-3000:]}{diff.stderr}")
+        os.remove(baseline)
+        resharded = os.path.join(work, "resharded")
+        os.makedirs(resharded)
+        measure(f"ckpt-tool reshard {args.mp}x{args.dp}->1x{args.dp * 2}",
+                [tool, "reshard", "-q", src, "--mp", "1", "--dp", str(args.dp * 2), "-o",
+                 os.path.join(resharded, "checkpoint_last-model_part-{m}-shard{d}.pt")], in_bytes,
+                lambda: shutil.rmtree(resharded))
+        measure("ckpt-tool diff (self)", [tool, "diff", stitched, stitched], 2 * os.path.getsize(stitched))
+        shutil.rmtree(work)
+
+    write_results(rows, args)
+
+
+def write_results(rows, args):
+    by = {(r["size"], r["step"]): r for r in rows}
+    lines = ["# ckpt-tool benchmark", "",
+             f"Machine: {machine()}. Written by `make bench` (bench/bench.py) on "
+             f"{time.strftime('%Y-%m-%d')}; one run, warm page cache, `sync` before each step. Input: a synthetic "
+             f"{args.mp} x {args.dp} metaseq checkpoint (`ckpt-tool synth`, fp16, no optimizer state), so the "
+             "stitched output is as large as the input. Throughput is input bytes per second (diff: both sides).", "",
+             "| input | step | wall s | GB/s | peak RSS MiB |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['size']:g} GiB | {r['step']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {r['rss'] / (1 << 20):.0f} |")
+    lines += ["", "| input | stitch / cp | stitch / (cp + sync) | baseline / stitch | reshard / (cp + sync) |",
+              "|---|---:|---:|---:|---:|"]
+    for size in sorted({r["size"] for r in rows}):
+        stitch = by[(size, "ckpt-tool stitch")]["seconds"]
+        cp = by[(size, "cp")]["seconds"]
+        cp_sync = by[(size, "cp + sync")]["seconds"]
+        base = by[(size, "python baseline")]["seconds"]
+        reshard = [r for r in rows if r["size"] == size and r["step"].startswith("ckpt-tool reshard")][0]["seconds"]
+        lines.append(f"| {size:g} GiB | {stitch / cp:.2f} | {stitch / cp_sync:.2f} | {base / stitch:.1f} | "
+                     f"{reshard / cp_sync:.2f} |")
+    text = "\n".join(lines) + "\n"
+    open(args.results, "w").write(text)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

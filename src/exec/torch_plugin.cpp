@@ -1,0 +1,91 @@
+// Loading libckpt_torch.so on first use (see tensor_math.hpp for why).
+#include <dlfcn.h>
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <mutex>
+
+#include "../tensor/torch_plugin_abi.h"
+#include "ckpt/error.hpp"
+#include "ckpt/tensor_math.hpp"
+
+namespace ckpt {
+
+namespace {
+
+struct Plugin {
+  ckpt_torch_convert_fn convert = nullptr;
+  ckpt_torch_compare_fn compare = nullptr;
+};
+
+std::vector<std::string> candidates() {
+  std::vector<std::string> out;
+  if (const char* explicit_path = std::getenv("CKPT_TORCH_PLUGIN")) out.emplace_back(explicit_path);
+  std::error_code ec;
+  std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    std::filesystem::path dir = exe.parent_path();
+    out.push_back((dir / "libckpt_torch.so").string());
+    out.push_back((dir / ".." / "lib" / "ckpt-tool" / "libckpt_torch.so").string());
+    out.push_back((dir / ".." / "lib" / "x86_64-linux-gnu" / "ckpt-tool" / "libckpt_torch.so").string());
+  }
+  return out;
+}
+
+const Plugin& plugin() {
+  static Plugin loaded;
+  static std::once_flag once;
+  static std::string failure;
+  std::call_once(once, [] {
+    std::string tried;
+    for (const std::string& path : candidates()) {
+      if (!std::filesystem::exists(path)) {
+        tried += (tried.empty() ? "" : ", ") + path;
+        continue;
+      }
+      void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+      if (handle == nullptr) {
+        failure = fmt::format("cannot load {}: {}", path, ::dlerror());
+        return;
+      }
+      loaded.convert = reinterpret_cast<ckpt_torch_convert_fn>(::dlsym(handle, "ckpt_torch_convert"));
+      loaded.compare = reinterpret_cast<ckpt_torch_compare_fn>(::dlsym(handle, "ckpt_torch_compare"));
+      if (loaded.convert == nullptr || loaded.compare == nullptr) failure = path + " is not ckpt-tool's LibTorch plugin";
+      return;
+    }
+    failure = "this needs LibTorch, through libckpt_torch.so, which is not installed (looked for " + tried + ")";
+  });
+  if (!failure.empty()) throw Error(failure);
+  return loaded;
+}
+
+}  // namespace
+
+void convert_elements(DType from, DType to, const std::byte* source, std::byte* dest, std::uint64_t numel) {
+  char error[512] = {};
+  if (plugin().convert(static_cast<int>(from), static_cast<int>(to), source, dest, numel, error, sizeof error) != 0) {
+    throw Error(fmt::format("LibTorch: converting {} to {}: {}", dtype_info(from).name, dtype_info(to).name, error));
+  }
+}
+
+ElementComparison compare_elements(DType dtype, const std::byte* a, const std::byte* b, std::uint64_t numel,
+                                   double atol, double rtol, std::size_t max_positions) {
+  ckpt_torch_comparison result{};
+  std::vector<std::uint64_t> indices(max_positions);
+  std::vector<double> values_a(max_positions);
+  std::vector<double> values_b(max_positions);
+  char error[512] = {};
+  if (plugin().compare(static_cast<int>(dtype), a, b, numel, atol, rtol, max_positions, &result, indices.data(),
+                       values_a.data(), values_b.data(), error, sizeof error) != 0) {
+    throw Error(fmt::format("LibTorch: comparing {} elements: {}", dtype_info(dtype).name, error));
+  }
+  ElementComparison out;
+  out.count = result.count;
+  out.max_abs = result.max_abs;
+  out.max_rel = result.max_rel;
+  for (std::uint64_t i = 0; i < result.positions; ++i) out.first.push_back({indices[i], values_a[i], values_b[i]});
+  return out;
+}
+
+}  // namespace ckpt

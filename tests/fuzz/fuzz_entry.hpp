@@ -1,0 +1,269 @@
+// What each fuzz target does with one input, shared by the libFuzzer targets
+// (fuzz_*.cpp) and by the unit test that replays tests/fuzz/regressions/
+// (tests/unit/test_fuzz_regressions.cpp), so that a regression file runs exactly
+// the code that found it.
+//
+// A ckpt::Error is the expected outcome for bad input and ends the run quietly.
+// Everything else is a finding: a sanitizer report, a crash, a timeout, a leak,
+// another exception escaping, or one of the invariants below (checked with
+// `require`, which aborts so that libFuzzer saves the input):
+//   zip         every record's data lies inside the input; find(name) returns the
+//               record; the archive rewritten by our own writer (layout_zip and
+//               the header renderers) parses back to the same names and bytes,
+//               with data 64-byte aligned
+//   pickle      a decoded graph that encodes decodes again, and encoding that
+//               again gives the same bytes (the writer's output is always
+//               readable, and stable)
+//   checkpoint  every tensor's byte range lies inside its storage record; the
+//               manifest of the file (describe_file) survives its JSON rendering
+//               and reading back
+// None of this touches the disk: the checkpoint target maps the input from a
+// memfd, as MappedFile would map a file.
+#pragma once
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "ckpt/checkpoint.hpp"
+#include "ckpt/error.hpp"
+#include "ckpt/manifest.hpp"
+#include "ckpt/mapped_file.hpp"
+#include "ckpt/pickle.hpp"
+#include "ckpt/pyobject.hpp"
+#include "ckpt/zip.hpp"
+
+namespace ckpt::fuzz {
+
+[[noreturn]] inline void violated(const char* invariant, const std::string& detail) {
+  std::fprintf(stderr, "fuzz invariant violated: %s%s%s\n", invariant, detail.empty() ? "" : ": ", detail.c_str());
+  std::abort();
+}
+
+inline void require(bool holds, const char* invariant, const std::string& detail = "") {
+  if (!holds) violated(invariant, detail);
+}
+
+// Reads every byte of `bytes` in C++ (not through isa-l's assembly, which
+// AddressSanitizer cannot see), so an out-of-bounds span is reported.
+inline volatile unsigned touch_sink = 0;
+inline void touch(Bytes bytes) {
+  unsigned sum = 0;
+  for (std::byte b : bytes) sum += static_cast<unsigned>(b);
+  touch_sink = sum;
+}
+
+// ---------------------------------------------------------------- zip
+
+// Our own writer's rendering of `zip`'s records (same names and data), or
+// nothing when it would be much larger than the input (records may overlap).
+inline std::optional<std::vector<std::byte>> rewrite_zip(const ZipArchive& zip, const std::vector<Bytes>& record_data) {
+  std::vector<ZipEntrySpec> specs;
+  std::uint64_t total = 0;
+  for (std::size_t i = 0; i < zip.records().size(); ++i) {
+    specs.push_back({zip.records()[i].name, record_data[i].size()});
+    total += record_data[i].size() + zip.records()[i].name.size();
+  }
+  if (total > (std::uint64_t{16} << 20)) return std::nullopt;
+  ZipLayout layout = layout_zip(specs);
+  for (std::size_t i = 0; i < layout.records.size(); ++i) layout.records[i].crc32 = zip.records()[i].crc32;
+  std::vector<std::byte> out(layout.file_size);
+  for (std::size_t i = 0; i < layout.records.size(); ++i) {
+    const ZipRecord& record = layout.records[i];
+    std::vector<std::byte> header = render_local_header(record);
+    require(record.header_offset + header.size() == record.data_offset, "zip writer: local header size", record.name);
+    std::memcpy(out.data() + record.header_offset, header.data(), header.size());
+    if (!record_data[i].empty())
+      std::memcpy(out.data() + record.data_offset, record_data[i].data(), record_data[i].size());
+  }
+  std::vector<std::byte> directory = render_central_directory(layout);
+  require(layout.central_directory_offset + directory.size() == layout.file_size, "zip writer: file size");
+  std::memcpy(out.data() + layout.central_directory_offset, directory.data(), directory.size());
+  return out;
+}
+
+inline void run_zip(Bytes input) {
+  std::optional<ZipArchive> zip;
+  try {
+    zip.emplace(input, "fuzz.pt");
+  } catch (const Error&) {
+    return;
+  }
+  std::vector<Bytes> record_data;
+  for (const ZipRecord& record : zip->records()) {
+    require(record.data_offset <= input.size() && record.nbytes <= input.size() - record.data_offset,
+            "zip: record data inside the input", record.name);
+    require(zip->find(record.name) == &record, "zip: find(name) returns the record", record.name);
+    Bytes data = zip->data(record);
+    touch(data);
+    record_data.push_back(data);
+  }
+
+  std::optional<std::vector<std::byte>> rewritten = rewrite_zip(*zip, record_data);
+  if (!rewritten) return;
+  try {
+    ZipArchive again(*rewritten, "rewritten.pt");
+    require(again.records().size() == zip->records().size(), "zip writer: record count");
+    for (std::size_t i = 0; i < again.records().size(); ++i) {
+      const ZipRecord& record = again.records()[i];
+      require(record.name == zip->records()[i].name, "zip writer: record name", record.name);
+      require(record.data_offset % kTorchAlignment == 0, "zip writer: data aligned", record.name);
+      Bytes data = again.data(record);
+      require(data.size() == record_data[i].size() &&
+                  (data.empty() || std::memcmp(data.data(), record_data[i].data(), data.size()) == 0),
+              "zip writer: record data", record.name);
+    }
+  } catch (const Error& e) {
+    violated("zip writer output does not parse", e.what());
+  }
+}
+
+// ---------------------------------------------------------------- pickle
+
+// What ckpt-tool does with a decoded graph besides reading tensors: walk its
+// paths, render it as JSON, look up config keys, and encode it again.
+inline void exercise_graph(const pickle::Graph& graph) {
+  std::size_t visits = 0;
+  try {
+    walk_paths(
+        graph, graph.root, "", [&](pickle::NodeId, const std::string& path) { visits += path.size() > 0; },
+        [&](pickle::NodeId, const std::string&) { ++visits; });
+  } catch (const Error&) {
+  }
+  try {
+    nlohmann::json rendered = to_json(graph, graph.root, nullptr);
+    (void)rendered.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  } catch (const Error&) {
+  }
+  (void)reachable(graph, graph.root);
+  (void)config_get_path(graph, graph.root, {"cfg", "model", "model_parallel_size"});
+  (void)as_int_list(graph, graph.root);
+  (void)class_name(graph, graph.root);
+
+  std::vector<std::byte> encoded;
+  try {
+    encoded = pickle::encode(graph);
+  } catch (const Error&) {
+    return;  // deeper than kMaxDepth, or a global whose name holds a newline
+  }
+  pickle::Graph again;
+  try {
+    again = pickle::decode(encoded, "encoded.pkl", "data.pkl", 0);
+  } catch (const Error& e) {
+    violated("pickle encoder output does not decode", e.what());
+  }
+  std::vector<std::byte> encoded_again;
+  try {
+    encoded_again = pickle::encode(again);
+  } catch (const Error& e) {
+    violated("re-decoded pickle does not encode", e.what());
+  }
+  require(encoded_again == encoded, "pickle encoding is stable (encode(decode(encode(g))) == encode(g))");
+}
+
+inline void run_pickle(Bytes input) {
+  pickle::Graph graph;
+  try {
+    graph = pickle::decode(input, "fuzz.pt", "archive/data.pkl", 0);
+  } catch (const Error&) {
+    return;
+  }
+  exercise_graph(graph);
+}
+
+// ---------------------------------------------------------------- checkpoint
+
+// One memfd reused for every input: MappedFile maps it through /proc/self/fd.
+class MemoryFile {
+ public:
+  MemoryFile() : fd_(::memfd_create("ckpt-fuzz", MFD_CLOEXEC)) {
+    if (fd_ < 0) violated("memfd_create", std::strerror(errno));
+    path_ = "/proc/self/fd/" + std::to_string(fd_);
+  }
+  ~MemoryFile() { ::close(fd_); }
+  MemoryFile(const MemoryFile&) = delete;
+  MemoryFile& operator=(const MemoryFile&) = delete;
+
+  const std::string& fill(Bytes bytes) {
+    if (::ftruncate(fd_, 0) != 0) violated("ftruncate", std::strerror(errno));
+    std::size_t written = 0;
+    while (written < bytes.size()) {
+      ssize_t n = ::pwrite(fd_, bytes.data() + written, bytes.size() - written, static_cast<off_t>(written));
+      if (n <= 0) violated("pwrite", std::strerror(errno));
+      written += static_cast<std::size_t>(n);
+    }
+    return path_;
+  }
+
+ private:
+  int fd_;
+  std::string path_;
+};
+
+inline void check_checkpoint(const Checkpoint& checkpoint) {
+  std::uint64_t file_size = checkpoint.file().size();
+  for (const TensorRef& tensor : checkpoint.tensors()) {
+    const StorageRef& storage = checkpoint.storages().at(tensor.storage_key);
+    const ZipRecord& record = *storage.record;
+    require(tensor.file_byte_offset >= record.data_offset &&
+                tensor.file_byte_offset - record.data_offset <= record.nbytes &&
+                tensor.nbytes <= record.nbytes - (tensor.file_byte_offset - record.data_offset),
+            "checkpoint: tensor bytes inside its storage record", tensor.path);
+    require(record.data_offset + record.nbytes <= file_size, "checkpoint: record inside the file", record.name);
+    Bytes bytes = checkpoint.tensor_bytes(tensor);
+    require(bytes.size() == tensor.nbytes, "checkpoint: tensor_bytes size", tensor.path);
+    if (!bytes.empty()) {
+      volatile std::byte first = bytes.front();
+      volatile std::byte last = bytes.back();
+      (void)first;
+      (void)last;
+    }
+  }
+
+  ManifestFile described;
+  try {
+    described = describe_file(checkpoint);
+  } catch (const Error&) {
+    return;  // malformed FSDP metadata, objects nested too deeply
+  }
+  require(described.tensors.size() == checkpoint.tensors().size(), "manifest: one entry per tensor");
+  Manifest manifest;
+  manifest.files.push_back(std::move(described));
+  manifest.grid = detect_grid(manifest.files);
+  std::string text = manifest_to_json(manifest).dump(1, ' ', false, nlohmann::json::error_handler_t::replace);
+  nlohmann::json parsed = nlohmann::json::parse(text, nullptr, false);
+  require(!parsed.is_discarded(), "manifest: rendered JSON parses");
+  try {
+    Manifest again = manifest_from_json(parsed, "fuzz.json");
+    require(again.files.size() == 1 && again.files[0].tensors.size() == checkpoint.tensors().size(),
+            "manifest: read back with every tensor");
+  } catch (const Error& e) {
+    violated("manifest written for a checkpoint does not read back", e.what());
+  }
+}
+
+inline void run_checkpoint(Bytes input) {
+  static MemoryFile memory;
+  std::optional<MappedFile> file;
+  std::optional<Checkpoint> checkpoint;
+  try {
+    file.emplace(memory.fill(input));
+    checkpoint.emplace(*file);
+  } catch (const Error&) {
+    return;
+  }
+  check_checkpoint(*checkpoint);
+  exercise_graph(checkpoint->graph());
+}
+
+}  // namespace ckpt::fuzz

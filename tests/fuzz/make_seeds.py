@@ -1,0 +1,152 @@
+#!/usr/bin/python3
+"""Seed corpora for the fuzz targets, from fixture checkpoints and a few made here.
+
+    /usr/bin/python3 tests/fuzz/make_seeds.py --out build-fuzz/seeds DIR...
+
+Every *.pt under the DIRs becomes a seed of fuzz_zip and fuzz_checkpoint, and its
+data.pkl member (read with zipfile) a seed of fuzz_pickle. Torch writes only part of
+what the readers accept, so small pickles of every protocol (sets, bytearrays, big
+ints, recursive containers, NEWOBJ_EX, ...) and zips that Python's zipfile writes
+(ZIP64 extras, a comment, data descriptors) are added. Nothing here unpickles
+anything. Output is deterministic (no set of strings, no timestamps); seeds are
+named by content hash.
+"""
+
+import argparse
+import collections
+import hashlib
+import io
+import os
+import pickle
+import sys
+import zipfile
+from argparse import Namespace
+
+
+class WithKwargs:
+    """An instance pickled with NEWOBJ_EX (protocol 4+)."""
+
+    def __init__(self, a, *, b=2):
+        self.a, self.b = a, b
+
+    def __getnewargs_ex__(self):
+        return (self.a,), {"b": self.b}
+
+
+class Reduced:
+    """An instance pickled with REDUCE and a BUILD state of (dict, slots)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __reduce__(self):
+        return (Reduced, (self.x,), ({"x": self.x}, {"slot": 1}))
+
+
+def sample_objects():
+    recursive_list = []
+    recursive_list.append(recursive_list)
+    recursive_dict = {}
+    recursive_dict["self"] = recursive_dict
+    tuple_through_list = []
+    tuple_through_list.append((tuple_through_list, 1))
+    shared = [1, 2]
+    return [
+        None, True, False, 0, 255, 65535, -1, 2**31, -(2**31) - 1, 2**63 - 1, 2**64, -(2**100), 2**2100,
+        1.5, float("nan"), float("inf"), "", "x" * 300, "\u00e9\u4e2d", b"", b"\x00\xff" * 200,
+        bytearray(b"abc"), (), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4), [], list(range(1500)),
+        {i: str(i) for i in range(1100)}, {1, 2, 3}, frozenset({4, 5}), set(),
+        recursive_list, recursive_dict, tuple_through_list, [shared, shared],
+        collections.OrderedDict([("a", 1), ("b", [2, 3])]),
+        Namespace(lr=0.1, model_parallel_size=2, arch="x"),
+        {"cfg": {"model": {"model_parallel_size": 2}}, "model": collections.OrderedDict(w=[1.0])},
+        WithKwargs(1, b=3), Reduced([1, 2]),
+    ]
+
+
+def sample_pickles():
+    for obj in sample_objects():
+        for protocol in (2, 3, 4, 5):
+            try:
+                yield pickle.dumps(obj, protocol=protocol)
+            except (pickle.PicklingError, TypeError, ValueError):
+                pass  # e.g. bytearray has no protocol-2 form without a global
+
+
+def sample_zips():
+    def build(members, comment=b"", force_zip64=False):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            archive.comment = comment
+            for name, data in members:
+                with archive.open(zipfile.ZipInfo(name), "w", force_zip64=force_zip64) as out:
+                    out.write(data)
+        return buffer.getvalue()
+
+    data_pkl = pickle.dumps({"a": 1}, protocol=2)
+    members = [("archive/data.pkl", data_pkl), ("archive/byteorder", b"little"), ("archive/version", b"3\n")]
+    yield build([])
+    yield build(members)
+    yield build(members, comment=b"a comment")
+    yield build(members, force_zip64=True)
+    # Written to a stream that cannot seek, zipfile adds a data descriptor to each record.
+    unseekable = io.BytesIO()
+
+    class NoSeek(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            return unseekable.write(b)
+
+    with zipfile.ZipFile(NoSeek(), "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members:
+            archive.writestr(zipfile.ZipInfo(name), data)
+    yield unseekable.getvalue()
+
+
+def write_seed(folder, data, suffix):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, hashlib.sha1(data).hexdigest()[:16] + suffix)
+    if not os.path.exists(path):
+        with open(path, "wb") as f:
+            f.write(data)
+        return 1
+    return 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="seed folder: one subfolder per fuzz target")
+    parser.add_argument("dirs", nargs="+", help="folders searched for *.pt files")
+    args = parser.parse_args()
+
+    counts = collections.Counter()
+    for root in args.dirs:
+        for folder, _, names in sorted(os.walk(root)):
+            for name in sorted(names):
+                if not name.endswith(".pt"):
+                    continue
+                with open(os.path.join(folder, name), "rb") as f:
+                    data = f.read()
+                counts["fuzz_zip"] += write_seed(os.path.join(args.out, "fuzz_zip"), data, ".pt")
+                counts["fuzz_checkpoint"] += write_seed(os.path.join(args.out, "fuzz_checkpoint"), data, ".pt")
+                with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                    for member in archive.namelist():
+                        if member.endswith("/data.pkl"):
+                            counts["fuzz_pickle"] += write_seed(os.path.join(args.out, "fuzz_pickle"),
+                                                                archive.read(member), ".pkl")
+    for data in sample_pickles():
+        counts["fuzz_pickle"] += write_seed(os.path.join(args.out, "fuzz_pickle"), data, ".pkl")
+    for data in sample_zips():
+        counts["fuzz_zip"] += write_seed(os.path.join(args.out, "fuzz_zip"), data, ".zip")
+        counts["fuzz_checkpoint"] += write_seed(os.path.join(args.out, "fuzz_checkpoint"), data, ".zip")
+    for target in ("fuzz_zip", "fuzz_pickle", "fuzz_checkpoint"):
+        folder = os.path.join(args.out, target)
+        total = len(os.listdir(folder)) if os.path.isdir(folder) else 0
+        print(f"{target}: {total} seeds ({counts[target]} new) in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
