@@ -29,6 +29,8 @@ class MappedFile {
   // Tells the kernel a byte range is no longer needed (MADV_DONTNEED on the
   // read-only mapping just drops our page-table entries; the page cache stays).
   void release(std::uint64_t byte_offset, std::uint64_t nbytes) const;
+  // pread: copying data through a buffer costs no page faults (see exec.cpp).
+  void read_at(std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) const;
 
 
  private:
@@ -37,6 +39,7 @@ class MappedFile {
   std::unique_ptr<Impl> impl_;
   Bytes bytes_;
   std::int64_t mtime_ns_ = 0;
+  int fd_ = -1;
 };
 
 }  // namespace ckpt

@@ -125,64 +125,93 @@ class FileWriter {
       piece.crc32 = crc32_of_zeros(length);  // the preallocated file already reads as zeros
       return;
     }
+    // pread into a buffer, CRC, pwrite: measured on this machine (1.1 GiB, 5 runs
+    // each) at 0.73-0.84 s against 1.03-2.90 s for pwrite straight from the
+    // mapping (page faults) and 1.77-2.09 s for copy_file_range.
     const MappedFile& source = *plan_.sources[op.source];
     std::uint64_t offset = op.source_offset + (piece.begin - op.dest_offset);
-    Bytes data = source.bytes().subspan(offset, length);
+    thread_local std::vector<std::byte> buffer;
+    buffer.resize(length);
+    source.read_at(offset, buffer.data(), length);
+    Bytes data(buffer.data(), length);
     piece.crc32 = crc32(data);
     out_.write_at(base + piece.begin, data);
-    source.release(offset, length);
   }
 
-  // Fills `dest` (the piece's bytes) from every copy that reaches the piece.
+  // Fills `dest` (the piece's bytes) from every copy that reaches the piece. The
+  // source bytes an op contributes to the piece are read with one pread when they
+  // lie close together (Megatron's interleaved rows come from contiguous parts).
   void gather(const PlannedRecord& record, const Piece& piece, std::byte* dest) const {
+    thread_local std::vector<std::byte> scratch;
     for (const CopyOp& op : record.copies) {
       if (op.dest_end() <= piece.begin || op.dest_offset >= piece.end) continue;
-      std::uint64_t touched_begin = UINT64_MAX;
-      std::uint64_t touched_end = 0;
       std::uint64_t first_row = 0;
-      if (op.rows > 1 && piece.begin > op.dest_offset) {
-        first_row = (piece.begin - op.dest_offset) / op.dest_stride;
-      }
-      for (std::uint64_t r = first_row; r < op.rows; ++r) {
+      if (op.rows > 1 && piece.begin > op.dest_offset) first_row = (piece.begin - op.dest_offset) / op.dest_stride;
+      // (the row that starts before the piece may also end before it)
+      if (op.dest_offset + first_row * op.dest_stride + op.nbytes <= piece.begin) ++first_row;
+      std::uint64_t end_row = first_row;  // one past the last row reaching the piece
+      while (end_row < op.rows && op.dest_offset + end_row * op.dest_stride < piece.end) ++end_row;
+      if (first_row >= end_row) continue;
+      // The part of row r inside the piece: destination [from, to), source from `source_at`.
+      auto clip = [&](std::uint64_t r) {
         std::uint64_t row_dest = op.dest_offset + r * op.dest_stride;
-        if (row_dest >= piece.end) break;
-        std::uint64_t from = std::max(row_dest, piece.begin);
-        std::uint64_t to = std::min(row_dest + op.nbytes, piece.end);
-        if (from >= to) continue;
-        copy_part(op, r, from - row_dest, to - from, dest + (from - piece.begin));
-        std::uint64_t row_source = op.source_offset + r * op.source_stride;
-        touched_begin = std::min(touched_begin, row_source);
-        touched_end = std::max(touched_end, row_source + op.source_nbytes());
+        return std::pair{std::max(row_dest, piece.begin), std::min(row_dest + op.nbytes, piece.end)};
+      };
+      auto source_at = [&](std::uint64_t r, std::uint64_t from) {
+        std::uint64_t skip = from - (op.dest_offset + r * op.dest_stride);
+        if (op.converts()) skip = skip / dtype_info(op.dest_dtype).itemsize * dtype_info(op.source_dtype).itemsize;
+        return op.source_offset + r * op.source_stride + skip;
+      };
+      std::uint64_t read_begin = 0;  // source bytes [read_begin, ...) read ahead into scratch
+      bool read_ahead = false;
+      if (op.mapped()) {
+        auto [first_from, first_to] = clip(first_row);
+        auto [last_from, last_to] = clip(end_row - 1);
+        read_begin = source_at(first_row, first_from);
+        std::uint64_t read_end = source_at(end_row - 1, last_to);
+        if (op.converts()) {
+          read_end = source_at(end_row - 1, last_from) +
+                     (last_to - last_from) / dtype_info(op.dest_dtype).itemsize * dtype_info(op.source_dtype).itemsize;
+        }
+        std::uint64_t useful = 0;
+        for (std::uint64_t r = first_row; r < end_row; ++r) useful += clip(r).second - clip(r).first;
+        if (read_end - read_begin <= 4 * useful + 4096) {
+          scratch.resize(read_end - read_begin);
+          plan_.sources[op.source]->read_at(read_begin, scratch.data(), scratch.size());
+          read_ahead = true;
+        }
       }
-      // Drop the pages this piece has consumed from our mapping (they stay in
-      // the page cache): the resident set stays bounded whatever the input size.
-      if (op.mapped() && touched_end > touched_begin) {
-        plan_.sources[op.source]->release(touched_begin, touched_end - touched_begin);
+      for (std::uint64_t r = first_row; r < end_row; ++r) {
+        auto [from, to] = clip(r);
+        if (from >= to) continue;
+        const std::byte* source = nullptr;
+        if (op.mapped()) {
+          std::uint64_t at = source_at(r, from);
+          source = read_ahead ? scratch.data() + (at - read_begin) : plan_.sources[op.source]->bytes().data() + at;
+        }
+        copy_part(op, source, source_at(r, from), to - from, dest + (from - piece.begin));
       }
     }
   }
 
-  // Destination bytes [skip, skip + count) of row `row` of `op`.
-  void copy_part(const CopyOp& op, std::uint64_t row, std::uint64_t skip, std::uint64_t count, std::byte* dest) const {
+  // `count` destination bytes of `op` whose source starts at byte `source_offset`
+  // (for mapped sources, `source` points at those bytes).
+  void copy_part(const CopyOp& op, const std::byte* source, std::uint64_t source_offset, std::uint64_t count,
+                 std::byte* dest) const {
     if (op.source == CopyOp::kZeros) {
       std::memset(dest, 0, count);
       return;
     }
-    std::uint64_t row_source = op.source_offset + row * op.source_stride;
     if (op.source == CopyOp::kSynthetic) {
-      synthesize(op.dest_dtype, row_source + skip, count, dest);
+      synthesize(op.dest_dtype, source_offset, count, dest);
       return;
     }
-    const MappedFile& source = *plan_.sources[op.source];
     if (!op.converts()) {
-      std::memcpy(dest, source.bytes().data() + row_source + skip, count);
+      std::memcpy(dest, source, count);
       return;
     }
-    std::uint64_t out_size = dtype_info(op.dest_dtype).itemsize;
-    std::uint64_t in_size = dtype_info(op.source_dtype).itemsize;
     if (!options_.convert) throw Error("plan converts dtypes but no converter was given (a bug)");
-    options_.convert(op.source_dtype, op.dest_dtype, source.bytes().data() + row_source + skip / out_size * in_size,
-                     dest, count / out_size);
+    options_.convert(op.source_dtype, op.dest_dtype, source, dest, count / dtype_info(op.dest_dtype).itemsize);
   }
 
   const Plan& plan_;

@@ -1,5 +1,6 @@
 #include "ckpt/mapped_file.hpp"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -25,6 +26,8 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   }
   if (!S_ISREG(info.st_mode)) throw Error(Location{path_, "", std::nullopt}, "not a regular file");
   mtime_ns_ = static_cast<std::int64_t>(info.st_mtim.tv_sec) * 1'000'000'000 + info.st_mtim.tv_nsec;
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw Error(Location{path_, "", std::nullopt}, std::string("cannot open: ") + std::strerror(errno));
   if (info.st_size == 0) return;
   try {
     impl_ = std::make_unique<Impl>();
@@ -36,7 +39,23 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   bytes_ = Bytes(static_cast<const std::byte*>(impl_->region.get_address()), impl_->region.get_size());
 }
 
-MappedFile::~MappedFile() = default;
+MappedFile::~MappedFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void MappedFile::read_at(std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) const {
+  while (nbytes > 0) {
+    ssize_t n = ::pread(fd_, out, nbytes, static_cast<off_t>(byte_offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      throw Error(Location{path_, "", byte_offset},
+                  n == 0 ? "file shrank while being read" : std::string("read failed: ") + std::strerror(errno));
+    }
+    out += n;
+    nbytes -= static_cast<std::uint64_t>(n);
+    byte_offset += static_cast<std::uint64_t>(n);
+  }
+}
 
 void MappedFile::release(std::uint64_t byte_offset, std::uint64_t nbytes) const {
   if (bytes_.empty() || byte_offset >= bytes_.size()) return;
