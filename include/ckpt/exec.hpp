@@ -31,6 +31,9 @@ struct ExecOptions {
 struct ExecStats {
   std::uint64_t bytes_written = 0;
   double seconds = 0.0;
+  double create_seconds = 0.0;  // temp files created at their final size (fallocate)
+  double copy_seconds = 0.0;    // the parallel copy
+  double commit_seconds = 0.0;  // headers, fsync, rename
 };
 
 ExecStats execute(const Plan& plan, const ExecOptions& options);

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <map>
 #include <memory>
 
@@ -29,6 +30,7 @@ Action add_reshard_command(CLI::App& app) {
     unsigned threads = 0;
     bool quiet = false;
     bool force = false;
+    bool stats = false;
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs,
@@ -46,7 +48,9 @@ Action add_reshard_command(CLI::App& app) {
   app.add_option("--threads", options->threads, "copy threads (default: all cores)");
   app.add_flag("-q,--quiet", options->quiet, "no progress or summary on stderr");
   app.add_flag("-f,--force", options->force, "overwrite existing outputs");
+  app.add_flag("--stats", options->stats, "print the time of each stage on stderr");
   return [options] {
+    auto started = std::chrono::steady_clock::now();
     Manifest manifest = load_inputs(options->inputs);
     std::vector<std::unique_ptr<MappedFile>> mapped;
     std::vector<const MappedFile*> files;
@@ -76,7 +80,9 @@ Action add_reshard_command(CLI::App& app) {
     exec.overwrite = options->force;
     exec.progress = !options->quiet && ::isatty(STDERR_FILENO);
     exec.convert = convert_elements;
+    auto planned = std::chrono::steady_clock::now();
     ExecStats stats = execute(plan.plan, exec);
+    if (options->stats) print_stats(stats, std::chrono::duration<double>(planned - started).count());
     if (!options->quiet) {
       fmt::print(stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s)\n", plan.outputs.size(),
                  human_bytes(stats.bytes_written), stats.seconds,

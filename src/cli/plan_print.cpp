@@ -60,4 +60,12 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
              plan.sources.size(), human_bytes(total_size), plan.files.size());
 }
 
+void print_stats(const ExecStats& stats, double plan_seconds) {
+  auto rate = [&](double seconds) { return seconds > 0 ? static_cast<double>(stats.bytes_written) / seconds / 1e9 : 0.0; };
+  fmt::print(stderr, "stats: read inputs and plan {:.3f} s; create outputs {:.3f} s; copy {:.3f} s ({:.2f} GB/s); "
+                     "headers, fsync, rename {:.3f} s; {} written\n",
+             plan_seconds, stats.create_seconds, stats.copy_seconds, rate(stats.copy_seconds), stats.commit_seconds,
+             human_bytes(stats.bytes_written));
+}
+
 }  // namespace ckpt::cli

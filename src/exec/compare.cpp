@@ -36,16 +36,10 @@ std::vector<std::int64_t> unravel(std::uint64_t flat, const std::vector<std::int
   return index;
 }
 
-// A pointer to bytes [begin, begin + count) of `source`: straight into the
-// mapping when one plain piece holds them all, else gathered into `buffer`.
+// Bytes [begin, begin + count) of `source`, read into `buffer` (pread: the
+// resident set stays at the buffers' size however large the checkpoints).
 const std::byte* bytes_of(const TensorSource& source, const std::vector<const MappedFile*>& files,
                           std::uint64_t begin, std::uint64_t count, std::vector<std::byte>& buffer) {
-  for (const SourcePiece& piece : source.pieces) {
-    if (piece.rows == 1 && piece.file != SourcePiece::kZeroFile && piece.offset <= begin &&
-        piece.offset + piece.nbytes >= begin + count) {
-      return files.at(piece.file)->bytes().data() + piece.source_offset + (begin - piece.offset);
-    }
-  }
   buffer.resize(count);
   read_source_bytes(source, files, begin, count, buffer.data());
   return buffer.data();

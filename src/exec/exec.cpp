@@ -260,10 +260,13 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     std::vector<ZipEntrySpec> specs;
     for (const PlannedRecord& record : file.records) specs.push_back({record.name, record.nbytes});
     ZipLayout layout = layout_zip(specs);
+    auto t0 = std::chrono::steady_clock::now();
     OutputFile out(file.path, layout.file_size, options.overwrite);
+    auto t1 = std::chrono::steady_clock::now();
     FileWriter writer(plan, file, layout, out, options);
     std::vector<Piece> pieces = writer.cut_pieces();
     run_pieces(pieces, writer, threads, progress);
+    auto t2 = std::chrono::steady_clock::now();
 
     // Pieces are in destination order within each record: fold their CRCs.
     std::vector<std::uint32_t> crcs(file.records.size(), 0);
@@ -278,6 +281,10 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     std::vector<std::byte> directory = render_central_directory(layout);
     out.write_at(layout.central_directory_offset, directory);
     out.commit();
+    auto t3 = std::chrono::steady_clock::now();
+    stats.create_seconds += std::chrono::duration<double>(t1 - t0).count();
+    stats.copy_seconds += std::chrono::duration<double>(t2 - t1).count();
+    stats.commit_seconds += std::chrono::duration<double>(t3 - t2).count();
     stats.bytes_written += layout.file_size;
   }
   stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -293,9 +300,10 @@ void read_source_bytes(const TensorSource& source, const std::vector<const Mappe
       std::byte* dest = out + piece.offset + r * piece.stride;
       if (piece.file == SourcePiece::kZeroFile) {
         std::memset(dest, 0, piece.nbytes);
+      } else if (piece.file == SourcePiece::kSyntheticFile) {
+        synthesize(source.dtype, piece.source_offset + r * piece.source_stride, piece.nbytes, dest);
       } else {
-        std::memcpy(dest, files.at(piece.file)->bytes().data() + piece.source_offset + r * piece.source_stride,
-                    piece.nbytes);
+        files.at(piece.file)->read_at(piece.source_offset + r * piece.source_stride, dest, piece.nbytes);
       }
     }
   }
