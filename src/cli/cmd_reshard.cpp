@@ -25,12 +25,7 @@ Action add_reshard_command(CLI::App& app) {
     int dp = 0;
     bool unflatten = false;
     bool drop_optimizer_state = false;
-    bool strict = false;
-    bool dry_run = false;
-    unsigned threads = 0;
-    bool quiet = false;
-    bool force = false;
-    bool stats = false;
+    WriteFlags write;
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs,
@@ -43,12 +38,7 @@ Action add_reshard_command(CLI::App& app) {
   app.add_flag("--unflatten", options->unflatten,
                "with --dp 1: write consolidated (unflattened) parts that keep shard_metadata; drops optimizer state");
   app.add_flag("--drop-optimizer-state", options->drop_optimizer_state, "write no last_optimizer_state");
-  app.add_flag("--strict", options->strict, "fail when replicated tensors differ between model parts");
-  app.add_flag("--dry-run", options->dry_run, "print the plan; write nothing");
-  app.add_option("--threads", options->threads, "copy threads (default: all cores)");
-  app.add_flag("-q,--quiet", options->quiet, "no progress or summary on stderr");
-  app.add_flag("-f,--force", options->force, "overwrite existing outputs");
-  app.add_flag("--stats", options->stats, "print the time of each stage on stderr");
+  add_write_flags(app, options->write);
   return [options] {
     auto started = std::chrono::steady_clock::now();
     Manifest manifest = load_inputs(options->inputs);
@@ -70,24 +60,8 @@ Action add_reshard_command(CLI::App& app) {
     reshard.unflatten = options->unflatten;
     reshard.drop_optimizer_state = options->drop_optimizer_state;
     ReshardPlan plan = plan_reshard(manifest, files, open_base, options->output, reshard);
-    report_replicated(plan.checks, files, options->strict);
-    if (options->dry_run) {
-      print_plan(plan.plan, plan.tensors, stdout);
-      return 0;
-    }
-    ExecOptions exec;
-    exec.threads = options->threads;
-    exec.overwrite = options->force;
-    exec.progress = !options->quiet && ::isatty(STDERR_FILENO);
-    exec.convert = convert_elements;
-    auto planned = std::chrono::steady_clock::now();
-    ExecStats stats = execute(plan.plan, exec);
-    if (options->stats) print_stats(stats, std::chrono::duration<double>(planned - started).count());
-    if (!options->quiet) {
-      fmt::print(stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s)\n", plan.outputs.size(),
-                 human_bytes(stats.bytes_written), stats.seconds,
-                 stats.seconds > 0 ? static_cast<double>(stats.bytes_written) / 1048576.0 / stats.seconds : 0.0);
-    }
+    report_replicated(plan.checks, files, options->write.strict);
+    run_plan(plan.plan, plan.tensors, options->write, started);
     return 0;
   };
 }

@@ -24,12 +24,7 @@ Action add_stitch_command(CLI::App& app) {
     bool no_stitch_megatron = false;
     bool fused_qkv = false;
     std::string dtype;
-    bool strict = false;
-    bool dry_run = false;
-    unsigned threads = 0;
-    bool quiet = false;
-    bool force = false;
-    bool stats = false;
+    WriteFlags write;
     bool ema = false;
   };
   auto options = std::make_shared<Options>();
@@ -43,12 +38,7 @@ Action add_stitch_command(CLI::App& app) {
   app.add_option("--dtype", options->dtype, "convert floating weights: fp16, bf16 or fp32")
       ->check(CLI::IsMember({"fp16", "bf16", "fp32", "float16", "bfloat16", "float32"}));
   app.add_flag("--ema", options->ema, "take the weights from extra_state's EMA copy (ema_fp32_params or ema)");
-  app.add_flag("--strict", options->strict, "fail when replicated tensors differ between model parts");
-  app.add_flag("--dry-run", options->dry_run, "print the plan; write nothing");
-  app.add_option("--threads", options->threads, "copy threads (default: all cores)");
-  app.add_flag("-q,--quiet", options->quiet, "no progress or summary on stderr");
-  app.add_flag("-f,--force", options->force, "overwrite existing outputs");
-  app.add_flag("--stats", options->stats, "print the time of each stage on stderr");
+  add_write_flags(app, options->write);
   return [options] {
     auto started = std::chrono::steady_clock::now();
     Manifest manifest = load_inputs(options->inputs);
@@ -84,24 +74,8 @@ Action add_stitch_command(CLI::App& app) {
     for (const auto& base : bases) inputs.bases.push_back(base.get());
 
     StitchPlan plan = plan_stitch(inputs, outputs, stitch);
-    report_replicated(plan.checks, inputs.files, options->strict);
-    if (options->dry_run) {
-      print_plan(plan.plan, plan.tensors, stdout);
-      return 0;
-    }
-    ExecOptions exec;
-    exec.threads = options->threads;
-    exec.overwrite = options->force;
-    exec.progress = !options->quiet && ::isatty(STDERR_FILENO);
-    exec.convert = convert_elements;
-    auto planned = std::chrono::steady_clock::now();
-    ExecStats stats = execute(plan.plan, exec);
-    if (options->stats) print_stats(stats, std::chrono::duration<double>(planned - started).count());
-    if (!options->quiet) {
-      fmt::print(stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s)\n", outputs.size(),
-                 human_bytes(stats.bytes_written), stats.seconds,
-                 stats.seconds > 0 ? static_cast<double>(stats.bytes_written) / 1048576.0 / stats.seconds : 0.0);
-    }
+    report_replicated(plan.checks, inputs.files, options->write.strict);
+    run_plan(plan.plan, plan.tensors, options->write, started);
     return 0;
   };
 }

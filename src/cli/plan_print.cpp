@@ -1,11 +1,15 @@
 #include "plan_print.hpp"
 
 #include <fmt/format.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
 
 #include <filesystem>
 #include <map>
 
 #include "ckpt/zip.hpp"
+#include "ckpt/tensor_math.hpp"
 #include "inputs.hpp"
 
 namespace ckpt::cli {
@@ -60,12 +64,46 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
              plan.sources.size(), human_bytes(total_size), plan.files.size());
 }
 
+namespace {
+
 void print_stats(const ExecStats& stats, double plan_seconds) {
   auto rate = [&](double seconds) { return seconds > 0 ? static_cast<double>(stats.bytes_written) / seconds / 1e9 : 0.0; };
   fmt::print(stderr, "stats: read inputs and plan {:.3f} s; create outputs {:.3f} s; copy {:.3f} s ({:.2f} GB/s); "
                      "headers, fsync, rename {:.3f} s; {} written\n",
              plan_seconds, stats.create_seconds, stats.copy_seconds, rate(stats.copy_seconds), stats.commit_seconds,
              human_bytes(stats.bytes_written));
+}
+
+}  // namespace
+
+void add_write_flags(CLI::App& app, WriteFlags& flags) {
+  app.add_flag("--strict", flags.strict, "fail when replicated tensors differ between model parts");
+  app.add_flag("--dry-run", flags.dry_run, "print the plan; write nothing");
+  app.add_option("--threads", flags.threads, "copy threads (default: all cores)");
+  app.add_flag("-q,--quiet", flags.quiet, "no progress or summary on stderr");
+  app.add_flag("-f,--force", flags.force, "overwrite existing outputs");
+  app.add_flag("--stats", flags.stats, "print the time of each stage on stderr");
+}
+
+void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
+              std::chrono::steady_clock::time_point started) {
+  if (flags.dry_run) {
+    print_plan(plan, tensors, stdout);
+    return;
+  }
+  ExecOptions exec;
+  exec.threads = flags.threads;
+  exec.overwrite = flags.force;
+  exec.progress = !flags.quiet && ::isatty(STDERR_FILENO);
+  exec.convert = convert_elements;
+  auto planned = std::chrono::steady_clock::now();
+  ExecStats stats = execute(plan, exec);
+  if (flags.stats) print_stats(stats, std::chrono::duration<double>(planned - started).count());
+  if (!flags.quiet) {
+    fmt::print(stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s)\n", plan.files.size(),
+               human_bytes(stats.bytes_written), stats.seconds,
+               stats.seconds > 0 ? static_cast<double>(stats.bytes_written) / 1048576.0 / stats.seconds : 0.0);
+  }
 }
 
 }  // namespace ckpt::cli

@@ -1,6 +1,7 @@
 // --dry-run: a plan for people.
 #pragma once
 
+#include <chrono>
 #include <cstdio>
 #include <vector>
 
@@ -8,13 +9,30 @@
 #include "ckpt/plan.hpp"
 #include "ckpt/tensor_source.hpp"
 
+namespace CLI {
+class App;
+}
+
 namespace ckpt::cli {
 
 // `tensors[k]` is output file k's state dict, whose storages are the records
 // <archive>/data/0, 1, ... in order (aliases have none).
 void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, std::FILE* out);
 
-// --stats: seconds and GB/s of each stage, on stderr.
-void print_stats(const ExecStats& stats, double plan_seconds);
+// The flags of every command that writes checkpoints, and running its plan.
+struct WriteFlags {
+  bool strict = false;
+  bool dry_run = false;
+  unsigned threads = 0;
+  bool quiet = false;
+  bool force = false;
+  bool stats = false;
+};
+void add_write_flags(CLI::App& app, WriteFlags& flags);
+
+// Executes `plan` (or prints it with --dry-run), then --stats and the summary line.
+// `started` is when the command began reading its inputs.
+void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
+              std::chrono::steady_clock::time_point started);
 
 }  // namespace ckpt::cli
