@@ -91,6 +91,9 @@ class Graph {
   const std::vector<std::pair<NodeId, NodeId>>* mapping_entries(NodeId id) const;
   // Value under a string key in a dict-like node, or kNoNode.
   NodeId lookup(NodeId mapping, std::string_view key) const;
+  // The instance dict an object's BUILD state holds (the state itself, or the
+  // first item of a (dict, slots) pair), or kNoNode.
+  NodeId state_dict(NodeId object) const;
   // Value of an attribute of an object whose BUILD state is a dict (Namespace),
   // or kNoNode.
   NodeId attribute(NodeId object, std::string_view name) const;

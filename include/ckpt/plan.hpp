@@ -52,6 +52,9 @@ struct PlannedRecord {
   // Appends a plain copy at the end of the record, merging it with the previous
   // one when both source and destination continue it.
   void append_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t nbytes);
+  // Appends a plain copy (of any dtype) at the end of the record, with the same
+  // merging; `op.dest_offset` is ignored.
+  void append_plain(CopyOp op);
   void append_zeros(std::uint64_t nbytes) { append_copy(CopyOp::kZeros, 0, nbytes); }
   // True when every copy is plain and they follow each other in order.
   bool sequential() const;

@@ -59,7 +59,7 @@ class ZipArchive {
 
  private:
   void read_central_directory();
-  void read_local_header(ZipRecord& record, std::uint16_t flags) const;
+  void read_local_header(ZipRecord& record) const;
 
   Bytes file_bytes_;
   std::string path_;

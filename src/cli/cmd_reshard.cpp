@@ -1,15 +1,12 @@
 // ckpt-tool reshard INPUT... --mp M --dp D -o 'out/checkpoint_last-model_part-{m}-shard{d}.pt'
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <map>
 #include <memory>
 
-#include "ckpt/exec.hpp"
 #include "ckpt/reshard.hpp"
-#include "ckpt/tensor_math.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "plan_print.hpp"

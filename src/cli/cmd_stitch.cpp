@@ -1,15 +1,11 @@
 // ckpt-tool stitch INPUT... -o OUT.pt
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
-#include <cmath>
 #include <memory>
 
-#include "ckpt/exec.hpp"
 #include "ckpt/stitch.hpp"
-#include "ckpt/tensor_math.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "plan_print.hpp"

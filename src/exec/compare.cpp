@@ -36,15 +36,6 @@ std::vector<std::int64_t> unravel(std::uint64_t flat, const std::vector<std::int
   return index;
 }
 
-// Bytes [begin, begin + count) of `source`, read into `buffer` (pread: the
-// resident set stays at the buffers' size however large the checkpoints).
-const std::byte* bytes_of(const TensorSource& source, const std::vector<const MappedFile*>& files,
-                          std::uint64_t begin, std::uint64_t count, std::vector<std::byte>& buffer) {
-  buffer.resize(count);
-  read_source_bytes(source, files, begin, count, buffer.data());
-  return buffer.data();
-}
-
 }  // namespace
 
 DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<const MappedFile*>& files_a,
@@ -119,8 +110,13 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
       try {
         const Item& item = items[i];
         const Pair& pair = pairs[item.pair];
-        const std::byte* x = bytes_of(*pair.a, files_a, item.begin, item.count, buffer_a);
-        const std::byte* y = bytes_of(*pair.b, files_b, item.begin, item.count, buffer_b);
+        // Read through buffers (pread): the resident set stays at their size.
+        buffer_a.resize(item.count);
+        buffer_b.resize(item.count);
+        read_source_bytes(*pair.a, files_a, item.begin, item.count, buffer_a.data());
+        read_source_bytes(*pair.b, files_b, item.begin, item.count, buffer_b.data());
+        const std::byte* x = buffer_a.data();
+        const std::byte* y = buffer_b.data();
         if (std::memcmp(x, y, item.count) == 0) continue;
         std::uint64_t itemsize = dtype_info(pair.a->dtype).itemsize;
         ElementComparison chunk = compare_elements(pair.a->dtype, x, y, item.count / itemsize, options.atol,

@@ -444,14 +444,19 @@ NodeId Graph::lookup(NodeId mapping, std::string_view key) const {
   return kNoNode;
 }
 
-NodeId Graph::attribute(NodeId object, std::string_view name) const {
+NodeId Graph::state_dict(NodeId object) const {
   if (object >= nodes_.size() || nodes_[object].kind != Kind::Object) return kNoNode;
   NodeId state = nodes_[object].state;
   if (state == kNoNode) return kNoNode;
   // BUILD state is the instance dict, or (dict, slots dict).
   if (nodes_[state].kind == Kind::Tuple && nodes_[state].items.size() == 2) state = nodes_[state].items[0];
   if (state >= nodes_.size() || nodes_[state].kind != Kind::Dict) return kNoNode;
-  return lookup(state, name);
+  return state;
+}
+
+NodeId Graph::attribute(NodeId object, std::string_view name) const {
+  NodeId state = state_dict(object);
+  return state == kNoNode ? kNoNode : lookup(state, name);
 }
 
 }  // namespace ckpt::pickle

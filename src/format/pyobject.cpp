@@ -223,52 +223,35 @@ namespace ckpt {
 
 namespace {
 
-// The (container, entry index) pairs under which `key` is stored, following the
+// The (container, entry index) under which `key` is stored, following the
 // same rules as config_get: dict entries, OmegaConf `_content` plus the value
 // node's `_val`, or the BUILD state dict of an object.
-std::vector<std::pair<NodeId, std::size_t>> entry_slots(const Graph& graph, NodeId container, std::string_view key) {
-  auto find_in = [&](NodeId mapping) -> std::optional<std::size_t> {
+using Slot = std::pair<NodeId, std::size_t>;
+
+std::optional<Slot> entry_slot(const Graph& graph, NodeId container, std::string_view key) {
+  auto find_in = [&](NodeId mapping, std::string_view name) -> std::optional<Slot> {
     const auto* entries = graph.mapping_entries(mapping);
     if (entries == nullptr) return std::nullopt;
     for (std::size_t i = 0; i < entries->size(); ++i) {
-      if (graph.is_str((*entries)[i].first, key)) return i;
+      if (graph.is_str((*entries)[i].first, name)) return Slot{mapping, i};
     }
     return std::nullopt;
   };
-  auto state_dict = [&](NodeId object) -> NodeId {
-    if (object >= graph.size() || graph[object].kind != Kind::Object) return kNoNode;
-    NodeId state = graph[object].state;
-    if (state != kNoNode && graph[state].kind == Kind::Tuple && graph[state].items.size() == 2) {
-      state = graph[state].items[0];
-    }
-    return state != kNoNode && graph[state].kind == Kind::Dict ? state : kNoNode;
-  };
-  if (container >= graph.size()) return {};
+  if (container >= graph.size()) return std::nullopt;
   const pickle::Node& node = graph[container];
-  if (node.kind == Kind::Dict || (node.kind == Kind::Object && !node.entries.empty())) {
-    if (auto i = find_in(container)) return {{container, *i}};
-    return {};
-  }
-  if (node.kind != Kind::Object) return {};
+  if (node.kind == Kind::Dict || (node.kind == Kind::Object && !node.entries.empty())) return find_in(container, key);
+  if (node.kind != Kind::Object) return std::nullopt;
   if (is_omegaconf_container(class_name(graph, container))) {
-    NodeId content = graph.attribute(container, "_content");
-    auto i = find_in(content);
-    if (!i) return {};
-    NodeId child = graph[content].entries[*i].second;
-    NodeId child_state = state_dict(child);
-    if (class_name(graph, child).rfind("omegaconf.nodes.", 0) == 0 && child_state != kNoNode) {
-      // A value node: the value itself is its `_val` attribute.
-      const auto& entries = graph[child_state].entries;
-      for (std::size_t e = 0; e < entries.size(); ++e) {
-        if (graph.is_str(entries[e].first, "_val")) return {{child_state, e}};
-      }
-      return {};
+    auto slot = find_in(graph.attribute(container, "_content"), key);
+    if (!slot) return std::nullopt;
+    NodeId child = graph[slot->first].entries[slot->second].second;
+    // A value node: the value itself is its `_val` attribute.
+    if (class_name(graph, child).rfind("omegaconf.nodes.", 0) == 0 && graph.state_dict(child) != kNoNode) {
+      return find_in(graph.state_dict(child), "_val");
     }
-    return {{content, *i}};
+    return slot;
   }
-  NodeId state = state_dict(container);
-  if (auto i = find_in(state)) return {{state, *i}};
-  return {};
+  return find_in(graph.state_dict(container), key);
 }
 
 }  // namespace
@@ -277,9 +260,9 @@ bool config_set_int(Graph& graph, NodeId container, const std::vector<std::strin
   if (keys.empty()) return false;
   NodeId parent = config_get_path(graph, container, {keys.begin(), keys.end() - 1});
   if (parent == kNoNode) return false;
-  auto slots = entry_slots(graph, parent, keys.back());
-  if (slots.empty()) return false;
-  auto [mapping, index] = slots.front();
+  auto slot = entry_slot(graph, parent, keys.back());
+  if (!slot) return false;
+  auto [mapping, index] = *slot;
   NodeId old = graph[mapping].entries[index].second;
   if (graph[old].kind != Kind::Int) return false;
   NodeId fresh = graph.integer(value);

@@ -150,7 +150,7 @@ void ZipArchive::read_central_directory() {
     if (compressed != uncompressed) cd.fail(entry_start, "record '" + record.name + "': stored sizes disagree");
     record.nbytes = uncompressed;
     if (index_.count(record.name) != 0) cd.fail(entry_start, "duplicate record name '" + record.name + "'");
-    read_local_header(record, flags);
+    read_local_header(record);
     if (record.data_offset + record.nbytes > cd_offset) {
       cd.fail(entry_start, fmt::format("record '{}' ({} bytes at offset {}) overlaps the central directory",
                                        record.name, record.nbytes, record.data_offset));
@@ -160,7 +160,7 @@ void ZipArchive::read_central_directory() {
   }
 }
 
-void ZipArchive::read_local_header(ZipRecord& record, std::uint16_t /*central_flags*/) const {
+void ZipArchive::read_local_header(ZipRecord& record) const {
   ByteReader file(file_bytes_, path_, record.name);
   if (record.header_offset > file_bytes_.size()) {
     file.fail(file_bytes_.size(), fmt::format("local header offset {} lies past the end of the file",

@@ -170,17 +170,8 @@ PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<s
     std::vector<CopyOp> plain = std::move(record.copies);
     std::sort(plain.begin(), plain.end(), [](const CopyOp& a, const CopyOp& b) { return a.dest_offset < b.dest_offset; });
     record.copies.clear();
-    for (const CopyOp& op : plain) {
-      CopyOp* last = record.copies.empty() ? nullptr : &record.copies.back();
-      bool continues = last != nullptr && last->source == op.source && last->dest_dtype == op.dest_dtype &&
-                       last->dest_offset + last->nbytes == op.dest_offset &&
-                       (op.source == CopyOp::kZeros || last->source_offset + last->nbytes == op.source_offset);
-      if (continues) {
-        last->nbytes += op.nbytes;
-      } else {
-        record.copies.push_back(op);
-      }
-    }
+    record.nbytes = 0;
+    for (const CopyOp& op : plain) record.append_plain(op);
   }
   return record;
 }

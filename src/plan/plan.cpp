@@ -13,24 +13,28 @@ std::uint64_t CopyOp::source_nbytes() const {
 }
 
 void PlannedRecord::append_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t count) {
-  if (count == 0) return;
-  if (!copies.empty()) {
-    CopyOp& last = copies.back();
-    bool continues = last.plain() && source != CopyOp::kSynthetic && last.source == source && last.dest_offset + last.nbytes == nbytes &&
-                     (source == CopyOp::kZeros || last.source_offset + last.nbytes == source_offset);
-    if (continues) {
-      last.nbytes += count;
-      nbytes += count;
-      return;
-    }
-  }
   CopyOp op;
   op.source = source;
   op.source_offset = source_offset;
-  op.dest_offset = nbytes;
   op.nbytes = count;
+  append_plain(op);
+}
+
+void PlannedRecord::append_plain(CopyOp op) {
+  if (op.nbytes == 0) return;
+  op.dest_offset = nbytes;
+  nbytes += op.nbytes;
+  if (!copies.empty()) {
+    CopyOp& last = copies.back();
+    bool continues = last.plain() && last.source == op.source && last.dest_dtype == op.dest_dtype &&
+                     last.dest_offset + last.nbytes == op.dest_offset &&
+                     (op.source == CopyOp::kZeros || last.source_offset + last.nbytes == op.source_offset);
+    if (continues) {
+      last.nbytes += op.nbytes;
+      return;
+    }
+  }
   copies.push_back(op);
-  nbytes += count;
 }
 
 bool PlannedRecord::sequential() const {
