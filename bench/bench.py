@@ -3,7 +3,7 @@
 
   (a) cp of the input files (the physical limit), and cp + sync (a durable copy:
       ckpt-tool fsyncs its outputs);
-  (b) ckpt-tool stitch;
+  (b) ckpt-tool stitch (direct I/O, the default) and stitch --buffered-io;
   (c) the Python pipeline (bench/baseline_stitch.py: torch.load every shard,
       torch.cat, torch.save), checked equal to (b) with ckpt-tool diff;
   (d) ckpt-tool reshard to another grid;
@@ -86,10 +86,14 @@ def main():
                     while handle.read(1 << 24):
                         pass
 
-        def measure(name, cmd, nbytes, cleanup=None, repeats=args.repeats):
+        def measure(name, cmd, nbytes, prepare=None, repeats=args.repeats):
             # The median of `repeats` runs: this VM's page cache and writeback are noisy.
+            # `prepare` removes the previous run's output, untimed, so no run pays for
+            # deleting (and discarding) another's blocks.
             runs = []
             for attempt in range(repeats):
+                if prepare:
+                    prepare()
                 warm()  # this VM reclaims page cache eagerly: re-read the inputs before each run
                 sync()
                 time.sleep(0.5)
@@ -99,37 +103,43 @@ def main():
                     sync()
                     seconds += time.perf_counter() - sync_start
                 runs.append((seconds, rss, out))
-                if cleanup and attempt + 1 < repeats:
-                    cleanup()
             runs.sort(key=lambda run: run[0])
             seconds, rss, out = runs[len(runs) // 2]
             rss = max(run[1] for run in runs)
             row = {"size": size, "step": name, "seconds": seconds, "rss": rss, "gbps": nbytes / seconds / 1e9}
             rows.append(row)
-            print(f"  {name:<22} {seconds:8.2f} s  {row['gbps']:6.2f} GB/s  peak RSS {rss / (1 << 20):8.0f} MiB",
+            print(f"  {name:<30} {seconds:8.2f} s  {row['gbps']:6.2f} GB/s  peak RSS {rss / (1 << 20):8.0f} MiB",
                   flush=True)
-            if cleanup:
-                cleanup()
             return row, out
 
+        def remove(path):
+            def prepare():
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+            return prepare
+
         cp_dir = os.path.join(work, "cp")
-        measure("cp", ["cp", "-r", src, cp_dir], in_bytes, lambda: shutil.rmtree(cp_dir))
-        measure("cp + sync", ["cp", "-r", src, cp_dir], in_bytes, lambda: shutil.rmtree(cp_dir))
+        measure("cp", ["cp", "-r", src, cp_dir], in_bytes, remove(cp_dir))
+        measure("cp + sync", ["cp", "-r", src, cp_dir], in_bytes, remove(cp_dir))
+        remove(cp_dir)()
         stitched = os.path.join(work, "stitched.pt")
-        measure("ckpt-tool stitch", [tool, "stitch", "-q", "--force", src, "-o", stitched], in_bytes)
+        measure("ckpt-tool stitch --buffered-io", [tool, "stitch", "-q", "--buffered-io", src, "-o", stitched], in_bytes,
+                remove(stitched))
+        measure("ckpt-tool stitch", [tool, "stitch", "-q", src, "-o", stitched], in_bytes, remove(stitched))
         baseline = os.path.join(work, "baseline.pt")
         measure("python baseline", ["/usr/bin/python3", os.path.join(HERE, "baseline_stitch.py"), src, baseline],
-                in_bytes, repeats=1)
+                in_bytes, remove(baseline), repeats=1)
         diff = subprocess.run([tool, "diff", stitched, baseline], capture_output=True, text=True)
         if diff.returncode != 0:
             sys.exit(f"bench: stitch and the Python baseline differ:\n{diff.stdout[-3000:]}{diff.stderr}")
         os.remove(baseline)
         resharded = os.path.join(work, "resharded")
-        os.makedirs(resharded)
         measure(f"ckpt-tool reshard {args.mp}x{args.dp}->1x{args.dp * 2}",
                 [tool, "reshard", "-q", src, "--mp", "1", "--dp", str(args.dp * 2), "-o",
-                 os.path.join(resharded, "checkpoint_last-model_part-{m}-shard{d}.pt"), "--force"], in_bytes,
-                lambda: shutil.rmtree(resharded) or os.makedirs(resharded))
+                 os.path.join(resharded, "checkpoint_last-model_part-{m}-shard{d}.pt")], in_bytes,
+                lambda: remove(resharded)() or os.makedirs(resharded))
         measure("ckpt-tool diff (self)", [tool, "diff", stitched, stitched], 2 * os.path.getsize(stitched))
         shutil.rmtree(work)
 
@@ -141,22 +151,24 @@ def write_results(rows, args):
     lines = ["# ckpt-tool benchmark", "",
              f"Machine: {machine()}. Written by `make bench` (bench/bench.py) on "
              f"{time.strftime('%Y-%m-%d')}; one run of the benchmark, each step the median of {args.repeats} (the Python "
-             "baseline: 1), warm page cache, `sync` before each. Input: a synthetic "
+             "baseline: 1), warm page cache, `sync` before each, the previous output removed before each (untimed). "
+             "ckpt-tool fsyncs its outputs (direct I/O by default), so its durable peer is cp + sync. Input: a synthetic "
              f"{args.mp} x {args.dp} metaseq checkpoint (`ckpt-tool synth`, fp16, no optimizer state), so the "
              "stitched output is as large as the input. Throughput is input bytes per second (diff: both sides).", "",
              "| input | step | wall s | GB/s | peak RSS MiB |", "|---|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['size']:g} GiB | {r['step']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {r['rss'] / (1 << 20):.0f} |")
-    lines += ["", "| input | stitch / cp | stitch / (cp + sync) | baseline / stitch | reshard / (cp + sync) |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", "| input | stitch / cp | stitch / (cp + sync) | baseline / stitch | reshard / (cp + sync) | "
+              "buffered / direct stitch |", "|---|---:|---:|---:|---:|---:|"]
     for size in sorted({r["size"] for r in rows}):
         stitch = by[(size, "ckpt-tool stitch")]["seconds"]
         cp = by[(size, "cp")]["seconds"]
         cp_sync = by[(size, "cp + sync")]["seconds"]
         base = by[(size, "python baseline")]["seconds"]
         reshard = [r for r in rows if r["size"] == size and r["step"].startswith("ckpt-tool reshard")][0]["seconds"]
+        buffered = by[(size, "ckpt-tool stitch --buffered-io")]["seconds"]
         lines.append(f"| {size:g} GiB | {stitch / cp:.2f} | {stitch / cp_sync:.2f} | {base / stitch:.1f} | "
-                     f"{reshard / cp_sync:.2f} |")
+                     f"{reshard / cp_sync:.2f} | {buffered / stitch:.2f} |")
     text = "\n".join(lines) + "\n"
     open(args.results, "w").write(text)
     print("\n" + text)

@@ -1,16 +1,19 @@
 // The one executor: runs a validated Plan.
 //
 // Per output file: lay out the zip (every offset is known), create the temporary
-// file at its final size, and cut every record into pieces of at most 8 MiB of
-// destination bytes. A pool of threads runs the pieces: a piece that is one plain
-// range is written with pwrite straight from the mapped input; any other piece
-// (interleaved rows, dtype conversion, zeros among data) is gathered into a
-// per-thread buffer first. Each piece's CRC-32 is computed on the bytes written;
-// the CRCs are combined per record in order, then the local headers and the
-// central directory are written, the file fsynced and renamed. It makes no
-// decisions: the same plan gives the same bytes for any thread count.
+// file at its final size, and cut it into aligned units of 8 MiB. A pool of
+// threads assembles each unit in an aligned buffer (one pread for a plain range;
+// gathered rows, dtype conversion, zeros and inline bytes otherwise), computes
+// the CRC-32 of each record's part of it, and writes the unit whole, with direct
+// I/O where the file system allows: the data goes to the disk while it is copied
+// instead of piling up as dirty pages for fsync (4 GiB here: 2.9 s direct against
+// 4.6-6.1 s buffered plus fsync, with dd). The CRCs are then combined per record,
+// the local headers and the central directory written, the file fsynced and
+// renamed. It makes no decisions: the same plan gives the same bytes for any
+// thread count and either I/O mode.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 
@@ -19,10 +22,15 @@
 
 namespace ckpt {
 
+// A file whose zip headers touch more 4 KiB blocks than this (64 MiB of them
+// kept in memory until the CRCs are known) is written buffered instead.
+inline constexpr std::size_t kMaxKeptHeaderBlocks = 16384;
+
 struct ExecOptions {
   unsigned threads = 0;    // 0: all cores
   bool overwrite = false;  // --force
   bool progress = false;   // progress line on stderr
+  bool direct_io = true;   // write around the page cache (O_DIRECT) where the file system allows
   // Converts `numel` elements between dtypes exactly as torch's `.to()` does;
   // needed by plans with converting copies (LibTorch lives in the caller).
   std::function<void(DType from, DType to, const std::byte* source, std::byte* dest, std::uint64_t numel)> convert;
@@ -34,6 +42,7 @@ struct ExecStats {
   double create_seconds = 0.0;  // temp files created at their final size (fallocate)
   double copy_seconds = 0.0;    // the parallel copy
   double commit_seconds = 0.0;  // headers, fsync, rename
+  std::size_t direct_files = 0;  // files written with direct I/O
 };
 
 ExecStats execute(const Plan& plan, const ExecOptions& options);

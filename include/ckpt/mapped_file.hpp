@@ -1,8 +1,11 @@
 // Read-only memory mapping of an input file (Boost.Interprocess).
 //
-// Inputs are never read with read(2): the zip reader, the pickle decoder and the
-// executor all look at the same mapping, so a tensor is only a byte range of it
-// until the moment it is copied. An empty file is valid and maps to an empty span.
+// A tensor is only a byte range of its input until the moment it is copied. The
+// zip directory and the pickle are parsed straight from the mapping; bulk bytes
+// and scattered small reads go through `read_at` (pread) instead, because every
+// touched page of a mapping counts in the resident set, and where the page cache
+// holds the file in large folios one touch maps up to 2 MiB (see exec.cpp and
+// zip.hpp). An empty file is valid and maps to an empty span.
 #pragma once
 
 #include <cstdint>
@@ -26,10 +29,8 @@ class MappedFile {
   std::uint64_t size() const { return bytes_.size(); }
   std::int64_t mtime_ns() const { return mtime_ns_; }
 
-  // Tells the kernel a byte range is no longer needed (MADV_DONTNEED on the
-  // read-only mapping just drops our page-table entries; the page cache stays).
-  void release(std::uint64_t byte_offset, std::uint64_t nbytes) const;
-  // pread: copying data through a buffer costs no page faults (see exec.cpp).
+  // pread: copying data through a buffer costs no page faults and no resident
+  // mapped pages (see exec.cpp).
   void read_at(std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) const;
 
 

@@ -6,8 +6,14 @@
 // that is never committed is removed by the destructor, and by the SIGINT/SIGTERM
 // handler installed with `install_cleanup_handlers()`, so a failed or interrupted
 // run leaves nothing behind and never clobbers an existing output.
+//
+// Direct I/O (O_DIRECT) is opt-in per file: the executor writes whole aligned
+// blocks around the page cache, so the data reaches the disk while it is copied
+// and fsync has nothing left to flush. Where the file system refuses O_DIRECT,
+// at open or at the first write, the file silently goes on buffered.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -24,8 +30,17 @@ class OutputFile {
   OutputFile(const OutputFile&) = delete;
   OutputFile& operator=(const OutputFile&) = delete;
 
+  // Offsets, lengths and buffer addresses of direct writes are multiples of this.
+  static constexpr std::uint64_t kDirectAlignment = 4096;
+
   const std::string& target_path() const { return target_path_; }
-  // Thread-safe positional write of all of `bytes` (pwrite loop).
+  // Switches the file to direct I/O; false (and still buffered) where refused.
+  bool enable_direct_io();
+  void disable_direct_io() const;
+  bool direct_io() const { return direct_.load(); }
+  // Thread-safe positional write of all of `bytes` (pwrite loop). In direct mode
+  // the write must be aligned. A write may run past the planned size up to the
+  // next aligned offset (a whole last block); commit() cuts the file to its size.
   void write_at(std::uint64_t byte_offset, Bytes bytes) const;
   void commit();
 
@@ -37,6 +52,7 @@ class OutputFile {
   int fd_ = -1;
   int cleanup_slot_ = -1;
   bool committed_ = false;
+  mutable std::atomic<bool> direct_{false};
 };
 
 // Installs handlers that remove uncommitted temporary files on SIGINT/SIGTERM.

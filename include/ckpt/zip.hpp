@@ -27,6 +27,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -47,10 +48,17 @@ struct ZipRecord {
 
 class ZipArchive {
  public:
+  // Copies `nbytes` bytes at `byte_offset` of the file into `out`.
+  using ReadAt = std::function<void(std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes)>;
+
   // Parses the central directory and every local header of `file_bytes`. Throws an
   // Error naming `path`, the record and the byte offset of anything malformed:
   // a record's data must lie inside the file, before the central directory.
-  ZipArchive(Bytes file_bytes, std::string path);
+  // With `read_local_headers`, the local headers (one small read per record,
+  // scattered over the file) are read through it instead of `file_bytes`: for a
+  // mapped file, touching them would map a page-cache folio of up to 2 MiB per
+  // record into the resident set (72 MiB for 38 records here).
+  ZipArchive(Bytes file_bytes, std::string path, ReadAt read_local_headers = {});
 
   const std::vector<ZipRecord>& records() const { return records_; }
   const ZipRecord* find(std::string_view name) const;
@@ -60,9 +68,11 @@ class ZipArchive {
  private:
   void read_central_directory();
   void read_local_header(ZipRecord& record) const;
+  void copy_out(std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) const;
 
   Bytes file_bytes_;
   std::string path_;
+  ReadAt read_at_;
   std::vector<ZipRecord> records_;
   std::unordered_map<std::string, std::size_t> index_;
 };

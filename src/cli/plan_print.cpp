@@ -66,12 +66,12 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
 
 namespace {
 
-void print_stats(const ExecStats& stats, double plan_seconds) {
+void print_stats(const ExecStats& stats, std::size_t files, double plan_seconds) {
   auto rate = [&](double seconds) { return seconds > 0 ? static_cast<double>(stats.bytes_written) / seconds / 1e9 : 0.0; };
   fmt::print(stderr, "stats: read inputs and plan {:.3f} s; create outputs {:.3f} s; copy {:.3f} s ({:.2f} GB/s); "
-                     "headers, fsync, rename {:.3f} s; {} written\n",
+                     "headers, fsync, rename {:.3f} s; {} written, {} of {} file(s) with direct I/O\n",
              plan_seconds, stats.create_seconds, stats.copy_seconds, rate(stats.copy_seconds), stats.commit_seconds,
-             human_bytes(stats.bytes_written));
+             human_bytes(stats.bytes_written), stats.direct_files, files);
 }
 
 }  // namespace
@@ -83,6 +83,8 @@ void add_write_flags(CLI::App& app, WriteFlags& flags) {
   app.add_flag("-q,--quiet", flags.quiet, "no progress or summary on stderr");
   app.add_flag("-f,--force", flags.force, "overwrite existing outputs");
   app.add_flag("--stats", flags.stats, "print the time of each stage on stderr");
+  app.add_flag("--buffered-io", flags.buffered_io,
+               "write through the page cache (default: direct I/O where the file system allows it)");
 }
 
 void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
@@ -96,9 +98,10 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
   exec.overwrite = flags.force;
   exec.progress = !flags.quiet && ::isatty(STDERR_FILENO);
   exec.convert = convert_elements;
+  exec.direct_io = !flags.buffered_io;
   auto planned = std::chrono::steady_clock::now();
   ExecStats stats = execute(plan, exec);
-  if (flags.stats) print_stats(stats, std::chrono::duration<double>(planned - started).count());
+  if (flags.stats) print_stats(stats, plan.files.size(), std::chrono::duration<double>(planned - started).count());
   if (!flags.quiet) {
     fmt::print(stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s)\n", plan.files.size(),
                human_bytes(stats.bytes_written), stats.seconds,

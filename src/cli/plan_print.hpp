@@ -27,6 +27,7 @@ struct WriteFlags {
   bool quiet = false;
   bool force = false;
   bool stats = false;
+  bool buffered_io = false;
 };
 void add_write_flags(CLI::App& app, WriteFlags& flags);
 

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 namespace ckpt {
@@ -40,7 +41,8 @@ bool looks_like_legacy_torch(Bytes bytes) {
 
 }  // namespace
 
-ZipArchive::ZipArchive(Bytes file_bytes, std::string path) : file_bytes_(file_bytes), path_(std::move(path)) {
+ZipArchive::ZipArchive(Bytes file_bytes, std::string path, ReadAt read_local_headers)
+    : file_bytes_(file_bytes), path_(std::move(path)), read_at_(std::move(read_local_headers)) {
   if (looks_like_legacy_torch(file_bytes_)) {
     throw Error(Location{path_, "", 0},
                 "legacy torch.save format (PyTorch < 1.6) is not supported; load it and save it again with "
@@ -161,26 +163,43 @@ void ZipArchive::read_central_directory() {
 }
 
 void ZipArchive::read_local_header(ZipRecord& record) const {
-  ByteReader file(file_bytes_, path_, record.name);
+  ByteReader file(file_bytes_, path_, record.name);  // positions and bounds; bytes are copied out
   if (record.header_offset > file_bytes_.size()) {
     file.fail(file_bytes_.size(), fmt::format("local header offset {} lies past the end of the file",
                                               record.header_offset));
   }
   file.seek(record.header_offset);
   if (file.remaining() < kLocalSize) file.fail_here("truncated local header");
-  if (file.u32() != kLocalHeaderSig) file.fail(record.header_offset, "local header: bad signature");
-  file.skip(2 + 2 + 2 + 2 + 2 + 4 + 4 + 4);
-  std::uint16_t name_len = file.u16();
-  std::uint16_t extra_len = file.u16();
-  if (file.text(name_len) != record.name) {
+  std::array<std::byte, kLocalSize> fixed_bytes{};
+  copy_out(record.header_offset, fixed_bytes.data(), kLocalSize);
+  ByteReader fixed(Bytes(fixed_bytes), path_, record.name, record.header_offset);
+  if (fixed.u32() != kLocalHeaderSig) fixed.fail(0, "local header: bad signature");
+  fixed.skip(2 + 2 + 2 + 2 + 2 + 4 + 4 + 4);
+  std::uint16_t name_len = fixed.u16();
+  std::uint16_t extra_len = fixed.u16();
+  file.skip(kLocalSize);
+  std::vector<std::byte> name_bytes(std::min<std::uint64_t>(name_len, file.remaining()));
+  copy_out(file.absolute_offset(), name_bytes.data(), name_bytes.size());
+  ByteReader name(name_bytes, path_, record.name, file.absolute_offset());
+  if (name.text(name_len) != record.name) {
     file.fail(record.header_offset, "local header names another record than the central directory");
   }
+  file.skip(name_len);
   file.skip(extra_len);
   record.data_offset = file.absolute_offset();
   if (record.nbytes > file.remaining()) {
     file.fail(record.data_offset, fmt::format("record data of {} bytes runs past the end of the file ({} left): "
                                               "truncated file?",
                                               record.nbytes, file.remaining()));
+  }
+}
+
+void ZipArchive::copy_out(std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) const {
+  if (nbytes == 0) return;
+  if (read_at_) {
+    read_at_(byte_offset, out, nbytes);
+  } else {
+    std::memcpy(out, file_bytes_.data() + byte_offset, nbytes);
   }
 }
 

@@ -1,7 +1,6 @@
 #include "ckpt/mapped_file.hpp"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -55,16 +54,6 @@ void MappedFile::read_at(std::uint64_t byte_offset, std::byte* out, std::uint64_
     nbytes -= static_cast<std::uint64_t>(n);
     byte_offset += static_cast<std::uint64_t>(n);
   }
-}
-
-void MappedFile::release(std::uint64_t byte_offset, std::uint64_t nbytes) const {
-  if (bytes_.empty() || byte_offset >= bytes_.size()) return;
-  static const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-  std::uint64_t begin = (byte_offset + page - 1) / page * page;
-  std::uint64_t end = std::min<std::uint64_t>(byte_offset + nbytes, bytes_.size()) / page * page;
-  if (end <= begin) return;
-  // Advice only: failure changes nothing observable, so the result is ignored.
-  (void)::madvise(const_cast<std::byte*>(bytes_.data()) + begin, end - begin, MADV_DONTNEED);
 }
 
 }  // namespace ckpt

@@ -103,13 +103,31 @@ OutputFile::~OutputFile() {
   unregister_cleanup(cleanup_slot_);
 }
 
+bool OutputFile::enable_direct_io() {
+  int flags = ::fcntl(fd_, F_GETFL);
+  if (flags < 0 || ::fcntl(fd_, F_SETFL, flags | O_DIRECT) != 0) return false;
+  direct_.store(true);
+  return true;
+}
+
+void OutputFile::disable_direct_io() const {
+  int flags = ::fcntl(fd_, F_GETFL);
+  if (flags >= 0) ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT);
+  direct_.store(false);
+}
+
 void OutputFile::write_at(std::uint64_t byte_offset, Bytes bytes) const {
-  if (byte_offset + bytes.size() > size_bytes_) {
+  std::uint64_t end = (size_bytes_ + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
+  if (byte_offset + bytes.size() > end) {
     throw Error(Location{target_path_, "", byte_offset}, "write past the planned end of the output (a bug)");
   }
   while (!bytes.empty()) {
     ssize_t written = ::pwrite(fd_, bytes.data(), bytes.size(), static_cast<off_t>(byte_offset));
     if (written < 0 && errno == EINTR) continue;
+    if (written < 0 && errno == EINVAL && direct_.load()) {
+      disable_direct_io();  // a file system that takes the flag but not this alignment
+      continue;
+    }
     if (written <= 0) throw Error(Location{target_path_, "", byte_offset}, "write failed: " + errno_text());
     bytes = bytes.subspan(static_cast<std::size_t>(written));
     byte_offset += static_cast<std::uint64_t>(written);
@@ -118,6 +136,8 @@ void OutputFile::write_at(std::uint64_t byte_offset, Bytes bytes) const {
 
 void OutputFile::commit() {
   Location where{target_path_, "", std::nullopt};
+  // Direct writes of the last block may have run past the planned size.
+  if (::ftruncate(fd_, static_cast<off_t>(size_bytes_)) != 0) throw Error(where, "truncate failed: " + errno_text());
   if (::fsync(fd_) != 0) throw Error(where, "fsync failed: " + errno_text());
   if (::close(fd_) != 0) {
     fd_ = -1;

@@ -63,13 +63,16 @@ def test_consolidated_parts_glue_again():
         check_same(out, os.path.join(folder, "expected", "consolidated.pt"))
 
 
-def test_threads_give_identical_bytes():
+def test_threads_and_io_mode_give_identical_bytes():
     folder = harness.fixtures()["mp4_dp3_fp16_omega"]
     one = os.path.join(harness.scratch("t1"), "out.pt")
     eight = os.path.join(harness.scratch("t8"), "out.pt")
+    buffered = os.path.join(harness.scratch("t-buffered"), "out.pt")
     stitch([folder, "-o", one, "--threads", "1"])
     stitch([folder, "-o", eight, "--threads", "8"])
-    assert open(one, "rb").read() == open(eight, "rb").read()
+    stitch([folder, "-o", buffered, "--threads", "3", "--buffered-io"])
+    assert open(one, "rb").read() == open(eight, "rb").read() == open(buffered, "rb").read()
+    check_same(one, os.path.join(folder, "expected", "consolidated.pt"))
 
 
 def test_dtype_conversion_rounds_like_torch():
@@ -206,7 +209,7 @@ def test_ema_weights():
 
 if __name__ == "__main__":
     harness.main([test_consolidated_for_every_case, test_fused_qkv_for_every_case, test_one_file_per_part_for_every_case,
-                  test_consolidated_parts_glue_again, test_threads_give_identical_bytes,
+                  test_consolidated_parts_glue_again, test_threads_and_io_mode_give_identical_bytes,
                   test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,
                   test_dry_run_writes_nothing, test_incomplete_grid_is_refused,
                   test_replicated_mismatch_warns_and_strict_fails, test_existing_output_is_kept, test_ema_weights])
