@@ -39,7 +39,7 @@ struct ExecOptions {
 struct ExecStats {
   std::uint64_t bytes_written = 0;
   double seconds = 0.0;
-  double create_seconds = 0.0;  // temp files created at their final size (fallocate)
+  double create_seconds = 0.0;  // temp files created at their final size (fallocate), units cut
   double copy_seconds = 0.0;    // the parallel copy
   double commit_seconds = 0.0;  // headers, fsync, rename
   std::size_t direct_files = 0;  // files written with direct I/O

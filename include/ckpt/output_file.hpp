@@ -10,7 +10,7 @@
 // Direct I/O (O_DIRECT) is opt-in per file: the executor writes whole aligned
 // blocks around the page cache, so the data reaches the disk while it is copied
 // and fsync has nothing left to flush. Where the file system refuses O_DIRECT,
-// at open or at the first write, the file silently goes on buffered.
+// when it is switched on or at any write (EINVAL), the file goes on buffered.
 #pragma once
 
 #include <atomic>
@@ -39,10 +39,13 @@ class OutputFile {
   void disable_direct_io() const;
   bool direct_io() const { return direct_.load(); }
   // Thread-safe positional write of all of `bytes` (pwrite loop). In direct mode
-  // the write must be aligned. A write may run past the planned size up to the
-  // next aligned offset (a whole last block); commit() cuts the file to its size.
+  // the write must be aligned. Only a write ending at padded_size() with an
+  // aligned start (a whole last block) may run past the planned size; commit()
+  // cuts the file to its size.
   void write_at(std::uint64_t byte_offset, Bytes bytes) const;
   void commit();
+  // The planned size rounded up to kDirectAlignment (reserved at creation).
+  std::uint64_t padded_size() const;
 
  private:
   std::string target_path_;

@@ -58,7 +58,7 @@ class ZipArchive {
   // scattered over the file) are read through it instead of `file_bytes`: for a
   // mapped file, touching them would map a page-cache folio of up to 2 MiB per
   // record into the resident set (72 MiB for 38 records here).
-  ZipArchive(Bytes file_bytes, std::string path, ReadAt read_local_headers = {});
+  ZipArchive(Bytes file_bytes, std::string path, const ReadAt& read_local_headers = {});
 
   const std::vector<ZipRecord>& records() const { return records_; }
   const ZipRecord* find(std::string_view name) const;
@@ -66,13 +66,11 @@ class ZipArchive {
   Bytes data(const ZipRecord& record) const { return file_bytes_.subspan(record.data_offset, record.nbytes); }
 
  private:
-  void read_central_directory();
-  void read_local_header(ZipRecord& record) const;
-  void copy_out(std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) const;
+  void read_central_directory(const ReadAt& read_local_headers);
+  void read_local_header(ZipRecord& record, const ReadAt& read_at) const;
 
   Bytes file_bytes_;
   std::string path_;
-  ReadAt read_at_;
   std::vector<ZipRecord> records_;
   std::unordered_map<std::string, std::size_t> index_;
 };

@@ -167,7 +167,7 @@ class FileWriter {
     std::vector<std::pair<std::uint64_t, std::vector<std::byte>>> headers;
     for (const ZipRecord& record : layout.records) headers.emplace_back(record.header_offset, render_local_header(record));
     headers.emplace_back(layout.central_directory_offset, render_central_directory(layout));
-    if (kept_.data() == nullptr) {
+    if (kept_.data() == nullptr) {  // written buffered: headers go in place
       for (const auto& [offset, bytes] : headers) out_.write_at(offset, bytes);
       return;
     }
@@ -197,6 +197,8 @@ class FileWriter {
     std::uint64_t padded_size = round_up(layout_.file_size, kBlockBytes);
     for (std::size_t r = 0; r < file_.records.size(); ++r) {
       std::uint64_t base = layout_.records[r].data_offset;
+      // Pieces are cut at file offsets: aligned records keep them whole elements.
+      if (base % kTorchAlignment != 0) throw Error("record data not aligned to 64 bytes (a bug)");
       for (std::uint64_t begin = 0; begin < file_.records[r].nbytes;) {
         std::uint64_t end = std::min(file_.records[r].nbytes, round_up(base + begin + 1, kUnitBytes) - base);
         pieces_.push_back(Piece{r, begin, end, 0});
@@ -337,22 +339,20 @@ void run_units(FileWriter& writer, unsigned threads, Progress& progress) {
   std::exception_ptr failure;
   std::mutex failure_mutex;
   auto worker = [&] {
-    AlignedBuffer buffer(kUnitBytes);
-    while (true) {
-      std::size_t i = next.fetch_add(1);
-      if (i >= units.size()) return;
-      try {
+    try {
+      AlignedBuffer buffer(kUnitBytes);
+      for (std::size_t i; (i = next.fetch_add(1)) < units.size();) {
         writer.run_unit(units[i], buffer.data());
         progress.add(writer.record_bytes(units[i]));
-      } catch (...) {
-        std::lock_guard lock(failure_mutex);
-        if (!failure) failure = std::current_exception();
-        next.store(units.size());
       }
+    } catch (...) {
+      std::lock_guard lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+      next.store(units.size());
     }
   };
   std::vector<std::thread> pool;
-  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(worker);
+  for (std::size_t t = 1; t < std::min<std::size_t>(threads, units.size()); ++t) pool.emplace_back(worker);
   worker();
   for (std::thread& thread : pool) thread.join();
   if (failure) std::rethrow_exception(failure);
@@ -373,8 +373,11 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     auto t0 = std::chrono::steady_clock::now();
     OutputFile out(file.path, layout.file_size, options.overwrite);
     FileWriter writer(plan, file, layout, out, options);
-    if (options.direct_io && writer.header_block_count() <= kMaxKeptHeaderBlocks && out.enable_direct_io()) {
+    // Direct I/O needs the header blocks kept (a header written in place would
+    // be a partial block); without them the file is written buffered.
+    if (writer.header_block_count() <= kMaxKeptHeaderBlocks) {
       writer.keep_header_blocks();
+      if (options.direct_io) out.enable_direct_io();
     }
     auto t1 = std::chrono::steady_clock::now();
     run_units(writer, threads, progress);

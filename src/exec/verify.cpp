@@ -2,10 +2,14 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <atomic>
+#include <exception>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "ckpt/crc32.hpp"
 #include "ckpt/layout.hpp"
@@ -22,22 +26,32 @@ void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads,
   std::atomic<std::size_t> next{0};
   auto worker = [&] {
     // pread in 8 MiB chunks rather than reading the mapping: the resident set stays
-    // one buffer per thread whatever the record's size.
-    std::vector<std::byte> buffer(8u << 20);
+    // one buffer per thread whatever the record's size. A failed read (an I/O
+    // error, a file that shrank) is a problem to report, like a wrong CRC.
+    std::vector<std::byte> buffer;
     for (std::size_t i; (i = next.fetch_add(1)) < records.size();) {
       const ZipRecord& record = records[i];
-      std::uint32_t crc = 0;
-      for (std::uint64_t done = 0; done < record.nbytes;) {
-        std::uint64_t n = std::min<std::uint64_t>(buffer.size(), record.nbytes - done);
-        file.read_at(record.data_offset + done, buffer.data(), n);
-        crc = crc32_update(crc, Bytes(buffer.data(), n));
-        done += n;
+      std::string problem;
+      try {
+        buffer.resize(8u << 20);
+        std::uint32_t crc = 0;
+        for (std::uint64_t done = 0; done < record.nbytes;) {
+          std::uint64_t n = std::min<std::uint64_t>(buffer.size(), record.nbytes - done);
+          file.read_at(record.data_offset + done, buffer.data(), n);
+          crc = crc32_update(crc, Bytes(buffer.data(), n));
+          done += n;
+        }
+        if (crc != record.crc32) {
+          problem = fmt::format("{}: {}: at byte 0x{:x}: CRC-32 of the data is 0x{:08x}, the zip directory says "
+                                "0x{:08x} (corrupted data)",
+                                file.path(), record.name, record.data_offset, crc, record.crc32);
+        }
+      } catch (const std::exception& e) {
+        problem = fmt::format("{} (record {})", e.what(), record.name);
       }
-      if (crc != record.crc32) {
+      if (!problem.empty()) {
         std::lock_guard lock(mutex);
-        report.problems.push_back(fmt::format("{}: {}: at byte 0x{:x}: CRC-32 of the data is 0x{:08x}, the zip "
-                                              "directory says 0x{:08x} (corrupted data)",
-                                              file.path(), record.name, record.data_offset, crc, record.crc32));
+        report.problems.push_back(problem);
       }
     }
   };

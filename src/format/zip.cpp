@@ -41,14 +41,14 @@ bool looks_like_legacy_torch(Bytes bytes) {
 
 }  // namespace
 
-ZipArchive::ZipArchive(Bytes file_bytes, std::string path, ReadAt read_local_headers)
-    : file_bytes_(file_bytes), path_(std::move(path)), read_at_(std::move(read_local_headers)) {
+ZipArchive::ZipArchive(Bytes file_bytes, std::string path, const ReadAt& read_local_headers)
+    : file_bytes_(file_bytes), path_(std::move(path)) {
   if (looks_like_legacy_torch(file_bytes_)) {
     throw Error(Location{path_, "", 0},
                 "legacy torch.save format (PyTorch < 1.6) is not supported; load it and save it again with "
                 "a newer torch");
   }
-  read_central_directory();
+  read_central_directory(read_local_headers);
 }
 
 const ZipRecord* ZipArchive::find(std::string_view name) const {
@@ -56,7 +56,7 @@ const ZipRecord* ZipArchive::find(std::string_view name) const {
   return it == index_.end() ? nullptr : &records_[it->second];
 }
 
-void ZipArchive::read_central_directory() {
+void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
   ByteReader file(file_bytes_, path_, "zip directory");
   if (file_bytes_.size() < kEndSize) file.fail(0, "not a zip archive (torch.save file): too short");
   // The end record sits at the very end unless the archive has a comment (up to
@@ -152,7 +152,7 @@ void ZipArchive::read_central_directory() {
     if (compressed != uncompressed) cd.fail(entry_start, "record '" + record.name + "': stored sizes disagree");
     record.nbytes = uncompressed;
     if (index_.count(record.name) != 0) cd.fail(entry_start, "duplicate record name '" + record.name + "'");
-    read_local_header(record);
+    read_local_header(record, read_local_headers);
     if (record.data_offset + record.nbytes > cd_offset) {
       cd.fail(entry_start, fmt::format("record '{}' ({} bytes at offset {}) overlaps the central directory",
                                        record.name, record.nbytes, record.data_offset));
@@ -162,8 +162,17 @@ void ZipArchive::read_central_directory() {
   }
 }
 
-void ZipArchive::read_local_header(ZipRecord& record) const {
-  ByteReader file(file_bytes_, path_, record.name);  // positions and bounds; bytes are copied out
+void ZipArchive::read_local_header(ZipRecord& record, const ReadAt& read_at) const {
+  // `file` gives positions and bounds; the bytes themselves are copied out.
+  ByteReader file(file_bytes_, path_, record.name);
+  auto copy_out = [&](std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) {
+    if (nbytes == 0) return;
+    if (read_at) {
+      read_at(byte_offset, out, nbytes);
+    } else {
+      std::memcpy(out, file_bytes_.data() + byte_offset, nbytes);
+    }
+  };
   if (record.header_offset > file_bytes_.size()) {
     file.fail(file_bytes_.size(), fmt::format("local header offset {} lies past the end of the file",
                                               record.header_offset));
@@ -191,15 +200,6 @@ void ZipArchive::read_local_header(ZipRecord& record) const {
     file.fail(record.data_offset, fmt::format("record data of {} bytes runs past the end of the file ({} left): "
                                               "truncated file?",
                                               record.nbytes, file.remaining()));
-  }
-}
-
-void ZipArchive::copy_out(std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) const {
-  if (nbytes == 0) return;
-  if (read_at_) {
-    read_at_(byte_offset, out, nbytes);
-  } else {
-    std::memcpy(out, file_bytes_.data() + byte_offset, nbytes);
   }
 }
 

@@ -84,9 +84,11 @@ OutputFile::OutputFile(std::string target_path, std::uint64_t size_bytes, bool o
     unregister_cleanup(cleanup_slot_);
     throw Error(where, "cannot create temporary output " + temp_path_ + ": " + reason);
   }
-  // Reserve the blocks now so that a full disk fails here, not half-way through.
-  int rc = ::posix_fallocate(fd_, 0, static_cast<off_t>(size_bytes_));
-  if (rc == EOPNOTSUPP || rc == EINVAL) rc = ::ftruncate(fd_, static_cast<off_t>(size_bytes_)) == 0 ? 0 : errno;
+  // Reserve the blocks now so that a full disk fails here, not half-way through;
+  // up to the padded end, which a whole last block may be written to.
+  auto reserved = static_cast<off_t>(padded_size());
+  int rc = ::posix_fallocate(fd_, 0, reserved);
+  if (rc == EOPNOTSUPP || rc == EINVAL) rc = ::ftruncate(fd_, reserved) == 0 ? 0 : errno;
   if (rc != 0) {
     std::string reason = std::strerror(rc);
     ::close(fd_);
@@ -116,15 +118,21 @@ void OutputFile::disable_direct_io() const {
   direct_.store(false);
 }
 
+std::uint64_t OutputFile::padded_size() const {
+  return (size_bytes_ + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
+}
+
 void OutputFile::write_at(std::uint64_t byte_offset, Bytes bytes) const {
-  std::uint64_t end = (size_bytes_ + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment;
-  if (byte_offset + bytes.size() > end) {
+  std::uint64_t end = byte_offset + bytes.size();
+  bool whole_last_block = byte_offset % kDirectAlignment == 0 && end == padded_size();
+  if (end > size_bytes_ && !whole_last_block) {
     throw Error(Location{target_path_, "", byte_offset}, "write past the planned end of the output (a bug)");
   }
   while (!bytes.empty()) {
+    bool direct = direct_.load();  // before the write: another thread may switch it meanwhile
     ssize_t written = ::pwrite(fd_, bytes.data(), bytes.size(), static_cast<off_t>(byte_offset));
     if (written < 0 && errno == EINTR) continue;
-    if (written < 0 && errno == EINVAL && direct_.load()) {
+    if (written < 0 && errno == EINVAL && direct) {
       disable_direct_io();  // a file system that takes the flag but not this alignment
       continue;
     }
@@ -136,7 +144,7 @@ void OutputFile::write_at(std::uint64_t byte_offset, Bytes bytes) const {
 
 void OutputFile::commit() {
   Location where{target_path_, "", std::nullopt};
-  // Direct writes of the last block may have run past the planned size.
+  // A whole last block may have been written past the planned size.
   if (::ftruncate(fd_, static_cast<off_t>(size_bytes_)) != 0) throw Error(where, "truncate failed: " + errno_text());
   if (::fsync(fd_) != 0) throw Error(where, "fsync failed: " + errno_text());
   if (::close(fd_) != 0) {

@@ -37,7 +37,7 @@ def test_every_fixture_file():
 
 
 def test_thread_count_does_not_change_bytes():
-    # Large enough for many 8 MiB pieces, so threads really interleave.
+    # Large enough for many 8 MiB units, so threads really interleave.
     src = os.path.join(harness.scratch("threads-src"), "big.pt")
     generator = torch.Generator().manual_seed(7)
     torch.save({"a": torch.randn(5_000_000, generator=generator), "b": torch.randn(3_000_001, generator=generator).half(),

@@ -4,6 +4,7 @@ the generator's expected checkpoint (derived from the full model, never from
 the shards) bit for bit, in every mode; thread count never changes the bytes;
 --dtype rounds as torch's .to(); bad grids and stale manifests are refused
 before anything is written."""
+import mmap
 import os
 import shutil
 import struct
@@ -73,6 +74,38 @@ def test_threads_and_io_mode_give_identical_bytes():
     stitch([folder, "-o", buffered, "--threads", "3", "--buffered-io"])
     assert open(one, "rb").read() == open(eight, "rb").read() == open(buffered, "rb").read()
     check_same(one, os.path.join(folder, "expected", "consolidated.pt"))
+
+
+def direct_io_works(folder):
+    """Whether the file system under `folder` takes an aligned O_DIRECT write (tmpfs may not)."""
+    path = os.path.join(folder, "probe")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        block = mmap.mmap(-1, 4096)  # page-aligned
+        return os.pwrite(fd, block, 0) == 4096
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.remove(path)
+
+
+def test_stats_report_the_io_mode():
+    folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    direct_dir, buffered_dir = harness.scratch("io-direct"), harness.scratch("io-buffered")
+    direct = direct_io_works(direct_dir)
+    _, err = harness.run(["stitch", folder, "-o", os.path.join(direct_dir, "out.pt"), "--stats", "-q"])
+    assert f"{1 if direct else 0} of 1 file(s) with direct I/O" in err, err
+    _, err = harness.run(["stitch", folder, "-o", os.path.join(buffered_dir, "out.pt"), "--stats", "-q",
+                          "--buffered-io"])
+    assert "0 of 1 file(s) with direct I/O" in err, err
+    # the same bytes either way, and nothing else left in the folders
+    assert open(os.path.join(direct_dir, "out.pt"), "rb").read() == open(os.path.join(buffered_dir, "out.pt"), "rb").read()
+    assert os.listdir(direct_dir) == ["out.pt"] and os.listdir(buffered_dir) == ["out.pt"]
+    check_same(os.path.join(direct_dir, "out.pt"), os.path.join(folder, "expected", "consolidated.pt"))
 
 
 def test_dtype_conversion_rounds_like_torch():
@@ -210,6 +243,6 @@ def test_ema_weights():
 if __name__ == "__main__":
     harness.main([test_consolidated_for_every_case, test_fused_qkv_for_every_case, test_one_file_per_part_for_every_case,
                   test_consolidated_parts_glue_again, test_threads_and_io_mode_give_identical_bytes,
-                  test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,
+                  test_stats_report_the_io_mode, test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,
                   test_dry_run_writes_nothing, test_incomplete_grid_is_refused,
                   test_replicated_mismatch_warns_and_strict_fails, test_existing_output_is_kept, test_ema_weights])

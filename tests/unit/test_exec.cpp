@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -22,6 +23,7 @@
 #include "ckpt/exec.hpp"
 #include "ckpt/mapped_file.hpp"
 #include "ckpt/plan.hpp"
+#include "ckpt/synthetic.hpp"
 #include "ckpt/zip.hpp"
 
 namespace {
@@ -172,6 +174,56 @@ void check_output(const fs::path& path, const std::vector<Expected>& records) {
   }
 }
 
+// Runs the records as one file with direct and buffered I/O and 1 and 3 threads;
+// every output is correct and all are byte-identical. Returns the file's bytes.
+Buffer run_all_modes(const TempDir& dir, const ckpt::MappedFile& source, const std::vector<Expected>& records,
+                     const ckpt::ExecOptions& base_options = {}) {
+  bool direct_possible = direct_io_works(dir.path());
+  Buffer first;
+  for (bool direct : {true, false}) {
+    for (unsigned threads : {1u, 3u}) {
+      CAPTURE(direct);
+      CAPTURE(threads);
+      fs::path out = dir / ("out-" + std::to_string(direct) + "-" + std::to_string(threads) + ".pt");
+      ckpt::ExecOptions options = base_options;
+      options.threads = threads;
+      options.direct_io = direct;
+      ckpt::ExecStats stats = ckpt::execute(plan_of(source, records, out), options);
+      CHECK(stats.direct_files == (direct && direct_possible ? 1u : 0u));
+      CHECK(stats.bytes_written == fs::file_size(out));
+      check_output(out, records);
+      Buffer bytes = read_file(out);
+      if (first.empty()) first = bytes;
+      CHECK(bytes == first);
+      for (const auto& entry : fs::directory_iterator(dir.path())) {  // no temporary file left
+        CHECK(entry.path().filename().string().find("ckpt-tmp") == std::string::npos);
+      }
+      fs::remove(out);
+    }
+  }
+  return first;
+}
+
+// The zip layout of records of these names and sizes.
+ckpt::ZipLayout layout_of(const std::vector<std::pair<std::string, std::uint64_t>>& records) {
+  std::vector<ckpt::ZipEntrySpec> specs;
+  for (const auto& [name, nbytes] : records) specs.push_back({name, nbytes});
+  return ckpt::layout_zip(specs);
+}
+
+// The size for the record before the last one such that `offset_of(layout)`
+// lands exactly on `target` (searched: the layout pads headers to 64 bytes).
+std::uint64_t size_to_hit(std::vector<std::pair<std::string, std::uint64_t>> records, std::size_t which,
+                          std::uint64_t target, std::uint64_t (*offset_of)(const ckpt::ZipLayout&)) {
+  std::uint64_t low = records[which].second > 70000 ? records[which].second - 70000 : 0;
+  for (std::uint64_t nbytes = low; nbytes < records[which].second + 70000; ++nbytes) {
+    records[which].second = nbytes;
+    if (offset_of(layout_of(records)) == target) return nbytes;
+  }
+  FAIL("no size lands on the target");
+  return 0;
+}
+
 }  // namespace
 
 TEST_SUITE("exec") {
@@ -180,30 +232,87 @@ TEST_SUITE("exec") {
     Buffer source_bytes = pseudo_random_bytes(16 * kMiB);
     write_file(dir / "source.bin", source_bytes);
     ckpt::MappedFile source((dir / "source.bin").string());
-    std::vector<Expected> records = varied_records(source_bytes);
-    bool direct_possible = direct_io_works(dir.path());
+    run_all_modes(dir, source, varied_records(source_bytes));
+  }
 
-    Buffer first;
-    for (bool direct : {true, false}) {
-      for (unsigned threads : {1u, 3u}) {
-        CAPTURE(direct);
-        CAPTURE(threads);
-        fs::path out = dir / ("out-" + std::to_string(direct) + "-" + std::to_string(threads) + ".pt");
-        ckpt::ExecOptions options;
-        options.threads = threads;
-        options.direct_io = direct;
-        ckpt::ExecStats stats = ckpt::execute(plan_of(source, records, out), options);
-        CHECK(stats.direct_files == (direct && direct_possible ? 1u : 0u));
-        CHECK(stats.bytes_written == fs::file_size(out));
-        check_output(out, records);
-        Buffer bytes = read_file(out);
-        if (first.empty()) first = bytes;
-        CHECK(bytes == first);
-        for (const auto& entry : fs::directory_iterator(dir.path())) {  // no temporary file left
-          CHECK(entry.path().filename().string().find("ckpt-tmp") == std::string::npos);
-        }
-      }
+  TEST_CASE("records and files that start or end exactly on unit and block boundaries") {
+    TempDir dir;
+    Buffer source_bytes = pseudo_random_bytes(24 * kMiB);
+    write_file(dir / "source.bin", source_bytes);
+    ckpt::MappedFile source((dir / "source.bin").string());
+    constexpr std::uint64_t kUnit = 8 * kMiB;
+    std::vector<std::pair<std::string, std::uint64_t>> sizes = {{"a/data.pkl", 0}, {"a/data/0", 8 * kMiB},
+                                                                {"a/data/1", 8 * kMiB}, {"a/data/2", 5000}};
+    SUBCASE("the first record's data ends at 8 MiB") {
+      sizes[1].second = kUnit - layout_of(sizes).records[1].data_offset;
+      CHECK(layout_of(sizes).records[1].data_offset + sizes[1].second == kUnit);
     }
+    SUBCASE("the second record's data starts at 8 MiB") {
+      sizes[1].second = size_to_hit(sizes, 1, kUnit, [](const ckpt::ZipLayout& l) { return l.records[2].data_offset; });
+    }
+    SUBCASE("the second record's local header starts at 8 MiB") {
+      sizes[1].second = size_to_hit(sizes, 1, kUnit, [](const ckpt::ZipLayout& l) { return l.records[2].header_offset; });
+    }
+    SUBCASE("the file ends on a block boundary") {
+      std::uint64_t target = (layout_of(sizes).file_size / 4096 + 2) * 4096;
+      sizes[3].second = size_to_hit(sizes, 3, target, [](const ckpt::ZipLayout& l) { return l.file_size; });
+    }
+    SUBCASE("the file ends at 24 MiB, a unit boundary") {
+      sizes[3].second = kUnit - 30000;
+      sizes[3].second = size_to_hit(sizes, 3, 3 * kUnit, [](const ckpt::ZipLayout& l) { return l.file_size; });
+    }
+    SUBCASE("the central directory starts at 16 MiB, a unit boundary") {
+      sizes[2].second = kUnit - 300000;
+      sizes[3].second = 300000 - 30000;
+      sizes[3].second = size_to_hit(sizes, 3, 2 * kUnit, [](const ckpt::ZipLayout& l) {
+        return l.central_directory_offset;
+      });
+    }
+    std::vector<Expected> records;
+    Expected pickle{PlannedRecord{"a/data.pkl", 0, {}, {}}, {}};
+    records.push_back(pickle);
+    std::uint64_t at = 0;
+    for (std::size_t i = 1; i < sizes.size(); ++i) {
+      records.push_back(plain(sizes[i].first, source_bytes, at % (16 * kMiB), sizes[i].second));
+      at += sizes[i].second + 12345;
+    }
+    run_all_modes(dir, source, records);
+  }
+
+  TEST_CASE("converting and synthetic copies split at a unit boundary give whole elements") {
+    TempDir dir;
+    Buffer source_bytes = pseudo_random_bytes(24 * kMiB);
+    write_file(dir / "source.bin", source_bytes);
+    ckpt::MappedFile source((dir / "source.bin").string());
+    // A stand-in conversion float32 -> float16: the upper two bytes of each element.
+    ckpt::ExecOptions options;
+    options.convert = [](ckpt::DType from, ckpt::DType to, const std::byte* in, std::byte* out, std::uint64_t numel) {
+      REQUIRE(from == ckpt::DType::Float32);
+      REQUIRE(to == ckpt::DType::Float16);
+      for (std::uint64_t i = 0; i < numel; ++i) std::memcpy(out + 2 * i, in + 4 * i + 2, 2);
+    };
+    constexpr std::uint64_t kElements = 5 * kMiB + 3;  // 10 MiB of float16: crosses 8 MiB
+    Expected converted{PlannedRecord{"a/data/0", 2 * kElements, {}, {}}, {}};
+    CopyOp op;
+    op.source = 0;
+    op.source_offset = 4;
+    op.nbytes = 2 * kElements;
+    op.source_dtype = ckpt::DType::Float32;
+    op.dest_dtype = ckpt::DType::Float16;
+    converted.record.copies.push_back(op);
+    for (std::uint64_t i = 0; i < kElements; ++i) {
+      converted.bytes.push_back(source_bytes[4 + 4 * i + 2]);
+      converted.bytes.push_back(source_bytes[4 + 4 * i + 3]);
+    }
+    Expected synthetic{PlannedRecord{"a/data/1", 2 * kElements, {}, {}}, Buffer(2 * kElements)};
+    CopyOp synth;
+    synth.source = CopyOp::kSynthetic;
+    synth.source_offset = 2 * 1000;
+    synth.nbytes = 2 * kElements;
+    synth.source_dtype = synth.dest_dtype = ckpt::DType::BFloat16;
+    synthetic.record.copies.push_back(synth);
+    ckpt::synthesize(ckpt::DType::BFloat16, 2 * 1000, 2 * kElements, synthetic.bytes.data());
+    run_all_modes(dir, source, {converted, synthetic}, options);
   }
 
   TEST_CASE("a file with more header blocks than the executor keeps is written buffered, correctly") {

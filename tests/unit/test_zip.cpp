@@ -589,9 +589,18 @@ TEST_SUITE("zip") {
     return f;
   }
 
-  std::string error_for(const Buffer& file, std::optional<std::uint64_t>* offset = nullptr) {
+  // The error parsing `file`; with `through_reader`, local headers are read through
+  // a ReadAt callback (as for mapped files) instead of from the bytes.
+  std::string error_for(const Buffer& file, std::optional<std::uint64_t>* offset = nullptr, bool through_reader = false) {
+    ZipArchive::ReadAt reader;
+    if (through_reader) {
+      reader = [&file](std::uint64_t at, std::byte* out, std::uint64_t nbytes) {
+        REQUIRE(at + nbytes <= file.size());
+        std::memcpy(out, file.data() + at, nbytes);
+      };
+    }
     try {
-      ZipArchive zip(view(file), "bad.pt");
+      ZipArchive zip(view(file), "bad.pt", reader);
     } catch (const ckpt::Error& e) {
       if (offset != nullptr) *offset = e.where().byte_offset;
       CHECK(e.where().file == "bad.pt");
@@ -697,6 +706,19 @@ TEST_SUITE("zip") {
 
     // The unmodified base archive is valid: every failure below is the edit's doing.
     CHECK_NOTHROW(ZipArchive(view(base.file), "good.pt"));
+    // With a reader, every local header comes through it (fixed part, then name)
+    // and the records are the same.
+    std::size_t reads = 0;
+    ZipArchive through(view(base.file), "good.pt", [&](std::uint64_t at, std::byte* out, std::uint64_t nbytes) {
+      ++reads;
+      std::memcpy(out, base.file.data() + at, nbytes);
+    });
+    CHECK(reads == 2 * specs.size());
+    ZipArchive direct(view(base.file), "good.pt");
+    REQUIRE(through.records().size() == direct.records().size());
+    for (std::size_t i = 0; i < direct.records().size(); ++i) {
+      CHECK(through.records()[i].data_offset == direct.records()[i].data_offset);
+    }
     for (const Corrupt& c : cases) {
       std::string what = c.what;
       CAPTURE(what);
@@ -704,6 +726,10 @@ TEST_SUITE("zip") {
       CHECK_THROWS_AS(ZipArchive(view(file), "bad.pt"), ckpt::Error);
       std::optional<std::uint64_t> offset;
       std::string message = error_for(file, &offset);
+      // Local headers read through a callback give the very same error.
+      std::optional<std::uint64_t> reader_offset;
+      CHECK(error_for(file, &reader_offset, true) == message);
+      CHECK(reader_offset == offset);
       CHECK_MESSAGE(message.find(c.message) != std::string::npos, message);
       CHECK(message.rfind("bad.pt: ", 0) == 0);
       if (c.offset) {
