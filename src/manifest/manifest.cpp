@@ -4,12 +4,16 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
-
+#include <exception>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <set>
+#include <thread>
 
 #include "ckpt/pyobject.hpp"
 
@@ -69,14 +73,40 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
 }
 
 Manifest build_manifest(const std::vector<std::string>& paths) {
-  Manifest manifest;
+  std::vector<std::string> unique;
   std::set<std::string> seen;
   for (const std::string& path : paths) {
     std::string absolute = std::filesystem::absolute(path).lexically_normal().string();
-    if (!seen.insert(absolute).second) continue;  // the same file named twice
-    MappedFile mapped(path);
-    Checkpoint checkpoint(mapped);
-    manifest.files.push_back(describe_file(checkpoint));
+    if (seen.insert(absolute).second) unique.push_back(path);  // the same file named twice counts once
+  }
+  // Files are decoded in parallel: decoding a pickle costs about 30 ms for a
+  // 160-layer shard, which adds up over metaseq's hundreds of files. The
+  // manifest keeps the given order, and the first bad file (in that order) is
+  // the one reported, whatever the thread count.
+  std::vector<std::optional<ManifestFile>> described(unique.size());
+  std::vector<std::exception_ptr> failures(unique.size());
+  std::atomic<std::size_t> next{0};
+  auto worker = [&] {
+    for (std::size_t i; (i = next.fetch_add(1)) < unique.size();) {
+      try {
+        MappedFile mapped(unique[i]);
+        Checkpoint checkpoint(mapped);
+        described[i] = describe_file(checkpoint);
+      } catch (...) {
+        failures[i] = std::current_exception();
+      }
+    }
+  };
+  unsigned threads = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(),
+                                                     static_cast<unsigned>(unique.size())));
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (std::thread& thread : pool) thread.join();
+  Manifest manifest;
+  for (std::size_t i = 0; i < unique.size(); ++i) {
+    if (failures[i]) std::rethrow_exception(failures[i]);
+    manifest.files.push_back(std::move(*described[i]));
   }
   manifest.grid = detect_grid(manifest.files);
   return manifest;
