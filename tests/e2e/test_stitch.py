@@ -8,6 +8,7 @@ import mmap
 import os
 import shutil
 import struct
+import subprocess
 import time
 
 import torch
@@ -106,6 +107,26 @@ def test_stats_report_the_io_mode():
     assert open(os.path.join(direct_dir, "out.pt"), "rb").read() == open(os.path.join(buffered_dir, "out.pt"), "rb").read()
     assert os.listdir(direct_dir) == ["out.pt"] and os.listdir(buffered_dir) == ["out.pt"]
     check_same(os.path.join(direct_dir, "out.pt"), os.path.join(folder, "expected", "consolidated.pt"))
+
+
+def test_refused_direct_writes_fall_back_to_buffered():
+    # A file system that takes O_DIRECT but refuses every direct write (EINVAL),
+    # simulated by a preloaded pwrite; a synthetic input large enough for several
+    # 8 MiB units, so that several threads meet the refusal at once.
+    src = harness.scratch("refuse-src")
+    harness.run(["synth", "-q", "--params", "4e7", "--mp", "2", "--dp", "2", "-o", src])
+    normal_dir, refused_dir = harness.scratch("refuse-normal"), harness.scratch("refuse-refused")
+    stitch([src, "-o", os.path.join(normal_dir, "out.pt")])
+    env = dict(os.environ, LD_PRELOAD=os.environ["CKPT_REFUSE_DIRECT_IO"],
+               ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0")
+    for attempt in range(3):  # the threads race differently each time
+        out = os.path.join(refused_dir, "out.pt")
+        proc = subprocess.run([harness.TOOL, "stitch", "-q", "--stats", "--threads", "4", "--force", src, "-o", out],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "0 of 1 file(s) with direct I/O" in proc.stderr, proc.stderr
+        assert open(out, "rb").read() == open(os.path.join(normal_dir, "out.pt"), "rb").read()
+        assert os.listdir(refused_dir) == ["out.pt"]
 
 
 def test_dtype_conversion_rounds_like_torch():
@@ -243,6 +264,7 @@ def test_ema_weights():
 if __name__ == "__main__":
     harness.main([test_consolidated_for_every_case, test_fused_qkv_for_every_case, test_one_file_per_part_for_every_case,
                   test_consolidated_parts_glue_again, test_threads_and_io_mode_give_identical_bytes,
-                  test_stats_report_the_io_mode, test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,
+                  test_stats_report_the_io_mode, test_refused_direct_writes_fall_back_to_buffered,
+                  test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,
                   test_dry_run_writes_nothing, test_incomplete_grid_is_refused,
                   test_replicated_mismatch_warns_and_strict_fails, test_existing_output_is_kept, test_ema_weights])
