@@ -21,6 +21,7 @@ Action add_synth_command(CLI::App& app) {
     unsigned threads = 0;
     bool quiet = false;
     bool force = false;
+    bool buffered_io = false;
   };
   auto options = std::make_shared<Options>();
   app.add_option("--params", options->synth.params, "parameter count to aim for (default 125e6)");
@@ -39,6 +40,8 @@ Action add_synth_command(CLI::App& app) {
   app.add_option("--threads", options->threads, "writer threads (default: all cores)");
   app.add_flag("-q,--quiet", options->quiet, "no progress or summary on stderr");
   app.add_flag("-f,--force", options->force, "overwrite existing files");
+  app.add_flag("--buffered-io", options->buffered_io,
+               "write through the page cache (default: direct I/O where the file system allows it)");
   return [options] {
     options->synth.dtype = *dtype_from_name(options->dtype);
     SynthModel model = synth_model(options->synth);
@@ -48,6 +51,7 @@ Action add_synth_command(CLI::App& app) {
     exec.threads = options->threads;
     exec.overwrite = options->force;
     exec.progress = !options->quiet && ::isatty(STDERR_FILENO);
+    exec.direct_io = !options->buffered_io;
     ExecStats stats = execute(plan, exec);
     if (!options->quiet) {
       fmt::print(stderr, "synth: {} layers, embed {}, ffn {}, vocab {}: {:L} parameters; wrote {} file(s), {} in {:.2f} s\n",

@@ -55,6 +55,11 @@ def test_synth_feeds_the_other_commands():
                  "--mp", "2", "--dp", "3", "--dtype", "bf16", "--optimizer-state", "-o", out])
     stdout, _ = harness.run(["verify", out])
     assert stdout.startswith("ok: 6 file(s)"), stdout
+    buffered = harness.scratch("synth-buffered")  # the same files through the page cache
+    harness.run(["synth", "-q", "--params", "5e6", "--layers", "3", "--embed-dim", "64", "--vocab", "512",
+                 "--mp", "2", "--dp", "3", "--dtype", "bf16", "--optimizer-state", "--buffered-io", "-o", buffered])
+    for name in sorted(os.listdir(out)):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(buffered, name), "rb").read(), name
     stitched = os.path.join(harness.scratch("synth-stitched"), "out.pt")
     _, stderr = harness.run(["stitch", out, "-o", stitched])
     assert "warning" not in stderr, stderr  # replicated tensors agree across parts
