@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "ckpt/byte_reader.hpp"
+#include "ckpt/mapped_file.hpp"
 
 namespace ckpt {
 
@@ -59,6 +60,8 @@ class ZipArchive {
   // mapped file, touching them would map a page-cache folio of up to 2 MiB per
   // record into the resident set (72 MiB for 38 records here).
   ZipArchive(Bytes file_bytes, std::string path, const ReadAt& read_local_headers = {});
+  // A mapped input file, its local headers read with pread (as above).
+  explicit ZipArchive(const MappedFile& file);
 
   const std::vector<ZipRecord>& records() const { return records_; }
   const ZipRecord* find(std::string_view name) const;

@@ -3,13 +3,13 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <map>
-#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "ckpt/exec.hpp"
+#include "ckpt/parallel.hpp"
 #include "ckpt/tensor_math.hpp"
 
 namespace ckpt {
@@ -100,44 +100,28 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
     for (std::uint64_t begin = 0; begin < total; begin += step) items.push_back({p, begin, std::min(step, total - begin)});
   }
   std::vector<ChunkResult> results(items.size());
-  std::atomic<std::size_t> next{0};
-  std::exception_ptr failure;
-  std::mutex failure_mutex;
-  auto worker = [&] {
-    std::vector<std::byte> buffer_a;
-    std::vector<std::byte> buffer_b;
-    for (std::size_t i; (i = next.fetch_add(1)) < items.size();) {
-      try {
-        const Item& item = items[i];
-        const Pair& pair = pairs[item.pair];
-        // Read through buffers (pread): the resident set stays at their size.
-        buffer_a.resize(item.count);
-        buffer_b.resize(item.count);
-        read_source_bytes(*pair.a, files_a, item.begin, item.count, buffer_a.data());
-        read_source_bytes(*pair.b, files_b, item.begin, item.count, buffer_b.data());
-        const std::byte* x = buffer_a.data();
-        const std::byte* y = buffer_b.data();
-        if (std::memcmp(x, y, item.count) == 0) continue;
-        std::uint64_t itemsize = dtype_info(pair.a->dtype).itemsize;
-        ElementComparison chunk = compare_elements(pair.a->dtype, x, y, item.count / itemsize, options.atol,
-                                                   options.rtol, options.max_positions);
-        results[i].count = chunk.count;
-        results[i].max_abs = chunk.max_abs;
-        results[i].max_rel = chunk.max_rel;
-        for (const auto& p : chunk.first) results[i].first.emplace_back(item.begin / itemsize + p.index, p.a, p.b);
-      } catch (...) {
-        std::lock_guard lock(failure_mutex);
-        if (!failure) failure = std::current_exception();
-        next.store(items.size());
-      }
-    }
-  };
   unsigned threads = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
-  std::vector<std::thread> pool;
-  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto& thread : pool) thread.join();
-  if (failure) std::rethrow_exception(failure);
+  parallel_for(items.size(), threads, [&] {
+    return [&, buffer_a = std::vector<std::byte>(), buffer_b = std::vector<std::byte>()](std::size_t i) mutable {
+      const Item& item = items[i];
+      const Pair& pair = pairs[item.pair];
+      // Read through buffers (pread): the resident set stays at their size.
+      buffer_a.resize(item.count);
+      buffer_b.resize(item.count);
+      read_source_bytes(*pair.a, files_a, item.begin, item.count, buffer_a.data());
+      read_source_bytes(*pair.b, files_b, item.begin, item.count, buffer_b.data());
+      const std::byte* x = buffer_a.data();
+      const std::byte* y = buffer_b.data();
+      if (std::memcmp(x, y, item.count) == 0) return;
+      std::uint64_t itemsize = dtype_info(pair.a->dtype).itemsize;
+      ElementComparison chunk = compare_elements(pair.a->dtype, x, y, item.count / itemsize, options.atol,
+                                                 options.rtol, options.max_positions);
+      results[i].count = chunk.count;
+      results[i].max_abs = chunk.max_abs;
+      results[i].max_rel = chunk.max_rel;
+      for (const auto& p : chunk.first) results[i].first.emplace_back(item.begin / itemsize + p.index, p.a, p.b);
+    };
+  });
 
   // Chunks of a tensor are in order: merge counts, maxima and first positions.
   for (std::size_t i = 0; i < items.size(); ++i) {

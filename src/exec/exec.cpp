@@ -8,13 +8,13 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <memory>
 #include <mutex>
 #include <thread>
 
 #include "ckpt/crc32.hpp"
 #include "ckpt/output_file.hpp"
+#include "ckpt/parallel.hpp"
 #include "ckpt/synthetic.hpp"
 #include "ckpt/zip.hpp"
 
@@ -37,19 +37,16 @@ class AlignedBuffer {
  public:
   AlignedBuffer() = default;
   explicit AlignedBuffer(std::uint64_t nbytes)
-      : data_(static_cast<std::byte*>(std::aligned_alloc(kBlockBytes, std::max(round_up(nbytes, kBlockBytes), kBlockBytes)))),
-        nbytes_(nbytes) {
+      : data_(static_cast<std::byte*>(std::aligned_alloc(kBlockBytes, std::max(round_up(nbytes, kBlockBytes), kBlockBytes)))) {
     if (data_ == nullptr) throw std::bad_alloc();
   }
   std::byte* data() const { return data_.get(); }
-  std::uint64_t size() const { return nbytes_; }
 
  private:
   struct Free {
     void operator()(std::byte* p) const { std::free(p); }
   };
   std::unique_ptr<std::byte, Free> data_;
-  std::uint64_t nbytes_ = 0;
 };
 
 // A piece is destination bytes [begin, end) of one record, all inside one unit.
@@ -194,7 +191,7 @@ class FileWriter {
   // Pieces: every record's data cut at unit boundaries, in file order; units:
   // the aligned file range [0, round_up(file_size)) in kUnitBytes steps.
   void cut() {
-    std::uint64_t padded_size = round_up(layout_.file_size, kBlockBytes);
+    std::uint64_t padded_size = out_.padded_size();
     for (std::size_t r = 0; r < file_.records.size(); ++r) {
       std::uint64_t base = layout_.records[r].data_offset;
       // Pieces are cut at file offsets: aligned records keep them whole elements.
@@ -335,27 +332,12 @@ class FileWriter {
 
 void run_units(FileWriter& writer, unsigned threads, Progress& progress) {
   std::vector<Unit>& units = writer.units();
-  std::atomic<std::size_t> next{0};
-  std::exception_ptr failure;
-  std::mutex failure_mutex;
-  auto worker = [&] {
-    try {
-      AlignedBuffer buffer(kUnitBytes);
-      for (std::size_t i; (i = next.fetch_add(1)) < units.size();) {
-        writer.run_unit(units[i], buffer.data());
-        progress.add(writer.record_bytes(units[i]));
-      }
-    } catch (...) {
-      std::lock_guard lock(failure_mutex);
-      if (!failure) failure = std::current_exception();
-      next.store(units.size());
-    }
-  };
-  std::vector<std::thread> pool;
-  for (std::size_t t = 1; t < std::min<std::size_t>(threads, units.size()); ++t) pool.emplace_back(worker);
-  worker();
-  for (std::thread& thread : pool) thread.join();
-  if (failure) std::rethrow_exception(failure);
+  parallel_for(units.size(), threads, [&] {
+    return [&, buffer = AlignedBuffer(kUnitBytes)](std::size_t i) {
+      writer.run_unit(units[i], buffer.data());
+      progress.add(writer.record_bytes(units[i]));
+    };
+  });
 }
 
 }  // namespace

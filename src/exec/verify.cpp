@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <atomic>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -13,6 +12,7 @@
 
 #include "ckpt/crc32.hpp"
 #include "ckpt/layout.hpp"
+#include "ckpt/parallel.hpp"
 #include "ckpt/stitch.hpp"
 
 namespace ckpt {
@@ -23,13 +23,11 @@ namespace {
 void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads, VerifyReport& report,
                 std::mutex& mutex) {
   const auto& records = zip.records();
-  std::atomic<std::size_t> next{0};
-  auto worker = [&] {
+  parallel_for(records.size(), threads, [&] {
     // pread in 8 MiB chunks rather than reading the mapping: the resident set stays
     // one buffer per thread whatever the record's size. A failed read (an I/O
     // error, a file that shrank) is a problem to report, like a wrong CRC.
-    std::vector<std::byte> buffer;
-    for (std::size_t i; (i = next.fetch_add(1)) < records.size();) {
+    return [&, buffer = std::vector<std::byte>()](std::size_t i) mutable {
       const ZipRecord& record = records[i];
       std::string problem;
       try {
@@ -53,12 +51,8 @@ void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads,
         std::lock_guard lock(mutex);
         report.problems.push_back(problem);
       }
-    }
-  };
-  std::vector<std::thread> pool;
-  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(worker);
-  worker();
-  for (auto& thread : pool) thread.join();
+    };
+  });
   std::lock_guard lock(mutex);
   report.records += records.size();
   for (const ZipRecord& record : records) report.bytes += record.nbytes;
@@ -75,9 +69,7 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
     ++report.files;
     try {
       MappedFile file(path);
-      ZipArchive zip(file.bytes(), path, [&file](std::uint64_t offset, std::byte* out, std::uint64_t nbytes) {
-        file.read_at(offset, out, nbytes);
-      });
+      ZipArchive zip(file);
       check_crcs(file, zip, threads, report, mutex);
       Checkpoint checkpoint(file);
       manifest.files.push_back(describe_file(checkpoint));

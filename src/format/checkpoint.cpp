@@ -185,10 +185,7 @@ std::optional<StorageId> parse_storage_id(const Graph& graph, NodeId persid) {
   return id;
 }
 
-Checkpoint::Checkpoint(const MappedFile& file)
-    : file_(file),
-      zip_(file.bytes(), file.path(),
-           [&file](std::uint64_t offset, std::byte* out, std::uint64_t nbytes) { file.read_at(offset, out, nbytes); }) {
+Checkpoint::Checkpoint(const MappedFile& file) : file_(file), zip_(file) {
   if (zip_.records().empty()) throw Error(Location{path(), "", std::nullopt}, "empty zip archive: not a torch.save file");
   const std::string& first = zip_.records().front().name;
   archive_name_ = first.substr(0, first.find('/'));

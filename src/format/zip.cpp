@@ -51,6 +51,11 @@ ZipArchive::ZipArchive(Bytes file_bytes, std::string path, const ReadAt& read_lo
   read_central_directory(read_local_headers);
 }
 
+ZipArchive::ZipArchive(const MappedFile& file)
+    : ZipArchive(file.bytes(), file.path(), [&file](std::uint64_t offset, std::byte* out, std::uint64_t nbytes) {
+        file.read_at(offset, out, nbytes);
+      }) {}
+
 const ZipRecord* ZipArchive::find(std::string_view name) const {
   auto it = index_.find(std::string(name));
   return it == index_.end() ? nullptr : &records_[it->second];

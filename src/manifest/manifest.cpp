@@ -4,8 +4,6 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 
-#include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <exception>
@@ -15,6 +13,7 @@
 #include <set>
 #include <thread>
 
+#include "ckpt/parallel.hpp"
 #include "ckpt/pyobject.hpp"
 
 namespace ckpt {
@@ -85,9 +84,8 @@ Manifest build_manifest(const std::vector<std::string>& paths) {
   // the one reported, whatever the thread count.
   std::vector<std::optional<ManifestFile>> described(unique.size());
   std::vector<std::exception_ptr> failures(unique.size());
-  std::atomic<std::size_t> next{0};
-  auto worker = [&] {
-    for (std::size_t i; (i = next.fetch_add(1)) < unique.size();) {
+  parallel_for(unique.size(), std::thread::hardware_concurrency(), [&] {
+    return [&](std::size_t i) {
       try {
         MappedFile mapped(unique[i]);
         Checkpoint checkpoint(mapped);
@@ -95,14 +93,8 @@ Manifest build_manifest(const std::vector<std::string>& paths) {
       } catch (...) {
         failures[i] = std::current_exception();
       }
-    }
-  };
-  unsigned threads = std::max(1u, std::min<unsigned>(std::thread::hardware_concurrency(),
-                                                     static_cast<unsigned>(unique.size())));
-  std::vector<std::thread> pool;
-  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(worker);
-  worker();
-  for (std::thread& thread : pool) thread.join();
+    };
+  });
   Manifest manifest;
   for (std::size_t i = 0; i < unique.size(); ++i) {
     if (failures[i]) std::rethrow_exception(failures[i]);
