@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "ckpt/plan.hpp"
 #include "ckpt/tensor_source.hpp"
@@ -31,6 +32,9 @@ struct ExecOptions {
   bool overwrite = false;  // --force
   bool progress = false;   // progress line on stderr
   bool direct_io = true;   // write around the page cache (O_DIRECT) where the file system allows
+  bool check_crc = true;   // every input byte copied checked against its record's CRC-32 (source_check.hpp)
+  // Told what was cleaned up on the way (temporary files of a killed run).
+  std::function<void(const std::string&)> notice;
   // Converts `numel` elements between dtypes exactly as torch's `.to()` does;
   // needed by plans with converting copies (LibTorch lives in the caller).
   std::function<void(DType from, DType to, const std::byte* source, std::byte* dest, std::uint64_t numel)> convert;
@@ -42,9 +46,19 @@ struct ExecStats {
   double create_seconds = 0.0;  // temp files created at their final size (fallocate), units cut
   double copy_seconds = 0.0;    // the parallel copy
   double commit_seconds = 0.0;  // headers, fsync, rename
+  double crc_seconds = 0.0;     // the inputs' CRCs joined, unread bytes read
   std::size_t direct_files = 0;  // files written with direct I/O
+  bool crc_checked = false;      // inputs checked against their CRCs
+  std::uint64_t crc_reread_bytes = 0;  // input bytes read again for that (not read by any copy)
 };
 
+// All or nothing: every output is checked before the first is created
+// (check_output_targets), all are written to temporary files and fsynced, the
+// inputs' CRCs are checked, and only then are they renamed into place, one after
+// the other with SIGINT/SIGTERM/SIGHUP deferred. On any error every temporary
+// file is removed and nothing is renamed. Should a rename itself fail, the
+// outputs already renamed are removed again when they replaced nothing, and
+// the error lists those it could not take back (replaced with --force).
 ExecStats execute(const Plan& plan, const ExecOptions& options);
 
 // Copies bytes [begin, begin + count) of a tensor source out of the mapped

@@ -12,6 +12,12 @@
 
 namespace ckpt {
 
+// Throws Error naming the file and what it holds (describe_contents) when it
+// has no state dict of tensors at object path `state_dict`, flattened or not:
+// a plain state dict, a pickled module, a TorchScript archive are not training
+// checkpoints, and stitching one would give an empty model.
+void check_training_checkpoint(const ManifestFile& file, const std::string& state_dict = "model");
+
 // The consolidated state dict ("model") of one model part from its DP shards
 // (`shard_files[d]` indexes manifest.files): every flat parameter unpadded,
 // concatenated over the shards and split into its named parameters; tied

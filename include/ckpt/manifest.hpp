@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -18,7 +19,7 @@
 
 namespace ckpt {
 
-inline constexpr int kManifestVersion = 1;
+inline constexpr int kManifestVersion = 2;
 inline constexpr const char* kManifestFormat = "ckpt-tool-manifest";
 
 struct ManifestTensor {
@@ -50,15 +51,31 @@ struct ManifestFile {
   std::vector<std::string> top_level_keys;
   std::vector<ManifestTensor> tensors;
   std::optional<FsdpMetadata> fsdp;
+  std::optional<DeclaredParts> declared_parts;  // model_parallel_size in cfg or args
   nlohmann::json objects;  // the object tree, tensors as {"$tensor": index}
 };
 
+// The MP x DP grid of a set of files, and everything that makes it unfit for
+// stitch, reshard or diff. The one set check: inspect and verify report the
+// same problems that those commands refuse.
 struct Grid {
-  int mp = 0;  // parts found (max part + 1); 0 when files carry no roles
-  int dp = 0;  // shards per part
+  int mp = 0;  // model parts: the highest found + 1, or what cfg declares if more
+  int dp = 0;  // FSDP shards per part: the highest found + 1, or what the flat
+               // parameters' chunk rule implies if more
   std::vector<std::vector<int>> cells;  // [part][shard] -> file index, -1 when missing
-  std::vector<std::string> problems;    // missing cells, duplicates, inconsistent metadata
+  std::vector<std::string> problems;    // one line each: what is missing, duplicated or inconsistent
 };
+
+// The tensor at object path `path` ("model/decoder.layers.0.flat_param_0"), or null.
+const ManifestTensor* find_tensor(const ManifestFile& file, std::string_view path);
+// What a file holds, for a person, when it is not what a command needs: "a
+// TorchScript archive (torch.jit.save)", "a pickled Python object of class
+// __main__.Net (torch.save(model))", "a plain state dict of 12 tensors
+// (torch.save(model.state_dict()))", "no 'model' state dict (top-level keys:
+// ...)".
+std::string describe_contents(const ManifestFile& file);
+// Where a checkpoint's weights are: object paths under `model`.
+inline constexpr std::string_view kModelPrefix = "model/";
 
 struct Manifest {
   std::vector<ManifestFile> files;
@@ -68,6 +85,12 @@ struct Manifest {
 // Indexes `paths` (files, already expanded). Throws Error on unreadable input.
 Manifest build_manifest(const std::vector<std::string>& paths);
 ManifestFile describe_file(const Checkpoint& checkpoint);
+// Complete when every model part that cfg's model_parallel_size names is
+// there, every FSDP rank that the flat parameters' chunk rule (numel, chunk
+// length) implies is there, and the files agree with each other: the same
+// shard_metadata within a part, each rank's padding by the chunk rule, the same
+// dtype for a tensor everywhere, the same tensors on every shard of a part,
+// optimizer state in all files or none, one declared part count.
 Grid detect_grid(const std::vector<ManifestFile>& files);
 
 nlohmann::json manifest_to_json(const Manifest& manifest);

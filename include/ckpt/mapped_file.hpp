@@ -28,6 +28,10 @@ class MappedFile {
   Bytes bytes() const { return bytes_; }
   std::uint64_t size() const { return bytes_.size(); }
   std::int64_t mtime_ns() const { return mtime_ns_; }
+  // The file's identity (st_dev, st_ino): what tells an output path that names
+  // an input, through whatever link or spelling.
+  std::uint64_t device() const { return device_; }
+  std::uint64_t inode() const { return inode_; }
 
   // pread: copying data through a buffer costs no page faults and no resident
   // mapped pages (see exec.cpp).
@@ -40,6 +44,8 @@ class MappedFile {
   std::unique_ptr<Impl> impl_;
   Bytes bytes_;
   std::int64_t mtime_ns_ = 0;
+  std::uint64_t device_ = 0;
+  std::uint64_t inode_ = 0;
   int fd_ = -1;
 };
 

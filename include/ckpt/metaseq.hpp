@@ -48,6 +48,24 @@ struct FsdpMetadata {
 // Error naming the file and the field when it is malformed.
 std::optional<FsdpMetadata> read_fsdp_metadata(const Checkpoint& checkpoint);
 
+// Where a training checkpoint says how many model-parallel parts it was saved
+// with: metaseq's `cfg.model.model_parallel_size` (a dict, Namespace or
+// OmegaConf config; fairseq-style configs also in `cfg.common`) and the legacy
+// top-level `args` Namespace. The one table, read here and rewritten by
+// CheckpointBuilder::set_model_parallel_size.
+inline const std::vector<std::vector<std::string_view>> kModelParallelSizeKeys = {
+    {"cfg", "model", "model_parallel_size"},
+    {"cfg", "common", "model_parallel_size"},
+    {"args", "model_parallel_size"},
+};
+struct DeclaredParts {
+  std::int64_t parts = 1;
+  std::string from;  // "cfg.model.model_parallel_size"
+};
+// The first of kModelParallelSizeKeys the checkpoint holds as an int; nullopt
+// when it holds none.
+std::optional<DeclaredParts> declared_model_parallel_size(const Checkpoint& checkpoint);
+
 // fairscale's chunk-and-pad rule: a flat parameter of `numel` elements on
 // `world_size` ranks. Chunk length ceil(numel / world_size); rank d holds
 // [d*chunk, min((d+1)*chunk, numel)) followed by padding up to the chunk length.

@@ -10,6 +10,7 @@
 #include "ckpt/synth.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
+#include "plan_print.hpp"
 
 namespace ckpt::cli {
 
@@ -52,6 +53,7 @@ Action add_synth_command(CLI::App& app) {
     exec.overwrite = options->force;
     exec.progress = !options->quiet && ::isatty(STDERR_FILENO);
     exec.direct_io = !options->buffered_io;
+    exec.notice = print_notice;
     ExecStats stats = execute(plan, exec);
     if (!options->quiet) {
       fmt::print(stderr, "synth: {} layers, embed {}, ffn {}, vocab {}: {:L} parameters; wrote {} file(s), {} in {:.2f} s\n",

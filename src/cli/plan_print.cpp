@@ -69,9 +69,11 @@ namespace {
 void print_stats(const ExecStats& stats, std::size_t files, double plan_seconds) {
   auto rate = [&](double seconds) { return seconds > 0 ? static_cast<double>(stats.bytes_written) / seconds / 1e9 : 0.0; };
   fmt::print(stderr, "stats: read inputs and plan {:.3f} s; create outputs {:.3f} s; copy {:.3f} s ({:.2f} GB/s); "
-                     "headers, fsync, rename {:.3f} s; {} written, {} of {} file(s) with direct I/O\n",
-             plan_seconds, stats.create_seconds, stats.copy_seconds, rate(stats.copy_seconds), stats.commit_seconds,
-             human_bytes(stats.bytes_written), stats.direct_files, files);
+                     "input CRCs {:.3f} s ({} read again); headers, fsync, rename {:.3f} s; {} written, {} of {} "
+                     "file(s) with direct I/O\n",
+             plan_seconds, stats.create_seconds, stats.copy_seconds, rate(stats.copy_seconds), stats.crc_seconds,
+             human_bytes(stats.crc_reread_bytes), stats.commit_seconds, human_bytes(stats.bytes_written),
+             stats.direct_files, files);
 }
 
 }  // namespace
@@ -85,7 +87,11 @@ void add_write_flags(CLI::App& app, WriteFlags& flags) {
   app.add_flag("--stats", flags.stats, "print the time of each stage on stderr");
   app.add_flag("--buffered-io", flags.buffered_io,
                "write through the page cache (default: direct I/O where the file system allows it)");
+  app.add_flag("--no-crc-check", flags.no_crc_check,
+               "do not check the input bytes copied against their zip records' CRC-32 (checked by default)");
 }
+
+void print_notice(const std::string& text) { fmt::print(stderr, "ckpt-tool: note: {}\n", text); }
 
 void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
               std::chrono::steady_clock::time_point started) {
@@ -99,13 +105,17 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
   exec.progress = !flags.quiet && ::isatty(STDERR_FILENO);
   exec.convert = convert_elements;
   exec.direct_io = !flags.buffered_io;
+  exec.check_crc = !flags.no_crc_check;
+  exec.notice = print_notice;
   auto planned = std::chrono::steady_clock::now();
   ExecStats stats = execute(plan, exec);
   if (flags.stats) print_stats(stats, plan.files.size(), std::chrono::duration<double>(planned - started).count());
   if (!flags.quiet) {
-    fmt::print(stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s)\n", plan.files.size(),
+    fmt::print(stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s); {}\n", plan.files.size(),
                human_bytes(stats.bytes_written), stats.seconds,
-               stats.seconds > 0 ? static_cast<double>(stats.bytes_written) / 1048576.0 / stats.seconds : 0.0);
+               stats.seconds > 0 ? static_cast<double>(stats.bytes_written) / 1048576.0 / stats.seconds : 0.0,
+               stats.crc_checked ? "inputs checked against their CRC-32"
+                                 : "input CRC-32s NOT checked (--no-crc-check)");
   }
 }
 

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "ckpt/exec.hpp"
@@ -28,8 +29,12 @@ struct WriteFlags {
   bool force = false;
   bool stats = false;
   bool buffered_io = false;
+  bool no_crc_check = false;
 };
 void add_write_flags(CLI::App& app, WriteFlags& flags);
+
+// Prints what the executor cleaned up on the way, as `ckpt-tool: note: ...`.
+void print_notice(const std::string& text);
 
 // Executes `plan` (or prints it with --dry-run), then --stats and the summary line.
 // `started` is when the command began reading its inputs.

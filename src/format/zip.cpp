@@ -150,9 +150,14 @@ void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
     if (entry_disk != 0) cd.fail(entry_start, "record on another disk: multi-disk archives are not supported");
     if (flags & kFlagEncrypted) cd.fail(entry_start, "record '" + record.name + "' is encrypted");
     if (method != 0) {
-      cd.fail(entry_start, fmt::format("record '{}' is compressed (method {}); torch.save stores records "
-                                       "uncompressed",
-                                       record.name, method));
+      // torch.jit.save compresses its code/ records: name the file for what it is.
+      bool torchscript = record.name.find("/code/") != std::string::npos;
+      cd.fail(entry_start, torchscript ? fmt::format("a TorchScript archive (torch.jit.save: record '{}'), not a "
+                                                     "torch.save checkpoint; ckpt-tool reads torch.save files",
+                                                     record.name)
+                                       : fmt::format("record '{}' is compressed (method {}); torch.save stores "
+                                                     "records uncompressed",
+                                                     record.name, method));
     }
     if (compressed != uncompressed) cd.fail(entry_start, "record '" + record.name + "': stored sizes disagree");
     record.nbytes = uncompressed;

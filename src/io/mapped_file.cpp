@@ -25,6 +25,8 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   }
   if (!S_ISREG(info.st_mode)) throw Error(Location{path_, "", std::nullopt}, "not a regular file");
   mtime_ns_ = static_cast<std::int64_t>(info.st_mtim.tv_sec) * 1'000'000'000 + info.st_mtim.tv_nsec;
+  device_ = static_cast<std::uint64_t>(info.st_dev);
+  inode_ = static_cast<std::uint64_t>(info.st_ino);
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) throw Error(Location{path_, "", std::nullopt}, std::string("cannot open: ") + std::strerror(errno));
   if (info.st_size == 0) return;

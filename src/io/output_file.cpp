@@ -1,17 +1,22 @@
 #include "ckpt/output_file.hpp"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
-#include <array>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <map>
 #include <mutex>
+#include <set>
+#include <tuple>
 
 #include <fmt/format.h>
 
@@ -19,40 +24,86 @@ namespace ckpt {
 
 namespace {
 
-// Temp paths the signal handler may unlink: fixed buffers, written before the
-// slot is published, so the handler only reads stable memory.
-constexpr int kCleanupSlots = 64;
-constexpr std::size_t kPathMax = 4096;
-std::array<std::array<char, kPathMax>, kCleanupSlots> g_cleanup_paths;
-std::array<std::atomic<bool>, kCleanupSlots> g_cleanup_used;
+namespace fs = std::filesystem;
+
+// Temporary paths the signal handler may unlink: a list that only grows, each
+// entry written before it is published, so the handler reads only stable memory
+// and needs no lock. An entry is never reused (a handler may be reading it);
+// one leaked entry per output file a process creates is a few bytes.
+struct CleanupEntry {
+  char* path = nullptr;
+  std::atomic<bool> active{false};
+  CleanupEntry* next = nullptr;
+};
+std::atomic<CleanupEntry*> g_cleanup_head{nullptr};
 std::mutex g_cleanup_mutex;
 
-int register_cleanup(const std::string& path) {
-  if (path.size() >= kPathMax) return -1;
+CleanupEntry* register_cleanup(const std::string& path) {
+  auto* entry = new CleanupEntry;
+  entry->path = new char[path.size() + 1];
+  std::memcpy(entry->path, path.c_str(), path.size() + 1);
+  entry->active.store(true);
   std::lock_guard lock(g_cleanup_mutex);
-  for (int i = 0; i < kCleanupSlots; ++i) {
-    if (!g_cleanup_used[i].load()) {
-      std::memcpy(g_cleanup_paths[i].data(), path.c_str(), path.size() + 1);
-      g_cleanup_used[i].store(true);
-      return i;
-    }
-  }
-  return -1;
+  entry->next = g_cleanup_head.load();
+  g_cleanup_head.store(entry);
+  return entry;
 }
 
-void unregister_cleanup(int slot) {
-  if (slot >= 0) g_cleanup_used[slot].store(false);
+void unregister_cleanup(void* entry) {
+  if (entry != nullptr) static_cast<CleanupEntry*>(entry)->active.store(false);
 }
 
 extern "C" void remove_temp_files_and_exit(int signal_number) {
-  for (int i = 0; i < kCleanupSlots; ++i) {
-    if (g_cleanup_used[i].load()) ::unlink(g_cleanup_paths[i].data());
+  for (CleanupEntry* entry = g_cleanup_head.load(); entry != nullptr; entry = entry->next) {
+    if (entry->active.load()) ::unlink(entry->path);
   }
   ::signal(signal_number, SIG_DFL);
   ::raise(signal_number);
 }
 
+constexpr int kCleanupSignals[] = {SIGINT, SIGTERM, SIGHUP};
+
 std::string errno_text() { return std::strerror(errno); }
+
+fs::path parent_of(const std::string& path) {
+  fs::path target(path);
+  return target.has_parent_path() ? target.parent_path() : fs::path(".");
+}
+
+// `.NAME.ckpt-tmp-` : what every temporary file of target NAME starts with.
+std::string temp_prefix(const std::string& target_path) {
+  return fmt::format(".{}.ckpt-tmp-", fs::path(target_path).filename().string());
+}
+
+// True while a ckpt-tool process with this pid runs (on this machine).
+bool writer_alive(long pid) {
+  if (pid <= 0 || (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH)) return false;
+  std::ifstream comm(fmt::format("/proc/{}/comm", pid));
+  std::string name;
+  if (!std::getline(comm, name)) return true;  // cannot tell: leave it
+  return name.rfind("ckpt-tool", 0) == 0;
+}
+
+// Removes the temporary files of `target_path` whose writer no longer runs.
+void remove_stale_temps(const std::string& target_path, const std::function<void(const std::string&)>& notice) {
+  std::string prefix = temp_prefix(target_path);
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(parent_of(target_path), ec)) {
+    std::string name = entry.path().filename().string();
+    if (name.rfind(prefix, 0) != 0) continue;
+    std::string pid_text = name.substr(prefix.size());
+    if (pid_text.empty() || pid_text.find_first_not_of("0123456789") != std::string::npos || pid_text.size() > 9) {
+      continue;
+    }
+    // This process has not created its own yet: one with its pid was left by
+    // an earlier process that had the same pid.
+    long pid = std::stol(pid_text);
+    if (pid != ::getpid() && writer_alive(pid)) continue;
+    if (::unlink(entry.path().c_str()) == 0 && notice) {
+      notice(fmt::format("removed {}, left by an interrupted run (process {}, gone)", entry.path().string(), pid));
+    }
+  }
+}
 
 }  // namespace
 
@@ -60,28 +111,99 @@ void install_cleanup_handlers() {
   struct sigaction action {};
   action.sa_handler = remove_temp_files_and_exit;
   sigemptyset(&action.sa_mask);
-  ::sigaction(SIGINT, &action, nullptr);
-  ::sigaction(SIGTERM, &action, nullptr);
-  ::sigaction(SIGHUP, &action, nullptr);
+  for (int signal_number : kCleanupSignals) ::sigaction(signal_number, &action, nullptr);
+}
+
+DeferSignals::DeferSignals() {
+  sigset_t block;
+  sigemptyset(&block);
+  for (int signal_number : kCleanupSignals) sigaddset(&block, signal_number);
+  ::pthread_sigmask(SIG_BLOCK, &block, &saved_);
+}
+
+DeferSignals::~DeferSignals() { ::pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
+
+FileIdentity identity_of(const MappedFile& file) { return {file.device(), file.inode()}; }
+
+std::optional<FileIdentity> identity_of(const std::string& path) {
+  struct stat info {};
+  if (::stat(path.c_str(), &info) != 0) return std::nullopt;
+  return FileIdentity{static_cast<std::uint64_t>(info.st_dev), static_cast<std::uint64_t>(info.st_ino)};
+}
+
+void check_output_targets(const std::vector<OutputTarget>& targets, const std::vector<FileIdentity>& inputs,
+                          bool overwrite, const std::function<void(const std::string&)>& notice) {
+  std::set<FileIdentity> input_ids(inputs.begin(), inputs.end());
+  std::set<std::tuple<std::uint64_t, std::uint64_t, std::string>> names;  // (device, directory inode, file name)
+  struct Need {
+    std::uint64_t nbytes = 0;
+    std::string directory;  // one on the file system
+    std::string first_output;
+  };
+  std::map<std::uint64_t, Need> needed;  // by device
+  for (const OutputTarget& target : targets) {
+    Location where{target.path, "", std::nullopt};
+    if (target.path.empty()) throw Error("an output path is empty");
+    fs::path dir = parent_of(target.path);
+    struct stat dir_info {};
+    if (::stat(dir.c_str(), &dir_info) != 0 || !S_ISDIR(dir_info.st_mode)) {
+      throw Error(where, "output directory does not exist: " + dir.string());
+    }
+    if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+      throw Error(where, "output directory is not writable: " + dir.string());
+    }
+    std::string name = fs::path(target.path).filename().string();
+    if (name.empty() || name == "." || name == "..") throw Error(where, "output path names a directory");
+    if (!names.emplace(static_cast<std::uint64_t>(dir_info.st_dev), static_cast<std::uint64_t>(dir_info.st_ino), name)
+             .second) {
+      throw Error(where, "two outputs of this run have the same path");
+    }
+    struct stat info {};
+    bool exists = ::lstat(target.path.c_str(), &info) == 0;
+    if (exists) {
+      struct stat followed {};
+      if (::stat(target.path.c_str(), &followed) == 0) {
+        if (S_ISDIR(followed.st_mode)) throw Error(where, "output path is a directory");
+        if (input_ids.count({static_cast<std::uint64_t>(followed.st_dev), static_cast<std::uint64_t>(followed.st_ino)}) != 0) {
+          throw Error(where, "output path is one of this run's input files: inputs are never written, "
+                             "not even with --force; write the output elsewhere");
+        }
+      }
+      if (!overwrite) throw Error(where, "output already exists (use --force to overwrite)");
+    }
+    remove_stale_temps(target.path, notice);
+    Need& need = needed[static_cast<std::uint64_t>(dir_info.st_dev)];
+    std::uint64_t blocks = (target.size_bytes + OutputFile::kDirectAlignment - 1) / OutputFile::kDirectAlignment;
+    need.nbytes = checked_add(need.nbytes, blocks * OutputFile::kDirectAlignment, "output size");
+    if (need.directory.empty()) need = Need{need.nbytes, dir.string(), target.path};
+  }
+  for (const auto& [device, need] : needed) {
+    struct statvfs space {};
+    if (::statvfs(need.directory.c_str(), &space) != 0) continue;  // cannot tell: fallocate will
+    std::uint64_t available = static_cast<std::uint64_t>(space.f_bavail) * space.f_frsize;
+    if (need.nbytes > available) {
+      throw Error(Location{need.first_output, "", std::nullopt},
+                  fmt::format("not enough free space in {} for the output{}: {} bytes needed, {} available",
+                              need.directory, targets.size() > 1 ? "s" : "", need.nbytes, available));
+    }
+  }
 }
 
 OutputFile::OutputFile(std::string target_path, std::uint64_t size_bytes, bool overwrite)
     : target_path_(std::move(target_path)), size_bytes_(size_bytes), overwrite_(overwrite) {
-  namespace fs = std::filesystem;
   Location where{target_path_, "", std::nullopt};
   if (!overwrite_ && fs::exists(fs::symlink_status(target_path_))) {
     throw Error(where, "output already exists (use --force to overwrite)");
   }
-  fs::path target(target_path_);
-  fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  fs::path dir = parent_of(target_path_);
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) throw Error(where, "output directory does not exist: " + dir.string());
-  temp_path_ = (dir / fmt::format(".{}.ckpt-tmp-{}", target.filename().string(), ::getpid())).string();
-  cleanup_slot_ = register_cleanup(temp_path_);
+  temp_path_ = (dir / (temp_prefix(target_path_) + std::to_string(::getpid()))).string();
+  cleanup_ = register_cleanup(temp_path_);
   fd_ = ::open(temp_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd_ < 0) {
     std::string reason = errno_text();
-    unregister_cleanup(cleanup_slot_);
+    unregister_cleanup(cleanup_);
     throw Error(where, "cannot create temporary output " + temp_path_ + ": " + reason);
   }
   // Reserve the blocks now so that a full disk fails here, not half-way through;
@@ -93,7 +215,7 @@ OutputFile::OutputFile(std::string target_path, std::uint64_t size_bytes, bool o
     std::string reason = std::strerror(rc);
     ::close(fd_);
     ::unlink(temp_path_.c_str());
-    unregister_cleanup(cleanup_slot_);
+    unregister_cleanup(cleanup_);
     fd_ = -1;
     throw Error(where, fmt::format("cannot allocate {} bytes for the output: {}", size_bytes_, reason));
   }
@@ -102,7 +224,7 @@ OutputFile::OutputFile(std::string target_path, std::uint64_t size_bytes, bool o
 OutputFile::~OutputFile() {
   if (fd_ >= 0) ::close(fd_);
   if (!committed_) ::unlink(temp_path_.c_str());
-  unregister_cleanup(cleanup_slot_);
+  unregister_cleanup(cleanup_);
 }
 
 bool OutputFile::enable_direct_io() {
@@ -142,16 +264,20 @@ void OutputFile::write_at(std::uint64_t byte_offset, Bytes bytes) const {
   }
 }
 
-void OutputFile::commit() {
+void OutputFile::finish() {
+  if (fd_ < 0) return;
   Location where{target_path_, "", std::nullopt};
   // A whole last block may have been written past the planned size.
   if (::ftruncate(fd_, static_cast<off_t>(size_bytes_)) != 0) throw Error(where, "truncate failed: " + errno_text());
   if (::fsync(fd_) != 0) throw Error(where, "fsync failed: " + errno_text());
-  if (::close(fd_) != 0) {
-    fd_ = -1;
-    throw Error(where, "close failed: " + errno_text());
-  }
+  int rc = ::close(fd_);
   fd_ = -1;
+  if (rc != 0) throw Error(where, "close failed: " + errno_text());
+}
+
+void OutputFile::commit(bool sync_directory) {
+  finish();
+  Location where{target_path_, "", std::nullopt};
   int rc = overwrite_ ? ::rename(temp_path_.c_str(), target_path_.c_str())
                       : ::renameat2(AT_FDCWD, temp_path_.c_str(), AT_FDCWD, target_path_.c_str(), RENAME_NOREPLACE);
   if (rc != 0) {
@@ -159,9 +285,9 @@ void OutputFile::commit() {
     throw Error(where, "cannot rename the temporary output into place: " + errno_text());
   }
   committed_ = true;
-  std::filesystem::path target(target_path_);
-  std::string dir = target.has_parent_path() ? target.parent_path().string() : ".";
-  int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  unregister_cleanup(cleanup_);
+  if (!sync_directory) return;
+  int dir_fd = ::open(parent_of(target_path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir_fd >= 0) {
     ::fsync(dir_fd);  // make the rename durable; failure here loses no data already synced
     ::close(dir_fd);

@@ -11,14 +11,6 @@ namespace ckpt {
 
 namespace {
 
-const ManifestTensor* find_tensor(const ManifestFile& file, const std::string& path) {
-  for (const ManifestTensor& tensor : file.tensors) {
-    if (tensor.path == path) return &tensor;
-  }
-  return nullptr;
-}
-
-
 std::string join_path(const std::string& prefix, const std::string& name) {
   return prefix.empty() ? name : prefix + "." + name;
 }
@@ -121,6 +113,15 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
 
 }  // namespace
 
+void check_training_checkpoint(const ManifestFile& file, const std::string& state_dict) {
+  const std::string prefix = state_dict + "/";
+  if (is_flattened(file, prefix) || !state_dict_tensors(file, prefix).empty()) return;
+  throw Error(Location{file.path, "", std::nullopt},
+              fmt::format("{}: stitch, reshard and diff of shard sets need a training checkpoint whose weights are a "
+                          "'{}' state dict (metaseq/fairscale files)",
+                          describe_contents(file), state_dict));
+}
+
 std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files,
                                           const std::string& state_dict) {
   if (shard_files.empty()) throw Error("no shard files for a model part (a bug)");
@@ -137,6 +138,7 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
     }
   };
 
+  check_training_checkpoint(first, state_dict);
   if (!is_flattened(first, prefix)) {
     // Already consolidated (or never sharded): the tensors as they are; ties
     // (one tensor under two keys) stay ties.

@@ -1,6 +1,7 @@
 #include "ckpt/metaseq.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <filesystem>
 #include <regex>
@@ -155,6 +156,20 @@ std::optional<FsdpMetadata> read_fsdp_metadata(const Checkpoint& checkpoint) {
   NodeId metadata = config_get(checkpoint.graph(), checkpoint.graph().root, "shard_metadata");
   if (metadata == kNoNode || checkpoint.graph()[metadata].kind == pickle::Kind::None) return std::nullopt;
   return MetadataReader(checkpoint).read(metadata);
+}
+
+std::optional<DeclaredParts> declared_model_parallel_size(const Checkpoint& checkpoint) {
+  const pickle::Graph& graph = checkpoint.graph();
+  for (const auto& keys : kModelParallelSizeKeys) {
+    NodeId top = config_get(graph, graph.root, keys.front());
+    if (top == kNoNode) continue;
+    NodeId value = config_get_path(graph, top, {keys.begin() + 1, keys.end()});
+    if (value == kNoNode) continue;
+    if (auto parts = as_int(graph, value)) {
+      return DeclaredParts{*parts, fmt::format("{}", fmt::join(keys, "."))};
+    }
+  }
+  return std::nullopt;
 }
 
 }  // namespace ckpt

@@ -8,6 +8,9 @@
 #include <cstring>
 #include <exception>
 #include <filesystem>
+#include <algorithm>
+#include <iterator>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -63,6 +66,7 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
     file.tensors.push_back(std::move(t));
   }
   file.fsdp = read_fsdp_metadata(checkpoint);
+  file.declared_parts = declared_model_parallel_size(checkpoint);
   file.objects = to_json(graph, graph.root, [&](pickle::NodeId id) -> std::optional<nlohmann::json> {
     auto it = tensor_index.find(id);
     if (it == tensor_index.end()) return std::nullopt;
@@ -123,7 +127,7 @@ bool same_layout(const FsdpMetadata& a, const FsdpMetadata& b) {
 }
 
 void check_fsdp_shard(const ManifestFile& file, int dp, std::vector<std::string>& problems) {
-  if (!file.fsdp || !file.role.dp_shard) return;
+  if (!file.fsdp || !file.role.dp_shard || *file.role.dp_shard >= dp) return;
   for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
     for (const FlatParamMeta& flat : instance.flat_params) {
       FsdpChunk chunk = fsdp_chunk(flat.total_numel(), dp, *file.role.dp_shard);
@@ -131,14 +135,124 @@ void check_fsdp_shard(const ManifestFile& file, int dp, std::vector<std::string>
         problems.push_back(fmt::format("{}: {}: padding {} but the chunk rule for {} ranks gives {}", file.path,
                                        flat.state_key, flat.padding, dp, chunk.padding));
       }
-      std::string tensor_path = "model/" + flat.state_key;
-      for (const ManifestTensor& t : file.tensors) {
-        if (t.path != tensor_path) continue;
-        auto expected = static_cast<std::uint64_t>(chunk.numel + chunk.padding);
-        if (t.numel() != expected) {
-          problems.push_back(fmt::format("{}: {}: {} elements but the chunk rule for {} ranks gives {}", file.path,
-                                         flat.state_key, t.numel(), dp, expected));
+      const ManifestTensor* tensor = find_tensor(file, std::string(kModelPrefix) + flat.state_key);
+      auto expected = static_cast<std::uint64_t>(chunk.numel + chunk.padding);
+      if (tensor != nullptr && tensor->numel() != expected) {
+        problems.push_back(fmt::format("{}: {}: {} elements but the chunk rule for {} ranks gives {}", file.path,
+                                       flat.state_key, tensor->numel(), dp, expected));
+      }
+    }
+  }
+}
+
+// More parts or shards than this is not a checkpoint but a typo or a hostile
+// name (OPT-175B has 8 parts x 124 shards).
+constexpr int kMaxGridSide = 1 << 16;
+
+// The FSDP world sizes W for which fairscale's chunk of a flat parameter of
+// `numel` elements is `chunk` long: ceil(numel / W) == chunk, that is
+// ceil(numel / chunk) <= W <= floor((numel - 1) / (chunk - 1)). Empty (lo > hi)
+// when no W gives that chunk.
+struct WorldSizes {
+  std::int64_t lo = 1;
+  std::int64_t hi = std::numeric_limits<std::int64_t>::max();
+  std::string because;   // the flat parameter that set lo
+  std::string conflict;  // the first one that left no world size, with its file
+};
+void narrow_world_sizes(WorldSizes& range, std::int64_t numel, std::int64_t chunk, const std::string& file,
+                        const std::string& tensor) {
+  if (numel <= 0) return;  // an empty flat parameter fits any world size
+  if (chunk <= 0) {
+    range.hi = 0;
+    return;
+  }
+  std::int64_t lo = (numel + chunk - 1) / chunk;
+  std::int64_t hi = chunk == 1 ? std::numeric_limits<std::int64_t>::max() : (numel - 1) / (chunk - 1);
+  bool was_empty = range.lo > range.hi;
+  std::string here = fmt::format("{}: {} elements in chunks of {}", tensor, numel, chunk);
+  if (lo > range.lo) {
+    range.lo = lo;
+    range.because = here;
+  }
+  range.hi = std::min(range.hi, hi);
+  if (!was_empty && range.lo > range.hi) range.conflict = fmt::format("{}: {}", file, here);
+}
+
+// What the FSDP flat parameters of one model part's files say about its world size.
+WorldSizes implied_world_sizes(const std::vector<ManifestFile>& files, const std::vector<int>& shard_files) {
+  WorldSizes range;
+  for (int index : shard_files) {
+    if (index < 0 || !files[index].fsdp) continue;
+    const ManifestFile& file = files[index];
+    for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
+      for (const FlatParamMeta& flat : instance.flat_params) {
+        const ManifestTensor* tensor = find_tensor(file, std::string(kModelPrefix) + flat.state_key);
+        if (tensor == nullptr) continue;  // unflattened (consolidated) files have no FSDP dimension
+        narrow_world_sizes(range, flat.total_numel(), static_cast<std::int64_t>(tensor->numel()),
+                           file.path, std::string(kModelPrefix) + flat.state_key);
+      }
+    }
+  }
+  return range;
+}
+
+bool checked_section(const ManifestTensor& tensor) { return tensor.section() != "other" && tensor.alias_of.empty(); }
+
+// Files of one checkpoint agree with each other: a tensor has one dtype in
+// every file, every shard of a part holds the same tensors, and optimizer state
+// is in all files or none.
+void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, std::vector<std::string>& problems) {
+  std::map<std::string, std::pair<DType, int>> dtypes;  // tensor path -> dtype, first file holding it
+  const ManifestFile* optimizer_reference = nullptr;
+  for (const auto& row : grid.cells) {
+    const ManifestFile* part_reference = nullptr;
+    std::set<std::string> reference_paths;
+    for (int index : row) {
+      if (index < 0) continue;
+      const ManifestFile& file = files[index];
+      std::set<std::string> paths;
+      bool has_optimizer = false;
+      for (const ManifestTensor& tensor : file.tensors) {
+        if (!checked_section(tensor)) continue;
+        paths.insert(tensor.path);
+        has_optimizer = has_optimizer || tensor.section() == "optimizer_state";
+        auto [it, fresh] = dtypes.emplace(tensor.path, std::pair{tensor.dtype, index});
+        if (!fresh && it->second.first != tensor.dtype) {
+          problems.push_back(fmt::format("{}: {}: {} but {} has {} (mixed dtypes)", file.path, tensor.path,
+                                         dtype_info(tensor.dtype).name, files[it->second.second].path,
+                                         dtype_info(it->second.first).name));
         }
+      }
+      if (optimizer_reference == nullptr) {
+        optimizer_reference = &file;
+      } else {
+        bool reference_has = std::any_of(optimizer_reference->tensors.begin(), optimizer_reference->tensors.end(),
+                                         [](const ManifestTensor& t) { return t.section() == "optimizer_state"; });
+        if (reference_has != has_optimizer) {
+          problems.push_back(fmt::format("{}: {} optimizer state but {} {} (optimizer state in some files only)",
+                                         file.path, has_optimizer ? "has" : "has no", optimizer_reference->path,
+                                         reference_has ? "has" : "has none"));
+        }
+      }
+      if (part_reference == nullptr) {
+        part_reference = &file;
+        reference_paths = std::move(paths);
+        continue;
+      }
+      std::vector<std::string> missing;
+      std::vector<std::string> extra;
+      std::set_difference(reference_paths.begin(), reference_paths.end(), paths.begin(), paths.end(),
+                          std::back_inserter(missing));
+      std::set_difference(paths.begin(), paths.end(), reference_paths.begin(), reference_paths.end(),
+                          std::back_inserter(extra));
+      if (!missing.empty()) {
+        problems.push_back(fmt::format("{}: lacks {}{}, which {} holds (shards of different checkpoints?)", file.path,
+                                       missing.front(), missing.size() > 1 ? fmt::format(" and {} more tensor(s)", missing.size() - 1) : "",
+                                       part_reference->path));
+      } else if (!extra.empty()) {
+        problems.push_back(fmt::format("{}: holds {}{}, which {} lacks (shards of different checkpoints?)", file.path,
+                                       extra.front(), extra.size() > 1 ? fmt::format(" and {} more tensor(s)", extra.size() - 1) : "",
+                                       part_reference->path));
       }
     }
   }
@@ -146,42 +260,162 @@ void check_fsdp_shard(const ManifestFile& file, int dp, std::vector<std::string>
 
 }  // namespace
 
+const ManifestTensor* find_tensor(const ManifestFile& file, std::string_view path) {
+  for (const ManifestTensor& tensor : file.tensors) {
+    if (tensor.path == path) return &tensor;
+  }
+  return nullptr;
+}
+
+std::string describe_contents(const ManifestFile& file) {
+  const nlohmann::json& root = file.objects;
+  if (root.is_object() && root.contains("$class") && root["$class"].is_string()) {
+    std::string name = root["$class"].get<std::string>();
+    if (name.rfind("__torch__.", 0) == 0) return fmt::format("a TorchScript archive (torch.jit.save of {})", name);
+    return fmt::format("a pickled Python object of class {} (torch.save(model), not a state dict)", name);
+  }
+  std::size_t top_level_tensors = 0;
+  for (const ManifestTensor& tensor : file.tensors) {
+    if (tensor.path.find('/') == std::string::npos) ++top_level_tensors;
+  }
+  if (top_level_tensors > 0 && top_level_tensors + 1 >= file.top_level_keys.size()) {
+    return fmt::format("a plain state dict of {} tensors (torch.save(model.state_dict()))", top_level_tensors);
+  }
+  if (file.tensors.empty()) return "no tensors at all";
+  std::string keys;
+  for (std::size_t i = 0; i < file.top_level_keys.size() && i < 8; ++i) {
+    keys += (i > 0 ? ", " : "") + file.top_level_keys[i];
+  }
+  if (file.top_level_keys.size() > 8) keys += ", ...";
+  return fmt::format("no 'model' state dict (top-level keys: {})", keys.empty() ? "none" : keys);
+}
+
 Grid detect_grid(const std::vector<ManifestFile>& files) {
   Grid grid;
-  bool any_role = false;
-  for (const ManifestFile& file : files) {
-    if (file.role.mp_part || file.role.dp_shard) any_role = true;
-    grid.mp = std::max(grid.mp, file.role.mp_part.value_or(0) + 1);
-    grid.dp = std::max(grid.dp, file.role.dp_shard.value_or(0) + 1);
-  }
   if (files.empty()) return grid;
+  auto& problems = grid.problems;
+
+  // The part count the files declare: all must declare the same.
+  const ManifestFile* declaring = nullptr;
+  for (const ManifestFile& file : files) {
+    if (!file.declared_parts) continue;
+    if (declaring == nullptr) {
+      declaring = &file;
+    } else if (file.declared_parts->parts != declaring->declared_parts->parts) {
+      problems.push_back(fmt::format("{}: {} = {} but {} says {} (files of different checkpoints?)", file.path,
+                                     file.declared_parts->from, file.declared_parts->parts, declaring->path,
+                                     declaring->declared_parts->parts));
+    }
+  }
+  std::int64_t declared = declaring != nullptr ? declaring->declared_parts->parts : 0;
+  std::string declared_why =
+      declaring != nullptr ? fmt::format("{} = {}", declaring->declared_parts->from, declared) : "";
+  if (declaring != nullptr && (declared < 1 || declared > kMaxGridSide)) {
+    problems.push_back(fmt::format("{}: {}: not a plausible number of model parts", declaring->path, declared_why));
+    declared = 0;
+  }
+
+  // The parts and shards the file names give.
+  bool any_role = false;
+  int found_mp = 0;
+  int found_dp = 0;
+  std::vector<bool> usable(files.size(), true);
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    const FileRole& role = files[i].role;
+    if (!role.mp_part && !role.dp_shard) continue;
+    if (role.mp_part.value_or(0) < 0 || role.mp_part.value_or(0) >= kMaxGridSide || role.dp_shard.value_or(0) < 0 ||
+        role.dp_shard.value_or(0) >= kMaxGridSide) {
+      problems.push_back(fmt::format("{}: model part {} shard {} is outside any plausible grid (at most {} each)",
+                                     files[i].path, role.mp_part.value_or(0), role.dp_shard.value_or(0), kMaxGridSide));
+      usable[i] = false;
+      continue;
+    }
+    any_role = true;
+    found_mp = std::max(found_mp, role.mp_part.value_or(0) + 1);
+    found_dp = std::max(found_dp, role.dp_shard.value_or(0) + 1);
+  }
   if (!any_role) {
     if (files.size() > 1) {
-      grid.problems.push_back(fmt::format("{} files whose names carry no model_part/shard numbers", files.size()));
+      problems.push_back(fmt::format("{} files whose names carry no model_part/shard numbers", files.size()));
     }
     grid.mp = 1;
     grid.dp = 1;
     grid.cells = {{0}};
+    if (declared > 1) {
+      problems.push_back(fmt::format("model parts missing: {} but {}'s name carries no model part number, so "
+                                     "it holds at most one part of {}",
+                                     declared_why, files[0].path, declared));
+    }
+    check_agreement(files, grid, problems);
     return grid;
   }
-  grid.cells.assign(grid.mp, std::vector<int>(grid.dp, -1));
+
+  grid.mp = found_mp;
+  if (declared > found_mp) grid.mp = static_cast<int>(declared);
+  if (declared != 0 && declared < found_mp) {
+    problems.push_back(fmt::format("model part {} found but {} (files of different checkpoints?)", found_mp - 1,
+                                   declared_why));
+  }
+  grid.cells.assign(grid.mp, {});
+  std::vector<std::vector<int>> by_part(grid.mp);
   for (std::size_t i = 0; i < files.size(); ++i) {
-    const FileRole& role = files[i].role;
-    if (!role.mp_part && !role.dp_shard) {
-      grid.problems.push_back(files[i].path + ": no model_part/shard number in the name, unlike the other files");
-      continue;
+    if (usable[i] && (files[i].role.mp_part || files[i].role.dp_shard)) {
+      by_part[files[i].role.mp_part.value_or(0)].push_back(static_cast<int>(i));
     }
-    int& cell = grid.cells[role.mp_part.value_or(0)][role.dp_shard.value_or(0)];
-    if (cell >= 0) {
-      grid.problems.push_back(fmt::format("{} and {} claim the same part {} shard {}", files[cell].path, files[i].path,
-                                          role.mp_part.value_or(0), role.dp_shard.value_or(0)));
-      continue;
+  }
+  // The shards the flat parameters imply, per part.
+  grid.dp = found_dp;
+  std::vector<WorldSizes> implied(grid.mp);
+  for (int m = 0; m < grid.mp; ++m) {
+    implied[m] = implied_world_sizes(files, by_part[m]);
+    if (implied[m].lo > implied[m].hi) {
+      problems.push_back(fmt::format("{} fit no FSDP world size that the other shards of model part {} allow "
+                                     "(shards of different checkpoints, or a corrupted shard_metadata)",
+                                     implied[m].conflict, m));
+    } else if (implied[m].lo > found_dp && implied[m].lo <= kMaxGridSide) {
+      grid.dp = std::max<int>(grid.dp, static_cast<int>(implied[m].lo));
+    } else if (found_dp > implied[m].hi) {
+      problems.push_back(fmt::format("model part {}: shard {} found but the flat parameters' lengths allow at most {} "
+                                     "FSDP ranks",
+                                     m, found_dp - 1, implied[m].hi));
     }
-    cell = static_cast<int>(i);
+  }
+  if (static_cast<std::int64_t>(grid.mp) * grid.dp > (std::int64_t{1} << 24)) {
+    problems.push_back(fmt::format("a grid of {} x {} files is not plausible", grid.mp, grid.dp));
+    grid.cells.clear();
+    return grid;
+  }
+  for (auto& row : grid.cells) row.assign(grid.dp, -1);
+  for (int m = 0; m < grid.mp; ++m) {
+    for (int index : by_part[m]) {
+      const FileRole& role = files[index].role;
+      int& cell = grid.cells[m][role.dp_shard.value_or(0)];
+      if (cell >= 0) {
+        problems.push_back(fmt::format("{} and {} claim the same part {} shard {}", files[cell].path,
+                                       files[index].path, m, role.dp_shard.value_or(0)));
+        continue;
+      }
+      cell = index;
+    }
+  }
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    if (usable[i] && !files[i].role.mp_part && !files[i].role.dp_shard) {
+      problems.push_back(files[i].path + ": no model_part/shard number in the name, unlike the other files");
+    }
   }
   for (int m = 0; m < grid.mp; ++m) {
+    if (by_part[m].empty()) {
+      problems.push_back(fmt::format("model part {} of {} missing{}", m, grid.mp,
+                                     m >= found_mp ? fmt::format(" ({})", declared_why) : ""));
+      continue;
+    }
     for (int d = 0; d < grid.dp; ++d) {
-      if (grid.cells[m][d] < 0) grid.problems.push_back(fmt::format("missing: model part {} shard {}", m, d));
+      if (grid.cells[m][d] >= 0) continue;
+      std::string why = d >= found_dp && !implied[m].because.empty()
+                            ? fmt::format(" (the chunk rule: {} need {} ranks)",
+                                          implied[m].because, implied[m].lo)
+                            : "";
+      problems.push_back(fmt::format("shard {} of {} missing for model part {}{}", d, grid.dp, m, why));
     }
   }
   for (int m = 0; m < grid.mp; ++m) {
@@ -190,16 +424,17 @@ Grid detect_grid(const std::vector<ManifestFile>& files) {
       int index = grid.cells[m][d];
       if (index < 0) continue;
       const ManifestFile& file = files[index];
-      check_fsdp_shard(file, grid.dp, grid.problems);
+      check_fsdp_shard(file, grid.dp, problems);
       if (first == nullptr) {
         first = &file;
       } else if (first->fsdp.has_value() != file.fsdp.has_value() ||
                  (file.fsdp && !same_layout(*first->fsdp, *file.fsdp))) {
-        grid.problems.push_back(fmt::format("{}: shard_metadata differs from {} (shards of different checkpoints?)",
-                                            file.path, first->path));
+        problems.push_back(fmt::format("{}: shard_metadata differs from {} (shards of different checkpoints?)",
+                                       file.path, first->path));
       }
     }
   }
+  check_agreement(files, grid, problems);
   return grid;
 }
 

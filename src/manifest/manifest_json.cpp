@@ -80,7 +80,11 @@ json manifest_to_json(const Manifest& manifest) {
                      {"archive_name", file.archive_name}, {"mp_part", role_value(file.role.mp_part)},
                      {"dp_shard", role_value(file.role.dp_shard)}, {"pickle_protocol", file.pickle_protocol},
                      {"top_level_keys", file.top_level_keys}, {"tensors", tensors},
-                     {"fsdp", file.fsdp ? fsdp_to_json(*file.fsdp) : json(nullptr)}, {"objects", file.objects}});
+                     {"fsdp", file.fsdp ? fsdp_to_json(*file.fsdp) : json(nullptr)},
+                     {"model_parallel_size", file.declared_parts ? json{{"parts", file.declared_parts->parts},
+                                                                        {"from", file.declared_parts->from}}
+                                                                  : json(nullptr)},
+                     {"objects", file.objects}});
   }
   json cells = manifest.grid.cells;
   return {{"format", kManifestFormat},
@@ -130,6 +134,10 @@ Manifest manifest_from_json(const json& j, const std::string& source) {
         file.tensors.push_back(std::move(t));
       }
       if (!file_json.at("fsdp").is_null()) file.fsdp = fsdp_from_json(file_json.at("fsdp"));
+      if (const json& declared = file_json.at("model_parallel_size"); !declared.is_null()) {
+        file.declared_parts = DeclaredParts{declared.at("parts").get<std::int64_t>(),
+                                            declared.at("from").get<std::string>()};
+      }
       file.objects = file_json.value("objects", json(nullptr));
       manifest.files.push_back(std::move(file));
     }
@@ -185,6 +193,11 @@ void write_manifest(const Manifest& manifest, const std::string& path, bool over
     compressed.resize(n);
     text = std::move(compressed);
   }
+  std::vector<FileIdentity> inputs;
+  for (const ManifestFile& file : manifest.files) {
+    if (auto identity = identity_of(file.path)) inputs.push_back(*identity);
+  }
+  check_output_targets({{path, text.size()}}, inputs, overwrite, {});
   OutputFile out(path, text.size(), overwrite);
   out.write_at(0, Bytes(reinterpret_cast<const std::byte*>(text.data()), text.size()));
   out.commit();

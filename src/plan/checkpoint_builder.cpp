@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "ckpt/metaseq.hpp"
 #include "ckpt/pyobject.hpp"
 
 namespace ckpt {
@@ -106,8 +107,9 @@ void CheckpointBuilder::drop_top_level(const std::string& key) {
 
 void CheckpointBuilder::set_model_parallel_size(std::int64_t parts) {
   for (const auto& [name, node] : top_level_) {
-    if (name == "cfg") config_set_int(graph_, node, {"model", "model_parallel_size"}, parts);
-    if (name == "args") config_set_int(graph_, node, {"model_parallel_size"}, parts);
+    for (const auto& keys : kModelParallelSizeKeys) {
+      if (name == keys.front()) config_set_int(graph_, node, {keys.begin() + 1, keys.end()}, parts);
+    }
   }
 }
 

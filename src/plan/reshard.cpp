@@ -33,13 +33,6 @@ std::string output_path(const std::string& pattern, int mp, int dp, int m, int d
 
 namespace {
 
-const ManifestTensor* find_tensor(const ManifestFile& file, const std::string& path) {
-  for (const ManifestTensor& tensor : file.tensors) {
-    if (tensor.path == path) return &tensor;
-  }
-  return nullptr;
-}
-
 // Names of the flat per-parameter optimizer states (exp_avg, exp_avg_sq, ...):
 // 1-D tensors under last_optimizer_state/state/0/ as long as flat parameter 0.
 std::vector<std::string> flat_state_names(const ManifestFile& file) {
@@ -100,6 +93,7 @@ ReshardPlan plan_reshard(const Manifest& manifest, const std::vector<const Mappe
   const int in_mp = static_cast<int>(grid.size());
   const int in_dp = static_cast<int>(grid[0].size());
   const ManifestFile& first = manifest.files[grid[0][0]];
+  check_training_checkpoint(first);
   if (!options.unflatten && !first.fsdp) {
     throw Error(Location{first.path, "", std::nullopt},
                 "no shard_metadata, so the FSDP layout is unknown: only --dp 1 --unflatten can be written");

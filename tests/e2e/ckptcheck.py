@@ -402,8 +402,8 @@ def manifest_problems(manifest_path, resolve=True):
     if manifest.get("format") != "ckpt-tool-manifest":
         problems.append(f"{manifest_path}: format is {manifest.get('format')!r}, "
                         f"expected 'ckpt-tool-manifest'")
-    if manifest.get("version") != 1:
-        problems.append(f"{manifest_path}: version is {manifest.get('version')!r}, expected 1")
+    if manifest.get("version") != 2:
+        problems.append(f"{manifest_path}: version is {manifest.get('version')!r}, expected 2")
     base = os.path.dirname(os.path.abspath(manifest_path))
     checked = 0
     for entry in manifest.get("files", []):

@@ -118,14 +118,14 @@ def test_verify_metadata_problems():
     folder = copy_case("mp2_dp3_fp32_ns_args", work)
     os.remove(os.path.join(folder, "checkpoint_last-model_part-1-shard2.pt"))
     stdout, _ = harness.run(["verify", folder], expect=1)
-    assert "missing: model part 1 shard 2" in stdout
+    assert "shard 2 of 3 missing for model part 1" in stdout
     # inconsistent padding: shard 1 claims one pad element more than it has
     path = os.path.join(folder, "checkpoint_last-model_part-0-shard1.pt")
     ckpt = ckptcheck.load(path)
     ckpt["shard_metadata"]["param_metadata"][0]["params"]["flat_param_0"]["padding"] += 1
     torch.save(ckpt, path)
     stdout, _ = harness.run(["verify", folder], expect=1)
-    assert "padding" in stdout and "chunk rule" in stdout and "missing: model part 1 shard 2" in stdout, stdout
+    assert "padding" in stdout and "chunk rule" in stdout and "shard 2 of 3 missing for model part 1" in stdout, stdout
 
 
 def test_mixed_checkpoints_are_refused():

@@ -27,7 +27,7 @@ def test_layout_matches_the_generator():
         case = json.load(open(os.path.join(folder, "case.json")))
         stdout, _ = harness.run(["manifest", folder])
         manifest = json.loads(stdout)
-        assert manifest["format"] == "ckpt-tool-manifest" and manifest["version"] == 1
+        assert manifest["format"] == "ckpt-tool-manifest" and manifest["version"] == 2
         assert manifest["grid"]["mp"] == case["mp"] and manifest["grid"]["dp"] == case["dp"], name
         assert manifest["grid"]["problems"] == [], f"{name}: {manifest['grid']['problems']}"
         for entry in manifest["files"]:
@@ -118,7 +118,7 @@ def test_missing_shard_is_a_problem():
     files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".pt") and "part-1-shard2" not in f]
     stdout, _ = harness.run(["inspect", "--json"] + files)
     problems = json.loads(stdout)["problems"]
-    assert problems == ["missing: model part 1 shard 2"], problems
+    assert problems == ["shard 2 of 3 missing for model part 1"], problems
 
 
 if __name__ == "__main__":

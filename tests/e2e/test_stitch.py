@@ -180,7 +180,7 @@ def test_incomplete_grid_is_refused():
     work = harness.scratch("incomplete")
     files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".pt") and "part-1-shard1" not in f]
     _, stderr = stitch(files + ["-o", os.path.join(work, "out.pt")], expect=1)
-    assert "missing: model part 1 shard 1" in stderr, stderr
+    assert "shard 1 of 3 missing for model part 1" in stderr, stderr
     assert os.listdir(work) == []
 
 

@@ -186,6 +186,7 @@ void run_all_modes(const TempDir& dir, const ckpt::MappedFile& source, const std
       CAPTURE(threads);
       fs::path out = dir / ("out-" + std::to_string(direct) + "-" + std::to_string(threads) + ".pt");
       ckpt::ExecOptions options = base_options;
+      options.check_crc = false;  // raw sources, not zip archives: the CRC check has its own cases below
       options.threads = threads;
       options.direct_io = direct;
       ckpt::ExecStats stats = ckpt::execute(plan_of(source, records, out), options);
@@ -336,8 +337,206 @@ TEST_SUITE("exec") {
     fs::path out = dir / "many.pt";
     ckpt::ExecOptions options;
     options.threads = 2;
+    options.check_crc = false;  // a raw source
     ckpt::ExecStats stats = ckpt::execute(plan_of(source, records, out), options);
     CHECK(stats.direct_files == 0);
     check_output(out, records);
+  }
+
+  // ------------------------------------------------------------ input CRCs, all or nothing
+
+  // A source that is a real zip archive: records s/data/0..2 of random bytes,
+  // written by the executor itself from inline bytes.
+  struct ZipSource {
+    Buffer data0 = pseudo_random_bytes(kMiB + 100);
+    Buffer data1 = pseudo_random_bytes(12 * kMiB);
+    Buffer data2 = pseudo_random_bytes(64 * 1024);
+    fs::path path;
+    std::uint64_t offset[3] = {0, 0, 0};  // data offsets in the file
+
+    explicit ZipSource(const TempDir& dir) : path(dir / "source.pt") {
+      ckpt::Plan plan;
+      ckpt::PlannedFile file{path.string(), {}};
+      for (const Buffer* data : {&data0, &data1, &data2}) {
+        std::string name = "s/data/" + std::to_string(file.records.size());
+        file.records.push_back(PlannedRecord{name, data->size(), *data, {}});
+      }
+      plan.files.push_back(file);
+      ckpt::execute(plan, {});
+      ckpt::MappedFile mapped(path.string());
+      ckpt::ZipArchive zip(mapped);
+      for (int i = 0; i < 3; ++i) offset[i] = zip.find("s/data/" + std::to_string(i))->data_offset;
+    }
+    void flip(std::uint64_t file_offset) const {
+      Buffer bytes = read_file(path);
+      bytes.at(file_offset) ^= std::byte{1};
+      write_file(path, bytes);
+    }
+  };
+
+  // Copies from data/0 (all but its first 10 and last 90 bytes), data/1 as
+  // interleaved rows (read ahead) and as sparse 16-byte rows 4 KiB apart (read
+  // straight from the mapping); data/2 is not copied.
+  ckpt::Plan checked_plan(const ckpt::MappedFile& source, const ZipSource& zip, const fs::path& out) {
+    ckpt::Plan plan;
+    plan.add_source(source);
+    ckpt::PlannedFile file{out.string(), {}};
+    PlannedRecord r0{"o/data/0", 0, {}, {}};
+    r0.append_copy(0, zip.offset[0] + 10, kMiB);
+    file.records.push_back(r0);
+    constexpr std::uint64_t kRows = 20000;
+    PlannedRecord r1{"o/data/1", kRows * 80, {}, {}};
+    for (std::uint64_t part = 0; part < 2; ++part) {
+      CopyOp op;
+      op.source = 0;
+      op.source_offset = zip.offset[1] + part * 4 * kMiB;
+      op.dest_offset = part * 40;
+      op.nbytes = 40;
+      op.rows = kRows;
+      op.source_stride = 40;
+      op.dest_stride = 80;
+      r1.copies.push_back(op);
+    }
+    file.records.push_back(r1);
+    PlannedRecord r2{"o/data/2", 500 * 16, {}, {}};
+    CopyOp sparse;
+    sparse.source = 0;
+    sparse.source_offset = zip.offset[1] + 9 * kMiB;
+    sparse.nbytes = 16;
+    sparse.rows = 500;  // up to 11 MiB of data/1's 12
+    sparse.source_stride = 4096;
+    sparse.dest_stride = 16;
+    r2.copies.push_back(sparse);
+    file.records.push_back(r2);
+    plan.files.push_back(file);
+    return plan;
+  }
+
+  bool no_file_but(const TempDir& dir, const std::vector<std::string>& names) {
+    std::vector<std::string> found;
+    for (const auto& entry : fs::directory_iterator(dir.path())) found.push_back(entry.path().filename().string());
+    std::sort(found.begin(), found.end());
+    std::vector<std::string> wanted = names;
+    std::sort(wanted.begin(), wanted.end());
+    return found == wanted;
+  }
+
+  TEST_CASE("every input byte copied is checked against its record's CRC-32") {
+    TempDir dir;
+    ZipSource zip(dir);
+    fs::path out = dir / "out.pt";
+    {
+      ckpt::MappedFile source(zip.path.string());
+      ckpt::ExecStats stats = ckpt::execute(checked_plan(source, zip, out), {});
+      CHECK(stats.crc_checked);
+      // data/0: the 100 bytes no copy read; data/1: at least the rows the sparse
+      // copy skipped; never data/2, never all of data/1 twice.
+      CHECK(stats.crc_reread_bytes >= 100 + 4 * kMiB);
+      CHECK(stats.crc_reread_bytes < 100 + zip.data1.size());
+      fs::remove(out);
+    }
+    struct Case {
+      const char* what;
+      std::uint64_t offset;
+      const char* record;  // nullptr: the corruption is in no record the plan reads
+    };
+    for (const Case& c : {Case{"a byte copied", zip.offset[0] + 5000, "s/data/0"},
+                          Case{"a byte of a copied record that no copy reads", zip.offset[0] + 3, "s/data/0"},
+                          Case{"a byte read ahead for interleaved rows", zip.offset[1] + 4 * kMiB + 7, "s/data/1"},
+                          Case{"a byte of a sparse row read from the mapping", zip.offset[1] + 9 * kMiB + 4096 * 7 + 3,
+                               "s/data/1"},
+                          Case{"a byte skipped between sparse rows", zip.offset[1] + 9 * kMiB + 100, "s/data/1"},
+                          Case{"a byte of a record no copy reads", zip.offset[2] + 10, nullptr}}) {
+      CAPTURE(c.what);
+      zip.flip(c.offset);
+      ckpt::MappedFile source(zip.path.string());
+      if (c.record == nullptr) {
+        CHECK_NOTHROW(ckpt::execute(checked_plan(source, zip, out), {}));
+        fs::remove(out);
+      } else {
+        try {
+          ckpt::execute(checked_plan(source, zip, out), {});
+          FAIL("a corrupted input was copied");
+        } catch (const ckpt::Error& e) {
+          CHECK(e.where().file == zip.path.string());
+          CHECK(e.where().member == c.record);
+          CHECK(std::string(e.what()).find("CRC-32") != std::string::npos);
+        }
+        CHECK(no_file_but(dir, {"source.pt"}));
+        ckpt::ExecOptions unchecked;
+        unchecked.check_crc = false;
+        ckpt::ExecStats stats = ckpt::execute(checked_plan(source, zip, out), unchecked);
+        CHECK_FALSE(stats.crc_checked);
+        fs::remove(out);
+      }
+      zip.flip(c.offset);  // back as it was
+    }
+  }
+
+  TEST_CASE("a copy that reaches outside every record of its input is refused before writing") {
+    TempDir dir;
+    ZipSource zip(dir);
+    ckpt::MappedFile source(zip.path.string());
+    ckpt::Plan plan;
+    plan.add_source(source);
+    ckpt::PlannedFile file{(dir / "out.pt").string(), {}};
+    PlannedRecord record{"o/data/0", 0, {}, {}};
+    record.append_copy(0, zip.offset[0] + zip.data0.size() - 10, 100);  // into data/1's local header
+    file.records.push_back(record);
+    plan.files.push_back(file);
+    CHECK_THROWS_WITH_AS(ckpt::execute(plan, {}), doctest::Contains("do not lie inside one record"), ckpt::Error);
+    CHECK(no_file_but(dir, {"source.pt"}));
+  }
+
+  TEST_CASE("several outputs appear all together or not at all") {
+    TempDir dir;
+    ZipSource zip(dir);
+    ckpt::MappedFile source(zip.path.string());
+    auto three_outputs = [&](std::uint64_t last_source_offset) {
+      ckpt::Plan plan = checked_plan(source, zip, dir / "a.pt");
+      plan.files.push_back(checked_plan(source, zip, dir / "b.pt").files[0]);
+      ckpt::PlannedFile last{(dir / "c.pt").string(), {}};
+      PlannedRecord record{"o/data/0", 0, {}, {}};
+      record.append_copy(0, last_source_offset, 1000);
+      last.records.push_back(record);
+      plan.files.push_back(last);
+      return plan;
+    };
+    SUBCASE("an output that is the input, under another name, is refused even with overwrite") {
+      fs::create_hard_link(zip.path, dir / "c.pt");
+      ckpt::ExecOptions options;
+      options.overwrite = true;
+      CHECK_THROWS_WITH_AS(ckpt::execute(three_outputs(zip.offset[2]), options),
+                           doctest::Contains("one of this run's input files"), ckpt::Error);
+      CHECK(no_file_but(dir, {"source.pt", "c.pt"}));
+    }
+    SUBCASE("an existing last output stops the run before the first is created") {
+      write_file(dir / "c.pt", Buffer(10));
+      CHECK_THROWS_WITH_AS(ckpt::execute(three_outputs(zip.offset[2]), {}), doctest::Contains("already exists"),
+                           ckpt::Error);
+      CHECK(no_file_but(dir, {"source.pt", "c.pt"}));
+    }
+    SUBCASE("a corrupted input read only by the last output: none is renamed") {
+      zip.flip(zip.offset[2] + 500);
+      ckpt::MappedFile corrupted(zip.path.string());
+      ckpt::Plan plan = three_outputs(zip.offset[2]);
+      plan.sources = {&corrupted};
+      CHECK_THROWS_WITH_AS(ckpt::execute(plan, {}), doctest::Contains("s/data/2"), ckpt::Error);
+      CHECK(no_file_but(dir, {"source.pt"}));
+    }
+    SUBCASE("stale temporary files of the same outputs are removed and reported") {
+      write_file(dir / ".b.pt.ckpt-tmp-999999999", Buffer(10));  // no such process
+      // this process's pid, left by an earlier process that had it
+      write_file(dir / (".c.pt.ckpt-tmp-" + std::to_string(::getpid())), Buffer(10));
+      write_file(dir / ".a.pt.ckpt-tmp-x", Buffer(10));  // not a temporary file of ours: kept
+      std::vector<std::string> notices;
+      ckpt::ExecOptions options;
+      options.notice = [&](const std::string& text) { notices.push_back(text); };
+      ckpt::execute(three_outputs(zip.offset[2]), options);
+      REQUIRE(notices.size() == 2);
+      CHECK(notices[0].find(".b.pt.ckpt-tmp-999999999") != std::string::npos);
+      CHECK(notices[1].find(".c.pt.ckpt-tmp-" + std::to_string(::getpid())) != std::string::npos);
+      CHECK(no_file_but(dir, {"source.pt", "a.pt", "b.pt", "c.pt", ".a.pt.ckpt-tmp-x"}));
+    }
   }
 }
