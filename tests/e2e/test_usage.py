@@ -167,6 +167,8 @@ def test_control_characters_are_escaped():
     assert f"model/{escaped}: 3 of 3 elements differ" in stdout, stdout
     assert "only in B: only\\nin b" in stdout, stdout
     assert not any(line.startswith(("forged", "in b")) for line in stdout.splitlines()), stdout
+    stdout, _ = harness.run(["stitch", a, "-o", os.path.join(out, "c.pt"), "--dry-run"])
+    assert "\x1b" not in stdout and f"  {escaped} float32 [3]" in stdout, stdout
     # JSON output stays JSON-escaped (and parses)
     stdout, _ = harness.run(["inspect", a, "--tensors", "--json"])
     assert "\x1b" not in stdout
