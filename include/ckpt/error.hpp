@@ -6,14 +6,26 @@
 // `ckpt-tool: error: `. Errors are thrown from deep inside the readers and caught
 // only in `main`; intermediate layers add context with `Error::with_file` and
 // friends rather than catching and re-wording.
+//
+// Names inside a checkpoint (tensor keys, object keys, record names) are
+// untrusted bytes. `printable` is the one escape every terminal printer uses, and
+// `what()` applies it to the whole rendered line, so a key holding `\n` or an
+// escape sequence can neither forge a second line nor move the cursor.
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 namespace ckpt {
+
+// `text` with control bytes escaped for a terminal: \t \n \r as such, other
+// bytes below 0x20 and 0x7f as \xHH, and the C1 controls U+0080..U+009F (UTF-8
+// C2 80..C2 9F, which a UTF-8 terminal obeys like ESC [) as \u00HH. Everything
+// else, other UTF-8 and backslashes included, is unchanged.
+std::string printable(std::string_view text);
 
 struct Location {
   std::string file;                    // path as the user gave it
@@ -29,6 +41,7 @@ class Error : public std::runtime_error {
   const Location& where() const { return where_; }
   const std::string& message() const { return message_; }
 
+  // `what()` is the rendered line, escaped by `printable`; `message()` is raw.
   // Copies of this error with a field filled in when it was still empty.
   Error with_file(const std::string& file) const;
   Error with_member(const std::string& member) const;

@@ -1,4 +1,10 @@
-// Read-only memory mapping of an input file (Boost.Interprocess).
+// Read-only memory mapping of an input file (mmap of one open descriptor).
+//
+// The path is resolved once: the file is opened, its size and mtime come from
+// fstat of that descriptor and the mapping is made from it, so the recorded size
+// and mtime (what a manifest's freshness check compares) belong to the bytes
+// mapped even if the name is replaced meanwhile. Boost.Interprocess, used before,
+// maps only by name.
 //
 // A tensor is only a byte range of its input until the moment it is copied. The
 // zip directory and the pickle are parsed straight from the mapping; bulk bytes
@@ -9,7 +15,6 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
 #include <string>
 
 #include "ckpt/byte_reader.hpp"
@@ -39,10 +44,8 @@ class MappedFile {
 
 
  private:
-  struct Impl;
   std::string path_;
-  std::unique_ptr<Impl> impl_;
-  Bytes bytes_;
+  Bytes bytes_;  // the whole mapping; empty (and nothing mapped) for an empty file
   std::int64_t mtime_ns_ = 0;
   std::uint64_t device_ = 0;
   std::uint64_t inode_ = 0;

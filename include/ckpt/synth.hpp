@@ -12,6 +12,13 @@
 
 namespace ckpt {
 
+// Limits on what synth is asked for: far beyond any real model, and small enough
+// that every size below fits 64 bits and the synthetic streams (weights below
+// 2^50 bytes, exp_avg and exp_avg_sq above) stay apart.
+constexpr double kSynthMaxParameters = 1e14;
+constexpr std::int64_t kSynthMaxLayers = 4096;
+constexpr std::int64_t kSynthMaxDim = std::int64_t{1} << 24;  // embed, ffn, vocab, positions
+
 struct SynthOptions {
   double params = 125e6;       // target parameter count; the dims below win when given
   int mp = 1;
@@ -30,7 +37,9 @@ struct SynthModel {
   std::uint64_t parameters;  // of the whole model
 };
 
-// The dimensions synth will use (every sharded one divisible by mp).
+// The dimensions synth will use (every sharded one divisible by mp). Throws Error
+// when a dimension is out of the limits above, not divisible by mp, or the model
+// has more than kSynthMaxParameters parameters.
 SynthModel synth_model(const SynthOptions& options);
 
 // Plans `checkpoint_last-model_part-{m}-shard{d}.pt` files in `directory`.

@@ -11,6 +11,7 @@
 #include "ckpt/stitch.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
+#include "usage.hpp"
 
 namespace ckpt::cli {
 
@@ -124,11 +125,12 @@ Action add_diff_command(CLI::App& app) {
   auto options = std::make_shared<Options>();
   app.add_option("A", options->a, "a checkpoint file, or a set of shards (directory, quoted glob, manifest)")->required();
   app.add_option("B", options->b, "the same for the other side")->required();
-  app.add_option("--atol", options->atol, "absolute tolerance (default: exact, bit for bit)")->check(CLI::NonNegativeNumber);
-  app.add_option("--rtol", options->rtol, "relative tolerance (default: exact, bit for bit)")->check(CLI::NonNegativeNumber);
-  app.add_option("--max-positions", options->max_positions, "wrong positions listed per tensor (default 20)");
+  app.add_option("--atol", options->atol, "absolute tolerance (default: exact, bit for bit)")->check(finite_non_negative());
+  app.add_option("--rtol", options->rtol, "relative tolerance (default: exact, bit for bit)")->check(finite_non_negative());
+  app.add_option("--max-positions", options->max_positions, "wrong positions listed per tensor (default 20)")
+      ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 32));
   app.add_flag("--json", options->json_output, "print JSON for machines");
-  app.add_option("--threads", options->threads, "comparison threads (default: all cores)");
+  app.add_option("--threads", options->threads, "comparison threads (default: all cores)")->check(thread_count());
   return [options]() -> int {
     try {
       auto start = std::chrono::steady_clock::now();
@@ -162,19 +164,20 @@ Action add_diff_command(CLI::App& app) {
         std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
         return equal ? 0 : 1;
       }
-      for (const std::string& name : report.only_in_a) fmt::print("only in A: {}\n", name);
-      for (const std::string& name : report.only_in_b) fmt::print("only in B: {}\n", name);
+      for (const std::string& name : report.only_in_a) fmt::print("only in A: {}\n", printable(name));
+      for (const std::string& name : report.only_in_b) fmt::print("only in B: {}\n", printable(name));
       for (const TensorDiff& diff : report.differing) {
+        const std::string name = printable(diff.name);
         if (!diff.mismatch.empty()) {
-          fmt::print("{}: {}\n", diff.name, diff.mismatch);
+          fmt::print("{}: {}\n", name, printable(diff.mismatch));
           continue;
         }
-        fmt::print("{}: {} of {} elements differ (max abs {:.6g}, max rel {:.6g})\n", diff.name, diff.count, diff.numel,
+        fmt::print("{}: {} of {} elements differ (max abs {:.6g}, max rel {:.6g})\n", name, diff.count, diff.numel,
                    diff.max_abs, diff.max_rel);
-        for (const DiffPosition& p : diff.positions) fmt::print("  {} {}: {:.6g} != {:.6g}\n", diff.name, index_text(p.index), p.a, p.b);
+        for (const DiffPosition& p : diff.positions) fmt::print("  {} {}: {:.6g} != {:.6g}\n", name, index_text(p.index), p.a, p.b);
         if (diff.count > diff.positions.size()) fmt::print("  ... {} more\n", diff.count - diff.positions.size());
       }
-      for (const std::string& line : objects) fmt::print("object {}\n", line);
+      for (const std::string& line : objects) fmt::print("object {}\n", printable(line));
       fmt::print("{}: {} tensors compared ({} each side) in {:.2f} s; {} differ, {} only in A, {} only in B{}\n",
                  equal ? "equal" : "different", report.compared, human_bytes(report.compared_bytes), seconds,
                  report.differing.size(), report.only_in_a.size(), report.only_in_b.size(),

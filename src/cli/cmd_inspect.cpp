@@ -10,6 +10,7 @@
 
 #include "commands.hpp"
 #include "inputs.hpp"
+#include "usage.hpp"
 
 namespace ckpt::cli {
 
@@ -57,7 +58,7 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 }
 
 std::string scalar_text(const json& value) {
-  if (value.is_string()) return fmt::format("'{}'", value.get<std::string>());
+  if (value.is_string()) return fmt::format("'{}'", printable(value.get<std::string>()));
   return value.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
@@ -65,8 +66,10 @@ class TreePrinter {
  public:
   TreePrinter(const ManifestFile& file, std::ostream& out) : file_(file), out_(out) {}
 
-  void print(const json& node, const std::string& label, int indent) {
+  // Labels, class names and strings come from the file: escaped by `printable`.
+  void print(const json& node, const std::string& raw_label, int indent) {
     std::string pad(static_cast<std::size_t>(indent) * 2, ' ');
+    const std::string label = printable(raw_label);
     if (auto tensor = tensor_text(node)) {
       out_ << pad << label << ": " << *tensor << "\n";
       return;
@@ -76,13 +79,13 @@ class TreePrinter {
       return;
     }
     if (node.is_object() && node.contains("$ref")) {
-      out_ << pad << label << ": (same object as " << node["$ref"].get<std::string>() << ")\n";
+      out_ << pad << label << ": (same object as " << printable(node["$ref"].get<std::string>()) << ")\n";
       return;
     }
     json children = node;
     std::string kind = node.is_array() ? fmt::format("list of {}", node.size()) : "";
     if (node.is_object() && node.contains("$class")) {
-      kind = node["$class"].get<std::string>();
+      kind = printable(node["$class"].get<std::string>());
       if (node.contains("value")) children = node["value"];
       else if (node.contains("attributes")) children = node["attributes"];
       if (kind == "torch.Size" && children.is_array()) {
@@ -161,25 +164,29 @@ Action add_inspect_command(CLI::App& app) {
     std::vector<std::string> inputs;
     bool json_output = false;
     bool tensors = false;
-    std::string filter;
+    std::optional<std::regex> filter;  // compiled while parsing: a bad one is a usage error
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs, "a manifest (.json/.json.zst), or checkpoint files, globs, directories")
       ->required();
   app.add_flag("--json", options->json_output, "print JSON for machines");
   app.add_flag("--tensors", options->tensors, "list every tensor");
-  app.add_option("--filter", options->filter, "with --tensors: only tensors whose path matches this regex");
+  app.add_option_function<std::string>(
+      "--filter",
+      [options](const std::string& text) {
+        options->filter.reset();
+        if (text.empty()) return;
+        try {
+          options->filter.emplace(text);
+        } catch (const std::regex_error& e) {
+          throw CLI::ValidationError("--filter", fmt::format("invalid regular expression '{}': {}", text, e.what()));
+        }
+      },
+      "with --tensors: only tensors whose path matches this regex");
   return [options] {
     Manifest manifest = load_inputs(options->inputs);
     Summary summary = summarize(manifest);
-    std::optional<std::regex> filter;
-    if (!options->filter.empty()) {
-      try {
-        filter.emplace(options->filter);
-      } catch (const std::regex_error& e) {
-        throw Error("--filter: invalid regular expression: " + options->filter);
-      }
-    }
+    const std::optional<std::regex>& filter = options->filter;
     auto selected = [&](const ManifestTensor& t) { return !filter || std::regex_search(t.path, *filter); };
 
     if (options->json_output) {
@@ -229,11 +236,11 @@ Action add_inspect_command(CLI::App& app) {
       out << "problems: none found\n";
     } else {
       out << fmt::format("problems ({}):\n", manifest.grid.problems.size());
-      for (const std::string& problem : manifest.grid.problems) out << "  " << problem << "\n";
+      for (const std::string& problem : manifest.grid.problems) out << "  " << printable(problem) << "\n";
     }
     if (!manifest.files.empty()) {
       const ManifestFile& first = manifest.files[0];
-      out << "objects of " << std::filesystem::path(first.path).filename().string() << ":\n";
+      out << "objects of " << printable(std::filesystem::path(first.path).filename().string()) << ":\n";
       TreePrinter printer(first, out);
       if (first.objects.is_object() && !first.objects.contains("$class")) {
         for (const auto& item : first.objects.items()) printer.print(item.value(), item.key(), 1);
@@ -244,10 +251,10 @@ Action add_inspect_command(CLI::App& app) {
     if (options->tensors) {
       out << fmt::format("{:<60} {:<9} {:<18} {:>10}  {}\n", "tensor", "dtype", "shape", "bytes", "file @ offset");
       for (const ManifestFile& file : manifest.files) {
-        std::string name = std::filesystem::path(file.path).filename().string();
+        std::string name = printable(std::filesystem::path(file.path).filename().string());
         for (const ManifestTensor& t : file.tensors) {
           if (!selected(t)) continue;
-          out << fmt::format("{:<60} {:<9} {:<18} {:>10}  {} @ 0x{:x}\n", t.path, dtype_info(t.dtype).name,
+          out << fmt::format("{:<60} {:<9} {:<18} {:>10}  {} @ 0x{:x}\n", printable(t.path), dtype_info(t.dtype).name,
                              shape_text(t.shape), t.nbytes, name, t.file_byte_offset);
         }
       }

@@ -6,6 +6,7 @@
 
 #include "commands.hpp"
 #include "inputs.hpp"
+#include "usage.hpp"
 
 namespace ckpt::cli {
 
@@ -17,11 +18,19 @@ Action add_manifest_command(CLI::App& app) {
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs, "checkpoint files, globs or directories")->required();
-  app.add_option("-o,--output", options->output, "write here instead of stdout (.zst: zstd-compressed)");
+  CLI::Option* output =
+      app.add_option("-o,--output", options->output, "write here instead of stdout (.zst: zstd-compressed)");
   app.add_flag("-f,--force", options->force, "overwrite an existing output");
-  return [options] {
+  return [options, output] {
+    bool to_stdout = output->count() == 0;
+    if (!to_stdout) {
+      PatternRule no_fields;
+      no_fields.refused_because = " (a manifest is one file)";
+      check_output_pattern(options->output, no_fields);
+      check_output_file(options->output, options->output);
+    }
     Manifest manifest = build_manifest(expand_inputs(options->inputs));
-    if (options->output.empty()) {
+    if (to_stdout) {
       std::cout << manifest_to_json(manifest).dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     } else {
       write_manifest(manifest, options->output, options->force);

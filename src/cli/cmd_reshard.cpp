@@ -11,6 +11,7 @@
 #include "inputs.hpp"
 #include "plan_print.hpp"
 #include "replicated.hpp"
+#include "usage.hpp"
 
 namespace ckpt::cli {
 
@@ -37,6 +38,15 @@ Action add_reshard_command(CLI::App& app) {
   app.add_flag("--drop-optimizer-state", options->drop_optimizer_state, "write no last_optimizer_state");
   add_write_flags(app, options->write);
   return [options] {
+    // {m} and {d} are always accepted (0 when the count is 1) and required when
+    // the count on their axis is more than 1.
+    PatternRule rule;
+    rule.m = options->mp > 1 ? PatternRule::kRequired : PatternRule::kAllowed;
+    rule.d = options->dp > 1 ? PatternRule::kRequired : PatternRule::kAllowed;
+    rule.required_because = fmt::format(" to name {} x {} outputs", options->mp, options->dp);
+    rule.syntax_only = options->write.dry_run;
+    check_output_pattern(options->output, rule);
+    if (!options->write.dry_run) check_output_grid(options->output, options->mp, options->dp);
     auto started = std::chrono::steady_clock::now();
     Manifest manifest = load_inputs(options->inputs);
     std::vector<std::unique_ptr<MappedFile>> mapped;

@@ -5,11 +5,13 @@
 #include <chrono>
 #include <memory>
 
+#include "ckpt/reshard.hpp"
 #include "ckpt/stitch.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "plan_print.hpp"
 #include "replicated.hpp"
+#include "usage.hpp"
 
 namespace ckpt::cli {
 
@@ -36,6 +38,18 @@ Action add_stitch_command(CLI::App& app) {
   app.add_flag("--ema", options->ema, "take the weights from extra_state's EMA copy (ema_fp32_params or ema)");
   add_write_flags(app, options->write);
   return [options] {
+    // The pattern before any input is read; its paths once the part count is known.
+    PatternRule rule;
+    if (options->no_stitch_megatron) {
+      rule.m = PatternRule::kRequired;
+      rule.refused_because = " (stitch writes no shards)";
+      rule.required_because = ": --no-stitch-megatron writes one file per model part";
+    } else {
+      rule.refused_because = " (stitch writes one file; --no-stitch-megatron writes one per model part, named by {m})";
+    }
+    rule.syntax_only = options->write.dry_run;
+    check_output_pattern(options->output, rule);
+    if (!options->no_stitch_megatron && !options->write.dry_run) check_output_file(options->output, options->output);
     auto started = std::chrono::steady_clock::now();
     Manifest manifest = load_inputs(options->inputs);
     std::vector<std::vector<int>> grid = complete_grid(manifest);
@@ -57,14 +71,12 @@ Action add_stitch_command(CLI::App& app) {
       outputs.push_back(options->output);
       bases.push_back(std::make_unique<Checkpoint>(*inputs.files[grid[0][0]]));
     } else {
-      if (options->output.find("{m}") == std::string::npos) {
-        throw Error("--no-stitch-megatron writes one file per model part: -o needs {m} in it");
-      }
-      for (std::size_t m = 0; m < grid.size(); ++m) {
-        std::string path = options->output;
-        path.replace(path.find("{m}"), 3, std::to_string(m));
+      const int parts = static_cast<int>(grid.size());
+      for (int m = 0; m < parts; ++m) {
+        std::string path = output_path(options->output, parts, 1, m, 0);
+        if (!options->write.dry_run) check_output_file(options->output, path);
         outputs.push_back(path);
-        bases.push_back(std::make_unique<Checkpoint>(*inputs.files[grid[m][0]]));
+        bases.push_back(std::make_unique<Checkpoint>(*inputs.files[grid[static_cast<std::size_t>(m)][0]]));
       }
     }
     for (const auto& base : bases) inputs.bases.push_back(base.get());

@@ -8,6 +8,7 @@
 #include "ckpt/verify.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
+#include "usage.hpp"
 
 namespace ckpt::cli {
 
@@ -19,7 +20,7 @@ Action add_verify_command(CLI::App& app) {
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs, "checkpoint files, globs, directories, or a manifest")->required();
-  app.add_option("--threads", options->threads, "CRC threads (default: all cores)");
+  app.add_option("--threads", options->threads, "CRC threads (default: all cores)")->check(thread_count());
   app.add_flag("-q,--quiet", options->quiet, "print problems only, no summary");
   return [options] {
     auto start = std::chrono::steady_clock::now();
@@ -32,7 +33,7 @@ Action add_verify_command(CLI::App& app) {
       paths = expand_inputs(options->inputs);
     }
     VerifyReport report = verify_files(paths, options->threads);
-    for (const std::string& problem : report.problems) fmt::print("{}\n", problem);
+    for (const std::string& problem : report.problems) fmt::print("{}\n", printable(problem));
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!options->quiet) {
       fmt::print("{}: {} file(s), {} record(s), {} checked in {:.2f} s ({:.0f} MiB/s); {} problem(s)\n",

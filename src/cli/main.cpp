@@ -1,5 +1,6 @@
 // ckpt-tool: consolidate and reshard sharded PyTorch checkpoints without loading
-// them. Exit codes: 0 success, 1 failure (bad input, I/O), 2 usage error.
+// them. Exit codes: 0 success, 1 failure (bad input, I/O), 2 usage error; every
+// error is one line on stderr, `ckpt-tool: error: ...`, escaped by `printable`.
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
@@ -9,6 +10,7 @@
 #include "ckpt/error.hpp"
 #include "ckpt/output_file.hpp"
 #include "commands.hpp"
+#include "usage.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"ckpt-tool: index, inspect, stitch and reshard sharded PyTorch checkpoints, zero-copy"};
@@ -41,7 +43,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    app.exit(e);
+    // CLI11's own report is two lines (the error, then "Run with --help ...").
+    fmt::print(stderr, "ckpt-tool: error: {} (run with --help for more information)\n", ckpt::printable(e.what()));
     return 2;
   }
   ckpt::install_cleanup_handlers();
@@ -52,11 +55,14 @@ int main(int argc, char** argv) {
     for (auto& [sub, action] : actions) {
       if (sub->parsed()) return action();
     }
+  } catch (const ckpt::cli::UsageError& e) {
+    fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
+    return 2;
   } catch (const ckpt::Error& e) {
     fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
     return 1;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
+    fmt::print(stderr, "ckpt-tool: error: {}\n", ckpt::printable(e.what()));
     return 1;
   }
   return 2;

@@ -11,6 +11,7 @@
 #include "ckpt/zip.hpp"
 #include "ckpt/tensor_math.hpp"
 #include "inputs.hpp"
+#include "usage.hpp"
 
 namespace ckpt::cli {
 
@@ -20,7 +21,7 @@ std::string describe_op(const Plan& plan, const CopyOp& op) {
   std::string source = op.source == CopyOp::kZeros       ? "zeros"
                        : op.source == CopyOp::kSynthetic ? fmt::format("synthetic@0x{:x}", op.source_offset)
                                                          : fmt::format("{}@0x{:x}",
-                                         std::filesystem::path(plan.sources[op.source]->path()).filename().string(),
+                                         printable(std::filesystem::path(plan.sources[op.source]->path()).filename().string()),
                                          op.source_offset);
   std::string rows = op.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", op.rows, op.source_stride, op.dest_stride) : "";
   std::string convert = op.converts() ? fmt::format(" {}->{}", dtype_info(op.source_dtype).name, dtype_info(op.dest_dtype).name) : "";
@@ -42,16 +43,16 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
     }
     ZipLayout layout = layout_zip(specs);
     total_size += layout.file_size;
-    fmt::print(out, "output {} ({} records, {})\n", file.path, file.records.size(), human_bytes(layout.file_size));
+    fmt::print(out, "output {} ({} records, {})\n", printable(file.path), file.records.size(), human_bytes(layout.file_size));
     std::string prefix = file.records.front().name.substr(0, file.records.front().name.find('/'));
     std::size_t storage = 0;
     for (const OutputTensor& tensor : k < tensors.size() ? tensors[k] : std::vector<OutputTensor>{}) {
       if (tensor.alias_of) {
-        fmt::print(out, "  {} = {} (tied, no bytes)\n", tensor.name, *tensor.alias_of);
+        fmt::print(out, "  {} = {} (tied, no bytes)\n", printable(tensor.name), printable(*tensor.alias_of));
         continue;
       }
       const PlannedRecord* record = by_name.at(fmt::format("{}/data/{}", prefix, storage++));
-      fmt::print(out, "  {} {} [{}] {} B in {} copy op(s)\n", tensor.name, dtype_info(tensor.dtype).name,
+      fmt::print(out, "  {} {} [{}] {} B in {} copy op(s)\n", printable(tensor.name), dtype_info(tensor.dtype).name,
                  fmt::join(tensor.source.shape, ", "), record->nbytes, record->copies.size());
       for (std::size_t i = 0; i < record->copies.size() && i < 3; ++i) {
         fmt::print(out, "    {}\n", describe_op(plan, record->copies[i]));
@@ -81,7 +82,7 @@ void print_stats(const ExecStats& stats, std::size_t files, double plan_seconds)
 void add_write_flags(CLI::App& app, WriteFlags& flags) {
   app.add_flag("--strict", flags.strict, "fail when replicated tensors differ between model parts");
   app.add_flag("--dry-run", flags.dry_run, "print the plan; write nothing");
-  app.add_option("--threads", flags.threads, "copy threads (default: all cores)");
+  app.add_option("--threads", flags.threads, "copy threads (default: all cores)")->check(thread_count());
   app.add_flag("-q,--quiet", flags.quiet, "no progress or summary on stderr");
   app.add_flag("-f,--force", flags.force, "overwrite existing outputs");
   app.add_flag("--stats", flags.stats, "print the time of each stage on stderr");

@@ -46,7 +46,7 @@ void report_replicated(const std::vector<ReplicatedCheck>& checks, const std::ve
                        bool strict) {
   for (const std::string& problem : compare_replicated(checks, files)) {
     if (strict) throw Error(problem);
-    fmt::print(stderr, "ckpt-tool: warning: {}\n", problem);
+    fmt::print(stderr, "ckpt-tool: warning: {}\n", printable(problem));
   }
 }
 

@@ -4,8 +4,36 @@
 
 namespace ckpt {
 
+std::string printable(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    auto byte = static_cast<unsigned char>(text[i]);
+    if (byte == 0xc2 && i + 1 < text.size()) {
+      auto next = static_cast<unsigned char>(text[i + 1]);
+      if (next >= 0x80 && next <= 0x9f) {
+        out += fmt::format("\\u{:04x}", next);
+        ++i;
+        continue;
+      }
+    }
+    if (byte >= 0x20 && byte != 0x7f) {
+      out += static_cast<char>(byte);
+    } else if (byte == '\n') {
+      out += "\\n";
+    } else if (byte == '\t') {
+      out += "\\t";
+    } else if (byte == '\r') {
+      out += "\\r";
+    } else {
+      out += fmt::format("\\x{:02x}", byte);
+    }
+  }
+  return out;
+}
+
 Error::Error(Location where, std::string message)
-    : std::runtime_error(render(where, message)),
+    : std::runtime_error(printable(render(where, message))),
       where_(std::move(where)),
       message_(std::move(message)) {}
 

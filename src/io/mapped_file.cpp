@@ -1,46 +1,40 @@
 #include "ckpt/mapped_file.hpp"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <boost/interprocess/file_mapping.hpp>
-#include <boost/interprocess/mapped_region.hpp>
 #include <cerrno>
 #include <cstring>
 
 namespace ckpt {
 
-namespace bip = boost::interprocess;
-
-struct MappedFile::Impl {
-  bip::file_mapping mapping;
-  bip::mapped_region region;
-};
-
 MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
+  const Location where{path_, "", std::nullopt};
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw Error(where, std::string("cannot open: ") + std::strerror(errno));
+  // The destructor does not run when the constructor throws: close here.
+  auto fail = [&](const std::string& message) {
+    ::close(fd_);
+    fd_ = -1;
+    throw Error(where, message);
+  };
   struct stat info {};
-  if (::stat(path_.c_str(), &info) != 0) {
-    throw Error(Location{path_, "", std::nullopt}, std::string("cannot open: ") + std::strerror(errno));
-  }
-  if (!S_ISREG(info.st_mode)) throw Error(Location{path_, "", std::nullopt}, "not a regular file");
+  if (::fstat(fd_, &info) != 0) fail(std::string("cannot stat: ") + std::strerror(errno));
+  if (!S_ISREG(info.st_mode)) fail("not a regular file");
   mtime_ns_ = static_cast<std::int64_t>(info.st_mtim.tv_sec) * 1'000'000'000 + info.st_mtim.tv_nsec;
   device_ = static_cast<std::uint64_t>(info.st_dev);
   inode_ = static_cast<std::uint64_t>(info.st_ino);
-  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd_ < 0) throw Error(Location{path_, "", std::nullopt}, std::string("cannot open: ") + std::strerror(errno));
   if (info.st_size == 0) return;
-  try {
-    impl_ = std::make_unique<Impl>();
-    impl_->mapping = bip::file_mapping(path_.c_str(), bip::read_only);
-    impl_->region = bip::mapped_region(impl_->mapping, bip::read_only);
-  } catch (const bip::interprocess_exception& e) {
-    throw Error(Location{path_, "", std::nullopt}, std::string("cannot map: ") + e.what());
-  }
-  bytes_ = Bytes(static_cast<const std::byte*>(impl_->region.get_address()), impl_->region.get_size());
+  auto nbytes = static_cast<std::uint64_t>(info.st_size);
+  void* address = ::mmap(nullptr, nbytes, PROT_READ, MAP_SHARED, fd_, 0);
+  if (address == MAP_FAILED) fail(std::string("cannot map: ") + std::strerror(errno));
+  bytes_ = Bytes(static_cast<const std::byte*>(address), nbytes);
 }
 
 MappedFile::~MappedFile() {
+  if (!bytes_.empty()) ::munmap(const_cast<std::byte*>(bytes_.data()), bytes_.size());
   if (fd_ >= 0) ::close(fd_);
 }
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <tuple>
 
 #include "ckpt/checkpoint_builder.hpp"
 #include "ckpt/layout.hpp"
@@ -159,10 +160,25 @@ SynthModel synth_model(const SynthOptions& options) {
   for (auto [value, what] : {std::pair{model.vocab, "vocab"}, {model.embed_dim, "embed_dim"}, {model.ffn_dim, "ffn_dim"}}) {
     if (value % mp != 0) throw Error(fmt::format("synth: {} {} is not divisible by --mp {}", what, value, mp));
   }
+  for (auto [value, what, max] : {std::tuple{model.layers, "layers", kSynthMaxLayers},
+                                  {model.embed_dim, "embed_dim", kSynthMaxDim}, {model.ffn_dim, "ffn_dim", kSynthMaxDim},
+                                  {model.vocab, "vocab", kSynthMaxDim}, {model.positions, "positions", kSynthMaxDim}}) {
+    if (value < 1 || value > max) throw Error(fmt::format("synth: {} {} is not in [1, {}]", what, value, max));
+  }
   const std::uint64_t E = static_cast<std::uint64_t>(model.embed_dim);
   const std::uint64_t F = static_cast<std::uint64_t>(model.ffn_dim);
-  model.parameters = static_cast<std::uint64_t>(model.layers) * (4 * E * E + 3 * E + E + 4 * E + 2 * E * F + F + E) +
-                     static_cast<std::uint64_t>(model.vocab + model.positions) * E + 2 * E;
+  // layers x (4 E^2 + 2 E F + 9 E + F) + (vocab + positions) E + 2 E, checked
+  const char* what = "synth: parameter count";
+  std::uint64_t per_layer = checked_add(checked_mul(4, checked_mul(E, E, what), what),
+                                        checked_mul(2, checked_mul(E, F, what), what), what);
+  per_layer = checked_add(per_layer, checked_add(checked_mul(9, E, what), F, what), what);
+  std::uint64_t total = checked_mul(static_cast<std::uint64_t>(model.layers), per_layer, what);
+  total = checked_add(total, checked_mul(static_cast<std::uint64_t>(model.vocab + model.positions), E, what), what);
+  model.parameters = checked_add(total, 2 * E, what);
+  if (static_cast<double>(model.parameters) > kSynthMaxParameters) {
+    throw Error(fmt::format("synth: the model would have {} parameters, more than the {:g} synth writes",
+                            model.parameters, kSynthMaxParameters));
+  }
   return model;
 }
 

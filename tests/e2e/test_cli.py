@@ -101,7 +101,8 @@ def test_output_is_never_clobbered():
     assert "already exists" in stderr and open(target).read() == "precious"
     harness.run(["manifest", folder, "-o", target, "--force"])
     assert json.load(open(target))["format"] == "ckpt-tool-manifest"
-    _, stderr = harness.run(["manifest", folder, "-o", os.path.join(out, "no-such-dir", "m.json")], expect=1)
+    # a usage error (exit 2): the output's folder is checked before the inputs are read
+    _, stderr = harness.run(["manifest", folder, "-o", os.path.join(out, "no-such-dir", "m.json")], expect=2)
     assert "does not exist" in stderr
     assert sorted(os.listdir(out)) == ["m.json"], os.listdir(out)  # no temp file left behind
 

@@ -173,7 +173,8 @@ def test_corrupt_inputs_name_file_and_place():
 
 def test_output_in_missing_or_read_only_directory():
     folder = harness.fixtures()["mp1_dp1_fp32_ns"]
-    err = one_line_error(["stitch", folder, "-o", "/nonexistent-dir/out.pt"])
+    # a missing directory is a usage error (exit 2), found before the inputs are read
+    err = one_line_error(["stitch", folder, "-o", "/nonexistent-dir/out.pt"], expect=2)
     assert "/nonexistent-dir" in err and "does not exist" in err
     # /proc takes no new files, even from root
     err = one_line_error(["stitch", folder, "-o", "/proc/out.pt"])

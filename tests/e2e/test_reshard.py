@@ -209,7 +209,8 @@ def test_impossible_requests_fail_before_writing():
     out = harness.scratch("impossible")
     _, stderr = reshard([folder, "--mp", 4, "--dp", 1, "-o", pattern(out)], expect=1)
     assert "decoder.embed_tokens.weight: dim 0 of size 10 does not split into 4 model parts" in stderr, stderr
-    _, stderr = reshard([folder, "--mp", 1, "--dp", 2, "-o", os.path.join(out, "only-one-name.pt")], expect=1)
+    # a usage error (exit 2), found before the inputs are read
+    _, stderr = reshard([folder, "--mp", 1, "--dp", 2, "-o", os.path.join(out, "only-one-name.pt")], expect=2)
     assert "must contain {d}" in stderr, stderr
     _, stderr = reshard([folder, "--mp", 1, "--dp", 2, "--unflatten", "-o", pattern(out)], expect=1)
     assert "--dp 1" in stderr
