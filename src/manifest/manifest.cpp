@@ -144,10 +144,36 @@ void check_fsdp_shard(const ManifestFile& file, int dp, std::vector<std::string>
   }
 }
 
+// Why the grid of `files` is not allocated, if it is not: part and shard numbers
+// come from file names (or a manifest) and must not size an allocation. Each is
+// in [0, kMaxGridSide) and parts x shards is at most kMaxGridCells.
+std::optional<std::string> oversized_grid(const std::vector<ManifestFile>& files) {
+  std::uint64_t parts = 0;
+  std::uint64_t shards = 0;
+  for (const ManifestFile& file : files) {
+    for (const auto& [number, what] : {std::pair{file.role.mp_part, "model part"}, std::pair{file.role.dp_shard, "shard"}}) {
+      if (number && (*number < 0 || *number >= kMaxGridSide)) {
+        return fmt::format("{}: {} number {} is outside [0, {})", file.path, what, *number, kMaxGridSide);
+      }
+    }
+    parts = std::max<std::uint64_t>(parts, static_cast<std::uint64_t>(file.role.mp_part.value_or(0)) + 1);
+    shards = std::max<std::uint64_t>(shards, static_cast<std::uint64_t>(file.role.dp_shard.value_or(0)) + 1);
+  }
+  if (parts * shards > kMaxGridCells) {
+    return fmt::format("{} model parts x {} shards: more than {} cells, too many to be one checkpoint's files", parts,
+                       shards, kMaxGridCells);
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 Grid detect_grid(const std::vector<ManifestFile>& files) {
   Grid grid;
+  if (auto problem = oversized_grid(files)) {
+    grid.problems.push_back(*problem);  // an empty grid: no cells, no parts, no shards
+    return grid;
+  }
   bool any_role = false;
   for (const ManifestFile& file : files) {
     if (file.role.mp_part || file.role.dp_shard) any_role = true;
