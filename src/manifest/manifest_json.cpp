@@ -10,6 +10,7 @@
 #include <fmt/ranges.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <filesystem>
@@ -81,8 +82,17 @@ json manifest_to_json(const Manifest& manifest) {
 
 namespace {
 
+// A string from the manifest as an error message quotes it: JSON-escaped (one
+// line) and cut to a readable length.
+std::string quote_text(const std::string& text) {
+  std::string out = json(text).dump(-1, ' ', false, json::error_handler_t::replace);
+  return out.size() > 80 ? out.substr(0, 76) + "...\"" : out;
+}
+
 // A JSON path, rendered only when an error names it: `files[3].tensors[12].shape[1]`.
 // A Field points at its parent, which lives on the stack of the reader's caller.
+// Member names that are not plain words (object-tree keys may hold anything)
+// are quoted: `objects.model["a.b\n"]`.
 struct Field {
   const Field* parent = nullptr;
   std::string_view key;  // the member's name, unless `is_index`
@@ -92,18 +102,16 @@ struct Field {
   Field operator/(std::string_view member) const { return Field{this, member, 0, false}; }
   Field operator[](std::size_t i) const { return Field{this, {}, i, true}; }
   std::string render() const {
-    std::string prefix = parent != nullptr ? parent->render() : "";
+    if (parent == nullptr) return "";  // the document itself
+    std::string prefix = parent->render();
     if (is_index) return fmt::format("{}[{}]", prefix, index);
+    bool plain = !key.empty() && key.size() <= 80 && std::all_of(key.begin(), key.end(), [](char c) {
+      return static_cast<unsigned char>(c) > 0x20 && c != '.' && c != '[' && c != ']' && c != '"' && c != 0x7f;
+    });
+    if (!plain) return fmt::format("{}[{}]", prefix, quote_text(std::string(key)));
     return prefix.empty() ? std::string(key) : fmt::format("{}.{}", prefix, key);
   }
 };
-
-// A string from the manifest as an error message quotes it: JSON-escaped (one
-// line) and cut to a readable length.
-std::string quote_text(const std::string& text) {
-  std::string out = json(text).dump(-1, ' ', false, json::error_handler_t::replace);
-  return out.size() > 80 ? out.substr(0, 76) + "...\"" : out;
-}
 
 std::string role_text(const std::optional<int>& number) { return number ? std::to_string(*number) : "none"; }
 
@@ -124,8 +132,10 @@ class ManifestReader {
     const Field version_field = top / "version";
     const json& version = member(root, version_field);
     if (!version.is_number_integer() || version.get<std::int64_t>() != kManifestVersion) {
-      fail(version_field, fmt::format("manifest version {} is not supported (this ckpt-tool reads version {})",
-                                      version.dump(-1, ' ', false, json::error_handler_t::replace), kManifestVersion));
+      std::string shown = version.dump(-1, ' ', false, json::error_handler_t::replace);
+      if (shown.size() > 40) shown = shown.substr(0, 36) + "...";
+      fail(version_field, fmt::format("manifest version {} is not supported (this ckpt-tool reads version {})", shown,
+                                      kManifestVersion));
     }
     // "grid" is not read: detect_grid recomputes it from the files' roles.
     Manifest manifest;

@@ -310,6 +310,14 @@ TEST_SUITE("manifest") {
          "files[0].objects.list[3].$tensor", "-1 is negative"},
         {"$tensor index as a string", [](json& j) { j["files"][0]["objects"]["list"][3]["$tensor"] = "3"; },
          "files[0].objects.list[3].$tensor", "expected an integer"},
+        {"$tensor under a key with dots",
+         [](json& j) { j["files"][0]["objects"]["model"]["decoder.embed_tokens.weight"]["$tensor"] = 9; },
+         "files[0].objects.model[\"decoder.embed_tokens.weight\"].$tensor", "tensor 9"},
+        {"$ref under a key with a newline",
+         [](json& j) {
+           j["files"][0]["objects"]["a\nb"] = {{"$ref", 1}};
+         },
+         "files[0].objects[\"a\\nb\"].$ref", "expected a string"},
         {"$ref not a string", [](json& j) { j["files"][1]["objects"]["again"]["$ref"] = 3; },
          "files[1].objects.again.$ref", "expected a string"},
         {"$class not a string", [](json& j) { j["files"][1]["objects"]["cfg"]["$class"] = nullptr; },
