@@ -64,11 +64,11 @@ sanitize: deps
 # tests (test_fuzz_regressions.cpp), not here.
 FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := fuzz_zip fuzz_pickle fuzz_checkpoint
+FUZZ_TARGETS := fuzz_zip fuzz_pickle fuzz_checkpoint fuzz_manifest
 FUZZ_PACKAGES := clang libclang-rt-14-dev
 FUZZ_CASES := mp1_dp1_fp32_ns mp2_dp3_fp32_ns_args mp4_dp3_fp16_omega
 
-fuzz: deps
+fuzz: deps $(BUILD)/build.ninja
 	@missing=$$(for p in $(FUZZ_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:" $$missing; \
@@ -81,11 +81,14 @@ fuzz: deps
 	[ -d $(FUZZ_BUILD)/fixtures ] || $(PYTHON) fixtures/generate.py --out $(FUZZ_BUILD)/fixtures \
 	  $(addprefix --case ,$(FUZZ_CASES)) >/dev/null
 	rm -rf $(FUZZ_BUILD)/seeds
-	$(PYTHON) tests/fuzz/make_seeds.py --out $(FUZZ_BUILD)/seeds fixtures/tiny $(FUZZ_BUILD)/fixtures
+	ninja -C $(BUILD) ckpt-tool
+	$(PYTHON) tests/fuzz/make_seeds.py --out $(FUZZ_BUILD)/seeds --ckpt-tool $(BUILD)/ckpt-tool \
+	  fixtures/tiny $(FUZZ_BUILD)/fixtures
 	cat tests/fuzz/zip.dict tests/fuzz/pickle.dict > $(FUZZ_BUILD)/checkpoint.dict
 	@failed=""; \
 	for t in $(FUZZ_TARGETS); do \
 	  case $$t in fuzz_zip) dict=tests/fuzz/zip.dict;; fuzz_pickle) dict=tests/fuzz/pickle.dict;; \
+	    fuzz_manifest) dict=tests/fuzz/manifest.dict;; \
 	    *) dict=$(FUZZ_BUILD)/checkpoint.dict;; esac; \
 	  mkdir -p $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/artifacts/$$t; \
 	  log=$(FUZZ_BUILD)/$$t.log; \

@@ -81,6 +81,20 @@ class Checkpoint {
   std::vector<TensorRef> tensors_;
 };
 
+// A strided view's extent, checked once by each reader of untrusted shapes (the
+// checkpoint reader, the manifest reader) so that later arithmetic on them
+// (numel(), byte counts, piece offsets) cannot overflow.
+inline constexpr std::size_t kMaxTensorDims = 64;
+struct ViewExtent {
+  std::uint64_t numel = 0;          // elements of the shape
+  std::uint64_t span_elements = 0;  // from the first element to the last, inclusive; 0 when numel is 0
+};
+// Throws Error (no location: callers add it) when shape and stride differ in
+// length or have more than kMaxTensorDims dimensions, a size or stride is
+// negative, or numel or the span, in elements or in bytes of `itemsize`, passes 64 bits.
+ViewExtent view_extent(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& stride,
+                       std::uint64_t itemsize);
+
 // The storage a PersId node refers to, if it is a torch storage id.
 struct StorageId {
   std::string key;

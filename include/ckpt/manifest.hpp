@@ -6,6 +6,7 @@
 // `.json.zst`); `check_fresh` refuses a manifest whose files have changed.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -16,11 +17,22 @@
 
 #include "ckpt/dtype.hpp"
 #include "ckpt/metaseq.hpp"
+#include "ckpt/pickle.hpp"
 
 namespace ckpt {
 
 inline constexpr int kManifestVersion = 2;
 inline constexpr const char* kManifestFormat = "ckpt-tool-manifest";
+
+// Limits on what a manifest may claim. A manifest is input like any other
+// (edited by hand, truncated, crafted): manifest_from_json checks every field
+// against these and against the other fields before anything uses it.
+inline constexpr int kMaxGridSide = 1 << 20;                  // part and shard numbers in a grid are below this
+inline constexpr std::uint64_t kMaxGridCells = 1 << 20;       // parts x shards that detect_grid allocates
+inline constexpr std::uint64_t kMaxManifestBytes = 4ull << 30;  // JSON text, after zstd decompression
+// Arrays and objects nested in the JSON: the object tree renders at most two
+// levels per pickle level (pickle::kMaxDepth), under a few of the manifest's own.
+inline constexpr std::size_t kMaxManifestDepth = 2 * pickle::kMaxDepth + 16;
 
 struct ManifestTensor {
   std::string path;  // object path: "model/decoder.layers.0.flat_param_0"
@@ -94,9 +106,20 @@ ManifestFile describe_file(const Checkpoint& checkpoint);
 Grid detect_grid(const std::vector<ManifestFile>& files);
 
 nlohmann::json manifest_to_json(const Manifest& manifest);
+// Checks every field (types, ranges, the roles against the file names, each
+// tensor's bytes against its dtype, shape and stride and against the file size,
+// aliases, object-tree tensor indices, FSDP metadata) and recomputes the grid;
+// the stored grid is not read. Throws Error naming `source` and the field as a
+// JSON path: `files[3].tensors[12].shape[1]`.
 Manifest manifest_from_json(const nlohmann::json& json, const std::string& source);
 
-// Reads a manifest file (zstd-compressed when it ends in .zst).
+// A manifest from the bytes of a manifest file (zstd-compressed when
+// `compressed`): at most `max_text_bytes` of JSON, nested at most
+// kMaxManifestDepth deep, then manifest_from_json. Throws Error naming `source`.
+Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed,
+                        std::uint64_t max_text_bytes = kMaxManifestBytes);
+// Reads a manifest file (zstd-compressed when it ends in .zst): parse_manifest
+// on its mapped bytes.
 Manifest read_manifest(const std::string& path);
 // Writes it atomically (temp file, fsync, rename); zstd when `path` ends in .zst.
 void write_manifest(const Manifest& manifest, const std::string& path, bool overwrite);

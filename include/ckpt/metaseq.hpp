@@ -32,6 +32,18 @@ struct FlatParamMeta {
   std::int64_t total_numel() const;
 };
 
+// The first inconsistency in a flat parameter's metadata, checked by both of its
+// readers (the pickle's shard_metadata, a manifest's "fsdp"): names, shapes and
+// numels of different lengths, a negative numel, an invalid shape, a shape whose
+// elements differ from its numel, numels summing past 64 bits, negative padding.
+// `field` is relative to the flat parameter ("numels"), `index` the element.
+struct FlatParamProblem {
+  std::string field;
+  std::optional<std::size_t> index;
+  std::string message;
+};
+std::optional<FlatParamProblem> flat_param_problem(const FlatParamMeta& flat);
+
 struct FsdpInstanceMeta {
   std::string fsdp_path;  // "" for the root instance
   std::vector<FlatParamMeta> flat_params;

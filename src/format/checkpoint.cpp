@@ -21,6 +21,30 @@ std::uint64_t TensorRef::numel() const {
   return count;
 }
 
+ViewExtent view_extent(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& stride,
+                       std::uint64_t itemsize) {
+  if (shape.size() != stride.size()) throw Error("shape and stride have different lengths");
+  if (shape.size() > kMaxTensorDims) {
+    throw Error(fmt::format("{} dimensions (at most {} accepted)", shape.size(), kMaxTensorDims));
+  }
+  ViewExtent extent;
+  extent.numel = 1;
+  std::uint64_t last = 0;  // element index of the last element, from the first
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] < 0 || stride[i] < 0) throw Error("negative size or stride");
+    extent.numel = checked_mul(extent.numel, static_cast<std::uint64_t>(shape[i]), "tensor elements");
+    if (shape[i] > 0) {
+      last = checked_add(last, checked_mul(static_cast<std::uint64_t>(shape[i] - 1),
+                                           static_cast<std::uint64_t>(stride[i]), "tensor span"),
+                         "tensor span");
+    }
+  }
+  extent.span_elements = extent.numel == 0 ? 0 : checked_add(last, 1, "tensor span");
+  (void)checked_mul(extent.numel, itemsize, "tensor bytes");
+  (void)checked_mul(extent.span_elements, itemsize, "tensor span");
+  return extent;
+}
+
 bool TensorRef::is_contiguous() const {
   if (numel() == 0) return true;
   std::uint64_t expected = 1;  // numel() fits: Checkpoint checked it when it read the tensor
@@ -275,41 +299,31 @@ void Checkpoint::collect_tensors() {
     auto shape = as_int_list(graph_, args[2]);
     auto stride = as_int_list(graph_, args[3]);
     if (!sid || !offset || !shape || !stride) throw bad("_rebuild_tensor_v2 arguments are not (storage, int, size, stride)");
-    if (shape->size() != stride->size()) throw bad("shape and stride have different lengths");
-    std::uint64_t elements = 1;
-    for (std::int64_t dim : *shape) {
-      if (dim < 0 || __builtin_mul_overflow(elements, static_cast<std::uint64_t>(dim), &elements)) {
-        throw bad("shape has a negative size or more elements than 64 bits count");
-      }
-    }
     if (*offset < 0) throw bad("negative storage offset");
+    const StorageRef& storage = storages_.at(sid->key);
+    std::uint64_t itemsize = dtype_info(storage.dtype).itemsize;
+    ViewExtent extent;
+    std::uint64_t last = 0;  // the storage element holding the view's last element
+    try {
+      extent = view_extent(*shape, *stride, itemsize);
+      if (extent.span_elements > 0) {
+        last = checked_add(static_cast<std::uint64_t>(*offset), extent.span_elements - 1, "tensor span");
+      }
+    } catch (const Error& e) {
+      throw e.with_file(path()).with_member(pickle_record_->name + " (" + tensor.path + ")");
+    }
     tensor.storage_key = sid->key;
     tensor.dtype = sid->dtype;
     tensor.shape = *shape;
     tensor.stride = *stride;
     tensor.storage_offset = *offset;
     tensor.requires_grad = args.size() > 4 && graph_[args[4]].kind == Kind::Bool && graph_[args[4]].boolean;
-    // The span of elements the view touches: offset + sum((size-1)*stride) + 1.
-    std::uint64_t last = static_cast<std::uint64_t>(*offset);
-    bool empty = false;
-    for (std::size_t i = 0; i < shape->size(); ++i) {
-      if ((*shape)[i] < 0 || (*stride)[i] < 0) throw bad("negative size or stride");
-      if ((*shape)[i] == 0) empty = true;
-      if ((*shape)[i] > 0) {
-        last = checked_add(last, checked_mul(static_cast<std::uint64_t>((*shape)[i] - 1),
-                                             static_cast<std::uint64_t>((*stride)[i]), "tensor span"),
-                           "tensor span");
-      }
-    }
-    const StorageRef& storage = storages_.at(sid->key);
-    std::uint64_t itemsize = dtype_info(storage.dtype).itemsize;
-    std::uint64_t span_elements = empty ? 0 : last + 1 - static_cast<std::uint64_t>(*offset);
-    if (!empty && last >= storage.numel) {
+    if (extent.span_elements > 0 && last >= storage.numel) {
       throw Error(Location{path(), storage.record->name + " (" + tensor.path + ")", storage.record->data_offset},
                   fmt::format("tensor reaches element {} of a storage of {} elements", last, storage.numel));
     }
     tensor.file_byte_offset = storage.record->data_offset + static_cast<std::uint64_t>(*offset) * itemsize;
-    tensor.nbytes = span_elements * itemsize;
+    tensor.nbytes = extent.span_elements * itemsize;
     tensors_.push_back(std::move(tensor));
   }
   // Tied weights: the same tensor object under a second path.
@@ -332,6 +346,15 @@ void Checkpoint::collect_tensors() {
   }
   std::stable_sort(tensors_.begin(), tensors_.end(),
                    [&](const TensorRef& a, const TensorRef& b) { return rank[a.path] < rank[b.path]; });
+  // A path names one tensor (in the manifest, in state dicts): the int key 1 and
+  // the str key "1", or two long keys cut alike, would otherwise be one name.
+  std::unordered_set<std::string_view> seen;
+  for (const TensorRef& tensor : tensors_) {
+    if (!seen.insert(tensor.path).second) {
+      throw Error(Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt},
+                  "two tensors under the same path");
+    }
+  }
 }
 
 const TensorRef* Checkpoint::find_tensor(std::string_view tensor_path) const {

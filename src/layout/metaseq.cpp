@@ -30,6 +30,29 @@ std::int64_t FlatParamMeta::total_numel() const {
   return total;
 }
 
+std::optional<FlatParamProblem> flat_param_problem(const FlatParamMeta& flat) {
+  if (flat.names.size() != flat.shapes.size() || flat.names.size() != flat.numels.size()) {
+    return FlatParamProblem{"", std::nullopt, "names, shapes and numels have different lengths"};
+  }
+  std::int64_t total = 0;
+  for (std::size_t i = 0; i < flat.numels.size(); ++i) {
+    if (flat.numels[i] < 0) return FlatParamProblem{"numels", i, "negative numel"};
+    if (__builtin_add_overflow(total, flat.numels[i], &total)) return FlatParamProblem{"numels", i, "numels overflow 64 bits"};
+  }
+  for (std::size_t i = 0; i < flat.shapes.size(); ++i) {
+    std::int64_t product = 1;
+    for (std::int64_t d : flat.shapes[i]) {
+      if (d < 0 || __builtin_mul_overflow(product, d, &product)) return FlatParamProblem{"shapes", i, "invalid shape"};
+    }
+    if (product != flat.numels[i]) {
+      return FlatParamProblem{"numels", i, fmt::format("{}: shape has {} elements but numel says {}", flat.names[i],
+                                                        product, flat.numels[i])};
+    }
+  }
+  if (flat.padding < 0) return FlatParamProblem{"padding", std::nullopt, "negative padding"};
+  return std::nullopt;
+}
+
 FsdpChunk fsdp_chunk(std::int64_t numel, int world_size, int rank) {
   if (numel < 0 || world_size <= 0 || rank < 0 || rank >= world_size) {
     throw Error(fmt::format("invalid FSDP chunk request: {} elements, rank {} of {}", numel, rank, world_size));
@@ -119,28 +142,12 @@ class MetadataReader {
         flat.shapes.push_back(*dims);
       }
       for (NodeId numel : sequence(config_get(graph_, value, "numels"), where + "/numels")) {
-        std::int64_t n = integer(numel, where + "/numels");
-        if (n < 0) fail(where + "/numels", "negative numel");
-        flat.numels.push_back(n);
+        flat.numels.push_back(integer(numel, where + "/numels"));
       }
       flat.padding = integer(config_get(graph_, value, "padding"), where + "/padding");
-      if (flat.names.size() != flat.shapes.size() || flat.names.size() != flat.numels.size()) {
-        fail(where, "names, shapes and numels have different lengths");
+      if (auto problem = flat_param_problem(flat)) {
+        fail(problem->field.empty() ? where : where + "/" + problem->field, problem->message);
       }
-      std::int64_t total = 0;
-      for (std::int64_t n : flat.numels) {
-        if (__builtin_add_overflow(total, n, &total)) fail(where + "/numels", "numels overflow 64 bits");
-      }
-      for (std::size_t i = 0; i < flat.shapes.size(); ++i) {
-        std::int64_t product = 1;
-        for (std::int64_t d : flat.shapes[i]) {
-          if (d < 0 || __builtin_mul_overflow(product, d, &product)) fail(where + "/shapes", "invalid shape");
-        }
-        if (product != flat.numels[i]) {
-          fail(where, fmt::format("{}: shape has {} elements but numel says {}", flat.names[i], product, flat.numels[i]));
-        }
-      }
-      if (flat.padding < 0) fail(where + "/padding", "negative padding");
       instance.flat_params.push_back(std::move(flat));
     }
     return instance;

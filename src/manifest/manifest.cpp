@@ -145,10 +145,6 @@ void check_fsdp_shard(const ManifestFile& file, int dp, std::vector<std::string>
   }
 }
 
-// More parts or shards than this is not a checkpoint but a typo or a hostile
-// name (OPT-175B has 8 parts x 124 shards).
-constexpr int kMaxGridSide = 1 << 16;
-
 // The FSDP world sizes W for which fairscale's chunk of a flat parameter of
 // `numel` elements is `chunk` long: ceil(numel / W) == chunk, that is
 // ceil(numel / chunk) <= W <= floor((numel - 1) / (chunk - 1)). Empty (lo > hi)
@@ -323,13 +319,15 @@ Grid detect_grid(const std::vector<ManifestFile>& files) {
   for (std::size_t i = 0; i < files.size(); ++i) {
     const FileRole& role = files[i].role;
     if (!role.mp_part && !role.dp_shard) continue;
-    if (role.mp_part.value_or(0) < 0 || role.mp_part.value_or(0) >= kMaxGridSide || role.dp_shard.value_or(0) < 0 ||
-        role.dp_shard.value_or(0) >= kMaxGridSide) {
-      problems.push_back(fmt::format("{}: model part {} shard {} is outside any plausible grid (at most {} each)",
-                                     files[i].path, role.mp_part.value_or(0), role.dp_shard.value_or(0), kMaxGridSide));
-      usable[i] = false;
-      continue;
+    // Numbers from names (or a manifest) must not size an allocation.
+    for (const auto& [number, what] : {std::pair{role.mp_part, "model part"}, std::pair{role.dp_shard, "shard"}}) {
+      if (usable[i] && number && (*number < 0 || *number >= kMaxGridSide)) {
+        problems.push_back(
+            fmt::format("{}: {} number {} is outside [0, {})", files[i].path, what, *number, kMaxGridSide));
+        usable[i] = false;
+      }
     }
+    if (!usable[i]) continue;
     any_role = true;
     found_mp = std::max(found_mp, role.mp_part.value_or(0) + 1);
     found_dp = std::max(found_dp, role.dp_shard.value_or(0) + 1);
@@ -380,8 +378,10 @@ Grid detect_grid(const std::vector<ManifestFile>& files) {
                                      m, found_dp - 1, implied[m].hi));
     }
   }
-  if (static_cast<std::int64_t>(grid.mp) * grid.dp > (std::int64_t{1} << 24)) {
-    problems.push_back(fmt::format("a grid of {} x {} files is not plausible", grid.mp, grid.dp));
+  if (static_cast<std::uint64_t>(grid.mp) * static_cast<std::uint64_t>(grid.dp) > kMaxGridCells) {
+    problems.push_back(fmt::format("{} model parts x {} shards: more than {} cells, too many to be one checkpoint's "
+                                   "files",
+                                   grid.mp, grid.dp, kMaxGridCells));
     grid.cells.clear();
     return grid;
   }
@@ -403,20 +403,29 @@ Grid detect_grid(const std::vector<ManifestFile>& files) {
       problems.push_back(files[i].path + ": no model_part/shard number in the name, unlike the other files");
     }
   }
+  // What is missing: a line per part or shard, up to a limit (a grid of a
+  // million cells with one file must not print a million lines).
+  constexpr std::size_t kMaxMissingLines = 32;
+  std::size_t missing = 0;
+  auto report_missing = [&](std::string line) {
+    if (missing++ < kMaxMissingLines) problems.push_back(std::move(line));
+  };
   for (int m = 0; m < grid.mp; ++m) {
     if (by_part[m].empty()) {
-      problems.push_back(fmt::format("model part {} of {} missing{}", m, grid.mp,
-                                     m >= found_mp ? fmt::format(" ({})", declared_why) : ""));
+      report_missing(fmt::format("model part {} of {} missing{}", m, grid.mp,
+                                 m >= found_mp ? fmt::format(" ({})", declared_why) : ""));
       continue;
     }
     for (int d = 0; d < grid.dp; ++d) {
       if (grid.cells[m][d] >= 0) continue;
       std::string why = d >= found_dp && !implied[m].because.empty()
-                            ? fmt::format(" (the chunk rule: {} need {} ranks)",
-                                          implied[m].because, implied[m].lo)
+                            ? fmt::format(" (the chunk rule: {} need {} ranks)", implied[m].because, implied[m].lo)
                             : "";
-      problems.push_back(fmt::format("shard {} of {} missing for model part {}{}", d, grid.dp, m, why));
+      report_missing(fmt::format("shard {} of {} missing for model part {}{}", d, grid.dp, m, why));
     }
+  }
+  if (missing > kMaxMissingLines) {
+    problems.push_back(fmt::format("... and {} more missing part(s) or shard(s)", missing - kMaxMissingLines));
   }
   for (int m = 0; m < grid.mp; ++m) {
     const ManifestFile* first = nullptr;

@@ -1,9 +1,23 @@
 // Manifest <-> JSON, plain or zstd-compressed.
+//
+// Reading treats a manifest as hostile input, as the checkpoint reader treats a
+// checkpoint: every value is checked before it is used (its type, its range,
+// and what it must agree with: the file's name and size, the tensor's dtype,
+// shape and stride, the other tensors), so that a bad manifest is one Error
+// naming the manifest and the field as a JSON path, and never a crash, an
+// allocation sized by a number in the file, or a confusing failure later.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <zstd.h>
 
-#include <fstream>
-#include <sstream>
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string_view>
+#include <unordered_map>
 
 #include "ckpt/manifest.hpp"
 #include "ckpt/output_file.hpp"
@@ -31,31 +45,6 @@ json fsdp_to_json(const FsdpMetadata& fsdp) {
                          {"shared_param_info", shared}});
   }
   return {{"param_metadata", instances}, {"buffer_names", fsdp.buffer_names}};
-}
-
-FsdpMetadata fsdp_from_json(const json& j) {
-  FsdpMetadata fsdp;
-  for (const json& instance_json : j.at("param_metadata")) {
-    FsdpInstanceMeta instance;
-    instance.fsdp_path = instance_json.at("fsdp_path").get<std::string>();
-    instance.no_broadcast_optim_state = instance_json.at("no_broadcast_optim_state").get<bool>();
-    for (const json& pair : instance_json.at("shared_param_info")) {
-      instance.shared_param_info.emplace_back(pair.at(0).get<std::string>(), pair.at(1).get<std::string>());
-    }
-    for (const json& flat_json : instance_json.at("flat_params")) {
-      FlatParamMeta flat;
-      flat.state_key = flat_json.at("state_key").get<std::string>();
-      flat.name = flat_json.at("name").get<std::string>();
-      flat.names = flat_json.at("names").get<std::vector<std::string>>();
-      flat.shapes = flat_json.at("shapes").get<std::vector<std::vector<std::int64_t>>>();
-      flat.numels = flat_json.at("numels").get<std::vector<std::int64_t>>();
-      flat.padding = flat_json.at("padding").get<std::int64_t>();
-      instance.flat_params.push_back(std::move(flat));
-    }
-    fsdp.instances.push_back(std::move(instance));
-  }
-  fsdp.buffer_names = j.at("buffer_names").get<std::vector<std::string>>();
-  return fsdp;
 }
 
 bool ends_with(const std::string& text, std::string_view suffix) {
@@ -95,93 +84,475 @@ json manifest_to_json(const Manifest& manifest) {
           {"files", files}};
 }
 
-Manifest manifest_from_json(const json& j, const std::string& source) {
-  Location where{source, "", std::nullopt};
-  if (!j.is_object() || j.value("format", "") != kManifestFormat) throw Error(where, "not a ckpt-tool manifest");
-  int version = j.value("version", 0);
-  if (version != kManifestVersion) {
-    throw Error(where, fmt::format("manifest version {} is not supported (this ckpt-tool reads version {})", version,
-                                   kManifestVersion));
-  }
-  Manifest manifest;
-  try {
-    for (const json& file_json : j.at("files")) {
-      ManifestFile file;
-      file.path = file_json.at("path").get<std::string>();
-      file.size_bytes = file_json.at("size_bytes").get<std::uint64_t>();
-      file.mtime_ns = file_json.at("mtime_ns").get<std::int64_t>();
-      file.archive_name = file_json.at("archive_name").get<std::string>();
-      if (!file_json.at("mp_part").is_null()) file.role.mp_part = file_json.at("mp_part").get<int>();
-      if (!file_json.at("dp_shard").is_null()) file.role.dp_shard = file_json.at("dp_shard").get<int>();
-      file.pickle_protocol = file_json.value("pickle_protocol", 2);
-      file.top_level_keys = file_json.at("top_level_keys").get<std::vector<std::string>>();
-      for (const json& t_json : file_json.at("tensors")) {
-        ManifestTensor t;
-        t.path = t_json.at("path").get<std::string>();
-        auto dtype = dtype_from_name(t_json.at("dtype").get<std::string>());
-        if (!dtype) throw Error(where, "unknown dtype " + t_json.at("dtype").dump());
-        t.dtype = *dtype;
-        t.shape = t_json.at("shape").get<std::vector<std::int64_t>>();
-        t.stride = t_json.at("stride").get<std::vector<std::int64_t>>();
-        t.storage_key = t_json.at("storage_key").get<std::string>();
-        t.storage_offset = t_json.at("storage_offset").get<std::int64_t>();
-        t.record_name = t_json.at("record_name").get<std::string>();
-        t.record_crc32 = t_json.at("record_crc32").get<std::uint32_t>();
-        t.file_byte_offset = t_json.at("file_byte_offset").get<std::uint64_t>();
-        t.nbytes = t_json.at("nbytes").get<std::uint64_t>();
-        t.requires_grad = t_json.value("requires_grad", false);
-        t.alias_of = t_json.value("alias_of", "");
-        file.tensors.push_back(std::move(t));
-      }
-      if (!file_json.at("fsdp").is_null()) file.fsdp = fsdp_from_json(file_json.at("fsdp"));
-      if (const json& declared = file_json.at("model_parallel_size"); !declared.is_null()) {
-        file.declared_parts = DeclaredParts{declared.at("parts").get<std::int64_t>(),
-                                            declared.at("from").get<std::string>()};
-      }
-      file.objects = file_json.value("objects", json(nullptr));
-      manifest.files.push_back(std::move(file));
-    }
-  } catch (const json::exception& e) {
-    throw Error(where, std::string("malformed manifest: ") + e.what());
-  }
-  manifest.grid = detect_grid(manifest.files);
-  return manifest;
+namespace {
+
+// A string from the manifest as an error message quotes it: JSON-escaped (one
+// line) and cut to a readable length.
+std::string quote_text(const std::string& text) {
+  std::string out = json(text).dump(-1, ' ', false, json::error_handler_t::replace);
+  return out.size() > 80 ? out.substr(0, 76) + "...\"" : out;
 }
+
+// A JSON path, rendered only when an error names it: `files[3].tensors[12].shape[1]`.
+// A Field points at its parent, which lives on the stack of the reader's caller.
+// Member names that are not plain words (object-tree keys may hold anything)
+// are quoted: `objects.model["a.b\n"]`.
+struct Field {
+  const Field* parent = nullptr;
+  std::string_view key;  // the member's name, unless `is_index`
+  std::size_t index = 0;
+  bool is_index = false;
+
+  Field operator/(std::string_view member) const { return Field{this, member, 0, false}; }
+  Field operator[](std::size_t i) const { return Field{this, {}, i, true}; }
+  std::string render() const {
+    if (parent == nullptr) return "";  // the document itself
+    std::string prefix = parent->render();
+    if (is_index) return fmt::format("{}[{}]", prefix, index);
+    bool plain = !key.empty() && key.size() <= 80 && std::all_of(key.begin(), key.end(), [](char c) {
+      return static_cast<unsigned char>(c) > 0x20 && c != '.' && c != '[' && c != ']' && c != '"' && c != 0x7f;
+    });
+    if (!plain) return fmt::format("{}[{}]", prefix, quote_text(std::string(key)));
+    return prefix.empty() ? std::string(key) : fmt::format("{}.{}", prefix, key);
+  }
+};
+
+std::string role_text(const std::optional<int>& number) { return number ? std::to_string(*number) : "none"; }
+
+// Reads a manifest's JSON, checking every value before anything uses it: its
+// type, its range, and what it must agree with (see manifest_from_json in
+// manifest.hpp). The first failure is an Error naming the manifest and the field.
+class ManifestReader {
+ public:
+  explicit ManifestReader(const std::string& source) : source_(source) {}
+
+  Manifest read(const json& root) {
+    const Field top;
+    if (!root.is_object()) fail(top, "not a ckpt-tool manifest (not a JSON object)");
+    auto format = root.find("format");
+    if (format == root.end() || !format->is_string() || format->get_ref<const std::string&>() != kManifestFormat) {
+      fail(top / "format", "not a ckpt-tool manifest");
+    }
+    const Field version_field = top / "version";
+    const json& version = member(root, version_field);
+    if (!version.is_number_integer() || version.get<std::int64_t>() != kManifestVersion) {
+      std::string shown = version.dump(-1, ' ', false, json::error_handler_t::replace);
+      if (shown.size() > 40) shown = shown.substr(0, 36) + "...";
+      fail(version_field, fmt::format("manifest version {} is not supported (this ckpt-tool reads version {})", shown,
+                                      kManifestVersion));
+    }
+    // "grid" is not read: detect_grid recomputes it from the files' roles.
+    Manifest manifest;
+    const Field files_field = top / "files";
+    const json& files = array(root, top, "files");
+    std::map<std::string, std::size_t> file_index;
+    for (std::size_t i = 0; i < files.size(); ++i) {
+      const Field field = files_field[i];
+      manifest.files.push_back(read_file(as_object(files[i], field), field));
+      auto [it, added] = file_index.emplace(manifest.files.back().path, i);
+      if (!added) fail(field / "path", fmt::format("the same file as files[{}]", it->second));
+    }
+    manifest.grid = detect_grid(manifest.files);
+    return manifest;
+  }
+
+ private:
+  [[noreturn]] void fail(const Field& field, const std::string& message) const {
+    throw Error(Location{source_, field.render(), std::nullopt}, message);
+  }
+  [[noreturn]] void wrong_type(const json& value, const Field& field, const char* expected) const {
+    fail(field, fmt::format("expected {}, found {}", expected, value.is_number() ? "a number" : value.type_name()));
+  }
+
+  // ---- values
+  const json& as_object(const json& value, const Field& field) const {
+    if (!value.is_object()) wrong_type(value, field, "an object");
+    return value;
+  }
+  const json& as_array(const json& value, const Field& field) const {
+    if (!value.is_array()) wrong_type(value, field, "an array");
+    return value;
+  }
+  std::string as_text(const json& value, const Field& field) const {
+    if (!value.is_string()) wrong_type(value, field, "a string");
+    return value.get<std::string>();
+  }
+  bool as_boolean(const json& value, const Field& field) const {
+    if (!value.is_boolean()) wrong_type(value, field, "true or false");
+    return value.get<bool>();
+  }
+  std::int64_t as_integer(const json& value, const Field& field, std::int64_t min, std::int64_t max) const {
+    if (!value.is_number_integer()) wrong_type(value, field, "an integer");
+    bool fits = !value.is_number_unsigned() || value.get<std::uint64_t>() <= static_cast<std::uint64_t>(INT64_MAX);
+    std::int64_t number = fits ? value.get<std::int64_t>() : 0;
+    if (fits && number >= min && number <= max) return number;
+    if (fits && number < 0 && min == 0 && max == INT64_MAX) fail(field, fmt::format("{} is negative", number));
+    fail(field, fmt::format("{} is outside [{}, {}]", value.dump(), min, max));
+  }
+  std::uint64_t as_unsigned(const json& value, const Field& field, std::uint64_t max) const {
+    if (!value.is_number_integer()) wrong_type(value, field, "an integer");
+    // In memory (manifest_to_json) non-negative numbers may be signed; parsed, they are unsigned.
+    if (!value.is_number_unsigned() && value.get<std::int64_t>() < 0) {
+      fail(field, fmt::format("{} is negative", value.dump()));
+    }
+    if (value.get<std::uint64_t>() > max) fail(field, fmt::format("{} is outside [0, {}]", value.dump(), max));
+    return value.get<std::uint64_t>();
+  }
+  std::vector<std::int64_t> as_integers(const json& value, const Field& field, std::int64_t min) const {
+    as_array(value, field);
+    std::vector<std::int64_t> out;
+    out.reserve(value.size());
+    for (std::size_t i = 0; i < value.size(); ++i) out.push_back(as_integer(value[i], field[i], min, INT64_MAX));
+    return out;
+  }
+  std::vector<std::string> as_texts(const json& value, const Field& field) const {
+    as_array(value, field);
+    std::vector<std::string> out;
+    out.reserve(value.size());
+    for (std::size_t i = 0; i < value.size(); ++i) out.push_back(as_text(value[i], field[i]));
+    return out;
+  }
+
+  // ---- members of an object: `object` is at `parent`
+  const json& member(const json& object, const Field& field) const {
+    auto it = object.find(field.key);
+    if (it == object.end()) fail(field, "missing");
+    return *it;
+  }
+  const json& array(const json& object, const Field& parent, std::string_view key) const {
+    const Field field = parent / key;
+    return as_array(member(object, field), field);
+  }
+  std::string text(const json& object, const Field& parent, std::string_view key) const {
+    const Field field = parent / key;
+    return as_text(member(object, field), field);
+  }
+  std::int64_t integer(const json& object, const Field& parent, std::string_view key, std::int64_t min,
+                       std::int64_t max) const {
+    const Field field = parent / key;
+    return as_integer(member(object, field), field, min, max);
+  }
+  std::uint64_t unsigned_integer(const json& object, const Field& parent, std::string_view key,
+                                 std::uint64_t max) const {
+    const Field field = parent / key;
+    return as_unsigned(member(object, field), field, max);
+  }
+  bool boolean(const json& object, const Field& parent, std::string_view key) const {
+    const Field field = parent / key;
+    return as_boolean(member(object, field), field);
+  }
+  std::vector<std::string> texts(const json& object, const Field& parent, std::string_view key) const {
+    const Field field = parent / key;
+    return as_texts(member(object, field), field);
+  }
+
+  // ---- the manifest's parts
+  ManifestFile read_file(const json& j, const Field& field) const {
+    ManifestFile file;
+    file.path = text(j, field, "path");
+    if (file.path.empty() || file.path.front() != '/' || file.path.find('\0') != std::string::npos) {
+      fail(field / "path", fmt::format("{} is not an absolute path", quote_text(file.path)));
+    }
+    file.size_bytes = unsigned_integer(j, field, "size_bytes", INT64_MAX);
+    file.mtime_ns = integer(j, field, "mtime_ns", INT64_MIN, INT64_MAX);
+    file.archive_name = text(j, field, "archive_name");
+    // The role is a function of the name: a manifest cannot move a file to another cell.
+    FileRole from_name = parse_file_role(file.path);
+    file.role.mp_part = role_number(j, field / "mp_part", from_name.mp_part, file.path);
+    file.role.dp_shard = role_number(j, field / "dp_shard", from_name.dp_shard, file.path);
+    if (j.contains("pickle_protocol")) file.pickle_protocol = static_cast<int>(integer(j, field, "pickle_protocol", 2, 5));
+    file.top_level_keys = texts(j, field, "top_level_keys");
+
+    const Field tensors_field = field / "tensors";
+    const json& tensors = array(j, field, "tensors");
+    file.tensors.reserve(tensors.size());
+    std::unordered_map<std::string_view, std::size_t> by_path;
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const Field tensor_field = tensors_field[i];
+      file.tensors.push_back(read_tensor(as_object(tensors[i], tensor_field), tensor_field, file.size_bytes));
+    }
+    for (std::size_t i = 0; i < file.tensors.size(); ++i) {
+      auto [it, added] = by_path.emplace(file.tensors[i].path, i);
+      if (!added) fail(tensors_field[i] / "path", fmt::format("the same path as tensors[{}]", it->second));
+    }
+    for (std::size_t i = 0; i < file.tensors.size(); ++i) check_alias(file.tensors, i, by_path, tensors_field[i]);
+
+    const Field fsdp_field = field / "fsdp";
+    const json& fsdp = member(j, fsdp_field);
+    if (!fsdp.is_null()) file.fsdp = read_fsdp(as_object(fsdp, fsdp_field), fsdp_field);
+    const Field declared_field = field / "model_parallel_size";
+    const json& declared = member(j, declared_field);
+    if (!declared.is_null()) {
+      const json& object = as_object(declared, declared_field);
+      // Any int a cfg holds reads back; detect_grid judges whether it is plausible.
+      file.declared_parts = DeclaredParts{integer(object, declared_field, "parts", INT64_MIN, INT64_MAX),
+                                          text(object, declared_field, "from")};
+      bool known = false;
+      for (const auto& keys : kModelParallelSizeKeys) {
+        known = known || file.declared_parts->from == fmt::format("{}", fmt::join(keys, "."));
+      }
+      if (!known) fail(declared_field / "from", fmt::format("{} is not a place a checkpoint declares its part count",
+                                                            quote_text(file.declared_parts->from)));
+    }
+    if (auto objects = j.find("objects"); objects != j.end()) {
+      check_objects(*objects, field / "objects", file.tensors.size(), 0);
+      file.objects = *objects;
+    }
+    return file;
+  }
+
+  std::optional<int> role_number(const json& j, const Field& field, const std::optional<int>& from_name,
+                                 const std::string& path) const {
+    const json& value = member(j, field);
+    std::optional<int> number;
+    // Any number a name can give (parse_file_role reads at most 8 digits) reads
+    // back: one past kMaxGridSide is a grid problem, as for the files themselves.
+    if (!value.is_null()) number = static_cast<int>(as_integer(value, field, 0, INT_MAX));
+    if (number != from_name) {
+      fail(field, fmt::format("{}, but the file name {} gives {}", role_text(number),
+                              quote_text(std::filesystem::path(path).filename().string()), role_text(from_name)));
+    }
+    return number;
+  }
+
+  ManifestTensor read_tensor(const json& j, const Field& field, std::uint64_t file_size) const {
+    ManifestTensor t;
+    t.path = text(j, field, "path");
+    if (t.path.empty()) fail(field / "path", "empty tensor path");
+    std::string dtype_name = text(j, field, "dtype");
+    auto dtype = dtype_from_name(dtype_name);
+    if (!dtype) fail(field / "dtype", "unknown dtype " + quote_text(dtype_name));
+    t.dtype = *dtype;
+    const Field shape_field = field / "shape";
+    const Field stride_field = field / "stride";
+    t.shape = as_integers(member(j, shape_field), shape_field, 0);
+    t.stride = as_integers(member(j, stride_field), stride_field, 0);
+    if (t.stride.size() != t.shape.size()) {
+      fail(stride_field, fmt::format("{} strides for {} dimensions", t.stride.size(), t.shape.size()));
+    }
+    const std::uint64_t itemsize = dtype_info(t.dtype).itemsize;
+    ViewExtent extent;
+    try {
+      extent = view_extent(t.shape, t.stride, itemsize);
+    } catch (const Error& e) {
+      throw e.with_file(source_).with_member(shape_field.render());
+    }
+    t.storage_key = text(j, field, "storage_key");
+    t.storage_offset = integer(j, field, "storage_offset", 0, INT64_MAX);
+    t.record_name = text(j, field, "record_name");
+    t.record_crc32 = static_cast<std::uint32_t>(unsigned_integer(j, field, "record_crc32", UINT32_MAX));
+    t.file_byte_offset = unsigned_integer(j, field, "file_byte_offset", UINT64_MAX);
+    t.nbytes = unsigned_integer(j, field, "nbytes", UINT64_MAX);
+    std::uint64_t spanned = extent.span_elements * itemsize;  // view_extent checked the product
+    if (t.nbytes != spanned) {
+      fail(field / "nbytes", fmt::format("{} bytes, but a {} view of shape [{}] and stride [{}] spans {}", t.nbytes,
+                                         dtype_info(t.dtype).name, fmt::join(t.shape, ", "),
+                                         fmt::join(t.stride, ", "), spanned));
+    }
+    if (t.file_byte_offset > file_size || t.nbytes > file_size - t.file_byte_offset) {
+      fail(field / "file_byte_offset", fmt::format("{} + {} bytes reach past the end of the file (size_bytes {})",
+                                                   t.file_byte_offset, t.nbytes, file_size));
+    }
+    // Element 0 of the storage is storage_offset elements before the view's first.
+    if (static_cast<std::uint64_t>(t.storage_offset) > t.file_byte_offset / itemsize) {
+      fail(field / "storage_offset", fmt::format("{} elements before byte {}: the storage would start before the file",
+                                                 t.storage_offset, t.file_byte_offset));
+    }
+    if (j.contains("requires_grad")) t.requires_grad = boolean(j, field, "requires_grad");
+    if (j.contains("alias_of")) {
+      t.alias_of = text(j, field, "alias_of");
+      if (t.alias_of.empty()) fail(field / "alias_of", "empty (leave alias_of out when the tensor is not tied)");
+    }
+    return t;
+  }
+
+  // A tied tensor names the one tensor of the same file that holds its bytes.
+  void check_alias(const std::vector<ManifestTensor>& tensors, std::size_t i,
+                   const std::unordered_map<std::string_view, std::size_t>& by_path, const Field& field) const {
+    const ManifestTensor& t = tensors[i];
+    if (t.alias_of.empty()) return;
+    auto it = by_path.find(t.alias_of);
+    if (it == by_path.end()) fail(field / "alias_of", quote_text(t.alias_of) + " is not a tensor of this file");
+    const ManifestTensor& target = tensors[it->second];
+    if (!target.alias_of.empty()) {
+      fail(field / "alias_of", fmt::format("names tensors[{}], which is itself tied to another", it->second));
+    }
+    if (target.dtype != t.dtype || target.shape != t.shape || target.stride != t.stride ||
+        target.file_byte_offset != t.file_byte_offset || target.nbytes != t.nbytes) {
+      fail(field / "alias_of", fmt::format("names tensors[{}], whose dtype, shape, stride or bytes differ", it->second));
+    }
+  }
+
+  FsdpMetadata read_fsdp(const json& j, const Field& field) const {
+    FsdpMetadata fsdp;
+    const Field instances_field = field / "param_metadata";
+    const json& instances = array(j, field, "param_metadata");
+    for (std::size_t i = 0; i < instances.size(); ++i) {
+      const Field instance_field = instances_field[i];
+      const json& instance_json = as_object(instances[i], instance_field);
+      FsdpInstanceMeta instance;
+      instance.fsdp_path = text(instance_json, instance_field, "fsdp_path");
+      instance.no_broadcast_optim_state = boolean(instance_json, instance_field, "no_broadcast_optim_state");
+      const Field shared_field = instance_field / "shared_param_info";
+      const json& shared = array(instance_json, instance_field, "shared_param_info");
+      for (std::size_t k = 0; k < shared.size(); ++k) {
+        std::vector<std::string> pair = as_texts(shared[k], shared_field[k]);
+        if (pair.size() != 2) fail(shared_field[k], "expected a [source, destination] pair of names");
+        instance.shared_param_info.emplace_back(std::move(pair[0]), std::move(pair[1]));
+      }
+      const Field flats_field = instance_field / "flat_params";
+      const json& flats = array(instance_json, instance_field, "flat_params");
+      for (std::size_t k = 0; k < flats.size(); ++k) {
+        const Field flat_field = flats_field[k];
+        instance.flat_params.push_back(read_flat_param(as_object(flats[k], flat_field), flat_field, instance.fsdp_path));
+      }
+      fsdp.instances.push_back(std::move(instance));
+    }
+    fsdp.buffer_names = texts(j, field, "buffer_names");
+    return fsdp;
+  }
+
+  FlatParamMeta read_flat_param(const json& j, const Field& field, const std::string& fsdp_path) const {
+    FlatParamMeta flat;
+    flat.state_key = text(j, field, "state_key");
+    flat.name = text(j, field, "name");
+    // As the pickle reader derives it (read_fsdp_metadata): the key is a function of the path and name.
+    std::string expected_key = fsdp_path.empty() ? flat.name : fsdp_path + "." + flat.name;
+    if (flat.state_key != expected_key) {
+      fail(field / "state_key", fmt::format("{}, but fsdp_path and name give {}", quote_text(flat.state_key),
+                                            quote_text(expected_key)));
+    }
+    flat.names = texts(j, field, "names");
+    const Field shapes_field = field / "shapes";
+    const json& shapes = array(j, field, "shapes");
+    for (std::size_t i = 0; i < shapes.size(); ++i) flat.shapes.push_back(as_integers(shapes[i], shapes_field[i], 0));
+    const Field numels_field = field / "numels";
+    flat.numels = as_integers(member(j, numels_field), numels_field, 0);
+    flat.padding = integer(j, field, "padding", 0, INT64_MAX);
+    if (auto problem = flat_param_problem(flat)) {
+      const Field at = problem->field.empty() ? field : field / problem->field;
+      fail(problem->index ? at[*problem->index] : at, problem->message);
+    }
+    return flat;
+  }
+
+  // The object tree: what reads it (inspect) takes {"$tensor": i} as tensors[i],
+  // and "$ref" and "$class" as strings. Recursion is bounded: the tree is nested
+  // at most kMaxManifestDepth deep.
+  void check_objects(const json& node, const Field& field, std::size_t tensor_count, std::size_t depth) const {
+    if (depth > kMaxManifestDepth) fail(field, fmt::format("nested deeper than {} levels", kMaxManifestDepth));
+    if (node.is_array()) {
+      for (std::size_t i = 0; i < node.size(); ++i) check_objects(node[i], field[i], tensor_count, depth + 1);
+      return;
+    }
+    if (!node.is_object()) return;
+    if (auto tensor = node.find("$tensor"); tensor != node.end()) {
+      const Field index_field = field / "$tensor";
+      std::uint64_t index = as_unsigned(*tensor, index_field, UINT64_MAX);
+      if (index >= tensor_count) {
+        fail(index_field, fmt::format("tensor {}, but the file lists {} tensors", index, tensor_count));
+      }
+    }
+    for (const char* key : {"$ref", "$class"}) {
+      if (auto it = node.find(key); it != node.end()) as_text(*it, field / key);
+    }
+    for (auto it = node.begin(); it != node.end(); ++it) check_objects(*it, field / it.key(), tensor_count, depth + 1);
+  }
+
+  const std::string& source_;
+};
+
+// The deepest nesting of arrays and objects in JSON text (strings skipped), read
+// before parsing: nlohmann::json copies, compares and prints values recursively
+// (only its parser and destructor are iterative), so depth must be bounded first.
+bool nested_deeper_than(std::string_view text, std::size_t limit) {
+  std::size_t depth = 0;
+  bool in_string = false;
+  bool escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > limit) return true;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return false;
+}
+
+struct FreeDecompressor {
+  void operator()(ZSTD_DCtx* context) const { ZSTD_freeDCtx(context); }
+};
+
+// The text of a zstd file (one frame or several), refused past `max_text_bytes`
+// as it grows: the size a frame declares is not trusted.
+std::string decompress(Bytes bytes, const Location& where, std::uint64_t max_text_bytes) {
+  std::unique_ptr<ZSTD_DCtx, FreeDecompressor> context(ZSTD_createDCtx());
+  if (!context) throw Error(where, "zstd: cannot create a decompression context");
+  std::string text;
+  ZSTD_inBuffer in{bytes.data(), bytes.size(), 0};
+  std::vector<char> chunk(ZSTD_DStreamOutSize());
+  std::size_t frame_left = 1;  // 0 once a frame is complete; zstd keeps the last input byte until it has flushed
+  while (in.pos < in.size) {
+    ZSTD_outBuffer out{chunk.data(), chunk.size(), 0};
+    frame_left = ZSTD_decompressStream(context.get(), &out, &in);
+    if (ZSTD_isError(frame_left)) throw Error(where, std::string("zstd: ") + ZSTD_getErrorName(frame_left));
+    if (out.pos > max_text_bytes - text.size()) {
+      throw Error(where, fmt::format("zstd: decompresses to more than {} MiB, the limit for a manifest",
+                                     max_text_bytes >> 20));
+    }
+    text.append(chunk.data(), out.pos);
+  }
+  if (frame_left != 0) throw Error(where, "zstd: truncated (the last frame is incomplete)");
+  return text;
+}
+
+}  // namespace
+
+Manifest manifest_from_json(const json& j, const std::string& source) { return ManifestReader(source).read(j); }
 
 bool looks_like_manifest(const std::string& path) {
   return ends_with(path, ".json") || ends_with(path, ".json.zst");
 }
 
+Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed, std::uint64_t max_text_bytes) {
+  Location where{source, "", std::nullopt};
+  if (bytes.empty()) throw Error(where, "empty file: not a manifest");
+  std::string decompressed;
+  std::string_view text = as_chars(bytes);
+  if (compressed) {
+    decompressed = decompress(bytes, where, max_text_bytes);
+    text = decompressed;
+  } else if (text.size() > max_text_bytes) {
+    throw Error(where, fmt::format("larger than {} MiB, the limit for a manifest", max_text_bytes >> 20));
+  }
+  if (nested_deeper_than(text, kMaxManifestDepth)) {
+    throw Error(where, fmt::format("not a manifest: JSON nested deeper than {} levels", kMaxManifestDepth));
+  }
+  json j;
+  try {
+    j = json::parse(text.begin(), text.end());
+  } catch (const json::parse_error& e) {
+    throw Error(where, fmt::format("not valid JSON (parse error at byte {}{})", e.byte,
+                                   compressed ? " of the decompressed text" : ""));
+  } catch (const json::exception&) {
+    throw Error(where, "not valid JSON (a number out of range)");
+  }
+  return manifest_from_json(j, source);
+}
+
 Manifest read_manifest(const std::string& path) {
   MappedFile file(path);
-  std::string text;
-  Location where{path, "", std::nullopt};
-  if (ends_with(path, ".zst")) {
-    ZSTD_DCtx* context = ZSTD_createDCtx();
-    ZSTD_inBuffer in{file.bytes().data(), file.bytes().size(), 0};
-    std::vector<char> chunk(ZSTD_DStreamOutSize());
-    std::size_t last = 0;
-    while (in.pos < in.size) {
-      ZSTD_outBuffer out{chunk.data(), chunk.size(), 0};
-      last = ZSTD_decompressStream(context, &out, &in);
-      if (ZSTD_isError(last)) {
-        ZSTD_freeDCtx(context);
-        throw Error(where, std::string("zstd: ") + ZSTD_getErrorName(last));
-      }
-      text.append(chunk.data(), out.pos);
-      if (text.size() > (4ull << 30)) {
-        ZSTD_freeDCtx(context);
-        throw Error(where, "manifest larger than 4 GiB");
-      }
-    }
-    ZSTD_freeDCtx(context);
-    if (last != 0) throw Error(where, "zstd: truncated frame");
-  } else {
-    text = std::string(as_chars(file.bytes()));
-  }
-  json j = json::parse(text, nullptr, false);
-  if (j.is_discarded()) throw Error(where, "not valid JSON");
-  return manifest_from_json(j, path);
+  return parse_manifest(file.bytes(), path, ends_with(path, ".zst"));
 }
 
 void write_manifest(const Manifest& manifest, const std::string& path, bool overwrite) {

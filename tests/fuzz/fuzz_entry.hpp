@@ -17,6 +17,12 @@
 //   checkpoint  every tensor's byte range lies inside its storage record; the
 //               manifest of the file (describe_file) survives its JSON rendering
 //               and reading back
+//   manifest    a manifest that reads (parse_manifest, as read_manifest does)
+//               has a grid whose cells index its files, every tensor's bytes
+//               inside its file (as a range, and piece by piece as source_of
+//               and consolidate_part cut them for a plan), object-tree tensor
+//               indices inside the tensor list, and it renders to JSON that
+//               reads back to the same JSON
 // None of this touches the disk: the checkpoint target maps the input from a
 // memfd, as MappedFile would map a file.
 #pragma once
@@ -37,10 +43,12 @@
 
 #include "ckpt/checkpoint.hpp"
 #include "ckpt/error.hpp"
+#include "ckpt/layout.hpp"
 #include "ckpt/manifest.hpp"
 #include "ckpt/mapped_file.hpp"
 #include "ckpt/pickle.hpp"
 #include "ckpt/pyobject.hpp"
+#include "ckpt/tensor_source.hpp"
 #include "ckpt/zip.hpp"
 
 namespace ckpt::fuzz {
@@ -284,6 +292,119 @@ inline void run_checkpoint(Bytes input) {
   }
   check_checkpoint(*checkpoint);
   exercise_graph(checkpoint->graph());
+}
+
+// ---------------------------------------------------------------- manifest
+
+// Far below kMaxManifestBytes: libFuzzer runs with -rss_limit_mb=2048, and a few
+// kilobytes of zstd can claim gigabytes.
+inline constexpr std::uint64_t kFuzzManifestTextBytes = std::uint64_t{64} << 20;
+// Plans are built only for tensors of at most this many elements: source_of cuts
+// a strided view into one piece per contiguous run, which a crafted (or a real,
+// broadcast) view with zero strides makes as many as its elements.
+inline constexpr std::uint64_t kFuzzPlanElements = std::uint64_t{1} << 16;
+
+// Every row of `piece` (a piece of manifest file `file`) inside [begin, end).
+inline void require_piece_inside(const SourcePiece& piece, std::uint64_t begin, std::uint64_t end,
+                                 const std::string& what) {
+  require(piece.rows >= 1, "manifest: a piece has rows", what);
+  std::uint64_t last_row = 0;
+  std::uint64_t piece_end = 0;
+  bool fits = !__builtin_mul_overflow(piece.rows - 1, piece.source_stride, &last_row) &&
+              !__builtin_add_overflow(piece.source_offset, last_row, &piece_end) &&
+              !__builtin_add_overflow(piece_end, piece.nbytes, &piece_end);
+  require(fits && piece.source_offset >= begin && piece_end <= end, "manifest: a piece reads inside its bytes", what);
+}
+
+// inspect's walk of the object tree: {"$tensor": i} is tensors[i].
+inline void walk_objects(const nlohmann::json& node, const ManifestFile& file) {
+  if (node.is_array()) {
+    for (const nlohmann::json& item : node) walk_objects(item, file);
+    return;
+  }
+  if (!node.is_object()) return;
+  if (node.contains("$tensor")) {
+    const nlohmann::json& index = node["$tensor"];
+    require(index.is_number_unsigned() && index.get<std::uint64_t>() < file.tensors.size(),
+            "manifest: $tensor indexes the file's tensors", file.path);
+  }
+  for (const char* key : {"$ref", "$class"}) {
+    require(!node.contains(key) || node[key].is_string(), "manifest: $ref and $class are strings", file.path);
+  }
+  for (const nlohmann::json& item : node) walk_objects(item, file);
+}
+
+inline void check_manifest(const Manifest& manifest) {
+  const Grid& grid = manifest.grid;
+  require(grid.cells.size() == static_cast<std::size_t>(grid.mp), "manifest: grid rows", "");
+  for (const std::vector<int>& row : grid.cells) {
+    require(row.size() == static_cast<std::size_t>(grid.dp), "manifest: grid columns", "");
+    for (int cell : row) {
+      require(cell >= -1 && cell < static_cast<int>(manifest.files.size()), "manifest: grid cells index files", "");
+    }
+  }
+  bool small = true;
+  for (std::size_t f = 0; f < manifest.files.size(); ++f) {
+    const ManifestFile& file = manifest.files[f];
+    for (const ManifestTensor& tensor : file.tensors) {
+      std::uint64_t end = 0;
+      require(!__builtin_add_overflow(tensor.file_byte_offset, tensor.nbytes, &end) && end <= file.size_bytes,
+              "manifest: tensor bytes inside the file", tensor.path);
+      ViewExtent extent = view_extent(tensor.shape, tensor.stride, dtype_info(tensor.dtype).itemsize);
+      require(extent.numel == tensor.numel() && extent.span_elements * dtype_info(tensor.dtype).itemsize == tensor.nbytes,
+              "manifest: nbytes is the span of the view", tensor.path);
+      if (tensor.numel() > kFuzzPlanElements) {
+        small = false;
+        continue;
+      }
+      TensorSource source = source_of(tensor, static_cast<std::uint32_t>(f));
+      require(source.nbytes() == tensor.numel() * dtype_info(tensor.dtype).itemsize, "manifest: source size", tensor.path);
+      for (const SourcePiece& piece : source.pieces) {
+        require_piece_inside(piece, tensor.file_byte_offset, end, tensor.path);
+        require(piece.end() <= source.nbytes(), "manifest: piece inside the tensor", tensor.path);
+      }
+    }
+    walk_objects(file.objects, file);
+  }
+  // What stitch and reshard do first: consolidate each part from its shards.
+  if (small && grid.problems.empty()) {
+    for (const std::vector<int>& shards : grid.cells) {
+      std::vector<NamedTensor> tensors;
+      try {
+        tensors = consolidate_part(manifest, shards);
+      } catch (const Error&) {
+        continue;
+      }
+      for (const NamedTensor& tensor : tensors) {
+        for (const SourcePiece& piece : tensor.source.pieces) {
+          if (piece.file == SourcePiece::kZeroFile) continue;
+          require(piece.file < manifest.files.size(), "manifest: consolidated piece names a file", tensor.name);
+          require_piece_inside(piece, 0, manifest.files[piece.file].size_bytes, tensor.name);
+        }
+      }
+    }
+  }
+  // Rendering what was read and reading it back gives the same JSON.
+  nlohmann::json rendered = manifest_to_json(manifest);
+  try {
+    Manifest again = manifest_from_json(rendered, "rendered.json");
+    require(manifest_to_json(again) == rendered, "manifest: JSON round trip");
+  } catch (const Error& e) {
+    violated("manifest: rendered manifest does not read back", e.what());
+  }
+}
+
+inline void run_manifest(Bytes input) {
+  // A zstd frame (magic 28 b5 2f fd) is read as a .json.zst file, anything else as .json.
+  bool compressed = input.size() >= 4 && input[0] == std::byte{0x28} && input[1] == std::byte{0xb5} &&
+                    input[2] == std::byte{0x2f} && input[3] == std::byte{0xfd};
+  Manifest manifest;
+  try {
+    manifest = parse_manifest(input, compressed ? "fuzz.json.zst" : "fuzz.json", compressed, kFuzzManifestTextBytes);
+  } catch (const Error&) {
+    return;
+  }
+  check_manifest(manifest);
 }
 
 }  // namespace ckpt::fuzz

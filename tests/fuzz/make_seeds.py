@@ -1,10 +1,13 @@
 #!/usr/bin/python3
 """Seed corpora for the fuzz targets, from fixture checkpoints and a few made here.
 
-    /usr/bin/python3 tests/fuzz/make_seeds.py --out build-fuzz/seeds DIR...
+    /usr/bin/python3 tests/fuzz/make_seeds.py --out build-fuzz/seeds [--ckpt-tool build/ckpt-tool] DIR...
 
 Every *.pt under the DIRs becomes a seed of fuzz_zip and fuzz_checkpoint, and its
-data.pkl member (read with zipfile) a seed of fuzz_pickle. Torch writes only part of
+data.pkl member (read with zipfile) a seed of fuzz_pickle. With --ckpt-tool, the
+manifest of each folder holding *.pt files (`ckpt-tool manifest`, as .json and as
+.json.zst) becomes a seed of fuzz_manifest, and so do a few small manifests
+written here (no files, no roles, a tied tensor, FSDP metadata). Torch writes only part of
 what the readers accept, so small pickles of every protocol (sets, bytearrays, big
 ints, recursive containers, NEWOBJ_EX, ...) and zips that Python's zipfile writes
 (ZIP64 extras, a comment, data descriptors) are added. Nothing here unpickles
@@ -16,8 +19,11 @@ import argparse
 import collections
 import hashlib
 import io
+import json
 import os
 import pickle
+import subprocess
+import tempfile
 import sys
 import zipfile
 from argparse import Namespace
@@ -105,6 +111,62 @@ def sample_zips():
     yield unseekable.getvalue()
 
 
+def fixture_manifests(ckpt_tool, dirs):
+    """The manifest of every folder holding *.pt files, as .json and .json.zst."""
+    folders = []
+    for root in dirs:
+        for folder, _, names in sorted(os.walk(root)):
+            if any(name.endswith(".pt") for name in names):
+                folders.append(folder)
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, folder in enumerate(folders):
+            inputs = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".pt"))
+            for suffix in (".json", ".json.zst"):
+                out = os.path.join(scratch, f"{i}{suffix}")
+                subprocess.run([ckpt_tool, "manifest", *inputs, "-o", out], check=True)
+                with open(out, "rb") as f:
+                    yield f.read(), suffix
+
+
+def small_manifests():
+    """Hand-written manifests for the corners fixtures do not reach."""
+    def manifest(files):
+        return {"format": "ckpt-tool-manifest", "version": 1, "created_by": "make_seeds.py",
+                "grid": {"mp": 0, "dp": 0, "cells": [], "problems": []}, "files": files}
+
+    def tensor(path, offset, shape, **extra):
+        numel = 1
+        for d in shape:
+            numel *= d
+        stride = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            stride[i] = stride[i + 1] * shape[i + 1]
+        out = {"path": path, "dtype": "float32", "shape": shape, "stride": stride, "storage_key": "0",
+               "storage_offset": 0, "record_name": "archive/data/0", "record_crc32": 0,
+               "file_byte_offset": offset, "nbytes": 4 * numel, "requires_grad": False}
+        out.update(extra)
+        return out
+
+    def file(path, tensors, fsdp=None, objects=None):
+        return {"path": path, "size_bytes": 4096, "mtime_ns": 0, "archive_name": "archive",
+                "mp_part": None, "dp_shard": None, "pickle_protocol": 2, "top_level_keys": ["model"],
+                "tensors": tensors, "fsdp": fsdp, "objects": objects}
+
+    yield manifest([])
+    tied = [tensor("model/a", 64, [2, 3]), tensor("model/b", 64, [2, 3], alias_of="model/a")]
+    yield manifest([file("/ckpt/model.pt", tied, objects={"model": {"a": {"$tensor": 0}, "b": {"$tensor": 0}}})])
+    flat = {"state_key": "flat_param_0", "name": "flat_param_0", "names": ["w", "b"], "shapes": [[2, 2], [2]],
+            "numels": [4, 2], "padding": 0}
+    fsdp = {"param_metadata": [{"fsdp_path": "", "flat_params": [flat], "no_broadcast_optim_state": False,
+                                "shared_param_info": []}], "buffer_names": []}
+    shards = []
+    for d in range(2):
+        f = file(f"/ckpt/checkpoint_last-model_part-0-shard{d}.pt", [tensor("model/flat_param_0", 64, [3])], fsdp)
+        f["mp_part"], f["dp_shard"] = 0, d
+        shards.append(f)
+    yield manifest(shards)
+
+
 def write_seed(folder, data, suffix):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, hashlib.sha1(data).hexdigest()[:16] + suffix)
@@ -118,6 +180,7 @@ def write_seed(folder, data, suffix):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="seed folder: one subfolder per fuzz target")
+    parser.add_argument("--ckpt-tool", help="the built ckpt-tool: writes the manifests of fuzz_manifest's seeds")
     parser.add_argument("dirs", nargs="+", help="folders searched for *.pt files")
     args = parser.parse_args()
 
@@ -141,7 +204,15 @@ def main():
     for data in sample_zips():
         counts["fuzz_zip"] += write_seed(os.path.join(args.out, "fuzz_zip"), data, ".zip")
         counts["fuzz_checkpoint"] += write_seed(os.path.join(args.out, "fuzz_checkpoint"), data, ".zip")
-    for target in ("fuzz_zip", "fuzz_pickle", "fuzz_checkpoint"):
+    targets = ["fuzz_zip", "fuzz_pickle", "fuzz_checkpoint"]
+    if args.ckpt_tool:
+        targets.append("fuzz_manifest")
+        folder = os.path.join(args.out, "fuzz_manifest")
+        for data, suffix in fixture_manifests(args.ckpt_tool, args.dirs):
+            counts["fuzz_manifest"] += write_seed(folder, data, suffix)
+        for data in small_manifests():
+            counts["fuzz_manifest"] += write_seed(folder, json.dumps(data, indent=1).encode(), ".json")
+    for target in targets:
         folder = os.path.join(args.out, target)
         total = len(os.listdir(folder)) if os.path.isdir(folder) else 0
         print(f"{target}: {total} seeds ({counts[target]} new) in {folder}")

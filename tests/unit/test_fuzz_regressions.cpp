@@ -113,6 +113,7 @@ TEST_CASE("fuzz regressions: every saved input runs through its target without c
       {"fuzz_zip", ckpt::fuzz::run_zip},
       {"fuzz_pickle", ckpt::fuzz::run_pickle},
       {"fuzz_checkpoint", ckpt::fuzz::run_checkpoint},
+      {"fuzz_manifest", ckpt::fuzz::run_manifest},
   };
   const std::filesystem::path root(CKPT_FUZZ_REGRESSIONS);
   if (!std::filesystem::is_directory(root)) return;  // no finding saved yet
