@@ -77,11 +77,16 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
       report.problems.push_back(e.what());
     }
   }
-  if (manifest.files.size() < 2 && !(manifest.files.size() == 1 && manifest.files[0].fsdp)) return report;
+  if (manifest.files.empty()) return report;
+  // The same set check stitch and reshard make, even for one file: a model part
+  // alone is incomplete when cfg names more parts.
   manifest.grid = detect_grid(manifest.files);
   for (const std::string& problem : manifest.grid.problems) report.problems.push_back(problem);
   if (!manifest.grid.problems.empty() || manifest.files.size() != paths.size()) return report;
-  // The layout rules themselves: every part consolidates, the parts glue.
+  // Any torch.save file verifies; a set of files, or a sharded one, must be a
+  // training checkpoint whose layout rules hold: every part consolidates, the
+  // parts glue.
+  if (manifest.files.size() == 1 && !manifest.files[0].fsdp) return report;
   try {
     std::vector<std::vector<NamedTensor>> parts;
     for (const auto& shards : manifest.grid.cells) parts.push_back(consolidate_part(manifest, shards));
