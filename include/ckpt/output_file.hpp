@@ -76,6 +76,10 @@ class OutputFile {
   mutable std::atomic<bool> direct_{false};
 };
 
+// fsyncs a directory, making the renames in it durable; a failure loses no data
+// already synced, so it is not reported.
+void sync_directory(const std::string& path);
+
 // Installs handlers that remove uncommitted temporary files on SIGINT, SIGTERM
 // and SIGHUP, then end the process by the same signal.
 void install_cleanup_handlers();

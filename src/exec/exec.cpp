@@ -1,6 +1,5 @@
 #include "ckpt/exec.hpp"
 
-#include <fcntl.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <unistd.h>
@@ -13,8 +12,8 @@
 #include <filesystem>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <optional>
+#include <set>
 #include <thread>
 
 #include "ckpt/crc32.hpp"
@@ -360,42 +359,31 @@ void run_units(FileWriter& writer, unsigned threads, Progress& progress) {
   });
 }
 
-}  // namespace
-
-namespace {
-
 // Renames every finished output into place, signals deferred. When a rename
 // fails, takes back the outputs renamed before it that replaced nothing, and
-// names in the error those it cannot take back.
-void commit_all(std::vector<std::unique_ptr<OutputFile>>& outputs, bool overwrite) {
+// names in the error those it cannot take back (they replaced a file).
+void commit_all(std::vector<std::unique_ptr<OutputFile>>& outputs) {
   DeferSignals defer;
-  std::vector<std::string> renamed;
+  std::vector<bool> replaces;
+  for (const auto& out : outputs) replaces.push_back(identity_of(out->target_path()).has_value());
+  std::vector<std::string> replaced;
+  std::vector<std::string> created;
   std::set<std::string> directories;
-  for (auto& out : outputs) {
+  for (std::size_t k = 0; k < outputs.size(); ++k) {
     try {
-      out->commit(/*sync_directory=*/false);
+      outputs[k]->commit(/*sync_directory=*/false);
     } catch (const Error& e) {
-      if (renamed.empty()) throw;
-      if (!overwrite) {
-        for (const std::string& path : renamed) ::unlink(path.c_str());
-        throw Error(e.where(), e.message() + fmt::format(" ({} output(s) renamed before it were removed again)",
-                                                         renamed.size()));
-      }
-      throw Error(e.where(), e.message() + fmt::format(" (the outputs renamed before it replaced existing files "
-                                                       "and stay: {})",
-                                                       fmt::join(renamed, ", ")));
+      for (const std::string& path : created) ::unlink(path.c_str());
+      std::string undone = created.empty() ? "" : fmt::format("; the {} output(s) renamed before it were removed "
+                                                              "again", created.size());
+      std::string kept = replaced.empty() ? "" : fmt::format("; these replaced existing files and stay: {}",
+                                                             fmt::join(replaced, ", "));
+      throw Error(e.where(), e.message() + undone + kept);
     }
-    renamed.push_back(out->target_path());
-    std::filesystem::path target(out->target_path());
-    directories.insert(target.has_parent_path() ? target.parent_path().string() : ".");
+    (replaces[k] ? replaced : created).push_back(outputs[k]->target_path());
+    directories.insert(std::filesystem::path(outputs[k]->target_path()).parent_path().string());
   }
-  for (const std::string& dir : directories) {
-    int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dir_fd >= 0) {
-      ::fsync(dir_fd);  // the renames durable; failure here loses no data already synced
-      ::close(dir_fd);
-    }
-  }
+  for (const std::string& dir : directories) sync_directory(dir.empty() ? "." : dir);
 }
 
 }  // namespace
@@ -452,7 +440,7 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     stats.crc_reread_bytes = check->reread_bytes();
   }
   auto t5 = std::chrono::steady_clock::now();
-  commit_all(outputs, options.overwrite);
+  commit_all(outputs);
   auto t6 = std::chrono::steady_clock::now();
   stats.crc_seconds = std::chrono::duration<double>(t5 - t4).count();
   stats.commit_seconds += std::chrono::duration<double>(t6 - t5).count();

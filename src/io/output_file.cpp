@@ -286,10 +286,13 @@ void OutputFile::commit(bool sync_directory) {
   }
   committed_ = true;
   unregister_cleanup(cleanup_);
-  if (!sync_directory) return;
-  int dir_fd = ::open(parent_of(target_path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (sync_directory) ckpt::sync_directory(parent_of(target_path_).string());
+}
+
+void sync_directory(const std::string& path) {
+  int dir_fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir_fd >= 0) {
-    ::fsync(dir_fd);  // make the rename durable; failure here loses no data already synced
+    ::fsync(dir_fd);
     ::close(dir_fd);
   }
 }

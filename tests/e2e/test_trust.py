@@ -327,6 +327,28 @@ def test_disk_full_during_the_copy_leaves_nothing():
     assert proc.returncode == 1 and os.listdir(out) == [], (proc, os.listdir(out))
 
 
+def test_a_failed_rename_takes_back_the_set():
+    inputs = harness.fixtures()[FIXTURE]
+    out = harness.scratch("trust-rename")
+    env = dict(os.environ, LD_PRELOAD=os.environ["CKPT_FAIL_WRITES"], CKPT_FAIL_RENAME_AT="3")
+    pattern = os.path.join(out, "c-{m}-{d}.pt")
+    args = [harness.TOOL, "reshard", "-q", inputs, "--mp", "1", "--dp", "4", "-o", pattern]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc
+    assert "c-0-2.pt" in lines[0] and "the 2 output(s) renamed before it were removed again" in lines[0], lines
+    assert os.listdir(out) == [], os.listdir(out)
+    # over existing outputs (--force), the ones replaced cannot be taken back: named
+    harness.run(["reshard", "-q", inputs, "--mp", "1", "--dp", "4", "-o", pattern])
+    os.remove(os.path.join(out, "c-0-1.pt"))
+    proc = subprocess.run(args + ["--force"], env=env, capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc
+    assert "the 1 output(s) renamed before it were removed again" in lines[0], lines
+    assert f"these replaced existing files and stay: {os.path.join(out, 'c-0-0.pt')}" in lines[0], lines
+    assert sorted(os.listdir(out)) == ["c-0-0.pt", "c-0-2.pt", "c-0-3.pt"], os.listdir(out)
+
+
 def test_small_file_system_is_refused_before_copying():
     mount = harness.scratch("trust-tmpfs")
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mount], capture_output=True).returncode:
@@ -360,5 +382,6 @@ if __name__ == "__main__":
                   test_corruption_is_never_laundered, test_mixed_sets_are_reported_and_refused,
                   test_clean_sets_stay_clean, test_interrupted_reshard_leaves_nothing,
                   test_killed_run_leaves_recognizable_temps_that_the_next_run_removes,
-                  test_disk_full_during_the_copy_leaves_nothing, test_small_file_system_is_refused_before_copying,
+                  test_disk_full_during_the_copy_leaves_nothing, test_a_failed_rename_takes_back_the_set,
+                  test_small_file_system_is_refused_before_copying,
                   test_existing_outputs_all_checked_first])
