@@ -281,6 +281,14 @@ def test_interrupted_reshard_leaves_nothing():
             proc.wait()
             assert proc.returncode == -sig, (proc.returncode, proc.stderr.read())
             assert os.listdir(out) == [], os.listdir(out)
+    # more outputs than a fixed table of temporary files would hold
+    out = harness.scratch("trust-signal-many")
+    proc = subprocess.Popen([harness.TOOL, "reshard", "-q", inputs, "--mp", "1", "--dp", "100", "--buffered-io",
+                             "--threads", "1", "-o", os.path.join(out, "c-{d}.pt")], stderr=subprocess.PIPE, text=True)
+    assert wait_for_temp_files(out, 80, proc) is not None, "the run ended before 80 temporary files existed"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    assert proc.returncode == -signal.SIGTERM and os.listdir(out) == [], (proc.returncode, len(os.listdir(out)))
     assert digest(inputs) == before
 
 
