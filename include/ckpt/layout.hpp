@@ -16,6 +16,7 @@ namespace ckpt {
 // has no state dict of tensors at object path `state_dict`, flattened or not:
 // a plain state dict, a pickled module, a TorchScript archive are not training
 // checkpoints, and stitching one would give an empty model.
+bool is_training_checkpoint(const ManifestFile& file, const std::string& state_dict = "model");
 void check_training_checkpoint(const ManifestFile& file, const std::string& state_dict = "model");
 
 // The consolidated state dict ("model") of one model part from its DP shards

@@ -103,7 +103,9 @@ ManifestFile describe_file(const Checkpoint& checkpoint);
 // shard_metadata within a part, each rank's padding by the chunk rule, the same
 // dtype for a tensor everywhere, the same tensors on every shard of a part,
 // optimizer state in all files or none, one declared part count.
-Grid detect_grid(const std::vector<ManifestFile>& files);
+// `model_parts` (--model-parts) replaces the part count cfg declares, for files
+// whose cfg is stale (metaseq's reshard_model_parallel copies it unchanged).
+Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts = std::nullopt);
 
 nlohmann::json manifest_to_json(const Manifest& manifest);
 // Checks every field (types, ranges, the roles against the file names, each

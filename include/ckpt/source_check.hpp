@@ -7,8 +7,10 @@
 // plain copy that is the output piece's own CRC), the CRCs of a record's ranges
 // are joined with crc32_concat, and only what no copy read (padding, columns
 // skipped, rows read straight from the mapping) is read again at the end. A
-// record that no copy touches is not checked. Ranges read twice (a buffer copied
-// to every shard) count once.
+// tensor record that no copy touches is not checked; the pickle and the other
+// small records of every input always are (the plan and the objects the outputs
+// carry are decoded from them). Ranges read twice (a buffer copied to every
+// shard) count once.
 #pragma once
 
 #include <cstdint>
@@ -23,8 +25,8 @@ namespace ckpt {
 
 class SourceCrcCheck {
  public:
-  // Reads the zip directory of every input the plan copies from and marks the
-  // records its copy operations reach. Throws Error naming the input when a copy
+  // Reads the zip directory of every input of the plan and marks the records
+  // to check: those its copy operations reach, and every input's pickle. Throws Error naming the input when a copy
   // reaches bytes outside every record (a forged manifest, or a bug).
   SourceCrcCheck(const Plan& plan, unsigned threads);
 

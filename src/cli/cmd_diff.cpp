@@ -29,9 +29,9 @@ struct Side {
   bool consolidated = false;
 };
 
-std::unique_ptr<Side> load_side(const std::string& input) {
+std::unique_ptr<Side> load_side(const std::string& input, std::optional<std::int64_t> model_parts) {
   auto side = std::make_unique<Side>();
-  side->manifest = load_inputs({input});
+  side->manifest = load_inputs({input}, model_parts);
   for (const ManifestFile& file : side->manifest.files) {
     side->mapped.push_back(std::make_unique<MappedFile>(file.path));
     side->files.push_back(side->mapped.back().get());
@@ -121,6 +121,7 @@ Action add_diff_command(CLI::App& app) {
     std::size_t max_positions = 20;
     bool json_output = false;
     unsigned threads = 0;
+    std::optional<std::int64_t> model_parts;
   };
   auto options = std::make_shared<Options>();
   app.add_option("A", options->a, "a checkpoint file, or a set of shards (directory, quoted glob, manifest)")->required();
@@ -130,12 +131,13 @@ Action add_diff_command(CLI::App& app) {
   app.add_option("--max-positions", options->max_positions, "wrong positions listed per tensor (default 20)")
       ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 32));
   app.add_flag("--json", options->json_output, "print JSON for machines");
+  add_model_parts_flag(app, options->model_parts);
   app.add_option("--threads", options->threads, "comparison threads (default: all cores)")->check(thread_count());
   return [options]() -> int {
     try {
       auto start = std::chrono::steady_clock::now();
-      std::unique_ptr<Side> a = load_side(options->a);
-      std::unique_ptr<Side> b = load_side(options->b);
+      std::unique_ptr<Side> a = load_side(options->a, options->model_parts);
+      std::unique_ptr<Side> b = load_side(options->b, options->model_parts);
       CompareOptions compare;
       compare.atol = options->atol;
       compare.rtol = options->rtol;

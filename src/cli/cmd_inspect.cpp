@@ -9,6 +9,7 @@
 #include <set>
 
 #include "commands.hpp"
+#include "ckpt/layout.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"
 
@@ -165,12 +166,14 @@ Action add_inspect_command(CLI::App& app) {
     bool json_output = false;
     bool tensors = false;
     std::optional<std::regex> filter;  // compiled while parsing: a bad one is a usage error
+    std::optional<std::int64_t> model_parts;
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs, "a manifest (.json/.json.zst), or checkpoint files, globs, directories")
       ->required();
   app.add_flag("--json", options->json_output, "print JSON for machines");
   app.add_flag("--tensors", options->tensors, "list every tensor");
+  add_model_parts_flag(app, options->model_parts);
   app.add_option_function<std::string>(
       "--filter",
       [options](const std::string& text) {
@@ -184,8 +187,10 @@ Action add_inspect_command(CLI::App& app) {
       },
       "with --tensors: only tensors whose path matches this regex");
   return [options] {
-    Manifest manifest = load_inputs(options->inputs);
+    Manifest manifest = load_inputs(options->inputs, options->model_parts);
     Summary summary = summarize(manifest);
+    // What stitch and reshard would say of it, shown here too (it is no problem of the file itself).
+    bool training = manifest.files.empty() || is_training_checkpoint(manifest.files[0]);
     const std::optional<std::regex>& filter = options->filter;
     auto selected = [&](const ManifestTensor& t) { return !filter || std::regex_search(t.path, *filter); };
 
@@ -194,7 +199,9 @@ Action add_inspect_command(CLI::App& app) {
                   {"grid", {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", manifest.grid.cells}}},
                   {"fsdp", !manifest.files.empty() && manifest.files[0].fsdp.has_value()},
                   {"parameters", summary.parameters},
+                  {"training_checkpoint", training},
                   {"problems", manifest.grid.problems}};
+      if (!training) out["contents"] = describe_contents(manifest.files[0]);
       for (const auto& [dtype, stats] : summary.by_dtype) {
         out["bytes_by_dtype"][dtype] = {{"tensors", stats.first}, {"bytes", stats.second}};
       }
@@ -220,6 +227,10 @@ Action add_inspect_command(CLI::App& app) {
     for (const ManifestFile& file : manifest.files) total += file.size_bytes;
     out << fmt::format("{} file(s), {}\n", manifest.files.size(), human_bytes(total));
     print_grid(manifest, out);
+    if (!training) {
+      out << fmt::format("not a training checkpoint: {} (stitch and reshard refuse it)\n",
+                         printable(describe_contents(manifest.files[0])));
+    }
     out << fmt::format("parameters: {:L} ({})\n", summary.parameters,
                        manifest.files.size() > 0 && manifest.files[0].fsdp
                            ? "from FSDP metadata, unpadded, summed over model parts"

@@ -45,10 +45,13 @@ Action add_reshard_command(CLI::App& app) {
     rule.d = options->dp > 1 ? PatternRule::kRequired : PatternRule::kAllowed;
     rule.required_because = fmt::format(" to name {} x {} outputs", options->mp, options->dp);
     rule.syntax_only = options->write.dry_run;
+    if (options->unflatten && options->dp != 1) {
+      throw UsageError("--unflatten writes consolidated parts: it needs --dp 1");
+    }
     check_output_pattern(options->output, rule);
     if (!options->write.dry_run) check_output_grid(options->output, options->mp, options->dp);
     auto started = std::chrono::steady_clock::now();
-    Manifest manifest = load_inputs(options->inputs);
+    Manifest manifest = load_inputs(options->inputs, options->write.model_parts);
     std::vector<std::unique_ptr<MappedFile>> mapped;
     std::vector<const MappedFile*> files;
     for (const ManifestFile& file : manifest.files) {

@@ -51,7 +51,7 @@ Action add_stitch_command(CLI::App& app) {
     check_output_pattern(options->output, rule);
     if (!options->no_stitch_megatron && !options->write.dry_run) check_output_file(options->output, options->output);
     auto started = std::chrono::steady_clock::now();
-    Manifest manifest = load_inputs(options->inputs);
+    Manifest manifest = load_inputs(options->inputs, options->write.model_parts);
     std::vector<std::vector<int>> grid = complete_grid(manifest);
     std::vector<std::unique_ptr<MappedFile>> mapped;
     StitchInputs inputs;

@@ -17,11 +17,13 @@ Action add_verify_command(CLI::App& app) {
     std::vector<std::string> inputs;
     unsigned threads = 0;
     bool quiet = false;
+    std::optional<std::int64_t> model_parts;
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs, "checkpoint files, globs, directories, or a manifest")->required();
   app.add_option("--threads", options->threads, "CRC threads (default: all cores)")->check(thread_count());
   app.add_flag("-q,--quiet", options->quiet, "print problems only, no summary");
+  add_model_parts_flag(app, options->model_parts);
   return [options] {
     auto start = std::chrono::steady_clock::now();
     std::vector<std::string> paths;
@@ -32,7 +34,7 @@ Action add_verify_command(CLI::App& app) {
     } else {
       paths = expand_inputs(options->inputs);
     }
-    VerifyReport report = verify_files(paths, options->threads);
+    VerifyReport report = verify_files(paths, options->threads, options->model_parts);
     for (const std::string& problem : report.problems) fmt::print("{}\n", printable(problem));
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!options->quiet) {

@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <glob.h>
 
+#include <CLI/CLI.hpp>
+
 #include <algorithm>
 #include <filesystem>
 #include <tuple>
@@ -16,8 +18,15 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
   for (const std::string& input : inputs) {
     std::error_code ec;
     if (fs::is_directory(input, ec)) {
-      for (const auto& entry : fs::directory_iterator(input)) {
-        if (entry.is_regular_file() && entry.path().extension() == ".pt") files.push_back(entry.path().string());
+      // Entries that cannot be stat'ed (a symbolic link loop, a dangling link) are
+      // not checkpoint files: skipped, like any other non-file.
+      fs::directory_iterator entries(input, ec);
+      if (ec) throw Error(Location{input, "", std::nullopt}, "cannot list the directory: " + ec.message());
+      for (const auto& entry : entries) {
+        std::error_code entry_ec;
+        if (entry.is_regular_file(entry_ec) && entry.path().extension() == ".pt") {
+          files.push_back(entry.path().string());
+        }
       }
       continue;
     }
@@ -43,13 +52,22 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
   return files;
 }
 
-Manifest load_inputs(const std::vector<std::string>& inputs) {
+Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts) {
+  Manifest manifest;
   if (inputs.size() == 1 && looks_like_manifest(inputs[0])) {
-    Manifest manifest = read_manifest(inputs[0]);
+    manifest = read_manifest(inputs[0]);
     check_fresh(manifest);
-    return manifest;
+  } else {
+    manifest = build_manifest(expand_inputs(inputs));
   }
-  return build_manifest(expand_inputs(inputs));
+  if (model_parts) manifest.grid = detect_grid(manifest.files, model_parts);
+  return manifest;
+}
+
+void add_model_parts_flag(CLI::App& app, std::optional<std::int64_t>& model_parts) {
+  app.add_option("--model-parts", model_parts,
+                 "the inputs' model-parallel part count, in place of cfg's model_parallel_size (a stale cfg)")
+      ->check(CLI::Range(1, kMaxGridSide - 1));
 }
 
 std::string human_bytes(std::uint64_t nbytes) {

@@ -1,10 +1,16 @@
 // Turning command-line INPUT arguments into checkpoint files or a manifest.
 #pragma once
 
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "ckpt/manifest.hpp"
+
+namespace CLI {
+class App;
+}
 
 namespace ckpt::cli {
 
@@ -15,7 +21,11 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs);
 
 // A single `.json`/`.json.zst` argument is read as a manifest (and checked to be
 // fresh); anything else is indexed now.
-Manifest load_inputs(const std::vector<std::string>& inputs);
+Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts = std::nullopt);
+
+// --model-parts N: the part count of the input set, in place of what its cfg
+// declares (for stitch, reshard, inspect, verify and diff).
+void add_model_parts_flag(CLI::App& app, std::optional<std::int64_t>& model_parts);
 
 // "12.3 MiB"
 std::string human_bytes(std::uint64_t nbytes);

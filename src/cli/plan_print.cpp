@@ -88,6 +88,7 @@ void add_write_flags(CLI::App& app, WriteFlags& flags) {
   app.add_flag("--stats", flags.stats, "print the time of each stage on stderr");
   app.add_flag("--buffered-io", flags.buffered_io,
                "write through the page cache (default: direct I/O where the file system allows it)");
+  add_model_parts_flag(app, flags.model_parts);
   app.add_flag("--no-crc-check", flags.no_crc_check,
                "do not check the input bytes copied against their zip records' CRC-32 (checked by default)");
 }

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,7 @@ struct WriteFlags {
   bool stats = false;
   bool buffered_io = false;
   bool no_crc_check = false;
+  std::optional<std::int64_t> model_parts;  // --model-parts
 };
 void add_write_flags(CLI::App& app, WriteFlags& flags);
 

@@ -10,23 +10,19 @@
 namespace ckpt {
 
 SourceCrcCheck::SourceCrcCheck(const Plan& plan, unsigned threads) : plan_(plan), inputs_(plan.sources.size()) {
-  std::vector<bool> used(plan.sources.size(), false);
-  for (const PlannedFile& file : plan.files) {
-    for (const PlannedRecord& record : file.records) {
-      for (const CopyOp& op : record.copies) {
-        if (op.mapped()) used.at(op.source) = true;
-      }
-    }
-  }
   parallel_for(plan.sources.size(), threads, [&] {
     return [&](std::size_t s) {
-      if (!used[s]) return;
       ZipArchive zip(*plan.sources[s]);
       Input& input = inputs_[s];
       input.records = zip.records();
       std::sort(input.records.begin(), input.records.end(),
                 [](const ZipRecord& a, const ZipRecord& b) { return a.data_offset < b.data_offset; });
-      input.touched.assign(input.records.size(), false);
+      // The pickle and the other small records are decoded, not copied: the
+      // plan and every object the outputs carry come from them, so they are
+      // checked whatever the copies read. Tensor storages (`<archive>/data/<key>`)
+      // are checked when a copy reads them.
+      input.touched.clear();
+      for (const ZipRecord& record : input.records) input.touched.push_back(record.name.find("/data/") == std::string::npos);
     };
   });
   // Every byte a copy may read lies in one record: mark the records touched.
@@ -132,9 +128,9 @@ void SourceCrcCheck::finish(unsigned threads) {
       }
       if (crc != record.crc32) {
         throw Error(Location{file.path(), record.name, record.data_offset},
-                    fmt::format("CRC-32 of the record's data is 0x{:08x}, the zip directory says 0x{:08x}: the input "
-                                "is corrupted (nothing was written)",
-                                crc, record.crc32));
+                    fmt::format("CRC-32 of the record's {} bytes of data (from this offset) is 0x{:08x}, the zip "
+                                "directory says 0x{:08x}: the input is corrupted (nothing was written)",
+                                record.nbytes, crc, record.crc32));
       }
     };
   });

@@ -60,7 +60,8 @@ void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads,
 
 }  // namespace
 
-VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads) {
+VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
+                          std::optional<std::int64_t> model_parts) {
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   VerifyReport report;
   std::mutex mutex;
@@ -80,7 +81,7 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
   if (manifest.files.empty()) return report;
   // The same set check stitch and reshard make, even for one file: a model part
   // alone is incomplete when cfg names more parts.
-  manifest.grid = detect_grid(manifest.files);
+  manifest.grid = detect_grid(manifest.files, model_parts);
   for (const std::string& problem : manifest.grid.problems) report.problems.push_back(problem);
   if (!manifest.grid.problems.empty() || manifest.files.size() != paths.size()) return report;
   // Any torch.save file verifies; a set of files, or a sharded one, must be a

@@ -76,7 +76,8 @@ void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
     }
     if (end_offset == lowest) {
       bool zip_start = file_bytes_.size() >= 4 && std::memcmp(file_bytes_.data(), "PK\x03\x04", 4) == 0;
-      file.fail(file_bytes_.size(), zip_start ? "zip archive has no end of central directory: truncated file?"
+      file.fail(file_bytes_.size(), zip_start ? "zip archive has no end of central directory at its end: a "
+                                                "truncated file, or bytes appended after the archive?"
                                               : "not a zip archive (torch.save file)");
     }
   }

@@ -12,7 +12,9 @@ namespace ckpt {
 
 MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   const Location where{path_, "", std::nullopt};
-  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer; only regular
+  // files pass the check below, for which the flag means nothing.
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd_ < 0) throw Error(where, std::string("cannot open: ") + std::strerror(errno));
   // The destructor does not run when the constructor throws: close here.
   auto fail = [&](const std::string& message) {

@@ -100,7 +100,8 @@ void remove_stale_temps(const std::string& target_path, const std::function<void
     long pid = std::stol(pid_text);
     if (pid != ::getpid() && writer_alive(pid)) continue;
     if (::unlink(entry.path().c_str()) == 0 && notice) {
-      notice(fmt::format("removed {}, left by an interrupted run (process {}, gone)", entry.path().string(), pid));
+      notice(fmt::format("removed {}, left by an interrupted run (process {} is no ckpt-tool run now)",
+                         entry.path().string(), pid));
     }
   }
 }
@@ -141,6 +142,11 @@ void check_output_targets(const std::vector<OutputTarget>& targets, const std::v
     std::string first_output;
   };
   std::map<std::uint64_t, Need> needed;  // by device
+  // Leftovers of a killed run first: a run that then stops at an existing output
+  // has still cleaned up after the one before.
+  for (const OutputTarget& target : targets) {
+    if (!target.path.empty()) remove_stale_temps(target.path, notice);
+  }
   for (const OutputTarget& target : targets) {
     Location where{target.path, "", std::nullopt};
     if (target.path.empty()) throw Error("an output path is empty");
@@ -171,7 +177,6 @@ void check_output_targets(const std::vector<OutputTarget>& targets, const std::v
       }
       if (!overwrite) throw Error(where, "output already exists (use --force to overwrite)");
     }
-    remove_stale_temps(target.path, notice);
     Need& need = needed[static_cast<std::uint64_t>(dir_info.st_dev)];
     std::uint64_t blocks = (target.size_bytes + OutputFile::kDirectAlignment - 1) / OutputFile::kDirectAlignment;
     need.nbytes = checked_add(need.nbytes, blocks * OutputFile::kDirectAlignment, "output size");

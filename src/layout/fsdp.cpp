@@ -113,9 +113,13 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
 
 }  // namespace
 
-void check_training_checkpoint(const ManifestFile& file, const std::string& state_dict) {
+bool is_training_checkpoint(const ManifestFile& file, const std::string& state_dict) {
   const std::string prefix = state_dict + "/";
-  if (is_flattened(file, prefix) || !state_dict_tensors(file, prefix).empty()) return;
+  return is_flattened(file, prefix) || !state_dict_tensors(file, prefix).empty();
+}
+
+void check_training_checkpoint(const ManifestFile& file, const std::string& state_dict) {
+  if (is_training_checkpoint(file, state_dict)) return;
   throw Error(Location{file.path, "", std::nullopt},
               fmt::format("{}: stitch, reshard and diff of shard sets need a training checkpoint whose weights are a "
                           "'{}' state dict (metaseq/fairscale files)",

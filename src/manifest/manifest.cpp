@@ -194,12 +194,53 @@ WorldSizes implied_world_sizes(const std::vector<ManifestFile>& files, const std
 
 bool checked_section(const ManifestTensor& tensor) { return tensor.section() != "other" && tensor.alias_of.empty(); }
 
+// Where a training checkpoint records its step, the same on every rank:
+// metaseq's optimizer_history (num_updates, the lr scheduler's state) and the
+// data iterator's position. Shards of the same model saved at different steps
+// agree on everything else.
+nlohmann::json training_step(const ManifestFile& file) {
+  nlohmann::json step = nlohmann::json::object();
+  const nlohmann::json& objects = file.objects;
+  if (!objects.is_object()) return step;
+  if (auto history = objects.find("optimizer_history"); history != objects.end()) step["optimizer_history"] = *history;
+  if (auto extra = objects.find("extra_state"); extra != objects.end() && extra->is_object()) {
+    if (auto iterator = extra->find("train_iterator"); iterator != extra->end() && iterator->is_object()) {
+      for (const char* key : {"epoch", "iterations_in_epoch"}) {
+        if (auto value = iterator->find(key); value != iterator->end()) step["extra_state"]["train_iterator"][key] = *value;
+      }
+    }
+  }
+  return step;
+}
+
+// The first place where two JSON values differ: "optimizer_history/0/num_updates: 2000 != 1000".
+std::string first_difference(const nlohmann::json& a, const nlohmann::json& b, const std::string& path) {
+  auto here = [&] { return fmt::format("{}: {} != {}", path, a.dump().substr(0, 60), b.dump().substr(0, 60)); };
+  if (a.type() != b.type()) return here();
+  if (a.is_object()) {
+    for (const auto& [key, value] : a.items()) {
+      std::string inner = path.empty() ? key : path + "/" + key;
+      if (!b.contains(key)) return inner + ": only in one file";
+      if (value != b[key]) return first_difference(value, b[key], inner);
+    }
+    return path + ": keys differ";
+  }
+  if (a.is_array() && a.size() == b.size()) {
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      if (a[i] != b[i]) return first_difference(a[i], b[i], fmt::format("{}/{}", path, i));
+    }
+  }
+  return here();
+}
+
 // Files of one checkpoint agree with each other: a tensor has one dtype in
 // every file, every shard of a part holds the same tensors, and optimizer state
 // is in all files or none.
 void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, std::vector<std::string>& problems) {
   std::map<std::string, std::pair<DType, int>> dtypes;  // tensor path -> dtype, first file holding it
   const ManifestFile* optimizer_reference = nullptr;
+  const ManifestFile* step_reference = nullptr;
+  nlohmann::json reference_step;
   for (const auto& row : grid.cells) {
     const ManifestFile* part_reference = nullptr;
     std::set<std::string> reference_paths;
@@ -218,6 +259,15 @@ void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, s
                                          dtype_info(tensor.dtype).name, files[it->second.second].path,
                                          dtype_info(it->second.first).name));
         }
+      }
+      nlohmann::json step = training_step(file);
+      if (step_reference == nullptr) {
+        step_reference = &file;
+        reference_step = std::move(step);
+      } else if (step != reference_step) {
+        problems.push_back(fmt::format("{}: saved at another training step than {} ({}): shards of different "
+                                       "checkpoints",
+                                       file.path, step_reference->path, first_difference(step, reference_step, "")));
       }
       if (optimizer_reference == nullptr) {
         optimizer_reference = &file;
@@ -270,6 +320,7 @@ std::string describe_contents(const ManifestFile& file) {
     if (name.rfind("__torch__.", 0) == 0) return fmt::format("a TorchScript archive (torch.jit.save of {})", name);
     return fmt::format("a pickled Python object of class {} (torch.save(model), not a state dict)", name);
   }
+  if (file.tensors.size() == 1 && file.tensors[0].path.empty()) return "a single tensor (torch.save(tensor))";
   std::size_t top_level_tensors = 0;
   for (const ManifestTensor& tensor : file.tensors) {
     if (tensor.path.find('/') == std::string::npos) ++top_level_tensors;
@@ -286,15 +337,17 @@ std::string describe_contents(const ManifestFile& file) {
   return fmt::format("no 'model' state dict (top-level keys: {})", keys.empty() ? "none" : keys);
 }
 
-Grid detect_grid(const std::vector<ManifestFile>& files) {
+Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts) {
   Grid grid;
   if (files.empty()) return grid;
   auto& problems = grid.problems;
 
-  // The part count the files declare: all must declare the same.
+  // The part count the files declare: all must declare the same. A count the
+  // user states replaces theirs (metaseq's reshard_model_parallel copies cfg
+  // unchanged, so its outputs declare the old count).
   const ManifestFile* declaring = nullptr;
   for (const ManifestFile& file : files) {
-    if (!file.declared_parts) continue;
+    if (!file.declared_parts || model_parts) continue;
     if (declaring == nullptr) {
       declaring = &file;
     } else if (file.declared_parts->parts != declaring->declared_parts->parts) {
@@ -303,11 +356,15 @@ Grid detect_grid(const std::vector<ManifestFile>& files) {
                                      declaring->declared_parts->parts));
     }
   }
-  std::int64_t declared = declaring != nullptr ? declaring->declared_parts->parts : 0;
-  std::string declared_why =
-      declaring != nullptr ? fmt::format("{} = {}", declaring->declared_parts->from, declared) : "";
+  std::int64_t declared = model_parts ? *model_parts : declaring != nullptr ? declaring->declared_parts->parts : 0;
+  std::string declared_why = model_parts ? fmt::format("--model-parts {}", declared)
+                             : declaring != nullptr
+                                 ? fmt::format("{} = {}; --model-parts overrides a stale cfg",
+                                               declaring->declared_parts->from, declared)
+                                 : "";
   if (declaring != nullptr && (declared < 1 || declared > kMaxGridSide)) {
-    problems.push_back(fmt::format("{}: {}: not a plausible number of model parts", declaring->path, declared_why));
+    problems.push_back(fmt::format("{}: {} = {}: not a plausible number of model parts", declaring->path,
+                                   declaring->declared_parts->from, declared));
     declared = 0;
   }
 
@@ -340,9 +397,9 @@ Grid detect_grid(const std::vector<ManifestFile>& files) {
     grid.dp = 1;
     grid.cells = {{0}};
     if (declared > 1) {
-      problems.push_back(fmt::format("model parts missing: {} but {}'s name carries no model part number, so "
-                                     "it holds at most one part of {}",
-                                     declared_why, files[0].path, declared));
+      problems.push_back(fmt::format("model parts missing: {}'s name carries no model part number, so it holds at "
+                                     "most one of {} ({})",
+                                     files[0].path, declared, declared_why));
     }
     check_agreement(files, grid, problems);
     return grid;
@@ -351,8 +408,8 @@ Grid detect_grid(const std::vector<ManifestFile>& files) {
   grid.mp = found_mp;
   if (declared > found_mp) grid.mp = static_cast<int>(declared);
   if (declared != 0 && declared < found_mp) {
-    problems.push_back(fmt::format("model part {} found but {} (files of different checkpoints?)", found_mp - 1,
-                                   declared_why));
+    problems.push_back(fmt::format("model part {} found, beyond the {} part(s) declared ({})", found_mp - 1,
+                                   declared, declared_why));
   }
   grid.cells.assign(grid.mp, {});
   std::vector<std::vector<int>> by_part(grid.mp);

@@ -212,7 +212,7 @@ def test_impossible_requests_fail_before_writing():
     # a usage error (exit 2), found before the inputs are read
     _, stderr = reshard([folder, "--mp", 1, "--dp", 2, "-o", os.path.join(out, "only-one-name.pt")], expect=2)
     assert "must contain {d}" in stderr, stderr
-    _, stderr = reshard([folder, "--mp", 1, "--dp", 2, "--unflatten", "-o", pattern(out)], expect=1)
+    _, stderr = reshard([folder, "--mp", 1, "--dp", 2, "--unflatten", "-o", pattern(out)], expect=2)
     assert "--dp 1" in stderr
     assert os.listdir(out) == []
 

@@ -22,6 +22,7 @@ import zipfile
 import torch
 
 import harness
+from harness import ckptcheck
 
 FIXTURE = "mp2_dp2_fp16_omega_opt"
 
@@ -99,6 +100,29 @@ def test_missing_model_part_at_the_end():
             "model_parallel_size = 2")
 
 
+def test_a_stale_cfg_is_overridden_by_model_parts():
+    # metaseq's reshard_model_parallel copies cfg unchanged: glued to one part, the
+    # file still says model_parallel_size 2
+    work = harness.scratch("trust-stale-cfg")
+    folder = harness.fixtures()[FIXTURE]
+    state = ckptcheck.load(os.path.join(folder, "expected", "consolidated.pt"))
+    state["cfg"]["model"]["model_parallel_size"] = 2
+    glued = os.path.join(work, "resharded-model_part-0.pt")
+    torch.save(state, glued)
+    out = os.path.join(work, "out.pt")
+    refused(["stitch", "-q", glued, "-o", out], "model part 1 of 2 missing", "--model-parts overrides a stale cfg")
+    assert problems_of([glued]) != []
+    harness.run(["stitch", "-q", glued, "-o", out, "--model-parts", "1"])
+    assert ckptcheck.load(out)["cfg"]["model"]["model_parallel_size"] == 1
+    harness.run(["verify", "-q", glued, "--model-parts", "1"])
+    out_json, _ = harness.run(["inspect", "--json", glued, "--model-parts", "1"])
+    assert json.loads(out_json)["problems"] == []
+    # the flag cannot make an incomplete set complete
+    part0 = sorted(os.path.join(folder, f) for f in os.listdir(folder) if "model_part-0" in f)
+    refused(["stitch", "-q"] + part0 + ["-o", os.path.join(work, "half.pt"), "--model-parts", "2"],
+            "model part 1 of 2 missing (--model-parts 2)")
+
+
 def test_missing_last_shard_is_named():
     work = harness.scratch("trust-missing-shard")
     folder = harness.fixtures()["mp2_dp3_fp32_ns_args"]
@@ -116,6 +140,7 @@ def test_plain_files_are_not_training_checkpoints():
     cases = {
         "state_dict.pt": (model.state_dict(), "a plain state dict of 4 tensors"),
         "module.pt": (model, "a pickled Python object of class torch.nn.modules.container.Sequential"),
+        "tensor.pt": (torch.ones(3), "a single tensor"),
     }
     for name, (obj, needle) in cases.items():
         path = os.path.join(work, name)
@@ -124,10 +149,27 @@ def test_plain_files_are_not_training_checkpoints():
         refused(["stitch", "-q", path, "-o", out, "--dtype", "bf16"], path, needle, "'model' state dict")
         refused(["reshard", "-q", path, "--mp", "1", "--dp", "2", "-o", out + "-{d}"], path, needle)
         assert not os.path.exists(out)
+        text, _ = harness.run(["inspect", path])  # inspect says what stitch would
+        assert f"not a training checkpoint: {needle}" in text, text
+        harness.run(["verify", "-q", path])  # an intact torch.save file verifies
     script = os.path.join(work, "script.pt")
     torch.jit.save(torch.jit.script(model), script)
     refused(["stitch", "-q", script, "-o", os.path.join(work, "s.out")], script, "TorchScript")
-    assert sorted(os.listdir(work)) == ["module.pt", "script.pt", "state_dict.pt"], os.listdir(work)
+    assert sorted(os.listdir(work)) == ["module.pt", "script.pt", "state_dict.pt", "tensor.pt"], os.listdir(work)
+
+
+def test_odd_inputs_answer_at_once():
+    work = harness.scratch("trust-odd")
+    fifo = os.path.join(work, "fifo.pt")
+    os.mkfifo(fifo)
+    proc = subprocess.run([harness.TOOL, "inspect", fifo], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "not a regular file" in proc.stderr, proc
+    # a directory holding a symbolic link loop: the loop is no checkpoint file, the rest is read
+    folder = copy_case(FIXTURE, work)
+    os.symlink("loop.pt", os.path.join(folder, "loop.pt"))
+    harness.run(["stitch", "-q", folder, "-o", os.path.join(work, "out.pt")])
+    refused(["reshard", "-q", folder, "--unflatten", "--mp", "1", "--dp", "2", "-o", os.path.join(work, "r{d}.pt")],
+            "--unflatten", "--dp 1", code=2)
 
 
 def test_inputs_are_never_written():
@@ -174,6 +216,18 @@ def test_corruption_is_never_laundered():
     inputs = copy_case(FIXTURE, work)
     victim = os.path.join(inputs, "checkpoint_last-model_part-1-shard0.pt")
     record = flip_byte(victim, "/data/2")
+    # the pickle is decoded, not copied: checked all the same (objects would carry the corruption)
+    # the pickle is decoded, not copied: checked all the same (a flipped letter of a
+    # string decodes fine and would be carried into every output)
+    pickle_inputs = copy_case(FIXTURE, harness.scratch("trust-corrupt-pickle"))
+    pickled = os.path.join(pickle_inputs, "checkpoint_last-model_part-0-shard0.pt")
+    with zipfile.ZipFile(pickled) as z:
+        name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+        at = z.read(name).index(b"ddp_backend")  # a cfg key: nothing checks it
+    flip_byte(pickled, "/data.pkl", delta=at + 3)
+    refused(["reshard", "-q", pickle_inputs, "--mp", "2", "--dp", "2", "-o", os.path.join(work, "r-{m}-{d}.pt")],
+            pickled, name, "CRC-32", "corrupted")
+
     out = os.path.join(work, "out")
     os.makedirs(out)
     refused(["stitch", "-q", inputs, "-o", os.path.join(out, "a.pt")], victim, record, "CRC-32", "corrupted")
@@ -229,6 +283,18 @@ def test_mixed_sets_are_reported_and_refused():
     os.makedirs(out)
     files = sorted(os.path.join(inputs, f) for f in os.listdir(inputs))
     assert_refused_everywhere(files, out, "optimizer state in some files only")
+
+    def later_step(state):
+        state["optimizer_history"][-1]["num_updates"] += 1000
+        state["extra_state"]["train_iterator"]["iterations_in_epoch"] += 1000
+
+    work = harness.scratch("trust-other-step")
+    inputs = modified_copy(work, later_step)
+    out = os.path.join(work, "out")
+    os.makedirs(out)
+    files = sorted(os.path.join(inputs, f) for f in os.listdir(inputs))
+    assert_refused_everywhere(files, out, "checkpoint_last-model_part-1-shard1.pt: saved at another training step",
+                              "1250 != 250", "shards of different checkpoints")
 
     def other_parts(state):
         state["cfg"]["model"]["model_parallel_size"] = 4
@@ -307,7 +373,7 @@ def test_killed_run_leaves_recognizable_temps_that_the_next_run_removes():
     assert all(f.endswith(f".ckpt-tmp-{proc.pid}") for f in left), left
     _, err = harness.run(["reshard", inputs, "--mp", "1", "--dp", "2", "-o", pattern])
     for f in left:
-        assert f"removed {os.path.join(out, f)}, left by an interrupted run (process {proc.pid}, gone)" in err, err
+        assert f"removed {os.path.join(out, f)}, left by an interrupted run (process {proc.pid} is no ckpt-tool run now)" in err, err
     assert sorted(os.listdir(out)) == ["c-0-0.pt", "c-0-1.pt"], os.listdir(out)
 
 
@@ -385,8 +451,10 @@ def test_existing_outputs_all_checked_first():
 
 
 if __name__ == "__main__":
-    harness.main([test_missing_model_part_at_the_end, test_missing_last_shard_is_named,
-                  test_plain_files_are_not_training_checkpoints, test_inputs_are_never_written,
+    harness.main([test_missing_model_part_at_the_end, test_a_stale_cfg_is_overridden_by_model_parts,
+                  test_missing_last_shard_is_named,
+                  test_plain_files_are_not_training_checkpoints, test_odd_inputs_answer_at_once,
+                  test_inputs_are_never_written,
                   test_corruption_is_never_laundered, test_mixed_sets_are_reported_and_refused,
                   test_clean_sets_stay_clean, test_interrupted_reshard_leaves_nothing,
                   test_killed_run_leaves_recognizable_temps_that_the_next_run_removes,
