@@ -337,17 +337,22 @@ std::string describe_contents(const ManifestFile& file) {
   return fmt::format("no 'model' state dict (top-level keys: {})", keys.empty() ? "none" : keys);
 }
 
-Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts) {
-  Grid grid;
-  if (files.empty()) return grid;
-  auto& problems = grid.problems;
+namespace {
 
-  // The part count the files declare: all must declare the same. A count the
-  // user states replaces theirs (metaseq's reshard_model_parallel copies cfg
-  // unchanged, so its outputs declare the old count).
+// The model-part count a set declares, and why ("cfg.model.model_parallel_size =
+// 2; ..."); 0 when nothing declares one. All files must declare the same. A
+// count the user states (--model-parts) replaces theirs: metaseq's
+// reshard_model_parallel copies cfg unchanged, so its outputs declare the old one.
+struct DeclaredCount {
+  std::int64_t parts = 0;
+  std::string why;
+};
+DeclaredCount declared_part_count(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts,
+                                  std::vector<std::string>& problems) {
+  if (model_parts) return {*model_parts, fmt::format("--model-parts {}", *model_parts)};
   const ManifestFile* declaring = nullptr;
   for (const ManifestFile& file : files) {
-    if (!file.declared_parts || model_parts) continue;
+    if (!file.declared_parts) continue;
     if (declaring == nullptr) {
       declaring = &file;
     } else if (file.declared_parts->parts != declaring->declared_parts->parts) {
@@ -356,17 +361,23 @@ Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int6
                                      declaring->declared_parts->parts));
     }
   }
-  std::int64_t declared = model_parts ? *model_parts : declaring != nullptr ? declaring->declared_parts->parts : 0;
-  std::string declared_why = model_parts ? fmt::format("--model-parts {}", declared)
-                             : declaring != nullptr
-                                 ? fmt::format("{} = {}; --model-parts overrides a stale cfg",
-                                               declaring->declared_parts->from, declared)
-                                 : "";
-  if (declaring != nullptr && (declared < 1 || declared > kMaxGridSide)) {
+  if (declaring == nullptr) return {};
+  const DeclaredParts& declared = *declaring->declared_parts;
+  if (declared.parts < 1 || declared.parts > kMaxGridSide) {
     problems.push_back(fmt::format("{}: {} = {}: not a plausible number of model parts", declaring->path,
-                                   declaring->declared_parts->from, declared));
-    declared = 0;
+                                   declared.from, declared.parts));
+    return {};
   }
+  return {declared.parts, fmt::format("{} = {}; --model-parts overrides a stale cfg", declared.from, declared.parts)};
+}
+
+}  // namespace
+
+Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts) {
+  Grid grid;
+  if (files.empty()) return grid;
+  auto& problems = grid.problems;
+  const auto [declared, declared_why] = declared_part_count(files, model_parts, problems);
 
   // The parts and shards the file names give.
   bool any_role = false;
