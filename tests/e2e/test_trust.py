@@ -196,6 +196,30 @@ def test_inputs_are_never_written():
     assert sorted(os.listdir(inputs)) == sorted(before)
 
 
+def test_hand_edited_manifests_are_one_line_each():
+    work = harness.scratch("trust-manifest")
+    manifest = os.path.join(work, "m.json")
+    harness.run(["manifest", harness.fixtures()[FIXTURE], "-o", manifest])
+    good = json.load(open(manifest))
+    edits = [
+        (lambda m: m["files"][0].__setitem__("mp_part", -5), "files[0].mp_part", "-5"),
+        (lambda m: m["files"][0].__setitem__("mp_part", 2000000000), "files[0].mp_part", "2000000000"),
+        (lambda m: m["files"][1]["tensors"][0].__setitem__("file_byte_offset", 10 ** 9),
+         "files[1].tensors[0].file_byte_offset", "past the end of the file"),
+        (lambda m: m["files"][0]["tensors"][0].__setitem__("shape", [-4]), "files[0].tensors[0].shape[0]", "negative"),
+        (lambda m: m["files"][0].__setitem__("model_parallel_size", {"parts": 2, "from": "x"}),
+         "files[0].model_parallel_size.from", "is not a place"),
+    ]
+    for edit, field, needle in edits:
+        bad = json.loads(json.dumps(good))
+        edit(bad)
+        path = os.path.join(work, "bad.json")
+        json.dump(bad, open(path, "w"))
+        for command in (["inspect", path], ["stitch", "-q", path, "-o", os.path.join(work, "out.pt")]):
+            refused(command, path, field, needle)
+    assert sorted(os.listdir(work)) == ["bad.json", "m.json"]
+
+
 def flip_byte(path, record_suffix, delta=5):
     """Flips one bit inside the data of the record whose name ends with `record_suffix`."""
     with zipfile.ZipFile(path) as z:
@@ -455,7 +479,8 @@ if __name__ == "__main__":
                   test_missing_last_shard_is_named,
                   test_plain_files_are_not_training_checkpoints, test_odd_inputs_answer_at_once,
                   test_inputs_are_never_written,
-                  test_corruption_is_never_laundered, test_mixed_sets_are_reported_and_refused,
+                  test_hand_edited_manifests_are_one_line_each, test_corruption_is_never_laundered,
+                  test_mixed_sets_are_reported_and_refused,
                   test_clean_sets_stay_clean, test_interrupted_reshard_leaves_nothing,
                   test_killed_run_leaves_recognizable_temps_that_the_next_run_removes,
                   test_disk_full_during_the_copy_leaves_nothing, test_a_failed_rename_takes_back_the_set,
