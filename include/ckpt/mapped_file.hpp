@@ -1,10 +1,11 @@
-// Read-only memory mapping of an input file (mmap of one open descriptor).
+// Read-only memory mapping of an input file (Boost.Interprocess).
 //
-// The path is resolved once: the file is opened, its size and mtime come from
-// fstat of that descriptor and the mapping is made from it, so the recorded size
-// and mtime (what a manifest's freshness check compares) belong to the bytes
-// mapped even if the name is replaced meanwhile. Boost.Interprocess, used before,
-// maps only by name.
+// The file is opened once and its size, mtime and identity come from fstat of
+// that descriptor (which `read_at` reads through). Boost.Interprocess maps by
+// name, so the name is checked afterwards to still be the same file (device
+// and inode): the recorded size and mtime (what a manifest's freshness check
+// compares) belong to the bytes mapped, or the file is refused as replaced
+// while being opened. Exactly the fstat size is mapped.
 //
 // A tensor is only a byte range of its input until the moment it is copied. The
 // zip directory and the pickle are parsed straight from the mapping; bulk bytes
@@ -15,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "ckpt/byte_reader.hpp"
@@ -44,7 +46,9 @@ class MappedFile {
 
 
  private:
+  struct Region;
   std::string path_;
+  std::unique_ptr<Region> region_;  // the Boost mapping; null for an empty file
   Bytes bytes_;  // the whole mapping; empty (and nothing mapped) for an empty file
   std::int64_t mtime_ns_ = 0;
   std::uint64_t device_ = 0;

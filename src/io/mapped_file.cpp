@@ -1,14 +1,21 @@
 #include "ckpt/mapped_file.hpp"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <boost/interprocess/file_mapping.hpp>
+#include <boost/interprocess/mapped_region.hpp>
 #include <cerrno>
 #include <cstring>
 
 namespace ckpt {
+
+namespace bip = boost::interprocess;
+
+struct MappedFile::Region {
+  bip::mapped_region region;
+};
 
 MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   const Location where{path_, "", std::nullopt};
@@ -30,13 +37,22 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   inode_ = static_cast<std::uint64_t>(info.st_ino);
   if (info.st_size == 0) return;
   auto nbytes = static_cast<std::uint64_t>(info.st_size);
-  void* address = ::mmap(nullptr, nbytes, PROT_READ, MAP_SHARED, fd_, 0);
-  if (address == MAP_FAILED) fail(std::string("cannot map: ") + std::strerror(errno));
-  bytes_ = Bytes(static_cast<const std::byte*>(address), nbytes);
+  try {
+    bip::file_mapping mapping(path_.c_str(), bip::read_only);  // its descriptor closes here; the mapping stays
+    region_ = std::make_unique<Region>(Region{bip::mapped_region(mapping, bip::read_only, 0, nbytes)});
+  } catch (const bip::interprocess_exception& e) {
+    fail(std::string("cannot map: ") + e.what());
+  }
+  struct stat now {};
+  if (::stat(path_.c_str(), &now) != 0 || now.st_dev != info.st_dev || now.st_ino != info.st_ino ||
+      now.st_size < info.st_size) {
+    region_.reset();
+    fail("replaced or truncated by another process while being opened");
+  }
+  bytes_ = Bytes(static_cast<const std::byte*>(region_->region.get_address()), nbytes);
 }
 
 MappedFile::~MappedFile() {
-  if (!bytes_.empty()) ::munmap(const_cast<std::byte*>(bytes_.data()), bytes_.size());
   if (fd_ >= 0) ::close(fd_);
 }
 
