@@ -9,13 +9,14 @@
 
 #include "ckpt/error.hpp"
 #include "ckpt/output_file.hpp"
+#include "ckpt/version.hpp"
 #include "commands.hpp"
 #include "usage.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"ckpt-tool: index, inspect, stitch and reshard sharded PyTorch checkpoints, zero-copy"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "ckpt-tool 0.1.0");
+  app.set_version_flag("--version", ckpt::kVersionString);
   std::map<CLI::App*, ckpt::cli::Action> actions;
   auto add = [&](const char* name, const char* description, auto adder) {
     CLI::App* sub = app.add_subcommand(name, description);

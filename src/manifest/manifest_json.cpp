@@ -21,6 +21,7 @@
 
 #include "ckpt/manifest.hpp"
 #include "ckpt/output_file.hpp"
+#include "ckpt/version.hpp"
 
 namespace ckpt {
 
@@ -78,7 +79,7 @@ json manifest_to_json(const Manifest& manifest) {
   json cells = manifest.grid.cells;
   return {{"format", kManifestFormat},
           {"version", kManifestVersion},
-          {"created_by", "ckpt-tool 0.1.0"},
+          {"created_by", kVersionString},
           {"grid", {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", cells},
                     {"problems", manifest.grid.problems}}},
           {"files", files}};
