@@ -6,9 +6,10 @@
 #include <iostream>
 #include <memory>
 
-#include "ckpt/compare.hpp"
-#include "ckpt/layout.hpp"
-#include "ckpt/stitch.hpp"
+#include "ckpt/exec/compare.hpp"
+#include "ckpt/layout/megatron.hpp"
+#include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/plan/stitch.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"
@@ -65,7 +66,8 @@ void diff_objects(const json& a, const json& b, const std::string& path, std::ve
   bool tensor_b = b.is_object() && b.contains("$tensor");
   if (tensor_a && tensor_b) return;
   if (a.type() != b.type() || tensor_a != tensor_b) {
-    out.push_back(fmt::format("{}: {} != {}", path.empty() ? "<root>" : path, a.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 80),
+    out.push_back(fmt::format("{}: {} != {}", path.empty() ? "<root>" : path,
+                              a.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 80),
                               b.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 80)));
     return;
   }
@@ -73,8 +75,8 @@ void diff_objects(const json& a, const json& b, const std::string& path, std::ve
   auto is_tensor = [](const json& value) { return value.is_object() && value.contains("$tensor"); };
   // Configs render as {"$class", "value"}: name the path by the config's keys.
   for (const char* wrapper : {"value", "attributes"}) {
-    if (a.is_object() && b.is_object() && a.contains("$class") && a.value("$class", json()) == b.value("$class", json()) &&
-        a.contains(wrapper) && b.contains(wrapper)) {
+    if (a.is_object() && b.is_object() && a.contains("$class") &&
+        a.value("$class", json()) == b.value("$class", json()) && a.contains(wrapper) && b.contains(wrapper)) {
       diff_objects(a[wrapper], b[wrapper], path, out, limit);
       return;
     }
@@ -124,10 +126,13 @@ Action add_diff_command(CLI::App& app) {
     std::optional<std::int64_t> model_parts;
   };
   auto options = std::make_shared<Options>();
-  app.add_option("A", options->a, "a checkpoint file, or a set of shards (directory, quoted glob, manifest)")->required();
+  app.add_option("A", options->a, "a checkpoint file, or a set of shards (directory, quoted glob, manifest)")
+      ->required();
   app.add_option("B", options->b, "the same for the other side")->required();
-  app.add_option("--atol", options->atol, "absolute tolerance (default: exact, bit for bit)")->check(finite_non_negative());
-  app.add_option("--rtol", options->rtol, "relative tolerance (default: exact, bit for bit)")->check(finite_non_negative());
+  app.add_option("--atol", options->atol, "absolute tolerance (default: exact, bit for bit)")
+      ->check(finite_non_negative());
+  app.add_option("--rtol", options->rtol, "relative tolerance (default: exact, bit for bit)")
+      ->check(finite_non_negative());
   app.add_option("--max-positions", options->max_positions, "wrong positions listed per tensor (default 20)")
       ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 32));
   app.add_flag("--json", options->json_output, "print JSON for machines");
@@ -151,15 +156,21 @@ Action add_diff_command(CLI::App& app) {
       double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       bool equal = report.equal() && objects.empty();
       if (options->json_output) {
-        json out = {{"equal", equal}, {"only_in_a", report.only_in_a}, {"only_in_b", report.only_in_b},
-                    {"objects", objects}, {"compared_tensors", report.compared},
-                    {"compared_bytes", report.compared_bytes}, {"seconds", seconds}};
+        json out = {
+            {"equal", equal},     {"only_in_a", report.only_in_a},       {"only_in_b", report.only_in_b},
+            {"objects", objects}, {"compared_tensors", report.compared}, {"compared_bytes", report.compared_bytes},
+            {"seconds", seconds}};
         json differing = json::array();
         for (const TensorDiff& diff : report.differing) {
           json positions = json::array();
-          for (const DiffPosition& p : diff.positions) positions.push_back({{"index", p.index}, {"a", p.a}, {"b", p.b}});
-          differing.push_back({{"name", diff.name}, {"mismatch", diff.mismatch}, {"numel", diff.numel},
-                               {"count", diff.count}, {"max_abs", diff.max_abs}, {"max_rel", diff.max_rel},
+          for (const DiffPosition& p : diff.positions)
+            positions.push_back({{"index", p.index}, {"a", p.a}, {"b", p.b}});
+          differing.push_back({{"name", diff.name},
+                               {"mismatch", diff.mismatch},
+                               {"numel", diff.numel},
+                               {"count", diff.count},
+                               {"max_abs", diff.max_abs},
+                               {"max_rel", diff.max_rel},
                                {"positions", positions}});
         }
         out["differing"] = std::move(differing);
@@ -176,7 +187,8 @@ Action add_diff_command(CLI::App& app) {
         }
         fmt::print("{}: {} of {} elements differ (max abs {:.6g}, max rel {:.6g})\n", name, diff.count, diff.numel,
                    diff.max_abs, diff.max_rel);
-        for (const DiffPosition& p : diff.positions) fmt::print("  {} {}: {:.6g} != {:.6g}\n", name, index_text(p.index), p.a, p.b);
+        for (const DiffPosition& p : diff.positions)
+          fmt::print("  {} {}: {:.6g} != {:.6g}\n", name, index_text(p.index), p.a, p.b);
         if (diff.count > diff.positions.size()) fmt::print("  ... {} more\n", diff.count - diff.positions.size());
       }
       for (const std::string& line : objects) fmt::print("object {}\n", printable(line));

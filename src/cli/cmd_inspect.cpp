@@ -8,8 +8,8 @@
 #include <regex>
 #include <set>
 
+#include "ckpt/manifest/consolidate.hpp"
 #include "commands.hpp"
-#include "ckpt/layout.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"
 
@@ -87,8 +87,10 @@ class TreePrinter {
     std::string kind = node.is_array() ? fmt::format("list of {}", node.size()) : "";
     if (node.is_object() && node.contains("$class")) {
       kind = printable(node["$class"].get<std::string>());
-      if (node.contains("value")) children = node["value"];
-      else if (node.contains("attributes")) children = node["attributes"];
+      if (node.contains("value"))
+        children = node["value"];
+      else if (node.contains("attributes"))
+        children = node["attributes"];
       if (kind == "torch.Size" && children.is_array()) {
         out_ << pad << label << ": torch.Size" << children.dump() << "\n";
         return;
@@ -212,8 +214,12 @@ Action add_inspect_command(CLI::App& app) {
         for (const ManifestFile& file : manifest.files) {
           for (const ManifestTensor& t : file.tensors) {
             if (!selected(t)) continue;
-            list.push_back({{"file", file.path}, {"path", t.path}, {"dtype", dtype_info(t.dtype).name},
-                            {"shape", t.shape}, {"nbytes", t.nbytes}, {"file_byte_offset", t.file_byte_offset}});
+            list.push_back({{"file", file.path},
+                            {"path", t.path},
+                            {"dtype", dtype_info(t.dtype).name},
+                            {"shape", t.shape},
+                            {"nbytes", t.nbytes},
+                            {"file_byte_offset", t.file_byte_offset}});
           }
         }
         out["tensors"] = std::move(list);

@@ -6,11 +6,11 @@
 #include <map>
 #include <memory>
 
-#include "ckpt/reshard.hpp"
+#include "ckpt/exec/replicated.hpp"
+#include "ckpt/plan/reshard.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "plan_print.hpp"
-#include "replicated.hpp"
 #include "usage.hpp"
 
 namespace ckpt::cli {

@@ -5,12 +5,12 @@
 #include <chrono>
 #include <memory>
 
-#include "ckpt/reshard.hpp"
-#include "ckpt/stitch.hpp"
+#include "ckpt/exec/replicated.hpp"
+#include "ckpt/plan/reshard.hpp"
+#include "ckpt/plan/stitch.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "plan_print.hpp"
-#include "replicated.hpp"
 #include "usage.hpp"
 
 namespace ckpt::cli {

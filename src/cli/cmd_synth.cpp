@@ -6,8 +6,8 @@
 #include <filesystem>
 #include <memory>
 
-#include "ckpt/exec.hpp"
-#include "ckpt/synth.hpp"
+#include "ckpt/exec/exec.hpp"
+#include "ckpt/plan/synth.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "plan_print.hpp"
@@ -64,12 +64,13 @@ Action add_synth_command(CLI::App& app) {
     ExecOptions exec;
     exec.threads = options->threads;
     exec.overwrite = options->force;
-    exec.progress = !options->quiet && ::isatty(STDERR_FILENO);
+    exec.progress = progress_line(options->quiet);
     exec.direct_io = !options->buffered_io;
     exec.notice = print_notice;
     ExecStats stats = execute(plan, exec);
     if (!options->quiet) {
-      fmt::print(stderr, "synth: {} layers, embed {}, ffn {}, vocab {}: {:L} parameters; wrote {} file(s), {} in {:.2f} s\n",
+      fmt::print(stderr,
+                 "synth: {} layers, embed {}, ffn {}, vocab {}: {:L} parameters; wrote {} file(s), {} in {:.2f} s\n",
                  model.layers, model.embed_dim, model.ffn_dim, model.vocab, model.parameters, plan.files.size(),
                  human_bytes(stats.bytes_written), stats.seconds);
     }

@@ -5,7 +5,7 @@
 #include <chrono>
 #include <memory>
 
-#include "ckpt/verify.hpp"
+#include "ckpt/exec/verify.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"

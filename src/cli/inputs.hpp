@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "ckpt/manifest.hpp"
+#include "ckpt/manifest/manifest.hpp"
 
 namespace CLI {
 class App;

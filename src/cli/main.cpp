@@ -1,5 +1,6 @@
 // ckpt-tool: consolidate and reshard sharded PyTorch checkpoints without loading
-// them. Exit codes: 0 success, 1 failure (bad input, I/O), 2 usage error; every
+// them. Exit codes: 0 success, 1 failure (bad input, I/O), 2 usage error, 70
+// internal error (a bug: ckpt::InternalError); every
 // error is one line on stderr, `ckpt-tool: error: ...`, escaped by `printable`.
 #include <fmt/format.h>
 
@@ -7,9 +8,9 @@
 #include <csignal>
 #include <map>
 
-#include "ckpt/error.hpp"
-#include "ckpt/output_file.hpp"
-#include "ckpt/version.hpp"
+#include "ckpt/io/error.hpp"
+#include "ckpt/io/output_file.hpp"
+#include "ckpt/io/version.hpp"
 #include "commands.hpp"
 #include "usage.hpp"
 
@@ -59,6 +60,9 @@ int main(int argc, char** argv) {
   } catch (const ckpt::cli::UsageError& e) {
     fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
     return 2;
+  } catch (const ckpt::InternalError& e) {
+    fmt::print(stderr, "ckpt-tool: internal error: {}\n", ckpt::printable(e.what()));
+    return ckpt::kInternalErrorExit;
   } catch (const ckpt::Error& e) {
     fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
     return 1;

@@ -8,8 +8,8 @@
 #include <filesystem>
 #include <map>
 
-#include "ckpt/zip.hpp"
-#include "ckpt/tensor_math.hpp"
+#include "ckpt/exec/tensor_math.hpp"
+#include "ckpt/format/zip.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"
 
@@ -18,13 +18,17 @@ namespace ckpt::cli {
 namespace {
 
 std::string describe_op(const Plan& plan, const CopyOp& op) {
-  std::string source = op.source == CopyOp::kZeros       ? "zeros"
-                       : op.source == CopyOp::kSynthetic ? fmt::format("synthetic@0x{:x}", op.source_offset)
-                                                         : fmt::format("{}@0x{:x}",
-                                         printable(std::filesystem::path(plan.sources[op.source]->path()).filename().string()),
-                                         op.source_offset);
-  std::string rows = op.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", op.rows, op.source_stride, op.dest_stride) : "";
-  std::string convert = op.converts() ? fmt::format(" {}->{}", dtype_info(op.source_dtype).name, dtype_info(op.dest_dtype).name) : "";
+  std::string source =
+      op.source == CopyOp::kZeros ? "zeros"
+      : op.source == CopyOp::kSynthetic
+          ? fmt::format("synthetic@0x{:x}", op.source_offset)
+          : fmt::format("{}@0x{:x}",
+                        printable(std::filesystem::path(plan.sources[op.source]->path()).filename().string()),
+                        op.source_offset);
+  std::string rows =
+      op.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", op.rows, op.source_stride, op.dest_stride) : "";
+  std::string convert =
+      op.converts() ? fmt::format(" {}->{}", dtype_info(op.source_dtype).name, dtype_info(op.dest_dtype).name) : "";
   return fmt::format("{} -> +{} ({} B{}{})", source, op.dest_offset, op.nbytes, rows, convert);
 }
 
@@ -43,7 +47,8 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
     }
     ZipLayout layout = layout_zip(specs);
     total_size += layout.file_size;
-    fmt::print(out, "output {} ({} records, {})\n", printable(file.path), file.records.size(), human_bytes(layout.file_size));
+    fmt::print(out, "output {} ({} records, {})\n", printable(file.path), file.records.size(),
+               human_bytes(layout.file_size));
     std::string prefix = file.records.front().name.substr(0, file.records.front().name.find('/'));
     std::size_t storage = 0;
     for (const OutputTensor& tensor : k < tensors.size() ? tensors[k] : std::vector<OutputTensor>{}) {
@@ -68,10 +73,13 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
 namespace {
 
 void print_stats(const ExecStats& stats, std::size_t files, double plan_seconds) {
-  auto rate = [&](double seconds) { return seconds > 0 ? static_cast<double>(stats.bytes_written) / seconds / 1e9 : 0.0; };
-  fmt::print(stderr, "stats: read inputs and plan {:.3f} s; create outputs {:.3f} s; copy {:.3f} s ({:.2f} GB/s); "
-                     "input CRCs {:.3f} s ({} read again); headers, fsync, rename {:.3f} s; {} written, {} of {} "
-                     "file(s) with direct I/O\n",
+  auto rate = [&](double seconds) {
+    return seconds > 0 ? static_cast<double>(stats.bytes_written) / seconds / 1e9 : 0.0;
+  };
+  fmt::print(stderr,
+             "stats: read inputs and plan {:.3f} s; create outputs {:.3f} s; copy {:.3f} s ({:.2f} GB/s); "
+             "input CRCs {:.3f} s ({} read again); headers, fsync, rename {:.3f} s; {} written, {} of {} "
+             "file(s) with direct I/O\n",
              plan_seconds, stats.create_seconds, stats.copy_seconds, rate(stats.copy_seconds), stats.crc_seconds,
              human_bytes(stats.crc_reread_bytes), stats.commit_seconds, human_bytes(stats.bytes_written),
              stats.direct_files, files);
@@ -93,7 +101,22 @@ void add_write_flags(CLI::App& app, WriteFlags& flags) {
                "do not check the input bytes copied against their zip records' CRC-32 (checked by default)");
 }
 
-void print_notice(const std::string& text) { fmt::print(stderr, "ckpt-tool: note: {}\n", text); }
+void print_notice(const std::string& text) {
+  fmt::print(stderr, "ckpt-tool: note: {}\n", text);
+}
+
+ProgressFn progress_line(bool quiet) {
+  if (quiet || ::isatty(STDERR_FILENO) == 0) return {};
+  auto start = std::chrono::steady_clock::now();
+  return [start](std::uint64_t done, std::uint64_t total) {
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    double rate = seconds > 0 ? static_cast<double>(done) / seconds : 0.0;
+    double eta = rate > 0 ? static_cast<double>(total - done) / rate : 0.0;
+    fmt::print(stderr, "\r{:.1f} / {:.1f} MiB  {:.0f} MiB/s  ETA {:.0f} s   ", static_cast<double>(done) / 1048576.0,
+               static_cast<double>(total) / 1048576.0, rate / 1048576.0, eta);
+    if (done == total) fmt::print(stderr, "\n");
+  };
+}
 
 void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
               std::chrono::steady_clock::time_point started) {
@@ -104,7 +127,7 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
   ExecOptions exec;
   exec.threads = flags.threads;
   exec.overwrite = flags.force;
-  exec.progress = !flags.quiet && ::isatty(STDERR_FILENO);
+  exec.progress = progress_line(flags.quiet);
   exec.convert = convert_elements;
   exec.direct_io = !flags.buffered_io;
   exec.check_crc = !flags.no_crc_check;
@@ -113,11 +136,19 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
   ExecStats stats = execute(plan, exec);
   if (flags.stats) print_stats(stats, plan.files.size(), std::chrono::duration<double>(planned - started).count());
   if (!flags.quiet) {
-    fmt::print(stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s); {}\n", plan.files.size(),
-               human_bytes(stats.bytes_written), stats.seconds,
-               stats.seconds > 0 ? static_cast<double>(stats.bytes_written) / 1048576.0 / stats.seconds : 0.0,
-               stats.crc_checked ? "inputs checked against their CRC-32"
-                                 : "input CRC-32s NOT checked (--no-crc-check)");
+    fmt::print(
+        stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s); {}\n", plan.files.size(),
+        human_bytes(stats.bytes_written), stats.seconds,
+        stats.seconds > 0 ? static_cast<double>(stats.bytes_written) / 1048576.0 / stats.seconds : 0.0,
+        stats.crc_checked ? "inputs checked against their CRC-32" : "input CRC-32s NOT checked (--no-crc-check)");
+  }
+}
+
+void report_replicated(const std::vector<ReplicatedCheck>& checks, const std::vector<const MappedFile*>& files,
+                       bool strict) {
+  for (const std::string& problem : compare_replicated(checks, files)) {
+    if (strict) throw Error(problem);
+    fmt::print(stderr, "ckpt-tool: warning: {}\n", printable(problem));
   }
 }
 

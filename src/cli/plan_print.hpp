@@ -7,9 +7,10 @@
 #include <string>
 #include <vector>
 
-#include "ckpt/exec.hpp"
-#include "ckpt/plan.hpp"
-#include "ckpt/tensor_source.hpp"
+#include "ckpt/exec/exec.hpp"
+#include "ckpt/exec/replicated.hpp"
+#include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/plan/plan.hpp"
 
 namespace CLI {
 class App;
@@ -38,9 +39,18 @@ void add_write_flags(CLI::App& app, WriteFlags& flags);
 // Prints what the executor cleaned up on the way, as `ckpt-tool: note: ...`.
 void print_notice(const std::string& text);
 
+// The progress line on stderr ("12.0 / 40.0 MiB  900 MiB/s  ETA 0 s"); none when
+// `quiet` or stderr is not a terminal.
+ProgressFn progress_line(bool quiet);
+
 // Executes `plan` (or prints it with --dry-run), then --stats and the summary line.
 // `started` is when the command began reading its inputs.
 void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
               std::chrono::steady_clock::time_point started);
+
+// Compares the replicated tensors (compare_replicated) and prints each
+// difference as a warning, or throws the first when `strict`.
+void report_replicated(const std::vector<ReplicatedCheck>& checks, const std::vector<const MappedFile*>& files,
+                       bool strict);
 
 }  // namespace ckpt::cli

@@ -6,7 +6,7 @@
 #include <filesystem>
 #include <set>
 
-#include "ckpt/reshard.hpp"
+#include "ckpt/plan/reshard.hpp"
 
 namespace ckpt::cli {
 
@@ -16,7 +16,9 @@ namespace {
 
 constexpr std::uint64_t kMaxCheckedOutputs = 65536;
 
-std::string quoted(const std::string& pattern) { return "-o '" + pattern + "'"; }
+std::string quoted(const std::string& pattern) {
+  return "-o '" + pattern + "'";
+}
 
 // The directory `path` is written into ("." for a bare name).
 fs::path directory_of(const std::string& path) {
@@ -150,6 +152,8 @@ CLI::Validator finite_positive(double max) {
       fmt::format("NUMBER in (0, {:g}]", max));
 }
 
-CLI::Validator thread_count() { return CLI::Range(0, 1024); }
+CLI::Validator thread_count() {
+  return CLI::Range(0, 1024);
+}
 
 }  // namespace ckpt::cli

@@ -7,7 +7,7 @@
 #include <CLI/CLI.hpp>
 #include <string>
 
-#include "ckpt/error.hpp"
+#include "ckpt/io/error.hpp"
 
 namespace ckpt::cli {
 
@@ -23,7 +23,7 @@ struct PatternRule {
   enum Field { kRefused, kAllowed, kRequired };
   Field m = kRefused;
   Field d = kRefused;
-  std::string refused_because;  // appended to "{m} is not allowed here"
+  std::string refused_because;   // appended to "{m} is not allowed here"
   std::string required_because;  // appended to "-o must contain {m}"
   bool syntax_only = false;      // --dry-run writes nothing: the file system is not consulted
 };
@@ -45,8 +45,8 @@ void check_output_grid(const std::string& pattern, int mp, int dp);
 void check_output_directory(const std::string& directory);
 
 // CLI11 validators (their failures are parse errors: one line, exit 2).
-CLI::Validator finite_non_negative();   // tolerances: >= 0, not NaN or infinite
+CLI::Validator finite_non_negative();        // tolerances: >= 0, not NaN or infinite
 CLI::Validator finite_positive(double max);  // synth --params
-CLI::Validator thread_count();           // 0 (all cores) .. 1024
+CLI::Validator thread_count();               // 0 (all cores) .. 1024
 
 }  // namespace ckpt::cli

@@ -1,4 +1,4 @@
-#include "ckpt/compare.hpp"
+#include "ckpt/exec/compare.hpp"
 
 #include <fmt/format.h>
 
@@ -8,9 +8,9 @@
 #include <thread>
 #include <vector>
 
-#include "ckpt/exec.hpp"
-#include "ckpt/parallel.hpp"
-#include "ckpt/tensor_math.hpp"
+#include "ckpt/exec/exec.hpp"
+#include "ckpt/exec/tensor_math.hpp"
+#include "ckpt/io/parallel.hpp"
 
 namespace ckpt {
 
@@ -79,7 +79,8 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
     if (x->source.dtype != y->source.dtype) {
       diff.mismatch = fmt::format("dtype {} != {}", dtype_info(x->source.dtype).name, dtype_info(y->source.dtype).name);
     } else if (x->source.shape != y->source.shape) {
-      diff.mismatch = fmt::format("shape [{}] != [{}]", fmt::join(x->source.shape, ", "), fmt::join(y->source.shape, ", "));
+      diff.mismatch =
+          fmt::format("shape [{}] != [{}]", fmt::join(x->source.shape, ", "), fmt::join(y->source.shape, ", "));
     }
     diffs.push_back(std::move(diff));
     if (diffs.back().mismatch.empty()) pairs.push_back({&x->source, &y->source, diffs.size() - 1});
@@ -97,7 +98,8 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
     std::uint64_t step = kChunkBytes / itemsize * itemsize;
     std::uint64_t total = pairs[p].a->nbytes();
     report.compared_bytes += total;
-    for (std::uint64_t begin = 0; begin < total; begin += step) items.push_back({p, begin, std::min(step, total - begin)});
+    for (std::uint64_t begin = 0; begin < total; begin += step)
+      items.push_back({p, begin, std::min(step, total - begin)});
   }
   std::vector<ChunkResult> results(items.size());
   unsigned threads = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
@@ -114,8 +116,8 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
       const std::byte* y = buffer_b.data();
       if (std::memcmp(x, y, item.count) == 0) return;
       std::uint64_t itemsize = dtype_info(pair.a->dtype).itemsize;
-      ElementComparison chunk = compare_elements(pair.a->dtype, x, y, item.count / itemsize, options.atol,
-                                                 options.rtol, options.max_positions);
+      ElementComparison chunk = compare_elements(pair.a->dtype, x, y, item.count / itemsize, options.atol, options.rtol,
+                                                 options.max_positions);
       results[i].count = chunk.count;
       results[i].max_abs = chunk.max_abs;
       results[i].max_rel = chunk.max_rel;

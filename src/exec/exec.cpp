@@ -1,4 +1,4 @@
-#include "ckpt/exec.hpp"
+#include "ckpt/exec/exec.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -16,12 +16,12 @@
 #include <set>
 #include <thread>
 
-#include "ckpt/crc32.hpp"
-#include "ckpt/output_file.hpp"
-#include "ckpt/parallel.hpp"
-#include "ckpt/source_check.hpp"
-#include "ckpt/synthetic.hpp"
-#include "ckpt/zip.hpp"
+#include "ckpt/exec/source_check.hpp"
+#include "ckpt/exec/synthetic.hpp"
+#include "ckpt/format/zip.hpp"
+#include "ckpt/io/crc32.hpp"
+#include "ckpt/io/output_file.hpp"
+#include "ckpt/io/parallel.hpp"
 
 namespace ckpt {
 
@@ -42,7 +42,8 @@ class AlignedBuffer {
  public:
   AlignedBuffer() = default;
   explicit AlignedBuffer(std::uint64_t nbytes)
-      : data_(static_cast<std::byte*>(std::aligned_alloc(kBlockBytes, std::max(round_up(nbytes, kBlockBytes), kBlockBytes)))) {
+      : data_(static_cast<std::byte*>(
+            std::aligned_alloc(kBlockBytes, std::max(round_up(nbytes, kBlockBytes), kBlockBytes)))) {
     if (data_ == nullptr) throw std::bad_alloc();
   }
   std::byte* data() const { return data_.get(); }
@@ -71,30 +72,26 @@ struct Unit {
   std::size_t end_piece = 0;
 };
 
+// Reports the bytes copied to ExecOptions::progress: every 200 ms at most, and
+// once at the end.
 class Progress {
  public:
-  Progress(bool enabled, std::uint64_t total) : enabled_(enabled), total_(total), start_(Clock::now()) {}
+  Progress(const ProgressFn& report, std::uint64_t total) : report_(report), total_(total) {}
   void add(std::uint64_t nbytes) {
     std::uint64_t done = done_.fetch_add(nbytes) + nbytes;
-    if (!enabled_) return;
+    if (!report_) return;
     auto now = Clock::now();
     std::lock_guard lock(mutex_);
     if (now - last_ < std::chrono::milliseconds(200) && done != total_) return;
     last_ = now;
-    double seconds = std::chrono::duration<double>(now - start_).count();
-    double rate = seconds > 0 ? static_cast<double>(done) / seconds : 0.0;
-    double eta = rate > 0 ? static_cast<double>(total_ - done) / rate : 0.0;
-    fmt::print(stderr, "\r{:.1f} / {:.1f} MiB  {:.0f} MiB/s  ETA {:.0f} s   ", static_cast<double>(done) / 1048576.0,
-               static_cast<double>(total_) / 1048576.0, rate / 1048576.0, eta);
-    if (done == total_) fmt::print(stderr, "\n");
+    report_(done, total_);
   }
 
  private:
   using Clock = std::chrono::steady_clock;
-  bool enabled_;
+  const ProgressFn& report_;
   std::uint64_t total_;
   std::atomic<std::uint64_t> done_{0};
-  Clock::time_point start_;
   Clock::time_point last_{};
   std::mutex mutex_;
 };
@@ -153,8 +150,8 @@ class FileWriter {
     if (kept_.data() != nullptr) {
       auto first = std::lower_bound(header_blocks_.begin(), header_blocks_.end(), unit.begin / kBlockBytes);
       for (auto it = first; it != header_blocks_.end() && *it * kBlockBytes < unit.end; ++it) {
-        std::memcpy(kept_.data() + (it - header_blocks_.begin()) * kBlockBytes, buffer + (*it * kBlockBytes - unit.begin),
-                    kBlockBytes);
+        std::memcpy(kept_.data() + (it - header_blocks_.begin()) * kBlockBytes,
+                    buffer + (*it * kBlockBytes - unit.begin), kBlockBytes);
       }
     }
     out_.write_at(unit.begin, Bytes(buffer, unit.end - unit.begin));
@@ -170,7 +167,8 @@ class FileWriter {
     ZipLayout layout = layout_;
     for (std::size_t r = 0; r < layout.records.size(); ++r) layout.records[r].crc32 = crcs[r];
     std::vector<std::pair<std::uint64_t, std::vector<std::byte>>> headers;
-    for (const ZipRecord& record : layout.records) headers.emplace_back(record.header_offset, render_local_header(record));
+    for (const ZipRecord& record : layout.records)
+      headers.emplace_back(record.header_offset, render_local_header(record));
     headers.emplace_back(layout.central_directory_offset, render_central_directory(layout));
     if (kept_.data() == nullptr) {  // written buffered: headers go in place
       for (const auto& [offset, bytes] : headers) out_.write_at(offset, bytes);
@@ -203,7 +201,7 @@ class FileWriter {
     for (std::size_t r = 0; r < file_.records.size(); ++r) {
       std::uint64_t base = layout_.records[r].data_offset;
       // Pieces are cut at file offsets: aligned records keep them whole elements.
-      if (base % kTorchAlignment != 0) throw Error("record data not aligned to 64 bytes (a bug)");
+      check_invariant(base % kTorchAlignment == 0, "record data not aligned to 64 bytes");
       for (std::uint64_t begin = 0; begin < file_.records[r].nbytes;) {
         std::uint64_t end = std::min(file_.records[r].nbytes, round_up(base + begin + 1, kUnitBytes) - base);
         pieces_.push_back(Piece{r, begin, end, 0});
@@ -243,8 +241,9 @@ class FileWriter {
     }
     if (sequential_[piece.record]) {
       // Plain ranges in order: find the first one that reaches this piece.
-      auto it = std::upper_bound(record.copies.begin(), record.copies.end(), piece.begin,
-                                 [](std::uint64_t offset, const CopyOp& op) { return offset < op.dest_offset + op.nbytes; });
+      auto it =
+          std::upper_bound(record.copies.begin(), record.copies.end(), piece.begin,
+                           [](std::uint64_t offset, const CopyOp& op) { return offset < op.dest_offset + op.nbytes; });
       if (it != record.copies.end() && it->mapped() && it->dest_offset <= piece.begin &&
           it->dest_offset + it->nbytes >= piece.end) {
         // The common case: one pread. Measured on this machine (1.1 GiB, 5 runs
@@ -332,7 +331,7 @@ class FileWriter {
       std::memcpy(dest, source, count);
       return;
     }
-    if (!options_.convert) throw Error("plan converts dtypes but no converter was given (a bug)");
+    check_invariant(static_cast<bool>(options_.convert), "plan converts dtypes but no converter was given");
     options_.convert(op.source_dtype, op.dest_dtype, source, dest, count / dtype_info(op.dest_dtype).itemsize);
   }
 
@@ -374,10 +373,14 @@ void commit_all(std::vector<std::unique_ptr<OutputFile>>& outputs) {
       outputs[k]->commit(/*sync_directory=*/false);
     } catch (const Error& e) {
       for (const std::string& path : created) ::unlink(path.c_str());
-      std::string undone = created.empty() ? "" : fmt::format("; the {} output(s) renamed before it were removed "
-                                                              "again", created.size());
-      std::string kept = replaced.empty() ? "" : fmt::format("; these replaced existing files and stay: {}",
-                                                             fmt::join(replaced, ", "));
+      std::string undone = created.empty() ? ""
+                                           : fmt::format(
+                                                 "; the {} output(s) renamed before it were removed "
+                                                 "again",
+                                                 created.size());
+      std::string kept = replaced.empty()
+                             ? ""
+                             : fmt::format("; these replaced existing files and stay: {}", fmt::join(replaced, ", "));
       throw Error(e.where(), e.message() + undone + kept);
     }
     (replaces[k] ? replaced : created).push_back(outputs[k]->target_path());
@@ -450,8 +453,9 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
 
 void read_source_bytes(const TensorSource& source, const std::vector<const MappedFile*>& files, std::uint64_t begin,
                        std::uint64_t count, std::byte* out) {
-  if (begin + count > source.nbytes()) throw Error("read past the end of a tensor (a bug)");
-  TensorSource window = source.slice(begin, count, {static_cast<std::int64_t>(count / dtype_info(source.dtype).itemsize)});
+  check_invariant(begin + count <= source.nbytes(), "read past the end of a tensor");
+  TensorSource window =
+      source.slice(begin, count, {static_cast<std::int64_t>(count / dtype_info(source.dtype).itemsize)});
   for (const SourcePiece& piece : window.pieces) {
     for (std::uint64_t r = 0; r < piece.rows; ++r) {
       std::byte* dest = out + piece.offset + r * piece.stride;

@@ -1,11 +1,11 @@
-#include "ckpt/source_check.hpp"
+#include "ckpt/exec/source_check.hpp"
 
 #include <fmt/format.h>
 
 #include <algorithm>
 
-#include "ckpt/crc32.hpp"
-#include "ckpt/parallel.hpp"
+#include "ckpt/io/crc32.hpp"
+#include "ckpt/io/parallel.hpp"
 
 namespace ckpt {
 
@@ -22,7 +22,8 @@ SourceCrcCheck::SourceCrcCheck(const Plan& plan, unsigned threads) : plan_(plan)
       // checked whatever the copies read. Tensor storages (`<archive>/data/<key>`)
       // are checked when a copy reads them.
       input.touched.clear();
-      for (const ZipRecord& record : input.records) input.touched.push_back(record.name.find("/data/") == std::string::npos);
+      for (const ZipRecord& record : input.records)
+        input.touched.push_back(record.name.find("/data/") == std::string::npos);
     };
   });
   // Every byte a copy may read lies in one record: mark the records touched.

@@ -1,4 +1,4 @@
-#include "ckpt/synthetic.hpp"
+#include "ckpt/exec/synthetic.hpp"
 
 #include <bit>
 #include <cstring>

@@ -7,8 +7,8 @@
 #include <mutex>
 
 #include "../tensor/torch_plugin_abi.h"
-#include "ckpt/error.hpp"
-#include "ckpt/tensor_math.hpp"
+#include "ckpt/exec/tensor_math.hpp"
+#include "ckpt/io/error.hpp"
 
 namespace ckpt {
 
@@ -51,7 +51,8 @@ const Plugin& plugin() {
       }
       loaded.convert = reinterpret_cast<ckpt_torch_convert_fn>(::dlsym(handle, "ckpt_torch_convert"));
       loaded.compare = reinterpret_cast<ckpt_torch_compare_fn>(::dlsym(handle, "ckpt_torch_compare"));
-      if (loaded.convert == nullptr || loaded.compare == nullptr) failure = path + " is not ckpt-tool's LibTorch plugin";
+      if (loaded.convert == nullptr || loaded.compare == nullptr)
+        failure = path + " is not ckpt-tool's LibTorch plugin";
       return;
     }
     failure = "this needs LibTorch, through libckpt_torch.so, which is not installed (looked for " + tried + ")";

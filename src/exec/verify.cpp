@@ -1,4 +1,4 @@
-#include "ckpt/verify.hpp"
+#include "ckpt/exec/verify.hpp"
 
 #include <fmt/format.h>
 
@@ -10,10 +10,10 @@
 #include <thread>
 #include <vector>
 
-#include "ckpt/crc32.hpp"
-#include "ckpt/layout.hpp"
-#include "ckpt/parallel.hpp"
-#include "ckpt/stitch.hpp"
+#include "ckpt/io/crc32.hpp"
+#include "ckpt/io/parallel.hpp"
+#include "ckpt/layout/megatron.hpp"
+#include "ckpt/manifest/consolidate.hpp"
 
 namespace ckpt {
 
@@ -40,9 +40,10 @@ void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads,
           done += n;
         }
         if (crc != record.crc32) {
-          problem = fmt::format("{}: {}: at byte 0x{:x}: CRC-32 of the data is 0x{:08x}, the zip directory says "
-                                "0x{:08x} (corrupted data)",
-                                file.path(), record.name, record.data_offset, crc, record.crc32);
+          problem = fmt::format(
+              "{}: {}: at byte 0x{:x}: CRC-32 of the data is 0x{:08x}, the zip directory says "
+              "0x{:08x} (corrupted data)",
+              file.path(), record.name, record.data_offset, crc, record.crc32);
         }
       } catch (const std::exception& e) {
         problem = fmt::format("{} (record {})", e.what(), record.name);

@@ -1,7 +1,7 @@
 // Opening a torch.save file: archive name, pickle, storages and tensor references.
-#include "ckpt/checkpoint.hpp"
+#include "ckpt/format/checkpoint.hpp"
 
-#include "ckpt/pyobject.hpp"
+#include "ckpt/format/pyobject.hpp"
 
 #include <fmt/format.h>
 
@@ -34,9 +34,10 @@ ViewExtent view_extent(const std::vector<std::int64_t>& shape, const std::vector
     if (shape[i] < 0 || stride[i] < 0) throw Error("negative size or stride");
     extent.numel = checked_mul(extent.numel, static_cast<std::uint64_t>(shape[i]), "tensor elements");
     if (shape[i] > 0) {
-      last = checked_add(last, checked_mul(static_cast<std::uint64_t>(shape[i] - 1),
-                                           static_cast<std::uint64_t>(stride[i]), "tensor span"),
-                         "tensor span");
+      last = checked_add(
+          last,
+          checked_mul(static_cast<std::uint64_t>(shape[i] - 1), static_cast<std::uint64_t>(stride[i]), "tensor span"),
+          "tensor span");
     }
   }
   extent.span_elements = extent.numel == 0 ? 0 : checked_add(last, 1, "tensor span");
@@ -95,7 +96,9 @@ bool is_rebuild_tensor(const Graph& graph, NodeId id) {
   return cls != nullptr && cls->text == "torch._utils" && cls->name == "_rebuild_tensor_v2";
 }
 
-std::string join(const std::string& prefix, const std::string& label) { return append_path(prefix, label); }
+std::string join(const std::string& prefix, const std::string& label) {
+  return append_path(prefix, label);
+}
 
 class PathWalker {
  public:
@@ -210,7 +213,8 @@ std::optional<StorageId> parse_storage_id(const Graph& graph, NodeId persid) {
 }
 
 Checkpoint::Checkpoint(const MappedFile& file) : file_(file), zip_(file) {
-  if (zip_.records().empty()) throw Error(Location{path(), "", std::nullopt}, "empty zip archive: not a torch.save file");
+  if (zip_.records().empty())
+    throw Error(Location{path(), "", std::nullopt}, "empty zip archive: not a torch.save file");
   const std::string& first = zip_.records().front().name;
   archive_name_ = first.substr(0, first.find('/'));
   pickle_record_ = zip_.find(archive_name_ + "/data.pkl");
@@ -298,7 +302,8 @@ void Checkpoint::collect_tensors() {
     auto offset = as_int(graph_, args[1]);
     auto shape = as_int_list(graph_, args[2]);
     auto stride = as_int_list(graph_, args[3]);
-    if (!sid || !offset || !shape || !stride) throw bad("_rebuild_tensor_v2 arguments are not (storage, int, size, stride)");
+    if (!sid || !offset || !shape || !stride)
+      throw bad("_rebuild_tensor_v2 arguments are not (storage, int, size, stride)");
     if (*offset < 0) throw bad("negative storage offset");
     const StorageRef& storage = storages_.at(sid->key);
     std::uint64_t itemsize = dtype_info(storage.dtype).itemsize;

@@ -1,4 +1,4 @@
-#include "ckpt/dtype.hpp"
+#include "ckpt/format/dtype.hpp"
 
 #include <array>
 
@@ -23,7 +23,9 @@ constexpr std::array<DTypeInfo, 12> kTable{{
 
 }  // namespace
 
-const DTypeInfo& dtype_info(DType dtype) { return kTable[static_cast<std::size_t>(dtype)]; }
+const DTypeInfo& dtype_info(DType dtype) {
+  return kTable[static_cast<std::size_t>(dtype)];
+}
 
 std::optional<DType> dtype_from_storage_name(std::string_view storage_name) {
   for (const DTypeInfo& info : kTable) {

@@ -17,22 +17,64 @@
 #include <cstring>
 #include <unordered_map>
 
-#include "ckpt/pickle.hpp"
+#include "ckpt/format/pickle.hpp"
 
 namespace ckpt::pickle {
 
 namespace {
 
 enum Op : std::uint8_t {
-  MARK = '(', STOP = '.', POP = '0', POP_MARK = '1', DUP = '2', BININT = 'J', BININT1 = 'K',
-  BININT2 = 'M', NONE = 'N', BINPERSID = 'Q', REDUCE = 'R', BINUNICODE = 'X', APPEND = 'a',
-  BUILD = 'b', GLOBAL = 'c', DICT = 'd', EMPTY_DICT = '}', APPENDS = 'e', BINGET = 'h',
-  LONG_BINGET = 'j', LIST = 'l', EMPTY_LIST = ']', BINPUT = 'q', LONG_BINPUT = 'r', SETITEM = 's',
-  TUPLE = 't', EMPTY_TUPLE = ')', SETITEMS = 'u', BINFLOAT = 'G', BINBYTES = 'B',
-  SHORT_BINBYTES = 'C', PROTO = 0x80, NEWOBJ = 0x81, TUPLE1 = 0x85, TUPLE2 = 0x86, TUPLE3 = 0x87,
-  NEWTRUE = 0x88, NEWFALSE = 0x89, LONG1 = 0x8a, LONG4 = 0x8b, SHORT_BINUNICODE = 0x8c,
-  BINUNICODE8 = 0x8d, BINBYTES8 = 0x8e, EMPTY_SET = 0x8f, ADDITEMS = 0x90, FROZENSET = 0x91,
-  NEWOBJ_EX = 0x92, STACK_GLOBAL = 0x93, MEMOIZE = 0x94, FRAME = 0x95, BYTEARRAY8 = 0x96,
+  MARK = '(',
+  STOP = '.',
+  POP = '0',
+  POP_MARK = '1',
+  DUP = '2',
+  BININT = 'J',
+  BININT1 = 'K',
+  BININT2 = 'M',
+  NONE = 'N',
+  BINPERSID = 'Q',
+  REDUCE = 'R',
+  BINUNICODE = 'X',
+  APPEND = 'a',
+  BUILD = 'b',
+  GLOBAL = 'c',
+  DICT = 'd',
+  EMPTY_DICT = '}',
+  APPENDS = 'e',
+  BINGET = 'h',
+  LONG_BINGET = 'j',
+  LIST = 'l',
+  EMPTY_LIST = ']',
+  BINPUT = 'q',
+  LONG_BINPUT = 'r',
+  SETITEM = 's',
+  TUPLE = 't',
+  EMPTY_TUPLE = ')',
+  SETITEMS = 'u',
+  BINFLOAT = 'G',
+  BINBYTES = 'B',
+  SHORT_BINBYTES = 'C',
+  PROTO = 0x80,
+  NEWOBJ = 0x81,
+  TUPLE1 = 0x85,
+  TUPLE2 = 0x86,
+  TUPLE3 = 0x87,
+  NEWTRUE = 0x88,
+  NEWFALSE = 0x89,
+  LONG1 = 0x8a,
+  LONG4 = 0x8b,
+  SHORT_BINUNICODE = 0x8c,
+  BINUNICODE8 = 0x8d,
+  BINBYTES8 = 0x8e,
+  EMPTY_SET = 0x8f,
+  ADDITEMS = 0x90,
+  FROZENSET = 0x91,
+  NEWOBJ_EX = 0x92,
+  STACK_GLOBAL = 0x93,
+  MEMOIZE = 0x94,
+  FRAME = 0x95,
+  BYTEARRAY8 = 0x96,
 };
 
 class Decoder {
@@ -53,9 +95,7 @@ class Decoder {
   }
 
  private:
-  [[noreturn]] void fail(const std::string& message) const {
-    in_.fail(op_position_, "pickle: " + message);
-  }
+  [[noreturn]] void fail(const std::string& message) const { in_.fail(op_position_, "pickle: " + message); }
 
   NodeId pop() {
     if (stack_.empty() || (!marks_.empty() && stack_.size() == marks_.back())) fail("stack underflow");
@@ -97,8 +137,8 @@ class Decoder {
     std::size_t significant = length;
     std::uint8_t filler = negative ? 0xFF : 0x00;
     while (significant > 0 && static_cast<std::uint8_t>(bytes[significant - 1]) == filler) --significant;
-    bool fits = significant < 8 ||
-                (significant == 8 && ((static_cast<std::uint8_t>(bytes[7]) & 0x80) != 0) == negative);
+    bool fits =
+        significant < 8 || (significant == 8 && ((static_cast<std::uint8_t>(bytes[7]) & 0x80) != 0) == negative);
     if (fits) {
       std::uint64_t value = negative ? ~std::uint64_t{0} : 0;
       for (std::size_t i = 0; i < std::min<std::size_t>(length, 8); ++i) {
@@ -163,7 +203,8 @@ class Decoder {
     switch (kind) {
       case Kind::None: return "None";
       case Kind::Bool: return "bool";
-      case Kind::Int: case Kind::BigInt: return "int";
+      case Kind::Int:
+      case Kind::BigInt: return "int";
       case Kind::Float: return "float";
       case Kind::Str: return "str";
       case Kind::Bytes: return "bytes";
@@ -375,7 +416,9 @@ NodeId Graph::add(Node node) {
   return static_cast<NodeId>(nodes_.size() - 1);
 }
 
-NodeId Graph::none() { return add(Node{}); }
+NodeId Graph::none() {
+  return add(Node{});
+}
 
 NodeId Graph::boolean(bool value) {
   Node node;
@@ -418,8 +461,7 @@ bool Graph::is_str(NodeId id, std::string_view value) const {
 }
 
 bool Graph::is_global(NodeId id, std::string_view module, std::string_view name) const {
-  return id < nodes_.size() && nodes_[id].kind == Kind::Global && nodes_[id].text == module &&
-         nodes_[id].name == name;
+  return id < nodes_.size() && nodes_[id].kind == Kind::Global && nodes_[id].text == module && nodes_[id].name == name;
 }
 
 const Node* Graph::object_class(NodeId id) const {

@@ -10,7 +10,7 @@
 
 #include <bit>
 
-#include "ckpt/pickle.hpp"
+#include "ckpt/format/pickle.hpp"
 
 namespace ckpt::pickle {
 
@@ -160,9 +160,18 @@ class Encoder {
         op('G');
         for (int i = 7; i >= 0; --i) op(static_cast<std::uint8_t>(std::bit_cast<std::uint64_t>(node.real) >> (8 * i)));
         return;
-      case Kind::Str: sized(0, 'X', 0x8d, node.text); put(id); return;
-      case Kind::Bytes: sized('C', 'B', 0x8e, node.text); put(id); return;
-      case Kind::ByteArray: sized(0, 0, 0x96, node.text); put(id); return;
+      case Kind::Str:
+        sized(0, 'X', 0x8d, node.text);
+        put(id);
+        return;
+      case Kind::Bytes:
+        sized('C', 'B', 0x8e, node.text);
+        put(id);
+        return;
+      case Kind::ByteArray:
+        sized(0, 0, 0x96, node.text);
+        put(id);
+        return;
       case Kind::Global:
         if (node.text.find('\n') != std::string::npos || node.name.find('\n') != std::string::npos) {
           throw Error("pickle: global name contains a newline");
@@ -262,6 +271,8 @@ class Encoder {
 
 }  // namespace
 
-std::vector<std::byte> encode(const Graph& graph) { return Encoder(graph).run(); }
+std::vector<std::byte> encode(const Graph& graph) {
+  return Encoder(graph).run();
+}
 
 }  // namespace ckpt::pickle

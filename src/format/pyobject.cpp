@@ -1,4 +1,4 @@
-#include "ckpt/pyobject.hpp"
+#include "ckpt/format/pyobject.hpp"
 
 #include <fmt/format.h>
 
@@ -6,14 +6,14 @@
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
-#include "ckpt/checkpoint.hpp"
+#include "ckpt/format/checkpoint.hpp"
 
 namespace ckpt {
 
 using pickle::Graph;
 using pickle::Kind;
-using pickle::NodeId;
 using pickle::kNoNode;
+using pickle::NodeId;
 using json = nlohmann::json;
 
 std::string class_name(const Graph& graph, NodeId id) {
@@ -127,9 +127,7 @@ class JsonRenderer {
     seen_.emplace(id, path);
     if (++count_ > max_nodes_) return "...";
     ++depth;
-    auto child = [&](NodeId c, const std::string& label) {
-      return render(c, append_path(path, label), depth);
-    };
+    auto child = [&](NodeId c, const std::string& label) { return render(c, append_path(path, label), depth); };
     switch (node.kind) {
       case Kind::Tuple:
       case Kind::List:
@@ -181,7 +179,8 @@ class JsonRenderer {
       } else if (content != kNoNode && graph_[content].kind == Kind::List) {
         json values = json::array();
         const auto& items = graph_[content].items;
-        for (std::size_t i = 0; i < items.size(); ++i) values.push_back(child(omegaconf_unwrap(graph_, items[i]), std::to_string(i)));
+        for (std::size_t i = 0; i < items.size(); ++i)
+          values.push_back(child(omegaconf_unwrap(graph_, items[i]), std::to_string(i)));
         out["value"] = std::move(values);
       } else {
         out["value"] = content == kNoNode ? json(nullptr) : child(content, "_content");

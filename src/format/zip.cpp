@@ -3,7 +3,7 @@
 // Hand-written rather than libzip/minizip: those open records as streams and
 // cannot tell where a record's data lies in the file, which is the one thing
 // ckpt-tool needs (a tensor is a byte range of the mapped file).
-#include "ckpt/zip.hpp"
+#include "ckpt/format/zip.hpp"
 
 #include <fmt/format.h>
 
@@ -185,8 +185,8 @@ void ZipArchive::read_local_header(ZipRecord& record, const ReadAt& read_at) con
     }
   };
   if (record.header_offset > file_bytes_.size()) {
-    file.fail(file_bytes_.size(), fmt::format("local header offset {} lies past the end of the file",
-                                              record.header_offset));
+    file.fail(file_bytes_.size(),
+              fmt::format("local header offset {} lies past the end of the file", record.header_offset));
   }
   file.seek(record.header_offset);
   if (file.remaining() < kLocalSize) file.fail_here("truncated local header");
@@ -218,7 +218,9 @@ void ZipArchive::read_local_header(ZipRecord& record, const ReadAt& read_at) con
 
 namespace {
 
-bool needs_zip64_sizes(std::uint64_t nbytes) { return nbytes >= k32; }
+bool needs_zip64_sizes(std::uint64_t nbytes) {
+  return nbytes >= k32;
+}
 
 std::uint64_t local_header_size(const std::string& name, std::uint64_t nbytes, std::uint64_t header_offset,
                                 std::uint64_t alignment) {
@@ -230,9 +232,15 @@ std::uint64_t local_header_size(const std::string& name, std::uint64_t nbytes, s
 class ByteWriter {
  public:
   void u8(std::uint64_t v) { out.push_back(static_cast<std::byte>(v & 0xFF)); }
-  void u16(std::uint64_t v) { for (int i = 0; i < 2; ++i) u8(v >> (8 * i)); }
-  void u32(std::uint64_t v) { for (int i = 0; i < 4; ++i) u8(v >> (8 * i)); }
-  void u64(std::uint64_t v) { for (int i = 0; i < 8; ++i) u8(v >> (8 * i)); }
+  void u16(std::uint64_t v) {
+    for (int i = 0; i < 2; ++i) u8(v >> (8 * i));
+  }
+  void u32(std::uint64_t v) {
+    for (int i = 0; i < 4; ++i) u8(v >> (8 * i));
+  }
+  void u64(std::uint64_t v) {
+    for (int i = 0; i < 8; ++i) u8(v >> (8 * i));
+  }
   void text(std::string_view s) {
     for (char c : s) u8(static_cast<unsigned char>(c));
   }
@@ -250,8 +258,8 @@ ZipLayout layout_zip(std::span<const ZipEntrySpec> entries, std::uint64_t alignm
     record.name = entry.name;
     record.nbytes = entry.nbytes;
     record.header_offset = offset;
-    record.data_offset = checked_add(offset, local_header_size(entry.name, entry.nbytes, offset, alignment),
-                                     "zip layout");
+    record.data_offset =
+        checked_add(offset, local_header_size(entry.name, entry.nbytes, offset, alignment), "zip layout");
     offset = checked_add(record.data_offset, entry.nbytes, "zip layout");
     layout.records.push_back(std::move(record));
   }

@@ -1,4 +1,4 @@
-#include "ckpt/crc32.hpp"
+#include "ckpt/io/crc32.hpp"
 
 #include <isa-l/crc.h>
 #include <zlib.h>

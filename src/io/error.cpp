@@ -1,4 +1,4 @@
-#include "ckpt/error.hpp"
+#include "ckpt/io/error.hpp"
 
 #include <fmt/format.h>
 
@@ -33,9 +33,7 @@ std::string printable(std::string_view text) {
 }
 
 Error::Error(Location where, std::string message)
-    : std::runtime_error(printable(render(where, message))),
-      where_(std::move(where)),
-      message_(std::move(message)) {}
+    : std::runtime_error(printable(render(where, message))), where_(std::move(where)), message_(std::move(message)) {}
 
 std::string Error::render(const Location& where, const std::string& message) {
   std::string out;
@@ -57,6 +55,12 @@ Error Error::with_member(const std::string& member) const {
   Location loc = where_;
   loc.member = member;
   return Error(std::move(loc), message_);
+}
+
+void internal_error(std::string_view what, std::source_location where) {
+  std::string_view file = where.file_name();
+  if (auto src = file.rfind("src/"); src != std::string_view::npos) file.remove_prefix(src);
+  throw InternalError(fmt::format("{} ({}:{})", what, file, where.line()));
 }
 
 std::uint64_t checked_add(std::uint64_t a, std::uint64_t b, const char* what) {

@@ -1,4 +1,4 @@
-#include "ckpt/mapped_file.hpp"
+#include "ckpt/io/mapped_file.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>

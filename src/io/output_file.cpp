@@ -1,4 +1,4 @@
-#include "ckpt/output_file.hpp"
+#include "ckpt/io/output_file.hpp"
 
 #include <fcntl.h>
 #include <pthread.h>
@@ -63,7 +63,9 @@ extern "C" void remove_temp_files_and_exit(int signal_number) {
 
 constexpr int kCleanupSignals[] = {SIGINT, SIGTERM, SIGHUP};
 
-std::string errno_text() { return std::strerror(errno); }
+std::string errno_text() {
+  return std::strerror(errno);
+}
 
 fs::path parent_of(const std::string& path) {
   fs::path target(path);
@@ -122,9 +124,13 @@ DeferSignals::DeferSignals() {
   ::pthread_sigmask(SIG_BLOCK, &block, &saved_);
 }
 
-DeferSignals::~DeferSignals() { ::pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
+DeferSignals::~DeferSignals() {
+  ::pthread_sigmask(SIG_SETMASK, &saved_, nullptr);
+}
 
-FileIdentity identity_of(const MappedFile& file) { return {file.device(), file.inode()}; }
+FileIdentity identity_of(const MappedFile& file) {
+  return {file.device(), file.inode()};
+}
 
 std::optional<FileIdentity> identity_of(const std::string& path) {
   struct stat info {};
@@ -170,9 +176,11 @@ void check_output_targets(const std::vector<OutputTarget>& targets, const std::v
       struct stat followed {};
       if (::stat(target.path.c_str(), &followed) == 0) {
         if (S_ISDIR(followed.st_mode)) throw Error(where, "output path is a directory");
-        if (input_ids.count({static_cast<std::uint64_t>(followed.st_dev), static_cast<std::uint64_t>(followed.st_ino)}) != 0) {
-          throw Error(where, "output path is one of this run's input files: inputs are never written, "
-                             "not even with --force; write the output elsewhere");
+        if (input_ids.count(
+                {static_cast<std::uint64_t>(followed.st_dev), static_cast<std::uint64_t>(followed.st_ino)}) != 0) {
+          throw Error(where,
+                      "output path is one of this run's input files: inputs are never written, "
+                      "not even with --force; write the output elsewhere");
         }
       }
       if (!overwrite) throw Error(where, "output already exists (use --force to overwrite)");
@@ -253,7 +261,7 @@ void OutputFile::write_at(std::uint64_t byte_offset, Bytes bytes) const {
   std::uint64_t end = byte_offset + bytes.size();
   bool whole_last_block = byte_offset % kDirectAlignment == 0 && end == padded_size();
   if (end > size_bytes_ && !whole_last_block) {
-    throw Error(Location{target_path_, "", byte_offset}, "write past the planned end of the output (a bug)");
+    internal_error(fmt::format("{}: write at {} past the planned end of the output", target_path_, byte_offset));
   }
   while (!bytes.empty()) {
     bool direct = direct_.load();  // before the write: another thread may switch it meanwhile

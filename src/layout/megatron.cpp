@@ -5,18 +5,24 @@
 #include <map>
 #include <set>
 
-#include "ckpt/layout.hpp"
+#include "ckpt/layout/megatron.hpp"
+
+#include "ckpt/io/error.hpp"
 
 namespace ckpt {
 
 namespace {
 
-bool contains(std::string_view text, std::string_view part) { return text.find(part) != std::string_view::npos; }
+bool contains(std::string_view text, std::string_view part) {
+  return text.find(part) != std::string_view::npos;
+}
 bool ends_with(std::string_view text, std::string_view suffix) {
   return text.size() >= suffix.size() && text.substr(text.size() - suffix.size()) == suffix;
 }
 
-std::string shape_text(const std::vector<std::int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  return fmt::format("[{}]", fmt::join(shape, ", "));
+}
 
 // The three thirds (k, v, q) of a fused part on dim 0.
 std::array<TensorSource, 3> split_qkv(const TensorSource& part, const std::string& key) {
@@ -74,7 +80,8 @@ std::vector<TensorSource> split_dim1(const std::string& key, const TensorSource&
   std::uint64_t width = row_bytes / static_cast<std::uint64_t>(parts);
   std::vector<TensorSource> out;
   for (int i = 0; i < parts; ++i) {
-    out.push_back(rows == 0 ? glued.slice(0, 0, shape) : glued.columns(rows, static_cast<std::uint64_t>(i) * width, width, shape));
+    out.push_back(rows == 0 ? glued.slice(0, 0, shape)
+                            : glued.columns(rows, static_cast<std::uint64_t>(i) * width, width, shape));
   }
   return out;
 }
@@ -102,7 +109,7 @@ MpRule megatron_rule(std::string_view key) {
 
 std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::vector<NamedTensor>>& parts,
                                                        int new_parts, std::vector<std::string>* replicated) {
-  if (parts.empty() || new_parts < 1) throw Error("model parts: nothing to re-cut (a bug)");
+  check_invariant(!parts.empty() && new_parts >= 1, "model parts: nothing to re-cut");
   std::vector<std::map<std::string, const NamedTensor*>> index(parts.size());
   for (std::size_t m = 0; m < parts.size(); ++m) {
     for (const NamedTensor& tensor : parts[m]) index[m][tensor.name] = &tensor;
@@ -110,7 +117,8 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
   // Every part must hold the same keys as part 0.
   for (std::size_t m = 1; m < parts.size(); ++m) {
     for (const NamedTensor& tensor : parts[m]) {
-      if (index[0].count(tensor.name) == 0) throw Error(fmt::format("{}: in model part {} but not in part 0", tensor.name, m));
+      if (index[0].count(tensor.name) == 0)
+        throw Error(fmt::format("{}: in model part {} but not in part 0", tensor.name, m));
     }
   }
   std::vector<std::vector<NamedTensor>> out(static_cast<std::size_t>(new_parts));
@@ -132,7 +140,8 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
     std::vector<TensorSource> sources;
     for (std::size_t m = 0; m < parts.size(); ++m) {
       auto it = index[m].find(key);
-      if (it == index[m].end() || it->second->alias_of) throw Error(fmt::format("{}: missing from model part {}", key, m));
+      if (it == index[m].end() || it->second->alias_of)
+        throw Error(fmt::format("{}: missing from model part {}", key, m));
       const TensorSource& source = it->second->source;
       if (source.dtype != head.source.dtype) {
         throw Error(fmt::format("{}: dtype {} in model part {} differs from {} in part 0", key,
@@ -177,7 +186,8 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
         emit_all(key, std::vector<TensorSource>(static_cast<std::size_t>(new_parts), head.source));
         break;
       case MpRule::Placeholder:
-        emit_all(key, std::vector<TensorSource>(static_cast<std::size_t>(new_parts), zeros_source(DType::Float32, {1})));
+        emit_all(key,
+                 std::vector<TensorSource>(static_cast<std::size_t>(new_parts), zeros_source(DType::Float32, {1})));
         break;
     }
   }
@@ -199,8 +209,10 @@ std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor
     std::size_t at = tensor.name.find("qkv_proj");
     for (int t = 0; t < 3; ++t) {
       std::string name = tensor.name;
-      if (at != std::string::npos) name.replace(at, 8, kNames[t]);
-      else name += fmt::format(".{}", kNames[t]);
+      if (at != std::string::npos)
+        name.replace(at, 8, kNames[t]);
+      else
+        name += fmt::format(".{}", kNames[t]);
       out.push_back({name, kvq[t], std::nullopt});
     }
   }

@@ -1,4 +1,4 @@
-#include "ckpt/metaseq.hpp"
+#include "ckpt/layout/metaseq.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -6,12 +6,16 @@
 #include <filesystem>
 #include <regex>
 
-#include "ckpt/pyobject.hpp"
+#include "ckpt/format/pyobject.hpp"
 
 namespace ckpt {
 
-using pickle::NodeId;
+std::string fsdp_key(const std::string& fsdp_path, const std::string& name) {
+  return fsdp_path.empty() ? name : fsdp_path + "." + name;
+}
+
 using pickle::kNoNode;
+using pickle::NodeId;
 
 FileRole parse_file_role(std::string_view path) {
   std::string name = std::filesystem::path(std::string(path)).filename().string();
@@ -37,7 +41,8 @@ std::optional<FlatParamProblem> flat_param_problem(const FlatParamMeta& flat) {
   std::int64_t total = 0;
   for (std::size_t i = 0; i < flat.numels.size(); ++i) {
     if (flat.numels[i] < 0) return FlatParamProblem{"numels", i, "negative numel"};
-    if (__builtin_add_overflow(total, flat.numels[i], &total)) return FlatParamProblem{"numels", i, "numels overflow 64 bits"};
+    if (__builtin_add_overflow(total, flat.numels[i], &total))
+      return FlatParamProblem{"numels", i, "numels overflow 64 bits"};
   }
   for (std::size_t i = 0; i < flat.shapes.size(); ++i) {
     std::int64_t product = 1;
@@ -45,8 +50,9 @@ std::optional<FlatParamProblem> flat_param_problem(const FlatParamMeta& flat) {
       if (d < 0 || __builtin_mul_overflow(product, d, &product)) return FlatParamProblem{"shapes", i, "invalid shape"};
     }
     if (product != flat.numels[i]) {
-      return FlatParamProblem{"numels", i, fmt::format("{}: shape has {} elements but numel says {}", flat.names[i],
-                                                        product, flat.numels[i])};
+      return FlatParamProblem{
+          "numels", i,
+          fmt::format("{}: shape has {} elements but numel says {}", flat.names[i], product, flat.numels[i])};
     }
   }
   if (flat.padding < 0) return FlatParamProblem{"padding", std::nullopt, "negative padding"};
@@ -132,7 +138,7 @@ class MetadataReader {
       FlatParamMeta flat;
       flat.name = text(key, field + "/params");
       std::string where = field + "/params/" + flat.name;
-      flat.state_key = instance.fsdp_path.empty() ? flat.name : instance.fsdp_path + "." + flat.name;
+      flat.state_key = fsdp_key(instance.fsdp_path, flat.name);
       for (NodeId name : sequence(config_get(graph_, value, "names"), where + "/names")) {
         flat.names.push_back(text(name, where + "/names"));
       }

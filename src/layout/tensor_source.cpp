@@ -1,29 +1,14 @@
-#include "ckpt/tensor_source.hpp"
+#include "ckpt/layout/tensor_source.hpp"
 
 #include <fmt/format.h>
 
 #include <algorithm>
 
+#include "ckpt/io/error.hpp"
+
 namespace ckpt {
 
 namespace {
-
-[[noreturn]] void bug(const char* what) { throw Error(std::string(what) + " (a bug)"); }
-
-// Appends `piece`, merging it into the previous one when it continues it.
-void append(std::vector<SourcePiece>& out, const SourcePiece& piece) {
-  if (piece.nbytes == 0 || piece.rows == 0) return;
-  if (!out.empty() && piece.rows == 1) {
-    SourcePiece& last = out.back();
-    bool continues = last.rows == 1 && last.file == piece.file && last.offset + last.nbytes == piece.offset &&
-                     (piece.file == SourcePiece::kZeroFile || last.source_offset + last.nbytes == piece.source_offset);
-    if (continues) {
-      last.nbytes += piece.nbytes;
-      return;
-    }
-  }
-  out.push_back(piece);
-}
 
 // One row of a piece, as a plain piece.
 SourcePiece row_of(const SourcePiece& piece, std::uint64_t row) {
@@ -85,11 +70,25 @@ void sort_pieces(std::vector<SourcePiece>& pieces) {
 }
 
 std::uint64_t row_bytes_of(const TensorSource& source, std::uint64_t rows) {
-  if (rows == 0 || source.nbytes() % rows != 0) bug("rows do not divide a tensor");
+  check_invariant(rows != 0 && source.nbytes() % rows == 0, "rows do not divide a tensor");
   return source.nbytes() / rows;
 }
 
 }  // namespace
+
+void append_piece(std::vector<SourcePiece>& out, const SourcePiece& piece) {
+  if (piece.nbytes == 0 || piece.rows == 0) return;
+  if (!out.empty() && piece.rows == 1) {
+    SourcePiece& last = out.back();
+    bool continues = last.rows == 1 && last.file == piece.file && last.offset + last.nbytes == piece.offset &&
+                     (piece.file == SourcePiece::kZeroFile || last.source_offset + last.nbytes == piece.source_offset);
+    if (continues) {
+      last.nbytes += piece.nbytes;
+      return;
+    }
+  }
+  out.push_back(piece);
+}
 
 std::uint64_t TensorSource::numel() const {
   std::uint64_t count = 1;
@@ -101,8 +100,8 @@ TensorSource TensorSource::slice(std::uint64_t begin, std::uint64_t count, std::
   TensorSource out;
   out.dtype = dtype;
   out.shape = std::move(new_shape);
-  if (out.nbytes() != count) bug("slice size does not match its shape");
-  if (begin + count > nbytes()) bug("slice past the end of a tensor");
+  check_invariant(out.nbytes() == count, "slice size does not match its shape");
+  check_invariant(begin + count <= nbytes(), "slice past the end of a tensor");
   std::uint64_t end = begin + count;
   std::vector<SourcePiece> pieces;
   auto shifted = [&](SourcePiece piece) {
@@ -136,14 +135,15 @@ TensorSource TensorSource::slice(std::uint64_t begin, std::uint64_t count, std::
     for (std::uint64_t r = touched_lo; r < full_lo; ++r) partial(r);
     SourcePiece inside = piece;
     inside.offset = row_start(full_lo);
-    if (piece.file != SourcePiece::kZeroFile) inside.source_offset = piece.source_offset + full_lo * piece.source_stride;
+    if (piece.file != SourcePiece::kZeroFile)
+      inside.source_offset = piece.source_offset + full_lo * piece.source_stride;
     inside.rows = full_hi - full_lo;
     if (inside.rows == 1) inside.stride = inside.source_stride = 0;
     pieces.push_back(shifted(inside));
     for (std::uint64_t r = full_hi; r <= touched_hi; ++r) partial(r);
   }
   sort_pieces(pieces);
-  for (const SourcePiece& piece : pieces) append(out.pieces, piece);
+  for (const SourcePiece& piece : pieces) append_piece(out.pieces, piece);
   return out;
 }
 
@@ -153,7 +153,7 @@ TensorSource TensorSource::columns(std::uint64_t rows, std::uint64_t begin, std:
   out.dtype = dtype;
   out.shape = std::move(new_shape);
   std::uint64_t row_bytes = row_bytes_of(*this, rows);
-  if (begin + count > row_bytes || out.nbytes() != count * rows) bug("columns outside the rows");
+  check_invariant(begin + count <= row_bytes && out.nbytes() == count * rows, "columns outside the rows");
   std::vector<SourcePiece> aligned;
   for (const SourcePiece& piece : pieces) align_to_rows(piece, row_bytes, aligned);
   std::vector<SourcePiece> result;
@@ -171,7 +171,7 @@ TensorSource TensorSource::columns(std::uint64_t rows, std::uint64_t begin, std:
     result.push_back(kept);
   }
   sort_pieces(result);
-  for (const SourcePiece& piece : result) append(out.pieces, piece);
+  for (const SourcePiece& piece : result) append_piece(out.pieces, piece);
   return out;
 }
 
@@ -181,14 +181,14 @@ TensorSource concat(const std::vector<TensorSource>& parts, std::vector<std::int
   if (!parts.empty()) out.dtype = parts.front().dtype;
   std::uint64_t base = 0;
   for (const TensorSource& part : parts) {
-    if (part.dtype != out.dtype) bug("concatenating tensors of different dtypes");
+    check_invariant(part.dtype == out.dtype, "concatenating tensors of different dtypes");
     for (SourcePiece piece : part.pieces) {
       piece.offset += base;
-      append(out.pieces, piece);
+      append_piece(out.pieces, piece);
     }
     base += part.nbytes();
   }
-  if (base != out.nbytes()) bug("concatenation does not match its shape");
+  check_invariant(base == out.nbytes(), "concatenation does not match its shape");
   return out;
 }
 
@@ -199,11 +199,11 @@ TensorSource interleave_rows(const std::vector<TensorSource>& parts, std::uint64
   if (!parts.empty()) out.dtype = parts.front().dtype;
   std::uint64_t out_row = 0;
   for (const TensorSource& part : parts) out_row += row_bytes_of(part, rows);
-  if (out_row * rows != out.nbytes()) bug("interleaved rows do not match their shape");
+  check_invariant(out_row * rows == out.nbytes(), "interleaved rows do not match their shape");
   std::vector<SourcePiece> result;
   std::uint64_t column = 0;
   for (const TensorSource& part : parts) {
-    if (part.dtype != out.dtype) bug("interleaving tensors of different dtypes");
+    check_invariant(part.dtype == out.dtype, "interleaving tensors of different dtypes");
     std::uint64_t part_row = row_bytes_of(part, rows);
     std::vector<SourcePiece> aligned;
     for (const SourcePiece& piece : part.pieces) align_to_rows(piece, part_row, aligned);
@@ -216,49 +216,8 @@ TensorSource interleave_rows(const std::vector<TensorSource>& parts, std::uint64
     column += part_row;
   }
   sort_pieces(result);
-  for (const SourcePiece& piece : result) append(out.pieces, piece);
+  for (const SourcePiece& piece : result) append_piece(out.pieces, piece);
   return out;
-}
-
-TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file) {
-  TensorSource out;
-  out.dtype = tensor.dtype;
-  out.shape = tensor.shape;
-  std::uint64_t itemsize = dtype_info(tensor.dtype).itemsize;
-  std::uint64_t numel = tensor.numel();
-  if (numel == 0) return out;
-  // Dimensions at the end that are laid out contiguously form one run.
-  std::size_t inner = tensor.shape.size();
-  std::int64_t expected_stride = 1;
-  std::uint64_t run_elements = 1;
-  while (inner > 0) {
-    std::size_t d = inner - 1;
-    if (tensor.shape[d] != 1 && tensor.stride[d] != expected_stride) break;
-    expected_stride *= tensor.shape[d];
-    run_elements *= static_cast<std::uint64_t>(tensor.shape[d]);
-    --inner;
-  }
-  std::uint64_t run_bytes = run_elements * itemsize;
-  std::vector<std::int64_t> index(inner, 0);
-  std::uint64_t logical = 0;
-  while (true) {
-    std::uint64_t element = 0;
-    for (std::size_t d = 0; d < inner; ++d) element += static_cast<std::uint64_t>(index[d] * tensor.stride[d]);
-    SourcePiece piece;
-    piece.file = file;
-    piece.source_offset = tensor.file_byte_offset + element * itemsize;
-    piece.offset = logical;
-    piece.nbytes = run_bytes;
-    append(out.pieces, piece);
-    logical += run_bytes;
-    std::size_t d = inner;
-    while (true) {
-      if (d == 0) return out;
-      --d;
-      if (++index[d] < tensor.shape[d]) break;
-      index[d] = 0;
-    }
-  }
 }
 
 TensorSource zeros_source(DType dtype, std::vector<std::int64_t> shape) {
@@ -267,7 +226,7 @@ TensorSource zeros_source(DType dtype, std::vector<std::int64_t> shape) {
   out.shape = std::move(shape);
   SourcePiece zeros;
   zeros.nbytes = out.nbytes();
-  append(out.pieces, zeros);
+  append_piece(out.pieces, zeros);
   return out;
 }
 

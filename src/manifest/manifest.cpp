@@ -1,14 +1,14 @@
 // Building a manifest from checkpoint files and detecting the MP x DP grid.
-#include "ckpt/manifest.hpp"
+#include "ckpt/manifest/manifest.hpp"
 
 #include <fmt/format.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <exception>
 #include <filesystem>
-#include <algorithm>
 #include <iterator>
 #include <limits>
 #include <map>
@@ -16,8 +16,8 @@
 #include <set>
 #include <thread>
 
-#include "ckpt/parallel.hpp"
-#include "ckpt/pyobject.hpp"
+#include "ckpt/format/pyobject.hpp"
+#include "ckpt/io/parallel.hpp"
 
 namespace ckpt {
 
@@ -184,15 +184,17 @@ WorldSizes implied_world_sizes(const std::vector<ManifestFile>& files, const std
       for (const FlatParamMeta& flat : instance.flat_params) {
         const ManifestTensor* tensor = find_tensor(file, std::string(kModelPrefix) + flat.state_key);
         if (tensor == nullptr) continue;  // unflattened (consolidated) files have no FSDP dimension
-        narrow_world_sizes(range, flat.total_numel(), static_cast<std::int64_t>(tensor->numel()),
-                           file.path, std::string(kModelPrefix) + flat.state_key);
+        narrow_world_sizes(range, flat.total_numel(), static_cast<std::int64_t>(tensor->numel()), file.path,
+                           std::string(kModelPrefix) + flat.state_key);
       }
     }
   }
   return range;
 }
 
-bool checked_section(const ManifestTensor& tensor) { return tensor.section() != "other" && tensor.alias_of.empty(); }
+bool checked_section(const ManifestTensor& tensor) {
+  return tensor.section() != "other" && tensor.alias_of.empty();
+}
 
 // Where a training checkpoint records its step, the same on every rank:
 // metaseq's optimizer_history (num_updates, the lr scheduler's state) and the
@@ -206,7 +208,8 @@ nlohmann::json training_step(const ManifestFile& file) {
   if (auto extra = objects.find("extra_state"); extra != objects.end() && extra->is_object()) {
     if (auto iterator = extra->find("train_iterator"); iterator != extra->end() && iterator->is_object()) {
       for (const char* key : {"epoch", "iterations_in_epoch"}) {
-        if (auto value = iterator->find(key); value != iterator->end()) step["extra_state"]["train_iterator"][key] = *value;
+        if (auto value = iterator->find(key); value != iterator->end())
+          step["extra_state"]["train_iterator"][key] = *value;
       }
     }
   }
@@ -265,9 +268,10 @@ void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, s
         step_reference = &file;
         reference_step = std::move(step);
       } else if (step != reference_step) {
-        problems.push_back(fmt::format("{}: saved at another training step than {} ({}): shards of different "
-                                       "checkpoints",
-                                       file.path, step_reference->path, first_difference(step, reference_step, "")));
+        problems.push_back(
+            fmt::format("{}: saved at another training step than {} ({}): shards of different "
+                        "checkpoints",
+                        file.path, step_reference->path, first_difference(step, reference_step, "")));
       }
       if (optimizer_reference == nullptr) {
         optimizer_reference = &file;
@@ -292,13 +296,13 @@ void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, s
       std::set_difference(paths.begin(), paths.end(), reference_paths.begin(), reference_paths.end(),
                           std::back_inserter(extra));
       if (!missing.empty()) {
-        problems.push_back(fmt::format("{}: lacks {}{}, which {} holds (shards of different checkpoints?)", file.path,
-                                       missing.front(), missing.size() > 1 ? fmt::format(" and {} more tensor(s)", missing.size() - 1) : "",
-                                       part_reference->path));
+        problems.push_back(fmt::format(
+            "{}: lacks {}{}, which {} holds (shards of different checkpoints?)", file.path, missing.front(),
+            missing.size() > 1 ? fmt::format(" and {} more tensor(s)", missing.size() - 1) : "", part_reference->path));
       } else if (!extra.empty()) {
-        problems.push_back(fmt::format("{}: holds {}{}, which {} lacks (shards of different checkpoints?)", file.path,
-                                       extra.front(), extra.size() > 1 ? fmt::format(" and {} more tensor(s)", extra.size() - 1) : "",
-                                       part_reference->path));
+        problems.push_back(fmt::format(
+            "{}: holds {}{}, which {} lacks (shards of different checkpoints?)", file.path, extra.front(),
+            extra.size() > 1 ? fmt::format(" and {} more tensor(s)", extra.size() - 1) : "", part_reference->path));
       }
     }
   }
@@ -364,8 +368,8 @@ DeclaredCount declared_part_count(const std::vector<ManifestFile>& files, std::o
   if (declaring == nullptr) return {};
   const DeclaredParts& declared = *declaring->declared_parts;
   if (declared.parts < 1 || declared.parts > kMaxGridSide) {
-    problems.push_back(fmt::format("{}: {} = {}: not a plausible number of model parts", declaring->path,
-                                   declared.from, declared.parts));
+    problems.push_back(fmt::format("{}: {} = {}: not a plausible number of model parts", declaring->path, declared.from,
+                                   declared.parts));
     return {};
   }
   return {declared.parts, fmt::format("{} = {}; --model-parts overrides a stale cfg", declared.from, declared.parts)};
@@ -408,9 +412,10 @@ Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int6
     grid.dp = 1;
     grid.cells = {{0}};
     if (declared > 1) {
-      problems.push_back(fmt::format("model parts missing: {}'s name carries no model part number, so it holds at "
-                                     "most one of {} ({})",
-                                     files[0].path, declared, declared_why));
+      problems.push_back(
+          fmt::format("model parts missing: {}'s name carries no model part number, so it holds at "
+                      "most one of {} ({})",
+                      files[0].path, declared, declared_why));
     }
     check_agreement(files, grid, problems);
     return grid;
@@ -419,8 +424,8 @@ Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int6
   grid.mp = found_mp;
   if (declared > found_mp) grid.mp = static_cast<int>(declared);
   if (declared != 0 && declared < found_mp) {
-    problems.push_back(fmt::format("model part {} found, beyond the {} part(s) declared ({})", found_mp - 1,
-                                   declared, declared_why));
+    problems.push_back(
+        fmt::format("model part {} found, beyond the {} part(s) declared ({})", found_mp - 1, declared, declared_why));
   }
   grid.cells.assign(grid.mp, {});
   std::vector<std::vector<int>> by_part(grid.mp);
@@ -435,21 +440,24 @@ Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int6
   for (int m = 0; m < grid.mp; ++m) {
     implied[m] = implied_world_sizes(files, by_part[m]);
     if (implied[m].lo > implied[m].hi) {
-      problems.push_back(fmt::format("{} fit no FSDP world size that the other shards of model part {} allow "
-                                     "(shards of different checkpoints, or a corrupted shard_metadata)",
-                                     implied[m].conflict, m));
+      problems.push_back(
+          fmt::format("{} fit no FSDP world size that the other shards of model part {} allow "
+                      "(shards of different checkpoints, or a corrupted shard_metadata)",
+                      implied[m].conflict, m));
     } else if (implied[m].lo > found_dp && implied[m].lo <= kMaxGridSide) {
       grid.dp = std::max<int>(grid.dp, static_cast<int>(implied[m].lo));
     } else if (found_dp > implied[m].hi) {
-      problems.push_back(fmt::format("model part {}: shard {} found but the flat parameters' lengths allow at most {} "
-                                     "FSDP ranks",
-                                     m, found_dp - 1, implied[m].hi));
+      problems.push_back(
+          fmt::format("model part {}: shard {} found but the flat parameters' lengths allow at most {} "
+                      "FSDP ranks",
+                      m, found_dp - 1, implied[m].hi));
     }
   }
   if (static_cast<std::uint64_t>(grid.mp) * static_cast<std::uint64_t>(grid.dp) > kMaxGridCells) {
-    problems.push_back(fmt::format("{} model parts x {} shards: more than {} cells, too many to be one checkpoint's "
-                                   "files",
-                                   grid.mp, grid.dp, kMaxGridCells));
+    problems.push_back(
+        fmt::format("{} model parts x {} shards: more than {} cells, too many to be one checkpoint's "
+                    "files",
+                    grid.mp, grid.dp, kMaxGridCells));
     grid.cells.clear();
     return grid;
   }
@@ -459,8 +467,8 @@ Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int6
       const FileRole& role = files[index].role;
       int& cell = grid.cells[m][role.dp_shard.value_or(0)];
       if (cell >= 0) {
-        problems.push_back(fmt::format("{} and {} claim the same part {} shard {}", files[cell].path,
-                                       files[index].path, m, role.dp_shard.value_or(0)));
+        problems.push_back(fmt::format("{} and {} claim the same part {} shard {}", files[cell].path, files[index].path,
+                                       m, role.dp_shard.value_or(0)));
         continue;
       }
       cell = index;

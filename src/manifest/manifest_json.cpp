@@ -19,9 +19,9 @@
 #include <string_view>
 #include <unordered_map>
 
-#include "ckpt/manifest.hpp"
-#include "ckpt/output_file.hpp"
-#include "ckpt/version.hpp"
+#include "ckpt/io/output_file.hpp"
+#include "ckpt/io/version.hpp"
+#include "ckpt/manifest/manifest.hpp"
 
 namespace ckpt {
 
@@ -29,19 +29,26 @@ using json = nlohmann::json;
 
 namespace {
 
-json role_value(const std::optional<int>& value) { return value ? json(*value) : json(nullptr); }
+json role_value(const std::optional<int>& value) {
+  return value ? json(*value) : json(nullptr);
+}
 
 json fsdp_to_json(const FsdpMetadata& fsdp) {
   json instances = json::array();
   for (const FsdpInstanceMeta& instance : fsdp.instances) {
     json flat_params = json::array();
     for (const FlatParamMeta& flat : instance.flat_params) {
-      flat_params.push_back({{"state_key", flat.state_key}, {"name", flat.name}, {"names", flat.names},
-                             {"shapes", flat.shapes}, {"numels", flat.numels}, {"padding", flat.padding}});
+      flat_params.push_back({{"state_key", flat.state_key},
+                             {"name", flat.name},
+                             {"names", flat.names},
+                             {"shapes", flat.shapes},
+                             {"numels", flat.numels},
+                             {"padding", flat.padding}});
     }
     json shared = json::array();
     for (const auto& [src, dst] : instance.shared_param_info) shared.push_back({src, dst});
-    instances.push_back({{"fsdp_path", instance.fsdp_path}, {"flat_params", flat_params},
+    instances.push_back({{"fsdp_path", instance.fsdp_path},
+                         {"flat_params", flat_params},
                          {"no_broadcast_optim_state", instance.no_broadcast_optim_state},
                          {"shared_param_info", shared}});
   }
@@ -59,30 +66,42 @@ json manifest_to_json(const Manifest& manifest) {
   for (const ManifestFile& file : manifest.files) {
     json tensors = json::array();
     for (const ManifestTensor& t : file.tensors) {
-      tensors.push_back({{"path", t.path}, {"dtype", std::string(dtype_info(t.dtype).name)}, {"shape", t.shape},
-                         {"stride", t.stride}, {"storage_key", t.storage_key}, {"storage_offset", t.storage_offset},
-                         {"record_name", t.record_name}, {"record_crc32", t.record_crc32},
-                         {"file_byte_offset", t.file_byte_offset}, {"nbytes", t.nbytes},
+      tensors.push_back({{"path", t.path},
+                         {"dtype", std::string(dtype_info(t.dtype).name)},
+                         {"shape", t.shape},
+                         {"stride", t.stride},
+                         {"storage_key", t.storage_key},
+                         {"storage_offset", t.storage_offset},
+                         {"record_name", t.record_name},
+                         {"record_crc32", t.record_crc32},
+                         {"file_byte_offset", t.file_byte_offset},
+                         {"nbytes", t.nbytes},
                          {"requires_grad", t.requires_grad}});
       if (!t.alias_of.empty()) tensors.back()["alias_of"] = t.alias_of;
     }
-    files.push_back({{"path", file.path}, {"size_bytes", file.size_bytes}, {"mtime_ns", file.mtime_ns},
-                     {"archive_name", file.archive_name}, {"mp_part", role_value(file.role.mp_part)},
-                     {"dp_shard", role_value(file.role.dp_shard)}, {"pickle_protocol", file.pickle_protocol},
-                     {"top_level_keys", file.top_level_keys}, {"tensors", tensors},
+    files.push_back({{"path", file.path},
+                     {"size_bytes", file.size_bytes},
+                     {"mtime_ns", file.mtime_ns},
+                     {"archive_name", file.archive_name},
+                     {"mp_part", role_value(file.role.mp_part)},
+                     {"dp_shard", role_value(file.role.dp_shard)},
+                     {"pickle_protocol", file.pickle_protocol},
+                     {"top_level_keys", file.top_level_keys},
+                     {"tensors", tensors},
                      {"fsdp", file.fsdp ? fsdp_to_json(*file.fsdp) : json(nullptr)},
                      {"model_parallel_size", file.declared_parts ? json{{"parts", file.declared_parts->parts},
                                                                         {"from", file.declared_parts->from}}
-                                                                  : json(nullptr)},
+                                                                 : json(nullptr)},
                      {"objects", file.objects}});
   }
   json cells = manifest.grid.cells;
-  return {{"format", kManifestFormat},
-          {"version", kManifestVersion},
-          {"created_by", kVersionString},
-          {"grid", {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", cells},
-                    {"problems", manifest.grid.problems}}},
-          {"files", files}};
+  return {
+      {"format", kManifestFormat},
+      {"version", kManifestVersion},
+      {"created_by", kVersionString},
+      {"grid",
+       {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", cells}, {"problems", manifest.grid.problems}}},
+      {"files", files}};
 }
 
 namespace {
@@ -118,7 +137,9 @@ struct Field {
   }
 };
 
-std::string role_text(const std::optional<int>& number) { return number ? std::to_string(*number) : "none"; }
+std::string role_text(const std::optional<int>& number) {
+  return number ? std::to_string(*number) : "none";
+}
 
 // Reads a manifest's JSON, checking every value before anything uses it: its
 // type, its range, and what it must agree with (see manifest_from_json in
@@ -261,7 +282,8 @@ class ManifestReader {
     FileRole from_name = parse_file_role(file.path);
     file.role.mp_part = role_number(j, field / "mp_part", from_name.mp_part, file.path);
     file.role.dp_shard = role_number(j, field / "dp_shard", from_name.dp_shard, file.path);
-    if (j.contains("pickle_protocol")) file.pickle_protocol = static_cast<int>(integer(j, field, "pickle_protocol", 2, 5));
+    if (j.contains("pickle_protocol"))
+      file.pickle_protocol = static_cast<int>(integer(j, field, "pickle_protocol", 2, 5));
     file.top_level_keys = texts(j, field, "top_level_keys");
 
     const Field tensors_field = field / "tensors";
@@ -292,8 +314,9 @@ class ManifestReader {
       for (const auto& keys : kModelParallelSizeKeys) {
         known = known || file.declared_parts->from == fmt::format("{}", fmt::join(keys, "."));
       }
-      if (!known) fail(declared_field / "from", fmt::format("{} is not a place a checkpoint declares its part count",
-                                                            quote_text(file.declared_parts->from)));
+      if (!known)
+        fail(declared_field / "from", fmt::format("{} is not a place a checkpoint declares its part count",
+                                                  quote_text(file.declared_parts->from)));
     }
     if (auto objects = j.find("objects"); objects != j.end()) {
       check_objects(*objects, field / "objects", file.tensors.size(), 0);
@@ -346,9 +369,9 @@ class ManifestReader {
     t.nbytes = unsigned_integer(j, field, "nbytes", UINT64_MAX);
     std::uint64_t spanned = extent.span_elements * itemsize;  // view_extent checked the product
     if (t.nbytes != spanned) {
-      fail(field / "nbytes", fmt::format("{} bytes, but a {} view of shape [{}] and stride [{}] spans {}", t.nbytes,
-                                         dtype_info(t.dtype).name, fmt::join(t.shape, ", "),
-                                         fmt::join(t.stride, ", "), spanned));
+      fail(field / "nbytes",
+           fmt::format("{} bytes, but a {} view of shape [{}] and stride [{}] spans {}", t.nbytes,
+                       dtype_info(t.dtype).name, fmt::join(t.shape, ", "), fmt::join(t.stride, ", "), spanned));
     }
     if (t.file_byte_offset > file_size || t.nbytes > file_size - t.file_byte_offset) {
       fail(field / "file_byte_offset", fmt::format("{} + {} bytes reach past the end of the file (size_bytes {})",
@@ -380,7 +403,8 @@ class ManifestReader {
     }
     if (target.dtype != t.dtype || target.shape != t.shape || target.stride != t.stride ||
         target.file_byte_offset != t.file_byte_offset || target.nbytes != t.nbytes) {
-      fail(field / "alias_of", fmt::format("names tensors[{}], whose dtype, shape, stride or bytes differ", it->second));
+      fail(field / "alias_of",
+           fmt::format("names tensors[{}], whose dtype, shape, stride or bytes differ", it->second));
     }
   }
 
@@ -405,7 +429,8 @@ class ManifestReader {
       const json& flats = array(instance_json, instance_field, "flat_params");
       for (std::size_t k = 0; k < flats.size(); ++k) {
         const Field flat_field = flats_field[k];
-        instance.flat_params.push_back(read_flat_param(as_object(flats[k], flat_field), flat_field, instance.fsdp_path));
+        instance.flat_params.push_back(
+            read_flat_param(as_object(flats[k], flat_field), flat_field, instance.fsdp_path));
       }
       fsdp.instances.push_back(std::move(instance));
     }
@@ -418,10 +443,10 @@ class ManifestReader {
     flat.state_key = text(j, field, "state_key");
     flat.name = text(j, field, "name");
     // As the pickle reader derives it (read_fsdp_metadata): the key is a function of the path and name.
-    std::string expected_key = fsdp_path.empty() ? flat.name : fsdp_path + "." + flat.name;
+    std::string expected_key = fsdp_key(fsdp_path, flat.name);
     if (flat.state_key != expected_key) {
-      fail(field / "state_key", fmt::format("{}, but fsdp_path and name give {}", quote_text(flat.state_key),
-                                            quote_text(expected_key)));
+      fail(field / "state_key",
+           fmt::format("{}, but fsdp_path and name give {}", quote_text(flat.state_key), quote_text(expected_key)));
     }
     flat.names = texts(j, field, "names");
     const Field shapes_field = field / "shapes";
@@ -508,8 +533,8 @@ std::string decompress(Bytes bytes, const Location& where, std::uint64_t max_tex
     frame_left = ZSTD_decompressStream(context.get(), &out, &in);
     if (ZSTD_isError(frame_left)) throw Error(where, std::string("zstd: ") + ZSTD_getErrorName(frame_left));
     if (out.pos > max_text_bytes - text.size()) {
-      throw Error(where, fmt::format("zstd: decompresses to more than {} MiB, the limit for a manifest",
-                                     max_text_bytes >> 20));
+      throw Error(
+          where, fmt::format("zstd: decompresses to more than {} MiB, the limit for a manifest", max_text_bytes >> 20));
     }
     text.append(chunk.data(), out.pos);
   }
@@ -519,7 +544,9 @@ std::string decompress(Bytes bytes, const Location& where, std::uint64_t max_tex
 
 }  // namespace
 
-Manifest manifest_from_json(const json& j, const std::string& source) { return ManifestReader(source).read(j); }
+Manifest manifest_from_json(const json& j, const std::string& source) {
+  return ManifestReader(source).read(j);
+}
 
 bool looks_like_manifest(const std::string& path) {
   return ends_with(path, ".json") || ends_with(path, ".json.zst");

@@ -1,11 +1,11 @@
-#include "ckpt/checkpoint_builder.hpp"
+#include "ckpt/plan/checkpoint_builder.hpp"
 
 #include <fmt/format.h>
 
 #include <algorithm>
 
-#include "ckpt/metaseq.hpp"
-#include "ckpt/pyobject.hpp"
+#include "ckpt/format/pyobject.hpp"
+#include "ckpt/layout/metaseq.hpp"
 
 namespace ckpt {
 
@@ -38,7 +38,7 @@ NodeId CheckpointBuilder::add_inline_tensor(DType dtype, const std::vector<std::
   tensor.dtype = dtype;
   tensor.source.dtype = dtype;
   tensor.source.shape = shape;
-  if (tensor.source.nbytes() != data.size()) throw Error("inline tensor data does not match its shape (a bug)");
+  check_invariant(tensor.source.nbytes() == data.size(), "inline tensor data does not match its shape");
   std::string key = std::to_string(payloads_.size());
   payloads_.push_back({key, std::move(tensor), std::move(data)});
   return ckpt::add_tensor(graph_, dtype, shape, key);
@@ -51,7 +51,8 @@ NodeId CheckpointBuilder::add_state_dict(const std::vector<OutputTensor>& tensor
     NodeId node = pickle::kNoNode;
     if (tensor.alias_of) {
       auto it = by_name.find(*tensor.alias_of);
-      if (it == by_name.end()) throw Error(fmt::format("{}: tied to {}, which is not in the state dict", tensor.name, *tensor.alias_of));
+      if (it == by_name.end())
+        throw Error(fmt::format("{}: tied to {}, which is not in the state dict", tensor.name, *tensor.alias_of));
       node = it->second;
     } else {
       node = add_tensor(tensor);
@@ -133,7 +134,8 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   }
   std::uint64_t next_key = payloads_.size();
   if (base_ != nullptr) {
-    for (PlannedStorage& carried : carry_storages(graph_, *base_, plan, next_key)) storages.push_back(std::move(carried));
+    for (PlannedStorage& carried : carry_storages(graph_, *base_, plan, next_key))
+      storages.push_back(std::move(carried));
   }
   return plan_torch_file(path, archive_name_for(path), graph_, std::move(storages));
 }
@@ -159,7 +161,7 @@ PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<s
     op.source_stride = piece.rows > 1 ? piece.source_stride : 0;
     op.dest_stride = piece.rows > 1 ? dest(piece.stride) : 0;
     if (synthetic) {  // generated directly in the output dtype
-      if (from != to) throw Error(tensor.name + ": synthetic data cannot be converted (a bug)");
+      check_invariant(from == to, tensor.name + ": synthetic data cannot be converted");
       op.source_dtype = op.dest_dtype = to;
     } else if (!zeros) {  // zeros are zeros in any dtype
       op.source_dtype = from;
@@ -170,7 +172,8 @@ PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<s
   // Plain ranges in order merge into as few copies as possible.
   if (std::all_of(record.copies.begin(), record.copies.end(), [](const CopyOp& op) { return op.plain(); })) {
     std::vector<CopyOp> plain = std::move(record.copies);
-    std::sort(plain.begin(), plain.end(), [](const CopyOp& a, const CopyOp& b) { return a.dest_offset < b.dest_offset; });
+    std::sort(plain.begin(), plain.end(),
+              [](const CopyOp& a, const CopyOp& b) { return a.dest_offset < b.dest_offset; });
     record.copies.clear();
     record.nbytes = 0;
     for (const CopyOp& op : plain) record.append_plain(op);

@@ -1,4 +1,4 @@
-#include "ckpt/plan.hpp"
+#include "ckpt/plan/plan.hpp"
 
 #include <fmt/format.h>
 
@@ -85,7 +85,7 @@ void validate(const Plan& plan) {
   for (const PlannedFile& file : plan.files) {
     for (const PlannedRecord& record : file.records) {
       auto bug = [&](const std::string& message) {
-        return Error(Location{file.path, record.name, std::nullopt}, "invalid plan (a bug): " + message);
+        return InternalError(fmt::format("invalid plan: {}: {}: {}", file.path, record.name, message));
       };
       if (record.copies.empty()) {
         if (record.inline_bytes.size() != record.nbytes) throw bug("inline bytes do not match the record size");

@@ -2,21 +2,23 @@
 // state) as byte ranges, re-cut the model-parallel parts, flatten and chunk for
 // the new FSDP world size, and write each output as an edited copy of an input
 // file, so every object the training code saved is carried through.
-#include "ckpt/reshard.hpp"
+#include "ckpt/plan/reshard.hpp"
 
 #include <fmt/format.h>
 
 #include <map>
 #include <set>
 
-#include "ckpt/checkpoint_builder.hpp"
-#include "ckpt/layout.hpp"
-#include "ckpt/pyobject.hpp"
+#include "ckpt/format/pyobject.hpp"
+#include "ckpt/layout/fsdp.hpp"
+#include "ckpt/layout/megatron.hpp"
+#include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/plan/checkpoint_builder.hpp"
 
 namespace ckpt {
 
-using pickle::NodeId;
 using pickle::kNoNode;
+using pickle::NodeId;
 
 std::string output_path(const std::string& pattern, int mp, int dp, int m, int d) {
   bool has_m = pattern.find("{m}") != std::string::npos;
@@ -43,7 +45,8 @@ std::vector<std::string> flat_state_names(const ManifestFile& file) {
   const std::string prefix = "last_optimizer_state/state/0/";
   for (const ManifestTensor& tensor : file.tensors) {
     if (tensor.path.rfind(prefix, 0) != 0 || !tensor.alias_of.empty()) continue;
-    if (tensor.shape.size() == 1 && tensor.numel() == weight->numel()) names.push_back(tensor.path.substr(prefix.size()));
+    if (tensor.shape.size() == 1 && tensor.numel() == weight->numel())
+      names.push_back(tensor.path.substr(prefix.size()));
   }
   return names;
 }
@@ -138,7 +141,9 @@ ReshardPlan plan_reshard(const Manifest& manifest, const std::vector<const Mappe
         builder.replace_tensor(base_tensor(base, path)->node, tensor);
         written.push_back(std::move(tensor));
       };
-      bool base_flattened = base_file.fsdp && find_tensor(base_file, "model/" + base_file.fsdp->instances.at(0).flat_params.at(0).state_key) != nullptr;
+      bool base_flattened =
+          base_file.fsdp &&
+          find_tensor(base_file, "model/" + base_file.fsdp->instances.at(0).flat_params.at(0).state_key) != nullptr;
 
       if (options.unflatten) {
         std::vector<OutputTensor> model;
@@ -154,11 +159,13 @@ ReshardPlan plan_reshard(const Manifest& manifest, const std::vector<const Mappe
         for (const NamedTensor& tensor : weights[m]) by_name[tensor.name] = &tensor;
         if (base_flattened) {
           // Edit the base's flattened model in place: key order and _metadata stay.
-          for (const FlatShard& flat : flats) replace("model/" + flat.state_key, {flat.state_key, flat.source.dtype, flat.source, std::nullopt});
+          for (const FlatShard& flat : flats)
+            replace("model/" + flat.state_key, {flat.state_key, flat.source.dtype, flat.source, std::nullopt});
           for (const ManifestTensor& tensor : base_file.tensors) {
             if (tensor.path.rfind("model/", 0) != 0 || !tensor.alias_of.empty()) continue;
             std::string key = tensor.path.substr(6);
-            bool is_flat = std::any_of(flats.begin(), flats.end(), [&](const FlatShard& f) { return f.state_key == key; });
+            bool is_flat =
+                std::any_of(flats.begin(), flats.end(), [&](const FlatShard& f) { return f.state_key == key; });
             if (is_flat) continue;
             auto it = by_name.find(key);
             if (it == by_name.end() || it->second->alias_of) {
@@ -169,7 +176,8 @@ ReshardPlan plan_reshard(const Manifest& manifest, const std::vector<const Mappe
         } else {
           // From consolidated parts: flat parameters in metadata order, then buffers.
           std::vector<OutputTensor> model;
-          for (const FlatShard& flat : flats) model.push_back({flat.state_key, flat.source.dtype, flat.source, std::nullopt});
+          for (const FlatShard& flat : flats)
+            model.push_back({flat.state_key, flat.source.dtype, flat.source, std::nullopt});
           for (const std::string& buffer : first.fsdp->buffer_names) {
             auto it = by_name.find(buffer);
             if (it != by_name.end() && !it->second->alias_of) model.push_back(as_output(*it->second));

@@ -1,8 +1,9 @@
-#include "ckpt/stitch.hpp"
+#include "ckpt/plan/stitch.hpp"
+#include "ckpt/manifest/consolidate.hpp"
 
 #include <fmt/format.h>
 
-#include "ckpt/checkpoint_builder.hpp"
+#include "ckpt/plan/checkpoint_builder.hpp"
 
 namespace ckpt {
 
@@ -10,9 +11,9 @@ std::vector<std::vector<int>> complete_grid(const Manifest& manifest) {
   if (manifest.files.empty()) throw Error("no input files");
   const auto& problems = manifest.grid.problems;
   if (!problems.empty()) {
-    std::string more = problems.size() > 1
-                           ? fmt::format(" (and {} more problem(s): `ckpt-tool verify` lists them)", problems.size() - 1)
-                           : "";
+    std::string more = problems.size() > 1 ? fmt::format(" (and {} more problem(s): `ckpt-tool verify` lists them)",
+                                                         problems.size() - 1)
+                                           : "";
     throw Error("the files are not one consistent MP x DP grid: " + problems.front() + more);
   }
   return manifest.grid.cells;
@@ -75,7 +76,7 @@ StitchPlan plan_stitch(const StitchInputs& inputs, const std::vector<std::string
     }
   }
   if (output_paths.size() != out.tensors.size() || inputs.bases.size() != out.tensors.size()) {
-    throw Error(fmt::format("{} outputs planned for {} paths (a bug)", out.tensors.size(), output_paths.size()));
+    internal_error(fmt::format("{} outputs planned for {} paths", out.tensors.size(), output_paths.size()));
   }
 
   std::vector<std::uint32_t> sources;

@@ -1,4 +1,4 @@
-#include "ckpt/synth.hpp"
+#include "ckpt/plan/synth.hpp"
 
 #include <fmt/format.h>
 
@@ -7,8 +7,8 @@
 #include <map>
 #include <tuple>
 
-#include "ckpt/checkpoint_builder.hpp"
-#include "ckpt/layout.hpp"
+#include "ckpt/layout/fsdp.hpp"
+#include "ckpt/plan/checkpoint_builder.hpp"
 
 namespace ckpt {
 
@@ -16,7 +16,9 @@ using pickle::NodeId;
 
 namespace {
 
-std::int64_t round_up(std::int64_t value, std::int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+std::int64_t round_up(std::int64_t value, std::int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
 
 // Small builders for plain Python values.
 struct Values {
@@ -85,9 +87,9 @@ PartParams part_params(const SynthModel& model, int mp, int part, DType dtype, s
   FlatParamMeta root_flat;
   root_flat.name = "flat_param_0";
   root_flat.state_key = "flat_param_0";
-  auto add = [&](FlatParamMeta& flat, const std::string& prefix, const std::string& name, std::vector<std::int64_t> shape,
-                 bool sharded) {
-    std::string key = prefix.empty() ? name : prefix + "." + name;
+  auto add = [&](FlatParamMeta& flat, const std::string& prefix, const std::string& name,
+                 std::vector<std::int64_t> shape, bool sharded) {
+    std::string key = fsdp_key(prefix, name);
     out.params.push_back({key, tensor(std::move(shape), sharded, key), std::nullopt});
     flat.names.push_back(name);
   };
@@ -145,8 +147,8 @@ SynthModel synth_model(const SynthOptions& options) {
   model.vocab = options.vocab != 0 ? options.vocab : round_up(50272, 8 * mp);
   model.positions = options.positions;
   double target = std::max(options.params, 1e3);
-  model.layers = options.layers != 0 ? options.layers
-                                     : std::clamp<std::int64_t>(std::llround(std::sqrt(target) / 1400.0), 2, 96);
+  model.layers =
+      options.layers != 0 ? options.layers : std::clamp<std::int64_t>(std::llround(std::sqrt(target) / 1400.0), 2, 96);
   if (options.embed_dim != 0) {
     model.embed_dim = options.embed_dim;
   } else {
@@ -157,20 +159,23 @@ SynthModel synth_model(const SynthOptions& options) {
     model.embed_dim = std::max<std::int64_t>(64 * mp, std::llround(e / (64.0 * mp)) * 64 * mp);
   }
   model.ffn_dim = options.ffn_dim != 0 ? options.ffn_dim : 4 * model.embed_dim;
-  for (auto [value, what] : {std::pair{model.vocab, "vocab"}, {model.embed_dim, "embed_dim"}, {model.ffn_dim, "ffn_dim"}}) {
+  for (auto [value, what] :
+       {std::pair{model.vocab, "vocab"}, {model.embed_dim, "embed_dim"}, {model.ffn_dim, "ffn_dim"}}) {
     if (value % mp != 0) throw Error(fmt::format("synth: {} {} is not divisible by --mp {}", what, value, mp));
   }
   for (auto [value, what, max] : {std::tuple{model.layers, "layers", kSynthMaxLayers},
-                                  {model.embed_dim, "embed_dim", kSynthMaxDim}, {model.ffn_dim, "ffn_dim", kSynthMaxDim},
-                                  {model.vocab, "vocab", kSynthMaxDim}, {model.positions, "positions", kSynthMaxDim}}) {
+                                  {model.embed_dim, "embed_dim", kSynthMaxDim},
+                                  {model.ffn_dim, "ffn_dim", kSynthMaxDim},
+                                  {model.vocab, "vocab", kSynthMaxDim},
+                                  {model.positions, "positions", kSynthMaxDim}}) {
     if (value < 1 || value > max) throw Error(fmt::format("synth: {} {} is not in [1, {}]", what, value, max));
   }
   const std::uint64_t E = static_cast<std::uint64_t>(model.embed_dim);
   const std::uint64_t F = static_cast<std::uint64_t>(model.ffn_dim);
   // layers x (4 E^2 + 2 E F + 9 E + F) + (vocab + positions) E + 2 E, checked
   const char* what = "synth: parameter count";
-  std::uint64_t per_layer = checked_add(checked_mul(4, checked_mul(E, E, what), what),
-                                        checked_mul(2, checked_mul(E, F, what), what), what);
+  std::uint64_t per_layer =
+      checked_add(checked_mul(4, checked_mul(E, E, what), what), checked_mul(2, checked_mul(E, F, what), what), what);
   per_layer = checked_add(per_layer, checked_add(checked_mul(9, E, what), F, what), what);
   std::uint64_t total = checked_mul(static_cast<std::uint64_t>(model.layers), per_layer, what);
   total = checked_add(total, checked_mul(static_cast<std::uint64_t>(model.vocab + model.positions), E, what), what);
@@ -200,15 +205,15 @@ Plan plan_synth(const SynthOptions& options, const std::string& directory) {
       Values v{graph};
       std::vector<FlatShard> flats = flatten_fsdp(part.layout, part.params, options.dp, d);
 
-      NodeId cfg = v.dict({{"model", v.dict({{"_name", graph.str("transformer_lm_megatron")},
-                                             {"decoder_layers", graph.integer(model.layers)},
-                                             {"decoder_embed_dim", graph.integer(model.embed_dim)},
-                                             {"decoder_ffn_embed_dim", graph.integer(model.ffn_dim)},
-                                             {"max_target_positions", graph.integer(model.positions - 2)},
-                                             {"model_parallel_size", graph.integer(options.mp)}})},
-                           {"distributed_training",
-                            v.dict({{"distributed_world_size", graph.integer(options.mp * options.dp)},
-                                    {"ddp_backend", graph.str("fully_sharded")}})}});
+      NodeId cfg =
+          v.dict({{"model", v.dict({{"_name", graph.str("transformer_lm_megatron")},
+                                    {"decoder_layers", graph.integer(model.layers)},
+                                    {"decoder_embed_dim", graph.integer(model.embed_dim)},
+                                    {"decoder_ffn_embed_dim", graph.integer(model.ffn_dim)},
+                                    {"max_target_positions", graph.integer(model.positions - 2)},
+                                    {"model_parallel_size", graph.integer(options.mp)}})},
+                  {"distributed_training", v.dict({{"distributed_world_size", graph.integer(options.mp * options.dp)},
+                                                   {"ddp_backend", graph.str("fully_sharded")}})}});
       builder.set_top_level("cfg", cfg);
       NodeId state_dict = add_ordered_dict(graph);
       // (Keys and values are made first: adding nodes may move the arena.)
@@ -224,23 +229,27 @@ Plan plan_synth(const SynthOptions& options, const std::string& directory) {
       }
       builder.set_top_level("model", state_dict);
       builder.set_top_level("criterion", graph.none());
-      builder.set_top_level("optimizer_history",
-                            add_list(graph, {v.dict({{"criterion_name", graph.str("VocabParallelCrossEntropyCriterion")},
-                                                     {"optimizer_name", graph.str("MemoryEfficientFP16Optimizer")},
-                                                     {"num_updates", graph.integer(1000)}})}));
-      builder.set_top_level("extra_state", v.dict({{"train_iterator", v.dict({{"epoch", graph.integer(1)},
-                                                                              {"iterations_in_epoch", graph.integer(1000)}})},
-                                                   {"val_loss", v.real(3.25)}}));
+      builder.set_top_level(
+          "optimizer_history",
+          add_list(graph, {v.dict({{"criterion_name", graph.str("VocabParallelCrossEntropyCriterion")},
+                                   {"optimizer_name", graph.str("MemoryEfficientFP16Optimizer")},
+                                   {"num_updates", graph.integer(1000)}})}));
+      builder.set_top_level(
+          "extra_state", v.dict({{"train_iterator",
+                                  v.dict({{"epoch", graph.integer(1)}, {"iterations_in_epoch", graph.integer(1000)}})},
+                                 {"val_loss", v.real(3.25)}}));
       if (options.optimizer_state) {
         std::vector<FlatShard> avg = flatten_fsdp(part.layout, exp_avg, options.dp, d);
         std::vector<FlatShard> avg_sq = flatten_fsdp(part.layout, exp_avg_sq, options.dp, d);
         std::vector<std::pair<std::int64_t, NodeId>> states;
         std::vector<NodeId> indices;
         for (std::size_t k = 0; k < flats.size(); ++k) {
-          states.emplace_back(static_cast<std::int64_t>(k),
-                              v.dict({{"step", graph.integer(1000)},
-                                      {"exp_avg", builder.add_tensor({"exp_avg", DType::Float32, avg[k].source, std::nullopt})},
-                                      {"exp_avg_sq", builder.add_tensor({"exp_avg_sq", DType::Float32, avg_sq[k].source, std::nullopt})}}));
+          states.emplace_back(
+              static_cast<std::int64_t>(k),
+              v.dict({{"step", graph.integer(1000)},
+                      {"exp_avg", builder.add_tensor({"exp_avg", DType::Float32, avg[k].source, std::nullopt})},
+                      {"exp_avg_sq",
+                       builder.add_tensor({"exp_avg_sq", DType::Float32, avg_sq[k].source, std::nullopt})}}));
           indices.push_back(graph.integer(static_cast<std::int64_t>(k)));
         }
         NodeId group = v.dict({{"lr", v.real(3e-4)},
@@ -248,9 +257,9 @@ Plan plan_synth(const SynthOptions& options, const std::string& directory) {
                                {"eps", v.real(1e-8)},
                                {"weight_decay", v.real(0.1)},
                                {"params", add_list(graph, std::move(indices))}});
-        builder.set_top_level("last_optimizer_state",
-                              v.dict({{"state", v.int_dict(std::move(states))}, {"param_groups", add_list(graph, {group})},
-                                      {"loss_scale", v.real(128.0)}}));
+        builder.set_top_level("last_optimizer_state", v.dict({{"state", v.int_dict(std::move(states))},
+                                                              {"param_groups", add_list(graph, {group})},
+                                                              {"loss_scale", v.real(128.0)}}));
       }
       // shard_metadata, as fairscale writes it for this rank.
       std::vector<NodeId> instances;
@@ -260,18 +269,21 @@ Plan plan_synth(const SynthOptions& options, const std::string& directory) {
         std::vector<NodeId> shapes;
         for (const auto& shape : flat.shapes) shapes.push_back(add_torch_size(graph, shape));
         std::vector<NodeId> shared;
-        for (const auto& [src, dst] : instance.shared_param_info) shared.push_back(graph.tuple({graph.str(src), graph.str(dst)}));
-        instances.push_back(v.dict({{"fsdp_path", graph.str(instance.fsdp_path)},
-                                    {"params", v.dict({{"flat_param_0", v.dict({{"names", v.strings(instance.flat_params[0].names)},
-                                                                                 {"shapes", add_list(graph, std::move(shapes))},
-                                                                                 {"numels", add_int_list(graph, flat.numels)},
-                                                                                 {"padding", graph.integer(flat.padding)}})}})},
-                                    {"no_broadcast_optim_state", graph.boolean(false)},
-                                    {"shared_param_info", add_list(graph, std::move(shared))}}));
+        for (const auto& [src, dst] : instance.shared_param_info)
+          shared.push_back(graph.tuple({graph.str(src), graph.str(dst)}));
+        instances.push_back(
+            v.dict({{"fsdp_path", graph.str(instance.fsdp_path)},
+                    {"params", v.dict({{"flat_param_0", v.dict({{"names", v.strings(instance.flat_params[0].names)},
+                                                                {"shapes", add_list(graph, std::move(shapes))},
+                                                                {"numels", add_int_list(graph, flat.numels)},
+                                                                {"padding", graph.integer(flat.padding)}})}})},
+                    {"no_broadcast_optim_state", graph.boolean(false)},
+                    {"shared_param_info", add_list(graph, std::move(shared))}}));
       }
       builder.set_top_level("shard_metadata", v.dict({{"param_metadata", add_list(graph, std::move(instances))},
                                                       {"buffer_names", v.strings(part.layout.buffer_names)}}));
-      std::string path = (std::filesystem::path(directory) / fmt::format("checkpoint_last-model_part-{}-shard{}.pt", m, d)).string();
+      std::string path =
+          (std::filesystem::path(directory) / fmt::format("checkpoint_last-model_part-{}-shard{}.pt", m, d)).string();
       plan.files.push_back(builder.finish(path, no_sources, plan));
     }
   }

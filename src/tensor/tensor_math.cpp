@@ -6,6 +6,7 @@
 #include <ATen/ops/abs.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/any.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/eq.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/isnan.h>
@@ -18,7 +19,6 @@
 #include <ATen/ops/ne.h>
 #include <ATen/ops/nonzero.h>
 #include <ATen/ops/sub.h>
-#include <ATen/ops/div.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
@@ -27,7 +27,7 @@
 #include <cstring>
 #include <exception>
 
-#include "ckpt/tensor_view.hpp"
+#include "ckpt/tensor/tensor_view.hpp"
 #include "torch_plugin_abi.h"
 
 namespace ckpt::torch_impl {
@@ -132,8 +132,8 @@ extern "C" int ckpt_torch_compare(int dtype, const void* a, const void* b, std::
                                   std::uint64_t* indices, double* values_a, double* values_b, char* error,
                                   std::size_t error_len) {
   try {
-    ckpt::torch_impl::compare(static_cast<ckpt::DType>(dtype), a, b, numel, atol, rtol, max_positions, result,
-                              indices, values_a, values_b);
+    ckpt::torch_impl::compare(static_cast<ckpt::DType>(dtype), a, b, numel, atol, rtol, max_positions, result, indices,
+                              values_a, values_b);
     return 0;
   } catch (const std::exception& e) {
     return report(e, error, error_len);

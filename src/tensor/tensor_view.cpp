@@ -1,4 +1,4 @@
-#include "ckpt/tensor_view.hpp"
+#include "ckpt/tensor/tensor_view.hpp"
 
 #include <ATen/ops/from_blob.h>
 

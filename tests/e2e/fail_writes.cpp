@@ -73,7 +73,7 @@ extern "C" int rename(const char* from, const char* to) {
 
 extern "C" int renameat2(int from_dir, const char* from, int to_dir, const char* to, unsigned int flags) {
   if (fail_this_rename()) return -1;
-  auto real = reinterpret_cast<int (*)(int, const char*, int, const char*, unsigned int)>(
-      ::dlsym(RTLD_NEXT, "renameat2"));
+  auto real =
+      reinterpret_cast<int (*)(int, const char*, int, const char*, unsigned int)>(::dlsym(RTLD_NEXT, "renameat2"));
   return real(from_dir, from, to_dir, to, flags);
 }

@@ -2,9 +2,9 @@
 // executor, unchanged. The e2e suite checks the result with torch.load.
 #include <fmt/format.h>
 
-#include "ckpt/checkpoint.hpp"
-#include "ckpt/exec.hpp"
-#include "ckpt/torch_writer.hpp"
+#include "ckpt/exec/exec.hpp"
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/plan/torch_file.hpp"
 
 int main(int argc, char** argv) {
   if (argc < 3) {
@@ -16,8 +16,8 @@ int main(int argc, char** argv) {
     ckpt::Checkpoint checkpoint(file);
     ckpt::Plan plan;
     auto storages = ckpt::copy_all_storages(checkpoint, plan);
-    plan.files.push_back(ckpt::plan_torch_file(argv[2], ckpt::archive_name_for(argv[2]), checkpoint.graph(),
-                                               std::move(storages)));
+    plan.files.push_back(
+        ckpt::plan_torch_file(argv[2], ckpt::archive_name_for(argv[2]), checkpoint.graph(), std::move(storages)));
     ckpt::ExecOptions options;
     options.threads = argc > 3 ? static_cast<unsigned>(std::stoul(argv[3])) : 0;
     ckpt::execute(plan, options);

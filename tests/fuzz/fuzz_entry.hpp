@@ -41,15 +41,15 @@
 
 #include <nlohmann/json.hpp>
 
-#include "ckpt/checkpoint.hpp"
-#include "ckpt/error.hpp"
-#include "ckpt/layout.hpp"
-#include "ckpt/manifest.hpp"
-#include "ckpt/mapped_file.hpp"
-#include "ckpt/pickle.hpp"
-#include "ckpt/pyobject.hpp"
-#include "ckpt/tensor_source.hpp"
-#include "ckpt/zip.hpp"
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/format/pickle.hpp"
+#include "ckpt/format/pyobject.hpp"
+#include "ckpt/format/zip.hpp"
+#include "ckpt/io/error.hpp"
+#include "ckpt/io/mapped_file.hpp"
+#include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/manifest.hpp"
 
 namespace ckpt::fuzz {
 
@@ -105,7 +105,8 @@ inline std::string zip_outcome(Bytes input, const ZipArchive::ReadAt& reader) {
   try {
     ZipArchive zip(input, "fuzz.pt", reader);
     std::string outcome;
-    for (const ZipRecord& record : zip.records()) outcome += record.name + "@" + std::to_string(record.data_offset) + ";";
+    for (const ZipRecord& record : zip.records())
+      outcome += record.name + "@" + std::to_string(record.data_offset) + ";";
     return outcome;
   } catch (const Error& e) {
     return std::string("error: ") + e.what();
@@ -351,14 +352,16 @@ inline void check_manifest(const Manifest& manifest) {
       require(!__builtin_add_overflow(tensor.file_byte_offset, tensor.nbytes, &end) && end <= file.size_bytes,
               "manifest: tensor bytes inside the file", tensor.path);
       ViewExtent extent = view_extent(tensor.shape, tensor.stride, dtype_info(tensor.dtype).itemsize);
-      require(extent.numel == tensor.numel() && extent.span_elements * dtype_info(tensor.dtype).itemsize == tensor.nbytes,
-              "manifest: nbytes is the span of the view", tensor.path);
+      require(
+          extent.numel == tensor.numel() && extent.span_elements * dtype_info(tensor.dtype).itemsize == tensor.nbytes,
+          "manifest: nbytes is the span of the view", tensor.path);
       if (tensor.numel() > kFuzzPlanElements) {
         small = false;
         continue;
       }
       TensorSource source = source_of(tensor, static_cast<std::uint32_t>(f));
-      require(source.nbytes() == tensor.numel() * dtype_info(tensor.dtype).itemsize, "manifest: source size", tensor.path);
+      require(source.nbytes() == tensor.numel() * dtype_info(tensor.dtype).itemsize, "manifest: source size",
+              tensor.path);
       for (const SourcePiece& piece : source.pieces) {
         require_piece_inside(piece, tensor.file_byte_offset, end, tensor.path);
         require(piece.end() <= source.nbytes(), "manifest: piece inside the tensor", tensor.path);

@@ -26,14 +26,16 @@
 #include <utility>
 #include <vector>
 
-#include "ckpt/checkpoint_builder.hpp"
-#include "ckpt/error.hpp"
-#include "ckpt/layout.hpp"
-#include "ckpt/manifest.hpp"
-#include "ckpt/mapped_file.hpp"
-#include "ckpt/metaseq.hpp"
-#include "ckpt/plan.hpp"
-#include "ckpt/tensor_source.hpp"
+#include "ckpt/io/error.hpp"
+#include "ckpt/io/mapped_file.hpp"
+#include "ckpt/layout/fsdp.hpp"
+#include "ckpt/layout/megatron.hpp"
+#include "ckpt/layout/metaseq.hpp"
+#include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/manifest.hpp"
+#include "ckpt/plan/checkpoint_builder.hpp"
+#include "ckpt/plan/plan.hpp"
 
 namespace layout_fixtures {
 
@@ -54,7 +56,9 @@ inline std::string cat(std::string a, const std::string& b) {
   return a;
 }
 
-inline bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+inline bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
 
 // The ckpt::Error thrown by `action`, if any.
 template <typename F>
@@ -137,8 +141,7 @@ inline std::int64_t product(const Shape& shape) {
 // ---------------------------------------------------------------- manifests
 
 // A contiguous tensor of a manifest file.
-inline ckpt::ManifestTensor contiguous(const std::string& path, DType dtype, const Shape& shape,
-                                       std::uint64_t offset) {
+inline ckpt::ManifestTensor contiguous(const std::string& path, DType dtype, const Shape& shape, std::uint64_t offset) {
   ckpt::ManifestTensor tensor;
   tensor.path = path;
   tensor.dtype = dtype;
@@ -280,17 +283,15 @@ inline SourcePiece plain(std::uint32_t file, std::uint64_t source_offset, std::u
   piece.nbytes = nbytes;
   return piece;
 }
-inline SourcePiece strided(std::uint32_t file, std::uint64_t source_offset, std::uint64_t offset,
-                           std::uint64_t nbytes, std::uint64_t rows, std::uint64_t source_stride,
-                           std::uint64_t stride) {
+inline SourcePiece strided(std::uint32_t file, std::uint64_t source_offset, std::uint64_t offset, std::uint64_t nbytes,
+                           std::uint64_t rows, std::uint64_t source_stride, std::uint64_t stride) {
   SourcePiece piece = plain(file, source_offset, offset, nbytes);
   piece.rows = rows;
   piece.source_stride = source_stride;
   piece.stride = stride;
   return piece;
 }
-inline SourcePiece zeros(std::uint64_t offset, std::uint64_t nbytes, std::uint64_t rows = 1,
-                         std::uint64_t stride = 0) {
+inline SourcePiece zeros(std::uint64_t offset, std::uint64_t nbytes, std::uint64_t rows = 1, std::uint64_t stride = 0) {
   return strided(SourcePiece::kZeroFile, 0, offset, nbytes, rows, 0, rows > 1 ? stride : 0);
 }
 
@@ -384,9 +385,9 @@ inline Expansion expand(const TensorSource& source) {
           break;
         }
         if (out.ids[at] != kUnsetId) fail("byte written twice", at);
-        out.ids[at] = piece.file == SourcePiece::kZeroFile ? kZeroId
-                                                           : byte_id(piece.file, piece.source_offset +
-                                                                                     r * piece.source_stride + b);
+        out.ids[at] = piece.file == SourcePiece::kZeroFile
+                          ? kZeroId
+                          : byte_id(piece.file, piece.source_offset + r * piece.source_stride + b);
       }
     }
   }
@@ -445,7 +446,9 @@ inline Ids ids_matrix(std::uint32_t file, std::uint64_t source_offset, std::uint
   }
   return out;
 }
-inline Ids ids_zeros(std::uint64_t nbytes) { return Ids(nbytes, kZeroId); }
+inline Ids ids_zeros(std::uint64_t nbytes) {
+  return Ids(nbytes, kZeroId);
+}
 inline Ids ids_join(const std::vector<Ids>& parts) {
   Ids out;
   for (const Ids& part : parts) out.insert(out.end(), part.begin(), part.end());

@@ -19,12 +19,12 @@
 #include <string>
 #include <vector>
 
-#include "ckpt/crc32.hpp"
-#include "ckpt/exec.hpp"
-#include "ckpt/mapped_file.hpp"
-#include "ckpt/plan.hpp"
-#include "ckpt/synthetic.hpp"
-#include "ckpt/zip.hpp"
+#include "ckpt/exec/exec.hpp"
+#include "ckpt/exec/synthetic.hpp"
+#include "ckpt/format/zip.hpp"
+#include "ckpt/io/crc32.hpp"
+#include "ckpt/io/mapped_file.hpp"
+#include "ckpt/plan/plan.hpp"
 
 namespace {
 
@@ -250,8 +250,8 @@ TEST_SUITE("exec") {
     write_file(dir / "source.bin", source_bytes);
     ckpt::MappedFile source((dir / "source.bin").string());
     constexpr std::uint64_t kUnit = 8 * kMiB;
-    std::vector<std::pair<std::string, std::uint64_t>> sizes = {{"a/data.pkl", 0}, {"a/data/0", 8 * kMiB},
-                                                                {"a/data/1", 8 * kMiB}, {"a/data/2", 5000}};
+    std::vector<std::pair<std::string, std::uint64_t>> sizes = {
+        {"a/data.pkl", 0}, {"a/data/0", 8 * kMiB}, {"a/data/1", 8 * kMiB}, {"a/data/2", 5000}};
     SUBCASE("the first record's data ends at 8 MiB") {
       sizes[1].second = kUnit - layout_of(sizes).records[1].data_offset;
       CHECK(layout_of(sizes).records[1].data_offset + sizes[1].second == kUnit);
@@ -260,7 +260,8 @@ TEST_SUITE("exec") {
       sizes[1].second = size_to_hit(sizes, 1, kUnit, [](const ckpt::ZipLayout& l) { return l.records[2].data_offset; });
     }
     SUBCASE("the second record's local header starts at 8 MiB") {
-      sizes[1].second = size_to_hit(sizes, 1, kUnit, [](const ckpt::ZipLayout& l) { return l.records[2].header_offset; });
+      sizes[1].second =
+          size_to_hit(sizes, 1, kUnit, [](const ckpt::ZipLayout& l) { return l.records[2].header_offset; });
     }
     SUBCASE("the file ends on a block boundary") {
       std::uint64_t target = (layout_of(sizes).file_size / 4096 + 2) * 4096;
@@ -273,9 +274,8 @@ TEST_SUITE("exec") {
     SUBCASE("the central directory starts at 16 MiB, a unit boundary") {
       sizes[2].second = kUnit - 300000;
       sizes[3].second = 300000 - 30000;
-      sizes[3].second = size_to_hit(sizes, 3, 2 * kUnit, [](const ckpt::ZipLayout& l) {
-        return l.central_directory_offset;
-      });
+      sizes[3].second =
+          size_to_hit(sizes, 3, 2 * kUnit, [](const ckpt::ZipLayout& l) { return l.central_directory_offset; });
     }
     std::vector<Expected> records;
     Expected pickle{PlannedRecord{"a/data.pkl", 0, {}, {}}, {}};
@@ -440,13 +440,13 @@ TEST_SUITE("exec") {
       std::uint64_t offset;
       const char* record;  // nullptr: the corruption is in no record the plan reads
     };
-    for (const Case& c : {Case{"a byte copied", zip.offset[0] + 5000, "s/data/0"},
-                          Case{"a byte of a copied record that no copy reads", zip.offset[0] + 3, "s/data/0"},
-                          Case{"a byte read ahead for interleaved rows", zip.offset[1] + 4 * kMiB + 7, "s/data/1"},
-                          Case{"a byte of a sparse row read from the mapping", zip.offset[1] + 9 * kMiB + 4096 * 7 + 3,
-                               "s/data/1"},
-                          Case{"a byte skipped between sparse rows", zip.offset[1] + 9 * kMiB + 100, "s/data/1"},
-                          Case{"a byte of a record no copy reads", zip.offset[2] + 10, nullptr}}) {
+    for (const Case& c :
+         {Case{"a byte copied", zip.offset[0] + 5000, "s/data/0"},
+          Case{"a byte of a copied record that no copy reads", zip.offset[0] + 3, "s/data/0"},
+          Case{"a byte read ahead for interleaved rows", zip.offset[1] + 4 * kMiB + 7, "s/data/1"},
+          Case{"a byte of a sparse row read from the mapping", zip.offset[1] + 9 * kMiB + 4096 * 7 + 3, "s/data/1"},
+          Case{"a byte skipped between sparse rows", zip.offset[1] + 9 * kMiB + 100, "s/data/1"},
+          Case{"a byte of a record no copy reads", zip.offset[2] + 10, nullptr}}) {
       CAPTURE(c.what);
       zip.flip(c.offset);
       ckpt::MappedFile source(zip.path.string());

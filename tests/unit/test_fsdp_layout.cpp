@@ -25,7 +25,8 @@ Ids flat_ids(const InstanceSpec& spec, int world, std::uint64_t itemsize, std::i
   for (std::int64_t e = first; e < first + count; ++e) {
     int rank = static_cast<int>(e / chunk);
     auto index = static_cast<std::uint64_t>(e - rank * chunk);
-    for (std::uint64_t b = 0; b < itemsize; ++b) out.push_back(byte_id(file_of(rank), offset_of(rank) + index * itemsize + b));
+    for (std::uint64_t b = 0; b < itemsize; ++b)
+      out.push_back(byte_id(file_of(rank), offset_of(rank) + index * itemsize + b));
   }
   return out;
 }
@@ -155,7 +156,9 @@ TEST_SUITE("fsdp_layout") {
     CHECK(real_bytes == (8 + 10) * 4);
 
     // And every byte comes from where the chunk rule puts it.
-    auto file_of = [&](int rank) { return static_cast<std::uint32_t>(part.shard_files[static_cast<std::size_t>(rank)]); };
+    auto file_of = [&](int rank) {
+      return static_cast<std::uint32_t>(part.shard_files[static_cast<std::size_t>(rank)]);
+    };
     for (std::size_t i = 0; i < part.instances.size(); ++i) {
       const InstanceSpec& spec = part.instances[i];
       auto offset_of = [&](int rank) -> std::uint64_t {
@@ -353,7 +356,7 @@ TEST_SUITE("fsdp_layout") {
     }
     SUBCASE("no shard files") {
       ThreeRankPart part;
-      CHECK_THROWS_AS(ckpt::consolidate_part(part.manifest, {}), ckpt::Error);
+      CHECK_THROWS_AS(ckpt::consolidate_part(part.manifest, {}), ckpt::InternalError);
     }
   }
 
@@ -528,7 +531,9 @@ TEST_SUITE("fsdp_layout") {
           CHECK(find(weights, tensor.name).source.dtype == DType::Float16);
         }
         // Byte for byte where the chunk rule puts each element of state/k.
-        auto file_of = [&](int rank) { return static_cast<std::uint32_t>(part.shard_files[static_cast<std::size_t>(rank)]); };
+        auto file_of = [&](int rank) {
+          return static_cast<std::uint32_t>(part.shard_files[static_cast<std::size_t>(rank)]);
+        };
         for (std::size_t k = 0; k < 2; ++k) {
           const InstanceSpec& spec = part.instances[order[k]];
           auto offset_of = [&](int rank) { return state_offset(name, k, rank); };
@@ -677,7 +682,6 @@ TEST_SUITE("fsdp_layout") {
 
   // ================================================================ flatten_fsdp
 
-
   TEST_CASE("flatten_fsdp: world sizes 1, 2, 3 and 8, padding as fsdp_chunk's, chunks give back the parameters") {
     FlattenInputs inputs;
     const std::int64_t totals[] = {14, 10, 1};
@@ -799,7 +803,8 @@ TEST_SUITE("fsdp_layout") {
           const NamedTensor& original = find(inputs.params, name);
           const NamedTensor& restored = find(back, name);
           CHECK(restored.source.shape == original.source.shape);
-          CHECK(materialize(restored.source, pointers(shard_bytes)) == materialize(original.source, pointers(originals)));
+          CHECK(materialize(restored.source, pointers(shard_bytes)) ==
+                materialize(original.source, pointers(originals)));
           ++compared;
         }
       }

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "ckpt/metaseq.hpp"
+#include "ckpt/layout/metaseq.hpp"
 
 namespace {
 

@@ -21,8 +21,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "ckpt/error.hpp"
-#include "ckpt/manifest.hpp"
+#include "ckpt/io/error.hpp"
+#include "ckpt/manifest/manifest.hpp"
 #include "layout_fixtures.hpp"
 
 namespace {

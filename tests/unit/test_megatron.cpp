@@ -60,14 +60,20 @@ const Key kKeys[] = {
     {"decoder.output_projection.weight", Kind::Alias, -1},
 };
 
-std::int32_t value(int tensor, int r, int c) { return 100000 * (tensor + 1) + 100 * r + c; }
+std::int32_t value(int tensor, int r, int c) {
+  return 100000 * (tensor + 1) + 100 * r + c;
+}
 
 // Full shape of tensor t as rows x columns (vectors have one column).
 std::pair<int, int> full_shape(int tensor, const Dims& d) {
   switch (tensor) {
     case 0: return {d.V, d.C};
-    case 1: case 2: case 3: return {d.R, d.C};
-    case 4: case 5: case 6: return {d.R, 1};
+    case 1:
+    case 2:
+    case 3: return {d.R, d.C};
+    case 4:
+    case 5:
+    case 6: return {d.R, 1};
     case 7: return {d.C, d.R};
     case 8: return {d.F, d.C};
     case 9: return {d.F, 1};
@@ -133,11 +139,8 @@ PartTensor part_tensor(const Key& key, const Dims& d, int m, int parts) {
       for (std::int32_t& v : values) v += 7 * m;
       return {Shape{rows}, values};
     }
-    case Kind::Copied:
-      return {Shape{1}, {3 + m}};
-    default:
-      FAIL("no values for this key");
-      throw 0;
+    case Kind::Copied: return {Shape{1}, {3 + m}};
+    default: FAIL("no values for this key"); throw 0;
   }
 }
 
@@ -168,7 +171,8 @@ struct MpInput {
         PartTensor tensor = part_tensor(key, d, m, count);
         std::uint64_t n = tensor.values.size();
         std::uint64_t split = n > 1 ? n * 2 / 5 + 1 : n;
-        std::vector<std::int32_t> head(tensor.values.begin(), tensor.values.begin() + static_cast<std::ptrdiff_t>(split));
+        std::vector<std::int32_t> head(tensor.values.begin(),
+                                       tensor.values.begin() + static_cast<std::ptrdiff_t>(split));
         std::vector<std::int32_t> tail(tensor.values.begin() + static_cast<std::ptrdiff_t>(split), tensor.values.end());
         put(bytes, at, head);
         std::uint64_t tail_at = at + 4 * split + 12;
@@ -292,8 +296,10 @@ TEST_SUITE("megatron") {
         CHECK(shape_of(out[1].source.shape) == shape_of({6 * static_cast<std::int64_t>(mp)}));
         std::vector<SourcePiece> weight, bias;
         for (int t = 0; t < 3; ++t) {
-          for (const SourcePiece& piece : third_pieces(t, 0, 32, 32 * mp * static_cast<std::uint64_t>(t))) weight.push_back(piece);
-          for (const SourcePiece& piece : third_pieces(t, 500, 8, 8 * mp * static_cast<std::uint64_t>(t))) bias.push_back(piece);
+          for (const SourcePiece& piece : third_pieces(t, 0, 32, 32 * mp * static_cast<std::uint64_t>(t)))
+            weight.push_back(piece);
+          for (const SourcePiece& piece : third_pieces(t, 500, 8, 8 * mp * static_cast<std::uint64_t>(t)))
+            bias.push_back(piece);
         }
         CHECK(describe(out[0].source) == describe_pieces(weight));
         CHECK(describe(out[1].source) == describe_pieces(bias));
@@ -352,7 +358,8 @@ TEST_SUITE("megatron") {
       const NamedTensor& fc1 = find(out, "decoder.layers.0.fc1.weight");
       CHECK(shape_of(fc1.source.shape) == shape_of({sum_m_plus_1, 3}));
       want.clear();
-      for (std::uint32_t m = 0, at = 0; m < mp; at += 12 * (m + 1), ++m) want.push_back(plain(m, b(m) + 500, at, 12 * (m + 1)));
+      for (std::uint32_t m = 0, at = 0; m < mp; at += 12 * (m + 1), ++m)
+        want.push_back(plain(m, b(m) + 500, at, 12 * (m + 1)));
       CHECK(describe(fc1.source) == describe_pieces(want));
 
       // Dim 1: one strided piece per part, its rows (4 (m + 2) bytes) one output row apart.
@@ -415,7 +422,7 @@ TEST_SUITE("megatron") {
         {named("decoder.layers.0.fc2.bias", {3}, 1, 64), named("decoder.layers.0.fc1.weight", {2, 3}, 1, 128)}};
     CHECK(ckpt::glue_megatron(two, {}, nullptr).size() == 2);
     // No parts at all: an Error (a bug in the caller), never a crash.
-    CHECK_THROWS_AS(ckpt::glue_megatron({}, {}, &replicated), ckpt::Error);
+    CHECK_THROWS_AS(ckpt::glue_megatron({}, {}, &replicated), ckpt::InternalError);
   }
 
   TEST_CASE("glue_megatron: parts that do not glue are errors naming the key") {
@@ -441,7 +448,9 @@ TEST_SUITE("megatron") {
          "decoder.layers.0.fc1.weight",
          "missing from model part 2"},
         {"key in part 2 of 3 only",
-         {{named(fc1, {2, 3}, 0, 0)}, {named(fc1, {2, 3}, 1, 0)}, {named(fc1, {2, 3}, 2, 0), named(fc2, {3, 2}, 2, 64)}},
+         {{named(fc1, {2, 3}, 0, 0)},
+          {named(fc1, {2, 3}, 1, 0)},
+          {named(fc1, {2, 3}, 2, 0), named(fc2, {3, 2}, 2, 64)}},
          "decoder.layers.0.fc2.weight",
          "in model part 2 but not in part 0"},
         {"an alias in part 1 where part 0 has a tensor",
@@ -640,8 +649,8 @@ TEST_SUITE("megatron") {
       std::vector<std::vector<NamedTensor>> out = ckpt::reshard_megatron(input.parts, c.to, &replicated);
       REQUIRE(out.size() == static_cast<std::size_t>(c.to));
       if (c.from > 1) {
-        CHECK(replicated == std::vector<std::string>{"decoder.layers.0.fc2.bias",
-                                                     "decoder.layers.0.self_attn_layer_norm.weight"});
+        CHECK(replicated ==
+              std::vector<std::string>{"decoder.layers.0.fc2.bias", "decoder.layers.0.self_attn_layer_norm.weight"});
       } else {
         CHECK(replicated.empty());
       }
@@ -662,7 +671,8 @@ TEST_SUITE("megatron") {
             continue;
           }
           CHECK_FALSE(tensor.alias_of.has_value());
-          PlannedRecord record = ckpt::plan_tensor_record(ckpt::as_output(tensor), identity_sources(input.files.size()));
+          PlannedRecord record =
+              ckpt::plan_tensor_record(ckpt::as_output(tensor), identity_sources(input.files.size()));
           CHECK(tiling_problem(record) == "");
           ValidationPlan valid(sizes, record);
           CHECK_NOTHROW(ckpt::validate(valid.plan));
@@ -691,7 +701,8 @@ TEST_SUITE("megatron") {
     ckpt::GlueOptions fused;
     fused.fused_qkv = true;
     std::vector<NamedTensor> direct = ckpt::glue_megatron(input.parts, fused, nullptr);
-    std::vector<NamedTensor> via_four = ckpt::glue_megatron(ckpt::reshard_megatron(input.parts, 4, nullptr), fused, nullptr);
+    std::vector<NamedTensor> via_four =
+        ckpt::glue_megatron(ckpt::reshard_megatron(input.parts, 4, nullptr), fused, nullptr);
     REQUIRE(names_of(direct) == names_of(via_four));
     for (std::size_t k = 0; k < direct.size(); ++k) {
       CAPTURE(direct[k].name);
@@ -704,7 +715,8 @@ TEST_SUITE("megatron") {
     }
   }
 
-  TEST_CASE("reshard_megatron: a part count that does not divide a sharded dimension is an error naming key and sizes") {
+  TEST_CASE(
+      "reshard_megatron: a part count that does not divide a sharded dimension is an error naming key and sizes") {
     SUBCASE("2 -> 3: fc1 (dim 0 of 8) is the first key that does not split") {
       MpInput input(Dims{6, 3, 8, 6}, 2);
       auto error = error_of([&] { ckpt::reshard_megatron(input.parts, 3, nullptr); });
@@ -726,16 +738,31 @@ TEST_SUITE("megatron") {
     const std::string bias = "decoder.layers.0.self_attn.qkv_proj.bias";
     const std::string embed = "decoder.embed_tokens.weight";
     const Case cases[] = {
-        {"dim 1", {{named(fc2, {3, 4}, 0, 0)}, {named(fc2, {3, 4}, 1, 0)}}, 3, "decoder.layers.0.fc2.weight",
+        {"dim 1",
+         {{named(fc2, {3, 4}, 0, 0)}, {named(fc2, {3, 4}, 1, 0)}},
+         3,
+         "decoder.layers.0.fc2.weight",
          "dim 1 of size 8 does not split into 3 model parts"},
-        {"dim 0", {{named(embed, {5, 2}, 0, 0)}, {named(embed, {5, 2}, 1, 0)}}, 4, "decoder.embed_tokens.weight",
+        {"dim 0",
+         {{named(embed, {5, 2}, 0, 0)}, {named(embed, {5, 2}, 1, 0)}},
+         4,
+         "decoder.embed_tokens.weight",
          "dim 0 of size 10 does not split into 4 model parts"},
         // qkv: the sizes are those of k (v and q alike), 2 rows per part here.
-        {"qkv weight", {{named(qkv, {6, 2}, 0, 0)}, {named(qkv, {6, 2}, 1, 0)}}, 3,
-         "decoder.layers.0.self_attn.qkv_proj.weight", "dim 0 of size 4 does not split into 3 model parts"},
-        {"qkv bias", {{named(bias, {3}, 0, 0)}, {named(bias, {3}, 1, 0)}}, 4,
-         "decoder.layers.0.self_attn.qkv_proj.bias", "dim 0 of size 2 does not split into 4 model parts"},
-        {"a single part into more than its rows", {{named(embed, {2, 2}, 0, 0)}}, 3, "decoder.embed_tokens.weight",
+        {"qkv weight",
+         {{named(qkv, {6, 2}, 0, 0)}, {named(qkv, {6, 2}, 1, 0)}},
+         3,
+         "decoder.layers.0.self_attn.qkv_proj.weight",
+         "dim 0 of size 4 does not split into 3 model parts"},
+        {"qkv bias",
+         {{named(bias, {3}, 0, 0)}, {named(bias, {3}, 1, 0)}},
+         4,
+         "decoder.layers.0.self_attn.qkv_proj.bias",
+         "dim 0 of size 2 does not split into 4 model parts"},
+        {"a single part into more than its rows",
+         {{named(embed, {2, 2}, 0, 0)}},
+         3,
+         "decoder.embed_tokens.weight",
          "dim 0 of size 2 does not split into 3 model parts"},
     };
     for (const Case& c : cases) {
@@ -750,9 +777,9 @@ TEST_SUITE("megatron") {
     }
     SUBCASE("no parts, or fewer than one new part") {
       std::vector<std::vector<NamedTensor>> one{{named(embed, {2, 2}, 0, 0)}};
-      CHECK_THROWS_AS(ckpt::reshard_megatron({}, 2, nullptr), ckpt::Error);
-      CHECK_THROWS_AS(ckpt::reshard_megatron(one, 0, nullptr), ckpt::Error);
-      CHECK_THROWS_AS(ckpt::reshard_megatron(one, -1, nullptr), ckpt::Error);
+      CHECK_THROWS_AS(ckpt::reshard_megatron({}, 2, nullptr), ckpt::InternalError);
+      CHECK_THROWS_AS(ckpt::reshard_megatron(one, 0, nullptr), ckpt::InternalError);
+      CHECK_THROWS_AS(ckpt::reshard_megatron(one, -1, nullptr), ckpt::InternalError);
     }
   }
 
@@ -773,7 +800,8 @@ TEST_SUITE("megatron") {
       CAPTURE(i);
       REQUIRE(out[i].size() == 5);
       CHECK(out[i][0].source.shape == Shape{1, 2});
-      CHECK(describe(out[i][0].source) == describe_pieces({plain(static_cast<std::uint32_t>(i / 2), 8 * (i % 2), 0, 8)}));
+      CHECK(describe(out[i][0].source) ==
+            describe_pieces({plain(static_cast<std::uint32_t>(i / 2), 8 * (i % 2), 0, 8)}));
       CHECK(describe(out[i][1].source) == "[0]0@64+8");
       CHECK(describe(out[i][2].source) == "[0]0@96+4");
       CHECK(describe(out[i][3].source) == "[0]zeros+4");

@@ -25,10 +25,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "ckpt/checkpoint.hpp"
-#include "ckpt/error.hpp"
-#include "ckpt/pickle.hpp"
-#include "ckpt/pyobject.hpp"
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/format/pickle.hpp"
+#include "ckpt/format/pyobject.hpp"
+#include "ckpt/io/error.hpp"
 
 namespace {
 
@@ -674,10 +674,38 @@ TEST_SUITE("pickle") {
 
   TEST_CASE("round trip: a frozenset reached again through an object inside it") {
     // Regression test for a bug found by this test (fixed).
-  Pickle cpython{PROTO, 4, FRAME, le(31, 8), MARK, SHORT_BINUNICODE, u8str("m"), MEMOIZE, SHORT_BINUNICODE,
-                 u8str("D"), MEMOIZE, STACK_GLOBAL, MEMOIZE, EMPTY_TUPLE, NEWOBJ, MEMOIZE, EMPTY_DICT, MEMOIZE,
-                 SHORT_BINUNICODE, u8str("f"), MEMOIZE, MARK, BINGET, 3, FROZENSET, MEMOIZE, SETITEM, BUILD, POP_MARK,
-                 BINGET, 6, STOP};
+    Pickle cpython{PROTO,
+                   4,
+                   FRAME,
+                   le(31, 8),
+                   MARK,
+                   SHORT_BINUNICODE,
+                   u8str("m"),
+                   MEMOIZE,
+                   SHORT_BINUNICODE,
+                   u8str("D"),
+                   MEMOIZE,
+                   STACK_GLOBAL,
+                   MEMOIZE,
+                   EMPTY_TUPLE,
+                   NEWOBJ,
+                   MEMOIZE,
+                   EMPTY_DICT,
+                   MEMOIZE,
+                   SHORT_BINUNICODE,
+                   u8str("f"),
+                   MEMOIZE,
+                   MARK,
+                   BINGET,
+                   3,
+                   FROZENSET,
+                   MEMOIZE,
+                   SETITEM,
+                   BUILD,
+                   POP_MARK,
+                   BINGET,
+                   6,
+                   STOP};
     // clang-format on
     Graph g = decode(cpython);
     REQUIRE(at(g, g.root).kind == Kind::FrozenSet);
@@ -691,8 +719,8 @@ TEST_SUITE("pickle") {
 
   TEST_CASE("round trip: an object reached again through a list in its own REDUCE arguments") {
     // Regression test for a bug found by this test (fixed).
-  Pickle cpython{PROTO, 2, GLOBAL, "m\nC\n", BINPUT, 0, EMPTY_LIST, BINPUT, 1, BINGET, 0, BINGET, 1, TUPLE1, BINPUT, 2,
-                 REDUCE, BINPUT, 3, APPEND, TUPLE1, BINPUT, 4, REDUCE, POP, BINGET, 3, STOP};
+    Pickle cpython{PROTO,  2, GLOBAL, "m\nC\n", BINPUT, 0,      EMPTY_LIST, BINPUT, 1, BINGET, 0,   BINGET, 1, TUPLE1,
+                   BINPUT, 2, REDUCE, BINPUT,   3,      APPEND, TUPLE1,     BINPUT, 4, REDUCE, POP, BINGET, 3, STOP};
     // clang-format on
     Graph g = decode(cpython);
     const Node& root = at(g, g.root);

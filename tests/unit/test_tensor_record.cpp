@@ -37,8 +37,7 @@ Known matrix_source() {
 // 6 rows of 10 bytes interleaved from two matrices: columns 0-3 from file 0
 // (rows 4 apart: contiguous), columns 4-9 from file 1 (rows 16 apart).
 Known interleaved_source() {
-  return {"interleaved",
-          bytes_source({strided(0, 100, 0, 4, 6, 4, 10), strided(1, 500, 4, 6, 6, 16, 10)}, 60),
+  return {"interleaved", bytes_source({strided(0, 100, 0, 4, 6, 4, 10), strided(1, 500, 4, 6, 6, 16, 10)}, 60),
           ids_interleave({ids_matrix(0, 100, 6, 4, 4), ids_matrix(1, 500, 6, 6, 16)}, 6)};
 }
 // 64 bytes as rows of 8: a plain run and zeros in row 0, rows 1-4 as strided
@@ -214,16 +213,16 @@ TEST_SUITE("tensor_record") {
     auto cut = [&](std::uint64_t begin, std::uint64_t count) {
       return describe(m.slice(begin, count, {static_cast<std::int64_t>(count)}));
     };
-    CHECK(cut(0, 60) == "[0]0@100+12*5(ss20,st12)");                          // everything
-    CHECK(cut(12, 36) == "[0]0@120+12*3(ss20,st12)");                         // rows 1-3, on row starts
-    CHECK(cut(12, 24) == "[0]0@120+12*2(ss20,st12)");                         // two full rows
-    CHECK(cut(24, 12) == "[0]0@140+12");                                      // one full row: plain
-    CHECK(cut(14, 8) == "[0]0@122+8");                                        // inside one row
-    CHECK(cut(10, 4) == "[0]0@110+2 [2]0@120+2");                             // across a row end, no full row
+    CHECK(cut(0, 60) == "[0]0@100+12*5(ss20,st12)");                         // everything
+    CHECK(cut(12, 36) == "[0]0@120+12*3(ss20,st12)");                        // rows 1-3, on row starts
+    CHECK(cut(12, 24) == "[0]0@120+12*2(ss20,st12)");                        // two full rows
+    CHECK(cut(24, 12) == "[0]0@140+12");                                     // one full row: plain
+    CHECK(cut(14, 8) == "[0]0@122+8");                                       // inside one row
+    CHECK(cut(10, 4) == "[0]0@110+2 [2]0@120+2");                            // across a row end, no full row
     CHECK(cut(5, 50) == "[0]0@105+7 [7]0@120+12*3(ss20,st12) [43]0@180+7");  // partial, 3 full, partial
-    CHECK(cut(6, 18) == "[0]0@106+6 [6]0@120+12");                            // partial, then 1 full row
-    CHECK(cut(12, 17) == "[0]0@120+12 [12]0@140+5");                          // 1 full row, partial
-    CHECK(cut(7, 0) == "");                                                   // nothing
+    CHECK(cut(6, 18) == "[0]0@106+6 [6]0@120+12");                           // partial, then 1 full row
+    CHECK(cut(12, 17) == "[0]0@120+12 [12]0@140+5");                         // 1 full row, partial
+    CHECK(cut(7, 0) == "");                                                  // nothing
     CHECK(cut(60, 0) == "");
     // The shape and dtype are the caller's.
     TensorSource typed = m.slice(12, 24, {2, 12});
@@ -251,8 +250,8 @@ TEST_SUITE("tensor_record") {
         std::uint64_t row_bytes = 60 / rows;
         for (std::uint64_t begin = 0; begin <= row_bytes; ++begin) {
           for (std::uint64_t count = 0; begin + count <= row_bytes; ++count) {
-            TensorSource s =
-                known.source.columns(rows, begin, count, {static_cast<std::int64_t>(rows), static_cast<std::int64_t>(count)});
+            TensorSource s = known.source.columns(rows, begin, count,
+                                                  {static_cast<std::int64_t>(rows), static_cast<std::int64_t>(count)});
             Expansion got = expand(s);
             Ids want = ids_columns(known.ids, rows, begin, count);
             if (!got.problem.empty() || got.ids != want) {
@@ -290,7 +289,8 @@ TEST_SUITE("tensor_record") {
     // view row r, columns 4-7 = 2 bytes of one matrix row and 2 of the next.
     TensorSource shifted = shifted_matrix_source().source;
     CHECK(describe(shifted) == "[0]0@106+6 [6]0@120+12*3(ss20,st12) [42]0@180+6");
-    CHECK(describe(shifted.columns(4, 4, 4, {4, 4})) == "[0]0@110+2 [2]0@120+2 [4]0@130+2 [6]0@140+2 [8]0@150+2 [10]0@160+2 [12]0@170+2 [14]0@180+2");
+    CHECK(describe(shifted.columns(4, 4, 4, {4, 4})) ==
+          "[0]0@110+2 [2]0@120+2 [4]0@130+2 [6]0@140+2 [8]0@150+2 [10]0@160+2 [12]0@170+2 [14]0@180+2");
     // Zeros stay zeros, strided.
     TensorSource z = ckpt::zeros_source(DType::UInt8, {4, 6});
     CHECK(describe(z.columns(4, 1, 3, {4, 3})) == "[0]zeros+3*4(ss0,st3)");
@@ -348,7 +348,8 @@ TEST_SUITE("tensor_record") {
     // rows 10 apart. P2: 8 bytes, zeros then a run, cut at 3. P3: 20 bytes,
     // itself interleaved (2 + 3 bytes per row of 4).
     std::vector<Known> parts{
-        {"P0", runs_source(DType::UInt8, {24}, {{0, 100, 9}, {1, 300, 15}}), ids_join({ids_run(0, 100, 9), ids_run(1, 300, 15)})},
+        {"P0", runs_source(DType::UInt8, {24}, {{0, 100, 9}, {1, 300, 15}}),
+         ids_join({ids_run(0, 100, 9), ids_run(1, 300, 15)})},
         {"P1", bytes_source({strided(2, 500, 0, 4, 4, 10, 4)}, 16), ids_matrix(2, 500, 4, 4, 10)},
         {"P2", bytes_source({zeros(0, 3), plain(3, 50, 3, 5)}, 8), ids_join({ids_zeros(3), ids_run(3, 50, 5)})},
         {"P3", bytes_source({strided(0, 900, 0, 2, 4, 2, 5), strided(1, 950, 2, 3, 4, 8, 5)}, 20),
@@ -385,7 +386,8 @@ TEST_SUITE("tensor_record") {
     }
     // Exact pieces of two simple parts: a strided one and a run.
     TensorSource run = bytes_source({plain(3, 0, 0, 12)}, 12);
-    CHECK(describe(ckpt::interleave_rows({sources[1], run}, 4, {4, 7})) == "[0]2@500+4*4(ss10,st7) [4]3@0+3*4(ss3,st7)");
+    CHECK(describe(ckpt::interleave_rows({sources[1], run}, 4, {4, 7})) ==
+          "[0]2@500+4*4(ss10,st7) [4]3@0+3*4(ss3,st7)");
     // One part: the same bytes, as rows (adjacent rows are not merged back into
     // one run; harmless, the copy is as cheap).
     CHECK(describe(ckpt::interleave_rows({run}, 4, {12})) == "[0]3@0+3*4(ss3,st3)");
@@ -395,9 +397,9 @@ TEST_SUITE("tensor_record") {
     // A pool of sources with their reference identities; each step builds a new
     // one from the pool by a random operation and checks it, then plans it and
     // runs the copies against fake files.
-    std::vector<Known> pool{matrix_source(),        interleaved_source(),         mixed_source(),
-                            runs_split_source(),    contiguous_source(),          shifted_matrix_source(),
-                            shifted_interleaved_source()};
+    std::vector<Known> pool{
+        matrix_source(),         interleaved_source(),        mixed_source(), runs_split_source(), contiguous_source(),
+        shifted_matrix_source(), shifted_interleaved_source()};
     std::vector<Buffer> files{patterned(2048, 1), patterned(2048, 2), patterned(2048, 3), patterned(2048, 4)};
     std::uint64_t state = 0x2545F4914F6CDD1DULL;
     auto next = [&](std::uint64_t bound) {  // uniform enough in [0, bound)
@@ -417,7 +419,8 @@ TEST_SUITE("tensor_record") {
         case 0: {
           std::uint64_t begin = next(n + 1);
           std::uint64_t count = next(n - begin + 1);
-          made = {"slice", a.source.slice(begin, count, {static_cast<std::int64_t>(count)}), ids_slice(a.ids, begin, count)};
+          made = {"slice", a.source.slice(begin, count, {static_cast<std::int64_t>(count)}),
+                  ids_slice(a.ids, begin, count)};
           break;
         }
         case 1: {
@@ -433,7 +436,8 @@ TEST_SUITE("tensor_record") {
         }
         case 2: {
           std::uint64_t total = n + b.ids.size();
-          made = {"concat", ckpt::concat({a.source, b.source}, {static_cast<std::int64_t>(total)}), ids_join({a.ids, b.ids})};
+          made = {"concat", ckpt::concat({a.source, b.source}, {static_cast<std::int64_t>(total)}),
+                  ids_join({a.ids, b.ids})};
           break;
         }
         default: {
@@ -462,30 +466,37 @@ TEST_SUITE("tensor_record") {
 
   TEST_CASE("slice, columns, concat and interleave_rows refuse requests that are caller bugs") {
     TensorSource m = matrix_source().source;  // 60 bytes
-    auto is_bug = [](const std::optional<ckpt::Error>& error) {
-      return error.has_value() && contains(error->what(), "(a bug)");
+    auto is_bug = [](auto&& action) {
+      try {
+        action();
+      } catch (const ckpt::InternalError&) {
+        return true;
+      } catch (...) {
+      }
+      return false;
     };
-    CHECK(is_bug(error_of([&] { m.slice(50, 11, {11}); })));  // past the end
-    CHECK(is_bug(error_of([&] { m.slice(0, 10, {11}); })));   // shape of other size
-    CHECK(is_bug(error_of([&] { m.columns(7, 0, 1, {7}); })));  // 7 rows do not divide 60
-    CHECK(is_bug(error_of([&] { m.columns(5, 10, 3, {15}); })));  // past the row's end
-    CHECK(is_bug(error_of([&] { m.columns(5, 0, 3, {14}); })));   // shape of other size
-    CHECK(is_bug(error_of([&] { m.columns(0, 0, 0, {0}); })));    // no rows
+    CHECK(is_bug([&] { m.slice(50, 11, {11}); }));      // past the end
+    CHECK(is_bug([&] { m.slice(0, 10, {11}); }));       // shape of other size
+    CHECK(is_bug([&] { m.columns(7, 0, 1, {7}); }));    // 7 rows do not divide 60
+    CHECK(is_bug([&] { m.columns(5, 10, 3, {15}); }));  // past the row's end
+    CHECK(is_bug([&] { m.columns(5, 0, 3, {14}); }));   // shape of other size
+    CHECK(is_bug([&] { m.columns(0, 0, 0, {0}); }));    // no rows
     TensorSource f = source(DType::Float32, {15}, {plain(0, 0, 0, 60)});
-    CHECK(is_bug(error_of([&] { ckpt::concat({m, f}, {120}); })));          // dtypes differ
-    CHECK(is_bug(error_of([&] { ckpt::concat({m, m}, {119}); })));          // shape of other size
-    CHECK(is_bug(error_of([&] { ckpt::interleave_rows({m, m}, 7, {120}); })));  // rows do not divide
-    CHECK(is_bug(error_of([&] { ckpt::interleave_rows({m, f}, 5, {120}); })));  // dtypes differ
-    CHECK(is_bug(error_of([&] { ckpt::interleave_rows({m, m}, 5, {110}); })));  // shape of other size
+    CHECK(is_bug([&] { ckpt::concat({m, f}, {120}); }));              // dtypes differ
+    CHECK(is_bug([&] { ckpt::concat({m, m}, {119}); }));              // shape of other size
+    CHECK(is_bug([&] { ckpt::interleave_rows({m, m}, 7, {120}); }));  // rows do not divide
+    CHECK(is_bug([&] { ckpt::interleave_rows({m, f}, 5, {120}); }));  // dtypes differ
+    CHECK(is_bug([&] { ckpt::interleave_rows({m, m}, 5, {110}); }));  // shape of other size
   }
 
   // ================================================================ plan_tensor_record
 
   TEST_CASE("plan_tensor_record: dim-1 glue of single-run parts is one strided copy per part") {
-    TensorSource glued = ckpt::interleave_rows({runs_source(DType::Float32, {4, 2}, {{0, 1000, 32}}),   // rows of 8 bytes
-                                                runs_source(DType::Float32, {4, 3}, {{1, 64, 48}}),     // rows of 12 bytes
-                                                runs_source(DType::Float32, {4, 1}, {{2, 4000, 16}})},  // rows of 4 bytes
-                                               4, {4, 6});
+    TensorSource glued =
+        ckpt::interleave_rows({runs_source(DType::Float32, {4, 2}, {{0, 1000, 32}}),   // rows of 8 bytes
+                               runs_source(DType::Float32, {4, 3}, {{1, 64, 48}}),     // rows of 12 bytes
+                               runs_source(DType::Float32, {4, 1}, {{2, 4000, 16}})},  // rows of 4 bytes
+                              4, {4, 6});
     OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float32, glued, std::nullopt};
     // Manifest files 0, 1, 2 are plan sources 7, 3, 5.
     PlannedRecord record = ckpt::plan_tensor_record(tensor, {7, 3, 5});
@@ -530,11 +541,11 @@ TEST_SUITE("tensor_record") {
     ValidationPlan valid({1100, 128, 600}, record);
     CHECK_NOTHROW(ckpt::validate(valid.plan));
     ValidationPlan gap({1100, 128, 600}, missing);
-    CHECK_THROWS_AS(ckpt::validate(gap.plan), ckpt::Error);
+    CHECK_THROWS_AS(ckpt::validate(gap.plan), ckpt::InternalError);
     ValidationPlan overlap({1100, 128, 600}, overlapping);
-    CHECK_THROWS_AS(ckpt::validate(overlap.plan), ckpt::Error);
+    CHECK_THROWS_AS(ckpt::validate(overlap.plan), ckpt::InternalError);
     ValidationPlan short_source({1100, 128, 540}, record);  // the last rows of part 1 run past file 2's end
-    CHECK_THROWS_AS(ckpt::validate(short_source.plan), ckpt::Error);
+    CHECK_THROWS_AS(ckpt::validate(short_source.plan), ckpt::InternalError);
   }
 
   TEST_CASE("plan_tensor_record: awkward run splits tile the record and copy the right bytes") {
@@ -654,7 +665,8 @@ TEST_SUITE("tensor_record") {
       TensorSource full = runs_source(DType::Float32, {2, 4}, {{0, 100, 32}});
       OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float16, full.columns(2, 4, 8, {2, 2}), std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0});
-      CHECK(describe(record.copies) == std::vector<std::string>{"0 src=104 dst=0 n=4 rows=2 ss=16 ds=4 float32->float16"});
+      CHECK(describe(record.copies) ==
+            std::vector<std::string>{"0 src=104 dst=0 n=4 rows=2 ss=16 ds=4 float32->float16"});
       std::vector<Buffer> files{patterned(200, 1)};
       put<float>(files[0], 100, {1, 2, 3, 4, 5, 6, 7, 8});
       std::vector<std::uint16_t> want{half_of(2), half_of(3), half_of(6), half_of(7)};
@@ -676,9 +688,10 @@ TEST_SUITE("tensor_record") {
       CHECK(describe(record.copies) == std::vector<std::string>{"zeros src=0 dst=0 n=4"});
     }
     SUBCASE("zeros between data, merged runs, converted sizes") {
-      TensorSource padded = ckpt::concat({runs_source(DType::Float32, {2}, {{0, 100, 8}}),
-                                          ckpt::zeros_source(DType::Float32, {3}), ckpt::zeros_source(DType::Float32, {1})},
-                                         {6});
+      TensorSource padded =
+          ckpt::concat({runs_source(DType::Float32, {2}, {{0, 100, 8}}), ckpt::zeros_source(DType::Float32, {3}),
+                        ckpt::zeros_source(DType::Float32, {1})},
+                       {6});
       OutputTensor tensor{"x", DType::Float32, padded, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {2});
       CHECK(describe(record.copies) == std::vector<std::string>{"2 src=100 dst=0 n=8", "zeros src=0 dst=8 n=16"});
@@ -704,19 +717,21 @@ TEST_SUITE("tensor_record") {
       CHECK(record.copies[1].dest_stride == 20);
       CHECK(tiling_problem(record) == "");
       std::vector<Buffer> files{patterned(200, 1)};
-      CHECK(execute(record, pointers(files)) == interleaved_bytes({ids_run(0, 100, 32), ids_zeros(48)}, 4, pointers(files)));
+      CHECK(execute(record, pointers(files)) ==
+            interleaved_bytes({ids_run(0, 100, 32), ids_zeros(48)}, 4, pointers(files)));
       ValidationPlan valid({200}, record);
       CHECK_NOTHROW(ckpt::validate(valid.plan));
     }
   }
 
   TEST_CASE("plan_tensor_record: consecutive plain runs of one file merge into one op") {
-    TensorSource all = ckpt::concat({runs_source(DType::Float32, {2}, {{0, 100, 8}}),
-                                     runs_source(DType::Float32, {3}, {{0, 108, 12}}),              // continues file 0: merged
-                                     runs_source(DType::Float32, {1}, {{1, 120, 4}}),               // another file: new op
-                                     runs_source(DType::Float32, {2}, {{1, 200, 4}, {1, 204, 4}}),  // jumps, then continues
-                                     runs_source(DType::Float32, {2}, {{1, 300, 4}, {0, 304, 4}})},
-                                    {10});
+    TensorSource all =
+        ckpt::concat({runs_source(DType::Float32, {2}, {{0, 100, 8}}),
+                      runs_source(DType::Float32, {3}, {{0, 108, 12}}),              // continues file 0: merged
+                      runs_source(DType::Float32, {1}, {{1, 120, 4}}),               // another file: new op
+                      runs_source(DType::Float32, {2}, {{1, 200, 4}, {1, 204, 4}}),  // jumps, then continues
+                      runs_source(DType::Float32, {2}, {{1, 300, 4}, {0, 304, 4}})},
+                     {10});
     OutputTensor tensor{"decoder.embed_tokens.weight", DType::Float32, all, std::nullopt};
     PlannedRecord record = ckpt::plan_tensor_record(tensor, {5, 6});
     CHECK(record.nbytes == 40);
@@ -938,7 +953,8 @@ TEST_SUITE("tensor_record") {
     }
   }
 
-  TEST_CASE("consolidate + reshard + flatten + plan, then consolidate + glue again: MP 2 x DP 3 -> MP 4 x DP 2, int32") {
+  TEST_CASE(
+      "consolidate + reshard + flatten + plan, then consolidate + glue again: MP 2 x DP 3 -> MP 4 x DP 2, int32") {
     // What `reshard` does, in memory. Each input part's layer flat parameter:
     // qkv_proj.weight [6, 2] (12), fc2.weight [2, 4] (8), fc1.bias [2] (2): 22
     // elements on 3 ranks, chunk 8, rank 2 holding 6 and 2 of padding (-7777).
@@ -956,13 +972,15 @@ TEST_SUITE("tensor_record") {
     for (int m = 0; m < 2; ++m) {
       for (int rank = 0; rank < 3; ++rank) {
         auto index = static_cast<int>(input.files.size());
-        ckpt::ManifestFile file = shard_file(shard_path(rank), instances, 3, rank, {64}, DType::Int32, {{"decoder.version", 16}});
+        ckpt::ManifestFile file =
+            shard_file(shard_path(rank), instances, 3, rank, {64}, DType::Int32, {{"decoder.version", 16}});
         file.role.mp_part = m;
         input.files.push_back(file);
         Buffer bytes = patterned(256, static_cast<unsigned>(index));
         ckpt::FsdpChunk chunk = ckpt::fsdp_chunk(22, 3, rank);
         std::vector<std::int32_t> flat;
-        for (std::int64_t i = 0; i < chunk.numel; ++i) flat.push_back(static_cast<std::int32_t>(1000 * m + chunk.begin + i));
+        for (std::int64_t i = 0; i < chunk.numel; ++i)
+          flat.push_back(static_cast<std::int32_t>(1000 * m + chunk.begin + i));
         for (std::int64_t i = 0; i < chunk.padding; ++i) flat.push_back(-7777);
         put(bytes, 64, flat);
         put(bytes, 16, std::vector<std::int32_t>{3});
@@ -1008,7 +1026,8 @@ TEST_SUITE("tensor_record") {
         Buffer data = run({flats[0].state_key, DType::Int32, flats[0].source, std::nullopt}, input_files);
         std::copy(data.begin(), data.end(), bytes.begin() + 64);
         file.tensors.push_back(contiguous(cat("model/", flats[0].state_key), DType::Int32, {6}, 64));
-        Buffer version = run(ckpt::as_output(find(weights[static_cast<std::size_t>(m)], "decoder.version")), input_files);
+        Buffer version =
+            run(ckpt::as_output(find(weights[static_cast<std::size_t>(m)], "decoder.version")), input_files);
         std::copy(version.begin(), version.end(), bytes.begin() + 16);
         file.tensors.push_back(contiguous("model/decoder.version", DType::Int32, {1}, 16));
         out_grid[static_cast<std::size_t>(m)].push_back(static_cast<int>(output.files.size()));

@@ -10,7 +10,7 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/equal.h>
 
-#include "ckpt/tensor_view.hpp"
+#include "ckpt/tensor/tensor_view.hpp"
 
 #undef CHECK
 #undef CHECK_EQ
@@ -31,11 +31,11 @@
 #include <string>
 #include <vector>
 
-#include "ckpt/checkpoint.hpp"
-#include "ckpt/exec.hpp"
-#include "ckpt/pickle.hpp"
-#include "ckpt/plan.hpp"
-#include "ckpt/torch_writer.hpp"
+#include "ckpt/exec/exec.hpp"
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/format/pickle.hpp"
+#include "ckpt/plan/plan.hpp"
+#include "ckpt/plan/torch_file.hpp"
 
 namespace {
 
@@ -158,7 +158,7 @@ TEST_SUITE("tensor_view") {
       return rebuild_tensor(g, dtype, e.storage_key, storages.at(e.storage_key).numel(), e.storage_offset, shape,
                             stride);
     };
-    // add_tensor (torch_writer.hpp) for the plain ones, hand-built nodes for the views.
+    // add_tensor (torch_pickle.hpp) for the plain ones, hand-built nodes for the views.
     dict.entries.emplace_back(g.str("f32"), ckpt::add_tensor(g, DType::Float32, {2, 3}, "0"));
     dict.entries.emplace_back(g.str("f16"), ckpt::add_tensor(g, DType::Float16, {4}, "1"));
     dict.entries.emplace_back(g.str("bf16"), ckpt::add_tensor(g, DType::BFloat16, {2, 2}, "2"));

@@ -16,9 +16,9 @@
 #include <string_view>
 #include <vector>
 
-#include "ckpt/crc32.hpp"
-#include "ckpt/error.hpp"
-#include "ckpt/zip.hpp"
+#include "ckpt/format/zip.hpp"
+#include "ckpt/io/crc32.hpp"
+#include "ckpt/io/error.hpp"
 
 namespace {
 
@@ -591,7 +591,8 @@ TEST_SUITE("zip") {
 
   // The error parsing `file`; with `through_reader`, local headers are read through
   // a ReadAt callback (as for mapped files) instead of from the bytes.
-  std::string error_for(const Buffer& file, std::optional<std::uint64_t>* offset = nullptr, bool through_reader = false) {
+  std::string error_for(const Buffer& file, std::optional<std::uint64_t>* offset = nullptr,
+                        bool through_reader = false) {
     ZipArchive::ReadAt reader;
     if (through_reader) {
       reader = [&file](std::uint64_t at, std::byte* out, std::uint64_t nbytes) {

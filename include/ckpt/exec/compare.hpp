@@ -1,0 +1,52 @@
+// Comparing two sets of tensors straight from the mapped bytes, in parallel, in
+// bounded chunks: the engine of `ckpt-tool diff`. Equal chunks are recognised
+// with memcmp; only differing chunks are looked at element by element (LibTorch).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ckpt/io/mapped_file.hpp"
+#include "ckpt/layout/tensor_source.hpp"
+
+namespace ckpt {
+
+struct CompareOptions {
+  double atol = 0.0;  // with both zero: exact (bitwise) comparison
+  double rtol = 0.0;
+  std::size_t max_positions = 20;
+  unsigned threads = 0;  // 0: all cores
+};
+
+struct DiffPosition {
+  std::vector<std::int64_t> index;  // per dimension
+  double a = 0.0;
+  double b = 0.0;
+};
+
+struct TensorDiff {
+  std::string name;
+  std::string mismatch;  // dtype or shape mismatch; then nothing else is filled
+  std::uint64_t numel = 0;
+  std::uint64_t count = 0;  // differing elements
+  double max_abs = 0.0;
+  double max_rel = 0.0;
+  std::vector<DiffPosition> positions;  // the first ones, in row-major order
+};
+
+struct DiffReport {
+  std::vector<std::string> only_in_a;
+  std::vector<std::string> only_in_b;
+  std::vector<TensorDiff> differing;
+  std::uint64_t compared = 0;        // tensors compared element by element
+  std::uint64_t compared_bytes = 0;  // bytes of each side compared
+  bool equal() const { return only_in_a.empty() && only_in_b.empty() && differing.empty(); }
+};
+
+// `files_a[i]` are the files the pieces of `a` name (likewise b).
+DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<const MappedFile*>& files_a,
+                        const std::vector<NamedTensor>& b, const std::vector<const MappedFile*>& files_b,
+                        const CompareOptions& options);
+
+}  // namespace ckpt

@@ -1,0 +1,67 @@
+// Corruption is never laundered: every input byte the executor copies is checked
+// against the CRC-32 of its zip record before any output is renamed into place.
+//
+// Copying recomputes the output's CRCs, so a flipped bit in an input would
+// otherwise reach the output under a new, valid CRC. The check costs almost no
+// reading: the executor reports the CRC of each range it reads anyway (for a
+// plain copy that is the output piece's own CRC), the CRCs of a record's ranges
+// are joined with crc32_concat, and only what no copy read (padding, columns
+// skipped, rows read straight from the mapping) is read again at the end. A
+// tensor record that no copy touches is not checked; the pickle and the other
+// small records of every input always are (the plan and the objects the outputs
+// carry are decoded from them). Ranges read twice (a buffer copied to every
+// shard) count once.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "ckpt/format/zip.hpp"
+#include "ckpt/plan/plan.hpp"
+
+namespace ckpt {
+
+class SourceCrcCheck {
+ public:
+  // Reads the zip directory of every input of the plan and marks the records
+  // to check: those its copy operations reach, and every input's pickle. Throws Error naming the input when a copy
+  // reaches bytes outside every record (a forged manifest, or a bug).
+  SourceCrcCheck(const Plan& plan, unsigned threads);
+
+  // `bytes` were read from input `source` at `byte_offset`; `crc` is their
+  // CRC-32 when the caller has it already (computed here otherwise). Thread-safe.
+  void note(std::uint32_t source, std::uint64_t byte_offset, Bytes bytes, std::optional<std::uint32_t> crc = {});
+
+  // Reads the bytes of every touched record that no note covered, joins the
+  // CRCs and compares them with the zip directory's. Throws Error naming the
+  // file, the record and its byte offset at the first mismatch.
+  void finish(unsigned threads);
+
+  // Bytes read again by finish() (for --stats and the tests).
+  std::uint64_t reread_bytes() const { return reread_bytes_; }
+
+ private:
+  struct Input {
+    std::vector<ZipRecord> records;  // sorted by data_offset
+    std::vector<bool> touched;
+  };
+  struct Covered {
+    std::uint32_t source = 0;
+    std::uint32_t record = 0;
+    std::uint64_t begin = 0;  // file offsets
+    std::uint64_t end = 0;
+    std::uint32_t crc = 0;
+  };
+  // The record of input `source` holding file byte `offset`, or -1.
+  std::int64_t record_at(std::uint32_t source, std::uint64_t offset) const;
+
+  const Plan& plan_;
+  std::vector<Input> inputs_;  // parallel to plan.sources
+  std::mutex mutex_;
+  std::vector<Covered> covered_;
+  std::uint64_t reread_bytes_ = 0;
+};
+
+}  // namespace ckpt

@@ -1,0 +1,28 @@
+// Integrity checks of checkpoint files, reporting every problem found.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ckpt/manifest/manifest.hpp"
+
+namespace ckpt {
+
+struct VerifyReport {
+  std::uint64_t files = 0;
+  std::uint64_t records = 0;
+  std::uint64_t bytes = 0;            // record data whose CRC was recomputed
+  std::vector<std::string> problems;  // one line each, naming file and record or tensor
+};
+
+// Recomputes every record's CRC-32 against the zip directory (in parallel), opens
+// each file as a checkpoint (every tensor's byte range inside its record), and
+// checks the FSDP and model-parallel metadata of the set: grid complete, the same
+// metadata on every shard, padding by the chunk rule, numels adding up, shapes
+// that glue across model parts. A file that cannot be parsed is one problem; the
+// others are still checked. `model_parts`: as for detect_grid.
+VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
+                          std::optional<std::int64_t> model_parts = std::nullopt);
+
+}  // namespace ckpt

@@ -1,0 +1,121 @@
+// A torch.save file opened for reading: its zip records, its decoded object graph,
+// and every tensor as a reference into the mapped bytes.
+//
+// A tensor is `_rebuild_tensor_v2(storage, storage_offset, size, stride, ...)`
+// where the storage is a persistent id `('storage', torch.<Type>Storage, key,
+// location, numel)` naming the record `<archive>/data/<key>`. Opening a checkpoint
+// checks every tensor's byte range against its record and never reads tensor data.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ckpt/format/dtype.hpp"
+#include "ckpt/format/pickle.hpp"
+#include "ckpt/format/zip.hpp"
+#include "ckpt/io/mapped_file.hpp"
+
+namespace ckpt {
+
+struct StorageRef {
+  std::string key;  // "17" names the record <archive>/data/17
+  DType dtype = DType::UInt8;
+  std::uint64_t numel = 0;  // elements of `dtype`
+  std::string location;     // "cpu", "cuda:0"
+  const ZipRecord* record = nullptr;
+};
+
+struct TensorRef {
+  pickle::NodeId node = pickle::kNoNode;  // the _rebuild_tensor_v2 object
+  std::string path;                       // "model/decoder.layers.0.flat_param_0"
+  std::string storage_key;
+  DType dtype = DType::Float32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> stride;
+  std::int64_t storage_offset = 0;  // elements
+  bool requires_grad = false;
+  std::uint64_t file_byte_offset = 0;  // first byte of the tensor's first element
+  std::uint64_t nbytes = 0;            // bytes from there to the end of its last element
+  // Set when this path reaches a tensor already listed under another path (a
+  // tied weight pickled once and referenced twice): that path.
+  std::string alias_of;
+
+  std::uint64_t numel() const;
+  bool is_contiguous() const;
+};
+
+class Checkpoint {
+ public:
+  // Parses `file`, which must outlive the Checkpoint. Throws Error naming the
+  // file, the record or tensor and the byte offset of anything malformed.
+  explicit Checkpoint(const MappedFile& file);
+
+  const MappedFile& file() const { return file_; }
+  const std::string& path() const { return file_.path(); }
+  const ZipArchive& zip() const { return zip_; }
+  const std::string& archive_name() const { return archive_name_; }
+  const ZipRecord& pickle_record() const { return *pickle_record_; }
+  const pickle::Graph& graph() const { return graph_; }
+  const std::vector<TensorRef>& tensors() const { return tensors_; }
+  const std::map<std::string, StorageRef>& storages() const { return storages_; }
+  const TensorRef* find_tensor(std::string_view path) const;
+  // The bytes of a tensor (its span: contiguous tensors are exactly their data).
+  Bytes tensor_bytes(const TensorRef& tensor) const {
+    return file_.bytes().subspan(tensor.file_byte_offset, tensor.nbytes);
+  }
+
+ private:
+  void collect_storages();
+  void collect_tensors();
+
+  const MappedFile& file_;
+  ZipArchive zip_;
+  std::string archive_name_;
+  const ZipRecord* pickle_record_ = nullptr;
+  pickle::Graph graph_;
+  std::map<std::string, StorageRef> storages_;
+  std::vector<TensorRef> tensors_;
+};
+
+// A strided view's extent, checked once by each reader of untrusted shapes (the
+// checkpoint reader, the manifest reader) so that later arithmetic on them
+// (numel(), byte counts, piece offsets) cannot overflow.
+inline constexpr std::size_t kMaxTensorDims = 64;
+struct ViewExtent {
+  std::uint64_t numel = 0;          // elements of the shape
+  std::uint64_t span_elements = 0;  // from the first element to the last, inclusive; 0 when numel is 0
+};
+// Throws Error (no location: callers add it) when shape and stride differ in
+// length or have more than kMaxTensorDims dimensions, a size or stride is
+// negative, or numel or the span, in elements or in bytes of `itemsize`, passes 64 bits.
+ViewExtent view_extent(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& stride,
+                       std::uint64_t itemsize);
+
+// The storage a PersId node refers to, if it is a torch storage id.
+struct StorageId {
+  std::string key;
+  DType dtype;
+  std::uint64_t numel;
+  std::string location;
+};
+std::optional<StorageId> parse_storage_id(const pickle::Graph& graph, pickle::NodeId persid);
+
+// Visits every node reachable from `from`, depth first, with a path of labels
+// (dict keys, list indices, attribute names); wrappers such as nn.Parameter are
+// transparent. Each node is visited once, at the first path that reaches it;
+// `revisit`, when given, is called for every later path that reaches a node.
+using PathVisitor = std::function<void(pickle::NodeId, const std::string&)>;
+void walk_paths(const pickle::Graph& graph, pickle::NodeId from, const std::string& prefix, const PathVisitor& visit,
+                const PathVisitor& revisit = nullptr);
+
+// `prefix/label`, bounded in length (long keys are cut with "...").
+std::string append_path(const std::string& prefix, const std::string& label);
+
+// A scalar key rendered as a path label ("model", "3"), or "" for other keys.
+std::string key_label(const pickle::Graph& graph, pickle::NodeId key);
+
+}  // namespace ckpt

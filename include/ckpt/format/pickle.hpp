@@ -1,0 +1,122 @@
+// A pickle codec that never executes anything: pickles (protocols 2-5) are
+// decoded into a graph of plain values, and graphs are encoded back to pickles.
+//
+// Nothing in this module can import a module or call a function. A GLOBAL is a
+// pair of strings; REDUCE and NEWOBJ make an Object node that records the callable
+// (or class) and its arguments; BUILD, SETITEM(S) and APPEND(S) applied to an
+// object are recorded in it. Encoding an Object re-emits exactly those steps, so
+// the real unpickler (torch.load) rebuilds the same object: argparse.Namespace,
+// OmegaConf configs and classes that only the training code defines come through
+// as data.
+//
+// The graph keeps sharing and cycles: nodes live in an arena and refer to each
+// other by index, and the memo maps to node ids. Containers (and objects) are
+// created empty and filled afterwards, exactly as the pickle stream does, which is
+// what lets an OmegaConf child point back at a parent that is still being built.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "ckpt/io/byte_reader.hpp"
+
+namespace ckpt::pickle {
+
+using NodeId = std::uint32_t;
+inline constexpr NodeId kNoNode = 0xFFFFFFFF;
+
+enum class Kind : std::uint8_t {
+  None,
+  Bool,
+  Int,     // fits int64
+  BigInt,  // LONG1/LONG4 beyond int64: `text` holds two's-complement little-endian bytes
+  Float,
+  Str,        // UTF-8 bytes as found
+  Bytes,      // BINBYTES and friends
+  ByteArray,  // BYTEARRAY8 (protocol 5)
+  Tuple,
+  List,
+  Dict,
+  Set,
+  FrozenSet,
+  Global,  // `text` = module, `name` = qualified name
+  Object,  // REDUCE / NEWOBJ / NEWOBJ_EX result, plus what was applied to it
+  PersId,  // BINPERSID: `callable` holds the persistent id value
+};
+
+enum class ObjectOp : std::uint8_t { Reduce, NewObj, NewObjEx };
+
+struct Node {
+  Kind kind = Kind::None;
+  bool boolean = false;
+  std::int64_t integer = 0;
+  double real = 0.0;
+  std::string text;                                // Str, Bytes, ByteArray, BigInt bytes, Global module
+  std::string name;                                // Global name
+  std::vector<NodeId> items;                       // Tuple/List/Set elements; Object APPENDs
+  std::vector<std::pair<NodeId, NodeId>> entries;  // Dict entries; Object SETITEMs
+  // Object: callable (REDUCE) or class (NEWOBJ) and argument tuple, NEWOBJ_EX
+  // keyword dict, and the BUILD state. PersId: `callable` is the id.
+  ObjectOp op = ObjectOp::Reduce;
+  NodeId callable = kNoNode;
+  NodeId args = kNoNode;
+  NodeId kwargs = kNoNode;
+  NodeId state = kNoNode;
+};
+
+class Graph {
+ public:
+  NodeId add(Node node);
+  Node& operator[](NodeId id) { return nodes_.at(id); }
+  const Node& operator[](NodeId id) const { return nodes_.at(id); }
+  std::size_t size() const { return nodes_.size(); }
+
+  NodeId none();
+  NodeId boolean(bool value);
+  NodeId integer(std::int64_t value);
+  NodeId str(std::string_view value);
+  NodeId global(std::string_view module, std::string_view name);
+  NodeId tuple(std::vector<NodeId> items);
+
+  // Queries on decoded data.
+  bool is_str(NodeId id, std::string_view value) const;
+  bool is_global(NodeId id, std::string_view module, std::string_view name) const;
+  // The global an Object was built from (REDUCE callable or NEWOBJ class), if any.
+  const Node* object_class(NodeId id) const;
+  // Key/value pairs of a Dict, or of an Object's SETITEMs (OrderedDict).
+  const std::vector<std::pair<NodeId, NodeId>>* mapping_entries(NodeId id) const;
+  // Value under a string key in a dict-like node, or kNoNode.
+  NodeId lookup(NodeId mapping, std::string_view key) const;
+  // The instance dict an object's BUILD state holds (the state itself, or the
+  // first item of a (dict, slots) pair), or kNoNode.
+  NodeId state_dict(NodeId object) const;
+  // Value of an attribute of an object whose BUILD state is a dict (Namespace),
+  // or kNoNode.
+  NodeId attribute(NodeId object, std::string_view name) const;
+
+  NodeId root = kNoNode;
+  int protocol = 2;  // highest PROTO seen when decoding
+
+ private:
+  std::vector<Node> nodes_;
+};
+
+// Decodes a pickle. `file`, `member` and `base_offset` locate errors: a bad
+// opcode is reported with the absolute byte offset of the opcode in the file.
+Graph decode(Bytes pickle, const std::string& file, const std::string& member, std::uint64_t base_offset);
+
+// Encodes `graph` from `graph.root`. Every node reached more than once is
+// memoised (BINPUT) and re-emitted with BINGET, so sharing and cycles survive.
+std::vector<std::byte> encode(const Graph& graph);
+
+// Deepest nesting accepted when encoding, walking or rendering a graph. Python's
+// pickler recurses through several frames per level and stops at its recursion
+// limit (1000 frames), so no real pickle comes near; the bound keeps our own
+// recursion far from the stack's end, even under AddressSanitizer.
+inline constexpr int kMaxDepth = 1000;
+
+}  // namespace ckpt::pickle

@@ -1,0 +1,44 @@
+// Megatron's model-parallel gluing and re-cutting (metaseq naming), as pure
+// functions of TensorSources (../shared/FORMATS.md section 4). No file is read.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ckpt/layout/tensor_source.hpp"
+
+namespace ckpt {
+
+// How one key of a Megatron part is glued; the whole rule table lives in
+// megatron_rule().
+enum class MpRule {
+  FusedQkv,     // [k_m; v_m; q_m] per part
+  ConcatDim0,   // column-parallel: rows of part 0, then part 1, ...
+  ConcatDim1,   // row-parallel: each row is part 0's row, part 1's row, ...
+  Replicated,   // identical in every part: take part 0 (compare the others)
+  Copied,       // identical by construction (version): take part 0, no comparison
+  Placeholder,  // sinusoidal positions' _float_tensor: becomes zeros([1])
+};
+MpRule megatron_rule(std::string_view key);
+
+struct GlueOptions {
+  bool fused_qkv = false;  // keep one qkv_proj as [k_all; v_all; q_all]
+};
+
+// Re-cuts the consolidated parts into `new_parts` parts, in part 0's key order:
+// sharded tensors are glued and split evenly on their dimension (qkv per part
+// as [k_i; v_i; q_i]), replicated ones copied to every part. `replicated`
+// receives the keys whose parts should be compared. Throws Error naming the key
+// when parts miss keys, shapes do not glue, or `new_parts` does not divide a
+// sharded dimension.
+std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::vector<NamedTensor>>& parts,
+                                                       int new_parts, std::vector<std::string>* replicated);
+
+// Glues the consolidated parts into one state dict (reshard_megatron to one
+// part), splitting each fused qkv_proj into k_proj, v_proj and q_proj unless
+// `options.fused_qkv`.
+std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
+                                       std::vector<std::string>* replicated);
+
+}  // namespace ckpt

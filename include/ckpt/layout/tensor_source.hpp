@@ -1,0 +1,85 @@
+// A tensor to be written, described by where its bytes are: its row-major bytes
+// as pieces of input files, never loaded.
+//
+// A piece copies `rows` runs of `nbytes` from a source file into the tensor's
+// row-major bytes (its logical bytes), each run `source_stride` further in the
+// file and `stride` further in the tensor; rows == 1 is a plain range. Pieces tile
+// the logical bytes exactly. Layout rules (FSDP flattening and unflattening,
+// Megatron gluing and re-cutting) are pure functions from TensorSources to
+// TensorSources; the planner turns pieces into copy operations one for one.
+// A piece of file kZeroFile reads as zero bytes (FSDP padding, placeholders).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ckpt/format/dtype.hpp"
+
+namespace ckpt {
+
+struct SourcePiece {
+  static constexpr std::uint32_t kZeroFile = 0xFFFFFFFF;
+  static constexpr std::uint32_t kSyntheticFile = 0xFFFFFFFE;  // `synth`'s endless pseudo-random stream
+  std::uint32_t file = kZeroFile;                              // index into the manifest's files
+  std::uint64_t source_offset = 0;                             // absolute byte offset of row 0 in the file
+  std::uint64_t offset = 0;                                    // logical offset of row 0 in the tensor
+  std::uint64_t nbytes = 0;                                    // bytes per row
+  std::uint64_t rows = 1;
+  std::uint64_t source_stride = 0;
+  std::uint64_t stride = 0;  // logical bytes between rows
+
+  std::uint64_t end() const { return offset + (rows - 1) * stride + nbytes; }
+};
+
+// Appends `piece` to `pieces`, merged into the last one when it continues it
+// (plain pieces, the same file, adjacent in the tensor and in the file); empty
+// pieces are dropped. The one merge of byte ranges.
+void append_piece(std::vector<SourcePiece>& pieces, const SourcePiece& piece);
+
+struct TensorSource {
+  DType dtype = DType::Float32;
+  std::vector<std::int64_t> shape;
+  std::vector<SourcePiece> pieces;
+
+  std::uint64_t numel() const;
+  std::uint64_t nbytes() const { return numel() * dtype_info(dtype).itemsize; }
+  // Logical bytes [begin, begin + count), as a tensor of `new_shape`.
+  TensorSource slice(std::uint64_t begin, std::uint64_t count, std::vector<std::int64_t> new_shape) const;
+  // Viewing the bytes as `rows` equal rows: bytes [begin, begin + count) of
+  // every row, as a tensor of `new_shape` (Megatron's dim-1 re-cutting).
+  TensorSource columns(std::uint64_t rows, std::uint64_t begin, std::uint64_t count,
+                       std::vector<std::int64_t> new_shape) const;
+};
+
+// The parts' bytes one after the other (dim-0 concatenation, flattening).
+TensorSource concat(const std::vector<TensorSource>& parts, std::vector<std::int64_t> shape);
+// Row r of the result is row r of every part in turn, each part viewed as
+// `rows` equal rows (dim-1 concatenation).
+TensorSource interleave_rows(const std::vector<TensorSource>& parts, std::uint64_t rows,
+                             std::vector<std::int64_t> shape);
+
+// A tensor of `shape` that reads as zeros.
+TensorSource zeros_source(DType dtype, std::vector<std::int64_t> shape);
+
+// A named tensor of a state dict; `alias_of` names an earlier entry whose
+// tensor this key shares (tied weights), in which case `source` is unused.
+struct NamedTensor {
+  std::string name;
+  TensorSource source;
+  std::optional<std::string> alias_of;
+};
+
+// A tensor of an output file: written in `dtype`, converted from the source's
+// dtype when they differ.
+struct OutputTensor {
+  std::string name;
+  DType dtype = DType::Float32;
+  TensorSource source;
+  std::optional<std::string> alias_of;
+};
+
+OutputTensor as_output(const NamedTensor& tensor);
+
+}  // namespace ckpt

@@ -1,0 +1,45 @@
+// A model part's state dicts from its indexed FSDP shards: fairscale's
+// consolidate_shard_weights as byte ranges (../shared/FORMATS.md section 3).
+// Reads the manifest only; no tensor byte is read here.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/manifest/manifest.hpp"
+
+namespace ckpt {
+
+// The bytes of a manifest tensor in row-major order: one piece when it is
+// contiguous, otherwise one per innermost contiguous run; `file` is the
+// pieces' source index.
+TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file);
+
+// Throws Error naming the file and what it holds (describe_contents) when it
+// has no state dict of tensors at object path `state_dict`, flattened or not:
+// a plain state dict, a pickled module, a TorchScript archive are not training
+// checkpoints, and stitching one would give an empty model.
+bool is_training_checkpoint(const ManifestFile& file, const std::string& state_dict = "model");
+void check_training_checkpoint(const ManifestFile& file, const std::string& state_dict = "model");
+
+// The consolidated state dict ("model") of one model part from its DP shards
+// (`shard_files[d]` indexes manifest.files): every flat parameter unpadded,
+// concatenated over the shards and split into its named parameters; tied
+// parameters (shared_param_info) as aliases; buffers from shard 0. Files
+// without flat parameters (already consolidated) give their model tensors as
+// they are. `state_dict` is the object path of the state dict in each file:
+// "model", or an EMA copy such as "extra_state/ema" (buffers it lacks are taken
+// from "model"). Throws Error naming the file and tensor when shards disagree.
+std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files,
+                                          const std::string& state_dict = "model");
+
+// The same for per-parameter optimizer state: the flat tensors at
+// `last_optimizer_state/state/<k>/<state_name>` (k counting flat parameters in
+// metadata order) unpadded like their weights and split into the parameters'
+// names and shapes. Only flattened (FSDP) inputs carry such state.
+std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
+                                                     const std::string& state_name);
+
+}  // namespace ckpt

@@ -1,0 +1,69 @@
+// Planning an output checkpoint: a copy of a base checkpoint's objects with the
+// state dict (and whatever else a command replaces) rebuilt from OutputTensors.
+//
+// Used by stitch and reshard alike. The builder edits a copy of the base graph,
+// so every object the command does not touch (cfg, extra_state, classes only the
+// training code defines) is written back exactly as it was read; storages the
+// kept objects still reference are copied from the base file.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/plan/plan.hpp"
+#include "ckpt/plan/torch_file.hpp"
+
+namespace ckpt {
+
+class CheckpointBuilder {
+ public:
+  explicit CheckpointBuilder(const Checkpoint& base);
+  // A checkpoint built from nothing (`synth`): an empty top-level dict.
+  CheckpointBuilder();
+
+  pickle::Graph& graph() { return graph_; }
+  // A new tensor node whose data is `tensor` (written in tensor.dtype).
+  pickle::NodeId add_tensor(const OutputTensor& tensor);
+  // A new tensor node holding small data given here (a version buffer).
+  pickle::NodeId add_inline_tensor(DType dtype, const std::vector<std::int64_t>& shape, std::vector<std::byte> data);
+  // An OrderedDict of the tensors, in order; an alias shares its target's node.
+  pickle::NodeId add_state_dict(const std::vector<OutputTensor>& tensors);
+  // Turns the tensor node `node` of the base graph into a new tensor holding
+  // `tensor`: every reference to it (dict entries, nn.Parameter wrappers) now
+  // sees the new data, so key order and surrounding objects stay as they were.
+  void replace_tensor(pickle::NodeId node, const OutputTensor& tensor);
+  // The value under a string key of a dict-like node, replaced; false if absent.
+  bool set_entry(pickle::NodeId mapping, std::string_view key, pickle::NodeId value);
+  // The top-level value under `key`, or kNoNode.
+  pickle::NodeId top_level(const std::string& key) const;
+  // Top-level keys: replaced in place, appended when new, or dropped.
+  void set_top_level(const std::string& key, pickle::NodeId value);
+  void drop_top_level(const std::string& key);
+  // model_parallel_size in cfg.model (dict, Namespace or OmegaConf) and in a
+  // top-level `args` Namespace, where present.
+  void set_model_parallel_size(std::int64_t parts);
+
+  // The planned file. `sources[i]` is the plan source of manifest file i.
+  PlannedFile finish(const std::string& path, const std::vector<std::uint32_t>& sources, Plan& plan);
+
+ private:
+  struct Payload {
+    std::string key;
+    OutputTensor tensor;
+    std::vector<std::byte> inline_data;  // used when the tensor has no pieces
+  };
+  const Checkpoint* base_ = nullptr;
+  pickle::Graph graph_;
+  std::vector<std::pair<std::string, pickle::NodeId>> top_level_;  // in order
+  std::vector<Payload> payloads_;                                  // storage key i -> data
+};
+
+// The record holding one output tensor's data: one copy operation per source
+// piece (strided where the piece is), converting when the output dtype differs;
+// plain ranges merged.
+PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<std::uint32_t>& sources);
+
+}  // namespace ckpt

@@ -1,0 +1,56 @@
+// `stitch`: a raw FSDP x Megatron training checkpoint (or consolidated parts)
+// to one consolidated checkpoint, or one per model part. Plans only.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/layout/megatron.hpp"
+#include "ckpt/manifest/manifest.hpp"
+#include "ckpt/plan/plan.hpp"
+
+namespace ckpt {
+
+struct StitchOptions {
+  bool stitch_megatron = true;  // false: one output per model part
+  GlueOptions glue;
+  std::optional<DType> dtype;        // convert floating weights
+  std::string state_dict = "model";  // object path of the weights: "model" or an EMA copy in extra_state
+};
+
+// With --ema: the object path of the EMA weights in `file` (extra_state's
+// ema_fp32_params, else ema); throws Error naming the file when there are none.
+std::string ema_state_dict(const ManifestFile& file);
+
+// Parts that should agree across model parts (layer norms, row-parallel biases).
+struct ReplicatedCheck {
+  std::string key;
+  std::vector<TensorSource> parts;
+};
+
+struct StitchPlan {
+  Plan plan;
+  std::vector<std::vector<OutputTensor>> tensors;  // per output file, the state dict
+  std::vector<ReplicatedCheck> checks;
+};
+
+struct StitchInputs {
+  const Manifest* manifest = nullptr;
+  std::vector<const MappedFile*> files;  // parallel to manifest->files
+  // Whose other objects (cfg, extra_state, ...) each output carries: the first
+  // file of the grid, or with one output per part, each part's first file.
+  std::vector<const Checkpoint*> bases;
+};
+
+// `output_paths` has one path, or one per model part without stitching.
+// Throws Error for an incomplete or inconsistent grid, naming what is missing.
+StitchPlan plan_stitch(const StitchInputs& inputs, const std::vector<std::string>& output_paths,
+                       const StitchOptions& options);
+
+// Manifest indices of the grid's files, [part][shard]; throws Error listing the
+// grid's problems when it is incomplete.
+std::vector<std::vector<int>> complete_grid(const Manifest& manifest);
+
+}  // namespace ckpt

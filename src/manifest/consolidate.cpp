@@ -1,0 +1,241 @@
+// fairscale's consolidate_shard_weights as byte ranges: no tensor is loaded.
+#include "ckpt/manifest/consolidate.hpp"
+
+#include <fmt/format.h>
+
+#include <functional>
+#include <map>
+#include <set>
+
+namespace ckpt {
+
+TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file) {
+  TensorSource out;
+  out.dtype = tensor.dtype;
+  out.shape = tensor.shape;
+  std::uint64_t itemsize = dtype_info(tensor.dtype).itemsize;
+  std::uint64_t numel = tensor.numel();
+  if (numel == 0) return out;
+  // Dimensions at the end that are laid out contiguously form one run.
+  std::size_t inner = tensor.shape.size();
+  std::int64_t expected_stride = 1;
+  std::uint64_t run_elements = 1;
+  while (inner > 0) {
+    std::size_t d = inner - 1;
+    if (tensor.shape[d] != 1 && tensor.stride[d] != expected_stride) break;
+    expected_stride *= tensor.shape[d];
+    run_elements *= static_cast<std::uint64_t>(tensor.shape[d]);
+    --inner;
+  }
+  std::uint64_t run_bytes = run_elements * itemsize;
+  std::vector<std::int64_t> index(inner, 0);
+  std::uint64_t logical = 0;
+  while (true) {
+    std::uint64_t element = 0;
+    for (std::size_t d = 0; d < inner; ++d) element += static_cast<std::uint64_t>(index[d] * tensor.stride[d]);
+    SourcePiece piece;
+    piece.file = file;
+    piece.source_offset = tensor.file_byte_offset + element * itemsize;
+    piece.offset = logical;
+    piece.nbytes = run_bytes;
+    append_piece(out.pieces, piece);
+    logical += run_bytes;
+    std::size_t d = inner;
+    while (true) {
+      if (d == 0) return out;
+      --d;
+      if (++index[d] < tensor.shape[d]) break;
+      index[d] = 0;
+    }
+  }
+}
+
+namespace {
+
+// Tensors of a state dict in order: "model/x" -> "x".
+std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(const ManifestFile& file,
+                                                                              const std::string& prefix) {
+  std::vector<std::pair<std::string, const ManifestTensor*>> out;
+  for (const ManifestTensor& tensor : file.tensors) {
+    if (tensor.path.rfind(prefix, 0) == 0) out.emplace_back(tensor.path.substr(prefix.size()), &tensor);
+  }
+  return out;
+}
+
+bool is_flattened(const ManifestFile& file, const std::string& prefix) {
+  if (!file.fsdp) return false;
+  for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
+    for (const FlatParamMeta& flat : instance.flat_params) {
+      if (find_tensor(file, prefix + flat.state_key) != nullptr) return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+namespace {
+
+// Every flat parameter of the part, unpadded, concatenated over the shards and
+// split into its named parameters. `path_of(flat, index)` is the object path of
+// a flat parameter's tensor in each shard (index counts flat parameters in
+// metadata order).
+using FlatPath = std::function<std::string(const FlatParamMeta&, std::size_t)>;
+
+std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<int>& shard_files,
+                                   const FlatPath& path_of) {
+  const ManifestFile& first = manifest.files.at(shard_files[0]);
+  const FsdpMetadata& metadata = *first.fsdp;
+  std::vector<NamedTensor> out;
+  std::set<std::string> taken;
+  std::size_t flat_index = 0;
+  for (std::size_t i = 0; i < metadata.instances.size(); ++i) {
+    const FsdpInstanceMeta& instance = metadata.instances[i];
+    for (std::size_t j = 0; j < instance.flat_params.size(); ++j, ++flat_index) {
+      const FlatParamMeta& flat = instance.flat_params[j];
+      const std::string path = path_of(flat, flat_index);
+      if (flat.numels.size() != flat.names.size() || flat.shapes.size() != flat.names.size()) {
+        throw Error(Location{first.path, path, std::nullopt},
+                    "shard_metadata: names, shapes and numels have different lengths");
+      }
+      std::vector<TensorSource> real_parts;
+      std::optional<DType> flat_dtype;
+      for (std::size_t d = 0; d < shard_files.size(); ++d) {
+        const ManifestFile& shard = manifest.files.at(shard_files[d]);
+        auto fail = [&](const std::string& message) {
+          return Error(Location{shard.path, path, std::nullopt}, message);
+        };
+        if (!shard.fsdp || shard.fsdp->instances.size() != metadata.instances.size() ||
+            shard.fsdp->instances[i].flat_params.size() != instance.flat_params.size() ||
+            shard.fsdp->instances[i].flat_params[j].names != flat.names) {
+          throw fail(fmt::format("shard_metadata differs from {} (shards of different checkpoints?)", first.path));
+        }
+        const ManifestTensor* tensor = find_tensor(shard, path);
+        if (tensor == nullptr) throw fail("flat parameter missing from this shard");
+        if (flat_dtype && tensor->dtype != *flat_dtype) throw fail("dtype differs between shards");
+        flat_dtype = tensor->dtype;
+        if (tensor->shape.size() != 1) throw fail("flat parameter is not one-dimensional");
+        std::int64_t padding = shard.fsdp->instances[i].flat_params[j].padding;
+        auto held = static_cast<std::int64_t>(tensor->numel());
+        if (padding > held) {
+          throw Error(Location{shard.path, path, tensor->file_byte_offset},
+                      fmt::format("padding {} exceeds the {} elements held", padding, held));
+        }
+        TensorSource whole = source_of(*tensor, static_cast<std::uint32_t>(shard_files[d]));
+        std::uint64_t real_bytes = static_cast<std::uint64_t>(held - padding) * dtype_info(tensor->dtype).itemsize;
+        real_parts.push_back(whole.slice(0, real_bytes, {held - padding}));
+        if (instance.no_broadcast_optim_state) break;  // kept whole on every rank
+      }
+      std::int64_t real_numel = 0;
+      for (const TensorSource& part : real_parts) real_numel += part.shape[0];
+      if (real_numel != flat.total_numel()) {
+        throw Error(Location{first.path, path, std::nullopt},
+                    fmt::format("the shards hold {} unpadded elements, shard_metadata names {}", real_numel,
+                                flat.total_numel()));
+      }
+      TensorSource full = concat(real_parts, {real_numel});
+      std::uint64_t itemsize = dtype_info(full.dtype).itemsize;
+      std::uint64_t offset = 0;
+      for (std::size_t k = 0; k < flat.names.size(); ++k) {
+        std::string key = fsdp_key(instance.fsdp_path, flat.names[k]);
+        std::uint64_t nbytes = static_cast<std::uint64_t>(flat.numels[k]) * itemsize;
+        if (!taken.insert(key).second) {
+          throw Error(Location{first.path, "shard_metadata", std::nullopt}, "parameter named twice: " + key);
+        }
+        out.push_back({key, full.slice(offset, nbytes, flat.shapes[k]), std::nullopt});
+        offset += nbytes;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+bool is_training_checkpoint(const ManifestFile& file, const std::string& state_dict) {
+  const std::string prefix = state_dict + "/";
+  return is_flattened(file, prefix) || !state_dict_tensors(file, prefix).empty();
+}
+
+void check_training_checkpoint(const ManifestFile& file, const std::string& state_dict) {
+  if (is_training_checkpoint(file, state_dict)) return;
+  throw Error(Location{file.path, "", std::nullopt},
+              fmt::format("{}: stitch, reshard and diff of shard sets need a training checkpoint whose weights are a "
+                          "'{}' state dict (metaseq/fairscale files)",
+                          describe_contents(file), state_dict));
+}
+
+std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files,
+                                          const std::string& state_dict) {
+  check_invariant(!shard_files.empty(), "no shard files for a model part");
+  const ManifestFile& first = manifest.files.at(shard_files[0]);
+  const std::string prefix = state_dict + "/";
+  std::vector<NamedTensor> out;
+  std::set<std::string> taken;
+  auto add_buffers = [&](const std::vector<std::string>& names) {
+    for (const std::string& buffer : names) {
+      const ManifestTensor* tensor = find_tensor(first, prefix + buffer);
+      if (tensor == nullptr) tensor = find_tensor(first, "model/" + buffer);  // an EMA copy may hold parameters only
+      if (tensor == nullptr || !taken.insert(buffer).second) continue;
+      out.push_back({buffer, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
+    }
+  };
+
+  check_training_checkpoint(first, state_dict);
+  if (!is_flattened(first, prefix)) {
+    // Already consolidated (or never sharded): the tensors as they are; ties
+    // (one tensor under two keys) stay ties.
+    for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
+      taken.insert(key);
+      if (!tensor->alias_of.empty() && tensor->alias_of.rfind(prefix, 0) == 0) {
+        out.push_back({key, {}, tensor->alias_of.substr(prefix.size())});
+      } else {
+        out.push_back({key, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
+      }
+    }
+    if (prefix != "model/") {
+      // Buffers an EMA copy lacks: those shard_metadata names, else whatever the
+      // model has that the copy does not.
+      std::vector<std::string> buffers;
+      if (first.fsdp) {
+        buffers = first.fsdp->buffer_names;
+      } else {
+        for (const auto& [key, tensor] : state_dict_tensors(first, "model/")) buffers.push_back(key);
+      }
+      add_buffers(buffers);
+    }
+    return out;
+  }
+
+  out =
+      unflatten(manifest, shard_files, [&](const FlatParamMeta& flat, std::size_t) { return prefix + flat.state_key; });
+  for (const NamedTensor& tensor : out) taken.insert(tensor.name);
+  // Tied parameters: every instance's pairs (fairscale itself reads only the last
+  // instance's, and so loses the tie when the root comes first).
+  const FsdpMetadata& metadata = *first.fsdp;
+  for (const FsdpInstanceMeta& instance : metadata.instances) {
+    for (const auto& [src, dst] : instance.shared_param_info) {
+      std::string from = fsdp_key(instance.fsdp_path, src);
+      std::string to = fsdp_key(instance.fsdp_path, dst);
+      if (taken.count(from) == 0 || !taken.insert(to).second) continue;
+      out.push_back({to, {}, from});
+    }
+  }
+  add_buffers(metadata.buffer_names);
+  return out;
+}
+
+std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
+                                                     const std::string& state_name) {
+  const ManifestFile& first = manifest.files.at(shard_files.at(0));
+  if (!is_flattened(first, "model/")) {
+    throw Error(
+        Location{first.path, "last_optimizer_state", std::nullopt},
+        "optimizer state of unflattened (consolidated) weights cannot be resharded; use --drop-optimizer-state");
+  }
+  return unflatten(manifest, shard_files, [&](const FlatParamMeta&, std::size_t index) {
+    return fmt::format("last_optimizer_state/state/{}/{}", index, state_name);
+  });
+}
+
+}  // namespace ckpt

@@ -1,0 +1,104 @@
+// Planning a torch.save file: its records in torch's order, storages copied.
+#include "ckpt/plan/torch_file.hpp"
+
+#include <algorithm>
+#include <map>
+
+#include "ckpt/format/pyobject.hpp"
+
+namespace ckpt {
+
+namespace {
+
+PlannedRecord inline_record(std::string name, std::string_view text) {
+  PlannedRecord record;
+  record.name = std::move(name);
+  record.nbytes = text.size();
+  for (char c : text) record.inline_bytes.push_back(static_cast<std::byte>(c));
+  return record;
+}
+
+// "2" < "10": numeric keys by value, others after them in byte order.
+bool key_less(const std::string& a, const std::string& b) {
+  auto numeric = [](const std::string& s) {
+    return !s.empty() && s.size() < 19 && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  bool na = numeric(a);
+  bool nb = numeric(b);
+  if (na && nb) return std::stoull(a) < std::stoull(b);
+  if (na != nb) return na;
+  return a < b;
+}
+
+}  // namespace
+
+PlannedFile plan_torch_file(std::string path, const std::string& archive_name, const pickle::Graph& graph,
+                            std::vector<PlannedStorage> storages) {
+  PlannedFile file;
+  file.path = std::move(path);
+  std::vector<std::byte> pickle_bytes = pickle::encode(graph);
+  PlannedRecord pickle_record;
+  pickle_record.name = archive_name + "/data.pkl";
+  pickle_record.nbytes = pickle_bytes.size();
+  pickle_record.inline_bytes = std::move(pickle_bytes);
+  file.records.push_back(std::move(pickle_record));
+  file.records.push_back(inline_record(archive_name + "/byteorder", "little"));
+  std::sort(storages.begin(), storages.end(),
+            [](const PlannedStorage& a, const PlannedStorage& b) { return key_less(a.key, b.key); });
+  for (std::size_t i = 0; i + 1 < storages.size(); ++i) {
+    if (storages[i].key == storages[i + 1].key) throw Error("two storages planned under key " + storages[i].key);
+  }
+  for (PlannedStorage& storage : storages) {
+    storage.data.name = archive_name + "/data/" + storage.key;
+    file.records.push_back(std::move(storage.data));
+  }
+  file.records.push_back(inline_record(archive_name + "/version", "3\n"));
+  return file;
+}
+
+std::vector<PlannedStorage> copy_all_storages(const Checkpoint& checkpoint, Plan& plan) {
+  std::uint32_t source = plan.add_source(checkpoint.file());
+  std::vector<PlannedStorage> out;
+  for (const auto& [key, storage] : checkpoint.storages()) {
+    PlannedStorage planned;
+    planned.key = key;
+    planned.data.append_copy(source, storage.record->data_offset, storage.record->nbytes);
+    out.push_back(std::move(planned));
+  }
+  return out;
+}
+
+std::vector<PlannedStorage> carry_storages(pickle::Graph& graph, const Checkpoint& from, Plan& plan,
+                                           std::uint64_t& next_key) {
+  std::map<std::string, std::string> renamed;  // old key -> new key
+  std::vector<PlannedStorage> out;
+  std::uint32_t source = 0;
+  bool have_source = false;
+  for (pickle::NodeId id : reachable(graph, graph.root)) {
+    if (id >= from.graph().size() || graph[id].kind != pickle::Kind::PersId) continue;
+    auto storage_id = parse_storage_id(graph, id);
+    if (!storage_id || from.storages().count(storage_id->key) == 0) continue;
+    auto [it, inserted] = renamed.try_emplace(storage_id->key, std::to_string(next_key));
+    if (inserted) {
+      ++next_key;
+      if (!have_source) {
+        source = plan.add_source(from.file());
+        have_source = true;
+      }
+      const ZipRecord& record = *from.storages().at(storage_id->key).record;
+      PlannedStorage planned;
+      planned.key = it->second;
+      planned.data.append_copy(source, record.data_offset, record.nbytes);
+      out.push_back(std::move(planned));
+    }
+    // A fresh id tuple: the old one's nodes may be shared with other values.
+    pickle::NodeId old_tuple = graph[id].callable;
+    std::vector<pickle::NodeId> items = graph[old_tuple].items;
+    items[2] = graph.str(it->second);
+    pickle::NodeId fresh = graph.tuple(std::move(items));
+    graph[id].callable = fresh;
+  }
+  return out;
+}
+
+}  // namespace ckpt

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Fails when an #include points up the pipeline (docs/design.md).
+
+The stages, lowest first: io <- format <- layout <- manifest <- plan <- exec <- cli.
+A file of stage S (src/S/..., include/ckpt/S/...) may include headers of S and
+of the stages below it, never above. `tensor` (the LibTorch plugin, src/tensor/)
+sits beside cli: it implements exec's tensor_math.hpp, and nothing outside
+src/tensor/ includes its headers (only the plugin links LibTorch). Every project header must
+live in a stage folder: `#include "ckpt/x.hpp"` without one is an error too.
+
+Usage: check_layers.py SOURCE_ROOT
+"""
+import pathlib
+import re
+import sys
+
+STAGES = ["io", "format", "layout", "manifest", "plan", "exec", "cli"]
+RANK = {stage: i for i, stage in enumerate(STAGES)}
+RANK["tensor"] = RANK["cli"]
+INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def stage_of(root, path):
+    rel = path.relative_to(root).parts
+    if rel[0] == "src":
+        return rel[1]
+    if rel[:2] == ("include", "ckpt"):
+        return rel[2] if len(rel) > 3 else None
+    return None
+
+
+def main():
+    root = pathlib.Path(sys.argv[1]).resolve()
+    files = sorted(p for d in ("src", "include") for p in (root / d).rglob("*")
+                   if p.suffix in (".cpp", ".hpp", ".h"))
+    problems = []
+    for path in files:
+        stage = stage_of(root, path)
+        where = path.relative_to(root)
+        if stage not in RANK:
+            problems.append(f"{where}: not in a stage folder ({', '.join(STAGES)}, tensor)")
+            continue
+        for target in INCLUDE.findall(path.read_text()):
+            if not target.startswith("ckpt/"):
+                continue  # a header of the same folder (src/cli/commands.hpp)
+            parts = target.split("/")
+            if len(parts) != 3 or parts[1] not in RANK:
+                problems.append(f"{where}: includes {target}, which is in no stage folder")
+            elif RANK[parts[1]] > RANK[stage] or (parts[1] == "tensor" and stage != "tensor"):
+                problems.append(f"{where} ({stage}) includes {target} ({parts[1]}): up the pipeline")
+    for problem in problems:
+        print(problem)
+    print(f"{len(files)} files checked, {len(problems)} upward or misplaced include(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
