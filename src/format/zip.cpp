@@ -61,110 +61,174 @@ const ZipRecord* ZipArchive::find(std::string_view name) const {
   return it == index_.end() ? nullptr : &records_[it->second];
 }
 
-void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
-  ByteReader file(file_bytes_, path_, "zip directory");
-  if (file_bytes_.size() < kEndSize) file.fail(0, "not a zip archive (torch.save file): too short");
+namespace {
+
+// Where the central directory lies and how many entries it holds: the end
+// record's figures, or the ZIP64 end record's when there is one.
+struct DirectoryEnd {
+  std::size_t end_offset = 0;  // of the end of central directory record
+  std::uint64_t entries_here = 0;
+  std::uint64_t entries = 0;
+  std::uint64_t cd_size = 0;
+  std::uint64_t cd_offset = 0;
+};
+
+// The end of central directory record, found by searching backwards from the
+// end of the file.
+DirectoryEnd read_end_record(Bytes file_bytes, ByteReader& file) {
+  if (file_bytes.size() < kEndSize) file.fail(0, "not a zip archive (torch.save file): too short");
   // The end record sits at the very end unless the archive has a comment (up to
   // 64 KiB); search backwards for its signature.
-  std::size_t lowest = file_bytes_.size() >= kEndSize + 0xFFFF ? file_bytes_.size() - kEndSize - 0xFFFF : 0;
-  std::size_t end_offset = file_bytes_.size() - kEndSize;
+  std::size_t lowest = file_bytes.size() >= kEndSize + 0xFFFF ? file_bytes.size() - kEndSize - 0xFFFF : 0;
+  std::size_t end_offset = file_bytes.size() - kEndSize;
   for (;; --end_offset) {
     file.seek(end_offset);
     if (file.u32() == kEndSig) {
       file.skip(16);
-      if (end_offset + kEndSize + file.u16() == file_bytes_.size()) break;
+      if (end_offset + kEndSize + file.u16() == file_bytes.size()) break;
     }
     if (end_offset == lowest) {
-      bool zip_start = file_bytes_.size() >= 4 && std::memcmp(file_bytes_.data(), "PK\x03\x04", 4) == 0;
-      file.fail(file_bytes_.size(), zip_start ? "zip archive has no end of central directory at its end: a "
-                                                "truncated file, or bytes appended after the archive?"
-                                              : "not a zip archive (torch.save file)");
+      bool zip_start = file_bytes.size() >= 4 && std::memcmp(file_bytes.data(), "PK\x03\x04", 4) == 0;
+      file.fail(file_bytes.size(), zip_start ? "zip archive has no end of central directory at its end: a "
+                                               "truncated file, or bytes appended after the archive?"
+                                             : "not a zip archive (torch.save file)");
     }
   }
+  DirectoryEnd end;
+  end.end_offset = end_offset;
   file.seek(end_offset + 4);
   std::uint16_t disk = file.u16();
   std::uint16_t cd_disk = file.u16();
-  std::uint64_t entries_here = file.u16();
-  std::uint64_t entries = file.u16();
-  std::uint64_t cd_size = file.u32();
-  std::uint64_t cd_offset = file.u32();
+  end.entries_here = file.u16();
+  end.entries = file.u16();
+  end.cd_size = file.u32();
+  end.cd_offset = file.u32();
   if (disk != 0 || cd_disk != 0) file.fail(end_offset, "multi-disk zip archives are not supported");
+  return end;
+}
 
-  // A ZIP64 locator directly before the end record gives the real counts.
-  if (end_offset >= kLocatorSize) {
-    file.seek(end_offset - kLocatorSize);
-    if (file.u32() == kZip64LocatorSig) {
-      file.skip(4);
-      std::uint64_t zip64_end = file.u64();
-      if (zip64_end > end_offset - kLocatorSize || end_offset - kLocatorSize - zip64_end < kZip64EndSize) {
-        file.fail(end_offset - kLocatorSize, "ZIP64 locator points outside the archive");
-      }
-      file.seek(zip64_end);
-      if (file.u32() != kZip64EndSig) file.fail(zip64_end, "bad ZIP64 end of central directory signature");
-      file.skip(8 + 2 + 2 + 4 + 4);
-      entries_here = file.u64();
-      entries = file.u64();
-      cd_size = file.u64();
-      cd_offset = file.u64();
-    }
+// A ZIP64 locator directly before the end record points at the ZIP64 end
+// record, which gives the real counts, size and offset.
+void read_zip64_end(ByteReader& file, DirectoryEnd& end) {
+  const std::size_t end_offset = end.end_offset;
+  if (end_offset < kLocatorSize) return;
+  file.seek(end_offset - kLocatorSize);
+  if (file.u32() != kZip64LocatorSig) return;
+  file.skip(4);
+  std::uint64_t zip64_end = file.u64();
+  if (zip64_end > end_offset - kLocatorSize || end_offset - kLocatorSize - zip64_end < kZip64EndSize) {
+    file.fail(end_offset - kLocatorSize, "ZIP64 locator points outside the archive");
   }
-  if (entries_here != entries) file.fail(end_offset, "multi-disk zip archives are not supported");
-  if (cd_offset > file_bytes_.size() || cd_size > file_bytes_.size() - cd_offset) {
-    file.fail(end_offset, fmt::format("central directory (offset {}, {} bytes) lies outside the file of {} bytes",
-                                      cd_offset, cd_size, file_bytes_.size()));
-  }
-  if (entries > cd_size / kCentralSize) {
-    file.fail(end_offset, fmt::format("{} entries cannot fit a central directory of {} bytes", entries, cd_size));
-  }
+  file.seek(zip64_end);
+  if (file.u32() != kZip64EndSig) file.fail(zip64_end, "bad ZIP64 end of central directory signature");
+  file.skip(8 + 2 + 2 + 4 + 4);
+  end.entries_here = file.u64();
+  end.entries = file.u64();
+  end.cd_size = file.u64();
+  end.cd_offset = file.u64();
+}
 
-  ByteReader cd(file_bytes_.subspan(cd_offset, cd_size), path_, "zip directory", cd_offset);
-  for (std::uint64_t i = 0; i < entries; ++i) {
+// The central directory must lie inside the file and have room for its entries.
+void check_directory_extent(const ByteReader& file, const DirectoryEnd& end, std::uint64_t file_size) {
+  if (end.entries_here != end.entries) file.fail(end.end_offset, "multi-disk zip archives are not supported");
+  if (end.cd_offset > file_size || end.cd_size > file_size - end.cd_offset) {
+    file.fail(end.end_offset, fmt::format("central directory (offset {}, {} bytes) lies outside the file of {} bytes",
+                                          end.cd_offset, end.cd_size, file_size));
+  }
+  if (end.entries > end.cd_size / kCentralSize) {
+    file.fail(end.end_offset,
+              fmt::format("{} entries cannot fit a central directory of {} bytes", end.entries, end.cd_size));
+  }
+}
+
+// The fields of a central directory entry that matter here, with the ZIP64
+// extra field's values in place of the 0xFFFF(FFFF) markers.
+struct CentralEntry {
+  std::size_t entry_start = 0;  // position in the central directory
+  ZipRecord record;             // name, crc32 and header_offset so far
+  std::uint16_t flags = 0;
+  std::uint16_t method = 0;
+  std::uint64_t compressed = 0;
+  std::uint64_t uncompressed = 0;
+  std::uint64_t disk = 0;
+};
+
+// The ZIP64 extra field holds, in this order, each field marked 0xFFFF(FFFF).
+void apply_zip64_extra(ByteReader& extra, const std::string& path, CentralEntry& entry) {
+  while (extra.remaining() >= 4) {
+    std::uint16_t id = extra.u16();
+    std::uint16_t size = extra.u16();
+    ByteReader field(extra.take(size), path, entry.record.name, extra.absolute_offset() - size);
+    if (id != kZip64ExtraId) continue;
+    if (entry.uncompressed == k32) entry.uncompressed = field.u64();
+    if (entry.compressed == k32) entry.compressed = field.u64();
+    if (entry.record.header_offset == k32) entry.record.header_offset = field.u64();
+    if (entry.disk == k16) entry.disk = field.u32();
+  }
+}
+
+// Parses the central directory entry at `cd`'s position, leaving `cd` after it.
+CentralEntry parse_central_entry(ByteReader& cd, const std::string& path) {
+  CentralEntry entry;
+  entry.entry_start = cd.position();
+  if (cd.u32() != kCentralSig) cd.fail(entry.entry_start, "bad central directory entry signature");
+  cd.skip(2 + 2);
+  entry.flags = cd.u16();
+  entry.method = cd.u16();
+  cd.skip(2 + 2);
+  entry.record.crc32 = cd.u32();
+  entry.compressed = cd.u32();
+  entry.uncompressed = cd.u32();
+  std::uint16_t name_len = cd.u16();
+  std::uint16_t extra_len = cd.u16();
+  std::uint16_t comment_len = cd.u16();
+  entry.disk = cd.u16();
+  cd.skip(2 + 4);
+  entry.record.header_offset = cd.u32();
+  entry.record.name = std::string(cd.text(name_len));
+  ByteReader extra(cd.take(extra_len), path, entry.record.name, cd.absolute_offset() - extra_len);
+  cd.skip(comment_len);
+  apply_zip64_extra(extra, path, entry);
+  return entry;
+}
+
+// The entry's record, once it is known to be one stored (uncompressed,
+// unencrypted) record on this disk: a byte range of the file.
+ZipRecord stored_record(const ByteReader& cd, CentralEntry entry) {
+  const std::string& name = entry.record.name;
+  if (entry.disk != 0) cd.fail(entry.entry_start, "record on another disk: multi-disk archives are not supported");
+  if (entry.flags & kFlagEncrypted) cd.fail(entry.entry_start, "record '" + name + "' is encrypted");
+  if (entry.method != 0) {
+    // torch.jit.save compresses its code/ records: name the file for what it is.
+    bool torchscript = name.find("/code/") != std::string::npos;
+    cd.fail(entry.entry_start, torchscript ? fmt::format("a TorchScript archive (torch.jit.save: record '{}'), not a "
+                                                         "torch.save checkpoint; ckpt-tool reads torch.save files",
+                                                         name)
+                                           : fmt::format("record '{}' is compressed (method {}); torch.save stores "
+                                                         "records uncompressed",
+                                                         name, entry.method));
+  }
+  if (entry.compressed != entry.uncompressed)
+    cd.fail(entry.entry_start, "record '" + name + "': stored sizes disagree");
+  entry.record.nbytes = entry.uncompressed;
+  return std::move(entry.record);
+}
+
+}  // namespace
+
+void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
+  ByteReader file(file_bytes_, path_, "zip directory");
+  DirectoryEnd end = read_end_record(file_bytes_, file);
+  read_zip64_end(file, end);
+  check_directory_extent(file, end, file_bytes_.size());
+
+  ByteReader cd(file_bytes_.subspan(end.cd_offset, end.cd_size), path_, "zip directory", end.cd_offset);
+  for (std::uint64_t i = 0; i < end.entries; ++i) {
     std::size_t entry_start = cd.position();
-    if (cd.u32() != kCentralSig) cd.fail(entry_start, "bad central directory entry signature");
-    cd.skip(2 + 2);
-    std::uint16_t flags = cd.u16();
-    std::uint16_t method = cd.u16();
-    cd.skip(2 + 2);
-    ZipRecord record;
-    record.crc32 = cd.u32();
-    std::uint64_t compressed = cd.u32();
-    std::uint64_t uncompressed = cd.u32();
-    std::uint16_t name_len = cd.u16();
-    std::uint16_t extra_len = cd.u16();
-    std::uint16_t comment_len = cd.u16();
-    std::uint64_t entry_disk = cd.u16();
-    cd.skip(2 + 4);
-    record.header_offset = cd.u32();
-    record.name = std::string(cd.text(name_len));
-    ByteReader extra(cd.take(extra_len), path_, record.name, cd.absolute_offset() - extra_len);
-    cd.skip(comment_len);
-    while (extra.remaining() >= 4) {
-      std::uint16_t id = extra.u16();
-      std::uint16_t size = extra.u16();
-      ByteReader field(extra.take(size), path_, record.name, extra.absolute_offset() - size);
-      if (id != kZip64ExtraId) continue;
-      if (uncompressed == k32) uncompressed = field.u64();
-      if (compressed == k32) compressed = field.u64();
-      if (record.header_offset == k32) record.header_offset = field.u64();
-      if (entry_disk == k16) entry_disk = field.u32();
-    }
-    if (entry_disk != 0) cd.fail(entry_start, "record on another disk: multi-disk archives are not supported");
-    if (flags & kFlagEncrypted) cd.fail(entry_start, "record '" + record.name + "' is encrypted");
-    if (method != 0) {
-      // torch.jit.save compresses its code/ records: name the file for what it is.
-      bool torchscript = record.name.find("/code/") != std::string::npos;
-      cd.fail(entry_start, torchscript ? fmt::format("a TorchScript archive (torch.jit.save: record '{}'), not a "
-                                                     "torch.save checkpoint; ckpt-tool reads torch.save files",
-                                                     record.name)
-                                       : fmt::format("record '{}' is compressed (method {}); torch.save stores "
-                                                     "records uncompressed",
-                                                     record.name, method));
-    }
-    if (compressed != uncompressed) cd.fail(entry_start, "record '" + record.name + "': stored sizes disagree");
-    record.nbytes = uncompressed;
+    ZipRecord record = stored_record(cd, parse_central_entry(cd, path_));
     if (index_.count(record.name) != 0) cd.fail(entry_start, "duplicate record name '" + record.name + "'");
     read_local_header(record, read_local_headers);
-    if (record.data_offset + record.nbytes > cd_offset) {
+    if (record.data_offset + record.nbytes > end.cd_offset) {
       cd.fail(entry_start, fmt::format("record '{}' ({} bytes at offset {}) overlaps the central directory",
                                        record.name, record.nbytes, record.data_offset));
     }
