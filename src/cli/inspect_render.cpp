@@ -1,0 +1,274 @@
+// The renderers of `inspect`: text (a summary, the grid, an object tree, a
+// tensor table) and JSON.
+#include "inspect_render.hpp"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <map>
+#include <ostream>
+#include <set>
+
+#include "ckpt/manifest/consolidate.hpp"
+#include "inputs.hpp"
+
+namespace ckpt::cli {
+
+using json = nlohmann::json;
+
+namespace {
+
+struct Summary {
+  std::uint64_t parameters = 0;
+  std::map<std::string, std::pair<std::uint64_t, std::uint64_t>> by_dtype;  // dtype -> (tensors, bytes)
+  std::map<std::string, std::uint64_t> by_section;
+};
+
+// Parameters counted from FSDP metadata (unpadded, one shard per part) when the
+// files are flattened; otherwise the elements of the model's tensors.
+Summary summarize(const Manifest& manifest) {
+  Summary summary;
+  std::map<int, bool> part_counted;
+  for (const ManifestFile& file : manifest.files) {
+    for (const ManifestTensor& t : file.tensors) {
+      if (!t.alias_of.empty()) continue;  // tied: its bytes are counted once
+      auto& [count, bytes] = summary.by_dtype[std::string(dtype_info(t.dtype).name)];
+      ++count;
+      bytes += t.nbytes;
+      summary.by_section[t.section()] += t.nbytes;
+    }
+    if (file.fsdp) {
+      int part = file.role.mp_part.value_or(0);
+      if (part_counted[part]) continue;
+      part_counted[part] = true;
+      for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
+        for (const FlatParamMeta& flat : instance.flat_params) summary.parameters += flat.total_numel();
+      }
+    } else {
+      for (const ManifestTensor& t : file.tensors) {
+        if (t.section() == "model" && t.alias_of.empty()) summary.parameters += t.numel();
+      }
+    }
+  }
+  return summary;
+}
+
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  return fmt::format("[{}]", fmt::join(shape, ", "));
+}
+
+std::string scalar_text(const json& value) {
+  if (value.is_string()) return fmt::format("'{}'", printable(value.get<std::string>()));
+  return value.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+class TreePrinter {
+ public:
+  TreePrinter(const ManifestFile& file, std::ostream& out) : file_(file), out_(out) {}
+
+  // Labels, class names and strings come from the file: escaped by `printable`.
+  void print(const json& node, const std::string& raw_label, int indent) {
+    std::string pad(static_cast<std::size_t>(indent) * 2, ' ');
+    const std::string label = printable(raw_label);
+    if (auto tensor = tensor_text(node)) {
+      out_ << pad << label << ": " << *tensor << "\n";
+      return;
+    }
+    if (!node.is_object() && !node.is_array()) {
+      out_ << pad << label << ": " << scalar_text(node) << "\n";
+      return;
+    }
+    if (node.is_object() && node.contains("$ref")) {
+      out_ << pad << label << ": (same object as " << printable(node["$ref"].get<std::string>()) << ")\n";
+      return;
+    }
+    json children = node;
+    std::string kind = node.is_array() ? fmt::format("list of {}", node.size()) : "";
+    if (node.is_object() && node.contains("$class")) {
+      kind = printable(node["$class"].get<std::string>());
+      if (node.contains("value"))
+        children = node["value"];
+      else if (node.contains("attributes"))
+        children = node["attributes"];
+      if (kind == "torch.Size" && children.is_array()) {
+        out_ << pad << label << ": torch.Size" << children.dump() << "\n";
+        return;
+      }
+    }
+    if (children.is_object()) children.erase("$class");
+    std::size_t tensors = 0;
+    std::set<std::size_t> distinct;  // a tied tensor is counted once
+    std::uint64_t tensor_bytes = 0;
+    for (const auto& item : children.items()) {
+      if (item.value().is_object() && item.value().contains("$tensor")) {
+        ++tensors;
+        std::size_t index = item.value()["$tensor"].get<std::size_t>();
+        if (distinct.insert(index).second) tensor_bytes += file_.tensors.at(index).nbytes;
+      }
+    }
+    std::string header = pad + label + ":" + (kind.empty() ? "" : " " + kind);
+    if (tensors > 8 && tensors == children.size()) {
+      out_ << header << fmt::format(" ({} tensors, {})\n", tensors, human_bytes(tensor_bytes));
+      return;
+    }
+    if (indent >= kMaxIndent) {
+      out_ << header << fmt::format(" ({} entries)\n", children.size());
+      return;
+    }
+    out_ << header << (children.empty() ? " (empty)" : "") << "\n";
+    std::size_t shown = 0;
+    for (const auto& item : children.items()) {
+      if (++shown > kMaxChildren) {
+        out_ << pad << "  ... " << children.size() - kMaxChildren << " more\n";
+        break;
+      }
+      print(item.value(), item.key(), indent + 1);
+    }
+  }
+
+ private:
+  static constexpr int kMaxIndent = 5;
+  static constexpr std::size_t kMaxChildren = 40;
+
+  std::optional<std::string> tensor_text(const json& node) const {
+    if (!node.is_object() || !node.contains("$tensor")) return std::nullopt;
+    const ManifestTensor& t = file_.tensors.at(node["$tensor"].get<std::size_t>());
+    return fmt::format("tensor {} {}", dtype_info(t.dtype).name, shape_text(t.shape));
+  }
+
+  const ManifestFile& file_;
+  std::ostream& out_;
+};
+
+void print_grid(const Manifest& manifest, std::ostream& out) {
+  const Grid& grid = manifest.grid;
+  bool fsdp = !manifest.files.empty() && manifest.files[0].fsdp.has_value();
+  out << fmt::format("grid: {} model-parallel part(s) x {} data-parallel shard(s){}\n", grid.mp, grid.dp,
+                     fsdp ? ", FSDP-flattened" : "");
+  if (grid.mp * grid.dp <= 1) return;
+  out << "        ";
+  for (int d = 0; d < grid.dp; ++d) out << fmt::format(" {:>7}", fmt::format("shard{}", d));
+  out << "\n";
+  for (int m = 0; m < grid.mp; ++m) {
+    out << fmt::format("  part{:<2}", m);
+    for (int d = 0; d < grid.dp; ++d) {
+      int index = grid.cells[m][d];
+      out << fmt::format(" {:>7}", index < 0 ? "MISSING" : human_bytes(manifest.files[index].size_bytes));
+    }
+    out << "\n";
+  }
+}
+
+// What stitch and reshard would say of it, shown here too (it is no problem of the file itself).
+bool is_training(const Manifest& manifest) {
+  return manifest.files.empty() || is_training_checkpoint(manifest.files[0]);
+}
+
+bool selected(const InspectRequest& request, const ManifestTensor& t) {
+  return request.filter == nullptr || std::regex_search(t.path, *request.filter);
+}
+
+// Files, sizes, grid, parameter count and bytes by dtype and by section.
+void print_summary(const Manifest& manifest, std::ostream& out) {
+  Summary summary = summarize(manifest);
+  std::uint64_t total = 0;
+  for (const ManifestFile& file : manifest.files) total += file.size_bytes;
+  out << fmt::format("{} file(s), {}\n", manifest.files.size(), human_bytes(total));
+  print_grid(manifest, out);
+  if (!is_training(manifest)) {
+    out << fmt::format("not a training checkpoint: {} (stitch and reshard refuse it)\n",
+                       printable(describe_contents(manifest.files[0])));
+  }
+  out << fmt::format("parameters: {:L} ({})\n", summary.parameters,
+                     manifest.files.size() > 0 && manifest.files[0].fsdp
+                         ? "from FSDP metadata, unpadded, summed over model parts"
+                         : "elements of the model's tensors");
+  out << "bytes by dtype:\n";
+  for (const auto& [dtype, stats] : summary.by_dtype) {
+    out << fmt::format("  {:<10} {:>12}  in {} tensor(s)\n", dtype, human_bytes(stats.second), stats.first);
+  }
+  out << "bytes by section:\n";
+  for (const auto& [section, bytes] : summary.by_section) {
+    out << fmt::format("  {:<16} {:>12}\n", section, human_bytes(bytes));
+  }
+}
+
+void print_problems(const Manifest& manifest, std::ostream& out) {
+  if (manifest.grid.problems.empty()) {
+    out << "problems: none found\n";
+    return;
+  }
+  out << fmt::format("problems ({}):\n", manifest.grid.problems.size());
+  for (const std::string& problem : manifest.grid.problems) out << "  " << printable(problem) << "\n";
+}
+
+// The first file's objects, as a tree.
+void print_objects(const Manifest& manifest, std::ostream& out) {
+  if (manifest.files.empty()) return;
+  const ManifestFile& first = manifest.files[0];
+  out << "objects of " << printable(std::filesystem::path(first.path).filename().string()) << ":\n";
+  TreePrinter printer(first, out);
+  if (first.objects.is_object() && !first.objects.contains("$class")) {
+    for (const auto& item : first.objects.items()) printer.print(item.value(), item.key(), 1);
+  } else {
+    printer.print(first.objects, "<root>", 1);
+  }
+}
+
+void print_tensor_table(const Manifest& manifest, const InspectRequest& request, std::ostream& out) {
+  out << fmt::format("{:<60} {:<9} {:<18} {:>10}  {}\n", "tensor", "dtype", "shape", "bytes", "file @ offset");
+  for (const ManifestFile& file : manifest.files) {
+    std::string name = printable(std::filesystem::path(file.path).filename().string());
+    for (const ManifestTensor& t : file.tensors) {
+      if (!selected(request, t)) continue;
+      out << fmt::format("{:<60} {:<9} {:<18} {:>10}  {} @ 0x{:x}\n", printable(t.path), dtype_info(t.dtype).name,
+                         shape_text(t.shape), t.nbytes, name, t.file_byte_offset);
+    }
+  }
+}
+
+json tensor_list_json(const Manifest& manifest, const InspectRequest& request) {
+  json list = json::array();
+  for (const ManifestFile& file : manifest.files) {
+    for (const ManifestTensor& t : file.tensors) {
+      if (!selected(request, t)) continue;
+      list.push_back({{"file", file.path},
+                      {"path", t.path},
+                      {"dtype", dtype_info(t.dtype).name},
+                      {"shape", t.shape},
+                      {"nbytes", t.nbytes},
+                      {"file_byte_offset", t.file_byte_offset}});
+    }
+  }
+  return list;
+}
+
+}  // namespace
+
+void print_inspect_text(const Manifest& manifest, const InspectRequest& request, std::ostream& out) {
+  print_summary(manifest, out);
+  print_problems(manifest, out);
+  print_objects(manifest, out);
+  if (request.tensors) print_tensor_table(manifest, request, out);
+}
+
+json inspect_json(const Manifest& manifest, const InspectRequest& request) {
+  Summary summary = summarize(manifest);
+  bool training = is_training(manifest);
+  json out = {{"files", manifest.files.size()},
+              {"grid", {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", manifest.grid.cells}}},
+              {"fsdp", !manifest.files.empty() && manifest.files[0].fsdp.has_value()},
+              {"parameters", summary.parameters},
+              {"training_checkpoint", training},
+              {"problems", manifest.grid.problems}};
+  if (!training) out["contents"] = describe_contents(manifest.files[0]);
+  for (const auto& [dtype, stats] : summary.by_dtype) {
+    out["bytes_by_dtype"][dtype] = {{"tensors", stats.first}, {"bytes", stats.second}};
+  }
+  for (const auto& [section, bytes] : summary.by_section) out["bytes_by_section"][section] = bytes;
+  if (!manifest.files.empty()) out["objects"] = manifest.files[0].objects;
+  if (request.tensors) out["tensors"] = tensor_list_json(manifest, request);
+  return out;
+}
+
+}  // namespace ckpt::cli

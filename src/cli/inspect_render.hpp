@@ -1,0 +1,26 @@
+// What `inspect` prints of an input set: the text renderer for people and the
+// JSON renderer for machines, over the same manifest and the same selection.
+#pragma once
+
+#include <iosfwd>
+#include <regex>
+
+#include <nlohmann/json.hpp>
+
+#include "ckpt/manifest/manifest.hpp"
+
+namespace ckpt::cli {
+
+struct InspectRequest {
+  bool tensors = false;                // list every tensor
+  const std::regex* filter = nullptr;  // with `tensors`: only those whose path matches (null: all)
+};
+
+// The summary, the grid, the problems, the first file's objects as a tree and,
+// when asked, a table of the tensors.
+void print_inspect_text(const Manifest& manifest, const InspectRequest& request, std::ostream& out);
+
+// The same, as one JSON document.
+nlohmann::json inspect_json(const Manifest& manifest, const InspectRequest& request);
+
+}  // namespace ckpt::cli
