@@ -23,22 +23,17 @@ namespace {
 // One side of a comparison: a single file's tensors as they are, or a set of
 // shard files consolidated on the fly (the stitched model, "model/<key>").
 struct Side {
-  Manifest manifest;
-  std::vector<std::unique_ptr<MappedFile>> mapped;
-  std::vector<const MappedFile*> files;
+  explicit Side(PlanInputs opened) : inputs(std::move(opened)) {}
+  PlanInputs inputs;
   std::vector<NamedTensor> tensors;
   bool consolidated = false;
 };
 
 std::unique_ptr<Side> load_side(const std::string& input, std::optional<std::int64_t> model_parts) {
-  auto side = std::make_unique<Side>();
-  side->manifest = load_inputs({input}, model_parts);
-  for (const ManifestFile& file : side->manifest.files) {
-    side->mapped.push_back(std::make_unique<MappedFile>(file.path));
-    side->files.push_back(side->mapped.back().get());
-  }
-  if (side->manifest.files.size() == 1) {
-    for (const ManifestTensor& tensor : side->manifest.files[0].tensors) {
+  auto side = std::make_unique<Side>(open_inputs({input}, model_parts));
+  const Manifest& manifest = side->inputs.manifest();
+  if (manifest.files.size() == 1) {
+    for (const ManifestTensor& tensor : manifest.files[0].tensors) {
       if (!tensor.alias_of.empty()) {
         side->tensors.push_back({tensor.path, {}, tensor.alias_of});
       } else {
@@ -49,7 +44,7 @@ std::unique_ptr<Side> load_side(const std::string& input, std::optional<std::int
   }
   side->consolidated = true;
   std::vector<std::vector<NamedTensor>> parts;
-  for (const auto& shards : complete_grid(side->manifest)) parts.push_back(consolidate_part(side->manifest, shards));
+  for (const auto& shards : complete_grid(manifest)) parts.push_back(consolidate_part(manifest, shards));
   for (NamedTensor& tensor : glue_megatron(parts, {}, nullptr)) {
     tensor.name = "model/" + tensor.name;
     if (tensor.alias_of) tensor.alias_of = "model/" + *tensor.alias_of;
@@ -148,10 +143,10 @@ Action add_diff_command(CLI::App& app) {
       compare.rtol = options->rtol;
       compare.max_positions = options->max_positions;
       compare.threads = options->threads;
-      DiffReport report = diff_tensors(a->tensors, a->files, b->tensors, b->files, compare);
+      DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
       std::vector<std::string> objects;
       if (!a->consolidated && !b->consolidated) {
-        diff_objects(a->manifest.files[0].objects, b->manifest.files[0].objects, "", objects, 50);
+        diff_objects(a->inputs.manifest().files[0].objects, b->inputs.manifest().files[0].objects, "", objects, 50);
       }
       double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       bool equal = report.equal() && objects.empty();

@@ -3,7 +3,6 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
-#include <map>
 #include <memory>
 
 #include "ckpt/exec/replicated.hpp"
@@ -51,26 +50,14 @@ Action add_reshard_command(CLI::App& app) {
     check_output_pattern(options->output, rule);
     if (!options->write.dry_run) check_output_grid(options->output, options->mp, options->dp);
     auto started = std::chrono::steady_clock::now();
-    Manifest manifest = load_inputs(options->inputs, options->write.model_parts);
-    std::vector<std::unique_ptr<MappedFile>> mapped;
-    std::vector<const MappedFile*> files;
-    for (const ManifestFile& file : manifest.files) {
-      mapped.push_back(std::make_unique<MappedFile>(file.path));
-      files.push_back(mapped.back().get());
-    }
-    std::map<int, std::unique_ptr<Checkpoint>> bases;
-    auto open_base = [&](int index) -> const Checkpoint& {
-      auto& slot = bases[index];
-      if (!slot) slot = std::make_unique<Checkpoint>(*files[index]);
-      return *slot;
-    };
+    PlanInputs inputs = open_inputs(options->inputs, options->write.model_parts);
     ReshardOptions reshard;
     reshard.mp = options->mp;
     reshard.dp = options->dp;
     reshard.unflatten = options->unflatten;
     reshard.drop_optimizer_state = options->drop_optimizer_state;
-    ReshardPlan plan = plan_reshard(manifest, files, open_base, options->output, reshard);
-    report_replicated(plan.checks, files, options->write.strict);
+    ReshardPlan plan = plan_reshard(inputs, options->output, reshard);
+    report_replicated(plan.checks, inputs.files(), options->write.strict);
     run_plan(plan.plan, plan.tensors, options->write, started);
     return 0;
   };

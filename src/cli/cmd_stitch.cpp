@@ -51,38 +51,27 @@ Action add_stitch_command(CLI::App& app) {
     check_output_pattern(options->output, rule);
     if (!options->no_stitch_megatron && !options->write.dry_run) check_output_file(options->output, options->output);
     auto started = std::chrono::steady_clock::now();
-    Manifest manifest = load_inputs(options->inputs, options->write.model_parts);
-    std::vector<std::vector<int>> grid = complete_grid(manifest);
-    std::vector<std::unique_ptr<MappedFile>> mapped;
-    StitchInputs inputs;
-    inputs.manifest = &manifest;
-    for (const ManifestFile& file : manifest.files) {
-      mapped.push_back(std::make_unique<MappedFile>(file.path));
-      inputs.files.push_back(mapped.back().get());
-    }
+    PlanInputs inputs = open_inputs(options->inputs, options->write.model_parts, /*grid_first=*/true);
+    std::vector<std::vector<int>> grid = complete_grid(inputs.manifest());
     std::vector<std::string> outputs;
-    std::vector<std::unique_ptr<Checkpoint>> bases;
     StitchOptions stitch;
     stitch.stitch_megatron = !options->no_stitch_megatron;
     stitch.glue.fused_qkv = options->fused_qkv;
     if (!options->dtype.empty()) stitch.dtype = dtype_from_name(options->dtype);
-    if (options->ema) stitch.state_dict = ema_state_dict(manifest.files[grid[0][0]]);
+    if (options->ema) stitch.state_dict = ema_state_dict(inputs.manifest().files[grid[0][0]]);
     if (stitch.stitch_megatron) {
       outputs.push_back(options->output);
-      bases.push_back(std::make_unique<Checkpoint>(*inputs.files[grid[0][0]]));
     } else {
       const int parts = static_cast<int>(grid.size());
       for (int m = 0; m < parts; ++m) {
         std::string path = output_path(options->output, parts, 1, m, 0);
         if (!options->write.dry_run) check_output_file(options->output, path);
         outputs.push_back(path);
-        bases.push_back(std::make_unique<Checkpoint>(*inputs.files[grid[static_cast<std::size_t>(m)][0]]));
       }
     }
-    for (const auto& base : bases) inputs.bases.push_back(base.get());
 
     StitchPlan plan = plan_stitch(inputs, outputs, stitch);
-    report_replicated(plan.checks, inputs.files, options->write.strict);
+    report_replicated(plan.checks, inputs.files(), options->write.strict);
     run_plan(plan.plan, plan.tensors, options->write, started);
     return 0;
   };

@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <tuple>
 
+#include "ckpt/plan/stitch.hpp"
+
 namespace ckpt::cli {
 
 namespace fs = std::filesystem;
@@ -62,6 +64,13 @@ Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::
   }
   if (model_parts) manifest.grid = detect_grid(manifest.files, model_parts);
   return manifest;
+}
+
+PlanInputs open_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts,
+                       bool grid_first) {
+  Manifest manifest = load_inputs(inputs, model_parts);
+  if (grid_first) complete_grid(manifest);
+  return PlanInputs(std::move(manifest));
 }
 
 void add_model_parts_flag(CLI::App& app, std::optional<std::int64_t>& model_parts) {

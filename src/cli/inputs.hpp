@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ckpt/manifest/manifest.hpp"
+#include "ckpt/plan/plan_inputs.hpp"
 
 namespace CLI {
 class App;
@@ -22,6 +23,12 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs);
 // A single `.json`/`.json.zst` argument is read as a manifest (and checked to be
 // fresh); anything else is indexed now.
 Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts = std::nullopt);
+
+// What stitch, reshard and diff read: load_inputs, then every file mapped. With
+// `grid_first`, the files must be one complete grid (complete_grid's Error),
+// checked before any file is mapped.
+PlanInputs open_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts,
+                       bool grid_first = false);
 
 // --model-parts N: the part count of the input set, in place of what its cfg
 // declares (for stitch, reshard, inspect, verify and diff).

@@ -85,122 +85,196 @@ void rewrite_metadata(CheckpointBuilder& builder, const Checkpoint& base, const 
   }
 }
 
-}  // namespace
+// Per output part, [m], the consolidated parameters of one kind: the weights or
+// one optimizer state.
+using PartTensors = std::vector<std::vector<NamedTensor>>;
 
-ReshardPlan plan_reshard(const Manifest& manifest, const std::vector<const MappedFile*>& files,
-                         const std::function<const Checkpoint&(int)>& open_base, const std::string& pattern,
-                         const ReshardOptions& options) {
+// The request alone, before any input is read.
+void check_request(const ReshardOptions& options) {
   if (options.mp < 1 || options.dp < 1) throw Error("--mp and --dp must be at least 1");
   if (options.unflatten && options.dp != 1) throw Error("--unflatten writes consolidated parts: it needs --dp 1");
-  std::vector<std::vector<int>> grid = complete_grid(manifest);
-  const int in_mp = static_cast<int>(grid.size());
-  const int in_dp = static_cast<int>(grid[0].size());
-  const ManifestFile& first = manifest.files[grid[0][0]];
+}
+
+// The grid's first file decides what can be written: flat outputs need its FSDP layout.
+void check_first_file(const ManifestFile& first, const ReshardOptions& options) {
   check_training_checkpoint(first);
   if (!options.unflatten && !first.fsdp) {
     throw Error(Location{first.path, "", std::nullopt},
                 "no shard_metadata, so the FSDP layout is unknown: only --dp 1 --unflatten can be written");
   }
+}
 
-  ReshardPlan out;
-  // Weights: consolidate every input part, re-cut for the new part count.
-  std::vector<std::vector<NamedTensor>> parts;
+// Every input part's weights consolidated and re-cut into `mp` parts; what
+// should agree across the input parts goes to `checks`.
+PartTensors recut_weights(const Manifest& manifest, const std::vector<std::vector<int>>& grid, int mp,
+                          std::vector<ReplicatedCheck>& checks) {
+  PartTensors parts;
   for (const auto& shards : grid) parts.push_back(consolidate_part(manifest, shards));
   std::vector<std::string> replicated;
-  std::vector<std::vector<NamedTensor>> weights = reshard_megatron(parts, options.mp, &replicated);
-  for (const std::string& key : replicated) {
-    ReplicatedCheck check{key, {}};
-    for (const auto& part : parts) {
-      for (const NamedTensor& tensor : part) {
-        if (tensor.name == key) check.parts.push_back(tensor.source);
-      }
-    }
-    out.checks.push_back(std::move(check));
+  PartTensors weights = reshard_megatron(parts, mp, &replicated);
+  checks = replicated_checks(parts, replicated);
+  return weights;
+}
+
+// Each flat optimizer state (exp_avg, ...) re-cut like its weights, parameter by
+// parameter: state name -> [m] -> parameters.
+std::map<std::string, PartTensors> recut_optimizer_state(const Manifest& manifest,
+                                                         const std::vector<std::vector<int>>& grid,
+                                                         const ManifestFile& first, int mp) {
+  std::map<std::string, PartTensors> optimizer;
+  for (const std::string& name : flat_state_names(first)) {
+    PartTensors state_parts;
+    for (const auto& shards : grid) state_parts.push_back(consolidate_optimizer_state(manifest, shards, name));
+    optimizer[name] = reshard_megatron(state_parts, mp, nullptr);
+  }
+  return optimizer;
+}
+
+// What every output of the plan is cut from.
+struct Recut {
+  const ManifestFile& first;  // the input grid's first file: its FSDP layout is the model's
+  const ReshardOptions& options;
+  bool keep_optimizer = false;
+  PartTensors weights;
+  std::map<std::string, PartTensors> optimizer;  // empty unless keep_optimizer
+};
+
+// One output being planned: an edited copy of its base, and its new tensors in
+// the order they were written.
+struct Output {
+  explicit Output(const Checkpoint& base_checkpoint) : base(base_checkpoint), builder(base_checkpoint) {}
+
+  // The base's tensor at `path` now holds `tensor`.
+  void replace(const std::string& path, OutputTensor tensor) {
+    builder.replace_tensor(base_tensor(base, path)->node, tensor);
+    written.push_back(std::move(tensor));
   }
 
-  // Optimizer state follows its weights, parameter by parameter.
-  bool keep_optimizer = !options.drop_optimizer_state && !options.unflatten;
-  std::vector<std::string> state_names = keep_optimizer ? flat_state_names(first) : std::vector<std::string>{};
-  std::map<std::string, std::vector<std::vector<NamedTensor>>> optimizer;  // name -> [out part] -> params
-  for (const std::string& name : state_names) {
-    std::vector<std::vector<NamedTensor>> state_parts;
-    for (const auto& shards : grid) state_parts.push_back(consolidate_optimizer_state(manifest, shards, name));
-    optimizer[name] = reshard_megatron(state_parts, options.mp, nullptr);
+  const Checkpoint& base;
+  CheckpointBuilder builder;
+  std::vector<OutputTensor> written;
+};
+
+// Whether `file` holds its model flattened (its first flat parameter is there).
+bool has_flat_model(const ManifestFile& file) {
+  return file.fsdp && find_tensor(file, "model/" + file.fsdp->instances.at(0).flat_params.at(0).state_key) != nullptr;
+}
+
+OutputTensor flat_output(const FlatShard& flat) {
+  return {flat.state_key, flat.source.dtype, flat.source, std::nullopt};
+}
+
+// --unflatten: the part's consolidated weights, with shard_metadata (where the
+// base has one) describing a single shard.
+void write_unflattened(Output& output, const ManifestFile& base_file, const Recut& recut, int m) {
+  std::vector<OutputTensor> model;
+  for (const NamedTensor& tensor : recut.weights[m]) model.push_back(as_output(tensor));
+  output.builder.set_top_level("model", output.builder.add_state_dict(model));
+  for (const OutputTensor& tensor : model) {
+    if (!tensor.alias_of) output.written.push_back(tensor);
   }
+  if (base_file.fsdp)
+    rewrite_metadata(output.builder, output.base, flatten_fsdp(*recut.first.fsdp, recut.weights[m], 1, 0));
+}
+
+// Edits the base's flattened model in place: key order and _metadata stay.
+void replace_flat_model(Output& output, const ManifestFile& base_file, const std::vector<FlatShard>& flats,
+                        const std::map<std::string, const NamedTensor*>& by_name) {
+  for (const FlatShard& flat : flats) output.replace("model/" + flat.state_key, flat_output(flat));
+  for (const ManifestTensor& tensor : base_file.tensors) {
+    if (tensor.path.rfind("model/", 0) != 0 || !tensor.alias_of.empty()) continue;
+    std::string key = tensor.path.substr(6);
+    bool is_flat = std::any_of(flats.begin(), flats.end(), [&](const FlatShard& f) { return f.state_key == key; });
+    if (is_flat) continue;
+    auto it = by_name.find(key);
+    if (it == by_name.end() || it->second->alias_of) {
+      throw Error(Location{output.base.path(), tensor.path, std::nullopt}, "not a flat parameter and not a buffer");
+    }
+    output.replace(tensor.path, as_output(*it->second));
+  }
+}
+
+// From consolidated parts: flat parameters in metadata order, then buffers.
+void build_flat_model(Output& output, const FsdpMetadata& layout, const std::vector<FlatShard>& flats,
+                      const std::map<std::string, const NamedTensor*>& by_name) {
+  std::vector<OutputTensor> model;
+  for (const FlatShard& flat : flats) model.push_back(flat_output(flat));
+  for (const std::string& buffer : layout.buffer_names) {
+    auto it = by_name.find(buffer);
+    if (it != by_name.end() && !it->second->alias_of) model.push_back(as_output(*it->second));
+  }
+  output.builder.set_top_level("model", output.builder.add_state_dict(model));
+  output.written.insert(output.written.end(), model.begin(), model.end());
+}
+
+// Shard d of part m of each flat optimizer state, in place of the base's.
+void replace_optimizer_state(Output& output, const Recut& recut, int m, int d) {
+  for (const auto& [name, state] : recut.optimizer) {
+    std::vector<FlatShard> slices = flatten_fsdp(*recut.first.fsdp, state[m], recut.options.dp, d);
+    for (std::size_t k = 0; k < slices.size(); ++k) {
+      output.replace(fmt::format("last_optimizer_state/state/{}/{}", k, name), flat_output(slices[k]));
+    }
+  }
+}
+
+// FSDP shard d of part m: the flattened model, its shard_metadata and its
+// optimizer state.
+void write_flattened(Output& output, const ManifestFile& base_file, bool base_flattened, const Recut& recut, int m,
+                     int d) {
+  std::vector<FlatShard> flats = flatten_fsdp(*recut.first.fsdp, recut.weights[m], recut.options.dp, d);
+  std::map<std::string, const NamedTensor*> by_name;
+  for (const NamedTensor& tensor : recut.weights[m]) by_name[tensor.name] = &tensor;
+  if (base_flattened) {
+    replace_flat_model(output, base_file, flats, by_name);
+  } else {
+    build_flat_model(output, *recut.first.fsdp, flats, by_name);
+  }
+  rewrite_metadata(output.builder, output.base, flats);
+  replace_optimizer_state(output, recut, m, d);
+}
+
+// Output (m, d), an edited copy of input part m % M, shard d % D, added to `out`.
+void plan_output(const PlanInputs& inputs, const std::vector<std::vector<int>>& grid, const Recut& recut,
+                 const std::string& pattern, const std::vector<std::uint32_t>& sources, int m, int d,
+                 ReshardPlan& out) {
+  const ReshardOptions& options = recut.options;
+  const int in_mp = static_cast<int>(grid.size());
+  const int in_dp = static_cast<int>(grid[0].size());
+  int base_index = grid[m % in_mp][d % in_dp];
+  const ManifestFile& base_file = inputs.manifest().files[base_index];
+  Output output(inputs.checkpoint(base_index));
+  bool base_flattened = has_flat_model(base_file);
+  if (options.unflatten) {
+    write_unflattened(output, base_file, recut, m);
+  } else {
+    write_flattened(output, base_file, base_flattened, recut, m, d);
+  }
+  if (!recut.keep_optimizer) output.builder.drop_top_level("last_optimizer_state");
+  output.builder.set_model_parallel_size(options.mp);
+  std::string path = output_path(pattern, options.mp, options.dp, m, d);
+  out.outputs.push_back(path);
+  out.plan.files.push_back(output.builder.finish(path, sources, out.plan));
+  out.tensors.push_back(std::move(output.written));
+}
+
+}  // namespace
+
+ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, const ReshardOptions& options) {
+  check_request(options);
+  const Manifest& manifest = inputs.manifest();
+  std::vector<std::vector<int>> grid = complete_grid(manifest);
+  const ManifestFile& first = manifest.files[grid[0][0]];
+  check_first_file(first, options);
+
+  ReshardPlan out;
+  Recut recut{first, options, !options.drop_optimizer_state && !options.unflatten, {}, {}};
+  recut.weights = recut_weights(manifest, grid, options.mp, out.checks);
+  if (recut.keep_optimizer) recut.optimizer = recut_optimizer_state(manifest, grid, first, options.mp);
 
   std::vector<std::uint32_t> sources;
-  for (const MappedFile* file : files) sources.push_back(out.plan.add_source(*file));
+  for (const MappedFile* file : inputs.files()) sources.push_back(out.plan.add_source(*file));
   for (int m = 0; m < options.mp; ++m) {
-    for (int d = 0; d < options.dp; ++d) {
-      int base_index = grid[m % in_mp][d % in_dp];
-      const ManifestFile& base_file = manifest.files[base_index];
-      const Checkpoint& base = open_base(base_index);
-      CheckpointBuilder builder(base);
-      std::vector<OutputTensor> written;
-      auto replace = [&](const std::string& path, OutputTensor tensor) {
-        builder.replace_tensor(base_tensor(base, path)->node, tensor);
-        written.push_back(std::move(tensor));
-      };
-      bool base_flattened =
-          base_file.fsdp &&
-          find_tensor(base_file, "model/" + base_file.fsdp->instances.at(0).flat_params.at(0).state_key) != nullptr;
-
-      if (options.unflatten) {
-        std::vector<OutputTensor> model;
-        for (const NamedTensor& tensor : weights[m]) model.push_back(as_output(tensor));
-        builder.set_top_level("model", builder.add_state_dict(model));
-        for (const OutputTensor& tensor : model) {
-          if (!tensor.alias_of) written.push_back(tensor);
-        }
-        if (base_file.fsdp) rewrite_metadata(builder, base, flatten_fsdp(*first.fsdp, weights[m], 1, 0));
-      } else {
-        std::vector<FlatShard> flats = flatten_fsdp(*first.fsdp, weights[m], options.dp, d);
-        std::map<std::string, const NamedTensor*> by_name;
-        for (const NamedTensor& tensor : weights[m]) by_name[tensor.name] = &tensor;
-        if (base_flattened) {
-          // Edit the base's flattened model in place: key order and _metadata stay.
-          for (const FlatShard& flat : flats)
-            replace("model/" + flat.state_key, {flat.state_key, flat.source.dtype, flat.source, std::nullopt});
-          for (const ManifestTensor& tensor : base_file.tensors) {
-            if (tensor.path.rfind("model/", 0) != 0 || !tensor.alias_of.empty()) continue;
-            std::string key = tensor.path.substr(6);
-            bool is_flat =
-                std::any_of(flats.begin(), flats.end(), [&](const FlatShard& f) { return f.state_key == key; });
-            if (is_flat) continue;
-            auto it = by_name.find(key);
-            if (it == by_name.end() || it->second->alias_of) {
-              throw Error(Location{base.path(), tensor.path, std::nullopt}, "not a flat parameter and not a buffer");
-            }
-            replace(tensor.path, as_output(*it->second));
-          }
-        } else {
-          // From consolidated parts: flat parameters in metadata order, then buffers.
-          std::vector<OutputTensor> model;
-          for (const FlatShard& flat : flats)
-            model.push_back({flat.state_key, flat.source.dtype, flat.source, std::nullopt});
-          for (const std::string& buffer : first.fsdp->buffer_names) {
-            auto it = by_name.find(buffer);
-            if (it != by_name.end() && !it->second->alias_of) model.push_back(as_output(*it->second));
-          }
-          builder.set_top_level("model", builder.add_state_dict(model));
-          written.insert(written.end(), model.begin(), model.end());
-        }
-        rewrite_metadata(builder, base, flats);
-        for (const auto& [name, state] : optimizer) {
-          std::vector<FlatShard> slices = flatten_fsdp(*first.fsdp, state[m], options.dp, d);
-          for (std::size_t k = 0; k < slices.size(); ++k) {
-            replace(fmt::format("last_optimizer_state/state/{}/{}", k, name),
-                    {slices[k].state_key, slices[k].source.dtype, slices[k].source, std::nullopt});
-          }
-        }
-      }
-      if (!keep_optimizer) builder.drop_top_level("last_optimizer_state");
-      builder.set_model_parallel_size(options.mp);
-      std::string path = output_path(pattern, options.mp, options.dp, m, d);
-      out.outputs.push_back(path);
-      out.plan.files.push_back(builder.finish(path, sources, out.plan));
-      out.tensors.push_back(std::move(written));
-    }
+    for (int d = 0; d < options.dp; ++d) plan_output(inputs, grid, recut, pattern, sources, m, d, out);
   }
   std::set<std::string> unique(out.outputs.begin(), out.outputs.end());
   if (unique.size() != out.outputs.size()) throw Error("-o names two outputs with the same path");

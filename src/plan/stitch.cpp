@@ -30,6 +30,22 @@ std::string ema_state_dict(const ManifestFile& file) {
               "--ema: no EMA weights here (extra_state holds neither ema_fp32_params nor ema)");
 }
 
+std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,
+                                               const std::vector<std::string>& keys) {
+  std::vector<ReplicatedCheck> checks;
+  for (const std::string& key : keys) {
+    ReplicatedCheck check;
+    check.key = key;
+    for (const auto& part : parts) {
+      for (const NamedTensor& tensor : part) {
+        if (tensor.name == key) check.parts.push_back(tensor.source);
+      }
+    }
+    checks.push_back(std::move(check));
+  }
+  return checks;
+}
+
 namespace {
 
 void convert_dtype(std::vector<OutputTensor>& tensors, DType dtype) {
@@ -38,12 +54,47 @@ void convert_dtype(std::vector<OutputTensor>& tensors, DType dtype) {
   }
 }
 
+// Whose other objects each output carries: the grid's first file, or with one
+// output per part, each part's first file.
+std::vector<const Checkpoint*> stitch_bases(const PlanInputs& inputs, const std::vector<std::vector<int>>& grid,
+                                            bool stitch_megatron) {
+  std::vector<const Checkpoint*> bases;
+  if (stitch_megatron) {
+    bases.push_back(&inputs.checkpoint(grid[0][0]));
+  } else {
+    for (const std::vector<int>& shards : grid) bases.push_back(&inputs.checkpoint(shards[0]));
+  }
+  return bases;
+}
+
+// The consolidated parts glued into one state dict, and the checks of what was
+// taken from one part as replicated.
+void plan_glued(const std::vector<std::vector<NamedTensor>>& consolidated, const GlueOptions& glue, StitchPlan& out) {
+  std::vector<std::string> replicated;
+  std::vector<OutputTensor> tensors;
+  for (const NamedTensor& tensor : glue_megatron(consolidated, glue, &replicated)) {
+    tensors.push_back(as_output(tensor));
+  }
+  out.tensors.push_back(std::move(tensors));
+  out.checks = replicated_checks(consolidated, replicated);
+}
+
+// One state dict per consolidated part.
+void plan_per_part(const std::vector<std::vector<NamedTensor>>& consolidated, StitchPlan& out) {
+  for (const auto& part : consolidated) {
+    std::vector<OutputTensor> tensors;
+    for (const NamedTensor& tensor : part) tensors.push_back(as_output(tensor));
+    out.tensors.push_back(std::move(tensors));
+  }
+}
+
 }  // namespace
 
-StitchPlan plan_stitch(const StitchInputs& inputs, const std::vector<std::string>& output_paths,
+StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,
                        const StitchOptions& options) {
-  const Manifest& manifest = *inputs.manifest;
+  const Manifest& manifest = inputs.manifest();
   std::vector<std::vector<int>> grid = complete_grid(manifest);
+  std::vector<const Checkpoint*> bases = stitch_bases(inputs, grid, options.stitch_megatron);
 
   std::vector<std::vector<NamedTensor>> consolidated;
   for (const std::vector<int>& shards : grid) {
@@ -52,38 +103,19 @@ StitchPlan plan_stitch(const StitchInputs& inputs, const std::vector<std::string
 
   StitchPlan out;
   if (options.stitch_megatron) {
-    std::vector<std::string> replicated;
-    std::vector<OutputTensor> tensors;
-    for (const NamedTensor& tensor : glue_megatron(consolidated, options.glue, &replicated)) {
-      tensors.push_back(as_output(tensor));
-    }
-    out.tensors.push_back(std::move(tensors));
-    for (const std::string& key : replicated) {
-      ReplicatedCheck check;
-      check.key = key;
-      for (const auto& part : consolidated) {
-        for (const NamedTensor& tensor : part) {
-          if (tensor.name == key) check.parts.push_back(tensor.source);
-        }
-      }
-      out.checks.push_back(std::move(check));
-    }
+    plan_glued(consolidated, options.glue, out);
   } else {
-    for (const auto& part : consolidated) {
-      std::vector<OutputTensor> tensors;
-      for (const NamedTensor& tensor : part) tensors.push_back(as_output(tensor));
-      out.tensors.push_back(std::move(tensors));
-    }
+    plan_per_part(consolidated, out);
   }
-  if (output_paths.size() != out.tensors.size() || inputs.bases.size() != out.tensors.size()) {
+  if (output_paths.size() != out.tensors.size() || bases.size() != out.tensors.size()) {
     internal_error(fmt::format("{} outputs planned for {} paths", out.tensors.size(), output_paths.size()));
   }
 
   std::vector<std::uint32_t> sources;
-  for (const MappedFile* file : inputs.files) sources.push_back(out.plan.add_source(*file));
+  for (const MappedFile* file : inputs.files()) sources.push_back(out.plan.add_source(*file));
   for (std::size_t k = 0; k < out.tensors.size(); ++k) {
     if (options.dtype) convert_dtype(out.tensors[k], *options.dtype);
-    CheckpointBuilder builder(*inputs.bases[k]);
+    CheckpointBuilder builder(*bases[k]);
     builder.set_top_level("model", builder.add_state_dict(out.tensors[k]));
     builder.drop_top_level("shard_metadata");
     builder.drop_top_level("last_optimizer_state");

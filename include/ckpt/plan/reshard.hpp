@@ -2,12 +2,11 @@
 // optimizer state included, in one pass. Plans only.
 #pragma once
 
-#include <functional>
 #include <string>
 #include <vector>
 
-#include "ckpt/format/checkpoint.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "ckpt/plan/plan_inputs.hpp"
 #include "ckpt/plan/stitch.hpp"
 
 namespace ckpt {
@@ -30,12 +29,11 @@ struct ReshardPlan {
 // Throws Error when the pattern cannot tell the outputs apart.
 std::string output_path(const std::string& pattern, int mp, int dp, int m, int d);
 
-// `files[i]` maps manifest.files[i]; `open_base(i)` gives the decoded
-// checkpoint of manifest file i (the objects an output carries come from input
-// part m % M, shard d % D). Throws Error before anything is written when the
-// grid is incomplete, a dimension does not split, or the request is impossible.
-ReshardPlan plan_reshard(const Manifest& manifest, const std::vector<const MappedFile*>& files,
-                         const std::function<const Checkpoint&(int)>& open_base, const std::string& pattern,
-                         const ReshardOptions& options);
+// Output (m, d) is an edited copy of input part m % M, shard d % D (decoded
+// through `inputs.checkpoint`), named by `pattern` (see output_path); outputs
+// are planned in the order m, then d. Throws Error before anything is written
+// when the grid is incomplete, a dimension does not split, or the request is
+// impossible.
+ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, const ReshardOptions& options);
 
 }  // namespace ckpt

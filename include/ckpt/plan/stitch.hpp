@@ -10,6 +10,7 @@
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "ckpt/plan/plan_inputs.hpp"
 
 namespace ckpt {
 
@@ -36,17 +37,17 @@ struct StitchPlan {
   std::vector<ReplicatedCheck> checks;
 };
 
-struct StitchInputs {
-  const Manifest* manifest = nullptr;
-  std::vector<const MappedFile*> files;  // parallel to manifest->files
-  // Whose other objects (cfg, extra_state, ...) each output carries: the first
-  // file of the grid, or with one output per part, each part's first file.
-  std::vector<const Checkpoint*> bases;
-};
+// The checks of the `keys` glued from replicated parts: each key's source in
+// every consolidated part that holds it.
+std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,
+                                               const std::vector<std::string>& keys);
 
-// `output_paths` has one path, or one per model part without stitching.
-// Throws Error for an incomplete or inconsistent grid, naming what is missing.
-StitchPlan plan_stitch(const StitchInputs& inputs, const std::vector<std::string>& output_paths,
+// `output_paths` has one path, or one per model part without stitching. Each
+// output carries the other objects (cfg, extra_state, ...) of the grid's first
+// file, or without stitching, of its part's first file (decoded through
+// `inputs.checkpoint`). Throws Error for an incomplete or inconsistent grid,
+// naming what is missing.
+StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,
                        const StitchOptions& options);
 
 // Manifest indices of the grid's files, [part][shard]; throws Error listing the

@@ -1,0 +1,41 @@
+// What the stitch and reshard planners read: an input set's manifest, each of
+// its files mapped, and each file's decoded checkpoint, decoded on first use.
+//
+//   PlanInputs inputs(build_manifest({"a-shard0.pt", "a-shard1.pt"}));
+//   StitchPlan plan = plan_stitch(inputs, {"out.pt"}, StitchOptions{});
+//
+// The planners take the tensors' byte ranges from the manifest, register every
+// mapped file as a source of the plan, and decode only the few files whose
+// other objects (cfg, extra_state, ...) an output carries.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/io/mapped_file.hpp"
+#include "ckpt/manifest/manifest.hpp"
+
+namespace ckpt {
+
+class PlanInputs {
+ public:
+  // Maps every file of `manifest`, in order; throws Error naming the first one
+  // that cannot be mapped.
+  explicit PlanInputs(Manifest manifest);
+
+  const Manifest& manifest() const { return manifest_; }
+  // files()[i] maps manifest().files[i].
+  const std::vector<const MappedFile*>& files() const { return files_; }
+  // The decoded checkpoint of manifest().files[index]: decoded on the first
+  // call (throws Error for a malformed file), then kept. Not thread-safe.
+  const Checkpoint& checkpoint(int index) const;
+
+ private:
+  Manifest manifest_;
+  std::vector<std::unique_ptr<MappedFile>> mapped_;
+  std::vector<const MappedFile*> files_;
+  mutable std::vector<std::unique_ptr<Checkpoint>> checkpoints_;  // parallel to files_, null until decoded
+};
+
+}  // namespace ckpt
