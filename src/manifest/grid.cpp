@@ -143,74 +143,107 @@ std::string first_difference(const nlohmann::json& a, const nlohmann::json& b, c
   return here();
 }
 
-// Files of one checkpoint agree with each other: a tensor has one dtype in
-// every file, every shard of a part holds the same tensors, and optimizer state
-// is in all files or none.
-void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, std::vector<std::string>& problems) {
+// What each file is compared with: for each tensor path, the dtype of the first
+// file holding it; the first file's training step and optimizer state.
+struct AgreementReference {
   std::map<std::string, std::pair<DType, int>> dtypes;  // tensor path -> dtype, first file holding it
-  const ManifestFile* optimizer_reference = nullptr;
-  const ManifestFile* step_reference = nullptr;
-  nlohmann::json reference_step;
+  const ManifestFile* optimizer_file = nullptr;
+  const ManifestFile* step_file = nullptr;
+  nlohmann::json step;
+};
+
+// The tensor paths of files[index] that must agree across shards; a dtype that
+// differs from the first file holding the path is a problem.
+std::set<std::string> checked_paths(const std::vector<ManifestFile>& files, int index, AgreementReference& reference,
+                                    bool& has_optimizer, std::vector<std::string>& problems) {
+  const ManifestFile& file = files[index];
+  std::set<std::string> paths;
+  for (const ManifestTensor& tensor : file.tensors) {
+    if (!checked_section(tensor)) continue;
+    paths.insert(tensor.path);
+    has_optimizer = has_optimizer || tensor.section() == "optimizer_state";
+    auto [it, fresh] = reference.dtypes.emplace(tensor.path, std::pair{tensor.dtype, index});
+    if (!fresh && it->second.first != tensor.dtype) {
+      problems.push_back(fmt::format("{}: {}: {} but {} has {} (mixed dtypes)", file.path, tensor.path,
+                                     dtype_info(tensor.dtype).name, files[it->second.second].path,
+                                     dtype_info(it->second.first).name));
+    }
+  }
+  return paths;
+}
+
+// Every file saved at the first file's training step.
+void check_step(const ManifestFile& file, AgreementReference& reference, std::vector<std::string>& problems) {
+  nlohmann::json step = training_step(file);
+  if (reference.step_file == nullptr) {
+    reference.step_file = &file;
+    reference.step = std::move(step);
+  } else if (step != reference.step) {
+    problems.push_back(
+        fmt::format("{}: saved at another training step than {} ({}): shards of different "
+                    "checkpoints",
+                    file.path, reference.step_file->path, first_difference(step, reference.step, "")));
+  }
+}
+
+// Optimizer state in every file or in none.
+void check_optimizer_presence(const ManifestFile& file, bool has_optimizer, AgreementReference& reference,
+                              std::vector<std::string>& problems) {
+  if (reference.optimizer_file == nullptr) {
+    reference.optimizer_file = &file;
+    return;
+  }
+  const ManifestFile& first = *reference.optimizer_file;
+  bool reference_has = std::any_of(first.tensors.begin(), first.tensors.end(),
+                                   [](const ManifestTensor& t) { return t.section() == "optimizer_state"; });
+  if (reference_has != has_optimizer) {
+    problems.push_back(fmt::format("{}: {} optimizer state but {} {} (optimizer state in some files only)", file.path,
+                                   has_optimizer ? "has" : "has no", first.path, reference_has ? "has" : "has none"));
+  }
+}
+
+// A shard holds the same tensors as its part's first shard.
+void check_same_tensors(const ManifestFile& file, const std::set<std::string>& paths,
+                        const ManifestFile& part_reference, const std::set<std::string>& reference_paths,
+                        std::vector<std::string>& problems) {
+  std::vector<std::string> missing;
+  std::vector<std::string> extra;
+  std::set_difference(reference_paths.begin(), reference_paths.end(), paths.begin(), paths.end(),
+                      std::back_inserter(missing));
+  std::set_difference(paths.begin(), paths.end(), reference_paths.begin(), reference_paths.end(),
+                      std::back_inserter(extra));
+  if (!missing.empty()) {
+    problems.push_back(fmt::format(
+        "{}: lacks {}{}, which {} holds (shards of different checkpoints?)", file.path, missing.front(),
+        missing.size() > 1 ? fmt::format(" and {} more tensor(s)", missing.size() - 1) : "", part_reference.path));
+  } else if (!extra.empty()) {
+    problems.push_back(fmt::format(
+        "{}: holds {}{}, which {} lacks (shards of different checkpoints?)", file.path, extra.front(),
+        extra.size() > 1 ? fmt::format(" and {} more tensor(s)", extra.size() - 1) : "", part_reference.path));
+  }
+}
+
+// Files of one checkpoint agree with each other: a tensor has one dtype in
+// every file, all were saved at one training step, every shard of a part holds
+// the same tensors, and optimizer state is in all files or none.
+void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, std::vector<std::string>& problems) {
+  AgreementReference reference;
   for (const auto& row : grid.cells) {
     const ManifestFile* part_reference = nullptr;
     std::set<std::string> reference_paths;
     for (int index : row) {
       if (index < 0) continue;
       const ManifestFile& file = files[index];
-      std::set<std::string> paths;
       bool has_optimizer = false;
-      for (const ManifestTensor& tensor : file.tensors) {
-        if (!checked_section(tensor)) continue;
-        paths.insert(tensor.path);
-        has_optimizer = has_optimizer || tensor.section() == "optimizer_state";
-        auto [it, fresh] = dtypes.emplace(tensor.path, std::pair{tensor.dtype, index});
-        if (!fresh && it->second.first != tensor.dtype) {
-          problems.push_back(fmt::format("{}: {}: {} but {} has {} (mixed dtypes)", file.path, tensor.path,
-                                         dtype_info(tensor.dtype).name, files[it->second.second].path,
-                                         dtype_info(it->second.first).name));
-        }
-      }
-      nlohmann::json step = training_step(file);
-      if (step_reference == nullptr) {
-        step_reference = &file;
-        reference_step = std::move(step);
-      } else if (step != reference_step) {
-        problems.push_back(
-            fmt::format("{}: saved at another training step than {} ({}): shards of different "
-                        "checkpoints",
-                        file.path, step_reference->path, first_difference(step, reference_step, "")));
-      }
-      if (optimizer_reference == nullptr) {
-        optimizer_reference = &file;
-      } else {
-        bool reference_has = std::any_of(optimizer_reference->tensors.begin(), optimizer_reference->tensors.end(),
-                                         [](const ManifestTensor& t) { return t.section() == "optimizer_state"; });
-        if (reference_has != has_optimizer) {
-          problems.push_back(fmt::format("{}: {} optimizer state but {} {} (optimizer state in some files only)",
-                                         file.path, has_optimizer ? "has" : "has no", optimizer_reference->path,
-                                         reference_has ? "has" : "has none"));
-        }
-      }
+      std::set<std::string> paths = checked_paths(files, index, reference, has_optimizer, problems);
+      check_step(file, reference, problems);
+      check_optimizer_presence(file, has_optimizer, reference, problems);
       if (part_reference == nullptr) {
         part_reference = &file;
         reference_paths = std::move(paths);
         continue;
       }
-      std::vector<std::string> missing;
-      std::vector<std::string> extra;
-      std::set_difference(reference_paths.begin(), reference_paths.end(), paths.begin(), paths.end(),
-                          std::back_inserter(missing));
-      std::set_difference(paths.begin(), paths.end(), reference_paths.begin(), reference_paths.end(),
-                          std::back_inserter(extra));
-      if (!missing.empty()) {
-        problems.push_back(fmt::format(
-            "{}: lacks {}{}, which {} holds (shards of different checkpoints?)", file.path, missing.front(),
-            missing.size() > 1 ? fmt::format(" and {} more tensor(s)", missing.size() - 1) : "", part_reference->path));
-      } else if (!extra.empty()) {
-        problems.push_back(fmt::format(
-            "{}: holds {}{}, which {} lacks (shards of different checkpoints?)", file.path, extra.front(),
-            extra.size() > 1 ? fmt::format(" and {} more tensor(s)", extra.size() - 1) : "", part_reference->path));
-      }
+      check_same_tensors(file, paths, *part_reference, reference_paths, problems);
     }
   }
 }
