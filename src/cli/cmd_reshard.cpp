@@ -6,7 +6,6 @@
 #include <map>
 #include <memory>
 
-#include "ckpt/exec/replicated.hpp"
 #include "ckpt/plan/reshard.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
