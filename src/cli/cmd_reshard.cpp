@@ -5,7 +5,6 @@
 #include <chrono>
 #include <memory>
 
-#include "ckpt/exec/replicated.hpp"
 #include "ckpt/plan/reshard.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"

@@ -17,19 +17,19 @@ namespace ckpt::cli {
 
 namespace {
 
-std::string describe_op(const Plan& plan, const CopyOp& op) {
+std::string describe_op(const Plan& plan, const Piece& op) {
   std::string source =
-      op.source == CopyOp::kZeros ? "zeros"
-      : op.source == CopyOp::kSynthetic
+      op.source == Piece::kZeros ? "zeros"
+      : op.source == Piece::kSynthetic
           ? fmt::format("synthetic@0x{:x}", op.source_offset)
           : fmt::format("{}@0x{:x}",
                         printable(std::filesystem::path(plan.sources[op.source]->path()).filename().string()),
                         op.source_offset);
   std::string rows =
-      op.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", op.rows, op.source_stride, op.dest_stride) : "";
+      op.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", op.rows, op.source_stride, op.stride) : "";
   std::string convert =
       op.converts() ? fmt::format(" {}->{}", dtype_info(op.source_dtype).name, dtype_info(op.dest_dtype).name) : "";
-  return fmt::format("{} -> +{} ({} B{}{})", source, op.dest_offset, op.nbytes, rows, convert);
+  return fmt::format("{} -> +{} ({} B{}{})", source, op.offset, op.nbytes, rows, convert);
 }
 
 }  // namespace

@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "ckpt/exec/compare.hpp"
 #include "ckpt/exec/exec.hpp"
-#include "ckpt/exec/replicated.hpp"
 #include "ckpt/layout/tensor_source.hpp"
 #include "ckpt/plan/plan.hpp"
 

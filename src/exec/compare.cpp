@@ -8,7 +8,7 @@
 #include <thread>
 #include <vector>
 
-#include "ckpt/exec/exec.hpp"
+#include "ckpt/exec/gather.hpp"
 #include "ckpt/exec/tensor_math.hpp"
 #include "ckpt/io/parallel.hpp"
 
@@ -36,34 +36,41 @@ std::vector<std::int64_t> unravel(std::uint64_t flat, const std::vector<std::int
   return index;
 }
 
-}  // namespace
+// Two tensors of the same name, dtype and shape, to compare element by element.
+struct Pair {
+  const TensorSource* a;
+  const TensorSource* b;
+  std::size_t diff;  // index into the diffs
+};
 
-DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<const MappedFile*>& files_a,
-                        const std::vector<NamedTensor>& b, const std::vector<const MappedFile*>& files_b,
-                        const CompareOptions& options) {
-  DiffReport report;
-  std::map<std::string, const NamedTensor*> by_name_b;
-  for (const NamedTensor& t : b) by_name_b[t.name] = &t;
+// A chunk of a pair: bytes [begin, begin + count) of both.
+struct Item {
+  std::size_t pair;
+  std::uint64_t begin;
+  std::uint64_t count;
+};
+
+// A tied tensor resolved to the tensor it shares; null when that is missing.
+const NamedTensor* resolve(const NamedTensor* t, const std::map<std::string, const NamedTensor*>& by_name) {
+  while (t != nullptr && t->alias_of) {
+    auto it = by_name.find(*t->alias_of);
+    t = it == by_name.end() ? nullptr : it->second;
+  }
+  return t;
+}
+
+// Pairs the tensors of `a` and `b` by name, in a's order: names on one side only
+// go to the report, dtype and shape mismatches to `diffs` with no pair.
+std::vector<Pair> pair_tensors(const std::vector<NamedTensor>& a, const std::vector<NamedTensor>& b, DiffReport& report,
+                               std::vector<TensorDiff>& diffs) {
   std::map<std::string, const NamedTensor*> by_name_a;
   for (const NamedTensor& t : a) by_name_a[t.name] = &t;
+  std::map<std::string, const NamedTensor*> by_name_b;
+  for (const NamedTensor& t : b) by_name_b[t.name] = &t;
   for (const NamedTensor& t : b) {
     if (by_name_a.count(t.name) == 0) report.only_in_b.push_back(t.name);
   }
-  // Resolve ties to the tensors they share.
-  auto resolve = [](const NamedTensor* t, const std::map<std::string, const NamedTensor*>& by_name) {
-    while (t != nullptr && t->alias_of) {
-      auto it = by_name.find(*t->alias_of);
-      t = it == by_name.end() ? nullptr : it->second;
-    }
-    return t;
-  };
-  struct Pair {
-    const TensorSource* a;
-    const TensorSource* b;
-    std::size_t diff;  // index into diffs
-  };
   std::vector<Pair> pairs;
-  std::vector<TensorDiff> diffs;
   for (const NamedTensor& ta : a) {
     auto it = by_name_b.find(ta.name);
     if (it == by_name_b.end()) {
@@ -85,13 +92,11 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
     diffs.push_back(std::move(diff));
     if (diffs.back().mismatch.empty()) pairs.push_back({&x->source, &y->source, diffs.size() - 1});
   }
+  return pairs;
+}
 
-  // Work items: chunks of every pair, compared on a pool of threads.
-  struct Item {
-    std::size_t pair;
-    std::uint64_t begin;
-    std::uint64_t count;
-  };
+// Every pair cut into chunks of at most kChunkBytes (whole elements).
+std::vector<Item> cut_chunks(const std::vector<Pair>& pairs, DiffReport& report) {
   std::vector<Item> items;
   for (std::size_t p = 0; p < pairs.size(); ++p) {
     std::uint64_t itemsize = dtype_info(pairs[p].a->dtype).itemsize;
@@ -101,31 +106,41 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
     for (std::uint64_t begin = 0; begin < total; begin += step)
       items.push_back({p, begin, std::min(step, total - begin)});
   }
+  return items;
+}
+
+// Compares the chunks on a pool of threads, each read through buffers (pread:
+// the resident set stays at their size); equal chunks are recognised with memcmp.
+std::vector<ChunkResult> compare_chunks(const std::vector<Item>& items, const std::vector<Pair>& pairs,
+                                        const std::vector<const MappedFile*>& files_a,
+                                        const std::vector<const MappedFile*>& files_b, const CompareOptions& options) {
   std::vector<ChunkResult> results(items.size());
   unsigned threads = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
   parallel_for(items.size(), threads, [&] {
     return [&, buffer_a = std::vector<std::byte>(), buffer_b = std::vector<std::byte>()](std::size_t i) mutable {
       const Item& item = items[i];
       const Pair& pair = pairs[item.pair];
-      // Read through buffers (pread): the resident set stays at their size.
       buffer_a.resize(item.count);
       buffer_b.resize(item.count);
       read_source_bytes(*pair.a, files_a, item.begin, item.count, buffer_a.data());
       read_source_bytes(*pair.b, files_b, item.begin, item.count, buffer_b.data());
-      const std::byte* x = buffer_a.data();
-      const std::byte* y = buffer_b.data();
-      if (std::memcmp(x, y, item.count) == 0) return;
+      if (std::memcmp(buffer_a.data(), buffer_b.data(), item.count) == 0) return;
       std::uint64_t itemsize = dtype_info(pair.a->dtype).itemsize;
-      ElementComparison chunk = compare_elements(pair.a->dtype, x, y, item.count / itemsize, options.atol, options.rtol,
-                                                 options.max_positions);
+      ElementComparison chunk = compare_elements(pair.a->dtype, buffer_a.data(), buffer_b.data(), item.count / itemsize,
+                                                 options.atol, options.rtol, options.max_positions);
       results[i].count = chunk.count;
       results[i].max_abs = chunk.max_abs;
       results[i].max_rel = chunk.max_rel;
       for (const auto& p : chunk.first) results[i].first.emplace_back(item.begin / itemsize + p.index, p.a, p.b);
     };
   });
+  return results;
+}
 
-  // Chunks of a tensor are in order: merge counts, maxima and first positions.
+// Chunks of a tensor are in order: their counts, maxima and first positions
+// merge into the tensor's diff.
+void merge_chunks(const std::vector<Item>& items, const std::vector<ChunkResult>& results,
+                  const std::vector<Pair>& pairs, const CompareOptions& options, std::vector<TensorDiff>& diffs) {
   for (std::size_t i = 0; i < items.size(); ++i) {
     TensorDiff& diff = diffs[pairs[items[i].pair].diff];
     const ChunkResult& chunk = results[i];
@@ -138,11 +153,58 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
       }
     }
   }
+}
+
+}  // namespace
+
+DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<const MappedFile*>& files_a,
+                        const std::vector<NamedTensor>& b, const std::vector<const MappedFile*>& files_b,
+                        const CompareOptions& options) {
+  DiffReport report;
+  std::vector<TensorDiff> diffs;
+  std::vector<Pair> pairs = pair_tensors(a, b, report, diffs);
+  std::vector<Item> items = cut_chunks(pairs, report);
+  merge_chunks(items, compare_chunks(items, pairs, files_a, files_b, options), pairs, options, diffs);
   report.compared = pairs.size();
   for (TensorDiff& diff : diffs) {
     if (!diff.mismatch.empty() || diff.count > 0) report.differing.push_back(std::move(diff));
   }
   return report;
+}
+
+std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& checks,
+                                            const std::vector<const MappedFile*>& files) {
+  // Part m (m >= 1) of check i against its part 0, all in one diff.
+  std::vector<NamedTensor> others;
+  std::vector<NamedTensor> firsts;
+  std::vector<std::pair<std::size_t, std::size_t>> which;  // (check, part) of each pair
+  for (std::size_t i = 0; i < checks.size(); ++i) {
+    for (std::size_t m = 1; m < checks[i].parts.size(); ++m) {
+      std::string name = fmt::format("{}/{}", i, m);
+      others.push_back({name, checks[i].parts[m], std::nullopt});
+      firsts.push_back({name, checks[i].parts.front(), std::nullopt});
+      which.emplace_back(i, m);
+    }
+  }
+  CompareOptions options;
+  options.max_positions = 0;
+  DiffReport report = diff_tensors(others, files, firsts, files, options);
+  std::map<std::string, const TensorDiff*> differing;
+  for (const TensorDiff& diff : report.differing) differing[diff.name] = &diff;
+  std::vector<std::string> problems;
+  for (std::size_t k = 0; k < others.size(); ++k) {
+    auto it = differing.find(others[k].name);
+    if (it == differing.end()) continue;
+    const auto& [i, m] = which[k];
+    const TensorDiff& diff = *it->second;
+    if (!diff.mismatch.empty()) {
+      problems.push_back(fmt::format("{}: model part {} differs from part 0: {}", checks[i].key, m, diff.mismatch));
+    } else {
+      problems.push_back(fmt::format("{}: model part {} differs from part 0 in {} element(s), max |difference| {:g}",
+                                     checks[i].key, m, diff.count, diff.max_abs));
+    }
+  }
+  return problems;
 }
 
 }  // namespace ckpt

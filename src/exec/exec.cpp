@@ -16,8 +16,8 @@
 #include <set>
 #include <thread>
 
+#include "ckpt/exec/gather.hpp"
 #include "ckpt/exec/source_check.hpp"
-#include "ckpt/exec/synthetic.hpp"
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/output_file.hpp"
@@ -55,21 +55,21 @@ class AlignedBuffer {
   std::unique_ptr<std::byte, Free> data_;
 };
 
-// A piece is destination bytes [begin, end) of one record, all inside one unit.
-struct Piece {
+// A span is destination bytes [begin, end) of one record, all inside one unit.
+struct Span {
   std::size_t record = 0;
   std::uint64_t begin = 0;
   std::uint64_t end = 0;
   std::uint32_t crc32 = 0;
 };
 
-// A unit is file bytes [begin, end), aligned, made of pieces [first_piece, end_piece)
+// A unit is file bytes [begin, end), aligned, made of spans [first_span, end_span)
 // and the header bytes between them.
 struct Unit {
   std::uint64_t begin = 0;
   std::uint64_t end = 0;
-  std::size_t first_piece = 0;
-  std::size_t end_piece = 0;
+  std::size_t first_span = 0;
+  std::size_t end_span = 0;
 };
 
 // Reports the bytes copied to ExecOptions::progress: every 200 ms at most, and
@@ -127,19 +127,19 @@ class FileWriter {
   // Record bytes in the unit (what the progress line counts).
   std::uint64_t record_bytes(const Unit& unit) const {
     std::uint64_t nbytes = 0;
-    for (std::size_t i = unit.first_piece; i < unit.end_piece; ++i) nbytes += pieces_[i].end - pieces_[i].begin;
+    for (std::size_t i = unit.first_span; i < unit.end_span; ++i) nbytes += spans_[i].end - spans_[i].begin;
     return nbytes;
   }
 
   // Assembles `unit` in `buffer` (kUnitBytes, aligned) and writes it.
   void run_unit(const Unit& unit, std::byte* buffer) {
     std::uint64_t cursor = unit.begin;  // file bytes before it are in the buffer
-    for (std::size_t i = unit.first_piece; i < unit.end_piece; ++i) {
-      Piece& piece = pieces_[i];
+    for (std::size_t i = unit.first_span; i < unit.end_span; ++i) {
+      Span& piece = spans_[i];
       std::uint64_t at = layout_.records[piece.record].data_offset + piece.begin;
       std::memset(buffer + (cursor - unit.begin), 0, at - cursor);
       std::byte* dest = buffer + (at - unit.begin);
-      std::optional<SourceRange> copied = fill_piece(piece, dest);
+      std::optional<SourceRange> copied = fill_span(piece, dest);
       Bytes bytes(dest, piece.end - piece.begin);
       piece.crc32 = crc32(bytes);
       // A plain copy: the piece's CRC is the CRC of the input bytes too.
@@ -161,7 +161,7 @@ class FileWriter {
   // the central directory.
   void write_headers() {
     std::vector<std::uint32_t> crcs(file_.records.size(), 0);
-    for (const Piece& piece : pieces_) {  // in destination order within each record
+    for (const Span& piece : spans_) {  // in destination order within each record
       crcs[piece.record] = crc32_concat(crcs[piece.record], piece.crc32, piece.end - piece.begin);
     }
     ZipLayout layout = layout_;
@@ -204,18 +204,18 @@ class FileWriter {
       check_invariant(base % kTorchAlignment == 0, "record data not aligned to 64 bytes");
       for (std::uint64_t begin = 0; begin < file_.records[r].nbytes;) {
         std::uint64_t end = std::min(file_.records[r].nbytes, round_up(base + begin + 1, kUnitBytes) - base);
-        pieces_.push_back(Piece{r, begin, end, 0});
+        spans_.push_back(Span{r, begin, end, 0});
         begin = end;
       }
     }
-    std::size_t next_piece = 0;
+    std::size_t next_span = 0;
     for (std::uint64_t begin = 0; begin < padded_size; begin += kUnitBytes) {
-      Unit unit{begin, std::min(begin + kUnitBytes, padded_size), next_piece, next_piece};
-      while (unit.end_piece < pieces_.size() &&
-             layout_.records[pieces_[unit.end_piece].record].data_offset + pieces_[unit.end_piece].begin < unit.end) {
-        ++unit.end_piece;
+      Unit unit{begin, std::min(begin + kUnitBytes, padded_size), next_span, next_span};
+      while (unit.end_span < spans_.size() &&
+             layout_.records[spans_[unit.end_span].record].data_offset + spans_[unit.end_span].begin < unit.end) {
+        ++unit.end_span;
       }
-      next_piece = unit.end_piece;
+      next_span = unit.end_span;
       units_.push_back(unit);
     }
   }
@@ -232,7 +232,7 @@ class FileWriter {
   // Fills `dest` with the piece's bytes. When they are one range of an input,
   // copied as they are, returns where it starts; otherwise the input bytes read
   // are reported to the CRC check here.
-  std::optional<SourceRange> fill_piece(const Piece& piece, std::byte* dest) const {
+  std::optional<SourceRange> fill_span(const Span& piece, std::byte* dest) const {
     const PlannedRecord& record = file_.records[piece.record];
     std::uint64_t length = piece.end - piece.begin;
     if (record.copies.empty()) {
@@ -241,98 +241,20 @@ class FileWriter {
     }
     if (sequential_[piece.record]) {
       // Plain ranges in order: find the first one that reaches this piece.
-      auto it =
-          std::upper_bound(record.copies.begin(), record.copies.end(), piece.begin,
-                           [](std::uint64_t offset, const CopyOp& op) { return offset < op.dest_offset + op.nbytes; });
-      if (it != record.copies.end() && it->mapped() && it->dest_offset <= piece.begin &&
-          it->dest_offset + it->nbytes >= piece.end) {
+      auto it = std::upper_bound(record.copies.begin(), record.copies.end(), piece.begin,
+                                 [](std::uint64_t offset, const Piece& op) { return offset < op.offset + op.nbytes; });
+      if (it != record.copies.end() && it->mapped() && it->offset <= piece.begin &&
+          it->offset + it->nbytes >= piece.end) {
         // The common case: one pread. Measured on this machine (1.1 GiB, 5 runs
         // each) at 0.73-0.84 s against 1.03-2.90 s for copying from the mapping
         // (page faults) and 1.77-2.09 s for copy_file_range.
-        std::uint64_t source_offset = it->source_offset + (piece.begin - it->dest_offset);
+        std::uint64_t source_offset = it->source_offset + (piece.begin - it->offset);
         plan_.sources[it->source]->read_at(source_offset, dest, length);
         return SourceRange{it->source, source_offset};
       }
     }
-    gather(record, piece, dest);
+    gather(record.copies, piece.begin, piece.end, PieceSources{plan_.sources, &options_.convert, check_}, dest);
     return std::nullopt;
-  }
-
-  // Fills `dest` (the piece's bytes) from every copy that reaches the piece. The
-  // source bytes an op contributes to the piece are read with one pread when they
-  // lie close together (Megatron's interleaved rows come from contiguous parts).
-  void gather(const PlannedRecord& record, const Piece& piece, std::byte* dest) const {
-    thread_local std::vector<std::byte> scratch;
-    for (const CopyOp& op : record.copies) {
-      if (op.dest_end() <= piece.begin || op.dest_offset >= piece.end) continue;
-      std::uint64_t first_row = 0;
-      if (op.rows > 1 && piece.begin > op.dest_offset) first_row = (piece.begin - op.dest_offset) / op.dest_stride;
-      // (the row that starts before the piece may also end before it)
-      if (op.dest_offset + first_row * op.dest_stride + op.nbytes <= piece.begin) ++first_row;
-      std::uint64_t end_row = first_row;  // one past the last row reaching the piece
-      while (end_row < op.rows && op.dest_offset + end_row * op.dest_stride < piece.end) ++end_row;
-      if (first_row >= end_row) continue;
-      // The part of row r inside the piece: destination [from, to), source from `source_at`.
-      auto clip = [&](std::uint64_t r) {
-        std::uint64_t row_dest = op.dest_offset + r * op.dest_stride;
-        return std::pair{std::max(row_dest, piece.begin), std::min(row_dest + op.nbytes, piece.end)};
-      };
-      auto source_at = [&](std::uint64_t r, std::uint64_t from) {
-        std::uint64_t skip = from - (op.dest_offset + r * op.dest_stride);
-        if (op.converts()) skip = skip / dtype_info(op.dest_dtype).itemsize * dtype_info(op.source_dtype).itemsize;
-        return op.source_offset + r * op.source_stride + skip;
-      };
-      std::uint64_t read_begin = 0;  // source bytes [read_begin, ...) read ahead into scratch
-      bool read_ahead = false;
-      if (op.mapped()) {
-        auto [first_from, first_to] = clip(first_row);
-        auto [last_from, last_to] = clip(end_row - 1);
-        read_begin = source_at(first_row, first_from);
-        std::uint64_t read_end = source_at(end_row - 1, last_to);
-        if (op.converts()) {
-          read_end = source_at(end_row - 1, last_from) +
-                     (last_to - last_from) / dtype_info(op.dest_dtype).itemsize * dtype_info(op.source_dtype).itemsize;
-        }
-        std::uint64_t useful = 0;
-        for (std::uint64_t r = first_row; r < end_row; ++r) useful += clip(r).second - clip(r).first;
-        if (read_end - read_begin <= 4 * useful + 4096) {
-          scratch.resize(read_end - read_begin);
-          plan_.sources[op.source]->read_at(read_begin, scratch.data(), scratch.size());
-          if (check_ != nullptr) check_->note(op.source, read_begin, scratch);
-          read_ahead = true;
-        }
-      }
-      for (std::uint64_t r = first_row; r < end_row; ++r) {
-        auto [from, to] = clip(r);
-        if (from >= to) continue;
-        const std::byte* source = nullptr;
-        if (op.mapped()) {
-          std::uint64_t at = source_at(r, from);
-          source = read_ahead ? scratch.data() + (at - read_begin) : plan_.sources[op.source]->bytes().data() + at;
-        }
-        copy_part(op, source, source_at(r, from), to - from, dest + (from - piece.begin));
-      }
-    }
-  }
-
-  // `count` destination bytes of `op` whose source starts at byte `source_offset`
-  // (for mapped sources, `source` points at those bytes).
-  void copy_part(const CopyOp& op, const std::byte* source, std::uint64_t source_offset, std::uint64_t count,
-                 std::byte* dest) const {
-    if (op.source == CopyOp::kZeros) {
-      std::memset(dest, 0, count);
-      return;
-    }
-    if (op.source == CopyOp::kSynthetic) {
-      synthesize(op.dest_dtype, source_offset, count, dest);
-      return;
-    }
-    if (!op.converts()) {
-      std::memcpy(dest, source, count);
-      return;
-    }
-    check_invariant(static_cast<bool>(options_.convert), "plan converts dtypes but no converter was given");
-    options_.convert(op.source_dtype, op.dest_dtype, source, dest, count / dtype_info(op.dest_dtype).itemsize);
   }
 
   const Plan& plan_;
@@ -342,7 +264,7 @@ class FileWriter {
   const ExecOptions& options_;
   SourceCrcCheck* check_;  // null with --no-crc-check
   std::vector<bool> sequential_;
-  std::vector<Piece> pieces_;
+  std::vector<Span> spans_;
   std::vector<Unit> units_;
   std::vector<std::uint64_t> header_blocks_;  // sorted block indices
   AlignedBuffer kept_;                        // their bytes, in that order (when kept)
@@ -449,25 +371,6 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
   stats.commit_seconds += std::chrono::duration<double>(t6 - t5).count();
   stats.seconds = std::chrono::duration<double>(t6 - start).count();
   return stats;
-}
-
-void read_source_bytes(const TensorSource& source, const std::vector<const MappedFile*>& files, std::uint64_t begin,
-                       std::uint64_t count, std::byte* out) {
-  check_invariant(begin + count <= source.nbytes(), "read past the end of a tensor");
-  TensorSource window =
-      source.slice(begin, count, {static_cast<std::int64_t>(count / dtype_info(source.dtype).itemsize)});
-  for (const SourcePiece& piece : window.pieces) {
-    for (std::uint64_t r = 0; r < piece.rows; ++r) {
-      std::byte* dest = out + piece.offset + r * piece.stride;
-      if (piece.file == SourcePiece::kZeroFile) {
-        std::memset(dest, 0, piece.nbytes);
-      } else if (piece.file == SourcePiece::kSyntheticFile) {
-        synthesize(source.dtype, piece.source_offset + r * piece.source_stride, piece.nbytes, dest);
-      } else {
-        files.at(piece.file)->read_at(piece.source_offset + r * piece.source_stride, dest, piece.nbytes);
-      }
-    }
-  }
 }
 
 }  // namespace ckpt

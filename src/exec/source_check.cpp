@@ -29,7 +29,7 @@ SourceCrcCheck::SourceCrcCheck(const Plan& plan, unsigned threads) : plan_(plan)
   // Every byte a copy may read lies in one record: mark the records touched.
   for (const PlannedFile& file : plan.files) {
     for (const PlannedRecord& record : file.records) {
-      for (const CopyOp& op : record.copies) {
+      for (const Piece& op : record.copies) {
         if (!op.mapped() || op.nbytes == 0) continue;
         std::uint64_t begin = op.source_offset;
         std::uint64_t end = op.source_offset + (op.rows - 1) * op.source_stride + op.source_nbytes();

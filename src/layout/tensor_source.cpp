@@ -11,19 +11,19 @@ namespace ckpt {
 namespace {
 
 // One row of a piece, as a plain piece.
-SourcePiece row_of(const SourcePiece& piece, std::uint64_t row) {
-  SourcePiece out = piece;
+Piece row_of(const Piece& piece, std::uint64_t row) {
+  Piece out = piece;
   out.rows = 1;
   out.offset = piece.offset + row * piece.stride;
-  if (piece.file != SourcePiece::kZeroFile) out.source_offset = piece.source_offset + row * piece.source_stride;
+  if (piece.source != Piece::kZeros) out.source_offset = piece.source_offset + row * piece.source_stride;
   out.source_stride = out.stride = 0;
   return out;
 }
 
 // Bytes [from, to) of a plain piece (logical offsets), keeping their offsets.
-SourcePiece cut(const SourcePiece& piece, std::uint64_t from, std::uint64_t to) {
-  SourcePiece out = piece;
-  if (piece.file != SourcePiece::kZeroFile) out.source_offset += from - piece.offset;
+Piece cut(const Piece& piece, std::uint64_t from, std::uint64_t to) {
+  Piece out = piece;
+  if (piece.source != Piece::kZeros) out.source_offset += from - piece.offset;
   out.offset = from;
   out.nbytes = to - from;
   return out;
@@ -31,7 +31,7 @@ SourcePiece cut(const SourcePiece& piece, std::uint64_t from, std::uint64_t to) 
 
 // Splits a piece so that every output piece's rows each lie inside one row of
 // size `row_bytes` of the tensor, at the same column when it has several rows.
-void align_to_rows(const SourcePiece& piece, std::uint64_t row_bytes, std::vector<SourcePiece>& out) {
+void align_to_rows(const Piece& piece, std::uint64_t row_bytes, std::vector<Piece>& out) {
   if (piece.rows > 1) {
     bool aligned = piece.stride == row_bytes && piece.offset % row_bytes + piece.nbytes <= row_bytes;
     if (aligned) {
@@ -54,19 +54,18 @@ void align_to_rows(const SourcePiece& piece, std::uint64_t row_bytes, std::vecto
   if (first_boundary > begin) out.push_back(cut(piece, begin, first_boundary));
   std::uint64_t full_rows = (end - first_boundary) / row_bytes;
   if (full_rows > 0) {
-    SourcePiece rows = cut(piece, first_boundary, first_boundary + row_bytes);
+    Piece rows = cut(piece, first_boundary, first_boundary + row_bytes);
     rows.rows = full_rows;
     rows.stride = row_bytes;
-    rows.source_stride = piece.file == SourcePiece::kZeroFile ? 0 : row_bytes;
+    rows.source_stride = piece.source == Piece::kZeros ? 0 : row_bytes;
     out.push_back(rows);
   }
   std::uint64_t tail = first_boundary + full_rows * row_bytes;
   if (tail < end) out.push_back(cut(piece, tail, end));
 }
 
-void sort_pieces(std::vector<SourcePiece>& pieces) {
-  std::stable_sort(pieces.begin(), pieces.end(),
-                   [](const SourcePiece& a, const SourcePiece& b) { return a.offset < b.offset; });
+void sort_pieces(std::vector<Piece>& pieces) {
+  std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
 }
 
 std::uint64_t row_bytes_of(const TensorSource& source, std::uint64_t rows) {
@@ -75,20 +74,6 @@ std::uint64_t row_bytes_of(const TensorSource& source, std::uint64_t rows) {
 }
 
 }  // namespace
-
-void append_piece(std::vector<SourcePiece>& out, const SourcePiece& piece) {
-  if (piece.nbytes == 0 || piece.rows == 0) return;
-  if (!out.empty() && piece.rows == 1) {
-    SourcePiece& last = out.back();
-    bool continues = last.rows == 1 && last.file == piece.file && last.offset + last.nbytes == piece.offset &&
-                     (piece.file == SourcePiece::kZeroFile || last.source_offset + last.nbytes == piece.source_offset);
-    if (continues) {
-      last.nbytes += piece.nbytes;
-      return;
-    }
-  }
-  out.push_back(piece);
-}
 
 std::uint64_t TensorSource::numel() const {
   std::uint64_t count = 1;
@@ -103,12 +88,12 @@ TensorSource TensorSource::slice(std::uint64_t begin, std::uint64_t count, std::
   check_invariant(out.nbytes() == count, "slice size does not match its shape");
   check_invariant(begin + count <= nbytes(), "slice past the end of a tensor");
   std::uint64_t end = begin + count;
-  std::vector<SourcePiece> pieces;
-  auto shifted = [&](SourcePiece piece) {
+  std::vector<Piece> pieces;
+  auto shifted = [&](Piece piece) {
     piece.offset -= begin;
     return piece;
   };
-  for (const SourcePiece& piece : this->pieces) {
+  for (const Piece& piece : this->pieces) {
     if (piece.end() <= begin || piece.offset >= end) continue;
     if (piece.rows == 1) {
       pieces.push_back(shifted(cut(piece, std::max(begin, piece.offset), std::min(end, piece.end()))));
@@ -133,17 +118,16 @@ TensorSource TensorSource::slice(std::uint64_t begin, std::uint64_t count, std::
       continue;
     }
     for (std::uint64_t r = touched_lo; r < full_lo; ++r) partial(r);
-    SourcePiece inside = piece;
+    Piece inside = piece;
     inside.offset = row_start(full_lo);
-    if (piece.file != SourcePiece::kZeroFile)
-      inside.source_offset = piece.source_offset + full_lo * piece.source_stride;
+    if (piece.source != Piece::kZeros) inside.source_offset = piece.source_offset + full_lo * piece.source_stride;
     inside.rows = full_hi - full_lo;
     if (inside.rows == 1) inside.stride = inside.source_stride = 0;
     pieces.push_back(shifted(inside));
     for (std::uint64_t r = full_hi; r <= touched_hi; ++r) partial(r);
   }
   sort_pieces(pieces);
-  for (const SourcePiece& piece : pieces) append_piece(out.pieces, piece);
+  for (const Piece& piece : pieces) append_piece(out.pieces, piece);
   return out;
 }
 
@@ -154,24 +138,24 @@ TensorSource TensorSource::columns(std::uint64_t rows, std::uint64_t begin, std:
   out.shape = std::move(new_shape);
   std::uint64_t row_bytes = row_bytes_of(*this, rows);
   check_invariant(begin + count <= row_bytes && out.nbytes() == count * rows, "columns outside the rows");
-  std::vector<SourcePiece> aligned;
-  for (const SourcePiece& piece : pieces) align_to_rows(piece, row_bytes, aligned);
-  std::vector<SourcePiece> result;
-  for (const SourcePiece& piece : aligned) {
+  std::vector<Piece> aligned;
+  for (const Piece& piece : pieces) align_to_rows(piece, row_bytes, aligned);
+  std::vector<Piece> result;
+  for (const Piece& piece : aligned) {
     std::uint64_t row = piece.offset / row_bytes;
     std::uint64_t column = piece.offset % row_bytes;
     std::uint64_t from = std::max(column, begin);
     std::uint64_t to = std::min(column + piece.nbytes, begin + count);
     if (from >= to) continue;
-    SourcePiece kept = piece;
-    if (piece.file != SourcePiece::kZeroFile) kept.source_offset += from - column;
+    Piece kept = piece;
+    if (piece.source != Piece::kZeros) kept.source_offset += from - column;
     kept.offset = row * count + (from - begin);
     kept.nbytes = to - from;
     kept.stride = piece.rows > 1 ? count : 0;
     result.push_back(kept);
   }
   sort_pieces(result);
-  for (const SourcePiece& piece : result) append_piece(out.pieces, piece);
+  for (const Piece& piece : result) append_piece(out.pieces, piece);
   return out;
 }
 
@@ -182,7 +166,7 @@ TensorSource concat(const std::vector<TensorSource>& parts, std::vector<std::int
   std::uint64_t base = 0;
   for (const TensorSource& part : parts) {
     check_invariant(part.dtype == out.dtype, "concatenating tensors of different dtypes");
-    for (SourcePiece piece : part.pieces) {
+    for (Piece piece : part.pieces) {
       piece.offset += base;
       append_piece(out.pieces, piece);
     }
@@ -200,14 +184,14 @@ TensorSource interleave_rows(const std::vector<TensorSource>& parts, std::uint64
   std::uint64_t out_row = 0;
   for (const TensorSource& part : parts) out_row += row_bytes_of(part, rows);
   check_invariant(out_row * rows == out.nbytes(), "interleaved rows do not match their shape");
-  std::vector<SourcePiece> result;
+  std::vector<Piece> result;
   std::uint64_t column = 0;
   for (const TensorSource& part : parts) {
     check_invariant(part.dtype == out.dtype, "interleaving tensors of different dtypes");
     std::uint64_t part_row = row_bytes_of(part, rows);
-    std::vector<SourcePiece> aligned;
-    for (const SourcePiece& piece : part.pieces) align_to_rows(piece, part_row, aligned);
-    for (SourcePiece piece : aligned) {
+    std::vector<Piece> aligned;
+    for (const Piece& piece : part.pieces) align_to_rows(piece, part_row, aligned);
+    for (Piece piece : aligned) {
       std::uint64_t row = piece.offset / part_row;
       piece.offset = row * out_row + column + piece.offset % part_row;
       piece.stride = piece.rows > 1 ? out_row : 0;
@@ -216,7 +200,7 @@ TensorSource interleave_rows(const std::vector<TensorSource>& parts, std::uint64
     column += part_row;
   }
   sort_pieces(result);
-  for (const SourcePiece& piece : result) append_piece(out.pieces, piece);
+  for (const Piece& piece : result) append_piece(out.pieces, piece);
   return out;
 }
 
@@ -224,7 +208,7 @@ TensorSource zeros_source(DType dtype, std::vector<std::int64_t> shape) {
   TensorSource out;
   out.dtype = dtype;
   out.shape = std::move(shape);
-  SourcePiece zeros;
+  Piece zeros;
   zeros.nbytes = out.nbytes();
   append_piece(out.pieces, zeros);
   return out;

@@ -33,8 +33,8 @@ TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file) {
   while (true) {
     std::uint64_t element = 0;
     for (std::size_t d = 0; d < inner; ++d) element += static_cast<std::uint64_t>(index[d] * tensor.stride[d]);
-    SourcePiece piece;
-    piece.file = file;
+    Piece piece;
+    piece.source = file;
     piece.source_offset = tensor.file_byte_offset + element * itemsize;
     piece.offset = logical;
     piece.nbytes = run_bytes;

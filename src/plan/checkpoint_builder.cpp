@@ -149,17 +149,17 @@ PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<s
   // Offsets in the tensor's bytes scale with the itemsize when converting.
   auto dest = [&](std::uint64_t source_bytes) { return source_bytes / in_size * out_size; };
   record.nbytes = dest(tensor.source.nbytes());
-  for (const SourcePiece& piece : tensor.source.pieces) {
-    CopyOp op;
-    bool zeros = piece.file == SourcePiece::kZeroFile;
-    bool synthetic = piece.file == SourcePiece::kSyntheticFile;
-    op.source = zeros ? CopyOp::kZeros : synthetic ? CopyOp::kSynthetic : sources.at(piece.file);
+  for (const Piece& piece : tensor.source.pieces) {
+    Piece op;
+    bool zeros = piece.source == Piece::kZeros;
+    bool synthetic = piece.source == Piece::kSynthetic;
+    op.source = zeros ? Piece::kZeros : synthetic ? Piece::kSynthetic : sources.at(piece.source);
     op.source_offset = zeros ? 0 : piece.source_offset;
-    op.dest_offset = dest(piece.offset);
+    op.offset = dest(piece.offset);
     op.nbytes = dest(piece.nbytes);
     op.rows = piece.rows;
     op.source_stride = piece.rows > 1 ? piece.source_stride : 0;
-    op.dest_stride = piece.rows > 1 ? dest(piece.stride) : 0;
+    op.stride = piece.rows > 1 ? dest(piece.stride) : 0;
     if (synthetic) {  // generated directly in the output dtype
       check_invariant(from == to, tensor.name + ": synthetic data cannot be converted");
       op.source_dtype = op.dest_dtype = to;
@@ -170,13 +170,12 @@ PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<s
     record.copies.push_back(op);
   }
   // Plain ranges in order merge into as few copies as possible.
-  if (std::all_of(record.copies.begin(), record.copies.end(), [](const CopyOp& op) { return op.plain(); })) {
-    std::vector<CopyOp> plain = std::move(record.copies);
-    std::sort(plain.begin(), plain.end(),
-              [](const CopyOp& a, const CopyOp& b) { return a.dest_offset < b.dest_offset; });
+  if (std::all_of(record.copies.begin(), record.copies.end(), [](const Piece& op) { return op.plain(); })) {
+    std::vector<Piece> plain = std::move(record.copies);
+    std::sort(plain.begin(), plain.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
     record.copies.clear();
     record.nbytes = 0;
-    for (const CopyOp& op : plain) record.append_plain(op);
+    for (const Piece& op : plain) record.append_plain(op);
   }
   return record;
 }

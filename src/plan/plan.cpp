@@ -7,40 +7,25 @@
 
 namespace ckpt {
 
-std::uint64_t CopyOp::source_nbytes() const {
-  if (!converts()) return nbytes;
-  return nbytes / dtype_info(dest_dtype).itemsize * dtype_info(source_dtype).itemsize;
-}
-
 void PlannedRecord::append_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t count) {
-  CopyOp op;
+  Piece op;
   op.source = source;
   op.source_offset = source_offset;
   op.nbytes = count;
   append_plain(op);
 }
 
-void PlannedRecord::append_plain(CopyOp op) {
+void PlannedRecord::append_plain(Piece op) {
   if (op.nbytes == 0) return;
-  op.dest_offset = nbytes;
+  op.offset = nbytes;
   nbytes += op.nbytes;
-  if (!copies.empty()) {
-    CopyOp& last = copies.back();
-    bool continues = last.plain() && last.source == op.source && last.dest_dtype == op.dest_dtype &&
-                     last.dest_offset + last.nbytes == op.dest_offset &&
-                     (op.source == CopyOp::kZeros || last.source_offset + last.nbytes == op.source_offset);
-    if (continues) {
-      last.nbytes += op.nbytes;
-      return;
-    }
-  }
-  copies.push_back(op);
+  append_piece(copies, op);
 }
 
 bool PlannedRecord::sequential() const {
   std::uint64_t expected = 0;
-  for (const CopyOp& op : copies) {
-    if (!op.plain() || op.dest_offset != expected) return false;
+  for (const Piece& op : copies) {
+    if (!op.plain() || op.offset != expected) return false;
     expected += op.nbytes;
   }
   return true;
@@ -93,13 +78,13 @@ void validate(const Plan& plan) {
       }
       std::uint64_t covered = 0;
       std::uint64_t rows = 0;
-      for (const CopyOp& op : record.copies) {
+      for (const Piece& op : record.copies) {
         if (op.rows == 0 || op.nbytes == 0) throw bug("empty copy");
-        if (op.rows > 1 && op.dest_stride < op.nbytes) throw bug("rows of a copy overlap");
-        std::optional<std::uint64_t> dest_end = span_end(op.dest_offset, op.rows, op.dest_stride, op.nbytes);
+        if (op.rows > 1 && op.stride < op.nbytes) throw bug("rows of a copy overlap");
+        std::optional<std::uint64_t> dest_end = span_end(op.offset, op.rows, op.stride, op.nbytes);
         if (!dest_end || *dest_end > record.nbytes) throw bug("copy past the end of the record");
         if (op.converts() && (op.nbytes % dtype_info(op.dest_dtype).itemsize != 0 ||
-                              op.dest_offset % dtype_info(op.dest_dtype).itemsize != 0)) {
+                              op.offset % dtype_info(op.dest_dtype).itemsize != 0)) {
           throw bug("conversion of partial elements");
         }
         covered = checked_add(covered, checked_mul(op.nbytes, op.rows, "copy"), "copy");
@@ -119,8 +104,8 @@ void validate(const Plan& plan) {
 #endif
       std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
       ranges.reserve(rows);
-      for (const CopyOp& op : record.copies) {
-        for (std::uint64_t r = 0; r < op.rows; ++r) ranges.emplace_back(op.dest_offset + r * op.dest_stride, op.nbytes);
+      for (const Piece& op : record.copies) {
+        for (std::uint64_t r = 0; r < op.rows; ++r) ranges.emplace_back(op.offset + r * op.stride, op.nbytes);
       }
       std::sort(ranges.begin(), ranges.end());
       std::uint64_t expected = 0;

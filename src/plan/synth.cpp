@@ -65,8 +65,8 @@ PartParams part_params(const SynthModel& model, int mp, int part, DType dtype, s
     TensorSource source;
     source.dtype = dtype;
     source.shape = std::move(shape);
-    SourcePiece piece;
-    piece.file = SourcePiece::kSyntheticFile;
+    Piece piece;
+    piece.source = Piece::kSynthetic;
     piece.nbytes = source.nbytes();
     std::uint64_t stride = (source.nbytes() + 4095) / 4096 * 4096;
     if (sharded) {
@@ -130,7 +130,7 @@ std::vector<NamedTensor> retyped(const std::vector<NamedTensor>& params, DType d
   std::uint64_t next = stream_base;
   for (NamedTensor& param : out) {
     param.source.dtype = dtype;
-    for (SourcePiece& piece : param.source.pieces) {
+    for (Piece& piece : param.source.pieces) {
       piece.nbytes = param.source.nbytes();
       piece.source_offset = next;
       next += (piece.nbytes + 4095) / 4096 * 4096;

@@ -46,7 +46,7 @@ PlannedFile plan_torch_file(std::string path, const std::string& archive_name, c
   std::sort(storages.begin(), storages.end(),
             [](const PlannedStorage& a, const PlannedStorage& b) { return key_less(a.key, b.key); });
   for (std::size_t i = 0; i + 1 < storages.size(); ++i) {
-    if (storages[i].key == storages[i + 1].key) throw Error("two storages planned under key " + storages[i].key);
+    check_invariant(storages[i].key != storages[i + 1].key, "two storages planned under key " + storages[i].key);
   }
   for (PlannedStorage& storage : storages) {
     storage.data.name = archive_name + "/data/" + storage.key;

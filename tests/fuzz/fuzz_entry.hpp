@@ -306,8 +306,7 @@ inline constexpr std::uint64_t kFuzzManifestTextBytes = std::uint64_t{64} << 20;
 inline constexpr std::uint64_t kFuzzPlanElements = std::uint64_t{1} << 16;
 
 // Every row of `piece` (a piece of manifest file `file`) inside [begin, end).
-inline void require_piece_inside(const SourcePiece& piece, std::uint64_t begin, std::uint64_t end,
-                                 const std::string& what) {
+inline void require_piece_inside(const Piece& piece, std::uint64_t begin, std::uint64_t end, const std::string& what) {
   require(piece.rows >= 1, "manifest: a piece has rows", what);
   std::uint64_t last_row = 0;
   std::uint64_t piece_end = 0;
@@ -362,7 +361,7 @@ inline void check_manifest(const Manifest& manifest) {
       TensorSource source = source_of(tensor, static_cast<std::uint32_t>(f));
       require(source.nbytes() == tensor.numel() * dtype_info(tensor.dtype).itemsize, "manifest: source size",
               tensor.path);
-      for (const SourcePiece& piece : source.pieces) {
+      for (const Piece& piece : source.pieces) {
         require_piece_inside(piece, tensor.file_byte_offset, end, tensor.path);
         require(piece.end() <= source.nbytes(), "manifest: piece inside the tensor", tensor.path);
       }
@@ -379,10 +378,10 @@ inline void check_manifest(const Manifest& manifest) {
         continue;
       }
       for (const NamedTensor& tensor : tensors) {
-        for (const SourcePiece& piece : tensor.source.pieces) {
-          if (piece.file == SourcePiece::kZeroFile) continue;
-          require(piece.file < manifest.files.size(), "manifest: consolidated piece names a file", tensor.name);
-          require_piece_inside(piece, 0, manifest.files[piece.file].size_bytes, tensor.name);
+        for (const Piece& piece : tensor.source.pieces) {
+          if (piece.source == Piece::kZeros) continue;
+          require(piece.source < manifest.files.size(), "manifest: consolidated piece names a file", tensor.name);
+          require_piece_inside(piece, 0, manifest.files[piece.source].size_bytes, tensor.name);
         }
       }
     }

@@ -39,12 +39,11 @@
 
 namespace layout_fixtures {
 
-using ckpt::CopyOp;
 using ckpt::DType;
 using ckpt::NamedTensor;
 using ckpt::OutputTensor;
+using ckpt::Piece;
 using ckpt::PlannedRecord;
-using ckpt::SourcePiece;
 using ckpt::TensorSource;
 using Shape = std::vector<std::int64_t>;
 using Buffer = std::vector<std::byte>;
@@ -75,14 +74,14 @@ std::optional<ckpt::Error> error_of(F&& action) {
 
 // "[offset]file@source_offset+nbytes", "*rows(ss=source_stride,st=stride)" when
 // strided; "zeros" for kZeroFile. Pieces in their order, space separated.
-inline std::string describe(const SourcePiece& piece) {
+inline std::string describe(const Piece& piece) {
   std::string out = "[";
   out.append(std::to_string(piece.offset));
   out.append("]");
-  if (piece.file == SourcePiece::kZeroFile) {
+  if (piece.source == Piece::kZeros) {
     out.append("zeros");
   } else {
-    out.append(std::to_string(piece.file));
+    out.append(std::to_string(piece.source));
     out.append("@");
     out.append(std::to_string(piece.source_offset));
   }
@@ -101,7 +100,7 @@ inline std::string describe(const SourcePiece& piece) {
 }
 inline std::string describe(const TensorSource& source) {
   std::string out;
-  for (const SourcePiece& piece : source.pieces) {
+  for (const Piece& piece : source.pieces) {
     if (!out.empty()) out.append(" ");
     out.append(describe(piece));
   }
@@ -275,27 +274,27 @@ struct ThreeRankPart {
 
 // ---------------------------------------------------------------- sources by hand
 
-inline SourcePiece plain(std::uint32_t file, std::uint64_t source_offset, std::uint64_t offset, std::uint64_t nbytes) {
-  SourcePiece piece;
-  piece.file = file;
+inline Piece plain(std::uint32_t file, std::uint64_t source_offset, std::uint64_t offset, std::uint64_t nbytes) {
+  Piece piece;
+  piece.source = file;
   piece.source_offset = source_offset;
   piece.offset = offset;
   piece.nbytes = nbytes;
   return piece;
 }
-inline SourcePiece strided(std::uint32_t file, std::uint64_t source_offset, std::uint64_t offset, std::uint64_t nbytes,
-                           std::uint64_t rows, std::uint64_t source_stride, std::uint64_t stride) {
-  SourcePiece piece = plain(file, source_offset, offset, nbytes);
+inline Piece strided(std::uint32_t file, std::uint64_t source_offset, std::uint64_t offset, std::uint64_t nbytes,
+                     std::uint64_t rows, std::uint64_t source_stride, std::uint64_t stride) {
+  Piece piece = plain(file, source_offset, offset, nbytes);
   piece.rows = rows;
   piece.source_stride = source_stride;
   piece.stride = stride;
   return piece;
 }
-inline SourcePiece zeros(std::uint64_t offset, std::uint64_t nbytes, std::uint64_t rows = 1, std::uint64_t stride = 0) {
-  return strided(SourcePiece::kZeroFile, 0, offset, nbytes, rows, 0, rows > 1 ? stride : 0);
+inline Piece zeros(std::uint64_t offset, std::uint64_t nbytes, std::uint64_t rows = 1, std::uint64_t stride = 0) {
+  return strided(Piece::kZeros, 0, offset, nbytes, rows, 0, rows > 1 ? stride : 0);
 }
 
-inline TensorSource source(DType dtype, const Shape& shape, std::vector<SourcePiece> pieces) {
+inline TensorSource source(DType dtype, const Shape& shape, std::vector<Piece> pieces) {
   TensorSource out;
   out.dtype = dtype;
   out.shape = shape;
@@ -311,7 +310,7 @@ struct Run {
 };
 // A source whose bytes are the runs one after the other.
 inline TensorSource runs_source(DType dtype, const Shape& shape, const std::vector<Run>& runs) {
-  std::vector<SourcePiece> pieces;
+  std::vector<Piece> pieces;
   std::uint64_t at = 0;
   for (const Run& run : runs) {
     pieces.push_back(plain(run.file, run.source_offset, at, run.nbytes));
@@ -374,7 +373,7 @@ inline Expansion expand(const TensorSource& source) {
     what.append(std::to_string(at));
     out.problem = what;
   };
-  for (const SourcePiece& piece : source.pieces) {
+  for (const Piece& piece : source.pieces) {
     if (piece.rows == 0 || piece.nbytes == 0) fail("empty piece", piece.offset);
     if (piece.rows > 1 && piece.stride < piece.nbytes) fail("rows of a piece overlap", piece.offset);
     for (std::uint64_t r = 0; r < piece.rows; ++r) {
@@ -385,9 +384,9 @@ inline Expansion expand(const TensorSource& source) {
           break;
         }
         if (out.ids[at] != kUnsetId) fail("byte written twice", at);
-        out.ids[at] = piece.file == SourcePiece::kZeroFile
+        out.ids[at] = piece.source == Piece::kZeros
                           ? kZeroId
-                          : byte_id(piece.file, piece.source_offset + r * piece.source_stride + b);
+                          : byte_id(piece.source, piece.source_offset + r * piece.source_stride + b);
       }
     }
   }
@@ -482,12 +481,13 @@ inline Ids ids_interleave(const std::vector<Ids>& parts, std::uint64_t rows) {
 
 // ---------------------------------------------------------------- plans and bytes
 
-inline std::string describe(const CopyOp& op) {
-  std::string out = op.source == CopyOp::kZeros ? std::string("zeros") : std::to_string(op.source);
+// A record's piece in the plan notation: "SOURCE src=S dst=D n=N[ rows=R ss= ds=][ from->to]".
+inline std::string describe_copy(const Piece& op) {
+  std::string out = op.source == Piece::kZeros ? std::string("zeros") : std::to_string(op.source);
   out.append(" src=");
   out.append(std::to_string(op.source_offset));
   out.append(" dst=");
-  out.append(std::to_string(op.dest_offset));
+  out.append(std::to_string(op.offset));
   out.append(" n=");
   out.append(std::to_string(op.nbytes));
   if (op.rows != 1) {
@@ -496,7 +496,7 @@ inline std::string describe(const CopyOp& op) {
     out.append(" ss=");
     out.append(std::to_string(op.source_stride));
     out.append(" ds=");
-    out.append(std::to_string(op.dest_stride));
+    out.append(std::to_string(op.stride));
   }
   if (op.converts()) {
     out.append(" ");
@@ -506,9 +506,9 @@ inline std::string describe(const CopyOp& op) {
   }
   return out;
 }
-inline std::vector<std::string> describe(const std::vector<CopyOp>& ops) {
+inline std::vector<std::string> describe_copies(const std::vector<Piece>& ops) {
   std::vector<std::string> out;
-  for (const CopyOp& op : ops) out.push_back(describe(op));
+  for (const Piece& op : ops) out.push_back(describe_copy(op));
   return out;
 }
 
@@ -516,10 +516,10 @@ inline std::vector<std::string> describe(const std::vector<CopyOp>& ops) {
 // no overlap, every copy non-empty), else what is wrong.
 inline std::string tiling_problem(const PlannedRecord& record) {
   std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;  // [begin, end)
-  for (const CopyOp& op : record.copies) {
+  for (const Piece& op : record.copies) {
     if (op.nbytes == 0 || op.rows == 0) return "empty copy";
     for (std::uint64_t r = 0; r < op.rows; ++r) {
-      std::uint64_t begin = op.dest_offset + r * op.dest_stride;
+      std::uint64_t begin = op.offset + r * op.stride;
       ranges.emplace_back(begin, begin + op.nbytes);
     }
   }
@@ -572,11 +572,11 @@ inline void convert_f32_to_f16(const std::byte* from, std::byte* to, std::uint64
 // bytes of plan source op.source. Bytes no copy writes keep the 0xEE poison.
 inline Buffer execute(const PlannedRecord& record, const std::vector<const Buffer*>& sources) {
   Buffer out(record.nbytes, std::byte{0xEE});
-  for (const CopyOp& op : record.copies) {
+  for (const Piece& op : record.copies) {
     for (std::uint64_t r = 0; r < op.rows; ++r) {
-      std::uint64_t dest = op.dest_offset + r * op.dest_stride;
+      std::uint64_t dest = op.offset + r * op.stride;
       REQUIRE(dest + op.nbytes <= out.size());
-      if (op.source == CopyOp::kZeros) {
+      if (op.source == Piece::kZeros) {
         std::fill(out.begin() + static_cast<std::ptrdiff_t>(dest),
                   out.begin() + static_cast<std::ptrdiff_t>(dest + op.nbytes), std::byte{0});
         continue;

@@ -29,7 +29,7 @@
 namespace {
 
 namespace fs = std::filesystem;
-using ckpt::CopyOp;
+using ckpt::Piece;
 using ckpt::PlannedRecord;
 using Buffer = std::vector<std::byte>;
 
@@ -126,14 +126,14 @@ std::vector<Expected> varied_records(const Buffer& source) {
   constexpr std::uint64_t kRows = 30000;
   Expected glued{PlannedRecord{"a/data/2", kRows * 80, {}, {}}, {}};
   for (std::uint64_t part = 0; part < 2; ++part) {
-    CopyOp op;
+    Piece op;
     op.source = 0;
     op.source_offset = 100 + part * 4 * kMiB;
-    op.dest_offset = part * 40;
+    op.offset = part * 40;
     op.nbytes = 40;
     op.rows = kRows;
     op.source_stride = 40;
-    op.dest_stride = 80;
+    op.stride = 80;
     glued.record.copies.push_back(op);
   }
   for (std::uint64_t r = 0; r < kRows; ++r) {
@@ -302,7 +302,7 @@ TEST_SUITE("exec") {
     };
     constexpr std::uint64_t kElements = 5 * kMiB + 3;  // 10 MiB of float16: crosses 8 MiB
     Expected converted{PlannedRecord{"a/data/0", 2 * kElements, {}, {}}, {}};
-    CopyOp op;
+    Piece op;
     op.source = 0;
     op.source_offset = 4;
     op.nbytes = 2 * kElements;
@@ -314,8 +314,8 @@ TEST_SUITE("exec") {
       converted.bytes.push_back(source_bytes[4 + 4 * i + 3]);
     }
     Expected synthetic{PlannedRecord{"a/data/1", 2 * kElements, {}, {}}, Buffer(2 * kElements)};
-    CopyOp synth;
-    synth.source = CopyOp::kSynthetic;
+    Piece synth;
+    synth.source = Piece::kSynthetic;
     synth.source_offset = 2 * 1000;
     synth.nbytes = 2 * kElements;
     synth.source_dtype = synth.dest_dtype = ckpt::DType::BFloat16;
@@ -387,25 +387,25 @@ TEST_SUITE("exec") {
     constexpr std::uint64_t kRows = 20000;
     PlannedRecord r1{"o/data/1", kRows * 80, {}, {}};
     for (std::uint64_t part = 0; part < 2; ++part) {
-      CopyOp op;
+      Piece op;
       op.source = 0;
       op.source_offset = zip.offset[1] + part * 4 * kMiB;
-      op.dest_offset = part * 40;
+      op.offset = part * 40;
       op.nbytes = 40;
       op.rows = kRows;
       op.source_stride = 40;
-      op.dest_stride = 80;
+      op.stride = 80;
       r1.copies.push_back(op);
     }
     file.records.push_back(r1);
     PlannedRecord r2{"o/data/2", 500 * 16, {}, {}};
-    CopyOp sparse;
+    Piece sparse;
     sparse.source = 0;
     sparse.source_offset = zip.offset[1] + 9 * kMiB;
     sparse.nbytes = 16;
     sparse.rows = 500;  // up to 11 MiB of data/1's 12
     sparse.source_stride = 4096;
-    sparse.dest_stride = 16;
+    sparse.stride = 16;
     r2.copies.push_back(sparse);
     file.records.push_back(r2);
     plan.files.push_back(file);

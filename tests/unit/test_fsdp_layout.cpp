@@ -146,8 +146,8 @@ TEST_SUITE("fsdp_layout") {
     for (const NamedTensor& tensor : tensors) {
       if (tensor.alias_of || tensor.name == "decoder.version") continue;
       std::uint64_t sum = 0;
-      for (const ckpt::SourcePiece& piece : tensor.source.pieces) {
-        CHECK(piece.file != SourcePiece::kZeroFile);
+      for (const ckpt::Piece& piece : tensor.source.pieces) {
+        CHECK(piece.source != Piece::kZeros);
         sum += piece.nbytes * piece.rows;
       }
       CHECK(sum == tensor.source.nbytes());
@@ -221,7 +221,7 @@ TEST_SUITE("fsdp_layout") {
     CHECK(find(tensors, "decoder.layers.1.fc2.bias").source.dtype == DType::BFloat16);
     CHECK(describe(find(tensors, "decoder.layers.2.final_layer_norm.bias").source) == "[0]0@4096+2");
     for (const NamedTensor& tensor : tensors) {
-      for (const ckpt::SourcePiece& piece : tensor.source.pieces) CHECK(piece.file != 3u);  // rank 3: padding only
+      for (const ckpt::Piece& piece : tensor.source.pieces) CHECK(piece.source != 3u);  // rank 3: padding only
     }
   }
 

@@ -14,7 +14,7 @@ namespace {
 
 using namespace layout_fixtures;
 
-std::string describe_pieces(const std::vector<SourcePiece>& pieces) {
+std::string describe_pieces(const std::vector<Piece>& pieces) {
   return describe(source(DType::UInt8, {}, pieces));
 }
 
@@ -255,7 +255,7 @@ TEST_SUITE("megatron") {
       }
       // Third t of every part in part order, the first at logical offset `at`.
       auto third_pieces = [&](int t, std::uint64_t extra, std::uint64_t third, std::uint64_t at) {
-        std::vector<SourcePiece> out;
+        std::vector<Piece> out;
         for (std::uint32_t m = 0; m < mp; ++m) {
           out.push_back(plain(m, 1000 * (m + 1) + extra + static_cast<std::uint64_t>(t) * third, at, third));
           at += third;
@@ -294,11 +294,11 @@ TEST_SUITE("megatron") {
         CHECK(shape_of(out[0].source.shape) == shape_of({6 * static_cast<std::int64_t>(mp), 4}));
         CHECK(out[1].name == "decoder.layers.0.self_attn.qkv_proj.bias");
         CHECK(shape_of(out[1].source.shape) == shape_of({6 * static_cast<std::int64_t>(mp)}));
-        std::vector<SourcePiece> weight, bias;
+        std::vector<Piece> weight, bias;
         for (int t = 0; t < 3; ++t) {
-          for (const SourcePiece& piece : third_pieces(t, 0, 32, 32 * mp * static_cast<std::uint64_t>(t)))
+          for (const Piece& piece : third_pieces(t, 0, 32, 32 * mp * static_cast<std::uint64_t>(t)))
             weight.push_back(piece);
-          for (const SourcePiece& piece : third_pieces(t, 500, 8, 8 * mp * static_cast<std::uint64_t>(t)))
+          for (const Piece& piece : third_pieces(t, 500, 8, 8 * mp * static_cast<std::uint64_t>(t)))
             bias.push_back(piece);
         }
         CHECK(describe(out[0].source) == describe_pieces(weight));
@@ -351,7 +351,7 @@ TEST_SUITE("megatron") {
       // Dim 0: every part's block in turn.
       const NamedTensor& embed = find(out, "decoder.embed_tokens.weight");
       CHECK(shape_of(embed.source.shape) == shape_of({5 * mp64, 4}));
-      std::vector<SourcePiece> want;
+      std::vector<Piece> want;
       for (std::uint32_t m = 0; m < mp; ++m) want.push_back(plain(m, b(m), 80 * m, 80));
       CHECK(describe(embed.source) == describe_pieces(want));
 
@@ -385,7 +385,7 @@ TEST_SUITE("megatron") {
         CAPTURE(name);
         const NamedTensor& tensor = find(out, key);
         REQUIRE(tensor.source.pieces.size() == 1);
-        CHECK(tensor.source.pieces[0].file == 0u);
+        CHECK(tensor.source.pieces[0].source == 0u);
         CHECK(tensor.source.shape == find(parts[0], key).source.shape);
         CHECK_FALSE(tensor.alias_of.has_value());
       }

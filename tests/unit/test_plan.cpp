@@ -17,7 +17,7 @@
 
 namespace {
 
-using ckpt::CopyOp;
+using ckpt::Piece;
 using ckpt::Plan;
 using ckpt::PlannedFile;
 using ckpt::PlannedRecord;
@@ -44,10 +44,9 @@ class TempFile {
   std::string path_;
 };
 
-bool same(const CopyOp& op, std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset,
+bool same(const Piece& op, std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset,
           std::uint64_t nbytes) {
-  return op.source == source && op.source_offset == source_offset && op.dest_offset == dest_offset &&
-         op.nbytes == nbytes;
+  return op.source == source && op.source_offset == source_offset && op.offset == dest_offset && op.nbytes == nbytes;
 }
 
 // A plan of one file with one record, whose copies the test sets directly.
@@ -58,26 +57,26 @@ Plan plan_with(const ckpt::MappedFile& source, PlannedRecord record) {
   return plan;
 }
 
-// A plain copy, fields set by name (CopyOp has more fields: rows, strides, dtypes).
-CopyOp copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset, std::uint64_t nbytes) {
-  CopyOp op;
+// A plain copy, fields set by name (Piece has more fields: rows, strides, dtypes).
+Piece copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset, std::uint64_t nbytes) {
+  Piece op;
   op.source = source;
   op.source_offset = source_offset;
-  op.dest_offset = dest_offset;
+  op.offset = dest_offset;
   op.nbytes = nbytes;
   return op;
 }
 // `rows` rows of `nbytes`, strided on both sides.
-CopyOp rows_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t source_stride,
-                 std::uint64_t dest_offset, std::uint64_t dest_stride, std::uint64_t nbytes, std::uint64_t rows) {
-  CopyOp op = copy(source, source_offset, dest_offset, nbytes);
+Piece rows_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t source_stride,
+                std::uint64_t dest_offset, std::uint64_t dest_stride, std::uint64_t nbytes, std::uint64_t rows) {
+  Piece op = copy(source, source_offset, dest_offset, nbytes);
   op.rows = rows;
   op.source_stride = source_stride;
-  op.dest_stride = dest_stride;
+  op.stride = dest_stride;
   return op;
 }
 
-PlannedRecord record_of(std::uint64_t nbytes, std::vector<CopyOp> copies) {
+PlannedRecord record_of(std::uint64_t nbytes, std::vector<Piece> copies) {
   PlannedRecord record;
   record.name = "archive/data/0";
   record.nbytes = nbytes;
@@ -123,11 +122,11 @@ TEST_SUITE("plan") {
     record.append_copy(0, 0, 4);
     record.append_zeros(2);
     REQUIRE(record.copies.size() == 3);
-    CHECK(record.copies[0].source == CopyOp::kZeros);
+    CHECK(record.copies[0].source == Piece::kZeros);
     CHECK(record.copies[0].nbytes == 8);
     CHECK(same(record.copies[1], 0, 0, 8, 4));
-    CHECK(record.copies[2].source == CopyOp::kZeros);
-    CHECK(record.copies[2].dest_offset == 12);
+    CHECK(record.copies[2].source == Piece::kZeros);
+    CHECK(record.copies[2].offset == 12);
     CHECK(record.nbytes == 14);
   }
 
@@ -174,7 +173,7 @@ TEST_SUITE("plan") {
     CHECK_NOTHROW(ckpt::validate(plan_with(source, empty)));
 
     // Copies that tile the record in another order than their destinations.
-    PlannedRecord shuffled = record_of(30, {copy(0, 0, 20, 10), copy(0, 50, 0, 10), copy(CopyOp::kZeros, 0, 10, 10)});
+    PlannedRecord shuffled = record_of(30, {copy(0, 0, 20, 10), copy(0, 50, 0, 10), copy(Piece::kZeros, 0, 10, 10)});
     CHECK_FALSE(shuffled.sequential());
     CHECK_NOTHROW(ckpt::validate(plan_with(source, shuffled)));
 
@@ -195,7 +194,7 @@ TEST_SUITE("plan") {
 
     // A strided copy that converts: source stride in source bytes, sizes in
     // destination bytes (3 rows of 2 float16 from rows of 2 float32, 20 apart).
-    CopyOp converting = rows_copy(0, 0, 20, 0, 4, 4, 3);
+    Piece converting = rows_copy(0, 0, 20, 0, 4, 4, 3);
     converting.source_dtype = ckpt::DType::Float32;
     converting.dest_dtype = ckpt::DType::Float16;
     CHECK(converting.source_nbytes() == 8);
@@ -214,10 +213,10 @@ TEST_SUITE("plan") {
     bad_inline.name = "archive/version";
     bad_inline.inline_bytes = {std::byte{'3'}};
     bad_inline.nbytes = 2;
-    CopyOp converting = copy(0, 0, 0, 60);  // 30 float16 elements from 30 float32 = 120 source bytes
+    Piece converting = copy(0, 0, 0, 60);  // 30 float16 elements from 30 float32 = 120 source bytes
     converting.source_dtype = ckpt::DType::Float32;
     converting.dest_dtype = ckpt::DType::Float16;
-    CopyOp partial = copy(0, 0, 0, 3);  // 1.5 float16 elements
+    Piece partial = copy(0, 0, 0, 3);  // 1.5 float16 elements
     partial.source_dtype = ckpt::DType::Float32;
     partial.dest_dtype = ckpt::DType::Float16;
     const Case cases[] = {
@@ -276,7 +275,7 @@ TEST_SUITE("plan") {
     // A copy at destination 2^64 - 4 "ends" at 0 and would pass a naive end check;
     // the tiling check has to catch it.
     Plan plan = plan_with(
-        source, record_of(14, {copy(CopyOp::kZeros, 0, 0, 10), copy(CopyOp::kZeros, 0, ~std::uint64_t{0} - 3, 4)}));
+        source, record_of(14, {copy(Piece::kZeros, 0, 0, 10), copy(Piece::kZeros, 0, ~std::uint64_t{0} - 3, 4)}));
     CHECK_THROWS_AS(ckpt::validate(plan), ckpt::InternalError);
   }
 

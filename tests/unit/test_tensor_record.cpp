@@ -26,7 +26,7 @@ struct Known {
   Ids ids;
 };
 
-TensorSource bytes_source(std::vector<SourcePiece> pieces, std::uint64_t nbytes) {
+TensorSource bytes_source(std::vector<Piece> pieces, std::uint64_t nbytes) {
   return source(DType::UInt8, {static_cast<std::int64_t>(nbytes)}, std::move(pieces));
 }
 
@@ -89,7 +89,7 @@ std::vector<std::uint64_t> divisors(std::uint64_t n) {
 // three per strided one (a partial row, the full rows, a partial row).
 std::size_t slice_piece_bound(const TensorSource& source) {
   std::size_t n = 0;
-  for (const SourcePiece& piece : source.pieces) n += piece.rows > 1 ? 3 : 1;
+  for (const Piece& piece : source.pieces) n += piece.rows > 1 ? 3 : 1;
   return n;
 }
 
@@ -368,7 +368,7 @@ TEST_SUITE("tensor_record") {
       CHECK(difference(ids_of(glued), ids_interleave(ids, rows)) == "");
       // No piece's row crosses an output row.
       std::uint64_t out_row = 68 / rows;
-      for (const SourcePiece& piece : glued.pieces) {
+      for (const Piece& piece : glued.pieces) {
         CAPTURE(describe(piece));
         CHECK(piece.offset % out_row + piece.nbytes <= out_row);
         if (piece.rows > 1) CHECK(piece.stride == out_row);
@@ -501,12 +501,12 @@ TEST_SUITE("tensor_record") {
     // Manifest files 0, 1, 2 are plan sources 7, 3, 5.
     PlannedRecord record = ckpt::plan_tensor_record(tensor, {7, 3, 5});
     CHECK(record.nbytes == 96);
-    CHECK(describe(record.copies) == std::vector<std::string>{
-                                         "7 src=1000 dst=0 n=8 rows=4 ss=8 ds=24",
-                                         "3 src=64 dst=8 n=12 rows=4 ss=12 ds=24",
-                                         "5 src=4000 dst=20 n=4 rows=4 ss=4 ds=24",
-                                     });
-    for (const CopyOp& op : record.copies) CHECK_FALSE(op.converts());
+    CHECK(describe_copies(record.copies) == std::vector<std::string>{
+                                                "7 src=1000 dst=0 n=8 rows=4 ss=8 ds=24",
+                                                "3 src=64 dst=8 n=12 rows=4 ss=12 ds=24",
+                                                "5 src=4000 dst=20 n=4 rows=4 ss=4 ds=24",
+                                            });
+    for (const Piece& op : record.copies) CHECK_FALSE(op.converts());
     CHECK_FALSE(record.sequential());
     CHECK(tiling_problem(record) == "");
   }
@@ -520,13 +520,13 @@ TEST_SUITE("tensor_record") {
     OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float32, glued, std::nullopt};
     PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1, 2});
     CHECK(record.nbytes == 100);
-    CHECK(describe(record.copies) == std::vector<std::string>{
-                                         "0 src=1000 dst=0 n=8 rows=5 ss=8 ds=20",
-                                         "1 src=64 dst=8 n=12 rows=2 ss=12 ds=20",    // rows 0-1
-                                         "1 src=88 dst=48 n=4",                       // row 2, first element
-                                         "2 src=512 dst=52 n=8",                      // row 2, the rest
-                                         "2 src=520 dst=68 n=12 rows=2 ss=12 ds=20",  // rows 3-4
-                                     });
+    CHECK(describe_copies(record.copies) == std::vector<std::string>{
+                                                "0 src=1000 dst=0 n=8 rows=5 ss=8 ds=20",
+                                                "1 src=64 dst=8 n=12 rows=2 ss=12 ds=20",    // rows 0-1
+                                                "1 src=88 dst=48 n=4",                       // row 2, first element
+                                                "2 src=512 dst=52 n=8",                      // row 2, the rest
+                                                "2 src=520 dst=68 n=12 rows=2 ss=12 ds=20",  // rows 3-4
+                                            });
     CHECK(tiling_problem(record) == "");
 
     // The checker itself catches a missing piece and an overlap.
@@ -534,7 +534,7 @@ TEST_SUITE("tensor_record") {
     missing.copies.erase(missing.copies.begin() + 2);
     CHECK(tiling_problem(missing) == "gap at 48");
     PlannedRecord overlapping = record;
-    overlapping.copies[3].dest_offset -= 4;
+    overlapping.copies[3].offset -= 4;
     CHECK(tiling_problem(overlapping) == "overlap at 48");
 
     // And so does validate, given real sources big enough for every copy.
@@ -586,9 +586,9 @@ TEST_SUITE("tensor_record") {
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1, 2});
       CHECK(record.nbytes == 120);
       CHECK(tiling_problem(record) == "");
-      for (const CopyOp& op : record.copies) {
-        CHECK(op.dest_offset % 20 + op.nbytes <= 20);  // never across an output row (of 20 bytes)
-        if (op.rows > 1) CHECK(op.dest_stride == 20);
+      for (const Piece& op : record.copies) {
+        CHECK(op.offset % 20 + op.nbytes <= 20);  // never across an output row (of 20 bytes)
+        if (op.rows > 1) CHECK(op.stride == 20);
       }
       Buffer want = interleaved_bytes({ids_run(0, 200, 48), ids_join(run_ids)}, 6, pointers(files));
       CHECK(execute(record, pointers(files)) == want);
@@ -605,7 +605,7 @@ TEST_SUITE("tensor_record") {
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {4});
       CHECK(record.nbytes == 12);
       REQUIRE(record.copies.size() == 1);
-      CHECK(describe(record.copies[0]) == "4 src=100 dst=0 n=12 float32->float16");
+      CHECK(describe_copy(record.copies[0]) == "4 src=100 dst=0 n=12 float32->float16");
       CHECK(record.copies[0].source_nbytes() == 24);
     }
     SUBCASE("two parts glued on dim 0, one of them split") {
@@ -615,11 +615,11 @@ TEST_SUITE("tensor_record") {
       OutputTensor tensor{"decoder.layers.0.fc1.weight", DType::Float16, glued, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1});
       CHECK(record.nbytes == 24);
-      CHECK(describe(record.copies) == std::vector<std::string>{
-                                           "0 src=100 dst=0 n=12 float32->float16",
-                                           "1 src=300 dst=12 n=4 float32->float16",
-                                           "1 src=400 dst=16 n=8 float32->float16",
-                                       });
+      CHECK(describe_copies(record.copies) == std::vector<std::string>{
+                                                  "0 src=100 dst=0 n=12 float32->float16",
+                                                  "1 src=300 dst=12 n=4 float32->float16",
+                                                  "1 src=400 dst=16 n=8 float32->float16",
+                                              });
       CHECK(tiling_problem(record) == "");
     }
     SUBCASE("dim-1 glue: strides stay in source bytes, offsets in destination bytes") {
@@ -629,15 +629,15 @@ TEST_SUITE("tensor_record") {
       OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float16, glued, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1});
       CHECK(record.nbytes == 30);
-      CHECK(describe(record.copies) == std::vector<std::string>{
-                                           "0 src=1000 dst=0 n=4 rows=3 ss=8 ds=10 float32->float16",
-                                           "1 src=64 dst=4 n=6 float32->float16",    // row 0 (one-row op)
-                                           "1 src=76 dst=14 n=2 float32->float16",   // row 1, element 0
-                                           "1 src=200 dst=16 n=4 float32->float16",  // row 1, elements 1-2
-                                           "1 src=208 dst=24 n=6 float32->float16",  // row 2
-                                       });
+      CHECK(describe_copies(record.copies) == std::vector<std::string>{
+                                                  "0 src=1000 dst=0 n=4 rows=3 ss=8 ds=10 float32->float16",
+                                                  "1 src=64 dst=4 n=6 float32->float16",    // row 0 (one-row op)
+                                                  "1 src=76 dst=14 n=2 float32->float16",   // row 1, element 0
+                                                  "1 src=200 dst=16 n=4 float32->float16",  // row 1, elements 1-2
+                                                  "1 src=208 dst=24 n=6 float32->float16",  // row 2
+                                              });
       CHECK(tiling_problem(record) == "");
-      for (const CopyOp& op : record.copies) {
+      for (const Piece& op : record.copies) {
         CHECK(op.source_dtype == DType::Float32);
         CHECK(op.dest_dtype == DType::Float16);
       }
@@ -665,7 +665,7 @@ TEST_SUITE("tensor_record") {
       TensorSource full = runs_source(DType::Float32, {2, 4}, {{0, 100, 32}});
       OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float16, full.columns(2, 4, 8, {2, 2}), std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0});
-      CHECK(describe(record.copies) ==
+      CHECK(describe_copies(record.copies) ==
             std::vector<std::string>{"0 src=104 dst=0 n=4 rows=2 ss=16 ds=4 float32->float16"});
       std::vector<Buffer> files{patterned(200, 1)};
       put<float>(files[0], 100, {1, 2, 3, 4, 5, 6, 7, 8});
@@ -685,7 +685,7 @@ TEST_SUITE("tensor_record") {
       REQUIRE(out.size() == 1);
       PlannedRecord record = ckpt::plan_tensor_record(ckpt::as_output(out[0]), {0, 1});
       CHECK(record.nbytes == 4);
-      CHECK(describe(record.copies) == std::vector<std::string>{"zeros src=0 dst=0 n=4"});
+      CHECK(describe_copies(record.copies) == std::vector<std::string>{"zeros src=0 dst=0 n=4"});
     }
     SUBCASE("zeros between data, merged runs, converted sizes") {
       TensorSource padded =
@@ -694,12 +694,13 @@ TEST_SUITE("tensor_record") {
                        {6});
       OutputTensor tensor{"x", DType::Float32, padded, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {2});
-      CHECK(describe(record.copies) == std::vector<std::string>{"2 src=100 dst=0 n=8", "zeros src=0 dst=8 n=16"});
+      CHECK(describe_copies(record.copies) ==
+            std::vector<std::string>{"2 src=100 dst=0 n=8", "zeros src=0 dst=8 n=16"});
       CHECK(record.nbytes == 24);
       tensor.dtype = DType::Float16;
       record = ckpt::plan_tensor_record(tensor, {2});
       CHECK(record.nbytes == 12);
-      CHECK(describe(record.copies) ==
+      CHECK(describe_copies(record.copies) ==
             std::vector<std::string>{"2 src=100 dst=0 n=4 float32->float16", "zeros src=0 dst=4 n=8"});
       CHECK(tiling_problem(record) == "");
     }
@@ -709,12 +710,12 @@ TEST_SUITE("tensor_record") {
       OutputTensor tensor{"x", DType::Float32, glued, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0});
       REQUIRE(record.copies.size() == 2);
-      CHECK(record.copies[1].source == CopyOp::kZeros);
+      CHECK(record.copies[1].source == Piece::kZeros);
       CHECK(record.copies[1].source_offset == 0);
-      CHECK(record.copies[1].dest_offset == 8);
+      CHECK(record.copies[1].offset == 8);
       CHECK(record.copies[1].nbytes == 12);
       CHECK(record.copies[1].rows == 4);
-      CHECK(record.copies[1].dest_stride == 20);
+      CHECK(record.copies[1].stride == 20);
       CHECK(tiling_problem(record) == "");
       std::vector<Buffer> files{patterned(200, 1)};
       CHECK(execute(record, pointers(files)) ==
@@ -735,35 +736,35 @@ TEST_SUITE("tensor_record") {
     OutputTensor tensor{"decoder.embed_tokens.weight", DType::Float32, all, std::nullopt};
     PlannedRecord record = ckpt::plan_tensor_record(tensor, {5, 6});
     CHECK(record.nbytes == 40);
-    CHECK(describe(record.copies) == std::vector<std::string>{
-                                         "5 src=100 dst=0 n=20",
-                                         "6 src=120 dst=20 n=4",
-                                         "6 src=200 dst=24 n=8",
-                                         "6 src=300 dst=32 n=4",
-                                         "5 src=304 dst=36 n=4",
-                                     });
+    CHECK(describe_copies(record.copies) == std::vector<std::string>{
+                                                "5 src=100 dst=0 n=20",
+                                                "6 src=120 dst=20 n=4",
+                                                "6 src=200 dst=24 n=8",
+                                                "6 src=300 dst=32 n=4",
+                                                "5 src=304 dst=36 n=4",
+                                            });
     CHECK(record.sequential());
     // Two manifest files mapped to the same plan source are one file to the plan.
     PlannedRecord same_source = ckpt::plan_tensor_record(tensor, {5, 5});
-    CHECK(describe(same_source.copies)[0] == "5 src=100 dst=0 n=24");
+    CHECK(describe_copies(same_source.copies)[0] == "5 src=100 dst=0 n=24");
   }
 
   TEST_CASE("plan_tensor_record: plain pieces in any order are sorted and merged; strided ones map one to one") {
     // Pieces listed backwards: the record still runs front to back, merged.
     TensorSource backwards = bytes_source({zeros(20, 4), zeros(16, 4), plain(0, 108, 8, 8), plain(0, 100, 0, 8)}, 24);
     PlannedRecord record = ckpt::plan_tensor_record({"x", DType::UInt8, backwards, std::nullopt}, {3});
-    CHECK(describe(record.copies) == std::vector<std::string>{"3 src=100 dst=0 n=16", "zeros src=0 dst=16 n=8"});
+    CHECK(describe_copies(record.copies) == std::vector<std::string>{"3 src=100 dst=0 n=16", "zeros src=0 dst=16 n=8"});
     CHECK(record.sequential());
     // One strided piece among them: one op per piece, fields as the pieces'.
     TensorSource mixed = mixed_source().source;
     record = ckpt::plan_tensor_record({"x", DType::UInt8, mixed, std::nullopt}, {10, 11, 12});
-    CHECK(describe(record.copies) == std::vector<std::string>{
-                                         "10 src=300 dst=0 n=5",
-                                         "zeros src=0 dst=5 n=3",
-                                         "zeros src=0 dst=8 n=3 rows=4 ss=0 ds=8",
-                                         "12 src=1000 dst=11 n=5 rows=4 ss=5 ds=8",
-                                         "11 src=200 dst=40 n=24",
-                                     });
+    CHECK(describe_copies(record.copies) == std::vector<std::string>{
+                                                "10 src=300 dst=0 n=5",
+                                                "zeros src=0 dst=5 n=3",
+                                                "zeros src=0 dst=8 n=3 rows=4 ss=0 ds=8",
+                                                "12 src=1000 dst=11 n=5 rows=4 ss=5 ds=8",
+                                                "11 src=200 dst=40 n=24",
+                                            });
     CHECK(tiling_problem(record) == "");
     std::vector<Buffer> files{patterned(2048, 1), patterned(2048, 2), patterned(2048, 3)};
     std::vector<Buffer> plan_files(13, Buffer{});

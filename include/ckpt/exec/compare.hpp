@@ -1,5 +1,6 @@
 // Comparing two sets of tensors straight from the mapped bytes, in parallel, in
-// bounded chunks: the engine of `ckpt-tool diff`. Equal chunks are recognised
+// bounded chunks: the one compare engine, of `ckpt-tool diff` and of the
+// replicated-tensor check of stitch and reshard. Equal chunks are recognised
 // with memcmp; only differing chunks are looked at element by element (LibTorch).
 #pragma once
 
@@ -9,6 +10,7 @@
 
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/plan/stitch.hpp"
 
 namespace ckpt {
 
@@ -48,5 +50,12 @@ struct DiffReport {
 DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<const MappedFile*>& files_a,
                         const std::vector<NamedTensor>& b, const std::vector<const MappedFile*>& files_b,
                         const CompareOptions& options);
+
+// Replicated tensors (layer norms, row-parallel biases) should be identical in
+// every model part; metaseq's scripts only log a difference. Compares every
+// part of every check with its part 0 (diff_tensors, exact) before anything is
+// written: one message per part that differs, with the largest difference.
+std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& checks,
+                                            const std::vector<const MappedFile*>& files);
 
 }  // namespace ckpt

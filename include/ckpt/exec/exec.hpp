@@ -18,7 +18,7 @@
 #include <functional>
 #include <string>
 
-#include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/exec/gather.hpp"
 #include "ckpt/plan/plan.hpp"
 
 namespace ckpt {
@@ -40,7 +40,7 @@ struct ExecOptions {
   std::function<void(const std::string&)> notice;
   // Converts `numel` elements between dtypes exactly as torch's `.to()` does;
   // needed by plans with converting copies (LibTorch lives in the caller).
-  std::function<void(DType from, DType to, const std::byte* source, std::byte* dest, std::uint64_t numel)> convert;
+  ConvertFn convert;
 };
 
 struct ExecStats {
@@ -63,11 +63,5 @@ struct ExecStats {
 // outputs already renamed are removed again when they replaced nothing, and
 // the error lists those it could not take back (replaced with --force).
 ExecStats execute(const Plan& plan, const ExecOptions& options);
-
-// Copies bytes [begin, begin + count) of a tensor source out of the mapped
-// files (`files[i]` is the source's file i) into `out`: for comparisons, which
-// work in bounded chunks.
-void read_source_bytes(const TensorSource& source, const std::vector<const MappedFile*>& files, std::uint64_t begin,
-                       std::uint64_t count, std::byte* out);
 
 }  // namespace ckpt

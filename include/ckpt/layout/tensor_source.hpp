@@ -1,13 +1,11 @@
 // A tensor to be written, described by where its bytes are: its row-major bytes
 // as pieces of input files, never loaded.
 //
-// A piece copies `rows` runs of `nbytes` from a source file into the tensor's
-// row-major bytes (its logical bytes), each run `source_stride` further in the
-// file and `stride` further in the tensor; rows == 1 is a plain range. Pieces tile
-// the logical bytes exactly. Layout rules (FSDP flattening and unflattening,
-// Megatron gluing and re-cutting) are pure functions from TensorSources to
-// TensorSources; the planner turns pieces into copy operations one for one.
-// A piece of file kZeroFile reads as zero bytes (FSDP padding, placeholders).
+// Its pieces (piece.hpp: sources are manifest file indices, no conversion)
+// tile the tensor's row-major bytes (its logical bytes) exactly. Layout rules
+// (FSDP flattening and unflattening, Megatron gluing and re-cutting) are pure
+// functions from TensorSources to TensorSources; the planner turns each piece
+// into a record's piece, converting when the output dtype differs.
 #pragma once
 
 #include <cstdint>
@@ -16,32 +14,14 @@
 #include <vector>
 
 #include "ckpt/format/dtype.hpp"
+#include "ckpt/layout/piece.hpp"
 
 namespace ckpt {
-
-struct SourcePiece {
-  static constexpr std::uint32_t kZeroFile = 0xFFFFFFFF;
-  static constexpr std::uint32_t kSyntheticFile = 0xFFFFFFFE;  // `synth`'s endless pseudo-random stream
-  std::uint32_t file = kZeroFile;                              // index into the manifest's files
-  std::uint64_t source_offset = 0;                             // absolute byte offset of row 0 in the file
-  std::uint64_t offset = 0;                                    // logical offset of row 0 in the tensor
-  std::uint64_t nbytes = 0;                                    // bytes per row
-  std::uint64_t rows = 1;
-  std::uint64_t source_stride = 0;
-  std::uint64_t stride = 0;  // logical bytes between rows
-
-  std::uint64_t end() const { return offset + (rows - 1) * stride + nbytes; }
-};
-
-// Appends `piece` to `pieces`, merged into the last one when it continues it
-// (plain pieces, the same file, adjacent in the tensor and in the file); empty
-// pieces are dropped. The one merge of byte ranges.
-void append_piece(std::vector<SourcePiece>& pieces, const SourcePiece& piece);
 
 struct TensorSource {
   DType dtype = DType::Float32;
   std::vector<std::int64_t> shape;
-  std::vector<SourcePiece> pieces;
+  std::vector<Piece> pieces;
 
   std::uint64_t numel() const;
   std::uint64_t nbytes() const { return numel() * dtype_info(dtype).itemsize; }
