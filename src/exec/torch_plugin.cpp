@@ -49,10 +49,17 @@ const Plugin& plugin() {
         failure = fmt::format("cannot load {}: {}", path, ::dlerror());
         return;
       }
+      auto abi_version = reinterpret_cast<ckpt_torch_abi_version_fn>(::dlsym(handle, "ckpt_torch_abi_version"));
       loaded.convert = reinterpret_cast<ckpt_torch_convert_fn>(::dlsym(handle, "ckpt_torch_convert"));
       loaded.compare = reinterpret_cast<ckpt_torch_compare_fn>(::dlsym(handle, "ckpt_torch_compare"));
-      if (loaded.convert == nullptr || loaded.compare == nullptr)
+      if (abi_version == nullptr || loaded.convert == nullptr || loaded.compare == nullptr) {
         failure = path + " is not ckpt-tool's LibTorch plugin";
+      } else if (int version = abi_version(); version != CKPT_TORCH_PLUGIN_VERSION) {
+        failure = fmt::format(
+            "{} is ckpt-tool's LibTorch plugin of interface version {}, this ckpt-tool needs version {}: install "
+            "the libckpt_torch.so built with it (or point CKPT_TORCH_PLUGIN at it)",
+            path, version, CKPT_TORCH_PLUGIN_VERSION);
+      }
       return;
     }
     failure = "this needs LibTorch, through libckpt_torch.so, which is not installed (looked for " + tried + ")";

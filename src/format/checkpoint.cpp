@@ -2,6 +2,7 @@
 #include "ckpt/format/checkpoint.hpp"
 
 #include "ckpt/format/pyobject.hpp"
+#include "ckpt/format/python_globals.hpp"
 
 #include <fmt/format.h>
 
@@ -86,18 +87,13 @@ namespace {
 bool is_tensor_wrapper(const Graph& graph, NodeId id) {
   const pickle::Node* cls = graph.object_class(id);
   if (cls == nullptr) return false;
-  return (cls->text == "torch._utils" &&
-          (cls->name == "_rebuild_parameter" || cls->name == "_rebuild_parameter_with_state")) ||
-         (cls->text == "torch._tensor" && cls->name == "_rebuild_from_type_v2");
+  return is_global(*cls, py::kRebuildParameter) || is_global(*cls, py::kRebuildParameterWithState) ||
+         is_global(*cls, py::kRebuildFromTypeV2);
 }
 
 bool is_rebuild_tensor(const Graph& graph, NodeId id) {
   const pickle::Node* cls = graph.object_class(id);
-  return cls != nullptr && cls->text == "torch._utils" && cls->name == "_rebuild_tensor_v2";
-}
-
-std::string join(const std::string& prefix, const std::string& label) {
-  return append_path(prefix, label);
+  return cls != nullptr && is_global(*cls, py::kRebuildTensorV2);
 }
 
 class PathWalker {
@@ -118,26 +114,29 @@ class PathWalker {
     if (node.kind == Kind::Object && is_tensor_wrapper(graph_, id)) {
       // nn.Parameter and tensor subclasses: the tensor inside has the same path.
       for (NodeId arg : graph_[node.args].items) walk_transparent(arg, path, depth);
-      if (node.state != pickle::kNoNode) walk(node.state, join(path, "state"), depth);
+      if (node.state != pickle::kNoNode) walk(node.state, append_path(path, "state"), depth);
       return;
     }
     switch (node.kind) {
       case Kind::Dict:
-        for (const auto& [k, v] : node.entries) walk(v, join(path, key_label(graph_, k)), depth);
+        for (const auto& [k, v] : node.entries) walk(v, append_path(path, key_label(graph_, k)), depth);
         return;
       case Kind::List:
       case Kind::Tuple:
       case Kind::Set:
       case Kind::FrozenSet:
-        for (std::size_t i = 0; i < node.items.size(); ++i) walk(node.items[i], join(path, std::to_string(i)), depth);
+        for (std::size_t i = 0; i < node.items.size(); ++i)
+          walk(node.items[i], append_path(path, std::to_string(i)), depth);
         return;
       case Kind::Object: {
-        for (const auto& [k, v] : node.entries) walk(v, join(path, key_label(graph_, k)), depth);
-        for (std::size_t i = 0; i < node.items.size(); ++i) walk(node.items[i], join(path, std::to_string(i)), depth);
+        for (const auto& [k, v] : node.entries) walk(v, append_path(path, key_label(graph_, k)), depth);
+        for (std::size_t i = 0; i < node.items.size(); ++i)
+          walk(node.items[i], append_path(path, std::to_string(i)), depth);
         if (node.state != pickle::kNoNode) walk_state(node.state, path, depth);
         if (!is_rebuild_tensor(graph_, id)) {
           const auto& args = graph_[node.args].items;
-          for (std::size_t i = 0; i < args.size(); ++i) walk(args[i], join(path, fmt::format("args.{}", i)), depth);
+          for (std::size_t i = 0; i < args.size(); ++i)
+            walk(args[i], append_path(path, fmt::format("args.{}", i)), depth);
         }
         return;
       }
@@ -164,11 +163,11 @@ class PathWalker {
     const pickle::Node& node = graph_[state];
     if (node.kind == Kind::Dict && seen_.insert(state).second) {
       // An instance dict: its keys are attribute names of the object.
-      for (const auto& [k, v] : node.entries) walk(v, join(path, key_label(graph_, k)), depth);
+      for (const auto& [k, v] : node.entries) walk(v, append_path(path, key_label(graph_, k)), depth);
     } else if (node.kind == Kind::Tuple && node.items.size() == 2 && seen_.insert(state).second) {
       for (NodeId part : node.items) walk_state(part, path, depth + 1);
     } else {
-      walk(state, join(path, "state"), depth);
+      walk(state, append_path(path, "state"), depth);
     }
   }
 
@@ -195,14 +194,14 @@ std::optional<StorageId> parse_storage_id(const Graph& graph, NodeId persid) {
   const pickle::Node& key = graph[items[2]];
   const pickle::Node& location = graph[items[3]];
   auto numel = as_int(graph, items[4]);
-  if (type.kind != Kind::Global || type.text != "torch" || key.kind != Kind::Str || !numel || *numel < 0) {
+  if (type.kind != Kind::Global || type.text != py::kStorageModule || key.kind != Kind::Str || !numel || *numel < 0) {
     return std::nullopt;
   }
   StorageId id;
   id.key = key.text;
   id.numel = static_cast<std::uint64_t>(*numel);
   id.location = location.kind == Kind::Str ? location.text : "";
-  if (type.name == "UntypedStorage") {
+  if (type.name == py::kUntypedStorage.name) {
     id.dtype = DType::UInt8;
   } else if (auto dtype = dtype_from_storage_name(type.name)) {
     id.dtype = *dtype;
@@ -275,16 +274,20 @@ void Checkpoint::collect_tensors() {
   std::unordered_map<NodeId, std::pair<std::size_t, std::string>> paths;
   std::vector<std::tuple<NodeId, std::size_t, std::string>> repeats;
   std::size_t order = 0;
-  walk_paths(
-      graph_, graph_.root, "",
-      [&](NodeId id, const std::string& p) {
-        ++order;
-        if (is_rebuild_tensor(graph_, id)) paths.emplace(id, std::make_pair(order, p));
-      },
-      [&](NodeId id, const std::string& p) {
-        ++order;
-        if (is_rebuild_tensor(graph_, id) || is_tensor_wrapper(graph_, id)) repeats.emplace_back(id, order, p);
-      });
+  try {
+    walk_paths(
+        graph_, graph_.root, "",
+        [&](NodeId id, const std::string& p) {
+          ++order;
+          if (is_rebuild_tensor(graph_, id)) paths.emplace(id, std::make_pair(order, p));
+        },
+        [&](NodeId id, const std::string& p) {
+          ++order;
+          if (is_rebuild_tensor(graph_, id) || is_tensor_wrapper(graph_, id)) repeats.emplace_back(id, order, p);
+        });
+  } catch (const Error& e) {  // objects nested too deeply
+    throw Error(Location{path(), pickle_record_->name, std::nullopt}, e.message());
+  }
   std::unordered_map<std::string, std::size_t> rank;
   for (NodeId id = 0; id < graph_.size(); ++id) {
     if (!is_rebuild_tensor(graph_, id)) continue;
@@ -315,7 +318,7 @@ void Checkpoint::collect_tensors() {
         last = checked_add(static_cast<std::uint64_t>(*offset), extent.span_elements - 1, "tensor span");
       }
     } catch (const Error& e) {
-      throw e.with_file(path()).with_member(pickle_record_->name + " (" + tensor.path + ")");
+      throw bad(e.message());
     }
     tensor.storage_key = sid->key;
     tensor.dtype = sid->dtype;

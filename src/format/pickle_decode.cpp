@@ -1,6 +1,6 @@
 // Pickle decoding into a Graph; nothing is ever executed.
 //
-// Accepted opcodes (protocols 2-5 as CPython writes them):
+// Accepted opcodes (protocols 2-5 as CPython writes them; pickle_ops.hpp):
 //   framing     PROTO FRAME STOP
 //   scalars     NONE NEWTRUE NEWFALSE BININT BININT1 BININT2 LONG1 LONG4 BINFLOAT
 //   text/bytes  BINUNICODE SHORT_BINUNICODE BINUNICODE8 BINBYTES SHORT_BINBYTES
@@ -18,64 +18,13 @@
 #include <unordered_map>
 
 #include "ckpt/format/pickle.hpp"
+#include "ckpt/format/pickle_ops.hpp"
 
 namespace ckpt::pickle {
 
 namespace {
 
-enum Op : std::uint8_t {
-  MARK = '(',
-  STOP = '.',
-  POP = '0',
-  POP_MARK = '1',
-  DUP = '2',
-  BININT = 'J',
-  BININT1 = 'K',
-  BININT2 = 'M',
-  NONE = 'N',
-  BINPERSID = 'Q',
-  REDUCE = 'R',
-  BINUNICODE = 'X',
-  APPEND = 'a',
-  BUILD = 'b',
-  GLOBAL = 'c',
-  DICT = 'd',
-  EMPTY_DICT = '}',
-  APPENDS = 'e',
-  BINGET = 'h',
-  LONG_BINGET = 'j',
-  LIST = 'l',
-  EMPTY_LIST = ']',
-  BINPUT = 'q',
-  LONG_BINPUT = 'r',
-  SETITEM = 's',
-  TUPLE = 't',
-  EMPTY_TUPLE = ')',
-  SETITEMS = 'u',
-  BINFLOAT = 'G',
-  BINBYTES = 'B',
-  SHORT_BINBYTES = 'C',
-  PROTO = 0x80,
-  NEWOBJ = 0x81,
-  TUPLE1 = 0x85,
-  TUPLE2 = 0x86,
-  TUPLE3 = 0x87,
-  NEWTRUE = 0x88,
-  NEWFALSE = 0x89,
-  LONG1 = 0x8a,
-  LONG4 = 0x8b,
-  SHORT_BINUNICODE = 0x8c,
-  BINUNICODE8 = 0x8d,
-  BINBYTES8 = 0x8e,
-  EMPTY_SET = 0x8f,
-  ADDITEMS = 0x90,
-  FROZENSET = 0x91,
-  NEWOBJ_EX = 0x92,
-  STACK_GLOBAL = 0x93,
-  MEMOIZE = 0x94,
-  FRAME = 0x95,
-  BYTEARRAY8 = 0x96,
-};
+using enum Op;
 
 class Decoder {
  public:
@@ -85,7 +34,9 @@ class Decoder {
   Graph run() {
     while (true) {
       op_position_ = in_.position();
-      std::uint8_t op = in_.u8();
+      // An opcode adds at most one node: checked here, Graph::add never fails.
+      if (graph_.size() >= kNoNode) fail("too many objects");
+      auto op = static_cast<Op>(in_.u8());
       if (op == STOP) break;
       step(op);
     }
@@ -221,7 +172,7 @@ class Decoder {
     return "?";
   }
 
-  void step(std::uint8_t op) {
+  void step(Op op) {
     switch (op) {
       case PROTO: {
         int protocol = in_.u8();
@@ -388,9 +339,11 @@ class Decoder {
         push(std::move(node));
         return;
       }
-      default:
-        fail(fmt::format("unsupported opcode 0x{:02x}{}", op,
-                         (op >= 0x20 && op < 0x7f) ? fmt::format(" ('{}')", static_cast<char>(op)) : ""));
+      default: {
+        auto byte = static_cast<std::uint8_t>(op);
+        fail(fmt::format("unsupported opcode 0x{:02x}{}", byte,
+                         (byte >= 0x20 && byte < 0x7f) ? fmt::format(" ('{}')", static_cast<char>(byte)) : ""));
+      }
     }
   }
 
@@ -406,99 +359,6 @@ class Decoder {
 
 Graph decode(Bytes pickle, const std::string& file, const std::string& member, std::uint64_t base_offset) {
   return Decoder(pickle, file, member, base_offset).run();
-}
-
-// ---------------------------------------------------------------- Graph
-
-NodeId Graph::add(Node node) {
-  if (nodes_.size() >= kNoNode) throw Error("pickle: too many objects");
-  nodes_.push_back(std::move(node));
-  return static_cast<NodeId>(nodes_.size() - 1);
-}
-
-NodeId Graph::none() {
-  return add(Node{});
-}
-
-NodeId Graph::boolean(bool value) {
-  Node node;
-  node.kind = Kind::Bool;
-  node.boolean = value;
-  return add(std::move(node));
-}
-
-NodeId Graph::integer(std::int64_t value) {
-  Node node;
-  node.kind = Kind::Int;
-  node.integer = value;
-  return add(std::move(node));
-}
-
-NodeId Graph::str(std::string_view value) {
-  Node node;
-  node.kind = Kind::Str;
-  node.text = std::string(value);
-  return add(std::move(node));
-}
-
-NodeId Graph::global(std::string_view module, std::string_view name) {
-  Node node;
-  node.kind = Kind::Global;
-  node.text = std::string(module);
-  node.name = std::string(name);
-  return add(std::move(node));
-}
-
-NodeId Graph::tuple(std::vector<NodeId> items) {
-  Node node;
-  node.kind = Kind::Tuple;
-  node.items = std::move(items);
-  return add(std::move(node));
-}
-
-bool Graph::is_str(NodeId id, std::string_view value) const {
-  return id < nodes_.size() && nodes_[id].kind == Kind::Str && nodes_[id].text == value;
-}
-
-bool Graph::is_global(NodeId id, std::string_view module, std::string_view name) const {
-  return id < nodes_.size() && nodes_[id].kind == Kind::Global && nodes_[id].text == module && nodes_[id].name == name;
-}
-
-const Node* Graph::object_class(NodeId id) const {
-  if (id >= nodes_.size() || nodes_[id].kind != Kind::Object) return nullptr;
-  NodeId callable = nodes_[id].callable;
-  return callable < nodes_.size() && nodes_[callable].kind == Kind::Global ? &nodes_[callable] : nullptr;
-}
-
-const std::vector<std::pair<NodeId, NodeId>>* Graph::mapping_entries(NodeId id) const {
-  if (id >= nodes_.size()) return nullptr;
-  const Node& node = nodes_[id];
-  if (node.kind == Kind::Dict || node.kind == Kind::Object) return &node.entries;
-  return nullptr;
-}
-
-NodeId Graph::lookup(NodeId mapping, std::string_view key) const {
-  const auto* entries = mapping_entries(mapping);
-  if (entries == nullptr) return kNoNode;
-  for (const auto& [k, v] : *entries) {
-    if (is_str(k, key)) return v;
-  }
-  return kNoNode;
-}
-
-NodeId Graph::state_dict(NodeId object) const {
-  if (object >= nodes_.size() || nodes_[object].kind != Kind::Object) return kNoNode;
-  NodeId state = nodes_[object].state;
-  if (state == kNoNode) return kNoNode;
-  // BUILD state is the instance dict, or (dict, slots dict).
-  if (nodes_[state].kind == Kind::Tuple && nodes_[state].items.size() == 2) state = nodes_[state].items[0];
-  if (state >= nodes_.size() || nodes_[state].kind != Kind::Dict) return kNoNode;
-  return state;
-}
-
-NodeId Graph::attribute(NodeId object, std::string_view name) const {
-  NodeId state = state_dict(object);
-  return state == kNoNode ? kNoNode : lookup(state, name);
 }
 
 }  // namespace ckpt::pickle

@@ -9,23 +9,28 @@
 #include <fmt/format.h>
 
 #include <bit>
+#include <optional>
 
 #include "ckpt/format/pickle.hpp"
+#include "ckpt/format/pickle_ops.hpp"
+#include "ckpt/io/byte_writer.hpp"
 
 namespace ckpt::pickle {
 
 namespace {
+
+using enum Op;
 
 class Encoder {
  public:
   explicit Encoder(const Graph& graph) : graph_(graph), memo_(graph.size(), -1) {}
 
   std::vector<std::byte> run() {
-    op(0x80);
-    op(static_cast<std::uint8_t>(protocol_needed()));
+    op(PROTO);
+    out_.u8(static_cast<std::uint64_t>(protocol_needed()));
     emit(graph_.root, 0);
-    op('.');
-    return std::move(out_);
+    op(STOP);
+    return out_.take();
   }
 
  private:
@@ -40,61 +45,57 @@ class Encoder {
     return protocol;
   }
 
-  void op(std::uint8_t code) { out_.push_back(static_cast<std::byte>(code)); }
-  void le(std::uint64_t value, int nbytes) {
-    for (int i = 0; i < nbytes; ++i) op(static_cast<std::uint8_t>(value >> (8 * i)));
-  }
-  void raw(std::string_view bytes) {
-    for (char c : bytes) op(static_cast<std::uint8_t>(c));
-  }
-  void sized(std::uint8_t op1, std::uint8_t op4, std::uint8_t op8, std::string_view bytes) {
-    if (op1 != 0 && bytes.size() < 256) {
-      op(op1);
-      le(bytes.size(), 1);
-    } else if (op4 != 0 && bytes.size() <= 0xFFFFFFFF) {
-      op(op4);
-      le(bytes.size(), 4);
+  void op(Op code) { out_.u8(static_cast<std::uint8_t>(code)); }
+  // A length-prefixed string: the 1-byte form if there is one and it fits, else
+  // the 4-byte form if there is one and it fits, else the 8-byte form.
+  void sized(std::optional<Op> op1, std::optional<Op> op4, Op op8, std::string_view bytes) {
+    if (op1 && bytes.size() < 256) {
+      op(*op1);
+      out_.u8(bytes.size());
+    } else if (op4 && bytes.size() <= 0xFFFFFFFF) {
+      op(*op4);
+      out_.u32(bytes.size());
     } else {
       op(op8);
-      le(bytes.size(), 8);
+      out_.u64(bytes.size());
     }
-    raw(bytes);
+    out_.text(bytes);
   }
 
   void put(NodeId id) {
     std::int64_t index = next_memo_++;
     memo_[id] = index;
     if (index < 256) {
-      op('q');
-      le(static_cast<std::uint64_t>(index), 1);
+      op(BINPUT);
+      out_.u8(static_cast<std::uint64_t>(index));
     } else {
-      op('r');
-      le(static_cast<std::uint64_t>(index), 4);
+      op(LONG_BINPUT);
+      out_.u32(static_cast<std::uint64_t>(index));
     }
   }
   bool get(NodeId id) {
     std::int64_t index = memo_[id];
     if (index < 0) return false;
     if (index < 256) {
-      op('h');
-      le(static_cast<std::uint64_t>(index), 1);
+      op(BINGET);
+      out_.u8(static_cast<std::uint64_t>(index));
     } else {
-      op('j');
-      le(static_cast<std::uint64_t>(index), 4);
+      op(LONG_BINGET);
+      out_.u32(static_cast<std::uint64_t>(index));
     }
     return true;
   }
 
   void emit_int(std::int64_t value) {
     if (value >= 0 && value < 256) {
-      op('K');
-      le(static_cast<std::uint64_t>(value), 1);
+      op(BININT1);
+      out_.u8(static_cast<std::uint64_t>(value));
     } else if (value >= 0 && value < 65536) {
-      op('M');
-      le(static_cast<std::uint64_t>(value), 2);
+      op(BININT2);
+      out_.u16(static_cast<std::uint64_t>(value));
     } else if (value >= INT32_MIN && value <= INT32_MAX) {
-      op('J');
-      le(static_cast<std::uint64_t>(value), 4);
+      op(BININT);
+      out_.u32(static_cast<std::uint64_t>(value));
     } else {
       // Minimal two's-complement little-endian bytes, as CPython's encode_long.
       int nbytes = 8;
@@ -103,13 +104,13 @@ class Encoder {
         if (shifted != 0 && shifted != -1) break;
         --nbytes;
       }
-      op(0x8a);
-      le(static_cast<std::uint64_t>(nbytes), 1);
-      le(static_cast<std::uint64_t>(value), nbytes);
+      op(LONG1);
+      out_.u8(static_cast<std::uint64_t>(nbytes));
+      out_.le(static_cast<std::uint64_t>(value), nbytes);
     }
   }
 
-  void emit_batched(const std::vector<NodeId>& items, std::uint8_t one, std::uint8_t many, int depth) {
+  void emit_batched(const std::vector<NodeId>& items, Op one, Op many, int depth) {
     // CPython batches APPENDS/SETITEMS by 1000 items.
     for (std::size_t start = 0; start < items.size(); start += 1000) {
       std::size_t end = std::min(items.size(), start + 1000);
@@ -118,7 +119,7 @@ class Encoder {
         op(one);
         continue;
       }
-      op('(');
+      op(MARK);
       for (std::size_t i = start; i < end; ++i) emit(items[i], depth);
       op(many);
     }
@@ -127,12 +128,12 @@ class Encoder {
     for (std::size_t start = 0; start < entries.size(); start += 1000) {
       std::size_t end = std::min(entries.size(), start + 1000);
       bool single = end - start == 1;
-      if (!single) op('(');
+      if (!single) op(MARK);
       for (std::size_t i = start; i < end; ++i) {
         emit(entries[i].first, depth);
         emit(entries[i].second, depth);
       }
-      op(single ? 's' : 'u');
+      op(single ? SETITEM : SETITEMS);
     }
   }
 
@@ -143,77 +144,77 @@ class Encoder {
     const Node& node = graph_[id];
     ++depth;
     switch (node.kind) {
-      case Kind::None: op('N'); return;
-      case Kind::Bool: op(node.boolean ? 0x88 : 0x89); return;
+      case Kind::None: op(NONE); return;
+      case Kind::Bool: op(node.boolean ? NEWTRUE : NEWFALSE); return;
       case Kind::Int: emit_int(node.integer); return;
       case Kind::BigInt:
         if (node.text.size() < 256) {
-          op(0x8a);
-          le(node.text.size(), 1);
+          op(LONG1);
+          out_.u8(node.text.size());
         } else {
-          op(0x8b);
-          le(node.text.size(), 4);
+          op(LONG4);
+          out_.u32(node.text.size());
         }
-        raw(node.text);
+        out_.text(node.text);
         return;
       case Kind::Float:
-        op('G');
-        for (int i = 7; i >= 0; --i) op(static_cast<std::uint8_t>(std::bit_cast<std::uint64_t>(node.real) >> (8 * i)));
+        op(BINFLOAT);
+        out_.u64_big_endian(std::bit_cast<std::uint64_t>(node.real));
         return;
       case Kind::Str:
-        sized(0, 'X', 0x8d, node.text);
+        sized(std::nullopt, BINUNICODE, BINUNICODE8, node.text);
         put(id);
         return;
       case Kind::Bytes:
-        sized('C', 'B', 0x8e, node.text);
+        sized(SHORT_BINBYTES, BINBYTES, BINBYTES8, node.text);
         put(id);
         return;
       case Kind::ByteArray:
-        sized(0, 0, 0x96, node.text);
+        sized(std::nullopt, std::nullopt, BYTEARRAY8, node.text);
         put(id);
         return;
       case Kind::Global:
         if (node.text.find('\n') != std::string::npos || node.name.find('\n') != std::string::npos) {
           throw Error("pickle: global name contains a newline");
         }
-        op('c');
-        raw(node.text);
-        op('\n');
-        raw(node.name);
-        op('\n');
+        op(GLOBAL);
+        out_.text(node.text);
+        out_.u8('\n');
+        out_.text(node.name);
+        out_.u8('\n');
         put(id);
         return;
       case Kind::Tuple: emit_tuple(id, node, depth); return;
       case Kind::List:
-        op(']');
+        op(EMPTY_LIST);
         put(id);
-        emit_batched(node.items, 'a', 'e', depth);
+        emit_batched(node.items, APPEND, APPENDS, depth);
         return;
       case Kind::Dict:
-        op('}');
+        op(EMPTY_DICT);
         put(id);
         emit_entries(node.entries, depth);
         return;
       case Kind::Set:
-        op(0x8f);
+        op(EMPTY_SET);
         put(id);
         if (!node.items.empty()) {
-          op('(');
+          op(MARK);
           for (NodeId item : node.items) emit(item, depth);
-          op(0x90);
+          op(ADDITEMS);
         }
         return;
       case Kind::FrozenSet:
-        op('(');
+        op(MARK);
         for (NodeId item : node.items) emit(item, depth);
         if (fetch_if_written(id, 0, true)) return;
-        op(0x91);
+        op(FROZENSET);
         put(id);
         return;
       case Kind::PersId:
         emit(node.callable, depth);
         if (fetch_if_written(id, 1, false)) return;
-        op('Q');
+        op(BINPERSID);
         put(id);
         return;
       case Kind::Object:
@@ -223,13 +224,13 @@ class Encoder {
         // Reached again through its own arguments (a list that holds it): the
         // inner emission built it; drop callable and arguments unused and fetch it.
         if (fetch_if_written(id, node.op == ObjectOp::NewObjEx ? 3 : 2, false)) return;
-        op(node.op == ObjectOp::Reduce ? 'R' : node.op == ObjectOp::NewObj ? 0x81 : 0x92);
+        op(node.op == ObjectOp::Reduce ? REDUCE : node.op == ObjectOp::NewObj ? NEWOBJ : NEWOBJ_EX);
         put(id);
-        emit_batched(node.items, 'a', 'e', depth);
+        emit_batched(node.items, APPEND, APPENDS, depth);
         emit_entries(node.entries, depth);
         if (node.state != kNoNode) {
           emit(node.state, depth);
-          op('b');
+          op(BUILD);
         }
         return;
     }
@@ -241,9 +242,9 @@ class Encoder {
   bool fetch_if_written(NodeId id, std::size_t pops, bool to_mark) {
     if (memo_[id] < 0) return false;
     if (to_mark) {
-      op('1');
+      op(POP_MARK);
     } else {
-      for (std::size_t i = 0; i < pops; ++i) op('0');
+      for (std::size_t i = 0; i < pops; ++i) op(POP);
     }
     get(id);
     return true;
@@ -251,22 +252,22 @@ class Encoder {
 
   void emit_tuple(NodeId id, const Node& node, int depth) {
     if (node.items.empty()) {
-      op(')');
+      op(EMPTY_TUPLE);
       return;
     }
     bool short_form = node.items.size() <= 3;
-    if (!short_form) op('(');
+    if (!short_form) op(MARK);
     for (NodeId item : node.items) emit(item, depth);
     if (fetch_if_written(id, node.items.size(), !short_form)) return;
-    static constexpr std::uint8_t kShort[] = {0, 0x85, 0x86, 0x87};
-    op(short_form ? kShort[node.items.size()] : 't');
+    static constexpr Op kShort[] = {EMPTY_TUPLE, TUPLE1, TUPLE2, TUPLE3};  // [0] unused: handled above
+    op(short_form ? kShort[node.items.size()] : TUPLE);
     put(id);
   }
 
   const Graph& graph_;
   std::vector<std::int64_t> memo_;
   std::int64_t next_memo_ = 0;
-  std::vector<std::byte> out_;
+  ByteWriter out_;
 };
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "ckpt/format/checkpoint.hpp"
+#include "ckpt/format/python_globals.hpp"
 
 namespace ckpt {
 
@@ -24,13 +25,16 @@ std::string class_name(const Graph& graph, NodeId id) {
 namespace {
 
 bool is_omegaconf_container(const std::string& name) {
-  return name == "omegaconf.dictconfig.DictConfig" || name == "omegaconf.listconfig.ListConfig";
+  return is_qualified_name(name, py::kDictConfig) || is_qualified_name(name, py::kListConfig);
+}
+
+bool is_omegaconf_value_node(const std::string& name) {
+  return is_in_module(name, py::kOmegaConfNodesModule);
 }
 
 // An OmegaConf value node (AnyNode, IntegerNode, ...) keeps its value in `_val`.
 NodeId omegaconf_unwrap(const Graph& graph, NodeId id) {
-  std::string name = class_name(graph, id);
-  if (name.rfind("omegaconf.nodes.", 0) == 0) {
+  if (is_omegaconf_value_node(class_name(graph, id))) {
     NodeId value = graph.attribute(id, "_val");
     if (value != kNoNode) return value;
   }
@@ -79,7 +83,7 @@ const std::vector<NodeId>* as_sequence(const Graph& graph, NodeId id) {
 }
 
 std::optional<std::vector<std::int64_t>> as_int_list(const Graph& graph, NodeId id) {
-  if (class_name(graph, id) == "torch.Size") {
+  if (is_qualified_name(class_name(graph, id), py::kTorchSize)) {
     const auto& args = graph[graph[id].args].items;
     if (args.size() != 1) return std::nullopt;
     id = args[0];
@@ -159,10 +163,10 @@ class JsonRenderer {
   template <typename Child>
   json object(NodeId id, const pickle::Node& node, Child& child) {
     std::string name = class_name(graph_, id);
-    if (name == "torch.Size") {
+    if (is_qualified_name(name, py::kTorchSize)) {
       if (auto dims = as_int_list(graph_, id)) return json{{"$class", name}, {"value", *dims}};
     }
-    if (name == "collections.OrderedDict" && node.items.empty()) {
+    if (is_qualified_name(name, py::kOrderedDict) && node.items.empty()) {
       json out = mapping(node.entries, child);
       return out;
     }
@@ -245,7 +249,7 @@ std::optional<Slot> entry_slot(const Graph& graph, NodeId container, std::string
     if (!slot) return std::nullopt;
     NodeId child = graph[slot->first].entries[slot->second].second;
     // A value node: the value itself is its `_val` attribute.
-    if (class_name(graph, child).rfind("omegaconf.nodes.", 0) == 0 && graph.state_dict(child) != kNoNode) {
+    if (is_omegaconf_value_node(class_name(graph, child)) && graph.state_dict(child) != kNoNode) {
       return find_in(graph.state_dict(child), "_val");
     }
     return slot;

@@ -3,6 +3,8 @@
 
 #include <filesystem>
 
+#include "ckpt/format/python_globals.hpp"
+
 namespace ckpt {
 
 std::string archive_name_for(const std::string& path) {
@@ -13,8 +15,9 @@ std::string archive_name_for(const std::string& path) {
 namespace {
 
 pickle::NodeId add_storage_id(pickle::Graph& graph, DType dtype, const std::string& key, std::uint64_t numel) {
-  pickle::NodeId id = graph.tuple({graph.str("storage"), graph.global("torch", dtype_info(dtype).storage_name),
-                                   graph.str(key), graph.str("cpu"), graph.integer(static_cast<std::int64_t>(numel))});
+  pickle::NodeId id =
+      graph.tuple({graph.str("storage"), graph.global(py::kStorageModule, dtype_info(dtype).storage_name),
+                   graph.str(key), graph.str("cpu"), graph.integer(static_cast<std::int64_t>(numel))});
   pickle::Node persid;
   persid.kind = pickle::Kind::PersId;
   persid.callable = id;
@@ -39,7 +42,7 @@ pickle::NodeId int_tuple(pickle::Graph& graph, const std::vector<std::int64_t>& 
 }  // namespace
 
 pickle::NodeId add_torch_size(pickle::Graph& graph, const std::vector<std::int64_t>& shape) {
-  return add_reduce(graph, graph.global("torch", "Size"), graph.tuple({int_tuple(graph, shape)}));
+  return add_reduce(graph, add_global(graph, py::kTorchSize), graph.tuple({int_tuple(graph, shape)}));
 }
 
 pickle::NodeId add_list(pickle::Graph& graph, std::vector<pickle::NodeId> items) {
@@ -56,7 +59,7 @@ pickle::NodeId add_int_list(pickle::Graph& graph, const std::vector<std::int64_t
 }
 
 pickle::NodeId add_ordered_dict(pickle::Graph& graph) {
-  return add_reduce(graph, graph.global("collections", "OrderedDict"), graph.tuple({}));
+  return add_reduce(graph, add_global(graph, py::kOrderedDict), graph.tuple({}));
 }
 
 pickle::NodeId add_tensor(pickle::Graph& graph, DType dtype, const std::vector<std::int64_t>& shape,
@@ -70,7 +73,7 @@ pickle::NodeId add_tensor(pickle::Graph& graph, DType dtype, const std::vector<s
   pickle::NodeId args =
       graph.tuple({add_storage_id(graph, dtype, storage_key, numel), graph.integer(0), int_tuple(graph, shape),
                    int_tuple(graph, stride), graph.boolean(false), add_ordered_dict(graph)});
-  return add_reduce(graph, graph.global("torch._utils", "_rebuild_tensor_v2"), args);
+  return add_reduce(graph, add_global(graph, py::kRebuildTensorV2), args);
 }
 
 }  // namespace ckpt

@@ -11,6 +11,8 @@
 #include <array>
 #include <cstring>
 
+#include "ckpt/io/byte_writer.hpp"
+
 namespace ckpt {
 
 namespace {
@@ -293,24 +295,6 @@ std::uint64_t local_header_size(const std::string& name, std::uint64_t nbytes, s
   return fixed + pad;
 }
 
-class ByteWriter {
- public:
-  void u8(std::uint64_t v) { out.push_back(static_cast<std::byte>(v & 0xFF)); }
-  void u16(std::uint64_t v) {
-    for (int i = 0; i < 2; ++i) u8(v >> (8 * i));
-  }
-  void u32(std::uint64_t v) {
-    for (int i = 0; i < 4; ++i) u8(v >> (8 * i));
-  }
-  void u64(std::uint64_t v) {
-    for (int i = 0; i < 8; ++i) u8(v >> (8 * i));
-  }
-  void text(std::string_view s) {
-    for (char c : s) u8(static_cast<unsigned char>(c));
-  }
-  std::vector<std::byte> out;
-};
-
 }  // namespace
 
 ZipLayout layout_zip(std::span<const ZipEntrySpec> entries, std::uint64_t alignment) {
@@ -363,7 +347,7 @@ std::vector<std::byte> render_local_header(const ZipRecord& record) {
   w.u16(kTorchPadExtraId);
   w.u16(extra_len - 4);
   for (std::uint64_t i = 4; i < extra_len; ++i) w.u8('Z');
-  return std::move(w.out);
+  return w.take();
 }
 
 std::vector<std::byte> render_central_directory(const ZipLayout& layout) {
@@ -398,7 +382,7 @@ std::vector<std::byte> render_central_directory(const ZipLayout& layout) {
       w.u64(record.header_offset);
     }
   }
-  std::uint64_t cd_size = w.out.size();
+  std::uint64_t cd_size = w.size();
   std::uint64_t zip64_end_offset = layout.central_directory_offset + cd_size;
   std::uint64_t entries = layout.records.size();
   w.u32(kZip64EndSig);
@@ -423,7 +407,7 @@ std::vector<std::byte> render_central_directory(const ZipLayout& layout) {
   w.u32(std::min<std::uint64_t>(cd_size, k32));
   w.u32(std::min<std::uint64_t>(layout.central_directory_offset, k32));
   w.u16(0);
-  return std::move(w.out);
+  return w.take();
 }
 
 }  // namespace ckpt

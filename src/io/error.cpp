@@ -43,20 +43,6 @@ std::string Error::render(const Location& where, const std::string& message) {
   return out + message;
 }
 
-Error Error::with_file(const std::string& file) const {
-  if (!where_.file.empty()) return *this;
-  Location loc = where_;
-  loc.file = file;
-  return Error(std::move(loc), message_);
-}
-
-Error Error::with_member(const std::string& member) const {
-  if (!where_.member.empty()) return *this;
-  Location loc = where_;
-  loc.member = member;
-  return Error(std::move(loc), message_);
-}
-
 void internal_error(std::string_view what, std::source_location where) {
   std::string_view file = where.file_name();
   if (auto src = file.rfind("src/"); src != std::string_view::npos) file.remove_prefix(src);

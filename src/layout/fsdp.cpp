@@ -27,11 +27,13 @@ std::vector<FlatShard> flatten_fsdp(const FsdpMetadata& layout, const std::vecto
         std::string key = fsdp_key(instance.fsdp_path, name);
         auto it = by_name.find(key);
         if (it == by_name.end() || it->second->alias_of) {
-          throw Error(fmt::format("{}: parameter of FSDP flat parameter {} is missing", key, flat.state_key));
+          throw Error(Location{"", key, std::nullopt},
+                      fmt::format("parameter of FSDP flat parameter {} is missing", flat.state_key));
         }
         const TensorSource& source = it->second->source;
         if (!flattened.empty() && source.dtype != flattened.front().dtype) {
-          throw Error(fmt::format("{}: dtype differs from the other parameters of {}", key, flat.state_key));
+          throw Error(Location{"", key, std::nullopt},
+                      fmt::format("dtype differs from the other parameters of {}", flat.state_key));
         }
         auto numel = static_cast<std::int64_t>(source.numel());
         flattened.push_back(source.slice(0, source.nbytes(), {numel}));
@@ -39,7 +41,8 @@ std::vector<FlatShard> flatten_fsdp(const FsdpMetadata& layout, const std::vecto
         shard.numels.push_back(numel);
         total += numel;
       }
-      if (flattened.empty()) throw Error(fmt::format("{}: an FSDP flat parameter without parameters", flat.state_key));
+      if (flattened.empty())
+        throw Error(Location{"", flat.state_key, std::nullopt}, "an FSDP flat parameter without parameters");
       TensorSource full = concat(flattened, {total});
       if (instance.no_broadcast_optim_state) {  // kept whole on every rank, unpadded
         shard.source = full;

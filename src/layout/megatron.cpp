@@ -27,7 +27,8 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 // The three thirds (k, v, q) of a fused part on dim 0.
 std::array<TensorSource, 3> split_qkv(const TensorSource& part, const std::string& key) {
   if (part.shape.empty() || part.shape[0] % 3 != 0) {
-    throw Error(fmt::format("{}: fused qkv of shape {} does not split in three on dim 0", key, shape_text(part.shape)));
+    throw Error(Location{"", key, std::nullopt},
+                fmt::format("fused qkv of shape {} does not split in three on dim 0", shape_text(part.shape)));
   }
   std::vector<std::int64_t> shape = part.shape;
   shape[0] /= 3;
@@ -48,8 +49,9 @@ void check_shapes(const std::string& key, const std::vector<TensorSource>& sourc
     bool ok = sources[m].shape.size() == head.size();
     for (std::size_t d = 0; ok && d < head.size(); ++d) ok = d == dim || sources[m].shape[d] == head[d];
     if (!ok) {
-      throw Error(fmt::format("{}: shape {} in model part {} does not glue with {} in part 0", key,
-                              shape_text(sources[m].shape), m, shape_text(head)));
+      throw Error(Location{"", key, std::nullopt},
+                  fmt::format("shape {} in model part {} does not glue with {} in part 0", shape_text(sources[m].shape),
+                              m, shape_text(head)));
     }
   }
 }
@@ -57,8 +59,8 @@ void check_shapes(const std::string& key, const std::vector<TensorSource>& sourc
 // Splits `glued` into `parts` equal pieces on dim 0.
 std::vector<TensorSource> split_dim0(const std::string& key, const TensorSource& glued, int parts) {
   if (glued.shape.empty() || glued.shape[0] % parts != 0) {
-    throw Error(fmt::format("{}: dim 0 of size {} does not split into {} model parts", key,
-                            glued.shape.empty() ? 0 : glued.shape[0], parts));
+    throw Error(Location{"", key, std::nullopt}, fmt::format("dim 0 of size {} does not split into {} model parts",
+                                                             glued.shape.empty() ? 0 : glued.shape[0], parts));
   }
   std::vector<std::int64_t> shape = glued.shape;
   shape[0] /= parts;
@@ -71,7 +73,8 @@ std::vector<TensorSource> split_dim0(const std::string& key, const TensorSource&
 // Splits `glued` into `parts` equal pieces on dim 1.
 std::vector<TensorSource> split_dim1(const std::string& key, const TensorSource& glued, int parts) {
   if (glued.shape[1] % parts != 0) {
-    throw Error(fmt::format("{}: dim 1 of size {} does not split into {} model parts", key, glued.shape[1], parts));
+    throw Error(Location{"", key, std::nullopt},
+                fmt::format("dim 1 of size {} does not split into {} model parts", glued.shape[1], parts));
   }
   std::vector<std::int64_t> shape = glued.shape;
   shape[1] /= parts;
@@ -118,7 +121,7 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
   for (std::size_t m = 1; m < parts.size(); ++m) {
     for (const NamedTensor& tensor : parts[m]) {
       if (index[0].count(tensor.name) == 0)
-        throw Error(fmt::format("{}: in model part {} but not in part 0", tensor.name, m));
+        throw Error(Location{"", tensor.name, std::nullopt}, fmt::format("in model part {} but not in part 0", m));
     }
   }
   std::vector<std::vector<NamedTensor>> out(static_cast<std::size_t>(new_parts));
@@ -131,7 +134,8 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
       for (std::size_t m = 1; m < parts.size(); ++m) {
         auto it = index[m].find(key);
         if (it == index[m].end() || it->second->alias_of != head.alias_of) {
-          throw Error(fmt::format("{}: tied to {} in model part 0 but not in part {}", key, *head.alias_of, m));
+          throw Error(Location{"", key, std::nullopt},
+                      fmt::format("tied to {} in model part 0 but not in part {}", *head.alias_of, m));
         }
       }
       for (auto& part : out) part.push_back(head);
@@ -141,11 +145,12 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
     for (std::size_t m = 0; m < parts.size(); ++m) {
       auto it = index[m].find(key);
       if (it == index[m].end() || it->second->alias_of)
-        throw Error(fmt::format("{}: missing from model part {}", key, m));
+        throw Error(Location{"", key, std::nullopt}, fmt::format("missing from model part {}", m));
       const TensorSource& source = it->second->source;
       if (source.dtype != head.source.dtype) {
-        throw Error(fmt::format("{}: dtype {} in model part {} differs from {} in part 0", key,
-                                dtype_info(source.dtype).name, m, dtype_info(head.source.dtype).name));
+        throw Error(Location{"", key, std::nullopt},
+                    fmt::format("dtype {} in model part {} differs from {} in part 0", dtype_info(source.dtype).name, m,
+                                dtype_info(head.source.dtype).name));
       }
       sources.push_back(source);
     }
@@ -168,12 +173,14 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
         break;
       }
       case MpRule::ConcatDim0:
-        if (head.source.shape.empty()) throw Error(key + ": a scalar cannot be glued on dim 0");
+        if (head.source.shape.empty())
+          throw Error(Location{"", key, std::nullopt}, "a scalar cannot be glued on dim 0");
         check_shapes(key, sources, 0);
         emit_all(key, split_dim0(key, concat(sources, glued_shape(sources, 0)), new_parts));
         break;
       case MpRule::ConcatDim1: {
-        if (head.source.shape.size() < 2) throw Error(key + ": fewer than 2 dimensions, cannot glue on dim 1");
+        if (head.source.shape.size() < 2)
+          throw Error(Location{"", key, std::nullopt}, "fewer than 2 dimensions, cannot glue on dim 1");
         check_shapes(key, sources, 1);
         auto rows = static_cast<std::uint64_t>(head.source.shape[0]);
         emit_all(key, split_dim1(key, interleave_rows(sources, rows, glued_shape(sources, 1)), new_parts));

@@ -117,6 +117,10 @@ int report(const std::exception& e, char* error, std::size_t error_len) {
 
 }  // namespace
 
+extern "C" int ckpt_torch_abi_version(void) {
+  return CKPT_TORCH_PLUGIN_VERSION;
+}
+
 extern "C" int ckpt_torch_convert(int from, int to, const void* source, void* dest, std::uint64_t numel, char* error,
                                   std::size_t error_len) {
   try {

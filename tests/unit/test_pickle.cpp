@@ -1,4 +1,5 @@
-// Unit tests for the pickle codec (src/format/pickle_decode.cpp, pickle_encode.cpp).
+// Unit tests for the pickle codec (src/format/pickle_decode.cpp, pickle_encode.cpp,
+// pickle_graph.cpp).
 //
 // Pickles are written by hand, opcode by opcode, with a small builder that also
 // records which opcodes each one uses, so one test can assert that every opcode
@@ -27,6 +28,7 @@
 
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/format/pickle.hpp"
+#include "ckpt/format/pickle_ops.hpp"
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/io/error.hpp"
 
@@ -42,18 +44,8 @@ using ckpt::pickle::ObjectOp;
 using Buffer = std::vector<std::byte>;
 
 // clang-format off
-// Opcodes, spelled as in CPython's pickle.py.
-enum class Op : std::uint8_t {
-  MARK = '(', STOP = '.', POP = '0', POP_MARK = '1', DUP = '2', BININT = 'J', BININT1 = 'K',
-  BININT2 = 'M', NONE = 'N', BINPERSID = 'Q', REDUCE = 'R', BINUNICODE = 'X', APPEND = 'a',
-  BUILD = 'b', GLOBAL = 'c', DICT = 'd', EMPTY_DICT = '}', APPENDS = 'e', BINGET = 'h',
-  LONG_BINGET = 'j', LIST = 'l', EMPTY_LIST = ']', BINPUT = 'q', LONG_BINPUT = 'r', SETITEM = 's',
-  TUPLE = 't', EMPTY_TUPLE = ')', SETITEMS = 'u', BINFLOAT = 'G', BINBYTES = 'B',
-  SHORT_BINBYTES = 'C', PROTO = 0x80, NEWOBJ = 0x81, TUPLE1 = 0x85, TUPLE2 = 0x86, TUPLE3 = 0x87,
-  NEWTRUE = 0x88, NEWFALSE = 0x89, LONG1 = 0x8a, LONG4 = 0x8b, SHORT_BINUNICODE = 0x8c,
-  BINUNICODE8 = 0x8d, BINBYTES8 = 0x8e, EMPTY_SET = 0x8f, ADDITEMS = 0x90, FROZENSET = 0x91,
-  NEWOBJ_EX = 0x92, STACK_GLOBAL = 0x93, MEMOIZE = 0x94, FRAME = 0x95, BYTEARRAY8 = 0x96,
-};
+// Opcodes: the decoder's and encoder's own list (ckpt/format/pickle_ops.hpp).
+using ckpt::pickle::Op;
 using enum Op;
 
 // Every opcode the decoder's header comment says it accepts.

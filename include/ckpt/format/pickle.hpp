@@ -109,8 +109,11 @@ class Graph {
 // opcode is reported with the absolute byte offset of the opcode in the file.
 Graph decode(Bytes pickle, const std::string& file, const std::string& member, std::uint64_t base_offset);
 
-// Encodes `graph` from `graph.root`. Every node reached more than once is
-// memoised (BINPUT) and re-emitted with BINGET, so sharing and cycles survive.
+// Encodes `graph` from `graph.root`, as CPython's pickler does: every node other
+// than a scalar (None, bool, int, float) or the empty tuple is memoised (BINPUT)
+// when first written, whether or not it is reached again, and every later
+// reference is a BINGET, so sharing and cycles survive. Scalars are written again
+// at each reference. The opcodes are those of pickle_ops.hpp.
 std::vector<std::byte> encode(const Graph& graph);
 
 // Deepest nesting accepted when encoding, walking or rendering a graph. Python's

@@ -4,8 +4,9 @@
 // such as `data/17`, often with the tensor it holds) and the byte offset in the
 // file. `what()` renders all of it on one line, which `main` prints after
 // `ckpt-tool: error: `. Errors are thrown from deep inside the readers and caught
-// only in `main`; intermediate layers add context with `Error::with_file` and
-// friends rather than catching and re-wording.
+// only in `main`, except where a pure function that knows no file (a shape check,
+// a nesting bound) is called by one that does: that caller re-throws the same
+// message with the Location filled in, and never re-words it.
 //
 // Names inside a checkpoint (tensor keys, object keys, record names) are
 // untrusted bytes. `printable` is the one escape every terminal printer uses, and
@@ -43,9 +44,6 @@ class Error : public std::runtime_error {
   const std::string& message() const { return message_; }
 
   // `what()` is the rendered line, escaped by `printable`; `message()` is raw.
-  // Copies of this error with a field filled in when it was still empty.
-  Error with_file(const std::string& file) const;
-  Error with_member(const std::string& member) const;
 
  private:
   static std::string render(const Location& where, const std::string& message);

@@ -1,5 +1,7 @@
 // fairscale's FSDP flattening, as a pure function of the layout metadata and
-// TensorSources (../shared/FORMATS.md section 3). No file is read.
+// TensorSources: each FSDP instance's parameters, flattened and concatenated,
+// are its `flat_param_0`, split over the W ranks as torch.chunk(W) does (chunks of
+// ceil(n/W) elements) and zero-padded to the first chunk's length. No file is read.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,7 @@
 // Megatron's model-parallel gluing and re-cutting (metaseq naming), as pure
-// functions of TensorSources (../shared/FORMATS.md section 4). No file is read.
+// functions of TensorSources: a fused qkv_proj part is [k; v; q] on dim 0, other
+// keys are concatenated on dim 0 or 1 or are replicated, by the rule table in
+// megatron.cpp. No file is read.
 #pragma once
 
 #include <string>

@@ -1,5 +1,7 @@
 // What metaseq and fairscale store about sharding: the MP part and DP shard in a
-// file's name, and FSDP's `shard_metadata` (see ../shared/FORMATS.md section 3).
+// file's name (`checkpoint_last-model_part-{m}-shard{d}.pt` and its variants), and
+// FSDP's `shard_metadata` (per FSDP instance: its path and its flat parameters'
+// names, shapes, numels and padding; the buffer names; tied parameters).
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,7 @@
 // A model part's state dicts from its indexed FSDP shards: fairscale's
-// consolidate_shard_weights as byte ranges (../shared/FORMATS.md section 3).
+// consolidate_shard_weights as byte ranges: each FSDP instance's flat parameter
+// glued from the DP shards' slices (padding dropped), cut into its named
+// parameters by the `shard_metadata` shapes (layout/fsdp.hpp, layout/metaseq.hpp).
 // Reads the manifest only; no tensor byte is read here.
 #pragma once
 
