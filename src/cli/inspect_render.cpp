@@ -9,6 +9,7 @@
 #include <ostream>
 #include <set>
 
+#include "ckpt/format/python_globals.hpp"
 #include "ckpt/manifest/consolidate.hpp"
 #include "inputs.hpp"
 
@@ -90,7 +91,7 @@ class TreePrinter {
         children = node["value"];
       else if (node.contains("attributes"))
         children = node["attributes"];
-      if (kind == "torch.Size" && children.is_array()) {
+      if (is_qualified_name(kind, py::kTorchSize) && children.is_array()) {
         out_ << pad << label << ": torch.Size" << children.dump() << "\n";
         return;
       }

@@ -1,4 +1,4 @@
-// Zip reading and layout. See include/ckpt/zip.hpp for the byte layout.
+// Zip reading and layout. See include/ckpt/format/zip.hpp for the byte layout.
 //
 // Hand-written rather than libzip/minizip: those open records as streams and
 // cannot tell where a record's data lies in the file, which is the one thing

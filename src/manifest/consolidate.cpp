@@ -175,7 +175,8 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   auto add_buffers = [&](const std::vector<std::string>& names) {
     for (const std::string& buffer : names) {
       const ManifestTensor* tensor = find_tensor(first, prefix + buffer);
-      if (tensor == nullptr) tensor = find_tensor(first, "model/" + buffer);  // an EMA copy may hold parameters only
+      if (tensor == nullptr)
+        tensor = find_tensor(first, std::string(kModelPrefix) + buffer);  // an EMA copy may hold parameters only
       if (tensor == nullptr || !taken.insert(buffer).second) continue;
       out.push_back({buffer, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
     }
@@ -193,14 +194,14 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
         out.push_back({key, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
       }
     }
-    if (prefix != "model/") {
+    if (prefix != kModelPrefix) {
       // Buffers an EMA copy lacks: those shard_metadata names, else whatever the
       // model has that the copy does not.
       std::vector<std::string> buffers;
       if (first.fsdp) {
         buffers = first.fsdp->buffer_names;
       } else {
-        for (const auto& [key, tensor] : state_dict_tensors(first, "model/")) buffers.push_back(key);
+        for (const auto& [key, tensor] : state_dict_tensors(first, std::string(kModelPrefix))) buffers.push_back(key);
       }
       add_buffers(buffers);
     }
@@ -228,7 +229,7 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
 std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
                                                      const std::string& state_name) {
   const ManifestFile& first = manifest.files.at(shard_files.at(0));
-  if (!is_flattened(first, "model/")) {
+  if (!is_flattened(first, std::string(kModelPrefix))) {
     throw Error(
         Location{first.path, "last_optimizer_state", std::nullopt},
         "optimizer state of unflattened (consolidated) weights cannot be resharded; use --drop-optimizer-state");

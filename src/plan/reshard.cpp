@@ -40,7 +40,8 @@ namespace {
 std::vector<std::string> flat_state_names(const ManifestFile& file) {
   std::vector<std::string> names;
   if (!file.fsdp || file.fsdp->instances.empty() || file.fsdp->instances[0].flat_params.empty()) return names;
-  const ManifestTensor* weight = find_tensor(file, "model/" + file.fsdp->instances[0].flat_params[0].state_key);
+  const ManifestTensor* weight =
+      find_tensor(file, std::string(kModelPrefix) + file.fsdp->instances[0].flat_params[0].state_key);
   if (weight == nullptr) return names;
   const std::string prefix = "last_optimizer_state/state/0/";
   for (const ManifestTensor& tensor : file.tensors) {
@@ -157,7 +158,8 @@ struct Output {
 
 // Whether `file` holds its model flattened (its first flat parameter is there).
 bool has_flat_model(const ManifestFile& file) {
-  return file.fsdp && find_tensor(file, "model/" + file.fsdp->instances.at(0).flat_params.at(0).state_key) != nullptr;
+  return file.fsdp && find_tensor(file, std::string(kModelPrefix) +
+                                            file.fsdp->instances.at(0).flat_params.at(0).state_key) != nullptr;
 }
 
 OutputTensor flat_output(const FlatShard& flat) {
@@ -180,9 +182,9 @@ void write_unflattened(Output& output, const ManifestFile& base_file, const Recu
 // Edits the base's flattened model in place: key order and _metadata stay.
 void replace_flat_model(Output& output, const ManifestFile& base_file, const std::vector<FlatShard>& flats,
                         const std::map<std::string, const NamedTensor*>& by_name) {
-  for (const FlatShard& flat : flats) output.replace("model/" + flat.state_key, flat_output(flat));
+  for (const FlatShard& flat : flats) output.replace(std::string(kModelPrefix) + flat.state_key, flat_output(flat));
   for (const ManifestTensor& tensor : base_file.tensors) {
-    if (tensor.path.rfind("model/", 0) != 0 || !tensor.alias_of.empty()) continue;
+    if (!tensor.path.starts_with(kModelPrefix) || !tensor.alias_of.empty()) continue;
     std::string key = tensor.path.substr(6);
     bool is_flat = std::any_of(flats.begin(), flats.end(), [&](const FlatShard& f) { return f.state_key == key; });
     if (is_flat) continue;
