@@ -1,9 +1,12 @@
 """What every end-to-end test script shares: paths from meson's environment,
 fixtures generated once per build, running the tool, and a tiny test runner that
 prints the closing line `N passed, N failed` and exits non-zero on any failure."""
+import contextlib
 import fcntl
 import functools
 import hashlib
+import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -29,6 +32,16 @@ def _generator_digest():
     return digest.hexdigest()
 
 
+def _generate(generator, out):
+    """Runs the generator in this process, which has imported torch already (a second
+    Python start with torch costs seconds, while every other script waits)."""
+    spec = importlib.util.spec_from_file_location("ckpt_fixture_generator", generator)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert module.main(["--out", out]) == 0
+
+
 def fixtures():
     """Generate every fixture case under WORK/fixtures, once per build directory:
     again only when the generator's content changes. Returns {case name: folder}."""
@@ -42,7 +55,7 @@ def fixtures():
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (os.path.exists(stamp) and open(stamp).read() == wanted):
             subprocess.run(["rm", "-rf", out], check=True)
-            subprocess.run([PYTHON, generator, "--out", out], check=True, stdout=subprocess.DEVNULL)
+            _generate(generator, out)
             with open(stamp, "w") as f:
                 f.write(wanted)
     return {name: os.path.join(out, name) for name in sorted(os.listdir(out))
