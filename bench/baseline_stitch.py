@@ -16,28 +16,8 @@ from collections import OrderedDict
 
 import torch
 
-
-def consolidate_part(shards):
-    weights = [s["model"] for s in shards]
-    metas = [s["shard_metadata"] for s in shards]
-    out = OrderedDict()
-    for i, meta in enumerate(metas[0]["param_metadata"]):
-        for name, v in meta["params"].items():
-            key = f"{meta['fsdp_path']}.{name}" if meta["fsdp_path"] else name
-            pieces = []
-            for rank in range(len(shards)):
-                pad = metas[rank]["param_metadata"][i]["params"][name]["padding"]
-                t = weights[rank][key]
-                pieces.append(t[: t.numel() - pad])
-            full = torch.cat(pieces)
-            for n, t, s in zip(v["names"], full.split(v["numels"]), v["shapes"]):
-                out[f"{meta['fsdp_path']}.{n}" if meta["fsdp_path"] else n] = t.view(s)
-    for meta in metas[0]["param_metadata"]:
-        for src, dst in meta["shared_param_info"]:
-            out[dst] = out[src]
-    for b in metas[0]["buffer_names"]:
-        out[b] = weights[0][b]
-    return out
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "e2e"))
+from fairscale_rule import consolidate_shard_weights  # noqa: E402  (the one copy of fairscale's rule)
 
 
 def glue(parts):
@@ -86,7 +66,7 @@ def main():
         m = int(re.search(r"model_part-(\d+)", f).group(1))
         d = int(re.search(r"shard(\d+)\.pt$", f).group(1))
         grid.setdefault(m, {})[d] = torch.load(f, map_location="cpu")  # every shard in memory, like metaseq
-    parts = [consolidate_part([grid[m][d] for d in sorted(grid[m])]) for m in sorted(grid)]
+    parts = [consolidate_shard_weights([grid[m][d] for d in sorted(grid[m])]) for m in sorted(grid)]
     first = grid[0][0]
     model = glue(parts)
     del parts

@@ -1,10 +1,16 @@
 """What every end-to-end test script shares: paths from meson's environment,
 fixtures generated once per build, running the tool, and a tiny test runner that
 prints the closing line `N passed, N failed` and exits non-zero on any failure."""
+import contextlib
 import fcntl
+import functools
+import hashlib
+import importlib.util
+import io
 import os
 import subprocess
 import sys
+import time
 import traceback
 
 SOURCE_ROOT = os.environ.get("CKPT_SOURCE_ROOT", os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -17,24 +23,51 @@ sys.path.insert(0, os.path.dirname(__file__))
 import ckptcheck  # noqa: E402
 
 
+def _generator_digest():
+    """What the fixtures are a function of: the generator and the module it imports."""
+    digest = hashlib.sha256()
+    for path in (os.path.join(SOURCE_ROOT, "fixtures", "generate.py"), os.path.join(os.path.dirname(__file__), "ckptcheck.py")):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _generate(generator, out):
+    """Runs the generator in this process, which has imported torch already (a second
+    Python start with torch costs seconds, while every other script waits)."""
+    spec = importlib.util.spec_from_file_location("ckpt_fixture_generator", generator)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert module.main(["--out", out]) == 0
+
+
 def fixtures():
-    """Generate every fixture case under WORK/fixtures (once; regenerated when the
-    generator changes). Returns {case name: folder}."""
+    """Generate every fixture case under WORK/fixtures, once per build directory:
+    again only when the generator's content changes. Returns {case name: folder}."""
     generator = os.path.join(SOURCE_ROOT, "fixtures", "generate.py")
     out = os.path.join(WORK, "fixtures")
     stamp = os.path.join(out, ".stamp")
-    wanted = str(os.stat(generator).st_mtime_ns)
+    wanted = _generator_digest()
     os.makedirs(WORK, exist_ok=True)
     # meson runs the test scripts in parallel: one generates, the others wait.
     with open(os.path.join(WORK, ".fixtures.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (os.path.exists(stamp) and open(stamp).read() == wanted):
             subprocess.run(["rm", "-rf", out], check=True)
-            subprocess.run([PYTHON, generator, "--out", out], check=True, stdout=subprocess.DEVNULL)
+            _generate(generator, out)
             with open(stamp, "w") as f:
                 f.write(wanted)
     return {name: os.path.join(out, name) for name in sorted(os.listdir(out))
             if os.path.isdir(os.path.join(out, name))}
+
+
+@functools.lru_cache(maxsize=None)
+def load_fixture(path):
+    """ckptcheck.load of a generated fixture file, loaded once per test script.
+    Shared between callers: read it, never change it (load a private copy with
+    ckptcheck.load to edit)."""
+    return ckptcheck.load(path)
 
 
 def scratch(name):
@@ -57,10 +90,11 @@ def run(args, expect=0, tool=None):
 def main(tests):
     passed = failed = 0
     for test in tests:
+        start = time.monotonic()
         try:
             test()
             passed += 1
-            print(f"ok   {test.__name__}")
+            print(f"ok   {test.__name__} ({time.monotonic() - start:.1f} s)")
         except Exception:  # noqa: BLE001 - report every failure, keep going
             failed += 1
             print(f"FAIL {test.__name__}")

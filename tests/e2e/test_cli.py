@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import zipfile
 
 import torch
@@ -87,8 +86,12 @@ def test_os_system_is_never_run():
         assert json.loads(stdout)["objects"]["$class"] == f"{module}.system"
         harness.run(["manifest", path])
         assert not os.path.exists(marker), "ckpt-tool ran the pickle's code"
-        # the file really is dangerous: torch.load runs the command
-        subprocess.run([harness.PYTHON, "-c", f"import torch; torch.load({path!r})"], capture_output=True)
+        # the file really is dangerous: torch.load runs the command (here, in this process:
+        # a `touch` of the marker, no second Python start)
+        try:
+            torch.load(path)
+        except Exception:  # noqa: BLE001 - what torch makes of os.system's return value does not matter
+            pass
         assert os.path.exists(marker), "the test pickle should run os.system under torch.load"
 
 

@@ -24,7 +24,7 @@ def stitch(args, expect=0):
 def check_same(got, want):
     problems = ckptcheck.zip_problems(got, aligned=True)
     assert not problems, f"{got}: {problems}"
-    ckptcheck.assert_same(ckptcheck.load(got), ckptcheck.load(want))
+    ckptcheck.assert_same(ckptcheck.load(got), harness.load_fixture(want))
 
 
 def test_consolidated_for_every_case():

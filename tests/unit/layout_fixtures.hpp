@@ -36,8 +36,11 @@
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "temp_files.hpp"
 
 namespace layout_fixtures {
+
+using test_files::TempFile;
 
 using ckpt::DType;
 using ckpt::NamedTensor;
@@ -652,27 +655,6 @@ inline std::vector<std::uint32_t> identity_sources(std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) out.push_back(static_cast<std::uint32_t>(i));
   return out;
 }
-
-// A temporary file of `nbytes` bytes for MappedFile, removed with the guard.
-class TempFile {
- public:
-  explicit TempFile(std::size_t nbytes) {
-    char name[] = "/tmp/ckpt_layout_test_XXXXXX";
-    int fd = ::mkstemp(name);
-    REQUIRE(fd >= 0);
-    path_ = name;
-    std::vector<char> data(nbytes, 'x');
-    REQUIRE(::write(fd, data.data(), data.size()) == static_cast<ssize_t>(data.size()));
-    ::close(fd);
-  }
-  ~TempFile() { std::filesystem::remove(path_); }
-  TempFile(const TempFile&) = delete;
-  TempFile& operator=(const TempFile&) = delete;
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 // A plan with one output record whose sources are real (small) temp files, for
 // ckpt::validate; plan source i is temp file i.

@@ -25,6 +25,7 @@
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "temp_files.hpp"
 
 namespace {
 
@@ -35,22 +36,9 @@ using Buffer = std::vector<std::byte>;
 
 constexpr std::uint64_t kMiB = 1ull << 20;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "ckpt_exec_test_XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
+using test_files::read_file;
+using test_files::TempDir;
+using test_files::write_file;
 
 Buffer pseudo_random_bytes(std::uint64_t nbytes) {
   Buffer bytes(nbytes);
@@ -59,20 +47,6 @@ Buffer pseudo_random_bytes(std::uint64_t nbytes) {
     state = state * 6364136223846793005ull + 1442695040888963407ull;
     std::memcpy(bytes.data() + i, &state, std::min<std::uint64_t>(8, nbytes - i));
   }
-  return bytes;
-}
-
-void write_file(const fs::path& path, const Buffer& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  REQUIRE(out.good());
-}
-
-Buffer read_file(const fs::path& path) {
-  Buffer bytes(fs::file_size(path));
-  std::ifstream in(path, std::ios::binary);
-  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  REQUIRE(in.gcount() == static_cast<std::streamsize>(bytes.size()));
   return bytes;
 }
 

@@ -14,6 +14,7 @@
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "temp_files.hpp"
 
 namespace {
 
@@ -22,27 +23,7 @@ using ckpt::Plan;
 using ckpt::PlannedFile;
 using ckpt::PlannedRecord;
 
-// A temporary file of `nbytes` bytes, removed when the guard goes away.
-class TempFile {
- public:
-  explicit TempFile(std::size_t nbytes) {
-    char name[] = "/tmp/ckpt_plan_test_XXXXXX";
-    int fd = ::mkstemp(name);
-    REQUIRE(fd >= 0);
-    path_ = name;
-    std::vector<char> data(nbytes);
-    for (std::size_t i = 0; i < nbytes; ++i) data[i] = static_cast<char>(i);
-    REQUIRE(::write(fd, data.data(), data.size()) == static_cast<ssize_t>(data.size()));
-    ::close(fd);
-  }
-  ~TempFile() { std::filesystem::remove(path_); }
-  TempFile(const TempFile&) = delete;
-  TempFile& operator=(const TempFile&) = delete;
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using test_files::TempFile;
 
 bool same(const Piece& op, std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset,
           std::uint64_t nbytes) {

@@ -36,6 +36,7 @@
 #include "ckpt/format/pickle.hpp"
 #include "ckpt/plan/plan.hpp"
 #include "ckpt/plan/torch_file.hpp"
+#include "temp_files.hpp"
 
 namespace {
 
@@ -45,22 +46,7 @@ using ckpt::pickle::Kind;
 using ckpt::pickle::Node;
 using ckpt::pickle::NodeId;
 
-// A temporary directory, removed with everything in it when the guard goes away.
-class TempDir {
- public:
-  TempDir() {
-    path_ = std::filesystem::temp_directory_path() / ("ckpt_tensor_view_" + std::to_string(::getpid()));
-    std::filesystem::remove_all(path_);
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  std::filesystem::path path_;
-};
+using test_files::TempDir;
 
 std::vector<std::byte> bytes_of(const at::Tensor& tensor) {
   at::Tensor t = tensor.contiguous();

@@ -1,0 +1,233 @@
+// Unit tests for CheckpointBuilder (src/plan/checkpoint_builder.cpp): the exact
+// records of a file built from nothing (the pickle, byteorder, one storage per
+// new tensor with its copy operations, version), then the file written by the
+// executor and read back with Checkpoint: keys in order, ties kept, bytes where
+// the plan said. A second builder edits that file as a base: a replaced tensor
+// is seen through every reference, untouched storages are carried over as whole
+// record copies from the base, nothing else changes.
+#include <doctest/doctest.h>
+
+#include <cstdint>
+#include <cstring>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "ckpt/exec/exec.hpp"
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/format/pyobject.hpp"
+#include "ckpt/format/torch_pickle.hpp"
+#include "ckpt/io/error.hpp"
+#include "ckpt/io/mapped_file.hpp"
+#include "ckpt/manifest/manifest.hpp"
+#include "ckpt/plan/checkpoint_builder.hpp"
+#include "ckpt/plan/torch_file.hpp"
+#include "temp_files.hpp"
+
+namespace {
+
+using ckpt::DType;
+using ckpt::OutputTensor;
+using ckpt::Piece;
+using ckpt::pickle::NodeId;
+using test_files::Buffer;
+using test_files::TempDir;
+
+void run(const ckpt::Plan& plan) {
+  ckpt::validate(plan);
+  ckpt::ExecOptions options;
+  options.threads = 1;
+  options.direct_io = false;
+  options.check_crc = false;  // the source is raw bytes, not a zip
+  ckpt::execute(plan, options);
+}
+
+// A float32 tensor of `shape` whose bytes are the run [offset, offset + nbytes) of file 0.
+OutputTensor run_of(const std::string& name, std::vector<std::int64_t> shape, std::uint64_t offset) {
+  OutputTensor tensor;
+  tensor.name = name;
+  tensor.dtype = DType::Float32;
+  tensor.source.dtype = DType::Float32;
+  tensor.source.shape = std::move(shape);
+  ckpt::Piece piece;
+  piece.source = 0;
+  piece.source_offset = offset;
+  piece.nbytes = tensor.source.nbytes();
+  tensor.source.pieces.push_back(piece);
+  return tensor;
+}
+
+NodeId dict(ckpt::pickle::Graph& graph, std::vector<std::pair<std::string, NodeId>> entries) {
+  ckpt::pickle::Node node;
+  node.kind = ckpt::pickle::Kind::Dict;
+  for (auto& [key, value] : entries) node.entries.emplace_back(graph.str(key), value);
+  return graph.add(std::move(node));
+}
+
+Buffer slice(const Buffer& bytes, std::uint64_t offset, std::uint64_t nbytes) {
+  return Buffer(bytes.begin() + static_cast<std::ptrdiff_t>(offset),
+                bytes.begin() + static_cast<std::ptrdiff_t>(offset + nbytes));
+}
+
+Buffer bytes_of(const ckpt::Checkpoint& checkpoint, const std::string& path) {
+  const ckpt::TensorRef* tensor = checkpoint.find_tensor(path);
+  REQUIRE_MESSAGE(tensor != nullptr, path);
+  ckpt::Bytes bytes = checkpoint.tensor_bytes(*tensor);
+  return Buffer(bytes.begin(), bytes.end());
+}
+
+std::vector<std::string> top_level_keys(const ckpt::Checkpoint& checkpoint) {
+  return ckpt::describe_file(checkpoint).top_level_keys;
+}
+
+TEST_SUITE("CheckpointBuilder") {
+  TEST_CASE("CheckpointBuilder: from nothing, then edited as a base") {
+    TempDir dir;
+    Buffer source_bytes(4096);
+    for (std::size_t i = 0; i < source_bytes.size(); ++i) source_bytes[i] = static_cast<std::byte>((i * 13 + 5) & 0xFF);
+    test_files::write_file(dir / "source.bin", source_bytes);
+    ckpt::MappedFile source((dir / "source.bin").string());
+
+    // ---- built from nothing: {"cfg": {"model": {"model_parallel_size": 2}}, "model": {...}}
+    std::string first_path = dir.file("first.pt");
+    {
+      ckpt::CheckpointBuilder builder;
+      ckpt::pickle::Graph& graph = builder.graph();
+      NodeId parts = graph.integer(2);
+      NodeId model_cfg = dict(graph, {{"model_parallel_size", parts}});
+      builder.set_top_level("cfg", dict(graph, {{"model", model_cfg}}));
+      builder.set_top_level("extra", graph.none());
+      OutputTensor zeros;
+      zeros.name = "b";
+      zeros.dtype = DType::Float32;
+      zeros.source = ckpt::zeros_source(DType::Float32, {3});
+      OutputTensor tied;
+      tied.name = "tied";
+      tied.alias_of = "a";
+      NodeId state_dict = builder.add_state_dict({run_of("a", {2, 4}, 100), zeros, tied});
+      std::vector<std::byte> three(4);
+      const float value = 3.0f;
+      std::memcpy(three.data(), &value, 4);
+      NodeId version_key = graph.str("version");
+      NodeId version = builder.add_inline_tensor(DType::Float32, {1}, three);
+      graph[state_dict].entries.emplace_back(version_key, version);
+      builder.set_top_level("model", state_dict);
+      builder.drop_top_level("extra");
+      builder.set_model_parallel_size(1);
+      CHECK(builder.top_level("extra") == ckpt::pickle::kNoNode);
+      CHECK(builder.top_level("cfg") != ckpt::pickle::kNoNode);
+      CHECK_THROWS_AS(builder.add_state_dict({tied}), ckpt::Error);  // tied to a key it lacks
+
+      ckpt::Plan plan;
+      std::vector<std::uint32_t> sources{plan.add_source(source)};
+      ckpt::PlannedFile file = builder.finish(first_path, sources, plan);
+      // The exact records: pickle, byteorder, storages 0 (a), 1 (b), 2 (version), version.
+      const std::string archive = ckpt::archive_name_for(first_path);
+      REQUIRE(file.records.size() == 6);
+      CHECK(file.records[0].name == archive + "/data.pkl");
+      CHECK(file.records[1].name == archive + "/byteorder");
+      CHECK(file.records[1].inline_bytes.size() == 6);
+      const ckpt::PlannedRecord& a = file.records[2];
+      CHECK(a.name == archive + "/data/0");
+      CHECK(a.nbytes == 32);
+      REQUIRE(a.copies.size() == 1);
+      CHECK(a.copies[0].source == sources[0]);
+      CHECK(a.copies[0].source_offset == 100);
+      CHECK(a.copies[0].offset == 0);
+      CHECK(a.copies[0].nbytes == 32);
+      CHECK(a.copies[0].plain());
+      const ckpt::PlannedRecord& b = file.records[3];
+      CHECK(b.name == archive + "/data/1");
+      REQUIRE(b.copies.size() == 1);
+      CHECK(b.copies[0].source == Piece::kZeros);
+      CHECK(b.copies[0].nbytes == 12);
+      const ckpt::PlannedRecord& v = file.records[4];
+      CHECK(v.name == archive + "/data/2");
+      CHECK(v.copies.empty());
+      CHECK(v.inline_bytes == three);
+      CHECK(file.records[5].name == archive + "/version");
+      plan.files.push_back(file);
+      run(plan);
+    }
+    ckpt::MappedFile first_file(first_path);
+    ckpt::Checkpoint first(first_file);
+    CHECK(top_level_keys(first) == std::vector<std::string>{"cfg", "model"});
+    CHECK(bytes_of(first, "model/a") == slice(source_bytes, 100, 32));
+    CHECK(bytes_of(first, "model/b") == Buffer(12, std::byte{0}));
+    CHECK(first.find_tensor("model/tied")->alias_of == "model/a");
+    CHECK(first.find_tensor("model/a")->shape == std::vector<std::int64_t>{2, 4});
+    ckpt::ManifestFile described = ckpt::describe_file(first);
+    REQUIRE(described.declared_parts);
+    CHECK(described.declared_parts->parts == 1);
+
+    // ---- edited: a replaced (and so its tie), b and version carried from the base
+    std::string second_path = dir.file("second.pt");
+    ckpt::Plan plan;
+    std::vector<std::uint32_t> sources{plan.add_source(source)};
+    ckpt::PlannedFile file;
+    {
+      ckpt::CheckpointBuilder builder(first);
+      builder.replace_tensor(first.find_tensor("model/a")->node, run_of("a", {2, 4}, 1000));
+      NodeId model_cfg = ckpt::config_get(builder.graph(), builder.top_level("cfg"), "model");
+      CHECK(builder.set_entry(model_cfg, "model_parallel_size", builder.graph().integer(8)));
+      CHECK_FALSE(builder.set_entry(model_cfg, "no_such_key", builder.graph().integer(8)));
+      builder.set_top_level("added", builder.graph().str("new"));
+      file = builder.finish(second_path, sources, plan);
+    }
+    // new storages first (key 0: the replaced a), then the base's carried over, renumbered
+    REQUIRE(file.records.size() == 6);
+    REQUIRE(plan.sources.size() == 2);
+    CHECK(plan.sources[1] == &first_file);
+    const ckpt::PlannedRecord& replaced = file.records[2];
+    REQUIRE(replaced.copies.size() == 1);
+    CHECK(replaced.copies[0].source == 0);
+    CHECK(replaced.copies[0].source_offset == 1000);
+    std::set<std::pair<std::uint64_t, std::uint64_t>> carried, in_base;  // (source offset, bytes)
+    for (std::size_t i : {3u, 4u}) {
+      REQUIRE(file.records[i].copies.size() == 1);
+      const Piece& op = file.records[i].copies[0];
+      CHECK(op.source == 1);
+      CHECK(op.plain());
+      carried.emplace(op.source_offset, op.nbytes);
+    }
+    for (const char* old_key : {"1", "2"}) {
+      const ckpt::ZipRecord& record = *first.storages().at(old_key).record;
+      in_base.emplace(record.data_offset, record.nbytes);
+    }
+    CHECK(carried == in_base);
+    plan.files.push_back(file);
+    run(plan);
+    ckpt::MappedFile second_file(second_path);
+    ckpt::Checkpoint second(second_file);
+    CHECK(top_level_keys(second) == std::vector<std::string>{"cfg", "model", "added"});
+    CHECK(bytes_of(second, "model/a") == slice(source_bytes, 1000, 32));
+    CHECK(second.find_tensor("model/tied")->alias_of == "model/a");  // the tie sees the new data
+    CHECK(bytes_of(second, "model/b") == Buffer(12, std::byte{0}));
+    CHECK(bytes_of(second, "model/version") == bytes_of(first, "model/version"));
+    described = ckpt::describe_file(second);
+    REQUIRE(described.declared_parts);
+    CHECK(described.declared_parts->parts == 8);
+  }
+
+  TEST_CASE("CheckpointBuilder: a base whose top level is not a dict is an Error naming the file") {
+    TempDir dir;
+    std::string path = dir.file("list.pt");
+    ckpt::pickle::Graph graph;
+    graph.root = ckpt::add_list(graph, {graph.integer(1)});
+    ckpt::Plan plan;
+    plan.files.push_back(ckpt::plan_torch_file(path, "list", graph, {}));
+    run(plan);
+    ckpt::MappedFile file(path);
+    ckpt::Checkpoint checkpoint(file);
+    try {
+      ckpt::CheckpointBuilder builder(checkpoint);
+      FAIL("no error");
+    } catch (const ckpt::Error& e) {
+      std::string what = e.what();
+      CHECK(what.find("list.pt") != std::string::npos);
+      CHECK(what.find("top level is not a dict") != std::string::npos);
+    }
+  }
+}
+
+}  // namespace
