@@ -41,8 +41,9 @@ demo: build
 	$(BUILD)/ckpt-tool inspect $(DEMO)/consolidated.pt
 	$(PYTHON) tests/e2e/ckptcheck.py same $(DEMO)/consolidated.pt $(DEMO)/mp2_dp2_fp16_omega_opt/expected/consolidated.pt
 
+# Four tests at a time on two cores: while one waits for fsync, another computes.
 test: build
-	meson test -C $(BUILD) --print-errorlogs
+	meson test -C $(BUILD) --print-errorlogs --num-processes 4
 
 # The benchmark: cp, stitch, the Python pipeline, reshard and diff on 1 and 4 GiB
 # inputs in one run (BENCH_SIZES=1,4,16 for more); writes bench/RESULTS.md.
