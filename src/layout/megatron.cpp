@@ -226,4 +226,20 @@ std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor
   return out;
 }
 
+std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,
+                                               const std::vector<std::string>& keys) {
+  std::vector<ReplicatedCheck> checks;
+  for (const std::string& key : keys) {
+    ReplicatedCheck check;
+    check.key = key;
+    for (const auto& part : parts) {
+      for (const NamedTensor& tensor : part) {
+        if (tensor.name == key) check.parts.push_back(tensor.source);
+      }
+    }
+    checks.push_back(std::move(check));
+  }
+  return checks;
+}
+
 }  // namespace ckpt

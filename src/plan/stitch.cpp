@@ -30,22 +30,6 @@ std::string ema_state_dict(const ManifestFile& file) {
               "--ema: no EMA weights here (extra_state holds neither ema_fp32_params nor ema)");
 }
 
-std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,
-                                               const std::vector<std::string>& keys) {
-  std::vector<ReplicatedCheck> checks;
-  for (const std::string& key : keys) {
-    ReplicatedCheck check;
-    check.key = key;
-    for (const auto& part : parts) {
-      for (const NamedTensor& tensor : part) {
-        if (tensor.name == key) check.parts.push_back(tensor.source);
-      }
-    }
-    checks.push_back(std::move(check));
-  }
-  return checks;
-}
-
 namespace {
 
 void convert_dtype(std::vector<OutputTensor>& tensors, DType dtype) {

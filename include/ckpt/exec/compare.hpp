@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "ckpt/io/mapped_file.hpp"
+#include "ckpt/layout/megatron.hpp"
 #include "ckpt/layout/tensor_source.hpp"
-#include "ckpt/plan/stitch.hpp"
 
 namespace ckpt {
 

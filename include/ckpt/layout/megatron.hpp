@@ -43,4 +43,15 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
 std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
                                        std::vector<std::string>* replicated);
 
+// Parts that should agree across model parts (layer norms, row-parallel biases).
+struct ReplicatedCheck {
+  std::string key;
+  std::vector<TensorSource> parts;
+};
+
+// The checks of the `keys` glued from replicated parts: each key's source in
+// every consolidated part that holds it.
+std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,
+                                               const std::vector<std::string>& keys);
+
 }  // namespace ckpt

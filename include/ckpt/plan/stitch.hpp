@@ -25,22 +25,11 @@ struct StitchOptions {
 // ema_fp32_params, else ema); throws Error naming the file when there are none.
 std::string ema_state_dict(const ManifestFile& file);
 
-// Parts that should agree across model parts (layer norms, row-parallel biases).
-struct ReplicatedCheck {
-  std::string key;
-  std::vector<TensorSource> parts;
-};
-
 struct StitchPlan {
   Plan plan;
   std::vector<std::vector<OutputTensor>> tensors;  // per output file, the state dict
   std::vector<ReplicatedCheck> checks;
 };
-
-// The checks of the `keys` glued from replicated parts: each key's source in
-// every consolidated part that holds it.
-std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,
-                                               const std::vector<std::string>& keys);
 
 // `output_paths` has one path, or one per model part without stitching. Each
 // output carries the other objects (cfg, extra_state, ...) of the grid's first
