@@ -106,14 +106,10 @@ void SourceCrcCheck::finish(unsigned threads) {
       std::uint32_t crc = 0;
       std::uint64_t reread = 0;
       auto read_up_to = [&](std::uint64_t end) {
-        buffer.resize(std::min<std::uint64_t>(8u << 20, std::max<std::uint64_t>(end - cursor, 1)));
-        while (cursor < end) {
-          std::uint64_t n = std::min<std::uint64_t>(buffer.size(), end - cursor);
-          file.read_at(cursor, buffer.data(), n);
-          crc = crc32_update(crc, Bytes(buffer.data(), n));
-          cursor += n;
-          reread += n;
-        }
+        if (end <= cursor) return;
+        crc = crc32_update_from(crc, file, cursor, end - cursor, buffer);
+        reread += end - cursor;
+        cursor = end;
       };
       for (std::size_t i = job.first_covered; i < job.end_covered; ++i) {
         const Covered& part = covered_[i];

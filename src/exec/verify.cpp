@@ -24,21 +24,13 @@ void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads,
                 std::mutex& mutex) {
   const auto& records = zip.records();
   parallel_for(records.size(), threads, [&] {
-    // pread in 8 MiB chunks rather than reading the mapping: the resident set stays
-    // one buffer per thread whatever the record's size. A failed read (an I/O
-    // error, a file that shrank) is a problem to report, like a wrong CRC.
+    // One buffer per thread (crc32_update_from). A failed read (an I/O error, a
+    // file that shrank) is a problem to report, like a wrong CRC.
     return [&, buffer = std::vector<std::byte>()](std::size_t i) mutable {
       const ZipRecord& record = records[i];
       std::string problem;
       try {
-        buffer.resize(8u << 20);
-        std::uint32_t crc = 0;
-        for (std::uint64_t done = 0; done < record.nbytes;) {
-          std::uint64_t n = std::min<std::uint64_t>(buffer.size(), record.nbytes - done);
-          file.read_at(record.data_offset + done, buffer.data(), n);
-          crc = crc32_update(crc, Bytes(buffer.data(), n));
-          done += n;
-        }
+        std::uint32_t crc = crc32_update_from(0, file, record.data_offset, record.nbytes, buffer);
         if (crc != record.crc32) {
           problem = fmt::format(
               "{}: {}: at byte 0x{:x}: CRC-32 of the data is 0x{:08x}, the zip directory says "
