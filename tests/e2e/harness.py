@@ -78,6 +78,15 @@ def scratch(name):
     return path
 
 
+def preloaded(**faults):
+    """The environment for a run with the fault shim preloaded (tests/e2e/faults.cpp),
+    the faults given as its variables: CKPT_FAULT_REFUSE_DIRECT="1",
+    CKPT_FAIL_WRITES_AFTER_BYTES, CKPT_FAIL_RENAME_AT. Under ASan the shim comes
+    before ASan's runtime: tell it that is fine."""
+    return dict(os.environ, LD_PRELOAD=os.environ["CKPT_FAULTS"],
+                ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0", **faults)
+
+
 def run(args, expect=0, tool=None):
     """Runs the tool; asserts the exit code; returns (stdout, stderr)."""
     proc = subprocess.run([tool or TOOL] + [str(a) for a in args], capture_output=True, text=True)

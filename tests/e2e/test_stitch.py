@@ -117,8 +117,7 @@ def test_refused_direct_writes_fall_back_to_buffered():
     harness.run(["synth", "-q", "--params", "4e7", "--mp", "2", "--dp", "2", "-o", src])
     normal_dir, refused_dir = harness.scratch("refuse-normal"), harness.scratch("refuse-refused")
     stitch([src, "-o", os.path.join(normal_dir, "out.pt")])
-    env = dict(os.environ, LD_PRELOAD=os.environ["CKPT_REFUSE_DIRECT_IO"],
-               ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0")
+    env = harness.preloaded(CKPT_FAULT_REFUSE_DIRECT="1")
     for attempt in range(3):  # the threads race differently each time
         out = os.path.join(refused_dir, "out.pt")
         proc = subprocess.run([harness.TOOL, "stitch", "-q", "--stats", "--threads", "4", "--force", src, "-o", out],

@@ -345,13 +345,6 @@ def synth_input(name, params="6e7"):
     return folder
 
 
-def preloaded(shim_env, **extra):
-    """The environment for a run with an LD_PRELOAD shim (under ASan, the shim comes
-    before ASan's runtime: tell it that is fine)."""
-    return dict(os.environ, LD_PRELOAD=os.environ[shim_env],
-                ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0", **extra)
-
-
 def wait_for_temp_files(folder, count, proc, deadline_s=60):
     """Polls until `count` temporary outputs exist in `folder` (the run is copying)."""
     end = time.time() + deadline_s
@@ -412,7 +405,7 @@ def test_disk_full_during_the_copy_leaves_nothing():
     inputs = copy_case(FIXTURE, harness.scratch("trust-enospc"))
     before = digest(inputs)
     out = harness.scratch("trust-enospc-out")
-    env = preloaded("CKPT_FAIL_WRITES")
+    env = harness.preloaded()
     for budget in (0, 20000, 60000):  # the first output, the second, the fourth (of 6)
         env["CKPT_FAIL_WRITES_AFTER_BYTES"] = str(budget)
         proc = subprocess.run([harness.TOOL, "reshard", "-q", inputs, "--mp", "2", "--dp", "3", "--buffered-io",
@@ -435,7 +428,7 @@ def test_disk_full_during_the_copy_leaves_nothing():
 def test_a_failed_rename_takes_back_the_set():
     inputs = harness.fixtures()[FIXTURE]
     out = harness.scratch("trust-rename")
-    env = preloaded("CKPT_FAIL_WRITES", CKPT_FAIL_RENAME_AT="3")
+    env = harness.preloaded(CKPT_FAIL_RENAME_AT="3")
     pattern = os.path.join(out, "c-{m}-{d}.pt")
     args = [harness.TOOL, "reshard", "-q", inputs, "--mp", "1", "--dp", "4", "-o", pattern]
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
