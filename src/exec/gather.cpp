@@ -48,9 +48,7 @@ void gather_piece(const Piece& op, std::uint64_t begin, std::uint64_t end, const
     return std::pair{std::max(row_dest, begin), std::min(row_dest + op.nbytes, end)};
   };
   auto source_at = [&](std::uint64_t r, std::uint64_t at) {
-    std::uint64_t skip = at - (op.offset + r * op.stride);
-    if (op.converts()) skip = skip / dtype_info(op.dest_dtype).itemsize * dtype_info(op.source_dtype).itemsize;
-    return op.source_offset + r * op.source_stride + skip;
+    return op.source_offset + r * op.source_stride + op.source_bytes(at - (op.offset + r * op.stride));
   };
   check_invariant(!op.mapped() || op.source < from.files.size(), "a piece reads from an unknown source");
   if (op.mapped() && op.plain()) {
@@ -63,14 +61,10 @@ void gather_piece(const Piece& op, std::uint64_t begin, std::uint64_t end, const
   std::uint64_t read_begin = 0;  // source bytes [read_begin, ...) read ahead into scratch
   bool read_ahead = false;
   if (op.mapped()) {
-    auto [first_from, first_to] = clip(first_row);
+    std::uint64_t first_from = clip(first_row).first;
     auto [last_from, last_to] = clip(end_row - 1);
     read_begin = source_at(first_row, first_from);
-    std::uint64_t read_end = source_at(end_row - 1, last_to);
-    if (op.converts()) {
-      read_end = source_at(end_row - 1, last_from) +
-                 (last_to - last_from) / dtype_info(op.dest_dtype).itemsize * dtype_info(op.source_dtype).itemsize;
-    }
+    std::uint64_t read_end = source_at(end_row - 1, last_from) + op.source_bytes(last_to - last_from);
     std::uint64_t useful = 0;
     for (std::uint64_t r = first_row; r < end_row; ++r) useful += clip(r).second - clip(r).first;
     if (read_end - read_begin <= 4 * useful + 4096) {

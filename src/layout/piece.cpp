@@ -2,9 +2,9 @@
 
 namespace ckpt {
 
-std::uint64_t Piece::source_nbytes() const {
-  if (!converts()) return nbytes;
-  return nbytes / dtype_info(dest_dtype).itemsize * dtype_info(source_dtype).itemsize;
+std::uint64_t Piece::source_bytes(std::uint64_t dest_bytes) const {
+  if (!converts()) return dest_bytes;
+  return dest_bytes / dtype_info(dest_dtype).itemsize * dtype_info(source_dtype).itemsize;
 }
 
 void append_piece(std::vector<Piece>& pieces, const Piece& piece) {

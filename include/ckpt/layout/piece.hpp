@@ -39,7 +39,9 @@ struct Piece {
   bool converts() const { return source_dtype != dest_dtype; }
   bool mapped() const { return source < kSynthetic; }
   bool plain() const { return rows == 1 && !converts(); }
-  std::uint64_t source_nbytes() const;  // source bytes per row
+  // The source bytes behind `dest_bytes` destination bytes (whole elements).
+  std::uint64_t source_bytes(std::uint64_t dest_bytes) const;
+  std::uint64_t source_nbytes() const { return source_bytes(nbytes); }  // source bytes per row
   std::uint64_t end() const { return offset + (rows - 1) * stride + nbytes; }
 };
 
