@@ -33,11 +33,12 @@ std::unique_ptr<Side> load_side(const std::string& input, std::optional<std::int
   auto side = std::make_unique<Side>(open_inputs({input}, model_parts));
   const Manifest& manifest = side->inputs.manifest();
   if (manifest.files.size() == 1) {
-    for (const ManifestTensor& tensor : manifest.files[0].tensors) {
+    const ManifestFile& file = manifest.files[0];
+    for (const ManifestTensor& tensor : file.tensors) {
       if (!tensor.alias_of.empty()) {
         side->tensors.push_back({tensor.path, {}, tensor.alias_of});
       } else {
-        side->tensors.push_back({tensor.path, source_of(tensor, 0), std::nullopt});
+        side->tensors.push_back({tensor.path, source_of(tensor, file.place(tensor).file_byte_offset, 0), std::nullopt});
       }
     }
     return side;
@@ -146,7 +147,7 @@ Action add_diff_command(CLI::App& app) {
       DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
       std::vector<std::string> objects;
       if (!a->consolidated && !b->consolidated) {
-        diff_objects(a->inputs.manifest().files[0].objects, b->inputs.manifest().files[0].objects, "", objects, 50);
+        diff_objects(*a->inputs.manifest().files[0].objects, *b->inputs.manifest().files[0].objects, "", objects, 50);
       }
       double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       bool equal = report.equal() && objects.empty();

@@ -30,14 +30,12 @@ struct Summary {
 Summary summarize(const Manifest& manifest) {
   Summary summary;
   std::map<int, bool> part_counted;
+  // Files that share a tensor list are counted by list: 992 shards hold a few lists.
+  std::map<const void*, std::pair<const TensorList*, std::uint64_t>> lists;  // identity -> (list, files)
   for (const ManifestFile& file : manifest.files) {
-    for (const ManifestTensor& t : file.tensors) {
-      if (!t.alias_of.empty()) continue;  // tied: its bytes are counted once
-      auto& [count, bytes] = summary.by_dtype[std::string(dtype_info(t.dtype).name)];
-      ++count;
-      bytes += t.nbytes;
-      summary.by_section[t.section()] += t.nbytes;
-    }
+    auto& [list, files] = lists[file.tensors.identity()];
+    list = &file.tensors;
+    ++files;
     if (file.fsdp) {
       int part = file.role.mp_part.value_or(0);
       if (part_counted[part]) continue;
@@ -49,6 +47,16 @@ Summary summarize(const Manifest& manifest) {
       for (const ManifestTensor& t : file.tensors) {
         if (t.section() == "model" && t.alias_of.empty()) summary.parameters += t.numel();
       }
+    }
+  }
+  for (const auto& [identity, entry] : lists) {
+    const auto& [list, files] = entry;
+    for (const ManifestTensor& t : *list) {
+      if (!t.alias_of.empty()) continue;  // tied: its bytes are counted once
+      auto& [count, bytes] = summary.by_dtype[std::string(dtype_info(t.dtype).name)];
+      count += files;
+      bytes += t.nbytes * files;
+      summary.by_section[t.section()] += t.nbytes * files;
     }
   }
   return summary;
@@ -143,7 +151,7 @@ class TreePrinter {
 
 void print_grid(const Manifest& manifest, std::ostream& out) {
   const Grid& grid = manifest.grid;
-  bool fsdp = !manifest.files.empty() && manifest.files[0].fsdp.has_value();
+  bool fsdp = !manifest.files.empty() && static_cast<bool>(manifest.files[0].fsdp);
   out << fmt::format("grid: {} model-parallel part(s) x {} data-parallel shard(s){}\n", grid.mp, grid.dp,
                      fsdp ? ", FSDP-flattened" : "");
   if (grid.mp * grid.dp <= 1) return;
@@ -209,10 +217,10 @@ void print_objects(const Manifest& manifest, std::ostream& out) {
   const ManifestFile& first = manifest.files[0];
   out << "objects of " << printable(std::filesystem::path(first.path).filename().string()) << ":\n";
   TreePrinter printer(first, out);
-  if (first.objects.is_object() && !first.objects.contains("$class")) {
-    for (const auto& item : first.objects.items()) printer.print(item.value(), item.key(), 1);
+  if (first.objects->is_object() && !first.objects->contains("$class")) {
+    for (const auto& item : first.objects->items()) printer.print(item.value(), item.key(), 1);
   } else {
-    printer.print(first.objects, "<root>", 1);
+    printer.print(*first.objects, "<root>", 1);
   }
 }
 
@@ -223,7 +231,7 @@ void print_tensor_table(const Manifest& manifest, const InspectRequest& request,
     for (const ManifestTensor& t : file.tensors) {
       if (!selected(request, t)) continue;
       out << fmt::format("{:<60} {:<9} {:<18} {:>10}  {} @ 0x{:x}\n", printable(t.path), dtype_info(t.dtype).name,
-                         shape_text(t.shape), t.nbytes, name, t.file_byte_offset);
+                         shape_text(t.shape), t.nbytes, name, file.place(t).file_byte_offset);
     }
   }
 }
@@ -238,7 +246,7 @@ json tensor_list_json(const Manifest& manifest, const InspectRequest& request) {
                       {"dtype", dtype_info(t.dtype).name},
                       {"shape", t.shape},
                       {"nbytes", t.nbytes},
-                      {"file_byte_offset", t.file_byte_offset}});
+                      {"file_byte_offset", file.place(t).file_byte_offset}});
     }
   }
   return list;
@@ -258,7 +266,7 @@ json inspect_json(const Manifest& manifest, const InspectRequest& request) {
   bool training = is_training(manifest);
   json out = {{"files", manifest.files.size()},
               {"grid", {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", manifest.grid.cells}}},
-              {"fsdp", !manifest.files.empty() && manifest.files[0].fsdp.has_value()},
+              {"fsdp", !manifest.files.empty() && static_cast<bool>(manifest.files[0].fsdp)},
               {"parameters", summary.parameters},
               {"training_checkpoint", training},
               {"problems", manifest.grid.problems}};
@@ -267,7 +275,7 @@ json inspect_json(const Manifest& manifest, const InspectRequest& request) {
     out["bytes_by_dtype"][dtype] = {{"tensors", stats.first}, {"bytes", stats.second}};
   }
   for (const auto& [section, bytes] : summary.by_section) out["bytes_by_section"][section] = bytes;
-  if (!manifest.files.empty()) out["objects"] = manifest.files[0].objects;
+  if (!manifest.files.empty()) out["objects"] = *manifest.files[0].objects;
   if (request.tensors) out["tensors"] = tensor_list_json(manifest, request);
   return out;
 }

@@ -211,23 +211,47 @@ std::optional<StorageId> parse_storage_id(const Graph& graph, NodeId persid) {
   return id;
 }
 
-Checkpoint::Checkpoint(const MappedFile& file) : file_(file), zip_(file) {
-  if (zip_.records().empty())
-    throw Error(Location{path(), "", std::nullopt}, "empty zip archive: not a torch.save file");
-  const std::string& first = zip_.records().front().name;
-  archive_name_ = first.substr(0, first.find('/'));
-  pickle_record_ = zip_.find(archive_name_ + "/data.pkl");
-  if (pickle_record_ == nullptr) {
-    throw Error(Location{path(), "", std::nullopt},
-                fmt::format("zip archive has no {}/data.pkl record: not a torch.save file", archive_name_));
+TorchZip locate_torch_zip(const ZipArchive& zip) {
+  const std::string& path = zip.path();
+  if (zip.records().empty()) throw Error(Location{path, "", std::nullopt}, "empty zip archive: not a torch.save file");
+  TorchZip out;
+  const std::string& first = zip.records().front().name;
+  out.archive_name = first.substr(0, first.find('/'));
+  out.pickle = zip.find(out.archive_name + "/data.pkl");
+  if (out.pickle == nullptr) {
+    throw Error(Location{path, "", std::nullopt},
+                fmt::format("zip archive has no {}/data.pkl record: not a torch.save file", out.archive_name));
   }
-  if (const ZipRecord* order = zip_.find(archive_name_ + "/byteorder")) {
-    std::string_view value = as_chars(zip_.data(*order));
+  if (const ZipRecord* order = zip.find(out.archive_name + "/byteorder")) {
+    std::string_view value = as_chars(zip.data(*order));
     if (value != "little") {
-      throw Error(Location{path(), order->name, order->data_offset},
+      throw Error(Location{path, order->name, order->data_offset},
                   fmt::format("byte order '{}' is not supported (only little-endian)", value));
     }
   }
+  return out;
+}
+
+const ZipRecord& storage_record(const ZipArchive& zip, const std::string& archive_name, const std::string& key,
+                                DType dtype, std::uint64_t numel) {
+  std::string record_name = archive_name + "/data/" + key;
+  const ZipRecord* record = zip.find(record_name);
+  if (record == nullptr) {
+    throw Error(Location{zip.path(), record_name, std::nullopt}, "storage record referenced by the pickle is missing");
+  }
+  std::uint64_t expected = checked_mul(numel, dtype_info(dtype).itemsize, "storage size");
+  if (record->nbytes != expected) {
+    throw Error(Location{zip.path(), record_name, record->data_offset},
+                fmt::format("storage of {} {} elements needs {} bytes, record holds {}", numel, dtype_info(dtype).name,
+                            expected, record->nbytes));
+  }
+  return *record;
+}
+
+Checkpoint::Checkpoint(const MappedFile& file) : file_(file), zip_(file) {
+  TorchZip located = locate_torch_zip(zip_);
+  archive_name_ = std::move(located.archive_name);
+  pickle_record_ = located.pickle;
   graph_ = pickle::decode(zip_.data(*pickle_record_), path(), pickle_record_->name, pickle_record_->data_offset);
   collect_storages();
   collect_tensors();
@@ -246,25 +270,15 @@ void Checkpoint::collect_storages() {
       throw Error(Location{path(), pickle_record_->name, std::nullopt},
                   "persistent id that is not a torch storage ('storage', type, key, location, numel)");
     }
-    std::string record_name = archive_name_ + "/data/" + sid->key;
-    const ZipRecord* record = zip_.find(record_name);
-    if (record == nullptr) {
-      throw Error(Location{path(), record_name, std::nullopt}, "storage record referenced by the pickle is missing");
-    }
-    std::uint64_t expected = checked_mul(sid->numel, dtype_info(sid->dtype).itemsize, "storage size");
-    if (record->nbytes != expected) {
-      throw Error(Location{path(), record_name, record->data_offset},
-                  fmt::format("storage of {} {} elements needs {} bytes, record holds {}", sid->numel,
-                              dtype_info(sid->dtype).name, expected, record->nbytes));
-    }
+    const ZipRecord& record = storage_record(zip_, archive_name_, sid->key, sid->dtype, sid->numel);
     auto [it, inserted] = storages_.try_emplace(sid->key);
     if (!inserted) {
       if (it->second.dtype != sid->dtype || it->second.numel != sid->numel) {
-        throw Error(Location{path(), record_name, std::nullopt}, "storage referenced with two different types");
+        throw Error(Location{path(), record.name, std::nullopt}, "storage referenced with two different types");
       }
       continue;
     }
-    it->second = StorageRef{sid->key, sid->dtype, sid->numel, sid->location, record};
+    it->second = StorageRef{sid->key, sid->dtype, sid->numel, sid->location, &record};
   }
 }
 

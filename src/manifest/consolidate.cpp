@@ -9,7 +9,7 @@
 
 namespace ckpt {
 
-TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file) {
+TensorSource source_of(const ManifestTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file) {
   TensorSource out;
   out.dtype = tensor.dtype;
   out.shape = tensor.shape;
@@ -35,7 +35,7 @@ TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file) {
     for (std::size_t d = 0; d < inner; ++d) element += static_cast<std::uint64_t>(index[d] * tensor.stride[d]);
     Piece piece;
     piece.source = file;
-    piece.source_offset = tensor.file_byte_offset + element * itemsize;
+    piece.source_offset = file_byte_offset + element * itemsize;
     piece.offset = logical;
     piece.nbytes = run_bytes;
     append_piece(out.pieces, piece);
@@ -105,9 +105,10 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
         auto fail = [&](const std::string& message) {
           return Error(Location{shard.path, path, std::nullopt}, message);
         };
-        if (!shard.fsdp || shard.fsdp->instances.size() != metadata.instances.size() ||
-            shard.fsdp->instances[i].flat_params.size() != instance.flat_params.size() ||
-            shard.fsdp->instances[i].flat_params[j].names != flat.names) {
+        bool same_metadata = shard.fsdp.same_value(first.fsdp);  // shared: shards whose padding agrees
+        if (!same_metadata && (!shard.fsdp || shard.fsdp->instances.size() != metadata.instances.size() ||
+                               shard.fsdp->instances[i].flat_params.size() != instance.flat_params.size() ||
+                               shard.fsdp->instances[i].flat_params[j].names != flat.names)) {
           throw fail(fmt::format("shard_metadata differs from {} (shards of different checkpoints?)", first.path));
         }
         const ManifestTensor* tensor = find_tensor(shard, path);
@@ -118,10 +119,11 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
         std::int64_t padding = shard.fsdp->instances[i].flat_params[j].padding;
         auto held = static_cast<std::int64_t>(tensor->numel());
         if (padding > held) {
-          throw Error(Location{shard.path, path, tensor->file_byte_offset},
+          throw Error(Location{shard.path, path, shard.place(*tensor).file_byte_offset},
                       fmt::format("padding {} exceeds the {} elements held", padding, held));
         }
-        TensorSource whole = source_of(*tensor, static_cast<std::uint32_t>(shard_files[d]));
+        TensorSource whole =
+            source_of(*tensor, shard.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[d]));
         std::uint64_t real_bytes = static_cast<std::uint64_t>(held - padding) * dtype_info(tensor->dtype).itemsize;
         real_parts.push_back(whole.slice(0, real_bytes, {held - padding}));
         if (instance.no_broadcast_optim_state) break;  // kept whole on every rank
@@ -178,7 +180,10 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
       if (tensor == nullptr)
         tensor = find_tensor(first, std::string(kModelPrefix) + buffer);  // an EMA copy may hold parameters only
       if (tensor == nullptr || !taken.insert(buffer).second) continue;
-      out.push_back({buffer, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
+      out.push_back(
+          {buffer,
+           source_of(*tensor, first.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
+           std::nullopt});
     }
   };
 
@@ -191,7 +196,9 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
       if (!tensor->alias_of.empty() && tensor->alias_of.rfind(prefix, 0) == 0) {
         out.push_back({key, {}, tensor->alias_of.substr(prefix.size())});
       } else {
-        out.push_back({key, source_of(*tensor, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
+        out.push_back(
+            {key, source_of(*tensor, first.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
+             std::nullopt});
       }
     }
     if (prefix != kModelPrefix) {

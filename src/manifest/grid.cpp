@@ -109,7 +109,7 @@ bool checked_section(const ManifestTensor& tensor) {
 // agree on everything else.
 nlohmann::json training_step(const ManifestFile& file) {
   nlohmann::json step = nlohmann::json::object();
-  const nlohmann::json& objects = file.objects;
+  const nlohmann::json& objects = *file.objects;
   if (!objects.is_object()) return step;
   if (auto history = objects.find("optimizer_history"); history != objects.end()) step["optimizer_history"] = *history;
   if (auto extra = objects.find("extra_state"); extra != objects.end() && extra->is_object()) {
@@ -147,6 +147,7 @@ std::string first_difference(const nlohmann::json& a, const nlohmann::json& b, c
 // file holding it; the first file's training step and optimizer state.
 struct AgreementReference {
   std::map<std::string, std::pair<DType, int>> dtypes;  // tensor path -> dtype, first file holding it
+  std::set<const void*> lists_seen;                     // tensor lists whose dtypes are in `dtypes`
   const ManifestFile* optimizer_file = nullptr;
   const ManifestFile* step_file = nullptr;
   nlohmann::json step;
@@ -158,10 +159,13 @@ std::set<std::string> checked_paths(const std::vector<ManifestFile>& files, int 
                                     bool& has_optimizer, std::vector<std::string>& problems) {
   const ManifestFile& file = files[index];
   std::set<std::string> paths;
+  // A list already checked gives the same paths and no new dtype problem.
+  bool seen = !reference.lists_seen.insert(file.tensors.identity()).second;
   for (const ManifestTensor& tensor : file.tensors) {
     if (!checked_section(tensor)) continue;
     paths.insert(tensor.path);
     has_optimizer = has_optimizer || tensor.section() == "optimizer_state";
+    if (seen) continue;
     auto [it, fresh] = reference.dtypes.emplace(tensor.path, std::pair{tensor.dtype, index});
     if (!fresh && it->second.first != tensor.dtype) {
       problems.push_back(fmt::format("{}: {}: {} but {} has {} (mixed dtypes)", file.path, tensor.path,
@@ -174,6 +178,8 @@ std::set<std::string> checked_paths(const std::vector<ManifestFile>& files, int 
 
 // Every file saved at the first file's training step.
 void check_step(const ManifestFile& file, AgreementReference& reference, std::vector<std::string>& problems) {
+  if (reference.step_file != nullptr && reference.step_file->objects.same_value(file.objects))
+    return;  // one shared tree
   nlohmann::json step = training_step(file);
   if (reference.step_file == nullptr) {
     reference.step_file = &file;
@@ -234,6 +240,10 @@ void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, s
     for (int index : row) {
       if (index < 0) continue;
       const ManifestFile& file = files[index];
+      if (part_reference != nullptr && file.tensors.same_list(part_reference->tensors)) {
+        check_step(file, reference, problems);  // the same tensors as the part's first shard: one shared list
+        continue;
+      }
       bool has_optimizer = false;
       std::set<std::string> paths = checked_paths(files, index, reference, has_optimizer, problems);
       check_step(file, reference, problems);
@@ -434,8 +444,8 @@ void check_shard_layouts(const std::vector<ManifestFile>& files, Grid& grid) {
       check_fsdp_shard(file, grid.dp, grid.problems);
       if (first == nullptr) {
         first = &file;
-      } else if (first->fsdp.has_value() != file.fsdp.has_value() ||
-                 (file.fsdp && !same_layout(*first->fsdp, *file.fsdp))) {
+      } else if (static_cast<bool>(first->fsdp) != static_cast<bool>(file.fsdp) ||
+                 (file.fsdp && !file.fsdp.same_value(first->fsdp) && !same_layout(*first->fsdp, *file.fsdp))) {
         grid.problems.push_back(fmt::format("{}: shard_metadata differs from {} (shards of different checkpoints?)",
                                             file.path, first->path));
       }

@@ -4,16 +4,20 @@
 #include <fmt/format.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <exception>
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <thread>
+#include <unordered_map>
 
 #include "ckpt/format/pyobject.hpp"
+#include "ckpt/io/error.hpp"
 #include "ckpt/io/parallel.hpp"
 
 namespace ckpt {
@@ -31,6 +35,56 @@ std::string ManifestTensor::section() const {
   return "other";
 }
 
+TensorList::TensorList() : TensorList(std::vector<ManifestTensor>{}) {}
+
+TensorList::TensorList(std::vector<ManifestTensor> tensors) : data_(std::make_shared<Data>()) {
+  data_->tensors = std::move(tensors);
+}
+
+std::optional<std::size_t> TensorList::find(std::string_view path) const {
+  const Data& data = *data_;
+  std::lock_guard lock(data.mutex);
+  if (!data.indexed) {
+    data.by_path.clear();
+    data.by_path.reserve(data.tensors.size());
+    for (std::size_t i = 0; i < data.tensors.size(); ++i) data.by_path.emplace(data.tensors[i].path, i);
+    data.indexed = true;
+  }
+  auto it = data.by_path.find(path);
+  if (it == data.by_path.end()) return std::nullopt;
+  return it->second;
+}
+
+std::vector<ManifestTensor>& TensorList::edit() {
+  if (data_.use_count() > 1) {
+    auto own = std::make_shared<Data>();
+    own->tensors = data_->tensors;
+    data_ = std::move(own);
+  }
+  std::lock_guard lock(data_->mutex);
+  data_->indexed = false;  // the paths may change
+  return data_->tensors;
+}
+
+std::size_t TensorList::index_of(const ManifestTensor& tensor) const {
+  const std::vector<ManifestTensor>& all = data_->tensors;
+  if (all.empty() || &tensor < all.data() || &tensor >= all.data() + all.size()) {
+    internal_error("index_of: the tensor " + tensor.path + " is not an element of this list");
+  }
+  return static_cast<std::size_t>(&tensor - all.data());
+}
+
+ManifestFile::ManifestFile() : objects(nlohmann::json()) {}
+
+void ManifestFile::add_tensor(ManifestTensor tensor, TensorPlace place) {
+  tensors.edit().push_back(std::move(tensor));
+  places.push_back(place);
+}
+
+std::string ManifestFile::record_name(const ManifestTensor& tensor) const {
+  return archive_name + "/data/" + tensor.storage_key;
+}
+
 ManifestFile describe_file(const Checkpoint& checkpoint) {
   ManifestFile file;
   file.path = std::filesystem::absolute(checkpoint.path()).lexically_normal().string();
@@ -43,7 +97,10 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
   if (const auto* entries = graph.mapping_entries(graph.root)) {
     for (const auto& [k, v] : *entries) file.top_level_keys.push_back(key_label(graph, k));
   }
-  std::map<pickle::NodeId, std::size_t> tensor_index;
+  std::unordered_map<pickle::NodeId, std::size_t> tensor_index;
+  std::vector<ManifestTensor> tensors;
+  tensors.reserve(checkpoint.tensors().size());
+  file.places.reserve(checkpoint.tensors().size());
   for (const TensorRef& ref : checkpoint.tensors()) {
     const StorageRef& storage = checkpoint.storages().at(ref.storage_key);
     ManifestTensor t;
@@ -53,16 +110,15 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
     t.stride = ref.stride;
     t.storage_key = ref.storage_key;
     t.storage_offset = ref.storage_offset;
-    t.record_name = storage.record->name;
-    t.record_crc32 = storage.record->crc32;
-    t.file_byte_offset = ref.file_byte_offset;
     t.nbytes = ref.nbytes;
     t.requires_grad = ref.requires_grad;
     t.alias_of = ref.alias_of;
-    if (ref.alias_of.empty()) tensor_index.emplace(ref.node, file.tensors.size());
-    file.tensors.push_back(std::move(t));
+    if (ref.alias_of.empty()) tensor_index.emplace(ref.node, tensors.size());
+    tensors.push_back(std::move(t));
+    file.places.push_back({ref.file_byte_offset, storage.record->crc32});
   }
-  file.fsdp = read_fsdp_metadata(checkpoint);
+  file.tensors = TensorList(std::move(tensors));
+  if (auto fsdp = read_fsdp_metadata(checkpoint)) file.fsdp = std::move(*fsdp);
   file.declared_parts = declared_model_parallel_size(checkpoint);
   file.objects = to_json(graph, graph.root, [&](pickle::NodeId id) -> std::optional<nlohmann::json> {
     auto it = tensor_index.find(id);
@@ -72,6 +128,159 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
   return file;
 }
 
+namespace {
+
+std::size_t hash_of(const TensorList& tensors) {
+  std::size_t h = tensors.size();
+  for (const ManifestTensor& t : tensors) {
+    h = h * 1000003 ^ std::hash<std::string>{}(t.path);
+    h = h * 1000003 ^ static_cast<std::size_t>(t.nbytes);
+  }
+  return h;
+}
+
+std::size_t hash_of(const FsdpMetadata& fsdp) {
+  std::size_t h = fsdp.instances.size();
+  for (const FsdpInstanceMeta& instance : fsdp.instances) {
+    for (const FlatParamMeta& flat : instance.flat_params) {
+      h = h * 1000003 ^ std::hash<std::string>{}(flat.state_key);
+      h = h * 1000003 ^ static_cast<std::size_t>(flat.padding);
+    }
+  }
+  return h;
+}
+
+// The distinct values of one kind seen so far, by hash: a TensorList or a Shared<T>.
+template <typename Handle>
+class Distinct {
+ public:
+  // The handle of the value equal to `handle`'s seen before, or `handle`, now remembered.
+  Handle share(std::size_t hash, const Handle& handle) {
+    auto range = seen_.equal_range(hash);
+    for (auto it = range.first; it != range.second; ++it) {
+      if (equal(it->second, handle)) return it->second;
+    }
+    seen_.emplace(hash, handle);
+    return handle;
+  }
+
+ private:
+  static bool equal(const TensorList& a, const TensorList& b) { return a == b; }
+  template <typename T>
+  static bool equal(const Shared<T>& a, const Shared<T>& b) {
+    return *a == *b;
+  }
+  std::unordered_multimap<std::size_t, Handle> seen_;
+};
+
+}  // namespace
+
+struct SharedContent::Seen {
+  std::mutex mutex;
+  Distinct<TensorList> tensors;
+  Distinct<Shared<FsdpMetadata>> fsdp;
+  Distinct<Shared<nlohmann::json>> objects;
+};
+
+SharedContent::SharedContent() : seen_(std::make_unique<Seen>()) {}
+SharedContent::~SharedContent() = default;
+
+void SharedContent::share(ManifestFile& file) {
+  // Hashing walks the values: done outside the lock.
+  std::size_t tensors_hash = hash_of(file.tensors);
+  std::size_t fsdp_hash = file.fsdp ? hash_of(*file.fsdp) : 0;
+  std::size_t objects_hash = std::hash<nlohmann::json>{}(*file.objects);
+  std::lock_guard lock(seen_->mutex);
+  file.tensors = seen_->tensors.share(tensors_hash, file.tensors);
+  if (file.fsdp) file.fsdp = seen_->fsdp.share(fsdp_hash, file.fsdp);
+  file.objects = seen_->objects.share(objects_hash, file.objects);
+}
+
+namespace {
+
+// What a file's pickle alone gives (tensors, shard_metadata, object tree, ...):
+// the same for every file whose pickle bytes are the same, as the shards of one
+// model part are but for padding. Decoded once, then only the records' places
+// are read from each file's zip directory.
+struct PickleFacts {
+  std::vector<std::byte> pickle;  // the bytes, to confirm a match
+  ManifestFile described;         // its file-specific fields are not used
+  std::vector<StorageId> storages;
+};
+
+class PickleCache {
+ public:
+  std::shared_ptr<const PickleFacts> find(std::size_t hash, Bytes pickle) const {
+    std::lock_guard lock(mutex_);
+    auto range = facts_.equal_range(hash);
+    for (auto it = range.first; it != range.second; ++it) {
+      const std::vector<std::byte>& known = it->second->pickle;
+      if (known.size() == pickle.size() && std::equal(known.begin(), known.end(), pickle.begin())) return it->second;
+    }
+    return nullptr;
+  }
+  void add(std::size_t hash, std::shared_ptr<const PickleFacts> facts) {
+    std::lock_guard lock(mutex_);
+    facts_.emplace(hash, std::move(facts));
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::unordered_multimap<std::size_t, std::shared_ptr<const PickleFacts>> facts_;
+};
+
+std::size_t hash_bytes(Bytes bytes) {
+  return std::hash<std::string_view>{}(as_chars(bytes));
+}
+
+// A file whose pickle is `facts.pickle`: its description, with each tensor's
+// place from this file's own records (checked as Checkpoint checks them).
+ManifestFile describe_known(const PickleFacts& facts, const MappedFile& mapped, const ZipArchive& zip,
+                            const TorchZip& located) {
+  ManifestFile file = facts.described;
+  file.path = std::filesystem::absolute(mapped.path()).lexically_normal().string();
+  file.size_bytes = mapped.size();
+  file.mtime_ns = mapped.mtime_ns();
+  file.archive_name = located.archive_name;
+  file.role = parse_file_role(mapped.path());
+  std::unordered_map<std::string_view, const ZipRecord*> records;
+  for (const StorageId& storage : facts.storages) {
+    records.emplace(storage.key, &storage_record(zip, file.archive_name, storage.key, storage.dtype, storage.numel));
+  }
+  file.places.clear();
+  file.places.reserve(file.tensors.size());
+  for (const ManifestTensor& tensor : file.tensors) {
+    const ZipRecord& record = *records.at(tensor.storage_key);
+    std::uint64_t offset = static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize;
+    file.places.push_back({record.data_offset + offset, record.crc32});
+  }
+  return file;
+}
+
+// Describes one file: decoded, or from the facts of an earlier file with the
+// same pickle bytes.
+ManifestFile describe_path(const std::string& path, PickleCache& cache, SharedContent& shared) {
+  MappedFile mapped(path);
+  ZipArchive zip(mapped);
+  TorchZip located = locate_torch_zip(zip);
+  Bytes pickle = zip.data(*located.pickle);
+  std::size_t hash = hash_bytes(pickle);
+  if (auto facts = cache.find(hash, pickle)) return describe_known(*facts, mapped, zip, located);
+  Checkpoint checkpoint(mapped);
+  ManifestFile file = describe_file(checkpoint);
+  shared.share(file);
+  auto facts = std::make_shared<PickleFacts>();
+  facts->pickle.assign(pickle.begin(), pickle.end());
+  facts->described = file;
+  for (const auto& [key, storage] : checkpoint.storages()) {
+    facts->storages.push_back({key, storage.dtype, storage.numel, storage.location});
+  }
+  cache.add(hash, std::move(facts));
+  return file;
+}
+
+}  // namespace
+
 Manifest build_manifest(const std::vector<std::string>& paths) {
   std::vector<std::string> unique;
   std::set<std::string> seen;
@@ -79,18 +288,18 @@ Manifest build_manifest(const std::vector<std::string>& paths) {
     std::string absolute = std::filesystem::absolute(path).lexically_normal().string();
     if (seen.insert(absolute).second) unique.push_back(path);  // the same file named twice counts once
   }
-  // Files are decoded in parallel: decoding a pickle costs about 30 ms for a
-  // 160-layer shard, which adds up over metaseq's hundreds of files. The
-  // manifest keeps the given order, and the first bad file (in that order) is
-  // the one reported, whatever the thread count.
+  // Files are described in parallel, each pickle decoded once (PickleCache)
+  // and what the files share kept once (SharedContent). The manifest keeps the
+  // given order, and the first bad file (in that order) is the one reported,
+  // whatever the thread count.
   std::vector<std::optional<ManifestFile>> described(unique.size());
   std::vector<std::exception_ptr> failures(unique.size());
+  PickleCache cache;
+  SharedContent shared;
   parallel_for(unique.size(), std::thread::hardware_concurrency(), [&] {
     return [&](std::size_t i) {
       try {
-        MappedFile mapped(unique[i]);
-        Checkpoint checkpoint(mapped);
-        described[i] = describe_file(checkpoint);
+        described[i] = describe_path(unique[i], cache, shared);
       } catch (...) {
         failures[i] = std::current_exception();
       }
@@ -106,14 +315,12 @@ Manifest build_manifest(const std::vector<std::string>& paths) {
 }
 
 const ManifestTensor* find_tensor(const ManifestFile& file, std::string_view path) {
-  for (const ManifestTensor& tensor : file.tensors) {
-    if (tensor.path == path) return &tensor;
-  }
-  return nullptr;
+  std::optional<std::size_t> index = file.tensors.find(path);
+  return index ? &file.tensors[*index] : nullptr;
 }
 
 std::string describe_contents(const ManifestFile& file) {
-  const nlohmann::json& root = file.objects;
+  const nlohmann::json& root = *file.objects;
   if (root.is_object() && root.contains("$class") && root["$class"].is_string()) {
     std::string name = root["$class"].get<std::string>();
     if (name.rfind("__torch__.", 0) == 0) return fmt::format("a TorchScript archive (torch.jit.save of {})", name);

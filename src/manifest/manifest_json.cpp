@@ -61,23 +61,65 @@ bool ends_with(const std::string& text, std::string_view suffix) {
 
 }  // namespace
 
+namespace {
+
+json tensor_to_json(const ManifestTensor& t) {
+  json out = {{"path", t.path},
+              {"dtype", std::string(dtype_info(t.dtype).name)},
+              {"shape", t.shape},
+              {"stride", t.stride},
+              {"storage_key", t.storage_key},
+              {"storage_offset", t.storage_offset},
+              {"nbytes", t.nbytes},
+              {"requires_grad", t.requires_grad}};
+  if (!t.alias_of.empty()) out["alias_of"] = t.alias_of;
+  return out;
+}
+
+// Numbers the values that files share, in order of first use.
+template <typename Key>
+class Numbering {
+ public:
+  // The number of `key`, and whether it was seen for the first time.
+  std::pair<std::size_t, bool> number(Key key) {
+    auto [it, fresh] = numbers_.emplace(key, numbers_.size());
+    return {it->second, fresh};
+  }
+
+ private:
+  std::map<Key, std::size_t> numbers_;
+};
+
+}  // namespace
+
 json manifest_to_json(const Manifest& manifest) {
+  json lists = json::array();
+  json fsdp = json::array();
+  json trees = json::array();
+  Numbering<const void*> list_numbers;
+  Numbering<const void*> fsdp_numbers;
+  Numbering<const void*> tree_numbers;
   json files = json::array();
   for (const ManifestFile& file : manifest.files) {
-    json tensors = json::array();
-    for (const ManifestTensor& t : file.tensors) {
-      tensors.push_back({{"path", t.path},
-                         {"dtype", std::string(dtype_info(t.dtype).name)},
-                         {"shape", t.shape},
-                         {"stride", t.stride},
-                         {"storage_key", t.storage_key},
-                         {"storage_offset", t.storage_offset},
-                         {"record_name", t.record_name},
-                         {"record_crc32", t.record_crc32},
-                         {"file_byte_offset", t.file_byte_offset},
-                         {"nbytes", t.nbytes},
-                         {"requires_grad", t.requires_grad}});
-      if (!t.alias_of.empty()) tensors.back()["alias_of"] = t.alias_of;
+    auto [list, new_list] = list_numbers.number(file.tensors.identity());
+    if (new_list) {
+      json tensors = json::array();
+      for (const ManifestTensor& t : file.tensors) tensors.push_back(tensor_to_json(t));
+      lists.push_back(std::move(tensors));
+    }
+    json fsdp_number = nullptr;
+    if (file.fsdp) {
+      auto [number, fresh] = fsdp_numbers.number(file.fsdp.identity());
+      if (fresh) fsdp.push_back(fsdp_to_json(*file.fsdp));
+      fsdp_number = number;
+    }
+    auto [tree, new_tree] = tree_numbers.number(file.objects.identity());
+    if (new_tree) trees.push_back(*file.objects);
+    json offsets = json::array();
+    json crcs = json::array();
+    for (const TensorPlace& place : file.places) {
+      offsets.push_back(place.file_byte_offset);
+      crcs.push_back(place.record_crc32);
     }
     files.push_back({{"path", file.path},
                      {"size_bytes", file.size_bytes},
@@ -87,12 +129,14 @@ json manifest_to_json(const Manifest& manifest) {
                      {"dp_shard", role_value(file.role.dp_shard)},
                      {"pickle_protocol", file.pickle_protocol},
                      {"top_level_keys", file.top_level_keys},
-                     {"tensors", tensors},
-                     {"fsdp", file.fsdp ? fsdp_to_json(*file.fsdp) : json(nullptr)},
                      {"model_parallel_size", file.declared_parts ? json{{"parts", file.declared_parts->parts},
                                                                         {"from", file.declared_parts->from}}
                                                                  : json(nullptr)},
-                     {"objects", file.objects}});
+                     {"tensors", list},
+                     {"file_byte_offsets", std::move(offsets)},
+                     {"record_crc32s", std::move(crcs)},
+                     {"fsdp", fsdp_number},
+                     {"objects", tree}});
   }
   json cells = manifest.grid.cells;
   return {
@@ -101,7 +145,10 @@ json manifest_to_json(const Manifest& manifest) {
       {"created_by", kVersionString},
       {"grid",
        {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", cells}, {"problems", manifest.grid.problems}}},
-      {"files", files}};
+      {"tensor_lists", std::move(lists)},
+      {"fsdp", std::move(fsdp)},
+      {"object_trees", std::move(trees)},
+      {"files", std::move(files)}};
 }
 
 namespace {
@@ -160,17 +207,35 @@ class ManifestReader {
     if (!version.is_number_integer() || version.get<std::int64_t>() != kManifestVersion) {
       std::string shown = version.dump(-1, ' ', false, json::error_handler_t::replace);
       if (shown.size() > 40) shown = shown.substr(0, 36) + "...";
-      fail(version_field, fmt::format("manifest version {} is not supported (this ckpt-tool reads version {})", shown,
-                                      kManifestVersion));
+      fail(version_field, fmt::format("manifest version {} is not supported (this ckpt-tool reads version {}): run "
+                                      "`ckpt-tool manifest` again on its files",
+                                      shown, kManifestVersion));
     }
     // "grid" is not read: detect_grid recomputes it from the files' roles.
+    Referenced shared;
+    const Field lists_field = top / "tensor_lists";
+    const json& lists = array(root, top, "tensor_lists");
+    for (std::size_t k = 0; k < lists.size(); ++k) shared.lists.push_back(read_tensor_list(lists[k], lists_field[k]));
+    const Field fsdp_field = top / "fsdp";
+    const json& fsdp = array(root, top, "fsdp");
+    for (std::size_t k = 0; k < fsdp.size(); ++k) {
+      shared.fsdp.push_back(read_fsdp(as_object(fsdp[k], fsdp_field[k]), fsdp_field[k]));
+    }
+    const Field trees_field = top / "object_trees";
+    const json& trees = array(root, top, "object_trees");
+    for (std::size_t k = 0; k < trees.size(); ++k) {
+      std::uint64_t highest = 0;
+      check_objects(trees[k], trees_field[k], highest, 0);
+      shared.trees.push_back(Shared<json>(trees[k]));
+      shared.tree_tensors.push_back(highest);
+    }
     Manifest manifest;
     const Field files_field = top / "files";
     const json& files = array(root, top, "files");
     std::map<std::string, std::size_t> file_index;
     for (std::size_t i = 0; i < files.size(); ++i) {
       const Field field = files_field[i];
-      manifest.files.push_back(read_file(as_object(files[i], field), field));
+      manifest.files.push_back(read_file(as_object(files[i], field), field, shared));
       auto [it, added] = file_index.emplace(manifest.files.back().path, i);
       if (!added) fail(field / "path", fmt::format("the same file as files[{}]", it->second));
     }
@@ -269,7 +334,8 @@ class ManifestReader {
   }
 
   // ---- the manifest's parts
-  ManifestFile read_file(const json& j, const Field& field) const {
+  struct Referenced;
+  ManifestFile read_file(const json& j, const Field& field, const Referenced& shared) const {
     ManifestFile file;
     file.path = text(j, field, "path");
     if (file.path.empty() || file.path.front() != '/' || file.path.find('\0') != std::string::npos) {
@@ -286,23 +352,6 @@ class ManifestReader {
       file.pickle_protocol = static_cast<int>(integer(j, field, "pickle_protocol", 2, 5));
     file.top_level_keys = texts(j, field, "top_level_keys");
 
-    const Field tensors_field = field / "tensors";
-    const json& tensors = array(j, field, "tensors");
-    file.tensors.reserve(tensors.size());
-    std::unordered_map<std::string_view, std::size_t> by_path;
-    for (std::size_t i = 0; i < tensors.size(); ++i) {
-      const Field tensor_field = tensors_field[i];
-      file.tensors.push_back(read_tensor(as_object(tensors[i], tensor_field), tensor_field, file.size_bytes));
-    }
-    for (std::size_t i = 0; i < file.tensors.size(); ++i) {
-      auto [it, added] = by_path.emplace(file.tensors[i].path, i);
-      if (!added) fail(tensors_field[i] / "path", fmt::format("the same path as tensors[{}]", it->second));
-    }
-    for (std::size_t i = 0; i < file.tensors.size(); ++i) check_alias(file.tensors, i, by_path, tensors_field[i]);
-
-    const Field fsdp_field = field / "fsdp";
-    const json& fsdp = member(j, fsdp_field);
-    if (!fsdp.is_null()) file.fsdp = read_fsdp(as_object(fsdp, fsdp_field), fsdp_field);
     const Field declared_field = field / "model_parallel_size";
     const json& declared = member(j, declared_field);
     if (!declared.is_null()) {
@@ -318,11 +367,90 @@ class ManifestReader {
         fail(declared_field / "from", fmt::format("{} is not a place a checkpoint declares its part count",
                                                   quote_text(file.declared_parts->from)));
     }
-    if (auto objects = j.find("objects"); objects != j.end()) {
-      check_objects(*objects, field / "objects", file.tensors.size(), 0);
-      file.objects = *objects;
+    file.tensors = shared.lists[reference(j, field / "tensors", shared.lists.size(), "tensor_lists")];
+    read_places(j, field, file);
+    const Field fsdp_field = field / "fsdp";
+    if (!member(j, fsdp_field).is_null()) file.fsdp = shared.fsdp[reference(j, fsdp_field, shared.fsdp.size(), "fsdp")];
+    const Field objects_field = field / "objects";
+    std::size_t tree = reference(j, objects_field, shared.trees.size(), "object_trees");
+    if (shared.tree_tensors[tree] > file.tensors.size()) {
+      fail(objects_field, fmt::format("object_trees[{}] refers to tensor {}, but the file lists {} tensors", tree,
+                                      shared.tree_tensors[tree] - 1, file.tensors.size()));
     }
+    file.objects = shared.trees[tree];
     return file;
+  }
+
+  // What files refer to by number.
+  struct Referenced {
+    std::vector<TensorList> lists;
+    std::vector<Shared<FsdpMetadata>> fsdp;
+    std::vector<Shared<json>> trees;
+    std::vector<std::uint64_t> tree_tensors;  // per tree: its highest $tensor index + 1 (0 when none)
+  };
+
+  // A number that refers to one of `count` entries of the manifest's `what`.
+  std::size_t reference(const json& j, const Field& field, std::size_t count, const char* what) const {
+    const json& value = member(j, field);
+    std::uint64_t number = as_unsigned(value, field, UINT64_MAX);
+    if (number >= count) fail(field, fmt::format("{} refers to {}[{}], but there are {}", number, what, number, count));
+    return static_cast<std::size_t>(number);
+  }
+
+  // Where each tensor is in this file: one offset and one CRC per tensor of its
+  // list, each range inside the file, a tied tensor at its target's bytes.
+  void read_places(const json& j, const Field& field, ManifestFile& file) const {
+    const Field offsets_field = field / "file_byte_offsets";
+    const Field crcs_field = field / "record_crc32s";
+    const json& offsets = array(j, field, "file_byte_offsets");
+    const json& crcs = array(j, field, "record_crc32s");
+    for (const auto& [values, values_field] : {std::pair{&offsets, &offsets_field}, std::pair{&crcs, &crcs_field}}) {
+      if (values->size() != file.tensors.size()) {
+        fail(*values_field,
+             fmt::format("{} values for the {} tensors of the file's list", values->size(), file.tensors.size()));
+      }
+    }
+    file.places.resize(file.tensors.size());
+    for (std::size_t i = 0; i < file.tensors.size(); ++i) {
+      const ManifestTensor& t = file.tensors[i];
+      TensorPlace& place = file.places[i];
+      place.record_crc32 = static_cast<std::uint32_t>(as_unsigned(crcs[i], crcs_field[i], UINT32_MAX));
+      place.file_byte_offset = as_unsigned(offsets[i], offsets_field[i], UINT64_MAX);
+      if (place.file_byte_offset > file.size_bytes || t.nbytes > file.size_bytes - place.file_byte_offset) {
+        fail(offsets_field[i], fmt::format("{} + {} bytes of {} reach past the end of the file (size_bytes {})",
+                                           place.file_byte_offset, t.nbytes, quote_text(t.path), file.size_bytes));
+      }
+      // Element 0 of the storage is storage_offset elements before the view's first.
+      if (static_cast<std::uint64_t>(t.storage_offset) > place.file_byte_offset / dtype_info(t.dtype).itemsize) {
+        fail(offsets_field[i], fmt::format("byte {}, but {} starts {} elements into its storage: the storage would "
+                                           "start before the file",
+                                           place.file_byte_offset, quote_text(t.path), t.storage_offset));
+      }
+    }
+    for (std::size_t i = 0; i < file.tensors.size(); ++i) {
+      const ManifestTensor& t = file.tensors[i];
+      if (t.alias_of.empty()) continue;
+      std::size_t target = *file.tensors.find(t.alias_of);  // read_tensor_list checked it is there
+      if (file.places[target].file_byte_offset != file.places[i].file_byte_offset) {
+        fail(offsets_field[i], fmt::format("{} is tied to {} (alias_of) but at another byte offset", quote_text(t.path),
+                                           quote_text(t.alias_of)));
+      }
+    }
+  }
+
+  TensorList read_tensor_list(const json& value, const Field& field) const {
+    as_array(value, field);
+    std::vector<ManifestTensor> tensors;
+    tensors.reserve(value.size());
+    for (std::size_t i = 0; i < value.size(); ++i)
+      tensors.push_back(read_tensor(as_object(value[i], field[i]), field[i]));
+    std::unordered_map<std::string_view, std::size_t> by_path;
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      auto [it, added] = by_path.emplace(tensors[i].path, i);
+      if (!added) fail(field[i] / "path", fmt::format("the same path as [{}]", it->second));
+    }
+    for (std::size_t i = 0; i < tensors.size(); ++i) check_alias(tensors, i, by_path, field[i]);
+    return TensorList(std::move(tensors));
   }
 
   std::optional<int> role_number(const json& j, const Field& field, const std::optional<int>& from_name,
@@ -339,7 +467,7 @@ class ManifestReader {
     return number;
   }
 
-  ManifestTensor read_tensor(const json& j, const Field& field, std::uint64_t file_size) const {
+  ManifestTensor read_tensor(const json& j, const Field& field) const {
     ManifestTensor t;
     t.path = text(j, field, "path");
     if (t.path.empty()) fail(field / "path", "empty tensor path");
@@ -363,24 +491,12 @@ class ManifestReader {
     }
     t.storage_key = text(j, field, "storage_key");
     t.storage_offset = integer(j, field, "storage_offset", 0, INT64_MAX);
-    t.record_name = text(j, field, "record_name");
-    t.record_crc32 = static_cast<std::uint32_t>(unsigned_integer(j, field, "record_crc32", UINT32_MAX));
-    t.file_byte_offset = unsigned_integer(j, field, "file_byte_offset", UINT64_MAX);
     t.nbytes = unsigned_integer(j, field, "nbytes", UINT64_MAX);
     std::uint64_t spanned = extent.span_elements * itemsize;  // view_extent checked the product
     if (t.nbytes != spanned) {
       fail(field / "nbytes",
            fmt::format("{} bytes, but a {} view of shape [{}] and stride [{}] spans {}", t.nbytes,
                        dtype_info(t.dtype).name, fmt::join(t.shape, ", "), fmt::join(t.stride, ", "), spanned));
-    }
-    if (t.file_byte_offset > file_size || t.nbytes > file_size - t.file_byte_offset) {
-      fail(field / "file_byte_offset", fmt::format("{} + {} bytes reach past the end of the file (size_bytes {})",
-                                                   t.file_byte_offset, t.nbytes, file_size));
-    }
-    // Element 0 of the storage is storage_offset elements before the view's first.
-    if (static_cast<std::uint64_t>(t.storage_offset) > t.file_byte_offset / itemsize) {
-      fail(field / "storage_offset", fmt::format("{} elements before byte {}: the storage would start before the file",
-                                                 t.storage_offset, t.file_byte_offset));
     }
     if (j.contains("requires_grad")) t.requires_grad = boolean(j, field, "requires_grad");
     if (j.contains("alias_of")) {
@@ -396,13 +512,12 @@ class ManifestReader {
     const ManifestTensor& t = tensors[i];
     if (t.alias_of.empty()) return;
     auto it = by_path.find(t.alias_of);
-    if (it == by_path.end()) fail(field / "alias_of", quote_text(t.alias_of) + " is not a tensor of this file");
+    if (it == by_path.end()) fail(field / "alias_of", quote_text(t.alias_of) + " is not a tensor of this list");
     const ManifestTensor& target = tensors[it->second];
     if (!target.alias_of.empty()) {
       fail(field / "alias_of", fmt::format("names tensors[{}], which is itself tied to another", it->second));
     }
-    if (target.dtype != t.dtype || target.shape != t.shape || target.stride != t.stride ||
-        target.file_byte_offset != t.file_byte_offset || target.nbytes != t.nbytes) {
+    if (target.dtype != t.dtype || target.shape != t.shape || target.stride != t.stride || target.nbytes != t.nbytes) {
       fail(field / "alias_of",
            fmt::format("names tensors[{}], whose dtype, shape, stride or bytes differ", it->second));
     }
@@ -465,24 +580,23 @@ class ManifestReader {
   // The object tree: what reads it (inspect) takes {"$tensor": i} as tensors[i],
   // and "$ref" and "$class" as strings. Recursion is bounded: the tree is nested
   // at most kMaxManifestDepth deep.
-  void check_objects(const json& node, const Field& field, std::size_t tensor_count, std::size_t depth) const {
+  // `highest` becomes the highest $tensor index + 1 found, which each file
+  // using the tree checks against its tensor count.
+  void check_objects(const json& node, const Field& field, std::uint64_t& highest, std::size_t depth) const {
     if (depth > kMaxManifestDepth) fail(field, fmt::format("nested deeper than {} levels", kMaxManifestDepth));
     if (node.is_array()) {
-      for (std::size_t i = 0; i < node.size(); ++i) check_objects(node[i], field[i], tensor_count, depth + 1);
+      for (std::size_t i = 0; i < node.size(); ++i) check_objects(node[i], field[i], highest, depth + 1);
       return;
     }
     if (!node.is_object()) return;
     if (auto tensor = node.find("$tensor"); tensor != node.end()) {
-      const Field index_field = field / "$tensor";
-      std::uint64_t index = as_unsigned(*tensor, index_field, UINT64_MAX);
-      if (index >= tensor_count) {
-        fail(index_field, fmt::format("tensor {}, but the file lists {} tensors", index, tensor_count));
-      }
+      std::uint64_t index = as_unsigned(*tensor, field / "$tensor", UINT64_MAX - 1);
+      highest = std::max(highest, index + 1);
     }
     for (const char* key : {"$ref", "$class"}) {
       if (auto it = node.find(key); it != node.end()) as_text(*it, field / key);
     }
-    for (auto it = node.begin(); it != node.end(); ++it) check_objects(*it, field / it.key(), tensor_count, depth + 1);
+    for (auto it = node.begin(); it != node.end(); ++it) check_objects(*it, field / it.key(), highest, depth + 1);
   }
 
   const std::string& source_;
@@ -583,8 +697,35 @@ Manifest read_manifest(const std::string& path) {
   return parse_manifest(file.bytes(), path, ends_with(path, ".zst"));
 }
 
+namespace {
+
+// The manifest's text: compact JSON, one line per member of the top-level
+// object and per element of its arrays (a file, a tensor list, an object tree),
+// so that a person can page through it and a diff shows which file changed.
+std::string manifest_text(const Manifest& manifest) {
+  json j = manifest_to_json(manifest);
+  auto dump = [](const json& value) { return value.dump(-1, ' ', false, json::error_handler_t::replace); };
+  std::string text = "{";
+  bool first_member = true;
+  for (const auto& [key, value] : j.items()) {
+    text += first_member ? "\n" : ",\n";
+    first_member = false;
+    text += dump(json(key)) + ": ";
+    if (!value.is_array() || value.empty()) {
+      text += dump(value);
+      continue;
+    }
+    text += "[";
+    for (std::size_t i = 0; i < value.size(); ++i) text += (i == 0 ? "\n  " : ",\n  ") + dump(value[i]);
+    text += "\n]";
+  }
+  return text + "\n}\n";
+}
+
+}  // namespace
+
 void write_manifest(const Manifest& manifest, const std::string& path, bool overwrite) {
-  std::string text = manifest_to_json(manifest).dump(1, ' ', false, json::error_handler_t::replace) + "\n";
+  std::string text = manifest_text(manifest);
   if (ends_with(path, ".zst")) {
     std::string compressed(ZSTD_compressBound(text.size()), '\0');
     std::size_t n = ZSTD_compress(compressed.data(), compressed.size(), text.data(), text.size(), 3);

@@ -393,6 +393,28 @@ def _resolve(obj, tensor_path):
     return node
 
 
+def manifest_files(manifest):
+    """The files of a version 3 manifest, each with its shared parts resolved:
+    "tensors" as a list of tensor dicts, each with this file's file_byte_offset,
+    record_crc32 and record_name, and "fsdp" and "objects" as values (what the
+    manifest stores once and refers to by number)."""
+    files = []
+    for entry in manifest["files"]:
+        entry = dict(entry)
+        tensors = []
+        for i, t in enumerate(manifest["tensor_lists"][entry["tensors"]]):
+            t = dict(t)
+            t["file_byte_offset"] = entry["file_byte_offsets"][i]
+            t["record_crc32"] = entry["record_crc32s"][i]
+            t["record_name"] = f"{entry['archive_name']}/data/{t['storage_key']}"
+            tensors.append(t)
+        entry["tensors"] = tensors
+        entry["fsdp"] = None if entry["fsdp"] is None else manifest["fsdp"][entry["fsdp"]]
+        entry["objects"] = manifest["object_trees"][entry["objects"]]
+        files.append(entry)
+    return files
+
+
 def manifest_problems(manifest_path, resolve=True):
     """Check a ckpt-tool manifest against the files it describes. Returns a list of
     problems (empty if fine) and the number of tensors checked."""
@@ -402,11 +424,12 @@ def manifest_problems(manifest_path, resolve=True):
     if manifest.get("format") != "ckpt-tool-manifest":
         problems.append(f"{manifest_path}: format is {manifest.get('format')!r}, "
                         f"expected 'ckpt-tool-manifest'")
-    if manifest.get("version") != 2:
-        problems.append(f"{manifest_path}: version is {manifest.get('version')!r}, expected 2")
+    if manifest.get("version") != 3:
+        problems.append(f"{manifest_path}: version is {manifest.get('version')!r}, expected 3")
+        return problems, 0
     base = os.path.dirname(os.path.abspath(manifest_path))
     checked = 0
-    for entry in manifest.get("files", []):
+    for entry in manifest_files(manifest):
         rel = entry["path"]
         path = rel if os.path.isabs(rel) else os.path.join(base, rel)
         where = rel
@@ -430,7 +453,7 @@ def manifest_problems(manifest_path, resolve=True):
                 if prefixes != {archive}:
                     problems.append(f"{where}: archive_name {archive!r} but entries "
                                     f"live under {sorted(prefixes)}")
-            for t in entry.get("tensors", []):
+            for t in entry["tensors"]:
                 checked += 1
                 tp = f"{where}: {t.get('path')}"
                 record = t["record_name"]
@@ -438,10 +461,6 @@ def manifest_problems(manifest_path, resolve=True):
                 if info is None:
                     problems.append(f"{tp}: record {record!r} not in the zip")
                     continue
-                if archive is not None and "storage_key" in t and \
-                        record != f"{archive}/data/{t['storage_key']}":
-                    problems.append(f"{tp}: record_name {record!r} is not "
-                                    f"{archive}/data/{t['storage_key']}")
                 dtype = _DTYPES.get(t["dtype"])
                 if dtype is None:
                     problems.append(f"{tp}: unknown dtype {t['dtype']!r}")

@@ -204,9 +204,11 @@ def test_hand_edited_manifests_are_one_line_each():
     edits = [
         (lambda m: m["files"][0].__setitem__("mp_part", -5), "files[0].mp_part", "-5"),
         (lambda m: m["files"][0].__setitem__("mp_part", 2000000000), "files[0].mp_part", "2000000000"),
-        (lambda m: m["files"][1]["tensors"][0].__setitem__("file_byte_offset", 10 ** 9),
-         "files[1].tensors[0].file_byte_offset", "past the end of the file"),
-        (lambda m: m["files"][0]["tensors"][0].__setitem__("shape", [-4]), "files[0].tensors[0].shape[0]", "negative"),
+        (lambda m: m["files"][1]["file_byte_offsets"].__setitem__(0, 10 ** 9),
+         "files[1].file_byte_offsets[0]", "past the end of the file"),
+        (lambda m: m["tensor_lists"][0][0].__setitem__("shape", [-4]), "tensor_lists[0][0].shape[0]", "negative"),
+        (lambda m: m["files"][1].__setitem__("tensors", 99), "files[1].tensors", "refers to tensor_lists[99]"),
+        (lambda m: m.__setitem__("version", 2), "version", "version 2 is not supported"),
         (lambda m: m["files"][0].__setitem__("model_parallel_size", {"parts": 2, "from": "x"}),
          "files[0].model_parallel_size.from", "is not a place"),
     ]
@@ -264,7 +266,7 @@ def test_corruption_is_never_laundered():
     victim = os.path.join(inputs2, "checkpoint_last-model_part-0-shard2.pt")
     manifest = os.path.join(work2, "m.json")
     harness.run(["manifest", victim, "-o", manifest])
-    tensor = next(t for t in json.load(open(manifest))["files"][0]["tensors"]
+    tensor = next(t for t in ckptcheck.manifest_files(json.load(open(manifest)))[0]["tensors"]
                   if t["path"] == "model/decoder.layers.0.flat_param_0")
     record = tensor["record_name"]
     with zipfile.ZipFile(victim) as z:

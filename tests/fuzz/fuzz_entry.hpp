@@ -347,8 +347,9 @@ inline void check_manifest(const Manifest& manifest) {
   for (std::size_t f = 0; f < manifest.files.size(); ++f) {
     const ManifestFile& file = manifest.files[f];
     for (const ManifestTensor& tensor : file.tensors) {
+      const std::uint64_t offset = file.place(tensor).file_byte_offset;
       std::uint64_t end = 0;
-      require(!__builtin_add_overflow(tensor.file_byte_offset, tensor.nbytes, &end) && end <= file.size_bytes,
+      require(!__builtin_add_overflow(offset, tensor.nbytes, &end) && end <= file.size_bytes,
               "manifest: tensor bytes inside the file", tensor.path);
       ViewExtent extent = view_extent(tensor.shape, tensor.stride, dtype_info(tensor.dtype).itemsize);
       require(
@@ -358,15 +359,15 @@ inline void check_manifest(const Manifest& manifest) {
         small = false;
         continue;
       }
-      TensorSource source = source_of(tensor, static_cast<std::uint32_t>(f));
+      TensorSource source = source_of(tensor, offset, static_cast<std::uint32_t>(f));
       require(source.nbytes() == tensor.numel() * dtype_info(tensor.dtype).itemsize, "manifest: source size",
               tensor.path);
       for (const Piece& piece : source.pieces) {
-        require_piece_inside(piece, tensor.file_byte_offset, end, tensor.path);
+        require_piece_inside(piece, offset, end, tensor.path);
         require(piece.end() <= source.nbytes(), "manifest: piece inside the tensor", tensor.path);
       }
     }
-    walk_objects(file.objects, file);
+    walk_objects(*file.objects, file);
   }
   // What stitch and reshard do first: consolidate each part from its shards.
   if (small && grid.problems.empty()) {

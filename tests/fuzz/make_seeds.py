@@ -129,12 +129,13 @@ def fixture_manifests(ckpt_tool, dirs):
 
 
 def small_manifests():
-    """Hand-written manifests for the corners fixtures do not reach."""
-    def manifest(files):
-        return {"format": "ckpt-tool-manifest", "version": 1, "created_by": "make_seeds.py",
-                "grid": {"mp": 0, "dp": 0, "cells": [], "problems": []}, "files": files}
+    """Hand-written manifests (version 3) for the corners fixtures do not reach."""
+    def manifest(files, lists, fsdp=(), trees=({},)):
+        return {"format": "ckpt-tool-manifest", "version": 3, "created_by": "make_seeds.py",
+                "grid": {"mp": 0, "dp": 0, "cells": [], "problems": []}, "tensor_lists": lists,
+                "fsdp": list(fsdp), "object_trees": list(trees), "files": files}
 
-    def tensor(path, offset, shape, **extra):
+    def tensor(path, shape, **extra):
         numel = 1
         for d in shape:
             numel *= d
@@ -142,29 +143,30 @@ def small_manifests():
         for i in range(len(shape) - 2, -1, -1):
             stride[i] = stride[i + 1] * shape[i + 1]
         out = {"path": path, "dtype": "float32", "shape": shape, "stride": stride, "storage_key": "0",
-               "storage_offset": 0, "record_name": "archive/data/0", "record_crc32": 0,
-               "file_byte_offset": offset, "nbytes": 4 * numel, "requires_grad": False}
+               "storage_offset": 0, "nbytes": 4 * numel, "requires_grad": False}
         out.update(extra)
         return out
 
-    def file(path, tensors, fsdp=None, objects=None):
+    def file(path, tensors, offsets, fsdp=None, objects=0):
         return {"path": path, "size_bytes": 4096, "mtime_ns": 0, "archive_name": "archive",
                 "mp_part": None, "dp_shard": None, "pickle_protocol": 2, "top_level_keys": ["model"],
-                "tensors": tensors, "fsdp": fsdp, "objects": objects}
+                "model_parallel_size": None, "tensors": tensors, "file_byte_offsets": offsets,
+                "record_crc32s": [0] * len(offsets), "fsdp": fsdp, "objects": objects}
 
-    yield manifest([])
-    tied = [tensor("model/a", 64, [2, 3]), tensor("model/b", 64, [2, 3], alias_of="model/a")]
-    yield manifest([file("/ckpt/model.pt", tied, objects={"model": {"a": {"$tensor": 0}, "b": {"$tensor": 0}}})])
+    yield manifest([], [])
+    tied = [tensor("model/a", [2, 3]), tensor("model/b", [2, 3], alias_of="model/a")]
+    yield manifest([file("/ckpt/model.pt", 0, [64, 64])], [tied],
+                   trees=[{"model": {"a": {"$tensor": 0}, "b": {"$tensor": 0}}}])
     flat = {"state_key": "flat_param_0", "name": "flat_param_0", "names": ["w", "b"], "shapes": [[2, 2], [2]],
             "numels": [4, 2], "padding": 0}
     fsdp = {"param_metadata": [{"fsdp_path": "", "flat_params": [flat], "no_broadcast_optim_state": False,
                                 "shared_param_info": []}], "buffer_names": []}
     shards = []
     for d in range(2):
-        f = file(f"/ckpt/checkpoint_last-model_part-0-shard{d}.pt", [tensor("model/flat_param_0", 64, [3])], fsdp)
+        f = file(f"/ckpt/checkpoint_last-model_part-0-shard{d}.pt", 0, [64], fsdp=0)
         f["mp_part"], f["dp_shard"] = 0, d
         shards.append(f)
-    yield manifest(shards)
+    yield manifest(shards, [[tensor("model/flat_param_0", [3])]], fsdp=[fsdp])
 
 
 def write_seed(folder, data, suffix):

@@ -142,8 +142,12 @@ inline std::int64_t product(const Shape& shape) {
 
 // ---------------------------------------------------------------- manifests
 
-// A contiguous tensor of a manifest file.
-inline ckpt::ManifestTensor contiguous(const std::string& path, DType dtype, const Shape& shape, std::uint64_t offset) {
+// A contiguous tensor of a manifest file, and where it is.
+struct PlacedTensor {
+  ckpt::ManifestTensor tensor;
+  ckpt::TensorPlace place;
+};
+inline PlacedTensor contiguous(const std::string& path, DType dtype, const Shape& shape, std::uint64_t offset) {
   ckpt::ManifestTensor tensor;
   tensor.path = path;
   tensor.dtype = dtype;
@@ -151,10 +155,11 @@ inline ckpt::ManifestTensor contiguous(const std::string& path, DType dtype, con
   tensor.stride.assign(shape.size(), 1);
   for (std::size_t d = shape.size(); d > 1; --d) tensor.stride[d - 2] = tensor.stride[d - 1] * shape[d - 1];
   tensor.storage_key = std::to_string(offset);
-  tensor.record_name = cat("archive/data/", tensor.storage_key);
-  tensor.file_byte_offset = offset;
   tensor.nbytes = static_cast<std::uint64_t>(product(shape)) * ckpt::dtype_info(dtype).itemsize;
-  return tensor;
+  return {tensor, {offset, 0}};
+}
+inline void add(ckpt::ManifestFile& file, const PlacedTensor& placed) {
+  file.add_tensor(placed.tensor, placed.place);
 }
 
 // One FSDP instance as metaseq writes it, before sharding.
@@ -218,14 +223,14 @@ inline ckpt::ManifestFile shard_file(const std::string& path, const std::vector<
     std::string tensor_path = state_dict;
     tensor_path.append("/");
     tensor_path.append(flat_key(spec));
-    file.tensors.push_back(contiguous(tensor_path, dtype, {chunk.numel + chunk.padding}, offsets.at(i)));
+    add(file, contiguous(tensor_path, dtype, {chunk.numel + chunk.padding}, offsets.at(i)));
   }
   for (const auto& [name, offset] : buffers) {
     metadata.buffer_names.push_back(name);
-    file.tensors.push_back(contiguous(cat("model/", name), dtype, {1}, offset));
+    add(file, contiguous(cat("model/", name), dtype, {1}, offset));
   }
   // Optimizer state is not part of the model and must never be picked up.
-  file.tensors.push_back(contiguous("last_optimizer_state/state/0/exp_avg", dtype, {4}, 60000));
+  add(file, contiguous("last_optimizer_state/state/0/exp_avg", dtype, {4}, 60000));
   file.fsdp = metadata;
   return file;
 }
@@ -267,7 +272,7 @@ struct ThreeRankPart {
   }
   ckpt::ManifestFile& rank_file(int rank) { return manifest.files.at(static_cast<std::size_t>(shard_files.at(rank))); }
   ckpt::ManifestTensor& flat_tensor(int rank, const std::string& key) {
-    for (ckpt::ManifestTensor& tensor : rank_file(rank).tensors) {
+    for (ckpt::ManifestTensor& tensor : rank_file(rank).tensors.edit()) {
       if (tensor.path == cat("model/", key)) return tensor;
     }
     FAIL("no flat tensor " << key);

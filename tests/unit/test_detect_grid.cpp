@@ -129,20 +129,20 @@ TEST_SUITE("detect_grid") {
     CHECK(ckpt::detect_grid({unnamed}).problems.empty());
 
     files = grid_files(1, 3);
-    files[0].tensors[0].dtype = DType::Float16;
-    files[0].tensors[0].nbytes /= 2;
+    files[0].tensors.edit()[0].dtype = DType::Float16;
+    files[0].tensors.edit()[0].nbytes /= 2;
     CHECK(has_problem(ckpt::detect_grid(files), "(mixed dtypes)"));
 
     files = grid_files(1, 3);
-    std::erase_if(files[1].tensors, [](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
+    files[1].remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
     CHECK(has_problem(ckpt::detect_grid(files), "(optimizer state in some files only)"));
 
     files = grid_files(1, 3);
-    files[2].tensors.push_back(contiguous("model/extra.weight", DType::Float32, {2}, 7000));
+    add(files[2], contiguous("model/extra.weight", DType::Float32, {2}, 7000));
     CHECK(has_problem(ckpt::detect_grid(files), "(shards of different checkpoints?)"));
 
     files = grid_files(1, 3);
-    files[0].fsdp->instances[0].flat_params[0].padding = 2;  // rank 2 of the layer: 1
+    files[0].fsdp.edit().instances[0].flat_params[0].padding = 2;  // rank 2 of the layer: 1
     CHECK(has_problem(ckpt::detect_grid(files),
                       "decoder.layers.0.flat_param_0: padding 2 but the chunk rule for 3 ranks gives 1"));
 

@@ -178,7 +178,7 @@ TEST_SUITE("fsdp_layout") {
   TEST_CASE("consolidate_part: root instance first gives the same tensors, root first") {
     ThreeRankPart part;
     for (ckpt::ManifestFile& file : part.manifest.files) {
-      std::swap(file.fsdp->instances[0], file.fsdp->instances[1]);
+      std::swap(file.fsdp.edit().instances[0], file.fsdp.edit().instances[1]);
     }
     std::vector<NamedTensor> tensors = ckpt::consolidate_part(part.manifest, part.shard_files);
     CHECK(names_of(tensors) == std::vector<std::string>{
@@ -210,7 +210,7 @@ TEST_SUITE("fsdp_layout") {
           shard_file(shard_path(rank), instances, 4, rank, {128 * (r + 1), 4096 + 64 * r}, DType::BFloat16, {}));
     }
     REQUIRE(manifest.files[3].fsdp->instances[0].flat_params[0].padding == 2);
-    REQUIRE(manifest.files[3].tensors[0].shape == Shape{2});
+    REQUIRE(manifest.files[3].tensors.edit()[0].shape == Shape{2});
     std::vector<NamedTensor> tensors = ckpt::consolidate_part(manifest, {0, 1, 2, 3});
     CHECK(names_of(tensors) == std::vector<std::string>{"decoder.layers.1.fc1.bias", "decoder.layers.1.fc2.bias",
                                                         "decoder.layers.2.final_layer_norm.bias"});
@@ -257,7 +257,7 @@ TEST_SUITE("fsdp_layout") {
           shard_file(shard_path(rank), instances, 3, rank, {100 + 1000 * r, 500 + 1000 * r}, DType::Float32, {}));
     }
     // Every rank holds all 8 elements, unpadded.
-    REQUIRE(manifest.files[2].tensors[0].shape == Shape{8});
+    REQUIRE(manifest.files[2].tensors.edit()[0].shape == Shape{8});
     REQUIRE(manifest.files[2].fsdp->instances[0].flat_params[0].padding == 0);
     std::vector<NamedTensor> tensors = ckpt::consolidate_part(manifest, {0, 1, 2});
     CHECK(names_of(tensors) == std::vector<std::string>{"decoder.layers.0.fc1.weight", "decoder.layers.0.fc1.bias",
@@ -271,7 +271,7 @@ TEST_SUITE("fsdp_layout") {
   TEST_CASE("consolidate_part: shards that do not fit together are errors naming file and tensor") {
     SUBCASE("shards disagree on names") {
       ThreeRankPart part;
-      part.rank_file(1).fsdp->instances[0].flat_params[0].names[2] = "fc3.bias";
+      part.rank_file(1).fsdp.edit().instances[0].flat_params[0].names[2] = "fc3.bias";
       auto error = error_of([&] { ckpt::consolidate_part(part.manifest, part.shard_files); });
       REQUIRE(error.has_value());
       CHECK(error->where().file == shard_path(1));
@@ -287,8 +287,7 @@ TEST_SUITE("fsdp_layout") {
     }
     SUBCASE("a flat parameter missing from a shard") {
       ThreeRankPart part;
-      std::vector<ckpt::ManifestTensor>& tensors = part.rank_file(2).tensors;
-      std::erase_if(tensors, [](const ckpt::ManifestTensor& t) { return t.path == "model/flat_param_0"; });
+      part.rank_file(2).remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.path == "model/flat_param_0"; });
       auto error = error_of([&] { ckpt::consolidate_part(part.manifest, part.shard_files); });
       REQUIRE(error.has_value());
       CHECK(error->where().file == shard_path(2));
@@ -297,7 +296,7 @@ TEST_SUITE("fsdp_layout") {
     }
     SUBCASE("padding exceeds the elements held") {
       ThreeRankPart part;
-      part.rank_file(2).fsdp->instances[1].flat_params[0].padding = 5;  // holds 4
+      part.rank_file(2).fsdp.edit().instances[1].flat_params[0].padding = 5;  // holds 4
       auto error = error_of([&] { ckpt::consolidate_part(part.manifest, part.shard_files); });
       REQUIRE(error.has_value());
       CHECK(error->where().file == shard_path(2));
@@ -307,7 +306,7 @@ TEST_SUITE("fsdp_layout") {
     }
     SUBCASE("unpadded totals do not match numels: too little padding") {
       ThreeRankPart part;
-      part.rank_file(2).fsdp->instances[1].flat_params[0].padding = 1;  // 4 + 4 + 3 = 11, metadata says 10
+      part.rank_file(2).fsdp.edit().instances[1].flat_params[0].padding = 1;  // 4 + 4 + 3 = 11, metadata says 10
       auto error = error_of([&] { ckpt::consolidate_part(part.manifest, part.shard_files); });
       REQUIRE(error.has_value());
       CHECK(error->where().member == "model/flat_param_0");
@@ -349,7 +348,7 @@ TEST_SUITE("fsdp_layout") {
     SUBCASE("one parameter named twice") {
       ThreeRankPart part;
       for (ckpt::ManifestFile& file : part.manifest.files)
-        file.fsdp->instances[0].flat_params[0].names[1] = "fc1.weight";
+        file.fsdp.edit().instances[0].flat_params[0].names[1] = "fc1.weight";
       auto error = error_of([&] { ckpt::consolidate_part(part.manifest, part.shard_files); });
       REQUIRE(error.has_value());
       CHECK(contains(error->message(), "named twice: decoder.layers.0.fc1.weight"));
@@ -368,7 +367,7 @@ TEST_SUITE("fsdp_layout") {
     auto manifest_with = [&](const std::function<void(ckpt::FlatParamMeta&)>& edit) {
       ckpt::Manifest manifest;
       manifest.files.push_back(shard_file(shard_path(0), instances, 1, 0, {64}, DType::Float32, {}));
-      edit(manifest.files[0].fsdp->instances[0].flat_params[0]);
+      edit(manifest.files[0].fsdp.edit().instances[0].flat_params[0]);
       return manifest;
     };
     struct Case {
@@ -396,17 +395,17 @@ TEST_SUITE("fsdp_layout") {
     ckpt::Manifest manifest;
     manifest.files.emplace_back();  // another file at index 0: the part is file 1
     manifest.files[0].path = "/ckpt/other.pt";
-    manifest.files[0].tensors.push_back(contiguous("model/decoder.other", DType::Float32, {3}, 64));
+    add(manifest.files[0], contiguous("model/decoder.other", DType::Float32, {3}, 64));
     ckpt::ManifestFile file;
     file.path = "/ckpt/reshard-model_part-0.pt";
-    file.tensors.push_back(contiguous("model/decoder.embed_tokens.weight", DType::Float16, {4, 2}, 192));
-    file.tensors.push_back(contiguous("model/decoder.layers.0.fc1.weight", DType::Float16, {2, 2}, 320));
-    file.tensors.back().stride = {4, 1};  // a view of rows of a [2, 4] storage: two runs
-    ckpt::ManifestTensor tied = contiguous("model/decoder.output_projection.weight", DType::Float16, {4, 2}, 192);
-    tied.alias_of = "model/decoder.embed_tokens.weight";
-    file.tensors.push_back(tied);
-    file.tensors.push_back(contiguous("last_optimizer_state/state/0/exp_avg", DType::Float32, {4}, 448));
-    file.tensors.push_back(contiguous("model/decoder.version", DType::Float32, {1}, 512));
+    add(file, contiguous("model/decoder.embed_tokens.weight", DType::Float16, {4, 2}, 192));
+    add(file, contiguous("model/decoder.layers.0.fc1.weight", DType::Float16, {2, 2}, 320));
+    file.tensors.edit().back().stride = {4, 1};  // a view of rows of a [2, 4] storage: two runs
+    PlacedTensor tied = contiguous("model/decoder.output_projection.weight", DType::Float16, {4, 2}, 192);
+    tied.tensor.alias_of = "model/decoder.embed_tokens.weight";
+    add(file, tied);
+    add(file, contiguous("last_optimizer_state/state/0/exp_avg", DType::Float32, {4}, 448));
+    add(file, contiguous("model/decoder.version", DType::Float32, {1}, 512));
     manifest.files.push_back(file);
 
     SUBCASE("without FSDP metadata") {}
@@ -448,7 +447,7 @@ TEST_SUITE("fsdp_layout") {
           shard_file(shard_path(rank), instances, 2, rank, {64 + 1000 * r}, DType::Float32, {{"decoder.version", 900}});
       ckpt::ManifestFile ema =
           shard_file(shard_path(rank), instances, 2, rank, {640 + 1000 * r}, DType::Float32, {}, "extra_state/ema");
-      file.tensors.push_back(ema.tensors.front());
+      file.add_tensor(ema.tensors.front(), ema.places.front());
       manifest.files.push_back(file);
     }
     std::vector<NamedTensor> weights = ckpt::consolidate_part(manifest, {0, 1});
@@ -468,10 +467,9 @@ TEST_SUITE("fsdp_layout") {
     ckpt::Manifest manifest;
     ckpt::ManifestFile file;
     file.path = "/ckpt/reshard-model_part-0.pt";
-    file.tensors.push_back(contiguous("model/decoder.embed_tokens.weight", DType::Float16, {4, 2}, 128));
-    file.tensors.push_back(contiguous("model/decoder.version", DType::Float32, {1}, 192));
-    file.tensors.push_back(
-        contiguous("extra_state/ema_fp32_params/decoder.embed_tokens.weight", DType::Float32, {4, 2}, 256));
+    add(file, contiguous("model/decoder.embed_tokens.weight", DType::Float16, {4, 2}, 128));
+    add(file, contiguous("model/decoder.version", DType::Float32, {1}, 192));
+    add(file, contiguous("extra_state/ema_fp32_params/decoder.embed_tokens.weight", DType::Float32, {4, 2}, 256));
     manifest.files.push_back(file);
     std::vector<NamedTensor> tensors = ckpt::consolidate_part(manifest, {0}, "extra_state/ema_fp32_params");
     REQUIRE_FALSE(tensors.empty());
@@ -498,9 +496,9 @@ TEST_SUITE("fsdp_layout") {
       };
       for (int rank = 0; rank < 3; ++rank) {
         ckpt::ManifestFile& file = part.rank_file(rank);
-        for (ckpt::ManifestTensor& tensor : file.tensors) tensor.dtype = DType::Float16;
-        std::erase_if(file.tensors, [](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
-        if (root_first) std::swap(file.fsdp->instances[0], file.fsdp->instances[1]);
+        for (ckpt::ManifestTensor& tensor : file.tensors.edit()) tensor.dtype = DType::Float16;
+        file.remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
+        if (root_first) std::swap(file.fsdp.edit().instances[0], file.fsdp.edit().instances[1]);
         for (std::size_t k = 0; k < 2; ++k) {
           ckpt::FsdpChunk chunk = chunk_of(part.instances[order[k]], 3, rank);
           for (const std::string name : {"exp_avg", "exp_avg_sq"}) {
@@ -508,8 +506,7 @@ TEST_SUITE("fsdp_layout") {
             path.append(std::to_string(k));
             path.append("/");
             path.append(name);
-            file.tensors.push_back(
-                contiguous(path, DType::Float32, {chunk.numel + chunk.padding}, state_offset(name, k, rank)));
+            add(file, contiguous(path, DType::Float32, {chunk.numel + chunk.padding}, state_offset(name, k, rank)));
           }
         }
       }
@@ -576,7 +573,7 @@ TEST_SUITE("fsdp_layout") {
         flat.numels = {3};
         flat.padding = ckpt::fsdp_chunk(3, 2, rank).padding;  // chunk 2: 2 + 0, 1 + 1
         layer.flat_params.push_back(flat);
-        file.tensors.push_back(contiguous(cat("model/", flat.state_key), DType::Float32, {2}, 100 + 50 * j + 1000 * r));
+        add(file, contiguous(cat("model/", flat.state_key), DType::Float32, {2}, 100 + 50 * j + 1000 * r));
       }
       ckpt::FsdpInstanceMeta root;
       root.no_broadcast_optim_state = true;
@@ -587,12 +584,12 @@ TEST_SUITE("fsdp_layout") {
       flat.shapes = {{2, 2}};
       flat.numels = {4};
       root.flat_params.push_back(flat);
-      file.tensors.push_back(contiguous("model/flat_param_0", DType::Float32, {4}, 300 + 1000 * r));
+      add(file, contiguous("model/flat_param_0", DType::Float32, {4}, 300 + 1000 * r));
       metadata.instances = {layer, root};
       file.fsdp = metadata;
       for (std::uint64_t k = 0; k < 3; ++k) {
-        file.tensors.push_back(contiguous(cat(cat("last_optimizer_state/state/", std::to_string(k)), "/exp_avg"),
-                                          DType::Float32, {k == 2 ? 4 : 2}, 500 + 100 * k + 1000 * r));
+        add(file, contiguous(cat(cat("last_optimizer_state/state/", std::to_string(k)), "/exp_avg"), DType::Float32,
+                             {k == 2 ? 4 : 2}, 500 + 100 * k + 1000 * r));
       }
       manifest.files.push_back(file);
     }
@@ -615,8 +612,8 @@ TEST_SUITE("fsdp_layout") {
       ckpt::Manifest manifest;
       ckpt::ManifestFile file;
       file.path = "/ckpt/reshard-model_part-0.pt";
-      file.tensors.push_back(contiguous("model/decoder.embed_tokens.weight", DType::Float16, {4, 2}, 128));
-      file.tensors.push_back(contiguous("last_optimizer_state/state/0/exp_avg", DType::Float32, {4, 2}, 256));
+      add(file, contiguous("model/decoder.embed_tokens.weight", DType::Float16, {4, 2}, 128));
+      add(file, contiguous("last_optimizer_state/state/0/exp_avg", DType::Float32, {4, 2}, 256));
       manifest.files.push_back(file);
       auto error = error_of([&] { ckpt::consolidate_optimizer_state(manifest, {0}, "exp_avg"); });
       REQUIRE(error.has_value());
@@ -628,7 +625,7 @@ TEST_SUITE("fsdp_layout") {
     SUBCASE("FSDP metadata but no flat parameter in the file") {
       ThreeRankPart part;
       for (ckpt::ManifestFile& file : part.manifest.files) {
-        std::erase_if(file.tensors, [](const ckpt::ManifestTensor& t) { return t.section() == "model"; });
+        file.remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "model"; });
       }
       auto error = error_of([&] { ckpt::consolidate_optimizer_state(part.manifest, part.shard_files, "exp_avg"); });
       REQUIRE(error.has_value());
@@ -639,12 +636,12 @@ TEST_SUITE("fsdp_layout") {
       ThreeRankPart part;
       for (int rank = 0; rank < 3; ++rank) {
         ckpt::ManifestFile& file = part.rank_file(rank);
-        std::erase_if(file.tensors, [](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
+        file.remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
         for (std::size_t k = 0; k < 2; ++k) {
           if (rank == 1 && k == 1) continue;
           ckpt::FsdpChunk chunk = chunk_of(part.instances[k], 3, rank);
-          file.tensors.push_back(contiguous(cat(cat("last_optimizer_state/state/", std::to_string(k)), "/exp_avg"),
-                                            DType::Float32, {chunk.numel + chunk.padding}, 9000 + 100 * k));
+          add(file, contiguous(cat(cat("last_optimizer_state/state/", std::to_string(k)), "/exp_avg"), DType::Float32,
+                               {chunk.numel + chunk.padding}, 9000 + 100 * k));
         }
       }
       CHECK_NOTHROW(ckpt::consolidate_part(part.manifest, part.shard_files));
@@ -665,12 +662,12 @@ TEST_SUITE("fsdp_layout") {
       ThreeRankPart part;
       for (int rank = 0; rank < 3; ++rank) {
         ckpt::ManifestFile& file = part.rank_file(rank);
-        std::erase_if(file.tensors, [](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
+        file.remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
         for (std::size_t k = 0; k < 2; ++k) {
           ckpt::FsdpChunk chunk = chunk_of(part.instances[k], 3, rank);
           std::int64_t extra = rank == 2 && k == 0 ? 1 : 0;
-          file.tensors.push_back(contiguous(cat(cat("last_optimizer_state/state/", std::to_string(k)), "/exp_avg"),
-                                            DType::Float32, {chunk.numel + chunk.padding + extra}, 9000 + 100 * k));
+          add(file, contiguous(cat(cat("last_optimizer_state/state/", std::to_string(k)), "/exp_avg"), DType::Float32,
+                               {chunk.numel + chunk.padding + extra}, 9000 + 100 * k));
         }
       }
       auto error = error_of([&] { ckpt::consolidate_optimizer_state(part.manifest, part.shard_files, "exp_avg"); });
@@ -786,7 +783,7 @@ TEST_SUITE("fsdp_layout") {
           Buffer written = execute(record, pointers(originals));
           std::uint64_t at = 256 * (i + 1);
           std::copy(written.begin(), written.end(), bytes.begin() + static_cast<std::ptrdiff_t>(at));
-          file.tensors.push_back(contiguous(cat("model/", shard.state_key), DType::Float32, shard.source.shape, at));
+          add(file, contiguous(cat("model/", shard.state_key), DType::Float32, shard.source.shape, at));
         }
         file.fsdp = metadata;
         manifest.files.push_back(file);
@@ -833,7 +830,7 @@ TEST_SUITE("fsdp_layout") {
         OutputTensor tensor{shards[i].state_key, DType::Float32, shards[i].source, std::nullopt};
         Buffer written = execute(ckpt::plan_tensor_record(tensor, {0, 1}), pointers(originals));
         std::copy(written.begin(), written.end(), bytes.begin() + static_cast<std::ptrdiff_t>(256 * (i + 1)));
-        file.tensors.push_back(
+        add(file,
             contiguous(cat("model/", shards[i].state_key), DType::Float32, shards[i].source.shape, 256 * (i + 1)));
       }
       file.fsdp = metadata;

@@ -35,16 +35,13 @@ using layout_fixtures::error_of;
 const std::string kSource = "test.json";
 
 ckpt::ManifestTensor tensor(const std::string& path, DType dtype, std::vector<std::int64_t> shape,
-                            std::vector<std::int64_t> stride, std::uint64_t file_byte_offset) {
+                            std::vector<std::int64_t> stride) {
   ckpt::ManifestTensor t;
   t.path = path;
   t.dtype = dtype;
   t.shape = std::move(shape);
   t.stride = std::move(stride);
   t.storage_key = "0";
-  t.record_name = "archive/data/0";
-  t.record_crc32 = 0x12345678;
-  t.file_byte_offset = file_byte_offset;
   ckpt::ViewExtent extent = ckpt::view_extent(t.shape, t.stride, ckpt::dtype_info(dtype).itemsize);
   t.nbytes = extent.span_elements * ckpt::dtype_info(dtype).itemsize;
   return t;
@@ -63,15 +60,17 @@ ckpt::Manifest valid_manifest() {
     file.role = ckpt::parse_file_role(file.path);
     file.declared_parts = ckpt::DeclaredParts{1, "cfg.model.model_parallel_size"};
     file.top_level_keys = {"model", "shard_metadata"};
-    file.tensors.push_back(tensor("model/flat_param_0", DType::Float16, {3}, {1}, 1024));
-    file.tensors.push_back(tensor("model/decoder.embed_tokens.weight", DType::Float32, {4, 2}, {2, 1}, 2048));
+    const std::uint32_t crc = 0x12345678;
+    file.add_tensor(tensor("model/flat_param_0", DType::Float16, {3}, {1}), {1024, crc});
+    file.add_tensor(tensor("model/decoder.embed_tokens.weight", DType::Float32, {4, 2}, {2, 1}), {2048, crc});
     ckpt::ManifestTensor tied = file.tensors.back();
     tied.path = "model/decoder.output_projection.weight";
     tied.alias_of = "model/decoder.embed_tokens.weight";
-    file.tensors.push_back(tied);
-    file.tensors.push_back(tensor("model/strided", DType::Float32, {2, 3}, {1, 2}, 4096));
-    file.tensors.back().storage_offset = 4;
-    file.tensors.back().requires_grad = true;
+    file.add_tensor(tied, {2048, crc});
+    ckpt::ManifestTensor strided = tensor("model/strided", DType::Float32, {2, 3}, {1, 2});
+    strided.storage_offset = 4;
+    strided.requires_grad = true;
+    file.add_tensor(strided, {4096, crc});
     ckpt::FlatParamMeta flat;
     flat.state_key = "flat_param_0";
     flat.name = "flat_param_0";
@@ -82,17 +81,21 @@ ckpt::Manifest valid_manifest() {
     instance.flat_params.push_back(flat);
     instance.shared_param_info = {{"decoder.embed_tokens.weight", "decoder.output_projection.weight"}};
     file.fsdp = ckpt::FsdpMetadata{{instance}, {"decoder.version"}};
-    file.objects = {{"model",
-                     {{"flat_param_0", {{"$tensor", 0}}},
-                      {"decoder.embed_tokens.weight", {{"$tensor", 1}}},
-                      {"decoder.output_projection.weight", {{"$tensor", 1}}},
-                      {"strided", {{"$tensor", 3}}}}},
-                    {"cfg", {{"$class", "argparse.Namespace"}, {"attributes", {{"lr", 0.5}}}}},
-                    {"again", {{"$ref", "cfg"}}},
-                    {"blob", {{"$bytes", 12}}},
-                    {"list", {1, "two", nullptr, {{"$tensor", 3}}}}};
+    file.objects = json{{"model",
+                         {{"flat_param_0", {{"$tensor", 0}}},
+                          {"decoder.embed_tokens.weight", {{"$tensor", 1}}},
+                          {"decoder.output_projection.weight", {{"$tensor", 1}}},
+                          {"strided", {{"$tensor", 3}}}}},
+                        {"cfg", {{"$class", "argparse.Namespace"}, {"attributes", {{"lr", 0.5}}}}},
+                        {"again", {{"$ref", "cfg"}}},
+                        {"blob", {{"$bytes", 12}}},
+                        {"list", {1, "two", nullptr, {{"$tensor", 3}}}}};
     manifest.files.push_back(std::move(file));
   }
+  // As build_manifest keeps them: both shards refer to one tensor list, one
+  // shard_metadata and one object tree.
+  ckpt::SharedContent shared;
+  for (ckpt::ManifestFile& file : manifest.files) shared.share(file);
   manifest.grid = ckpt::detect_grid(manifest.files);
   return manifest;
 }
@@ -179,6 +182,8 @@ TEST_SUITE("manifest") {
         {"another format", [](json& j) { j["format"] = "other"; }, "format", "not a ckpt-tool manifest"},
         {"format of the wrong type", [](json& j) { j["format"] = 1; }, "format", "not a ckpt-tool manifest"},
         {"older version", [](json& j) { j["version"] = 1; }, "version", "version 1 is not supported"},
+        {"version 2 (one tensor list per file)", [](json& j) { j["version"] = 2; }, "version",
+         "version 2 is not supported (this ckpt-tool reads version 3): run `ckpt-tool manifest` again"},
         {"declared part count from nowhere known",
          [](json& j) { j["files"][0]["model_parallel_size"]["from"] = "cfg.x"; }, "files[0].model_parallel_size.from",
          "is not a place a checkpoint declares its part count"},
@@ -222,122 +227,140 @@ TEST_SUITE("manifest") {
         {"a top-level key not a string", [](json& j) { j["files"][0]["top_level_keys"][1] = 1; },
          "files[0].top_level_keys[1]", "expected a string"},
         {"tensors missing", [](json& j) { j["files"][1].erase("tensors"); }, "files[1].tensors", "missing"},
-        // tensors
-        {"unknown dtype", [](json& j) { j["files"][0]["tensors"][1]["dtype"] = "float8"; }, "files[0].tensors[1].dtype",
-         "unknown dtype \"float8\""},
-        {"dtype of the wrong type", [](json& j) { j["files"][0]["tensors"][1]["dtype"] = 5; },
-         "files[0].tensors[1].dtype", "expected a string, found a number"},
-        {"empty tensor path", [](json& j) { j["files"][0]["tensors"][0]["path"] = ""; }, "files[0].tensors[0].path",
-         "empty"},
-        {"negative size in the shape", [](json& j) { j["files"][0]["tensors"][1]["shape"][1] = -4; },
-         "files[0].tensors[1].shape[1]", "-4 is negative"},
-        {"shape not an array", [](json& j) { j["files"][0]["tensors"][1]["shape"] = 8; }, "files[0].tensors[1].shape",
+        {"tensor list reference past the lists", [](json& j) { j["files"][1]["tensors"] = 1; }, "files[1].tensors",
+         "1 refers to tensor_lists[1], but there are 1"},
+        {"tensor list reference negative", [](json& j) { j["files"][1]["tensors"] = -1; }, "files[1].tensors",
+         "-1 is negative"},
+        {"offsets fewer than the list's tensors", [](json& j) { j["files"][1]["file_byte_offsets"].erase(3); },
+         "files[1].file_byte_offsets", "3 values for the 4 tensors"},
+        {"CRCs more than the list's tensors", [](json& j) { j["files"][0]["record_crc32s"].push_back(0); },
+         "files[0].record_crc32s", "5 values for the 4 tensors"},
+        {"offsets missing", [](json& j) { j["files"][0].erase("file_byte_offsets"); }, "files[0].file_byte_offsets",
+         "missing"},
+        {"a tied tensor at another offset than its target", [](json& j) { j["files"][1]["file_byte_offsets"][2] = 64; },
+         "files[1].file_byte_offsets[2]", "tied to \"model/decoder.embed_tokens.weight\" (alias_of) but at another"},
+        {"object tree reference past the trees", [](json& j) { j["files"][0]["objects"] = 3; }, "files[0].objects",
+         "3 refers to object_trees[3], but there are 1"},
+        {"tensor_lists not an array", [](json& j) { j["tensor_lists"] = json::object(); }, "tensor_lists",
          "expected an array"},
-        {"negative stride", [](json& j) { j["files"][0]["tensors"][1]["stride"][0] = -2; },
-         "files[0].tensors[1].stride[0]", "-2 is negative"},
-        {"stride of another length", [](json& j) { j["files"][0]["tensors"][1]["stride"] = {1}; },
-         "files[0].tensors[1].stride", "1 strides for 2 dimensions"},
+        // tensors
+        {"unknown dtype", [](json& j) { j["tensor_lists"][0][1]["dtype"] = "float8"; }, "tensor_lists[0][1].dtype",
+         "unknown dtype \"float8\""},
+        {"dtype of the wrong type", [](json& j) { j["tensor_lists"][0][1]["dtype"] = 5; }, "tensor_lists[0][1].dtype",
+         "expected a string, found a number"},
+        {"empty tensor path", [](json& j) { j["tensor_lists"][0][0]["path"] = ""; }, "tensor_lists[0][0].path",
+         "empty"},
+        {"negative size in the shape", [](json& j) { j["tensor_lists"][0][1]["shape"][1] = -4; },
+         "tensor_lists[0][1].shape[1]", "-4 is negative"},
+        {"shape not an array", [](json& j) { j["tensor_lists"][0][1]["shape"] = 8; }, "tensor_lists[0][1].shape",
+         "expected an array"},
+        {"negative stride", [](json& j) { j["tensor_lists"][0][1]["stride"][0] = -2; }, "tensor_lists[0][1].stride[0]",
+         "-2 is negative"},
+        {"stride of another length", [](json& j) { j["tensor_lists"][0][1]["stride"] = {1}; },
+         "tensor_lists[0][1].stride", "1 strides for 2 dimensions"},
         {"too many dimensions",
          [](json& j) {
-           j["files"][0]["tensors"][1]["shape"] = std::vector<int>(65, 1);
-           j["files"][0]["tensors"][1]["stride"] = std::vector<int>(65, 1);
+           j["tensor_lists"][0][1]["shape"] = std::vector<int>(65, 1);
+           j["tensor_lists"][0][1]["stride"] = std::vector<int>(65, 1);
          },
-         "files[0].tensors[1].shape", "65 dimensions"},
+         "tensor_lists[0][1].shape", "65 dimensions"},
         {"shape product past 64 bits",
          [big](json& j) {
-           j["files"][0]["tensors"][1]["shape"] = {big, big};
-           j["files"][0]["tensors"][1]["stride"] = {0, 0};
+           j["tensor_lists"][0][1]["shape"] = {big, big};
+           j["tensor_lists"][0][1]["stride"] = {0, 0};
          },
-         "files[0].tensors[1].shape", "overflows 64 bits"},
+         "tensor_lists[0][1].shape", "overflows 64 bits"},
         {"span past 64 bits",
          [](json& j) {
-           j["files"][0]["tensors"][1]["shape"] = {4, 2};
-           j["files"][0]["tensors"][1]["stride"] = {INT64_MAX, 1};
+           j["tensor_lists"][0][1]["shape"] = {4, 2};
+           j["tensor_lists"][0][1]["stride"] = {INT64_MAX, 1};
          },
-         "files[0].tensors[1].shape", "overflows 64 bits"},
-        {"nbytes not the span of the view", [](json& j) { j["files"][0]["tensors"][1]["nbytes"] = 31; },
-         "files[0].tensors[1].nbytes", "31 bytes, but a float32 view of shape [4, 2] and stride [2, 1] spans 32"},
-        {"nbytes missing", [](json& j) { j["files"][0]["tensors"][1].erase("nbytes"); }, "files[0].tensors[1].nbytes",
+         "tensor_lists[0][1].shape", "overflows 64 bits"},
+        {"nbytes not the span of the view", [](json& j) { j["tensor_lists"][0][1]["nbytes"] = 31; },
+         "tensor_lists[0][1].nbytes", "31 bytes, but a float32 view of shape [4, 2] and stride [2, 1] spans 32"},
+        {"nbytes missing", [](json& j) { j["tensor_lists"][0][1].erase("nbytes"); }, "tensor_lists[0][1].nbytes",
          "missing"},
-        {"bytes past the end of the file", [](json& j) { j["files"][0]["tensors"][1]["file_byte_offset"] = 8190; },
-         "files[0].tensors[1].file_byte_offset", "8190 + 32 bytes reach past the end of the file (size_bytes 8192)"},
+        {"bytes past the end of the file", [](json& j) { j["files"][0]["file_byte_offsets"][1] = 8190; },
+         "files[0].file_byte_offsets[1]",
+         "8190 + 32 bytes of \"model/decoder.embed_tokens.weight\" reach past the end of the file (size_bytes 8192)"},
         {"offset near 2^64",
-         [](json& j) { j["files"][0]["tensors"][1]["file_byte_offset"] = json::parse("18446744073709551600"); },
-         "files[0].tensors[1].file_byte_offset", "reach past the end of the file"},
+         [](json& j) { j["files"][0]["file_byte_offsets"][1] = json::parse("18446744073709551600"); },
+         "files[0].file_byte_offsets[1]", "reach past the end of the file"},
         {"file shrunk below its tensors", [](json& j) { j["files"][0]["size_bytes"] = 2000; },
-         "files[0].tensors[1].file_byte_offset", "reach past the end of the file"},
-        {"negative storage offset", [](json& j) { j["files"][0]["tensors"][3]["storage_offset"] = -1; },
-         "files[0].tensors[3].storage_offset", "-1 is negative"},
-        {"storage starting before the file", [](json& j) { j["files"][0]["tensors"][3]["storage_offset"] = 1025; },
-         "files[0].tensors[3].storage_offset", "before the file"},
-        {"crc32 past 32 bits", [](json& j) { j["files"][0]["tensors"][0]["record_crc32"] = 4294967296; },
-         "files[0].tensors[0].record_crc32", "outside [0, 4294967295]"},
-        {"requires_grad not a boolean", [](json& j) { j["files"][0]["tensors"][0]["requires_grad"] = "yes"; },
-         "files[0].tensors[0].requires_grad", "expected true or false"},
-        {"the same tensor path twice", [](json& j) { j["files"][0]["tensors"][3]["path"] = "model/flat_param_0"; },
-         "files[0].tensors[3].path", "same path as tensors[0]"},
-        {"alias of a missing tensor", [](json& j) { j["files"][1]["tensors"][2]["alias_of"] = "model/nothing"; },
-         "files[1].tensors[2].alias_of", "is not a tensor of this file"},
+         "files[0].file_byte_offsets[1]", "reach past the end of the file"},
+        {"negative storage offset", [](json& j) { j["tensor_lists"][0][3]["storage_offset"] = -1; },
+         "tensor_lists[0][3].storage_offset", "-1 is negative"},
+        {"storage starting before the file", [](json& j) { j["tensor_lists"][0][3]["storage_offset"] = 1025; },
+         "files[0].file_byte_offsets[3]", "the storage would start before the file"},
+        {"crc32 past 32 bits", [](json& j) { j["files"][0]["record_crc32s"][0] = 4294967296; },
+         "files[0].record_crc32s[0]", "outside [0, 4294967295]"},
+        {"requires_grad not a boolean", [](json& j) { j["tensor_lists"][0][0]["requires_grad"] = "yes"; },
+         "tensor_lists[0][0].requires_grad", "expected true or false"},
+        {"the same tensor path twice", [](json& j) { j["tensor_lists"][0][3]["path"] = "model/flat_param_0"; },
+         "tensor_lists[0][3].path", "same path as [0]"},
+        {"alias of a missing tensor", [](json& j) { j["tensor_lists"][0][2]["alias_of"] = "model/nothing"; },
+         "tensor_lists[0][2].alias_of", "is not a tensor of this list"},
         {"alias of itself",
-         [](json& j) { j["files"][1]["tensors"][2]["alias_of"] = "model/decoder.output_projection.weight"; },
-         "files[1].tensors[2].alias_of", "itself tied"},
-        {"alias of another view", [](json& j) { j["files"][1]["tensors"][2]["alias_of"] = "model/strided"; },
-         "files[1].tensors[2].alias_of", "differ"},
-        {"empty alias", [](json& j) { j["files"][1]["tensors"][2]["alias_of"] = ""; }, "files[1].tensors[2].alias_of",
+         [](json& j) { j["tensor_lists"][0][2]["alias_of"] = "model/decoder.output_projection.weight"; },
+         "tensor_lists[0][2].alias_of", "itself tied"},
+        {"alias of another view", [](json& j) { j["tensor_lists"][0][2]["alias_of"] = "model/strided"; },
+         "tensor_lists[0][2].alias_of", "differ"},
+        {"empty alias", [](json& j) { j["tensor_lists"][0][2]["alias_of"] = ""; }, "tensor_lists[0][2].alias_of",
          "empty"},
         // fsdp
-        {"fsdp not an object", [](json& j) { j["files"][0]["fsdp"] = "yes"; }, "files[0].fsdp", "expected an object"},
+        {"fsdp not an object", [](json& j) { j["fsdp"][0] = "yes"; }, "fsdp[0]", "expected an object"},
+        {"fsdp reference past the list", [](json& j) { j["files"][0]["fsdp"] = 1; }, "files[0].fsdp",
+         "1 refers to fsdp[1], but there are 1"},
+        {"fsdp reference not a number", [](json& j) { j["files"][0]["fsdp"] = "yes"; }, "files[0].fsdp",
+         "expected an integer"},
         {"names shorter than numels",
-         [](json& j) { j["files"][0]["fsdp"]["param_metadata"][0]["flat_params"][0]["names"].erase(1); },
-         "files[0].fsdp.param_metadata[0].flat_params[0]", "names, shapes and numels have different lengths"},
-        {"numel not the shape's",
-         [](json& j) { j["files"][0]["fsdp"]["param_metadata"][0]["flat_params"][0]["numels"][0] = 5; },
-         "files[0].fsdp.param_metadata[0].flat_params[0].numels[0]", "w: shape has 4 elements but numel says 5"},
-        {"negative numel",
-         [](json& j) { j["files"][0]["fsdp"]["param_metadata"][0]["flat_params"][0]["numels"][1] = -2; },
-         "files[0].fsdp.param_metadata[0].flat_params[0].numels[1]", "-2 is negative"},
+         [](json& j) { j["fsdp"][0]["param_metadata"][0]["flat_params"][0]["names"].erase(1); },
+         "fsdp[0].param_metadata[0].flat_params[0]", "names, shapes and numels have different lengths"},
+        {"numel not the shape's", [](json& j) { j["fsdp"][0]["param_metadata"][0]["flat_params"][0]["numels"][0] = 5; },
+         "fsdp[0].param_metadata[0].flat_params[0].numels[0]", "w: shape has 4 elements but numel says 5"},
+        {"negative numel", [](json& j) { j["fsdp"][0]["param_metadata"][0]["flat_params"][0]["numels"][1] = -2; },
+         "fsdp[0].param_metadata[0].flat_params[0].numels[1]", "-2 is negative"},
         {"negative size in an FSDP shape",
-         [](json& j) { j["files"][0]["fsdp"]["param_metadata"][0]["flat_params"][0]["shapes"][0][1] = -2; },
-         "files[0].fsdp.param_metadata[0].flat_params[0].shapes[0][1]", "-2 is negative"},
+         [](json& j) { j["fsdp"][0]["param_metadata"][0]["flat_params"][0]["shapes"][0][1] = -2; },
+         "fsdp[0].param_metadata[0].flat_params[0].shapes[0][1]", "-2 is negative"},
         {"FSDP shape product past 64 bits",
          [big](json& j) {
-           auto& flat = j["files"][0]["fsdp"]["param_metadata"][0]["flat_params"][0];
+           auto& flat = j["fsdp"][0]["param_metadata"][0]["flat_params"][0];
            flat["shapes"][0] = {big, big};
          },
-         "files[0].fsdp.param_metadata[0].flat_params[0].shapes[0]", "invalid shape"},
-        {"negative padding",
-         [](json& j) { j["files"][0]["fsdp"]["param_metadata"][0]["flat_params"][0]["padding"] = -1; },
-         "files[0].fsdp.param_metadata[0].flat_params[0].padding", "-1 is negative"},
+         "fsdp[0].param_metadata[0].flat_params[0].shapes[0]", "invalid shape"},
+        {"negative padding", [](json& j) { j["fsdp"][0]["param_metadata"][0]["flat_params"][0]["padding"] = -1; },
+         "fsdp[0].param_metadata[0].flat_params[0].padding", "-1 is negative"},
         {"state key not the path's and name's",
-         [](json& j) { j["files"][0]["fsdp"]["param_metadata"][0]["flat_params"][0]["state_key"] = "other"; },
-         "files[0].fsdp.param_metadata[0].flat_params[0].state_key", "fsdp_path and name give \"flat_param_0\""},
+         [](json& j) { j["fsdp"][0]["param_metadata"][0]["flat_params"][0]["state_key"] = "other"; },
+         "fsdp[0].param_metadata[0].flat_params[0].state_key", "fsdp_path and name give \"flat_param_0\""},
         {"shared_param_info not pairs",
-         [](json& j) { j["files"][0]["fsdp"]["param_metadata"][0]["shared_param_info"][0].push_back("x"); },
-         "files[0].fsdp.param_metadata[0].shared_param_info[0]", "pair"},
+         [](json& j) { j["fsdp"][0]["param_metadata"][0]["shared_param_info"][0].push_back("x"); },
+         "fsdp[0].param_metadata[0].shared_param_info[0]", "pair"},
         {"no_broadcast_optim_state not a boolean",
-         [](json& j) { j["files"][0]["fsdp"]["param_metadata"][0]["no_broadcast_optim_state"] = 0; },
-         "files[0].fsdp.param_metadata[0].no_broadcast_optim_state", "expected true or false"},
-        {"buffer names not strings", [](json& j) { j["files"][0]["fsdp"]["buffer_names"] = {{1}}; },
-         "files[0].fsdp.buffer_names[0]", "expected a string"},
+         [](json& j) { j["fsdp"][0]["param_metadata"][0]["no_broadcast_optim_state"] = 0; },
+         "fsdp[0].param_metadata[0].no_broadcast_optim_state", "expected true or false"},
+        {"buffer names not strings", [](json& j) { j["fsdp"][0]["buffer_names"] = {{1}}; }, "fsdp[0].buffer_names[0]",
+         "expected a string"},
         // objects
-        {"$tensor index past the tensors", [](json& j) { j["files"][0]["objects"]["model"]["strided"]["$tensor"] = 4; },
-         "files[0].objects.model.strided.$tensor", "tensor 4, but the file lists 4 tensors"},
-        {"negative $tensor index", [](json& j) { j["files"][0]["objects"]["list"][3]["$tensor"] = -1; },
-         "files[0].objects.list[3].$tensor", "-1 is negative"},
-        {"$tensor index as a string", [](json& j) { j["files"][0]["objects"]["list"][3]["$tensor"] = "3"; },
-         "files[0].objects.list[3].$tensor", "expected an integer"},
+        {"$tensor index past the tensors", [](json& j) { j["object_trees"][0]["model"]["strided"]["$tensor"] = 4; },
+         "files[0].objects", "object_trees[0] refers to tensor 4, but the file lists 4 tensors"},
+        {"negative $tensor index", [](json& j) { j["object_trees"][0]["list"][3]["$tensor"] = -1; },
+         "object_trees[0].list[3].$tensor", "-1 is negative"},
+        {"$tensor index as a string", [](json& j) { j["object_trees"][0]["list"][3]["$tensor"] = "3"; },
+         "object_trees[0].list[3].$tensor", "expected an integer"},
         {"$tensor under a key with dots",
-         [](json& j) { j["files"][0]["objects"]["model"]["decoder.embed_tokens.weight"]["$tensor"] = 9; },
-         "files[0].objects.model[\"decoder.embed_tokens.weight\"].$tensor", "tensor 9"},
+         [](json& j) { j["object_trees"][0]["model"]["decoder.embed_tokens.weight"]["$tensor"] = -9; },
+         "object_trees[0].model[\"decoder.embed_tokens.weight\"].$tensor", "-9 is negative"},
         {"$ref under a key with a newline",
          [](json& j) {
-           j["files"][0]["objects"]["a\nb"] = {{"$ref", 1}};
+           j["object_trees"][0]["a\nb"] = {{"$ref", 1}};
          },
-         "files[0].objects[\"a\\nb\"].$ref", "expected a string"},
-        {"$ref not a string", [](json& j) { j["files"][1]["objects"]["again"]["$ref"] = 3; },
-         "files[1].objects.again.$ref", "expected a string"},
-        {"$class not a string", [](json& j) { j["files"][1]["objects"]["cfg"]["$class"] = nullptr; },
-         "files[1].objects.cfg.$class", "expected a string, found null"},
+         "object_trees[0][\"a\\nb\"].$ref", "expected a string"},
+        {"$ref not a string", [](json& j) { j["object_trees"][0]["again"]["$ref"] = 3; }, "object_trees[0].again.$ref",
+         "expected a string"},
+        {"$class not a string", [](json& j) { j["object_trees"][0]["cfg"]["$class"] = nullptr; },
+         "object_trees[0].cfg.$class", "expected a string, found null"},
     };
     for (const Corruption& c : cases) {
       std::string what = c.what;

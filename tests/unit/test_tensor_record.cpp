@@ -120,21 +120,21 @@ TEST_SUITE("tensor_record") {
 
   TEST_CASE("source_of: one piece per contiguous run, in row-major order") {
     SUBCASE("contiguous: one piece") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float32, {3, 4}, 128);
-      TensorSource s = ckpt::source_of(tensor, 5);
+      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float32, {3, 4}, 128).tensor;
+      TensorSource s = ckpt::source_of(tensor, 128, 5);
       CHECK(describe(s) == "[0]5@128+48");
       CHECK(s.shape == Shape{3, 4});
       CHECK(s.dtype == DType::Float32);
     }
     SUBCASE("rows of a wider storage: one piece per row") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float16, {3, 2}, 64);
+      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float16, {3, 2}, 64).tensor;
       tensor.stride = {5, 1};
-      CHECK(describe(ckpt::source_of(tensor, 0)) == "[0]0@64+4 [4]0@74+4 [8]0@84+4");
+      CHECK(describe(ckpt::source_of(tensor, 64, 0)) == "[0]0@64+4 [4]0@74+4 [8]0@84+4");
     }
     SUBCASE("a transposed view: one piece per element, in logical order") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Int32, {2, 3}, 0);
+      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Int32, {2, 3}, 0).tensor;
       tensor.stride = {1, 2};
-      TensorSource s = ckpt::source_of(tensor, 1);
+      TensorSource s = ckpt::source_of(tensor, 0, 1);
       Ids want;
       for (std::uint64_t i = 0; i < 2; ++i) {
         for (std::uint64_t j = 0; j < 3; ++j) {
@@ -146,22 +146,22 @@ TEST_SUITE("tensor_record") {
       CHECK(s.pieces.size() == 6);
     }
     SUBCASE("size-1 dimensions with any stride are still contiguous; a storage offset") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float32, {1, 4, 1}, 256);
+      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float32, {1, 4, 1}, 256).tensor;
       tensor.stride = {999, 1, 7};
-      CHECK(describe(ckpt::source_of(tensor, 2)) == "[0]2@256+16");
+      CHECK(describe(ckpt::source_of(tensor, 256, 2)) == "[0]2@256+16");
     }
     SUBCASE("a run of rows that are adjacent merges into one piece") {
       // [2, 2, 3] with strides (12, 3, 1) on dim 0 and 1: contiguous after all.
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::UInt8, {2, 2, 3}, 10);
-      CHECK(describe(ckpt::source_of(tensor, 0)) == "[0]0@10+12");
+      ckpt::ManifestTensor tensor = contiguous("model/x", DType::UInt8, {2, 2, 3}, 10).tensor;
+      CHECK(describe(ckpt::source_of(tensor, 10, 0)) == "[0]0@10+12");
       // Every other row of a [4, 3] storage.
       tensor.shape = {2, 3};
       tensor.stride = {6, 1};
-      CHECK(describe(ckpt::source_of(tensor, 0)) == "[0]0@10+3 [3]0@16+3");
+      CHECK(describe(ckpt::source_of(tensor, 10, 0)) == "[0]0@10+3 [3]0@16+3");
     }
     SUBCASE("no elements: no pieces") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float32, {0, 4}, 128);
-      TensorSource s = ckpt::source_of(tensor, 0);
+      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float32, {0, 4}, 128).tensor;
+      TensorSource s = ckpt::source_of(tensor, 128, 0);
       CHECK(s.pieces.empty());
       CHECK(s.nbytes() == 0);
     }
@@ -1026,11 +1026,11 @@ TEST_SUITE("tensor_record") {
         Buffer bytes = patterned(256, 50 + static_cast<unsigned>(2 * m + rank));
         Buffer data = run({flats[0].state_key, DType::Int32, flats[0].source, std::nullopt}, input_files);
         std::copy(data.begin(), data.end(), bytes.begin() + 64);
-        file.tensors.push_back(contiguous(cat("model/", flats[0].state_key), DType::Int32, {6}, 64));
+        add(file, contiguous(cat("model/", flats[0].state_key), DType::Int32, {6}, 64));
         Buffer version =
             run(ckpt::as_output(find(weights[static_cast<std::size_t>(m)], "decoder.version")), input_files);
         std::copy(version.begin(), version.end(), bytes.begin() + 16);
-        file.tensors.push_back(contiguous("model/decoder.version", DType::Int32, {1}, 16));
+        add(file, contiguous("model/decoder.version", DType::Int32, {1}, 16));
         out_grid[static_cast<std::size_t>(m)].push_back(static_cast<int>(output.files.size()));
         output.files.push_back(file);
         output_files.push_back(std::move(bytes));

@@ -48,6 +48,21 @@ struct TensorRef {
   bool is_contiguous() const;
 };
 
+// A torch.save zip's archive name ("checkpoint_last-model_part-0-shard0") and
+// its pickle record, checked: the pickle is there, and the byte order, if
+// recorded, is little-endian. Throws Error naming the file.
+struct TorchZip {
+  std::string archive_name;
+  const ZipRecord* pickle = nullptr;
+};
+TorchZip locate_torch_zip(const ZipArchive& zip);
+
+// The record `<archive_name>/data/<key>` holding a storage of `numel` elements
+// of `dtype`, checked to be there and exactly that long. Throws Error naming
+// the file and the record.
+const ZipRecord& storage_record(const ZipArchive& zip, const std::string& archive_name, const std::string& key,
+                                DType dtype, std::uint64_t numel);
+
 class Checkpoint {
  public:
   // Parses `file`, which must outlive the Checkpoint. Throws Error naming the

@@ -32,6 +32,7 @@ struct FlatParamMeta {
   std::int64_t padding = 0;  // pad elements on this rank
 
   std::int64_t total_numel() const;
+  bool operator==(const FlatParamMeta&) const = default;
 };
 
 // The first inconsistency in a flat parameter's metadata, checked by both of its
@@ -55,11 +56,13 @@ struct FsdpInstanceMeta {
   std::vector<FlatParamMeta> flat_params;
   bool no_broadcast_optim_state = false;
   std::vector<std::pair<std::string, std::string>> shared_param_info;  // (src, dst)
+  bool operator==(const FsdpInstanceMeta&) const = default;
 };
 
 struct FsdpMetadata {
   std::vector<FsdpInstanceMeta> instances;
   std::vector<std::string> buffer_names;
+  bool operator==(const FsdpMetadata&) const = default;
 };
 
 // Decodes `shard_metadata` of a checkpoint; nullopt when it has none. Throws an

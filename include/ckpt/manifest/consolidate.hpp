@@ -17,7 +17,7 @@ namespace ckpt {
 // The bytes of a manifest tensor in row-major order: one piece when it is
 // contiguous, otherwise one per innermost contiguous run; `file` is the
 // pieces' source index.
-TensorSource source_of(const ManifestTensor& tensor, std::uint32_t file);
+TensorSource source_of(const ManifestTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file);
 
 // Throws Error naming the file and what it holds (describe_contents) when it
 // has no state dict of tensors at object path `state_dict`, flattened or not:

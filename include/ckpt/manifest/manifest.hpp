@@ -8,9 +8,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -21,7 +25,9 @@
 
 namespace ckpt {
 
-inline constexpr int kManifestVersion = 2;
+// Version 3 stores what files share once (tensor lists, shard_metadata, object
+// trees) and refers to it by index; versions 1 and 2 are refused in one line.
+inline constexpr int kManifestVersion = 3;
 inline constexpr const char* kManifestFormat = "ckpt-tool-manifest";
 
 // Limits on what a manifest may claim. A manifest is input like any other
@@ -34,16 +40,17 @@ inline constexpr std::uint64_t kMaxManifestBytes = 4ull << 30;  // JSON text, af
 // levels per pickle level (pickle::kMaxDepth), under a few of the manifest's own.
 inline constexpr std::size_t kMaxManifestDepth = 2 * pickle::kMaxDepth + 16;
 
+// A tensor as the files that hold it describe it. Shards of one model part hold
+// the same tensors (paths, dtypes, shapes), so a list of them is shared by every
+// file that holds exactly that list (TensorList); where each one is in a given
+// file is that file's TensorPlace.
 struct ManifestTensor {
   std::string path;  // object path: "model/decoder.layers.0.flat_param_0"
   DType dtype = DType::Float32;
   std::vector<std::int64_t> shape;
   std::vector<std::int64_t> stride;
-  std::string storage_key;
+  std::string storage_key;  // the record `<archive_name>/data/<storage_key>`
   std::int64_t storage_offset = 0;
-  std::string record_name;
-  std::uint32_t record_crc32 = 0;
-  std::uint64_t file_byte_offset = 0;
   std::uint64_t nbytes = 0;
   bool requires_grad = false;
   std::string alias_of;  // another path holding this very tensor (tied); "" if none
@@ -51,6 +58,77 @@ struct ManifestTensor {
   std::uint64_t numel() const;
   // "model", "optimizer_state" or "other", from the top-level key of `path`.
   std::string section() const;
+  bool operator==(const ManifestTensor&) const = default;
+};
+
+// Where a tensor's bytes are in one file.
+struct TensorPlace {
+  std::uint64_t file_byte_offset = 0;  // of the first element
+  std::uint32_t record_crc32 = 0;      // of its storage record, as the zip directory says
+  bool operator==(const TensorPlace&) const = default;
+};
+
+// A list of tensors shared by the files that hold the same list (copying it
+// copies a pointer), with an index by path. edit() gives a list of its own to
+// change (readers of hand-made manifests, tests); nothing else changes it.
+class TensorList {
+ public:
+  TensorList();
+  explicit TensorList(std::vector<ManifestTensor> tensors);
+
+  std::size_t size() const { return data_->tensors.size(); }
+  bool empty() const { return data_->tensors.empty(); }
+  const ManifestTensor& operator[](std::size_t i) const { return data_->tensors[i]; }
+  const ManifestTensor& at(std::size_t i) const { return data_->tensors.at(i); }
+  const ManifestTensor& front() const { return data_->tensors.front(); }
+  const ManifestTensor& back() const { return data_->tensors.back(); }
+  std::vector<ManifestTensor>::const_iterator begin() const { return data_->tensors.begin(); }
+  std::vector<ManifestTensor>::const_iterator end() const { return data_->tensors.end(); }
+  // The index of the tensor at `path`, if any. Thread-safe.
+  std::optional<std::size_t> find(std::string_view path) const;
+  // The index of `tensor`, which must be an element of this list.
+  std::size_t index_of(const ManifestTensor& tensor) const;
+  // True when both are the same shared list (then they are equal too).
+  bool same_list(const TensorList& other) const { return data_ == other.data_; }
+  // The same for every copy of one shared list.
+  const void* identity() const { return data_.get(); }
+  bool operator==(const TensorList& other) const { return same_list(other) || data_->tensors == other.data_->tensors; }
+  // This list's own tensors, copied first when shared, to change in place.
+  std::vector<ManifestTensor>& edit();
+
+ private:
+  struct Data {
+    std::vector<ManifestTensor> tensors;
+    mutable std::mutex mutex;  // guards the index, built on the first find()
+    mutable bool indexed = false;
+    mutable std::unordered_map<std::string_view, std::size_t> by_path;  // views of tensors[i].path
+  };
+  std::shared_ptr<Data> data_;
+};
+
+// A value shared by the files that hold an equal one, such as one part's
+// shard_metadata: copying the handle copies a pointer. edit() gives a value of
+// its own to change (readers, tests); nothing else changes it.
+template <typename T>
+class Shared {
+ public:
+  Shared() = default;
+  Shared(T value) : value_(std::make_shared<T>(std::move(value))) {}  // NOLINT: implicit, as an optional's
+  explicit operator bool() const { return value_ != nullptr; }
+  const T& operator*() const { return *value_; }
+  const T* operator->() const { return value_.get(); }
+  bool operator==(std::nullptr_t) const { return value_ == nullptr; }
+  // True when both are the same shared value (or both empty).
+  bool same_value(const Shared& other) const { return value_ == other.value_; }
+  const void* identity() const { return value_.get(); }
+  void reset() { value_.reset(); }
+  T& edit() {
+    if (value_.use_count() > 1) value_ = std::make_shared<T>(*value_);
+    return *value_;
+  }
+
+ private:
+  std::shared_ptr<T> value_;
 };
 
 struct ManifestFile {
@@ -61,10 +139,35 @@ struct ManifestFile {
   FileRole role;
   int pickle_protocol = 2;
   std::vector<std::string> top_level_keys;
-  std::vector<ManifestTensor> tensors;
-  std::optional<FsdpMetadata> fsdp;
+  TensorList tensors;                           // shared with the files that hold the same tensors
+  std::vector<TensorPlace> places;              // places[i]: where tensors[i] is in this file
+  Shared<FsdpMetadata> fsdp;                    // shard_metadata; empty when the file has none
   std::optional<DeclaredParts> declared_parts;  // model_parallel_size in cfg or args
-  nlohmann::json objects;                       // the object tree, tensors as {"$tensor": index}
+  Shared<nlohmann::json> objects;               // the object tree, tensors as {"$tensor": index}; never empty
+
+  ManifestFile();
+  // Where `tensor` (an element of `tensors`, found by find_tensor) is in this file.
+  const TensorPlace& place(const ManifestTensor& tensor) const { return places.at(tensors.index_of(tensor)); }
+  // Appends a tensor and its place (readers of hand-made manifests, tests).
+  void add_tensor(ManifestTensor tensor, TensorPlace place);
+  // Removes the tensors for which `remove` is true, with their places.
+  template <typename Predicate>
+  void remove_tensors_if(Predicate remove) {
+    std::vector<ManifestTensor>& all = tensors.edit();
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      if (remove(std::as_const(all[i]))) continue;
+      if (kept != i) {
+        all[kept] = std::move(all[i]);
+        places[kept] = places[i];
+      }
+      ++kept;
+    }
+    all.resize(kept);
+    places.resize(kept);
+  }
+  // `<archive_name>/data/<storage_key>`: the zip record holding `tensor`'s storage.
+  std::string record_name(const ManifestTensor& tensor) const;
 };
 
 // The MP x DP grid of a set of files, and everything that makes it unfit for
@@ -92,6 +195,20 @@ inline constexpr std::string_view kModelPrefix = "model/";
 struct Manifest {
   std::vector<ManifestFile> files;
   Grid grid;
+};
+
+// Makes files that hold equal tensor lists, shard_metadata or object trees
+// share one copy of each: what keeps a manifest of hundreds of shards small.
+// Thread-safe.
+class SharedContent {
+ public:
+  SharedContent();
+  ~SharedContent();
+  void share(ManifestFile& file);
+
+ private:
+  struct Seen;
+  std::unique_ptr<Seen> seen_;
 };
 
 // Indexes `paths` (files, already expanded). Throws Error on unreadable input.
