@@ -55,6 +55,7 @@ Action add_reshard_command(CLI::App& app) {
     reshard.dp = options->dp;
     reshard.unflatten = options->unflatten;
     reshard.drop_optimizer_state = options->drop_optimizer_state;
+    reshard.list_tensors = options->write.dry_run;
     ReshardPlan plan = plan_reshard(inputs, options->output, reshard);
     report_replicated(plan.checks, inputs.files(), options->write.strict);
     run_plan(plan.plan, plan.tensors, options->write, started);

@@ -71,6 +71,7 @@ Action add_stitch_command(CLI::App& app) {
 
     StitchPlan plan = plan_stitch(inputs, outputs, stitch);
     report_replicated(plan.checks, inputs.files(), options->write.strict);
+    if (!options->write.dry_run) plan.tensors = {};  // only a dry run prints them
     run_plan(plan.plan, plan.tensors, options->write, started);
     return 0;
   };

@@ -280,6 +280,10 @@ void run_units(FileWriter& writer, unsigned threads, Progress& progress) {
   });
 }
 
+// fsyncs in flight at once when several outputs are made durable: they wait on
+// the disk, not on the cores.
+constexpr unsigned kSyncThreads = 16;
+
 // Renames every finished output into place, signals deferred. When a rename
 // fails, takes back the outputs renamed before it that replaced nothing, and
 // names in the error those it cannot take back (they replaced a file).
@@ -351,14 +355,22 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     auto t2 = std::chrono::steady_clock::now();
     writer.write_headers();
     if (out.direct_io()) ++stats.direct_files;
-    out.finish();
+    out.finish(/*sync=*/plan.files.size() == 1);
     auto t3 = std::chrono::steady_clock::now();
     stats.create_seconds += std::chrono::duration<double>(t1 - t0).count();
     stats.copy_seconds += std::chrono::duration<double>(t2 - t1).count();
     stats.commit_seconds += std::chrono::duration<double>(t3 - t2).count();
     stats.bytes_written += layouts[k].file_size;
   }
+  auto t3_all = std::chrono::steady_clock::now();
+  // Several outputs are made durable together: fsyncs in flight at once let
+  // the file system commit them in a few journal transactions, where one after
+  // another each waits for its own (512 files: 1.7 s one by one).
+  if (plan.files.size() > 1) {
+    parallel_for(outputs.size(), kSyncThreads, [&] { return [&](std::size_t k) { outputs[k]->sync_finished(); }; });
+  }
   auto t4 = std::chrono::steady_clock::now();
+  stats.commit_seconds += std::chrono::duration<double>(t4 - t3_all).count();
   if (check) {
     check->finish(threads);
     stats.crc_checked = true;

@@ -13,17 +13,20 @@ SourceCrcCheck::SourceCrcCheck(const Plan& plan, unsigned threads) : plan_(plan)
   parallel_for(plan.sources.size(), threads, [&] {
     return [&](std::size_t s) {
       ZipArchive zip(*plan.sources[s]);
-      Input& input = inputs_[s];
-      input.records = zip.records();
-      std::sort(input.records.begin(), input.records.end(),
-                [](const ZipRecord& a, const ZipRecord& b) { return a.data_offset < b.data_offset; });
+      plan.sources[s]->drop_resident_pages();  // its directory, parsed from the mapping
+      std::vector<const ZipRecord*> sorted;
+      for (const ZipRecord& record : zip.records()) sorted.push_back(&record);
+      std::sort(sorted.begin(), sorted.end(),
+                [](const ZipRecord* a, const ZipRecord* b) { return a->data_offset < b->data_offset; });
       // The pickle and the other small records are decoded, not copied: the
       // plan and every object the outputs carry come from them, so they are
       // checked whatever the copies read. Tensor storages (`<archive>/data/<key>`)
       // are checked when a copy reads them.
-      input.touched.clear();
-      for (const ZipRecord& record : input.records)
-        input.touched.push_back(record.name.find("/data/") == std::string::npos);
+      Input& input = inputs_[s];
+      for (const ZipRecord* record : sorted) {
+        input.records.push_back({record->data_offset, record->nbytes, record->crc32});
+        input.touched.push_back(record->name.find("/data/") == std::string::npos);
+      }
     };
   });
   // Every byte a copy may read lies in one record: mark the records touched.
@@ -34,7 +37,7 @@ SourceCrcCheck::SourceCrcCheck(const Plan& plan, unsigned threads) : plan_(plan)
         std::uint64_t begin = op.source_offset;
         std::uint64_t end = op.source_offset + (op.rows - 1) * op.source_stride + op.source_nbytes();
         std::int64_t index = record_at(op.source, begin);
-        const std::vector<ZipRecord>& records = inputs_[op.source].records;
+        const std::vector<Record>& records = inputs_[op.source].records;
         if (index < 0 || end > records[index].data_offset + records[index].nbytes) {
           throw Error(Location{plan.sources[op.source]->path(), "", begin},
                       fmt::format("{} bytes to copy from here do not lie inside one record of the zip directory "
@@ -48,9 +51,9 @@ SourceCrcCheck::SourceCrcCheck(const Plan& plan, unsigned threads) : plan_(plan)
 }
 
 std::int64_t SourceCrcCheck::record_at(std::uint32_t source, std::uint64_t offset) const {
-  const std::vector<ZipRecord>& records = inputs_.at(source).records;
+  const std::vector<Record>& records = inputs_.at(source).records;
   auto it = std::upper_bound(records.begin(), records.end(), offset,
-                             [](std::uint64_t at, const ZipRecord& r) { return at < r.data_offset; });
+                             [](std::uint64_t at, const Record& r) { return at < r.data_offset; });
   if (it == records.begin()) return -1;
   --it;
   if (offset >= it->data_offset + it->nbytes) return -1;
@@ -66,7 +69,7 @@ void SourceCrcCheck::note(std::uint32_t source, std::uint64_t byte_offset, Bytes
   for (std::uint64_t at = byte_offset, end = byte_offset + bytes.size(); at < end;) {
     std::int64_t index = record_at(source, at);
     if (index < 0) break;
-    const ZipRecord& record = inputs_[source].records[index];
+    const Record& record = inputs_[source].records[index];
     std::uint64_t part_end = std::min(end, record.data_offset + record.nbytes);
     Bytes part = bytes.subspan(at - byte_offset, part_end - at);
     bool whole = at == byte_offset && part_end == end;
@@ -101,7 +104,7 @@ void SourceCrcCheck::finish(unsigned threads) {
     return [&, buffer = std::vector<std::byte>()](std::size_t j) mutable {
       const Job& job = jobs[j];
       const MappedFile& file = *plan_.sources[job.source];
-      const ZipRecord& record = inputs_[job.source].records[job.record];
+      const Record& record = inputs_[job.source].records[job.record];
       std::uint64_t cursor = record.data_offset;
       std::uint32_t crc = 0;
       std::uint64_t reread = 0;
@@ -124,7 +127,12 @@ void SourceCrcCheck::finish(unsigned threads) {
         reread_bytes_ += reread;
       }
       if (crc != record.crc32) {
-        throw Error(Location{file.path(), record.name, record.data_offset},
+        std::string name;  // parsed again for the message
+        ZipArchive zip(file);
+        for (const ZipRecord& named : zip.records()) {
+          if (named.data_offset == record.data_offset) name = named.name;
+        }
+        throw Error(Location{file.path(), name, record.data_offset},
                     fmt::format("CRC-32 of the record's {} bytes of data (from this offset) is 0x{:08x}, the zip "
                                 "directory says 0x{:08x}: the input is corrupted (nothing was written)",
                                 record.nbytes, crc, record.crc32));

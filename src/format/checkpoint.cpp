@@ -1,10 +1,14 @@
 // Opening a torch.save file: archive name, pickle, storages and tensor references.
 #include "ckpt/format/checkpoint.hpp"
 
+#include "ckpt/io/error.hpp"
+
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/format/python_globals.hpp"
 
 #include <fmt/format.h>
+
+#include <algorithm>
 
 #include <functional>
 #include <tuple>
@@ -252,17 +256,41 @@ Checkpoint::Checkpoint(const MappedFile& file) : file_(file), zip_(file) {
   TorchZip located = locate_torch_zip(zip_);
   archive_name_ = std::move(located.archive_name);
   pickle_record_ = located.pickle;
-  graph_ = pickle::decode(zip_.data(*pickle_record_), path(), pickle_record_->name, pickle_record_->data_offset);
+  graph_ = std::make_shared<const pickle::Graph>(
+      pickle::decode(zip_.data(*pickle_record_), path(), pickle_record_->name, pickle_record_->data_offset));
   collect_storages();
   collect_tensors();
 }
 
+Checkpoint::Checkpoint(const MappedFile& file, ZipArchive zip, const Checkpoint& same_pickle)
+    : file_(file), zip_(std::move(zip)), graph_(same_pickle.graph_) {
+  TorchZip located = locate_torch_zip(zip_);
+  archive_name_ = std::move(located.archive_name);
+  pickle_record_ = located.pickle;
+  Bytes mine = zip_.data(*pickle_record_);
+  Bytes theirs = same_pickle.zip_.data(same_pickle.pickle_record());
+  check_invariant(std::equal(mine.begin(), mine.end(), theirs.begin(), theirs.end()),
+                  "Checkpoint: the pickle bytes differ from those of " + same_pickle.path());
+  // The pickle's checks hold as they did for `same_pickle`; the records are this file's.
+  for (const auto& [key, storage] : same_pickle.storages_) {
+    StorageRef bound = storage;
+    bound.record = &storage_record(zip_, archive_name_, key, storage.dtype, storage.numel);
+    storages_.emplace(key, std::move(bound));
+  }
+  tensors_ = same_pickle.tensors_;
+  for (TensorRef& tensor : tensors_) {
+    const StorageRef& storage = storages_.at(tensor.storage_key);
+    tensor.file_byte_offset = storage.record->data_offset +
+                              static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(storage.dtype).itemsize;
+  }
+}
+
 void Checkpoint::collect_storages() {
-  for (NodeId id = 0; id < graph_.size(); ++id) {
-    if (graph_[id].kind != Kind::PersId) continue;
+  for (NodeId id = 0; id < graph().size(); ++id) {
+    if (graph()[id].kind != Kind::PersId) continue;
     std::optional<StorageId> sid;
     try {
-      sid = parse_storage_id(graph_, id);
+      sid = parse_storage_id(graph(), id);
     } catch (const Error& e) {
       throw Error(Location{path(), pickle_record_->name, std::nullopt}, e.message());
     }
@@ -290,21 +318,21 @@ void Checkpoint::collect_tensors() {
   std::size_t order = 0;
   try {
     walk_paths(
-        graph_, graph_.root, "",
+        graph(), graph().root, "",
         [&](NodeId id, const std::string& p) {
           ++order;
-          if (is_rebuild_tensor(graph_, id)) paths.emplace(id, std::make_pair(order, p));
+          if (is_rebuild_tensor(graph(), id)) paths.emplace(id, std::make_pair(order, p));
         },
         [&](NodeId id, const std::string& p) {
           ++order;
-          if (is_rebuild_tensor(graph_, id) || is_tensor_wrapper(graph_, id)) repeats.emplace_back(id, order, p);
+          if (is_rebuild_tensor(graph(), id) || is_tensor_wrapper(graph(), id)) repeats.emplace_back(id, order, p);
         });
   } catch (const Error& e) {  // objects nested too deeply
     throw Error(Location{path(), pickle_record_->name, std::nullopt}, e.message());
   }
   std::unordered_map<std::string, std::size_t> rank;
-  for (NodeId id = 0; id < graph_.size(); ++id) {
-    if (!is_rebuild_tensor(graph_, id)) continue;
+  for (NodeId id = 0; id < graph().size(); ++id) {
+    if (!is_rebuild_tensor(graph(), id)) continue;
     TensorRef tensor;
     tensor.node = id;
     auto found = paths.find(id);
@@ -313,12 +341,12 @@ void Checkpoint::collect_tensors() {
     auto bad = [&](const std::string& message) {
       return Error(Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt}, message);
     };
-    const auto& args = graph_[graph_[id].args].items;
+    const auto& args = graph()[graph()[id].args].items;
     if (args.size() < 4) throw bad("_rebuild_tensor_v2 with fewer than 4 arguments");
-    auto sid = parse_storage_id(graph_, args[0]);
-    auto offset = as_int(graph_, args[1]);
-    auto shape = as_int_list(graph_, args[2]);
-    auto stride = as_int_list(graph_, args[3]);
+    auto sid = parse_storage_id(graph(), args[0]);
+    auto offset = as_int(graph(), args[1]);
+    auto shape = as_int_list(graph(), args[2]);
+    auto stride = as_int_list(graph(), args[3]);
     if (!sid || !offset || !shape || !stride)
       throw bad("_rebuild_tensor_v2 arguments are not (storage, int, size, stride)");
     if (*offset < 0) throw bad("negative storage offset");
@@ -339,7 +367,7 @@ void Checkpoint::collect_tensors() {
     tensor.shape = *shape;
     tensor.stride = *stride;
     tensor.storage_offset = *offset;
-    tensor.requires_grad = args.size() > 4 && graph_[args[4]].kind == Kind::Bool && graph_[args[4]].boolean;
+    tensor.requires_grad = args.size() > 4 && graph()[args[4]].kind == Kind::Bool && graph()[args[4]].boolean;
     if (extent.span_elements > 0 && last >= storage.numel) {
       throw Error(Location{path(), storage.record->name + " (" + tensor.path + ")", storage.record->data_offset},
                   fmt::format("tensor reaches element {} of a storage of {} elements", last, storage.numel));
@@ -354,8 +382,8 @@ void Checkpoint::collect_tensors() {
   for (const auto& [id, position, alias_path] : repeats) {
     NodeId tensor_node = id;
     // nn.Parameter wraps its tensor: an alias of the wrapper is an alias of the tensor.
-    if (by_node.count(tensor_node) == 0 && is_tensor_wrapper(graph_, tensor_node)) {
-      const auto& args = graph_[graph_[tensor_node].args].items;
+    if (by_node.count(tensor_node) == 0 && is_tensor_wrapper(graph(), tensor_node)) {
+      const auto& args = graph()[graph()[tensor_node].args].items;
       if (!args.empty()) tensor_node = args[0];
     }
     auto it = by_node.find(tensor_node);

@@ -273,7 +273,9 @@ class Encoder {
 }  // namespace
 
 std::vector<std::byte> encode(const Graph& graph) {
-  return Encoder(graph).run();
+  std::vector<std::byte> bytes = Encoder(graph).run();
+  bytes.shrink_to_fit();  // a plan holds the pickles of all its outputs
+  return bytes;
 }
 
 }  // namespace ckpt::pickle

@@ -1,6 +1,7 @@
 #include "ckpt/io/mapped_file.hpp"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -50,6 +51,13 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
     fail("replaced or truncated by another process while being opened");
   }
   bytes_ = Bytes(static_cast<const std::byte*>(region_->region.get_address()), nbytes);
+}
+
+void MappedFile::drop_resident_pages() const {
+  if (bytes_.empty()) return;
+  // The mapping starts on a page boundary; its end is rounded up by the kernel.
+  // Advice only: a failure changes nothing but the resident set.
+  ::madvise(const_cast<std::byte*>(bytes_.data()), bytes_.size(), MADV_DONTNEED);
 }
 
 MappedFile::~MappedFile() {

@@ -277,15 +277,25 @@ void OutputFile::write_at(std::uint64_t byte_offset, Bytes bytes) const {
   }
 }
 
-void OutputFile::finish() {
+void OutputFile::finish(bool sync) {
   if (fd_ < 0) return;
   Location where{target_path_, "", std::nullopt};
   // A whole last block may have been written past the planned size.
   if (::ftruncate(fd_, static_cast<off_t>(size_bytes_)) != 0) throw Error(where, "truncate failed: " + errno_text());
-  if (::fsync(fd_) != 0) throw Error(where, "fsync failed: " + errno_text());
+  if (sync && ::fsync(fd_) != 0) throw Error(where, "fsync failed: " + errno_text());
   int rc = ::close(fd_);
   fd_ = -1;
   if (rc != 0) throw Error(where, "close failed: " + errno_text());
+}
+
+void OutputFile::sync_finished() const {
+  Location where{target_path_, "", std::nullopt};
+  int fd = ::open(temp_path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error(where, "cannot open the temporary output to fsync it: " + errno_text());
+  int rc = ::fsync(fd);
+  int error = errno;
+  ::close(fd);
+  if (rc != 0) throw Error(where, "fsync failed: " + std::string(std::strerror(error)));
 }
 
 void OutputFile::commit(bool sync_directory) {

@@ -4,14 +4,14 @@
 
 #include <fmt/format.h>
 
-#include <map>
+#include <string_view>
+#include <unordered_map>
 
 namespace ckpt {
 
-std::vector<FlatShard> flatten_fsdp(const FsdpMetadata& layout, const std::vector<NamedTensor>& params, int world_size,
-                                    int rank) {
-  std::map<std::string, const NamedTensor*> by_name;
-  for (const NamedTensor& param : params) by_name[param.name] = &param;
+std::vector<FlatShard> flatten_whole(const FsdpMetadata& layout, const std::vector<NamedTensor>& params) {
+  std::unordered_map<std::string_view, const NamedTensor*> by_name;
+  for (const NamedTensor& param : params) by_name.emplace(param.name, &param);
   std::vector<FlatShard> out;
   for (std::size_t i = 0; i < layout.instances.size(); ++i) {
     const FsdpInstanceMeta& instance = layout.instances[i];
@@ -43,22 +43,39 @@ std::vector<FlatShard> flatten_fsdp(const FsdpMetadata& layout, const std::vecto
       }
       if (flattened.empty())
         throw Error(Location{"", flat.state_key, std::nullopt}, "an FSDP flat parameter without parameters");
-      TensorSource full = concat(flattened, {total});
-      if (instance.no_broadcast_optim_state) {  // kept whole on every rank, unpadded
-        shard.source = full;
-        out.push_back(std::move(shard));
-        continue;
-      }
-      FsdpChunk chunk = fsdp_chunk(total, world_size, rank);
-      std::uint64_t itemsize = dtype_info(full.dtype).itemsize;
-      TensorSource held = full.slice(static_cast<std::uint64_t>(chunk.begin) * itemsize,
-                                     static_cast<std::uint64_t>(chunk.numel) * itemsize, {chunk.numel});
-      shard.source = concat({held, zeros_source(full.dtype, {chunk.padding})}, {chunk.numel + chunk.padding});
-      shard.padding = chunk.padding;
+      shard.source = concat(flattened, {total});
       out.push_back(std::move(shard));
     }
   }
   return out;
+}
+
+std::vector<FlatShard> chunk_flat(const FsdpMetadata& layout, const std::vector<FlatShard>& whole, int world_size,
+                                  int rank) {
+  std::vector<FlatShard> out;
+  out.reserve(whole.size());
+  for (const FlatShard& flat : whole) {
+    FlatShard shard = flat;
+    if (layout.instances.at(flat.instance).no_broadcast_optim_state) {  // kept whole on every rank, unpadded
+      out.push_back(std::move(shard));
+      continue;
+    }
+    const TensorSource& full = flat.source;
+    const std::int64_t total = full.shape.at(0);
+    FsdpChunk chunk = fsdp_chunk(total, world_size, rank);
+    std::uint64_t itemsize = dtype_info(full.dtype).itemsize;
+    TensorSource held = full.slice(static_cast<std::uint64_t>(chunk.begin) * itemsize,
+                                   static_cast<std::uint64_t>(chunk.numel) * itemsize, {chunk.numel});
+    shard.source = concat({held, zeros_source(full.dtype, {chunk.padding})}, {chunk.numel + chunk.padding});
+    shard.padding = chunk.padding;
+    out.push_back(std::move(shard));
+  }
+  return out;
+}
+
+std::vector<FlatShard> flatten_fsdp(const FsdpMetadata& layout, const std::vector<NamedTensor>& params, int world_size,
+                                    int rank) {
+  return chunk_flat(layout, flatten_whole(layout, params), world_size, rank);
 }
 
 }  // namespace ckpt

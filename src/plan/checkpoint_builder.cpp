@@ -115,6 +115,11 @@ void CheckpointBuilder::set_model_parallel_size(std::int64_t parts) {
 }
 
 PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector<std::uint32_t>& sources, Plan& plan) {
+  return finish(path, sources, base_ != nullptr ? plan.add_source(base_->file()) : 0);
+}
+
+PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector<std::uint32_t>& sources,
+                                      std::uint32_t base_source) {
   pickle::Node root;
   root.kind = pickle::Kind::Dict;
   for (const auto& [name, node] : top_level_) root.entries.emplace_back(graph_.str(name), node);
@@ -134,7 +139,7 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   }
   std::uint64_t next_key = payloads_.size();
   if (base_ != nullptr) {
-    for (PlannedStorage& carried : carry_storages(graph_, *base_, plan, next_key))
+    for (PlannedStorage& carried : carry_storages(graph_, *base_, base_source, next_key))
       storages.push_back(std::move(carried));
   }
   return plan_torch_file(path, archive_name_for(path), graph_, std::move(storages));

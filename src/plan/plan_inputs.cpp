@@ -2,6 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <string_view>
+
 namespace ckpt {
 
 PlanInputs::PlanInputs(Manifest manifest) : manifest_(std::move(manifest)) {
@@ -9,14 +12,50 @@ PlanInputs::PlanInputs(Manifest manifest) : manifest_(std::move(manifest)) {
     mapped_.push_back(std::make_unique<MappedFile>(file.path));
     files_.push_back(mapped_.back().get());
   }
-  checkpoints_.resize(files_.size());
+  opened_ = std::make_unique<Opened>();
+  opened_->checkpoints.resize(files_.size());
+}
+
+std::shared_ptr<const Checkpoint> PlanInputs::open(int index) const {
+  check_invariant(index >= 0 && static_cast<std::size_t>(index) < files_.size(),
+                  fmt::format("checkpoint {} of {} input files", index, files_.size()));
+  const MappedFile& file = *files_[static_cast<std::size_t>(index)];
+  ZipArchive zip(file);
+  Bytes pickle = zip.data(*locate_torch_zip(zip).pickle);
+  std::size_t hash = std::hash<std::string_view>{}(as_chars(pickle));
+  auto find_same = [&]() -> std::shared_ptr<const Checkpoint> {
+    std::lock_guard lock(opened_->mutex);
+    auto range = opened_->decoded.equal_range(hash);
+    for (auto it = range.first; it != range.second; ++it) {
+      Bytes known = it->second->zip().data(it->second->pickle_record());
+      if (std::equal(pickle.begin(), pickle.end(), known.begin(), known.end())) return it->second;
+    }
+    return nullptr;
+  };
+  std::shared_ptr<const Checkpoint> same = find_same();
+  if (same == nullptr) {
+    same = std::make_shared<const Checkpoint>(file);  // decoded without the lock
+    std::lock_guard lock(opened_->mutex);
+    opened_->decoded.emplace(hash, same);
+  }
+  auto opened = std::make_shared<const Checkpoint>(file, std::move(zip), *same);
+  file.drop_resident_pages();  // the directory and the pickle, read from the mapping
+  return opened;
 }
 
 const Checkpoint& PlanInputs::checkpoint(int index) const {
-  check_invariant(index >= 0 && static_cast<std::size_t>(index) < files_.size(),
-                  fmt::format("checkpoint {} of {} input files", index, files_.size()));
-  std::unique_ptr<Checkpoint>& slot = checkpoints_[static_cast<std::size_t>(index)];
-  if (!slot) slot = std::make_unique<Checkpoint>(*files_[static_cast<std::size_t>(index)]);
+  std::shared_ptr<const Checkpoint> opened;
+  {
+    std::lock_guard lock(opened_->mutex);
+    check_invariant(index >= 0 && static_cast<std::size_t>(index) < files_.size(),
+                    fmt::format("checkpoint {} of {} input files", index, files_.size()));
+    if (opened_->checkpoints[static_cast<std::size_t>(index)])
+      return *opened_->checkpoints[static_cast<std::size_t>(index)];
+  }
+  opened = open(index);
+  std::lock_guard lock(opened_->mutex);
+  std::shared_ptr<const Checkpoint>& slot = opened_->checkpoints[static_cast<std::size_t>(index)];
+  if (!slot) slot = std::move(opened);
   return *slot;
 }
 

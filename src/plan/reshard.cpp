@@ -4,10 +4,15 @@
 // file, so every object the training code saved is carried through.
 #include "ckpt/plan/reshard.hpp"
 
+#include "ckpt/io/parallel.hpp"
+
 #include <fmt/format.h>
 
+#include <exception>
 #include <map>
+#include <optional>
 #include <set>
+#include <thread>
 
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/layout/fsdp.hpp"
@@ -138,6 +143,19 @@ struct Recut {
   bool keep_optimizer = false;
   PartTensors weights;
   std::map<std::string, PartTensors> optimizer;  // empty unless keep_optimizer
+  // Per output part, each flat parameter whole (flatten_whole), cut per rank by chunk_flat.
+  std::vector<std::vector<FlatShard>> flat_weights;
+  std::map<std::string, std::vector<std::vector<FlatShard>>> flat_optimizer;
+
+  // The flat parameters, whole, of every output part: once, not once per rank.
+  void flatten() {
+    if (options.unflatten) return;
+    for (const std::vector<NamedTensor>& part : weights) flat_weights.push_back(flatten_whole(*first.fsdp, part));
+    for (const auto& [name, state] : optimizer) {
+      for (const std::vector<NamedTensor>& part : state)
+        flat_optimizer[name].push_back(flatten_whole(*first.fsdp, part));
+    }
+  }
 };
 
 // One output being planned: an edited copy of its base, and its new tensors in
@@ -211,8 +229,8 @@ void build_flat_model(Output& output, const FsdpMetadata& layout, const std::vec
 
 // Shard d of part m of each flat optimizer state, in place of the base's.
 void replace_optimizer_state(Output& output, const Recut& recut, int m, int d) {
-  for (const auto& [name, state] : recut.optimizer) {
-    std::vector<FlatShard> slices = flatten_fsdp(*recut.first.fsdp, state[m], recut.options.dp, d);
+  for (const auto& [name, state] : recut.flat_optimizer) {
+    std::vector<FlatShard> slices = chunk_flat(*recut.first.fsdp, state[m], recut.options.dp, d);
     for (std::size_t k = 0; k < slices.size(); ++k) {
       output.replace(fmt::format("last_optimizer_state/state/{}/{}", k, name), flat_output(slices[k]));
     }
@@ -223,7 +241,7 @@ void replace_optimizer_state(Output& output, const Recut& recut, int m, int d) {
 // optimizer state.
 void write_flattened(Output& output, const ManifestFile& base_file, bool base_flattened, const Recut& recut, int m,
                      int d) {
-  std::vector<FlatShard> flats = flatten_fsdp(*recut.first.fsdp, recut.weights[m], recut.options.dp, d);
+  std::vector<FlatShard> flats = chunk_flat(*recut.first.fsdp, recut.flat_weights[m], recut.options.dp, d);
   std::map<std::string, const NamedTensor*> by_name;
   for (const NamedTensor& tensor : recut.weights[m]) by_name[tensor.name] = &tensor;
   if (base_flattened) {
@@ -235,16 +253,21 @@ void write_flattened(Output& output, const ManifestFile& base_file, bool base_fl
   replace_optimizer_state(output, recut, m, d);
 }
 
-// Output (m, d), an edited copy of input part m % M, shard d % D, added to `out`.
-void plan_output(const PlanInputs& inputs, const std::vector<std::vector<int>>& grid, const Recut& recut,
-                 const std::string& pattern, const std::vector<std::uint32_t>& sources, int m, int d,
-                 ReshardPlan& out) {
+// Output (m, d): an edited copy of input part m % M, shard d % D.
+struct PlannedOutput {
+  std::string path;
+  PlannedFile file;
+  std::vector<OutputTensor> tensors;
+};
+PlannedOutput plan_output(const PlanInputs& inputs, const std::vector<std::vector<int>>& grid, const Recut& recut,
+                          const std::string& pattern, const std::vector<std::uint32_t>& sources, int m, int d) {
   const ReshardOptions& options = recut.options;
   const int in_mp = static_cast<int>(grid.size());
   const int in_dp = static_cast<int>(grid[0].size());
   int base_index = grid[m % in_mp][d % in_dp];
   const ManifestFile& base_file = inputs.manifest().files[base_index];
-  Output output(inputs.checkpoint(base_index));
+  std::shared_ptr<const Checkpoint> base = inputs.open(base_index);
+  Output output(*base);
   bool base_flattened = has_flat_model(base_file);
   if (options.unflatten) {
     write_unflattened(output, base_file, recut, m);
@@ -253,10 +276,38 @@ void plan_output(const PlanInputs& inputs, const std::vector<std::vector<int>>& 
   }
   if (!recut.keep_optimizer) output.builder.drop_top_level("last_optimizer_state");
   output.builder.set_model_parallel_size(options.mp);
-  std::string path = output_path(pattern, options.mp, options.dp, m, d);
-  out.outputs.push_back(path);
-  out.plan.files.push_back(output.builder.finish(path, sources, out.plan));
-  out.tensors.push_back(std::move(output.written));
+  PlannedOutput out;
+  out.path = output_path(pattern, options.mp, options.dp, m, d);
+  out.file = output.builder.finish(out.path, sources, sources.at(static_cast<std::size_t>(base_index)));
+  if (options.list_tensors) out.tensors = std::move(output.written);
+  return out;
+}
+
+// Every output, planned in parallel (each opens its base file and edits a copy
+// of its object graph: the cost of a plan of hundreds of outputs), kept in
+// (m, d) order; the first failing output in that order is the one reported.
+void plan_outputs(const PlanInputs& inputs, const std::vector<std::vector<int>>& grid, const Recut& recut,
+                  const std::string& pattern, const std::vector<std::uint32_t>& sources, ReshardPlan& out) {
+  const std::size_t count = static_cast<std::size_t>(recut.options.mp) * static_cast<std::size_t>(recut.options.dp);
+  std::vector<std::optional<PlannedOutput>> planned(count);
+  std::vector<std::exception_ptr> failures(count);
+  parallel_for(count, std::thread::hardware_concurrency(), [&] {
+    return [&](std::size_t k) {
+      try {
+        int m = static_cast<int>(k / static_cast<std::size_t>(recut.options.dp));
+        int d = static_cast<int>(k % static_cast<std::size_t>(recut.options.dp));
+        planned[k] = plan_output(inputs, grid, recut, pattern, sources, m, d);
+      } catch (...) {
+        failures[k] = std::current_exception();
+      }
+    };
+  });
+  for (std::size_t k = 0; k < count; ++k) {
+    if (failures[k]) std::rethrow_exception(failures[k]);
+    out.outputs.push_back(std::move(planned[k]->path));
+    out.plan.files.push_back(std::move(planned[k]->file));
+    if (recut.options.list_tensors) out.tensors.push_back(std::move(planned[k]->tensors));
+  }
 }
 
 }  // namespace
@@ -269,15 +320,14 @@ ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, c
   check_first_file(first, options);
 
   ReshardPlan out;
-  Recut recut{first, options, !options.drop_optimizer_state && !options.unflatten, {}, {}};
+  Recut recut{first, options, !options.drop_optimizer_state && !options.unflatten, {}, {}, {}, {}};
   recut.weights = recut_weights(manifest, grid, options.mp, out.checks);
   if (recut.keep_optimizer) recut.optimizer = recut_optimizer_state(manifest, grid, first, options.mp);
+  recut.flatten();
 
   std::vector<std::uint32_t> sources;
   for (const MappedFile* file : inputs.files()) sources.push_back(out.plan.add_source(*file));
-  for (int m = 0; m < options.mp; ++m) {
-    for (int d = 0; d < options.dp; ++d) plan_output(inputs, grid, recut, pattern, sources, m, d, out);
-  }
+  plan_outputs(inputs, grid, recut, pattern, sources, out);
   std::set<std::string> unique(out.outputs.begin(), out.outputs.end());
   if (unique.size() != out.outputs.size()) throw Error("-o names two outputs with the same path");
   return out;

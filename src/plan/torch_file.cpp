@@ -68,12 +68,10 @@ std::vector<PlannedStorage> copy_all_storages(const Checkpoint& checkpoint, Plan
   return out;
 }
 
-std::vector<PlannedStorage> carry_storages(pickle::Graph& graph, const Checkpoint& from, Plan& plan,
+std::vector<PlannedStorage> carry_storages(pickle::Graph& graph, const Checkpoint& from, std::uint32_t source,
                                            std::uint64_t& next_key) {
   std::map<std::string, std::string> renamed;  // old key -> new key
   std::vector<PlannedStorage> out;
-  std::uint32_t source = 0;
-  bool have_source = false;
   for (pickle::NodeId id : reachable(graph, graph.root)) {
     if (id >= from.graph().size() || graph[id].kind != pickle::Kind::PersId) continue;
     auto storage_id = parse_storage_id(graph, id);
@@ -81,10 +79,6 @@ std::vector<PlannedStorage> carry_storages(pickle::Graph& graph, const Checkpoin
     auto [it, inserted] = renamed.try_emplace(storage_id->key, std::to_string(next_key));
     if (inserted) {
       ++next_key;
-      if (!have_source) {
-        source = plan.add_source(from.file());
-        have_source = true;
-      }
       const ZipRecord& record = *from.storages().at(storage_id->key).record;
       PlannedStorage planned;
       planned.key = it->second;

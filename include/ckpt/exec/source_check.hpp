@@ -43,8 +43,15 @@ class SourceCrcCheck {
   std::uint64_t reread_bytes() const { return reread_bytes_; }
 
  private:
+  // A zip record without its name: hundreds of inputs of hundreds of records
+  // each are held at once (the name is found again for an error message).
+  struct Record {
+    std::uint64_t data_offset = 0;
+    std::uint64_t nbytes = 0;
+    std::uint32_t crc32 = 0;
+  };
   struct Input {
-    std::vector<ZipRecord> records;  // sorted by data_offset
+    std::vector<Record> records;  // sorted by data_offset
     std::vector<bool> touched;
   };
   struct Covered {

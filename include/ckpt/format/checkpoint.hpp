@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -68,13 +69,19 @@ class Checkpoint {
   // Parses `file`, which must outlive the Checkpoint. Throws Error naming the
   // file, the record or tensor and the byte offset of anything malformed.
   explicit Checkpoint(const MappedFile& file);
+  // `file` (its zip directory `zip`, already parsed), whose pickle bytes are
+  // those of `same_pickle` (the caller compared them; an internal error
+  // otherwise): the decoded graph is shared, only the storages are bound to
+  // `file`'s own records (checked as above). What lets hundreds of shards of
+  // one model part be opened for the cost of one decode.
+  Checkpoint(const MappedFile& file, ZipArchive zip, const Checkpoint& same_pickle);
 
   const MappedFile& file() const { return file_; }
   const std::string& path() const { return file_.path(); }
   const ZipArchive& zip() const { return zip_; }
   const std::string& archive_name() const { return archive_name_; }
   const ZipRecord& pickle_record() const { return *pickle_record_; }
-  const pickle::Graph& graph() const { return graph_; }
+  const pickle::Graph& graph() const { return *graph_; }
   const std::vector<TensorRef>& tensors() const { return tensors_; }
   const std::map<std::string, StorageRef>& storages() const { return storages_; }
   const TensorRef* find_tensor(std::string_view path) const;
@@ -91,7 +98,7 @@ class Checkpoint {
   ZipArchive zip_;
   std::string archive_name_;
   const ZipRecord* pickle_record_ = nullptr;
-  pickle::Graph graph_;
+  std::shared_ptr<const pickle::Graph> graph_;  // shared by checkpoints of the same pickle bytes
   std::map<std::string, StorageRef> storages_;
   std::vector<TensorRef> tensors_;
 };

@@ -43,6 +43,10 @@ class MappedFile {
   // pread: copying data through a buffer costs no page faults and no resident
   // mapped pages (see exec.cpp).
   void read_at(std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) const;
+  // Drops the mapping's resident pages (madvise MADV_DONTNEED: the page cache
+  // keeps them, a later touch maps them again): called after parsing a file's
+  // zip directory, so that hundreds of inputs do not add up in the resident set.
+  void drop_resident_pages() const;
 
  private:
   struct Region;

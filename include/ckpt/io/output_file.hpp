@@ -56,8 +56,13 @@ class OutputFile {
   // cuts the file to its size.
   void write_at(std::uint64_t byte_offset, Bytes bytes) const;
   // Cuts the temporary file to its size, fsyncs and closes it: its data is
-  // durable, under the temporary name. No more writes.
-  void finish();
+  // durable, under the temporary name. No more writes. With `sync` false, the
+  // fsync is left to sync_finished() (a caller finishing hundreds of files
+  // syncs them together, without holding hundreds of descriptors open).
+  void finish(bool sync = true);
+  // After finish(false): makes the temporary file durable (fsync through a new
+  // read-only descriptor). Thread-safe across files.
+  void sync_finished() const;
   // Renames the finished file into place; with `sync_directory`, fsyncs the
   // directory too (a caller renaming many files into one directory does that once).
   void commit(bool sync_directory = true);

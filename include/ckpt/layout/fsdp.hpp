@@ -30,4 +30,12 @@ struct FlatShard {
 std::vector<FlatShard> flatten_fsdp(const FsdpMetadata& layout, const std::vector<NamedTensor>& params, int world_size,
                                     int rank);
 
+// flatten_fsdp in two steps, for a planner that writes every rank of a part:
+// each flat parameter whole (its parameters concatenated, not chunked), then
+// rank `rank`'s chunk of each, zero-padded (a no_broadcast_optim_state
+// instance's stays whole). flatten_fsdp(l, p, w, r) == chunk_flat(l, flatten_whole(l, p), w, r).
+std::vector<FlatShard> flatten_whole(const FsdpMetadata& layout, const std::vector<NamedTensor>& params);
+std::vector<FlatShard> chunk_flat(const FsdpMetadata& layout, const std::vector<FlatShard>& whole, int world_size,
+                                  int rank);
+
 }  // namespace ckpt

@@ -48,6 +48,9 @@ class CheckpointBuilder {
 
   // The planned file. `sources[i]` is the plan source of manifest file i.
   PlannedFile finish(const std::string& path, const std::vector<std::uint32_t>& sources, Plan& plan);
+  // The same with the base's file already a source of the plan, as
+  // `base_source`: touches no shared state, so outputs can be finished in parallel.
+  PlannedFile finish(const std::string& path, const std::vector<std::uint32_t>& sources, std::uint32_t base_source);
 
  private:
   struct Payload {

@@ -10,6 +10,8 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "ckpt/format/checkpoint.hpp"
@@ -27,15 +29,26 @@ class PlanInputs {
   const Manifest& manifest() const { return manifest_; }
   // files()[i] maps manifest().files[i].
   const std::vector<const MappedFile*>& files() const { return files_; }
-  // The decoded checkpoint of manifest().files[index]: decoded on the first
-  // call (throws Error for a malformed file), then kept. Not thread-safe.
+  // The decoded checkpoint of manifest().files[index] (throws Error for a
+  // malformed file). Files with the same pickle bytes (the shards of a model
+  // part, but for padding) share one decoded graph: each pickle is decoded
+  // once. Thread-safe.
+  std::shared_ptr<const Checkpoint> open(int index) const;
+  // The same, opened on the first call and kept: for the few files a planner
+  // returns to.
   const Checkpoint& checkpoint(int index) const;
 
  private:
   Manifest manifest_;
   std::vector<std::unique_ptr<MappedFile>> mapped_;
   std::vector<const MappedFile*> files_;
-  mutable std::vector<std::unique_ptr<Checkpoint>> checkpoints_;  // parallel to files_, null until decoded
+  struct Opened {
+    std::mutex mutex;                                            // guards both
+    std::vector<std::shared_ptr<const Checkpoint>> checkpoints;  // parallel to files_, null until opened
+    // Every pickle decoded, by the hash of its bytes: what open() shares graphs with.
+    std::unordered_multimap<std::size_t, std::shared_ptr<const Checkpoint>> decoded;
+  };
+  std::unique_ptr<Opened> opened_;
 };
 
 }  // namespace ckpt

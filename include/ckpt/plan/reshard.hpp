@@ -16,12 +16,13 @@ struct ReshardOptions {
   int dp = 1;                         // FSDP world size to write
   bool unflatten = false;             // with dp == 1: consolidated (unflattened) parts
   bool drop_optimizer_state = false;  // write no last_optimizer_state
+  bool list_tensors = true;           // fill ReshardPlan::tensors (for --dry-run); hundreds of outputs' worth
 };
 
 struct ReshardPlan {
   Plan plan;
   std::vector<std::string> outputs;                // [m * dp + d]
-  std::vector<std::vector<OutputTensor>> tensors;  // new tensors of each output, in storage order
+  std::vector<std::vector<OutputTensor>> tensors;  // new tensors of each output, in storage order (list_tensors)
   std::vector<ReplicatedCheck> checks;
 };
 

@@ -29,8 +29,9 @@ std::vector<PlannedStorage> copy_all_storages(const Checkpoint& checkpoint, Plan
 
 // For a graph copied from `from` and then edited: the storages of `from` that
 // are still reachable from graph.root get new keys, counting from `next_key`,
-// and are planned as whole-record copies. Storages not in `from` are left alone.
-std::vector<PlannedStorage> carry_storages(pickle::Graph& graph, const Checkpoint& from, Plan& plan,
+// and are planned as whole-record copies from the plan's source `source` (from's
+// file). Storages not in `from` are left alone.
+std::vector<PlannedStorage> carry_storages(pickle::Graph& graph, const Checkpoint& from, std::uint32_t source,
                                            std::uint64_t& next_key);
 
 }  // namespace ckpt
