@@ -59,14 +59,16 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
   VerifyReport report;
   std::mutex mutex;
   Manifest manifest;
+  FileDescriber describer;  // each distinct pickle decoded once
   for (const std::string& path : paths) {
     ++report.files;
     try {
-      MappedFile file(path);
-      ZipArchive zip(file);
-      check_crcs(file, zip, threads, report, mutex);
-      Checkpoint checkpoint(file);
-      manifest.files.push_back(describe_file(checkpoint));
+      {
+        MappedFile file(path);
+        ZipArchive zip(file);
+        check_crcs(file, zip, threads, report, mutex);
+      }
+      manifest.files.push_back(describer.describe(path));
     } catch (const Error& e) {
       report.problems.push_back(e.what());
     }

@@ -257,9 +257,19 @@ ManifestFile describe_known(const PickleFacts& facts, const MappedFile& mapped, 
   return file;
 }
 
-// Describes one file: decoded, or from the facts of an earlier file with the
-// same pickle bytes.
-ManifestFile describe_path(const std::string& path, PickleCache& cache, SharedContent& shared) {
+}  // namespace
+
+struct FileDescriber::Known {
+  PickleCache pickles;
+  SharedContent shared;
+};
+
+FileDescriber::FileDescriber() : known_(std::make_unique<Known>()) {}
+FileDescriber::~FileDescriber() = default;
+
+ManifestFile FileDescriber::describe(const std::string& path) {
+  PickleCache& cache = known_->pickles;
+  SharedContent& shared = known_->shared;
   MappedFile mapped(path);
   ZipArchive zip(mapped);
   TorchZip located = locate_torch_zip(zip);
@@ -279,8 +289,6 @@ ManifestFile describe_path(const std::string& path, PickleCache& cache, SharedCo
   return file;
 }
 
-}  // namespace
-
 Manifest build_manifest(const std::vector<std::string>& paths) {
   std::vector<std::string> unique;
   std::set<std::string> seen;
@@ -288,18 +296,17 @@ Manifest build_manifest(const std::vector<std::string>& paths) {
     std::string absolute = std::filesystem::absolute(path).lexically_normal().string();
     if (seen.insert(absolute).second) unique.push_back(path);  // the same file named twice counts once
   }
-  // Files are described in parallel, each pickle decoded once (PickleCache)
-  // and what the files share kept once (SharedContent). The manifest keeps the
+  // Files are described in parallel, each pickle decoded once and what the
+  // files share kept once (FileDescriber). The manifest keeps the
   // given order, and the first bad file (in that order) is the one reported,
   // whatever the thread count.
   std::vector<std::optional<ManifestFile>> described(unique.size());
   std::vector<std::exception_ptr> failures(unique.size());
-  PickleCache cache;
-  SharedContent shared;
+  FileDescriber describer;
   parallel_for(unique.size(), std::thread::hardware_concurrency(), [&] {
     return [&](std::size_t i) {
       try {
-        described[i] = describe_path(unique[i], cache, shared);
+        described[i] = describer.describe(unique[i]);
       } catch (...) {
         failures[i] = std::current_exception();
       }

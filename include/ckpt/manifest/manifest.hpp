@@ -211,6 +211,22 @@ class SharedContent {
   std::unique_ptr<Seen> seen_;
 };
 
+// Describes files as build_manifest does, each distinct pickle decoded once:
+// a file whose pickle bytes are those of a file described before (the shards
+// of a model part, but for padding) is read for its zip directory only. What
+// the files share is shared (SharedContent). Thread-safe.
+class FileDescriber {
+ public:
+  FileDescriber();
+  ~FileDescriber();
+  // Throws Error naming the file when it is not a readable torch.save file.
+  ManifestFile describe(const std::string& path);
+
+ private:
+  struct Known;
+  std::unique_ptr<Known> known_;
+};
+
 // Indexes `paths` (files, already expanded). Throws Error on unreadable input.
 Manifest build_manifest(const std::vector<std::string>& paths);
 ManifestFile describe_file(const Checkpoint& checkpoint);
