@@ -45,11 +45,13 @@ demo: build
 test: build
 	meson test -C $(BUILD) --print-errorlogs --num-processes 4
 
-# The benchmark: cp, stitch, the Python pipeline, reshard and diff on 1 and 4 GiB
-# inputs in one run (BENCH_SIZES=1,4,16 for more); writes bench/RESULTS.md.
-BENCH_SIZES ?= 1,4
+# The benchmark: cp, stitch, the Python pipeline, reshard and diff on 0.25 to 4 GiB
+# inputs in one run (BENCH_SIZES=1,4,16 for more), and the metadata path on grids
+# of OPT-175B's shape (8 x 16 and 8 x 124 shards; BENCH_GRIDS=none skips them); writes bench/RESULTS.md.
+BENCH_SIZES ?= 0.25,0.5,1,4
+BENCH_GRIDS ?= 8x16,8x124
 bench: build
-	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES)
+	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES) --grids $(BENCH_GRIDS)
 
 # The suite under AddressSanitizer and UndefinedBehaviorSanitizer.
 sanitize: deps

@@ -79,10 +79,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="runs per step; the median is reported (default 5)")
     parser.add_argument("--baseline-repeats", type=int, default=3,
                         help="runs of the (slow, noisy) Python baseline; the median is reported (default 3)")
+    parser.add_argument("--grids", default="8x16,8x124",
+                        help="metadata-bound grids MPxDP at OPT-175B's shape (96 layers, Adam state, tiny widths): "
+                             "8x124 is OPT-175B's 992 shards; 'none' to skip (default 8x16,8x124)")
+    parser.add_argument("--grid-repeats", type=int, default=3, help="runs per grid step (default 3)")
     args = parser.parse_args()
     tool = args.tool
+    grid_rows = [] if args.grids == "none" else measure_grids(args, tool)
     rows = []
-    for size in [float(s) for s in args.sizes.split(",")]:
+    for size in [] if args.sizes == "none" else [float(s) for s in args.sizes.split(",")]:
         work = os.path.join(args.work, f"{size:g}GiB")
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)
@@ -164,10 +169,64 @@ def main():
         measure("ckpt-tool diff (self)", [tool, "diff", stitched, stitched], 2 * os.path.getsize(stitched))
         shutil.rmtree(work)
 
-    write_results(rows, args)
+    write_results(rows, grid_rows, args)
 
 
-def write_results(rows, args):
+def measure_grids(args, tool):
+    """The metadata path at OPT-175B's real shape: hundreds of shards whose pickles,
+    shard_metadata and optimizer state entries do not depend on the widths."""
+    rows = []
+    for shape in args.grids.split(","):
+        mp, dp = (int(x) for x in shape.split("x"))
+        work = os.path.join(args.work, f"grid-{shape}")
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        src = os.path.join(work, "input")
+        synth_s, synth_rss, _ = run_timed([tool, "synth", "-q", "-o", src, "--mp", str(mp), "--dp", str(dp), "--layers",
+                                           "96", "--embed-dim", "128", "--ffn-dim", "512", "--vocab", "1024",
+                                           "--optimizer-state"])
+        files = len(os.listdir(src))
+        print(f"== grid {shape}: {files} files, {dir_bytes(src) / (1 << 20):.0f} MiB written by synth in {synth_s:.1f} s",
+              flush=True)
+        manifest = os.path.join(work, "m.json.zst")
+        plain = os.path.join(work, "m.json")
+
+        def step(name, cmd, prepare=None):
+            runs = []
+            for attempt in range(args.grid_repeats):
+                if prepare:
+                    prepare()
+                sync()
+                runs.append(run_timed(cmd)[:2])
+            runs.sort()
+            seconds = runs[len(runs) // 2][0]
+            rss = max(run[1] for run in runs)
+            rows.append({"grid": shape, "files": files, "step": name, "seconds": seconds, "rss": rss})
+            print(f"  {name:<40} {seconds:8.2f} s  peak RSS {rss / (1 << 20):6.0f} MiB", flush=True)
+
+        def clean(path):
+            return lambda: shutil.rmtree(path, ignore_errors=True) or os.makedirs(path)
+
+        rows.append({"grid": shape, "files": files, "step": "synth", "seconds": synth_s, "rss": synth_rss})
+        step("manifest -o m.json.zst", [tool, "manifest", src, "-o", manifest, "--force"])
+        run_timed([tool, "manifest", src, "-o", plain, "--force"])
+        rows[-1]["note"] = (f"{os.path.getsize(plain) / (1 << 20):.1f} MiB of JSON, "
+                            f"{os.path.getsize(manifest) / (1 << 20):.2f} MiB compressed")
+        step("inspect DIR", [tool, "inspect", src])
+        step("inspect m.json.zst", [tool, "inspect", manifest])
+        step("verify DIR", [tool, "verify", src])
+        out = os.path.join(work, "out")
+        step("stitch DIR", [tool, "stitch", "-q", src, "-o", os.path.join(out, "s.pt")], clean(out))
+        step("stitch m.json.zst", [tool, "stitch", "-q", manifest, "-o", os.path.join(out, "s.pt")], clean(out))
+        half = 1 << (max(1, dp // 2) - 1).bit_length()  # 124 -> 64 (the issue's 8 x 64), 16 -> 8
+        step(f"reshard DIR --mp {mp} --dp {half}",
+             [tool, "reshard", "-q", src, "--mp", str(mp), "--dp", str(half), "-o", os.path.join(out, "r-{m}-{d}.pt")],
+             clean(out))
+        shutil.rmtree(work)
+    return rows
+
+
+def write_results(rows, grid_rows, args):
     by = {(r["size"], r["step"]): r for r in rows}
     lines = ["# ckpt-tool benchmark", "",
              f"Machine: {machine()}. Written by `make bench` (bench/bench.py) on "
@@ -177,10 +236,12 @@ def write_results(rows, args):
              "ckpt-tool fsyncs its outputs (direct I/O by default), so its durable peer is cp + sync. Input: a synthetic "
              f"{args.mp} x {args.dp} metaseq checkpoint (`ckpt-tool synth`, fp16, no optimizer state), so the "
              "stitched output is as large as the input. Throughput is input bytes per second (diff: both sides).", "",
-             "| input | step | wall s | GB/s | peak RSS MiB |", "|---|---|---:|---:|---:|"]
+             "| input | step | wall s | GB/s | peak RSS MiB |", "|---|---|---:|---:|---:|"] if rows else [
+                 "# ckpt-tool benchmark", "", f"Machine: {machine()}. Written by `make bench` (bench/bench.py) on "
+                 f"{time.strftime('%Y-%m-%d')}."]
     for r in rows:
         lines.append(f"| {r['size']:g} GiB | {r['step']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {r['rss'] / (1 << 20):.0f} |")
-    lines += ["", "| input | stitch / cp | stitch / (cp + sync) | reshard / cp | reshard / (cp + sync) | "
+    lines += [] if not rows else ["", "| input | stitch / cp | stitch / (cp + sync) | reshard / cp | reshard / (cp + sync) | "
               "baseline / stitch | buffered / direct stitch | CRC check / none |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for size in sorted({r["size"] for r in rows}):
@@ -194,6 +255,15 @@ def write_results(rows, args):
         unchecked = by[(size, "ckpt-tool stitch --no-crc-check")]["seconds"]
         lines.append(f"| {size:g} GiB | {stitch / cp:.2f} | {stitch / cp_sync:.2f} | {reshard / cp:.2f} | "
                      f"{reshard / cp_sync:.2f} | {speedup} | {buffered / stitch:.2f} | {stitch / unchecked:.2f} |")
+    if grid_rows:
+        lines += ["", "Grids at OPT-175B's shape (`ckpt-tool synth --layers 96 --embed-dim 128 --ffn-dim 512 --vocab "
+                  "1024 --optimizer-state`): 96 layers with Adam state, so each shard's pickle, shard_metadata and "
+                  "optimizer entries are those of the real checkpoint, at tiny widths. 8 x 124 is OPT-175B's 992 "
+                  f"shards. Median of {args.grid_repeats}, `sync` before each.", "",
+                  "| grid | files | step | wall s | peak RSS MiB | note |", "|---|---:|---|---:|---:|---|"]
+        for r in grid_rows:
+            lines.append(f"| {r['grid']} | {r['files']} | {r['step']} | {r['seconds']:.2f} | "
+                         f"{r['rss'] / (1 << 20):.0f} | {r.get('note', '')} |")
     text = "\n".join(lines) + "\n"
     open(args.results, "w").write(text)
     print("\n" + text)
