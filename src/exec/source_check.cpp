@@ -77,7 +77,17 @@ void SourceCrcCheck::note(std::uint32_t source, std::uint64_t byte_offset, Bytes
     at = part_end;
   }
   std::lock_guard lock(mutex_);
-  covered_.insert(covered_.end(), parts.begin(), parts.end());
+  for (const Covered& part : parts) {
+    // A read that continues the last one (the usual case) extends it: hundreds
+    // of outputs make hundreds of thousands of reads.
+    Covered* last = covered_.empty() ? nullptr : &covered_.back();
+    if (last != nullptr && last->source == part.source && last->record == part.record && last->end == part.begin) {
+      last->crc = crc32_concat(last->crc, part.crc, part.end - part.begin);
+      last->end = part.end;
+    } else {
+      covered_.push_back(part);
+    }
+  }
 }
 
 void SourceCrcCheck::finish(unsigned threads) {

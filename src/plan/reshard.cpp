@@ -151,6 +151,16 @@ struct Recut {
   void flatten() {
     if (options.unflatten) return;
     for (const std::vector<NamedTensor>& part : weights) flat_weights.push_back(flatten_whole(*first.fsdp, part));
+    // What is flattened is cut from flat_weights from now on; the rest (buffers) stays.
+    std::set<std::string> flattened;
+    for (const FsdpInstanceMeta& instance : first.fsdp->instances) {
+      for (const FlatParamMeta& flat : instance.flat_params) {
+        for (const std::string& name : flat.names) flattened.insert(fsdp_key(instance.fsdp_path, name));
+      }
+    }
+    for (std::vector<NamedTensor>& part : weights) {
+      std::erase_if(part, [&](const NamedTensor& tensor) { return flattened.count(tensor.name) != 0; });
+    }
     for (const auto& [name, state] : optimizer) {
       for (const std::vector<NamedTensor>& part : state)
         flat_optimizer[name].push_back(flatten_whole(*first.fsdp, part));
