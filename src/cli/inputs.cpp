@@ -59,6 +59,7 @@ Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::
   if (inputs.size() == 1 && looks_like_manifest(inputs[0])) {
     manifest = read_manifest(inputs[0]);
     check_fresh(manifest);
+    check_describes_files(manifest, inputs[0]);
   } else {
     manifest = build_manifest(expand_inputs(inputs));
   }

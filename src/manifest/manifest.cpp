@@ -2,6 +2,7 @@
 #include "ckpt/manifest/manifest.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -348,6 +349,73 @@ std::string describe_contents(const ManifestFile& file) {
   }
   if (file.top_level_keys.size() > 8) keys += ", ...";
   return fmt::format("no 'model' state dict (top-level keys: {})", keys.empty() ? "none" : keys);
+}
+
+namespace {
+
+// The first field in which `claimed` (files[index] of a manifest) differs from
+// `actual` (the file described again), as a JSON path and what the file holds;
+// nullopt when they agree.
+std::optional<std::pair<std::string, std::string>> first_mismatch(const ManifestFile& claimed,
+                                                                  const ManifestFile& actual, std::size_t index) {
+  auto field = [&](const std::string& name) { return fmt::format("files[{}].{}", index, name); };
+  if (claimed.archive_name != actual.archive_name) return std::pair{field("archive_name"), actual.archive_name};
+  if (claimed.pickle_protocol != actual.pickle_protocol)
+    return std::pair{field("pickle_protocol"), std::to_string(actual.pickle_protocol)};
+  if (claimed.top_level_keys != actual.top_level_keys)
+    return std::pair{field("top_level_keys"), fmt::format("{} keys", actual.top_level_keys.size())};
+  bool same_declared = claimed.declared_parts.has_value() == actual.declared_parts.has_value() &&
+                       (!claimed.declared_parts || (claimed.declared_parts->parts == actual.declared_parts->parts &&
+                                                    claimed.declared_parts->from == actual.declared_parts->from));
+  if (!same_declared) return std::pair{field("model_parallel_size"), "another declared part count"};
+  if (claimed.tensors.size() != actual.tensors.size())
+    return std::pair{field("tensors"), fmt::format("{} tensors", actual.tensors.size())};
+  for (std::size_t i = 0; i < actual.tensors.size(); ++i) {
+    if (!(claimed.tensors[i] == actual.tensors[i])) {
+      const ManifestTensor& t = actual.tensors[i];
+      return std::pair{field(fmt::format("tensors (tensor {})", i)),
+                       fmt::format("{}: {} of shape [{}] in storage {}", t.path, dtype_info(t.dtype).name,
+                                   fmt::join(t.shape, ", "), t.storage_key)};
+    }
+    if (claimed.places.at(i).file_byte_offset != actual.places[i].file_byte_offset)
+      return std::pair{field(fmt::format("file_byte_offsets[{}]", i)),
+                       fmt::format("{} at byte {}", actual.tensors[i].path, actual.places[i].file_byte_offset)};
+    if (claimed.places[i].record_crc32 != actual.places[i].record_crc32)
+      return std::pair{field(fmt::format("record_crc32s[{}]", i)),
+                       fmt::format("0x{:08x}", actual.places[i].record_crc32)};
+  }
+  if (static_cast<bool>(claimed.fsdp) != static_cast<bool>(actual.fsdp) ||
+      (actual.fsdp && !claimed.fsdp.same_value(actual.fsdp) && !(*claimed.fsdp == *actual.fsdp)))
+    return std::pair{field("fsdp"), actual.fsdp ? "another shard_metadata" : "no shard_metadata"};
+  if (!claimed.objects.same_value(actual.objects) && !(*claimed.objects == *actual.objects))
+    return std::pair{field("objects"), "another object tree"};
+  return std::nullopt;
+}
+
+}  // namespace
+
+void check_describes_files(const Manifest& manifest, const std::string& source) {
+  FileDescriber describer;
+  std::vector<std::optional<std::pair<std::string, std::string>>> mismatches(manifest.files.size());
+  std::vector<std::exception_ptr> failures(manifest.files.size());
+  parallel_for(manifest.files.size(), std::thread::hardware_concurrency(), [&] {
+    return [&](std::size_t i) {
+      try {
+        mismatches[i] = first_mismatch(manifest.files[i], describer.describe(manifest.files[i].path), i);
+      } catch (...) {
+        failures[i] = std::current_exception();
+      }
+    };
+  });
+  for (std::size_t i = 0; i < manifest.files.size(); ++i) {
+    if (failures[i]) std::rethrow_exception(failures[i]);
+    if (mismatches[i]) {
+      throw Error(Location{source, mismatches[i]->first, std::nullopt},
+                  fmt::format("does not describe {}, which holds {} (a manifest edited by hand?): run `ckpt-tool "
+                              "manifest` again",
+                              manifest.files[i].path, mismatches[i]->second));
+    }
+  }
 }
 
 void check_fresh(const Manifest& manifest) {

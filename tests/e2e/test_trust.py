@@ -196,6 +196,13 @@ def test_inputs_are_never_written():
     assert sorted(os.listdir(inputs)) == sorted(before)
 
 
+def swap_offsets(manifest):
+    """Two tensors of files[1] at each other's place (same list, both in range)."""
+    offsets, crcs = manifest["files"][1]["file_byte_offsets"], manifest["files"][1]["record_crc32s"]
+    offsets[0], offsets[1] = offsets[1], offsets[0]
+    crcs[0], crcs[1] = crcs[1], crcs[0]
+
+
 def test_hand_edited_manifests_are_one_line_each():
     work = harness.scratch("trust-manifest")
     manifest = os.path.join(work, "m.json")
@@ -209,6 +216,14 @@ def test_hand_edited_manifests_are_one_line_each():
         (lambda m: m["tensor_lists"][0][0].__setitem__("shape", [-4]), "tensor_lists[0][0].shape[0]", "negative"),
         (lambda m: m["files"][1].__setitem__("tensors", 99), "files[1].tensors", "refers to tensor_lists[99]"),
         (lambda m: m.__setitem__("version", 2), "version", "version 2 is not supported"),
+        # self-consistent edits that only the files can contradict: each tensor's place and
+        # description, the FSDP metadata, the object tree
+        (swap_offsets, "files[1].file_byte_offsets[0]", "does not describe"),
+        (lambda m: m["tensor_lists"][0][0].__setitem__("dtype", "bfloat16"), "files[0].tensors (tensor 0)",
+         "does not describe"),
+        (lambda m: m["fsdp"][0]["param_metadata"][0]["flat_params"][0]["names"].reverse(), "files[0].fsdp",
+         "does not describe"),
+        (lambda m: m["object_trees"][0].__setitem__("extra", 1), "files[0].objects", "does not describe"),
         (lambda m: m["files"][0].__setitem__("model_parallel_size", {"parts": 2, "from": "x"}),
          "files[0].model_parallel_size.from", "is not a place"),
     ]

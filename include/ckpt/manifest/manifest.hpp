@@ -33,9 +33,9 @@ inline constexpr const char* kManifestFormat = "ckpt-tool-manifest";
 // Limits on what a manifest may claim. A manifest is input like any other
 // (edited by hand, truncated, crafted): manifest_from_json checks every field
 // against these and against the other fields before anything uses it.
-inline constexpr int kMaxGridSide = 1 << 20;                    // part and shard numbers in a grid are below this
-inline constexpr std::uint64_t kMaxGridCells = 1 << 20;         // parts x shards that detect_grid allocates
-inline constexpr std::uint64_t kMaxManifestBytes = 4ull << 30;  // JSON text, after zstd decompression
+inline constexpr int kMaxGridSide = 1 << 20;                      // part and shard numbers in a grid are below this
+inline constexpr std::uint64_t kMaxGridCells = 1 << 20;           // parts x shards that detect_grid allocates
+inline constexpr std::uint64_t kMaxManifestBytes = 256ull << 20;  // JSON text, after zstd: 40x OPT-175B's
 // Arrays and objects nested in the JSON: the object tree renders at most two
 // levels per pickle level (pickle::kMaxDepth), under a few of the manifest's own.
 inline constexpr std::size_t kMaxManifestDepth = 2 * pickle::kMaxDepth + 16;
@@ -262,5 +262,13 @@ bool looks_like_manifest(const std::string& path);
 
 // Throws Error naming the first file whose size or mtime no longer match.
 void check_fresh(const Manifest& manifest);
+
+// A manifest read from `source` is trusted only as far as its files say the
+// same: each file is described again (FileDescriber: each distinct pickle
+// decoded once, about a second for 992 shards) and must give exactly the
+// manifest's tensors, places and CRCs, shard_metadata, object tree and other
+// fields. Throws Error naming `source` and the first field that differs, with
+// the file: a hand-edited manifest never redirects a copy.
+void check_describes_files(const Manifest& manifest, const std::string& source);
 
 }  // namespace ckpt
