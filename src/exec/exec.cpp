@@ -335,6 +335,9 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
   std::optional<SourceCrcCheck> check;
   if (options.check_crc) check.emplace(plan, threads);
 
+  std::uint64_t output_bytes = 0;
+  for (const ZipLayout& layout : layouts) output_bytes += layout.file_size;
+  const bool direct = options.direct_io && output_bytes > options.buffered_up_to;
   Progress progress(options.progress, plan.bytes_to_copy());
   ExecStats stats;
   std::vector<std::unique_ptr<OutputFile>> outputs;
@@ -348,7 +351,7 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     // be a partial block); without them the file is written buffered.
     if (writer.header_block_count() <= kMaxKeptHeaderBlocks) {
       writer.keep_header_blocks();
-      if (options.direct_io) out.enable_direct_io();
+      if (direct) out.enable_direct_io();
     }
     auto t1 = std::chrono::steady_clock::now();
     run_units(writer, threads, progress);

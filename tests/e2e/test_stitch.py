@@ -98,8 +98,12 @@ def test_stats_report_the_io_mode():
     folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
     direct_dir, buffered_dir = harness.scratch("io-direct"), harness.scratch("io-buffered")
     direct = direct_io_works(direct_dir)
-    _, err = harness.run(["stitch", folder, "-o", os.path.join(direct_dir, "out.pt"), "--stats", "-q"])
+    _, err = harness.run(["stitch", folder, "-o", os.path.join(direct_dir, "out.pt"), "--stats", "-q", "--direct-io"])
     assert f"{1 if direct else 0} of 1 file(s) with direct I/O" in err, err
+    # by default an output this small goes through the page cache (below the writeback threshold)
+    auto_dir = harness.scratch("io-auto")
+    _, err = harness.run(["stitch", folder, "-o", os.path.join(auto_dir, "out.pt"), "--stats", "-q"])
+    assert "0 of 1 file(s) with direct I/O" in err, err
     _, err = harness.run(["stitch", folder, "-o", os.path.join(buffered_dir, "out.pt"), "--stats", "-q",
                           "--buffered-io"])
     assert "0 of 1 file(s) with direct I/O" in err, err
@@ -120,7 +124,8 @@ def test_refused_direct_writes_fall_back_to_buffered():
     env = harness.preloaded(CKPT_FAULT_REFUSE_DIRECT="1")
     for attempt in range(3):  # the threads race differently each time
         out = os.path.join(refused_dir, "out.pt")
-        proc = subprocess.run([harness.TOOL, "stitch", "-q", "--stats", "--threads", "4", "--force", src, "-o", out],
+        proc = subprocess.run([harness.TOOL, "stitch", "-q", "--stats", "--direct-io", "--threads", "4", "--force", src,
+                               "-o", out],
                               capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr
         assert "0 of 1 file(s) with direct I/O" in proc.stderr, proc.stderr

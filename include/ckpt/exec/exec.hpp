@@ -35,7 +35,12 @@ struct ExecOptions {
   bool overwrite = false;  // --force
   ProgressFn progress;     // none: no progress reports
   bool direct_io = true;   // write around the page cache (O_DIRECT) where the file system allows
-  bool check_crc = true;   // every input byte copied checked against its record's CRC-32 (source_check.hpp)
+  // Outputs totalling at most this many bytes are written through the page cache
+  // even with direct_io: below the kernel's background writeback threshold the
+  // page cache takes them at memory speed and one fsync flushes them (0: none;
+  // the CLI passes buffered_write_budget()).
+  std::uint64_t buffered_up_to = 0;
+  bool check_crc = true;  // every input byte copied checked against its record's CRC-32 (source_check.hpp)
   // Told what was cleaned up on the way (temporary files of a killed run).
   std::function<void(const std::string&)> notice;
   // Converts `numel` elements between dtypes exactly as torch's `.to()` does;
