@@ -233,7 +233,7 @@ def write_results(rows, grid_rows, args):
              f"{time.strftime('%Y-%m-%d')}; one run of the benchmark, each step the median of {args.repeats} (the Python "
              f"baseline: {args.baseline_repeats}, skipped where it would not fit in memory), warm page cache, `sync` before each, the previous output removed "
              "before each (untimed). "
-             "ckpt-tool fsyncs its outputs (direct I/O by default), so its durable peer is cp + sync. Input: a synthetic "
+             "ckpt-tool fsyncs its outputs (direct I/O above the kernel's background writeback threshold, buffered below), so its durable peer is cp + sync. Input: a synthetic "
              f"{args.mp} x {args.dp} metaseq checkpoint (`ckpt-tool synth`, fp16, no optimizer state), so the "
              "stitched output is as large as the input. Throughput is input bytes per second (diff: both sides).", "",
              "| input | step | wall s | GB/s | peak RSS MiB |", "|---|---|---:|---:|---:|"] if rows else [
