@@ -106,7 +106,13 @@ void add_write_flags(CLI::App& app, WriteFlags& flags) {
 }
 
 void print_notice(const std::string& text) {
-  fmt::print(stderr, "ckpt-tool: note: {}\n", text);
+  // A run killed while writing hundreds of outputs leaves hundreds of temporary
+  // files: the first few removals are told, then that there are more.
+  constexpr int kShown = 5;
+  static int told = 0;
+  if (told < kShown) fmt::print(stderr, "ckpt-tool: note: {}\n", text);
+  if (told == kShown) fmt::print(stderr, "ckpt-tool: note: more of the same not shown\n");
+  ++told;
 }
 
 ProgressFn progress_line(bool quiet) {

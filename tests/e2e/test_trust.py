@@ -418,6 +418,20 @@ def test_killed_run_leaves_recognizable_temps_that_the_next_run_removes():
     assert sorted(os.listdir(out)) == ["c-0-0.pt", "c-0-1.pt"], os.listdir(out)
 
 
+def test_many_stale_temps_are_all_removed_and_told_in_a_few_lines():
+    inputs = harness.fixtures()[FIXTURE]
+    out = harness.scratch("trust-many-temps")
+    dead = 999999  # a pid no process has
+    while os.path.exists(f"/proc/{dead}"):
+        dead -= 1
+    for d in range(8):
+        open(os.path.join(out, f".c-0-{d}.pt.ckpt-tmp-{dead}"), "w").close()
+    _, err = harness.run(["reshard", "-q", inputs, "--mp", "1", "--dp", "8", "-o", os.path.join(out, "c-{m}-{d}.pt")])
+    notes = err.strip().splitlines()
+    assert len(notes) == 6 and notes[-1] == "ckpt-tool: note: more of the same not shown", err
+    assert sorted(os.listdir(out)) == [f"c-0-{d}.pt" for d in range(8)], os.listdir(out)
+
+
 def test_disk_full_during_the_copy_leaves_nothing():
     inputs = copy_case(FIXTURE, harness.scratch("trust-enospc"))
     before = digest(inputs)
@@ -500,6 +514,7 @@ if __name__ == "__main__":
                   test_mixed_sets_are_reported_and_refused,
                   test_clean_sets_stay_clean, test_interrupted_reshard_leaves_nothing,
                   test_killed_run_leaves_recognizable_temps_that_the_next_run_removes,
+                  test_many_stale_temps_are_all_removed_and_told_in_a_few_lines,
                   test_disk_full_during_the_copy_leaves_nothing, test_a_failed_rename_takes_back_the_set,
                   test_small_file_system_is_refused_before_copying,
                   test_existing_outputs_all_checked_first])
