@@ -321,14 +321,15 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
   validate(plan);
   auto start = std::chrono::steady_clock::now();
   unsigned threads = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
-  std::vector<ZipLayout> layouts;
-  std::vector<OutputTarget> targets;
-  for (const PlannedFile& file : plan.files) {
+  // Each file's zip layout is computed again when it is written: hundreds of
+  // outputs' record tables are not held at once.
+  auto layout_of = [](const PlannedFile& file) {
     std::vector<ZipEntrySpec> specs;
     for (const PlannedRecord& record : file.records) specs.push_back({record.name, record.nbytes});
-    layouts.push_back(layout_zip(specs));
-    targets.push_back({file.path, layouts.back().file_size});
-  }
+    return layout_zip(specs);
+  };
+  std::vector<OutputTarget> targets;
+  for (const PlannedFile& file : plan.files) targets.push_back({file.path, layout_of(file).file_size});
   std::vector<FileIdentity> inputs;
   for (const MappedFile* source : plan.sources) inputs.push_back(identity_of(*source));
   check_output_targets(targets, inputs, options.overwrite, options.notice);
@@ -336,17 +337,19 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
   if (options.check_crc) check.emplace(plan, threads);
 
   std::uint64_t output_bytes = 0;
-  for (const ZipLayout& layout : layouts) output_bytes += layout.file_size;
+  for (const OutputTarget& target : targets) output_bytes += target.size_bytes;
   const bool direct = options.direct_io && output_bytes > options.buffered_up_to;
   Progress progress(options.progress, plan.bytes_to_copy());
   ExecStats stats;
   std::vector<std::unique_ptr<OutputFile>> outputs;
   for (std::size_t k = 0; k < plan.files.size(); ++k) {
-    const PlannedFile& file = plan.files[k];
+    std::optional<PlannedFile> expanded = expand_inline(plan.files[k]);  // its pickle, kept compressed until now
+    const PlannedFile& file = expanded ? *expanded : plan.files[k];
     auto t0 = std::chrono::steady_clock::now();
-    outputs.push_back(std::make_unique<OutputFile>(file.path, layouts[k].file_size, options.overwrite));
+    const ZipLayout layout = layout_of(file);
+    outputs.push_back(std::make_unique<OutputFile>(file.path, layout.file_size, options.overwrite));
     OutputFile& out = *outputs.back();
-    FileWriter writer(plan, file, layouts[k], out, options, check ? &*check : nullptr);
+    FileWriter writer(plan, file, layout, out, options, check ? &*check : nullptr);
     // Direct I/O needs the header blocks kept (a header written in place would
     // be a partial block); without them the file is written buffered.
     if (writer.header_block_count() <= kMaxKeptHeaderBlocks) {
@@ -363,7 +366,7 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     stats.create_seconds += std::chrono::duration<double>(t1 - t0).count();
     stats.copy_seconds += std::chrono::duration<double>(t2 - t1).count();
     stats.commit_seconds += std::chrono::duration<double>(t3 - t2).count();
-    stats.bytes_written += layouts[k].file_size;
+    stats.bytes_written += layout.file_size;
   }
   auto t3_all = std::chrono::steady_clock::now();
   // Several outputs are made durable together: fsyncs in flight at once let

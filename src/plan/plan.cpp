@@ -1,6 +1,7 @@
 #include "ckpt/plan/plan.hpp"
 
 #include <fmt/format.h>
+#include <zstd.h>
 
 #include <algorithm>
 #include <optional>
@@ -66,6 +67,34 @@ std::optional<std::uint64_t> span_end(std::uint64_t offset, std::uint64_t rows, 
 
 }  // namespace
 
+void compress_inline(PlannedRecord& record) {
+  constexpr std::size_t kWorthIt = 64 << 10;
+  if (record.inline_zstd || record.inline_bytes.size() < kWorthIt) return;
+  std::vector<std::byte> frame(ZSTD_compressBound(record.inline_bytes.size()));
+  std::size_t n = ZSTD_compress(frame.data(), frame.size(), record.inline_bytes.data(), record.inline_bytes.size(), 1);
+  check_invariant(!ZSTD_isError(n), "zstd cannot compress an inline record");
+  frame.resize(n);
+  frame.shrink_to_fit();
+  record.inline_bytes = std::move(frame);
+  record.inline_zstd = true;
+}
+
+std::optional<PlannedFile> expand_inline(const PlannedFile& file) {
+  bool any =
+      std::any_of(file.records.begin(), file.records.end(), [](const PlannedRecord& r) { return r.inline_zstd; });
+  if (!any) return std::nullopt;
+  PlannedFile expanded = file;
+  for (PlannedRecord& record : expanded.records) {
+    if (!record.inline_zstd) continue;
+    std::vector<std::byte> bytes(record.nbytes);
+    std::size_t n = ZSTD_decompress(bytes.data(), bytes.size(), record.inline_bytes.data(), record.inline_bytes.size());
+    check_invariant(!ZSTD_isError(n) && n == record.nbytes, "an inline record does not expand to its size");
+    record.inline_bytes = std::move(bytes);
+    record.inline_zstd = false;
+  }
+  return expanded;
+}
+
 void validate(const Plan& plan) {
   for (const PlannedFile& file : plan.files) {
     for (const PlannedRecord& record : file.records) {
@@ -73,7 +102,10 @@ void validate(const Plan& plan) {
         return InternalError(fmt::format("invalid plan: {}: {}: {}", file.path, record.name, message));
       };
       if (record.copies.empty()) {
-        if (record.inline_bytes.size() != record.nbytes) throw bug("inline bytes do not match the record size");
+        std::uint64_t inline_size =
+            record.inline_zstd ? ZSTD_getFrameContentSize(record.inline_bytes.data(), record.inline_bytes.size())
+                               : record.inline_bytes.size();
+        if (inline_size != record.nbytes) throw bug("inline bytes do not match the record size");
         continue;
       }
       std::uint64_t covered = 0;

@@ -41,6 +41,7 @@ PlannedFile plan_torch_file(std::string path, const std::string& archive_name, c
   pickle_record.name = archive_name + "/data.pkl";
   pickle_record.nbytes = pickle_bytes.size();
   pickle_record.inline_bytes = std::move(pickle_bytes);
+  compress_inline(pickle_record);
   file.records.push_back(std::move(pickle_record));
   file.records.push_back(inline_record(archive_name + "/byteorder", "little"));
   std::sort(storages.begin(), storages.end(),

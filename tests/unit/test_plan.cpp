@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -129,6 +130,39 @@ TEST_SUITE("plan") {
     plan.files.push_back(PlannedFile{"x.pt", {r1, r2}});
     CHECK(plan.bytes_to_copy() == 124);
     CHECK_NOTHROW(ckpt::validate(plan));
+  }
+
+  TEST_CASE("compress_inline / expand_inline: large inline records kept compressed, expanded byte for byte") {
+    PlannedFile file;
+    file.path = "out.pt";
+    PlannedRecord small;
+    small.name = "a/byteorder";
+    small.inline_bytes = {std::byte{'l'}};
+    small.nbytes = 1;
+    PlannedRecord big;
+    big.name = "a/data.pkl";
+    for (std::size_t i = 0; i < (200u << 10); ++i) big.inline_bytes.push_back(static_cast<std::byte>((i * 7) % 13));
+    big.nbytes = big.inline_bytes.size();
+    const std::vector<std::byte> original = big.inline_bytes;
+    ckpt::compress_inline(small);
+    ckpt::compress_inline(big);
+    CHECK_FALSE(small.inline_zstd);  // too small to matter
+    REQUIRE(big.inline_zstd);
+    CHECK(big.inline_bytes.size() < original.size() / 10);
+    file.records = {small, big};
+    Plan plan;
+    plan.files.push_back(file);
+    CHECK_NOTHROW(ckpt::validate(plan));
+    std::optional<PlannedFile> expanded = ckpt::expand_inline(file);
+    REQUIRE(expanded.has_value());
+    CHECK(expanded->records[1].inline_bytes == original);
+    CHECK_FALSE(expanded->records[1].inline_zstd);
+    CHECK(expanded->records[0].inline_bytes == small.inline_bytes);
+    CHECK_FALSE(ckpt::expand_inline(*expanded).has_value());  // nothing left to expand
+    // a frame that does not give the record's size is a bug in the plan
+    plan.files[0].records[1].nbytes += 1;
+    CHECK_THROWS_AS(ckpt::validate(plan), ckpt::InternalError);
+    CHECK_THROWS_AS(ckpt::expand_inline(plan.files[0]), ckpt::InternalError);
   }
 
   TEST_CASE("validate accepts well-formed records") {
