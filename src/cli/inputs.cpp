@@ -19,6 +19,10 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
   std::vector<std::string> files;
   for (const std::string& input : inputs) {
     std::error_code ec;
+    if (inputs.size() > 1 && looks_like_manifest(input)) {
+      throw Error(Location{input, "", std::nullopt},
+                  "a manifest is the whole input set: give it alone, or give the checkpoint files without it");
+    }
     if (fs::is_directory(input, ec)) {
       // Entries that cannot be stat'ed (a symbolic link loop, a dangling link) are
       // not checkpoint files: skipped, like any other non-file.

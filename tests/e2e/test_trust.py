@@ -170,6 +170,11 @@ def test_odd_inputs_answer_at_once():
     harness.run(["stitch", "-q", folder, "-o", os.path.join(work, "out.pt")])
     refused(["reshard", "-q", folder, "--unflatten", "--mp", "1", "--dp", "2", "-o", os.path.join(work, "r{d}.pt")],
             "--unflatten", "--dp 1", code=2)
+    # a manifest mixed with the files it indexes is not read as a zip
+    manifest = os.path.join(work, "m.json")
+    harness.run(["manifest", folder, "-o", manifest])
+    refused(["stitch", "-q", manifest, folder, "-o", os.path.join(work, "mixed.pt")], manifest,
+            "a manifest is the whole input set")
 
 
 def test_inputs_are_never_written():
