@@ -92,6 +92,18 @@ def test_diff_tolerances():
     harness.run(["diff", base, near, "--rtol", "1e-9"], expect=1)
     _, stderr = harness.run(["diff", base, os.path.join(work, "missing.pt")], expect=2)
     assert "missing.pt" in stderr
+    # integers and bool: exact whatever the tolerance (2**60 and 2**60 + 100 are one double)
+    ints_a, ints_b = os.path.join(work, "ints_a.pt"), os.path.join(work, "ints_b.pt")
+    torch.save({"model": {"steps": torch.tensor([2 ** 60, 5]), "mask": torch.tensor([True, False])}}, ints_a)
+    torch.save({"model": {"steps": torch.tensor([2 ** 60 + 100, 5]), "mask": torch.tensor([True, False])}}, ints_b)
+    for tolerance in ([], ["--atol", "0.5"], ["--rtol", "1e-20"], ["--atol", "1000", "--rtol", "1"]):
+        out, _ = harness.run(["diff", ints_a, ints_b, "--json"] + tolerance, expect=1)
+        report = json.loads(out)
+        assert [d["name"] for d in report["differing"]] == ["model/steps"], (tolerance, report)
+    flipped = os.path.join(work, "ints_c.pt")
+    torch.save({"model": {"steps": torch.tensor([2 ** 60, 5]), "mask": torch.tensor([False, False])}}, flipped)
+    harness.run(["diff", ints_a, flipped, "--atol", "1"], expect=1)
+    harness.run(["diff", ints_a, ints_a, "--atol", "1"])
 
 
 # ----------------------------------------------------------------- verify
