@@ -2,8 +2,10 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <string_view>
 #include <unordered_map>
 
 #include "ckpt/format/checkpoint.hpp"
@@ -101,6 +103,39 @@ std::optional<std::vector<std::int64_t>> as_int_list(const Graph& graph, NodeId 
 
 namespace {
 
+// The decimal text of an integer pickled as LONG1/LONG4 (two's complement,
+// little-endian), or "" past kMaxBigIntBytes (the conversion is quadratic).
+constexpr std::size_t kMaxBigIntBytes = 1024;
+std::string decimal_of(std::string_view little_endian) {
+  if (little_endian.empty()) return "0";
+  if (little_endian.size() > kMaxBigIntBytes) return "";
+  std::vector<std::uint8_t> magnitude(little_endian.rbegin(), little_endian.rend());  // big-endian
+  const bool negative = (magnitude.front() & 0x80) != 0;
+  if (negative) {  // two's complement: invert and add one
+    for (std::uint8_t& byte : magnitude) byte = static_cast<std::uint8_t>(~byte);
+    for (auto it = magnitude.rbegin(); it != magnitude.rend(); ++it) {
+      if (++*it != 0) break;
+    }
+  }
+  std::string digits;
+  std::size_t first = 0;  // the first non-zero byte of what is left to divide
+  while (true) {
+    while (first < magnitude.size() && magnitude[first] == 0) ++first;
+    if (first == magnitude.size()) break;
+    unsigned remainder = 0;
+    for (std::size_t i = first; i < magnitude.size(); ++i) {
+      unsigned value = remainder * 256 + magnitude[i];
+      magnitude[i] = static_cast<std::uint8_t>(value / 10);
+      remainder = value % 10;
+    }
+    digits.push_back(static_cast<char>('0' + remainder));
+  }
+  if (digits.empty()) digits.push_back('0');
+  if (negative) digits.push_back('-');
+  std::reverse(digits.begin(), digits.end());
+  return digits;
+}
+
 class JsonRenderer {
  public:
   JsonRenderer(const Graph& graph, const JsonLeaf& leaf, std::size_t max_nodes)
@@ -117,7 +152,11 @@ class JsonRenderer {
       case Kind::None: return nullptr;
       case Kind::Bool: return node.boolean;
       case Kind::Int: return node.integer;
-      case Kind::BigInt: return json{{"$bigint_bytes", node.text.size()}};
+      case Kind::BigInt: {  // beyond 64 bits: its decimal text (a JSON number would lose digits)
+        std::string decimal = decimal_of(node.text);
+        if (decimal.empty()) return json{{"$bigint_bytes", node.text.size()}};
+        return json{{"$bigint", decimal}};
+      }
       case Kind::Float:
         if (std::isfinite(node.real)) return node.real;
         return fmt::format("{}", node.real);

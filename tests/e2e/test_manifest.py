@@ -113,6 +113,23 @@ def test_stale_manifest_is_refused():
     assert "checkpoint_last-shard0.pt" in stderr and "changed since the manifest" in stderr
 
 
+def test_big_ints_are_shown_as_their_decimal_value():
+    import pickle
+    import random
+
+    import torch
+    rng = random.Random(13)
+    values = [2 ** 63, -2 ** 63 - 1, 2 ** 64, -(2 ** 64), 2 ** 100, -(2 ** 70) - 3, 255 << 64, -(256 ** 20)]
+    values += [rng.randrange(-2 ** 4000, 2 ** 4000) for _ in range(8)] + [2 ** 8000]
+    path = os.path.join(harness.scratch("bigint"), "big.pt")
+    torch.save({"model": {"w": torch.zeros(2)}, "values": values, "huge": 2 ** 9000}, path)
+    stdout, _ = harness.run(["inspect", "--json", path])
+    objects = json.loads(stdout)["objects"]
+    assert objects["values"] == [{"$bigint": str(v)} for v in values], objects["values"][:3]
+    # past 1024 bytes (2**9000 pickles as 1126, as LONG4): the length only
+    assert objects["huge"] == {"$bigint_bytes": len(pickle.encode_long(2 ** 9000))}, objects["huge"]
+
+
 def test_missing_shard_is_a_problem():
     folder = harness.fixtures()["mp2_dp3_fp32_ns_args"]
     files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".pt") and "part-1-shard2" not in f]
@@ -123,5 +140,6 @@ def test_missing_shard_is_a_problem():
 
 if __name__ == "__main__":
     harness.main([test_offsets_agree_with_zipfile_for_every_case, test_layout_matches_the_generator,
+                  test_big_ints_are_shown_as_their_decimal_value,
                   test_zstd_manifest_and_inspect, test_parameter_count_matches_the_model,
                   test_tensor_table_and_filter, test_stale_manifest_is_refused, test_missing_shard_is_a_problem])
