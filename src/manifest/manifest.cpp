@@ -17,6 +17,7 @@
 #include <thread>
 #include <unordered_map>
 
+#include "ckpt/format/by_pickle_bytes.hpp"
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/parallel.hpp"
@@ -80,10 +81,6 @@ ManifestFile::ManifestFile() : objects(nlohmann::json()) {}
 void ManifestFile::add_tensor(ManifestTensor tensor, TensorPlace place) {
   tensors.edit().push_back(std::move(tensor));
   places.push_back(place);
-}
-
-std::string ManifestFile::record_name(const ManifestTensor& tensor) const {
-  return archive_name + "/data/" + tensor.storage_key;
 }
 
 ManifestFile describe_file(const Checkpoint& checkpoint) {
@@ -200,41 +197,14 @@ void SharedContent::share(ManifestFile& file) {
 namespace {
 
 // What a file's pickle alone gives (tensors, shard_metadata, object tree, ...):
-// the same for every file whose pickle bytes are the same, as the shards of one
-// model part are but for padding. Decoded once, then only the records' places
-// are read from each file's zip directory.
+// the same for every file whose pickle bytes are the same. Decoded once, then
+// only the records' places are read from each file's zip directory.
 struct PickleFacts {
-  std::vector<std::byte> pickle;  // the bytes, to confirm a match
-  ManifestFile described;         // its file-specific fields are not used
+  ManifestFile described;  // its file-specific fields are not used
   std::vector<StorageId> storages;
 };
 
-class PickleCache {
- public:
-  std::shared_ptr<const PickleFacts> find(std::size_t hash, Bytes pickle) const {
-    std::lock_guard lock(mutex_);
-    auto range = facts_.equal_range(hash);
-    for (auto it = range.first; it != range.second; ++it) {
-      const std::vector<std::byte>& known = it->second->pickle;
-      if (known.size() == pickle.size() && std::equal(known.begin(), known.end(), pickle.begin())) return it->second;
-    }
-    return nullptr;
-  }
-  void add(std::size_t hash, std::shared_ptr<const PickleFacts> facts) {
-    std::lock_guard lock(mutex_);
-    facts_.emplace(hash, std::move(facts));
-  }
-
- private:
-  mutable std::mutex mutex_;
-  std::unordered_multimap<std::size_t, std::shared_ptr<const PickleFacts>> facts_;
-};
-
-std::size_t hash_bytes(Bytes bytes) {
-  return std::hash<std::string_view>{}(as_chars(bytes));
-}
-
-// A file whose pickle is `facts.pickle`: its description, with each tensor's
+// A file whose pickle gave `facts`: its description, with each tensor's
 // place from this file's own records (checked as Checkpoint checks them).
 ManifestFile describe_known(const PickleFacts& facts, const MappedFile& mapped, const ZipArchive& zip,
                             const TorchZip& located) {
@@ -261,7 +231,7 @@ ManifestFile describe_known(const PickleFacts& facts, const MappedFile& mapped, 
 }  // namespace
 
 struct FileDescriber::Known {
-  PickleCache pickles;
+  ByPickleBytes<PickleFacts> pickles;
   SharedContent shared;
 };
 
@@ -269,24 +239,20 @@ FileDescriber::FileDescriber() : known_(std::make_unique<Known>()) {}
 FileDescriber::~FileDescriber() = default;
 
 ManifestFile FileDescriber::describe(const std::string& path) {
-  PickleCache& cache = known_->pickles;
-  SharedContent& shared = known_->shared;
   MappedFile mapped(path);
   ZipArchive zip(mapped);
   TorchZip located = locate_torch_zip(zip);
   Bytes pickle = zip.data(*located.pickle);
-  std::size_t hash = hash_bytes(pickle);
-  if (auto facts = cache.find(hash, pickle)) return describe_known(*facts, mapped, zip, located);
+  if (auto facts = known_->pickles.find(pickle)) return describe_known(*facts, mapped, zip, located);
   Checkpoint checkpoint(mapped);
   ManifestFile file = describe_file(checkpoint);
-  shared.share(file);
+  known_->shared.share(file);
   auto facts = std::make_shared<PickleFacts>();
-  facts->pickle.assign(pickle.begin(), pickle.end());
   facts->described = file;
   for (const auto& [key, storage] : checkpoint.storages()) {
     facts->storages.push_back({key, storage.dtype, storage.numel, storage.location});
   }
-  cache.add(hash, std::move(facts));
+  known_->pickles.add(pickle, std::move(facts));
   return file;
 }
 
@@ -301,23 +267,10 @@ Manifest build_manifest(const std::vector<std::string>& paths) {
   // files share kept once (FileDescriber). The manifest keeps the
   // given order, and the first bad file (in that order) is the one reported,
   // whatever the thread count.
-  std::vector<std::optional<ManifestFile>> described(unique.size());
-  std::vector<std::exception_ptr> failures(unique.size());
   FileDescriber describer;
-  parallel_for(unique.size(), std::thread::hardware_concurrency(), [&] {
-    return [&](std::size_t i) {
-      try {
-        described[i] = describer.describe(unique[i]);
-      } catch (...) {
-        failures[i] = std::current_exception();
-      }
-    };
-  });
   Manifest manifest;
-  for (std::size_t i = 0; i < unique.size(); ++i) {
-    if (failures[i]) std::rethrow_exception(failures[i]);
-    manifest.files.push_back(std::move(*described[i]));
-  }
+  manifest.files = parallel_map(unique.size(), std::thread::hardware_concurrency(),
+                                [&](std::size_t i) { return describer.describe(unique[i]); });
   manifest.grid = detect_grid(manifest.files);
   return manifest;
 }
@@ -396,26 +349,17 @@ std::optional<std::pair<std::string, std::string>> first_mismatch(const Manifest
 
 void check_describes_files(const Manifest& manifest, const std::string& source) {
   FileDescriber describer;
-  std::vector<std::optional<std::pair<std::string, std::string>>> mismatches(manifest.files.size());
-  std::vector<std::exception_ptr> failures(manifest.files.size());
-  parallel_for(manifest.files.size(), std::thread::hardware_concurrency(), [&] {
-    return [&](std::size_t i) {
-      try {
-        mismatches[i] = first_mismatch(manifest.files[i], describer.describe(manifest.files[i].path), i);
-      } catch (...) {
-        failures[i] = std::current_exception();
-      }
-    };
-  });
-  for (std::size_t i = 0; i < manifest.files.size(); ++i) {
-    if (failures[i]) std::rethrow_exception(failures[i]);
-    if (mismatches[i]) {
-      throw Error(Location{source, mismatches[i]->first, std::nullopt},
+  // A mismatch is thrown like a file that cannot be read: the first in file order is reported.
+  parallel_map(manifest.files.size(), std::thread::hardware_concurrency(), [&](std::size_t i) {
+    const ManifestFile& claimed = manifest.files[i];
+    if (auto mismatch = first_mismatch(claimed, describer.describe(claimed.path), i)) {
+      throw Error(Location{source, mismatch->first, std::nullopt},
                   fmt::format("does not describe {}, which holds {} (a manifest edited by hand?): run `ckpt-tool "
                               "manifest` again",
-                              manifest.files[i].path, mismatches[i]->second));
+                              claimed.path, mismatch->second));
     }
-  }
+    return true;
+  });
 }
 
 void check_fresh(const Manifest& manifest) {

@@ -2,9 +2,6 @@
 
 #include <fmt/format.h>
 
-#include <algorithm>
-#include <string_view>
-
 namespace ckpt {
 
 PlanInputs::PlanInputs(Manifest manifest) : manifest_(std::move(manifest)) {
@@ -22,21 +19,10 @@ std::shared_ptr<const Checkpoint> PlanInputs::open(int index) const {
   const MappedFile& file = *files_[static_cast<std::size_t>(index)];
   ZipArchive zip(file);
   Bytes pickle = zip.data(*locate_torch_zip(zip).pickle);
-  std::size_t hash = std::hash<std::string_view>{}(as_chars(pickle));
-  auto find_same = [&]() -> std::shared_ptr<const Checkpoint> {
-    std::lock_guard lock(opened_->mutex);
-    auto range = opened_->decoded.equal_range(hash);
-    for (auto it = range.first; it != range.second; ++it) {
-      Bytes known = it->second->zip().data(it->second->pickle_record());
-      if (std::equal(pickle.begin(), pickle.end(), known.begin(), known.end())) return it->second;
-    }
-    return nullptr;
-  };
-  std::shared_ptr<const Checkpoint> same = find_same();
+  std::shared_ptr<const Checkpoint> same = opened_->decoded.find(pickle);
   if (same == nullptr) {
-    same = std::make_shared<const Checkpoint>(file);  // decoded without the lock
-    std::lock_guard lock(opened_->mutex);
-    opened_->decoded.emplace(hash, same);
+    same = std::make_shared<const Checkpoint>(file);
+    opened_->decoded.add(pickle, same);
   }
   auto opened = std::make_shared<const Checkpoint>(file, std::move(zip), *same);
   file.drop_resident_pages();  // the directory and the pickle, read from the mapping

@@ -8,9 +8,7 @@
 
 #include <fmt/format.h>
 
-#include <exception>
 #include <map>
-#include <optional>
 #include <set>
 #include <thread>
 
@@ -298,25 +296,15 @@ PlannedOutput plan_output(const PlanInputs& inputs, const std::vector<std::vecto
 // (m, d) order; the first failing output in that order is the one reported.
 void plan_outputs(const PlanInputs& inputs, const std::vector<std::vector<int>>& grid, const Recut& recut,
                   const std::string& pattern, const std::vector<std::uint32_t>& sources, ReshardPlan& out) {
-  const std::size_t count = static_cast<std::size_t>(recut.options.mp) * static_cast<std::size_t>(recut.options.dp);
-  std::vector<std::optional<PlannedOutput>> planned(count);
-  std::vector<std::exception_ptr> failures(count);
-  parallel_for(count, std::thread::hardware_concurrency(), [&] {
-    return [&](std::size_t k) {
-      try {
-        int m = static_cast<int>(k / static_cast<std::size_t>(recut.options.dp));
-        int d = static_cast<int>(k % static_cast<std::size_t>(recut.options.dp));
-        planned[k] = plan_output(inputs, grid, recut, pattern, sources, m, d);
-      } catch (...) {
-        failures[k] = std::current_exception();
-      }
-    };
-  });
-  for (std::size_t k = 0; k < count; ++k) {
-    if (failures[k]) std::rethrow_exception(failures[k]);
-    out.outputs.push_back(std::move(planned[k]->path));
-    out.plan.files.push_back(std::move(planned[k]->file));
-    if (recut.options.list_tensors) out.tensors.push_back(std::move(planned[k]->tensors));
+  const auto dp = static_cast<std::size_t>(recut.options.dp);
+  std::vector<PlannedOutput> planned = parallel_map(
+      static_cast<std::size_t>(recut.options.mp) * dp, std::thread::hardware_concurrency(), [&](std::size_t k) {
+        return plan_output(inputs, grid, recut, pattern, sources, static_cast<int>(k / dp), static_cast<int>(k % dp));
+      });
+  for (PlannedOutput& output : planned) {
+    out.outputs.push_back(std::move(output.path));
+    out.plan.files.push_back(std::move(output.file));
+    if (recut.options.list_tensors) out.tensors.push_back(std::move(output.tensors));
   }
 }
 

@@ -1,5 +1,6 @@
-// The one parallel loop, shared by the executor, diff, verify and the manifest
-// builder: indices handed out one at a time to a small pool of threads.
+// The one parallel loop, shared by the executor, diff, verify, the manifest
+// builder and the reshard planner: indices handed out one at a time to a small
+// pool of threads (parallel_map: the same, with results and errors in order).
 #pragma once
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <cstddef>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -38,6 +40,33 @@ void parallel_for(std::size_t count, unsigned threads, MakeBody make_body) {
   if (workers > 0) worker();
   for (std::thread& thread : pool) thread.join();
   if (failure) std::rethrow_exception(failure);
+}
+
+// make(i) for every i in [0, count) on up to `threads` threads, the results in
+// index order. Every index runs even when some throw; then the exception of the
+// lowest index that threw is rethrown, so the error reported is the same
+// whatever the thread count (the first bad file in the order given).
+template <typename Make>
+auto parallel_map(std::size_t count, unsigned threads, Make make) -> std::vector<decltype(make(std::size_t{}))> {
+  using Result = decltype(make(std::size_t{}));
+  std::vector<std::optional<Result>> results(count);
+  std::vector<std::exception_ptr> failures(count);
+  parallel_for(count, threads, [&] {
+    return [&](std::size_t i) {
+      try {
+        results[i].emplace(make(i));
+      } catch (...) {
+        failures[i] = std::current_exception();
+      }
+    };
+  });
+  std::vector<Result> out;
+  out.reserve(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    if (failures[i]) std::rethrow_exception(failures[i]);
+    out.push_back(std::move(*results[i]));
+  }
+  return out;
 }
 
 }  // namespace ckpt

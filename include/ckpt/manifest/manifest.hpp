@@ -117,7 +117,6 @@ class Shared {
   explicit operator bool() const { return value_ != nullptr; }
   const T& operator*() const { return *value_; }
   const T* operator->() const { return value_.get(); }
-  bool operator==(std::nullptr_t) const { return value_ == nullptr; }
   // True when both are the same shared value (or both empty).
   bool same_value(const Shared& other) const { return value_ == other.value_; }
   const void* identity() const { return value_.get(); }
@@ -166,8 +165,6 @@ struct ManifestFile {
     all.resize(kept);
     places.resize(kept);
   }
-  // `<archive_name>/data/<storage_key>`: the zip record holding `tensor`'s storage.
-  std::string record_name(const ManifestTensor& tensor) const;
 };
 
 // The MP x DP grid of a set of files, and everything that makes it unfit for

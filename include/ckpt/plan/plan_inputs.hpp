@@ -11,9 +11,9 @@
 
 #include <memory>
 #include <mutex>
-#include <unordered_map>
 #include <vector>
 
+#include "ckpt/format/by_pickle_bytes.hpp"
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/manifest/manifest.hpp"
@@ -43,10 +43,9 @@ class PlanInputs {
   std::vector<std::unique_ptr<MappedFile>> mapped_;
   std::vector<const MappedFile*> files_;
   struct Opened {
-    std::mutex mutex;                                            // guards both
+    std::mutex mutex;                                            // guards checkpoints
     std::vector<std::shared_ptr<const Checkpoint>> checkpoints;  // parallel to files_, null until opened
-    // Every pickle decoded, by the hash of its bytes: what open() shares graphs with.
-    std::unordered_multimap<std::size_t, std::shared_ptr<const Checkpoint>> decoded;
+    ByPickleBytes<Checkpoint> decoded;                           // every pickle decoded: what open() shares
   };
   std::unique_ptr<Opened> opened_;
 };
