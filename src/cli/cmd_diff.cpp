@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <cmath>
 #include <iostream>
 #include <memory>
 
@@ -104,6 +105,26 @@ void diff_objects(const json& a, const json& b, const std::string& path, std::ve
   }
 }
 
+// A value as JSON: integers exact, floats as numbers (non-finite ones as the
+// strings "nan", "inf", "-inf"), complex as {"real", "imag"}.
+json value_json(const ElementValue& value) {
+  auto real = [](double x, DType dtype) -> json {
+    if (std::isfinite(x)) return x;
+    return format_value(ElementValue{ElementValue::Kind::Real, dtype, 0, 0, x, 0.0});
+  };
+  switch (value.kind) {
+    case ElementValue::Kind::Bool:
+      if (value.signed_value == 0 || value.signed_value == 1) return value.signed_value == 1;
+      return value.signed_value;
+    case ElementValue::Kind::Signed: return value.signed_value;
+    case ElementValue::Kind::Unsigned: return value.unsigned_value;
+    case ElementValue::Kind::Real: return real(value.real, value.dtype);
+    case ElementValue::Kind::Complex:
+      return {{"real", real(value.real, value.dtype)}, {"imag", real(value.imag, value.dtype)}};
+  }
+  return nullptr;
+}
+
 std::string index_text(const std::vector<std::int64_t>& index) {
   return index.size() == 1 ? fmt::format("({},)", index[0]) : fmt::format("({})", fmt::join(index, ", "));
 }
@@ -140,8 +161,7 @@ Action add_diff_command(CLI::App& app) {
       std::unique_ptr<Side> a = load_side(options->a, options->model_parts);
       std::unique_ptr<Side> b = load_side(options->b, options->model_parts);
       CompareOptions compare;
-      compare.atol = options->atol;
-      compare.rtol = options->rtol;
+      compare.tolerance = {options->atol, options->rtol};
       compare.max_positions = options->max_positions;
       compare.threads = options->threads;
       DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
@@ -152,24 +172,31 @@ Action add_diff_command(CLI::App& app) {
       double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       bool equal = report.equal() && objects.empty();
       if (options->json_output) {
-        json out = {
-            {"equal", equal},     {"only_in_a", report.only_in_a},       {"only_in_b", report.only_in_b},
-            {"objects", objects}, {"compared_tensors", report.compared}, {"compared_bytes", report.compared_bytes},
-            {"seconds", seconds}};
+        json out = {{"equal", equal},
+                    {"only_in_a", report.only_in_a},
+                    {"only_in_b", report.only_in_b},
+                    {"objects", objects},
+                    {"compared_tensors", report.compared},
+                    {"compared_tensor_bytes", report.compared_tensor_bytes},
+                    {"seconds", seconds}};
         json differing = json::array();
         for (const TensorDiff& diff : report.differing) {
           json positions = json::array();
           for (const DiffPosition& p : diff.positions)
-            positions.push_back({{"index", p.index}, {"a", p.a}, {"b", p.b}});
+            positions.push_back({{"index", p.index}, {"a", value_json(p.a)}, {"b", value_json(p.b)}});
           differing.push_back({{"name", diff.name},
                                {"mismatch", diff.mismatch},
+                               {"note", diff.note},
                                {"numel", diff.numel},
                                {"count", diff.count},
-                               {"max_abs", diff.max_abs},
+                               {"max_abs", value_json(diff.max_abs)},
                                {"max_rel", diff.max_rel},
                                {"positions", positions}});
         }
         out["differing"] = std::move(differing);
+        json notes = json::array();
+        for (const TensorDiff& diff : report.noted) notes.push_back({{"name", diff.name}, {"note", diff.note}});
+        out["notes"] = std::move(notes);
         std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
         return equal ? 0 : 1;
       }
@@ -181,17 +208,19 @@ Action add_diff_command(CLI::App& app) {
           fmt::print("{}: {}\n", name, printable(diff.mismatch));
           continue;
         }
-        fmt::print("{}: {} of {} elements differ (max abs {:.6g}, max rel {:.6g})\n", name, diff.count, diff.numel,
-                   diff.max_abs, diff.max_rel);
+        fmt::print("{}: {} of {} elements differ (max abs {}, max rel {:.6g}){}\n", name, diff.count, diff.numel,
+                   format_value(diff.max_abs), diff.max_rel, diff.note.empty() ? "" : "; " + diff.note);
         for (const DiffPosition& p : diff.positions)
-          fmt::print("  {} {}: {:.6g} != {:.6g}\n", name, index_text(p.index), p.a, p.b);
+          fmt::print("  {} {}: {} != {}\n", name, index_text(p.index), format_value(p.a), format_value(p.b));
         if (diff.count > diff.positions.size()) fmt::print("  ... {} more\n", diff.count - diff.positions.size());
       }
+      for (const TensorDiff& diff : report.noted) fmt::print("note: {}: {}\n", printable(diff.name), diff.note);
       for (const std::string& line : objects) fmt::print("object {}\n", printable(line));
-      fmt::print("{}: {} tensors compared ({} each side) in {:.2f} s; {} differ, {} only in A, {} only in B{}\n",
-                 equal ? "equal" : "different", report.compared, human_bytes(report.compared_bytes), seconds,
-                 report.differing.size(), report.only_in_a.size(), report.only_in_b.size(),
-                 objects.empty() ? "" : fmt::format(", {} object difference(s)", objects.size()));
+      fmt::print(
+          "{}: {} tensors compared ({} tensor bytes in A) in {:.2f} s; {} differ, {} only in A, {} only in B{}\n",
+          equal ? "equal" : "different", report.compared, human_bytes(report.compared_tensor_bytes), seconds,
+          report.differing.size(), report.only_in_a.size(), report.only_in_b.size(),
+          objects.empty() ? "" : fmt::format(", {} object difference(s)", objects.size()));
       return equal ? 0 : 1;
     } catch (const Error& e) {
       fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());

@@ -9,21 +9,15 @@
 #include <vector>
 
 #include "ckpt/exec/gather.hpp"
-#include "ckpt/exec/tensor_math.hpp"
 #include "ckpt/io/parallel.hpp"
 
 namespace ckpt {
 
 namespace {
 
+// Chunks of at most 16 MiB of a's bytes: enough to keep both threads busy on
+// one large tensor, small enough for the read buffers.
 constexpr std::uint64_t kChunkBytes = 16ull << 20;
-
-struct ChunkResult {
-  std::uint64_t count = 0;
-  double max_abs = 0.0;
-  double max_rel = 0.0;
-  std::vector<std::tuple<std::uint64_t, double, double>> first;  // flat index, a, b
-};
 
 std::vector<std::int64_t> unravel(std::uint64_t flat, const std::vector<std::int64_t>& shape) {
   std::vector<std::int64_t> index(shape.size(), 0);
@@ -43,11 +37,11 @@ struct Pair {
   std::size_t diff;  // index into the diffs
 };
 
-// A chunk of a pair: bytes [begin, begin + count) of both.
+// A chunk of a pair: elements [begin, begin + numel) of both.
 struct Item {
   std::size_t pair;
   std::uint64_t begin;
-  std::uint64_t count;
+  std::uint64_t numel;
 };
 
 // A tied tensor resolved to the tensor it shares; null when that is missing.
@@ -61,8 +55,8 @@ const NamedTensor* resolve(const NamedTensor* t, const std::map<std::string, con
 
 // Pairs the tensors of `a` and `b` by name, in a's order: names on one side only
 // go to the report, dtype and shape mismatches to `diffs` with no pair.
-std::vector<Pair> pair_tensors(const std::vector<NamedTensor>& a, const std::vector<NamedTensor>& b, DiffReport& report,
-                               std::vector<TensorDiff>& diffs) {
+std::vector<Pair> pair_tensors(const std::vector<NamedTensor>& a, const std::vector<NamedTensor>& b,
+                               const Tolerance& tolerance, DiffReport& report, std::vector<TensorDiff>& diffs) {
   std::map<std::string, const NamedTensor*> by_name_a;
   for (const NamedTensor& t : a) by_name_a[t.name] = &t;
   std::map<std::string, const NamedTensor*> by_name_b;
@@ -83,11 +77,15 @@ std::vector<Pair> pair_tensors(const std::vector<NamedTensor>& a, const std::vec
     TensorDiff diff;
     diff.name = ta.name;
     diff.numel = x->source.numel();
-    if (x->source.dtype != y->source.dtype) {
-      diff.mismatch = fmt::format("dtype {} != {}", dtype_info(x->source.dtype).name, dtype_info(y->source.dtype).name);
+    std::string_view dtype_x = dtype_info(x->source.dtype).name;
+    std::string_view dtype_y = dtype_info(y->source.dtype).name;
+    if (!comparable_dtypes(x->source.dtype, y->source.dtype, tolerance)) {
+      diff.mismatch = fmt::format("dtype {} != {}", dtype_x, dtype_y);
     } else if (x->source.shape != y->source.shape) {
       diff.mismatch =
           fmt::format("shape [{}] != [{}]", fmt::join(x->source.shape, ", "), fmt::join(y->source.shape, ", "));
+    } else if (x->source.dtype != y->source.dtype) {
+      diff.note = fmt::format("dtype {} != {}, compared by value", dtype_x, dtype_y);
     }
     diffs.push_back(std::move(diff));
     if (diffs.back().mismatch.empty()) pairs.push_back({&x->source, &y->source, diffs.size() - 1});
@@ -95,43 +93,41 @@ std::vector<Pair> pair_tensors(const std::vector<NamedTensor>& a, const std::vec
   return pairs;
 }
 
-// Every pair cut into chunks of at most kChunkBytes (whole elements).
+// Every pair cut into chunks of at most kChunkBytes of a.
 std::vector<Item> cut_chunks(const std::vector<Pair>& pairs, DiffReport& report) {
   std::vector<Item> items;
   for (std::size_t p = 0; p < pairs.size(); ++p) {
-    std::uint64_t itemsize = dtype_info(pairs[p].a->dtype).itemsize;
-    std::uint64_t step = kChunkBytes / itemsize * itemsize;
-    std::uint64_t total = pairs[p].a->nbytes();
-    report.compared_bytes += total;
-    for (std::uint64_t begin = 0; begin < total; begin += step)
-      items.push_back({p, begin, std::min(step, total - begin)});
+    std::uint64_t step = kChunkBytes / dtype_info(pairs[p].a->dtype).itemsize;
+    std::uint64_t numel = pairs[p].a->numel();
+    report.compared_tensor_bytes += pairs[p].a->nbytes();
+    for (std::uint64_t begin = 0; begin < numel; begin += step)
+      items.push_back({p, begin, std::min(step, numel - begin)});
   }
   return items;
 }
 
 // Compares the chunks on a pool of threads, each read through buffers (pread:
-// the resident set stays at their size); equal chunks are recognised with memcmp.
-std::vector<ChunkResult> compare_chunks(const std::vector<Item>& items, const std::vector<Pair>& pairs,
-                                        const std::vector<const MappedFile*>& files_a,
-                                        const std::vector<const MappedFile*>& files_b, const CompareOptions& options) {
-  std::vector<ChunkResult> results(items.size());
+// the resident set stays at their size); equal chunks of one dtype are
+// recognised with memcmp.
+std::vector<ElementComparison> compare_chunks(const std::vector<Item>& items, const std::vector<Pair>& pairs,
+                                              const std::vector<const MappedFile*>& files_a,
+                                              const std::vector<const MappedFile*>& files_b,
+                                              const CompareOptions& options) {
+  std::vector<ElementComparison> results(items.size());
   unsigned threads = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
   parallel_for(items.size(), threads, [&] {
     return [&, buffer_a = std::vector<std::byte>(), buffer_b = std::vector<std::byte>()](std::size_t i) mutable {
       const Item& item = items[i];
       const Pair& pair = pairs[item.pair];
-      buffer_a.resize(item.count);
-      buffer_b.resize(item.count);
-      read_source_bytes(*pair.a, files_a, item.begin, item.count, buffer_a.data());
-      read_source_bytes(*pair.b, files_b, item.begin, item.count, buffer_b.data());
-      if (std::memcmp(buffer_a.data(), buffer_b.data(), item.count) == 0) return;
-      std::uint64_t itemsize = dtype_info(pair.a->dtype).itemsize;
-      ElementComparison chunk = compare_elements(pair.a->dtype, buffer_a.data(), buffer_b.data(), item.count / itemsize,
-                                                 options.atol, options.rtol, options.max_positions);
-      results[i].count = chunk.count;
-      results[i].max_abs = chunk.max_abs;
-      results[i].max_rel = chunk.max_rel;
-      for (const auto& p : chunk.first) results[i].first.emplace_back(item.begin / itemsize + p.index, p.a, p.b);
+      std::uint64_t itemsize_a = dtype_info(pair.a->dtype).itemsize;
+      std::uint64_t itemsize_b = dtype_info(pair.b->dtype).itemsize;
+      buffer_a.resize(item.numel * itemsize_a);
+      buffer_b.resize(item.numel * itemsize_b);
+      read_source_bytes(*pair.a, files_a, item.begin * itemsize_a, buffer_a.size(), buffer_a.data());
+      read_source_bytes(*pair.b, files_b, item.begin * itemsize_b, buffer_b.size(), buffer_b.data());
+      if (pair.a->dtype == pair.b->dtype && std::memcmp(buffer_a.data(), buffer_b.data(), buffer_a.size()) == 0) return;
+      results[i] = compare_elements(pair.a->dtype, buffer_a.data(), pair.b->dtype, buffer_b.data(), item.numel,
+                                    options.tolerance, options.max_positions);
     };
   });
   return results;
@@ -139,19 +135,20 @@ std::vector<ChunkResult> compare_chunks(const std::vector<Item>& items, const st
 
 // Chunks of a tensor are in order: their counts, maxima and first positions
 // merge into the tensor's diff.
-void merge_chunks(const std::vector<Item>& items, const std::vector<ChunkResult>& results,
+void merge_chunks(const std::vector<Item>& items, std::vector<ElementComparison>&& results,
                   const std::vector<Pair>& pairs, const CompareOptions& options, std::vector<TensorDiff>& diffs) {
+  std::vector<ElementComparison> merged(diffs.size());
   for (std::size_t i = 0; i < items.size(); ++i) {
-    TensorDiff& diff = diffs[pairs[items[i].pair].diff];
-    const ChunkResult& chunk = results[i];
-    diff.count += chunk.count;
-    diff.max_abs = std::max(diff.max_abs, chunk.max_abs);
-    diff.max_rel = std::max(diff.max_rel, chunk.max_rel);
-    for (const auto& [flat, x, y] : chunk.first) {
-      if (diff.positions.size() < options.max_positions) {
-        diff.positions.push_back({unravel(flat, pairs[items[i].pair].a->shape), x, y});
-      }
-    }
+    merge_comparison(merged[pairs[items[i].pair].diff], std::move(results[i]), items[i].begin, options.max_positions);
+  }
+  for (const Pair& pair : pairs) {
+    TensorDiff& diff = diffs[pair.diff];
+    ElementComparison& comparison = merged[pair.diff];
+    diff.count = comparison.count;
+    diff.max_abs = comparison.max_abs;
+    diff.max_rel = comparison.max_rel;
+    for (ElementComparison::Position& p : comparison.first)
+      diff.positions.push_back({unravel(p.index, pair.a->shape), std::move(p.a), std::move(p.b)});
   }
 }
 
@@ -162,12 +159,16 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
                         const CompareOptions& options) {
   DiffReport report;
   std::vector<TensorDiff> diffs;
-  std::vector<Pair> pairs = pair_tensors(a, b, report, diffs);
+  std::vector<Pair> pairs = pair_tensors(a, b, options.tolerance, report, diffs);
   std::vector<Item> items = cut_chunks(pairs, report);
   merge_chunks(items, compare_chunks(items, pairs, files_a, files_b, options), pairs, options, diffs);
   report.compared = pairs.size();
   for (TensorDiff& diff : diffs) {
-    if (!diff.mismatch.empty() || diff.count > 0) report.differing.push_back(std::move(diff));
+    if (diff.differs()) {
+      report.differing.push_back(std::move(diff));
+    } else if (!diff.note.empty()) {
+      report.noted.push_back(std::move(diff));
+    }
   }
   return report;
 }
@@ -200,8 +201,8 @@ std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& 
     if (!diff.mismatch.empty()) {
       problems.push_back(fmt::format("{}: model part {} differs from part 0: {}", checks[i].key, m, diff.mismatch));
     } else {
-      problems.push_back(fmt::format("{}: model part {} differs from part 0 in {} element(s), max |difference| {:g}",
-                                     checks[i].key, m, diff.count, diff.max_abs));
+      problems.push_back(fmt::format("{}: model part {} differs from part 0 in {} element(s), max |difference| {}",
+                                     checks[i].key, m, diff.count, format_value(diff.max_abs)));
     }
   }
   return problems;

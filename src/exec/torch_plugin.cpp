@@ -5,6 +5,8 @@
 
 #include <filesystem>
 #include <mutex>
+#include <string>
+#include <vector>
 
 #include "../tensor/torch_plugin_abi.h"
 #include "ckpt/exec/tensor_math.hpp"
@@ -16,7 +18,6 @@ namespace {
 
 struct Plugin {
   ckpt_torch_convert_fn convert = nullptr;
-  ckpt_torch_compare_fn compare = nullptr;
 };
 
 std::vector<std::string> candidates() {
@@ -51,8 +52,7 @@ const Plugin& plugin() {
       }
       auto abi_version = reinterpret_cast<ckpt_torch_abi_version_fn>(::dlsym(handle, "ckpt_torch_abi_version"));
       loaded.convert = reinterpret_cast<ckpt_torch_convert_fn>(::dlsym(handle, "ckpt_torch_convert"));
-      loaded.compare = reinterpret_cast<ckpt_torch_compare_fn>(::dlsym(handle, "ckpt_torch_compare"));
-      if (abi_version == nullptr || loaded.convert == nullptr || loaded.compare == nullptr) {
+      if (abi_version == nullptr || loaded.convert == nullptr) {
         failure = path + " is not ckpt-tool's LibTorch plugin";
       } else if (int version = abi_version(); version != CKPT_TORCH_PLUGIN_VERSION) {
         failure = fmt::format(
@@ -75,25 +75,6 @@ void convert_elements(DType from, DType to, const std::byte* source, std::byte* 
   if (plugin().convert(static_cast<int>(from), static_cast<int>(to), source, dest, numel, error, sizeof error) != 0) {
     throw Error(fmt::format("LibTorch: converting {} to {}: {}", dtype_info(from).name, dtype_info(to).name, error));
   }
-}
-
-ElementComparison compare_elements(DType dtype, const std::byte* a, const std::byte* b, std::uint64_t numel,
-                                   double atol, double rtol, std::size_t max_positions) {
-  ckpt_torch_comparison result{};
-  std::vector<std::uint64_t> indices(max_positions);
-  std::vector<double> values_a(max_positions);
-  std::vector<double> values_b(max_positions);
-  char error[512] = {};
-  if (plugin().compare(static_cast<int>(dtype), a, b, numel, atol, rtol, max_positions, &result, indices.data(),
-                       values_a.data(), values_b.data(), error, sizeof error) != 0) {
-    throw Error(fmt::format("LibTorch: comparing {} elements: {}", dtype_info(dtype).name, error));
-  }
-  ElementComparison out;
-  out.count = result.count;
-  out.max_abs = result.max_abs;
-  out.max_rel = result.max_rel;
-  for (std::uint64_t i = 0; i < result.positions; ++i) out.first.push_back({indices[i], values_a[i], values_b[i]});
-  return out;
 }
 
 }  // namespace ckpt

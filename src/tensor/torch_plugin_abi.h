@@ -16,22 +16,12 @@
 extern "C" {
 #endif
 
-#define CKPT_TORCH_PLUGIN_VERSION 1
+#define CKPT_TORCH_PLUGIN_VERSION 2
 
 typedef int (*ckpt_torch_abi_version_fn)(void);
 
-struct ckpt_torch_comparison {
-  uint64_t count;
-  double max_abs;
-  double max_rel;
-  uint64_t positions; /* filled entries of the position arrays */
-};
-
 typedef int (*ckpt_torch_convert_fn)(int from, int to, const void* source, void* dest, uint64_t numel, char* error,
                                      size_t error_len);
-typedef int (*ckpt_torch_compare_fn)(int dtype, const void* a, const void* b, uint64_t numel, double atol, double rtol,
-                                     uint64_t max_positions, struct ckpt_torch_comparison* result, uint64_t* indices,
-                                     double* values_a, double* values_b, char* error, size_t error_len);
 
 #ifdef __cplusplus
 }

@@ -14,6 +14,7 @@ import torch
 
 import harness
 from harness import ckptcheck
+from test_numbers import shortest
 
 
 def copy_case(name, work):
@@ -67,7 +68,9 @@ def test_diff_names_the_wrong_positions():
     original = ckptcheck.load(os.path.join(folder, "expected", "consolidated.pt"))["model"]["decoder.layers.1.fc1.weight"]
     stdout, _ = harness.run(["diff", folder, changed], expect=1)
     assert "model/decoder.layers.1.fc1.weight: 2 of 32 elements differ" in stdout, stdout
-    assert f"model/decoder.layers.1.fc1.weight (3, 2): {original[3, 2].item():.6g} != {w[3, 2].item():.6g}" in stdout
+    # fp16 values print with the fewest digits that read back as the same fp16 value
+    x, y = shortest(original[3, 2].item(), torch.float16), shortest(w[3, 2].item(), torch.float16)
+    assert f"model/decoder.layers.1.fc1.weight (3, 2): {x} != {y}" in stdout, stdout
     assert "(7, 0)" in stdout
     assert "model/decoder.layers.0.fc2.bias: dtype float16 != float32" in stdout
     assert "only in A: model/decoder.layers.2.fc1.bias" in stdout and "only in B: model/extra.weight" in stdout

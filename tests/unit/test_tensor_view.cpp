@@ -4,21 +4,13 @@
 // inline bytes), written by the executor into a temporary directory, then opened
 // with MappedFile + Checkpoint. Each view must equal the tensor its bytes came
 // from, bit for bit, and point into the mapping.
-// LibTorch first: Debian's c10 logs through glog, whose CHECK(cond) macros would
-// silently replace doctest's (and abort instead of reporting). Drop them before
-// doctest defines its own.
+// LibTorch first, then no_glog_checks.hpp, then doctest.
 #include <ATen/ops/arange.h>
 #include <ATen/ops/equal.h>
 
 #include "ckpt/tensor/tensor_view.hpp"
 
-#undef CHECK
-#undef CHECK_EQ
-#undef CHECK_NE
-#undef CHECK_LT
-#undef CHECK_LE
-#undef CHECK_GT
-#undef CHECK_GE
+#include "no_glog_checks.hpp"
 
 #include <doctest/doctest.h>
 

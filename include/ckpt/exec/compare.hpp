@@ -1,13 +1,15 @@
 // Comparing two sets of tensors straight from the mapped bytes, in parallel, in
 // bounded chunks: the one compare engine, of `ckpt-tool diff` and of the
 // replicated-tensor check of stitch and reshard. Equal chunks are recognised
-// with memcmp; only differing chunks are looked at element by element (LibTorch).
+// with memcmp; only differing chunks, and tensors of different dtypes compared
+// by value, are looked at element by element (element_compare.hpp).
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "ckpt/exec/element_compare.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/layout/tensor_source.hpp"
@@ -15,34 +17,37 @@
 namespace ckpt {
 
 struct CompareOptions {
-  double atol = 0.0;  // with both zero: exact (bitwise) comparison
-  double rtol = 0.0;
+  Tolerance tolerance;  // none: exact (bit for bit)
   std::size_t max_positions = 20;
   unsigned threads = 0;  // 0: all cores
 };
 
 struct DiffPosition {
   std::vector<std::int64_t> index;  // per dimension
-  double a = 0.0;
-  double b = 0.0;
+  ElementValue a;
+  ElementValue b;
 };
 
 struct TensorDiff {
   std::string name;
   std::string mismatch;  // dtype or shape mismatch; then nothing else is filled
+  // Said of a pair that is not a difference by itself: two float dtypes compared by value.
+  std::string note;
   std::uint64_t numel = 0;
   std::uint64_t count = 0;  // differing elements
-  double max_abs = 0.0;
+  ElementValue max_abs;     // see ElementComparison
   double max_rel = 0.0;
   std::vector<DiffPosition> positions;  // the first ones, in row-major order
+  bool differs() const { return !mismatch.empty() || count > 0; }
 };
 
 struct DiffReport {
   std::vector<std::string> only_in_a;
   std::vector<std::string> only_in_b;
   std::vector<TensorDiff> differing;
-  std::uint64_t compared = 0;        // tensors compared element by element
-  std::uint64_t compared_bytes = 0;  // bytes of each side compared
+  std::vector<TensorDiff> noted;            // equal, with a note (dtypes compared by value)
+  std::uint64_t compared = 0;               // tensors compared element by element
+  std::uint64_t compared_tensor_bytes = 0;  // numel x element size of a's compared tensors
   bool equal() const { return only_in_a.empty() && only_in_b.empty() && differing.empty(); }
 };
 

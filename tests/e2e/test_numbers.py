@@ -1,0 +1,181 @@
+#!/usr/bin/python3
+"""Numbers a user can trust (issue 14): `diff` exact for every dtype and by value
+across float dtypes, values printed exactly; every expected value is computed
+here by torch."""
+import json
+import math
+import re
+import os
+
+import torch
+
+import harness
+
+INT_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64]
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def save(work, name, tensors):
+    path = os.path.join(work, name)
+    torch.save(tensors, path)
+    return path
+
+
+def diff_json(a, b, *flags, expect):
+    out, _ = harness.run(["diff", a, b, "--json", *flags], expect=expect)
+    return json.loads(out)
+
+
+def shortest(value, dtype):
+    """The fewest significant digits that torch reads back as the same `dtype` value."""
+    if math.isnan(value) or math.isinf(value):
+        return str(value)  # nan, inf, -inf
+    exact = torch.tensor(value, dtype=torch.float64).to(dtype)
+    for digits in range(1, 18):
+        text = f"{value:.{digits}g}"
+        if torch.tensor(float(text), dtype=torch.float64).to(dtype).item() == exact.item():
+            return text
+    raise AssertionError(value)
+
+
+def significant_digits(text):
+    mantissa = text.lstrip("-").split("e")[0].replace(".", "")
+    return len(mantissa.strip("0")) or 1
+
+
+def assert_reads_back_shortest(text, value, dtype):
+    """`text` reads back as `value` in `dtype`, with no more digits than needed."""
+    if not math.isfinite(value):
+        assert text == str(value), (text, value)
+        return
+    back = torch.tensor(float(text), dtype=torch.float64).to(dtype).item()
+    assert back == value, (text, value, dtype)
+    assert significant_digits(text) == significant_digits(shortest(value, dtype)), (text, shortest(value, dtype))
+
+
+def test_integers_are_exact_at_every_width():
+    work = harness.scratch("numbers-ints")
+    for dtype in INT_DTYPES:
+        info = torch.iinfo(dtype)
+        a = torch.tensor([info.max, info.min, 7, 0], dtype=dtype)
+        b = a.clone()
+        b[0] = info.max - 1
+        b[1] = info.max  # the largest difference the width holds
+        pa = save(work, f"a_{dtype}.pt", {"t": a})
+        pb = save(work, f"b_{dtype}.pt", {"t": b})
+        for tolerance in ([], ["--atol", "1e30"], ["--rtol", "10"]):
+            report = diff_json(pa, pb, *tolerance, expect=1)
+            (d,) = report["differing"]
+            assert d["count"] == 2, (dtype, tolerance, d)
+            assert [p["index"] for p in d["positions"]] == [[0], [1]]
+            assert [p["a"] for p in d["positions"]] == [a[0].item(), a[1].item()], (dtype, d)
+            assert [p["b"] for p in d["positions"]] == [b[0].item(), b[1].item()], (dtype, d)
+            assert d["max_abs"] == int(info.max) - int(info.min), (dtype, d)
+        out, _ = harness.run(["diff", pa, pb], expect=1)
+        assert f"t (0,): {a[0].item()} != {b[0].item()}" in out, out
+        harness.run(["diff", pa, pa, "--atol", "5"])
+    # The issue's example: 2**60 and 2**60 + 100, one double apart from nothing.
+    pa = save(work, "big_a.pt", {"t": torch.tensor([2 ** 60, 5])})
+    pb = save(work, "big_b.pt", {"t": torch.tensor([2 ** 60 + 100, 5])})
+    out, _ = harness.run(["diff", pa, pb, "--atol", "0.5"], expect=1)
+    assert "t (0,): 1152921504606846976 != 1152921504606847076" in out and "max abs 100," in out, out
+    bools_a = save(work, "bool_a.pt", {"m": torch.tensor([True, False, True])})
+    bools_b = save(work, "bool_b.pt", {"m": torch.tensor([True, True, True])})
+    report = diff_json(bools_a, bools_b, "--atol", "1", expect=1)
+    assert report["differing"][0]["positions"] == [{"index": [1], "a": False, "b": True}]
+    out, _ = harness.run(["diff", bools_a, bools_b], expect=1)
+    assert "m (1,): False != True" in out, out
+
+
+def test_complex_compares_by_modulus_and_prints_as_complex():
+    work = harness.scratch("numbers-complex")
+    for dtype in (torch.complex64, torch.complex128):
+        a = torch.tensor([1 + 2j, 3 - 4j, 0.1 + 0.2j, 5j], dtype=dtype)
+        b = a.clone()
+        b[1] = 3 - 4.5j
+        b[3] = 0.5 + 5j
+        pa, pb = save(work, f"a_{dtype}.pt", {"c": a}), save(work, f"b_{dtype}.pt", {"c": b})
+        report = diff_json(pa, pb, expect=1)
+        (d,) = report["differing"]
+        assert d["count"] == 2 and [p["index"] for p in d["positions"]] == [[1], [3]]
+        assert d["positions"][0]["b"] == {"real": 3.0, "imag": -4.5}
+        assert d["max_abs"] == (a - b).abs().max().item()
+        out, _ = harness.run(["diff", pa, pb], expect=1)
+        assert "c (1,): (3-4j) != (3-4.5j)" in out and "c (3,): 5j" not in out, out
+        assert "c (3,): (0+5j) != (0.5+5j)" in out, out
+        # The tolerance applies to |a - b| (0.5 for both), against atol + rtol |b|.
+        harness.run(["diff", pa, pb, "--atol", "0.5"])
+        report = diff_json(pa, pb, "--atol", "0.49", expect=1)
+        assert report["differing"][0]["count"] == 2
+        expected = int((~torch.isclose(a, b, rtol=0.1, atol=0)).sum())
+        report = diff_json(pa, pb, "--rtol", "0.1", expect=1 if expected else 0)
+        assert sum(d["count"] for d in report["differing"]) == expected
+
+
+def test_floats_print_the_shortest_digits_of_their_dtype():
+    work = harness.scratch("numbers-floats")
+    values = [0.1, 1 / 3, 65504.0, 6e-8, -2.5e-3, 1e10, 3.14159]
+    for dtype in FLOAT_DTYPES:
+        a = torch.tensor(values, dtype=torch.float64).to(dtype)
+        # The next value of `dtype` (65504 + one step is inf in float16).
+        same_size_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        b = (a.view(same_size_int) + 1).view(dtype)
+        pa, pb = save(work, f"a_{dtype}.pt", {"f": a}), save(work, f"b_{dtype}.pt", {"f": b})
+        out, _ = harness.run(["diff", pa, pb], expect=1)
+        printed = re.findall(r"^  f \((\d+),\): (\S+) != (\S+)$", out, re.MULTILINE)
+        assert [int(i) for i, _, _ in printed] == [i for i in range(len(values)) if a[i] != b[i]], out
+        for i, x, y in printed:
+            assert x != y, (dtype, i, x, y)
+            assert_reads_back_shortest(x, a[int(i)].item(), dtype)
+            assert_reads_back_shortest(y, b[int(i)].item(), dtype)
+        report = diff_json(pa, pb, expect=1)
+        for p in report["differing"][0]["positions"]:
+            x, y = a[p["index"][0]].item(), b[p["index"][0]].item()
+            assert (p["a"], p["b"]) == tuple(v if math.isfinite(v) else str(v) for v in (x, y)), p
+    special_a = save(work, "special_a.pt", {"f": torch.tensor([float("nan"), float("-inf"), 1.0])})
+    special_b = save(work, "special_b.pt", {"f": torch.tensor([float("nan"), float("inf"), float("nan")])})
+    report = diff_json(special_a, special_b, "--atol", "1", expect=1)
+    (d,) = report["differing"]
+    assert [(p["index"], p["a"], p["b"]) for p in d["positions"]] == [([1], "-inf", "inf"), ([2], 1.0, "nan")]
+
+
+def test_float_dtypes_compare_by_value_with_a_tolerance():
+    work = harness.scratch("numbers-cross")
+    g = torch.Generator().manual_seed(14)
+    w = torch.randn(300, 70, generator=g)
+    tensors = {"w": w, "b": torch.randn(70, generator=g).double(), "h": torch.randn(33, generator=g).half(),
+               "steps": torch.arange(5)}
+    pa = save(work, "fp.pt", tensors)
+    for target in (torch.bfloat16, torch.float16):
+        converted = {k: (v.to(target) if v.is_floating_point() else v) for k, v in tensors.items()}
+        pb = save(work, f"to_{target}.pt", converted)
+        # Without a tolerance a dtype difference stays a difference.
+        report = diff_json(pa, pb, expect=1)
+        mismatched = sorted(d["name"] for d in report["differing"] if d["mismatch"].startswith("dtype"))
+        assert mismatched == sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dtype != target)
+        for atol, rtol in ((1e-2, 1e-2), (0.0, 1e-3), (1e-3, 0.0)):
+            expected = {}
+            for k, v in tensors.items():
+                if not v.is_floating_point():
+                    continue
+                x, y = v.double(), converted[k].double()
+                expected[k] = int(((x - y).abs() > atol + rtol * y.abs()).sum())
+            report = diff_json(pa, pb, "--atol", str(atol), "--rtol", str(rtol),
+                               expect=1 if any(expected.values()) else 0)
+            counts = {d["name"]: d["count"] for d in report["differing"]}
+            assert counts == {k: n for k, n in expected.items() if n}, (target, atol, rtol, counts, expected)
+            noted = {d["name"] for d in report["differing"] if d["note"]} | {n["name"] for n in report["notes"]}
+            assert noted == {k for k, v in tensors.items() if v.is_floating_point() and v.dtype != target}
+            assert all(not d["mismatch"] for d in report["differing"])
+        out, _ = harness.run(["diff", pa, pb, "--atol", "1e-2", "--rtol", "1e-2"])
+        assert "note: w: dtype float32 != " in out and out.splitlines()[-1].startswith("equal:"), out
+    # Integers against integers of another width, floats against integers: still a mismatch.
+    pc = save(work, "int32.pt", {**tensors, "steps": torch.arange(5, dtype=torch.int32)})
+    report = diff_json(pa, pc, "--atol", "1", expect=1)
+    assert [d["mismatch"] for d in report["differing"]] == ["dtype int64 != int32"]
+
+
+if __name__ == "__main__":
+    harness.main([test_integers_are_exact_at_every_width, test_complex_compares_by_modulus_and_prints_as_complex,
+                  test_floats_print_the_shortest_digits_of_their_dtype,
+                  test_float_dtypes_compare_by_value_with_a_tolerance])
