@@ -7,7 +7,9 @@
   (c) the Python pipeline (bench/baseline_stitch.py: torch.load every shard,
       torch.cat, torch.save), checked equal to (b) with ckpt-tool diff;
   (d) ckpt-tool reshard to another grid;
-  (e) ckpt-tool diff of the stitched output against itself.
+  (e) ckpt-tool diff of the stitched output against itself (equal data: memcmp), and
+      against its bfloat16 copy with --atol 1e-2 --rtol 1e-2 (every element differs a
+      little: the element-wise path).
 
 Wall time, throughput and peak RSS (/usr/bin/time -v) for each, the ratios
 stitch/cp and baseline/stitch, written as a markdown table to bench/RESULTS.md.
@@ -166,7 +168,12 @@ def main():
                 [tool, "reshard", "-q", src, "--mp", "1", "--dp", str(args.dp * 2), "-o",
                  os.path.join(resharded, "checkpoint_last-model_part-{m}-shard{d}.pt")], in_bytes,
                 lambda: remove(resharded)() or os.makedirs(resharded))
-        measure("ckpt-tool diff (self)", [tool, "diff", stitched, stitched], 2 * os.path.getsize(stitched))
+        measure("ckpt-tool diff (self)", [tool, "diff", stitched, stitched], os.path.getsize(stitched))
+        as_bf16 = os.path.join(work, "stitched-bf16.pt")
+        run_timed([tool, "stitch", "-q", src, "--dtype", "bf16", "-o", as_bf16])
+        measure("ckpt-tool diff fp16 vs bf16 copy", [tool, "diff", stitched, as_bf16, "--atol", "1e-2", "--rtol", "1e-2"],
+                os.path.getsize(stitched))
+        os.remove(as_bf16)
         shutil.rmtree(work)
 
     write_results(rows, grid_rows, args)
@@ -235,15 +242,15 @@ def write_results(rows, grid_rows, args):
              "before each (untimed). "
              "ckpt-tool fsyncs its outputs (direct I/O above the kernel's background writeback threshold, buffered below), so its durable peer is cp + sync. Input: a synthetic "
              f"{args.mp} x {args.dp} metaseq checkpoint (`ckpt-tool synth`, fp16, no optimizer state), so the "
-             "stitched output is as large as the input. Throughput is input bytes per second (diff: both sides).", "",
+             "stitched output is as large as the input. Throughput is input bytes per second (diff: the left side's bytes).", "",
              "| input | step | wall s | GB/s | peak RSS MiB |", "|---|---|---:|---:|---:|"] if rows else [
                  "# ckpt-tool benchmark", "", f"Machine: {machine()}. Written by `make bench` (bench/bench.py) on "
                  f"{time.strftime('%Y-%m-%d')}."]
     for r in rows:
         lines.append(f"| {r['size']:g} GiB | {r['step']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {r['rss'] / (1 << 20):.0f} |")
     lines += [] if not rows else ["", "| input | stitch / cp | stitch / (cp + sync) | reshard / cp | reshard / (cp + sync) | "
-              "baseline / stitch | buffered / direct stitch | CRC check / none |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "baseline / stitch | buffered / direct stitch | CRC check / none | diff by value / diff equal |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for size in sorted({r["size"] for r in rows}):
         stitch = by[(size, "ckpt-tool stitch")]["seconds"]
         cp = by[(size, "cp")]["seconds"]
@@ -253,8 +260,10 @@ def write_results(rows, grid_rows, args):
         reshard = [r for r in rows if r["size"] == size and r["step"].startswith("ckpt-tool reshard")][0]["seconds"]
         buffered = by[(size, "ckpt-tool stitch --buffered-io")]["seconds"]
         unchecked = by[(size, "ckpt-tool stitch --no-crc-check")]["seconds"]
+        by_value = by[(size, "ckpt-tool diff fp16 vs bf16 copy")]["seconds"] / by[(size, "ckpt-tool diff (self)")]["seconds"]
         lines.append(f"| {size:g} GiB | {stitch / cp:.2f} | {stitch / cp_sync:.2f} | {reshard / cp:.2f} | "
-                     f"{reshard / cp_sync:.2f} | {speedup} | {buffered / stitch:.2f} | {stitch / unchecked:.2f} |")
+                     f"{reshard / cp_sync:.2f} | {speedup} | {buffered / stitch:.2f} | {stitch / unchecked:.2f} | "
+                     f"{by_value:.2f} |")
     if grid_rows:
         lines += ["", "Grids at OPT-175B's shape (`ckpt-tool synth --layers 96 --embed-dim 128 --ffn-dim 512 --vocab "
                   "1024 --optimizer-state`): 96 layers with Adam state, so each shard's pickle, shard_metadata and "

@@ -17,7 +17,7 @@
 
 namespace ckpt::cli {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;
 
 namespace {
 
@@ -48,8 +48,8 @@ std::unique_ptr<Side> load_side(const std::string& input, std::optional<std::int
   std::vector<std::vector<NamedTensor>> parts;
   for (const auto& shards : complete_grid(manifest)) parts.push_back(consolidate_part(manifest, shards));
   for (NamedTensor& tensor : glue_megatron(parts, {}, nullptr)) {
-    tensor.name = std::string(kModelPrefix) + tensor.name;
-    if (tensor.alias_of) tensor.alias_of = std::string(kModelPrefix) + *tensor.alias_of;
+    tensor.name = state_dict_path(kModelPrefix, tensor.name);
+    if (tensor.alias_of) tensor.alias_of = state_dict_path(kModelPrefix, *tensor.alias_of);
     side->tensors.push_back(std::move(tensor));
   }
   return side;

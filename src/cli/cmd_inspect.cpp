@@ -12,7 +12,7 @@
 
 namespace ckpt::cli {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;
 
 Action add_inspect_command(CLI::App& app) {
   struct Options {

@@ -31,7 +31,8 @@ Action add_manifest_command(CLI::App& app) {
     }
     Manifest manifest = build_manifest(expand_inputs(options->inputs));
     if (to_stdout) {
-      std::cout << manifest_to_json(manifest).dump(1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+      std::cout << manifest_to_json(manifest).dump(1, ' ', false, nlohmann::ordered_json::error_handler_t::replace)
+                << "\n";
     } else {
       write_manifest(manifest, options->output, options->force);
     }

@@ -15,7 +15,7 @@
 
 namespace ckpt::cli {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;
 
 namespace {
 

@@ -21,6 +21,6 @@ struct InspectRequest {
 void print_inspect_text(const Manifest& manifest, const InspectRequest& request, std::ostream& out);
 
 // The same, as one JSON document.
-nlohmann::json inspect_json(const Manifest& manifest, const InspectRequest& request);
+nlohmann::ordered_json inspect_json(const Manifest& manifest, const InspectRequest& request);
 
 }  // namespace ckpt::cli

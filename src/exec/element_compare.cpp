@@ -98,7 +98,8 @@ struct Accumulator {
 };
 
 template <typename A, typename B, bool kExact>
-void compare_real(Accumulator& acc, std::uint64_t numel, const Tolerance& tolerance) {
+__attribute__((target_clones("avx2", "default"))) void compare_real(Accumulator& acc, std::uint64_t numel,
+                                                                    const Tolerance& tolerance) {
   std::uint8_t differs[kBlock];
   double max_abs = 0.0;
   double max_rel = 0.0;

@@ -61,18 +61,67 @@ bool TensorRef::is_contiguous() const {
   return true;
 }
 
-std::string append_path(const std::string& prefix, const std::string& label) {
-  // Bounded, so that hostile nesting of long keys cannot make paths take memory
-  // quadratic in the pickle's size: a label keeps 256 bytes, a path 1024.
-  constexpr std::size_t kLabelBytes = 256;
-  constexpr std::size_t kPathBytes = 1024;
-  std::string safe = label.empty() ? "?" : label.substr(0, kLabelBytes);
-  if (label.size() > kLabelBytes) safe += "...";
-  if (prefix.empty()) return safe;
+std::string escape_label(std::string_view label) {
+  std::string out;
+  out.reserve(label.size());
+  for (char c : label) {
+    if (c == '~') {
+      out += "~0";
+    } else if (c == '/') {
+      out += "~1";
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+std::string unescape_label(std::string_view label) {
+  std::string out;
+  out.reserve(label.size());
+  for (std::size_t i = 0; i < label.size(); ++i) {
+    if (label[i] == '~' && i + 1 < label.size() && (label[i + 1] == '0' || label[i + 1] == '1')) {
+      out += label[i + 1] == '0' ? '~' : '/';
+      ++i;
+    } else {
+      out += label[i];
+    }
+  }
+  return out;
+}
+
+std::string ChildLabels::unique(std::string label) {
+  int& times = seen_[label];
+  ++times;
+  if (times == 1) return label;
+  // "~~N" cannot collide with another label of this container: escaping never
+  // writes "~~", and a raw label holding "~~" is escaped to "~0~0".
+  std::string renamed = label + "~~" + std::to_string(times);
+  seen_[renamed] += 1;
+  return renamed;
+}
+
+// Bounded, so that hostile nesting of long keys cannot make paths take memory
+// quadratic in the pickle's size: a label keeps 256 bytes, a path 1024.
+constexpr std::size_t kLabelBytes = 256;
+constexpr std::size_t kPathBytes = 1024;
+
+std::string path_label(std::string_view key) {
+  if (key.empty()) return "?";
+  if (key.size() <= kLabelBytes) return escape_label(key);
+  return escape_label(key.substr(0, kLabelBytes)) + "...";
+}
+
+std::string join_path(const std::string& prefix, const std::string& label) {
+  if (prefix.empty()) return label;
   if (prefix.size() >= kPathBytes) return prefix;  // already cut: deeper paths share it
-  std::string path = prefix + "/" + safe;
+  std::string path = prefix + "/" + label;
   if (path.size() > kPathBytes) path = path.substr(0, kPathBytes - 3) + "...";
   return path;
+}
+
+std::string append_path(const std::string& prefix, const std::string& key) {
+  return join_path(prefix, path_label(key));
 }
 
 std::string key_label(const Graph& graph, NodeId key) {
@@ -122,9 +171,11 @@ class PathWalker {
       return;
     }
     switch (node.kind) {
-      case Kind::Dict:
-        for (const auto& [k, v] : node.entries) walk(v, append_path(path, key_label(graph_, k)), depth);
+      case Kind::Dict: {
+        ChildLabels labels;
+        for (const auto& [k, v] : node.entries) walk(v, child_path(path, labels, key_label(graph_, k)), depth);
         return;
+      }
       case Kind::List:
       case Kind::Tuple:
       case Kind::Set:
@@ -133,14 +184,16 @@ class PathWalker {
           walk(node.items[i], append_path(path, std::to_string(i)), depth);
         return;
       case Kind::Object: {
-        for (const auto& [k, v] : node.entries) walk(v, append_path(path, key_label(graph_, k)), depth);
+        // Entries, items, the state's attributes and the arguments share one level.
+        ChildLabels labels;
+        for (const auto& [k, v] : node.entries) walk(v, child_path(path, labels, key_label(graph_, k)), depth);
         for (std::size_t i = 0; i < node.items.size(); ++i)
-          walk(node.items[i], append_path(path, std::to_string(i)), depth);
-        if (node.state != pickle::kNoNode) walk_state(node.state, path, depth);
+          walk(node.items[i], child_path(path, labels, std::to_string(i)), depth);
+        if (node.state != pickle::kNoNode) walk_state(node.state, path, labels, depth);
         if (!is_rebuild_tensor(graph_, id)) {
           const auto& args = graph_[node.args].items;
           for (std::size_t i = 0; i < args.size(); ++i)
-            walk(args[i], append_path(path, fmt::format("args.{}", i)), depth);
+            walk(args[i], child_path(path, labels, fmt::format("args.{}", i)), depth);
         }
         return;
       }
@@ -162,17 +215,21 @@ class PathWalker {
       for (NodeId item : graph_[id].items) walk_transparent(item, path, depth + 1);
     }
   }
-  void walk_state(NodeId state, const std::string& path, int depth) {
+  void walk_state(NodeId state, const std::string& path, ChildLabels& labels, int depth) {
     check_depth(depth);
     const pickle::Node& node = graph_[state];
     if (node.kind == Kind::Dict && seen_.insert(state).second) {
       // An instance dict: its keys are attribute names of the object.
-      for (const auto& [k, v] : node.entries) walk(v, append_path(path, key_label(graph_, k)), depth);
+      for (const auto& [k, v] : node.entries) walk(v, child_path(path, labels, key_label(graph_, k)), depth);
     } else if (node.kind == Kind::Tuple && node.items.size() == 2 && seen_.insert(state).second) {
-      for (NodeId part : node.items) walk_state(part, path, depth + 1);
+      for (NodeId part : node.items) walk_state(part, path, labels, depth + 1);
     } else {
-      walk(state, append_path(path, "state"), depth);
+      walk(state, child_path(path, labels, "state"), depth);
     }
+  }
+
+  static std::string child_path(const std::string& path, ChildLabels& labels, const std::string& key) {
+    return join_path(path, labels.unique(path_label(key)));
   }
 
   const Graph& graph_;
@@ -337,10 +394,10 @@ void Checkpoint::collect_tensors() {
     tensor.node = id;
     auto found = paths.find(id);
     tensor.path = found != paths.end() ? found->second.second : fmt::format("<unreachable #{}>", id);
-    rank[tensor.path] = found != paths.end() ? found->second.first : SIZE_MAX;
     auto bad = [&](const std::string& message) {
       return Error(Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt}, message);
     };
+    rank[tensor.path] = found != paths.end() ? found->second.first : SIZE_MAX;
     const auto& args = graph()[graph()[id].args].items;
     if (args.size() < 4) throw bad("_rebuild_tensor_v2 with fewer than 4 arguments");
     auto sid = parse_storage_id(graph(), args[0]);
@@ -396,13 +453,13 @@ void Checkpoint::collect_tensors() {
   }
   std::stable_sort(tensors_.begin(), tensors_.end(),
                    [&](const TensorRef& a, const TensorRef& b) { return rank[a.path] < rank[b.path]; });
-  // A path names one tensor (in the manifest, in state dicts): the int key 1 and
-  // the str key "1", or two long keys cut alike, would otherwise be one name.
+  // A path names one tensor (in the manifest, in state dicts). Labels are
+  // unique per container (walk_paths), so only a path cut at its bound repeats.
   std::unordered_set<std::string_view> seen;
   for (const TensorRef& tensor : tensors_) {
     if (!seen.insert(tensor.path).second) {
       throw Error(Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt},
-                  "two tensors under the same path");
+                  "two tensors under the same path (objects nested past a path of 1024 bytes)");
     }
   }
 }

@@ -17,7 +17,7 @@ using pickle::Graph;
 using pickle::Kind;
 using pickle::kNoNode;
 using pickle::NodeId;
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;
 
 std::string class_name(const Graph& graph, NodeId id) {
   const pickle::Node* cls = graph.object_class(id);
@@ -170,7 +170,8 @@ class JsonRenderer {
     seen_.emplace(id, path);
     if (++count_ > max_nodes_) return "...";
     ++depth;
-    auto child = [&](NodeId c, const std::string& label) { return render(c, append_path(path, label), depth); };
+    // `label`: a path label, escaped already (checkpoint.hpp).
+    auto child = [&](NodeId c, const std::string& label) { return render(c, join_path(path, label), depth); };
     switch (node.kind) {
       case Kind::Tuple:
       case Kind::List:
@@ -188,13 +189,18 @@ class JsonRenderer {
   }
 
  private:
+  // In file order. A key met again (the int 3 beside the str "3") gets the
+  // "~~N" of its path label (checkpoint.hpp), so no entry is lost.
   template <typename Child>
   json mapping(const std::vector<std::pair<NodeId, NodeId>>& entries, Child& child) {
     json out = json::object();
+    ChildLabels labels;
     for (const auto& [k, v] : entries) {
-      std::string label = key_label(graph_, k);
-      if (label.empty()) label = fmt::format("<key #{}>", k);
-      out[label] = child(v, label);
+      std::string key = key_label(graph_, k);
+      if (key.empty()) key = fmt::format("<key #{}>", k);
+      std::string label = path_label(key);
+      std::string unique = labels.unique(label);
+      out[key + unique.substr(label.size())] = child(v, unique);
     }
     return out;
   }
@@ -213,12 +219,9 @@ class JsonRenderer {
       NodeId content = graph_.attribute(id, "_content");
       json out = {{"$class", name}};
       if (content != kNoNode && graph_[content].kind == Kind::Dict) {
-        json values = json::object();
-        for (const auto& [k, v] : graph_[content].entries) {
-          std::string label = key_label(graph_, k);
-          values[label] = child(omegaconf_unwrap(graph_, v), label);
-        }
-        out["value"] = std::move(values);
+        std::vector<std::pair<NodeId, NodeId>> entries;
+        for (const auto& [k, v] : graph_[content].entries) entries.emplace_back(k, omegaconf_unwrap(graph_, v));
+        out["value"] = mapping(entries, child);
       } else if (content != kNoNode && graph_[content].kind == Kind::List) {
         json values = json::array();
         const auto& items = graph_[content].items;

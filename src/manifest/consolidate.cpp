@@ -52,21 +52,32 @@ TensorSource source_of(const ManifestTensor& tensor, std::uint64_t file_byte_off
 
 namespace {
 
-// Tensors of a state dict in order: "model/x" -> "x".
+// Tensors of a state dict in order, by key: "model/x" -> "x", "model/a~1b" -> "a/b".
 std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(const ManifestFile& file,
                                                                               const std::string& prefix) {
   std::vector<std::pair<std::string, const ManifestTensor*>> out;
   for (const ManifestTensor& tensor : file.tensors) {
-    if (tensor.path.rfind(prefix, 0) == 0) out.emplace_back(tensor.path.substr(prefix.size()), &tensor);
+    if (tensor.path.rfind(prefix, 0) != 0) continue;
+    std::string_view label = std::string_view(tensor.path).substr(prefix.size());
+    if (label.find('/') == std::string_view::npos) out.emplace_back(unescape_label(label), &tensor);
   }
   return out;
+}
+
+// A tensor inside a container inside the state dict ("model/a/b"), which a
+// state dict (flat: key -> tensor) cannot hold; null when there is none.
+const ManifestTensor* nested_tensor(const ManifestFile& file, const std::string& prefix) {
+  for (const ManifestTensor& tensor : file.tensors) {
+    if (tensor.path.rfind(prefix, 0) == 0 && tensor.path.find('/', prefix.size()) != std::string::npos) return &tensor;
+  }
+  return nullptr;
 }
 
 bool is_flattened(const ManifestFile& file, const std::string& prefix) {
   if (!file.fsdp) return false;
   for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
     for (const FlatParamMeta& flat : instance.flat_params) {
-      if (find_tensor(file, prefix + flat.state_key) != nullptr) return true;
+      if (find_tensor(file, state_dict_path(prefix, flat.state_key)) != nullptr) return true;
     }
   }
   return false;
@@ -176,9 +187,9 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   std::set<std::string> taken;
   auto add_buffers = [&](const std::vector<std::string>& names) {
     for (const std::string& buffer : names) {
-      const ManifestTensor* tensor = find_tensor(first, prefix + buffer);
+      const ManifestTensor* tensor = find_tensor(first, state_dict_path(prefix, buffer));
       if (tensor == nullptr)
-        tensor = find_tensor(first, std::string(kModelPrefix) + buffer);  // an EMA copy may hold parameters only
+        tensor = find_tensor(first, state_dict_path(kModelPrefix, buffer));  // an EMA copy may hold parameters only
       if (tensor == nullptr || !taken.insert(buffer).second) continue;
       out.push_back(
           {buffer,
@@ -191,10 +202,16 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   if (!is_flattened(first, prefix)) {
     // Already consolidated (or never sharded): the tensors as they are; ties
     // (one tensor under two keys) stay ties.
+    if (const ManifestTensor* nested = nested_tensor(first, prefix)) {
+      throw Error(Location{first.path, nested->path, std::nullopt},
+                  fmt::format("a tensor inside a container inside the '{}' state dict: a state dict maps keys "
+                              "to tensors",
+                              state_dict));
+    }
     for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
       taken.insert(key);
       if (!tensor->alias_of.empty() && tensor->alias_of.rfind(prefix, 0) == 0) {
-        out.push_back({key, {}, tensor->alias_of.substr(prefix.size())});
+        out.push_back({key, {}, unescape_label(std::string_view(tensor->alias_of).substr(prefix.size()))});
       } else {
         out.push_back(
             {key, source_of(*tensor, first.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
@@ -215,8 +232,8 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
     return out;
   }
 
-  out =
-      unflatten(manifest, shard_files, [&](const FlatParamMeta& flat, std::size_t) { return prefix + flat.state_key; });
+  out = unflatten(manifest, shard_files,
+                  [&](const FlatParamMeta& flat, std::size_t) { return state_dict_path(prefix, flat.state_key); });
   for (const NamedTensor& tensor : out) taken.insert(tensor.name);
   // Tied parameters: every instance's pairs (fairscale itself reads only the last
   // instance's, and so loses the tie when the root comes first).

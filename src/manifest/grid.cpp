@@ -42,7 +42,7 @@ void check_fsdp_shard(const ManifestFile& file, int dp, std::vector<std::string>
         problems.push_back(fmt::format("{}: {}: padding {} but the chunk rule for {} ranks gives {}", file.path,
                                        flat.state_key, flat.padding, dp, chunk.padding));
       }
-      const ManifestTensor* tensor = find_tensor(file, std::string(kModelPrefix) + flat.state_key);
+      const ManifestTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, flat.state_key));
       auto expected = static_cast<std::uint64_t>(chunk.numel + chunk.padding);
       if (tensor != nullptr && tensor->numel() != expected) {
         problems.push_back(fmt::format("{}: {}: {} elements but the chunk rule for {} ranks gives {}", file.path,
@@ -89,10 +89,10 @@ WorldSizes implied_world_sizes(const std::vector<ManifestFile>& files, const std
     const ManifestFile& file = files[index];
     for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
       for (const FlatParamMeta& flat : instance.flat_params) {
-        const ManifestTensor* tensor = find_tensor(file, std::string(kModelPrefix) + flat.state_key);
+        const ManifestTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, flat.state_key));
         if (tensor == nullptr) continue;  // unflattened (consolidated) files have no FSDP dimension
         narrow_world_sizes(range, flat.total_numel(), static_cast<std::int64_t>(tensor->numel()), file.path,
-                           std::string(kModelPrefix) + flat.state_key);
+                           state_dict_path(kModelPrefix, flat.state_key));
       }
     }
   }
@@ -107,9 +107,9 @@ bool checked_section(const ManifestTensor& tensor) {
 // metaseq's optimizer_history (num_updates, the lr scheduler's state) and the
 // data iterator's position. Shards of the same model saved at different steps
 // agree on everything else.
-nlohmann::json training_step(const ManifestFile& file) {
-  nlohmann::json step = nlohmann::json::object();
-  const nlohmann::json& objects = *file.objects;
+nlohmann::ordered_json training_step(const ManifestFile& file) {
+  nlohmann::ordered_json step = nlohmann::ordered_json::object();
+  const nlohmann::ordered_json& objects = *file.objects;
   if (!objects.is_object()) return step;
   if (auto history = objects.find("optimizer_history"); history != objects.end()) step["optimizer_history"] = *history;
   if (auto extra = objects.find("extra_state"); extra != objects.end() && extra->is_object()) {
@@ -124,7 +124,8 @@ nlohmann::json training_step(const ManifestFile& file) {
 }
 
 // The first place where two JSON values differ: "optimizer_history/0/num_updates: 2000 != 1000".
-std::string first_difference(const nlohmann::json& a, const nlohmann::json& b, const std::string& path) {
+std::string first_difference(const nlohmann::ordered_json& a, const nlohmann::ordered_json& b,
+                             const std::string& path) {
   auto here = [&] { return fmt::format("{}: {} != {}", path, a.dump().substr(0, 60), b.dump().substr(0, 60)); };
   if (a.type() != b.type()) return here();
   if (a.is_object()) {
@@ -150,7 +151,7 @@ struct AgreementReference {
   std::set<const void*> lists_seen;                     // tensor lists whose dtypes are in `dtypes`
   const ManifestFile* optimizer_file = nullptr;
   const ManifestFile* step_file = nullptr;
-  nlohmann::json step;
+  nlohmann::ordered_json step;
 };
 
 // The tensor paths of files[index] that must agree across shards; a dtype that
@@ -180,7 +181,7 @@ std::set<std::string> checked_paths(const std::vector<ManifestFile>& files, int 
 void check_step(const ManifestFile& file, AgreementReference& reference, std::vector<std::string>& problems) {
   if (reference.step_file != nullptr && reference.step_file->objects.same_value(file.objects))
     return;  // one shared tree
-  nlohmann::json step = training_step(file);
+  nlohmann::ordered_json step = training_step(file);
   if (reference.step_file == nullptr) {
     reference.step_file = &file;
     reference.step = std::move(step);

@@ -30,6 +30,10 @@ std::uint64_t ManifestTensor::numel() const {
   return count;
 }
 
+std::string state_dict_path(std::string_view prefix, std::string_view key) {
+  return std::string(prefix) + path_label(key);
+}
+
 std::string ManifestTensor::section() const {
   std::string top = path.substr(0, path.find('/'));
   if (top == "model") return "model";
@@ -76,7 +80,7 @@ std::size_t TensorList::index_of(const ManifestTensor& tensor) const {
   return static_cast<std::size_t>(&tensor - all.data());
 }
 
-ManifestFile::ManifestFile() : objects(nlohmann::json()) {}
+ManifestFile::ManifestFile() : objects(nlohmann::ordered_json()) {}
 
 void ManifestFile::add_tensor(ManifestTensor tensor, TensorPlace place) {
   tensors.edit().push_back(std::move(tensor));
@@ -118,10 +122,10 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
   file.tensors = TensorList(std::move(tensors));
   if (auto fsdp = read_fsdp_metadata(checkpoint)) file.fsdp = std::move(*fsdp);
   file.declared_parts = declared_model_parallel_size(checkpoint);
-  file.objects = to_json(graph, graph.root, [&](pickle::NodeId id) -> std::optional<nlohmann::json> {
+  file.objects = to_json(graph, graph.root, [&](pickle::NodeId id) -> std::optional<nlohmann::ordered_json> {
     auto it = tensor_index.find(id);
     if (it == tensor_index.end()) return std::nullopt;
-    return nlohmann::json{{"$tensor", it->second}};
+    return nlohmann::ordered_json{{"$tensor", it->second}};
   });
   return file;
 }
@@ -177,7 +181,7 @@ struct SharedContent::Seen {
   std::mutex mutex;
   Distinct<TensorList> tensors;
   Distinct<Shared<FsdpMetadata>> fsdp;
-  Distinct<Shared<nlohmann::json>> objects;
+  Distinct<Shared<nlohmann::ordered_json>> objects;
 };
 
 SharedContent::SharedContent() : seen_(std::make_unique<Seen>()) {}
@@ -187,7 +191,7 @@ void SharedContent::share(ManifestFile& file) {
   // Hashing walks the values: done outside the lock.
   std::size_t tensors_hash = hash_of(file.tensors);
   std::size_t fsdp_hash = file.fsdp ? hash_of(*file.fsdp) : 0;
-  std::size_t objects_hash = std::hash<nlohmann::json>{}(*file.objects);
+  std::size_t objects_hash = std::hash<nlohmann::ordered_json>{}(*file.objects);
   std::lock_guard lock(seen_->mutex);
   file.tensors = seen_->tensors.share(tensors_hash, file.tensors);
   if (file.fsdp) file.fsdp = seen_->fsdp.share(fsdp_hash, file.fsdp);
@@ -281,7 +285,7 @@ const ManifestTensor* find_tensor(const ManifestFile& file, std::string_view pat
 }
 
 std::string describe_contents(const ManifestFile& file) {
-  const nlohmann::json& root = *file.objects;
+  const nlohmann::ordered_json& root = *file.objects;
   if (root.is_object() && root.contains("$class") && root["$class"].is_string()) {
     std::string name = root["$class"].get<std::string>();
     if (name.rfind("__torch__.", 0) == 0) return fmt::format("a TorchScript archive (torch.jit.save of {})", name);

@@ -25,7 +25,7 @@
 
 namespace ckpt {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;
 
 namespace {
 
@@ -603,7 +603,7 @@ class ManifestReader {
 };
 
 // The deepest nesting of arrays and objects in JSON text (strings skipped), read
-// before parsing: nlohmann::json copies, compares and prints values recursively
+// before parsing: nlohmann::ordered_json copies, compares and prints values recursively
 // (only its parser and destructor are iterative), so depth must be bounded first.
 bool nested_deeper_than(std::string_view text, std::size_t limit) {
   std::size_t depth = 0;

@@ -40,11 +40,12 @@ namespace {
 
 // Names of the flat per-parameter optimizer states (exp_avg, exp_avg_sq, ...):
 // 1-D tensors under last_optimizer_state/state/0/ as long as flat parameter 0.
+// Path labels (escaped): they only ever name paths again.
 std::vector<std::string> flat_state_names(const ManifestFile& file) {
   std::vector<std::string> names;
   if (!file.fsdp || file.fsdp->instances.empty() || file.fsdp->instances[0].flat_params.empty()) return names;
   const ManifestTensor* weight =
-      find_tensor(file, std::string(kModelPrefix) + file.fsdp->instances[0].flat_params[0].state_key);
+      find_tensor(file, state_dict_path(kModelPrefix, file.fsdp->instances[0].flat_params[0].state_key));
   if (weight == nullptr) return names;
   const std::string prefix = "last_optimizer_state/state/0/";
   for (const ManifestTensor& tensor : file.tensors) {
@@ -184,8 +185,9 @@ struct Output {
 
 // Whether `file` holds its model flattened (its first flat parameter is there).
 bool has_flat_model(const ManifestFile& file) {
-  return file.fsdp && find_tensor(file, std::string(kModelPrefix) +
-                                            file.fsdp->instances.at(0).flat_params.at(0).state_key) != nullptr;
+  return file.fsdp &&
+         find_tensor(file, state_dict_path(kModelPrefix, file.fsdp->instances.at(0).flat_params.at(0).state_key)) !=
+             nullptr;
 }
 
 OutputTensor flat_output(const FlatShard& flat) {
@@ -208,10 +210,10 @@ void write_unflattened(Output& output, const ManifestFile& base_file, const Recu
 // Edits the base's flattened model in place: key order and _metadata stay.
 void replace_flat_model(Output& output, const ManifestFile& base_file, const std::vector<FlatShard>& flats,
                         const std::map<std::string, const NamedTensor*>& by_name) {
-  for (const FlatShard& flat : flats) output.replace(std::string(kModelPrefix) + flat.state_key, flat_output(flat));
+  for (const FlatShard& flat : flats) output.replace(state_dict_path(kModelPrefix, flat.state_key), flat_output(flat));
   for (const ManifestTensor& tensor : base_file.tensors) {
     if (!tensor.path.starts_with(kModelPrefix) || !tensor.alias_of.empty()) continue;
-    std::string key = tensor.path.substr(6);
+    std::string key = unescape_label(std::string_view(tensor.path).substr(kModelPrefix.size()));
     bool is_flat = std::any_of(flats.begin(), flats.end(), [&](const FlatShard& f) { return f.state_key == key; });
     if (is_flat) continue;
     auto it = by_name.find(key);

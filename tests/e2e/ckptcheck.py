@@ -394,7 +394,7 @@ def _resolve(obj, tensor_path):
 
 
 def manifest_files(manifest):
-    """The files of a version 3 manifest, each with its shared parts resolved:
+    """The files of a version 4 manifest, each with its shared parts resolved:
     "tensors" as a list of tensor dicts, each with this file's file_byte_offset,
     record_crc32 and record_name, and "fsdp" and "objects" as values (what the
     manifest stores once and refers to by number)."""
@@ -424,8 +424,8 @@ def manifest_problems(manifest_path, resolve=True):
     if manifest.get("format") != "ckpt-tool-manifest":
         problems.append(f"{manifest_path}: format is {manifest.get('format')!r}, "
                         f"expected 'ckpt-tool-manifest'")
-    if manifest.get("version") != 3:
-        problems.append(f"{manifest_path}: version is {manifest.get('version')!r}, expected 3")
+    if manifest.get("version") != 4:
+        problems.append(f"{manifest_path}: version is {manifest.get('version')!r}, expected 4")
         return problems, 0
     base = os.path.dirname(os.path.abspath(manifest_path))
     checked = 0

@@ -6,7 +6,7 @@ the manifest stores what they share once and the tool decodes each distinct
 pickle once (the speed and memory of the 8 x 124 grid are measured by `make
 bench`, not here). Checked:
 
-- the version 3 manifest: every file's byte offsets and CRC-32s agree with
+- the version 4 manifest: every file's byte offsets and CRC-32s agree with
   Python's zipfile; shared content is stored once (a few tensor lists for 256
   files);
 - stitch of the directory and of its manifest are the same bytes, and equal
@@ -54,7 +54,7 @@ def test_manifest_stores_shared_content_once_and_every_offset_is_right():
     manifest = os.path.join(work, "m.json")
     harness.run(["manifest", grid(), "-o", manifest])
     loaded = json.load(open(manifest))
-    assert loaded["version"] == 3 and len(loaded["files"]) == MP * DP
+    assert loaded["version"] == 4 and len(loaded["files"]) == MP * DP
     assert loaded["grid"]["mp"] == MP and loaded["grid"]["dp"] == DP and loaded["grid"]["problems"] == []
     # 256 files, a handful of distinct lists, metadata and trees (the padded last shards differ)
     assert len(loaded["tensor_lists"]) <= 2 * MP, len(loaded["tensor_lists"])

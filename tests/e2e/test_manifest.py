@@ -27,7 +27,7 @@ def test_layout_matches_the_generator():
         case = json.load(open(os.path.join(folder, "case.json")))
         stdout, _ = harness.run(["manifest", folder])
         manifest = json.loads(stdout)
-        assert manifest["format"] == "ckpt-tool-manifest" and manifest["version"] == 3
+        assert manifest["format"] == "ckpt-tool-manifest" and manifest["version"] == 4
         assert manifest["grid"]["mp"] == case["mp"] and manifest["grid"]["dp"] == case["dp"], name
         assert manifest["grid"]["problems"] == [], f"{name}: {manifest['grid']['problems']}"
         for entry in ckptcheck.manifest_files(manifest):

@@ -2,6 +2,7 @@
 """Numbers a user can trust (issue 14): `diff` exact for every dtype and by value
 across float dtypes, values printed exactly; every expected value is computed
 here by torch."""
+import collections
 import json
 import math
 import re
@@ -175,7 +176,57 @@ def test_float_dtypes_compare_by_value_with_a_tolerance():
     assert [d["mismatch"] for d in report["differing"]] == ["dtype int64 != int32"]
 
 
+def test_paths_are_unambiguous():
+    work = harness.scratch("numbers-paths")
+    t = lambda v: torch.tensor([float(v)])  # noqa: E731
+    tensors = {"a/b": t(1), "a": {"b": t(2)}, "x~y": t(3), 3: t(4), "3": t(5), "s~1": t(6)}
+    path = save(work, "paths.pt", tensors)
+    listed = json.loads(harness.run(["inspect", path, "--tensors", "--json"])[0])["tensors"]
+    names = [entry["path"] for entry in listed]
+    assert names == ["a~1b", "a/b", "x~0y", "3", "3~~2", "s~01"], names
+    # --filter matches the escaped path; the manifest holds the same paths.
+    listed = json.loads(harness.run(["inspect", path, "--tensors", "--json", "--filter", "^a~1b$"])[0])["tensors"]
+    assert [entry["path"] for entry in listed] == ["a~1b"]
+    manifest = os.path.join(work, "m.json")
+    harness.run(["manifest", path, "-o", manifest])
+    assert [t["path"] for t in json.load(open(manifest))["tensor_lists"][0]] == names
+    # diff pairs 'a/b' with 'a/b' and 'b' in 'a' with 'b' in 'a'.
+    changed = dict(tensors, a={"b": t(20)})
+    other = save(work, "changed.pt", changed)
+    report = diff_json(path, other, expect=1)
+    assert [(d["name"], d["positions"][0]["b"]) for d in report["differing"]] == [("a/b", 20.0)], report
+    report = diff_json(path, save(work, "changed2.pt", dict(tensors, **{"a/b": t(10)})), expect=1)
+    assert [d["name"] for d in report["differing"]] == ["a~1b"], report
+    # Object trees keep the file's order (an OrderedDict z, a stays z, a) and show keys as they are.
+    ordered = save(work, "ordered.pt", {"t10": t(0), "t2": t(1), "t1": t(2),
+                                        "od": collections.OrderedDict([("z", 1), ("a", 2)]), "3": 1, 3: 2})
+    objects = json.loads(harness.run(["inspect", ordered, "--json"])[0])["objects"]
+    assert list(objects) == ["t10", "t2", "t1", "od", "3", "3~~2"], list(objects)
+    assert list(objects["od"]) == ["z", "a"]
+    manifest = os.path.join(work, "ordered.json")
+    harness.run(["manifest", ordered, "-o", manifest])
+    assert list(json.load(open(manifest))["object_trees"][0]) == ["t10", "t2", "t1", "od", "3", "3~~2"]
+    text = harness.run(["inspect", ordered])[0]
+    assert text.index("  t10:") < text.index("  t2:") < text.index("  t1:") and text.index("    z: 1") < text.index("    a: 2")
+
+
+def test_state_dict_keys_with_a_slash_are_written_as_they_are():
+    work = harness.scratch("numbers-keys")
+    t = lambda v: torch.tensor([float(v)])  # noqa: E731
+    part = save(work, "part.pt", {"model": {"a/b": t(1), "c~d": t(2), "e": t(3)}})
+    out = os.path.join(work, "out.pt")
+    harness.run(["stitch", part, "-o", out])
+    model = torch.load(out)["model"]
+    assert list(model) == ["a/b", "c~d", "e"] and model["a/b"].item() == 1.0
+    harness.run(["diff", part, out])
+    nested = save(work, "nested.pt", {"model": {"w": t(1), "a": {"b": t(2)}}})
+    _, err = harness.run(["stitch", nested, "-o", os.path.join(work, "nested-out.pt")], expect=1)
+    assert "model/a/b" in err and "inside the 'model' state dict" in err, err
+    assert not os.path.exists(os.path.join(work, "nested-out.pt"))
+
+
 if __name__ == "__main__":
     harness.main([test_integers_are_exact_at_every_width, test_complex_compares_by_modulus_and_prints_as_complex,
                   test_floats_print_the_shortest_digits_of_their_dtype,
-                  test_float_dtypes_compare_by_value_with_a_tolerance])
+                  test_float_dtypes_compare_by_value_with_a_tolerance, test_paths_are_unambiguous,
+                  test_state_dict_keys_with_a_slash_are_written_as_they_are])

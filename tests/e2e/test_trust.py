@@ -221,6 +221,7 @@ def test_hand_edited_manifests_are_one_line_each():
         (lambda m: m["tensor_lists"][0][0].__setitem__("shape", [-4]), "tensor_lists[0][0].shape[0]", "negative"),
         (lambda m: m["files"][1].__setitem__("tensors", 99), "files[1].tensors", "refers to tensor_lists[99]"),
         (lambda m: m.__setitem__("version", 2), "version", "version 2 is not supported"),
+        (lambda m: m.__setitem__("version", 3), "version", "version 3 is not supported"),
         # self-consistent edits that only the files can contradict: each tensor's place and
         # description, the FSDP metadata, the object tree
         (swap_offsets, "files[1].file_byte_offsets[0]", "does not describe"),

@@ -170,8 +170,8 @@ inline void exercise_graph(const pickle::Graph& graph) {
   } catch (const Error&) {
   }
   try {
-    nlohmann::json rendered = to_json(graph, graph.root, nullptr);
-    (void)rendered.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    nlohmann::ordered_json rendered = to_json(graph, graph.root, nullptr);
+    (void)rendered.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
   } catch (const Error&) {
   }
   (void)reachable(graph, graph.root);
@@ -269,8 +269,8 @@ inline void check_checkpoint(const Checkpoint& checkpoint) {
   Manifest manifest;
   manifest.files.push_back(std::move(described));
   manifest.grid = detect_grid(manifest.files);
-  std::string text = manifest_to_json(manifest).dump(1, ' ', false, nlohmann::json::error_handler_t::replace);
-  nlohmann::json parsed = nlohmann::json::parse(text, nullptr, false);
+  std::string text = manifest_to_json(manifest).dump(1, ' ', false, nlohmann::ordered_json::error_handler_t::replace);
+  nlohmann::ordered_json parsed = nlohmann::ordered_json::parse(text, nullptr, false);
   require(!parsed.is_discarded(), "manifest: rendered JSON parses");
   try {
     Manifest again = manifest_from_json(parsed, "fuzz.json");
@@ -317,21 +317,21 @@ inline void require_piece_inside(const Piece& piece, std::uint64_t begin, std::u
 }
 
 // inspect's walk of the object tree: {"$tensor": i} is tensors[i].
-inline void walk_objects(const nlohmann::json& node, const ManifestFile& file) {
+inline void walk_objects(const nlohmann::ordered_json& node, const ManifestFile& file) {
   if (node.is_array()) {
-    for (const nlohmann::json& item : node) walk_objects(item, file);
+    for (const nlohmann::ordered_json& item : node) walk_objects(item, file);
     return;
   }
   if (!node.is_object()) return;
   if (node.contains("$tensor")) {
-    const nlohmann::json& index = node["$tensor"];
+    const nlohmann::ordered_json& index = node["$tensor"];
     require(index.is_number_unsigned() && index.get<std::uint64_t>() < file.tensors.size(),
             "manifest: $tensor indexes the file's tensors", file.path);
   }
   for (const char* key : {"$ref", "$class"}) {
     require(!node.contains(key) || node[key].is_string(), "manifest: $ref and $class are strings", file.path);
   }
-  for (const nlohmann::json& item : node) walk_objects(item, file);
+  for (const nlohmann::ordered_json& item : node) walk_objects(item, file);
 }
 
 inline void check_manifest(const Manifest& manifest) {
@@ -388,7 +388,7 @@ inline void check_manifest(const Manifest& manifest) {
     }
   }
   // Rendering what was read and reading it back gives the same JSON.
-  nlohmann::json rendered = manifest_to_json(manifest);
+  nlohmann::ordered_json rendered = manifest_to_json(manifest);
   try {
     Manifest again = manifest_from_json(rendered, "rendered.json");
     require(manifest_to_json(again) == rendered, "manifest: JSON round trip");

@@ -27,7 +27,7 @@
 
 namespace {
 
-using json = nlohmann::json;
+using json = nlohmann::ordered_json;
 using ckpt::DType;
 using layout_fixtures::contains;
 using layout_fixtures::error_of;
@@ -183,7 +183,9 @@ TEST_SUITE("manifest") {
         {"format of the wrong type", [](json& j) { j["format"] = 1; }, "format", "not a ckpt-tool manifest"},
         {"older version", [](json& j) { j["version"] = 1; }, "version", "version 1 is not supported"},
         {"version 2 (one tensor list per file)", [](json& j) { j["version"] = 2; }, "version",
-         "version 2 is not supported (this ckpt-tool reads version 3): run `ckpt-tool manifest` again"},
+         "version 2 is not supported (this ckpt-tool reads version 4): run `ckpt-tool manifest` again"},
+        {"version 3 (paths not escaped, trees sorted)", [](json& j) { j["version"] = 3; }, "version",
+         "version 3 is not supported"},
         {"declared part count from nowhere known",
          [](json& j) { j["files"][0]["model_parallel_size"]["from"] = "cfg.x"; }, "files[0].model_parallel_size.from",
          "is not a place a checkpoint declares its part count"},

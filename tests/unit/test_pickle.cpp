@@ -875,7 +875,7 @@ TEST_SUITE("pickle") {
       CHECK(g.is_str(at(g, root.args).items[0], command));
       // Encoding, JSON rendering and walking touch it as data too.
       check_round_trip(g);
-      nlohmann::json rendered = ckpt::to_json(g, g.root, nullptr);
+      nlohmann::ordered_json rendered = ckpt::to_json(g, g.root, nullptr);
       CHECK(rendered["$class"] == std::string(module) + ".system");
       ckpt::walk_paths(g, g.root, "", [](NodeId, const std::string&) {});
     }
@@ -1020,3 +1020,41 @@ TEST_SUITE("pickle") {
   }
 
 }  // TEST_SUITE
+
+TEST_CASE("object paths: labels escaped as JSON Pointer, unique per container, reversible") {
+  using ckpt::escape_label;
+  using ckpt::unescape_label;
+  CHECK(escape_label("a/b") == "a~1b");
+  CHECK(escape_label("~/~") == "~0~1~0");
+  CHECK(escape_label("plain.key_0") == "plain.key_0");
+  for (std::string key : {"a/b", "~1", "x~~y", "/", "~", "", "a~0b/c"}) CHECK(unescape_label(escape_label(key)) == key);
+  CHECK(ckpt::append_path("model", "a/b") == "model/a~1b");
+  CHECK(ckpt::path_label("") == "?");
+  CHECK(ckpt::path_label(std::string(300, 'k')) == std::string(256, 'k') + "...");
+
+  ckpt::ChildLabels labels;
+  CHECK(labels.unique("3") == "3");
+  CHECK(labels.unique("3") == "3~~2");
+  CHECK(labels.unique("3") == "3~~3");
+  CHECK(labels.unique("3~~2") == "3~~2~~2");  // a label can only look like a renamed one by being renamed
+  CHECK(labels.unique("?") == "?");
+  CHECK(labels.unique("?") == "?~~2");
+
+  // A walk over {"a/b": 1, "a": {"b": 2}, 3: 3, "3": 4} gives four distinct paths.
+  ckpt::pickle::Graph graph;
+  auto dict = [&](std::vector<std::pair<ckpt::pickle::NodeId, ckpt::pickle::NodeId>> entries) {
+    ckpt::pickle::Node node;
+    node.kind = ckpt::pickle::Kind::Dict;
+    node.entries = std::move(entries);
+    return graph.add(std::move(node));
+  };
+  auto inner = dict({{graph.str("b"), graph.integer(2)}});
+  graph.root = dict({{graph.str("a/b"), graph.integer(1)},
+                     {graph.str("a"), inner},
+                     {graph.integer(3), graph.integer(3)},
+                     {graph.str("3"), graph.integer(4)}});
+  std::vector<std::string> paths;
+  ckpt::walk_paths(graph, graph.root, "",
+                   [&](ckpt::pickle::NodeId, const std::string& path) { paths.push_back(path); });
+  CHECK(paths == std::vector<std::string>{"", "a~1b", "a", "a/b", "3", "3~~2"});
+}

@@ -290,8 +290,8 @@ void check_same_sections(const Opened& got, const Opened& want) {
   for (const char* key : {"model", "shard_metadata", "last_optimizer_state", "cfg", "args"}) {
     CAPTURE(key);
     check_same(section(got, std::string(key) + "/"), section(want, std::string(key) + "/"), key);
-    const nlohmann::json& got_objects = *got.described.objects;
-    const nlohmann::json& want_objects = *want.described.objects;
+    const nlohmann::ordered_json& got_objects = *got.described.objects;
+    const nlohmann::ordered_json& want_objects = *want.described.objects;
     bool both = got_objects.contains(key) == want_objects.contains(key);
     CHECK(both);
     if (both && want_objects.contains(key)) {

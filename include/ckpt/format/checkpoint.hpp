@@ -13,6 +13,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "ckpt/format/dtype.hpp"
@@ -126,16 +128,45 @@ struct StorageId {
 };
 std::optional<StorageId> parse_storage_id(const pickle::Graph& graph, pickle::NodeId persid);
 
-// Visits every node reachable from `from`, depth first, with a path of labels
-// (dict keys, list indices, attribute names); wrappers such as nn.Parameter are
-// transparent. Each node is visited once, at the first path that reaches it;
-// `revisit`, when given, is called for every later path that reaches a node.
+// Object paths. A path is the labels from the root joined with '/': dict keys,
+// list indices, attribute names ("model/decoder.layers.0.fc1.weight",
+// "last_optimizer_state/state/0/exp_avg"). Each label is escaped as in JSON
+// Pointer (RFC 6901): '~' is written "~0" and '/' "~1", so the key 'a/b' is
+// "a~1b" and never the path of 'b' inside 'a'. Labels are unique within their
+// container: a label met again there (the int key 3 beside the str key "3",
+// two keys that are not str or int, two long keys cut to the same 256 bytes)
+// gets "~~2", "~~3", ... (escaping never writes "~~"). So two objects never
+// share a path; Checkpoint refuses a file where they would only because a
+// path reached its bound of 1024 bytes.
+//
+// Visits every node reachable from `from`, depth first, with its path;
+// wrappers such as nn.Parameter are transparent. Each node is visited once, at
+// the first path that reaches it; `revisit`, when given, is called for every
+// later path that reaches a node.
 using PathVisitor = std::function<void(pickle::NodeId, const std::string&)>;
 void walk_paths(const pickle::Graph& graph, pickle::NodeId from, const std::string& prefix, const PathVisitor& visit,
                 const PathVisitor& revisit = nullptr);
 
-// `prefix/label`, bounded in length (long keys are cut with "...").
-std::string append_path(const std::string& prefix, const std::string& label);
+// A key as a path label: escaped, "?" when empty, cut to 256 bytes with "...".
+std::string path_label(std::string_view key);
+// `prefix/label` (a label already escaped), not lengthened past 1024 bytes.
+std::string join_path(const std::string& prefix, const std::string& label);
+// join_path(prefix, path_label(key)).
+std::string append_path(const std::string& prefix, const std::string& key);
+
+// '~' -> "~0", '/' -> "~1", and back (unescape_label("a~1b") == "a/b").
+std::string escape_label(std::string_view label);
+std::string unescape_label(std::string_view label);
+
+// The labels of one container's children, made unique (see above).
+class ChildLabels {
+ public:
+  // `label` (a path label), or it with "~~N" when met before here.
+  std::string unique(std::string label);
+
+ private:
+  std::unordered_map<std::string, int> seen_;
+};
 
 // A scalar key rendered as a path label ("model", "3"), or "" for other keys.
 std::string key_label(const pickle::Graph& graph, pickle::NodeId key);

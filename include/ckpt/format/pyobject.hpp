@@ -39,9 +39,9 @@ const std::vector<pickle::NodeId>* as_sequence(const pickle::Graph& graph, pickl
 // "$class"; other objects to {"$class", "args", "state", ...}. A node already
 // rendered is shown as {"$ref": "path"} (sharing and cycles). `leaf` may replace
 // a node's rendering (tensors); `max_nodes` bounds the output.
-using JsonLeaf = std::function<std::optional<nlohmann::json>(pickle::NodeId)>;
-nlohmann::json to_json(const pickle::Graph& graph, pickle::NodeId id, const JsonLeaf& leaf,
-                       std::size_t max_nodes = 100000);
+using JsonLeaf = std::function<std::optional<nlohmann::ordered_json>(pickle::NodeId)>;
+nlohmann::ordered_json to_json(const pickle::Graph& graph, pickle::NodeId id, const JsonLeaf& leaf,
+                               std::size_t max_nodes = 100000);
 
 }  // namespace ckpt
 

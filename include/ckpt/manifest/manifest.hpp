@@ -26,8 +26,10 @@
 namespace ckpt {
 
 // Version 3 stores what files share once (tensor lists, shard_metadata, object
-// trees) and refers to it by index; versions 1 and 2 are refused in one line.
-inline constexpr int kManifestVersion = 3;
+// trees) and refers to it by index. Version 4: paths escaped ('/' in a key is
+// "~1", checkpoint.hpp), object trees in file order. Older versions are refused
+// in one line.
+inline constexpr int kManifestVersion = 4;
 inline constexpr const char* kManifestFormat = "ckpt-tool-manifest";
 
 // Limits on what a manifest may claim. A manifest is input like any other
@@ -142,7 +144,7 @@ struct ManifestFile {
   std::vector<TensorPlace> places;              // places[i]: where tensors[i] is in this file
   Shared<FsdpMetadata> fsdp;                    // shard_metadata; empty when the file has none
   std::optional<DeclaredParts> declared_parts;  // model_parallel_size in cfg or args
-  Shared<nlohmann::json> objects;               // the object tree, tensors as {"$tensor": index}; never empty
+  Shared<nlohmann::ordered_json> objects;       // the object tree, tensors as {"$tensor": index}; never empty
 
   ManifestFile();
   // Where `tensor` (an element of `tensors`, found by find_tensor) is in this file.
@@ -188,6 +190,9 @@ const ManifestTensor* find_tensor(const ManifestFile& file, std::string_view pat
 std::string describe_contents(const ManifestFile& file);
 // Where a checkpoint's weights are: object paths under `model`.
 inline constexpr std::string_view kModelPrefix = "model/";
+// The object path of the state dict entry `key` under `prefix` ("model/"):
+// the key escaped as a path label ("a/b" -> "model/a~1b"; checkpoint.hpp).
+std::string state_dict_path(std::string_view prefix, std::string_view key);
 
 struct Manifest {
   std::vector<ManifestFile> files;
@@ -237,13 +242,13 @@ ManifestFile describe_file(const Checkpoint& checkpoint);
 // whose cfg is stale (metaseq's reshard_model_parallel copies it unchanged).
 Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts = std::nullopt);
 
-nlohmann::json manifest_to_json(const Manifest& manifest);
+nlohmann::ordered_json manifest_to_json(const Manifest& manifest);
 // Checks every field (types, ranges, the roles against the file names, each
 // tensor's bytes against its dtype, shape and stride and against the file size,
 // aliases, object-tree tensor indices, FSDP metadata) and recomputes the grid;
 // the stored grid is not read. Throws Error naming `source` and the field as a
 // JSON path: `files[3].tensors[12].shape[1]`.
-Manifest manifest_from_json(const nlohmann::json& json, const std::string& source);
+Manifest manifest_from_json(const nlohmann::ordered_json& json, const std::string& source);
 
 // A manifest from the bytes of a manifest file (zstd-compressed when
 // `compressed`): at most `max_text_bytes` of JSON, nested at most
