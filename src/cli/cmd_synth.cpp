@@ -72,9 +72,9 @@ Action add_synth_command(CLI::App& app) {
     ExecStats stats = execute(plan, exec);
     if (!options->quiet) {
       fmt::print(stderr,
-                 "synth: {} layers, embed {}, ffn {}, vocab {}: {:L} parameters; wrote {} file(s), {} in {:.2f} s\n",
-                 model.layers, model.embed_dim, model.ffn_dim, model.vocab, model.parameters, plan.files.size(),
-                 human_bytes(stats.bytes_written), stats.seconds);
+                 "synth: {} layers, embed {}, ffn {}, vocab {}: {} parameters; wrote {} file(s), {} in {:.2f} s\n",
+                 model.layers, model.embed_dim, model.ffn_dim, model.vocab, grouped(model.parameters),
+                 plan.files.size(), human_bytes(stats.bytes_written), stats.seconds);
     }
     return 0;
   };

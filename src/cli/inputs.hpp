@@ -36,5 +36,7 @@ void add_model_parts_flag(CLI::App& app, std::optional<std::int64_t>& model_part
 
 // "12.3 MiB"
 std::string human_bytes(std::uint64_t nbytes);
+// 7094016 -> "7,094,016", whatever the locale.
+std::string grouped(std::uint64_t count);
 
 }  // namespace ckpt::cli

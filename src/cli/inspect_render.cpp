@@ -19,47 +19,56 @@ using json = nlohmann::ordered_json;
 
 namespace {
 
-struct Summary {
-  std::uint64_t parameters = 0;
-  std::map<std::string, std::pair<std::uint64_t, std::uint64_t>> by_dtype;  // dtype -> (tensors, bytes)
-  std::map<std::string, std::uint64_t> by_section;
+// Bytes counted two ways: storage bytes are what the files hold (each storage
+// once, whole, however many views it has); tensor bytes are numel x element
+// size of each tensor (a tie once).
+struct Bytes {
+  std::uint64_t tensors = 0;  // tensors counted (a tie once)
+  std::uint64_t tensor_bytes = 0;
+  std::uint64_t storage_bytes = 0;
 };
 
-// Parameters counted from FSDP metadata (unpadded, one shard per part) when the
-// files are flattened; otherwise the elements of the model's tensors.
+struct Summary {
+  ModelCounts counts;
+  std::map<std::string, Bytes> by_dtype;
+  std::map<std::string, Bytes> by_section;
+};
+
 Summary summarize(const Manifest& manifest) {
   Summary summary;
-  std::map<int, bool> part_counted;
+  summary.counts = count_model(manifest);
   // Files that share a tensor list are counted by list: 992 shards hold a few lists.
   std::map<const void*, std::pair<const TensorList*, std::uint64_t>> lists;  // identity -> (list, files)
   for (const ManifestFile& file : manifest.files) {
     auto& [list, files] = lists[file.tensors.identity()];
     list = &file.tensors;
     ++files;
-    if (file.fsdp) {
-      int part = file.role.mp_part.value_or(0);
-      if (part_counted[part]) continue;
-      part_counted[part] = true;
-      for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
-        for (const FlatParamMeta& flat : instance.flat_params) summary.parameters += flat.total_numel();
-      }
-    } else {
-      for (const ManifestTensor& t : file.tensors) {
-        if (t.section() == "model" && t.alias_of.empty()) summary.parameters += t.numel();
-      }
-    }
   }
   for (const auto& [identity, entry] : lists) {
     const auto& [list, files] = entry;
+    std::set<std::string_view> storages;
     for (const ManifestTensor& t : *list) {
-      if (!t.alias_of.empty()) continue;  // tied: its bytes are counted once
-      auto& [count, bytes] = summary.by_dtype[std::string(dtype_info(t.dtype).name)];
-      count += files;
-      bytes += t.nbytes * files;
-      summary.by_section[t.section()] += t.nbytes * files;
+      if (!t.alias_of.empty()) continue;  // tied: the same tensor
+      for (Bytes* bytes :
+           {&summary.by_dtype[std::string(dtype_info(t.dtype).name)], &summary.by_section[t.section()]}) {
+        bytes->tensors += files;
+        bytes->tensor_bytes += t.numel() * dtype_info(t.dtype).itemsize * files;
+        if (!storages.contains(t.storage_key)) bytes->storage_bytes += t.storage_nbytes * files;
+      }
+      storages.insert(t.storage_key);
     }
   }
   return summary;
+}
+
+// "13.5 MiB", or "108 B of storage, 432 B of tensors" when they differ.
+std::string bytes_text(const Bytes& bytes) {
+  if (bytes.storage_bytes == bytes.tensor_bytes) return human_bytes(bytes.storage_bytes);
+  return fmt::format("{} of storage, {} of tensors", human_bytes(bytes.storage_bytes), human_bytes(bytes.tensor_bytes));
+}
+
+json bytes_json(const Bytes& bytes) {
+  return {{"tensors", bytes.tensors}, {"storage_bytes", bytes.storage_bytes}, {"tensor_bytes", bytes.tensor_bytes}};
 }
 
 std::string shape_text(const std::vector<std::int64_t>& shape) {
@@ -112,12 +121,13 @@ class TreePrinter {
       if (item.value().is_object() && item.value().contains("$tensor")) {
         ++tensors;
         std::size_t index = item.value()["$tensor"].get<std::size_t>();
-        if (distinct.insert(index).second) tensor_bytes += file_.tensors.at(index).nbytes;
+        const ManifestTensor& t = file_.tensors.at(index);
+        if (distinct.insert(index).second) tensor_bytes += t.numel() * dtype_info(t.dtype).itemsize;
       }
     }
     std::string header = pad + label + ":" + (kind.empty() ? "" : " " + kind);
     if (tensors > 8 && tensors == children.size()) {
-      out_ << header << fmt::format(" ({} tensors, {})\n", tensors, human_bytes(tensor_bytes));
+      out_ << header << fmt::format(" ({} tensors, {} of tensors)\n", tensors, human_bytes(tensor_bytes));
       return;
     }
     if (indent >= kMaxIndent) {
@@ -188,17 +198,23 @@ void print_summary(const Manifest& manifest, std::ostream& out) {
     out << fmt::format("not a training checkpoint: {} (stitch and reshard refuse it)\n",
                        printable(describe_contents(manifest.files[0])));
   }
-  out << fmt::format("parameters: {:L} ({})\n", summary.parameters,
-                     manifest.files.size() > 0 && manifest.files[0].fsdp
-                         ? "from FSDP metadata, unpadded, summed over model parts"
-                         : "elements of the model's tensors");
-  out << "bytes by dtype:\n";
-  for (const auto& [dtype, stats] : summary.by_dtype) {
-    out << fmt::format("  {:<10} {:>12}  in {} tensor(s)\n", dtype, human_bytes(stats.second), stats.first);
+  const ModelCounts& counts = summary.counts;
+  out << fmt::format(
+      "parameters: {} (from {}{})\n", grouped(counts.parameters),
+      counts.counted_from.empty() ? "no tensor" : counts.counted_from,
+      manifest.grid.mp > 1
+          ? fmt::format("; a replicated tensor once over the {} model parts, as after stitch", manifest.grid.mp)
+          : "");
+  out << fmt::format("buffers: {} element(s)\n", grouped(counts.buffers));
+  if (counts.optimizer_state > 0)
+    out << fmt::format("optimizer state: {} element(s) as stored\n", grouped(counts.optimizer_state));
+  out << "bytes by dtype (storage bytes: what the files hold; tensor bytes: numel x element size):\n";
+  for (const auto& [dtype, bytes] : summary.by_dtype) {
+    out << fmt::format("  {:<10} {:>12}  in {} tensor(s)\n", dtype, bytes_text(bytes), bytes.tensors);
   }
   out << "bytes by section:\n";
   for (const auto& [section, bytes] : summary.by_section) {
-    out << fmt::format("  {:<16} {:>12}\n", section, human_bytes(bytes));
+    out << fmt::format("  {:<16} {:>12}\n", section, bytes_text(bytes));
   }
 }
 
@@ -267,14 +283,15 @@ json inspect_json(const Manifest& manifest, const InspectRequest& request) {
   json out = {{"files", manifest.files.size()},
               {"grid", {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", manifest.grid.cells}}},
               {"fsdp", !manifest.files.empty() && static_cast<bool>(manifest.files[0].fsdp)},
-              {"parameters", summary.parameters},
+              {"parameters", summary.counts.parameters},
+              {"buffers", summary.counts.buffers},
+              {"optimizer_state_elements", summary.counts.optimizer_state},
+              {"counted_from", summary.counts.counted_from},
               {"training_checkpoint", training},
               {"problems", manifest.grid.problems}};
   if (!training) out["contents"] = describe_contents(manifest.files[0]);
-  for (const auto& [dtype, stats] : summary.by_dtype) {
-    out["bytes_by_dtype"][dtype] = {{"tensors", stats.first}, {"bytes", stats.second}};
-  }
-  for (const auto& [section, bytes] : summary.by_section) out["bytes_by_section"][section] = bytes;
+  for (const auto& [dtype, bytes] : summary.by_dtype) out["bytes_by_dtype"][dtype] = bytes_json(bytes);
+  for (const auto& [section, bytes] : summary.by_section) out["bytes_by_section"][section] = bytes_json(bytes);
   if (!manifest.files.empty()) out["objects"] = *manifest.files[0].objects;
   if (request.tensors) out["tensors"] = tensor_list_json(manifest, request);
   return out;

@@ -3,9 +3,14 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <set>
+
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/layout/megatron.hpp"
+#include "ckpt/layout/metaseq.hpp"
 
 namespace ckpt {
 
@@ -261,6 +266,70 @@ std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, c
   return unflatten(manifest, shard_files, [&](const FlatParamMeta&, std::size_t index) {
     return fmt::format("last_optimizer_state/state/{}/{}", index, state_name);
   });
+}
+
+namespace {
+
+bool is_buffer(const std::string& key, const ManifestTensor& tensor, const FsdpMetadata* fsdp) {
+  if (!dtype_info(tensor.dtype).floating) return true;
+  if (key.ends_with(".version") || key == "version" || key.ends_with("._float_tensor")) return true;
+  return fsdp != nullptr &&
+         std::find(fsdp->buffer_names.begin(), fsdp->buffer_names.end(), key) != fsdp->buffer_names.end();
+}
+
+// Counted once over the model parts: what every part holds a copy of.
+bool once_per_model(const std::string& key) {
+  MpRule rule = megatron_rule(key);
+  return rule == MpRule::Replicated || rule == MpRule::Copied || rule == MpRule::Placeholder;
+}
+
+}  // namespace
+
+ModelCounts count_model(const Manifest& manifest) {
+  ModelCounts counts;
+  for (const ManifestFile& file : manifest.files) {
+    for (const ManifestTensor& t : file.tensors) {
+      if (t.alias_of.empty() && t.section() == "optimizer_state") counts.optimizer_state += t.numel();
+    }
+  }
+  // One file per model part: its first shard.
+  for (std::size_t m = 0; m < manifest.grid.cells.size(); ++m) {
+    const auto& row = manifest.grid.cells[m];
+    auto present = std::find_if(row.begin(), row.end(), [](int index) { return index >= 0; });
+    if (present == row.end()) continue;
+    const ManifestFile& file = manifest.files.at(static_cast<std::size_t>(*present));
+    const FsdpMetadata* fsdp = file.fsdp ? &*file.fsdp : nullptr;
+    auto count = [&](const std::string& key, const ManifestTensor& tensor) {
+      if (!tensor.alias_of.empty() || (m > 0 && once_per_model(key))) return;
+      (is_buffer(key, tensor, fsdp) ? counts.buffers : counts.parameters) += tensor.numel();
+    };
+    const std::string prefix(kModelPrefix);
+    if (is_flattened(file, prefix)) {
+      counts.counted_from = "FSDP shard_metadata";
+      for (const FsdpInstanceMeta& instance : fsdp->instances) {
+        for (const FlatParamMeta& flat : instance.flat_params) {
+          for (std::size_t i = 0; i < flat.names.size() && i < flat.numels.size(); ++i) {
+            std::string key = fsdp_key(instance.fsdp_path, flat.names[i]);
+            if (m == 0 || !once_per_model(key)) counts.parameters += static_cast<std::uint64_t>(flat.numels[i]);
+          }
+        }
+      }
+      for (const std::string& buffer : fsdp->buffer_names) {
+        const ManifestTensor* tensor = find_tensor(file, state_dict_path(prefix, buffer));
+        if (tensor != nullptr && tensor->alias_of.empty() && (m == 0 || !once_per_model(buffer)))
+          counts.buffers += tensor->numel();
+      }
+    } else if (auto model = state_dict_tensors(file, prefix); !model.empty()) {
+      counts.counted_from = "the model state dict";
+      for (const auto& [key, tensor] : model) count(key, *tensor);
+    } else {
+      counts.counted_from = "every tensor";
+      for (const ManifestTensor& t : file.tensors) {
+        if (t.section() != "optimizer_state") count(unescape_label(t.path), t);
+      }
+    }
+  }
+  return counts;
 }
 
 }  // namespace ckpt

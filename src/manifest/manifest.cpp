@@ -113,6 +113,7 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
     t.storage_key = ref.storage_key;
     t.storage_offset = ref.storage_offset;
     t.nbytes = ref.nbytes;
+    t.storage_nbytes = storage.numel * dtype_info(storage.dtype).itemsize;  // Checkpoint checked the record holds it
     t.requires_grad = ref.requires_grad;
     t.alias_of = ref.alias_of;
     if (ref.alias_of.empty()) tensor_index.emplace(ref.node, tensors.size());

@@ -71,6 +71,7 @@ json tensor_to_json(const ManifestTensor& t) {
               {"storage_key", t.storage_key},
               {"storage_offset", t.storage_offset},
               {"nbytes", t.nbytes},
+              {"storage_nbytes", t.storage_nbytes},
               {"requires_grad", t.requires_grad}};
   if (!t.alias_of.empty()) out["alias_of"] = t.alias_of;
   return out;
@@ -416,6 +417,10 @@ class ManifestReader {
       TensorPlace& place = file.places[i];
       place.record_crc32 = static_cast<std::uint32_t>(as_unsigned(crcs[i], crcs_field[i], UINT32_MAX));
       place.file_byte_offset = as_unsigned(offsets[i], offsets_field[i], UINT64_MAX);
+      if (t.storage_nbytes > file.size_bytes) {
+        fail(field / "tensors", fmt::format("{}'s storage of {} bytes is larger than the file (size_bytes {})",
+                                            quote_text(t.path), t.storage_nbytes, file.size_bytes));
+      }
       if (place.file_byte_offset > file.size_bytes || t.nbytes > file.size_bytes - place.file_byte_offset) {
         fail(offsets_field[i], fmt::format("{} + {} bytes of {} reach past the end of the file (size_bytes {})",
                                            place.file_byte_offset, t.nbytes, quote_text(t.path), file.size_bytes));
@@ -450,6 +455,18 @@ class ManifestReader {
       if (!added) fail(field[i] / "path", fmt::format("the same path as [{}]", it->second));
     }
     for (std::size_t i = 0; i < tensors.size(); ++i) check_alias(tensors, i, by_path, field[i]);
+    // Views of one storage agree on its size and dtype.
+    std::unordered_map<std::string_view, std::size_t> by_storage;
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      auto [it, added] = by_storage.emplace(tensors[i].storage_key, i);
+      const ManifestTensor& first = tensors[it->second];
+      if (!added && (first.storage_nbytes != tensors[i].storage_nbytes || first.dtype != tensors[i].dtype)) {
+        fail(field[i] / "storage_nbytes",
+             fmt::format("storage {} is {} {} bytes here but {} {} bytes at [{}]", quote_text(tensors[i].storage_key),
+                         dtype_info(tensors[i].dtype).name, tensors[i].storage_nbytes, dtype_info(first.dtype).name,
+                         first.storage_nbytes, it->second));
+      }
+    }
     return TensorList(std::move(tensors));
   }
 
@@ -497,6 +514,15 @@ class ManifestReader {
       fail(field / "nbytes",
            fmt::format("{} bytes, but a {} view of shape [{}] and stride [{}] spans {}", t.nbytes,
                        dtype_info(t.dtype).name, fmt::join(t.shape, ", "), fmt::join(t.stride, ", "), spanned));
+    }
+    t.storage_nbytes = unsigned_integer(j, field, "storage_nbytes", UINT64_MAX);
+    // The view lies within its storage: storage_offset elements, then nbytes.
+    auto offset_elements = static_cast<std::uint64_t>(t.storage_offset);
+    bool fits =
+        offset_elements <= t.storage_nbytes / itemsize && t.nbytes <= t.storage_nbytes - offset_elements * itemsize;
+    if (t.nbytes > 0 && !fits) {
+      fail(field / "storage_nbytes", fmt::format("{} bytes, but the view spans {} bytes from element {}",
+                                                 t.storage_nbytes, t.nbytes, t.storage_offset));
     }
     if (j.contains("requires_grad")) t.requires_grad = boolean(j, field, "requires_grad");
     if (j.contains("alias_of")) {

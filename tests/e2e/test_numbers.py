@@ -225,8 +225,40 @@ def test_state_dict_keys_with_a_slash_are_written_as_they_are():
     assert not os.path.exists(os.path.join(work, "nested-out.pt"))
 
 
+def test_inspect_counts_a_plain_state_dict_as_torch_does():
+    work = harness.scratch("numbers-plain")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 16)
+            self.fc = torch.nn.Linear(16, 33)
+            self.norm = torch.nn.LayerNorm(33)
+            self.head = torch.nn.Linear(33, 50, bias=False)
+            self.register_buffer("steps", torch.zeros(4, dtype=torch.long))
+
+    net = Net()
+    path = save(work, "plain.pt", net.state_dict())
+    summary = json.loads(harness.run(["inspect", path, "--json"])[0])
+    assert summary["parameters"] == sum(p.numel() for p in net.parameters())
+    assert summary["buffers"] == sum(b.numel() for b in net.buffers())
+    # Tensors that share one storage: the storage once, and each tensor's numel x size.
+    base = torch.arange(27, dtype=torch.float32)
+    views = {"a": base[:9].view(3, 3), "b": base[9:], "c": base.view(3, 9).t(), "d": base}
+    path = save(work, "views.pt", views)
+    summary = json.loads(harness.run(["inspect", path, "--json"])[0])
+    expected = {"tensors": 4, "storage_bytes": base.storage().size() * base.element_size(),
+                "tensor_bytes": sum(v.numel() * v.element_size() for v in views.values())}
+    assert summary["bytes_by_dtype"]["float32"] == expected, summary["bytes_by_dtype"]
+    text = harness.run(["inspect", path])[0]
+    assert "108 B of storage, 324 B of tensors" in text, text
+    out, _ = harness.run(["diff", path, path])
+    assert "(324 B tensor bytes in A)" in out, out
+
+
 if __name__ == "__main__":
     harness.main([test_integers_are_exact_at_every_width, test_complex_compares_by_modulus_and_prints_as_complex,
                   test_floats_print_the_shortest_digits_of_their_dtype,
                   test_float_dtypes_compare_by_value_with_a_tolerance, test_paths_are_unambiguous,
-                  test_state_dict_keys_with_a_slash_are_written_as_they_are])
+                  test_state_dict_keys_with_a_slash_are_written_as_they_are,
+                  test_inspect_counts_a_plain_state_dict_as_torch_does])

@@ -41,9 +41,10 @@ ckpt::ManifestTensor tensor(const std::string& path, DType dtype, std::vector<st
   t.dtype = dtype;
   t.shape = std::move(shape);
   t.stride = std::move(stride);
-  t.storage_key = "0";
+  t.storage_key = path;  // a storage of its own, as large as the view (storage_offset 0)
   ckpt::ViewExtent extent = ckpt::view_extent(t.shape, t.stride, ckpt::dtype_info(dtype).itemsize);
   t.nbytes = extent.span_elements * ckpt::dtype_info(dtype).itemsize;
+  t.storage_nbytes = t.nbytes;
   return t;
 }
 
@@ -69,6 +70,7 @@ ckpt::Manifest valid_manifest() {
     file.add_tensor(tied, {2048, crc});
     ckpt::ManifestTensor strided = tensor("model/strided", DType::Float32, {2, 3}, {1, 2});
     strided.storage_offset = 4;
+    strided.storage_nbytes += 4 * 4;
     strided.requires_grad = true;
     file.add_tensor(strided, {4096, crc});
     ckpt::FlatParamMeta flat;
@@ -282,6 +284,22 @@ TEST_SUITE("manifest") {
          "tensor_lists[0][1].nbytes", "31 bytes, but a float32 view of shape [4, 2] and stride [2, 1] spans 32"},
         {"nbytes missing", [](json& j) { j["tensor_lists"][0][1].erase("nbytes"); }, "tensor_lists[0][1].nbytes",
          "missing"},
+        {"storage smaller than its view", [](json& j) { j["tensor_lists"][0][3]["storage_nbytes"] = 36; },
+         "tensor_lists[0][3].storage_nbytes", "36 bytes, but the view spans 24 bytes from element 4"},
+        {"storage_nbytes missing", [](json& j) { j["tensor_lists"][0][0].erase("storage_nbytes"); },
+         "tensor_lists[0][0].storage_nbytes", "missing"},
+        {"two sizes for one storage",
+         [](json& j) {
+           j["tensor_lists"][0][3]["storage_key"] = "model/decoder.embed_tokens.weight";
+           j["tensor_lists"][0][3]["dtype"] = "float32";
+         },
+         "tensor_lists[0][3].storage_nbytes", "is float32 40 bytes here but float32 32 bytes at [1]"},
+        {"storage larger than the file",
+         [](json& j) {
+           j["tensor_lists"][0][1]["storage_nbytes"] = 1 << 20;
+           j["tensor_lists"][0][2]["storage_nbytes"] = 1 << 20;  // its tie
+         },
+         "files[0].tensors", "storage of 1048576 bytes is larger than the file (size_bytes 8192)"},
         {"bytes past the end of the file", [](json& j) { j["files"][0]["file_byte_offsets"][1] = 8190; },
          "files[0].file_byte_offsets[1]",
          "8190 + 32 bytes of \"model/decoder.embed_tokens.weight\" reach past the end of the file (size_bytes 8192)"},
@@ -292,7 +310,11 @@ TEST_SUITE("manifest") {
          "files[0].file_byte_offsets[1]", "reach past the end of the file"},
         {"negative storage offset", [](json& j) { j["tensor_lists"][0][3]["storage_offset"] = -1; },
          "tensor_lists[0][3].storage_offset", "-1 is negative"},
-        {"storage starting before the file", [](json& j) { j["tensor_lists"][0][3]["storage_offset"] = 1025; },
+        {"storage starting before the file",
+         [](json& j) {
+           j["tensor_lists"][0][3]["storage_offset"] = 1025;
+           j["tensor_lists"][0][3]["storage_nbytes"] = 1025 * 4 + 24;
+         },
          "files[0].file_byte_offsets[3]", "the storage would start before the file"},
         {"crc32 past 32 bits", [](json& j) { j["files"][0]["record_crc32s"][0] = 4294967296; },
          "files[0].record_crc32s[0]", "outside [0, 4294967295]"},
@@ -373,7 +395,7 @@ TEST_SUITE("manifest") {
       REQUIRE_MESSAGE(error.has_value(), "accepted");
       CHECK(error->where().file == kSource);
       CHECK(error->where().member == c.field);
-      CHECK_MESSAGE(contains(error->message(), c.message), error->what());
+      CHECK_MESSAGE(contains(error->message(), c.message), std::string(error->what()));
       CHECK(std::string(error->what()).find('\n') == std::string::npos);
     }
   }
@@ -418,7 +440,7 @@ TEST_SUITE("manifest") {
           error_of([&] { ckpt::parse_manifest(bytes_of(c.bytes), "m.json.zst", c.compressed, c.max_text_bytes); });
       REQUIRE_MESSAGE(error.has_value(), "accepted");
       CHECK(error->where().file == "m.json.zst");
-      CHECK_MESSAGE(contains(error->message(), c.message), error->what());
+      CHECK_MESSAGE(contains(error->message(), c.message), std::string(error->what()));
     }
   }
 

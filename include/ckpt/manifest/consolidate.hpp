@@ -44,4 +44,24 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
 std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
                                                      const std::string& state_name);
 
+// The model's size as torch sees it after stitching: elements of its
+// parameters (sum(p.numel() for p in model.parameters())) and of its buffers.
+// - FSDP shards: each parameter from shard_metadata (unpadded), buffers from
+//   its buffer_names.
+// - A model state dict (consolidated parts): its tensors; buffers are the
+//   shard_metadata buffer names when known, `*.version` and sinusoidal
+//   positions' `_float_tensor` (metaseq's), and every non-floating tensor.
+// - No `model` (a plain state dict, or another layout): every tensor outside
+//   the optimizer state, by the same rule.
+// With several model parts, a tensor the Megatron rules replicate (layer norms,
+// row-parallel biases, positions) counts once, a split one in every part; a tie
+// counts once. Optimizer state is counted apart: its elements as stored.
+struct ModelCounts {
+  std::uint64_t parameters = 0;
+  std::uint64_t buffers = 0;
+  std::uint64_t optimizer_state = 0;
+  std::string counted_from;  // "FSDP shard_metadata", "the model state dict", "every tensor"
+};
+ModelCounts count_model(const Manifest& manifest);
+
 }  // namespace ckpt
