@@ -8,6 +8,7 @@
 #include <memory>
 
 #include "ckpt/exec/compare.hpp"
+#include "ckpt/format/checkpoint.hpp"
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/manifest/consolidate.hpp"
 #include "ckpt/plan/stitch.hpp"
@@ -68,7 +69,7 @@ void diff_objects(const json& a, const json& b, const std::string& path, std::ve
                               b.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 80)));
     return;
   }
-  auto join = [&](const std::string& key) { return path.empty() ? key : path + "/" + key; };
+  auto join = [&](const std::string& key) { return append_path(path, key); };  // escaped as tensor paths are
   auto is_tensor = [](const json& value) { return value.is_object() && value.contains("$tensor"); };
   // Configs render as {"$class", "value"}: name the path by the config's keys.
   for (const char* wrapper : {"value", "attributes"}) {

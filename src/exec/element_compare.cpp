@@ -73,9 +73,12 @@ bool is_complex(DType dtype) {
   return dtype == DType::Complex64 || dtype == DType::Complex128;
 }
 
-// Elements are looked at in blocks: a block's loop has no early exit and no
-// call, so the compiler vectorizes it; only a block with differences the
-// report still wants positions from is scanned again.
+// Elements are looked at in blocks: a block's loop only marks and counts the
+// differing elements (no early exit, no call, no floating-point reduction), so
+// the compiler vectorizes it; only a block with differences is scanned again,
+// for their largest differences and the first positions. The real-float loop
+// is also built for AVX2 (target_clones), chosen at run time where the CPU
+// has it (128 MiB of fp16 against bf16 on one thread: 0.19 -> 0.16 s).
 constexpr std::size_t kBlock = 1024;
 
 struct Accumulator {

@@ -11,6 +11,7 @@
 #include <optional>
 #include <set>
 
+#include "ckpt/format/checkpoint.hpp"
 #include "ckpt/manifest/manifest.hpp"
 
 namespace ckpt {
@@ -130,7 +131,7 @@ std::string first_difference(const nlohmann::ordered_json& a, const nlohmann::or
   if (a.type() != b.type()) return here();
   if (a.is_object()) {
     for (const auto& [key, value] : a.items()) {
-      std::string inner = path.empty() ? key : path + "/" + key;
+      std::string inner = append_path(path, key);
       if (!b.contains(key)) return inner + ": only in one file";
       if (value != b[key]) return first_difference(value, b[key], inner);
     }
@@ -138,7 +139,7 @@ std::string first_difference(const nlohmann::ordered_json& a, const nlohmann::or
   }
   if (a.is_array() && a.size() == b.size()) {
     for (std::size_t i = 0; i < a.size(); ++i) {
-      if (a[i] != b[i]) return first_difference(a[i], b[i], fmt::format("{}/{}", path, i));
+      if (a[i] != b[i]) return first_difference(a[i], b[i], append_path(path, std::to_string(i)));
     }
   }
   return here();
