@@ -170,6 +170,20 @@ def test_float_dtypes_compare_by_value_with_a_tolerance():
             assert all(not d["mismatch"] for d in report["differing"])
         out, _ = harness.run(["diff", pa, pb, "--atol", "1e-2", "--rtol", "1e-2"])
         assert "note: w: dtype float32 != " in out and out.splitlines()[-1].startswith("equal:"), out
+    # The case: an fp32 checkpoint against its `stitch --dtype bf16` copy.
+    folder = harness.fixtures()["mp2_dp3_fp32_ns_args"]
+    fp32 = os.path.join(folder, "expected", "consolidated.pt")
+    bf16 = os.path.join(work, "stitched-bf16.pt")
+    harness.run(["stitch", folder, "--dtype", "bf16", "-o", bf16])
+    model_a, model_b = torch.load(fp32)["model"], torch.load(bf16)["model"]
+    beyond = sum(int(((a.double() - model_b[k].double()).abs() > 1e-2 + 1e-2 * model_b[k].double().abs()).sum())
+                 for k, a in model_a.items() if a.is_floating_point())
+    floats = {k for k, a in model_a.items() if a.is_floating_point() and k != "decoder.version"}
+    report = diff_json(fp32, bf16, "--atol", "1e-2", "--rtol", "1e-2", expect=1 if beyond else 0)
+    assert sum(d["count"] for d in report["differing"]) == beyond
+    assert {n["name"] for n in report["notes"]} | {d["name"] for d in report["differing"]} >= \
+        {"model/" + k for k in floats}, report["notes"]
+    assert not diff_json(fp32, bf16, expect=1)["equal"]
     # Integers against integers of another width, floats against integers: still a mismatch.
     pc = save(work, "int32.pt", {**tensors, "steps": torch.arange(5, dtype=torch.int32)})
     report = diff_json(pa, pc, "--atol", "1", expect=1)
