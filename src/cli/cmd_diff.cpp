@@ -108,11 +108,13 @@ void diff_objects(const json& a, const json& b, const std::string& path, std::ve
 
 // A value as JSON: integers exact, floats as numbers (non-finite ones as the
 // strings "nan", "inf", "-inf"), complex as {"real", "imag"}.
+json real_json(double x, DType dtype = DType::Float64) {
+  if (std::isfinite(x)) return x;
+  return format_value(ElementValue{ElementValue::Kind::Real, dtype, 0, 0, x, 0.0});
+}
+
 json value_json(const ElementValue& value) {
-  auto real = [](double x, DType dtype) -> json {
-    if (std::isfinite(x)) return x;
-    return format_value(ElementValue{ElementValue::Kind::Real, dtype, 0, 0, x, 0.0});
-  };
+  auto real = [](double x, DType dtype) { return real_json(x, dtype); };
   switch (value.kind) {
     case ElementValue::Kind::Bool:
       if (value.signed_value == 0 || value.signed_value == 1) return value.signed_value == 1;
@@ -138,6 +140,7 @@ Action add_diff_command(CLI::App& app) {
     std::string b;
     double atol = 0.0;
     double rtol = 0.0;
+    bool tolerance_given = false;
     std::size_t max_positions = 20;
     bool json_output = false;
     unsigned threads = 0;
@@ -147,10 +150,19 @@ Action add_diff_command(CLI::App& app) {
   app.add_option("A", options->a, "a checkpoint file, or a set of shards (directory, quoted glob, manifest)")
       ->required();
   app.add_option("B", options->b, "the same for the other side")->required();
-  app.add_option("--atol", options->atol, "absolute tolerance (default: exact, bit for bit)")
-      ->check(finite_non_negative());
-  app.add_option("--rtol", options->rtol, "relative tolerance (default: exact, bit for bit)")
-      ->check(finite_non_negative());
+  // Either one given, even as 0, compares by value (-0.0 == 0.0, NaN == NaN, across float dtypes).
+  auto tolerance_option = [&](const char* name, double& value, const char* help) {
+    app.add_option_function<double>(
+           name,
+           [options, &value](double given) {
+             value = given;
+             options->tolerance_given = true;
+           },
+           help)
+        ->check(finite_non_negative());
+  };
+  tolerance_option("--atol", options->atol, "absolute tolerance (default: exact, bit for bit)");
+  tolerance_option("--rtol", options->rtol, "relative tolerance (default: exact, bit for bit)");
   app.add_option("--max-positions", options->max_positions, "wrong positions listed per tensor (default 20)")
       ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 32));
   app.add_flag("--json", options->json_output, "print JSON for machines");
@@ -162,7 +174,7 @@ Action add_diff_command(CLI::App& app) {
       std::unique_ptr<Side> a = load_side(options->a, options->model_parts);
       std::unique_ptr<Side> b = load_side(options->b, options->model_parts);
       CompareOptions compare;
-      compare.tolerance = {options->atol, options->rtol};
+      compare.tolerance = {options->atol, options->rtol, options->tolerance_given};
       compare.max_positions = options->max_positions;
       compare.threads = options->threads;
       DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
@@ -191,7 +203,7 @@ Action add_diff_command(CLI::App& app) {
                                {"numel", diff.numel},
                                {"count", diff.count},
                                {"max_abs", value_json(diff.max_abs)},
-                               {"max_rel", diff.max_rel},
+                               {"max_rel", real_json(diff.max_rel)},
                                {"positions", positions}});
         }
         out["differing"] = std::move(differing);

@@ -47,8 +47,9 @@ Summary summarize(const Manifest& manifest) {
   for (const auto& [identity, entry] : lists) {
     const auto& [list, files] = entry;
     std::set<std::string_view> storages;
+    DistinctViews views;
     for (const ManifestTensor& t : *list) {
-      if (!t.alias_of.empty()) continue;  // tied: the same tensor
+      if (!t.alias_of.empty() || !views.insert(t)) continue;  // tied: the same tensor
       for (Bytes* bytes :
            {&summary.by_dtype[std::string(dtype_info(t.dtype).name)], &summary.by_section[t.section()]}) {
         bytes->tensors += files;

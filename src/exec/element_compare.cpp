@@ -80,6 +80,7 @@ bool is_complex(DType dtype) {
 // is also built for AVX2 (target_clones), chosen at run time where the CPU
 // has it (128 MiB of fp16 against bf16 on one thread: 0.19 -> 0.16 s).
 constexpr std::size_t kBlock = 1024;
+constexpr double kMaxDouble = std::numeric_limits<double>::max();
 
 struct Accumulator {
   ElementComparison& out;
@@ -100,12 +101,35 @@ struct Accumulator {
   bool wants_positions() const { return out.first.size() < max_positions; }
 };
 
+// The largest |a - b| and |a - b| / |b| over the differing elements of real
+// or complex values: NaN when some difference is NaN (NaN against a number,
+// inf against inf of the other sign... under no tolerance); an infinite
+// difference is infinitely large relative to any b.
+struct RealMaxima {
+  double max_abs = 0.0;
+  double max_rel = 0.0;
+  bool nan = false;
+  void add(double d, double magnitude_b) {
+    if (std::isnan(d)) {
+      nan = true;
+      return;
+    }
+    max_abs = std::max(max_abs, d);
+    double rel = std::isinf(d) ? d : d / magnitude_b;
+    if (!std::isnan(rel)) max_rel = std::max(max_rel, rel);  // 0 / 0: -0.0 against 0.0
+  }
+  void store(ElementComparison& out) const {
+    double abs = nan ? std::numeric_limits<double>::quiet_NaN() : max_abs;
+    out.max_abs = ElementValue{ElementValue::Kind::Real, DType::Float64, 0, 0, abs, 0.0};
+    out.max_rel = nan ? std::numeric_limits<double>::quiet_NaN() : max_rel;
+  }
+};
+
 template <typename A, typename B, bool kExact>
 __attribute__((target_clones("avx2", "default"))) void compare_real(Accumulator& acc, std::uint64_t numel,
                                                                     const Tolerance& tolerance) {
   std::uint8_t differs[kBlock];
-  double max_abs = 0.0;
-  double max_rel = 0.0;
+  RealMaxima maxima;
   const double atol = tolerance.atol;
   const double rtol = tolerance.rtol;
   using BitsA = typename A::Bits;
@@ -128,7 +152,9 @@ __attribute__((target_clones("avx2", "default"))) void compare_real(Accumulator&
         differ = bits_a != bits_b;
       } else {
         bool same = (x == y) | ((x != x) & (y != y));  // NaN equal to NaN
-        differ = !(same | (d <= atol + rtol * std::fabs(y)));
+        // An infinity is close only to itself (same), as in torch.isclose: inf <= rtol * inf must not pass.
+        bool finite = (std::fabs(x) <= kMaxDouble) & (std::fabs(y) <= kMaxDouble);
+        differ = !(same | (finite & (d <= atol + rtol * std::fabs(y))));
       }
       differs[i] = differ;
       count += differ;
@@ -139,14 +165,11 @@ __attribute__((target_clones("avx2", "default"))) void compare_real(Accumulator&
       if (differs[i] == 0) continue;
       double x = A::value(load<BitsA>(pa + i * sizeof(BitsA)));
       double y = B::value(load<BitsB>(pb + i * sizeof(BitsB)));
-      double d = std::fabs(x - y);
-      if (d > max_abs) max_abs = d;  // NaN ignored
-      if (d / std::fabs(y) > max_rel) max_rel = d / std::fabs(y);
+      maxima.add(std::fabs(x - y), std::fabs(y));
     }
     if (acc.wants_positions()) acc.positions(begin, differs, n);
   }
-  acc.out.max_abs = ElementValue{ElementValue::Kind::Real, DType::Float64, 0, 0, max_abs, 0.0};
-  acc.out.max_rel = max_rel;
+  maxima.store(acc.out);
 }
 
 template <typename T>
@@ -186,8 +209,7 @@ void compare_integer(Accumulator& acc, std::uint64_t numel) {
 template <typename A, typename B, bool kExact>
 void compare_complex(Accumulator& acc, std::uint64_t numel, const Tolerance& tolerance) {
   std::uint8_t differs[kBlock];
-  double max_abs = 0.0;
-  double max_rel = 0.0;
+  RealMaxima maxima;
   constexpr std::size_t kSizeA = 2 * sizeof(typename A::Bits);
   constexpr std::size_t kSizeB = 2 * sizeof(typename B::Bits);
   for (std::uint64_t begin = 0; begin < numel; begin += kBlock) {
@@ -212,19 +234,17 @@ void compare_complex(Accumulator& acc, std::uint64_t numel, const Tolerance& tol
         bool nan_x = xr != xr || xi != xi;
         bool nan_y = yr != yr || yi != yi;
         bool same = (xr == yr && xi == yi) || (nan_x && nan_y);
-        differ = !(same || d <= tolerance.atol + tolerance.rtol * std::hypot(yr, yi));
+        bool finite = std::isfinite(xr) && std::isfinite(xi) && std::isfinite(yr) && std::isfinite(yi);
+        differ = !(same || (finite && d <= tolerance.atol + tolerance.rtol * std::hypot(yr, yi)));
       }
       differs[i] = differ;
       count += differ;
-      double counted = (differ && d == d) ? d : 0.0;
-      max_abs = std::max(max_abs, counted);
-      if (counted > 0.0) max_rel = std::max(max_rel, counted / std::hypot(yr, yi));
+      if (differ) maxima.add(d, std::hypot(yr, yi));
     }
     acc.out.count += count;
     if (count > 0 && acc.wants_positions()) acc.positions(begin, differs, n);
   }
-  acc.out.max_abs = ElementValue{ElementValue::Kind::Real, DType::Float64, 0, 0, max_abs, 0.0};
-  acc.out.max_rel = max_rel;
+  maxima.store(acc.out);
 }
 
 template <typename A, typename B>
@@ -270,7 +290,7 @@ std::uint16_t half_bits_of(float value) {
 }
 
 std::string format_real(double value, DType dtype) {
-  if (std::isnan(value)) return "nan";
+  if (std::isnan(value)) return std::signbit(value) ? "-nan" : "nan";  // bit-for-bit diffs can differ in the sign
   if (std::isinf(value)) return value < 0 ? "-inf" : "inf";
   switch (dtype) {
     case DType::Float16: return shortest_16<Half>(half_bits_of(static_cast<float>(value)));
@@ -281,6 +301,12 @@ std::string format_real(double value, DType dtype) {
     case DType::Float32: return fmt::format("{}", static_cast<float>(value));
     default: return fmt::format("{}", value);
   }
+}
+
+// std::max, but NaN wins (a NaN difference is reported, not hidden).
+double nan_max(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<double>::quiet_NaN();
+  return std::max(a, b);
 }
 
 }  // namespace
@@ -385,10 +411,10 @@ void merge_comparison(ElementComparison& into, ElementComparison&& later, std::u
   } else if (later.max_abs.kind == ElementValue::Kind::Unsigned) {
     into.max_abs.unsigned_value = std::max(into.max_abs.unsigned_value, later.max_abs.unsigned_value);
   } else {
-    into.max_abs.real = std::max(into.max_abs.real, later.max_abs.real);
+    into.max_abs.real = nan_max(into.max_abs.real, later.max_abs.real);
   }
   into.count += later.count;
-  into.max_rel = std::max(into.max_rel, later.max_rel);
+  into.max_rel = nan_max(into.max_rel, later.max_rel);
   for (ElementComparison::Position& p : later.first) {
     if (into.first.size() >= max_positions) break;
     p.index += later_first_index;

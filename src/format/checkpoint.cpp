@@ -77,6 +77,7 @@ std::string escape_label(std::string_view label) {
 }
 
 std::string unescape_label(std::string_view label) {
+  if (label == kEmptyKeyLabel) return "";
   std::string out;
   out.reserve(label.size());
   for (std::size_t i = 0; i < label.size(); ++i) {
@@ -101,27 +102,26 @@ std::string ChildLabels::unique(std::string label) {
   return renamed;
 }
 
-// Bounded, so that hostile nesting of long keys cannot make paths take memory
-// quadratic in the pickle's size: a label keeps 256 bytes, a path 1024.
-constexpr std::size_t kLabelBytes = 256;
-constexpr std::size_t kPathBytes = 1024;
-
 std::string path_label(std::string_view key) {
-  if (key.empty()) return "?";
-  if (key.size() <= kLabelBytes) return escape_label(key);
-  return escape_label(key.substr(0, kLabelBytes)) + "...";
+  return key.empty() ? std::string(kEmptyKeyLabel) : escape_label(key);
 }
 
 std::string join_path(const std::string& prefix, const std::string& label) {
-  if (prefix.empty()) return label;
-  if (prefix.size() >= kPathBytes) return prefix;  // already cut: deeper paths share it
-  std::string path = prefix + "/" + label;
-  if (path.size() > kPathBytes) path = path.substr(0, kPathBytes - 3) + "...";
-  return path;
+  // Bounded, so that hostile nesting of long keys cannot make paths take memory
+  // quadratic in the pickle's size.
+  constexpr std::size_t kPathBytes = 1024;
+  if (prefix.ends_with(kCutPathLabel)) return prefix;  // already cut: deeper paths share it
+  const std::string& last = prefix.size() + 1 + label.size() > kPathBytes ? std::string(kCutPathLabel) : label;
+  return prefix.empty() ? last : prefix + "/" + last;
 }
 
 std::string append_path(const std::string& prefix, const std::string& key) {
   return join_path(prefix, path_label(key));
+}
+
+std::string key_path_label(const Graph& graph, NodeId key) {
+  std::string text = key_label(graph, key);
+  return graph[key].kind == Kind::Str || text != kOtherKeyLabel ? path_label(text) : text;
 }
 
 std::string key_label(const Graph& graph, NodeId key) {
@@ -131,7 +131,7 @@ std::string key_label(const Graph& graph, NodeId key) {
     case Kind::Int: return std::to_string(node.integer);
     case Kind::Bool: return node.boolean ? "True" : "False";
     case Kind::None: return "None";
-    default: return "";
+    default: return std::string(kOtherKeyLabel);
   }
 }
 
@@ -173,7 +173,8 @@ class PathWalker {
     switch (node.kind) {
       case Kind::Dict: {
         ChildLabels labels;
-        for (const auto& [k, v] : node.entries) walk(v, child_path(path, labels, key_label(graph_, k)), depth);
+        for (const auto& [k, v] : node.entries)
+          walk(v, join_path(path, labels.unique(key_path_label(graph_, k))), depth);
         return;
       }
       case Kind::List:
@@ -186,7 +187,8 @@ class PathWalker {
       case Kind::Object: {
         // Entries, items, the state's attributes and the arguments share one level.
         ChildLabels labels;
-        for (const auto& [k, v] : node.entries) walk(v, child_path(path, labels, key_label(graph_, k)), depth);
+        for (const auto& [k, v] : node.entries)
+          walk(v, join_path(path, labels.unique(key_path_label(graph_, k))), depth);
         for (std::size_t i = 0; i < node.items.size(); ++i)
           walk(node.items[i], child_path(path, labels, std::to_string(i)), depth);
         if (node.state != pickle::kNoNode) walk_state(node.state, path, labels, depth);
@@ -220,7 +222,7 @@ class PathWalker {
     const pickle::Node& node = graph_[state];
     if (node.kind == Kind::Dict && seen_.insert(state).second) {
       // An instance dict: its keys are attribute names of the object.
-      for (const auto& [k, v] : node.entries) walk(v, child_path(path, labels, key_label(graph_, k)), depth);
+      for (const auto& [k, v] : node.entries) walk(v, join_path(path, labels.unique(key_path_label(graph_, k))), depth);
     } else if (node.kind == Kind::Tuple && node.items.size() == 2 && seen_.insert(state).second) {
       for (NodeId part : node.items) walk_state(part, path, labels, depth + 1);
     } else {
@@ -453,13 +455,13 @@ void Checkpoint::collect_tensors() {
   }
   std::stable_sort(tensors_.begin(), tensors_.end(),
                    [&](const TensorRef& a, const TensorRef& b) { return rank[a.path] < rank[b.path]; });
-  // A path names one tensor (in the manifest, in state dicts). Labels are
-  // unique per container (walk_paths), so only a path cut at its bound repeats.
+  // A path names one tensor (in the manifest, in state dicts, in a diff of two
+  // files): a tensor at a path cut at its bound has no name.
   std::unordered_set<std::string_view> seen;
   for (const TensorRef& tensor : tensors_) {
-    if (!seen.insert(tensor.path).second) {
+    if (tensor.path.ends_with(kCutPathLabel) || !seen.insert(tensor.path).second) {
       throw Error(Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt},
-                  "two tensors under the same path (objects nested past a path of 1024 bytes)");
+                  "a tensor whose object path is longer than 1024 bytes (keys too long or nested too deep)");
     }
   }
 }

@@ -189,18 +189,16 @@ class JsonRenderer {
   }
 
  private:
-  // In file order. A key met again (the int 3 beside the str "3") gets the
-  // "~~N" of its path label (checkpoint.hpp), so no entry is lost.
+  // In file order. A key met again (the int 3 beside the str "3") gets "~~2",
+  // as its path label does (checkpoint.hpp), so no entry is lost.
   template <typename Child>
   json mapping(const std::vector<std::pair<NodeId, NodeId>>& entries, Child& child) {
     json out = json::object();
-    ChildLabels labels;
+    ChildLabels keys;    // the JSON object's
+    ChildLabels labels;  // the children's paths'
     for (const auto& [k, v] : entries) {
-      std::string key = key_label(graph_, k);
-      if (key.empty()) key = fmt::format("<key #{}>", k);
-      std::string label = path_label(key);
-      std::string unique = labels.unique(label);
-      out[key + unique.substr(label.size())] = child(v, unique);
+      std::string key = keys.unique(key_label(graph_, k));
+      out[key] = child(v, labels.unique(key_path_label(graph_, k)));
     }
     return out;
   }

@@ -214,6 +214,18 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
                               state_dict));
     }
     for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
+      // "~~" labels: a key no str spells (a tuple), or the second of two keys
+      // that print alike (the int 3 beside the str "3"); writing either back
+      // as a str key would rename or overwrite a tensor.
+      std::string_view label = std::string_view(tensor->path).substr(prefix.size());
+      if (label.find("~~") != std::string_view::npos && label != kEmptyKeyLabel) {
+        throw Error(Location{first.path, tensor->path, std::nullopt},
+                    fmt::format("a key of the '{}' state dict that is not a str, or that prints like another key "
+                                "(the int 3 and the str '3'): a state dict maps str keys to tensors",
+                                state_dict));
+      }
+    }
+    for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
       taken.insert(key);
       if (!tensor->alias_of.empty() && tensor->alias_of.rfind(prefix, 0) == 0) {
         out.push_back({key, {}, unescape_label(std::string_view(tensor->alias_of).substr(prefix.size()))});
@@ -299,8 +311,9 @@ ModelCounts count_model(const Manifest& manifest) {
     if (present == row.end()) continue;
     const ManifestFile& file = manifest.files.at(static_cast<std::size_t>(*present));
     const FsdpMetadata* fsdp = file.fsdp ? &*file.fsdp : nullptr;
+    DistinctViews counted;  // a tie pickled as two tensor objects counts once
     auto count = [&](const std::string& key, const ManifestTensor& tensor) {
-      if (!tensor.alias_of.empty() || (m > 0 && once_per_model(key))) return;
+      if (!tensor.alias_of.empty() || (m > 0 && once_per_model(key)) || !counted.insert(tensor)) return;
       (is_buffer(key, tensor, fsdp) ? counts.buffers : counts.parameters) += tensor.numel();
     };
     const std::string prefix(kModelPrefix);

@@ -34,6 +34,20 @@ std::string state_dict_path(std::string_view prefix, std::string_view key) {
   return std::string(prefix) + path_label(key);
 }
 
+bool ManifestTensor::same_view(const ManifestTensor& other) const {
+  return storage_key == other.storage_key && storage_offset == other.storage_offset && dtype == other.dtype &&
+         shape == other.shape && stride == other.stride;
+}
+
+bool DistinctViews::insert(const ManifestTensor& tensor) {
+  auto& same_start = seen_[{tensor.storage_key, tensor.storage_offset}];
+  for (const ManifestTensor* t : same_start) {
+    if (t->same_view(tensor)) return false;
+  }
+  same_start.push_back(&tensor);
+  return true;
+}
+
 std::string ManifestTensor::section() const {
   std::string top = path.substr(0, path.find('/'));
   if (top == "model") return "model";

@@ -270,9 +270,78 @@ def test_inspect_counts_a_plain_state_dict_as_torch_does():
     assert "(324 B tensor bytes in A)" in out, out
 
 
+def test_found_by_the_black_box_review():
+    """Each case a stranger found wrong (exit 0 with a wrong answer); expected values from torch."""
+    work = harness.scratch("numbers-review")
+    inf, nan = float("inf"), float("nan")
+    # A finite value is not within any tolerance of an infinity (torch.isclose agrees).
+    a = torch.tensor([1.0, 70000.0, 3.0, inf])
+    pa, pb = save(work, "ov32.pt", {"t": a}), save(work, "ov16.pt", {"t": a.half()})
+    expected = int((~torch.isclose(a.double(), a.half().double(), rtol=1e-2, atol=1e-2)).sum())
+    report = diff_json(pa, pb, "--atol", "1e-2", "--rtol", "1e-2", expect=1)
+    assert expected == 1 and report["differing"][0]["count"] == 1, report
+    assert report["differing"][0]["positions"][0]["b"] == "inf" and report["differing"][0]["max_rel"] == "inf"
+    pc = save(work, "c_inf.pt", {"c": torch.tensor([1 + 1j, 2j])})
+    pd = save(work, "c_inf2.pt", {"c": torch.tensor([complex(inf, 1), 2j])})
+    assert diff_json(pc, pd, "--rtol", "1e-3", expect=1)["differing"][0]["count"] == 1
+    # --atol 0 asks for a comparison by value: -0.0 == 0.0, NaN == NaN, across float dtypes.
+    pz, pn = save(work, "z.pt", {"t": torch.tensor([0.0, nan])}), save(work, "nz.pt", {"t": torch.tensor([-0.0, nan])})
+    harness.run(["diff", pz, pn, "--atol", "0"])
+    harness.run(["diff", pz, pn], expect=1)
+    harness.run(["diff", pz, save(work, "z64.pt", {"t": torch.tensor([0.0, nan], dtype=torch.float64)}), "--rtol", "0"])
+    # NaN against a number under a tolerance: the largest difference is NaN, not 0.
+    report = diff_json(pz, save(work, "one.pt", {"t": torch.tensor([0.0, 1.0])}), "--atol", "1", expect=1)
+    assert report["differing"][0]["max_abs"] == "nan", report
+    # Keys longer than 256 bytes, the empty key and '?' pair with themselves across files.
+    long_key = "k" * 300
+    t = lambda v: torch.tensor([float(v)])  # noqa: E731
+    left = save(work, "long_a.pt", {"model": {long_key + "A": t(1), long_key + "B": t(2), "": t(3), "?": t(4)}})
+    right = save(work, "long_b.pt", {"model": {long_key + "B": t(1), long_key + "A": t(2), "?": t(3), "": t(4)}})
+    report = diff_json(left, right, expect=1)
+    assert sorted(d["name"] for d in report["differing"]) == sorted(
+        ["model/" + long_key + "A", "model/" + long_key + "B", "model/~~empty", "model/?"]), report
+    # A path past 1024 bytes has no name: refused, not cut to another tensor's name.
+    deep = {"x": t(1)}
+    for _ in range(300):
+        deep = {"level": deep}
+    _, err = harness.run(["inspect", save(work, "deep.pt", deep), "--tensors"], expect=1)
+    assert "longer than 1024 bytes" in err, err
+    # stitch writes keys as they are, or refuses: never a renamed or lost tensor.
+    out = os.path.join(work, "out.pt")
+    harness.run(["stitch", save(work, "empty_key.pt", {"model": {"": t(1), long_key: t(2)}}), "-o", out])
+    assert {k: v.item() for k, v in torch.load(out)["model"].items()} == {"": 1.0, long_key: 2.0}
+    for bad in ({"3": t(1), 3: t(2)}, {"3": t(1), 3: t(2), "3~~2": t(3)}, {(1, 2): t(1)}):
+        target = os.path.join(work, "bad-out.pt")
+        _, err = harness.run(["stitch", save(work, "bad.pt", {"model": bad}), "-o", target], expect=1)
+        assert "not a str, or that prints like another key" in err and not os.path.exists(target), err
+    # Object trees keep every entry when keys print alike.
+    tree = save(work, "alike.pt", {"cfg": {"3": 1, 3: 2, "3~~2": 3}})
+    objects = json.loads(harness.run(["inspect", tree, "--json"])[0])["objects"]
+    assert sorted(objects["cfg"].values()) == [1, 2, 3], objects
+
+
+def test_a_tie_in_model_state_dict_counts_once():
+    work = harness.scratch("numbers-tie")
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 16)
+            self.out = torch.nn.Linear(16, 100, bias=False)
+            self.out.weight = self.embed.weight
+            self.register_buffer("steps", torch.zeros(2, dtype=torch.long))
+
+    net = Tied()
+    path = save(work, "tied.pt", net.state_dict())  # two tensor objects, one storage, one view
+    summary = json.loads(harness.run(["inspect", path, "--json"])[0])
+    assert summary["parameters"] == sum(p.numel() for p in net.parameters()) == 1600, summary
+    assert summary["bytes_by_dtype"]["float32"]["tensor_bytes"] == 1600 * 4
+
+
 if __name__ == "__main__":
     harness.main([test_integers_are_exact_at_every_width, test_complex_compares_by_modulus_and_prints_as_complex,
                   test_floats_print_the_shortest_digits_of_their_dtype,
                   test_float_dtypes_compare_by_value_with_a_tolerance, test_paths_are_unambiguous,
                   test_state_dict_keys_with_a_slash_are_written_as_they_are,
-                  test_inspect_counts_a_plain_state_dict_as_torch_does])
+                  test_inspect_counts_a_plain_state_dict_as_torch_does, test_found_by_the_black_box_review,
+                  test_a_tie_in_model_state_dict_counts_once])

@@ -71,7 +71,7 @@ void check_every_pattern(DType dtype) {
     float expected = c10_value<T>(pattern);
     if (std::isnan(expected)) {
       REQUIRE(std::isnan(value.real));
-      REQUIRE(format_value(value) == "nan");
+      REQUIRE(format_value(value) == (std::signbit(expected) ? "-nan" : "nan"));
       continue;
     }
     REQUIRE(value.real == static_cast<double>(expected));

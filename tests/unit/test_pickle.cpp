@@ -1029,8 +1029,13 @@ TEST_CASE("object paths: labels escaped as JSON Pointer, unique per container, r
   CHECK(escape_label("plain.key_0") == "plain.key_0");
   for (std::string key : {"a/b", "~1", "x~~y", "/", "~", "", "a~0b/c"}) CHECK(unescape_label(escape_label(key)) == key);
   CHECK(ckpt::append_path("model", "a/b") == "model/a~1b");
-  CHECK(ckpt::path_label("") == "?");
-  CHECK(ckpt::path_label(std::string(300, 'k')) == std::string(256, 'k') + "...");
+  CHECK(ckpt::path_label("") == "~~empty");
+  CHECK(unescape_label("~~empty").empty());
+  CHECK(ckpt::path_label(std::string(300, 'k')) ==
+        std::string(300, 'k'));  // not cut: another file's key may share 256 bytes
+  std::string long_prefix(1000, 'a');
+  CHECK(ckpt::join_path(long_prefix, std::string(100, 'b')) == long_prefix + "/~~...");
+  CHECK(ckpt::join_path(long_prefix + "/~~...", "c") == long_prefix + "/~~...");
 
   ckpt::ChildLabels labels;
   CHECK(labels.unique("3") == "3");

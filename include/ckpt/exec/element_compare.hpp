@@ -34,13 +34,15 @@ ElementValue element_value(DType dtype, const std::byte* element);
 
 // Python's spelling, exact: 1152921504606846976, True, 0.1 (the shortest
 // digits that read back as the same float16/bfloat16/float32/float64 value),
-// nan, -inf, (1+2j).
+// nan (-nan when its sign is set), -inf, (1+2j).
 std::string format_value(const ElementValue& value);
 
 struct Tolerance {
-  double atol = 0.0;  // both zero: exact (bit for bit)
+  double atol = 0.0;
   double rtol = 0.0;
-  bool exact() const { return atol == 0.0 && rtol == 0.0; }
+  bool given = false;  // a tolerance was asked for, even of zero: compare by value
+  // Bit for bit: no tolerance asked for (`diff` without --atol and --rtol).
+  bool exact() const { return !given && atol == 0.0 && rtol == 0.0; }
 };
 
 // Whether two dtypes can be compared element by element: the same dtype, or
@@ -49,10 +51,10 @@ bool comparable_dtypes(DType a, DType b, const Tolerance& tolerance);
 
 struct ElementComparison {
   std::uint64_t count = 0;  // differing elements
-  // Largest |a - b| among them (NaN ignored): the exact integer for integer and
-  // bool dtypes, else a double (the modulus for complex).
+  // Largest |a - b| among them: the exact integer for integer and bool dtypes,
+  // else a double (the modulus for complex), NaN when some difference is NaN.
   ElementValue max_abs{ElementValue::Kind::Unsigned};
-  double max_rel = 0.0;  // largest |a - b| / |b| among them (NaN ignored)
+  double max_rel = 0.0;  // largest |a - b| / |b| among them (inf for an infinite difference), NaN likewise
   struct Position {
     std::uint64_t index;  // element index in the compared range
     ElementValue a;
@@ -64,8 +66,9 @@ struct ElementComparison {
 // Compares `numel` elements of `a` (of dtype_a) with `numel` of `b`.
 // - Integers and bool: exactly, whatever the tolerance.
 // - Exact (no tolerance): bit for bit (-0.0 differs from 0.0, NaN payloads count).
-// - Real floats with a tolerance: by value in double, |a - b| <= atol + rtol |b|,
-//   NaN equal to NaN (torch.isclose with equal_nan).
+// - Real floats with a tolerance: by value in double, |a - b| <= atol + rtol |b|
+//   for finite values, an infinity equal only to itself, NaN equal to NaN
+//   (torch.isclose with equal_nan).
 // - Complex with a tolerance: the same on the modulus of the difference and of b.
 // The caller checks comparable_dtypes first.
 ElementComparison compare_elements(DType dtype_a, const std::byte* a, DType dtype_b, const std::byte* b,

@@ -132,12 +132,14 @@ std::optional<StorageId> parse_storage_id(const pickle::Graph& graph, pickle::No
 // list indices, attribute names ("model/decoder.layers.0.fc1.weight",
 // "last_optimizer_state/state/0/exp_avg"). Each label is escaped as in JSON
 // Pointer (RFC 6901): '~' is written "~0" and '/' "~1", so the key 'a/b' is
-// "a~1b" and never the path of 'b' inside 'a'. Labels are unique within their
-// container: a label met again there (the int key 3 beside the str key "3",
-// two keys that are not str or int, two long keys cut to the same 256 bytes)
-// gets "~~2", "~~3", ... (escaping never writes "~~"). So two objects never
-// share a path; Checkpoint refuses a file where they would only because a
-// path reached its bound of 1024 bytes.
+// "a~1b" and never the path of 'b' inside 'a'. Escaping never writes "~~",
+// which marks the labels no key spells: "~~empty" (the key ''), "~~?" (a key
+// that is neither str, int, bool nor None), "~~..." (where a path would pass
+// 1024 bytes), and the "~~2", "~~3", ... that a label met again in its
+// container gets (the int key 3 beside the str key "3", two tuple keys). So
+// two objects of one file never share a path, and two files give one path
+// only to keys that print alike (the int 3 and the str "3"); Checkpoint
+// refuses a tensor at a cut path.
 //
 // Visits every node reachable from `from`, depth first, with its path;
 // wrappers such as nn.Parameter are transparent. Each node is visited once, at
@@ -147,14 +149,19 @@ using PathVisitor = std::function<void(pickle::NodeId, const std::string&)>;
 void walk_paths(const pickle::Graph& graph, pickle::NodeId from, const std::string& prefix, const PathVisitor& visit,
                 const PathVisitor& revisit = nullptr);
 
-// A key as a path label: escaped, "?" when empty, cut to 256 bytes with "...".
+inline constexpr std::string_view kEmptyKeyLabel = "~~empty";
+inline constexpr std::string_view kOtherKeyLabel = "~~?";
+inline constexpr std::string_view kCutPathLabel = "~~...";
+
+// A key as a path label: escaped, kEmptyKeyLabel when empty.
 std::string path_label(std::string_view key);
-// `prefix/label` (a label already escaped), not lengthened past 1024 bytes.
+// `prefix/label` (a label already escaped); past 1024 bytes `prefix/~~...`.
 std::string join_path(const std::string& prefix, const std::string& label);
 // join_path(prefix, path_label(key)).
 std::string append_path(const std::string& prefix, const std::string& key);
 
-// '~' -> "~0", '/' -> "~1", and back (unescape_label("a~1b") == "a/b").
+// '~' -> "~0", '/' -> "~1", and back (unescape_label("a~1b") == "a/b";
+// unescape_label("~~empty") == "").
 std::string escape_label(std::string_view label);
 std::string unescape_label(std::string_view label);
 
@@ -168,7 +175,10 @@ class ChildLabels {
   std::unordered_map<std::string, int> seen_;
 };
 
-// A scalar key rendered as a path label ("model", "3"), or "" for other keys.
+// A key as text, unescaped: a str as it is, an int in decimal, True, False,
+// None; kOtherKeyLabel for any other key.
 std::string key_label(const pickle::Graph& graph, pickle::NodeId key);
+// The same as a path label: escaped, kEmptyKeyLabel, or kOtherKeyLabel.
+std::string key_path_label(const pickle::Graph& graph, pickle::NodeId key);
 
 }  // namespace ckpt

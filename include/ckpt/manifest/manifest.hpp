@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -59,9 +60,24 @@ struct ManifestTensor {
   std::string alias_of;  // another path holding this very tensor (tied); "" if none
 
   std::uint64_t numel() const;
+  // Whether `other` is the same view of the same storage: a tie that was
+  // pickled as two tensor objects (model.state_dict() does that), or one tensor
+  // under two paths (alias_of).
+  bool same_view(const ManifestTensor& other) const;
   // "model", "optimizer_state" or "other", from the top-level key of `path`.
   std::string section() const;
   bool operator==(const ManifestTensor&) const = default;
+};
+
+// The tensors of one file seen so far, by view: insert() is false for a tensor
+// that is the same view of the same storage as one inserted before (a tie).
+// The tensors must outlive the set.
+class DistinctViews {
+ public:
+  bool insert(const ManifestTensor& tensor);
+
+ private:
+  std::map<std::pair<std::string_view, std::int64_t>, std::vector<const ManifestTensor*>> seen_;
 };
 
 // Where a tensor's bytes are in one file.
