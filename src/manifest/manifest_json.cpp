@@ -521,8 +521,9 @@ class ManifestReader {
     bool fits =
         offset_elements <= t.storage_nbytes / itemsize && t.nbytes <= t.storage_nbytes - offset_elements * itemsize;
     if (t.nbytes > 0 && !fits) {
-      fail(field / "storage_nbytes", fmt::format("{} bytes, but the view spans {} bytes from element {}",
-                                                 t.storage_nbytes, t.nbytes, t.storage_offset));
+      fail(field / "storage_nbytes",
+           fmt::format("a storage of {} bytes cannot hold the view: {} bytes from its element {} (storage_offset)",
+                       t.storage_nbytes, t.nbytes, t.storage_offset));
     }
     if (j.contains("requires_grad")) t.requires_grad = boolean(j, field, "requires_grad");
     if (j.contains("alias_of")) {
