@@ -95,11 +95,12 @@ std::string ChildLabels::unique(std::string label) {
   int& times = seen_[label];
   ++times;
   if (times == 1) return label;
-  // "~~N" cannot collide with another label of this container: escaping never
-  // writes "~~", and a raw label holding "~~" is escaped to "~0~0".
-  std::string renamed = label + "~~" + std::to_string(times);
-  seen_[renamed] += 1;
-  return renamed;
+  // Unescaped texts (object-tree keys) may hold "~~N" themselves: take the
+  // first suffix no label of this container has.
+  for (int n = times;; ++n) {
+    std::string renamed = label + "~~" + std::to_string(n);
+    if (seen_.emplace(renamed, 1).second) return renamed;
+  }
 }
 
 std::string path_label(std::string_view key) {
@@ -119,20 +120,60 @@ std::string append_path(const std::string& prefix, const std::string& key) {
   return join_path(prefix, path_label(key));
 }
 
-std::string key_path_label(const Graph& graph, NodeId key) {
-  std::string text = key_label(graph, key);
-  return graph[key].kind == Kind::Str || text != kOtherKeyLabel ? path_label(text) : text;
+namespace {
+
+// Python's repr of a key that is not a str or an int, for its label: True,
+// None, 1.5, (1, 'a'); "?" for anything else (bytes, objects).
+std::string key_repr(const Graph& graph, NodeId key, int depth) {
+  const pickle::Node& node = graph[key];
+  switch (node.kind) {
+    case Kind::Str: return "'" + node.text + "'";
+    case Kind::Int: return std::to_string(node.integer);
+    case Kind::Bool: return node.boolean ? "True" : "False";
+    case Kind::None: return "None";
+    case Kind::Float: return fmt::format("{}", node.real);
+    case Kind::Tuple: {
+      if (depth >= 4) return "?";
+      std::vector<std::string> items;
+      for (NodeId item : node.items) items.push_back(key_repr(graph, item, depth + 1));
+      return fmt::format("({}{})", fmt::join(items, ", "), items.size() == 1 ? "," : "");
+    }
+    default: return "?";
+  }
+}
+
+}  // namespace
+
+std::vector<MappingKey> mapping_keys(const Graph& graph, const std::vector<std::pair<NodeId, NodeId>>& entries) {
+  std::unordered_set<std::string_view> str_keys;
+  for (const auto& [k, v] : entries) {
+    if (graph[k].kind == Kind::Str) str_keys.insert(graph[k].text);
+  }
+  std::vector<MappingKey> out;
+  out.reserve(entries.size());
+  for (const auto& [k, v] : entries) {
+    const pickle::Node& node = graph[k];
+    if (node.kind == Kind::Str) {
+      out.push_back({node.text, path_label(node.text)});
+    } else if (node.kind == Kind::Int) {
+      // Beside the str of its digits, an int key is told apart by its type,
+      // not by which of the two comes first (two files may order them apart).
+      std::string digits = std::to_string(node.integer);
+      if (str_keys.contains(digits)) digits += kIntBesideStrSuffix;
+      out.push_back({digits, digits});
+    } else {
+      std::string repr = key_repr(graph, k, 0);
+      out.push_back({"~~" + repr, "~~" + escape_label(repr)});
+    }
+  }
+  return out;
 }
 
 std::string key_label(const Graph& graph, NodeId key) {
   const pickle::Node& node = graph[key];
-  switch (node.kind) {
-    case Kind::Str: return node.text;
-    case Kind::Int: return std::to_string(node.integer);
-    case Kind::Bool: return node.boolean ? "True" : "False";
-    case Kind::None: return "None";
-    default: return std::string(kOtherKeyLabel);
-  }
+  if (node.kind == Kind::Str) return node.text;
+  if (node.kind == Kind::Int) return std::to_string(node.integer);
+  return "~~" + key_repr(graph, key, 0);
 }
 
 namespace {
@@ -173,8 +214,9 @@ class PathWalker {
     switch (node.kind) {
       case Kind::Dict: {
         ChildLabels labels;
-        for (const auto& [k, v] : node.entries)
-          walk(v, join_path(path, labels.unique(key_path_label(graph_, k))), depth);
+        std::vector<MappingKey> keys = mapping_keys(graph_, node.entries);
+        for (std::size_t i = 0; i < keys.size(); ++i)
+          walk(node.entries[i].second, join_path(path, labels.unique(keys[i].label)), depth);
         return;
       }
       case Kind::List:
@@ -187,8 +229,9 @@ class PathWalker {
       case Kind::Object: {
         // Entries, items, the state's attributes and the arguments share one level.
         ChildLabels labels;
-        for (const auto& [k, v] : node.entries)
-          walk(v, join_path(path, labels.unique(key_path_label(graph_, k))), depth);
+        std::vector<MappingKey> keys = mapping_keys(graph_, node.entries);
+        for (std::size_t i = 0; i < keys.size(); ++i)
+          walk(node.entries[i].second, join_path(path, labels.unique(keys[i].label)), depth);
         for (std::size_t i = 0; i < node.items.size(); ++i)
           walk(node.items[i], child_path(path, labels, std::to_string(i)), depth);
         if (node.state != pickle::kNoNode) walk_state(node.state, path, labels, depth);
@@ -222,7 +265,9 @@ class PathWalker {
     const pickle::Node& node = graph_[state];
     if (node.kind == Kind::Dict && seen_.insert(state).second) {
       // An instance dict: its keys are attribute names of the object.
-      for (const auto& [k, v] : node.entries) walk(v, join_path(path, labels.unique(key_path_label(graph_, k))), depth);
+      std::vector<MappingKey> keys = mapping_keys(graph_, node.entries);
+      for (std::size_t i = 0; i < keys.size(); ++i)
+        walk(node.entries[i].second, join_path(path, labels.unique(keys[i].label)), depth);
     } else if (node.kind == Kind::Tuple && node.items.size() == 2 && seen_.insert(state).second) {
       for (NodeId part : node.items) walk_state(part, path, labels, depth + 1);
     } else {

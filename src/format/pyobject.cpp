@@ -189,17 +189,16 @@ class JsonRenderer {
   }
 
  private:
-  // In file order. A key met again (the int 3 beside the str "3") gets "~~2",
-  // as its path label does (checkpoint.hpp), so no entry is lost.
+  // In file order, keys as mapping_keys gives them (checkpoint.hpp); a text met
+  // again gets "~~2", so no entry is lost.
   template <typename Child>
   json mapping(const std::vector<std::pair<NodeId, NodeId>>& entries, Child& child) {
     json out = json::object();
-    ChildLabels keys;    // the JSON object's
+    ChildLabels keys;    // the JSON object's ("~~2" for a literal "3~~int" beside the int 3 and the str "3")
     ChildLabels labels;  // the children's paths'
-    for (const auto& [k, v] : entries) {
-      std::string key = keys.unique(key_label(graph_, k));
-      out[key] = child(v, labels.unique(key_path_label(graph_, k)));
-    }
+    std::vector<MappingKey> names = mapping_keys(graph_, entries);
+    for (std::size_t i = 0; i < names.size(); ++i)
+      out[keys.unique(names[i].text)] = child(entries[i].second, labels.unique(names[i].label));
     return out;
   }
 

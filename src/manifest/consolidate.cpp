@@ -213,6 +213,21 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
                               "to tensors",
                               state_dict));
     }
+    // A value that is not a tensor (an int, a dict) would be left out of the
+    // output: refused, never dropped.
+    const nlohmann::ordered_json* model =
+        first.objects->is_object() && first.objects->contains(state_dict) ? &(*first.objects)[state_dict] : nullptr;
+    if (model != nullptr && model->is_object()) {
+      for (const auto& item : model->items()) {
+        bool tensor = item.value().is_object() && item.value().contains("$tensor");
+        if (!tensor) {
+          throw Error(Location{first.path, state_dict_path(prefix, item.key()), std::nullopt},
+                      fmt::format("a value that is not a tensor in the '{}' state dict: stitch and reshard write "
+                                  "tensors only",
+                                  state_dict));
+        }
+      }
+    }
     for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
       // "~~" labels: a key no str spells (a tuple), or the second of two keys
       // that print alike (the int 3 beside the str "3"); writing either back

@@ -197,7 +197,7 @@ def test_paths_are_unambiguous():
     path = save(work, "paths.pt", tensors)
     listed = json.loads(harness.run(["inspect", path, "--tensors", "--json"])[0])["tensors"]
     names = [entry["path"] for entry in listed]
-    assert names == ["a~1b", "a/b", "x~0y", "3", "3~~2", "s~01"], names
+    assert names == ["a~1b", "a/b", "x~0y", "3~~int", "3", "s~01"], names
     # --filter matches the escaped path; the manifest holds the same paths.
     listed = json.loads(harness.run(["inspect", path, "--tensors", "--json", "--filter", "^a~1b$"])[0])["tensors"]
     assert [entry["path"] for entry in listed] == ["a~1b"]
@@ -215,11 +215,11 @@ def test_paths_are_unambiguous():
     ordered = save(work, "ordered.pt", {"t10": t(0), "t2": t(1), "t1": t(2),
                                         "od": collections.OrderedDict([("z", 1), ("a", 2)]), "3": 1, 3: 2})
     objects = json.loads(harness.run(["inspect", ordered, "--json"])[0])["objects"]
-    assert list(objects) == ["t10", "t2", "t1", "od", "3", "3~~2"], list(objects)
+    assert list(objects) == ["t10", "t2", "t1", "od", "3", "3~~int"], list(objects)
     assert list(objects["od"]) == ["z", "a"]
     manifest = os.path.join(work, "ordered.json")
     harness.run(["manifest", ordered, "-o", manifest])
-    assert list(json.load(open(manifest))["object_trees"][0]) == ["t10", "t2", "t1", "od", "3", "3~~2"]
+    assert list(json.load(open(manifest))["object_trees"][0]) == ["t10", "t2", "t1", "od", "3", "3~~int"]
     text = harness.run(["inspect", ordered])[0]
     assert text.index("  t10:") < text.index("  t2:") < text.index("  t1:") and text.index("    z: 1") < text.index("    a: 2")
 
@@ -314,10 +314,24 @@ def test_found_by_the_black_box_review():
         target = os.path.join(work, "bad-out.pt")
         _, err = harness.run(["stitch", save(work, "bad.pt", {"model": bad}), "-o", target], expect=1)
         assert "not a str, or that prints like another key" in err and not os.path.exists(target), err
-    # Object trees keep every entry when keys print alike.
-    tree = save(work, "alike.pt", {"cfg": {"3": 1, 3: 2, "3~~2": 3}})
+    # Object trees keep every entry when keys print alike, and diff pairs them by key, not by order.
+    tree = save(work, "alike.pt", {"cfg": {"3~~int": 1, "3": 2, 3: 3}})
     objects = json.loads(harness.run(["inspect", tree, "--json"])[0])["objects"]
     assert sorted(objects["cfg"].values()) == [1, 2, 3], objects
+    harness.run(["diff", tree, save(work, "alike2.pt", {"cfg": {"3~~int": 9, "3": 2, 3: 3}})], expect=1)
+    left = save(work, "order_a.pt", {3: t(1), "3": t(2)})
+    harness.run(["diff", left, save(work, "order_b.pt", {"3": t(1), 3: t(2)})], expect=1)
+    harness.run(["diff", left, save(work, "order_c.pt", {"3": t(2), 3: t(1)})])
+    # Keys that are neither str nor int are named by their repr, so two files pair them by value.
+    report = diff_json(save(work, "tuple_a.pt", {(1, 2): t(1), 1.5: t(2), True: t(3)}),
+                       save(work, "tuple_b.pt", {(3, 4): t(1), 2.5: t(2), None: t(3)}), expect=1)
+    assert (sorted(report["only_in_a"]), sorted(report["only_in_b"])) == \
+        (["~~(1, 2)", "~~1.5", "~~True"], ["~~(3, 4)", "~~2.5", "~~None"]), report
+    # A value that is not a tensor in a state dict is refused by stitch, not dropped.
+    mixed_out = os.path.join(work, "mixed-out.pt")
+    _, err = harness.run(["stitch", save(work, "mixed.pt", {"model": {"a": t(1), "b": 5}}), "-o", mixed_out],
+                         expect=1)
+    assert "model/b" in err and "not a tensor" in err and not os.path.exists(mixed_out), err
 
 
 def test_a_tie_in_model_state_dict_counts_once():

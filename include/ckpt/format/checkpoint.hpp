@@ -133,12 +133,13 @@ std::optional<StorageId> parse_storage_id(const pickle::Graph& graph, pickle::No
 // "last_optimizer_state/state/0/exp_avg"). Each label is escaped as in JSON
 // Pointer (RFC 6901): '~' is written "~0" and '/' "~1", so the key 'a/b' is
 // "a~1b" and never the path of 'b' inside 'a'. Escaping never writes "~~",
-// which marks the labels no key spells: "~~empty" (the key ''), "~~?" (a key
-// that is neither str, int, bool nor None), "~~..." (where a path would pass
-// 1024 bytes), and the "~~2", "~~3", ... that a label met again in its
-// container gets (the int key 3 beside the str key "3", two tuple keys). So
-// two objects of one file never share a path, and two files give one path
-// only to keys that print alike (the int 3 and the str "3"); Checkpoint
+// which marks the labels no str key spells: "~~empty" (the key ''), "~~" and
+// the repr of a key that is neither str nor int ("~~True", "~~(1, 2)"),
+// "3~~int" (the int key 3 beside the str key "3"), "~~..." (where a path
+// would pass 1024 bytes), and "~~2", "~~3", ... for a label met again in its
+// container (only a cut path or a "~~?" key can be). So two objects of one
+// file never share a path, and two files give one path only to an int key
+// and the str of its digits when each file has one of them; Checkpoint
 // refuses a tensor at a cut path.
 //
 // Visits every node reachable from `from`, depth first, with its path;
@@ -150,7 +151,7 @@ void walk_paths(const pickle::Graph& graph, pickle::NodeId from, const std::stri
                 const PathVisitor& revisit = nullptr);
 
 inline constexpr std::string_view kEmptyKeyLabel = "~~empty";
-inline constexpr std::string_view kOtherKeyLabel = "~~?";
+inline constexpr std::string_view kIntBesideStrSuffix = "~~int";
 inline constexpr std::string_view kCutPathLabel = "~~...";
 
 // A key as a path label: escaped, kEmptyKeyLabel when empty.
@@ -175,10 +176,18 @@ class ChildLabels {
   std::unordered_map<std::string, int> seen_;
 };
 
-// A key as text, unescaped: a str as it is, an int in decimal, True, False,
-// None; kOtherKeyLabel for any other key.
+// A key as text: a str as it is, an int in decimal, any other key "~~" and
+// Python's repr of it ("~~True", "~~None", "~~1.5", "~~(1, 2)", "~~?").
 std::string key_label(const pickle::Graph& graph, pickle::NodeId key);
-// The same as a path label: escaped, kEmptyKeyLabel, or kOtherKeyLabel.
-std::string key_path_label(const pickle::Graph& graph, pickle::NodeId key);
+
+// The keys of one mapping, in order: `text` as key_label gives it (an object
+// tree's key), `label` as a path label (escaped). An int key beside a str key
+// of its digits (3 and "3") is "3~~int", whatever their order.
+struct MappingKey {
+  std::string text;
+  std::string label;
+};
+std::vector<MappingKey> mapping_keys(const pickle::Graph& graph,
+                                     const std::vector<std::pair<pickle::NodeId, pickle::NodeId>>& entries);
 
 }  // namespace ckpt
