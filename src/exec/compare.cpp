@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -96,10 +97,11 @@ std::vector<Pair> pair_tensors(const std::vector<NamedTensor>& a, const std::vec
 // Every pair cut into chunks of at most kChunkBytes of a.
 std::vector<Item> cut_chunks(const std::vector<Pair>& pairs, DiffReport& report) {
   std::vector<Item> items;
+  std::set<const TensorSource*> counted;  // a tie's two names are one tensor
   for (std::size_t p = 0; p < pairs.size(); ++p) {
     std::uint64_t step = kChunkBytes / dtype_info(pairs[p].a->dtype).itemsize;
     std::uint64_t numel = pairs[p].a->numel();
-    report.compared_tensor_bytes += pairs[p].a->nbytes();
+    if (counted.insert(pairs[p].a).second) report.compared_tensor_bytes += pairs[p].a->nbytes();
     for (std::uint64_t begin = 0; begin < numel; begin += step)
       items.push_back({p, begin, std::min(step, numel - begin)});
   }
