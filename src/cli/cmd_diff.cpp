@@ -114,16 +114,15 @@ json real_json(double x, DType dtype = DType::Float64) {
 }
 
 json value_json(const ElementValue& value) {
-  auto real = [](double x, DType dtype) { return real_json(x, dtype); };
   switch (value.kind) {
     case ElementValue::Kind::Bool:
       if (value.signed_value == 0 || value.signed_value == 1) return value.signed_value == 1;
       return value.signed_value;
     case ElementValue::Kind::Signed: return value.signed_value;
     case ElementValue::Kind::Unsigned: return value.unsigned_value;
-    case ElementValue::Kind::Real: return real(value.real, value.dtype);
+    case ElementValue::Kind::Real: return real_json(value.real, value.dtype);
     case ElementValue::Kind::Complex:
-      return {{"real", real(value.real, value.dtype)}, {"imag", real(value.imag, value.dtype)}};
+      return {{"real", real_json(value.real, value.dtype)}, {"imag", real_json(value.imag, value.dtype)}};
   }
   return nullptr;
 }

@@ -214,9 +214,7 @@ class PathWalker {
     switch (node.kind) {
       case Kind::Dict: {
         ChildLabels labels;
-        std::vector<MappingKey> keys = mapping_keys(graph_, node.entries);
-        for (std::size_t i = 0; i < keys.size(); ++i)
-          walk(node.entries[i].second, join_path(path, labels.unique(keys[i].label)), depth);
+        walk_entries(node.entries, path, labels, depth);
         return;
       }
       case Kind::List:
@@ -229,9 +227,7 @@ class PathWalker {
       case Kind::Object: {
         // Entries, items, the state's attributes and the arguments share one level.
         ChildLabels labels;
-        std::vector<MappingKey> keys = mapping_keys(graph_, node.entries);
-        for (std::size_t i = 0; i < keys.size(); ++i)
-          walk(node.entries[i].second, join_path(path, labels.unique(keys[i].label)), depth);
+        walk_entries(node.entries, path, labels, depth);
         for (std::size_t i = 0; i < node.items.size(); ++i)
           walk(node.items[i], child_path(path, labels, std::to_string(i)), depth);
         if (node.state != pickle::kNoNode) walk_state(node.state, path, labels, depth);
@@ -265,14 +261,20 @@ class PathWalker {
     const pickle::Node& node = graph_[state];
     if (node.kind == Kind::Dict && seen_.insert(state).second) {
       // An instance dict: its keys are attribute names of the object.
-      std::vector<MappingKey> keys = mapping_keys(graph_, node.entries);
-      for (std::size_t i = 0; i < keys.size(); ++i)
-        walk(node.entries[i].second, join_path(path, labels.unique(keys[i].label)), depth);
+      walk_entries(node.entries, path, labels, depth);
     } else if (node.kind == Kind::Tuple && node.items.size() == 2 && seen_.insert(state).second) {
       for (NodeId part : node.items) walk_state(part, path, labels, depth + 1);
     } else {
       walk(state, child_path(path, labels, "state"), depth);
     }
+  }
+
+  // A mapping's values, each under its key's label (unique among `labels`).
+  void walk_entries(const std::vector<std::pair<NodeId, NodeId>>& entries, const std::string& path, ChildLabels& labels,
+                    int depth) {
+    std::vector<MappingKey> keys = mapping_keys(graph_, entries);
+    for (std::size_t i = 0; i < keys.size(); ++i)
+      walk(entries[i].second, join_path(path, labels.unique(keys[i].label)), depth);
   }
 
   static std::string child_path(const std::string& path, ChildLabels& labels, const std::string& key) {

@@ -343,9 +343,7 @@ ModelCounts count_model(const Manifest& manifest) {
         }
       }
       for (const std::string& buffer : fsdp->buffer_names) {
-        const ManifestTensor* tensor = find_tensor(file, state_dict_path(prefix, buffer));
-        if (tensor != nullptr && tensor->alias_of.empty() && (m == 0 || !once_per_model(buffer)))
-          counts.buffers += tensor->numel();
+        if (const ManifestTensor* tensor = find_tensor(file, state_dict_path(prefix, buffer))) count(buffer, *tensor);
       }
     } else if (auto model = state_dict_tensors(file, prefix); !model.empty()) {
       counts.counted_from = "the model state dict";
