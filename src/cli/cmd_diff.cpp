@@ -5,10 +5,12 @@
 #include <chrono>
 #include <cmath>
 #include <iostream>
+#include <map>
 #include <memory>
 
 #include "ckpt/exec/compare.hpp"
 #include "ckpt/format/checkpoint.hpp"
+#include "ckpt/layout/hf_opt.hpp"
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/manifest/consolidate.hpp"
 #include "ckpt/plan/stitch.hpp"
@@ -23,37 +25,82 @@ using json = nlohmann::ordered_json;
 namespace {
 
 // One side of a comparison: a single file's tensors as they are, or a set of
-// shard files consolidated on the fly (the stitched model, "model/<key>").
+// shard files consolidated on the fly (the stitched model, "model/<key>"), or
+// a safetensors file or set (one state dict, "model/<key>").
 struct Side {
   explicit Side(PlanInputs opened) : inputs(std::move(opened)) {}
   PlanInputs inputs;
   std::vector<NamedTensor> tensors;
   bool consolidated = false;
+  bool safetensors = false;
 };
 
-std::unique_ptr<Side> load_side(const std::string& input, std::optional<std::int64_t> model_parts) {
+// Every tensor of a safetensors file or set; a name in two files is an error.
+void load_safetensors(Side& side) {
+  std::map<std::string, std::string> seen;
+  const auto& files = side.inputs.manifest().files;
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    for (const ManifestTensor& tensor : files[i].tensors) {
+      if (auto [it, added] = seen.emplace(tensor.path, files[i].path); !added) {
+        throw Error(Location{files[i].path, tensor.path, std::nullopt}, "also in " + it->second);
+      }
+      side.tensors.push_back(
+          {tensor.path, source_of(tensor, files[i].place(tensor).file_byte_offset, static_cast<int>(i)), std::nullopt});
+    }
+  }
+}
+
+// The metaseq state dict of a torch side under transformers' OPT names
+// (--names hf-opt): the side's model/ tensors through the one mapping table.
+void rename_hf_opt(Side& side) {
+  std::vector<OutputTensor> model;
+  for (const NamedTensor& tensor : side.tensors) {
+    if (!tensor.name.starts_with(kModelPrefix)) continue;
+    std::string key = tensor.name.substr(kModelPrefix.size());
+    std::optional<std::string> alias;
+    if (tensor.alias_of) alias = tensor.alias_of->substr(kModelPrefix.size());
+    OutputTensor output = as_output({unescape_label(key), tensor.source, alias});
+    model.push_back(std::move(output));
+  }
+  side.tensors.clear();
+  for (const OutputTensor& tensor : to_hf_opt(model).tensors) {
+    side.tensors.push_back({state_dict_path(kModelPrefix, tensor.name), tensor.source, std::nullopt});
+  }
+}
+
+std::unique_ptr<Side> open_side(const std::string& input, std::optional<std::int64_t> model_parts) {
   auto side = std::make_unique<Side>(open_inputs({input}, model_parts));
-  const Manifest& manifest = side->inputs.manifest();
-  if (manifest.files.size() == 1) {
+  side->safetensors = side->inputs.manifest().files.front().format == FileFormat::Safetensors;
+  return side;
+}
+
+// The side's tensors. With `state_dict_only` (against safetensors, or under
+// another naming), one FSDP-flattened file is consolidated like a set of shards.
+void load_side(Side& side, bool state_dict_only) {
+  const Manifest& manifest = side.inputs.manifest();
+  if (side.safetensors) {
+    load_safetensors(side);
+    return;
+  }
+  if (manifest.files.size() == 1 && !(state_dict_only && manifest.files[0].fsdp)) {
     const ManifestFile& file = manifest.files[0];
     for (const ManifestTensor& tensor : file.tensors) {
       if (!tensor.alias_of.empty()) {
-        side->tensors.push_back({tensor.path, {}, tensor.alias_of});
+        side.tensors.push_back({tensor.path, {}, tensor.alias_of});
       } else {
-        side->tensors.push_back({tensor.path, source_of(tensor, file.place(tensor).file_byte_offset, 0), std::nullopt});
+        side.tensors.push_back({tensor.path, source_of(tensor, file.place(tensor).file_byte_offset, 0), std::nullopt});
       }
     }
-    return side;
+    return;
   }
-  side->consolidated = true;
+  side.consolidated = true;
   std::vector<std::vector<NamedTensor>> parts;
   for (const auto& shards : complete_grid(manifest)) parts.push_back(consolidate_part(manifest, shards));
   for (NamedTensor& tensor : glue_megatron(parts, {}, nullptr)) {
     tensor.name = state_dict_path(kModelPrefix, tensor.name);
     if (tensor.alias_of) tensor.alias_of = state_dict_path(kModelPrefix, *tensor.alias_of);
-    side->tensors.push_back(std::move(tensor));
+    side.tensors.push_back(std::move(tensor));
   }
-  return side;
 }
 
 // Non-tensor objects that differ (tensors, {"$tensor": i}, are compared as data).
@@ -144,6 +191,7 @@ Action add_diff_command(CLI::App& app) {
     bool json_output = false;
     unsigned threads = 0;
     std::optional<std::int64_t> model_parts;
+    std::string names;
   };
   auto options = std::make_shared<Options>();
   app.add_option("A", options->a, "a checkpoint file, or a set of shards (directory, quoted glob, manifest)")
@@ -165,20 +213,35 @@ Action add_diff_command(CLI::App& app) {
   app.add_option("--max-positions", options->max_positions, "wrong positions listed per tensor (default 20)")
       ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 32));
   app.add_flag("--json", options->json_output, "print JSON for machines");
+  app.add_option("--names", options->names,
+                 "hf-opt: compare a torch side (metaseq names) under transformers' OPT names, as stitch --format hf "
+                 "writes them")
+      ->check(CLI::IsMember({"hf-opt"}));
   add_model_parts_flag(app, options->model_parts);
   app.add_option("--threads", options->threads, "comparison threads (default: all cores)")->check(thread_count());
   return [options]() -> int {
     try {
       auto start = std::chrono::steady_clock::now();
-      std::unique_ptr<Side> a = load_side(options->a, options->model_parts);
-      std::unique_ptr<Side> b = load_side(options->b, options->model_parts);
+      std::unique_ptr<Side> a = open_side(options->a, options->model_parts);
+      std::unique_ptr<Side> b = open_side(options->b, options->model_parts);
+      for (Side* side : {a.get(), b.get()}) {
+        Side* other = side == a.get() ? b.get() : a.get();
+        load_side(*side, !options->names.empty() || other->safetensors);
+        if (!options->names.empty() && !side->safetensors) rename_hf_opt(*side);
+        // Against a safetensors side, only the state dict is compared: the file holds nothing else.
+        if (other->safetensors && !side->safetensors) {
+          std::erase_if(side->tensors, [](const NamedTensor& t) { return !t.name.starts_with(kModelPrefix); });
+          // A tie is one tensor in safetensors: its second name is not looked for there.
+          std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });
+        }
+      }
       CompareOptions compare;
       compare.tolerance = {options->atol, options->rtol, options->tolerance_given};
       compare.max_positions = options->max_positions;
       compare.threads = options->threads;
       DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
       std::vector<std::string> objects;
-      if (!a->consolidated && !b->consolidated) {
+      if (!a->consolidated && !b->consolidated && !a->safetensors && !b->safetensors) {
         diff_objects(*a->inputs.manifest().files[0].objects, *b->inputs.manifest().files[0].objects, "", objects, 50);
       }
       double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

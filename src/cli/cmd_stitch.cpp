@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <filesystem>
 #include <memory>
 
 #include "ckpt/plan/reshard.hpp"
@@ -14,6 +15,71 @@
 
 namespace ckpt::cli {
 
+namespace {
+
+// The output format flags into `stitch`; UsageError for flags that do not go together.
+template <typename Options>
+void set_format(const Options& options, StitchOptions& stitch) {
+  std::string format = options.format;
+  if (format.empty()) format = options.output.ends_with(".safetensors") ? "safetensors" : "torch";
+  stitch.format = format == "safetensors" ? OutputFormat::Safetensors
+                  : format == "hf"        ? OutputFormat::HfOpt
+                                          : OutputFormat::Torch;
+  auto refuse = [&](const char* flag, const char* because) { throw UsageError(fmt::format("{} {}", flag, because)); };
+  if (!options.max_shard_size.empty()) {
+    if (stitch.format == OutputFormat::Torch) refuse("--max-shard-size", "needs --format safetensors or hf");
+    stitch.max_shard_bytes = parse_byte_size(options.max_shard_size, "--max-shard-size");
+  }
+  if (options.weights_only && stitch.format != OutputFormat::Torch) {
+    refuse("--weights-only", "is for --format torch (safetensors holds weights only anyway)");
+  }
+  if (options.no_cfg && !options.weights_only) refuse("--no-cfg", "needs --weights-only");
+  if (!options.hf_config.empty() && stitch.format != OutputFormat::HfOpt) refuse("--hf-config", "needs --format hf");
+  if (stitch.format == OutputFormat::HfOpt && (options.no_stitch_megatron || options.fused_qkv)) {
+    refuse(options.no_stitch_megatron ? "--no-stitch-megatron" : "--fused-qkv",
+           "does not go with --format hf: transformers' OPT is one model with separate q, k and v");
+  }
+  if (stitch.format == OutputFormat::Safetensors && !options.output.ends_with(".safetensors")) {
+    refuse("-o", "must end in .safetensors with --format safetensors");
+  }
+  stitch.weights_only = options.weights_only;
+  stitch.keep_cfg = !options.no_cfg;
+  for (const std::string& item : options.hf_config) {
+    std::size_t equals = item.find('=');
+    if (equals == std::string::npos || equals == 0) refuse("--hf-config", "takes KEY=VALUE");
+    std::string value = item.substr(equals + 1);
+    nlohmann::ordered_json parsed = nlohmann::ordered_json::parse(value, nullptr, /*allow_exceptions=*/false);
+    if (parsed.is_discarded()) parsed = value;  // a bare word is a string
+    stitch.hf_config.emplace_back(item.substr(0, equals), std::move(parsed));
+  }
+}
+
+// A folder made for the output, removed again (with the parents made with it)
+// unless keep() is called: a failed run leaves nothing behind.
+class CreatedDirectory {
+ public:
+  explicit CreatedDirectory(const std::string& path) {
+    std::filesystem::path at = std::filesystem::absolute(path).lexically_normal();
+    if (!at.has_filename()) at = at.parent_path();
+    std::error_code ec;
+    for (std::filesystem::path p = at; !std::filesystem::exists(p, ec); p = p.parent_path()) made_.push_back(p);
+    std::filesystem::create_directories(at, ec);
+    if (ec) throw Error(Location{path, "", std::nullopt}, "cannot create the folder: " + ec.message());
+  }
+  ~CreatedDirectory() {
+    std::error_code ec;
+    for (const auto& p : made_) std::filesystem::remove(p, ec);  // only while empty
+  }
+  CreatedDirectory(const CreatedDirectory&) = delete;
+  CreatedDirectory& operator=(const CreatedDirectory&) = delete;
+  void keep() { made_.clear(); }
+
+ private:
+  std::vector<std::filesystem::path> made_;  // deepest first
+};
+
+}  // namespace
+
 Action add_stitch_command(CLI::App& app) {
   struct Options {
     std::vector<std::string> inputs;
@@ -23,13 +89,32 @@ Action add_stitch_command(CLI::App& app) {
     std::string dtype;
     WriteFlags write;
     bool ema = false;
+    std::string format;  // "": from -o (.safetensors), else torch
+    std::string max_shard_size;
+    bool weights_only = false;
+    bool no_cfg = false;
+    std::vector<std::string> hf_config;
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs,
                  "shard files, globs, directories, or a manifest written by `ckpt-tool manifest`")
       ->required();
-  app.add_option("-o,--output", options->output, "output file; with --no-stitch-megatron a pattern containing {m}")
+  app.add_option("-o,--output", options->output,
+                 "output file (--format hf: a folder); with --no-stitch-megatron a pattern containing {m}")
       ->required();
+  app.add_option("--format", options->format,
+                 "torch (default; safetensors when -o ends in .safetensors), safetensors, or hf: a folder of "
+                 "safetensors under transformers' OPT names and "
+                 "config.json")
+      ->check(CLI::IsMember({"torch", "safetensors", "hf"}));
+  app.add_option("--max-shard-size", options->max_shard_size,
+                 "safetensors and hf: files of at most this size (5GB, 500MB, 2GiB), named model-00001-of-0000N, "
+                 "with an index");
+  app.add_flag("--weights-only", options->weights_only,
+               "torch: write only the state dict and cfg as plain values, what torch.load(weights_only=True) reads");
+  app.add_flag("--no-cfg", options->no_cfg, "with --weights-only: drop cfg and args too");
+  app.add_option("--hf-config", options->hf_config,
+                 "hf: set a config.json field, KEY=VALUE (VALUE as JSON, else a string); repeatable");
   app.add_flag("--no-stitch-megatron", options->no_stitch_megatron, "write one consolidated file per model part");
   app.add_flag("--fused-qkv", options->fused_qkv, "keep one qkv_proj per layer, laid out [k_all; v_all; q_all]");
   app.add_option("--dtype", options->dtype, "convert floating weights: fp16, bf16 or fp32")
@@ -47,13 +132,19 @@ Action add_stitch_command(CLI::App& app) {
       rule.refused_because = " (stitch writes one file; --no-stitch-megatron writes one per model part, named by {m})";
     }
     rule.syntax_only = options->write.dry_run;
-    check_output_pattern(options->output, rule);
-    if (!options->no_stitch_megatron && !options->write.dry_run) check_output_file(options->output, options->output);
+    StitchOptions stitch;
+    set_format(*options, stitch);
+    const bool folder = stitch.format == OutputFormat::HfOpt;
+    if (folder) {
+      check_output_directory(options->output);
+    } else {
+      check_output_pattern(options->output, rule);
+      if (!options->no_stitch_megatron && !options->write.dry_run) check_output_file(options->output, options->output);
+    }
     auto started = std::chrono::steady_clock::now();
     PlanInputs inputs = open_inputs(options->inputs, options->write.model_parts, /*grid_first=*/true);
     std::vector<std::vector<int>> grid = complete_grid(inputs.manifest());
     std::vector<std::string> outputs;
-    StitchOptions stitch;
     stitch.stitch_megatron = !options->no_stitch_megatron;
     stitch.glue.fused_qkv = options->fused_qkv;
     if (!options->dtype.empty()) stitch.dtype = dtype_from_name(options->dtype);
@@ -72,6 +163,12 @@ Action add_stitch_command(CLI::App& app) {
     StitchPlan plan = plan_stitch(inputs, outputs, stitch);
     report_replicated(plan.checks, inputs.files(), options->write.strict);
     if (!options->write.dry_run) plan.tensors = {};  // only a dry run prints them
+    if (folder && !options->write.dry_run) {
+      CreatedDirectory created(options->output);
+      run_plan(plan.plan, plan.tensors, options->write, started);
+      created.keep();
+      return 0;
+    }
     run_plan(plan.plan, plan.tensors, options->write, started);
     return 0;
   };

@@ -23,17 +23,24 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
       throw Error(Location{input, "", std::nullopt},
                   "a manifest is the whole input set: give it alone, or give the checkpoint files without it");
     }
+    if (std::optional<std::string> index = safetensors_index_of(input)) {
+      for (std::string& file : safetensors_index_files(*index)) files.push_back(std::move(file));
+      continue;
+    }
     if (fs::is_directory(input, ec)) {
       // Entries that cannot be stat'ed (a symbolic link loop, a dangling link) are
-      // not checkpoint files: skipped, like any other non-file.
+      // not checkpoint files: skipped, like any other non-file. A folder without
+      // *.pt files is read for *.safetensors (a Hugging Face folder).
+      std::vector<std::string> safetensors;
       fs::directory_iterator entries(input, ec);
       if (ec) throw Error(Location{input, "", std::nullopt}, "cannot list the directory: " + ec.message());
       for (const auto& entry : entries) {
         std::error_code entry_ec;
-        if (entry.is_regular_file(entry_ec) && entry.path().extension() == ".pt") {
-          files.push_back(entry.path().string());
-        }
+        if (!entry.is_regular_file(entry_ec)) continue;
+        if (entry.path().extension() == ".pt") files.push_back(entry.path().string());
+        if (entry.path().extension() == ".safetensors") safetensors.push_back(entry.path().string());
       }
+      if (files.empty()) files = std::move(safetensors);
       continue;
     }
     if (fs::exists(input, ec) || input.find_first_of("*?[") == std::string::npos) {
@@ -54,8 +61,28 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
   };
   std::sort(files.begin(), files.end(), [&](const std::string& a, const std::string& b) { return key(a) < key(b); });
   files.erase(std::unique(files.begin(), files.end()), files.end());
-  if (files.empty()) throw Error("no input files (directories are searched for *.pt files)");
+  if (files.empty()) throw Error("no input files (directories are searched for *.pt, else *.safetensors files)");
   return files;
+}
+
+std::optional<std::string> safetensors_index_of(const std::string& input) {
+  std::error_code ec;
+  if (input.ends_with(".safetensors.index.json") && fs::is_regular_file(input, ec)) return input;
+  if (!fs::is_directory(input, ec)) return std::nullopt;
+  std::optional<std::string> found;
+  fs::directory_iterator entries(input, ec);
+  if (ec) return std::nullopt;
+  for (const auto& entry : entries) {
+    std::string name = entry.path().filename().string();
+    if (entry.path().extension() == ".pt") return std::nullopt;  // a training checkpoint's folder
+    if (!name.ends_with(".safetensors.index.json")) continue;
+    if (found) {
+      throw Error(Location{input, "", std::nullopt},
+                  "more than one *.safetensors.index.json here: give the index of the set to read");
+    }
+    found = entry.path().string();
+  }
+  return found;
 }
 
 Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts) {
@@ -66,6 +93,12 @@ Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::
     check_describes_files(manifest, inputs[0]);
   } else {
     manifest = build_manifest(expand_inputs(inputs));
+    for (const std::string& input : inputs) {
+      std::optional<std::string> index = safetensors_index_of(input);
+      if (!index) continue;
+      std::vector<std::string> problems = safetensors_index_problems(*index, manifest.files);
+      if (!problems.empty()) throw Error(problems.front());
+    }
   }
   if (model_parts) manifest.grid = detect_grid(manifest.files, model_parts);
   return manifest;
@@ -97,8 +130,12 @@ std::string human_bytes(std::uint64_t nbytes) {
 
 std::string grouped(std::uint64_t count) {
   std::string digits = std::to_string(count);
-  for (std::size_t i = digits.size(); i > 3; i -= 3) digits.insert(i - 3, ",");
-  return digits;
+  std::string out;
+  for (std::size_t i = 0; i < digits.size(); ++i) {
+    if (i != 0 && (digits.size() - i) % 3 == 0) out.push_back(',');
+    out.push_back(digits[i]);
+  }
+  return out;
 }
 
 }  // namespace ckpt::cli

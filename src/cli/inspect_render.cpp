@@ -162,6 +162,11 @@ class TreePrinter {
 
 void print_grid(const Manifest& manifest, std::ostream& out) {
   const Grid& grid = manifest.grid;
+  if (!manifest.files.empty() && manifest.files[0].format == FileFormat::Safetensors) {
+    out << fmt::format("format: safetensors, one state dict in {} file(s) (no training layout)\n",
+                       manifest.files.size());
+    return;
+  }
   bool fsdp = !manifest.files.empty() && static_cast<bool>(manifest.files[0].fsdp);
   out << fmt::format("grid: {} model-parallel part(s) x {} data-parallel shard(s){}\n", grid.mp, grid.dp,
                      fsdp ? ", FSDP-flattened" : "");
@@ -281,7 +286,9 @@ void print_inspect_text(const Manifest& manifest, const InspectRequest& request,
 json inspect_json(const Manifest& manifest, const InspectRequest& request) {
   Summary summary = summarize(manifest);
   bool training = is_training(manifest);
+  bool safetensors = !manifest.files.empty() && manifest.files[0].format == FileFormat::Safetensors;
   json out = {{"files", manifest.files.size()},
+              {"format", safetensors ? "safetensors" : "torch"},
               {"grid", {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", manifest.grid.cells}}},
               {"fsdp", !manifest.files.empty() && static_cast<bool>(manifest.files[0].fsdp)},
               {"parameters", summary.counts.parameters},

@@ -40,13 +40,9 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
   std::uint64_t total_size = 0;
   for (std::size_t k = 0; k < plan.files.size(); ++k) {
     const PlannedFile& file = plan.files[k];
-    std::vector<ZipEntrySpec> specs;
     std::map<std::string, const PlannedRecord*> by_name;
-    for (const PlannedRecord& record : file.records) {
-      specs.push_back({record.name, record.nbytes});
-      by_name[record.name] = &record;
-    }
-    ZipLayout layout = layout_zip(specs);
+    for (const PlannedRecord& record : file.records) by_name[record.name] = &record;
+    ZipLayout layout = layout_file(file);
     total_size += layout.file_size;
     fmt::print(out, "output {} ({} records, {})\n", printable(file.path), file.records.size(),
                human_bytes(layout.file_size));
@@ -57,7 +53,9 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
         fmt::print(out, "  {} = {} (tied, no bytes)\n", printable(tensor.name), printable(*tensor.alias_of));
         continue;
       }
-      const PlannedRecord* record = by_name.at(fmt::format("{}/data/{}", prefix, storage++));
+      // A torch file's storages are <archive>/data/0, 1, ...; a safetensors file's records are named by tensor.
+      const PlannedRecord* record =
+          by_name.at(file.container == Container::Zip ? fmt::format("{}/data/{}", prefix, storage++) : tensor.name);
       fmt::print(out, "  {} {} [{}] {} B in {} copy op(s)\n", printable(tensor.name), dtype_info(tensor.dtype).name,
                  fmt::join(tensor.source.shape, ", "), record->nbytes, record->copies.size());
       for (std::size_t i = 0; i < record->copies.size() && i < 3; ++i) {

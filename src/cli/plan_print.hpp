@@ -19,7 +19,8 @@ class App;
 namespace ckpt::cli {
 
 // `tensors[k]` is output file k's state dict, whose storages are the records
-// <archive>/data/0, 1, ... in order (aliases have none).
+// <archive>/data/0, 1, ... in order (aliases have none); in a safetensors file,
+// the records named by the tensors.
 void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, std::FILE* out);
 
 // The flags of every command that writes checkpoints, and running its plan.

@@ -2,6 +2,9 @@
 
 #include <fmt/format.h>
 
+#include <cctype>
+#include <charconv>
+
 #include <cmath>
 #include <filesystem>
 #include <set>
@@ -126,6 +129,38 @@ void check_output_directory(const std::string& directory) {
     }
     if (ancestor == ancestor.parent_path()) break;
   }
+}
+
+std::uint64_t parse_byte_size(const std::string& text, const std::string& flag) {
+  static constexpr std::pair<std::string_view, std::uint64_t> kUnits[] = {
+      {"GiB", 1ull << 30},
+      {"MiB", 1ull << 20},
+      {"KiB", 1ull << 10},
+      {"GB", 1'000'000'000},
+      {"MB", 1'000'000},
+      {"KB", 1'000},
+      {"B", 1},
+  };
+  std::string upper;
+  for (char c : text) upper.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+  std::uint64_t unit = 1;
+  std::string digits = text;
+  for (const auto& [suffix, bytes] : kUnits) {
+    std::string upper_suffix;
+    for (char c : suffix) upper_suffix.push_back(static_cast<char>(std::toupper(static_cast<unsigned char>(c))));
+    if (upper.size() > suffix.size() && upper.ends_with(upper_suffix)) {
+      unit = bytes;
+      digits = text.substr(0, text.size() - suffix.size());
+      break;
+    }
+  }
+  std::uint64_t count = 0;
+  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), count);
+  if (digits.empty() || ec != std::errc() || end != digits.data() + digits.size() || count == 0 ||
+      count > UINT64_MAX / unit) {
+    throw UsageError(fmt::format("{} {}: not a size (such as 5GB, 500MB, 2GiB or a number of bytes)", flag, text));
+  }
+  return count * unit;
 }
 
 CLI::Validator finite_non_negative() {

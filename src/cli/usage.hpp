@@ -44,6 +44,11 @@ void check_output_grid(const std::string& pattern, int mp, int dp);
 // nearest existing ancestor a directory (DIR and its parents are created).
 void check_output_directory(const std::string& directory);
 
+// A size as transformers spells it (--max-shard-size): "5GB" (10^9), "500MB",
+// "10KB", "2GiB" (2^30), "64MiB", "8KiB", or a number of bytes; more than zero.
+// Throws UsageError naming `flag`.
+std::uint64_t parse_byte_size(const std::string& text, const std::string& flag);
+
 // CLI11 validators (their failures are parse errors: one line, exit 2).
 CLI::Validator finite_non_negative();        // tolerances: >= 0, not NaN or infinite
 CLI::Validator finite_positive(double max);  // synth --params

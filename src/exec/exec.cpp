@@ -110,10 +110,12 @@ class FileWriter {
       : plan_(plan), file_(file), layout_(layout), out_(out), options_(options), check_(check) {
     for (const PlannedRecord& record : file.records) sequential_.push_back(record.sequential());
     cut();
-    for (std::size_t r = 0; r < layout.records.size(); ++r) {
-      add_header_blocks(layout.records[r].header_offset, layout.records[r].data_offset);
+    if (file.container == Container::Zip) {
+      for (std::size_t r = 0; r < layout.records.size(); ++r) {
+        add_header_blocks(layout.records[r].header_offset, layout.records[r].data_offset);
+      }
+      add_header_blocks(layout.central_directory_offset, layout.file_size);
     }
-    add_header_blocks(layout.central_directory_offset, layout.file_size);
     std::sort(header_blocks_.begin(), header_blocks_.end());
     header_blocks_.erase(std::unique(header_blocks_.begin(), header_blocks_.end()), header_blocks_.end());
   }
@@ -158,8 +160,9 @@ class FileWriter {
   }
 
   // Once every unit is written: folds the CRCs, then writes the local headers and
-  // the central directory.
+  // the central directory (a concatenated file has none).
   void write_headers() {
+    if (file_.container != Container::Zip) return;
     std::vector<std::uint32_t> crcs(file_.records.size(), 0);
     for (const Span& piece : spans_) {  // in destination order within each record
       crcs[piece.record] = crc32_concat(crcs[piece.record], piece.crc32, piece.end - piece.begin);
@@ -201,7 +204,7 @@ class FileWriter {
     for (std::size_t r = 0; r < file_.records.size(); ++r) {
       std::uint64_t base = layout_.records[r].data_offset;
       // Pieces are cut at file offsets: aligned records keep them whole elements.
-      check_invariant(base % kTorchAlignment == 0, "record data not aligned to 64 bytes");
+      check_invariant(base % record_alignment(file_.records[r]) == 0, "record data not aligned to its elements");
       for (std::uint64_t begin = 0; begin < file_.records[r].nbytes;) {
         std::uint64_t end = std::min(file_.records[r].nbytes, round_up(base + begin + 1, kUnitBytes) - base);
         spans_.push_back(Span{r, begin, end, 0});
@@ -321,15 +324,10 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
   validate(plan);
   auto start = std::chrono::steady_clock::now();
   unsigned threads = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
-  // Each file's zip layout is computed again when it is written: hundreds of
+  // Each file's layout is computed again when it is written: hundreds of
   // outputs' record tables are not held at once.
-  auto layout_of = [](const PlannedFile& file) {
-    std::vector<ZipEntrySpec> specs;
-    for (const PlannedRecord& record : file.records) specs.push_back({record.name, record.nbytes});
-    return layout_zip(specs);
-  };
   std::vector<OutputTarget> targets;
-  for (const PlannedFile& file : plan.files) targets.push_back({file.path, layout_of(file).file_size});
+  for (const PlannedFile& file : plan.files) targets.push_back({file.path, layout_file(file).file_size});
   std::vector<FileIdentity> inputs;
   for (const MappedFile* source : plan.sources) inputs.push_back(identity_of(*source));
   check_output_targets(targets, inputs, options.overwrite, options.notice);
@@ -346,7 +344,7 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     std::optional<PlannedFile> expanded = expand_inline(plan.files[k]);  // its pickle, kept compressed until now
     const PlannedFile& file = expanded ? *expanded : plan.files[k];
     auto t0 = std::chrono::steady_clock::now();
-    const ZipLayout layout = layout_of(file);
+    const ZipLayout layout = layout_file(file);
     outputs.push_back(std::make_unique<OutputFile>(file.path, layout.file_size, options.overwrite));
     OutputFile& out = *outputs.back();
     FileWriter writer(plan, file, layout, out, options, check ? &*check : nullptr);

@@ -336,3 +336,110 @@ std::vector<NodeId> reachable(const Graph& graph, NodeId from) {
 }
 
 }  // namespace ckpt
+
+namespace ckpt {
+
+namespace {
+
+class PlainCopier {
+ public:
+  explicit PlainCopier(Graph& graph) : graph_(graph) {}
+
+  NodeId copy(NodeId id, int depth) {
+    if (id >= graph_.size()) return graph_.none();
+    if (depth > pickle::kMaxDepth) throw Error("objects nested too deeply to convert");
+    switch (graph_[id].kind) {
+      case Kind::None:
+      case Kind::Bool:
+      case Kind::Int:
+      case Kind::BigInt:
+      case Kind::Float:
+      case Kind::Str: return id;
+      default: break;
+    }
+    if (auto it = done_.find(id); it != done_.end()) return it->second == kNoNode ? graph_.none() : it->second;
+    done_[id] = kNoNode;  // in progress: a cycle back here is cut
+    NodeId out = convert(id, depth + 1);
+    done_[id] = out;
+    return out;
+  }
+
+ private:
+  NodeId sequence(Kind kind, std::vector<NodeId> items, int depth) {
+    for (NodeId& item : items) item = copy(item, depth);
+    pickle::Node node;
+    node.kind = kind;
+    node.items = std::move(items);
+    return graph_.add(std::move(node));
+  }
+
+  NodeId mapping(std::vector<std::pair<NodeId, NodeId>> entries, int depth, bool unwrap_values = false) {
+    for (auto& [key, value] : entries) {
+      key = copy(key, depth);
+      if (graph_[key].kind == Kind::List) graph_[key].kind = Kind::Tuple;  // a key must stay hashable
+      value = copy(unwrap_values ? omegaconf_unwrap(graph_, value) : value, depth);
+    }
+    pickle::Node node;
+    node.kind = Kind::Dict;
+    node.entries = std::move(entries);
+    return graph_.add(std::move(node));
+  }
+
+  NodeId convert(NodeId id, int depth) {
+    const pickle::Node node = graph_[id];  // a copy: adding nodes may move the graph's storage
+    switch (node.kind) {
+      case Kind::Bytes:
+      case Kind::ByteArray: {
+        std::vector<NodeId> values;
+        for (char c : node.text) values.push_back(graph_.integer(static_cast<unsigned char>(c)));
+        return sequence(Kind::List, std::move(values), depth);
+      }
+      case Kind::Tuple: return sequence(Kind::Tuple, node.items, depth);
+      case Kind::List:
+      case Kind::Set:
+      case Kind::FrozenSet: return sequence(Kind::List, node.items, depth);
+      case Kind::Dict: return mapping(node.entries, depth);
+      case Kind::Global: return graph_.str(node.text + "." + node.name);
+      case Kind::Object: return object(id, node, depth);
+      default: return graph_.none();
+    }
+  }
+
+  NodeId object(NodeId id, const pickle::Node& node, int depth) {
+    std::string name = class_name(graph_, id);
+    if (is_qualified_name(name, py::kRebuildTensorV2) || is_qualified_name(name, py::kRebuildParameter)) return id;
+    if (is_qualified_name(name, py::kTorchSize)) {
+      if (auto dims = as_int_list(graph_, id)) {
+        std::vector<NodeId> items;
+        for (std::int64_t dim : *dims) items.push_back(graph_.integer(dim));
+        return sequence(Kind::Tuple, std::move(items), depth);
+      }
+    }
+    if (is_omegaconf_container(name)) {
+      NodeId content = graph_.attribute(id, "_content");
+      if (content != kNoNode && graph_[content].kind == Kind::Dict)
+        return mapping(graph_[content].entries, depth, true);
+      if (content != kNoNode && graph_[content].kind == Kind::List) {
+        std::vector<NodeId> items = graph_[content].items;
+        for (NodeId& item : items) item = omegaconf_unwrap(graph_, item);
+        return sequence(Kind::List, std::move(items), depth);
+      }
+      return graph_.none();  // a config set to None (or missing)
+    }
+    if (!node.entries.empty()) return mapping(node.entries, depth);  // OrderedDict and other dict subclasses
+    if (node.state != kNoNode && graph_[node.state].kind == Kind::Dict)
+      return mapping(graph_[node.state].entries, depth);
+    return graph_.str(name.empty() ? "<object>" : name);
+  }
+
+  Graph& graph_;
+  std::unordered_map<NodeId, NodeId> done_;
+};
+
+}  // namespace
+
+NodeId plain_value(Graph& graph, NodeId id) {
+  return PlainCopier(graph).copy(id, 0);
+}
+
+}  // namespace ckpt

@@ -24,18 +24,6 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
-// The three thirds (k, v, q) of a fused part on dim 0.
-std::array<TensorSource, 3> split_qkv(const TensorSource& part, const std::string& key) {
-  if (part.shape.empty() || part.shape[0] % 3 != 0) {
-    throw Error(Location{"", key, std::nullopt},
-                fmt::format("fused qkv of shape {} does not split in three on dim 0", shape_text(part.shape)));
-  }
-  std::vector<std::int64_t> shape = part.shape;
-  shape[0] /= 3;
-  std::uint64_t third = part.nbytes() / 3;
-  return {part.slice(0, third, shape), part.slice(third, third, shape), part.slice(2 * third, third, shape)};
-}
-
 std::vector<std::int64_t> glued_shape(const std::vector<TensorSource>& sources, std::size_t dim) {
   std::vector<std::int64_t> shape = sources.front().shape;
   shape[dim] = 0;
@@ -90,6 +78,17 @@ std::vector<TensorSource> split_dim1(const std::string& key, const TensorSource&
 }
 
 }  // namespace
+
+std::array<TensorSource, 3> split_qkv(const TensorSource& fused, const std::string& key) {
+  if (fused.shape.empty() || fused.shape[0] % 3 != 0) {
+    throw Error(Location{"", key, std::nullopt},
+                fmt::format("fused qkv of shape {} does not split in three on dim 0", shape_text(fused.shape)));
+  }
+  std::vector<std::int64_t> shape = fused.shape;
+  shape[0] /= 3;
+  std::uint64_t third = fused.nbytes() / 3;
+  return {fused.slice(0, third, shape), fused.slice(third, third, shape), fused.slice(2 * third, third, shape)};
+}
 
 MpRule megatron_rule(std::string_view key) {
   // Checked in this order, as metaseq's reshard_megatron_parts does.

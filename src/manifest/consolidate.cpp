@@ -319,6 +319,16 @@ ModelCounts count_model(const Manifest& manifest) {
       if (t.alias_of.empty() && t.section() == "optimizer_state") counts.optimizer_state += t.numel();
     }
   }
+  // A safetensors file or set is one state dict, spread over its files.
+  if (!manifest.files.empty() && manifest.files.front().format == FileFormat::Safetensors) {
+    counts.counted_from = "the safetensors state dict";
+    for (const ManifestFile& file : manifest.files) {
+      for (const auto& [key, tensor] : state_dict_tensors(file, std::string(kModelPrefix))) {
+        (is_buffer(key, *tensor, nullptr) ? counts.buffers : counts.parameters) += tensor->numel();
+      }
+    }
+    return counts;
+  }
   // One file per model part: its first shard.
   for (std::size_t m = 0; m < manifest.grid.cells.size(); ++m) {
     const auto& row = manifest.grid.cells[m];

@@ -460,6 +460,15 @@ void check_shard_layouts(const std::vector<ManifestFile>& files, Grid& grid) {
 Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts) {
   Grid grid;
   if (files.empty()) return grid;
+  // Safetensors files hold a model state dict, no training layout: no grid.
+  auto safetensors = std::count_if(files.begin(), files.end(),
+                                   [](const ManifestFile& file) { return file.format == FileFormat::Safetensors; });
+  if (safetensors != 0) {
+    if (static_cast<std::size_t>(safetensors) != files.size()) {
+      grid.problems.push_back("safetensors files mixed with torch checkpoints: give one kind");
+    }
+    return grid;
+  }
   const DeclaredCount declared = declared_part_count(files, model_parts, grid.problems);
   const NamedRoles named = named_roles(files, grid.problems);
   if (!named.any) {

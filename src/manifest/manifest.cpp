@@ -18,7 +18,9 @@
 #include <unordered_map>
 
 #include "ckpt/format/by_pickle_bytes.hpp"
+#include "ckpt/format/checkpoint.hpp"
 #include "ckpt/format/pyobject.hpp"
+#include "ckpt/format/safetensors.hpp"
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/parallel.hpp"
 
@@ -257,8 +259,96 @@ struct FileDescriber::Known {
 FileDescriber::FileDescriber() : known_(std::make_unique<Known>()) {}
 FileDescriber::~FileDescriber() = default;
 
+namespace {
+
+std::vector<std::int64_t> contiguous_strides(const std::vector<std::int64_t>& shape) {
+  std::vector<std::int64_t> stride(shape.size(), 1);
+  for (std::size_t i = shape.size(); i-- > 1;) stride[i - 1] = stride[i] * std::max<std::int64_t>(shape[i], 1);
+  return stride;
+}
+
+}  // namespace
+
+bool is_safetensors_path(std::string_view path) {
+  return path.ends_with(".safetensors");
+}
+
+ManifestFile describe_safetensors(const MappedFile& mapped) {
+  SafetensorsHeader header = read_safetensors_header(mapped.bytes(), mapped.path());
+  ManifestFile file;
+  file.path = std::filesystem::absolute(mapped.path()).lexically_normal().string();
+  file.format = FileFormat::Safetensors;
+  file.size_bytes = mapped.size();
+  file.mtime_ns = mapped.mtime_ns();
+  file.role = parse_file_role(mapped.path());
+  file.top_level_keys = {"model"};
+  std::vector<ManifestTensor> tensors;
+  nlohmann::ordered_json model = nlohmann::ordered_json::object();
+  for (const SafetensorsTensor& entry : header.tensors) {
+    ManifestTensor tensor;
+    tensor.path = state_dict_path(kModelPrefix, entry.name);
+    tensor.dtype = entry.dtype;
+    tensor.shape = entry.shape;
+    tensor.stride = contiguous_strides(entry.shape);
+    tensor.storage_key = std::to_string(tensors.size());
+    tensor.nbytes = tensor.storage_nbytes = entry.end - entry.begin;
+    model[escape_label(entry.name)] = {{"$tensor", tensors.size()}};
+    file.places.push_back({header.data_offset + entry.begin, 0});
+    tensors.push_back(std::move(tensor));
+  }
+  file.tensors = TensorList(std::move(tensors));
+  file.objects = nlohmann::ordered_json{{"model", std::move(model)}, {"__metadata__", header.metadata}};
+  return file;
+}
+
+namespace {
+
+SafetensorsIndex read_index(const std::string& index_path) {
+  MappedFile mapped(index_path);
+  return parse_safetensors_index(as_chars(mapped.bytes()), index_path);
+}
+
+}  // namespace
+
+std::vector<std::string> safetensors_index_files(const std::string& index_path) {
+  std::filesystem::path dir = std::filesystem::path(index_path).parent_path();
+  std::vector<std::string> files;
+  for (const std::string& name : read_index(index_path).files) files.push_back((dir / name).string());
+  return files;
+}
+
+std::vector<std::string> safetensors_index_problems(const std::string& index_path,
+                                                    const std::vector<ManifestFile>& files) {
+  SafetensorsIndex index = read_index(index_path);
+  std::filesystem::path dir = std::filesystem::absolute(index_path).lexically_normal().parent_path();
+  std::map<std::string, const ManifestFile*> by_name;  // file name -> description
+  for (const ManifestFile& file : files) by_name[std::filesystem::path(file.path).filename().string()] = &file;
+  std::vector<std::string> problems;
+  std::set<std::pair<std::string, std::string>> mapped;  // (file name, tensor path)
+  for (const auto& [key, name] : index.weight_map) {
+    std::string path = state_dict_path(kModelPrefix, key);
+    auto file = by_name.find(name);
+    if (file == by_name.end()) {
+      problems.push_back(fmt::format("{}: weight_map puts '{}' in {}, which is not read", index_path, key, name));
+    } else if (find_tensor(*file->second, path) == nullptr) {
+      problems.push_back(fmt::format("{}: weight_map puts '{}' in {}, which does not hold it", index_path, key, name));
+    }
+    mapped.emplace(name, path);
+  }
+  for (const auto& [name, file] : by_name) {
+    for (const ManifestTensor& tensor : file->tensors) {
+      if (mapped.count({name, tensor.path}) == 0) {
+        problems.push_back(
+            fmt::format("{}: {} holds {}, which weight_map does not name there", index_path, name, tensor.path));
+      }
+    }
+  }
+  return problems;
+}
+
 ManifestFile FileDescriber::describe(const std::string& path) {
   MappedFile mapped(path);
+  if (is_safetensors_path(path)) return describe_safetensors(mapped);
   ZipArchive zip(mapped);
   TorchZip located = locate_torch_zip(zip);
   Bytes pickle = zip.data(*located.pickle);

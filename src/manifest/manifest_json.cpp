@@ -94,6 +94,12 @@ class Numbering {
 }  // namespace
 
 json manifest_to_json(const Manifest& manifest) {
+  for (const ManifestFile& file : manifest.files) {
+    if (file.format != FileFormat::Torch) {
+      throw Error(Location{file.path, "", std::nullopt},
+                  "a safetensors file: manifests index torch checkpoints (inspect, diff and verify read it directly)");
+    }
+  }
   json lists = json::array();
   json fsdp = json::array();
   json trees = json::array();

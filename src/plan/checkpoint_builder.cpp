@@ -106,6 +106,12 @@ void CheckpointBuilder::drop_top_level(const std::string& key) {
   std::erase_if(top_level_, [&](const auto& entry) { return entry.first == key; });
 }
 
+std::vector<std::string> CheckpointBuilder::top_level_keys() const {
+  std::vector<std::string> keys;
+  for (const auto& [name, node] : top_level_) keys.push_back(name);
+  return keys;
+}
+
 void CheckpointBuilder::set_model_parallel_size(std::int64_t parts) {
   for (const auto& [name, node] : top_level_) {
     for (const auto& keys : kModelParallelSizeKeys) {

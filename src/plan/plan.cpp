@@ -149,4 +149,30 @@ void validate(const Plan& plan) {
   }
 }
 
+ZipLayout layout_file(const PlannedFile& file) {
+  if (file.container == Container::Zip) {
+    std::vector<ZipEntrySpec> specs;
+    for (const PlannedRecord& record : file.records) specs.push_back({record.name, record.nbytes});
+    return layout_zip(specs);
+  }
+  ZipLayout layout;
+  std::uint64_t at = 0;
+  for (const PlannedRecord& record : file.records) {
+    layout.records.push_back(ZipRecord{record.name, at, at, record.nbytes, 0});
+    at = checked_add(at, record.nbytes, "file size");
+  }
+  layout.central_directory_offset = layout.file_size = at;
+  return layout;
+}
+
+std::uint64_t record_alignment(const PlannedRecord& record) {
+  std::uint64_t alignment = 1;
+  for (const Piece& op : record.copies) {
+    if (op.converts() || op.source == Piece::kSynthetic) {
+      alignment = std::max<std::uint64_t>(alignment, dtype_info(op.dest_dtype).itemsize);
+    }
+  }
+  return alignment;
+}
+
 }  // namespace ckpt

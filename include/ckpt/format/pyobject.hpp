@@ -53,6 +53,14 @@ namespace ckpt {
 bool config_set_int(pickle::Graph& graph, pickle::NodeId container, const std::vector<std::string_view>& keys,
                     std::int64_t value);
 
+// A copy of the value at `id` built only of what torch.load(weights_only=True)
+// accepts: None, bool, int, float, str, tuple, list, dict (and tensors, kept).
+// A Namespace or any object with a dict of attributes becomes that dict; an
+// OmegaConf config, its content; an OrderedDict, a dict; sets and bytes, lists;
+// torch.Size, a tuple; a class reference, its qualified name; any other object,
+// the string of its class name. Shared nodes stay shared; a cycle is cut to None.
+pickle::NodeId plain_value(pickle::Graph& graph, pickle::NodeId id);
+
 // Every node reachable from `from` (all edges: items, entries, callables,
 // arguments, states, persistent ids), in no particular order.
 std::vector<pickle::NodeId> reachable(const pickle::Graph& graph, pickle::NodeId from);

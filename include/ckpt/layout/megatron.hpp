@@ -4,6 +4,7 @@
 // megatron.cpp. No file is read.
 #pragma once
 
+#include <array>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -42,6 +43,10 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
 // `options.fused_qkv`.
 std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
                                        std::vector<std::string>* replicated);
+
+// The three thirds (k, v, q) of a fused qkv_proj on dim 0; throws Error naming
+// `key` when dim 0 does not split in three.
+std::array<TensorSource, 3> split_qkv(const TensorSource& fused, const std::string& key);
 
 // Parts that should agree across model parts (layer norms, row-parallel biases).
 struct ReplicatedCheck {

@@ -149,8 +149,16 @@ class Shared {
   std::shared_ptr<T> value_;
 };
 
+// What kind of file a ManifestFile describes. A safetensors file (read by
+// inspect, diff and verify) is one state dict: its tensors are at
+// "model/<key>", each its own storage (storage_key: its index), with no CRC
+// (record_crc32 0); its object tree is {"model": {...}, "__metadata__": {...}}.
+// Manifests (JSON) hold torch files only.
+enum class FileFormat : std::uint8_t { Torch, Safetensors };
+
 struct ManifestFile {
   std::string path;  // absolute
+  FileFormat format = FileFormat::Torch;
   std::uint64_t size_bytes = 0;
   std::int64_t mtime_ns = 0;
   std::string archive_name;
@@ -246,8 +254,21 @@ class FileDescriber {
   std::unique_ptr<Known> known_;
 };
 
-// Indexes `paths` (files, already expanded). Throws Error on unreadable input.
+// Indexes `paths` (files, already expanded; a name ending in .safetensors is
+// read as safetensors). Throws Error on unreadable input.
 Manifest build_manifest(const std::vector<std::string>& paths);
+// A safetensors file's description (its header checked, format.hpp's
+// read_safetensors_header). Throws Error naming the file.
+ManifestFile describe_safetensors(const MappedFile& mapped);
+bool is_safetensors_path(std::string_view path);
+// The shard files a safetensors index names (paths beside it), read and
+// bounded (format/safetensors.hpp). Throws Error naming the index.
+std::vector<std::string> safetensors_index_files(const std::string& index_path);
+// What is wrong between a safetensors index and its shards' descriptions
+// (`files`): a name the index puts in a file that does not hold it, a tensor
+// the index does not name; one line each.
+std::vector<std::string> safetensors_index_problems(const std::string& index_path,
+                                                    const std::vector<ManifestFile>& files);
 ManifestFile describe_file(const Checkpoint& checkpoint);
 // Complete when every model part that cfg's model_parallel_size names is
 // there, every FSDP rank that the flat parameters' chunk rule (numel, chunk

@@ -39,6 +39,8 @@ class CheckpointBuilder {
   bool set_entry(pickle::NodeId mapping, std::string_view key, pickle::NodeId value);
   // The top-level value under `key`, or kNoNode.
   pickle::NodeId top_level(const std::string& key) const;
+  // The top-level keys, in order.
+  std::vector<std::string> top_level_keys() const;
   // Top-level keys: replaced in place, appended when new, or dropped.
   void set_top_level(const std::string& key, pickle::NodeId value);
   void drop_top_level(const std::string& key);

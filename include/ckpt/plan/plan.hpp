@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "ckpt/format/dtype.hpp"
+#include "ckpt/format/zip.hpp"
 #include "ckpt/io/byte_reader.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/layout/piece.hpp"
@@ -42,10 +43,25 @@ struct PlannedRecord {
   bool sequential() const;
 };
 
+// How a file's records lie in it: as the records of a torch.save zip (headers
+// around each, 64-byte aligned data), or back to back with nothing else
+// (a safetensors file: its header is the first record; a JSON side file).
+enum class Container : std::uint8_t { Zip, Concatenated };
+
 struct PlannedFile {
   std::string path;
   std::vector<PlannedRecord> records;
+  Container container = Container::Zip;
 };
+
+// Where each record's data lies in the file and the file's size: the zip
+// layout, or for a concatenated file the records one after the other (each
+// header_offset == data_offset, central_directory_offset == file_size).
+ZipLayout layout_file(const PlannedFile& file);
+// The largest element any copy of `record` converts to or generates: its data
+// must start at a multiple of it in the file, so that the executor's cuts at
+// aligned file offsets fall between elements (1 when every copy is plain).
+std::uint64_t record_alignment(const PlannedRecord& record);
 
 // Compresses `record`'s inline bytes (inline_zstd) when they are large enough to matter.
 void compress_inline(PlannedRecord& record);

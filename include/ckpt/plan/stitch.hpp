@@ -14,11 +14,24 @@
 
 namespace ckpt {
 
+enum class OutputFormat {
+  Torch,        // torch.save, the input's other objects carried
+  Safetensors,  // the state dict alone (export.hpp)
+  HfOpt,        // a folder OPTForCausalLM.from_pretrained loads (hf_opt.hpp, export.hpp)
+};
+
 struct StitchOptions {
   bool stitch_megatron = true;  // false: one output per model part
   GlueOptions glue;
   std::optional<DType> dtype;        // convert floating weights
   std::string state_dict = "model";  // object path of the weights: "model" or an EMA copy in extra_state
+  OutputFormat format = OutputFormat::Torch;
+  std::uint64_t max_shard_bytes = 0;  // safetensors and hf: 0 is one file
+  // Torch: only what torch.load(weights_only=True) accepts: `model`, and cfg
+  // and args as plain values (pyobject.hpp plain_value) unless !keep_cfg.
+  bool weights_only = false;
+  bool keep_cfg = true;
+  std::vector<std::pair<std::string, nlohmann::ordered_json>> hf_config;  // config.json fields given
 };
 
 // With --ema: the object path of the EMA weights in `file` (extra_state's
@@ -31,11 +44,12 @@ struct StitchPlan {
   std::vector<ReplicatedCheck> checks;
 };
 
-// `output_paths` has one path, or one per model part without stitching. Each
-// output carries the other objects (cfg, extra_state, ...) of the grid's first
-// file, or without stitching, of its part's first file (decoded through
-// `inputs.checkpoint`). Throws Error for an incomplete or inconsistent grid,
-// naming what is missing.
+// `output_paths` has one path, or one per model part without stitching (for
+// HfOpt: the folder). A torch output carries the other objects (cfg,
+// extra_state, ...) of the grid's first file, or without stitching, of its
+// part's first file (decoded through `inputs.checkpoint`). Throws Error for an
+// incomplete or inconsistent grid, naming what is missing, and for a state dict
+// the format cannot hold. `tensors` has one list per planned file.
 StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,
                        const StitchOptions& options);
 

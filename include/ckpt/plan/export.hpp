@@ -1,0 +1,57 @@
+// Planning outputs in other formats than torch.save, from the same OutputTensors
+// and the same copies: safetensors files (one, or a sharded set with its index)
+// and a Hugging Face OPT folder (safetensors under transformers' names plus
+// config.json). Plans only; the executor writes them as it writes torch files.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/plan/plan.hpp"
+
+namespace ckpt {
+
+// Where a safetensors output goes: `path` ("dir/model.safetensors"), or with
+// max_shard_bytes, when the tensors do not fit in one file of that size,
+// "dir/model-00001-of-0000N.safetensors"... and "dir/model.safetensors.index.json".
+struct SafetensorsTarget {
+  std::string path;
+  std::uint64_t max_shard_bytes = 0;  // 0: one file whatever its size
+};
+
+// Plans the safetensors file(s) of the state dict `tensors` into `plan`
+// (`sources[i]` is the plan source of manifest file i). A tie is written once,
+// under the name it ties to (the one met first); files are filled in state-dict
+// order, a new one begun when the next tensor would take the file past
+// max_shard_bytes (a larger tensor has a file of its own); in each file tensors
+// are laid out largest element size first. Returns the tensors of each planned
+// file in their data order (none for the index). Throws Error naming a tensor
+// whose dtype safetensors cannot hold.
+std::vector<std::vector<OutputTensor>> plan_safetensors(const std::vector<OutputTensor>& tensors,
+                                                        const SafetensorsTarget& target,
+                                                        const std::vector<std::uint32_t>& sources, Plan& plan);
+
+// A small file written whole from `text` (config.json, an index).
+PlannedFile plan_text_file(std::string path, std::string_view text);
+
+// The index of a sharded set written for `path`: "dir/model.safetensors.index.json".
+std::string safetensors_index_path(const std::string& path);
+
+// config.json of transformers' OPTConfig for the state dict `tensors`
+// (transformers' names, as to_hf_opt gives them, in their output dtype), from
+// the shapes and from the checkpoint `base`'s cfg (cfg.model, else args):
+// num_attention_heads, activation_function, dropout, attention_dropout,
+// do_layer_norm_before (when cfg lacks it: whether the final layer norm is
+// there). `overrides` (--hf-config) set or replace fields. Throws Error naming
+// the field the cfg lacks, or a cfg value that disagrees with the shapes.
+nlohmann::ordered_json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embeddings,
+                                     const Checkpoint& base,
+                                     const std::vector<std::pair<std::string, nlohmann::ordered_json>>& overrides);
+
+}  // namespace ckpt

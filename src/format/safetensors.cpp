@@ -1,0 +1,254 @@
+#include "ckpt/format/safetensors.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <array>
+#include <set>
+
+#include "ckpt/io/error.hpp"
+
+namespace ckpt {
+
+using json = nlohmann::ordered_json;
+
+namespace {
+
+struct DTypeName {
+  DType dtype;
+  std::string_view name;
+};
+
+constexpr std::array<DTypeName, 10> kNames{{
+    {DType::Float64, "F64"},
+    {DType::Float32, "F32"},
+    {DType::Float16, "F16"},
+    {DType::BFloat16, "BF16"},
+    {DType::Int64, "I64"},
+    {DType::Int32, "I32"},
+    {DType::Int16, "I16"},
+    {DType::Int8, "I8"},
+    {DType::UInt8, "U8"},
+    {DType::Bool, "BOOL"},
+}};
+
+// JSON nesting a header needs: the object, a tensor's entry, its shape.
+constexpr std::size_t kMaxHeaderDepth = 4;
+
+// Parses bounded JSON text: at most kMaxHeaderDepth deep, no name twice in
+// the top-level object. Throws Error(where, ...).
+json parse_bounded(std::string_view text, const Location& where, const char* what) {
+  std::set<std::string> names;
+  std::string duplicate;
+  bool too_deep = false;
+  auto check = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (static_cast<std::size_t>(depth) > kMaxHeaderDepth) too_deep = true;
+    if (event == json::parse_event_t::key && depth == 1 && !names.insert(parsed.get<std::string>()).second) {
+      duplicate = parsed.get<std::string>();
+    }
+    return !too_deep && duplicate.empty();
+  };
+  json parsed;
+  try {
+    parsed = json::parse(text.begin(), text.end(), check);
+  } catch (const json::exception& e) {
+    if (!too_deep && duplicate.empty()) throw Error(where, fmt::format("{} is not valid JSON: {}", what, e.what()));
+  }
+  if (too_deep) throw Error(where, fmt::format("{} is nested more than {} levels deep", what, kMaxHeaderDepth));
+  if (!duplicate.empty()) throw Error(where, fmt::format("{} names '{}' twice", what, duplicate));
+  if (!parsed.is_object()) throw Error(where, fmt::format("{} is not a JSON object", what));
+  return parsed;
+}
+
+std::uint64_t unsigned_field(const json& value, const Location& where, const std::string& field) {
+  if (!value.is_number_unsigned()) throw Error(where, field + " is not a non-negative integer");
+  return value.get<std::uint64_t>();
+}
+
+SafetensorsTensor read_entry(const std::string& name, const json& entry, const Location& where) {
+  if (!entry.is_object()) throw Error(where, "the entry is not a JSON object");
+  for (const auto& item : entry.items()) {
+    if (item.key() != "dtype" && item.key() != "shape" && item.key() != "data_offsets") {
+      throw Error(where, fmt::format("unknown field '{}'", item.key()));
+    }
+  }
+  SafetensorsTensor tensor;
+  tensor.name = name;
+  auto dtype = entry.find("dtype");
+  if (dtype == entry.end() || !dtype->is_string()) throw Error(where, "no dtype string");
+  auto known = dtype_from_safetensors(dtype->get<std::string>());
+  if (!known) throw Error(where, fmt::format("unknown or unsupported dtype '{}'", dtype->get<std::string>()));
+  tensor.dtype = *known;
+  auto shape = entry.find("shape");
+  if (shape == entry.end() || !shape->is_array()) throw Error(where, "no shape array");
+  if (shape->size() > 64) throw Error(where, fmt::format("a shape of {} dimensions", shape->size()));
+  std::uint64_t numel = 1;
+  for (std::size_t i = 0; i < shape->size(); ++i) {
+    std::uint64_t dim = unsigned_field((*shape)[i], where, fmt::format("shape[{}]", i));
+    if (dim > static_cast<std::uint64_t>(INT64_MAX)) throw Error(where, fmt::format("shape[{}] is too large", i));
+    tensor.shape.push_back(static_cast<std::int64_t>(dim));
+    numel = checked_mul(numel, dim, "the tensor's element count");
+  }
+  auto offsets = entry.find("data_offsets");
+  if (offsets == entry.end() || !offsets->is_array() || offsets->size() != 2) {
+    throw Error(where, "data_offsets is not a [begin, end] pair");
+  }
+  tensor.begin = unsigned_field((*offsets)[0], where, "data_offsets[0]");
+  tensor.end = unsigned_field((*offsets)[1], where, "data_offsets[1]");
+  if (tensor.end < tensor.begin) {
+    throw Error(where, fmt::format("data_offsets [{}, {}] end before they begin", tensor.begin, tensor.end));
+  }
+  std::uint64_t nbytes = checked_mul(numel, dtype_info(tensor.dtype).itemsize, "the tensor's size");
+  if (tensor.end - tensor.begin != nbytes) {
+    throw Error(where, fmt::format("data_offsets [{}, {}] hold {} bytes; shape [{}] of {} needs {}", tensor.begin,
+                                   tensor.end, tensor.end - tensor.begin, fmt::join(tensor.shape, ", "),
+                                   dtype->get<std::string>(), nbytes));
+  }
+  return tensor;
+}
+
+}  // namespace
+
+std::optional<std::string_view> safetensors_dtype_name(DType dtype) {
+  for (const DTypeName& entry : kNames) {
+    if (entry.dtype == dtype) return entry.name;
+  }
+  return std::nullopt;
+}
+
+std::optional<DType> dtype_from_safetensors(std::string_view name) {
+  for (const DTypeName& entry : kNames) {
+    if (entry.name == name) return entry.dtype;
+  }
+  return std::nullopt;
+}
+
+SafetensorsHeader read_safetensors_header(Bytes file, const std::string& path) {
+  if (file.size() < 8) {
+    throw Error(Location{path, "", 0},
+                fmt::format("{} bytes: too short for a safetensors file (8-byte header length)", file.size()));
+  }
+  ByteReader reader(file, path, "header length");
+  std::uint64_t header_bytes = reader.u64();
+  if (header_bytes > kMaxSafetensorsHeaderBytes) {
+    throw Error(Location{path, "header", 0},
+                fmt::format("a header of {} bytes (at most {} are read)", header_bytes, kMaxSafetensorsHeaderBytes));
+  }
+  if (header_bytes > file.size() - 8) {
+    throw Error(Location{path, "header", 0},
+                fmt::format("a header of {} bytes, past the end of the {}-byte file", header_bytes, file.size()));
+  }
+  SafetensorsHeader header;
+  header.data_offset = 8 + header_bytes;
+  const Location where{path, "header", 8};
+  std::string_view text = as_chars(file.subspan(8, header_bytes));
+  if (text.empty() || text.front() != '{') throw Error(where, "the header does not start with '{'");
+  json parsed = parse_bounded(text, where, "the header");
+  const std::uint64_t data_bytes = file.size() - header.data_offset;
+  for (const auto& item : parsed.items()) {
+    if (item.key() == "__metadata__") {
+      if (!item.value().is_object()) throw Error(where, "__metadata__ is not a JSON object");
+      for (const auto& meta : item.value().items()) {
+        if (!meta.value().is_string()) throw Error(where, fmt::format("__metadata__ '{}' is not a string", meta.key()));
+      }
+      header.metadata = item.value();
+      continue;
+    }
+    SafetensorsTensor tensor = read_entry(item.key(), item.value(), Location{path, item.key(), 8});
+    if (tensor.end > data_bytes) {
+      throw Error(Location{path, item.key(), header.data_offset + tensor.begin},
+                  fmt::format("data_offsets [{}, {}] reach past the {} data bytes of the file", tensor.begin,
+                              tensor.end, data_bytes));
+    }
+    header.tensors.push_back(std::move(tensor));
+  }
+  // The tensors tile the data: sorted by offset, each begins where the one before ends.
+  std::vector<const SafetensorsTensor*> by_offset;
+  for (const SafetensorsTensor& tensor : header.tensors) by_offset.push_back(&tensor);
+  std::stable_sort(by_offset.begin(), by_offset.end(), [](const SafetensorsTensor* a, const SafetensorsTensor* b) {
+    return std::pair(a->begin, a->end) < std::pair(b->begin, b->end);
+  });
+  std::uint64_t covered = 0;
+  const SafetensorsTensor* previous = nullptr;
+  for (const SafetensorsTensor* tensor : by_offset) {
+    Location at{path, tensor->name, header.data_offset + tensor->begin};
+    if (tensor->begin < covered) {
+      throw Error(at, fmt::format("data_offsets [{}, {}] overlap '{}' [{}, {}]", tensor->begin, tensor->end,
+                                  previous->name, previous->begin, previous->end));
+    }
+    if (tensor->begin > covered) {
+      throw Error(at, fmt::format("data_offsets [{}, {}] leave a gap of {} bytes after byte {} of the data",
+                                  tensor->begin, tensor->end, tensor->begin - covered, covered));
+    }
+    covered = tensor->end;
+    previous = tensor;
+  }
+  if (covered != data_bytes) {
+    throw Error(Location{path, "", header.data_offset + covered},
+                fmt::format("the tensors end at data byte {}, but the file holds {} data bytes", covered, data_bytes));
+  }
+  return header;
+}
+
+std::vector<std::byte> render_safetensors_header(const std::vector<SafetensorsTensor>& tensors, const json& metadata) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::uint64_t at = 0;
+  for (const SafetensorsTensor& tensor : tensors) {
+    check_invariant(tensor.begin == at && tensor.end >= tensor.begin, "safetensors tensors not back to back");
+    check_invariant(!header.contains(tensor.name), "a safetensors name twice");
+    auto dtype = safetensors_dtype_name(tensor.dtype);
+    check_invariant(dtype.has_value(), "a dtype safetensors cannot hold");
+    header[tensor.name] = {{"dtype", *dtype}, {"shape", tensor.shape}, {"data_offsets", {tensor.begin, tensor.end}}};
+    at = tensor.end;
+  }
+  std::string text = header.dump(-1, ' ', false, json::error_handler_t::strict);
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::vector<std::byte> out(8 + text.size());
+  std::uint64_t length = text.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<std::byte>((length >> (8 * i)) & 0xFF);
+  std::transform(text.begin(), text.end(), out.begin() + 8, [](char c) { return static_cast<std::byte>(c); });
+  return out;
+}
+
+SafetensorsIndex parse_safetensors_index(std::string_view text, const std::string& path) {
+  const Location where{path, "", std::nullopt};
+  if (text.size() > kMaxSafetensorsIndexBytes) {
+    throw Error(where, fmt::format("an index of {} bytes (at most {})", text.size(), kMaxSafetensorsIndexBytes));
+  }
+  json parsed = parse_bounded(text, where, "the index");
+  SafetensorsIndex index;
+  auto map = parsed.find("weight_map");
+  if (map == parsed.end() || !map->is_object()) throw Error(where, "no weight_map object");
+  std::set<std::string> files;
+  for (const auto& item : map->items()) {
+    if (!item.value().is_string()) throw Error(where, fmt::format("weight_map '{}' is not a file name", item.key()));
+    std::string file = item.value().get<std::string>();
+    if (file.empty() || file == "." || file == ".." || file.find('/') != std::string::npos ||
+        file.find('\0') != std::string::npos) {
+      throw Error(where,
+                  fmt::format("weight_map '{}' names '{}', not a file in the index's directory", item.key(), file));
+    }
+    if (files.insert(file).second) index.files.push_back(file);
+    index.weight_map.emplace_back(item.key(), file);
+  }
+  if (auto metadata = parsed.find("metadata"); metadata != parsed.end() && metadata->is_object()) {
+    if (auto total = metadata->find("total_size"); total != metadata->end()) {
+      index.total_size = unsigned_field(*total, where, "metadata.total_size");
+    }
+  }
+  return index;
+}
+
+std::string render_safetensors_index(const SafetensorsIndex& index) {
+  json map = json::object();
+  for (const auto& [name, file] : index.weight_map) map[name] = file;
+  json out = {{"metadata", {{"total_size", index.total_size.value_or(0)}}}, {"weight_map", std::move(map)}};
+  return out.dump(2, ' ', false, json::error_handler_t::strict) + "\n";
+}
+
+std::string safetensors_shard_name(std::string_view stem, std::size_t shard, std::size_t shards) {
+  return fmt::format("{}-{:05d}-of-{:05d}.safetensors", stem, shard, shards);
+}
+
+}  // namespace ckpt

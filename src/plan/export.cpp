@@ -1,0 +1,242 @@
+#include "ckpt/plan/export.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <regex>
+#include <set>
+
+#include "ckpt/format/pyobject.hpp"
+#include "ckpt/format/safetensors.hpp"
+#include "ckpt/plan/checkpoint_builder.hpp"
+
+namespace ckpt {
+
+using json = nlohmann::ordered_json;
+
+namespace {
+
+std::uint64_t output_nbytes(const OutputTensor& tensor) {
+  return tensor.source.numel() * dtype_info(tensor.dtype).itemsize;
+}
+
+// transformers' shard_checkpoint: in order, a new file when the next tensor
+// would take the current one past the limit.
+std::vector<std::vector<const OutputTensor*>> fill_shards(const std::vector<const OutputTensor*>& tensors,
+                                                          std::uint64_t max_shard_bytes) {
+  std::vector<std::vector<const OutputTensor*>> shards(1);
+  std::uint64_t used = 0;
+  for (const OutputTensor* tensor : tensors) {
+    std::uint64_t nbytes = output_nbytes(*tensor);
+    if (max_shard_bytes != 0 && !shards.back().empty() && used + nbytes > max_shard_bytes) {
+      shards.emplace_back();
+      used = 0;
+    }
+    shards.back().push_back(tensor);
+    used += nbytes;
+  }
+  return shards;
+}
+
+// One safetensors file of `tensors`: the header record, then one record per tensor.
+PlannedFile plan_one_file(std::string path, std::vector<const OutputTensor*> tensors,
+                          const std::vector<std::uint32_t>& sources, std::vector<OutputTensor>& laid_out) {
+  // Largest elements first: with the data at a multiple of 8, every tensor starts
+  // at a multiple of its element size.
+  std::stable_sort(tensors.begin(), tensors.end(), [](const OutputTensor* a, const OutputTensor* b) {
+    return dtype_info(a->dtype).itemsize > dtype_info(b->dtype).itemsize;
+  });
+  PlannedFile file;
+  file.path = std::move(path);
+  file.container = Container::Concatenated;
+  std::vector<SafetensorsTensor> header;
+  std::uint64_t at = 0;
+  for (const OutputTensor* tensor : tensors) {
+    std::uint64_t nbytes = output_nbytes(*tensor);
+    header.push_back({tensor->name, tensor->dtype, tensor->source.shape, at, at + nbytes});
+    at += nbytes;
+  }
+  PlannedRecord head;
+  head.name = "header";
+  head.inline_bytes = render_safetensors_header(header, json{{"format", "pt"}});
+  head.nbytes = head.inline_bytes.size();
+  file.records.push_back(std::move(head));
+  for (const OutputTensor* tensor : tensors) {
+    PlannedRecord record = plan_tensor_record(*tensor, sources);
+    record.name = tensor->name;
+    file.records.push_back(std::move(record));
+    laid_out.push_back(*tensor);
+  }
+  return file;
+}
+
+}  // namespace
+
+std::string safetensors_index_path(const std::string& path) {
+  return path + ".index.json";
+}
+
+PlannedFile plan_text_file(std::string path, std::string_view text) {
+  PlannedFile file;
+  file.path = std::move(path);
+  file.container = Container::Concatenated;
+  PlannedRecord record;
+  record.name = std::filesystem::path(file.path).filename().string();
+  record.inline_bytes.resize(text.size());
+  std::transform(text.begin(), text.end(), record.inline_bytes.begin(), [](char c) { return std::byte(c); });
+  record.nbytes = text.size();
+  file.records.push_back(std::move(record));
+  return file;
+}
+
+std::vector<std::vector<OutputTensor>> plan_safetensors(const std::vector<OutputTensor>& tensors,
+                                                        const SafetensorsTarget& target,
+                                                        const std::vector<std::uint32_t>& sources, Plan& plan) {
+  std::vector<const OutputTensor*> kept;
+  std::set<std::string_view> names;
+  for (const OutputTensor& tensor : tensors) {
+    if (tensor.alias_of) continue;  // the tie's data is written under the name it ties to
+    if (!safetensors_dtype_name(tensor.dtype)) {
+      throw Error(Location{"", tensor.name, std::nullopt},
+                  fmt::format("{} has no safetensors dtype", dtype_info(tensor.dtype).name));
+    }
+    check_invariant(names.insert(tensor.name).second, "a state dict key twice");
+    kept.push_back(&tensor);
+  }
+  std::vector<std::vector<const OutputTensor*>> shards = fill_shards(kept, target.max_shard_bytes);
+  std::vector<std::vector<OutputTensor>> out;
+  if (shards.size() == 1) {
+    out.emplace_back();
+    plan.files.push_back(plan_one_file(target.path, shards[0], sources, out.back()));
+    return out;
+  }
+  std::filesystem::path path(target.path);
+  std::string stem = path.stem().string();
+  SafetensorsIndex index;
+  std::uint64_t total = 0;
+  for (std::size_t k = 0; k < shards.size(); ++k) {
+    std::string name = safetensors_shard_name(stem, k + 1, shards.size());
+    for (const OutputTensor* tensor : shards[k]) {
+      index.weight_map.emplace_back(tensor->name, name);
+      total += output_nbytes(*tensor);
+    }
+    out.emplace_back();
+    plan.files.push_back(plan_one_file((path.parent_path() / name).string(), shards[k], sources, out.back()));
+  }
+  index.total_size = total;
+  plan.files.push_back(plan_text_file(safetensors_index_path(target.path), render_safetensors_index(index)));
+  out.emplace_back();
+  return out;
+}
+
+namespace {
+
+const OutputTensor* find_output(const std::vector<OutputTensor>& tensors, std::string_view name) {
+  for (const OutputTensor& tensor : tensors) {
+    if (tensor.name == name) return &tensor;
+  }
+  return nullptr;
+}
+
+// The cfg node that holds the model's hyperparameters: cfg.model, else args.
+pickle::NodeId model_config(const Checkpoint& base) {
+  const pickle::Graph& graph = base.graph();
+  pickle::NodeId model = config_get_path(graph, graph.root, {"cfg", "model"});
+  if (model != pickle::kNoNode && graph[model].kind != pickle::Kind::None) return model;
+  return config_get(graph, graph.root, "args");
+}
+
+}  // namespace
+
+json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embeddings, const Checkpoint& base,
+                   const std::vector<std::pair<std::string, json>>& overrides) {
+  auto shape_of = [&](std::string_view name) -> const std::vector<std::int64_t>& {
+    const OutputTensor* tensor = find_output(tensors, name);
+    if (tensor == nullptr || tensor->source.shape.size() != 2) {
+      throw Error(Location{base.path(), std::string(name), std::nullopt},
+                  "config.json needs this tensor (2-D), and the state dict has none");
+    }
+    return tensor->source.shape;
+  };
+  const auto& embed = shape_of("model.decoder.embed_tokens.weight");
+  const auto& positions = shape_of("model.decoder.embed_positions.weight");
+  const auto& fc1 = shape_of("model.decoder.layers.0.fc1.weight");
+  if (positions[0] < 2) {
+    throw Error(Location{base.path(), "model.decoder.embed_positions.weight", std::nullopt},
+                fmt::format("{} rows: OPT's learned positions have 2 more rows than positions", positions[0]));
+  }
+  std::int64_t layers = 0;
+  static const std::regex layer(R"(model\.decoder\.layers\.(\d+)\..*)");
+  for (const OutputTensor& tensor : tensors) {
+    std::smatch match;
+    if (std::regex_match(tensor.name, match, layer) && match[1].length() < 9) {
+      layers = std::max<std::int64_t>(layers, std::stoll(match[1]) + 1);
+    }
+  }
+
+  const pickle::Graph& graph = base.graph();
+  pickle::NodeId model = model_config(base);
+  std::map<std::string, json, std::less<>> given(overrides.begin(), overrides.end());
+  // A value of the cfg's model section, or of --hf-config; nullopt when neither has it.
+  auto from_cfg = [&](const std::string& field, std::string_view cfg_key) -> std::optional<json> {
+    if (auto it = given.find(field); it != given.end()) return it->second;
+    if (model == pickle::kNoNode) return std::nullopt;
+    pickle::NodeId node = config_get(graph, model, cfg_key);
+    if (node == pickle::kNoNode) return std::nullopt;
+    return to_json(graph, node, {});
+  };
+  auto required = [&](const std::string& field, std::string_view cfg_key) {
+    std::optional<json> value = from_cfg(field, cfg_key);
+    if (!value) {
+      throw Error(Location{base.path(), "cfg", std::nullopt},
+                  fmt::format("config.json needs {} (cfg.model.{} here): give it with --hf-config {}=VALUE", field,
+                              cfg_key, field));
+    }
+    return *value;
+  };
+  // A size from the shapes, checked against the cfg's when it has one.
+  auto from_shape = [&](const std::string& field, std::string_view cfg_key, std::int64_t value) {
+    if (given.count(field) != 0) return given.at(field);
+    std::optional<json> declared = from_cfg(field, cfg_key);
+    if (declared && declared->is_number_integer() && declared->get<std::int64_t>() != value) {
+      throw Error(Location{base.path(), fmt::format("cfg.model.{}", cfg_key), std::nullopt},
+                  fmt::format("{} here, but the weights have {} (override with --hf-config {}=VALUE)", declared->dump(),
+                              value, field));
+    }
+    return json(value);
+  };
+
+  json config = json::object();
+  config["_name_or_path"] = "";
+  config["architectures"] = json::array({"OPTForCausalLM"});
+  config["model_type"] = "opt";
+  config["vocab_size"] = embed[0];
+  config["word_embed_proj_dim"] = embed[1];
+  config["hidden_size"] = from_shape("hidden_size", "decoder_embed_dim", positions[1]);
+  config["ffn_dim"] = from_shape("ffn_dim", "decoder_ffn_embed_dim", fc1[0]);
+  config["num_hidden_layers"] = from_shape("num_hidden_layers", "decoder_layers", layers);
+  config["num_attention_heads"] = required("num_attention_heads", "decoder_attention_heads");
+  config["max_position_embeddings"] = positions[0] - 2;
+  std::optional<json> pre_norm = from_cfg("do_layer_norm_before", "decoder_normalize_before");
+  config["do_layer_norm_before"] =
+      pre_norm ? *pre_norm : json(find_output(tensors, "model.decoder.final_layer_norm.weight") != nullptr);
+  config["activation_function"] = required("activation_function", "activation_fn");
+  config["dropout"] = required("dropout", "dropout");
+  config["attention_dropout"] = required("attention_dropout", "attention_dropout");
+  config["tie_word_embeddings"] = tied_embeddings;
+  config["torch_dtype"] =
+      std::string(dtype_info(find_output(tensors, "model.decoder.embed_tokens.weight")->dtype).name);
+  config["bos_token_id"] = 2;
+  config["eos_token_id"] = 2;
+  config["pad_token_id"] = 1;
+  for (const auto& [field, value] : overrides) config[field] = value;
+  const json& heads = config["num_attention_heads"];
+  if (!heads.is_number_integer() || heads.get<std::int64_t>() <= 0 || positions[1] % heads.get<std::int64_t>() != 0) {
+    throw Error(Location{base.path(), "cfg", std::nullopt},
+                fmt::format("num_attention_heads {} does not divide hidden size {}", heads.dump(), positions[1]));
+  }
+  return config;
+}
+
+}  // namespace ckpt
