@@ -67,7 +67,7 @@ sanitize: deps
 # tests (test_fuzz_regressions.cpp), not here.
 FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := fuzz_zip fuzz_pickle fuzz_checkpoint fuzz_manifest
+FUZZ_TARGETS := fuzz_zip fuzz_pickle fuzz_checkpoint fuzz_manifest fuzz_safetensors
 FUZZ_PACKAGES := clang libclang-rt-14-dev
 FUZZ_CASES := mp1_dp1_fp32_ns mp2_dp3_fp32_ns_args mp4_dp3_fp16_omega
 
@@ -91,7 +91,7 @@ fuzz: deps $(BUILD)/build.ninja
 	@failed=""; \
 	for t in $(FUZZ_TARGETS); do \
 	  case $$t in fuzz_zip) dict=tests/fuzz/zip.dict;; fuzz_pickle) dict=tests/fuzz/pickle.dict;; \
-	    fuzz_manifest) dict=tests/fuzz/manifest.dict;; \
+	    fuzz_manifest) dict=tests/fuzz/manifest.dict;; fuzz_safetensors) dict=tests/fuzz/safetensors.dict;; \
 	    *) dict=$(FUZZ_BUILD)/checkpoint.dict;; esac; \
 	  mkdir -p $(FUZZ_BUILD)/corpus/$$t $(FUZZ_BUILD)/artifacts/$$t; \
 	  log=$(FUZZ_BUILD)/$$t.log; \

@@ -5,6 +5,8 @@
 #include <chrono>
 #include <filesystem>
 #include <memory>
+#include <regex>
+#include <set>
 
 #include "ckpt/plan/reshard.hpp"
 #include "ckpt/plan/stitch.hpp"
@@ -26,7 +28,7 @@ void set_format(const Options& options, StitchOptions& stitch) {
                   : format == "hf"        ? OutputFormat::HfOpt
                                           : OutputFormat::Torch;
   auto refuse = [&](const char* flag, const char* because) { throw UsageError(fmt::format("{} {}", flag, because)); };
-  if (!options.max_shard_size.empty()) {
+  if (options.max_shard_size_given) {
     if (stitch.format == OutputFormat::Torch) refuse("--max-shard-size", "needs --format safetensors or hf");
     stitch.max_shard_bytes = parse_byte_size(options.max_shard_size, "--max-shard-size");
   }
@@ -35,9 +37,11 @@ void set_format(const Options& options, StitchOptions& stitch) {
   }
   if (options.no_cfg && !options.weights_only) refuse("--no-cfg", "needs --weights-only");
   if (!options.hf_config.empty() && stitch.format != OutputFormat::HfOpt) refuse("--hf-config", "needs --format hf");
-  if (stitch.format == OutputFormat::HfOpt && (options.no_stitch_megatron || options.fused_qkv)) {
-    refuse(options.no_stitch_megatron ? "--no-stitch-megatron" : "--fused-qkv",
-           "does not go with --format hf: transformers' OPT is one model with separate q, k and v");
+  if (stitch.format == OutputFormat::HfOpt && options.no_stitch_megatron) {
+    refuse("--no-stitch-megatron", "does not go with --format hf: a Hugging Face OPT folder is the whole model");
+  }
+  if (stitch.format == OutputFormat::HfOpt && options.fused_qkv) {
+    refuse("--fused-qkv", "does not go with --format hf: transformers' OPT has separate q, k and v");
   }
   if (stitch.format == OutputFormat::Safetensors && !options.output.ends_with(".safetensors")) {
     refuse("-o", "must end in .safetensors with --format safetensors");
@@ -78,6 +82,33 @@ class CreatedDirectory {
   std::vector<std::filesystem::path> made_;  // deepest first
 };
 
+// Files of an earlier safetensors export beside `plan`'s: the set's single file,
+// index and shards (`<stem>-NNNNN-of-NNNNN.safetensors`) that this run does not
+// write. Left there, a reader would mix the two sets (transformers loads
+// model.safetensors before an index).
+std::vector<std::string> stale_set_files(const Plan& plan, const std::vector<std::string>& outputs, bool folder) {
+  std::set<std::string> written;
+  for (const PlannedFile& file : plan.files) written.insert(std::filesystem::absolute(file.path).lexically_normal());
+  std::vector<std::string> stale;
+  for (const std::string& output : outputs) {
+    std::filesystem::path path =
+        folder ? std::filesystem::path(output) / "model.safetensors" : std::filesystem::path(output);
+    std::filesystem::path dir = std::filesystem::absolute(path).lexically_normal().parent_path();
+    std::string stem = path.stem().string();
+    std::regex shard(std::regex_replace(stem, std::regex(R"([.^$|()\[\]{}*+?\\])"), R"(\$&)") +
+                     R"(-\d{5}-of-\d{5}\.safetensors)");
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      std::string name = entry.path().filename().string();
+      bool ours =
+          name == stem + ".safetensors" || name == stem + ".safetensors.index.json" || std::regex_match(name, shard);
+      if (ours && written.count(entry.path().lexically_normal().string()) == 0) stale.push_back(entry.path().string());
+    }
+  }
+  std::sort(stale.begin(), stale.end());
+  return stale;
+}
+
 }  // namespace
 
 Action add_stitch_command(CLI::App& app) {
@@ -93,6 +124,7 @@ Action add_stitch_command(CLI::App& app) {
     std::string max_shard_size;
     bool weights_only = false;
     bool no_cfg = false;
+    bool max_shard_size_given = false;
     std::vector<std::string> hf_config;
   };
   auto options = std::make_shared<Options>();
@@ -107,9 +139,14 @@ Action add_stitch_command(CLI::App& app) {
                  "safetensors under transformers' OPT names and "
                  "config.json")
       ->check(CLI::IsMember({"torch", "safetensors", "hf"}));
-  app.add_option("--max-shard-size", options->max_shard_size,
-                 "safetensors and hf: files of at most this size (5GB, 500MB, 2GiB), named model-00001-of-0000N, "
-                 "with an index");
+  app.add_option_function<std::string>(
+      "--max-shard-size",
+      [options](const std::string& size) {
+        options->max_shard_size = size;
+        options->max_shard_size_given = true;
+      },
+      "safetensors and hf: at most this many tensor bytes per file (5GB, 500MB, 2GiB), files named "
+      "<stem>-00001-of-0000N.safetensors beside <stem>.safetensors.index.json");
   app.add_flag("--weights-only", options->weights_only,
                "torch: write only the state dict and cfg as plain values, what torch.load(weights_only=True) reads");
   app.add_flag("--no-cfg", options->no_cfg, "with --weights-only: drop cfg and args too");
@@ -162,14 +199,34 @@ Action add_stitch_command(CLI::App& app) {
 
     StitchPlan plan = plan_stitch(inputs, outputs, stitch);
     report_replicated(plan.checks, inputs.files(), options->write.strict);
+    std::vector<std::string> stale;
+    if (stitch.format != OutputFormat::Torch && !options->write.dry_run) {
+      stale = stale_set_files(plan.plan, folder ? std::vector<std::string>{options->output} : outputs, folder);
+      if (!stale.empty() && !options->write.force) {
+        throw Error(Location{stale.front(), "", std::nullopt},
+                    fmt::format("a file of another safetensors set is here ({} in all): readers would mix the two; "
+                                "--force writes this set and removes them",
+                                stale.size()));
+      }
+    }
+    // Once this set is in place, what is left of the other goes.
+    auto remove_stale = [&] {
+      for (const std::string& path : stale) {
+        std::error_code ec;
+        std::filesystem::remove(path, ec);
+        if (!options->write.quiet) print_notice("removed " + path + " (of the set written before)");
+      }
+    };
     if (!options->write.dry_run) plan.tensors = {};  // only a dry run prints them
     if (folder && !options->write.dry_run) {
       CreatedDirectory created(options->output);
       run_plan(plan.plan, plan.tensors, options->write, started);
       created.keep();
+      remove_stale();
       return 0;
     }
     run_plan(plan.plan, plan.tensors, options->write, started);
+    remove_stale();
     return 0;
   };
 }

@@ -76,6 +76,13 @@ std::optional<std::string> safetensors_index_of(const std::string& input) {
     std::string name = entry.path().filename().string();
     if (entry.path().extension() == ".pt") return std::nullopt;  // a training checkpoint's folder
     if (!name.ends_with(".safetensors.index.json")) continue;
+    std::string single = name.substr(0, name.size() - std::string_view(".index.json").size());
+    if (fs::exists(fs::path(input) / single, ec)) {
+      throw Error(Location{input, "", std::nullopt},
+                  fmt::format("both {} and {} here: two sets of weights, and readers differ on which they load "
+                              "(transformers takes {}); remove the stale one",
+                              single, name, single));
+    }
     if (found) {
       throw Error(Location{input, "", std::nullopt},
                   "more than one *.safetensors.index.json here: give the index of the set to read");

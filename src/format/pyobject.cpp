@@ -197,8 +197,14 @@ class JsonRenderer {
     ChildLabels keys;    // the JSON object's ("~~2" for a literal "3~~int" beside the int 3 and the str "3")
     ChildLabels labels;  // the children's paths'
     std::vector<MappingKey> names = mapping_keys(graph_, entries);
-    for (std::size_t i = 0; i < names.size(); ++i)
-      out[keys.unique(names[i].text)] = child(entries[i].second, labels.unique(names[i].label));
+    // Appended to the object's vector: its operator[] would look each key up
+    // again (n^2 for a state dict of 10^5 keys). The keys are unique already.
+    auto& items = static_cast<json::object_t::Container&>(out.get_ref<json::object_t&>());
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      std::string key = keys.unique(names[i].text);
+      json value = child(entries[i].second, labels.unique(names[i].label));
+      items.emplace_back(std::move(key), std::move(value));
+    }
     return out;
   }
 
@@ -429,6 +435,36 @@ class PlainCopier {
     if (!node.entries.empty()) return mapping(node.entries, depth);  // OrderedDict and other dict subclasses
     if (node.state != kNoNode && graph_[node.state].kind == Kind::Dict)
       return mapping(graph_[node.state].entries, depth);
+    // What protocol 2 pickles as a call: set([...]) and frozenset([...]) (a list),
+    // bytes as _codecs.encode(text, 'latin1') (the list of byte values), and
+    // any other call with arguments only (an Enum member: its value; complex:
+    // (real, imag)) as its arguments.
+    const std::vector<NodeId>* args = node.args != kNoNode ? as_sequence(graph_, node.args) : nullptr;
+    if (args != nullptr && !args->empty() && node.state == kNoNode && node.items.empty()) {
+      std::string_view qualified = name;
+      for (std::string_view module : {"builtins.", "__builtin__."}) {
+        if (qualified.starts_with(module)) qualified.remove_prefix(module.size());
+      }
+      if ((qualified == "set" || qualified == "frozenset") && args->size() == 1) {
+        if (const std::vector<NodeId>* items = as_sequence(graph_, args->front())) {
+          return sequence(Kind::List, *items, depth);
+        }
+      }
+      if (name == "_codecs.encode" && graph_[args->front()].kind == Kind::Str) {
+        std::vector<NodeId> values;
+        std::string text = graph_[args->front()].text;  // UTF-8 of code points below 256
+        for (std::size_t i = 0; i < text.size(); ++i) {
+          auto byte = static_cast<unsigned char>(text[i]);
+          if (byte >= 0xC0 && i + 1 < text.size()) {
+            byte = static_cast<unsigned char>(((byte & 0x1F) << 6) | (static_cast<unsigned char>(text[++i]) & 0x3F));
+          }
+          values.push_back(graph_.integer(byte));
+        }
+        return sequence(Kind::List, std::move(values), depth);
+      }
+      if (args->size() == 1) return copy(args->front(), depth);
+      return sequence(Kind::Tuple, *args, depth);
+    }
     return graph_.str(name.empty() ? "<object>" : name);
   }
 

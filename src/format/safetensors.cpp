@@ -36,36 +36,86 @@ constexpr std::array<DTypeName, 10> kNames{{
 constexpr std::size_t kMaxHeaderDepth = 4;
 
 // Parses bounded JSON text: at most kMaxHeaderDepth deep, no name twice in
-// the top-level object. Throws Error(where, ...).
-json parse_bounded(std::string_view text, const Location& where, const char* what) {
-  std::set<std::string> names;
-  std::string duplicate;
-  bool too_deep = false;
-  auto check = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (static_cast<std::size_t>(depth) > kMaxHeaderDepth) too_deep = true;
-    if (event == json::parse_event_t::key && depth == 1 && !names.insert(parsed.get<std::string>()).second) {
-      duplicate = parsed.get<std::string>();
-    }
-    return !too_deep && duplicate.empty();
-  };
-  json parsed;
-  try {
-    parsed = json::parse(text.begin(), text.end(), check);
-  } catch (const json::exception& e) {
-    if (!too_deep && duplicate.empty()) throw Error(where, fmt::format("{} is not valid JSON: {}", what, e.what()));
+// the top-level object. Objects are std::maps (a header of a million names
+// parses in n log n; an insertion-ordered object would take n^2), so callers
+// order what they read themselves. Throws Error(where, ...).
+// Checks the shape of JSON text in one pass before it is parsed (nlohmann's
+// parse callback would make parsing n^2 in the number of entries): nesting
+// depth, and no key twice in one object.
+class ShapeCheck : public nlohmann::json_sax<nlohmann::json> {
+ public:
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return open(true); }
+  bool end_object() override { return close(); }
+  bool start_array(std::size_t) override { return open(false); }
+  bool end_array() override { return close(); }
+  bool key(string_t& name) override {
+    if (keys_.back().insert(name).second) return true;
+    duplicate = name;
+    return false;
   }
-  if (too_deep) throw Error(where, fmt::format("{} is nested more than {} levels deep", what, kMaxHeaderDepth));
-  if (!duplicate.empty()) throw Error(where, fmt::format("{} names '{}' twice", what, duplicate));
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
+    error = e.what();
+    return false;
+  }
+
+  std::string duplicate;
+  std::string error;
+  bool too_deep = false;
+
+ private:
+  bool open(bool object) {
+    if (++depth_ > kMaxHeaderDepth) {
+      too_deep = true;
+      return false;
+    }
+    if (object) keys_.emplace_back();
+    objects_.push_back(object);
+    return true;
+  }
+  bool close() {
+    --depth_;
+    if (objects_.back()) keys_.pop_back();
+    objects_.pop_back();
+    return true;
+  }
+  std::size_t depth_ = 0;
+  std::vector<bool> objects_;
+  std::vector<std::set<std::string>> keys_;
+};
+
+// Parses bounded JSON text: at most kMaxHeaderDepth deep, no key twice in an
+// object, nothing after the value but spaces (the padding). Objects are
+// std::maps (a header of a million names parses in n log n; an
+// insertion-ordered object would take n^2), so callers order what they read
+// themselves. Throws Error(where, ...).
+nlohmann::json parse_bounded(std::string_view text, const Location& where, const char* what) {
+  std::size_t end = text.find_last_not_of(' ');
+  std::string_view value = text.substr(0, end == std::string_view::npos ? 0 : end + 1);
+  ShapeCheck check;
+  if (!nlohmann::json::sax_parse(value.begin(), value.end(), &check)) {
+    if (check.too_deep) throw Error(where, fmt::format("{} is nested more than {} levels deep", what, kMaxHeaderDepth));
+    if (!check.duplicate.empty()) throw Error(where, fmt::format("{} names '{}' twice", what, check.duplicate));
+    throw Error(where,
+                fmt::format("{} is not valid JSON (or is padded with other bytes than spaces): {}", what, check.error));
+  }
+  nlohmann::json parsed = nlohmann::json::parse(value.begin(), value.end());
   if (!parsed.is_object()) throw Error(where, fmt::format("{} is not a JSON object", what));
   return parsed;
 }
 
-std::uint64_t unsigned_field(const json& value, const Location& where, const std::string& field) {
+std::uint64_t unsigned_field(const nlohmann::json& value, const Location& where, const std::string& field) {
   if (!value.is_number_unsigned()) throw Error(where, field + " is not a non-negative integer");
   return value.get<std::uint64_t>();
 }
 
-SafetensorsTensor read_entry(const std::string& name, const json& entry, const Location& where) {
+SafetensorsTensor read_entry(const std::string& name, const nlohmann::json& entry, const Location& where) {
   if (!entry.is_object()) throw Error(where, "the entry is not a JSON object");
   for (const auto& item : entry.items()) {
     if (item.key() != "dtype" && item.key() != "shape" && item.key() != "data_offsets") {
@@ -87,7 +137,8 @@ SafetensorsTensor read_entry(const std::string& name, const json& entry, const L
     std::uint64_t dim = unsigned_field((*shape)[i], where, fmt::format("shape[{}]", i));
     if (dim > static_cast<std::uint64_t>(INT64_MAX)) throw Error(where, fmt::format("shape[{}] is too large", i));
     tensor.shape.push_back(static_cast<std::int64_t>(dim));
-    numel = checked_mul(numel, dim, "the tensor's element count");
+    if (dim != 0 && numel > UINT64_MAX / dim) throw Error(where, "the shape's element count overflows 64 bits");
+    numel *= dim;
   }
   auto offsets = entry.find("data_offsets");
   if (offsets == entry.end() || !offsets->is_array() || offsets->size() != 2) {
@@ -98,7 +149,9 @@ SafetensorsTensor read_entry(const std::string& name, const json& entry, const L
   if (tensor.end < tensor.begin) {
     throw Error(where, fmt::format("data_offsets [{}, {}] end before they begin", tensor.begin, tensor.end));
   }
-  std::uint64_t nbytes = checked_mul(numel, dtype_info(tensor.dtype).itemsize, "the tensor's size");
+  std::uint64_t itemsize = dtype_info(tensor.dtype).itemsize;
+  if (numel > UINT64_MAX / itemsize) throw Error(where, "the tensor's byte size overflows 64 bits");
+  std::uint64_t nbytes = numel * itemsize;
   if (tensor.end - tensor.begin != nbytes) {
     throw Error(where, fmt::format("data_offsets [{}, {}] hold {} bytes; shape [{}] of {} needs {}", tensor.begin,
                                    tensor.end, tensor.end - tensor.begin, fmt::join(tensor.shape, ", "),
@@ -143,7 +196,7 @@ SafetensorsHeader read_safetensors_header(Bytes file, const std::string& path) {
   const Location where{path, "header", 8};
   std::string_view text = as_chars(file.subspan(8, header_bytes));
   if (text.empty() || text.front() != '{') throw Error(where, "the header does not start with '{'");
-  json parsed = parse_bounded(text, where, "the header");
+  nlohmann::json parsed = parse_bounded(text, where, "the header");
   const std::uint64_t data_bytes = file.size() - header.data_offset;
   for (const auto& item : parsed.items()) {
     if (item.key() == "__metadata__") {
@@ -151,7 +204,7 @@ SafetensorsHeader read_safetensors_header(Bytes file, const std::string& path) {
       for (const auto& meta : item.value().items()) {
         if (!meta.value().is_string()) throw Error(where, fmt::format("__metadata__ '{}' is not a string", meta.key()));
       }
-      header.metadata = item.value();
+      for (const auto& meta : item.value().items()) header.metadata.push_back({meta.key(), meta.value()});
       continue;
     }
     SafetensorsTensor tensor = read_entry(item.key(), item.value(), Location{path, item.key(), 8});
@@ -162,15 +215,13 @@ SafetensorsHeader read_safetensors_header(Bytes file, const std::string& path) {
     }
     header.tensors.push_back(std::move(tensor));
   }
-  // The tensors tile the data: sorted by offset, each begins where the one before ends.
-  std::vector<const SafetensorsTensor*> by_offset;
-  for (const SafetensorsTensor& tensor : header.tensors) by_offset.push_back(&tensor);
-  std::stable_sort(by_offset.begin(), by_offset.end(), [](const SafetensorsTensor* a, const SafetensorsTensor* b) {
-    return std::pair(a->begin, a->end) < std::pair(b->begin, b->end);
-  });
+  // The tensors tile the data: in data order, each begins where the one before ends.
+  std::stable_sort(header.tensors.begin(), header.tensors.end(),
+                   [](const auto& a, const auto& b) { return std::pair(a.begin, a.end) < std::pair(b.begin, b.end); });
   std::uint64_t covered = 0;
   const SafetensorsTensor* previous = nullptr;
-  for (const SafetensorsTensor* tensor : by_offset) {
+  for (const SafetensorsTensor& entry : header.tensors) {
+    const SafetensorsTensor* tensor = &entry;
     Location at{path, tensor->name, header.data_offset + tensor->begin};
     if (tensor->begin < covered) {
       throw Error(at, fmt::format("data_offsets [{}, {}] overlap '{}' [{}, {}]", tensor->begin, tensor->end,
@@ -191,18 +242,27 @@ SafetensorsHeader read_safetensors_header(Bytes file, const std::string& path) {
 }
 
 std::vector<std::byte> render_safetensors_header(const std::vector<SafetensorsTensor>& tensors, const json& metadata) {
-  json header = json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
+  // Written entry by entry: an insertion-ordered JSON object would look every
+  // name up again (n^2 for a state dict of 10^5 keys).
+  std::string text = "{";
+  auto append = [&](const std::string& name, const json& value) {
+    if (text.size() > 1) text += ',';
+    text += json(name).dump(-1, ' ', false, json::error_handler_t::strict);
+    text += ':';
+    text += value.dump(-1, ' ', false, json::error_handler_t::strict);
+  };
+  if (!metadata.empty()) append("__metadata__", metadata);
+  std::set<std::string_view> names;
   std::uint64_t at = 0;
   for (const SafetensorsTensor& tensor : tensors) {
     check_invariant(tensor.begin == at && tensor.end >= tensor.begin, "safetensors tensors not back to back");
-    check_invariant(!header.contains(tensor.name), "a safetensors name twice");
+    check_invariant(tensor.name != "__metadata__" && names.insert(tensor.name).second, "a safetensors name twice");
     auto dtype = safetensors_dtype_name(tensor.dtype);
     check_invariant(dtype.has_value(), "a dtype safetensors cannot hold");
-    header[tensor.name] = {{"dtype", *dtype}, {"shape", tensor.shape}, {"data_offsets", {tensor.begin, tensor.end}}};
+    append(tensor.name, {{"dtype", *dtype}, {"shape", tensor.shape}, {"data_offsets", {tensor.begin, tensor.end}}});
     at = tensor.end;
   }
-  std::string text = header.dump(-1, ' ', false, json::error_handler_t::strict);
+  text += '}';
   text.append((8 - text.size() % 8) % 8, ' ');
   std::vector<std::byte> out(8 + text.size());
   std::uint64_t length = text.size();
@@ -216,7 +276,7 @@ SafetensorsIndex parse_safetensors_index(std::string_view text, const std::strin
   if (text.size() > kMaxSafetensorsIndexBytes) {
     throw Error(where, fmt::format("an index of {} bytes (at most {})", text.size(), kMaxSafetensorsIndexBytes));
   }
-  json parsed = parse_bounded(text, where, "the index");
+  nlohmann::json parsed = parse_bounded(text, where, "the index");
   SafetensorsIndex index;
   auto map = parsed.find("weight_map");
   if (map == parsed.end() || !map->is_object()) throw Error(where, "no weight_map object");
@@ -241,10 +301,14 @@ SafetensorsIndex parse_safetensors_index(std::string_view text, const std::strin
 }
 
 std::string render_safetensors_index(const SafetensorsIndex& index) {
-  json map = json::object();
-  for (const auto& [name, file] : index.weight_map) map[name] = file;
-  json out = {{"metadata", {{"total_size", index.total_size.value_or(0)}}}, {"weight_map", std::move(map)}};
-  return out.dump(2, ' ', false, json::error_handler_t::strict) + "\n";
+  // Written by hand, for the reason render_safetensors_header is.
+  std::string text = fmt::format("{{\n  \"metadata\": {{\n    \"total_size\": {}\n  }},\n  \"weight_map\": {{",
+                                 index.total_size.value_or(0));
+  for (std::size_t i = 0; i < index.weight_map.size(); ++i) {
+    const auto& [name, file] = index.weight_map[i];
+    text += fmt::format("{}\n    {}: {}", i == 0 ? "" : ",", json(name).dump(), json(file).dump());
+  }
+  return text + (index.weight_map.empty() ? "}\n}\n" : "\n  }\n}\n");
 }
 
 std::string safetensors_shard_name(std::string_view stem, std::size_t shard, std::size_t shards) {

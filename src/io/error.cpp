@@ -43,7 +43,7 @@ std::string Error::render(const Location& where, const std::string& message) {
   return out + message;
 }
 
-void internal_error(std::string_view what, std::source_location where) {
+void internal_error(std::string_view what, SourceLocation where) {
   std::string_view file = where.file_name();
   if (auto src = file.rfind("src/"); src != std::string_view::npos) file.remove_prefix(src);
   throw InternalError(fmt::format("{} ({}:{})", what, file, where.line()));

@@ -204,6 +204,8 @@ std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor
                                        std::vector<std::string>* replicated) {
   std::vector<NamedTensor> glued = reshard_megatron(parts, 1, replicated).front();
   if (options.fused_qkv) return glued;
+  std::set<std::string> names;
+  for (const NamedTensor& tensor : glued) names.insert(tensor.name);
   std::vector<NamedTensor> out;
   for (NamedTensor& tensor : glued) {
     if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) {
@@ -219,6 +221,12 @@ std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor
         name.replace(at, 8, kNames[t]);
       else
         name += fmt::format(".{}", kNames[t]);
+      if (names.count(name) != 0) {
+        throw Error(Location{"", tensor.name, std::nullopt},
+                    fmt::format("split into k, v and q, it would give '{}', which the state dict holds already "
+                                "(--fused-qkv keeps it whole)",
+                                name));
+      }
       out.push_back({name, kvq[t], std::nullopt});
     }
   }

@@ -284,6 +284,10 @@ ManifestFile describe_safetensors(const MappedFile& mapped) {
   file.top_level_keys = {"model"};
   std::vector<ManifestTensor> tensors;
   nlohmann::ordered_json model = nlohmann::ordered_json::object();
+  // Appended to the object's vector: its operator[] would look each label up (n^2).
+  // The labels are distinct, as the names are (escape_label is one to one).
+  auto& entries =
+      static_cast<nlohmann::ordered_json::object_t::Container&>(model.get_ref<nlohmann::ordered_json::object_t&>());
   for (const SafetensorsTensor& entry : header.tensors) {
     ManifestTensor tensor;
     tensor.path = state_dict_path(kModelPrefix, entry.name);
@@ -292,7 +296,7 @@ ManifestFile describe_safetensors(const MappedFile& mapped) {
     tensor.stride = contiguous_strides(entry.shape);
     tensor.storage_key = std::to_string(tensors.size());
     tensor.nbytes = tensor.storage_nbytes = entry.end - entry.begin;
-    model[escape_label(entry.name)] = {{"$tensor", tensors.size()}};
+    entries.emplace_back(escape_label(entry.name), nlohmann::ordered_json{{"$tensor", tensors.size()}});
     file.places.push_back({header.data_offset + entry.begin, 0});
     tensors.push_back(std::move(tensor));
   }

@@ -696,6 +696,7 @@ Manifest manifest_from_json(const json& j, const std::string& source) {
 }
 
 bool looks_like_manifest(const std::string& path) {
+  if (ends_with(path, ".safetensors.index.json")) return false;  // a safetensors set's index
   return ends_with(path, ".json") || ends_with(path, ".json.zst");
 }
 

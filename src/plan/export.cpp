@@ -1,6 +1,7 @@
 #include "ckpt/plan/export.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -101,7 +102,12 @@ std::vector<std::vector<OutputTensor>> plan_safetensors(const std::vector<Output
       throw Error(Location{"", tensor.name, std::nullopt},
                   fmt::format("{} has no safetensors dtype", dtype_info(tensor.dtype).name));
     }
-    check_invariant(names.insert(tensor.name).second, "a state dict key twice");
+    if (tensor.name == "__metadata__") {
+      throw Error(Location{"", tensor.name, std::nullopt}, "a safetensors file cannot hold a tensor of this name");
+    }
+    if (!names.insert(tensor.name).second) {
+      throw Error(Location{"", tensor.name, std::nullopt}, "two tensors of the state dict have this name");
+    }
     kept.push_back(&tensor);
   }
   std::vector<std::vector<const OutputTensor*>> shards = fill_shards(kept, target.max_shard_bytes);
@@ -186,14 +192,11 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
     if (node == pickle::kNoNode) return std::nullopt;
     return to_json(graph, node, {});
   };
+  std::vector<std::string> missing;  // every field cfg lacks, told at once
   auto required = [&](const std::string& field, std::string_view cfg_key) {
     std::optional<json> value = from_cfg(field, cfg_key);
-    if (!value) {
-      throw Error(Location{base.path(), "cfg", std::nullopt},
-                  fmt::format("config.json needs {} (cfg.model.{} here): give it with --hf-config {}=VALUE", field,
-                              cfg_key, field));
-    }
-    return *value;
+    if (!value) missing.push_back(fmt::format("{} (cfg.model.{})", field, cfg_key));
+    return value.value_or(json());
   };
   // A size from the shapes, checked against the cfg's when it has one.
   auto from_shape = [&](const std::string& field, std::string_view cfg_key, std::int64_t value) {
@@ -224,13 +227,38 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
   config["activation_function"] = required("activation_function", "activation_fn");
   config["dropout"] = required("dropout", "dropout");
   config["attention_dropout"] = required("attention_dropout", "attention_dropout");
+  if (!missing.empty()) {
+    throw Error(Location{base.path(), "cfg", std::nullopt},
+                fmt::format("config.json needs {}, which cfg lacks: give each with --hf-config FIELD=VALUE",
+                            fmt::join(missing, ", ")));
+  }
   config["tie_word_embeddings"] = tied_embeddings;
+  // OPT variants transformers' OPTConfig tells apart: no biases, no final layer norm.
+  config["enable_bias"] = find_output(tensors, "model.decoder.layers.0.fc1.bias") != nullptr;
+  if (config["do_layer_norm_before"] == true &&
+      find_output(tensors, "model.decoder.final_layer_norm.weight") == nullptr) {
+    config["_remove_final_layer_norm"] = true;
+  }
   config["torch_dtype"] =
       std::string(dtype_info(find_output(tensors, "model.decoder.embed_tokens.weight")->dtype).name);
   config["bos_token_id"] = 2;
   config["eos_token_id"] = 2;
   config["pad_token_id"] = 1;
-  for (const auto& [field, value] : overrides) config[field] = value;
+  // What the weights decide cannot be overridden into something else.
+  const json derived = {{"vocab_size", embed[0]},
+                        {"word_embed_proj_dim", embed[1]},
+                        {"hidden_size", positions[1]},
+                        {"ffn_dim", fc1[0]},
+                        {"num_hidden_layers", layers},
+                        {"max_position_embeddings", positions[0] - 2},
+                        {"tie_word_embeddings", tied_embeddings}};
+  for (const auto& [field, value] : overrides) {
+    if (derived.contains(field) && value != derived[field]) {
+      throw Error(Location{"--hf-config", field, std::nullopt},
+                  fmt::format("{} here, but the weights give {}", value.dump(), derived[field].dump()));
+    }
+    config[field] = value;
+  }
   const json& heads = config["num_attention_heads"];
   if (!heads.is_number_integer() || heads.get<std::int64_t>() <= 0 || positions[1] % heads.get<std::int64_t>() != 0) {
     throw Error(Location{base.path(), "cfg", std::nullopt},

@@ -16,6 +16,22 @@ using pickle::NodeId;
 
 namespace {
 
+// OPT's heads are 64 wide (128 at 175B): as many as that gives, divisible by the
+// part count (Megatron gives each part whole heads) and dividing the width.
+std::int64_t attention_heads(const SynthModel& model, int parts) {
+  for (std::int64_t heads = std::max<std::int64_t>(model.embed_dim / 64, parts); heads > parts; --heads) {
+    if (model.embed_dim % heads == 0 && heads % parts == 0) return heads;
+  }
+  return parts;
+}
+
+pickle::NodeId real(pickle::Graph& graph, double value) {
+  pickle::Node node;
+  node.kind = pickle::Kind::Float;
+  node.real = value;
+  return graph.add(std::move(node));
+}
+
 std::int64_t round_up(std::int64_t value, std::int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
@@ -210,6 +226,10 @@ Plan plan_synth(const SynthOptions& options, const std::string& directory) {
                                     {"decoder_layers", graph.integer(model.layers)},
                                     {"decoder_embed_dim", graph.integer(model.embed_dim)},
                                     {"decoder_ffn_embed_dim", graph.integer(model.ffn_dim)},
+                                    {"decoder_attention_heads", graph.integer(attention_heads(model, options.mp))},
+                                    {"activation_fn", graph.str("relu")},
+                                    {"dropout", real(graph, 0.1)},
+                                    {"attention_dropout", real(graph, 0.0)},
                                     {"max_target_positions", graph.integer(model.positions - 2)},
                                     {"model_parallel_size", graph.integer(options.mp)}})},
                   {"distributed_training", v.dict({{"distributed_world_size", graph.integer(options.mp * options.dp)},

@@ -23,6 +23,9 @@
 //               and consolidate_part cut them for a plan), object-tree tensor
 //               indices inside the tensor list, and it renders to JSON that
 //               reads back to the same JSON
+//   safetensors a header that reads has tensors that tile the data exactly,
+//               each inside the input; rendered again by our writer (in data
+//               order) it reads back to the same names, dtypes, shapes and offsets
 // None of this touches the disk: the checkpoint target maps the input from a
 // memfd, as MappedFile would map a file.
 #pragma once
@@ -44,6 +47,7 @@
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/format/pickle.hpp"
 #include "ckpt/format/pyobject.hpp"
+#include "ckpt/format/safetensors.hpp"
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/mapped_file.hpp"
@@ -408,6 +412,35 @@ inline void run_manifest(Bytes input) {
     return;
   }
   check_manifest(manifest);
+}
+
+inline void run_safetensors(Bytes input) {
+  SafetensorsHeader header;
+  try {
+    header = read_safetensors_header(input, "fuzz.safetensors");
+  } catch (const Error&) {
+    return;
+  }
+  require(header.data_offset >= 8 && header.data_offset <= input.size(), "safetensors: the data starts in the input");
+  std::vector<SafetensorsTensor> by_offset = header.tensors;
+  std::stable_sort(by_offset.begin(), by_offset.end(), [](const auto& a, const auto& b) { return a.begin < b.begin; });
+  std::uint64_t at = 0;
+  for (const SafetensorsTensor& tensor : by_offset) {
+    require(tensor.begin == at && tensor.end >= tensor.begin, "safetensors: tensors tile the data", tensor.name);
+    touch(input.subspan(header.data_offset + tensor.begin, tensor.end - tensor.begin));
+    at = tensor.end;
+  }
+  require(header.data_offset + at == input.size(), "safetensors: the data ends at the end of the input");
+  std::vector<std::byte> again = render_safetensors_header(by_offset, header.metadata);
+  again.resize(again.size() + at);
+  SafetensorsHeader back = read_safetensors_header(again, "again.safetensors");
+  require(back.tensors.size() == by_offset.size(), "safetensors: rewritten header reads back", "tensor count");
+  for (std::size_t i = 0; i < by_offset.size(); ++i) {
+    const SafetensorsTensor& a = by_offset[i];
+    const SafetensorsTensor& b = back.tensors[i];
+    require(a.name == b.name && a.dtype == b.dtype && a.shape == b.shape && a.begin == b.begin && a.end == b.end,
+            "safetensors: rewritten header reads back", a.name);
+  }
 }
 
 }  // namespace ckpt::fuzz

@@ -169,6 +169,26 @@ def small_manifests():
     yield manifest(shards, [[tensor("model/flat_param_0", [3])]], fsdp=[fsdp])
 
 
+def sample_safetensors():
+    """Small safetensors files written here from the specification: every dtype,
+    empty and 0-d tensors, metadata, and a sharded set's index."""
+    def encode(entries, metadata=None):
+        header, data = {}, b""
+        if metadata is not None:
+            header["__metadata__"] = metadata
+        for name, dtype, shape, payload in entries:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(payload)]}
+            data += payload
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * ((8 - (8 + len(text)) % 8) % 8)
+        return len(text).to_bytes(8, "little") + text + data
+    yield encode([("a", "F32", [2], bytes(8)), ("b.weight", "F16", [1, 3], bytes(6))], {"format": "pt"})
+    yield encode([("x", "F64", [], bytes(8)), ("e", "I64", [0, 2], b""), ("m", "BOOL", [2], b"\x01\x00")])
+    yield encode([(f"t{i}", d, [1], bytes(n)) for i, (d, n) in
+                  enumerate([("I64", 8), ("I32", 4), ("BF16", 2), ("I16", 2), ("I8", 1), ("U8", 1)])])
+    yield encode([])
+
+
 def write_seed(folder, data, suffix):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, hashlib.sha1(data).hexdigest()[:16] + suffix)
@@ -206,7 +226,9 @@ def main():
     for data in sample_zips():
         counts["fuzz_zip"] += write_seed(os.path.join(args.out, "fuzz_zip"), data, ".zip")
         counts["fuzz_checkpoint"] += write_seed(os.path.join(args.out, "fuzz_checkpoint"), data, ".zip")
-    targets = ["fuzz_zip", "fuzz_pickle", "fuzz_checkpoint"]
+    for data in sample_safetensors():
+        counts["fuzz_safetensors"] += write_seed(os.path.join(args.out, "fuzz_safetensors"), data, ".safetensors")
+    targets = ["fuzz_zip", "fuzz_pickle", "fuzz_checkpoint", "fuzz_safetensors"]
     if args.ckpt_tool:
         targets.append("fuzz_manifest")
         folder = os.path.join(args.out, "fuzz_manifest")

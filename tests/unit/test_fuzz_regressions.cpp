@@ -114,6 +114,7 @@ TEST_CASE("fuzz regressions: every saved input runs through its target without c
       {"fuzz_pickle", ckpt::fuzz::run_pickle},
       {"fuzz_checkpoint", ckpt::fuzz::run_checkpoint},
       {"fuzz_manifest", ckpt::fuzz::run_manifest},
+      {"fuzz_safetensors", ckpt::fuzz::run_safetensors},
   };
   const std::filesystem::path root(CKPT_FUZZ_REGRESSIONS);
   // The folder is committed (with its README): missing, it would replay nothing and pass.

@@ -52,7 +52,7 @@ struct SafetensorsTensor {
 
 struct SafetensorsHeader {
   std::uint64_t data_offset = 0;                                       // absolute offset of the data: 8 + header length
-  std::vector<SafetensorsTensor> tensors;                              // in header order
+  std::vector<SafetensorsTensor> tensors;                              // in data order (not the header's own order)
   nlohmann::ordered_json metadata = nlohmann::ordered_json::object();  // __metadata__ (str -> str)
 };
 
@@ -67,8 +67,8 @@ SafetensorsHeader read_safetensors_header(Bytes file, const std::string& path);
 std::vector<std::byte> render_safetensors_header(const std::vector<SafetensorsTensor>& tensors,
                                                  const nlohmann::ordered_json& metadata);
 
-// A sharded set's index: its files in the order the weight map first names
-// them, and which file holds each name.
+// A sharded set's index: its files (in the order the weight map's names,
+// sorted when read, first name them), and which file holds each name.
 struct SafetensorsIndex {
   std::vector<std::string> files;  // names relative to the index's directory
   std::vector<std::pair<std::string, std::string>> weight_map;

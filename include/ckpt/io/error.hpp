@@ -23,6 +23,19 @@
 
 namespace ckpt {
 
+// Where an internal error was raised. Clang 14 with GCC 12's library (the fuzz
+// build) has no std::source_location: there the location is left out.
+#if defined(__cpp_lib_source_location)
+using SourceLocation = std::source_location;
+#else
+struct SourceLocation {
+  static constexpr SourceLocation current() { return {}; }
+  constexpr const char* file_name() const { return "?"; }
+  constexpr unsigned line() const { return 0; }
+  constexpr const char* function_name() const { return "?"; }
+};
+#endif
+
 // `text` with control bytes escaped for a terminal: \t \n \r as such, other
 // bytes below 0x20 and 0x7f as \xHH, and the C1 controls U+0080..U+009F (UTF-8
 // C2 80..C2 9F, which a UTF-8 terminal obeys like ESC [) as \u00HH. Everything
@@ -59,10 +72,9 @@ class InternalError : public std::logic_error {
  public:
   using std::logic_error::logic_error;
 };
-[[noreturn]] void internal_error(std::string_view what, std::source_location where = std::source_location::current());
+[[noreturn]] void internal_error(std::string_view what, SourceLocation where = SourceLocation::current());
 // The assertion of every invariant the code relies on (checked in release builds too).
-inline void check_invariant(bool holds, std::string_view what,
-                            std::source_location where = std::source_location::current()) {
+inline void check_invariant(bool holds, std::string_view what, SourceLocation where = SourceLocation::current()) {
   if (!holds) internal_error(what, where);
 }
 
