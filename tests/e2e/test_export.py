@@ -779,6 +779,77 @@ def test_existing_outputs_are_kept():
     assert open(out).read() == "precious" and listing(work) == ["out.pt"]
 
 
+def test_found_by_the_black_box_review():
+    """What a stranger broke in the first version, each now refused or right."""
+    work = harness.scratch("export-black-box")
+    case = "mp2_dp2_fp16_omega_opt"
+    # 1. A tie pickled as two tensor objects over one storage (model.state_dict() does
+    # that): stitch keeps one storage, safetensors one name, hf a tied head.
+    def tie_by_view(model):
+        model["decoder.output_projection.weight"] = model["decoder.embed_tokens.weight"].view(
+            model["decoder.embed_tokens.weight"].shape)
+    src, _ = edited_singleton(case, work, model_edit=tie_by_view)
+    given = ckptcheck.load(src)["model"]  # the input really holds two tensor objects over one storage
+    a, b = given["decoder.output_projection.weight"], given["decoder.embed_tokens.weight"]
+    assert a is not b and a.data_ptr() == b.data_ptr()
+    out = os.path.join(work, "tied.pt")
+    stitch([src, "-o", out])
+    model = ckptcheck.load(out)["model"]
+    assert model["decoder.output_projection.weight"].data_ptr() == model["decoder.embed_tokens.weight"].data_ptr()
+    st_path = os.path.join(work, "tied.safetensors")
+    stitch([src, "-o", st_path])
+    assert "decoder.output_projection.weight" not in dict(st.read(st_path)[0])
+    hf = os.path.join(work, "hf")
+    stitch([src, "--format", "hf", "-o", hf])
+    config = json.load(open(os.path.join(hf, "config.json")))
+    assert config["tie_word_embeddings"] is True and config["enable_bias"] is True, config
+    assert not any(k.startswith("lm_head") for k, _ in st.read(os.path.join(hf, "model.safetensors"))[0])
+
+    # 2. Another set's files beside the new one: refused, or removed with --force;
+    # a folder holding both layouts is refused when read.
+    raw = harness.fixtures()[case]
+    stitch([raw, "--format", "hf", "--max-shard-size", "300", "-o", hf], expect=1)
+    assert listing(hf) == ["config.json", "model.safetensors"]
+    stitch([raw, "--format", "hf", "--max-shard-size", "300", "-o", hf, "--force"])
+    assert "model.safetensors" not in listing(hf) and "model.safetensors.index.json" in listing(hf)
+    shutil.copy(os.path.join(work, "tied.safetensors"), os.path.join(hf, "model.safetensors"))
+    err = one_line_error(["inspect", hf])
+    assert "both model.safetensors and model.safetensors.index.json" in err, err
+    os.remove(os.path.join(hf, "model.safetensors"))
+    # 3. The index is an input of its own.
+    out_text, _ = harness.run(["inspect", os.path.join(hf, "model.safetensors.index.json")])
+    assert "format: safetensors" in out_text, out_text
+    harness.run(["diff", os.path.join(hf, "model.safetensors.index.json"), raw, "--names", "hf-opt"])
+
+    # 4. Names safetensors or the split cannot hold: errors naming them, not internal errors.
+    src, _ = edited_singleton(case, work, model_edit=lambda m: m.__setitem__("__metadata__", torch.ones(2)))
+    assert "__metadata__" in one_line_error(["stitch", "-q", src, "-o", os.path.join(work, "m.safetensors")])
+    def fused_and_split(model):
+        k = model["decoder.layers.0.self_attn.k_proj.weight"]
+        model["decoder.layers.0.self_attn.qkv_proj.weight"] = torch.cat([k, k, k])
+    src, _ = edited_singleton(case, work, model_edit=fused_and_split)
+    err = one_line_error(["stitch", "-q", src, "-o", os.path.join(work, "dup.pt")])
+    assert "which the state dict holds already" in err, err
+    assert not os.path.exists(os.path.join(work, "dup.pt"))
+
+    # 5. --hf-config cannot contradict the weights; every missing field is named at once.
+    err = one_line_error(["stitch", "-q", raw, "--format", "hf", "-o", os.path.join(work, "hf2"),
+                          "--hf-config", "vocab_size=5"])
+    assert "vocab_size" in err and "weights give 10" in err, err
+    src, _ = edited_singleton(case, work, cfg_edit=lambda m: [cfg_del(m, k) for k in ("dropout", "activation_fn")])
+    err = one_line_error(["stitch", "-q", src, "--format", "hf", "-o", os.path.join(work, "hf3")])
+    assert "activation_function" in err and "dropout (" in err, err
+
+    # 6. --weights-only: sets, bytes, enums and complex as plain values.
+    ckpt = {"model": {"w": torch.ones(2)}, "cfg": {"model": {"s": {3}, "b": b"\x00\xff", "c": complex(1, 2)}}}
+    src = os.path.join(work, "weird.pt")
+    torch.save(ckpt, src)
+    out = os.path.join(work, "weird-plain.pt")
+    stitch([src, "--weights-only", "-o", out])
+    cfg = load_weights_only(out)["cfg"]["model"]
+    assert cfg == {"s": [3], "b": [0, 255], "c": (1.0, 2.0)}, cfg
+
+
 if __name__ == "__main__":
     harness.main([test_reader_self_check, test_safetensors_for_every_case,
                   test_safetensors_from_manifest_glob_and_singleton, test_safetensors_dtype_conversion,
@@ -788,4 +859,5 @@ if __name__ == "__main__":
                   test_hf_mapping_of_project_in_out_and_layer_norm, test_hf_unknown_key_is_refused,
                   test_hf_config_flags_and_missing_fields, test_weights_only_for_every_case,
                   test_inspect_diff_verify_read_safetensors, test_hostile_headers_are_one_line_errors,
-                  test_dry_run_writes_nothing, test_existing_outputs_are_kept])
+                  test_dry_run_writes_nothing, test_existing_outputs_are_kept,
+                  test_found_by_the_black_box_review])
