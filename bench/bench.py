@@ -3,7 +3,8 @@
 
   (a) cp of the input files (the physical limit), and cp + sync (a durable copy:
       ckpt-tool fsyncs its outputs);
-  (b) ckpt-tool stitch (direct I/O, the default) and stitch --buffered-io;
+  (b) ckpt-tool stitch (direct I/O, the default) and stitch --buffered-io, and
+      stitch --format hf (a Hugging Face folder, 1 GB safetensors shards);
   (c) the Python pipeline (bench/baseline_stitch.py: torch.load every shard,
       torch.cat, torch.save), checked equal to (b) with ckpt-tool diff;
   (d) ckpt-tool reshard to another grid;
@@ -151,6 +152,15 @@ def main():
         # What checking every input byte against its record's CRC-32 costs.
         measure("ckpt-tool stitch --no-crc-check", [tool, "stitch", "-q", "--no-crc-check", src, "-o", stitched],
                 in_bytes, remove(stitched))
+        # The Hugging Face folder (safetensors under transformers' names, 1 GB shards), from the same
+        # plan: the same copies, another header; proven equal to the shards by value.
+        hf = os.path.join(work, "hf")
+        measure("ckpt-tool stitch --format hf", [tool, "stitch", "-q", src, "--format", "hf", "--max-shard-size", "1GB",
+                                                 "-o", hf], in_bytes, remove(hf))
+        proof = subprocess.run([tool, "diff", hf, src, "--names", "hf-opt"], capture_output=True, text=True)
+        if proof.returncode != 0:
+            sys.exit(f"bench: the hf folder and its shards differ:\n{proof.stdout[-3000:]}{proof.stderr}")
+        remove(hf)()
         baseline = os.path.join(work, "baseline.pt")
         # The baseline holds every shard and the stitched model in memory at once:
         # measured peaks are 3.3x the input (3.4 GiB for 1 GiB, 12.7 GiB for 4 GiB).
@@ -249,8 +259,9 @@ def write_results(rows, grid_rows, args):
     for r in rows:
         lines.append(f"| {r['size']:g} GiB | {r['step']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {r['rss'] / (1 << 20):.0f} |")
     lines += [] if not rows else ["", "| input | stitch / cp | stitch / (cp + sync) | reshard / cp | reshard / (cp + sync) | "
-              "baseline / stitch | buffered / direct stitch | CRC check / none | diff by value / diff equal |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "baseline / stitch | buffered / direct stitch | CRC check / none | diff by value / diff equal | "
+              "hf / stitch |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for size in sorted({r["size"] for r in rows}):
         stitch = by[(size, "ckpt-tool stitch")]["seconds"]
         cp = by[(size, "cp")]["seconds"]
@@ -263,7 +274,7 @@ def write_results(rows, grid_rows, args):
         by_value = by[(size, "ckpt-tool diff fp16 vs bf16 copy")]["seconds"] / by[(size, "ckpt-tool diff (self)")]["seconds"]
         lines.append(f"| {size:g} GiB | {stitch / cp:.2f} | {stitch / cp_sync:.2f} | {reshard / cp:.2f} | "
                      f"{reshard / cp_sync:.2f} | {speedup} | {buffered / stitch:.2f} | {stitch / unchecked:.2f} | "
-                     f"{by_value:.2f} |")
+                     f"{by_value:.2f} | {by[(size, 'ckpt-tool stitch --format hf')]['seconds'] / stitch:.2f} |")
     if grid_rows:
         lines += ["", "Grids at OPT-175B's shape (`ckpt-tool synth --layers 96 --embed-dim 128 --ffn-dim 512 --vocab "
                   "1024 --optimizer-state`): 96 layers with Adam state, so each shard's pickle, shard_metadata and "
