@@ -7,6 +7,7 @@
 #include <iostream>
 #include <map>
 #include <memory>
+#include <unordered_map>
 
 #include "ckpt/exec/compare.hpp"
 #include "ckpt/format/checkpoint.hpp"
@@ -84,9 +85,22 @@ void load_side(Side& side, bool state_dict_only) {
   }
   if (manifest.files.size() == 1 && !(state_dict_only && manifest.files[0].fsdp)) {
     const ManifestFile& file = manifest.files[0];
+    // Against a state dict (safetensors, other names), a tie pickled as two tensor
+    // objects over the same view (model.state_dict()) is a tie, as stitch writes it.
+    std::map<std::string_view, std::vector<const ManifestTensor*>> views;  // by storage
+    auto tied_to = [&](const ManifestTensor& tensor) -> const ManifestTensor* {
+      if (!state_dict_only) return nullptr;
+      for (const ManifestTensor* seen : views[tensor.storage_key]) {
+        if (seen->same_view(tensor)) return seen;
+      }
+      views[tensor.storage_key].push_back(&tensor);
+      return nullptr;
+    };
     for (const ManifestTensor& tensor : file.tensors) {
       if (!tensor.alias_of.empty()) {
         side.tensors.push_back({tensor.path, {}, tensor.alias_of});
+      } else if (const ManifestTensor* tie = tied_to(tensor)) {
+        side.tensors.push_back({tensor.path, {}, tie->path});
       } else {
         side.tensors.push_back({tensor.path, source_of(tensor, file.place(tensor).file_byte_offset, 0), std::nullopt});
       }
@@ -127,18 +141,28 @@ void diff_objects(const json& a, const json& b, const std::string& path, std::ve
     }
   }
   if (a.is_object()) {
-    for (const auto& item : a.items()) {
-      if (!b.contains(item.key())) {
+    // By key through an index: an ordered object looks a key up one entry at a
+    // time (n^2 for a state dict of 10^5 keys).
+    auto index = [](const json& object) {
+      std::unordered_map<std::string_view, const json*> by_key;
+      for (const auto& [key, value] : object.get_ref<const json::object_t&>()) by_key.emplace(key, &value);
+      return by_key;
+    };
+    const auto in_a = index(a);
+    const auto in_b = index(b);
+    for (const auto& [key, value] : a.get_ref<const json::object_t&>()) {
+      auto other = in_b.find(key);
+      if (other == in_b.end()) {
         // A missing tensor is reported by the tensor comparison.
-        if (!is_tensor(item.value())) out.push_back(fmt::format("{}: only in A", join(item.key())));
+        if (!is_tensor(value)) out.push_back(fmt::format("{}: only in A", join(key)));
       } else {
-        diff_objects(item.value(), b[item.key()], join(item.key()), out, limit);
+        diff_objects(value, *other->second, join(key), out, limit);
       }
       if (out.size() >= limit) return;
     }
-    for (const auto& item : b.items()) {
-      if (!a.contains(item.key()) && !is_tensor(item.value()) && out.size() < limit) {
-        out.push_back(fmt::format("{}: only in B", join(item.key())));
+    for (const auto& [key, value] : b.get_ref<const json::object_t&>()) {
+      if (in_a.count(key) == 0 && !is_tensor(value) && out.size() < limit) {
+        out.push_back(fmt::format("{}: only in B", join(key)));
       }
     }
   } else if (a.is_array()) {

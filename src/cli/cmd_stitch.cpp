@@ -8,6 +8,7 @@
 #include <regex>
 #include <set>
 
+#include "ckpt/io/output_file.hpp"
 #include "ckpt/plan/reshard.hpp"
 #include "ckpt/plan/stitch.hpp"
 #include "commands.hpp"
@@ -211,11 +212,14 @@ Action add_stitch_command(CLI::App& app) {
     }
     // Once this set is in place, what is left of the other goes.
     auto remove_stale = [&] {
+      std::set<std::string> folders;
       for (const std::string& path : stale) {
         std::error_code ec;
         std::filesystem::remove(path, ec);
+        folders.insert(std::filesystem::path(path).parent_path().string());
         if (!options->write.quiet) print_notice("removed " + path + " (of the set written before)");
       }
+      for (const std::string& folder : folders) sync_directory(folder.empty() ? "." : folder);  // the removals durable
     };
     if (!options->write.dry_run) plan.tensors = {};  // only a dry run prints them
     if (folder && !options->write.dry_run) {

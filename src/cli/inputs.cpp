@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <regex>
 #include <tuple>
 
 #include "ckpt/plan/stitch.hpp"
@@ -40,7 +41,21 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
         if (entry.path().extension() == ".pt") files.push_back(entry.path().string());
         if (entry.path().extension() == ".safetensors") safetensors.push_back(entry.path().string());
       }
-      if (files.empty()) files = std::move(safetensors);
+      if (files.empty()) {
+        // Shards of a sharded set are read through its index: without one (a run
+        // killed before writing it, a copy that left it out) the set cannot be
+        // known to be complete.
+        static const std::regex shard(R"(.*-\d{5}-of-\d{5}\.safetensors)");
+        for (const std::string& path : safetensors) {
+          if (std::regex_match(fs::path(path).filename().string(), shard)) {
+            throw Error(Location{input, "", std::nullopt},
+                        fmt::format("{} is a shard of a set, but the folder holds no *.safetensors.index.json: the "
+                                    "set may be incomplete (name its files to read them anyway)",
+                                    fs::path(path).filename().string()));
+          }
+        }
+        files = std::move(safetensors);
+      }
       continue;
     }
     if (fs::exists(input, ec) || input.find_first_of("*?[") == std::string::npos) {

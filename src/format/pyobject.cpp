@@ -382,13 +382,22 @@ class PlainCopier {
   NodeId mapping(std::vector<std::pair<NodeId, NodeId>> entries, int depth, bool unwrap_values = false) {
     for (auto& [key, value] : entries) {
       key = copy(key, depth);
-      if (graph_[key].kind == Kind::List) graph_[key].kind = Kind::Tuple;  // a key must stay hashable
+      key = hashable(key);
       value = copy(unwrap_values ? omegaconf_unwrap(graph_, value) : value, depth);
     }
     pickle::Node node;
     node.kind = Kind::Dict;
     node.entries = std::move(entries);
     return graph_.add(std::move(node));
+  }
+
+  // A dict key must stay hashable: the lists a conversion made inside it
+  // (from sets, bytes) become tuples, in new nodes (others may share them).
+  NodeId hashable(NodeId id) {
+    if (graph_[id].kind != Kind::List && graph_[id].kind != Kind::Tuple) return id;
+    std::vector<NodeId> items = graph_[id].items;
+    for (NodeId& item : items) item = hashable(item);
+    return graph_.tuple(std::move(items));
   }
 
   NodeId convert(NodeId id, int depth) {

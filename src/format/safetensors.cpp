@@ -98,6 +98,10 @@ class ShapeCheck : public nlohmann::json_sax<nlohmann::json> {
 nlohmann::json parse_bounded(std::string_view text, const Location& where, const char* what) {
   std::size_t end = text.find_last_not_of(' ');
   std::string_view value = text.substr(0, end == std::string_view::npos ? 0 : end + 1);
+  // nlohmann's reader stops at a NUL byte as at the end of the text: what follows would go unread.
+  if (std::size_t nul = value.find('\0'); nul != std::string_view::npos) {
+    throw Error(where, fmt::format("{} holds a NUL byte at byte {} of its text", what, nul));
+  }
   ShapeCheck check;
   if (!nlohmann::json::sax_parse(value.begin(), value.end(), &check)) {
     if (check.too_deep) throw Error(where, fmt::format("{} is nested more than {} levels deep", what, kMaxHeaderDepth));
@@ -197,6 +201,11 @@ SafetensorsHeader read_safetensors_header(Bytes file, const std::string& path) {
   std::string_view text = as_chars(file.subspan(8, header_bytes));
   if (text.empty() || text.front() != '{') throw Error(where, "the header does not start with '{'");
   nlohmann::json parsed = parse_bounded(text, where, "the header");
+  // The specification pads with spaces only (JSON's other blanks, a NUL, are not padding).
+  if (text[text.find_last_not_of(' ')] != '}') {
+    throw Error(where, fmt::format("the header's JSON object is followed by byte 0x{:02x}: only spaces may pad it",
+                                   static_cast<unsigned char>(text[text.find_last_not_of(' ')])));
+  }
   const std::uint64_t data_bytes = file.size() - header.data_offset;
   for (const auto& item : parsed.items()) {
     if (item.key() == "__metadata__") {

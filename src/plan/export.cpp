@@ -234,11 +234,11 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
   }
   config["tie_word_embeddings"] = tied_embeddings;
   // OPT variants transformers' OPTConfig tells apart: no biases, no final layer norm.
-  config["enable_bias"] = find_output(tensors, "model.decoder.layers.0.fc1.bias") != nullptr;
-  if (config["do_layer_norm_before"] == true &&
-      find_output(tensors, "model.decoder.final_layer_norm.weight") == nullptr) {
-    config["_remove_final_layer_norm"] = true;
-  }
+  const bool biases = find_output(tensors, "model.decoder.layers.0.fc1.bias") != nullptr;
+  const bool final_norm = find_output(tensors, "model.decoder.final_layer_norm.weight") != nullptr;
+  config["enable_bias"] = biases;
+  const bool remove_final_norm = config["do_layer_norm_before"] == true && !final_norm;
+  if (remove_final_norm) config["_remove_final_layer_norm"] = true;
   config["torch_dtype"] =
       std::string(dtype_info(find_output(tensors, "model.decoder.embed_tokens.weight")->dtype).name);
   config["bos_token_id"] = 2;
@@ -251,13 +251,24 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
                         {"ffn_dim", fc1[0]},
                         {"num_hidden_layers", layers},
                         {"max_position_embeddings", positions[0] - 2},
-                        {"tie_word_embeddings", tied_embeddings}};
+                        {"tie_word_embeddings", tied_embeddings},
+                        {"enable_bias", biases},
+                        {"_remove_final_layer_norm", remove_final_norm}};
   for (const auto& [field, value] : overrides) {
-    if (derived.contains(field) && value != derived[field]) {
+    // (the same value of the same type: a size of 10.0 is not 10 to transformers)
+    auto same_kind = [](const json& x, const json& y) {
+      return (x.is_boolean() && y.is_boolean()) || (x.is_number_integer() && y.is_number_integer());
+    };
+    if (derived.contains(field) && (value != derived[field] || !same_kind(value, derived[field]))) {
       throw Error(Location{"--hf-config", field, std::nullopt},
                   fmt::format("{} here, but the weights give {}", value.dump(), derived[field].dump()));
     }
     config[field] = value;
+  }
+  if (config["do_layer_norm_before"] == false && final_norm) {
+    throw Error(Location{base.path(), "cfg", std::nullopt},
+                "do_layer_norm_before is false, but the weights hold decoder.layer_norm, which transformers' OPT "
+                "then never loads (--hf-config do_layer_norm_before=true if the model is pre-norm)");
   }
   const json& heads = config["num_attention_heads"];
   if (!heads.is_number_integer() || heads.get<std::int64_t>() <= 0 || positions[1] % heads.get<std::int64_t>() != 0) {

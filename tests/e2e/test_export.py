@@ -581,9 +581,16 @@ def test_hf_unknown_key_is_refused():
 
 def test_hf_config_flags_and_missing_fields():
     work = harness.scratch("export-hf-config")
-    # Namespace cfg without decoder_attention_heads, with decoder_normalize_before False
+    # A post-norm model with a final layer norm: transformers would never load it.
+    src, ckpt = edited_singleton("mp1_dp1_fp32_ns", work, cfg_edit=lambda s: cfg_set(s, "decoder_normalize_before",
+                                                                                      False))
+    assert "never loads" in one_line_error(["stitch", "-q", src, "--format", "hf", "-o", os.path.join(work, "hf")])
+    # Namespace cfg without decoder_attention_heads, post-norm as metaseq builds it (no final layer norm)
+    def post_norm(model):
+        for key in ("decoder.layer_norm.weight", "decoder.layer_norm.bias"):
+            del model[key]
     src, ckpt = edited_singleton("mp1_dp1_fp32_ns", work, cfg_edit=lambda s: (
-        cfg_del(s, "decoder_attention_heads"), cfg_set(s, "decoder_normalize_before", False)))
+        cfg_del(s, "decoder_attention_heads"), cfg_set(s, "decoder_normalize_before", False)), model_edit=post_norm)
     model = torch_stitch(src)["model"]
     out = os.path.join(work, "hf")
     err = one_line_error(["stitch", "-q", src, "--format", "hf", "-o", out])
@@ -850,6 +857,57 @@ def test_found_by_the_black_box_review():
     assert cfg == {"s": [3], "b": [0, 255], "c": (1.0, 2.0)}, cfg
 
 
+def test_found_by_the_second_black_box_review():
+    work = harness.scratch("export-black-box-2")
+    case = "mp2_dp2_fp16_omega_opt"
+    # 1. A view tie in a singleton is a tie for diff too, against what stitch wrote of it.
+    def tie_by_view(model):
+        embed = model["decoder.embed_tokens.weight"]
+        model["decoder.output_projection.weight"] = embed.view(embed.shape)
+    src, _ = edited_singleton(case, work, model_edit=tie_by_view)
+    hf = os.path.join(work, "hf")
+    stitch([src, "--format", "hf", "-o", hf])
+    harness.run(["diff", hf, src, "--names", "hf-opt"])
+    st_path = os.path.join(work, "m.safetensors")
+    stitch([src, "-o", st_path])
+    harness.run(["diff", st_path, src])
+
+    # 2. Padding other than spaces is refused (a NUL ends nlohmann's reading early).
+    raw = open(st_path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    text = raw[8:8 + n].rstrip(b" ")
+    for pad, message in ((b"\0", "NUL byte"), (b"\n", "only spaces may pad it")):
+        padded = text + pad * (n - len(text))
+        bad = os.path.join(work, f"pad{pad[0]}.safetensors")
+        open(bad, "wb").write(raw[:8] + padded + raw[8 + n:])
+        assert message in one_line_error(["inspect", bad])
+
+    # 3. Shards without their index (a run killed before writing it) are not read as a set.
+    sharded = os.path.join(work, "sharded")
+    stitch([harness.fixtures()[case], "--format", "hf", "--max-shard-size", "300", "-o", sharded])
+    os.remove(os.path.join(sharded, "model.safetensors.index.json"))
+    err = one_line_error(["inspect", sharded])
+    assert "no *.safetensors.index.json" in err, err
+    one_line_error(["verify", sharded])
+
+    # 4. --hf-config cannot contradict what the weights hold, nor give a size as a float.
+    raw_case = harness.fixtures()[case]
+    for flag in ("enable_bias=false", "_remove_final_layer_norm=true", "vocab_size=10.0"):
+        assert "weights give" in one_line_error(["stitch", "-q", raw_case, "--format", "hf", "-o",
+                                                 os.path.join(work, "hf-x"), "--hf-config", flag]), flag
+    err = one_line_error(["stitch", "-q", raw_case, "--format", "hf", "-o", os.path.join(work, "hf-y"),
+                          "--hf-config", "do_layer_norm_before=false"])
+    assert "never loads" in err, err
+    stitch([raw_case, "--format", "hf", "-o", os.path.join(work, "hf-z"), "--hf-config", "vocab_size=10"])
+
+    # 5. --weights-only keys stay hashable when their parts become lists.
+    src = os.path.join(work, "keys.pt")
+    torch.save({"model": {"w": torch.ones(1)}, "cfg": {(b"a", frozenset([2])): 1}}, src)
+    out = os.path.join(work, "keys-plain.pt")
+    stitch([src, "--weights-only", "-o", out])
+    assert load_weights_only(out)["cfg"] == {((97,), (2,)): 1}
+
+
 if __name__ == "__main__":
     harness.main([test_reader_self_check, test_safetensors_for_every_case,
                   test_safetensors_from_manifest_glob_and_singleton, test_safetensors_dtype_conversion,
@@ -860,4 +918,4 @@ if __name__ == "__main__":
                   test_hf_config_flags_and_missing_fields, test_weights_only_for_every_case,
                   test_inspect_diff_verify_read_safetensors, test_hostile_headers_are_one_line_errors,
                   test_dry_run_writes_nothing, test_existing_outputs_are_kept,
-                  test_found_by_the_black_box_review])
+                  test_found_by_the_black_box_review, test_found_by_the_second_black_box_review])

@@ -101,6 +101,8 @@ TEST_CASE("safetensors header: every broken rule is one error naming the file, t
        "overflows 64 bits"},
       {"an unknown field", R"({"t":{"dtype":"U8","shape":[0],"data_offsets":[0,0],"x":1}})", 0, "unknown field 'x'"},
       {"metadata not strings", R"({"__metadata__":{"n":1}})", 0, "'n' is not a string"},
+      {"NUL padding", "{" + good_entry + "}" + std::string(3, '\0'), 4, "holds a NUL byte at byte"},
+      {"a newline as padding", "{" + good_entry + "}\n   ", 4, "followed by byte 0x0a: only spaces may pad it"},
       {"nested too deep", R"({"t":{"dtype":"U8","shape":[[[[0]]]],"data_offsets":[0,0]}})", 0, "nested more than"},
   };
   for (const Case& c : cases) {
