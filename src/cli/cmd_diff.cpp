@@ -5,7 +5,6 @@
 #include <chrono>
 #include <cmath>
 #include <iostream>
-#include <map>
 #include <memory>
 #include <unordered_map>
 
@@ -36,15 +35,14 @@ struct Side {
   bool safetensors = false;
 };
 
-// Every tensor of a safetensors file or set; a name in two files is an error.
+// Every tensor of a safetensors file or set; a set the set check faults (a
+// name in two files) is an error.
 void load_safetensors(Side& side) {
-  std::map<std::string, std::string> seen;
-  const auto& files = side.inputs.manifest().files;
+  const Manifest& manifest = side.inputs.manifest();
+  if (!manifest.grid.problems.empty()) throw Error(manifest.grid.problems.front());
+  const auto& files = manifest.files;
   for (std::size_t i = 0; i < files.size(); ++i) {
     for (const ManifestTensor& tensor : files[i].tensors) {
-      if (auto [it, added] = seen.emplace(tensor.path, files[i].path); !added) {
-        throw Error(Location{files[i].path, tensor.path, std::nullopt}, "also in " + it->second);
-      }
       side.tensors.push_back(
           {tensor.path, source_of(tensor, files[i].place(tensor).file_byte_offset, static_cast<int>(i)), std::nullopt});
     }
@@ -59,7 +57,7 @@ void rename_hf_opt(Side& side) {
     if (!tensor.name.starts_with(kModelPrefix)) continue;
     std::string key = tensor.name.substr(kModelPrefix.size());
     std::optional<std::string> alias;
-    if (tensor.alias_of) alias = tensor.alias_of->substr(kModelPrefix.size());
+    if (tensor.alias_of) alias = unescape_label(std::string_view(*tensor.alias_of).substr(kModelPrefix.size()));
     OutputTensor output = as_output({unescape_label(key), tensor.source, alias});
     model.push_back(std::move(output));
   }
@@ -87,19 +85,11 @@ void load_side(Side& side, bool state_dict_only) {
     const ManifestFile& file = manifest.files[0];
     // Against a state dict (safetensors, other names), a tie pickled as two tensor
     // objects over the same view (model.state_dict()) is a tie, as stitch writes it.
-    std::map<std::string_view, std::vector<const ManifestTensor*>> views;  // by storage
-    auto tied_to = [&](const ManifestTensor& tensor) -> const ManifestTensor* {
-      if (!state_dict_only) return nullptr;
-      for (const ManifestTensor* seen : views[tensor.storage_key]) {
-        if (seen->same_view(tensor)) return seen;
-      }
-      views[tensor.storage_key].push_back(&tensor);
-      return nullptr;
-    };
+    DistinctViews views;
     for (const ManifestTensor& tensor : file.tensors) {
       if (!tensor.alias_of.empty()) {
         side.tensors.push_back({tensor.path, {}, tensor.alias_of});
-      } else if (const ManifestTensor* tie = tied_to(tensor)) {
+      } else if (const ManifestTensor* tie = state_dict_only ? views.tied_to(tensor) : nullptr) {
         side.tensors.push_back({tensor.path, {}, tie->path});
       } else {
         side.tensors.push_back({tensor.path, source_of(tensor, file.place(tensor).file_byte_offset, 0), std::nullopt});

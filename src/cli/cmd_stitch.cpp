@@ -5,9 +5,9 @@
 #include <chrono>
 #include <filesystem>
 #include <memory>
-#include <regex>
 #include <set>
 
+#include "ckpt/format/safetensors.hpp"
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/plan/reshard.hpp"
 #include "ckpt/plan/stitch.hpp"
@@ -96,13 +96,11 @@ std::vector<std::string> stale_set_files(const Plan& plan, const std::vector<std
         folder ? std::filesystem::path(output) / "model.safetensors" : std::filesystem::path(output);
     std::filesystem::path dir = std::filesystem::absolute(path).lexically_normal().parent_path();
     std::string stem = path.stem().string();
-    std::regex shard(std::regex_replace(stem, std::regex(R"([.^$|()\[\]{}*+?\\])"), R"(\$&)") +
-                     R"(-\d{5}-of-\d{5}\.safetensors)");
     std::error_code ec;
     for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
       std::string name = entry.path().filename().string();
-      bool ours =
-          name == stem + ".safetensors" || name == stem + ".safetensors.index.json" || std::regex_match(name, shard);
+      bool ours = name == stem + ".safetensors" || name == stem + ".safetensors.index.json" ||
+                  safetensors_shard_stem(name) == std::optional<std::string_view>(stem);
       if (ours && written.count(entry.path().lexically_normal().string()) == 0) stale.push_back(entry.path().string());
     }
   }

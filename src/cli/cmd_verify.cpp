@@ -35,19 +35,11 @@ Action add_verify_command(CLI::App& app) {
     } else {
       paths = expand_inputs(options->inputs);
     }
-    VerifyReport report = verify_files(paths, options->threads, options->model_parts);
+    std::vector<std::string> indexes;
     for (const std::string& input : options->inputs) {
-      std::optional<std::string> index = safetensors_index_of(input);
-      if (!index || report.files != paths.size()) continue;
-      std::vector<ManifestFile> described;
-      try {
-        for (const std::string& path : paths) described.push_back(describe_safetensors(MappedFile(path)));
-        for (std::string& problem : safetensors_index_problems(*index, described))
-          report.problems.push_back(std::move(problem));
-      } catch (const Error&) {
-        // the file's own problem is in the report already
-      }
+      if (std::optional<std::string> index = safetensors_index_of(input)) indexes.push_back(*index);
     }
+    VerifyReport report = verify_files(paths, options->threads, options->model_parts, indexes);
     for (const std::string& problem : report.problems) fmt::print("{}\n", printable(problem));
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!options->quiet) {

@@ -7,9 +7,9 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <regex>
 #include <tuple>
 
+#include "ckpt/format/safetensors.hpp"
 #include "ckpt/plan/stitch.hpp"
 
 namespace ckpt::cli {
@@ -45,9 +45,8 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
         // Shards of a sharded set are read through its index: without one (a run
         // killed before writing it, a copy that left it out) the set cannot be
         // known to be complete.
-        static const std::regex shard(R"(.*-\d{5}-of-\d{5}\.safetensors)");
         for (const std::string& path : safetensors) {
-          if (std::regex_match(fs::path(path).filename().string(), shard)) {
+          if (safetensors_shard_stem(fs::path(path).filename().string())) {
             throw Error(Location{input, "", std::nullopt},
                         fmt::format("{} is a shard of a set, but the folder holds no *.safetensors.index.json: the "
                                     "set may be incomplete (name its files to read them anyway)",

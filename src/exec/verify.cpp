@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <exception>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -55,7 +54,8 @@ void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads,
 }  // namespace
 
 VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
-                          std::optional<std::int64_t> model_parts) {
+                          std::optional<std::int64_t> model_parts,
+                          const std::vector<std::string>& safetensors_indexes) {
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   VerifyReport report;
   std::mutex mutex;
@@ -84,18 +84,18 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
   // alone is incomplete when cfg names more parts.
   manifest.grid = detect_grid(manifest.files, model_parts);
   for (const std::string& problem : manifest.grid.problems) report.problems.push_back(problem);
-  if (!manifest.grid.problems.empty() || manifest.files.size() != paths.size()) return report;
-  if (manifest.files.front().format == FileFormat::Safetensors) {
-    // A sharded set is one state dict: no name in two files.
-    std::map<std::string, std::string> first_file;
-    for (const ManifestFile& file : manifest.files) {
-      for (const ManifestTensor& tensor : file.tensors) {
-        auto [it, added] = first_file.emplace(tensor.path, file.path);
-        if (!added) report.problems.push_back(fmt::format("{}: {}: also in {}", file.path, tensor.path, it->second));
+  if (manifest.files.size() == paths.size()) {
+    for (const std::string& index : safetensors_indexes) {
+      try {
+        for (std::string& problem : safetensors_index_problems(index, manifest.files))
+          report.problems.push_back(std::move(problem));
+      } catch (const Error& e) {
+        report.problems.push_back(e.what());
       }
     }
-    return report;
   }
+  if (!manifest.grid.problems.empty() || manifest.files.size() != paths.size()) return report;
+  if (manifest.files.front().format == FileFormat::Safetensors) return report;  // (names in two files: the grid's)
   // Any torch.save file verifies; a set of files, or a sharded one, must be a
   // training checkpoint whose layout rules hold: every part consolidates, the
   // parts glue.

@@ -324,4 +324,15 @@ std::string safetensors_shard_name(std::string_view stem, std::size_t shard, std
   return fmt::format("{}-{:05d}-of-{:05d}.safetensors", stem, shard, shards);
 }
 
+std::optional<std::string_view> safetensors_shard_stem(std::string_view file_name) {
+  constexpr std::string_view kTail = "-00000-of-00000.safetensors";  // the shape of the suffix
+  if (file_name.size() < kTail.size()) return std::nullopt;
+  std::string_view tail = file_name.substr(file_name.size() - kTail.size());
+  for (std::size_t i = 0; i < kTail.size(); ++i) {
+    bool digit = kTail[i] == '0';
+    if (digit ? (tail[i] < '0' || tail[i] > '9') : tail[i] != kTail[i]) return std::nullopt;
+  }
+  return file_name.substr(0, file_name.size() - kTail.size());
+}
+
 }  // namespace ckpt

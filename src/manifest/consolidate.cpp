@@ -242,23 +242,12 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
     }
     // A tie pickled as two tensor objects over one storage (model.state_dict()
     // does that) is a tie too: the second key an alias of the first.
-    std::vector<std::pair<std::string, const ManifestTensor*>> views;
-    std::map<std::string, std::vector<std::size_t>> by_storage;  // storage key -> views index: not n^2
+    DistinctViews views;
     for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
       taken.insert(key);
-      std::optional<std::string> tie;
-      if (tensor->alias_of.empty()) {
-        for (std::size_t i : by_storage[tensor->storage_key]) {
-          if (views[i].second->same_view(*tensor)) {
-            tie = views[i].first;
-            break;
-          }
-        }
-        by_storage[tensor->storage_key].push_back(views.size());
-        views.emplace_back(key, tensor);
-      }
-      if (tie) {
-        out.push_back({key, {}, *tie});
+      const ManifestTensor* tie = tensor->alias_of.empty() ? views.tied_to(*tensor) : nullptr;
+      if (tie != nullptr) {
+        out.push_back({key, {}, unescape_label(std::string_view(tie->path).substr(prefix.size()))});
       } else if (!tensor->alias_of.empty() && tensor->alias_of.rfind(prefix, 0) == 0) {
         out.push_back({key, {}, unescape_label(std::string_view(tensor->alias_of).substr(prefix.size()))});
       } else {

@@ -460,12 +460,21 @@ void check_shard_layouts(const std::vector<ManifestFile>& files, Grid& grid) {
 Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts) {
   Grid grid;
   if (files.empty()) return grid;
-  // Safetensors files hold a model state dict, no training layout: no grid.
+  // Safetensors files hold a model state dict, no training layout: no grid. A
+  // sharded set is one state dict: no name in two files.
   auto safetensors = std::count_if(files.begin(), files.end(),
                                    [](const ManifestFile& file) { return file.format == FileFormat::Safetensors; });
   if (safetensors != 0) {
     if (static_cast<std::size_t>(safetensors) != files.size()) {
       grid.problems.push_back("safetensors files mixed with torch checkpoints: give one kind");
+      return grid;
+    }
+    std::map<std::string_view, std::string_view> first_file;
+    for (const ManifestFile& file : files) {
+      for (const ManifestTensor& tensor : file.tensors) {
+        auto [it, added] = first_file.emplace(tensor.path, file.path);
+        if (!added) grid.problems.push_back(fmt::format("{}: {}: also in {}", file.path, tensor.path, it->second));
+      }
     }
     return grid;
   }

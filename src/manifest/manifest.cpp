@@ -41,13 +41,13 @@ bool ManifestTensor::same_view(const ManifestTensor& other) const {
          shape == other.shape && stride == other.stride;
 }
 
-bool DistinctViews::insert(const ManifestTensor& tensor) {
+const ManifestTensor* DistinctViews::tied_to(const ManifestTensor& tensor) {
   auto& same_start = seen_[{tensor.storage_key, tensor.storage_offset}];
   for (const ManifestTensor* t : same_start) {
-    if (t->same_view(tensor)) return false;
+    if (t->same_view(tensor)) return t;
   }
   same_start.push_back(&tensor);
-  return true;
+  return nullptr;
 }
 
 std::string ManifestTensor::section() const {
@@ -267,12 +267,7 @@ std::vector<std::int64_t> contiguous_strides(const std::vector<std::int64_t>& sh
   return stride;
 }
 
-}  // namespace
-
-bool is_safetensors_path(std::string_view path) {
-  return path.ends_with(".safetensors");
-}
-
+// A safetensors file's description, its header checked. Throws Error naming the file.
 ManifestFile describe_safetensors(const MappedFile& mapped) {
   SafetensorsHeader header = read_safetensors_header(mapped.bytes(), mapped.path());
   ManifestFile file;
@@ -303,6 +298,12 @@ ManifestFile describe_safetensors(const MappedFile& mapped) {
   file.tensors = TensorList(std::move(tensors));
   file.objects = nlohmann::ordered_json{{"model", std::move(model)}, {"__metadata__", header.metadata}};
   return file;
+}
+
+}  // namespace
+
+bool is_safetensors_path(std::string_view path) {
+  return path.ends_with(".safetensors");
 }
 
 namespace {

@@ -141,6 +141,13 @@ TEST_CASE("safetensors index: files beside it only, in the order the map first n
   }
   CHECK_THROWS_WITH_AS(ckpt::parse_safetensors_index("{}", "i.json"), doctest::Contains("no weight_map"), ckpt::Error);
   CHECK(ckpt::safetensors_shard_name("model", 2, 17) == "model-00002-of-00017.safetensors");
+  CHECK(ckpt::safetensors_shard_stem("model-00002-of-00017.safetensors") == "model");
+  CHECK(ckpt::safetensors_shard_stem("a+b(1)-00001-of-00002.safetensors") == "a+b(1)");
+  for (const char* other : {"model.safetensors", "model-0001-of-00017.safetensors", "model-00002-of-0001x.safetensors",
+                            "model-00002_of-00017.safetensors", "model-00002-of-00017.safetensor"}) {
+    CAPTURE(other);
+    CHECK_FALSE(ckpt::safetensors_shard_stem(other).has_value());
+  }
 }
 
 TEST_CASE("hf_opt_rule: transformers' converter's table") {

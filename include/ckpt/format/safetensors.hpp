@@ -83,5 +83,8 @@ std::string render_safetensors_index(const SafetensorsIndex& index);
 // The names transformers gives a sharded set: "model-00001-of-00003.safetensors"
 // for stem "model".
 std::string safetensors_shard_name(std::string_view stem, std::size_t shard, std::size_t shards);
+// The stem of a file named as safetensors_shard_name names shards ("model" for
+// "model-00001-of-00003.safetensors"); nullopt for any other name.
+std::optional<std::string_view> safetensors_shard_stem(std::string_view file_name);
 
 }  // namespace ckpt

@@ -74,7 +74,10 @@ struct ManifestTensor {
 // The tensors must outlive the set.
 class DistinctViews {
  public:
-  bool insert(const ManifestTensor& tensor);
+  bool insert(const ManifestTensor& tensor) { return tied_to(tensor) == nullptr; }
+  // The tensor inserted before that `tensor` is the same view as (a tie), or
+  // null, and then `tensor` is inserted.
+  const ManifestTensor* tied_to(const ManifestTensor& tensor);
 
  private:
   std::map<std::pair<std::string_view, std::int64_t>, std::vector<const ManifestTensor*>> seen_;
@@ -255,11 +258,9 @@ class FileDescriber {
 };
 
 // Indexes `paths` (files, already expanded; a name ending in .safetensors is
-// read as safetensors). Throws Error on unreadable input.
+// read as safetensors, its header checked by read_safetensors_header). Throws
+// Error on unreadable input.
 Manifest build_manifest(const std::vector<std::string>& paths);
-// A safetensors file's description (its header checked, format.hpp's
-// read_safetensors_header). Throws Error naming the file.
-ManifestFile describe_safetensors(const MappedFile& mapped);
 bool is_safetensors_path(std::string_view path);
 // The shard files a safetensors index names (paths beside it), read and
 // bounded (format/safetensors.hpp). Throws Error naming the index.
