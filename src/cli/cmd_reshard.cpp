@@ -21,6 +21,8 @@ Action add_reshard_command(CLI::App& app) {
     int dp = 0;
     bool unflatten = false;
     bool drop_optimizer_state = false;
+    bool split_qkv = false;
+    std::string layout_from;
     WriteFlags write;
   };
   auto options = std::make_shared<Options>();
@@ -34,6 +36,11 @@ Action add_reshard_command(CLI::App& app) {
   app.add_flag("--unflatten", options->unflatten,
                "with --dp 1: write consolidated (unflattened) parts that keep shard_metadata; drops optimizer state");
   app.add_flag("--drop-optimizer-state", options->drop_optimizer_state, "write no last_optimizer_state");
+  app.add_option("--layout-from", options->layout_from,
+                 "a shard set of the same model (files, a directory or a manifest): the FSDP wrapping and the objects "
+                 "(cfg, extra_state, ...) to write the input's weights with; its optimizer state is not written");
+  app.add_flag("--split-qkv", options->split_qkv,
+               "write k_proj, v_proj and q_proj, not metaseq's fused qkv_proj (consolidated parts only)");
   add_write_flags(app, options->write);
   return [options] {
     // {m} and {d} are always accepted (0 when the count is 1) and required when
@@ -50,13 +57,21 @@ Action add_reshard_command(CLI::App& app) {
     if (!options->write.dry_run) check_output_grid(options->output, options->mp, options->dp);
     auto started = std::chrono::steady_clock::now();
     PlanInputs inputs = open_inputs(options->inputs, options->write.model_parts);
+    std::optional<PlanInputs> layout_from;
+    if (!options->layout_from.empty()) layout_from.emplace(open_inputs({options->layout_from}, std::nullopt));
     ReshardOptions reshard;
     reshard.mp = options->mp;
     reshard.dp = options->dp;
     reshard.unflatten = options->unflatten;
     reshard.drop_optimizer_state = options->drop_optimizer_state;
+    reshard.split_qkv = options->split_qkv;
     reshard.list_tensors = options->write.dry_run;
-    ReshardPlan plan = plan_reshard(inputs, options->output, reshard);
+    ReshardPlan plan = plan_reshard(inputs, options->output, reshard, layout_from ? &*layout_from : nullptr);
+    if (layout_from && !options->drop_optimizer_state && !options->unflatten && !options->write.quiet) {
+      print_notice(
+          "--layout-from: no optimizer state is written (as with --drop-optimizer-state): the template's "
+          "belongs to other weights");
+    }
     report_replicated(plan.checks, inputs.files(), options->write.strict);
     run_plan(plan.plan, plan.tensors, options->write, started);
     return 0;

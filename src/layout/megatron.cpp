@@ -3,6 +3,7 @@
 
 #include <array>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "ckpt/layout/megatron.hpp"
@@ -109,8 +110,135 @@ MpRule megatron_rule(std::string_view key) {
   return MpRule::Replicated;
 }
 
+namespace {
+
+constexpr std::array<std::string_view, 3> kProjections = {"k_proj", "v_proj", "q_proj"};  // a fused part's order
+
+// Which of k, v, q a separate projection's key names, and where; nullopt for
+// any other key (a fused qkv_proj included).
+struct Projection {
+  int which = 0;
+  std::size_t at = 0;
+};
+std::optional<Projection> projection_of(std::string_view key) {
+  if (megatron_rule(key) == MpRule::FusedQkv) return std::nullopt;
+  for (int t = 0; t < 3; ++t) {
+    std::size_t at = key.find(kProjections[t]);
+    if (at != std::string_view::npos) return Projection{t, at};
+  }
+  return std::nullopt;
+}
+
+std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
+  std::set<std::string> names;
+  for (const NamedTensor& tensor : part) names.insert(tensor.name);
+  std::vector<NamedTensor> out;
+  for (NamedTensor& tensor : part) {
+    if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) {
+      out.push_back(std::move(tensor));
+      continue;
+    }
+    auto kvq = split_qkv(tensor.source, tensor.name);
+    std::size_t at = tensor.name.find("qkv_proj");
+    for (int t = 0; t < 3; ++t) {
+      std::string name = tensor.name;
+      if (at != std::string::npos)
+        name.replace(at, 8, kProjections[t]);
+      else
+        name += fmt::format(".{}", kProjections[t]);
+      if (names.count(name) != 0) {
+        throw Error(Location{"", tensor.name, std::nullopt},
+                    fmt::format("split into k, v and q, it would give '{}', which the state dict holds already", name));
+      }
+      out.push_back({name, kvq[t], std::nullopt});
+    }
+  }
+  return out;
+}
+
+std::vector<NamedTensor> fuse_separate(std::vector<NamedTensor> part) {
+  std::set<std::string> names;
+  for (const NamedTensor& tensor : part) names.insert(tensor.name);
+  struct Group {
+    std::array<const NamedTensor*, 3> kvq{};
+    std::size_t first = 0;  // where the fused tensor goes
+  };
+  std::map<std::string, Group> groups;  // fused name -> its projections
+  auto fused_name = [](const std::string& key, const Projection& projection) {
+    std::string name = key;
+    return name.replace(projection.at, kProjections[projection.which].size(), "qkv_proj");
+  };
+  for (std::size_t i = 0; i < part.size(); ++i) {
+    std::optional<Projection> projection = projection_of(part[i].name);
+    if (!projection) continue;
+    if (part[i].alias_of) {
+      throw Error(Location{"", part[i].name, std::nullopt},
+                  fmt::format("tied to {}: a tied projection cannot be fused into qkv_proj (reshard --split-qkv "
+                              "keeps k, v and q separate)",
+                              *part[i].alias_of));
+    }
+    auto [it, fresh] = groups.try_emplace(fused_name(part[i].name, *projection));
+    if (fresh) it->second.first = i;
+    it->second.kvq[static_cast<std::size_t>(projection->which)] = &part[i];
+  }
+  std::vector<NamedTensor> out;
+  for (std::size_t i = 0; i < part.size(); ++i) {
+    std::optional<Projection> projection = projection_of(part[i].name);
+    if (!projection) {
+      out.push_back(std::move(part[i]));
+      continue;
+    }
+    std::string name = fused_name(part[i].name, *projection);
+    const Group& group = groups.at(name);
+    if (group.first != i) continue;  // fused where its first projection was
+    auto fail = [&](const std::string& message) {
+      return Error(Location{"", part[i].name, std::nullopt},
+                   message + " (reshard --split-qkv keeps k, v and q separate)");
+    };
+    std::vector<TensorSource> kvq;
+    for (int t = 0; t < 3; ++t) {
+      const NamedTensor* member = group.kvq[static_cast<std::size_t>(t)];
+      if (member == nullptr) {
+        std::string missing = name;
+        missing.replace(projection->at, 8, kProjections[t]);
+        throw fail(fmt::format("'{}' is missing, so k, v and q cannot be fused into {}", missing, name));
+      }
+      if (member->source.shape.empty() || member->source.shape != group.kvq[0]->source.shape ||
+          member->source.dtype != group.kvq[0]->source.dtype) {
+        throw fail(fmt::format("k, v and q of shapes {}, {}, {} or dtypes {}, {}, {} do not fuse on dim 0",
+                               shape_text(group.kvq[0]->source.shape), shape_text(group.kvq[1]->source.shape),
+                               shape_text(group.kvq[2]->source.shape), dtype_info(group.kvq[0]->source.dtype).name,
+                               dtype_info(group.kvq[1]->source.dtype).name,
+                               dtype_info(group.kvq[2]->source.dtype).name));
+      }
+      kvq.push_back(member->source);
+    }
+    if (names.count(name) != 0)
+      throw fail(fmt::format("fused, it would be '{}', which the state dict holds already", name));
+    out.push_back({name, concat(kvq, glued_shape(kvq, 0)), std::nullopt});
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<NamedTensor> with_qkv_form(std::vector<NamedTensor> part, QkvForm form) {
+  switch (form) {
+    case QkvForm::AsInput: return part;
+    case QkvForm::Fused: return fuse_separate(std::move(part));
+    case QkvForm::Separate: return split_fused(std::move(part));
+  }
+  internal_error("unknown QkvForm");
+}
+
 std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::vector<NamedTensor>>& parts,
-                                                       int new_parts, std::vector<std::string>* replicated) {
+                                                       int new_parts, std::vector<std::string>* replicated,
+                                                       QkvForm form) {
+  if (form != QkvForm::AsInput) {  // re-cut as they are (errors name the input's keys), then fused or split
+    std::vector<std::vector<NamedTensor>> out = reshard_megatron(parts, new_parts, replicated, QkvForm::AsInput);
+    for (std::vector<NamedTensor>& part : out) part = with_qkv_form(std::move(part), form);
+    return out;
+  }
   check_invariant(!parts.empty() && new_parts >= 1, "model parts: nothing to re-cut");
   std::vector<std::map<std::string, const NamedTensor*>> index(parts.size());
   for (std::size_t m = 0; m < parts.size(); ++m) {
@@ -202,35 +330,7 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
 
 std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
                                        std::vector<std::string>* replicated) {
-  std::vector<NamedTensor> glued = reshard_megatron(parts, 1, replicated).front();
-  if (options.fused_qkv) return glued;
-  std::set<std::string> names;
-  for (const NamedTensor& tensor : glued) names.insert(tensor.name);
-  std::vector<NamedTensor> out;
-  for (NamedTensor& tensor : glued) {
-    if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) {
-      out.push_back(std::move(tensor));
-      continue;
-    }
-    static constexpr const char* kNames[] = {"k_proj", "v_proj", "q_proj"};
-    auto kvq = split_qkv(tensor.source, tensor.name);
-    std::size_t at = tensor.name.find("qkv_proj");
-    for (int t = 0; t < 3; ++t) {
-      std::string name = tensor.name;
-      if (at != std::string::npos)
-        name.replace(at, 8, kNames[t]);
-      else
-        name += fmt::format(".{}", kNames[t]);
-      if (names.count(name) != 0) {
-        throw Error(Location{"", tensor.name, std::nullopt},
-                    fmt::format("split into k, v and q, it would give '{}', which the state dict holds already "
-                                "(--fused-qkv keeps it whole)",
-                                name));
-      }
-      out.push_back({name, kvq[t], std::nullopt});
-    }
-  }
-  return out;
+  return reshard_megatron(parts, 1, replicated, options.fused_qkv ? QkvForm::Fused : QkvForm::Separate).front();
 }
 
 std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,

@@ -100,44 +100,142 @@ void check_request(const ReshardOptions& options) {
   if (options.unflatten && options.dp != 1) throw Error("--unflatten writes consolidated parts: it needs --dp 1");
 }
 
-// The grid's first file decides what can be written: flat outputs need its FSDP layout.
-void check_first_file(const ManifestFile& first, const ReshardOptions& options) {
+// The files every output is an edited copy of, and whose FSDP layout it takes:
+// the input grid's, or the template's (--layout-from).
+struct Bases {
+  const PlanInputs& inputs;
+  std::vector<std::vector<int>> grid;  // [m][d] -> index in inputs.manifest().files
+  std::vector<std::uint32_t> sources;  // plan source of each file
+
+  const ManifestFile& file(int index) const { return inputs.manifest().files[static_cast<std::size_t>(index)]; }
+  const ManifestFile& first() const { return file(grid[0][0]); }
+};
+
+// The base grid's first file decides what can be written: flat outputs need its FSDP layout.
+void check_layout_file(const ManifestFile& first, const ReshardOptions& options, bool is_template) {
   check_training_checkpoint(first);
+  if (is_template && !first.fsdp) {
+    throw Error(Location{first.path, "", std::nullopt},
+                "--layout-from: no shard_metadata here, so this file holds no FSDP layout to take");
+  }
   if (!options.unflatten && !first.fsdp) {
     throw Error(Location{first.path, "", std::nullopt},
-                "no shard_metadata, so the FSDP layout is unknown: only --dp 1 --unflatten can be written");
+                "no shard_metadata, so the FSDP layout is unknown: give it with --layout-from (a shard set of the "
+                "same model), or write consolidated parts with --dp 1 --unflatten");
   }
 }
 
-// Every input part's weights consolidated and re-cut into `mp` parts; what
-// should agree across the input parts goes to `checks`.
-PartTensors recut_weights(const Manifest& manifest, const std::vector<std::vector<int>>& grid, int mp,
-                          std::vector<ReplicatedCheck>& checks) {
+// The form of the attention projections: a layout's flat parameters name them
+// (fused or not), the written parts follow it; with no layout, metaseq's fused
+// qkv_proj unless --split-qkv.
+QkvForm output_qkv_form(const ManifestFile& layout_file, const ReshardOptions& options) {
+  if (!layout_file.fsdp) return options.split_qkv ? QkvForm::Separate : QkvForm::Fused;
+  for (const FsdpInstanceMeta& instance : layout_file.fsdp->instances) {
+    for (const FlatParamMeta& flat : instance.flat_params) {
+      for (const std::string& name : flat.names) {
+        MpRule rule = megatron_rule(name);
+        bool fused = rule == MpRule::FusedQkv;
+        bool separate = !fused && (name.find("k_proj") != std::string::npos);
+        if (fused && options.split_qkv) {
+          throw Error(
+              Location{layout_file.path, fsdp_key(instance.fsdp_path, name), std::nullopt},
+              "--split-qkv: the outputs carry this shard_metadata, whose flat parameters hold a fused qkv_proj, so "
+              "they can only be written fused");
+        }
+        if (fused) return QkvForm::Fused;
+        if (separate) return QkvForm::Separate;
+      }
+    }
+  }
+  return QkvForm::AsInput;
+}
+
+// Every input part's weights consolidated (`parts`), and re-cut into `mp`
+// parts with the projections in `form`; what should agree across the input
+// parts goes to `checks`.
+struct Weights {
   PartTensors parts;
-  for (const auto& shards : grid) parts.push_back(consolidate_part(manifest, shards));
+  PartTensors recut;
+};
+Weights recut_weights(const Manifest& manifest, const std::vector<std::vector<int>>& grid, int mp, QkvForm form,
+                      std::vector<ReplicatedCheck>& checks) {
+  Weights weights;
+  for (const auto& shards : grid) weights.parts.push_back(consolidate_part(manifest, shards));
   std::vector<std::string> replicated;
-  PartTensors weights = reshard_megatron(parts, mp, &replicated);
-  checks = replicated_checks(parts, replicated);
+  weights.recut = reshard_megatron(weights.parts, mp, &replicated, form);
+  checks = replicated_checks(weights.parts, replicated);
   return weights;
+}
+
+// --layout-from: the weights, cut as the template's model parts, have the
+// names and shapes of its shard_metadata, and each of them has a place in it
+// (a flat parameter, a buffer, or a tie of shared_param_info), so nothing is
+// lost. Throws Error naming the tensor, before anything is written.
+void check_against_template(const Weights& weights, QkvForm form, const Bases& bases, const std::string& input) {
+  const int parts = static_cast<int>(bases.grid.size());
+  PartTensors cut;
+  try {
+    cut = reshard_megatron(weights.parts, parts, nullptr, form);
+  } catch (const Error& error) {
+    throw Error(
+        fmt::format("--layout-from: the weights, cut as the template's {} model parts: {}", parts, error.what()));
+  }
+  for (int m = 0; m < parts; ++m) {
+    const ManifestFile& layout_file = bases.file(bases.grid[m][0]);
+    if (!layout_file.fsdp)
+      throw Error(Location{layout_file.path, "", std::nullopt}, "--layout-from: no shard_metadata");
+    std::map<std::string, const NamedTensor*> by_name;
+    for (const NamedTensor& tensor : cut[m]) by_name[tensor.name] = &tensor;
+    std::set<std::string> placed(layout_file.fsdp->buffer_names.begin(), layout_file.fsdp->buffer_names.end());
+    std::set<std::string> ties;
+    std::string where = parts == 1 ? std::string("the template") : fmt::format("model part {} of the template", m);
+    for (const FsdpInstanceMeta& instance : layout_file.fsdp->instances) {
+      for (const auto& [source, tied] : instance.shared_param_info) ties.insert(fsdp_key(instance.fsdp_path, tied));
+      for (const FlatParamMeta& flat : instance.flat_params) {
+        for (std::size_t i = 0; i < flat.names.size(); ++i) {
+          std::string key = fsdp_key(instance.fsdp_path, flat.names[i]);
+          placed.insert(key);
+          auto it = by_name.find(key);
+          if (it == by_name.end() || it->second->alias_of) {
+            throw Error(Location{layout_file.path, key, std::nullopt},
+                        fmt::format("a parameter of {} ({}) that {} does not hold", flat.state_key, where, input));
+          }
+          const std::vector<std::int64_t>& shape = it->second->source.shape;
+          if (shape != flat.shapes[i]) {
+            throw Error(Location{input, key, std::nullopt},
+                        fmt::format("shape [{}] cut as {} ({}), which has [{}]: not the template's model",
+                                    fmt::join(shape, ", "), where, layout_file.path, fmt::join(flat.shapes[i], ", ")));
+          }
+        }
+      }
+    }
+    for (const NamedTensor& tensor : cut[m]) {
+      if (tensor.alias_of ? ties.count(tensor.name) != 0 : placed.count(tensor.name) != 0) continue;
+      throw Error(Location{input, tensor.name, std::nullopt},
+                  fmt::format("{} in the weights, but {} ({}) has no place for it: it would be lost",
+                              tensor.alias_of ? fmt::format("tied to {}", *tensor.alias_of) : std::string("held"),
+                              where, layout_file.path));
+    }
+  }
 }
 
 // Each flat optimizer state (exp_avg, ...) re-cut like its weights, parameter by
 // parameter: state name -> [m] -> parameters.
 std::map<std::string, PartTensors> recut_optimizer_state(const Manifest& manifest,
                                                          const std::vector<std::vector<int>>& grid,
-                                                         const ManifestFile& first, int mp) {
+                                                         const ManifestFile& first, int mp, QkvForm form) {
   std::map<std::string, PartTensors> optimizer;
   for (const std::string& name : flat_state_names(first)) {
     PartTensors state_parts;
     for (const auto& shards : grid) state_parts.push_back(consolidate_optimizer_state(manifest, shards, name));
-    optimizer[name] = reshard_megatron(state_parts, mp, nullptr);
+    optimizer[name] = reshard_megatron(state_parts, mp, nullptr, form);
   }
   return optimizer;
 }
 
 // What every output of the plan is cut from.
 struct Recut {
-  const ManifestFile& first;  // the input grid's first file: its FSDP layout is the model's
+  const ManifestFile& first;  // the base grid's first file: its FSDP layout is the outputs'
   const ReshardOptions& options;
   bool keep_optimizer = false;
   PartTensors weights;
@@ -269,14 +367,14 @@ struct PlannedOutput {
   PlannedFile file;
   std::vector<OutputTensor> tensors;
 };
-PlannedOutput plan_output(const PlanInputs& inputs, const std::vector<std::vector<int>>& grid, const Recut& recut,
-                          const std::string& pattern, const std::vector<std::uint32_t>& sources, int m, int d) {
+PlannedOutput plan_output(const Bases& bases, const Recut& recut, const std::string& pattern,
+                          const std::vector<std::uint32_t>& sources, int m, int d) {
   const ReshardOptions& options = recut.options;
-  const int in_mp = static_cast<int>(grid.size());
-  const int in_dp = static_cast<int>(grid[0].size());
-  int base_index = grid[m % in_mp][d % in_dp];
-  const ManifestFile& base_file = inputs.manifest().files[base_index];
-  std::shared_ptr<const Checkpoint> base = inputs.open(base_index);
+  const int in_mp = static_cast<int>(bases.grid.size());
+  const int in_dp = static_cast<int>(bases.grid[0].size());
+  int base_index = bases.grid[m % in_mp][d % in_dp];
+  const ManifestFile& base_file = bases.file(base_index);
+  std::shared_ptr<const Checkpoint> base = bases.inputs.open(base_index);
   Output output(*base);
   bool base_flattened = has_flat_model(base_file);
   if (options.unflatten) {
@@ -288,7 +386,7 @@ PlannedOutput plan_output(const PlanInputs& inputs, const std::vector<std::vecto
   output.builder.set_model_parallel_size(options.mp);
   PlannedOutput out;
   out.path = output_path(pattern, options.mp, options.dp, m, d);
-  out.file = output.builder.finish(out.path, sources, sources.at(static_cast<std::size_t>(base_index)));
+  out.file = output.builder.finish(out.path, sources, bases.sources.at(static_cast<std::size_t>(base_index)));
   if (options.list_tensors) out.tensors = std::move(output.written);
   return out;
 }
@@ -296,12 +394,12 @@ PlannedOutput plan_output(const PlanInputs& inputs, const std::vector<std::vecto
 // Every output, planned in parallel (each opens its base file and edits a copy
 // of its object graph: the cost of a plan of hundreds of outputs), kept in
 // (m, d) order; the first failing output in that order is the one reported.
-void plan_outputs(const PlanInputs& inputs, const std::vector<std::vector<int>>& grid, const Recut& recut,
-                  const std::string& pattern, const std::vector<std::uint32_t>& sources, ReshardPlan& out) {
+void plan_outputs(const Bases& bases, const Recut& recut, const std::string& pattern,
+                  const std::vector<std::uint32_t>& sources, ReshardPlan& out) {
   const auto dp = static_cast<std::size_t>(recut.options.dp);
   std::vector<PlannedOutput> planned = parallel_map(
       static_cast<std::size_t>(recut.options.mp) * dp, std::thread::hardware_concurrency(), [&](std::size_t k) {
-        return plan_output(inputs, grid, recut, pattern, sources, static_cast<int>(k / dp), static_cast<int>(k % dp));
+        return plan_output(bases, recut, pattern, sources, static_cast<int>(k / dp), static_cast<int>(k % dp));
       });
   for (PlannedOutput& output : planned) {
     out.outputs.push_back(std::move(output.path));
@@ -312,22 +410,35 @@ void plan_outputs(const PlanInputs& inputs, const std::vector<std::vector<int>>&
 
 }  // namespace
 
-ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, const ReshardOptions& options) {
+ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, const ReshardOptions& options,
+                         const PlanInputs* layout_from) {
   check_request(options);
   const Manifest& manifest = inputs.manifest();
   std::vector<std::vector<int>> grid = complete_grid(manifest);
   const ManifestFile& first = manifest.files[grid[0][0]];
-  check_first_file(first, options);
+  check_training_checkpoint(first);
+  Bases bases{layout_from != nullptr ? *layout_from : inputs, {}, {}};
+  bases.grid = layout_from != nullptr ? complete_grid(layout_from->manifest()) : grid;
+  check_layout_file(bases.first(), options, layout_from != nullptr);
+  QkvForm form = output_qkv_form(bases.first(), options);
 
   ReshardPlan out;
-  Recut recut{first, options, !options.drop_optimizer_state && !options.unflatten, {}, {}, {}, {}};
-  recut.weights = recut_weights(manifest, grid, options.mp, out.checks);
-  if (recut.keep_optimizer) recut.optimizer = recut_optimizer_state(manifest, grid, first, options.mp);
+  bool keep_optimizer = !options.drop_optimizer_state && !options.unflatten && layout_from == nullptr;
+  Recut recut{bases.first(), options, keep_optimizer, {}, {}, {}, {}};
+  Weights weights = recut_weights(manifest, grid, options.mp, form, out.checks);
+  if (layout_from != nullptr) check_against_template(weights, form, bases, first.path);
+  recut.weights = std::move(weights.recut);
+  if (recut.keep_optimizer) recut.optimizer = recut_optimizer_state(manifest, grid, first, options.mp, form);
   recut.flatten();
 
   std::vector<std::uint32_t> sources;
   for (const MappedFile* file : inputs.files()) sources.push_back(out.plan.add_source(*file));
-  plan_outputs(inputs, grid, recut, pattern, sources, out);
+  if (layout_from == nullptr) {
+    bases.sources = sources;
+  } else {
+    for (const MappedFile* file : layout_from->files()) bases.sources.push_back(out.plan.add_source(*file));
+  }
+  plan_outputs(bases, recut, pattern, sources, out);
   std::set<std::string> unique(out.outputs.begin(), out.outputs.end());
   if (unique.size() != out.outputs.size()) throw Error("-o names two outputs with the same path");
   return out;

@@ -13,6 +13,7 @@
 namespace {
 
 using namespace layout_fixtures;
+using ckpt::QkvForm;
 
 std::string describe_pieces(const std::vector<Piece>& pieces) {
   return describe(source(DType::UInt8, {}, pieces));
@@ -820,5 +821,122 @@ TEST_SUITE("megatron") {
     auto error = error_of([&] { ckpt::reshard_megatron(parts, 1, nullptr); });
     CHECK(error.has_value());
     if (error) CHECK(contains(error->what(), "decoder.output_projection.weight"));
+  }
+
+  // ================================================================ with_qkv_form
+
+  TEST_CASE("with_qkv_form: a singleton's separate k, v, q re-cut into metaseq's fused parts, and back") {
+    // The 3 parts glued into one state dict with separate k, v, q (a singleton),
+    // then cut into 3 fused parts again: the bytes of every key are the parts'.
+    const Dims d{6, 2, 6, 6};
+    MpInput input(d, 3);
+    std::vector<NamedTensor> singleton = ckpt::glue_megatron(input.parts, {}, nullptr);
+    std::vector<std::vector<NamedTensor>> fused = ckpt::reshard_megatron({singleton}, 3, nullptr, QkvForm::Fused);
+    REQUIRE(fused.size() == 3);
+    for (std::size_t m = 0; m < 3; ++m) {
+      CAPTURE(m);
+      // metaseq's order: the fused tensor where the first of k, v, q was
+      CHECK(names_of(fused[m]) == names_of(ckpt::glue_megatron({input.parts[0]}, {true}, nullptr)));
+      for (const NamedTensor& tensor : fused[m]) {
+        CAPTURE(tensor.name);
+        auto want = std::find_if(input.parts[m].begin(), input.parts[m].end(),
+                                 [&](const NamedTensor& t) { return t.name == tensor.name; });
+        REQUIRE(want != input.parts[m].end());
+        CHECK(tensor.alias_of == want->alias_of);
+        if (tensor.alias_of || ckpt::megatron_rule(tensor.name) == ckpt::MpRule::Placeholder) continue;
+        CHECK(tensor.source.shape == want->source.shape);
+        ckpt::MpRule rule = ckpt::megatron_rule(tensor.name);
+        if (rule == ckpt::MpRule::Replicated || rule == ckpt::MpRule::Copied) continue;  // part 0's value
+        CHECK(int32_values(tensor, input.files) == int32_values(*want, input.files));
+      }
+    }
+    // Separate from fused parts: part m's thirds under k_proj, v_proj, q_proj.
+    std::vector<std::vector<NamedTensor>> split = ckpt::reshard_megatron(input.parts, 3, nullptr, QkvForm::Separate);
+    for (std::size_t m = 0; m < 3; ++m) {
+      CAPTURE(m);
+      std::vector<NamedTensor> again = ckpt::with_qkv_form(split[m], QkvForm::Fused);
+      std::vector<NamedTensor> want =
+          ckpt::with_qkv_form(ckpt::reshard_megatron(input.parts, 3, nullptr)[m], QkvForm::AsInput);
+      REQUIRE(names_of(again) == names_of(want));
+      for (std::size_t k = 0; k < want.size(); ++k) {
+        if (want[k].alias_of) continue;
+        CHECK(difference(ids_of(again[k].source), ids_of(want[k].source)) == "");
+      }
+    }
+    // Fused already, or nothing to fuse: unchanged.
+    CHECK(names_of(ckpt::with_qkv_form(input.parts[1], QkvForm::Fused)) == names_of(input.parts[1]));
+    std::vector<NamedTensor> plain_part{named("decoder.layers.0.fc1.weight", {2, 3}, 0, 0)};
+    CHECK(names_of(ckpt::with_qkv_form(plain_part, QkvForm::Separate)) == names_of(plain_part));
+  }
+
+  TEST_CASE("with_qkv_form: projections that do not fuse or split are errors naming the key") {
+    const std::string layer = "decoder.layers.3.self_attn.";
+    auto proj = [&](const std::string& which, std::vector<std::int64_t> shape, std::uint64_t at,
+                    DType dtype = DType::Float32) { return named(layer + which, std::move(shape), 0, at, dtype); };
+    struct Case {
+      const char* what;
+      std::vector<NamedTensor> part;
+      QkvForm form;
+      std::string key;
+      std::string message;
+    };
+    std::vector<Case> cases = {
+        {"v_proj missing",
+         {proj("k_proj.weight", {2, 4}, 0), proj("q_proj.weight", {2, 4}, 64)},
+         QkvForm::Fused,
+         layer + "k_proj.weight",
+         "'" + layer + "v_proj.weight' is missing"},
+        {"only q_proj",
+         {proj("q_proj.bias", {2}, 0)},
+         QkvForm::Fused,
+         layer + "q_proj.bias",
+         "'" + layer + "k_proj.bias' is missing"},
+        {"shapes differ",
+         {proj("k_proj.weight", {2, 4}, 0), proj("v_proj.weight", {2, 4}, 64), proj("q_proj.weight", {3, 4}, 128)},
+         QkvForm::Fused,
+         layer + "k_proj.weight",
+         "shapes [2, 4], [2, 4], [3, 4]"},
+        {"dtypes differ",
+         {proj("k_proj.weight", {2, 4}, 0), proj("v_proj.weight", {2, 4}, 64, DType::Float16),
+          proj("q_proj.weight", {2, 4}, 128)},
+         QkvForm::Fused,
+         layer + "k_proj.weight",
+         "do not fuse"},
+        {"a scalar",
+         {proj("k_proj.weight", {}, 0), proj("v_proj.weight", {}, 64), proj("q_proj.weight", {}, 128)},
+         QkvForm::Fused,
+         layer + "k_proj.weight",
+         "do not fuse on dim 0"},
+        {"the fused name is taken",
+         {proj("qkv_proj.weight", {6, 4}, 0), proj("k_proj.weight", {2, 4}, 128), proj("v_proj.weight", {2, 4}, 192),
+          proj("q_proj.weight", {2, 4}, 256)},
+         QkvForm::Fused,
+         layer + "k_proj.weight",
+         "holds already"},
+        {"a tied projection",
+         {proj("k_proj.weight", {2, 4}, 0), alias(layer + "v_proj.weight", layer + "k_proj.weight"),
+          proj("q_proj.weight", {2, 4}, 64)},
+         QkvForm::Fused,
+         layer + "v_proj.weight",
+         "cannot be fused"},
+        {"a split name is taken",
+         {proj("qkv_proj.weight", {6, 4}, 0), proj("v_proj.weight", {2, 4}, 128)},
+         QkvForm::Separate,
+         layer + "qkv_proj.weight",
+         "'" + layer + "v_proj.weight', which the state dict holds already"},
+        {"a fused tensor not in three",
+         {proj("qkv_proj.weight", {4, 4}, 0)},
+         QkvForm::Separate,
+         layer + "qkv_proj.weight",
+         "does not split in three"},
+    };
+    for (const Case& c : cases) {
+      CAPTURE(c.what);
+      auto error = error_of([&] { ckpt::with_qkv_form(c.part, c.form); });
+      REQUIRE(error.has_value());
+      std::string message = error->what();
+      CHECK(contains(message, c.key + ":"));
+      CHECK(contains(message, c.message));
+    }
   }
 }  // TEST_SUITE

@@ -25,22 +25,38 @@ enum class MpRule {
 };
 MpRule megatron_rule(std::string_view key);
 
-struct GlueOptions {
-  bool fused_qkv = false;  // keep one qkv_proj as [k_all; v_all; q_all]
+// How the attention projections of a layer are written.
+enum class QkvForm {
+  AsInput,   // as the parts hold them
+  Fused,     // one `qkv_proj` per layer, [k_m; v_m; q_m] in part m: what metaseq's model-parallel code loads
+  Separate,  // `k_proj`, `v_proj`, `q_proj`
 };
+
+// One part's state dict with its attention projections in `form`: each fused
+// qkv_proj split into k_proj, v_proj, q_proj in its place, or each layer's
+// k_proj, v_proj and q_proj (weight, then bias) fused into one qkv_proj
+// [k; v; q] where the first of the three was. Throws Error naming the key when
+// a fused tensor does not split in three, a layer lacks one of the three or
+// they differ in shape or dtype, or a new name is one the part holds already.
+std::vector<NamedTensor> with_qkv_form(std::vector<NamedTensor> part, QkvForm form);
 
 // Re-cuts the consolidated parts into `new_parts` parts, in part 0's key order:
 // sharded tensors are glued and split evenly on their dimension (qkv per part
-// as [k_i; v_i; q_i]), replicated ones copied to every part. `replicated`
-// receives the keys whose parts should be compared. Throws Error naming the key
-// when parts miss keys, shapes do not glue, or `new_parts` does not divide a
+// as [k_i; v_i; q_i]), replicated ones copied to every part; then the
+// projections of every new part put in `form` (with_qkv_form). `replicated` receives
+// the keys whose parts should be compared. Throws Error naming the key when
+// parts miss keys, shapes do not glue, or `new_parts` does not divide a
 // sharded dimension.
 std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::vector<NamedTensor>>& parts,
-                                                       int new_parts, std::vector<std::string>* replicated);
+                                                       int new_parts, std::vector<std::string>* replicated,
+                                                       QkvForm form = QkvForm::AsInput);
+
+struct GlueOptions {
+  bool fused_qkv = false;  // one qkv_proj as [k_all; v_all; q_all], not k_proj, v_proj, q_proj
+};
 
 // Glues the consolidated parts into one state dict (reshard_megatron to one
-// part), splitting each fused qkv_proj into k_proj, v_proj and q_proj unless
-// `options.fused_qkv`.
+// part), the projections Separate, or Fused with `options.fused_qkv`.
 std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
                                        std::vector<std::string>* replicated);
 

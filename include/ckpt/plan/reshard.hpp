@@ -16,6 +16,7 @@ struct ReshardOptions {
   int dp = 1;                         // FSDP world size to write
   bool unflatten = false;             // with dp == 1: consolidated (unflattened) parts
   bool drop_optimizer_state = false;  // write no last_optimizer_state
+  bool split_qkv = false;             // separate k_proj, v_proj, q_proj (no layout): not metaseq's fused qkv_proj
   bool list_tensors = true;           // fill ReshardPlan::tensors (for --dry-run); hundreds of outputs' worth
 };
 
@@ -30,11 +31,17 @@ struct ReshardPlan {
 // Throws Error when the pattern cannot tell the outputs apart.
 std::string output_path(const std::string& pattern, int mp, int dp, int m, int d);
 
-// Output (m, d) is an edited copy of input part m % M, shard d % D (decoded
-// through `inputs.checkpoint`), named by `pattern` (see output_path); outputs
-// are planned in the order m, then d. Throws Error before anything is written
-// when the grid is incomplete, a dimension does not split, or the request is
+// The weights of `inputs` (a grid, or one consolidated file) re-cut into
+// options.mp parts of options.dp FSDP shards. Output (m, d) is an edited copy
+// of base part m % M, shard d % D, whose FSDP layout (flat parameters, buffers,
+// ties) and other objects it carries: the base grid is `inputs` itself, or
+// `layout_from`, a shard set of the same model (whose optimizer state is not
+// carried: it belongs to other weights). Outputs are named by `pattern` (see
+// output_path) and planned in the order m, then d. Throws Error before
+// anything is written when a grid is incomplete, a dimension does not split,
+// the template's names and shapes are not the weights', or the request is
 // impossible.
-ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, const ReshardOptions& options);
+ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, const ReshardOptions& options,
+                         const PlanInputs* layout_from = nullptr);
 
 }  // namespace ckpt
