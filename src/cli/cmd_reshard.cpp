@@ -67,10 +67,8 @@ Action add_reshard_command(CLI::App& app) {
     reshard.split_qkv = options->split_qkv;
     reshard.list_tensors = options->write.dry_run;
     ReshardPlan plan = plan_reshard(inputs, options->output, reshard, layout_from ? &*layout_from : nullptr);
-    if (layout_from && !options->drop_optimizer_state && !options->unflatten && !options->write.quiet) {
-      print_notice(
-          "--layout-from: no optimizer state is written (as with --drop-optimizer-state): the template's "
-          "belongs to other weights");
+    if (!options->write.quiet) {
+      for (const std::string& note : plan.notes) print_notice(note);
     }
     report_replicated(plan.checks, inputs.files(), options->write.strict);
     run_plan(plan.plan, plan.tensors, options->write, started);

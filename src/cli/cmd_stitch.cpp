@@ -37,6 +37,12 @@ void set_format(const Options& options, StitchOptions& stitch) {
     refuse("--weights-only", "is for --format torch (safetensors holds weights only anyway)");
   }
   if (options.no_cfg && !options.weights_only) refuse("--no-cfg", "needs --weights-only");
+  if (options.optimizer_state && (stitch.format != OutputFormat::Torch || options.weights_only)) {
+    refuse("--optimizer-state", "is for --format torch without --weights-only");
+  }
+  if (options.optimizer_state && options.ema)
+    refuse("--optimizer-state", "is the state of the weights, not of --ema's");
+  stitch.optimizer_state = options.optimizer_state;
   if (!options.hf_config.empty() && stitch.format != OutputFormat::HfOpt) refuse("--hf-config", "needs --format hf");
   if (stitch.format == OutputFormat::HfOpt && options.no_stitch_megatron) {
     refuse("--no-stitch-megatron", "does not go with --format hf: a Hugging Face OPT folder is the whole model");
@@ -123,6 +129,7 @@ Action add_stitch_command(CLI::App& app) {
     std::string max_shard_size;
     bool weights_only = false;
     bool no_cfg = false;
+    bool optimizer_state = false;
     bool max_shard_size_given = false;
     std::vector<std::string> hf_config;
   };
@@ -149,6 +156,9 @@ Action add_stitch_command(CLI::App& app) {
   app.add_flag("--weights-only", options->weights_only,
                "torch: write only the state dict and cfg as plain values, what torch.load(weights_only=True) reads");
   app.add_flag("--no-cfg", options->no_cfg, "with --weights-only: drop cfg and args too");
+  app.add_flag("--optimizer-state", options->optimizer_state,
+               "torch: keep last_optimizer_state, consolidated per parameter as torch's optimizer saves it "
+               "(reshard cuts it again with the weights)");
   app.add_option("--hf-config", options->hf_config,
                  "hf: set a config.json field, KEY=VALUE (VALUE as JSON, else a string); repeatable");
   app.add_flag("--no-stitch-megatron", options->no_stitch_megatron, "write one consolidated file per model part");

@@ -69,6 +69,16 @@ std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(co
   return out;
 }
 
+// Whether a state dict's tensor is a buffer, not a parameter: not floating,
+// metaseq's `version` and sinusoidal positions' `_float_tensor`, or one of the
+// FSDP layout's buffer names.
+bool is_buffer(const std::string& key, const ManifestTensor& tensor, const FsdpMetadata* fsdp) {
+  if (!dtype_info(tensor.dtype).floating) return true;
+  if (key.ends_with(".version") || key == "version" || key.ends_with("._float_tensor")) return true;
+  return fsdp != nullptr &&
+         std::find(fsdp->buffer_names.begin(), fsdp->buffer_names.end(), key) != fsdp->buffer_names.end();
+}
+
 // A tensor inside a container inside the state dict ("model/a/b"), which a
 // state dict (flat: key -> tensor) cannot hold; null when there is none.
 const ManifestTensor* nested_tensor(const ManifestFile& file, const std::string& prefix) {
@@ -288,27 +298,90 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   return out;
 }
 
-std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
-                                                     const std::string& state_name) {
-  const ManifestFile& first = manifest.files.at(shard_files.at(0));
-  if (!is_flattened(first, std::string(kModelPrefix))) {
-    throw Error(
-        Location{first.path, "last_optimizer_state", std::nullopt},
-        "optimizer state of unflattened (consolidated) weights cannot be resharded; use --drop-optimizer-state");
+namespace {
+
+// The parameters of a consolidated file's state dict, in order: its tensors
+// but ties, `buffers` and what is_buffer recognises.
+std::vector<std::pair<std::string, const ManifestTensor*>> parameters(const ManifestFile& file,
+                                                                      const std::vector<std::string>& buffers) {
+  std::set<std::string_view> buffer_set(buffers.begin(), buffers.end());
+  std::vector<std::pair<std::string, const ManifestTensor*>> out;
+  DistinctViews views;
+  for (auto& [key, tensor] : state_dict_tensors(file, std::string(kModelPrefix))) {
+    if (!tensor->alias_of.empty() || views.tied_to(*tensor) != nullptr || buffer_set.count(key) != 0 ||
+        is_buffer(key, *tensor, nullptr)) {
+      continue;
+    }
+    out.emplace_back(std::move(key), tensor);
   }
-  return unflatten(manifest, shard_files, [&](const FlatParamMeta&, std::size_t index) {
-    return fmt::format("last_optimizer_state/state/{}/{}", index, state_name);
-  });
+  return out;
+}
+
+std::string optimizer_state_path(std::size_t index, const std::string& state_name) {
+  return fmt::format("last_optimizer_state/state/{}/{}", index, state_name);
+}
+
+}  // namespace
+
+std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
+                                                     const std::string& state_name,
+                                                     const std::vector<std::string>& buffers) {
+  const ManifestFile& first = manifest.files.at(shard_files.at(0));
+  if (is_flattened(first, std::string(kModelPrefix))) {
+    return unflatten(manifest, shard_files,
+                     [&](const FlatParamMeta&, std::size_t index) { return optimizer_state_path(index, state_name); });
+  }
+  std::vector<std::pair<std::string, const ManifestTensor*>> params = parameters(first, buffers);
+  std::vector<NamedTensor> out;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto& [key, param] = params[i];
+    std::string path = optimizer_state_path(i, state_name);
+    const ManifestTensor* state = find_tensor(first, path);
+    if (state == nullptr || !state->alias_of.empty()) {
+      throw Error(Location{first.path, path, std::nullopt},
+                  fmt::format("missing: the optimizer state of parameter {} ({}), if state <i> is the i-th "
+                              "parameter as torch saves it",
+                              i, key));
+    }
+    std::uint64_t offset = first.place(*state).file_byte_offset;
+    if (state->shape != param->shape) {
+      throw Error(Location{first.path, path, offset},
+                  fmt::format("shape [{}], but parameter {} ({}) has [{}]: not this model's optimizer state",
+                              fmt::join(state->shape, ", "), i, key, fmt::join(param->shape, ", ")));
+    }
+    out.push_back({key, source_of(*state, offset, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
+  }
+  std::string beyond = optimizer_state_path(params.size(), state_name);
+  if (find_tensor(first, beyond) != nullptr) {
+    throw Error(
+        Location{first.path, beyond, std::nullopt},
+        fmt::format("more optimizer states than the {} parameters: not this model's optimizer state", params.size()));
+  }
+  return out;
+}
+
+std::vector<std::string> optimizer_state_names(const ManifestFile& file, const std::vector<std::string>& buffers) {
+  const ManifestTensor* owner = nullptr;
+  if (is_flattened(file, std::string(kModelPrefix))) {
+    const std::vector<FsdpInstanceMeta>& instances = file.fsdp->instances;
+    if (!instances.empty() && !instances[0].flat_params.empty())
+      owner = find_tensor(file, state_dict_path(kModelPrefix, instances[0].flat_params[0].state_key));
+  } else {
+    std::vector<std::pair<std::string, const ManifestTensor*>> params = parameters(file, buffers);
+    if (!params.empty()) owner = params.front().second;
+  }
+  std::vector<std::string> names;
+  if (owner == nullptr) return names;
+  const std::string prefix = "last_optimizer_state/state/0/";
+  for (const ManifestTensor& tensor : file.tensors) {
+    if (tensor.path.rfind(prefix, 0) != 0 || !tensor.alias_of.empty()) continue;
+    std::string name = tensor.path.substr(prefix.size());
+    if (name.find('/') == std::string::npos && tensor.shape == owner->shape) names.push_back(name);
+  }
+  return names;
 }
 
 namespace {
-
-bool is_buffer(const std::string& key, const ManifestTensor& tensor, const FsdpMetadata* fsdp) {
-  if (!dtype_info(tensor.dtype).floating) return true;
-  if (key.ends_with(".version") || key == "version" || key.ends_with("._float_tensor")) return true;
-  return fsdp != nullptr &&
-         std::find(fsdp->buffer_names.begin(), fsdp->buffer_names.end(), key) != fsdp->buffer_names.end();
-}
 
 // Counted once over the model parts: what every part holds a copy of.
 bool once_per_model(const std::string& key) {

@@ -38,24 +38,6 @@ std::string output_path(const std::string& pattern, int mp, int dp, int m, int d
 
 namespace {
 
-// Names of the flat per-parameter optimizer states (exp_avg, exp_avg_sq, ...):
-// 1-D tensors under last_optimizer_state/state/0/ as long as flat parameter 0.
-// Path labels (escaped): they only ever name paths again.
-std::vector<std::string> flat_state_names(const ManifestFile& file) {
-  std::vector<std::string> names;
-  if (!file.fsdp || file.fsdp->instances.empty() || file.fsdp->instances[0].flat_params.empty()) return names;
-  const ManifestTensor* weight =
-      find_tensor(file, state_dict_path(kModelPrefix, file.fsdp->instances[0].flat_params[0].state_key));
-  if (weight == nullptr) return names;
-  const std::string prefix = "last_optimizer_state/state/0/";
-  for (const ManifestTensor& tensor : file.tensors) {
-    if (tensor.path.rfind(prefix, 0) != 0 || !tensor.alias_of.empty()) continue;
-    if (tensor.shape.size() == 1 && tensor.numel() == weight->numel())
-      names.push_back(tensor.path.substr(prefix.size()));
-  }
-  return names;
-}
-
 const TensorRef* base_tensor(const Checkpoint& base, const std::string& path) {
   const TensorRef* tensor = base.find_tensor(path);
   if (tensor == nullptr || !tensor->alias_of.empty()) {
@@ -219,15 +201,55 @@ void check_against_template(const Weights& weights, QkvForm form, const Bases& b
   }
 }
 
-// Each flat optimizer state (exp_avg, ...) re-cut like its weights, parameter by
-// parameter: state name -> [m] -> parameters.
+// The optimizer states (exp_avg, ...) the outputs carry: the input's, written
+// in place of the base's (its last_optimizer_state, step and param_groups
+// included, is the frame). None with --drop-optimizer-state or --unflatten; a
+// template's states are never carried (they belong to other weights), so an
+// input without any gives outputs without any, said in `notes`.
+std::vector<std::string> optimizer_states_to_write(const ManifestFile& input, const ManifestFile& layout_file,
+                                                   bool is_template, const ReshardOptions& options,
+                                                   std::vector<std::string>& notes) {
+  if (options.drop_optimizer_state || options.unflatten) return {};
+  const std::vector<std::string>& buffers = layout_file.fsdp->buffer_names;
+  std::vector<std::string> names = optimizer_state_names(input, buffers);
+  if (!is_template) return names;
+  std::vector<std::string> frame = optimizer_state_names(layout_file, buffers);
+  if (names.empty()) {
+    if (!frame.empty()) {
+      notes.push_back(
+          fmt::format("{} holds no optimizer state, so the outputs have none (the template's belongs "
+                      "to other weights)",
+                      input.path));
+    }
+    return {};
+  }
+  if (frame.empty()) {
+    throw Error(Location{layout_file.path, "last_optimizer_state", std::nullopt},
+                fmt::format("--layout-from: no optimizer state here to write the input's ({}) in; "
+                            "--drop-optimizer-state writes none",
+                            fmt::join(names, ", ")));
+  }
+  std::set<std::string> have(names.begin(), names.end());
+  if (have != std::set<std::string>(frame.begin(), frame.end())) {
+    throw Error(Location{layout_file.path, "last_optimizer_state", std::nullopt},
+                fmt::format("--layout-from: the template's optimizer states ({}) are not the input's ({}), which "
+                            "are written in their place; --drop-optimizer-state writes none",
+                            fmt::join(frame, ", "), fmt::join(names, ", ")));
+  }
+  return names;
+}
+
+// Each optimizer state re-cut like its weights, parameter by parameter: state
+// name -> [m] -> parameters.
 std::map<std::string, PartTensors> recut_optimizer_state(const Manifest& manifest,
                                                          const std::vector<std::vector<int>>& grid,
-                                                         const ManifestFile& first, int mp, QkvForm form) {
+                                                         const std::vector<std::string>& names,
+                                                         const std::vector<std::string>& buffers, int mp,
+                                                         QkvForm form) {
   std::map<std::string, PartTensors> optimizer;
-  for (const std::string& name : flat_state_names(first)) {
+  for (const std::string& name : names) {
     PartTensors state_parts;
-    for (const auto& shards : grid) state_parts.push_back(consolidate_optimizer_state(manifest, shards, name));
+    for (const auto& shards : grid) state_parts.push_back(consolidate_optimizer_state(manifest, shards, name, buffers));
     optimizer[name] = reshard_megatron(state_parts, mp, nullptr, form);
   }
   return optimizer;
@@ -423,12 +445,15 @@ ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, c
   QkvForm form = output_qkv_form(bases.first(), options);
 
   ReshardPlan out;
-  bool keep_optimizer = !options.drop_optimizer_state && !options.unflatten && layout_from == nullptr;
-  Recut recut{bases.first(), options, keep_optimizer, {}, {}, {}, {}};
+  std::vector<std::string> states =
+      optimizer_states_to_write(first, bases.first(), layout_from != nullptr, options, out.notes);
+  Recut recut{bases.first(), options, !states.empty(), {}, {}, {}, {}};
   Weights weights = recut_weights(manifest, grid, options.mp, form, out.checks);
   if (layout_from != nullptr) check_against_template(weights, form, bases, first.path);
   recut.weights = std::move(weights.recut);
-  if (recut.keep_optimizer) recut.optimizer = recut_optimizer_state(manifest, grid, first, options.mp, form);
+  if (recut.keep_optimizer) {
+    recut.optimizer = recut_optimizer_state(manifest, grid, states, bases.first().fsdp->buffer_names, options.mp, form);
+  }
   recut.flatten();
 
   std::vector<std::uint32_t> sources;

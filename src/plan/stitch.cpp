@@ -4,6 +4,8 @@
 #include <fmt/format.h>
 
 #include <filesystem>
+#include <map>
+#include <numeric>
 
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/layout/hf_opt.hpp"
@@ -84,9 +86,93 @@ void plan_per_part(const std::vector<std::vector<NamedTensor>>& consolidated, St
   }
 }
 
+// Each optimizer state of an output, by name: the consolidated parameters.
+using OptimizerStates = std::vector<std::pair<std::string, std::vector<NamedTensor>>>;
+
+// --optimizer-state: every state of every part consolidated (FSDP flat states
+// unpadded and split, or a consolidated file's per-parameter states), then
+// glued like the weights, or one list per part.
+std::vector<OptimizerStates> consolidate_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
+                                                const StitchOptions& options) {
+  const ManifestFile& first = manifest.files[grid[0][0]];
+  std::vector<std::string> buffers = first.fsdp ? first.fsdp->buffer_names : std::vector<std::string>{};
+  std::vector<std::string> names = optimizer_state_names(first, buffers);
+  if (names.empty()) {
+    throw Error(Location{first.path, "last_optimizer_state", std::nullopt},
+                "--optimizer-state: no per-parameter optimizer state (exp_avg, ...) here");
+  }
+  std::vector<OptimizerStates> out(options.stitch_megatron ? 1 : grid.size());
+  for (const std::string& name : names) {
+    std::vector<std::vector<NamedTensor>> parts;
+    for (const auto& shards : grid) parts.push_back(consolidate_optimizer_state(manifest, shards, name, buffers));
+    if (options.stitch_megatron) {
+      out[0].emplace_back(name, glue_megatron(parts, options.glue, nullptr));
+    } else {
+      for (std::size_t m = 0; m < parts.size(); ++m) out[m].emplace_back(name, std::move(parts[m]));
+    }
+  }
+  return out;
+}
+
+// last_optimizer_state as torch's optimizer saves it for the output's
+// parameters: state <i> of the i-th parameter (`weights` in order, ties left
+// out) holds its tensor of each state and the other entries (step, ...) of the
+// input's state 0; the one param group lists them all. The rest of the
+// input's last_optimizer_state (loss_scale, ...) is carried.
+void set_parameter_states(CheckpointBuilder& builder, const std::vector<OutputTensor>& weights,
+                          const OptimizerStates& states, const std::string& base_path) {
+  pickle::Graph& graph = builder.graph();
+  auto fail = [&](const std::string& where, const std::string& message) {
+    return Error(Location{base_path, where, std::nullopt}, "--optimizer-state: " + message);
+  };
+  pickle::NodeId frame = builder.top_level("last_optimizer_state");
+  pickle::NodeId state = frame == pickle::kNoNode ? pickle::kNoNode : graph.lookup(frame, "state");
+  const auto* entries = state == pickle::kNoNode ? nullptr : graph.mapping_entries(state);
+  const auto* first = entries == nullptr || entries->empty() ? nullptr : graph.mapping_entries(entries->front().second);
+  if (first == nullptr) throw fail("last_optimizer_state/state", "not a dict of per-parameter dicts");
+  const std::vector<std::pair<pickle::NodeId, pickle::NodeId>> frame_entries = *first;  // copied: nodes are added below
+  const auto* groups = as_sequence(graph, graph.lookup(frame, "param_groups"));
+  if (groups == nullptr || groups->size() != 1) {
+    throw fail("last_optimizer_state/param_groups",
+               fmt::format("{} param groups: which parameters each holds is not recorded per parameter, so only "
+                           "one group can be written",
+                           groups == nullptr ? 0 : groups->size()));
+  }
+  const pickle::NodeId group = groups->front();
+  std::map<std::string, std::map<std::string, const NamedTensor*>> by_state;  // state -> parameter -> tensor
+  for (const auto& [name, tensors] : states) {
+    for (const NamedTensor& tensor : tensors) by_state[unescape_label(name)][tensor.name] = &tensor;
+  }
+  const auto& params_of_first = by_state.begin()->second;
+  std::vector<std::string> params;
+  for (const OutputTensor& tensor : weights) {
+    if (!tensor.alias_of && params_of_first.count(tensor.name) != 0) params.push_back(tensor.name);
+  }
+  check_invariant(params.size() == params_of_first.size(), "optimizer states of parameters the weights lack");
+  pickle::Node per_parameter;
+  per_parameter.kind = pickle::Kind::Dict;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    pickle::Node one;
+    one.kind = pickle::Kind::Dict;
+    for (const auto& [key, value] : frame_entries) {
+      std::optional<std::string> name = as_str(graph, key);
+      auto it = name ? by_state.find(*name) : by_state.end();
+      one.entries.emplace_back(key,
+                               it == by_state.end() ? value : builder.add_tensor(as_output(*it->second.at(params[i]))));
+    }
+    per_parameter.entries.emplace_back(graph.integer(static_cast<std::int64_t>(i)), graph.add(std::move(one)));
+  }
+  std::vector<std::int64_t> indices(params.size());
+  std::iota(indices.begin(), indices.end(), 0);
+  bool ok = builder.set_entry(frame, "state", graph.add(std::move(per_parameter))) &&
+            builder.set_entry(group, "params", add_int_list(graph, indices));
+  if (!ok) throw fail("last_optimizer_state/param_groups", "a param group without params");
+}
+
 // One torch.save output: the base's objects with the state dict replaced.
 PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<OutputTensor>& tensors, const std::string& path,
-                              const StitchOptions& options, const std::vector<std::uint32_t>& sources, Plan& plan) {
+                              const StitchOptions& options, const OptimizerStates* states,
+                              const std::vector<std::uint32_t>& sources, Plan& plan) {
   CheckpointBuilder builder(base);
   pickle::NodeId state_dict = builder.add_state_dict(tensors);
   if (options.weights_only) {
@@ -102,7 +188,11 @@ PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<OutputTe
   }
   builder.set_top_level("model", state_dict);
   builder.drop_top_level("shard_metadata");
-  builder.drop_top_level("last_optimizer_state");
+  if (states != nullptr) {
+    set_parameter_states(builder, tensors, *states, base.path());
+  } else {
+    builder.drop_top_level("last_optimizer_state");
+  }
   if (options.stitch_megatron) builder.set_model_parallel_size(1);
   return builder.finish(path, sources, plan);
 }
@@ -136,6 +226,9 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
     consolidated.push_back(consolidate_part(manifest, shards, options.state_dict));
   }
 
+  std::vector<OptimizerStates> states;
+  if (options.optimizer_state) states = consolidate_states(manifest, grid, options);
+
   StitchPlan out;
   if (options.stitch_megatron) {
     plan_glued(consolidated, options.glue, out);
@@ -155,7 +248,8 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
     if (options.dtype) convert_dtype(tensors, *options.dtype);
     switch (options.format) {
       case OutputFormat::Torch:
-        out.plan.files.push_back(plan_torch_output(*bases[k], tensors, output_paths[k], options, sources, out.plan));
+        out.plan.files.push_back(plan_torch_output(*bases[k], tensors, output_paths[k], options,
+                                                   states.empty() ? nullptr : &states[k], sources, out.plan));
         out.tensors.push_back(std::move(tensors));
         break;
       case OutputFormat::Safetensors:

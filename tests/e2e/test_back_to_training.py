@@ -132,7 +132,7 @@ def test_layout_from_gives_the_raw_shards_back():
             _, err = tool(["reshard", singleton(folder, source), "--mp", case["mp"], "--dp", case["dp"],
                            "--layout-from", folder, "-o", os.path.join(out, SHARD)])
             if case["has_optimizer_state"]:
-                assert "no optimizer state is written" in err, err
+                assert "holds no optimizer state, so the outputs have none" in err, err
             for f in case["files"]:
                 got = ckptcheck.load(os.path.join(out, SHARD.format(m=f['mp_part'], d=f['dp_shard'])))
                 want = dict(harness.load_fixture(os.path.join(folder, f["path"])))
@@ -238,6 +238,110 @@ def test_a_template_of_another_model_is_refused_before_writing():
                   os.path.join(two, f"checkpoint_last-model_part-{m}-shard{d}.pt")])
 
 
+def parameter_states(single, name):
+    """{parameter: state tensor} of a consolidated file holding torch's per-parameter
+    optimizer state: state i is the i-th tensor of the model that is neither a tie
+    nor a buffer (version)."""
+    params, seen = [], set()
+    for key, t in single["model"].items():
+        if id(t) in seen or key.endswith(".version"):
+            continue
+        seen.add(id(t))
+        params.append(key)
+    state = single["last_optimizer_state"]["state"]
+    assert sorted(state) == list(range(len(params))), (len(state), len(params))
+    assert single["last_optimizer_state"]["param_groups"][0]["params"] == list(range(len(params)))
+    return OrderedDict((p, state[i][name]) for i, p in enumerate(params))
+
+
+def test_optimizer_state_goes_back_with_its_weights():
+    for name, folder in harness.fixtures().items():
+        case = case_of(folder)
+        if not case["has_optimizer_state"]:
+            continue
+        mp, dp = case["mp"], case["dp"]
+        out = harness.scratch(f"b2t-opt-{name}")
+        single = os.path.join(out, "single.pt")
+        tool(["stitch", "-q", folder, "--optimizer-state", "-o", single])
+        # the singleton's state i, cut by the rules, is the raw shards' flat state
+        loaded = ckptcheck.load(single)
+        for state_name in ("exp_avg", "exp_avg_sq"):
+            states = parameter_states(loaded, state_name)
+            for m in range(mp):
+                shards = [harness.load_fixture(raw_file(folder, m, d)) for d in range(dp)]
+                cut = megatron_part(states, mp, m)
+                metas = shards[0]["shard_metadata"]["param_metadata"]
+                for flat, meta in zip(fairscale_rule.consolidate_optimizer_state(shards, state_name), metas):
+                    names = meta["params"]["flat_param_0"]["names"]
+                    keys = [f"{meta['fsdp_path']}.{n}" if meta["fsdp_path"] else n for n in names]
+                    want = torch.cat([cut[k].reshape(-1) for k in keys])
+                    ckptcheck.assert_same(flat, want, f"{name} {state_name} part {m} {meta['fsdp_path']}")
+        # back on the same grid: the raw shards, every object; on another: what reshard of the shards writes
+        again = harness.scratch(f"b2t-opt-{name}-again")
+        tool(["reshard", "-q", single, "--mp", mp, "--dp", dp, "--layout-from", folder, "-o",
+              os.path.join(again, SHARD)])
+        for f in case["files"]:
+            got = ckptcheck.load(os.path.join(again, SHARD.format(m=f["mp_part"], d=f["dp_shard"])))
+            ckptcheck.assert_same(got, harness.load_fixture(os.path.join(folder, f["path"])), f"{name} {f['path']}")
+        other = dp % 3 + 2
+        direct, through = harness.scratch(f"b2t-opt-{name}-direct"), harness.scratch(f"b2t-opt-{name}-through")
+        tool(["reshard", "-q", folder, "--mp", mp, "--dp", other, "-o", os.path.join(direct, SHARD)])
+        tool(["reshard", "-q", single, "--mp", mp, "--dp", other, "--layout-from", folder, "-o",
+              os.path.join(through, SHARD)])
+        for f in sorted(os.listdir(direct)):
+            subprocess.run(["cmp", os.path.join(direct, f), os.path.join(through, f)], check=True)
+        # consolidated parts with their state (--no-stitch-megatron) go back the same way
+        parts = harness.scratch(f"b2t-opt-{name}-parts")
+        tool(["stitch", "-q", folder, "--optimizer-state", "--no-stitch-megatron", "-o", os.path.join(parts, PART)])
+        tool(["reshard", "-q", parts, "--mp", mp, "--dp", other, "--layout-from", folder, "-o",
+              os.path.join(parts, SHARD)])
+        for f in sorted(os.listdir(direct)):
+            subprocess.run(["cmp", os.path.join(direct, f), os.path.join(parts, f)], check=True)
+
+
+def test_optimizer_state_that_does_not_fit_is_refused():
+    folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    work = harness.scratch("b2t-opt-refused")
+    single = os.path.join(work, "single.pt")
+    tool(["stitch", "-q", folder, "--optimizer-state", "-o", single])
+    out = harness.scratch("b2t-opt-refused-out")
+
+    def refused(weights, template, *needles, args=()):
+        _, err = tool(["reshard", weights, "--mp", 2, "--dp", 2, "--layout-from", template, "-o",
+                       os.path.join(out, SHARD)] + list(args), expect=1)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and all(n in lines[0] for n in needles), err
+        assert os.listdir(out) == [], os.listdir(out)
+
+    # two parameters' states swapped: shaped unlike their parameters
+    swapped = ckptcheck.load(single)
+    state = swapped["last_optimizer_state"]["state"]
+    state[1], state[2] = state[2], state[1]
+    torch.save(swapped, os.path.join(work, "swapped.pt"))
+    refused(os.path.join(work, "swapped.pt"), folder, "last_optimizer_state/state/1/exp_avg", "shape [",
+            "not this model's optimizer state")
+    # a template without optimizer state: nowhere to write it, unless dropped
+    bare = os.path.join(work, "bare")
+    os.makedirs(bare)
+    for f in os.listdir(folder):
+        if f.endswith(".pt"):
+            ckpt = ckptcheck.load(os.path.join(folder, f))
+            del ckpt["last_optimizer_state"]
+            torch.save(ckpt, os.path.join(bare, f))
+    refused(single, bare, "no optimizer state here to write the input's (exp_avg, exp_avg_sq) in",
+            "--drop-optimizer-state")
+    tool(["reshard", "-q", single, "--mp", 2, "--dp", 2, "--layout-from", bare, "--drop-optimizer-state", "-o",
+          os.path.join(out, SHARD)])
+    assert "last_optimizer_state" not in ckptcheck.load(os.path.join(out, SHARD.format(m=0, d=0)))
+    # stitch: no state to keep, and formats that cannot hold it
+    tool(["stitch", "-q", harness.fixtures()["mp4_dp3_fp16_omega"], "--optimizer-state", "-o",
+          os.path.join(work, "none.pt")], expect=1)
+    for args in (["--format", "safetensors", "-o", os.path.join(work, "x.safetensors")],
+                 ["--weights-only", "-o", os.path.join(work, "x.pt")], ["--ema", "-o", os.path.join(work, "x.pt")]):
+        _, err = tool(["stitch", folder, "--optimizer-state"] + args, expect=2)
+        assert "--optimizer-state" in err, err
+
+
 def test_a_failed_write_leaves_nothing():
     folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
     out = harness.scratch("b2t-enospc")
@@ -252,4 +356,6 @@ def test_a_failed_write_leaves_nothing():
 if __name__ == "__main__":
     harness.main([test_a_singleton_splits_into_metaseqs_parts, test_another_part_count_is_cut_by_the_rules,
                   test_layout_from_gives_the_raw_shards_back, test_layout_from_writes_another_grid,
-                  test_a_template_of_another_model_is_refused_before_writing, test_a_failed_write_leaves_nothing])
+                  test_a_template_of_another_model_is_refused_before_writing,
+                  test_optimizer_state_goes_back_with_its_weights, test_optimizer_state_that_does_not_fit_is_refused,
+                  test_a_failed_write_leaves_nothing])

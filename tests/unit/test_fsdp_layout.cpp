@@ -608,19 +608,40 @@ TEST_SUITE("fsdp_layout") {
   }
 
   TEST_CASE("consolidate_optimizer_state: inputs it cannot split are errors naming file and tensor") {
-    SUBCASE("unflattened (consolidated) weights") {
+    SUBCASE("a consolidated file: state <i> is torch's, shaped like the i-th parameter") {
       ckpt::Manifest manifest;
       ckpt::ManifestFile file;
       file.path = "/ckpt/reshard-model_part-0.pt";
       add(file, contiguous("model/decoder.embed_tokens.weight", DType::Float16, {4, 2}, 128));
+      add(file, contiguous("model/decoder.version", DType::Float32, {1}, 192));  // a buffer: no state
+      add(file, contiguous("model/decoder.layer_norm.weight", DType::Float16, {2}, 200));
       add(file, contiguous("last_optimizer_state/state/0/exp_avg", DType::Float32, {4, 2}, 256));
+      add(file, contiguous("last_optimizer_state/state/1/exp_avg", DType::Float32, {2}, 320));
       manifest.files.push_back(file);
+      CHECK(ckpt::optimizer_state_names(manifest.files[0]) == std::vector<std::string>{"exp_avg"});
+      std::vector<NamedTensor> state = ckpt::consolidate_optimizer_state(manifest, {0}, "exp_avg");
+      REQUIRE(state.size() == 2);
+      CHECK(state[0].name == "decoder.embed_tokens.weight");
+      CHECK(describe(state[0].source) == "[0]0@256+32");
+      CHECK(state[1].name == "decoder.layer_norm.weight");
+      CHECK(state[1].source.shape == Shape{2});
+      // shaped unlike its parameter, missing, or one state too many: named
+      ckpt::ManifestFile& edited = manifest.files[0];
+      edited.tensors.edit()[4].shape = {3};
       auto error = error_of([&] { ckpt::consolidate_optimizer_state(manifest, {0}, "exp_avg"); });
       REQUIRE(error.has_value());
-      CHECK(error->where().file == "/ckpt/reshard-model_part-0.pt");
-      CHECK(error->where().member == "last_optimizer_state");
-      CHECK(contains(error->message(), "unflattened"));
-      CHECK(contains(error->message(), "--drop-optimizer-state"));
+      CHECK(error->where().member == "last_optimizer_state/state/1/exp_avg");
+      CHECK(contains(error->message(), "shape [3], but parameter 1 (decoder.layer_norm.weight) has [2]"));
+      error = error_of([&] { ckpt::consolidate_optimizer_state(manifest, {0}, "exp_avg_sq"); });
+      REQUIRE(error.has_value());
+      CHECK(error->where().member == "last_optimizer_state/state/0/exp_avg_sq");
+      CHECK(contains(error->message(), "missing"));
+      edited.tensors.edit()[4].shape = {2};
+      add(edited, contiguous("last_optimizer_state/state/2/exp_avg", DType::Float32, {2}, 400));
+      error = error_of([&] { ckpt::consolidate_optimizer_state(manifest, {0}, "exp_avg"); });
+      REQUIRE(error.has_value());
+      CHECK(error->where().member == "last_optimizer_state/state/2/exp_avg");
+      CHECK(contains(error->message(), "more optimizer states than the 2 parameters"));
     }
     SUBCASE("FSDP metadata but no flat parameter in the file") {
       ThreeRankPart part;
@@ -630,7 +651,7 @@ TEST_SUITE("fsdp_layout") {
       auto error = error_of([&] { ckpt::consolidate_optimizer_state(part.manifest, part.shard_files, "exp_avg"); });
       REQUIRE(error.has_value());
       CHECK(error->where().file == shard_path(0));
-      CHECK(contains(error->message(), "unflattened"));
+      CHECK(contains(error->message(), "more optimizer states than the 0 parameters"));
     }
     SUBCASE("a state tensor missing from one shard") {
       ThreeRankPart part;

@@ -37,12 +37,24 @@ void check_training_checkpoint(const ManifestFile& file, const std::string& stat
 std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files,
                                           const std::string& state_dict = "model");
 
-// The same for per-parameter optimizer state: the flat tensors at
-// `last_optimizer_state/state/<k>/<state_name>` (k counting flat parameters in
-// metadata order) unpadded like their weights and split into the parameters'
-// names and shapes. Only flattened (FSDP) inputs carry such state.
+// The same for per-parameter optimizer state (`state_name` is exp_avg, ...):
+// - FSDP shards: the flat tensors at `last_optimizer_state/state/<k>/<state_name>`
+//   (k counting flat parameters in metadata order) unpadded like their weights
+//   and split into the parameters' names and shapes;
+// - a consolidated file: torch's own per-parameter state, as `stitch
+//   --optimizer-state` writes it: state <i> belongs to the i-th parameter (the
+//   state dict's tensors in order, ties and `buffers` left out) and has its shape.
+// Throws Error naming the file and tensor when a state is missing, is shaped
+// unlike its parameter, or there are more states than parameters.
 std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
-                                                     const std::string& state_name);
+                                                     const std::string& state_name,
+                                                     const std::vector<std::string>& buffers = {});
+
+// The per-parameter optimizer states (exp_avg, exp_avg_sq, ...) a checkpoint
+// holds: the tensors under `last_optimizer_state/state/0/` shaped like what
+// state 0 belongs to (flat parameter 0, or the first parameter as above).
+// Path labels (escaped); empty when there are none.
+std::vector<std::string> optimizer_state_names(const ManifestFile& file, const std::vector<std::string>& buffers = {});
 
 // The model's size as torch sees it after stitching: elements of its
 // parameters (sum(p.numel() for p in model.parameters())) and of its buffers.

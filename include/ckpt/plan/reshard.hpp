@@ -25,6 +25,7 @@ struct ReshardPlan {
   std::vector<std::string> outputs;                // [m * dp + d]
   std::vector<std::vector<OutputTensor>> tensors;  // new tensors of each output, in storage order (list_tensors)
   std::vector<ReplicatedCheck> checks;
+  std::vector<std::string> notes;  // what the user should know (what is not written)
 };
 
 // The output path for part m, shard d: `{m}` and `{d}` in `pattern` replaced.
@@ -35,8 +36,10 @@ std::string output_path(const std::string& pattern, int mp, int dp, int m, int d
 // options.mp parts of options.dp FSDP shards. Output (m, d) is an edited copy
 // of base part m % M, shard d % D, whose FSDP layout (flat parameters, buffers,
 // ties) and other objects it carries: the base grid is `inputs` itself, or
-// `layout_from`, a shard set of the same model (whose optimizer state is not
-// carried: it belongs to other weights). Outputs are named by `pattern` (see
+// `layout_from`, a shard set of the same model. The input's optimizer state
+// (FSDP flat states, or torch's per-parameter states of a consolidated file)
+// is re-cut with its weights and written in place of the base's; a template's
+// own is never carried. Outputs are named by `pattern` (see
 // output_path) and planned in the order m, then d. Throws Error before
 // anything is written when a grid is incomplete, a dimension does not split,
 // the template's names and shapes are not the weights', or the request is

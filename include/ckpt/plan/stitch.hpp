@@ -31,6 +31,10 @@ struct StitchOptions {
   // and args as plain values (pyobject.hpp plain_value) unless !keep_cfg.
   bool weights_only = false;
   bool keep_cfg = true;
+  // Torch: last_optimizer_state kept, consolidated per parameter: state <i> of
+  // the i-th parameter (the state dict's tensors, ties and buffers left out) as
+  // torch's optimizer saves it, one param group listing them all.
+  bool optimizer_state = false;
   std::vector<std::pair<std::string, nlohmann::ordered_json>> hf_config;  // config.json fields given
 };
 
