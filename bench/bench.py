@@ -239,6 +239,14 @@ def measure_grids(args, tool):
         step(f"reshard DIR --mp {mp} --dp {half}",
              [tool, "reshard", "-q", src, "--mp", str(mp), "--dp", str(half), "-o", os.path.join(out, "r-{m}-{d}.pt")],
              clean(out))
+        # the way back: a singleton with Adam's state, split into training shards on the template's layout
+        single_dir = os.path.join(work, "single")
+        single = os.path.join(single_dir, "s.pt")
+        step("stitch DIR --optimizer-state", [tool, "stitch", "-q", src, "--optimizer-state", "-o", single],
+             clean(single_dir))
+        step(f"reshard s.pt --mp {mp} --dp {half} --layout-from DIR",
+             [tool, "reshard", "-q", single, "--mp", str(mp), "--dp", str(half), "--layout-from", src, "-o",
+              os.path.join(out, "r-{m}-{d}.pt")], clean(out))
         shutil.rmtree(work)
     return rows
 

@@ -22,7 +22,8 @@ Action add_reshard_command(CLI::App& app) {
     bool unflatten = false;
     bool drop_optimizer_state = false;
     bool split_qkv = false;
-    std::string layout_from;
+    std::optional<std::string> layout_from;
+    std::optional<std::int64_t> layout_model_parts;
     WriteFlags write;
   };
   auto options = std::make_shared<Options>();
@@ -39,6 +40,9 @@ Action add_reshard_command(CLI::App& app) {
   app.add_option("--layout-from", options->layout_from,
                  "a shard set of the same model (files, a directory or a manifest): the FSDP wrapping and the objects "
                  "(cfg, extra_state, ...) to write the input's weights with; its optimizer state is not written");
+  app.add_option("--layout-model-parts", options->layout_model_parts,
+                 "the --layout-from set's model-parallel part count, in place of its cfg's (a stale cfg)")
+      ->check(CLI::Range(1, kMaxGridSide - 1));
   app.add_flag("--split-qkv", options->split_qkv,
                "write k_proj, v_proj and q_proj, not metaseq's fused qkv_proj (consolidated parts only)");
   add_write_flags(app, options->write);
@@ -53,12 +57,26 @@ Action add_reshard_command(CLI::App& app) {
     if (options->unflatten && options->dp != 1) {
       throw UsageError("--unflatten writes consolidated parts: it needs --dp 1");
     }
+    if (options->layout_from && options->layout_from->empty()) throw UsageError("--layout-from: an empty path");
+    if (options->layout_model_parts && !options->layout_from)
+      throw UsageError("--layout-model-parts needs --layout-from");
     check_output_pattern(options->output, rule);
     if (!options->write.dry_run) check_output_grid(options->output, options->mp, options->dp);
     auto started = std::chrono::steady_clock::now();
     PlanInputs inputs = open_inputs(options->inputs, options->write.model_parts);
     std::optional<PlanInputs> layout_from;
-    if (!options->layout_from.empty()) layout_from.emplace(open_inputs({options->layout_from}, std::nullopt));
+    if (options->layout_from) {
+      try {
+        layout_from.emplace(open_inputs({*options->layout_from}, options->layout_model_parts, /*grid_first=*/true));
+      } catch (const Error& error) {  // said of the template, not of INPUT, and of its flag
+        std::string message = error.message();
+        for (std::size_t at = message.find("--model-parts"); at != std::string::npos;
+             at = message.find("--model-parts", at + 21)) {
+          message.replace(at, 13, "--layout-model-parts");
+        }
+        throw Error(error.where(), "--layout-from: " + message);
+      }
+    }
     ReshardOptions reshard;
     reshard.mp = options->mp;
     reshard.dp = options->dp;

@@ -106,9 +106,21 @@ std::optional<std::string> safetensors_index_of(const std::string& input) {
   return found;
 }
 
+namespace {
+std::vector<std::string>& manifests_read_list() {
+  static std::vector<std::string> paths;
+  return paths;
+}
+}  // namespace
+
+const std::vector<std::string>& manifests_read() {
+  return manifests_read_list();
+}
+
 Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts) {
   Manifest manifest;
   if (inputs.size() == 1 && looks_like_manifest(inputs[0])) {
+    manifests_read_list().push_back(inputs[0]);
     manifest = read_manifest(inputs[0]);
     check_fresh(manifest);
     check_describes_files(manifest, inputs[0]);

@@ -28,6 +28,10 @@ std::optional<std::string> safetensors_index_of(const std::string& input);
 // fresh); anything else is indexed now.
 Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts = std::nullopt);
 
+// The manifests load_inputs has read in this process: inputs too, never
+// written (run_plan tells the executor).
+const std::vector<std::string>& manifests_read();
+
 // What stitch, reshard and diff read: load_inputs, then every file mapped. With
 // `grid_first`, the files must be one complete grid (complete_grid's Error),
 // checked before any file is mapped.

@@ -135,6 +135,7 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
   ExecOptions exec;
   exec.threads = flags.threads;
   exec.overwrite = flags.force;
+  exec.also_read = manifests_read();
   exec.progress = progress_line(flags.quiet);
   exec.convert = convert_elements;
   exec.direct_io = !flags.buffered_io;

@@ -330,6 +330,9 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
   for (const PlannedFile& file : plan.files) targets.push_back({file.path, layout_file(file).file_size});
   std::vector<FileIdentity> inputs;
   for (const MappedFile* source : plan.sources) inputs.push_back(identity_of(*source));
+  for (const std::string& path : options.also_read) {
+    if (std::optional<FileIdentity> identity = identity_of(path)) inputs.push_back(*identity);
+  }
   check_output_targets(targets, inputs, options.overwrite, options.notice);
   std::optional<SourceCrcCheck> check;
   if (options.check_crc) check.emplace(plan, threads);

@@ -191,6 +191,21 @@ void check_against_template(const Weights& weights, QkvForm form, const Bases& b
         }
       }
     }
+    for (const std::string& buffer : layout_file.fsdp->buffer_names) {  // the ones the template saved
+      const ManifestTensor* saved = find_tensor(layout_file, state_dict_path(kModelPrefix, buffer));
+      if (saved == nullptr) continue;
+      auto it = by_name.find(buffer);
+      if (it == by_name.end() || it->second->alias_of) {
+        throw Error(Location{input, buffer, std::nullopt},
+                    fmt::format("a buffer that {} ({}) holds and these weights do not", where, layout_file.path));
+      }
+      if (it->second->source.shape != saved->shape) {
+        throw Error(Location{input, buffer, std::nullopt},
+                    fmt::format("buffer of shape [{}], but {} ({}) has [{}]: not the template's model",
+                                fmt::join(it->second->source.shape, ", "), where, layout_file.path,
+                                fmt::join(saved->shape, ", ")));
+      }
+    }
     for (const NamedTensor& tensor : cut[m]) {
       if (tensor.alias_of ? ties.count(tensor.name) != 0 : placed.count(tensor.name) != 0) continue;
       throw Error(Location{input, tensor.name, std::nullopt},
@@ -448,13 +463,21 @@ ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, c
   std::vector<std::string> states =
       optimizer_states_to_write(first, bases.first(), layout_from != nullptr, options, out.notes);
   Recut recut{bases.first(), options, !states.empty(), {}, {}, {}, {}};
-  Weights weights = recut_weights(manifest, grid, options.mp, form, out.checks);
-  if (layout_from != nullptr) check_against_template(weights, form, bases, first.path);
-  recut.weights = std::move(weights.recut);
-  if (recut.keep_optimizer) {
-    recut.optimizer = recut_optimizer_state(manifest, grid, states, bases.first().fsdp->buffer_names, options.mp, form);
+  // The layout rules name the tensor; with one input file, the error names it too.
+  const bool one_file = grid.size() == 1 && grid[0].size() == 1;
+  try {
+    Weights weights = recut_weights(manifest, grid, options.mp, form, out.checks);
+    if (layout_from != nullptr) check_against_template(weights, form, bases, first.path);
+    recut.weights = std::move(weights.recut);
+    if (recut.keep_optimizer) {
+      recut.optimizer =
+          recut_optimizer_state(manifest, grid, states, bases.first().fsdp->buffer_names, options.mp, form);
+    }
+    recut.flatten();
+  } catch (const Error& error) {
+    if (!one_file || !error.where().file.empty()) throw;
+    throw Error(Location{first.path, error.where().member, error.where().byte_offset}, error.message());
   }
-  recut.flatten();
 
   std::vector<std::uint32_t> sources;
   for (const MappedFile* file : inputs.files()) sources.push_back(out.plan.add_source(*file));

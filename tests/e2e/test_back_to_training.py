@@ -342,6 +342,58 @@ def test_optimizer_state_that_does_not_fit_is_refused():
         assert "--optimizer-state" in err, err
 
 
+def test_found_by_the_black_box_review():
+    folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]  # OmegaConf cfg, a plain dict here
+    work = harness.scratch("b2t-review")
+    single = singleton(folder)
+    out = harness.scratch("b2t-review-out")
+    pattern = os.path.join(out, SHARD)
+    # 1. a manifest read as template or INPUT is an input: never written, not even with --force
+    manifest = os.path.join(work, "template.json")
+    tool(["manifest", folder, "-o", manifest])
+    before = open(manifest, "rb").read()
+    _, err = tool(["reshard", single, "--mp", 1, "--dp", 1, "--layout-from", manifest, "--force", "-o", manifest],
+                  expect=1)
+    assert "inputs are never written" in err and open(manifest, "rb").read() == before, err
+    _, err = tool(["stitch", manifest, "--force", "-o", manifest], expect=1)
+    assert "inputs are never written" in err and open(manifest, "rb").read() == before, err
+    # 2. a template whose cfg is stale (metaseq's reshard_model_parallel leaves the old count):
+    # named as the template's problem, and --layout-model-parts states its count
+    stale = os.path.join(work, "stale")
+    os.makedirs(stale)
+    for f in os.listdir(folder):
+        if f.endswith(".pt"):
+            ckpt = ckptcheck.load(os.path.join(folder, f))
+            ckpt["cfg"]["model"]["model_parallel_size"] = 8
+            torch.save(ckpt, os.path.join(stale, f))
+    _, err = tool(["reshard", single, "--mp", 2, "--dp", 2, "--layout-from", stale, "-o", pattern], expect=1)
+    assert err.startswith("ckpt-tool: error: --layout-from: ") and "--layout-model-parts overrides" in err, err
+    tool(["reshard", "-q", single, "--mp", 2, "--dp", 2, "--layout-from", stale, "--layout-model-parts", 2, "-o",
+          pattern])
+    assert ckptcheck.load(os.path.join(out, SHARD.format(m=1, d=1)))["cfg"]["model"]["model_parallel_size"] == 2
+    tool(["reshard", single, "--mp", 2, "--dp", 2, "--layout-model-parts", 2, "-o", pattern], expect=2)
+    tool(["reshard", single, "--mp", 2, "--dp", 2, "--layout-from", "", "-o", pattern], expect=2)
+    # 3. buffers: one the template holds and the weights lack, or of another shape, named in the weights
+    for change, needle in ((lambda model: model.pop("decoder.version"), "a buffer that model part 0 of the template"),
+                           (lambda model: model.__setitem__("decoder.version", torch.zeros(3)),
+                            "buffer of shape [3], but")):
+        ckpt = ckptcheck.load(single)
+        change(ckpt["model"])
+        edited = os.path.join(work, "edited.pt")
+        torch.save(ckpt, edited)
+        out2 = harness.scratch("b2t-review-buffers")
+        _, err = tool(["reshard", edited, "--mp", 2, "--dp", 2, "--layout-from", folder, "-o",
+                       os.path.join(out2, SHARD)], expect=1)
+        assert f"{edited}: decoder.version: {needle}" in err and os.listdir(out2) == [], err
+    # 4. an error of the layout rules names the one input file
+    ckpt = ckptcheck.load(single)
+    ckpt["model"]["decoder.layers.0.fc1.weight"] = ckpt["model"]["decoder.layers.0.fc1.weight"].float()
+    mixed = os.path.join(work, "mixed.pt")
+    torch.save(ckpt, mixed)
+    _, err = tool(["reshard", mixed, "--mp", 2, "--dp", 2, "--layout-from", folder, "-o", pattern], expect=1)
+    assert f"{mixed}: decoder.layers.0.fc1.weight: dtype differs" in err, err
+
+
 def test_a_failed_write_leaves_nothing():
     folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
     out = harness.scratch("b2t-enospc")
@@ -358,4 +410,4 @@ if __name__ == "__main__":
                   test_layout_from_gives_the_raw_shards_back, test_layout_from_writes_another_grid,
                   test_a_template_of_another_model_is_refused_before_writing,
                   test_optimizer_state_goes_back_with_its_weights, test_optimizer_state_that_does_not_fit_is_refused,
-                  test_a_failed_write_leaves_nothing])
+                  test_found_by_the_black_box_review, test_a_failed_write_leaves_nothing])

@@ -33,8 +33,10 @@ using ProgressFn = std::function<void(std::uint64_t done, std::uint64_t total)>;
 struct ExecOptions {
   unsigned threads = 0;    // 0: all cores
   bool overwrite = false;  // --force
-  ProgressFn progress;     // none: no progress reports
-  bool direct_io = true;   // write around the page cache (O_DIRECT) where the file system allows
+  // Other files the run read (a manifest): never an output, like the sources.
+  std::vector<std::string> also_read;
+  ProgressFn progress;    // none: no progress reports
+  bool direct_io = true;  // write around the page cache (O_DIRECT) where the file system allows
   // Outputs totalling at most this many bytes are written through the page cache
   // even with direct_io: below the kernel's background writeback threshold the
   // page cache takes them at memory speed and one fsync flushes them (0: none;
