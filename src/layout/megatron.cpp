@@ -131,12 +131,20 @@ std::optional<Projection> projection_of(std::string_view key) {
 
 std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
   std::set<std::string> names;
-  for (const NamedTensor& tensor : part) names.insert(tensor.name);
+  std::map<std::string, std::string> tied_to;  // target -> a key tied to it
+  for (const NamedTensor& tensor : part) {
+    names.insert(tensor.name);
+    if (tensor.alias_of) tied_to.emplace(*tensor.alias_of, tensor.name);
+  }
   std::vector<NamedTensor> out;
   for (NamedTensor& tensor : part) {
     if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) {
       out.push_back(std::move(tensor));
       continue;
+    }
+    if (tied_to.count(tensor.name) != 0) {
+      throw Error(Location{"", tensor.name, std::nullopt},
+                  fmt::format("'{}' is tied to it: a tied qkv_proj cannot be split", tied_to.at(tensor.name)));
     }
     auto kvq = split_qkv(tensor.source, tensor.name);
     std::size_t at = tensor.name.find("qkv_proj");
@@ -158,7 +166,11 @@ std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
 
 std::vector<NamedTensor> fuse_separate(std::vector<NamedTensor> part) {
   std::set<std::string> names;
-  for (const NamedTensor& tensor : part) names.insert(tensor.name);
+  std::map<std::string, std::string> tied_to;  // target -> a key tied to it
+  for (const NamedTensor& tensor : part) {
+    names.insert(tensor.name);
+    if (tensor.alias_of) tied_to.emplace(*tensor.alias_of, tensor.name);
+  }
   struct Group {
     std::array<const NamedTensor*, 3> kvq{};
     std::size_t first = 0;  // where the fused tensor goes
@@ -195,7 +207,6 @@ std::vector<NamedTensor> fuse_separate(std::vector<NamedTensor> part) {
       return Error(Location{"", part[i].name, std::nullopt},
                    message + " (reshard --split-qkv keeps k, v and q separate)");
     };
-    std::vector<TensorSource> kvq;
     for (int t = 0; t < 3; ++t) {
       const NamedTensor* member = group.kvq[static_cast<std::size_t>(t)];
       if (member == nullptr) {
@@ -203,16 +214,20 @@ std::vector<NamedTensor> fuse_separate(std::vector<NamedTensor> part) {
         missing.replace(projection->at, 8, kProjections[t]);
         throw fail(fmt::format("'{}' is missing, so k, v and q cannot be fused into {}", missing, name));
       }
-      if (member->source.shape.empty() || member->source.shape != group.kvq[0]->source.shape ||
-          member->source.dtype != group.kvq[0]->source.dtype) {
-        throw fail(fmt::format("k, v and q of shapes {}, {}, {} or dtypes {}, {}, {} do not fuse on dim 0",
-                               shape_text(group.kvq[0]->source.shape), shape_text(group.kvq[1]->source.shape),
-                               shape_text(group.kvq[2]->source.shape), dtype_info(group.kvq[0]->source.dtype).name,
-                               dtype_info(group.kvq[1]->source.dtype).name,
-                               dtype_info(group.kvq[2]->source.dtype).name));
+      if (tied_to.count(member->name) != 0) {
+        throw fail(fmt::format("'{}' is tied to {}: a tied projection cannot be fused", tied_to.at(member->name),
+                               member->name));
       }
-      kvq.push_back(member->source);
     }
+    const TensorSource& k = group.kvq[0]->source;
+    const TensorSource& v = group.kvq[1]->source;
+    const TensorSource& q = group.kvq[2]->source;
+    if (k.shape.empty() || v.shape != k.shape || q.shape != k.shape || v.dtype != k.dtype || q.dtype != k.dtype) {
+      throw fail(fmt::format("k, v and q of shapes {}, {}, {} or dtypes {}, {}, {} do not fuse on dim 0",
+                             shape_text(k.shape), shape_text(v.shape), shape_text(q.shape), dtype_info(k.dtype).name,
+                             dtype_info(v.dtype).name, dtype_info(q.dtype).name));
+    }
+    std::vector<TensorSource> kvq = {k, v, q};
     if (names.count(name) != 0)
       throw fail(fmt::format("fused, it would be '{}', which the state dict holds already", name));
     out.push_back({name, concat(kvq, glued_shape(kvq, 0)), std::nullopt});
