@@ -349,11 +349,11 @@ std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor
 }
 
 std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,
-                                               const std::vector<std::string>& keys) {
+                                               const std::vector<std::string>& keys, const std::string& what) {
   std::vector<ReplicatedCheck> checks;
   for (const std::string& key : keys) {
     ReplicatedCheck check;
-    check.key = key;
+    check.key = what + key;
     for (const auto& part : parts) {
       for (const NamedTensor& tensor : part) {
         if (tensor.name == key) check.parts.push_back(tensor.source);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <functional>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "ckpt/format/checkpoint.hpp"
@@ -360,23 +361,112 @@ std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, c
   return out;
 }
 
-std::vector<std::string> optimizer_state_names(const ManifestFile& file, const std::vector<std::string>& buffers) {
-  const ManifestTensor* owner = nullptr;
-  if (is_flattened(file, std::string(kModelPrefix))) {
-    const std::vector<FsdpInstanceMeta>& instances = file.fsdp->instances;
-    if (!instances.empty() && !instances[0].flat_params.empty())
-      owner = find_tensor(file, state_dict_path(kModelPrefix, instances[0].flat_params[0].state_key));
-  } else {
-    std::vector<std::pair<std::string, const ManifestTensor*>> params = parameters(file, buffers);
-    if (!params.empty()) owner = params.front().second;
+namespace {
+
+bool is_tensor_node(const nlohmann::ordered_json& value) {
+  return value.is_object() && value.contains("$tensor");
+}
+
+// "12" -> 12; nullopt for anything but plain decimal digits.
+std::optional<std::size_t> index_label(const std::string& label) {
+  std::size_t value = 0;
+  if (label.empty() || label.size() > 18 || (label.size() > 1 && label[0] == '0')) return std::nullopt;
+  for (char c : label) {
+    if (c < '0' || c > '9') return std::nullopt;
+    value = value * 10 + static_cast<std::size_t>(c - '0');
   }
-  std::vector<std::string> names;
-  if (owner == nullptr) return names;
-  const std::string prefix = "last_optimizer_state/state/0/";
-  for (const ManifestTensor& tensor : file.tensors) {
-    if (tensor.path.rfind(prefix, 0) != 0 || !tensor.alias_of.empty()) continue;
-    std::string name = tensor.path.substr(prefix.size());
-    if (name.find('/') == std::string::npos && tensor.shape == owner->shape) names.push_back(name);
+  return value;
+}
+
+}  // namespace
+
+std::vector<std::string> optimizer_state_names(const ManifestFile& file, const std::vector<std::string>& buffers) {
+  const nlohmann::ordered_json& root = *file.objects;
+  const std::string prefix = "last_optimizer_state/";
+  bool has_tensors = std::any_of(file.tensors.begin(), file.tensors.end(),
+                                 [&](const ManifestTensor& tensor) { return tensor.path.starts_with(prefix); });
+  const nlohmann::ordered_json* frame =
+      root.is_object() && root.contains("last_optimizer_state") ? &root["last_optimizer_state"] : nullptr;
+  const nlohmann::ordered_json* states =
+      frame != nullptr && frame->is_object() && frame->contains("state") ? &(*frame)["state"] : nullptr;
+  if (!has_tensors) return {};
+  auto fail = [&](const std::string& where, const std::string& message) {
+    return Error(Location{file.path, "last_optimizer_state" + where, std::nullopt},
+                 message +
+                     ": this optimizer state cannot be cut with its weights (written without it by stitch without "
+                     "--optimizer-state, reshard --drop-optimizer-state)");
+  };
+  if (states == nullptr || !states->is_object()) throw fail("", "tensors, but no per-parameter 'state' dict");
+
+  // What state k belongs to: flat parameter k (FSDP), or the k-th parameter.
+  std::vector<std::pair<std::string, std::vector<std::int64_t>>> owners;
+  bool flat = is_flattened(file, std::string(kModelPrefix));
+  if (flat) {
+    for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
+      for (const FlatParamMeta& param : instance.flat_params) {
+        const ManifestTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, param.state_key));
+        if (tensor == nullptr) throw fail("", fmt::format("flat parameter {} is not in the model", param.state_key));
+        owners.emplace_back(param.state_key, tensor->shape);
+      }
+    }
+  } else {
+    for (const auto& [key, tensor] : parameters(file, buffers)) owners.emplace_back(key, tensor->shape);
+  }
+  const char* owner_kind = flat ? "flat parameter" : "parameter";
+
+  std::vector<std::string> names;  // the tensors of state 0, but step
+  std::vector<bool> seen(owners.size(), false);
+  for (const auto& [label, state] : states->items()) {
+    std::string where = "/state/" + label;
+    std::optional<std::size_t> k = index_label(label);
+    if (!k) throw fail(where, fmt::format("keyed by '{}', not by the index of a {}", label, owner_kind));
+    if (*k >= owners.size()) {
+      throw fail(where, fmt::format("state {}, but there are {} {}s", *k, owners.size(), owner_kind));
+    }
+    if (!state.is_object()) throw fail(where, "not a dict");
+    seen[*k] = true;
+    std::vector<std::string> held;
+    for (const auto& [name, value] : state.items()) {
+      if (!is_tensor_node(value) || name == "step") continue;
+      held.push_back(name);
+      std::string path = fmt::format("last_optimizer_state/state/{}/{}", label, name);
+      const ManifestTensor* tensor = find_tensor(file, path);
+      const auto& [owner, shape] = owners[*k];
+      if (tensor == nullptr || !tensor->alias_of.empty()) throw fail(where + "/" + name, "not a tensor of its own");
+      if (tensor->shape != shape) {
+        throw Error(
+            Location{file.path, path, file.place(*tensor).file_byte_offset},
+            fmt::format("shape [{}], but {} {} ({}) has [{}]: not this model's optimizer state "
+                        "(written without it by stitch without --optimizer-state, reshard --drop-optimizer-state)",
+                        fmt::join(tensor->shape, ", "), owner_kind, *k, owner, fmt::join(shape, ", ")));
+      }
+    }
+    if (*k == 0) names = held;
+    std::set<std::string> want(names.begin(), names.end());
+    if (*k != 0 && std::set<std::string>(held.begin(), held.end()) != want) {
+      throw fail(where, fmt::format("holds [{}], state 0 holds [{}]", fmt::join(held, ", "), fmt::join(names, ", ")));
+    }
+  }
+  for (std::size_t k = 0; k < owners.size(); ++k) {
+    if (!seen[k]) {
+      throw fail(fmt::format("/state/{}", k),
+                 fmt::format("missing: the state of {} {} ({})", owner_kind, k, owners[k].first));
+    }
+  }
+  // torch gives state ids in param_groups' order: they must be 0..K-1 in order.
+  const nlohmann::ordered_json* groups = frame->contains("param_groups") ? &(*frame)["param_groups"] : nullptr;
+  if (groups != nullptr && groups->is_array()) {
+    std::size_t next = 0;
+    for (const nlohmann::ordered_json& group : *groups) {
+      if (!group.is_object() || !group.contains("params") || !group["params"].is_array()) continue;
+      for (const nlohmann::ordered_json& id : group["params"]) {
+        if (!id.is_number_integer() || id.get<std::int64_t>() != static_cast<std::int64_t>(next)) {
+          throw fail("/param_groups", fmt::format("lists the states in another order than the {}s (at position {}: {})",
+                                                  owner_kind, next, id.dump()));
+        }
+        ++next;
+      }
+    }
   }
   return names;
 }

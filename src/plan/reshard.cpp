@@ -216,6 +216,19 @@ void check_against_template(const Weights& weights, QkvForm form, const Bases& b
   }
 }
 
+// A file's optimizer hyperparameters: its param_groups without their params.
+nlohmann::ordered_json hyperparameters(const ManifestFile& file) {
+  const nlohmann::ordered_json& root = *file.objects;
+  if (!root.is_object() || !root.contains("last_optimizer_state")) return nullptr;
+  const nlohmann::ordered_json& frame = root["last_optimizer_state"];
+  if (!frame.is_object() || !frame.contains("param_groups") || !frame["param_groups"].is_array()) return nullptr;
+  nlohmann::ordered_json groups = frame["param_groups"];
+  for (nlohmann::ordered_json& group : groups) {
+    if (group.is_object()) group.erase("params");
+  }
+  return groups;
+}
+
 // The optimizer states (exp_avg, ...) the outputs carry: the input's, written
 // in place of the base's (its last_optimizer_state, step and param_groups
 // included, is the frame). None with --drop-optimizer-state or --unflatten; a
@@ -251,6 +264,12 @@ std::vector<std::string> optimizer_states_to_write(const ManifestFile& input, co
                             "are written in their place; --drop-optimizer-state writes none",
                             fmt::join(frame, ", "), fmt::join(names, ", ")));
   }
+  if (hyperparameters(input) != hyperparameters(layout_file)) {
+    notes.push_back(
+        fmt::format("the template's param_groups (lr, betas, weight decay, ...) are written with the "
+                    "optimizer state of {}, whose own differ",
+                    input.path));
+  }
   return names;
 }
 
@@ -259,13 +278,16 @@ std::vector<std::string> optimizer_states_to_write(const ManifestFile& input, co
 std::map<std::string, PartTensors> recut_optimizer_state(const Manifest& manifest,
                                                          const std::vector<std::vector<int>>& grid,
                                                          const std::vector<std::string>& names,
-                                                         const std::vector<std::string>& buffers, int mp,
-                                                         QkvForm form) {
+                                                         const std::vector<std::string>& buffers, int mp, QkvForm form,
+                                                         std::vector<ReplicatedCheck>& checks) {
   std::map<std::string, PartTensors> optimizer;
   for (const std::string& name : names) {
     PartTensors state_parts;
     for (const auto& shards : grid) state_parts.push_back(consolidate_optimizer_state(manifest, shards, name, buffers));
-    optimizer[name] = reshard_megatron(state_parts, mp, nullptr, form);
+    std::vector<std::string> replicated;
+    optimizer[name] = reshard_megatron(state_parts, mp, &replicated, form);
+    for (ReplicatedCheck& check : replicated_checks(state_parts, replicated, optimizer_state_label(name)))
+      checks.push_back(std::move(check));
   }
   return optimizer;
 }
@@ -296,8 +318,12 @@ struct Recut {
       std::erase_if(part, [&](const NamedTensor& tensor) { return flattened.count(tensor.name) != 0; });
     }
     for (const auto& [name, state] : optimizer) {
-      for (const std::vector<NamedTensor>& part : state)
-        flat_optimizer[name].push_back(flatten_whole(*first.fsdp, part));
+      try {
+        for (const std::vector<NamedTensor>& part : state)
+          flat_optimizer[name].push_back(flatten_whole(*first.fsdp, part));
+      } catch (const Error& error) {  // said of the state, not of the weights
+        throw Error(error.where(), fmt::format("optimizer state {}: {}", name, error.message()));
+      }
     }
   }
 };
@@ -377,7 +403,9 @@ void replace_optimizer_state(Output& output, const Recut& recut, int m, int d) {
   for (const auto& [name, state] : recut.flat_optimizer) {
     std::vector<FlatShard> slices = chunk_flat(*recut.first.fsdp, state[m], recut.options.dp, d);
     for (std::size_t k = 0; k < slices.size(); ++k) {
-      output.replace(fmt::format("last_optimizer_state/state/{}/{}", k, name), flat_output(slices[k]));
+      OutputTensor tensor = flat_output(slices[k]);
+      tensor.name = fmt::format("last_optimizer_state/state/{}/{}", k, name);
+      output.replace(tensor.name, tensor);
     }
   }
 }
@@ -471,7 +499,7 @@ ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, c
     recut.weights = std::move(weights.recut);
     if (recut.keep_optimizer) {
       recut.optimizer =
-          recut_optimizer_state(manifest, grid, states, bases.first().fsdp->buffer_names, options.mp, form);
+          recut_optimizer_state(manifest, grid, states, bases.first().fsdp->buffer_names, options.mp, form, out.checks);
     }
     recut.flatten();
   } catch (const Error& error) {

@@ -89,11 +89,33 @@ void plan_per_part(const std::vector<std::vector<NamedTensor>>& consolidated, St
 // Each optimizer state of an output, by name: the consolidated parameters.
 using OptimizerStates = std::vector<std::pair<std::string, std::vector<NamedTensor>>>;
 
+// The entries of each state but its tensors (step, ...) are written once for
+// every parameter: the states of `file` must agree on them.
+void check_state_entries(const ManifestFile& file) {
+  const nlohmann::ordered_json& states = (*file.objects)["last_optimizer_state"]["state"];
+  std::optional<std::pair<std::string, nlohmann::ordered_json>> first;
+  for (const auto& [label, state] : states.items()) {
+    nlohmann::ordered_json entries = nlohmann::ordered_json::object();
+    for (const auto& [name, value] : state.items()) {
+      if (!(value.is_object() && value.contains("$tensor"))) entries[name] = value;
+    }
+    if (!first) {
+      first.emplace(label, std::move(entries));
+    } else if (entries != first->second) {
+      throw Error(Location{file.path, "last_optimizer_state/state/" + label, std::nullopt},
+                  fmt::format("--optimizer-state: {} here, {} in state {}: one set of these entries is written for "
+                              "every parameter",
+                              entries.dump(), first->second.dump(), first->first));
+    }
+  }
+}
+
 // --optimizer-state: every state of every part consolidated (FSDP flat states
 // unpadded and split, or a consolidated file's per-parameter states), then
-// glued like the weights, or one list per part.
+// glued like the weights, or one list per part; what should agree across the
+// parts (the states of replicated weights) goes to `checks`.
 std::vector<OptimizerStates> consolidate_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
-                                                const StitchOptions& options) {
+                                                const StitchOptions& options, std::vector<ReplicatedCheck>& checks) {
   const ManifestFile& first = manifest.files[grid[0][0]];
   std::vector<std::string> buffers = first.fsdp ? first.fsdp->buffer_names : std::vector<std::string>{};
   std::vector<std::string> names = optimizer_state_names(first, buffers);
@@ -101,12 +123,23 @@ std::vector<OptimizerStates> consolidate_states(const Manifest& manifest, const 
     throw Error(Location{first.path, "last_optimizer_state", std::nullopt},
                 "--optimizer-state: no per-parameter optimizer state (exp_avg, ...) here");
   }
+  for (const auto& shards : grid) {
+    const ManifestFile& part = manifest.files[shards[0]];
+    if (optimizer_state_names(part, buffers) != names) {
+      throw Error(Location{part.path, "last_optimizer_state", std::nullopt},
+                  fmt::format("--optimizer-state: not the states of {} ({})", first.path, fmt::join(names, ", ")));
+    }
+    check_state_entries(part);
+  }
   std::vector<OptimizerStates> out(options.stitch_megatron ? 1 : grid.size());
   for (const std::string& name : names) {
     std::vector<std::vector<NamedTensor>> parts;
     for (const auto& shards : grid) parts.push_back(consolidate_optimizer_state(manifest, shards, name, buffers));
     if (options.stitch_megatron) {
-      out[0].emplace_back(name, glue_megatron(parts, options.glue, nullptr));
+      std::vector<std::string> replicated;
+      out[0].emplace_back(name, glue_megatron(parts, options.glue, &replicated));
+      for (ReplicatedCheck& check : replicated_checks(parts, replicated, optimizer_state_label(name)))
+        checks.push_back(std::move(check));
     } else {
       for (std::size_t m = 0; m < parts.size(); ++m) out[m].emplace_back(name, std::move(parts[m]));
     }
@@ -226,15 +259,17 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
     consolidated.push_back(consolidate_part(manifest, shards, options.state_dict));
   }
 
-  std::vector<OptimizerStates> states;
-  if (options.optimizer_state) states = consolidate_states(manifest, grid, options);
-
   StitchPlan out;
+  std::vector<ReplicatedCheck> state_checks;
+  std::vector<OptimizerStates> states;
+  if (options.optimizer_state) states = consolidate_states(manifest, grid, options, state_checks);
+
   if (options.stitch_megatron) {
     plan_glued(consolidated, options.glue, out);
   } else {
     plan_per_part(consolidated, out);
   }
+  out.checks.insert(out.checks.end(), state_checks.begin(), state_checks.end());
   if (output_paths.size() != out.tensors.size() || bases.size() != out.tensors.size()) {
     internal_error(fmt::format("{} outputs planned for {} paths", out.tensors.size(), output_paths.size()));
   }

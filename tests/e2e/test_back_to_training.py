@@ -299,12 +299,29 @@ def test_optimizer_state_goes_back_with_its_weights():
             subprocess.run(["cmp", os.path.join(direct, f), os.path.join(parts, f)], check=True)
 
 
-def test_optimizer_state_that_does_not_fit_is_refused():
+def adam_singleton(name):
+    """A case with Adam state stitched with --optimizer-state: (its folder, a work folder, the
+    singleton, an empty output folder)."""
     folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
-    work = harness.scratch("b2t-opt-refused")
+    work = harness.scratch(name)
     single = os.path.join(work, "single.pt")
     tool(["stitch", "-q", folder, "--optimizer-state", "-o", single])
-    out = harness.scratch("b2t-opt-refused-out")
+    return folder, work, single, harness.scratch(name + "-out")
+
+
+def edited_set(folder, out, change):
+    """A copy of the raw set in `folder` with `change(ckpt, file name)` applied to every shard."""
+    os.makedirs(out)
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".pt"):
+            ckpt = ckptcheck.load(os.path.join(folder, f))
+            change(ckpt, f)
+            torch.save(ckpt, os.path.join(out, f))
+    return out
+
+
+def test_optimizer_state_that_does_not_fit_is_refused():
+    folder, work, single, out = adam_singleton("b2t-opt-refused")
 
     def refused(weights, template, *needles, args=()):
         _, err = tool(["reshard", weights, "--mp", 2, "--dp", 2, "--layout-from", template, "-o",
@@ -321,13 +338,7 @@ def test_optimizer_state_that_does_not_fit_is_refused():
     refused(os.path.join(work, "swapped.pt"), folder, "last_optimizer_state/state/1/exp_avg", "shape [",
             "not this model's optimizer state")
     # a template without optimizer state: nowhere to write it, unless dropped
-    bare = os.path.join(work, "bare")
-    os.makedirs(bare)
-    for f in os.listdir(folder):
-        if f.endswith(".pt"):
-            ckpt = ckptcheck.load(os.path.join(folder, f))
-            del ckpt["last_optimizer_state"]
-            torch.save(ckpt, os.path.join(bare, f))
+    bare = edited_set(folder, os.path.join(work, "bare"), lambda ckpt, _: ckpt.pop("last_optimizer_state"))
     refused(single, bare, "no optimizer state here to write the input's (exp_avg, exp_avg_sq) in",
             "--drop-optimizer-state")
     tool(["reshard", "-q", single, "--mp", 2, "--dp", 2, "--layout-from", bare, "--drop-optimizer-state", "-o",
@@ -394,6 +405,75 @@ def test_found_by_the_black_box_review():
     assert f"{mixed}: decoder.layers.0.fc1.weight: dtype differs" in err, err
 
 
+def test_found_by_the_second_black_box_review():
+    folder, work, single, out = adam_singleton("b2t-review2")
+
+    def refused(args, *needles):
+        _, err = tool(args + ["-o", os.path.join(out, SHARD) if args[0] == "reshard" else os.path.join(out, "x.pt")],
+                      expect=1)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and all(n in lines[0] for n in needles), (args, err)
+        assert os.listdir(out) == [], os.listdir(out)
+
+    def edited_single(name, change):
+        ckpt = ckptcheck.load(single)
+        change(ckpt["last_optimizer_state"])
+        path = os.path.join(work, name)
+        torch.save(ckpt, path)
+        return path
+
+    reshard = ["reshard", "--mp", 2, "--dp", 2, "--layout-from", folder]
+    # a consolidated file's state 0 was the one never checked: swapped with state 1, or keyed 1..n
+    swapped = edited_single("swapped.pt", lambda o: o["state"].update({0: o["state"][1], 1: o["state"][0]}))
+    refused(reshard + [swapped], f"{swapped}: last_optimizer_state/state/0/exp_avg", "parameter 0")
+    shifted = edited_single("shifted.pt", lambda o: o.update(state={k + 1: v for k, v in o["state"].items()}))
+    refused(reshard + [shifted], shifted, "last_optimizer_state/state/", "--drop-optimizer-state")
+    reversed_groups = edited_single("reversed.pt", lambda o: o["param_groups"][0]["params"].reverse())
+    refused(reshard + [reversed_groups], "last_optimizer_state/param_groups", "in another order")
+    # a state in another dtype is named as optimizer state, not as the weight
+    fp16 = edited_single("fp16.pt", lambda o: o["state"][2].update(exp_avg=o["state"][2]["exp_avg"].half()))
+    refused(reshard + [fp16], "optimizer state exp_avg:", "dtype differs")
+
+    # raw shards: state 0 of another shape in every shard, and a state beyond the flat parameters
+    def scalar_state0(ckpt, _):
+        ckpt["last_optimizer_state"]["state"][0]["exp_avg"] = torch.tensor(1.0)
+
+    def extra_state(ckpt, _):
+        state = ckpt["last_optimizer_state"]["state"]
+        state[len(state)] = dict(state[0])
+
+    for name, change, needle in (("scalar", scalar_state0, "shape [], but flat parameter 0 (flat_param_0)"),
+                                 ("extra", extra_state, "state 3, but there are 3 flat parameters")):
+        raw = edited_set(folder, os.path.join(work, name), change)
+        refused(["stitch", raw, "--optimizer-state"], needle)
+        refused(["reshard", raw, "--mp", 1, "--dp", 2], needle, "last_optimizer_state/state/", "--drop-optimizer-state")
+        tool(["reshard", "-q", raw, "--mp", 1, "--dp", 2, "--drop-optimizer-state", "-o", os.path.join(out, SHARD)])
+        subprocess.run(["rm", "-rf", out], check=True)
+        os.makedirs(out)
+        refused(["reshard", single, "--mp", 2, "--dp", 2, "--layout-from", raw], needle)
+
+    # steps that differ between flat parameters cannot be written once per parameter
+    def step_differs(ckpt, _):
+        ckpt["last_optimizer_state"]["state"][1]["step"] = 249
+
+    raw = edited_set(folder, os.path.join(work, "step"), step_differs)
+    refused(["stitch", raw, "--optimizer-state"], "last_optimizer_state/state/1", "249", "250")
+    tool(["reshard", "-q", raw, "--mp", 1, "--dp", 2, "-o", os.path.join(out, SHARD)])  # kept per flat parameter
+    subprocess.run(["rm", "-rf", out], check=True)
+    os.makedirs(out)
+
+    # the optimizer state of a replicated weight is compared across the parts, as the weight is
+    def drift(ckpt, name):
+        if "model_part-1" in name:
+            ckpt["last_optimizer_state"]["state"][2]["exp_avg"] += 1.0  # a layer: its norms, row-parallel biases
+
+    raw = edited_set(folder, os.path.join(work, "drift"), drift)
+    _, err = tool(["stitch", raw, "--optimizer-state", "-o", os.path.join(out, "x.pt")])
+    assert "warning" in err and "last_optimizer_state exp_avg of decoder.layers.1.fc2.bias" in err, err
+    os.remove(os.path.join(out, "x.pt"))
+    refused(["stitch", raw, "--optimizer-state", "--strict"], "last_optimizer_state exp_avg of decoder.layers.1.")
+
+
 def test_a_failed_write_leaves_nothing():
     folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
     out = harness.scratch("b2t-enospc")
@@ -410,4 +490,5 @@ if __name__ == "__main__":
                   test_layout_from_gives_the_raw_shards_back, test_layout_from_writes_another_grid,
                   test_a_template_of_another_model_is_refused_before_writing,
                   test_optimizer_state_goes_back_with_its_weights, test_optimizer_state_that_does_not_fit_is_refused,
-                  test_found_by_the_black_box_review, test_a_failed_write_leaves_nothing])
+                  test_found_by_the_black_box_review, test_found_by_the_second_black_box_review,
+                  test_a_failed_write_leaves_nothing])

@@ -617,6 +617,10 @@ TEST_SUITE("fsdp_layout") {
       add(file, contiguous("model/decoder.layer_norm.weight", DType::Float16, {2}, 200));
       add(file, contiguous("last_optimizer_state/state/0/exp_avg", DType::Float32, {4, 2}, 256));
       add(file, contiguous("last_optimizer_state/state/1/exp_avg", DType::Float32, {2}, 320));
+      auto entry = [](int tensor) { return nlohmann::ordered_json{{"step", 7}, {"exp_avg", {{"$tensor", tensor}}}}; };
+      file.objects = nlohmann::ordered_json{
+          {"last_optimizer_state",
+           {{"state", {{"0", entry(3)}, {"1", entry(4)}}}, {"param_groups", {{{"lr", 1}, {"params", {0, 1}}}}}}}};
       manifest.files.push_back(file);
       CHECK(ckpt::optimizer_state_names(manifest.files[0]) == std::vector<std::string>{"exp_avg"});
       std::vector<NamedTensor> state = ckpt::consolidate_optimizer_state(manifest, {0}, "exp_avg");

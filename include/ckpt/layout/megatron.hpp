@@ -71,8 +71,9 @@ struct ReplicatedCheck {
 };
 
 // The checks of the `keys` glued from replicated parts: each key's source in
-// every consolidated part that holds it.
+// every consolidated part that holds it, named `what` + key ("" for weights;
+// "last_optimizer_state exp_avg of " for their optimizer state).
 std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,
-                                               const std::vector<std::string>& keys);
+                                               const std::vector<std::string>& keys, const std::string& what = "");
 
 }  // namespace ckpt

@@ -51,10 +51,20 @@ std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, c
                                                      const std::vector<std::string>& buffers = {});
 
 // The per-parameter optimizer states (exp_avg, exp_avg_sq, ...) a checkpoint
-// holds: the tensors under `last_optimizer_state/state/0/` shaped like what
-// state 0 belongs to (flat parameter 0, or the first parameter as above).
-// Path labels (escaped); empty when there are none.
+// holds, checked: `last_optimizer_state.state` maps 0..K-1, one per flat
+// parameter in metadata order (FSDP) or per parameter (as above), to dicts
+// holding the same tensors, each shaped like what it belongs to, beside other
+// entries (`step`, a tensor or not); param_groups list 0..K-1 in order. The
+// names of those tensors (path labels, state 0's order); empty when the file
+// holds no optimizer state tensor. Throws Error naming the file and the entry
+// otherwise: such state cannot be cut with its weights.
 std::vector<std::string> optimizer_state_names(const ManifestFile& file, const std::vector<std::string>& buffers = {});
+
+// How a parameter's optimizer state `name` is told apart from the parameter in
+// messages: "last_optimizer_state exp_avg of " + key.
+inline std::string optimizer_state_label(const std::string& name) {
+  return "last_optimizer_state " + name + " of ";
+}
 
 // The model's size as torch sees it after stitching: elements of its
 // parameters (sum(p.numel() for p in model.parameters())) and of its buffers.
