@@ -393,8 +393,8 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
   auto fail = [&](const std::string& where, const std::string& message) {
     return Error(Location{file.path, "last_optimizer_state" + where, std::nullopt},
                  message +
-                     ": this optimizer state cannot be cut with its weights (written without it by stitch without "
-                     "--optimizer-state, reshard --drop-optimizer-state)");
+                     ": this optimizer state cannot be cut with its weights (stitch without --optimizer-state, or "
+                     "reshard --drop-optimizer-state, leaves it out)");
   };
   if (states == nullptr || !states->is_object()) throw fail("", "tensors, but no per-parameter 'state' dict");
 
@@ -434,11 +434,10 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
       const auto& [owner, shape] = owners[*k];
       if (tensor == nullptr || !tensor->alias_of.empty()) throw fail(where + "/" + name, "not a tensor of its own");
       if (tensor->shape != shape) {
-        throw Error(
-            Location{file.path, path, file.place(*tensor).file_byte_offset},
-            fmt::format("shape [{}], but {} {} ({}) has [{}]: not this model's optimizer state "
-                        "(written without it by stitch without --optimizer-state, reshard --drop-optimizer-state)",
-                        fmt::join(tensor->shape, ", "), owner_kind, *k, owner, fmt::join(shape, ", ")));
+        throw Error(Location{file.path, path, file.place(*tensor).file_byte_offset},
+                    fmt::format("shape [{}], but {} {} ({}) has [{}]: not this model's optimizer state "
+                                "(stitch without --optimizer-state, or reshard --drop-optimizer-state, leaves it out)",
+                                fmt::join(tensor->shape, ", "), owner_kind, *k, owner, fmt::join(shape, ", ")));
       }
     }
     if (*k == 0) names = held;
