@@ -414,7 +414,16 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
   }
   const char* owner_kind = flat ? "flat parameter" : "parameter";
 
-  std::vector<std::string> names;  // the tensors of state 0, but step
+  auto tensor_names = [](const nlohmann::ordered_json& state) {
+    std::vector<std::string> held;
+    for (const auto& [name, value] : state.items()) {
+      if (is_tensor_node(value) && name != "step") held.push_back(name);
+    }
+    return held;
+  };
+  // The tensors of state 0, but step: every state holds these.
+  std::vector<std::string> names;
+  if (states->contains("0") && (*states)["0"].is_object()) names = tensor_names((*states)["0"]);
   std::vector<bool> seen(owners.size(), false);
   for (const auto& [label, state] : states->items()) {
     std::string where = "/state/" + label;
@@ -425,10 +434,11 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
     }
     if (!state.is_object()) throw fail(where, "not a dict");
     seen[*k] = true;
-    std::vector<std::string> held;
-    for (const auto& [name, value] : state.items()) {
-      if (!is_tensor_node(value) || name == "step") continue;
-      held.push_back(name);
+    std::vector<std::string> held = tensor_names(state);
+    if (std::set<std::string>(held.begin(), held.end()) != std::set<std::string>(names.begin(), names.end())) {
+      throw fail(where, fmt::format("holds [{}], state 0 holds [{}]", fmt::join(held, ", "), fmt::join(names, ", ")));
+    }
+    for (const std::string& name : held) {
       std::string path = fmt::format("last_optimizer_state/state/{}/{}", label, name);
       const ManifestTensor* tensor = find_tensor(file, path);
       const auto& [owner, shape] = owners[*k];
@@ -439,11 +449,6 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
                                 "(stitch without --optimizer-state, or reshard --drop-optimizer-state, leaves it out)",
                                 fmt::join(tensor->shape, ", "), owner_kind, *k, owner, fmt::join(shape, ", ")));
       }
-    }
-    if (*k == 0) names = held;
-    std::set<std::string> want(names.begin(), names.end());
-    if (*k != 0 && std::set<std::string>(held.begin(), held.end()) != want) {
-      throw fail(where, fmt::format("holds [{}], state 0 holds [{}]", fmt::join(held, ", "), fmt::join(names, ", ")));
     }
   }
   for (std::size_t k = 0; k < owners.size(); ++k) {
@@ -468,6 +473,22 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
     }
   }
   return names;
+}
+
+void check_optimizer_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
+                            const std::vector<std::string>& names, const std::vector<std::string>& buffers) {
+  const std::set<std::string> want(names.begin(), names.end());
+  for (const std::vector<int>& row : grid) {
+    for (int index : row) {
+      const ManifestFile& file = manifest.files[static_cast<std::size_t>(index)];
+      std::vector<std::string> held = optimizer_state_names(file, buffers);
+      if (std::set<std::string>(held.begin(), held.end()) != want) {
+        throw Error(Location{file.path, "last_optimizer_state", std::nullopt},
+                    fmt::format("optimizer states [{}], where the set's first file holds [{}]", fmt::join(held, ", "),
+                                fmt::join(names, ", ")));
+      }
+    }
+  }
 }
 
 namespace {

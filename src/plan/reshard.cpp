@@ -490,6 +490,11 @@ ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, c
   ReshardPlan out;
   std::vector<std::string> states =
       optimizer_states_to_write(first, bases.first(), layout_from != nullptr, options, out.notes);
+  if (!states.empty()) {
+    check_optimizer_states(manifest, grid, states, bases.first().fsdp->buffer_names);
+    if (layout_from != nullptr)
+      check_optimizer_states(layout_from->manifest(), bases.grid, states, bases.first().fsdp->buffer_names);
+  }
   Recut recut{bases.first(), options, !states.empty(), {}, {}, {}, {}};
   // The layout rules name the tensor; with one input file, the error names it too.
   const bool one_file = grid.size() == 1 && grid[0].size() == 1;

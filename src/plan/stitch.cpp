@@ -123,14 +123,8 @@ std::vector<OptimizerStates> consolidate_states(const Manifest& manifest, const 
     throw Error(Location{first.path, "last_optimizer_state", std::nullopt},
                 "--optimizer-state: no per-parameter optimizer state (exp_avg, ...) here");
   }
-  for (const auto& shards : grid) {
-    const ManifestFile& part = manifest.files[shards[0]];
-    if (optimizer_state_names(part, buffers) != names) {
-      throw Error(Location{part.path, "last_optimizer_state", std::nullopt},
-                  fmt::format("--optimizer-state: not the states of {} ({})", first.path, fmt::join(names, ", ")));
-    }
-    check_state_entries(part);
-  }
+  check_optimizer_states(manifest, grid, names, buffers);
+  for (const auto& shards : grid) check_state_entries(manifest.files[shards[0]]);
   std::vector<OptimizerStates> out(options.stitch_megatron ? 1 : grid.size());
   for (const std::string& name : names) {
     std::vector<std::vector<NamedTensor>> parts;

@@ -452,6 +452,15 @@ def test_found_by_the_second_black_box_review():
         os.makedirs(out)
         refused(["reshard", single, "--mp", 2, "--dp", 2, "--layout-from", raw], needle)
 
+    # an extra state in one shard only: every file is checked, not the first
+    def extra_in_one(ckpt, name):
+        if name.endswith("part-0-shard1.pt"):
+            extra_state(ckpt, name)
+
+    raw = edited_set(folder, os.path.join(work, "extra-one"), extra_in_one)
+    for args in (["stitch", raw, "--optimizer-state"], ["reshard", raw, "--mp", 1, "--dp", 2]):
+        refused(args, "part-0-shard1.pt: last_optimizer_state/state/3", "state 3, but there are 3 flat parameters")
+
     # steps that differ between flat parameters cannot be written once per parameter
     def step_differs(ckpt, _):
         ckpt["last_optimizer_state"]["state"][1]["step"] = 249

@@ -623,6 +623,10 @@ TEST_SUITE("fsdp_layout") {
            {{"state", {{"0", entry(3)}, {"1", entry(4)}}}, {"param_groups", {{{"lr", 1}, {"params", {0, 1}}}}}}}};
       manifest.files.push_back(file);
       CHECK(ckpt::optimizer_state_names(manifest.files[0]) == std::vector<std::string>{"exp_avg"});
+      ckpt::ManifestFile reordered = manifest.files[0];  // a dict saved with state 1 first
+      reordered.objects = nlohmann::ordered_json{
+          {"last_optimizer_state", {{"state", {{"1", entry(4)}, {"0", entry(3)}}}, {"param_groups", nullptr}}}};
+      CHECK(ckpt::optimizer_state_names(reordered) == std::vector<std::string>{"exp_avg"});
       std::vector<NamedTensor> state = ckpt::consolidate_optimizer_state(manifest, {0}, "exp_avg");
       REQUIRE(state.size() == 2);
       CHECK(state[0].name == "decoder.embed_tokens.weight");

@@ -60,6 +60,12 @@ std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, c
 // otherwise: such state cannot be cut with its weights.
 std::vector<std::string> optimizer_state_names(const ManifestFile& file, const std::vector<std::string>& buffers = {});
 
+// Every file of `grid` (indices in manifest.files) holds the optimizer states
+// `names`, checked as above: an extra state in one shard would be carried, a
+// missing one lost. Throws Error naming the first file that does not.
+void check_optimizer_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
+                            const std::vector<std::string>& names, const std::vector<std::string>& buffers);
+
 // How a parameter's optimizer state `name` is told apart from the parameter in
 // messages: "last_optimizer_state exp_avg of " + key.
 inline std::string optimizer_state_label(const std::string& name) {
