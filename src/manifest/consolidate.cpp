@@ -332,31 +332,20 @@ std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, c
     return unflatten(manifest, shard_files,
                      [&](const FlatParamMeta&, std::size_t index) { return optimizer_state_path(index, state_name); });
   }
+  // Every state checked against its parameter first (optimizer_state_names).
+  std::vector<std::string> names = optimizer_state_names(first, buffers);
+  if (std::find(names.begin(), names.end(), state_name) == names.end()) {
+    throw Error(Location{first.path, "last_optimizer_state", std::nullopt},
+                fmt::format("no optimizer state '{}' here (the states hold: {})", state_name, fmt::join(names, ", ")));
+  }
   std::vector<std::pair<std::string, const ManifestTensor*>> params = parameters(first, buffers);
   std::vector<NamedTensor> out;
   for (std::size_t i = 0; i < params.size(); ++i) {
-    const auto& [key, param] = params[i];
-    std::string path = optimizer_state_path(i, state_name);
-    const ManifestTensor* state = find_tensor(first, path);
-    if (state == nullptr || !state->alias_of.empty()) {
-      throw Error(Location{first.path, path, std::nullopt},
-                  fmt::format("missing: the optimizer state of parameter {} ({}), if state <i> is the i-th "
-                              "parameter as torch saves it",
-                              i, key));
-    }
-    std::uint64_t offset = first.place(*state).file_byte_offset;
-    if (state->shape != param->shape) {
-      throw Error(Location{first.path, path, offset},
-                  fmt::format("shape [{}], but parameter {} ({}) has [{}]: not this model's optimizer state",
-                              fmt::join(state->shape, ", "), i, key, fmt::join(param->shape, ", ")));
-    }
-    out.push_back({key, source_of(*state, offset, static_cast<std::uint32_t>(shard_files[0])), std::nullopt});
-  }
-  std::string beyond = optimizer_state_path(params.size(), state_name);
-  if (find_tensor(first, beyond) != nullptr) {
-    throw Error(
-        Location{first.path, beyond, std::nullopt},
-        fmt::format("more optimizer states than the {} parameters: not this model's optimizer state", params.size()));
+    const ManifestTensor* state = find_tensor(first, optimizer_state_path(i, state_name));
+    check_invariant(state != nullptr, "a state optimizer_state_names has checked");
+    out.push_back({params[i].first,
+                   source_of(*state, first.place(*state).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
+                   std::nullopt});
   }
   return out;
 }
