@@ -402,6 +402,12 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
     for (const auto& [key, tensor] : parameters(file, buffers)) owners.emplace_back(key, tensor->shape);
   }
   const char* owner_kind = flat ? "flat parameter" : "parameter";
+  const nlohmann::ordered_json* groups = frame->contains("param_groups") ? &(*frame)["param_groups"] : nullptr;
+  if (!flat && groups != nullptr && groups->is_array() && groups->size() > 1) {
+    throw fail("/param_groups", fmt::format("{} param groups: torch numbers the states group by group, so which "
+                                            "parameter each state belongs to is not recorded (one group can be cut)",
+                                            groups->size()));
+  }
 
   auto tensor_names = [](const nlohmann::ordered_json& state) {
     std::vector<std::string> held;
@@ -447,7 +453,6 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
     }
   }
   // torch gives state ids in param_groups' order: they must be 0..K-1 in order.
-  const nlohmann::ordered_json* groups = frame->contains("param_groups") ? &(*frame)["param_groups"] : nullptr;
   if (groups != nullptr && groups->is_array()) {
     std::size_t next = 0;
     for (const nlohmann::ordered_json& group : *groups) {
@@ -464,9 +469,42 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
   return names;
 }
 
+namespace {
+
+// What every optimizer state of one save shares: the entries of a state but its
+// tensors (step, ...), and param_groups without their params. Throws Error
+// naming the state that differs from state 0 in `file`.
+nlohmann::ordered_json optimizer_entries(const ManifestFile& file) {
+  const nlohmann::ordered_json& frame = (*file.objects)["last_optimizer_state"];
+  std::optional<std::pair<std::string, nlohmann::ordered_json>> first;
+  for (const auto& [label, state] : frame["state"].items()) {
+    nlohmann::ordered_json entries = nlohmann::ordered_json::object();
+    for (const auto& [name, value] : state.items()) {
+      if (!is_tensor_node(value)) entries[name] = value;
+    }
+    if (!first) {
+      first.emplace(label, std::move(entries));
+    } else if (entries != first->second) {
+      throw Error(Location{file.path, "last_optimizer_state/state/" + label, std::nullopt},
+                  fmt::format("{} here, {} in state {}: the states of one save agree on these", entries.dump(),
+                              first->second.dump(), first->first));
+    }
+  }
+  nlohmann::ordered_json groups = frame.contains("param_groups") ? frame["param_groups"] : nullptr;
+  if (groups.is_array()) {
+    for (nlohmann::ordered_json& group : groups) {
+      if (group.is_object()) group.erase("params");
+    }
+  }
+  return {{"state", first ? first->second : nullptr}, {"param_groups", groups}};
+}
+
+}  // namespace
+
 void check_optimizer_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
                             const std::vector<std::string>& names, const std::vector<std::string>& buffers) {
   const std::set<std::string> want(names.begin(), names.end());
+  std::optional<std::pair<std::string, nlohmann::ordered_json>> first;  // (file, its step and hyperparameters)
   for (const std::vector<int>& row : grid) {
     for (int index : row) {
       const ManifestFile& file = manifest.files[static_cast<std::size_t>(index)];
@@ -475,6 +513,15 @@ void check_optimizer_states(const Manifest& manifest, const std::vector<std::vec
         throw Error(Location{file.path, "last_optimizer_state", std::nullopt},
                     fmt::format("optimizer states [{}], where the set's first file holds [{}]", fmt::join(held, ", "),
                                 fmt::join(names, ", ")));
+      }
+      if (names.empty()) continue;
+      nlohmann::ordered_json entries = optimizer_entries(file);
+      if (!first) {
+        first.emplace(file.path, std::move(entries));
+      } else if (entries != first->second) {
+        throw Error(Location{file.path, "last_optimizer_state", std::nullopt},
+                    fmt::format("{} here, {} in {}: the optimizer states of one save agree on these", entries.dump(),
+                                first->second.dump(), first->first));
       }
     }
   }

@@ -82,6 +82,30 @@ void check_request(const ReshardOptions& options) {
   if (options.unflatten && options.dp != 1) throw Error("--unflatten writes consolidated parts: it needs --dp 1");
 }
 
+// The step of an optimizer state: an int, or (torch >= 1.12) a 0-dim tensor.
+struct OptimizerStep {
+  std::int64_t value = 0;
+  std::optional<OutputTensor> tensor;
+};
+
+// The step the states of `file` (manifest file `index`) share, if they have one
+// (check_optimizer_states has checked that they agree).
+std::optional<OptimizerStep> optimizer_step(const ManifestFile& file, int index) {
+  const nlohmann::ordered_json& root = *file.objects;
+  const nlohmann::ordered_json& frame = root.at("last_optimizer_state");
+  const nlohmann::ordered_json& states = frame.at("state");
+  if (!states.contains("0") || !states.at("0").contains("step")) return std::nullopt;
+  const nlohmann::ordered_json& step = states.at("0").at("step");
+  if (step.is_number_integer()) return OptimizerStep{step.get<std::int64_t>(), std::nullopt};
+  const std::string path = "last_optimizer_state/state/0/step";
+  const ManifestTensor* tensor = find_tensor(file, path);
+  if (tensor == nullptr || !tensor->alias_of.empty()) {
+    throw Error(Location{file.path, path, std::nullopt}, "a step that is neither an int nor a tensor");
+  }
+  TensorSource source = source_of(*tensor, file.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(index));
+  return OptimizerStep{0, OutputTensor{path, tensor->dtype, source, std::nullopt}};
+}
+
 // The files every output is an edited copy of, and whose FSDP layout it takes:
 // the input grid's, or the template's (--layout-from).
 struct Bases {
@@ -297,6 +321,9 @@ struct Recut {
   const ManifestFile& first;  // the base grid's first file: its FSDP layout is the outputs'
   const ReshardOptions& options;
   bool keep_optimizer = false;
+  bool keep_stateless_frame = false;  // the base's last_optimizer_state holds no state to cut (Adam before step 1)
+  // With a template: the input's `step`, written in place of the template's in every state.
+  std::optional<OptimizerStep> step;
   PartTensors weights;
   std::map<std::string, PartTensors> optimizer;  // empty unless keep_optimizer
   // Per output part, each flat parameter whole (flatten_whole), cut per rank by chunk_flat.
@@ -398,8 +425,28 @@ void build_flat_model(Output& output, const FsdpMetadata& layout, const std::vec
   output.written.insert(output.written.end(), model.begin(), model.end());
 }
 
+// The input's step in every state of the output's last_optimizer_state: an int,
+// or (torch >= 1.12) a tensor of its own in each state, which Adam increments
+// in place.
+void replace_step(Output& output, const OptimizerStep& step) {
+  pickle::Graph& graph = output.builder.graph();
+  pickle::NodeId frame = output.builder.top_level("last_optimizer_state");
+  const auto* states = graph.mapping_entries(graph.lookup(frame, "state"));
+  if (states == nullptr) return;
+  std::vector<pickle::NodeId> dicts;
+  for (const auto& [key, state] : *states) dicts.push_back(state);
+  for (pickle::NodeId state : dicts) {
+    pickle::NodeId value = step.tensor ? output.builder.add_tensor(*step.tensor) : graph.integer(step.value);
+    if (!output.builder.set_entry(state, "step", value)) {
+      throw Error(Location{output.base.path(), "last_optimizer_state/state", std::nullopt},
+                  "--layout-from: a state of the template without the step the input's states have");
+    }
+  }
+}
+
 // Shard d of part m of each flat optimizer state, in place of the base's.
 void replace_optimizer_state(Output& output, const Recut& recut, int m, int d) {
+  if (recut.step) replace_step(output, *recut.step);
   for (const auto& [name, state] : recut.flat_optimizer) {
     std::vector<FlatShard> slices = chunk_flat(*recut.first.fsdp, state[m], recut.options.dp, d);
     for (std::size_t k = 0; k < slices.size(); ++k) {
@@ -447,7 +494,7 @@ PlannedOutput plan_output(const Bases& bases, const Recut& recut, const std::str
   } else {
     write_flattened(output, base_file, base_flattened, recut, m, d);
   }
-  if (!recut.keep_optimizer) output.builder.drop_top_level("last_optimizer_state");
+  if (!recut.keep_optimizer && !recut.keep_stateless_frame) output.builder.drop_top_level("last_optimizer_state");
   output.builder.set_model_parallel_size(options.mp);
   PlannedOutput out;
   out.path = output_path(pattern, options.mp, options.dp, m, d);
@@ -495,7 +542,11 @@ ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, c
     if (layout_from != nullptr)
       check_optimizer_states(layout_from->manifest(), bases.grid, states, bases.first().fsdp->buffer_names);
   }
-  Recut recut{bases.first(), options, !states.empty(), {}, {}, {}, {}};
+  Recut recut{bases.first(), options, !states.empty(), false, std::nullopt, {}, {}, {}, {}};
+  // A frame without states to cut (Adam before its first step) stays as it is.
+  recut.keep_stateless_frame =
+      states.empty() && layout_from == nullptr && !options.drop_optimizer_state && !options.unflatten;
+  if (layout_from != nullptr && !states.empty()) recut.step = optimizer_step(first, grid[0][0]);
   // The layout rules name the tensor; with one input file, the error names it too.
   const bool one_file = grid.size() == 1 && grid[0].size() == 1;
   try {

@@ -89,27 +89,6 @@ void plan_per_part(const std::vector<std::vector<NamedTensor>>& consolidated, St
 // Each optimizer state of an output, by name: the consolidated parameters.
 using OptimizerStates = std::vector<std::pair<std::string, std::vector<NamedTensor>>>;
 
-// The entries of each state but its tensors (step, ...) are written once for
-// every parameter: the states of `file` must agree on them.
-void check_state_entries(const ManifestFile& file) {
-  const nlohmann::ordered_json& states = (*file.objects)["last_optimizer_state"]["state"];
-  std::optional<std::pair<std::string, nlohmann::ordered_json>> first;
-  for (const auto& [label, state] : states.items()) {
-    nlohmann::ordered_json entries = nlohmann::ordered_json::object();
-    for (const auto& [name, value] : state.items()) {
-      if (!(value.is_object() && value.contains("$tensor"))) entries[name] = value;
-    }
-    if (!first) {
-      first.emplace(label, std::move(entries));
-    } else if (entries != first->second) {
-      throw Error(Location{file.path, "last_optimizer_state/state/" + label, std::nullopt},
-                  fmt::format("--optimizer-state: {} here, {} in state {}: one set of these entries is written for "
-                              "every parameter",
-                              entries.dump(), first->second.dump(), first->first));
-    }
-  }
-}
-
 // --optimizer-state: every state of every part consolidated (FSDP flat states
 // unpadded and split, or a consolidated file's per-parameter states), then
 // glued like the weights, or one list per part; what should agree across the
@@ -124,7 +103,6 @@ std::vector<OptimizerStates> consolidate_states(const Manifest& manifest, const 
                 "--optimizer-state: no per-parameter optimizer state (exp_avg, ...) here");
   }
   check_optimizer_states(manifest, grid, names, buffers);
-  for (const auto& shards : grid) check_state_entries(manifest.files[shards[0]]);
   std::vector<OptimizerStates> out(options.stitch_megatron ? 1 : grid.size());
   for (const std::string& name : names) {
     std::vector<std::vector<NamedTensor>> parts;

@@ -461,15 +461,20 @@ def test_found_by_the_second_black_box_review():
     for args in (["stitch", raw, "--optimizer-state"], ["reshard", raw, "--mp", 1, "--dp", 2]):
         refused(args, "part-0-shard1.pt: last_optimizer_state/state/3", "state 3, but there are 3 flat parameters")
 
-    # steps that differ between flat parameters cannot be written once per parameter
+    # the states of one save agree on their step: within a file and across the shards
     def step_differs(ckpt, _):
         ckpt["last_optimizer_state"]["state"][1]["step"] = 249
 
-    raw = edited_set(folder, os.path.join(work, "step"), step_differs)
-    refused(["stitch", raw, "--optimizer-state"], "last_optimizer_state/state/1", "249", "250")
-    tool(["reshard", "-q", raw, "--mp", 1, "--dp", 2, "-o", os.path.join(out, SHARD)])  # kept per flat parameter
-    subprocess.run(["rm", "-rf", out], check=True)
-    os.makedirs(out)
+    def shard_step_differs(ckpt, name):
+        if "shard1" in name:
+            for state in ckpt["last_optimizer_state"]["state"].values():
+                state["step"] = 251
+
+    for name, change, needle in (("step", step_differs, "last_optimizer_state/state/1"),
+                                 ("shard-step", shard_step_differs, "shard1.pt: last_optimizer_state")):
+        raw = edited_set(folder, os.path.join(work, name), change)
+        for args in (["stitch", raw, "--optimizer-state"], ["reshard", raw, "--mp", 1, "--dp", 2]):
+            refused(args, needle, "agree on these")
 
     # the optimizer state of a replicated weight is compared across the parts, as the weight is
     def drift(ckpt, name):
@@ -481,6 +486,43 @@ def test_found_by_the_second_black_box_review():
     assert "warning" in err and "last_optimizer_state exp_avg of decoder.layers.1.fc2.bias" in err, err
     os.remove(os.path.join(out, "x.pt"))
     refused(["stitch", raw, "--optimizer-state", "--strict"], "last_optimizer_state exp_avg of decoder.layers.1.")
+
+
+def test_found_by_the_third_black_box_review():
+    folder, work, single, out = adam_singleton("b2t-review3")
+    pattern = os.path.join(out, SHARD)
+    # torch numbers the states of several param groups group by group: not cut by position
+    ckpt = ckptcheck.load(single)
+    groups = ckpt["last_optimizer_state"]["param_groups"]
+    params = groups[0]["params"]
+    groups[:] = [dict(groups[0], params=params[:4]), dict(groups[0], params=params[4:], lr=1.0)]
+    two = os.path.join(work, "two-groups.pt")
+    torch.save(ckpt, two)
+    _, err = tool(["reshard", two, "--mp", 2, "--dp", 2, "--layout-from", folder, "-o", pattern], expect=1)
+    assert "last_optimizer_state/param_groups: 2 param groups: torch numbers the states group by group" in err, err
+    assert os.listdir(out) == []
+    # the input's step goes with its moments (an int, or a tensor of its own in every state)
+    for step in (3, torch.tensor(3.0)):
+        ckpt = ckptcheck.load(single)
+        for state in ckpt["last_optimizer_state"]["state"].values():
+            state["step"] = step.clone() if isinstance(step, torch.Tensor) else step
+        stepped = os.path.join(work, "stepped.pt")
+        torch.save(ckpt, stepped)
+        tool(["reshard", "-q", "--force", stepped, "--mp", 2, "--dp", 2, "--layout-from", folder, "-o", pattern])
+        states = ckptcheck.load(pattern.format(m=1, d=1))["last_optimizer_state"]["state"]
+        for state in states.values():
+            assert type(state["step"]) is type(step) and float(state["step"]) == 3.0, state["step"]
+        if isinstance(step, torch.Tensor):
+            assert len({id(state["step"]) for state in states.values()}) == len(states)  # Adam adds to it in place
+    # Adam before its first step: no state to cut, the rest of the frame stays
+    raw = edited_set(folder, os.path.join(work, "before-step-1"),
+                     lambda c, _: c["last_optimizer_state"].update(state={}))
+    again = harness.scratch("b2t-review3-again")
+    tool(["reshard", "-q", raw, "--mp", 1, "--dp", 2, "-o", os.path.join(again, SHARD)])
+    frame = ckptcheck.load(os.path.join(again, SHARD.format(m=0, d=1)))["last_optimizer_state"]
+    original = harness.load_fixture(raw_file(folder, 0, 0))["last_optimizer_state"]
+    assert frame["state"] == {} and frame["loss_scale"] == original["loss_scale"], frame
+    assert frame["param_groups"] == original["param_groups"], frame
 
 
 def test_a_failed_write_leaves_nothing():
@@ -500,4 +542,5 @@ if __name__ == "__main__":
                   test_a_template_of_another_model_is_refused_before_writing,
                   test_optimizer_state_goes_back_with_its_weights, test_optimizer_state_that_does_not_fit_is_refused,
                   test_found_by_the_black_box_review, test_found_by_the_second_black_box_review,
+                  test_found_by_the_third_black_box_review,
                   test_a_failed_write_leaves_nothing])

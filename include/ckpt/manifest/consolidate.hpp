@@ -61,8 +61,10 @@ std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, c
 std::vector<std::string> optimizer_state_names(const ManifestFile& file, const std::vector<std::string>& buffers = {});
 
 // Every file of `grid` (indices in manifest.files) holds the optimizer states
-// `names`, checked as above: an extra state in one shard would be carried, a
-// missing one lost. Throws Error naming the first file that does not.
+// `names`, checked as above (an extra state in one shard would be carried, a
+// missing one lost), and the states of every file agree on their other
+// entries (step, ...) and param_groups but params: shards of one save. Throws
+// Error naming the first file or state that does not.
 void check_optimizer_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
                             const std::vector<std::string>& names, const std::vector<std::string>& buffers);
 
