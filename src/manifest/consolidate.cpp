@@ -490,16 +490,22 @@ nlohmann::ordered_json optimizer_entries(const ManifestFile& file) {
                               first->second.dump(), first->first));
     }
   }
-  nlohmann::ordered_json groups = frame.contains("param_groups") ? frame["param_groups"] : nullptr;
-  if (groups.is_array()) {
-    for (nlohmann::ordered_json& group : groups) {
-      if (group.is_object()) group.erase("params");
-    }
-  }
-  return {{"state", first ? first->second : nullptr}, {"param_groups", groups}};
+  return {{"state", first ? first->second : nullptr}, {"param_groups", optimizer_hyperparameters(file)}};
 }
 
 }  // namespace
+
+nlohmann::ordered_json optimizer_hyperparameters(const ManifestFile& file) {
+  const nlohmann::ordered_json& root = *file.objects;
+  if (!root.is_object() || !root.contains("last_optimizer_state")) return nullptr;
+  const nlohmann::ordered_json& frame = root["last_optimizer_state"];
+  if (!frame.is_object() || !frame.contains("param_groups") || !frame["param_groups"].is_array()) return nullptr;
+  nlohmann::ordered_json groups = frame["param_groups"];
+  for (nlohmann::ordered_json& group : groups) {
+    if (group.is_object()) group.erase("params");
+  }
+  return groups;
+}
 
 void check_optimizer_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
                             const std::vector<std::string>& names, const std::vector<std::string>& buffers) {

@@ -240,19 +240,6 @@ void check_against_template(const Weights& weights, QkvForm form, const Bases& b
   }
 }
 
-// A file's optimizer hyperparameters: its param_groups without their params.
-nlohmann::ordered_json hyperparameters(const ManifestFile& file) {
-  const nlohmann::ordered_json& root = *file.objects;
-  if (!root.is_object() || !root.contains("last_optimizer_state")) return nullptr;
-  const nlohmann::ordered_json& frame = root["last_optimizer_state"];
-  if (!frame.is_object() || !frame.contains("param_groups") || !frame["param_groups"].is_array()) return nullptr;
-  nlohmann::ordered_json groups = frame["param_groups"];
-  for (nlohmann::ordered_json& group : groups) {
-    if (group.is_object()) group.erase("params");
-  }
-  return groups;
-}
-
 // The optimizer states (exp_avg, ...) the outputs carry: the input's, written
 // in place of the base's (its last_optimizer_state, step and param_groups
 // included, is the frame). None with --drop-optimizer-state or --unflatten; a
@@ -288,7 +275,7 @@ std::vector<std::string> optimizer_states_to_write(const ManifestFile& input, co
                             "are written in their place; --drop-optimizer-state writes none",
                             fmt::join(frame, ", "), fmt::join(names, ", ")));
   }
-  if (hyperparameters(input) != hyperparameters(layout_file)) {
+  if (optimizer_hyperparameters(input) != optimizer_hyperparameters(layout_file)) {
     notes.push_back(
         fmt::format("the template's param_groups (lr, betas, weight decay, ...) are written with the "
                     "optimizer state of {}, whose own differ",

@@ -68,6 +68,10 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
 void check_optimizer_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
                             const std::vector<std::string>& names, const std::vector<std::string>& buffers);
 
+// A file's optimizer hyperparameters: last_optimizer_state's param_groups
+// without their params (null when there are none).
+nlohmann::ordered_json optimizer_hyperparameters(const ManifestFile& file);
+
 // How a parameter's optimizer state `name` is told apart from the parameter in
 // messages: "last_optimizer_state exp_avg of " + key.
 inline std::string optimizer_state_label(const std::string& name) {
