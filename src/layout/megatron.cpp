@@ -129,22 +129,30 @@ std::optional<Projection> projection_of(std::string_view key) {
   return std::nullopt;
 }
 
-std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
+// A part's keys, and for each key others are tied to one of them: what a
+// renaming must not collide with or leave dangling.
+struct PartKeys {
+  explicit PartKeys(const std::vector<NamedTensor>& part) {
+    for (const NamedTensor& tensor : part) {
+      names.insert(tensor.name);
+      if (tensor.alias_of) tied_to.emplace(*tensor.alias_of, tensor.name);
+    }
+  }
   std::set<std::string> names;
   std::map<std::string, std::string> tied_to;  // target -> a key tied to it
-  for (const NamedTensor& tensor : part) {
-    names.insert(tensor.name);
-    if (tensor.alias_of) tied_to.emplace(*tensor.alias_of, tensor.name);
-  }
+};
+
+std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
+  const PartKeys keys(part);
   std::vector<NamedTensor> out;
   for (NamedTensor& tensor : part) {
     if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) {
       out.push_back(std::move(tensor));
       continue;
     }
-    if (tied_to.count(tensor.name) != 0) {
+    if (keys.tied_to.count(tensor.name) != 0) {
       throw Error(Location{"", tensor.name, std::nullopt},
-                  fmt::format("'{}' is tied to it: a tied qkv_proj cannot be split", tied_to.at(tensor.name)));
+                  fmt::format("'{}' is tied to it: a tied qkv_proj cannot be split", keys.tied_to.at(tensor.name)));
     }
     auto kvq = split_qkv(tensor.source, tensor.name);
     std::size_t at = tensor.name.find("qkv_proj");
@@ -154,7 +162,7 @@ std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
         name.replace(at, 8, kProjections[t]);
       else
         name += fmt::format(".{}", kProjections[t]);
-      if (names.count(name) != 0) {
+      if (keys.names.count(name) != 0) {
         throw Error(Location{"", tensor.name, std::nullopt},
                     fmt::format("split into k, v and q, it would give '{}', which the state dict holds already", name));
       }
@@ -165,12 +173,7 @@ std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
 }
 
 std::vector<NamedTensor> fuse_separate(std::vector<NamedTensor> part) {
-  std::set<std::string> names;
-  std::map<std::string, std::string> tied_to;  // target -> a key tied to it
-  for (const NamedTensor& tensor : part) {
-    names.insert(tensor.name);
-    if (tensor.alias_of) tied_to.emplace(*tensor.alias_of, tensor.name);
-  }
+  const PartKeys keys(part);
   struct Group {
     std::array<const NamedTensor*, 3> kvq{};
     std::size_t first = 0;  // where the fused tensor goes
@@ -214,8 +217,8 @@ std::vector<NamedTensor> fuse_separate(std::vector<NamedTensor> part) {
         missing.replace(projection->at, 8, kProjections[t]);
         throw fail(fmt::format("'{}' is missing, so k, v and q cannot be fused into {}", missing, name));
       }
-      if (tied_to.count(member->name) != 0) {
-        throw fail(fmt::format("'{}' is tied to {}: a tied projection cannot be fused", tied_to.at(member->name),
+      if (keys.tied_to.count(member->name) != 0) {
+        throw fail(fmt::format("'{}' is tied to {}: a tied projection cannot be fused", keys.tied_to.at(member->name),
                                member->name));
       }
     }
@@ -228,7 +231,7 @@ std::vector<NamedTensor> fuse_separate(std::vector<NamedTensor> part) {
                              dtype_info(v.dtype).name, dtype_info(q.dtype).name));
     }
     std::vector<TensorSource> kvq = {k, v, q};
-    if (names.count(name) != 0)
+    if (keys.names.count(name) != 0)
       throw fail(fmt::format("fused, it would be '{}', which the state dict holds already", name));
     out.push_back({name, concat(kvq, glued_shape(kvq, 0)), std::nullopt});
   }

@@ -379,8 +379,9 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
   const nlohmann::ordered_json* states =
       frame != nullptr && frame->is_object() && frame->contains("state") ? &(*frame)["state"] : nullptr;
   if (!has_tensors) return {};
-  auto fail = [&](const std::string& where, const std::string& message) {
-    return Error(Location{file.path, "last_optimizer_state" + where, std::nullopt},
+  auto fail = [&](const std::string& where, const std::string& message,
+                  std::optional<std::uint64_t> offset = std::nullopt) {
+    return Error(Location{file.path, "last_optimizer_state" + where, offset},
                  message +
                      ": this optimizer state cannot be cut with its weights (stitch without --optimizer-state, or "
                      "reshard --drop-optimizer-state, leaves it out)");
@@ -439,10 +440,10 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
       const auto& [owner, shape] = owners[*k];
       if (tensor == nullptr || !tensor->alias_of.empty()) throw fail(where + "/" + name, "not a tensor of its own");
       if (tensor->shape != shape) {
-        throw Error(Location{file.path, path, file.place(*tensor).file_byte_offset},
-                    fmt::format("shape [{}], but {} {} ({}) has [{}]: not this model's optimizer state "
-                                "(stitch without --optimizer-state, or reshard --drop-optimizer-state, leaves it out)",
-                                fmt::join(tensor->shape, ", "), owner_kind, *k, owner, fmt::join(shape, ", ")));
+        throw fail(where + "/" + name,
+                   fmt::format("shape [{}], but {} {} ({}) has [{}]: not this model's optimizer state",
+                               fmt::join(tensor->shape, ", "), owner_kind, *k, owner, fmt::join(shape, ", ")),
+                   file.place(*tensor).file_byte_offset);
       }
     }
   }
