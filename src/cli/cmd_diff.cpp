@@ -100,7 +100,15 @@ void load_side(Side& side, bool state_dict_only) {
   side.consolidated = true;
   std::vector<std::vector<NamedTensor>> parts;
   for (const auto& shards : complete_grid(manifest)) parts.push_back(consolidate_part(manifest, shards));
-  for (NamedTensor& tensor : glue_megatron(parts, {}, nullptr)) {
+  std::vector<std::string> replicated;
+  std::vector<NamedTensor> glued = glue_megatron(parts, {}, &replicated);
+  // Part 0's copy of a replicated tensor stands for the others only when they agree.
+  std::vector<std::string> differing = compare_replicated(replicated_checks(parts, replicated), side.inputs.files());
+  if (!differing.empty()) {
+    throw Error(fmt::format("{}{}: the set is not one model", differing.front(),
+                            differing.size() > 1 ? fmt::format(" (and {} more)", differing.size() - 1) : ""));
+  }
+  for (NamedTensor& tensor : glued) {
     tensor.name = state_dict_path(kModelPrefix, tensor.name);
     if (tensor.alias_of) tensor.alias_of = state_dict_path(kModelPrefix, *tensor.alias_of);
     side.tensors.push_back(std::move(tensor));

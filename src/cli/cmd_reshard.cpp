@@ -88,7 +88,7 @@ Action add_reshard_command(CLI::App& app) {
     if (!options->write.quiet) {
       for (const std::string& note : plan.notes) print_notice(note);
     }
-    report_replicated(plan.checks, inputs.files(), options->write.strict);
+    report_replicated(plan.checks, inputs.files(), options->write.replicated_from_part_0);
     run_plan(plan.plan, plan.tensors, options->write, started);
     return 0;
   };

@@ -207,7 +207,7 @@ Action add_stitch_command(CLI::App& app) {
     }
 
     StitchPlan plan = plan_stitch(inputs, outputs, stitch);
-    report_replicated(plan.checks, inputs.files(), options->write.strict);
+    report_replicated(plan.checks, inputs.files(), options->write.replicated_from_part_0);
     std::vector<std::string> stale;
     if (stitch.format != OutputFormat::Torch && !options->write.dry_run) {
       stale = stale_set_files(plan.plan, folder ? std::vector<std::string>{options->output} : outputs, folder);

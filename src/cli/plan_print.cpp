@@ -87,7 +87,9 @@ void print_stats(const ExecStats& stats, std::size_t files, double plan_seconds)
 }  // namespace
 
 void add_write_flags(CLI::App& app, WriteFlags& flags) {
-  app.add_flag("--strict", flags.strict, "fail when replicated tensors differ between model parts");
+  app.add_flag("--replicated-from-part-0", flags.replicated_from_part_0,
+               "a tensor the Megatron rules call replicated that differs between model parts: take part 0's copy "
+               "with a warning (default: fail)");
   app.add_flag("--dry-run", flags.dry_run, "print the plan; write nothing");
   app.add_option("--threads", flags.threads, "copy threads (default: all cores)")->check(thread_count());
   app.add_flag("-q,--quiet", flags.quiet, "no progress or summary on stderr");
@@ -155,10 +157,15 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
 }
 
 void report_replicated(const std::vector<ReplicatedCheck>& checks, const std::vector<const MappedFile*>& files,
-                       bool strict) {
-  for (const std::string& problem : compare_replicated(checks, files)) {
-    if (strict) throw Error(problem);
-    fmt::print(stderr, "ckpt-tool: warning: {}\n", printable(problem));
+                       bool take_part_0) {
+  std::vector<std::string> problems = compare_replicated(checks, files);
+  if (problems.empty()) return;
+  if (!take_part_0) {
+    throw Error(fmt::format("{}{}; --replicated-from-part-0 takes part 0's copy", problems.front(),
+                            problems.size() > 1 ? fmt::format(" (and {} more)", problems.size() - 1) : ""));
+  }
+  for (const std::string& problem : problems) {
+    fmt::print(stderr, "ckpt-tool: warning: {}; part 0's copy taken\n", printable(problem));
   }
 }
 

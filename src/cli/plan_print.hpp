@@ -25,7 +25,7 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
 
 // The flags of every command that writes checkpoints, and running its plan.
 struct WriteFlags {
-  bool strict = false;
+  bool replicated_from_part_0 = false;  // a replicated tensor that differs: part 0's copy, not an error
   bool dry_run = false;
   unsigned threads = 0;
   bool quiet = false;
@@ -51,8 +51,10 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
               std::chrono::steady_clock::time_point started);
 
 // Compares the replicated tensors (compare_replicated) and prints each
-// difference as a warning, or throws the first when `strict`.
+// difference as a warning when `take_part_0`, else throws one error naming
+// the first (the tensor, the part, the first differing position, the largest
+// difference).
 void report_replicated(const std::vector<ReplicatedCheck>& checks, const std::vector<const MappedFile*>& files,
-                       bool strict);
+                       bool take_part_0);
 
 }  // namespace ckpt::cli

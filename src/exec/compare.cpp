@@ -1,15 +1,19 @@
 #include "ckpt/exec/compare.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 #include <vector>
 
 #include "ckpt/exec/gather.hpp"
+#include "ckpt/format/zip.hpp"
+#include "ckpt/io/crc32.hpp"
 #include "ckpt/io/parallel.hpp"
 
 namespace ckpt {
@@ -175,6 +179,41 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
   return report;
 }
 
+namespace {
+
+// A replicated tensor that differs between parts may be a corrupted byte, and
+// then that is the error to report: the zip record each piece of `source` is
+// read from is checked against its CRC-32 (records of files that are not zips,
+// safetensors, are not).
+void check_records(const TensorSource& source, const std::vector<const MappedFile*>& files,
+                   std::map<std::uint32_t, std::optional<ZipArchive>>& zips) {
+  std::vector<std::byte> buffer;
+  for (const Piece& piece : source.pieces) {
+    if (piece.source >= files.size()) continue;
+    auto [it, added] = zips.try_emplace(piece.source);
+    if (added) {
+      try {
+        it->second.emplace(*files[piece.source]);
+      } catch (const Error&) {
+        continue;
+      }
+    }
+    if (!it->second) continue;
+    for (const ZipRecord& record : it->second->records()) {
+      if (piece.source_offset < record.data_offset || piece.source_offset >= record.data_offset + record.nbytes)
+        continue;
+      std::uint32_t crc = crc32_update_from(0, *files[piece.source], record.data_offset, record.nbytes, buffer);
+      if (crc != record.crc32) {
+        throw Error(Location{files[piece.source]->path(), record.name, record.data_offset},
+                    fmt::format("CRC-32 of the data is 0x{:08x}, the zip directory says 0x{:08x} (corrupted data)", crc,
+                                record.crc32));
+      }
+    }
+  }
+}
+
+}  // namespace
+
 std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& checks,
                                             const std::vector<const MappedFile*>& files) {
   // Part m (m >= 1) of check i against its part 0, all in one diff.
@@ -190,21 +229,28 @@ std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& 
     }
   }
   CompareOptions options;
-  options.max_positions = 0;
+  options.max_positions = 1;
   DiffReport report = diff_tensors(others, files, firsts, files, options);
   std::map<std::string, const TensorDiff*> differing;
   for (const TensorDiff& diff : report.differing) differing[diff.name] = &diff;
   std::vector<std::string> problems;
+  std::map<std::uint32_t, std::optional<ZipArchive>> zips;  // of the files read again
   for (std::size_t k = 0; k < others.size(); ++k) {
     auto it = differing.find(others[k].name);
     if (it == differing.end()) continue;
     const auto& [i, m] = which[k];
     const TensorDiff& diff = *it->second;
+    check_records(checks[i].parts[m], files, zips);
+    check_records(checks[i].parts.front(), files, zips);
     if (!diff.mismatch.empty()) {
       problems.push_back(fmt::format("{}: model part {} differs from part 0: {}", checks[i].key, m, diff.mismatch));
     } else {
-      problems.push_back(fmt::format("{}: model part {} differs from part 0 in {} element(s), max |difference| {}",
-                                     checks[i].key, m, diff.count, format_value(diff.max_abs)));
+      const DiffPosition& first = diff.positions.front();
+      problems.push_back(fmt::format(
+          "{}: replicated, but model part {} differs from part 0 in {} element(s), first at [{}] ({} in part {}, {} "
+          "in part 0), max |difference| {}",
+          checks[i].key, m, diff.count, fmt::join(first.index, ", "), format_value(first.a), m, format_value(first.b),
+          format_value(diff.max_abs)));
     }
   }
   return problems;

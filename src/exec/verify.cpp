@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "ckpt/exec/compare.hpp"
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/parallel.hpp"
 #include "ckpt/layout/megatron.hpp"
@@ -103,7 +104,17 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
   try {
     std::vector<std::vector<NamedTensor>> parts;
     for (const auto& shards : manifest.grid.cells) parts.push_back(consolidate_part(manifest, shards));
-    (void)reshard_megatron(parts, 1, nullptr);
+    std::vector<std::string> replicated;
+    (void)reshard_megatron(parts, 1, &replicated);
+    // A replicated tensor that differs between the parts: stitch refuses it
+    // (after a CRC problem, it is that problem again).
+    if (!report.problems.empty()) return report;
+    std::vector<std::unique_ptr<MappedFile>> mapped;
+    std::vector<const MappedFile*> files;
+    for (const ManifestFile& file : manifest.files)
+      files.push_back(mapped.emplace_back(std::make_unique<MappedFile>(file.path)).get());
+    for (std::string& problem : compare_replicated(replicated_checks(parts, replicated), files))
+      report.problems.push_back(std::move(problem));
   } catch (const Error& e) {
     report.problems.push_back(e.what());
   }

@@ -178,6 +178,10 @@ std::string key_label(const Graph& graph, NodeId key) {
 
 namespace {
 
+bool is_scalar(Kind kind) {
+  return kind == Kind::None || kind == Kind::Bool || kind == Kind::Int || kind == Kind::Float;
+}
+
 bool is_tensor_wrapper(const Graph& graph, NodeId id) {
   const pickle::Node* cls = graph.object_class(id);
   if (cls == nullptr) return false;
@@ -198,9 +202,13 @@ class PathWalker {
   void walk(NodeId id, const std::string& path, int depth) {
     if (id >= graph_.size()) return;
     check_depth(depth);
-    if (!seen_.insert(id).second) {
-      if (revisit_) revisit_(id, path);
-      return;
+    // A scalar is a value met anywhere (the decoder keeps one node per small
+    // int); an object met again is shared, and walked once.
+    if (!is_scalar(graph_[id].kind)) {
+      if (!first_visit(id)) {
+        if (revisit_) revisit_(id, path);
+        return;
+      }
     }
     visit_(id, path);
     const pickle::Node& node = graph_[id];
@@ -249,7 +257,7 @@ class PathWalker {
 
   void walk_transparent(NodeId id, const std::string& path, int depth) {
     check_depth(depth);
-    if (id < graph_.size() && graph_[id].kind == Kind::Tuple && !seen_.insert(id).second) return;  // a DAG of tuples
+    if (id < graph_.size() && graph_[id].kind == Kind::Tuple && !first_visit(id)) return;  // a DAG of tuples
     if (id < graph_.size() && (is_rebuild_tensor(graph_, id) || is_tensor_wrapper(graph_, id))) {
       walk(id, path, depth);
     } else if (id < graph_.size() && graph_[id].kind == Kind::Tuple) {
@@ -259,10 +267,10 @@ class PathWalker {
   void walk_state(NodeId state, const std::string& path, ChildLabels& labels, int depth) {
     check_depth(depth);
     const pickle::Node& node = graph_[state];
-    if (node.kind == Kind::Dict && seen_.insert(state).second) {
+    if (node.kind == Kind::Dict && first_visit(state)) {
       // An instance dict: its keys are attribute names of the object.
       walk_entries(node.entries, path, labels, depth);
-    } else if (node.kind == Kind::Tuple && node.items.size() == 2 && seen_.insert(state).second) {
+    } else if (node.kind == Kind::Tuple && node.items.size() == 2 && first_visit(state)) {
       for (NodeId part : node.items) walk_state(part, path, labels, depth + 1);
     } else {
       walk(state, child_path(path, labels, "state"), depth);
@@ -283,8 +291,15 @@ class PathWalker {
 
   const Graph& graph_;
   const PathVisitor& visit_;
+  // Marks `id` seen; false when it was already.
+  bool first_visit(NodeId id) {
+    if (seen_[id]) return false;
+    seen_[id] = true;
+    return true;
+  }
+
   const PathVisitor& revisit_;
-  std::unordered_set<NodeId> seen_;
+  std::vector<bool> seen_ = std::vector<bool>(graph_.size(), false);
 };
 
 }  // namespace
@@ -500,8 +515,16 @@ void Checkpoint::collect_tensors() {
     rank[alias.path] = position;
     tensors_.push_back(std::move(alias));
   }
-  std::stable_sort(tensors_.begin(), tensors_.end(),
-                   [&](const TensorRef& a, const TensorRef& b) { return rank[a.path] < rank[b.path]; });
+  // Sorted by rank through an index: looking a path up per comparison cost
+  // more than the rest of reading a file of 200,000 tensors.
+  std::vector<std::pair<std::size_t, std::size_t>> order_of;  // (rank, index)
+  order_of.reserve(tensors_.size());
+  for (std::size_t i = 0; i < tensors_.size(); ++i) order_of.emplace_back(rank[tensors_[i].path], i);
+  std::stable_sort(order_of.begin(), order_of.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<TensorRef> sorted;
+  sorted.reserve(tensors_.size());
+  for (const auto& [_, index] : order_of) sorted.push_back(std::move(tensors_[index]));
+  tensors_ = std::move(sorted);
   // A path names one tensor (in the manifest, in state dicts, in a diff of two
   // files): a tensor at a path cut at its bound has no name.
   std::unordered_set<std::string_view> seen;

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <map>
 #include <regex>
 
 #include "ckpt/io/error.hpp"
@@ -80,6 +81,38 @@ HfOptModel to_hf_opt(const std::vector<OutputTensor>& tensors) {
     }
   }
   return out;
+}
+
+std::optional<std::vector<std::int64_t>> hf_opt_shape(std::string_view hf_name, const HfOptSizes& sizes) {
+  using Shape = std::vector<std::int64_t>;
+  const std::int64_t h = sizes.hidden;
+  const std::map<std::string_view, Shape> model = {
+      {"lm_head.weight", {sizes.vocab, sizes.word_embed_proj_dim}},
+      {"model.decoder.embed_tokens.weight", {sizes.vocab, sizes.word_embed_proj_dim}},
+      {"model.decoder.embed_positions.weight", {sizes.positions + 2, h}},
+      {"model.decoder.final_layer_norm.weight", {h}},
+      {"model.decoder.final_layer_norm.bias", {h}},
+      {"model.decoder.project_in.weight", {h, sizes.word_embed_proj_dim}},
+      {"model.decoder.project_out.weight", {sizes.word_embed_proj_dim, h}},
+  };
+  const std::map<std::string_view, Shape> layer = {
+      {"self_attn.k_proj.weight", {h, h}},   {"self_attn.k_proj.bias", {h}},
+      {"self_attn.v_proj.weight", {h, h}},   {"self_attn.v_proj.bias", {h}},
+      {"self_attn.q_proj.weight", {h, h}},   {"self_attn.q_proj.bias", {h}},
+      {"self_attn.out_proj.weight", {h, h}}, {"self_attn.out_proj.bias", {h}},
+      {"self_attn_layer_norm.weight", {h}},  {"self_attn_layer_norm.bias", {h}},
+      {"fc1.weight", {sizes.ffn, h}},        {"fc1.bias", {sizes.ffn}},
+      {"fc2.weight", {h, sizes.ffn}},        {"fc2.bias", {h}},
+      {"final_layer_norm.weight", {h}},      {"final_layer_norm.bias", {h}},
+  };
+  if (auto it = model.find(hf_name); it != model.end()) return it->second;
+  static const std::regex in_layer(R"(model\.decoder\.layers\.(\d{1,9})\.(.*))");
+  std::match_results<std::string_view::const_iterator> match;
+  if (!std::regex_match(hf_name.begin(), hf_name.end(), match, in_layer)) return std::nullopt;
+  if (std::stoll(match[1].str()) >= sizes.layers) return std::nullopt;
+  auto it = layer.find(std::string_view(match[2].first, match[2].second));
+  if (it == layer.end()) return std::nullopt;
+  return it->second;
 }
 
 }  // namespace ckpt

@@ -102,7 +102,10 @@ MpRule megatron_rule(std::string_view key) {
   if (contains(key, "fc2") || contains(key, "out_proj")) {
     return ends_with(key, "bias") ? MpRule::Replicated : MpRule::ConcatDim1;
   }
-  if (contains(key, "embed_tokens.weight")) return MpRule::ConcatDim0;
+  // The vocabulary is cut over the parts: the embedding, and an output
+  // projection of its own (Megatron's vocab-parallel output layer; a tied one is
+  // an alias of embed_tokens).
+  if (contains(key, "embed_tokens.weight") || contains(key, "output_projection.weight")) return MpRule::ConcatDim0;
   if (contains(key, "embed_positions")) {
     return contains(key, "_float_tensor") ? MpRule::Placeholder : MpRule::Replicated;
   }

@@ -321,6 +321,33 @@ NamedRoles named_roles(const std::vector<ManifestFile>& files, std::vector<std::
   return named;
 }
 
+// torch.save names a file's zip archive after the file's stem, so the archive
+// name tells where a file was saved in the grid. A file renamed into another
+// cell (two shards' names swapped) would otherwise be stitched in the wrong
+// place with exit 0; a consistent rename (another prefix, no numbers) keeps
+// numbers that agree, or none.
+void check_archive_roles(const std::vector<ManifestFile>& files, std::vector<std::string>& problems) {
+  for (const ManifestFile& file : files) {
+    const FileRole saved = parse_file_role(file.archive_name);
+    for (const auto& [named, as_saved, what] : {std::tuple{file.role.mp_part, saved.mp_part, "model part"},
+                                                std::tuple{file.role.dp_shard, saved.dp_shard, "shard"}}) {
+      if (!named || !as_saved || *named == *as_saved) continue;
+      std::string other;
+      for (const ManifestFile& candidate : files) {
+        const FileRole& role = candidate.role;
+        if (&candidate != &file && role.mp_part.value_or(0) == saved.mp_part.value_or(file.role.mp_part.value_or(0)) &&
+            role.dp_shard.value_or(0) == saved.dp_shard.value_or(file.role.dp_shard.value_or(0))) {
+          other = fmt::format("; {} is named {} {}", candidate.path, what, *as_saved);
+          break;
+        }
+      }
+      problems.push_back(fmt::format("{}: named {} {} but saved as {} {} (zip archive name '{}'){}: renamed files?",
+                                     file.path, what, *named, what, *as_saved, file.archive_name, other));
+      break;
+    }
+  }
+}
+
 // No file names a part or shard: one cell, the first file.
 void place_unnumbered(const std::vector<ManifestFile>& files, const DeclaredCount& declared, Grid& grid) {
   if (files.size() > 1) {
@@ -480,6 +507,7 @@ Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int6
   }
   const DeclaredCount declared = declared_part_count(files, model_parts, grid.problems);
   const NamedRoles named = named_roles(files, grid.problems);
+  check_archive_roles(files, grid.problems);
   if (!named.any) {
     place_unnumbered(files, declared, grid);
     check_agreement(files, grid, grid.problems);

@@ -10,6 +10,7 @@
 
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/format/safetensors.hpp"
+#include "ckpt/layout/hf_opt.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 
 namespace ckpt {
@@ -269,6 +270,22 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
     throw Error(Location{base.path(), "cfg", std::nullopt},
                 "do_layer_norm_before is false, but the weights hold decoder.layer_norm, which transformers' OPT "
                 "then never loads (--hf-config do_layer_norm_before=true if the model is pre-norm)");
+  }
+  // Every tensor must have the shape config.json gives it: transformers refuses a
+  // checkpoint whose shapes disagree (an lm_head of half the vocabulary).
+  const HfOptSizes sizes{embed[0], embed[1], positions[1], fc1[0], layers, positions[0] - 2};
+  for (const OutputTensor& tensor : tensors) {
+    std::optional<std::vector<std::int64_t>> expected = hf_opt_shape(tensor.name, sizes);
+    if (!expected) {
+      throw Error(Location{base.path(), tensor.name, std::nullopt},
+                  "transformers' OPT has no parameter of this name under this config.json");
+    }
+    if (*expected != tensor.source.shape) {
+      throw Error(Location{base.path(), tensor.name, std::nullopt},
+                  fmt::format("shape [{}], but config.json (vocab_size {}, hidden_size {}, ffn_dim {}) makes it [{}]",
+                              fmt::join(tensor.source.shape, ", "), sizes.vocab, sizes.hidden, sizes.ffn,
+                              fmt::join(*expected, ", ")));
+    }
   }
   const json& heads = config["num_attention_heads"];
   if (!heads.is_number_integer() || heads.get<std::int64_t>() <= 0 || positions[1] % heads.get<std::int64_t>() != 0) {

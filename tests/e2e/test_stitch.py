@@ -205,16 +205,25 @@ def flip_layer_norm(path, delta):
     torch.save(ckpt, path)
 
 
-def test_replicated_mismatch_warns_and_strict_fails():
+def test_replicated_mismatch_fails_unless_part_0_is_asked_for():
     folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
     work = harness.scratch("mismatch")
     copy = os.path.join(work, "ckpt")
     shutil.copytree(folder, copy)
     flip_layer_norm(os.path.join(copy, "checkpoint_last-model_part-1-shard0.pt"), 0.5)
-    _, stderr = harness.run(["stitch", copy, "-o", os.path.join(work, "out.pt")])
-    assert "warning: decoder.layers.0.self_attn_layer_norm.weight: model part 1 differs from part 0 in 1 element(s), max |difference| 0.5" in stderr, stderr
-    _, stderr = harness.run(["stitch", copy, "-o", os.path.join(work, "strict.pt"), "--strict"], expect=1)
-    assert "self_attn_layer_norm.weight" in stderr and not os.path.exists(os.path.join(work, "strict.pt"))
+    out = os.path.join(work, "out.pt")
+    _, stderr = harness.run(["stitch", copy, "-o", out], expect=1)
+    assert "decoder.layers.0.self_attn_layer_norm.weight: replicated, but model part 1 differs from part 0 in 1 " \
+        "element(s), first at [" in stderr and "max |difference| 0.5" in stderr, stderr
+    assert "--replicated-from-part-0" in stderr and not os.path.exists(out)
+    for command in (["reshard", copy, "--mp", "1", "--dp", "1", "-o", out], ["diff", copy, copy]):
+        _, stderr = harness.run(command, expect=2 if command[0] == "diff" else 1)
+        assert "self_attn_layer_norm.weight: replicated, but model part 1 differs" in stderr, stderr
+    stdout, _ = harness.run(["verify", copy], expect=1)
+    assert "self_attn_layer_norm.weight: replicated, but model part 1 differs" in stdout, stdout
+    _, stderr = harness.run(["stitch", copy, "-o", out, "--replicated-from-part-0"])
+    assert "warning: decoder.layers.0.self_attn_layer_norm.weight: replicated, but model part 1 differs" in stderr
+    assert "part 0's copy taken" in stderr, stderr
 
 
 def test_existing_output_is_kept():
@@ -271,4 +280,4 @@ if __name__ == "__main__":
                   test_stats_report_the_io_mode, test_refused_direct_writes_fall_back_to_buffered,
                   test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,
                   test_dry_run_writes_nothing, test_incomplete_grid_is_refused,
-                  test_replicated_mismatch_warns_and_strict_fails, test_existing_output_is_kept, test_ema_weights])
+                  test_replicated_mismatch_fails_unless_part_0_is_asked_for, test_existing_output_is_kept, test_ema_weights])

@@ -5,6 +5,7 @@
 // command print).
 #include <doctest/doctest.h>
 
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -154,6 +155,38 @@ TEST_SUITE("detect_grid") {
     files = grid_files(1, 1);
     files[0].role.dp_shard = ckpt::kMaxGridSide;
     CHECK(has_problem(ckpt::detect_grid(files), "is outside [0,"));
+  }
+
+  TEST_CASE("detect_grid: a file named into another cell than torch saved it in is a problem of the set") {
+    auto saved_as = [](ManifestFile& file, int m, int d) {
+      file.archive_name = std::filesystem::path(name_of(m, d)).stem().string();
+    };
+    std::vector<ManifestFile> files = grid_files(2, 3);
+    for (ManifestFile& file : files) saved_as(file, *file.role.mp_part, *file.role.dp_shard);
+    CHECK(ckpt::detect_grid(files).problems.empty());
+
+    std::vector<ManifestFile> swapped = files;  // (0, 0) and (0, 1) renamed into each other's names
+    for (ManifestFile& file : swapped) {
+      if (file.path == name_of(0, 0)) saved_as(file, 0, 1);
+      if (file.path == name_of(0, 1)) saved_as(file, 0, 0);
+    }
+    ckpt::Grid grid = ckpt::detect_grid(swapped);
+    INFO(problems_text(grid));
+    CHECK(has_problem(grid, name_of(0, 0) + ": named shard 0 but saved as shard 1"));
+    CHECK(has_problem(grid, "; " + name_of(0, 1) + " is named shard 1"));
+    CHECK(has_problem(grid, name_of(0, 1) + ": named shard 1 but saved as shard 0"));
+
+    std::vector<ManifestFile> parts = files;  // a part renamed
+    for (ManifestFile& file : parts) {
+      if (*file.role.mp_part == 1) saved_as(file, 0, *file.role.dp_shard);
+    }
+    CHECK(has_problem(ckpt::detect_grid(parts), "named model part 1 but saved as model part 0"));
+
+    // renamed consistently: another prefix, or an archive name without numbers
+    std::vector<ManifestFile> renamed = files;
+    for (ManifestFile& file : renamed) file.archive_name = "checkpoint_best-" + file.archive_name.substr(16);
+    renamed[0].archive_name = "archive";
+    CHECK(ckpt::detect_grid(renamed).problems.empty());
   }
 }
 

@@ -163,6 +163,7 @@ TEST_SUITE("manifest") {
   TEST_CASE("manifest JSON: a part number past the grid's limit reads back as the grid problem it was") {
     ckpt::Manifest manifest = valid_manifest();
     manifest.files[1].path = "/ckpt/checkpoint_last-model_part-99999999-shard1.pt";
+    manifest.files[1].archive_name = "checkpoint_last-model_part-99999999-shard1";  // saved under that name
     manifest.files[1].role = ckpt::parse_file_role(manifest.files[1].path);
     manifest.grid = ckpt::detect_grid(manifest.files);
     // the part number, and the shard that file 0's flat parameter then lacks

@@ -231,7 +231,7 @@ TEST_SUITE("megatron") {
         {"decoder.layer_norm.weight", MpRule::Replicated},
         {"decoder.layer_norm.bias", MpRule::Replicated},
         {"decoder.embed_positions.weight", MpRule::Replicated},
-        {"decoder.output_projection.weight", MpRule::Replicated},
+        {"decoder.output_projection.weight", MpRule::ConcatDim0},  // vocab-parallel, like embed_tokens
         {"decoder.version", MpRule::Copied},
         {"decoder.embed_positions._float_tensor", MpRule::Placeholder},
     };

@@ -19,6 +19,7 @@
 #include <functional>
 #include <limits>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -381,6 +382,27 @@ TEST_SUITE("pickle") {
       CAPTURE(static_cast<int>(op));
       CHECK(used.count(op) == 1);
     }
+  }
+
+  TEST_CASE("graph: a node reference stays valid while nodes are added, and a copy holds the same nodes") {
+    // rewrite_metadata held a reference into the arena across appends that
+    // reallocated it (issue 24's segfault): nodes never move now.
+    ckpt::pickle::Graph graph;
+    ckpt::pickle::NodeId list = graph.tuple({});
+    ckpt::pickle::Node& held = graph[list];
+    const ckpt::pickle::Node* address = &held;
+    for (std::int64_t i = 0; i < 100000; ++i) held.items.push_back(graph.integer(i));
+    CHECK(&graph[list] == address);
+    REQUIRE(graph.size() == 100001);
+    CHECK(graph[graph[list].items[99999]].integer == 99999);
+    ckpt::pickle::Graph copy = graph;
+    CHECK(copy.size() == graph.size());
+    CHECK(&copy[list] != address);
+    CHECK(copy[copy[list].items[12345]].integer == 12345);
+    ckpt::pickle::NodeId added = copy.integer(-1);  // the copy grows on its own
+    CHECK(added == 100001);
+    CHECK(graph.size() == 100001);
+    CHECK_THROWS_AS((void)graph[100001], std::out_of_range);
   }
 
   TEST_CASE("decode: scalars") {

@@ -10,12 +10,15 @@
 // as data.
 //
 // The graph keeps sharing and cycles: nodes live in an arena and refer to each
-// other by index, and the memo maps to node ids. Containers (and objects) are
+// other by index, and the memo maps to node ids. A node never moves once added,
+// so a reference to one stays valid while more are added (builders hold one
+// across appends: a growing vector freed them under the caller, issue 24). Containers (and objects) are
 // created empty and filled afterwards, exactly as the pickle stream does, which is
 // what lets an OmegaConf child point back at a parent that is still being built.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -68,6 +71,28 @@ struct Node {
   NodeId state = kNoNode;
 };
 
+// The nodes of a graph in blocks that are never reallocated (sizes in
+// pickle_graph.cpp: small first, so a small graph stays small).
+class NodeArena {
+ public:
+  NodeArena() = default;
+  NodeArena(const NodeArena& other);
+  NodeArena& operator=(const NodeArena& other);
+  NodeArena(NodeArena&&) noexcept = default;
+  NodeArena& operator=(NodeArena&&) noexcept = default;
+  ~NodeArena() = default;
+
+  std::size_t size() const { return size_; }
+  NodeId push_back(Node node);
+  // Checked: an id past the end throws std::out_of_range.
+  Node& at(NodeId id) { return const_cast<Node&>(std::as_const(*this).at(id)); }
+  const Node& at(NodeId id) const;
+
+ private:
+  std::vector<std::unique_ptr<Node[]>> blocks_;
+  std::size_t size_ = 0;
+};
+
 class Graph {
  public:
   NodeId add(Node node);
@@ -102,7 +127,7 @@ class Graph {
   int protocol = 2;  // highest PROTO seen when decoding
 
  private:
-  std::vector<Node> nodes_;
+  NodeArena nodes_;
 };
 
 // Decodes a pickle. `file`, `member` and `base_offset` locate errors: a bad

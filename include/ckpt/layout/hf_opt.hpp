@@ -3,6 +3,8 @@
 // renames them: the whole table is hf_opt_rule() in hf_opt.cpp. No file is read.
 #pragma once
 
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -36,5 +38,21 @@ struct HfOptModel {
 // The state dict `tensors` (metaseq names) under transformers' names. Throws
 // Error naming the first key with no mapping.
 HfOptModel to_hf_opt(const std::vector<OutputTensor>& tensors);
+
+// The sizes config.json states, which fix the shape of every tensor
+// transformers' OPTForCausalLM loads.
+struct HfOptSizes {
+  std::int64_t vocab = 0;
+  std::int64_t word_embed_proj_dim = 0;
+  std::int64_t hidden = 0;
+  std::int64_t ffn = 0;
+  std::int64_t layers = 0;
+  std::int64_t positions = 0;  // max_position_embeddings
+};
+
+// The shape transformers gives the tensor named `hf_name` ("lm_head.weight",
+// "model.decoder.layers.3.fc1.bias") under `sizes`; nullopt for a name it has
+// no parameter for (a layer past num_hidden_layers among them).
+std::optional<std::vector<std::int64_t>> hf_opt_shape(std::string_view hf_name, const HfOptSizes& sizes);
 
 }  // namespace ckpt
