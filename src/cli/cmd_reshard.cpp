@@ -63,6 +63,7 @@ Action add_reshard_command(CLI::App& app) {
     check_output_pattern(options->output, rule);
     if (!options->write.dry_run) check_output_grid(options->output, options->mp, options->dp);
     auto started = std::chrono::steady_clock::now();
+    note_phase(options->write, "reading the inputs");
     PlanInputs inputs = open_inputs(options->inputs, options->write.model_parts);
     std::optional<PlanInputs> layout_from;
     if (options->layout_from) {
@@ -84,6 +85,7 @@ Action add_reshard_command(CLI::App& app) {
     reshard.drop_optimizer_state = options->drop_optimizer_state;
     reshard.split_qkv = options->split_qkv;
     reshard.list_tensors = options->write.dry_run;
+    note_phase(options->write, "planning");
     ReshardPlan plan = plan_reshard(inputs, options->output, reshard, layout_from ? &*layout_from : nullptr);
     if (!options->write.quiet) {
       for (const std::string& note : plan.notes) print_notice(note);

@@ -188,6 +188,7 @@ Action add_stitch_command(CLI::App& app) {
       if (!options->no_stitch_megatron && !options->write.dry_run) check_output_file(options->output, options->output);
     }
     auto started = std::chrono::steady_clock::now();
+    note_phase(options->write, "reading the inputs");
     PlanInputs inputs = open_inputs(options->inputs, options->write.model_parts, /*grid_first=*/true);
     std::vector<std::vector<int>> grid = complete_grid(inputs.manifest());
     std::vector<std::string> outputs;
@@ -206,6 +207,7 @@ Action add_stitch_command(CLI::App& app) {
       }
     }
 
+    note_phase(options->write, "planning");
     StitchPlan plan = plan_stitch(inputs, outputs, stitch);
     report_replicated(plan.checks, inputs.files(), options->write.replicated_from_part_0);
     std::vector<std::string> stale;

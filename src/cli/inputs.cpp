@@ -117,15 +117,16 @@ const std::vector<std::string>& manifests_read() {
   return manifests_read_list();
 }
 
-Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts) {
+Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts,
+                     DecodedFiles* keep) {
   Manifest manifest;
   if (inputs.size() == 1 && looks_like_manifest(inputs[0])) {
     manifests_read_list().push_back(inputs[0]);
     manifest = read_manifest(inputs[0]);
     check_fresh(manifest);
-    check_describes_files(manifest, inputs[0]);
+    check_describes_files(manifest, inputs[0], keep);
   } else {
-    manifest = build_manifest(expand_inputs(inputs));
+    manifest = build_manifest(expand_inputs(inputs), keep);
     for (const std::string& input : inputs) {
       std::optional<std::string> index = safetensors_index_of(input);
       if (!index) continue;
@@ -139,9 +140,10 @@ Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::
 
 PlanInputs open_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts,
                        bool grid_first) {
-  Manifest manifest = load_inputs(inputs, model_parts);
+  DecodedFiles decoded;  // what describing the files decoded, for the planner
+  Manifest manifest = load_inputs(inputs, model_parts, &decoded);
   if (grid_first) complete_grid(manifest);
-  return PlanInputs(std::move(manifest));
+  return PlanInputs(std::move(manifest), decoded);
 }
 
 void add_model_parts_flag(CLI::App& app, std::optional<std::int64_t>& model_parts) {

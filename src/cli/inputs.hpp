@@ -26,7 +26,9 @@ std::optional<std::string> safetensors_index_of(const std::string& input);
 
 // A single `.json`/`.json.zst` argument is read as a manifest (and checked to be
 // fresh); anything else is indexed now.
-Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts = std::nullopt);
+// With `keep`, the checkpoints decoded on the way are kept there (DecodedFiles).
+Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts = std::nullopt,
+                     DecodedFiles* keep = nullptr);
 
 // The manifests load_inputs has read in this process: inputs too, never
 // written (run_plan tells the executor).

@@ -7,6 +7,10 @@
 #include <CLI/CLI.hpp>
 #include <csignal>
 #include <map>
+#include <string>
+#ifdef CKPT_MIMALLOC
+#include <mimalloc.h>
+#endif
 
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/output_file.hpp"
@@ -17,7 +21,13 @@
 int main(int argc, char** argv) {
   CLI::App app{"ckpt-tool: index, inspect, stitch and reshard sharded PyTorch checkpoints, zero-copy"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", ckpt::kVersionString);
+  std::string version = ckpt::kVersionString;
+#ifdef CKPT_MIMALLOC
+  // (also what keeps the linker from dropping mimalloc, whose malloc replaces glibc's)
+  version +=
+      fmt::format(" (allocator: mimalloc {}.{}.{})", mi_version() / 100, mi_version() / 10 % 10, mi_version() % 10);
+#endif
+  app.set_version_flag("--version", version);
   std::map<CLI::App*, ckpt::cli::Action> actions;
   auto add = [&](const char* name, const char* description, auto adder) {
     CLI::App* sub = app.add_subcommand(name, description);

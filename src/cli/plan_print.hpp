@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "ckpt/exec/compare.hpp"
@@ -49,6 +50,10 @@ ProgressFn progress_line(bool quiet);
 // `started` is when the command began reading its inputs.
 void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
               std::chrono::steady_clock::time_point started);
+
+// On a terminal (and without --quiet), one line saying what the command is
+// doing, overwritten by the next: reading and planning can take seconds.
+void note_phase(const WriteFlags& flags, std::string_view what);
 
 // Compares the replicated tensors (compare_replicated) and prints each
 // difference as a warning when `take_part_0`, else throws one error naming

@@ -373,7 +373,9 @@ const ZipRecord& storage_record(const ZipArchive& zip, const std::string& archiv
   return *record;
 }
 
-Checkpoint::Checkpoint(const MappedFile& file) : file_(file), zip_(file) {
+Checkpoint::Checkpoint(const MappedFile& file) : Checkpoint(file, ZipArchive(file)) {}
+
+Checkpoint::Checkpoint(const MappedFile& file, ZipArchive zip) : file_(file), zip_(std::move(zip)) {
   TorchZip located = locate_torch_zip(zip_);
   archive_name_ = std::move(located.archive_name);
   pickle_record_ = located.pickle;

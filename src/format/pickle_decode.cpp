@@ -74,23 +74,8 @@ class Decoder {
     node.text = std::string(in_.text(static_cast<std::size_t>(length)));
     push(std::move(node));
   }
-  // None, True, False and small ints are values, not objects (the pickler
-  // never memoises them): one node each serves every occurrence, which saves
-  // about a third of the nodes of a state dict (sizes, strides, offsets).
-  void push_scalar(NodeId& interned, Node node) {
-    if (interned == kNoNode) interned = graph_.add(std::move(node));
-    stack_.push_back(interned);
-  }
-  void push_int(std::int64_t value) {
-    Node node;
-    node.kind = Kind::Int;
-    node.integer = value;
-    if (value >= kFirstInterned && value < kFirstInterned + static_cast<std::int64_t>(kInterned)) {
-      push_scalar(small_ints_[static_cast<std::size_t>(value - kFirstInterned)], std::move(node));
-    } else {
-      push(std::move(node));
-    }
-  }
+  // None, True, False and small ints are values, one node each (Graph::integer).
+  void push_int(std::int64_t value) { stack_.push_back(graph_.integer(value)); }
   void push_long(std::uint64_t length) {
     if (length > in_.remaining()) fail(fmt::format("integer of {} bytes runs past the end", length));
     Bytes bytes = in_.take(static_cast<std::size_t>(length));
@@ -202,15 +187,9 @@ class Decoder {
         return;
       case POP_MARK: pop_mark(); return;
       case DUP: stack_.push_back(top()); return;
-      case NONE: push_scalar(none_, Node{}); return;
+      case NONE: stack_.push_back(graph_.none()); return;
       case NEWTRUE:
-      case NEWFALSE: {
-        Node node;
-        node.kind = Kind::Bool;
-        node.boolean = op == NEWTRUE;
-        push_scalar(op == NEWTRUE ? true_ : false_, std::move(node));
-        return;
-      }
+      case NEWFALSE: stack_.push_back(graph_.boolean(op == NEWTRUE)); return;
       case BININT: push_int(in_.i32()); return;
       case BININT1: push_int(in_.u8()); return;
       case BININT2: push_int(in_.u16()); return;
@@ -364,12 +343,6 @@ class Decoder {
   std::vector<std::size_t> marks_;
   std::unordered_map<std::uint64_t, NodeId> memo_;
   std::size_t op_position_ = 0;
-  static constexpr std::int64_t kFirstInterned = -16;
-  static constexpr std::size_t kInterned = 4096 + 16;
-  std::vector<NodeId> small_ints_ = std::vector<NodeId>(kInterned, kNoNode);
-  NodeId none_ = kNoNode;
-  NodeId true_ = kNoNode;
-  NodeId false_ = kNoNode;
 };
 
 }  // namespace

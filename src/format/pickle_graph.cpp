@@ -9,37 +9,6 @@
 
 namespace ckpt::pickle {
 
-namespace {
-
-// Node `id` is element `offset` of block `block`. Blocks 0..kDoublings-1 hold
-// 64 << b nodes each, so a small graph stays small; every later block holds as
-// many as the last of them, so a large one wastes at most one block.
-struct ArenaSlot {
-  std::size_t block;
-  std::size_t offset;
-};
-constexpr unsigned kFirstBlockBits = 6;
-constexpr unsigned kDoublings = 8;
-constexpr std::uint64_t kDoubledNodes = ((std::uint64_t{1} << kDoublings) - 1) << kFirstBlockBits;
-constexpr unsigned kLastBlockBits = kFirstBlockBits + kDoublings - 1;
-
-ArenaSlot arena_slot(std::uint64_t id) {
-  if (id >= kDoubledNodes) {
-    std::uint64_t past = id - kDoubledNodes;
-    return {kDoublings + static_cast<std::size_t>(past >> kLastBlockBits),
-            static_cast<std::size_t>(past & ((std::uint64_t{1} << kLastBlockBits) - 1))};
-  }
-  std::uint64_t shifted = id + (std::uint64_t{1} << kFirstBlockBits);
-  auto block = static_cast<std::size_t>(std::bit_width(shifted)) - 1 - kFirstBlockBits;
-  return {block, static_cast<std::size_t>(shifted - (std::uint64_t{1} << (block + kFirstBlockBits)))};
-}
-
-std::size_t block_nodes(std::size_t block) {
-  return std::size_t{1} << (kFirstBlockBits + std::min<std::size_t>(block, kDoublings - 1));
-}
-
-}  // namespace
-
 NodeArena::NodeArena(const NodeArena& other) {
   *this = other;
 }
@@ -54,38 +23,83 @@ NodeArena& NodeArena::operator=(const NodeArena& other) {
 
 NodeId NodeArena::push_back(Node node) {
   if (size_ >= kNoNode) throw Error("pickle: too many objects");
-  ArenaSlot slot = arena_slot(size_);
+  Slot slot = slot_of(size_);
   if (slot.block == blocks_.size()) blocks_.push_back(std::make_unique<Node[]>(block_nodes(slot.block)));
   blocks_[slot.block][slot.offset] = std::move(node);
   return static_cast<NodeId>(size_++);
 }
 
-const Node& NodeArena::at(NodeId id) const {
-  if (id >= size_) throw std::out_of_range("pickle node id out of range");
-  ArenaSlot slot = arena_slot(id);
-  return blocks_[slot.block][slot.offset];
+void NodeArena::out_of_range() {
+  throw std::out_of_range("pickle node id out of range");
+}
+
+Graph Graph::over(std::shared_ptr<const Graph> base) {
+  Graph graph;
+  graph.base_size_ = static_cast<NodeId>(base->size());
+  graph.root = base->root;
+  graph.protocol = base->protocol;
+  graph.base_ = std::move(base);
+  return graph;
 }
 
 NodeId Graph::add(Node node) {
-  return nodes_.push_back(std::move(node));
+  if (size() >= kNoNode) throw Error("pickle: too many objects");
+  return base_size_ + nodes_.push_back(std::move(node));
+}
+
+const Node& Graph::base_node(NodeId id) const {
+  if (!edited_index_.empty() && edited_index_[id] != kNoNode) return edited_.at(edited_index_[id]);
+  return (*base_)[id];
+}
+
+Node& Graph::edit(NodeId id) {
+  if (edited_index_.empty()) edited_index_.assign(base_size_, kNoNode);
+  if (edited_index_[id] == kNoNode) edited_index_[id] = edited_.push_back((*base_)[id]);
+  return edited_.at(edited_index_[id]);
+}
+
+NodeId Graph::interned(NodeId& slot, Node node) {
+  if (slot == kNoNode) slot = add(std::move(node));
+  return slot;
 }
 
 NodeId Graph::none() {
-  return add(Node{});
+  return interned(none_, Node{});
 }
 
 NodeId Graph::boolean(bool value) {
   Node node;
   node.kind = Kind::Bool;
   node.boolean = value;
-  return add(std::move(node));
+  return interned(value ? true_ : false_, std::move(node));
 }
 
 NodeId Graph::integer(std::int64_t value) {
   Node node;
   node.kind = Kind::Int;
   node.integer = value;
-  return add(std::move(node));
+  if (value < kFirstInterned || value >= kFirstInterned + kInternedInts) return add(std::move(node));
+  if (small_ints_.empty()) small_ints_.assign(static_cast<std::size_t>(kInternedInts), kNoNode);
+  return interned(small_ints_[static_cast<std::size_t>(value - kFirstInterned)], std::move(node));
+}
+
+NodeId Graph::global(std::string_view module, std::string_view name) {
+  std::string key = "g:" + std::string(module) + "\n" + std::string(name);
+  auto it = constants_.find(key);
+  if (it != constants_.end()) return it->second;
+  Node node;
+  node.kind = Kind::Global;
+  node.text = std::string(module);
+  node.name = std::string(name);
+  NodeId id = add(std::move(node));
+  constants_.emplace(std::move(key), id);
+  return id;
+}
+
+NodeId Graph::empty_tuple() {
+  Node node;
+  node.kind = Kind::Tuple;
+  return interned(empty_tuple_, std::move(node));
 }
 
 NodeId Graph::str(std::string_view value) {
@@ -95,12 +109,13 @@ NodeId Graph::str(std::string_view value) {
   return add(std::move(node));
 }
 
-NodeId Graph::global(std::string_view module, std::string_view name) {
-  Node node;
-  node.kind = Kind::Global;
-  node.text = std::string(module);
-  node.name = std::string(name);
-  return add(std::move(node));
+NodeId Graph::constant_str(std::string_view value) {
+  std::string key = "s:" + std::string(value);
+  auto it = constants_.find(key);
+  if (it != constants_.end()) return it->second;
+  NodeId id = str(value);
+  constants_.emplace(std::move(key), id);
+  return id;
 }
 
 NodeId Graph::tuple(std::vector<NodeId> items) {
@@ -111,23 +126,22 @@ NodeId Graph::tuple(std::vector<NodeId> items) {
 }
 
 bool Graph::is_str(NodeId id, std::string_view value) const {
-  return id < nodes_.size() && nodes_.at(id).kind == Kind::Str && nodes_.at(id).text == value;
+  return id < size() && (*this)[id].kind == Kind::Str && (*this)[id].text == value;
 }
 
 bool Graph::is_global(NodeId id, std::string_view module, std::string_view name) const {
-  return id < nodes_.size() && nodes_.at(id).kind == Kind::Global && nodes_.at(id).text == module &&
-         nodes_.at(id).name == name;
+  return id < size() && (*this)[id].kind == Kind::Global && (*this)[id].text == module && (*this)[id].name == name;
 }
 
 const Node* Graph::object_class(NodeId id) const {
-  if (id >= nodes_.size() || nodes_.at(id).kind != Kind::Object) return nullptr;
-  NodeId callable = nodes_.at(id).callable;
-  return callable < nodes_.size() && nodes_.at(callable).kind == Kind::Global ? &nodes_.at(callable) : nullptr;
+  if (id >= size() || (*this)[id].kind != Kind::Object) return nullptr;
+  NodeId callable = (*this)[id].callable;
+  return callable < size() && (*this)[callable].kind == Kind::Global ? &(*this)[callable] : nullptr;
 }
 
 const std::vector<std::pair<NodeId, NodeId>>* Graph::mapping_entries(NodeId id) const {
-  if (id >= nodes_.size()) return nullptr;
-  const Node& node = nodes_.at(id);
+  if (id >= size()) return nullptr;
+  const Node& node = (*this)[id];
   if (node.kind == Kind::Dict || node.kind == Kind::Object) return &node.entries;
   return nullptr;
 }
@@ -142,12 +156,12 @@ NodeId Graph::lookup(NodeId mapping, std::string_view key) const {
 }
 
 NodeId Graph::state_dict(NodeId object) const {
-  if (object >= nodes_.size() || nodes_.at(object).kind != Kind::Object) return kNoNode;
-  NodeId state = nodes_.at(object).state;
+  if (object >= size() || (*this)[object].kind != Kind::Object) return kNoNode;
+  NodeId state = (*this)[object].state;
   if (state == kNoNode) return kNoNode;
   // BUILD state is the instance dict, or (dict, slots dict).
-  if (nodes_.at(state).kind == Kind::Tuple && nodes_.at(state).items.size() == 2) state = nodes_.at(state).items[0];
-  if (state >= nodes_.size() || nodes_.at(state).kind != Kind::Dict) return kNoNode;
+  if ((*this)[state].kind == Kind::Tuple && (*this)[state].items.size() == 2) state = (*this)[state].items[0];
+  if (state >= size() || (*this)[state].kind != Kind::Dict) return kNoNode;
   return state;
 }
 

@@ -16,8 +16,8 @@ namespace {
 
 pickle::NodeId add_storage_id(pickle::Graph& graph, DType dtype, const std::string& key, std::uint64_t numel) {
   pickle::NodeId id =
-      graph.tuple({graph.str("storage"), graph.global(py::kStorageModule, dtype_info(dtype).storage_name),
-                   graph.str(key), graph.str("cpu"), graph.integer(static_cast<std::int64_t>(numel))});
+      graph.tuple({graph.constant_str("storage"), graph.global(py::kStorageModule, dtype_info(dtype).storage_name),
+                   graph.str(key), graph.constant_str("cpu"), graph.integer(static_cast<std::int64_t>(numel))});
   pickle::Node persid;
   persid.kind = pickle::Kind::PersId;
   persid.callable = id;
@@ -59,7 +59,7 @@ pickle::NodeId add_int_list(pickle::Graph& graph, const std::vector<std::int64_t
 }
 
 pickle::NodeId add_ordered_dict(pickle::Graph& graph) {
-  return add_reduce(graph, add_global(graph, py::kOrderedDict), graph.tuple({}));
+  return add_reduce(graph, add_global(graph, py::kOrderedDict), graph.empty_tuple());
 }
 
 pickle::NodeId add_tensor(pickle::Graph& graph, DType dtype, const std::vector<std::int64_t>& shape,

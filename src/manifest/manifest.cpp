@@ -256,7 +256,22 @@ struct FileDescriber::Known {
   SharedContent shared;
 };
 
-FileDescriber::FileDescriber() : known_(std::make_unique<Known>()) {}
+void DecodedFiles::keep(Decoded decoded) {
+  std::lock_guard lock(mutex_);
+  std::string path = std::filesystem::absolute(decoded.file->path()).lexically_normal().string();
+  by_path_.emplace(std::move(path), std::move(decoded));
+}
+
+DecodedFiles::Decoded DecodedFiles::take(const std::string& path) {
+  std::lock_guard lock(mutex_);
+  auto it = by_path_.find(path);
+  if (it == by_path_.end()) return {};
+  Decoded decoded = std::move(it->second);
+  by_path_.erase(it);
+  return decoded;
+}
+
+FileDescriber::FileDescriber(DecodedFiles* keep) : known_(std::make_unique<Known>()), keep_(keep) {}
 FileDescriber::~FileDescriber() = default;
 
 namespace {
@@ -352,25 +367,26 @@ std::vector<std::string> safetensors_index_problems(const std::string& index_pat
 }
 
 ManifestFile FileDescriber::describe(const std::string& path) {
-  MappedFile mapped(path);
-  if (is_safetensors_path(path)) return describe_safetensors(mapped);
-  ZipArchive zip(mapped);
+  auto mapped = std::make_unique<MappedFile>(path);
+  if (is_safetensors_path(path)) return describe_safetensors(*mapped);
+  ZipArchive zip(*mapped);
   TorchZip located = locate_torch_zip(zip);
   Bytes pickle = zip.data(*located.pickle);
-  if (auto facts = known_->pickles.find(pickle)) return describe_known(*facts, mapped, zip, located);
-  Checkpoint checkpoint(mapped);
-  ManifestFile file = describe_file(checkpoint);
+  if (auto facts = known_->pickles.find(pickle)) return describe_known(*facts, *mapped, zip, located);
+  auto checkpoint = std::make_shared<const Checkpoint>(*mapped, std::move(zip));
+  ManifestFile file = describe_file(*checkpoint);
   known_->shared.share(file);
   auto facts = std::make_shared<PickleFacts>();
   facts->described = file;
-  for (const auto& [key, storage] : checkpoint.storages()) {
+  for (const auto& [key, storage] : checkpoint->storages()) {
     facts->storages.push_back({key, storage.dtype, storage.numel, storage.location});
   }
   known_->pickles.add(pickle, std::move(facts));
+  if (keep_ != nullptr) keep_->keep({std::move(mapped), std::move(checkpoint)});
   return file;
 }
 
-Manifest build_manifest(const std::vector<std::string>& paths) {
+Manifest build_manifest(const std::vector<std::string>& paths, DecodedFiles* keep) {
   std::vector<std::string> unique;
   std::set<std::string> seen;
   for (const std::string& path : paths) {
@@ -381,7 +397,7 @@ Manifest build_manifest(const std::vector<std::string>& paths) {
   // files share kept once (FileDescriber). The manifest keeps the
   // given order, and the first bad file (in that order) is the one reported,
   // whatever the thread count.
-  FileDescriber describer;
+  FileDescriber describer(keep);
   Manifest manifest;
   manifest.files = parallel_map(unique.size(), std::thread::hardware_concurrency(),
                                 [&](std::size_t i) { return describer.describe(unique[i]); });
@@ -461,8 +477,8 @@ std::optional<std::pair<std::string, std::string>> first_mismatch(const Manifest
 
 }  // namespace
 
-void check_describes_files(const Manifest& manifest, const std::string& source) {
-  FileDescriber describer;
+void check_describes_files(const Manifest& manifest, const std::string& source, DecodedFiles* keep) {
+  FileDescriber describer(keep);
   // A mismatch is thrown like a file that cannot be read: the first in file order is reported.
   parallel_map(manifest.files.size(), std::thread::hardware_concurrency(), [&](std::size_t i) {
     const ManifestFile& claimed = manifest.files[i];

@@ -13,7 +13,8 @@ using pickle::NodeId;
 
 CheckpointBuilder::CheckpointBuilder() = default;
 
-CheckpointBuilder::CheckpointBuilder(const Checkpoint& base) : base_(&base), graph_(base.graph()) {
+CheckpointBuilder::CheckpointBuilder(const Checkpoint& base)
+    : base_(&base), graph_(pickle::Graph::over(base.shared_graph())) {
   const auto* entries = graph_.mapping_entries(graph_.root);
   if (entries == nullptr) {
     throw Error(Location{base.path(), base.pickle_record().name, std::nullopt},

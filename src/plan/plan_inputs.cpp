@@ -13,16 +13,39 @@ PlanInputs::PlanInputs(Manifest manifest) : manifest_(std::move(manifest)) {
   opened_->checkpoints.resize(files_.size());
 }
 
+PlanInputs::PlanInputs(Manifest manifest, DecodedFiles& decoded) : manifest_(std::move(manifest)) {
+  opened_ = std::make_unique<Opened>();
+  opened_->checkpoints.resize(manifest_.files.size());
+  for (std::size_t i = 0; i < manifest_.files.size(); ++i) {
+    DecodedFiles::Decoded kept = decoded.take(manifest_.files[i].path);
+    if (kept.file) {
+      const Checkpoint& checkpoint = *kept.checkpoint;
+      opened_->decoded.add(checkpoint.zip().data(checkpoint.pickle_record()), kept.checkpoint);
+      opened_->checkpoints[i] = std::move(kept.checkpoint);
+      mapped_.push_back(std::move(kept.file));
+    } else {
+      mapped_.push_back(std::make_unique<MappedFile>(manifest_.files[i].path));
+    }
+    files_.push_back(mapped_.back().get());
+  }
+}
+
 std::shared_ptr<const Checkpoint> PlanInputs::open(int index) const {
   check_invariant(index >= 0 && static_cast<std::size_t>(index) < files_.size(),
                   fmt::format("checkpoint {} of {} input files", index, files_.size()));
+  {
+    std::lock_guard lock(opened_->mutex);
+    if (auto kept = opened_->checkpoints[static_cast<std::size_t>(index)]) return kept;
+  }
   const MappedFile& file = *files_[static_cast<std::size_t>(index)];
   ZipArchive zip(file);
   Bytes pickle = zip.data(*locate_torch_zip(zip).pickle);
   std::shared_ptr<const Checkpoint> same = opened_->decoded.find(pickle);
-  if (same == nullptr) {
+  if (same == nullptr) {  // the first file of these pickle bytes: this one
     same = std::make_shared<const Checkpoint>(file);
     opened_->decoded.add(pickle, same);
+    file.drop_resident_pages();
+    return same;
   }
   auto opened = std::make_shared<const Checkpoint>(file, std::move(zip), *same);
   file.drop_resident_pages();  // the directory and the pickle, read from the mapping

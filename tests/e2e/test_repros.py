@@ -185,6 +185,33 @@ def test_untied_output_projection_property():
         assert_same_state_dict(load_any(stitched)["model"], written.full, f"untied {mp} x {dp}")
 
 
+# -- 200,000 small tensors (an MoE-sized state dict): every command works on it -----
+
+def test_two_hundred_thousand_tensors():
+    """The count, not the bytes: stitch gives every tensor back, in order, and
+    inspect, manifest and inspect of the manifest read it (their time and memory are
+    measured by `make bench`, not here)."""
+    work = harness.scratch("200k")
+    source = os.path.join(work, "many.pt")
+    generator = torch.Generator().manual_seed(200)
+    model = {f"decoder.layers.{i // 768}.experts.{(i // 3) % 256}.w{i % 3}": torch.randn(2, generator=generator)
+             for i in range(200_000)}
+    torch.save({"model": model}, source)
+    out = os.path.join(work, "out.pt")
+    _, stderr = harness.run(["stitch", source, "-o", out])
+    assert "reading and planning" in stderr, stderr
+    got = load_any(out)["model"]
+    assert list(got) == list(model)
+    assert torch.equal(torch.stack(list(got.values())), torch.stack(list(model.values())))
+    stdout, _ = harness.run(["inspect", source])
+    assert "parameters: 400,000" in stdout and "in 200000 tensor(s)" in stdout, stdout[:2000]
+    manifest = os.path.join(work, "m.json.zst")
+    harness.run(["manifest", source, "-o", manifest])
+    stdout, _ = harness.run(["inspect", manifest])
+    assert "parameters: 400,000" in stdout and "in 200000 tensor(s)" in stdout, stdout[:2000]
+
+
 if __name__ == "__main__":
     harness.main([test_unflatten_repro, test_unflatten_property, test_swapped_names_repro, test_renamed_sets,
-                  test_untied_output_projection_repro, test_untied_output_projection_property])
+                  test_untied_output_projection_repro, test_untied_output_projection_property,
+                  test_two_hundred_thousand_tensors])

@@ -71,6 +71,8 @@ class Checkpoint {
   // Parses `file`, which must outlive the Checkpoint. Throws Error naming the
   // file, the record or tensor and the byte offset of anything malformed.
   explicit Checkpoint(const MappedFile& file);
+  // The same, with `file`'s zip directory `zip` already parsed.
+  Checkpoint(const MappedFile& file, ZipArchive zip);
   // `file` (its zip directory `zip`, already parsed), whose pickle bytes are
   // those of `same_pickle` (the caller compared them; an internal error
   // otherwise): the decoded graph is shared, only the storages are bound to
@@ -84,6 +86,8 @@ class Checkpoint {
   const std::string& archive_name() const { return archive_name_; }
   const ZipRecord& pickle_record() const { return *pickle_record_; }
   const pickle::Graph& graph() const { return *graph_; }
+  // The same graph, for a Graph::over it that outlives this checkpoint.
+  std::shared_ptr<const pickle::Graph> shared_graph() const { return graph_; }
   const std::vector<TensorRef>& tensors() const { return tensors_; }
   const std::map<std::string, StorageRef>& storages() const { return storages_; }
   const TensorRef* find_tensor(std::string_view path) const;

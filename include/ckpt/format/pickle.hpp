@@ -17,7 +17,9 @@
 // what lets an OmegaConf child point back at a parent that is still being built.
 #pragma once
 
+#include <bit>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -71,8 +73,7 @@ struct Node {
   NodeId state = kNoNode;
 };
 
-// The nodes of a graph in blocks that are never reallocated (sizes in
-// pickle_graph.cpp: small first, so a small graph stays small).
+// The nodes of a graph in blocks that are never reallocated.
 class NodeArena {
  public:
   NodeArena() = default;
@@ -86,25 +87,73 @@ class NodeArena {
   NodeId push_back(Node node);
   // Checked: an id past the end throws std::out_of_range.
   Node& at(NodeId id) { return const_cast<Node&>(std::as_const(*this).at(id)); }
-  const Node& at(NodeId id) const;
+  const Node& at(NodeId id) const {
+    if (id >= size_) out_of_range();
+    Slot slot = slot_of(id);
+    return blocks_[slot.block][slot.offset];
+  }
 
  private:
+  // Node `id` is element `offset` of block `block`. Blocks 0..kDoublings-1
+  // hold 64 << b nodes each, so a small graph stays small; every later block
+  // holds as many as the last of them, so a large one wastes at most one block.
+  static constexpr unsigned kFirstBlockBits = 6;
+  static constexpr unsigned kDoublings = 8;
+  static constexpr std::uint64_t kDoubledNodes = ((std::uint64_t{1} << kDoublings) - 1) << kFirstBlockBits;
+  static constexpr unsigned kLastBlockBits = kFirstBlockBits + kDoublings - 1;
+  struct Slot {
+    std::size_t block;
+    std::size_t offset;
+  };
+  static Slot slot_of(std::uint64_t id) {
+    if (id >= kDoubledNodes) {
+      std::uint64_t past = id - kDoubledNodes;
+      return {kDoublings + static_cast<std::size_t>(past >> kLastBlockBits),
+              static_cast<std::size_t>(past & ((std::uint64_t{1} << kLastBlockBits) - 1))};
+    }
+    std::uint64_t shifted = id + (std::uint64_t{1} << kFirstBlockBits);
+    auto block = static_cast<std::size_t>(std::bit_width(shifted)) - 1 - kFirstBlockBits;
+    return {block, static_cast<std::size_t>(shifted - (std::uint64_t{1} << (block + kFirstBlockBits)))};
+  }
+  static std::size_t block_nodes(std::size_t block) {
+    return std::size_t{1} << (kFirstBlockBits + (block < kDoublings ? block : kDoublings - 1));
+  }
+  [[noreturn]] static void out_of_range();
+
   std::vector<std::unique_ptr<Node[]>> blocks_;
   std::size_t size_ = 0;
 };
 
 class Graph {
  public:
-  NodeId add(Node node);
-  Node& operator[](NodeId id) { return nodes_.at(id); }
-  const Node& operator[](NodeId id) const { return nodes_.at(id); }
-  std::size_t size() const { return nodes_.size(); }
+  Graph() = default;
+  // A graph that starts as `base`, which it shares and never changes: nodes
+  // added get the ids after base's, and a node of base is copied on its first
+  // non-const access. What lets an output checkpoint be an edited copy of an
+  // input without copying the input's graph (the 200,000 tensors of the state
+  // dict it replaces among them).
+  static Graph over(std::shared_ptr<const Graph> base);
 
+  NodeId add(Node node);
+  // Checked: an id past the end throws std::out_of_range.
+  Node& operator[](NodeId id) { return id >= base_size_ ? nodes_.at(id - base_size_) : edit(id); }
+  const Node& operator[](NodeId id) const { return id >= base_size_ ? nodes_.at(id - base_size_) : base_node(id); }
+  std::size_t size() const { return base_size_ + nodes_.size(); }
+
+  // Values: None, a bool, a small int, a global and the empty tuple are one
+  // node each, however often they are asked for (the pickler never memoises
+  // the scalars, and an encoder writes a value wherever it is referenced), which
+  // saves about half the nodes of a state dict; a larger int is a new node.
   NodeId none();
   NodeId boolean(bool value);
   NodeId integer(std::int64_t value);
-  NodeId str(std::string_view value);
   NodeId global(std::string_view module, std::string_view name);
+  NodeId empty_tuple();
+  // A new str node (a dict key, an object's text); constant_str() is one node
+  // per text, for the constants torch pickles once and references after
+  // ("storage", "cpu").
+  NodeId str(std::string_view value);
+  NodeId constant_str(std::string_view value);
   NodeId tuple(std::vector<NodeId> items);
 
   // Queries on decoded data.
@@ -127,7 +176,25 @@ class Graph {
   int protocol = 2;  // highest PROTO seen when decoding
 
  private:
-  NodeArena nodes_;
+  Node& edit(NodeId id);
+  const Node& base_node(NodeId id) const;
+
+  std::shared_ptr<const Graph> base_;  // nodes [0, base_size_), unless edited here
+  NodeId base_size_ = 0;
+  std::vector<NodeId> edited_index_;  // per base node: its copy in edited_, or kNoNode; empty until the first edit
+  NodeArena edited_;
+  NodeArena nodes_;  // ids from base_size_
+
+  // The interned values (none(), integer(), ...), made on first use.
+  static constexpr std::int64_t kFirstInterned = -16;
+  static constexpr std::int64_t kInternedInts = 1024 + 16;
+  NodeId interned(NodeId& slot, Node node);
+  std::vector<NodeId> small_ints_;
+  NodeId none_ = kNoNode;
+  NodeId true_ = kNoNode;
+  NodeId false_ = kNoNode;
+  NodeId empty_tuple_ = kNoNode;
+  std::map<std::string, NodeId, std::less<>> constants_;  // "g:module\nname", "s:text"
 };
 
 // Decodes a pickle. `file`, `member` and `base_offset` locate errors: a bad

@@ -241,13 +241,32 @@ class SharedContent {
   std::unique_ptr<Seen> seen_;
 };
 
+// The checkpoints decoded while describing files (the first file of each
+// distinct pickle), with their mappings: kept for the planner that opens the
+// same files next (PlanInputs), so that no pickle is decoded twice. Thread-safe.
+class DecodedFiles {
+ public:
+  struct Decoded {
+    std::unique_ptr<MappedFile> file;
+    std::shared_ptr<const Checkpoint> checkpoint;  // of *file
+  };
+  void keep(Decoded decoded);
+  // What was kept for `path` (as ManifestFile::path spells it), once; null members when nothing.
+  Decoded take(const std::string& path);
+
+ private:
+  std::mutex mutex_;
+  std::map<std::string, Decoded> by_path_;
+};
+
 // Describes files as build_manifest does, each distinct pickle decoded once:
 // a file whose pickle bytes are those of a file described before (the shards
 // of a model part, but for padding) is read for its zip directory only. What
 // the files share is shared (SharedContent). Thread-safe.
 class FileDescriber {
  public:
-  FileDescriber();
+  // With `keep`, the checkpoints decoded are kept there (DecodedFiles).
+  explicit FileDescriber(DecodedFiles* keep = nullptr);
   ~FileDescriber();
   // Throws Error naming the file when it is not a readable torch.save file.
   ManifestFile describe(const std::string& path);
@@ -255,12 +274,13 @@ class FileDescriber {
  private:
   struct Known;
   std::unique_ptr<Known> known_;
+  DecodedFiles* keep_ = nullptr;
 };
 
 // Indexes `paths` (files, already expanded; a name ending in .safetensors is
 // read as safetensors, its header checked by read_safetensors_header). Throws
 // Error on unreadable input.
-Manifest build_manifest(const std::vector<std::string>& paths);
+Manifest build_manifest(const std::vector<std::string>& paths, DecodedFiles* keep = nullptr);
 bool is_safetensors_path(std::string_view path);
 // The shard files a safetensors index names (paths beside it), read and
 // bounded (format/safetensors.hpp). Throws Error naming the index.
@@ -310,6 +330,6 @@ void check_fresh(const Manifest& manifest);
 // manifest's tensors, places and CRCs, shard_metadata, object tree and other
 // fields. Throws Error naming `source` and the first field that differs, with
 // the file: a hand-edited manifest never redirects a copy.
-void check_describes_files(const Manifest& manifest, const std::string& source);
+void check_describes_files(const Manifest& manifest, const std::string& source, DecodedFiles* keep = nullptr);
 
 }  // namespace ckpt

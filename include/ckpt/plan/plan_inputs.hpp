@@ -25,6 +25,9 @@ class PlanInputs {
   // Maps every file of `manifest`, in order; throws Error naming the first one
   // that cannot be mapped.
   explicit PlanInputs(Manifest manifest);
+  // The same, taking the mappings and checkpoints `decoded` kept for these
+  // files while the manifest was made (nothing is decoded twice).
+  PlanInputs(Manifest manifest, DecodedFiles& decoded);
 
   const Manifest& manifest() const { return manifest_; }
   // files()[i] maps manifest().files[i].
