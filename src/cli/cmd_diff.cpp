@@ -252,6 +252,15 @@ Action add_diff_command(CLI::App& app) {
         if (!options->names.empty() && !side->safetensors) rename_hf_opt(*side);
         // Against a safetensors side, only the state dict is compared: the file holds nothing else.
         if (other->safetensors && !side->safetensors) {
+          // A plain state dict (torch.save(model.state_dict())) is that state dict;
+          // otherwise it is the `model` entry's.
+          bool plain = std::none_of(side->tensors.begin(), side->tensors.end(),
+                                    [](const NamedTensor& t) { return t.name.starts_with(kModelPrefix); });
+          for (NamedTensor& tensor : side->tensors) {
+            if (!plain) break;
+            tensor.name = std::string(kModelPrefix) + tensor.name;
+            if (tensor.alias_of) tensor.alias_of = std::string(kModelPrefix) + *tensor.alias_of;
+          }
           std::erase_if(side->tensors, [](const NamedTensor& t) { return !t.name.starts_with(kModelPrefix); });
           // A tie is one tensor in safetensors: its second name is not looked for there.
           std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });

@@ -210,6 +210,9 @@ Action add_stitch_command(CLI::App& app) {
     note_phase(options->write, "planning");
     StitchPlan plan = plan_stitch(inputs, outputs, stitch);
     report_replicated(plan.checks, inputs.files(), options->write.replicated_from_part_0);
+    if (!options->write.quiet) {
+      for (const std::string& note : plan.notes) print_notice(printable(note));
+    }
     std::vector<std::string> stale;
     if (stitch.format != OutputFormat::Torch && !options->write.dry_run) {
       stale = stale_set_files(plan.plan, folder ? std::vector<std::string>{options->output} : outputs, folder);

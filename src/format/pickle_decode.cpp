@@ -331,8 +331,14 @@ class Decoder {
       }
       default: {
         auto byte = static_cast<std::uint8_t>(op);
-        fail(fmt::format("unsupported opcode 0x{:02x}{}", byte,
-                         (byte >= 0x20 && byte < 0x7f) ? fmt::format(" ('{}')", static_cast<char>(byte)) : ""));
+        // Protocols 0 and 1 are the printable opcodes; 2 to 5 add the others.
+        constexpr std::string_view kOldProtocol =
+            ", an opcode of pickle protocol 0 or 1: ckpt-tool reads protocols 2 to 5 (torch.save's default is 2; "
+            "save again with pickle_protocol=2 or later)";
+        bool printable = byte >= 0x20 && byte < 0x7f;
+        fail(fmt::format("unsupported opcode 0x{:02x}{}{}", byte,
+                         printable ? fmt::format(" ('{}')", static_cast<char>(byte)) : "",
+                         printable ? kOldProtocol : ""));
       }
     }
   }

@@ -140,6 +140,19 @@ std::optional<FileIdentity> identity_of(const std::string& path) {
   return FileIdentity{static_cast<std::uint64_t>(info.st_dev), static_cast<std::uint64_t>(info.st_ino)};
 }
 
+namespace {
+
+const char* file_kind(mode_t mode) {
+  if (S_ISLNK(mode)) return "a symbolic link";
+  if (S_ISCHR(mode) || S_ISBLK(mode)) return "a device";
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISDIR(mode)) return "a directory";
+  return "not a regular file";
+}
+
+}  // namespace
+
 void check_output_targets(const std::vector<OutputTarget>& targets, const std::vector<FileIdentity>& inputs,
                           bool overwrite, const std::function<void(const std::string&)>& notice) {
   std::set<FileIdentity> input_ids(inputs.begin(), inputs.end());
@@ -184,6 +197,13 @@ void check_output_targets(const std::vector<OutputTarget>& targets, const std::v
                       "output path is one of this run's input files: inputs are never written, "
                       "not even with --force; write the output elsewhere");
         }
+      }
+      // --force replaces a file: renaming over /dev/null, a FIFO or a link
+      // would replace the node itself (found replacing /dev/null).
+      if (!S_ISREG(info.st_mode)) {
+        throw Error(where, fmt::format("output path is {}, not a regular file: outputs replace regular files only, "
+                                       "not even with --force; write the output elsewhere",
+                                       file_kind(info.st_mode)));
       }
       if (!overwrite) throw Error(where, "output already exists (use --force to overwrite)");
     }

@@ -260,6 +260,13 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
         out.tensors.push_back(std::move(tensors));
         break;
       case OutputFormat::Safetensors:
+        for (const OutputTensor& tensor : tensors) {
+          if (!tensor.alias_of) continue;
+          out.notes.push_back(
+              fmt::format("{} is tied to {}: safetensors holds the tensor once, under {} (tie it "
+                          "again when loading, as transformers' tie_weights does)",
+                          tensor.name, *tensor.alias_of, *tensor.alias_of));
+        }
         for (auto& file : plan_safetensors(tensors, {output_paths[k], options.max_shard_bytes}, sources, out.plan))
           out.tensors.push_back(std::move(file));
         break;

@@ -185,6 +185,60 @@ def test_untied_output_projection_property():
         assert_same_state_dict(load_any(stitched)["model"], written.full, f"untied {mp} x {dp}")
 
 
+# -- found by the stranger's black-box pass (issue 24's "before closing") --------------
+
+def test_found_by_the_stranger():
+    work = harness.scratch("stranger")
+    written = stranger_sets.write_set(os.path.join(work, "in"), layers=1, mp=1, dp=2, seed=11, dtype=torch.float32)
+    folder = os.path.join(work, "in")
+
+    # --force replaces regular files only: never a FIFO or a link (nor /dev/null)
+    fifo, link, target = (os.path.join(work, n) for n in ("fifo", "link.pt", "target.pt"))
+    os.mkfifo(fifo)
+    open(target, "wb").close()
+    os.symlink(target, link)
+    for path, kind in ((fifo, "a FIFO"), (link, "a symbolic link")):
+        _, stderr = harness.run(["stitch", folder, "-o", path, "--force"], expect=1)
+        assert f"output path is {kind}, not a regular file" in stderr, stderr
+    assert os.path.islink(link) and os.path.getsize(target) == 0 and not os.path.isfile(fifo)
+
+    # a plain state dict against safetensors: its tensors are the state dict
+    plain = os.path.join(work, "plain.pt")
+    torch.save({"w": torch.ones(3), "b": torch.zeros(2)}, plain)
+    empty = os.path.join(work, "empty.safetensors")
+    safetensors_check.write(empty, [])
+    stdout, _ = harness.run(["diff", plain, empty], expect=1)
+    assert "only in A: model/w" in stdout and "only in A: model/b" in stdout, stdout
+    same = os.path.join(work, "same.safetensors")
+    safetensors_check.write(same, [("w", torch.ones(3)), ("b", torch.zeros(2))])
+    harness.run(["diff", plain, same])
+
+    # a tie left out of safetensors is said
+    _, stderr = harness.run(["stitch", folder, "-o", os.path.join(work, "s.safetensors")])
+    assert "decoder.output_projection.weight is tied to decoder.embed_tokens.weight" in stderr, stderr
+
+    # a flipped pickle byte is a CRC error, in every command
+    broken = os.path.join(work, "broken")
+    shutil.copytree(folder, broken)
+    victim = os.path.join(broken, os.path.basename(written.files[1]))
+    with open(victim, "rb") as f:
+        data = bytearray(f.read())
+    at = data.index(b"decoder.layers.0.flat_param_0")  # a key inside data.pkl
+    data[at] ^= 0x01
+    with open(victim, "wb") as f:
+        f.write(data)
+    for command in (["inspect", broken], ["manifest", broken, "-o", os.path.join(work, "m.json")],
+                    ["stitch", broken, "-o", os.path.join(work, "b.pt")]):
+        _, stderr = harness.run(command, expect=1)
+        assert "data.pkl" in stderr and "CRC-32 of the pickle" in stderr, (command, stderr)
+
+    # a protocol 1 pickle: what to do about it
+    old = os.path.join(work, "old.pt")
+    torch.save({"model": {"w": torch.ones(2)}}, old, pickle_protocol=1)
+    _, stderr = harness.run(["inspect", old], expect=1)
+    assert "pickle protocol 0 or 1" in stderr and "pickle_protocol=2" in stderr, stderr
+
+
 # -- 200,000 small tensors (an MoE-sized state dict): every command works on it -----
 
 def test_two_hundred_thousand_tensors():
@@ -214,4 +268,4 @@ def test_two_hundred_thousand_tensors():
 if __name__ == "__main__":
     harness.main([test_unflatten_repro, test_unflatten_property, test_swapped_names_repro, test_renamed_sets,
                   test_untied_output_projection_repro, test_untied_output_projection_property,
-                  test_two_hundred_thousand_tensors])
+                  test_found_by_the_stranger, test_two_hundred_thousand_tensors])

@@ -150,6 +150,19 @@ const std::vector<ZipEntrySpec> kSpecs = {
 
 }  // namespace
 
+TEST_CASE("printable: control characters and bytes that are not UTF-8 are escaped, UTF-8 text is kept") {
+  using ckpt::printable;
+  CHECK(printable("plain/name.pt") == "plain/name.pt");
+  CHECK(printable("a\nb\x1b[31m") == "a\\nb\\x1b[31m");
+  CHECK(printable("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80") == "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80");
+  CHECK(printable("bad\xff\xfe/x") == "bad\\xff\\xfe/x");
+  CHECK(printable("cut \xe2\x82") == "cut \\xe2\\x82");   // a truncated sequence
+  CHECK(printable("\xc0\xaf") == "\\xc0\\xaf");           // an overlong '/'
+  CHECK(printable("\xed\xa0\x80") == "\\xed\\xa0\\x80");  // a surrogate
+  CHECK(printable("\xc2\x85") == "\\u0085");              // a C1 control
+  CHECK(printable("\xc2") == "\\xc2");
+}
+
 TEST_SUITE("zip") {
   TEST_CASE("layout_zip aligns every record's data to 64 bytes and packs records back to back") {
     Built built = build_archive(kSpecs);

@@ -46,6 +46,7 @@ struct StitchPlan {
   Plan plan;
   std::vector<std::vector<OutputTensor>> tensors;  // per output file, the state dict
   std::vector<ReplicatedCheck> checks;
+  std::vector<std::string> notes;  // what the output format leaves out, for the user
 };
 
 // `output_paths` has one path, or one per model part without stitching (for
