@@ -286,13 +286,32 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   for (const NamedTensor& tensor : out) taken.insert(tensor.name);
   // Tied parameters: every instance's pairs (fairscale itself reads only the last
   // instance's, and so loses the tie when the root comes first).
+  // fairscale fails on a tie or a buffer the state dict lacks (KeyError); a tie
+  // onto a parameter of its own would replace it.
   const FsdpMetadata& metadata = *first.fsdp;
+  auto bad = [&](const std::string& field, const std::string& message) {
+    return Error(Location{first.path, "shard_metadata/" + field, std::nullopt}, message);
+  };
+  std::map<std::string, std::string> ties;  // to -> from
   for (const FsdpInstanceMeta& instance : metadata.instances) {
     for (const auto& [src, dst] : instance.shared_param_info) {
       std::string from = fsdp_key(instance.fsdp_path, src);
       std::string to = fsdp_key(instance.fsdp_path, dst);
-      if (taken.count(from) == 0 || !taken.insert(to).second) continue;
+      if (taken.count(from) == 0) {
+        throw bad("shared_param_info", fmt::format("ties {} to {}, which no flat parameter holds", to, from));
+      }
+      if (auto it = ties.find(to); it != ties.end() && it->second == from) continue;  // listed again
+      if (!taken.insert(to).second) {
+        throw bad("shared_param_info", fmt::format("ties {} to {}, but {} is a parameter of its own", to, from, to));
+      }
+      ties.emplace(to, from);
       out.push_back({to, {}, from});
+    }
+  }
+  for (const std::string& buffer : metadata.buffer_names) {
+    if (find_tensor(first, state_dict_path(prefix, buffer)) == nullptr &&
+        find_tensor(first, state_dict_path(kModelPrefix, buffer)) == nullptr) {
+      throw bad("buffer_names", fmt::format("lists {}, which the state dict does not hold", buffer));
     }
   }
   add_buffers(metadata.buffer_names);

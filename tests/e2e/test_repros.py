@@ -232,6 +232,29 @@ def test_found_by_the_stranger():
         _, stderr = harness.run(command, expect=1)
         assert "data.pkl" in stderr and "CRC-32 of the pickle" in stderr, (command, stderr)
 
+    # shard_metadata that fairscale could not consolidate either: refused by stitch and verify
+    def edited(name, change):
+        copy = os.path.join(work, name)
+        shutil.copytree(folder, copy)
+        for path in set_files(copy):
+            ckpt = load_any(path)
+            change(ckpt["shard_metadata"])
+            torch.save(ckpt, path)
+        return copy
+
+    root = 0  # the root instance comes first (stranger_sets' default)
+    for name, change, needle in (
+            ("buffer", lambda md: md["buffer_names"].append("decoder.missing"), "lists decoder.missing"),
+            ("tie-from", lambda md: md["param_metadata"][root]["shared_param_info"].append(
+                ("decoder.nowhere.weight", "decoder.extra.weight")), "which no flat parameter holds"),
+            ("tie-onto", lambda md: md["param_metadata"][root]["shared_param_info"].append(
+                ("decoder.embed_tokens.weight", "decoder.layer_norm.weight")), "is a parameter of its own")):
+        bad = edited(name, change)
+        _, stderr = harness.run(["stitch", bad, "-o", os.path.join(work, name + ".pt")], expect=1)
+        assert needle in stderr and "shard_metadata/" in stderr, (name, stderr)
+        stdout, _ = harness.run(["verify", bad], expect=1)
+        assert needle in stdout, (name, stdout)
+
     # a protocol 1 pickle: what to do about it
     old = os.path.join(work, "old.pt")
     torch.save({"model": {"w": torch.ones(2)}}, old, pickle_protocol=1)

@@ -815,6 +815,7 @@ TEST_SUITE("fsdp_layout") {
           std::copy(written.begin(), written.end(), bytes.begin() + static_cast<std::ptrdiff_t>(at));
           add(file, contiguous(cat("model/", shard.state_key), DType::Float32, shard.source.shape, at));
         }
+        add(file, contiguous("model/decoder.version", DType::Float32, {1}, 1792));  // the buffer the layout names
         file.fsdp = metadata;
         manifest.files.push_back(file);
         shard_bytes.push_back(std::move(bytes));
@@ -863,6 +864,7 @@ TEST_SUITE("fsdp_layout") {
         add(file,
             contiguous(cat("model/", shards[i].state_key), DType::Float32, shards[i].source.shape, 256 * (i + 1)));
       }
+      add(file, contiguous("model/decoder.version", DType::Float32, {1}, 1792));  // the buffer the layout names
       file.fsdp = metadata;
       manifest.files.push_back(file);
       shard_bytes.push_back(std::move(bytes));
