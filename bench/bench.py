@@ -203,13 +203,13 @@ def main():
     if free < needed:
         sys.exit(f"bench: --sizes {args.sizes} needs about {needed / GIB:.0f} GiB free in {args.work}, "
                  f"{free / GIB:.0f} GiB there")
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     grid_rows = [] if args.grids == "none" else measure_grids(args, tool)
     tensor_rows = [] if args.tensors == "none" else measure_many_tensors(args, tool)
     rows = []
     for size in sizes:
         rows += measure_size(args, tool, size)
-    write_results(rows, grid_rows, tensor_rows, args, time.perf_counter() - started)
+    write_results(rows, grid_rows, tensor_rows, args, time.perf_counter() - started, load_at_start)
 
 
 def measure_size(args, tool, size):
@@ -389,13 +389,15 @@ def measure_many_tensors(args, tool):
     return rows
 
 
-def write_results(rows, grid_rows, tensor_rows, args, total_seconds):
+def write_results(rows, grid_rows, tensor_rows, args, total_seconds, load_at_start):
     by = {(r["size"], r["step"]): r for r in rows}
     sizes = sorted({r["size"] for r in rows})
     lines = ["# ckpt-tool benchmark", "",
-             f"Machine: {machine()}. Written by `make bench` (bench/bench.py --sizes {args.sizes} --grids {args.grids} "
-             f"--tensors {args.tensors}) on {time.strftime('%Y-%m-%d')} in {total_seconds / 60:.1f} min; one run of "
-             "the benchmark, warm page cache, `sync` before each step, the previous output removed before each "
+             f"Machine: {machine()}. Written by `bench/bench.py --sizes {args.sizes} --grids {args.grids} "
+             f"--tensors {args.tensors}` on {time.strftime('%Y-%m-%d')} in {total_seconds / 60:.1f} min (`make bench` "
+             f"passes its BENCH_SIZES, 0.25,1,4,16 by default); load average {load_at_start:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end (other processes share the 2 cores: compare within one run). One "
+             "run of the benchmark, warm page cache, `sync` before each step, the previous output removed before each "
              "(untimed)."]
     if rows:
         lines += ["",
