@@ -45,13 +45,16 @@ demo: build
 test: build
 	meson test -C $(BUILD) --print-errorlogs --num-processes 4
 
-# The benchmark: cp, stitch, the Python pipeline, reshard and diff on 0.25 to 4 GiB
-# inputs in one run (BENCH_SIZES=1,4,16 for more), and the metadata path on grids
-# of OPT-175B's shape (8 x 16 and 8 x 124 shards; BENCH_GRIDS=none skips them); writes bench/RESULTS.md.
-BENCH_SIZES ?= 0.25,0.5,1,4
+# The benchmark: cp + sync beside 5 runs of stitch at each size, the Python pipeline,
+# reshard and diff on 0.25 to 16 GiB inputs (16 needs about 42 GiB free on disk;
+# BENCH_SIZES=0.25,1,4 for a shorter run), the metadata path on grids of OPT-175B's
+# shape (8 x 16 and 8 x 124 shards; BENCH_GRIDS=none skips them) and on one file of
+# 200,000 tensors (BENCH_TENSORS=none skips it); writes bench/RESULTS.md.
+BENCH_SIZES ?= 0.25,1,4,16
 BENCH_GRIDS ?= 8x16,8x124
+BENCH_TENSORS ?= 200000
 bench: build
-	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES) --grids $(BENCH_GRIDS)
+	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES) --grids $(BENCH_GRIDS) --tensors $(BENCH_TENSORS)
 
 # The suite under AddressSanitizer and UndefinedBehaviorSanitizer.
 sanitize: deps

@@ -3,8 +3,11 @@
 
   (a) cp of the input files (the physical limit), and cp + sync (a durable copy:
       ckpt-tool fsyncs its outputs);
-  (b) ckpt-tool stitch (direct I/O, the default) and stitch --buffered-io, and
-      stitch --format hf (a Hugging Face folder, 1 GB safetensors shards);
+  (b) ckpt-tool stitch (the default I/O mode) and stitch --buffered-io, run in
+      rounds with cp + sync: each round runs each of the three once, so every
+      stitch run has a cp + sync beside it, and each is reported by the median and
+      the worst of its runs (5); stitch --no-crc-check, and stitch --format hf (a
+      Hugging Face folder, 1 GB safetensors shards);
   (c) the Python pipeline (bench/baseline_stitch.py: torch.load every shard,
       torch.cat, torch.save), checked equal to (b) with ckpt-tool diff;
   (d) ckpt-tool reshard to another grid;
@@ -12,16 +15,26 @@
       against its bfloat16 copy with --atol 1e-2 --rtol 1e-2 (every element differs a
       little: the element-wise path).
 
-Wall time, throughput and peak RSS (/usr/bin/time -v) for each, the ratios
-stitch/cp and baseline/stitch, written as a markdown table to bench/RESULTS.md.
+And two metadata-bound cases: grids of OPT-175B's shape (hundreds of shards,
+--grids), and one state dict of 200,000 two-element tensors, an MoE model's tensor
+count (--tensors): stitch, inspect, manifest and inspect of that manifest, beside
+torch.load + torch.save of the same file.
 
-usage: bench.py [--sizes 1,4] [--mp 2] [--dp 4] [--work DIR] [--tool PATH]
+Steps outside the rounds run 3 times (the median is reported), once where the
+first run takes over 10 s.
+Wall time, throughput and peak RSS (/usr/bin/time -v) for each, the ratios
+stitch/(cp + sync) (median and worst) and baseline/stitch, written as markdown
+tables to bench/RESULTS.md.
+
+usage: bench.py [--sizes 0.25,1,4,16] [--grids 8x16,8x124|none] [--tensors 200000|none]
+                [--mp 2] [--dp 4] [--work DIR] [--tool PATH]
 """
 import argparse
 import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +42,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GIB = 1 << 30
+PYTHON = "/usr/bin/python3"  # Debian's, with torch
+# A step outside the rounds whose first run takes longer runs once: its noise is a
+# small part of it, and repeating the 16 GiB steps would double the benchmark's time.
+ONE_RUN_OVER_SECONDS = 10
 
 
 def run_timed(args, env=None):
@@ -71,122 +88,203 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), {total_memory() / GIB:.0f} GiB RAM, Linux {platform.release()}"
 
 
+def remove(path):
+    """A step's cleanup: removes its output (a file or a folder), if there."""
+    def cleanup():
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    return cleanup
+
+
+def warm(folder):
+    """Reads every input file: this VM reclaims page cache eagerly."""
+    for f in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, f), "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+class Step:
+    """One command to time: `cleanup` removes its output; `durable` adds a timed `sync` after it (cp + sync)."""
+
+    def __init__(self, name, cmd, cleanup=None, durable=False, prepare=None):
+        self.name, self.cmd, self.cleanup, self.durable, self.prepare = name, cmd, cleanup, durable, prepare
+        self.runs = []  # (seconds, peak RSS in bytes)
+
+
+def run_rounds(steps, repeats, inputs=None):
+    """Runs `repeats` rounds of `steps`, each step once per round in order, so that
+    every run has its neighbours' runs beside it in time (this VM's page cache and
+    writeback are noisy, and other processes come and go). Before each run, untimed:
+    the previous run's output is removed (no run pays for discarding another's
+    blocks); with `inputs`, they are read and given half a second after `sync`.
+    The last step's last output is kept."""
+    pending = None
+    for attempt in range(repeats):
+        for step in steps:
+            if pending:
+                pending()
+            if step.prepare:
+                step.prepare()
+            if inputs:
+                warm(inputs)
+            sync()
+            if inputs:
+                time.sleep(0.5)
+            seconds, rss, _ = run_timed(step.cmd)
+            if step.durable:
+                sync_start = time.perf_counter()
+                sync()
+                seconds += time.perf_counter() - sync_start
+            step.runs.append((seconds, rss))
+            pending = step.cleanup
+
+
+def time_step(step, repeats, inputs=None, keep=False):
+    """Runs one step `repeats` times, or once when that run takes over
+    ONE_RUN_OVER_SECONDS; its output is removed after, unless `keep`."""
+    run_rounds([step], 1, inputs)
+    if step.runs[0][0] <= ONE_RUN_OVER_SECONDS and repeats > 1:
+        if step.cleanup:
+            step.cleanup()
+        run_rounds([step], repeats - 1, inputs)
+    if step.cleanup and not keep:
+        step.cleanup()
+    return summary(step)
+
+
+def in_folder(folder):
+    """The Step arguments of a command that writes into `folder`: created before each run, removed after."""
+    if folder is None:
+        return {}
+    return {"cleanup": remove(folder), "prepare": lambda: os.makedirs(folder, exist_ok=True)}
+
+
+def summary(step):
+    """The median and the worst (largest) wall time of a step's runs, and its peak RSS."""
+    times = sorted(seconds for seconds, _ in step.runs)
+    return {"step": step.name, "seconds": statistics.median(times), "worst": times[-1], "runs": times,
+            "rss": max(rss for _, rss in step.runs)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="1,4", help="input sizes in GiB, comma-separated (default 1,4)")
+    parser.add_argument("--sizes", default="0.25,1", help="input sizes in GiB, comma-separated, or 'none' (default 0.25,1)")
     parser.add_argument("--mp", type=int, default=2)
     parser.add_argument("--dp", type=int, default=4)
     parser.add_argument("--work", default=os.path.join(ROOT, "build", "bench"))
     parser.add_argument("--tool", default=os.path.join(ROOT, "build", "ckpt-tool"))
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
-    parser.add_argument("--repeats", type=int, default=5, help="runs per step; the median is reported (default 5)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds of cp + sync, stitch and stitch --buffered-io; the median and the worst are "
+                             "reported (default 5)")
+    parser.add_argument("--other-repeats", type=int, default=3,
+                        help=f"runs of cp, stitch --no-crc-check, hf, reshard and diff at each size, once when the "
+                             f"first takes over {ONE_RUN_OVER_SECONDS} s; the median is reported (default 3)")
     parser.add_argument("--baseline-repeats", type=int, default=3,
                         help="runs of the (slow, noisy) Python baseline; the median is reported (default 3)")
     parser.add_argument("--grids", default="8x16,8x124",
                         help="metadata-bound grids MPxDP at OPT-175B's shape (96 layers, Adam state, tiny widths): "
                              "8x124 is OPT-175B's 992 shards; 'none' to skip (default 8x16,8x124)")
-    parser.add_argument("--grid-repeats", type=int, default=3, help="runs per grid step (default 3)")
+    parser.add_argument("--tensors", default="200000",
+                        help="tensors in the one-file state dict of tiny tensors (MoE-sized); 'none' to skip "
+                             "(default 200000)")
+    parser.add_argument("--grid-repeats", type=int, default=3,
+                        help=f"runs per step of the grids and of the many-tensors file, once when the first takes "
+                             f"over {ONE_RUN_OVER_SECONDS} s (default 3)")
     args = parser.parse_args()
     tool = args.tool
+    sizes = [] if args.sizes == "none" else [float(s) for s in args.sizes.split(",")]
+    # At most on disk at once: an input, its stitched output and that output's bfloat16 copy.
+    os.makedirs(args.work, exist_ok=True)
+    needed, free = 2.6 * max(sizes, default=0) * GIB, shutil.disk_usage(args.work).free
+    if free < needed:
+        sys.exit(f"bench: --sizes {args.sizes} needs about {needed / GIB:.0f} GiB free in {args.work}, "
+                 f"{free / GIB:.0f} GiB there")
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     grid_rows = [] if args.grids == "none" else measure_grids(args, tool)
+    tensor_rows = [] if args.tensors == "none" else measure_many_tensors(args, tool)
     rows = []
-    for size in [] if args.sizes == "none" else [float(s) for s in args.sizes.split(",")]:
-        work = os.path.join(args.work, f"{size:g}GiB")
-        shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(work)
-        src = os.path.join(work, "input")
-        params = size * GIB / 2  # fp16 weights, no optimizer state: the stitched output is as large as the input
-        synth_s, _, _ = run_timed([tool, "synth", "-q", "--params", f"{params:.0f}", "--mp", str(args.mp), "--dp",
-                                   str(args.dp), "--dtype", "fp16", "-o", src])
-        in_bytes = dir_bytes(src)
-        print(f"== {size:g} GiB: {args.mp} x {args.dp} shards, {in_bytes / GIB:.2f} GiB written by synth in {synth_s:.1f} s",
-              flush=True)
-        def warm():
-            for f in sorted(os.listdir(src)):
-                with open(os.path.join(src, f), "rb") as handle:
-                    while handle.read(1 << 24):
-                        pass
+    for size in sizes:
+        rows += measure_size(args, tool, size)
+    write_results(rows, grid_rows, tensor_rows, args, time.perf_counter() - started, load_at_start)
 
-        def measure(name, cmd, nbytes, prepare=None, repeats=args.repeats):
-            # The median of `repeats` runs: this VM's page cache and writeback are noisy.
-            # `prepare` removes the previous run's output, untimed, so no run pays for
-            # deleting (and discarding) another's blocks.
-            runs = []
-            for attempt in range(repeats):
-                if prepare:
-                    prepare()
-                warm()  # this VM reclaims page cache eagerly: re-read the inputs before each run
-                sync()
-                time.sleep(0.5)
-                seconds, rss, out = run_timed(cmd)
-                if name == "cp + sync":
-                    sync_start = time.perf_counter()
-                    sync()
-                    seconds += time.perf_counter() - sync_start
-                runs.append((seconds, rss, out))
-            runs.sort(key=lambda run: run[0])
-            seconds, rss, out = runs[len(runs) // 2]
-            rss = max(run[1] for run in runs)
-            row = {"size": size, "step": name, "seconds": seconds, "rss": rss, "gbps": nbytes / seconds / 1e9}
-            rows.append(row)
-            print(f"  {name:<30} {seconds:8.2f} s  {row['gbps']:6.2f} GB/s  peak RSS {rss / (1 << 20):8.0f} MiB",
-                  flush=True)
-            return row, out
 
-        def remove(path):
-            def prepare():
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
-            return prepare
+def measure_size(args, tool, size):
+    """cp, stitch in each I/O mode, hf, the Python baseline, reshard and diff on one synthetic checkpoint."""
+    rows = []
+    work = os.path.join(args.work, f"{size:g}GiB")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    src = os.path.join(work, "input")
+    params = size * GIB / 2  # fp16 weights, no optimizer state: the stitched output is as large as the input
+    synth_s, _, _ = run_timed([tool, "synth", "-q", "--params", f"{params:.0f}", "--mp", str(args.mp), "--dp",
+                               str(args.dp), "--dtype", "fp16", "-o", src])
+    in_bytes = dir_bytes(src)
+    print(f"== {size:g} GiB: {args.mp} x {args.dp} shards, {in_bytes / GIB:.2f} GiB written by synth in {synth_s:.1f} s",
+          flush=True)
 
-        cp_dir = os.path.join(work, "cp")
-        measure("cp", ["cp", "-r", src, cp_dir], in_bytes, remove(cp_dir))
-        measure("cp + sync", ["cp", "-r", src, cp_dir], in_bytes, remove(cp_dir))
-        remove(cp_dir)()
-        stitched = os.path.join(work, "stitched.pt")
-        measure("ckpt-tool stitch --buffered-io", [tool, "stitch", "-q", "--buffered-io", src, "-o", stitched], in_bytes,
-                remove(stitched))
-        measure("ckpt-tool stitch", [tool, "stitch", "-q", src, "-o", stitched], in_bytes, remove(stitched))
-        # What checking every input byte against its record's CRC-32 costs.
-        measure("ckpt-tool stitch --no-crc-check", [tool, "stitch", "-q", "--no-crc-check", src, "-o", stitched],
-                in_bytes, remove(stitched))
-        # The Hugging Face folder (safetensors under transformers' names, 1 GB shards), from the same
-        # plan: the same copies, another header; proven equal to the shards by value.
-        hf = os.path.join(work, "hf")
-        measure("ckpt-tool stitch --format hf", [tool, "stitch", "-q", src, "--format", "hf", "--max-shard-size", "1GB",
-                                                 "-o", hf], in_bytes, remove(hf))
-        proof = subprocess.run([tool, "diff", hf, src, "--names", "hf-opt"], capture_output=True, text=True)
-        if proof.returncode != 0:
-            sys.exit(f"bench: the hf folder and its shards differ:\n{proof.stdout[-3000:]}{proof.stderr}")
-        remove(hf)()
-        baseline = os.path.join(work, "baseline.pt")
-        # The baseline holds every shard and the stitched model in memory at once:
-        # measured peaks are 3.3x the input (3.4 GiB for 1 GiB, 12.7 GiB for 4 GiB).
-        if 3.5 * in_bytes > available_memory():
-            print(f"  python baseline: skipped (needs about {3.5 * in_bytes / GIB:.0f} GiB of RAM)", flush=True)
-        else:
-            measure("python baseline", ["/usr/bin/python3", os.path.join(HERE, "baseline_stitch.py"), src, baseline],
-                    in_bytes, remove(baseline), repeats=args.baseline_repeats)
-            diff = subprocess.run([tool, "diff", stitched, baseline], capture_output=True, text=True)
-            if diff.returncode != 0:
-                sys.exit(f"bench: stitch and the Python baseline differ:\n{diff.stdout[-3000:]}{diff.stderr}")
-            os.remove(baseline)
-        resharded = os.path.join(work, "resharded")
-        measure(f"ckpt-tool reshard {args.mp}x{args.dp}->1x{args.dp * 2}",
-                [tool, "reshard", "-q", src, "--mp", "1", "--dp", str(args.dp * 2), "-o",
-                 os.path.join(resharded, "checkpoint_last-model_part-{m}-shard{d}.pt")], in_bytes,
-                lambda: remove(resharded)() or os.makedirs(resharded))
-        measure("ckpt-tool diff (self)", [tool, "diff", stitched, stitched], os.path.getsize(stitched))
-        as_bf16 = os.path.join(work, "stitched-bf16.pt")
-        run_timed([tool, "stitch", "-q", src, "--dtype", "bf16", "-o", as_bf16])
-        measure("ckpt-tool diff fp16 vs bf16 copy", [tool, "diff", stitched, as_bf16, "--atol", "1e-2", "--rtol", "1e-2"],
-                os.path.getsize(stitched))
-        os.remove(as_bf16)
-        shutil.rmtree(work)
+    def report(row, nbytes=in_bytes, at=None):
+        row.update(size=size, gbps=nbytes / row["seconds"] / 1e9)
+        rows.insert(len(rows) if at is None else at, row)
+        print(f"  {row['step']:<34} median {row['seconds']:7.2f} s  worst {row['worst']:7.2f} s  "
+              f"{row['gbps']:6.2f} GB/s  peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
 
-    write_results(rows, grid_rows, args)
+    def measure(name, cmd, cleanup=None, repeats=args.other_repeats, nbytes=in_bytes, keep=False, **more):
+        report(time_step(Step(name, cmd, cleanup, **more), repeats, src, keep), nbytes)
+
+    # Outputs one at a time (at 16 GiB each is as large as the input), the rounds'
+    # last (the default stitch) kept for the baseline and diff to compare against.
+    cp_dir = os.path.join(work, "cp")
+    stitched = os.path.join(work, "stitched.pt")
+    measure("cp", ["cp", "-r", src, cp_dir], remove(cp_dir))
+    # What checking every input byte against its record's CRC-32 costs.
+    measure("ckpt-tool stitch --no-crc-check", [tool, "stitch", "-q", "--no-crc-check", src, "-o", stitched],
+            remove(stitched))
+    # The Hugging Face folder (safetensors under transformers' names, 1 GB shards), from the same
+    # plan: the same copies, another header; proven equal to the shards by value.
+    hf = os.path.join(work, "hf")
+    measure("ckpt-tool stitch --format hf",
+            [tool, "stitch", "-q", src, "--format", "hf", "--max-shard-size", "1GB", "-o", hf], remove(hf), keep=True)
+    proof = subprocess.run([tool, "diff", hf, src, "--names", "hf-opt"], capture_output=True, text=True)
+    if proof.returncode != 0:
+        sys.exit(f"bench: the hf folder and its shards differ:\n{proof.stdout[-3000:]}{proof.stderr}")
+    remove(hf)()
+    resharded = os.path.join(work, "resharded")
+    measure(f"ckpt-tool reshard {args.mp}x{args.dp}->1x{args.dp * 2}",
+            [tool, "reshard", "-q", src, "--mp", "1", "--dp", str(args.dp * 2), "-o",
+             os.path.join(resharded, "checkpoint_last-model_part-{m}-shard{d}.pt")], **in_folder(resharded))
+
+    # The I/O modes, with a cp + sync beside every default stitch: the durable copy it must not be slower than.
+    rounds = [Step("ckpt-tool stitch --buffered-io", [tool, "stitch", "-q", "--buffered-io", src, "-o", stitched],
+                   remove(stitched)),
+              Step("cp + sync", ["cp", "-r", src, cp_dir], remove(cp_dir), durable=True),
+              Step("ckpt-tool stitch", [tool, "stitch", "-q", src, "-o", stitched], remove(stitched))]
+    run_rounds(rounds, args.repeats, src)
+    for at, step in ((1, rounds[1]), (2, rounds[2]), (3, rounds[0])):  # after cp in the table
+        report(summary(step), at=at)
+
+    baseline = os.path.join(work, "baseline.pt")
+    # The baseline holds every shard and the stitched model in memory at once:
+    # measured peaks are 3.3x the input (3.4 GiB for 1 GiB, 12.7 GiB for 4 GiB).
+    if 3.5 * in_bytes > available_memory():
+        print(f"  python baseline: skipped (needs about {3.5 * in_bytes / GIB:.0f} GiB of RAM)", flush=True)
+    else:
+        measure("python baseline", [PYTHON, os.path.join(HERE, "baseline_stitch.py"), src, baseline],
+                remove(baseline), repeats=args.baseline_repeats, keep=True)
+        diff = subprocess.run([tool, "diff", stitched, baseline], capture_output=True, text=True)
+        if diff.returncode != 0:
+            sys.exit(f"bench: stitch and the Python baseline differ:\n{diff.stdout[-3000:]}{diff.stderr}")
+        os.remove(baseline)
+    measure("ckpt-tool diff (self)", [tool, "diff", stitched, stitched], nbytes=os.path.getsize(stitched))
+    as_bf16 = os.path.join(work, "stitched-bf16.pt")
+    run_timed([tool, "stitch", "-q", src, "--dtype", "bf16", "-o", as_bf16])
+    measure("ckpt-tool diff fp16 vs bf16 copy", [tool, "diff", stitched, as_bf16, "--atol", "1e-2", "--rtol", "1e-2"],
+            nbytes=os.path.getsize(stitched))
+    shutil.rmtree(work)
+    return rows
 
 
 def measure_grids(args, tool):
@@ -208,21 +306,11 @@ def measure_grids(args, tool):
         manifest = os.path.join(work, "m.json.zst")
         plain = os.path.join(work, "m.json")
 
-        def step(name, cmd, prepare=None):
-            runs = []
-            for attempt in range(args.grid_repeats):
-                if prepare:
-                    prepare()
-                sync()
-                runs.append(run_timed(cmd)[:2])
-            runs.sort()
-            seconds = runs[len(runs) // 2][0]
-            rss = max(run[1] for run in runs)
-            rows.append({"grid": shape, "files": files, "step": name, "seconds": seconds, "rss": rss})
-            print(f"  {name:<40} {seconds:8.2f} s  peak RSS {rss / (1 << 20):6.0f} MiB", flush=True)
-
-        def clean(path):
-            return lambda: shutil.rmtree(path, ignore_errors=True) or os.makedirs(path)
+        def step(name, cmd, output=None, keep=False):
+            row = time_step(Step(name, cmd, **in_folder(output)), args.grid_repeats, keep=keep)
+            row.update(grid=shape, files=files)
+            rows.append(row)
+            print(f"  {name:<40} {row['seconds']:8.2f} s  peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
 
         rows.append({"grid": shape, "files": files, "step": "synth", "seconds": synth_s, "rss": synth_rss})
         step("manifest -o m.json.zst", [tool, "manifest", src, "-o", manifest, "--force"])
@@ -233,65 +321,147 @@ def measure_grids(args, tool):
         step("inspect m.json.zst", [tool, "inspect", manifest])
         step("verify DIR", [tool, "verify", src])
         out = os.path.join(work, "out")
-        step("stitch DIR", [tool, "stitch", "-q", src, "-o", os.path.join(out, "s.pt")], clean(out))
-        step("stitch m.json.zst", [tool, "stitch", "-q", manifest, "-o", os.path.join(out, "s.pt")], clean(out))
+        step("stitch DIR", [tool, "stitch", "-q", src, "-o", os.path.join(out, "s.pt")], out)
+        step("stitch m.json.zst", [tool, "stitch", "-q", manifest, "-o", os.path.join(out, "s.pt")], out)
         half = 1 << (max(1, dp // 2) - 1).bit_length()  # 124 -> 64 (the issue's 8 x 64), 16 -> 8
         step(f"reshard DIR --mp {mp} --dp {half}",
              [tool, "reshard", "-q", src, "--mp", str(mp), "--dp", str(half), "-o", os.path.join(out, "r-{m}-{d}.pt")],
-             clean(out))
+             out)
         # the way back: a singleton with Adam's state, split into training shards on the template's layout
         single_dir = os.path.join(work, "single")
         single = os.path.join(single_dir, "s.pt")
-        step("stitch DIR --optimizer-state", [tool, "stitch", "-q", src, "--optimizer-state", "-o", single],
-             clean(single_dir))
+        step("stitch DIR --optimizer-state", [tool, "stitch", "-q", src, "--optimizer-state", "-o", single], single_dir,
+             keep=True)
         step(f"reshard s.pt --mp {mp} --dp {half} --layout-from DIR",
              [tool, "reshard", "-q", single, "--mp", str(mp), "--dp", str(half), "--layout-from", src, "-o",
-              os.path.join(out, "r-{m}-{d}.pt")], clean(out))
+              os.path.join(out, "r-{m}-{d}.pt")], out)
         shutil.rmtree(work)
     return rows
 
 
-def write_results(rows, grid_rows, args):
+# One state dict of `count` two-element fp32 tensors named as an MoE model's experts
+# (1000 experts per layer, two matrices each), written by torch.save.
+MANY_TENSORS = """
+import itertools, sys, torch
+path, count = sys.argv[1], int(sys.argv[2])
+names = (f"decoder.layers.{layer}.experts.{expert}.w{k}"
+         for layer in itertools.count() for expert in range(1000) for k in (1, 2))
+torch.manual_seed(0)
+torch.save({"model": {name: torch.randn(2) for name in itertools.islice(names, count)}}, path)
+"""
+
+# What a user without ckpt-tool runs on such a file: load it whole, save it again.
+LOAD_AND_SAVE = "import sys, torch; torch.save(torch.load(sys.argv[1]), sys.argv[2])"
+
+
+def measure_many_tensors(args, tool):
+    """Per-tensor costs: every command on one file of many tiny tensors (200,000 is
+    an MoE model's count), beside torch.load + torch.save of the same file."""
+    count = int(args.tensors)
+    work = os.path.join(args.work, f"tensors-{count}")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    src = os.path.join(work, "state.pt")
+    made_s, _, _ = run_timed([PYTHON, "-c", MANY_TENSORS, src, str(count)])
+    print(f"== {count} tensors: one state dict, {os.path.getsize(src) / 1e6:.0f} MB written by torch.save in "
+          f"{made_s:.1f} s", flush=True)
+    manifest = os.path.join(work, "m.json.zst")
+    out = os.path.join(work, "out")
+    rows = []
+    for name, cmd, output in (
+            ("ckpt-tool stitch F -o out.pt", [tool, "stitch", "-q", src, "-o", os.path.join(out, "out.pt")], out),
+            ("ckpt-tool inspect F", [tool, "inspect", src], None),
+            ("ckpt-tool manifest F -o m.json.zst", [tool, "manifest", src, "-o", manifest, "--force"], None),
+            ("ckpt-tool inspect m.json.zst", [tool, "inspect", manifest], None),
+            ("torch.load + torch.save", [PYTHON, "-c", LOAD_AND_SAVE, src, os.path.join(out, "torch.pt")], out)):
+        row = time_step(Step(name, cmd, **in_folder(output)), args.grid_repeats)
+        row.update(count=count, file_bytes=os.path.getsize(src))
+        rows.append(row)
+        print(f"  {name:<40} median {row['seconds']:8.2f} s  worst {row['worst']:8.2f} s  "
+              f"peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
+    torch_row = rows[-1]
+    for row in rows[:-1]:
+        row["torch_ratio"] = torch_row["seconds"] / row["seconds"]
+        row["torch_rss_ratio"] = torch_row["rss"] / row["rss"]
+    print(f"  torch / stitch: {rows[0]['torch_ratio']:.2f}x the time, {rows[0]['torch_rss_ratio']:.2f}x the peak RSS",
+          flush=True)
+    shutil.rmtree(work)
+    return rows
+
+
+def write_results(rows, grid_rows, tensor_rows, args, total_seconds, load_at_start):
     by = {(r["size"], r["step"]): r for r in rows}
+    sizes = sorted({r["size"] for r in rows})
     lines = ["# ckpt-tool benchmark", "",
-             f"Machine: {machine()}. Written by `make bench` (bench/bench.py) on "
-             f"{time.strftime('%Y-%m-%d')}; one run of the benchmark, each step the median of {args.repeats} (the Python "
-             f"baseline: {args.baseline_repeats}, skipped where it would not fit in memory), warm page cache, `sync` before each, the previous output removed "
-             "before each (untimed). "
-             "ckpt-tool fsyncs its outputs (direct I/O above the kernel's background writeback threshold, buffered below), so its durable peer is cp + sync. Input: a synthetic "
-             f"{args.mp} x {args.dp} metaseq checkpoint (`ckpt-tool synth`, fp16, no optimizer state), so the "
-             "stitched output is as large as the input. Throughput is input bytes per second (diff: the left side's bytes).", "",
-             "| input | step | wall s | GB/s | peak RSS MiB |", "|---|---|---:|---:|---:|"] if rows else [
-                 "# ckpt-tool benchmark", "", f"Machine: {machine()}. Written by `make bench` (bench/bench.py) on "
-                 f"{time.strftime('%Y-%m-%d')}."]
-    for r in rows:
-        lines.append(f"| {r['size']:g} GiB | {r['step']} | {r['seconds']:.2f} | {r['gbps']:.2f} | {r['rss'] / (1 << 20):.0f} |")
-    lines += [] if not rows else ["", "| input | stitch / cp | stitch / (cp + sync) | reshard / cp | reshard / (cp + sync) | "
-              "baseline / stitch | buffered / direct stitch | CRC check / none | diff by value / diff equal | "
-              "hf / stitch |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for size in sorted({r["size"] for r in rows}):
-        stitch = by[(size, "ckpt-tool stitch")]["seconds"]
-        cp = by[(size, "cp")]["seconds"]
-        cp_sync = by[(size, "cp + sync")]["seconds"]
-        base = by.get((size, "python baseline"))
-        speedup = f"{base['seconds'] / stitch:.1f}" if base else "skipped"
-        reshard = [r for r in rows if r["size"] == size and r["step"].startswith("ckpt-tool reshard")][0]["seconds"]
-        buffered = by[(size, "ckpt-tool stitch --buffered-io")]["seconds"]
-        unchecked = by[(size, "ckpt-tool stitch --no-crc-check")]["seconds"]
-        by_value = by[(size, "ckpt-tool diff fp16 vs bf16 copy")]["seconds"] / by[(size, "ckpt-tool diff (self)")]["seconds"]
-        lines.append(f"| {size:g} GiB | {stitch / cp:.2f} | {stitch / cp_sync:.2f} | {reshard / cp:.2f} | "
-                     f"{reshard / cp_sync:.2f} | {speedup} | {buffered / stitch:.2f} | {stitch / unchecked:.2f} | "
-                     f"{by_value:.2f} | {by[(size, 'ckpt-tool stitch --format hf')]['seconds'] / stitch:.2f} |")
+             f"Machine: {machine()}. Written by `bench/bench.py --sizes {args.sizes} --grids {args.grids} "
+             f"--tensors {args.tensors}` on {time.strftime('%Y-%m-%d')} in {total_seconds / 60:.1f} min (`make bench` "
+             f"passes its BENCH_SIZES, 0.25,1,4,16 by default); load average {load_at_start:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end (other processes share the 2 cores: compare within one run). One "
+             "run of the benchmark, warm page cache, `sync` before each step, the previous output removed before each "
+             "(untimed)."]
+    if rows:
+        lines += ["",
+                  f"cp + sync, stitch and stitch --buffered-io ran in {args.repeats} rounds, each round running each "
+                  "once, so that every stitch run has a cp + sync beside it; each reports the median and the worst of "
+                  f"its {args.repeats} runs (the other steps: {args.other_repeats} runs, one where the first took over "
+                  f"{ONE_RUN_OVER_SECONDS} s; the Python baseline likewise, {args.baseline_repeats} runs, skipped where "
+                  "it would not fit in memory). "
+                  "ckpt-tool fsyncs its outputs "
+                  "(default: direct I/O where the file system allows it), so its durable peer is cp + sync. Input: a "
+                  f"synthetic {args.mp} x {args.dp} metaseq checkpoint (`ckpt-tool synth`, fp16, no optimizer state), "
+                  "so the stitched output is as large as the input. Throughput is input bytes per second at the median "
+                  "(diff: the left side's bytes).", "",
+                  "| input | step | median s | worst s | runs s | GB/s | peak RSS MiB |",
+                  "|---|---|---:|---:|---|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['size']:g} GiB | {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | "
+                         f"{' '.join(f'{t:.2f}' for t in r['runs'])} | {r['gbps']:.2f} | {r['rss'] / (1 << 20):.0f} |")
+        lines += ["", "| input | stitch / (cp + sync), median | worst / worst | stitch / cp | buffered / default stitch | "
+                  "CRC check / none | reshard / (cp + sync) | baseline / stitch | diff by value / diff equal | "
+                  "hf / stitch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for size in sizes:
+            stitch, cp_sync = by[(size, "ckpt-tool stitch")], by[(size, "cp + sync")]
+            median = lambda step: by[(size, step)]["seconds"]  # noqa: E731
+            base = by.get((size, "python baseline"))
+            speedup = f"{base['seconds'] / stitch['seconds']:.1f}" if base else "skipped"
+            reshard = [r for r in rows if r["size"] == size and r["step"].startswith("ckpt-tool reshard")][0]["seconds"]
+            lines.append(
+                f"| {size:g} GiB | {stitch['seconds'] / cp_sync['seconds']:.2f} | {stitch['worst'] / cp_sync['worst']:.2f} | "
+                f"{stitch['seconds'] / median('cp'):.2f} | "
+                f"{median('ckpt-tool stitch --buffered-io') / stitch['seconds']:.2f} | "
+                f"{stitch['seconds'] / median('ckpt-tool stitch --no-crc-check'):.2f} | "
+                f"{reshard / cp_sync['seconds']:.2f} | {speedup} | "
+                f"{median('ckpt-tool diff fp16 vs bf16 copy') / median('ckpt-tool diff (self)'):.2f} | "
+                f"{median('ckpt-tool stitch --format hf') / stitch['seconds']:.2f} |")
+        slower = [f"{size:g} GiB" for size in sizes
+                  if by[(size, "ckpt-tool stitch")]["worst"] > by[(size, "cp + sync")]["worst"]
+                  or by[(size, "ckpt-tool stitch")]["seconds"] > by[(size, "cp + sync")]["seconds"]]
+        lines += ["", "Default stitch at most cp + sync (median and worst) at every size: " +
+                  ("yes." if not slower else f"no, slower at {', '.join(slower)}.")]
     if grid_rows:
         lines += ["", "Grids at OPT-175B's shape (`ckpt-tool synth --layers 96 --embed-dim 128 --ffn-dim 512 --vocab "
                   "1024 --optimizer-state`): 96 layers with Adam state, so each shard's pickle, shard_metadata and "
                   "optimizer entries are those of the real checkpoint, at tiny widths. 8 x 124 is OPT-175B's 992 "
-                  f"shards. Median of {args.grid_repeats}, `sync` before each.", "",
-                  "| grid | files | step | wall s | peak RSS MiB | note |", "|---|---:|---|---:|---:|---|"]
+                  f"shards. Median of {args.grid_repeats} runs (one where the first took over {ONE_RUN_OVER_SECONDS} s), "
+                  "`sync` before each.", "",
+                  "| grid | files | step | wall s | runs | peak RSS MiB | note |", "|---|---:|---|---:|---:|---:|---|"]
         for r in grid_rows:
-            lines.append(f"| {r['grid']} | {r['files']} | {r['step']} | {r['seconds']:.2f} | "
+            lines.append(f"| {r['grid']} | {r['files']} | {r['step']} | {r['seconds']:.2f} | {len(r.get('runs', [0]))} | "
                          f"{r['rss'] / (1 << 20):.0f} | {r.get('note', '')} |")
+    if tensor_rows:
+        count, nbytes = tensor_rows[0]["count"], tensor_rows[0]["file_bytes"]
+        lines += ["", f"{count // 1000}k tensors: one file, `torch.save({{\"model\": {{name: torch.randn(2)}}}})` of "
+                  f"{count} names `decoder.layers.L.experts.E.wK` (1000 experts per layer, w1 and w2), "
+                  f"{nbytes / 1e6:.0f} MB: the per-tensor cost of each command (an MoE model reaches this count), "
+                  "beside what the same job costs in Python (`torch.load` then `torch.save` of the file, in one "
+                  f"process; not fsynced, where stitch fsyncs its output). Median and worst of {args.grid_repeats} runs "
+                  f"(one where the first took over {ONE_RUN_OVER_SECONDS} s), `sync` before each.", "",
+                  "| tensors | step | median s | worst s | runs | peak RSS MiB | torch / this, time | torch / this, RSS |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in tensor_rows:
+            ratios = (f"{r['torch_ratio']:.2f} | {r['torch_rss_ratio']:.2f}" if "torch_ratio" in r else " | ")
+            lines.append(f"| {count // 1000}k | {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
+                         f"{r['rss'] / (1 << 20):.0f} | {ratios} |")
     text = "\n".join(lines) + "\n"
     open(args.results, "w").write(text)
     print("\n" + text)

@@ -67,7 +67,6 @@ Action add_synth_command(CLI::App& app) {
     exec.overwrite = options->force;
     exec.progress = progress_line(options->quiet);
     exec.direct_io = !options->buffered_io;
-    exec.buffered_up_to = buffered_write_budget();
     exec.notice = print_notice;
     ExecStats stats = execute(plan, exec);
     if (!options->quiet) {

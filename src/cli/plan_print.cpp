@@ -96,9 +96,10 @@ void add_write_flags(CLI::App& app, WriteFlags& flags) {
   app.add_flag("-f,--force", flags.force, "overwrite existing outputs");
   app.add_flag("--stats", flags.stats, "print the time of each stage on stderr");
   app.add_flag("--buffered-io", flags.buffered_io,
-               "write through the page cache (default: direct I/O, where the file system allows it, for outputs "
-               "larger than the kernel's background writeback threshold)");
-  app.add_flag("--direct-io", flags.direct_io, "direct I/O whatever the outputs' size")
+               "write through the page cache (default: direct I/O, where the file system allows it)");
+  // Kept for the scripts that state it: nothing to set.
+  app.add_flag("--direct-io")
+      ->description("direct I/O where the file system allows it (the default)")
       ->excludes(app.get_option("--buffered-io"));
   add_model_parts_flag(app, flags.model_parts);
   app.add_flag("--no-crc-check", flags.no_crc_check,
@@ -141,7 +142,6 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
   exec.progress = progress_line(flags.quiet);
   exec.convert = convert_elements;
   exec.direct_io = !flags.buffered_io;
-  exec.buffered_up_to = flags.direct_io ? 0 : buffered_write_budget();
   exec.check_crc = !flags.no_crc_check;
   exec.notice = print_notice;
   auto planned = std::chrono::steady_clock::now();

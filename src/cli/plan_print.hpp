@@ -33,7 +33,6 @@ struct WriteFlags {
   bool force = false;
   bool stats = false;
   bool buffered_io = false;
-  bool direct_io = false;  // direct I/O whatever the size
   bool no_crc_check = false;
   std::optional<std::int64_t> model_parts;  // --model-parts
 };

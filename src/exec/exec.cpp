@@ -337,9 +337,6 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
   std::optional<SourceCrcCheck> check;
   if (options.check_crc) check.emplace(plan, threads);
 
-  std::uint64_t output_bytes = 0;
-  for (const OutputTarget& target : targets) output_bytes += target.size_bytes;
-  const bool direct = options.direct_io && output_bytes > options.buffered_up_to;
   Progress progress(options.progress, plan.bytes_to_copy());
   ExecStats stats;
   std::vector<std::unique_ptr<OutputFile>> outputs;
@@ -355,7 +352,7 @@ ExecStats execute(const Plan& plan, const ExecOptions& options) {
     // be a partial block); without them the file is written buffered.
     if (writer.header_block_count() <= kMaxKeptHeaderBlocks) {
       writer.keep_header_blocks();
-      if (direct) out.enable_direct_io();
+      if (options.direct_io) out.enable_direct_io();
     }
     auto t1 = std::chrono::steady_clock::now();
     run_units(writer, threads, progress);

@@ -334,33 +334,6 @@ void OutputFile::commit(bool sync_directory) {
   if (sync_directory) ckpt::sync_directory(parent_of(target_path_).string());
 }
 
-namespace {
-
-std::optional<std::uint64_t> read_number(const char* path, const char* prefix = nullptr) {
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (prefix != nullptr && line.rfind(prefix, 0) != 0) continue;
-    std::string digits = prefix == nullptr ? line : line.substr(std::strlen(prefix));
-    try {
-      return std::stoull(digits);
-    } catch (const std::exception&) {
-      return std::nullopt;
-    }
-  }
-  return std::nullopt;
-}
-
-}  // namespace
-
-std::uint64_t buffered_write_budget() {
-  if (auto bytes = read_number("/proc/sys/vm/dirty_background_bytes"); bytes && *bytes > 0) return *bytes;
-  auto ratio = read_number("/proc/sys/vm/dirty_background_ratio");
-  auto available_kib = read_number("/proc/meminfo", "MemAvailable:");
-  if (!ratio || !available_kib) return 0;
-  return *available_kib * 1024 / 100 * *ratio;
-}
-
 void sync_directory(const std::string& path) {
   int dir_fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir_fd >= 0) {

@@ -33,11 +33,6 @@
 
 namespace ckpt {
 
-// The bytes a process may leave dirty in the page cache before the kernel starts
-// writing them back: vm.dirty_background_bytes, or vm.dirty_background_ratio
-// percent of the available memory (10% of 22 GiB here). 0 when unknown.
-std::uint64_t buffered_write_budget();
-
 class OutputFile {
  public:
   // Throws Error when the target exists (and !overwrite), or its directory is
