@@ -189,6 +189,33 @@ def test_the_root_keeps_its_type():
     assert type(ckptcheck.load(os.path.join(work, "dict-out.pt"))) is dict
 
 
+# -------------------------------------------------------------------- item 5
+
+def test_a_header_that_is_not_utf8_json_is_one_escaped_line():
+    work = harness.scratch("stranger-header")
+    entry = b':{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'
+    # The header's text starts at file byte 8: '{' 8, '"' 9, the key's first byte 10.
+    cases = [
+        (b'{"a\xe2\x82"' + entry, 11, r"invalid UTF-8 sequence \xe2\x82\x22"),
+        (b'{"\xff"' + entry, 10, r"byte \xff begins no UTF-8 sequence"),
+        (b'{"a":"\xf0\x9f\x98', 14, r"the UTF-8 sequence \xf0\x9f\x98 is cut short"),
+        (b'{"a\x1b[31m"' + entry, 11, r"control byte \x1b"),
+    ]
+    for i, (header, byte, reason) in enumerate(cases):
+        path = os.path.join(work, f"bad{i}.safetensors")
+        with open(path, "wb") as f:
+            f.write(st.assemble(header))
+        for command in (["inspect", path], ["diff", path, path], ["verify", path]):
+            proc = run_raw(command)
+            text = proc.stderr if command[0] != "verify" else proc.stdout.splitlines()[0] + "\n"
+            assert f"bad{i}.safetensors: header is not valid UTF-8 JSON at byte {byte}: {reason}" in text, \
+                (command, text)
+            assert proc.returncode == (2 if command[0] == "diff" else 1), (command, proc.returncode)
+            # Nothing of nlohmann's own words, no raw byte: one printable ASCII line.
+            assert "parse_error" not in text and "syntax error" not in text, text
+            assert all(0x20 <= ord(c) < 0x7f for c in text.rstrip("\n")), repr(text)
+
+
 # -------------------------------------------------------------------- item 6
 
 def tiny_opt(seed, layers=2, embed=4, vocab=8, positions=6):
@@ -254,4 +281,5 @@ def test_qkv_split_keeps_a_modules_order_through_reshard_and_back():
 if __name__ == "__main__":
     harness.main([test_sparse_tensors_are_refused_by_every_command, test_parameters_are_carried_as_parameters,
                   test_requires_grad_of_a_plain_tensor_is_kept, test_the_root_keeps_its_type,
+                  test_a_header_that_is_not_utf8_json_is_one_escaped_line,
                   test_qkv_split_keeps_a_modules_order_through_reshard_and_back])
