@@ -147,9 +147,8 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
   if (flags.stats) print_stats(stats, plan.files.size(), std::chrono::duration<double>(planned - started).count());
   if (!flags.quiet) {
     fmt::print(
-        stderr, "wrote {} file(s), {} in {:.2f} s ({:.0f} MiB/s); {}\n", plan.files.size(),
-        human_bytes(stats.bytes_written), stats.seconds,
-        stats.seconds > 0 ? static_cast<double>(stats.bytes_written) / 1048576.0 / stats.seconds : 0.0,
+        stderr, "wrote {} file(s), {} in {:.2f} s{}; {}\n", plan.files.size(), human_bytes(stats.bytes_written),
+        stats.seconds, rate_text(stats.bytes_written, stats.seconds),
         stats.crc_checked ? "inputs checked against their CRC-32" : "input CRC-32s NOT checked (--no-crc-check)");
   }
 }

@@ -244,7 +244,120 @@ def tiny_opt(seed, layers=2, embed=4, vocab=8, positions=6):
     return metaseq, hf
 
 
+def test_diff_of_hf_names_against_metaseq_names_says_to_use_names_hf_opt():
+    work = harness.scratch("stranger-hf-names")
+    metaseq, hf = tiny_opt(6)
+    torch_side = save(work, "consolidated.pt", {"model": metaseq})
+    folder = os.path.join(work, "hf")
+    os.makedirs(folder)
+    st.write(os.path.join(folder, "model.safetensors"), hf, {"format": "pt"})
+    for a, b, only_a, only_b in ((folder, torch_side, len(hf), len(metaseq) - 1),
+                                 (torch_side, folder, len(metaseq) - 1, len(hf))):
+        out, _ = harness.run(["diff", a, b], expect=1)
+        assert out == (f"different: no tensor name is on both sides ({only_a} only in A, {only_b} only in B), "
+                       f"but {len(hf)} pair under transformers' OPT names: add --names hf-opt to compare a "
+                       f"Hugging Face folder with metaseq files\n"), out
+        report = json.loads(harness.run(["diff", a, b, "--json"], expect=1)[0])
+        assert "--names hf-opt" in report["hint"] and report["compared_tensors"] == 0, report
+        harness.run(["diff", a, b, "--names", "hf-opt"])
+    # Against metaseq's FSDP shards too (the fixture generator's), through stitch's HF export.
+    shards = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    exported = os.path.join(work, "exported")
+    stitch([shards, "--format", "hf", "-o", exported])
+    out, _ = harness.run(["diff", exported, shards], expect=1)
+    assert out.count("\n") == 1 and "add --names hf-opt" in out, out
+    # No hint where the mapping would pair nothing, or where names do pair.
+    other = os.path.join(work, "other.safetensors")
+    st.write(other, {"x": torch.ones(2)})
+    out, _ = harness.run(["diff", other, torch_side], expect=1)
+    assert "--names hf-opt" not in out and "only in A: model/x" in out, out
+    edited = dict(hf)
+    edited["model.decoder.layers.0.fc1.bias"] = edited["model.decoder.layers.0.fc1.bias"] + 1
+    st.write(os.path.join(work, "edited.safetensors"), edited)
+    out, _ = harness.run(["diff", os.path.join(work, "edited.safetensors"), folder], expect=1)
+    assert "--names hf-opt" not in out and "1 differ" in out, out
+
+
 # -------------------------------------------------------------------- item 9
+
+def test_diff_counts_add_up():
+    work = harness.scratch("stranger-diff-counts")
+    a = save(work, "a.pt", {"same": torch.ones(3), "value": torch.zeros(2), "shape": torch.ones(2, 3),
+                            "dtype": torch.ones(2)})
+    b = save(work, "b.pt", {"same": torch.ones(3), "value": torch.ones(2), "shape": torch.ones(3, 2),
+                            "dtype": torch.ones(2, dtype=torch.float64)})
+    out, _ = harness.run(["diff", a, b], expect=1)
+    last = out.splitlines()[-1]
+    assert re.fullmatch(r"different: 2 tensors compared \(20 B tensor bytes in A\) in [\d.]+ s; 1 differ, "
+                        r"2 not comparable \(shape/dtype\), 0 only in A, 0 only in B", last), last
+    report = json.loads(harness.run(["diff", a, b, "--json"], expect=1)[0])
+    assert report["compared_tensors"] + report["not_comparable_tensors"] == 4, report
+    assert len(report["differing"]) == 3
+    out, _ = harness.run(["diff", a, a])
+    assert "not comparable" not in out and out.rstrip().endswith("0 differ, 0 only in A, 0 only in B"), out
+
+
+def test_floats_print_as_python_prints_them():
+    work = harness.scratch("stranger-floats")
+    cases = [(torch.bfloat16, 100.0, 101.0, "100.0", "101.0"),
+             (torch.float16, 2048.0, 2050.0, "2048.0", "2050.0"),
+             (torch.float32, 1e-5, 2e-5, "1e-05", "2e-05"),
+             (torch.float64, 1e16, 123456789.0, repr(1e16), repr(123456789.0)),
+             (torch.float64, 0.0001, -2.5e-3, repr(0.0001), repr(-2.5e-3))]
+    for dtype, x, y, text_x, text_y in cases:
+        a = save(work, "a.pt", {"t": torch.tensor([x], dtype=dtype)})
+        b = save(work, "b.pt", {"t": torch.tensor([y], dtype=dtype)})
+        out, _ = harness.run(["diff", a, b], expect=1)
+        assert f"  t (0,): {text_x} != {text_y}\n" in out, (dtype, out)
+        # What is printed reads back as the same value of the dtype.
+        assert torch.tensor(float(text_x), dtype=torch.float64).to(dtype).item() == \
+            torch.tensor([x], dtype=dtype).item()
+
+
+def test_summaries_say_what_was_written_and_checked():
+    work = harness.scratch("stranger-summaries")
+    metaseq, _ = tiny_opt(9)
+    path = save(work, "c.pt", {"model": metaseq})
+    rate = r"( \(\d+\.\d (B|KiB|MiB|GiB|TiB)/s\))?"  # a rate only when measured, never "0 MiB/s"
+    for out in ("m.safetensors", "m.pt"):
+        _, err = harness.run(["stitch", path, "-o", os.path.join(work, out)])
+        assert re.fullmatch(r"wrote 1 file\(s\), [\d.]+ (B|KiB) in [\d.]+ s" + rate +
+                            r"; inputs checked against their CRC-32\n", err), err
+        assert "(0 MiB/s)" not in err
+    out, err = harness.run(["verify", os.path.join(work, "m.safetensors")])
+    assert re.fullmatch(r"ok: 1 file\(s\), \d+ record\(s\), 1 safetensors header\(s\) checked in [\d.]+ s; "
+                        r"0 problem\(s\)\n", out), out
+    assert "0 B checked" not in out and "MiB/s" not in out
+    out, _ = harness.run(["verify", os.path.join(work, "m.pt")])
+    assert re.fullmatch(r"ok: 1 file\(s\), \d+ record\(s\), [\d.]+ KiB of record data checked in [\d.]+ s" + rate +
+                        r"; 0 problem\(s\)\n", out), out
+
+
+def test_max_positions_states_its_real_range():
+    work = harness.scratch("stranger-max-positions")
+    help_text, _ = harness.run(["diff", "--help"])
+    assert "--max-positions UINT:UINT in [0 - 100000]" in help_text and "at most 100000" in help_text, help_text
+    _, err = harness.run(["diff", "a", "b", "--max-positions", "100001"], expect=2)
+    assert "not in range 0 to 100000" in err, err
+    # 6M float32 elements: two 16 MiB chunks. Differences in the second chunk only, then
+    # in both: the positions are the first ones in row-major order, as many as asked.
+    n = 6_000_000
+    a = torch.zeros(n)
+    b = a.clone()
+    b[5_000_000:5_000_010] = 1
+    pa, pb = save(work, "a.pt", {"t": a}), save(work, "b.pt", {"t": b})
+    report = json.loads(harness.run(["diff", pa, pb, "--json", "--max-positions", "4"], expect=1)[0])
+    assert [p["index"][0] for p in report["differing"][0]["positions"]] == list(range(5_000_000, 5_000_004))
+    b[1:3] = 2
+    pb = save(work, "b.pt", {"t": b})
+    report = json.loads(harness.run(["diff", pa, pb, "--json", "--max-positions", "5"], expect=1)[0])
+    assert [p["index"][0] for p in report["differing"][0]["positions"]] == [1, 2, 5_000_000, 5_000_001, 5_000_002]
+    assert report["differing"][0]["count"] == 12
+    everywhere = save(work, "c.pt", {"t": torch.ones(n)})
+    report = json.loads(harness.run(["diff", pa, everywhere, "--json", "--max-positions", "100000"], expect=1)[0])
+    positions = report["differing"][0]["positions"]
+    assert len(positions) == 100000 and positions[-1]["index"] == [99999], len(positions)
+
 
 def test_qkv_split_keeps_a_modules_order_through_reshard_and_back():
     work = harness.scratch("stranger-qkv-order")
@@ -282,4 +395,7 @@ if __name__ == "__main__":
     harness.main([test_sparse_tensors_are_refused_by_every_command, test_parameters_are_carried_as_parameters,
                   test_requires_grad_of_a_plain_tensor_is_kept, test_the_root_keeps_its_type,
                   test_a_header_that_is_not_utf8_json_is_one_escaped_line,
+                  test_diff_of_hf_names_against_metaseq_names_says_to_use_names_hf_opt, test_diff_counts_add_up,
+                  test_floats_print_as_python_prints_them, test_summaries_say_what_was_written_and_checked,
+                  test_max_positions_states_its_real_range,
                   test_qkv_split_keeps_a_modules_order_through_reshard_and_back])
