@@ -278,6 +278,59 @@ def test_diff_of_hf_names_against_metaseq_names_says_to_use_names_hf_opt():
     assert "--names hf-opt" not in out and "1 differ" in out, out
 
 
+# -------------------------------------------------------------------- item 7
+
+def test_every_stitch_flag_is_documented_in_the_readme():
+    help_text, _ = harness.run(["stitch", "--help"])
+    flags = set(re.findall(r"^\s+(?:-\w,\s*)?(--[a-z][a-z-]*)", help_text, re.MULTILINE)) - {"--help"}
+    assert "--ema" in flags, flags
+    readme = open(os.path.join(harness.SOURCE_ROOT, "README.md")).read()
+    section = readme[readme.index("### `ckpt-tool stitch"):readme.index("### `ckpt-tool reshard")]
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    missing = [f for f in sorted(flags) if not any(f"`{f}" in row or f", {f}" in row for row in table)]
+    assert not missing, f"stitch flags not in the README's table: {missing}"
+
+
+# -------------------------------------------------------------------- item 8
+
+def test_inspect_of_a_wide_grid_fits_a_terminal():
+    work = harness.scratch("stranger-wide-grid")
+    grid = os.path.join(work, "grid")
+    small = ["--layers", "1", "--embed-dim", "8", "--ffn-dim", "16", "--vocab", "64"]
+    harness.run(["synth", "-q", "-o", grid, "--mp", "2", "--dp", "24"] + small)
+    # A shard of another model (a larger vocabulary) in part 1, and a missing one in part 0.
+    other = os.path.join(work, "other")
+    harness.run(["synth", "-q", "-o", other, "--mp", "2", "--dp", "24", "--layers", "1", "--embed-dim", "8",
+                 "--ffn-dim", "16", "--vocab", "65536"])
+    shutil.copy(os.path.join(other, "checkpoint_last-model_part-1-shard7.pt"), grid)
+    os.remove(os.path.join(grid, "checkpoint_last-model_part-0-shard5.pt"))
+    out, _ = harness.run(["inspect", grid])
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("grid: "))
+    assert lines[at] == "grid: 2 model-parallel part(s) x 24 data-parallel shard(s), FSDP-flattened", lines[at]
+    part0, part1, note = lines[at + 1:at + 4]
+    sizes = r"([\d.]+ KiB each|[\d.]+ KiB to [\d.]+ KiB)"
+    assert re.fullmatch(r"  part0   23 of 24 shards, " + sizes + "; stand out: shard5 MISSING", part0), part0
+    assert re.fullmatch(r"  part1   24 shards, [\d.]+ KiB to [\d.]+ KiB; stand out: shard7 [\d.]+ KiB", part1), part1
+    assert note == "  (a line per part; --wide shows every shard's size)", note
+    assert max(len(line) for line in lines[:at + 4]) <= 100, lines[:at + 4]
+    # --wide keeps the whole table; --json gives every size.
+    wide, _ = harness.run(["inspect", grid, "--wide"])
+    header, row0, row1 = wide.splitlines()[at + 1:at + 4]
+    assert header.split() == [f"shard{d}" for d in range(24)], header
+    sizes = {name: os.path.getsize(os.path.join(grid, name)) for name in os.listdir(grid)}
+    assert row0.split()[0] == "part0" and row0.count("MISSING") == 1 and len(row1.split()) == 1 + 2 * 24, row1
+    report = json.loads(harness.run(["inspect", grid, "--json"])[0])
+    table = report["grid"]["size_bytes"]
+    assert table[0][5] is None and table[1][7] == sizes["checkpoint_last-model_part-1-shard7.pt"], table
+    assert table[0][0] == sizes["checkpoint_last-model_part-0-shard0.pt"]
+    # A small grid keeps its table.
+    small_grid = os.path.join(work, "small")
+    harness.run(["synth", "-q", "-o", small_grid, "--mp", "2", "--dp", "3"] + small)
+    out, _ = harness.run(["inspect", small_grid])
+    assert "       shard0    shard1    shard2" in out and "--wide" not in out, out
+
+
 # -------------------------------------------------------------------- item 9
 
 def test_diff_counts_add_up():
@@ -395,7 +448,8 @@ if __name__ == "__main__":
     harness.main([test_sparse_tensors_are_refused_by_every_command, test_parameters_are_carried_as_parameters,
                   test_requires_grad_of_a_plain_tensor_is_kept, test_the_root_keeps_its_type,
                   test_a_header_that_is_not_utf8_json_is_one_escaped_line,
-                  test_diff_of_hf_names_against_metaseq_names_says_to_use_names_hf_opt, test_diff_counts_add_up,
-                  test_floats_print_as_python_prints_them, test_summaries_say_what_was_written_and_checked,
-                  test_max_positions_states_its_real_range,
+                  test_diff_of_hf_names_against_metaseq_names_says_to_use_names_hf_opt,
+                  test_every_stitch_flag_is_documented_in_the_readme, test_inspect_of_a_wide_grid_fits_a_terminal,
+                  test_diff_counts_add_up, test_floats_print_as_python_prints_them,
+                  test_summaries_say_what_was_written_and_checked, test_max_positions_states_its_real_range,
                   test_qkv_split_keeps_a_modules_order_through_reshard_and_back])
