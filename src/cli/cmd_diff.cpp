@@ -2,10 +2,12 @@
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <iostream>
 #include <memory>
+#include <set>
 #include <unordered_map>
 
 #include "ckpt/exec/compare.hpp"
@@ -43,17 +45,19 @@ void load_safetensors(Side& side) {
   const auto& files = manifest.files;
   for (std::size_t i = 0; i < files.size(); ++i) {
     for (const ManifestTensor& tensor : files[i].tensors) {
-      side.tensors.push_back(
-          {tensor.path, source_of(tensor, files[i].place(tensor).file_byte_offset, static_cast<int>(i)), std::nullopt});
+      side.tensors.push_back({tensor.path,
+                              source_of(tensor, files[i].place(tensor).file_byte_offset, static_cast<int>(i)),
+                              std::nullopt,
+                              {}});
     }
   }
 }
 
 // The metaseq state dict of a torch side under transformers' OPT names
 // (--names hf-opt): the side's model/ tensors through the one mapping table.
-void rename_hf_opt(Side& side) {
+std::vector<NamedTensor> hf_opt_named(const std::vector<NamedTensor>& tensors) {
   std::vector<OutputTensor> model;
-  for (const NamedTensor& tensor : side.tensors) {
+  for (const NamedTensor& tensor : tensors) {
     if (!tensor.name.starts_with(kModelPrefix)) continue;
     std::string key = tensor.name.substr(kModelPrefix.size());
     std::optional<std::string> alias;
@@ -61,10 +65,31 @@ void rename_hf_opt(Side& side) {
     OutputTensor output = as_output({unescape_label(key), tensor.source, alias});
     model.push_back(std::move(output));
   }
-  side.tensors.clear();
+  std::vector<NamedTensor> out;
   for (const OutputTensor& tensor : to_hf_opt(model).tensors) {
-    side.tensors.push_back({state_dict_path(kModelPrefix, tensor.name), tensor.source, std::nullopt});
+    out.push_back({state_dict_path(kModelPrefix, tensor.name), tensor.source, std::nullopt});
   }
+  return out;
+}
+
+// When no name pairs (a Hugging Face folder against metaseq files), how many
+// would under --names hf-opt: the torch side renamed and looked for on the
+// other. 0 when nothing would pair, or the torch side has a key the mapping
+// does not know.
+std::size_t pairs_under_hf_opt(const Side& a, const Side& b, const DiffReport& report) {
+  if (report.compared > 0 || !report.differing.empty() || a.safetensors == b.safetensors) return 0;
+  const Side& torch_side = a.safetensors ? b : a;
+  const Side& named_side = a.safetensors ? a : b;
+  std::vector<NamedTensor> renamed;
+  try {
+    renamed = hf_opt_named(torch_side.tensors);
+  } catch (const Error&) {
+    return 0;
+  }
+  std::set<std::string_view> names;
+  for (const NamedTensor& tensor : named_side.tensors) names.insert(tensor.name);
+  return static_cast<std::size_t>(std::count_if(
+      renamed.begin(), renamed.end(), [&](const NamedTensor& tensor) { return names.count(tensor.name) != 0; }));
 }
 
 std::unique_ptr<Side> open_side(const std::string& input, std::optional<std::int64_t> model_parts) {
@@ -202,6 +227,8 @@ std::string index_text(const std::vector<std::int64_t>& index) {
 
 }  // namespace
 
+constexpr std::size_t kMaxPositions = 100000;
+
 Action add_diff_command(CLI::App& app) {
   struct Options {
     std::string a;
@@ -232,8 +259,10 @@ Action add_diff_command(CLI::App& app) {
   };
   tolerance_option("--atol", options->atol, "absolute tolerance (default: exact, bit for bit)");
   tolerance_option("--rtol", options->rtol, "relative tolerance (default: exact, bit for bit)");
-  app.add_option("--max-positions", options->max_positions, "wrong positions listed per tensor (default 20)")
-      ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 32));
+  // Every position listed is held until the report is printed (about 370 bytes each).
+  app.add_option("--max-positions", options->max_positions,
+                 fmt::format("wrong positions listed per tensor (default 20, at most {})", kMaxPositions))
+      ->check(CLI::Range(std::size_t{0}, kMaxPositions));
   app.add_flag("--json", options->json_output, "print JSON for machines");
   app.add_option("--names", options->names,
                  "hf-opt: compare a torch side (metaseq names) under transformers' OPT names, as stitch --format hf "
@@ -249,7 +278,7 @@ Action add_diff_command(CLI::App& app) {
       for (Side* side : {a.get(), b.get()}) {
         Side* other = side == a.get() ? b.get() : a.get();
         load_side(*side, !options->names.empty() || other->safetensors);
-        if (!options->names.empty() && !side->safetensors) rename_hf_opt(*side);
+        if (!options->names.empty() && !side->safetensors) side->tensors = hf_opt_named(side->tensors);
         // Against a safetensors side, only the state dict is compared: the file holds nothing else.
         if (other->safetensors && !side->safetensors) {
           // A plain state dict (torch.save(model.state_dict())) is that state dict;
@@ -277,12 +306,24 @@ Action add_diff_command(CLI::App& app) {
       }
       double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       bool equal = report.equal() && objects.empty();
+      // Pairs found but not compared element by element: a shape or dtype mismatch.
+      const auto not_comparable = static_cast<std::size_t>(std::count_if(
+          report.differing.begin(), report.differing.end(), [](const TensorDiff& d) { return !d.mismatch.empty(); }));
+      const std::size_t differ = report.differing.size() - not_comparable;
+      std::string hint;
+      if (std::size_t pairs = options->names.empty() ? pairs_under_hf_opt(*a, *b, report) : 0; pairs > 0) {
+        hint = fmt::format(
+            "no tensor name is on both sides ({} only in A, {} only in B), but {} pair under transformers' OPT "
+            "names: add --names hf-opt to compare a Hugging Face folder with metaseq files",
+            report.only_in_a.size(), report.only_in_b.size(), pairs);
+      }
       if (options->json_output) {
         json out = {{"equal", equal},
                     {"only_in_a", report.only_in_a},
                     {"only_in_b", report.only_in_b},
                     {"objects", objects},
                     {"compared_tensors", report.compared},
+                    {"not_comparable_tensors", not_comparable},
                     {"compared_tensor_bytes", report.compared_tensor_bytes},
                     {"seconds", seconds}};
         json differing = json::array();
@@ -303,8 +344,13 @@ Action add_diff_command(CLI::App& app) {
         json notes = json::array();
         for (const TensorDiff& diff : report.noted) notes.push_back({{"name", diff.name}, {"note", diff.note}});
         out["notes"] = std::move(notes);
+        if (!hint.empty()) out["hint"] = hint;
         std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
         return equal ? 0 : 1;
+      }
+      if (!hint.empty()) {
+        fmt::print("different: {}\n", hint);
+        return 1;
       }
       for (const std::string& name : report.only_in_a) fmt::print("only in A: {}\n", printable(name));
       for (const std::string& name : report.only_in_b) fmt::print("only in B: {}\n", printable(name));
@@ -323,9 +369,10 @@ Action add_diff_command(CLI::App& app) {
       for (const TensorDiff& diff : report.noted) fmt::print("note: {}: {}\n", printable(diff.name), diff.note);
       for (const std::string& line : objects) fmt::print("object {}\n", printable(line));
       fmt::print(
-          "{}: {} tensors compared ({} tensor bytes in A) in {:.2f} s; {} differ, {} only in A, {} only in B{}\n",
-          equal ? "equal" : "different", report.compared, human_bytes(report.compared_tensor_bytes), seconds,
-          report.differing.size(), report.only_in_a.size(), report.only_in_b.size(),
+          "{}: {} tensors compared ({} tensor bytes in A) in {:.2f} s; {} differ, {}{} only in A, {} only in B{}\n",
+          equal ? "equal" : "different", report.compared, human_bytes(report.compared_tensor_bytes), seconds, differ,
+          not_comparable == 0 ? "" : fmt::format("{} not comparable (shape/dtype), ", not_comparable),
+          report.only_in_a.size(), report.only_in_b.size(),
           objects.empty() ? "" : fmt::format(", {} object difference(s)", objects.size()));
       return equal ? 0 : 1;
     } catch (const Error& e) {

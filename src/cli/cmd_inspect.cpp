@@ -19,6 +19,7 @@ Action add_inspect_command(CLI::App& app) {
     std::vector<std::string> inputs;
     bool json_output = false;
     bool tensors = false;
+    bool wide = false;
     std::optional<std::regex> filter;  // compiled while parsing: a bad one is a usage error
     std::optional<std::int64_t> model_parts;
   };
@@ -27,6 +28,10 @@ Action add_inspect_command(CLI::App& app) {
       ->required();
   app.add_flag("--json", options->json_output, "print JSON for machines");
   app.add_flag("--tensors", options->tensors, "list every tensor");
+  app.add_flag("--wide", options->wide,
+               fmt::format("show the grid as a table of every shard's size even past {} shards per part (by "
+                           "default a line per part: shard count, size range, the shards that stand out)",
+                           kMaxTableShards));
   add_model_parts_flag(app, options->model_parts);
   app.add_option_function<std::string>(
       "--filter",
@@ -42,7 +47,7 @@ Action add_inspect_command(CLI::App& app) {
       "with --tensors: only tensors whose path matches this regex");
   return [options] {
     Manifest manifest = load_inputs(options->inputs, options->model_parts);
-    InspectRequest request{options->tensors, options->filter ? &*options->filter : nullptr};
+    InspectRequest request{options->tensors, options->filter ? &*options->filter : nullptr, options->wide};
     if (options->json_output) {
       std::cout << inspect_json(manifest, request).dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     } else {

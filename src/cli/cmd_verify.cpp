@@ -1,7 +1,9 @@
 // ckpt-tool verify INPUT...: every problem found, one per line; exit 1 if any.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <memory>
 
@@ -43,14 +45,17 @@ Action add_verify_command(CLI::App& app) {
     for (const std::string& problem : report.problems) fmt::print("{}\n", printable(problem));
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!options->quiet) {
-      bool safetensors =
-          std::any_of(paths.begin(), paths.end(), [](const std::string& p) { return is_safetensors_path(p); });
-      if (safetensors)
+      auto safetensors = static_cast<std::size_t>(
+          std::count_if(paths.begin(), paths.end(), [](const std::string& p) { return is_safetensors_path(p); }));
+      if (safetensors > 0)
         fmt::print(stderr, "ckpt-tool: note: safetensors files hold no checksums: their headers were checked\n");
-      fmt::print("{}: {} file(s), {} record(s), {} checked in {:.2f} s ({:.0f} MiB/s); {} problem(s)\n",
-                 report.problems.empty() ? "ok" : "FAILED", report.files, report.records, human_bytes(report.bytes),
-                 seconds, seconds > 0 ? static_cast<double>(report.bytes) / 1048576.0 / seconds : 0.0,
-                 report.problems.size());
+      // What was checked: the torch files' record data (CRC-32), the headers of safetensors files.
+      std::vector<std::string> checked;
+      if (safetensors < paths.size()) checked.push_back(human_bytes(report.bytes) + " of record data checked");
+      if (safetensors > 0) checked.push_back(fmt::format("{} safetensors header(s) checked", safetensors));
+      fmt::print("{}: {} file(s), {} record(s), {} in {:.2f} s{}; {} problem(s)\n",
+                 report.problems.empty() ? "ok" : "FAILED", report.files, report.records, fmt::join(checked, ", "),
+                 seconds, report.bytes > 0 ? rate_text(report.bytes, seconds) : "", report.problems.size());
     }
     return report.problems.empty() ? 0 : 1;
   };

@@ -163,6 +163,11 @@ std::string human_bytes(std::uint64_t nbytes) {
   return unit == 0 ? fmt::format("{} B", nbytes) : fmt::format("{:.1f} {}", value, kUnits[unit]);
 }
 
+std::string rate_text(std::uint64_t nbytes, double seconds) {
+  if (seconds < 1e-3) return "";
+  return fmt::format(" ({}/s)", human_bytes(static_cast<std::uint64_t>(static_cast<double>(nbytes) / seconds)));
+}
+
 std::string grouped(std::uint64_t count) {
   std::string digits = std::to_string(count);
   std::string out;

@@ -46,6 +46,9 @@ void add_model_parts_flag(CLI::App& app, std::optional<std::int64_t>& model_part
 
 // "12.3 MiB"
 std::string human_bytes(std::uint64_t nbytes);
+// " (12.3 MiB/s)" for `nbytes` in `seconds`; "" below a millisecond, which no
+// clock here measures a rate from.
+std::string rate_text(std::uint64_t nbytes, double seconds);
 // 7094016 -> "7,094,016", whatever the locale.
 std::string grouped(std::uint64_t count);
 

@@ -3,9 +3,12 @@
 #include "inspect_render.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <ostream>
 #include <set>
 
@@ -160,7 +163,88 @@ class TreePrinter {
   std::ostream& out_;
 };
 
-void print_grid(const Manifest& manifest, std::ostream& out) {
+// The size of the file in each cell, [part][shard]; nullopt when missing.
+std::vector<std::vector<std::optional<std::uint64_t>>> cell_sizes(const Manifest& manifest) {
+  std::vector<std::vector<std::optional<std::uint64_t>>> sizes;
+  for (const std::vector<int>& part : manifest.grid.cells) {
+    auto& row = sizes.emplace_back();
+    for (int index : part) {
+      row.push_back(index < 0
+                        ? std::nullopt
+                        : std::optional<std::uint64_t>(manifest.files[static_cast<std::size_t>(index)].size_bytes));
+    }
+  }
+  return sizes;
+}
+
+// [part][shard] -> the file's size in bytes, null when missing: the table `--wide` prints.
+json sizes_json(const Manifest& manifest) {
+  json out = json::array();
+  for (const auto& part : cell_sizes(manifest)) {
+    json row = json::array();
+    for (const auto& size : part) row.push_back(size ? json(*size) : json(nullptr));
+    out.push_back(std::move(row));
+  }
+  return out;
+}
+
+// Every shard's size, a column each.
+void print_grid_table(const Manifest& manifest, std::ostream& out) {
+  const Grid& grid = manifest.grid;
+  const auto sizes = cell_sizes(manifest);
+  out << "        ";
+  for (int d = 0; d < grid.dp; ++d) out << fmt::format(" {:>9}", fmt::format("shard{}", d));
+  out << "\n";
+  for (int m = 0; m < grid.mp; ++m) {
+    out << fmt::format("  part{:<2}", m);
+    for (const auto& size : sizes[static_cast<std::size_t>(m)])
+      out << fmt::format(" {:>9}", size ? human_bytes(*size) : "MISSING");
+    out << "\n";
+  }
+}
+
+// One line per part: its shard count, the range of their sizes, and the shards
+// that stand out: missing, or more than 1% (at least 4 KiB) off the part's
+// median size. Shards of one part differ by a few bytes (names, padding);
+// a truncated or foreign file does not.
+void print_grid_parts(const Manifest& manifest, std::ostream& out) {
+  constexpr std::size_t kNamed = 4;  // standing-out shards named per part
+  const auto sizes = cell_sizes(manifest);
+  for (std::size_t m = 0; m < sizes.size(); ++m) {
+    std::vector<std::uint64_t> present;
+    for (const auto& size : sizes[m]) {
+      if (size) present.push_back(*size);
+    }
+    std::string line = fmt::format("  part{:<3} ", m);
+    line += present.size() == sizes[m].size() ? fmt::format("{} shards", present.size())
+                                              : fmt::format("{} of {} shards", present.size(), sizes[m].size());
+    std::uint64_t median = 0;
+    if (!present.empty()) {
+      std::vector<std::uint64_t> sorted = present;
+      std::sort(sorted.begin(), sorted.end());
+      median = sorted[sorted.size() / 2];
+      std::string low = human_bytes(sorted.front());
+      std::string high = human_bytes(sorted.back());
+      line += low == high ? fmt::format(", {} each", low) : fmt::format(", {} to {}", low, high);
+    }
+    const std::uint64_t tolerance = std::max<std::uint64_t>(median / 100, 4096);
+    std::vector<std::string> standing_out;
+    std::size_t count = 0;
+    for (std::size_t d = 0; d < sizes[m].size(); ++d) {
+      const auto& size = sizes[m][d];
+      bool odd = !size || (*size > median ? *size - median : median - *size) > tolerance;
+      if (!odd) continue;
+      if (++count <= kNamed)
+        standing_out.push_back(fmt::format("shard{} {}", d, size ? human_bytes(*size) : "MISSING"));
+    }
+    if (count > kNamed) standing_out.push_back(fmt::format("and {} more", count - kNamed));
+    if (!standing_out.empty()) line += fmt::format("; stand out: {}", fmt::join(standing_out, ", "));
+    out << line << "\n";
+  }
+  out << "  (a line per part; --wide shows every shard's size)\n";
+}
+
+void print_grid(const Manifest& manifest, bool wide, std::ostream& out) {
   const Grid& grid = manifest.grid;
   if (!manifest.files.empty() && manifest.files[0].format == FileFormat::Safetensors) {
     out << fmt::format("format: safetensors, one state dict in {} file(s) (no training layout)\n",
@@ -171,16 +255,10 @@ void print_grid(const Manifest& manifest, std::ostream& out) {
   out << fmt::format("grid: {} model-parallel part(s) x {} data-parallel shard(s){}\n", grid.mp, grid.dp,
                      fsdp ? ", FSDP-flattened" : "");
   if (grid.mp * grid.dp <= 1) return;
-  out << "        ";
-  for (int d = 0; d < grid.dp; ++d) out << fmt::format(" {:>7}", fmt::format("shard{}", d));
-  out << "\n";
-  for (int m = 0; m < grid.mp; ++m) {
-    out << fmt::format("  part{:<2}", m);
-    for (int d = 0; d < grid.dp; ++d) {
-      int index = grid.cells[m][d];
-      out << fmt::format(" {:>7}", index < 0 ? "MISSING" : human_bytes(manifest.files[index].size_bytes));
-    }
-    out << "\n";
+  if (wide || grid.dp <= kMaxTableShards) {
+    print_grid_table(manifest, out);
+  } else {
+    print_grid_parts(manifest, out);
   }
 }
 
@@ -194,12 +272,12 @@ bool selected(const InspectRequest& request, const ManifestTensor& t) {
 }
 
 // Files, sizes, grid, parameter count and bytes by dtype and by section.
-void print_summary(const Manifest& manifest, std::ostream& out) {
+void print_summary(const Manifest& manifest, bool wide, std::ostream& out) {
   Summary summary = summarize(manifest);
   std::uint64_t total = 0;
   for (const ManifestFile& file : manifest.files) total += file.size_bytes;
   out << fmt::format("{} file(s), {}\n", manifest.files.size(), human_bytes(total));
-  print_grid(manifest, out);
+  print_grid(manifest, wide, out);
   if (!is_training(manifest)) {
     out << fmt::format("not a training checkpoint: {} (stitch and reshard refuse it)\n",
                        printable(describe_contents(manifest.files[0])));
@@ -277,7 +355,7 @@ json tensor_list_json(const Manifest& manifest, const InspectRequest& request) {
 }  // namespace
 
 void print_inspect_text(const Manifest& manifest, const InspectRequest& request, std::ostream& out) {
-  print_summary(manifest, out);
+  print_summary(manifest, request.wide, out);
   print_problems(manifest, out);
   print_objects(manifest, out);
   if (request.tensors) print_tensor_table(manifest, request, out);
@@ -289,7 +367,11 @@ json inspect_json(const Manifest& manifest, const InspectRequest& request) {
   bool safetensors = !manifest.files.empty() && manifest.files[0].format == FileFormat::Safetensors;
   json out = {{"files", manifest.files.size()},
               {"format", safetensors ? "safetensors" : "torch"},
-              {"grid", {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", manifest.grid.cells}}},
+              {"grid",
+               {{"mp", manifest.grid.mp},
+                {"dp", manifest.grid.dp},
+                {"cells", manifest.grid.cells},
+                {"size_bytes", sizes_json(manifest)}}},
               {"fsdp", !manifest.files.empty() && static_cast<bool>(manifest.files[0].fsdp)},
               {"parameters", summary.counts.parameters},
               {"buffers", summary.counts.buffers},

@@ -14,7 +14,12 @@ namespace ckpt::cli {
 struct InspectRequest {
   bool tensors = false;                // list every tensor
   const std::regex* filter = nullptr;  // with `tensors`: only those whose path matches (null: all)
+  bool wide = false;                   // the grid as a table of every shard's size, however many
 };
+
+// Grids with more shards per part than this are shown one line per part
+// unless `wide` (a table row of OPT-175B's 124 shards takes 1,200 columns).
+inline constexpr int kMaxTableShards = 8;
 
 // The summary, the grid, the problems, the first file's objects as a tree and,
 // when asked, a table of the tensors.

@@ -153,10 +153,11 @@ void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& te
     double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     double planning = std::chrono::duration<double>(planned - started).count();
     fmt::print(
-        stderr,
-        "wrote {} file(s), {} in {:.2f} s (reading and planning {:.2f} s, writing {:.2f} s at {:.0f} MiB/s); {}\n",
+        stderr, "wrote {} file(s), {} in {:.2f} s (reading and planning {:.2f} s, writing {:.2f} s{}); {}\n",
         plan.files.size(), human_bytes(stats.bytes_written), total, planning, stats.seconds,
-        stats.seconds > 0 ? static_cast<double>(stats.bytes_written) / 1048576.0 / stats.seconds : 0.0,
+        stats.seconds < 1e-3 ? std::string()
+                             : fmt::format(" at {}/s", human_bytes(static_cast<std::uint64_t>(
+                                                           static_cast<double>(stats.bytes_written) / stats.seconds))),
         stats.crc_checked ? "inputs checked against their CRC-32" : "input CRC-32s NOT checked (--no-crc-check)");
   }
 }

@@ -289,9 +289,52 @@ std::uint16_t half_bits_of(float value) {
   return static_cast<std::uint16_t>(sign | (exponent << 10) | ((bits >> 13) & 0x3ffu));
 }
 
-std::string format_real(double value, DType dtype) {
-  if (std::isnan(value)) return std::signbit(value) ? "-nan" : "nan";  // bit-for-bit diffs can differ in the sign
-  if (std::isinf(value)) return value < 0 ? "-inf" : "inf";
+// `shortest` (a finite decimal as fmt writes it: "1e+02", "100", "0.001",
+// "1.5e-07") laid out as Python's repr lays out a float: positional from
+// 1e-4 up to 1e16 ("100.0", "0.001"), else d.ddde+XX ("1e+16", "1.5e-07").
+// `point` gives an integral positional value its ".0", as a float's repr does
+// and a complex's parts' do not ("(3-4j)").
+std::string python_layout(std::string_view shortest, bool point) {
+  std::string sign;
+  if (shortest.starts_with('-')) {
+    sign = "-";
+    shortest.remove_prefix(1);
+  }
+  std::size_t e = shortest.find_first_of("eE");
+  int exponent = e == std::string_view::npos ? 0 : std::atoi(std::string(shortest.substr(e + 1)).c_str());
+  std::string_view mantissa = shortest.substr(0, e);
+  std::size_t dot = mantissa.find('.');
+  // value = 0.<digits> x 10^(before_point + exponent)
+  int before_point = static_cast<int>(dot == std::string_view::npos ? mantissa.size() : dot);
+  std::string digits;
+  for (char c : mantissa) {
+    if (c != '.') digits += c;
+  }
+  while (digits.size() > 1 && digits.front() == '0') {
+    digits.erase(0, 1);
+    --before_point;
+  }
+  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
+  if (digits == "0") return sign + (point ? "0.0" : "0");
+  const int decimal = before_point + exponent - 1;  // the power of ten of the first digit
+  if (decimal >= -4 && decimal < 16) {
+    std::string integral = "0";
+    std::string fraction = std::string(static_cast<std::size_t>(std::max(0, -decimal - 1)), '0') + digits;
+    if (decimal >= 0) {
+      auto width = static_cast<std::size_t>(decimal + 1);
+      integral = digits.substr(0, width);
+      integral.append(width - integral.size(), '0');
+      fraction = digits.size() > width ? digits.substr(width) : "";
+    }
+    if (fraction.empty()) return sign + integral + (point ? ".0" : "");
+    return sign + integral + "." + fraction;
+  }
+  std::string out = sign + digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "");
+  return out + fmt::format("e{}{:02d}", decimal < 0 ? '-' : '+', std::abs(decimal));
+}
+
+// The shortest digits that read back as `value` in `dtype`, as fmt writes them.
+std::string shortest_digits(double value, DType dtype) {
   switch (dtype) {
     case DType::Float16: return shortest_16<Half>(half_bits_of(static_cast<float>(value)));
     case DType::BFloat16: {
@@ -301,6 +344,12 @@ std::string format_real(double value, DType dtype) {
     case DType::Float32: return fmt::format("{}", static_cast<float>(value));
     default: return fmt::format("{}", value);
   }
+}
+
+std::string format_real(double value, DType dtype, bool point = true) {
+  if (std::isnan(value)) return std::signbit(value) ? "-nan" : "nan";  // bit-for-bit diffs can differ in the sign
+  if (std::isinf(value)) return value < 0 ? "-inf" : "inf";
+  return python_layout(shortest_digits(value, dtype), point);
 }
 
 // std::max, but NaN wins (a NaN difference is reported, not hidden).
@@ -359,9 +408,9 @@ std::string format_value(const ElementValue& value) {
     case ElementValue::Kind::Real: return format_real(value.real, value.dtype);
     case ElementValue::Kind::Complex: {
       DType part = value.dtype == DType::Complex64 ? DType::Float32 : DType::Float64;
-      std::string imag = format_real(value.imag, part);
+      std::string imag = format_real(value.imag, part, false);
       bool negative = !imag.empty() && imag[0] == '-';
-      return fmt::format("({}{}{}j)", format_real(value.real, part), negative ? "" : "+", imag);
+      return fmt::format("({}{}{}j)", format_real(value.real, part, false), negative ? "" : "+", imag);
     }
   }
   return "?";

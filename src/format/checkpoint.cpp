@@ -195,6 +195,35 @@ bool is_rebuild_tensor(const Graph& graph, NodeId id) {
   return cls != nullptr && is_global(*cls, py::kRebuildTensorV2);
 }
 
+// nn.Parameter's wrapper, with or without Python attributes; Tensor for
+// anything else (a tensor subclass).
+TensorWrap parameter_wrap(const Graph& graph, NodeId id) {
+  const pickle::Node* cls = graph.object_class(id);
+  if (cls == nullptr) return TensorWrap::Tensor;
+  if (is_global(*cls, py::kRebuildParameter)) return TensorWrap::Parameter;
+  if (is_global(*cls, py::kRebuildParameterWithState)) return TensorWrap::ParameterWithState;
+  return TensorWrap::Tensor;
+}
+
+// The layout of a sparse tensor's rebuild call ("torch.sparse_csr"), or
+// nullopt when `id` is none.
+std::optional<std::string> sparse_layout(const Graph& graph, NodeId id) {
+  const pickle::Node* cls = graph.object_class(id);
+  if (cls == nullptr || !(is_global(*cls, py::kRebuildSparseTensor) || is_global(*cls, py::kRebuildSparseCsrTensor))) {
+    return std::nullopt;
+  }
+  const auto& args = graph[graph[id].args].items;
+  if (!args.empty()) {
+    const pickle::Node& layout = graph[args[0]];
+    if (layout.kind == Kind::Global) return layout.text + "." + layout.name;
+    if (layout.kind == Kind::Object && layout.args != pickle::kNoNode) {
+      const auto& layout_args = graph[layout.args].items;
+      if (layout_args.size() == 1 && graph[layout_args[0]].kind == Kind::Str) return graph[layout_args[0]].text;
+    }
+  }
+  return "a sparse layout";
+}
+
 class PathWalker {
  public:
   PathWalker(const Graph& graph, const PathVisitor& visit, const PathVisitor& revisit)
@@ -447,6 +476,8 @@ void Checkpoint::collect_tensors() {
   // order of the dicts that hold them), ties included.
   std::unordered_map<NodeId, std::pair<std::size_t, std::string>> paths;
   std::vector<std::tuple<NodeId, std::size_t, std::string>> repeats;
+  std::unordered_map<NodeId, NodeId> wrappers;                // tensor -> the nn.Parameter that wraps it
+  std::optional<std::pair<std::string, std::string>> sparse;  // the first sparse tensor's path and layout
   std::size_t order = 0;
   try {
     walk_paths(
@@ -454,6 +485,13 @@ void Checkpoint::collect_tensors() {
         [&](NodeId id, const std::string& p) {
           ++order;
           if (is_rebuild_tensor(graph(), id)) paths.emplace(id, std::make_pair(order, p));
+          if (parameter_wrap(graph(), id) != TensorWrap::Tensor) {
+            const auto& args = graph()[graph()[id].args].items;
+            if (!args.empty() && is_rebuild_tensor(graph(), args[0])) wrappers.emplace(args[0], id);
+          }
+          if (!sparse) {
+            if (std::optional<std::string> layout = sparse_layout(graph(), id)) sparse.emplace(p, *layout);
+          }
         },
         [&](NodeId id, const std::string& p) {
           ++order;
@@ -461,6 +499,13 @@ void Checkpoint::collect_tensors() {
         });
   } catch (const Error& e) {  // objects nested too deeply
     throw Error(Location{path(), pickle_record_->name, std::nullopt}, e.message());
+  }
+  // Its indices and values would pass for strided tensors at other paths.
+  if (sparse) {
+    throw Error(Location{path(), pickle_record_->name + " (" + sparse->first + ")", std::nullopt},
+                fmt::format("a sparse tensor ({}): sparse layouts are not supported, only strided tensors "
+                            "(tensor.to_dense() before torch.save)",
+                            sparse->second));
   }
   std::unordered_map<std::string, std::size_t> rank;
   for (NodeId id = 0; id < graph().size(); ++id) {
@@ -500,6 +545,14 @@ void Checkpoint::collect_tensors() {
     tensor.stride = *stride;
     tensor.storage_offset = *offset;
     tensor.requires_grad = args.size() > 4 && graph()[args[4]].kind == Kind::Bool && graph()[args[4]].boolean;
+    if (auto wrapper = wrappers.find(id); wrapper != wrappers.end()) {
+      // _rebuild_parameter(data, requires_grad, backward_hooks[, state]): the parameter's flag is what torch sees.
+      const auto& wrapper_args = graph()[graph()[wrapper->second].args].items;
+      tensor.wrapper = wrapper->second;
+      tensor.wrap = parameter_wrap(graph(), wrapper->second);
+      tensor.requires_grad =
+          wrapper_args.size() > 1 && graph()[wrapper_args[1]].kind == Kind::Bool && graph()[wrapper_args[1]].boolean;
+    }
     if (extent.span_elements > 0 && last >= storage.numel) {
       throw Error(Location{path(), storage.record->name + " (" + tensor.path + ")", storage.record->data_offset},
                   fmt::format("tensor reaches element {} of a storage of {} elements", last, storage.numel));

@@ -35,10 +35,6 @@ constexpr std::array<DTypeName, 10> kNames{{
 // JSON nesting a header needs: the object, a tensor's entry, its shape.
 constexpr std::size_t kMaxHeaderDepth = 4;
 
-// Parses bounded JSON text: at most kMaxHeaderDepth deep, no name twice in
-// the top-level object. Objects are std::maps (a header of a million names
-// parses in n log n; an insertion-ordered object would take n^2), so callers
-// order what they read themselves. Throws Error(where, ...).
 // Checks the shape of JSON text in one pass before it is parsed (nlohmann's
 // parse callback would make parsing n^2 in the number of entries): nesting
 // depth, and no key twice in one object.
@@ -60,13 +56,13 @@ class ShapeCheck : public nlohmann::json_sax<nlohmann::json> {
     duplicate = name;
     return false;
   }
-  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
-    error = e.what();
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception&) override {
+    error_byte = position;
     return false;
   }
 
   std::string duplicate;
-  std::string error;
+  std::size_t error_byte = 0;  // the reader's position when it failed: bytes read, the failing one included
   bool too_deep = false;
 
  private:
@@ -90,27 +86,106 @@ class ShapeCheck : public nlohmann::json_sax<nlohmann::json> {
   std::vector<std::set<std::string>> keys_;
 };
 
-// Parses bounded JSON text: at most kMaxHeaderDepth deep, no key twice in an
-// object, nothing after the value but spaces (the padding). Objects are
+// `bytes` as \xHH each: what a header holds where it is broken is untrusted
+// bytes, shown so, never raw.
+std::string escaped_bytes(std::string_view bytes) {
+  std::string out;
+  for (char c : bytes) out += fmt::format("\\x{:02x}", static_cast<unsigned char>(c));
+  return out;
+}
+
+// Where `text` stops being UTF-8 (RFC 3629: no overlong forms, no surrogates,
+// nothing above U+10FFFF): the offset of the broken sequence's first byte and
+// what is wrong; nullopt for valid UTF-8.
+struct Utf8Break {
+  std::size_t at = 0;
+  std::string reason;
+};
+std::optional<Utf8Break> utf8_break(std::string_view text) {
+  for (std::size_t i = 0; i < text.size();) {
+    auto lead = static_cast<unsigned char>(text[i]);
+    if (lead < 0x80) {
+      ++i;
+      continue;
+    }
+    // The sequence's length and the range of its second byte, by its first.
+    std::size_t length = 0;
+    unsigned char low = 0x80;
+    unsigned char high = 0xbf;
+    if (lead >= 0xc2 && lead <= 0xdf) {
+      length = 2;
+    } else if (lead >= 0xe0 && lead <= 0xef) {
+      length = 3;
+      if (lead == 0xe0) low = 0xa0;
+      if (lead == 0xed) high = 0x9f;
+    } else if (lead >= 0xf0 && lead <= 0xf4) {
+      length = 4;
+      if (lead == 0xf0) low = 0x90;
+      if (lead == 0xf4) high = 0x8f;
+    } else {
+      return Utf8Break{i, fmt::format("byte {} begins no UTF-8 sequence", escaped_bytes(text.substr(i, 1)))};
+    }
+    for (std::size_t k = 1; k < length; ++k) {
+      if (i + k >= text.size()) {
+        return Utf8Break{
+            i, fmt::format("the UTF-8 sequence {} is cut short by the end of the text", escaped_bytes(text.substr(i)))};
+      }
+      auto next = static_cast<unsigned char>(text[i + k]);
+      if (next < (k == 1 ? low : 0x80) || next > (k == 1 ? high : 0xbf)) {
+        return Utf8Break{i, fmt::format("invalid UTF-8 sequence {}", escaped_bytes(text.substr(i, k + 1)))};
+      }
+    }
+    i += length;
+  }
+  return std::nullopt;
+}
+
+// What the JSON reader met at byte `at` of `text`, for a person: the byte
+// escaped when it is not printable ASCII.
+std::string unexpected_at(std::string_view text, std::size_t at) {
+  if (at >= text.size()) return "the text ends before the JSON value does";
+  auto byte = static_cast<unsigned char>(text[at]);
+  if (byte == 0) return "NUL byte \\x00";
+  if (byte < 0x20 || byte == 0x7f) {
+    return fmt::format("control byte {} (JSON allows none; in a string it is written escaped)",
+                       escaped_bytes(text.substr(at, 1)));
+  }
+  if (byte >= 0x80) return fmt::format("unexpected byte {}", escaped_bytes(text.substr(at, 1)));
+  return fmt::format("unexpected '{}'", static_cast<char>(byte));
+}
+
+// Parses bounded JSON text: UTF-8, at most kMaxHeaderDepth deep, no key twice
+// in an object, nothing after the value but spaces (the padding). Objects are
 // std::maps (a header of a million names parses in n log n; an
 // insertion-ordered object would take n^2), so callers order what they read
-// themselves. Throws Error(where, ...).
-nlohmann::json parse_bounded(std::string_view text, const Location& where, const char* what) {
+// themselves. `what` names the text ("header"), whose first byte is at
+// `file_offset` in `where.file`: text that is not UTF-8 JSON is one line
+// naming the file offset where it breaks, never the JSON reader's own words or
+// raw bytes. Throws Error(where, ...).
+nlohmann::json parse_bounded(std::string_view text, std::uint64_t file_offset, const Location& where,
+                             const char* what) {
   std::size_t end = text.find_last_not_of(' ');
   std::string_view value = text.substr(0, end == std::string_view::npos ? 0 : end + 1);
-  // nlohmann's reader stops at a NUL byte as at the end of the text: what follows would go unread.
-  if (std::size_t nul = value.find('\0'); nul != std::string_view::npos) {
-    throw Error(where, fmt::format("{} holds a NUL byte at byte {} of its text", what, nul));
+  auto not_json = [&](std::size_t at) {
+    return Error(Location{where.file, "", std::nullopt}, fmt::format("{} is not valid UTF-8 JSON at byte {}: {}", what,
+                                                                     file_offset + at, unexpected_at(value, at)));
+  };
+  if (std::optional<Utf8Break> broken = utf8_break(value)) {
+    throw Error(Location{where.file, "", std::nullopt}, fmt::format("{} is not valid UTF-8 JSON at byte {}: {}", what,
+                                                                    file_offset + broken->at, broken->reason));
   }
+  // nlohmann's reader stops at a NUL byte as at the end of the text: what follows would go unread.
+  if (std::size_t nul = value.find('\0'); nul != std::string_view::npos) throw not_json(nul);
   ShapeCheck check;
   if (!nlohmann::json::sax_parse(value.begin(), value.end(), &check)) {
-    if (check.too_deep) throw Error(where, fmt::format("{} is nested more than {} levels deep", what, kMaxHeaderDepth));
-    if (!check.duplicate.empty()) throw Error(where, fmt::format("{} names '{}' twice", what, check.duplicate));
-    throw Error(where,
-                fmt::format("{} is not valid JSON (or is padded with other bytes than spaces): {}", what, check.error));
+    if (check.too_deep) {
+      throw Error(where, fmt::format("the {} is nested more than {} levels deep", what, kMaxHeaderDepth));
+    }
+    if (!check.duplicate.empty()) throw Error(where, fmt::format("the {} names '{}' twice", what, check.duplicate));
+    throw not_json(check.error_byte == 0 ? 0 : check.error_byte - 1);  // the position counts the failing byte
   }
   nlohmann::json parsed = nlohmann::json::parse(value.begin(), value.end());
-  if (!parsed.is_object()) throw Error(where, fmt::format("{} is not a JSON object", what));
+  if (!parsed.is_object()) throw Error(where, fmt::format("the {} is not a JSON object", what));
   return parsed;
 }
 
@@ -200,7 +275,7 @@ SafetensorsHeader read_safetensors_header(Bytes file, const std::string& path) {
   const Location where{path, "header", 8};
   std::string_view text = as_chars(file.subspan(8, header_bytes));
   if (text.empty() || text.front() != '{') throw Error(where, "the header does not start with '{'");
-  nlohmann::json parsed = parse_bounded(text, where, "the header");
+  nlohmann::json parsed = parse_bounded(text, 8, where, "header");
   // The specification pads with spaces only (JSON's other blanks, a NUL, are not padding).
   if (text[text.find_last_not_of(' ')] != '}') {
     throw Error(where, fmt::format("the header's JSON object is followed by byte 0x{:02x}: only spaces may pad it",
@@ -285,7 +360,7 @@ SafetensorsIndex parse_safetensors_index(std::string_view text, const std::strin
   if (text.size() > kMaxSafetensorsIndexBytes) {
     throw Error(where, fmt::format("an index of {} bytes (at most {})", text.size(), kMaxSafetensorsIndexBytes));
   }
-  nlohmann::json parsed = parse_bounded(text, where, "the index");
+  nlohmann::json parsed = parse_bounded(text, 0, where, "index");
   SafetensorsIndex index;
   auto map = parsed.find("weight_map");
   if (map == parsed.end() || !map->is_object()) throw Error(where, "no weight_map object");

@@ -63,7 +63,7 @@ pickle::NodeId add_ordered_dict(pickle::Graph& graph) {
 }
 
 pickle::NodeId add_tensor(pickle::Graph& graph, DType dtype, const std::vector<std::int64_t>& shape,
-                          const std::string& storage_key) {
+                          const std::string& storage_key, bool requires_grad) {
   std::vector<std::int64_t> stride(shape.size(), 1);
   std::uint64_t numel = 1;
   for (std::size_t i = shape.size(); i-- > 0;) {
@@ -72,8 +72,15 @@ pickle::NodeId add_tensor(pickle::Graph& graph, DType dtype, const std::vector<s
   }
   pickle::NodeId args =
       graph.tuple({add_storage_id(graph, dtype, storage_key, numel), graph.integer(0), int_tuple(graph, shape),
-                   int_tuple(graph, stride), graph.boolean(false), add_ordered_dict(graph)});
+                   int_tuple(graph, stride), graph.boolean(requires_grad), add_ordered_dict(graph)});
   return add_reduce(graph, add_global(graph, py::kRebuildTensorV2), args);
+}
+
+pickle::NodeId add_parameter(pickle::Graph& graph, pickle::NodeId data, bool requires_grad, pickle::NodeId state) {
+  std::vector<pickle::NodeId> args{data, graph.boolean(requires_grad), add_ordered_dict(graph)};
+  if (state == pickle::kNoNode) return add_reduce(graph, add_global(graph, py::kRebuildParameter), graph.tuple(args));
+  args.push_back(state);
+  return add_reduce(graph, add_global(graph, py::kRebuildParameterWithState), graph.tuple(std::move(args)));
 }
 
 }  // namespace ckpt

@@ -145,31 +145,54 @@ struct PartKeys {
   std::map<std::string, std::string> tied_to;  // target -> a key tied to it
 };
 
+// The module a fused tensor belongs to: "...self_attn.qkv_proj" for its weight
+// and its bias; a fused key not named qkv_proj is a module of its own.
+std::string fused_module(const std::string& key) {
+  std::size_t at = key.find("qkv_proj");
+  return at == std::string::npos ? key : key.substr(0, at + 8);
+}
+
+// Each fused module split where its first tensor was, projection by
+// projection as the module holds them (k_proj.weight, k_proj.bias,
+// v_proj.weight, ...): a module's order, so that fusing and splitting again
+// gives the keys back in their order.
 std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
   const PartKeys keys(part);
-  std::vector<NamedTensor> out;
-  for (NamedTensor& tensor : part) {
-    if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) {
-      out.push_back(std::move(tensor));
-      continue;
-    }
+  std::map<std::string, std::vector<const NamedTensor*>> modules;  // module -> its fused tensors, in order
+  for (const NamedTensor& tensor : part) {
+    if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) continue;
     if (keys.tied_to.count(tensor.name) != 0) {
       throw Error(Location{"", tensor.name, std::nullopt},
                   fmt::format("'{}' is tied to it: a tied qkv_proj cannot be split", keys.tied_to.at(tensor.name)));
     }
-    auto kvq = split_qkv(tensor.source, tensor.name);
-    std::size_t at = tensor.name.find("qkv_proj");
+    modules[fused_module(tensor.name)].push_back(&tensor);
+  }
+  std::vector<NamedTensor> out;
+  for (const NamedTensor& tensor : part) {
+    if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) {
+      out.push_back(tensor);
+      continue;
+    }
+    const std::vector<const NamedTensor*>& members = modules.at(fused_module(tensor.name));
+    if (members.front() != &tensor) continue;  // split with the module's first tensor
+    std::vector<std::array<TensorSource, 3>> thirds;
+    for (const NamedTensor* member : members) thirds.push_back(split_qkv(member->source, member->name));
     for (int t = 0; t < 3; ++t) {
-      std::string name = tensor.name;
-      if (at != std::string::npos)
-        name.replace(at, 8, kProjections[t]);
-      else
-        name += fmt::format(".{}", kProjections[t]);
-      if (keys.names.count(name) != 0) {
-        throw Error(Location{"", tensor.name, std::nullopt},
-                    fmt::format("split into k, v and q, it would give '{}', which the state dict holds already", name));
+      for (std::size_t i = 0; i < members.size(); ++i) {
+        const NamedTensor& member = *members[i];
+        std::string name = member.name;
+        std::size_t at = name.find("qkv_proj");
+        if (at != std::string::npos)
+          name.replace(at, 8, kProjections[t]);
+        else
+          name += fmt::format(".{}", kProjections[t]);
+        if (keys.names.count(name) != 0) {
+          throw Error(
+              Location{"", member.name, std::nullopt},
+              fmt::format("split into k, v and q, it would give '{}', which the state dict holds already", name));
+        }
+        out.push_back({name, thirds[i][t], std::nullopt, member.kind});
       }
-      out.push_back({name, kvq[t], std::nullopt});
     }
   }
   return out;
@@ -236,7 +259,7 @@ std::vector<NamedTensor> fuse_separate(std::vector<NamedTensor> part) {
     std::vector<TensorSource> kvq = {k, v, q};
     if (keys.names.count(name) != 0)
       throw fail(fmt::format("fused, it would be '{}', which the state dict holds already", name));
-    out.push_back({name, concat(kvq, glued_shape(kvq, 0)), std::nullopt});
+    out.push_back({name, concat(kvq, glued_shape(kvq, 0)), std::nullopt, group.kvq[0]->kind});
   }
   return out;
 }
@@ -273,8 +296,8 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
     }
   }
   std::vector<std::vector<NamedTensor>> out(static_cast<std::size_t>(new_parts));
-  auto emit_all = [&](const std::string& key, const std::vector<TensorSource>& sources) {
-    for (int i = 0; i < new_parts; ++i) out[i].push_back({key, sources[i], std::nullopt});
+  auto emit_all = [&](const NamedTensor& part0, const std::vector<TensorSource>& sources) {
+    for (int i = 0; i < new_parts; ++i) out[i].push_back({part0.name, sources[i], std::nullopt, part0.kind});
   };
   for (const NamedTensor& head : parts[0]) {
     const std::string& key = head.name;
@@ -317,31 +340,31 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
           std::vector<TensorSource> kvq = {cut[0][i], cut[1][i], cut[2][i]};
           fused.push_back(concat(kvq, glued_shape(kvq, 0)));
         }
-        emit_all(key, fused);
+        emit_all(head, fused);
         break;
       }
       case MpRule::ConcatDim0:
         if (head.source.shape.empty())
           throw Error(Location{"", key, std::nullopt}, "a scalar cannot be glued on dim 0");
         check_shapes(key, sources, 0);
-        emit_all(key, split_dim0(key, concat(sources, glued_shape(sources, 0)), new_parts));
+        emit_all(head, split_dim0(key, concat(sources, glued_shape(sources, 0)), new_parts));
         break;
       case MpRule::ConcatDim1: {
         if (head.source.shape.size() < 2)
           throw Error(Location{"", key, std::nullopt}, "fewer than 2 dimensions, cannot glue on dim 1");
         check_shapes(key, sources, 1);
         auto rows = static_cast<std::uint64_t>(head.source.shape[0]);
-        emit_all(key, split_dim1(key, interleave_rows(sources, rows, glued_shape(sources, 1)), new_parts));
+        emit_all(head, split_dim1(key, interleave_rows(sources, rows, glued_shape(sources, 1)), new_parts));
         break;
       }
       case MpRule::Replicated:
         if (replicated != nullptr && parts.size() > 1) replicated->push_back(key);
         [[fallthrough]];
       case MpRule::Copied:
-        emit_all(key, std::vector<TensorSource>(static_cast<std::size_t>(new_parts), head.source));
+        emit_all(head, std::vector<TensorSource>(static_cast<std::size_t>(new_parts), head.source));
         break;
       case MpRule::Placeholder:
-        emit_all(key,
+        emit_all(head,
                  std::vector<TensorSource>(static_cast<std::size_t>(new_parts), zeros_source(DType::Float32, {1})));
         break;
     }

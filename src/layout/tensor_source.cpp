@@ -220,6 +220,7 @@ OutputTensor as_output(const NamedTensor& tensor) {
   out.dtype = tensor.source.dtype;
   out.source = tensor.source;
   out.alias_of = tensor.alias_of;
+  out.kind = tensor.kind;
   return out;
 }
 

@@ -89,6 +89,10 @@ const ManifestTensor* nested_tensor(const ManifestFile& file, const std::string&
   return nullptr;
 }
 
+TensorKind kind_of(const ManifestTensor& tensor) {
+  return {tensor.wrap, tensor.requires_grad};
+}
+
 bool is_flattened(const ManifestFile& file, const std::string& prefix) {
   if (!file.fsdp) return false;
   for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
@@ -210,7 +214,7 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
       out.push_back(
           {buffer,
            source_of(*tensor, first.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
-           std::nullopt});
+           std::nullopt, kind_of(*tensor)});
     }
   };
 
@@ -264,7 +268,7 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
       } else {
         out.push_back(
             {key, source_of(*tensor, first.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
-             std::nullopt});
+             std::nullopt, kind_of(*tensor)});
       }
     }
     if (prefix != kModelPrefix) {
@@ -364,7 +368,8 @@ std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, c
     check_invariant(state != nullptr, "a state optimizer_state_names has checked");
     out.push_back({params[i].first,
                    source_of(*state, first.place(*state).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
-                   std::nullopt});
+                   std::nullopt,
+                   {}});
   }
   return out;
 }

@@ -131,8 +131,13 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
     t.nbytes = ref.nbytes;
     t.storage_nbytes = storage.numel * dtype_info(storage.dtype).itemsize;  // Checkpoint checked the record holds it
     t.requires_grad = ref.requires_grad;
+    t.wrap = ref.wrap;
     t.alias_of = ref.alias_of;
-    if (ref.alias_of.empty()) tensor_index.emplace(ref.node, tensors.size());
+    if (ref.alias_of.empty()) {
+      // An nn.Parameter is a tensor in the object tree too: a state dict of parameters is one of tensors.
+      tensor_index.emplace(ref.node, tensors.size());
+      if (ref.wrapper != pickle::kNoNode) tensor_index.emplace(ref.wrapper, tensors.size());
+    }
     tensors.push_back(std::move(t));
     file.places.push_back({ref.file_byte_offset, storage.record->crc32});
   }

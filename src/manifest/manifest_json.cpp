@@ -63,6 +63,19 @@ bool ends_with(const std::string& text, std::string_view suffix) {
 
 namespace {
 
+// A tensor's "parameter" field: absent for a plain tensor.
+constexpr std::pair<TensorWrap, std::string_view> kWrapNames[] = {
+    {TensorWrap::Parameter, "nn.Parameter"},
+    {TensorWrap::ParameterWithState, "nn.Parameter with state"},
+};
+
+std::string_view wrap_name(TensorWrap wrap) {
+  for (const auto& [value, name] : kWrapNames) {
+    if (value == wrap) return name;
+  }
+  internal_error("a tensor wrap without a name");
+}
+
 json tensor_to_json(const ManifestTensor& t) {
   json out = {{"path", t.path},
               {"dtype", std::string(dtype_info(t.dtype).name)},
@@ -73,6 +86,7 @@ json tensor_to_json(const ManifestTensor& t) {
               {"nbytes", t.nbytes},
               {"storage_nbytes", t.storage_nbytes},
               {"requires_grad", t.requires_grad}};
+  if (t.wrap != TensorWrap::Tensor) out["parameter"] = wrap_name(t.wrap);
   if (!t.alias_of.empty()) out["alias_of"] = t.alias_of;
   return out;
 }
@@ -532,6 +546,16 @@ class ManifestReader {
                        t.storage_nbytes, t.nbytes, t.storage_offset));
     }
     if (j.contains("requires_grad")) t.requires_grad = boolean(j, field, "requires_grad");
+    if (j.contains("parameter")) {
+      std::string name = text(j, field, "parameter");
+      auto known = std::find_if(std::begin(kWrapNames), std::end(kWrapNames),
+                                [&](const auto& entry) { return entry.second == name; });
+      if (known == std::end(kWrapNames)) {
+        fail(field / "parameter",
+             fmt::format("{} is not \"nn.Parameter\" or \"nn.Parameter with state\"", quote_text(name)));
+      }
+      t.wrap = known->first;
+    }
     if (j.contains("alias_of")) {
       t.alias_of = text(j, field, "alias_of");
       if (t.alias_of.empty()) fail(field / "alias_of", "empty (leave alias_of out when the tensor is not tied)");

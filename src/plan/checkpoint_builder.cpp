@@ -5,7 +5,9 @@
 #include <algorithm>
 
 #include "ckpt/format/pyobject.hpp"
+#include "ckpt/format/python_globals.hpp"
 #include "ckpt/layout/metaseq.hpp"
+#include "ckpt/manifest/manifest.hpp"
 
 namespace ckpt {
 
@@ -25,12 +27,31 @@ CheckpointBuilder::CheckpointBuilder(const Checkpoint& base)
     if (!key) throw Error(Location{base.path(), base.pickle_record().name, std::nullopt}, "non-string top-level key");
     top_level_.emplace_back(*key, v);
   }
+  base_model_ = top_level("model");
 }
 
 NodeId CheckpointBuilder::add_tensor(const OutputTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
   payloads_.push_back({key, tensor, {}});
-  return ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key);
+  // torch pickles a parameter's `.data`, whose own requires_grad is False.
+  const bool parameter = tensor.kind.wrap != TensorWrap::Tensor;
+  NodeId data =
+      ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key, !parameter && tensor.kind.requires_grad);
+  if (!parameter) return data;
+  NodeId state = tensor.kind.wrap == TensorWrap::ParameterWithState ? parameter_state(tensor.name) : pickle::kNoNode;
+  return add_parameter(graph_, data, tensor.kind.requires_grad, state);
+}
+
+NodeId CheckpointBuilder::parameter_state(const std::string& key) const {
+  NodeId value = base_model_ == pickle::kNoNode ? pickle::kNoNode : graph_.lookup(base_model_, key);
+  const pickle::Node* cls = value == pickle::kNoNode ? nullptr : graph_.object_class(value);
+  if (cls != nullptr && is_global(*cls, py::kRebuildParameterWithState)) {
+    const auto& args = graph_[graph_[value].args].items;
+    if (args.size() == 4) return args[3];
+  }
+  throw Error(Location{base_ != nullptr ? base_->path() : "", state_dict_path(kModelPrefix, key), std::nullopt},
+              "an nn.Parameter with Python attributes (_rebuild_parameter_with_state) that is not the one under "
+              "this key of the file whose objects are written: its attributes cannot be carried");
 }
 
 NodeId CheckpointBuilder::add_inline_tensor(DType dtype, const std::vector<std::int64_t>& shape,
@@ -68,7 +89,11 @@ NodeId CheckpointBuilder::add_state_dict(const std::vector<OutputTensor>& tensor
 void CheckpointBuilder::replace_tensor(NodeId node, const OutputTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
   payloads_.push_back({key, tensor, {}});
-  NodeId fresh = ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key);
+  // The base's requires_grad stays: the tensor's bytes change, not what torch rebuilds.
+  const auto& old_args = graph_[graph_[node].args].items;
+  bool requires_grad =
+      old_args.size() > 4 && graph_[old_args[4]].kind == pickle::Kind::Bool && graph_[old_args[4]].boolean;
+  NodeId fresh = ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key, requires_grad);
   // Keep the node id (and so every reference), take the fresh node's contents.
   graph_[node].callable = graph_[fresh].callable;
   graph_[node].args = graph_[fresh].args;
@@ -127,8 +152,13 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
 
 PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector<std::uint32_t>& sources,
                                       std::uint32_t base_source) {
+  // The base's root keeps its type: a dict, or an OrderedDict (an Object with entries).
   pickle::Node root;
   root.kind = pickle::Kind::Dict;
+  if (base_ != nullptr && graph_[base_->graph().root].kind == pickle::Kind::Object) {
+    root = graph_[base_->graph().root];
+    root.entries.clear();
+  }
   for (const auto& [name, node] : top_level_) root.entries.emplace_back(graph_.str(name), node);
   graph_.root = graph_.add(std::move(root));
 

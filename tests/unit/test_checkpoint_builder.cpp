@@ -6,6 +6,7 @@
 // is seen through every reference, untouched storages are carried over as whole
 // record copies from the base, nothing else changes.
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 
 #include <cstdint>
 #include <cstring>
@@ -207,6 +208,125 @@ TEST_SUITE("CheckpointBuilder") {
     described = ckpt::describe_file(second);
     REQUIRE(described.declared_parts);
     CHECK(described.declared_parts->parts == 8);
+  }
+
+  TEST_CASE("CheckpointBuilder: parameters, requires_grad and an OrderedDict root come back as they were read") {
+    TempDir dir;
+    // The base, as torch.save writes OrderedDict([("model", {...})]): a Parameter,
+    // a plain tensor with requires_grad, a Parameter with Python attributes.
+    std::string base_path = dir.file("base.pt");
+    {
+      ckpt::pickle::Graph graph;
+      std::vector<ckpt::PlannedStorage> storages;
+      auto tensor = [&](bool requires_grad) {
+        std::string key = std::to_string(storages.size());
+        ckpt::PlannedStorage storage;
+        storage.key = key;
+        storage.data.nbytes = 8;
+        storage.data.inline_bytes = Buffer(8, static_cast<std::byte>(storages.size() + 1));
+        storages.push_back(std::move(storage));
+        return ckpt::add_tensor(graph, DType::Float32, {2}, key, requires_grad);
+      };
+      NodeId p = ckpt::add_parameter(graph, tensor(false), true);
+      NodeId t = tensor(true);
+      NodeId attributes = dict(graph, {{"partition_dim", graph.integer(0)}});
+      NodeId s = ckpt::add_parameter(graph, tensor(false), false, attributes);
+      NodeId root = ckpt::add_ordered_dict(graph);
+      graph[root].entries.emplace_back(graph.str("model"), dict(graph, {{"p", p}, {"t", t}, {"s", s}}));
+      graph.root = root;
+      ckpt::Plan plan;
+      plan.files.push_back(ckpt::plan_torch_file(base_path, "base", graph, std::move(storages)));
+      run(plan);
+    }
+    ckpt::MappedFile base_file(base_path);
+    ckpt::Checkpoint base(base_file);
+    auto kinds = [](const ckpt::Checkpoint& checkpoint) {
+      std::vector<std::pair<ckpt::TensorWrap, bool>> out;
+      for (const char* key : {"model/p", "model/t", "model/s"}) {
+        const ckpt::TensorRef* ref = checkpoint.find_tensor(key);
+        REQUIRE_MESSAGE(ref != nullptr, key);
+        out.emplace_back(ref->wrap, ref->requires_grad);
+      }
+      return out;
+    };
+    const std::vector<std::pair<ckpt::TensorWrap, bool>> want = {{ckpt::TensorWrap::Parameter, true},
+                                                                 {ckpt::TensorWrap::Tensor, true},
+                                                                 {ckpt::TensorWrap::ParameterWithState, false}};
+    CHECK(kinds(base) == want);
+    // A parameter is a tensor of the state dict in the object tree and the manifest.
+    ckpt::ManifestFile described = ckpt::describe_file(base);
+    for (const auto& item : (*described.objects)["model"].items()) CHECK(item.value().contains("$tensor"));
+    CHECK(described.tensors[0].wrap == ckpt::TensorWrap::Parameter);
+    CHECK(described.tensors[0].requires_grad);
+
+    // Written anew from OutputTensors of those kinds, and one replaced in place.
+    std::string out_path = dir.file("out.pt");
+    {
+      ckpt::CheckpointBuilder builder(base);
+      std::vector<OutputTensor> tensors;
+      for (std::size_t i = 0; i < 3; ++i) {
+        OutputTensor tensor = run_of(std::string(1, "pts"[i]), {2}, 0);
+        tensor.source = ckpt::zeros_source(DType::Float32, {2});
+        tensor.kind = {want[i].first, want[i].second};
+        tensors.push_back(std::move(tensor));
+      }
+      NodeId model = builder.add_state_dict(tensors);
+      builder.replace_tensor(base.find_tensor("model/t")->node, tensors[1]);  // the base's requires_grad stays
+      builder.set_top_level("copy", builder.top_level("model"));
+      builder.set_top_level("model", model);
+      ckpt::Plan plan;
+      plan.files.push_back(builder.finish(out_path, {}, plan));
+      run(plan);
+    }
+    ckpt::MappedFile out_file(out_path);
+    ckpt::Checkpoint out(out_file);
+    CHECK(kinds(out) == want);
+    CHECK(out.find_tensor("copy/t")->requires_grad);
+    CHECK(ckpt::class_name(out.graph(), out.graph().root) == "collections.OrderedDict");
+    const ckpt::pickle::Graph& graph = out.graph();
+    NodeId s = graph.lookup(graph.lookup(graph.root, "model"), "s");
+    NodeId state = graph[graph[s].args].items.at(3);  // _rebuild_parameter_with_state(data, rg, hooks, state)
+    CHECK(ckpt::as_int(graph, graph.lookup(state, "partition_dim")) == 0);
+  }
+
+  TEST_CASE("Checkpoint: a sparse tensor is one Error naming the file and its path") {
+    TempDir dir;
+    for (const auto& [function, layout] : {std::pair{"_rebuild_sparse_tensor", "torch.sparse_coo"},
+                                           std::pair{"_rebuild_sparse_csr_tensor", "torch.sparse_csr"}}) {
+      CAPTURE(function);
+      ckpt::pickle::Graph graph;
+      std::vector<ckpt::PlannedStorage> storages(1);
+      storages[0].key.assign(1, '0');
+      storages[0].data.nbytes = 8;
+      storages[0].data.inline_bytes = Buffer(8);
+      auto reduce = [&](NodeId callable, NodeId args) {
+        ckpt::pickle::Node node;
+        node.kind = ckpt::pickle::Kind::Object;
+        node.callable = callable;
+        node.args = args;
+        return graph.add(std::move(node));
+      };
+      NodeId values = ckpt::add_tensor(graph, DType::Float32, {2}, "0");
+      NodeId get_layout = reduce(graph.global("torch.serialization", "_get_layout"), graph.tuple({graph.str(layout)}));
+      NodeId sparse =
+          reduce(graph.global("torch._utils", function),
+                 graph.tuple({get_layout, graph.tuple({values, values, ckpt::add_torch_size(graph, {2})})}));
+      graph.root = dict(graph, {{"model", dict(graph, {{"w", sparse}})}});
+      std::string path = dir.file(std::string(function) + ".pt");
+      ckpt::Plan plan;
+      plan.files.push_back(ckpt::plan_torch_file(path, function, graph, std::move(storages)));
+      run(plan);
+      ckpt::MappedFile file(path);
+      try {
+        ckpt::Checkpoint checkpoint(file);
+        FAIL("no error");
+      } catch (const ckpt::Error& e) {
+        CHECK(std::string(e.what()) ==
+              fmt::format("{}: {}/data.pkl (model/w): a sparse tensor ({}): sparse layouts are not supported, "
+                          "only strided tensors (tensor.to_dense() before torch.save)",
+                          path, function, layout));
+      }
+    }
   }
 
   TEST_CASE("CheckpointBuilder: a base whose top level is not a dict is an Error naming the file") {

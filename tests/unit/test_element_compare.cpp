@@ -85,6 +85,11 @@ void check_every_pattern(DType dtype) {
     float back = std::strtof(text.c_str(), nullptr);
     INFO(fmt::format("bits 0x{:04x} printed {}", bits, text));
     REQUIRE(c10_bits<T>(back) == pattern);
+    // ... laid out as Python's repr of a float: positional with a point from 1e-4 up to 1e16 ...
+    double shown = std::fabs(std::strtod(text.c_str(), nullptr));
+    bool positional = text.find('e') == std::string::npos;
+    REQUIRE(positional == (shown == 0 || (shown >= 1e-4 && shown < 1e16)));
+    if (positional) REQUIRE(text.find('.') != std::string::npos);
     // ... and one digit fewer would not.
     std::size_t digits = significant_digits(text);
     if (digits > 1) {
@@ -101,6 +106,27 @@ void check_every_pattern(DType dtype) {
 TEST_CASE("every float16 and bfloat16 value converts as c10 does and prints shortest") {
   check_every_pattern<c10::Half>(DType::Float16);
   check_every_pattern<c10::BFloat16>(DType::BFloat16);
+}
+
+TEST_CASE("floats print as Python's repr lays out a float, with the shortest digits of their dtype") {
+  auto text = [](DType dtype, double value) {
+    return format_value(ElementValue{ElementValue::Kind::Real, dtype, 0, 0, value, 0.0});
+  };
+  CHECK(text(DType::BFloat16, 100.0) == "100.0");  // one digit, which %g would write 1e+02
+  CHECK(text(DType::Float16, 2048.0) == "2048.0");
+  CHECK(text(DType::Float16, 65504.0) == "65500.0");  // the shortest digits that read back as float16's 65504
+  CHECK(text(DType::Float32, 1e10) == "10000000000.0");
+  CHECK(text(DType::Float64, 123456789.0) == "123456789.0");
+  CHECK(text(DType::Float64, 9999999999999998.0) == "9999999999999998.0");
+  CHECK(text(DType::Float64, 1e16) == "1e+16");
+  CHECK(text(DType::Float64, 1.5e300) == "1.5e+300");
+  CHECK(text(DType::Float64, 0.0001) == "0.0001");
+  CHECK(text(DType::Float32, 1e-5) == "1e-05");
+  CHECK(text(DType::Float64, -2.5e-3) == "-0.0025");
+  CHECK(text(DType::Float32, 0.1) == "0.1");
+  CHECK(text(DType::Float64, 0.0) == "0.0");
+  ElementValue complex{ElementValue::Kind::Complex, DType::Complex64, 0, 0, 3.0, -4.5};
+  CHECK(format_value(complex) == "(3-4.5j)");  // a complex's parts have no ".0", as in Python
 }
 
 TEST_CASE("tolerance counts match ATen, across float dtypes") {
@@ -140,7 +166,7 @@ TEST_CASE("exact comparison is bit for bit; integers exact whatever the toleranc
   CHECK(exact.count == 2);  // -0.0 and 2.5; the two NaNs have the same bits
   REQUIRE(exact.first.size() == 2);
   CHECK(exact.first[0].index == 0);
-  CHECK(format_value(exact.first[0].b) == "-0");
+  CHECK(format_value(exact.first[0].b) == "-0.0");
   CHECK(exact.max_abs.real == 0.5);
   ElementComparison close = compare_elements(DType::Float32, bytes_of(a), DType::Float32, bytes_of(b), 4, {0.5, 0}, 10);
   CHECK(close.count == 0);

@@ -72,6 +72,7 @@ ckpt::Manifest valid_manifest() {
     strided.storage_offset = 4;
     strided.storage_nbytes += 4 * 4;
     strided.requires_grad = true;
+    strided.wrap = ckpt::TensorWrap::Parameter;
     file.add_tensor(strided, {4096, crc});
     ckpt::FlatParamMeta flat;
     flat.state_key = "flat_param_0";
@@ -322,6 +323,8 @@ TEST_SUITE("manifest") {
          "files[0].record_crc32s[0]", "outside [0, 4294967295]"},
         {"requires_grad not a boolean", [](json& j) { j["tensor_lists"][0][0]["requires_grad"] = "yes"; },
          "tensor_lists[0][0].requires_grad", "expected true or false"},
+        {"an unknown parameter kind", [](json& j) { j["tensor_lists"][0][0]["parameter"] = "nn.Buffer"; },
+         "tensor_lists[0][0].parameter", "is not \"nn.Parameter\" or \"nn.Parameter with state\""},
         {"the same tensor path twice", [](json& j) { j["tensor_lists"][0][3]["path"] = "model/flat_param_0"; },
          "tensor_lists[0][3].path", "same path as [0]"},
         {"alias of a missing tensor", [](json& j) { j["tensor_lists"][0][2]["alias_of"] = "model/nothing"; },

@@ -264,24 +264,24 @@ TEST_SUITE("megatron") {
         return out;
       };
       std::vector<std::string> replicated;
-      {  // separate k_proj, v_proj, q_proj
+      {  // separate k_proj, v_proj, q_proj, in a module's order
         std::vector<NamedTensor> out = ckpt::glue_megatron(parts, {}, &replicated);
         CHECK(names_of(out) == std::vector<std::string>{
                                    "decoder.layers.0.self_attn.k_proj.weight",
-                                   "decoder.layers.0.self_attn.v_proj.weight",
-                                   "decoder.layers.0.self_attn.q_proj.weight",
                                    "decoder.layers.0.self_attn.k_proj.bias",
+                                   "decoder.layers.0.self_attn.v_proj.weight",
                                    "decoder.layers.0.self_attn.v_proj.bias",
+                                   "decoder.layers.0.self_attn.q_proj.weight",
                                    "decoder.layers.0.self_attn.q_proj.bias",
                                });
         for (int t = 0; t < 3; ++t) {
           CAPTURE(t);
-          const NamedTensor& weight = out[static_cast<std::size_t>(t)];
+          const NamedTensor& weight = out[static_cast<std::size_t>(2 * t)];
           CHECK(shape_of(weight.source.shape) == shape_of({2 * static_cast<std::int64_t>(mp), 4}));
           CHECK(weight.source.dtype == DType::Float32);
           CHECK_FALSE(weight.alias_of.has_value());
           CHECK(describe(weight.source) == describe_pieces(third_pieces(t, 0, 32, 0)));
-          const NamedTensor& bias = out[static_cast<std::size_t>(3 + t)];
+          const NamedTensor& bias = out[static_cast<std::size_t>(2 * t + 1)];
           CHECK(shape_of(bias.source.shape) == shape_of({2 * static_cast<std::int64_t>(mp)}));
           CHECK(describe(bias.source) == describe_pieces(third_pieces(t, 500, 8, 0)));
         }
@@ -532,10 +532,10 @@ TEST_SUITE("megatron") {
     CHECK(names_of(out) == std::vector<std::string>{
                                "decoder.embed_tokens.weight",
                                "decoder.layers.0.self_attn.k_proj.weight",
-                               "decoder.layers.0.self_attn.v_proj.weight",
-                               "decoder.layers.0.self_attn.q_proj.weight",
                                "decoder.layers.0.self_attn.k_proj.bias",
+                               "decoder.layers.0.self_attn.v_proj.weight",
                                "decoder.layers.0.self_attn.v_proj.bias",
+                               "decoder.layers.0.self_attn.q_proj.weight",
                                "decoder.layers.0.self_attn.q_proj.bias",
                                "decoder.layers.0.self_attn.out_proj.weight",
                                "decoder.layers.0.fc1.weight",
@@ -550,10 +550,11 @@ TEST_SUITE("megatron") {
     CHECK(int32_values(out[0], input.files) == rows_of(0, d, 0, d.V));
     for (int t = 0; t < 3; ++t) {
       CAPTURE(t);
-      CHECK(out[1 + static_cast<std::size_t>(t)].source.shape == Shape{d.R, d.C});
-      CHECK(int32_values(out[1 + static_cast<std::size_t>(t)], input.files) == rows_of(1 + t, d, 0, d.R));
-      CHECK(out[4 + static_cast<std::size_t>(t)].source.shape == Shape{d.R});
-      CHECK(int32_values(out[4 + static_cast<std::size_t>(t)], input.files) == rows_of(4 + t, d, 0, d.R));
+      // k, v, q weight and bias in module order; the math's tensors number the weights 1-3, the biases 4-6.
+      CHECK(out[1 + 2 * static_cast<std::size_t>(t)].source.shape == Shape{d.R, d.C});
+      CHECK(int32_values(out[1 + 2 * static_cast<std::size_t>(t)], input.files) == rows_of(1 + t, d, 0, d.R));
+      CHECK(out[2 + 2 * static_cast<std::size_t>(t)].source.shape == Shape{d.R});
+      CHECK(int32_values(out[2 + 2 * static_cast<std::size_t>(t)], input.files) == rows_of(4 + t, d, 0, d.R));
     }
     CHECK(out[7].source.shape == Shape{d.C, d.R});
     CHECK(int32_values(out[7], input.files) == rows_of(7, d, 0, d.C));
@@ -867,6 +868,52 @@ TEST_SUITE("megatron") {
     CHECK(names_of(ckpt::with_qkv_form(input.parts[1], QkvForm::Fused)) == names_of(input.parts[1]));
     std::vector<NamedTensor> plain_part{named("decoder.layers.0.fc1.weight", {2, 3}, 0, 0)};
     CHECK(names_of(ckpt::with_qkv_form(plain_part, QkvForm::Separate)) == names_of(plain_part));
+  }
+
+  TEST_CASE("with_qkv_form: a fused module splits in a module's order where it was, and fuses back to it") {
+    // What a module's parameters() gives: k, v, q, each weight then bias; other keys around them.
+    const std::string attn = "decoder.layers.0.self_attn.";
+    std::vector<NamedTensor> separate;
+    std::uint64_t at = 0;
+    auto add = [&](const std::string& name, const Shape& shape) {
+      separate.push_back(named(name, shape, 0, at));
+      at += 1000;
+    };
+    add("decoder.embed_tokens.weight", {5, 4});
+    for (const char* proj : {"k_proj", "v_proj", "q_proj"}) {
+      add(attn + proj + ".weight", {4, 4});
+      add(attn + proj + ".bias", {4});
+    }
+    add(attn + "out_proj.weight", {4, 4});
+    // What torch rebuilds goes with the tensor: a Parameter's requires_grad through fusing and splitting.
+    for (NamedTensor& tensor : separate) tensor.kind = {ckpt::TensorWrap::Parameter, tensor.name.ends_with("bias")};
+    std::vector<NamedTensor> fused = ckpt::with_qkv_form(separate, QkvForm::Fused);
+    CHECK(names_of(fused) == std::vector<std::string>{"decoder.embed_tokens.weight", attn + "qkv_proj.weight",
+                                                      attn + "qkv_proj.bias", attn + "out_proj.weight"});
+    CHECK(fused[1].kind == ckpt::TensorKind{ckpt::TensorWrap::Parameter, false});
+    CHECK(fused[2].kind == ckpt::TensorKind{ckpt::TensorWrap::Parameter, true});
+    std::vector<NamedTensor> split = ckpt::with_qkv_form(fused, QkvForm::Separate);
+    REQUIRE(names_of(split) == names_of(separate));
+    for (std::size_t k = 0; k < split.size(); ++k) {
+      CAPTURE(split[k].name);
+      CHECK(split[k].kind == separate[k].kind);
+      CHECK(difference(ids_of(split[k].source), ids_of(separate[k].source)) == "");
+    }
+    // A fused bias listed before its weight, far from it: both split where the first was.
+    std::vector<NamedTensor> apart{named(attn + "qkv_proj.bias", {6}, 0, 0), named("decoder.version", {1}, 0, 100),
+                                   named(attn + "qkv_proj.weight", {6, 2}, 0, 200)};
+    CHECK(names_of(ckpt::with_qkv_form(apart, QkvForm::Separate)) ==
+          std::vector<std::string>{attn + "k_proj.bias", attn + "k_proj.weight", attn + "v_proj.bias",
+                                   attn + "v_proj.weight", attn + "q_proj.bias", attn + "q_proj.weight",
+                                   "decoder.version"});
+    // Gluing parts keeps part 0's kind for every key it writes.
+    std::vector<std::vector<NamedTensor>> parts{fused, fused};
+    for (auto& part : parts) part[0].kind = {ckpt::TensorWrap::Tensor, true};
+    parts[1][0].kind = {};
+    std::vector<NamedTensor> glued = ckpt::glue_megatron(parts, {}, nullptr);
+    CHECK(glued[0].kind == ckpt::TensorKind{ckpt::TensorWrap::Tensor, true});
+    CHECK(glued[1].kind == ckpt::TensorKind{ckpt::TensorWrap::Parameter, false});  // k_proj.weight
+    CHECK(glued[2].kind == ckpt::TensorKind{ckpt::TensorWrap::Parameter, true});   // k_proj.bias
   }
 
   TEST_CASE("with_qkv_form: projections that do not fuse or split are errors naming the key") {

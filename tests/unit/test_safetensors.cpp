@@ -80,7 +80,7 @@ TEST_CASE("safetensors header: every broken rule is one error naming the file, t
   };
   const std::string good_entry = R"("t":{"dtype":"F16","shape":[2],"data_offsets":[0,4]})";
   std::vector<Case> cases = {
-      {"not JSON", "{\"t\":", 4, "not valid JSON"},
+      {"not JSON", "{\"t\":", 4, "header is not valid UTF-8 JSON at byte 13: the text ends before"},
       {"not an object", "[1]     ", 0, "does not start with '{'"},
       {"unknown dtype", R"({"t":{"dtype":"X9","shape":[2],"data_offsets":[0,4]}})", 4,
        "unknown or unsupported dtype 'X9'"},
@@ -101,7 +101,7 @@ TEST_CASE("safetensors header: every broken rule is one error naming the file, t
        "overflows 64 bits"},
       {"an unknown field", R"({"t":{"dtype":"U8","shape":[0],"data_offsets":[0,0],"x":1}})", 0, "unknown field 'x'"},
       {"metadata not strings", R"({"__metadata__":{"n":1}})", 0, "'n' is not a string"},
-      {"NUL padding", "{" + good_entry + "}" + std::string(3, '\0'), 4, "holds a NUL byte at byte"},
+      {"NUL padding", "{" + good_entry + "}" + std::string(3, '\0'), 4, "NUL byte \\x00"},
       {"a newline as padding", "{" + good_entry + "}\n   ", 4, "followed by byte 0x0a: only spaces may pad it"},
       {"nested too deep", R"({"t":{"dtype":"U8","shape":[[[[0]]]],"data_offsets":[0,0]}})", 0, "nested more than"},
   };
@@ -125,6 +125,50 @@ TEST_CASE("safetensors header: every broken rule is one error naming the file, t
       R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[1],"data_offsets":[3,4]}})",
       4));
   CHECK(contains(gap, "t.safetensors: b: at byte 0x74: "));
+}
+
+TEST_CASE("safetensors header: text that is not UTF-8 JSON is one line naming the file offset, bytes escaped") {
+  struct Case {
+    const char* what;
+    std::string header;
+    std::string message;  // the whole line, as what() renders it
+  };
+  const std::string entry = R"(:{"dtype":"U8","shape":[0],"data_offsets":[0,0]}})";
+  // The header's text starts at file byte 8: '{' is byte 8, '"' 9, 'a' 10.
+  std::vector<Case> cases = {
+      {"invalid UTF-8 inside a string", "{\"a\xe2\x82\"" + entry,
+       "t.safetensors: header is not valid UTF-8 JSON at byte 11: invalid UTF-8 sequence \\xe2\\x82\\x22"},
+      {"a lone 0xFF", "{\"\xff\"" + entry,
+       "t.safetensors: header is not valid UTF-8 JSON at byte 10: byte \\xff begins no UTF-8 sequence"},
+      {"a truncated multibyte sequence", "{\"a\":\"\xf0\x9f\x98",
+       "t.safetensors: header is not valid UTF-8 JSON at byte 14: the UTF-8 sequence \\xf0\\x9f\\x98 is cut short by "
+       "the end of the text"},
+      {"a control byte in a key", "{\"a\x1b[2J\"" + entry,
+       "t.safetensors: header is not valid UTF-8 JSON at byte 11: control byte \\x1b (JSON allows none; in a string it "
+       "is written escaped)"},
+      {"an overlong encoding", "{\"\xc0\xaf\"" + entry,
+       "t.safetensors: header is not valid UTF-8 JSON at byte 10: byte \\xc0 begins no UTF-8 sequence"},
+      {"a UTF-16 surrogate", "{\"\xed\xa0\x80\"" + entry,
+       "t.safetensors: header is not valid UTF-8 JSON at byte 10: invalid UTF-8 sequence \\xed\\xa0"},
+      {"a byte after the object", "{}x", "t.safetensors: header is not valid UTF-8 JSON at byte 10: unexpected 'x'"},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.what);
+    std::string error = read_error(file_of(c.header, 0));
+    CHECK(error == c.message);
+    for (char ch : error) CHECK(static_cast<unsigned char>(ch) >= 0x20);  // one line, nothing raw
+    for (char ch : error) CHECK(static_cast<unsigned char>(ch) < 0x80);
+  }
+  // Valid UTF-8 beyond ASCII reads.
+  CHECK(read_error(file_of("{\"\xc3\xa9\xe5\x90\x8d\xf0\x9f\x98\x80\"" + entry, 0)) == "");
+  // The index says the same of its own text (offsets from its first byte).
+  try {
+    (void)ckpt::parse_safetensors_index("{\"weight_map\": {\"\xff\": \"a.safetensors\"}}", "i.json");
+    FAIL("accepted");
+  } catch (const ckpt::Error& e) {
+    CHECK(std::string(e.what()) ==
+          "i.json: index is not valid UTF-8 JSON at byte 17: byte \\xff begins no UTF-8 sequence");
+  }
 }
 
 TEST_CASE("safetensors index: files beside it only, in the order the map first names them") {

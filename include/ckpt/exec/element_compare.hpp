@@ -33,8 +33,9 @@ struct ElementValue {
 ElementValue element_value(DType dtype, const std::byte* element);
 
 // Python's spelling, exact: 1152921504606846976, True, 0.1 (the shortest
-// digits that read back as the same float16/bfloat16/float32/float64 value),
-// nan (-nan when its sign is set), -inf, (1+2j).
+// digits that read back as the same float16/bfloat16/float32/float64 value,
+// laid out as repr lays out a float: 100.0, 1e-05, 1e+16), nan (-nan when its
+// sign is set), -inf, (1+2j).
 std::string format_value(const ElementValue& value);
 
 struct Tolerance {

@@ -19,6 +19,7 @@
 
 #include "ckpt/format/dtype.hpp"
 #include "ckpt/format/pickle.hpp"
+#include "ckpt/format/torch_pickle.hpp"
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/mapped_file.hpp"
 
@@ -33,14 +34,16 @@ struct StorageRef {
 };
 
 struct TensorRef {
-  pickle::NodeId node = pickle::kNoNode;  // the _rebuild_tensor_v2 object
-  std::string path;                       // "model/decoder.layers.0.flat_param_0"
+  pickle::NodeId node = pickle::kNoNode;     // the _rebuild_tensor_v2 object
+  pickle::NodeId wrapper = pickle::kNoNode;  // the nn.Parameter wrapping it, if any
+  TensorWrap wrap = TensorWrap::Tensor;
+  std::string path;  // "model/decoder.layers.0.flat_param_0"
   std::string storage_key;
   DType dtype = DType::Float32;
   std::vector<std::int64_t> shape;
   std::vector<std::int64_t> stride;
-  std::int64_t storage_offset = 0;  // elements
-  bool requires_grad = false;
+  std::int64_t storage_offset = 0;     // elements
+  bool requires_grad = false;          // the Parameter's when wrapped, else the tensor's
   std::uint64_t file_byte_offset = 0;  // first byte of the tensor's first element
   std::uint64_t nbytes = 0;            // bytes from there to the end of its last element
   // Set when this path reaches a tensor already listed under another path (a

@@ -30,6 +30,12 @@ inline constexpr PyGlobal kRebuildParameter{"torch._utils", "_rebuild_parameter"
 inline constexpr PyGlobal kRebuildParameterWithState{"torch._utils", "_rebuild_parameter_with_state"};
 inline constexpr PyGlobal kRebuildFromTypeV2{"torch._tensor", "_rebuild_from_type_v2"};
 inline constexpr PyGlobal kTorchSize{"torch", "Size"};
+// Sparse tensors: _rebuild_sparse_tensor(layout, (indices, values, size, ...)) for
+// every sparse layout, and torch < 2.0's _rebuild_sparse_csr_tensor; the layout a
+// call of torch.serialization._get_layout('torch.sparse_coo') or (torch >= 2.0)
+// the global torch.sparse_csr.
+inline constexpr PyGlobal kRebuildSparseTensor{"torch._utils", "_rebuild_sparse_tensor"};
+inline constexpr PyGlobal kRebuildSparseCsrTensor{"torch._utils", "_rebuild_sparse_csr_tensor"};
 // Storage classes of persistent ids: torch.<dtype storage_name>, or untyped bytes.
 inline constexpr std::string_view kStorageModule = "torch";
 inline constexpr PyGlobal kUntypedStorage{kStorageModule, "UntypedStorage"};

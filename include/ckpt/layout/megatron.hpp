@@ -33,9 +33,11 @@ enum class QkvForm {
 };
 
 // One part's state dict with its attention projections in `form`: each fused
-// qkv_proj split into k_proj, v_proj, q_proj in its place, or each layer's
-// k_proj, v_proj and q_proj (weight, then bias) fused into one qkv_proj
-// [k; v; q] where the first of the three was. Throws Error naming the key when
+// qkv_proj module split, where its first tensor was, into k_proj, v_proj and
+// q_proj in a module's order (k_proj.weight, k_proj.bias, v_proj.weight, ...),
+// or each layer's k_proj, v_proj and q_proj (weight, then bias) fused into one
+// qkv_proj [k; v; q] where the first of the three was; fusing then splitting
+// gives the keys back in their order. Throws Error naming the key when
 // a fused tensor does not split in three, a layer lacks one of the three or
 // they differ in shape or dtype, or a new name is one the part holds already.
 std::vector<NamedTensor> with_qkv_form(std::vector<NamedTensor> part, QkvForm form);

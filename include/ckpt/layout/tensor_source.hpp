@@ -11,9 +11,11 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ckpt/format/dtype.hpp"
+#include "ckpt/format/torch_pickle.hpp"
 #include "ckpt/layout/piece.hpp"
 
 namespace ckpt {
@@ -43,21 +45,48 @@ TensorSource interleave_rows(const std::vector<TensorSource>& parts, std::uint64
 // A tensor of `shape` that reads as zeros.
 TensorSource zeros_source(DType dtype, std::vector<std::int64_t> shape);
 
+// What torch rebuilds at a state dict key besides the bytes: an nn.Parameter
+// or the tensor itself, and its requires_grad. A layout rule gives a key the
+// kind of the tensor it is cut or glued from (part 0's); a tensor it makes
+// anew (a flat parameter) is a plain tensor.
+struct TensorKind {
+  TensorWrap wrap = TensorWrap::Tensor;
+  bool requires_grad = false;
+  bool operator==(const TensorKind&) const = default;
+};
+
 // A named tensor of a state dict; `alias_of` names an earlier entry whose
 // tensor this key shares (tied weights), in which case `source` is unused.
+// (Constructors, so that {name, source, alias_of} leaves `kind` plain.)
 struct NamedTensor {
+  NamedTensor() = default;
+  NamedTensor(std::string name_, TensorSource source_, std::optional<std::string> alias_of_ = std::nullopt,
+              TensorKind kind_ = {})
+      : name(std::move(name_)), source(std::move(source_)), alias_of(std::move(alias_of_)), kind(kind_) {}
+
   std::string name;
   TensorSource source;
   std::optional<std::string> alias_of;
+  TensorKind kind;
 };
 
 // A tensor of an output file: written in `dtype`, converted from the source's
 // dtype when they differ.
 struct OutputTensor {
+  OutputTensor() = default;
+  OutputTensor(std::string name_, DType dtype_, TensorSource source_,
+               std::optional<std::string> alias_of_ = std::nullopt, TensorKind kind_ = {})
+      : name(std::move(name_)),
+        dtype(dtype_),
+        source(std::move(source_)),
+        alias_of(std::move(alias_of_)),
+        kind(kind_) {}
+
   std::string name;
   DType dtype = DType::Float32;
   TensorSource source;
   std::optional<std::string> alias_of;
+  TensorKind kind;
 };
 
 OutputTensor as_output(const NamedTensor& tensor);

@@ -54,10 +54,11 @@ struct ManifestTensor {
   std::vector<std::int64_t> stride;
   std::string storage_key;  // the record `<archive_name>/data/<storage_key>`
   std::int64_t storage_offset = 0;
-  std::uint64_t nbytes = 0;          // bytes the view spans, from its first element to its last
-  std::uint64_t storage_nbytes = 0;  // bytes of the whole storage (its record), shared by its views
-  bool requires_grad = false;
-  std::string alias_of;  // another path holding this very tensor (tied); "" if none
+  std::uint64_t nbytes = 0;              // bytes the view spans, from its first element to its last
+  std::uint64_t storage_nbytes = 0;      // bytes of the whole storage (its record), shared by its views
+  bool requires_grad = false;            // the nn.Parameter's when wrapped
+  TensorWrap wrap = TensorWrap::Tensor;  // an nn.Parameter at this path, or the tensor itself
+  std::string alias_of;                  // another path holding this very tensor (tied); "" if none
 
   std::uint64_t numel() const;
   // Whether `other` is the same view of the same storage: a tie that was

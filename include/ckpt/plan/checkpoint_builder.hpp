@@ -25,7 +25,11 @@ class CheckpointBuilder {
   CheckpointBuilder();
 
   pickle::Graph& graph() { return graph_; }
-  // A new tensor node whose data is `tensor` (written in tensor.dtype).
+  // A new tensor node whose data is `tensor` (written in tensor.dtype), an
+  // nn.Parameter around it when tensor.kind says so, with tensor.kind's
+  // requires_grad. A parameter with Python attributes takes them from the
+  // base's parameter under the same key of its `model` state dict (Error if
+  // there is none).
   pickle::NodeId add_tensor(const OutputTensor& tensor);
   // A new tensor node holding small data given here (a version buffer).
   pickle::NodeId add_inline_tensor(DType dtype, const std::vector<std::int64_t>& shape, std::vector<std::byte> data);
@@ -33,7 +37,8 @@ class CheckpointBuilder {
   pickle::NodeId add_state_dict(const std::vector<OutputTensor>& tensors);
   // Turns the tensor node `node` of the base graph into a new tensor holding
   // `tensor`: every reference to it (dict entries, nn.Parameter wrappers) now
-  // sees the new data, so key order and surrounding objects stay as they were.
+  // sees the new data, so key order, surrounding objects and its
+  // requires_grad stay as they were.
   void replace_tensor(pickle::NodeId node, const OutputTensor& tensor);
   // The value under a string key of a dict-like node, replaced; false if absent.
   bool set_entry(pickle::NodeId mapping, std::string_view key, pickle::NodeId value);
@@ -48,7 +53,8 @@ class CheckpointBuilder {
   // top-level `args` Namespace, where present.
   void set_model_parallel_size(std::int64_t parts);
 
-  // The planned file. `sources[i]` is the plan source of manifest file i.
+  // The planned file: the top level a dict, or an OrderedDict when the base's
+  // is one. `sources[i]` is the plan source of manifest file i.
   PlannedFile finish(const std::string& path, const std::vector<std::uint32_t>& sources, Plan& plan);
   // The same with the base's file already a source of the plan, as
   // `base_source`: touches no shared state, so outputs can be finished in parallel.
@@ -60,8 +66,11 @@ class CheckpointBuilder {
     OutputTensor tensor;
     std::vector<std::byte> inline_data;  // used when the tensor has no pieces
   };
+  pickle::NodeId parameter_state(const std::string& key) const;
+
   const Checkpoint* base_ = nullptr;
   pickle::Graph graph_;
+  pickle::NodeId base_model_ = pickle::kNoNode;                    // the base's `model` state dict
   std::vector<std::pair<std::string, pickle::NodeId>> top_level_;  // in order
   std::vector<Payload> payloads_;                                  // storage key i -> data
 };
