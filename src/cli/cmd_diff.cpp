@@ -275,9 +275,19 @@ Action add_diff_command(CLI::App& app) {
       auto start = std::chrono::steady_clock::now();
       std::unique_ptr<Side> a = open_side(options->a, options->model_parts);
       std::unique_ptr<Side> b = open_side(options->b, options->model_parts);
+      // A set (several files, or FSDP-flattened ones) is compared by its model: the
+      // other side is then consolidated too, and read for its model only.
+      auto is_set = [](const Side& side) {
+        const auto& files = side.inputs.manifest().files;
+        return !side.safetensors && (files.size() > 1 || static_cast<bool>(files.front().fsdp));
+      };
+      const bool sets = is_set(*a) || is_set(*b);
       for (Side* side : {a.get(), b.get()}) {
         Side* other = side == a.get() ? b.get() : a.get();
-        load_side(*side, !options->names.empty() || other->safetensors);
+        load_side(*side, !options->names.empty() || other->safetensors || sets);
+        if (sets && !side->safetensors) {
+          std::erase_if(side->tensors, [](const NamedTensor& t) { return !t.name.starts_with(kModelPrefix); });
+        }
         if (!options->names.empty() && !side->safetensors) side->tensors = hf_opt_named(side->tensors);
         // Against a safetensors side, only the state dict is compared: the file holds nothing else.
         if (other->safetensors && !side->safetensors) {
@@ -319,6 +329,7 @@ Action add_diff_command(CLI::App& app) {
       }
       if (options->json_output) {
         json out = {{"equal", equal},
+                    {"model_only", sets},  // a set is compared by its model state dict
                     {"only_in_a", report.only_in_a},
                     {"only_in_b", report.only_in_b},
                     {"objects", objects},
@@ -374,6 +385,9 @@ Action add_diff_command(CLI::App& app) {
           not_comparable == 0 ? "" : fmt::format("{} not comparable (shape/dtype), ", not_comparable),
           report.only_in_a.size(), report.only_in_b.size(),
           objects.empty() ? "" : fmt::format(", {} object difference(s)", objects.size()));
+      if (sets)
+        fmt::print(
+            "note: a set of files is compared by its model state dict: optimizer state and other objects are not\n");
       return equal ? 0 : 1;
     } catch (const Error& e) {
       fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());

@@ -255,6 +255,16 @@ def test_found_by_the_stranger():
         stdout, _ = harness.run(["verify", bad], expect=1)
         assert needle in stdout, (name, stdout)
 
+    # a set is compared by its model, against a set, a one-file FSDP set or its stitched file
+    one = os.path.join(work, "one")
+    os.makedirs(one)
+    harness.run(["reshard", folder, "--mp", 1, "--dp", 1, "-o", os.path.join(one, "checkpoint_last-shard{d}.pt")])
+    stitched = os.path.join(work, "stitched.pt")
+    harness.run(["stitch", folder, "-o", stitched])
+    for other in (one, stitched):
+        stdout, _ = harness.run(["diff", folder, other])
+        assert stdout.startswith("equal: ") and "compared by its model state dict" in stdout, (other, stdout)
+
     # a protocol 1 pickle: what to do about it
     old = os.path.join(work, "old.pt")
     torch.save({"model": {"w": torch.ones(2)}}, old, pickle_protocol=1)
