@@ -275,11 +275,13 @@ Action add_diff_command(CLI::App& app) {
       auto start = std::chrono::steady_clock::now();
       std::unique_ptr<Side> a = open_side(options->a, options->model_parts);
       std::unique_ptr<Side> b = open_side(options->b, options->model_parts);
-      // A set (several files, or FSDP-flattened ones) is compared by its model: the
-      // other side is then consolidated too, and read for its model only.
+      // A set (several files, or one FSDP-flattened file that is a whole set: one
+      // rank) is compared by its model: the other side is then consolidated too,
+      // and read for its model only. One shard of a larger set is a file.
       auto is_set = [](const Side& side) {
-        const auto& files = side.inputs.manifest().files;
-        return !side.safetensors && (files.size() > 1 || static_cast<bool>(files.front().fsdp));
+        const Manifest& manifest = side.inputs.manifest();
+        return !side.safetensors &&
+               (manifest.files.size() > 1 || (manifest.files.front().fsdp && manifest.grid.problems.empty()));
       };
       const bool sets = is_set(*a) || is_set(*b);
       for (Side* side : {a.get(), b.get()}) {
