@@ -92,6 +92,20 @@ std::size_t pairs_under_hf_opt(const Side& a, const Side& b, const DiffReport& r
       renamed.begin(), renamed.end(), [&](const NamedTensor& tensor) { return names.count(tensor.name) != 0; }));
 }
 
+// The side's model state dict only, as `model/<key>`: a plain state dict
+// (torch.save(model.state_dict())) is that state dict; otherwise it is the
+// `model` entry's.
+void keep_model(Side& side) {
+  bool plain = std::none_of(side.tensors.begin(), side.tensors.end(),
+                            [](const NamedTensor& t) { return t.name.starts_with(kModelPrefix); });
+  for (NamedTensor& tensor : side.tensors) {
+    if (!plain) break;
+    tensor.name = std::string(kModelPrefix) + tensor.name;
+    if (tensor.alias_of) tensor.alias_of = std::string(kModelPrefix) + *tensor.alias_of;
+  }
+  std::erase_if(side.tensors, [](const NamedTensor& t) { return !t.name.starts_with(kModelPrefix); });
+}
+
 std::unique_ptr<Side> open_side(const std::string& input, std::optional<std::int64_t> model_parts) {
   auto side = std::make_unique<Side>(open_inputs({input}, model_parts));
   side->safetensors = side->inputs.manifest().files.front().format == FileFormat::Safetensors;
@@ -287,23 +301,11 @@ Action add_diff_command(CLI::App& app) {
       for (Side* side : {a.get(), b.get()}) {
         Side* other = side == a.get() ? b.get() : a.get();
         load_side(*side, !options->names.empty() || other->safetensors || sets);
-        if (sets && !side->safetensors) {
-          std::erase_if(side->tensors, [](const NamedTensor& t) { return !t.name.starts_with(kModelPrefix); });
-        }
+        // Against a set or a safetensors file, only the model state dict is compared.
+        if ((sets || other->safetensors) && !side->safetensors) keep_model(*side);
         if (!options->names.empty() && !side->safetensors) side->tensors = hf_opt_named(side->tensors);
-        // Against a safetensors side, only the state dict is compared: the file holds nothing else.
+        // A tie is one tensor in safetensors: its second name is not looked for there.
         if (other->safetensors && !side->safetensors) {
-          // A plain state dict (torch.save(model.state_dict())) is that state dict;
-          // otherwise it is the `model` entry's.
-          bool plain = std::none_of(side->tensors.begin(), side->tensors.end(),
-                                    [](const NamedTensor& t) { return t.name.starts_with(kModelPrefix); });
-          for (NamedTensor& tensor : side->tensors) {
-            if (!plain) break;
-            tensor.name = std::string(kModelPrefix) + tensor.name;
-            if (tensor.alias_of) tensor.alias_of = std::string(kModelPrefix) + *tensor.alias_of;
-          }
-          std::erase_if(side->tensors, [](const NamedTensor& t) { return !t.name.starts_with(kModelPrefix); });
-          // A tie is one tensor in safetensors: its second name is not looked for there.
           std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });
         }
       }
