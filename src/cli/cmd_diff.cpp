@@ -144,8 +144,7 @@ void load_side(Side& side, bool state_dict_only) {
   // Part 0's copy of a replicated tensor stands for the others only when they agree.
   std::vector<std::string> differing = compare_replicated(replicated_checks(parts, replicated), side.inputs.files());
   if (!differing.empty()) {
-    throw Error(fmt::format("{}{}: the set is not one model", differing.front(),
-                            differing.size() > 1 ? fmt::format(" (and {} more)", differing.size() - 1) : ""));
+    throw Error(first_replicated_problem(differing) + ": the set is not one model");
   }
   for (NamedTensor& tensor : glued) {
     tensor.name = state_dict_path(kModelPrefix, tensor.name);

@@ -172,8 +172,7 @@ void report_replicated(const std::vector<ReplicatedCheck>& checks, const std::ve
   std::vector<std::string> problems = compare_replicated(checks, files);
   if (problems.empty()) return;
   if (!take_part_0) {
-    throw Error(fmt::format("{}{}; --replicated-from-part-0 takes part 0's copy", problems.front(),
-                            problems.size() > 1 ? fmt::format(" (and {} more)", problems.size() - 1) : ""));
+    throw Error(first_replicated_problem(problems) + "; --replicated-from-part-0 takes part 0's copy");
   }
   for (const std::string& problem : problems) {
     fmt::print(stderr, "ckpt-tool: warning: {}; part 0's copy taken\n", printable(problem));

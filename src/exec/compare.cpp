@@ -290,4 +290,9 @@ std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& 
   return problems;
 }
 
+std::string first_replicated_problem(const std::vector<std::string>& problems) {
+  return fmt::format("{}{}", problems.front(),
+                     problems.size() > 1 ? fmt::format(" (and {} more)", problems.size() - 1) : "");
+}
+
 }  // namespace ckpt

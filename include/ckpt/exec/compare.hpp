@@ -62,5 +62,7 @@ DiffReport diff_tensors(const std::vector<NamedTensor>& a, const std::vector<con
 // written: one message per part that differs, with the largest difference.
 std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& checks,
                                             const std::vector<const MappedFile*>& files);
+// compare_replicated's first problem, and how many more there are: one line.
+std::string first_replicated_problem(const std::vector<std::string>& problems);
 
 }  // namespace ckpt
