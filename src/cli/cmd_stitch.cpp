@@ -65,55 +65,6 @@ void set_format(const Options& options, StitchOptions& stitch) {
   }
 }
 
-// A folder made for the output, removed again (with the parents made with it)
-// unless keep() is called: a failed run leaves nothing behind.
-class CreatedDirectory {
- public:
-  explicit CreatedDirectory(const std::string& path) {
-    std::filesystem::path at = std::filesystem::absolute(path).lexically_normal();
-    if (!at.has_filename()) at = at.parent_path();
-    std::error_code ec;
-    for (std::filesystem::path p = at; !std::filesystem::exists(p, ec); p = p.parent_path()) made_.push_back(p);
-    std::filesystem::create_directories(at, ec);
-    if (ec) throw Error(Location{path, "", std::nullopt}, "cannot create the folder: " + ec.message());
-  }
-  ~CreatedDirectory() {
-    std::error_code ec;
-    for (const auto& p : made_) std::filesystem::remove(p, ec);  // only while empty
-  }
-  CreatedDirectory(const CreatedDirectory&) = delete;
-  CreatedDirectory& operator=(const CreatedDirectory&) = delete;
-  void keep() { made_.clear(); }
-
- private:
-  std::vector<std::filesystem::path> made_;  // deepest first
-};
-
-// Files of an earlier safetensors export beside `plan`'s: the set's single file,
-// index and shards (`<stem>-NNNNN-of-NNNNN.safetensors`) that this run does not
-// write. Left there, a reader would mix the two sets (transformers loads
-// model.safetensors before an index).
-std::vector<std::string> stale_set_files(const Plan& plan, const std::vector<std::string>& outputs, bool folder) {
-  std::set<std::string> written;
-  for (const PlannedFile& file : plan.files) written.insert(std::filesystem::absolute(file.path).lexically_normal());
-  std::vector<std::string> stale;
-  for (const std::string& output : outputs) {
-    std::filesystem::path path =
-        folder ? std::filesystem::path(output) / "model.safetensors" : std::filesystem::path(output);
-    std::filesystem::path dir = std::filesystem::absolute(path).lexically_normal().parent_path();
-    std::string stem = path.stem().string();
-    std::error_code ec;
-    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
-      std::string name = entry.path().filename().string();
-      bool ours = name == stem + ".safetensors" || name == stem + ".safetensors.index.json" ||
-                  safetensors_shard_stem(name) == std::optional<std::string_view>(stem);
-      if (ours && written.count(entry.path().lexically_normal().string()) == 0) stale.push_back(entry.path().string());
-    }
-  }
-  std::sort(stale.begin(), stale.end());
-  return stale;
-}
-
 }  // namespace
 
 Action add_stitch_command(CLI::App& app) {
@@ -213,37 +164,8 @@ Action add_stitch_command(CLI::App& app) {
     if (!options->write.quiet) {
       for (const std::string& note : plan.notes) print_notice(printable(note));
     }
-    std::vector<std::string> stale;
-    if (stitch.format != OutputFormat::Torch && !options->write.dry_run) {
-      stale = stale_set_files(plan.plan, folder ? std::vector<std::string>{options->output} : outputs, folder);
-      if (!stale.empty() && !options->write.force) {
-        throw Error(Location{stale.front(), "", std::nullopt},
-                    fmt::format("a file of another safetensors set is here ({} in all): readers would mix the two; "
-                                "--force writes this set and removes them",
-                                stale.size()));
-      }
-    }
-    // Once this set is in place, what is left of the other goes.
-    auto remove_stale = [&] {
-      std::set<std::string> folders;
-      for (const std::string& path : stale) {
-        std::error_code ec;
-        std::filesystem::remove(path, ec);
-        folders.insert(std::filesystem::path(path).parent_path().string());
-        if (!options->write.quiet) print_notice("removed " + path + " (of the set written before)");
-      }
-      for (const std::string& folder : folders) sync_directory(folder.empty() ? "." : folder);  // the removals durable
-    };
     if (!options->write.dry_run) plan.tensors = {};  // only a dry run prints them
-    if (folder && !options->write.dry_run) {
-      CreatedDirectory created(options->output);
-      run_plan(plan.plan, plan.tensors, options->write, started);
-      created.keep();
-      remove_stale();
-      return 0;
-    }
     run_plan(plan.plan, plan.tensors, options->write, started);
-    remove_stale();
     return 0;
   };
 }

@@ -23,8 +23,7 @@ std::string describe_op(const Plan& plan, const Piece& op) {
       op.source == Piece::kZeros ? "zeros"
       : op.source == Piece::kSynthetic
           ? fmt::format("synthetic@0x{:x}", op.source_offset)
-          : fmt::format("{}@0x{:x}",
-                        printable(std::filesystem::path(plan.sources[op.source]->path()).filename().string()),
+          : fmt::format("{}@0x{:x}", printable(std::filesystem::path(plan.sources[op.source].path).filename().string()),
                         op.source_offset);
   std::string rows =
       op.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", op.rows, op.source_stride, op.stride) : "";

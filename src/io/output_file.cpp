@@ -334,6 +334,24 @@ void OutputFile::commit(bool sync_directory) {
   if (sync_directory) ckpt::sync_directory(parent_of(target_path_).string());
 }
 
+MadeDirectories::MadeDirectories(const std::vector<std::string>& paths) {
+  for (const std::string& path : paths) {
+    std::filesystem::path at = std::filesystem::absolute(path).lexically_normal();
+    if (!at.has_filename()) at = at.parent_path();
+    std::error_code ec;
+    std::vector<std::string> missing;  // deepest first
+    for (std::filesystem::path p = at; !std::filesystem::exists(p, ec); p = p.parent_path()) missing.push_back(p);
+    std::filesystem::create_directories(at, ec);
+    if (ec) throw Error(Location{path, "", std::nullopt}, "cannot create the folder: " + ec.message());
+    made_.insert(made_.end(), missing.rbegin(), missing.rend());
+  }
+}
+
+MadeDirectories::~MadeDirectories() {
+  std::error_code ec;
+  for (auto it = made_.rbegin(); it != made_.rend(); ++it) std::filesystem::remove(*it, ec);  // only while empty
+}
+
 void sync_directory(const std::string& path) {
   int dir_fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir_fd >= 0) {

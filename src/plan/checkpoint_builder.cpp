@@ -147,7 +147,7 @@ void CheckpointBuilder::set_model_parallel_size(std::int64_t parts) {
 }
 
 PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector<std::uint32_t>& sources, Plan& plan) {
-  return finish(path, sources, base_ != nullptr ? plan.add_source(base_->file()) : 0);
+  return finish(path, sources, base_ != nullptr ? plan.add_source(plan_source(*base_)) : 0);
 }
 
 PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector<std::uint32_t>& sources,

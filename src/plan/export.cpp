@@ -295,4 +295,25 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
   return config;
 }
 
+std::vector<std::string> stale_set_files(const Plan& plan, const std::vector<std::string>& outputs, bool folder) {
+  std::set<std::string> written;
+  for (const PlannedFile& file : plan.files) written.insert(std::filesystem::absolute(file.path).lexically_normal());
+  std::vector<std::string> stale;
+  for (const std::string& output : outputs) {
+    std::filesystem::path path =
+        folder ? std::filesystem::path(output) / "model.safetensors" : std::filesystem::path(output);
+    std::filesystem::path dir = std::filesystem::absolute(path).lexically_normal().parent_path();
+    std::string stem = path.stem().string();
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      std::string name = entry.path().filename().string();
+      bool ours = name == stem + ".safetensors" || name == stem + ".safetensors.index.json" ||
+                  safetensors_shard_stem(name) == std::optional<std::string_view>(stem);
+      if (ours && written.count(entry.path().lexically_normal().string()) == 0) stale.push_back(entry.path().string());
+    }
+  }
+  std::sort(stale.begin(), stale.end());
+  return stale;
+}
+
 }  // namespace ckpt

@@ -32,11 +32,29 @@ bool PlannedRecord::sequential() const {
   return true;
 }
 
-std::uint32_t Plan::add_source(const MappedFile& file) {
+PlanSource plan_source(const MappedFile& file, std::vector<CheckedRange> records) {
+  std::sort(records.begin(), records.end(),
+            [](const CheckedRange& a, const CheckedRange& b) { return a.offset < b.offset; });
+  records.erase(std::unique(records.begin(), records.end()), records.end());
+  return {file.path(), file.size(), file.mtime_ns(), file.device(), file.inode(), std::move(records), true};
+}
+
+std::uint32_t Plan::add_source(PlanSource source) {
   for (std::uint32_t i = 0; i < sources.size(); ++i) {
-    if (sources[i] == &file) return i;
+    PlanSource& known = sources[i];
+    if (known.path != source.path) continue;
+    check_invariant(known.size_bytes == source.size_bytes && known.mtime_ns == source.mtime_ns &&
+                        known.inode == source.inode && known.has_crcs == source.has_crcs,
+                    "one input planned as two different files: " + source.path);
+    std::vector<CheckedRange> merged;
+    std::merge(known.records.begin(), known.records.end(), source.records.begin(), source.records.end(),
+               std::back_inserter(merged),
+               [](const CheckedRange& a, const CheckedRange& b) { return a.offset < b.offset; });
+    merged.erase(std::unique(merged.begin(), merged.end()), merged.end());
+    known.records = std::move(merged);
+    return i;
   }
-  sources.push_back(&file);
+  sources.push_back(std::move(source));
   return static_cast<std::uint32_t>(sources.size() - 1);
 }
 
@@ -95,45 +113,69 @@ std::optional<PlannedFile> expand_inline(const PlannedFile& file) {
   return expanded;
 }
 
-void validate(const Plan& plan) {
+namespace {
+
+// The record of `source` holding bytes [begin, end), or null.
+const CheckedRange* record_holding(const PlanSource& source, std::uint64_t begin, std::uint64_t end) {
+  auto it = std::upper_bound(source.records.begin(), source.records.end(), begin,
+                             [](std::uint64_t at, const CheckedRange& r) { return at < r.offset; });
+  if (it == source.records.begin()) return nullptr;
+  --it;
+  return end <= it->end() ? &*it : nullptr;
+}
+
+// validate's checks; `fail(where, message)` throws. `exhaustive`: the tiling
+// check runs however many rows there are.
+template <typename Fail>
+void check_plan(const Plan& plan, bool exhaustive, const Fail& fail) {
+  for (const PlanSource& source : plan.sources) {
+    std::uint64_t end = 0;
+    for (const CheckedRange& record : source.records) {
+      if (record.offset < end)
+        fail(source.path, fmt::format("records overlap or are out of order at {}", record.offset));
+      std::optional<std::uint64_t> record_end = span_end(record.offset, 1, 0, record.nbytes);
+      if (!record_end || *record_end > source.size_bytes) fail(source.path, "a record past the end of the file");
+      end = *record_end;
+    }
+  }
   for (const PlannedFile& file : plan.files) {
     for (const PlannedRecord& record : file.records) {
-      auto bug = [&](const std::string& message) {
-        return InternalError(fmt::format("invalid plan: {}: {}: {}", file.path, record.name, message));
-      };
+      auto bug = [&](const std::string& message) { fail(file.path + ": " + record.name, message); };
       if (record.copies.empty()) {
         std::uint64_t inline_size =
             record.inline_zstd ? ZSTD_getFrameContentSize(record.inline_bytes.data(), record.inline_bytes.size())
                                : record.inline_bytes.size();
-        if (inline_size != record.nbytes) throw bug("inline bytes do not match the record size");
+        if (inline_size != record.nbytes) bug("inline bytes do not match the record size");
         continue;
       }
       std::uint64_t covered = 0;
       std::uint64_t rows = 0;
       for (const Piece& op : record.copies) {
-        if (op.rows == 0 || op.nbytes == 0) throw bug("empty copy");
-        if (op.rows > 1 && op.stride < op.nbytes) throw bug("rows of a copy overlap");
+        if (op.rows == 0 || op.nbytes == 0) bug("empty copy");
+        if (op.rows > 1 && op.stride < op.nbytes) bug("rows of a copy overlap");
         std::optional<std::uint64_t> dest_end = span_end(op.offset, op.rows, op.stride, op.nbytes);
-        if (!dest_end || *dest_end > record.nbytes) throw bug("copy past the end of the record");
+        if (!dest_end || *dest_end > record.nbytes) bug("copy past the end of the record");
         if (op.converts() && (op.nbytes % dtype_info(op.dest_dtype).itemsize != 0 ||
                               op.offset % dtype_info(op.dest_dtype).itemsize != 0)) {
-          throw bug("conversion of partial elements");
+          bug("conversion of partial elements");
         }
         covered = checked_add(covered, checked_mul(op.nbytes, op.rows, "copy"), "copy");
-        rows += op.rows;
+        rows = checked_add(rows, op.rows, "copy rows");
         if (!op.mapped()) continue;
-        if (op.source >= plan.sources.size()) throw bug("copy from an unknown source");
+        if (op.source >= plan.sources.size()) bug("copy from an unknown source");
         std::optional<std::uint64_t> source_end =
             span_end(op.source_offset, op.rows, op.source_stride, op.source_nbytes());
-        if (!source_end || *source_end > plan.sources[op.source]->size()) throw bug("copy past the end of its source");
+        const PlanSource& source = plan.sources[op.source];
+        if (!source_end || *source_end > source.size_bytes) bug("copy past the end of its source");
+        if (record_holding(source, op.source_offset, *source_end) == nullptr) {
+          bug(fmt::format("copy of bytes {}..{} of {}, outside every record of its zip directory", op.source_offset,
+                          *source_end, source.path));
+        }
       }
-      if (covered != record.nbytes) {
-        throw bug(fmt::format("copies cover {} bytes of a {}-byte record", covered, record.nbytes));
-      }
+      if (covered != record.nbytes)
+        bug(fmt::format("copies cover {} bytes of a {}-byte record", covered, record.nbytes));
       if (record.sequential()) continue;
-#ifdef NDEBUG
-      if (rows > kTilingCheckRows) continue;
-#endif
+      if (!exhaustive && rows > kTilingCheckRows) continue;
       std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
       ranges.reserve(rows);
       for (const Piece& op : record.copies) {
@@ -142,11 +184,30 @@ void validate(const Plan& plan) {
       std::sort(ranges.begin(), ranges.end());
       std::uint64_t expected = 0;
       for (const auto& [start, length] : ranges) {
-        if (start != expected) throw bug(fmt::format("gap or overlap at offset {}", start));
+        if (start != expected) bug(fmt::format("gap or overlap at offset {}", start));
         expected += length;
       }
     }
   }
+}
+
+}  // namespace
+
+void validate(const Plan& plan) {
+#ifdef NDEBUG
+  constexpr bool kExhaustive = false;
+#else
+  constexpr bool kExhaustive = true;
+#endif
+  check_plan(plan, kExhaustive, [](const std::string& where, const std::string& message) {
+    throw InternalError(fmt::format("invalid plan: {}: {}", where, message));
+  });
+}
+
+void validate_untrusted(const Plan& plan, const std::string& origin) {
+  check_plan(plan, /*exhaustive=*/true, [&](const std::string& where, const std::string& message) {
+    throw Error(Location{origin, where, std::nullopt}, "not a valid plan: " + message);
+  });
 }
 
 ZipLayout layout_file(const PlannedFile& file) {

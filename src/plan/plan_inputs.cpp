@@ -30,6 +30,32 @@ PlanInputs::PlanInputs(Manifest manifest, DecodedFiles& decoded) : manifest_(std
   }
 }
 
+namespace {
+
+// The storage records of `file`, from its manifest entry: each tensor's storage
+// begins `storage_offset` elements before the tensor.
+std::vector<CheckedRange> storage_records(const ManifestFile& file) {
+  std::vector<CheckedRange> records;
+  records.reserve(file.tensors.size());
+  for (std::size_t i = 0; i < file.tensors.size(); ++i) {
+    const ManifestTensor& tensor = file.tensors[i];
+    std::uint64_t before = static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize;
+    records.push_back({file.places[i].file_byte_offset - before, tensor.storage_nbytes, file.places[i].record_crc32});
+  }
+  return records;
+}
+
+}  // namespace
+
+PlanSource PlanInputs::source(int index) const {
+  check_invariant(index >= 0 && static_cast<std::size_t>(index) < files_.size(),
+                  fmt::format("source {} of {} input files", index, files_.size()));
+  const ManifestFile& file = manifest_.files[static_cast<std::size_t>(index)];
+  PlanSource source = plan_source(*files_[static_cast<std::size_t>(index)], storage_records(file));
+  source.has_crcs = file.format != FileFormat::Safetensors;
+  return source;
+}
+
 std::shared_ptr<const Checkpoint> PlanInputs::open(int index) const {
   check_invariant(index >= 0 && static_cast<std::size_t>(index) < files_.size(),
                   fmt::format("checkpoint {} of {} input files", index, files_.size()));

@@ -551,11 +551,13 @@ ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, c
   }
 
   std::vector<std::uint32_t> sources;
-  for (const MappedFile* file : inputs.files()) sources.push_back(out.plan.add_source(*file));
+  for (std::size_t i = 0; i < inputs.files().size(); ++i)
+    sources.push_back(out.plan.add_source(inputs.source(static_cast<int>(i))));
   if (layout_from == nullptr) {
     bases.sources = sources;
   } else {
-    for (const MappedFile* file : layout_from->files()) bases.sources.push_back(out.plan.add_source(*file));
+    for (std::size_t i = 0; i < layout_from->files().size(); ++i)
+      bases.sources.push_back(out.plan.add_source(layout_from->source(static_cast<int>(i))));
   }
   plan_outputs(bases, recut, pattern, sources, out);
   std::set<std::string> unique(out.outputs.begin(), out.outputs.end());

@@ -247,7 +247,8 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
   }
 
   std::vector<std::uint32_t> sources;
-  for (const MappedFile* file : inputs.files()) sources.push_back(out.plan.add_source(*file));
+  for (std::size_t i = 0; i < inputs.files().size(); ++i)
+    sources.push_back(out.plan.add_source(inputs.source(static_cast<int>(i))));
   std::vector<std::vector<OutputTensor>> state_dicts = std::move(out.tensors);
   out.tensors.clear();
   for (std::size_t k = 0; k < state_dicts.size(); ++k) {
@@ -270,8 +271,14 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
         for (auto& file : plan_safetensors(tensors, {output_paths[k], options.max_shard_bytes}, sources, out.plan))
           out.tensors.push_back(std::move(file));
         break;
-      case OutputFormat::HfOpt: plan_hf_folder(*bases[k], tensors, output_paths[k], options, sources, out); break;
+      case OutputFormat::HfOpt:
+        out.plan.directories.push_back(output_paths[k]);
+        plan_hf_folder(*bases[k], tensors, output_paths[k], options, sources, out);
+        break;
     }
+  }
+  if (options.format != OutputFormat::Torch) {
+    out.plan.stale_files = stale_set_files(out.plan, output_paths, options.format == OutputFormat::HfOpt);
   }
   return out;
 }

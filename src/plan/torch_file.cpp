@@ -57,8 +57,16 @@ PlannedFile plan_torch_file(std::string path, const std::string& archive_name, c
   return file;
 }
 
+PlanSource plan_source(const Checkpoint& checkpoint) {
+  std::vector<CheckedRange> records;
+  for (const auto& [key, storage] : checkpoint.storages()) {
+    records.push_back({storage.record->data_offset, storage.record->nbytes, storage.record->crc32});
+  }
+  return plan_source(checkpoint.file(), std::move(records));
+}
+
 std::vector<PlannedStorage> copy_all_storages(const Checkpoint& checkpoint, Plan& plan) {
-  std::uint32_t source = plan.add_source(checkpoint.file());
+  std::uint32_t source = plan.add_source(plan_source(checkpoint));
   std::vector<PlannedStorage> out;
   for (const auto& [key, storage] : checkpoint.storages()) {
     PlannedStorage planned;

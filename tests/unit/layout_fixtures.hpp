@@ -36,6 +36,7 @@
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "plan_sources.hpp"
 #include "temp_files.hpp"
 
 namespace layout_fixtures {
@@ -672,7 +673,7 @@ struct ValidationPlan {
     for (std::size_t size : sizes) {
       temp.push_back(std::make_unique<TempFile>(size));
       mapped.push_back(std::make_unique<ckpt::MappedFile>(temp.back()->path()));
-      plan.add_source(*mapped.back());
+      plan.add_source(test_files::whole_file_source(*mapped.back()));
     }
     record.name = "archive/data/0";
     plan.files.push_back(ckpt::PlannedFile{"/tmp/never-written-layout.pt", {std::move(record)}});

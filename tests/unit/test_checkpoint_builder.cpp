@@ -23,6 +23,7 @@
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/torch_file.hpp"
+#include "plan_sources.hpp"
 #include "temp_files.hpp"
 
 namespace {
@@ -120,7 +121,7 @@ TEST_SUITE("CheckpointBuilder") {
       CHECK_THROWS_AS(builder.add_state_dict({tied}), ckpt::Error);  // tied to a key it lacks
 
       ckpt::Plan plan;
-      std::vector<std::uint32_t> sources{plan.add_source(source)};
+      std::vector<std::uint32_t> sources{plan.add_source(test_files::whole_file_source(source))};
       ckpt::PlannedFile file = builder.finish(first_path, sources, plan);
       // The exact records: pickle, byteorder, storages 0 (a), 1 (b), 2 (version), version.
       const std::string archive = ckpt::archive_name_for(first_path);
@@ -164,7 +165,7 @@ TEST_SUITE("CheckpointBuilder") {
     // ---- edited: a replaced (and so its tie), b and version carried from the base
     std::string second_path = dir.file("second.pt");
     ckpt::Plan plan;
-    std::vector<std::uint32_t> sources{plan.add_source(source)};
+    std::vector<std::uint32_t> sources{plan.add_source(test_files::whole_file_source(source))};
     ckpt::PlannedFile file;
     {
       ckpt::CheckpointBuilder builder(first);
@@ -178,7 +179,7 @@ TEST_SUITE("CheckpointBuilder") {
     // new storages first (key 0: the replaced a), then the base's carried over, renumbered
     REQUIRE(file.records.size() == 6);
     REQUIRE(plan.sources.size() == 2);
-    CHECK(plan.sources[1] == &first_file);
+    CHECK(plan.sources[1].path == first_file.path());
     const ckpt::PlannedRecord& replaced = file.records[2];
     REQUIRE(replaced.copies.size() == 1);
     CHECK(replaced.copies[0].source == 0);

@@ -25,6 +25,7 @@
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "plan_sources.hpp"
 #include "temp_files.hpp"
 
 namespace {
@@ -126,7 +127,7 @@ std::vector<Expected> varied_records(const Buffer& source) {
 
 ckpt::Plan plan_of(const ckpt::MappedFile& source, const std::vector<Expected>& records, const fs::path& out) {
   ckpt::Plan plan;
-  plan.add_source(source);
+  plan.add_source(test_files::whole_file_source(source));
   ckpt::PlannedFile file{out.string(), {}};
   for (const Expected& e : records) file.records.push_back(e.record);
   plan.files.push_back(file);
@@ -353,7 +354,7 @@ TEST_SUITE("exec") {
   // straight from the mapping); data/2 is not copied.
   ckpt::Plan checked_plan(const ckpt::MappedFile& source, const ZipSource& zip, const fs::path& out) {
     ckpt::Plan plan;
-    plan.add_source(source);
+    plan.add_source(test_files::zip_source(source));
     ckpt::PlannedFile file{out.string(), {}};
     PlannedRecord r0{"o/data/0", 0, {}, {}};
     r0.append_copy(0, zip.offset[0] + 10, kMiB);
@@ -447,18 +448,39 @@ TEST_SUITE("exec") {
     }
   }
 
-  TEST_CASE("a copy that reaches outside every record of its input is refused before writing") {
+  TEST_CASE("a copy that reaches outside every record of its input is a bug, refused before writing") {
     TempDir dir;
     ZipSource zip(dir);
     ckpt::MappedFile source(zip.path.string());
     ckpt::Plan plan;
-    plan.add_source(source);
+    plan.add_source(test_files::zip_source(source));
     ckpt::PlannedFile file{(dir / "out.pt").string(), {}};
     PlannedRecord record{"o/data/0", 0, {}, {}};
     record.append_copy(0, zip.offset[0] + zip.data0.size() - 10, 100);  // into data/1's local header
     file.records.push_back(record);
     plan.files.push_back(file);
-    CHECK_THROWS_WITH_AS(ckpt::execute(plan, {}), doctest::Contains("do not lie inside one record"), ckpt::Error);
+    CHECK_THROWS_WITH_AS(ckpt::execute(plan, {}), doctest::Contains("outside every record"), ckpt::InternalError);
+    CHECK(no_file_but(dir, {"source.pt"}));
+  }
+
+  TEST_CASE("an input changed after planning is refused, nothing written") {
+    TempDir dir;
+    ZipSource zip(dir);
+    ckpt::Plan plan;
+    {
+      ckpt::MappedFile source(zip.path.string());
+      plan = checked_plan(source, zip, dir / "out.pt");
+    }
+    SUBCASE("rewritten in place (mtime)") {
+      ::usleep(10000);  // another mtime, whatever the file system's granularity
+      zip.flip(zip.offset[2] + 1);
+    }
+    SUBCASE("replaced by a copy of the same size and mtime (inode)") {
+      fs::copy_file(zip.path, dir / "copy.pt");
+      fs::last_write_time(dir / "copy.pt", fs::last_write_time(zip.path));
+      fs::rename(dir / "copy.pt", zip.path);
+    }
+    CHECK_THROWS_WITH_AS(ckpt::execute(plan, {}), doctest::Contains("changed after it was planned"), ckpt::Error);
     CHECK(no_file_but(dir, {"source.pt"}));
   }
 
@@ -494,7 +516,7 @@ TEST_SUITE("exec") {
       zip.flip(zip.offset[2] + 500);
       ckpt::MappedFile corrupted(zip.path.string());
       ckpt::Plan plan = three_outputs(zip.offset[2]);
-      plan.sources = {&corrupted};
+      plan.sources = {test_files::zip_source(corrupted)};
       CHECK_THROWS_WITH_AS(ckpt::execute(plan, {}), doctest::Contains("s/data/2"), ckpt::Error);
       CHECK(no_file_but(dir, {"source.pt"}));
     }

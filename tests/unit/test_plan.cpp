@@ -15,6 +15,7 @@
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "plan_sources.hpp"
 #include "temp_files.hpp"
 
 namespace {
@@ -34,7 +35,7 @@ bool same(const Piece& op, std::uint32_t source, std::uint64_t source_offset, st
 // A plan of one file with one record, whose copies the test sets directly.
 Plan plan_with(const ckpt::MappedFile& source, PlannedRecord record) {
   Plan plan;
-  plan.add_source(source);
+  plan.add_source(test_files::whole_file_source(source));
   plan.files.push_back(PlannedFile{"/tmp/never-written.pt", {std::move(record)}});
   return plan;
 }
@@ -118,9 +119,9 @@ TEST_SUITE("plan") {
     ckpt::MappedFile fa(a.path());
     ckpt::MappedFile fb(b.path());
     Plan plan;
-    CHECK(plan.add_source(fa) == 0);
-    CHECK(plan.add_source(fb) == 1);
-    CHECK(plan.add_source(fa) == 0);
+    CHECK(plan.add_source(test_files::whole_file_source(fa)) == 0);
+    CHECK(plan.add_source(test_files::whole_file_source(fb)) == 1);
+    CHECK(plan.add_source(test_files::whole_file_source(fa)) == 0);
     CHECK(plan.sources.size() == 2);
     PlannedRecord r1;
     r1.append_copy(0, 0, 16);

@@ -506,9 +506,7 @@ TEST_SUITE("plan_stitch") {
       const ManifestFile& shard = in.manifest.files.at(static_cast<std::size_t>(in.cell(0, d)));
       return shard.place(tensor_at(shard, "model/flat_param_0")).file_byte_offset;
     };
-    auto source_of = [&](int d) {
-      return plan.plan.add_source(*in.plan_inputs.files().at(static_cast<std::size_t>(in.cell(0, d))));
-    };
+    auto source_of = [&](int d) { return plan.plan.add_source(in.plan_inputs.source(in.cell(0, d))); };
     const ckpt::PlannedRecord& tokens = record("decoder.embed_tokens.weight");
     CHECK(tokens.nbytes == 16 * 8 * 2);
     REQUIRE(tokens.copies.size() == 2);

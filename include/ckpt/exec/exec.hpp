@@ -6,19 +6,22 @@
 // gathered rows, dtype conversion, zeros and inline bytes otherwise), computes
 // the CRC-32 of each record's part of it, and writes the unit whole, with direct
 // I/O where the file system allows: the data goes to the disk while it is copied
-// instead of piling up as dirty pages for fsync (4 GiB here: 2.9 s direct against
-// 4.6-6.1 s buffered plus fsync, with dd). The CRCs are then combined per record,
-// the local headers and the central directory written, the file fsynced and
-// renamed. It makes no decisions: the same plan gives the same bytes for any
-// thread count and either I/O mode.
+// instead of piling up as dirty pages for fsync. The CRCs are then combined per
+// record, the local headers and the central directory written, the file fsynced
+// (stage), and every file renamed into place (commit). It makes no decisions:
+// the same plan gives the same bytes for any thread count, either I/O mode, and
+// any split of its outputs between stages.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "ckpt/exec/gather.hpp"
+#include "ckpt/io/output_file.hpp"
 #include "ckpt/plan/plan.hpp"
 
 namespace ckpt {
@@ -37,11 +40,9 @@ struct ExecOptions {
   std::vector<std::string> also_read;
   ProgressFn progress;  // none: no progress reports
   // Write around the page cache (O_DIRECT) where the file system allows, at every
-  // size: a stitch of 2 x 4 shards on this 2-core VM (ext4, 7 interleaved runs,
-  // medians) took 0.18 s direct against 0.75 s buffered at 0.25 GiB, 0.86 s
-  // against 3.4 s at 1 GiB, 1.6 s against 6.8 s at 2 GiB (cp + sync: 0.19, 1.04,
-  // 2.38 s): buffered pages still have to reach the disk at fsync, after the copy
-  // instead of during it, even where the page cache takes them at memory speed.
+  // size: buffered pages still have to reach the disk at fsync, after the copy
+  // instead of during it, even where the page cache takes them at memory speed
+  // (measured in bench/RESULTS.md).
   bool direct_io = true;
   bool check_crc = true;  // every input byte copied checked against its record's CRC-32 (source_check.hpp)
   // Told what was cleaned up on the way (temporary files of a killed run).
@@ -63,13 +64,44 @@ struct ExecStats {
   std::uint64_t crc_reread_bytes = 0;  // input bytes read again for that (not read by any copy)
 };
 
-// All or nothing: every output is checked before the first is created
-// (check_output_targets), all are written to temporary files and fsynced, the
-// inputs' CRCs are checked, and only then are they renamed into place, one after
-// the other with SIGINT/SIGTERM/SIGHUP deferred. On any error every temporary
-// file is removed and nothing is renamed. Should a rename itself fail, the
-// outputs already renamed are removed again when they replaced nothing, and
-// the error lists those it could not take back (replaced with --force).
+// The protocol, in one process (execute) or split between processes:
+//   prepare (once) -> stage (each process, a subset of the outputs) -> commit (once).
+
+// Before anything is written: the outputs' folders made (Plan::directories),
+// then everything that can be known about the outputs, for all of them
+// together (check_output_targets): none is an input or a file read
+// (`also_read`), each directory is writable, the space is there; and the files
+// of another set (Plan::stale_files) are refused unless `overwrite`. The
+// folders are removed again (while empty) unless the caller keeps them once
+// committed.
+MadeDirectories prepare(const Plan& plan, const ExecOptions& options);
+
+// Outputs written under their temporary names, fsynced, and the input bytes
+// they read checked against their CRCs: what commit() renames into place.
+// Destroyed uncommitted, it removes them.
+struct Staged {
+  std::vector<std::unique_ptr<OutputFile>> outputs;
+  ExecStats stats;
+};
+
+// Writes the outputs `files` (indices in plan.files) to temporary files beside
+// their targets, makes them durable and checks the inputs they read; nothing
+// is under an output's name yet. The plan must be valid (validate) and its
+// outputs checked (check_outputs). Throws Error, leaving nothing behind, when
+// an input changed since the plan was made (size, mtime, inode), fails its
+// CRC, or a write fails.
+Staged stage(const Plan& plan, const std::vector<std::size_t>& files, const ExecOptions& options);
+
+// Renames every staged output into place, one after the other with
+// SIGINT/SIGTERM/SIGHUP deferred, then removes the plan's stale files (each
+// told to `options.notice`). Should a rename fail, the outputs already renamed
+// are removed again when they replaced nothing, and the error lists those it
+// could not take back (replaced with --force).
+void commit(const Plan& plan, Staged& staged, const ExecOptions& options);
+
+// All or nothing, in one process: validate, prepare, stage every output,
+// commit. On any error every temporary file and made folder is removed and
+// nothing is renamed.
 ExecStats execute(const Plan& plan, const ExecOptions& options);
 
 }  // namespace ckpt

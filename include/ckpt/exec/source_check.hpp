@@ -7,10 +7,11 @@
 // plain copy that is the output piece's own CRC), the CRCs of a record's ranges
 // are joined with crc32_concat, and only what no copy read (padding, columns
 // skipped, rows read straight from the mapping) is read again at the end. A
-// tensor record that no copy touches is not checked; the pickle and the other
-// small records of every input always are (the plan and the objects the outputs
-// carry are decoded from them). Ranges read twice (a buffer copied to every
-// shard) count once.
+// tensor record that no copy touches is not checked. The pickle, from which the
+// plan and the objects the outputs carry are decoded, is checked when it is
+// read (checkpoint.hpp). Ranges read twice (a buffer copied to every shard)
+// count once. The records and their CRCs come with the plan (PlanSource): no zip
+// directory is parsed here.
 #pragma once
 
 #include <cstdint>
@@ -25,35 +26,24 @@ namespace ckpt {
 
 class SourceCrcCheck {
  public:
-  // Reads the zip directory of every input of the plan and marks the records
-  // to check: those its copy operations reach, and every input's pickle. Throws Error naming the input when a copy
-  // reaches bytes outside every record (a forged manifest, or a bug).
-  SourceCrcCheck(const Plan& plan, unsigned threads);
+  // Marks the records of the plan's sources (PlanSource::records) that the
+  // copies of `outputs` (indices in plan.files) reach; `files[s]` maps
+  // plan.sources[s]. The plan and the files must outlive the check.
+  SourceCrcCheck(const Plan& plan, const std::vector<std::size_t>& outputs, std::vector<const MappedFile*> files);
 
   // `bytes` were read from input `source` at `byte_offset`; `crc` is their
   // CRC-32 when the caller has it already (computed here otherwise). Thread-safe.
   void note(std::uint32_t source, std::uint64_t byte_offset, Bytes bytes, std::optional<std::uint32_t> crc = {});
 
   // Reads the bytes of every touched record that no note covered, joins the
-  // CRCs and compares them with the zip directory's. Throws Error naming the
-  // file, the record and its byte offset at the first mismatch.
+  // CRCs and compares them with the records'. Throws Error naming the file, the
+  // record and its byte offset at the first mismatch.
   void finish(unsigned threads);
 
   // Bytes read again by finish() (for --stats and the tests).
   std::uint64_t reread_bytes() const { return reread_bytes_; }
 
  private:
-  // A zip record without its name: hundreds of inputs of hundreds of records
-  // each are held at once (the name is found again for an error message).
-  struct Record {
-    std::uint64_t data_offset = 0;
-    std::uint64_t nbytes = 0;
-    std::uint32_t crc32 = 0;
-  };
-  struct Input {
-    std::vector<Record> records;  // sorted by data_offset
-    std::vector<bool> touched;
-  };
   struct Covered {
     std::uint32_t source = 0;
     std::uint32_t record = 0;
@@ -65,7 +55,8 @@ class SourceCrcCheck {
   std::int64_t record_at(std::uint32_t source, std::uint64_t offset) const;
 
   const Plan& plan_;
-  std::vector<Input> inputs_;  // parallel to plan.sources
+  std::vector<const MappedFile*> files_;    // parallel to plan.sources
+  std::vector<std::vector<bool>> touched_;  // [source][record]
   std::mutex mutex_;
   std::vector<Covered> covered_;
   std::uint64_t reread_bytes_ = 0;

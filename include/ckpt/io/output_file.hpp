@@ -81,6 +81,25 @@ class OutputFile {
   mutable std::atomic<bool> direct_{false};
 };
 
+// Folders made for a run's outputs (and their missing parents), removed again
+// by the destructor, deepest first and only while empty, unless kept: a failed
+// run leaves no folder it made behind.
+class MadeDirectories {
+ public:
+  MadeDirectories() = default;
+  // Makes each folder; throws Error naming the first that cannot be made.
+  explicit MadeDirectories(const std::vector<std::string>& paths);
+  ~MadeDirectories();
+  MadeDirectories(MadeDirectories&& other) noexcept : made_(std::move(other.made_)) { other.made_.clear(); }
+  MadeDirectories& operator=(MadeDirectories&&) = delete;
+  MadeDirectories(const MadeDirectories&) = delete;
+  MadeDirectories& operator=(const MadeDirectories&) = delete;
+  void keep() { made_.clear(); }
+
+ private:
+  std::vector<std::string> made_;  // in the order made: parents first
+};
+
 // fsyncs a directory, making the renames in it durable; a failure loses no data
 // already synced, so it is not reported.
 void sync_directory(const std::string& path);

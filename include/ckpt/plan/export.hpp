@@ -25,6 +25,13 @@ struct SafetensorsTarget {
   std::uint64_t max_shard_bytes = 0;  // 0: one file whatever its size
 };
 
+// Files of an earlier safetensors export beside `plan`'s (Plan::stale_files):
+// the set's single file, index and shards (`<stem>-NNNNN-of-NNNNN.safetensors`)
+// that `plan` does not write, beside each of `outputs` (files, or with
+// `folder` folders holding model.safetensors). Left there, a reader would mix
+// the two sets (transformers loads model.safetensors before an index).
+std::vector<std::string> stale_set_files(const Plan& plan, const std::vector<std::string>& outputs, bool folder);
+
 // Plans the safetensors file(s) of the state dict `tensors` into `plan`
 // (`sources[i]` is the plan source of manifest file i). A tie is written once,
 // under the name it ties to (the one met first); files are filled in state-dict

@@ -3,10 +3,11 @@
 //
 // Commands never copy bytes themselves: they build a Plan and hand it to the one
 // executor (exec.hpp). A record's data is either small inline bytes (the pickle,
-// `version`) or copy operations from the mapped inputs that tile the record
-// exactly: Pieces (piece.hpp) whose sources are Plan::sources indices and whose
-// destination is the record's data. Plans are plain data: unit tests assert on them without
-// any I/O, and `--dry-run` prints them.
+// `version`) or copy operations from the inputs that tile the record exactly:
+// Pieces (piece.hpp) whose sources are Plan::sources indices and whose
+// destination is the record's data. Plans are plain data, inputs included
+// (PlanSource): unit tests assert on them without any I/O, `--dry-run` prints
+// them, and plan_file.hpp writes them down for another process to run.
 #pragma once
 
 #include <cstdint>
@@ -70,17 +71,60 @@ void compress_inline(PlannedRecord& record);
 // the record's size.
 std::optional<PlannedFile> expand_inline(const PlannedFile& file);
 
-struct Plan {
-  std::vector<const MappedFile*> sources;
-  std::vector<PlannedFile> files;
+// A byte range of an input whose CRC-32 is known: a zip record's data.
+struct CheckedRange {
+  std::uint64_t offset = 0;
+  std::uint64_t nbytes = 0;
+  std::uint32_t crc32 = 0;
+  std::uint64_t end() const { return offset + nbytes; }
+  bool operator==(const CheckedRange&) const = default;
+};
 
-  std::uint32_t add_source(const MappedFile& file);
+// An input of a plan, by value: the plan names its inputs and does not hold
+// them open, so it can be written down and run by another process. The
+// executor maps each one and refuses it when it is no longer the file planned
+// from (size, mtime, inode: the device number differs between the nodes that
+// mount one shared file system).
+struct PlanSource {
+  std::string path;
+  std::uint64_t size_bytes = 0;
+  std::int64_t mtime_ns = 0;
+  std::uint64_t device = 0;
+  std::uint64_t inode = 0;
+  // Where copies may read: the storage records, sorted and disjoint. A copy
+  // reaching bytes outside them is refused (a manifest that does not describe
+  // the file), and the bytes copied from each are checked against its CRC-32.
+  std::vector<CheckedRange> records;
+  bool has_crcs = true;  // false for a format without CRCs (safetensors): records only bound the copies
+  bool operator==(const PlanSource&) const = default;
+};
+
+// `file`'s identity with `records` (sorted here; any order).
+PlanSource plan_source(const MappedFile& file, std::vector<CheckedRange> records);
+
+struct Plan {
+  std::vector<PlanSource> sources;
+  std::vector<PlannedFile> files;
+  // Steps of the commit protocol around the files (exec.hpp): folders made
+  // before the first output is written (removed again, while empty, when
+  // nothing is committed), and files of another set (a safetensors export
+  // written before into the same place) removed once every output is in place.
+  std::vector<std::string> directories;
+  std::vector<std::string> stale_files;
+
+  // The index of `source`, added unless a source of that path is there
+  // already, whose records then gain `source`'s.
+  std::uint32_t add_source(PlanSource source);
   std::uint64_t bytes_to_copy() const;
 };
 
 // Checks the invariants the executor relies on: copies tile each record exactly
-// (no gap, no overlap) and read inside their source. Throws InternalError: a plan is built by the code, never read from
-// input.
+// (no gap, no overlap) and read inside one record of their source; sources'
+// records are sorted, disjoint and inside the file. Throws InternalError: a
+// plan built by the code is checked here.
 void validate(const Plan& plan);
+// The same for a plan read from a file (plan_file.hpp), untrusted: every check
+// runs whatever its cost, and a failure is an Error naming `origin`.
+void validate_untrusted(const Plan& plan, const std::string& origin);
 
 }  // namespace ckpt

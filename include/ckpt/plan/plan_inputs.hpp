@@ -17,6 +17,7 @@
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/manifest/manifest.hpp"
+#include "ckpt/plan/plan.hpp"
 
 namespace ckpt {
 
@@ -32,6 +33,9 @@ class PlanInputs {
   const Manifest& manifest() const { return manifest_; }
   // files()[i] maps manifest().files[i].
   const std::vector<const MappedFile*>& files() const { return files_; }
+  // manifest().files[index] as a plan's input: its identity and its storage
+  // records, with their CRCs, from the manifest.
+  PlanSource source(int index) const;
   // The decoded checkpoint of manifest().files[index] (throws Error for a
   // malformed file). Files with the same pickle bytes (the shards of a model
   // part, but for padding) share one decoded graph: each pickle is decoded

@@ -24,6 +24,9 @@ struct PlannedStorage {
 PlannedFile plan_torch_file(std::string path, const std::string& archive_name, const pickle::Graph& graph,
                             std::vector<PlannedStorage> storages);
 
+// `checkpoint`'s file as a plan's input: its storage records, from its zip directory.
+PlanSource plan_source(const Checkpoint& checkpoint);
+
 // Every storage of `checkpoint`, copied whole from its record.
 std::vector<PlannedStorage> copy_all_storages(const Checkpoint& checkpoint, Plan& plan);
 
