@@ -19,5 +19,6 @@ Action add_reshard_command(CLI::App& app);
 Action add_diff_command(CLI::App& app);
 Action add_verify_command(CLI::App& app);
 Action add_synth_command(CLI::App& app);
+Action add_apply_command(CLI::App& app);
 
 }  // namespace ckpt::cli

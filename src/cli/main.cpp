@@ -46,6 +46,8 @@ int main(int argc, char** argv) {
   add("verify", "check CRCs, tensor ranges and FSDP/MP metadata; report every problem", ckpt::cli::add_verify_command);
   add("synth", "write a synthetic metaseq training checkpoint of a given size and grid (benchmarks, rehearsals)",
       ckpt::cli::add_synth_command);
+  add("apply", "write the outputs of a plan saved with --save-plan (inputs changed since are refused)",
+      ckpt::cli::add_apply_command);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

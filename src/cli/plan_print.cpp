@@ -11,6 +11,7 @@
 #include "ckpt/exec/tensor_math.hpp"
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/output_file.hpp"
+#include "ckpt/plan/plan_file.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"
 
@@ -45,9 +46,21 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
     total_size += layout.file_size;
     fmt::print(out, "output {} ({} records, {})\n", printable(file.path), file.records.size(),
                human_bytes(layout.file_size));
+    if (k >= tensors.size()) {  // a plan read back (apply): its records, without the tensors they hold
+      for (const PlannedRecord& record : file.records) {
+        fmt::print(out, "  {} {} B {}\n", printable(record.name), record.nbytes,
+                   record.copies.empty() ? std::string("inline") : fmt::format("in {} copies", record.copies.size()));
+        for (std::size_t i = 0; i < record.copies.size() && i < 3; ++i) {
+          fmt::print(out, "    {}\n", describe_op(plan, record.copies[i]));
+        }
+        if (record.copies.size() > 3) fmt::print(out, "    ... {} more\n", record.copies.size() - 3);
+        total_copy += record.copies.empty() ? 0 : record.nbytes;
+      }
+      continue;
+    }
     std::string prefix = file.records.front().name.substr(0, file.records.front().name.find('/'));
     std::size_t storage = 0;
-    for (const OutputTensor& tensor : k < tensors.size() ? tensors[k] : std::vector<OutputTensor>{}) {
+    for (const OutputTensor& tensor : tensors[k]) {
       if (tensor.alias_of) {
         fmt::print(out, "  {} = {} (tied, no bytes)\n", printable(tensor.name), printable(*tensor.alias_of));
         continue;
@@ -89,6 +102,14 @@ void add_write_flags(CLI::App& app, WriteFlags& flags) {
   app.add_flag("--replicated-from-part-0", flags.replicated_from_part_0,
                "a tensor the Megatron rules call replicated that differs between model parts: take part 0's copy "
                "with a warning (default: fail)");
+  add_model_parts_flag(app, flags.model_parts);
+  app.add_option("--save-plan", flags.save_plan,
+                 "write the plan to this file instead of the outputs (`ckpt-tool apply FILE` writes them later, "
+                 "refusing inputs changed meanwhile)");
+  add_exec_flags(app, flags);
+}
+
+void add_exec_flags(CLI::App& app, WriteFlags& flags) {
   app.add_flag("--dry-run", flags.dry_run, "print the plan; write nothing");
   app.add_option("--threads", flags.threads, "copy threads (default: all cores)")->check(thread_count());
   app.add_flag("-q,--quiet", flags.quiet, "no progress or summary on stderr");
@@ -100,7 +121,6 @@ void add_write_flags(CLI::App& app, WriteFlags& flags) {
   app.add_flag("--direct-io")
       ->description("direct I/O where the file system allows it (the default)")
       ->excludes(app.get_option("--buffered-io"));
-  add_model_parts_flag(app, flags.model_parts);
   app.add_flag("--no-crc-check", flags.no_crc_check,
                "do not check the input bytes copied against their zip records' CRC-32 (checked by default)");
 }
@@ -128,16 +148,25 @@ ProgressFn progress_line(bool quiet) {
   };
 }
 
-void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
+void run_plan(Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
               std::chrono::steady_clock::time_point started) {
+  for (const std::string& path : manifests_read()) plan.read_only.push_back(path);
   if (flags.dry_run) {
     print_plan(plan, tensors, stdout);
+    return;
+  }
+  if (!flags.save_plan.empty()) {
+    validate(plan);
+    write_plan(plan, flags.save_plan, flags.force);
+    if (!flags.quiet) {
+      fmt::print(stderr, "wrote the plan of {} file(s), {}, to {}: `ckpt-tool apply {}` writes them\n",
+                 plan.files.size(), human_bytes(plan.bytes_to_copy()), flags.save_plan, flags.save_plan);
+    }
     return;
   }
   ExecOptions exec;
   exec.threads = flags.threads;
   exec.overwrite = flags.force;
-  exec.also_read = manifests_read();
   exec.progress = progress_line(flags.quiet);
   exec.convert = convert_elements;
   exec.direct_io = !flags.buffered_io;

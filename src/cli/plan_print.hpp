@@ -35,8 +35,12 @@ struct WriteFlags {
   bool buffered_io = false;
   bool no_crc_check = false;
   std::optional<std::int64_t> model_parts;  // --model-parts
+  std::string save_plan;                    // --save-plan FILE: the plan written there, not the outputs
 };
 void add_write_flags(CLI::App& app, WriteFlags& flags);
+// The flags of running a plan only (apply): --dry-run, --threads, --quiet,
+// --force, --stats, --buffered-io, --no-crc-check.
+void add_exec_flags(CLI::App& app, WriteFlags& flags);
 
 // Prints what the executor cleaned up on the way, as `ckpt-tool: note: ...`.
 void print_notice(const std::string& text);
@@ -45,9 +49,10 @@ void print_notice(const std::string& text);
 // `quiet` or stderr is not a terminal.
 ProgressFn progress_line(bool quiet);
 
-// Executes `plan` (or prints it with --dry-run), then --stats and the summary line.
-// `started` is when the command began reading its inputs.
-void run_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
+// Executes `plan` (or prints it with --dry-run, or writes it to --save-plan),
+// then --stats and the summary line. `started` is when the command began
+// reading its inputs. The manifests read are added to the plan's read_only.
+void run_plan(Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
               std::chrono::steady_clock::time_point started);
 
 // On a terminal (and without --quiet), one line saying what the command is

@@ -348,7 +348,7 @@ MadeDirectories prepare(const Plan& plan, const ExecOptions& options) {
   for (const PlanSource& source : plan.sources) {
     inputs.push_back(identity_of(source.path).value_or(FileIdentity{source.device, source.inode}));
   }
-  for (const std::string& path : options.also_read) {
+  for (const std::string& path : plan.read_only) {
     if (std::optional<FileIdentity> identity = identity_of(path)) inputs.push_back(*identity);
   }
   check_output_targets(targets, inputs, options.overwrite, options.notice);

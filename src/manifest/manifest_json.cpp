@@ -8,7 +8,6 @@
 // allocation sized by a number in the file, or a confusing failure later.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <zstd.h>
 
 #include <algorithm>
 #include <climits>
@@ -21,6 +20,7 @@
 
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/io/version.hpp"
+#include "ckpt/io/zstd.hpp"
 #include "ckpt/manifest/manifest.hpp"
 
 namespace ckpt {
@@ -686,33 +686,6 @@ bool nested_deeper_than(std::string_view text, std::size_t limit) {
   return false;
 }
 
-struct FreeDecompressor {
-  void operator()(ZSTD_DCtx* context) const { ZSTD_freeDCtx(context); }
-};
-
-// The text of a zstd file (one frame or several), refused past `max_text_bytes`
-// as it grows: the size a frame declares is not trusted.
-std::string decompress(Bytes bytes, const Location& where, std::uint64_t max_text_bytes) {
-  std::unique_ptr<ZSTD_DCtx, FreeDecompressor> context(ZSTD_createDCtx());
-  if (!context) throw Error(where, "zstd: cannot create a decompression context");
-  std::string text;
-  ZSTD_inBuffer in{bytes.data(), bytes.size(), 0};
-  std::vector<char> chunk(ZSTD_DStreamOutSize());
-  std::size_t frame_left = 1;  // 0 once a frame is complete; zstd keeps the last input byte until it has flushed
-  while (in.pos < in.size) {
-    ZSTD_outBuffer out{chunk.data(), chunk.size(), 0};
-    frame_left = ZSTD_decompressStream(context.get(), &out, &in);
-    if (ZSTD_isError(frame_left)) throw Error(where, std::string("zstd: ") + ZSTD_getErrorName(frame_left));
-    if (out.pos > max_text_bytes - text.size()) {
-      throw Error(
-          where, fmt::format("zstd: decompresses to more than {} MiB, the limit for a manifest", max_text_bytes >> 20));
-    }
-    text.append(chunk.data(), out.pos);
-  }
-  if (frame_left != 0) throw Error(where, "zstd: truncated (the last frame is incomplete)");
-  return text;
-}
-
 }  // namespace
 
 Manifest manifest_from_json(const json& j, const std::string& source) {
@@ -818,7 +791,7 @@ Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed,
   std::string decompressed;
   std::string_view text = as_chars(bytes);
   if (compressed) {
-    decompressed = decompress(bytes, where, max_text_bytes);
+    decompressed = zstd_decompress(bytes, where, max_text_bytes, "a manifest");
     text = decompressed;
   } else if (text.size() > max_text_bytes) {
     throw Error(where, fmt::format("larger than {} MiB, the limit for a manifest", max_text_bytes >> 20));
@@ -875,13 +848,7 @@ std::string manifest_text(const Manifest& manifest) {
 
 void write_manifest(const Manifest& manifest, const std::string& path, bool overwrite) {
   std::string text = manifest_text(manifest);
-  if (ends_with(path, ".zst")) {
-    std::string compressed(ZSTD_compressBound(text.size()), '\0');
-    std::size_t n = ZSTD_compress(compressed.data(), compressed.size(), text.data(), text.size(), 3);
-    if (ZSTD_isError(n)) throw Error(Location{path, "", std::nullopt}, std::string("zstd: ") + ZSTD_getErrorName(n));
-    compressed.resize(n);
-    text = std::move(compressed);
-  }
+  if (ends_with(path, ".zst")) text = zstd_compress(text, Location{path, "", std::nullopt});
   std::vector<FileIdentity> inputs;
   for (const ManifestFile& file : manifest.files) {
     if (auto identity = identity_of(file.path)) inputs.push_back(*identity);

@@ -36,9 +36,7 @@ using ProgressFn = std::function<void(std::uint64_t done, std::uint64_t total)>;
 struct ExecOptions {
   unsigned threads = 0;    // 0: all cores
   bool overwrite = false;  // --force
-  // Other files the run read (a manifest): never an output, like the sources.
-  std::vector<std::string> also_read;
-  ProgressFn progress;  // none: no progress reports
+  ProgressFn progress;     // none: no progress reports
   // Write around the page cache (O_DIRECT) where the file system allows, at every
   // size: buffered pages still have to reach the disk at fsync, after the copy
   // instead of during it, even where the page cache takes them at memory speed
@@ -70,7 +68,7 @@ struct ExecStats {
 // Before anything is written: the outputs' folders made (Plan::directories),
 // then everything that can be known about the outputs, for all of them
 // together (check_output_targets): none is an input or a file read
-// (`also_read`), each directory is writable, the space is there; and the files
+// (Plan::read_only), each directory is writable, the space is there; and the files
 // of another set (Plan::stale_files) are refused unless `overwrite`. The
 // folders are removed again (while empty) unless the caller keeps them once
 // committed.

@@ -43,6 +43,7 @@ struct Piece {
   std::uint64_t source_bytes(std::uint64_t dest_bytes) const;
   std::uint64_t source_nbytes() const { return source_bytes(nbytes); }  // source bytes per row
   std::uint64_t end() const { return offset + (rows - 1) * stride + nbytes; }
+  bool operator==(const Piece&) const = default;
 };
 
 // Appends `piece` to `pieces`, merged into the last one when it continues it

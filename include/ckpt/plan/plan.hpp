@@ -42,6 +42,7 @@ struct PlannedRecord {
   void append_zeros(std::uint64_t nbytes) { append_copy(Piece::kZeros, 0, nbytes); }
   // True when every copy is plain and they follow each other in order.
   bool sequential() const;
+  bool operator==(const PlannedRecord&) const = default;
 };
 
 // How a file's records lie in it: as the records of a torch.save zip (headers
@@ -53,6 +54,7 @@ struct PlannedFile {
   std::string path;
   std::vector<PlannedRecord> records;
   Container container = Container::Zip;
+  bool operator==(const PlannedFile&) const = default;
 };
 
 // Where each record's data lies in the file and the file's size: the zip
@@ -111,11 +113,15 @@ struct Plan {
   // written before into the same place) removed once every output is in place.
   std::vector<std::string> directories;
   std::vector<std::string> stale_files;
+  // Other files the plan was made from (a manifest, the plan file itself):
+  // never an output, like the sources.
+  std::vector<std::string> read_only;
 
   // The index of `source`, added unless a source of that path is there
   // already, whose records then gain `source`'s.
   std::uint32_t add_source(PlanSource source);
   std::uint64_t bytes_to_copy() const;
+  bool operator==(const Plan&) const = default;
 };
 
 // Checks the invariants the executor relies on: copies tile each record exactly

@@ -1,0 +1,46 @@
+// A plan written down, to be run later or elsewhere (`--save-plan`, `ckpt-tool
+// apply`, and the processes of a distributed run): every field of the Plan, by
+// value, in a compact binary form.
+//
+//   "CKPTPLAN", u32 version, then one zstd frame of:
+//   sources: u64 count, each: str path, u64 size, i64 mtime_ns, u64 device,
+//            u64 inode, u8 has_crcs, u64 count, each record: u64 offset,
+//            u64 nbytes, u32 crc32
+//   files:   u64 count, each: str path, u8 container, u64 count, each record:
+//            str name, u64 nbytes, u8 inline_zstd, str inline_bytes, u64 count,
+//            each copy: u32 source, u64 source_offset, u64 offset, u64 nbytes,
+//            u64 rows, u64 source_stride, u64 stride, u8 source_dtype, u8 dest_dtype
+//   directories, stale_files, read_only: u64 count, each str
+// Integers little-endian; str is u64 length + bytes.
+//
+// A plan file is input like any other: reading one checks every count against
+// the bytes left, every enum value, and then the whole plan as validate does
+// (validate_untrusted), before anything uses it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ckpt/io/byte_reader.hpp"
+#include "ckpt/plan/plan.hpp"
+
+namespace ckpt {
+
+inline constexpr std::uint32_t kPlanFileVersion = 1;
+// What a plan may expand to: 1 GiB, about 50 times a plan of OPT-175B's 992 shards.
+inline constexpr std::uint64_t kMaxPlanBytes = 1ull << 30;
+
+std::vector<std::byte> serialize_plan(const Plan& plan);
+// The plan in `bytes` (read from `origin`), checked. Throws Error naming
+// `origin`, the field and the byte offset in the expanded plan.
+Plan parse_plan(Bytes bytes, const std::string& origin);
+
+// Writes the plan atomically (temp file, fsync, rename), every path in it made
+// absolute (it may be applied from another directory); refuses to replace an
+// existing file unless `overwrite`, and any of the plan's inputs.
+void write_plan(Plan plan, const std::string& path, bool overwrite);
+Plan read_plan(const std::string& path);
+
+}  // namespace ckpt
