@@ -75,7 +75,9 @@ class CreatedDirectory {
     std::error_code ec;
     for (std::filesystem::path p = at; !std::filesystem::exists(p, ec); p = p.parent_path()) made_.push_back(p);
     std::filesystem::create_directories(at, ec);
-    if (ec) throw Error(Location{path, "", std::nullopt}, "cannot create the folder: " + ec.message());
+    if (ec)
+      throw Error(kind_of_errno(ec.value()), Location{path, "", std::nullopt},
+                  "cannot create the folder: " + ec.message());
   }
   ~CreatedDirectory() {
     std::error_code ec;

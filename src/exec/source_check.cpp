@@ -142,7 +142,7 @@ void SourceCrcCheck::finish(unsigned threads) {
         for (const ZipRecord& named : zip.records()) {
           if (named.data_offset == record.data_offset) name = named.name;
         }
-        throw Error(Location{file.path(), name, record.data_offset},
+        throw Error(ErrorKind::CorruptData, Location{file.path(), name, record.data_offset},
                     fmt::format("CRC-32 of the record's {} bytes of data (from this offset) is 0x{:08x}, the zip "
                                 "directory says 0x{:08x}: the input is corrupted (nothing was written)",
                                 record.nbytes, crc, record.crc32));
