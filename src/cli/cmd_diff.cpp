@@ -1,4 +1,4 @@
-// ckpt-tool diff A B: exit 0 when equal, 1 when different, 2 on error.
+// ckpt-tool diff A B: exit 0 when equal, 1 when different, 2 on error (main: the diff column of kErrorKinds).
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
@@ -41,7 +41,7 @@ struct Side {
 // name in two files) is an error.
 void load_safetensors(Side& side) {
   const Manifest& manifest = side.inputs.manifest();
-  if (!manifest.grid.problems.empty()) throw Error(manifest.grid.problems.front());
+  if (!manifest.grid.problems.empty()) throw Error(ErrorKind::IncompleteSet, manifest.grid.problems.front());
   const auto& files = manifest.files;
   for (std::size_t i = 0; i < files.size(); ++i) {
     for (const ManifestTensor& tensor : files[i].tensors) {
@@ -144,7 +144,7 @@ void load_side(Side& side, bool state_dict_only) {
   // Part 0's copy of a replicated tensor stands for the others only when they agree.
   std::vector<std::string> differing = compare_replicated(replicated_checks(parts, replicated), side.inputs.files());
   if (!differing.empty()) {
-    throw Error(first_replicated_problem(differing) + ": the set is not one model");
+    throw Error(ErrorKind::IncompleteSet, first_replicated_problem(differing) + ": the set is not one model");
   }
   for (NamedTensor& tensor : glued) {
     tensor.name = state_dict_path(kModelPrefix, tensor.name);
@@ -284,118 +284,113 @@ Action add_diff_command(CLI::App& app) {
   add_model_parts_flag(app, options->model_parts);
   app.add_option("--threads", options->threads, "comparison threads (default: all cores)")->check(thread_count());
   return [options]() -> int {
-    try {
-      auto start = std::chrono::steady_clock::now();
-      std::unique_ptr<Side> a = open_side(options->a, options->model_parts);
-      std::unique_ptr<Side> b = open_side(options->b, options->model_parts);
-      // A set (several files, or one FSDP-flattened file that is a whole set: one
-      // rank) is compared by its model: the other side is then consolidated too,
-      // and read for its model only. One shard of a larger set is a file.
-      auto is_set = [](const Side& side) {
-        const Manifest& manifest = side.inputs.manifest();
-        return !side.safetensors &&
-               (manifest.files.size() > 1 || (manifest.files.front().fsdp && manifest.grid.problems.empty()));
-      };
-      const bool sets = is_set(*a) || is_set(*b);
-      for (Side* side : {a.get(), b.get()}) {
-        Side* other = side == a.get() ? b.get() : a.get();
-        load_side(*side, !options->names.empty() || other->safetensors || sets);
-        // Against a set or a safetensors file, only the model state dict is compared.
-        if ((sets || other->safetensors) && !side->safetensors) keep_model(*side);
-        if (!options->names.empty() && !side->safetensors) side->tensors = hf_opt_named(side->tensors);
-        // A tie is one tensor in safetensors: its second name is not looked for there.
-        if (other->safetensors && !side->safetensors) {
-          std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });
-        }
+    auto start = std::chrono::steady_clock::now();
+    std::unique_ptr<Side> a = open_side(options->a, options->model_parts);
+    std::unique_ptr<Side> b = open_side(options->b, options->model_parts);
+    // A set (several files, or one FSDP-flattened file that is a whole set: one
+    // rank) is compared by its model: the other side is then consolidated too,
+    // and read for its model only. One shard of a larger set is a file.
+    auto is_set = [](const Side& side) {
+      const Manifest& manifest = side.inputs.manifest();
+      return !side.safetensors &&
+             (manifest.files.size() > 1 || (manifest.files.front().fsdp && manifest.grid.problems.empty()));
+    };
+    const bool sets = is_set(*a) || is_set(*b);
+    for (Side* side : {a.get(), b.get()}) {
+      Side* other = side == a.get() ? b.get() : a.get();
+      load_side(*side, !options->names.empty() || other->safetensors || sets);
+      // Against a set or a safetensors file, only the model state dict is compared.
+      if ((sets || other->safetensors) && !side->safetensors) keep_model(*side);
+      if (!options->names.empty() && !side->safetensors) side->tensors = hf_opt_named(side->tensors);
+      // A tie is one tensor in safetensors: its second name is not looked for there.
+      if (other->safetensors && !side->safetensors) {
+        std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });
       }
-      CompareOptions compare;
-      compare.tolerance = {options->atol, options->rtol, options->tolerance_given};
-      compare.max_positions = options->max_positions;
-      compare.threads = options->threads;
-      DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
-      std::vector<std::string> objects;
-      if (!a->consolidated && !b->consolidated && !a->safetensors && !b->safetensors) {
-        diff_objects(*a->inputs.manifest().files[0].objects, *b->inputs.manifest().files[0].objects, "", objects, 50);
-      }
-      double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      bool equal = report.equal() && objects.empty();
-      // Pairs found but not compared element by element: a shape or dtype mismatch.
-      const auto not_comparable = static_cast<std::size_t>(std::count_if(
-          report.differing.begin(), report.differing.end(), [](const TensorDiff& d) { return !d.mismatch.empty(); }));
-      const std::size_t differ = report.differing.size() - not_comparable;
-      std::string hint;
-      if (std::size_t pairs = options->names.empty() ? pairs_under_hf_opt(*a, *b, report) : 0; pairs > 0) {
-        hint = fmt::format(
-            "no tensor name is on both sides ({} only in A, {} only in B), but {} pair under transformers' OPT "
-            "names: add --names hf-opt to compare a Hugging Face folder with metaseq files",
-            report.only_in_a.size(), report.only_in_b.size(), pairs);
-      }
-      if (options->json_output) {
-        json out = {{"equal", equal},
-                    {"model_only", sets},  // a set is compared by its model state dict
-                    {"only_in_a", report.only_in_a},
-                    {"only_in_b", report.only_in_b},
-                    {"objects", objects},
-                    {"compared_tensors", report.compared},
-                    {"not_comparable_tensors", not_comparable},
-                    {"compared_tensor_bytes", report.compared_tensor_bytes},
-                    {"seconds", seconds}};
-        json differing = json::array();
-        for (const TensorDiff& diff : report.differing) {
-          json positions = json::array();
-          for (const DiffPosition& p : diff.positions)
-            positions.push_back({{"index", p.index}, {"a", value_json(p.a)}, {"b", value_json(p.b)}});
-          differing.push_back({{"name", diff.name},
-                               {"mismatch", diff.mismatch},
-                               {"note", diff.note},
-                               {"numel", diff.numel},
-                               {"count", diff.count},
-                               {"max_abs", value_json(diff.max_abs)},
-                               {"max_rel", real_json(diff.max_rel)},
-                               {"positions", positions}});
-        }
-        out["differing"] = std::move(differing);
-        json notes = json::array();
-        for (const TensorDiff& diff : report.noted) notes.push_back({{"name", diff.name}, {"note", diff.note}});
-        out["notes"] = std::move(notes);
-        if (!hint.empty()) out["hint"] = hint;
-        std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
-        return equal ? 0 : 1;
-      }
-      if (!hint.empty()) {
-        fmt::print("different: {}\n", hint);
-        return 1;
-      }
-      for (const std::string& name : report.only_in_a) fmt::print("only in A: {}\n", printable(name));
-      for (const std::string& name : report.only_in_b) fmt::print("only in B: {}\n", printable(name));
-      for (const TensorDiff& diff : report.differing) {
-        const std::string name = printable(diff.name);
-        if (!diff.mismatch.empty()) {
-          fmt::print("{}: {}\n", name, printable(diff.mismatch));
-          continue;
-        }
-        fmt::print("{}: {} of {} elements differ (max abs {}, max rel {:.6g}){}\n", name, diff.count, diff.numel,
-                   format_value(diff.max_abs), diff.max_rel, diff.note.empty() ? "" : "; " + diff.note);
-        for (const DiffPosition& p : diff.positions)
-          fmt::print("  {} {}: {} != {}\n", name, index_text(p.index), format_value(p.a), format_value(p.b));
-        if (diff.count > diff.positions.size()) fmt::print("  ... {} more\n", diff.count - diff.positions.size());
-      }
-      for (const TensorDiff& diff : report.noted) fmt::print("note: {}: {}\n", printable(diff.name), diff.note);
-      for (const std::string& line : objects) fmt::print("object {}\n", printable(line));
-      fmt::print(
-          "{}: {} tensors compared ({} tensor bytes in A) in {:.2f} s; {} differ, {}{} only in A, {} only in B{}\n",
-          equal ? "equal" : "different", report.compared, human_bytes(report.compared_tensor_bytes), seconds, differ,
-          not_comparable == 0 ? "" : fmt::format("{} not comparable (shape/dtype), ", not_comparable),
-          report.only_in_a.size(), report.only_in_b.size(),
-          objects.empty() ? "" : fmt::format(", {} object difference(s)", objects.size()));
-      if (sets)
-        fmt::print(
-            "note: a set of files is compared by its model state dict: optimizer state and other objects are not\n");
-      return equal ? 0 : 1;
-    } catch (const Error& e) {
-      fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
-      return 2;
     }
+    CompareOptions compare;
+    compare.tolerance = {options->atol, options->rtol, options->tolerance_given};
+    compare.max_positions = options->max_positions;
+    compare.threads = options->threads;
+    DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
+    std::vector<std::string> objects;
+    if (!a->consolidated && !b->consolidated && !a->safetensors && !b->safetensors) {
+      diff_objects(*a->inputs.manifest().files[0].objects, *b->inputs.manifest().files[0].objects, "", objects, 50);
+    }
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    bool equal = report.equal() && objects.empty();
+    // Pairs found but not compared element by element: a shape or dtype mismatch.
+    const auto not_comparable = static_cast<std::size_t>(std::count_if(
+        report.differing.begin(), report.differing.end(), [](const TensorDiff& d) { return !d.mismatch.empty(); }));
+    const std::size_t differ = report.differing.size() - not_comparable;
+    std::string hint;
+    if (std::size_t pairs = options->names.empty() ? pairs_under_hf_opt(*a, *b, report) : 0; pairs > 0) {
+      hint = fmt::format(
+          "no tensor name is on both sides ({} only in A, {} only in B), but {} pair under transformers' OPT "
+          "names: add --names hf-opt to compare a Hugging Face folder with metaseq files",
+          report.only_in_a.size(), report.only_in_b.size(), pairs);
+    }
+    if (options->json_output) {
+      json out = {{"equal", equal},
+                  {"model_only", sets},  // a set is compared by its model state dict
+                  {"only_in_a", report.only_in_a},
+                  {"only_in_b", report.only_in_b},
+                  {"objects", objects},
+                  {"compared_tensors", report.compared},
+                  {"not_comparable_tensors", not_comparable},
+                  {"compared_tensor_bytes", report.compared_tensor_bytes},
+                  {"seconds", seconds}};
+      json differing = json::array();
+      for (const TensorDiff& diff : report.differing) {
+        json positions = json::array();
+        for (const DiffPosition& p : diff.positions)
+          positions.push_back({{"index", p.index}, {"a", value_json(p.a)}, {"b", value_json(p.b)}});
+        differing.push_back({{"name", diff.name},
+                             {"mismatch", diff.mismatch},
+                             {"note", diff.note},
+                             {"numel", diff.numel},
+                             {"count", diff.count},
+                             {"max_abs", value_json(diff.max_abs)},
+                             {"max_rel", real_json(diff.max_rel)},
+                             {"positions", positions}});
+      }
+      out["differing"] = std::move(differing);
+      json notes = json::array();
+      for (const TensorDiff& diff : report.noted) notes.push_back({{"name", diff.name}, {"note", diff.note}});
+      out["notes"] = std::move(notes);
+      if (!hint.empty()) out["hint"] = hint;
+      std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+      return equal ? 0 : 1;
+    }
+    if (!hint.empty()) {
+      fmt::print("different: {}\n", hint);
+      return 1;
+    }
+    for (const std::string& name : report.only_in_a) fmt::print("only in A: {}\n", printable(name));
+    for (const std::string& name : report.only_in_b) fmt::print("only in B: {}\n", printable(name));
+    for (const TensorDiff& diff : report.differing) {
+      const std::string name = printable(diff.name);
+      if (!diff.mismatch.empty()) {
+        fmt::print("{}: {}\n", name, printable(diff.mismatch));
+        continue;
+      }
+      fmt::print("{}: {} of {} elements differ (max abs {}, max rel {:.6g}){}\n", name, diff.count, diff.numel,
+                 format_value(diff.max_abs), diff.max_rel, diff.note.empty() ? "" : "; " + diff.note);
+      for (const DiffPosition& p : diff.positions)
+        fmt::print("  {} {}: {} != {}\n", name, index_text(p.index), format_value(p.a), format_value(p.b));
+      if (diff.count > diff.positions.size()) fmt::print("  ... {} more\n", diff.count - diff.positions.size());
+    }
+    for (const TensorDiff& diff : report.noted) fmt::print("note: {}: {}\n", printable(diff.name), diff.note);
+    for (const std::string& line : objects) fmt::print("object {}\n", printable(line));
+    fmt::print(
+        "{}: {} tensors compared ({} tensor bytes in A) in {:.2f} s; {} differ, {}{} only in A, {} only in B{}\n",
+        equal ? "equal" : "different", report.compared, human_bytes(report.compared_tensor_bytes), seconds, differ,
+        not_comparable == 0 ? "" : fmt::format("{} not comparable (shape/dtype), ", not_comparable),
+        report.only_in_a.size(), report.only_in_b.size(),
+        objects.empty() ? "" : fmt::format(", {} object difference(s)", objects.size()));
+    if (sets)
+      fmt::print(
+          "note: a set of files is compared by its model state dict: optimizer state and other objects are not\n");
+    return equal ? 0 : 1;
   };
 }
 

@@ -75,7 +75,7 @@ Action add_reshard_command(CLI::App& app) {
              at = message.find("--model-parts", at + 21)) {
           message.replace(at, 13, "--layout-model-parts");
         }
-        throw Error(error.where(), "--layout-from: " + message);
+        throw Error(error.kind(), error.where(), "--layout-from: " + message);
       }
     }
     ReshardOptions reshard;

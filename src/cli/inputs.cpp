@@ -21,7 +21,7 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
   for (const std::string& input : inputs) {
     std::error_code ec;
     if (inputs.size() > 1 && looks_like_manifest(input)) {
-      throw Error(Location{input, "", std::nullopt},
+      throw Error(ErrorKind::Usage, Location{input, "", std::nullopt},
                   "a manifest is the whole input set: give it alone, or give the checkpoint files without it");
     }
     if (std::optional<std::string> index = safetensors_index_of(input)) {
@@ -34,7 +34,8 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
       // *.pt files is read for *.safetensors (a Hugging Face folder).
       std::vector<std::string> safetensors;
       fs::directory_iterator entries(input, ec);
-      if (ec) throw Error(Location{input, "", std::nullopt}, "cannot list the directory: " + ec.message());
+      if (ec)
+        throw Error(ErrorKind::Io, Location{input, "", std::nullopt}, "cannot list the directory: " + ec.message());
       for (const auto& entry : entries) {
         std::error_code entry_ec;
         if (!entry.is_regular_file(entry_ec)) continue;
@@ -47,7 +48,7 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
         // known to be complete.
         for (const std::string& path : safetensors) {
           if (safetensors_shard_stem(fs::path(path).filename().string())) {
-            throw Error(Location{input, "", std::nullopt},
+            throw Error(ErrorKind::IncompleteSet, Location{input, "", std::nullopt},
                         fmt::format("{} is a shard of a set, but the folder holds no *.safetensors.index.json: the "
                                     "set may be incomplete (name its files to read them anyway)",
                                     fs::path(path).filename().string()));
@@ -131,7 +132,7 @@ Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::
       std::optional<std::string> index = safetensors_index_of(input);
       if (!index) continue;
       std::vector<std::string> problems = safetensors_index_problems(*index, manifest.files);
-      if (!problems.empty()) throw Error(problems.front());
+      if (!problems.empty()) throw Error(ErrorKind::IncompleteSet, problems.front());
     }
   }
   if (model_parts) manifest.grid = detect_grid(manifest.files, model_parts);

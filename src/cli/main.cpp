@@ -1,13 +1,14 @@
 // ckpt-tool: consolidate and reshard sharded PyTorch checkpoints without loading
-// them. Exit codes: 0 success, 1 failure (bad input, I/O), 2 usage error, 70
-// internal error (a bug: ckpt::InternalError); every
-// error is one line on stderr, `ckpt-tool: error: ...`, escaped by `printable`.
+// them. Exit codes: 0 success, else the code of the error's kind, from the one
+// table kErrorKinds (ckpt/io/error.hpp; README "Exit codes"); every error is one
+// line on stderr, `ckpt-tool: error: ...`, escaped by `printable`.
 #include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
 #include <csignal>
 #include <map>
 #include <string>
+#include <system_error>
 #ifdef CKPT_MIMALLOC
 #include <mimalloc.h>
 #endif
@@ -16,7 +17,6 @@
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/io/version.hpp"
 #include "commands.hpp"
-#include "usage.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"ckpt-tool: index, inspect, stitch and reshard sharded PyTorch checkpoints, zero-copy"};
@@ -59,28 +59,36 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     // CLI11's own report is two lines (the error, then "Run with --help ...").
     fmt::print(stderr, "ckpt-tool: error: {} (run with --help for more information)\n", ckpt::printable(e.what()));
-    return 2;
+    return ckpt::info_of(ckpt::ErrorKind::Usage).exit_code;
   }
   ckpt::install_cleanup_handlers();
   // Past a file-size limit (RLIMIT_FSIZE) a write should fail with EFBIG and be
   // reported, not kill the process with its temp file still on disk.
   std::signal(SIGXFSZ, SIG_IGN);
+  CLI::App* command = nullptr;
+  for (auto& [sub, action] : actions) {
+    if (sub->parsed()) command = sub;
+  }
+  if (command == nullptr) return ckpt::info_of(ckpt::ErrorKind::Usage).exit_code;
+  // diff's 1 means "different": its errors take the table's diff column.
+  auto exit_code = [diff = command->get_name() == "diff"](ckpt::ErrorKind kind) {
+    return diff ? ckpt::info_of(kind).diff_exit_code : ckpt::info_of(kind).exit_code;
+  };
   try {
-    for (auto& [sub, action] : actions) {
-      if (sub->parsed()) return action();
-    }
-  } catch (const ckpt::cli::UsageError& e) {
-    fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
-    return 2;
+    return actions.at(command)();
   } catch (const ckpt::InternalError& e) {
     fmt::print(stderr, "ckpt-tool: internal error: {}\n", ckpt::printable(e.what()));
-    return ckpt::kInternalErrorExit;
+    return exit_code(ckpt::ErrorKind::Internal);
   } catch (const ckpt::Error& e) {
     fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
-    return 1;
+    return exit_code(e.kind());
+  } catch (const std::system_error& e) {  // std::filesystem's, of a system call
+    fmt::print(stderr, "ckpt-tool: error: {}\n", ckpt::printable(e.what()));
+    return exit_code(e.code().category() == std::generic_category() || e.code().category() == std::system_category()
+                         ? ckpt::kind_of_errno(e.code().value())
+                         : ckpt::ErrorKind::BadInput);
   } catch (const std::exception& e) {
     fmt::print(stderr, "ckpt-tool: error: {}\n", ckpt::printable(e.what()));
-    return 1;
+    return exit_code(ckpt::ErrorKind::BadInput);
   }
-  return 2;
 }

@@ -200,7 +200,8 @@ void report_replicated(const std::vector<ReplicatedCheck>& checks, const std::ve
   std::vector<std::string> problems = compare_replicated(checks, files);
   if (problems.empty()) return;
   if (!take_part_0) {
-    throw Error(first_replicated_problem(problems) + "; --replicated-from-part-0 takes part 0's copy");
+    throw Error(ErrorKind::IncompleteSet,
+                first_replicated_problem(problems) + "; --replicated-from-part-0 takes part 0's copy");
   }
   for (const std::string& problem : problems) {
     fmt::print(stderr, "ckpt-tool: warning: {}; part 0's copy taken\n", printable(problem));

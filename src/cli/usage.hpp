@@ -1,6 +1,6 @@
 // Usage errors: every argument is checked before any input is read or any output
-// created, and a bad one is a UsageError, which `main` prints on one line and
-// exits 2 for. Output paths and patterns (-o of every command that writes) are
+// created, and a bad one is a UsageError (an Error of kind Usage), which `main`
+// prints on one line and exits 2 for. Output paths and patterns (-o of every command that writes) are
 // checked here by one set of rules; CLI11 validators for numbers and regexes too.
 #pragma once
 
@@ -13,7 +13,7 @@ namespace ckpt::cli {
 
 class UsageError : public Error {
  public:
-  explicit UsageError(std::string message) : Error(std::move(message)) {}
+  explicit UsageError(std::string message) : Error(ErrorKind::Usage, std::move(message)) {}
 };
 
 // What an output pattern may hold. The only fields are {m} (model part) and {d}

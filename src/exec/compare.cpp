@@ -238,7 +238,7 @@ void check_records(const TensorSource& source, const std::vector<const MappedFil
         continue;
       std::uint32_t crc = crc32_update_from(0, *files[piece.source], record.data_offset, record.nbytes, buffer);
       if (crc != record.crc32) {
-        throw Error(Location{files[piece.source]->path(), record.name, record.data_offset},
+        throw Error(ErrorKind::CorruptData, Location{files[piece.source]->path(), record.name, record.data_offset},
                     fmt::format("CRC-32 of the data is 0x{:08x}, the zip directory says 0x{:08x} (corrupted data)", crc,
                                 record.crc32));
       }

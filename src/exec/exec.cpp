@@ -309,7 +309,7 @@ void commit_all(std::vector<std::unique_ptr<OutputFile>>& outputs) {
       std::string kept = replaced.empty()
                              ? ""
                              : fmt::format("; these replaced existing files and stay: {}", fmt::join(replaced, ", "));
-      throw Error(e.where(), e.message() + undone + kept);
+      throw Error(e.kind(), e.where(), e.message() + undone + kept);
     }
     (replaces[k] ? replaced : created).push_back(outputs[k]->target_path());
     directories.insert(std::filesystem::path(outputs[k]->target_path()).parent_path().string());

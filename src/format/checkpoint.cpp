@@ -413,7 +413,7 @@ Checkpoint::Checkpoint(const MappedFile& file, ZipArchive zip) : file_(file), zi
   // decode to is compared with the other files (1 ms for the pickle of
   // 200,000 tensors).
   if (std::uint32_t crc = crc32(zip_.data(*pickle_record_)); crc != pickle_record_->crc32) {
-    throw Error(Location{path(), pickle_record_->name, pickle_record_->data_offset},
+    throw Error(ErrorKind::CorruptData, Location{path(), pickle_record_->name, pickle_record_->data_offset},
                 fmt::format("CRC-32 of the pickle is 0x{:08x}, the zip directory says 0x{:08x} (corrupted data)", crc,
                             pickle_record_->crc32));
   }
@@ -453,7 +453,7 @@ void Checkpoint::collect_storages() {
     try {
       sid = parse_storage_id(graph(), id);
     } catch (const Error& e) {
-      throw Error(Location{path(), pickle_record_->name, std::nullopt}, e.message());
+      throw Error(e.kind(), Location{path(), pickle_record_->name, std::nullopt}, e.message());
     }
     if (!sid) {
       throw Error(Location{path(), pickle_record_->name, std::nullopt},
@@ -498,7 +498,7 @@ void Checkpoint::collect_tensors() {
           if (is_rebuild_tensor(graph(), id) || is_tensor_wrapper(graph(), id)) repeats.emplace_back(id, order, p);
         });
   } catch (const Error& e) {  // objects nested too deeply
-    throw Error(Location{path(), pickle_record_->name, std::nullopt}, e.message());
+    throw Error(e.kind(), Location{path(), pickle_record_->name, std::nullopt}, e.message());
   }
   // Its indices and values would pass for strided tensors at other paths.
   if (sparse) {
@@ -514,8 +514,8 @@ void Checkpoint::collect_tensors() {
     tensor.node = id;
     auto found = paths.find(id);
     tensor.path = found != paths.end() ? found->second.second : fmt::format("<unreachable #{}>", id);
-    auto bad = [&](const std::string& message) {
-      return Error(Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt}, message);
+    auto bad = [&](const std::string& message, ErrorKind kind = ErrorKind::BadInput) {
+      return Error(kind, Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt}, message);
     };
     rank[tensor.path] = found != paths.end() ? found->second.first : SIZE_MAX;
     const auto& args = graph()[graph()[id].args].items;
@@ -537,7 +537,7 @@ void Checkpoint::collect_tensors() {
         last = checked_add(static_cast<std::uint64_t>(*offset), extent.span_elements - 1, "tensor span");
       }
     } catch (const Error& e) {
-      throw bad(e.message());
+      throw bad(e.message(), e.kind());
     }
     tensor.storage_key = sid->key;
     tensor.dtype = sid->dtype;

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <cerrno>
+
 namespace ckpt {
 
 namespace {
@@ -67,8 +69,15 @@ std::string printable(std::string_view text) {
   return out;
 }
 
-Error::Error(Location where, std::string message)
-    : std::runtime_error(printable(render(where, message))), where_(std::move(where)), message_(std::move(message)) {}
+ErrorKind kind_of_errno(int error_number) {
+  return error_number == ENOSPC || error_number == EDQUOT || error_number == EFBIG ? ErrorKind::NoSpace : ErrorKind::Io;
+}
+
+Error::Error(ErrorKind kind, Location where, std::string message)
+    : std::runtime_error(printable(render(where, message))),
+      kind_(kind),
+      where_(std::move(where)),
+      message_(std::move(message)) {}
 
 std::string Error::render(const Location& where, const std::string& message) {
   std::string out;

@@ -23,16 +23,19 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   // O_NONBLOCK: opening a FIFO would otherwise wait for a writer; only regular
   // files pass the check below, for which the flag means nothing.
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd_ < 0) throw Error(where, std::string("cannot open: ") + std::strerror(errno));
+  if (fd_ < 0) {
+    const int error = errno;
+    throw Error(kind_of_errno(error), where, std::string("cannot open: ") + std::strerror(error));
+  }
   // The destructor does not run when the constructor throws: close here.
-  auto fail = [&](const std::string& message) {
+  auto fail = [&](ErrorKind kind, const std::string& message) {
     ::close(fd_);
     fd_ = -1;
-    throw Error(where, message);
+    throw Error(kind, where, message);
   };
   struct stat info {};
-  if (::fstat(fd_, &info) != 0) fail(std::string("cannot stat: ") + std::strerror(errno));
-  if (!S_ISREG(info.st_mode)) fail("not a regular file");
+  if (::fstat(fd_, &info) != 0) fail(ErrorKind::Io, std::string("cannot stat: ") + std::strerror(errno));
+  if (!S_ISREG(info.st_mode)) fail(ErrorKind::BadInput, "not a regular file");
   mtime_ns_ = static_cast<std::int64_t>(info.st_mtim.tv_sec) * 1'000'000'000 + info.st_mtim.tv_nsec;
   device_ = static_cast<std::uint64_t>(info.st_dev);
   inode_ = static_cast<std::uint64_t>(info.st_ino);
@@ -42,13 +45,13 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
     bip::file_mapping mapping(path_.c_str(), bip::read_only);  // its descriptor closes here; the mapping stays
     region_ = std::make_unique<Region>(Region{bip::mapped_region(mapping, bip::read_only, 0, nbytes)});
   } catch (const bip::interprocess_exception& e) {
-    fail(std::string("cannot map: ") + e.what());
+    fail(ErrorKind::Io, std::string("cannot map: ") + e.what());
   }
   struct stat now {};
   if (::stat(path_.c_str(), &now) != 0 || now.st_dev != info.st_dev || now.st_ino != info.st_ino ||
       now.st_size < info.st_size) {
     region_.reset();
-    fail("replaced or truncated by another process while being opened");
+    fail(ErrorKind::Io, "replaced or truncated by another process while being opened");
   }
   bytes_ = Bytes(static_cast<const std::byte*>(region_->region.get_address()), nbytes);
 }
@@ -69,8 +72,9 @@ void MappedFile::read_at(std::uint64_t byte_offset, std::byte* out, std::uint64_
     ssize_t n = ::pread(fd_, out, nbytes, static_cast<off_t>(byte_offset));
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
-      throw Error(Location{path_, "", byte_offset},
-                  n == 0 ? "file shrank while being read" : std::string("read failed: ") + std::strerror(errno));
+      const int error = errno;
+      throw Error(n == 0 ? ErrorKind::Io : kind_of_errno(error), Location{path_, "", byte_offset},
+                  n == 0 ? "file shrank while being read" : std::string("read failed: ") + std::strerror(error));
     }
     out += n;
     nbytes -= static_cast<std::uint64_t>(n);

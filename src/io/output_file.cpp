@@ -18,6 +18,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <tuple>
 
 #include <fmt/format.h>
@@ -65,8 +66,9 @@ extern "C" void remove_temp_files_and_exit(int signal_number) {
 
 constexpr int kCleanupSignals[] = {SIGINT, SIGTERM, SIGHUP};
 
-std::string errno_text() {
-  return std::strerror(errno);
+// A failed system call: "WHAT: <strerror>", of kind NoSpace or Io by `error`.
+[[noreturn]] void fail_call(const Location& where, std::string_view what, int error = errno) {
+  throw Error(kind_of_errno(error), where, fmt::format("{}: {}", what, std::strerror(error)));
 }
 
 fs::path parent_of(const std::string& path) {
@@ -217,7 +219,7 @@ void check_output_targets(const std::vector<OutputTarget>& targets, const std::v
     if (::statvfs(need.directory.c_str(), &space) != 0) continue;  // cannot tell: fallocate will
     std::uint64_t available = static_cast<std::uint64_t>(space.f_bavail) * space.f_frsize;
     if (need.nbytes > available) {
-      throw Error(Location{need.first_output, "", std::nullopt},
+      throw Error(ErrorKind::NoSpace, Location{need.first_output, "", std::nullopt},
                   fmt::format("not enough free space in {} for the output{}: {} bytes needed, {} available",
                               need.directory, targets.size() > 1 ? "s" : "", need.nbytes, available));
     }
@@ -237,9 +239,9 @@ OutputFile::OutputFile(std::string target_path, std::uint64_t size_bytes, bool o
   cleanup_ = register_cleanup(temp_path_);
   fd_ = ::open(temp_path_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd_ < 0) {
-    std::string reason = errno_text();
+    const int error = errno;
     unregister_cleanup(cleanup_);
-    throw Error(where, "cannot create temporary output " + temp_path_ + ": " + reason);
+    fail_call(where, "cannot create temporary output " + temp_path_, error);
   }
   // Reserve the blocks now so that a full disk fails here, not half-way through;
   // up to the padded end, which a whole last block may be written to.
@@ -247,12 +249,11 @@ OutputFile::OutputFile(std::string target_path, std::uint64_t size_bytes, bool o
   int rc = ::posix_fallocate(fd_, 0, reserved);
   if (rc == EOPNOTSUPP || rc == EINVAL) rc = ::ftruncate(fd_, reserved) == 0 ? 0 : errno;
   if (rc != 0) {
-    std::string reason = std::strerror(rc);
     ::close(fd_);
     ::unlink(temp_path_.c_str());
     unregister_cleanup(cleanup_);
     fd_ = -1;
-    throw Error(where, fmt::format("cannot allocate {} bytes for the output: {}", size_bytes_, reason));
+    fail_call(where, fmt::format("cannot allocate {} bytes for the output", size_bytes_), rc);
   }
 }
 
@@ -293,7 +294,7 @@ void OutputFile::write_at(std::uint64_t byte_offset, Bytes bytes) const {
       disable_direct_io();  // a file system that takes the flag but not this alignment
       continue;
     }
-    if (written <= 0) throw Error(Location{target_path_, "", byte_offset}, "write failed: " + errno_text());
+    if (written <= 0) fail_call(Location{target_path_, "", byte_offset}, "write failed");
     bytes = bytes.subspan(static_cast<std::size_t>(written));
     byte_offset += static_cast<std::uint64_t>(written);
   }
@@ -303,21 +304,21 @@ void OutputFile::finish(bool sync) {
   if (fd_ < 0) return;
   Location where{target_path_, "", std::nullopt};
   // A whole last block may have been written past the planned size.
-  if (::ftruncate(fd_, static_cast<off_t>(size_bytes_)) != 0) throw Error(where, "truncate failed: " + errno_text());
-  if (sync && ::fsync(fd_) != 0) throw Error(where, "fsync failed: " + errno_text());
+  if (::ftruncate(fd_, static_cast<off_t>(size_bytes_)) != 0) fail_call(where, "truncate failed");
+  if (sync && ::fsync(fd_) != 0) fail_call(where, "fsync failed");
   int rc = ::close(fd_);
   fd_ = -1;
-  if (rc != 0) throw Error(where, "close failed: " + errno_text());
+  if (rc != 0) fail_call(where, "close failed");
 }
 
 void OutputFile::sync_finished() const {
   Location where{target_path_, "", std::nullopt};
   int fd = ::open(temp_path_.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error(where, "cannot open the temporary output to fsync it: " + errno_text());
+  if (fd < 0) fail_call(where, "cannot open the temporary output to fsync it");
   int rc = ::fsync(fd);
   int error = errno;
   ::close(fd);
-  if (rc != 0) throw Error(where, "fsync failed: " + std::string(std::strerror(error)));
+  if (rc != 0) fail_call(where, "fsync failed", error);
 }
 
 void OutputFile::commit(bool sync_directory) {
@@ -327,7 +328,7 @@ void OutputFile::commit(bool sync_directory) {
                       : ::renameat2(AT_FDCWD, temp_path_.c_str(), AT_FDCWD, target_path_.c_str(), RENAME_NOREPLACE);
   if (rc != 0) {
     if (errno == EEXIST) throw Error(where, "output appeared while writing (use --force to overwrite)");
-    throw Error(where, "cannot rename the temporary output into place: " + errno_text());
+    fail_call(where, "cannot rename the temporary output into place");
   }
   committed_ = true;
   unregister_cleanup(cleanup_);
@@ -342,7 +343,10 @@ MadeDirectories::MadeDirectories(const std::vector<std::string>& paths) {
     std::vector<std::string> missing;  // deepest first
     for (std::filesystem::path p = at; !std::filesystem::exists(p, ec); p = p.parent_path()) missing.push_back(p);
     std::filesystem::create_directories(at, ec);
-    if (ec) throw Error(Location{path, "", std::nullopt}, "cannot create the folder: " + ec.message());
+    if (ec) {
+      throw Error(kind_of_errno(ec.value()), Location{path, "", std::nullopt},
+                  "cannot create the folder: " + ec.message());
+    }
     made_.insert(made_.end(), missing.rbegin(), missing.rend());
   }
 }

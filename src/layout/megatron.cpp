@@ -292,7 +292,8 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
   for (std::size_t m = 1; m < parts.size(); ++m) {
     for (const NamedTensor& tensor : parts[m]) {
       if (index[0].count(tensor.name) == 0)
-        throw Error(Location{"", tensor.name, std::nullopt}, fmt::format("in model part {} but not in part 0", m));
+        throw Error(ErrorKind::IncompleteSet, Location{"", tensor.name, std::nullopt},
+                    fmt::format("in model part {} but not in part 0", m));
     }
   }
   std::vector<std::vector<NamedTensor>> out(static_cast<std::size_t>(new_parts));
@@ -305,7 +306,7 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
       for (std::size_t m = 1; m < parts.size(); ++m) {
         auto it = index[m].find(key);
         if (it == index[m].end() || it->second->alias_of != head.alias_of) {
-          throw Error(Location{"", key, std::nullopt},
+          throw Error(ErrorKind::IncompleteSet, Location{"", key, std::nullopt},
                       fmt::format("tied to {} in model part 0 but not in part {}", *head.alias_of, m));
         }
       }
@@ -316,10 +317,11 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
     for (std::size_t m = 0; m < parts.size(); ++m) {
       auto it = index[m].find(key);
       if (it == index[m].end() || it->second->alias_of)
-        throw Error(Location{"", key, std::nullopt}, fmt::format("missing from model part {}", m));
+        throw Error(ErrorKind::IncompleteSet, Location{"", key, std::nullopt},
+                    fmt::format("missing from model part {}", m));
       const TensorSource& source = it->second->source;
       if (source.dtype != head.source.dtype) {
-        throw Error(Location{"", key, std::nullopt},
+        throw Error(ErrorKind::IncompleteSet, Location{"", key, std::nullopt},
                     fmt::format("dtype {} in model part {} differs from {} in part 0", dtype_info(source.dtype).name, m,
                                 dtype_info(head.source.dtype).name));
       }

@@ -133,8 +133,8 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
       std::optional<DType> flat_dtype;
       for (std::size_t d = 0; d < shard_files.size(); ++d) {
         const ManifestFile& shard = manifest.files.at(shard_files[d]);
-        auto fail = [&](const std::string& message) {
-          return Error(Location{shard.path, path, std::nullopt}, message);
+        auto fail = [&](const std::string& message, ErrorKind kind = ErrorKind::IncompleteSet) {
+          return Error(kind, Location{shard.path, path, std::nullopt}, message);
         };
         bool same_metadata = shard.fsdp.same_value(first.fsdp);  // shared: shards whose padding agrees
         if (!same_metadata && (!shard.fsdp || shard.fsdp->instances.size() != metadata.instances.size() ||
@@ -146,7 +146,7 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
         if (tensor == nullptr) throw fail("flat parameter missing from this shard");
         if (flat_dtype && tensor->dtype != *flat_dtype) throw fail("dtype differs between shards");
         flat_dtype = tensor->dtype;
-        if (tensor->shape.size() != 1) throw fail("flat parameter is not one-dimensional");
+        if (tensor->shape.size() != 1) throw fail("flat parameter is not one-dimensional", ErrorKind::BadInput);
         std::int64_t padding = shard.fsdp->instances[i].flat_params[j].padding;
         auto held = static_cast<std::int64_t>(tensor->numel());
         if (padding > held) {
@@ -162,7 +162,7 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
       std::int64_t real_numel = 0;
       for (const TensorSource& part : real_parts) real_numel += part.shape[0];
       if (real_numel != flat.total_numel()) {
-        throw Error(Location{first.path, path, std::nullopt},
+        throw Error(ErrorKind::IncompleteSet, Location{first.path, path, std::nullopt},
                     fmt::format("the shards hold {} unpadded elements, shard_metadata names {}", real_numel,
                                 flat.total_numel()));
       }

@@ -501,8 +501,10 @@ void check_fresh(const Manifest& manifest) {
   for (const ManifestFile& file : manifest.files) {
     struct stat info {};
     if (::stat(file.path.c_str(), &info) != 0) {
-      throw Error(Location{file.path, "", std::nullopt},
-                  std::string("listed in the manifest but cannot be read: ") + std::strerror(errno));
+      const int error = errno;
+      throw Error(error == ENOENT ? ErrorKind::IncompleteSet : kind_of_errno(error),
+                  Location{file.path, "", std::nullopt},
+                  std::string("listed in the manifest but cannot be read: ") + std::strerror(error));
     }
     std::int64_t mtime_ns = static_cast<std::int64_t>(info.st_mtim.tv_sec) * 1'000'000'000 + info.st_mtim.tv_nsec;
     if (static_cast<std::uint64_t>(info.st_size) != file.size_bytes || mtime_ns != file.mtime_ns) {

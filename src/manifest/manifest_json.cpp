@@ -524,7 +524,7 @@ class ManifestReader {
     try {
       extent = view_extent(t.shape, t.stride, itemsize);
     } catch (const Error& e) {
-      throw Error(Location{source_, shape_field.render(), std::nullopt}, e.message());
+      throw Error(e.kind(), Location{source_, shape_field.render(), std::nullopt}, e.message());
     }
     t.storage_key = text(j, field, "storage_key");
     t.storage_offset = integer(j, field, "storage_offset", 0, INT64_MAX);

@@ -27,7 +27,8 @@ std::string output_path(const std::string& pattern, int mp, int dp, int m, int d
   bool has_m = pattern.find("{m}") != std::string::npos;
   bool has_d = pattern.find("{d}") != std::string::npos;
   if ((mp > 1 && !has_m) || (dp > 1 && !has_d)) {
-    throw Error(fmt::format("-o '{}' must contain {}{}{} to name {} x {} outputs", pattern, mp > 1 ? "{m}" : "",
+    throw Error(ErrorKind::Usage,
+                fmt::format("-o '{}' must contain {}{}{} to name {} x {} outputs", pattern, mp > 1 ? "{m}" : "",
                             mp > 1 && dp > 1 ? " and " : "", dp > 1 ? "{d}" : "", mp, dp));
   }
   std::string path = pattern;
@@ -78,8 +79,9 @@ using PartTensors = std::vector<std::vector<NamedTensor>>;
 
 // The request alone, before any input is read.
 void check_request(const ReshardOptions& options) {
-  if (options.mp < 1 || options.dp < 1) throw Error("--mp and --dp must be at least 1");
-  if (options.unflatten && options.dp != 1) throw Error("--unflatten writes consolidated parts: it needs --dp 1");
+  if (options.mp < 1 || options.dp < 1) throw Error(ErrorKind::Usage, "--mp and --dp must be at least 1");
+  if (options.unflatten && options.dp != 1)
+    throw Error(ErrorKind::Usage, "--unflatten writes consolidated parts: it needs --dp 1");
 }
 
 // The step of an optimizer state: an int, or (torch >= 1.12) a 0-dim tensor.
@@ -183,8 +185,8 @@ void check_against_template(const Weights& weights, QkvForm form, const Bases& b
   try {
     cut = reshard_megatron(weights.parts, parts, nullptr, form);
   } catch (const Error& error) {
-    throw Error(
-        fmt::format("--layout-from: the weights, cut as the template's {} model parts: {}", parts, error.what()));
+    throw Error(error.kind(), fmt::format("--layout-from: the weights, cut as the template's {} model parts: {}", parts,
+                                          error.what()));
   }
   for (int m = 0; m < parts; ++m) {
     const ManifestFile& layout_file = bases.file(bases.grid[m][0]);
@@ -336,7 +338,7 @@ struct Recut {
         for (const std::vector<NamedTensor>& part : state)
           flat_optimizer[name].push_back(flatten_whole(*first.fsdp, part));
       } catch (const Error& error) {  // said of the state, not of the weights
-        throw Error(error.where(), fmt::format("optimizer state {}: {}", name, error.message()));
+        throw Error(error.kind(), error.where(), fmt::format("optimizer state {}: {}", name, error.message()));
       }
     }
   }
@@ -547,7 +549,7 @@ ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, c
     recut.flatten();
   } catch (const Error& error) {
     if (!one_file || !error.where().file.empty()) throw;
-    throw Error(Location{first.path, error.where().member, error.where().byte_offset}, error.message());
+    throw Error(error.kind(), Location{first.path, error.where().member, error.where().byte_offset}, error.message());
   }
 
   std::vector<std::uint32_t> sources;
@@ -561,7 +563,7 @@ ReshardPlan plan_reshard(const PlanInputs& inputs, const std::string& pattern, c
   }
   plan_outputs(bases, recut, pattern, sources, out);
   std::set<std::string> unique(out.outputs.begin(), out.outputs.end());
-  if (unique.size() != out.outputs.size()) throw Error("-o names two outputs with the same path");
+  if (unique.size() != out.outputs.size()) throw Error(ErrorKind::Usage, "-o names two outputs with the same path");
   return out;
 }
 

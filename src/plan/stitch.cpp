@@ -28,7 +28,7 @@ std::vector<std::vector<int>> complete_grid(const Manifest& manifest) {
     std::string more = problems.size() > 1 ? fmt::format(" (and {} more problem(s): `ckpt-tool verify` lists them)",
                                                          problems.size() - 1)
                                            : "";
-    throw Error("the files are not one consistent MP x DP grid: " + problems.front() + more);
+    throw Error(ErrorKind::IncompleteSet, "the files are not one consistent MP x DP grid: " + problems.front() + more);
   }
   return manifest.grid.cells;
 }

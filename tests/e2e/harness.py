@@ -19,6 +19,11 @@ ROUNDTRIP = os.environ.get("CKPT_ROUNDTRIP", os.path.join(SOURCE_ROOT, "build", 
 WORK = os.environ.get("CKPT_WORK", os.path.join(SOURCE_ROOT, "build", "tests", "e2e-work"))
 PYTHON = "/usr/bin/python3"
 
+# The exit code of each error kind (kErrorKinds in include/ckpt/io/error.hpp, README
+# "Exit codes"); diff exits 2 for every error but an internal one.
+EXIT = {"bad_input": 1, "usage": 2, "corrupt_data": 65, "incomplete_set": 66, "internal": 70, "no_space": 73,
+        "io": 74}
+
 sys.path.insert(0, os.path.dirname(__file__))
 import ckptcheck  # noqa: E402
 

@@ -377,7 +377,8 @@ def test_found_by_the_black_box_review():
             ckpt = ckptcheck.load(os.path.join(folder, f))
             ckpt["cfg"]["model"]["model_parallel_size"] = 8
             torch.save(ckpt, os.path.join(stale, f))
-    _, err = tool(["reshard", single, "--mp", 2, "--dp", 2, "--layout-from", stale, "-o", pattern], expect=1)
+    _, err = tool(["reshard", single, "--mp", 2, "--dp", 2, "--layout-from", stale, "-o", pattern],
+                  expect=harness.EXIT["incomplete_set"])
     assert err.startswith("ckpt-tool: error: --layout-from: ") and "--layout-model-parts overrides" in err, err
     tool(["reshard", "-q", single, "--mp", 2, "--dp", 2, "--layout-from", stale, "--layout-model-parts", 2, "-o",
           pattern])
@@ -408,9 +409,9 @@ def test_found_by_the_black_box_review():
 def test_found_by_the_second_black_box_review():
     folder, work, single, out = adam_singleton("b2t-review2")
 
-    def refused(args, *needles):
+    def refused(args, *needles, code=1):
         _, err = tool(args + ["-o", os.path.join(out, SHARD) if args[0] == "reshard" else os.path.join(out, "x.pt")],
-                      expect=1)
+                      expect=code)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and all(n in lines[0] for n in needles), (args, err)
         assert os.listdir(out) == [], os.listdir(out)
@@ -485,7 +486,8 @@ def test_found_by_the_second_black_box_review():
     _, err = tool(["stitch", raw, "--optimizer-state", "-o", os.path.join(out, "x.pt"), "--replicated-from-part-0"])
     assert "warning" in err and "last_optimizer_state exp_avg of decoder.layers.1.fc2.bias" in err, err
     os.remove(os.path.join(out, "x.pt"))
-    refused(["stitch", raw, "--optimizer-state"], "last_optimizer_state exp_avg of decoder.layers.1.")
+    refused(["stitch", raw, "--optimizer-state"], "last_optimizer_state exp_avg of decoder.layers.1.",
+            code=harness.EXIT["incomplete_set"])
 
 
 def test_found_by_the_third_black_box_review():
@@ -532,7 +534,7 @@ def test_a_failed_write_leaves_nothing():
     proc = subprocess.run([harness.TOOL, "reshard", "-q", singleton(folder), "--mp", "2", "--dp", "3", "--buffered-io",
                            "--layout-from", folder, "-o", os.path.join(out, SHARD)],
                           env=env, capture_output=True, text=True)
-    assert proc.returncode == 1 and "No space left on device" in proc.stderr, proc
+    assert proc.returncode == harness.EXIT["no_space"] and "No space left on device" in proc.stderr, proc
     assert os.listdir(out) == [], os.listdir(out)
 
 

@@ -40,7 +40,7 @@ def test_help_exits_0():
 
 
 def test_missing_file():
-    _, stderr = harness.run(["inspect", "/nonexistent/shard0.pt"], expect=1)
+    _, stderr = harness.run(["inspect", "/nonexistent/shard0.pt"], expect=harness.EXIT["io"])
     assert stderr.startswith("ckpt-tool: error: /nonexistent/shard0.pt: cannot open"), stderr
     assert stderr.count("\n") == 1
 

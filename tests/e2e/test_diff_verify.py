@@ -152,7 +152,7 @@ def test_mixed_checkpoints_are_refused():
     stdout, _ = harness.run(["verify", a], expect=1)
     assert "differs" in stdout or "chunk rule" in stdout, stdout
     out = os.path.join(work, "out.pt")
-    _, stderr = harness.run(["stitch", a, "-o", out], expect=1)
+    _, stderr = harness.run(["stitch", a, "-o", out], expect=harness.EXIT["incomplete_set"])
     assert stderr.count("\n") == 1 and "checkpoint_last-model_part-1-shard1.pt" in stderr, stderr
     assert not os.path.exists(out)
 
@@ -191,8 +191,8 @@ def test_output_in_missing_or_read_only_directory():
     # a missing directory is a usage error (exit 2), found before the inputs are read
     err = one_line_error(["stitch", folder, "-o", "/nonexistent-dir/out.pt"], expect=2)
     assert "/nonexistent-dir" in err and "does not exist" in err
-    # /proc takes no new files, even from root
-    err = one_line_error(["stitch", folder, "-o", "/proc/out.pt"])
+    # /proc takes no new files, even from root: it has no free space
+    err = one_line_error(["stitch", folder, "-o", "/proc/out.pt"], expect=harness.EXIT["no_space"])
     assert "/proc/out.pt" in err
 
 
@@ -206,13 +206,13 @@ def test_disk_full_leaves_nothing_and_keeps_existing_output():
     folder = harness.fixtures()["mp2_dp8_fp16_ns_opt"]
     work = harness.scratch("disk-full")
     out = os.path.join(work, "out.pt")
-    proc = limited(["stitch", "-q", folder, "-o", out], 4096)  # far below the output's size
-    assert proc.returncode == 1, proc
+    proc = limited(["stitch", "-q", folder, "-o", out], 4096)  # far below the output's size: EFBIG
+    assert proc.returncode == harness.EXIT["no_space"], proc
     assert proc.stderr.startswith("ckpt-tool: error: ") and out in proc.stderr, proc.stderr
     assert os.listdir(work) == [], os.listdir(work)
     open(out, "w").write("precious")
     proc = limited(["stitch", "-q", folder, "-o", out, "--force"], 4096)
-    assert proc.returncode == 1 and open(out).read() == "precious"
+    assert proc.returncode == harness.EXIT["no_space"] and open(out).read() == "precious"
     assert os.listdir(work) == ["out.pt"]
 
 

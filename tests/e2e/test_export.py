@@ -886,9 +886,9 @@ def test_found_by_the_second_black_box_review():
     sharded = os.path.join(work, "sharded")
     stitch([harness.fixtures()[case], "--format", "hf", "--max-shard-size", "300", "-o", sharded])
     os.remove(os.path.join(sharded, "model.safetensors.index.json"))
-    err = one_line_error(["inspect", sharded])
+    err = one_line_error(["inspect", sharded], expect=harness.EXIT["incomplete_set"])
     assert "no *.safetensors.index.json" in err, err
-    one_line_error(["verify", sharded])
+    one_line_error(["verify", sharded], expect=harness.EXIT["incomplete_set"])
 
     # 4. --hf-config cannot contradict what the weights hold, nor give a size as a float.
     raw_case = harness.fixtures()[case]

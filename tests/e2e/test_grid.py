@@ -137,7 +137,7 @@ def test_a_shard_with_a_shared_pickle_is_still_checked_on_its_own():
         f.write(bytes([byte[0] ^ 0x10]))
     out = os.path.join(work, "out")
     os.makedirs(out)
-    _, err = harness.run(["stitch", "-q", inputs, "-o", os.path.join(out, "s.pt")], expect=1)
+    _, err = harness.run(["stitch", "-q", inputs, "-o", os.path.join(out, "s.pt")], expect=harness.EXIT["corrupt_data"])
     assert victim in err and record in err and "CRC-32" in err, err
     _, err = harness.run(["verify", inputs], expect=1)
     assert victim in _ + err and record in _ + err, _ + err

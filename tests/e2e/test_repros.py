@@ -94,8 +94,9 @@ def test_swapped_names_repro():
         assert f"model_part-0-shard{saved}.pt is named shard {saved}" in stdout, stdout
     stdout, _ = harness.run(["inspect", folder])
     assert "named shard 0 but saved as shard 1" in stdout, stdout
-    for command, code in ((["stitch", folder, "-o", os.path.join(out, "s.pt")], 1),
-                          (["reshard", folder, "--mp", 1, "--dp", 2, "-o", os.path.join(out, "r{d}.pt")], 1),
+    incomplete = harness.EXIT["incomplete_set"]
+    for command, code in ((["stitch", folder, "-o", os.path.join(out, "s.pt")], incomplete),
+                          (["reshard", folder, "--mp", 1, "--dp", 2, "-o", os.path.join(out, "r{d}.pt")], incomplete),
                           (["diff", folder, folder], 2)):
         _, stderr = harness.run(command, expect=code)
         assert "named shard 0 but saved as shard 1" in stderr and len(stderr.strip().splitlines()) == 1, stderr
@@ -125,7 +126,7 @@ def test_renamed_sets():
                             .replace("part-X", "part-1"))
     stdout, _ = harness.run(["verify", parts_swapped], expect=1)
     assert "named model part 0 but saved as model part 1" in stdout, stdout
-    harness.run(["stitch", parts_swapped, "-o", os.path.join(work, "parts.pt")], expect=1)
+    harness.run(["stitch", parts_swapped, "-o", os.path.join(work, "parts.pt")], expect=harness.EXIT["incomplete_set"])
 
     single = stranger_sets.write_set(os.path.join(work, "one"), layers=1, seed=8, dtype=torch.float32)
     plain = os.path.join(work, "model.pt")
@@ -229,7 +230,7 @@ def test_found_by_the_stranger():
         f.write(data)
     for command in (["inspect", broken], ["manifest", broken, "-o", os.path.join(work, "m.json")],
                     ["stitch", broken, "-o", os.path.join(work, "b.pt")]):
-        _, stderr = harness.run(command, expect=1)
+        _, stderr = harness.run(command, expect=harness.EXIT["corrupt_data"])
         assert "data.pkl" in stderr and "CRC-32 of the pickle" in stderr, (command, stderr)
 
     # shard_metadata that fairscale could not consolidate either: refused by stitch and verify

@@ -183,7 +183,7 @@ def test_incomplete_grid_is_refused():
     folder = harness.fixtures()["mp2_dp3_fp32_ns_args"]
     work = harness.scratch("incomplete")
     files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".pt") and "part-1-shard1" not in f]
-    _, stderr = stitch(files + ["-o", os.path.join(work, "out.pt")], expect=1)
+    _, stderr = stitch(files + ["-o", os.path.join(work, "out.pt")], expect=harness.EXIT["incomplete_set"])
     assert "shard 1 of 3 missing for model part 1" in stderr, stderr
     assert os.listdir(work) == []
 
@@ -212,12 +212,12 @@ def test_replicated_mismatch_fails_unless_part_0_is_asked_for():
     shutil.copytree(folder, copy)
     flip_layer_norm(os.path.join(copy, "checkpoint_last-model_part-1-shard0.pt"), 0.5)
     out = os.path.join(work, "out.pt")
-    _, stderr = harness.run(["stitch", copy, "-o", out], expect=1)
+    _, stderr = harness.run(["stitch", copy, "-o", out], expect=harness.EXIT["incomplete_set"])
     assert "decoder.layers.0.self_attn_layer_norm.weight: replicated, but model part 1 differs from part 0 in 1 " \
         "element(s), first at [" in stderr and "max |difference| 0.5" in stderr, stderr
     assert "--replicated-from-part-0" in stderr and not os.path.exists(out)
     for command in (["reshard", copy, "--mp", "1", "--dp", "1", "-o", out], ["diff", copy, copy]):
-        _, stderr = harness.run(command, expect=2 if command[0] == "diff" else 1)
+        _, stderr = harness.run(command, expect=2 if command[0] == "diff" else harness.EXIT["incomplete_set"])
         assert "self_attn_layer_norm.weight: replicated, but model part 1 differs" in stderr, stderr
     stdout, _ = harness.run(["verify", copy], expect=1)
     assert "self_attn_layer_norm.weight: replicated, but model part 1 differs" in stdout, stdout

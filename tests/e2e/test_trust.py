@@ -66,9 +66,10 @@ def problems_of(args):
 def assert_refused_everywhere(files, out_dir, *needles):
     """stitch, reshard and diff refuse the set; inspect and verify report the same problem."""
     before = {f: hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files}
-    refused(["stitch", "-q"] + files + ["-o", os.path.join(out_dir, "out.pt")], *needles)
+    incomplete = harness.EXIT["incomplete_set"]
+    refused(["stitch", "-q"] + files + ["-o", os.path.join(out_dir, "out.pt")], *needles, code=incomplete)
     refused(["reshard", "-q"] + files + ["--mp", "1", "--dp", "1", "-o", os.path.join(out_dir, "r-{m}-{d}.pt")],
-            *needles)
+            *needles, code=incomplete)
     manifest = out_dir.rstrip("/") + "-manifest.json"
     harness.run(["manifest"] + files + ["-o", manifest, "--force"])
     refused(["diff", manifest, manifest], *needles, code=2)
@@ -92,12 +93,12 @@ def test_missing_model_part_at_the_end():
     expected = os.path.join(folder, "expected", "part-0.pt")
     single = os.path.join(work, "reshard-model_part-0.pt")
     shutil.copy(expected, single)
-    refused(["stitch", "-q", single, "-o", os.path.join(out, "x.pt")], "model part 1 of 2 missing")
+    refused(["stitch", "-q", single, "-o", os.path.join(out, "x.pt")], "model part 1 of 2 missing", code=harness.EXIT["incomplete_set"])
     # the Namespace cfg of another case
     folder = harness.fixtures()["mp2_dp3_fp32_ns_args"]
     part0 = sorted(os.path.join(folder, f) for f in os.listdir(folder) if "model_part-0" in f)
     refused(["stitch", "-q"] + part0 + ["-o", os.path.join(out, "y.pt")], "model part 1 of 2 missing",
-            "model_parallel_size = 2")
+            "model_parallel_size = 2", code=harness.EXIT["incomplete_set"])
 
 
 def test_a_stale_cfg_is_overridden_by_model_parts():
@@ -110,7 +111,8 @@ def test_a_stale_cfg_is_overridden_by_model_parts():
     glued = os.path.join(work, "resharded-model_part-0.pt")
     torch.save(state, glued)
     out = os.path.join(work, "out.pt")
-    refused(["stitch", "-q", glued, "-o", out], "model part 1 of 2 missing", "--model-parts overrides a stale cfg")
+    refused(["stitch", "-q", glued, "-o", out], "model part 1 of 2 missing", "--model-parts overrides a stale cfg",
+            code=harness.EXIT["incomplete_set"])
     assert problems_of([glued]) != []
     harness.run(["stitch", "-q", glued, "-o", out, "--model-parts", "1"])
     assert ckptcheck.load(out)["cfg"]["model"]["model_parallel_size"] == 1
@@ -120,7 +122,7 @@ def test_a_stale_cfg_is_overridden_by_model_parts():
     # the flag cannot make an incomplete set complete
     part0 = sorted(os.path.join(folder, f) for f in os.listdir(folder) if "model_part-0" in f)
     refused(["stitch", "-q"] + part0 + ["-o", os.path.join(work, "half.pt"), "--model-parts", "2"],
-            "model part 1 of 2 missing (--model-parts 2)")
+            "model part 1 of 2 missing (--model-parts 2)", code=harness.EXIT["incomplete_set"])
 
 
 def test_missing_last_shard_is_named():
@@ -131,7 +133,8 @@ def test_missing_last_shard_is_named():
     # DP-only names, the last rank of 3 missing
     folder = harness.fixtures()["mp1_dp3_bf16_ns_opt"]
     files = [os.path.join(folder, f"checkpoint_last-shard{d}.pt") for d in (0, 1)]
-    refused(["stitch", "-q"] + files + ["-o", os.path.join(work, "z.pt")], "shard 2 of 3 missing for model part 0")
+    refused(["stitch", "-q"] + files + ["-o", os.path.join(work, "z.pt")], "shard 2 of 3 missing for model part 0",
+            code=harness.EXIT["incomplete_set"])
 
 
 def test_plain_files_are_not_training_checkpoints():
@@ -174,7 +177,7 @@ def test_odd_inputs_answer_at_once():
     manifest = os.path.join(work, "m.json")
     harness.run(["manifest", folder, "-o", manifest])
     refused(["stitch", "-q", manifest, folder, "-o", os.path.join(work, "mixed.pt")], manifest,
-            "a manifest is the whole input set")
+            "a manifest is the whole input set", code=harness.EXIT["usage"])
 
 
 def test_inputs_are_never_written():
@@ -273,13 +276,15 @@ def test_corruption_is_never_laundered():
         at = z.read(name).index(b"ddp_backend")  # a cfg key: nothing checks it
     flip_byte(pickled, "/data.pkl", delta=at + 3)
     refused(["reshard", "-q", pickle_inputs, "--mp", "2", "--dp", "2", "-o", os.path.join(work, "r-{m}-{d}.pt")],
-            pickled, name, "CRC-32", "corrupted")
+            pickled, name, "CRC-32", "corrupted", code=harness.EXIT["corrupt_data"])
 
     out = os.path.join(work, "out")
     os.makedirs(out)
-    refused(["stitch", "-q", inputs, "-o", os.path.join(out, "a.pt")], victim, record, "CRC-32", "corrupted")
-    refused(["reshard", "-q", inputs, "--mp", "1", "--dp", "3", "-o", os.path.join(out, "r{d}.pt")], victim, record)
-    refused(["stitch", "-q", inputs, "-o", os.path.join(out, "p{m}.pt"), "--no-stitch-megatron"], victim, record)
+    refused(["stitch", "-q", inputs, "-o", os.path.join(out, "a.pt")], victim, record, "CRC-32", "corrupted", code=harness.EXIT["corrupt_data"])
+    refused(["reshard", "-q", inputs, "--mp", "1", "--dp", "3", "-o", os.path.join(out, "r{d}.pt")], victim, record,
+            code=harness.EXIT["corrupt_data"])
+    refused(["stitch", "-q", inputs, "-o", os.path.join(out, "p{m}.pt"), "--no-stitch-megatron"], victim, record,
+            code=harness.EXIT["corrupt_data"])
     assert os.listdir(out) == []
     # a byte in the padding of a flat parameter (read by no copy) is still caught
     work2 = harness.scratch("trust-corrupt-padding")
@@ -293,7 +298,7 @@ def test_corruption_is_never_laundered():
     with zipfile.ZipFile(victim) as z:
         size = z.getinfo(record).file_size
     flip_byte(victim, record, delta=size - 1)  # the last padding element
-    refused(["stitch", "-q", inputs2, "-o", os.path.join(out, "b.pt")], victim, record, "CRC-32")
+    refused(["stitch", "-q", inputs2, "-o", os.path.join(out, "b.pt")], victim, record, "CRC-32", code=harness.EXIT["corrupt_data"])
     # --no-crc-check copies what is there, and says so
     _, err = harness.run(["stitch", inputs, "-o", os.path.join(out, "c.pt"), "--no-crc-check"])
     assert "NOT checked" in err, err
@@ -447,7 +452,7 @@ def test_disk_full_during_the_copy_leaves_nothing():
         env["CKPT_FAIL_WRITES_AFTER_BYTES"] = str(budget)
         proc = subprocess.run([harness.TOOL, "reshard", "-q", inputs, "--mp", "2", "--dp", "3", "--buffered-io",
                                "-o", os.path.join(out, "c-{m}-{d}.pt")], env=env, capture_output=True, text=True)
-        assert proc.returncode == 1, proc
+        assert proc.returncode == harness.EXIT["no_space"], proc
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr
         assert os.listdir(out) == [], os.listdir(out)
@@ -456,10 +461,10 @@ def test_disk_full_during_the_copy_leaves_nothing():
     env["CKPT_FAIL_WRITES_AFTER_BYTES"] = "30000"
     proc = subprocess.run([harness.TOOL, "synth", "-q", "-o", out, "--params", "2e5", "--mp", "2", "--dp", "2"],
                           env=env, capture_output=True, text=True)
-    assert proc.returncode == 1 and os.listdir(out) == [], (proc, os.listdir(out))
+    assert proc.returncode == harness.EXIT["no_space"] and os.listdir(out) == [], (proc, os.listdir(out))
     proc = subprocess.run([harness.TOOL, "stitch", "-q", inputs, "--no-stitch-megatron", "-o",
                            os.path.join(out, "p{m}.pt")], env=env, capture_output=True, text=True)
-    assert proc.returncode == 1 and os.listdir(out) == [], (proc, os.listdir(out))
+    assert proc.returncode == harness.EXIT["no_space"] and os.listdir(out) == [], (proc, os.listdir(out))
 
 
 def test_a_failed_rename_takes_back_the_set():
@@ -470,7 +475,7 @@ def test_a_failed_rename_takes_back_the_set():
     args = [harness.TOOL, "reshard", "-q", inputs, "--mp", "1", "--dp", "4", "-o", pattern]
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, proc
+    assert proc.returncode == harness.EXIT["io"] and len(lines) == 1, proc
     assert "c-0-2.pt" in lines[0] and "the 2 output(s) renamed before it were removed again" in lines[0], lines
     assert os.listdir(out) == [], os.listdir(out)
     # over existing outputs (--force), the ones replaced cannot be taken back: named
@@ -478,7 +483,7 @@ def test_a_failed_rename_takes_back_the_set():
     os.remove(os.path.join(out, "c-0-1.pt"))
     proc = subprocess.run(args + ["--force"], env=env, capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, proc
+    assert proc.returncode == harness.EXIT["io"] and len(lines) == 1, proc
     assert "the 1 output(s) renamed before it were removed again" in lines[0], lines
     assert f"these replaced existing files and stay: {os.path.join(out, 'c-0-0.pt')}" in lines[0], lines
     assert sorted(os.listdir(out)) == ["c-0-0.pt", "c-0-2.pt", "c-0-3.pt"], os.listdir(out)
@@ -492,7 +497,7 @@ def test_small_file_system_is_refused_before_copying():
     try:
         inputs = harness.fixtures()[FIXTURE]
         refused(["reshard", "-q", inputs, "--mp", "1", "--dp", "8", "-o", os.path.join(mount, "c-{d}.pt")],
-                "not enough free space")
+                "not enough free space", code=harness.EXIT["no_space"])
         assert os.listdir(mount) == []
     finally:
         subprocess.run(["umount", mount], check=True)
@@ -511,6 +516,37 @@ def test_existing_outputs_all_checked_first():
     assert sorted(os.listdir(out)) == ["c-0-1.pt", "c-0-2.pt"]
 
 
+def test_exit_codes_tell_the_kind_of_failure():
+    """One exit code per kind of failure (README "Exit codes"), the same in every command that
+    writes; diff answers 2 for each, verify 1 (a problem it found)."""
+    work = harness.scratch("trust-exit-codes")
+    out = os.path.join(work, "out")
+    os.makedirs(out)
+    corrupt = copy_case(FIXTURE, os.path.join(work, "corrupt"))
+    flip_byte(os.path.join(corrupt, "checkpoint_last-model_part-0-shard1.pt"), "/data/0")
+    no_shard = copy_case(FIXTURE, os.path.join(work, "no-shard"))
+    for f in os.listdir(no_shard):
+        if "shard1" in f:
+            os.remove(os.path.join(no_shard, f))
+    cases = [
+        ("corrupt_data", corrupt, "CRC-32"),
+        ("incomplete_set", no_shard, "shard 1 of 2 missing"),
+        ("io", os.path.join(work, "absent-model_part-0-shard0.pt"), "cannot open"),
+        ("bad_input", os.path.join(harness.SOURCE_ROOT, "README.md"), "README.md"),
+    ]
+    for kind, inputs, needle in cases:
+        code = harness.EXIT[kind]
+        refused(["stitch", "-q", inputs, "-o", os.path.join(out, "s.pt")], needle, code=code)
+        refused(["reshard", "-q", inputs, "--mp", "1", "--dp", "1", "-o", os.path.join(out, "r.pt")], needle,
+                code=code)
+        if kind != "corrupt_data":  # diff reads no tensor data that both sides hold at the same place
+            refused(["diff", inputs, harness.fixtures()[FIXTURE]], needle, code=2)
+        assert os.listdir(out) == [], (kind, os.listdir(out))
+    refused(["stitch", "-q", corrupt, "-o", os.path.join(out, "s.pt"), "--max-shard-size", "1x"], "--max-shard-size",
+            code=harness.EXIT["usage"])
+    harness.run(["verify", "-q", corrupt], expect=1)
+    harness.run(["verify", "-q", no_shard], expect=1)
+
 if __name__ == "__main__":
     harness.main([test_missing_model_part_at_the_end, test_a_stale_cfg_is_overridden_by_model_parts,
                   test_missing_last_shard_is_named,
@@ -523,4 +559,4 @@ if __name__ == "__main__":
                   test_many_stale_temps_are_all_removed_and_told_in_a_few_lines,
                   test_disk_full_during_the_copy_leaves_nothing, test_a_failed_rename_takes_back_the_set,
                   test_small_file_system_is_refused_before_copying,
-                  test_existing_outputs_all_checked_first])
+                  test_existing_outputs_all_checked_first, test_exit_codes_tell_the_kind_of_failure])

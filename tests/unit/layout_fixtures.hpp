@@ -36,6 +36,7 @@
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "error_kind.hpp"
 #include "plan_sources.hpp"
 #include "temp_files.hpp"
 

@@ -18,11 +18,13 @@
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/format/torch_pickle.hpp"
+#include "ckpt/format/zip.hpp"
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/torch_file.hpp"
+#include "error_kind.hpp"
 #include "plan_sources.hpp"
 #include "temp_files.hpp"
 
@@ -346,8 +348,32 @@ TEST_SUITE("CheckpointBuilder") {
     } catch (const ckpt::Error& e) {
       std::string what = e.what();
       CHECK(what.find("list.pt") != std::string::npos);
-      CHECK(what.find("top level is not a dict") != std::string::npos);
+      CHECK_KIND(e, ckpt::ErrorKind::BadInput);
     }
+  }
+
+  TEST_CASE("Checkpoint: a flipped byte in the pickle is CorruptData, whatever it would decode to") {
+    TempDir dir;
+    std::string path = dir.file("flipped.pt");
+    ckpt::pickle::Graph graph;
+    graph.root = dict(graph, {{"step", graph.integer(7)}});
+    ckpt::Plan plan;
+    plan.files.push_back(ckpt::plan_torch_file(path, "flipped", graph, {}));
+    run(plan);
+    std::uint64_t pickle_offset = 0;
+    {
+      ckpt::MappedFile file(path);
+      ckpt::ZipArchive zip(file);
+      for (const ckpt::ZipRecord& record : zip.records()) {
+        if (record.name.ends_with("data.pkl")) pickle_offset = record.data_offset;
+      }
+    }
+    REQUIRE(pickle_offset > 0);
+    Buffer bytes = test_files::read_file(path);
+    bytes[pickle_offset + 2] ^= std::byte{0x01};
+    test_files::write_file(path, bytes);
+    ckpt::MappedFile file(path);
+    CHECK_THROWS_KIND(ckpt::Checkpoint{file}, ckpt::ErrorKind::CorruptData);
   }
 }
 

@@ -25,6 +25,7 @@
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "error_kind.hpp"
 #include "plan_sources.hpp"
 #include "temp_files.hpp"
 
@@ -435,7 +436,7 @@ TEST_SUITE("exec") {
         } catch (const ckpt::Error& e) {
           CHECK(e.where().file == zip.path.string());
           CHECK(e.where().member == c.record);
-          CHECK(std::string(e.what()).find("CRC-32") != std::string::npos);
+          CHECK_KIND(e, ckpt::ErrorKind::CorruptData);
         }
         CHECK(no_file_but(dir, {"source.pt"}));
         ckpt::ExecOptions unchecked;
@@ -502,14 +503,12 @@ TEST_SUITE("exec") {
       fs::create_hard_link(zip.path, dir / "c.pt");
       ckpt::ExecOptions options;
       options.overwrite = true;
-      CHECK_THROWS_WITH_AS(ckpt::execute(three_outputs(zip.offset[2]), options),
-                           doctest::Contains("one of this run's input files"), ckpt::Error);
+      CHECK_THROWS_KIND(ckpt::execute(three_outputs(zip.offset[2]), options), ckpt::ErrorKind::BadInput);
       CHECK(no_file_but(dir, {"source.pt", "c.pt"}));
     }
     SUBCASE("an existing last output stops the run before the first is created") {
       write_file(dir / "c.pt", Buffer(10));
-      CHECK_THROWS_WITH_AS(ckpt::execute(three_outputs(zip.offset[2]), {}), doctest::Contains("already exists"),
-                           ckpt::Error);
+      CHECK_THROWS_KIND(ckpt::execute(three_outputs(zip.offset[2]), {}), ckpt::ErrorKind::BadInput);
       CHECK(no_file_but(dir, {"source.pt", "c.pt"}));
     }
     SUBCASE("a corrupted input read only by the last output: none is renamed") {

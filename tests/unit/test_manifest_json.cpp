@@ -400,6 +400,7 @@ TEST_SUITE("manifest") {
       REQUIRE_MESSAGE(error.has_value(), "accepted");
       CHECK(error->where().file == kSource);
       CHECK(error->where().member == c.field);
+      CHECK_KIND(*error, ckpt::ErrorKind::BadInput);
       CHECK_MESSAGE(contains(error->message(), c.message), std::string(error->what()));
       CHECK(std::string(error->what()).find('\n') == std::string::npos);
     }
@@ -445,6 +446,7 @@ TEST_SUITE("manifest") {
           error_of([&] { ckpt::parse_manifest(bytes_of(c.bytes), "m.json.zst", c.compressed, c.max_text_bytes); });
       REQUIRE_MESSAGE(error.has_value(), "accepted");
       CHECK(error->where().file == "m.json.zst");
+      CHECK_KIND(*error, ckpt::ErrorKind::BadInput);
       CHECK_MESSAGE(contains(error->message(), c.message), std::string(error->what()));
     }
   }

@@ -32,6 +32,7 @@
 #include "ckpt/format/pickle_ops.hpp"
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/io/error.hpp"
+#include "error_kind.hpp"
 
 namespace {
 
@@ -995,7 +996,7 @@ TEST_SUITE("pickle") {
   TEST_CASE("nesting deeper than kMaxDepth is an Error, not a stack overflow") {
     static_assert(ckpt::pickle::kMaxDepth < 10000);
     Graph deep = nested_lists(10000);
-    CHECK_THROWS_WITH_AS(ckpt::pickle::encode(deep), doctest::Contains("nested deeper than"), ckpt::Error);
+    CHECK_THROWS_KIND(ckpt::pickle::encode(deep), ckpt::ErrorKind::BadInput);
     CHECK_THROWS_AS(ckpt::walk_paths(deep, deep.root, "", [](NodeId, const std::string&) {}), ckpt::Error);
     CHECK_THROWS_AS(ckpt::to_json(deep, deep.root, nullptr), ckpt::Error);
 
@@ -1038,7 +1039,7 @@ TEST_SUITE("pickle") {
     CHECK_THROWS_AS(ckpt::pickle::encode(missing), ckpt::Error);
     Graph newline;
     newline.root = newline.global("os\nsystem", "x");
-    CHECK_THROWS_WITH_AS(ckpt::pickle::encode(newline), doctest::Contains("newline"), ckpt::Error);
+    CHECK_THROWS_KIND(ckpt::pickle::encode(newline), ckpt::ErrorKind::BadInput);
   }
 
 }  // TEST_SUITE

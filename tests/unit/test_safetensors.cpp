@@ -16,6 +16,7 @@
 #include "ckpt/io/error.hpp"
 #include "ckpt/layout/hf_opt.hpp"
 #include "ckpt/plan/export.hpp"
+#include "error_kind.hpp"
 
 namespace {
 
@@ -113,7 +114,7 @@ TEST_CASE("safetensors header: every broken rule is one error naming the file, t
   }
   // The length itself.
   Buffer short_file(5);
-  CHECK(contains(read_error(short_file), "too short"));
+  CHECK_THROWS_KIND(ckpt::read_safetensors_header(short_file, "t.safetensors"), ckpt::ErrorKind::BadInput);
   Buffer past_end = file_of("{}", 0);
   past_end[0] = std::byte{200};
   CHECK(contains(read_error(past_end), "past the end of the 10-byte file"));
@@ -180,10 +181,9 @@ TEST_CASE("safetensors index: files beside it only, in the order the map first n
   for (const char* bad : {"../x.safetensors", "d/x.safetensors", "", ".."}) {
     CAPTURE(bad);
     std::string text = std::string(R"({"weight_map":{"a":")") + bad + "\"}}";
-    CHECK_THROWS_WITH_AS(ckpt::parse_safetensors_index(text, "i.json"),
-                         doctest::Contains("not a file in the index's directory"), ckpt::Error);
+    CHECK_THROWS_KIND(ckpt::parse_safetensors_index(text, "i.json"), ckpt::ErrorKind::BadInput);
   }
-  CHECK_THROWS_WITH_AS(ckpt::parse_safetensors_index("{}", "i.json"), doctest::Contains("no weight_map"), ckpt::Error);
+  CHECK_THROWS_KIND(ckpt::parse_safetensors_index("{}", "i.json"), ckpt::ErrorKind::BadInput);
   CHECK(ckpt::safetensors_shard_name("model", 2, 17) == "model-00002-of-00017.safetensors");
   CHECK(ckpt::safetensors_shard_stem("model-00002-of-00017.safetensors") == "model");
   CHECK(ckpt::safetensors_shard_stem("a+b(1)-00001-of-00002.safetensors") == "a+b(1)");
@@ -224,7 +224,7 @@ TEST_CASE("hf_opt_rule: transformers' converter's table") {
   for (const char* key : {"decoder.embed_positions._float_tensor", "encoder.layers.0.fc1.weight",
                           "decoder.layers.0.self_attn.qkv_proj.weight.extra", "decoder.layers.x.fc1.weight"}) {
     CAPTURE(key);
-    CHECK_THROWS_WITH_AS(ckpt::hf_opt_rule(key), doctest::Contains("no Hugging Face OPT name"), ckpt::Error);
+    CHECK_THROWS_KIND(ckpt::hf_opt_rule(key), ckpt::ErrorKind::BadInput);
   }
 }
 

@@ -20,6 +20,7 @@
 #include "ckpt/io/byte_writer.hpp"
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/error.hpp"
+#include "error_kind.hpp"
 
 namespace {
 
@@ -796,7 +797,7 @@ TEST_SUITE("zip") {
 
   TEST_CASE("layout_zip rejects names longer than a zip name field") {
     std::vector<ZipEntrySpec> specs = {{std::string(0x10000, 'n'), 1}};
-    CHECK_THROWS_WITH_AS(ckpt::layout_zip(specs), doctest::Contains("longer than 65535"), ckpt::Error);
+    CHECK_THROWS_KIND(ckpt::layout_zip(specs), ckpt::ErrorKind::BadInput);
     std::vector<ZipEntrySpec> ok = {{std::string(0xFFFF, 'n'), 1}};
     CHECK(ckpt::layout_zip(ok).records.at(0).data_offset % 64 == 0);
   }
