@@ -8,6 +8,11 @@ sits beside cli: it implements exec's tensor_math.hpp, and nothing outside
 src/tensor/ includes its headers (only the plugin links LibTorch). Every project header must
 live in a stage folder: `#include "ckpt/x.hpp"` without one is an error too.
 
+Which kind of input a file is gets decided in one place: `FileFormat::` is named
+only by the input-layout table (src/manifest/input_layouts.cpp), the manifest's
+own declarations and readers, and a layout's describe function that sets it
+(FORMAT_NAMED); everywhere else asks the layout's row (input_layouts.hpp).
+
 Usage: check_layers.py SOURCE_ROOT
 """
 import pathlib
@@ -18,6 +23,9 @@ STAGES = ["io", "format", "layout", "manifest", "plan", "exec", "cli"]
 RANK = {stage: i for i, stage in enumerate(STAGES)}
 RANK["tensor"] = RANK["cli"]
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+FORMAT_NAMED = {"src/manifest/input_layouts.cpp", "include/ckpt/manifest/manifest.hpp",
+                "include/ckpt/manifest/input_layouts.hpp",
+                "src/manifest/manifest.cpp"}
 
 
 def stage_of(root, path):
@@ -40,7 +48,10 @@ def main():
         if stage not in RANK:
             problems.append(f"{where}: not in a stage folder ({', '.join(STAGES)}, tensor)")
             continue
-        for target in INCLUDE.findall(path.read_text()):
+        text = path.read_text()
+        if "FileFormat::" in text and str(where) not in FORMAT_NAMED:
+            problems.append(f"{where}: names FileFormat:: (ask the input layout's row: input_layouts.hpp)")
+        for target in INCLUDE.findall(text):
             if not target.startswith("ckpt/"):
                 continue  # a header of the same folder (src/cli/commands.hpp)
             parts = target.split("/")

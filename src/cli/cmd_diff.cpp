@@ -15,6 +15,7 @@
 #include "ckpt/layout/hf_opt.hpp"
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/plan/stitch.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
@@ -28,30 +29,16 @@ namespace {
 
 // One side of a comparison: a single file's tensors as they are, or a set of
 // shard files consolidated on the fly (the stitched model, "model/<key>"), or
-// a safetensors file or set (one state dict, "model/<key>").
+// a file or set of a layout that is one state dict (safetensors: "model/<key>").
 struct Side {
-  explicit Side(PlanInputs opened) : inputs(std::move(opened)) {}
+  explicit Side(PlanInputs opened) : inputs(std::move(opened)), layout(&input_layout(inputs.manifest())) {}
   PlanInputs inputs;
+  const InputLayout* layout;
   std::vector<NamedTensor> tensors;
   bool consolidated = false;
-  bool safetensors = false;
+  // A layout that is one state dict and nothing else (no training layout).
+  bool state_dict_layout() const { return !layout->training; }
 };
-
-// Every tensor of a safetensors file or set; a set the set check faults (a
-// name in two files) is an error.
-void load_safetensors(Side& side) {
-  const Manifest& manifest = side.inputs.manifest();
-  if (!manifest.grid.problems.empty()) throw Error(ErrorKind::IncompleteSet, manifest.grid.problems.front());
-  const auto& files = manifest.files;
-  for (std::size_t i = 0; i < files.size(); ++i) {
-    for (const ManifestTensor& tensor : files[i].tensors) {
-      side.tensors.push_back({tensor.path,
-                              source_of(tensor, files[i].place(tensor).file_byte_offset, static_cast<int>(i)),
-                              std::nullopt,
-                              {}});
-    }
-  }
-}
 
 // The metaseq state dict of a torch side under transformers' OPT names
 // (--names hf-opt): the side's model/ tensors through the one mapping table.
@@ -77,9 +64,9 @@ std::vector<NamedTensor> hf_opt_named(const std::vector<NamedTensor>& tensors) {
 // other. 0 when nothing would pair, or the torch side has a key the mapping
 // does not know.
 std::size_t pairs_under_hf_opt(const Side& a, const Side& b, const DiffReport& report) {
-  if (report.compared > 0 || !report.differing.empty() || a.safetensors == b.safetensors) return 0;
-  const Side& torch_side = a.safetensors ? b : a;
-  const Side& named_side = a.safetensors ? a : b;
+  if (report.compared > 0 || !report.differing.empty() || a.state_dict_layout() == b.state_dict_layout()) return 0;
+  const Side& torch_side = a.state_dict_layout() ? b : a;
+  const Side& named_side = a.state_dict_layout() ? a : b;
   std::vector<NamedTensor> renamed;
   try {
     renamed = hf_opt_named(torch_side.tensors);
@@ -108,49 +95,21 @@ void keep_model(Side& side) {
 
 std::unique_ptr<Side> open_side(const std::string& input, std::optional<std::int64_t> model_parts) {
   auto side = std::make_unique<Side>(open_inputs({input}, model_parts));
-  side->safetensors = side->inputs.manifest().files.front().format == FileFormat::Safetensors;
   return side;
 }
 
-// The side's tensors. With `state_dict_only` (against safetensors, or under
-// another naming), one FSDP-flattened file is consolidated like a set of shards.
+// The side's tensors, as its layout reads them (input_layouts.hpp). With
+// `state_dict_only` (against another layout, or under another naming), one
+// FSDP-flattened file is consolidated like a set of shards.
 void load_side(Side& side, bool state_dict_only) {
-  const Manifest& manifest = side.inputs.manifest();
-  if (side.safetensors) {
-    load_safetensors(side);
-    return;
-  }
-  if (manifest.files.size() == 1 && !(state_dict_only && manifest.files[0].fsdp)) {
-    const ManifestFile& file = manifest.files[0];
-    // Against a state dict (safetensors, other names), a tie pickled as two tensor
-    // objects over the same view (model.state_dict()) is a tie, as stitch writes it.
-    DistinctViews views;
-    for (const ManifestTensor& tensor : file.tensors) {
-      if (!tensor.alias_of.empty()) {
-        side.tensors.push_back({tensor.path, {}, tensor.alias_of});
-      } else if (const ManifestTensor* tie = state_dict_only ? views.tied_to(tensor) : nullptr) {
-        side.tensors.push_back({tensor.path, {}, tie->path});
-      } else {
-        side.tensors.push_back({tensor.path, source_of(tensor, file.place(tensor).file_byte_offset, 0), std::nullopt});
-      }
-    }
-    return;
-  }
-  side.consolidated = true;
-  std::vector<std::vector<NamedTensor>> parts;
-  for (const auto& shards : complete_grid(manifest)) parts.push_back(consolidate_part(manifest, shards));
-  std::vector<std::string> replicated;
-  std::vector<NamedTensor> glued = glue_megatron(parts, {}, &replicated);
+  StateDict read = side.layout->state_dict(side.inputs.manifest(), {state_dict_only});
+  side.consolidated = read.consolidated;
   // Part 0's copy of a replicated tensor stands for the others only when they agree.
-  std::vector<std::string> differing = compare_replicated(replicated_checks(parts, replicated), side.inputs.files());
+  std::vector<std::string> differing = compare_replicated(read.checks, side.inputs.files());
   if (!differing.empty()) {
     throw Error(ErrorKind::IncompleteSet, first_replicated_problem(differing) + ": the set is not one model");
   }
-  for (NamedTensor& tensor : glued) {
-    tensor.name = state_dict_path(kModelPrefix, tensor.name);
-    if (tensor.alias_of) tensor.alias_of = state_dict_path(kModelPrefix, *tensor.alias_of);
-    side.tensors.push_back(std::move(tensor));
-  }
+  side.tensors = std::move(read.tensors);
 }
 
 // Non-tensor objects that differ (tensors, {"$tensor": i}, are compared as data).
@@ -292,18 +251,18 @@ Action add_diff_command(CLI::App& app) {
     // and read for its model only. One shard of a larger set is a file.
     auto is_set = [](const Side& side) {
       const Manifest& manifest = side.inputs.manifest();
-      return !side.safetensors &&
+      return !side.state_dict_layout() &&
              (manifest.files.size() > 1 || (manifest.files.front().fsdp && manifest.grid.problems.empty()));
     };
     const bool sets = is_set(*a) || is_set(*b);
     for (Side* side : {a.get(), b.get()}) {
       Side* other = side == a.get() ? b.get() : a.get();
-      load_side(*side, !options->names.empty() || other->safetensors || sets);
+      load_side(*side, !options->names.empty() || other->state_dict_layout() || sets);
       // Against a set or a safetensors file, only the model state dict is compared.
-      if ((sets || other->safetensors) && !side->safetensors) keep_model(*side);
-      if (!options->names.empty() && !side->safetensors) side->tensors = hf_opt_named(side->tensors);
+      if ((sets || other->state_dict_layout()) && !side->state_dict_layout()) keep_model(*side);
+      if (!options->names.empty() && !side->state_dict_layout()) side->tensors = hf_opt_named(side->tensors);
       // A tie is one tensor in safetensors: its second name is not looked for there.
-      if (other->safetensors && !side->safetensors) {
+      if (other->state_dict_layout() && !side->state_dict_layout()) {
         std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });
       }
     }
@@ -313,7 +272,7 @@ Action add_diff_command(CLI::App& app) {
     compare.threads = options->threads;
     DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
     std::vector<std::string> objects;
-    if (!a->consolidated && !b->consolidated && !a->safetensors && !b->safetensors) {
+    if (!a->consolidated && !b->consolidated && !a->state_dict_layout() && !b->state_dict_layout()) {
       diff_objects(*a->inputs.manifest().files[0].objects, *b->inputs.manifest().files[0].objects, "", objects, 50);
     }
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

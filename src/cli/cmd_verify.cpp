@@ -5,9 +5,11 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <memory>
 
 #include "ckpt/exec/verify.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"
@@ -45,14 +47,21 @@ Action add_verify_command(CLI::App& app) {
     for (const std::string& problem : report.problems) fmt::print("{}\n", printable(problem));
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!options->quiet) {
-      auto safetensors = static_cast<std::size_t>(
-          std::count_if(paths.begin(), paths.end(), [](const std::string& p) { return is_safetensors_path(p); }));
-      if (safetensors > 0)
-        fmt::print(stderr, "ckpt-tool: note: safetensors files hold no checksums: their headers were checked\n");
-      // What was checked: the torch files' record data (CRC-32), the headers of safetensors files.
+      // What was checked: the record data of files with checksums (CRC-32),
+      // the headers of the others (a layout without checksums: safetensors).
+      std::map<std::string_view, std::size_t> unchecked;  // layout name -> files
+      for (const std::string& path : paths) {
+        if (const InputLayout& layout = input_layout_of_path(path); !layout.has_crcs) ++unchecked[layout.name];
+      }
+      std::size_t without_crcs = 0;
       std::vector<std::string> checked;
-      if (safetensors < paths.size()) checked.push_back(human_bytes(report.bytes) + " of record data checked");
-      if (safetensors > 0) checked.push_back(fmt::format("{} safetensors header(s) checked", safetensors));
+      for (const auto& [name, files] : unchecked) {
+        fmt::print(stderr, "ckpt-tool: note: {} files hold no checksums: their headers were checked\n", name);
+        without_crcs += files;
+      }
+      if (without_crcs < paths.size()) checked.push_back(human_bytes(report.bytes) + " of record data checked");
+      for (const auto& [name, files] : unchecked)
+        checked.push_back(fmt::format("{} {} header(s) checked", files, name));
       fmt::print("{}: {} file(s), {} record(s), {} in {:.2f} s{}; {} problem(s)\n",
                  report.problems.empty() ? "ok" : "FAILED", report.files, report.records, fmt::join(checked, ", "),
                  seconds, report.bytes > 0 ? rate_text(report.bytes, seconds) : "", report.problems.size());

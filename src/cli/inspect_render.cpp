@@ -14,6 +14,7 @@
 
 #include "ckpt/format/python_globals.hpp"
 #include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 #include "inputs.hpp"
 
 namespace ckpt::cli {
@@ -246,8 +247,8 @@ void print_grid_parts(const Manifest& manifest, std::ostream& out) {
 
 void print_grid(const Manifest& manifest, bool wide, std::ostream& out) {
   const Grid& grid = manifest.grid;
-  if (!manifest.files.empty() && manifest.files[0].format == FileFormat::Safetensors) {
-    out << fmt::format("format: safetensors, one state dict in {} file(s) (no training layout)\n",
+  if (const InputLayout& layout = input_layout(manifest); !layout.training) {
+    out << fmt::format("format: {}, one state dict in {} file(s) (no training layout)\n", layout.name,
                        manifest.files.size());
     return;
   }
@@ -364,9 +365,8 @@ void print_inspect_text(const Manifest& manifest, const InspectRequest& request,
 json inspect_json(const Manifest& manifest, const InspectRequest& request) {
   Summary summary = summarize(manifest);
   bool training = is_training(manifest);
-  bool safetensors = !manifest.files.empty() && manifest.files[0].format == FileFormat::Safetensors;
   json out = {{"files", manifest.files.size()},
-              {"format", safetensors ? "safetensors" : "torch"},
+              {"format", input_layout(manifest).name},
               {"grid",
                {{"mp", manifest.grid.mp},
                 {"dp", manifest.grid.dp},

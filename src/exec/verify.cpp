@@ -15,6 +15,7 @@
 #include "ckpt/io/parallel.hpp"
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 
 namespace ckpt {
 
@@ -65,7 +66,7 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
   for (const std::string& path : paths) {
     ++report.files;
     try {
-      if (is_safetensors_path(path)) {  // no checksum: the header's rules are what can be checked
+      if (!input_layout_of_path(path).has_crcs) {  // no checksum: the layout's own rules are what can be checked
         manifest.files.push_back(describer.describe(path));
         report.records += manifest.files.back().tensors.size();
         continue;
@@ -96,16 +97,13 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
     }
   }
   if (!manifest.grid.problems.empty() || manifest.files.size() != paths.size()) return report;
-  if (manifest.files.front().format == FileFormat::Safetensors) return report;  // (names in two files: the grid's)
-  // Any torch.save file verifies; a set of files, or a sharded one, must be a
-  // training checkpoint whose layout rules hold: every part consolidates, the
-  // parts glue.
+  // Any file of a layout verifies; a set of training files, or a sharded one,
+  // must read as one state dict: every part consolidates, the parts glue.
+  const InputLayout& layout = input_layout(manifest);
+  if (!layout.training) return report;  // (names in two files: the set check's)
   if (manifest.files.size() == 1 && !manifest.files[0].fsdp) return report;
   try {
-    std::vector<std::vector<NamedTensor>> parts;
-    for (const auto& shards : manifest.grid.cells) parts.push_back(consolidate_part(manifest, shards));
-    std::vector<std::string> replicated;
-    (void)reshard_megatron(parts, 1, &replicated);
+    StateDict glued = layout.state_dict(manifest, {});
     // A replicated tensor that differs between the parts: stitch refuses it
     // (after a CRC problem, it is that problem again).
     if (!report.problems.empty()) return report;
@@ -113,8 +111,7 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
     std::vector<const MappedFile*> files;
     for (const ManifestFile& file : manifest.files)
       files.push_back(mapped.emplace_back(std::make_unique<MappedFile>(file.path)).get());
-    for (std::string& problem : compare_replicated(replicated_checks(parts, replicated), files))
-      report.problems.push_back(std::move(problem));
+    for (std::string& problem : compare_replicated(glued.checks, files)) report.problems.push_back(std::move(problem));
   } catch (const Error& e) {
     report.problems.push_back(e.what());
   }

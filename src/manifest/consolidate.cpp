@@ -12,6 +12,7 @@
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/layout/metaseq.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 
 namespace ckpt {
 
@@ -569,21 +570,27 @@ bool once_per_model(const std::string& key) {
 }  // namespace
 
 ModelCounts count_model(const Manifest& manifest) {
+  return input_layout(manifest).count_model(manifest);
+}
+
+ModelCounts count_safetensors_model(const Manifest& manifest) {
+  // One state dict, spread over the files.
+  ModelCounts counts;
+  counts.counted_from = "the safetensors state dict";
+  for (const ManifestFile& file : manifest.files) {
+    for (const auto& [key, tensor] : state_dict_tensors(file, std::string(kModelPrefix))) {
+      (is_buffer(key, *tensor, nullptr) ? counts.buffers : counts.parameters) += tensor->numel();
+    }
+  }
+  return counts;
+}
+
+ModelCounts count_torch_model(const Manifest& manifest) {
   ModelCounts counts;
   for (const ManifestFile& file : manifest.files) {
     for (const ManifestTensor& t : file.tensors) {
       if (t.alias_of.empty() && t.section() == "optimizer_state") counts.optimizer_state += t.numel();
     }
-  }
-  // A safetensors file or set is one state dict, spread over its files.
-  if (!manifest.files.empty() && manifest.files.front().format == FileFormat::Safetensors) {
-    counts.counted_from = "the safetensors state dict";
-    for (const ManifestFile& file : manifest.files) {
-      for (const auto& [key, tensor] : state_dict_tensors(file, std::string(kModelPrefix))) {
-        (is_buffer(key, *tensor, nullptr) ? counts.buffers : counts.parameters) += tensor->numel();
-      }
-    }
-    return counts;
   }
   // One file per model part: its first shard.
   for (std::size_t m = 0; m < manifest.grid.cells.size(); ++m) {

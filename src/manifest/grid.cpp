@@ -12,6 +12,7 @@
 #include <set>
 
 #include "ckpt/format/checkpoint.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest.hpp"
 
 namespace ckpt {
@@ -485,26 +486,34 @@ void check_shard_layouts(const std::vector<ManifestFile>& files, Grid& grid) {
 }  // namespace
 
 Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts) {
-  Grid grid;
-  if (files.empty()) return grid;
-  // Safetensors files hold a model state dict, no training layout: no grid. A
-  // sharded set is one state dict: no name in two files.
-  auto safetensors = std::count_if(files.begin(), files.end(),
-                                   [](const ManifestFile& file) { return file.format == FileFormat::Safetensors; });
-  if (safetensors != 0) {
-    if (static_cast<std::size_t>(safetensors) != files.size()) {
-      grid.problems.push_back("safetensors files mixed with torch checkpoints: give one kind");
-      return grid;
-    }
-    std::map<std::string_view, std::string_view> first_file;
-    for (const ManifestFile& file : files) {
-      for (const ManifestTensor& tensor : file.tensors) {
-        auto [it, added] = first_file.emplace(tensor.path, file.path);
-        if (!added) grid.problems.push_back(fmt::format("{}: {}: also in {}", file.path, tensor.path, it->second));
-      }
-    }
+  if (files.empty()) return {};
+  const InputLayout& layout = input_layout(files.front().format);
+  for (const ManifestFile& file : files) {
+    if (file.format == files.front().format) continue;
+    Grid grid;
+    grid.problems.push_back(fmt::format("{} files mixed with {} files ({}): give one kind",
+                                        input_layout(file.format).name, layout.name, file.path));
     return grid;
   }
+  return layout.check_set(files, model_parts);
+}
+
+Grid check_safetensors_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> /*model_parts*/) {
+  // A model state dict, no training layout: no grid. A sharded set is one
+  // state dict: no name in two files.
+  Grid grid;
+  std::map<std::string_view, std::string_view> first_file;
+  for (const ManifestFile& file : files) {
+    for (const ManifestTensor& tensor : file.tensors) {
+      auto [it, added] = first_file.emplace(tensor.path, file.path);
+      if (!added) grid.problems.push_back(fmt::format("{}: {}: also in {}", file.path, tensor.path, it->second));
+    }
+  }
+  return grid;
+}
+
+Grid check_torch_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts) {
+  Grid grid;
   const DeclaredCount declared = declared_part_count(files, model_parts, grid.problems);
   const NamedRoles named = named_roles(files, grid.problems);
   check_archive_roles(files, grid.problems);

@@ -23,6 +23,7 @@
 #include "ckpt/format/safetensors.hpp"
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/parallel.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 
 namespace ckpt {
 
@@ -322,6 +323,11 @@ ManifestFile describe_safetensors(const MappedFile& mapped) {
 
 }  // namespace
 
+ManifestFile describe_safetensors_file(FileDescriber& /*describer*/, const std::string& path) {
+  MappedFile mapped(path);
+  return describe_safetensors(mapped);
+}
+
 bool is_safetensors_path(std::string_view path) {
   return path.ends_with(".safetensors");
 }
@@ -372,8 +378,11 @@ std::vector<std::string> safetensors_index_problems(const std::string& index_pat
 }
 
 ManifestFile FileDescriber::describe(const std::string& path) {
+  return input_layout_of_path(path).describe(*this, path);
+}
+
+ManifestFile FileDescriber::describe_torch(const std::string& path) {
   auto mapped = std::make_unique<MappedFile>(path);
-  if (is_safetensors_path(path)) return describe_safetensors(*mapped);
   ZipArchive zip(*mapped);
   TorchZip located = locate_torch_zip(zip);
   Bytes pickle = zip.data(*located.pickle);

@@ -21,6 +21,7 @@
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/io/version.hpp"
 #include "ckpt/io/zstd.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest.hpp"
 
 namespace ckpt {
@@ -109,9 +110,11 @@ class Numbering {
 
 json manifest_to_json(const Manifest& manifest) {
   for (const ManifestFile& file : manifest.files) {
-    if (file.format != FileFormat::Torch) {
-      throw Error(Location{file.path, "", std::nullopt},
-                  "a safetensors file: manifests index torch checkpoints (inspect, diff and verify read it directly)");
+    if (const InputLayout& layout = input_layout(file.format); !layout.training) {
+      throw Error(
+          Location{file.path, "", std::nullopt},
+          fmt::format("a {} file: manifests index torch checkpoints (inspect, diff and verify read it directly)",
+                      layout.name));
     }
   }
   json lists = json::array();

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include "ckpt/manifest/input_layouts.hpp"
+
 namespace ckpt {
 
 PlanInputs::PlanInputs(Manifest manifest) : manifest_(std::move(manifest)) {
@@ -52,7 +54,7 @@ PlanSource PlanInputs::source(int index) const {
                   fmt::format("source {} of {} input files", index, files_.size()));
   const ManifestFile& file = manifest_.files[static_cast<std::size_t>(index)];
   PlanSource source = plan_source(*files_[static_cast<std::size_t>(index)], storage_records(file));
-  source.has_crcs = file.format != FileFormat::Safetensors;
+  source.has_crcs = input_layout(file.format).has_crcs;
   return source;
 }
 

@@ -168,7 +168,7 @@ struct Weights {
 Weights recut_weights(const Manifest& manifest, const std::vector<std::vector<int>>& grid, int mp, QkvForm form,
                       std::vector<ReplicatedCheck>& checks) {
   Weights weights;
-  for (const auto& shards : grid) weights.parts.push_back(consolidate_part(manifest, shards));
+  weights.parts = consolidate_grid(manifest, grid);
   std::vector<std::string> replicated;
   weights.recut = reshard_megatron(weights.parts, mp, &replicated, form);
   checks = replicated_checks(weights.parts, replicated);

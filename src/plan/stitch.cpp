@@ -14,25 +14,6 @@
 
 namespace ckpt {
 
-std::vector<std::vector<int>> complete_grid(const Manifest& manifest) {
-  if (manifest.files.empty()) throw Error("no input files");
-  for (const ManifestFile& file : manifest.files) {
-    if (file.format == FileFormat::Safetensors) {
-      throw Error(Location{file.path, "", std::nullopt},
-                  "a safetensors file: stitch and reshard read metaseq's torch checkpoints (inspect, diff and verify "
-                  "read safetensors)");
-    }
-  }
-  const auto& problems = manifest.grid.problems;
-  if (!problems.empty()) {
-    std::string more = problems.size() > 1 ? fmt::format(" (and {} more problem(s): `ckpt-tool verify` lists them)",
-                                                         problems.size() - 1)
-                                           : "";
-    throw Error(ErrorKind::IncompleteSet, "the files are not one consistent MP x DP grid: " + problems.front() + more);
-  }
-  return manifest.grid.cells;
-}
-
 std::string ema_state_dict(const ManifestFile& file) {
   for (const char* candidate : {"extra_state/ema_fp32_params", "extra_state/ema"}) {
     std::string prefix = std::string(candidate) + "/";
@@ -226,10 +207,7 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
   std::vector<std::vector<int>> grid = complete_grid(manifest);
   std::vector<const Checkpoint*> bases = stitch_bases(inputs, grid, options.stitch_megatron);
 
-  std::vector<std::vector<NamedTensor>> consolidated;
-  for (const std::vector<int>& shards : grid) {
-    consolidated.push_back(consolidate_part(manifest, shards, options.state_dict));
-  }
+  std::vector<std::vector<NamedTensor>> consolidated = consolidate_grid(manifest, grid, options.state_dict);
 
   StitchPlan out;
   std::vector<ReplicatedCheck> state_checks;

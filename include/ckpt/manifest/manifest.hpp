@@ -269,8 +269,11 @@ class FileDescriber {
   // With `keep`, the checkpoints decoded are kept there (DecodedFiles).
   explicit FileDescriber(DecodedFiles* keep = nullptr);
   ~FileDescriber();
-  // Throws Error naming the file when it is not a readable torch.save file.
+  // `path` described by its layout (input_layouts.hpp). Throws Error naming
+  // the file when it is not a readable file of that layout.
   ManifestFile describe(const std::string& path);
+  // A torch.save file described (the torch layout's describe).
+  ManifestFile describe_torch(const std::string& path);
 
  private:
   struct Known;

@@ -8,6 +8,7 @@
 
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/layout/megatron.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/plan.hpp"
 #include "ckpt/plan/plan_inputs.hpp"
@@ -57,9 +58,5 @@ struct StitchPlan {
 // the format cannot hold. `tensors` has one list per planned file.
 StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,
                        const StitchOptions& options);
-
-// Manifest indices of the grid's files, [part][shard]; throws Error listing the
-// grid's problems when it is incomplete.
-std::vector<std::vector<int>> complete_grid(const Manifest& manifest);
 
 }  // namespace ckpt

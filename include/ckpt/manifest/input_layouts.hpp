@@ -1,0 +1,97 @@
+// The input layouts ckpt-tool reads: one row each, chosen in one place.
+//
+// A layout is a kind of input set: how its files are recognized and described,
+// what the set check asks of them, how the set reads as one state dict, and how
+// its model is counted. Commands ask the row (input_layout) instead of testing
+// which kind of file they hold.
+//
+// Rows:
+// - torch: torch.save files. metaseq's raw FSDP x Megatron shards, consolidated
+//   model-parallel parts and one plain or consolidated file are one row: a
+//   consolidated part is an FSDP world of one and a plain file a grid of one,
+//   and the one set check (grid.cpp) and consolidation (consolidate.cpp) cover
+//   the three.
+// - safetensors: a file, a sharded set with its index, or a folder of them: one
+//   state dict spread over files, no training layout, no checksums.
+//
+// Adding a layout (docs/design.md, "Adding an input layout"): a FileFormat
+// value, one source file with the row's functions, and the row in
+// input_layouts.cpp.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ckpt/layout/megatron.hpp"
+#include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/manifest.hpp"
+
+namespace ckpt {
+
+// A set read as one state dict: what diff compares, and what verify checks the
+// parts' agreement with.
+struct StateDict {
+  // Names are object paths: "model/<key>" for a training set's model, every
+  // tensor's own path for one file read as it is.
+  std::vector<NamedTensor> tensors;
+  // What part 0's copy stands for: compare them (compare_replicated) before
+  // trusting the glued tensors.
+  std::vector<ReplicatedCheck> checks;
+  bool consolidated = false;  // glued from FSDP shards or model parts
+};
+
+struct StateDictOptions {
+  // One FSDP-flattened file is consolidated like a set of shards, and a tie
+  // pickled as two tensor objects over one view is a tie (against a state
+  // dict of another layout or naming).
+  bool state_dict_only = false;
+};
+
+struct InputLayout {
+  FileFormat format = FileFormat::Torch;
+  std::string_view name;  // "torch", "safetensors": in messages and inspect --json
+  // Whether `path` names a file of this layout; the last row takes every path.
+  bool (*claims)(std::string_view path) = nullptr;
+  // `path` described; the describer shares what files of one pickle share.
+  ManifestFile (*describe)(FileDescriber& describer, const std::string& path) = nullptr;
+  // The set check of files all of this layout (detect_grid's).
+  Grid (*check_set)(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts) = nullptr;
+  // The set as one state dict; throws Error naming the file and tensor when it
+  // does not read as one (an incomplete set, parts that do not glue).
+  StateDict (*state_dict)(const Manifest& manifest, const StateDictOptions& options) = nullptr;
+  ModelCounts (*count_model)(const Manifest& manifest) = nullptr;
+  bool has_crcs = false;  // every record has a CRC-32: verify reads them all, the executor checks what it copies
+  bool training = false;  // a training layout (grid, cfg, optimizer state): stitch, reshard and manifests read it
+};
+
+// The row of `format`.
+const InputLayout& input_layout(FileFormat format);
+// The row whose files `path` names.
+const InputLayout& input_layout_of_path(std::string_view path);
+// The row of a set's files (its first file's: the set check refuses a mix);
+// the torch row for an empty set.
+const InputLayout& input_layout(const Manifest& manifest);
+
+// Manifest indices of a training set's files, [part][shard]; throws Error
+// naming a file of a layout stitch and reshard do not read, or listing the
+// grid's problems when it is incomplete.
+std::vector<std::vector<int>> complete_grid(const Manifest& manifest);
+// Each model part of `grid` consolidated (consolidate_part), the state dict at
+// object path `state_dict`.
+std::vector<std::vector<NamedTensor>> consolidate_grid(const Manifest& manifest,
+                                                       const std::vector<std::vector<int>>& grid,
+                                                       const std::string& state_dict = "model");
+
+// The rows' functions, for the table (input_layouts.cpp) and their tests.
+ManifestFile describe_safetensors_file(FileDescriber& describer, const std::string& path);
+Grid check_torch_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts);
+Grid check_safetensors_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts);
+StateDict torch_state_dict(const Manifest& manifest, const StateDictOptions& options);
+StateDict safetensors_state_dict(const Manifest& manifest, const StateDictOptions& options);
+ModelCounts count_torch_model(const Manifest& manifest);
+ModelCounts count_safetensors_model(const Manifest& manifest);
+
+}  // namespace ckpt

@@ -1,0 +1,62 @@
+// Unit tests for the input-layout table (src/manifest/input_layouts.cpp): every
+// row is complete, paths and sets are given to the right row, and a set mixing
+// layouts is one problem naming both.
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "ckpt/manifest/input_layouts.hpp"
+#include "ckpt/manifest/manifest.hpp"
+
+TEST_SUITE("input_layouts") {
+  TEST_CASE("every row is complete and found by its format") {
+    for (ckpt::FileFormat format : {ckpt::FileFormat::Torch, ckpt::FileFormat::Safetensors}) {
+      const ckpt::InputLayout& layout = ckpt::input_layout(format);
+      CHECK(layout.format == format);
+      CHECK(!layout.name.empty());
+      CHECK((layout.claims != nullptr));
+      CHECK((layout.describe != nullptr));
+      CHECK((layout.check_set != nullptr));
+      CHECK((layout.state_dict != nullptr));
+      CHECK((layout.count_model != nullptr));
+    }
+  }
+
+  TEST_CASE("a path goes to the row that claims it, torch taking the rest") {
+    CHECK(ckpt::input_layout_of_path("/m/model.safetensors").name == "safetensors");
+    CHECK(ckpt::input_layout_of_path("model-00001-of-00002.safetensors").name == "safetensors");
+    CHECK(ckpt::input_layout_of_path("checkpoint_last-model_part-0-shard0.pt").name == "torch");
+    CHECK(ckpt::input_layout_of_path("model.safetensors.bak").name == "torch");
+    CHECK(ckpt::input_layout_of_path("weights").name == "torch");
+    CHECK(ckpt::input_layout(ckpt::Manifest{}).name == "torch");
+  }
+
+  TEST_CASE("rows say what their files carry") {
+    const ckpt::InputLayout& torch = ckpt::input_layout(ckpt::FileFormat::Torch);
+    const ckpt::InputLayout& safetensors = ckpt::input_layout(ckpt::FileFormat::Safetensors);
+    CHECK(torch.has_crcs);
+    CHECK(torch.training);
+    CHECK_FALSE(safetensors.has_crcs);
+    CHECK_FALSE(safetensors.training);
+  }
+
+  TEST_CASE("a set mixing layouts is one problem naming both and the odd file") {
+    std::vector<ckpt::ManifestFile> files(2);
+    files[0].path = "/a/model.pt";
+    files[1].path = "/a/model.safetensors";
+    files[1].format = ckpt::FileFormat::Safetensors;
+    ckpt::Grid grid = ckpt::detect_grid(files);
+    REQUIRE(grid.problems.size() == 1);
+    CHECK(grid.problems[0] == "safetensors files mixed with torch files (/a/model.safetensors): give one kind");
+  }
+
+  TEST_CASE("stitch and reshard read only training layouts") {
+    ckpt::Manifest manifest;
+    manifest.files.resize(1);
+    manifest.files[0].path = "/a/model.safetensors";
+    manifest.files[0].format = ckpt::FileFormat::Safetensors;
+    CHECK_THROWS_WITH_AS(ckpt::complete_grid(manifest), doctest::Contains("a safetensors file: stitch and reshard"),
+                         ckpt::Error);
+  }
+}
