@@ -39,11 +39,7 @@ Action add_verify_command(CLI::App& app) {
     } else {
       paths = expand_inputs(options->inputs);
     }
-    std::vector<std::string> indexes;
-    for (const std::string& input : options->inputs) {
-      if (std::optional<std::string> index = safetensors_index_of(input)) indexes.push_back(*index);
-    }
-    VerifyReport report = verify_files(paths, options->threads, options->model_parts, indexes);
+    VerifyReport report = verify_files(paths, options->threads, options->model_parts, options->inputs);
     for (const std::string& problem : report.problems) fmt::print("{}\n", printable(problem));
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!options->quiet) {

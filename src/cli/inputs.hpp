@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/plan_inputs.hpp"
 
@@ -15,14 +16,8 @@ class App;
 
 namespace ckpt::cli {
 
-// Files, globs and directories (every *.pt file inside; in a folder without
-// any, the files its safetensors index names, else its *.safetensors) to a sorted list of
-// files: by model part, then shard, then name. Throws Error for a name that
-// matches nothing.
-std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs);
-// The safetensors index `input` is, or the one its folder holds (a Hugging Face
-// folder); nullopt for anything else. Throws Error for a folder with two.
-std::optional<std::string> safetensors_index_of(const std::string& input);
+// Files, globs, folders and indexes become files through expand_inputs
+// (manifest/input_layouts.hpp: each layout says what its folders hold).
 
 // A single `.json`/`.json.zst` argument is read as a manifest (and checked to be
 // fresh); anything else is indexed now.

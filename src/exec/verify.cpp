@@ -56,8 +56,7 @@ void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads,
 }  // namespace
 
 VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
-                          std::optional<std::int64_t> model_parts,
-                          const std::vector<std::string>& safetensors_indexes) {
+                          std::optional<std::int64_t> model_parts, const std::vector<std::string>& inputs) {
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   VerifyReport report;
   std::mutex mutex;
@@ -87,13 +86,10 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
   manifest.grid = detect_grid(manifest.files, model_parts);
   for (const std::string& problem : manifest.grid.problems) report.problems.push_back(problem);
   if (manifest.files.size() == paths.size()) {
-    for (const std::string& index : safetensors_indexes) {
-      try {
-        for (std::string& problem : safetensors_index_problems(index, manifest.files))
-          report.problems.push_back(std::move(problem));
-      } catch (const Error& e) {
-        report.problems.push_back(e.what());
-      }
+    try {
+      for (std::string& problem : index_problems(inputs, manifest.files)) report.problems.push_back(std::move(problem));
+    } catch (const Error& e) {
+      report.problems.push_back(e.what());
     }
   }
   if (!manifest.grid.problems.empty() || manifest.files.size() != paths.size()) return report;

@@ -3,31 +3,122 @@
 
 #include <fmt/format.h>
 
+#include <glob.h>
+
+#include <algorithm>
 #include <array>
+#include <filesystem>
+#include <tuple>
+
+#include "ckpt/format/safetensors.hpp"
 
 namespace ckpt {
 
 namespace {
 
+namespace fs = std::filesystem;
+
 bool claims_safetensors(std::string_view path) {
   return is_safetensors_path(path);
 }
-bool claims_any(std::string_view /*path*/) {
-  return true;
+bool claims_none(std::string_view /*path*/) {
+  return false;
 }
 ManifestFile describe_torch_file(FileDescriber& describer, const std::string& path) {
   return describer.describe_torch(path);
 }
 
-// In the order input_layout_of_path asks them: the last row takes every path.
+// The regular files of folder `input` whose extension is `extension`; nullopt
+// when `input` is not a folder. Entries that cannot be stat'ed (a symbolic link
+// loop, a dangling link) are not checkpoint files: skipped.
+std::optional<std::vector<std::string>> folder_files(const std::string& input, std::string_view extension) {
+  std::error_code ec;
+  if (!fs::is_directory(input, ec)) return std::nullopt;
+  fs::directory_iterator entries(input, ec);
+  if (ec) throw Error(ErrorKind::Io, Location{input, "", std::nullopt}, "cannot list the directory: " + ec.message());
+  std::vector<std::string> files;
+  for (const auto& entry : entries) {
+    std::error_code entry_ec;
+    if (entry.is_regular_file(entry_ec) && entry.path().extension() == extension) files.push_back(entry.path());
+  }
+  return files;
+}
+
+std::optional<std::vector<std::string>> torch_files_in(const std::string& input) {
+  std::optional<std::vector<std::string>> files = folder_files(input, ".pt");
+  if (!files || files->empty()) return std::nullopt;
+  return files;
+}
+
+// The safetensors index `input` is or holds (a folder of *.pt files holds
+// none: a training checkpoint's). Throws Error naming the folder when it holds
+// two sets (model.safetensors beside an index, two indexes).
+std::optional<std::string> safetensors_index_of(const std::string& input) {
+  std::error_code ec;
+  if (input.ends_with(".safetensors.index.json") && fs::is_regular_file(input, ec)) return input;
+  if (!fs::is_directory(input, ec)) return std::nullopt;
+  std::optional<std::string> found;
+  fs::directory_iterator entries(input, ec);
+  if (ec) return std::nullopt;
+  for (const auto& entry : entries) {
+    std::string name = entry.path().filename().string();
+    if (entry.path().extension() == ".pt") return std::nullopt;
+    if (!name.ends_with(".safetensors.index.json")) continue;
+    std::string single = name.substr(0, name.size() - std::string_view(".index.json").size());
+    if (fs::exists(fs::path(input) / single, ec)) {
+      throw Error(Location{input, "", std::nullopt},
+                  fmt::format("both {} and {} here: two sets of weights, and readers differ on which they load "
+                              "(transformers takes {}); remove the stale one",
+                              single, name, single));
+    }
+    if (found) {
+      throw Error(Location{input, "", std::nullopt},
+                  "more than one *.safetensors.index.json here: give the index of the set to read");
+    }
+    found = entry.path().string();
+  }
+  return found;
+}
+
+std::optional<std::vector<std::string>> safetensors_files_in(const std::string& input) {
+  if (std::optional<std::string> index = safetensors_index_of(input)) return safetensors_index_files(*index);
+  std::optional<std::vector<std::string>> files = folder_files(input, ".safetensors");
+  if (!files || files->empty()) return std::nullopt;
+  // Shards of a sharded set are read through its index: without one (a run
+  // killed before writing it, a copy that left it out) the set cannot be known
+  // to be complete.
+  for (const std::string& path : *files) {
+    if (safetensors_shard_stem(fs::path(path).filename().string())) {
+      throw Error(ErrorKind::IncompleteSet, Location{input, "", std::nullopt},
+                  fmt::format("{} is a shard of a set, but the folder holds no *.safetensors.index.json: the "
+                              "set may be incomplete (name its files to read them anyway)",
+                              fs::path(path).filename().string()));
+    }
+  }
+  return files;
+}
+
+std::vector<std::string> safetensors_index_problems_of(const std::string& input,
+                                                       const std::vector<ManifestFile>& files) {
+  std::optional<std::string> index = safetensors_index_of(input);
+  return index ? safetensors_index_problems(*index, files) : std::vector<std::string>{};
+}
+
+// In the order a folder is searched (files_in); input_layout_of_path asks
+// every row's claims, the fallback row last.
 const std::array<InputLayout, 2> kLayouts = {{
-    {FileFormat::Safetensors, "safetensors", claims_safetensors, describe_safetensors_file, check_safetensors_set,
-     safetensors_state_dict, count_safetensors_model, /*has_crcs=*/false, /*training=*/false},
-    {FileFormat::Torch, "torch", claims_any, describe_torch_file, check_torch_set, torch_state_dict, count_torch_model,
-     /*has_crcs=*/true, /*training=*/true},
+    {FileFormat::Torch, "torch", claims_none, /*fallback=*/true, torch_files_in, nullptr, describe_torch_file,
+     check_torch_set, torch_state_dict, count_torch_model, /*has_crcs=*/true, /*training=*/true},
+    {FileFormat::Safetensors, "safetensors", claims_safetensors, /*fallback=*/false, safetensors_files_in,
+     safetensors_index_problems_of, describe_safetensors_file, check_safetensors_set, safetensors_state_dict,
+     count_safetensors_model, /*has_crcs=*/false, /*training=*/false},
 }};
 
 }  // namespace
+
+std::span<const InputLayout> input_layouts() {
+  return kLayouts;
+}
 
 const InputLayout& input_layout(FileFormat format) {
   for (const InputLayout& layout : kLayouts) {
@@ -37,10 +128,63 @@ const InputLayout& input_layout(FileFormat format) {
 }
 
 const InputLayout& input_layout_of_path(std::string_view path) {
+  const InputLayout* fallback = nullptr;
   for (const InputLayout& layout : kLayouts) {
     if (layout.claims(path)) return layout;
+    if (layout.fallback) fallback = &layout;
   }
-  internal_error("no input layout takes " + std::string(path));
+  check_invariant(fallback != nullptr, "no input layout takes every path");
+  return *fallback;
+}
+
+std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
+  std::vector<std::string> files;
+  for (const std::string& input : inputs) {
+    std::error_code ec;
+    if (inputs.size() > 1 && looks_like_manifest(input)) {
+      throw Error(ErrorKind::Usage, Location{input, "", std::nullopt},
+                  "a manifest is the whole input set: give it alone, or give the checkpoint files without it");
+    }
+    std::optional<std::vector<std::string>> named;
+    for (const InputLayout& layout : kLayouts) {
+      if ((named = layout.files_in(input))) break;
+    }
+    if (named) {
+      files.insert(files.end(), named->begin(), named->end());
+    } else if (fs::is_directory(input, ec)) {
+      continue;  // a folder of no layout's files: "no input files" below, unless other inputs name some
+    } else if (fs::exists(input, ec) || input.find_first_of("*?[") == std::string::npos) {
+      files.push_back(input);  // a missing plain name is reported when it is opened
+    } else {
+      glob_t matches{};
+      int rc = ::glob(input.c_str(), 0, nullptr, &matches);
+      if (rc == 0) {
+        for (std::size_t i = 0; i < matches.gl_pathc; ++i) files.emplace_back(matches.gl_pathv[i]);
+      }
+      globfree(&matches);
+      if (rc != 0) throw Error(Location{input, "", std::nullopt}, "no file matches this pattern");
+    }
+  }
+  auto key = [](const std::string& path) {
+    FileRole role = parse_file_role(path);
+    return std::make_tuple(role.mp_part.value_or(-1), role.dp_shard.value_or(-1), path);
+  };
+  std::sort(files.begin(), files.end(), [&](const std::string& a, const std::string& b) { return key(a) < key(b); });
+  files.erase(std::unique(files.begin(), files.end()), files.end());
+  if (files.empty()) throw Error("no input files (directories are searched for *.pt, else *.safetensors files)");
+  return files;
+}
+
+std::vector<std::string> index_problems(const std::vector<std::string>& inputs,
+                                        const std::vector<ManifestFile>& files) {
+  std::vector<std::string> problems;
+  for (const std::string& input : inputs) {
+    for (const InputLayout& layout : kLayouts) {
+      if (layout.index_problems == nullptr) continue;
+      for (std::string& problem : layout.index_problems(input, files)) problems.push_back(std::move(problem));
+    }
+  }
+  return problems;
 }
 
 const InputLayout& input_layout(const Manifest& manifest) {

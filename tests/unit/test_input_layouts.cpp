@@ -3,11 +3,13 @@
 // layouts is one problem naming both.
 #include <doctest/doctest.h>
 
+#include <fstream>
 #include <string>
 #include <vector>
 
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest.hpp"
+#include "temp_files.hpp"
 
 TEST_SUITE("input_layouts") {
   TEST_CASE("every row is complete and found by its format") {
@@ -57,6 +59,26 @@ TEST_SUITE("input_layouts") {
     manifest.files[0].path = "/a/model.safetensors";
     manifest.files[0].format = ckpt::FileFormat::Safetensors;
     CHECK_THROWS_WITH_AS(ckpt::complete_grid(manifest), doctest::Contains("a safetensors file: stitch and reshard"),
+                         ckpt::Error);
+  }
+}
+
+TEST_SUITE("input_layouts") {
+  TEST_CASE("a folder is read by the first row whose files it holds") {
+    test_files::TempDir dir;
+    auto touch = [&](const std::string& name) { std::ofstream(dir / name) << "x"; };
+    touch("model.safetensors");
+    // Safetensors only: the safetensors row takes it.
+    CHECK(ckpt::expand_inputs({dir.path().string()}) == std::vector<std::string>{(dir / "model.safetensors").string()});
+    touch("checkpoint_last-model_part-1-shard0.pt");
+    touch("checkpoint_last-model_part-0-shard0.pt");
+    // With *.pt files, torch's row comes first; files sorted by part, then shard.
+    CHECK(ckpt::expand_inputs({dir.path().string()}) ==
+          std::vector<std::string>{(dir / "checkpoint_last-model_part-0-shard0.pt").string(),
+                                   (dir / "checkpoint_last-model_part-1-shard0.pt").string()});
+    CHECK(ckpt::index_problems({dir.path().string()}, {}).empty());
+    test_files::TempDir empty;
+    CHECK_THROWS_WITH_AS(ckpt::expand_inputs({empty.path().string()}), doctest::Contains("no input files"),
                          ckpt::Error);
   }
 }

@@ -21,10 +21,11 @@ struct VerifyReport {
 // checks the FSDP and model-parallel metadata of the set: grid complete, the same
 // metadata on every shard, padding by the chunk rule, numels adding up, shapes
 // that glue across model parts. A file that cannot be parsed is one problem; the
-// others are still checked. `model_parts`: as for detect_grid. Each of
-// `safetensors_indexes` is checked against the files it names among `paths`.
+// others are still checked. `model_parts`: as for detect_grid. Every index
+// among `inputs` (the arguments `paths` came from) is checked against the
+// files it names (index_problems).
 VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
                           std::optional<std::int64_t> model_parts = std::nullopt,
-                          const std::vector<std::string>& safetensors_indexes = {});
+                          const std::vector<std::string>& inputs = {});
 
 }  // namespace ckpt

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -53,8 +54,20 @@ struct StateDictOptions {
 struct InputLayout {
   FileFormat format = FileFormat::Torch;
   std::string_view name;  // "torch", "safetensors": in messages and inspect --json
-  // Whether `path` names a file of this layout; the last row takes every path.
+  // Whether `path` names a file of this layout. The fallback row (torch)
+  // takes every path no other row claims.
   bool (*claims)(std::string_view path) = nullptr;
+  bool fallback = false;
+  // The files of this layout that `input` names when it is a folder of them or
+  // an index file naming them, in reading order; nullopt when it is neither.
+  // Rows are asked in table order (a folder of *.pt files is torch's even when
+  // it holds safetensors too). Throws Error naming `input` when it is this
+  // layout's but cannot be read as a whole set.
+  std::optional<std::vector<std::string>> (*files_in)(const std::string& input) = nullptr;
+  // What is wrong between `input` (an index: files_in) and the files it named,
+  // described: one line each; none when `input` is no index of this layout.
+  std::vector<std::string> (*index_problems)(const std::string& input,
+                                             const std::vector<ManifestFile>& files) = nullptr;
   // `path` described; the describer shares what files of one pickle share.
   ManifestFile (*describe)(FileDescriber& describer, const std::string& path) = nullptr;
   // The set check of files all of this layout (detect_grid's).
@@ -67,6 +80,8 @@ struct InputLayout {
   bool training = false;  // a training layout (grid, cfg, optimizer state): stitch, reshard and manifests read it
 };
 
+// Every row, in table order.
+std::span<const InputLayout> input_layouts();
 // The row of `format`.
 const InputLayout& input_layout(FileFormat format);
 // The row whose files `path` names.
@@ -84,6 +99,14 @@ std::vector<std::vector<int>> complete_grid(const Manifest& manifest);
 std::vector<std::vector<NamedTensor>> consolidate_grid(const Manifest& manifest,
                                                        const std::vector<std::vector<int>>& grid,
                                                        const std::string& state_dict = "model");
+
+// The files the inputs name, each input a file, a glob, a folder or an index
+// (files_in of the first row that takes it), sorted by (part, shard, path),
+// each once. Throws Error naming an input that names no file.
+std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs);
+// The problems of every index among `inputs` against the files described
+// (index_problems of each row).
+std::vector<std::string> index_problems(const std::vector<std::string>& inputs, const std::vector<ManifestFile>& files);
 
 // The rows' functions, for the table (input_layouts.cpp) and their tests.
 ManifestFile describe_safetensors_file(FileDescriber& describer, const std::string& path);
