@@ -8,6 +8,9 @@ sits beside cli: it implements exec's tensor_math.hpp, and nothing outside
 src/tensor/ includes its headers (only the plugin links LibTorch). Every project header must
 live in a stage folder: `#include "ckpt/x.hpp"` without one is an error too.
 
+Dispatch on a table's key stays in the stages that own the table: `OutputFormat::` only in
+plan (the output-format table, src/plan/output_formats.cpp); the CLI derives from the rows.
+
 Usage: check_layers.py SOURCE_ROOT
 """
 import pathlib
@@ -18,6 +21,8 @@ STAGES = ["io", "format", "layout", "manifest", "plan", "exec", "cli"]
 RANK = {stage: i for i, stage in enumerate(STAGES)}
 RANK["tensor"] = RANK["cli"]
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+# A table key named outside the stages that own the table: the stages where it may appear.
+TABLE_KEYS = {"OutputFormat::": {"plan"}}
 
 
 def stage_of(root, path):
@@ -40,7 +45,12 @@ def main():
         if stage not in RANK:
             problems.append(f"{where}: not in a stage folder ({', '.join(STAGES)}, tensor)")
             continue
-        for target in INCLUDE.findall(path.read_text()):
+        text = path.read_text()
+        for key, owners in TABLE_KEYS.items():
+            if stage not in owners and key in text:
+                problems.append(f"{where} ({stage}) names `{key}`: only {', '.join(sorted(owners))} may "
+                                "(use the table's rows)")
+        for target in INCLUDE.findall(text):
             if not target.startswith("ckpt/"):
                 continue  # a header of the same folder (src/cli/commands.hpp)
             parts = target.split("/")
@@ -50,7 +60,7 @@ def main():
                 problems.append(f"{where} ({stage}) includes {target} ({parts[1]}): up the pipeline")
     for problem in problems:
         print(problem)
-    print(f"{len(files)} files checked, {len(problems)} upward or misplaced include(s)")
+    print(f"{len(files)} files checked, {len(problems)} upward or misplaced include(s) or table key(s)")
     return 1 if problems else 0
 
 
