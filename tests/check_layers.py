@@ -13,6 +13,9 @@ only by the input-layout table (src/manifest/input_layouts.cpp), the manifest's
 own declarations and readers, and a layout's describe function that sets it
 (FORMAT_NAMED); everywhere else asks the layout's row (input_layouts.hpp).
 
+Dispatch on a table's key stays in the stages that own the table: `OutputFormat::` only in
+plan (the output-format table, src/plan/output_formats.cpp); the CLI derives from the rows.
+
 Usage: check_layers.py SOURCE_ROOT
 """
 import pathlib
@@ -26,6 +29,8 @@ INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 FORMAT_NAMED = {"src/manifest/input_layouts.cpp", "include/ckpt/manifest/manifest.hpp",
                 "include/ckpt/manifest/input_layouts.hpp",
                 "src/manifest/manifest.cpp"}
+# A table key named outside the stages that own the table: the stages where it may appear.
+TABLE_KEYS = {"OutputFormat::": {"plan"}}
 
 
 def stage_of(root, path):
@@ -51,6 +56,10 @@ def main():
         text = path.read_text()
         if "FileFormat::" in text and str(where) not in FORMAT_NAMED:
             problems.append(f"{where}: names FileFormat:: (ask the input layout's row: input_layouts.hpp)")
+        for key, owners in TABLE_KEYS.items():
+            if stage not in owners and key in text:
+                problems.append(f"{where} ({stage}) names `{key}`: only {', '.join(sorted(owners))} may "
+                                "(use the table's rows)")
         for target in INCLUDE.findall(text):
             if not target.startswith("ckpt/"):
                 continue  # a header of the same folder (src/cli/commands.hpp)
@@ -61,7 +70,7 @@ def main():
                 problems.append(f"{where} ({stage}) includes {target} ({parts[1]}): up the pipeline")
     for problem in problems:
         print(problem)
-    print(f"{len(files)} files checked, {len(problems)} upward or misplaced include(s)")
+    print(f"{len(files)} files checked, {len(problems)} upward or misplaced include(s) or table key(s)")
     return 1 if problems else 0
 
 

@@ -7,8 +7,8 @@
 #include <memory>
 #include <set>
 
-#include "ckpt/format/safetensors.hpp"
 #include "ckpt/io/output_file.hpp"
+#include "ckpt/plan/output_formats.hpp"
 #include "ckpt/plan/reshard.hpp"
 #include "ckpt/plan/stitch.hpp"
 #include "commands.hpp"
@@ -22,47 +22,34 @@ namespace {
 
 // The output format flags into `stitch`; UsageError for flags that do not go together.
 template <typename Options>
-void set_format(const Options& options, StitchOptions& stitch) {
-  std::string format = options.format;
-  if (format.empty()) format = options.output.ends_with(".safetensors") ? "safetensors" : "torch";
-  stitch.format = format == "safetensors" ? OutputFormat::Safetensors
-                  : format == "hf"        ? OutputFormat::HfOpt
-                                          : OutputFormat::Torch;
-  auto refuse = [&](const char* flag, const char* because) { throw UsageError(fmt::format("{} {}", flag, because)); };
-  if (options.max_shard_size_given) {
-    if (stitch.format == OutputFormat::Torch) refuse("--max-shard-size", "needs --format safetensors or hf");
+const OutputFormatInfo& set_format(const Options& options, StitchOptions& stitch) {
+  const OutputFormatInfo& format = choose_output_format(options.format, options.output);
+  // A bad size is reported before a flag that does not go with the format.
+  if (options.max_shard_size_given && format.shardable) {
     stitch.max_shard_bytes = parse_byte_size(options.max_shard_size, "--max-shard-size");
   }
-  if (options.weights_only && stitch.format != OutputFormat::Torch) {
-    refuse("--weights-only", "is for --format torch (safetensors holds weights only anyway)");
-  }
-  if (options.no_cfg && !options.weights_only) refuse("--no-cfg", "needs --weights-only");
-  if (options.optimizer_state && (stitch.format != OutputFormat::Torch || options.weights_only)) {
-    refuse("--optimizer-state", "is for --format torch without --weights-only");
-  }
-  if (options.optimizer_state && options.ema)
-    refuse("--optimizer-state", "is the state of the weights, not of --ema's");
+  check_output_flags(format, {.output = options.output,
+                              .max_shard_size = options.max_shard_size_given,
+                              .weights_only = options.weights_only,
+                              .no_cfg = options.no_cfg,
+                              .optimizer_state = options.optimizer_state,
+                              .ema = options.ema,
+                              .hf_config = !options.hf_config.empty(),
+                              .no_stitch_megatron = options.no_stitch_megatron,
+                              .fused_qkv = options.fused_qkv});
+  stitch.format = format.format;
   stitch.optimizer_state = options.optimizer_state;
-  if (!options.hf_config.empty() && stitch.format != OutputFormat::HfOpt) refuse("--hf-config", "needs --format hf");
-  if (stitch.format == OutputFormat::HfOpt && options.no_stitch_megatron) {
-    refuse("--no-stitch-megatron", "does not go with --format hf: a Hugging Face OPT folder is the whole model");
-  }
-  if (stitch.format == OutputFormat::HfOpt && options.fused_qkv) {
-    refuse("--fused-qkv", "does not go with --format hf: transformers' OPT has separate q, k and v");
-  }
-  if (stitch.format == OutputFormat::Safetensors && !options.output.ends_with(".safetensors")) {
-    refuse("-o", "must end in .safetensors with --format safetensors");
-  }
   stitch.weights_only = options.weights_only;
   stitch.keep_cfg = !options.no_cfg;
   for (const std::string& item : options.hf_config) {
     std::size_t equals = item.find('=');
-    if (equals == std::string::npos || equals == 0) refuse("--hf-config", "takes KEY=VALUE");
+    if (equals == std::string::npos || equals == 0) throw UsageError("--hf-config takes KEY=VALUE");
     std::string value = item.substr(equals + 1);
     nlohmann::ordered_json parsed = nlohmann::ordered_json::parse(value, nullptr, /*allow_exceptions=*/false);
     if (parsed.is_discarded()) parsed = value;  // a bare word is a string
     stitch.hf_config.emplace_back(item.substr(0, equals), std::move(parsed));
   }
+  return format;
 }
 
 }  // namespace
@@ -76,7 +63,7 @@ Action add_stitch_command(CLI::App& app) {
     std::string dtype;
     WriteFlags write;
     bool ema = false;
-    std::string format;  // "": from -o (.safetensors), else torch
+    std::string format;  // "": implied by -o's extension (choose_output_format)
     std::string max_shard_size;
     bool weights_only = false;
     bool no_cfg = false;
@@ -88,30 +75,34 @@ Action add_stitch_command(CLI::App& app) {
   app.add_option("INPUT", options->inputs,
                  "shard files, globs, directories, or a manifest written by `ckpt-tool manifest`")
       ->required();
-  app.add_option("-o,--output", options->output,
-                 "output file (--format hf: a folder); with --no-stitch-megatron a pattern containing {m}")
+  app.add_option(
+         "-o,--output", options->output,
+         fmt::format("output file (--format {}: a folder); with --no-stitch-megatron a pattern containing {{m}}",
+                     format_names_where(&OutputFormatInfo::folder)))
       ->required();
-  app.add_option("--format", options->format,
-                 "torch (default; safetensors when -o ends in .safetensors), safetensors, or hf: a folder of "
-                 "safetensors under transformers' OPT names and "
-                 "config.json")
-      ->check(CLI::IsMember({"torch", "safetensors", "hf"}));
+  std::vector<std::string> format_names;
+  for (const OutputFormatInfo& format : output_formats()) format_names.emplace_back(format.name);
+  app.add_option("--format", options->format, output_formats_help())->check(CLI::IsMember(format_names));
   app.add_option_function<std::string>(
       "--max-shard-size",
       [options](const std::string& size) {
         options->max_shard_size = size;
         options->max_shard_size_given = true;
       },
-      "safetensors and hf: at most this many tensor bytes per file (5GB, 500MB, 2GiB), files named "
-      "<stem>-00001-of-0000N.safetensors beside <stem>.safetensors.index.json");
+      format_names_where(&OutputFormatInfo::shardable) +
+          ": at most this many tensor bytes per file (5GB, 500MB, 2GiB), files named "
+          "<stem>-00001-of-0000N.safetensors beside <stem>.safetensors.index.json");
   app.add_flag("--weights-only", options->weights_only,
-               "torch: write only the state dict and cfg as plain values, what torch.load(weights_only=True) reads");
+               format_names_where(&OutputFormatInfo::carries_objects) +
+                   ": write only the state dict and cfg as plain values, what torch.load(weights_only=True) reads");
   app.add_flag("--no-cfg", options->no_cfg, "with --weights-only: drop cfg and args too");
   app.add_flag("--optimizer-state", options->optimizer_state,
-               "torch: keep last_optimizer_state, consolidated per parameter as torch's optimizer saves it "
-               "(reshard cuts it again with the weights)");
+               format_names_where(&OutputFormatInfo::carries_objects) +
+                   ": keep last_optimizer_state, consolidated per parameter as torch's optimizer saves it "
+                   "(reshard cuts it again with the weights)");
   app.add_option("--hf-config", options->hf_config,
-                 "hf: set a config.json field, KEY=VALUE (VALUE as JSON, else a string); repeatable");
+                 format_names_where(&OutputFormatInfo::hf_config) +
+                     ": set a config.json field, KEY=VALUE (VALUE as JSON, else a string); repeatable");
   app.add_flag("--no-stitch-megatron", options->no_stitch_megatron, "write one consolidated file per model part");
   app.add_flag("--fused-qkv", options->fused_qkv, "keep one qkv_proj per layer, laid out [k_all; v_all; q_all]");
   app.add_option("--dtype", options->dtype, "convert floating weights: fp16, bf16 or fp32")
@@ -130,9 +121,7 @@ Action add_stitch_command(CLI::App& app) {
     }
     rule.syntax_only = options->write.dry_run;
     StitchOptions stitch;
-    set_format(*options, stitch);
-    const bool folder = stitch.format == OutputFormat::HfOpt;
-    if (folder) {
+    if (set_format(*options, stitch).folder) {
       check_output_directory(options->output);
     } else {
       check_output_pattern(options->output, rule);

@@ -12,6 +12,8 @@
 #include "ckpt/format/safetensors.hpp"
 #include "ckpt/layout/hf_opt.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
+#include "ckpt/plan/output_formats.hpp"
+#include "ckpt/plan/stitch.hpp"
 
 namespace ckpt {
 
@@ -314,6 +316,33 @@ std::vector<std::string> stale_set_files(const Plan& plan, const std::vector<std
   }
   std::sort(stale.begin(), stale.end());
   return stale;
+}
+
+void plan_safetensors_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
+  for (const OutputTensor& tensor : output.tensors) {
+    if (!tensor.alias_of) continue;
+    out.notes.push_back(
+        fmt::format("{} is tied to {}: safetensors holds the tensor once, under {} (tie it "
+                    "again when loading, as transformers' tie_weights does)",
+                    tensor.name, *tensor.alias_of, *tensor.alias_of));
+  }
+  for (auto& file : plan_safetensors(output.tensors, {output.path, options.max_shard_bytes}, output.sources, out.plan))
+    out.tensors.push_back(std::move(file));
+}
+
+// A Hugging Face OPT folder: the state dict under transformers' names as
+// safetensors, and config.json.
+void plan_hf_opt_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
+  HfOptModel model = to_hf_opt(output.tensors);
+  const std::vector<OutputTensor>& renamed = model.tensors;
+  json config = hf_opt_config(renamed, model.tied_embeddings, output.base, options.hf_config);
+  std::filesystem::path dir(output.path);
+  for (auto& file : plan_safetensors(renamed, {(dir / "model.safetensors").string(), options.max_shard_bytes},
+                                     output.sources, out.plan)) {
+    out.tensors.push_back(std::move(file));
+  }
+  out.plan.files.push_back(plan_text_file((dir / "config.json").string(), config.dump(2) + "\n"));
+  out.tensors.emplace_back();
 }
 
 }  // namespace ckpt

@@ -3,12 +3,10 @@
 
 #include <fmt/format.h>
 
-#include <filesystem>
 #include <map>
 #include <numeric>
 
 #include "ckpt/format/pyobject.hpp"
-#include "ckpt/layout/hf_opt.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/export.hpp"
 
@@ -66,9 +64,6 @@ void plan_per_part(const std::vector<std::vector<NamedTensor>>& consolidated, St
     out.tensors.push_back(std::move(tensors));
   }
 }
-
-// Each optimizer state of an output, by name: the consolidated parameters.
-using OptimizerStates = std::vector<std::pair<std::string, std::vector<NamedTensor>>>;
 
 // --optimizer-state: every state of every part consolidated (FSDP flat states
 // unpadded and split, or a consolidated file's per-parameter states), then
@@ -183,23 +178,13 @@ PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<OutputTe
   return builder.finish(path, sources, plan);
 }
 
-// A Hugging Face OPT folder: the state dict under transformers' names as
-// safetensors, and config.json.
-void plan_hf_folder(const Checkpoint& base, const std::vector<OutputTensor>& tensors, const std::string& folder,
-                    const StitchOptions& options, const std::vector<std::uint32_t>& sources, StitchPlan& out) {
-  HfOptModel model = to_hf_opt(tensors);
-  const std::vector<OutputTensor>& renamed = model.tensors;
-  nlohmann::ordered_json config = hf_opt_config(renamed, model.tied_embeddings, base, options.hf_config);
-  std::filesystem::path dir(folder);
-  for (auto& file :
-       plan_safetensors(renamed, {(dir / "model.safetensors").string(), options.max_shard_bytes}, sources, out.plan)) {
-    out.tensors.push_back(std::move(file));
-  }
-  out.plan.files.push_back(plan_text_file((dir / "config.json").string(), config.dump(2) + "\n"));
-  out.tensors.emplace_back();
-}
-
 }  // namespace
+
+void plan_torch_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
+  out.plan.files.push_back(plan_torch_output(output.base, output.tensors, output.path, options, output.optimizer_states,
+                                             output.sources, out.plan));
+  out.tensors.push_back(std::move(output.tensors));
+}
 
 StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,
                        const StitchOptions& options) {
@@ -209,6 +194,7 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
 
   std::vector<std::vector<NamedTensor>> consolidated = consolidate_grid(manifest, grid, options.state_dict);
 
+  const OutputFormatInfo& format = format_info(options.format);
   StitchPlan out;
   std::vector<ReplicatedCheck> state_checks;
   std::vector<OptimizerStates> states;
@@ -232,32 +218,11 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
   for (std::size_t k = 0; k < state_dicts.size(); ++k) {
     std::vector<OutputTensor>& tensors = state_dicts[k];
     if (options.dtype) convert_dtype(tensors, *options.dtype);
-    switch (options.format) {
-      case OutputFormat::Torch:
-        out.plan.files.push_back(plan_torch_output(*bases[k], tensors, output_paths[k], options,
-                                                   states.empty() ? nullptr : &states[k], sources, out.plan));
-        out.tensors.push_back(std::move(tensors));
-        break;
-      case OutputFormat::Safetensors:
-        for (const OutputTensor& tensor : tensors) {
-          if (!tensor.alias_of) continue;
-          out.notes.push_back(
-              fmt::format("{} is tied to {}: safetensors holds the tensor once, under {} (tie it "
-                          "again when loading, as transformers' tie_weights does)",
-                          tensor.name, *tensor.alias_of, *tensor.alias_of));
-        }
-        for (auto& file : plan_safetensors(tensors, {output_paths[k], options.max_shard_bytes}, sources, out.plan))
-          out.tensors.push_back(std::move(file));
-        break;
-      case OutputFormat::HfOpt:
-        out.plan.directories.push_back(output_paths[k]);
-        plan_hf_folder(*bases[k], tensors, output_paths[k], options, sources, out);
-        break;
-    }
+    if (format.folder) out.plan.directories.push_back(output_paths[k]);
+    format.plan({*bases[k], std::move(tensors), output_paths[k], states.empty() ? nullptr : &states[k], sources},
+                options, out);
   }
-  if (options.format != OutputFormat::Torch) {
-    out.plan.stale_files = stale_set_files(out.plan, output_paths, options.format == OutputFormat::HfOpt);
-  }
+  if (format.replaces_set) out.plan.stale_files = stale_set_files(out.plan, output_paths, format.folder);
   return out;
 }
 

@@ -613,6 +613,31 @@ TEST_SUITE("plan_stitch") {
     CHECK(converts);
   }
 
+  TEST_CASE("plan_stitch: each output format's row decides its folder, its stale set and its files") {
+    TempDir in_dir, out_dir;
+    Inputs in(synth_set(in_dir, 1, 2, false));
+    for (const ckpt::OutputFormatInfo& format : ckpt::output_formats()) {
+      CAPTURE(format.name);
+      std::filesystem::path out = out_dir / format.name;
+      if (!format.folder) out += *format.extension != '\0' ? format.extension : ".pt";
+      // A shard of another set where the format's safetensors would go.
+      std::filesystem::path beside = format.folder ? out : out_dir.path();
+      std::filesystem::create_directories(beside);
+      std::string stem = format.folder ? "model" : format.name;
+      test_files::write_file(beside / (stem + "-00001-of-00002.safetensors"), {});
+      ckpt::StitchOptions options;
+      options.format = format.format;
+      ckpt::StitchPlan plan = stitch_plan(in, {out.string()}, options);
+      CHECK(plan.plan.directories ==
+            (format.folder ? std::vector<std::string>{out.string()} : std::vector<std::string>{}));
+      CHECK(plan.plan.stale_files.size() == (format.replaces_set ? 1u : 0u));
+      REQUIRE(plan.tensors.size() == plan.plan.files.size());
+      for (const ckpt::PlannedFile& file : plan.plan.files) {
+        CHECK((format.folder ? std::filesystem::path(file.path).parent_path() == out : file.path == out.string()));
+      }
+    }
+  }
+
   TEST_CASE("plan_stitch: an incomplete grid is refused naming what is missing") {
     TempDir in_dir;
     std::vector<std::string> paths = synth_set(in_dir, 2, 3, false);

@@ -10,24 +10,19 @@
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest.hpp"
+#include "ckpt/plan/output_formats.hpp"
 #include "ckpt/plan/plan.hpp"
 #include "ckpt/plan/plan_inputs.hpp"
 
 namespace ckpt {
 
-enum class OutputFormat {
-  Torch,        // torch.save, the input's other objects carried
-  Safetensors,  // the state dict alone (export.hpp)
-  HfOpt,        // a folder OPTForCausalLM.from_pretrained loads (hf_opt.hpp, export.hpp)
-};
-
 struct StitchOptions {
   bool stitch_megatron = true;  // false: one output per model part
   GlueOptions glue;
-  std::optional<DType> dtype;        // convert floating weights
-  std::string state_dict = "model";  // object path of the weights: "model" or an EMA copy in extra_state
-  OutputFormat format = OutputFormat::Torch;
-  std::uint64_t max_shard_bytes = 0;  // safetensors and hf: 0 is one file
+  std::optional<DType> dtype;                 // convert floating weights
+  std::string state_dict = "model";           // object path of the weights: "model" or an EMA copy in extra_state
+  OutputFormat format = OutputFormat::Torch;  // its row: output_formats.hpp
+  std::uint64_t max_shard_bytes = 0;          // safetensors and hf: 0 is one file
   // Torch: only what torch.load(weights_only=True) accepts: `model`, and cfg
   // and args as plain values (pyobject.hpp plain_value) unless !keep_cfg.
   bool weights_only = false;
