@@ -57,9 +57,6 @@ TensorSource source_of(const ManifestTensor& tensor, std::uint64_t file_byte_off
   }
 }
 
-namespace {
-
-// Tensors of a state dict in order, by key: "model/x" -> "x", "model/a~1b" -> "a/b".
 std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(const ManifestFile& file,
                                                                               const std::string& prefix) {
   std::vector<std::pair<std::string, const ManifestTensor*>> out;
@@ -71,15 +68,14 @@ std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(co
   return out;
 }
 
-// Whether a state dict's tensor is a buffer, not a parameter: not floating,
-// metaseq's `version` and sinusoidal positions' `_float_tensor`, or one of the
-// FSDP layout's buffer names.
 bool is_buffer(const std::string& key, const ManifestTensor& tensor, const FsdpMetadata* fsdp) {
   if (!dtype_info(tensor.dtype).floating) return true;
   if (key.ends_with(".version") || key == "version" || key.ends_with("._float_tensor")) return true;
   return fsdp != nullptr &&
          std::find(fsdp->buffer_names.begin(), fsdp->buffer_names.end(), key) != fsdp->buffer_names.end();
 }
+
+namespace {
 
 // A tensor inside a container inside the state dict ("model/a/b"), which a
 // state dict (flat: key -> tensor) cannot hold; null when there is none.
@@ -94,6 +90,8 @@ TensorKind kind_of(const ManifestTensor& tensor) {
   return {tensor.wrap, tensor.requires_grad};
 }
 
+}  // namespace
+
 bool is_flattened(const ManifestFile& file, const std::string& prefix) {
   if (!file.fsdp) return false;
   for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
@@ -103,16 +101,6 @@ bool is_flattened(const ManifestFile& file, const std::string& prefix) {
   }
   return false;
 }
-
-}  // namespace
-
-namespace {
-
-// Every flat parameter of the part, unpadded, concatenated over the shards and
-// split into its named parameters. `path_of(flat, index)` is the object path of
-// a flat parameter's tensor in each shard (index counts flat parameters in
-// metadata order).
-using FlatPath = std::function<std::string(const FlatParamMeta&, std::size_t)>;
 
 std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<int>& shard_files,
                                    const FlatPath& path_of) {
@@ -183,8 +171,6 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
   }
   return out;
 }
-
-}  // namespace
 
 bool is_training_checkpoint(const ManifestFile& file, const std::string& state_dict) {
   const std::string prefix = state_dict + "/";
@@ -321,242 +307,6 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   }
   add_buffers(metadata.buffer_names);
   return out;
-}
-
-namespace {
-
-// The parameters of a consolidated file's state dict, in order: its tensors
-// but ties, `buffers` and what is_buffer recognises.
-std::vector<std::pair<std::string, const ManifestTensor*>> parameters(const ManifestFile& file,
-                                                                      const std::vector<std::string>& buffers) {
-  std::set<std::string_view> buffer_set(buffers.begin(), buffers.end());
-  std::vector<std::pair<std::string, const ManifestTensor*>> out;
-  DistinctViews views;
-  for (auto& [key, tensor] : state_dict_tensors(file, std::string(kModelPrefix))) {
-    if (!tensor->alias_of.empty() || views.tied_to(*tensor) != nullptr || buffer_set.count(key) != 0 ||
-        is_buffer(key, *tensor, nullptr)) {
-      continue;
-    }
-    out.emplace_back(std::move(key), tensor);
-  }
-  return out;
-}
-
-std::string optimizer_state_path(std::size_t index, const std::string& state_name) {
-  return fmt::format("last_optimizer_state/state/{}/{}", index, state_name);
-}
-
-}  // namespace
-
-std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
-                                                     const std::string& state_name,
-                                                     const std::vector<std::string>& buffers) {
-  const ManifestFile& first = manifest.files.at(shard_files.at(0));
-  if (is_flattened(first, std::string(kModelPrefix))) {
-    return unflatten(manifest, shard_files,
-                     [&](const FlatParamMeta&, std::size_t index) { return optimizer_state_path(index, state_name); });
-  }
-  // Every state checked against its parameter first (optimizer_state_names).
-  std::vector<std::string> names = optimizer_state_names(first, buffers);
-  if (std::find(names.begin(), names.end(), state_name) == names.end()) {
-    throw Error(Location{first.path, "last_optimizer_state", std::nullopt},
-                fmt::format("no optimizer state '{}' here (the states hold: {})", state_name, fmt::join(names, ", ")));
-  }
-  std::vector<std::pair<std::string, const ManifestTensor*>> params = parameters(first, buffers);
-  std::vector<NamedTensor> out;
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    const ManifestTensor* state = find_tensor(first, optimizer_state_path(i, state_name));
-    check_invariant(state != nullptr, "a state optimizer_state_names has checked");
-    out.push_back({params[i].first,
-                   source_of(*state, first.place(*state).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
-                   std::nullopt,
-                   {}});
-  }
-  return out;
-}
-
-namespace {
-
-bool is_tensor_node(const nlohmann::ordered_json& value) {
-  return value.is_object() && value.contains("$tensor");
-}
-
-// "12" -> 12; nullopt for anything but plain decimal digits.
-std::optional<std::size_t> index_label(const std::string& label) {
-  std::size_t value = 0;
-  if (label.empty() || label.size() > 18 || (label.size() > 1 && label[0] == '0')) return std::nullopt;
-  for (char c : label) {
-    if (c < '0' || c > '9') return std::nullopt;
-    value = value * 10 + static_cast<std::size_t>(c - '0');
-  }
-  return value;
-}
-
-}  // namespace
-
-std::vector<std::string> optimizer_state_names(const ManifestFile& file, const std::vector<std::string>& buffers) {
-  const nlohmann::ordered_json& root = *file.objects;
-  const std::string prefix = "last_optimizer_state/";
-  bool has_tensors = std::any_of(file.tensors.begin(), file.tensors.end(),
-                                 [&](const ManifestTensor& tensor) { return tensor.path.starts_with(prefix); });
-  const nlohmann::ordered_json* frame =
-      root.is_object() && root.contains("last_optimizer_state") ? &root["last_optimizer_state"] : nullptr;
-  const nlohmann::ordered_json* states =
-      frame != nullptr && frame->is_object() && frame->contains("state") ? &(*frame)["state"] : nullptr;
-  if (!has_tensors) return {};
-  auto fail = [&](const std::string& where, const std::string& message,
-                  std::optional<std::uint64_t> offset = std::nullopt) {
-    return Error(Location{file.path, "last_optimizer_state" + where, offset},
-                 message +
-                     ": this optimizer state cannot be cut with its weights (stitch without --optimizer-state, or "
-                     "reshard --drop-optimizer-state, leaves it out)");
-  };
-  if (states == nullptr || !states->is_object()) throw fail("", "tensors, but no per-parameter 'state' dict");
-
-  // What state k belongs to: flat parameter k (FSDP), or the k-th parameter.
-  std::vector<std::pair<std::string, std::vector<std::int64_t>>> owners;
-  bool flat = is_flattened(file, std::string(kModelPrefix));
-  if (flat) {
-    for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
-      for (const FlatParamMeta& param : instance.flat_params) {
-        const ManifestTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, param.state_key));
-        if (tensor == nullptr) throw fail("", fmt::format("flat parameter {} is not in the model", param.state_key));
-        owners.emplace_back(param.state_key, tensor->shape);
-      }
-    }
-  } else {
-    for (const auto& [key, tensor] : parameters(file, buffers)) owners.emplace_back(key, tensor->shape);
-  }
-  const char* owner_kind = flat ? "flat parameter" : "parameter";
-  const nlohmann::ordered_json* groups = frame->contains("param_groups") ? &(*frame)["param_groups"] : nullptr;
-  if (!flat && groups != nullptr && groups->is_array() && groups->size() > 1) {
-    throw fail("/param_groups", fmt::format("{} param groups: torch numbers the states group by group, so which "
-                                            "parameter each state belongs to is not recorded (one group can be cut)",
-                                            groups->size()));
-  }
-
-  auto tensor_names = [](const nlohmann::ordered_json& state) {
-    std::vector<std::string> held;
-    for (const auto& [name, value] : state.items()) {
-      if (is_tensor_node(value) && name != "step") held.push_back(name);
-    }
-    return held;
-  };
-  // The tensors of state 0, but step: every state holds these.
-  std::vector<std::string> names;
-  if (states->contains("0") && (*states)["0"].is_object()) names = tensor_names((*states)["0"]);
-  std::vector<bool> seen(owners.size(), false);
-  for (const auto& [label, state] : states->items()) {
-    std::string where = "/state/" + label;
-    std::optional<std::size_t> k = index_label(label);
-    if (!k) throw fail(where, fmt::format("keyed by '{}', not by the index of a {}", label, owner_kind));
-    if (*k >= owners.size()) {
-      throw fail(where, fmt::format("state {}, but there are {} {}s", *k, owners.size(), owner_kind));
-    }
-    if (!state.is_object()) throw fail(where, "not a dict");
-    seen[*k] = true;
-    std::vector<std::string> held = tensor_names(state);
-    if (std::set<std::string>(held.begin(), held.end()) != std::set<std::string>(names.begin(), names.end())) {
-      throw fail(where, fmt::format("holds [{}], state 0 holds [{}]", fmt::join(held, ", "), fmt::join(names, ", ")));
-    }
-    for (const std::string& name : held) {
-      std::string path = fmt::format("last_optimizer_state/state/{}/{}", label, name);
-      const ManifestTensor* tensor = find_tensor(file, path);
-      const auto& [owner, shape] = owners[*k];
-      if (tensor == nullptr || !tensor->alias_of.empty()) throw fail(where + "/" + name, "not a tensor of its own");
-      if (tensor->shape != shape) {
-        throw fail(where + "/" + name,
-                   fmt::format("shape [{}], but {} {} ({}) has [{}]: not this model's optimizer state",
-                               fmt::join(tensor->shape, ", "), owner_kind, *k, owner, fmt::join(shape, ", ")),
-                   file.place(*tensor).file_byte_offset);
-      }
-    }
-  }
-  for (std::size_t k = 0; k < owners.size(); ++k) {
-    if (!seen[k]) {
-      throw fail(fmt::format("/state/{}", k),
-                 fmt::format("missing: the state of {} {} ({})", owner_kind, k, owners[k].first));
-    }
-  }
-  // torch gives state ids in param_groups' order: they must be 0..K-1 in order.
-  if (groups != nullptr && groups->is_array()) {
-    std::size_t next = 0;
-    for (const nlohmann::ordered_json& group : *groups) {
-      if (!group.is_object() || !group.contains("params") || !group["params"].is_array()) continue;
-      for (const nlohmann::ordered_json& id : group["params"]) {
-        if (!id.is_number_integer() || id.get<std::int64_t>() != static_cast<std::int64_t>(next)) {
-          throw fail("/param_groups", fmt::format("lists the states in another order than the {}s (at position {}: {})",
-                                                  owner_kind, next, id.dump()));
-        }
-        ++next;
-      }
-    }
-  }
-  return names;
-}
-
-namespace {
-
-// What every optimizer state of one save shares: the entries of a state but its
-// tensors (step, ...), and param_groups without their params. Throws Error
-// naming the state that differs from state 0 in `file`.
-nlohmann::ordered_json optimizer_entries(const ManifestFile& file) {
-  const nlohmann::ordered_json& frame = (*file.objects)["last_optimizer_state"];
-  std::optional<std::pair<std::string, nlohmann::ordered_json>> first;
-  for (const auto& [label, state] : frame["state"].items()) {
-    nlohmann::ordered_json entries = nlohmann::ordered_json::object();
-    for (const auto& [name, value] : state.items()) {
-      if (!is_tensor_node(value)) entries[name] = value;
-    }
-    if (!first) {
-      first.emplace(label, std::move(entries));
-    } else if (entries != first->second) {
-      throw Error(Location{file.path, "last_optimizer_state/state/" + label, std::nullopt},
-                  fmt::format("{} here, {} in state {}: the states of one save agree on these", entries.dump(),
-                              first->second.dump(), first->first));
-    }
-  }
-  return {{"state", first ? first->second : nullptr}, {"param_groups", optimizer_hyperparameters(file)}};
-}
-
-}  // namespace
-
-nlohmann::ordered_json optimizer_hyperparameters(const ManifestFile& file) {
-  const nlohmann::ordered_json& root = *file.objects;
-  if (!root.is_object() || !root.contains("last_optimizer_state")) return nullptr;
-  const nlohmann::ordered_json& frame = root["last_optimizer_state"];
-  if (!frame.is_object() || !frame.contains("param_groups") || !frame["param_groups"].is_array()) return nullptr;
-  nlohmann::ordered_json groups = frame["param_groups"];
-  for (nlohmann::ordered_json& group : groups) {
-    if (group.is_object()) group.erase("params");
-  }
-  return groups;
-}
-
-void check_optimizer_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
-                            const std::vector<std::string>& names, const std::vector<std::string>& buffers) {
-  const std::set<std::string> want(names.begin(), names.end());
-  std::optional<std::pair<std::string, nlohmann::ordered_json>> first;  // (file, its step and hyperparameters)
-  for (const std::vector<int>& row : grid) {
-    for (int index : row) {
-      const ManifestFile& file = manifest.files[static_cast<std::size_t>(index)];
-      std::vector<std::string> held = optimizer_state_names(file, buffers);
-      if (std::set<std::string>(held.begin(), held.end()) != want) {
-        throw Error(Location{file.path, "last_optimizer_state", std::nullopt},
-                    fmt::format("optimizer states [{}], where the set's first file holds [{}]", fmt::join(held, ", "),
-                                fmt::join(names, ", ")));
-      }
-      if (names.empty()) continue;
-      nlohmann::ordered_json entries = optimizer_entries(file);
-      if (!first) {
-        first.emplace(file.path, std::move(entries));
-      } else if (entries != first->second) {
-        throw Error(Location{file.path, "last_optimizer_state", std::nullopt},
-                    fmt::format("{} here, {} in {}: the optimizer states of one save agree on these", entries.dump(),
-                                first->second.dump(), first->first));
-      }
-    }
-  }
 }
 
 namespace {

@@ -24,6 +24,7 @@
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/parallel.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
+#include "ckpt/manifest/optimizer_state.hpp"
 
 namespace ckpt {
 
@@ -54,7 +55,7 @@ const ManifestTensor* DistinctViews::tied_to(const ManifestTensor& tensor) {
 std::string ManifestTensor::section() const {
   std::string top = path.substr(0, path.find('/'));
   if (top == "model") return "model";
-  if (top == "last_optimizer_state" || top == "optimizer") return "optimizer_state";
+  if (top == kOptimizerStateKey || top == "optimizer") return "optimizer_state";
   return "other";
 }
 

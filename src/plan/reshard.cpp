@@ -16,6 +16,7 @@
 #include "ckpt/layout/fsdp.hpp"
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/optimizer_state.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 
 namespace ckpt {
@@ -94,12 +95,12 @@ struct OptimizerStep {
 // (check_optimizer_states has checked that they agree).
 std::optional<OptimizerStep> optimizer_step(const ManifestFile& file, int index) {
   const nlohmann::ordered_json& root = *file.objects;
-  const nlohmann::ordered_json& frame = root.at("last_optimizer_state");
+  const nlohmann::ordered_json& frame = root.at(std::string(kOptimizerStateKey));
   const nlohmann::ordered_json& states = frame.at("state");
   if (!states.contains("0") || !states.at("0").contains("step")) return std::nullopt;
   const nlohmann::ordered_json& step = states.at("0").at("step");
   if (step.is_number_integer()) return OptimizerStep{step.get<std::int64_t>(), std::nullopt};
-  const std::string path = "last_optimizer_state/state/0/step";
+  const std::string path = optimizer_state_path(0, "step");
   const ManifestTensor* tensor = find_tensor(file, path);
   if (tensor == nullptr || !tensor->alias_of.empty()) {
     throw Error(Location{file.path, path, std::nullopt}, "a step that is neither an int nor a tensor");
@@ -265,14 +266,14 @@ std::vector<std::string> optimizer_states_to_write(const ManifestFile& input, co
     return {};
   }
   if (frame.empty()) {
-    throw Error(Location{layout_file.path, "last_optimizer_state", std::nullopt},
+    throw Error(Location{layout_file.path, std::string(kOptimizerStateKey), std::nullopt},
                 fmt::format("--layout-from: no optimizer state here to write the input's ({}) in; "
                             "--drop-optimizer-state writes none",
                             fmt::join(names, ", ")));
   }
   std::set<std::string> have(names.begin(), names.end());
   if (have != std::set<std::string>(frame.begin(), frame.end())) {
-    throw Error(Location{layout_file.path, "last_optimizer_state", std::nullopt},
+    throw Error(Location{layout_file.path, std::string(kOptimizerStateKey), std::nullopt},
                 fmt::format("--layout-from: the template's optimizer states ({}) are not the input's ({}), which "
                             "are written in their place; --drop-optimizer-state writes none",
                             fmt::join(frame, ", "), fmt::join(names, ", ")));
@@ -419,7 +420,7 @@ void build_flat_model(Output& output, const FsdpMetadata& layout, const std::vec
 // in place.
 void replace_step(Output& output, const OptimizerStep& step) {
   pickle::Graph& graph = output.builder.graph();
-  pickle::NodeId frame = output.builder.top_level("last_optimizer_state");
+  pickle::NodeId frame = output.builder.top_level(std::string(kOptimizerStateKey));
   const auto* states = graph.mapping_entries(graph.lookup(frame, "state"));
   if (states == nullptr) return;
   std::vector<pickle::NodeId> dicts;
@@ -427,7 +428,7 @@ void replace_step(Output& output, const OptimizerStep& step) {
   for (pickle::NodeId state : dicts) {
     pickle::NodeId value = step.tensor ? output.builder.add_tensor(*step.tensor) : graph.integer(step.value);
     if (!output.builder.set_entry(state, "step", value)) {
-      throw Error(Location{output.base.path(), "last_optimizer_state/state", std::nullopt},
+      throw Error(Location{output.base.path(), std::string(kOptimizerStateKey) + "/state", std::nullopt},
                   "--layout-from: a state of the template without the step the input's states have");
     }
   }
@@ -440,7 +441,7 @@ void replace_optimizer_state(Output& output, const Recut& recut, int m, int d) {
     std::vector<FlatShard> slices = chunk_flat(*recut.first.fsdp, state[m], recut.options.dp, d);
     for (std::size_t k = 0; k < slices.size(); ++k) {
       OutputTensor tensor = flat_output(slices[k]);
-      tensor.name = fmt::format("last_optimizer_state/state/{}/{}", k, name);
+      tensor.name = optimizer_state_path(k, name);
       output.replace(tensor.name, tensor);
     }
   }
@@ -483,7 +484,8 @@ PlannedOutput plan_output(const Bases& bases, const Recut& recut, const std::str
   } else {
     write_flattened(output, base_file, base_flattened, recut, m, d);
   }
-  if (!recut.keep_optimizer && !recut.keep_stateless_frame) output.builder.drop_top_level("last_optimizer_state");
+  if (!recut.keep_optimizer && !recut.keep_stateless_frame)
+    output.builder.drop_top_level(std::string(kOptimizerStateKey));
   output.builder.set_model_parallel_size(options.mp);
   PlannedOutput out;
   out.path = output_path(pattern, options.mp, options.dp, m, d);

@@ -1,5 +1,6 @@
 #include "ckpt/plan/stitch.hpp"
 #include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/optimizer_state.hpp"
 
 #include <fmt/format.h>
 
@@ -75,7 +76,7 @@ std::vector<OptimizerStates> consolidate_states(const Manifest& manifest, const 
   std::vector<std::string> buffers = first.fsdp ? first.fsdp->buffer_names : std::vector<std::string>{};
   std::vector<std::string> names = optimizer_state_names(first, buffers);
   if (names.empty()) {
-    throw Error(Location{first.path, "last_optimizer_state", std::nullopt},
+    throw Error(Location{first.path, std::string(kOptimizerStateKey), std::nullopt},
                 "--optimizer-state: no per-parameter optimizer state (exp_avg, ...) here");
   }
   check_optimizer_states(manifest, grid, names, buffers);
@@ -106,15 +107,15 @@ void set_parameter_states(CheckpointBuilder& builder, const std::vector<OutputTe
   auto fail = [&](const std::string& where, const std::string& message) {
     return Error(Location{base_path, where, std::nullopt}, "--optimizer-state: " + message);
   };
-  pickle::NodeId frame = builder.top_level("last_optimizer_state");
+  pickle::NodeId frame = builder.top_level(std::string(kOptimizerStateKey));
   pickle::NodeId state = frame == pickle::kNoNode ? pickle::kNoNode : graph.lookup(frame, "state");
   const auto* entries = state == pickle::kNoNode ? nullptr : graph.mapping_entries(state);
   const auto* first = entries == nullptr || entries->empty() ? nullptr : graph.mapping_entries(entries->front().second);
-  if (first == nullptr) throw fail("last_optimizer_state/state", "not a dict of per-parameter dicts");
+  if (first == nullptr) throw fail(std::string(kOptimizerStateKey) + "/state", "not a dict of per-parameter dicts");
   const std::vector<std::pair<pickle::NodeId, pickle::NodeId>> frame_entries = *first;  // copied: nodes are added below
   const auto* groups = as_sequence(graph, graph.lookup(frame, "param_groups"));
   if (groups == nullptr || groups->size() != 1) {
-    throw fail("last_optimizer_state/param_groups",
+    throw fail(std::string(kOptimizerStateKey) + "/param_groups",
                fmt::format("{} param groups: which parameters each holds is not recorded per parameter, so only "
                            "one group can be written",
                            groups == nullptr ? 0 : groups->size()));
@@ -147,7 +148,7 @@ void set_parameter_states(CheckpointBuilder& builder, const std::vector<OutputTe
   std::iota(indices.begin(), indices.end(), 0);
   bool ok = builder.set_entry(frame, "state", graph.add(std::move(per_parameter))) &&
             builder.set_entry(group, "params", add_int_list(graph, indices));
-  if (!ok) throw fail("last_optimizer_state/param_groups", "a param group without params");
+  if (!ok) throw fail(std::string(kOptimizerStateKey) + "/param_groups", "a param group without params");
 }
 
 // One torch.save output: the base's objects with the state dict replaced.
@@ -172,7 +173,7 @@ PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<OutputTe
   if (states != nullptr) {
     set_parameter_states(builder, tensors, *states, base.path());
   } else {
-    builder.drop_top_level("last_optimizer_state");
+    builder.drop_top_level(std::string(kOptimizerStateKey));
   }
   if (options.stitch_megatron) builder.set_model_parallel_size(1);
   return builder.finish(path, sources, plan);

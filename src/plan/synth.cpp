@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "ckpt/layout/fsdp.hpp"
+#include "ckpt/manifest/optimizer_state.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 
 namespace ckpt {
@@ -277,9 +278,9 @@ Plan plan_synth(const SynthOptions& options, const std::string& directory) {
                                {"eps", v.real(1e-8)},
                                {"weight_decay", v.real(0.1)},
                                {"params", add_list(graph, std::move(indices))}});
-        builder.set_top_level("last_optimizer_state", v.dict({{"state", v.int_dict(std::move(states))},
-                                                              {"param_groups", add_list(graph, {group})},
-                                                              {"loss_scale", v.real(128.0)}}));
+        builder.set_top_level(std::string(kOptimizerStateKey), v.dict({{"state", v.int_dict(std::move(states))},
+                                                                       {"param_groups", add_list(graph, {group})},
+                                                                       {"loss_scale", v.real(128.0)}}));
       }
       // shard_metadata, as fairscale writes it for this rank.
       std::vector<NodeId> instances;

@@ -34,6 +34,7 @@
 #include "ckpt/layout/tensor_source.hpp"
 #include "ckpt/manifest/consolidate.hpp"
 #include "ckpt/manifest/manifest.hpp"
+#include "ckpt/manifest/optimizer_state.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/plan.hpp"
 #include "error_kind.hpp"

@@ -37,46 +37,23 @@ void check_training_checkpoint(const ManifestFile& file, const std::string& stat
 std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::vector<int>& shard_files,
                                           const std::string& state_dict = "model");
 
-// The same for per-parameter optimizer state (`state_name` is exp_avg, ...):
-// - FSDP shards: the flat tensors at `last_optimizer_state/state/<k>/<state_name>`
-//   (k counting flat parameters in metadata order) unpadded like their weights
-//   and split into the parameters' names and shapes;
-// - a consolidated file: torch's own per-parameter state, as `stitch
-//   --optimizer-state` writes it: state <i> belongs to the i-th parameter (the
-//   state dict's tensors in order, ties and `buffers` left out) and has its shape.
-// Throws Error naming the file and tensor when a state is missing, is shaped
-// unlike its parameter, or there are more states than parameters.
-std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, const std::vector<int>& shard_files,
-                                                     const std::string& state_name,
-                                                     const std::vector<std::string>& buffers = {});
-
-// The per-parameter optimizer states (exp_avg, exp_avg_sq, ...) a checkpoint
-// holds, checked: `last_optimizer_state.state` maps 0..K-1, one per flat
-// parameter in metadata order (FSDP) or per parameter (as above), to dicts
-// holding the same tensors, each shaped like what it belongs to, beside other
-// entries (`step`, a tensor or not); param_groups list 0..K-1 in order. The
-// names of those tensors (path labels, state 0's order); empty when the file
-// holds no optimizer state tensor. Throws Error naming the file and the entry
-// otherwise: such state cannot be cut with its weights.
-std::vector<std::string> optimizer_state_names(const ManifestFile& file, const std::vector<std::string>& buffers = {});
-
-// Every file of `grid` (indices in manifest.files) holds the optimizer states
-// `names`, checked as above (an extra state in one shard would be carried, a
-// missing one lost), and the states of every file agree on their other
-// entries (step, ...) and param_groups but params: shards of one save. Throws
-// Error naming the first file or state that does not.
-void check_optimizer_states(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
-                            const std::vector<std::string>& names, const std::vector<std::string>& buffers);
-
-// A file's optimizer hyperparameters: last_optimizer_state's param_groups
-// without their params (null when there are none).
-nlohmann::ordered_json optimizer_hyperparameters(const ManifestFile& file);
-
-// How a parameter's optimizer state `name` is told apart from the parameter in
-// messages: "last_optimizer_state exp_avg of " + key.
-inline std::string optimizer_state_label(const std::string& name) {
-  return "last_optimizer_state " + name + " of ";
-}
+// The state-dict helpers consolidation and the optimizer state (optimizer_state.hpp) share.
+// Tensors of a state dict in order, by key: "model/x" -> "x", "model/a~1b" -> "a/b".
+std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(const ManifestFile& file,
+                                                                              const std::string& prefix);
+// Whether a state dict's tensor is a buffer, not a parameter: not floating,
+// metaseq's `version` and sinusoidal positions' `_float_tensor`, or one of the
+// FSDP layout's buffer names.
+bool is_buffer(const std::string& key, const ManifestTensor& tensor, const FsdpMetadata* fsdp);
+// Whether the state dict at `prefix` holds FSDP flat parameters.
+bool is_flattened(const ManifestFile& file, const std::string& prefix);
+// Every flat parameter of the part, unpadded, concatenated over the shards and
+// split into its named parameters. `path_of(flat, index)` is the object path of
+// a flat parameter's tensor in each shard (index counts flat parameters in
+// metadata order).
+using FlatPath = std::function<std::string(const FlatParamMeta&, std::size_t)>;
+std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<int>& shard_files,
+                                   const FlatPath& path_of);
 
 // The model's size as torch sees it after stitching: elements of its
 // parameters (sum(p.numel() for p in model.parameters())) and of its buffers.
