@@ -103,10 +103,12 @@ void add_write_flags(CLI::App& app, WriteFlags& flags) {
                "a tensor the Megatron rules call replicated that differs between model parts: take part 0's copy "
                "with a warning (default: fail)");
   add_model_parts_flag(app, flags.model_parts);
-  app.add_option("--save-plan", flags.save_plan,
-                 "write the plan to this file instead of the outputs (`ckpt-tool apply FILE` writes them later, "
-                 "refusing inputs changed meanwhile)");
+  CLI::Option* save = app.add_option("--save-plan", flags.save_plan,
+                                     "write the plan to this file instead of the outputs (`ckpt-tool apply FILE` "
+                                     "writes them later, refusing inputs changed meanwhile)")
+                          ->check([](const std::string& path) { return path.empty() ? "the plan path is empty" : ""; });
   add_exec_flags(app, flags);
+  save->excludes(app.get_option("--dry-run"));
 }
 
 void add_exec_flags(CLI::App& app, WriteFlags& flags) {
@@ -157,6 +159,13 @@ void run_plan(Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors,
   }
   if (!flags.save_plan.empty()) {
     validate(plan);
+    const std::string saved = std::filesystem::absolute(flags.save_plan).lexically_normal().string();
+    for (const PlannedFile& file : plan.files) {
+      if (std::filesystem::absolute(file.path).lexically_normal().string() == saved) {
+        throw Error(ErrorKind::Usage, Location{flags.save_plan, "", std::nullopt},
+                    "--save-plan names one of the plan's outputs: the plan could never be applied");
+      }
+    }
     write_plan(plan, flags.save_plan, flags.force);
     if (!flags.quiet) {
       fmt::print(stderr, "wrote the plan of {} file(s), {}, to {}: `ckpt-tool apply {}` writes them\n",

@@ -324,10 +324,11 @@ std::vector<std::unique_ptr<MappedFile>> map_sources(const Plan& plan) {
   for (const PlanSource& source : plan.sources) {
     mapped.push_back(std::make_unique<MappedFile>(source.path));
     const MappedFile& file = *mapped.back();
-    if (file.size() != source.size_bytes || file.mtime_ns() != source.mtime_ns || file.inode() != source.inode) {
+    if (file.size() != source.size_bytes || file.mtime_ns() != source.mtime_ns || file.inode() != source.inode ||
+        file.ctime_ns() != source.ctime_ns) {
       throw Error(Location{source.path, "", std::nullopt},
-                  fmt::format("the input changed after it was planned from (size {} -> {} bytes, modification "
-                              "time or inode): nothing was written; plan again",
+                  fmt::format("the input changed after it was planned from (size {} -> {} bytes, modification or "
+                              "change time, or inode): nothing was written; plan again",
                               source.size_bytes, file.size()));
     }
   }

@@ -37,6 +37,7 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   if (::fstat(fd_, &info) != 0) fail(ErrorKind::Io, std::string("cannot stat: ") + std::strerror(errno));
   if (!S_ISREG(info.st_mode)) fail(ErrorKind::BadInput, "not a regular file");
   mtime_ns_ = static_cast<std::int64_t>(info.st_mtim.tv_sec) * 1'000'000'000 + info.st_mtim.tv_nsec;
+  ctime_ns_ = static_cast<std::int64_t>(info.st_ctim.tv_sec) * 1'000'000'000 + info.st_ctim.tv_nsec;
   device_ = static_cast<std::uint64_t>(info.st_dev);
   inode_ = static_cast<std::uint64_t>(info.st_ino);
   if (info.st_size == 0) return;

@@ -36,7 +36,8 @@ PlanSource plan_source(const MappedFile& file, std::vector<CheckedRange> records
   std::sort(records.begin(), records.end(),
             [](const CheckedRange& a, const CheckedRange& b) { return a.offset < b.offset; });
   records.erase(std::unique(records.begin(), records.end()), records.end());
-  return {file.path(), file.size(), file.mtime_ns(), file.device(), file.inode(), std::move(records), true};
+  return {file.path(),        file.size(), file.mtime_ns(), file.device(), file.inode(),
+          std::move(records), true,        file.ctime_ns()};
 }
 
 std::uint32_t Plan::add_source(PlanSource source) {
@@ -44,7 +45,8 @@ std::uint32_t Plan::add_source(PlanSource source) {
     PlanSource& known = sources[i];
     if (known.path != source.path) continue;
     check_invariant(known.size_bytes == source.size_bytes && known.mtime_ns == source.mtime_ns &&
-                        known.inode == source.inode && known.has_crcs == source.has_crcs,
+                        known.inode == source.inode && known.ctime_ns == source.ctime_ns &&
+                        known.has_crcs == source.has_crcs,
                     "one input planned as two different files: " + source.path);
     std::vector<CheckedRange> merged;
     std::merge(known.records.begin(), known.records.end(), source.records.begin(), source.records.end(),

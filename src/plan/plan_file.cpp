@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "ckpt/io/byte_writer.hpp"
+#include "ckpt/io/crc32.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/io/zstd.hpp"
@@ -15,14 +16,14 @@ namespace ckpt {
 namespace {
 
 constexpr std::string_view kMagic = "CKPTPLAN";
-constexpr std::size_t kHeaderBytes = kMagic.size() + 4;
+constexpr std::size_t kHeaderBytes = kMagic.size() + 4 + 4;  // magic, version, CRC-32 of the expanded plan
 constexpr std::uint8_t kDTypes = static_cast<std::uint8_t>(DType::Complex128) + 1;
 
 // The smallest encoding of one element of each list: what a count is checked
 // against before anything is allocated for it.
 constexpr std::uint64_t kStrBytes = 8;
 constexpr std::uint64_t kCheckedRangeBytes = 8 + 8 + 4;
-constexpr std::uint64_t kSourceBytes = kStrBytes + 8 * 4 + 1 + 8;
+constexpr std::uint64_t kSourceBytes = kStrBytes + 8 * 4 + 1 + 8 + 8;
 constexpr std::uint64_t kPieceBytes = 4 + 8 * 6 + 2;
 constexpr std::uint64_t kRecordBytes = kStrBytes + 8 + 1 + kStrBytes + 8;
 constexpr std::uint64_t kFileBytes = kStrBytes + 1 + 8;
@@ -48,6 +49,7 @@ class Writer {
     out_.u64(source.device);
     out_.u64(source.inode);
     out_.u8(source.has_crcs ? 1 : 0);
+    out_.u64(static_cast<std::uint64_t>(source.ctime_ns));
     out_.u64(source.records.size());
     for (const CheckedRange& record : source.records) {
       out_.u64(record.offset);
@@ -111,6 +113,21 @@ class Reader {
     return n;
   }
   std::string str(const char* what) { return std::string(in_.text(count(1, what))); }
+  // A path: absolute (write_plan wrote it so) and without NUL bytes, which a
+  // system call would cut it at.
+  std::string path(const char* what) {
+    std::size_t at = in_.position();
+    std::string text = str(what);
+    if (!text.starts_with('/') || text.find('\0') != std::string::npos) {
+      in_.fail(at, fmt::format("{} '{}' is not an absolute path", what, printable(text)));
+    }
+    return text;
+  }
+  std::vector<std::string> paths(const char* what) {
+    std::vector<std::string> out(count(kStrBytes, what));
+    for (std::string& text : out) text = path(what);
+    return out;
+  }
   std::vector<std::byte> bytes(const char* what) {
     Bytes data = in_.take(count(1, what));
     return {data.begin(), data.end()};
@@ -125,20 +142,16 @@ class Reader {
     if (value >= kDTypes) in_.fail(in_.position() - 1, fmt::format("no dtype has the number {}", value));
     return static_cast<DType>(value);
   }
-  std::vector<std::string> strs(const char* what) {
-    std::vector<std::string> out(count(kStrBytes, what));
-    for (std::string& text : out) text = str(what);
-    return out;
-  }
 
   PlanSource source() {
     PlanSource source;
-    source.path = str("source path bytes");
+    source.path = path("an input");
     source.size_bytes = in_.u64();
     source.mtime_ns = static_cast<std::int64_t>(in_.u64());
     source.device = in_.u64();
     source.inode = in_.u64();
     source.has_crcs = flag("has_crcs");
+    source.ctime_ns = static_cast<std::int64_t>(in_.u64());
     source.records.resize(count(kCheckedRangeBytes, "source records"));
     for (CheckedRange& record : source.records) {
       record.offset = in_.u64();
@@ -149,7 +162,7 @@ class Reader {
   }
   PlannedFile file() {
     PlannedFile file;
-    file.path = str("output path bytes");
+    file.path = path("an output");
     std::uint8_t container = in_.u8();
     if (container > static_cast<std::uint8_t>(Container::Concatenated)) {
       in_.fail(in_.position() - 1, fmt::format("no container has the number {}", container));
@@ -185,9 +198,9 @@ class Reader {
     for (PlanSource& source : plan.sources) source = this->source();
     plan.files.resize(count(kFileBytes, "output files"));
     for (PlannedFile& file : plan.files) file = this->file();
-    plan.directories = strs("directories");
-    plan.stale_files = strs("stale files");
-    plan.read_only = strs("files read");
+    plan.directories = paths("a folder");
+    plan.stale_files = paths("a stale file");
+    plan.read_only = paths("a file read");
     if (!in_.at_end()) in_.fail_here(fmt::format("{} bytes after the plan", in_.remaining()));
     return plan;
   }
@@ -201,10 +214,12 @@ class Reader {
 std::vector<std::byte> serialize_plan(const Plan& plan) {
   Writer body;
   body.plan(plan);
-  std::string compressed = zstd_compress(body.take(), Location{"a plan", "", std::nullopt});
+  std::string expanded = body.take();
+  std::string compressed = zstd_compress(expanded, Location{"a plan", "", std::nullopt});
   ByteWriter out;
   out.text(kMagic);
   out.u32(kPlanFileVersion);
+  out.u32(crc32(Bytes(reinterpret_cast<const std::byte*>(expanded.data()), expanded.size())));
   out.text(compressed);
   return out.take();
 }
@@ -220,8 +235,16 @@ Plan parse_plan(Bytes bytes, const std::string& origin) {
                 fmt::format("a plan of format version {}; this ckpt-tool reads version {} (plan again with it)",
                             version, kPlanFileVersion));
   }
+  std::uint32_t recorded = header.u32();
   std::string expanded = zstd_decompress(header.rest(), Location{origin, "", kHeaderBytes}, kMaxPlanBytes, "a plan");
-  Plan plan = Reader(Bytes(reinterpret_cast<const std::byte*>(expanded.data()), expanded.size()), origin).plan();
+  Bytes body(reinterpret_cast<const std::byte*>(expanded.data()), expanded.size());
+  if (std::uint32_t crc = crc32(body); crc != recorded) {
+    throw Error(ErrorKind::CorruptData, Location{origin, "", kHeaderBytes},
+                fmt::format("CRC-32 of the plan is 0x{:08x}, its header says 0x{:08x}: the plan file is damaged "
+                            "(save the plan again)",
+                            crc, recorded));
+  }
+  Plan plan = Reader(body, origin).plan();
   validate_untrusted(plan, origin);
   // A compressed inline record is expanded when its file is written: its frame
   // must expand to its size, within the bound of a whole plan.

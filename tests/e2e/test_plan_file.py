@@ -5,6 +5,7 @@ in between refused with nothing written; plan files that are damaged refused in 
 import filecmp
 import os
 import shutil
+import subprocess
 
 import harness
 
@@ -83,14 +84,72 @@ def test_an_input_changed_after_planning_is_refused():
     assert os.listdir(out) == ["p.plan"], os.listdir(out)
 
 
+def test_an_input_edited_with_its_mtime_set_back_is_refused():
+    case = harness.scratch("plan-ctime-input")
+    shutil.copytree(harness.fixtures()["mp1_dp1_fp32_ns"], case, dirs_exist_ok=True)
+    out, saved = planned("plan-ctime", case)
+    victim = os.path.join(case, next(f for f in sorted(os.listdir(case)) if f.endswith(".pt")))
+    stat = os.stat(victim)
+    data = bytearray(open(victim, "rb").read())
+    data[-100] ^= 1
+    with open(victim, "r+b") as f:
+        f.write(data)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # mtime set back: only the ctime tells
+    _, err = harness.run(["apply", saved, "--no-crc-check"], expect=1)
+    assert "changed after it was planned" in err, err
+    assert os.listdir(out) == ["p.plan"], os.listdir(out)
+
+
+def test_every_flipped_byte_of_a_plan_is_refused():
+    """Found by the stranger: a plan without a checksum applied with one byte flipped,
+    writing other bytes (or to another path) with exit 0. Now a flip is refused in one
+    line, or (a bit zstd does not read) gives exactly the plan's own output."""
+    out, saved = planned("plan-flips", harness.fixtures()["mp1_dp1_fp32_ns"])
+    model = os.path.join(out, "model.pt")
+    harness.run(["apply", saved, "-q"])
+    want = open(model, "rb").read()
+    os.remove(model)
+    data = open(saved, "rb").read()
+    flipped = os.path.join(out, "flipped.plan")
+    applied = 0
+    for at in range(8, len(data), 5):  # every 5th byte (the magic: the damaged-file test)
+        with open(flipped, "wb") as f:
+            f.write(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+        proc = subprocess.run([harness.TOOL, "apply", flipped, "-q"], capture_output=True, text=True)
+        if proc.returncode == 0:
+            applied += 1
+            assert open(model, "rb").read() == want, at
+            os.remove(model)
+            continue
+        assert proc.returncode in (harness.EXIT["bad_input"], harness.EXIT["corrupt_data"]), (at, proc.returncode,
+                                                                                           proc.stderr)
+        assert proc.stderr.count("\n") == 1, (at, proc.stderr)
+        assert sorted(os.listdir(out)) == ["flipped.plan", "p.plan"], (at, os.listdir(out))
+    assert applied < (len(data) - 8) // 100, applied
+
+
+def test_save_plan_refuses_what_could_never_be_applied():
+    folder = harness.fixtures()["mp1_dp1_fp32_ns"]
+    out = harness.scratch("plan-refusals")
+    model = os.path.join(out, "model.pt")
+    for extra in (["--save-plan", ""], ["--save-plan", model], ["--save-plan", os.path.join(out, "p"), "--dry-run"]):
+        _, err = harness.run(["stitch", folder, "-o", model] + extra, expect=harness.EXIT["usage"])
+        assert err.count("\n") == 1, (extra, err)
+    assert os.listdir(out) == [], os.listdir(out)
+
+
 def test_a_plan_is_never_its_own_output():
     out = harness.scratch("plan-self")
     saved = os.path.join(out, "self.plan")
-    harness.run(["stitch", harness.fixtures()["mp1_dp1_fp32_ns"], "-o", saved, "-q", "--save-plan", saved])
+    model = os.path.join(out, "model.pt")
+    harness.run(["stitch", harness.fixtures()["mp1_dp1_fp32_ns"], "-o", model, "-q", "--save-plan", saved])
+    other = os.path.join(out, "other.plan")
     before = open(saved, "rb").read()
-    _, err = harness.run(["apply", saved, "--force"], expect=1)
-    assert "input" in err, err
-    assert open(saved, "rb").read() == before
+    harness.run(["stitch", harness.fixtures()["mp1_dp1_fp32_ns"], "-o", saved, "-q", "--save-plan", other])
+    _, err = harness.run(["apply", other, "--force"])
+    assert open(saved, "rb").read() != before  # another plan's output may be a plan file, and is written
+    harness.run(["stitch", harness.fixtures()["mp1_dp1_fp32_ns"], "-o", other, "-q", "--save-plan", other],
+                expect=harness.EXIT["usage"])
 
 
 def test_damaged_plan_files_are_refused_in_one_line():
@@ -115,4 +174,6 @@ def test_damaged_plan_files_are_refused_in_one_line():
 
 if __name__ == "__main__":
     harness.main([test_every_fixture_plan_round_trips, test_an_input_changed_after_planning_is_refused,
-                  test_a_plan_is_never_its_own_output, test_damaged_plan_files_are_refused_in_one_line])
+                  test_an_input_edited_with_its_mtime_set_back_is_refused, test_every_flipped_byte_of_a_plan_is_refused,
+                  test_save_plan_refuses_what_could_never_be_applied, test_a_plan_is_never_its_own_output,
+                  test_damaged_plan_files_are_refused_in_one_line])

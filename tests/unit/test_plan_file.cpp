@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "ckpt/io/crc32.hpp"
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/zstd.hpp"
 #include "ckpt/plan/plan.hpp"
@@ -77,17 +78,19 @@ Bytes bytes_of(const std::vector<std::byte>& data) {
   return {data.data(), data.size()};
 }
 
-// The plan file of `body` (the expanded plan bytes), with a valid header.
+// The plan file of `body` (the expanded plan bytes), with a valid header (its CRC).
 std::vector<std::byte> with_body(const std::string& body) {
   std::vector<std::byte> file = ckpt::serialize_plan(Plan{});
-  file.resize(12);
+  file.resize(16);
+  std::uint32_t crc = ckpt::crc32(Bytes(reinterpret_cast<const std::byte*>(body.data()), body.size()));
+  for (int i = 0; i < 4; ++i) file[12 + i] = static_cast<std::byte>((crc >> (8 * i)) & 0xff);
   std::string compressed = ckpt::zstd_compress(body, {});
   for (char c : compressed) file.push_back(static_cast<std::byte>(c));
   return file;
 }
 
 std::string body_of(const std::vector<std::byte>& file) {
-  return ckpt::zstd_decompress(bytes_of(file).subspan(12), {}, ckpt::kMaxPlanBytes, "a plan");
+  return ckpt::zstd_decompress(bytes_of(file).subspan(16), {}, ckpt::kMaxPlanBytes, "a plan");
 }
 
 }  // namespace
@@ -125,6 +128,23 @@ TEST_SUITE("plan_file") {
       }
     }
     CHECK(refused > 0);
+  }
+
+  TEST_CASE("a damaged plan is refused by its CRC, whatever byte changed") {
+    std::vector<std::byte> file = ckpt::serialize_plan(full_plan());
+    std::string body = body_of(file);
+    for (std::size_t at = 0; at < body.size(); ++at) {
+      std::string damaged = body;
+      damaged[at] = static_cast<char>(static_cast<unsigned char>(damaged[at]) ^ 0x01);
+      std::vector<std::byte> bad = with_body(damaged);
+      std::copy(file.begin() + 12, file.begin() + 16, bad.begin() + 12);  // the CRC of the undamaged plan
+      try {
+        ckpt::parse_plan(bytes_of(bad), "p.plan");
+        FAIL("a damaged plan was read, byte " << at);
+      } catch (const ckpt::Error& e) {
+        CHECK(e.kind() == ckpt::ErrorKind::CorruptData);
+      }
+    }
   }
 
   TEST_CASE("counts larger than the bytes left are refused before anything is allocated") {

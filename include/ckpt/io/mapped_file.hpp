@@ -35,6 +35,8 @@ class MappedFile {
   Bytes bytes() const { return bytes_; }
   std::uint64_t size() const { return bytes_.size(); }
   std::int64_t mtime_ns() const { return mtime_ns_; }
+  // The inode's change time: it moves with every write, whatever the mtime is set back to.
+  std::int64_t ctime_ns() const { return ctime_ns_; }
   // The file's identity (st_dev, st_ino): what tells an output path that names
   // an input, through whatever link or spelling.
   std::uint64_t device() const { return device_; }
@@ -54,6 +56,7 @@ class MappedFile {
   std::unique_ptr<Region> region_;  // the Boost mapping; null for an empty file
   Bytes bytes_;                     // the whole mapping; empty (and nothing mapped) for an empty file
   std::int64_t mtime_ns_ = 0;
+  std::int64_t ctime_ns_ = 0;
   std::uint64_t device_ = 0;
   std::uint64_t inode_ = 0;
   int fd_ = -1;

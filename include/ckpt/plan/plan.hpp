@@ -85,8 +85,9 @@ struct CheckedRange {
 // An input of a plan, by value: the plan names its inputs and does not hold
 // them open, so it can be written down and run by another process. The
 // executor maps each one and refuses it when it is no longer the file planned
-// from (size, mtime, inode: the device number differs between the nodes that
-// mount one shared file system).
+// from (size, mtime, ctime, inode: the device number differs between the nodes
+// that mount one shared file system; the ctime moves with any write, even one
+// whose mtime was set back, and with a chmod or a new link).
 struct PlanSource {
   std::string path;
   std::uint64_t size_bytes = 0;
@@ -98,6 +99,7 @@ struct PlanSource {
   // the file), and the bytes copied from each are checked against its CRC-32.
   std::vector<CheckedRange> records;
   bool has_crcs = true;  // false for a format without CRCs (safetensors): records only bound the copies
+  std::int64_t ctime_ns = 0;
   bool operator==(const PlanSource&) const = default;
 };
 

@@ -2,9 +2,9 @@
 // apply`, and the processes of a distributed run): every field of the Plan, by
 // value, in a compact binary form.
 //
-//   "CKPTPLAN", u32 version, then one zstd frame of:
+//   "CKPTPLAN", u32 version, u32 CRC-32 of the expanded plan, then one zstd frame of:
 //   sources: u64 count, each: str path, u64 size, i64 mtime_ns, u64 device,
-//            u64 inode, u8 has_crcs, u64 count, each record: u64 offset,
+//            u64 inode, u8 has_crcs, i64 ctime_ns, u64 count, each record: u64 offset,
 //            u64 nbytes, u32 crc32
 //   files:   u64 count, each: str path, u8 container, u64 count, each record:
 //            str name, u64 nbytes, u8 inline_zstd, str inline_bytes, u64 count,
@@ -13,9 +13,12 @@
 //   directories, stale_files, read_only: u64 count, each str
 // Integers little-endian; str is u64 length + bytes.
 //
-// A plan file is input like any other: reading one checks every count against
-// the bytes left, every enum value, and then the whole plan as validate does
-// (validate_untrusted), before anything uses it.
+// A plan file is input like any other: reading one checks its CRC-32, every
+// count against the bytes left, every enum value and path, and then the whole
+// plan as validate does (validate_untrusted), before anything uses it. The CRC
+// catches a damaged file, not a malicious one: a plan says which bytes to write
+// where (an output's pickle among them), so a plan from someone else is to be
+// trusted like a script from them.
 #pragma once
 
 #include <cstddef>
