@@ -28,8 +28,8 @@ namespace ckpt {
 namespace {
 
 // Output files are written in units of 8 MiB at 8 MiB-aligned offsets: large
-// enough that a direct write runs at the disk's speed (dd with 8 MiB blocks
-// reaches it here), small enough to balance threads and bound memory.
+// enough that a direct write runs at the disk's speed (as dd's does with 8 MiB
+// blocks), small enough to balance threads and bound memory.
 constexpr std::uint64_t kUnitBytes = 8ull << 20;
 constexpr std::uint64_t kBlockBytes = OutputFile::kDirectAlignment;
 

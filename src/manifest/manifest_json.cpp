@@ -703,9 +703,9 @@ bool looks_like_manifest(const std::string& path) {
 namespace {
 
 // nlohmann's parser builds an ordered_json object by looking each key up in
-// the object before appending it: n^2 for a state dict of 10^5 tensors (81 s
-// for 200,000). This builder appends, and finds a key given twice once per
-// object, by sorting.
+// the object before appending it: n^2, minutes for a state dict of 10^5
+// tensors. This builder appends, and finds a key given twice once per object,
+// by sorting.
 class OrderedJsonBuilder : public nlohmann::json_sax<json> {
  public:
   struct Failure {
