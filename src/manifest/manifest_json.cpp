@@ -56,10 +56,6 @@ json fsdp_to_json(const FsdpMetadata& fsdp) {
   return {{"param_metadata", instances}, {"buffer_names", fsdp.buffer_names}};
 }
 
-bool ends_with(const std::string& text, std::string_view suffix) {
-  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 }  // namespace
 
 namespace {
@@ -696,8 +692,8 @@ Manifest manifest_from_json(const json& j, const std::string& source) {
 }
 
 bool looks_like_manifest(const std::string& path) {
-  if (ends_with(path, ".safetensors.index.json")) return false;  // a safetensors set's index
-  return ends_with(path, ".json") || ends_with(path, ".json.zst");
+  if (path.ends_with(".safetensors.index.json")) return false;  // a safetensors set's index
+  return path.ends_with(".json") || path.ends_with(".json.zst");
 }
 
 namespace {
@@ -819,7 +815,7 @@ Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed,
 
 Manifest read_manifest(const std::string& path) {
   MappedFile file(path);
-  return parse_manifest(file.bytes(), path, ends_with(path, ".zst"));
+  return parse_manifest(file.bytes(), path, path.ends_with(".zst"));
 }
 
 namespace {
@@ -851,7 +847,7 @@ std::string manifest_text(const Manifest& manifest) {
 
 void write_manifest(const Manifest& manifest, const std::string& path, bool overwrite) {
   std::string text = manifest_text(manifest);
-  if (ends_with(path, ".zst")) text = zstd_compress(text, Location{path, "", std::nullopt});
+  if (path.ends_with(".zst")) text = zstd_compress(text, Location{path, "", std::nullopt});
   std::vector<FileIdentity> inputs;
   for (const ManifestFile& file : manifest.files) {
     if (auto identity = identity_of(file.path)) inputs.push_back(*identity);
