@@ -13,6 +13,7 @@
 #include <set>
 
 #include "ckpt/format/python_globals.hpp"
+#include "ckpt/layout/tensor_source.hpp"
 #include "ckpt/manifest/consolidate.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "inputs.hpp"
@@ -74,10 +75,6 @@ std::string bytes_text(const Bytes& bytes) {
 
 json bytes_json(const Bytes& bytes) {
   return {{"tensors", bytes.tensors}, {"storage_bytes", bytes.storage_bytes}, {"tensor_bytes", bytes.tensor_bytes}};
-}
-
-std::string shape_text(const std::vector<std::int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
 std::string scalar_text(const json& value) {

@@ -14,10 +14,6 @@ namespace ckpt {
 
 namespace {
 
-std::string shape_text(const std::vector<std::int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
-}
-
 std::vector<std::int64_t> glued_shape(const std::vector<TensorSource>& sources, std::size_t dim) {
   std::vector<std::int64_t> shape = sources.front().shape;
   shape[dim] = 0;
