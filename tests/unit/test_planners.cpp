@@ -367,7 +367,8 @@ TEST_SUITE("plan_synth") {
           CHECK(record.inline_bytes.size() == 4);
           continue;
         }
-        for (const Piece& op : record.copies) CHECK((op.source == Piece::kSynthetic || op.source == Piece::kZeros));
+        for (const Piece& piece : record.copies)
+          CHECK((piece.source == Piece::kSynthetic || piece.source == Piece::kZeros));
       }
     }
     // the plan is a pure function of the options
@@ -601,12 +602,12 @@ TEST_SUITE("plan_stitch") {
     }
     bool converts = false;
     for (const ckpt::PlannedRecord& record : converting.plan.files.at(0).records) {
-      for (const Piece& op : record.copies) {
-        if (op.source_dtype == DType::Float16) {  // the weights
+      for (const Piece& piece : record.copies) {
+        if (piece.source_dtype == DType::Float16) {  // the weights
           converts = true;
-          CHECK(op.dest_dtype == DType::Float32);
+          CHECK(piece.dest_dtype == DType::Float32);
         } else {  // zeros, and the float32 version buffer
-          CHECK_FALSE(op.converts());
+          CHECK_FALSE(piece.converts());
         }
       }
     }
