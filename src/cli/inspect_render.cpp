@@ -54,7 +54,7 @@ Summary summarize(const Manifest& manifest) {
     std::set<std::string_view> storages;
     DistinctViews views;
     for (const ManifestTensor& t : *list) {
-      if (!t.alias_of.empty() || !views.insert(t)) continue;  // tied: the same tensor
+      if (t.alias_of || !views.insert(t)) continue;  // tied: the same tensor
       for (ByteCounts* counts :
            {&summary.by_dtype[std::string(dtype_info(t.dtype).name)], &summary.by_section[t.section()]}) {
         counts->tensors += files;

@@ -261,11 +261,11 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
     DistinctViews views;
     for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
       taken.insert(key);
-      const ManifestTensor* tie = tensor->alias_of.empty() ? views.tied_to(*tensor) : nullptr;
+      const ManifestTensor* tie = !tensor->alias_of ? views.tied_to(*tensor) : nullptr;
       if (tie != nullptr) {
         out.push_back({key, {}, unescape_label(std::string_view(tie->path).substr(prefix.size()))});
-      } else if (!tensor->alias_of.empty() && tensor->alias_of.rfind(prefix, 0) == 0) {
-        out.push_back({key, {}, unescape_label(std::string_view(tensor->alias_of).substr(prefix.size()))});
+      } else if (tensor->alias_of && tensor->alias_of->rfind(prefix, 0) == 0) {
+        out.push_back({key, {}, unescape_label(std::string_view(*tensor->alias_of).substr(prefix.size()))});
       } else {
         out.push_back(
             {key, source_of(*tensor, first.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
@@ -333,7 +333,7 @@ std::vector<std::pair<std::string, const ManifestTensor*>> parameters(const Mani
   std::vector<std::pair<std::string, const ManifestTensor*>> out;
   DistinctViews views;
   for (auto& [key, tensor] : state_dict_tensors(file, std::string(kModelPrefix))) {
-    if (!tensor->alias_of.empty() || views.tied_to(*tensor) != nullptr || buffer_set.count(key) != 0 ||
+    if (tensor->alias_of || views.tied_to(*tensor) != nullptr || buffer_set.count(key) != 0 ||
         is_buffer(key, *tensor, nullptr)) {
       continue;
     }
@@ -463,7 +463,7 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
       std::string path = fmt::format("last_optimizer_state/state/{}/{}", label, name);
       const ManifestTensor* tensor = find_tensor(file, path);
       const auto& [owner, shape] = owners[*k];
-      if (tensor == nullptr || !tensor->alias_of.empty()) throw fail(where + "/" + name, "not a tensor of its own");
+      if (tensor == nullptr || tensor->alias_of) throw fail(where + "/" + name, "not a tensor of its own");
       if (tensor->shape != shape) {
         throw fail(where + "/" + name,
                    fmt::format("shape [{}], but {} {} ({}) has [{}]: not this model's optimizer state",
@@ -589,7 +589,7 @@ ModelCounts count_torch_model(const Manifest& manifest) {
   ModelCounts counts;
   for (const ManifestFile& file : manifest.files) {
     for (const ManifestTensor& t : file.tensors) {
-      if (t.alias_of.empty() && t.section() == "optimizer_state") counts.optimizer_state += t.numel();
+      if (!t.alias_of && t.section() == "optimizer_state") counts.optimizer_state += t.numel();
     }
   }
   // One file per model part: its first shard.
@@ -601,7 +601,7 @@ ModelCounts count_torch_model(const Manifest& manifest) {
     const FsdpMetadata* fsdp = file.fsdp ? &*file.fsdp : nullptr;
     DistinctViews counted;  // a tie pickled as two tensor objects counts once
     auto count = [&](const std::string& key, const ManifestTensor& tensor) {
-      if (!tensor.alias_of.empty() || (m > 0 && once_per_model(key)) || !counted.insert(tensor)) return;
+      if (tensor.alias_of || (m > 0 && once_per_model(key)) || !counted.insert(tensor)) return;
       (is_buffer(key, tensor, fsdp) ? counts.buffers : counts.parameters) += tensor.numel();
     };
     const std::string prefix(kModelPrefix);

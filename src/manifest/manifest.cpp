@@ -134,7 +134,7 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
     t.requires_grad = ref.requires_grad;
     t.wrap = ref.wrap;
     t.alias_of = ref.alias_of;
-    if (ref.alias_of.empty()) {
+    if (!ref.alias_of) {
       // An nn.Parameter is a tensor in the object tree too: a state dict of parameters is one of tensors.
       tensor_index.emplace(ref.node, tensors.size());
       if (ref.wrapper != pickle::kNoNode) tensor_index.emplace(ref.wrapper, tensors.size());

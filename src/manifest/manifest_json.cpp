@@ -84,7 +84,7 @@ json tensor_to_json(const ManifestTensor& t) {
               {"storage_nbytes", t.storage_nbytes},
               {"requires_grad", t.requires_grad}};
   if (t.wrap != TensorWrap::Tensor) out["parameter"] = wrap_name(t.wrap);
-  if (!t.alias_of.empty()) out["alias_of"] = t.alias_of;
+  if (t.alias_of) out["alias_of"] = *t.alias_of;
   return out;
 }
 
@@ -453,11 +453,11 @@ class ManifestReader {
     }
     for (std::size_t i = 0; i < file.tensors.size(); ++i) {
       const ManifestTensor& t = file.tensors[i];
-      if (t.alias_of.empty()) continue;
-      std::size_t target = *file.tensors.find(t.alias_of);  // read_tensor_list checked it is there
+      if (!t.alias_of) continue;
+      std::size_t target = *file.tensors.find(*t.alias_of);  // read_tensor_list checked it is there
       if (file.places[target].file_byte_offset != file.places[i].file_byte_offset) {
         fail(offsets_field[i], fmt::format("{} is tied to {} (alias_of) but at another byte offset", quote_text(t.path),
-                                           quote_text(t.alias_of)));
+                                           quote_text(*t.alias_of)));
       }
     }
   }
@@ -557,7 +557,7 @@ class ManifestReader {
     }
     if (j.contains("alias_of")) {
       t.alias_of = text(j, field, "alias_of");
-      if (t.alias_of.empty()) fail(field / "alias_of", "empty (leave alias_of out when the tensor is not tied)");
+      if (t.alias_of->empty()) fail(field / "alias_of", "empty (leave alias_of out when the tensor is not tied)");
     }
     return t;
   }
@@ -566,11 +566,11 @@ class ManifestReader {
   void check_alias(const std::vector<ManifestTensor>& tensors, std::size_t i,
                    const std::unordered_map<std::string_view, std::size_t>& by_path, const Field& field) const {
     const ManifestTensor& t = tensors[i];
-    if (t.alias_of.empty()) return;
-    auto it = by_path.find(t.alias_of);
-    if (it == by_path.end()) fail(field / "alias_of", quote_text(t.alias_of) + " is not a tensor of this list");
+    if (!t.alias_of) return;
+    auto it = by_path.find(*t.alias_of);
+    if (it == by_path.end()) fail(field / "alias_of", quote_text(*t.alias_of) + " is not a tensor of this list");
     const ManifestTensor& target = tensors[it->second];
-    if (!target.alias_of.empty()) {
+    if (target.alias_of) {
       fail(field / "alias_of", fmt::format("names tensors[{}], which is itself tied to another", it->second));
     }
     if (target.dtype != t.dtype || target.shape != t.shape || target.stride != t.stride || target.nbytes != t.nbytes) {

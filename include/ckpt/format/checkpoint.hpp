@@ -48,7 +48,7 @@ struct TensorRef {
   std::uint64_t nbytes = 0;            // bytes from there to the end of its last element
   // Set when this path reaches a tensor already listed under another path (a
   // tied weight pickled once and referenced twice): that path.
-  std::string alias_of;
+  std::optional<std::string> alias_of;
 
   std::uint64_t numel() const;
   bool is_contiguous() const;
