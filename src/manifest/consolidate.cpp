@@ -264,7 +264,7 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
       const ManifestTensor* tie = !tensor->alias_of ? views.tied_to(*tensor) : nullptr;
       if (tie != nullptr) {
         out.push_back({key, {}, unescape_label(std::string_view(tie->path).substr(prefix.size()))});
-      } else if (tensor->alias_of && tensor->alias_of->rfind(prefix, 0) == 0) {
+      } else if (tensor->alias_of && tensor->alias_of->starts_with(prefix)) {
         out.push_back({key, {}, unescape_label(std::string_view(*tensor->alias_of).substr(prefix.size()))});
       } else {
         out.push_back(
