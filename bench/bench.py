@@ -389,6 +389,21 @@ def measure_many_tensors(args, tool):
     return rows
 
 
+# A hand-written section of RESULTS.md that a new run keeps: figures measured once
+# while designing, quoted where code comments used to carry them.
+MEASURED_WHILE_DESIGNING = "## Measured while designing"
+
+
+def kept_section(path, heading):
+    """The text of `path` from the line `heading` on, with a blank line before it; "" if none."""
+    try:
+        text = open(path).read()
+    except FileNotFoundError:
+        return ""
+    at = text.find("\n" + heading + "\n")
+    return "\n" + text[at + 1:] if at >= 0 else ""
+
+
 def write_results(rows, grid_rows, tensor_rows, args, total_seconds, load_at_start):
     by = {(r["size"], r["step"]): r for r in rows}
     sizes = sorted({r["size"] for r in rows})
@@ -462,7 +477,7 @@ def write_results(rows, grid_rows, tensor_rows, args, total_seconds, load_at_sta
             ratios = (f"{r['torch_ratio']:.2f} | {r['torch_rss_ratio']:.2f}" if "torch_ratio" in r else " | ")
             lines.append(f"| {count // 1000}k | {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
                          f"{r['rss'] / (1 << 20):.0f} | {ratios} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + kept_section(args.results, MEASURED_WHILE_DESIGNING)
     open(args.results, "w").write(text)
     print("\n" + text)
 

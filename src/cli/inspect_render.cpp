@@ -13,6 +13,7 @@
 #include <set>
 
 #include "ckpt/format/python_globals.hpp"
+#include "ckpt/layout/tensor_source.hpp"
 #include "ckpt/manifest/consolidate.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "inputs.hpp"
@@ -23,10 +24,10 @@ using json = nlohmann::ordered_json;
 
 namespace {
 
-// Bytes counted two ways: storage bytes are what the files hold (each storage
-// once, whole, however many views it has); tensor bytes are numel x element
-// size of each tensor (a tie once).
-struct Bytes {
+// Tensors and their bytes, counted two ways: storage bytes are what the files
+// hold (each storage once, whole, however many views it has); tensor bytes are
+// numel x element size of each tensor (a tie once).
+struct ByteCounts {
   std::uint64_t tensors = 0;  // tensors counted (a tie once)
   std::uint64_t tensor_bytes = 0;
   std::uint64_t storage_bytes = 0;
@@ -34,8 +35,8 @@ struct Bytes {
 
 struct Summary {
   ModelCounts counts;
-  std::map<std::string, Bytes> by_dtype;
-  std::map<std::string, Bytes> by_section;
+  std::map<std::string, ByteCounts> by_dtype;
+  std::map<std::string, ByteCounts> by_section;
 };
 
 Summary summarize(const Manifest& manifest) {
@@ -53,12 +54,12 @@ Summary summarize(const Manifest& manifest) {
     std::set<std::string_view> storages;
     DistinctViews views;
     for (const ManifestTensor& t : *list) {
-      if (!t.alias_of.empty() || !views.insert(t)) continue;  // tied: the same tensor
-      for (Bytes* bytes :
+      if (t.alias_of || !views.insert(t)) continue;  // tied: the same tensor
+      for (ByteCounts* counts :
            {&summary.by_dtype[std::string(dtype_info(t.dtype).name)], &summary.by_section[t.section()]}) {
-        bytes->tensors += files;
-        bytes->tensor_bytes += t.numel() * dtype_info(t.dtype).itemsize * files;
-        if (!storages.contains(t.storage_key)) bytes->storage_bytes += t.storage_nbytes * files;
+        counts->tensors += files;
+        counts->tensor_bytes += t.numel() * dtype_info(t.dtype).itemsize * files;
+        if (!storages.contains(t.storage_key)) counts->storage_bytes += t.storage_nbytes * files;
       }
       storages.insert(t.storage_key);
     }
@@ -67,17 +68,14 @@ Summary summarize(const Manifest& manifest) {
 }
 
 // "13.5 MiB", or "108 B of storage, 432 B of tensors" when they differ.
-std::string bytes_text(const Bytes& bytes) {
-  if (bytes.storage_bytes == bytes.tensor_bytes) return human_bytes(bytes.storage_bytes);
-  return fmt::format("{} of storage, {} of tensors", human_bytes(bytes.storage_bytes), human_bytes(bytes.tensor_bytes));
+std::string bytes_text(const ByteCounts& counts) {
+  if (counts.storage_bytes == counts.tensor_bytes) return human_bytes(counts.storage_bytes);
+  return fmt::format("{} of storage, {} of tensors", human_bytes(counts.storage_bytes),
+                     human_bytes(counts.tensor_bytes));
 }
 
-json bytes_json(const Bytes& bytes) {
-  return {{"tensors", bytes.tensors}, {"storage_bytes", bytes.storage_bytes}, {"tensor_bytes", bytes.tensor_bytes}};
-}
-
-std::string shape_text(const std::vector<std::int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
+json bytes_json(const ByteCounts& counts) {
+  return {{"tensors", counts.tensors}, {"storage_bytes", counts.storage_bytes}, {"tensor_bytes", counts.tensor_bytes}};
 }
 
 std::string scalar_text(const json& value) {
@@ -294,12 +292,12 @@ void print_summary(const Manifest& manifest, bool wide, std::ostream& out) {
   if (counts.optimizer_state > 0)
     out << fmt::format("optimizer state: {} element(s) as stored\n", grouped(counts.optimizer_state));
   out << "bytes by dtype (storage bytes: what the files hold; tensor bytes: numel x element size):\n";
-  for (const auto& [dtype, bytes] : summary.by_dtype) {
-    out << fmt::format("  {:<10} {:>12}  in {} tensor(s)\n", dtype, bytes_text(bytes), bytes.tensors);
+  for (const auto& [dtype, counts] : summary.by_dtype) {
+    out << fmt::format("  {:<10} {:>12}  in {} tensor(s)\n", dtype, bytes_text(counts), counts.tensors);
   }
   out << "bytes by section:\n";
-  for (const auto& [section, bytes] : summary.by_section) {
-    out << fmt::format("  {:<16} {:>12}\n", section, bytes_text(bytes));
+  for (const auto& [section, counts] : summary.by_section) {
+    out << fmt::format("  {:<16} {:>12}\n", section, bytes_text(counts));
   }
 }
 
@@ -380,8 +378,8 @@ json inspect_json(const Manifest& manifest, const InspectRequest& request) {
               {"training_checkpoint", training},
               {"problems", manifest.grid.problems}};
   if (!training) out["contents"] = describe_contents(manifest.files[0]);
-  for (const auto& [dtype, bytes] : summary.by_dtype) out["bytes_by_dtype"][dtype] = bytes_json(bytes);
-  for (const auto& [section, bytes] : summary.by_section) out["bytes_by_section"][section] = bytes_json(bytes);
+  for (const auto& [dtype, counts] : summary.by_dtype) out["bytes_by_dtype"][dtype] = bytes_json(counts);
+  for (const auto& [section, counts] : summary.by_section) out["bytes_by_section"][section] = bytes_json(counts);
   if (!manifest.files.empty()) out["objects"] = *manifest.files[0].objects;
   if (request.tensors) out["tensors"] = tensor_list_json(manifest, request);
   return out;

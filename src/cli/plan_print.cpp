@@ -19,18 +19,25 @@ namespace ckpt::cli {
 
 namespace {
 
-std::string describe_op(const Plan& plan, const Piece& op) {
+// "1 copy", "3 copies".
+std::string copies_text(std::size_t count) {
+  return fmt::format("{} {}", count, count == 1 ? "copy" : "copies");
+}
+
+std::string describe_piece(const Plan& plan, const Piece& piece) {
   std::string source =
-      op.source == Piece::kZeros ? "zeros"
-      : op.source == Piece::kSynthetic
-          ? fmt::format("synthetic@0x{:x}", op.source_offset)
-          : fmt::format("{}@0x{:x}", printable(std::filesystem::path(plan.sources[op.source].path).filename().string()),
-                        op.source_offset);
+      piece.source == Piece::kZeros ? "zeros"
+      : piece.source == Piece::kSynthetic
+          ? fmt::format("synthetic@0x{:x}", piece.source_offset)
+          : fmt::format("{}@0x{:x}",
+                        printable(std::filesystem::path(plan.sources[piece.source].path).filename().string()),
+                        piece.source_offset);
   std::string rows =
-      op.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", op.rows, op.source_stride, op.stride) : "";
+      piece.rows > 1 ? fmt::format(" x {} rows (stride {} -> {})", piece.rows, piece.source_stride, piece.stride) : "";
   std::string convert =
-      op.converts() ? fmt::format(" {}->{}", dtype_info(op.source_dtype).name, dtype_info(op.dest_dtype).name) : "";
-  return fmt::format("{} -> +{} ({} B{}{})", source, op.offset, op.nbytes, rows, convert);
+      piece.converts() ? fmt::format(" {}->{}", dtype_info(piece.source_dtype).name, dtype_info(piece.dest_dtype).name)
+                       : "";
+  return fmt::format("{} -> +{} ({} B{}{})", source, piece.offset, piece.nbytes, rows, convert);
 }
 
 }  // namespace
@@ -49,9 +56,9 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
     if (k >= tensors.size()) {  // a plan read back (apply): its records, without the tensors they hold
       for (const PlannedRecord& record : file.records) {
         fmt::print(out, "  {} {} B {}\n", printable(record.name), record.nbytes,
-                   record.copies.empty() ? std::string("inline") : fmt::format("in {} copies", record.copies.size()));
+                   record.copies.empty() ? std::string("inline") : "in " + copies_text(record.copies.size()));
         for (std::size_t i = 0; i < record.copies.size() && i < 3; ++i) {
-          fmt::print(out, "    {}\n", describe_op(plan, record.copies[i]));
+          fmt::print(out, "    {}\n", describe_piece(plan, record.copies[i]));
         }
         if (record.copies.size() > 3) fmt::print(out, "    ... {} more\n", record.copies.size() - 3);
         total_copy += record.copies.empty() ? 0 : record.nbytes;
@@ -68,10 +75,10 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
       // A torch file's storages are <archive>/data/0, 1, ...; a safetensors file's records are named by tensor.
       const PlannedRecord* record =
           by_name.at(file.container == Container::Zip ? fmt::format("{}/data/{}", prefix, storage++) : tensor.name);
-      fmt::print(out, "  {} {} [{}] {} B in {} copy op(s)\n", printable(tensor.name), dtype_info(tensor.dtype).name,
-                 fmt::join(tensor.source.shape, ", "), record->nbytes, record->copies.size());
+      fmt::print(out, "  {} {} [{}] {} B in {}\n", printable(tensor.name), dtype_info(tensor.dtype).name,
+                 fmt::join(tensor.source.shape, ", "), record->nbytes, copies_text(record->copies.size()));
       for (std::size_t i = 0; i < record->copies.size() && i < 3; ++i) {
-        fmt::print(out, "    {}\n", describe_op(plan, record->copies[i]));
+        fmt::print(out, "    {}\n", describe_piece(plan, record->copies[i]));
       }
       if (record->copies.size() > 3) fmt::print(out, "    ... {} more\n", record->copies.size() - 3);
     }

@@ -87,8 +87,7 @@ std::vector<Pair> pair_tensors(const std::vector<NamedTensor>& a, const std::vec
     if (!comparable_dtypes(x->source.dtype, y->source.dtype, tolerance)) {
       diff.mismatch = fmt::format("dtype {} != {}", dtype_x, dtype_y);
     } else if (x->source.shape != y->source.shape) {
-      diff.mismatch =
-          fmt::format("shape [{}] != [{}]", fmt::join(x->source.shape, ", "), fmt::join(y->source.shape, ", "));
+      diff.mismatch = fmt::format("shape {} != {}", shape_text(x->source.shape), shape_text(y->source.shape));
     } else if (x->source.dtype != y->source.dtype) {
       diff.note = fmt::format("dtype {} != {}, compared by value", dtype_x, dtype_y);
     }

@@ -28,8 +28,8 @@ namespace ckpt {
 namespace {
 
 // Output files are written in units of 8 MiB at 8 MiB-aligned offsets: large
-// enough that a direct write runs at the disk's speed (dd with 8 MiB blocks
-// reaches it here), small enough to balance threads and bound memory.
+// enough that a direct write runs at the disk's speed (as dd's does with 8 MiB
+// blocks), small enough to balance threads and bound memory.
 constexpr std::uint64_t kUnitBytes = 8ull << 20;
 constexpr std::uint64_t kBlockBytes = OutputFile::kDirectAlignment;
 
@@ -97,7 +97,7 @@ class Progress {
 };
 
 // Writes one output file. Every unit is assembled in an aligned buffer (record
-// bytes from their copy ops, zeros where headers go) and written whole, so the
+// bytes from their pieces, zeros where headers go) and written whole, so the
 // same code runs with direct and buffered I/O. A local header needs its record's
 // CRC, known only once every unit of the record is written: the blocks that
 // hold header bytes are kept aside while their unit is in the buffer, and at the
@@ -137,16 +137,16 @@ class FileWriter {
   void run_unit(const Unit& unit, std::byte* buffer) {
     std::uint64_t cursor = unit.begin;  // file bytes before it are in the buffer
     for (std::size_t i = unit.first_span; i < unit.end_span; ++i) {
-      Span& piece = spans_[i];
-      std::uint64_t at = layout_.records[piece.record].data_offset + piece.begin;
+      Span& span = spans_[i];
+      std::uint64_t at = layout_.records[span.record].data_offset + span.begin;
       std::memset(buffer + (cursor - unit.begin), 0, at - cursor);
       std::byte* dest = buffer + (at - unit.begin);
-      std::optional<SourceRange> copied = fill_span(piece, dest);
-      Bytes bytes(dest, piece.end - piece.begin);
-      piece.crc32 = crc32(bytes);
-      // A plain copy: the piece's CRC is the CRC of the input bytes too.
-      if (check_ != nullptr && copied) check_->note(copied->source, copied->byte_offset, bytes, piece.crc32);
-      cursor = at + (piece.end - piece.begin);
+      std::optional<SourceRange> copied = fill_span(span, dest);
+      Bytes bytes(dest, span.end - span.begin);
+      span.crc32 = crc32(bytes);
+      // A plain copy: the span's CRC is the CRC of the input bytes too.
+      if (check_ != nullptr && copied) check_->note(copied->source, copied->byte_offset, bytes, span.crc32);
+      cursor = at + (span.end - span.begin);
     }
     std::memset(buffer + (cursor - unit.begin), 0, unit.end - cursor);
     if (kept_.data() != nullptr) {
@@ -164,8 +164,8 @@ class FileWriter {
   void write_headers() {
     if (file_.container != Container::Zip) return;
     std::vector<std::uint32_t> crcs(file_.records.size(), 0);
-    for (const Span& piece : spans_) {  // in destination order within each record
-      crcs[piece.record] = crc32_concat(crcs[piece.record], piece.crc32, piece.end - piece.begin);
+    for (const Span& span : spans_) {  // in destination order within each record
+      crcs[span.record] = crc32_concat(crcs[span.record], span.crc32, span.end - span.begin);
     }
     ZipLayout layout = layout_;
     for (std::size_t r = 0; r < layout.records.size(); ++r) layout.records[r].crc32 = crcs[r];
@@ -197,13 +197,13 @@ class FileWriter {
   }
 
  private:
-  // Pieces: every record's data cut at unit boundaries, in file order; units:
+  // Spans: every record's data cut at unit boundaries, in file order; units:
   // the aligned file range [0, round_up(file_size)) in kUnitBytes steps.
   void cut() {
     std::uint64_t padded_size = out_.padded_size();
     for (std::size_t r = 0; r < file_.records.size(); ++r) {
       std::uint64_t base = layout_.records[r].data_offset;
-      // Pieces are cut at file offsets: aligned records keep them whole elements.
+      // Spans are cut at file offsets: aligned records keep them whole elements.
       check_invariant(base % record_alignment(file_.records[r]) == 0, "record data not aligned to its elements");
       for (std::uint64_t begin = 0; begin < file_.records[r].nbytes;) {
         std::uint64_t end = std::min(file_.records[r].nbytes, round_up(base + begin + 1, kUnitBytes) - base);
@@ -232,30 +232,31 @@ class FileWriter {
     std::uint64_t byte_offset = 0;
   };
 
-  // Fills `dest` with the piece's bytes. When they are one range of an input,
+  // Fills `dest` with the span's bytes. When they are one range of an input,
   // copied as they are, returns where it starts; otherwise the input bytes read
   // are reported to the CRC check here.
-  std::optional<SourceRange> fill_span(const Span& piece, std::byte* dest) const {
-    const PlannedRecord& record = file_.records[piece.record];
-    std::uint64_t length = piece.end - piece.begin;
+  std::optional<SourceRange> fill_span(const Span& span, std::byte* dest) const {
+    const PlannedRecord& record = file_.records[span.record];
+    std::uint64_t length = span.end - span.begin;
     if (record.copies.empty()) {
-      std::memcpy(dest, record.inline_bytes.data() + piece.begin, length);
+      std::memcpy(dest, record.inline_bytes.data() + span.begin, length);
       return std::nullopt;
     }
-    if (sequential_[piece.record]) {
-      // Plain ranges in order: find the first one that reaches this piece.
-      auto it = std::upper_bound(record.copies.begin(), record.copies.end(), piece.begin,
-                                 [](std::uint64_t offset, const Piece& op) { return offset < op.offset + op.nbytes; });
-      if (it != record.copies.end() && it->mapped() && it->offset <= piece.begin &&
-          it->offset + it->nbytes >= piece.end) {
+    if (sequential_[span.record]) {
+      // Plain ranges in order: find the first piece that reaches this span.
+      auto it = std::upper_bound(
+          record.copies.begin(), record.copies.end(), span.begin,
+          [](std::uint64_t offset, const Piece& piece) { return offset < piece.offset + piece.nbytes; });
+      if (it != record.copies.end() && it->mapped() && it->offset <= span.begin &&
+          it->offset + it->nbytes >= span.end) {
         // The common case: one pread, faster than copying from the mapping
         // (page faults) or copy_file_range.
-        std::uint64_t source_offset = it->source_offset + (piece.begin - it->offset);
+        std::uint64_t source_offset = it->source_offset + (span.begin - it->offset);
         sources_[it->source]->read_at(source_offset, dest, length);
         return SourceRange{it->source, source_offset};
       }
     }
-    gather(record.copies, piece.begin, piece.end, PieceSources{sources_, &options_.convert, check_}, dest);
+    gather(record.copies, span.begin, span.end, PieceSources{sources_, &options_.convert, check_}, dest);
     return std::nullopt;
   }
 

@@ -35,11 +35,11 @@ SourceCrcCheck::SourceCrcCheck(const Plan& plan, const std::vector<std::size_t>&
   // records touched.
   for (std::size_t k : outputs) {
     for (const PlannedRecord& record : plan.files.at(k).records) {
-      for (const Piece& op : record.copies) {
-        if (!op.mapped() || op.nbytes == 0) continue;
-        std::int64_t index = record_at(op.source, op.source_offset);
+      for (const Piece& piece : record.copies) {
+        if (!piece.mapped() || piece.nbytes == 0) continue;
+        std::int64_t index = record_at(piece.source, piece.source_offset);
         check_invariant(index >= 0, "a copy outside every record of its source");
-        touched_[op.source][static_cast<std::size_t>(index)] = true;
+        touched_[piece.source][static_cast<std::size_t>(index)] = true;
       }
     }
   }

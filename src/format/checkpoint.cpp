@@ -410,8 +410,7 @@ Checkpoint::Checkpoint(const MappedFile& file, ZipArchive zip) : file_(file), zi
   archive_name_ = std::move(located.archive_name);
   pickle_record_ = located.pickle;
   // A flipped byte in the pickle is told as what it is, before what it would
-  // decode to is compared with the other files (1 ms for the pickle of
-  // 200,000 tensors).
+  // decode to is compared with the other files (cheap next to decoding it).
   if (std::uint32_t crc = crc32(zip_.data(*pickle_record_)); crc != pickle_record_->crc32) {
     throw Error(ErrorKind::CorruptData, Location{path(), pickle_record_->name, pickle_record_->data_offset},
                 fmt::format("CRC-32 of the pickle is 0x{:08x}, the zip directory says 0x{:08x} (corrupted data)", crc,

@@ -87,7 +87,7 @@ bool writer_alive(long pid) {
   std::ifstream comm(fmt::format("/proc/{}/comm", pid));
   std::string name;
   if (!std::getline(comm, name)) return true;  // cannot tell: leave it
-  return name.rfind("ckpt-tool", 0) == 0;
+  return name.starts_with("ckpt-tool");
 }
 
 // Removes the temporary files of `target_path` whose writer no longer runs.

@@ -14,17 +14,6 @@ namespace ckpt {
 
 namespace {
 
-bool contains(std::string_view text, std::string_view part) {
-  return text.find(part) != std::string_view::npos;
-}
-bool ends_with(std::string_view text, std::string_view suffix) {
-  return text.size() >= suffix.size() && text.substr(text.size() - suffix.size()) == suffix;
-}
-
-std::string shape_text(const std::vector<std::int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ", "));
-}
-
 std::vector<std::int64_t> glued_shape(const std::vector<TensorSource>& sources, std::size_t dim) {
   std::vector<std::int64_t> shape = sources.front().shape;
   shape[dim] = 0;
@@ -93,23 +82,27 @@ std::array<TensorSource, 3> split_qkv(const TensorSource& fused, const std::stri
 
 MpRule megatron_rule(std::string_view key) {
   // Checked in this order, as metaseq's reshard_megatron_parts does.
-  if (contains(key, "qkv")) return MpRule::FusedQkv;
-  if (contains(key, "ffn_layernorm")) return MpRule::ConcatDim0;
-  if (contains(key, "layer_norm")) return MpRule::Replicated;
-  if (contains(key, "fc1") || contains(key, "k_proj") || contains(key, "q_proj") || contains(key, "v_proj")) {
+  if (key.find("qkv") != std::string_view::npos) return MpRule::FusedQkv;
+  if (key.find("ffn_layernorm") != std::string_view::npos) return MpRule::ConcatDim0;
+  if (key.find("layer_norm") != std::string_view::npos) return MpRule::Replicated;
+  if (key.find("fc1") != std::string_view::npos || key.find("k_proj") != std::string_view::npos ||
+      key.find("q_proj") != std::string_view::npos || key.find("v_proj") != std::string_view::npos) {
     return MpRule::ConcatDim0;
   }
-  if (contains(key, "fc2") || contains(key, "out_proj")) {
-    return ends_with(key, "bias") ? MpRule::Replicated : MpRule::ConcatDim1;
+  if (key.find("fc2") != std::string_view::npos || key.find("out_proj") != std::string_view::npos) {
+    return key.ends_with("bias") ? MpRule::Replicated : MpRule::ConcatDim1;
   }
   // The vocabulary is cut over the parts: the embedding, and an output
   // projection of its own (Megatron's vocab-parallel output layer; a tied one is
   // an alias of embed_tokens).
-  if (contains(key, "embed_tokens.weight") || contains(key, "output_projection.weight")) return MpRule::ConcatDim0;
-  if (contains(key, "embed_positions")) {
-    return contains(key, "_float_tensor") ? MpRule::Placeholder : MpRule::Replicated;
+  if (key.find("embed_tokens.weight") != std::string_view::npos ||
+      key.find("output_projection.weight") != std::string_view::npos) {
+    return MpRule::ConcatDim0;
   }
-  if (contains(key, "version")) return MpRule::Copied;
+  if (key.find("embed_positions") != std::string_view::npos) {
+    return key.find("_float_tensor") != std::string_view::npos ? MpRule::Placeholder : MpRule::Replicated;
+  }
+  if (key.find("version") != std::string_view::npos) return MpRule::Copied;
   return MpRule::Replicated;
 }
 

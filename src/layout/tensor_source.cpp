@@ -1,6 +1,7 @@
 #include "ckpt/layout/tensor_source.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 
@@ -212,6 +213,10 @@ TensorSource zeros_source(DType dtype, std::vector<std::int64_t> shape) {
   zeros.nbytes = out.nbytes();
   append_piece(out.pieces, zeros);
   return out;
+}
+
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
 OutputTensor as_output(const NamedTensor& tensor) {

@@ -247,11 +247,11 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
     DistinctViews views;
     for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
       taken.insert(key);
-      const ManifestTensor* tie = tensor->alias_of.empty() ? views.tied_to(*tensor) : nullptr;
+      const ManifestTensor* tie = !tensor->alias_of ? views.tied_to(*tensor) : nullptr;
       if (tie != nullptr) {
         out.push_back({key, {}, unescape_label(std::string_view(tie->path).substr(prefix.size()))});
-      } else if (!tensor->alias_of.empty() && tensor->alias_of.rfind(prefix, 0) == 0) {
-        out.push_back({key, {}, unescape_label(std::string_view(tensor->alias_of).substr(prefix.size()))});
+      } else if (tensor->alias_of && tensor->alias_of->starts_with(prefix)) {
+        out.push_back({key, {}, unescape_label(std::string_view(*tensor->alias_of).substr(prefix.size()))});
       } else {
         out.push_back(
             {key, source_of(*tensor, first.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
@@ -339,7 +339,7 @@ ModelCounts count_torch_model(const Manifest& manifest) {
   ModelCounts counts;
   for (const ManifestFile& file : manifest.files) {
     for (const ManifestTensor& t : file.tensors) {
-      if (t.alias_of.empty() && t.section() == "optimizer_state") counts.optimizer_state += t.numel();
+      if (!t.alias_of && t.section() == "optimizer_state") counts.optimizer_state += t.numel();
     }
   }
   // One file per model part: its first shard.
@@ -351,7 +351,7 @@ ModelCounts count_torch_model(const Manifest& manifest) {
     const FsdpMetadata* fsdp = file.fsdp ? &*file.fsdp : nullptr;
     DistinctViews counted;  // a tie pickled as two tensor objects counts once
     auto count = [&](const std::string& key, const ManifestTensor& tensor) {
-      if (!tensor.alias_of.empty() || (m > 0 && once_per_model(key)) || !counted.insert(tensor)) return;
+      if (tensor.alias_of || (m > 0 && once_per_model(key)) || !counted.insert(tensor)) return;
       (is_buffer(key, tensor, fsdp) ? counts.buffers : counts.parameters) += tensor.numel();
     };
     const std::string prefix(kModelPrefix);

@@ -102,7 +102,7 @@ WorldSizes implied_world_sizes(const std::vector<ManifestFile>& files, const std
 }
 
 bool checked_section(const ManifestTensor& tensor) {
-  return tensor.section() != "other" && tensor.alias_of.empty();
+  return tensor.section() != "other" && !tensor.alias_of;
 }
 
 // Where a training checkpoint records its step, the same on every rank:

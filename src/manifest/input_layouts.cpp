@@ -229,7 +229,7 @@ StateDict torch_state_dict(const Manifest& manifest, const StateDictOptions& opt
     const ManifestFile& file = manifest.files[0];
     DistinctViews views;
     for (const ManifestTensor& tensor : file.tensors) {
-      if (!tensor.alias_of.empty()) {
+      if (tensor.alias_of) {
         out.tensors.push_back({tensor.path, {}, tensor.alias_of});
       } else if (const ManifestTensor* tie = options.state_dict_only ? views.tied_to(tensor) : nullptr) {
         out.tensors.push_back({tensor.path, {}, tie->path});

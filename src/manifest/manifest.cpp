@@ -135,7 +135,7 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
     t.requires_grad = ref.requires_grad;
     t.wrap = ref.wrap;
     t.alias_of = ref.alias_of;
-    if (ref.alias_of.empty()) {
+    if (!ref.alias_of) {
       // An nn.Parameter is a tensor in the object tree too: a state dict of parameters is one of tensors.
       tensor_index.emplace(ref.node, tensors.size());
       if (ref.wrapper != pickle::kNoNode) tensor_index.emplace(ref.wrapper, tensors.size());
@@ -429,7 +429,7 @@ std::string describe_contents(const ManifestFile& file) {
   const nlohmann::ordered_json& root = *file.objects;
   if (root.is_object() && root.contains("$class") && root["$class"].is_string()) {
     std::string name = root["$class"].get<std::string>();
-    if (name.rfind("__torch__.", 0) == 0) return fmt::format("a TorchScript archive (torch.jit.save of {})", name);
+    if (name.starts_with("__torch__.")) return fmt::format("a TorchScript archive (torch.jit.save of {})", name);
     return fmt::format("a pickled Python object of class {} (torch.save(model), not a state dict)", name);
   }
   if (file.tensors.size() == 1 && file.tensors[0].path.empty()) return "a single tensor (torch.save(tensor))";

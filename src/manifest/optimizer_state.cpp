@@ -29,7 +29,7 @@ std::vector<std::pair<std::string, const ManifestTensor*>> parameters(const Mani
   std::vector<std::pair<std::string, const ManifestTensor*>> out;
   DistinctViews views;
   for (auto& [key, tensor] : state_dict_tensors(file, std::string(kModelPrefix))) {
-    if (!tensor->alias_of.empty() || views.tied_to(*tensor) != nullptr || buffer_set.count(key) != 0 ||
+    if (tensor->alias_of || views.tied_to(*tensor) != nullptr || buffer_set.count(key) != 0 ||
         is_buffer(key, *tensor, nullptr)) {
       continue;
     }
@@ -155,7 +155,7 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
       std::string path = optimizer_state_path(label, name);
       const ManifestTensor* tensor = find_tensor(file, path);
       const auto& [owner, shape] = owners[*k];
-      if (tensor == nullptr || !tensor->alias_of.empty()) throw fail(where + "/" + name, "not a tensor of its own");
+      if (tensor == nullptr || tensor->alias_of) throw fail(where + "/" + name, "not a tensor of its own");
       if (tensor->shape != shape) {
         throw fail(where + "/" + name,
                    fmt::format("shape [{}], but {} {} ({}) has [{}]: not this model's optimizer state",

@@ -191,33 +191,33 @@ PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<s
   // Offsets in the tensor's bytes scale with the itemsize when converting.
   auto dest = [&](std::uint64_t source_bytes) { return source_bytes / in_size * out_size; };
   record.nbytes = dest(tensor.source.nbytes());
-  for (const Piece& piece : tensor.source.pieces) {
-    Piece op;
-    bool zeros = piece.source == Piece::kZeros;
-    bool synthetic = piece.source == Piece::kSynthetic;
-    op.source = zeros ? Piece::kZeros : synthetic ? Piece::kSynthetic : sources.at(piece.source);
-    op.source_offset = zeros ? 0 : piece.source_offset;
-    op.offset = dest(piece.offset);
-    op.nbytes = dest(piece.nbytes);
-    op.rows = piece.rows;
-    op.source_stride = piece.rows > 1 ? piece.source_stride : 0;
-    op.stride = piece.rows > 1 ? dest(piece.stride) : 0;
+  for (const Piece& tensor_piece : tensor.source.pieces) {
+    Piece piece;
+    bool zeros = tensor_piece.source == Piece::kZeros;
+    bool synthetic = tensor_piece.source == Piece::kSynthetic;
+    piece.source = zeros ? Piece::kZeros : synthetic ? Piece::kSynthetic : sources.at(tensor_piece.source);
+    piece.source_offset = zeros ? 0 : tensor_piece.source_offset;
+    piece.offset = dest(tensor_piece.offset);
+    piece.nbytes = dest(tensor_piece.nbytes);
+    piece.rows = tensor_piece.rows;
+    piece.source_stride = tensor_piece.rows > 1 ? tensor_piece.source_stride : 0;
+    piece.stride = tensor_piece.rows > 1 ? dest(tensor_piece.stride) : 0;
     if (synthetic) {  // generated directly in the output dtype
       check_invariant(from == to, tensor.name + ": synthetic data cannot be converted");
-      op.source_dtype = op.dest_dtype = to;
+      piece.source_dtype = piece.dest_dtype = to;
     } else if (!zeros) {  // zeros are zeros in any dtype
-      op.source_dtype = from;
-      op.dest_dtype = to;
+      piece.source_dtype = from;
+      piece.dest_dtype = to;
     }
-    record.copies.push_back(op);
+    record.copies.push_back(piece);
   }
   // Plain ranges in order merge into as few copies as possible.
-  if (std::all_of(record.copies.begin(), record.copies.end(), [](const Piece& op) { return op.plain(); })) {
+  if (std::all_of(record.copies.begin(), record.copies.end(), [](const Piece& piece) { return piece.plain(); })) {
     std::vector<Piece> plain = std::move(record.copies);
     std::sort(plain.begin(), plain.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
     record.copies.clear();
     record.nbytes = 0;
-    for (const Piece& op : plain) record.append_plain(op);
+    for (const Piece& piece : plain) record.append_plain(piece);
   }
   return record;
 }

@@ -9,25 +9,25 @@
 namespace ckpt {
 
 void PlannedRecord::append_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t count) {
-  Piece op;
-  op.source = source;
-  op.source_offset = source_offset;
-  op.nbytes = count;
-  append_plain(op);
+  Piece piece;
+  piece.source = source;
+  piece.source_offset = source_offset;
+  piece.nbytes = count;
+  append_plain(piece);
 }
 
-void PlannedRecord::append_plain(Piece op) {
-  if (op.nbytes == 0) return;
-  op.offset = nbytes;
-  nbytes += op.nbytes;
-  append_piece(copies, op);
+void PlannedRecord::append_plain(Piece piece) {
+  if (piece.nbytes == 0) return;
+  piece.offset = nbytes;
+  nbytes += piece.nbytes;
+  append_piece(copies, piece);
 }
 
 bool PlannedRecord::sequential() const {
   std::uint64_t expected = 0;
-  for (const Piece& op : copies) {
-    if (!op.plain() || op.offset != expected) return false;
-    expected += op.nbytes;
+  for (const Piece& piece : copies) {
+    if (!piece.plain() || piece.offset != expected) return false;
+    expected += piece.nbytes;
   }
   return true;
 }
@@ -152,25 +152,25 @@ void check_plan(const Plan& plan, bool exhaustive, const Fail& fail) {
       }
       std::uint64_t covered = 0;
       std::uint64_t rows = 0;
-      for (const Piece& op : record.copies) {
-        if (op.rows == 0 || op.nbytes == 0) bug("empty copy");
-        if (op.rows > 1 && op.stride < op.nbytes) bug("rows of a copy overlap");
-        std::optional<std::uint64_t> dest_end = span_end(op.offset, op.rows, op.stride, op.nbytes);
+      for (const Piece& piece : record.copies) {
+        if (piece.rows == 0 || piece.nbytes == 0) bug("empty copy");
+        if (piece.rows > 1 && piece.stride < piece.nbytes) bug("rows of a copy overlap");
+        std::optional<std::uint64_t> dest_end = span_end(piece.offset, piece.rows, piece.stride, piece.nbytes);
         if (!dest_end || *dest_end > record.nbytes) bug("copy past the end of the record");
-        if (op.converts() && (op.nbytes % dtype_info(op.dest_dtype).itemsize != 0 ||
-                              op.offset % dtype_info(op.dest_dtype).itemsize != 0)) {
+        if (piece.converts() && (piece.nbytes % dtype_info(piece.dest_dtype).itemsize != 0 ||
+                                 piece.offset % dtype_info(piece.dest_dtype).itemsize != 0)) {
           bug("conversion of partial elements");
         }
-        covered = checked_add(covered, checked_mul(op.nbytes, op.rows, "copy"), "copy");
-        rows = checked_add(rows, op.rows, "copy rows");
-        if (!op.mapped()) continue;
-        if (op.source >= plan.sources.size()) bug("copy from an unknown source");
+        covered = checked_add(covered, checked_mul(piece.nbytes, piece.rows, "copy"), "copy");
+        rows = checked_add(rows, piece.rows, "copy rows");
+        if (!piece.mapped()) continue;
+        if (piece.source >= plan.sources.size()) bug("copy from an unknown source");
         std::optional<std::uint64_t> source_end =
-            span_end(op.source_offset, op.rows, op.source_stride, op.source_nbytes());
-        const PlanSource& source = plan.sources[op.source];
+            span_end(piece.source_offset, piece.rows, piece.source_stride, piece.source_nbytes());
+        const PlanSource& source = plan.sources[piece.source];
         if (!source_end || *source_end > source.size_bytes) bug("copy past the end of its source");
-        if (record_holding(source, op.source_offset, *source_end) == nullptr) {
-          bug(fmt::format("copy of bytes {}..{} of {}, outside every record of its zip directory", op.source_offset,
+        if (record_holding(source, piece.source_offset, *source_end) == nullptr) {
+          bug(fmt::format("copy of bytes {}..{} of {}, outside every record of its zip directory", piece.source_offset,
                           *source_end, source.path));
         }
       }
@@ -180,8 +180,9 @@ void check_plan(const Plan& plan, bool exhaustive, const Fail& fail) {
       if (!exhaustive && rows > kTilingCheckRows) continue;
       std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;
       ranges.reserve(rows);
-      for (const Piece& op : record.copies) {
-        for (std::uint64_t r = 0; r < op.rows; ++r) ranges.emplace_back(op.offset + r * op.stride, op.nbytes);
+      for (const Piece& piece : record.copies) {
+        for (std::uint64_t r = 0; r < piece.rows; ++r)
+          ranges.emplace_back(piece.offset + r * piece.stride, piece.nbytes);
       }
       std::sort(ranges.begin(), ranges.end());
       std::uint64_t expected = 0;
@@ -230,9 +231,9 @@ ZipLayout layout_file(const PlannedFile& file) {
 
 std::uint64_t record_alignment(const PlannedRecord& record) {
   std::uint64_t alignment = 1;
-  for (const Piece& op : record.copies) {
-    if (op.converts() || op.source == Piece::kSynthetic) {
-      alignment = std::max<std::uint64_t>(alignment, dtype_info(op.dest_dtype).itemsize);
+  for (const Piece& piece : record.copies) {
+    if (piece.converts() || piece.source == Piece::kSynthetic) {
+      alignment = std::max<std::uint64_t>(alignment, dtype_info(piece.dest_dtype).itemsize);
     }
   }
   return alignment;

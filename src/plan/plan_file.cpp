@@ -67,7 +67,7 @@ class Writer {
       out_.u8(record.inline_zstd ? 1 : 0);
       bytes(record.inline_bytes);
       out_.u64(record.copies.size());
-      for (const Piece& op : record.copies) piece(op);
+      for (const Piece& piece : record.copies) this->piece(piece);
     }
   }
   void plan(const Plan& plan) {
@@ -79,16 +79,16 @@ class Writer {
     strs(plan.stale_files);
     strs(plan.read_only);
   }
-  void piece(const Piece& op) {
-    out_.u32(op.source);
-    out_.u64(op.source_offset);
-    out_.u64(op.offset);
-    out_.u64(op.nbytes);
-    out_.u64(op.rows);
-    out_.u64(op.source_stride);
-    out_.u64(op.stride);
-    out_.u8(static_cast<std::uint8_t>(op.source_dtype));
-    out_.u8(static_cast<std::uint8_t>(op.dest_dtype));
+  void piece(const Piece& piece) {
+    out_.u32(piece.source);
+    out_.u64(piece.source_offset);
+    out_.u64(piece.offset);
+    out_.u64(piece.nbytes);
+    out_.u64(piece.rows);
+    out_.u64(piece.source_stride);
+    out_.u64(piece.stride);
+    out_.u8(static_cast<std::uint8_t>(piece.source_dtype));
+    out_.u8(static_cast<std::uint8_t>(piece.dest_dtype));
   }
   std::string take() {
     std::vector<std::byte> bytes = out_.take();
@@ -175,22 +175,22 @@ class Reader {
       record.inline_zstd = flag("inline_zstd");
       record.inline_bytes = bytes("inline bytes");
       record.copies.resize(count(kPieceBytes, "copies"));
-      for (Piece& op : record.copies) op = piece();
+      for (Piece& piece : record.copies) piece = this->piece();
     }
     return file;
   }
   Piece piece() {
-    Piece op;
-    op.source = in_.u32();
-    op.source_offset = in_.u64();
-    op.offset = in_.u64();
-    op.nbytes = in_.u64();
-    op.rows = in_.u64();
-    op.source_stride = in_.u64();
-    op.stride = in_.u64();
-    op.source_dtype = dtype();
-    op.dest_dtype = dtype();
-    return op;
+    Piece piece;
+    piece.source = in_.u32();
+    piece.source_offset = in_.u64();
+    piece.offset = in_.u64();
+    piece.nbytes = in_.u64();
+    piece.rows = in_.u64();
+    piece.source_stride = in_.u64();
+    piece.stride = in_.u64();
+    piece.source_dtype = dtype();
+    piece.dest_dtype = dtype();
+    return piece;
   }
   Plan plan() {
     Plan plan;

@@ -42,7 +42,7 @@ namespace {
 
 const TensorRef* base_tensor(const Checkpoint& base, const std::string& path) {
   const TensorRef* tensor = base.find_tensor(path);
-  if (tensor == nullptr || !tensor->alias_of.empty()) {
+  if (tensor == nullptr || tensor->alias_of) {
     throw Error(Location{base.path(), path, std::nullopt}, "expected a tensor here to replace");
   }
   return tensor;
@@ -102,7 +102,7 @@ std::optional<OptimizerStep> optimizer_step(const ManifestFile& file, int index)
   if (step.is_number_integer()) return OptimizerStep{step.get<std::int64_t>(), std::nullopt};
   const std::string path = optimizer_state_path(0, "step");
   const ManifestTensor* tensor = find_tensor(file, path);
-  if (tensor == nullptr || !tensor->alias_of.empty()) {
+  if (tensor == nullptr || tensor->alias_of) {
     throw Error(Location{file.path, path, std::nullopt}, "a step that is neither an int nor a tensor");
   }
   TensorSource source = source_of(*tensor, file.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(index));
@@ -390,7 +390,7 @@ void replace_flat_model(Output& output, const ManifestFile& base_file, const std
                         const std::map<std::string, const NamedTensor*>& by_name) {
   for (const FlatShard& flat : flats) output.replace(state_dict_path(kModelPrefix, flat.state_key), flat_output(flat));
   for (const ManifestTensor& tensor : base_file.tensors) {
-    if (!tensor.path.starts_with(kModelPrefix) || !tensor.alias_of.empty()) continue;
+    if (!tensor.path.starts_with(kModelPrefix) || tensor.alias_of) continue;
     std::string key = unescape_label(std::string_view(tensor.path).substr(kModelPrefix.size()));
     bool is_flat = std::any_of(flats.begin(), flats.end(), [&](const FlatShard& f) { return f.state_key == key; });
     if (is_flat) continue;

@@ -1,14 +1,14 @@
 // Shared helpers of the layout unit tests (test_fsdp_layout.cpp,
 // test_megatron.cpp, test_tensor_record.cpp): manifests built in memory, tensor
 // sources written by hand, a reference model of a source's bytes and a
-// simulator of copy operations.
+// simulator of copies.
 //
 // The reference model: a fake file's byte at offset o of file f "holds" the
 // identity byte_id(f, o), so expanding a source's pieces row by row gives, for
 // every logical byte of the tensor, exactly where it comes from. Expected
 // identities are computed with plain loops (ids_* below) and compared whole.
 // Where real bytes matter (dtype conversion, int32 matrices), files are byte
-// vectors and copy operations run in the simulator; the only files on disk are
+// vectors and copies run in the simulator; the only files on disk are
 // a few temporary sources for ckpt::validate (it needs MappedFiles).
 #pragma once
 
@@ -493,33 +493,33 @@ inline Ids ids_interleave(const std::vector<Ids>& parts, std::uint64_t rows) {
 // ---------------------------------------------------------------- plans and bytes
 
 // A record's piece in the plan notation: "SOURCE src=S dst=D n=N[ rows=R ss= ds=][ from->to]".
-inline std::string describe_copy(const Piece& op) {
-  std::string out = op.source == Piece::kZeros ? std::string("zeros") : std::to_string(op.source);
+inline std::string describe_copy(const Piece& piece) {
+  std::string out = piece.source == Piece::kZeros ? std::string("zeros") : std::to_string(piece.source);
   out.append(" src=");
-  out.append(std::to_string(op.source_offset));
+  out.append(std::to_string(piece.source_offset));
   out.append(" dst=");
-  out.append(std::to_string(op.offset));
+  out.append(std::to_string(piece.offset));
   out.append(" n=");
-  out.append(std::to_string(op.nbytes));
-  if (op.rows != 1) {
+  out.append(std::to_string(piece.nbytes));
+  if (piece.rows != 1) {
     out.append(" rows=");
-    out.append(std::to_string(op.rows));
+    out.append(std::to_string(piece.rows));
     out.append(" ss=");
-    out.append(std::to_string(op.source_stride));
+    out.append(std::to_string(piece.source_stride));
     out.append(" ds=");
-    out.append(std::to_string(op.stride));
+    out.append(std::to_string(piece.stride));
   }
-  if (op.converts()) {
+  if (piece.converts()) {
     out.append(" ");
-    out.append(ckpt::dtype_info(op.source_dtype).name);
+    out.append(ckpt::dtype_info(piece.source_dtype).name);
     out.append("->");
-    out.append(ckpt::dtype_info(op.dest_dtype).name);
+    out.append(ckpt::dtype_info(piece.dest_dtype).name);
   }
   return out;
 }
-inline std::vector<std::string> describe_copies(const std::vector<Piece>& ops) {
+inline std::vector<std::string> describe_copies(const std::vector<Piece>& pieces) {
   std::vector<std::string> out;
-  for (const Piece& op : ops) out.push_back(describe_copy(op));
+  for (const Piece& piece : pieces) out.push_back(describe_copy(piece));
   return out;
 }
 
@@ -527,11 +527,11 @@ inline std::vector<std::string> describe_copies(const std::vector<Piece>& ops) {
 // no overlap, every copy non-empty), else what is wrong.
 inline std::string tiling_problem(const PlannedRecord& record) {
   std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges;  // [begin, end)
-  for (const Piece& op : record.copies) {
-    if (op.nbytes == 0 || op.rows == 0) return "empty copy";
-    for (std::uint64_t r = 0; r < op.rows; ++r) {
-      std::uint64_t begin = op.offset + r * op.stride;
-      ranges.emplace_back(begin, begin + op.nbytes);
+  for (const Piece& piece : record.copies) {
+    if (piece.nbytes == 0 || piece.rows == 0) return "empty copy";
+    for (std::uint64_t r = 0; r < piece.rows; ++r) {
+      std::uint64_t begin = piece.offset + r * piece.stride;
+      ranges.emplace_back(begin, begin + piece.nbytes);
     }
   }
   std::sort(ranges.begin(), ranges.end());
@@ -579,29 +579,29 @@ inline void convert_f32_to_f16(const std::byte* from, std::byte* to, std::uint64
   }
 }
 
-// Runs a record's copies as the executor would, `sources[op.source]` being the
-// bytes of plan source op.source. Bytes no copy writes keep the 0xEE poison.
+// Runs a record's copies as the executor would, `sources[piece.source]` being the
+// bytes of plan source piece.source. Bytes no copy writes keep the 0xEE poison.
 inline Buffer execute(const PlannedRecord& record, const std::vector<const Buffer*>& sources) {
   Buffer out(record.nbytes, std::byte{0xEE});
-  for (const Piece& op : record.copies) {
-    for (std::uint64_t r = 0; r < op.rows; ++r) {
-      std::uint64_t dest = op.offset + r * op.stride;
-      REQUIRE(dest + op.nbytes <= out.size());
-      if (op.source == Piece::kZeros) {
+  for (const Piece& piece : record.copies) {
+    for (std::uint64_t r = 0; r < piece.rows; ++r) {
+      std::uint64_t dest = piece.offset + r * piece.stride;
+      REQUIRE(dest + piece.nbytes <= out.size());
+      if (piece.source == Piece::kZeros) {
         std::fill(out.begin() + static_cast<std::ptrdiff_t>(dest),
-                  out.begin() + static_cast<std::ptrdiff_t>(dest + op.nbytes), std::byte{0});
+                  out.begin() + static_cast<std::ptrdiff_t>(dest + piece.nbytes), std::byte{0});
         continue;
       }
-      REQUIRE(op.source < sources.size());
-      const Buffer& file = *sources[op.source];
-      std::uint64_t from = op.source_offset + r * op.source_stride;
-      REQUIRE(from + op.source_nbytes() <= file.size());
-      if (!op.converts()) {
-        std::memcpy(out.data() + dest, file.data() + from, op.nbytes);
+      REQUIRE(piece.source < sources.size());
+      const Buffer& file = *sources[piece.source];
+      std::uint64_t from = piece.source_offset + r * piece.source_stride;
+      REQUIRE(from + piece.source_nbytes() <= file.size());
+      if (!piece.converts()) {
+        std::memcpy(out.data() + dest, file.data() + from, piece.nbytes);
       } else {
-        REQUIRE(op.source_dtype == DType::Float32);
-        REQUIRE(op.dest_dtype == DType::Float16);
-        convert_f32_to_f16(file.data() + from, out.data() + dest, op.nbytes / 2);
+        REQUIRE(piece.source_dtype == DType::Float32);
+        REQUIRE(piece.dest_dtype == DType::Float16);
+        convert_f32_to_f16(file.data() + from, out.data() + dest, piece.nbytes / 2);
       }
     }
   }

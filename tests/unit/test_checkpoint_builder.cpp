@@ -1,6 +1,6 @@
 // Unit tests for CheckpointBuilder (src/plan/checkpoint_builder.cpp): the exact
 // records of a file built from nothing (the pickle, byteorder, one storage per
-// new tensor with its copy operations, version), then the file written by the
+// new tensor with its copies, version), then the file written by the
 // executor and read back with Checkpoint: keys in order, ties kept, bytes where
 // the plan said. A second builder edits that file as a base: a replaced tensor
 // is seen through every reference, untouched storages are carried over as whole
@@ -189,10 +189,10 @@ TEST_SUITE("CheckpointBuilder") {
     std::set<std::pair<std::uint64_t, std::uint64_t>> carried, in_base;  // (source offset, bytes)
     for (std::size_t i : {3u, 4u}) {
       REQUIRE(file.records[i].copies.size() == 1);
-      const Piece& op = file.records[i].copies[0];
-      CHECK(op.source == 1);
-      CHECK(op.plain());
-      carried.emplace(op.source_offset, op.nbytes);
+      const Piece& piece = file.records[i].copies[0];
+      CHECK(piece.source == 1);
+      CHECK(piece.plain());
+      carried.emplace(piece.source_offset, piece.nbytes);
     }
     for (const char* old_key : {"1", "2"}) {
       const ckpt::ZipRecord& record = *first.storages().at(old_key).record;

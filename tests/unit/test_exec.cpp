@@ -102,15 +102,15 @@ std::vector<Expected> varied_records(const Buffer& source) {
   constexpr std::uint64_t kRows = 30000;
   Expected glued{PlannedRecord{"a/data/2", kRows * 80, {}, {}}, {}};
   for (std::uint64_t part = 0; part < 2; ++part) {
-    Piece op;
-    op.source = 0;
-    op.source_offset = 100 + part * 4 * kMiB;
-    op.offset = part * 40;
-    op.nbytes = 40;
-    op.rows = kRows;
-    op.source_stride = 40;
-    op.stride = 80;
-    glued.record.copies.push_back(op);
+    Piece piece;
+    piece.source = 0;
+    piece.source_offset = 100 + part * 4 * kMiB;
+    piece.offset = part * 40;
+    piece.nbytes = 40;
+    piece.rows = kRows;
+    piece.source_stride = 40;
+    piece.stride = 80;
+    glued.record.copies.push_back(piece);
   }
   for (std::uint64_t r = 0; r < kRows; ++r) {
     for (std::uint64_t part = 0; part < 2; ++part) {
@@ -278,13 +278,13 @@ TEST_SUITE("exec") {
     };
     constexpr std::uint64_t kElements = 5 * kMiB + 3;  // 10 MiB of float16: crosses 8 MiB
     Expected converted{PlannedRecord{"a/data/0", 2 * kElements, {}, {}}, {}};
-    Piece op;
-    op.source = 0;
-    op.source_offset = 4;
-    op.nbytes = 2 * kElements;
-    op.source_dtype = ckpt::DType::Float32;
-    op.dest_dtype = ckpt::DType::Float16;
-    converted.record.copies.push_back(op);
+    Piece piece;
+    piece.source = 0;
+    piece.source_offset = 4;
+    piece.nbytes = 2 * kElements;
+    piece.source_dtype = ckpt::DType::Float32;
+    piece.dest_dtype = ckpt::DType::Float16;
+    converted.record.copies.push_back(piece);
     for (std::uint64_t i = 0; i < kElements; ++i) {
       converted.bytes.push_back(source_bytes[4 + 4 * i + 2]);
       converted.bytes.push_back(source_bytes[4 + 4 * i + 3]);
@@ -363,15 +363,15 @@ TEST_SUITE("exec") {
     constexpr std::uint64_t kRows = 20000;
     PlannedRecord r1{"o/data/1", kRows * 80, {}, {}};
     for (std::uint64_t part = 0; part < 2; ++part) {
-      Piece op;
-      op.source = 0;
-      op.source_offset = zip.offset[1] + part * 4 * kMiB;
-      op.offset = part * 40;
-      op.nbytes = 40;
-      op.rows = kRows;
-      op.source_stride = 40;
-      op.stride = 80;
-      r1.copies.push_back(op);
+      Piece piece;
+      piece.source = 0;
+      piece.source_offset = zip.offset[1] + part * 4 * kMiB;
+      piece.offset = part * 40;
+      piece.nbytes = 40;
+      piece.rows = kRows;
+      piece.source_stride = 40;
+      piece.stride = 80;
+      r1.copies.push_back(piece);
     }
     file.records.push_back(r1);
     PlannedRecord r2{"o/data/2", 500 * 16, {}, {}};

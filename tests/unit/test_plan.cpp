@@ -15,6 +15,7 @@
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/plan/plan.hpp"
+#include "layout_fixtures.hpp"
 #include "plan_sources.hpp"
 #include "temp_files.hpp"
 
@@ -27,9 +28,10 @@ using ckpt::PlannedRecord;
 
 using test_files::TempFile;
 
-bool same(const Piece& op, std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset,
+bool same(const Piece& piece, std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset,
           std::uint64_t nbytes) {
-  return op.source == source && op.source_offset == source_offset && op.offset == dest_offset && op.nbytes == nbytes;
+  return piece.source == source && piece.source_offset == source_offset && piece.offset == dest_offset &&
+         piece.nbytes == nbytes;
 }
 
 // A plan of one file with one record, whose copies the test sets directly.
@@ -42,21 +44,12 @@ Plan plan_with(const ckpt::MappedFile& source, PlannedRecord record) {
 
 // A plain copy, fields set by name (Piece has more fields: rows, strides, dtypes).
 Piece copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t dest_offset, std::uint64_t nbytes) {
-  Piece op;
-  op.source = source;
-  op.source_offset = source_offset;
-  op.offset = dest_offset;
-  op.nbytes = nbytes;
-  return op;
+  return layout_fixtures::plain(source, source_offset, dest_offset, nbytes);
 }
 // `rows` rows of `nbytes`, strided on both sides.
 Piece rows_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t source_stride,
                 std::uint64_t dest_offset, std::uint64_t dest_stride, std::uint64_t nbytes, std::uint64_t rows) {
-  Piece op = copy(source, source_offset, dest_offset, nbytes);
-  op.rows = rows;
-  op.source_stride = source_stride;
-  op.stride = dest_stride;
-  return op;
+  return layout_fixtures::strided(source, source_offset, dest_offset, nbytes, rows, source_stride, dest_stride);
 }
 
 PlannedRecord record_of(std::uint64_t nbytes, std::vector<Piece> copies) {
@@ -74,11 +67,11 @@ TEST_SUITE("plan") {
     PlannedRecord record;
     record.append_copy(0, 100, 10);
     record.append_copy(0, 110, 5);  // continues: merged
-    record.append_copy(0, 200, 7);  // source jumps: new op
-    record.append_copy(1, 207, 3);  // other source: new op
+    record.append_copy(0, 200, 7);  // source jumps: new piece
+    record.append_copy(1, 207, 3);  // other source: new piece
     record.append_copy(1, 210, 0);  // empty: ignored
     record.append_copy(1, 210, 4);  // continues source 1: merged
-    record.append_copy(0, 115, 1);  // source 0 again, after other copies: new op
+    record.append_copy(0, 115, 1);  // source 0 again, after other copies: new piece
     REQUIRE(record.copies.size() == 4);
     CHECK(same(record.copies[0], 0, 100, 0, 15));
     CHECK(same(record.copies[1], 0, 200, 15, 7));

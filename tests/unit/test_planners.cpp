@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -127,7 +128,7 @@ struct Tensor {
   DType dtype = DType::Float32;
   Shape shape;
   Buffer bytes;
-  std::string alias_of;  // object path of the tensor this one is tied to
+  std::optional<std::string> alias_of;  // object path of the tensor this one is tied to
 };
 
 // Every tensor of a torch.save file, by object path, and its top-level keys.
@@ -160,7 +161,7 @@ Opened open(const std::string& path) {
 std::map<std::string, Tensor> section(const Opened& opened, const std::string& prefix) {
   std::map<std::string, Tensor> out;
   for (const auto& [path, tensor] : opened.tensors) {
-    if (path.rfind(prefix, 0) == 0 && tensor.alias_of.empty()) out[path.substr(prefix.size())] = tensor;
+    if (path.rfind(prefix, 0) == 0 && !tensor.alias_of) out[path.substr(prefix.size())] = tensor;
   }
   return out;
 }
@@ -367,7 +368,8 @@ TEST_SUITE("plan_synth") {
           CHECK(record.inline_bytes.size() == 4);
           continue;
         }
-        for (const Piece& op : record.copies) CHECK((op.source == Piece::kSynthetic || op.source == Piece::kZeros));
+        for (const Piece& piece : record.copies)
+          CHECK((piece.source == Piece::kSynthetic || piece.source == Piece::kZeros));
       }
     }
     // the plan is a pure function of the options
@@ -601,12 +603,12 @@ TEST_SUITE("plan_stitch") {
     }
     bool converts = false;
     for (const ckpt::PlannedRecord& record : converting.plan.files.at(0).records) {
-      for (const Piece& op : record.copies) {
-        if (op.source_dtype == DType::Float16) {  // the weights
+      for (const Piece& piece : record.copies) {
+        if (piece.source_dtype == DType::Float16) {  // the weights
           converts = true;
-          CHECK(op.dest_dtype == DType::Float32);
+          CHECK(piece.dest_dtype == DType::Float32);
         } else {  // zeros, and the float32 version buffer
-          CHECK_FALSE(op.converts());
+          CHECK_FALSE(piece.converts());
         }
       }
     }
@@ -836,10 +838,10 @@ void check_same_checkpoint(const std::string& got_path, const std::string& want_
   check_same(section(got, ""), section(want, ""), "tensors");
   std::map<std::string, std::string> got_ties, want_ties;
   for (const auto& [path, tensor] : got.tensors) {
-    if (!tensor.alias_of.empty()) got_ties[path] = tensor.alias_of;
+    if (tensor.alias_of) got_ties[path] = *tensor.alias_of;
   }
   for (const auto& [path, tensor] : want.tensors) {
-    if (!tensor.alias_of.empty()) want_ties[path] = tensor.alias_of;
+    if (tensor.alias_of) want_ties[path] = *tensor.alias_of;
   }
   CHECK(got_ties == want_ties);
   CHECK_MESSAGE(*got.described.objects == *want.described.objects, "the object trees differ");

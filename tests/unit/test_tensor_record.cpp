@@ -1,4 +1,4 @@
-// Unit tests for tensor sources and the copy operations of one output tensor:
+// Unit tests for tensor sources and the copies of one output tensor:
 // TensorSource's slice, columns, concat and interleave_rows, source_of and
 // zeros_source (src/layout/tensor_source.cpp), plan_tensor_record
 // (src/plan/checkpoint_builder.cpp), and the bytes that come out when the
@@ -506,7 +506,7 @@ TEST_SUITE("tensor_record") {
                                                 "3 src=64 dst=8 n=12 rows=4 ss=12 ds=24",
                                                 "5 src=4000 dst=20 n=4 rows=4 ss=4 ds=24",
                                             });
-    for (const Piece& op : record.copies) CHECK_FALSE(op.converts());
+    for (const Piece& piece : record.copies) CHECK_FALSE(piece.converts());
     CHECK_FALSE(record.sequential());
     CHECK(tiling_problem(record) == "");
   }
@@ -586,9 +586,9 @@ TEST_SUITE("tensor_record") {
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1, 2});
       CHECK(record.nbytes == 120);
       CHECK(tiling_problem(record) == "");
-      for (const Piece& op : record.copies) {
-        CHECK(op.offset % 20 + op.nbytes <= 20);  // never across an output row (of 20 bytes)
-        if (op.rows > 1) CHECK(op.stride == 20);
+      for (const Piece& piece : record.copies) {
+        CHECK(piece.offset % 20 + piece.nbytes <= 20);  // never across an output row (of 20 bytes)
+        if (piece.rows > 1) CHECK(piece.stride == 20);
       }
       Buffer want = interleaved_bytes({ids_run(0, 200, 48), ids_join(run_ids)}, 6, pointers(files));
       CHECK(execute(record, pointers(files)) == want);
@@ -597,7 +597,7 @@ TEST_SUITE("tensor_record") {
     }
   }
 
-  TEST_CASE("plan_tensor_record: a dtype change converts in every op, sizes in destination bytes") {
+  TEST_CASE("plan_tensor_record: a dtype change converts in every piece, sizes in destination bytes") {
     SUBCASE("contiguous tensor") {
       OutputTensor tensor{"decoder.layers.0.fc1.weight", DType::Float16,
                           runs_source(DType::Float32, {2, 3}, {{0, 100, 24}}), std::nullopt};
@@ -631,15 +631,15 @@ TEST_SUITE("tensor_record") {
       CHECK(record.nbytes == 30);
       CHECK(describe_copies(record.copies) == std::vector<std::string>{
                                                   "0 src=1000 dst=0 n=4 rows=3 ss=8 ds=10 float32->float16",
-                                                  "1 src=64 dst=4 n=6 float32->float16",    // row 0 (one-row op)
+                                                  "1 src=64 dst=4 n=6 float32->float16",    // row 0 (one-row piece)
                                                   "1 src=76 dst=14 n=2 float32->float16",   // row 1, element 0
                                                   "1 src=200 dst=16 n=4 float32->float16",  // row 1, elements 1-2
                                                   "1 src=208 dst=24 n=6 float32->float16",  // row 2
                                               });
       CHECK(tiling_problem(record) == "");
-      for (const Piece& op : record.copies) {
-        CHECK(op.source_dtype == DType::Float32);
-        CHECK(op.dest_dtype == DType::Float16);
+      for (const Piece& piece : record.copies) {
+        CHECK(piece.source_dtype == DType::Float32);
+        CHECK(piece.dest_dtype == DType::Float16);
       }
       ValidationPlan valid({1100, 300}, record);
       CHECK_NOTHROW(ckpt::validate(valid.plan));
@@ -660,7 +660,7 @@ TEST_SUITE("tensor_record") {
                               pointers(files), true));
     }
     SUBCASE("columns of a glued tensor (re-cut on dim 1), converted") {
-      // [2, 4] float32 in one run; columns 1-2 as float16: a strided op whose
+      // [2, 4] float32 in one run; columns 1-2 as float16: a strided piece whose
       // source stride is a float32 row and destination stride a float16 row.
       TensorSource full = runs_source(DType::Float32, {2, 4}, {{0, 100, 32}});
       OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float16, full.columns(2, 4, 8, {2, 2}), std::nullopt};
@@ -725,11 +725,11 @@ TEST_SUITE("tensor_record") {
     }
   }
 
-  TEST_CASE("plan_tensor_record: consecutive plain runs of one file merge into one op") {
+  TEST_CASE("plan_tensor_record: consecutive plain runs of one file merge into one piece") {
     TensorSource all =
         ckpt::concat({runs_source(DType::Float32, {2}, {{0, 100, 8}}),
                       runs_source(DType::Float32, {3}, {{0, 108, 12}}),              // continues file 0: merged
-                      runs_source(DType::Float32, {1}, {{1, 120, 4}}),               // another file: new op
+                      runs_source(DType::Float32, {1}, {{1, 120, 4}}),               // another file: new piece
                       runs_source(DType::Float32, {2}, {{1, 200, 4}, {1, 204, 4}}),  // jumps, then continues
                       runs_source(DType::Float32, {2}, {{1, 300, 4}, {0, 304, 4}})},
                      {10});
@@ -755,7 +755,7 @@ TEST_SUITE("tensor_record") {
     PlannedRecord record = ckpt::plan_tensor_record({"x", DType::UInt8, backwards, std::nullopt}, {3});
     CHECK(describe_copies(record.copies) == std::vector<std::string>{"3 src=100 dst=0 n=16", "zeros src=0 dst=16 n=8"});
     CHECK(record.sequential());
-    // One strided piece among them: one op per piece, fields as the pieces'.
+    // One strided piece among them: the record keeps one piece per source piece, fields as theirs.
     TensorSource mixed = mixed_source().source;
     record = ckpt::plan_tensor_record({"x", DType::UInt8, mixed, std::nullopt}, {10, 11, 12});
     CHECK(describe_copies(record.copies) == std::vector<std::string>{

@@ -1,7 +1,7 @@
 // Element-wise work on mapped bytes that must round exactly as torch does:
 // dtype conversion (torch's `.to()`), done by LibTorch.
 //
-// LibTorch costs 0.7 s and 200 MiB of resident code just to load, so ckpt-tool
+// LibTorch costs time and resident code just to load, so ckpt-tool
 // does not link it: convert_elements loads the plugin libckpt_torch.so (next to
 // the executable, or $CKPT_TORCH_PLUGIN) on first use. Commands that only copy
 // bytes, and diff (element_compare.hpp), never load it.

@@ -48,7 +48,7 @@ struct TensorRef {
   std::uint64_t nbytes = 0;            // bytes from there to the end of its last element
   // Set when this path reaches a tensor already listed under another path (a
   // tied weight pickled once and referenced twice): that path.
-  std::string alias_of;
+  std::optional<std::string> alias_of;
 
   std::uint64_t numel() const;
   bool is_contiguous() const;
@@ -135,19 +135,9 @@ struct StorageId {
 };
 std::optional<StorageId> parse_storage_id(const pickle::Graph& graph, pickle::NodeId persid);
 
-// Object paths. A path is the labels from the root joined with '/': dict keys,
-// list indices, attribute names ("model/decoder.layers.0.fc1.weight",
-// "last_optimizer_state/state/0/exp_avg"). Each label is escaped as in JSON
-// Pointer (RFC 6901): '~' is written "~0" and '/' "~1", so the key 'a/b' is
-// "a~1b" and never the path of 'b' inside 'a'. Escaping never writes "~~",
-// which marks the labels no str key spells: "~~empty" (the key ''), "~~" and
-// the repr of a key that is neither str nor int ("~~True", "~~(1, 2)"),
-// "3~~int" (the int key 3 beside the str key "3"), "~~..." (where a path
-// would pass 1024 bytes), and "~~2", "~~3", ... for a label met again in its
-// container (only a cut path or a "~~?" key can be). So two objects of one
-// file never share a path, and two files give one path only to an int key
-// and the str of its digits when each file has one of them; Checkpoint
-// refuses a tensor at a cut path.
+// Object paths: the labels from the root joined with '/' ("model/decoder.layers.0.fc1.weight"),
+// escaped as in JSON Pointer, "~~" marking the labels no str key spells ("~~empty",
+// "3~~int", "~~..."), unique within a file: docs/design.md, "Object paths".
 //
 // Visits every node reachable from `from`, depth first, with its path;
 // wrappers such as nn.Parameter are transparent. Each node is visited once, at

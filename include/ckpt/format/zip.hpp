@@ -58,7 +58,7 @@ class ZipArchive {
   // With `read_local_headers`, the local headers (one small read per record,
   // scattered over the file) are read through it instead of `file_bytes`: for a
   // mapped file, touching them would map a page-cache folio of up to 2 MiB per
-  // record into the resident set (72 MiB for 38 records here).
+  // record into the resident set.
   ZipArchive(Bytes file_bytes, std::string path, const ReadAt& read_local_headers = {});
   // A mapped input file, its local headers read with pread (as above).
   explicit ZipArchive(const MappedFile& file);

@@ -45,6 +45,9 @@ TensorSource interleave_rows(const std::vector<TensorSource>& parts, std::uint64
 // A tensor of `shape` that reads as zeros.
 TensorSource zeros_source(DType dtype, std::vector<std::int64_t> shape);
 
+// A shape as messages and inspect print it: "[4096, 1024]".
+std::string shape_text(const std::vector<std::int64_t>& shape);
+
 // What torch rebuilds at a state dict key besides the bytes: an nn.Parameter
 // or the tensor itself, and its requires_grad. A layout rule gives a key the
 // kind of the tensor it is cut or glued from (part 0's); a tensor it makes

@@ -58,7 +58,7 @@ struct ManifestTensor {
   std::uint64_t storage_nbytes = 0;      // bytes of the whole storage (its record), shared by its views
   bool requires_grad = false;            // the nn.Parameter's when wrapped
   TensorWrap wrap = TensorWrap::Tensor;  // an nn.Parameter at this path, or the tensor itself
-  std::string alias_of;                  // another path holding this very tensor (tied); "" if none
+  std::optional<std::string> alias_of;   // another path holding this very tensor (tied)
 
   std::uint64_t numel() const;
   // Whether `other` is the same view of the same storage: a tie that was

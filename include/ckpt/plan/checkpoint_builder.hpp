@@ -75,7 +75,7 @@ class CheckpointBuilder {
   std::vector<Payload> payloads_;                                  // storage key i -> data
 };
 
-// The record holding one output tensor's data: one copy operation per source
+// The record holding one output tensor's data: one copy per source
 // piece (strided where the piece is), converting when the output dtype differs;
 // plain ranges merged.
 PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<std::uint32_t>& sources);

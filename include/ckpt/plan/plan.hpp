@@ -3,7 +3,7 @@
 //
 // Commands never copy bytes themselves: they build a Plan and hand it to the one
 // executor (exec.hpp). A record's data is either small inline bytes (the pickle,
-// `version`) or copy operations from the inputs that tile the record exactly:
+// `version`) or copies from the inputs that tile the record exactly:
 // Pieces (piece.hpp) whose sources are Plan::sources indices and whose
 // destination is the record's data. Plans are plain data, inputs included
 // (PlanSource): unit tests assert on them without any I/O, `--dry-run` prints
@@ -37,8 +37,8 @@ struct PlannedRecord {
   // one when both source and destination continue it.
   void append_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t nbytes);
   // Appends a plain copy (of any dtype) at the end of the record, with the same
-  // merging; `op.offset` is ignored.
-  void append_plain(Piece op);
+  // merging; `piece.offset` is ignored.
+  void append_plain(Piece piece);
   void append_zeros(std::uint64_t nbytes) { append_copy(Piece::kZeros, 0, nbytes); }
   // True when every copy is plain and they follow each other in order.
   bool sequential() const;
