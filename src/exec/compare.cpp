@@ -247,6 +247,18 @@ void check_records(const TensorSource& source, const std::vector<const MappedFil
 
 }  // namespace
 
+namespace {
+
+// The file a tensor's first bytes are read from ("" when none is: zeros).
+std::string file_of(const TensorSource& source, const std::vector<const MappedFile*>& files) {
+  for (const Piece& piece : source.pieces) {
+    if (piece.mapped() && piece.source < files.size()) return files[piece.source]->path();
+  }
+  return "";
+}
+
+}  // namespace
+
 std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& checks,
                                             const std::vector<const MappedFile*>& files) {
   // Part m (m >= 1) of check i against its part 0, all in one diff.
@@ -275,15 +287,22 @@ std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& 
     const TensorDiff& diff = *it->second;
     check_records(checks[i].parts[m], files, zips);
     check_records(checks[i].parts.front(), files, zips);
+    // "model part 1 differs from part 0", "data-parallel shard 1 differs from shard 0",
+    // then the two files.
+    std::string_view unit = checks[i].unit;
+    std::string_view short_unit = unit.substr(unit.rfind(' ') + 1);
+    std::string where =
+        fmt::format(" ({} against {})", file_of(checks[i].parts[m], files), file_of(checks[i].parts.front(), files));
     if (!diff.mismatch.empty()) {
-      problems.push_back(fmt::format("{}: model part {} differs from part 0: {}", checks[i].key, m, diff.mismatch));
+      problems.push_back(
+          fmt::format("{}: {} {} differs from {} 0: {}{}", checks[i].key, unit, m, short_unit, diff.mismatch, where));
     } else {
       const DiffPosition& first = diff.positions.front();
       problems.push_back(fmt::format(
-          "{}: replicated, but model part {} differs from part 0 in {} element(s), first at [{}] ({} in part {}, {} "
-          "in part 0), max |difference| {}",
-          checks[i].key, m, diff.count, fmt::join(first.index, ", "), format_value(first.a), m, format_value(first.b),
-          format_value(diff.max_abs)));
+          "{}: replicated, but {} {} differs from {} 0 in {} element(s), first at [{}] ({} in {} {}, {} in {} 0), "
+          "max |difference| {}{}",
+          checks[i].key, unit, m, short_unit, diff.count, fmt::join(first.index, ", "), format_value(first.a),
+          short_unit, m, format_value(first.b), short_unit, format_value(diff.max_abs), where));
     }
   }
   return problems;

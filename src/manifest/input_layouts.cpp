@@ -220,6 +220,29 @@ std::vector<std::vector<NamedTensor>> consolidate_grid(const Manifest& manifest,
   return parts;
 }
 
+std::vector<ReplicatedCheck> data_parallel_checks(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
+                                                  const std::string& state_dict) {
+  std::vector<ReplicatedCheck> checks;
+  const std::string prefix = state_dict + "/";
+  for (const std::vector<int>& shards : grid) {
+    if (shards.size() < 2) continue;
+    const ManifestFile& first = manifest.files.at(static_cast<std::size_t>(shards[0]));
+    if (is_flattened(first, prefix)) continue;
+    for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
+      if (tensor->alias_of) continue;
+      ReplicatedCheck check{key, {}, "data-parallel shard"};
+      for (int index : shards) {
+        const ManifestFile& shard = manifest.files.at(static_cast<std::size_t>(index));
+        const ManifestTensor* copy = find_tensor(shard, tensor->path);
+        if (copy == nullptr) break;  // the set check reports a shard without it
+        check.parts.push_back(source_of(*copy, shard.place(*copy).file_byte_offset, static_cast<std::uint32_t>(index)));
+      }
+      if (check.parts.size() == shards.size()) checks.push_back(std::move(check));
+    }
+  }
+  return checks;
+}
+
 StateDict torch_state_dict(const Manifest& manifest, const StateDictOptions& options) {
   StateDict out;
   if (manifest.files.size() == 1 && !(options.state_dict_only && manifest.files[0].fsdp)) {
@@ -240,7 +263,8 @@ StateDict torch_state_dict(const Manifest& manifest, const StateDictOptions& opt
     return out;
   }
   out.consolidated = true;
-  std::vector<std::vector<NamedTensor>> parts = consolidate_grid(manifest, complete_grid(manifest));
+  std::vector<std::vector<int>> grid = complete_grid(manifest);
+  std::vector<std::vector<NamedTensor>> parts = consolidate_grid(manifest, grid);
   std::vector<std::string> replicated;
   for (NamedTensor& tensor : glue_megatron(parts, {}, &replicated)) {
     tensor.name = state_dict_path(kModelPrefix, tensor.name);
@@ -248,6 +272,7 @@ StateDict torch_state_dict(const Manifest& manifest, const StateDictOptions& opt
     out.tensors.push_back(std::move(tensor));
   }
   out.checks = replicated_checks(parts, replicated);
+  for (ReplicatedCheck& check : data_parallel_checks(manifest, grid)) out.checks.push_back(std::move(check));
   return out;
 }
 

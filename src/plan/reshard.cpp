@@ -173,6 +173,7 @@ Weights recut_weights(const Manifest& manifest, const std::vector<std::vector<in
   std::vector<std::string> replicated;
   weights.recut = reshard_megatron(weights.parts, mp, &replicated, form);
   checks = replicated_checks(weights.parts, replicated);
+  for (ReplicatedCheck& check : data_parallel_checks(manifest, grid)) checks.push_back(std::move(check));
   return weights;
 }
 

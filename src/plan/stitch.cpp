@@ -207,6 +207,8 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
     plan_per_part(consolidated, out);
   }
   out.checks.insert(out.checks.end(), state_checks.begin(), state_checks.end());
+  for (ReplicatedCheck& check : data_parallel_checks(manifest, grid, options.state_dict))
+    out.checks.push_back(std::move(check));
   if (output_paths.size() != out.tensors.size() || bases.size() != out.tensors.size()) {
     internal_error(fmt::format("{} outputs planned for {} paths", out.tensors.size(), output_paths.size()));
   }

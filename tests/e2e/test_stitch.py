@@ -274,8 +274,36 @@ def test_ema_weights():
     assert "no EMA weights here" in stderr
 
 
+def test_data_parallel_copies_that_differ_are_refused():
+    """Found by the stranger: shards of a part that each hold the whole state dict (no
+    FSDP flattening) were read from shard 0 only, a differing copy dropped with exit 0."""
+    work = harness.scratch("dp-copies")
+    torch.manual_seed(0)
+    model = {"fc.weight": torch.randn(4, 3), "fc.bias": torch.randn(4)}
+    for d in range(2):
+        copy = {k: v.clone() for k, v in model.items()}
+        if d == 1:
+            copy["fc.weight"][2, 1] += 7
+        torch.save({"model": copy, "cfg": {"model": {"model_parallel_size": 1}}},
+                   os.path.join(work, f"checkpoint_last-model_part-0-shard{d}.pt"))
+    out = os.path.join(work, "out.pt")
+    _, stderr = harness.run(["stitch", work, "-o", out], expect=harness.EXIT["incomplete_set"])
+    assert "fc.weight: replicated, but data-parallel shard 1 differs from shard 0 in 1 element(s), first at [2, 1]" \
+        in stderr and "checkpoint_last-model_part-0-shard1.pt against" in stderr, stderr
+    assert not os.path.exists(out)
+    stdout, _ = harness.run(["verify", work], expect=1)
+    assert "data-parallel shard 1 differs" in stdout, stdout
+    harness.run(["reshard", work, "--mp", "1", "--dp", "1", "--unflatten", "-o", out], expect=harness.EXIT["incomplete_set"])
+    # Copies that agree stitch to the model.
+    torch.save({"model": model, "cfg": {"model": {"model_parallel_size": 1}}},
+               os.path.join(work, "checkpoint_last-model_part-0-shard1.pt"))
+    harness.run(["stitch", work, "-o", out])
+    got = torch.load(out)["model"]
+    assert all(torch.equal(got[k], model[k]) for k in model)
+
+
 if __name__ == "__main__":
-    harness.main([test_consolidated_for_every_case, test_fused_qkv_for_every_case, test_one_file_per_part_for_every_case,
+    harness.main([test_data_parallel_copies_that_differ_are_refused, test_consolidated_for_every_case, test_fused_qkv_for_every_case, test_one_file_per_part_for_every_case,
                   test_consolidated_parts_glue_again, test_threads_and_io_mode_give_identical_bytes,
                   test_stats_report_the_io_mode, test_refused_direct_writes_fall_back_to_buffered,
                   test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,

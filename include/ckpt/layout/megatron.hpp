@@ -66,10 +66,12 @@ std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor
 // `key` when dim 0 does not split in three.
 std::array<TensorSource, 3> split_qkv(const TensorSource& fused, const std::string& key);
 
-// Parts that should agree across model parts (layer norms, row-parallel biases).
+// Parts that should agree across model parts (layer norms, row-parallel biases),
+// or across the data-parallel shards of a part that hold whole copies.
 struct ReplicatedCheck {
   std::string key;
   std::vector<TensorSource> parts;
+  std::string_view unit = "model part";  // what parts[m] is, in messages: "model part 1", "data-parallel shard 1"
 };
 
 // The checks of the `keys` glued from replicated parts: each key's source in

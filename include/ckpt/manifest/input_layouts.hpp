@@ -108,6 +108,13 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs);
 // (index_problems of each row).
 std::vector<std::string> index_problems(const std::vector<std::string>& inputs, const std::vector<ManifestFile>& files);
 
+// The checks that the data-parallel shards of each model part of `grid` that
+// hold whole copies of the state dict at `state_dict` (not FSDP-flattened: the
+// planners read shard 0's) hold the same values; none for FSDP shards, whose
+// slices are glued.
+std::vector<ReplicatedCheck> data_parallel_checks(const Manifest& manifest, const std::vector<std::vector<int>>& grid,
+                                                  const std::string& state_dict = "model");
+
 // The rows' functions, for the table (input_layouts.cpp) and their tests.
 ManifestFile describe_safetensors_file(FileDescriber& describer, const std::string& path);
 Grid check_torch_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts);
