@@ -4,6 +4,8 @@
 #include <CLI/CLI.hpp>
 #include <iostream>
 
+#include "ckpt/manifest/describe.hpp"
+#include "ckpt/manifest/manifest_json.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"

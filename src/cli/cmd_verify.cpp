@@ -9,7 +9,9 @@
 #include <memory>
 
 #include "ckpt/exec/verify.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
+#include "ckpt/manifest/manifest_json.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"

@@ -10,6 +10,8 @@
 #include <tuple>
 
 #include "ckpt/format/safetensors.hpp"
+#include "ckpt/manifest/describe.hpp"
+#include "ckpt/manifest/manifest_json.hpp"
 #include "ckpt/plan/stitch.hpp"
 
 namespace ckpt::cli {

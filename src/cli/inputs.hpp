@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/plan_inputs.hpp"

@@ -15,6 +15,7 @@
 #include "ckpt/io/parallel.hpp"
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 
 namespace ckpt {

@@ -11,6 +11,8 @@
 #include <tuple>
 
 #include "ckpt/format/safetensors.hpp"
+#include "ckpt/manifest/describe.hpp"
+#include "ckpt/manifest/manifest_json.hpp"
 
 namespace ckpt {
 

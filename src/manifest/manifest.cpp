@@ -23,7 +23,9 @@
 #include "ckpt/format/safetensors.hpp"
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/parallel.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
+#include "ckpt/manifest/manifest_json.hpp"
 #include "ckpt/manifest/optimizer_state.hpp"
 
 namespace ckpt {

@@ -23,6 +23,7 @@
 #include "ckpt/io/zstd.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest.hpp"
+#include "ckpt/manifest/manifest_json.hpp"
 
 namespace ckpt {
 

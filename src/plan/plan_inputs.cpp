@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 
 namespace ckpt {

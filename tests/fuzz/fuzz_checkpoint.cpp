@@ -12,6 +12,7 @@
 #include <cstring>
 #include <random>
 
+#include "ckpt/manifest/describe.hpp"
 #include "fuzz_entry.hpp"
 
 extern "C" std::size_t LLVMFuzzerMutate(std::uint8_t* data, std::size_t size, std::size_t max_size);

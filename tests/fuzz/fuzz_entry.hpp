@@ -53,7 +53,9 @@
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/layout/tensor_source.hpp"
 #include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/manifest.hpp"
+#include "ckpt/manifest/manifest_json.hpp"
 
 namespace ckpt::fuzz {
 

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "ckpt/manifest/manifest_json.hpp"
 #include "fuzz_entry.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {

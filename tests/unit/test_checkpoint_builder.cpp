@@ -21,6 +21,7 @@
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/mapped_file.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/torch_file.hpp"

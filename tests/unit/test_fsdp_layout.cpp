@@ -8,6 +8,7 @@
 
 #include <functional>
 
+#include "ckpt/manifest/manifest_json.hpp"
 #include "layout_fixtures.hpp"
 
 namespace {

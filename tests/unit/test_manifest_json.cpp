@@ -22,7 +22,9 @@
 #include <nlohmann/json.hpp>
 
 #include "ckpt/io/error.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/manifest.hpp"
+#include "ckpt/manifest/manifest_json.hpp"
 #include "layout_fixtures.hpp"
 
 namespace {

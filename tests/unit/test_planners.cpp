@@ -28,6 +28,7 @@
 #include "ckpt/io/error.hpp"
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/layout/metaseq.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/plan_inputs.hpp"
 #include "ckpt/plan/reshard.hpp"

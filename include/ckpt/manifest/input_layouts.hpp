@@ -28,6 +28,7 @@
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/layout/tensor_source.hpp"
 #include "ckpt/manifest/consolidate.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/manifest.hpp"
 
 namespace ckpt {

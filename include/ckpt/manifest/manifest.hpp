@@ -1,9 +1,8 @@
 // The manifest: every input file, every tensor as a byte range, and the decoded
-// FSDP x MP layout, as versioned JSON (schema in README.md, "Manifest schema").
-//
-// Building one reads zip directories and pickles only, never tensor data. Every
-// command that takes checkpoint files also takes a manifest (`.json` or
-// `.json.zst`); `check_fresh` refuses a manifest whose files have changed.
+// FSDP x MP layout. This header is the data; describe.hpp builds it from files,
+// manifest_json.hpp writes and reads its versioned JSON form (schema in
+// README.md, "Manifest schema"), input_layouts.hpp says what each kind of
+// input set is.
 #pragma once
 
 #include <cstddef>
@@ -26,22 +25,11 @@
 
 namespace ckpt {
 
-// Version 3 stores what files share once (tensor lists, shard_metadata, object
-// trees) and refers to it by index. Version 4: paths escaped ('/' in a key is
-// "~1", checkpoint.hpp), object trees in file order. Older versions are refused
-// in one line.
-inline constexpr int kManifestVersion = 4;
-inline constexpr const char* kManifestFormat = "ckpt-tool-manifest";
-
 // Limits on what a manifest may claim. A manifest is input like any other
 // (edited by hand, truncated, crafted): manifest_from_json checks every field
 // against these and against the other fields before anything uses it.
-inline constexpr int kMaxGridSide = 1 << 20;                      // part and shard numbers in a grid are below this
-inline constexpr std::uint64_t kMaxGridCells = 1 << 20;           // parts x shards that detect_grid allocates
-inline constexpr std::uint64_t kMaxManifestBytes = 256ull << 20;  // JSON text, after zstd: 40x OPT-175B's
-// Arrays and objects nested in the JSON: the object tree renders at most two
-// levels per pickle level (pickle::kMaxDepth), under a few of the manifest's own.
-inline constexpr std::size_t kMaxManifestDepth = 2 * pickle::kMaxDepth + 16;
+inline constexpr int kMaxGridSide = 1 << 20;             // part and shard numbers in a grid are below this
+inline constexpr std::uint64_t kMaxGridCells = 1 << 20;  // parts x shards that detect_grid allocates
 
 // A tensor as the files that hold it describe it. Shards of one model part hold
 // the same tensors (paths, dtypes, shapes), so a list of them is shared by every
@@ -228,73 +216,6 @@ struct Manifest {
   Grid grid;
 };
 
-// Makes files that hold equal tensor lists, shard_metadata or object trees
-// share one copy of each: what keeps a manifest of hundreds of shards small.
-// Thread-safe.
-class SharedContent {
- public:
-  SharedContent();
-  ~SharedContent();
-  void share(ManifestFile& file);
-
- private:
-  struct Seen;
-  std::unique_ptr<Seen> seen_;
-};
-
-// The checkpoints decoded while describing files (the first file of each
-// distinct pickle), with their mappings: kept for the planner that opens the
-// same files next (PlanInputs), so that no pickle is decoded twice. Thread-safe.
-class DecodedFiles {
- public:
-  struct Decoded {
-    std::unique_ptr<MappedFile> file;
-    std::shared_ptr<const Checkpoint> checkpoint;  // of *file
-  };
-  void keep(Decoded decoded);
-  // What was kept for `path` (as ManifestFile::path spells it), once; null members when nothing.
-  Decoded take(const std::string& path);
-
- private:
-  std::mutex mutex_;
-  std::map<std::string, Decoded> by_path_;
-};
-
-// Describes files as build_manifest does, each distinct pickle decoded once:
-// a file whose pickle bytes are those of a file described before (the shards
-// of a model part, but for padding) is read for its zip directory only. What
-// the files share is shared (SharedContent). Thread-safe.
-class FileDescriber {
- public:
-  // With `keep`, the checkpoints decoded are kept there (DecodedFiles).
-  explicit FileDescriber(DecodedFiles* keep = nullptr);
-  ~FileDescriber();
-  // `path` described by its layout (input_layouts.hpp). Throws Error naming
-  // the file when it is not a readable file of that layout.
-  ManifestFile describe(const std::string& path);
-  // A torch.save file described (the torch layout's describe).
-  ManifestFile describe_torch(const std::string& path);
-
- private:
-  struct Known;
-  std::unique_ptr<Known> known_;
-  DecodedFiles* keep_ = nullptr;
-};
-
-// Indexes `paths` (files, already expanded; a name ending in .safetensors is
-// read as safetensors, its header checked by read_safetensors_header). Throws
-// Error on unreadable input.
-Manifest build_manifest(const std::vector<std::string>& paths, DecodedFiles* keep = nullptr);
-bool is_safetensors_path(std::string_view path);
-// The shard files a safetensors index names (paths beside it), read and
-// bounded (format/safetensors.hpp). Throws Error naming the index.
-std::vector<std::string> safetensors_index_files(const std::string& index_path);
-// What is wrong between a safetensors index and its shards' descriptions
-// (`files`): a name the index puts in a file that does not hold it, a tensor
-// the index does not name; one line each.
-std::vector<std::string> safetensors_index_problems(const std::string& index_path,
-                                                    const std::vector<ManifestFile>& files);
-ManifestFile describe_file(const Checkpoint& checkpoint);
 // Complete when every model part that cfg's model_parallel_size names is
 // there, every FSDP rank that the flat parameters' chunk rule (numel, chunk
 // length) implies is there, and the files agree with each other: the same
@@ -304,36 +225,5 @@ ManifestFile describe_file(const Checkpoint& checkpoint);
 // `model_parts` (--model-parts) replaces the part count cfg declares, for files
 // whose cfg is stale (metaseq's reshard_model_parallel copies it unchanged).
 Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts = std::nullopt);
-
-nlohmann::ordered_json manifest_to_json(const Manifest& manifest);
-// Checks every field (types, ranges, the roles against the file names, each
-// tensor's bytes against its dtype, shape and stride and against the file size,
-// aliases, object-tree tensor indices, FSDP metadata) and recomputes the grid;
-// the stored grid is not read. Throws Error naming `source` and the field as a
-// JSON path: `files[3].tensors[12].shape[1]`.
-Manifest manifest_from_json(const nlohmann::ordered_json& json, const std::string& source);
-
-// A manifest from the bytes of a manifest file (zstd-compressed when
-// `compressed`): at most `max_text_bytes` of JSON, nested at most
-// kMaxManifestDepth deep, then manifest_from_json. Throws Error naming `source`.
-Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed,
-                        std::uint64_t max_text_bytes = kMaxManifestBytes);
-// Reads a manifest file (zstd-compressed when it ends in .zst): parse_manifest
-// on its mapped bytes.
-Manifest read_manifest(const std::string& path);
-// Writes it atomically (temp file, fsync, rename); zstd when `path` ends in .zst.
-void write_manifest(const Manifest& manifest, const std::string& path, bool overwrite);
-bool looks_like_manifest(const std::string& path);
-
-// Throws Error naming the first file whose size or mtime no longer match.
-void check_fresh(const Manifest& manifest);
-
-// A manifest read from `source` is trusted only as far as its files say the
-// same: each file is described again (FileDescriber: each distinct pickle
-// decoded once, about a second for 992 shards) and must give exactly the
-// manifest's tensors, places and CRCs, shard_metadata, object tree and other
-// fields. Throws Error naming `source` and the first field that differs, with
-// the file: a hand-edited manifest never redirects a copy.
-void check_describes_files(const Manifest& manifest, const std::string& source, DecodedFiles* keep = nullptr);
 
 }  // namespace ckpt

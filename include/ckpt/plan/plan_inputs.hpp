@@ -16,6 +16,7 @@
 #include "ckpt/format/by_pickle_bytes.hpp"
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/io/mapped_file.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/plan/plan.hpp"
 
