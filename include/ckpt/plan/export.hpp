@@ -50,15 +50,4 @@ PlannedFile plan_text_file(std::string path, std::string_view text);
 // The index of a sharded set written for `path`: "dir/model.safetensors.index.json".
 std::string safetensors_index_path(const std::string& path);
 
-// config.json of transformers' OPTConfig for the state dict `tensors`
-// (transformers' names, as to_hf_opt gives them, in their output dtype), from
-// the shapes and from the checkpoint `base`'s cfg (cfg.model, else args):
-// num_attention_heads, activation_function, dropout, attention_dropout,
-// do_layer_norm_before (when cfg lacks it: whether the final layer norm is
-// there). `overrides` (--hf-config) set or replace fields. Throws Error naming
-// the field the cfg lacks, or a cfg value that disagrees with the shapes.
-nlohmann::ordered_json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embeddings,
-                                     const Checkpoint& base,
-                                     const std::vector<std::pair<std::string, nlohmann::ordered_json>>& overrides);
-
 }  // namespace ckpt
