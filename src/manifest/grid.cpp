@@ -487,15 +487,21 @@ void check_shard_layouts(const std::vector<ManifestFile>& files, Grid& grid) {
 
 Grid detect_grid(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts) {
   if (files.empty()) return {};
-  const InputLayout& layout = input_layout(files.front().format);
-  for (const ManifestFile& file : files) {
-    if (file.format == files.front().format) continue;
+  if (std::optional<std::string> mixed = mixed_layouts(files)) {
     Grid grid;
-    grid.problems.push_back(fmt::format("{} files mixed with {} files ({}): give one kind",
-                                        input_layout(file.format).name, layout.name, file.path));
+    grid.problems.push_back(*mixed);
     return grid;
   }
-  return layout.check_set(files, model_parts);
+  return input_layout(files.front().format).check_set(files, model_parts);
+}
+
+std::optional<std::string> mixed_layouts(const std::vector<ManifestFile>& files) {
+  for (const ManifestFile& file : files) {
+    if (file.format == files.front().format) continue;
+    return fmt::format("{} files mixed with {} files ({}): give one kind", input_layout(file.format).name,
+                       input_layout(files.front().format).name, file.path);
+  }
+  return std::nullopt;
 }
 
 Grid check_safetensors_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> /*model_parts*/) {

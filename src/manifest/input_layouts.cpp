@@ -31,8 +31,9 @@ ManifestFile describe_torch_file(FileDescriber& describer, const std::string& pa
 }
 
 // The regular files of folder `input` whose extension is `extension`; nullopt
-// when `input` is not a folder. Entries that cannot be stat'ed (a symbolic link
-// loop, a dangling link) are not checkpoint files: skipped.
+// when `input` is not a folder. A symbolic link named so that cannot be
+// followed (dangling, a loop) is kept: opening it names it, where skipping it
+// would read a set without one of its files.
 std::optional<std::vector<std::string>> folder_files(const std::string& input, std::string_view extension) {
   std::error_code ec;
   if (!fs::is_directory(input, ec)) return std::nullopt;
@@ -41,7 +42,9 @@ std::optional<std::vector<std::string>> folder_files(const std::string& input, s
   std::vector<std::string> files;
   for (const auto& entry : entries) {
     std::error_code entry_ec;
-    if (entry.is_regular_file(entry_ec) && entry.path().extension() == extension) files.push_back(entry.path());
+    if (entry.path().extension() != extension) continue;
+    bool broken_link = entry.is_symlink(entry_ec) && !fs::exists(entry.path(), entry_ec);
+    if (entry.is_regular_file(entry_ec) || broken_link) files.push_back(entry.path());
   }
   return files;
 }
@@ -195,6 +198,8 @@ const InputLayout& input_layout(const Manifest& manifest) {
 
 std::vector<std::vector<int>> complete_grid(const Manifest& manifest) {
   if (manifest.files.empty()) throw Error("no input files");
+  if (std::optional<std::string> mixed = mixed_layouts(manifest.files)) throw Error(*mixed);
+  const auto& problems = manifest.grid.problems;
   for (const ManifestFile& file : manifest.files) {
     const InputLayout& layout = input_layout(file.format);
     if (!layout.training) {
@@ -204,7 +209,6 @@ std::vector<std::vector<int>> complete_grid(const Manifest& manifest) {
                               layout.name, layout.name));
     }
   }
-  const auto& problems = manifest.grid.problems;
   if (!problems.empty()) {
     std::string more = problems.size() > 1 ? fmt::format(" (and {} more problem(s): `ckpt-tool verify` lists them)",
                                                          problems.size() - 1)

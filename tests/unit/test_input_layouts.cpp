@@ -82,3 +82,23 @@ TEST_SUITE("input_layouts") {
                          ckpt::Error);
   }
 }
+
+TEST_SUITE("input_layouts") {
+  TEST_CASE("a dangling link named like a file of the set is kept, so that opening it names it") {
+    test_files::TempDir dir;
+    std::ofstream(dir / "a.safetensors") << "x";
+    std::filesystem::create_symlink("/nonexistent/b.safetensors", dir / "b.safetensors");
+    CHECK(ckpt::expand_inputs({dir.path().string()}) ==
+          std::vector<std::string>{(dir / "a.safetensors").string(), (dir / "b.safetensors").string()});
+  }
+
+  TEST_CASE("a set mixing layouts is refused as such by every reader, not as a stitch input") {
+    ckpt::Manifest manifest;
+    manifest.files.resize(2);
+    manifest.files[0].path = "/a/model.pt";
+    manifest.files[1].path = "/a/model.safetensors";
+    manifest.files[1].format = ckpt::FileFormat::Safetensors;
+    CHECK_THROWS_WITH_AS(ckpt::complete_grid(manifest),
+                         "safetensors files mixed with torch files (/a/model.safetensors): give one kind", ckpt::Error);
+  }
+}

@@ -81,6 +81,10 @@ struct InputLayout {
   bool training = false;  // a training layout (grid, cfg, optimizer state): stitch, reshard and manifests read it
 };
 
+// What is wrong with files of several layouts given as one set ("safetensors
+// files mixed with torch files (PATH): give one kind"), or nullopt.
+std::optional<std::string> mixed_layouts(const std::vector<ManifestFile>& files);
+
 // Every row, in table order.
 std::span<const InputLayout> input_layouts();
 // The row of `format`.
