@@ -8,9 +8,11 @@
 #include <iostream>
 #include <memory>
 #include <set>
+#include <thread>
 #include <unordered_map>
 
 #include "ckpt/exec/compare.hpp"
+#include "ckpt/exec/source_check.hpp"
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/layout/hf_opt.hpp"
 #include "ckpt/layout/megatron.hpp"
@@ -38,6 +40,12 @@ struct Side {
   bool consolidated = false;
   // A layout that is one state dict and nothing else (no training layout).
   bool state_dict_layout() const { return !layout->training; }
+  // The side's files as plan sources: their records and CRCs, for the CRC check.
+  Plan crc_sources() const {
+    Plan plan;
+    for (std::size_t i = 0; i < inputs.files().size(); ++i) plan.add_source(inputs.source(static_cast<int>(i)));
+    return plan;
+  }
 };
 
 // The metaseq state dict of a torch side under transformers' OPT names
@@ -270,7 +278,18 @@ Action add_diff_command(CLI::App& app) {
     compare.tolerance = {options->atol, options->rtol, options->tolerance_given};
     compare.max_positions = options->max_positions;
     compare.threads = options->threads;
+    // Every byte compared is checked against its record's CRC-32, as stitch does
+    // with what it copies: two corrupt copies are not "equal".
+    Plan sources_a = a->crc_sources();
+    Plan sources_b = b->crc_sources();
+    SourceCrcCheck check_a(sources_a, {}, a->inputs.files());
+    SourceCrcCheck check_b(sources_b, {}, b->inputs.files());
+    compare.check_a = &check_a;
+    compare.check_b = &check_b;
     DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
+    unsigned threads = options->threads != 0 ? options->threads : std::max(1u, std::thread::hardware_concurrency());
+    check_a.finish(threads);
+    check_b.finish(threads);
     std::vector<std::string> objects;
     if (!a->consolidated && !b->consolidated && !a->state_dict_layout() && !b->state_dict_layout()) {
       diff_objects(*a->inputs.manifest().files[0].objects, *b->inputs.manifest().files[0].objects, "", objects, 50);

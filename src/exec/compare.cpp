@@ -137,8 +137,8 @@ std::vector<ElementComparison> compare_chunks(const std::vector<Item>& items, co
     std::uint64_t itemsize_b = dtype_info(pair.b->dtype).itemsize;
     buffers.a.resize(item.numel * itemsize_a);
     buffers.b.resize(item.numel * itemsize_b);
-    read_source_bytes(*pair.a, files_a, item.begin * itemsize_a, buffers.a.size(), buffers.a.data());
-    read_source_bytes(*pair.b, files_b, item.begin * itemsize_b, buffers.b.size(), buffers.b.data());
+    read_source_bytes(*pair.a, files_a, item.begin * itemsize_a, buffers.a.size(), buffers.a.data(), options.check_a);
+    read_source_bytes(*pair.b, files_b, item.begin * itemsize_b, buffers.b.size(), buffers.b.data(), options.check_b);
     if (pair.a->dtype == pair.b->dtype && std::memcmp(buffers.a.data(), buffers.b.data(), buffers.a.size()) == 0) {
       return std::nullopt;
     }

@@ -98,13 +98,13 @@ void gather(std::span<const Piece> pieces, std::uint64_t begin, std::uint64_t en
 }
 
 void read_source_bytes(const TensorSource& source, const std::vector<const MappedFile*>& files, std::uint64_t begin,
-                       std::uint64_t count, std::byte* out) {
+                       std::uint64_t count, std::byte* out, SourceCrcCheck* check) {
   check_invariant(begin + count <= source.nbytes(), "read past the end of a tensor");
   TensorSource window =
       source.slice(begin, count, {static_cast<std::int64_t>(count / dtype_info(source.dtype).itemsize)});
   // A TensorSource's pieces take its dtype (what synthetic pieces generate).
   for (Piece& piece : window.pieces) piece.source_dtype = piece.dest_dtype = source.dtype;
-  gather(window.pieces, 0, count, PieceSources{files}, out);
+  gather(window.pieces, 0, count, PieceSources{files, nullptr, check}, out);
 }
 
 }  // namespace ckpt

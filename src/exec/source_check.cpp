@@ -134,7 +134,7 @@ void SourceCrcCheck::finish(unsigned threads) {
       if (crc != record.crc32) {
         throw Error(ErrorKind::CorruptData, Location{file.path(), record_name(file, record.offset), record.offset},
                     fmt::format("CRC-32 of the record's {} bytes of data (from this offset) is 0x{:08x}, the zip "
-                                "directory says 0x{:08x}: the input is corrupted (nothing was written)",
+                                "directory says 0x{:08x}: the input is corrupted",
                                 record.nbytes, crc, record.crc32));
       }
     };

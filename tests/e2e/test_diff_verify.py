@@ -216,8 +216,27 @@ def test_disk_full_leaves_nothing_and_keeps_existing_output():
     assert os.listdir(work) == ["out.pt"]
 
 
+def test_diff_checks_the_crc_of_every_byte_it_compares():
+    """Found by the stranger: diff of a single torch file read corrupt bytes as data
+    ("equal" for a file against itself); sets were checked, single files not."""
+    work = harness.scratch("diff-crc")
+    path = os.path.join(work, "plain.pt")
+    torch.save({"w": torch.arange(12, dtype=torch.float32), "b": torch.ones(5)}, path)
+    clean = os.path.join(work, "clean.pt")
+    shutil.copy(path, clean)
+    data = bytearray(open(path, "rb").read())
+    at = data.find(torch.arange(12, dtype=torch.float32).numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x40
+    open(path, "wb").write(data)
+    for args in ([path, path], [path, clean], [clean, path]):
+        _, err = harness.run(["diff"] + args, expect=2)
+        assert "CRC-32" in err and "plain.pt" in err and err.count("\n") == 1, err
+    harness.run(["diff", clean, clean])
+
+
 if __name__ == "__main__":
-    harness.main([test_diff_equal_sets_and_files, test_diff_names_the_wrong_positions, test_diff_tolerances,
+    harness.main([test_diff_checks_the_crc_of_every_byte_it_compares, test_diff_equal_sets_and_files, test_diff_names_the_wrong_positions, test_diff_tolerances,
                   test_verify_clean_and_flipped_byte, test_verify_metadata_problems, test_mixed_checkpoints_are_refused,
                   test_corrupt_inputs_name_file_and_place, test_output_in_missing_or_read_only_directory,
                   test_disk_full_leaves_nothing_and_keeps_existing_output])

@@ -16,10 +16,16 @@
 
 namespace ckpt {
 
+class SourceCrcCheck;
+
 struct CompareOptions {
   Tolerance tolerance;  // none: exact (bit for bit)
   std::size_t max_positions = 20;
   unsigned threads = 0;  // 0: all cores
+  // Told every input range read from side a's and side b's files (their CRCs
+  // checked by the caller's finish()); none: not checked.
+  SourceCrcCheck* check_a = nullptr;
+  SourceCrcCheck* check_b = nullptr;
 };
 
 struct DiffPosition {

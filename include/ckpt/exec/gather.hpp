@@ -42,7 +42,8 @@ void gather(std::span<const Piece> pieces, std::uint64_t begin, std::uint64_t en
 
 // Bytes [begin, begin + count) of a tensor source (`files[i]` is its file i),
 // through gather: for comparisons, which work in bounded chunks.
+// Every range read is told to `check` when given.
 void read_source_bytes(const TensorSource& source, const std::vector<const MappedFile*>& files, std::uint64_t begin,
-                       std::uint64_t count, std::byte* out);
+                       std::uint64_t count, std::byte* out, SourceCrcCheck* check = nullptr);
 
 }  // namespace ckpt
