@@ -86,7 +86,20 @@ std::optional<std::string> safetensors_index_of(const std::string& input) {
 }
 
 std::optional<std::vector<std::string>> safetensors_files_in(const std::string& input) {
-  if (std::optional<std::string> index = safetensors_index_of(input)) return safetensors_index_files(*index);
+  if (std::optional<std::string> index = safetensors_index_of(input)) {
+    std::vector<std::string> files = safetensors_index_files(*index);
+    // A file the index names that is not there: the set is incomplete (not an
+    // I/O error of one file).
+    for (const std::string& file : files) {
+      std::error_code ec;
+      if (!fs::exists(file, ec) && !fs::is_symlink(file, ec)) {
+        throw Error(
+            ErrorKind::IncompleteSet, Location{*index, "", std::nullopt},
+            fmt::format("names {}, which is not there: the set is incomplete", fs::path(file).filename().string()));
+      }
+    }
+    return files;
+  }
   std::optional<std::vector<std::string>> files = folder_files(input, ".safetensors");
   if (!files || files->empty()) return std::nullopt;
   // Shards of a sharded set are read through its index: without one (a run

@@ -102,3 +102,19 @@ TEST_SUITE("input_layouts") {
                          "safetensors files mixed with torch files (/a/model.safetensors): give one kind", ckpt::Error);
   }
 }
+
+TEST_SUITE("input_layouts") {
+  TEST_CASE("an index naming a file that is not there is an incomplete set, naming the file") {
+    test_files::TempDir dir;
+    std::ofstream(dir / "model.safetensors.index.json")
+        << R"({"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})";
+    std::ofstream(dir / "model-00001-of-00002.safetensors") << "x";
+    try {
+      ckpt::expand_inputs({dir.path().string()});
+      FAIL("a set without one of its files was expanded");
+    } catch (const ckpt::Error& e) {
+      CHECK(e.kind() == ckpt::ErrorKind::IncompleteSet);
+      CHECK(std::string(e.what()).find("model-00002-of-00002.safetensors") != std::string::npos);
+    }
+  }
+}
