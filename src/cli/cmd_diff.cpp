@@ -8,12 +8,12 @@
 #include <iostream>
 #include <memory>
 #include <set>
-#include <thread>
 #include <unordered_map>
 
 #include "ckpt/exec/compare.hpp"
 #include "ckpt/exec/source_check.hpp"
 #include "ckpt/format/checkpoint.hpp"
+#include "ckpt/io/parallel.hpp"
 #include "ckpt/layout/hf_opt.hpp"
 #include "ckpt/layout/megatron.hpp"
 #include "ckpt/manifest/consolidate.hpp"
@@ -287,9 +287,8 @@ Action add_diff_command(CLI::App& app) {
     compare.check_a = &check_a;
     compare.check_b = &check_b;
     DiffReport report = diff_tensors(a->tensors, a->inputs.files(), b->tensors, b->inputs.files(), compare);
-    unsigned threads = options->threads != 0 ? options->threads : std::max(1u, std::thread::hardware_concurrency());
-    check_a.finish(threads);
-    check_b.finish(threads);
+    check_a.finish(resolve_threads(options->threads));
+    check_b.finish(resolve_threads(options->threads));
     std::vector<std::string> objects;
     if (!a->consolidated && !b->consolidated && !a->state_dict_layout() && !b->state_dict_layout()) {
       diff_objects(*a->inputs.manifest().files[0].objects, *b->inputs.manifest().files[0].objects, "", objects, 50);

@@ -40,6 +40,14 @@ std::string describe_piece(const Plan& plan, const Piece& piece) {
   return fmt::format("{} -> +{} ({} B{}{})", source, piece.offset, piece.nbytes, rows, convert);
 }
 
+// A record's first three copies, one line each, and how many more.
+void print_first_copies(const Plan& plan, const PlannedRecord& record, std::FILE* out) {
+  for (std::size_t i = 0; i < record.copies.size() && i < 3; ++i) {
+    fmt::print(out, "    {}\n", describe_piece(plan, record.copies[i]));
+  }
+  if (record.copies.size() > 3) fmt::print(out, "    ... {} more\n", record.copies.size() - 3);
+}
+
 }  // namespace
 
 void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, std::FILE* out) {
@@ -53,15 +61,12 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
     total_size += layout.file_size;
     fmt::print(out, "output {} ({} records, {})\n", printable(file.path), file.records.size(),
                human_bytes(layout.file_size));
+    for (const PlannedRecord& record : file.records) total_copy += record.copies.empty() ? 0 : record.nbytes;
     if (k >= tensors.size()) {  // a plan read back (apply): its records, without the tensors they hold
       for (const PlannedRecord& record : file.records) {
         fmt::print(out, "  {} {} B {}\n", printable(record.name), record.nbytes,
                    record.copies.empty() ? std::string("inline") : "in " + copies_text(record.copies.size()));
-        for (std::size_t i = 0; i < record.copies.size() && i < 3; ++i) {
-          fmt::print(out, "    {}\n", describe_piece(plan, record.copies[i]));
-        }
-        if (record.copies.size() > 3) fmt::print(out, "    ... {} more\n", record.copies.size() - 3);
-        total_copy += record.copies.empty() ? 0 : record.nbytes;
+        print_first_copies(plan, record, out);
       }
       continue;
     }
@@ -77,12 +82,8 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
           by_name.at(file.container == Container::Zip ? fmt::format("{}/data/{}", prefix, storage++) : tensor.name);
       fmt::print(out, "  {} {} [{}] {} B in {}\n", printable(tensor.name), dtype_info(tensor.dtype).name,
                  fmt::join(tensor.source.shape, ", "), record->nbytes, copies_text(record->copies.size()));
-      for (std::size_t i = 0; i < record->copies.size() && i < 3; ++i) {
-        fmt::print(out, "    {}\n", describe_piece(plan, record->copies[i]));
-      }
-      if (record->copies.size() > 3) fmt::print(out, "    ... {} more\n", record->copies.size() - 3);
+      print_first_copies(plan, *record, out);
     }
-    for (const PlannedRecord& record : file.records) total_copy += record.copies.empty() ? 0 : record.nbytes;
   }
   fmt::print(out, "total: {} to copy from {} input file(s), {} to write in {} file(s)\n", human_bytes(total_copy),
              plan.sources.size(), human_bytes(total_size), plan.files.size());

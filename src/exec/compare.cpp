@@ -123,7 +123,7 @@ std::vector<ElementComparison> compare_chunks(const std::vector<Item>& items, co
                                               const std::vector<const MappedFile*>& files_b,
                                               const CompareOptions& options) {
   std::vector<ElementComparison> results(items.size());
-  unsigned threads = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
+  unsigned threads = resolve_threads(options.threads);
   struct Buffers {
     std::vector<std::byte> a;
     std::vector<std::byte> b;

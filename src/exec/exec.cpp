@@ -369,7 +369,7 @@ MadeDirectories prepare(const Plan& plan, const ExecOptions& options) {
 
 Staged stage(const Plan& plan, const std::vector<std::size_t>& files, const ExecOptions& options) {
   auto start = std::chrono::steady_clock::now();
-  unsigned threads = options.threads != 0 ? options.threads : std::max(1u, std::thread::hardware_concurrency());
+  unsigned threads = resolve_threads(options.threads);
   std::vector<std::unique_ptr<MappedFile>> mapped = map_sources(plan);
   std::vector<const MappedFile*> sources;
   for (const auto& file : mapped) sources.push_back(file.get());

@@ -46,13 +46,8 @@ SourceCrcCheck::SourceCrcCheck(const Plan& plan, const std::vector<std::size_t>&
 }
 
 std::int64_t SourceCrcCheck::record_at(std::uint32_t source, std::uint64_t offset) const {
-  const std::vector<CheckedRange>& records = plan_.sources.at(source).records;
-  auto it = std::upper_bound(records.begin(), records.end(), offset,
-                             [](std::uint64_t at, const CheckedRange& r) { return at < r.offset; });
-  if (it == records.begin()) return -1;
-  --it;
-  if (offset >= it->end()) return -1;
-  return it - records.begin();
+  std::optional<std::size_t> index = record_index(plan_.sources.at(source), offset);
+  return index ? static_cast<std::int64_t>(*index) : -1;
 }
 
 void SourceCrcCheck::note(std::uint32_t source, std::uint64_t byte_offset, Bytes bytes,

@@ -58,7 +58,7 @@ void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads,
 
 VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
                           std::optional<std::int64_t> model_parts, const std::vector<std::string>& inputs) {
-  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  threads = resolve_threads(threads);
   VerifyReport report;
   std::mutex mutex;
   Manifest manifest;

@@ -4,6 +4,7 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <iterator>
 #include <optional>
 
 namespace ckpt {
@@ -115,15 +116,19 @@ std::optional<PlannedFile> expand_inline(const PlannedFile& file) {
   return expanded;
 }
 
+std::optional<std::size_t> record_index(const PlanSource& source, std::uint64_t offset) {
+  auto it = std::upper_bound(source.records.begin(), source.records.end(), offset,
+                             [](std::uint64_t at, const CheckedRange& r) { return at < r.offset; });
+  if (it == source.records.begin() || offset >= std::prev(it)->end()) return std::nullopt;
+  return static_cast<std::size_t>(std::prev(it) - source.records.begin());
+}
+
 namespace {
 
-// The record of `source` holding bytes [begin, end), or null.
-const CheckedRange* record_holding(const PlanSource& source, std::uint64_t begin, std::uint64_t end) {
-  auto it = std::upper_bound(source.records.begin(), source.records.end(), begin,
-                             [](std::uint64_t at, const CheckedRange& r) { return at < r.offset; });
-  if (it == source.records.begin()) return nullptr;
-  --it;
-  return end <= it->end() ? &*it : nullptr;
+// Whether one record of `source` holds bytes [begin, end) (end > begin).
+bool in_one_record(const PlanSource& source, std::uint64_t begin, std::uint64_t end) {
+  std::optional<std::size_t> index = record_index(source, begin);
+  return index && end <= source.records[*index].end();
 }
 
 // validate's checks; `fail(where, message)` throws. `exhaustive`: the tiling
@@ -169,7 +174,7 @@ void check_plan(const Plan& plan, bool exhaustive, const Fail& fail) {
             span_end(piece.source_offset, piece.rows, piece.source_stride, piece.source_nbytes());
         const PlanSource& source = plan.sources[piece.source];
         if (!source_end || *source_end > source.size_bytes) bug("copy past the end of its source");
-        if (record_holding(source, piece.source_offset, *source_end) == nullptr) {
+        if (!in_one_record(source, piece.source_offset, *source_end)) {
           bug(fmt::format("copy of bytes {}..{} of {}, outside every record of its zip directory", piece.source_offset,
                           *source_end, source.path));
         }

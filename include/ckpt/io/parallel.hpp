@@ -14,6 +14,11 @@
 
 namespace ckpt {
 
+// A thread count as the flags give it: 0 is every core.
+inline unsigned resolve_threads(unsigned requested) {
+  return requested != 0 ? requested : std::max(1u, std::thread::hardware_concurrency());
+}
+
 // Runs body(i) for every i in [0, count) on up to `threads` threads, the
 // caller's among them. `make_body()` runs once on each thread and returns that
 // thread's body, so per-thread buffers live in it. The first exception (from

@@ -103,6 +103,10 @@ struct PlanSource {
   bool operator==(const PlanSource&) const = default;
 };
 
+// The index in `source.records` of the record holding file byte `offset`, or
+// nullopt when no record does.
+std::optional<std::size_t> record_index(const PlanSource& source, std::uint64_t offset);
+
 // `file`'s identity with `records` (sorted here; any order).
 PlanSource plan_source(const MappedFile& file, std::vector<CheckedRange> records);
 
