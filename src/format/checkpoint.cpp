@@ -126,9 +126,9 @@ namespace {
 // Python's repr of a key that is not a str or an int, for its label: True,
 // None, 1.5, (1, 'a'); "?" for anything else (bytes, objects).
 std::string key_repr(const Graph& graph, NodeId key, int depth) {
-  const pickle::Node& node = graph[key];
+  const pickle::NodeView node = graph[key];
   switch (node.kind) {
-    case Kind::Str: return "'" + node.text + "'";
+    case Kind::Str: return fmt::format("'{}'", node.text);
     case Kind::Int: return std::to_string(node.integer);
     case Kind::Bool: return node.boolean ? "True" : "False";
     case Kind::None: return "None";
@@ -145,7 +145,7 @@ std::string key_repr(const Graph& graph, NodeId key, int depth) {
 
 }  // namespace
 
-std::vector<MappingKey> mapping_keys(const Graph& graph, const std::vector<std::pair<NodeId, NodeId>>& entries) {
+std::vector<MappingKey> mapping_keys(const Graph& graph, std::span<const pickle::Entry> entries) {
   std::unordered_set<std::string_view> str_keys;
   for (const auto& [k, v] : entries) {
     if (graph[k].kind == Kind::Str) str_keys.insert(graph[k].text);
@@ -153,9 +153,9 @@ std::vector<MappingKey> mapping_keys(const Graph& graph, const std::vector<std::
   std::vector<MappingKey> out;
   out.reserve(entries.size());
   for (const auto& [k, v] : entries) {
-    const pickle::Node& node = graph[k];
+    const pickle::NodeView node = graph[k];
     if (node.kind == Kind::Str) {
-      out.push_back({node.text, path_label(node.text)});
+      out.push_back({std::string(node.text), path_label(node.text)});
     } else if (node.kind == Kind::Int) {
       // Beside the str of its digits, an int key is told apart by its type,
       // not by which of the two comes first (two files may order them apart).
@@ -171,8 +171,8 @@ std::vector<MappingKey> mapping_keys(const Graph& graph, const std::vector<std::
 }
 
 std::string key_label(const Graph& graph, NodeId key) {
-  const pickle::Node& node = graph[key];
-  if (node.kind == Kind::Str) return node.text;
+  const pickle::NodeView node = graph[key];
+  if (node.kind == Kind::Str) return std::string(node.text);
   if (node.kind == Kind::Int) return std::to_string(node.integer);
   return "~~" + key_repr(graph, key, 0);
 }
@@ -184,22 +184,22 @@ bool is_scalar(Kind kind) {
 }
 
 bool is_tensor_wrapper(const Graph& graph, NodeId id) {
-  const pickle::Node* cls = graph.object_class(id);
-  if (cls == nullptr) return false;
+  std::optional<pickle::NodeView> cls = graph.object_class(id);
+  if (!cls) return false;
   return is_global(*cls, py::kRebuildParameter) || is_global(*cls, py::kRebuildParameterWithState) ||
          is_global(*cls, py::kRebuildFromTypeV2);
 }
 
 bool is_rebuild_tensor(const Graph& graph, NodeId id) {
-  const pickle::Node* cls = graph.object_class(id);
-  return cls != nullptr && is_global(*cls, py::kRebuildTensorV2);
+  std::optional<pickle::NodeView> cls = graph.object_class(id);
+  return cls.has_value() && is_global(*cls, py::kRebuildTensorV2);
 }
 
 // nn.Parameter's wrapper, with or without Python attributes; Tensor for
 // anything else (a tensor subclass).
 TensorWrap parameter_wrap(const Graph& graph, NodeId id) {
-  const pickle::Node* cls = graph.object_class(id);
-  if (cls == nullptr) return TensorWrap::Tensor;
+  std::optional<pickle::NodeView> cls = graph.object_class(id);
+  if (!cls) return TensorWrap::Tensor;
   if (is_global(*cls, py::kRebuildParameter)) return TensorWrap::Parameter;
   if (is_global(*cls, py::kRebuildParameterWithState)) return TensorWrap::ParameterWithState;
   return TensorWrap::Tensor;
@@ -208,17 +208,19 @@ TensorWrap parameter_wrap(const Graph& graph, NodeId id) {
 // The layout of a sparse tensor's rebuild call ("torch.sparse_csr"), or
 // nullopt when `id` is none.
 std::optional<std::string> sparse_layout(const Graph& graph, NodeId id) {
-  const pickle::Node* cls = graph.object_class(id);
-  if (cls == nullptr || !(is_global(*cls, py::kRebuildSparseTensor) || is_global(*cls, py::kRebuildSparseCsrTensor))) {
+  std::optional<pickle::NodeView> cls = graph.object_class(id);
+  if (!cls || !(is_global(*cls, py::kRebuildSparseTensor) || is_global(*cls, py::kRebuildSparseCsrTensor))) {
     return std::nullopt;
   }
   const auto& args = graph[graph[id].args].items;
   if (!args.empty()) {
-    const pickle::Node& layout = graph[args[0]];
-    if (layout.kind == Kind::Global) return layout.text + "." + layout.name;
+    const pickle::NodeView layout = graph[args[0]];
+    if (layout.kind == Kind::Global) return fmt::format("{}.{}", layout.text, layout.name);
     if (layout.kind == Kind::Object && layout.args != pickle::kNoNode) {
       const auto& layout_args = graph[layout.args].items;
-      if (layout_args.size() == 1 && graph[layout_args[0]].kind == Kind::Str) return graph[layout_args[0]].text;
+      if (layout_args.size() == 1 && graph[layout_args[0]].kind == Kind::Str) {
+        return std::string(graph[layout_args[0]].text);
+      }
     }
   }
   return "a sparse layout";
@@ -241,7 +243,7 @@ class PathWalker {
       }
     }
     visit_(id, path);
-    const pickle::Node& node = graph_[id];
+    const pickle::NodeView node = graph_[id];
     ++depth;
     if (node.kind == Kind::Object && is_tensor_wrapper(graph_, id)) {
       // nn.Parameter and tensor subclasses: the tensor inside has the same path.
@@ -296,7 +298,7 @@ class PathWalker {
   }
   void walk_state(NodeId state, const std::string& path, ChildLabels& labels, int depth) {
     check_depth(depth);
-    const pickle::Node& node = graph_[state];
+    const pickle::NodeView node = graph_[state];
     if (node.kind == Kind::Dict && first_visit(state)) {
       // An instance dict: its keys are attribute names of the object.
       walk_entries(node.entries, path, labels, depth);
@@ -308,8 +310,7 @@ class PathWalker {
   }
 
   // A mapping's values, each under its key's label (unique among `labels`).
-  void walk_entries(const std::vector<std::pair<NodeId, NodeId>>& entries, const std::string& path, ChildLabels& labels,
-                    int depth) {
+  void walk_entries(std::span<const pickle::Entry> entries, const std::string& path, ChildLabels& labels, int depth) {
     std::vector<MappingKey> keys = mapping_keys(graph_, entries);
     for (std::size_t i = 0; i < keys.size(); ++i)
       walk(entries[i].second, join_path(path, labels.unique(keys[i].label)), depth);
@@ -345,23 +346,23 @@ std::optional<StorageId> parse_storage_id(const Graph& graph, NodeId persid) {
   if (pid >= graph.size() || graph[pid].kind != Kind::Tuple) return std::nullopt;
   const auto& items = graph[pid].items;
   if (items.size() != 5 || !graph.is_str(items[0], "storage")) return std::nullopt;
-  const pickle::Node& type = graph[items[1]];
-  const pickle::Node& key = graph[items[2]];
-  const pickle::Node& location = graph[items[3]];
+  const pickle::NodeView type = graph[items[1]];
+  const pickle::NodeView key = graph[items[2]];
+  const pickle::NodeView location = graph[items[3]];
   auto numel = as_int(graph, items[4]);
   if (type.kind != Kind::Global || type.text != py::kStorageModule || key.kind != Kind::Str || !numel || *numel < 0) {
     return std::nullopt;
   }
   StorageId id;
-  id.key = key.text;
+  id.key = std::string(key.text);
   id.numel = static_cast<std::uint64_t>(*numel);
-  id.location = location.kind == Kind::Str ? location.text : "";
+  id.location = location.kind == Kind::Str ? std::string(location.text) : "";
   if (type.name == py::kUntypedStorage.name) {
     id.dtype = DType::UInt8;
   } else if (auto dtype = dtype_from_storage_name(type.name)) {
     id.dtype = *dtype;
   } else {
-    throw Error("unsupported storage type torch." + type.name);
+    throw Error(fmt::format("unsupported storage type torch.{}", type.name));
   }
   return id;
 }

@@ -15,6 +15,7 @@
 
 #include <bit>
 #include <cstring>
+#include <span>
 #include <unordered_map>
 
 #include "ckpt/format/pickle.hpp"
@@ -58,21 +59,25 @@ class Decoder {
     if (stack_.empty() || (!marks_.empty() && stack_.size() == marks_.back())) fail("stack underflow");
     return stack_.back();
   }
-  std::vector<NodeId> pop_mark() {
+  // The top of the stack below the items pop_mark() just returned.
+  NodeId top_below_marked() {
+    if (marked_start_ == 0 || (!marks_.empty() && marked_start_ == marks_.back())) fail("stack underflow");
+    return stack_[marked_start_ - 1];
+  }
+  // The items above the last MARK, which is removed; they stay on the stack,
+  // past its new end, until the next push (drop_marked()).
+  std::span<const NodeId> pop_mark() {
     if (marks_.empty()) fail("no MARK on the stack");
     std::size_t start = marks_.back();
     marks_.pop_back();
-    std::vector<NodeId> items(stack_.begin() + static_cast<std::ptrdiff_t>(start), stack_.end());
-    stack_.resize(start);
-    return items;
+    marked_start_ = start;
+    return std::span<const NodeId>(stack_).subspan(start);
   }
-  void push(Node node) { stack_.push_back(graph_.add(std::move(node))); }
+  void drop_marked() { stack_.resize(marked_start_); }
+  void push(const Node& node) { stack_.push_back(graph_.add(node)); }
   void push_text(Kind kind, std::uint64_t length) {
     if (length > in_.remaining()) fail(fmt::format("string of {} bytes runs past the end", length));
-    Node node;
-    node.kind = kind;
-    node.text = std::string(in_.text(static_cast<std::size_t>(length)));
-    push(std::move(node));
+    stack_.push_back(graph_.add_text(kind, in_.text(static_cast<std::size_t>(length))));
   }
   // None, True, False and small ints are values, one node each (Graph::integer).
   void push_int(std::int64_t value) { stack_.push_back(graph_.integer(value)); }
@@ -95,16 +100,21 @@ class Decoder {
       push_int(static_cast<std::int64_t>(value));
       return;
     }
-    Node node;
-    node.kind = Kind::BigInt;
-    node.text = std::string(as_chars(bytes));
-    push(std::move(node));
+    stack_.push_back(graph_.add_text(Kind::BigInt, as_chars(bytes)));
   }
-  void push_container(Kind kind, std::vector<NodeId> items) {
-    Node node;
-    node.kind = kind;
-    node.items = std::move(items);
-    push(std::move(node));
+  void push_container(Kind kind, std::span<const NodeId> items) {
+    if (kind == Kind::Tuple && items.empty()) {
+      stack_.push_back(graph_.empty_tuple());
+      return;
+    }
+    stack_.push_back(graph_.add_items(kind, items));
+  }
+  // A container of the items above the last MARK, which replace them on the stack.
+  void push_marked(Kind kind) {
+    std::span<const NodeId> items = pop_mark();
+    NodeId id = kind == Kind::Tuple && items.empty() ? graph_.empty_tuple() : graph_.add_items(kind, items);
+    drop_marked();
+    stack_.push_back(id);
   }
   std::string_view line() {
     std::string_view rest = as_chars(in_.rest());
@@ -114,27 +124,38 @@ class Decoder {
     in_.skip(1);
     return text;
   }
-  void memo_put(std::uint64_t index) { memo_[index] = top(); }
+  // The memo: a vector while indices come in order (as every pickler writes
+  // them), a map for whatever else a crafted pickle asks for.
+  void memo_put(std::uint64_t index) {
+    if (index <= memo_.size() + 1024) {
+      if (index >= memo_.size()) memo_.resize(index + 1, kNoNode);
+      memo_[index] = top();
+    } else {
+      sparse_memo_[index] = top();
+    }
+  }
   void memo_get(std::uint64_t index) {
-    auto it = memo_.find(index);
-    if (it == memo_.end()) fail(fmt::format("memo entry {} is not defined", index));
-    stack_.push_back(it->second);
+    NodeId id = kNoNode;
+    if (index < memo_.size()) {
+      id = memo_[index];
+    } else if (auto it = sparse_memo_.find(index); it != sparse_memo_.end()) {
+      id = it->second;
+    }
+    if (id == kNoNode) fail(fmt::format("memo entry {} is not defined", index));
+    stack_.push_back(id);
   }
-  Node& object_for_fill(NodeId id, const char* opname) {
-    Node& node = graph_[id];
-    if (node.kind != Kind::Object) fail(fmt::format("{} applied to a {} value", opname, kind_name(node.kind)));
-    return node;
+  void require_object(NodeId id, const char* opname) const {
+    Kind kind = graph_[id].kind;
+    if (kind != Kind::Object) fail(fmt::format("{} applied to a {} value", opname, kind_name(kind)));
   }
-  void set_items(NodeId target, const std::vector<NodeId>& kv) {
+  void set_items(NodeId target, std::span<const NodeId> kv) {
     if (kv.size() % 2 != 0) fail("SETITEMS with an odd number of items");
-    Node& node = graph_[target];
-    if (node.kind != Kind::Dict) object_for_fill(target, "SETITEM");
-    for (std::size_t i = 0; i < kv.size(); i += 2) graph_[target].entries.emplace_back(kv[i], kv[i + 1]);
+    if (graph_[target].kind != Kind::Dict) require_object(target, "SETITEM");
+    for (std::size_t i = 0; i < kv.size(); i += 2) graph_.append_entry(target, kv[i], kv[i + 1]);
   }
-  void append_items(NodeId target, const std::vector<NodeId>& items) {
-    Node& node = graph_[target];
-    if (node.kind != Kind::List) object_for_fill(target, "APPEND");
-    for (NodeId item : items) graph_[target].items.push_back(item);
+  void append_items(NodeId target, std::span<const NodeId> items) {
+    if (graph_[target].kind != Kind::List) require_object(target, "APPEND");
+    for (NodeId item : items) graph_.append_item(target, item);
   }
   void make_object(ObjectOp op, NodeId callable, NodeId args, NodeId kwargs) {
     if (graph_[args].kind != Kind::Tuple) fail("REDUCE/NEWOBJ arguments are not a tuple");
@@ -144,7 +165,7 @@ class Decoder {
     node.callable = callable;
     node.args = args;
     node.kwargs = kwargs;
-    push(std::move(node));
+    push(node);
   }
   static const char* kind_name(Kind kind) {
     switch (kind) {
@@ -185,7 +206,10 @@ class Decoder {
           pop();
         }
         return;
-      case POP_MARK: pop_mark(); return;
+      case POP_MARK:
+        pop_mark();
+        drop_marked();
+        return;
       case DUP: stack_.push_back(top()); return;
       case NONE: stack_.push_back(graph_.none()); return;
       case NEWTRUE:
@@ -206,7 +230,7 @@ class Decoder {
         Node node;
         node.kind = Kind::Float;
         node.real = std::bit_cast<double>(bits);
-        push(std::move(node));
+        push(node);
         return;
       }
       case BINUNICODE: push_text(Kind::Str, in_.u32()); return;
@@ -217,62 +241,72 @@ class Decoder {
       case BINBYTES8: push_text(Kind::Bytes, in_.u64()); return;
       case BYTEARRAY8: push_text(Kind::ByteArray, in_.u64()); return;
       case EMPTY_TUPLE: push_container(Kind::Tuple, {}); return;
-      case TUPLE: push_container(Kind::Tuple, pop_mark()); return;
+      case TUPLE: push_marked(Kind::Tuple); return;
       case TUPLE1: {
         NodeId a = pop();
-        push_container(Kind::Tuple, {a});
+        const NodeId items[] = {a};
+        push_container(Kind::Tuple, items);
         return;
       }
       case TUPLE2: {
         NodeId b = pop();
         NodeId a = pop();
-        push_container(Kind::Tuple, {a, b});
+        const NodeId items[] = {a, b};
+        push_container(Kind::Tuple, items);
         return;
       }
       case TUPLE3: {
         NodeId c = pop();
         NodeId b = pop();
         NodeId a = pop();
-        push_container(Kind::Tuple, {a, b, c});
+        const NodeId items[] = {a, b, c};
+        push_container(Kind::Tuple, items);
         return;
       }
       case EMPTY_LIST: push_container(Kind::List, {}); return;
-      case LIST: push_container(Kind::List, pop_mark()); return;
+      case LIST: push_marked(Kind::List); return;
       case EMPTY_DICT: push_container(Kind::Dict, {}); return;
       case DICT: {
-        std::vector<NodeId> kv = pop_mark();
-        push_container(Kind::Dict, {});
-        set_items(stack_.back(), kv);
+        std::span<const NodeId> kv = pop_mark();
+        NodeId dict = graph_.add_items(Kind::Dict, {});
+        set_items(dict, kv);
+        drop_marked();
+        stack_.push_back(dict);
         return;
       }
       case EMPTY_SET: push_container(Kind::Set, {}); return;
-      case FROZENSET: push_container(Kind::FrozenSet, pop_mark()); return;
+      case FROZENSET: push_marked(Kind::FrozenSet); return;
       case ADDITEMS: {
-        std::vector<NodeId> items = pop_mark();
-        NodeId target = top();
+        std::span<const NodeId> items = pop_mark();
+        NodeId target = top_below_marked();
         if (graph_[target].kind != Kind::Set) fail("ADDITEMS applied to a non-set");
-        for (NodeId item : items) graph_[target].items.push_back(item);
+        for (NodeId item : items) graph_.append_item(target, item);
+        drop_marked();
         return;
       }
       case APPEND: {
         NodeId item = pop();
-        append_items(top(), {item});
+        const NodeId items[] = {item};
+        append_items(top(), items);
         return;
       }
       case APPENDS: {
-        std::vector<NodeId> items = pop_mark();
-        append_items(top(), items);
+        std::span<const NodeId> items = pop_mark();
+        append_items(top_below_marked(), items);
+        drop_marked();
         return;
       }
       case SETITEM: {
         NodeId value = pop();
         NodeId key = pop();
-        set_items(top(), {key, value});
+        const NodeId kv[] = {key, value};
+        set_items(top(), kv);
         return;
       }
       case SETITEMS: {
-        std::vector<NodeId> kv = pop_mark();
-        set_items(top(), kv);
+        std::span<const NodeId> kv = pop_mark();
+        set_items(top_below_marked(), kv);
+        drop_marked();
         return;
       }
       case BINPUT: memo_put(in_.u8()); return;
@@ -290,8 +324,8 @@ class Decoder {
         NodeId name = pop();
         NodeId module = pop();
         if (graph_[name].kind != Kind::Str || graph_[module].kind != Kind::Str) fail("STACK_GLOBAL of non-strings");
-        std::string module_text = graph_[module].text;
-        std::string name_text = graph_[name].text;
+        std::string module_text(graph_[module].text);
+        std::string name_text(graph_[name].text);
         stack_.push_back(graph_.global(module_text, name_text));
         return;
       }
@@ -317,16 +351,17 @@ class Decoder {
       }
       case BUILD: {
         NodeId state = pop();
-        Node& target = object_for_fill(top(), "BUILD");
-        if (target.state != kNoNode) fail("BUILD applied twice to one object");
-        target.state = state;
+        NodeId target = top();
+        require_object(target, "BUILD");
+        if (graph_[target].state != kNoNode) fail("BUILD applied twice to one object");
+        graph_.set_state(target, state);
         return;
       }
       case BINPERSID: {
         Node node;
         node.kind = Kind::PersId;
         node.callable = pop();
-        push(std::move(node));
+        push(node);
         return;
       }
       default: {
@@ -347,7 +382,9 @@ class Decoder {
   Graph graph_;
   std::vector<NodeId> stack_;
   std::vector<std::size_t> marks_;
-  std::unordered_map<std::uint64_t, NodeId> memo_;
+  std::size_t marked_start_ = 0;  // where pop_mark()'s items start
+  std::vector<NodeId> memo_;
+  std::unordered_map<std::uint64_t, NodeId> sparse_memo_;
   std::size_t op_position_ = 0;
 };
 

@@ -10,6 +10,7 @@
 
 #include <bit>
 #include <optional>
+#include <span>
 
 #include "ckpt/format/pickle.hpp"
 #include "ckpt/format/pickle_ops.hpp"
@@ -23,7 +24,7 @@ using enum Op;
 
 class Encoder {
  public:
-  explicit Encoder(const Graph& graph) : graph_(graph), memo_(graph.size(), -1) {}
+  explicit Encoder(const Graph& graph) : graph_(graph), memo_(graph.size(), kUnset) {}
 
   std::vector<std::byte> run() {
     op(PROTO);
@@ -63,7 +64,7 @@ class Encoder {
   }
 
   void put(NodeId id) {
-    std::int64_t index = next_memo_++;
+    std::uint32_t index = next_memo_++;
     memo_[id] = index;
     if (index < 256) {
       op(BINPUT);
@@ -74,8 +75,8 @@ class Encoder {
     }
   }
   bool get(NodeId id) {
-    std::int64_t index = memo_[id];
-    if (index < 0) return false;
+    std::uint32_t index = memo_[id];
+    if (index == kUnset) return false;
     if (index < 256) {
       op(BINGET);
       out_.u8(static_cast<std::uint64_t>(index));
@@ -110,7 +111,7 @@ class Encoder {
     }
   }
 
-  void emit_batched(const std::vector<NodeId>& items, Op one, Op many, int depth) {
+  void emit_batched(std::span<const NodeId> items, Op one, Op many, int depth) {
     // CPython batches APPENDS/SETITEMS by 1000 items.
     for (std::size_t start = 0; start < items.size(); start += 1000) {
       std::size_t end = std::min(items.size(), start + 1000);
@@ -124,7 +125,7 @@ class Encoder {
       op(many);
     }
   }
-  void emit_entries(const std::vector<std::pair<NodeId, NodeId>>& entries, int depth) {
+  void emit_entries(std::span<const Entry> entries, int depth) {
     for (std::size_t start = 0; start < entries.size(); start += 1000) {
       std::size_t end = std::min(entries.size(), start + 1000);
       bool single = end - start == 1;
@@ -141,7 +142,7 @@ class Encoder {
     if (depth > kMaxDepth) throw Error(fmt::format("pickle: objects nested deeper than {} levels", kMaxDepth));
     if (id >= graph_.size()) throw Error("pickle: graph refers to a missing node");
     if (get(id)) return;
-    const Node& node = graph_[id];
+    const NodeView node = graph_[id];
     ++depth;
     switch (node.kind) {
       case Kind::None: op(NONE); return;
@@ -174,7 +175,7 @@ class Encoder {
         put(id);
         return;
       case Kind::Global:
-        if (node.text.find('\n') != std::string::npos || node.name.find('\n') != std::string::npos) {
+        if (node.text.find('\n') != std::string_view::npos || node.name.find('\n') != std::string_view::npos) {
           throw Error("pickle: global name contains a newline");
         }
         op(GLOBAL);
@@ -240,7 +241,7 @@ class Encoder {
   // node itself (a cycle through a mutable part), discard the parts from the
   // stack (`pops` POPs, or POP_MARK) and fetch the finished node from the memo.
   bool fetch_if_written(NodeId id, std::size_t pops, bool to_mark) {
-    if (memo_[id] < 0) return false;
+    if (memo_[id] == kUnset) return false;
     if (to_mark) {
       op(POP_MARK);
     } else {
@@ -250,7 +251,7 @@ class Encoder {
     return true;
   }
 
-  void emit_tuple(NodeId id, const Node& node, int depth) {
+  void emit_tuple(NodeId id, const NodeView& node, int depth) {
     if (node.items.empty()) {
       op(EMPTY_TUPLE);
       return;
@@ -265,8 +266,9 @@ class Encoder {
   }
 
   const Graph& graph_;
-  std::vector<std::int64_t> memo_;
-  std::int64_t next_memo_ = 0;
+  static constexpr std::uint32_t kUnset = 0xFFFFFFFF;
+  std::vector<std::uint32_t> memo_;  // per node: its memo index, or kUnset
+  std::uint32_t next_memo_ = 0;
   ByteWriter out_;
 };
 

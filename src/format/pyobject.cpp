@@ -20,8 +20,8 @@ using pickle::NodeId;
 using json = nlohmann::ordered_json;
 
 std::string class_name(const Graph& graph, NodeId id) {
-  const pickle::Node* cls = graph.object_class(id);
-  return cls == nullptr ? "" : cls->text + "." + cls->name;
+  std::optional<pickle::NodeView> cls = graph.object_class(id);
+  return cls ? fmt::format("{}.{}", cls->text, cls->name) : "";
 }
 
 namespace {
@@ -47,7 +47,7 @@ NodeId omegaconf_unwrap(const Graph& graph, NodeId id) {
 
 NodeId config_get(const Graph& graph, NodeId container, std::string_view key) {
   if (container >= graph.size()) return kNoNode;
-  const pickle::Node& node = graph[container];
+  const pickle::NodeView node = graph[container];
   if (node.kind == Kind::Dict) return graph.lookup(container, key);
   if (node.kind != Kind::Object) return kNoNode;
   std::string name = class_name(graph, container);
@@ -74,14 +74,15 @@ std::optional<std::int64_t> as_int(const Graph& graph, NodeId id) {
 }
 
 std::optional<std::string> as_str(const Graph& graph, NodeId id) {
-  if (id < graph.size() && graph[id].kind == Kind::Str) return graph[id].text;
+  if (id < graph.size() && graph[id].kind == Kind::Str) return std::string(graph[id].text);
   return std::nullopt;
 }
 
-const std::vector<NodeId>* as_sequence(const Graph& graph, NodeId id) {
-  if (id >= graph.size()) return nullptr;
-  Kind kind = graph[id].kind;
-  return kind == Kind::List || kind == Kind::Tuple ? &graph[id].items : nullptr;
+std::optional<std::span<const NodeId>> as_sequence(const Graph& graph, NodeId id) {
+  if (id >= graph.size()) return std::nullopt;
+  pickle::NodeView node = graph[id];
+  if (node.kind != Kind::List && node.kind != Kind::Tuple) return std::nullopt;
+  return node.items;
 }
 
 std::optional<std::vector<std::int64_t>> as_int_list(const Graph& graph, NodeId id) {
@@ -90,8 +91,8 @@ std::optional<std::vector<std::int64_t>> as_int_list(const Graph& graph, NodeId 
     if (args.size() != 1) return std::nullopt;
     id = args[0];
   }
-  const auto* items = as_sequence(graph, id);
-  if (items == nullptr) return std::nullopt;
+  auto items = as_sequence(graph, id);
+  if (!items) return std::nullopt;
   std::vector<std::int64_t> values;
   for (NodeId item : *items) {
     auto value = as_int(graph, item);
@@ -147,7 +148,7 @@ class JsonRenderer {
     if (leaf_) {
       if (auto replaced = leaf_(id)) return *replaced;
     }
-    const pickle::Node& node = graph_[id];
+    const pickle::NodeView node = graph_[id];
     switch (node.kind) {
       case Kind::None: return nullptr;
       case Kind::Bool: return node.boolean;
@@ -160,10 +161,10 @@ class JsonRenderer {
       case Kind::Float:
         if (std::isfinite(node.real)) return node.real;
         return fmt::format("{}", node.real);
-      case Kind::Str: return node.text;
+      case Kind::Str: return std::string(node.text);
       case Kind::Bytes:
       case Kind::ByteArray: return json{{"$bytes", node.text.size()}};
-      case Kind::Global: return json{{"$global", node.text + "." + node.name}};
+      case Kind::Global: return json{{"$global", fmt::format("{}.{}", node.text, node.name)}};
       default: break;
     }
     if (auto it = seen_.find(id); it != seen_.end()) return json{{"$ref", it->second}};
@@ -192,7 +193,7 @@ class JsonRenderer {
   // In file order, keys as mapping_keys gives them (checkpoint.hpp); a text met
   // again gets "~~2", so no entry is lost.
   template <typename Child>
-  json mapping(const std::vector<std::pair<NodeId, NodeId>>& entries, Child& child) {
+  json mapping(std::span<const pickle::Entry> entries, Child& child) {
     json out = json::object();
     ChildLabels keys;    // the JSON object's ("~~2" for a literal "3~~int" beside the int 3 and the str "3")
     ChildLabels labels;  // the children's paths'
@@ -209,7 +210,7 @@ class JsonRenderer {
   }
 
   template <typename Child>
-  json object(NodeId id, const pickle::Node& node, Child& child) {
+  json object(NodeId id, const pickle::NodeView& node, Child& child) {
     std::string name = class_name(graph_, id);
     if (is_qualified_name(name, py::kTorchSize)) {
       if (auto dims = as_int_list(graph_, id)) return json{{"$class", name}, {"value", *dims}};
@@ -278,15 +279,14 @@ using Slot = std::pair<NodeId, std::size_t>;
 
 std::optional<Slot> entry_slot(const Graph& graph, NodeId container, std::string_view key) {
   auto find_in = [&](NodeId mapping, std::string_view name) -> std::optional<Slot> {
-    const auto* entries = graph.mapping_entries(mapping);
-    if (entries == nullptr) return std::nullopt;
-    for (std::size_t i = 0; i < entries->size(); ++i) {
-      if (graph.is_str((*entries)[i].first, name)) return Slot{mapping, i};
+    std::span<const pickle::Entry> entries = graph.mapping_entries(mapping);
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      if (graph.is_str(entries[i].first, name)) return Slot{mapping, i};
     }
     return std::nullopt;
   };
   if (container >= graph.size()) return std::nullopt;
-  const pickle::Node& node = graph[container];
+  const pickle::NodeView node = graph[container];
   if (node.kind == Kind::Dict || (node.kind == Kind::Object && !node.entries.empty())) return find_in(container, key);
   if (node.kind != Kind::Object) return std::nullopt;
   if (is_omegaconf_container(class_name(graph, container))) {
@@ -313,8 +313,7 @@ bool config_set_int(Graph& graph, NodeId container, const std::vector<std::strin
   auto [mapping, index] = *slot;
   NodeId old = graph[mapping].entries[index].second;
   if (graph[old].kind != Kind::Int) return false;
-  NodeId fresh = graph.integer(value);
-  graph[mapping].entries[index].second = fresh;
+  graph.set_entry_value(mapping, index, graph.integer(value));
   return true;
 }
 
@@ -328,7 +327,7 @@ std::vector<NodeId> reachable(const Graph& graph, NodeId from) {
     if (id >= graph.size() || seen[id]) continue;
     seen[id] = true;
     out.push_back(id);
-    const pickle::Node& node = graph[id];
+    const pickle::NodeView node = graph[id];
     for (NodeId item : node.items) stack.push_back(item);
     for (const auto& [k, v] : node.entries) {
       stack.push_back(k);
@@ -393,15 +392,21 @@ class PlainCopier {
 
   // A dict key must stay hashable: the lists a conversion made inside it
   // (from sets, bytes) become tuples, in new nodes (others may share them).
+  std::vector<pickle::Entry> entries_of(NodeId mapping) const {
+    std::span<const pickle::Entry> entries = graph_.mapping_entries(mapping);
+    return {entries.begin(), entries.end()};
+  }
+
   NodeId hashable(NodeId id) {
     if (graph_[id].kind != Kind::List && graph_[id].kind != Kind::Tuple) return id;
-    std::vector<NodeId> items = graph_[id].items;
+    std::span<const NodeId> old = graph_[id].items;
+    std::vector<NodeId> items(old.begin(), old.end());
     for (NodeId& item : items) item = hashable(item);
     return graph_.tuple(std::move(items));
   }
 
   NodeId convert(NodeId id, int depth) {
-    const pickle::Node node = graph_[id];  // a copy: adding nodes may move the graph's storage
+    const pickle::NodeView node = graph_[id];  // stays valid: node `id` is not changed here
     switch (node.kind) {
       case Kind::Bytes:
       case Kind::ByteArray: {
@@ -409,18 +414,18 @@ class PlainCopier {
         for (char c : node.text) values.push_back(graph_.integer(static_cast<unsigned char>(c)));
         return sequence(Kind::List, std::move(values), depth);
       }
-      case Kind::Tuple: return sequence(Kind::Tuple, node.items, depth);
+      case Kind::Tuple: return sequence(Kind::Tuple, {node.items.begin(), node.items.end()}, depth);
       case Kind::List:
       case Kind::Set:
-      case Kind::FrozenSet: return sequence(Kind::List, node.items, depth);
-      case Kind::Dict: return mapping(node.entries, depth);
-      case Kind::Global: return graph_.str(node.text + "." + node.name);
+      case Kind::FrozenSet: return sequence(Kind::List, {node.items.begin(), node.items.end()}, depth);
+      case Kind::Dict: return mapping({node.entries.begin(), node.entries.end()}, depth);
+      case Kind::Global: return graph_.str(fmt::format("{}.{}", node.text, node.name));
       case Kind::Object: return object(id, node, depth);
       default: return graph_.none();
     }
   }
 
-  NodeId object(NodeId id, const pickle::Node& node, int depth) {
+  NodeId object(NodeId id, const pickle::NodeView& node, int depth) {
     std::string name = class_name(graph_, id);
     if (is_qualified_name(name, py::kRebuildTensorV2) || is_qualified_name(name, py::kRebuildParameter)) return id;
     if (is_qualified_name(name, py::kTorchSize)) {
@@ -432,36 +437,35 @@ class PlainCopier {
     }
     if (is_omegaconf_container(name)) {
       NodeId content = graph_.attribute(id, "_content");
-      if (content != kNoNode && graph_[content].kind == Kind::Dict)
-        return mapping(graph_[content].entries, depth, true);
+      if (content != kNoNode && graph_[content].kind == Kind::Dict) return mapping(entries_of(content), depth, true);
       if (content != kNoNode && graph_[content].kind == Kind::List) {
-        std::vector<NodeId> items = graph_[content].items;
+        std::span<const NodeId> old = graph_[content].items;
+        std::vector<NodeId> items(old.begin(), old.end());
         for (NodeId& item : items) item = omegaconf_unwrap(graph_, item);
         return sequence(Kind::List, std::move(items), depth);
       }
       return graph_.none();  // a config set to None (or missing)
     }
-    if (!node.entries.empty()) return mapping(node.entries, depth);  // OrderedDict and other dict subclasses
-    if (node.state != kNoNode && graph_[node.state].kind == Kind::Dict)
-      return mapping(graph_[node.state].entries, depth);
+    if (!node.entries.empty()) return mapping(entries_of(id), depth);  // OrderedDict and other dict subclasses
+    if (node.state != kNoNode && graph_[node.state].kind == Kind::Dict) return mapping(entries_of(node.state), depth);
     // What protocol 2 pickles as a call: set([...]) and frozenset([...]) (a list),
     // bytes as _codecs.encode(text, 'latin1') (the list of byte values), and
     // any other call with arguments only (an Enum member: its value; complex:
     // (real, imag)) as its arguments.
-    const std::vector<NodeId>* args = node.args != kNoNode ? as_sequence(graph_, node.args) : nullptr;
-    if (args != nullptr && !args->empty() && node.state == kNoNode && node.items.empty()) {
+    std::optional<std::span<const NodeId>> args = node.args != kNoNode ? as_sequence(graph_, node.args) : std::nullopt;
+    if (args && !args->empty() && node.state == kNoNode && node.items.empty()) {
       std::string_view qualified = name;
       for (std::string_view module : {"builtins.", "__builtin__."}) {
         if (qualified.starts_with(module)) qualified.remove_prefix(module.size());
       }
       if ((qualified == "set" || qualified == "frozenset") && args->size() == 1) {
-        if (const std::vector<NodeId>* items = as_sequence(graph_, args->front())) {
-          return sequence(Kind::List, *items, depth);
+        if (auto items = as_sequence(graph_, args->front())) {
+          return sequence(Kind::List, {items->begin(), items->end()}, depth);
         }
       }
       if (name == "_codecs.encode" && graph_[args->front()].kind == Kind::Str) {
         std::vector<NodeId> values;
-        std::string text = graph_[args->front()].text;  // UTF-8 of code points below 256
+        std::string text(graph_[args->front()].text);  // UTF-8 of code points below 256
         for (std::size_t i = 0; i < text.size(); ++i) {
           auto byte = static_cast<unsigned char>(text[i]);
           if (byte >= 0xC0 && i + 1 < text.size()) {
@@ -472,7 +476,7 @@ class PlainCopier {
         return sequence(Kind::List, std::move(values), depth);
       }
       if (args->size() == 1) return copy(args->front(), depth);
-      return sequence(Kind::Tuple, *args, depth);
+      return sequence(Kind::Tuple, {args->begin(), args->end()}, depth);
     }
     return graph_.str(name.empty() ? "<object>" : name);
   }

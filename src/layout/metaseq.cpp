@@ -95,16 +95,16 @@ class MetadataReader {
     if (!value) fail(field, "expected an integer");
     return *value;
   }
-  const std::vector<NodeId>& sequence(NodeId id, const std::string& field) const {
-    const auto* items = as_sequence(graph_, id);
-    if (items == nullptr) fail(field, "expected a list");
+  std::span<const NodeId> sequence(NodeId id, const std::string& field) const {
+    auto items = as_sequence(graph_, id);
+    if (!items) fail(field, "expected a list");
     return *items;
   }
 
   FsdpMetadata read(NodeId metadata) {
     FsdpMetadata out;
     NodeId params = config_get(graph_, metadata, "param_metadata");
-    const auto& instances = sequence(params, "param_metadata");
+    std::span<const NodeId> instances = sequence(params, "param_metadata");
     for (std::size_t i = 0; i < instances.size(); ++i) {
       out.instances.push_back(read_instance(instances[i], fmt::format("param_metadata/{}", i)));
     }
@@ -126,15 +126,14 @@ class MetadataReader {
     NodeId shared = config_get(graph_, node, "shared_param_info");
     if (shared != kNoNode) {
       for (NodeId pair : sequence(shared, field + "/shared_param_info")) {
-        const auto& items = sequence(pair, field + "/shared_param_info");
+        std::span<const NodeId> items = sequence(pair, field + "/shared_param_info");
         if (items.size() != 2) fail(field + "/shared_param_info", "expected (src, dst) pairs");
         instance.shared_param_info.emplace_back(text(items[0], field), text(items[1], field));
       }
     }
     NodeId params = config_get(graph_, node, "params");
-    const auto* entries = graph_.mapping_entries(params);
-    if (entries == nullptr) fail(field + "/params", "expected a dict");
-    for (const auto& [key, value] : *entries) {
+    if (!graph_.is_mapping(params)) fail(field + "/params", "expected a dict");
+    for (const auto& [key, value] : graph_.mapping_entries(params)) {
       FlatParamMeta flat;
       flat.name = text(key, field + "/params");
       std::string where = field + "/params/" + flat.name;

@@ -116,9 +116,7 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
   file.role = parse_file_role(checkpoint.path());
   file.pickle_protocol = checkpoint.graph().protocol;
   const pickle::Graph& graph = checkpoint.graph();
-  if (const auto* entries = graph.mapping_entries(graph.root)) {
-    for (const auto& [k, v] : *entries) file.top_level_keys.push_back(key_label(graph, k));
-  }
+  for (const auto& [k, v] : graph.mapping_entries(graph.root)) file.top_level_keys.push_back(key_label(graph, k));
   std::unordered_map<pickle::NodeId, std::size_t> tensor_index;
   std::vector<ManifestTensor> tensors;
   tensors.reserve(checkpoint.tensors().size());

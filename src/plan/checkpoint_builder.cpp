@@ -17,12 +17,11 @@ CheckpointBuilder::CheckpointBuilder() = default;
 
 CheckpointBuilder::CheckpointBuilder(const Checkpoint& base)
     : base_(&base), graph_(pickle::Graph::over(base.shared_graph())) {
-  const auto* entries = graph_.mapping_entries(graph_.root);
-  if (entries == nullptr) {
+  if (!graph_.is_mapping(graph_.root)) {
     throw Error(Location{base.path(), base.pickle_record().name, std::nullopt},
                 "the checkpoint's top level is not a dict");
   }
-  for (const auto& [k, v] : *entries) {
+  for (const auto& [k, v] : graph_.mapping_entries(graph_.root)) {
     auto key = as_str(graph_, k);
     if (!key) throw Error(Location{base.path(), base.pickle_record().name, std::nullopt}, "non-string top-level key");
     top_level_.emplace_back(*key, v);
@@ -44,8 +43,8 @@ NodeId CheckpointBuilder::add_tensor(const OutputTensor& tensor) {
 
 NodeId CheckpointBuilder::parameter_state(const std::string& key) const {
   NodeId value = base_model_ == pickle::kNoNode ? pickle::kNoNode : graph_.lookup(base_model_, key);
-  const pickle::Node* cls = value == pickle::kNoNode ? nullptr : graph_.object_class(value);
-  if (cls != nullptr && is_global(*cls, py::kRebuildParameterWithState)) {
+  std::optional<pickle::NodeView> cls = value == pickle::kNoNode ? std::nullopt : graph_.object_class(value);
+  if (cls && is_global(*cls, py::kRebuildParameterWithState)) {
     const auto& args = graph_[graph_[value].args].items;
     if (args.size() == 4) return args[3];
   }
@@ -81,7 +80,7 @@ NodeId CheckpointBuilder::add_state_dict(const std::vector<OutputTensor>& tensor
     }
     by_name[tensor.name] = node;
     NodeId key = graph_.str(tensor.name);
-    graph_[dict].entries.emplace_back(key, node);
+    graph_.append_entry(dict, key, node);
   }
   return dict;
 }
@@ -95,16 +94,19 @@ void CheckpointBuilder::replace_tensor(NodeId node, const OutputTensor& tensor) 
       old_args.size() > 4 && graph_[old_args[4]].kind == pickle::Kind::Bool && graph_[old_args[4]].boolean;
   NodeId fresh = ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key, requires_grad);
   // Keep the node id (and so every reference), take the fresh node's contents.
-  graph_[node].callable = graph_[fresh].callable;
-  graph_[node].args = graph_[fresh].args;
-  graph_[node].op = pickle::ObjectOp::Reduce;
+  pickle::Node updated = graph_[node].copy();
+  updated.callable = graph_[fresh].callable;
+  updated.args = graph_[fresh].args;
+  updated.op = pickle::ObjectOp::Reduce;
+  graph_.replace(node, updated);
 }
 
 bool CheckpointBuilder::set_entry(NodeId mapping, std::string_view key, NodeId value) {
   if (mapping >= graph_.size()) return false;
-  for (auto& [k, v] : graph_[mapping].entries) {
-    if (graph_.is_str(k, key)) {
-      v = value;
+  std::span<const pickle::Entry> entries = graph_.mapping_entries(mapping);
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    if (graph_.is_str(entries[i].first, key)) {
+      graph_.set_entry_value(mapping, i, value);
       return true;
     }
   }
@@ -156,7 +158,7 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   pickle::Node root;
   root.kind = pickle::Kind::Dict;
   if (base_ != nullptr && graph_[base_->graph().root].kind == pickle::Kind::Object) {
-    root = graph_[base_->graph().root];
+    root = graph_[base_->graph().root].copy();
     root.entries.clear();
   }
   for (const auto& [name, node] : top_level_) root.entries.emplace_back(graph_.str(name), node);

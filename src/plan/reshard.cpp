@@ -54,17 +54,17 @@ void rewrite_metadata(CheckpointBuilder& builder, const Checkpoint& base, const 
   pickle::Graph& graph = builder.graph();
   NodeId metadata = builder.top_level("shard_metadata");
   NodeId instances = config_get(graph, metadata, "param_metadata");
-  const auto* list = as_sequence(graph, instances);
+  auto list = as_sequence(graph, instances);
   auto fail = [&](const std::string& message) {
     return Error(Location{base.path(), "shard_metadata", std::nullopt}, message);
   };
-  if (list == nullptr) throw fail("no param_metadata list");
+  if (!list) throw fail("no param_metadata list");
   for (const FlatShard& flat : flats) {
     if (flat.instance >= list->size()) throw fail("fewer instances than the input's first file");
     NodeId params = config_get(graph, (*list)[flat.instance], "params");
-    const auto* entries = graph.mapping_entries(params);
-    if (entries == nullptr || flat.flat_param >= entries->size()) throw fail("params do not match the first file's");
-    NodeId entry = (*entries)[flat.flat_param].second;
+    std::span<const pickle::Entry> entries = graph.mapping_entries(params);
+    if (flat.flat_param >= entries.size()) throw fail("params do not match the first file's");
+    NodeId entry = entries[flat.flat_param].second;
     std::vector<NodeId> shapes;
     for (const auto& shape : flat.shapes) shapes.push_back(add_torch_size(graph, shape));
     bool ok = builder.set_entry(entry, "shapes", add_list(graph, std::move(shapes))) &&
@@ -422,10 +422,8 @@ void build_flat_model(Output& output, const FsdpMetadata& layout, const std::vec
 void replace_step(Output& output, const OptimizerStep& step) {
   pickle::Graph& graph = output.builder.graph();
   pickle::NodeId frame = output.builder.top_level(std::string(kOptimizerStateKey));
-  const auto* states = graph.mapping_entries(graph.lookup(frame, "state"));
-  if (states == nullptr) return;
   std::vector<pickle::NodeId> dicts;
-  for (const auto& [key, state] : *states) dicts.push_back(state);
+  for (const auto& [key, state] : graph.mapping_entries(graph.lookup(frame, "state"))) dicts.push_back(state);
   for (pickle::NodeId state : dicts) {
     pickle::NodeId value = step.tensor ? output.builder.add_tensor(*step.tensor) : graph.integer(step.value);
     if (!output.builder.set_entry(state, "step", value)) {

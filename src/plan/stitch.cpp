@@ -109,16 +109,18 @@ void set_parameter_states(CheckpointBuilder& builder, const std::vector<OutputTe
   };
   pickle::NodeId frame = builder.top_level(std::string(kOptimizerStateKey));
   pickle::NodeId state = frame == pickle::kNoNode ? pickle::kNoNode : graph.lookup(frame, "state");
-  const auto* entries = state == pickle::kNoNode ? nullptr : graph.mapping_entries(state);
-  const auto* first = entries == nullptr || entries->empty() ? nullptr : graph.mapping_entries(entries->front().second);
-  if (first == nullptr) throw fail(std::string(kOptimizerStateKey) + "/state", "not a dict of per-parameter dicts");
-  const std::vector<std::pair<pickle::NodeId, pickle::NodeId>> frame_entries = *first;  // copied: nodes are added below
-  const auto* groups = as_sequence(graph, graph.lookup(frame, "param_groups"));
-  if (groups == nullptr || groups->size() != 1) {
+  std::span<const pickle::Entry> entries = graph.mapping_entries(state);
+  if (entries.empty() || !graph.is_mapping(entries.front().second)) {
+    throw fail(std::string(kOptimizerStateKey) + "/state", "not a dict of per-parameter dicts");
+  }
+  std::span<const pickle::Entry> first = graph.mapping_entries(entries.front().second);
+  const std::vector<pickle::Entry> frame_entries(first.begin(), first.end());
+  auto groups = as_sequence(graph, graph.lookup(frame, "param_groups"));
+  if (!groups || groups->size() != 1) {
     throw fail(std::string(kOptimizerStateKey) + "/param_groups",
                fmt::format("{} param groups: which parameters each holds is not recorded per parameter, so only "
                            "one group can be written",
-                           groups == nullptr ? 0 : groups->size()));
+                           groups ? groups->size() : 0));
   }
   const pickle::NodeId group = groups->front();
   std::map<std::string, std::map<std::string, const NamedTensor*>> by_state;  // state -> parameter -> tensor

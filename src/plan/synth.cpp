@@ -237,15 +237,14 @@ Plan plan_synth(const SynthOptions& options, const std::string& directory) {
                                                    {"ddp_backend", graph.str("fully_sharded")}})}});
       builder.set_top_level("cfg", cfg);
       NodeId state_dict = add_ordered_dict(graph);
-      // (Keys and values are made first: adding nodes may move the arena.)
       for (std::size_t k = 0; k < flats.size(); ++k) {
         NodeId key = graph.str(flats[k].state_key);
         NodeId value = builder.add_tensor({flats[k].state_key, options.dtype, flats[k].source, std::nullopt});
-        graph[state_dict].entries.emplace_back(key, value);
+        graph.append_entry(state_dict, key, value);
         if (k == 0) {  // the root's buffers follow its flat parameter, as in module order
           NodeId buffer_key = graph.str("decoder.version");
           NodeId buffer = builder.add_inline_tensor(DType::Float32, {1}, version);
-          graph[state_dict].entries.emplace_back(buffer_key, buffer);
+          graph.append_entry(state_dict, buffer_key, buffer);
         }
       }
       builder.set_top_level("model", state_dict);

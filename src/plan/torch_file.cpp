@@ -96,10 +96,12 @@ std::vector<PlannedStorage> carry_storages(pickle::Graph& graph, const Checkpoin
     }
     // A fresh id tuple: the old one's nodes may be shared with other values.
     pickle::NodeId old_tuple = graph[id].callable;
-    std::vector<pickle::NodeId> items = graph[old_tuple].items;
+    std::span<const pickle::NodeId> old_items = graph[old_tuple].items;
+    std::vector<pickle::NodeId> items(old_items.begin(), old_items.end());
     items[2] = graph.str(it->second);
-    pickle::NodeId fresh = graph.tuple(std::move(items));
-    graph[id].callable = fresh;
+    pickle::Node persid = graph[id].copy();
+    persid.callable = graph.tuple(items);
+    graph.replace(id, persid);
   }
   return out;
 }

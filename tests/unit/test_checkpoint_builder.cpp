@@ -115,7 +115,7 @@ TEST_SUITE("CheckpointBuilder") {
       std::memcpy(three.data(), &value, 4);
       NodeId version_key = graph.str("version");
       NodeId version = builder.add_inline_tensor(DType::Float32, {1}, three);
-      graph[state_dict].entries.emplace_back(version_key, version);
+      graph.append_entry(state_dict, version_key, version);
       builder.set_top_level("model", state_dict);
       builder.drop_top_level("extra");
       builder.set_model_parallel_size(1);
@@ -236,7 +236,7 @@ TEST_SUITE("CheckpointBuilder") {
       NodeId attributes = dict(graph, {{"partition_dim", graph.integer(0)}});
       NodeId s = ckpt::add_parameter(graph, tensor(false), false, attributes);
       NodeId root = ckpt::add_ordered_dict(graph);
-      graph[root].entries.emplace_back(graph.str("model"), dict(graph, {{"p", p}, {"t", t}, {"s", s}}));
+      graph.append_entry(root, graph.str("model"), dict(graph, {{"p", p}, {"t", t}, {"s", s}}));
       graph.root = root;
       ckpt::Plan plan;
       plan.files.push_back(ckpt::plan_torch_file(base_path, "base", graph, std::move(storages)));
@@ -289,7 +289,7 @@ TEST_SUITE("CheckpointBuilder") {
     CHECK(ckpt::class_name(out.graph(), out.graph().root) == "collections.OrderedDict");
     const ckpt::pickle::Graph& graph = out.graph();
     NodeId s = graph.lookup(graph.lookup(graph.root, "model"), "s");
-    NodeId state = graph[graph[s].args].items.at(3);  // _rebuild_parameter_with_state(data, rg, hooks, state)
+    NodeId state = graph[graph[s].args].items[3];  // _rebuild_parameter_with_state(data, rg, hooks, state)
     CHECK(ckpt::as_int(graph, graph.lookup(state, "partition_dim")) == 0);
   }
 

@@ -184,7 +184,6 @@ struct MappingKey {
   std::string text;
   std::string label;
 };
-std::vector<MappingKey> mapping_keys(const pickle::Graph& graph,
-                                     const std::vector<std::pair<pickle::NodeId, pickle::NodeId>>& entries);
+std::vector<MappingKey> mapping_keys(const pickle::Graph& graph, std::span<const pickle::Entry> entries);
 
 }  // namespace ckpt

@@ -9,19 +9,25 @@
 // OmegaConf configs and classes that only the training code defines come through
 // as data.
 //
-// The graph keeps sharing and cycles: nodes live in an arena and refer to each
-// other by index, and the memo maps to node ids. A node never moves once added,
-// so a reference to one stays valid while more are added (builders hold one
-// across appends: a growing vector freed them under the caller, issue 24). Containers (and objects) are
-// created empty and filled afterwards, exactly as the pickle stream does, which is
-// what lets an OmegaConf child point back at a parent that is still being built.
+// The graph keeps sharing and cycles: nodes refer to each other by id, and the
+// memo maps to node ids. Containers (and objects) are created empty and filled
+// afterwards, exactly as the pickle stream does, which is what lets an OmegaConf
+// child point back at a parent that is still being built.
+//
+// A graph is compact, since a state dict of 200,000 tensors is some two million
+// nodes: a node is a 16-byte slot, its text and a tuple's items are copied once
+// into blocks that never move, and only mutable containers and objects own a
+// growable record. Readers get a NodeView by value (graph[id]); writers add a
+// Node (a plain value) and change containers through the graph's methods, so no
+// reference into the graph is ever held across a change (issue 24's segfault).
 #pragma once
 
-#include <bit>
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -55,15 +61,18 @@ enum class Kind : std::uint8_t {
 
 enum class ObjectOp : std::uint8_t { Reduce, NewObj, NewObjEx };
 
+using Entry = std::pair<NodeId, NodeId>;  // a dict's key and value
+
+// A node as a value: what Graph::add takes, and NodeView::copy() gives.
 struct Node {
   Kind kind = Kind::None;
   bool boolean = false;
   std::int64_t integer = 0;
   double real = 0.0;
-  std::string text;                                // Str, Bytes, ByteArray, BigInt bytes, Global module
-  std::string name;                                // Global name
-  std::vector<NodeId> items;                       // Tuple/List/Set elements; Object APPENDs
-  std::vector<std::pair<NodeId, NodeId>> entries;  // Dict entries; Object SETITEMs
+  std::string text;            // Str, Bytes, ByteArray, BigInt bytes, Global module
+  std::string name;            // Global name
+  std::vector<NodeId> items;   // Tuple/List/Set/FrozenSet elements; Object APPENDs
+  std::vector<Entry> entries;  // Dict entries; Object SETITEMs
   // Object: callable (REDUCE) or class (NEWOBJ) and argument tuple, NEWOBJ_EX
   // keyword dict, and the BUILD state. PersId: `callable` is the id.
   ObjectOp op = ObjectOp::Reduce;
@@ -73,72 +82,54 @@ struct Node {
   NodeId state = kNoNode;
 };
 
-// The nodes of a graph in blocks that are never reallocated.
-class NodeArena {
- public:
-  NodeArena() = default;
-  NodeArena(const NodeArena& other);
-  NodeArena& operator=(const NodeArena& other);
-  NodeArena(NodeArena&&) noexcept = default;
-  NodeArena& operator=(NodeArena&&) noexcept = default;
-  ~NodeArena() = default;
+// A node as the graph holds it, the same fields as views: text, items and
+// entries stay valid while the graph lives, until that very node is changed.
+struct NodeView {
+  Kind kind = Kind::None;
+  bool boolean = false;
+  std::int64_t integer = 0;
+  double real = 0.0;
+  std::string_view text;
+  std::string_view name;
+  std::span<const NodeId> items;
+  std::span<const Entry> entries;
+  ObjectOp op = ObjectOp::Reduce;
+  NodeId callable = kNoNode;
+  NodeId args = kNoNode;
+  NodeId kwargs = kNoNode;
+  NodeId state = kNoNode;
 
-  std::size_t size() const { return size_; }
-  NodeId push_back(Node node);
-  // Checked: an id past the end throws std::out_of_range.
-  Node& at(NodeId id) { return const_cast<Node&>(std::as_const(*this).at(id)); }
-  const Node& at(NodeId id) const {
-    if (id >= size_) out_of_range();
-    Slot slot = slot_of(id);
-    return blocks_[slot.block][slot.offset];
-  }
-
- private:
-  // Node `id` is element `offset` of block `block`. Blocks 0..kDoublings-1
-  // hold 64 << b nodes each, so a small graph stays small; every later block
-  // holds as many as the last of them, so a large one wastes at most one block.
-  static constexpr unsigned kFirstBlockBits = 6;
-  static constexpr unsigned kDoublings = 8;
-  static constexpr std::uint64_t kDoubledNodes = ((std::uint64_t{1} << kDoublings) - 1) << kFirstBlockBits;
-  static constexpr unsigned kLastBlockBits = kFirstBlockBits + kDoublings - 1;
-  struct Slot {
-    std::size_t block;
-    std::size_t offset;
-  };
-  static Slot slot_of(std::uint64_t id) {
-    if (id >= kDoubledNodes) {
-      std::uint64_t past = id - kDoubledNodes;
-      return {kDoublings + static_cast<std::size_t>(past >> kLastBlockBits),
-              static_cast<std::size_t>(past & ((std::uint64_t{1} << kLastBlockBits) - 1))};
-    }
-    std::uint64_t shifted = id + (std::uint64_t{1} << kFirstBlockBits);
-    auto block = static_cast<std::size_t>(std::bit_width(shifted)) - 1 - kFirstBlockBits;
-    return {block, static_cast<std::size_t>(shifted - (std::uint64_t{1} << (block + kFirstBlockBits)))};
-  }
-  static std::size_t block_nodes(std::size_t block) {
-    return std::size_t{1} << (kFirstBlockBits + (block < kDoublings ? block : kDoublings - 1));
-  }
-  [[noreturn]] static void out_of_range();
-
-  std::vector<std::unique_ptr<Node[]>> blocks_;
-  std::size_t size_ = 0;
+  Node copy() const;
 };
 
 class Graph {
  public:
-  Graph() = default;
+  Graph();
+  Graph(Graph&&) noexcept;
+  Graph& operator=(Graph&&) noexcept;
+  Graph(const Graph&) = delete;  // nodes point into the graph's own blocks
+  Graph& operator=(const Graph&) = delete;
+  ~Graph();
+
   // A graph that starts as `base`, which it shares and never changes: nodes
   // added get the ids after base's, and a node of base is copied on its first
-  // non-const access. What lets an output checkpoint be an edited copy of an
-  // input without copying the input's graph (the 200,000 tensors of the state
-  // dict it replaces among them).
+  // change. What lets an output checkpoint be an edited copy of an input
+  // without copying the input's graph (the 200,000 tensors of the state dict it
+  // replaces among them).
   static Graph over(std::shared_ptr<const Graph> base);
 
-  NodeId add(Node node);
+  NodeId add(const Node& node);
   // Checked: an id past the end throws std::out_of_range.
-  Node& operator[](NodeId id) { return id >= base_size_ ? nodes_.at(id - base_size_) : edit(id); }
-  const Node& operator[](NodeId id) const { return id >= base_size_ ? nodes_.at(id - base_size_) : base_node(id); }
-  std::size_t size() const { return base_size_ + nodes_.size(); }
+  NodeView operator[](NodeId id) const;
+  std::size_t size() const;
+
+  // Changes. A Tuple or FrozenSet is immutable in Python, but replace() may
+  // rewrite one (a shape in metadata being cut).
+  void append_item(NodeId container, NodeId item);                // List, Set, Object
+  void append_entry(NodeId container, NodeId key, NodeId value);  // Dict, Object
+  void set_entry_value(NodeId container, std::size_t index, NodeId value);
+  void set_state(NodeId object, NodeId state);
+  void replace(NodeId id, const Node& node);
 
   // Values: None, a bool, a small int, a global and the empty tuple are one
   // node each, however often they are asked for (the pickler never memoises
@@ -154,15 +145,24 @@ class Graph {
   // ("storage", "cpu").
   NodeId str(std::string_view value);
   NodeId constant_str(std::string_view value);
-  NodeId tuple(std::vector<NodeId> items);
+  NodeId tuple(std::span<const NodeId> items);
+  NodeId tuple(std::initializer_list<NodeId> items) {
+    return tuple(std::span<const NodeId>(items.begin(), items.size()));
+  }
+  // A new node of text (Str, Bytes, ByteArray, BigInt), or of items (Tuple,
+  // FrozenSet, List, Set; a Dict empty): what the decoder adds most.
+  NodeId add_text(Kind kind, std::string_view value);
+  NodeId add_items(Kind kind, std::span<const NodeId> items);
 
   // Queries on decoded data.
   bool is_str(NodeId id, std::string_view value) const;
   bool is_global(NodeId id, std::string_view module, std::string_view name) const;
   // The global an Object was built from (REDUCE callable or NEWOBJ class), if any.
-  const Node* object_class(NodeId id) const;
-  // Key/value pairs of a Dict, or of an Object's SETITEMs (OrderedDict).
-  const std::vector<std::pair<NodeId, NodeId>>* mapping_entries(NodeId id) const;
+  std::optional<NodeView> object_class(NodeId id) const;
+  // Key/value pairs of a Dict, or of an Object's SETITEMs (OrderedDict); empty
+  // for any other node.
+  std::span<const Entry> mapping_entries(NodeId id) const;
+  bool is_mapping(NodeId id) const;
   // Value under a string key in a dict-like node, or kNoNode.
   NodeId lookup(NodeId mapping, std::string_view key) const;
   // The instance dict an object's BUILD state holds (the state itself, or the
@@ -176,19 +176,19 @@ class Graph {
   int protocol = 2;  // highest PROTO seen when decoding
 
  private:
-  Node& edit(NodeId id);
-  const Node& base_node(NodeId id) const;
+  struct Storage;
+  struct Slot;
+  const Slot& slot(NodeId id) const;
+  Slot& own_slot(NodeId id);  // this graph's copy of the slot, made on the first change
+  NodeId interned(NodeId& slot, const Node& node);
 
   std::shared_ptr<const Graph> base_;  // nodes [0, base_size_), unless edited here
   NodeId base_size_ = 0;
-  std::vector<NodeId> edited_index_;  // per base node: its copy in edited_, or kNoNode; empty until the first edit
-  NodeArena edited_;
-  NodeArena nodes_;  // ids from base_size_
+  std::unique_ptr<Storage> storage_;
 
   // The interned values (none(), integer(), ...), made on first use.
   static constexpr std::int64_t kFirstInterned = -16;
   static constexpr std::int64_t kInternedInts = 1024 + 16;
-  NodeId interned(NodeId& slot, Node node);
   std::vector<NodeId> small_ints_;
   NodeId none_ = kNoNode;
   NodeId true_ = kNoNode;

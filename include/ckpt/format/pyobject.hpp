@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -31,7 +32,7 @@ std::optional<std::string> as_str(const pickle::Graph& graph, pickle::NodeId id)
 // A tuple, list or torch.Size of ints.
 std::optional<std::vector<std::int64_t>> as_int_list(const pickle::Graph& graph, pickle::NodeId id);
 // Elements of a list or tuple; nullptr for anything else.
-const std::vector<pickle::NodeId>* as_sequence(const pickle::Graph& graph, pickle::NodeId id);
+std::optional<std::span<const pickle::NodeId>> as_sequence(const pickle::Graph& graph, pickle::NodeId id);
 
 // JSON rendering for people and manifests. Scalars map to JSON scalars; lists
 // and tuples to arrays; string- or int-keyed mappings (dict, OrderedDict) to

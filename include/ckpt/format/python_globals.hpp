@@ -51,7 +51,7 @@ inline constexpr std::string_view kOmegaConfNodesModule = "omegaconf.nodes";
 }  // namespace py
 
 // `node` is the global `g`, module and name exactly.
-inline bool is_global(const pickle::Node& node, PyGlobal g) {
+inline bool is_global(const pickle::NodeView& node, PyGlobal g) {
   return node.kind == pickle::Kind::Global && node.text == g.module && node.name == g.name;
 }
 
