@@ -53,10 +53,10 @@ Summary summarize(const Manifest& manifest) {
     const auto& [list, files] = entry;
     std::set<std::string_view> storages;
     DistinctViews views;
-    for (const ManifestTensor& t : *list) {
+    for (const StoredTensor& t : *list) {
       if (t.alias_of || !views.insert(t)) continue;  // tied: the same tensor
       for (ByteCounts* counts :
-           {&summary.by_dtype[std::string(dtype_info(t.dtype).name)], &summary.by_section[t.section()]}) {
+           {&summary.by_dtype[std::string(dtype_info(t.dtype).name)], &summary.by_section[tensor_section(t)]}) {
         counts->tensors += files;
         counts->tensor_bytes += t.numel() * dtype_info(t.dtype).itemsize * files;
         if (!storages.contains(t.storage_key)) counts->storage_bytes += t.storage_nbytes * files;
@@ -124,7 +124,7 @@ class TreePrinter {
       if (item.value().is_object() && item.value().contains("$tensor")) {
         ++tensors;
         std::size_t index = item.value()["$tensor"].get<std::size_t>();
-        const ManifestTensor& t = file_.tensors.at(index);
+        const StoredTensor& t = file_.tensors.at(index);
         if (distinct.insert(index).second) tensor_bytes += t.numel() * dtype_info(t.dtype).itemsize;
       }
     }
@@ -154,7 +154,7 @@ class TreePrinter {
 
   std::optional<std::string> tensor_text(const json& node) const {
     if (!node.is_object() || !node.contains("$tensor")) return std::nullopt;
-    const ManifestTensor& t = file_.tensors.at(node["$tensor"].get<std::size_t>());
+    const StoredTensor& t = file_.tensors.at(node["$tensor"].get<std::size_t>());
     return fmt::format("tensor {} {}", dtype_info(t.dtype).name, shape_text(t.shape));
   }
 
@@ -266,7 +266,7 @@ bool is_training(const Manifest& manifest) {
   return manifest.files.empty() || is_training_checkpoint(manifest.files[0]);
 }
 
-bool selected(const InspectRequest& request, const ManifestTensor& t) {
+bool selected(const InspectRequest& request, const StoredTensor& t) {
   return request.filter == nullptr || std::regex_search(t.path, *request.filter);
 }
 
@@ -327,7 +327,7 @@ void print_tensor_table(const Manifest& manifest, const InspectRequest& request,
   out << fmt::format("{:<60} {:<9} {:<18} {:>10}  {}\n", "tensor", "dtype", "shape", "bytes", "file @ offset");
   for (const ManifestFile& file : manifest.files) {
     std::string name = printable(std::filesystem::path(file.path).filename().string());
-    for (const ManifestTensor& t : file.tensors) {
+    for (const StoredTensor& t : file.tensors) {
       if (!selected(request, t)) continue;
       out << fmt::format("{:<60} {:<9} {:<18} {:>10}  {} @ 0x{:x}\n", printable(t.path), dtype_info(t.dtype).name,
                          shape_text(t.shape), t.nbytes, name, file.place(t).file_byte_offset);
@@ -338,7 +338,7 @@ void print_tensor_table(const Manifest& manifest, const InspectRequest& request,
 json tensor_list_json(const Manifest& manifest, const InspectRequest& request) {
   json list = json::array();
   for (const ManifestFile& file : manifest.files) {
-    for (const ManifestTensor& t : file.tensors) {
+    for (const StoredTensor& t : file.tensors) {
       if (!selected(request, t)) continue;
       list.push_back({{"file", file.path},
                       {"path", t.path},

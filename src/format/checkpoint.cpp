@@ -1,6 +1,8 @@
 // Opening a torch.save file: archive name, pickle, storages and tensor references.
 #include "ckpt/format/checkpoint.hpp"
 
+#include <numeric>
+
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/error.hpp"
 
@@ -20,12 +22,6 @@ namespace ckpt {
 using pickle::Graph;
 using pickle::Kind;
 using pickle::NodeId;
-
-std::uint64_t TensorRef::numel() const {
-  std::uint64_t count = 1;
-  for (std::int64_t dim : shape) count *= static_cast<std::uint64_t>(dim);
-  return count;
-}
 
 ViewExtent view_extent(const std::vector<std::int64_t>& shape, const std::vector<std::int64_t>& stride,
                        std::uint64_t itemsize) {
@@ -50,16 +46,6 @@ ViewExtent view_extent(const std::vector<std::int64_t>& shape, const std::vector
   (void)checked_mul(extent.numel, itemsize, "tensor bytes");
   (void)checked_mul(extent.span_elements, itemsize, "tensor span");
   return extent;
-}
-
-bool TensorRef::is_contiguous() const {
-  if (numel() == 0) return true;
-  std::uint64_t expected = 1;  // numel() fits: Checkpoint checked it when it read the tensor
-  for (std::size_t i = shape.size(); i-- > 0;) {
-    if (shape[i] != 1 && static_cast<std::uint64_t>(stride[i]) != expected) return false;
-    expected *= static_cast<std::uint64_t>(shape[i]);
-  }
-  return true;
 }
 
 std::string escape_label(std::string_view label) {
@@ -439,11 +425,9 @@ Checkpoint::Checkpoint(const MappedFile& file, ZipArchive zip, const Checkpoint&
     storages_.emplace(key, std::move(bound));
   }
   tensors_ = same_pickle.tensors_;
-  for (TensorRef& tensor : tensors_) {
-    const StorageRef& storage = storages_.at(tensor.storage_key);
-    tensor.file_byte_offset = storage.record->data_offset +
-                              static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(storage.dtype).itemsize;
-  }
+  nodes_ = same_pickle.nodes_;
+  places_.reserve(tensors_.size());
+  for (const StoredTensor& tensor : tensors_) places_.push_back(place_of(tensor));
 }
 
 void Checkpoint::collect_storages() {
@@ -507,17 +491,19 @@ void Checkpoint::collect_tensors() {
                             "(tensor.to_dense() before torch.save)",
                             sparse->second));
   }
-  std::unordered_map<std::string, std::size_t> rank;
+  std::vector<StoredTensor> tensors;
+  std::vector<TensorNodes> nodes;
+  std::vector<std::size_t> rank;  // per tensor: the order of its path in the walk
   for (NodeId id = 0; id < graph().size(); ++id) {
     if (!is_rebuild_tensor(graph(), id)) continue;
-    TensorRef tensor;
-    tensor.node = id;
+    StoredTensor tensor;
+    TensorNodes tensor_nodes{id, pickle::kNoNode};
     auto found = paths.find(id);
     tensor.path = found != paths.end() ? found->second.second : fmt::format("<unreachable #{}>", id);
     auto bad = [&](const std::string& message, ErrorKind kind = ErrorKind::BadInput) {
       return Error(kind, Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt}, message);
     };
-    rank[tensor.path] = found != paths.end() ? found->second.first : SIZE_MAX;
+    rank.push_back(found != paths.end() ? found->second.first : SIZE_MAX);
     const auto& args = graph()[graph()[id].args].items;
     if (args.size() < 4) throw bad("_rebuild_tensor_v2 with fewer than 4 arguments");
     auto sid = parse_storage_id(graph(), args[0]);
@@ -548,7 +534,7 @@ void Checkpoint::collect_tensors() {
     if (auto wrapper = wrappers.find(id); wrapper != wrappers.end()) {
       // _rebuild_parameter(data, requires_grad, backward_hooks[, state]): the parameter's flag is what torch sees.
       const auto& wrapper_args = graph()[graph()[wrapper->second].args].items;
-      tensor.wrapper = wrapper->second;
+      tensor_nodes.wrapper = wrapper->second;
       tensor.wrap = parameter_wrap(graph(), wrapper->second);
       tensor.requires_grad =
           wrapper_args.size() > 1 && graph()[wrapper_args[1]].kind == Kind::Bool && graph()[wrapper_args[1]].boolean;
@@ -557,13 +543,14 @@ void Checkpoint::collect_tensors() {
       throw Error(Location{path(), storage.record->name + " (" + tensor.path + ")", storage.record->data_offset},
                   fmt::format("tensor reaches element {} of a storage of {} elements", last, storage.numel));
     }
-    tensor.file_byte_offset = storage.record->data_offset + static_cast<std::uint64_t>(*offset) * itemsize;
     tensor.nbytes = extent.span_elements * itemsize;
-    tensors_.push_back(std::move(tensor));
+    tensor.storage_nbytes = storage.numel * itemsize;  // storage_record checked the record holds it
+    tensors.push_back(std::move(tensor));
+    nodes.push_back(tensor_nodes);
   }
   // Tied weights: the same tensor object under a second path.
   std::unordered_map<NodeId, std::size_t> by_node;
-  for (std::size_t i = 0; i < tensors_.size(); ++i) by_node.emplace(tensors_[i].node, i);
+  for (std::size_t i = 0; i < tensors.size(); ++i) by_node.emplace(nodes[i].node, i);
   for (const auto& [id, position, alias_path] : repeats) {
     NodeId tensor_node = id;
     // nn.Parameter wraps its tensor: an alias of the wrapper is an alias of the tensor.
@@ -573,26 +560,32 @@ void Checkpoint::collect_tensors() {
     }
     auto it = by_node.find(tensor_node);
     if (it == by_node.end()) continue;
-    TensorRef alias = tensors_[it->second];
+    StoredTensor alias = tensors[it->second];
     alias.alias_of = alias.path;
     alias.path = alias_path;
-    rank[alias.path] = position;
-    tensors_.push_back(std::move(alias));
+    rank.push_back(position);
+    tensors.push_back(std::move(alias));
+    nodes.push_back(nodes[it->second]);
   }
   // Sorted by rank through an index: looking a path up per comparison cost
   // more than the rest of reading a file of 200,000 tensors.
-  std::vector<std::pair<std::size_t, std::size_t>> order_of;  // (rank, index)
-  order_of.reserve(tensors_.size());
-  for (std::size_t i = 0; i < tensors_.size(); ++i) order_of.emplace_back(rank[tensors_[i].path], i);
-  std::stable_sort(order_of.begin(), order_of.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  std::vector<TensorRef> sorted;
-  sorted.reserve(tensors_.size());
-  for (const auto& [_, index] : order_of) sorted.push_back(std::move(tensors_[index]));
-  tensors_ = std::move(sorted);
+  std::vector<std::size_t> by_rank(tensors.size());
+  std::iota(by_rank.begin(), by_rank.end(), 0);
+  std::stable_sort(by_rank.begin(), by_rank.end(), [&](std::size_t a, std::size_t b) { return rank[a] < rank[b]; });
+  std::vector<StoredTensor> sorted;
+  sorted.reserve(tensors.size());
+  nodes_.reserve(tensors.size());
+  for (std::size_t index : by_rank) {
+    sorted.push_back(std::move(tensors[index]));
+    nodes_.push_back(nodes[index]);
+  }
+  tensors_ = TensorList(std::move(sorted));
+  places_.reserve(tensors_.size());
+  for (const StoredTensor& tensor : tensors_) places_.push_back(place_of(tensor));
   // A path names one tensor (in the manifest, in state dicts, in a diff of two
   // files): a tensor at a path cut at its bound has no name.
   std::unordered_set<std::string_view> seen;
-  for (const TensorRef& tensor : tensors_) {
+  for (const StoredTensor& tensor : tensors_) {
     if (tensor.path.ends_with(kCutPathLabel) || !seen.insert(tensor.path).second) {
       throw Error(Location{path(), pickle_record_->name + " (" + tensor.path + ")", std::nullopt},
                   "a tensor whose object path is longer than 1024 bytes (keys too long or nested too deep)");
@@ -600,11 +593,16 @@ void Checkpoint::collect_tensors() {
   }
 }
 
-const TensorRef* Checkpoint::find_tensor(std::string_view tensor_path) const {
-  for (const TensorRef& tensor : tensors_) {
-    if (tensor.path == tensor_path) return &tensor;
-  }
-  return nullptr;
+const StoredTensor* Checkpoint::find_tensor(std::string_view tensor_path) const {
+  std::optional<std::size_t> index = tensors_.find(tensor_path);
+  return index ? &tensors_[*index] : nullptr;
+}
+
+TensorPlace Checkpoint::place_of(const StoredTensor& tensor) const {
+  const StorageRef& storage = storages_.at(tensor.storage_key);
+  return {storage.record->data_offset +
+              static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(storage.dtype).itemsize,
+          storage.record->crc32};
 }
 
 }  // namespace ckpt

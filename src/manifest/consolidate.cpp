@@ -16,7 +16,7 @@
 
 namespace ckpt {
 
-TensorSource source_of(const ManifestTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file) {
+TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file) {
   TensorSource out;
   out.dtype = tensor.dtype;
   out.shape = tensor.shape;
@@ -57,10 +57,10 @@ TensorSource source_of(const ManifestTensor& tensor, std::uint64_t file_byte_off
   }
 }
 
-std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(const ManifestFile& file,
-                                                                              const std::string& prefix) {
-  std::vector<std::pair<std::string, const ManifestTensor*>> out;
-  for (const ManifestTensor& tensor : file.tensors) {
+std::vector<std::pair<std::string, const StoredTensor*>> state_dict_tensors(const ManifestFile& file,
+                                                                            const std::string& prefix) {
+  std::vector<std::pair<std::string, const StoredTensor*>> out;
+  for (const StoredTensor& tensor : file.tensors) {
     if (tensor.path.rfind(prefix, 0) != 0) continue;
     std::string_view label = std::string_view(tensor.path).substr(prefix.size());
     if (label.find('/') == std::string_view::npos) out.emplace_back(unescape_label(label), &tensor);
@@ -68,7 +68,7 @@ std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(co
   return out;
 }
 
-bool is_buffer(const std::string& key, const ManifestTensor& tensor, const FsdpMetadata* fsdp) {
+bool is_buffer(const std::string& key, const StoredTensor& tensor, const FsdpMetadata* fsdp) {
   if (!dtype_info(tensor.dtype).floating) return true;
   if (key.ends_with(".version") || key == "version" || key.ends_with("._float_tensor")) return true;
   return fsdp != nullptr &&
@@ -79,14 +79,14 @@ namespace {
 
 // A tensor inside a container inside the state dict ("model/a/b"), which a
 // state dict (flat: key -> tensor) cannot hold; null when there is none.
-const ManifestTensor* nested_tensor(const ManifestFile& file, const std::string& prefix) {
-  for (const ManifestTensor& tensor : file.tensors) {
+const StoredTensor* nested_tensor(const ManifestFile& file, const std::string& prefix) {
+  for (const StoredTensor& tensor : file.tensors) {
     if (tensor.path.rfind(prefix, 0) == 0 && tensor.path.find('/', prefix.size()) != std::string::npos) return &tensor;
   }
   return nullptr;
 }
 
-TensorKind kind_of(const ManifestTensor& tensor) {
+TensorKind kind_of(const StoredTensor& tensor) {
   return {tensor.wrap, tensor.requires_grad};
 }
 
@@ -131,7 +131,7 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
                                shard.fsdp->instances[i].flat_params[j].names != flat.names)) {
           throw fail(fmt::format("shard_metadata differs from {} (shards of different checkpoints?)", first.path));
         }
-        const ManifestTensor* tensor = find_tensor(shard, path);
+        const StoredTensor* tensor = find_tensor(shard, path);
         if (tensor == nullptr) throw fail("flat parameter missing from this shard");
         if (flat_dtype && tensor->dtype != *flat_dtype) throw fail("dtype differs between shards");
         flat_dtype = tensor->dtype;
@@ -194,7 +194,7 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   std::set<std::string> taken;
   auto add_buffers = [&](const std::vector<std::string>& names) {
     for (const std::string& buffer : names) {
-      const ManifestTensor* tensor = find_tensor(first, state_dict_path(prefix, buffer));
+      const StoredTensor* tensor = find_tensor(first, state_dict_path(prefix, buffer));
       if (tensor == nullptr)
         tensor = find_tensor(first, state_dict_path(kModelPrefix, buffer));  // an EMA copy may hold parameters only
       if (tensor == nullptr || !taken.insert(buffer).second) continue;
@@ -209,7 +209,7 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
   if (!is_flattened(first, prefix)) {
     // Already consolidated (or never sharded): the tensors as they are; ties
     // (one tensor under two keys) stay ties.
-    if (const ManifestTensor* nested = nested_tensor(first, prefix)) {
+    if (const StoredTensor* nested = nested_tensor(first, prefix)) {
       throw Error(Location{first.path, nested->path, std::nullopt},
                   fmt::format("a tensor inside a container inside the '{}' state dict: a state dict maps keys "
                               "to tensors",
@@ -247,7 +247,7 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
     DistinctViews views;
     for (const auto& [key, tensor] : state_dict_tensors(first, prefix)) {
       taken.insert(key);
-      const ManifestTensor* tie = !tensor->alias_of ? views.tied_to(*tensor) : nullptr;
+      const StoredTensor* tie = !tensor->alias_of ? views.tied_to(*tensor) : nullptr;
       if (tie != nullptr) {
         out.push_back({key, {}, unescape_label(std::string_view(tie->path).substr(prefix.size()))});
       } else if (tensor->alias_of && tensor->alias_of->starts_with(prefix)) {
@@ -338,8 +338,8 @@ ModelCounts count_safetensors_model(const Manifest& manifest) {
 ModelCounts count_torch_model(const Manifest& manifest) {
   ModelCounts counts;
   for (const ManifestFile& file : manifest.files) {
-    for (const ManifestTensor& t : file.tensors) {
-      if (!t.alias_of && t.section() == "optimizer_state") counts.optimizer_state += t.numel();
+    for (const StoredTensor& t : file.tensors) {
+      if (!t.alias_of && tensor_section(t) == "optimizer_state") counts.optimizer_state += t.numel();
     }
   }
   // One file per model part: its first shard.
@@ -350,7 +350,7 @@ ModelCounts count_torch_model(const Manifest& manifest) {
     const ManifestFile& file = manifest.files.at(static_cast<std::size_t>(*present));
     const FsdpMetadata* fsdp = file.fsdp ? &*file.fsdp : nullptr;
     DistinctViews counted;  // a tie pickled as two tensor objects counts once
-    auto count = [&](const std::string& key, const ManifestTensor& tensor) {
+    auto count = [&](const std::string& key, const StoredTensor& tensor) {
       if (tensor.alias_of || (m > 0 && once_per_model(key)) || !counted.insert(tensor)) return;
       (is_buffer(key, tensor, fsdp) ? counts.buffers : counts.parameters) += tensor.numel();
     };
@@ -366,15 +366,15 @@ ModelCounts count_torch_model(const Manifest& manifest) {
         }
       }
       for (const std::string& buffer : fsdp->buffer_names) {
-        if (const ManifestTensor* tensor = find_tensor(file, state_dict_path(prefix, buffer))) count(buffer, *tensor);
+        if (const StoredTensor* tensor = find_tensor(file, state_dict_path(prefix, buffer))) count(buffer, *tensor);
       }
     } else if (auto model = state_dict_tensors(file, prefix); !model.empty()) {
       counts.counted_from = "the model state dict";
       for (const auto& [key, tensor] : model) count(key, *tensor);
     } else {
       counts.counted_from = "every tensor";
-      for (const ManifestTensor& t : file.tensors) {
-        if (t.section() != "optimizer_state") count(unescape_label(t.path), t);
+      for (const StoredTensor& t : file.tensors) {
+        if (tensor_section(t) != "optimizer_state") count(unescape_label(t.path), t);
       }
     }
   }

@@ -44,7 +44,7 @@ void check_fsdp_shard(const ManifestFile& file, int dp, std::vector<std::string>
         problems.push_back(fmt::format("{}: {}: padding {} but the chunk rule for {} ranks gives {}", file.path,
                                        flat.state_key, flat.padding, dp, chunk.padding));
       }
-      const ManifestTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, flat.state_key));
+      const StoredTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, flat.state_key));
       auto expected = static_cast<std::uint64_t>(chunk.numel + chunk.padding);
       if (tensor != nullptr && tensor->numel() != expected) {
         problems.push_back(fmt::format("{}: {}: {} elements but the chunk rule for {} ranks gives {}", file.path,
@@ -91,7 +91,7 @@ WorldSizes implied_world_sizes(const std::vector<ManifestFile>& files, const std
     const ManifestFile& file = files[index];
     for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
       for (const FlatParamMeta& flat : instance.flat_params) {
-        const ManifestTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, flat.state_key));
+        const StoredTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, flat.state_key));
         if (tensor == nullptr) continue;  // unflattened (consolidated) files have no FSDP dimension
         narrow_world_sizes(range, flat.total_numel(), static_cast<std::int64_t>(tensor->numel()), file.path,
                            state_dict_path(kModelPrefix, flat.state_key));
@@ -101,8 +101,8 @@ WorldSizes implied_world_sizes(const std::vector<ManifestFile>& files, const std
   return range;
 }
 
-bool checked_section(const ManifestTensor& tensor) {
-  return tensor.section() != "other" && !tensor.alias_of;
+bool checked_section(const StoredTensor& tensor) {
+  return tensor_section(tensor) != "other" && !tensor.alias_of;
 }
 
 // Where a training checkpoint records its step, the same on every rank:
@@ -164,10 +164,10 @@ std::set<std::string> checked_paths(const std::vector<ManifestFile>& files, int 
   std::set<std::string> paths;
   // A list already checked gives the same paths and no new dtype problem.
   bool seen = !reference.lists_seen.insert(file.tensors.identity()).second;
-  for (const ManifestTensor& tensor : file.tensors) {
+  for (const StoredTensor& tensor : file.tensors) {
     if (!checked_section(tensor)) continue;
     paths.insert(tensor.path);
-    has_optimizer = has_optimizer || tensor.section() == "optimizer_state";
+    has_optimizer = has_optimizer || tensor_section(tensor) == "optimizer_state";
     if (seen) continue;
     auto [it, fresh] = reference.dtypes.emplace(tensor.path, std::pair{tensor.dtype, index});
     if (!fresh && it->second.first != tensor.dtype) {
@@ -204,7 +204,7 @@ void check_optimizer_presence(const ManifestFile& file, bool has_optimizer, Agre
   }
   const ManifestFile& first = *reference.optimizer_file;
   bool reference_has = std::any_of(first.tensors.begin(), first.tensors.end(),
-                                   [](const ManifestTensor& t) { return t.section() == "optimizer_state"; });
+                                   [](const StoredTensor& t) { return tensor_section(t) == "optimizer_state"; });
   if (reference_has != has_optimizer) {
     problems.push_back(fmt::format("{}: {} optimizer state but {} {} (optimizer state in some files only)", file.path,
                                    has_optimizer ? "has" : "has no", first.path, reference_has ? "has" : "has none"));
@@ -510,7 +510,7 @@ Grid check_safetensors_set(const std::vector<ManifestFile>& files, std::optional
   Grid grid;
   std::map<std::string_view, std::string_view> first_file;
   for (const ManifestFile& file : files) {
-    for (const ManifestTensor& tensor : file.tensors) {
+    for (const StoredTensor& tensor : file.tensors) {
       auto [it, added] = first_file.emplace(tensor.path, file.path);
       if (!added) grid.problems.push_back(fmt::format("{}: {}: also in {}", file.path, tensor.path, it->second));
     }

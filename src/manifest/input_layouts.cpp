@@ -252,7 +252,7 @@ std::vector<ReplicatedCheck> data_parallel_checks(const Manifest& manifest, cons
       ReplicatedCheck check{key, {}, "data-parallel shard"};
       for (int index : shards) {
         const ManifestFile& shard = manifest.files.at(static_cast<std::size_t>(index));
-        const ManifestTensor* copy = find_tensor(shard, tensor->path);
+        const StoredTensor* copy = find_tensor(shard, tensor->path);
         if (copy == nullptr) break;  // the set check reports a shard without it
         check.parts.push_back(source_of(*copy, shard.place(*copy).file_byte_offset, static_cast<std::uint32_t>(index)));
       }
@@ -270,10 +270,10 @@ StateDict torch_state_dict(const Manifest& manifest, const StateDictOptions& opt
     // (model.state_dict()) is a tie, as stitch writes it.
     const ManifestFile& file = manifest.files[0];
     DistinctViews views;
-    for (const ManifestTensor& tensor : file.tensors) {
+    for (const StoredTensor& tensor : file.tensors) {
       if (tensor.alias_of) {
         out.tensors.push_back({tensor.path, {}, tensor.alias_of});
-      } else if (const ManifestTensor* tie = options.state_dict_only ? views.tied_to(tensor) : nullptr) {
+      } else if (const StoredTensor* tie = options.state_dict_only ? views.tied_to(tensor) : nullptr) {
         out.tensors.push_back({tensor.path, {}, tie->path});
       } else {
         out.tensors.push_back({tensor.path, source_of(tensor, file.place(tensor).file_byte_offset, 0), std::nullopt});
@@ -300,7 +300,7 @@ StateDict safetensors_state_dict(const Manifest& manifest, const StateDictOption
   StateDict out;
   const auto& files = manifest.files;
   for (std::size_t i = 0; i < files.size(); ++i) {
-    for (const ManifestTensor& tensor : files[i].tensors) {
+    for (const StoredTensor& tensor : files[i].tensors) {
       out.tensors.push_back(
           {tensor.path, source_of(tensor, files[i].place(tensor).file_byte_offset, static_cast<std::uint32_t>(i))});
     }

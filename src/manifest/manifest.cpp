@@ -30,79 +30,29 @@
 
 namespace ckpt {
 
-std::uint64_t ManifestTensor::numel() const {
-  std::uint64_t count = 1;
-  for (std::int64_t d : shape) count *= static_cast<std::uint64_t>(d);
-  return count;
-}
-
 std::string state_dict_path(std::string_view prefix, std::string_view key) {
   return std::string(prefix) + path_label(key);
 }
 
-bool ManifestTensor::same_view(const ManifestTensor& other) const {
-  return storage_key == other.storage_key && storage_offset == other.storage_offset && dtype == other.dtype &&
-         shape == other.shape && stride == other.stride;
-}
-
-const ManifestTensor* DistinctViews::tied_to(const ManifestTensor& tensor) {
+const StoredTensor* DistinctViews::tied_to(const StoredTensor& tensor) {
   auto& same_start = seen_[{tensor.storage_key, tensor.storage_offset}];
-  for (const ManifestTensor* t : same_start) {
+  for (const StoredTensor* t : same_start) {
     if (t->same_view(tensor)) return t;
   }
   same_start.push_back(&tensor);
   return nullptr;
 }
 
-std::string ManifestTensor::section() const {
-  std::string top = path.substr(0, path.find('/'));
+std::string tensor_section(const StoredTensor& tensor) {
+  std::string top = tensor.path.substr(0, tensor.path.find('/'));
   if (top == "model") return "model";
   if (top == kOptimizerStateKey || top == "optimizer") return "optimizer_state";
   return "other";
 }
 
-TensorList::TensorList() : TensorList(std::vector<ManifestTensor>{}) {}
-
-TensorList::TensorList(std::vector<ManifestTensor> tensors) : data_(std::make_shared<Data>()) {
-  data_->tensors = std::move(tensors);
-}
-
-std::optional<std::size_t> TensorList::find(std::string_view path) const {
-  const Data& data = *data_;
-  std::lock_guard lock(data.mutex);
-  if (!data.indexed) {
-    data.by_path.clear();
-    data.by_path.reserve(data.tensors.size());
-    for (std::size_t i = 0; i < data.tensors.size(); ++i) data.by_path.emplace(data.tensors[i].path, i);
-    data.indexed = true;
-  }
-  auto it = data.by_path.find(path);
-  if (it == data.by_path.end()) return std::nullopt;
-  return it->second;
-}
-
-std::vector<ManifestTensor>& TensorList::edit() {
-  if (data_.use_count() > 1) {
-    auto own = std::make_shared<Data>();
-    own->tensors = data_->tensors;
-    data_ = std::move(own);
-  }
-  std::lock_guard lock(data_->mutex);
-  data_->indexed = false;  // the paths may change
-  return data_->tensors;
-}
-
-std::size_t TensorList::index_of(const ManifestTensor& tensor) const {
-  const std::vector<ManifestTensor>& all = data_->tensors;
-  if (all.empty() || &tensor < all.data() || &tensor >= all.data() + all.size()) {
-    internal_error("index_of: the tensor " + tensor.path + " is not an element of this list");
-  }
-  return static_cast<std::size_t>(&tensor - all.data());
-}
-
 ManifestFile::ManifestFile() : objects(nlohmann::ordered_json()) {}
 
-void ManifestFile::add_tensor(ManifestTensor tensor, TensorPlace place) {
+void ManifestFile::add_tensor(StoredTensor tensor, TensorPlace place) {
   tensors.edit().push_back(std::move(tensor));
   places.push_back(place);
 }
@@ -117,33 +67,16 @@ ManifestFile describe_file(const Checkpoint& checkpoint) {
   file.pickle_protocol = checkpoint.graph().protocol;
   const pickle::Graph& graph = checkpoint.graph();
   for (const auto& [k, v] : graph.mapping_entries(graph.root)) file.top_level_keys.push_back(key_label(graph, k));
+  file.tensors = checkpoint.tensors();  // shared, not copied
+  file.places = checkpoint.places();
   std::unordered_map<pickle::NodeId, std::size_t> tensor_index;
-  std::vector<ManifestTensor> tensors;
-  tensors.reserve(checkpoint.tensors().size());
-  file.places.reserve(checkpoint.tensors().size());
-  for (const TensorRef& ref : checkpoint.tensors()) {
-    const StorageRef& storage = checkpoint.storages().at(ref.storage_key);
-    ManifestTensor t;
-    t.path = ref.path;
-    t.dtype = ref.dtype;
-    t.shape = ref.shape;
-    t.stride = ref.stride;
-    t.storage_key = ref.storage_key;
-    t.storage_offset = ref.storage_offset;
-    t.nbytes = ref.nbytes;
-    t.storage_nbytes = storage.numel * dtype_info(storage.dtype).itemsize;  // Checkpoint checked the record holds it
-    t.requires_grad = ref.requires_grad;
-    t.wrap = ref.wrap;
-    t.alias_of = ref.alias_of;
-    if (!ref.alias_of) {
-      // An nn.Parameter is a tensor in the object tree too: a state dict of parameters is one of tensors.
-      tensor_index.emplace(ref.node, tensors.size());
-      if (ref.wrapper != pickle::kNoNode) tensor_index.emplace(ref.wrapper, tensors.size());
-    }
-    tensors.push_back(std::move(t));
-    file.places.push_back({ref.file_byte_offset, storage.record->crc32});
+  for (std::size_t i = 0; i < file.tensors.size(); ++i) {
+    if (file.tensors[i].alias_of) continue;
+    // An nn.Parameter is a tensor in the object tree too: a state dict of parameters is one of tensors.
+    const TensorNodes& nodes = checkpoint.tensor_nodes()[i];
+    tensor_index.emplace(nodes.node, i);
+    if (nodes.wrapper != pickle::kNoNode) tensor_index.emplace(nodes.wrapper, i);
   }
-  file.tensors = TensorList(std::move(tensors));
   if (auto fsdp = read_fsdp_metadata(checkpoint)) file.fsdp = std::move(*fsdp);
   file.declared_parts = declared_model_parallel_size(checkpoint);
   file.objects = to_json(graph, graph.root, [&](pickle::NodeId id) -> std::optional<nlohmann::ordered_json> {
@@ -158,7 +91,7 @@ namespace {
 
 std::size_t hash_of(const TensorList& tensors) {
   std::size_t h = tensors.size();
-  for (const ManifestTensor& t : tensors) {
+  for (const StoredTensor& t : tensors) {
     h = h * 1000003 ^ std::hash<std::string>{}(t.path);
     h = h * 1000003 ^ static_cast<std::size_t>(t.nbytes);
   }
@@ -248,7 +181,7 @@ ManifestFile describe_known(const PickleFacts& facts, const MappedFile& mapped, 
   }
   file.places.clear();
   file.places.reserve(file.tensors.size());
-  for (const ManifestTensor& tensor : file.tensors) {
+  for (const StoredTensor& tensor : file.tensors) {
     const ZipRecord& record = *records.at(tensor.storage_key);
     std::uint64_t offset = static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize;
     file.places.push_back({record.data_offset + offset, record.crc32});
@@ -299,14 +232,14 @@ ManifestFile describe_safetensors(const MappedFile& mapped) {
   file.mtime_ns = mapped.mtime_ns();
   file.role = parse_file_role(mapped.path());
   file.top_level_keys = {"model"};
-  std::vector<ManifestTensor> tensors;
+  std::vector<StoredTensor> tensors;
   nlohmann::ordered_json model = nlohmann::ordered_json::object();
   // Appended to the object's vector: its operator[] would look each label up (n^2).
   // The labels are distinct, as the names are (escape_label is one to one).
   auto& entries =
       static_cast<nlohmann::ordered_json::object_t::Container&>(model.get_ref<nlohmann::ordered_json::object_t&>());
   for (const SafetensorsTensor& entry : header.tensors) {
-    ManifestTensor tensor;
+    StoredTensor tensor;
     tensor.path = state_dict_path(kModelPrefix, entry.name);
     tensor.dtype = entry.dtype;
     tensor.shape = entry.shape;
@@ -368,7 +301,7 @@ std::vector<std::string> safetensors_index_problems(const std::string& index_pat
     mapped.emplace(name, path);
   }
   for (const auto& [name, file] : by_name) {
-    for (const ManifestTensor& tensor : file->tensors) {
+    for (const StoredTensor& tensor : file->tensors) {
       if (mapped.count({name, tensor.path}) == 0) {
         problems.push_back(
             fmt::format("{}: {} holds {}, which weight_map does not name there", index_path, name, tensor.path));
@@ -420,7 +353,7 @@ Manifest build_manifest(const std::vector<std::string>& paths, DecodedFiles* kee
   return manifest;
 }
 
-const ManifestTensor* find_tensor(const ManifestFile& file, std::string_view path) {
+const StoredTensor* find_tensor(const ManifestFile& file, std::string_view path) {
   std::optional<std::size_t> index = file.tensors.find(path);
   return index ? &file.tensors[*index] : nullptr;
 }
@@ -434,7 +367,7 @@ std::string describe_contents(const ManifestFile& file) {
   }
   if (file.tensors.size() == 1 && file.tensors[0].path.empty()) return "a single tensor (torch.save(tensor))";
   std::size_t top_level_tensors = 0;
-  for (const ManifestTensor& tensor : file.tensors) {
+  for (const StoredTensor& tensor : file.tensors) {
     if (tensor.path.find('/') == std::string::npos) ++top_level_tensors;
   }
   if (top_level_tensors > 0 && top_level_tensors + 1 >= file.top_level_keys.size()) {
@@ -470,7 +403,7 @@ std::optional<std::pair<std::string, std::string>> first_mismatch(const Manifest
     return std::pair{field("tensors"), fmt::format("{} tensors", actual.tensors.size())};
   for (std::size_t i = 0; i < actual.tensors.size(); ++i) {
     if (!(claimed.tensors[i] == actual.tensors[i])) {
-      const ManifestTensor& t = actual.tensors[i];
+      const StoredTensor& t = actual.tensors[i];
       return std::pair{field(fmt::format("tensors (tensor {})", i)),
                        fmt::format("{}: {} of shape [{}] in storage {}", t.path, dtype_info(t.dtype).name,
                                    fmt::join(t.shape, ", "), t.storage_key)};

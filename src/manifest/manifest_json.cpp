@@ -74,7 +74,7 @@ std::string_view wrap_name(TensorWrap wrap) {
   internal_error("a tensor wrap without a name");
 }
 
-json tensor_to_json(const ManifestTensor& t) {
+json tensor_to_json(const StoredTensor& t) {
   json out = {{"path", t.path},
               {"dtype", std::string(dtype_info(t.dtype).name)},
               {"shape", t.shape},
@@ -125,7 +125,7 @@ json manifest_to_json(const Manifest& manifest) {
     auto [list, new_list] = list_numbers.number(file.tensors.identity());
     if (new_list) {
       json tensors = json::array();
-      for (const ManifestTensor& t : file.tensors) tensors.push_back(tensor_to_json(t));
+      for (const StoredTensor& t : file.tensors) tensors.push_back(tensor_to_json(t));
       lists.push_back(std::move(tensors));
     }
     json fsdp_number = nullptr;
@@ -433,7 +433,7 @@ class ManifestReader {
     }
     file.places.resize(file.tensors.size());
     for (std::size_t i = 0; i < file.tensors.size(); ++i) {
-      const ManifestTensor& t = file.tensors[i];
+      const StoredTensor& t = file.tensors[i];
       TensorPlace& place = file.places[i];
       place.record_crc32 = static_cast<std::uint32_t>(as_unsigned(crcs[i], crcs_field[i], UINT32_MAX));
       place.file_byte_offset = as_unsigned(offsets[i], offsets_field[i], UINT64_MAX);
@@ -453,7 +453,7 @@ class ManifestReader {
       }
     }
     for (std::size_t i = 0; i < file.tensors.size(); ++i) {
-      const ManifestTensor& t = file.tensors[i];
+      const StoredTensor& t = file.tensors[i];
       if (!t.alias_of) continue;
       std::size_t target = *file.tensors.find(*t.alias_of);  // read_tensor_list checked it is there
       if (file.places[target].file_byte_offset != file.places[i].file_byte_offset) {
@@ -465,7 +465,7 @@ class ManifestReader {
 
   TensorList read_tensor_list(const json& value, const Field& field) const {
     as_array(value, field);
-    std::vector<ManifestTensor> tensors;
+    std::vector<StoredTensor> tensors;
     tensors.reserve(value.size());
     for (std::size_t i = 0; i < value.size(); ++i)
       tensors.push_back(read_tensor(as_object(value[i], field[i]), field[i]));
@@ -479,7 +479,7 @@ class ManifestReader {
     std::unordered_map<std::string_view, std::size_t> by_storage;
     for (std::size_t i = 0; i < tensors.size(); ++i) {
       auto [it, added] = by_storage.emplace(tensors[i].storage_key, i);
-      const ManifestTensor& first = tensors[it->second];
+      const StoredTensor& first = tensors[it->second];
       if (!added && (first.storage_nbytes != tensors[i].storage_nbytes || first.dtype != tensors[i].dtype)) {
         fail(field[i] / "storage_nbytes",
              fmt::format("storage {} is {} {} bytes here but {} {} bytes at [{}]", quote_text(tensors[i].storage_key),
@@ -504,8 +504,8 @@ class ManifestReader {
     return number;
   }
 
-  ManifestTensor read_tensor(const json& j, const Field& field) const {
-    ManifestTensor t;
+  StoredTensor read_tensor(const json& j, const Field& field) const {
+    StoredTensor t;
     t.path = text(j, field, "path");
     if (t.path.empty()) fail(field / "path", "empty tensor path");
     std::string dtype_name = text(j, field, "dtype");
@@ -564,13 +564,13 @@ class ManifestReader {
   }
 
   // A tied tensor names the one tensor of the same file that holds its bytes.
-  void check_alias(const std::vector<ManifestTensor>& tensors, std::size_t i,
+  void check_alias(const std::vector<StoredTensor>& tensors, std::size_t i,
                    const std::unordered_map<std::string_view, std::size_t>& by_path, const Field& field) const {
-    const ManifestTensor& t = tensors[i];
+    const StoredTensor& t = tensors[i];
     if (!t.alias_of) return;
     auto it = by_path.find(*t.alias_of);
     if (it == by_path.end()) fail(field / "alias_of", quote_text(*t.alias_of) + " is not a tensor of this list");
-    const ManifestTensor& target = tensors[it->second];
+    const StoredTensor& target = tensors[it->second];
     if (target.alias_of) {
       fail(field / "alias_of", fmt::format("names tensors[{}], which is itself tied to another", it->second));
     }

@@ -23,10 +23,10 @@ namespace {
 
 // The parameters of a consolidated file's state dict, in order: its tensors
 // but ties, `buffers` and what is_buffer recognises.
-std::vector<std::pair<std::string, const ManifestTensor*>> parameters(const ManifestFile& file,
-                                                                      const std::vector<std::string>& buffers) {
+std::vector<std::pair<std::string, const StoredTensor*>> parameters(const ManifestFile& file,
+                                                                    const std::vector<std::string>& buffers) {
   std::set<std::string_view> buffer_set(buffers.begin(), buffers.end());
-  std::vector<std::pair<std::string, const ManifestTensor*>> out;
+  std::vector<std::pair<std::string, const StoredTensor*>> out;
   DistinctViews views;
   for (auto& [key, tensor] : state_dict_tensors(file, std::string(kModelPrefix))) {
     if (tensor->alias_of || views.tied_to(*tensor) != nullptr || buffer_set.count(key) != 0 ||
@@ -54,10 +54,10 @@ std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, c
     throw Error(Location{first.path, std::string(kOptimizerStateKey), std::nullopt},
                 fmt::format("no optimizer state '{}' here (the states hold: {})", state_name, fmt::join(names, ", ")));
   }
-  std::vector<std::pair<std::string, const ManifestTensor*>> params = parameters(first, buffers);
+  std::vector<std::pair<std::string, const StoredTensor*>> params = parameters(first, buffers);
   std::vector<NamedTensor> out;
   for (std::size_t i = 0; i < params.size(); ++i) {
-    const ManifestTensor* state = find_tensor(first, optimizer_state_path(i, state_name));
+    const StoredTensor* state = find_tensor(first, optimizer_state_path(i, state_name));
     check_invariant(state != nullptr, "a state optimizer_state_names has checked");
     out.push_back({params[i].first,
                    source_of(*state, first.place(*state).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
@@ -90,7 +90,7 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
   const nlohmann::ordered_json& root = *file.objects;
   const std::string prefix = std::string(kOptimizerStateKey) + "/";
   bool has_tensors = std::any_of(file.tensors.begin(), file.tensors.end(),
-                                 [&](const ManifestTensor& tensor) { return tensor.path.starts_with(prefix); });
+                                 [&](const StoredTensor& tensor) { return tensor.path.starts_with(prefix); });
   const nlohmann::ordered_json* frame =
       root.is_object() && root.contains(kOptimizerStateKey) ? &root[std::string(kOptimizerStateKey)] : nullptr;
   const nlohmann::ordered_json* states =
@@ -111,7 +111,7 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
   if (flat) {
     for (const FsdpInstanceMeta& instance : file.fsdp->instances) {
       for (const FlatParamMeta& param : instance.flat_params) {
-        const ManifestTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, param.state_key));
+        const StoredTensor* tensor = find_tensor(file, state_dict_path(kModelPrefix, param.state_key));
         if (tensor == nullptr) throw fail("", fmt::format("flat parameter {} is not in the model", param.state_key));
         owners.emplace_back(param.state_key, tensor->shape);
       }
@@ -153,7 +153,7 @@ std::vector<std::string> optimizer_state_names(const ManifestFile& file, const s
     }
     for (const std::string& name : held) {
       std::string path = optimizer_state_path(label, name);
-      const ManifestTensor* tensor = find_tensor(file, path);
+      const StoredTensor* tensor = find_tensor(file, path);
       const auto& [owner, shape] = owners[*k];
       if (tensor == nullptr || tensor->alias_of) throw fail(where + "/" + name, "not a tensor of its own");
       if (tensor->shape != shape) {

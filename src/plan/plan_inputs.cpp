@@ -41,7 +41,7 @@ std::vector<CheckedRange> storage_records(const ManifestFile& file) {
   std::vector<CheckedRange> records;
   records.reserve(file.tensors.size());
   for (std::size_t i = 0; i < file.tensors.size(); ++i) {
-    const ManifestTensor& tensor = file.tensors[i];
+    const StoredTensor& tensor = file.tensors[i];
     std::uint64_t before = static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize;
     records.push_back({file.places[i].file_byte_offset - before, tensor.storage_nbytes, file.places[i].record_crc32});
   }

@@ -40,12 +40,13 @@ std::string output_path(const std::string& pattern, int mp, int dp, int m, int d
 
 namespace {
 
-const TensorRef* base_tensor(const Checkpoint& base, const std::string& path) {
-  const TensorRef* tensor = base.find_tensor(path);
-  if (tensor == nullptr || tensor->alias_of) {
+// The pickle node of the tensor at `path` in `base`, to replace.
+pickle::NodeId base_tensor_node(const Checkpoint& base, const std::string& path) {
+  std::optional<std::size_t> index = base.tensor_index(path);
+  if (!index || base.tensors()[*index].alias_of) {
     throw Error(Location{base.path(), path, std::nullopt}, "expected a tensor here to replace");
   }
-  return tensor;
+  return base.tensor_nodes()[*index].node;
 }
 
 // shard_metadata of an output: the base's, with each flat parameter's shapes,
@@ -101,7 +102,7 @@ std::optional<OptimizerStep> optimizer_step(const ManifestFile& file, int index)
   const nlohmann::ordered_json& step = states.at("0").at("step");
   if (step.is_number_integer()) return OptimizerStep{step.get<std::int64_t>(), std::nullopt};
   const std::string path = optimizer_state_path(0, "step");
-  const ManifestTensor* tensor = find_tensor(file, path);
+  const StoredTensor* tensor = find_tensor(file, path);
   if (tensor == nullptr || tensor->alias_of) {
     throw Error(Location{file.path, path, std::nullopt}, "a step that is neither an int nor a tensor");
   }
@@ -220,7 +221,7 @@ void check_against_template(const Weights& weights, QkvForm form, const Bases& b
       }
     }
     for (const std::string& buffer : layout_file.fsdp->buffer_names) {  // the ones the template saved
-      const ManifestTensor* saved = find_tensor(layout_file, state_dict_path(kModelPrefix, buffer));
+      const StoredTensor* saved = find_tensor(layout_file, state_dict_path(kModelPrefix, buffer));
       if (saved == nullptr) continue;
       auto it = by_name.find(buffer);
       if (it == by_name.end() || it->second->alias_of) {
@@ -353,7 +354,7 @@ struct Output {
 
   // The base's tensor at `path` now holds `tensor`.
   void replace(const std::string& path, OutputTensor tensor) {
-    builder.replace_tensor(base_tensor(base, path)->node, tensor);
+    builder.replace_tensor(base_tensor_node(base, path), tensor);
     written.push_back(std::move(tensor));
   }
 
@@ -390,7 +391,7 @@ void write_unflattened(Output& output, const ManifestFile& base_file, const Recu
 void replace_flat_model(Output& output, const ManifestFile& base_file, const std::vector<FlatShard>& flats,
                         const std::map<std::string, const NamedTensor*>& by_name) {
   for (const FlatShard& flat : flats) output.replace(state_dict_path(kModelPrefix, flat.state_key), flat_output(flat));
-  for (const ManifestTensor& tensor : base_file.tensors) {
+  for (const StoredTensor& tensor : base_file.tensors) {
     if (!tensor.path.starts_with(kModelPrefix) || tensor.alias_of) continue;
     std::string key = unescape_label(std::string_view(tensor.path).substr(kModelPrefix.size()));
     bool is_flat = std::any_of(flats.begin(), flats.end(), [&](const FlatShard& f) { return f.state_key == key; });

@@ -16,7 +16,7 @@ namespace ckpt {
 std::string ema_state_dict(const ManifestFile& file) {
   for (const char* candidate : {"extra_state/ema_fp32_params", "extra_state/ema"}) {
     std::string prefix = std::string(candidate) + "/";
-    for (const ManifestTensor& tensor : file.tensors) {
+    for (const StoredTensor& tensor : file.tensors) {
       if (tensor.path.rfind(prefix, 0) == 0) return candidate;
     }
   }

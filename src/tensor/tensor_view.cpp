@@ -22,8 +22,9 @@ at::ScalarType to_scalar_type(DType dtype) {
   return at::kByte;
 }
 
-at::Tensor tensor_view(const Checkpoint& checkpoint, const TensorRef& tensor) {
-  Bytes bytes = checkpoint.tensor_bytes(tensor);
+at::Tensor tensor_view(const Checkpoint& checkpoint, std::size_t index) {
+  const StoredTensor& tensor = checkpoint.tensors().at(index);
+  Bytes bytes = checkpoint.tensor_bytes(index);
   // from_blob never frees or copies; the const_cast is safe because callers
   // only read (the mapping itself is read-only and would fault on a write).
   void* data = const_cast<std::byte*>(bytes.data());

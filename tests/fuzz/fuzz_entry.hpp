@@ -247,15 +247,16 @@ class MemoryFile {
 
 inline void check_checkpoint(const Checkpoint& checkpoint) {
   std::uint64_t file_size = checkpoint.file().size();
-  for (const TensorRef& tensor : checkpoint.tensors()) {
+  for (std::size_t i = 0; i < checkpoint.tensors().size(); ++i) {
+    const StoredTensor& tensor = checkpoint.tensors()[i];
+    const std::uint64_t offset = checkpoint.places()[i].file_byte_offset;
     const StorageRef& storage = checkpoint.storages().at(tensor.storage_key);
     const ZipRecord& record = *storage.record;
-    require(tensor.file_byte_offset >= record.data_offset &&
-                tensor.file_byte_offset - record.data_offset <= record.nbytes &&
-                tensor.nbytes <= record.nbytes - (tensor.file_byte_offset - record.data_offset),
+    require(offset >= record.data_offset && offset - record.data_offset <= record.nbytes &&
+                tensor.nbytes <= record.nbytes - (offset - record.data_offset),
             "checkpoint: tensor bytes inside its storage record", tensor.path);
     require(record.data_offset + record.nbytes <= file_size, "checkpoint: record inside the file", record.name);
-    Bytes bytes = checkpoint.tensor_bytes(tensor);
+    Bytes bytes = checkpoint.tensor_bytes(i);
     require(bytes.size() == tensor.nbytes, "checkpoint: tensor_bytes size", tensor.path);
     if (!bytes.empty()) {
       volatile std::byte first = bytes.front();
@@ -352,7 +353,7 @@ inline void check_manifest(const Manifest& manifest) {
   bool small = true;
   for (std::size_t f = 0; f < manifest.files.size(); ++f) {
     const ManifestFile& file = manifest.files[f];
-    for (const ManifestTensor& tensor : file.tensors) {
+    for (const StoredTensor& tensor : file.tensors) {
       const std::uint64_t offset = file.place(tensor).file_byte_offset;
       std::uint64_t end = 0;
       require(!__builtin_add_overflow(offset, tensor.nbytes, &end) && end <= file.size_bytes,

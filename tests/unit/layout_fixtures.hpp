@@ -147,11 +147,11 @@ inline std::int64_t product(const Shape& shape) {
 
 // A contiguous tensor of a manifest file, and where it is.
 struct PlacedTensor {
-  ckpt::ManifestTensor tensor;
+  ckpt::StoredTensor tensor;
   ckpt::TensorPlace place;
 };
 inline PlacedTensor contiguous(const std::string& path, DType dtype, const Shape& shape, std::uint64_t offset) {
-  ckpt::ManifestTensor tensor;
+  ckpt::StoredTensor tensor;
   tensor.path = path;
   tensor.dtype = dtype;
   tensor.shape = shape;
@@ -274,8 +274,8 @@ struct ThreeRankPart {
     }
   }
   ckpt::ManifestFile& rank_file(int rank) { return manifest.files.at(static_cast<std::size_t>(shard_files.at(rank))); }
-  ckpt::ManifestTensor& flat_tensor(int rank, const std::string& key) {
-    for (ckpt::ManifestTensor& tensor : rank_file(rank).tensors.edit()) {
+  ckpt::StoredTensor& flat_tensor(int rank, const std::string& key) {
+    for (ckpt::StoredTensor& tensor : rank_file(rank).tensors.edit()) {
       if (tensor.path == cat("model/", key)) return tensor;
     }
     FAIL("no flat tensor " << key);

@@ -75,9 +75,9 @@ Buffer slice(const Buffer& bytes, std::uint64_t offset, std::uint64_t nbytes) {
 }
 
 Buffer bytes_of(const ckpt::Checkpoint& checkpoint, const std::string& path) {
-  const ckpt::TensorRef* tensor = checkpoint.find_tensor(path);
-  REQUIRE_MESSAGE(tensor != nullptr, path);
-  ckpt::Bytes bytes = checkpoint.tensor_bytes(*tensor);
+  std::optional<std::size_t> index = checkpoint.tensor_index(path);
+  REQUIRE_MESSAGE(index.has_value(), path);
+  ckpt::Bytes bytes = checkpoint.tensor_bytes(*index);
   return Buffer(bytes.begin(), bytes.end());
 }
 
@@ -172,7 +172,7 @@ TEST_SUITE("CheckpointBuilder") {
     ckpt::PlannedFile file;
     {
       ckpt::CheckpointBuilder builder(first);
-      builder.replace_tensor(first.find_tensor("model/a")->node, run_of("a", {2, 4}, 1000));
+      builder.replace_tensor(first.tensor_nodes()[*first.tensor_index("model/a")].node, run_of("a", {2, 4}, 1000));
       NodeId model_cfg = ckpt::config_get(builder.graph(), builder.top_level("cfg"), "model");
       CHECK(builder.set_entry(model_cfg, "model_parallel_size", builder.graph().integer(8)));
       CHECK_FALSE(builder.set_entry(model_cfg, "no_such_key", builder.graph().integer(8)));
@@ -247,7 +247,7 @@ TEST_SUITE("CheckpointBuilder") {
     auto kinds = [](const ckpt::Checkpoint& checkpoint) {
       std::vector<std::pair<ckpt::TensorWrap, bool>> out;
       for (const char* key : {"model/p", "model/t", "model/s"}) {
-        const ckpt::TensorRef* ref = checkpoint.find_tensor(key);
+        const ckpt::StoredTensor* ref = checkpoint.find_tensor(key);
         REQUIRE_MESSAGE(ref != nullptr, key);
         out.emplace_back(ref->wrap, ref->requires_grad);
       }
@@ -275,7 +275,8 @@ TEST_SUITE("CheckpointBuilder") {
         tensors.push_back(std::move(tensor));
       }
       NodeId model = builder.add_state_dict(tensors);
-      builder.replace_tensor(base.find_tensor("model/t")->node, tensors[1]);  // the base's requires_grad stays
+      builder.replace_tensor(base.tensor_nodes()[*base.tensor_index("model/t")].node,
+                             tensors[1]);  // the base's requires_grad stays
       builder.set_top_level("copy", builder.top_level("model"));
       builder.set_top_level("model", model);
       ckpt::Plan plan;

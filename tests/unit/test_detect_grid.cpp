@@ -135,7 +135,8 @@ TEST_SUITE("detect_grid") {
     CHECK(has_problem(ckpt::detect_grid(files), "(mixed dtypes)"));
 
     files = grid_files(1, 3);
-    files[1].remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
+    files[1].remove_tensors_if(
+        [](const ckpt::StoredTensor& t) { return ckpt::tensor_section(t) == "optimizer_state"; });
     CHECK(has_problem(ckpt::detect_grid(files), "(optimizer state in some files only)"));
 
     files = grid_files(1, 3);

@@ -288,7 +288,7 @@ TEST_SUITE("fsdp_layout") {
     }
     SUBCASE("a flat parameter missing from a shard") {
       ThreeRankPart part;
-      part.rank_file(2).remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.path == "model/flat_param_0"; });
+      part.rank_file(2).remove_tensors_if([](const ckpt::StoredTensor& t) { return t.path == "model/flat_param_0"; });
       auto error = error_of([&] { ckpt::consolidate_part(part.manifest, part.shard_files); });
       REQUIRE(error.has_value());
       CHECK(error->where().file == shard_path(2));
@@ -338,7 +338,7 @@ TEST_SUITE("fsdp_layout") {
     }
     SUBCASE("a flat parameter that is not one-dimensional") {
       ThreeRankPart part;
-      ckpt::ManifestTensor& flat = part.flat_tensor(0, "decoder.layers.0.flat_param_0");
+      ckpt::StoredTensor& flat = part.flat_tensor(0, "decoder.layers.0.flat_param_0");
       flat.shape = {1, 3};
       flat.stride = {3, 1};
       auto error = error_of([&] { ckpt::consolidate_part(part.manifest, part.shard_files); });
@@ -497,8 +497,9 @@ TEST_SUITE("fsdp_layout") {
       };
       for (int rank = 0; rank < 3; ++rank) {
         ckpt::ManifestFile& file = part.rank_file(rank);
-        for (ckpt::ManifestTensor& tensor : file.tensors.edit()) tensor.dtype = DType::Float16;
-        file.remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
+        for (ckpt::StoredTensor& tensor : file.tensors.edit()) tensor.dtype = DType::Float16;
+        file.remove_tensors_if(
+            [](const ckpt::StoredTensor& t) { return ckpt::tensor_section(t) == "optimizer_state"; });
         if (root_first) std::swap(file.fsdp.edit().instances[0], file.fsdp.edit().instances[1]);
         for (std::size_t k = 0; k < 2; ++k) {
           ckpt::FsdpChunk chunk = chunk_of(part.instances[order[k]], 3, rank);
@@ -656,7 +657,7 @@ TEST_SUITE("fsdp_layout") {
     SUBCASE("FSDP metadata but no flat parameter in the file") {
       ThreeRankPart part;
       for (ckpt::ManifestFile& file : part.manifest.files) {
-        file.remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "model"; });
+        file.remove_tensors_if([](const ckpt::StoredTensor& t) { return ckpt::tensor_section(t) == "model"; });
       }
       auto error = error_of([&] { ckpt::consolidate_optimizer_state(part.manifest, part.shard_files, "exp_avg"); });
       REQUIRE(error.has_value());
@@ -667,7 +668,8 @@ TEST_SUITE("fsdp_layout") {
       ThreeRankPart part;
       for (int rank = 0; rank < 3; ++rank) {
         ckpt::ManifestFile& file = part.rank_file(rank);
-        file.remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
+        file.remove_tensors_if(
+            [](const ckpt::StoredTensor& t) { return ckpt::tensor_section(t) == "optimizer_state"; });
         for (std::size_t k = 0; k < 2; ++k) {
           if (rank == 1 && k == 1) continue;
           ckpt::FsdpChunk chunk = chunk_of(part.instances[k], 3, rank);
@@ -693,7 +695,8 @@ TEST_SUITE("fsdp_layout") {
       ThreeRankPart part;
       for (int rank = 0; rank < 3; ++rank) {
         ckpt::ManifestFile& file = part.rank_file(rank);
-        file.remove_tensors_if([](const ckpt::ManifestTensor& t) { return t.section() == "optimizer_state"; });
+        file.remove_tensors_if(
+            [](const ckpt::StoredTensor& t) { return ckpt::tensor_section(t) == "optimizer_state"; });
         for (std::size_t k = 0; k < 2; ++k) {
           ckpt::FsdpChunk chunk = chunk_of(part.instances[k], 3, rank);
           std::int64_t extra = rank == 2 && k == 0 ? 1 : 0;

@@ -36,9 +36,9 @@ using layout_fixtures::error_of;
 
 const std::string kSource = "test.json";
 
-ckpt::ManifestTensor tensor(const std::string& path, DType dtype, std::vector<std::int64_t> shape,
-                            std::vector<std::int64_t> stride) {
-  ckpt::ManifestTensor t;
+ckpt::StoredTensor tensor(const std::string& path, DType dtype, std::vector<std::int64_t> shape,
+                          std::vector<std::int64_t> stride) {
+  ckpt::StoredTensor t;
   t.path = path;
   t.dtype = dtype;
   t.shape = std::move(shape);
@@ -66,11 +66,11 @@ ckpt::Manifest valid_manifest() {
     const std::uint32_t crc = 0x12345678;
     file.add_tensor(tensor("model/flat_param_0", DType::Float16, {3}, {1}), {1024, crc});
     file.add_tensor(tensor("model/decoder.embed_tokens.weight", DType::Float32, {4, 2}, {2, 1}), {2048, crc});
-    ckpt::ManifestTensor tied = file.tensors.back();
+    ckpt::StoredTensor tied = file.tensors.back();
     tied.path = "model/decoder.output_projection.weight";
     tied.alias_of = "model/decoder.embed_tokens.weight";
     file.add_tensor(tied, {2048, crc});
-    ckpt::ManifestTensor strided = tensor("model/strided", DType::Float32, {2, 3}, {1, 2});
+    ckpt::StoredTensor strided = tensor("model/strided", DType::Float32, {2, 3}, {1, 2});
     strided.storage_offset = 4;
     strided.storage_nbytes += 4 * 4;
     strided.requires_grad = true;

@@ -42,8 +42,8 @@ namespace {
 using ckpt::DType;
 using ckpt::Manifest;
 using ckpt::ManifestFile;
-using ckpt::ManifestTensor;
 using ckpt::Piece;
+using ckpt::StoredTensor;
 using test_files::Buffer;
 using test_files::TempDir;
 using Shape = std::vector<std::int64_t>;
@@ -145,13 +145,14 @@ Opened open(const std::string& path) {
   Opened out;
   out.described = ckpt::describe_file(checkpoint);
   out.top_level_keys = out.described.top_level_keys;
-  for (const ckpt::TensorRef& ref : checkpoint.tensors()) {
+  for (std::size_t i = 0; i < checkpoint.tensors().size(); ++i) {
+    const ckpt::StoredTensor& ref = checkpoint.tensors()[i];
     Tensor tensor;
     tensor.dtype = ref.dtype;
     tensor.shape = ref.shape;
     tensor.alias_of = ref.alias_of;
     REQUIRE(ref.is_contiguous());
-    ckpt::Bytes bytes = checkpoint.tensor_bytes(ref);
+    ckpt::Bytes bytes = checkpoint.tensor_bytes(i);
     tensor.bytes.assign(bytes.begin(), bytes.end());
     out.tensors[ref.path] = std::move(tensor);
   }
@@ -194,7 +195,7 @@ std::uint64_t itemsize(DType dtype) {
   return ckpt::dtype_info(dtype).itemsize;
 }
 
-Buffer file_range(const Inputs& in, int file, const ManifestTensor& tensor, std::uint64_t nbytes) {
+Buffer file_range(const Inputs& in, int file, const StoredTensor& tensor, std::uint64_t nbytes) {
   const Buffer& bytes = in.bytes.at(static_cast<std::size_t>(file));
   const std::uint64_t offset = in.manifest.files.at(static_cast<std::size_t>(file)).place(tensor).file_byte_offset;
   REQUIRE(offset + nbytes <= bytes.size());
@@ -202,8 +203,8 @@ Buffer file_range(const Inputs& in, int file, const ManifestTensor& tensor, std:
   return Buffer(from, from + static_cast<std::ptrdiff_t>(nbytes));
 }
 
-const ManifestTensor& tensor_at(const ManifestFile& file, const std::string& path) {
-  const ManifestTensor* tensor = ckpt::find_tensor(file, path);
+const StoredTensor& tensor_at(const ManifestFile& file, const std::string& path) {
+  const StoredTensor* tensor = ckpt::find_tensor(file, path);
   REQUIRE_MESSAGE(tensor != nullptr, path);
   return *tensor;
 }
@@ -231,7 +232,7 @@ std::map<std::string, Tensor> fairscale_consolidate(const Inputs& in, int m, con
         std::string path = optimizer_state.empty()
                                ? join("model/", flat.state_key)
                                : join("last_optimizer_state/state/" + std::to_string(k) + "/", optimizer_state);
-        const ManifestTensor& tensor = tensor_at(shard, path);
+        const StoredTensor& tensor = tensor_at(shard, path);
         dtype = tensor.dtype;
         auto padding = static_cast<std::uint64_t>(shard.fsdp->instances[i].flat_params[j].padding);
         Buffer unpadded = file_range(in, index, tensor, (tensor.numel() - padding) * itemsize(dtype));
@@ -254,7 +255,7 @@ std::map<std::string, Tensor> fairscale_consolidate(const Inputs& in, int m, con
   }
   if (optimizer_state.empty()) {
     for (const std::string& buffer : first.fsdp->buffer_names) {
-      const ManifestTensor& tensor = tensor_at(first, join("model/", buffer));
+      const StoredTensor& tensor = tensor_at(first, join("model/", buffer));
       out[buffer] = Tensor{tensor.dtype, tensor.shape, file_range(in, in.cell(m, 0), tensor, tensor.nbytes), ""};
     }
   }
@@ -408,11 +409,11 @@ TEST_SUITE("plan_synth") {
             for (const ckpt::FlatParamMeta& flat : instance.flat_params) {
               ckpt::FsdpChunk chunk = ckpt::fsdp_chunk(flat.total_numel(), dp, d);
               CHECK(flat.padding == chunk.padding);
-              const ManifestTensor& weight = tensor_at(file, join("model/", flat.state_key));
+              const StoredTensor& weight = tensor_at(file, join("model/", flat.state_key));
               CHECK(weight.numel() == static_cast<std::uint64_t>(chunk.numel + chunk.padding));
               CHECK(weight.dtype == DType::Float16);
               for (const char* state : {"exp_avg", "exp_avg_sq"}) {
-                const ManifestTensor& slice =
+                const StoredTensor& slice =
                     tensor_at(file, join("last_optimizer_state/state/" + std::to_string(k) + "/", state));
                 CHECK(slice.shape == weight.shape);  // optimizer slices as long as the weight slices
                 CHECK(slice.dtype == DType::Float32);
@@ -701,10 +702,10 @@ TEST_SUITE("plan_reshard") {
       std::size_t k = 0;
       for (const ckpt::FsdpInstanceMeta& instance : file.fsdp->instances) {
         for (const ckpt::FlatParamMeta& flat : instance.flat_params) {
-          const ManifestTensor& weight = tensor_at(file, join("model/", flat.state_key));
+          const StoredTensor& weight = tensor_at(file, join("model/", flat.state_key));
           Buffer weight_bytes = file_range(out, out.cell(0, d), weight, weight.nbytes);
           for (const char* state : {"exp_avg", "exp_avg_sq"}) {
-            const ManifestTensor& slice =
+            const StoredTensor& slice =
                 tensor_at(file, join("last_optimizer_state/state/" + std::to_string(k) + "/", state));
             CHECK(slice.shape == weight.shape);
             Buffer bytes = file_range(out, out.cell(0, d), slice, slice.nbytes);

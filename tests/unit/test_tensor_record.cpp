@@ -120,19 +120,19 @@ TEST_SUITE("tensor_record") {
 
   TEST_CASE("source_of: one piece per contiguous run, in row-major order") {
     SUBCASE("contiguous: one piece") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float32, {3, 4}, 128).tensor;
+      ckpt::StoredTensor tensor = contiguous("model/x", DType::Float32, {3, 4}, 128).tensor;
       TensorSource s = ckpt::source_of(tensor, 128, 5);
       CHECK(describe(s) == "[0]5@128+48");
       CHECK(s.shape == Shape{3, 4});
       CHECK(s.dtype == DType::Float32);
     }
     SUBCASE("rows of a wider storage: one piece per row") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float16, {3, 2}, 64).tensor;
+      ckpt::StoredTensor tensor = contiguous("model/x", DType::Float16, {3, 2}, 64).tensor;
       tensor.stride = {5, 1};
       CHECK(describe(ckpt::source_of(tensor, 64, 0)) == "[0]0@64+4 [4]0@74+4 [8]0@84+4");
     }
     SUBCASE("a transposed view: one piece per element, in logical order") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Int32, {2, 3}, 0).tensor;
+      ckpt::StoredTensor tensor = contiguous("model/x", DType::Int32, {2, 3}, 0).tensor;
       tensor.stride = {1, 2};
       TensorSource s = ckpt::source_of(tensor, 0, 1);
       Ids want;
@@ -146,13 +146,13 @@ TEST_SUITE("tensor_record") {
       CHECK(s.pieces.size() == 6);
     }
     SUBCASE("size-1 dimensions with any stride are still contiguous; a storage offset") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float32, {1, 4, 1}, 256).tensor;
+      ckpt::StoredTensor tensor = contiguous("model/x", DType::Float32, {1, 4, 1}, 256).tensor;
       tensor.stride = {999, 1, 7};
       CHECK(describe(ckpt::source_of(tensor, 256, 2)) == "[0]2@256+16");
     }
     SUBCASE("a run of rows that are adjacent merges into one piece") {
       // [2, 2, 3] with strides (12, 3, 1) on dim 0 and 1: contiguous after all.
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::UInt8, {2, 2, 3}, 10).tensor;
+      ckpt::StoredTensor tensor = contiguous("model/x", DType::UInt8, {2, 2, 3}, 10).tensor;
       CHECK(describe(ckpt::source_of(tensor, 10, 0)) == "[0]0@10+12");
       // Every other row of a [4, 3] storage.
       tensor.shape = {2, 3};
@@ -160,7 +160,7 @@ TEST_SUITE("tensor_record") {
       CHECK(describe(ckpt::source_of(tensor, 10, 0)) == "[0]0@10+3 [3]0@16+3");
     }
     SUBCASE("no elements: no pieces") {
-      ckpt::ManifestTensor tensor = contiguous("model/x", DType::Float32, {0, 4}, 128).tensor;
+      ckpt::StoredTensor tensor = contiguous("model/x", DType::Float32, {0, 4}, 128).tensor;
       TensorSource s = ckpt::source_of(tensor, 128, 0);
       CHECK(s.pieces.empty());
       CHECK(s.nbytes() == 0);

@@ -169,8 +169,10 @@ TEST_SUITE("tensor_view") {
     const std::byte* map_end = map_begin + file.size();
     for (const auto& [name, want] : expected) {
       CAPTURE(name);
-      const ckpt::TensorRef* ref = checkpoint.find_tensor(name);
-      REQUIRE(ref != nullptr);
+      std::optional<std::size_t> index = checkpoint.tensor_index(name);
+      REQUIRE(index.has_value());
+      const ckpt::StoredTensor* ref = &checkpoint.tensors()[*index];
+      const std::uint64_t file_byte_offset = checkpoint.places()[*index].file_byte_offset;
       const ckpt::ZipRecord* record = checkpoint.zip().find("model/data/" + want.storage_key);
       REQUIRE(record != nullptr);
       CHECK(record->data_offset % 64 == 0);
@@ -182,14 +184,14 @@ TEST_SUITE("tensor_view") {
       CHECK(ref->numel() == static_cast<std::uint64_t>(want.value.numel()));
       CHECK_FALSE(ref->requires_grad);
       std::uint64_t itemsize = want.value.element_size();
-      CHECK(ref->file_byte_offset == record->data_offset + static_cast<std::uint64_t>(want.storage_offset) * itemsize);
+      CHECK(file_byte_offset == record->data_offset + static_cast<std::uint64_t>(want.storage_offset) * itemsize);
       // The span from the first to the last element touched.
       std::uint64_t span = 1;
       for (std::size_t d = 0; d < ref->shape.size(); ++d) span += (ref->shape[d] - 1) * ref->stride[d];
       CHECK(ref->nbytes == span * itemsize);
-      CHECK(ref->file_byte_offset + ref->nbytes <= record->data_offset + record->nbytes);
+      CHECK(file_byte_offset + ref->nbytes <= record->data_offset + record->nbytes);
 
-      at::Tensor view = ckpt::tensor_view(checkpoint, *ref);
+      at::Tensor view = ckpt::tensor_view(checkpoint, *index);
       CHECK(std::string(c10::toString(view.scalar_type())) == c10::toString(want.value.scalar_type()));
       CHECK(view.sizes() == want.value.sizes());
       CHECK(view.strides() == want.value.strides());
@@ -197,15 +199,15 @@ TEST_SUITE("tensor_view") {
       CHECK(same_bits(view, want.value));
       // No copy: the view's first element is the mapped byte at file_byte_offset.
       const auto* data = static_cast<const std::byte*>(view.data_ptr());
-      CHECK(data == map_begin + ref->file_byte_offset);
+      CHECK(data == map_begin + file_byte_offset);
       CHECK(data >= map_begin);
       CHECK(data + ref->nbytes <= map_end);
-      CHECK(checkpoint.tensor_bytes(*ref).data() == data);
+      CHECK(checkpoint.tensor_bytes(*index).data() == data);
     }
 
     // The two views of storage "5" alias the same mapped bytes.
-    at::Tensor a = ckpt::tensor_view(checkpoint, *checkpoint.find_tensor("shared_a"));
-    at::Tensor b = ckpt::tensor_view(checkpoint, *checkpoint.find_tensor("shared_b"));
+    at::Tensor a = ckpt::tensor_view(checkpoint, *checkpoint.tensor_index("shared_a"));
+    at::Tensor b = ckpt::tensor_view(checkpoint, *checkpoint.tensor_index("shared_b"));
     CHECK(static_cast<const std::byte*>(b.data_ptr()) - static_cast<const std::byte*>(a.data_ptr()) == 6 * 4);
 
     // The non-tensor value came through the pickle as well.

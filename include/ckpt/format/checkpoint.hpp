@@ -19,6 +19,7 @@
 
 #include "ckpt/format/dtype.hpp"
 #include "ckpt/format/pickle.hpp"
+#include "ckpt/format/stored_tensor.hpp"
 #include "ckpt/format/torch_pickle.hpp"
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/mapped_file.hpp"
@@ -33,25 +34,11 @@ struct StorageRef {
   const ZipRecord* record = nullptr;
 };
 
-struct TensorRef {
-  pickle::NodeId node = pickle::kNoNode;     // the _rebuild_tensor_v2 object
-  pickle::NodeId wrapper = pickle::kNoNode;  // the nn.Parameter wrapping it, if any
-  TensorWrap wrap = TensorWrap::Tensor;
-  std::string path;  // "model/decoder.layers.0.flat_param_0"
-  std::string storage_key;
-  DType dtype = DType::Float32;
-  std::vector<std::int64_t> shape;
-  std::vector<std::int64_t> stride;
-  std::int64_t storage_offset = 0;     // elements
-  bool requires_grad = false;          // the Parameter's when wrapped, else the tensor's
-  std::uint64_t file_byte_offset = 0;  // first byte of the tensor's first element
-  std::uint64_t nbytes = 0;            // bytes from there to the end of its last element
-  // Set when this path reaches a tensor already listed under another path (a
-  // tied weight pickled once and referenced twice): that path.
-  std::optional<std::string> alias_of;
-
-  std::uint64_t numel() const;
-  bool is_contiguous() const;
+// The pickle nodes of a tensor: the _rebuild_tensor_v2 object, and the
+// nn.Parameter wrapping it, if any.
+struct TensorNodes {
+  pickle::NodeId node = pickle::kNoNode;
+  pickle::NodeId wrapper = pickle::kNoNode;
 };
 
 // A torch.save zip's archive name ("checkpoint_last-model_part-0-shard0") and
@@ -91,17 +78,24 @@ class Checkpoint {
   const pickle::Graph& graph() const { return *graph_; }
   // The same graph, for a Graph::over it that outlives this checkpoint.
   std::shared_ptr<const pickle::Graph> shared_graph() const { return graph_; }
-  const std::vector<TensorRef>& tensors() const { return tensors_; }
+  // Every tensor, in the order a depth-first walk meets its path, ties
+  // included (alias_of); places()[i] and tensor_nodes()[i] belong to tensors()[i].
+  const TensorList& tensors() const { return tensors_; }
+  const std::vector<TensorPlace>& places() const { return places_; }
+  const std::vector<TensorNodes>& tensor_nodes() const { return nodes_; }
   const std::map<std::string, StorageRef>& storages() const { return storages_; }
-  const TensorRef* find_tensor(std::string_view path) const;
-  // The bytes of a tensor (its span: contiguous tensors are exactly their data).
-  Bytes tensor_bytes(const TensorRef& tensor) const {
-    return file_.bytes().subspan(tensor.file_byte_offset, tensor.nbytes);
+  // The tensor at `path`, or null; its index, if any.
+  const StoredTensor* find_tensor(std::string_view path) const;
+  std::optional<std::size_t> tensor_index(std::string_view path) const { return tensors_.find(path); }
+  // The bytes of tensor `index` (its span: contiguous tensors are exactly their data).
+  Bytes tensor_bytes(std::size_t index) const {
+    return file_.bytes().subspan(places_.at(index).file_byte_offset, tensors_.at(index).nbytes);
   }
 
  private:
   void collect_storages();
   void collect_tensors();
+  TensorPlace place_of(const StoredTensor& tensor) const;
 
   const MappedFile& file_;
   ZipArchive zip_;
@@ -109,7 +103,9 @@ class Checkpoint {
   const ZipRecord* pickle_record_ = nullptr;
   std::shared_ptr<const pickle::Graph> graph_;  // shared by checkpoints of the same pickle bytes
   std::map<std::string, StorageRef> storages_;
-  std::vector<TensorRef> tensors_;
+  TensorList tensors_;  // shared by checkpoints of the same pickle bytes
+  std::vector<TensorPlace> places_;
+  std::vector<TensorNodes> nodes_;
 };
 
 // A strided view's extent, checked once by each reader of untrusted shapes (the

@@ -17,7 +17,7 @@ namespace ckpt {
 // The bytes of a manifest tensor in row-major order: one piece when it is
 // contiguous, otherwise one per innermost contiguous run; `file` is the
 // pieces' source index.
-TensorSource source_of(const ManifestTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file);
+TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file);
 
 // Throws Error naming the file and what it holds (describe_contents) when it
 // has no state dict of tensors at object path `state_dict`, flattened or not:
@@ -39,12 +39,12 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
 
 // The state-dict helpers consolidation and the optimizer state (optimizer_state.hpp) share.
 // Tensors of a state dict in order, by key: "model/x" -> "x", "model/a~1b" -> "a/b".
-std::vector<std::pair<std::string, const ManifestTensor*>> state_dict_tensors(const ManifestFile& file,
-                                                                              const std::string& prefix);
+std::vector<std::pair<std::string, const StoredTensor*>> state_dict_tensors(const ManifestFile& file,
+                                                                            const std::string& prefix);
 // Whether a state dict's tensor is a buffer, not a parameter: not floating,
 // metaseq's `version` and sinusoidal positions' `_float_tensor`, or one of the
 // FSDP layout's buffer names.
-bool is_buffer(const std::string& key, const ManifestTensor& tensor, const FsdpMetadata* fsdp);
+bool is_buffer(const std::string& key, const StoredTensor& tensor, const FsdpMetadata* fsdp);
 // Whether the state dict at `prefix` holds FSDP flat parameters.
 bool is_flattened(const ManifestFile& file, const std::string& prefix);
 // Every flat parameter of the part, unpadded, concatenated over the shards and

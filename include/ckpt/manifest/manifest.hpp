@@ -21,6 +21,7 @@
 
 #include "ckpt/format/dtype.hpp"
 #include "ckpt/format/pickle.hpp"
+#include "ckpt/format/stored_tensor.hpp"
 #include "ckpt/layout/metaseq.hpp"
 
 namespace ckpt {
@@ -31,90 +32,18 @@ namespace ckpt {
 inline constexpr int kMaxGridSide = 1 << 20;             // part and shard numbers in a grid are below this
 inline constexpr std::uint64_t kMaxGridCells = 1 << 20;  // parts x shards that detect_grid allocates
 
-// A tensor as the files that hold it describe it. Shards of one model part hold
-// the same tensors (paths, dtypes, shapes), so a list of them is shared by every
-// file that holds exactly that list (TensorList); where each one is in a given
-// file is that file's TensorPlace.
-struct ManifestTensor {
-  std::string path;  // object path: "model/decoder.layers.0.flat_param_0"
-  DType dtype = DType::Float32;
-  std::vector<std::int64_t> shape;
-  std::vector<std::int64_t> stride;
-  std::string storage_key;  // the record `<archive_name>/data/<storage_key>`
-  std::int64_t storage_offset = 0;
-  std::uint64_t nbytes = 0;              // bytes the view spans, from its first element to its last
-  std::uint64_t storage_nbytes = 0;      // bytes of the whole storage (its record), shared by its views
-  bool requires_grad = false;            // the nn.Parameter's when wrapped
-  TensorWrap wrap = TensorWrap::Tensor;  // an nn.Parameter at this path, or the tensor itself
-  std::optional<std::string> alias_of;   // another path holding this very tensor (tied)
-
-  std::uint64_t numel() const;
-  // Whether `other` is the same view of the same storage: a tie that was
-  // pickled as two tensor objects (model.state_dict() does that), or one tensor
-  // under two paths (alias_of).
-  bool same_view(const ManifestTensor& other) const;
-  // "model", "optimizer_state" or "other", from the top-level key of `path`.
-  std::string section() const;
-  bool operator==(const ManifestTensor&) const = default;
-};
-
 // The tensors of one file seen so far, by view: insert() is false for a tensor
 // that is the same view of the same storage as one inserted before (a tie).
 // The tensors must outlive the set.
 class DistinctViews {
  public:
-  bool insert(const ManifestTensor& tensor) { return tied_to(tensor) == nullptr; }
+  bool insert(const StoredTensor& tensor) { return tied_to(tensor) == nullptr; }
   // The tensor inserted before that `tensor` is the same view as (a tie), or
   // null, and then `tensor` is inserted.
-  const ManifestTensor* tied_to(const ManifestTensor& tensor);
+  const StoredTensor* tied_to(const StoredTensor& tensor);
 
  private:
-  std::map<std::pair<std::string_view, std::int64_t>, std::vector<const ManifestTensor*>> seen_;
-};
-
-// Where a tensor's bytes are in one file.
-struct TensorPlace {
-  std::uint64_t file_byte_offset = 0;  // of the first element
-  std::uint32_t record_crc32 = 0;      // of its storage record, as the zip directory says
-  bool operator==(const TensorPlace&) const = default;
-};
-
-// A list of tensors shared by the files that hold the same list (copying it
-// copies a pointer), with an index by path. edit() gives a list of its own to
-// change (readers of hand-made manifests, tests); nothing else changes it.
-class TensorList {
- public:
-  TensorList();
-  explicit TensorList(std::vector<ManifestTensor> tensors);
-
-  std::size_t size() const { return data_->tensors.size(); }
-  bool empty() const { return data_->tensors.empty(); }
-  const ManifestTensor& operator[](std::size_t i) const { return data_->tensors[i]; }
-  const ManifestTensor& at(std::size_t i) const { return data_->tensors.at(i); }
-  const ManifestTensor& front() const { return data_->tensors.front(); }
-  const ManifestTensor& back() const { return data_->tensors.back(); }
-  std::vector<ManifestTensor>::const_iterator begin() const { return data_->tensors.begin(); }
-  std::vector<ManifestTensor>::const_iterator end() const { return data_->tensors.end(); }
-  // The index of the tensor at `path`, if any. Thread-safe.
-  std::optional<std::size_t> find(std::string_view path) const;
-  // The index of `tensor`, which must be an element of this list.
-  std::size_t index_of(const ManifestTensor& tensor) const;
-  // True when both are the same shared list (then they are equal too).
-  bool same_list(const TensorList& other) const { return data_ == other.data_; }
-  // The same for every copy of one shared list.
-  const void* identity() const { return data_.get(); }
-  bool operator==(const TensorList& other) const { return same_list(other) || data_->tensors == other.data_->tensors; }
-  // This list's own tensors, copied first when shared, to change in place.
-  std::vector<ManifestTensor>& edit();
-
- private:
-  struct Data {
-    std::vector<ManifestTensor> tensors;
-    mutable std::mutex mutex;  // guards the index, built on the first find()
-    mutable bool indexed = false;
-    mutable std::unordered_map<std::string_view, std::size_t> by_path;  // views of tensors[i].path
-  };
-  std::shared_ptr<Data> data_;
+  std::map<std::pair<std::string_view, std::int64_t>, std::vector<const StoredTensor*>> seen_;
 };
 
 // A value shared by the files that hold an equal one, such as one part's
@@ -165,13 +94,13 @@ struct ManifestFile {
 
   ManifestFile();
   // Where `tensor` (an element of `tensors`, found by find_tensor) is in this file.
-  const TensorPlace& place(const ManifestTensor& tensor) const { return places.at(tensors.index_of(tensor)); }
+  const TensorPlace& place(const StoredTensor& tensor) const { return places.at(tensors.index_of(tensor)); }
   // Appends a tensor and its place (readers of hand-made manifests, tests).
-  void add_tensor(ManifestTensor tensor, TensorPlace place);
+  void add_tensor(StoredTensor tensor, TensorPlace place);
   // Removes the tensors for which `remove` is true, with their places.
   template <typename Predicate>
   void remove_tensors_if(Predicate remove) {
-    std::vector<ManifestTensor>& all = tensors.edit();
+    std::vector<StoredTensor>& all = tensors.edit();
     std::size_t kept = 0;
     for (std::size_t i = 0; i < all.size(); ++i) {
       if (remove(std::as_const(all[i]))) continue;
@@ -198,7 +127,9 @@ struct Grid {
 };
 
 // The tensor at object path `path` ("model/decoder.layers.0.flat_param_0"), or null.
-const ManifestTensor* find_tensor(const ManifestFile& file, std::string_view path);
+const StoredTensor* find_tensor(const ManifestFile& file, std::string_view path);
+// "model", "optimizer_state" or "other", from the top-level key of the tensor's path.
+std::string tensor_section(const StoredTensor& tensor);
 // What a file holds, for a person, when it is not what a command needs: "a
 // TorchScript archive (torch.jit.save)", "a pickled Python object of class
 // __main__.Net (torch.save(model))", "a plain state dict of 12 tensors

@@ -12,6 +12,6 @@
 namespace ckpt {
 
 at::ScalarType to_scalar_type(DType dtype);
-at::Tensor tensor_view(const Checkpoint& checkpoint, const TensorRef& tensor);
+at::Tensor tensor_view(const Checkpoint& checkpoint, std::size_t index);
 
 }  // namespace ckpt
