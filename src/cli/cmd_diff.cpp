@@ -51,17 +51,17 @@ struct Side {
 // The metaseq state dict of a torch side under transformers' OPT names
 // (--names hf-opt): the side's model/ tensors through the one mapping table.
 std::vector<NamedTensor> hf_opt_named(const std::vector<NamedTensor>& tensors) {
-  std::vector<OutputTensor> model;
+  std::vector<NamedTensor> model;
   for (const NamedTensor& tensor : tensors) {
     if (!tensor.name.starts_with(kModelPrefix)) continue;
     std::string key = tensor.name.substr(kModelPrefix.size());
     std::optional<std::string> alias;
     if (tensor.alias_of) alias = unescape_label(std::string_view(*tensor.alias_of).substr(kModelPrefix.size()));
-    OutputTensor output = as_output({unescape_label(key), tensor.source, alias});
+    NamedTensor output(unescape_label(key), tensor.source, alias);
     model.push_back(std::move(output));
   }
   std::vector<NamedTensor> out;
-  for (const OutputTensor& tensor : to_hf_opt(model).tensors) {
+  for (const NamedTensor& tensor : to_hf_opt(model).tensors) {
     out.push_back({state_dict_path(kModelPrefix, tensor.name), tensor.source, std::nullopt});
   }
   return out;

@@ -50,7 +50,7 @@ void print_first_copies(const Plan& plan, const PlannedRecord& record, std::FILE
 
 }  // namespace
 
-void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, std::FILE* out) {
+void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, std::FILE* out) {
   std::uint64_t total_copy = 0;
   std::uint64_t total_size = 0;
   for (std::size_t k = 0; k < plan.files.size(); ++k) {
@@ -72,7 +72,7 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
     }
     std::string prefix = file.records.front().name.substr(0, file.records.front().name.find('/'));
     std::size_t storage = 0;
-    for (const OutputTensor& tensor : tensors[k]) {
+    for (const NamedTensor& tensor : tensors[k]) {
       if (tensor.alias_of) {
         fmt::print(out, "  {} = {} (tied, no bytes)\n", printable(tensor.name), printable(*tensor.alias_of));
         continue;
@@ -80,7 +80,7 @@ void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& 
       // A torch file's storages are <archive>/data/0, 1, ...; a safetensors file's records are named by tensor.
       const PlannedRecord* record =
           by_name.at(file.container == Container::Zip ? fmt::format("{}/data/{}", prefix, storage++) : tensor.name);
-      fmt::print(out, "  {} {} [{}] {} B in {}\n", printable(tensor.name), dtype_info(tensor.dtype).name,
+      fmt::print(out, "  {} {} [{}] {} B in {}\n", printable(tensor.name), dtype_info(tensor.dtype()).name,
                  fmt::join(tensor.source.shape, ", "), record->nbytes, copies_text(record->copies.size()));
       print_first_copies(plan, *record, out);
     }
@@ -158,7 +158,7 @@ ProgressFn progress_line(bool quiet) {
   };
 }
 
-void run_plan(Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
+void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, const WriteFlags& flags,
               std::chrono::steady_clock::time_point started) {
   for (const std::string& path : manifests_read()) plan.read_only.push_back(path);
   if (flags.dry_run) {

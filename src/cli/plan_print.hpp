@@ -22,7 +22,7 @@ namespace ckpt::cli {
 // `tensors[k]` is output file k's state dict, whose storages are the records
 // <archive>/data/0, 1, ... in order (aliases have none); in a safetensors file,
 // the records named by the tensors.
-void print_plan(const Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, std::FILE* out);
+void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, std::FILE* out);
 
 // The flags of every command that writes checkpoints, and running its plan.
 struct WriteFlags {
@@ -52,7 +52,7 @@ ProgressFn progress_line(bool quiet);
 // Executes `plan` (or prints it with --dry-run, or writes it to --save-plan),
 // then --stats and the summary line. `started` is when the command began
 // reading its inputs. The manifests read are added to the plan's read_only.
-void run_plan(Plan& plan, const std::vector<std::vector<OutputTensor>>& tensors, const WriteFlags& flags,
+void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, const WriteFlags& flags,
               std::chrono::steady_clock::time_point started);
 
 // On a terminal (and without --quiet), one line saying what the command is

@@ -49,16 +49,16 @@ HfOptRule hf_opt_rule(std::string_view key) {
               "final_layer_norm}, layer_norm, project_in_dim, project_out_dim, output_projection, version)");
 }
 
-HfOptModel to_hf_opt(const std::vector<OutputTensor>& tensors) {
+HfOptModel to_hf_opt(const std::vector<NamedTensor>& tensors) {
   HfOptModel out;
-  for (const OutputTensor& tensor : tensors) {
+  for (const NamedTensor& tensor : tensors) {
     HfOptRule rule = hf_opt_rule(tensor.name);
     switch (rule.action) {
       case HfOptRule::Action::Drop:
         // An output projection of its own is the language-model head, not a tie.
         if (tensor.name == "decoder.output_projection.weight" && !tensor.alias_of) {
           out.tied_embeddings = false;
-          out.tensors.push_back({"lm_head.weight", tensor.dtype, tensor.source, std::nullopt});
+          out.tensors.push_back({"lm_head.weight", tensor.dtype(), tensor.source, std::nullopt});
         }
         break;
       case HfOptRule::Action::Rename:
@@ -67,14 +67,14 @@ HfOptModel to_hf_opt(const std::vector<OutputTensor>& tensors) {
               Location{"", tensor.name, std::nullopt},
               fmt::format("tied to '{}': safetensors and transformers' OPT hold no tie here", *tensor.alias_of));
         }
-        out.tensors.push_back({rule.name, tensor.dtype, tensor.source, std::nullopt});
+        out.tensors.push_back({rule.name, tensor.dtype(), tensor.source, std::nullopt});
         break;
       case HfOptRule::Action::SplitQkv: {
         auto kvq = split_qkv(tensor.source, tensor.name);
         static constexpr std::string_view kProjections[] = {"k_proj", "v_proj", "q_proj"};
         for (int t = 0; t < 3; ++t) {
           out.tensors.push_back(
-              {fmt::format(fmt::runtime(rule.name), kProjections[t]), tensor.dtype, kvq[t], std::nullopt});
+              {fmt::format(fmt::runtime(rule.name), kProjections[t]), tensor.dtype(), kvq[t], std::nullopt});
         }
         break;
       }

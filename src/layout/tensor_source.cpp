@@ -219,14 +219,4 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
-OutputTensor as_output(const NamedTensor& tensor) {
-  OutputTensor out;
-  out.name = tensor.name;
-  out.dtype = tensor.source.dtype;
-  out.source = tensor.source;
-  out.alias_of = tensor.alias_of;
-  out.kind = tensor.kind;
-  return out;
-}
-
 }  // namespace ckpt

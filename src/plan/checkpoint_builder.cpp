@@ -29,13 +29,13 @@ CheckpointBuilder::CheckpointBuilder(const Checkpoint& base)
   base_model_ = top_level("model");
 }
 
-NodeId CheckpointBuilder::add_tensor(const OutputTensor& tensor) {
+NodeId CheckpointBuilder::add_tensor(const NamedTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
   payloads_.push_back({key, tensor, {}});
   // torch pickles a parameter's `.data`, whose own requires_grad is False.
   const bool parameter = tensor.kind.wrap != TensorWrap::Tensor;
   NodeId data =
-      ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key, !parameter && tensor.kind.requires_grad);
+      ckpt::add_tensor(graph_, tensor.dtype(), tensor.source.shape, key, !parameter && tensor.kind.requires_grad);
   if (!parameter) return data;
   NodeId state = tensor.kind.wrap == TensorWrap::ParameterWithState ? parameter_state(tensor.name) : pickle::kNoNode;
   return add_parameter(graph_, data, tensor.kind.requires_grad, state);
@@ -55,8 +55,7 @@ NodeId CheckpointBuilder::parameter_state(const std::string& key) const {
 
 NodeId CheckpointBuilder::add_inline_tensor(DType dtype, const std::vector<std::int64_t>& shape,
                                             std::vector<std::byte> data) {
-  OutputTensor tensor;
-  tensor.dtype = dtype;
+  NamedTensor tensor;
   tensor.source.dtype = dtype;
   tensor.source.shape = shape;
   check_invariant(tensor.source.nbytes() == data.size(), "inline tensor data does not match its shape");
@@ -65,10 +64,10 @@ NodeId CheckpointBuilder::add_inline_tensor(DType dtype, const std::vector<std::
   return ckpt::add_tensor(graph_, dtype, shape, key);
 }
 
-NodeId CheckpointBuilder::add_state_dict(const std::vector<OutputTensor>& tensors) {
+NodeId CheckpointBuilder::add_state_dict(const std::vector<NamedTensor>& tensors) {
   NodeId dict = add_ordered_dict(graph_);
   std::map<std::string, NodeId> by_name;
-  for (const OutputTensor& tensor : tensors) {
+  for (const NamedTensor& tensor : tensors) {
     NodeId node = pickle::kNoNode;
     if (tensor.alias_of) {
       auto it = by_name.find(*tensor.alias_of);
@@ -85,14 +84,14 @@ NodeId CheckpointBuilder::add_state_dict(const std::vector<OutputTensor>& tensor
   return dict;
 }
 
-void CheckpointBuilder::replace_tensor(NodeId node, const OutputTensor& tensor) {
+void CheckpointBuilder::replace_tensor(NodeId node, const NamedTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
   payloads_.push_back({key, tensor, {}});
   // The base's requires_grad stays: the tensor's bytes change, not what torch rebuilds.
   const auto& old_args = graph_[graph_[node].args].items;
   bool requires_grad =
       old_args.size() > 4 && graph_[old_args[4]].kind == pickle::Kind::Bool && graph_[old_args[4]].boolean;
-  NodeId fresh = ckpt::add_tensor(graph_, tensor.dtype, tensor.source.shape, key, requires_grad);
+  NodeId fresh = ckpt::add_tensor(graph_, tensor.dtype(), tensor.source.shape, key, requires_grad);
   // Keep the node id (and so every reference), take the fresh node's contents.
   pickle::Node updated = graph_[node].copy();
   updated.callable = graph_[fresh].callable;
@@ -184,10 +183,10 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   return plan_torch_file(path, archive_name_for(path), graph_, std::move(storages));
 }
 
-PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<std::uint32_t>& sources) {
+PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>& sources) {
   PlannedRecord record;
   DType from = tensor.source.dtype;
-  DType to = tensor.dtype;
+  DType to = tensor.dtype();
   std::uint64_t in_size = dtype_info(from).itemsize;
   std::uint64_t out_size = dtype_info(to).itemsize;
   // Offsets in the tensor's bytes scale with the itemsize when converting.

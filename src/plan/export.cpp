@@ -18,17 +18,17 @@ using json = nlohmann::ordered_json;
 
 namespace {
 
-std::uint64_t output_nbytes(const OutputTensor& tensor) {
-  return tensor.source.numel() * dtype_info(tensor.dtype).itemsize;
+std::uint64_t output_nbytes(const NamedTensor& tensor) {
+  return tensor.source.numel() * dtype_info(tensor.dtype()).itemsize;
 }
 
 // transformers' shard_checkpoint: in order, a new file when the next tensor
 // would take the current one past the limit.
-std::vector<std::vector<const OutputTensor*>> fill_shards(const std::vector<const OutputTensor*>& tensors,
-                                                          std::uint64_t max_shard_bytes) {
-  std::vector<std::vector<const OutputTensor*>> shards(1);
+std::vector<std::vector<const NamedTensor*>> fill_shards(const std::vector<const NamedTensor*>& tensors,
+                                                         std::uint64_t max_shard_bytes) {
+  std::vector<std::vector<const NamedTensor*>> shards(1);
   std::uint64_t used = 0;
-  for (const OutputTensor* tensor : tensors) {
+  for (const NamedTensor* tensor : tensors) {
     std::uint64_t nbytes = output_nbytes(*tensor);
     if (max_shard_bytes != 0 && !shards.back().empty() && used + nbytes > max_shard_bytes) {
       shards.emplace_back();
@@ -41,21 +41,21 @@ std::vector<std::vector<const OutputTensor*>> fill_shards(const std::vector<cons
 }
 
 // One safetensors file of `tensors`: the header record, then one record per tensor.
-PlannedFile plan_one_file(std::string path, std::vector<const OutputTensor*> tensors,
-                          const std::vector<std::uint32_t>& sources, std::vector<OutputTensor>& laid_out) {
+PlannedFile plan_one_file(std::string path, std::vector<const NamedTensor*> tensors,
+                          const std::vector<std::uint32_t>& sources, std::vector<NamedTensor>& laid_out) {
   // Largest elements first: with the data at a multiple of 8, every tensor starts
   // at a multiple of its element size.
-  std::stable_sort(tensors.begin(), tensors.end(), [](const OutputTensor* a, const OutputTensor* b) {
-    return dtype_info(a->dtype).itemsize > dtype_info(b->dtype).itemsize;
+  std::stable_sort(tensors.begin(), tensors.end(), [](const NamedTensor* a, const NamedTensor* b) {
+    return dtype_info(a->dtype()).itemsize > dtype_info(b->dtype()).itemsize;
   });
   PlannedFile file;
   file.path = std::move(path);
   file.container = Container::Concatenated;
   std::vector<SafetensorsTensor> header;
   std::uint64_t at = 0;
-  for (const OutputTensor* tensor : tensors) {
+  for (const NamedTensor* tensor : tensors) {
     std::uint64_t nbytes = output_nbytes(*tensor);
-    header.push_back({tensor->name, tensor->dtype, tensor->source.shape, at, at + nbytes});
+    header.push_back({tensor->name, tensor->dtype(), tensor->source.shape, at, at + nbytes});
     at += nbytes;
   }
   PlannedRecord head;
@@ -63,7 +63,7 @@ PlannedFile plan_one_file(std::string path, std::vector<const OutputTensor*> ten
   head.inline_bytes = render_safetensors_header(header, json{{"format", "pt"}});
   head.nbytes = head.inline_bytes.size();
   file.records.push_back(std::move(head));
-  for (const OutputTensor* tensor : tensors) {
+  for (const NamedTensor* tensor : tensors) {
     PlannedRecord record = plan_tensor_record(*tensor, sources);
     record.name = tensor->name;
     file.records.push_back(std::move(record));
@@ -91,16 +91,16 @@ PlannedFile plan_text_file(std::string path, std::string_view text) {
   return file;
 }
 
-std::vector<std::vector<OutputTensor>> plan_safetensors(const std::vector<OutputTensor>& tensors,
-                                                        const SafetensorsTarget& target,
-                                                        const std::vector<std::uint32_t>& sources, Plan& plan) {
-  std::vector<const OutputTensor*> kept;
+std::vector<std::vector<NamedTensor>> plan_safetensors(const std::vector<NamedTensor>& tensors,
+                                                       const SafetensorsTarget& target,
+                                                       const std::vector<std::uint32_t>& sources, Plan& plan) {
+  std::vector<const NamedTensor*> kept;
   std::set<std::string_view> names;
-  for (const OutputTensor& tensor : tensors) {
+  for (const NamedTensor& tensor : tensors) {
     if (tensor.alias_of) continue;  // the tie's data is written under the name it ties to
-    if (!safetensors_dtype_name(tensor.dtype)) {
+    if (!safetensors_dtype_name(tensor.dtype())) {
       throw Error(Location{"", tensor.name, std::nullopt},
-                  fmt::format("{} has no safetensors dtype", dtype_info(tensor.dtype).name));
+                  fmt::format("{} has no safetensors dtype", dtype_info(tensor.dtype()).name));
     }
     if (tensor.name == "__metadata__") {
       throw Error(Location{"", tensor.name, std::nullopt}, "a safetensors file cannot hold a tensor of this name");
@@ -110,8 +110,8 @@ std::vector<std::vector<OutputTensor>> plan_safetensors(const std::vector<Output
     }
     kept.push_back(&tensor);
   }
-  std::vector<std::vector<const OutputTensor*>> shards = fill_shards(kept, target.max_shard_bytes);
-  std::vector<std::vector<OutputTensor>> out;
+  std::vector<std::vector<const NamedTensor*>> shards = fill_shards(kept, target.max_shard_bytes);
+  std::vector<std::vector<NamedTensor>> out;
   if (shards.size() == 1) {
     out.emplace_back();
     plan.files.push_back(plan_one_file(target.path, shards[0], sources, out.back()));
@@ -123,7 +123,7 @@ std::vector<std::vector<OutputTensor>> plan_safetensors(const std::vector<Output
   std::uint64_t total = 0;
   for (std::size_t k = 0; k < shards.size(); ++k) {
     std::string name = safetensors_shard_name(stem, k + 1, shards.size());
-    for (const OutputTensor* tensor : shards[k]) {
+    for (const NamedTensor* tensor : shards[k]) {
       index.weight_map.emplace_back(tensor->name, name);
       total += output_nbytes(*tensor);
     }
@@ -158,7 +158,7 @@ std::vector<std::string> stale_set_files(const Plan& plan, const std::vector<std
 }
 
 void plan_safetensors_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
-  for (const OutputTensor& tensor : output.tensors) {
+  for (const NamedTensor& tensor : output.tensors) {
     if (!tensor.alias_of) continue;
     out.notes.push_back(
         fmt::format("{} is tied to {}: safetensors holds the tensor once, under {} (tie it "

@@ -22,8 +22,8 @@ using json = nlohmann::ordered_json;
 
 namespace {
 
-const OutputTensor* find_output(const std::vector<OutputTensor>& tensors, std::string_view name) {
-  for (const OutputTensor& tensor : tensors) {
+const NamedTensor* find_output(const std::vector<NamedTensor>& tensors, std::string_view name) {
+  for (const NamedTensor& tensor : tensors) {
     if (tensor.name == name) return &tensor;
   }
   return nullptr;
@@ -39,10 +39,10 @@ pickle::NodeId model_config(const Checkpoint& base) {
 
 }  // namespace
 
-json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embeddings, const Checkpoint& base,
+json hf_opt_config(const std::vector<NamedTensor>& tensors, bool tied_embeddings, const Checkpoint& base,
                    const std::vector<std::pair<std::string, json>>& overrides) {
   auto shape_of = [&](std::string_view name) -> const std::vector<std::int64_t>& {
-    const OutputTensor* tensor = find_output(tensors, name);
+    const NamedTensor* tensor = find_output(tensors, name);
     if (tensor == nullptr || tensor->source.shape.size() != 2) {
       throw Error(Location{base.path(), std::string(name), std::nullopt},
                   "config.json needs this tensor (2-D), and the state dict has none");
@@ -58,7 +58,7 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
   }
   std::int64_t layers = 0;
   static const std::regex layer(R"(model\.decoder\.layers\.(\d+)\..*)");
-  for (const OutputTensor& tensor : tensors) {
+  for (const NamedTensor& tensor : tensors) {
     std::smatch match;
     if (std::regex_match(tensor.name, match, layer) && match[1].length() < 9) {
       layers = std::max<std::int64_t>(layers, std::stoll(match[1]) + 1);
@@ -124,7 +124,7 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
   const bool remove_final_norm = config["do_layer_norm_before"] == true && !final_norm;
   if (remove_final_norm) config["_remove_final_layer_norm"] = true;
   config["torch_dtype"] =
-      std::string(dtype_info(find_output(tensors, "model.decoder.embed_tokens.weight")->dtype).name);
+      std::string(dtype_info(find_output(tensors, "model.decoder.embed_tokens.weight")->dtype()).name);
   config["bos_token_id"] = 2;
   config["eos_token_id"] = 2;
   config["pad_token_id"] = 1;
@@ -157,7 +157,7 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
   // Every tensor must have the shape config.json gives it: transformers refuses a
   // checkpoint whose shapes disagree (an lm_head of half the vocabulary).
   const HfOptSizes sizes{embed[0], embed[1], positions[1], fc1[0], layers, positions[0] - 2};
-  for (const OutputTensor& tensor : tensors) {
+  for (const NamedTensor& tensor : tensors) {
     std::optional<std::vector<std::int64_t>> expected = hf_opt_shape(tensor.name, sizes);
     if (!expected) {
       throw Error(Location{base.path(), tensor.name, std::nullopt},
@@ -182,7 +182,7 @@ json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embedding
 // safetensors, and config.json.
 void plan_hf_opt_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
   HfOptModel model = to_hf_opt(output.tensors);
-  const std::vector<OutputTensor>& renamed = model.tensors;
+  const std::vector<NamedTensor>& renamed = model.tensors;
   json config = hf_opt_config(renamed, model.tied_embeddings, output.base, options.hf_config);
   std::filesystem::path dir(output.path);
   for (auto& file : plan_safetensors(renamed, {(dir / "model.safetensors").string(), options.max_shard_bytes},

@@ -89,7 +89,7 @@ void check_request(const ReshardOptions& options) {
 // The step of an optimizer state: an int, or (torch >= 1.12) a 0-dim tensor.
 struct OptimizerStep {
   std::int64_t value = 0;
-  std::optional<OutputTensor> tensor;
+  std::optional<NamedTensor> tensor;
 };
 
 // The step the states of `file` (manifest file `index`) share, if they have one
@@ -107,7 +107,7 @@ std::optional<OptimizerStep> optimizer_step(const ManifestFile& file, int index)
     throw Error(Location{file.path, path, std::nullopt}, "a step that is neither an int nor a tensor");
   }
   TensorSource source = source_of(*tensor, file.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(index));
-  return OptimizerStep{0, OutputTensor{path, tensor->dtype, source, std::nullopt}};
+  return OptimizerStep{0, NamedTensor{path, tensor->dtype, source, std::nullopt}};
 }
 
 // The files every output is an edited copy of, and whose FSDP layout it takes:
@@ -353,14 +353,14 @@ struct Output {
   explicit Output(const Checkpoint& base_checkpoint) : base(base_checkpoint), builder(base_checkpoint) {}
 
   // The base's tensor at `path` now holds `tensor`.
-  void replace(const std::string& path, OutputTensor tensor) {
+  void replace(const std::string& path, NamedTensor tensor) {
     builder.replace_tensor(base_tensor_node(base, path), tensor);
     written.push_back(std::move(tensor));
   }
 
   const Checkpoint& base;
   CheckpointBuilder builder;
-  std::vector<OutputTensor> written;
+  std::vector<NamedTensor> written;
 };
 
 // Whether `file` holds its model flattened (its first flat parameter is there).
@@ -370,17 +370,17 @@ bool has_flat_model(const ManifestFile& file) {
              nullptr;
 }
 
-OutputTensor flat_output(const FlatShard& flat) {
+NamedTensor flat_output(const FlatShard& flat) {
   return {flat.state_key, flat.source.dtype, flat.source, std::nullopt};
 }
 
 // --unflatten: the part's consolidated weights, with shard_metadata (where the
 // base has one) describing a single shard.
 void write_unflattened(Output& output, const ManifestFile& base_file, const Recut& recut, int m) {
-  std::vector<OutputTensor> model;
-  for (const NamedTensor& tensor : recut.weights[m]) model.push_back(as_output(tensor));
+  std::vector<NamedTensor> model;
+  for (const NamedTensor& tensor : recut.weights[m]) model.push_back((tensor));
   output.builder.set_top_level("model", output.builder.add_state_dict(model));
-  for (const OutputTensor& tensor : model) {
+  for (const NamedTensor& tensor : model) {
     if (!tensor.alias_of) output.written.push_back(tensor);
   }
   if (base_file.fsdp)
@@ -400,18 +400,18 @@ void replace_flat_model(Output& output, const ManifestFile& base_file, const std
     if (it == by_name.end() || it->second->alias_of) {
       throw Error(Location{output.base.path(), tensor.path, std::nullopt}, "not a flat parameter and not a buffer");
     }
-    output.replace(tensor.path, as_output(*it->second));
+    output.replace(tensor.path, (*it->second));
   }
 }
 
 // From consolidated parts: flat parameters in metadata order, then buffers.
 void build_flat_model(Output& output, const FsdpMetadata& layout, const std::vector<FlatShard>& flats,
                       const std::map<std::string, const NamedTensor*>& by_name) {
-  std::vector<OutputTensor> model;
+  std::vector<NamedTensor> model;
   for (const FlatShard& flat : flats) model.push_back(flat_output(flat));
   for (const std::string& buffer : layout.buffer_names) {
     auto it = by_name.find(buffer);
-    if (it != by_name.end() && !it->second->alias_of) model.push_back(as_output(*it->second));
+    if (it != by_name.end() && !it->second->alias_of) model.push_back((*it->second));
   }
   output.builder.set_top_level("model", output.builder.add_state_dict(model));
   output.written.insert(output.written.end(), model.begin(), model.end());
@@ -440,7 +440,7 @@ void replace_optimizer_state(Output& output, const Recut& recut, int m, int d) {
   for (const auto& [name, state] : recut.flat_optimizer) {
     std::vector<FlatShard> slices = chunk_flat(*recut.first.fsdp, state[m], recut.options.dp, d);
     for (std::size_t k = 0; k < slices.size(); ++k) {
-      OutputTensor tensor = flat_output(slices[k]);
+      NamedTensor tensor = flat_output(slices[k]);
       tensor.name = optimizer_state_path(k, name);
       output.replace(tensor.name, tensor);
     }
@@ -467,7 +467,7 @@ void write_flattened(Output& output, const ManifestFile& base_file, bool base_fl
 struct PlannedOutput {
   std::string path;
   PlannedFile file;
-  std::vector<OutputTensor> tensors;
+  std::vector<NamedTensor> tensors;
 };
 PlannedOutput plan_output(const Bases& bases, const Recut& recut, const std::string& pattern,
                           const std::vector<std::uint32_t>& sources, int m, int d) {

@@ -26,9 +26,9 @@ std::string ema_state_dict(const ManifestFile& file) {
 
 namespace {
 
-void convert_dtype(std::vector<OutputTensor>& tensors, DType dtype) {
-  for (OutputTensor& tensor : tensors) {
-    if (!tensor.alias_of && dtype_info(tensor.dtype).floating) tensor.dtype = dtype;
+void convert_dtype(std::vector<NamedTensor>& tensors, DType dtype) {
+  for (NamedTensor& tensor : tensors) {
+    if (!tensor.alias_of && dtype_info(tensor.dtype()).floating) tensor.convert_to = dtype;
   }
 }
 
@@ -49,9 +49,9 @@ std::vector<const Checkpoint*> stitch_bases(const PlanInputs& inputs, const std:
 // taken from one part as replicated.
 void plan_glued(const std::vector<std::vector<NamedTensor>>& consolidated, const GlueOptions& glue, StitchPlan& out) {
   std::vector<std::string> replicated;
-  std::vector<OutputTensor> tensors;
+  std::vector<NamedTensor> tensors;
   for (const NamedTensor& tensor : glue_megatron(consolidated, glue, &replicated)) {
-    tensors.push_back(as_output(tensor));
+    tensors.push_back((tensor));
   }
   out.tensors.push_back(std::move(tensors));
   out.checks = replicated_checks(consolidated, replicated);
@@ -60,8 +60,8 @@ void plan_glued(const std::vector<std::vector<NamedTensor>>& consolidated, const
 // One state dict per consolidated part.
 void plan_per_part(const std::vector<std::vector<NamedTensor>>& consolidated, StitchPlan& out) {
   for (const auto& part : consolidated) {
-    std::vector<OutputTensor> tensors;
-    for (const NamedTensor& tensor : part) tensors.push_back(as_output(tensor));
+    std::vector<NamedTensor> tensors;
+    for (const NamedTensor& tensor : part) tensors.push_back((tensor));
     out.tensors.push_back(std::move(tensors));
   }
 }
@@ -101,7 +101,7 @@ std::vector<OptimizerStates> consolidate_states(const Manifest& manifest, const 
 // out) holds its tensor of each state and the other entries (step, ...) of the
 // input's state 0; the one param group lists them all. The rest of the
 // input's last_optimizer_state (loss_scale, ...) is carried.
-void set_parameter_states(CheckpointBuilder& builder, const std::vector<OutputTensor>& weights,
+void set_parameter_states(CheckpointBuilder& builder, const std::vector<NamedTensor>& weights,
                           const OptimizerStates& states, const std::string& base_path) {
   pickle::Graph& graph = builder.graph();
   auto fail = [&](const std::string& where, const std::string& message) {
@@ -129,7 +129,7 @@ void set_parameter_states(CheckpointBuilder& builder, const std::vector<OutputTe
   }
   const auto& params_of_first = by_state.begin()->second;
   std::vector<std::string> params;
-  for (const OutputTensor& tensor : weights) {
+  for (const NamedTensor& tensor : weights) {
     if (!tensor.alias_of && params_of_first.count(tensor.name) != 0) params.push_back(tensor.name);
   }
   check_invariant(params.size() == params_of_first.size(), "optimizer states of parameters the weights lack");
@@ -141,8 +141,7 @@ void set_parameter_states(CheckpointBuilder& builder, const std::vector<OutputTe
     for (const auto& [key, value] : frame_entries) {
       std::optional<std::string> name = as_str(graph, key);
       auto it = name ? by_state.find(*name) : by_state.end();
-      one.entries.emplace_back(key,
-                               it == by_state.end() ? value : builder.add_tensor(as_output(*it->second.at(params[i]))));
+      one.entries.emplace_back(key, it == by_state.end() ? value : builder.add_tensor((*it->second.at(params[i]))));
     }
     per_parameter.entries.emplace_back(graph.integer(static_cast<std::int64_t>(i)), graph.add(std::move(one)));
   }
@@ -154,7 +153,7 @@ void set_parameter_states(CheckpointBuilder& builder, const std::vector<OutputTe
 }
 
 // One torch.save output: the base's objects with the state dict replaced.
-PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<OutputTensor>& tensors, const std::string& path,
+PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<NamedTensor>& tensors, const std::string& path,
                               const StitchOptions& options, const OptimizerStates* states,
                               const std::vector<std::uint32_t>& sources, Plan& plan) {
   CheckpointBuilder builder(base);
@@ -218,10 +217,10 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
   std::vector<std::uint32_t> sources;
   for (std::size_t i = 0; i < inputs.files().size(); ++i)
     sources.push_back(out.plan.add_source(inputs.source(static_cast<int>(i))));
-  std::vector<std::vector<OutputTensor>> state_dicts = std::move(out.tensors);
+  std::vector<std::vector<NamedTensor>> state_dicts = std::move(out.tensors);
   out.tensors.clear();
   for (std::size_t k = 0; k < state_dicts.size(); ++k) {
-    std::vector<OutputTensor>& tensors = state_dicts[k];
+    std::vector<NamedTensor>& tensors = state_dicts[k];
     if (options.dtype) convert_dtype(tensors, *options.dtype);
     if (format.folder) out.plan.directories.push_back(output_paths[k]);
     format.plan({*bases[k], std::move(tensors), output_paths[k], states.empty() ? nullptr : &states[k], sources},

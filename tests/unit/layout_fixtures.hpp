@@ -47,7 +47,6 @@ using test_files::TempFile;
 
 using ckpt::DType;
 using ckpt::NamedTensor;
-using ckpt::OutputTensor;
 using ckpt::Piece;
 using ckpt::PlannedRecord;
 using ckpt::TensorSource;

@@ -32,7 +32,7 @@
 namespace {
 
 using ckpt::DType;
-using ckpt::OutputTensor;
+using ckpt::NamedTensor;
 using ckpt::Piece;
 using ckpt::pickle::NodeId;
 using test_files::Buffer;
@@ -48,10 +48,9 @@ void run(const ckpt::Plan& plan) {
 }
 
 // A float32 tensor of `shape` whose bytes are the run [offset, offset + nbytes) of file 0.
-OutputTensor run_of(const std::string& name, std::vector<std::int64_t> shape, std::uint64_t offset) {
-  OutputTensor tensor;
+NamedTensor run_of(const std::string& name, std::vector<std::int64_t> shape, std::uint64_t offset) {
+  NamedTensor tensor;
   tensor.name = name;
-  tensor.dtype = DType::Float32;
   tensor.source.dtype = DType::Float32;
   tensor.source.shape = std::move(shape);
   ckpt::Piece piece;
@@ -102,11 +101,10 @@ TEST_SUITE("CheckpointBuilder") {
       NodeId model_cfg = dict(graph, {{"model_parallel_size", parts}});
       builder.set_top_level("cfg", dict(graph, {{"model", model_cfg}}));
       builder.set_top_level("extra", graph.none());
-      OutputTensor zeros;
+      NamedTensor zeros;
       zeros.name = "b";
-      zeros.dtype = DType::Float32;
       zeros.source = ckpt::zeros_source(DType::Float32, {3});
-      OutputTensor tied;
+      NamedTensor tied;
       tied.name = "tied";
       tied.alias_of = "a";
       NodeId state_dict = builder.add_state_dict({run_of("a", {2, 4}, 100), zeros, tied});
@@ -263,13 +261,13 @@ TEST_SUITE("CheckpointBuilder") {
     CHECK(described.tensors[0].wrap == ckpt::TensorWrap::Parameter);
     CHECK(described.tensors[0].requires_grad);
 
-    // Written anew from OutputTensors of those kinds, and one replaced in place.
+    // Written anew from NamedTensors of those kinds, and one replaced in place.
     std::string out_path = dir.file("out.pt");
     {
       ckpt::CheckpointBuilder builder(base);
-      std::vector<OutputTensor> tensors;
+      std::vector<NamedTensor> tensors;
       for (std::size_t i = 0; i < 3; ++i) {
-        OutputTensor tensor = run_of(std::string(1, "pts"[i]), {2}, 0);
+        NamedTensor tensor = run_of(std::string(1, "pts"[i]), {2}, 0);
         tensor.source = ckpt::zeros_source(DType::Float32, {2});
         tensor.kind = {want[i].first, want[i].second};
         tensors.push_back(std::move(tensor));

@@ -811,7 +811,7 @@ TEST_SUITE("fsdp_layout") {
           flat.padding = shard.padding;
           flat.shapes = shard.shapes;
           flat.numels = shard.numels;
-          OutputTensor tensor{shard.state_key, shard.source.dtype, shard.source, std::nullopt};
+          NamedTensor tensor{shard.state_key, shard.source.dtype, shard.source, std::nullopt};
           PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1});
           CHECK(tiling_problem(record) == "");
           Buffer written = execute(record, pointers(originals));
@@ -862,7 +862,7 @@ TEST_SUITE("fsdp_layout") {
       Buffer bytes(2048);
       for (std::size_t i = 0; i < shards.size(); ++i) {
         metadata.instances[i].flat_params[0].padding = shards[i].padding;
-        OutputTensor tensor{shards[i].state_key, DType::Float32, shards[i].source, std::nullopt};
+        NamedTensor tensor{shards[i].state_key, DType::Float32, shards[i].source, std::nullopt};
         Buffer written = execute(ckpt::plan_tensor_record(tensor, {0, 1}), pointers(originals));
         std::copy(written.begin(), written.end(), bytes.begin() + static_cast<std::ptrdiff_t>(256 * (i + 1)));
         add(file,

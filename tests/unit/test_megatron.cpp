@@ -21,7 +21,7 @@ std::string describe_pieces(const std::vector<Piece>& pieces) {
 
 // The int32 values of a planned tensor, files being manifest files 0, 1, ...
 std::vector<std::int32_t> int32_values(const NamedTensor& tensor, const std::vector<Buffer>& files) {
-  PlannedRecord record = ckpt::plan_tensor_record(ckpt::as_output(tensor), identity_sources(files.size()));
+  PlannedRecord record = ckpt::plan_tensor_record((tensor), identity_sources(files.size()));
   CHECK(tiling_problem(record) == "");
   return values_of<std::int32_t>(execute(record, pointers(files)));
 }
@@ -673,8 +673,7 @@ TEST_SUITE("megatron") {
             continue;
           }
           CHECK_FALSE(tensor.alias_of.has_value());
-          PlannedRecord record =
-              ckpt::plan_tensor_record(ckpt::as_output(tensor), identity_sources(input.files.size()));
+          PlannedRecord record = ckpt::plan_tensor_record((tensor), identity_sources(input.files.size()));
           CHECK(tiling_problem(record) == "");
           ValidationPlan valid(sizes, record);
           CHECK_NOTHROW(ckpt::validate(valid.plan));

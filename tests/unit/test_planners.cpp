@@ -493,10 +493,10 @@ TEST_SUITE("plan_stitch") {
     // weight and bias [8]: 192 elements, chunks of 64. embed_positions (elements 128..175)
     // lies in rank 2 at 0..47 whole; embed_tokens (0..127) is ranks 0 and 1, 64 each.
     std::vector<std::string> keys;
-    for (const ckpt::OutputTensor& tensor : plan.tensors.at(0)) keys.push_back(tensor.name);
+    for (const ckpt::NamedTensor& tensor : plan.tensors.at(0)) keys.push_back(tensor.name);
     auto index_of = [&](const std::string& key) {
       std::size_t record = 0;  // storages are numbered in state-dict order, ties skipped
-      for (const ckpt::OutputTensor& tensor : plan.tensors.at(0)) {
+      for (const ckpt::NamedTensor& tensor : plan.tensors.at(0)) {
         if (tensor.name == key) return record;
         if (!tensor.alias_of) ++record;
       }
@@ -600,8 +600,8 @@ TEST_SUITE("plan_stitch") {
     }
     options.dtype = DType::Float32;
     ckpt::StitchPlan converting = stitch_plan(in, outs, options);
-    for (const ckpt::OutputTensor& tensor : converting.tensors.at(0)) {
-      if (!tensor.alias_of) CHECK(tensor.dtype == DType::Float32);
+    for (const ckpt::NamedTensor& tensor : converting.tensors.at(0)) {
+      if (!tensor.alias_of) CHECK(tensor.dtype() == DType::Float32);
     }
     bool converts = false;
     for (const ckpt::PlannedRecord& record : converting.plan.files.at(0).records) {

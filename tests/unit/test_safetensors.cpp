@@ -228,12 +228,12 @@ TEST_CASE("hf_opt_rule: transformers' converter's table") {
   }
 }
 
-ckpt::OutputTensor zeros(const char* name, DType dtype, std::vector<std::int64_t> shape) {
+ckpt::NamedTensor zeros(const char* name, DType dtype, std::vector<std::int64_t> shape) {
   return {name, dtype, ckpt::zeros_source(dtype, shape), std::nullopt};
 }
 
 TEST_CASE("to_hf_opt: fused qkv split k, v, q; a tied output projection dropped, an untied one is lm_head") {
-  std::vector<ckpt::OutputTensor> model = {
+  std::vector<ckpt::NamedTensor> model = {
       zeros("decoder.embed_tokens.weight", DType::Float16, {10, 4}),
       zeros("decoder.layers.0.self_attn.qkv_proj.weight", DType::Float16, {12, 4}),
       {"decoder.output_projection.weight", DType::Float16, {}, "decoder.embed_tokens.weight"},
@@ -252,7 +252,7 @@ TEST_CASE("to_hf_opt: fused qkv split k, v, q; a tied output projection dropped,
 }
 
 TEST_CASE("plan_safetensors: shards filled in order, largest elements first in each file, back to back") {
-  std::vector<ckpt::OutputTensor> tensors = {
+  std::vector<ckpt::NamedTensor> tensors = {
       zeros("h", DType::Float16, {3}),    // 6 B
       zeros("f", DType::Float32, {1}),    // 4 B
       zeros("big", DType::Float64, {4}),  // 32 B: a file of its own

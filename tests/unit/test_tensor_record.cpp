@@ -96,7 +96,7 @@ std::size_t slice_piece_bound(const TensorSource& source) {
 // Plans `tensor` as an output of its own dtype and runs it: the bytes a file
 // would hold, from `files` (manifest file i is plan source i).
 Buffer planned_bytes(const TensorSource& tensor, const std::vector<Buffer>& files) {
-  OutputTensor output{"t", tensor.dtype, tensor, std::nullopt};
+  NamedTensor output{"t", tensor.dtype, tensor, std::nullopt};
   PlannedRecord record = ckpt::plan_tensor_record(output, identity_sources(files.size()));
   CHECK(tiling_problem(record) == "");
   return execute(record, pointers(files));
@@ -167,18 +167,18 @@ TEST_SUITE("tensor_record") {
     }
   }
 
-  TEST_CASE("zeros_source and as_output") {
+  TEST_CASE("zeros_source, and a named tensor written in its source's dtype") {
     TensorSource z = ckpt::zeros_source(DType::BFloat16, {3, 5});
     CHECK(describe(z) == "[0]zeros+30");
     CHECK(z.nbytes() == 30);
     CHECK(ckpt::zeros_source(DType::Float32, {0}).pieces.empty());
     NamedTensor tensor = named("decoder.x", {2}, 1, 8, DType::Float16);
-    OutputTensor out = ckpt::as_output(tensor);
+    NamedTensor out = (tensor);
     CHECK(out.name == "decoder.x");
-    CHECK(out.dtype == DType::Float16);
+    CHECK(out.dtype() == DType::Float16);
     CHECK(describe(out.source) == "[0]1@8+4");
     CHECK_FALSE(out.alias_of.has_value());
-    OutputTensor tied = ckpt::as_output(alias("decoder.y", "decoder.x"));
+    NamedTensor tied = (alias("decoder.y", "decoder.x"));
     CHECK(tied.alias_of == std::optional<std::string>("decoder.x"));
   }
 
@@ -497,7 +497,7 @@ TEST_SUITE("tensor_record") {
                                runs_source(DType::Float32, {4, 3}, {{1, 64, 48}}),     // rows of 12 bytes
                                runs_source(DType::Float32, {4, 1}, {{2, 4000, 16}})},  // rows of 4 bytes
                               4, {4, 6});
-    OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float32, glued, std::nullopt};
+    NamedTensor tensor{"decoder.layers.0.fc2.weight", DType::Float32, glued, std::nullopt};
     // Manifest files 0, 1, 2 are plan sources 7, 3, 5.
     PlannedRecord record = ckpt::plan_tensor_record(tensor, {7, 3, 5});
     CHECK(record.nbytes == 96);
@@ -517,7 +517,7 @@ TEST_SUITE("tensor_record") {
     TensorSource glued = ckpt::interleave_rows({runs_source(DType::Float32, {5, 2}, {{0, 1000, 40}}),
                                                 runs_source(DType::Float32, {5, 3}, {{1, 64, 28}, {2, 512, 32}})},
                                                5, {5, 5});
-    OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float32, glued, std::nullopt};
+    NamedTensor tensor{"decoder.layers.0.fc2.weight", DType::Float32, glued, std::nullopt};
     PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1, 2});
     CHECK(record.nbytes == 100);
     CHECK(describe_copies(record.copies) == std::vector<std::string>{
@@ -582,7 +582,7 @@ TEST_SUITE("tensor_record") {
       REQUIRE(at == 72);
       TensorSource glued = ckpt::interleave_rows(
           {runs_source(DType::Float32, {6, 2}, {{0, 200, 48}}), runs_source(DType::Float32, {6, 3}, runs)}, 6, {6, 5});
-      OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float32, glued, std::nullopt};
+      NamedTensor tensor{"decoder.layers.0.fc2.weight", DType::Float32, glued, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1, 2});
       CHECK(record.nbytes == 120);
       CHECK(tiling_problem(record) == "");
@@ -599,8 +599,8 @@ TEST_SUITE("tensor_record") {
 
   TEST_CASE("plan_tensor_record: a dtype change converts in every piece, sizes in destination bytes") {
     SUBCASE("contiguous tensor") {
-      OutputTensor tensor{"decoder.layers.0.fc1.weight", DType::Float16,
-                          runs_source(DType::Float32, {2, 3}, {{0, 100, 24}}), std::nullopt};
+      NamedTensor tensor{"decoder.layers.0.fc1.weight", DType::Float16,
+                         runs_source(DType::Float32, {2, 3}, {{0, 100, 24}}), std::nullopt};
       REQUIRE(tensor.source.dtype == DType::Float32);
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {4});
       CHECK(record.nbytes == 12);
@@ -612,7 +612,7 @@ TEST_SUITE("tensor_record") {
       TensorSource glued = ckpt::concat({runs_source(DType::Float32, {2, 3}, {{0, 100, 24}}),
                                          runs_source(DType::Float32, {2, 3}, {{1, 300, 8}, {1, 400, 16}})},
                                         {4, 3});
-      OutputTensor tensor{"decoder.layers.0.fc1.weight", DType::Float16, glued, std::nullopt};
+      NamedTensor tensor{"decoder.layers.0.fc1.weight", DType::Float16, glued, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1});
       CHECK(record.nbytes == 24);
       CHECK(describe_copies(record.copies) == std::vector<std::string>{
@@ -626,7 +626,7 @@ TEST_SUITE("tensor_record") {
       TensorSource glued = ckpt::interleave_rows({runs_source(DType::Float32, {3, 2}, {{0, 1000, 24}}),
                                                   runs_source(DType::Float32, {3, 3}, {{1, 64, 16}, {1, 200, 20}})},
                                                  3, {3, 5});
-      OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float16, glued, std::nullopt};
+      NamedTensor tensor{"decoder.layers.0.fc2.weight", DType::Float16, glued, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0, 1});
       CHECK(record.nbytes == 30);
       CHECK(describe_copies(record.copies) == std::vector<std::string>{
@@ -663,7 +663,7 @@ TEST_SUITE("tensor_record") {
       // [2, 4] float32 in one run; columns 1-2 as float16: a strided piece whose
       // source stride is a float32 row and destination stride a float16 row.
       TensorSource full = runs_source(DType::Float32, {2, 4}, {{0, 100, 32}});
-      OutputTensor tensor{"decoder.layers.0.fc2.weight", DType::Float16, full.columns(2, 4, 8, {2, 2}), std::nullopt};
+      NamedTensor tensor{"decoder.layers.0.fc2.weight", DType::Float16, full.columns(2, 4, 8, {2, 2}), std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0});
       CHECK(describe_copies(record.copies) ==
             std::vector<std::string>{"0 src=104 dst=0 n=4 rows=2 ss=16 ds=4 float32->float16"});
@@ -683,7 +683,7 @@ TEST_SUITE("tensor_record") {
                                                   {named("decoder.embed_positions._float_tensor", {1}, 1, 64)}};
       std::vector<NamedTensor> out = ckpt::glue_megatron(parts, {}, nullptr);
       REQUIRE(out.size() == 1);
-      PlannedRecord record = ckpt::plan_tensor_record(ckpt::as_output(out[0]), {0, 1});
+      PlannedRecord record = ckpt::plan_tensor_record((out[0]), {0, 1});
       CHECK(record.nbytes == 4);
       CHECK(describe_copies(record.copies) == std::vector<std::string>{"zeros src=0 dst=0 n=4"});
     }
@@ -692,12 +692,12 @@ TEST_SUITE("tensor_record") {
           ckpt::concat({runs_source(DType::Float32, {2}, {{0, 100, 8}}), ckpt::zeros_source(DType::Float32, {3}),
                         ckpt::zeros_source(DType::Float32, {1})},
                        {6});
-      OutputTensor tensor{"x", DType::Float32, padded, std::nullopt};
+      NamedTensor tensor{"x", DType::Float32, padded, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {2});
       CHECK(describe_copies(record.copies) ==
             std::vector<std::string>{"2 src=100 dst=0 n=8", "zeros src=0 dst=8 n=16"});
       CHECK(record.nbytes == 24);
-      tensor.dtype = DType::Float16;
+      tensor.convert_to = DType::Float16;
       record = ckpt::plan_tensor_record(tensor, {2});
       CHECK(record.nbytes == 12);
       CHECK(describe_copies(record.copies) ==
@@ -707,7 +707,7 @@ TEST_SUITE("tensor_record") {
     SUBCASE("a zeros part of a dim-1 glue") {
       TensorSource glued = ckpt::interleave_rows(
           {runs_source(DType::Float32, {4, 2}, {{0, 100, 32}}), ckpt::zeros_source(DType::Float32, {4, 3})}, 4, {4, 5});
-      OutputTensor tensor{"x", DType::Float32, glued, std::nullopt};
+      NamedTensor tensor{"x", DType::Float32, glued, std::nullopt};
       PlannedRecord record = ckpt::plan_tensor_record(tensor, {0});
       REQUIRE(record.copies.size() == 2);
       CHECK(record.copies[1].source == Piece::kZeros);
@@ -733,7 +733,7 @@ TEST_SUITE("tensor_record") {
                       runs_source(DType::Float32, {2}, {{1, 200, 4}, {1, 204, 4}}),  // jumps, then continues
                       runs_source(DType::Float32, {2}, {{1, 300, 4}, {0, 304, 4}})},
                      {10});
-    OutputTensor tensor{"decoder.embed_tokens.weight", DType::Float32, all, std::nullopt};
+    NamedTensor tensor{"decoder.embed_tokens.weight", DType::Float32, all, std::nullopt};
     PlannedRecord record = ckpt::plan_tensor_record(tensor, {5, 6});
     CHECK(record.nbytes == 40);
     CHECK(describe_copies(record.copies) == std::vector<std::string>{
@@ -807,7 +807,7 @@ TEST_SUITE("tensor_record") {
       REQUIRE(out.size() == 1);
       int cols = mp == 2 ? 5 : 6;
       CHECK(out[0].source.shape == Shape{3, cols});
-      PlannedRecord record = ckpt::plan_tensor_record(ckpt::as_output(out[0]), {0, 1, 2});
+      PlannedRecord record = ckpt::plan_tensor_record((out[0]), {0, 1, 2});
       CHECK(tiling_problem(record) == "");
       std::vector<std::int32_t> want;
       for (int r = 0; r < 3; ++r) {
@@ -847,7 +847,7 @@ TEST_SUITE("tensor_record") {
       return out;
     };
     auto bytes_of_tensor = [&](const NamedTensor& tensor) {
-      PlannedRecord record = ckpt::plan_tensor_record(ckpt::as_output(tensor), {0, 1});
+      PlannedRecord record = ckpt::plan_tensor_record((tensor), {0, 1});
       CHECK(tiling_problem(record) == "");
       return values_of<std::int32_t>(execute(record, pointers(files)));
     };
@@ -920,7 +920,7 @@ TEST_SUITE("tensor_record") {
     CHECK(replicated.empty());
     std::vector<std::uint32_t> sources{0, 1, 2, 3};
     auto values = [&](const NamedTensor& tensor) {
-      PlannedRecord record = ckpt::plan_tensor_record(ckpt::as_output(tensor), sources);
+      PlannedRecord record = ckpt::plan_tensor_record((tensor), sources);
       CHECK(tiling_problem(record) == "");
       return values_of<std::int32_t>(execute(record, pointers(files)));
     };
@@ -999,7 +999,7 @@ TEST_SUITE("tensor_record") {
     ckpt::Manifest output;
     std::vector<Buffer> output_files;
     std::vector<std::vector<int>> out_grid(4);
-    auto run = [](const OutputTensor& tensor, const std::vector<Buffer>& files) {
+    auto run = [](const NamedTensor& tensor, const std::vector<Buffer>& files) {
       PlannedRecord record = ckpt::plan_tensor_record(tensor, identity_sources(files.size()));
       CHECK(tiling_problem(record) == "");
       return execute(record, pointers(files));
@@ -1027,8 +1027,7 @@ TEST_SUITE("tensor_record") {
         Buffer data = run({flats[0].state_key, DType::Int32, flats[0].source, std::nullopt}, input_files);
         std::copy(data.begin(), data.end(), bytes.begin() + 64);
         add(file, contiguous(cat("model/", flats[0].state_key), DType::Int32, {6}, 64));
-        Buffer version =
-            run(ckpt::as_output(find(weights[static_cast<std::size_t>(m)], "decoder.version")), input_files);
+        Buffer version = run((find(weights[static_cast<std::size_t>(m)], "decoder.version")), input_files);
         std::copy(version.begin(), version.end(), bytes.begin() + 16);
         add(file, contiguous("model/decoder.version", DType::Int32, {1}, 16));
         out_grid[static_cast<std::size_t>(m)].push_back(static_cast<int>(output.files.size()));
@@ -1051,17 +1050,16 @@ TEST_SUITE("tensor_record") {
     for (std::size_t k = 0; k < want.size(); ++k) {
       CAPTURE(want[k].name);
       CHECK(got[k].source.shape == want[k].source.shape);
-      CHECK(values_of<std::int32_t>(run(ckpt::as_output(got[k]), output_files)) ==
-            values_of<std::int32_t>(run(ckpt::as_output(want[k]), input_files)));
+      CHECK(values_of<std::int32_t>(run((got[k]), output_files)) ==
+            values_of<std::int32_t>(run((want[k]), input_files)));
     }
     // Spot checks by hand: part 2 of 4 holds k, v, q row 2 (= part 1's row 0 of
     // each third) and fc2 columns 4-5 (= part 1's columns 0-1).
     const std::vector<NamedTensor>& part2 = back[2];
-    CHECK(values_of<std::int32_t>(run(ckpt::as_output(part2[0]), output_files)) ==
+    CHECK(values_of<std::int32_t>(run((part2[0]), output_files)) ==
           std::vector<std::int32_t>{1000, 1001, 1004, 1005, 1008, 1009});
-    CHECK(values_of<std::int32_t>(run(ckpt::as_output(part2[1]), output_files)) ==
-          std::vector<std::int32_t>{1012, 1013, 1016, 1017});
-    CHECK(values_of<std::int32_t>(run(ckpt::as_output(part2[2]), output_files)) == std::vector<std::int32_t>{1020});
+    CHECK(values_of<std::int32_t>(run((part2[1]), output_files)) == std::vector<std::int32_t>{1012, 1013, 1016, 1017});
+    CHECK(values_of<std::int32_t>(run((part2[2]), output_files)) == std::vector<std::int32_t>{1020});
   }
 
 }  // TEST_SUITE

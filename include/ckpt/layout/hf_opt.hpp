@@ -29,7 +29,7 @@ struct HfOptRule {
 HfOptRule hf_opt_rule(std::string_view key);
 
 struct HfOptModel {
-  std::vector<OutputTensor> tensors;  // in the input's order, aliases dropped; dtypes kept
+  std::vector<NamedTensor> tensors;  // in the input's order, aliases dropped; dtypes kept
   // decoder.output_projection.weight was tied to embed_tokens (or absent): it is
   // dropped; otherwise it is written as lm_head.weight and this is false.
   bool tied_embeddings = true;
@@ -37,7 +37,7 @@ struct HfOptModel {
 
 // The state dict `tensors` (metaseq names) under transformers' names. Throws
 // Error naming the first key with no mapping.
-HfOptModel to_hf_opt(const std::vector<OutputTensor>& tensors);
+HfOptModel to_hf_opt(const std::vector<NamedTensor>& tensors);
 
 // The sizes config.json states, which fix the shape of every tensor
 // transformers' OPTForCausalLM loads.

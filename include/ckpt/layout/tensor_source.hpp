@@ -58,40 +58,31 @@ struct TensorKind {
   bool operator==(const TensorKind&) const = default;
 };
 
-// A named tensor of a state dict; `alias_of` names an earlier entry whose
-// tensor this key shares (tied weights), in which case `source` is unused.
-// (Constructors, so that {name, source, alias_of} leaves `kind` plain.)
+// A named tensor of a state dict: what layout rules make and cut, and what
+// planners write. Written in dtype(): the source's, unless `convert_to` (--dtype)
+// names another, which the copy converts to. `alias_of` names an earlier entry
+// whose tensor this key shares (tied weights), in which case `source` is
+// unused. (Constructors, so that {name, source, alias_of} leaves `kind` plain.)
 struct NamedTensor {
   NamedTensor() = default;
   NamedTensor(std::string name_, TensorSource source_, std::optional<std::string> alias_of_ = std::nullopt,
               TensorKind kind_ = {})
       : name(std::move(name_)), source(std::move(source_)), alias_of(std::move(alias_of_)), kind(kind_) {}
-
-  std::string name;
-  TensorSource source;
-  std::optional<std::string> alias_of;
-  TensorKind kind;
-};
-
-// A tensor of an output file: written in `dtype`, converted from the source's
-// dtype when they differ.
-struct OutputTensor {
-  OutputTensor() = default;
-  OutputTensor(std::string name_, DType dtype_, TensorSource source_,
-               std::optional<std::string> alias_of_ = std::nullopt, TensorKind kind_ = {})
+  NamedTensor(std::string name_, DType written, TensorSource source_,
+              std::optional<std::string> alias_of_ = std::nullopt, TensorKind kind_ = {})
       : name(std::move(name_)),
-        dtype(dtype_),
         source(std::move(source_)),
         alias_of(std::move(alias_of_)),
-        kind(kind_) {}
+        kind(kind_),
+        convert_to(written) {}
+
+  DType dtype() const { return convert_to.value_or(source.dtype); }
 
   std::string name;
-  DType dtype = DType::Float32;
   TensorSource source;
   std::optional<std::string> alias_of;
   TensorKind kind;
+  std::optional<DType> convert_to;
 };
-
-OutputTensor as_output(const NamedTensor& tensor);
 
 }  // namespace ckpt

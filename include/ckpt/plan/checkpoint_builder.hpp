@@ -1,5 +1,5 @@
 // Planning an output checkpoint: a copy of a base checkpoint's objects with the
-// state dict (and whatever else a command replaces) rebuilt from OutputTensors.
+// state dict (and whatever else a command replaces) rebuilt from NamedTensors.
 //
 // Used by stitch and reshard alike. The builder edits a copy of the base graph,
 // so every object the command does not touch (cfg, extra_state, classes only the
@@ -30,16 +30,16 @@ class CheckpointBuilder {
   // requires_grad. A parameter with Python attributes takes them from the
   // base's parameter under the same key of its `model` state dict (Error if
   // there is none).
-  pickle::NodeId add_tensor(const OutputTensor& tensor);
+  pickle::NodeId add_tensor(const NamedTensor& tensor);
   // A new tensor node holding small data given here (a version buffer).
   pickle::NodeId add_inline_tensor(DType dtype, const std::vector<std::int64_t>& shape, std::vector<std::byte> data);
   // An OrderedDict of the tensors, in order; an alias shares its target's node.
-  pickle::NodeId add_state_dict(const std::vector<OutputTensor>& tensors);
+  pickle::NodeId add_state_dict(const std::vector<NamedTensor>& tensors);
   // Turns the tensor node `node` of the base graph into a new tensor holding
   // `tensor`: every reference to it (dict entries, nn.Parameter wrappers) now
   // sees the new data, so key order, surrounding objects and its
   // requires_grad stay as they were.
-  void replace_tensor(pickle::NodeId node, const OutputTensor& tensor);
+  void replace_tensor(pickle::NodeId node, const NamedTensor& tensor);
   // The value under a string key of a dict-like node, replaced; false if absent.
   bool set_entry(pickle::NodeId mapping, std::string_view key, pickle::NodeId value);
   // The top-level value under `key`, or kNoNode.
@@ -63,7 +63,7 @@ class CheckpointBuilder {
  private:
   struct Payload {
     std::string key;
-    OutputTensor tensor;
+    NamedTensor tensor;
     std::vector<std::byte> inline_data;  // used when the tensor has no pieces
   };
   pickle::NodeId parameter_state(const std::string& key) const;
@@ -78,6 +78,6 @@ class CheckpointBuilder {
 // The record holding one output tensor's data: one copy per source
 // piece (strided where the piece is), converting when the output dtype differs;
 // plain ranges merged.
-PlannedRecord plan_tensor_record(const OutputTensor& tensor, const std::vector<std::uint32_t>& sources);
+PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>& sources);
 
 }  // namespace ckpt

@@ -1,4 +1,4 @@
-// Planning outputs in other formats than torch.save, from the same OutputTensors
+// Planning outputs in other formats than torch.save, from the same NamedTensors
 // and the same copies: safetensors files (one, or a sharded set with its index)
 // and a Hugging Face OPT folder (safetensors under transformers' names plus
 // config.json). Plans only; the executor writes them as it writes torch files.
@@ -40,9 +40,9 @@ std::vector<std::string> stale_set_files(const Plan& plan, const std::vector<std
 // are laid out largest element size first. Returns the tensors of each planned
 // file in their data order (none for the index). Throws Error naming a tensor
 // whose dtype safetensors cannot hold.
-std::vector<std::vector<OutputTensor>> plan_safetensors(const std::vector<OutputTensor>& tensors,
-                                                        const SafetensorsTarget& target,
-                                                        const std::vector<std::uint32_t>& sources, Plan& plan);
+std::vector<std::vector<NamedTensor>> plan_safetensors(const std::vector<NamedTensor>& tensors,
+                                                       const SafetensorsTarget& target,
+                                                       const std::vector<std::uint32_t>& sources, Plan& plan);
 
 // A small file written whole from `text` (config.json, an index).
 PlannedFile plan_text_file(std::string path, std::string_view text);

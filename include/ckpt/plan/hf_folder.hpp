@@ -23,7 +23,7 @@ namespace ckpt {
 // do_layer_norm_before (when cfg lacks it: whether the final layer norm is
 // there). `overrides` (--hf-config) set or replace fields. Throws Error naming
 // the field the cfg lacks, or a cfg value that disagrees with the shapes.
-nlohmann::ordered_json hf_opt_config(const std::vector<OutputTensor>& tensors, bool tied_embeddings,
+nlohmann::ordered_json hf_opt_config(const std::vector<NamedTensor>& tensors, bool tied_embeddings,
                                      const Checkpoint& base,
                                      const std::vector<std::pair<std::string, nlohmann::ordered_json>>& overrides);
 

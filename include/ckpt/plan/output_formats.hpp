@@ -33,7 +33,7 @@ using OptimizerStates = std::vector<std::pair<std::string, std::vector<NamedTens
 // One state dict to plan in a format.
 struct StateDictOutput {
   const Checkpoint& base;  // the input whose other objects a torch output carries (hf reads its cfg)
-  std::vector<OutputTensor> tensors;
+  std::vector<NamedTensor> tensors;
   const std::string& path;                    // the file, or for a folder format the folder
   const OptimizerStates* optimizer_states;    // --optimizer-state, else nullptr
   const std::vector<std::uint32_t>& sources;  // plan source of manifest file i

@@ -22,8 +22,8 @@ struct ReshardOptions {
 
 struct ReshardPlan {
   Plan plan;
-  std::vector<std::string> outputs;                // [m * dp + d]
-  std::vector<std::vector<OutputTensor>> tensors;  // new tensors of each output, in storage order (list_tensors)
+  std::vector<std::string> outputs;               // [m * dp + d]
+  std::vector<std::vector<NamedTensor>> tensors;  // new tensors of each output, in storage order (list_tensors)
   std::vector<ReplicatedCheck> checks;
   std::vector<std::string> notes;  // what the user should know (what is not written)
 };

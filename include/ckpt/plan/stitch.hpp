@@ -40,7 +40,7 @@ std::string ema_state_dict(const ManifestFile& file);
 
 struct StitchPlan {
   Plan plan;
-  std::vector<std::vector<OutputTensor>> tensors;  // per output file, the state dict
+  std::vector<std::vector<NamedTensor>> tensors;  // per output file, the state dict
   std::vector<ReplicatedCheck> checks;
   std::vector<std::string> notes;  // what the output format leaves out, for the user
 };
