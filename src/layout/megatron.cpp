@@ -277,6 +277,7 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
     return out;
   }
   check_invariant(!parts.empty() && new_parts >= 1, "model parts: nothing to re-cut");
+  if (parts.size() == 1 && new_parts == 1) return {parts[0]};  // nothing to glue or cut, nothing replicated
   std::vector<std::map<std::string, const NamedTensor*>> index(parts.size());
   for (std::size_t m = 0; m < parts.size(); ++m) {
     for (const NamedTensor& tensor : parts[m]) index[m][tensor.name] = &tensor;
