@@ -164,7 +164,11 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   graph_.root = graph_.add(std::move(root));
 
   std::vector<PlannedStorage> storages;
-  for (Payload& payload : payloads_) {
+  storages.reserve(payloads_.size());
+  std::uint64_t next_key = payloads_.size();
+  // Each payload is planned, then freed: the plan holds the copies from here.
+  for (; !payloads_.empty(); payloads_.pop_front()) {
+    Payload& payload = payloads_.front();
     PlannedStorage storage;
     storage.key = payload.key;
     if (payload.tensor.source.pieces.empty() && !payload.inline_data.empty()) {
@@ -175,7 +179,6 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
     }
     storages.push_back(std::move(storage));
   }
-  std::uint64_t next_key = payloads_.size();
   if (base_ != nullptr) {
     for (PlannedStorage& carried : carry_storages(graph_, *base_, base_source, next_key))
       storages.push_back(std::move(carried));

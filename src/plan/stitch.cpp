@@ -47,23 +47,16 @@ std::vector<const Checkpoint*> stitch_bases(const PlanInputs& inputs, const std:
 
 // The consolidated parts glued into one state dict, and the checks of what was
 // taken from one part as replicated.
-void plan_glued(const std::vector<std::vector<NamedTensor>>& consolidated, const GlueOptions& glue, StitchPlan& out) {
+// (Both take the consolidated parts to free them as soon as they are used.)
+void plan_glued(std::vector<std::vector<NamedTensor>> consolidated, const GlueOptions& glue, StitchPlan& out) {
   std::vector<std::string> replicated;
-  std::vector<NamedTensor> tensors;
-  for (const NamedTensor& tensor : glue_megatron(consolidated, glue, &replicated)) {
-    tensors.push_back((tensor));
-  }
-  out.tensors.push_back(std::move(tensors));
+  out.tensors.push_back(glue_megatron(consolidated, glue, &replicated));
   out.checks = replicated_checks(consolidated, replicated);
 }
 
 // One state dict per consolidated part.
-void plan_per_part(const std::vector<std::vector<NamedTensor>>& consolidated, StitchPlan& out) {
-  for (const auto& part : consolidated) {
-    std::vector<NamedTensor> tensors;
-    for (const NamedTensor& tensor : part) tensors.push_back((tensor));
-    out.tensors.push_back(std::move(tensors));
-  }
+void plan_per_part(std::vector<std::vector<NamedTensor>> consolidated, StitchPlan& out) {
+  for (auto& part : consolidated) out.tensors.push_back(std::move(part));
 }
 
 // --optimizer-state: every state of every part consolidated (FSDP flat states
@@ -203,9 +196,9 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
   if (options.optimizer_state) states = consolidate_states(manifest, grid, options, state_checks);
 
   if (options.stitch_megatron) {
-    plan_glued(consolidated, options.glue, out);
+    plan_glued(std::move(consolidated), options.glue, out);
   } else {
-    plan_per_part(consolidated, out);
+    plan_per_part(std::move(consolidated), out);
   }
   out.checks.insert(out.checks.end(), state_checks.begin(), state_checks.end());
   for (ReplicatedCheck& check : data_parallel_checks(manifest, grid, options.state_dict))

@@ -7,6 +7,7 @@
 // kept objects still reference are copied from the base file.
 #pragma once
 
+#include <deque>
 #include <map>
 #include <string>
 #include <vector>
@@ -54,7 +55,8 @@ class CheckpointBuilder {
   void set_model_parallel_size(std::int64_t parts);
 
   // The planned file: the top level a dict, or an OrderedDict when the base's
-  // is one. `sources[i]` is the plan source of manifest file i.
+  // is one. `sources[i]` is the plan source of manifest file i. Called once:
+  // the tensors added go into the plan, freed from the builder as they do.
   PlannedFile finish(const std::string& path, const std::vector<std::uint32_t>& sources, Plan& plan);
   // The same with the base's file already a source of the plan, as
   // `base_source`: touches no shared state, so outputs can be finished in parallel.
@@ -72,7 +74,7 @@ class CheckpointBuilder {
   pickle::Graph graph_;
   pickle::NodeId base_model_ = pickle::kNoNode;                    // the base's `model` state dict
   std::vector<std::pair<std::string, pickle::NodeId>> top_level_;  // in order
-  std::vector<Payload> payloads_;                                  // storage key i -> data
+  std::deque<Payload> payloads_;  // storage key i -> data (a deque: no copy of them all as it grows)
 };
 
 // The record holding one output tensor's data: one copy per source
