@@ -87,14 +87,19 @@ class StableVector {
   std::size_t size_ = 0;
 };
 
-// What a growable node (List, Set, Dict, Object) owns.
-struct Container {
+// What a growable node owns: a List's or Set's items, a Dict's entries, an
+// Object's APPENDs and SETITEMs (most objects have none: then no Fill).
+struct Fill {
   std::vector<NodeId> items;
   std::vector<Entry> entries;
+};
+
+struct ObjectRecord {
   NodeId callable = kNoNode;
   NodeId args = kNoNode;
   NodeId kwargs = kNoNode;
   NodeId state = kNoNode;
+  Fill* fill = nullptr;
 };
 
 struct GlobalName {
@@ -105,8 +110,8 @@ struct GlobalName {
 bool is_text(Kind kind) {
   return kind == Kind::Str || kind == Kind::Bytes || kind == Kind::ByteArray || kind == Kind::BigInt;
 }
-bool is_growable(Kind kind) {
-  return kind == Kind::List || kind == Kind::Set || kind == Kind::Dict || kind == Kind::Object;
+bool is_filled(Kind kind) {
+  return kind == Kind::List || kind == Kind::Set || kind == Kind::Dict;
 }
 
 [[noreturn]] void out_of_range() {
@@ -125,7 +130,8 @@ struct Graph::Slot {
     double real;
     const char* chars;
     const NodeId* ids;
-    Container* container;
+    Fill* fill;  // List, Set, Dict
+    ObjectRecord* object;
     const GlobalName* global;
     NodeId target;  // PersId
   };
@@ -138,7 +144,26 @@ struct Graph::Storage {
   std::vector<NodeId> edited_index;  // per base node: its index in `edited`, or kNoNode; empty until the first edit
   Blocks<char> chars;
   Blocks<NodeId> ids;
-  std::deque<Container> containers;
+  std::deque<Fill> fills;
+  std::deque<ObjectRecord> objects;
+
+  Fill* new_fill(const std::vector<NodeId>& items, const std::vector<Entry>& entries) {
+    return &fills.emplace_back(Fill{items, entries});
+  }
+  // The slot's own copy of what a base graph's slot points to, to change.
+  void own_parts(Slot& slot) {
+    if (is_filled(slot.kind)) slot.fill = &fills.emplace_back(*slot.fill);
+    if (slot.kind == Kind::Object) {
+      slot.object = &objects.emplace_back(*slot.object);
+      if (slot.object->fill != nullptr) slot.object->fill = &fills.emplace_back(*slot.object->fill);
+    }
+  }
+  // The fill of a List, Set, Dict or Object, made on an object's first use.
+  Fill& fill_of(Slot& slot) {
+    if (slot.kind != Kind::Object) return *slot.fill;
+    if (slot.object->fill == nullptr) slot.object->fill = &fills.emplace_back();
+    return *slot.object->fill;
+  }
   std::deque<GlobalName> globals;
 
   Slot make(const Node& node) {
@@ -167,10 +192,10 @@ struct Graph::Storage {
         break;
       case Kind::List:
       case Kind::Set:
-      case Kind::Dict:
+      case Kind::Dict: slot.fill = new_fill(node.items, node.entries); break;
       case Kind::Object:
-        slot.container = &containers.emplace_back(
-            Container{node.items, node.entries, node.callable, node.args, node.kwargs, node.state});
+        slot.object = &objects.emplace_back(ObjectRecord{node.callable, node.args, node.kwargs, node.state, nullptr});
+        if (!node.items.empty() || !node.entries.empty()) slot.object->fill = new_fill(node.items, node.entries);
         break;
       case Kind::PersId: slot.target = node.callable; break;
       case Kind::None:
@@ -236,7 +261,7 @@ Graph::Slot& Graph::own_slot(NodeId id) {
   if (edited[id] == kNoNode) {
     Slot copy = base_->slot(id);
     // Text and tuple items are never changed in place: sharing base's is safe.
-    if (is_growable(copy.kind)) copy.container = &storage_->containers.emplace_back(*copy.container);
+    storage_->own_parts(copy);
     edited[id] = static_cast<NodeId>(storage_->edited.push_back(copy));
   }
   return storage_->edited[edited[id]];
@@ -257,14 +282,20 @@ NodeView Graph::operator[](NodeId id) const {
   }
   if (slot.kind == Kind::Tuple || slot.kind == Kind::FrozenSet) view.items = std::span(slot.ids, slot.count);
   if (slot.kind == Kind::PersId) view.callable = slot.target;
-  if (is_growable(slot.kind)) {
-    const Container& c = *slot.container;
-    view.items = c.items;
-    view.entries = c.entries;
-    view.callable = c.callable;
-    view.args = c.args;
-    view.kwargs = c.kwargs;
-    view.state = c.state;
+  if (is_filled(slot.kind)) {
+    view.items = slot.fill->items;
+    view.entries = slot.fill->entries;
+  }
+  if (slot.kind == Kind::Object) {
+    const ObjectRecord& o = *slot.object;
+    view.callable = o.callable;
+    view.args = o.args;
+    view.kwargs = o.kwargs;
+    view.state = o.state;
+    if (o.fill != nullptr) {
+      view.items = o.fill->items;
+      view.entries = o.fill->entries;
+    }
   }
   return view;
 }
@@ -284,7 +315,7 @@ void Graph::append_item(NodeId container, NodeId item) {
   if (slot.kind != Kind::List && slot.kind != Kind::Set && slot.kind != Kind::Object) {
     throw std::logic_error("pickle: an item appended to a node that takes none");
   }
-  slot.container->items.push_back(item);
+  storage_->fill_of(slot).items.push_back(item);
 }
 
 void Graph::append_entry(NodeId container, NodeId key, NodeId value) {
@@ -292,19 +323,19 @@ void Graph::append_entry(NodeId container, NodeId key, NodeId value) {
   if (slot.kind != Kind::Dict && slot.kind != Kind::Object) {
     throw std::logic_error("pickle: an entry appended to a node that takes none");
   }
-  slot.container->entries.emplace_back(key, value);
+  storage_->fill_of(slot).entries.emplace_back(key, value);
 }
 
 void Graph::set_entry_value(NodeId container, std::size_t index, NodeId value) {
   Slot& slot = own_slot(container);
   if (slot.kind != Kind::Dict && slot.kind != Kind::Object) throw std::logic_error("pickle: not a mapping");
-  slot.container->entries.at(index).second = value;
+  storage_->fill_of(slot).entries.at(index).second = value;
 }
 
 void Graph::set_state(NodeId object, NodeId state) {
   Slot& slot = own_slot(object);
   if (slot.kind != Kind::Object) throw std::logic_error("pickle: a state set on a node that is not an object");
-  slot.container->state = state;
+  slot.object->state = state;
 }
 
 NodeId Graph::interned(NodeId& slot, const Node& node) {
@@ -372,8 +403,8 @@ NodeId Graph::add_items(Kind kind, std::span<const NodeId> items) {
     slot.count = static_cast<std::uint32_t>(items.size());
     slot.ids = storage_->ids.copy(items);
   } else if (kind == Kind::List || kind == Kind::Set || kind == Kind::Dict) {
-    slot.container = &storage_->containers.emplace_back();
-    slot.container->items.assign(items.begin(), items.end());
+    slot.fill = &storage_->fills.emplace_back();
+    slot.fill->items.assign(items.begin(), items.end());
   } else {
     throw std::logic_error("pickle: add_items of a kind without items");
   }
@@ -411,7 +442,7 @@ bool Graph::is_global(NodeId id, std::string_view module, std::string_view name)
 
 std::optional<NodeView> Graph::object_class(NodeId id) const {
   if (id >= size() || slot(id).kind != Kind::Object) return std::nullopt;
-  NodeId callable = slot(id).container->callable;
+  NodeId callable = slot(id).object->callable;
   if (callable >= size() || slot(callable).kind != Kind::Global) return std::nullopt;
   return (*this)[callable];
 }
@@ -422,7 +453,10 @@ bool Graph::is_mapping(NodeId id) const {
 
 std::span<const Entry> Graph::mapping_entries(NodeId id) const {
   if (!is_mapping(id)) return {};
-  return slot(id).container->entries;
+  const Slot& s = slot(id);
+  if (s.kind == Kind::Dict) return s.fill->entries;
+  if (s.object->fill == nullptr) return {};
+  return s.object->fill->entries;
 }
 
 NodeId Graph::lookup(NodeId mapping, std::string_view key) const {
@@ -434,7 +468,7 @@ NodeId Graph::lookup(NodeId mapping, std::string_view key) const {
 
 NodeId Graph::state_dict(NodeId object) const {
   if (object >= size() || slot(object).kind != Kind::Object) return kNoNode;
-  NodeId state = slot(object).container->state;
+  NodeId state = slot(object).object->state;
   if (state == kNoNode || state >= size()) return kNoNode;
   // BUILD state is the instance dict, or (dict, slots dict).
   NodeView view = (*this)[state];
