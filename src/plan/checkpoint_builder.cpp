@@ -13,6 +13,22 @@ namespace ckpt {
 
 using pickle::NodeId;
 
+namespace {
+
+// Plain copies sorted and merged into as few as possible.
+void merge_plain(PlannedRecord& record) {
+  if (!std::all_of(record.copies.begin(), record.copies.end(), [](const Piece& piece) { return piece.plain(); })) {
+    return;
+  }
+  std::vector<Piece> plain = std::move(record.copies);
+  std::sort(plain.begin(), plain.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
+  record.copies.clear();
+  record.nbytes = 0;
+  for (const Piece& piece : plain) record.append_plain(piece);
+}
+
+}  // namespace
+
 CheckpointBuilder::CheckpointBuilder() = default;
 
 CheckpointBuilder::CheckpointBuilder(const Checkpoint& base)
@@ -31,7 +47,7 @@ CheckpointBuilder::CheckpointBuilder(const Checkpoint& base)
 
 NodeId CheckpointBuilder::add_tensor(const NamedTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
-  payloads_.push_back({key, tensor, {}});
+  payloads_.push_back({key, plan_tensor_record(tensor, nullptr)});
   // torch pickles a parameter's `.data`, whose own requires_grad is False.
   const bool parameter = tensor.kind.wrap != TensorWrap::Tensor;
   NodeId data =
@@ -55,12 +71,15 @@ NodeId CheckpointBuilder::parameter_state(const std::string& key) const {
 
 NodeId CheckpointBuilder::add_inline_tensor(DType dtype, const std::vector<std::int64_t>& shape,
                                             std::vector<std::byte> data) {
-  NamedTensor tensor;
-  tensor.source.dtype = dtype;
-  tensor.source.shape = shape;
-  check_invariant(tensor.source.nbytes() == data.size(), "inline tensor data does not match its shape");
+  TensorSource source;
+  source.dtype = dtype;
+  source.shape = shape;
+  check_invariant(source.nbytes() == data.size(), "inline tensor data does not match its shape");
+  PlannedRecord record;
+  record.nbytes = data.size();
+  record.inline_bytes = std::move(data);
   std::string key = std::to_string(payloads_.size());
-  payloads_.push_back({key, std::move(tensor), std::move(data)});
+  payloads_.push_back({key, std::move(record)});
   return ckpt::add_tensor(graph_, dtype, shape, key);
 }
 
@@ -86,7 +105,7 @@ NodeId CheckpointBuilder::add_state_dict(const std::vector<NamedTensor>& tensors
 
 void CheckpointBuilder::replace_tensor(NodeId node, const NamedTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
-  payloads_.push_back({key, tensor, {}});
+  payloads_.push_back({key, plan_tensor_record(tensor, nullptr)});
   // The base's requires_grad stays: the tensor's bytes change, not what torch rebuilds.
   const auto& old_args = graph_[graph_[node].args].items;
   bool requires_grad =
@@ -166,16 +185,15 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   std::vector<PlannedStorage> storages;
   storages.reserve(payloads_.size());
   std::uint64_t next_key = payloads_.size();
-  // Each payload is planned, then freed: the plan holds the copies from here.
+  // Each record was planned with manifest file indices as sources: now the plan's.
   for (; !payloads_.empty(); payloads_.pop_front()) {
     Payload& payload = payloads_.front();
-    PlannedStorage storage;
-    storage.key = payload.key;
-    if (payload.tensor.source.pieces.empty() && !payload.inline_data.empty()) {
-      storage.data.nbytes = payload.inline_data.size();
-      storage.data.inline_bytes = std::move(payload.inline_data);
-    } else {
-      storage.data = plan_tensor_record(payload.tensor, sources);
+    PlannedStorage storage{payload.key, std::move(payload.record)};
+    if (!storage.data.copies.empty()) {
+      for (Piece& piece : storage.data.copies) {
+        if (piece.mapped()) piece.source = sources.at(piece.source);
+      }
+      merge_plain(storage.data);
     }
     storages.push_back(std::move(storage));
   }
@@ -187,6 +205,10 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
 }
 
 PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>& sources) {
+  return plan_tensor_record(tensor, &sources);
+}
+
+PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>* sources) {
   PlannedRecord record;
   DType from = tensor.source.dtype;
   DType to = tensor.dtype();
@@ -199,7 +221,7 @@ PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<st
     Piece piece;
     bool zeros = tensor_piece.source == Piece::kZeros;
     bool synthetic = tensor_piece.source == Piece::kSynthetic;
-    piece.source = zeros ? Piece::kZeros : synthetic ? Piece::kSynthetic : sources.at(tensor_piece.source);
+    piece.source = zeros || synthetic || sources == nullptr ? tensor_piece.source : sources->at(tensor_piece.source);
     piece.source_offset = zeros ? 0 : tensor_piece.source_offset;
     piece.offset = dest(tensor_piece.offset);
     piece.nbytes = dest(tensor_piece.nbytes);
@@ -215,14 +237,7 @@ PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<st
     }
     record.copies.push_back(piece);
   }
-  // Plain ranges in order merge into as few copies as possible.
-  if (std::all_of(record.copies.begin(), record.copies.end(), [](const Piece& piece) { return piece.plain(); })) {
-    std::vector<Piece> plain = std::move(record.copies);
-    std::sort(plain.begin(), plain.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
-    record.copies.clear();
-    record.nbytes = 0;
-    for (const Piece& piece : plain) record.append_plain(piece);
-  }
+  merge_plain(record);
   return record;
 }
 

@@ -65,8 +65,7 @@ class CheckpointBuilder {
  private:
   struct Payload {
     std::string key;
-    NamedTensor tensor;
-    std::vector<std::byte> inline_data;  // used when the tensor has no pieces
+    PlannedRecord record;  // its sources manifest file indices until finish()
   };
   pickle::NodeId parameter_state(const std::string& key) const;
 
@@ -81,5 +80,7 @@ class CheckpointBuilder {
 // piece (strided where the piece is), converting when the output dtype differs;
 // plain ranges merged.
 PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>& sources);
+// The same with the tensor's sources kept as they are (null `sources`).
+PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>* sources);
 
 }  // namespace ckpt
