@@ -121,6 +121,7 @@ Action add_stitch_command(CLI::App& app) {
     }
     rule.syntax_only = options->write.dry_run;
     StitchOptions stitch;
+    stitch.list_tensors = options->write.dry_run;
     if (set_format(*options, stitch).folder) {
       check_output_directory(options->output);
     } else {

@@ -166,7 +166,7 @@ void plan_safetensors_state_dict(StateDictOutput output, const StitchOptions& op
                     tensor.name, *tensor.alias_of, *tensor.alias_of));
   }
   for (auto& file : plan_safetensors(output.tensors, {output.path, options.max_shard_bytes}, output.sources, out.plan))
-    out.tensors.push_back(std::move(file));
+    out.tensors.push_back(options.list_tensors ? std::move(file) : std::vector<NamedTensor>{});
 }
 
 }  // namespace ckpt

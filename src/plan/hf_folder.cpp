@@ -187,7 +187,7 @@ void plan_hf_opt_state_dict(StateDictOutput output, const StitchOptions& options
   std::filesystem::path dir(output.path);
   for (auto& file : plan_safetensors(renamed, {(dir / "model.safetensors").string(), options.max_shard_bytes},
                                      output.sources, out.plan)) {
-    out.tensors.push_back(std::move(file));
+    out.tensors.push_back(options.list_tensors ? std::move(file) : std::vector<NamedTensor>{});
   }
   out.plan.files.push_back(plan_text_file((dir / "config.json").string(), config.dump(2) + "\n"));
   out.tensors.emplace_back();

@@ -146,11 +146,15 @@ void set_parameter_states(CheckpointBuilder& builder, const std::vector<NamedTen
 }
 
 // One torch.save output: the base's objects with the state dict replaced.
-PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<NamedTensor>& tensors, const std::string& path,
+// The tensors are freed before the pickle is written, unless they are listed.
+PlannedFile plan_torch_output(const Checkpoint& base, std::vector<NamedTensor>& tensors, const std::string& path,
                               const StitchOptions& options, const OptimizerStates* states,
                               const std::vector<std::uint32_t>& sources, Plan& plan) {
   CheckpointBuilder builder(base);
   pickle::NodeId state_dict = builder.add_state_dict(tensors);
+  auto release = [&] {
+    if (!options.list_tensors) std::vector<NamedTensor>().swap(tensors);
+  };
   if (options.weights_only) {
     std::vector<std::pair<std::string, pickle::NodeId>> kept{{"model", state_dict}};
     if (options.stitch_megatron) builder.set_model_parallel_size(1);
@@ -160,6 +164,7 @@ PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<NamedTen
     }
     for (const std::string& key : builder.top_level_keys()) builder.drop_top_level(key);
     for (const auto& [key, node] : kept) builder.set_top_level(key, node);
+    release();
     return builder.finish(path, sources, plan);
   }
   builder.set_top_level("model", state_dict);
@@ -170,6 +175,7 @@ PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<NamedTen
     builder.drop_top_level(std::string(kOptimizerStateKey));
   }
   if (options.stitch_megatron) builder.set_model_parallel_size(1);
+  release();
   return builder.finish(path, sources, plan);
 }
 
@@ -178,7 +184,7 @@ PlannedFile plan_torch_output(const Checkpoint& base, const std::vector<NamedTen
 void plan_torch_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
   out.plan.files.push_back(plan_torch_output(output.base, output.tensors, output.path, options, output.optimizer_states,
                                              output.sources, out.plan));
-  out.tensors.push_back(std::move(output.tensors));
+  out.tensors.push_back(options.list_tensors ? std::move(output.tensors) : std::vector<NamedTensor>{});
 }
 
 StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,

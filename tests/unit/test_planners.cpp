@@ -107,8 +107,9 @@ std::vector<std::string> synth_set(const TempDir& dir, int mp, int dp, bool opti
 }
 
 // The planners, called in one place each.
-ckpt::StitchPlan stitch_plan(const Inputs& in, const std::vector<std::string>& outputs,
-                             const ckpt::StitchOptions& options) {
+// (The tests read the planned tensors: they are listed, as --dry-run does.)
+ckpt::StitchPlan stitch_plan(const Inputs& in, const std::vector<std::string>& outputs, ckpt::StitchOptions options) {
+  options.list_tensors = true;
   return ckpt::plan_stitch(in.plan_inputs, outputs, options);
 }
 

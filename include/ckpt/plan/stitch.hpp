@@ -32,6 +32,9 @@ struct StitchOptions {
   // torch's optimizer saves it, one param group listing them all.
   bool optimizer_state = false;
   std::vector<std::pair<std::string, nlohmann::ordered_json>> hf_config;  // config.json fields given
+  // Keep each output's tensors in StitchPlan::tensors (--dry-run lists them);
+  // otherwise each list is empty and the tensors are freed as they are planned.
+  bool list_tensors = false;
 };
 
 // With --ema: the object path of the EMA weights in `file` (extra_state's
