@@ -130,7 +130,8 @@ Action add_stitch_command(CLI::App& app) {
     }
     auto started = std::chrono::steady_clock::now();
     note_phase(options->write, "reading the inputs");
-    PlanInputs inputs = open_inputs(options->inputs, options->write.model_parts, /*grid_first=*/true);
+    std::optional<PlanInputs> opened = open_inputs(options->inputs, options->write.model_parts, /*grid_first=*/true);
+    PlanInputs& inputs = *opened;
     std::vector<std::vector<int>> grid = complete_grid(inputs.manifest());
     std::vector<std::string> outputs;
     stitch.stitch_megatron = !options->no_stitch_megatron;
@@ -155,6 +156,7 @@ Action add_stitch_command(CLI::App& app) {
       for (const std::string& note : plan.notes) print_notice(printable(note));
     }
     if (!options->write.dry_run) plan.tensors = {};  // only a dry run prints them
+    opened.reset();  // the plan is plain data: the inputs' graphs and indexes are freed before it runs
     run_plan(plan.plan, plan.tensors, options->write, started);
     return 0;
   };

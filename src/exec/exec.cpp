@@ -105,7 +105,7 @@ class Progress {
 // written again as whole blocks (no read-modify-write of a block on disk).
 class FileWriter {
  public:
-  FileWriter(const std::vector<const MappedFile*>& sources, const PlannedFile& file, const ZipLayout& layout,
+  FileWriter(const std::vector<const MappedFile*>& sources, const PlannedFile& file, ZipLayout& layout,
              const OutputFile& out, const ExecOptions& options, SourceCrcCheck* check)
       : sources_(sources), file_(file), layout_(layout), out_(out), options_(options), check_(check) {
     for (const PlannedRecord& record : file.records) sequential_.push_back(record.sequential());
@@ -167,17 +167,14 @@ class FileWriter {
     for (const Span& span : spans_) {  // in destination order within each record
       crcs[span.record] = crc32_concat(crcs[span.record], span.crc32, span.end - span.begin);
     }
-    ZipLayout layout = layout_;
-    for (std::size_t r = 0; r < layout.records.size(); ++r) layout.records[r].crc32 = crcs[r];
-    std::vector<std::pair<std::uint64_t, std::vector<std::byte>>> headers;
-    for (const ZipRecord& record : layout.records)
-      headers.emplace_back(record.header_offset, render_local_header(record));
-    headers.emplace_back(layout.central_directory_offset, render_central_directory(layout));
-    if (kept_.data() == nullptr) {  // written buffered: headers go in place
-      for (const auto& [offset, bytes] : headers) out_.write_at(offset, bytes);
-      return;
-    }
-    for (const auto& [offset, bytes] : headers) {
+    for (std::size_t r = 0; r < layout_.records.size(); ++r) layout_.records[r].crc32 = crcs[r];
+    // Each header is placed as it is rendered: a file of 200,000 records would
+    // otherwise hold them all at once.
+    auto place = [&](std::uint64_t offset, const std::vector<std::byte>& bytes) {
+      if (kept_.data() == nullptr) {  // written buffered: headers go in place
+        out_.write_at(offset, bytes);
+        return;
+      }
       for (std::uint64_t at = offset; at < offset + bytes.size();) {
         std::uint64_t block = at / kBlockBytes;
         auto it = std::lower_bound(header_blocks_.begin(), header_blocks_.end(), block);
@@ -186,7 +183,10 @@ class FileWriter {
                     bytes.data() + (at - offset), count);
         at += count;
       }
-    }
+    };
+    for (const ZipRecord& record : layout_.records) place(record.header_offset, render_local_header(record));
+    place(layout_.central_directory_offset, render_central_directory(layout_));
+    if (kept_.data() == nullptr) return;
     // Consecutive blocks go out in one write.
     for (std::size_t i = 0; i < header_blocks_.size();) {
       std::size_t j = i + 1;
@@ -262,7 +262,7 @@ class FileWriter {
 
   const std::vector<const MappedFile*>& sources_;  // plan.sources, mapped
   const PlannedFile& file_;
-  const ZipLayout& layout_;
+  ZipLayout& layout_;  // its CRCs are filled in by write_headers()
   const OutputFile& out_;
   const ExecOptions& options_;
   SourceCrcCheck* check_;  // null with --no-crc-check
@@ -387,7 +387,7 @@ Staged stage(const Plan& plan, const std::vector<std::size_t>& files, const Exec
     std::optional<PlannedFile> expanded = expand_inline(plan.files[k]);  // its pickle, kept compressed until now
     const PlannedFile& file = expanded ? *expanded : plan.files[k];
     auto t0 = std::chrono::steady_clock::now();
-    const ZipLayout layout = layout_file(file);
+    ZipLayout layout = layout_file(file);
     staged.outputs.push_back(std::make_unique<OutputFile>(file.path, layout.file_size, options.overwrite));
     OutputFile& out = *staged.outputs.back();
     FileWriter writer(sources, file, layout, out, options, check ? &*check : nullptr);
