@@ -78,6 +78,15 @@ std::string unescape_label(std::string_view label) {
   return out;
 }
 
+bool all_distinct(const std::vector<MappingKey>& keys, std::string MappingKey::*field) {
+  std::unordered_set<std::string_view> seen;
+  seen.reserve(keys.size());
+  for (const MappingKey& key : keys) {
+    if (!seen.insert(key.*field).second) return false;
+  }
+  return true;
+}
+
 std::string ChildLabels::unique(std::string label) {
   int& times = seen_[label];
   ++times;
@@ -238,11 +247,7 @@ class PathWalker {
       return;
     }
     switch (node.kind) {
-      case Kind::Dict: {
-        ChildLabels labels;
-        walk_entries(node.entries, path, labels, depth);
-        return;
-      }
+      case Kind::Dict: walk_entries(node.entries, path, nullptr, depth); return;
       case Kind::List:
       case Kind::Tuple:
       case Kind::Set:
@@ -253,7 +258,7 @@ class PathWalker {
       case Kind::Object: {
         // Entries, items, the state's attributes and the arguments share one level.
         ChildLabels labels;
-        walk_entries(node.entries, path, labels, depth);
+        walk_entries(node.entries, path, &labels, depth);
         for (std::size_t i = 0; i < node.items.size(); ++i)
           walk(node.items[i], child_path(path, labels, std::to_string(i)), depth);
         if (node.state != pickle::kNoNode) walk_state(node.state, path, labels, depth);
@@ -287,7 +292,7 @@ class PathWalker {
     const pickle::NodeView node = graph_[state];
     if (node.kind == Kind::Dict && first_visit(state)) {
       // An instance dict: its keys are attribute names of the object.
-      walk_entries(node.entries, path, labels, depth);
+      walk_entries(node.entries, path, &labels, depth);
     } else if (node.kind == Kind::Tuple && node.items.size() == 2 && first_visit(state)) {
       for (NodeId part : node.items) walk_state(part, path, labels, depth + 1);
     } else {
@@ -295,11 +300,15 @@ class PathWalker {
     }
   }
 
-  // A mapping's values, each under its key's label (unique among `labels`).
-  void walk_entries(std::span<const pickle::Entry> entries, const std::string& path, ChildLabels& labels, int depth) {
+  // A mapping's values, each under its key's label, unique among `labels`, or
+  // among the mapping's own when `labels` is null (a dict).
+  void walk_entries(std::span<const pickle::Entry> entries, const std::string& path, ChildLabels* labels, int depth) {
     std::vector<MappingKey> keys = mapping_keys(graph_, entries);
-    for (std::size_t i = 0; i < keys.size(); ++i)
-      walk(entries[i].second, join_path(path, labels.unique(keys[i].label)), depth);
+    ChildLabels own;
+    if (labels == nullptr && !all_distinct(keys, &MappingKey::label)) labels = &own;
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      walk(entries[i].second, join_path(path, labels ? labels->unique(keys[i].label) : keys[i].label), depth);
+    }
   }
 
   static std::string child_path(const std::string& path, ChildLabels& labels, const std::string& key) {

@@ -198,12 +198,14 @@ class JsonRenderer {
     ChildLabels keys;    // the JSON object's ("~~2" for a literal "3~~int" beside the int 3 and the str "3")
     ChildLabels labels;  // the children's paths'
     std::vector<MappingKey> names = mapping_keys(graph_, entries);
+    const bool distinct = all_distinct(names, &MappingKey::text) && all_distinct(names, &MappingKey::label);
     // Appended to the object's vector: its operator[] would look each key up
     // again (n^2 for a state dict of 10^5 keys). The keys are unique already.
     auto& items = static_cast<json::object_t::Container&>(out.get_ref<json::object_t&>());
+    items.reserve(names.size());
     for (std::size_t i = 0; i < names.size(); ++i) {
-      std::string key = keys.unique(names[i].text);
-      json value = child(entries[i].second, labels.unique(names[i].label));
+      std::string key = distinct ? std::move(names[i].text) : keys.unique(names[i].text);
+      json value = child(entries[i].second, distinct ? names[i].label : labels.unique(names[i].label));
       items.emplace_back(std::move(key), std::move(value));
     }
     return out;

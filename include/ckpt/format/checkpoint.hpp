@@ -181,5 +181,9 @@ struct MappingKey {
   std::string label;
 };
 std::vector<MappingKey> mapping_keys(const pickle::Graph& graph, std::span<const pickle::Entry> entries);
+// True when no two of `keys` have the same `field` (text or label): then a
+// ChildLabels of them alone would return each unchanged, and is not needed
+// (a state dict of 200,000 keys would copy each into it).
+bool all_distinct(const std::vector<MappingKey>& keys, std::string MappingKey::*field);
 
 }  // namespace ckpt
