@@ -124,22 +124,25 @@ class Decoder {
     in_.skip(1);
     return text;
   }
-  // The memo: a vector while indices come in order (as every pickler writes
-  // them), a map for whatever else a crafted pickle asks for.
+  // The memo: a vector while its indices are dense (a pickler writes 0, 1, 2,
+  // ...), a map for whatever else a crafted pickle asks for, so that memory
+  // follows the entries put, never the indices named. MEMOIZE puts at the
+  // number of entries, as Python's len(memo).
   void memo_put(std::uint64_t index) {
-    if (index <= memo_.size() + 1024) {
+    NodeId value = top();
+    if (index < memo_.size() || index <= 2 * memo_entries_ + 1024) {
       if (index >= memo_.size()) memo_.resize(index + 1, kNoNode);
-      memo_[index] = top();
-    } else {
-      sparse_memo_[index] = top();
+      if (memo_[index] == kNoNode && !sparse_memo_.contains(index)) ++memo_entries_;
+      memo_[index] = value;
+      sparse_memo_.erase(index);
+    } else if (sparse_memo_.insert_or_assign(index, value).second) {
+      ++memo_entries_;
     }
   }
   void memo_get(std::uint64_t index) {
-    NodeId id = kNoNode;
-    if (index < memo_.size()) {
-      id = memo_[index];
-    } else if (auto it = sparse_memo_.find(index); it != sparse_memo_.end()) {
-      id = it->second;
+    NodeId id = index < memo_.size() ? memo_[index] : kNoNode;
+    if (id == kNoNode) {
+      if (auto it = sparse_memo_.find(index); it != sparse_memo_.end()) id = it->second;
     }
     if (id == kNoNode) fail(fmt::format("memo entry {} is not defined", index));
     stack_.push_back(id);
@@ -311,7 +314,7 @@ class Decoder {
       }
       case BINPUT: memo_put(in_.u8()); return;
       case LONG_BINPUT: memo_put(in_.u32()); return;
-      case MEMOIZE: memo_put(memo_.size()); return;
+      case MEMOIZE: memo_put(memo_entries_); return;
       case BINGET: memo_get(in_.u8()); return;
       case LONG_BINGET: memo_get(in_.u32()); return;
       case GLOBAL: {
@@ -384,7 +387,8 @@ class Decoder {
   std::vector<std::size_t> marks_;
   std::size_t marked_start_ = 0;  // where pop_mark()'s items start
   std::vector<NodeId> memo_;
-  std::unordered_map<std::uint64_t, NodeId> sparse_memo_;
+  std::unordered_map<std::uint64_t, NodeId> sparse_memo_;  // indices never also in memo_
+  std::uint64_t memo_entries_ = 0;                         // distinct indices put
   std::size_t op_position_ = 0;
 };
 

@@ -38,7 +38,10 @@ class Encoder {
   int protocol_needed() const {
     int protocol = 2;
     for (NodeId id = 0; id < graph_.size(); ++id) {
-      Kind kind = graph_[id].kind;
+      const NodeView node = graph_[id];
+      Kind kind = node.kind;
+      // A nested class ("Outer.Inner") is found by its dotted name from protocol 4 on.
+      if (kind == Kind::Global && node.name.find('.') != std::string_view::npos) protocol = std::max(protocol, 4);
       if (kind == Kind::Bytes) protocol = std::max(protocol, 3);
       if (kind == Kind::Set || kind == Kind::FrozenSet) protocol = std::max(protocol, 4);
       if (kind == Kind::ByteArray) protocol = std::max(protocol, 5);

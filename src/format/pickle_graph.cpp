@@ -19,11 +19,11 @@ class Blocks {
  public:
   const T* copy(std::span<const T> values) {
     if (values.empty()) return nullptr;
-    if (values.size() > kBlock / 4) {  // its own block, before the one being filled
-      auto& own = blocks_.emplace_back(std::make_unique_for_overwrite<T[]>(values.size()));
-      std::copy(values.begin(), values.end(), own.get());
+    if (values.size() > kBlock / 4) {  // its own block, kept before the one being filled
+      T* own = blocks_.emplace_back(std::make_unique_for_overwrite<T[]>(values.size())).get();
+      std::copy(values.begin(), values.end(), own);
       if (blocks_.size() > 1) std::swap(blocks_[blocks_.size() - 1], blocks_[blocks_.size() - 2]);
-      return own.get();
+      return own;
     }
     if (blocks_.empty() || used_ + values.size() > kBlock) {
       blocks_.push_back(std::make_unique_for_overwrite<T[]>(kBlock));

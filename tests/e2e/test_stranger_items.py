@@ -447,6 +447,41 @@ def test_qkv_split_keeps_a_modules_order_through_reshard_and_back():
         assert states[i]["exp_avg"].shape == loaded["model"][key].shape, (i, key)
 
 
+
+# -------------------------------------------------------------------- the third stranger (issue 25)
+
+class Outer:
+    class Inner:
+        def __init__(self):
+            self.value = 7
+
+
+def test_long_values_and_nested_classes_come_through_stitch():
+    """F1: a str, bytes or big int past 16 KiB was read as the pickle's earlier strings run
+    together, and stitch wrote that with exit 0. F4: a nested class pickled by protocol 4
+    ("Outer.Inner") was written back under protocol 2, which torch.load cannot resolve."""
+    work = harness.scratch("stranger-long-values")
+    import __main__
+    __main__.Outer = Outer  # the class as torch.save and torch.load see it
+    Outer.__module__ = Outer.Inner.__module__ = "__main__"
+    Outer.Inner.__qualname__ = "Outer.Inner"
+    blob, text, big = bytes(range(256)) * 300, "ab\u00e9" * 9000, 7 ** 40000
+    for protocol in (2, 4, 5):
+        objects = {"blob": blob, "text": text, "big": big, "short": "s"}
+        if protocol >= 4:
+            objects["inner"] = Outer.Inner()
+        path = os.path.join(work, f"p{protocol}.pt")
+        torch.save({"model": {"w": torch.arange(6.0)}, **objects}, path, pickle_protocol=protocol)
+        out = os.path.join(work, f"p{protocol}.out.pt")
+        stitch([path, "-o", out, "--force"])
+        got = ckptcheck.load(out)
+        assert got["blob"] == blob and got["text"] == text and got["big"] == big and got["short"] == "s", protocol
+        assert torch.equal(got["model"]["w"], torch.arange(6.0))
+        if protocol >= 4:
+            assert type(got["inner"]).__qualname__ == "Outer.Inner" and got["inner"].value == 7
+        harness.run(["diff", path, out])
+
+
 if __name__ == "__main__":
     harness.main([test_sparse_tensors_are_refused_by_every_command, test_parameters_are_carried_as_parameters,
                   test_requires_grad_of_a_plain_tensor_is_kept, test_the_root_keeps_its_type,
@@ -455,4 +490,5 @@ if __name__ == "__main__":
                   test_every_stitch_flag_is_documented_in_the_readme, test_inspect_of_a_wide_grid_fits_a_terminal,
                   test_diff_counts_add_up, test_floats_print_as_python_prints_them,
                   test_summaries_say_what_was_written_and_checked, test_max_positions_states_its_real_range,
-                  test_qkv_split_keeps_a_modules_order_through_reshard_and_back])
+                  test_qkv_split_keeps_a_modules_order_through_reshard_and_back,
+                  test_long_values_and_nested_classes_come_through_stitch])

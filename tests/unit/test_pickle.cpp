@@ -541,6 +541,112 @@ TEST_SUITE("pickle") {
     CHECK(last.items[2] == t);            // BINGET 7
   }
 
+  TEST_CASE("decode: text longer than a storage block, between short ones, is read whole (the third stranger's F1)") {
+    // Values past 16 KiB took a block of their own, and the decoder pointed them
+    // at the block being filled instead: torch.save's b'\x0a\x0b' * 8193 came
+    // back as the pickle's earlier strings run together.
+    for (std::size_t size : {16384u, 16385u, 70000u, 200000u}) {
+      CAPTURE(size);
+      std::string big(size, 'x');
+      for (std::size_t i = 0; i < size; ++i) big[i] = static_cast<char>('a' + i % 23);
+      std::string bytes(size, '\0');
+      for (std::size_t i = 0; i < size; ++i) bytes[i] = static_cast<char>(i * 7);
+      Pickle p{PROTO,
+               4,
+               MARK,
+               SHORT_BINUNICODE,
+               u8str("before"),
+               BINUNICODE,
+               u32str(big),
+               SHORT_BINUNICODE,
+               u8str("between"),
+               BINBYTES,
+               u32str(bytes),
+               SHORT_BINUNICODE,
+               u8str("after"),
+               LIST,
+               STOP};
+      Graph g = decode(p);
+      const ckpt::pickle::NodeView root = at(g, g.root);
+      REQUIRE(root.items.size() == 5);
+      CHECK(at(g, root.items[0]).text == "before");
+      CHECK(at(g, root.items[1]).text == big);
+      CHECK(at(g, root.items[2]).text == "between");
+      CHECK(at(g, root.items[3]).text == bytes);
+      CHECK(at(g, root.items[4]).text == "after");
+      check_round_trip(g);
+    }
+  }
+
+  TEST_CASE("decode: the memo follows Python's, its memory the entries put (the third stranger's F2, F3)") {
+    // MEMOIZE puts at len(memo), the number of entries, whatever indices BINPUT named.
+    Pickle mixed{PROTO,
+                 4,
+                 SHORT_BINUNICODE,
+                 u8str("A"),
+                 BINPUT,
+                 5,
+                 POP,  // A at 5
+                 SHORT_BINUNICODE,
+                 u8str("B"),
+                 MEMOIZE,
+                 POP,  // B at len(memo) == 1
+                 SHORT_BINUNICODE,
+                 u8str("C"),
+                 BINPUT,
+                 1,
+                 POP,  // C replaces B at 1: len(memo) stays 2
+                 SHORT_BINUNICODE,
+                 u8str("D"),
+                 MEMOIZE,
+                 POP,  // D at 2
+                 MARK,
+                 BINGET,
+                 5,
+                 BINGET,
+                 1,
+                 BINGET,
+                 2,
+                 LIST,
+                 STOP};
+    Graph g = decode(mixed);
+    const ckpt::pickle::NodeView root = at(g, g.root);
+    REQUIRE(root.items.size() == 3);
+    CHECK(at(g, root.items[0]).text == "A");
+    CHECK(at(g, root.items[1]).text == "C");
+    CHECK(at(g, root.items[2]).text == "D");
+    // Indices 1000 apart: kept in a map, not a vector of every index up to the
+    // last (a 5 MB pickle asked for 4 GB); every entry still found.
+    std::string body;
+    for (std::uint64_t k = 0; k < 20000; ++k) body += arg("r", k * 1000, 4);  // LONG_BINPUT k * 1000
+    Pickle sparse{PROTO,           4,           SHORT_BINUNICODE, u8str("v"),  body,        POP,  MARK, LONG_BINGET,
+                  le(19999000, 4), LONG_BINGET, le(0, 4),         LONG_BINGET, le(5000, 4), LIST, STOP};
+    Graph s = decode(sparse);
+    REQUIRE(at(s, s.root).items.size() == 3);
+    for (NodeId item : at(s, s.root).items) CHECK(at(s, item).text == "v");
+    Pickle missing{PROTO,          4,           SHORT_BINUNICODE, u8str("v"), LONG_BINPUT,
+                   le(5000000, 4), LONG_BINGET, le(4999000, 4),   STOP};
+    CHECK_THROWS_WITH_AS(decode(missing), doctest::Contains("memo entry 4999000 is not defined"), ckpt::Error);
+  }
+
+  TEST_CASE("encode: a nested class's dotted name is written under protocol 4 (the third stranger's F4)") {
+    // Protocol 2's GLOBAL looks a name up as one attribute: "Outer.Inner" is
+    // found only from protocol 4 on, by Python and by torch.load alike.
+    Graph g;
+    ckpt::pickle::Node object;
+    object.kind = Kind::Object;
+    object.op = ObjectOp::NewObj;
+    object.callable = g.global("__main__", "Outer.Inner");
+    object.args = g.empty_tuple();
+    g.root = g.add(object);
+    Buffer bytes = ckpt::pickle::encode(g);
+    REQUIRE(bytes.size() > 2);
+    CHECK(static_cast<int>(bytes[1]) == 4);
+    Graph plain;
+    plain.root = plain.global("__main__", "Outer");
+    CHECK(static_cast<int>(ckpt::pickle::encode(plain)[1]) == 2);
+  }
+
   TEST_CASE("decode: globals and objects are data") {
     Graph g = decode(objects());
     const ckpt::pickle::NodeView root = at(g, g.root);
