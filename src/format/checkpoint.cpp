@@ -390,7 +390,12 @@ const ZipRecord& storage_record(const ZipArchive& zip, const std::string& archiv
   if (record == nullptr) {
     throw Error(Location{zip.path(), record_name, std::nullopt}, "storage record referenced by the pickle is missing");
   }
-  std::uint64_t expected = checked_mul(numel, dtype_info(dtype).itemsize, "storage size");
+  if (numel > UINT64_MAX / dtype_info(dtype).itemsize) {
+    throw Error(Location{zip.path(), record_name, record->data_offset},
+                fmt::format("storage of {} {} elements: its size passes 64 bits (the record holds {} bytes)", numel,
+                            dtype_info(dtype).name, record->nbytes));
+  }
+  std::uint64_t expected = numel * dtype_info(dtype).itemsize;
   if (record->nbytes != expected) {
     throw Error(Location{zip.path(), record_name, record->data_offset},
                 fmt::format("storage of {} {} elements needs {} bytes, record holds {}", numel, dtype_info(dtype).name,

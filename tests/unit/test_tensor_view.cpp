@@ -231,6 +231,8 @@ TEST_SUITE("tensor_view") {
         {"offset view past the end", 4, 3, {2}, {1}, "tensor reaches element 4 of a storage of 4 elements"},
         {"strided view past the end", 4, 0, {2, 2}, {3, 1}, "tensor reaches element 4"},
         {"record size disagrees with numel", 5, 0, {4}, {1}, "needs 20 bytes, record holds 16"},
+        // The third stranger's F11: this one named neither the file nor the record.
+        {"numel whose bytes pass 64 bits", std::int64_t{1} << 62, 0, {4}, {1}, "/data/0: at byte 0x"},
         {"negative stride", 4, 3, {2}, {-1}, "negative size or stride"},
         {"shape and stride lengths differ", 4, 0, {2, 2}, {1}, "different lengths"},
     };
