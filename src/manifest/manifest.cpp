@@ -374,6 +374,19 @@ std::string describe_contents(const ManifestFile& file) {
     return fmt::format("a plain state dict of {} tensors (torch.save(model.state_dict()))", top_level_tensors);
   }
   if (file.tensors.empty()) return "no tensors at all";
+  // `model` is there, but its tensors sit deeper: a nested dict, not a state dict.
+  if (std::find(file.top_level_keys.begin(), file.top_level_keys.end(), "model") != file.top_level_keys.end()) {
+    for (const StoredTensor& tensor : file.tensors) {
+      std::string_view path = tensor.path;
+      if (!path.starts_with(kModelPrefix)) continue;
+      std::string_view rest = path.substr(kModelPrefix.size());
+      if (rest.find('/') == std::string_view::npos) continue;
+      return fmt::format(
+          "a 'model' that is not a flat state dict: its tensors sit deeper, such as {} (a state dict maps each "
+          "name to a tensor, as model.state_dict() does)",
+          path);
+    }
+  }
   std::string keys;
   for (std::size_t i = 0; i < file.top_level_keys.size() && i < 8; ++i) {
     keys += (i > 0 ? ", " : "") + file.top_level_keys[i];

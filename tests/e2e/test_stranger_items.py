@@ -482,6 +482,14 @@ def test_long_values_and_nested_classes_come_through_stitch():
         harness.run(["diff", path, out])
 
 
+def test_a_nested_model_is_told_as_nested():
+    """F11: a 'model' of nested dicts was "no 'model' state dict (top-level keys: model)"."""
+    work = harness.scratch("stranger-nested-model")
+    path = save(work, "nested.pt", {"model": {"a": {"b": {"w": torch.ones(2)}}}})
+    message = one_line_error(["stitch", path, "-o", os.path.join(work, "out.pt")])
+    assert "a 'model' that is not a flat state dict: its tensors sit deeper, such as model/a/b/w" in message, message
+
+
 if __name__ == "__main__":
     harness.main([test_sparse_tensors_are_refused_by_every_command, test_parameters_are_carried_as_parameters,
                   test_requires_grad_of_a_plain_tensor_is_kept, test_the_root_keeps_its_type,
@@ -491,4 +499,4 @@ if __name__ == "__main__":
                   test_diff_counts_add_up, test_floats_print_as_python_prints_them,
                   test_summaries_say_what_was_written_and_checked, test_max_positions_states_its_real_range,
                   test_qkv_split_keeps_a_modules_order_through_reshard_and_back,
-                  test_long_values_and_nested_classes_come_through_stitch])
+                  test_long_values_and_nested_classes_come_through_stitch, test_a_nested_model_is_told_as_nested])
