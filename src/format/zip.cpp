@@ -58,8 +58,33 @@ ZipArchive::ZipArchive(const MappedFile& file)
         file.read_at(offset, out, nbytes);
       }) {}
 
+ZipArchive::ZipArchive(const ZipArchive& other)
+    : file_bytes_(other.file_bytes_), path_(other.path_), records_(other.records_) {
+  build_index();
+}
+
+ZipArchive& ZipArchive::operator=(const ZipArchive& other) {
+  if (this != &other) {
+    file_bytes_ = other.file_bytes_;
+    path_ = other.path_;
+    records_ = other.records_;
+    build_index();
+  }
+  return *this;
+}
+
+const ZipRecord* ZipArchive::build_index() {
+  index_.clear();
+  index_.reserve(records_.size());
+  const ZipRecord* duplicate = nullptr;
+  for (std::size_t i = 0; i < records_.size(); ++i) {
+    if (!index_.emplace(records_[i].name, i).second && duplicate == nullptr) duplicate = &records_[i];
+  }
+  return duplicate;
+}
+
 const ZipRecord* ZipArchive::find(std::string_view name) const {
-  auto it = index_.find(std::string(name));
+  auto it = index_.find(name);
   return it == index_.end() ? nullptr : &records_[it->second];
 }
 
@@ -225,17 +250,21 @@ void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
   check_directory_extent(file, end, file_bytes_.size());
 
   ByteReader cd(file_bytes_.subspan(end.cd_offset, end.cd_size), path_, "zip directory", end.cd_offset);
+  std::vector<std::size_t> entry_starts;  // to name a duplicate's entry
   for (std::uint64_t i = 0; i < end.entries; ++i) {
     std::size_t entry_start = cd.position();
+    entry_starts.push_back(entry_start);
     ZipRecord record = stored_record(cd, parse_central_entry(cd, path_));
-    if (index_.count(record.name) != 0) cd.fail(entry_start, "duplicate record name '" + record.name + "'");
     read_local_header(record, read_local_headers);
     if (record.data_offset + record.nbytes > end.cd_offset) {
       cd.fail(entry_start, fmt::format("record '{}' ({} bytes at offset {}) overlaps the central directory",
                                        record.name, record.nbytes, record.data_offset));
     }
-    index_.emplace(record.name, records_.size());
     records_.push_back(std::move(record));
+  }
+  if (const ZipRecord* duplicate = build_index()) {
+    cd.fail(entry_starts[static_cast<std::size_t>(duplicate - records_.data())],
+            "duplicate record name '" + duplicate->name + "'");
   }
 }
 

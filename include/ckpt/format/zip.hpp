@@ -62,6 +62,12 @@ class ZipArchive {
   ZipArchive(Bytes file_bytes, std::string path, const ReadAt& read_local_headers = {});
   // A mapped input file, its local headers read with pread (as above).
   explicit ZipArchive(const MappedFile& file);
+  // The index holds views of the records' names: a copy indexes its own.
+  ZipArchive(const ZipArchive& other);
+  ZipArchive& operator=(const ZipArchive& other);
+  ZipArchive(ZipArchive&&) noexcept = default;
+  ZipArchive& operator=(ZipArchive&&) noexcept = default;
+  ~ZipArchive() = default;
 
   const std::vector<ZipRecord>& records() const { return records_; }
   const ZipRecord* find(std::string_view name) const;
@@ -71,11 +77,13 @@ class ZipArchive {
  private:
   void read_central_directory(const ReadAt& read_local_headers);
   void read_local_header(ZipRecord& record, const ReadAt& read_at) const;
+  // Indexes records_ by name; the first name met twice, if any.
+  const ZipRecord* build_index();
 
   Bytes file_bytes_;
   std::string path_;
   std::vector<ZipRecord> records_;
-  std::unordered_map<std::string, std::size_t> index_;
+  std::unordered_map<std::string_view, std::size_t> index_;  // views of records_' names, made once they are all read
 };
 
 // Writing: the layout is computed first from names and sizes alone, so the output
