@@ -465,7 +465,7 @@ void Checkpoint::collect_storages() {
       }
       continue;
     }
-    it->second = StorageRef{sid->key, sid->dtype, sid->numel, sid->location, &record};
+    it->second = StorageRef{sid->dtype, sid->numel, sid->location, &record};
   }
 }
 

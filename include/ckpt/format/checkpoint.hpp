@@ -26,8 +26,9 @@
 
 namespace ckpt {
 
+// A storage, under its key in Checkpoint::storages() ("17" names the record
+// <archive>/data/17).
 struct StorageRef {
-  std::string key;  // "17" names the record <archive>/data/17
   DType dtype = DType::UInt8;
   std::uint64_t numel = 0;  // elements of `dtype`
   std::string location;     // "cpu", "cuda:0"
