@@ -105,7 +105,18 @@ class Numbering {
 
 }  // namespace
 
-json manifest_to_json(const Manifest& manifest) {
+namespace {
+
+// The values files share, in order of first use: what manifest_to_json writes
+// as tensor_lists and object_trees, and the text writer streams.
+struct SharedValues {
+  std::vector<const TensorList*> lists;
+  std::vector<const nlohmann::ordered_json*> trees;
+};
+
+// `shared`, when given, takes the tensor lists and object trees, which are then
+// left out of the document (empty arrays), for the caller to write one by one.
+json manifest_document(const Manifest& manifest, SharedValues* shared) {
   for (const ManifestFile& file : manifest.files) {
     if (const InputLayout& layout = input_layout(file.format); !layout.training) {
       throw Error(
@@ -123,7 +134,9 @@ json manifest_to_json(const Manifest& manifest) {
   json files = json::array();
   for (const ManifestFile& file : manifest.files) {
     auto [list, new_list] = list_numbers.number(file.tensors.identity());
-    if (new_list) {
+    if (new_list && shared != nullptr) {
+      shared->lists.push_back(&file.tensors);
+    } else if (new_list) {
       json tensors = json::array();
       for (const StoredTensor& t : file.tensors) tensors.push_back(tensor_to_json(t));
       lists.push_back(std::move(tensors));
@@ -135,7 +148,11 @@ json manifest_to_json(const Manifest& manifest) {
       fsdp_number = number;
     }
     auto [tree, new_tree] = tree_numbers.number(file.objects.identity());
-    if (new_tree) trees.push_back(*file.objects);
+    if (new_tree && shared != nullptr) {
+      shared->trees.push_back(&*file.objects);
+    } else if (new_tree) {
+      trees.push_back(*file.objects);
+    }
     json offsets = json::array();
     json crcs = json::array();
     for (const TensorPlace& place : file.places) {
@@ -170,6 +187,12 @@ json manifest_to_json(const Manifest& manifest) {
       {"fsdp", std::move(fsdp)},
       {"object_trees", std::move(trees)},
       {"files", std::move(files)}};
+}
+
+}  // namespace
+
+json manifest_to_json(const Manifest& manifest) {
+  return manifest_document(manifest, nullptr);
 }
 
 namespace {
@@ -824,21 +847,46 @@ namespace {
 // The manifest's text: compact JSON, one line per member of the top-level
 // object and per element of its arrays (a file, a tensor list, an object tree),
 // so that a person can page through it and a diff shows which file changed.
+// The tensor lists and object trees are written one at a time, in the bytes
+// the whole document's dump would give: a document of 200,000 tensors would
+// hold about 1 KiB for each.
 std::string manifest_text(const Manifest& manifest) {
-  json j = manifest_to_json(manifest);
+  SharedValues shared;
+  json j = manifest_document(manifest, &shared);
   auto dump = [](const json& value) { return value.dump(-1, ' ', false, json::error_handler_t::replace); };
+  auto list_text = [&](const TensorList& list) {
+    std::string out = "[";
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      if (i > 0) out += ',';
+      out += dump(tensor_to_json(list[i]));
+    }
+    out += ']';
+    return out;
+  };
   std::string text = "{";
   bool first_member = true;
   for (const auto& [key, value] : j.items()) {
     text += first_member ? "\n" : ",\n";
     first_member = false;
     text += dump(json(key)) + ": ";
-    if (!value.is_array() || value.empty()) {
+    std::size_t count = key == "tensor_lists"   ? shared.lists.size()
+                        : key == "object_trees" ? shared.trees.size()
+                                                : value.size();
+    if (!value.is_array() || count == 0) {
       text += dump(value);
       continue;
     }
     text += "[";
-    for (std::size_t i = 0; i < value.size(); ++i) text += (i == 0 ? "\n  " : ",\n  ") + dump(value[i]);
+    for (std::size_t i = 0; i < count; ++i) {
+      text += i == 0 ? "\n  " : ",\n  ";
+      if (key == "tensor_lists") {
+        text += list_text(*shared.lists[i]);
+      } else if (key == "object_trees") {
+        text += dump(*shared.trees[i]);
+      } else {
+        text += dump(value[i]);
+      }
+    }
     text += "\n]";
   }
   return text + "\n}\n";
