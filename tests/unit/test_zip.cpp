@@ -795,6 +795,25 @@ TEST_SUITE("zip") {
     CHECK(offset == cd_entry(built, 2));
   }
 
+  TEST_CASE("the record index outlives moves and copies of the archive") {
+    // The index holds views of the records' names: a copy indexes its own, and a
+    // move keeps the records where the views point.
+    Built built = build_archive({{"archive/data/0", 4}, {"a-name-longer-than-sso/data/1", 8}});
+    std::optional<ZipArchive> original(std::in_place, view(built.file), "idx.pt");
+    ZipArchive copy = *original;
+    ZipArchive moved = std::move(*original);
+    original.reset();
+    for (const ZipArchive* zip : {&copy, &moved}) {
+      REQUIRE(zip->find("archive/data/0") != nullptr);
+      CHECK(zip->find("archive/data/0")->nbytes == 4);
+      REQUIRE(zip->find("a-name-longer-than-sso/data/1") != nullptr);
+      CHECK(zip->find("a-name-longer-than-sso/data/1") == &zip->records().at(1));
+      CHECK(zip->find("archive/data/2") == nullptr);
+    }
+    copy = moved;  // copy-assigned: its own index again
+    CHECK(copy.find("archive/data/0") == &copy.records().at(0));
+  }
+
   TEST_CASE("layout_zip rejects names longer than a zip name field") {
     std::vector<ZipEntrySpec> specs = {{std::string(0x10000, 'n'), 1}};
     CHECK_THROWS_KIND(ckpt::layout_zip(specs), ckpt::ErrorKind::BadInput);
