@@ -166,7 +166,37 @@ struct Graph::Storage {
   }
   std::deque<GlobalName> globals;
 
+  // A Str, Bytes, ByteArray or BigInt.
+  Slot text_slot(Kind kind, std::string_view value) {
+    if (!is_text(kind)) throw std::logic_error("pickle: text for a kind without text");
+    if (value.size() > std::numeric_limits<std::uint32_t>::max()) {
+      throw Error("pickle: a string or bytes value of 4 GiB or more");
+    }
+    Slot slot;
+    slot.kind = kind;
+    slot.count = static_cast<std::uint32_t>(value.size());
+    slot.chars = chars.copy(std::span<const char>(value));
+    return slot;
+  }
+  // A Tuple or FrozenSet (its items copied once), or a List, Set or Dict (a Fill).
+  Slot items_slot(Kind kind, std::span<const NodeId> items) {
+    Slot slot;
+    slot.kind = kind;
+    if (kind == Kind::Tuple || kind == Kind::FrozenSet) {
+      slot.count = static_cast<std::uint32_t>(items.size());
+      slot.ids = ids.copy(items);
+    } else if (is_filled(kind)) {
+      slot.fill = &fills.emplace_back();
+      slot.fill->items.assign(items.begin(), items.end());
+    } else {
+      throw std::logic_error("pickle: items for a kind without items");
+    }
+    return slot;
+  }
+
   Slot make(const Node& node) {
+    if (is_text(node.kind)) return text_slot(node.kind, node.text);
+    if (node.kind == Kind::Tuple || node.kind == Kind::FrozenSet) return items_slot(node.kind, node.items);
     Slot slot;
     slot.kind = node.kind;
     slot.op = node.op;
@@ -174,22 +204,7 @@ struct Graph::Storage {
     switch (node.kind) {
       case Kind::Int: slot.integer = node.integer; break;
       case Kind::Float: slot.real = node.real; break;
-      case Kind::Str:
-      case Kind::Bytes:
-      case Kind::ByteArray:
-      case Kind::BigInt:
-        if (node.text.size() > std::numeric_limits<std::uint32_t>::max()) {
-          throw Error("pickle: a string or bytes value of 4 GiB or more");
-        }
-        slot.count = static_cast<std::uint32_t>(node.text.size());
-        slot.chars = chars.copy(std::span<const char>(node.text));
-        break;
       case Kind::Global: slot.global = &globals.emplace_back(GlobalName{node.text, node.name}); break;
-      case Kind::Tuple:
-      case Kind::FrozenSet:
-        slot.count = static_cast<std::uint32_t>(node.items.size());
-        slot.ids = ids.copy(std::span<const NodeId>(node.items));
-        break;
       case Kind::List:
       case Kind::Set:
       case Kind::Dict: slot.fill = new_fill(node.items, node.entries); break;
@@ -198,8 +213,7 @@ struct Graph::Storage {
         if (!node.items.empty() || !node.entries.empty()) slot.object->fill = new_fill(node.items, node.entries);
         break;
       case Kind::PersId: slot.target = node.callable; break;
-      case Kind::None:
-      case Kind::Bool: break;
+      default: break;  // None, Bool; text and tuples above
     }
     return slot;
   }
@@ -300,9 +314,13 @@ NodeView Graph::operator[](NodeId id) const {
   return view;
 }
 
-NodeId Graph::add(const Node& node) {
+NodeId Graph::push(const Slot& slot) {
   if (size() >= kNoNode) throw Error("pickle: too many objects");
-  return base_size_ + static_cast<NodeId>(storage_->nodes.push_back(storage_->make(node)));
+  return base_size_ + static_cast<NodeId>(storage_->nodes.push_back(slot));
+}
+
+NodeId Graph::add(const Node& node) {
+  return push(storage_->make(node));
 }
 
 void Graph::replace(NodeId id, const Node& node) {
@@ -383,32 +401,11 @@ NodeId Graph::empty_tuple() {
 }
 
 NodeId Graph::add_text(Kind kind, std::string_view value) {
-  if (!is_text(kind)) throw std::logic_error("pickle: add_text of a kind without text");
-  if (size() >= kNoNode) throw Error("pickle: too many objects");
-  if (value.size() > std::numeric_limits<std::uint32_t>::max()) {
-    throw Error("pickle: a string or bytes value of 4 GiB or more");
-  }
-  Slot slot;
-  slot.kind = kind;
-  slot.count = static_cast<std::uint32_t>(value.size());
-  slot.chars = storage_->chars.copy(std::span<const char>(value));
-  return base_size_ + static_cast<NodeId>(storage_->nodes.push_back(slot));
+  return push(storage_->text_slot(kind, value));
 }
 
 NodeId Graph::add_items(Kind kind, std::span<const NodeId> items) {
-  if (size() >= kNoNode) throw Error("pickle: too many objects");
-  Slot slot;
-  slot.kind = kind;
-  if (kind == Kind::Tuple || kind == Kind::FrozenSet) {
-    slot.count = static_cast<std::uint32_t>(items.size());
-    slot.ids = storage_->ids.copy(items);
-  } else if (kind == Kind::List || kind == Kind::Set || kind == Kind::Dict) {
-    slot.fill = &storage_->fills.emplace_back();
-    slot.fill->items.assign(items.begin(), items.end());
-  } else {
-    throw std::logic_error("pickle: add_items of a kind without items");
-  }
-  return base_size_ + static_cast<NodeId>(storage_->nodes.push_back(slot));
+  return push(storage_->items_slot(kind, items));
 }
 
 NodeId Graph::str(std::string_view value) {

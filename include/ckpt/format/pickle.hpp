@@ -179,7 +179,8 @@ class Graph {
   struct Storage;
   struct Slot;
   const Slot& slot(NodeId id) const;
-  Slot& own_slot(NodeId id);  // this graph's copy of the slot, made on the first change
+  NodeId push(const Slot& slot);  // a new node: checks the id space
+  Slot& own_slot(NodeId id);      // this graph's copy of the slot, made on the first change
   NodeId interned(NodeId& slot, const Node& node);
 
   std::shared_ptr<const Graph> base_;  // nodes [0, base_size_), unless edited here
