@@ -440,8 +440,7 @@ Checkpoint::Checkpoint(const MappedFile& file, ZipArchive zip, const Checkpoint&
   }
   tensors_ = same_pickle.tensors_;
   nodes_ = same_pickle.nodes_;
-  places_.reserve(tensors_.size());
-  for (const StoredTensor& tensor : tensors_) places_.push_back(place_of(tensor));
+  fill_places();
 }
 
 void Checkpoint::collect_storages() {
@@ -594,8 +593,7 @@ void Checkpoint::collect_tensors() {
     nodes_.push_back(nodes[index]);
   }
   tensors_ = TensorList(std::move(sorted));
-  places_.reserve(tensors_.size());
-  for (const StoredTensor& tensor : tensors_) places_.push_back(place_of(tensor));
+  fill_places();
   // A path names one tensor (in the manifest, in state dicts, in a diff of two
   // files): a tensor at a path cut at its bound has no name.
   std::unordered_set<std::string_view> seen;
@@ -612,11 +610,15 @@ const StoredTensor* Checkpoint::find_tensor(std::string_view tensor_path) const 
   return index ? &tensors_[*index] : nullptr;
 }
 
-TensorPlace Checkpoint::place_of(const StoredTensor& tensor) const {
-  const StorageRef& storage = storages_.at(tensor.storage_key);
-  return {storage.record->data_offset +
-              static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(storage.dtype).itemsize,
-          storage.record->crc32};
+void Checkpoint::fill_places() {
+  places_.clear();
+  places_.reserve(tensors_.size());
+  for (const StoredTensor& tensor : tensors_) {
+    const StorageRef& storage = storages_.at(tensor.storage_key);
+    places_.push_back({storage.record->data_offset +
+                           static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(storage.dtype).itemsize,
+                       storage.record->crc32});
+  }
 }
 
 }  // namespace ckpt

@@ -96,7 +96,7 @@ class Checkpoint {
  private:
   void collect_storages();
   void collect_tensors();
-  TensorPlace place_of(const StoredTensor& tensor) const;
+  void fill_places();  // places_ from tensors_ and this file's storage records
 
   const MappedFile& file_;
   ZipArchive zip_;
