@@ -13,22 +13,6 @@ namespace ckpt {
 
 using pickle::NodeId;
 
-namespace {
-
-// Plain copies sorted and merged into as few as possible.
-void merge_plain(PlannedRecord& record) {
-  if (!std::all_of(record.copies.begin(), record.copies.end(), [](const Piece& piece) { return piece.plain(); })) {
-    return;
-  }
-  std::vector<Piece> plain = std::move(record.copies);
-  std::sort(plain.begin(), plain.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
-  record.copies.clear();
-  record.nbytes = 0;
-  for (const Piece& piece : plain) record.append_plain(piece);
-}
-
-}  // namespace
-
 CheckpointBuilder::CheckpointBuilder() = default;
 
 CheckpointBuilder::CheckpointBuilder(const Checkpoint& base)
@@ -47,7 +31,7 @@ CheckpointBuilder::CheckpointBuilder(const Checkpoint& base)
 
 NodeId CheckpointBuilder::add_tensor(const NamedTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
-  payloads_.push_back({key, plan_tensor_record(tensor, nullptr)});
+  payloads_.push_back({key, plan_tensor_record(tensor)});
   // torch pickles a parameter's `.data`, whose own requires_grad is False.
   const bool parameter = tensor.kind.wrap != TensorWrap::Tensor;
   NodeId data =
@@ -105,7 +89,7 @@ NodeId CheckpointBuilder::add_state_dict(const std::vector<NamedTensor>& tensors
 
 void CheckpointBuilder::replace_tensor(NodeId node, const NamedTensor& tensor) {
   std::string key = std::to_string(payloads_.size());
-  payloads_.push_back({key, plan_tensor_record(tensor, nullptr)});
+  payloads_.push_back({key, plan_tensor_record(tensor)});
   // The base's requires_grad stays: the tensor's bytes change, not what torch rebuilds.
   const auto& old_args = graph_[graph_[node].args].items;
   bool requires_grad =
@@ -189,12 +173,7 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   for (; !payloads_.empty(); payloads_.pop_front()) {
     Payload& payload = payloads_.front();
     PlannedStorage storage{payload.key, std::move(payload.record)};
-    if (!storage.data.copies.empty()) {
-      for (Piece& piece : storage.data.copies) {
-        if (piece.mapped()) piece.source = sources.at(piece.source);
-      }
-      merge_plain(storage.data);
-    }
+    map_record_sources(storage.data, sources);
     storages.push_back(std::move(storage));
   }
   if (base_ != nullptr) {
@@ -205,10 +184,28 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
 }
 
 PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>& sources) {
-  return plan_tensor_record(tensor, &sources);
+  PlannedRecord record = plan_tensor_record(tensor);
+  map_record_sources(record, sources);
+  return record;
 }
 
-PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>* sources) {
+void map_record_sources(PlannedRecord& record, const std::vector<std::uint32_t>& sources) {
+  if (record.copies.empty()) return;  // inline bytes, or an empty tensor
+  for (Piece& piece : record.copies) {
+    if (piece.mapped()) piece.source = sources.at(piece.source);
+  }
+  // Plain copies in order merge into as few as possible.
+  if (!std::all_of(record.copies.begin(), record.copies.end(), [](const Piece& piece) { return piece.plain(); })) {
+    return;
+  }
+  std::vector<Piece> plain = std::move(record.copies);
+  std::sort(plain.begin(), plain.end(), [](const Piece& a, const Piece& b) { return a.offset < b.offset; });
+  record.copies.clear();
+  record.nbytes = 0;
+  for (const Piece& piece : plain) record.append_plain(piece);
+}
+
+PlannedRecord plan_tensor_record(const NamedTensor& tensor) {
   PlannedRecord record;
   DType from = tensor.source.dtype;
   DType to = tensor.dtype();
@@ -221,7 +218,7 @@ PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<st
     Piece piece;
     bool zeros = tensor_piece.source == Piece::kZeros;
     bool synthetic = tensor_piece.source == Piece::kSynthetic;
-    piece.source = zeros || synthetic || sources == nullptr ? tensor_piece.source : sources->at(tensor_piece.source);
+    piece.source = tensor_piece.source;
     piece.source_offset = zeros ? 0 : tensor_piece.source_offset;
     piece.offset = dest(tensor_piece.offset);
     piece.nbytes = dest(tensor_piece.nbytes);
@@ -237,7 +234,6 @@ PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<st
     }
     record.copies.push_back(piece);
   }
-  merge_plain(record);
   return record;
 }
 

@@ -65,7 +65,7 @@ class CheckpointBuilder {
  private:
   struct Payload {
     std::string key;
-    PlannedRecord record;  // its sources manifest file indices until finish()
+    PlannedRecord record;  // its sources manifest file indices until finish() maps them
   };
   pickle::NodeId parameter_state(const std::string& key) const;
 
@@ -76,11 +76,13 @@ class CheckpointBuilder {
   std::deque<Payload> payloads_;  // storage key i -> data (a deque: no copy of them all as it grows)
 };
 
-// The record holding one output tensor's data: one copy per source
-// piece (strided where the piece is), converting when the output dtype differs;
-// plain ranges merged.
+// The record holding one output tensor's data: one copy per source piece
+// (strided where the piece is), converting when the output dtype differs. Its
+// sources are the tensor's (manifest file indices) until map_record_sources
+// turns them into plan sources (`sources[i]` for file i) and merges plain
+// ranges; the second form does both.
+PlannedRecord plan_tensor_record(const NamedTensor& tensor);
 PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>& sources);
-// The same with the tensor's sources kept as they are (null `sources`).
-PlannedRecord plan_tensor_record(const NamedTensor& tensor, const std::vector<std::uint32_t>* sources);
+void map_record_sources(PlannedRecord& record, const std::vector<std::uint32_t>& sources);
 
 }  // namespace ckpt
