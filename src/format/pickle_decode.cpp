@@ -102,17 +102,14 @@ class Decoder {
     }
     stack_.push_back(graph_.add_text(Kind::BigInt, as_chars(bytes)));
   }
-  void push_container(Kind kind, std::span<const NodeId> items) {
-    if (kind == Kind::Tuple && items.empty()) {
-      stack_.push_back(graph_.empty_tuple());
-      return;
-    }
-    stack_.push_back(graph_.add_items(kind, items));
+  // A container of `items`; the empty tuple is one node (Python's is a singleton).
+  NodeId container(Kind kind, std::span<const NodeId> items) {
+    return kind == Kind::Tuple && items.empty() ? graph_.empty_tuple() : graph_.add_items(kind, items);
   }
+  void push_container(Kind kind, std::span<const NodeId> items) { stack_.push_back(container(kind, items)); }
   // A container of the items above the last MARK, which replace them on the stack.
   void push_marked(Kind kind) {
-    std::span<const NodeId> items = pop_mark();
-    NodeId id = kind == Kind::Tuple && items.empty() ? graph_.empty_tuple() : graph_.add_items(kind, items);
+    NodeId id = container(kind, pop_mark());
     drop_marked();
     stack_.push_back(id);
   }
