@@ -326,10 +326,10 @@ std::vector<std::unique_ptr<MappedFile>> map_sources(const Plan& plan) {
     mapped.push_back(std::make_unique<MappedFile>(source.path));
     const MappedFile& file = *mapped.back();
     if (file.size() != source.size_bytes || file.mtime_ns() != source.mtime_ns || file.inode() != source.inode ||
-        file.ctime_ns() != source.ctime_ns) {
+        file.device() != source.device || file.ctime_ns() != source.ctime_ns) {
       throw Error(Location{source.path, "", std::nullopt},
                   fmt::format("the input changed after it was planned from (size {} -> {} bytes, modification or "
-                              "change time, or inode): nothing was written; plan again",
+                              "change time, or device and inode): nothing was written; plan again",
                               source.size_bytes, file.size()));
     }
   }
