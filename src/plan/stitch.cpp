@@ -184,7 +184,7 @@ PlannedFile plan_torch_output(const Checkpoint& base, std::vector<NamedTensor>& 
 void plan_torch_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
   out.plan.files.push_back(plan_torch_output(output.base, output.tensors, output.path, options, output.optimizer_states,
                                              output.sources, out.plan));
-  out.tensors.push_back(options.list_tensors ? std::move(output.tensors) : std::vector<NamedTensor>{});
+  out.tensors.push_back(std::move(output.tensors));  // empty unless list_tensors: plan_torch_output released them
 }
 
 StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,
