@@ -610,15 +610,18 @@ const StoredTensor* Checkpoint::find_tensor(std::string_view tensor_path) const 
   return index ? &tensors_[*index] : nullptr;
 }
 
+TensorPlace place_in(const StoredTensor& tensor, const ZipRecord& storage_record) {
+  // The tensor's dtype is its storage's (collect_tensors).
+  return {storage_record.data_offset +
+              static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize,
+          storage_record.crc32};
+}
+
 void Checkpoint::fill_places() {
   places_.clear();
   places_.reserve(tensors_.size());
-  for (const StoredTensor& tensor : tensors_) {
-    const StorageRef& storage = storages_.at(tensor.storage_key);
-    places_.push_back({storage.record->data_offset +
-                           static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(storage.dtype).itemsize,
-                       storage.record->crc32});
-  }
+  for (const StoredTensor& tensor : tensors_)
+    places_.push_back(place_in(tensor, *storages_.at(tensor.storage_key).record));
 }
 
 }  // namespace ckpt

@@ -181,11 +181,8 @@ ManifestFile describe_known(const PickleFacts& facts, const MappedFile& mapped, 
   }
   file.places.clear();
   file.places.reserve(file.tensors.size());
-  for (const StoredTensor& tensor : file.tensors) {
-    const ZipRecord& record = *records.at(tensor.storage_key);
-    std::uint64_t offset = static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize;
-    file.places.push_back({record.data_offset + offset, record.crc32});
-  }
+  for (const StoredTensor& tensor : file.tensors)
+    file.places.push_back(place_in(tensor, *records.at(tensor.storage_key)));
   return file;
 }
 

@@ -57,6 +57,10 @@ TorchZip locate_torch_zip(const ZipArchive& zip);
 const ZipRecord& storage_record(const ZipArchive& zip, const std::string& archive_name, const std::string& key,
                                 DType dtype, std::uint64_t numel);
 
+// Where `tensor` is in a file whose record of its storage is `storage_record`:
+// its first element's absolute offset, and the record's CRC.
+TensorPlace place_in(const StoredTensor& tensor, const ZipRecord& storage_record);
+
 class Checkpoint {
  public:
   // Parses `file`, which must outlive the Checkpoint. Throws Error naming the
