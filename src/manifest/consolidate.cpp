@@ -77,15 +77,6 @@ bool is_buffer(const std::string& key, const StoredTensor& tensor, const FsdpMet
 
 namespace {
 
-// A tensor inside a container inside the state dict ("model/a/b"), which a
-// state dict (flat: key -> tensor) cannot hold; null when there is none.
-const StoredTensor* nested_tensor(const ManifestFile& file, const std::string& prefix) {
-  for (const StoredTensor& tensor : file.tensors) {
-    if (tensor.path.rfind(prefix, 0) == 0 && tensor.path.find('/', prefix.size()) != std::string::npos) return &tensor;
-  }
-  return nullptr;
-}
-
 TensorKind kind_of(const StoredTensor& tensor) {
   return {tensor.wrap, tensor.requires_grad};
 }

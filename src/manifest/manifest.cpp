@@ -355,6 +355,13 @@ const StoredTensor* find_tensor(const ManifestFile& file, std::string_view path)
   return index ? &file.tensors[*index] : nullptr;
 }
 
+const StoredTensor* nested_tensor(const ManifestFile& file, const std::string& prefix) {
+  for (const StoredTensor& tensor : file.tensors) {
+    if (tensor.path.starts_with(prefix) && tensor.path.find('/', prefix.size()) != std::string::npos) return &tensor;
+  }
+  return nullptr;
+}
+
 std::string describe_contents(const ManifestFile& file) {
   const nlohmann::ordered_json& root = *file.objects;
   if (root.is_object() && root.contains("$class") && root["$class"].is_string()) {
@@ -372,17 +379,11 @@ std::string describe_contents(const ManifestFile& file) {
   }
   if (file.tensors.empty()) return "no tensors at all";
   // `model` is there, but its tensors sit deeper: a nested dict, not a state dict.
-  if (std::find(file.top_level_keys.begin(), file.top_level_keys.end(), "model") != file.top_level_keys.end()) {
-    for (const StoredTensor& tensor : file.tensors) {
-      std::string_view path = tensor.path;
-      if (!path.starts_with(kModelPrefix)) continue;
-      std::string_view rest = path.substr(kModelPrefix.size());
-      if (rest.find('/') == std::string_view::npos) continue;
-      return fmt::format(
-          "a 'model' that is not a flat state dict: its tensors sit deeper, such as {} (a state dict maps each "
-          "name to a tensor, as model.state_dict() does)",
-          path);
-    }
+  if (const StoredTensor* nested = nested_tensor(file, std::string(kModelPrefix))) {
+    return fmt::format(
+        "a 'model' that is not a flat state dict: its tensors sit deeper, such as {} (a state dict maps each "
+        "name to a tensor, as model.state_dict() does)",
+        nested->path);
   }
   std::string keys;
   for (std::size_t i = 0; i < file.top_level_keys.size() && i < 8; ++i) {

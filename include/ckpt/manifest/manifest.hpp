@@ -130,6 +130,10 @@ struct Grid {
 const StoredTensor* find_tensor(const ManifestFile& file, std::string_view path);
 // "model", "optimizer_state" or "other", from the top-level key of the tensor's path.
 std::string tensor_section(const StoredTensor& tensor);
+// A tensor inside a container inside the state dict at `prefix` ("model/a/b"
+// under "model/"), which a state dict (flat: key -> tensor) cannot hold; null
+// when there is none.
+const StoredTensor* nested_tensor(const ManifestFile& file, const std::string& prefix);
 // What a file holds, for a person, when it is not what a command needs: "a
 // TorchScript archive (torch.jit.save)", "a pickled Python object of class
 // __main__.Net (torch.save(model))", "a plain state dict of 12 tensors
