@@ -372,33 +372,30 @@ class PlainCopier {
   }
 
  private:
-  NodeId sequence(Kind kind, std::vector<NodeId> items, int depth) {
-    for (NodeId& item : items) item = copy(item, depth);
+  // A new container of `items` (or `entries`), each converted; OmegaConf value
+  // nodes unwrapped first with `unwrap_values`. They are copied before anything
+  // is converted, which adds nodes.
+  NodeId sequence(Kind kind, std::span<const NodeId> items, int depth, bool unwrap_values = false) {
     pickle::Node node;
     node.kind = kind;
-    node.items = std::move(items);
-    return graph_.add(std::move(node));
+    node.items.assign(items.begin(), items.end());
+    for (NodeId& item : node.items) item = copy(unwrap_values ? omegaconf_unwrap(graph_, item) : item, depth);
+    return graph_.add(node);
   }
 
-  NodeId mapping(std::vector<std::pair<NodeId, NodeId>> entries, int depth, bool unwrap_values = false) {
-    for (auto& [key, value] : entries) {
-      key = copy(key, depth);
-      key = hashable(key);
-      value = copy(unwrap_values ? omegaconf_unwrap(graph_, value) : value, depth);
-    }
+  NodeId mapping(std::span<const pickle::Entry> entries, int depth, bool unwrap_values = false) {
     pickle::Node node;
     node.kind = Kind::Dict;
-    node.entries = std::move(entries);
-    return graph_.add(std::move(node));
+    node.entries.assign(entries.begin(), entries.end());
+    for (auto& [key, value] : node.entries) {
+      key = hashable(copy(key, depth));
+      value = copy(unwrap_values ? omegaconf_unwrap(graph_, value) : value, depth);
+    }
+    return graph_.add(node);
   }
 
   // A dict key must stay hashable: the lists a conversion made inside it
   // (from sets, bytes) become tuples, in new nodes (others may share them).
-  std::vector<pickle::Entry> entries_of(NodeId mapping) const {
-    std::span<const pickle::Entry> entries = graph_.mapping_entries(mapping);
-    return {entries.begin(), entries.end()};
-  }
-
   NodeId hashable(NodeId id) {
     if (graph_[id].kind != Kind::List && graph_[id].kind != Kind::Tuple) return id;
     std::span<const NodeId> old = graph_[id].items;
@@ -414,13 +411,13 @@ class PlainCopier {
       case Kind::ByteArray: {
         std::vector<NodeId> values;
         for (char c : node.text) values.push_back(graph_.integer(static_cast<unsigned char>(c)));
-        return sequence(Kind::List, std::move(values), depth);
+        return sequence(Kind::List, values, depth);
       }
-      case Kind::Tuple: return sequence(Kind::Tuple, {node.items.begin(), node.items.end()}, depth);
+      case Kind::Tuple: return sequence(Kind::Tuple, node.items, depth);
       case Kind::List:
       case Kind::Set:
-      case Kind::FrozenSet: return sequence(Kind::List, {node.items.begin(), node.items.end()}, depth);
-      case Kind::Dict: return mapping({node.entries.begin(), node.entries.end()}, depth);
+      case Kind::FrozenSet: return sequence(Kind::List, node.items, depth);
+      case Kind::Dict: return mapping(node.entries, depth);
       case Kind::Global: return graph_.str(fmt::format("{}.{}", node.text, node.name));
       case Kind::Object: return object(id, node, depth);
       default: return graph_.none();
@@ -434,22 +431,20 @@ class PlainCopier {
       if (auto dims = as_int_list(graph_, id)) {
         std::vector<NodeId> items;
         for (std::int64_t dim : *dims) items.push_back(graph_.integer(dim));
-        return sequence(Kind::Tuple, std::move(items), depth);
+        return sequence(Kind::Tuple, items, depth);
       }
     }
     if (is_omegaconf_container(name)) {
       NodeId content = graph_.attribute(id, "_content");
-      if (content != kNoNode && graph_[content].kind == Kind::Dict) return mapping(entries_of(content), depth, true);
-      if (content != kNoNode && graph_[content].kind == Kind::List) {
-        std::span<const NodeId> old = graph_[content].items;
-        std::vector<NodeId> items(old.begin(), old.end());
-        for (NodeId& item : items) item = omegaconf_unwrap(graph_, item);
-        return sequence(Kind::List, std::move(items), depth);
-      }
+      if (content != kNoNode && graph_[content].kind == Kind::Dict)
+        return mapping(graph_[content].entries, depth, true);
+      if (content != kNoNode && graph_[content].kind == Kind::List)
+        return sequence(Kind::List, graph_[content].items, depth, true);
       return graph_.none();  // a config set to None (or missing)
     }
-    if (!node.entries.empty()) return mapping(entries_of(id), depth);  // OrderedDict and other dict subclasses
-    if (node.state != kNoNode && graph_[node.state].kind == Kind::Dict) return mapping(entries_of(node.state), depth);
+    if (!node.entries.empty()) return mapping(node.entries, depth);  // OrderedDict and other dict subclasses
+    if (node.state != kNoNode && graph_[node.state].kind == Kind::Dict)
+      return mapping(graph_[node.state].entries, depth);
     // What protocol 2 pickles as a call: set([...]) and frozenset([...]) (a list),
     // bytes as _codecs.encode(text, 'latin1') (the list of byte values), and
     // any other call with arguments only (an Enum member: its value; complex:
@@ -462,7 +457,7 @@ class PlainCopier {
       }
       if ((qualified == "set" || qualified == "frozenset") && args->size() == 1) {
         if (auto items = as_sequence(graph_, args->front())) {
-          return sequence(Kind::List, {items->begin(), items->end()}, depth);
+          return sequence(Kind::List, *items, depth);
         }
       }
       if (name == "_codecs.encode" && graph_[args->front()].kind == Kind::Str) {
@@ -475,10 +470,10 @@ class PlainCopier {
           }
           values.push_back(graph_.integer(byte));
         }
-        return sequence(Kind::List, std::move(values), depth);
+        return sequence(Kind::List, values, depth);
       }
       if (args->size() == 1) return copy(args->front(), depth);
-      return sequence(Kind::Tuple, {args->begin(), args->end()}, depth);
+      return sequence(Kind::Tuple, *args, depth);
     }
     return graph_.str(name.empty() ? "<object>" : name);
   }
