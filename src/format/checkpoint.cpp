@@ -468,6 +468,28 @@ void Checkpoint::collect_storages() {
   }
 }
 
+namespace {
+
+// Puts `values[order[k]]` at position k, in place (following the cycles of `order`).
+template <typename T>
+void permute(std::vector<T>& values, std::vector<std::size_t> order) {
+  for (std::size_t start = 0; start < order.size(); ++start) {
+    if (order[start] == start) continue;
+    T held = std::move(values[start]);
+    std::size_t at = start;
+    while (order[at] != start) {
+      std::size_t next = order[at];
+      values[at] = std::move(values[next]);
+      order[at] = at;
+      at = next;
+    }
+    values[at] = std::move(held);
+    order[at] = at;
+  }
+}
+
+}  // namespace
+
 void Checkpoint::collect_tensors() {
   // Tensors are listed in the order a depth-first walk meets their paths (the
   // order of the dicts that hold them), ties included.
@@ -506,7 +528,10 @@ void Checkpoint::collect_tensors() {
   }
   std::vector<StoredTensor> tensors;
   std::vector<TensorNodes> nodes;
-  std::vector<std::size_t> rank;  // per tensor: the order of its path in the walk
+  std::vector<std::size_t> rank;                   // per tensor: the order of its path in the walk
+  tensors.reserve(paths.size() + repeats.size());  // unless some are unreachable
+  nodes.reserve(paths.size() + repeats.size());
+  rank.reserve(paths.size() + repeats.size());
   for (NodeId id = 0; id < graph().size(); ++id) {
     if (!is_rebuild_tensor(graph(), id)) continue;
     StoredTensor tensor;
@@ -585,14 +610,10 @@ void Checkpoint::collect_tensors() {
   std::vector<std::size_t> by_rank(tensors.size());
   std::iota(by_rank.begin(), by_rank.end(), 0);
   std::stable_sort(by_rank.begin(), by_rank.end(), [&](std::size_t a, std::size_t b) { return rank[a] < rank[b]; });
-  std::vector<StoredTensor> sorted;
-  sorted.reserve(tensors.size());
-  nodes_.reserve(tensors.size());
-  for (std::size_t index : by_rank) {
-    sorted.push_back(std::move(tensors[index]));
-    nodes_.push_back(nodes[index]);
-  }
-  tensors_ = TensorList(std::move(sorted));
+  permute(tensors, by_rank);
+  permute(nodes, by_rank);
+  tensors_ = TensorList(std::move(tensors));
+  nodes_ = std::move(nodes);
   fill_places();
   // A path names one tensor (in the manifest, in state dicts, in a diff of two
   // files): a tensor at a path cut at its bound has no name.

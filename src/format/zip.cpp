@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <numeric>
 
 #include "ckpt/io/byte_writer.hpp"
 
@@ -250,17 +251,21 @@ void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
   check_directory_extent(file, end, file_bytes_.size());
 
   ByteReader cd(file_bytes_.subspan(end.cd_offset, end.cd_size), path_, "zip directory", end.cd_offset);
-  std::vector<std::size_t> entry_starts;  // to name a duplicate's entry
+  std::vector<std::size_t> entry_starts;                 // to name a bad entry
+  const std::uint64_t fit = end.cd_size / kCentralSize;  // `entries` is untrusted; this many fit the directory
+  records_.reserve(std::min(end.entries, fit));
+  entry_starts.reserve(std::min(end.entries, fit));
   for (std::uint64_t i = 0; i < end.entries; ++i) {
-    std::size_t entry_start = cd.position();
-    entry_starts.push_back(entry_start);
-    ZipRecord record = stored_record(cd, parse_central_entry(cd, path_));
-    read_local_header(record, read_local_headers);
+    entry_starts.push_back(cd.position());
+    records_.push_back(stored_record(cd, parse_central_entry(cd, path_)));
+  }
+  read_local_headers_of_records(read_local_headers);
+  for (std::size_t i = 0; i < records_.size(); ++i) {
+    const ZipRecord& record = records_[i];
     if (record.data_offset + record.nbytes > end.cd_offset) {
-      cd.fail(entry_start, fmt::format("record '{}' ({} bytes at offset {}) overlaps the central directory",
-                                       record.name, record.nbytes, record.data_offset));
+      cd.fail(entry_starts[i], fmt::format("record '{}' ({} bytes at offset {}) overlaps the central directory",
+                                           record.name, record.nbytes, record.data_offset));
     }
-    records_.push_back(std::move(record));
   }
   if (const ZipRecord* duplicate = build_index()) {
     cd.fail(entry_starts[static_cast<std::size_t>(duplicate - records_.data())],
@@ -268,37 +273,55 @@ void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
   }
 }
 
-void ZipArchive::read_local_header(ZipRecord& record, const ReadAt& read_at) const {
-  // `file` gives positions and bounds; the bytes themselves are copied out.
-  ByteReader file(file_bytes_, path_, record.name);
-  auto copy_out = [&](std::uint64_t byte_offset, std::byte* out, std::uint64_t nbytes) {
-    if (nbytes == 0) return;
-    if (read_at) {
-      read_at(byte_offset, out, nbytes);
-    } else {
-      std::memcpy(out, file_bytes_.data() + byte_offset, nbytes);
-    }
+void ZipArchive::read_local_headers_of_records(const ReadAt& read_at) {
+  // Taken in file order, the headers within kHeaderBatch bytes of each other
+  // are read at once: one read for the headers of many small records, while
+  // the data of a large record between two headers is not read.
+  constexpr std::uint64_t kHeaderBatch = 64 << 10;
+  const std::uint64_t size = file_bytes_.size();
+  auto header_end = [&](const ZipRecord& record) {  // as far as the header and the name it should hold reach
+    return std::min(size, std::min(record.header_offset, size) + kLocalSize + record.name.size());
   };
+  std::vector<std::size_t> order(records_.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return records_[a].header_offset < records_[b].header_offset; });
+  std::vector<std::byte> window;
+  for (std::size_t i = 0; i < order.size();) {
+    const std::uint64_t begin = std::min(records_[order[i]].header_offset, size);
+    std::uint64_t end = header_end(records_[order[i]]);
+    std::size_t j = i + 1;
+    for (; j < order.size() && header_end(records_[order[j]]) - begin <= kHeaderBatch; ++j)
+      end = std::max(end, header_end(records_[order[j]]));
+    Bytes bytes = file_bytes_.subspan(begin, end - begin);
+    if (read_at && !bytes.empty()) {
+      window.resize(bytes.size());
+      read_at(begin, window.data(), window.size());
+      bytes = window;
+    }
+    for (; i < j; ++i) read_local_header(records_[order[i]], bytes, begin);
+  }
+}
+
+void ZipArchive::read_local_header(ZipRecord& record, Bytes window, std::uint64_t window_offset) const {
+  // `file` gives positions and bounds; the header's bytes are `window`'s, a copy
+  // of the file from `window_offset` that holds the header and the name.
+  ByteReader file(file_bytes_, path_, record.name);
   if (record.header_offset > file_bytes_.size()) {
     file.fail(file_bytes_.size(),
               fmt::format("local header offset {} lies past the end of the file", record.header_offset));
   }
   file.seek(record.header_offset);
   if (file.remaining() < kLocalSize) file.fail_here("truncated local header");
-  std::array<std::byte, kLocalSize> fixed_bytes{};
-  copy_out(record.header_offset, fixed_bytes.data(), kLocalSize);
-  ByteReader fixed(Bytes(fixed_bytes), path_, record.name, record.header_offset);
-  if (fixed.u32() != kLocalHeaderSig) fixed.fail(0, "local header: bad signature");
-  fixed.skip(2 + 2 + 2 + 2 + 2 + 4 + 4 + 4);
-  std::uint16_t name_len = fixed.u16();
-  std::uint16_t extra_len = fixed.u16();
-  file.skip(kLocalSize);
-  std::vector<std::byte> name_bytes(std::min<std::uint64_t>(name_len, file.remaining()));
-  copy_out(file.absolute_offset(), name_bytes.data(), name_bytes.size());
-  ByteReader name(name_bytes, path_, record.name, file.absolute_offset());
-  if (name.text(name_len) != record.name) {
+  ByteReader header(window.subspan(record.header_offset - window_offset), path_, record.name, record.header_offset);
+  if (header.u32() != kLocalHeaderSig) header.fail(0, "local header: bad signature");
+  header.skip(2 + 2 + 2 + 2 + 2 + 4 + 4 + 4);
+  std::uint16_t name_len = header.u16();
+  std::uint16_t extra_len = header.u16();
+  if (name_len != record.name.size() || header.text(name_len) != record.name) {
     file.fail(record.header_offset, "local header names another record than the central directory");
   }
+  file.skip(kLocalSize);
   file.skip(name_len);
   file.skip(extra_len);
   record.data_offset = file.absolute_offset();

@@ -25,7 +25,15 @@ bool key_less(const std::string& a, const std::string& b) {
   };
   bool na = numeric(a);
   bool nb = numeric(b);
-  if (na && nb) return std::stoull(a) < std::stoull(b);
+  if (na && nb) {  // by value: without leading zeros, the shorter number is the smaller
+    auto digits = [](const std::string& s) {
+      std::string_view view(s);
+      return view.substr(std::min(view.find_first_not_of('0'), view.size()));
+    };
+    std::string_view da = digits(a);
+    std::string_view db = digits(b);
+    return da.size() != db.size() ? da.size() < db.size() : da < db;
+  }
   if (na != nb) return na;
   return a < b;
 }
@@ -44,8 +52,8 @@ PlannedFile plan_torch_file(std::string path, const std::string& archive_name, c
   compress_inline(pickle_record);
   file.records.push_back(std::move(pickle_record));
   file.records.push_back(inline_record(archive_name + "/byteorder", "little"));
-  std::sort(storages.begin(), storages.end(),
-            [](const PlannedStorage& a, const PlannedStorage& b) { return key_less(a.key, b.key); });
+  auto by_key = [](const PlannedStorage& a, const PlannedStorage& b) { return key_less(a.key, b.key); };
+  if (!std::is_sorted(storages.begin(), storages.end(), by_key)) std::sort(storages.begin(), storages.end(), by_key);
   for (std::size_t i = 0; i + 1 < storages.size(); ++i) {
     check_invariant(storages[i].key != storages[i + 1].key, "two storages planned under key " + storages[i].key);
   }

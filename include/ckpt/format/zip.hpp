@@ -55,9 +55,9 @@ class ZipArchive {
   // Parses the central directory and every local header of `file_bytes`. Throws an
   // Error naming `path`, the record and the byte offset of anything malformed:
   // a record's data must lie inside the file, before the central directory.
-  // With `read_local_headers`, the local headers (one small read per record,
-  // scattered over the file) are read through it instead of `file_bytes`: for a
-  // mapped file, touching them would map a page-cache folio of up to 2 MiB per
+  // With `read_local_headers`, the local headers (scattered over the file, read
+  // in batches of nearby ones) are read through it instead of `file_bytes`: for
+  // a mapped file, touching them would map a page-cache folio of up to 2 MiB per
   // record into the resident set.
   ZipArchive(Bytes file_bytes, std::string path, const ReadAt& read_local_headers = {});
   // A mapped input file, its local headers read with pread (as above).
@@ -76,7 +76,8 @@ class ZipArchive {
 
  private:
   void read_central_directory(const ReadAt& read_local_headers);
-  void read_local_header(ZipRecord& record, const ReadAt& read_at) const;
+  void read_local_headers_of_records(const ReadAt& read_at);
+  void read_local_header(ZipRecord& record, Bytes window, std::uint64_t window_offset) const;
   // Indexes records_ by name; the first name met twice, if any.
   const ZipRecord* build_index();
 

@@ -3,7 +3,8 @@
 // A ByteReader walks a span that is a window of a file starting at absolute offset
 // `base_offset`; every read checks the bytes remaining and throws an Error that
 // names the file, the member being parsed and the absolute byte offset. Integers
-// are little-endian, as in both zip and pickle.
+// are little-endian, as in both zip and pickle. The reader keeps views of the
+// file and member names (a reader is made per zip record): they must outlive it.
 #pragma once
 
 #include <cstddef>
@@ -25,8 +26,8 @@ inline std::string_view as_chars(Bytes bytes) {
 
 class ByteReader {
  public:
-  ByteReader(Bytes bytes, std::string file, std::string member, std::uint64_t base_offset = 0)
-      : bytes_(bytes), file_(std::move(file)), member_(std::move(member)), base_offset_(base_offset) {}
+  ByteReader(Bytes bytes, std::string_view file, std::string_view member, std::uint64_t base_offset = 0)
+      : bytes_(bytes), file_(file), member_(member), base_offset_(base_offset) {}
 
   std::size_t position() const { return position_; }
   std::uint64_t absolute_offset() const { return base_offset_ + position_; }
@@ -58,7 +59,7 @@ class ByteReader {
 
   // Throws an Error located at `position` (relative to this reader's window).
   [[noreturn]] void fail(std::size_t position, const std::string& message) const {
-    throw Error(Location{file_, member_, base_offset_ + position}, message);
+    throw Error(Location{std::string(file_), std::string(member_), base_offset_ + position}, message);
   }
   [[noreturn]] void fail_here(const std::string& message) const { fail(position_, message); }
 
@@ -70,8 +71,8 @@ class ByteReader {
   }
 
   Bytes bytes_;
-  std::string file_;
-  std::string member_;
+  std::string_view file_;
+  std::string_view member_;
   std::uint64_t base_offset_;
   std::size_t position_ = 0;
 };
