@@ -1,6 +1,7 @@
 // Megatron model-parallel gluing and re-cutting (metaseq naming), as byte ranges.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <map>
 #include <optional>
@@ -150,10 +151,14 @@ std::string fused_module(const std::string& key) {
 // v_proj.weight, ...): a module's order, so that fusing and splitting again
 // gives the keys back in their order.
 std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
+  auto fused = [](const NamedTensor& tensor) {
+    return !tensor.alias_of && megatron_rule(tensor.name) == MpRule::FusedQkv;
+  };
+  if (std::none_of(part.begin(), part.end(), fused)) return part;
   const PartKeys keys(part);
   std::map<std::string, std::vector<const NamedTensor*>> modules;  // module -> its fused tensors, in order
   for (const NamedTensor& tensor : part) {
-    if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) continue;
+    if (!fused(tensor)) continue;
     if (keys.tied_to.count(tensor.name) != 0) {
       throw Error(Location{"", tensor.name, std::nullopt},
                   fmt::format("'{}' is tied to it: a tied qkv_proj cannot be split", keys.tied_to.at(tensor.name)));
@@ -161,9 +166,9 @@ std::vector<NamedTensor> split_fused(std::vector<NamedTensor> part) {
     modules[fused_module(tensor.name)].push_back(&tensor);
   }
   std::vector<NamedTensor> out;
-  for (const NamedTensor& tensor : part) {
-    if (tensor.alias_of || megatron_rule(tensor.name) != MpRule::FusedQkv) {
-      out.push_back(tensor);
+  for (NamedTensor& tensor : part) {
+    if (!fused(tensor)) {
+      out.push_back(std::move(tensor));  // (`modules` points at fused tensors only)
       continue;
     }
     const std::vector<const NamedTensor*>& members = modules.at(fused_module(tensor.name));
@@ -255,6 +260,10 @@ std::vector<NamedTensor> fuse_separate(std::vector<NamedTensor> part) {
     out.push_back({name, concat(kvq, glued_shape(kvq, 0)), std::nullopt, group.kvq[0]->kind});
   }
   return out;
+}
+
+QkvForm glued_form(const GlueOptions& options) {
+  return options.fused_qkv ? QkvForm::Fused : QkvForm::Separate;
 }
 
 }  // namespace
@@ -370,7 +379,16 @@ std::vector<std::vector<NamedTensor>> reshard_megatron(const std::vector<std::ve
 
 std::vector<NamedTensor> glue_megatron(const std::vector<std::vector<NamedTensor>>& parts, const GlueOptions& options,
                                        std::vector<std::string>* replicated) {
-  return reshard_megatron(parts, 1, replicated, options.fused_qkv ? QkvForm::Fused : QkvForm::Separate).front();
+  return reshard_megatron(parts, 1, replicated, glued_form(options)).front();
+}
+
+std::vector<NamedTensor> glue_and_check(std::vector<std::vector<NamedTensor>> parts, const GlueOptions& options,
+                                        std::vector<ReplicatedCheck>& checks, const std::string& what) {
+  if (parts.size() == 1) return with_qkv_form(std::move(parts[0]), glued_form(options));
+  std::vector<std::string> replicated;
+  std::vector<NamedTensor> glued = glue_megatron(parts, options, &replicated);
+  for (ReplicatedCheck& check : replicated_checks(parts, replicated, what)) checks.push_back(std::move(check));
+  return glued;
 }
 
 std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,

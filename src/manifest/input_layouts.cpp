@@ -284,13 +284,11 @@ StateDict torch_state_dict(const Manifest& manifest, const StateDictOptions& opt
   out.consolidated = true;
   std::vector<std::vector<int>> grid = complete_grid(manifest);
   std::vector<std::vector<NamedTensor>> parts = consolidate_grid(manifest, grid);
-  std::vector<std::string> replicated;
-  for (NamedTensor& tensor : glue_megatron(parts, {}, &replicated)) {
+  for (NamedTensor& tensor : glue_and_check(std::move(parts), {}, out.checks)) {
     tensor.name = state_dict_path(kModelPrefix, tensor.name);
     if (tensor.alias_of) tensor.alias_of = state_dict_path(kModelPrefix, *tensor.alias_of);
     out.tensors.push_back(std::move(tensor));
   }
-  out.checks = replicated_checks(parts, replicated);
   for (ReplicatedCheck& check : data_parallel_checks(manifest, grid)) out.checks.push_back(std::move(check));
   return out;
 }

@@ -12,9 +12,12 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <exception>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string_view>
 #include <unordered_map>
 
@@ -237,9 +240,28 @@ std::string role_text(const std::optional<int>& number) {
 // manifest.hpp). The first failure is an Error naming the manifest and the field.
 class ManifestReader {
  public:
-  explicit ManifestReader(const std::string& source) : source_(source) {}
+  // A tensor of tensor_lists[list] read while the text was parsed (parse_manifest):
+  // the tensor, or the Error reading it gave, thrown when read() gets there.
+  struct ReadAhead {
+    std::vector<std::vector<std::optional<StoredTensor>>> tensors;  // [list][index]; empty: left in the JSON
+    std::exception_ptr failure;
+    std::size_t failed_list = 0;
+    std::size_t failed_index = 0;
+  };
 
-  Manifest read(const json& root) {
+  explicit ManifestReader(const std::string& source, ReadAhead* ahead = nullptr) : source_(source), ahead_(ahead) {}
+
+  // tensor_lists[list][index], as read() reads it.
+  StoredTensor read_listed_tensor(const json& j, std::size_t list, std::size_t index) const {
+    const Field top;
+    const Field lists_field = top / "tensor_lists";
+    const Field list_field = lists_field[list];
+    const Field field = list_field[index];
+    return read_tensor(as_object(j, field), field);
+  }
+
+  // `root` gives up its object trees (moved into the manifest).
+  Manifest read(json& root) {
     const Field top;
     if (!root.is_object()) fail(top, "not a ckpt-tool manifest (not a JSON object)");
     auto format = root.find("format");
@@ -266,11 +288,12 @@ class ManifestReader {
       shared.fsdp.push_back(read_fsdp(as_object(fsdp[k], fsdp_field[k]), fsdp_field[k]));
     }
     const Field trees_field = top / "object_trees";
-    const json& trees = array(root, top, "object_trees");
+    array(root, top, "object_trees");
+    json& trees = root.at("object_trees");  // (checked an array)
     for (std::size_t k = 0; k < trees.size(); ++k) {
       std::uint64_t highest = 0;
       check_objects(trees[k], trees_field[k], highest, 0);
-      shared.trees.push_back(Shared<json>(trees[k]));
+      shared.trees.push_back(Shared<json>(std::move(trees[k])));
       shared.tree_tensors.push_back(highest);
     }
     Manifest manifest;
@@ -490,8 +513,21 @@ class ManifestReader {
     as_array(value, field);
     std::vector<StoredTensor> tensors;
     tensors.reserve(value.size());
-    for (std::size_t i = 0; i < value.size(); ++i)
-      tensors.push_back(read_tensor(as_object(value[i], field[i]), field[i]));
+    const std::size_t list = field.index;
+    for (std::size_t i = 0; i < value.size(); ++i) {
+      if (ahead_ != nullptr && ahead_->failure && ahead_->failed_list == list && ahead_->failed_index == i) {
+        std::rethrow_exception(ahead_->failure);
+      }
+      std::optional<StoredTensor>* read = nullptr;
+      if (ahead_ != nullptr && list < ahead_->tensors.size() && i < ahead_->tensors[list].size()) {
+        read = &ahead_->tensors[list][i];
+      }
+      if (read != nullptr && *read) {
+        tensors.push_back(std::move(**read));
+      } else {
+        tensors.push_back(read_tensor(as_object(value[i], field[i]), field[i]));
+      }
+    }
     std::unordered_map<std::string_view, std::size_t> by_path;
     for (std::size_t i = 0; i < tensors.size(); ++i) {
       auto [it, added] = by_path.emplace(tensors[i].path, i);
@@ -680,6 +716,7 @@ class ManifestReader {
   }
 
   const std::string& source_;
+  ReadAhead* ahead_;
 };
 
 // The deepest nesting of arrays and objects in JSON text (strings skipped), read
@@ -712,7 +749,8 @@ bool nested_deeper_than(std::string_view text, std::size_t limit) {
 }  // namespace
 
 Manifest manifest_from_json(const json& j, const std::string& source) {
-  return ManifestReader(source).read(j);
+  json copy = j;
+  return ManifestReader(source).read(copy);
 }
 
 bool looks_like_manifest(const std::string& path) {
@@ -725,16 +763,19 @@ namespace {
 // nlohmann's parser builds an ordered_json object by looking each key up in
 // the object before appending it: n^2, minutes for a state dict of 10^5
 // tensors. This builder appends, and finds a key given twice once per object,
-// by sorting.
+// by sorting. Each element of an array of tensor_lists is handed to
+// `on_tensor` as soon as it is closed, and a null left in its place: a
+// manifest of 200,000 tensors never holds them all as JSON at once.
 class OrderedJsonBuilder : public nlohmann::json_sax<json> {
  public:
+  using OnTensor = std::function<void(std::size_t list, std::size_t index, json&& tensor)>;
   struct Failure {
     std::size_t byte = 0;
     bool out_of_range = false;
     bool duplicate = false;
     std::string duplicate_key;
   };
-  explicit OrderedJsonBuilder(json& root) : root_(root) {}
+  OrderedJsonBuilder(json& root, OnTensor on_tensor) : root_(root), on_tensor_(std::move(on_tensor)) {}
 
   bool null() override { return add(json(nullptr)); }
   bool boolean(bool value) override { return add(json(value)); }
@@ -758,12 +799,21 @@ class OrderedJsonBuilder : public nlohmann::json_sax<json> {
     auto twice = std::adjacent_find(keys.begin(), keys.end(),
                                     [](const std::string* a, const std::string* b) { return *a == *b; });
     open_.pop_back();
-    if (twice == keys.end()) return true;
-    failure_.duplicate = true;
-    failure_.duplicate_key = **twice;
-    return false;
+    if (twice != keys.end()) {
+      failure_.duplicate = true;
+      failure_.duplicate_key = **twice;
+      return false;
+    }
+    if (open_.size() == 3 && open_[1] == tensor_lists_ && open_[2]->is_array()) {
+      auto& list = open_[2]->get_ref<json::array_t&>();
+      auto lists = static_cast<std::size_t>(tensor_lists_->size() - 1);
+      on_tensor_(lists, list.size() - 1, std::move(list.back()));
+      list.back() = nullptr;
+    }
+    return true;
   }
   bool end_array() override {
+    if (open_.back() == tensor_lists_) tensor_lists_ = nullptr;  // closed: its parent may move it now
     open_.pop_back();
     return true;
   }
@@ -796,11 +846,15 @@ class OrderedJsonBuilder : public nlohmann::json_sax<json> {
     return true;
   }
   bool open(json container) {
+    bool lists = open_.size() == 1 && open_[0]->is_object() && key_ == "tensor_lists" && container.is_array();
     open_.push_back(place(std::move(container)));
+    if (lists) tensor_lists_ = open_.back();
     return true;
   }
 
   json& root_;
+  OnTensor on_tensor_;
+  const json* tensor_lists_ = nullptr;  // the top-level member "tensor_lists", while open
   std::vector<json*> open_;
   std::string key_;
   Failure failure_;
@@ -823,7 +877,20 @@ Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed,
     throw Error(where, fmt::format("not a manifest: JSON nested deeper than {} levels", kMaxManifestDepth));
   }
   json j;
-  OrderedJsonBuilder builder(j);
+  ManifestReader::ReadAhead ahead;
+  ManifestReader reader(source, &ahead);
+  OrderedJsonBuilder builder(j, [&](std::size_t list, std::size_t index, json&& tensor) {
+    if (ahead.failure) return;  // read() stops at the first failure: nothing after it is needed
+    if (ahead.tensors.size() <= list) ahead.tensors.resize(list + 1);
+    ahead.tensors[list].resize(index + 1);
+    try {
+      ahead.tensors[list][index] = reader.read_listed_tensor(tensor, list, index);
+    } catch (const Error&) {
+      ahead.failure = std::current_exception();
+      ahead.failed_list = list;
+      ahead.failed_index = index;
+    }
+  });
   if (!json::sax_parse(text.begin(), text.end(), &builder)) {
     const OrderedJsonBuilder::Failure& failure = builder.failure();
     if (failure.duplicate) {
@@ -834,7 +901,7 @@ Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed,
     throw Error(where, fmt::format("not valid JSON (parse error at byte {}{})", failure.byte,
                                    compressed ? " of the decompressed text" : ""));
   }
-  return manifest_from_json(j, source);
+  return reader.read(j);
 }
 
 Manifest read_manifest(const std::string& path) {

@@ -49,9 +49,7 @@ std::vector<const Checkpoint*> stitch_bases(const PlanInputs& inputs, const std:
 // taken from one part as replicated.
 // (Both take the consolidated parts to free them as soon as they are used.)
 void plan_glued(std::vector<std::vector<NamedTensor>> consolidated, const GlueOptions& glue, StitchPlan& out) {
-  std::vector<std::string> replicated;
-  out.tensors.push_back(glue_megatron(consolidated, glue, &replicated));
-  out.checks = replicated_checks(consolidated, replicated);
+  out.tensors.push_back(glue_and_check(std::move(consolidated), glue, out.checks));
 }
 
 // One state dict per consolidated part.
@@ -78,10 +76,7 @@ std::vector<OptimizerStates> consolidate_states(const Manifest& manifest, const 
     std::vector<std::vector<NamedTensor>> parts;
     for (const auto& shards : grid) parts.push_back(consolidate_optimizer_state(manifest, shards, name, buffers));
     if (options.stitch_megatron) {
-      std::vector<std::string> replicated;
-      out[0].emplace_back(name, glue_megatron(parts, options.glue, &replicated));
-      for (ReplicatedCheck& check : replicated_checks(parts, replicated, optimizer_state_label(name)))
-        checks.push_back(std::move(check));
+      out[0].emplace_back(name, glue_and_check(std::move(parts), options.glue, checks, optimizer_state_label(name)));
     } else {
       for (std::size_t m = 0; m < parts.size(); ++m) out[m].emplace_back(name, std::move(parts[m]));
     }

@@ -405,7 +405,26 @@ TEST_SUITE("manifest") {
       CHECK_KIND(*error, ckpt::ErrorKind::BadInput);
       CHECK_MESSAGE(contains(error->message(), c.message), std::string(error->what()));
       CHECK(std::string(error->what()).find('\n') == std::string::npos);
+      // Read from text, tensors are read as the parser meets them: the same first error.
+      auto streamed = error_of([&] { ckpt::parse_manifest(bytes_of(j.dump()), kSource, false); });
+      REQUIRE_MESSAGE(streamed.has_value(), "accepted from text");
+      CHECK(std::string(streamed->what()) == std::string(error->what()));
+      CHECK(streamed->kind() == error->kind());
     }
+    // A bad tensor after a bad version, and a tensor after a list element that
+    // is not one: the error is the one the order of the checks gives.
+    json both = valid_json();
+    both["version"] = 1;
+    both["tensor_lists"][0][1]["dtype"] = "float7";
+    auto version = error_of([&] { ckpt::parse_manifest(bytes_of(both.dump()), kSource, false); });
+    REQUIRE(version.has_value());
+    CHECK(version->where().member == "version");
+    json odd = valid_json();
+    odd["tensor_lists"][0][0] = 5;
+    odd["tensor_lists"][0][1]["dtype"] = "float7";
+    auto first = error_of([&] { ckpt::parse_manifest(bytes_of(odd.dump()), kSource, false); });
+    REQUIRE(first.has_value());
+    CHECK(first->where().member == "tensor_lists[0][0]");
   }
 
   TEST_CASE("manifest text: bad JSON, bad zstd, too large or too deep is one Error naming the file") {

@@ -80,4 +80,10 @@ struct ReplicatedCheck {
 std::vector<ReplicatedCheck> replicated_checks(const std::vector<std::vector<NamedTensor>>& parts,
                                                const std::vector<std::string>& keys, const std::string& what = "");
 
+// glue_megatron, with the replicated_checks of what it took from one part
+// appended to `checks`. Consumes the parts: a single part is the state dict
+// itself (its qkv in the form asked), not a copy.
+std::vector<NamedTensor> glue_and_check(std::vector<std::vector<NamedTensor>> parts, const GlueOptions& options,
+                                        std::vector<ReplicatedCheck>& checks, const std::string& what = "");
+
 }  // namespace ckpt
