@@ -24,14 +24,15 @@ using enum Op;
 
 class Encoder {
  public:
-  explicit Encoder(const Graph& graph) : graph_(graph), memo_(graph.size(), kUnset) {}
+  Encoder(const Graph& graph, const std::function<void(Bytes)>& write)
+      : graph_(graph), write_(write), memo_(graph.size(), kUnset) {}
 
-  std::vector<std::byte> run() {
+  void run() {
     op(PROTO);
     out_.u8(static_cast<std::uint64_t>(protocol_needed()));
     emit(graph_.root, 0);
     op(STOP);
-    return out_.take();
+    flush();
   }
 
  private:
@@ -142,6 +143,7 @@ class Encoder {
   }
 
   void emit(NodeId id, int depth) {
+    if (out_.size() >= kPieceBytes) flush();
     if (depth > kMaxDepth) throw Error(fmt::format("pickle: objects nested deeper than {} levels", kMaxDepth));
     if (id >= graph_.size()) throw Error("pickle: graph refers to a missing node");
     if (get(id)) return;
@@ -268,7 +270,16 @@ class Encoder {
     put(id);
   }
 
+  // The bytes written so far to `write_`: written bytes never change.
+  void flush() {
+    if (out_.size() == 0) return;
+    write_(out_.bytes());
+    out_.clear();
+  }
+
+  static constexpr std::size_t kPieceBytes = 1 << 20;
   const Graph& graph_;
+  const std::function<void(Bytes)>& write_;
   static constexpr std::uint32_t kUnset = 0xFFFFFFFF;
   std::vector<std::uint32_t> memo_;  // per node: its memo index, or kUnset
   std::uint32_t next_memo_ = 0;
@@ -277,8 +288,13 @@ class Encoder {
 
 }  // namespace
 
+void encode(const Graph& graph, const std::function<void(Bytes)>& write) {
+  Encoder(graph, write).run();
+}
+
 std::vector<std::byte> encode(const Graph& graph) {
-  std::vector<std::byte> bytes = Encoder(graph).run();
+  std::vector<std::byte> bytes;
+  encode(graph, [&](Bytes piece) { bytes.insert(bytes.end(), piece.begin(), piece.end()); });
   bytes.shrink_to_fit();  // a plan holds the pickles of all its outputs
   return bytes;
 }

@@ -88,16 +88,64 @@ std::optional<std::uint64_t> span_end(std::uint64_t offset, std::uint64_t rows, 
 
 }  // namespace
 
+namespace {
+
+constexpr std::size_t kInlineWorthCompressing = 64 << 10;
+
+// The bytes the zstd frames one after the other in `bytes` expand to, as their
+// headers state them; ZSTD_CONTENTSIZE_ERROR when a frame is bad or does not say.
+std::uint64_t frames_content_size(Bytes bytes) {
+  std::uint64_t total = 0;
+  while (!bytes.empty()) {
+    std::size_t frame = ZSTD_findFrameCompressedSize(bytes.data(), bytes.size());
+    if (ZSTD_isError(frame)) return ZSTD_CONTENTSIZE_ERROR;
+    unsigned long long size = ZSTD_getFrameContentSize(bytes.data(), frame);
+    if (size == ZSTD_CONTENTSIZE_ERROR || size == ZSTD_CONTENTSIZE_UNKNOWN) return ZSTD_CONTENTSIZE_ERROR;
+    total += size;
+    bytes = bytes.subspan(frame);
+  }
+  return total;
+}
+
+}  // namespace
+
 void compress_inline(PlannedRecord& record) {
-  constexpr std::size_t kWorthIt = 64 << 10;
-  if (record.inline_zstd || record.inline_bytes.size() < kWorthIt) return;
-  std::vector<std::byte> frame(ZSTD_compressBound(record.inline_bytes.size()));
-  std::size_t n = ZSTD_compress(frame.data(), frame.size(), record.inline_bytes.data(), record.inline_bytes.size(), 1);
+  if (record.inline_zstd || record.inline_bytes.size() < kInlineWorthCompressing) return;
+  InlineRecordWriter writer(record.name);
+  writer.append(record.inline_bytes);
+  record = writer.finish();
+}
+
+InlineRecordWriter::InlineRecordWriter(std::string name) {
+  record_.name = std::move(name);
+}
+
+void InlineRecordWriter::append(Bytes piece) {
+  record_.nbytes += piece.size();
+  pending_.insert(pending_.end(), piece.begin(), piece.end());
+  if (pending_.size() >= kFrameBytes) compress_pending();
+}
+
+void InlineRecordWriter::compress_pending() {
+  // One frame per piece, each stating its size: validate() adds them up.
+  std::vector<std::byte>& frames = record_.inline_bytes;
+  std::size_t used = frames.size();
+  frames.resize(used + ZSTD_compressBound(pending_.size()));
+  std::size_t n = ZSTD_compress(frames.data() + used, frames.size() - used, pending_.data(), pending_.size(), 1);
   check_invariant(!ZSTD_isError(n), "zstd cannot compress an inline record");
-  frame.resize(n);
-  frame.shrink_to_fit();
-  record.inline_bytes = std::move(frame);
-  record.inline_zstd = true;
+  frames.resize(used + n);
+  record_.inline_zstd = true;
+  pending_.clear();
+}
+
+PlannedRecord InlineRecordWriter::finish() {
+  if (record_.inline_zstd || pending_.size() >= kInlineWorthCompressing) {
+    if (!pending_.empty()) compress_pending();
+  } else {
+    record_.inline_bytes = std::move(pending_);
+  }
+  record_.inline_bytes.shrink_to_fit();
+  return std::move(record_);
 }
 
 std::optional<PlannedFile> expand_inline(const PlannedFile& file) {
@@ -150,8 +198,7 @@ void check_plan(const Plan& plan, bool exhaustive, const Fail& fail) {
       auto bug = [&](const std::string& message) { fail(file.path + ": " + record.name, message); };
       if (record.copies.empty()) {
         std::uint64_t inline_size =
-            record.inline_zstd ? ZSTD_getFrameContentSize(record.inline_bytes.data(), record.inline_bytes.size())
-                               : record.inline_bytes.size();
+            record.inline_zstd ? frames_content_size(record.inline_bytes) : record.inline_bytes.size();
         if (inline_size != record.nbytes) bug("inline bytes do not match the record size");
         continue;
       }

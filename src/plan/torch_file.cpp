@@ -44,13 +44,9 @@ PlannedFile plan_torch_file(std::string path, const std::string& archive_name, c
                             std::vector<PlannedStorage> storages) {
   PlannedFile file;
   file.path = std::move(path);
-  std::vector<std::byte> pickle_bytes = pickle::encode(graph);
-  PlannedRecord pickle_record;
-  pickle_record.name = archive_name + "/data.pkl";
-  pickle_record.nbytes = pickle_bytes.size();
-  pickle_record.inline_bytes = std::move(pickle_bytes);
-  compress_inline(pickle_record);
-  file.records.push_back(std::move(pickle_record));
+  InlineRecordWriter pickle_record(archive_name + "/data.pkl");
+  pickle::encode(graph, [&](Bytes piece) { pickle_record.append(piece); });
+  file.records.push_back(pickle_record.finish());
   file.records.push_back(inline_record(archive_name + "/byteorder", "little"));
   auto by_key = [](const PlannedStorage& a, const PlannedStorage& b) { return key_less(a.key, b.key); };
   if (!std::is_sorted(storages.begin(), storages.end(), by_key)) std::sort(storages.begin(), storages.end(), by_key);

@@ -159,6 +159,42 @@ TEST_SUITE("plan") {
     CHECK_THROWS_AS(ckpt::expand_inline(plan.files[0]), ckpt::InternalError);
   }
 
+  TEST_CASE("InlineRecordWriter: pieces become the same bytes, raw while small, else a frame per MiB") {
+    auto written = [](const std::vector<std::byte>& bytes, std::vector<std::size_t> cuts) {
+      ckpt::InlineRecordWriter writer("a/data.pkl");
+      std::size_t at = 0;
+      for (std::size_t cut : cuts) {
+        writer.append(ckpt::Bytes(bytes).subspan(at, cut - at));
+        at = cut;
+      }
+      writer.append(ckpt::Bytes(bytes).subspan(at));
+      return writer.finish();
+    };
+    std::vector<std::byte> small(1000, std::byte{7});
+    PlannedRecord raw = written(small, {1, 500});
+    CHECK_FALSE(raw.inline_zstd);
+    CHECK(raw.inline_bytes == small);
+    CHECK(raw.nbytes == small.size());
+    std::vector<std::byte> large;
+    for (std::size_t i = 0; i < (3u << 20) + 12345; ++i) large.push_back(static_cast<std::byte>((i * 7919) % 251));
+    for (const std::vector<std::size_t>& cuts : {std::vector<std::size_t>{}, {1, 70000, (1u << 20) + 3, 3u << 20}}) {
+      PlannedRecord record = written(large, cuts);
+      REQUIRE(record.inline_zstd);
+      CHECK(record.nbytes == large.size());
+      PlannedFile file;
+      file.path = "out.pt";
+      file.records = {record};
+      Plan plan;
+      plan.files.push_back(file);
+      CHECK_NOTHROW(ckpt::validate(plan));  // the frames' stated sizes add up to nbytes
+      std::optional<PlannedFile> expanded = ckpt::expand_inline(file);
+      REQUIRE(expanded.has_value());
+      CHECK(expanded->records[0].inline_bytes == large);
+      plan.files[0].records[0].inline_bytes.resize(record.inline_bytes.size() - 1);  // a cut frame
+      CHECK_THROWS_AS(ckpt::validate(plan), ckpt::InternalError);
+    }
+  }
+
   TEST_CASE("validate accepts well-formed records") {
     TempFile file(100);
     ckpt::MappedFile source(file.path());

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -208,6 +209,8 @@ Graph decode(Bytes pickle, const std::string& file, const std::string& member, s
 // reference is a BINGET, so sharing and cycles survive. Scalars are written again
 // at each reference. The opcodes are those of pickle_ops.hpp.
 std::vector<std::byte> encode(const Graph& graph);
+// The same, handed to `write` in pieces of about 1 MiB as they are made.
+void encode(const Graph& graph, const std::function<void(Bytes)>& write);
 
 // Deepest nesting accepted when encoding, walking or rendering a graph. Python's
 // pickler recurses through several frames per level and stops at its recursion

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -32,6 +33,8 @@ class ByteWriter {
   }
 
   std::size_t size() const { return out_.size(); }
+  std::span<const std::byte> bytes() const { return out_; }
+  void clear() { out_.clear(); }
   std::vector<std::byte> take() { return std::move(out_); }
 
  private:

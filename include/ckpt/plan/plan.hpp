@@ -68,6 +68,21 @@ std::uint64_t record_alignment(const PlannedRecord& record);
 
 // Compresses `record`'s inline bytes (inline_zstd) when they are large enough to matter.
 void compress_inline(PlannedRecord& record);
+// An inline record made from bytes given in pieces: kept as they are while
+// small, else compressed as they come (a zstd frame per MiB, inline_zstd), so
+// that a large pickle is never held whole.
+class InlineRecordWriter {
+ public:
+  explicit InlineRecordWriter(std::string name);
+  void append(Bytes piece);
+  PlannedRecord finish();
+
+ private:
+  static constexpr std::size_t kFrameBytes = 1 << 20;
+  void compress_pending();
+  PlannedRecord record_;
+  std::vector<std::byte> pending_;  // not compressed yet
+};
 // A copy of `file` with every compressed inline record expanded, or nullopt
 // when it has none. Throws InternalError for a frame that does not expand to
 // the record's size.
