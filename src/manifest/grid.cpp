@@ -10,6 +10,8 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <string_view>
+#include <unordered_map>
 
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
@@ -149,8 +151,9 @@ std::string first_difference(const nlohmann::ordered_json& a, const nlohmann::or
 // What each file is compared with: for each tensor path, the dtype of the first
 // file holding it; the first file's training step and optimizer state.
 struct AgreementReference {
-  std::map<std::string, std::pair<DType, int>> dtypes;  // tensor path -> dtype, first file holding it
-  std::set<const void*> lists_seen;                     // tensor lists whose dtypes are in `dtypes`
+  // tensor path (a view of the file's list) -> dtype, first file holding it
+  std::unordered_map<std::string_view, std::pair<DType, int>> dtypes;
+  std::set<const void*> lists_seen;  // tensor lists whose dtypes are in `dtypes`
   const ManifestFile* optimizer_file = nullptr;
   const ManifestFile* step_file = nullptr;
   nlohmann::ordered_json step;
@@ -158,10 +161,11 @@ struct AgreementReference {
 
 // The tensor paths of files[index] that must agree across shards; a dtype that
 // differs from the first file holding the path is a problem.
-std::set<std::string> checked_paths(const std::vector<ManifestFile>& files, int index, AgreementReference& reference,
-                                    bool& has_optimizer, std::vector<std::string>& problems) {
+std::set<std::string_view> checked_paths(const std::vector<ManifestFile>& files, int index,
+                                         AgreementReference& reference, bool& has_optimizer,
+                                         std::vector<std::string>& problems) {
   const ManifestFile& file = files[index];
-  std::set<std::string> paths;
+  std::set<std::string_view> paths;  // views of the file's list
   // A list already checked gives the same paths and no new dtype problem.
   bool seen = !reference.lists_seen.insert(file.tensors.identity()).second;
   for (const StoredTensor& tensor : file.tensors) {
@@ -212,11 +216,11 @@ void check_optimizer_presence(const ManifestFile& file, bool has_optimizer, Agre
 }
 
 // A shard holds the same tensors as its part's first shard.
-void check_same_tensors(const ManifestFile& file, const std::set<std::string>& paths,
-                        const ManifestFile& part_reference, const std::set<std::string>& reference_paths,
+void check_same_tensors(const ManifestFile& file, const std::set<std::string_view>& paths,
+                        const ManifestFile& part_reference, const std::set<std::string_view>& reference_paths,
                         std::vector<std::string>& problems) {
-  std::vector<std::string> missing;
-  std::vector<std::string> extra;
+  std::vector<std::string_view> missing;
+  std::vector<std::string_view> extra;
   std::set_difference(reference_paths.begin(), reference_paths.end(), paths.begin(), paths.end(),
                       std::back_inserter(missing));
   std::set_difference(paths.begin(), paths.end(), reference_paths.begin(), reference_paths.end(),
@@ -239,7 +243,7 @@ void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, s
   AgreementReference reference;
   for (const auto& row : grid.cells) {
     const ManifestFile* part_reference = nullptr;
-    std::set<std::string> reference_paths;
+    std::set<std::string_view> reference_paths;
     for (int index : row) {
       if (index < 0) continue;
       const ManifestFile& file = files[index];
@@ -248,7 +252,7 @@ void check_agreement(const std::vector<ManifestFile>& files, const Grid& grid, s
         continue;
       }
       bool has_optimizer = false;
-      std::set<std::string> paths = checked_paths(files, index, reference, has_optimizer, problems);
+      std::set<std::string_view> paths = checked_paths(files, index, reference, has_optimizer, problems);
       check_step(file, reference, problems);
       check_optimizer_presence(file, has_optimizer, reference, problems);
       if (part_reference == nullptr) {
