@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <fstream>
 #include <functional>
 #include <optional>
 #include <string>
@@ -26,6 +27,7 @@
 #include "ckpt/manifest/manifest.hpp"
 #include "ckpt/manifest/manifest_json.hpp"
 #include "layout_fixtures.hpp"
+#include "temp_files.hpp"
 
 namespace {
 
@@ -152,6 +154,31 @@ TEST_SUITE("manifest") {
     std::string half = text.substr(0, text.size() / 2);
     std::string two_frames = zstd(half) + zstd(text.substr(half.size()));
     CHECK(ckpt::manifest_to_json(ckpt::parse_manifest(bytes_of(two_frames), kSource, true)) == rendered);
+  }
+
+  TEST_CASE("manifest text: tensors are written as the JSON document dumps them, whatever their paths hold") {
+    ckpt::Manifest manifest = valid_manifest();
+    ckpt::ManifestFile& file = manifest.files[0];
+    const char* paths[] = {"model/quote\"and\\backslash",    "model/tab\tnewline\n",    "model/\x7f del",
+                           "model/caf\xc3\xa9 \xe2\x82\xac", "model/bad \xff\xfe utf8", "model/ctl \x01"};
+    for (const char* path : paths) {
+      ckpt::StoredTensor odd = tensor(path, DType::BFloat16, {5, 0, 1}, {1, 5, 5});
+      odd.storage_key = "key \"x\"";
+      odd.storage_offset = 3;
+      odd.storage_nbytes = ~std::uint64_t{0} >> 1;
+      odd.wrap = ckpt::TensorWrap::ParameterWithState;
+      file.add_tensor(odd, {8000, 7});
+    }
+    test_files::TempDir dir;
+    std::string path = dir.file("m.json");
+    ckpt::write_manifest(manifest, path, false);
+    std::ifstream in(path);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    json document = ckpt::manifest_to_json(manifest);
+    for (const json& list : document["tensor_lists"]) {
+      std::string dumped = list.dump(-1, ' ', false, json::error_handler_t::replace);
+      CHECK_MESSAGE(text.find("\n  " + dumped) != std::string::npos, dumped);
+    }
   }
 
   TEST_CASE("manifest JSON: the stored grid is not trusted, it is recomputed") {
