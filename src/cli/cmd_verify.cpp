@@ -34,9 +34,7 @@ Action add_verify_command(CLI::App& app) {
     auto start = std::chrono::steady_clock::now();
     std::vector<std::string> paths;
     if (options->inputs.size() == 1 && looks_like_manifest(options->inputs[0])) {
-      Manifest manifest = read_manifest(options->inputs[0]);
-      check_fresh(manifest);
-      check_describes_files(manifest, options->inputs[0]);
+      Manifest manifest = read_checked_manifest(options->inputs[0]);
       for (const ManifestFile& file : manifest.files) paths.push_back(file.path);
     } else {
       paths = expand_inputs(options->inputs);

@@ -34,9 +34,7 @@ Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::
   Manifest manifest;
   if (inputs.size() == 1 && looks_like_manifest(inputs[0])) {
     manifests_read_list().push_back(inputs[0]);
-    manifest = read_manifest(inputs[0]);
-    check_fresh(manifest);
-    check_describes_files(manifest, inputs[0], keep);
+    manifest = read_checked_manifest(inputs[0], keep);
   } else {
     manifest = build_manifest(expand_inputs(inputs), keep);
     std::vector<std::string> problems = index_problems(inputs, manifest.files);

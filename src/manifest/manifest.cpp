@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <exception>
 #include <filesystem>
@@ -436,12 +437,83 @@ std::optional<std::pair<std::string, std::string>> first_mismatch(const Manifest
 
 }  // namespace
 
-void check_describes_files(const Manifest& manifest, const std::string& source, DecodedFiles* keep) {
-  FileDescriber describer(keep);
+namespace {
+
+// Files described on a thread of their own while the manifest naming them is
+// parsed, in the order its files section names them; what describing one gave
+// (a description or the Error) is kept until the check asks for it.
+class DescribedAhead {
+ public:
+  explicit DescribedAhead(FileDescriber& describer) : describer_(describer), worker_([this] { run(); }) {}
+  DescribedAhead(const DescribedAhead&) = delete;
+  DescribedAhead& operator=(const DescribedAhead&) = delete;
+  ~DescribedAhead() { stop(); }
+
+  void add(const std::string& path) {
+    std::lock_guard lock(mutex_);
+    queue_.push_back(path);
+    ready_.notify_one();
+  }
+  // Finishes the file being described; the rest of the queue is left to the caller.
+  void stop() {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+      ready_.notify_one();
+    }
+    if (worker_.joinable()) worker_.join();
+  }
+  // `path`'s description, if it was made (after stop()); an Error it gave is thrown.
+  std::optional<ManifestFile> take(const std::string& path) {
+    auto it = done_.find(path);
+    if (it == done_.end()) return std::nullopt;
+    if (it->second.failure) std::rethrow_exception(it->second.failure);
+    return std::move(it->second.file);
+  }
+
+ private:
+  struct Result {
+    ManifestFile file;
+    std::exception_ptr failure;
+  };
+  void run() {
+    while (true) {
+      std::string path;
+      {
+        std::unique_lock lock(mutex_);
+        ready_.wait(lock, [&] { return stopping_ || next_ < queue_.size(); });
+        if (stopping_) return;
+        path = queue_[next_++];
+      }
+      if (done_.count(path) != 0) continue;  // named twice: the manifest check says so
+      Result result;
+      try {
+        result.file = describer_.describe(path);
+      } catch (...) {
+        result.failure = std::current_exception();
+      }
+      done_.emplace(path, std::move(result));  // (read by the caller only after stop())
+    }
+  }
+
+  FileDescriber& describer_;
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::vector<std::string> queue_;
+  std::size_t next_ = 0;
+  bool stopping_ = false;
+  std::map<std::string, Result> done_;  // by path: the worker's until stop()
+  std::thread worker_;                  // last: started once the rest is built
+};
+
+void check_descriptions(const Manifest& manifest, const std::string& source, FileDescriber& describer,
+                        DescribedAhead* ahead) {
   // A mismatch is thrown like a file that cannot be read: the first in file order is reported.
   parallel_map(manifest.files.size(), std::thread::hardware_concurrency(), [&](std::size_t i) {
     const ManifestFile& claimed = manifest.files[i];
-    if (auto mismatch = first_mismatch(claimed, describer.describe(claimed.path), i)) {
+    std::optional<ManifestFile> described = ahead != nullptr ? ahead->take(claimed.path) : std::nullopt;
+    if (!described) described = describer.describe(claimed.path);
+    if (auto mismatch = first_mismatch(claimed, *described, i)) {
       throw Error(Location{source, mismatch->first, std::nullopt},
                   fmt::format("does not describe {}, which holds {} (a manifest edited by hand?): run `ckpt-tool "
                               "manifest` again",
@@ -449,6 +521,23 @@ void check_describes_files(const Manifest& manifest, const std::string& source, 
     }
     return true;
   });
+}
+
+}  // namespace
+
+void check_describes_files(const Manifest& manifest, const std::string& source, DecodedFiles* keep) {
+  FileDescriber describer(keep);
+  check_descriptions(manifest, source, describer, nullptr);
+}
+
+Manifest read_checked_manifest(const std::string& path, DecodedFiles* keep) {
+  FileDescriber describer(keep);
+  DescribedAhead ahead(describer);
+  Manifest manifest = read_manifest(path, [&](const std::string& file) { ahead.add(file); });
+  ahead.stop();
+  check_fresh(manifest);
+  check_descriptions(manifest, path, describer, &ahead);
+  return manifest;
 }
 
 void check_fresh(const Manifest& manifest) {

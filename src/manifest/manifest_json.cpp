@@ -236,10 +236,11 @@ json manifest_document(const Manifest& manifest, SharedValues* shared) {
       {"created_by", kVersionString},
       {"grid",
        {{"mp", manifest.grid.mp}, {"dp", manifest.grid.dp}, {"cells", cells}, {"problems", manifest.grid.problems}}},
+      // Files first: a reader can start reading them while it parses the rest.
+      {"files", std::move(files)},
       {"tensor_lists", std::move(lists)},
       {"fsdp", std::move(fsdp)},
-      {"object_trees", std::move(trees)},
-      {"files", std::move(files)}};
+      {"object_trees", std::move(trees)}};
 }
 
 }  // namespace
@@ -815,7 +816,8 @@ namespace {
 // tensors. This builder appends, and finds a key given twice once per object,
 // by sorting. Each element of an array of tensor_lists is handed to
 // `on_tensor` as soon as it is closed, and a null left in its place: a
-// manifest of 200,000 tensors never holds them all as JSON at once.
+// manifest of 200,000 tensors never holds them all as JSON at once. The path
+// of each element of files is handed to `on_file` once it is closed.
 class OrderedJsonBuilder : public nlohmann::json_sax<json> {
  public:
   using OnTensor = std::function<void(std::size_t list, std::size_t index, json&& tensor)>;
@@ -825,7 +827,8 @@ class OrderedJsonBuilder : public nlohmann::json_sax<json> {
     bool duplicate = false;
     std::string duplicate_key;
   };
-  OrderedJsonBuilder(json& root, OnTensor on_tensor) : root_(root), on_tensor_(std::move(on_tensor)) {}
+  OrderedJsonBuilder(json& root, OnTensor on_tensor, const std::function<void(const std::string&)>& on_file)
+      : root_(root), on_tensor_(std::move(on_tensor)), on_file_(on_file) {}
 
   bool null() override { return add(json(nullptr)); }
   bool boolean(bool value) override { return add(json(value)); }
@@ -854,6 +857,11 @@ class OrderedJsonBuilder : public nlohmann::json_sax<json> {
       failure_.duplicate_key = **twice;
       return false;
     }
+    if (open_.size() == 2 && open_[1] == files_ && on_file_) {
+      const json& file = files_->back();
+      if (auto path = file.find("path"); path != file.end() && path->is_string())
+        on_file_(path->get_ref<const std::string&>());
+    }
     if (open_.size() == 3 && open_[1] == tensor_lists_ && open_[2]->is_array()) {
       auto& list = open_[2]->get_ref<json::array_t&>();
       auto lists = static_cast<std::size_t>(tensor_lists_->size() - 1);
@@ -864,6 +872,7 @@ class OrderedJsonBuilder : public nlohmann::json_sax<json> {
   }
   bool end_array() override {
     if (open_.back() == tensor_lists_) tensor_lists_ = nullptr;  // closed: its parent may move it now
+    if (open_.back() == files_) files_ = nullptr;
     open_.pop_back();
     return true;
   }
@@ -896,15 +905,19 @@ class OrderedJsonBuilder : public nlohmann::json_sax<json> {
     return true;
   }
   bool open(json container) {
-    bool lists = open_.size() == 1 && open_[0]->is_object() && key_ == "tensor_lists" && container.is_array();
+    bool top_array = open_.size() == 1 && open_[0]->is_object() && container.is_array();
+    std::string key = top_array ? key_ : std::string();
     open_.push_back(place(std::move(container)));
-    if (lists) tensor_lists_ = open_.back();
+    if (key == "tensor_lists") tensor_lists_ = open_.back();
+    if (key == "files") files_ = open_.back();
     return true;
   }
 
   json& root_;
   OnTensor on_tensor_;
+  const std::function<void(const std::string&)>& on_file_;
   const json* tensor_lists_ = nullptr;  // the top-level member "tensor_lists", while open
+  const json* files_ = nullptr;         // the top-level member "files", while open
   std::vector<json*> open_;
   std::string key_;
   Failure failure_;
@@ -912,7 +925,8 @@ class OrderedJsonBuilder : public nlohmann::json_sax<json> {
 
 }  // namespace
 
-Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed, std::uint64_t max_text_bytes) {
+Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed, std::uint64_t max_text_bytes,
+                        const std::function<void(const std::string&)>& on_file) {
   Location where{source, "", std::nullopt};
   if (bytes.empty()) throw Error(where, "empty file: not a manifest");
   std::string decompressed;
@@ -929,18 +943,21 @@ Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed,
   json j;
   ManifestReader::ReadAhead ahead;
   ManifestReader reader(source, &ahead);
-  OrderedJsonBuilder builder(j, [&](std::size_t list, std::size_t index, json&& tensor) {
-    if (ahead.failure) return;  // read() stops at the first failure: nothing after it is needed
-    if (ahead.tensors.size() <= list) ahead.tensors.resize(list + 1);
-    ahead.tensors[list].resize(index + 1);
-    try {
-      ahead.tensors[list][index] = reader.read_listed_tensor(tensor, list, index);
-    } catch (const Error&) {
-      ahead.failure = std::current_exception();
-      ahead.failed_list = list;
-      ahead.failed_index = index;
-    }
-  });
+  OrderedJsonBuilder builder(
+      j,
+      [&](std::size_t list, std::size_t index, json&& tensor) {
+        if (ahead.failure) return;  // read() stops at the first failure: nothing after it is needed
+        if (ahead.tensors.size() <= list) ahead.tensors.resize(list + 1);
+        ahead.tensors[list].resize(index + 1);
+        try {
+          ahead.tensors[list][index] = reader.read_listed_tensor(tensor, list, index);
+        } catch (const Error&) {
+          ahead.failure = std::current_exception();
+          ahead.failed_list = list;
+          ahead.failed_index = index;
+        }
+      },
+      on_file);
   if (!json::sax_parse(text.begin(), text.end(), &builder)) {
     const OrderedJsonBuilder::Failure& failure = builder.failure();
     if (failure.duplicate) {
@@ -954,9 +971,9 @@ Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed,
   return reader.read(j);
 }
 
-Manifest read_manifest(const std::string& path) {
+Manifest read_manifest(const std::string& path, const std::function<void(const std::string&)>& on_file) {
   MappedFile file(path);
-  return parse_manifest(file.bytes(), path, path.ends_with(".zst"));
+  return parse_manifest(file.bytes(), path, path.ends_with(".zst"), kMaxManifestBytes, on_file);
 }
 
 namespace {

@@ -154,6 +154,18 @@ TEST_SUITE("manifest") {
     std::string half = text.substr(0, text.size() / 2);
     std::string two_frames = zstd(half) + zstd(text.substr(half.size()));
     CHECK(ckpt::manifest_to_json(ckpt::parse_manifest(bytes_of(two_frames), kSource, true)) == rendered);
+    // Files come first, and parse_manifest names each file's path as it meets
+    // it; a manifest with its files last (as written before) reads the same.
+    std::vector<std::string> met;
+    ckpt::parse_manifest(bytes_of(text), kSource, false, ckpt::kMaxManifestBytes,
+                         [&](const std::string& path) { met.push_back(path); });
+    CHECK(met == std::vector<std::string>{manifest.files[0].path, manifest.files[1].path});
+    CHECK(text.find("\"files\"") < text.find("\"tensor_lists\""));
+    json files_last = rendered;
+    json files = files_last["files"];
+    files_last.erase("files");
+    files_last["files"] = files;
+    CHECK(ckpt::manifest_to_json(ckpt::parse_manifest(bytes_of(files_last.dump(1)), kSource, false)) == rendered);
   }
 
   TEST_CASE("manifest text: tensors are written as the JSON document dumps them, whatever their paths hold") {

@@ -93,5 +93,9 @@ ManifestFile describe_file(const Checkpoint& checkpoint);
 // fields. Throws Error naming `source` and the first field that differs, with
 // the file: a hand-edited manifest never redirects a copy.
 void check_describes_files(const Manifest& manifest, const std::string& source, DecodedFiles* keep = nullptr);
+// read_manifest, check_fresh, then check_describes_files, with the files
+// described on a second thread while the manifest is parsed (from its files
+// section, which comes first): the one way to read a manifest that is trusted.
+Manifest read_checked_manifest(const std::string& path, DecodedFiles* keep = nullptr);
 
 }  // namespace ckpt

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -46,11 +47,14 @@ Manifest manifest_from_json(const nlohmann::ordered_json& json, const std::strin
 // A manifest from the bytes of a manifest file (zstd-compressed when
 // `compressed`): at most `max_text_bytes` of JSON, nested at most
 // kMaxManifestDepth deep, then manifest_from_json. Throws Error naming `source`.
+// `on_file` is given each files[i].path as the parser meets it, before anything
+// is checked (an untrusted path): to start reading the files meanwhile.
 Manifest parse_manifest(Bytes bytes, const std::string& source, bool compressed,
-                        std::uint64_t max_text_bytes = kMaxManifestBytes);
+                        std::uint64_t max_text_bytes = kMaxManifestBytes,
+                        const std::function<void(const std::string&)>& on_file = {});
 // Reads a manifest file (zstd-compressed when it ends in .zst): parse_manifest
 // on its mapped bytes.
-Manifest read_manifest(const std::string& path);
+Manifest read_manifest(const std::string& path, const std::function<void(const std::string&)>& on_file = {});
 // Writes it atomically (temp file, fsync, rename); zstd when `path` ends in .zst.
 void write_manifest(const Manifest& manifest, const std::string& path, bool overwrite);
 bool looks_like_manifest(const std::string& path);
