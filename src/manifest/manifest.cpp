@@ -17,6 +17,7 @@
 #include <set>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "ckpt/format/by_pickle_bytes.hpp"
 #include "ckpt/format/checkpoint.hpp"
@@ -163,7 +164,9 @@ namespace {
 // only the records' places are read from each file's zip directory.
 struct PickleFacts {
   ManifestFile described;  // its file-specific fields are not used
-  std::vector<StorageId> storages;
+  // The storages no tensor views (a storage pickled by itself): the tensors
+  // name the others (storage_key, dtype, storage_nbytes).
+  std::vector<StorageId> unviewed_storages;
 };
 
 // A file whose pickle gave `facts`: its description, with each tensor's
@@ -176,14 +179,19 @@ ManifestFile describe_known(const PickleFacts& facts, const MappedFile& mapped, 
   file.mtime_ns = mapped.mtime_ns();
   file.archive_name = located.archive_name;
   file.role = parse_file_role(mapped.path());
+  for (const StorageId& storage : facts.unviewed_storages)
+    storage_record(zip, file.archive_name, storage.key, storage.dtype, storage.numel);
   std::unordered_map<std::string_view, const ZipRecord*> records;
-  for (const StorageId& storage : facts.storages) {
-    records.emplace(storage.key, &storage_record(zip, file.archive_name, storage.key, storage.dtype, storage.numel));
-  }
   file.places.clear();
   file.places.reserve(file.tensors.size());
-  for (const StoredTensor& tensor : file.tensors)
-    file.places.push_back(place_in(tensor, *records.at(tensor.storage_key)));
+  for (const StoredTensor& tensor : file.tensors) {
+    auto [it, fresh] = records.try_emplace(tensor.storage_key, nullptr);
+    if (fresh) {
+      std::uint64_t numel = tensor.storage_nbytes / dtype_info(tensor.dtype).itemsize;
+      it->second = &storage_record(zip, file.archive_name, tensor.storage_key, tensor.dtype, numel);
+    }
+    file.places.push_back(place_in(tensor, *it->second));
+  }
   return file;
 }
 
@@ -316,16 +324,21 @@ ManifestFile FileDescriber::describe(const std::string& path) {
 ManifestFile FileDescriber::describe_torch(const std::string& path) {
   auto mapped = std::make_unique<MappedFile>(path);
   ZipArchive zip(*mapped);
+  mapped->drop_resident_pages();  // the zip directory, parsed (what stays resident adds up over files)
   TorchZip located = locate_torch_zip(zip);
   Bytes pickle = zip.data(*located.pickle);
   if (auto facts = known_->pickles.find(pickle)) return describe_known(*facts, *mapped, zip, located);
   auto checkpoint = std::make_shared<const Checkpoint>(*mapped, std::move(zip));
+  mapped->drop_resident_pages();  // the pickle, decoded
   ManifestFile file = describe_file(*checkpoint);
   known_->shared.share(file);
   auto facts = std::make_shared<PickleFacts>();
   facts->described = file;
+  std::unordered_set<std::string_view> viewed;
+  for (const StoredTensor& tensor : file.tensors) viewed.insert(tensor.storage_key);
   for (const auto& [key, storage] : checkpoint->storages()) {
-    facts->storages.push_back({key, storage.dtype, storage.numel, storage.location});
+    if (!viewed.contains(key))
+      facts->unviewed_storages.push_back({key, storage.dtype, storage.numel, storage.location});
   }
   known_->pickles.add(pickle, std::move(facts));
   if (keep_ != nullptr) keep_->keep({std::move(mapped), std::move(checkpoint)});
