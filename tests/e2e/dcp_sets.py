@@ -735,6 +735,72 @@ def describe_set(root, name):
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+
+# ------------------------------------------------------------------ hostile .metadata
+# Copies of a set's .metadata with one thing broken, each pickled by torch 1.13's
+# own classes, and the words the reader's one-line error must hold.
+def _hostile_cases():
+    import copy
+
+    def first_tensor(md):
+        return next(k for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata))
+
+    def drop_storage(md):
+        key = first_tensor(md)
+        ix = next(ix for ix in md.storage_data if ix.fqn == key)
+        del md.storage_data[ix]
+
+    def sparse_layout(md):
+        md.state_dict_metadata[first_tensor(md)].properties.layout = torch.sparse_coo
+
+    def odd_dtype(md):
+        md.state_dict_metadata[first_tensor(md)].properties.dtype = torch.qint8
+
+    def short_box(md):
+        chunk = md.state_dict_metadata[first_tensor(md)].chunks[0]
+        chunk.offsets = torch.Size(list(chunk.offsets)[:1])
+
+    def escaping_path(md):
+        ix = next(iter(md.storage_data))
+        md.storage_data[ix].relative_path = "../outside.distcp"
+
+    def negative_length(md):
+        ix = next(iter(md.storage_data))
+        md.storage_data[ix].length = -5
+
+    def not_metadata(md):
+        return {"state_dict_metadata": md.state_dict_metadata}
+
+    def odd_item(md):
+        md.state_dict_metadata["odd"] = torch.Size([1, 2])
+
+    return {
+        "no_storage_for_a_chunk": (drop_storage, "storage_data does not say where"),
+        "sparse_layout": (sparse_layout, "a layout other than torch.strided"),
+        "quantized_dtype": (odd_dtype, "is not a torch dtype ckpt-tool knows"),
+        "box_of_wrong_rank": (short_box, "a box of 1 and 2 dimensions"),
+        "path_outside_the_directory": (escaping_path, "is not a file name of the directory"),
+        "negative_length": (negative_length, "_StorageInfo that is not"),
+        "not_a_metadata": (not_metadata, "not a DCP Metadata pickle"),
+        "item_of_another_class": (odd_item, "an item of class"),
+    }
+
+
+def write_hostile(set_dir, out_dir):
+    """One `<case>.metadata` per case under out_dir, and expected.json: case -> words."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for name, (edit, words) in _hostile_cases().items():
+        md = read_metadata(set_dir)
+        replaced = edit(md)
+        with open(out / f"{name}.metadata", "wb") as f:
+            pickle.dump(md if replaced is None else replaced, f, protocol=4)
+        expected[name] = words
+    (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+    return expected
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--_worker":
@@ -746,11 +812,17 @@ def main(argv=None):
     g.add_argument("--out", help="write the sets under this directory")
     g.add_argument("--check", help="compare torch's reader with the generator's full tensors")
     g.add_argument("--describe", help="print a JSON description of the sets")
+    g.add_argument("--hostile", nargs=2, metavar=("SET_DIR", "OUT"),
+                   help="write broken copies of SET_DIR/.metadata, and expected.json, under OUT")
     ap.add_argument("--only", action="append", choices=SET_NAMES,
                     help="only this set (repeatable)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     a = ap.parse_args(argv)
     names = a.only or SET_NAMES
+    if a.hostile:
+        for name, words in write_hostile(*a.hostile).items():
+            print(f"{name}: {words}")
+        return 0
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         t0 = time.time()

@@ -1,0 +1,86 @@
+// PyTorch Distributed Checkpoint (DCP): the `.metadata` file of a DCP
+// directory, decoded as data (never executed).
+//
+// A DCP directory holds `.metadata` and data files (`__{rank}_{n}.distcp`).
+// `.metadata` is a pickle of a `Metadata` object whose state holds:
+//   state_dict_metadata  {flat key: TensorStorageMetadata | BytesStorageMetadata}
+//     TensorStorageMetadata {properties: TensorProperties (dtype, layout, ...),
+//                            size: torch.Size, chunks: [ChunkStorageMetadata
+//                            {offsets: torch.Size, sizes: torch.Size}, ...]}
+//   storage_data         {MetadataIndex {fqn, offset, index}: _StorageInfo
+//                          {relative_path, offset, length}}
+//   planner_data         {flat key: (path elements, str or int)} or None
+//   (torch >= 2.6 adds storage_meta and version)
+// Each chunk (a box of the tensor's global shape) and each bytes item is one
+// `torch.save` archive at (offset, length) of a data file. The classes live in
+// torch.distributed.checkpoint (torch 2.x) or torch.distributed._shard
+// (torch 1.13): they are matched by class name inside torch.distributed, so a
+// release that moves them reads the same. TensorProperties is pickled as a
+// 5- or 6-tuple (dtype, layout, requires_grad, memory format, pin_memory[,
+// strides]) or as a dict of those names. tests/e2e/README-dcp.md lists what
+// real files were seen to hold.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "ckpt/format/dtype.hpp"
+#include "ckpt/io/byte_reader.hpp"
+
+namespace ckpt {
+
+// Where an item's `torch.save` archive is: bytes [offset, offset + length) of
+// the data file `file` (a name relative to the directory).
+struct DcpItemPlace {
+  std::string file;
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+  bool operator==(const DcpItemPlace&) const = default;
+};
+
+struct DcpChunk {
+  std::vector<std::int64_t> offsets;  // of the box in the tensor's global shape
+  std::vector<std::int64_t> sizes;
+  DcpItemPlace place;
+  bool operator==(const DcpChunk&) const = default;
+};
+
+struct DcpTensor {
+  std::string key;  // the flat key: "model.layers.0.attn.weight"
+  DType dtype = DType::Float32;
+  std::vector<std::int64_t> size;  // the global shape
+  bool requires_grad = false;
+  std::vector<DcpChunk> chunks;  // in the order .metadata lists them
+  bool operator==(const DcpTensor&) const = default;
+};
+
+struct DcpObject {  // a non-tensor item (BytesStorageMetadata): a torch.save'd object
+  std::string key;
+  DcpItemPlace place;
+  bool operator==(const DcpObject&) const = default;
+};
+
+// A key's place in the nested state dict: dict keys (str) and list indices (int).
+using DcpPathElement = std::variant<std::string, std::int64_t>;
+
+struct DcpMetadata {
+  std::string metadata_class;      // "torch.distributed.checkpoint.metadata.Metadata"
+  std::vector<DcpTensor> tensors;  // in state_dict_metadata order
+  std::vector<DcpObject> objects;  // likewise
+  // Per key (tensors' and objects'), when .metadata has planner_data (torch >= 2.0);
+  // empty otherwise.
+  std::vector<std::pair<std::string, std::vector<DcpPathElement>>> planner_data;
+  std::optional<std::string> version;  // torch >= 2.6: "1.0.0"
+};
+
+// Decodes the bytes of a `.metadata` file (`path` names it in errors). Throws
+// Error naming the file and the key of anything that is not a DCP Metadata
+// pickle of these classes: an unknown dtype, a layout other than strided, a
+// chunk whose offsets or sizes do not match the tensor's rank, a chunk or item
+// that storage_data does not place, a negative size, offset or length.
+DcpMetadata read_dcp_metadata(Bytes bytes, const std::string& path);
+
+}  // namespace ckpt

@@ -1,0 +1,252 @@
+// DCP `.metadata`: the pickle decoded as data, then read as the classes of
+// include/ckpt/format/dcp.hpp describe.
+#include "ckpt/format/dcp.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <map>
+
+#include "ckpt/format/pickle.hpp"
+#include "ckpt/format/pyobject.hpp"
+#include "ckpt/format/python_globals.hpp"
+#include "ckpt/io/error.hpp"
+
+namespace ckpt {
+
+namespace {
+
+using pickle::Graph;
+using pickle::Kind;
+using pickle::NodeId;
+using pickle::NodeView;
+
+constexpr std::string_view kDcpModule = "torch.distributed.";
+
+// Reads one `.metadata` graph; every failure names the file and where in it.
+class MetadataReader {
+ public:
+  MetadataReader(const Graph& graph, const std::string& path) : graph_(graph), path_(path) {}
+
+  DcpMetadata read() {
+    DcpMetadata out;
+    const NodeId root = graph_.root;
+    out.metadata_class = class_name(graph_, root);
+    if (dcp_class(root) != "Metadata") {
+      fail("", fmt::format("not a DCP Metadata pickle (its root is {})",
+                           out.metadata_class.empty() ? "not an object" : out.metadata_class));
+    }
+    const NodeId items = attribute(root, "state_dict_metadata", "");
+    const NodeId storage = attribute(root, "storage_data", "");
+    read_storage_data(storage);
+    if (!graph_.is_mapping(items) || graph_[items].kind != Kind::Dict) fail("state_dict_metadata", "not a dict");
+    for (const auto& [key_node, value] : graph_.mapping_entries(items)) {
+      std::optional<std::string> key = as_str(graph_, key_node);
+      if (!key) fail("state_dict_metadata", "a key that is not a str");
+      std::string_view kind = dcp_class(value);
+      if (kind == "TensorStorageMetadata") {
+        out.tensors.push_back(read_tensor(*key, value));
+      } else if (kind == "BytesStorageMetadata") {
+        out.objects.push_back({*key, place_of(*key, std::nullopt, std::nullopt)});
+      } else {
+        fail(*key, fmt::format("an item of class {} (neither TensorStorageMetadata nor BytesStorageMetadata)",
+                               class_name(graph_, value).empty() ? "none" : class_name(graph_, value)));
+      }
+    }
+    if (NodeId planner = optional_attribute(root, "planner_data"); planner != pickle::kNoNode) {
+      read_planner_data(planner, out);
+    }
+    if (NodeId version = optional_attribute(root, "version"); version != pickle::kNoNode) {
+      out.version = as_str(graph_, version);
+    }
+    return out;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& where, const std::string& message) const {
+    throw Error(Location{path_, where.empty() ? std::string("Metadata") : where, std::nullopt}, message);
+  }
+
+  // The class name of object `id` when its class is in torch.distributed.
+  std::string_view dcp_class(NodeId id) const {
+    std::optional<NodeView> cls = graph_.object_class(id);
+    if (!cls || !cls->text.starts_with(kDcpModule)) return {};
+    return cls->name;
+  }
+
+  // Attribute `name` of a dataclass object: its BUILD state is the instance
+  // dict, or (slots) a (dict or None, slots dict) pair. kNoNode when absent.
+  NodeId optional_attribute(NodeId object, std::string_view name) const {
+    if (object >= graph_.size() || graph_[object].kind != Kind::Object) return pickle::kNoNode;
+    NodeId state = graph_[object].state;
+    if (state == pickle::kNoNode) return pickle::kNoNode;
+    if (graph_[state].kind == Kind::Dict) return graph_.lookup(state, name);
+    if (graph_[state].kind == Kind::Tuple && graph_[state].items.size() == 2) {
+      for (NodeId part : graph_[state].items) {
+        if (graph_[part].kind == Kind::Dict) {
+          if (NodeId found = graph_.lookup(part, name); found != pickle::kNoNode) return found;
+        }
+      }
+    }
+    return pickle::kNoNode;
+  }
+  NodeId attribute(NodeId object, std::string_view name, const std::string& where) const {
+    NodeId found = optional_attribute(object, name);
+    if (found == pickle::kNoNode) {
+      fail(where, fmt::format("{} without {}",
+                              class_name(graph_, object).empty() ? "an object" : std::string(dcp_class(object)), name));
+    }
+    return found;
+  }
+
+  std::vector<std::int64_t> size_of(NodeId id, const std::string& where, std::string_view what) const {
+    std::optional<std::vector<std::int64_t>> values = as_int_list(graph_, id);
+    if (!values) fail(where, fmt::format("{} is not a torch.Size or a tuple of ints", what));
+    for (std::int64_t value : *values) {
+      if (value < 0) fail(where, fmt::format("{} {} has a negative entry", what, fmt::join(*values, ", ")));
+    }
+    return *values;
+  }
+
+  // (dtype, layout, requires_grad, ...): a tuple (torch >= 2.0 and 1.13's
+  // __getstate__) or a dict of those names.
+  void read_properties(NodeId properties, DcpTensor& tensor) const {
+    const std::string& where = tensor.key;
+    NodeId dtype = pickle::kNoNode;
+    NodeId layout = pickle::kNoNode;
+    NodeId requires_grad = pickle::kNoNode;
+    NodeId state = properties < graph_.size() && graph_[properties].kind == Kind::Object ? graph_[properties].state
+                                                                                         : pickle::kNoNode;
+    if (state != pickle::kNoNode && graph_[state].kind == Kind::Tuple && graph_[state].items.size() >= 3) {
+      dtype = graph_[state].items[0];
+      layout = graph_[state].items[1];
+      requires_grad = graph_[state].items[2];
+    } else {
+      dtype = attribute(properties, "dtype", where);
+      layout = optional_attribute(properties, "layout");
+      requires_grad = optional_attribute(properties, "requires_grad");
+    }
+    const NodeView dtype_node = graph_[dtype];
+    std::optional<DType> parsed;
+    if (dtype_node.kind == Kind::Global && dtype_node.text == "torch") parsed = dtype_from_name(dtype_node.name);
+    if (!parsed) {
+      fail(where, fmt::format("dtype {} is not a torch dtype ckpt-tool knows",
+                              dtype_node.kind == Kind::Global ? fmt::format("{}.{}", dtype_node.text, dtype_node.name)
+                                                              : "(not a global)"));
+    }
+    tensor.dtype = *parsed;
+    if (layout != pickle::kNoNode && !is_strided(layout)) {
+      fail(where, "a layout other than torch.strided (sparse tensors are not supported)");
+    }
+    tensor.requires_grad =
+        requires_grad != pickle::kNoNode && graph_[requires_grad].kind == Kind::Bool && graph_[requires_grad].boolean;
+  }
+
+  // torch.strided: the global, or torch.serialization._get_layout('torch.strided').
+  bool is_strided(NodeId layout) const {
+    const NodeView node = graph_[layout];
+    if (node.kind == Kind::None) return true;  // not recorded
+    if (node.kind == Kind::Global) return node.text == "torch" && node.name == "strided";
+    std::optional<NodeView> cls = graph_.object_class(layout);
+    if (!cls || cls->text != "torch.serialization" || cls->name != "_get_layout") return false;
+    const auto& args = graph_[node.args].items;
+    return args.size() == 1 && as_str(graph_, args[0]) == "torch.strided";
+  }
+
+  DcpTensor read_tensor(const std::string& key, NodeId meta) {
+    DcpTensor tensor;
+    tensor.key = key;
+    read_properties(attribute(meta, "properties", key), tensor);
+    tensor.size = size_of(attribute(meta, "size", key), key, "size");
+    auto chunks = as_sequence(graph_, attribute(meta, "chunks", key));
+    if (!chunks) fail(key, "chunks is not a list");
+    for (std::size_t i = 0; i < chunks->size(); ++i) {
+      NodeId chunk = (*chunks)[i];
+      const std::string where = fmt::format("{} chunk {}", key, i);
+      if (dcp_class(chunk) != "ChunkStorageMetadata") fail(where, "not a ChunkStorageMetadata");
+      DcpChunk out;
+      out.offsets = size_of(attribute(chunk, "offsets", where), where, "offsets");
+      out.sizes = size_of(attribute(chunk, "sizes", where), where, "sizes");
+      if (out.offsets.size() != tensor.size.size() || out.sizes.size() != tensor.size.size()) {
+        fail(where, fmt::format("a box of {} and {} dimensions in a tensor of {}", out.offsets.size(), out.sizes.size(),
+                                tensor.size.size()));
+      }
+      out.place = place_of(key, out.offsets, i);
+      tensor.chunks.push_back(std::move(out));
+    }
+    return tensor;
+  }
+
+  // storage_data: each MetadataIndex (fqn, offset, index) and where its item is.
+  void read_storage_data(NodeId storage) {
+    if (storage >= graph_.size() || graph_[storage].kind != Kind::Dict) fail("storage_data", "not a dict");
+    for (const auto& [index, info] : graph_.mapping_entries(storage)) {
+      if (dcp_class(index) != "MetadataIndex") fail("storage_data", "a key that is not a MetadataIndex");
+      std::optional<std::string> fqn = as_str(graph_, attribute(index, "fqn", "storage_data"));
+      if (!fqn) fail("storage_data", "a MetadataIndex whose fqn is not a str");
+      const std::string& where = *fqn;
+      std::optional<std::vector<std::int64_t>> offset;
+      if (NodeId node = optional_attribute(index, "offset"); node != pickle::kNoNode && graph_[node].kind != Kind::None)
+        offset = size_of(node, where, "MetadataIndex offset");
+      if (dcp_class(info) != "_StorageInfo") fail(where, "storage_data value that is not a _StorageInfo");
+      std::optional<std::string> file = as_str(graph_, attribute(info, "relative_path", where));
+      std::optional<std::int64_t> at = as_int(graph_, attribute(info, "offset", where));
+      std::optional<std::int64_t> length = as_int(graph_, attribute(info, "length", where));
+      if (!file || !at || !length || *at < 0 || *length < 0) {
+        fail(where, "a _StorageInfo that is not (relative_path str, offset int >= 0, length int >= 0)");
+      }
+      if (file->empty() || file->find('/') != std::string::npos || *file == "." || *file == "..") {
+        fail(where, fmt::format("relative_path '{}' is not a file name of the directory", *file));
+      }
+      DcpItemPlace place{*file, static_cast<std::uint64_t>(*at), static_cast<std::uint64_t>(*length)};
+      if (!places_.emplace(std::make_pair(*fqn, offset), place).second) {
+        fail(where, "storage_data places one item twice");
+      }
+    }
+  }
+
+  DcpItemPlace place_of(const std::string& key, const std::optional<std::vector<std::int64_t>>& offsets,
+                        std::optional<std::size_t> chunk) const {
+    auto it = places_.find({key, offsets});
+    if (it == places_.end()) {
+      fail(chunk ? fmt::format("{} chunk {}", key, *chunk) : key,
+           fmt::format("storage_data does not say where {} is",
+                       offsets ? fmt::format("the box at ({})", fmt::join(*offsets, ", ")) : "the item"));
+    }
+    return it->second;
+  }
+
+  void read_planner_data(NodeId planner, DcpMetadata& out) const {
+    if (graph_[planner].kind == Kind::None) return;
+    if (graph_[planner].kind != Kind::Dict) fail("planner_data", "not a dict");
+    for (const auto& [key_node, value] : graph_.mapping_entries(planner)) {
+      std::optional<std::string> key = as_str(graph_, key_node);
+      auto elements = as_sequence(graph_, value);
+      if (!key || !elements) fail("planner_data", "an entry that is not a str key and a tuple of path elements");
+      std::vector<DcpPathElement> path;
+      for (NodeId element : *elements) {
+        if (std::optional<std::string> text = as_str(graph_, element)) {
+          path.emplace_back(*text);
+        } else if (std::optional<std::int64_t> number = as_int(graph_, element); number && *number >= 0) {
+          path.emplace_back(*number);
+        } else {
+          fail(*key, "planner_data: a path element that is neither a str nor an int >= 0");
+        }
+      }
+      out.planner_data.emplace_back(*key, std::move(path));
+    }
+  }
+
+  const Graph& graph_;
+  const std::string& path_;
+  std::map<std::pair<std::string, std::optional<std::vector<std::int64_t>>>, DcpItemPlace> places_;
+};
+
+}  // namespace
+
+DcpMetadata read_dcp_metadata(Bytes bytes, const std::string& path) {
+  Graph graph = pickle::decode(bytes, path, "", 0);
+  return MetadataReader(graph, path).read();
+}
+
+}  // namespace ckpt

@@ -1,0 +1,151 @@
+// Unit tests for the DCP `.metadata` reader (src/format/dcp.cpp).
+//
+// fixtures/tiny/dcp/ holds DCP directories written by torch 1.13's real DCP
+// writer and `.metadata` copies re-pickled under torch 2.x class paths and
+// fields (tests/e2e/dcp_sets.py, README-dcp.md); describe.json is what that
+// script's --describe read from them with torch's own classes. Every set is
+// read here and compared with it key by key.
+#include <doctest/doctest.h>
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "ckpt/format/dcp.hpp"
+#include "ckpt/io/error.hpp"
+#include "temp_files.hpp"
+
+namespace {
+
+using json = nlohmann::ordered_json;  // keys in the order .metadata lists them
+
+std::string fixture(const std::string& name) {
+  return std::string(CKPT_TINY_FIXTURES) + "/dcp/" + name;
+}
+
+ckpt::DcpMetadata read_set(const std::string& set) {
+  std::string path = fixture(set + "/.metadata");
+  test_files::Buffer bytes = test_files::read_file(path);
+  return ckpt::read_dcp_metadata(bytes, path);
+}
+
+std::string error_of(const test_files::Buffer& bytes) {
+  try {
+    (void)ckpt::read_dcp_metadata(bytes, "x/.metadata");
+  } catch (const ckpt::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_SUITE("dcp") {
+  TEST_CASE("DCP metadata: every fixture set reads as torch's classes read it") {
+    std::ifstream in(fixture("describe.json"));
+    json described = json::parse(in);
+    REQUIRE(described.size() == 7);
+    for (const json& set : described) {
+      std::string name = set["set"];
+      CAPTURE(name);
+      ckpt::DcpMetadata metadata = read_set(name);
+      // (describe reads the v2_* copies through torch 1.13's classes: their
+      // .metadata names the torch 2.x path)
+      CHECK(metadata.metadata_class == (name.starts_with("v2")
+                                            ? std::string("torch.distributed.checkpoint.metadata.Metadata")
+                                            : set["metadata_class"].get<std::string>()));
+      std::size_t tensor = 0;
+      std::size_t object = 0;
+      for (const auto& [key, item] : set["keys"].items()) {
+        CAPTURE(key);
+        if (item["type"] == "tensor") {
+          REQUIRE(tensor < metadata.tensors.size());
+          const ckpt::DcpTensor& got = metadata.tensors[tensor++];
+          CHECK(got.key == key);
+          CHECK(ckpt::dtype_info(got.dtype).name == item["dtype"].get<std::string>());
+          CHECK(got.size == item["size"].get<std::vector<std::int64_t>>());
+          REQUIRE(got.chunks.size() == item["chunks"].size());
+          for (std::size_t c = 0; c < got.chunks.size(); ++c) {
+            CHECK(got.chunks[c].offsets == item["chunks"][c]["offsets"].get<std::vector<std::int64_t>>());
+            CHECK(got.chunks[c].sizes == item["chunks"][c]["sizes"].get<std::vector<std::int64_t>>());
+            // storage_data, matched by the box's offsets
+            bool placed = false;
+            for (const json& storage : item["storage"]) {
+              if (storage["offset"].get<std::vector<std::int64_t>>() != got.chunks[c].offsets) continue;
+              placed = true;
+              CHECK(got.chunks[c].place.file == storage["file"].get<std::string>());
+              CHECK(got.chunks[c].place.offset == storage["at"].get<std::uint64_t>());
+              CHECK(got.chunks[c].place.length == storage["length"].get<std::uint64_t>());
+            }
+            CHECK(placed);
+          }
+        } else {
+          REQUIRE(object < metadata.objects.size());
+          const ckpt::DcpObject& got = metadata.objects[object++];
+          CHECK(got.key == key);
+          REQUIRE(item["storage"].size() == 1);
+          CHECK(got.place.file == item["storage"][0]["file"].get<std::string>());
+          CHECK(got.place.offset == item["storage"][0]["at"].get<std::uint64_t>());
+          CHECK(got.place.length == item["storage"][0]["length"].get<std::uint64_t>());
+        }
+      }
+      CHECK(tensor == metadata.tensors.size());
+      CHECK(object == metadata.objects.size());
+      if (set.contains("planner_data") && !set["planner_data"].is_null()) {
+        REQUIRE(metadata.planner_data.size() == set["planner_data"].size());
+        std::size_t i = 0;
+        for (const auto& [key, path] : set["planner_data"].items()) {
+          CHECK(metadata.planner_data[i].first == key);
+          REQUIRE(metadata.planner_data[i].second.size() == path.size());
+          for (std::size_t e = 0; e < path.size(); ++e) {
+            const ckpt::DcpPathElement& element = metadata.planner_data[i].second[e];
+            if (path[e].is_string()) {
+              CHECK(std::get<std::string>(element) == path[e].get<std::string>());
+            } else {
+              CHECK(std::get<std::int64_t>(element) == path[e].get<std::int64_t>());
+            }
+          }
+          ++i;
+        }
+      } else {
+        CHECK(metadata.planner_data.empty());
+      }
+    }
+  }
+
+  TEST_CASE("DCP metadata: torch 2.6's version field is read; 1.13's files have none") {
+    CHECK(read_set("v2_metadata").version == "1.0.0");
+    CHECK_FALSE(read_set("mixed").version.has_value());
+    CHECK_FALSE(read_set("v2_0_metadata").version.has_value());
+  }
+
+  TEST_CASE("DCP metadata: each broken copy (dcp_sets.py --hostile) is one Error saying what is wrong") {
+    std::ifstream in(fixture("hostile/expected.json"));
+    json expected = json::parse(in);
+    REQUIRE(expected.size() >= 8);
+    for (const auto& [name, words] : expected.items()) {
+      CAPTURE(name);
+      std::string error = error_of(test_files::read_file(fixture("hostile/" + name + ".metadata")));
+      CHECK_MESSAGE(error.find(words.get<std::string>()) != std::string::npos, error);
+      CHECK(error.find("x/.metadata") != std::string::npos);
+      CHECK(error.find('\n') == std::string::npos);
+    }
+  }
+
+  TEST_CASE("DCP metadata: what is not one is one Error naming the file") {
+    test_files::Buffer good = test_files::read_file(fixture("mixed/.metadata"));
+    // Cut anywhere: a pickle error or a Metadata without its parts, never a crash.
+    for (std::size_t cut = 0; cut < good.size(); cut += 97) {
+      test_files::Buffer truncated(good.begin(), good.begin() + static_cast<std::ptrdiff_t>(cut));
+      std::string error = error_of(truncated);
+      CAPTURE(cut);
+      CHECK(error.find("x/.metadata") != std::string::npos);
+    }
+    // A torch.save pickle is not a Metadata.
+    test_files::Buffer data_pkl =
+        test_files::read_file(std::string(CKPT_TINY_FIXTURES) + "/mp1_dp3_bf16_ns_opt/checkpoint_last-shard0.pt");
+    CHECK(error_of(data_pkl).find("x/.metadata") != std::string::npos);
+  }
+}
