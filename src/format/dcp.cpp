@@ -7,9 +7,11 @@
 
 #include <map>
 
+#include "ckpt/format/checkpoint.hpp"
 #include "ckpt/format/pickle.hpp"
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/format/python_globals.hpp"
+#include "ckpt/format/zip.hpp"
 #include "ckpt/io/error.hpp"
 
 namespace ckpt {
@@ -247,6 +249,77 @@ class MetadataReader {
 DcpMetadata read_dcp_metadata(Bytes bytes, const std::string& path) {
   Graph graph = pickle::decode(bytes, path, "", 0);
   return MetadataReader(graph, path).read();
+}
+
+namespace {
+
+DcpTensorItem read_item(Bytes item, const std::string& file_path, const DcpTensor& tensor, std::size_t chunk,
+                        const DcpItemPlace& place) {
+  const std::string where = fmt::format("{} chunk {}", tensor.key, chunk);
+  ZipArchive zip(item, file_path);
+  TorchZip located = locate_torch_zip(zip);
+  Bytes pickle_bytes = zip.data(*located.pickle);
+  pickle::Graph graph = pickle::decode(pickle_bytes, file_path, where, place.offset + located.pickle->data_offset);
+  auto fail = [&](const std::string& message) -> Error {
+    return Error(Location{file_path, where, place.offset}, message);
+  };
+  std::optional<NodeView> cls = graph.object_class(graph.root);
+  if (!cls || !is_global(*cls, py::kRebuildTensorV2)) throw fail("the item is not one torch.save'd tensor");
+  const auto& args = graph[graph[graph.root].args].items;
+  if (args.size() < 4) throw fail("_rebuild_tensor_v2 with fewer than 4 arguments");
+  std::optional<StorageId> storage = parse_storage_id(graph, args[0]);
+  std::optional<std::int64_t> offset = as_int(graph, args[1]);
+  std::optional<std::vector<std::int64_t>> shape = as_int_list(graph, args[2]);
+  std::optional<std::vector<std::int64_t>> stride = as_int_list(graph, args[3]);
+  if (!storage || !offset || !shape || !stride || *offset < 0) {
+    throw fail("_rebuild_tensor_v2 arguments are not (storage, offset >= 0, size, stride)");
+  }
+  if (storage->dtype != tensor.dtype) {
+    throw fail(fmt::format("a {} item in a {} tensor", dtype_info(storage->dtype).name, dtype_info(tensor.dtype).name));
+  }
+  if (*shape != tensor.chunks[chunk].sizes) {
+    throw fail(fmt::format("the item holds a tensor of shape [{}], the box is [{}]", fmt::join(*shape, ", "),
+                           fmt::join(tensor.chunks[chunk].sizes, ", ")));
+  }
+  const std::uint64_t itemsize = dtype_info(tensor.dtype).itemsize;
+  ViewExtent extent = view_extent(*shape, *stride, itemsize);
+  if (extent.span_elements > 0 && (static_cast<std::uint64_t>(*offset) > storage->numel ||
+                                   extent.span_elements > storage->numel - static_cast<std::uint64_t>(*offset))) {
+    throw fail(fmt::format("the view reaches past its storage of {} elements", storage->numel));
+  }
+  const ZipRecord& record = storage_record(zip, located.archive_name, storage->key, storage->dtype, storage->numel);
+  DcpTensorItem out;
+  out.dtype = storage->dtype;
+  out.shape = std::move(*shape);
+  out.stride = std::move(*stride);
+  out.storage_offset = *offset;
+  out.storage_offset_in_file = place.offset + record.data_offset;
+  out.storage_nbytes = record.nbytes;
+  out.record_crc32 = record.crc32;
+  return out;
+}
+
+}  // namespace
+
+DcpTensorItem read_dcp_tensor_item(Bytes file_bytes, const std::string& file_path, const DcpTensor& tensor,
+                                   std::size_t chunk) {
+  check_invariant(chunk < tensor.chunks.size(), "read_dcp_tensor_item: no such chunk");
+  const DcpItemPlace& place = tensor.chunks[chunk].place;
+  if (place.offset > file_bytes.size() || place.length > file_bytes.size() - place.offset) {
+    throw Error(ErrorKind::IncompleteSet,
+                Location{file_path, fmt::format("{} chunk {}", tensor.key, chunk), file_bytes.size()},
+                fmt::format("the item at bytes {}..{} lies past the end of the file ({} bytes): truncated?",
+                            place.offset, place.offset + place.length, file_bytes.size()));
+  }
+  try {
+    return read_item(file_bytes.subspan(place.offset, place.length), file_path, tensor, chunk, place);
+  } catch (const Error& e) {
+    if (e.where().member.starts_with(tensor.key)) throw;  // located already (read_item's own)
+    // The archive's own reader names offsets within the item: make them the file's.
+    Location where{file_path, fmt::format("{} chunk {}: {}", tensor.key, chunk, e.where().member), std::nullopt};
+    if (!e.where().file.empty() && e.where().byte_offset) where.byte_offset = place.offset + *e.where().byte_offset;
+    throw Error(e.kind(), where, e.message());
+  }
 }
 
 }  // namespace ckpt

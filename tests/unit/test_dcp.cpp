@@ -8,12 +8,14 @@
 #include <doctest/doctest.h>
 
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "ckpt/format/dcp.hpp"
+#include "ckpt/io/crc32.hpp"
 #include "ckpt/io/error.hpp"
 #include "temp_files.hpp"
 
@@ -113,6 +115,76 @@ TEST_SUITE("dcp") {
         CHECK(metadata.planner_data.empty());
       }
     }
+  }
+
+  TEST_CASE("DCP items: every chunk of every set is its box, its storage inside its item, its CRC right") {
+    std::size_t chunks = 0;
+    for (const char* set : {"mixed", "blocks_2d", "item_files_dim1", "rank_files_dim0"}) {
+      CAPTURE(set);
+      ckpt::DcpMetadata metadata = read_set(set);
+      for (const ckpt::DcpTensor& tensor : metadata.tensors) {
+        for (std::size_t c = 0; c < tensor.chunks.size(); ++c) {
+          CAPTURE(tensor.key);
+          CAPTURE(c);
+          const ckpt::DcpChunk& chunk = tensor.chunks[c];
+          test_files::Buffer file = test_files::read_file(fixture(std::string(set) + "/" + chunk.place.file));
+          ckpt::DcpTensorItem item = ckpt::read_dcp_tensor_item(file, chunk.place.file, tensor, c);
+          CHECK(item.dtype == tensor.dtype);
+          CHECK(item.shape == chunk.sizes);
+          CHECK(item.storage_offset_in_file >= chunk.place.offset);
+          CHECK(item.storage_offset_in_file + item.storage_nbytes <= chunk.place.offset + chunk.place.length);
+          ckpt::Bytes storage = ckpt::Bytes(file).subspan(item.storage_offset_in_file, item.storage_nbytes);
+          CHECK(ckpt::crc32(storage) == item.record_crc32);
+          ++chunks;
+        }
+      }
+    }
+    CHECK(chunks > 60);
+    // The transposed plain tensor is written as it was: stride (1, 4) over its (6, 4) storage.
+    ckpt::DcpMetadata mixed = read_set("mixed");
+    for (const ckpt::DcpTensor& tensor : mixed.tensors) {
+      if (tensor.key != "model.proj_t") continue;
+      test_files::Buffer file = test_files::read_file(fixture("mixed/" + tensor.chunks[0].place.file));
+      ckpt::DcpTensorItem item = ckpt::read_dcp_tensor_item(file, "f", tensor, 0);
+      CHECK(item.stride == std::vector<std::int64_t>{1, 4});
+      CHECK(item.storage_nbytes == 24 * 4);
+    }
+  }
+
+  TEST_CASE("DCP items: a cut file, a range past its end or a flipped pickle is one Error with the absolute offset") {
+    ckpt::DcpMetadata metadata = read_set("rank_files_dim0");
+    const ckpt::DcpTensor& tensor = metadata.tensors[0];
+    const ckpt::DcpChunk& chunk = tensor.chunks[1];  // the second item of its file: offsets are not 0
+    REQUIRE(chunk.place.offset > 0);
+    test_files::Buffer file = test_files::read_file(fixture("rank_files_dim0/" + chunk.place.file));
+    auto error_at = [&](const test_files::Buffer& bytes) -> std::optional<ckpt::Error> {
+      try {
+        (void)ckpt::read_dcp_tensor_item(bytes, "d.distcp", tensor, 1);
+      } catch (const ckpt::Error& e) {
+        return e;
+      }
+      return std::nullopt;
+    };
+    test_files::Buffer cut(file.begin(), file.begin() + static_cast<std::ptrdiff_t>(chunk.place.offset + 10));
+    auto past = error_at(cut);
+    REQUIRE(past.has_value());
+    CHECK(std::string(past->what()).find("past the end of the file") != std::string::npos);
+    CHECK(past->kind() == ckpt::ErrorKind::IncompleteSet);
+    // Every byte of the item's archive flipped in turn: an Error or the same
+    // box (a flip in data bytes is for the CRC to find), never a crash.
+    std::size_t refused = 0;
+    for (std::uint64_t at = chunk.place.offset; at < chunk.place.offset + chunk.place.length; ++at) {
+      test_files::Buffer flipped = file;
+      flipped[at] ^= std::byte{0x55};
+      auto error = error_at(flipped);
+      if (!error) continue;
+      ++refused;
+      CAPTURE(at);
+      CHECK(error->where().file == "d.distcp");
+      CHECK(error->where().member.starts_with(tensor.key));
+      if (error->where().byte_offset) CHECK(*error->where().byte_offset >= chunk.place.offset);
+    }
+    CHECK(refused > 100);
   }
 
   TEST_CASE("DCP metadata: torch 2.6's version field is read; 1.13's files have none") {

@@ -83,4 +83,24 @@ struct DcpMetadata {
 // that storage_data does not place, a negative size, offset or length.
 DcpMetadata read_dcp_metadata(Bytes bytes, const std::string& path);
 
+// A chunk as its item holds it: the torch.save archive at the chunk's place,
+// one _rebuild_tensor_v2 over one storage record.
+struct DcpTensorItem {
+  DType dtype = DType::Float32;
+  std::vector<std::int64_t> shape;           // the box's sizes
+  std::vector<std::int64_t> stride;          // as written: a plain tensor is not always made contiguous
+  std::int64_t storage_offset = 0;           // elements
+  std::uint64_t storage_offset_in_file = 0;  // absolute: the storage record's first byte in the data file
+  std::uint64_t storage_nbytes = 0;
+  std::uint32_t record_crc32 = 0;  // of the storage record, from the archive's directory
+};
+
+// Reads chunk `chunk` of `tensor` from the bytes of its data file
+// (`file_path`): the archive inside the item's range parsed and checked (the
+// range inside the file, one tensor of the chunk's dtype and of the box's
+// shape, its view inside its storage). Throws Error naming the file, the key
+// and chunk, and the absolute byte offset.
+DcpTensorItem read_dcp_tensor_item(Bytes file_bytes, const std::string& file_path, const DcpTensor& tensor,
+                                   std::size_t chunk);
+
 }  // namespace ckpt
