@@ -52,7 +52,7 @@ Action add_verify_command(CLI::App& app) {
       std::size_t without_crcs = 0;
       std::vector<std::string> checked;
       for (const auto& [name, files] : unchecked) {
-        fmt::print(stderr, "ckpt-tool: note: {} files hold no checksums: their headers were checked\n", name);
+        fmt::print(stderr, "ckpt-tool: note: {} files: headers checked, data not checked against checksums\n", name);
         without_crcs += files;
       }
       if (without_crcs < paths.size()) checked.push_back(human_bytes(report.bytes) + " of record data checked");

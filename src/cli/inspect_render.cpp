@@ -277,7 +277,7 @@ void print_summary(const Manifest& manifest, bool wide, std::ostream& out) {
   for (const ManifestFile& file : manifest.files) total += file.size_bytes;
   out << fmt::format("{} file(s), {}\n", manifest.files.size(), human_bytes(total));
   print_grid(manifest, wide, out);
-  if (!is_training(manifest)) {
+  if (input_layout(manifest).training && !is_training(manifest)) {  // (a layout that is none says so above)
     out << fmt::format("not a training checkpoint: {} (stitch and reshard refuse it)\n",
                        printable(describe_contents(manifest.files[0])));
   }

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <exception>
 #include <filesystem>
+#include <future>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -200,6 +201,8 @@ ManifestFile describe_known(const PickleFacts& facts, const MappedFile& mapped, 
 struct FileDescriber::Known {
   ByPickleBytes<PickleFacts> pickles;
   SharedContent shared;
+  std::mutex values_mutex;
+  std::map<std::string, std::shared_future<std::shared_ptr<const void>>> values;
 };
 
 void DecodedFiles::keep(Decoded decoded) {
@@ -219,6 +222,30 @@ DecodedFiles::Decoded DecodedFiles::take(const std::string& path) {
 
 FileDescriber::FileDescriber(DecodedFiles* keep) : known_(std::make_unique<Known>()), keep_(keep) {}
 FileDescriber::~FileDescriber() = default;
+
+std::shared_ptr<const void> FileDescriber::shared_value(const std::string& key,
+                                                        const std::function<std::shared_ptr<const void>()>& make) {
+  std::promise<std::shared_ptr<const void>> promise;
+  std::shared_future<std::shared_ptr<const void>> future;
+  bool mine = false;
+  {
+    std::lock_guard lock(known_->values_mutex);
+    auto [it, fresh] = known_->values.try_emplace(key);
+    if (fresh) {
+      it->second = promise.get_future().share();
+      mine = true;
+    }
+    future = it->second;
+  }
+  if (mine) {
+    try {
+      promise.set_value(make());
+    } catch (...) {
+      promise.set_exception(std::current_exception());
+    }
+  }
+  return future.get();
+}
 
 namespace {
 

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -65,6 +66,11 @@ class FileDescriber {
   ManifestFile describe(const std::string& path);
   // A torch.save file described (the torch layout's describe).
   ManifestFile describe_torch(const std::string& path);
+  // What `make` gives, made once for `key` while this describer lives: what
+  // the files of one set share (a DCP directory's metadata). A failure of
+  // `make` is thrown to every caller of its key.
+  std::shared_ptr<const void> shared_value(const std::string& key,
+                                           const std::function<std::shared_ptr<const void>()>& make);
 
  private:
   struct Known;

@@ -13,6 +13,9 @@
 //   the three.
 // - safetensors: a file, a sharded set with its index, or a folder of them: one
 //   state dict spread over files, no training layout, no checksums.
+// - dcp: a PyTorch Distributed Checkpoint directory (`.metadata` and the data
+//   files it names): each tensor a set of boxes, each box a torch.save item in
+//   a data file (src/manifest/dcp_layout.cpp).
 //
 // Adding a layout (docs/design.md, "Adding an input layout"): a FileFormat
 // value, one source file with the row's functions, and the row in
@@ -128,5 +131,11 @@ StateDict torch_state_dict(const Manifest& manifest, const StateDictOptions& opt
 StateDict safetensors_state_dict(const Manifest& manifest, const StateDictOptions& options);
 ModelCounts count_torch_model(const Manifest& manifest);
 ModelCounts count_safetensors_model(const Manifest& manifest);
+bool claims_dcp(std::string_view path);
+std::optional<std::vector<std::string>> dcp_files_in(const std::string& input);
+ManifestFile describe_dcp_file(FileDescriber& describer, const std::string& path);
+Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts);
+StateDict dcp_state_dict(const Manifest& manifest, const StateDictOptions& options);
+ModelCounts count_dcp_model(const Manifest& manifest);
 
 }  // namespace ckpt

@@ -1,0 +1,263 @@
+// The DCP input layout (a PyTorch Distributed Checkpoint directory): its row's
+// functions. The set is the directory's `.metadata` and the data files it
+// names. `.metadata` is described as its structure (objects: each key's
+// dtype, size and boxes, each object item, planner_data), with no tensors; a
+// data file as the chunks it holds, each a tensor at path "<key>/<chunk
+// index>" whose bytes are its item's storage record. The set check asks that
+// every tensor's boxes tile it and that every box's item was read; the state
+// dict assembles each tensor from its boxes (layout/boxes.hpp).
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <set>
+
+#include "ckpt/format/checkpoint.hpp"
+#include "ckpt/format/dcp.hpp"
+#include "ckpt/io/mapped_file.hpp"
+#include "ckpt/layout/boxes.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
+
+namespace ckpt {
+
+namespace fs = std::filesystem;
+using json = nlohmann::ordered_json;
+
+namespace {
+
+constexpr std::string_view kMetadataName = ".metadata";
+
+bool is_metadata_path(std::string_view path) {
+  return fs::path(path).filename() == kMetadataName;
+}
+
+std::shared_ptr<const DcpMetadata> read_metadata_file(const std::string& path) {
+  MappedFile mapped(path);
+  return std::make_shared<const DcpMetadata>(read_dcp_metadata(mapped.bytes(), path));
+}
+
+std::string chunk_path(const std::string& key, std::size_t chunk) {
+  return escape_label(key) + "/" + std::to_string(chunk);
+}
+
+json path_json(const std::vector<DcpPathElement>& path) {
+  json out = json::array();
+  for (const DcpPathElement& element : path) {
+    if (const auto* text = std::get_if<std::string>(&element)) {
+      out.push_back(*text);
+    } else {
+      out.push_back(std::get<std::int64_t>(element));
+    }
+  }
+  return out;
+}
+
+// The structure of `.metadata`, as its ManifestFile's objects.
+json metadata_json(const DcpMetadata& metadata) {
+  json tensors = json::object();
+  for (const DcpTensor& tensor : metadata.tensors) {
+    json chunks = json::array();
+    for (const DcpChunk& chunk : tensor.chunks) {
+      chunks.push_back({{"offsets", chunk.offsets},
+                        {"sizes", chunk.sizes},
+                        {"file", chunk.place.file},
+                        {"offset", chunk.place.offset},
+                        {"length", chunk.place.length}});
+    }
+    tensors[tensor.key] = {{"dtype", dtype_info(tensor.dtype).name},
+                           {"size", tensor.size},
+                           {"requires_grad", tensor.requires_grad},
+                           {"chunks", std::move(chunks)}};
+  }
+  json objects = json::object();
+  for (const DcpObject& object : metadata.objects) {
+    objects[object.key] = {
+        {"file", object.place.file}, {"offset", object.place.offset}, {"length", object.place.length}};
+  }
+  json planner = json::object();
+  for (const auto& [key, path] : metadata.planner_data) planner[key] = path_json(path);
+  json out = {{"$class", metadata.metadata_class}, {"tensors", std::move(tensors)}, {"objects", std::move(objects)}};
+  if (!metadata.planner_data.empty()) out["planner_data"] = std::move(planner);
+  if (metadata.version) out["version"] = *metadata.version;
+  return out;
+}
+
+ManifestFile described(const std::string& path, const MappedFile& mapped) {
+  ManifestFile file;
+  file.path = fs::absolute(path).lexically_normal().string();
+  file.format = FileFormat::Dcp;
+  file.size_bytes = mapped.size();
+  file.mtime_ns = mapped.mtime_ns();
+  return file;
+}
+
+// A data file: the chunks whose items it holds, in .metadata's order.
+ManifestFile describe_data_file(FileDescriber& describer, const std::string& path) {
+  const std::string metadata_path = (fs::absolute(path).parent_path() / kMetadataName).string();
+  auto metadata = std::static_pointer_cast<const DcpMetadata>(
+      describer.shared_value("dcp:" + metadata_path, [&] { return read_metadata_file(metadata_path); }));
+  MappedFile mapped(path);
+  ManifestFile file = described(path, mapped);
+  const std::string name = fs::path(path).filename().string();
+  std::vector<StoredTensor> tensors;
+  json chunks = json::object();
+  for (const DcpTensor& tensor : metadata->tensors) {
+    for (std::size_t c = 0; c < tensor.chunks.size(); ++c) {
+      if (tensor.chunks[c].place.file != name) continue;
+      DcpTensorItem item = read_dcp_tensor_item(mapped.bytes(), path, tensor, c);
+      StoredTensor stored;
+      stored.path = chunk_path(tensor.key, c);
+      stored.dtype = item.dtype;
+      stored.shape = item.shape;
+      stored.stride = item.stride;
+      stored.storage_key = std::to_string(tensor.chunks[c].place.offset);  // one storage per item
+      stored.storage_offset = item.storage_offset;
+      stored.nbytes = view_extent(item.shape, item.stride, dtype_info(item.dtype).itemsize).span_elements *
+                      dtype_info(item.dtype).itemsize;
+      stored.storage_nbytes = item.storage_nbytes;
+      stored.requires_grad = tensor.requires_grad;
+      chunks[chunk_path(tensor.key, c)] = {{"$tensor", tensors.size()}};
+      file.places.push_back({item.storage_offset_in_file +
+                                 static_cast<std::uint64_t>(item.storage_offset) * dtype_info(item.dtype).itemsize,
+                             item.record_crc32});
+      tensors.push_back(std::move(stored));
+    }
+  }
+  file.tensors = TensorList(std::move(tensors));
+  file.objects = json{{"chunks", std::move(chunks)}};
+  return file;
+}
+
+// The .metadata among a set's files, and its structure (as describe put it).
+const ManifestFile* metadata_of(const std::vector<ManifestFile>& files) {
+  for (const ManifestFile& file : files) {
+    if (is_metadata_path(file.path)) return &file;
+  }
+  return nullptr;
+}
+
+std::vector<Box> boxes_of(const json& tensor) {
+  std::vector<Box> boxes;
+  for (const json& chunk : tensor["chunks"]) {
+    boxes.push_back(
+        {chunk["offsets"].get<std::vector<std::int64_t>>(), chunk["sizes"].get<std::vector<std::int64_t>>()});
+  }
+  return boxes;
+}
+
+// A tensor's name in the state dict: "model/<flat key>", as a safetensors
+// file's tensors are named, so that diff compares it with one. (The nesting
+// planner_data gives is the torch.save output's, not the name's.)
+std::string state_dict_name(const std::string& key) {
+  return state_dict_path(kModelPrefix, key);
+}
+
+}  // namespace
+
+bool claims_dcp(std::string_view path) {
+  return is_metadata_path(path) || path.ends_with(".distcp");
+}
+
+std::optional<std::vector<std::string>> dcp_files_in(const std::string& input) {
+  std::error_code ec;
+  fs::path metadata_path = is_metadata_path(input) ? fs::path(input) : fs::path(input) / kMetadataName;
+  if (!fs::is_regular_file(metadata_path, ec)) return std::nullopt;
+  std::shared_ptr<const DcpMetadata> metadata = read_metadata_file(metadata_path.string());
+  std::set<std::string> names;
+  for (const DcpTensor& tensor : metadata->tensors) {
+    for (const DcpChunk& chunk : tensor.chunks) names.insert(chunk.place.file);
+  }
+  for (const DcpObject& object : metadata->objects) names.insert(object.place.file);
+  std::vector<std::string> files{metadata_path.string()};
+  for (const std::string& name : names) files.push_back((metadata_path.parent_path() / name).string());
+  return files;
+}
+
+ManifestFile describe_dcp_file(FileDescriber& describer, const std::string& path) {
+  if (!is_metadata_path(path)) return describe_data_file(describer, path);
+  MappedFile mapped(path);
+  ManifestFile file = described(path, mapped);
+  file.objects = metadata_json(read_dcp_metadata(mapped.bytes(), path));
+  return file;
+}
+
+Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> /*model_parts*/) {
+  Grid grid;
+  const ManifestFile* metadata = metadata_of(files);
+  if (metadata == nullptr) {
+    grid.problems.push_back(fmt::format("{}: a DCP data file without its directory's .metadata", files.front().path));
+    return grid;
+  }
+  const fs::path directory = fs::path(metadata->path).parent_path();
+  std::map<std::string, const ManifestFile*> by_name;  // the data files, by name
+  for (const ManifestFile& file : files) {
+    if (&file == metadata) continue;
+    if (fs::path(file.path).parent_path() != directory) {
+      grid.problems.push_back(fmt::format("{}: not a file of the DCP directory {}", file.path, directory.string()));
+    }
+    by_name[fs::path(file.path).filename().string()] = &file;
+  }
+  const json& structure = *metadata->objects;
+  for (const auto& [key, tensor] : structure["tensors"].items()) {
+    if (std::optional<std::string> problem =
+            tiling_problem(tensor["size"].get<std::vector<std::int64_t>>(), boxes_of(tensor))) {
+      grid.problems.push_back(fmt::format("{}: {}: {}", metadata->path, key, *problem));
+    }
+    for (std::size_t c = 0; c < tensor["chunks"].size(); ++c) {
+      std::string name = tensor["chunks"][c]["file"];
+      auto it = by_name.find(name);
+      if (it == by_name.end()) {
+        grid.problems.push_back(fmt::format("{}: {} chunk {}: its data file {} is not in the set", metadata->path, key,
+                                            c, (directory / name).string()));
+      } else if (!it->second->tensors.find(chunk_path(key, c))) {
+        internal_error(fmt::format("{}: chunk {} of {} was not described", it->second->path, c, key));
+      }
+    }
+  }
+  return grid;
+}
+
+StateDict dcp_state_dict(const Manifest& manifest, const StateDictOptions& /*options*/) {
+  if (!manifest.grid.problems.empty()) throw Error(ErrorKind::IncompleteSet, manifest.grid.problems.front());
+  const ManifestFile* metadata = metadata_of(manifest.files);
+  check_invariant(metadata != nullptr, "a DCP set without its .metadata passed the set check");
+  std::map<std::string, std::size_t> by_name;
+  for (std::size_t i = 0; i < manifest.files.size(); ++i)
+    by_name[fs::path(manifest.files[i].path).filename().string()] = i;
+  StateDict out;
+  const json& structure = *metadata->objects;
+  for (const auto& [key, tensor] : structure["tensors"].items()) {
+    DType dtype = *dtype_from_name(tensor["dtype"].get<std::string>());
+    std::vector<TensorSource> parts;
+    for (std::size_t c = 0; c < tensor["chunks"].size(); ++c) {
+      std::size_t index = by_name.at(tensor["chunks"][c]["file"].get<std::string>());
+      const ManifestFile& file = manifest.files[index];
+      const StoredTensor& chunk = *find_tensor(file, chunk_path(key, c));
+      parts.push_back(source_of(chunk, file.place(chunk).file_byte_offset, static_cast<std::uint32_t>(index)));
+    }
+    NamedTensor named;  // (built field by field: GCC 12 warns of the brace form's default alias_of)
+    named.name = state_dict_name(key);
+    named.source = assemble_boxes(dtype, tensor["size"].get<std::vector<std::int64_t>>(), boxes_of(tensor), parts);
+    out.tensors.push_back(std::move(named));
+  }
+  return out;
+}
+
+ModelCounts count_dcp_model(const Manifest& manifest) {
+  ModelCounts counts;
+  counts.counted_from = "the DCP metadata";
+  const ManifestFile* metadata = metadata_of(manifest.files);
+  if (metadata == nullptr) return counts;
+  for (const auto& [key, tensor] : (*metadata->objects)["tensors"].items()) {
+    std::uint64_t numel = 1;
+    for (std::int64_t extent : tensor["size"].get<std::vector<std::int64_t>>())
+      numel *= static_cast<std::uint64_t>(extent);
+    const bool optimizer = key.starts_with("optim.") || key.starts_with("optimizer.");
+    const bool floating = dtype_info(*dtype_from_name(tensor["dtype"].get<std::string>())).floating;
+    (optimizer ? counts.optimizer_state : floating ? counts.parameters : counts.buffers) += numel;
+  }
+  return counts;
+}
+
+}  // namespace ckpt
