@@ -23,9 +23,8 @@ namespace ckpt {
 namespace {
 
 // CRC-32 of every record of one archive, records spread over threads.
-void check_crcs(const MappedFile& file, const ZipArchive& zip, unsigned threads, VerifyReport& report,
+void check_crcs(const MappedFile& file, const std::vector<ZipRecord>& records, unsigned threads, VerifyReport& report,
                 std::mutex& mutex) {
-  const auto& records = zip.records();
   parallel_for(records.size(), threads, [&] {
     // One buffer per thread (crc32_update_from). A failed read (an I/O error, a
     // file that shrank) is a problem to report, like a wrong CRC.
@@ -66,15 +65,15 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
   for (const std::string& path : paths) {
     ++report.files;
     try {
-      if (!input_layout_of_path(path).has_crcs) {  // no checksum: the layout's own rules are what can be checked
+      const InputLayout& layout = input_layout_of_path(path);
+      if (!layout.has_crcs) {  // no checksum: the layout's own rules are what can be checked
         manifest.files.push_back(describer.describe(path));
         report.records += manifest.files.back().tensors.size();
         continue;
       }
       {
         MappedFile file(path);
-        ZipArchive zip(file);
-        check_crcs(file, zip, threads, report, mutex);
+        check_crcs(file, layout.crc_records(file, describer), threads, report, mutex);
       }
       manifest.files.push_back(describer.describe(path));
     } catch (const Error& e) {

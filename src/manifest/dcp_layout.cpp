@@ -182,6 +182,24 @@ ManifestFile describe_dcp_file(FileDescriber& describer, const std::string& path
   return file;
 }
 
+std::vector<ZipRecord> dcp_crc_records(const MappedFile& file, FileDescriber& describer) {
+  // A data file: each chunk's storage record (.metadata has no checksum).
+  ManifestFile described = describer.describe(file.path());
+  std::vector<ZipRecord> records;
+  for (std::size_t i = 0; i < described.tensors.size(); ++i) {
+    const StoredTensor& tensor = described.tensors[i];
+    std::uint64_t before = static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize;
+    ZipRecord record;
+    record.name = tensor.path;
+    record.data_offset = described.places[i].file_byte_offset - before;
+    record.header_offset = record.data_offset;
+    record.nbytes = tensor.storage_nbytes;
+    record.crc32 = described.places[i].record_crc32;
+    records.push_back(std::move(record));
+  }
+  return records;
+}
+
 Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> /*model_parts*/) {
   Grid grid;
   const ManifestFile* metadata = metadata_of(files);

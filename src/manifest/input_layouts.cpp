@@ -29,6 +29,9 @@ bool claims_none(std::string_view /*path*/) {
 ManifestFile describe_torch_file(FileDescriber& describer, const std::string& path) {
   return describer.describe_torch(path);
 }
+std::vector<ZipRecord> torch_crc_records(const MappedFile& file, FileDescriber& /*describer*/) {
+  return ZipArchive(file).records();  // every record, the pickle's too
+}
 
 // The regular files of folder `input` whose extension is `extension`; nullopt
 // when `input` is not a folder. A symbolic link named so that cannot be
@@ -126,9 +129,9 @@ std::vector<std::string> safetensors_index_problems_of(const std::string& input,
 // every row's claims, the fallback row last.
 const std::array<InputLayout, 3> kLayouts = {{
     {FileFormat::Dcp, "dcp", claims_dcp, /*fallback=*/false, dcp_files_in, nullptr, describe_dcp_file, check_dcp_set,
-     dcp_state_dict, count_dcp_model, /*has_crcs=*/false, /*training=*/false},
+     dcp_state_dict, count_dcp_model, /*has_crcs=*/true, /*training=*/false, dcp_crc_records},
     {FileFormat::Torch, "torch", claims_none, /*fallback=*/true, torch_files_in, nullptr, describe_torch_file,
-     check_torch_set, torch_state_dict, count_torch_model, /*has_crcs=*/true, /*training=*/true},
+     check_torch_set, torch_state_dict, count_torch_model, /*has_crcs=*/true, /*training=*/true, torch_crc_records},
     {FileFormat::Safetensors, "safetensors", claims_safetensors, /*fallback=*/false, safetensors_files_in,
      safetensors_index_problems_of, describe_safetensors_file, check_safetensors_set, safetensors_state_dict,
      count_safetensors_model, /*has_crcs=*/false, /*training=*/false},

@@ -3,9 +3,12 @@
 diff read the sets torch 1.13's real writer made (fixtures/tiny/dcp, written by
 dcp_sets.py) in place, and every tensor equals what torch's own DCP reader gives."""
 import dataclasses
+import io
 import os
 import pickle
 import shutil
+import struct
+import zipfile
 
 import torch
 
@@ -75,6 +78,26 @@ def test_a_missing_data_file_or_overlapping_boxes_are_refused():
     assert "model.embed.weight" in out and "overlaps" in out, out
 
 
+def test_verify_checks_every_chunk_against_its_crc():
+    work = harness.scratch("dcp-crc")
+    dcp_dir = copy_set("item_files_dim1", work)
+    out, _ = harness.run(["verify", dcp_dir])
+    assert "record data checked" in out, out
+    md = dcp_sets.read_metadata(dcp_dir)
+    chunk = md.state_dict_metadata["d_f16_2x5x3"].chunks[1]
+    info = next(v for k, v in md.storage_data.items() if k.fqn == "d_f16_2x5x3" and list(k.offset) == list(chunk.offsets))
+    path = os.path.join(dcp_dir, info.relative_path)
+    data = bytearray(open(path, "rb").read())
+    item = bytes(data[info.offset:info.offset + info.length])
+    header = zipfile.ZipFile(io.BytesIO(item)).getinfo("archive/data/0").header_offset
+    name_len, extra_len = struct.unpack("<HH", item[header + 26:header + 30])
+    data[info.offset + header + 30 + name_len + extra_len] ^= 0x04  # the chunk's first data byte
+    open(path, "wb").write(bytes(data))
+    out, _ = harness.run(["verify", dcp_dir], expect=1)
+    assert "d_f16_2x5x3/1" in out and "CRC-32" in out and info.relative_path in out, out
+
+
 if __name__ == "__main__":
     harness.main([test_every_set_equals_torchs_reader, test_a_changed_element_is_a_difference,
-                  test_a_missing_data_file_or_overlapping_boxes_are_refused])
+                  test_a_missing_data_file_or_overlapping_boxes_are_refused,
+                  test_verify_checks_every_chunk_against_its_crc])

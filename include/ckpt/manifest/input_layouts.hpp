@@ -82,6 +82,10 @@ struct InputLayout {
   ModelCounts (*count_model)(const Manifest& manifest) = nullptr;
   bool has_crcs = false;  // every record has a CRC-32: verify reads them all, the executor checks what it copies
   bool training = false;  // a training layout (grid, cfg, optimizer state): stitch, reshard and manifests read it
+  // The records of `file` (of this layout) whose CRC-32 verify checks, at
+  // absolute offsets; set when has_crcs. The describer is there for a layout
+  // that finds them by describing the file.
+  std::vector<ZipRecord> (*crc_records)(const MappedFile& file, FileDescriber& describer) = nullptr;
 };
 
 // What is wrong with files of several layouts given as one set ("safetensors
@@ -137,5 +141,6 @@ ManifestFile describe_dcp_file(FileDescriber& describer, const std::string& path
 Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts);
 StateDict dcp_state_dict(const Manifest& manifest, const StateDictOptions& options);
 ModelCounts count_dcp_model(const Manifest& manifest);
+std::vector<ZipRecord> dcp_crc_records(const MappedFile& file, FileDescriber& describer);
 
 }  // namespace ckpt
