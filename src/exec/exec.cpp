@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -294,6 +295,25 @@ void commit_all(std::vector<std::unique_ptr<OutputFile>>& outputs) {
   DeferSignals defer;
   std::vector<bool> replaces;
   for (const auto& out : outputs) replaces.push_back(identity_of(out->target_path()).has_value());
+  // Several outputs are one set, its keystone last (a sharded set's index): an
+  // old keystone goes before the first rename, so that a run killed between
+  // renames leaves a set without one, which no reader takes for whole, never
+  // new files beside an old index.
+  std::string removed_first;
+  if (outputs.size() > 1 && replaces.back()) {
+    const std::string& keystone = outputs.back()->target_path();
+    if (::unlink(keystone.c_str()) != 0) {
+      const int error = errno;
+      throw Error(kind_of_errno(error), Location{keystone, "", std::nullopt},
+                  std::string("cannot remove the file this run replaces: ") + std::strerror(error));
+    }
+    sync_directory(std::filesystem::path(keystone).parent_path().empty()
+                       ? "."
+                       : std::filesystem::path(keystone).parent_path().string());
+    replaces.back() = false;
+    removed_first =
+        fmt::format("; {} (the set's last file, which it replaced) was removed before the renames", keystone);
+  }
   std::vector<std::string> replaced;
   std::vector<std::string> created;
   std::set<std::string> directories;
@@ -310,7 +330,7 @@ void commit_all(std::vector<std::unique_ptr<OutputFile>>& outputs) {
       std::string kept = replaced.empty()
                              ? ""
                              : fmt::format("; these replaced existing files and stay: {}", fmt::join(replaced, ", "));
-      throw Error(e.kind(), e.where(), e.message() + undone + kept);
+      throw Error(e.kind(), e.where(), e.message() + undone + kept + removed_first);
     }
     (replaces[k] ? replaced : created).push_back(outputs[k]->target_path());
     directories.insert(std::filesystem::path(outputs[k]->target_path()).parent_path().string());

@@ -259,12 +259,33 @@ void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
     entry_starts.push_back(cd.position());
     records_.push_back(stored_record(cd, parse_central_entry(cd, path_)));
   }
+  // A directory that holds more entries than the end record counts would
+  // hide the rest (torch's reader refuses it too).
+  if (!cd.at_end() && cd.remaining() >= 4 && cd.u32() == kCentralSig) {
+    cd.fail(cd.position() - 4,
+            fmt::format("the central directory holds more entries than the {} its end record counts", end.entries));
+  }
   read_local_headers_of_records(read_local_headers);
   for (std::size_t i = 0; i < records_.size(); ++i) {
     const ZipRecord& record = records_[i];
     if (record.data_offset + record.nbytes > end.cd_offset) {
       cd.fail(entry_starts[i], fmt::format("record '{}' ({} bytes at offset {}) overlaps the central directory",
                                            record.name, record.nbytes, record.data_offset));
+    }
+  }
+  // Records in file order: each one's header and data end before the next one's
+  // header begins (a crafted directory could make two records share bytes).
+  std::vector<std::size_t> order(records_.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return records_[a].header_offset < records_[b].header_offset; });
+  for (std::size_t k = 1; k < order.size(); ++k) {
+    const ZipRecord& before = records_[order[k - 1]];
+    const ZipRecord& after = records_[order[k]];
+    if (before.data_offset + before.nbytes > after.header_offset) {
+      cd.fail(entry_starts[order[k]],
+              fmt::format("record '{}' (its header at offset {}) overlaps record '{}' (bytes {} to {})", after.name,
+                          after.header_offset, before.name, before.header_offset, before.data_offset + before.nbytes));
     }
   }
   if (const ZipRecord* duplicate = build_index()) {

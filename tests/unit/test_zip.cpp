@@ -655,6 +655,22 @@ TEST_SUITE("zip") {
            });
          },
          "1000 entries cannot fit", at(d.end)},
+        {"the end record counting one entry fewer than the directory holds",
+         [&](const Built& b) {
+           return with(b, [&](Buffer& f) {
+             for (std::uint64_t field : {d.end + 8, d.end + 10}) put_le(f, field, specs.size() - 1, 2);
+             for (std::uint64_t field : {d.zip64_end + 24, d.zip64_end + 32}) put_le(f, field, specs.size() - 1, 8);
+           });
+         },
+         "holds more entries than the 2 its end record counts", at(cd_entry(base, 2))},
+        {"a record's data running into the next record's header",
+         [&](const Built& b) {
+           return with(b, [&](Buffer& f) {
+             std::uint64_t extra = rec[0].data_offset - rec[0].header_offset - 30 - specs[0].name.size();
+             put_le(f, rec[0].header_offset + 28, extra + 64, 2);
+           });
+         },
+         "record 'archive/data/0' (its header at offset", at(cd_entry(base, 1))},
         {"bad local header signature",
          [&](const Built& b) { return with(b, [&](Buffer& f) { put_le(f, rec[1].header_offset, 0x04034b00, 4); }); },
          "local header: bad signature", at(rec[1].header_offset)},
