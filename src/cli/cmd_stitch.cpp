@@ -132,11 +132,31 @@ Action add_stitch_command(CLI::App& app) {
     note_phase(options->write, "reading the inputs");
     std::optional<PlanInputs> opened = open_inputs(options->inputs, options->write.model_parts, /*grid_first=*/true);
     PlanInputs& inputs = *opened;
+    auto run = [&](StitchPlan plan) {
+      report_replicated(plan.checks, inputs.files(), options->write.replicated_from_part_0);
+      if (!options->write.quiet) {
+        for (const std::string& note : plan.notes) print_notice(printable(note));
+      }
+      if (!options->write.dry_run) plan.tensors = {};  // only a dry run prints them
+      opened.reset();  // the plan is plain data: the inputs' graphs and indexes are freed before it runs
+      run_plan(plan.plan, plan.tensors, options->write, started);
+      return 0;
+    };
+    if (!options->dtype.empty()) stitch.dtype = dtype_from_name(options->dtype);
+    if (const InputLayout& layout = input_layout(inputs.manifest()); !layout.training) {
+      // One state dict (a DCP directory, a safetensors set): no grid to stitch.
+      if (options->no_stitch_megatron || options->ema || options->optimizer_state) {
+        throw UsageError(fmt::format(
+            "--no-stitch-megatron, --ema and --optimizer-state read a training checkpoint; this is a {} set",
+            layout.name));
+      }
+      note_phase(options->write, "planning");
+      return run(plan_stitch_state_dict(inputs, options->output, stitch));
+    }
     std::vector<std::vector<int>> grid = complete_grid(inputs.manifest());
     std::vector<std::string> outputs;
     stitch.stitch_megatron = !options->no_stitch_megatron;
     stitch.glue.fused_qkv = options->fused_qkv;
-    if (!options->dtype.empty()) stitch.dtype = dtype_from_name(options->dtype);
     if (options->ema) stitch.state_dict = ema_state_dict(inputs.manifest().files[grid[0][0]]);
     if (stitch.stitch_megatron) {
       outputs.push_back(options->output);
@@ -150,15 +170,7 @@ Action add_stitch_command(CLI::App& app) {
     }
 
     note_phase(options->write, "planning");
-    StitchPlan plan = plan_stitch(inputs, outputs, stitch);
-    report_replicated(plan.checks, inputs.files(), options->write.replicated_from_part_0);
-    if (!options->write.quiet) {
-      for (const std::string& note : plan.notes) print_notice(printable(note));
-    }
-    if (!options->write.dry_run) plan.tensors = {};  // only a dry run prints them
-    opened.reset();  // the plan is plain data: the inputs' graphs and indexes are freed before it runs
-    run_plan(plan.plan, plan.tensors, options->write, started);
-    return 0;
+    return run(plan_stitch(inputs, outputs, stitch));
   };
 }
 

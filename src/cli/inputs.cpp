@@ -48,7 +48,7 @@ PlanInputs open_inputs(const std::vector<std::string>& inputs, std::optional<std
                        bool grid_first) {
   DecodedFiles decoded;  // what describing the files decoded, for the planner
   Manifest manifest = load_inputs(inputs, model_parts, &decoded);
-  if (grid_first) complete_grid(manifest);
+  if (grid_first && input_layout(manifest).training) complete_grid(manifest);  // (one state dict has none)
   return PlanInputs(std::move(manifest), decoded);
 }
 

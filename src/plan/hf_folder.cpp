@@ -183,7 +183,8 @@ json hf_opt_config(const std::vector<NamedTensor>& tensors, bool tied_embeddings
 void plan_hf_opt_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
   HfOptModel model = to_hf_opt(output.tensors);
   const std::vector<NamedTensor>& renamed = model.tensors;
-  json config = hf_opt_config(renamed, model.tied_embeddings, output.base, options.hf_config);
+  check_invariant(output.base != nullptr, "an hf folder planned without the checkpoint whose cfg it reads");
+  json config = hf_opt_config(renamed, model.tied_embeddings, *output.base, options.hf_config);
   std::filesystem::path dir(output.path);
   for (auto& file : plan_safetensors(renamed, {(dir / "model.safetensors").string(), options.max_shard_bytes},
                                      output.sources, out.plan)) {

@@ -177,8 +177,9 @@ PlannedFile plan_torch_output(const Checkpoint& base, std::vector<NamedTensor>& 
 }  // namespace
 
 void plan_torch_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
-  out.plan.files.push_back(plan_torch_output(output.base, output.tensors, output.path, options, output.optimizer_states,
-                                             output.sources, out.plan));
+  check_invariant(output.base != nullptr, "a torch output planned without the checkpoint whose objects it carries");
+  out.plan.files.push_back(plan_torch_output(*output.base, output.tensors, output.path, options,
+                                             output.optimizer_states, output.sources, out.plan));
   out.tensors.push_back(std::move(output.tensors));  // empty unless list_tensors: plan_torch_output released them
 }
 
@@ -217,10 +218,42 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
     std::vector<NamedTensor>& tensors = state_dicts[k];
     if (options.dtype) convert_dtype(tensors, *options.dtype);
     if (format.folder) out.plan.directories.push_back(output_paths[k]);
-    format.plan({*bases[k], std::move(tensors), output_paths[k], states.empty() ? nullptr : &states[k], sources},
+    format.plan({bases[k], std::move(tensors), output_paths[k], states.empty() ? nullptr : &states[k], sources},
                 options, out);
   }
   if (format.replaces_set) out.plan.stale_files = stale_set_files(out.plan, output_paths, format.folder);
+  return out;
+}
+
+StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& output_path,
+                                  const StitchOptions& options) {
+  const Manifest& manifest = inputs.manifest();
+  const InputLayout& layout = input_layout(manifest);
+  const OutputFormatInfo& format = format_info(options.format);
+  if (format.carries_objects || format.hf_config) {
+    throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt},
+                fmt::format("{} needs the input's torch objects, and a {} set is read for its tensors only: write "
+                            "safetensors (-o FILE.safetensors)",
+                            format.label, layout.name));
+  }
+  StateDict state = layout.state_dict(manifest, {});
+  StitchPlan out;
+  out.checks = std::move(state.checks);
+  std::vector<NamedTensor> tensors;
+  for (NamedTensor& tensor : state.tensors) {
+    check_invariant(tensor.name.starts_with(kModelPrefix), "a state dict tensor outside model/: " + tensor.name);
+    tensor.name = unescape_label(std::string_view(tensor.name).substr(kModelPrefix.size()));
+    if (tensor.alias_of)
+      tensor.alias_of = unescape_label(std::string_view(*tensor.alias_of).substr(kModelPrefix.size()));
+    tensors.push_back(std::move(tensor));
+  }
+  if (options.dtype) convert_dtype(tensors, *options.dtype);
+  std::vector<std::uint32_t> sources;
+  for (std::size_t i = 0; i < inputs.files().size(); ++i)
+    sources.push_back(out.plan.add_source(inputs.source(static_cast<int>(i))));
+  if (format.folder) out.plan.directories.push_back(output_path);
+  format.plan({nullptr, std::move(tensors), output_path, nullptr, sources}, options, out);
+  if (format.replaces_set) out.plan.stale_files = stale_set_files(out.plan, {output_path}, format.folder);
   return out;
 }
 

@@ -14,6 +14,7 @@ import torch
 
 import harness
 import dcp_sets
+import safetensors_check
 
 FIXTURES = os.path.join(os.environ["CKPT_SOURCE_ROOT"], "fixtures", "tiny", "dcp")
 FULL_SETS = ["mixed", "blocks_2d", "item_files_dim1", "rank_files_dim0"]
@@ -97,7 +98,35 @@ def test_verify_checks_every_chunk_against_its_crc():
     assert "d_f16_2x5x3/1" in out and "CRC-32" in out and info.relative_path in out, out
 
 
+def raw(tensor):
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def test_stitch_writes_safetensors_equal_to_torchs_reader():
+    work = harness.scratch("dcp-stitch")
+    for name in FULL_SETS + ["v2_metadata"]:
+        dcp_dir = copy_set(name, work)
+        out = os.path.join(work, name + ".safetensors")
+        harness.run(["stitch", "-q", dcp_dir, "-o", out])
+        got = dict(safetensors_check.read(out)[0])  # an independent reader of the format
+        want = {k: v for k, v in dcp_sets.reference_state_dict(dcp_dir).items() if isinstance(v, torch.Tensor)}
+        assert sorted(got) == sorted(want), (name, sorted(got), sorted(want))
+        for key, tensor in want.items():
+            assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape, (name, key)
+            assert torch.equal(raw(got[key]), raw(tensor)), (name, key)  # bit for bit
+    # --dtype converts as it copies; a torch.save output needs the objects, not read yet
+    dcp_dir = os.path.join(work, "mixed")
+    out = os.path.join(work, "bf16.safetensors")
+    harness.run(["stitch", "-q", dcp_dir, "-o", out, "--dtype", "bf16"])
+    got = dict(safetensors_check.read(out)[0])
+    assert got["model.embed.weight"].dtype == torch.bfloat16 and got["model.ids"].dtype == torch.int32
+    _, err = harness.run(["stitch", "-q", dcp_dir, "-o", os.path.join(work, "out.pt")], expect=harness.EXIT["usage"])
+    assert "write safetensors" in err, err
+    assert not os.path.exists(os.path.join(work, "out.pt"))
+
+
 if __name__ == "__main__":
     harness.main([test_every_set_equals_torchs_reader, test_a_changed_element_is_a_difference,
                   test_a_missing_data_file_or_overlapping_boxes_are_refused,
-                  test_verify_checks_every_chunk_against_its_crc])
+                  test_verify_checks_every_chunk_against_its_crc,
+                  test_stitch_writes_safetensors_equal_to_torchs_reader])

@@ -32,7 +32,10 @@ using OptimizerStates = std::vector<std::pair<std::string, std::vector<NamedTens
 
 // One state dict to plan in a format.
 struct StateDictOutput {
-  const Checkpoint& base;  // the input whose other objects a torch output carries (hf reads its cfg)
+  // The input whose other objects a torch output carries (hf reads its cfg);
+  // null for a set whose layout has no torch objects (DCP, safetensors): only
+  // formats of the state dict alone take it (needs_base).
+  const Checkpoint* base;
   std::vector<NamedTensor> tensors;
   const std::string& path;                    // the file, or for a folder format the folder
   const OptimizerStates* optimizer_states;    // --optimizer-state, else nullptr

@@ -57,4 +57,11 @@ struct StitchPlan {
 StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,
                        const StitchOptions& options);
 
+// A set of a layout that is no training layout (a DCP directory, a
+// safetensors set): its one state dict, as its layout row reads it, written to
+// `output_path` in a format of the state dict alone (one that neither carries
+// objects nor reads cfg: Error otherwise), tensors under their flat keys.
+StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& output_path,
+                                  const StitchOptions& options);
+
 }  // namespace ckpt
