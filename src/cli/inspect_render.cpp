@@ -248,6 +248,9 @@ void print_grid(const Manifest& manifest, bool wide, std::ostream& out) {
   if (const InputLayout& layout = input_layout(manifest); !layout.training) {
     out << fmt::format("format: {}, one state dict in {} file(s) (no training layout)\n", layout.name,
                        manifest.files.size());
+    if (layout.summary != nullptr) {
+      for (const std::string& line : layout.summary(manifest)) out << "  " << printable(line) << "\n";
+    }
     return;
   }
   bool fsdp = !manifest.files.empty() && static_cast<bool>(manifest.files[0].fsdp);

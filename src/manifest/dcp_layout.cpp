@@ -200,6 +200,45 @@ std::vector<ZipRecord> dcp_crc_records(const MappedFile& file, FileDescriber& de
   return records;
 }
 
+std::vector<std::string> dcp_summary(const Manifest& manifest) {
+  const ManifestFile* metadata = metadata_of(manifest.files);
+  if (metadata == nullptr) return {};
+  const json& structure = *metadata->objects;
+  std::vector<std::string> lines;
+  std::string written = structure.value("$class", "");
+  bool torch2 = written.starts_with("torch.distributed.checkpoint.");
+  lines.push_back(fmt::format(
+      "DCP directory {} ({}{}: {})", fs::path(metadata->path).parent_path().string(),
+      torch2 ? "torch 2.x" : "torch 1.13's layout",
+      structure.contains("version") ? ", version " + structure["version"].get<std::string>() : "", written));
+  std::set<std::string> ranks;
+  std::size_t data_files = 0;
+  for (const ManifestFile& file : manifest.files) {
+    if (&file == metadata) continue;
+    ++data_files;
+    std::string name = fs::path(file.path).filename().string();  // __{rank}_{n}.distcp
+    if (name.starts_with("__") && name.find('_', 2) != std::string::npos)
+      ranks.insert(name.substr(2, name.find('_', 2) - 2));
+  }
+  std::size_t chunks = 0;
+  std::size_t most = 0;
+  std::size_t empty = 0;
+  for (const auto& [key, tensor] : structure["tensors"].items()) {
+    chunks += tensor["chunks"].size();
+    most = std::max(most, tensor["chunks"].size());
+    for (const Box& box : boxes_of(tensor)) {
+      empty += std::any_of(box.sizes.begin(), box.sizes.end(), [](std::int64_t s) { return s == 0; });
+    }
+  }
+  lines.push_back(fmt::format("{} data file(s) from {} rank(s){}", data_files, ranks.size(),
+                              data_files == ranks.size() ? ", one per rank" : ""));
+  lines.push_back(fmt::format("{} tensor(s) in {} chunk(s) (at most {} per tensor{}), {} object item(s){}",
+                              structure["tensors"].size(), chunks, most,
+                              empty > 0 ? fmt::format(", {} empty", empty) : "", structure["objects"].size(),
+                              structure.contains("planner_data") ? ", planner_data nesting the keys" : ""));
+  return lines;
+}
+
 Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> /*model_parts*/) {
   Grid grid;
   const ManifestFile* metadata = metadata_of(files);

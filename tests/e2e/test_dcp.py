@@ -45,6 +45,11 @@ def test_every_set_equals_torchs_reader():
         dcp_dir = copy_set(name, work)
         out, _ = harness.run(["inspect", dcp_dir])
         assert "format: dcp" in out and "problems: none found" in out, out
+        md = dcp_sets.read_metadata(dcp_dir)
+        tensors = [v for v in md.state_dict_metadata.values() if hasattr(v, "chunks")]
+        chunks = sum(len(v.chunks) for v in tensors)
+        assert f"{len(tensors)} tensor(s) in {chunks} chunk(s)" in out, out
+        assert f"{len(md.state_dict_metadata) - len(tensors)} object item(s)" in out, out
         harness.run(["verify", "-q", dcp_dir])
         harness.run(["diff", dcp_dir, reference_file(dcp_dir, work)])
 

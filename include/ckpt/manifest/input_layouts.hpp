@@ -86,6 +86,9 @@ struct InputLayout {
   // absolute offsets; set when has_crcs. The describer is there for a layout
   // that finds them by describing the file.
   std::vector<ZipRecord> (*crc_records)(const MappedFile& file, FileDescriber& describer) = nullptr;
+  // What inspect says of a set of this layout beyond its files and tensors
+  // (a DCP directory's writer, ranks and chunks), a line each; none if null.
+  std::vector<std::string> (*summary)(const Manifest& manifest) = nullptr;
 };
 
 // What is wrong with files of several layouts given as one set ("safetensors
@@ -142,5 +145,6 @@ Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::in
 StateDict dcp_state_dict(const Manifest& manifest, const StateDictOptions& options);
 ModelCounts count_dcp_model(const Manifest& manifest);
 std::vector<ZipRecord> dcp_crc_records(const MappedFile& file, FileDescriber& describer);
+std::vector<std::string> dcp_summary(const Manifest& manifest);
 
 }  // namespace ckpt
