@@ -252,6 +252,7 @@ Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::in
     if (&file == metadata) continue;
     if (fs::path(file.path).parent_path() != directory) {
       grid.problems.push_back(fmt::format("{}: not a file of the DCP directory {}", file.path, directory.string()));
+      continue;
     }
     by_name[fs::path(file.path).filename().string()] = &file;
   }
@@ -267,8 +268,9 @@ Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::in
       if (it == by_name.end()) {
         grid.problems.push_back(fmt::format("{}: {} chunk {}: its data file {} is not in the set", metadata->path, key,
                                             c, (directory / name).string()));
-      } else if (!it->second->tensors.find(chunk_path(key, c))) {
-        internal_error(fmt::format("{}: chunk {} of {} was not described", it->second->path, c, key));
+      } else if (!it->second->tensors.find(chunk_path(key, c))) {  // (its .metadata changed meanwhile)
+        grid.problems.push_back(
+            fmt::format("{}: {} chunk {}: not among the chunks read from it", it->second->path, key, c));
       }
     }
   }
