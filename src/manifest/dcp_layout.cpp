@@ -37,6 +37,22 @@ std::shared_ptr<const DcpMetadata> read_metadata_file(const std::string& path) {
   return std::make_shared<const DcpMetadata>(read_dcp_metadata(mapped.bytes(), path));
 }
 
+// A directory's metadata with its chunks by data file, shared by the
+// describer among the data files (each finds its own without a scan of all).
+struct IndexedMetadata {
+  std::shared_ptr<const DcpMetadata> metadata;
+  std::map<std::string, std::vector<std::pair<const DcpTensor*, std::size_t>>> chunks_by_file;  // in .metadata's order
+};
+std::shared_ptr<const IndexedMetadata> indexed_metadata(const std::string& path) {
+  auto out = std::make_shared<IndexedMetadata>();
+  out->metadata = read_metadata_file(path);
+  for (const DcpTensor& tensor : out->metadata->tensors) {
+    for (std::size_t c = 0; c < tensor.chunks.size(); ++c)
+      out->chunks_by_file[tensor.chunks[c].place.file].emplace_back(&tensor, c);
+  }
+  return out;
+}
+
 std::string chunk_path(const std::string& key, std::size_t chunk) {
   return escape_label(key) + "/" + std::to_string(chunk);
 }
@@ -95,34 +111,37 @@ ManifestFile described(const std::string& path, const MappedFile& mapped) {
 // A data file: the chunks whose items it holds, in .metadata's order.
 ManifestFile describe_data_file(FileDescriber& describer, const std::string& path) {
   const std::string metadata_path = (fs::absolute(path).parent_path() / kMetadataName).string();
-  auto metadata = std::static_pointer_cast<const DcpMetadata>(
-      describer.shared_value("dcp:" + metadata_path, [&] { return read_metadata_file(metadata_path); }));
+  auto indexed = std::static_pointer_cast<const IndexedMetadata>(
+      describer.shared_value("dcp:" + metadata_path, [&] { return indexed_metadata(metadata_path); }));
   MappedFile mapped(path);
   ManifestFile file = described(path, mapped);
   const std::string name = fs::path(path).filename().string();
   std::vector<StoredTensor> tensors;
   json chunks = json::object();
-  for (const DcpTensor& tensor : metadata->tensors) {
-    for (std::size_t c = 0; c < tensor.chunks.size(); ++c) {
-      if (tensor.chunks[c].place.file != name) continue;
-      DcpTensorItem item = read_dcp_tensor_item(mapped.bytes(), path, tensor, c);
-      StoredTensor stored;
-      stored.path = chunk_path(tensor.key, c);
-      stored.dtype = item.dtype;
-      stored.shape = item.shape;
-      stored.stride = item.stride;
-      stored.storage_key = std::to_string(tensor.chunks[c].place.offset);  // one storage per item
-      stored.storage_offset = item.storage_offset;
-      stored.nbytes = view_extent(item.shape, item.stride, dtype_info(item.dtype).itemsize).span_elements *
-                      dtype_info(item.dtype).itemsize;
-      stored.storage_nbytes = item.storage_nbytes;
-      stored.requires_grad = tensor.requires_grad;
-      chunks[chunk_path(tensor.key, c)] = {{"$tensor", tensors.size()}};
-      file.places.push_back({item.storage_offset_in_file +
-                                 static_cast<std::uint64_t>(item.storage_offset) * dtype_info(item.dtype).itemsize,
-                             item.record_crc32});
-      tensors.push_back(std::move(stored));
-    }
+  auto mine = indexed->chunks_by_file.find(name);
+  if (mine == indexed->chunks_by_file.end()) {  // named by no chunk: its object items, if any
+    file.objects = json{{"chunks", std::move(chunks)}};
+    return file;
+  }
+  for (const auto& [tensor_of, c] : mine->second) {
+    const DcpTensor& tensor = *tensor_of;
+    DcpTensorItem item = read_dcp_tensor_item(mapped.bytes(), path, tensor, c);
+    StoredTensor stored;
+    stored.path = chunk_path(tensor.key, c);
+    stored.dtype = item.dtype;
+    stored.shape = item.shape;
+    stored.stride = item.stride;
+    stored.storage_key = std::to_string(tensor.chunks[c].place.offset);  // one storage per item
+    stored.storage_offset = item.storage_offset;
+    stored.nbytes = view_extent(item.shape, item.stride, dtype_info(item.dtype).itemsize).span_elements *
+                    dtype_info(item.dtype).itemsize;
+    stored.storage_nbytes = item.storage_nbytes;
+    stored.requires_grad = tensor.requires_grad;
+    chunks[chunk_path(tensor.key, c)] = {{"$tensor", tensors.size()}};
+    file.places.push_back({item.storage_offset_in_file +
+                               static_cast<std::uint64_t>(item.storage_offset) * dtype_info(item.dtype).itemsize,
+                           item.record_crc32});
+    tensors.push_back(std::move(stored));
   }
   file.tensors = TensorList(std::move(tensors));
   file.objects = json{{"chunks", std::move(chunks)}};
