@@ -7,9 +7,11 @@
 // read here and compared with it key by key.
 #include <doctest/doctest.h>
 
+#include <atomic>
 #include <fstream>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -17,6 +19,7 @@
 #include "ckpt/format/dcp.hpp"
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/error.hpp"
+#include "ckpt/manifest/describe.hpp"
 #include "temp_files.hpp"
 
 namespace {
@@ -219,5 +222,41 @@ TEST_SUITE("dcp") {
     test_files::Buffer data_pkl =
         test_files::read_file(std::string(CKPT_TINY_FIXTURES) + "/mp1_dp3_bf16_ns_opt/checkpoint_last-shard0.pt");
     CHECK(error_of(data_pkl).find("x/.metadata") != std::string::npos);
+  }
+
+  TEST_CASE("FileDescriber::shared_value: made once per key for every thread, a failure thrown to each caller") {
+    ckpt::FileDescriber describer;
+    std::atomic<int> made{0};
+    std::vector<std::thread> threads;
+    std::vector<const void*> seen(8, nullptr);
+    for (std::size_t t = 0; t < seen.size(); ++t) {
+      threads.emplace_back([&, t] {
+        seen[t] = describer
+                      .shared_value("k",
+                                    [&] {
+                                      ++made;
+                                      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                                      return std::shared_ptr<const void>(std::make_shared<int>(7));
+                                    })
+                      .get();
+      });
+    }
+    for (std::thread& thread : threads) thread.join();
+    CHECK(made == 1);
+    for (const void* value : seen) CHECK(value == seen[0]);
+    CHECK(*static_cast<const int*>(seen[0]) == 7);
+    int failures = 0;
+    for (int i = 0; i < 2; ++i) {
+      try {
+        describer.shared_value("bad", [&]() -> std::shared_ptr<const void> {
+          ++made;
+          throw ckpt::Error("cannot");
+        });
+      } catch (const ckpt::Error& e) {
+        failures += std::string(e.what()).find("cannot") != std::string::npos;
+      }
+    }
+    CHECK(failures == 2);
+    CHECK(made == 2);  // the failing key was tried once
   }
 }
