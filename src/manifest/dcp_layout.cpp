@@ -42,6 +42,7 @@ std::shared_ptr<const DcpMetadata> read_metadata_file(const std::string& path) {
 struct IndexedMetadata {
   std::shared_ptr<const DcpMetadata> metadata;
   std::map<std::string, std::vector<std::pair<const DcpTensor*, std::size_t>>> chunks_by_file;  // in .metadata's order
+  std::map<std::string, std::vector<const DcpObject*>> objects_by_file;
 };
 std::shared_ptr<const IndexedMetadata> indexed_metadata(const std::string& path) {
   auto out = std::make_shared<IndexedMetadata>();
@@ -50,6 +51,7 @@ std::shared_ptr<const IndexedMetadata> indexed_metadata(const std::string& path)
     for (std::size_t c = 0; c < tensor.chunks.size(); ++c)
       out->chunks_by_file[tensor.chunks[c].place.file].emplace_back(&tensor, c);
   }
+  for (const DcpObject& object : out->metadata->objects) out->objects_by_file[object.place.file].push_back(&object);
   return out;
 }
 
@@ -108,6 +110,44 @@ ManifestFile described(const std::string& path, const MappedFile& mapped) {
   return file;
 }
 
+// `tree` with every {"$tensor": i} made {"$tensor": i + by}.
+json shift_tensor_indices(const json& tree, std::size_t by) {
+  if (tree.is_array()) {
+    json out = json::array();
+    for (const json& item : tree) out.push_back(shift_tensor_indices(item, by));
+    return out;
+  }
+  if (!tree.is_object()) return tree;
+  json out = json::object();
+  for (const auto& [key, value] : tree.items()) {
+    out[key] = key == "$tensor" && value.is_number_unsigned() ? json(value.get<std::size_t>() + by)
+                                                              : shift_tensor_indices(value, by);
+  }
+  return out;
+}
+
+// An object item (a torch.save'd object: an int, a dict holding a tensor, ...)
+// described as a file of its own would be: its tensors' places are relative
+// to the item. Errors name the key and the absolute offset.
+ManifestFile describe_object_item(const MappedFile& mapped, const DcpObject& object) {
+  const DcpItemPlace& place = object.place;
+  const Bytes bytes = mapped.bytes();
+  if (place.offset > bytes.size() || place.length > bytes.size() - place.offset) {
+    throw Error(ErrorKind::IncompleteSet, Location{mapped.path(), object.key, bytes.size()},
+                fmt::format("the item at bytes {}..{} lies past the end of the file ({} bytes): truncated?",
+                            place.offset, place.offset + place.length, bytes.size()));
+  }
+  try {
+    ZipArchive zip(bytes.subspan(place.offset, place.length), mapped.path());
+    Checkpoint item(mapped, std::move(zip));
+    return describe_file(item);
+  } catch (const Error& e) {
+    Location where{mapped.path(), fmt::format("{}: {}", object.key, e.where().member), std::nullopt};
+    if (e.where().byte_offset) where.byte_offset = place.offset + *e.where().byte_offset;
+    throw Error(e.kind(), where, e.message());
+  }
+}
+
 // A data file: the chunks whose items it holds, in .metadata's order.
 ManifestFile describe_data_file(FileDescriber& describer, const std::string& path) {
   const std::string metadata_path = (fs::absolute(path).parent_path() / kMetadataName).string();
@@ -118,12 +158,11 @@ ManifestFile describe_data_file(FileDescriber& describer, const std::string& pat
   const std::string name = fs::path(path).filename().string();
   std::vector<StoredTensor> tensors;
   json chunks = json::object();
-  auto mine = indexed->chunks_by_file.find(name);
-  if (mine == indexed->chunks_by_file.end()) {  // named by no chunk: its object items, if any
-    file.objects = json{{"chunks", std::move(chunks)}};
-    return file;
-  }
-  for (const auto& [tensor_of, c] : mine->second) {
+  static const std::vector<std::pair<const DcpTensor*, std::size_t>> kNoChunks;
+  static const std::vector<const DcpObject*> kNoObjects;
+  auto chunks_here = indexed->chunks_by_file.find(name);
+  auto objects_here = indexed->objects_by_file.find(name);
+  for (const auto& [tensor_of, c] : chunks_here == indexed->chunks_by_file.end() ? kNoChunks : chunks_here->second) {
     const DcpTensor& tensor = *tensor_of;
     DcpTensorItem item = read_dcp_tensor_item(mapped.bytes(), path, tensor, c);
     StoredTensor stored;
@@ -143,8 +182,22 @@ ManifestFile describe_data_file(FileDescriber& describer, const std::string& pat
                            item.record_crc32});
     tensors.push_back(std::move(stored));
   }
+  json objects = json::object();
+  for (const DcpObject* object : objects_here == indexed->objects_by_file.end() ? kNoObjects : objects_here->second) {
+    const std::size_t first = tensors.size();
+    ManifestFile item = describe_object_item(mapped, *object);
+    for (std::size_t i = 0; i < item.tensors.size(); ++i) {
+      StoredTensor inner = item.tensors[i];
+      inner.path = escape_label(object->key) + (inner.path.empty() ? "" : "/" + inner.path);
+      if (inner.alias_of)
+        inner.alias_of = escape_label(object->key) + (inner.alias_of->empty() ? "" : "/" + *inner.alias_of);
+      file.places.push_back({item.places[i].file_byte_offset + object->place.offset, item.places[i].record_crc32});
+      tensors.push_back(std::move(inner));
+    }
+    objects[object->key] = shift_tensor_indices(*item.objects, first);
+  }
   file.tensors = TensorList(std::move(tensors));
-  file.objects = json{{"chunks", std::move(chunks)}};
+  file.objects = json{{"chunks", std::move(chunks)}, {"objects", std::move(objects)}};
   return file;
 }
 
@@ -255,6 +308,22 @@ std::vector<std::string> dcp_summary(const Manifest& manifest) {
                               structure["tensors"].size(), chunks, most,
                               empty > 0 ? fmt::format(", {} empty", empty) : "", structure["objects"].size(),
                               structure.contains("planner_data") ? ", planner_data nesting the keys" : ""));
+  // The object items' values, as the data files' descriptions render them.
+  constexpr std::size_t kShownObjects = 12;
+  constexpr std::size_t kShownChars = 100;
+  std::size_t shown = 0;
+  for (const ManifestFile& file : manifest.files) {
+    if (&file == metadata || !file.objects->contains("objects")) continue;
+    for (const auto& [key, value] : (*file.objects)["objects"].items()) {
+      if (shown++ == kShownObjects) {
+        lines.push_back("...");
+        return lines;
+      }
+      std::string text = value.dump(-1, ' ', false, json::error_handler_t::replace);
+      if (text.size() > kShownChars) text = text.substr(0, kShownChars - 3) + "...";
+      lines.push_back(fmt::format("object {} = {}", key, text));
+    }
+  }
   return lines;
 }
 
