@@ -589,6 +589,10 @@ void check_fresh(const Manifest& manifest) {
                   Location{file.path, "", std::nullopt},
                   std::string("listed in the manifest but cannot be read: ") + std::strerror(error));
     }
+    if (!S_ISREG(info.st_mode)) {
+      throw Error(Location{file.path, "", std::nullopt},
+                  "listed in the manifest but not a regular file (a directory, a device or a FIFO)");
+    }
     std::int64_t mtime_ns = static_cast<std::int64_t>(info.st_mtim.tv_sec) * 1'000'000'000 + info.st_mtim.tv_nsec;
     if (static_cast<std::uint64_t>(info.st_size) != file.size_bytes || mtime_ns != file.mtime_ns) {
       throw Error(Location{file.path, "", std::nullopt},

@@ -193,6 +193,17 @@ TEST_SUITE("manifest") {
     }
   }
 
+  TEST_CASE("check_fresh: a listed path that is a directory is named as one, not as changed") {
+    test_files::TempDir dir;
+    ckpt::Manifest manifest = valid_manifest();
+    manifest.files.resize(1);
+    manifest.files[0].path = dir.path().string();
+    auto error = error_of([&] { ckpt::check_fresh(manifest); });
+    REQUIRE(error.has_value());
+    CHECK(error->message().find("not a regular file") != std::string::npos);
+    CHECK(error->where().file == dir.path().string());
+  }
+
   TEST_CASE("manifest JSON: the stored grid is not trusted, it is recomputed") {
     json j = valid_json();
     j["grid"] = {{"mp", 1000000}, {"dp", -3}, {"cells", {{7, 8, 9}}}, {"problems", "none"}};
