@@ -95,8 +95,8 @@ class MetadataReader {
   NodeId attribute(NodeId object, std::string_view name, const std::string& where) const {
     NodeId found = optional_attribute(object, name);
     if (found == pickle::kNoNode) {
-      fail(where, fmt::format("{} without {}",
-                              class_name(graph_, object).empty() ? "an object" : std::string(dcp_class(object)), name));
+      std::string named = class_name(graph_, object);
+      fail(where, fmt::format("{} without {}", named.empty() ? "a value that is no object" : named, name));
     }
     return found;
   }
