@@ -5,6 +5,8 @@
 #include <chrono>
 #include <filesystem>
 #include <memory>
+#include <optional>
+#include <regex>
 #include <set>
 
 #include "ckpt/io/output_file.hpp"
@@ -70,6 +72,7 @@ Action add_stitch_command(CLI::App& app) {
     bool optimizer_state = false;
     bool max_shard_size_given = false;
     std::vector<std::string> hf_config;
+    std::optional<std::regex> filter;  // compiled while parsing: a bad one is a usage error
   };
   auto options = std::make_shared<Options>();
   app.add_option("INPUT", options->inputs,
@@ -108,6 +111,17 @@ Action add_stitch_command(CLI::App& app) {
   app.add_option("--dtype", options->dtype, "convert floating weights: fp16, bf16 or fp32")
       ->check(CLI::IsMember({"fp16", "bf16", "fp32", "float16", "bfloat16", "float32"}));
   app.add_flag("--ema", options->ema, "take the weights from extra_state's EMA copy (ema_fp32_params or ema)");
+  app.add_option_function<std::string>(
+      "--filter",
+      [options](const std::string& text) {
+        try {
+          options->filter.emplace(text);
+        } catch (const std::regex_error& e) {
+          throw CLI::ValidationError("--filter", fmt::format("invalid regular expression '{}': {}", text, e.what()));
+        }
+      },
+      "a DCP or safetensors input: only the tensors whose key this regular expression matches (only their bytes "
+      "are read)");
   add_write_flags(app, options->write);
   return [options] {
     // The pattern before any input is read; its paths once the part count is known.
@@ -151,8 +165,11 @@ Action add_stitch_command(CLI::App& app) {
             layout.name));
       }
       note_phase(options->write, "planning");
+      if (options->filter) stitch.filter = &*options->filter;
       return run(plan_stitch_state_dict(inputs, options->output, stitch));
     }
+    if (options->filter)
+      throw UsageError("--filter: for a DCP or safetensors input (a training checkpoint's is not yet)");
     std::vector<std::vector<int>> grid = complete_grid(inputs.manifest());
     std::vector<std::string> outputs;
     stitch.stitch_megatron = !options->no_stitch_megatron;

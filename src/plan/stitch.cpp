@@ -245,7 +245,11 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
     tensor.name = unescape_label(std::string_view(tensor.name).substr(kModelPrefix.size()));
     if (tensor.alias_of)
       tensor.alias_of = unescape_label(std::string_view(*tensor.alias_of).substr(kModelPrefix.size()));
+    if (options.filter != nullptr && !std::regex_search(tensor.name, *options.filter)) continue;
     tensors.push_back(std::move(tensor));
+  }
+  if (options.filter != nullptr && tensors.empty()) {
+    throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt}, "--filter matches no tensor of the input");
   }
   if (options.dtype) convert_dtype(tensors, *options.dtype);
   std::vector<std::uint32_t> sources;

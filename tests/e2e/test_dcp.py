@@ -141,6 +141,15 @@ def test_stitch_writes_safetensors_equal_to_torchs_reader():
     harness.run(["stitch", "-q", dcp_dir, "-o", out, "--dtype", "bf16"])
     got = dict(safetensors_check.read(out)[0])
     assert got["model.embed.weight"].dtype == torch.bfloat16 and got["model.ids"].dtype == torch.int32
+    # --filter: a subset, the model without the optimizer state
+    out = os.path.join(work, "model.safetensors")
+    harness.run(["stitch", "-q", dcp_dir, "-o", out, "--filter", r"^model\."])
+    got = dict(safetensors_check.read(out)[0])
+    want = {k for k, v in dcp_sets.reference_state_dict(dcp_dir).items()
+            if isinstance(v, torch.Tensor) and k.startswith("model.")}
+    assert set(got) == want, (sorted(got), sorted(want))
+    harness.run(["stitch", "-q", dcp_dir, "-o", os.path.join(work, "none.safetensors"), "--filter", "nothing"],
+                expect=harness.EXIT["usage"])
     _, err = harness.run(["stitch", "-q", dcp_dir, "-o", os.path.join(work, "out.pt")], expect=harness.EXIT["usage"])
     assert "write safetensors" in err, err
     assert not os.path.exists(os.path.join(work, "out.pt"))

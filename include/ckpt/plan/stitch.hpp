@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,9 @@ struct StitchOptions {
   // Keep each output's tensors in StitchPlan::tensors (--dry-run lists them);
   // otherwise each list is empty and the tensors are freed as they are planned.
   bool list_tensors = false;
+  // Only the tensors whose key this matches (std::regex_search); null: all.
+  // For a set read as one state dict (plan_stitch_state_dict).
+  const std::regex* filter = nullptr;
 };
 
 // With --ema: the object path of the EMA weights in `file` (extra_state's
