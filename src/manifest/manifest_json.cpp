@@ -350,6 +350,7 @@ class ManifestReader {
     Manifest manifest;
     const Field files_field = top / "files";
     const json& files = array(root, top, "files");
+    if (files.empty()) fail(files_field, "lists no file (a manifest describes the files of a checkpoint)");
     std::map<std::string, std::size_t> file_index;
     for (std::size_t i = 0; i < files.size(); ++i) {
       const Field field = files_field[i];

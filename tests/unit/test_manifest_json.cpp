@@ -252,6 +252,7 @@ TEST_SUITE("manifest") {
         {"version as a string", [](json& j) { j["version"] = "1"; }, "version", "is not supported"},
         {"no version", [](json& j) { j.erase("version"); }, "version", "missing"},
         {"files not an array", [](json& j) { j["files"] = json::object(); }, "files", "expected an array"},
+        {"no files", [](json& j) { j["files"] = json::array(); }, "files", "lists no file"},
         {"a file not an object", [](json& j) { j["files"][1] = 3; }, "files[1]", "expected an object"},
         {"the same file twice", [](json& j) { j["files"][1] = j["files"][0]; }, "files[1].path",
          "same file as files[0]"},
