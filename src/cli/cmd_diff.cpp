@@ -292,6 +292,10 @@ Action add_diff_command(CLI::App& app) {
     std::vector<std::string> objects;
     if (!a->consolidated && !b->consolidated && !a->state_dict_layout() && !b->state_dict_layout()) {
       diff_objects(*a->inputs.manifest().files[0].objects, *b->inputs.manifest().files[0].objects, "", objects, 50);
+    } else if (a->layout->object_items != nullptr && b->layout->object_items != nullptr) {
+      // (their tensors, {"$tensor": i}, are skipped: those of two sets' items are not paired yet)
+      diff_objects(a->layout->object_items(a->inputs.manifest()), b->layout->object_items(b->inputs.manifest()), "",
+                   objects, 50);
     }
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     bool equal = report.equal() && objects.empty();

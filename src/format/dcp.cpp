@@ -197,7 +197,8 @@ class MetadataReader {
       if (!file || !at || !length || *at < 0 || *length < 0) {
         fail(where, "a _StorageInfo that is not (relative_path str, offset int >= 0, length int >= 0)");
       }
-      if (file->empty() || file->find('/') != std::string::npos || *file == "." || *file == "..") {
+      if (file->empty() || file->find_first_of(std::string_view("/\0", 2)) != std::string::npos || *file == "." ||
+          *file == "..") {
         fail(where, fmt::format("relative_path '{}' is not a file name of the directory", *file));
       }
       DcpItemPlace place{*file, static_cast<std::uint64_t>(*at), static_cast<std::uint64_t>(*length)};

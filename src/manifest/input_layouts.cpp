@@ -129,7 +129,8 @@ std::vector<std::string> safetensors_index_problems_of(const std::string& input,
 // every row's claims, the fallback row last.
 const std::array<InputLayout, 3> kLayouts = {{
     {FileFormat::Dcp, "dcp", claims_dcp, /*fallback=*/false, dcp_files_in, nullptr, describe_dcp_file, check_dcp_set,
-     dcp_state_dict, count_dcp_model, /*has_crcs=*/true, /*training=*/false, dcp_crc_records, dcp_summary},
+     dcp_state_dict, count_dcp_model, /*has_crcs=*/true, /*training=*/false, dcp_crc_records, dcp_summary,
+     dcp_object_items},
     {FileFormat::Torch, "torch", claims_none, /*fallback=*/true, torch_files_in, nullptr, describe_torch_file,
      check_torch_set, torch_state_dict, count_torch_model, /*has_crcs=*/true, /*training=*/true, torch_crc_records},
     {FileFormat::Safetensors, "safetensors", claims_safetensors, /*fallback=*/false, safetensors_files_in,
@@ -194,7 +195,9 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
   };
   std::sort(files.begin(), files.end(), [&](const std::string& a, const std::string& b) { return key(a) < key(b); });
   files.erase(std::unique(files.begin(), files.end()), files.end());
-  if (files.empty()) throw Error("no input files (directories are searched for *.pt, else *.safetensors files)");
+  if (files.empty()) {
+    throw Error("no input files (directories are searched for a DCP .metadata, else *.pt, else *.safetensors files)");
+  }
   return files;
 }
 

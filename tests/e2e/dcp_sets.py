@@ -774,6 +774,10 @@ def _hostile_cases():
     def odd_item(md):
         md.state_dict_metadata["odd"] = torch.Size([1, 2])
 
+    def nul_in_path(md):
+        ix = next(iter(md.storage_data))
+        md.storage_data[ix].relative_path += "\x00junk"
+
     return {
         "no_storage_for_a_chunk": (drop_storage, "storage_data does not say where"),
         "sparse_layout": (sparse_layout, "a layout other than torch.strided"),
@@ -783,6 +787,7 @@ def _hostile_cases():
         "negative_length": (negative_length, "_StorageInfo that is not"),
         "not_a_metadata": (not_metadata, "not a DCP Metadata pickle"),
         "item_of_another_class": (odd_item, "an item of class"),
+        "nul_in_a_path": (nul_in_path, "is not a file name of the directory"),
     }
 
 

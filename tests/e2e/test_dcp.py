@@ -94,8 +94,7 @@ def test_a_missing_data_file_or_overlapping_boxes_are_refused():
     chunk.offsets = torch.Size([2, 0])  # rows 2..4 where box 0 holds 0..2
     index = next(ix for ix in md.storage_data if ix.fqn == "model.embed.weight" and list(ix.offset) == [3, 0])
     md.storage_data[dataclasses.replace(index, offset=torch.Size([2, 0]))] = md.storage_data.pop(index)
-    with open(os.path.join(dcp_dir, ".metadata"), "wb") as f:
-        pickle.dump(md, f, protocol=4)
+    rewrite_metadata(dcp_dir, md)
     out, _ = harness.run(["verify", dcp_dir], expect=1)
     assert "model.embed.weight" in out and "overlaps" in out, out
 
@@ -155,9 +154,44 @@ def test_stitch_writes_safetensors_equal_to_torchs_reader():
     assert not os.path.exists(os.path.join(work, "out.pt"))
 
 
+def rewrite_metadata(dcp_dir, md):
+    with open(os.path.join(dcp_dir, ".metadata"), "wb") as f:
+        pickle.dump(md, f, protocol=4)
+
+
+def test_object_items_are_compared_and_data_files_named_anything():
+    work = harness.scratch("dcp-objects")
+    changed = copy_set("mixed", os.path.join(work, "changed"))
+    md = dcp_sets.read_metadata(changed)
+    index = next(ix for ix in md.storage_data if ix.fqn == "train.step")
+    info = md.storage_data[index]
+    item = io.BytesIO()
+    torch.save(999, item)  # a new item for train.step, appended to its data file
+    path = os.path.join(changed, info.relative_path)
+    info.offset, info.length = os.path.getsize(path), len(item.getvalue())
+    with open(path, "ab") as f:
+        f.write(item.getvalue())
+    rewrite_metadata(changed, md)
+    assert dcp_sets.reference_state_dict(changed)["train.step"] == 999  # torch reads it so
+    out, _ = harness.run(["diff", changed, os.path.join(FIXTURES, "mixed")], expect=1)
+    assert "object train.step: 999 != 1200" in out, out
+    # a data file is whatever .metadata names: here a.pt and b.safetensors
+    renamed = copy_set("rank_files_dim0", os.path.join(work, "renamed"))
+    md = dcp_sets.read_metadata(renamed)
+    names = {"__0_0.distcp": "a.pt", "__1_0.distcp": "b.safetensors"}
+    for old, new in names.items():
+        os.rename(os.path.join(renamed, old), os.path.join(renamed, new))
+    for info in md.storage_data.values():
+        info.relative_path = names[info.relative_path]
+    rewrite_metadata(renamed, md)
+    harness.run(["verify", "-q", renamed])
+    harness.run(["diff", renamed, reference_file(renamed, work)])
+
+
 if __name__ == "__main__":
     harness.main([test_every_set_equals_torchs_reader, test_an_object_items_tensor_is_read_and_checked,
                   test_a_changed_element_is_a_difference,
                   test_a_missing_data_file_or_overlapping_boxes_are_refused,
                   test_verify_checks_every_chunk_against_its_crc,
-                  test_stitch_writes_safetensors_equal_to_torchs_reader])
+                  test_stitch_writes_safetensors_equal_to_torchs_reader,
+                  test_object_items_are_compared_and_data_files_named_anything])

@@ -89,6 +89,9 @@ struct InputLayout {
   // What inspect says of a set of this layout beyond its files and tensors
   // (a DCP directory's writer, ranks and chunks), a line each; none if null.
   std::vector<std::string> (*summary)(const Manifest& manifest) = nullptr;
+  // The set's non-tensor items (a DCP directory's object items) as one object
+  // tree, key -> value, for diff to compare; null when the layout has none.
+  nlohmann::ordered_json (*object_items)(const Manifest& manifest) = nullptr;
 };
 
 // What is wrong with files of several layouts given as one set ("safetensors
@@ -146,5 +149,6 @@ StateDict dcp_state_dict(const Manifest& manifest, const StateDictOptions& optio
 ModelCounts count_dcp_model(const Manifest& manifest);
 std::vector<ZipRecord> dcp_crc_records(const MappedFile& file, FileDescriber& describer);
 std::vector<std::string> dcp_summary(const Manifest& manifest);
+nlohmann::ordered_json dcp_object_items(const Manifest& manifest);
 
 }  // namespace ckpt
