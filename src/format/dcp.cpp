@@ -283,7 +283,12 @@ DcpTensorItem read_item(Bytes item, const std::string& file_path, const DcpTenso
                            fmt::join(tensor.chunks[chunk].sizes, ", ")));
   }
   const std::uint64_t itemsize = dtype_info(tensor.dtype).itemsize;
-  ViewExtent extent = view_extent(*shape, *stride, itemsize);
+  ViewExtent extent;
+  try {
+    extent = view_extent(*shape, *stride, itemsize);
+  } catch (const Error& e) {  // (no location: this item's)
+    throw fail(e.message());
+  }
   if (extent.span_elements > 0 && (static_cast<std::uint64_t>(*offset) > storage->numel ||
                                    extent.span_elements > storage->numel - static_cast<std::uint64_t>(*offset))) {
     throw fail(fmt::format("the view reaches past its storage of {} elements", storage->numel));
@@ -317,7 +322,9 @@ DcpTensorItem read_dcp_tensor_item(Bytes file_bytes, const std::string& file_pat
   } catch (const Error& e) {
     if (e.where().member.starts_with(tensor.key)) throw;  // located already (read_item's own)
     // The archive's own reader names offsets within the item: make them the file's.
-    Location where{file_path, fmt::format("{} chunk {}: {}", tensor.key, chunk, e.where().member), std::nullopt};
+    std::string member = fmt::format("{} chunk {}", tensor.key, chunk);
+    if (!e.where().member.empty()) member += ": " + e.where().member;
+    Location where{file_path, member, std::nullopt};
     if (!e.where().file.empty() && e.where().byte_offset) where.byte_offset = place.offset + *e.where().byte_offset;
     throw Error(e.kind(), where, e.message());
   }

@@ -160,7 +160,8 @@ ManifestFile describe_object_item(const MappedFile& mapped, const DcpObject& obj
     Checkpoint item(mapped, std::move(zip));
     return describe_file(item);
   } catch (const Error& e) {
-    Location where{mapped.path(), fmt::format("{}: {}", object.key, e.where().member), std::nullopt};
+    Location where{mapped.path(), e.where().member.empty() ? object.key : object.key + ": " + e.where().member,
+                   std::nullopt};
     if (e.where().byte_offset) where.byte_offset = place.offset + *e.where().byte_offset;
     throw Error(e.kind(), where, e.message());
   }
