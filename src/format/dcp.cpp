@@ -307,27 +307,30 @@ DcpTensorItem read_item(Bytes item, const std::string& file_path, const DcpTenso
 
 }  // namespace
 
+void check_dcp_item_range(std::uint64_t file_size, const std::string& file_path, const std::string& what,
+                          const DcpItemPlace& place) {
+  if (place.offset > file_size || place.length > file_size - place.offset) {
+    throw Error(ErrorKind::IncompleteSet, Location{file_path, what, file_size},
+                fmt::format("the item at bytes {}..{} lies past the end of the file ({} bytes): truncated?",
+                            place.offset, place.offset + place.length, file_size));
+  }
+}
+
+Error dcp_item_error(const Error& error, const std::string& file_path, const std::string& what,
+                     const DcpItemPlace& place) {
+  if (error.where().member == what) return error;  // located already, at a file offset
+  // The archive's own reader names offsets within the item: make them the file's.
+  Location where{file_path, error.where().member.empty() ? what : what + ": " + error.where().member, std::nullopt};
+  if (error.where().byte_offset) where.byte_offset = place.offset + *error.where().byte_offset;
+  return Error(error.kind(), where, error.message());
+}
+
 DcpTensorItem read_dcp_tensor_item(Bytes file_bytes, const std::string& file_path, const DcpTensor& tensor,
                                    std::size_t chunk) {
   check_invariant(chunk < tensor.chunks.size(), "read_dcp_tensor_item: no such chunk");
   const DcpItemPlace& place = tensor.chunks[chunk].place;
-  if (place.offset > file_bytes.size() || place.length > file_bytes.size() - place.offset) {
-    throw Error(ErrorKind::IncompleteSet,
-                Location{file_path, fmt::format("{} chunk {}", tensor.key, chunk), file_bytes.size()},
-                fmt::format("the item at bytes {}..{} lies past the end of the file ({} bytes): truncated?",
-                            place.offset, place.offset + place.length, file_bytes.size()));
-  }
-  try {
-    return read_item(file_bytes.subspan(place.offset, place.length), file_path, tensor, chunk, place);
-  } catch (const Error& e) {
-    if (e.where().member.starts_with(tensor.key)) throw;  // located already (read_item's own)
-    // The archive's own reader names offsets within the item: make them the file's.
-    std::string member = fmt::format("{} chunk {}", tensor.key, chunk);
-    if (!e.where().member.empty()) member += ": " + e.where().member;
-    Location where{file_path, member, std::nullopt};
-    if (!e.where().file.empty() && e.where().byte_offset) where.byte_offset = place.offset + *e.where().byte_offset;
-    throw Error(e.kind(), where, e.message());
-  }
+  return read_dcp_item(file_bytes, file_path, fmt::format("{} chunk {}", tensor.key, chunk), place,
+                       [&](Bytes item) { return read_item(item, file_path, tensor, chunk, place); });
 }
 
 }  // namespace ckpt

@@ -265,7 +265,7 @@ void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
     cd.fail(cd.position() - 4,
             fmt::format("the central directory holds more entries than the {} its end record counts", end.entries));
   }
-  read_local_headers_of_records(read_local_headers);
+  const std::vector<std::size_t> order = read_local_headers_of_records(read_local_headers);
   for (std::size_t i = 0; i < records_.size(); ++i) {
     const ZipRecord& record = records_[i];
     if (record.data_offset + record.nbytes > end.cd_offset) {
@@ -275,10 +275,6 @@ void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
   }
   // Records in file order: each one's header and data end before the next one's
   // header begins (a crafted directory could make two records share bytes).
-  std::vector<std::size_t> order(records_.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](std::size_t a, std::size_t b) { return records_[a].header_offset < records_[b].header_offset; });
   for (std::size_t k = 1; k < order.size(); ++k) {
     const ZipRecord& before = records_[order[k - 1]];
     const ZipRecord& after = records_[order[k]];
@@ -294,7 +290,7 @@ void ZipArchive::read_central_directory(const ReadAt& read_local_headers) {
   }
 }
 
-void ZipArchive::read_local_headers_of_records(const ReadAt& read_at) {
+std::vector<std::size_t> ZipArchive::read_local_headers_of_records(const ReadAt& read_at) {
   // Taken in file order, the headers within kHeaderBatch bytes of each other
   // are read at once: one read for the headers of many small records, while
   // the data of a large record between two headers is not read.
@@ -322,6 +318,7 @@ void ZipArchive::read_local_headers_of_records(const ReadAt& read_at) {
     }
     for (; i < j; ++i) read_local_header(records_[order[i]], bytes, begin);
   }
+  return order;
 }
 
 void ZipArchive::read_local_header(ZipRecord& record, Bytes window, std::uint64_t window_offset) const {

@@ -148,30 +148,23 @@ json shift_tensor_indices(const json& tree, std::size_t by) {
 // described as a file of its own would be: its tensors' places are relative
 // to the item. Errors name the key and the absolute offset.
 ManifestFile describe_object_item(const MappedFile& mapped, const DcpObject& object) {
-  const DcpItemPlace& place = object.place;
-  const Bytes bytes = mapped.bytes();
-  if (place.offset > bytes.size() || place.length > bytes.size() - place.offset) {
-    throw Error(ErrorKind::IncompleteSet, Location{mapped.path(), object.key, bytes.size()},
-                fmt::format("the item at bytes {}..{} lies past the end of the file ({} bytes): truncated?",
-                            place.offset, place.offset + place.length, bytes.size()));
-  }
-  try {
-    ZipArchive zip(bytes.subspan(place.offset, place.length), mapped.path());
-    Checkpoint item(mapped, std::move(zip));
-    return describe_file(item);
-  } catch (const Error& e) {
-    Location where{mapped.path(), e.where().member.empty() ? object.key : object.key + ": " + e.where().member,
-                   std::nullopt};
-    if (e.where().byte_offset) where.byte_offset = place.offset + *e.where().byte_offset;
-    throw Error(e.kind(), where, e.message());
-  }
+  return read_dcp_item(mapped.bytes(), mapped.path(), object.key, object.place, [&](Bytes item) {
+    Checkpoint checkpoint(mapped, ZipArchive(item, mapped.path()));
+    return describe_file(checkpoint);
+  });
+}
+
+// The .metadata of the directory holding `path` (a data file or the .metadata
+// itself), decoded once for all the files the describer describes.
+std::shared_ptr<const IndexedMetadata> metadata_beside(FileDescriber& describer, const std::string& path) {
+  const std::string metadata_path = (fs::absolute(path).parent_path() / kMetadataName).string();
+  return std::static_pointer_cast<const IndexedMetadata>(
+      describer.shared_value("dcp:" + metadata_path, [&] { return indexed_metadata(metadata_path); }));
 }
 
 // A data file: the chunks whose items it holds, in .metadata's order.
 ManifestFile describe_data_file(FileDescriber& describer, const std::string& path) {
-  const std::string metadata_path = (fs::absolute(path).parent_path() / kMetadataName).string();
-  auto indexed = std::static_pointer_cast<const IndexedMetadata>(
-      describer.shared_value("dcp:" + metadata_path, [&] { return indexed_metadata(metadata_path); }));
+  std::shared_ptr<const IndexedMetadata> indexed = metadata_beside(describer, path);
   MappedFile mapped(path);
   ManifestFile file = described(path, mapped);
   const std::string name = fs::path(path).filename().string();
@@ -271,9 +264,10 @@ std::optional<std::vector<std::string>> dcp_files_in(const std::string& input) {
 
 ManifestFile describe_dcp_file(FileDescriber& describer, const std::string& path) {
   if (!is_metadata_path(path)) return describe_data_file(describer, path);
+  std::shared_ptr<const IndexedMetadata> indexed = metadata_beside(describer, path);
   MappedFile mapped(path);
   ManifestFile file = described(path, mapped);
-  file.objects = metadata_json(read_dcp_metadata(metadata_bytes(mapped), path));
+  file.objects = metadata_json(*indexed->metadata);
   return file;
 }
 
@@ -283,10 +277,9 @@ std::vector<ZipRecord> dcp_crc_records(const MappedFile& file, FileDescriber& de
   std::vector<ZipRecord> records;
   for (std::size_t i = 0; i < described.tensors.size(); ++i) {
     const StoredTensor& tensor = described.tensors[i];
-    std::uint64_t before = static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize;
     ZipRecord record;
     record.name = tensor.path;
-    record.data_offset = described.places[i].file_byte_offset - before;
+    record.data_offset = described.storage_start(i);
     record.header_offset = record.data_offset;
     record.nbytes = tensor.storage_nbytes;
     record.crc32 = described.places[i].record_crc32;

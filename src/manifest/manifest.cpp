@@ -55,6 +55,12 @@ std::string tensor_section(const StoredTensor& tensor) {
 
 ManifestFile::ManifestFile() : objects(nlohmann::ordered_json()) {}
 
+std::uint64_t ManifestFile::storage_start(std::size_t i) const {
+  const StoredTensor& tensor = tensors[i];
+  return places.at(i).file_byte_offset -
+         static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize;
+}
+
 void ManifestFile::add_tensor(StoredTensor tensor, TensorPlace place) {
   tensors.edit().push_back(std::move(tensor));
   places.push_back(place);

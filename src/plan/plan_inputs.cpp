@@ -40,11 +40,8 @@ namespace {
 std::vector<CheckedRange> storage_records(const ManifestFile& file) {
   std::vector<CheckedRange> records;
   records.reserve(file.tensors.size());
-  for (std::size_t i = 0; i < file.tensors.size(); ++i) {
-    const StoredTensor& tensor = file.tensors[i];
-    std::uint64_t before = static_cast<std::uint64_t>(tensor.storage_offset) * dtype_info(tensor.dtype).itemsize;
-    records.push_back({file.places[i].file_byte_offset - before, tensor.storage_nbytes, file.places[i].record_crc32});
-  }
+  for (std::size_t i = 0; i < file.tensors.size(); ++i)
+    records.push_back({file.storage_start(i), file.tensors[i].storage_nbytes, file.places[i].record_crc32});
   return records;
 }
 

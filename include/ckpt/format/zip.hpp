@@ -76,7 +76,8 @@ class ZipArchive {
 
  private:
   void read_central_directory(const ReadAt& read_local_headers);
-  void read_local_headers_of_records(const ReadAt& read_at);
+  // Reads every record's local header; the records' indices in file order.
+  std::vector<std::size_t> read_local_headers_of_records(const ReadAt& read_at);
   void read_local_header(ZipRecord& record, Bytes window, std::uint64_t window_offset) const;
   // Indexes records_ by name; the first name met twice, if any.
   const ZipRecord* build_index();

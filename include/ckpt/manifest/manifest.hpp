@@ -95,6 +95,9 @@ struct ManifestFile {
   ManifestFile();
   // Where `tensor` (an element of `tensors`, found by find_tensor) is in this file.
   const TensorPlace& place(const StoredTensor& tensor) const { return places.at(tensors.index_of(tensor)); }
+  // The first byte of tensor i's storage record in this file (its place is
+  // storage_offset elements further on).
+  std::uint64_t storage_start(std::size_t i) const;
   // Appends a tensor and its place (readers of hand-made manifests, tests).
   void add_tensor(StoredTensor tensor, TensorPlace place);
   // Removes the tensors for which `remove` is true, with their places.
