@@ -37,6 +37,7 @@ struct Side {
   PlanInputs inputs;
   const InputLayout* layout;
   std::vector<NamedTensor> tensors;
+  std::size_t object_tensors = 0;  // the last of `tensors` lie inside object items (StateDict::object_tensors)
   bool consolidated = false;
   // A layout that is one state dict and nothing else (no training layout).
   bool state_dict_layout() const { return !layout->training; }
@@ -118,6 +119,7 @@ void load_side(Side& side, bool state_dict_only) {
     throw Error(ErrorKind::IncompleteSet, first_replicated_problem(differing) + ": the set is not one model");
   }
   side.tensors = std::move(read.tensors);
+  side.object_tensors = read.object_tensors;
 }
 
 // Non-tensor objects that differ (tensors, {"$tensor": i}, are compared as data).
@@ -272,6 +274,10 @@ Action add_diff_command(CLI::App& app) {
       // A tie is one tensor in safetensors: its second name is not looked for there.
       if (other->state_dict_layout() && !side->state_dict_layout()) {
         std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });
+      }
+      // Nor has it objects: the tensors inside a DCP set's object items are not looked for there.
+      if (other->state_dict_layout() && other->layout->object_items == nullptr) {
+        side->tensors.resize(side->tensors.size() - side->object_tensors);
       }
     }
     CompareOptions compare;

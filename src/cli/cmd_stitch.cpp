@@ -120,8 +120,8 @@ Action add_stitch_command(CLI::App& app) {
           throw CLI::ValidationError("--filter", fmt::format("invalid regular expression '{}': {}", text, e.what()));
         }
       },
-      "a DCP or safetensors input: only the tensors whose key this regular expression matches (only their bytes "
-      "are read)");
+      "a DCP or safetensors input: only the keys (tensors and objects) this regular expression matches (only "
+      "their bytes are read)");
   add_write_flags(app, options->write);
   return [options] {
     // The pattern before any input is read; its paths once the part count is known.
@@ -159,10 +159,12 @@ Action add_stitch_command(CLI::App& app) {
     if (!options->dtype.empty()) stitch.dtype = dtype_from_name(options->dtype);
     if (const InputLayout& layout = input_layout(inputs.manifest()); !layout.training) {
       // One state dict (a DCP directory, a safetensors set): no grid to stitch.
-      if (options->no_stitch_megatron || options->ema || options->optimizer_state) {
-        throw UsageError(fmt::format(
-            "--no-stitch-megatron, --ema and --optimizer-state read a training checkpoint; this is a {} set",
-            layout.name));
+      if (options->no_stitch_megatron || options->ema || options->optimizer_state || options->weights_only ||
+          options->fused_qkv) {
+        throw UsageError(
+            fmt::format("--no-stitch-megatron, --ema, --optimizer-state, --weights-only and --fused-qkv read a "
+                        "training checkpoint; this is a {} set",
+                        layout.name));
       }
       note_phase(options->write, "planning");
       if (options->filter) stitch.filter = &*options->filter;

@@ -48,8 +48,10 @@ class MetadataReader {
       std::string_view kind = dcp_class(value);
       if (kind == "TensorStorageMetadata") {
         out.tensors.push_back(read_tensor(*key, value));
+        out.tensors.back().position = out.tensors.size() + out.objects.size() - 1;
       } else if (kind == "BytesStorageMetadata") {
-        out.objects.push_back({*key, place_of(*key, std::nullopt, std::nullopt)});
+        out.objects.push_back(
+            {*key, place_of(*key, std::nullopt, std::nullopt), out.tensors.size() + out.objects.size()});
       } else {
         fail(*key, fmt::format("an item of class {} (neither TensorStorageMetadata nor BytesStorageMetadata)",
                                class_name(graph_, value).empty() ? "none" : class_name(graph_, value)));

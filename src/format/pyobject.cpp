@@ -342,6 +342,44 @@ std::vector<NodeId> reachable(const Graph& graph, NodeId from) {
   return out;
 }
 
+NodeId copy_value(Graph& to, const Graph& from, NodeId root, std::unordered_map<NodeId, NodeId>* copied) {
+  std::unordered_map<NodeId, NodeId> local;
+  std::unordered_map<NodeId, NodeId>& map = copied != nullptr ? *copied : local;
+  std::vector<NodeId> nodes = reachable(from, root);
+  if (nodes.empty()) return to.none();  // (an id past the end)
+  // First every node, its edges still `from`'s ids; then the edges mapped.
+  std::vector<NodeId> with_edges;
+  for (NodeId id : nodes) {
+    const pickle::NodeView node = from[id];
+    switch (node.kind) {
+      case Kind::None: map[id] = to.none(); break;
+      case Kind::Bool: map[id] = to.boolean(node.boolean); break;
+      case Kind::Int: map[id] = to.integer(node.integer); break;
+      case Kind::Global: map[id] = to.global(node.text, node.name); break;
+      default: map[id] = to.add(node.copy()); with_edges.push_back(id);
+    }
+  }
+  auto mapped = [&](NodeId id) {
+    if (id == kNoNode) return kNoNode;
+    auto it = map.find(id);
+    return it == map.end() ? to.none() : it->second;  // (an edge past `from`'s end: none, as reachable skips it)
+  };
+  for (NodeId id : with_edges) {
+    pickle::Node node = from[id].copy();
+    for (NodeId& item : node.items) item = mapped(item);
+    for (auto& [key, value] : node.entries) {
+      key = mapped(key);
+      value = mapped(value);
+    }
+    node.callable = mapped(node.callable);
+    node.args = mapped(node.args);
+    node.kwargs = mapped(node.kwargs);
+    node.state = mapped(node.state);
+    to.replace(map.at(id), node);
+  }
+  return map.at(root);
+}
+
 }  // namespace ckpt
 
 namespace ckpt {

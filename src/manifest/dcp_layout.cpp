@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <map>
 #include <set>
+#include <unordered_map>
 
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/format/dcp.hpp"
@@ -103,12 +104,16 @@ json metadata_json(const DcpMetadata& metadata) {
                   {{"dtype", dtype_info(tensor.dtype).name},
                    {"size", tensor.size},
                    {"requires_grad", tensor.requires_grad},
+                   {"position", tensor.position},
                    {"chunks", std::move(chunks)}});
   }
   json objects = json::object();
   for (const DcpObject& object : metadata.objects) {
     append_member(objects, object.key,
-                  {{"file", object.place.file}, {"offset", object.place.offset}, {"length", object.place.length}});
+                  {{"file", object.place.file},
+                   {"offset", object.place.offset},
+                   {"length", object.place.length},
+                   {"position", object.position}});
   }
   json planner = json::object();
   for (const auto& [key, path] : metadata.planner_data) append_member(planner, key, path_json(path));
@@ -388,6 +393,17 @@ Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::in
       }
     }
   }
+  for (const auto& [key, object] : structure["objects"].items()) {
+    std::string name = object["file"];
+    auto it = by_name.find(name);
+    if (it == by_name.end()) {
+      grid.problems.push_back(fmt::format("{}: object item {}: its data file {} is not in the set", metadata->path, key,
+                                          (directory / name).string()));
+    } else if (!it->second->objects->contains("objects") || !(*it->second->objects)["objects"].contains(key)) {
+      grid.problems.push_back(
+          fmt::format("{}: object item {}: not among the items read from it", it->second->path, key));
+    }
+  }
   return grid;
 }
 
@@ -400,6 +416,7 @@ StateDict dcp_state_dict(const Manifest& manifest, const StateDictOptions& /*opt
     by_name[fs::path(manifest.files[i].path).filename().string()] = i;
   StateDict out;
   const json& structure = *metadata->objects;
+  std::vector<std::pair<std::size_t, NestedItem>> items;  // by position in .metadata
   for (const auto& [key, tensor] : structure["tensors"].items()) {
     DType dtype = *dtype_from_name(tensor["dtype"].get<std::string>());
     std::vector<TensorSource> parts;
@@ -412,8 +429,59 @@ StateDict dcp_state_dict(const Manifest& manifest, const StateDictOptions& /*opt
     NamedTensor named;  // (built field by field: GCC 12 warns of the brace form's default alias_of)
     named.name = state_dict_name(key);
     named.source = assemble_boxes(dtype, tensor["size"].get<std::vector<std::int64_t>>(), boxes_of(tensor), parts);
+    NestedItem item;
+    item.key = key;
+    item.tensor = out.tensors.size();
+    items.emplace_back(tensor["position"].get<std::size_t>(), std::move(item));
     out.tensors.push_back(std::move(named));
   }
+  for (const auto& [key, object] : structure["objects"].items()) {
+    NestedItem item;
+    item.key = key;
+    item.file = static_cast<std::uint32_t>(by_name.at(object["file"].get<std::string>()));
+    item.offset = object["offset"].get<std::uint64_t>();
+    item.length = object["length"].get<std::uint64_t>();
+    items.emplace_back(object["position"].get<std::size_t>(), std::move(item));
+  }
+  // The tensors inside object items, at their paths under the item's key (a
+  // torch file's own tensors are named so): compared, never written as tensors.
+  for (std::size_t index = 0; index < manifest.files.size(); ++index) {
+    const ManifestFile& file = manifest.files[index];
+    if (&file == metadata || !file.objects->contains("objects")) continue;
+    // (a data file lists its chunks first, then the object items' tensors)
+    for (std::size_t i = (*file.objects)["chunks"].size(); i < file.tensors.size(); ++i) {
+      const StoredTensor& tensor = file.tensors[i];
+      NamedTensor named;
+      named.name = std::string(kModelPrefix) + tensor.path;
+      if (tensor.alias_of) {
+        named.alias_of = std::string(kModelPrefix) + *tensor.alias_of;
+      } else {
+        named.source = source_of(tensor, file.places[i].file_byte_offset, static_cast<std::uint32_t>(index));
+      }
+      out.tensors.push_back(std::move(named));
+      ++out.object_tensors;
+    }
+  }
+  std::sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::unordered_map<std::string_view, const json*> paths;  // planner_data by key
+  if (structure.contains("planner_data")) {
+    for (const auto& [key, path] : structure["planner_data"].items()) paths.emplace(key, &path);
+  }
+  for (auto& [position, item] : items) {
+    if (auto it = paths.find(item.key); it != paths.end()) {
+      for (const json& element : *it->second) {
+        if (element.is_string()) {
+          item.path.emplace_back(element.get<std::string>());
+        } else {
+          item.path.emplace_back(element.get<std::int64_t>());
+        }
+      }
+    } else {
+      item.path.emplace_back(item.key);
+    }
+    out.items.push_back(std::move(item));
+  }
+  out.items_from = metadata->path;
   return out;
 }
 

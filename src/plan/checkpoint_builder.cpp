@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <unordered_map>
 
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/format/python_globals.hpp"
@@ -85,6 +86,35 @@ NodeId CheckpointBuilder::add_state_dict(const std::vector<NamedTensor>& tensors
     graph_.append_entry(dict, key, node);
   }
   return dict;
+}
+
+NodeId CheckpointBuilder::add_object(const Checkpoint& item, std::uint32_t file, std::uint64_t offset) {
+  std::unordered_map<NodeId, NodeId> copied;
+  NodeId value = copy_value(graph_, item.graph(), item.graph().root, &copied);
+  std::vector<std::pair<NodeId, NodeId>> persids;  // in the item's decoding order: storages numbered as it met them
+  for (const auto& [from, id] : copied) {
+    if (graph_[id].kind == pickle::Kind::PersId) persids.emplace_back(from, id);
+  }
+  std::sort(persids.begin(), persids.end());
+  std::map<std::string, std::string> renamed;  // the item's storage key -> this file's
+  for (const auto& [from, id] : persids) {
+    std::optional<StorageId> storage = parse_storage_id(graph_, id);
+    auto ref = storage ? item.storages().find(storage->key) : item.storages().end();
+    if (ref == item.storages().end()) continue;
+    auto [it, inserted] = renamed.try_emplace(storage->key, std::to_string(payloads_.size()));
+    if (inserted) {
+      PlannedRecord record;
+      record.append_copy(file, offset + ref->second.record->data_offset, ref->second.record->nbytes);
+      payloads_.push_back({it->second, std::move(record)});
+    }
+    std::span<const NodeId> old_items = graph_[graph_[id].callable].items;
+    std::vector<NodeId> items(old_items.begin(), old_items.end());
+    items[2] = graph_.str(it->second);
+    pickle::Node persid = graph_[id].copy();
+    persid.callable = graph_.tuple(items);
+    graph_.replace(id, persid);
+  }
+  return value;
 }
 
 void CheckpointBuilder::replace_tensor(NodeId node, const NamedTensor& tensor) {

@@ -10,6 +10,7 @@
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/export.hpp"
+#include "ckpt/plan/nested_output.hpp"
 
 namespace ckpt {
 
@@ -177,7 +178,15 @@ PlannedFile plan_torch_output(const Checkpoint& base, std::vector<NamedTensor>& 
 }  // namespace
 
 void plan_torch_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
-  check_invariant(output.base != nullptr, "a torch output planned without the checkpoint whose objects it carries");
+  if (output.base == nullptr) {
+    check_invariant(output.nested != nullptr && output.files != nullptr, "a torch output planned without its input");
+    out.plan.files.push_back(plan_nested_torch_file(output.path, output.tensors, output.nested->items,
+                                                    output.nested->items_from, *output.files, output.sources, out.plan,
+                                                    out.notes));
+    if (!options.list_tensors) output.tensors.clear();
+    out.tensors.push_back(std::move(output.tensors));
+    return;
+  }
   out.plan.files.push_back(plan_torch_output(*output.base, output.tensors, output.path, options,
                                              output.optimizer_states, output.sources, out.plan));
   out.tensors.push_back(std::move(output.tensors));  // empty unless list_tensors: plan_torch_output released them
@@ -230,33 +239,50 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
   const Manifest& manifest = inputs.manifest();
   const InputLayout& layout = input_layout(manifest);
   const OutputFormatInfo& format = format_info(options.format);
-  if (format.carries_objects || format.hf_config) {
+  if (format.hf_config) {
     throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt},
-                fmt::format("{} needs the input's torch objects, and a {} set is read for its tensors only: write "
-                            "safetensors (-o FILE.safetensors)",
+                fmt::format("{} needs an OPT training checkpoint's cfg, and a {} set has none: write safetensors "
+                            "(-o FILE.safetensors) or torch (-o FILE.pt)",
                             format.label, layout.name));
   }
   StateDict state = layout.state_dict(manifest, {});
   StitchPlan out;
   out.checks = std::move(state.checks);
-  std::vector<NamedTensor> tensors;
-  for (NamedTensor& tensor : state.tensors) {
-    check_invariant(tensor.name.starts_with(kModelPrefix), "a state dict tensor outside model/: " + tensor.name);
-    tensor.name = unescape_label(std::string_view(tensor.name).substr(kModelPrefix.size()));
-    if (tensor.alias_of)
-      tensor.alias_of = unescape_label(std::string_view(*tensor.alias_of).substr(kModelPrefix.size()));
-    if (options.filter != nullptr && !std::regex_search(tensor.name, *options.filter)) continue;
-    tensors.push_back(std::move(tensor));
+  if (state.items.empty()) {  // a flat set of tensors: each at the top level under its key
+    for (std::size_t i = 0; i < state.tensors.size(); ++i) {
+      NestedItem item;
+      item.key = unescape_label(std::string_view(state.tensors[i].name).substr(kModelPrefix.size()));
+      item.path = {item.key};
+      item.tensor = i;
+      state.items.push_back(std::move(item));
+    }
   }
-  if (options.filter != nullptr && tensors.empty()) {
-    throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt}, "--filter matches no tensor of the input");
+  // The tensors, under their flat keys, and the items that --filter keeps,
+  // renumbered.
+  std::vector<NamedTensor> tensors;
+  std::vector<NestedItem> kept;
+  for (NestedItem& item : state.items) {
+    if (options.filter != nullptr && !std::regex_search(item.key, *options.filter)) continue;
+    if (item.tensor) {
+      NamedTensor& tensor = state.tensors.at(*item.tensor);
+      check_invariant(tensor.name.starts_with(kModelPrefix), "a state dict tensor outside model/: " + tensor.name);
+      check_invariant(!tensor.alias_of, "a tie in a set read as flat keys: " + tensor.name);
+      tensor.name = item.key;
+      item.tensor = tensors.size();
+      tensors.push_back(std::move(tensor));
+    }
+    kept.push_back(std::move(item));
+  }
+  state.items = std::move(kept);
+  if (options.filter != nullptr && state.items.empty()) {
+    throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt}, "--filter matches no key of the input");
   }
   if (options.dtype) convert_dtype(tensors, *options.dtype);
   std::vector<std::uint32_t> sources;
   for (std::size_t i = 0; i < inputs.files().size(); ++i)
     sources.push_back(out.plan.add_source(inputs.source(static_cast<int>(i))));
   if (format.folder) out.plan.directories.push_back(output_path);
-  format.plan({nullptr, std::move(tensors), output_path, nullptr, sources}, options, out);
+  format.plan({nullptr, std::move(tensors), output_path, nullptr, sources, &state, &inputs.files()}, options, out);
   if (format.replaces_set) out.plan.stale_files = stale_set_files(out.plan, {output_path}, format.folder);
   return out;
 }

@@ -32,9 +32,9 @@ def copy_set(name, work):
 
 
 def reference_file(dcp_dir, work):
-    """torch's reader's tensors, under their flat keys, saved by torch.save. (Object
-    items are left out: they are not read yet.)"""
-    flat = {k: v for k, v in dcp_sets.reference_state_dict(dcp_dir).items() if isinstance(v, torch.Tensor)}
+    """torch's reader's items under their flat keys, saved by torch.save: the tensors
+    inside object items (extra_state's) are compared with the set's too."""
+    flat = dcp_sets.reference_state_dict(dcp_dir)
     path = os.path.join(work, os.path.basename(dcp_dir) + ".ref.pt")
     torch.save(flat, path)
     return path
@@ -134,6 +134,7 @@ def test_stitch_writes_safetensors_equal_to_torchs_reader():
         for key, tensor in want.items():
             assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape, (name, key)
             assert torch.equal(raw(got[key]), raw(tensor)), (name, key)  # bit for bit
+        harness.run(["diff", dcp_dir, out])  # (the objects' tensors, which safetensors cannot hold, not looked for)
     # --dtype converts as it copies; a torch.save output needs the objects, not read yet
     dcp_dir = os.path.join(work, "mixed")
     out = os.path.join(work, "bf16.safetensors")
@@ -149,9 +150,103 @@ def test_stitch_writes_safetensors_equal_to_torchs_reader():
     assert set(got) == want, (sorted(got), sorted(want))
     harness.run(["stitch", "-q", dcp_dir, "-o", os.path.join(work, "none.safetensors"), "--filter", "nothing"],
                 expect=harness.EXIT["usage"])
-    _, err = harness.run(["stitch", "-q", dcp_dir, "-o", os.path.join(work, "out.pt")], expect=harness.EXIT["usage"])
+    _, err = harness.run(["stitch", "-q", dcp_dir, "--format", "hf", "-o", os.path.join(work, "hf")],
+                         expect=harness.EXIT["usage"])
     assert "write safetensors" in err, err
-    assert not os.path.exists(os.path.join(work, "out.pt"))
+    assert not os.path.exists(os.path.join(work, "hf"))
+
+
+def expected_torch_save(dcp_dir):
+    """What dcp_to_torch_save writes: torch's reader's items nested by planner_data."""
+    md = dcp_sets.read_metadata(dcp_dir)
+    return dcp_sets.nested_state_dict(dcp_sets.reference_state_dict(dcp_dir), getattr(md, "planner_data", None))
+
+
+def plain_tensors(value, where=""):
+    """Every tensor in `value` is what torch.empty(size, dtype) gives: a plain tensor,
+    contiguous, without grad, alone in its storage."""
+    if isinstance(value, torch.Tensor):
+        assert type(value) is torch.Tensor and value.is_contiguous() and not value.requires_grad, where
+        assert value.storage().size() == value.numel(), where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            plain_tensors(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            plain_tensors(item, f"{where}[{i}]")
+
+
+def test_stitch_to_torch_writes_what_dcp_to_torch_save_writes():
+    work = harness.scratch("dcp-torch")
+    for name in FULL_SETS + V2_SETS:
+        dcp_dir = copy_set(name, work)
+        out = os.path.join(work, name + ".pt")
+        harness.run(["stitch", "-q", dcp_dir, "-o", out])
+        got = torch.load(out)
+        assert type(got) is dict, (name, type(got))
+        errors = dcp_sets._same(got, expected_torch_save(dcp_dir), name)  # keys in order, values bit for bit
+        assert not errors, errors
+        if name == "v2_metadata":
+            plain_tensors(got)
+            assert list(got) == ["model", "optim", "train", "extra_state"], list(got)
+            assert type(got["model"]["layers"]) is list and len(got["model"]["layers"]) == 2
+        harness.run(["diff", dcp_dir, out]) if name not in V2_SETS else None
+    dcp_dir = os.path.join(work, "v2_metadata")
+    # --filter: the items whose flat key matches, objects too, nested as before
+    out = os.path.join(work, "model-and-step.pt")
+    harness.run(["stitch", "-q", dcp_dir, "-o", out, "--filter", r"^model\.|^train\.step$"])
+    got = torch.load(out)
+    want = expected_torch_save(dcp_dir)
+    assert not dcp_sets._same(got, {"model": want["model"], "train": {"step": want["train"]["step"]}}, "filter")
+    # --dtype converts the floating tensors of the state dict, not the objects' own tensors
+    out = os.path.join(work, "bf16.pt")
+    harness.run(["stitch", "-q", dcp_dir, "-o", out, "--dtype", "bf16"])
+    got = torch.load(out)
+    assert got["model"]["embed"]["weight"].dtype == torch.bfloat16 and got["model"]["ids"].dtype == torch.int32
+    assert torch.equal(got["model"]["embed"]["weight"], want["model"]["embed"]["weight"].bfloat16())
+    assert got["extra_state"]["scale"].dtype == torch.float32
+    # flags that read a training checkpoint are refused
+    _, err = harness.run(["stitch", "-q", dcp_dir, "-o", os.path.join(work, "w.pt"), "--weights-only"],
+                         expect=harness.EXIT["usage"])
+    assert "training checkpoint" in err and not os.path.exists(os.path.join(work, "w.pt")), err
+
+
+def test_planner_data_that_cannot_nest_is_refused_and_a_repeated_path_is_torchs():
+    work = harness.scratch("dcp-nesting")
+    md = dcp_sets.read_metadata(os.path.join(FIXTURES, "mixed"))
+    planner = dcp_sets.planner_data_for("v2_metadata")
+
+    def with_planner(name, changes):
+        dcp_dir = copy_set("mixed", os.path.join(work, name))
+        with open(os.path.join(dcp_dir, ".metadata"), "wb") as f:
+            f.write(dcp_sets.repickle_v2(md, {**planner, **changes}))
+        return dcp_dir
+
+    for name, changes, problem in [
+        ("through-a-tensor", {"model.ids": ("model", "embed", "weight", "ids")}, "holds a value there"),
+        ("str-into-list", {"model.ids": ("model", "layers", "ids")}, "a str key into a list"),
+        ("int-into-dict", {"model.ids": ("model", 0)}, "an int index into a dict"),
+        ("huge-index", {"model.ids": ("model", "layers", 1 << 40, "x")}, "list index"),
+    ]:
+        dcp_dir = with_planner(name, changes)
+        out = os.path.join(work, name + ".pt")
+        _, err = harness.run(["stitch", "-q", dcp_dir, "-o", out], expect=harness.EXIT["bad_input"])
+        assert ".metadata" in err and "model.ids" in err and problem in err, (name, err)
+        assert not os.path.exists(out), name
+    # two keys at one path: the later one is written, as torch's set_element does, and a note says so
+    dcp_dir = with_planner("repeated", {"model.ids": ("model", "buckets")})
+    out = os.path.join(work, "repeated.pt")
+    _, err = harness.run(["stitch", dcp_dir, "-o", out])
+    assert "model.buckets and model.ids nest at the same place" in err, err
+    assert not dcp_sets._same(torch.load(out), expected_torch_save(dcp_dir), "repeated")
+    # and a safetensors input as torch: its tensors at the top level, in order
+    st = os.path.join(work, "flat.safetensors")
+    harness.run(["stitch", "-q", os.path.join(FIXTURES, "mixed"), "-o", st])
+    harness.run(["stitch", "-q", st, "-o", os.path.join(work, "flat.pt")])
+    got = torch.load(os.path.join(work, "flat.pt"))
+    assert list(got) == [k for k, v in dcp_sets.reference_state_dict(os.path.join(FIXTURES, "mixed")).items()
+                         if isinstance(v, torch.Tensor)] or sorted(got) == sorted(dict(safetensors_check.read(st)[0]))
+    harness.run(["diff", st, os.path.join(work, "flat.pt")])
 
 
 def rewrite_metadata(dcp_dir, md):
@@ -194,4 +289,6 @@ if __name__ == "__main__":
                   test_a_missing_data_file_or_overlapping_boxes_are_refused,
                   test_verify_checks_every_chunk_against_its_crc,
                   test_stitch_writes_safetensors_equal_to_torchs_reader,
+                  test_stitch_to_torch_writes_what_dcp_to_torch_save_writes,
+                  test_planner_data_that_cannot_nest_is_refused_and_a_repeated_path_is_torchs,
                   test_object_items_are_compared_and_data_files_named_anything])

@@ -416,6 +416,31 @@ TEST_SUITE("pickle") {
     CHECK_THROWS_AS(over.append_item(text, added), std::logic_error);  // a str takes no items
   }
 
+  TEST_CASE("copy_value: a value copied into another graph keeps its sharing and its cycles") {
+    Graph from;
+    NodeId shared = from.str("shared");
+    NodeId list = from.add_items(Kind::List, {});
+    from.append_item(list, list);  // a list that holds itself
+    from.append_item(list, shared);
+    from.append_item(list, shared);
+    from.append_item(list, from.global("collections", "OrderedDict"));
+    from.append_item(list, from.integer(1) /* interned */);
+    from.str("not reached");
+    from.root = list;
+    Graph to;
+    to.str("already there");  // the copy's ids differ from the original's
+    std::unordered_map<NodeId, NodeId> copied;
+    to.root = ckpt::copy_value(to, from, from.root, &copied);
+    CHECK(copied.size() == 4);  // every node reached, once (the list, the str, the global, the int)
+    const auto items = to[to.root].items;
+    REQUIRE(items.size() == 5);
+    CHECK(items[0] == to.root);
+    CHECK(items[1] == items[2]);
+    CHECK(to.is_global(items[3], "collections", "OrderedDict"));
+    CHECK(items[4] == to.integer(1));
+    CHECK(ckpt::pickle::encode(to) == ckpt::pickle::encode(from));  // the same pickle
+  }
+
   TEST_CASE("decode: scalars") {
     Graph g = decode(scalars());
     const ckpt::pickle::NodeView root = at(g, g.root);

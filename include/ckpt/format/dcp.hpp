@@ -55,12 +55,14 @@ struct DcpTensor {
   std::vector<std::int64_t> size;  // the global shape
   bool requires_grad = false;
   std::vector<DcpChunk> chunks;  // in the order .metadata lists them
+  std::size_t position = 0;      // its index among state_dict_metadata's keys, tensors and objects alike
   bool operator==(const DcpTensor&) const = default;
 };
 
 struct DcpObject {  // a non-tensor item (BytesStorageMetadata): a torch.save'd object
   std::string key;
   DcpItemPlace place;
+  std::size_t position = 0;  // as DcpTensor's
   bool operator==(const DcpObject&) const = default;
 };
 

@@ -8,6 +8,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
@@ -65,5 +66,13 @@ pickle::NodeId plain_value(pickle::Graph& graph, pickle::NodeId id);
 // Every node reachable from `from` (all edges: items, entries, callables,
 // arguments, states, persistent ids), in no particular order.
 std::vector<pickle::NodeId> reachable(const pickle::Graph& graph, pickle::NodeId from);
+
+// The value at `root` of `from` copied into `to` (another graph: an object
+// decoded from one pickle, written in another), every node reachable from it
+// once, so sharing and cycles stay; scalars and globals become `to`'s own.
+// Returns the copy's id in `to`; `copied`, when given, maps each id of `from`
+// to its copy.
+pickle::NodeId copy_value(pickle::Graph& to, const pickle::Graph& from, pickle::NodeId root,
+                          std::unordered_map<pickle::NodeId, pickle::NodeId>* copied = nullptr);
 
 }  // namespace ckpt

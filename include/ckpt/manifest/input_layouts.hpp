@@ -26,6 +26,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include "ckpt/layout/megatron.hpp"
@@ -35,6 +36,23 @@
 #include "ckpt/manifest/manifest.hpp"
 
 namespace ckpt {
+
+// Where a key of a nested state dict goes: dict keys (str) and list indices
+// (int), from the top level down.
+using KeyPath = std::vector<std::variant<std::string, std::int64_t>>;
+
+// An item of a set whose state dict is nested (DCP's planner_data): its key,
+// where torch's loader puts it, and what it is: a tensor of the state dict or
+// an object item, a torch.save archive at bytes [offset, offset + length) of
+// a file of the set.
+struct NestedItem {
+  std::string key;                    // the flat key
+  KeyPath path;                       // {key} when the set records no nesting
+  std::optional<std::size_t> tensor;  // its index in StateDict::tensors, or an object item:
+  std::uint32_t file = 0;             // the manifest file holding it
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+};
 
 // A set read as one state dict: what diff compares, and what verify checks the
 // parts' agreement with.
@@ -46,6 +64,14 @@ struct StateDict {
   // trusting the glued tensors.
   std::vector<ReplicatedCheck> checks;
   bool consolidated = false;  // glued from FSDP shards or model parts
+  // A set of object items and nesting (a DCP directory): every item, tensors
+  // and objects, in the set's order; a torch output writes them so. Empty for
+  // the other layouts.
+  std::vector<NestedItem> items;
+  std::string items_from;  // the file that orders and nests them (.metadata), for messages
+  // The last this many of `tensors` lie inside object items (at "model/<key>/<path
+  // in the item>"): compared, but no item of their own.
+  std::size_t object_tensors = 0;
 };
 
 struct StateDictOptions {

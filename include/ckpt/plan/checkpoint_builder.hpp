@@ -36,6 +36,10 @@ class CheckpointBuilder {
   pickle::NodeId add_inline_tensor(DType dtype, const std::vector<std::int64_t>& shape, std::vector<std::byte> data);
   // An OrderedDict of the tensors, in order; an alias shares its target's node.
   pickle::NodeId add_state_dict(const std::vector<NamedTensor>& tensors);
+  // A copy of the object `item` holds (a torch.save archive lying at byte
+  // `offset` of manifest file `file`, as a DCP object item does), its storages
+  // copied whole from their records there.
+  pickle::NodeId add_object(const Checkpoint& item, std::uint32_t file, std::uint64_t offset);
   // Turns the tensor node `node` of the base graph into a new tensor holding
   // `tensor`: every reference to it (dict entries, nn.Parameter wrappers) now
   // sees the new data, so key order, surrounding objects and its

@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "ckpt/format/checkpoint.hpp"
+#include "ckpt/io/mapped_file.hpp"
 #include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
 
 namespace ckpt {
 
@@ -33,13 +35,17 @@ using OptimizerStates = std::vector<std::pair<std::string, std::vector<NamedTens
 // One state dict to plan in a format.
 struct StateDictOutput {
   // The input whose other objects a torch output carries (hf reads its cfg);
-  // null for a set whose layout has no torch objects (DCP, safetensors): only
-  // formats of the state dict alone take it (needs_base).
+  // null for a set of a layout that is no training checkpoint (DCP,
+  // safetensors): a torch output is then `nested`.
   const Checkpoint* base;
   std::vector<NamedTensor> tensors;
   const std::string& path;                    // the file, or for a folder format the folder
   const OptimizerStates* optimizer_states;    // --optimizer-state, else nullptr
   const std::vector<std::uint32_t>& sources;  // plan source of manifest file i
+  // With base null: the set as torch's loader nests it (StateDict::items, a
+  // tensor item indexing `tensors`), its object items read from `files`.
+  const StateDict* nested = nullptr;
+  const std::vector<const MappedFile*>* files = nullptr;
 };
 
 // Adds the output's files to `out.plan`, the tensors of each file in its data

@@ -1,0 +1,35 @@
+// A torch output of a set that is no training checkpoint (a DCP directory, a
+// safetensors set): its state dict as torch's own loader rebuilds it, what
+// `dcp_to_torch_save` writes. Each item (tensor or object) goes where its
+// key path puts it, as torch's set_element does: a str element is a dict key,
+// an int element a list index (lists padded with None); dicts and lists are
+// made as the paths first need them, in the set's order. The top level is a
+// plain dict.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "ckpt/io/mapped_file.hpp"
+#include "ckpt/layout/tensor_source.hpp"
+#include "ckpt/manifest/input_layouts.hpp"
+#include "ckpt/plan/plan.hpp"
+
+namespace ckpt {
+
+// The file at `path`: `items` nested, a tensor item being `tensors[item.tensor]`
+// and an object item the torch.save archive at its range of `files[item.file]`
+// (decoded as data, its storages copied from their records). `sources[i]` is
+// the plan source of manifest file i. Throws Error naming `items_from` (the
+// file that nests them) and the keys whose paths
+// cannot nest (a path through a value, a str key into a list, an int index
+// into a dict), and naming the file, key and offset of an object item that
+// does not read. Two items at one path: the later is written, as torch's
+// loader does, and `notes` says so.
+PlannedFile plan_nested_torch_file(const std::string& path, const std::vector<NamedTensor>& tensors,
+                                   const std::vector<NestedItem>& items, const std::string& items_from,
+                                   const std::vector<const MappedFile*>& files,
+                                   const std::vector<std::uint32_t>& sources, Plan& plan,
+                                   std::vector<std::string>& notes);
+
+}  // namespace ckpt
