@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <set>
 #include <unordered_map>
@@ -100,6 +101,19 @@ void keep_model(Side& side) {
     if (tensor.alias_of) tensor.alias_of = std::string(kModelPrefix) + *tensor.alias_of;
   }
   std::erase_if(side.tensors, [](const NamedTensor& t) { return !t.name.starts_with(kModelPrefix); });
+}
+
+// Each tie made a tensor of its own over the bytes of the one it is tied to.
+void resolve_ties(std::vector<NamedTensor>& tensors) {
+  std::map<std::string, std::size_t> by_name;
+  for (std::size_t i = 0; i < tensors.size(); ++i) by_name.emplace(tensors[i].name, i);
+  for (NamedTensor& tensor : tensors) {
+    if (!tensor.alias_of) continue;
+    auto target = by_name.find(*tensor.alias_of);
+    if (target == by_name.end() || tensors[target->second].alias_of) continue;  // (compared as missing)
+    tensor.source = tensors[target->second].source;
+    tensor.alias_of.reset();
+  }
 }
 
 std::unique_ptr<Side> open_side(const std::string& input, std::optional<std::int64_t> model_parts) {
@@ -271,9 +285,14 @@ Action add_diff_command(CLI::App& app) {
       // Against a set or a safetensors file, only the model state dict is compared.
       if ((sets || other->state_dict_layout()) && !side->state_dict_layout()) keep_model(*side);
       if (!options->names.empty() && !side->state_dict_layout()) side->tensors = hf_opt_named(side->tensors);
-      // A tie is one tensor in safetensors: its second name is not looked for there.
+      // A tie is one tensor in safetensors: its second name is not looked for
+      // there. In DCP it is two items: compared as a copy of its tensor.
       if (other->state_dict_layout() && !side->state_dict_layout()) {
-        std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });
+        if (other->layout->ties_as_copies) {
+          resolve_ties(side->tensors);
+        } else {
+          std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });
+        }
       }
       // Nor has it objects: the tensors inside a DCP set's object items are not looked for there.
       if (other->state_dict_layout() && other->layout->object_items == nullptr) {

@@ -62,7 +62,8 @@ void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& t
     fmt::print(out, "output {} ({} records, {})\n", printable(file.path), file.records.size(),
                human_bytes(layout.file_size));
     for (const PlannedRecord& record : file.records) total_copy += record.copies.empty() ? 0 : record.nbytes;
-    if (k >= tensors.size()) {  // a plan read back (apply): its records, without the tensors they hold
+    // a plan read back (apply), or a file of several archives: its records, without the tensors they hold
+    if (k >= tensors.size() || file.container == Container::Archives) {
       for (const PlannedRecord& record : file.records) {
         fmt::print(out, "  {} {} B {}\n", printable(record.name), record.nbytes,
                    record.copies.empty() ? std::string("inline") : "in " + copies_text(record.copies.size()));

@@ -116,6 +116,14 @@ class FileWriter {
         add_header_blocks(layout.records[r].header_offset, layout.records[r].data_offset);
       }
       add_header_blocks(layout.central_directory_offset, layout.file_size);
+    } else if (file.container == Container::Archives) {
+      archives_ = archive_layouts(file);
+      for (std::size_t r = 0; r < layout.records.size(); ++r) {
+        add_header_blocks(layout.records[r].header_offset, layout.records[r].data_offset);
+      }
+      for (const ArchiveLayout& archive : archives_) {
+        add_header_blocks(archive.start + archive.zip.central_directory_offset, archive.start + archive.zip.file_size);
+      }
     }
     std::sort(header_blocks_.begin(), header_blocks_.end());
     header_blocks_.erase(std::unique(header_blocks_.begin(), header_blocks_.end()), header_blocks_.end());
@@ -163,12 +171,17 @@ class FileWriter {
   // Once every unit is written: folds the CRCs, then writes the local headers and
   // the central directory (a concatenated file has none).
   void write_headers() {
-    if (file_.container != Container::Zip) return;
+    if (file_.container == Container::Concatenated) return;
     std::vector<std::uint32_t> crcs(file_.records.size(), 0);
     for (const Span& span : spans_) {  // in destination order within each record
       crcs[span.record] = crc32_concat(crcs[span.record], span.crc32, span.end - span.begin);
     }
     for (std::size_t r = 0; r < layout_.records.size(); ++r) layout_.records[r].crc32 = crcs[r];
+    for (ArchiveLayout& archive : archives_) {
+      for (std::size_t r = 0; r < archive.zip.records.size(); ++r) {
+        archive.zip.records[r].crc32 = crcs[archive.first_record + r];
+      }
+    }
     // Each header is placed as it is rendered: a file of 200,000 records would
     // otherwise hold them all at once.
     auto place = [&](std::uint64_t offset, const std::vector<std::byte>& bytes) {
@@ -185,8 +198,13 @@ class FileWriter {
         at += count;
       }
     };
+    // (a local header is the same bytes at any offset; a central directory
+    // gives offsets from its archive's first byte)
     for (const ZipRecord& record : layout_.records) place(record.header_offset, render_local_header(record));
-    place(layout_.central_directory_offset, render_central_directory(layout_));
+    if (file_.container == Container::Zip) place(layout_.central_directory_offset, render_central_directory(layout_));
+    for (const ArchiveLayout& archive : archives_) {
+      place(archive.start + archive.zip.central_directory_offset, render_central_directory(archive.zip));
+    }
     if (kept_.data() == nullptr) return;
     // Consecutive blocks go out in one write.
     for (std::size_t i = 0; i < header_blocks_.size();) {
@@ -263,7 +281,8 @@ class FileWriter {
 
   const std::vector<const MappedFile*>& sources_;  // plan.sources, mapped
   const PlannedFile& file_;
-  ZipLayout& layout_;  // its CRCs are filled in by write_headers()
+  ZipLayout& layout_;                    // its CRCs are filled in by write_headers()
+  std::vector<ArchiveLayout> archives_;  // Container::Archives: each archive's own layout, CRCs likewise
   const OutputFile& out_;
   const ExecOptions& options_;
   SourceCrcCheck* check_;  // null with --no-crc-check

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <map>
 
 #include "ckpt/format/checkpoint.hpp"
@@ -333,6 +334,122 @@ DcpTensorItem read_dcp_tensor_item(Bytes file_bytes, const std::string& file_pat
   const DcpItemPlace& place = tensor.chunks[chunk].place;
   return read_dcp_item(file_bytes, file_path, fmt::format("{} chunk {}", tensor.key, chunk), place,
                        [&](Bytes item) { return read_item(item, file_path, tensor, chunk, place); });
+}
+
+namespace {
+
+// Building the .metadata pickle: torch 2.x's classes, pickled as CPython
+// pickles dataclasses (NEWOBJ of the class, BUILD with the instance dict).
+class MetadataWriter {
+ public:
+  std::vector<std::byte> encode(const DcpMetadata& metadata) {
+    // state_dict_metadata in position order, tensors and objects interleaved
+    std::vector<std::pair<std::size_t, std::size_t>> items;  // position, index in entries_
+    std::vector<pickle::Entry> storage;
+    for (const DcpTensor& tensor : metadata.tensors) {
+      NodeId chunks = graph_.add_items(Kind::List, {});
+      for (const DcpChunk& chunk : tensor.chunks) {
+        graph_.append_item(chunks, object("ChunkStorageMetadata", {{"offsets", add_torch_size(graph_, chunk.offsets)},
+                                                                   {"sizes", add_torch_size(graph_, chunk.sizes)}}));
+        storage.emplace_back(index(tensor.key, add_torch_size(graph_, chunk.offsets)), place(chunk.place));
+      }
+      NodeId value = object(
+          "TensorStorageMetadata",
+          {{"properties", properties(tensor)}, {"size", add_torch_size(graph_, tensor.size)}, {"chunks", chunks}});
+      items.emplace_back(tensor.position, entry_of(tensor.key, value));
+    }
+    for (const DcpObject& item : metadata.objects) {
+      items.emplace_back(item.position, entry_of(item.key, object("BytesStorageMetadata", {})));
+      storage.emplace_back(index(item.key, graph_.none()), place(item.place));
+    }
+    std::stable_sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    pickle::Node state_dict_metadata;
+    state_dict_metadata.kind = Kind::Dict;
+    for (const auto& [position, key] : items) state_dict_metadata.entries.push_back(entries_.at(key));
+    pickle::Node storage_data;
+    storage_data.kind = Kind::Dict;
+    storage_data.entries = std::move(storage);
+    std::vector<std::pair<std::string, NodeId>> fields{{"state_dict_metadata", graph_.add(state_dict_metadata)},
+                                                       {"planner_data", planner_data(metadata)},
+                                                       {"storage_data", graph_.add(storage_data)}};
+    if (metadata.version) fields.emplace_back("version", graph_.str(*metadata.version));
+    graph_.root = object("Metadata", fields);
+    graph_.protocol = 4;
+    return pickle::encode(graph_);
+  }
+
+ private:
+  static constexpr std::string_view kMetadataModule = "torch.distributed.checkpoint.metadata";
+
+  NodeId object(std::string_view cls, const std::vector<std::pair<std::string, NodeId>>& fields,
+                std::string_view module = kMetadataModule) {
+    pickle::Node node;
+    node.kind = Kind::Object;
+    node.op = pickle::ObjectOp::NewObj;
+    node.callable = graph_.global(module, cls);
+    node.args = graph_.empty_tuple();
+    pickle::Node state;
+    state.kind = Kind::Dict;
+    for (const auto& [name, value] : fields) state.entries.emplace_back(graph_.constant_str(name), value);
+    node.state = graph_.add(state);
+    return graph_.add(node);
+  }
+
+  // (dtype, layout, requires_grad, memory format, pin_memory): TensorProperties.__getstate__.
+  NodeId properties(const DcpTensor& tensor) {
+    pickle::Node format;
+    format.kind = Kind::Object;
+    format.callable = graph_.global(kMetadataModule, "_MEM_FORMAT_ENCODING");
+    format.args = graph_.tuple({graph_.integer(0)});  // TORCH_CONTIGUOUS_FORMAT
+    pickle::Node node;
+    node.kind = Kind::Object;
+    node.op = pickle::ObjectOp::NewObj;
+    node.callable = graph_.global(kMetadataModule, "TensorProperties");
+    node.args = graph_.empty_tuple();
+    node.state = graph_.tuple({graph_.global("torch", dtype_info(tensor.dtype).name), graph_.global("torch", "strided"),
+                               graph_.boolean(tensor.requires_grad), graph_.add(format), graph_.boolean(false)});
+    return graph_.add(node);
+  }
+
+  NodeId index(const std::string& key, NodeId offset) {
+    return object("MetadataIndex", {{"fqn", graph_.str(key)}, {"offset", offset}, {"index", graph_.none()}});
+  }
+
+  NodeId place(const DcpItemPlace& place) {
+    return object("_StorageInfo",
+                  {{"relative_path", graph_.str(place.file)},
+                   {"offset", graph_.integer(static_cast<std::int64_t>(place.offset))},
+                   {"length", graph_.integer(static_cast<std::int64_t>(place.length))}},
+                  "torch.distributed.checkpoint.filesystem");
+  }
+
+  NodeId planner_data(const DcpMetadata& metadata) {
+    pickle::Node dict;
+    dict.kind = Kind::Dict;
+    for (const auto& [key, path] : metadata.planner_data) {
+      std::vector<NodeId> elements;
+      for (const DcpPathElement& element : path) {
+        const auto* text = std::get_if<std::string>(&element);
+        elements.push_back(text != nullptr ? graph_.str(*text) : graph_.integer(std::get<std::int64_t>(element)));
+      }
+      dict.entries.emplace_back(graph_.str(key), graph_.tuple(elements));
+    }
+    return graph_.add(dict);
+  }
+
+  std::size_t entry_of(const std::string& key, NodeId value) {
+    entries_.emplace_back(graph_.str(key), value);
+    return entries_.size() - 1;
+  }
+
+  Graph graph_;
+  std::vector<pickle::Entry> entries_;  // state_dict_metadata's, as made
+};
+
+}  // namespace
+
+std::vector<std::byte> encode_dcp_metadata(const DcpMetadata& metadata) {
+  return MetadataWriter().encode(metadata);
 }
 
 }  // namespace ckpt

@@ -130,7 +130,7 @@ std::vector<std::string> safetensors_index_problems_of(const std::string& input,
 const std::array<InputLayout, 3> kLayouts = {{
     {FileFormat::Dcp, "dcp", claims_dcp, /*fallback=*/false, dcp_files_in, nullptr, describe_dcp_file, check_dcp_set,
      dcp_state_dict, count_dcp_model, /*has_crcs=*/true, /*training=*/false, dcp_crc_records, dcp_summary,
-     dcp_object_items},
+     dcp_object_items, /*ties_as_copies=*/true},
     {FileFormat::Torch, "torch", claims_none, /*fallback=*/true, torch_files_in, nullptr, describe_torch_file,
      check_torch_set, torch_state_dict, count_torch_model, /*has_crcs=*/true, /*training=*/true, torch_crc_records},
     {FileFormat::Safetensors, "safetensors", claims_safetensors, /*fallback=*/false, safetensors_files_in,

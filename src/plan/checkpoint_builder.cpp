@@ -184,6 +184,19 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   return finish(path, sources, base_ != nullptr ? plan.add_source(plan_source(*base_)) : 0);
 }
 
+PlannedFile CheckpointBuilder::finish_value(const std::string& path, const std::string& archive_name, NodeId root,
+                                            const std::vector<std::uint32_t>& sources) {
+  check_invariant(base_ == nullptr, "a single value planned over a base checkpoint");
+  graph_.root = root;
+  std::vector<PlannedStorage> storages;
+  for (; !payloads_.empty(); payloads_.pop_front()) {
+    PlannedStorage storage{payloads_.front().key, std::move(payloads_.front().record)};
+    map_record_sources(storage.data, sources);
+    storages.push_back(std::move(storage));
+  }
+  return plan_torch_file(path, archive_name, graph_, std::move(storages));
+}
+
 PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector<std::uint32_t>& sources,
                                       std::uint32_t base_source) {
   // The base's root keeps its type: a dict, or an OrderedDict (an Object with entries).

@@ -149,6 +149,16 @@ class Nest {
 
 }  // namespace
 
+pickle::NodeId add_object_item(CheckpointBuilder& builder, const NestedItem& item,
+                               const std::vector<const MappedFile*>& files) {
+  const MappedFile& file = *files.at(item.file);
+  DcpItemPlace place{file.path(), item.offset, item.length};
+  return read_dcp_item(file.bytes(), file.path(), item.key, place, [&](Bytes bytes) {
+    Checkpoint object(file, ZipArchive(bytes, file.path()));
+    return builder.add_object(object, item.file, item.offset);
+  });
+}
+
 PlannedFile plan_nested_torch_file(const std::string& path, const std::vector<NamedTensor>& tensors,
                                    const std::vector<NestedItem>& items, const std::string& items_from,
                                    const std::vector<const MappedFile*>& files,
@@ -161,12 +171,7 @@ PlannedFile plan_nested_torch_file(const std::string& path, const std::vector<Na
     if (item.tensor) {
       value = builder.add_tensor(tensors.at(*item.tensor));
     } else {
-      const MappedFile& file = *files.at(item.file);
-      DcpItemPlace place{file.path(), item.offset, item.length};
-      value = read_dcp_item(file.bytes(), file.path(), item.key, place, [&](Bytes bytes) {
-        Checkpoint object(file, ZipArchive(bytes, file.path()));
-        return builder.add_object(object, item.file, item.offset);
-      });
+      value = add_object_item(builder, item, files);
     }
     nest.put(item, value);
   }

@@ -12,7 +12,7 @@ namespace ckpt {
 
 namespace {
 
-constexpr std::array<OutputFormatInfo, 3> kOutputFormats{{
+constexpr std::array<OutputFormatInfo, 4> kOutputFormats{{
     {.format = OutputFormat::Torch,
      .name = "torch",
      .label = "a torch.save file",
@@ -52,6 +52,20 @@ constexpr std::array<OutputFormatInfo, 3> kOutputFormats{{
      .hf_config = true,
      .replaces_set = true,
      .plan = plan_hf_opt_state_dict},
+    {.format = OutputFormat::Dcp,
+     .name = "dcp",
+     .label = "a DCP directory",
+     .summary = "a PyTorch Distributed Checkpoint directory (torch 2.x) that torch's DCP loader reads into any world "
+                "size",
+     .extension = "",
+     .folder = true,
+     .shardable = true,
+     .carries_objects = false,
+     .per_part = false,
+     .fused_qkv = true,
+     .hf_config = false,
+     .replaces_set = false,
+     .plan = plan_dcp_state_dict},
 }};
 
 constexpr bool formats_in_order() {

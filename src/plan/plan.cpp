@@ -194,6 +194,14 @@ void check_plan(const Plan& plan, bool exhaustive, const Fail& fail) {
     }
   }
   for (const PlannedFile& file : plan.files) {
+    if (file.container == Container::Archives) {
+      bool ordered = !file.archives.empty() && file.archives.front() == 0 && file.archives.back() < file.records.size();
+      for (std::size_t a = 1; a < file.archives.size() && ordered; ++a)
+        ordered = file.archives[a - 1] < file.archives[a];
+      if (!ordered) fail(file.path, "archives that do not start at ascending records from the first");
+    } else if (!file.archives.empty()) {
+      fail(file.path, "archives in a file of one zip or none");
+    }
     for (const PlannedRecord& record : file.records) {
       auto bug = [&](const std::string& message) { fail(file.path + ": " + record.name, message); };
       if (record.copies.empty()) {
@@ -265,11 +273,43 @@ void validate_untrusted(const Plan& plan, const std::string& origin) {
   });
 }
 
+std::vector<ArchiveLayout> archive_layouts(const PlannedFile& file) {
+  std::vector<ArchiveLayout> out;
+  std::uint64_t at = 0;
+  for (std::size_t a = 0; a < file.archives.size(); ++a) {
+    const std::size_t first = file.archives[a];
+    const std::size_t end = a + 1 < file.archives.size() ? file.archives[a + 1] : file.records.size();
+    check_invariant(first < end && end <= file.records.size(), "archives out of order or past the records");
+    std::vector<ZipEntrySpec> specs;
+    for (std::size_t r = first; r < end; ++r) specs.push_back({file.records[r].name, file.records[r].nbytes});
+    ArchiveLayout archive;
+    archive.start = checked_add(at, (kTorchAlignment - at % kTorchAlignment) % kTorchAlignment, "file size");
+    archive.first_record = first;
+    archive.zip = layout_zip(specs);
+    at = checked_add(archive.start, archive.zip.file_size, "file size");
+    out.push_back(std::move(archive));
+  }
+  return out;
+}
+
 ZipLayout layout_file(const PlannedFile& file) {
   if (file.container == Container::Zip) {
     std::vector<ZipEntrySpec> specs;
     for (const PlannedRecord& record : file.records) specs.push_back({record.name, record.nbytes});
     return layout_zip(specs);
+  }
+  if (file.container == Container::Archives) {
+    ZipLayout layout;
+    for (const ArchiveLayout& archive : archive_layouts(file)) {
+      for (ZipRecord record : archive.zip.records) {
+        record.header_offset += archive.start;
+        record.data_offset += archive.start;
+        layout.records.push_back(std::move(record));
+      }
+      layout.file_size = archive.start + archive.zip.file_size;
+    }
+    layout.central_directory_offset = layout.file_size;
+    return layout;
   }
   ZipLayout layout;
   std::uint64_t at = 0;

@@ -60,6 +60,10 @@ class Writer {
   void file(const PlannedFile& file) {
     str(file.path);
     out_.u8(static_cast<std::uint8_t>(file.container));
+    if (file.container == Container::Archives) {  // (only then: plans of the other containers read as before)
+      out_.u64(file.archives.size());
+      for (std::uint64_t first : file.archives) out_.u64(first);
+    }
     out_.u64(file.records.size());
     for (const PlannedRecord& record : file.records) {
       str(record.name);
@@ -164,10 +168,14 @@ class Reader {
     PlannedFile file;
     file.path = path("an output");
     std::uint8_t container = in_.u8();
-    if (container > static_cast<std::uint8_t>(Container::Concatenated)) {
+    if (container > static_cast<std::uint8_t>(Container::Archives)) {
       in_.fail(in_.position() - 1, fmt::format("no container has the number {}", container));
     }
     file.container = static_cast<Container>(container);
+    if (file.container == Container::Archives) {
+      file.archives.resize(count(8, "archives"));
+      for (std::uint64_t& first : file.archives) first = in_.u64();
+    }
     file.records.resize(count(kRecordBytes, "records"));
     for (PlannedRecord& record : file.records) {
       record.name = str("record name bytes");

@@ -806,11 +806,82 @@ def write_hostile(set_dir, out_dir):
     return expected
 
 
+def _load_worker(dcp_dir, rank, world, port):
+    """One rank of load_sharded: every tensor of dim >= 1 as a ShardedTensor cut along
+    dim 0 over `world` ranks, filled by torch 1.13's load_state_dict, then checked
+    against the whole tensors torch's reader gives."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        md = read_metadata(dcp_dir)
+        whole = reference_state_dict(dcp_dir)
+        spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world)])
+        sd = {}
+        for key, value in md.state_dict_metadata.items():
+            if isinstance(value, TensorStorageMetadata) and len(value.size) >= 1:
+                sd[key] = sharded_tensor.empty(spec, *value.size, dtype=value.properties.dtype)
+            elif isinstance(value, TensorStorageMetadata):
+                sd[key] = torch.zeros((), dtype=value.properties.dtype)
+            else:
+                sd[key] = None
+        load_state_dict(sd, _Reader(dcp_dir))
+        checked = 0
+        for key, value in sd.items():
+            if isinstance(value, sharded_tensor.ShardedTensor):
+                for shard in value.local_shards():
+                    want = whole[key]
+                    for d, (o, n) in enumerate(zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)):
+                        want = want.narrow(d, o, n)
+                    errors = _same(shard.tensor, want, f"{key} rank {rank}")
+                    if errors:
+                        raise AssertionError(errors)
+                    checked += 1
+            else:
+                errors = _same(value, whole[key], key)
+                if errors:
+                    raise AssertionError(errors)
+        dist.barrier()
+        print(f"rank {rank}: {checked} shard(s) equal")
+    finally:
+        dist.destroy_process_group()
+
+
+def load_sharded(dcp_dir, world, timeout=120):
+    """Loads the DCP directory into `world` ranks with torch 1.13's own loader (gloo on
+    127.0.0.1), each rank a shard of every tensor; raises unless every shard equals the
+    whole tensor's slice."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
+    for _attempt in range(3):  # a port taken between probe and bind: retry
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_load", str(dcp_dir), str(r),
+                                   str(world), str(port)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT) for r in range(world)]
+        outs = []
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                out, _ = p.communicate()
+            outs.append(out.decode(errors="replace"))
+        text = "\n".join(f"--- rank {r} ---\n{o}" for r, o in enumerate(outs))
+        if all(p.returncode == 0 for p in procs):
+            return text
+        if "Address already in use" not in text:
+            break
+    raise RuntimeError(f"loading {dcp_dir} into {world} ranks failed:\n{text}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--_worker":
         name, set_dir, rank, world, port, seed, single = argv[1:8]
         _worker(name, set_dir, int(rank), int(world), int(port), int(seed), single == "1")
+        return 0
+    if argv and argv[0] == "--_load":
+        dcp_dir, rank, world, port = argv[1:5]
+        _load_worker(dcp_dir, int(rank), int(world), int(port))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     g = ap.add_mutually_exclusive_group(required=True)

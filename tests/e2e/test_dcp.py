@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
 import zipfile
 
 import torch
@@ -283,6 +284,72 @@ def test_object_items_are_compared_and_data_files_named_anything():
     harness.run(["diff", renamed, reference_file(renamed, work)])
 
 
+def test_format_dcp_is_read_by_torchs_loader_into_any_world_size():
+    work = harness.scratch("dcp-out")
+    for name in FULL_SETS + V2_SETS:
+        dcp_dir = copy_set(name, work)
+        out = os.path.join(work, name + ".dcp")
+        harness.run(["stitch", "-q", dcp_dir, "--format", "dcp", "-o", out])
+        assert not dcp_sets._same(dcp_sets.reference_state_dict(out), dcp_sets.reference_state_dict(dcp_dir), name)
+        md_in, md_out = dcp_sets.read_metadata(dcp_dir), dcp_sets.read_metadata(out)
+        assert list(md_out.state_dict_metadata) == list(md_in.state_dict_metadata), name  # the order kept
+        want = getattr(md_in, "planner_data", None) or {key: (key,) for key in md_in.state_dict_metadata}
+        assert md_out.planner_data == want, name  # nesting kept: dcp_to_torch_save gives the same dict
+        assert md_out.version == "1.0.0" and sorted(os.listdir(out)) == [".metadata", "__0_0.distcp"], name
+        with open(os.path.join(out, ".metadata"), "rb") as f:
+            assert b"torch.distributed.checkpoint.metadata" in f.read()  # torch 2.x's classes
+        harness.run(["diff", out, dcp_dir])  # objects too
+    # torch's own loader reads it into three ranks, each a shard of every tensor
+    dcp_sets.load_sharded(os.path.join(work, "v2_metadata.dcp"), 3)
+    # a metaseq training set: its consolidated model, each key an item, a tie a copy
+    fixture = os.path.join(os.environ["CKPT_SOURCE_ROOT"], "fixtures", "tiny", "mp2_dp2_fp16_omega_opt")
+    out = os.path.join(work, "opt.dcp")
+    harness.run(["stitch", "-q", fixture, "--format", "dcp", "-o", out])
+    stitched = os.path.join(work, "opt.pt")
+    harness.run(["stitch", "-q", fixture, "-o", stitched])
+    harness.run(["diff", out, stitched])
+    got = dcp_sets.reference_state_dict(out)
+    assert torch.equal(got["decoder.output_projection.weight"], got["decoder.embed_tokens.weight"])
+    dcp_sets.load_sharded(out, 3)
+    # --max-shard-size cuts the data files; --dtype converts as it copies
+    out = os.path.join(work, "cut.dcp")
+    harness.run(["stitch", "-q", fixture, "--format", "dcp", "-o", out, "--max-shard-size", "4KB", "--dtype", "fp32"])
+    files = sorted(f for f in os.listdir(out) if f.endswith(".distcp"))
+    assert len(files) > 3, files
+    sizes = {f: os.path.getsize(os.path.join(out, f)) for f in files}
+    md = dcp_sets.read_metadata(out)
+    for f in files:  # each file at most 4 KB of items unless one item is larger alone
+        items = [info.length for info in md.storage_data.values() if info.relative_path == f]
+        assert sum(items) <= 4000 or len(items) == 1, (f, items)
+        assert sizes[f] >= sum(items)
+    got = dcp_sets.reference_state_dict(out)
+    assert all(v.dtype == torch.float32 for v in got.values() if v.is_floating_point())
+    harness.run(["stitch", "-q", fixture, "-o", stitched, "--dtype", "fp32", "--force"])
+    harness.run(["diff", out, stitched])
+
+
+def test_format_dcp_renames_its_metadata_last():
+    fixture = os.path.join(os.environ["CKPT_SOURCE_ROOT"], "fixtures", "tiny", "mp2_dp2_fp16_omega_opt")
+    work = harness.scratch("dcp-out-atomic")
+    out = os.path.join(work, "opt.dcp")
+    args = [harness.TOOL, "stitch", "-q", fixture, "--format", "dcp", "-o", out, "--max-shard-size", "8KB"]
+    harness.run(args[1:])
+    outputs = len(os.listdir(out))
+    assert outputs > 3, os.listdir(out)
+    # the .metadata's rename fails: the data files renamed before it are taken back
+    fresh = os.path.join(work, "fresh.dcp")
+    proc = subprocess.run(args[:-4] + ["-o", fresh, "--max-shard-size", "8KB"],
+                          env=harness.preloaded(CKPT_FAIL_RENAME_AT=str(outputs)), capture_output=True, text=True)
+    assert proc.returncode == harness.EXIT["io"] and ".metadata" in proc.stderr, proc
+    assert not os.path.exists(fresh) or os.listdir(fresh) == [], os.listdir(fresh)
+    # over an existing one (--force), a failure half way leaves no .metadata: no checkpoint to a reader
+    proc = subprocess.run(args + ["--force"], env=harness.preloaded(CKPT_FAIL_RENAME_AT="2"), capture_output=True,
+                          text=True)
+    assert proc.returncode == harness.EXIT["io"], proc
+    assert ".metadata" not in os.listdir(out), os.listdir(out)
+    harness.run(["inspect", out], expect=harness.EXIT["bad_input"])
+
+
 if __name__ == "__main__":
     harness.main([test_every_set_equals_torchs_reader, test_an_object_items_tensor_is_read_and_checked,
                   test_a_changed_element_is_a_difference,
@@ -291,4 +358,6 @@ if __name__ == "__main__":
                   test_stitch_writes_safetensors_equal_to_torchs_reader,
                   test_stitch_to_torch_writes_what_dcp_to_torch_save_writes,
                   test_planner_data_that_cannot_nest_is_refused_and_a_repeated_path_is_torchs,
+                  test_format_dcp_is_read_by_torchs_loader_into_any_world_size,
+                  test_format_dcp_renames_its_metadata_last,
                   test_object_items_are_compared_and_data_files_named_anything])

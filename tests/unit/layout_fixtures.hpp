@@ -677,7 +677,8 @@ struct ValidationPlan {
       plan.add_source(test_files::whole_file_source(*mapped.back()));
     }
     record.name = "archive/data/0";
-    plan.files.push_back(ckpt::PlannedFile{"/tmp/never-written-layout.pt", {std::move(record)}});
+    plan.files.push_back(
+        ckpt::PlannedFile{"/tmp/never-written-layout.pt", {std::move(record)}, ckpt::Container::Zip, {}});
   }
 };
 

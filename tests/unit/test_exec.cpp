@@ -129,7 +129,8 @@ std::vector<Expected> varied_records(const Buffer& source) {
 ckpt::Plan plan_of(const ckpt::MappedFile& source, const std::vector<Expected>& records, const fs::path& out) {
   ckpt::Plan plan;
   plan.add_source(test_files::whole_file_source(source));
-  ckpt::PlannedFile file{out.string(), {}};
+  ckpt::PlannedFile file;
+  file.path = out.string();
   for (const Expected& e : records) file.records.push_back(e.record);
   plan.files.push_back(file);
   return plan;
@@ -332,7 +333,8 @@ TEST_SUITE("exec") {
 
     explicit ZipSource(const TempDir& dir) : path(dir / "source.pt") {
       ckpt::Plan plan;
-      ckpt::PlannedFile file{path.string(), {}};
+      ckpt::PlannedFile file;
+      file.path = path.string();
       for (const Buffer* data : {&data0, &data1, &data2}) {
         std::string name = "s/data/" + std::to_string(file.records.size());
         file.records.push_back(PlannedRecord{name, data->size(), *data, {}});
@@ -356,7 +358,8 @@ TEST_SUITE("exec") {
   ckpt::Plan checked_plan(const ckpt::MappedFile& source, const ZipSource& zip, const fs::path& out) {
     ckpt::Plan plan;
     plan.add_source(test_files::zip_source(source));
-    ckpt::PlannedFile file{out.string(), {}};
+    ckpt::PlannedFile file;
+    file.path = out.string();
     PlannedRecord r0{"o/data/0", 0, {}, {}};
     r0.append_copy(0, zip.offset[0] + 10, kMiB);
     file.records.push_back(r0);
@@ -455,7 +458,8 @@ TEST_SUITE("exec") {
     ckpt::MappedFile source(zip.path.string());
     ckpt::Plan plan;
     plan.add_source(test_files::zip_source(source));
-    ckpt::PlannedFile file{(dir / "out.pt").string(), {}};
+    ckpt::PlannedFile file;
+    file.path = (dir / "out.pt").string();
     PlannedRecord record{"o/data/0", 0, {}, {}};
     record.append_copy(0, zip.offset[0] + zip.data0.size() - 10, 100);  // into data/1's local header
     file.records.push_back(record);
@@ -492,7 +496,8 @@ TEST_SUITE("exec") {
     auto three_outputs = [&](std::uint64_t last_source_offset) {
       ckpt::Plan plan = checked_plan(source, zip, dir / "a.pt");
       plan.files.push_back(checked_plan(source, zip, dir / "b.pt").files[0]);
-      ckpt::PlannedFile last{(dir / "c.pt").string(), {}};
+      ckpt::PlannedFile last;
+      last.path = (dir / "c.pt").string();
       PlannedRecord record{"o/data/0", 0, {}, {}};
       record.append_copy(0, last_source_offset, 1000);
       last.records.push_back(record);

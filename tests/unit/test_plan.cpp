@@ -38,7 +38,7 @@ bool same(const Piece& piece, std::uint32_t source, std::uint64_t source_offset,
 Plan plan_with(const ckpt::MappedFile& source, PlannedRecord record) {
   Plan plan;
   plan.add_source(test_files::whole_file_source(source));
-  plan.files.push_back(PlannedFile{"/tmp/never-written.pt", {std::move(record)}});
+  plan.files.push_back(PlannedFile{"/tmp/never-written.pt", {std::move(record)}, ckpt::Container::Zip, {}});
   return plan;
 }
 
@@ -121,9 +121,44 @@ TEST_SUITE("plan") {
     PlannedRecord r2;
     r2.append_copy(1, 4, 8);
     r2.append_zeros(100);
-    plan.files.push_back(PlannedFile{"x.pt", {r1, r2}});
+    plan.files.push_back(PlannedFile{"x.pt", {r1, r2}, ckpt::Container::Zip, {}});
     CHECK(plan.bytes_to_copy() == 124);
     CHECK_NOTHROW(ckpt::validate(plan));
+  }
+
+  TEST_CASE("Container::Archives: zips back to back, each from an aligned first byte, offsets its own") {
+    PlannedFile file;
+    file.path = "__0_0.distcp";
+    file.container = ckpt::Container::Archives;
+    for (const char* name : {"archive/data.pkl", "archive/data/0", "archive/data.pkl", "archive/data/0"}) {
+      PlannedRecord record;
+      record.name = name;
+      record.nbytes = 5;
+      record.inline_bytes.assign(5, std::byte{1});
+      file.records.push_back(record);
+    }
+    file.archives = {0, 2};
+    std::vector<ckpt::ArchiveLayout> archives = ckpt::archive_layouts(file);
+    REQUIRE(archives.size() == 2);
+    CHECK(archives[0].start == 0);
+    CHECK(archives[1].start % ckpt::kTorchAlignment == 0);
+    CHECK(archives[1].start >= archives[0].zip.file_size);
+    CHECK(archives[1].start < archives[0].zip.file_size + ckpt::kTorchAlignment);
+    CHECK(archives[1].first_record == 2);
+    CHECK(archives[1].zip.records[0].header_offset == 0);  // each a zip of its own
+    ckpt::ZipLayout whole = ckpt::layout_file(file);
+    CHECK(whole.records[2].data_offset == archives[1].start + archives[1].zip.records[0].data_offset);
+    CHECK(whole.file_size == archives[1].start + archives[1].zip.file_size);
+    ckpt::Plan plan;
+    plan.files.push_back(file);
+    CHECK_NOTHROW(ckpt::validate(plan));
+    plan.files[0].archives = {1, 2};  // not from the first record
+    CHECK_THROWS_AS(ckpt::validate(plan), ckpt::InternalError);
+    plan.files[0].archives = {0, 0};
+    CHECK_THROWS_AS(ckpt::validate(plan), ckpt::InternalError);
+    plan.files[0].container = ckpt::Container::Zip;
+    plan.files[0].archives = {0};
+    CHECK_THROWS_AS(ckpt::validate(plan), ckpt::InternalError);
   }
 
   TEST_CASE("compress_inline / expand_inline: large inline records kept compressed, expanded byte for byte") {

@@ -64,9 +64,11 @@ Plan full_plan() {
   PlannedRecord big{"out/version", 70000, std::vector<std::byte>(70000, std::byte{'3'}), {}};
   ckpt::compress_inline(big);
   REQUIRE(big.inline_zstd);
-  plan.files.push_back({"/out/model.pt", {inline_record, copies, synthetic, big}, ckpt::Container::Zip});
+  plan.files.push_back({"/out/model.pt", {inline_record, copies, synthetic, big}, ckpt::Container::Zip, {}});
   plan.files.push_back(
-      {"/out/side.json", {{"side.json", 2, {std::byte{'{'}, std::byte{'}'}}, {}}}, ckpt::Container::Concatenated});
+      {"/out/side.json", {{"side.json", 2, {std::byte{'{'}, std::byte{'}'}}, {}}}, ckpt::Container::Concatenated, {}});
+  plan.files.push_back(
+      {"/out/dcp/__0_0.distcp", {inline_record, copies, inline_record}, ckpt::Container::Archives, {0, 2}});
   plan.directories = {"/out/hf"};
   plan.stale_files = {"/out/model-00001-of-00002.safetensors"};
   plan.read_only = {"/data/m.json.zst"};

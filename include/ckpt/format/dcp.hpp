@@ -77,6 +77,7 @@ struct DcpMetadata {
   // empty otherwise.
   std::vector<std::pair<std::string, std::vector<DcpPathElement>>> planner_data;
   std::optional<std::string> version;  // torch >= 2.6: "1.0.0"
+  bool operator==(const DcpMetadata&) const = default;
 };
 
 // Decodes the bytes of a `.metadata` file (`path` names it in errors). Throws
@@ -85,6 +86,15 @@ struct DcpMetadata {
 // chunk whose offsets or sizes do not match the tensor's rank, a chunk or item
 // that storage_data does not place, a negative size, offset or length.
 DcpMetadata read_dcp_metadata(Bytes bytes, const std::string& path);
+
+// The bytes of a `.metadata` file holding `metadata` as torch 2.x pickles it
+// (torch >= 2.6's fields: planner_data, storage_data, version; the
+// torch.distributed.checkpoint class paths; TensorProperties as its 5-tuple
+// state; a bytes item's MetadataIndex without offset). metadata_class is not
+// read: the class is Metadata. read_dcp_metadata reads it back equal, but for
+// the tensors' and objects' order (tensors first unless positions interleave
+// them) and metadata_class.
+std::vector<std::byte> encode_dcp_metadata(const DcpMetadata& metadata);
 
 // A chunk as its item holds it: the torch.save archive at the chunk's place,
 // one _rebuild_tensor_v2 over one storage record.

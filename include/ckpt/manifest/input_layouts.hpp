@@ -118,6 +118,10 @@ struct InputLayout {
   // The set's non-tensor items (a DCP directory's object items) as one object
   // tree, key -> value, for diff to compare; null when the layout has none.
   nlohmann::ordered_json (*object_items)(const Manifest& manifest) = nullptr;
+  // A tie (two keys of one tensor) is held as two items with the same values
+  // (DCP saves model.state_dict() so), not as one tensor under one of the keys
+  // (safetensors).
+  bool ties_as_copies = false;
 };
 
 // What is wrong with files of several layouts given as one set ("safetensors

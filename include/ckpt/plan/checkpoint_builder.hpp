@@ -62,6 +62,10 @@ class CheckpointBuilder {
   // is one. `sources[i]` is the plan source of manifest file i. Called once:
   // the tensors added go into the plan, freed from the builder as they do.
   PlannedFile finish(const std::string& path, const std::vector<std::uint32_t>& sources, Plan& plan);
+  // A file whose pickle is `root` alone (a DCP item: one tensor or one object),
+  // archive `archive_name`; for a builder made from nothing.
+  PlannedFile finish_value(const std::string& path, const std::string& archive_name, pickle::NodeId root,
+                           const std::vector<std::uint32_t>& sources);
   // The same with the base's file already a source of the plan, as
   // `base_source`: touches no shared state, so outputs can be finished in parallel.
   PlannedFile finish(const std::string& path, const std::vector<std::uint32_t>& sources, std::uint32_t base_source);

@@ -13,6 +13,7 @@
 #include "ckpt/io/mapped_file.hpp"
 #include "ckpt/layout/tensor_source.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
+#include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/plan.hpp"
 
 namespace ckpt {
@@ -31,5 +32,12 @@ PlannedFile plan_nested_torch_file(const std::string& path, const std::vector<Na
                                    const std::vector<const MappedFile*>& files,
                                    const std::vector<std::uint32_t>& sources, Plan& plan,
                                    std::vector<std::string>& notes);
+
+// The object item `item` (no tensor) added to `builder`: its torch.save
+// archive in `files[item.file]` decoded as data, its storages copied from
+// their records. Throws Error naming the file, the key and the offset of an
+// item that does not read.
+pickle::NodeId add_object_item(CheckpointBuilder& builder, const NestedItem& item,
+                               const std::vector<const MappedFile*>& files);
 
 }  // namespace ckpt

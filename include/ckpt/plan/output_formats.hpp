@@ -27,6 +27,7 @@ enum class OutputFormat : std::uint8_t {
   Torch,        // torch.save, the input's other objects carried
   Safetensors,  // the state dict alone (export.hpp)
   HfOpt,        // a folder OPTForCausalLM.from_pretrained loads (hf_opt.hpp, export.hpp)
+  Dcp,          // a PyTorch Distributed Checkpoint directory (dcp_output.cpp)
 };
 
 // Each optimizer state of an output, by name: the consolidated parameters.
@@ -102,9 +103,10 @@ struct OutputFlags {
 void check_output_flags(const OutputFormatInfo& format, const OutputFlags& flags);
 
 // The plan functions of the rows: torch (stitch.cpp), safetensors and a Hugging
-// Face OPT folder (export.cpp).
+// Face OPT folder (export.cpp), DCP (dcp_output.cpp).
 void plan_torch_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out);
 void plan_safetensors_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out);
 void plan_hf_opt_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out);
+void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out);
 
 }  // namespace ckpt

@@ -47,19 +47,36 @@ struct PlannedRecord {
 
 // How a file's records lie in it: as the records of a torch.save zip (headers
 // around each, 64-byte aligned data), or back to back with nothing else
-// (a safetensors file: its header is the first record; a JSON side file).
-enum class Container : std::uint8_t { Zip, Concatenated };
+// (a safetensors file: its header is the first record; a JSON side file), or
+// as several torch.save zips back to back, each a zip of its own from its
+// first byte, which starts at a multiple of kTorchAlignment (a DCP data file,
+// each zip an item).
+enum class Container : std::uint8_t { Zip, Concatenated, Archives };
 
 struct PlannedFile {
   std::string path;
   std::vector<PlannedRecord> records;
   Container container = Container::Zip;
+  // Archives: the index in `records` of each archive's first record, the
+  // first 0, ascending (an archive holds the records up to the next one's).
+  std::vector<std::uint64_t> archives;
   bool operator==(const PlannedFile&) const = default;
 };
 
+// Archives: each archive's first byte in the file, its records' first index,
+// and its layout as a zip of its own (offsets relative to its first byte).
+struct ArchiveLayout {
+  std::uint64_t start = 0;
+  std::size_t first_record = 0;
+  ZipLayout zip;
+};
+std::vector<ArchiveLayout> archive_layouts(const PlannedFile& file);
+
 // Where each record's data lies in the file and the file's size: the zip
 // layout, or for a concatenated file the records one after the other (each
-// header_offset == data_offset, central_directory_offset == file_size).
+// header_offset == data_offset, central_directory_offset == file_size), or for
+// archives their records at absolute offsets (central_directory_offset ==
+// file_size: each archive's own is in archive_layouts).
 ZipLayout layout_file(const PlannedFile& file);
 // The largest element any copy of `record` converts to or generates: its data
 // must start at a multiple of it in the file, so that the executor's cuts at

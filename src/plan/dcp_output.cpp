@@ -1,0 +1,134 @@
+// --format dcp: a PyTorch Distributed Checkpoint directory that torch's DCP
+// loader reads into any world size (it reshards at load), as one rank saving
+// the whole state dict writes it: every item a torch.save archive in a data
+// file `__0_<n>.distcp` (one file, or with --max-shard-size as many as it
+// takes), a tensor as one chunk covering it, an object item (a DCP input's)
+// as its object decoded and pickled again. `.metadata` (torch 2.x's classes
+// and fields, planner_data giving each key's nesting) is the plan's last file,
+// so the commit renames it last: a directory without it is no checkpoint to a
+// reader.
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <map>
+
+#include "ckpt/format/dcp.hpp"
+#include "ckpt/plan/checkpoint_builder.hpp"
+#include "ckpt/plan/nested_output.hpp"
+#include "ckpt/plan/output_formats.hpp"
+#include "ckpt/plan/stitch.hpp"
+
+namespace ckpt {
+
+namespace {
+
+constexpr std::string_view kItemArchive = "archive";  // what torch.save into a stream names it
+constexpr std::string_view kDcpVersion = "1.0.0";     // torch 2.6's writer's
+
+// A state dict of another layout as items: each tensor under its key, at the
+// top level; a tie its own item holding the tensor it is tied to, as DCP saves
+// a model's tied weights.
+std::vector<NestedItem> flat_items(const std::vector<NamedTensor>& tensors) {
+  std::vector<NestedItem> items;
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    NestedItem item;
+    item.key = tensors[i].name;
+    item.path = {item.key};
+    item.tensor = i;
+    items.push_back(std::move(item));
+  }
+  return items;
+}
+
+}  // namespace
+
+void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
+  namespace fs = std::filesystem;
+  std::vector<NestedItem> flat;
+  if (output.nested == nullptr) flat = flat_items(output.tensors);
+  const std::vector<NestedItem>& items = output.nested != nullptr ? output.nested->items : flat;
+  std::map<std::string, std::size_t> by_name;  // ties resolve to the tensor they share
+  for (std::size_t i = 0; i < output.tensors.size(); ++i) by_name.emplace(output.tensors[i].name, i);
+
+  DcpMetadata metadata;
+  metadata.version = std::string(kDcpVersion);
+  std::vector<PlannedFile> data_files;
+  std::vector<std::uint64_t> data_bytes;                    // each data file's items' bytes so far
+  std::vector<std::pair<std::size_t, std::size_t>> placed;  // per item: its data file and archive
+  for (std::size_t n = 0; n < items.size(); ++n) {
+    const NestedItem& item = items[n];
+    CheckpointBuilder builder;
+    pickle::NodeId value = pickle::kNoNode;
+    if (item.tensor) {
+      NamedTensor tensor = output.tensors.at(*item.tensor);
+      if (tensor.alias_of) {
+        auto target = by_name.find(*tensor.alias_of);
+        if (target == by_name.end()) {
+          throw Error(fmt::format("{}: tied to {}, which is not in the state dict", tensor.name, *tensor.alias_of));
+        }
+        tensor.source = output.tensors[target->second].source;
+        tensor.convert_to = output.tensors[target->second].convert_to;
+        tensor.alias_of.reset();
+      }
+      tensor.kind = {};  // a chunk is a plain tensor
+      value = builder.add_tensor(tensor);
+      DcpTensor entry;
+      entry.key = item.key;
+      entry.dtype = tensor.dtype();
+      entry.size = tensor.source.shape;
+      entry.position = n;
+      entry.chunks.push_back({std::vector<std::int64_t>(entry.size.size(), 0), entry.size, {}});
+      metadata.tensors.push_back(std::move(entry));
+    } else {
+      check_invariant(output.files != nullptr, "an object item planned without its input files");
+      value = add_object_item(builder, item, *output.files);
+      metadata.objects.push_back({item.key, {}, n});
+    }
+    metadata.planner_data.emplace_back(item.key, std::vector<DcpPathElement>(item.path.begin(), item.path.end()));
+    PlannedFile archive = builder.finish_value("", std::string(kItemArchive), value, output.sources);
+    const std::uint64_t size = layout_file(archive).file_size;
+    // --max-shard-size: a new data file when this item would pass it (an item larger alone)
+    if (data_files.empty() ||
+        (options.max_shard_bytes > 0 && data_bytes.back() > 0 && data_bytes.back() + size > options.max_shard_bytes)) {
+      PlannedFile file;
+      file.path = (fs::path(output.path) / fmt::format("__0_{}.distcp", data_files.size())).string();
+      file.container = Container::Archives;
+      data_files.push_back(std::move(file));
+      data_bytes.push_back(0);
+    }
+    PlannedFile& file = data_files.back();
+    placed.emplace_back(data_files.size() - 1, file.archives.size());
+    file.archives.push_back(file.records.size());
+    for (PlannedRecord& record : archive.records) file.records.push_back(std::move(record));
+    data_bytes.back() += size;
+  }
+  // Each item's place: its archive's first byte and size in its data file.
+  std::vector<std::vector<ArchiveLayout>> layouts;
+  for (const PlannedFile& file : data_files) layouts.push_back(archive_layouts(file));
+  std::size_t next_tensor = 0;
+  std::size_t next_object = 0;
+  for (std::size_t n = 0; n < items.size(); ++n) {
+    const auto& [f, a] = placed[n];
+    DcpItemPlace place{fs::path(data_files[f].path).filename().string(), layouts[f][a].start,
+                       layouts[f][a].zip.file_size};
+    if (items[n].tensor) {
+      metadata.tensors[next_tensor++].chunks.front().place = place;
+    } else {
+      metadata.objects[next_object++].place = place;
+    }
+  }
+  for (PlannedFile& file : data_files) {
+    out.plan.files.push_back(std::move(file));
+    out.tensors.emplace_back();  // (--dry-run lists a data file's records)
+  }
+  InlineRecordWriter writer(".metadata");
+  writer.append(encode_dcp_metadata(metadata));
+  PlannedFile last;
+  last.path = (fs::path(output.path) / ".metadata").string();
+  last.container = Container::Concatenated;
+  last.records.push_back(writer.finish());
+  out.plan.files.push_back(std::move(last));
+  out.tensors.emplace_back();
+}
+
+}  // namespace ckpt
