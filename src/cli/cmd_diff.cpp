@@ -143,7 +143,9 @@ void diff_objects(const json& a, const json& b, const std::string& path, std::ve
   bool tensor_a = a.is_object() && a.contains("$tensor");
   bool tensor_b = b.is_object() && b.contains("$tensor");
   if (tensor_a && tensor_b) return;
-  if (a.type() != b.type() || tensor_a != tensor_b) {
+  // (an int read back from a manifest is unsigned where the file's own is signed: numbers compare by value)
+  const bool same_type = a.type() == b.type() || (a.is_number_integer() && b.is_number_integer());
+  if (!same_type || tensor_a != tensor_b) {
     out.push_back(fmt::format("{}: {} != {}", path.empty() ? "<root>" : path,
                               a.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 80),
                               b.dump(-1, ' ', false, json::error_handler_t::replace).substr(0, 80)));

@@ -448,6 +448,7 @@ namespace {
 std::optional<std::pair<std::string, std::string>> first_mismatch(const ManifestFile& claimed,
                                                                   const ManifestFile& actual, std::size_t index) {
   auto field = [&](const std::string& name) { return fmt::format("files[{}].{}", index, name); };
+  if (claimed.format != actual.format) return std::pair{field("format"), "a file of another layout"};
   if (claimed.archive_name != actual.archive_name) return std::pair{field("archive_name"), actual.archive_name};
   if (claimed.pickle_protocol != actual.pickle_protocol)
     return std::pair{field("pickle_protocol"), std::to_string(actual.pickle_protocol)};

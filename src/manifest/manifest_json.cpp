@@ -170,14 +170,6 @@ struct SharedValues {
 // `shared`, when given, takes the tensor lists and object trees, which are then
 // left out of the document (empty arrays), for the caller to write one by one.
 json manifest_document(const Manifest& manifest, SharedValues* shared) {
-  for (const ManifestFile& file : manifest.files) {
-    if (const InputLayout& layout = input_layout(file.format); !layout.training) {
-      throw Error(
-          Location{file.path, "", std::nullopt},
-          fmt::format("a {} file: manifests index torch checkpoints (inspect, diff and verify read it directly)",
-                      layout.name));
-    }
-  }
   json lists = json::array();
   json fsdp = json::array();
   json trees = json::array();
@@ -213,6 +205,7 @@ json manifest_document(const Manifest& manifest, SharedValues* shared) {
       crcs.push_back(place.record_crc32);
     }
     files.push_back({{"path", file.path},
+                     {"format", input_layout(file.format).name},
                      {"size_bytes", file.size_bytes},
                      {"mtime_ns", file.mtime_ns},
                      {"archive_name", file.archive_name},
@@ -459,6 +452,15 @@ class ManifestReader {
     file.path = text(j, field, "path");
     if (file.path.empty() || file.path.front() != '/' || file.path.find('\0') != std::string::npos) {
       fail(field / "path", fmt::format("{} is not an absolute path", quote_text(file.path)));
+    }
+    if (j.contains("format")) {  // (absent before DCP manifests: torch)
+      const std::string name = text(j, field, "format");
+      const InputLayout* layout = nullptr;
+      for (const InputLayout& row : input_layouts()) {
+        if (row.name == name) layout = &row;
+      }
+      if (layout == nullptr) fail(field / "format", fmt::format("{} is no input layout", quote_text(name)));
+      file.format = layout->format;
     }
     file.size_bytes = unsigned_integer(j, field, "size_bytes", INT64_MAX);
     file.mtime_ns = integer(j, field, "mtime_ns", INT64_MIN, INT64_MAX);

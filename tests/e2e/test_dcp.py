@@ -350,6 +350,40 @@ def test_format_dcp_renames_its_metadata_last():
     harness.run(["inspect", out], expect=harness.EXIT["bad_input"])
 
 
+def test_a_manifest_of_a_dcp_set_stands_for_it():
+    work = harness.scratch("dcp-manifest")
+    dcp_dir = copy_set("v2_metadata", work)
+    manifest = os.path.join(work, "v2.json")
+    harness.run(["manifest", dcp_dir, "-o", manifest])
+    with open(manifest) as f:
+        doc = json.load(f)
+    assert {file["format"] for file in doc["files"]} == {"dcp"}, doc["files"]
+    out, _ = harness.run(["inspect", manifest])
+    assert "DCP directory" in out and "7 object item(s)" in out, out
+    harness.run(["verify", "-q", manifest])
+    harness.run(["diff", manifest, dcp_dir])
+    for ext in [".pt", ".safetensors"]:
+        os.makedirs(os.path.join(work, "direct"), exist_ok=True)
+        os.makedirs(os.path.join(work, "via"), exist_ok=True)
+        direct, via = os.path.join(work, "direct", "out" + ext), os.path.join(work, "via", "out" + ext)
+        harness.run(["stitch", "-q", dcp_dir, "-o", direct])
+        harness.run(["stitch", "-q", manifest, "-o", via])
+        assert open(direct, "rb").read() == open(via, "rb").read(), ext  # the same bytes
+    # a manifest that says another layout, or none ckpt-tool knows, is refused
+    for name, code in [("torch", harness.EXIT["bad_input"]), ("zarr", harness.EXIT["bad_input"])]:
+        doc["files"][1]["format"] = name
+        edited = os.path.join(work, f"edited-{name}.json")
+        with open(edited, "w") as f:
+            json.dump(doc, f)
+        _, err = harness.run(["inspect", edited], expect=code)
+        assert "files[1].format" in err, err
+    # a data file rewritten after the manifest: refused, not read
+    with open(os.path.join(dcp_dir, "__0_0.distcp"), "ab") as f:
+        f.write(b"\0")
+    _, err = harness.run(["stitch", "-q", manifest, "-o", os.path.join(work, "stale.pt")], expect=1)
+    assert "changed since the manifest was written" in err, err
+
+
 if __name__ == "__main__":
     harness.main([test_every_set_equals_torchs_reader, test_an_object_items_tensor_is_read_and_checked,
                   test_a_changed_element_is_a_difference,
@@ -360,4 +394,5 @@ if __name__ == "__main__":
                   test_planner_data_that_cannot_nest_is_refused_and_a_repeated_path_is_torchs,
                   test_format_dcp_is_read_by_torchs_loader_into_any_world_size,
                   test_format_dcp_renames_its_metadata_last,
+                  test_a_manifest_of_a_dcp_set_stands_for_it,
                   test_object_items_are_compared_and_data_files_named_anything])

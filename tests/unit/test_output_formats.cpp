@@ -117,7 +117,8 @@ TEST_SUITE("output formats") {
     const OutputFormatInfo& safetensors = ckpt::format_info(ckpt::OutputFormat::Safetensors);
     const OutputFormatInfo& hf = ckpt::format_info(ckpt::OutputFormat::HfOpt);
     OutputFlags sharded{.output = "model.pt", .max_shard_size = true};
-    CHECK_THROWS_WITH(ckpt::check_output_flags(torch, sharded), "--max-shard-size needs --format safetensors, hf or dcp");
+    CHECK_THROWS_WITH(ckpt::check_output_flags(torch, sharded),
+                      "--max-shard-size needs --format safetensors, hf or dcp");
     OutputFlags weights_only{.output = "model.safetensors", .weights_only = true};
     CHECK_THROWS_WITH(ckpt::check_output_flags(safetensors, weights_only),
                       "--weights-only is for --format torch (safetensors holds weights only anyway)");
