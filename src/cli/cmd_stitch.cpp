@@ -120,8 +120,8 @@ Action add_stitch_command(CLI::App& app) {
           throw CLI::ValidationError("--filter", fmt::format("invalid regular expression '{}': {}", text, e.what()));
         }
       },
-      "a DCP or safetensors input: only the keys (tensors and objects) this regular expression matches (only "
-      "their bytes are read)");
+      "only the keys this regular expression matches (a training checkpoint's state dict keys; a DCP set's flat "
+      "keys, objects too); only their bytes are read");
   add_write_flags(app, options->write);
   return [options] {
     // The pattern before any input is read; its paths once the part count is known.
@@ -170,8 +170,12 @@ Action add_stitch_command(CLI::App& app) {
       if (options->filter) stitch.filter = &*options->filter;
       return run(plan_stitch_state_dict(inputs, options->output, stitch));
     }
-    if (options->filter)
-      throw UsageError("--filter: for a DCP or safetensors input (a training checkpoint's is not yet)");
+    if (options->filter) {
+      if (options->optimizer_state || stitch.format == OutputFormat::HfOpt) {
+        throw UsageError("--filter does not go with --optimizer-state or --format hf: they hold the whole model");
+      }
+      stitch.filter = &*options->filter;
+    }
     std::vector<std::vector<int>> grid = complete_grid(inputs.manifest());
     std::vector<std::string> outputs;
     stitch.stitch_megatron = !options->no_stitch_megatron;

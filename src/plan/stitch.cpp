@@ -46,6 +46,26 @@ std::vector<const Checkpoint*> stitch_bases(const PlanInputs& inputs, const std:
   return bases;
 }
 
+// --filter on a state dict: the tensors whose key matches, in order. A kept
+// tie whose tensor is left out becomes that tensor's copy under its own key.
+std::vector<NamedTensor> filtered(std::vector<NamedTensor> tensors, const std::regex& filter) {
+  std::map<std::string, const NamedTensor*> by_name;
+  for (const NamedTensor& tensor : tensors) by_name.emplace(tensor.name, &tensor);
+  std::vector<NamedTensor> kept;
+  for (NamedTensor& tensor : tensors) {
+    if (!std::regex_search(tensor.name, filter)) continue;
+    if (tensor.alias_of && !std::regex_search(*tensor.alias_of, filter)) {
+      const NamedTensor& target = *by_name.at(*tensor.alias_of);
+      tensor.source = target.source;
+      tensor.kind = target.kind;
+      tensor.convert_to = target.convert_to;
+      tensor.alias_of.reset();
+    }
+    kept.push_back(std::move(tensor));
+  }
+  return kept;
+}
+
 // The consolidated parts glued into one state dict, and the checks of what was
 // taken from one part as replicated.
 // (Both take the consolidated parts to free them as soon as they are used.)
@@ -210,6 +230,15 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
     plan_glued(std::move(consolidated), options.glue, out);
   } else {
     plan_per_part(std::move(consolidated), out);
+  }
+  if (options.filter != nullptr) {
+    for (std::vector<NamedTensor>& tensors : out.tensors) {
+      tensors = filtered(std::move(tensors), *options.filter);
+      if (tensors.empty()) {
+        throw Error(ErrorKind::Usage, Location{output_paths.front(), "", std::nullopt},
+                    "--filter matches no key of the state dict");
+      }
+    }
   }
   out.checks.insert(out.checks.end(), state_checks.begin(), state_checks.end());
   for (ReplicatedCheck& check : data_parallel_checks(manifest, grid, options.state_dict))

@@ -302,10 +302,31 @@ def test_data_parallel_copies_that_differ_are_refused():
     assert all(torch.equal(got[k], model[k]) for k in model)
 
 
+def test_filter_keeps_the_matching_keys_and_makes_a_lone_tie_a_copy():
+    for name, folder in harness.fixtures().items():
+        work = harness.scratch("filter-" + name)
+        want = harness.load_fixture(os.path.join(folder, "expected", "consolidated.pt"))["model"]
+        out = os.path.join(work, "layer1.pt")
+        stitch([folder, "-o", out, "--filter", r"layers\.1\.|output_projection"])
+        got = ckptcheck.load(out)
+        keys = [k for k in want if "layers.1." in k or "output_projection" in k]
+        assert list(got["model"]) == keys, (name, list(got["model"]), keys)
+        for key in keys:
+            assert torch.equal(got["model"][key], want[key]), (name, key)
+        # output_projection is tied to embed_tokens, which is left out: a copy of its values
+        assert "decoder.embed_tokens.weight" not in got["model"]
+        assert "cfg" in got, name  # the other objects are carried as ever
+        stitch([folder, "-o", os.path.join(work, "none.pt"), "--filter", "nothing"], expect=harness.EXIT["usage"])
+        assert not os.path.exists(os.path.join(work, "none.pt"))
+    stitch([folder, "-o", os.path.join(work, "x.pt"), "--filter", "a", "--optimizer-state"],
+           expect=harness.EXIT["usage"])
+
+
 if __name__ == "__main__":
     harness.main([test_data_parallel_copies_that_differ_are_refused, test_consolidated_for_every_case, test_fused_qkv_for_every_case, test_one_file_per_part_for_every_case,
                   test_consolidated_parts_glue_again, test_threads_and_io_mode_give_identical_bytes,
                   test_stats_report_the_io_mode, test_refused_direct_writes_fall_back_to_buffered,
                   test_dtype_conversion_rounds_like_torch, test_manifest_input_and_stale_manifest,
                   test_dry_run_writes_nothing, test_incomplete_grid_is_refused,
-                  test_replicated_mismatch_fails_unless_part_0_is_asked_for, test_existing_output_is_kept, test_ema_weights])
+                  test_replicated_mismatch_fails_unless_part_0_is_asked_for, test_existing_output_is_kept, test_ema_weights,
+                  test_filter_keeps_the_matching_keys_and_makes_a_lone_tie_a_copy])

@@ -36,8 +36,9 @@ struct StitchOptions {
   // Keep each output's tensors in StitchPlan::tensors (--dry-run lists them);
   // otherwise each list is empty and the tensors are freed as they are planned.
   bool list_tensors = false;
-  // Only the tensors whose key this matches (std::regex_search); null: all.
-  // For a set read as one state dict (plan_stitch_state_dict).
+  // Only the keys this matches (std::regex_search); null: all. A training
+  // set's state dict keys (a kept tie whose tensor is not kept becomes its
+  // copy), or a set's flat keys, object items' too (plan_stitch_state_dict).
   const std::regex* filter = nullptr;
 };
 
