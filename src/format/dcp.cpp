@@ -6,6 +6,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <array>
 #include <map>
 
 #include "ckpt/format/checkpoint.hpp"
@@ -204,6 +205,16 @@ class MetadataReader {
           *file == "..") {
         fail(where, fmt::format("relative_path '{}' is not a file name of the directory", *file));
       }
+      // Newer torch can store an item transformed (compressed: "stream.zstd"), its
+      // descriptors listed here; a plain item leaves the field out or None.
+      if (NodeId transforms = optional_attribute(info, "transform_descriptors");
+          transforms != pickle::kNoNode && graph_[transforms].kind != Kind::None && !graph_[transforms].items.empty()) {
+        std::vector<std::string> names;
+        for (NodeId item : graph_[transforms].items) names.push_back(as_str(graph_, item).value_or("?"));
+        fail(where, fmt::format("the item is stored transformed ({}): ckpt-tool reads plain torch.save items only; "
+                                "load and save the checkpoint without the transform first",
+                                fmt::join(names, ", ")));
+      }
       DcpItemPlace place{*file, static_cast<std::uint64_t>(*at), static_cast<std::uint64_t>(*length)};
       if (!places_.emplace(std::make_pair(*fqn, offset), place).second) {
         fail(where, "storage_data places one item twice");
@@ -317,6 +328,15 @@ void check_dcp_item_range(std::uint64_t file_size, const std::string& file_path,
                 fmt::format("the item at bytes {}..{} lies past the end of the file ({} bytes): truncated?",
                             place.offset, place.offset + place.length, file_size));
   }
+}
+
+void check_dcp_item_start(Bytes item, const std::string& file_path, const std::string& what,
+                          const DcpItemPlace& place) {
+  constexpr std::array<std::byte, 4> kZipStart{std::byte{'P'}, std::byte{'K'}, std::byte{3}, std::byte{4}};
+  if (item.size() >= kZipStart.size() && std::equal(kZipStart.begin(), kZipStart.end(), item.begin())) return;
+  throw Error(Location{file_path, what, place.offset},
+              "the item is not a torch.save archive (no zip header at its first byte): a DCP item written in "
+              "another serialization (safetensors) or a range that does not start an item");
 }
 
 Error dcp_item_error(const Error& error, const std::string& file_path, const std::string& what,

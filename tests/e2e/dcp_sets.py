@@ -528,8 +528,10 @@ def _contig_strides(size):
 
 
 def repickle_v2(md, planner_data, set_name="v2", seed=DEFAULT_SEED, fields="2.6",
-                tp_strides=False, enum_by_name=False):
-    """Bytes of a torch 2.x style `.metadata` pickle carrying md's content."""
+                tp_strides=False, enum_by_name=False, transforms=None):
+    """Bytes of a torch 2.x style `.metadata` pickle carrying md's content; `transforms`
+    (fqn -> descriptors) gives those items' _StorageInfo transform_descriptors, as newer
+    torch writes for a compressed item."""
     sdm = {}
     for k, v in md.state_dict_metadata.items():
         if isinstance(v, TensorStorageMetadata):
@@ -541,7 +543,9 @@ def repickle_v2(md, planner_data, set_name="v2", seed=DEFAULT_SEED, fields="2.6"
         else:
             sdm[k] = _new(_V2.BytesStorageMetadata)
     storage = {_v2_index(ix): _new(_V2._StorageInfo, relative_path=si.relative_path,
-                                   offset=si.offset, length=si.length)
+                                   offset=si.offset, length=si.length,
+                                   **({"transform_descriptors": transforms[ix.fqn]}
+                                      if transforms and ix.fqn in transforms else {}))
                for ix, si in md.storage_data.items()}
     pd = {k: tuple(planner_data.get(k, (k,))) for k in md.state_dict_metadata}
     f = {"state_dict_metadata": sdm, "planner_data": pd, "storage_data": storage}

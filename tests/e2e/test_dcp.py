@@ -100,6 +100,26 @@ def test_a_missing_data_file_or_overlapping_boxes_are_refused():
     assert "model.embed.weight" in out and "overlaps" in out, out
 
 
+def test_transformed_items_and_ranges_that_start_no_item_are_refused_by_name():
+    work = harness.scratch("dcp-transformed")
+    md = dcp_sets.read_metadata(os.path.join(FIXTURES, "mixed"))
+    planner = dcp_sets.planner_data_for("v2_metadata")
+    dcp_dir = copy_set("mixed", os.path.join(work, "zstd"))
+    with open(os.path.join(dcp_dir, ".metadata"), "wb") as f:
+        f.write(dcp_sets.repickle_v2(md, planner, transforms={"model.fp64": ["stream.zstd/1"]}))
+    _, err = harness.run(["stitch", "-q", dcp_dir, "-o", os.path.join(work, "out.pt")], expect=1)
+    assert "model.fp64" in err and "stored transformed (stream.zstd/1)" in err, err
+    # an item's range moved one byte in: no zip starts there
+    dcp_dir = copy_set("mixed", os.path.join(work, "shifted"))
+    index = next(ix for ix in md.storage_data if ix.fqn == "model.ids")
+    md.storage_data[index].offset += 1
+    md.storage_data[index].length -= 1
+    rewrite_metadata(dcp_dir, md)
+    _, err = harness.run(["inspect", dcp_dir], expect=1)
+    assert "model.ids" in err and "not a torch.save archive" in err, err
+    assert not os.path.exists(os.path.join(work, "out.pt"))
+
+
 def test_verify_checks_every_chunk_against_its_crc():
     work = harness.scratch("dcp-crc")
     dcp_dir = copy_set("item_files_dim1", work)
@@ -389,6 +409,7 @@ if __name__ == "__main__":
                   test_a_changed_element_is_a_difference,
                   test_a_missing_data_file_or_overlapping_boxes_are_refused,
                   test_verify_checks_every_chunk_against_its_crc,
+                  test_transformed_items_and_ranges_that_start_no_item_are_refused_by_name,
                   test_stitch_writes_safetensors_equal_to_torchs_reader,
                   test_stitch_to_torch_writes_what_dcp_to_torch_save_writes,
                   test_planner_data_that_cannot_nest_is_refused_and_a_repeated_path_is_torchs,

@@ -118,17 +118,19 @@ DcpTensorItem read_dcp_tensor_item(Bytes file_bytes, const std::string& file_pat
 
 // The one way into an item: `read(item_bytes)` on the bytes of the item at
 // `place` of a data file (`file_path`), first checked to lie inside the file
-// (IncompleteSet otherwise). An Error `read` throws is located under `what`
-// (the key, and the chunk) at offsets of the file, not of the item, unless it
-// is located there already (its member is `what`).
+// (IncompleteSet otherwise) and to start as a zip does (BadInput otherwise). An Error `read` throws is located under
+// `what` (the key, and the chunk) at offsets of the file, not of the item, unless it is located there already (its
+// member is `what`).
 void check_dcp_item_range(std::uint64_t file_size, const std::string& file_path, const std::string& what,
                           const DcpItemPlace& place);
+void check_dcp_item_start(Bytes item, const std::string& file_path, const std::string& what, const DcpItemPlace& place);
 Error dcp_item_error(const Error& error, const std::string& file_path, const std::string& what,
                      const DcpItemPlace& place);
 template <typename Read>
 auto read_dcp_item(Bytes file_bytes, const std::string& file_path, const std::string& what, const DcpItemPlace& place,
                    Read&& read) -> decltype(read(file_bytes)) {
   check_dcp_item_range(file_bytes.size(), file_path, what, place);
+  check_dcp_item_start(file_bytes.subspan(place.offset, place.length), file_path, what, place);
   try {
     return read(file_bytes.subspan(place.offset, place.length));
   } catch (const Error& e) {
