@@ -49,12 +49,14 @@ test: build
 # reshard and diff on 0.25 to 16 GiB inputs (16 needs about 42 GiB free on disk;
 # BENCH_SIZES=0.25,1,4 for a shorter run), the metadata path on grids of OPT-175B's
 # shape (8 x 16 and 8 x 124 shards; BENCH_GRIDS=none skips them) and on one file of
-# 200,000 tensors (BENCH_TENSORS=none skips it); writes bench/RESULTS.md.
+# 200,000 tensors (BENCH_TENSORS=none skips it), and a 1 GiB DCP directory to each output
+# (BENCH_DCP=none skips it); writes bench/RESULTS.md.
 BENCH_SIZES ?= 0.25,1,4,16
 BENCH_GRIDS ?= 8x16,8x124
 BENCH_TENSORS ?= 200000
+BENCH_DCP ?= 1
 bench: build
-	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES) --grids $(BENCH_GRIDS) --tensors $(BENCH_TENSORS)
+	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES) --grids $(BENCH_GRIDS) --tensors $(BENCH_TENSORS) --dcp $(BENCH_DCP)
 
 # The suite under AddressSanitizer and UndefinedBehaviorSanitizer.
 sanitize: deps

@@ -191,6 +191,9 @@ def main():
     parser.add_argument("--tensors", default="200000",
                         help="tensors in the one-file state dict of tiny tensors (MoE-sized); 'none' to skip "
                              "(default 200000)")
+    parser.add_argument("--dcp", default="1",
+                        help="GiB of a DCP directory (torch's writer, 2 ranks) converted to each output; 'none' to "
+                             "skip (default 1)")
     parser.add_argument("--grid-repeats", type=int, default=3,
                         help=f"runs per step of the grids and of the many-tensors file, once when the first takes "
                              f"over {ONE_RUN_OVER_SECONDS} s (default 3)")
@@ -206,10 +209,11 @@ def main():
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     grid_rows = [] if args.grids == "none" else measure_grids(args, tool)
     tensor_rows = [] if args.tensors == "none" else measure_many_tensors(args, tool)
+    dcp_rows = [] if args.dcp == "none" else measure_dcp(args, tool)
     rows = []
     for size in sizes:
         rows += measure_size(args, tool, size)
-    write_results(rows, grid_rows, tensor_rows, args, time.perf_counter() - started, load_at_start)
+    write_results(rows, grid_rows, tensor_rows, dcp_rows, args, time.perf_counter() - started, load_at_start)
 
 
 def measure_size(args, tool, size):
@@ -389,6 +393,56 @@ def measure_many_tensors(args, tool):
     return rows
 
 
+# What dcp_to_torch_save does, with torch 1.13's reader (torch 2.x's function is not in
+# this torch): every tensor allocated whole, filled by load_state_dict, nested, saved.
+DCP_TO_TORCH_SAVE = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import dcp_sets, torch
+md = dcp_sets.read_metadata(sys.argv[1])
+torch.save(dcp_sets.nested_state_dict(dcp_sets.reference_state_dict(sys.argv[1]), getattr(md, "planner_data", None)),
+           sys.argv[2])
+"""
+
+
+def measure_dcp(args, tool):
+    """A DCP directory written by torch's own writer (two ranks, Shard(0)) to each output,
+    beside cp -r + sync of the directory and torch's reader + torch.save."""
+    size = float(args.dcp)
+    work = os.path.join(args.work, f"dcp-{size:g}")
+    shutil.rmtree(work, ignore_errors=True)
+    src = os.path.join(work, "set")
+    made_s, _, _ = run_timed([PYTHON, os.path.join(HERE, "dcp_set.py"), src, str(size), "2"])
+    nbytes = dir_bytes(src)
+    print(f"== DCP {size:g} GiB: {nbytes / GIB:.2f} GiB in {len(os.listdir(src))} files, written by torch's DCP "
+          f"writer in {made_s:.1f} s", flush=True)
+    out = os.path.join(work, "out")
+    e2e = os.path.join(ROOT, "tests", "e2e")
+    steps = [Step("cp -r + sync", ["cp", "-r", src, os.path.join(out, "copy")], durable=True, **in_folder(out)),
+             Step("ckpt-tool stitch DCP -o out.pt", [tool, "stitch", "-q", src, "-o", os.path.join(out, "o.pt")],
+                  **in_folder(out)),
+             Step("ckpt-tool stitch DCP -o out.safetensors",
+                  [tool, "stitch", "-q", src, "-o", os.path.join(out, "o.safetensors")], **in_folder(out)),
+             Step("ckpt-tool stitch DCP --format dcp",
+                  [tool, "stitch", "-q", src, "--format", "dcp", "-o", os.path.join(out, "dcp")], **in_folder(out)),
+             Step("torch's DCP reader + torch.save", [PYTHON, "-c", DCP_TO_TORCH_SAVE, src, os.path.join(out, "t.pt"),
+                                                      e2e], **in_folder(out))]
+    rows = []
+    for step in steps:
+        row = time_step(step, args.grid_repeats, inputs=src)
+        row.update(bytes=nbytes)
+        rows.append(row)
+        print(f"  {step.name:<40} median {row['seconds']:8.2f} s  worst {row['worst']:8.2f} s  "
+              f"peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
+    cp_row, torch_row = rows[0], rows[-1]
+    for row in rows[1:-1]:
+        row["cp_ratio"] = row["seconds"] / cp_row["seconds"]
+        row["torch_ratio"] = torch_row["seconds"] / row["seconds"]
+        row["torch_rss_ratio"] = torch_row["rss"] / row["rss"]
+    shutil.rmtree(work)
+    return rows
+
+
 # A hand-written section of RESULTS.md that a new run keeps: figures measured once
 # while designing, quoted where code comments used to carry them.
 MEASURED_WHILE_DESIGNING = "## Measured while designing"
@@ -404,7 +458,7 @@ def kept_section(path, heading):
     return "\n" + text[at + 1:] if at >= 0 else ""
 
 
-def write_results(rows, grid_rows, tensor_rows, args, total_seconds, load_at_start):
+def write_results(rows, grid_rows, tensor_rows, dcp_rows, args, total_seconds, load_at_start):
     by = {(r["size"], r["step"]): r for r in rows}
     sizes = sorted({r["size"] for r in rows})
     lines = ["# ckpt-tool benchmark", "",
@@ -476,6 +530,20 @@ def write_results(rows, grid_rows, tensor_rows, args, total_seconds, load_at_sta
         for r in tensor_rows:
             ratios = (f"{r['torch_ratio']:.2f} | {r['torch_rss_ratio']:.2f}" if "torch_ratio" in r else " | ")
             lines.append(f"| {count // 1000}k | {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
+                         f"{r['rss'] / (1 << 20):.0f} | {ratios} |")
+    if dcp_rows:
+        lines += ["", f"DCP: a {args.dcp} GiB PyTorch Distributed Checkpoint directory written by torch 1.13's own DCP "
+                  "writer (2 ranks, fp32 4096 x 4096 matrices cut Shard(0), two object items, one data file per "
+                  "rank), converted to each output, beside `cp -r` + `sync` of the directory and what "
+                  "`dcp_to_torch_save` does (torch 1.13's DCP reader into whole tensors, then `torch.save`; not "
+                  f"fsynced, where ckpt-tool fsyncs). Median and worst of {args.grid_repeats} runs (one where the "
+                  f"first took over {ONE_RUN_OVER_SECONDS} s), inputs read and `sync` before each.", "",
+                  "| step | median s | worst s | runs | peak RSS MiB | this / (cp -r + sync) | torch / this, time | "
+                  "torch / this, RSS |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in dcp_rows:
+            ratios = (f"{r['cp_ratio']:.2f} | {r['torch_ratio']:.2f} | {r['torch_rss_ratio']:.2f}"
+                      if "cp_ratio" in r else " | | ")
+            lines.append(f"| {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
                          f"{r['rss'] / (1 << 20):.0f} | {ratios} |")
     text = "\n".join(lines) + "\n" + kept_section(args.results, MEASURED_WHILE_DESIGNING)
     open(args.results, "w").write(text)
