@@ -262,6 +262,10 @@ class MetadataReader {
 }  // namespace
 
 DcpMetadata read_dcp_metadata(Bytes bytes, const std::string& path) {
+  // pickle.dump (protocol 2 and later: every Python 3 default) starts with PROTO.
+  if (bytes.empty() || bytes[0] != std::byte{0x80}) {
+    throw Error(Location{path, "", 0}, "not a DCP Metadata pickle: it does not start as pickle.dump's output does");
+  }
   Graph graph = pickle::decode(bytes, path, "", 0);
   return MetadataReader(graph, path).read();
 }

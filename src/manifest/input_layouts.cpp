@@ -225,8 +225,8 @@ std::vector<std::vector<int>> complete_grid(const Manifest& manifest) {
     const InputLayout& layout = input_layout(file.format);
     if (!layout.training) {
       throw Error(Location{file.path, "", std::nullopt},
-                  fmt::format("a {} file: stitch and reshard read metaseq's torch checkpoints (inspect, diff and "
-                              "verify read {})",
+                  fmt::format("a {} file: reshard cuts a metaseq training checkpoint, and a {} set is one state "
+                              "dict (stitch writes it as torch, safetensors or dcp)",
                               layout.name, layout.name));
     }
   }
