@@ -242,6 +242,12 @@ std::string state_dict_name(const std::string& key) {
   return state_dict_path(kModelPrefix, key);
 }
 
+// Why a data file .metadata names is not among the set's files.
+std::string absent_or_not_given(const fs::path& path) {
+  std::error_code ec;
+  return fs::exists(fs::symlink_status(path, ec)) ? "is not in the set" : "is missing";
+}
+
 }  // namespace
 
 bool claims_dcp(std::string_view path) {
@@ -263,7 +269,11 @@ std::optional<std::vector<std::string>> dcp_files_in(const std::string& input) {
   }
   for (const DcpObject& object : metadata->objects) names.insert(object.place.file);
   std::vector<std::string> files{metadata_path.string()};
-  for (const std::string& name : names) files.push_back((metadata_path.parent_path() / name).string());
+  for (const std::string& name : names) {
+    // A missing data file is left for the set check to name, as a missing shard is.
+    fs::path path = metadata_path.parent_path() / name;
+    if (fs::exists(fs::symlink_status(path, ec)) || fs::exists(path, ec)) files.push_back(path.string());
+  }
   return files;
 }
 
@@ -385,8 +395,8 @@ Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::in
       std::string name = tensor["chunks"][c]["file"];
       auto it = by_name.find(name);
       if (it == by_name.end()) {
-        grid.problems.push_back(fmt::format("{}: {} chunk {}: its data file {} is not in the set", metadata->path, key,
-                                            c, (directory / name).string()));
+        grid.problems.push_back(fmt::format("{}: {} chunk {}: its data file {} {}", metadata->path, key, c,
+                                            (directory / name).string(), absent_or_not_given(directory / name)));
       } else if (!it->second->tensors.find(chunk_path(key, c))) {  // (its .metadata changed meanwhile)
         grid.problems.push_back(
             fmt::format("{}: {} chunk {}: not among the chunks read from it", it->second->path, key, c));
@@ -397,8 +407,8 @@ Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::in
     std::string name = object["file"];
     auto it = by_name.find(name);
     if (it == by_name.end()) {
-      grid.problems.push_back(fmt::format("{}: object item {}: its data file {} is not in the set", metadata->path, key,
-                                          (directory / name).string()));
+      grid.problems.push_back(fmt::format("{}: object item {}: its data file {} {}", metadata->path, key,
+                                          (directory / name).string(), absent_or_not_given(directory / name)));
     } else if (!it->second->objects->contains("objects") || !(*it->second->objects)["objects"].contains(key)) {
       grid.problems.push_back(
           fmt::format("{}: object item {}: not among the items read from it", it->second->path, key));

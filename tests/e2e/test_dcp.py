@@ -88,7 +88,13 @@ def test_a_missing_data_file_or_overlapping_boxes_are_refused():
     dcp_dir = copy_set("rank_files_dim0", work)
     os.remove(os.path.join(dcp_dir, "__1_0.distcp"))
     _, err = harness.run(["diff", dcp_dir, dcp_dir], expect=2)
-    assert "__1_0.distcp" in err, err
+    assert "__1_0.distcp is missing" in err, err
+    # a missing data file is a problem of the set, as a missing shard is: listed, then refused as incomplete
+    out, _ = harness.run(["inspect", dcp_dir])
+    assert "__1_0.distcp is missing" in out, out
+    harness.run(["verify", "-q", dcp_dir], expect=1)
+    _, err = harness.run(["stitch", "-q", dcp_dir, "-o", os.path.join(work, "x.pt")], expect=harness.EXIT["incomplete_set"])
+    assert "__1_0.distcp is missing" in err and not os.path.exists(os.path.join(work, "x.pt")), err
     dcp_dir = copy_set("mixed", os.path.join(work, "overlap"))
     md = dcp_sets.read_metadata(dcp_dir)
     chunk = md.state_dict_metadata["model.embed.weight"].chunks[1]
