@@ -48,13 +48,14 @@ std::vector<const Checkpoint*> stitch_bases(const PlanInputs& inputs, const std:
 
 // --filter on a state dict: the tensors whose key matches, in order. A kept
 // tie whose tensor is left out becomes that tensor's copy under its own key.
-std::vector<NamedTensor> filtered(std::vector<NamedTensor> tensors, const std::regex& filter) {
+std::vector<NamedTensor> filtered(std::vector<NamedTensor> tensors,
+                                  const std::function<bool(const std::string&)>& keep) {
   std::map<std::string, const NamedTensor*> by_name;
   for (const NamedTensor& tensor : tensors) by_name.emplace(tensor.name, &tensor);
   std::vector<NamedTensor> kept;
   for (NamedTensor& tensor : tensors) {
-    if (!std::regex_search(tensor.name, filter)) continue;
-    if (tensor.alias_of && !std::regex_search(*tensor.alias_of, filter)) {
+    if (!keep(tensor.name)) continue;
+    if (tensor.alias_of && !keep(*tensor.alias_of)) {
       const NamedTensor& target = *by_name.at(*tensor.alias_of);
       tensor.source = target.source;
       tensor.kind = target.kind;
@@ -231,9 +232,9 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
   } else {
     plan_per_part(std::move(consolidated), out);
   }
-  if (options.filter != nullptr) {
+  if (options.filter) {
     for (std::vector<NamedTensor>& tensors : out.tensors) {
-      tensors = filtered(std::move(tensors), *options.filter);
+      tensors = filtered(std::move(tensors), options.filter);
       if (tensors.empty()) {
         throw Error(ErrorKind::Usage, Location{output_paths.front(), "", std::nullopt},
                     "--filter matches no key of the state dict");
@@ -291,7 +292,7 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
   std::vector<NamedTensor> tensors;
   std::vector<NestedItem> kept;
   for (NestedItem& item : state.items) {
-    if (options.filter != nullptr && !std::regex_search(item.key, *options.filter)) continue;
+    if (options.filter && !options.filter(item.key)) continue;
     if (item.tensor) {
       NamedTensor& tensor = state.tensors.at(*item.tensor);
       check_invariant(tensor.name.starts_with(kModelPrefix), "a state dict tensor outside model/: " + tensor.name);
@@ -303,7 +304,7 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
     kept.push_back(std::move(item));
   }
   state.items = std::move(kept);
-  if (options.filter != nullptr && state.items.empty()) {
+  if (options.filter && state.items.empty()) {
     throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt}, "--filter matches no key of the input");
   }
   if (options.dtype) convert_dtype(tensors, *options.dtype);

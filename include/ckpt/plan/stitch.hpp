@@ -2,8 +2,8 @@
 // to one consolidated checkpoint, or one per model part. Plans only.
 #pragma once
 
+#include <functional>
 #include <optional>
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -36,10 +36,10 @@ struct StitchOptions {
   // Keep each output's tensors in StitchPlan::tensors (--dry-run lists them);
   // otherwise each list is empty and the tensors are freed as they are planned.
   bool list_tensors = false;
-  // Only the keys this matches (std::regex_search); null: all. A training
-  // set's state dict keys (a kept tie whose tensor is not kept becomes its
-  // copy), or a set's flat keys, object items' too (plan_stitch_state_dict).
-  const std::regex* filter = nullptr;
+  // Only the keys this keeps (--filter's regular expression); empty: all. A
+  // training set's state dict keys (a kept tie whose tensor is not kept becomes
+  // its copy), or a set's flat keys, object items' too (plan_stitch_state_dict).
+  std::function<bool(const std::string&)> filter;
 };
 
 // With --ema: the object path of the EMA weights in `file` (extra_state's
