@@ -172,9 +172,6 @@ Action add_stitch_command(CLI::App& app) {
       return run(plan_stitch_state_dict(inputs, options->output, stitch));
     }
     if (options->filter) {
-      if (options->optimizer_state || stitch.format == OutputFormat::HfOpt) {
-        throw UsageError("--filter does not go with --optimizer-state or --format hf: they hold the whole model");
-      }
       stitch.filter = [options](const std::string& key) { return std::regex_search(key, *options->filter); };
     }
     std::vector<std::vector<int>> grid = complete_grid(inputs.manifest());

@@ -222,6 +222,10 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
   std::vector<std::vector<NamedTensor>> consolidated = consolidate_grid(manifest, grid, options.state_dict);
 
   const OutputFormatInfo& format = format_info(options.format);
+  if (options.filter && (options.optimizer_state || format.hf_config)) {
+    throw Error(ErrorKind::Usage,
+                "--filter does not go with --optimizer-state or --format hf: they hold the whole model");
+  }
   StitchPlan out;
   std::vector<ReplicatedCheck> state_checks;
   std::vector<OptimizerStates> states;

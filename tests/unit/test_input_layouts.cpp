@@ -53,12 +53,13 @@ TEST_SUITE("input_layouts") {
     CHECK(grid.problems[0] == "safetensors files mixed with torch files (/a/model.safetensors): give one kind");
   }
 
-  TEST_CASE("stitch and reshard read only training layouts") {
+  TEST_CASE("a grid is made of training layouts only: reshard refuses a one-state-dict set") {
     ckpt::Manifest manifest;
     manifest.files.resize(1);
     manifest.files[0].path = "/a/model.safetensors";
     manifest.files[0].format = ckpt::FileFormat::Safetensors;
-    CHECK_THROWS_WITH_AS(ckpt::complete_grid(manifest), doctest::Contains("a safetensors file: stitch and reshard"),
+    CHECK_THROWS_WITH_AS(ckpt::complete_grid(manifest),
+                         doctest::Contains("a safetensors file: reshard cuts a metaseq training checkpoint"),
                          ckpt::Error);
   }
 }
