@@ -162,6 +162,33 @@ void set_parameter_states(CheckpointBuilder& builder, const std::vector<NamedTen
   if (!ok) throw fail(std::string(kOptimizerStateKey) + "/param_groups", "a param group without params");
 }
 
+// A state dict to write, and what its format may need beside it (StateDictOutput).
+struct ToPlan {
+  const Checkpoint* base;
+  std::vector<NamedTensor> tensors;
+  const OptimizerStates* states;
+  const StateDict* nested;
+};
+
+// Each state dict written at its path in `format` (--dtype converting it): the
+// inputs made the plan's sources, a folder format's folders made, the files of
+// an earlier set there listed as stale.
+void plan_outputs(const PlanInputs& inputs, const OutputFormatInfo& format, const std::vector<std::string>& paths,
+                  std::vector<ToPlan> outputs, const StitchOptions& options, StitchPlan& out) {
+  std::vector<std::uint32_t> sources;
+  for (std::size_t i = 0; i < inputs.files().size(); ++i)
+    sources.push_back(out.plan.add_source(inputs.source(static_cast<int>(i))));
+  for (std::size_t k = 0; k < outputs.size(); ++k) {
+    ToPlan& output = outputs[k];
+    if (options.dtype) convert_dtype(output.tensors, *options.dtype);
+    if (format.folder) out.plan.directories.push_back(paths[k]);
+    format.plan(
+        {output.base, std::move(output.tensors), paths[k], output.states, sources, output.nested, &inputs.files()},
+        options, out);
+  }
+  if (format.replaces_set) out.plan.stale_files = stale_set_files(out.plan, paths, format.folder);
+}
+
 // One torch.save output: the base's objects with the state dict replaced.
 // The tensors are freed before the pickle is written, unless they are listed.
 PlannedFile plan_torch_output(const Checkpoint& base, std::vector<NamedTensor>& tensors, const std::string& path,
@@ -252,19 +279,13 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
     internal_error(fmt::format("{} outputs planned for {} paths", out.tensors.size(), output_paths.size()));
   }
 
-  std::vector<std::uint32_t> sources;
-  for (std::size_t i = 0; i < inputs.files().size(); ++i)
-    sources.push_back(out.plan.add_source(inputs.source(static_cast<int>(i))));
   std::vector<std::vector<NamedTensor>> state_dicts = std::move(out.tensors);
   out.tensors.clear();
+  std::vector<ToPlan> outputs;
   for (std::size_t k = 0; k < state_dicts.size(); ++k) {
-    std::vector<NamedTensor>& tensors = state_dicts[k];
-    if (options.dtype) convert_dtype(tensors, *options.dtype);
-    if (format.folder) out.plan.directories.push_back(output_paths[k]);
-    format.plan({bases[k], std::move(tensors), output_paths[k], states.empty() ? nullptr : &states[k], sources},
-                options, out);
+    outputs.push_back({bases[k], std::move(state_dicts[k]), states.empty() ? nullptr : &states[k], nullptr});
   }
-  if (format.replaces_set) out.plan.stale_files = stale_set_files(out.plan, output_paths, format.folder);
+  plan_outputs(inputs, format, output_paths, std::move(outputs), options, out);
   return out;
 }
 
@@ -311,13 +332,9 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
   if (options.filter && state.items.empty()) {
     throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt}, "--filter matches no key of the input");
   }
-  if (options.dtype) convert_dtype(tensors, *options.dtype);
-  std::vector<std::uint32_t> sources;
-  for (std::size_t i = 0; i < inputs.files().size(); ++i)
-    sources.push_back(out.plan.add_source(inputs.source(static_cast<int>(i))));
-  if (format.folder) out.plan.directories.push_back(output_path);
-  format.plan({nullptr, std::move(tensors), output_path, nullptr, sources, &state, &inputs.files()}, options, out);
-  if (format.replaces_set) out.plan.stale_files = stale_set_files(out.plan, {output_path}, format.folder);
+  std::vector<ToPlan> outputs;
+  outputs.push_back({nullptr, std::move(tensors), nullptr, &state});
+  plan_outputs(inputs, format, {output_path}, std::move(outputs), options, out);
   return out;
 }
 
