@@ -337,6 +337,14 @@ def test_format_dcp_is_read_by_torchs_loader_into_any_world_size():
     got = dcp_sets.reference_state_dict(out)
     assert torch.equal(got["decoder.output_projection.weight"], got["decoder.embed_tokens.weight"])
     dcp_sets.load_sharded(out, 3)
+    # a safetensors file: its tensors, each at the top level
+    st = os.path.join(work, "flat.safetensors")
+    harness.run(["stitch", "-q", os.path.join(work, "v2_metadata"), "-o", st])
+    harness.run(["stitch", "-q", st, "--format", "dcp", "-o", os.path.join(work, "st.dcp")])
+    harness.run(["diff", os.path.join(work, "st.dcp"), st])
+    assert sorted(dcp_sets.read_metadata(os.path.join(work, "st.dcp")).state_dict_metadata) == \
+        sorted(k for k, v in dcp_sets.reference_state_dict(os.path.join(work, "v2_metadata")).items()
+               if isinstance(v, torch.Tensor))
     # --max-shard-size cuts the data files; --dtype converts as it copies
     out = os.path.join(work, "cut.dcp")
     harness.run(["stitch", "-q", fixture, "--format", "dcp", "-o", out, "--max-shard-size", "4KB", "--dtype", "fp32"])
