@@ -9,8 +9,10 @@
 // reader.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
+#include <regex>
 
 #include "ckpt/format/dcp.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
@@ -40,6 +42,12 @@ std::vector<NestedItem> flat_items(const std::vector<NamedTensor>& tensors) {
   return items;
 }
 
+// `__<rank>_<n>.distcp`, as torch's writer names data files.
+bool is_distcp_name(const std::string& name) {
+  static const std::regex pattern(R"(__\d+_\d+\.distcp)");
+  return std::regex_match(name, pattern);
+}
+
 }  // namespace
 
 void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
@@ -47,6 +55,8 @@ void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, S
   std::vector<NestedItem> flat;
   if (output.nested == nullptr) flat = flat_items(output.tensors);
   const std::vector<NestedItem>& items = output.nested != nullptr ? output.nested->items : flat;
+  // Paths a loader could not nest are refused here as for a torch output, not passed on.
+  if (output.nested != nullptr) check_nesting(items, output.nested->items_from);
   std::map<std::string, std::size_t> by_name;  // ties resolve to the tensor they share
   for (std::size_t i = 0; i < output.tensors.size(); ++i) by_name.emplace(output.tensors[i].name, i);
 
@@ -117,6 +127,15 @@ void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, S
       metadata.objects[next_object++].place = place;
     }
   }
+  // Data files of an earlier checkpoint in the folder (-f) that .metadata no longer names
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(output.path, ec)) {
+    const std::string name = entry.path().filename().string();
+    bool ours = false;
+    for (const PlannedFile& file : data_files) ours = ours || fs::path(file.path).filename() == name;
+    if (!ours && is_distcp_name(name)) out.plan.stale_files.push_back(entry.path().string());
+  }
+  std::sort(out.plan.stale_files.begin(), out.plan.stale_files.end());
   for (PlannedFile& file : data_files) {
     out.plan.files.push_back(std::move(file));
     out.tensors.emplace_back();  // (--dry-run lists a data file's records)

@@ -21,8 +21,14 @@ constexpr std::int64_t kMaxListPadding = std::int64_t{1} << 20;
 using PathElement = KeyPath::value_type;
 
 std::string path_text(const KeyPath& path) {
+  constexpr std::size_t kShown = 8;  // elements shown: a message stays one readable line
   std::string text;
-  for (const PathElement& element : path) {
+  for (std::size_t i = 0; i < path.size(); ++i) {
+    if (i == kShown && path.size() > kShown + 1) {
+      text += fmt::format("...({} elements)", path.size());
+      break;
+    }
+    const PathElement& element = path[i];
     if (const auto* key = std::get_if<std::string>(&element)) {
       text += fmt::format("['{}']", *key);
     } else {
@@ -63,8 +69,6 @@ class Nest {
     return out;
   }
 
-  const std::vector<std::string>& notes() const { return notes_; }
-
  private:
   enum class Kind : std::uint8_t { Dict, List, Leaf };
   static constexpr std::size_t kNone = SIZE_MAX;  // a list's hole
@@ -93,12 +97,13 @@ class Nest {
     return *place;
   }
 
+  // (torch's loader would overwrite what is there, losing it: refused instead)
   void set(const NestedItem& item, std::size_t at, const PathElement& element, std::size_t leaf) {
     std::size_t* place = locate(item, at, element);
     if (*place != kNone) {
-      std::string earlier = slots_[*place].kind == Kind::Leaf ? slots_[*place].key : "the values nested there";
-      notes_.push_back(fmt::format("{}: {} and {} nest at the same place {}: {} is written, as torch's loader does",
-                                   items_from_, earlier, item.key, path_text(item.path), item.key));
+      fail(item, slots_[*place].kind == Kind::Leaf
+                     ? fmt::format("{} is there already (torch's loader would keep one of the two)", slots_[*place].key)
+                     : "other keys are nested there (torch's loader would drop them)");
     }
     *place = leaf;
   }
@@ -144,7 +149,6 @@ class Nest {
   const std::string& items_from_;
   std::int64_t max_index_;
   std::vector<Slot> slots_;  // [0]: the top level, a dict
-  std::vector<std::string> notes_;
 };
 
 }  // namespace
@@ -162,8 +166,7 @@ pickle::NodeId add_object_item(CheckpointBuilder& builder, const NestedItem& ite
 PlannedFile plan_nested_torch_file(const std::string& path, const std::vector<NamedTensor>& tensors,
                                    const std::vector<NestedItem>& items, const std::string& items_from,
                                    const std::vector<const MappedFile*>& files,
-                                   const std::vector<std::uint32_t>& sources, Plan& plan,
-                                   std::vector<std::string>& notes) {
+                                   const std::vector<std::uint32_t>& sources, Plan& plan) {
   CheckpointBuilder builder;
   Nest nest(items_from, static_cast<std::int64_t>(items.size()) + kMaxListPadding);
   for (const NestedItem& item : items) {
@@ -176,8 +179,12 @@ PlannedFile plan_nested_torch_file(const std::string& path, const std::vector<Na
     nest.put(item, value);
   }
   for (const auto& [key, node] : nest.top_level(builder.graph())) builder.set_top_level(key, node);
-  notes.insert(notes.end(), nest.notes().begin(), nest.notes().end());
   return builder.finish(path, sources, plan);
+}
+
+void check_nesting(const std::vector<NestedItem>& items, const std::string& items_from) {
+  Nest nest(items_from, static_cast<std::int64_t>(items.size()) + kMaxListPadding);
+  for (const NestedItem& item : items) nest.put(item, pickle::kNoNode);
 }
 
 }  // namespace ckpt

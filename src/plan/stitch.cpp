@@ -229,8 +229,8 @@ void plan_torch_state_dict(StateDictOutput output, const StitchOptions& options,
   if (output.base == nullptr) {
     check_invariant(output.nested != nullptr && output.files != nullptr, "a torch output planned without its input");
     out.plan.files.push_back(plan_nested_torch_file(output.path, output.tensors, output.nested->items,
-                                                    output.nested->items_from, *output.files, output.sources, out.plan,
-                                                    out.notes));
+                                                    output.nested->items_from, *output.files, output.sources,
+                                                    out.plan));
     if (!options.list_tensors) output.tensors.clear();
     out.tensors.push_back(std::move(output.tensors));
     return;

@@ -238,7 +238,7 @@ def test_stitch_to_torch_writes_what_dcp_to_torch_save_writes():
     assert "training checkpoint" in err and not os.path.exists(os.path.join(work, "w.pt")), err
 
 
-def test_planner_data_that_cannot_nest_is_refused_and_a_repeated_path_is_torchs():
+def test_planner_data_that_cannot_nest_is_refused_for_every_output():
     work = harness.scratch("dcp-nesting")
     md = dcp_sets.read_metadata(os.path.join(FIXTURES, "mixed"))
     planner = dcp_sets.planner_data_for("v2_metadata")
@@ -254,18 +254,18 @@ def test_planner_data_that_cannot_nest_is_refused_and_a_repeated_path_is_torchs(
         ("str-into-list", {"model.ids": ("model", "layers", "ids")}, "a str key into a list"),
         ("int-into-dict", {"model.ids": ("model", 0)}, "an int index into a dict"),
         ("huge-index", {"model.ids": ("model", "layers", 1 << 40, "x")}, "list index"),
+        # where torch's loader would keep one of two items, or drop what is nested under one
+        ("repeated", {"model.ids": ("model", "buckets")}, "model.buckets is there already"),
+        ("over-a-dict", {"model.ids": ("model", "layers")}, "other keys are nested there"),
+        ("empty", {"model.ids": ()}, "a key path of 0 elements"),
+        ("deep", {"model.ids": ("x",) * 100000}, "...(100000 elements)"),
     ]:
         dcp_dir = with_planner(name, changes)
-        out = os.path.join(work, name + ".pt")
-        _, err = harness.run(["stitch", "-q", dcp_dir, "-o", out], expect=harness.EXIT["bad_input"])
-        assert ".metadata" in err and "model.ids" in err and problem in err, (name, err)
-        assert not os.path.exists(out), name
-    # two keys at one path: the later one is written, as torch's set_element does, and a note says so
-    dcp_dir = with_planner("repeated", {"model.ids": ("model", "buckets")})
-    out = os.path.join(work, "repeated.pt")
-    _, err = harness.run(["stitch", dcp_dir, "-o", out])
-    assert "model.buckets and model.ids nest at the same place" in err, err
-    assert not dcp_sets._same(torch.load(out), expected_torch_save(dcp_dir), "repeated")
+        for out in [os.path.join(work, name + ".pt"), os.path.join(work, name + ".dcp")]:
+            _, err = harness.run(["stitch", "-q", dcp_dir, "-o", out] + (["--format", "dcp"] if ".dcp" in out else []),
+                                 expect=harness.EXIT["bad_input"])
+            assert ".metadata" in err and "model.ids" in err and problem in err, (name, err)
+            assert len(err) < 1000 and not os.path.exists(out), (name, len(err))
     # and a safetensors input as torch: its tensors at the top level, in order
     st = os.path.join(work, "flat.safetensors")
     harness.run(["stitch", "-q", os.path.join(FIXTURES, "mixed"), "-o", st])
@@ -370,6 +370,10 @@ def test_format_dcp_renames_its_metadata_last():
     harness.run(args[1:])
     outputs = len(os.listdir(out))
     assert outputs > 3, os.listdir(out)
+    # over it with -f and fewer data files: those no .metadata names any more are removed
+    harness.run(["stitch", "-q", fixture, "--format", "dcp", "-o", out, "-f"])
+    assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp"], os.listdir(out)
+    harness.run(args[1:] + ["-f"])
     # the .metadata's rename fails: the data files renamed before it are taken back
     fresh = os.path.join(work, "fresh.dcp")
     proc = subprocess.run(args[:-4] + ["-o", fresh, "--max-shard-size", "8KB"],
@@ -426,7 +430,7 @@ if __name__ == "__main__":
                   test_transformed_items_and_ranges_that_start_no_item_are_refused_by_name,
                   test_stitch_writes_safetensors_equal_to_torchs_reader,
                   test_stitch_to_torch_writes_what_dcp_to_torch_save_writes,
-                  test_planner_data_that_cannot_nest_is_refused_and_a_repeated_path_is_torchs,
+                  test_planner_data_that_cannot_nest_is_refused_for_every_output,
                   test_format_dcp_is_read_by_torchs_loader_into_any_world_size,
                   test_format_dcp_renames_its_metadata_last,
                   test_a_manifest_of_a_dcp_set_stands_for_it,

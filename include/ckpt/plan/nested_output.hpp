@@ -24,14 +24,17 @@ namespace ckpt {
 // the plan source of manifest file i. Throws Error naming `items_from` (the
 // file that nests them) and the keys whose paths
 // cannot nest (a path through a value, a str key into a list, an int index
-// into a dict), and naming the file, key and offset of an object item that
-// does not read. Two items at one path: the later is written, as torch's
-// loader does, and `notes` says so.
+// into a dict, two items at one path, an item where others nest: torch's
+// loader would keep one and lose the other), and naming the file, key and
+// offset of an object item that does not read.
 PlannedFile plan_nested_torch_file(const std::string& path, const std::vector<NamedTensor>& tensors,
                                    const std::vector<NestedItem>& items, const std::string& items_from,
                                    const std::vector<const MappedFile*>& files,
-                                   const std::vector<std::uint32_t>& sources, Plan& plan,
-                                   std::vector<std::string>& notes);
+                                   const std::vector<std::uint32_t>& sources, Plan& plan);
+
+// The same checks of the paths alone (a DCP output keeps them for a loader to
+// nest): Error as above.
+void check_nesting(const std::vector<NestedItem>& items, const std::string& items_from);
 
 // The object item `item` (no tensor) added to `builder`: its torch.save
 // archive in `files[item.file]` decoded as data, its storages copied from
