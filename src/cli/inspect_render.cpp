@@ -294,9 +294,10 @@ void print_summary(const Manifest& manifest, bool wide, std::ostream& out) {
   out << fmt::format("buffers: {} element(s)\n", grouped(counts.buffers));
   if (counts.optimizer_state > 0)
     out << fmt::format("optimizer state: {} element(s) as stored\n", grouped(counts.optimizer_state));
+  // (stored tensors: each file's, so a copy in every shard counts each time, and a DCP set's chunks)
   out << "bytes by dtype (storage bytes: what the files hold; tensor bytes: numel x element size):\n";
   for (const auto& [dtype, counts] : summary.by_dtype) {
-    out << fmt::format("  {:<10} {:>12}  in {} tensor(s)\n", dtype, bytes_text(counts), counts.tensors);
+    out << fmt::format("  {:<10} {:>12}  in {} stored tensor(s)\n", dtype, bytes_text(counts), counts.tensors);
   }
   out << "bytes by section:\n";
   for (const auto& [section, counts] : summary.by_section) {
