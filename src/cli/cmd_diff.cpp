@@ -39,6 +39,7 @@ struct Side {
   const InputLayout* layout;
   std::vector<NamedTensor> tensors;
   std::size_t object_tensors = 0;  // the last of `tensors` lie inside object items (StateDict::object_tensors)
+  std::vector<NestedItem> items;   // a set's items in order, where each nests (StateDict::items)
   bool consolidated = false;
   // A layout that is one state dict and nothing else (no training layout).
   bool state_dict_layout() const { return !layout->training; }
@@ -134,6 +135,47 @@ void load_side(Side& side, bool state_dict_only) {
   }
   side.tensors = std::move(read.tensors);
   side.object_tensors = read.object_tensors;
+  side.items = std::move(read.items);
+}
+
+// Whether the side is a set whose keys nest (DCP's planner_data: a path of
+// more than one element).
+bool nests(const Side& side) {
+  return std::any_of(side.items.begin(), side.items.end(), [](const NestedItem& item) { return item.path.size() > 1; });
+}
+
+// The object path of a nested key: its elements as labels joined by '/'.
+std::string nested_path(const KeyPath& path) {
+  std::string out;
+  for (const auto& element : path) {
+    if (!out.empty()) out += '/';
+    const auto* key = std::get_if<std::string>(&element);
+    out += key != nullptr ? escape_label(*key) : std::to_string(std::get<std::int64_t>(element));
+  }
+  return out;
+}
+
+// The side's tensors named by where they nest: a tensor item at its key's
+// path, a tensor inside an object item ("model/<key>/<rest>") under its item's.
+void name_by_nesting(Side& side) {
+  std::map<std::string, std::string> item_paths;  // "model/<escaped key>" -> its nested path
+  for (const NestedItem& item : side.items) {
+    std::string path = nested_path(item.path);
+    if (item.tensor) {
+      side.tensors.at(*item.tensor).name = path;
+    } else {
+      item_paths.emplace(state_dict_path(kModelPrefix, item.key), path);
+    }
+  }
+  for (std::size_t i = side.tensors.size() - side.object_tensors; i < side.tensors.size(); ++i) {
+    NamedTensor& tensor = side.tensors[i];
+    for (std::string* name : {&tensor.name, tensor.alias_of ? &*tensor.alias_of : nullptr}) {
+      if (name == nullptr) continue;
+      const std::size_t slash = name->find('/', kModelPrefix.size());
+      auto it = item_paths.find(name->substr(0, slash));
+      if (it != item_paths.end()) *name = it->second + (slash == std::string::npos ? "" : name->substr(slash));
+    }
+  }
 }
 
 // Non-tensor objects that differ (tensors, {"$tensor": i}, are compared as data).
@@ -284,8 +326,16 @@ Action add_diff_command(CLI::App& app) {
     for (Side* side : {a.get(), b.get()}) {
       Side* other = side == a.get() ? b.get() : a.get();
       load_side(*side, !options->names.empty() || other->state_dict_layout() || sets);
+    }
+    // A DCP set that nests its keys against one torch file (what dcp_to_torch_save
+    // writes): compared by where each key nests, the file's tensors at their paths.
+    const bool by_nesting =
+        !sets && options->names.empty() && nests(*a) != nests(*b) && !(nests(*a) ? *b : *a).state_dict_layout();
+    for (Side* side : {a.get(), b.get()}) {
+      Side* other = side == a.get() ? b.get() : a.get();
+      if (by_nesting && nests(*side)) name_by_nesting(*side);
       // Against a set or a safetensors file, only the model state dict is compared.
-      if ((sets || other->state_dict_layout()) && !side->state_dict_layout()) keep_model(*side);
+      if ((sets || other->state_dict_layout()) && !side->state_dict_layout() && !by_nesting) keep_model(*side);
       if (!options->names.empty() && !side->state_dict_layout()) side->tensors = hf_opt_named(side->tensors);
       // A tie is one tensor in safetensors: its second name is not looked for
       // there. In DCP it is two items: compared as a copy of its tensor.
