@@ -155,6 +155,21 @@ std::string nested_path(const KeyPath& path) {
   return out;
 }
 
+// Whether more of `file`'s tensor paths are where `set`'s keys nest than are
+// its flat keys.
+bool written_nested(const Side& set, const Side& file) {
+  std::set<std::string_view> names;
+  for (const NamedTensor& tensor : file.tensors) names.insert(tensor.name);
+  std::size_t nested = 0;
+  std::size_t flat = 0;
+  for (const NestedItem& item : set.items) {
+    if (!item.tensor) continue;
+    nested += names.count(nested_path(item.path));
+    flat += names.count(escape_label(item.key)) + names.count(state_dict_path(kModelPrefix, item.key));
+  }
+  return nested > flat;
+}
+
 // The side's tensors named by where they nest: a tensor item at its key's
 // path, a tensor inside an object item ("model/<key>/<rest>") under its item's.
 void name_by_nesting(Side& side) {
@@ -327,10 +342,12 @@ Action add_diff_command(CLI::App& app) {
       Side* other = side == a.get() ? b.get() : a.get();
       load_side(*side, !options->names.empty() || other->state_dict_layout() || sets);
     }
-    // A DCP set that nests its keys against one torch file (what dcp_to_torch_save
-    // writes): compared by where each key nests, the file's tensors at their paths.
-    const bool by_nesting =
-        !sets && options->names.empty() && nests(*a) != nests(*b) && !(nests(*a) ? *b : *a).state_dict_layout();
+    // A DCP set that nests its keys against one torch file written nested (what
+    // dcp_to_torch_save writes): compared by where each key nests, the file's
+    // tensors at their paths. (A file of the flat keys is compared by them.)
+    const bool by_nesting = !sets && options->names.empty() && nests(*a) != nests(*b) &&
+                            !(nests(*a) ? *b : *a).state_dict_layout() &&
+                            written_nested(nests(*a) ? *a : *b, nests(*a) ? *b : *a);
     for (Side* side : {a.get(), b.get()}) {
       Side* other = side == a.get() ? b.get() : a.get();
       if (by_nesting && nests(*side)) name_by_nesting(*side);
