@@ -157,13 +157,13 @@ Action add_stitch_command(CLI::App& app) {
       return 0;
     };
     if (!options->dtype.empty()) stitch.dtype = dtype_from_name(options->dtype);
-    if (const InputLayout& layout = input_layout(inputs.manifest()); !layout.training) {
+    if (const InputLayout& layout = input_layout(inputs.manifest()); reads_as_one_state_dict(inputs.manifest())) {
       // One state dict (a DCP directory, a safetensors set): no grid to stitch.
       if (options->no_stitch_megatron || options->ema || options->optimizer_state || options->weights_only ||
           options->fused_qkv) {
         throw UsageError(
             fmt::format("--no-stitch-megatron, --ema, --optimizer-state, --weights-only and --fused-qkv read a "
-                        "training checkpoint; this is a {} set",
+                        "training checkpoint; this input ({}) is one state dict",
                         layout.name));
       }
       note_phase(options->write, "planning");

@@ -172,6 +172,7 @@ PlannedFile plan_nested_torch_file(const std::string& path, const std::vector<Na
   for (const NestedItem& item : items) {
     pickle::NodeId value = pickle::kNoNode;
     if (item.tensor) {
+      check_invariant(!tensors.at(*item.tensor).alias_of, "a tie in a nested torch output: " + item.key);
       value = builder.add_tensor(tensors.at(*item.tensor));
     } else {
       value = add_object_item(builder, item, files);

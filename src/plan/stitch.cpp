@@ -6,6 +6,7 @@
 
 #include <map>
 #include <numeric>
+#include <set>
 
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
@@ -289,6 +290,95 @@ StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>&
   return out;
 }
 
+namespace {
+
+// One torch file that is no training checkpoint, its top level a dict
+// (torch.save(model.state_dict()), a nested dict of tensors), as a state dict:
+// every tensor reached through dicts and lists, as torch's flatten_state_dict
+// reaches it, under its path's elements joined with '.' and nesting by them; a
+// tie a tie. What is not such a tensor (a value, an object of a class, a
+// tensor inside one) is left out, with a note; a torch output (which would
+// lose it) is refused.
+StateDict plain_file_state_dict(const Manifest& manifest, const OutputFormatInfo& format,
+                                std::vector<std::string>& notes) {
+  using json = nlohmann::ordered_json;
+  const ManifestFile& file = manifest.files.at(0);
+  const json& root = *file.objects;
+  if (format.carries_objects || !root.is_object() || root.contains("$class") || root.contains("$tensor")) {
+    throw Error(Location{file.path, "", std::nullopt},
+                fmt::format("{}: no training checkpoint (no 'model' state dict); one torch file whose top level is "
+                            "a dict of tensors is written as safetensors (-o FILE.safetensors) or a DCP directory "
+                            "(--format dcp)",
+                            describe_contents(file)));
+  }
+  StateDict state = torch_state_dict(manifest, {.state_dict_only = true});  // tensors[i]: the file's tensor i
+  std::map<std::string_view, std::size_t> index;                            // the tensors by path
+  for (std::size_t i = 0; i < state.tensors.size(); ++i) index.emplace(state.tensors[i].name, i);
+  std::size_t left_out = 0;
+  KeyPath path;
+  std::function<void(const json&)> walk = [&](const json& node) {
+    if (node.is_object() && node.contains("$tensor")) {
+      NestedItem item;
+      for (const auto& element : path) {
+        const auto* key = std::get_if<std::string>(&element);
+        if (!item.key.empty()) item.key += '.';
+        item.key += key != nullptr ? *key : std::to_string(std::get<std::int64_t>(element));
+      }
+      // (by its path: a tie's node gives its tensor's index, and the tie is a tensor of its own path)
+      std::string object_path;
+      for (const auto& element : path) {
+        const auto* key = std::get_if<std::string>(&element);
+        if (!object_path.empty()) object_path += '/';
+        object_path += key != nullptr ? escape_label(*key) : std::to_string(std::get<std::int64_t>(element));
+      }
+      auto found = index.find(object_path);
+      item.path = path;
+      item.tensor = found != index.end() ? found->second : node["$tensor"].get<std::size_t>();
+      state.items.push_back(std::move(item));
+    } else if (node.is_object() && !node.contains("$class") && !node.empty()) {
+      for (const auto& [key, value] : node.items()) {
+        path.emplace_back(key);
+        walk(value);
+        path.pop_back();
+      }
+    } else if (node.is_array() && !node.empty()) {
+      for (std::size_t i = 0; i < node.size(); ++i) {
+        path.emplace_back(static_cast<std::int64_t>(i));
+        walk(node[i]);
+        path.pop_back();
+      }
+    } else {
+      ++left_out;
+    }
+  };
+  walk(root);
+  // A tie to a tensor left out (inside an object) holds that tensor's bytes itself.
+  std::map<std::string, const NamedTensor*> by_name;
+  for (const NamedTensor& tensor : state.tensors) by_name.emplace(tensor.name, &tensor);
+  std::set<std::string_view> kept;
+  for (const NestedItem& item : state.items) kept.insert(state.tensors.at(*item.tensor).name);
+  for (const NestedItem& item : state.items) {
+    NamedTensor& tensor = state.tensors[*item.tensor];
+    if (!tensor.alias_of || kept.count(*tensor.alias_of) != 0) continue;
+    tensor.source = by_name.at(*tensor.alias_of)->source;
+    tensor.alias_of.reset();
+  }
+  if (left_out > 0) {
+    notes.push_back(
+        fmt::format("{}: {} value(s) that are no tensors of its dicts are left out: {} holds tensors "
+                    "only",
+                    file.path, left_out, format.label));
+  }
+  return state;
+}
+
+}  // namespace
+
+bool reads_as_one_state_dict(const Manifest& manifest) {
+  if (!input_layout(manifest).training) return true;
+  return manifest.files.size() == 1 && !is_training_checkpoint(manifest.files[0]);
+}
+
 StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& output_path,
                                   const StitchOptions& options) {
   const Manifest& manifest = inputs.manifest();
@@ -300,8 +390,9 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
                             "(-o FILE.safetensors) or torch (-o FILE.pt)",
                             format.label, layout.name));
   }
-  StateDict state = layout.state_dict(manifest, {});
   StitchPlan out;
+  StateDict state =
+      layout.training ? plain_file_state_dict(manifest, format, out.notes) : layout.state_dict(manifest, {});
   out.checks = std::move(state.checks);
   if (state.items.empty()) {  // a flat set of tensors: each at the top level under its key
     for (std::size_t i = 0; i < state.tensors.size(); ++i) {
@@ -312,23 +403,31 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
       state.items.push_back(std::move(item));
     }
   }
-  // The tensors, under their flat keys, and the items that --filter keeps,
-  // renumbered.
-  std::vector<NamedTensor> tensors;
-  std::vector<NestedItem> kept;
-  for (NestedItem& item : state.items) {
-    if (options.filter && !options.filter(item.key)) continue;
-    if (item.tensor) {
-      NamedTensor& tensor = state.tensors.at(*item.tensor);
-      check_invariant(tensor.name.starts_with(kModelPrefix), "a state dict tensor outside model/: " + tensor.name);
-      check_invariant(!tensor.alias_of, "a tie in a set read as flat keys: " + tensor.name);
-      tensor.name = item.key;
-      item.tensor = tensors.size();
-      tensors.push_back(std::move(tensor));
-    }
-    kept.push_back(std::move(item));
+  // Every tensor under its item's key (a tie naming its tensor's key), in the
+  // items' order; then what --filter keeps.
+  std::map<std::string, std::string> keys;  // tensor name -> its item's key
+  for (const NestedItem& item : state.items) {
+    if (item.tensor) keys.emplace(state.tensors.at(*item.tensor).name, item.key);
   }
-  state.items = std::move(kept);
+  std::vector<NamedTensor> tensors;
+  for (NestedItem& item : state.items) {
+    if (!item.tensor) continue;
+    NamedTensor tensor = std::move(state.tensors.at(*item.tensor));
+    tensor.name = item.key;
+    if (tensor.alias_of) tensor.alias_of = keys.at(*tensor.alias_of);
+    item.tensor = tensors.size();
+    tensors.push_back(std::move(tensor));
+  }
+  if (options.filter) {
+    tensors = filtered(std::move(tensors), options.filter);
+    std::map<std::string_view, std::size_t> index;
+    for (std::size_t i = 0; i < tensors.size(); ++i) index.emplace(tensors[i].name, i);
+    std::erase_if(state.items, [&](NestedItem& item) {
+      if (!options.filter(item.key)) return true;
+      if (item.tensor) item.tensor = index.at(item.key);
+      return false;
+    });
+  }
   if (options.filter && state.items.empty()) {
     throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt}, "--filter matches no key of the input");
   }

@@ -362,6 +362,36 @@ def test_format_dcp_is_read_by_torchs_loader_into_any_world_size():
     harness.run(["diff", out, stitched])
 
 
+def test_a_plain_torch_file_is_written_as_safetensors_or_dcp():
+    work = harness.scratch("dcp-plain")
+    torch.manual_seed(0)
+    embed = torch.randn(5, 3)
+    state = {"embed.weight": embed, "layers.0.fc.weight": torch.randn(4, 3), "lm_head.weight": embed,
+             "norms": [torch.ones(3), torch.zeros(3)], "nested": {"a": torch.arange(6).view(2, 3)}, "epoch": 3}
+    path = os.path.join(work, "plain.pt")
+    torch.save(state, path)
+    out = os.path.join(work, "plain.dcp")
+    _, err = harness.run(["stitch", path, "--format", "dcp", "-o", out])
+    assert "1 value(s) that are no tensors of its dicts are left out" in err, err
+    md = dcp_sets.read_metadata(out)
+    # named and nested as torch's flatten_state_dict does: dict keys str, list indices int
+    assert md.planner_data == {"embed.weight": ("embed.weight",), "layers.0.fc.weight": ("layers.0.fc.weight",),
+                               "lm_head.weight": ("lm_head.weight",), "norms.0": ("norms", 0),
+                               "norms.1": ("norms", 1), "nested.a": ("nested", "a")}, md.planner_data
+    got = dcp_sets.nested_state_dict(dcp_sets.reference_state_dict(out), md.planner_data)
+    del state["epoch"]
+    assert not dcp_sets._same(got, state, "plain")  # the tie a copy of its tensor
+    harness.run(["diff", out, path])
+    st = os.path.join(work, "plain.safetensors")
+    harness.run(["stitch", "-q", path, "-o", st])
+    got = dict(safetensors_check.read(st)[0])
+    assert sorted(got) == ["embed.weight", "layers.0.fc.weight", "nested.a", "norms.0", "norms.1"], sorted(got)
+    assert torch.equal(got["nested.a"], state["nested"]["a"])
+    # as torch, it would lose what is no tensor: refused
+    _, err = harness.run(["stitch", "-q", path, "-o", os.path.join(work, "again.pt")], expect=1)
+    assert "'model' state dict" in err and not os.path.exists(os.path.join(work, "again.pt")), err
+
+
 def test_format_dcp_renames_its_metadata_last():
     fixture = os.path.join(os.environ["CKPT_SOURCE_ROOT"], "fixtures", "tiny", "mp2_dp2_fp16_omega_opt")
     work = harness.scratch("dcp-out-atomic")
@@ -433,5 +463,6 @@ if __name__ == "__main__":
                   test_planner_data_that_cannot_nest_is_refused_for_every_output,
                   test_format_dcp_is_read_by_torchs_loader_into_any_world_size,
                   test_format_dcp_renames_its_metadata_last,
+                  test_a_plain_torch_file_is_written_as_safetensors_or_dcp,
                   test_a_manifest_of_a_dcp_set_stands_for_it,
                   test_object_items_are_compared_and_data_files_named_anything])

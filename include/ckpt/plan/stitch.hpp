@@ -62,10 +62,16 @@ struct StitchPlan {
 StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,
                        const StitchOptions& options);
 
-// A set of a layout that is no training layout (a DCP directory, a
-// safetensors set): its one state dict, as its layout row reads it, written to
-// `output_path` in a format of the state dict alone (one that neither carries
-// objects nor reads cfg: Error otherwise), tensors under their flat keys.
+// Whether `manifest` is read as one state dict, not a training grid: a set of
+// a layout that is no training layout (a DCP directory, a safetensors set), or
+// one torch file that is no training checkpoint (no `model` state dict).
+bool reads_as_one_state_dict(const Manifest& manifest);
+
+// Such a set's one state dict, as its layout row reads it (one torch file:
+// its tensors, keys their object paths joined with '.'), written to
+// `output_path`: tensors under their flat keys, or as torch a DCP set nested
+// as dcp_to_torch_save nests it (a torch file refuses torch: Error), never
+// in a format that reads cfg (hf: Error).
 StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& output_path,
                                   const StitchOptions& options);
 
