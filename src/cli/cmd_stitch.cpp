@@ -157,7 +157,8 @@ Action add_stitch_command(CLI::App& app) {
       return 0;
     };
     if (!options->dtype.empty()) stitch.dtype = dtype_from_name(options->dtype);
-    if (const InputLayout& layout = input_layout(inputs.manifest()); reads_as_one_state_dict(inputs.manifest())) {
+    if (const InputLayout& layout = input_layout(inputs.manifest());
+        reads_as_one_state_dict(inputs.manifest(), format_info(stitch.format))) {
       // One state dict (a DCP directory, a safetensors set): no grid to stitch.
       if (options->no_stitch_megatron || options->ema || options->optimizer_state || options->weights_only ||
           options->fused_qkv) {

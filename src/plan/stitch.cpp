@@ -374,9 +374,14 @@ StateDict plain_file_state_dict(const Manifest& manifest, const OutputFormatInfo
 
 }  // namespace
 
-bool reads_as_one_state_dict(const Manifest& manifest) {
+bool reads_as_one_state_dict(const Manifest& manifest, const OutputFormatInfo& format) {
   if (!input_layout(manifest).training) return true;
-  return manifest.files.size() == 1 && !is_training_checkpoint(manifest.files[0]);
+  if (manifest.files.size() != 1) return false;
+  const ManifestFile& file = manifest.files[0];
+  // (a `model` of nested dicts, as dcp_to_torch_save writes one, is no training
+  // state dict either: read so where the output holds tensors only)
+  return !is_training_checkpoint(file) ||
+         (!format.carries_objects && !file.fsdp && nested_tensor(file, std::string(kModelPrefix)) != nullptr);
 }
 
 StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& output_path,

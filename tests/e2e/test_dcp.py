@@ -218,6 +218,10 @@ def test_stitch_to_torch_writes_what_dcp_to_torch_save_writes():
             assert list(got) == ["model", "optim", "train", "extra_state"], list(got)
             assert type(got["model"]["layers"]) is list and len(got["model"]["layers"]) == 2
         harness.run(["diff", dcp_dir, out])  # nested sets by where each key nests
+        # and back: a 'model' of nested dicts is one state dict to a format of tensors alone
+        again = os.path.join(work, name + ".again.dcp")
+        harness.run(["stitch", "-q", out, "--format", "dcp", "-o", again])
+        harness.run(["diff", again, out])
     dcp_dir = os.path.join(work, "v2_metadata")
     # --filter: the items whose flat key matches, objects too, nested as before
     out = os.path.join(work, "model-and-step.pt")

@@ -62,10 +62,12 @@ struct StitchPlan {
 StitchPlan plan_stitch(const PlanInputs& inputs, const std::vector<std::string>& output_paths,
                        const StitchOptions& options);
 
-// Whether `manifest` is read as one state dict, not a training grid: a set of
-// a layout that is no training layout (a DCP directory, a safetensors set), or
-// one torch file that is no training checkpoint (no `model` state dict).
-bool reads_as_one_state_dict(const Manifest& manifest);
+// Whether `manifest` is read as one state dict, not a training grid, for an
+// output in `format`: a set of a layout that is no training layout (a DCP
+// directory, a safetensors set), or one torch file that is no training
+// checkpoint (no `model` state dict; or, for a format of tensors alone, a
+// `model` of nested dicts).
+bool reads_as_one_state_dict(const Manifest& manifest, const OutputFormatInfo& format);
 
 // Such a set's one state dict, as its layout row reads it (one torch file:
 // its tensors, keys their object paths joined with '.'), written to
