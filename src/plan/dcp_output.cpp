@@ -12,9 +12,10 @@
 #include <algorithm>
 #include <filesystem>
 #include <map>
-#include <regex>
+#include <set>
 
 #include "ckpt/format/dcp.hpp"
+#include "ckpt/io/mapped_file.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/nested_output.hpp"
 #include "ckpt/plan/output_formats.hpp"
@@ -42,10 +43,33 @@ std::vector<NestedItem> flat_items(const std::vector<NamedTensor>& tensors) {
   return items;
 }
 
-// `__<rank>_<n>.distcp`, as torch's writer names data files.
-bool is_distcp_name(const std::string& name) {
-  static const std::regex pattern(R"(__\d+_\d+\.distcp)");
-  return std::regex_match(name, pattern);
+// The data files the DCP checkpoint in `folder` names, by name, sorted: none
+// when the folder holds no .metadata or one that does not read (nothing is
+// removed that no checkpoint there names).
+std::vector<std::string> earlier_data_files(const std::string& folder) {
+  namespace fs = std::filesystem;
+  const fs::path path = fs::path(folder) / ".metadata";
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return {};
+  std::set<std::string> names;
+  try {
+    MappedFile mapped(path.string());
+    std::vector<std::byte> bytes(mapped.size());
+    mapped.read_at(0, bytes.data(), bytes.size());
+    DcpMetadata metadata = read_dcp_metadata(bytes, path.string());
+    for (const DcpTensor& tensor : metadata.tensors) {
+      for (const DcpChunk& chunk : tensor.chunks) names.insert(chunk.place.file);
+    }
+    for (const DcpObject& object : metadata.objects) names.insert(object.place.file);
+  } catch (const Error&) {
+    return {};
+  }
+  std::vector<std::string> out;
+  for (const std::string& name : names) {
+    if (name != ".metadata" && fs::is_regular_file(fs::symlink_status(fs::path(folder) / name, ec)))
+      out.push_back(name);
+  }
+  return out;
 }
 
 }  // namespace
@@ -127,15 +151,12 @@ void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, S
       metadata.objects[next_object++].place = place;
     }
   }
-  // Data files of an earlier checkpoint in the folder (-f) that .metadata no longer names
-  std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(output.path, ec)) {
-    const std::string name = entry.path().filename().string();
-    bool ours = false;
-    for (const PlannedFile& file : data_files) ours = ours || fs::path(file.path).filename() == name;
-    if (!ours && is_distcp_name(name)) out.plan.stale_files.push_back(entry.path().string());
+  // The data files of the checkpoint the folder holds (-f) that the new .metadata does not name
+  std::set<std::string> ours;
+  for (const PlannedFile& file : data_files) ours.insert(fs::path(file.path).filename().string());
+  for (const std::string& name : earlier_data_files(output.path)) {
+    if (ours.count(name) == 0) out.plan.stale_files.push_back((fs::path(output.path) / name).string());
   }
-  std::sort(out.plan.stale_files.begin(), out.plan.stale_files.end());
   for (PlannedFile& file : data_files) {
     out.plan.files.push_back(std::move(file));
     out.tensors.emplace_back();  // (--dry-run lists a data file's records)

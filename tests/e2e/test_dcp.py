@@ -408,6 +408,14 @@ def test_format_dcp_renames_its_metadata_last():
     harness.run(["stitch", "-q", fixture, "--format", "dcp", "-o", out, "-f"])
     assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp"], os.listdir(out)
     harness.run(args[1:] + ["-f"])
+    # only what a .metadata there names is removed: a folder without one keeps its files
+    other = os.path.join(work, "not-a-dcp")
+    os.makedirs(other)
+    for name in ["__1_0.distcp", "readme"]:
+        with open(os.path.join(other, name), "w") as f:
+            f.write("mine")
+    harness.run(["stitch", "-q", fixture, "--format", "dcp", "-o", other, "-f"])
+    assert sorted(os.listdir(other)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "readme"], os.listdir(other)
     # the .metadata's rename fails: the data files renamed before it are taken back
     fresh = os.path.join(work, "fresh.dcp")
     proc = subprocess.run(args[:-4] + ["-o", fresh, "--max-shard-size", "8KB"],
