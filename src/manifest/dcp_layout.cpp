@@ -242,10 +242,11 @@ std::string state_dict_name(const std::string& key) {
   return state_dict_path(kModelPrefix, key);
 }
 
-// Why a data file .metadata names is not among the set's files.
+// Why a data file .metadata names is not among the set's files: missing, or
+// not given (or not read: its own error is reported first).
 std::string absent_or_not_given(const fs::path& path) {
   std::error_code ec;
-  return fs::exists(fs::symlink_status(path, ec)) ? "is not in the set" : "is missing";
+  return fs::exists(fs::symlink_status(path, ec)) ? "is not in the set (or could not be read)" : "is missing";
 }
 
 }  // namespace
@@ -386,6 +387,12 @@ Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::in
     by_name[fs::path(file.path).filename().string()] = &file;
   }
   const json& structure = *metadata->objects;
+  // Items whose data file is not in the set, by file: one problem per file.
+  std::map<std::string, std::pair<std::string, std::size_t>> unread;  // name -> (first item, items)
+  auto note_unread = [&](const std::string& name, std::string item) {
+    auto [it, added] = unread.try_emplace(name, std::move(item), 0);
+    ++it->second.second;
+  };
   for (const auto& [key, tensor] : structure["tensors"].items()) {
     if (std::optional<std::string> problem =
             tiling_problem(tensor["size"].get<std::vector<std::int64_t>>(), boxes_of(tensor))) {
@@ -395,8 +402,7 @@ Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::in
       std::string name = tensor["chunks"][c]["file"];
       auto it = by_name.find(name);
       if (it == by_name.end()) {
-        grid.problems.push_back(fmt::format("{}: {} chunk {}: its data file {} {}", metadata->path, key, c,
-                                            (directory / name).string(), absent_or_not_given(directory / name)));
+        note_unread(name, fmt::format("{} chunk {}", key, c));
       } else if (!it->second->tensors.find(chunk_path(key, c))) {  // (its .metadata changed meanwhile)
         grid.problems.push_back(
             fmt::format("{}: {} chunk {}: not among the chunks read from it", it->second->path, key, c));
@@ -407,12 +413,16 @@ Grid check_dcp_set(const std::vector<ManifestFile>& files, std::optional<std::in
     std::string name = object["file"];
     auto it = by_name.find(name);
     if (it == by_name.end()) {
-      grid.problems.push_back(fmt::format("{}: object item {}: its data file {} {}", metadata->path, key,
-                                          (directory / name).string(), absent_or_not_given(directory / name)));
+      note_unread(name, "object item " + key);
     } else if (!it->second->objects->contains("objects") || !(*it->second->objects)["objects"].contains(key)) {
       grid.problems.push_back(
           fmt::format("{}: object item {}: not among the items read from it", it->second->path, key));
     }
+  }
+  for (const auto& [name, first] : unread) {
+    grid.problems.push_back(fmt::format("{}: {}: its data file {} {} ({} item(s) lie in it)", metadata->path,
+                                        first.first, (directory / name).string(), absent_or_not_given(directory / name),
+                                        first.second));
   }
   return grid;
 }
