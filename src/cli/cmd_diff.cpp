@@ -255,6 +255,41 @@ void diff_objects(const json& a, const json& b, const std::string& path, std::ve
   }
 }
 
+// The object items of a DCP set against the values at the same places in one
+// torch file (where each key nests with `by_nesting`, else at its flat key):
+// what differs, "<key>: ..." (`set_is_a`: the set is diff's A side).
+void diff_items_with_file(const Side& set, const Side& file, bool by_nesting, bool set_is_a,
+                          std::vector<std::string>& out, std::size_t limit) {
+  const json items = set.layout->object_items(set.inputs.manifest());
+  const json& tree = *file.inputs.manifest().files[0].objects;
+  std::map<std::string_view, const KeyPath*> paths;
+  for (const NestedItem& item : set.items) paths.emplace(item.key, &item.path);
+  for (const auto& [key, value] : items.items()) {
+    if (out.size() >= limit) return;
+    KeyPath flat{key};
+    auto it = paths.find(key);
+    const KeyPath& path = by_nesting && it != paths.end() ? *it->second : flat;
+    const json* there = &tree;
+    for (const auto& element : path) {
+      const auto* name = std::get_if<std::string>(&element);
+      if (name != nullptr && there->is_object() && there->contains(*name)) {
+        there = &(*there)[*name];
+      } else if (name == nullptr && there->is_array() &&
+                 static_cast<std::size_t>(std::get<std::int64_t>(element)) < there->size()) {
+        there = &(*there)[static_cast<std::size_t>(std::get<std::int64_t>(element))];
+      } else {
+        there = nullptr;
+        break;
+      }
+    }
+    if (there == nullptr) {
+      out.push_back(fmt::format("{}: only in {}", key, set_is_a ? "A" : "B"));
+    } else {
+      diff_objects(set_is_a ? value : *there, set_is_a ? *there : value, key, out, limit);
+    }
+  }
+}
+
 // A value as JSON: integers exact, floats as numbers (non-finite ones as the
 // strings "nan", "inf", "-inf"), complex as {"real", "imag"}.
 json real_json(double x, DType dtype = DType::Float64) {
@@ -390,6 +425,15 @@ Action add_diff_command(CLI::App& app) {
       // (their tensors, {"$tensor": i}, are skipped: those of two sets' items are not paired yet)
       diff_objects(a->layout->object_items(a->inputs.manifest()), b->layout->object_items(b->inputs.manifest()), "",
                    objects, 50);
+    } else if (Side* set = a->layout->object_items != nullptr   ? a.get()
+                           : b->layout->object_items != nullptr ? b.get()
+                                                                : nullptr;
+               set != nullptr && !sets && options->names.empty()) {
+      Side& file = set == a.get() ? *b : *a;
+      if (!file.state_dict_layout() && !file.consolidated &&
+          (by_nesting || !is_training_checkpoint(file.inputs.manifest().files[0]))) {
+        diff_items_with_file(*set, file, by_nesting, set == a.get(), objects, 50);
+      }
     }
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     bool equal = report.equal() && objects.empty();

@@ -433,6 +433,19 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
       return false;
     });
   }
+  if (format.format == OutputFormat::Safetensors) {  // (torch and dcp outputs carry the object items)
+    const auto objects =
+        std::count_if(state.items.begin(), state.items.end(), [](const NestedItem& item) { return !item.tensor; });
+    if (objects > 0) {
+      out.notes.push_back(fmt::format(
+          "{} object item(s) (non-tensor values: {}, ...) are left out: {} holds "
+          "tensors only",
+          objects,
+          std::find_if(state.items.begin(), state.items.end(), [](const NestedItem& item) { return !item.tensor; })
+              ->key,
+          format.label));
+    }
+  }
   if (options.filter && state.items.empty()) {
     throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt}, "--filter matches no key of the input");
   }

@@ -222,6 +222,15 @@ def test_stitch_to_torch_writes_what_dcp_to_torch_save_writes():
         again = os.path.join(work, name + ".again.dcp")
         harness.run(["stitch", "-q", out, "--format", "dcp", "-o", again])
         harness.run(["diff", again, out])
+    # diff compares the object items with the file's values where they nest (or at their flat keys)
+    for name, change, line in [("v2_metadata", lambda d: d["train"].update(step=1201), "train.step: 1200 != 1201"),
+                               ("mixed", lambda d: d.pop("train.run_name"), "train.run_name: only in A")]:
+        changed = torch.load(os.path.join(work, name + ".pt"))
+        change(changed)
+        path = os.path.join(work, name + ".changed.pt")
+        torch.save(changed, path)
+        out, _ = harness.run(["diff", os.path.join(work, name), path], expect=1)
+        assert line in out and "1 object difference(s)" in out, out
     dcp_dir = os.path.join(work, "v2_metadata")
     # --filter: the items whose flat key matches, objects too, nested as before
     out = os.path.join(work, "model-and-step.pt")
