@@ -2,7 +2,8 @@
 // loader reads into any world size (it reshards at load), as one rank saving
 // the whole state dict writes it: every item a torch.save archive in a data
 // file `__0_<n>.distcp` (one file, or with --max-shard-size as many as it
-// takes), a tensor as one chunk covering it, an object item (a DCP input's)
+// takes), a tensor as one chunk covering it (with --max-shard-size, a tensor
+// larger than it as chunks of whole rows), an object item (a DCP input's)
 // as its object decoded and pickled again. `.metadata` (torch 2.x's classes
 // and fields, planner_data giving each key's nesting) is the plan's last file,
 // so the commit renames it last: a directory without it is no checkpoint to a
@@ -87,41 +88,17 @@ void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, S
   DcpMetadata metadata;
   metadata.version = std::string(kDcpVersion);
   std::vector<PlannedFile> data_files;
-  std::vector<std::uint64_t> data_bytes;                    // each data file's items' bytes so far
-  std::vector<std::pair<std::size_t, std::size_t>> placed;  // per item: its data file and archive
-  for (std::size_t n = 0; n < items.size(); ++n) {
-    const NestedItem& item = items[n];
-    CheckpointBuilder builder;
-    pickle::NodeId value = pickle::kNoNode;
-    if (item.tensor) {
-      NamedTensor tensor = output.tensors.at(*item.tensor);
-      if (tensor.alias_of) {
-        auto target = by_name.find(*tensor.alias_of);
-        if (target == by_name.end()) {
-          throw Error(fmt::format("{}: tied to {}, which is not in the state dict", tensor.name, *tensor.alias_of));
-        }
-        tensor.source = output.tensors[target->second].source;
-        tensor.convert_to = output.tensors[target->second].convert_to;
-        tensor.alias_of.reset();
-      }
-      tensor.kind = {};  // a chunk is a plain tensor
-      value = builder.add_tensor(tensor);
-      DcpTensor entry;
-      entry.key = item.key;
-      entry.dtype = tensor.dtype();
-      entry.size = tensor.source.shape;
-      entry.position = n;
-      entry.chunks.push_back({std::vector<std::int64_t>(entry.size.size(), 0), entry.size, {}});
-      metadata.tensors.push_back(std::move(entry));
-    } else {
-      check_invariant(output.files != nullptr, "an object item planned without its input files");
-      value = add_object_item(builder, item, *output.files);
-      metadata.objects.push_back({item.key, {}, n});
-    }
-    metadata.planner_data.emplace_back(item.key, std::vector<DcpPathElement>(item.path.begin(), item.path.end()));
+  std::vector<std::uint64_t> data_bytes;  // each data file's items' bytes so far
+  // Where each archive went: its data file and index there, and the chunk (or
+  // object item: chunk SIZE_MAX) of metadata.tensors / objects it holds.
+  struct Placed {
+    std::size_t file, archive, entry, chunk;
+  };
+  std::vector<Placed> placed;
+  auto add_archive = [&](CheckpointBuilder& builder, pickle::NodeId value, std::size_t entry, std::size_t chunk) {
     PlannedFile archive = builder.finish_value("", std::string(kItemArchive), value, output.sources);
     const std::uint64_t size = layout_file(archive).file_size;
-    // --max-shard-size: a new data file when this item would pass it (an item larger alone)
+    // --max-shard-size: a new data file when this item would pass it
     if (data_files.empty() ||
         (options.max_shard_bytes > 0 && data_bytes.back() > 0 && data_bytes.back() + size > options.max_shard_bytes)) {
       PlannedFile file;
@@ -131,24 +108,76 @@ void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, S
       data_bytes.push_back(0);
     }
     PlannedFile& file = data_files.back();
-    placed.emplace_back(data_files.size() - 1, file.archives.size());
+    placed.push_back({data_files.size() - 1, file.archives.size(), entry, chunk});
     file.archives.push_back(file.records.size());
     for (PlannedRecord& record : archive.records) file.records.push_back(std::move(record));
     data_bytes.back() += size;
+  };
+  for (std::size_t n = 0; n < items.size(); ++n) {
+    const NestedItem& item = items[n];
+    metadata.planner_data.emplace_back(item.key, std::vector<DcpPathElement>(item.path.begin(), item.path.end()));
+    if (!item.tensor) {
+      check_invariant(output.files != nullptr, "an object item planned without its input files");
+      CheckpointBuilder builder;
+      metadata.objects.push_back({item.key, {}, n});
+      add_archive(builder, add_object_item(builder, item, *output.files), metadata.objects.size() - 1, SIZE_MAX);
+      continue;
+    }
+    NamedTensor tensor = output.tensors.at(*item.tensor);
+    if (tensor.alias_of) {
+      auto target = by_name.find(*tensor.alias_of);
+      if (target == by_name.end()) {
+        throw Error(fmt::format("{}: tied to {}, which is not in the state dict", tensor.name, *tensor.alias_of));
+      }
+      tensor.source = output.tensors[target->second].source;
+      tensor.convert_to = output.tensors[target->second].convert_to;
+      tensor.alias_of.reset();
+    }
+    tensor.kind = {};  // a chunk is a plain tensor
+    DcpTensor entry;
+    entry.key = item.key;
+    entry.dtype = tensor.dtype();
+    entry.size = tensor.source.shape;
+    entry.position = n;
+    metadata.tensors.push_back(entry);
+    // --max-shard-size: a tensor larger than it is cut into chunks of whole rows (dim 0)
+    const std::vector<std::int64_t>& shape = tensor.source.shape;
+    const std::uint64_t out_bytes = tensor.source.numel() * dtype_info(tensor.dtype()).itemsize;
+    std::int64_t rows_per_chunk = shape.empty() ? 1 : std::max<std::int64_t>(shape[0], 1);
+    if (options.max_shard_bytes > 0 && out_bytes > options.max_shard_bytes && !shape.empty() && shape[0] > 1) {
+      const std::uint64_t row_bytes = out_bytes / static_cast<std::uint64_t>(shape[0]);
+      rows_per_chunk = static_cast<std::int64_t>(std::max<std::uint64_t>(1, options.max_shard_bytes / row_bytes));
+    }
+    const std::int64_t rows = shape.empty() ? 1 : shape[0];
+    const std::uint64_t source_row_bytes =
+        shape.empty() || shape[0] == 0 ? 0 : tensor.source.nbytes() / static_cast<std::uint64_t>(shape[0]);
+    for (std::int64_t first = 0; first < rows || (first == 0 && rows == 0); first += rows_per_chunk) {
+      NamedTensor chunk = tensor;
+      std::vector<std::int64_t> offsets(shape.size(), 0);
+      std::vector<std::int64_t> sizes = shape;
+      if (!shape.empty() && rows_per_chunk < rows) {
+        sizes[0] = std::min(rows_per_chunk, rows - first);
+        offsets[0] = first;
+        chunk.source = tensor.source.slice(static_cast<std::uint64_t>(first) * source_row_bytes,
+                                           static_cast<std::uint64_t>(sizes[0]) * source_row_bytes, sizes);
+      }
+      metadata.tensors.back().chunks.push_back({offsets, sizes, {}});
+      CheckpointBuilder builder;
+      add_archive(builder, builder.add_tensor(chunk), metadata.tensors.size() - 1,
+                  metadata.tensors.back().chunks.size() - 1);
+      if (rows == 0) break;
+    }
   }
-  // Each item's place: its archive's first byte and size in its data file.
+  // Each archive's place: its first byte and size in its data file.
   std::vector<std::vector<ArchiveLayout>> layouts;
   for (const PlannedFile& file : data_files) layouts.push_back(archive_layouts(file));
-  std::size_t next_tensor = 0;
-  std::size_t next_object = 0;
-  for (std::size_t n = 0; n < items.size(); ++n) {
-    const auto& [f, a] = placed[n];
-    DcpItemPlace place{fs::path(data_files[f].path).filename().string(), layouts[f][a].start,
-                       layouts[f][a].zip.file_size};
-    if (items[n].tensor) {
-      metadata.tensors[next_tensor++].chunks.front().place = place;
+  for (const Placed& at : placed) {
+    DcpItemPlace place{fs::path(data_files[at.file].path).filename().string(), layouts[at.file][at.archive].start,
+                       layouts[at.file][at.archive].zip.file_size};
+    if (at.chunk == SIZE_MAX) {
+      metadata.objects[at.entry].place = place;
     } else {
-      metadata.objects[next_object++].place = place;
+      metadata.tensors[at.entry].chunks[at.chunk].place = place;
     }
   }
   // The data files of the checkpoint the folder holds (-f) that the new .metadata does not name

@@ -373,6 +373,15 @@ def test_format_dcp_is_read_by_torchs_loader_into_any_world_size():
     assert all(v.dtype == torch.float32 for v in got.values() if v.is_floating_point())
     harness.run(["stitch", "-q", fixture, "-o", stitched, "--dtype", "fp32", "--force"])
     harness.run(["diff", out, stitched])
+    # a tensor larger than --max-shard-size is cut into chunks of whole rows, which torch's loader reassembles
+    out = os.path.join(work, "rows.dcp")
+    harness.run(["stitch", "-q", fixture, "--format", "dcp", "-o", out, "--max-shard-size", "40B", "--dtype", "fp32"])
+    md = dcp_sets.read_metadata(out)
+    tensors = [v for v in md.state_dict_metadata.values() if hasattr(v, "chunks")]
+    assert sum(len(v.chunks) for v in tensors) > len(tensors), "no tensor was cut"
+    assert all(all(c.offsets[1:] == torch.Size([0] * (len(c.offsets) - 1)) for c in v.chunks) for v in tensors)
+    harness.run(["diff", out, stitched])
+    dcp_sets.load_sharded(out, 2)
 
 
 def test_a_plain_torch_file_is_written_as_safetensors_or_dcp():
