@@ -58,11 +58,12 @@ BENCH_DCP ?= 1
 bench: build
 	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES) --grids $(BENCH_GRIDS) --tensors $(BENCH_TENSORS) --dcp $(BENCH_DCP)
 
-# The suite under AddressSanitizer and UndefinedBehaviorSanitizer.
+# The suite under AddressSanitizer and UndefinedBehaviorSanitizer (5 to 10 times slower:
+# four times the timeouts).
 sanitize: deps
 	[ -f build-asan/build.ninja ] || meson setup build-asan --buildtype=debug -Db_sanitize=address,undefined -Db_lundef=false -Dwerror=true
 	meson compile -C build-asan
-	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 meson test -C build-asan --print-errorlogs
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 meson test -C build-asan --print-errorlogs --timeout-multiplier 4
 
 # libFuzzer targets (tests/fuzz/) in their own clang build, each run for
 # FUZZ_SECONDS from a corpus seeded with fixture checkpoints. Prints each target's
