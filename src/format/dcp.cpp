@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <array>
 #include <map>
+#include <set>
 
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/format/pickle.hpp"
@@ -15,6 +16,7 @@
 #include "ckpt/format/python_globals.hpp"
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/error.hpp"
+#include "ckpt/io/mapped_file.hpp"
 
 namespace ckpt {
 
@@ -268,6 +270,22 @@ DcpMetadata read_dcp_metadata(Bytes bytes, const std::string& path) {
   }
   Graph graph = pickle::decode(bytes, path, "", 0);
   return MetadataReader(graph, path).read();
+}
+
+DcpMetadata read_dcp_metadata_file(const std::string& path) {
+  MappedFile mapped(path);
+  std::vector<std::byte> bytes(mapped.size());
+  mapped.read_at(0, bytes.data(), bytes.size());
+  return read_dcp_metadata(bytes, path);
+}
+
+std::vector<std::string> dcp_data_files(const DcpMetadata& metadata) {
+  std::set<std::string> names;
+  for (const DcpTensor& tensor : metadata.tensors) {
+    for (const DcpChunk& chunk : tensor.chunks) names.insert(chunk.place.file);
+  }
+  for (const DcpObject& object : metadata.objects) names.insert(object.place.file);
+  return {names.begin(), names.end()};
 }
 
 namespace {

@@ -33,17 +33,8 @@ bool is_metadata_path(std::string_view path) {
   return fs::path(path).filename() == kMetadataName;
 }
 
-// `.metadata`'s bytes, read (not mapped): torch rewrites it in place
-// (open('wb') truncates first), and a mapping of a file that shrinks faults.
-std::vector<std::byte> metadata_bytes(const MappedFile& mapped) {
-  std::vector<std::byte> bytes(mapped.size());
-  mapped.read_at(0, bytes.data(), bytes.size());
-  return bytes;
-}
-
 std::shared_ptr<const DcpMetadata> read_metadata_file(const std::string& path) {
-  MappedFile mapped(path);
-  return std::make_shared<const DcpMetadata>(read_dcp_metadata(metadata_bytes(mapped), path));
+  return std::make_shared<const DcpMetadata>(read_dcp_metadata_file(path));
 }
 
 // Appends `key: value` to a JSON object without looking the key up (ordered_json
@@ -263,14 +254,8 @@ std::optional<std::vector<std::string>> dcp_files_in(const std::string& input) {
   std::error_code ec;
   fs::path metadata_path = is_metadata_path(input) ? fs::path(input) : fs::path(input) / kMetadataName;
   if (!fs::is_regular_file(metadata_path, ec)) return std::nullopt;
-  std::shared_ptr<const DcpMetadata> metadata = read_metadata_file(metadata_path.string());
-  std::set<std::string> names;
-  for (const DcpTensor& tensor : metadata->tensors) {
-    for (const DcpChunk& chunk : tensor.chunks) names.insert(chunk.place.file);
-  }
-  for (const DcpObject& object : metadata->objects) names.insert(object.place.file);
   std::vector<std::string> files{metadata_path.string()};
-  for (const std::string& name : names) {
+  for (const std::string& name : dcp_data_files(read_dcp_metadata_file(metadata_path.string()))) {
     // A missing data file is left for the set check to name, as a missing shard is.
     fs::path path = metadata_path.parent_path() / name;
     if (fs::exists(fs::symlink_status(path, ec)) || fs::exists(path, ec)) files.push_back(path.string());

@@ -16,7 +16,6 @@
 #include <set>
 
 #include "ckpt/format/dcp.hpp"
-#include "ckpt/io/mapped_file.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/nested_output.hpp"
 #include "ckpt/plan/output_formats.hpp"
@@ -52,16 +51,9 @@ std::vector<std::string> earlier_data_files(const std::string& folder) {
   const fs::path path = fs::path(folder) / ".metadata";
   std::error_code ec;
   if (!fs::is_regular_file(path, ec)) return {};
-  std::set<std::string> names;
+  std::vector<std::string> names;
   try {
-    MappedFile mapped(path.string());
-    std::vector<std::byte> bytes(mapped.size());
-    mapped.read_at(0, bytes.data(), bytes.size());
-    DcpMetadata metadata = read_dcp_metadata(bytes, path.string());
-    for (const DcpTensor& tensor : metadata.tensors) {
-      for (const DcpChunk& chunk : tensor.chunks) names.insert(chunk.place.file);
-    }
-    for (const DcpObject& object : metadata.objects) names.insert(object.place.file);
+    names = dcp_data_files(read_dcp_metadata_file(path.string()));
   } catch (const Error&) {
     return {};
   }

@@ -87,6 +87,14 @@ struct DcpMetadata {
 // that storage_data does not place, a negative size, offset or length.
 DcpMetadata read_dcp_metadata(Bytes bytes, const std::string& path);
 
+// The `.metadata` file at `path`, read (not mapped: torch rewrites it in place,
+// open('wb') truncating first, and a mapping of a file that shrinks faults)
+// and decoded as read_dcp_metadata does.
+DcpMetadata read_dcp_metadata_file(const std::string& path);
+
+// The names of the data files `metadata` places items in, sorted, each once.
+std::vector<std::string> dcp_data_files(const DcpMetadata& metadata);
+
 // The bytes of a `.metadata` file holding `metadata` as torch 2.x pickles it
 // (torch >= 2.6's fields: planner_data, storage_data, version; the
 // torch.distributed.checkpoint class paths; TensorProperties as its 5-tuple
