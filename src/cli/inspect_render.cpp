@@ -281,8 +281,10 @@ void print_summary(const Manifest& manifest, bool wide, std::ostream& out) {
   out << fmt::format("{} file(s), {}\n", manifest.files.size(), human_bytes(total));
   print_grid(manifest, wide, out);
   if (input_layout(manifest).training && !is_training(manifest)) {  // (a layout that is none says so above)
-    out << fmt::format("not a training checkpoint: {} (stitch and reshard refuse it)\n",
-                       printable(describe_contents(manifest.files[0])));
+    out << fmt::format(
+        "not a training checkpoint: {} (reshard refuses it; stitch writes a dict of tensors as "
+        "safetensors or dcp)\n",
+        printable(describe_contents(manifest.files[0])));
   }
   const ModelCounts& counts = summary.counts;
   out << fmt::format(
