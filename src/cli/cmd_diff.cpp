@@ -112,8 +112,7 @@ void resolve_ties(std::vector<NamedTensor>& tensors) {
     if (!tensor.alias_of) continue;
     auto target = by_name.find(*tensor.alias_of);
     if (target == by_name.end() || tensors[target->second].alias_of) continue;  // (compared as missing)
-    tensor.source = tensors[target->second].source;
-    tensor.alias_of.reset();
+    untie(tensor, tensors[target->second]);
   }
 }
 
@@ -144,17 +143,6 @@ bool nests(const Side& side) {
   return std::any_of(side.items.begin(), side.items.end(), [](const NestedItem& item) { return item.path.size() > 1; });
 }
 
-// The object path of a nested key: its elements as labels joined by '/'.
-std::string nested_path(const KeyPath& path) {
-  std::string out;
-  for (const auto& element : path) {
-    if (!out.empty()) out += '/';
-    const auto* key = std::get_if<std::string>(&element);
-    out += key != nullptr ? escape_label(*key) : std::to_string(std::get<std::int64_t>(element));
-  }
-  return out;
-}
-
 // Whether more of `file`'s tensor paths are where `set`'s keys nest than are
 // its flat keys.
 bool written_nested(const Side& set, const Side& file) {
@@ -164,7 +152,7 @@ bool written_nested(const Side& set, const Side& file) {
   std::size_t flat = 0;
   for (const NestedItem& item : set.items) {
     if (!item.tensor) continue;
-    nested += names.count(nested_path(item.path));
+    nested += names.count(object_path(item.path));
     flat += names.count(escape_label(item.key)) + names.count(state_dict_path(kModelPrefix, item.key));
   }
   return nested > flat;
@@ -175,7 +163,7 @@ bool written_nested(const Side& set, const Side& file) {
 void name_by_nesting(Side& side) {
   std::map<std::string, std::string> item_paths;  // "model/<escaped key>" -> its nested path
   for (const NestedItem& item : side.items) {
-    std::string path = nested_path(item.path);
+    std::string path = object_path(item.path);
     if (item.tensor) {
       side.tensors.at(*item.tensor).name = path;
     } else {
@@ -422,7 +410,7 @@ Action add_diff_command(CLI::App& app) {
     if (!a->consolidated && !b->consolidated && !a->state_dict_layout() && !b->state_dict_layout()) {
       diff_objects(*a->inputs.manifest().files[0].objects, *b->inputs.manifest().files[0].objects, "", objects, 50);
     } else if (a->layout->object_items != nullptr && b->layout->object_items != nullptr) {
-      // (their tensors, {"$tensor": i}, are skipped: those of two sets' items are not paired yet)
+      // (their tensors, {"$tensor": i}, are compared as tensors: model/<key>/<path in the item>)
       diff_objects(a->layout->object_items(a->inputs.manifest()), b->layout->object_items(b->inputs.manifest()), "",
                    objects, 50);
     } else if (Side* set = a->layout->object_items != nullptr   ? a.get()

@@ -111,19 +111,15 @@ class FileWriter {
       : sources_(sources), file_(file), layout_(layout), out_(out), options_(options), check_(check) {
     for (const PlannedRecord& record : file.records) sequential_.push_back(record.sequential());
     cut();
-    if (file.container == Container::Zip) {
+    if (file.container != Container::Concatenated) {  // a zip, or zips back to back: local headers
       for (std::size_t r = 0; r < layout.records.size(); ++r) {
         add_header_blocks(layout.records[r].header_offset, layout.records[r].data_offset);
       }
-      add_header_blocks(layout.central_directory_offset, layout.file_size);
-    } else if (file.container == Container::Archives) {
-      archives_ = archive_layouts(file);
-      for (std::size_t r = 0; r < layout.records.size(); ++r) {
-        add_header_blocks(layout.records[r].header_offset, layout.records[r].data_offset);
-      }
-      for (const ArchiveLayout& archive : archives_) {
-        add_header_blocks(archive.start + archive.zip.central_directory_offset, archive.start + archive.zip.file_size);
-      }
+    }
+    if (file.container == Container::Zip) add_header_blocks(layout.central_directory_offset, layout.file_size);
+    if (file.container == Container::Archives) archives_ = archive_layouts(file);
+    for (const ArchiveLayout& archive : archives_) {
+      add_header_blocks(archive.start + archive.zip.central_directory_offset, archive.start + archive.zip.file_size);
     }
     std::sort(header_blocks_.begin(), header_blocks_.end());
     header_blocks_.erase(std::unique(header_blocks_.begin(), header_blocks_.end()), header_blocks_.end());

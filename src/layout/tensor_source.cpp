@@ -219,4 +219,11 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
   return fmt::format("[{}]", fmt::join(shape, ", "));
 }
 
+void untie(NamedTensor& tie, const NamedTensor& target) {
+  tie.source = target.source;
+  tie.kind = target.kind;
+  tie.convert_to = target.convert_to;
+  tie.alias_of.reset();
+}
+
 }  // namespace ckpt

@@ -314,4 +314,30 @@ StateDict safetensors_state_dict(const Manifest& manifest, const StateDictOption
   return out;
 }
 
+namespace {
+
+std::string joined(const KeyPath& path, char separator, bool labels) {
+  std::string out;
+  for (const auto& element : path) {
+    if (!out.empty()) out += separator;
+    const auto* key = std::get_if<std::string>(&element);
+    if (key == nullptr) {
+      out += std::to_string(std::get<std::int64_t>(element));
+    } else {
+      out += labels ? escape_label(*key) : *key;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string object_path(const KeyPath& path) {
+  return joined(path, '/', /*labels=*/true);
+}
+
+std::string flat_key(const KeyPath& path) {
+  return joined(path, '.', /*labels=*/false);
+}
+
 }  // namespace ckpt

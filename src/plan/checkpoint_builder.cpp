@@ -107,12 +107,7 @@ NodeId CheckpointBuilder::add_object(const Checkpoint& item, std::uint32_t file,
       record.append_copy(file, offset + ref->second.record->data_offset, ref->second.record->nbytes);
       payloads_.push_back({it->second, std::move(record)});
     }
-    std::span<const NodeId> old_items = graph_[graph_[id].callable].items;
-    std::vector<NodeId> items(old_items.begin(), old_items.end());
-    items[2] = graph_.str(it->second);
-    pickle::Node persid = graph_[id].copy();
-    persid.callable = graph_.tuple(items);
-    graph_.replace(id, persid);
+    set_storage_key(graph_, id, it->second);
   }
   return value;
 }
@@ -188,13 +183,19 @@ PlannedFile CheckpointBuilder::finish_value(const std::string& path, const std::
                                             const std::vector<std::uint32_t>& sources) {
   check_invariant(base_ == nullptr, "a single value planned over a base checkpoint");
   graph_.root = root;
+  return plan_torch_file(path, archive_name, graph_, take_storages(sources));
+}
+
+std::vector<PlannedStorage> CheckpointBuilder::take_storages(const std::vector<std::uint32_t>& sources) {
   std::vector<PlannedStorage> storages;
+  storages.reserve(payloads_.size());
+  // Each record was planned with manifest file indices as sources: now the plan's.
   for (; !payloads_.empty(); payloads_.pop_front()) {
     PlannedStorage storage{payloads_.front().key, std::move(payloads_.front().record)};
     map_record_sources(storage.data, sources);
     storages.push_back(std::move(storage));
   }
-  return plan_torch_file(path, archive_name, graph_, std::move(storages));
+  return storages;
 }
 
 PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector<std::uint32_t>& sources,
@@ -209,16 +210,8 @@ PlannedFile CheckpointBuilder::finish(const std::string& path, const std::vector
   for (const auto& [name, node] : top_level_) root.entries.emplace_back(graph_.str(name), node);
   graph_.root = graph_.add(std::move(root));
 
-  std::vector<PlannedStorage> storages;
-  storages.reserve(payloads_.size());
   std::uint64_t next_key = payloads_.size();
-  // Each record was planned with manifest file indices as sources: now the plan's.
-  for (; !payloads_.empty(); payloads_.pop_front()) {
-    Payload& payload = payloads_.front();
-    PlannedStorage storage{payload.key, std::move(payload.record)};
-    map_record_sources(storage.data, sources);
-    storages.push_back(std::move(storage));
-  }
+  std::vector<PlannedStorage> storages = take_storages(sources);
   if (base_ != nullptr) {
     for (PlannedStorage& carried : carry_storages(graph_, *base_, base_source, next_key))
       storages.push_back(std::move(carried));

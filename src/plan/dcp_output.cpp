@@ -16,6 +16,7 @@
 #include <set>
 
 #include "ckpt/format/dcp.hpp"
+#include "ckpt/layout/boxes.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
 #include "ckpt/plan/nested_output.hpp"
 #include "ckpt/plan/output_formats.hpp"
@@ -41,6 +42,31 @@ std::vector<NestedItem> flat_items(const std::vector<NamedTensor>& tensors) {
     items.push_back(std::move(item));
   }
   return items;
+}
+
+// `tensor` as the chunks it is written in: one box covering it, or with
+// `max_bytes` (--max-shard-size) a tensor larger than that cut into boxes of
+// whole rows (dim 0), each at most `max_bytes` but for a row larger alone.
+std::vector<std::pair<Box, NamedTensor>> row_chunks(const NamedTensor& tensor, std::uint64_t max_bytes) {
+  const std::vector<std::int64_t>& shape = tensor.source.shape;
+  const std::uint64_t out_bytes = tensor.source.numel() * dtype_info(tensor.dtype()).itemsize;
+  if (max_bytes == 0 || out_bytes <= max_bytes || shape.empty() || shape[0] <= 1) {
+    return {{Box{std::vector<std::int64_t>(shape.size(), 0), shape}, tensor}};
+  }
+  const auto rows = static_cast<std::uint64_t>(shape[0]);
+  const std::uint64_t rows_per_chunk = std::max<std::uint64_t>(1, max_bytes / (out_bytes / rows));
+  const std::uint64_t source_row_bytes = tensor.source.nbytes() / rows;
+  std::vector<std::pair<Box, NamedTensor>> out;
+  for (std::uint64_t first = 0; first < rows; first += rows_per_chunk) {
+    Box box{std::vector<std::int64_t>(shape.size(), 0), shape};
+    box.offsets[0] = static_cast<std::int64_t>(first);
+    box.sizes[0] = static_cast<std::int64_t>(std::min(rows_per_chunk, rows - first));
+    NamedTensor chunk = tensor;
+    chunk.source = tensor.source.slice(first * source_row_bytes,
+                                       static_cast<std::uint64_t>(box.sizes[0]) * source_row_bytes, box.sizes);
+    out.emplace_back(std::move(box), std::move(chunk));
+  }
+  return out;
 }
 
 // The data files the DCP checkpoint in `folder` names, by name, sorted: none
@@ -121,9 +147,7 @@ void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, S
       if (target == by_name.end()) {
         throw Error(fmt::format("{}: tied to {}, which is not in the state dict", tensor.name, *tensor.alias_of));
       }
-      tensor.source = output.tensors[target->second].source;
-      tensor.convert_to = output.tensors[target->second].convert_to;
-      tensor.alias_of.reset();
+      untie(tensor, output.tensors[target->second]);
     }
     tensor.kind = {};  // a chunk is a plain tensor
     DcpTensor entry;
@@ -132,32 +156,11 @@ void plan_dcp_state_dict(StateDictOutput output, const StitchOptions& options, S
     entry.size = tensor.source.shape;
     entry.position = n;
     metadata.tensors.push_back(entry);
-    // --max-shard-size: a tensor larger than it is cut into chunks of whole rows (dim 0)
-    const std::vector<std::int64_t>& shape = tensor.source.shape;
-    const std::uint64_t out_bytes = tensor.source.numel() * dtype_info(tensor.dtype()).itemsize;
-    std::int64_t rows_per_chunk = shape.empty() ? 1 : std::max<std::int64_t>(shape[0], 1);
-    if (options.max_shard_bytes > 0 && out_bytes > options.max_shard_bytes && !shape.empty() && shape[0] > 1) {
-      const std::uint64_t row_bytes = out_bytes / static_cast<std::uint64_t>(shape[0]);
-      rows_per_chunk = static_cast<std::int64_t>(std::max<std::uint64_t>(1, options.max_shard_bytes / row_bytes));
-    }
-    const std::int64_t rows = shape.empty() ? 1 : shape[0];
-    const std::uint64_t source_row_bytes =
-        shape.empty() || shape[0] == 0 ? 0 : tensor.source.nbytes() / static_cast<std::uint64_t>(shape[0]);
-    for (std::int64_t first = 0; first < rows || (first == 0 && rows == 0); first += rows_per_chunk) {
-      NamedTensor chunk = tensor;
-      std::vector<std::int64_t> offsets(shape.size(), 0);
-      std::vector<std::int64_t> sizes = shape;
-      if (!shape.empty() && rows_per_chunk < rows) {
-        sizes[0] = std::min(rows_per_chunk, rows - first);
-        offsets[0] = first;
-        chunk.source = tensor.source.slice(static_cast<std::uint64_t>(first) * source_row_bytes,
-                                           static_cast<std::uint64_t>(sizes[0]) * source_row_bytes, sizes);
-      }
-      metadata.tensors.back().chunks.push_back({offsets, sizes, {}});
+    for (auto& [box, chunk] : row_chunks(tensor, options.max_shard_bytes)) {
+      metadata.tensors.back().chunks.push_back({box.offsets, box.sizes, {}});
       CheckpointBuilder builder;
       add_archive(builder, builder.add_tensor(chunk), metadata.tensors.size() - 1,
                   metadata.tensors.back().chunks.size() - 1);
-      if (rows == 0) break;
     }
   }
   // Each archive's place: its first byte and size in its data file.

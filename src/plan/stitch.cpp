@@ -6,7 +6,6 @@
 
 #include <map>
 #include <numeric>
-#include <set>
 
 #include "ckpt/format/pyobject.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
@@ -56,13 +55,7 @@ std::vector<NamedTensor> filtered(std::vector<NamedTensor> tensors,
   std::vector<NamedTensor> kept;
   for (NamedTensor& tensor : tensors) {
     if (!keep(tensor.name)) continue;
-    if (tensor.alias_of && !keep(*tensor.alias_of)) {
-      const NamedTensor& target = *by_name.at(*tensor.alias_of);
-      tensor.source = target.source;
-      tensor.kind = target.kind;
-      tensor.convert_to = target.convert_to;
-      tensor.alias_of.reset();
-    }
+    if (tensor.alias_of && !keep(*tensor.alias_of)) untie(tensor, *by_name.at(*tensor.alias_of));
     kept.push_back(std::move(tensor));
   }
   return kept;
@@ -319,19 +312,9 @@ StateDict plain_file_state_dict(const Manifest& manifest, const OutputFormatInfo
   std::function<void(const json&)> walk = [&](const json& node) {
     if (node.is_object() && node.contains("$tensor")) {
       NestedItem item;
-      for (const auto& element : path) {
-        const auto* key = std::get_if<std::string>(&element);
-        if (!item.key.empty()) item.key += '.';
-        item.key += key != nullptr ? *key : std::to_string(std::get<std::int64_t>(element));
-      }
+      item.key = flat_key(path);
       // (by its path: a tie's node gives its tensor's index, and the tie is a tensor of its own path)
-      std::string object_path;
-      for (const auto& element : path) {
-        const auto* key = std::get_if<std::string>(&element);
-        if (!object_path.empty()) object_path += '/';
-        object_path += key != nullptr ? escape_label(*key) : std::to_string(std::get<std::int64_t>(element));
-      }
-      auto found = index.find(object_path);
+      auto found = index.find(object_path(path));
       item.path = path;
       item.tensor = found != index.end() ? found->second : node["$tensor"].get<std::size_t>();
       state.items.push_back(std::move(item));
@@ -352,17 +335,6 @@ StateDict plain_file_state_dict(const Manifest& manifest, const OutputFormatInfo
     }
   };
   walk(root);
-  // A tie to a tensor left out (inside an object) holds that tensor's bytes itself.
-  std::map<std::string, const NamedTensor*> by_name;
-  for (const NamedTensor& tensor : state.tensors) by_name.emplace(tensor.name, &tensor);
-  std::set<std::string_view> kept;
-  for (const NestedItem& item : state.items) kept.insert(state.tensors.at(*item.tensor).name);
-  for (const NestedItem& item : state.items) {
-    NamedTensor& tensor = state.tensors[*item.tensor];
-    if (!tensor.alias_of || kept.count(*tensor.alias_of) != 0) continue;
-    tensor.source = by_name.at(*tensor.alias_of)->source;
-    tensor.alias_of.reset();
-  }
   if (left_out > 0) {
     notes.push_back(
         fmt::format("{}: {} value(s) that are no tensors of its dicts are left out: {} holds tensors "
@@ -408,18 +380,29 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
       state.items.push_back(std::move(item));
     }
   }
-  // Every tensor under its item's key (a tie naming its tensor's key), in the
-  // items' order; then what --filter keeps.
+  // Every tensor under its item's key, in the items' order (a tie naming its
+  // tensor's key, or a copy of it where that tensor is no item: one inside an
+  // object of a plain file); then what --filter keeps.
   std::map<std::string, std::string> keys;  // tensor name -> its item's key
+  std::map<std::string, std::size_t> by_name;
+  for (std::size_t i = 0; i < state.tensors.size(); ++i) by_name.emplace(state.tensors[i].name, i);
   for (const NestedItem& item : state.items) {
     if (item.tensor) keys.emplace(state.tensors.at(*item.tensor).name, item.key);
   }
   std::vector<NamedTensor> tensors;
   for (NestedItem& item : state.items) {
     if (!item.tensor) continue;
+    // (moved: a tie untied below reads only a tensor that is no item, never moved)
     NamedTensor tensor = std::move(state.tensors.at(*item.tensor));
     tensor.name = item.key;
-    if (tensor.alias_of) tensor.alias_of = keys.at(*tensor.alias_of);
+    if (tensor.alias_of) {
+      auto key = keys.find(*tensor.alias_of);
+      if (key != keys.end()) {
+        tensor.alias_of = key->second;
+      } else {
+        untie(tensor, state.tensors.at(by_name.at(*tensor.alias_of)));
+      }
+    }
     item.tensor = tensors.size();
     tensors.push_back(std::move(tensor));
   }

@@ -98,16 +98,18 @@ std::vector<PlannedStorage> carry_storages(pickle::Graph& graph, const Checkpoin
       planned.data.append_copy(source, record.data_offset, record.nbytes);
       out.push_back(std::move(planned));
     }
-    // A fresh id tuple: the old one's nodes may be shared with other values.
-    pickle::NodeId old_tuple = graph[id].callable;
-    std::span<const pickle::NodeId> old_items = graph[old_tuple].items;
-    std::vector<pickle::NodeId> items(old_items.begin(), old_items.end());
-    items[2] = graph.str(it->second);
-    pickle::Node persid = graph[id].copy();
-    persid.callable = graph.tuple(items);
-    graph.replace(id, persid);
+    set_storage_key(graph, id, it->second);
   }
   return out;
+}
+
+void set_storage_key(pickle::Graph& graph, pickle::NodeId persid, const std::string& key) {
+  std::span<const pickle::NodeId> old_items = graph[graph[persid].callable].items;
+  std::vector<pickle::NodeId> items(old_items.begin(), old_items.end());
+  items.at(2) = graph.str(key);
+  pickle::Node node = graph[persid].copy();
+  node.callable = graph.tuple(items);
+  graph.replace(persid, node);
 }
 
 }  // namespace ckpt

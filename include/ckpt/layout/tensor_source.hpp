@@ -85,4 +85,9 @@ struct NamedTensor {
   std::optional<DType> convert_to;
 };
 
+// `tie` (alias_of `target`) made a tensor of its own, a copy of `target`'s
+// bytes, kind and written dtype: where the tensor it is tied to is not
+// written beside it (left out, or a format that holds ties as copies).
+void untie(NamedTensor& tie, const NamedTensor& target);
+
 }  // namespace ckpt

@@ -40,6 +40,12 @@ namespace ckpt {
 // Where a key of a nested state dict goes: dict keys (str) and list indices
 // (int), from the top level down.
 using KeyPath = std::vector<std::variant<std::string, std::int64_t>>;
+// The path as an object path, its elements as labels joined by '/'
+// ("model/layers/0/attn": what a torch file nested so names the value).
+std::string object_path(const KeyPath& path);
+// The path's elements joined by '.' ("model.layers.0.attn": what torch's
+// flatten_state_dict names the value).
+std::string flat_key(const KeyPath& path);
 
 // An item of a set whose state dict is nested (DCP's planner_data): its key,
 // where torch's loader puts it, and what it is: a tensor of the state dict or

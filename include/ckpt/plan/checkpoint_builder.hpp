@@ -76,6 +76,9 @@ class CheckpointBuilder {
     PlannedRecord record;  // its sources manifest file indices until finish() maps them
   };
   pickle::NodeId parameter_state(const std::string& key) const;
+  // The payloads as the file's storages, their sources made the plan's; the
+  // builder keeps none.
+  std::vector<PlannedStorage> take_storages(const std::vector<std::uint32_t>& sources);
 
   const Checkpoint* base_ = nullptr;
   pickle::Graph graph_;

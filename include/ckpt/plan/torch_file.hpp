@@ -30,6 +30,11 @@ PlanSource plan_source(const Checkpoint& checkpoint);
 // Every storage of `checkpoint`, copied whole from its record.
 std::vector<PlannedStorage> copy_all_storages(const Checkpoint& checkpoint, Plan& plan);
 
+// The storage the PersId node `persid` refers to renamed `key` (record
+// <archive>/data/<key>), in a fresh id tuple: the old one's nodes may be
+// shared with other values.
+void set_storage_key(pickle::Graph& graph, pickle::NodeId persid, const std::string& key);
+
 // For a graph copied from `from` and then edited: the storages of `from` that
 // are still reachable from graph.root get new keys, counting from `next_key`,
 // and are planned as whole-record copies from the plan's source `source` (from's
