@@ -9,7 +9,8 @@ DEMO := $(BUILD)/demo
 # Debian 12 packages this project needs; `deps` installs those not yet present.
 PACKAGES := g++ meson ninja-build pkg-config cmake libtorch-dev libboost-dev libzstd-dev \
             nlohmann-json3-dev doctest-dev libfmt-dev libcli11-dev libisal-dev zlib1g-dev \
-            python3-torch python3-omegaconf time clang-format libmimalloc-dev
+            python3-torch python3-omegaconf time clang-format libmimalloc-dev \
+            libopenmpi-dev openmpi-bin
 
 .PHONY: all deps configure build demo test bench sanitize fuzz clean
 

@@ -6,19 +6,67 @@
 
 #include <CLI/CLI.hpp>
 #include <csignal>
+#include <cstdlib>
 #include <map>
+#include <memory>
 #include <string>
 #include <system_error>
 #ifdef CKPT_MIMALLOC
 #include <mimalloc.h>
 #endif
 
+#include "ckpt/exec/job_exec.hpp"
+#include "ckpt/exec/tensor_math.hpp"
 #include "ckpt/io/error.hpp"
+#include "ckpt/io/job.hpp"
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/io/version.hpp"
 #include "commands.hpp"
+#include "plan_print.hpp"
+
+namespace {
+
+// The command, as rank 0 of a job or alone; the job's other ranks are told
+// how it ended (the end, unless a plan went out).
+int run_command(int argc, char** argv);
+
+}  // namespace
 
 int main(int argc, char** argv) {
+  std::unique_ptr<ckpt::Job> job;
+  try {
+    job = ckpt::join_job();
+  } catch (const ckpt::Error& e) {
+    // Said once, by the launcher's first process.
+    const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
+    if (rank == nullptr) rank = std::getenv("PMI_RANK");
+    if (rank == nullptr) rank = std::getenv("SLURM_PROCID");
+    if (rank == nullptr || std::string(rank) == "0") fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
+    return ckpt::info_of(e.kind()).exit_code;
+  }
+  if (job && job->rank() != 0) {
+    // Rank 0 reads the command line, plans and reports; this rank writes its
+    // share of the plan, if one comes.
+    ckpt::install_cleanup_handlers();
+    std::signal(SIGXFSZ, SIG_IGN);
+    ckpt::ExecOptions local;
+    local.convert = ckpt::convert_elements;
+    try {
+      return ckpt::follow_job(*job, local);
+    } catch (const ckpt::Error& e) {  // the job's own exchange failed: the launcher ends the job
+      fmt::print(stderr, "ckpt-tool: error: rank {}: {}\n", job->rank(), e.what());
+      return ckpt::info_of(e.kind()).exit_code;
+    }
+  }
+  ckpt::cli::lead(job.get());
+  int code = run_command(argc, argv);
+  if (job && !ckpt::cli::job_told()) ckpt::end_job(*job, code);
+  return code;
+}
+
+namespace {
+
+int run_command(int argc, char** argv) {
   CLI::App app{"ckpt-tool: index, inspect, stitch and reshard sharded PyTorch checkpoints, zero-copy"};
   app.require_subcommand(1);
   std::string version = ckpt::kVersionString;
@@ -92,3 +140,5 @@ int main(int argc, char** argv) {
     return exit_code(ckpt::ErrorKind::BadInput);
   }
 }
+
+}  // namespace

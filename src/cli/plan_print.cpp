@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <map>
 
+#include "ckpt/exec/job_exec.hpp"
 #include "ckpt/exec/tensor_math.hpp"
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/output_file.hpp"
@@ -54,7 +55,8 @@ void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& t
   std::uint64_t total_copy = 0;
   std::uint64_t total_size = 0;
   for (std::size_t k = 0; k < plan.files.size(); ++k) {
-    const PlannedFile& file = plan.files[k];
+    std::optional<PlannedFile> holder;
+    const PlannedFile& file = unpacked(plan.files[k], holder);
     std::map<std::string, const PlannedRecord*> by_name;
     for (const PlannedRecord& record : file.records) by_name[record.name] = &record;
     ZipLayout layout = layout_file(file);
@@ -91,6 +93,20 @@ void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& t
 }
 
 namespace {
+
+Job* g_job = nullptr;
+bool g_job_told = false;
+
+void print_rank_figures(const JobStats& job) {
+  for (std::size_t r = 0; r < job.ranks.size(); ++r) {
+    const RankFigures& rank = job.ranks[r];
+    fmt::print(stderr,
+               "stats: rank {} of {}: {} written ({} whole file(s), {} part(s) of shared files) in {:.3f} s, "
+               "peak RSS {}\n",
+               r, job.ranks.size(), human_bytes(rank.bytes_written), rank.files, rank.parts, rank.seconds,
+               human_bytes(rank.peak_rss_bytes));
+  }
+}
 
 void print_stats(const ExecStats& stats, std::size_t files, double plan_seconds) {
   auto rate = [&](double seconds) {
@@ -191,7 +207,16 @@ void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, 
   exec.check_crc = !flags.no_crc_check;
   exec.notice = print_notice;
   auto planned = std::chrono::steady_clock::now();
-  ExecStats stats = execute(plan, exec);
+  ExecStats stats;
+  if (g_job != nullptr) {
+    g_job_told = true;        // lead_job's first word goes out whatever happens
+    exec.progress = nullptr;  // its share only: the line would stop short
+    JobStats job = lead_job(*g_job, plan, exec);
+    stats = job.exec;
+    if (flags.stats) print_rank_figures(job);
+  } else {
+    stats = execute(plan, exec);
+  }
   if (flags.stats) print_stats(stats, plan.files.size(), std::chrono::duration<double>(planned - started).count());
   if (!flags.quiet) {
     // The whole command's time: reading and planning 200,000 tensors can take
@@ -206,6 +231,16 @@ void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, 
                                                            static_cast<double>(stats.bytes_written) / stats.seconds))),
         stats.crc_checked ? "inputs checked against their CRC-32" : "input CRC-32s NOT checked (--no-crc-check)");
   }
+}
+
+void lead(Job* job) {
+  g_job = job;
+}
+Job* led_job() {
+  return g_job;
+}
+bool job_told() {
+  return g_job_told;
 }
 
 void note_phase(const WriteFlags& flags, std::string_view what) {

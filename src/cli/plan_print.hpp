@@ -10,6 +10,7 @@
 
 #include "ckpt/exec/compare.hpp"
 #include "ckpt/exec/exec.hpp"
+#include "ckpt/io/job.hpp"
 #include "ckpt/layout/tensor_source.hpp"
 #include "ckpt/plan/plan.hpp"
 
@@ -48,6 +49,13 @@ void print_notice(const std::string& text);
 // The progress line on stderr ("12.0 / 40.0 MiB  900 MiB/s  ETA 0 s"); none when
 // `quiet` or stderr is not a terminal.
 ProgressFn progress_line(bool quiet);
+
+// The job this process leads as rank 0 of several (mpirun, srun): run_plan
+// writes its plan over every rank (lead_job). `told()`: the other ranks have
+// had rank 0's first word, a plan or the end (main tells them the end otherwise).
+void lead(Job* job);
+Job* led_job();
+bool job_told();
 
 // Executes `plan` (or prints it with --dry-run, or writes it to --save-plan),
 // then --stats and the summary line. `started` is when the command began

@@ -20,6 +20,7 @@
 #include "ckpt/exec/gather.hpp"
 #include "ckpt/exec/source_check.hpp"
 #include "ckpt/format/zip.hpp"
+#include "ckpt/io/byte_writer.hpp"
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/io/parallel.hpp"
@@ -28,10 +29,6 @@ namespace ckpt {
 
 namespace {
 
-// Output files are written in units of 8 MiB at 8 MiB-aligned offsets: large
-// enough that a direct write runs at the disk's speed (as dd's does with 8 MiB
-// blocks), small enough to balance threads and bound memory.
-constexpr std::uint64_t kUnitBytes = 8ull << 20;
 constexpr std::uint64_t kBlockBytes = OutputFile::kDirectAlignment;
 
 std::uint64_t round_up(std::uint64_t value, std::uint64_t alignment) {
@@ -131,6 +128,51 @@ class FileWriter {
   void keep_header_blocks() { kept_ = AlignedBuffer(header_blocks_.size() * kBlockBytes); }
 
   std::vector<Unit>& units() { return units_; }
+
+  // What this process wrote of units [first, end), for the process that
+  // finishes the file (FilePart): the CRCs of their spans and the header
+  // blocks among them, as bytes: u64 first span, u64 count, count x u32 CRC,
+  // u64 blocks, each u64 block index + its bytes (none when the headers go in
+  // place: the file is written buffered).
+  std::vector<std::byte> part_report(std::uint64_t first, std::uint64_t end) const {
+    ByteWriter out;
+    std::size_t first_span = units_.at(first).first_span;
+    std::size_t end_span = units_.at(end - 1).end_span;
+    out.u64(first_span);
+    out.u64(end_span - first_span);
+    for (std::size_t i = first_span; i < end_span; ++i) out.u32(spans_[i].crc32);
+    std::vector<std::size_t> blocks;
+    if (kept_.data() != nullptr) {
+      for (std::size_t b = 0; b < header_blocks_.size(); ++b) {
+        std::uint64_t at = header_blocks_[b] * kBlockBytes;
+        if (at >= units_[first].begin && at < units_[end - 1].end) blocks.push_back(b);
+      }
+    }
+    out.u64(blocks.size());
+    for (std::size_t b : blocks) {
+      out.u64(header_blocks_[b]);
+      out.text(std::string_view(reinterpret_cast<const char*>(kept_.data() + b * kBlockBytes), kBlockBytes));
+    }
+    return out.take();
+  }
+  // Takes in a part_report() of another process.
+  void absorb_part(Bytes report) {
+    ByteReader in(report, out_.target_path(), "a part report");
+    std::uint64_t first_span = in.u64();
+    std::uint64_t count = in.u64();
+    check_invariant(first_span + count <= spans_.size(), "a part report past the file's spans");
+    for (std::uint64_t i = 0; i < count; ++i) spans_[first_span + i].crc32 = in.u32();
+    std::uint64_t blocks = in.u64();
+    for (std::uint64_t b = 0; b < blocks; ++b) {
+      std::uint64_t block = in.u64();
+      auto it = std::lower_bound(header_blocks_.begin(), header_blocks_.end(), block);
+      check_invariant(it != header_blocks_.end() && *it == block && kept_.data() != nullptr,
+                      "a part report with a block that holds no header");
+      Bytes bytes = in.take(kBlockBytes);
+      std::memcpy(kept_.data() + (it - header_blocks_.begin()) * kBlockBytes, bytes.data(), kBlockBytes);
+    }
+    check_invariant(in.at_end(), "bytes after a part report");
+  }
   // Record bytes in the unit (what the progress line counts).
   std::uint64_t record_bytes(const Unit& unit) const {
     std::uint64_t nbytes = 0;
@@ -289,14 +331,41 @@ class FileWriter {
   AlignedBuffer kept_;                        // their bytes, in that order (when kept)
 };
 
-void run_units(FileWriter& writer, unsigned threads, Progress& progress) {
+// Writes units [first, end) of the writer's file (all of them by default).
+void run_units(FileWriter& writer, unsigned threads, Progress& progress, std::uint64_t first = 0,
+               std::uint64_t end = ~0ull) {
   std::vector<Unit>& units = writer.units();
-  parallel_for(units.size(), threads, [&] {
+  end = std::min<std::uint64_t>(end, units.size());
+  if (first >= end) return;
+  parallel_for(end - first, threads, [&] {
     return [&, buffer = AlignedBuffer(kUnitBytes)](std::size_t i) {
-      writer.run_unit(units[i], buffer.data());
-      progress.add(writer.record_bytes(units[i]));
+      writer.run_unit(units[first + i], buffer.data());
+      progress.add(writer.record_bytes(units[first + i]));
     };
   });
+}
+
+// A file's writer as every process writing a part of it makes it: the same
+// layout and units, and the same choice of direct or buffered I/O.
+struct PreparedFile {
+  std::optional<PlannedFile> expanded;  // its records and pickle, kept compressed until now
+  ZipLayout layout;
+  std::unique_ptr<FileWriter> writer;
+};
+PreparedFile prepare_file(const Plan& plan, std::size_t k, const std::vector<const MappedFile*>& sources,
+                          OutputFile& out, const ExecOptions& options, SourceCrcCheck* check) {
+  PreparedFile prepared;
+  prepared.expanded = expand_inline(plan.files.at(k));
+  const PlannedFile& file = prepared.expanded ? *prepared.expanded : plan.files[k];
+  prepared.layout = layout_file(file);
+  prepared.writer = std::make_unique<FileWriter>(sources, file, prepared.layout, out, options, check);
+  // Direct I/O needs the header blocks kept (a header written in place would
+  // be a partial block); without them the file is written buffered.
+  if (prepared.writer->header_block_count() <= kMaxKeptHeaderBlocks) {
+    prepared.writer->keep_header_blocks();
+    if (options.direct_io) out.enable_direct_io();
+  }
+  return prepared;
 }
 
 // fsyncs in flight at once when several outputs are made durable: they wait on
@@ -353,8 +422,16 @@ void commit_all(std::vector<std::unique_ptr<OutputFile>>& outputs) {
   for (const std::string& dir : directories) sync_directory(dir.empty() ? "." : dir);
 }
 
-// Maps every source of the plan, refusing one that is no longer the file
-// planned from.
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+std::uint64_t unit_count(std::uint64_t file_size) {
+  return (round_up(file_size, kBlockBytes) + kUnitBytes - 1) / kUnitBytes;
+}
+
 std::vector<std::unique_ptr<MappedFile>> map_sources(const Plan& plan) {
   std::vector<std::unique_ptr<MappedFile>> mapped;
   for (const PlanSource& source : plan.sources) {
@@ -371,16 +448,10 @@ std::vector<std::unique_ptr<MappedFile>> map_sources(const Plan& plan) {
   return mapped;
 }
 
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-}  // namespace
-
 MadeDirectories prepare(const Plan& plan, const ExecOptions& options) {
   MadeDirectories made(plan.directories);
   std::vector<OutputTarget> targets;
-  for (const PlannedFile& file : plan.files) targets.push_back({file.path, layout_file(file).file_size});
+  for (const PlannedFile& file : plan.files) targets.push_back({file.path, planned_file_size(file)});
   std::vector<FileIdentity> inputs;
   for (const PlanSource& source : plan.sources) {
     inputs.push_back(identity_of(source.path).value_or(FileIdentity{source.device, source.inode}));
@@ -404,44 +475,57 @@ MadeDirectories prepare(const Plan& plan, const ExecOptions& options) {
 
 Staged stage(const Plan& plan, const std::vector<std::size_t>& files, const ExecOptions& options) {
   auto start = std::chrono::steady_clock::now();
-  unsigned threads = resolve_threads(options.threads);
   std::vector<std::unique_ptr<MappedFile>> mapped = map_sources(plan);
   std::vector<const MappedFile*> sources;
   for (const auto& file : mapped) sources.push_back(file.get());
   std::optional<SourceCrcCheck> check;
   if (options.check_crc) check.emplace(plan, files, sources);
+  Staged staged = stage_files(plan, files, sources, options, check ? &*check : nullptr);
+  finish_check(check ? &*check : nullptr, options, staged.stats);
+  staged.stats.seconds = seconds_since(start);
+  return staged;
+}
+
+void finish_check(SourceCrcCheck* check, const ExecOptions& options, ExecStats& stats) {
+  auto start = std::chrono::steady_clock::now();
+  if (check != nullptr) {
+    check->finish(resolve_threads(options.threads));
+    stats.crc_checked = true;
+    stats.crc_reread_bytes = check->reread_bytes();
+  }
+  stats.crc_seconds = seconds_since(start);
+}
+
+Staged stage_files(const Plan& plan, const std::vector<std::size_t>& files,
+                   const std::vector<const MappedFile*>& sources, const ExecOptions& options, SourceCrcCheck* check) {
+  auto start = std::chrono::steady_clock::now();
+  unsigned threads = resolve_threads(options.threads);
 
   std::uint64_t total = 0;
   for (std::size_t k : files) {
-    for (const PlannedRecord& record : plan.files.at(k).records) total += record.nbytes;
+    const PlannedFile& file = plan.files.at(k);
+    total += file.packed_record_bytes;
+    for (const PlannedRecord& record : file.records) total += record.nbytes;
   }
   Progress progress(options.progress, total);
   Staged staged;
   ExecStats& stats = staged.stats;
   for (std::size_t k : files) {
-    std::optional<PlannedFile> expanded = expand_inline(plan.files[k]);  // its pickle, kept compressed until now
-    const PlannedFile& file = expanded ? *expanded : plan.files[k];
     auto t0 = std::chrono::steady_clock::now();
-    ZipLayout layout = layout_file(file);
-    staged.outputs.push_back(std::make_unique<OutputFile>(file.path, layout.file_size, options.overwrite));
+    staged.outputs.push_back(
+        std::make_unique<OutputFile>(plan.files[k].path, planned_file_size(plan.files[k]), options.overwrite));
     OutputFile& out = *staged.outputs.back();
-    FileWriter writer(sources, file, layout, out, options, check ? &*check : nullptr);
-    // Direct I/O needs the header blocks kept (a header written in place would
-    // be a partial block); without them the file is written buffered.
-    if (writer.header_block_count() <= kMaxKeptHeaderBlocks) {
-      writer.keep_header_blocks();
-      if (options.direct_io) out.enable_direct_io();
-    }
+    PreparedFile prepared = prepare_file(plan, k, sources, out, options, check);
     stats.create_seconds += seconds_since(t0);
     auto t1 = std::chrono::steady_clock::now();
-    run_units(writer, threads, progress);
+    run_units(*prepared.writer, threads, progress);
     stats.copy_seconds += seconds_since(t1);
     auto t2 = std::chrono::steady_clock::now();
-    writer.write_headers();
+    prepared.writer->write_headers();
     if (out.direct_io()) ++stats.direct_files;
     out.finish(/*sync=*/files.size() == 1);
     stats.commit_seconds += seconds_since(t2);
-    stats.bytes_written += layout.file_size;
+    stats.bytes_written += prepared.layout.file_size;
   }
   // Several outputs are made durable together: fsyncs in flight at once let
   // the file system commit them in a few journal transactions, where one after
@@ -452,15 +536,29 @@ Staged stage(const Plan& plan, const std::vector<std::size_t>& files, const Exec
                  [&] { return [&](std::size_t k) { staged.outputs[k]->sync_finished(); }; });
   }
   stats.commit_seconds += seconds_since(t3);
-  auto t4 = std::chrono::steady_clock::now();
-  if (check) {
-    check->finish(threads);
-    stats.crc_checked = true;
-    stats.crc_reread_bytes = check->reread_bytes();
-  }
-  stats.crc_seconds = seconds_since(t4);
   stats.seconds = seconds_since(start);
   return staged;
+}
+
+std::uint64_t write_part(const Plan& plan, const FilePart& part, OutputFile& out,
+                         const std::vector<const MappedFile*>& sources, const ExecOptions& options,
+                         SourceCrcCheck* check, std::vector<std::byte>& report) {
+  PreparedFile prepared = prepare_file(plan, part.file, sources, out, options, check);
+  Progress progress(options.progress, 0);
+  FileWriter& writer = *prepared.writer;
+  run_units(writer, resolve_threads(options.threads), progress, part.first_unit, part.end_unit);
+  report = writer.part_report(part.first_unit, part.end_unit);
+  std::uint64_t nbytes = 0;
+  for (std::uint64_t u = part.first_unit; u < part.end_unit; ++u) nbytes += writer.record_bytes(writer.units()[u]);
+  return nbytes;
+}
+
+void finish_shared(const Plan& plan, std::size_t file, OutputFile& out, const std::vector<const MappedFile*>& sources,
+                   const ExecOptions& options, const std::vector<Bytes>& reports) {
+  PreparedFile prepared = prepare_file(plan, file, sources, out, options, nullptr);
+  for (Bytes report : reports) prepared.writer->absorb_part(report);
+  prepared.writer->write_headers();
+  out.finish(/*sync=*/true);
 }
 
 void commit(const Plan& plan, Staged& staged, const ExecOptions& options) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "ckpt/io/byte_writer.hpp"
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/parallel.hpp"
 
@@ -34,7 +35,8 @@ SourceCrcCheck::SourceCrcCheck(const Plan& plan, const std::vector<std::size_t>&
   // Every byte a copy reads lies in one record (validate checked it): mark the
   // records touched.
   for (std::size_t k : outputs) {
-    for (const PlannedRecord& record : plan.files.at(k).records) {
+    std::optional<PlannedFile> holder;
+    for (const PlannedRecord& record : unpacked(plan.files.at(k), holder).records) {
       for (const Piece& piece : record.copies) {
         if (!piece.mapped() || piece.nbytes == 0) continue;
         std::int64_t index = record_at(piece.source, piece.source_offset);
@@ -77,6 +79,35 @@ void SourceCrcCheck::note(std::uint32_t source, std::uint64_t byte_offset, Bytes
     } else {
       covered_.push_back(part);
     }
+  }
+}
+
+// Each note: u32 source, u32 record, u64 begin, u64 end, u32 CRC.
+std::vector<std::byte> SourceCrcCheck::notes() const {
+  ByteWriter out;
+  for (const Covered& part : covered_) {
+    out.u32(part.source);
+    out.u32(part.record);
+    out.u64(part.begin);
+    out.u64(part.end);
+    out.u32(part.crc);
+  }
+  return out.take();
+}
+
+void SourceCrcCheck::add_notes(Bytes notes) {
+  ByteReader in(notes, "", "CRC notes");
+  std::lock_guard lock(mutex_);
+  while (!in.at_end()) {
+    Covered part;
+    part.source = in.u32();
+    part.record = in.u32();
+    part.begin = in.u64();
+    part.end = in.u64();
+    part.crc = in.u32();
+    check_invariant(part.source < plan_.sources.size() && part.record < plan_.sources[part.source].records.size(),
+                    "CRC notes of a record the plan does not have");
+    covered_.push_back(part);
   }
 }
 

@@ -259,8 +259,40 @@ OutputFile::OutputFile(std::string target_path, std::uint64_t size_bytes, bool o
 
 OutputFile::~OutputFile() {
   if (fd_ >= 0) ::close(fd_);
-  if (!committed_) ::unlink(temp_path_.c_str());
+  if (!committed_ && creator_) ::unlink(temp_path_.c_str());
   unregister_cleanup(cleanup_);
+}
+
+std::unique_ptr<OutputFile> OutputFile::attach(std::string target_path, std::string temp_path,
+                                               std::uint64_t size_bytes) {
+  std::unique_ptr<OutputFile> out(new OutputFile());
+  out->target_path_ = std::move(target_path);
+  out->temp_path_ = std::move(temp_path);
+  out->size_bytes_ = size_bytes;
+  out->creator_ = false;
+  out->fd_ = ::open(out->temp_path_.c_str(), O_WRONLY | O_CLOEXEC);
+  if (out->fd_ < 0) {
+    fail_call(Location{out->target_path_, "", std::nullopt},
+              "cannot open the temporary output " + out->temp_path_ + " another process created");
+  }
+  return out;
+}
+
+std::unique_ptr<OutputFile> OutputFile::adopt(std::string target_path, std::string temp_path, std::uint64_t size_bytes,
+                                              bool overwrite) {
+  std::unique_ptr<OutputFile> out(new OutputFile());
+  out->target_path_ = std::move(target_path);
+  out->temp_path_ = std::move(temp_path);
+  out->size_bytes_ = size_bytes;
+  out->overwrite_ = overwrite;
+  out->creator_ = false;
+  return out;
+}
+
+void OutputFile::release() {
+  committed_ = true;
+  unregister_cleanup(cleanup_);
+  cleanup_ = nullptr;
 }
 
 bool OutputFile::enable_direct_io() {
@@ -303,6 +335,13 @@ void OutputFile::write_at(std::uint64_t byte_offset, Bytes bytes) const {
 void OutputFile::finish(bool sync) {
   if (fd_ < 0) return;
   Location where{target_path_, "", std::nullopt};
+  if (!creator_) {  // a part of the file: durable, its size its creator's to set
+    if (::fdatasync(fd_) != 0) fail_call(where, "fdatasync failed");
+    int rc = ::close(fd_);
+    fd_ = -1;
+    if (rc != 0) fail_call(where, "close failed");
+    return;
+  }
   // A whole last block may have been written past the planned size.
   if (::ftruncate(fd_, static_cast<off_t>(size_bytes_)) != 0) fail_call(where, "truncate failed");
   if (sync && ::fsync(fd_) != 0) fail_call(where, "fsync failed");

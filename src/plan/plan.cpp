@@ -7,6 +7,8 @@
 #include <iterator>
 #include <optional>
 
+#include "ckpt/plan/plan_file.hpp"
+
 namespace ckpt {
 
 void PlannedRecord::append_copy(std::uint32_t source, std::uint64_t source_offset, std::uint64_t count) {
@@ -64,6 +66,7 @@ std::uint32_t Plan::add_source(PlanSource source) {
 std::uint64_t Plan::bytes_to_copy() const {
   std::uint64_t total = 0;
   for (const PlannedFile& file : files) {
+    if (file.is_packed()) total += file.packed_record_bytes;
     for (const PlannedRecord& record : file.records) total += record.nbytes;
   }
   return total;
@@ -148,11 +151,23 @@ PlannedRecord InlineRecordWriter::finish() {
   return std::move(record_);
 }
 
+std::uint64_t planned_file_size(const PlannedFile& file) {
+  return file.is_packed() ? file.packed_file_size : layout_file(file).file_size;
+}
+
+const PlannedFile& unpacked(const PlannedFile& file, std::optional<PlannedFile>& holder) {
+  if (!file.is_packed()) return file;
+  holder = unpack(file);
+  return *holder;
+}
+
 std::optional<PlannedFile> expand_inline(const PlannedFile& file) {
-  bool any =
-      std::any_of(file.records.begin(), file.records.end(), [](const PlannedRecord& r) { return r.inline_zstd; });
-  if (!any) return std::nullopt;
-  PlannedFile expanded = file;
+  std::optional<PlannedFile> holder;
+  if (file.is_packed()) holder = unpack(file);
+  const std::vector<PlannedRecord>& records = holder ? holder->records : file.records;
+  bool any = std::any_of(records.begin(), records.end(), [](const PlannedRecord& r) { return r.inline_zstd; });
+  if (!any) return holder;
+  PlannedFile expanded = holder ? std::move(*holder) : file;
   for (PlannedRecord& record : expanded.records) {
     if (!record.inline_zstd) continue;
     std::vector<std::byte> bytes(record.nbytes);
@@ -182,7 +197,7 @@ bool in_one_record(const PlanSource& source, std::uint64_t begin, std::uint64_t 
 // validate's checks; `fail(where, message)` throws. `exhaustive`: the tiling
 // check runs however many rows there are.
 template <typename Fail>
-void check_plan(const Plan& plan, bool exhaustive, const Fail& fail) {
+void check_plan(const Plan& plan, bool exhaustive, const std::string& origin, const Fail& fail) {
   for (const PlanSource& source : plan.sources) {
     std::uint64_t end = 0;
     for (const CheckedRange& record : source.records) {
@@ -193,7 +208,10 @@ void check_plan(const Plan& plan, bool exhaustive, const Fail& fail) {
       end = *record_end;
     }
   }
-  for (const PlannedFile& file : plan.files) {
+  for (const PlannedFile& planned : plan.files) {
+    std::optional<PlannedFile> holder;
+    if (planned.is_packed()) holder = unpack(planned, origin);
+    const PlannedFile& file = holder ? *holder : planned;
     if (file.container == Container::Archives) {
       bool ordered = !file.archives.empty() && file.archives.front() == 0 && file.archives.back() < file.records.size();
       for (std::size_t a = 1; a < file.archives.size() && ordered; ++a)
@@ -262,13 +280,13 @@ void validate(const Plan& plan) {
 #else
   constexpr bool kExhaustive = true;
 #endif
-  check_plan(plan, kExhaustive, [](const std::string& where, const std::string& message) {
+  check_plan(plan, kExhaustive, "a packed plan", [](const std::string& where, const std::string& message) {
     throw InternalError(fmt::format("invalid plan: {}: {}", where, message));
   });
 }
 
 void validate_untrusted(const Plan& plan, const std::string& origin) {
-  check_plan(plan, /*exhaustive=*/true, [&](const std::string& where, const std::string& message) {
+  check_plan(plan, /*exhaustive=*/true, origin, [&](const std::string& where, const std::string& message) {
     throw Error(Location{origin, where, std::nullopt}, "not a valid plan: " + message);
   });
 }

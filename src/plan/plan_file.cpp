@@ -36,7 +36,7 @@ class Writer {
   }
   void bytes(const std::vector<std::byte>& data) {
     out_.u64(data.size());
-    for (std::byte b : data) out_.u8(static_cast<std::uint8_t>(b));
+    out_.text(std::string_view(reinterpret_cast<const char*>(data.data()), data.size()));
   }
   void strs(const std::vector<std::string>& list) {
     out_.u64(list.size());
@@ -60,6 +60,16 @@ class Writer {
   void file(const PlannedFile& file) {
     str(file.path);
     out_.u8(static_cast<std::uint8_t>(file.container));
+    out_.u8(file.is_packed() ? 1 : 0);
+    if (!file.is_packed()) {
+      records(file);
+      return;
+    }
+    out_.u64(file.packed_file_size);
+    out_.u64(file.packed_record_bytes);
+    bytes(file.packed);
+  }
+  void records(const PlannedFile& file) {
     if (file.container == Container::Archives) {  // (only then: plans of the other containers read as before)
       out_.u64(file.archives.size());
       for (std::uint64_t first : file.archives) out_.u64(first);
@@ -105,7 +115,7 @@ class Writer {
 
 class Reader {
  public:
-  Reader(Bytes bytes, const std::string& origin) : in_(bytes, origin, "the expanded plan") {}
+  Reader(Bytes bytes, const std::string& origin, const char* what = "the expanded plan") : in_(bytes, origin, what) {}
 
   // A count of elements each at least `min_bytes` long, checked against what is left.
   std::uint64_t count(std::uint64_t min_bytes, const char* what) {
@@ -172,6 +182,18 @@ class Reader {
       in_.fail(in_.position() - 1, fmt::format("no container has the number {}", container));
     }
     file.container = static_cast<Container>(container);
+    if (flag("packed")) {
+      file.packed_file_size = in_.u64();
+      file.packed_record_bytes = in_.u64();
+      file.packed = bytes("packed records");
+      if (!file.is_packed()) in_.fail(in_.position(), "a packed file without records");
+      return file;
+    }
+    records(file);
+    return file;
+  }
+  // The records of `file` (its container read), and nothing after them when `whole`.
+  void records(PlannedFile& file, bool whole = false) {
     if (file.container == Container::Archives) {
       file.archives.resize(count(8, "archives"));
       for (std::uint64_t& first : file.archives) first = in_.u64();
@@ -185,7 +207,7 @@ class Reader {
       record.copies.resize(count(kPieceBytes, "copies"));
       for (Piece& piece : record.copies) piece = this->piece();
     }
-    return file;
+    if (whole && !in_.at_end()) in_.fail_here(fmt::format("{} bytes after the records", in_.remaining()));
   }
   Piece piece() {
     Piece piece;
@@ -218,6 +240,40 @@ class Reader {
 };
 
 }  // namespace
+
+void pack(PlannedFile& file) {
+  if (file.is_packed()) return;
+  Writer writer;
+  writer.records(file);
+  std::string encoded = writer.take();
+  std::string compressed = zstd_compress(encoded, Location{file.path, "", std::nullopt});
+  file.packed_file_size = layout_file(file).file_size;
+  file.packed_record_bytes = 0;
+  for (const PlannedRecord& record : file.records) file.packed_record_bytes += record.nbytes;
+  const auto* begin = reinterpret_cast<const std::byte*>(compressed.data());
+  file.packed.assign(begin, begin + compressed.size());
+  file.records = {};
+  file.archives = {};
+}
+
+PlannedFile unpack(const PlannedFile& file, const std::string& origin) {
+  check_invariant(file.is_packed(), "unpack of a file that is not packed");
+  Location where{origin, file.path, std::nullopt};
+  std::string encoded = zstd_decompress(file.packed, where, kMaxPlanBytes, "a plan");
+  PlannedFile out;
+  out.path = file.path;
+  out.container = file.container;
+  Reader(Bytes(reinterpret_cast<const std::byte*>(encoded.data()), encoded.size()), origin, "packed records")
+      .records(out, /*whole=*/true);
+  std::uint64_t record_bytes = 0;
+  for (const PlannedRecord& record : out.records) record_bytes += record.nbytes;
+  if (record_bytes != file.packed_record_bytes || layout_file(out).file_size != file.packed_file_size) {
+    throw Error(where,
+                fmt::format("not a valid plan: packed records of {} bytes in a file of {}, not {} in {}", record_bytes,
+                            layout_file(out).file_size, file.packed_record_bytes, file.packed_file_size));
+  }
+  return out;
+}
 
 std::vector<std::byte> serialize_plan(const Plan& plan) {
   Writer body;
@@ -257,7 +313,10 @@ Plan parse_plan(Bytes bytes, const std::string& origin) {
   // A compressed inline record is expanded when its file is written: its frame
   // must expand to its size, within the bound of a whole plan.
   std::uint64_t expanded_inline = 0;
-  for (const PlannedFile& file : plan.files) {
+  for (const PlannedFile& planned : plan.files) {
+    std::optional<PlannedFile> holder;
+    if (planned.is_packed()) holder = unpack(planned, origin);
+    const PlannedFile& file = holder ? *holder : planned;
     for (const PlannedRecord& record : file.records) {
       if (!record.inline_zstd) continue;
       Location where{origin, file.path + ": " + record.name, std::nullopt};
@@ -272,13 +331,17 @@ Plan parse_plan(Bytes bytes, const std::string& origin) {
   return plan;
 }
 
-void write_plan(Plan plan, const std::string& path, bool overwrite) {
+void make_paths_absolute(Plan& plan) {
   auto absolute = [](std::string& p) { p = std::filesystem::absolute(p).lexically_normal().string(); };
   for (PlanSource& source : plan.sources) absolute(source.path);
   for (PlannedFile& file : plan.files) absolute(file.path);
   for (auto* list : {&plan.directories, &plan.stale_files, &plan.read_only}) {
     for (std::string& p : *list) absolute(p);
   }
+}
+
+void write_plan(Plan plan, const std::string& path, bool overwrite) {
+  make_paths_absolute(plan);
   std::vector<std::byte> bytes = serialize_plan(plan);
   std::vector<FileIdentity> inputs;
   for (const PlanSource& source : plan.sources) {

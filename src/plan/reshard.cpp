@@ -18,6 +18,7 @@
 #include "ckpt/manifest/consolidate.hpp"
 #include "ckpt/manifest/optimizer_state.hpp"
 #include "ckpt/plan/checkpoint_builder.hpp"
+#include "ckpt/plan/plan_file.hpp"
 
 namespace ckpt {
 
@@ -490,6 +491,7 @@ PlannedOutput plan_output(const Bases& bases, const Recut& recut, const std::str
   PlannedOutput out;
   out.path = output_path(pattern, options.mp, options.dp, m, d);
   out.file = output.builder.finish(out.path, sources, bases.sources.at(static_cast<std::size_t>(base_index)));
+  pack(out.file);  // hundreds of outputs are planned before the first is written
   if (options.list_tensors) out.tensors = std::move(output.written);
   return out;
 }

@@ -677,8 +677,7 @@ struct ValidationPlan {
       plan.add_source(test_files::whole_file_source(*mapped.back()));
     }
     record.name = "archive/data/0";
-    plan.files.push_back(
-        ckpt::PlannedFile{"/tmp/never-written-layout.pt", {std::move(record)}, ckpt::Container::Zip, {}});
+    plan.files.push_back(test_files::planned_file("/tmp/never-written-layout.pt", {std::move(record)}));
   }
 };
 

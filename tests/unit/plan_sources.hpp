@@ -23,4 +23,16 @@ inline ckpt::PlanSource zip_source(const ckpt::MappedFile& file) {
   return ckpt::plan_source(file, std::move(records));
 }
 
+// An output file of a plan, its records in place.
+inline ckpt::PlannedFile planned_file(std::string path, std::vector<ckpt::PlannedRecord> records,
+                                      ckpt::Container container = ckpt::Container::Zip,
+                                      std::vector<std::uint64_t> archives = {}) {
+  ckpt::PlannedFile file;
+  file.path = std::move(path);
+  file.records = std::move(records);
+  file.container = container;
+  file.archives = std::move(archives);
+  return file;
+}
+
 }  // namespace test_files

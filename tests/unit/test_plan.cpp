@@ -38,7 +38,7 @@ bool same(const Piece& piece, std::uint32_t source, std::uint64_t source_offset,
 Plan plan_with(const ckpt::MappedFile& source, PlannedRecord record) {
   Plan plan;
   plan.add_source(test_files::whole_file_source(source));
-  plan.files.push_back(PlannedFile{"/tmp/never-written.pt", {std::move(record)}, ckpt::Container::Zip, {}});
+  plan.files.push_back(test_files::planned_file("/tmp/never-written.pt", {std::move(record)}));
   return plan;
 }
 
@@ -121,7 +121,7 @@ TEST_SUITE("plan") {
     PlannedRecord r2;
     r2.append_copy(1, 4, 8);
     r2.append_zeros(100);
-    plan.files.push_back(PlannedFile{"x.pt", {r1, r2}, ckpt::Container::Zip, {}});
+    plan.files.push_back(test_files::planned_file("x.pt", {r1, r2}));
     CHECK(plan.bytes_to_copy() == 124);
     CHECK_NOTHROW(ckpt::validate(plan));
   }

@@ -3,6 +3,8 @@
 // that reads outside its sources.
 #include <doctest/doctest.h>
 
+#include "plan_sources.hpp"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -64,11 +66,11 @@ Plan full_plan() {
   PlannedRecord big{"out/version", 70000, std::vector<std::byte>(70000, std::byte{'3'}), {}};
   ckpt::compress_inline(big);
   REQUIRE(big.inline_zstd);
-  plan.files.push_back({"/out/model.pt", {inline_record, copies, synthetic, big}, ckpt::Container::Zip, {}});
-  plan.files.push_back(
-      {"/out/side.json", {{"side.json", 2, {std::byte{'{'}, std::byte{'}'}}, {}}}, ckpt::Container::Concatenated, {}});
-  plan.files.push_back(
-      {"/out/dcp/__0_0.distcp", {inline_record, copies, inline_record}, ckpt::Container::Archives, {0, 2}});
+  plan.files.push_back(test_files::planned_file("/out/model.pt", {inline_record, copies, synthetic, big}));
+  plan.files.push_back(test_files::planned_file(
+      "/out/side.json", {{"side.json", 2, {std::byte{'{'}, std::byte{'}'}}, {}}}, ckpt::Container::Concatenated));
+  plan.files.push_back(test_files::planned_file("/out/dcp/__0_0.distcp", {inline_record, copies, inline_record},
+                                                ckpt::Container::Archives, {0, 2}));
   plan.directories = {"/out/hf"};
   plan.stale_files = {"/out/model-00001-of-00002.safetensors"};
   plan.read_only = {"/data/m.json.zst"};
@@ -175,8 +177,45 @@ TEST_SUITE("plan_file") {
     std::vector<std::byte> file = ckpt::serialize_plan(Plan{});
     CHECK_THROWS_WITH_AS(ckpt::parse_plan(bytes_of(file).first(5), "p.plan"), doctest::Contains("not a plan"),
                          ckpt::Error);
-    file[8] = std::byte{2};
-    CHECK_THROWS_WITH_AS(ckpt::parse_plan(bytes_of(file), "p.plan"), doctest::Contains("format version 2"),
+    file[8] = std::byte{3};
+    CHECK_THROWS_WITH_AS(ckpt::parse_plan(bytes_of(file), "p.plan"), doctest::Contains("format version 3"),
+                         ckpt::Error);
+  }
+
+  TEST_CASE("packed files: unpacked field for field, written and read packed, checked like the rest") {
+    Plan plan = full_plan();
+    Plan packed = plan;
+    for (ckpt::PlannedFile& file : packed.files) ckpt::pack(file);
+    for (std::size_t k = 0; k < plan.files.size(); ++k) {
+      REQUIRE(packed.files[k].is_packed());
+      CHECK(packed.files[k].records.empty());
+      CHECK(ckpt::planned_file_size(packed.files[k]) == ckpt::layout_file(plan.files[k]).file_size);
+      CHECK(ckpt::unpack(packed.files[k]) == plan.files[k]);
+    }
+    CHECK(packed.bytes_to_copy() == plan.bytes_to_copy());
+    ckpt::validate(packed);
+    Plan back = ckpt::parse_plan(bytes_of(ckpt::serialize_plan(packed)), "p.plan");
+    CHECK(back == packed);
+    // What the executor writes: unpacked, its compressed pickle expanded.
+    std::optional<ckpt::PlannedFile> expanded = ckpt::expand_inline(back.files[0]);
+    REQUIRE(expanded.has_value());
+    CHECK(expanded->records.size() == plan.files[0].records.size());
+    CHECK_FALSE(expanded->records[3].inline_zstd);
+
+    // A packed file whose records say another size than its header, or whose
+    // records read outside their sources, is refused as input.
+    Plan lying = packed;
+    lying.files[0].packed_file_size += 64;
+    CHECK_THROWS_WITH_AS(ckpt::parse_plan(bytes_of(ckpt::serialize_plan(lying)), "p.plan"),
+                         doctest::Contains("packed records"), ckpt::Error);
+    Plan outside = plan;
+    outside.files[0].records[1].copies[0].source_offset += 1 << 20;
+    ckpt::pack(outside.files[0]);
+    CHECK_THROWS_WITH_AS(ckpt::parse_plan(bytes_of(ckpt::serialize_plan(outside)), "p.plan"),
+                         doctest::Contains("not a valid plan"), ckpt::Error);
+    Plan cut = packed;  // (a damaged file is its CRC's: this one's CRC is made for it)
+    cut.files[1].packed.resize(cut.files[1].packed.size() - 3);
+    CHECK_THROWS_WITH_AS(ckpt::parse_plan(bytes_of(ckpt::serialize_plan(cut)), "p.plan"), doctest::Contains("zstd"),
                          ckpt::Error);
   }
 }

@@ -21,10 +21,18 @@
 #include <vector>
 
 #include "ckpt/exec/gather.hpp"
+#include "ckpt/exec/source_check.hpp"
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/plan/plan.hpp"
 
 namespace ckpt {
+
+// Output files are written in units of 8 MiB at 8 MiB-aligned offsets: large
+// enough that a direct write runs at the disk's speed (as dd's does with 8 MiB
+// blocks), small enough to balance threads and bound memory.
+inline constexpr std::uint64_t kUnitBytes = 8ull << 20;
+// The units of a file of `file_size` bytes (its last block padded).
+std::uint64_t unit_count(std::uint64_t file_size);
 
 // A file whose zip headers touch more 4 KiB blocks than this (64 MiB of them
 // kept in memory until the CRCs are known) is written buffered instead.
@@ -89,6 +97,38 @@ struct Staged {
 // an input changed since the plan was made (size, mtime, inode), fails its
 // CRC, or a write fails.
 Staged stage(const Plan& plan, const std::vector<std::size_t>& files, const ExecOptions& options);
+
+// The steps of stage() for a process that is one of several writing a plan
+// (job_exec.hpp), with inputs mapped once (map_sources) and one CRC check for
+// all it writes, left to the caller to finish or to send to another process.
+std::vector<std::unique_ptr<MappedFile>> map_sources(const Plan& plan);
+Staged stage_files(const Plan& plan, const std::vector<std::size_t>& files,
+                   const std::vector<const MappedFile*>& sources, const ExecOptions& options, SourceCrcCheck* check);
+
+// The inputs' CRC check of a stage finished (check->finish()), its figures
+// in `stats`; nothing but the time when `check` is null (--no-crc-check).
+void finish_check(SourceCrcCheck* check, const ExecOptions& options, ExecStats& stats);
+
+// Units [first_unit, end_unit) of output file `file`: a process's part of a
+// file that several write at once.
+struct FilePart {
+  std::size_t file = 0;
+  std::uint64_t first_unit = 0;
+  std::uint64_t end_unit = 0;
+  bool operator==(const FilePart&) const = default;
+};
+// Writes `part` into `out` (the file's one temporary file, created by the
+// process that finishes it) and returns the record bytes written; `report`
+// receives what finish_shared needs of it (the CRCs of the part's spans, the
+// header blocks among its units). The caller makes the part durable
+// (out.finish()).
+std::uint64_t write_part(const Plan& plan, const FilePart& part, OutputFile& out,
+                         const std::vector<const MappedFile*>& sources, const ExecOptions& options,
+                         SourceCrcCheck* check, std::vector<std::byte>& report);
+// Once every part of `file` is durable: the reports of all its parts taken
+// in, its headers written, and `out` (its creator's) finished, fsynced.
+void finish_shared(const Plan& plan, std::size_t file, OutputFile& out, const std::vector<const MappedFile*>& sources,
+                   const ExecOptions& options, const std::vector<Bytes>& reports);
 
 // Renames every staged output into place, one after the other with
 // SIGINT/SIGTERM/SIGHUP deferred, then removes the plan's stale files (each

@@ -40,6 +40,12 @@ class SourceCrcCheck {
   // record and its byte offset at the first mismatch.
   void finish(unsigned threads);
 
+  // What note() was told, as bytes, for the check of another process that
+  // takes them in (add_notes): the processes of a job check their inputs once,
+  // together (job_exec.hpp).
+  std::vector<std::byte> notes() const;
+  void add_notes(Bytes notes);
+
   // Bytes read again by finish() (for --stats and the tests).
   std::uint64_t reread_bytes() const { return reread_bytes_; }
 

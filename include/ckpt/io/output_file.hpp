@@ -23,6 +23,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -45,7 +46,19 @@ class OutputFile {
   // Offsets, lengths and buffer addresses of direct writes are multiples of this.
   static constexpr std::uint64_t kDirectAlignment = 4096;
 
+  // The same temporary file, created by another process of a job (job.hpp):
+  // attach() opens it to write a part of it (finish() then makes that part
+  // durable, leaving the size to the creator); adopt() takes it finished, to
+  // rename it into place. Neither removes it: its creator does, unless told
+  // that it was committed (release()).
+  static std::unique_ptr<OutputFile> attach(std::string target_path, std::string temp_path, std::uint64_t size_bytes);
+  static std::unique_ptr<OutputFile> adopt(std::string target_path, std::string temp_path, std::uint64_t size_bytes,
+                                           bool overwrite);
+  // Another process renamed the file into place: it is no longer removed.
+  void release();
+
   const std::string& target_path() const { return target_path_; }
+  const std::string& temp_path() const { return temp_path_; }
   // Switches the file to direct I/O; false (and still buffered) where refused.
   bool enable_direct_io();
   void disable_direct_io() const;
@@ -78,7 +91,9 @@ class OutputFile {
   int fd_ = -1;
   void* cleanup_ = nullptr;  // its entry in the signal handler's list
   bool committed_ = false;
+  bool creator_ = true;  // created the temporary file: removes it unless committed
   mutable std::atomic<bool> direct_{false};
+  OutputFile() = default;
 };
 
 // Folders made for a run's outputs (and their missing parents), removed again

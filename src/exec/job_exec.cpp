@@ -1,0 +1,388 @@
+#include "ckpt/exec/job_exec.hpp"
+
+#include <fmt/format.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <bit>
+#include <chrono>
+#include <cstring>
+#include <optional>
+
+#include "ckpt/exec/source_check.hpp"
+#include "ckpt/io/byte_writer.hpp"
+#include "ckpt/io/output_file.hpp"
+#include "ckpt/plan/plan_file.hpp"
+
+namespace ckpt {
+
+namespace {
+
+// Byte positions times rank counts: past 64 bits for the largest checkpoints.
+__extension__ using Wide = unsigned __int128;
+
+// Rank 0's first word: the job's plan, or its end.
+enum class Word : std::uint8_t { End = 0, Plan = 1 };
+// Rank 0's last word: every output in place, or the exit code.
+enum class Outcome : std::uint8_t { Failed = 0, Committed = 1 };
+
+std::vector<std::byte> end_word(int exit_code) {
+  ByteWriter out;
+  out.u8(static_cast<std::uint8_t>(Word::End));
+  out.u32(static_cast<std::uint32_t>(exit_code));
+  return out.take();
+}
+
+void put_str(ByteWriter& out, std::string_view text) {
+  out.u64(text.size());
+  out.text(text);
+}
+std::string get_str(ByteReader& in) {
+  return std::string(in.text(in.u64()));
+}
+void put_bytes(ByteWriter& out, Bytes bytes) {
+  put_str(out, std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+}
+Bytes get_bytes(ByteReader& in) {
+  return in.take(in.u64());
+}
+
+// An error as data, for the rank that reports it.
+void put_error(ByteWriter& out, const Error& error) {
+  out.u8(static_cast<std::uint8_t>(error.kind()));
+  put_str(out, error.where().file);
+  put_str(out, error.where().member);
+  out.u8(error.where().byte_offset ? 1 : 0);
+  out.u64(error.where().byte_offset.value_or(0));
+  put_str(out, error.message());
+}
+Error get_error(ByteReader& in) {
+  auto kind = static_cast<ErrorKind>(std::min<std::uint8_t>(in.u8(), static_cast<std::uint8_t>(ErrorKind::Internal)));
+  Location where;
+  where.file = get_str(in);
+  where.member = get_str(in);
+  bool has_offset = in.u8() != 0;
+  std::uint64_t offset = in.u64();
+  if (has_offset) where.byte_offset = offset;
+  std::string message = get_str(in);
+  return Error(kind, std::move(where), std::move(message));
+}
+
+// The error of rank `rank`, said by rank 0: its line, the rank first.
+Error of_rank(const Error& error, int rank, int ranks) {
+  return Error(error.kind(), Location{}, fmt::format("rank {} of {}: {}", rank, ranks, error.what()));
+}
+
+int exit_code_of(ErrorKind kind) {
+  return info_of(kind).exit_code;
+}
+
+std::uint64_t peak_rss_bytes() {
+  rusage usage{};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return static_cast<std::uint64_t>(usage.ru_maxrss) * 1024;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// The options rank 0 runs with, as bytes; the callbacks stay each rank's.
+void put_options(ByteWriter& out, const ExecOptions& options) {
+  out.u32(options.threads);
+  out.u8(options.overwrite ? 1 : 0);
+  out.u8(options.direct_io ? 1 : 0);
+  out.u8(options.check_crc ? 1 : 0);
+}
+ExecOptions get_options(ByteReader& in, const ExecOptions& local) {
+  ExecOptions options = local;
+  options.threads = in.u32();
+  options.overwrite = in.u8() != 0;
+  options.direct_io = in.u8() != 0;
+  options.check_crc = in.u8() != 0;
+  options.progress = nullptr;  // rank 0 reports for the job
+  return options;
+}
+
+// A rank's share, written and durable: its whole files staged, its parts of
+// shared files written. What it made stays until the outcome is known.
+struct Share {
+  Staged staged;                                      // its whole files
+  std::vector<std::unique_ptr<OutputFile>> attached;  // the shared temporaries it wrote parts of (not rank 0's)
+  std::vector<std::pair<std::size_t, std::vector<std::byte>>> reports;  // (file, part report)
+  RankFigures figures;
+};
+
+// Writes rank `rank`'s share of `plan`. `shared_outputs` (rank 0) are the
+// shared files' temporaries it created; other ranks open them by name.
+Share write_share(const Plan& plan, const JobSplit& split, int rank, const std::vector<std::string>& shared_temps,
+                  const std::vector<OutputFile*>& shared_outputs, const std::vector<const MappedFile*>& sources,
+                  const ExecOptions& options, SourceCrcCheck* check) {
+  auto start = std::chrono::steady_clock::now();
+  Share share;
+  const auto r = static_cast<std::size_t>(rank);
+  share.staged = stage_files(plan, split.whole[r], sources, options, check);
+  share.figures.files = split.whole[r].size();
+  for (std::size_t k : split.whole[r]) share.figures.bytes_written += planned_file_size(plan.files[k]);
+  for (const FilePart& part : split.parts[r]) {
+    std::size_t index = static_cast<std::size_t>(std::lower_bound(split.shared.begin(), split.shared.end(), part.file) -
+                                                 split.shared.begin());
+    OutputFile* out = nullptr;
+    if (!shared_outputs.empty()) {
+      out = shared_outputs[index];
+    } else {
+      share.attached.push_back(OutputFile::attach(plan.files[part.file].path, shared_temps.at(index),
+                                                  planned_file_size(plan.files[part.file])));
+      out = share.attached.back().get();
+    }
+    std::vector<std::byte> report;
+    share.figures.bytes_written += write_part(plan, part, *out, sources, options, check, report);
+    if (shared_outputs.empty()) out->finish();  // this part durable
+    share.reports.emplace_back(part.file, std::move(report));
+    ++share.figures.parts;
+  }
+  share.figures.seconds = seconds_since(start);
+  share.figures.peak_rss_bytes = peak_rss_bytes();
+  return share;
+}
+
+// A rank's report to rank 0: u8 ok; then the error, or: CRC notes, parts
+// (u64 count, each u64 file + report), whole files' temporaries (u64 count,
+// each u64 file + name), figures.
+std::vector<std::byte> report_of(const Share& share, const JobSplit& split, int rank, const SourceCrcCheck* check) {
+  ByteWriter out;
+  out.u8(1);
+  put_bytes(out, check != nullptr ? check->notes() : std::vector<std::byte>{});
+  out.u64(share.reports.size());
+  for (const auto& [file, report] : share.reports) {
+    out.u64(file);
+    put_bytes(out, report);
+  }
+  const std::vector<std::size_t>& whole = split.whole[static_cast<std::size_t>(rank)];
+  out.u64(whole.size());
+  for (std::size_t i = 0; i < whole.size(); ++i) {
+    out.u64(whole[i]);
+    put_str(out, share.staged.outputs[i]->temp_path());
+  }
+  out.u64(share.figures.bytes_written);
+  out.u64(share.figures.files);
+  out.u64(share.figures.parts);
+  out.u64(share.figures.peak_rss_bytes);
+  out.u64(std::bit_cast<std::uint64_t>(share.figures.seconds));
+  return out.take();
+}
+
+std::vector<std::byte> failure_report(const Error& error) {
+  ByteWriter out;
+  out.u8(0);
+  put_error(out, error);
+  return out.take();
+}
+
+std::vector<std::byte> outcome_word(Outcome outcome, int exit_code) {
+  ByteWriter out;
+  out.u8(static_cast<std::uint8_t>(outcome));
+  out.u32(static_cast<std::uint32_t>(exit_code));
+  return out.take();
+}
+
+}  // namespace
+
+JobSplit split_job(const std::vector<std::uint64_t>& file_sizes, int ranks) {
+  const auto n = static_cast<std::size_t>(std::max(ranks, 1));
+  JobSplit split;
+  split.whole.resize(n);
+  split.parts.resize(n);
+  split.bytes.assign(n, 0);
+  Wide total = 0;
+  for (std::uint64_t size : file_sizes) total += size;
+  // The rank whose share holds byte `at` of the files laid end to end.
+  auto rank_of = [&](Wide at) -> std::size_t {
+    if (total == 0) return 0;
+    return static_cast<std::size_t>(std::min<Wide>(n - 1, at * n / total));
+  };
+  Wide start = 0;
+  for (std::size_t k = 0; k < file_sizes.size(); ++k) {
+    const std::uint64_t size = file_sizes[k];
+    const std::uint64_t units = unit_count(size);
+    auto unit_rank = [&](std::uint64_t u) { return rank_of(start + static_cast<Wide>(u) * kUnitBytes); };
+    const std::size_t first = rank_of(start);
+    const std::size_t last = units == 0 ? first : unit_rank(units - 1);
+    if (first == last) {
+      split.whole[first].push_back(k);
+      split.bytes[first] += size;
+    } else {
+      split.shared.push_back(k);
+      for (std::uint64_t u = 0; u < units;) {
+        std::size_t r = unit_rank(u);
+        std::uint64_t end = u + 1;
+        while (end < units && unit_rank(end) == r) ++end;
+        split.parts[r].push_back(FilePart{k, u, end});
+        split.bytes[r] += std::min<std::uint64_t>(end * kUnitBytes, size) - u * kUnitBytes;
+        u = end;
+      }
+    }
+    start += size;
+  }
+  return split;
+}
+
+void end_job(Job& job, int exit_code) {
+  job.broadcast(end_word(exit_code));
+}
+
+JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options) {
+  auto start = std::chrono::steady_clock::now();
+  const int ranks = job.size();
+  JobSplit split;
+  std::vector<std::unique_ptr<OutputFile>> shared;  // created here, written by several ranks
+  std::optional<MadeDirectories> made;
+  std::vector<std::unique_ptr<MappedFile>> mapped;
+  std::vector<const MappedFile*> sources;
+  std::vector<std::byte> word;
+  try {
+    validate(plan);
+    made.emplace(prepare(plan, options));
+    std::vector<std::uint64_t> sizes;
+    for (const PlannedFile& file : plan.files) sizes.push_back(planned_file_size(file));
+    split = split_job(sizes, ranks);
+    for (std::size_t k : split.shared) {
+      shared.push_back(std::make_unique<OutputFile>(plan.files[k].path, sizes[k], options.overwrite));
+    }
+    mapped = map_sources(plan);
+    for (const auto& file : mapped) sources.push_back(file.get());
+    ByteWriter out;
+    out.u8(static_cast<std::uint8_t>(Word::Plan));
+    put_options(out, options);
+    out.u64(shared.size());
+    for (const auto& file : shared) put_str(out, file->temp_path());
+    Plan sent = plan;           // (packed: a few KB a file)
+    make_paths_absolute(sent);  // the ranks share the file system, not the working directory
+    put_bytes(out, serialize_plan(sent));
+    word = out.take();
+  } catch (const Error& error) {
+    end_job(job, exit_code_of(error.kind()));
+    throw;
+  }
+  job.broadcast(std::move(word));
+
+  // This rank's share, its inputs noted for the one check of the job.
+  std::optional<SourceCrcCheck> check;
+  std::vector<std::size_t> all(plan.files.size());
+  for (std::size_t k = 0; k < all.size(); ++k) all[k] = k;
+  if (options.check_crc) check.emplace(plan, all, sources);
+  std::vector<OutputFile*> shared_outputs;
+  for (const auto& file : shared) shared_outputs.push_back(file.get());
+  std::optional<Share> share;
+  std::vector<std::byte> own;
+  try {
+    share.emplace(write_share(plan, split, 0, {}, shared_outputs, sources, options, check ? &*check : nullptr));
+    own = report_of(*share, split, 0, nullptr);  // (its notes are in `check` already)
+  } catch (const Error& error) {
+    own = failure_report(error);
+  }
+  std::vector<std::vector<std::byte>> reports = job.gather(own);
+
+  JobStats stats;
+  auto fail = [&](const Error& error) -> Error {
+    job.broadcast(outcome_word(Outcome::Failed, exit_code_of(error.kind())));
+    return error;
+  };
+  // The first failure in rank order is the job's.
+  for (int r = 0; r < ranks; ++r) {
+    ByteReader in(reports[static_cast<std::size_t>(r)], "", "a rank's report");
+    if (in.u8() == 0) throw fail(of_rank(get_error(in), r, ranks));
+  }
+  try {
+    // Rank 0 renames every output, in the plan's order (the keystone last).
+    std::vector<std::unique_ptr<OutputFile>> ordered(plan.files.size());
+    std::vector<std::vector<Bytes>> part_reports(split.shared.size());
+    stats.ranks.resize(static_cast<std::size_t>(ranks));
+    for (int r = 0; r < ranks; ++r) {
+      ByteReader in(reports[static_cast<std::size_t>(r)], "", "a rank's report");
+      in.u8();
+      Bytes notes = get_bytes(in);
+      if (check && r != 0) check->add_notes(notes);
+      for (std::uint64_t i = 0, n = in.u64(); i < n; ++i) {
+        std::uint64_t file = in.u64();
+        auto at = std::lower_bound(split.shared.begin(), split.shared.end(), file);
+        check_invariant(at != split.shared.end() && *at == file, "a part of a file that is not shared");
+        part_reports[static_cast<std::size_t>(at - split.shared.begin())].push_back(get_bytes(in));
+      }
+      for (std::uint64_t i = 0, n = in.u64(); i < n; ++i) {
+        std::uint64_t file = in.u64();
+        std::string temp = get_str(in);
+        check_invariant(file < ordered.size(), "a whole file past the plan");
+        ordered[file] =
+            OutputFile::adopt(plan.files[file].path, temp, planned_file_size(plan.files[file]), options.overwrite);
+      }
+      RankFigures& figures = stats.ranks[static_cast<std::size_t>(r)];
+      figures.bytes_written = in.u64();
+      figures.files = in.u64();
+      figures.parts = in.u64();
+      figures.peak_rss_bytes = in.u64();
+      figures.seconds = std::bit_cast<double>(in.u64());
+    }
+    // Rank 0's own whole files are its staged outputs.
+    for (std::size_t i = 0; i < split.whole[0].size(); ++i)
+      ordered[split.whole[0][i]] = std::move(share->staged.outputs[i]);
+    finish_check(check ? &*check : nullptr, options, stats.exec);
+    auto t_commit = std::chrono::steady_clock::now();
+    for (std::size_t s = 0; s < split.shared.size(); ++s) {
+      finish_shared(plan, split.shared[s], *shared[s], sources, options, part_reports[s]);
+      ordered[split.shared[s]] = std::move(shared[s]);
+    }
+    Staged all_outputs;
+    all_outputs.outputs = std::move(ordered);
+    commit(plan, all_outputs, options);
+    made->keep();
+    stats.exec.commit_seconds = seconds_since(t_commit);
+    for (const RankFigures& figures : stats.ranks) stats.exec.bytes_written += figures.bytes_written;
+  } catch (const Error& error) {
+    throw fail(of_rank(error, 0, ranks));
+  }
+  job.broadcast(outcome_word(Outcome::Committed, 0));
+  stats.exec.seconds = seconds_since(start);
+  return stats;
+}
+
+int follow_job(Job& job, const ExecOptions& local) {
+  std::vector<std::byte> word = job.broadcast({});
+  ByteReader in(word, "", "rank 0's word");
+  if (static_cast<Word>(in.u8()) == Word::End) return static_cast<int>(in.u32());
+  ExecOptions options = get_options(in, local);
+  std::vector<std::string> shared_temps(in.u64());
+  for (std::string& temp : shared_temps) temp = get_str(in);
+  Bytes plan_bytes = get_bytes(in);
+
+  std::optional<Share> share;
+  std::vector<std::byte> report;
+  try {
+    Plan plan = parse_plan(plan_bytes, "the plan of rank 0");
+    std::vector<std::unique_ptr<MappedFile>> mapped = map_sources(plan);
+    std::vector<const MappedFile*> sources;
+    for (const auto& file : mapped) sources.push_back(file.get());
+    std::optional<SourceCrcCheck> check;
+    if (options.check_crc) check.emplace(plan, std::vector<std::size_t>{}, sources);
+    std::vector<std::uint64_t> sizes;
+    for (const PlannedFile& file : plan.files) sizes.push_back(planned_file_size(file));
+    JobSplit split = split_job(sizes, job.size());
+    share.emplace(write_share(plan, split, job.rank(), shared_temps, {}, sources, options, check ? &*check : nullptr));
+    report = report_of(*share, split, job.rank(), check ? &*check : nullptr);
+  } catch (const Error& error) {
+    share.reset();  // its temporaries removed before rank 0 hears of the failure
+    report = failure_report(error);
+  }
+  job.gather(report);
+  std::vector<std::byte> outcome = job.broadcast({});
+  ByteReader result(outcome, "", "rank 0's outcome");
+  if (static_cast<Outcome>(result.u8()) == Outcome::Committed) {
+    if (share) {
+      for (auto& out : share->staged.outputs) out->release();
+    }
+    return 0;
+  }
+  return static_cast<int>(result.u32());
+}
+
+}  // namespace ckpt
