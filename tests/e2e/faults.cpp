@@ -12,6 +12,8 @@
 //   up-front free-space check cannot see this coming (another process took the
 //   space), so it exercises the executor's cleanup after some outputs are
 //   complete and others half-written.
+// - CKPT_SLOW_WRITES_MS=N: every pwrite first sleeps N ms: a copy slow enough
+//   for a test to kill the process in the middle of it.
 // - CKPT_FAIL_RENAME_AT=K: the K-th rename (1 for the first; rename or
 //   renameat2) fails with EIO: the executor must take back the outputs renamed
 //   before it.
@@ -51,6 +53,11 @@ bool refuse_direct_write(int fd) {
   return true;
 }
 
+void slow_write() {
+  static const unsigned long long delay_ms = env_number("CKPT_SLOW_WRITES_MS", 0);
+  if (delay_ms != 0) ::usleep(static_cast<useconds_t>(delay_ms * 1000));
+}
+
 bool disk_full(std::size_t count) {
   static const unsigned long long budget = env_number("CKPT_FAIL_WRITES_AFTER_BYTES", ~0ull);
   static std::atomic<unsigned long long> written{0};
@@ -60,6 +67,7 @@ bool disk_full(std::size_t count) {
 }
 
 ssize_t fault_or_forward(const char* name, int fd, const void* buf, std::size_t count, off64_t offset) {
+  slow_write();
   if (refuse_direct_write(fd) || disk_full(count)) return -1;
   auto real = reinterpret_cast<PwriteFn>(::dlsym(RTLD_NEXT, name));
   return real(fd, buf, count, offset);

@@ -1,0 +1,252 @@
+#!/usr/bin/python3
+"""One job over several processes (mpirun -np N): the bytes one process writes, for
+every fixture case, every output kind and an output large enough to be written in
+parts by several ranks; all or nothing when a rank fails (ENOSPC, a corrupt input,
+SIGKILL mid-copy), said once in one line naming the rank; commands without a plan
+end the job as one process would. The ranks share this machine's 2 cores: these
+tests check bytes and behaviour, never speed. Skipped where mpirun is absent."""
+import filecmp
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+import zipfile
+
+import torch
+
+import harness
+
+MPIRUN = shutil.which("mpirun")
+# As root in a container: Open MPI refuses root without the flag, and more
+# ranks than cores without --oversubscribe.
+MPI = [MPIRUN, "--allow-run-as-root", "--oversubscribe"] if MPIRUN else []
+
+
+def mpi_run(ranks, args, expect=0, rank_env=None):
+    """`mpirun -np ranks ckpt-tool args`; with rank_env, the last rank runs with those
+    variables (MPMD: the others as given). Returns (stdout, stderr)."""
+    tool = [harness.TOOL] + [str(a) for a in args]
+    if rank_env is None:
+        command = MPI + ["-np", str(ranks)] + tool
+    else:
+        env = ["env"] + [f"{k}={v}" for k, v in rank_env.items()]
+        command = MPI + ["-np", str(ranks - 1)] + tool + [":", "-np", "1"] + env + tool
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if proc.returncode != expect:
+        raise AssertionError(f"{' '.join(command)}: exit {proc.returncode}, expected {expect}\n"
+                             f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-3000:]}")
+    return proc.stdout, proc.stderr
+
+
+def tool_lines(stderr):
+    """The lines ckpt-tool wrote (mpirun adds blocks of its own on failure)."""
+    return [line for line in stderr.splitlines() if line.startswith("ckpt-tool:")]
+
+
+def same_tree(a, b):
+    left, right = sorted(os.listdir(a)), sorted(os.listdir(b))
+    assert left == right, (a, left, right)
+    for name in left:
+        pa, pb = os.path.join(a, name), os.path.join(b, name)
+        if os.path.isdir(pa):
+            same_tree(pa, pb)
+        else:
+            assert filecmp.cmp(pa, pb, shallow=False), (pa, pb)
+
+
+def nothing_written(folder):
+    left = os.listdir(folder) if os.path.isdir(folder) else []
+    assert left == [], f"{folder}: {left}"
+
+
+JOBS = [
+    ("stitch", ["stitch", "{in}", "-o", "{out}/model.pt"]),
+    ("reshard", ["reshard", "{in}", "--mp", "1", "--dp", "3", "-o", "{out}/r-{{m}}-{{d}}.pt"]),
+    ("safetensors", ["stitch", "{in}", "--max-shard-size", "20KB", "-o", "{out}/model.safetensors"]),
+    ("dcp", ["stitch", "{in}", "--format", "dcp", "--max-shard-size", "20KB", "-o", "{out}/dcp"]),
+    ("hf", ["stitch", "{in}", "--format", "hf", "-o", "{out}/hf"]),
+]
+
+
+def job_args(template, folder, out):
+    return [a.replace("{in}", folder).replace("{out}", out).replace("{{", "{").replace("}}", "}") for a in template]
+
+
+def alone_then_ranks(name, template, folder, rank_counts):
+    """Runs the job alone, then with each rank count into a folder of the same
+    name (archive names inside a torch file come from it), comparing bytes."""
+    alone = harness.scratch(f"mpi-{name}-alone")
+    harness.run(job_args(template, folder, alone) + ["-q"])
+    for ranks in rank_counts:
+        out = harness.scratch(f"mpi-{name}-np")
+        mpi_run(ranks, job_args(template, folder, out) + ["-q"])
+        same_tree(alone, out)
+
+
+def test_every_fixture_same_bytes_with_2_and_3_ranks():
+    if not MPIRUN:
+        return
+    for case, folder in harness.fixtures().items():
+        for job, template in JOBS[:2]:
+            # Cases the job refuses alone (not a training checkpoint) are refused the same way.
+            probe = harness.scratch(f"mpi-probe-{case}")
+            proc = subprocess.run([harness.TOOL] + job_args(template, folder, probe) + ["-q"], capture_output=True)
+            if proc.returncode != 0:
+                _, err = mpi_run(2, job_args(template, folder, harness.scratch(f"mpi-probe-{case}-np")) + ["-q"],
+                                 expect=proc.returncode)
+                assert tool_lines(err) == tool_lines(proc.stderr.decode()), (case, err)
+                continue
+            alone_then_ranks(f"{case}-{job}", template, folder, [2, 3])
+
+
+def test_every_output_kind_same_bytes_with_1_to_4_ranks():
+    if not MPIRUN:
+        return
+    folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    for job, template in JOBS:
+        alone_then_ranks(f"kinds-{job}", template, folder, [1, 2, 3, 4])
+
+
+def large_set():
+    """A training checkpoint whose stitched output (about 70 MiB) spans several
+    8 MiB units: with 2..4 ranks it is one file written in parts."""
+    folder = os.path.join(harness.WORK, "mpi-large-set")
+    if not os.path.exists(os.path.join(folder, "done")):
+        shutil.rmtree(folder, ignore_errors=True)
+        harness.run(["synth", "-o", folder, "--mp", "2", "--dp", "3", "--layers", "2", "--embed-dim", "1024",
+                     "--ffn-dim", "4096", "--vocab", "4096", "--optimizer-state", "-q"])
+        open(os.path.join(folder, "done"), "w").close()
+    return folder
+
+
+def test_one_large_output_written_in_parts_is_the_same_file():
+    if not MPIRUN:
+        return
+    folder = large_set()
+    for job, template in [
+        ("stitch", ["stitch", "{in}", "-o", "{out}/model.pt"]),
+        ("bf16-safetensors", ["stitch", "{in}", "--dtype", "bf16", "-o", "{out}/model.safetensors"]),
+        ("buffered-threads", ["stitch", "{in}", "--buffered-io", "--threads", "1", "-o", "{out}/model.pt"]),
+        ("reshard", ["reshard", "{in}", "--mp", "1", "--dp", "2", "-o", "{out}/r-{{m}}-{{d}}.pt"]),
+    ]:
+        alone_then_ranks(f"large-{job}", template, folder, [2, 3, 4])
+    # --stats names every rank and what it wrote: the one file in parts.
+    out = harness.scratch("mpi-large-stats")
+    _, err = mpi_run(3, ["stitch", folder, "-o", os.path.join(out, "model.pt"), "--stats"])
+    for rank in range(3):
+        assert f"stats: rank {rank} of 3:" in err and "1 part(s) of shared files" in err, err
+
+
+def test_a_rank_out_of_space_fails_the_job_in_one_line_and_writes_nothing():
+    if not MPIRUN:
+        return
+    folder = large_set()
+    for name, args in [("stitch", ["stitch", folder, "-o", "{out}/model.pt"]),
+                       ("reshard", ["reshard", folder, "--mp", "2", "--dp", "4", "-o", "{out}/r-{{m}}-{{d}}.pt"])]:
+        out = harness.scratch(f"mpi-enospc-{name}")
+        args = [a.replace("{out}", out).replace("{{", "{").replace("}}", "}") for a in args]
+        env = {"LD_PRELOAD": os.environ["CKPT_FAULTS"], "CKPT_FAIL_WRITES_AFTER_BYTES": "1000000"}
+        _, err = mpi_run(3, args, expect=73, rank_env=env)
+        lines = tool_lines(err)
+        assert len(lines) == 1 and lines[0].startswith("ckpt-tool: error: rank 2 of 3: ") and \
+            "No space left on device" in lines[0], err
+        nothing_written(out)
+
+
+def test_a_corrupt_input_fails_the_job_naming_the_file():
+    if not MPIRUN:
+        return
+    source = large_set()
+    folder = harness.scratch("mpi-corrupt-set")
+    for name in os.listdir(source):
+        shutil.copy(os.path.join(source, name), folder)
+    # A byte in the middle of one shard's largest model storage (a flat
+    # parameter, which stitch copies): its CRC-32 no longer matches, found by
+    # the copy's check, not while planning.
+    victim = os.path.join(folder, "checkpoint_last-model_part-1-shard2.pt")
+    model = torch.load(victim)["model"]
+    largest = max((t for t in model.values() if torch.is_tensor(t)), key=lambda t: t.numel())
+    with zipfile.ZipFile(victim) as z:
+        key = next(k for k, t in model.items() if torch.is_tensor(t) and t is largest)
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size
+                   if i.file_size == largest.numel() * largest.element_size() else -1)
+        assert info.file_size == largest.numel() * largest.element_size(), key
+    with open(victim, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_length + extra_length + info.file_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    out = harness.scratch("mpi-corrupt-out")
+    _, err = mpi_run(3, ["stitch", folder, "-o", os.path.join(out, "model.pt")], expect=65)
+    lines = tool_lines(err)
+    assert len(lines) == 1 and " of 3: " in lines[0] and victim in lines[0] and "CRC-32" in lines[0], err
+    nothing_written(out)
+
+
+def test_a_rank_killed_mid_copy_leaves_no_output_and_the_next_run_cleans_up():
+    if not MPIRUN:
+        return
+    folder = large_set()
+    out = harness.scratch("mpi-killed")
+    target = os.path.join(out, "model.pt")
+    env = {"LD_PRELOAD": os.environ["CKPT_FAULTS"], "CKPT_SLOW_WRITES_MS": "300"}
+    command = MPI + ["-np", "2", "env"] + [f"{k}={v}" for k, v in env.items()] + \
+        [harness.TOOL, "stitch", folder, "-o", target, "-q"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Once a temporary file exists the copy has begun: kill a rank that is not rank 0.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(".ckpt-tmp-" in n for n in os.listdir(out)):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    ranks = subprocess.run(["pgrep", "-f", f"^{harness.TOOL} stitch {folder} -o {target}"], capture_output=True,
+                           text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    os.kill(int(max(ranks, key=int)), signal.SIGKILL)  # the later pid: rank 1 (rank 0 starts first)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err
+    assert not os.path.exists(target), os.listdir(out)
+    # What the killed job left is stale: the next run removes it, says so, and writes.
+    left = [n for n in os.listdir(out) if ".ckpt-tmp-" in n]
+    _, err = mpi_run(2, ["stitch", folder, "-o", target])
+    if left:
+        assert "removed" in err or "stale" in err, err
+    assert sorted(os.listdir(out)) == ["model.pt"], os.listdir(out)
+    alone = harness.scratch("mpi-killed-alone")
+    harness.run(["stitch", folder, "-o", os.path.join(alone, "model.pt"), "-q"])
+    assert filecmp.cmp(target, os.path.join(alone, "model.pt"), shallow=False)
+
+
+def test_commands_without_a_plan_end_the_job_as_one_process():
+    if not MPIRUN:
+        return
+    folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    out, err = mpi_run(3, ["inspect", folder])
+    alone, _ = harness.run(["inspect", folder])
+    assert out == alone
+    _, err = mpi_run(3, ["stitch", folder, "--no-such-flag"], expect=2)
+    assert len(tool_lines(err)) == 1, err
+    out, _ = mpi_run(3, ["stitch", folder, "-o", "/nonexistent-dir/x.pt", "--dry-run"])
+    assert out.count("output ") == harness.run(["stitch", folder, "-o", "/nonexistent-dir/x.pt", "--dry-run"])[0] \
+        .count("output ")
+    exists = harness.scratch("mpi-exists")
+    open(os.path.join(exists, "model.pt"), "w").close()
+    _, err = mpi_run(2, ["stitch", folder, "-o", os.path.join(exists, "model.pt")], expect=1)
+    assert len(tool_lines(err)) == 1 and "--force" in err, err
+    assert os.path.getsize(os.path.join(exists, "model.pt")) == 0
+    mpi_run(2, ["verify", folder, "-q"])
+
+
+if __name__ == "__main__":
+    harness.main([
+        test_every_output_kind_same_bytes_with_1_to_4_ranks,
+        test_one_large_output_written_in_parts_is_the_same_file,
+        test_a_rank_out_of_space_fails_the_job_in_one_line_and_writes_nothing,
+        test_a_corrupt_input_fails_the_job_naming_the_file,
+        test_a_rank_killed_mid_copy_leaves_no_output_and_the_next_run_cleans_up,
+        test_commands_without_a_plan_end_the_job_as_one_process,
+        test_every_fixture_same_bytes_with_2_and_3_ranks,
+    ])
