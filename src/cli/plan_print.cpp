@@ -95,6 +95,7 @@ void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& t
 namespace {
 
 Job* g_job = nullptr;
+std::string g_job_command;
 bool g_job_told = false;
 
 void print_rank_figures(const JobStats& job) {
@@ -211,7 +212,7 @@ void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, 
   if (g_job != nullptr) {
     g_job_told = true;        // lead_job's first word goes out whatever happens
     exec.progress = nullptr;  // its share only: the line would stop short
-    JobStats job = lead_job(*g_job, plan, exec);
+    JobStats job = lead_job(*g_job, plan, exec, g_job_command);
     stats = job.exec;
     if (flags.stats) print_rank_figures(job);
   } else {
@@ -233,11 +234,9 @@ void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, 
   }
 }
 
-void lead(Job* job) {
+void lead(Job* job, std::string command) {
   g_job = job;
-}
-Job* led_job() {
-  return g_job;
+  g_job_command = std::move(command);
 }
 bool job_told() {
   return g_job_told;

@@ -53,8 +53,8 @@ ProgressFn progress_line(bool quiet);
 // The job this process leads as rank 0 of several (mpirun, srun): run_plan
 // writes its plan over every rank (lead_job). `told()`: the other ranks have
 // had rank 0's first word, a plan or the end (main tells them the end otherwise).
-void lead(Job* job);
-Job* led_job();
+// `command`: the command line, which every rank must have been started with.
+void lead(Job* job, std::string command);
 bool job_told();
 
 // Executes `plan` (or prints it with --dry-run, or writes it to --save-plan),

@@ -141,6 +141,7 @@ Share write_share(const Plan& plan, const JobSplit& split, int rank, const std::
     share.reports.emplace_back(part.file, std::move(report));
     ++share.figures.parts;
   }
+  share.figures.direct_files = share.staged.stats.direct_files;  // (a shared file is counted by rank 0)
   share.figures.seconds = seconds_since(start);
   share.figures.peak_rss_bytes = peak_rss_bytes();
   return share;
@@ -168,6 +169,7 @@ std::vector<std::byte> report_of(const Share& share, const JobSplit& split, int 
   out.u64(share.figures.files);
   out.u64(share.figures.parts);
   out.u64(share.figures.peak_rss_bytes);
+  out.u64(share.figures.direct_files);
   out.u64(std::bit_cast<std::uint64_t>(share.figures.seconds));
   return out.take();
 }
@@ -231,7 +233,7 @@ void end_job(Job& job, int exit_code) {
   job.broadcast(end_word(exit_code));
 }
 
-JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options) {
+JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::string_view command) {
   auto start = std::chrono::steady_clock::now();
   const int ranks = job.size();
   JobSplit split;
@@ -253,6 +255,7 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options) {
     for (const auto& file : mapped) sources.push_back(file.get());
     ByteWriter out;
     out.u8(static_cast<std::uint8_t>(Word::Plan));
+    put_str(out, command);
     put_options(out, options);
     out.u64(shared.size());
     for (const auto& file : shared) put_str(out, file->temp_path());
@@ -284,8 +287,13 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options) {
   std::vector<std::vector<std::byte>> reports = job.gather(own);
 
   JobStats stats;
+  // Every rank removes what it made; the folders made for the outputs go
+  // last, once empty: after the others said their temporaries are gone.
   auto fail = [&](const Error& error) -> Error {
     job.broadcast(outcome_word(Outcome::Failed, exit_code_of(error.kind())));
+    share.reset();
+    shared.clear();
+    job.gather({});
     return error;
   };
   // The first failure in rank order is the job's.
@@ -321,7 +329,10 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options) {
       figures.files = in.u64();
       figures.parts = in.u64();
       figures.peak_rss_bytes = in.u64();
+      figures.direct_files = in.u64();
+      stats.exec.direct_files += figures.direct_files;
       figures.seconds = std::bit_cast<double>(in.u64());
+      stats.exec.copy_seconds = std::max(stats.exec.copy_seconds, figures.seconds);  // the ranks at once
     }
     // Rank 0's own whole files are its staged outputs.
     for (std::size_t i = 0; i < split.whole[0].size(); ++i)
@@ -330,6 +341,7 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options) {
     auto t_commit = std::chrono::steady_clock::now();
     for (std::size_t s = 0; s < split.shared.size(); ++s) {
       finish_shared(plan, split.shared[s], *shared[s], sources, options, part_reports[s]);
+      if (shared[s]->direct_io()) ++stats.exec.direct_files;
       ordered[split.shared[s]] = std::move(shared[s]);
     }
     Staged all_outputs;
@@ -346,10 +358,11 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options) {
   return stats;
 }
 
-int follow_job(Job& job, const ExecOptions& local) {
+int follow_job(Job& job, const ExecOptions& local, std::string_view command) {
   std::vector<std::byte> word = job.broadcast({});
   ByteReader in(word, "", "rank 0's word");
   if (static_cast<Word>(in.u8()) == Word::End) return static_cast<int>(in.u32());
+  std::string rank0_command = get_str(in);
   ExecOptions options = get_options(in, local);
   std::vector<std::string> shared_temps(in.u64());
   for (std::string& temp : shared_temps) temp = get_str(in);
@@ -358,6 +371,12 @@ int follow_job(Job& job, const ExecOptions& local) {
   std::optional<Share> share;
   std::vector<std::byte> report;
   try {
+    // Every rank runs what rank 0 runs: another command line is a mistake
+    // (an MPMD launch), not an order to follow.
+    if (command != rank0_command) {
+      throw Error(ErrorKind::Usage, fmt::format("started as `{}`, rank 0 as `{}`: every rank runs one command line",
+                                                command, rank0_command));
+    }
     Plan plan = parse_plan(plan_bytes, "the plan of rank 0");
     std::vector<std::unique_ptr<MappedFile>> mapped = map_sources(plan);
     std::vector<const MappedFile*> sources;
@@ -382,6 +401,8 @@ int follow_job(Job& job, const ExecOptions& local) {
     }
     return 0;
   }
+  share.reset();  // its temporaries removed, then said so
+  job.gather({});
   return static_cast<int>(result.u32());
 }
 

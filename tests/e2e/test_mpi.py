@@ -155,6 +155,36 @@ def test_a_rank_out_of_space_fails_the_job_in_one_line_and_writes_nothing():
         nothing_written(out)
 
 
+def test_a_failed_job_leaves_no_folder_it_made():
+    """The folders made for a DCP set or a Hugging Face folder go too: after every
+    rank removed its temporary files in them (a stranger found them left, empty)."""
+    if not MPIRUN:
+        return
+    folder = large_set()
+    parent = harness.scratch("mpi-made-folders")
+    env = {"LD_PRELOAD": os.environ["CKPT_FAULTS"], "CKPT_FAIL_WRITES_AFTER_BYTES": "1000000"}
+    for fmt, extra in [("dcp", ["--max-shard-size", "20MB"]), ("hf", ["--max-shard-size", "20MB"])]:
+        out = os.path.join(parent, fmt)
+        _, err = mpi_run(3, ["stitch", folder, "--format", fmt, "-o", out] + extra, expect=73, rank_env=env)
+        assert len(tool_lines(err)) == 1, err
+        nothing_written(parent)
+
+
+def test_ranks_started_with_another_command_line_fail_the_job():
+    if not MPIRUN:
+        return
+    folder = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    out = harness.scratch("mpi-mpmd")
+    tool = harness.TOOL
+    command = MPI + ["-np", "1", tool, "stitch", folder, "-o", os.path.join(out, "a.pt"), ":", "-np", "1", tool,
+                     "stitch", folder, "-o", os.path.join(out, "b.pt")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = tool_lines(proc.stderr)
+    assert len(lines) == 1 and "rank 1 of 2: started as" in lines[0], proc.stderr
+    nothing_written(out)
+
+
 def test_a_corrupt_input_fails_the_job_naming_the_file():
     if not MPIRUN:
         return
@@ -245,6 +275,8 @@ if __name__ == "__main__":
         test_every_output_kind_same_bytes_with_1_to_4_ranks,
         test_one_large_output_written_in_parts_is_the_same_file,
         test_a_rank_out_of_space_fails_the_job_in_one_line_and_writes_nothing,
+        test_a_failed_job_leaves_no_folder_it_made,
+        test_ranks_started_with_another_command_line_fail_the_job,
         test_a_corrupt_input_fails_the_job_naming_the_file,
         test_a_rank_killed_mid_copy_leaves_no_output_and_the_next_run_cleans_up,
         test_commands_without_a_plan_end_the_job_as_one_process,

@@ -29,6 +29,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include "ckpt/exec/exec.hpp"
@@ -57,7 +58,8 @@ struct RankFigures {
   std::size_t files = 0;            // whole files it wrote
   std::size_t parts = 0;            // parts of shared files it wrote
   std::uint64_t peak_rss_bytes = 0;
-  double seconds = 0.0;  // from the plan's arrival to its report
+  std::size_t direct_files = 0;  // whole files written with direct I/O
+  double seconds = 0.0;          // from the plan's arrival to its report
 };
 struct JobStats {
   ExecStats exec;                  // rank 0's, with the commit and the job's whole time
@@ -66,13 +68,15 @@ struct JobStats {
 
 // Rank 0, with the plan to write: the whole protocol above. Throws Error when
 // any rank failed (the first in rank order, named) or the commit failed.
-JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options);
+// `command` is this rank's command line: a rank started with another one
+// fails the job (rank 0's would be followed silently otherwise).
+JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::string_view command);
 // Rank 0, when the command ends without a plan to write (a dry run, another
 // command, an error before): the other ranks end with `exit_code`.
 void end_job(Job& job, int exit_code);
 // Ranks 1..N-1: rank 0's word awaited, the share written; returns the job's
 // exit code. `local` gives what is not sent (convert, notice); the rest of the
 // options are rank 0's.
-int follow_job(Job& job, const ExecOptions& local);
+int follow_job(Job& job, const ExecOptions& local, std::string_view command);
 
 }  // namespace ckpt
