@@ -191,6 +191,8 @@ def main():
     parser.add_argument("--tensors", default="200000",
                         help="tensors in the one-file state dict of tiny tensors (MoE-sized); 'none' to skip "
                              "(default 200000)")
+    parser.add_argument("--mpi", default="4",
+                        help="the stitch size in GiB of the MPI rows (1, 2 and 4 ranks beside one process), or 'none'")
     parser.add_argument("--dcp", default="1",
                         help="GiB of a DCP directory (torch's writer, 2 ranks) converted to each output; 'none' to "
                              "skip (default 1)")
@@ -210,10 +212,12 @@ def main():
     grid_rows = [] if args.grids == "none" else measure_grids(args, tool)
     tensor_rows = [] if args.tensors == "none" else measure_many_tensors(args, tool)
     dcp_rows = [] if args.dcp == "none" else measure_dcp(args, tool)
+    mpi_rows = [] if args.mpi == "none" or not shutil.which("mpirun") else measure_mpi(args, tool)
     rows = []
     for size in sizes:
         rows += measure_size(args, tool, size)
-    write_results(rows, grid_rows, tensor_rows, dcp_rows, args, time.perf_counter() - started, load_at_start)
+    write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, args, time.perf_counter() - started,
+                  load_at_start)
 
 
 def measure_size(args, tool, size):
@@ -443,6 +447,62 @@ def measure_dcp(args, tool):
     return rows
 
 
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
+RANK_LINE = re.compile(r"stats: rank (\d+) of \d+: ([\d.]+ \w+) written \((\d+) whole file\(s\), (\d+) part\(s\) "
+                       r"of shared files\) in ([\d.]+) s, peak RSS ([\d.]+ \w+)")
+
+
+def measure_mpi(args, tool):
+    """One job over 1, 2 and 4 ranks (mpirun) beside one process, in the same run: the
+    992-shard grid resharded to 8 x 64 (many outputs, each rank its own) and a stitch
+    of one large output (written in parts by every rank). The ranks share this
+    machine's 2 cores and one disk: what a rank writes and holds is the figure that
+    carries to a cluster, not the wall time."""
+    rows = []
+    work = os.path.join(args.work, "mpi")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    grid = os.path.join(work, "grid")
+    run_timed([tool, "synth", "-q", "-o", grid, "--mp", "8", "--dp", "124", "--layers", "96", "--embed-dim", "128",
+               "--ffn-dim", "512", "--vocab", "1024", "--optimizer-state"])
+    size = float(args.mpi)
+    big = os.path.join(work, "big")
+    # 2 x 4 shards of 8 layers, fp16, no optimizer state: the stitched output is as large as the input.
+    embed = int(round((size * GIB / (8 * 12 * 2)) ** 0.5 / 64)) * 64
+    run_timed([tool, "synth", "-q", "-o", big, "--mp", "2", "--dp", "4", "--layers", "8", "--embed-dim", str(embed),
+               "--ffn-dim", str(4 * embed), "--vocab", "8192"])
+    big_bytes = dir_bytes(big)
+    print(f"== MPI: the 992-shard grid and a {big_bytes / GIB:.2f} GiB set", flush=True)
+    out = os.path.join(work, "out")
+    jobs = [("reshard 992 shards -> 8 x 64", grid,
+             ["reshard", grid, "--mp", "8", "--dp", "64", "-o", os.path.join(out, "r-{m}-{d}.pt")]),
+            (f"stitch {big_bytes / GIB:.1f} GiB -> 1 file", big, ["stitch", big, "-o", os.path.join(out, "s.pt")])]
+    for name, src, job in jobs:
+        cp = time_step(Step("cp -r + sync", ["cp", "-r", src, os.path.join(out, "copy")], durable=True,
+                            **in_folder(out)), 1, inputs=src)
+        rows.append(dict(cp, job=name, ranks="cp -r + sync", per_rank=""))
+        for ranks in [None, 1, 2, 4]:
+            cmd = ([tool] if ranks is None else MPIRUN + ["-np", str(ranks), tool]) + job + ["-q", "--stats"]
+            os.makedirs(out, exist_ok=True)
+            warm(src)
+            sync()
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if proc.returncode != 0:
+                sys.exit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            per_rank = "; ".join(f"rank {m[0]}: {m[1]} ({m[2]} files, {m[3]} parts), peak RSS {m[5]}"
+                                 for m in RANK_LINE.findall(proc.stderr))
+            label = "one process" if ranks is None else f"mpirun -np {ranks}"
+            rows.append({"job": name, "ranks": label, "seconds": seconds, "cp_ratio": seconds / cp["seconds"],
+                         "per_rank": per_rank})
+            print(f"  {name:<32} {label:<14} {seconds:7.2f} s  ({seconds / cp['seconds']:.2f} x cp)  {per_rank}",
+                  flush=True)
+            shutil.rmtree(out)
+    shutil.rmtree(work)
+    return rows
+
+
 # A hand-written section of RESULTS.md that a new run keeps: figures measured once
 # while designing, quoted where code comments used to carry them.
 MEASURED_WHILE_DESIGNING = "## Measured while designing"
@@ -458,7 +518,7 @@ def kept_section(path, heading):
     return "\n" + text[at + 1:] if at >= 0 else ""
 
 
-def write_results(rows, grid_rows, tensor_rows, dcp_rows, args, total_seconds, load_at_start):
+def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, args, total_seconds, load_at_start):
     by = {(r["size"], r["step"]): r for r in rows}
     sizes = sorted({r["size"] for r in rows})
     lines = ["# ckpt-tool benchmark", "",
@@ -545,6 +605,15 @@ def write_results(rows, grid_rows, tensor_rows, dcp_rows, args, total_seconds, l
                       if "cp_ratio" in r else " | | ")
             lines.append(f"| {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
                          f"{r['rss'] / (1 << 20):.0f} | {ratios} |")
+    if mpi_rows:
+        lines += ["", "MPI: one job over 1, 2 and 4 ranks (`mpirun --oversubscribe -np N`, every rank on this "
+                  "machine's 2 cores and one disk) beside one process and `cp -r` + `sync` of the input, one run "
+                  "each, `sync` before each: the bytes each rank wrote and its peak RSS are what carries to a "
+                  "cluster (README, \"Many processes and nodes\"); the wall time here is one machine's.", "",
+                  "| job | run | wall s | this / (cp -r + sync) | per rank |", "|---|---|---:|---:|---|"]
+        for r in mpi_rows:
+            ratio = f"{r['cp_ratio']:.2f}" if "cp_ratio" in r else ""
+            lines.append(f"| {r['job']} | {r['ranks']} | {r['seconds']:.2f} | {ratio} | {r['per_rank']} |")
     text = "\n".join(lines) + "\n" + kept_section(args.results, MEASURED_WHILE_DESIGNING)
     open(args.results, "w").write(text)
     print("\n" + text)

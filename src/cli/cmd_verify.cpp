@@ -8,12 +8,14 @@
 #include <map>
 #include <memory>
 
+#include "ckpt/exec/job_exec.hpp"
 #include "ckpt/exec/verify.hpp"
 #include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest_json.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
+#include "plan_print.hpp"
 #include "usage.hpp"
 
 namespace ckpt::cli {
@@ -39,7 +41,16 @@ Action add_verify_command(CLI::App& app) {
     } else {
       paths = expand_inputs(options->inputs);
     }
-    VerifyReport report = verify_files(paths, options->threads, options->model_parts, options->inputs);
+    VerifyReport report;
+    if (Job* job = job_to_lead()) {  // the CRC pass over every rank, the rest here
+      VerifyReport crcs = lead_crc_check(*job, paths, options->threads, job_command());
+      report = verify_files(paths, options->threads, options->model_parts, options->inputs, /*crcs_checked=*/true);
+      report.records += crcs.records;
+      report.bytes += crcs.bytes;
+      report.problems.insert(report.problems.begin(), crcs.problems.begin(), crcs.problems.end());
+    } else {
+      report = verify_files(paths, options->threads, options->model_parts, options->inputs);
+    }
     for (const std::string& problem : report.problems) fmt::print("{}\n", printable(problem));
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!options->quiet) {

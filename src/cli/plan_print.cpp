@@ -238,6 +238,13 @@ void lead(Job* job, std::string command) {
   g_job = job;
   g_job_command = std::move(command);
 }
+Job* job_to_lead() {
+  if (g_job != nullptr) g_job_told = true;
+  return g_job;
+}
+const std::string& job_command() {
+  return g_job_command;
+}
 bool job_told() {
   return g_job_told;
 }

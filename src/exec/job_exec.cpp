@@ -7,9 +7,11 @@
 #include <bit>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 
 #include "ckpt/exec/source_check.hpp"
+#include "ckpt/exec/verify.hpp"
 #include "ckpt/io/byte_writer.hpp"
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/plan/plan_file.hpp"
@@ -21,8 +23,8 @@ namespace {
 // Byte positions times rank counts: past 64 bits for the largest checkpoints.
 __extension__ using Wide = unsigned __int128;
 
-// Rank 0's first word: the job's plan, or its end.
-enum class Word : std::uint8_t { End = 0, Plan = 1 };
+// Rank 0's first word: the job's plan, its end, or verify's files to check.
+enum class Word : std::uint8_t { End = 0, Plan = 1, Verify = 2 };
 // Rank 0's last word: every output in place, or the exit code.
 enum class Outcome : std::uint8_t { Failed = 0, Committed = 1 };
 
@@ -233,6 +235,61 @@ void end_job(Job& job, int exit_code) {
   job.broadcast(end_word(exit_code));
 }
 
+namespace {
+
+// The files of `paths` each rank checks: split_job's cut by bytes, a file
+// across shares going to the rank of its first byte.
+std::vector<std::string> files_of_rank(const std::vector<std::string>& paths, int ranks, int rank) {
+  std::vector<std::uint64_t> sizes;
+  for (const std::string& path : paths) {
+    std::error_code ec;
+    std::uint64_t size = std::filesystem::file_size(path, ec);
+    sizes.push_back(ec ? 0 : size);  // (its check says why)
+  }
+  JobSplit split = split_job(sizes, ranks);
+  std::vector<bool> mine(paths.size(), false);
+  for (std::size_t k : split.whole[static_cast<std::size_t>(rank)]) mine[k] = true;
+  for (const FilePart& part : split.parts[static_cast<std::size_t>(rank)]) mine[part.file] = part.first_unit == 0;
+  std::vector<std::string> out;
+  for (std::size_t k = 0; k < paths.size(); ++k) {
+    if (mine[k]) out.push_back(paths[k]);
+  }
+  return out;
+}
+
+std::vector<std::byte> verify_report_bytes(const VerifyReport& report) {
+  ByteWriter out;
+  out.u64(report.records);
+  out.u64(report.bytes);
+  out.u64(report.problems.size());
+  for (const std::string& problem : report.problems) put_str(out, problem);
+  return out.take();
+}
+
+}  // namespace
+
+VerifyReport lead_crc_check(Job& job, const std::vector<std::string>& paths, unsigned threads,
+                            std::string_view command) {
+  ByteWriter out;
+  out.u8(static_cast<std::uint8_t>(Word::Verify));
+  put_str(out, command);
+  out.u32(threads);
+  out.u64(paths.size());
+  for (const std::string& path : paths) put_str(out, std::filesystem::absolute(path).lexically_normal().string());
+  job.broadcast(out.take());
+  VerifyReport own = check_crcs_of(files_of_rank(paths, job.size(), 0), threads);
+  std::vector<std::vector<std::byte>> reports = job.gather(verify_report_bytes(own));
+  VerifyReport joined = std::move(own);
+  for (std::size_t r = 1; r < reports.size(); ++r) {
+    ByteReader in(reports[r], "", "a rank's CRC report");
+    if (in.u8() == 0) throw of_rank(get_error(in), static_cast<int>(r), job.size());
+    joined.records += in.u64();
+    joined.bytes += in.u64();
+    for (std::uint64_t i = 0, n = in.u64(); i < n; ++i) joined.problems.push_back(get_str(in));
+  }
+  return joined;
+}
+
 JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::string_view command) {
   auto start = std::chrono::steady_clock::now();
   const int ranks = job.size();
@@ -358,11 +415,39 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::s
   return stats;
 }
 
+namespace {
+
+// A rank's share of verify's CRC pass; its report to rank 0 (u8 ok, then the
+// counts and problems, or the error). Verify's exit code is rank 0's.
+int follow_crc_check(Job& job, ByteReader& in, std::string_view command, std::string_view rank0_command) {
+  unsigned threads = in.u32();
+  std::vector<std::string> paths(in.u64());
+  for (std::string& path : paths) path = get_str(in);
+  ByteWriter out;
+  if (command != rank0_command) {
+    out.u8(0);
+    put_error(out, Error(ErrorKind::Usage, fmt::format("started as `{}`, rank 0 as `{}`: every rank runs one "
+                                                       "command line",
+                                                       command, rank0_command)));
+  } else {
+    out.u8(1);
+    std::vector<std::byte> report =
+        verify_report_bytes(check_crcs_of(files_of_rank(paths, job.size(), job.rank()), threads));
+    out.text(std::string_view(reinterpret_cast<const char*>(report.data()), report.size()));
+  }
+  job.gather(out.take());
+  return 0;
+}
+
+}  // namespace
+
 int follow_job(Job& job, const ExecOptions& local, std::string_view command) {
   std::vector<std::byte> word = job.broadcast({});
   ByteReader in(word, "", "rank 0's word");
-  if (static_cast<Word>(in.u8()) == Word::End) return static_cast<int>(in.u32());
+  const auto kind = static_cast<Word>(in.u8());
+  if (kind == Word::End) return static_cast<int>(in.u32());
   std::string rank0_command = get_str(in);
+  if (kind == Word::Verify) return follow_crc_check(job, in, command, rank0_command);
   ExecOptions options = get_options(in, local);
   std::vector<std::string> shared_temps(in.u64());
   for (std::string& temp : shared_temps) temp = get_str(in);

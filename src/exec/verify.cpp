@@ -55,8 +55,27 @@ void check_crcs(const MappedFile& file, const std::vector<ZipRecord>& records, u
 
 }  // namespace
 
+VerifyReport check_crcs_of(const std::vector<std::string>& paths, unsigned threads) {
+  threads = resolve_threads(threads);
+  VerifyReport report;
+  std::mutex mutex;
+  FileDescriber describer;
+  for (const std::string& path : paths) {
+    try {
+      const InputLayout& layout = input_layout_of_path(path);
+      if (!layout.has_crcs) continue;
+      MappedFile file(path);
+      check_crcs(file, layout.crc_records(file, describer), threads, report, mutex);
+    } catch (const Error& e) {
+      report.problems.push_back(e.what());
+    }
+  }
+  return report;
+}
+
 VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
-                          std::optional<std::int64_t> model_parts, const std::vector<std::string>& inputs) {
+                          std::optional<std::int64_t> model_parts, const std::vector<std::string>& inputs,
+                          bool crcs_checked) {
   threads = resolve_threads(threads);
   VerifyReport report;
   std::mutex mutex;
@@ -71,7 +90,7 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
         report.records += manifest.files.back().tensors.size();
         continue;
       }
-      {
+      if (!crcs_checked) {
         MappedFile file(path);
         check_crcs(file, layout.crc_records(file, describer), threads, report, mutex);
       }

@@ -217,6 +217,32 @@ def test_a_corrupt_input_fails_the_job_naming_the_file():
     nothing_written(out)
 
 
+def test_verify_splits_its_crc_pass_between_the_ranks():
+    """verify's CRC pass is cut between the ranks by bytes (each file whole); the
+    counts and the problems are those of one process, said once by rank 0."""
+    if not MPIRUN:
+        return
+    folder = large_set()
+    alone, _ = harness.run(["verify", folder])
+    for ranks in (2, 3):
+        out, _ = mpi_run(ranks, ["verify", folder])
+        assert out.split(" in ")[0] == alone.split(" in ")[0], (out, alone)  # files, records, bytes
+    corrupt = harness.scratch("mpi-verify-corrupt")
+    for name in os.listdir(folder):
+        shutil.copy(os.path.join(folder, name), corrupt)
+    victim = os.path.join(corrupt, "checkpoint_last-model_part-1-shard2.pt")
+    with open(victim, "r+b") as f:
+        f.seek(os.path.getsize(victim) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    alone, _ = harness.run(["verify", corrupt], expect=1)
+    out, _ = mpi_run(3, ["verify", corrupt], expect=1)
+    problems = [line for line in out.splitlines() if "CRC-32" in line]
+    assert len(problems) == 1 and victim in problems[0], out
+    assert out.splitlines()[-1].split(" in ")[0] == alone.splitlines()[-1].split(" in ")[0], (out, alone)
+
+
 def test_a_rank_killed_mid_copy_leaves_no_output_and_the_next_run_cleans_up():
     if not MPIRUN:
         return
@@ -278,6 +304,7 @@ if __name__ == "__main__":
         test_a_failed_job_leaves_no_folder_it_made,
         test_ranks_started_with_another_command_line_fail_the_job,
         test_a_corrupt_input_fails_the_job_naming_the_file,
+        test_verify_splits_its_crc_pass_between_the_ranks,
         test_a_rank_killed_mid_copy_leaves_no_output_and_the_next_run_cleans_up,
         test_commands_without_a_plan_end_the_job_as_one_process,
         test_every_fixture_same_bytes_with_2_and_3_ranks,

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "ckpt/exec/exec.hpp"
+#include "ckpt/exec/verify.hpp"
 #include "ckpt/io/job.hpp"
 #include "ckpt/plan/plan.hpp"
 
@@ -78,5 +79,12 @@ void end_job(Job& job, int exit_code);
 // exit code. `local` gives what is not sent (convert, notice); the rest of the
 // options are rank 0's.
 int follow_job(Job& job, const ExecOptions& local, std::string_view command);
+
+// Rank 0 of a job running verify: the CRC pass (check_crcs_of) of `paths`,
+// split between the ranks by bytes, each file whole; every rank's report
+// joined in file order. Throws Error naming a rank started with another
+// command line.
+VerifyReport lead_crc_check(Job& job, const std::vector<std::string>& paths, unsigned threads,
+                            std::string_view command);
 
 }  // namespace ckpt

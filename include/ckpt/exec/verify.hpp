@@ -24,8 +24,14 @@ struct VerifyReport {
 // others are still checked. `model_parts`: as for detect_grid. Every index
 // among `inputs` (the arguments `paths` came from) is checked against the
 // files it names (index_problems).
+// With `crcs_checked`, the CRC pass is left out: the caller made it
+// (check_crcs_of, split between the ranks of a job) and adds its report.
 VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
                           std::optional<std::int64_t> model_parts = std::nullopt,
-                          const std::vector<std::string>& inputs = {});
+                          const std::vector<std::string>& inputs = {}, bool crcs_checked = false);
+
+// The CRC pass of verify_files alone: every record of each of `paths` that has
+// checksums (the others are left out), its problems, records and bytes.
+VerifyReport check_crcs_of(const std::vector<std::string>& paths, unsigned threads);
 
 }  // namespace ckpt
