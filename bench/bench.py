@@ -314,8 +314,8 @@ def measure_grids(args, tool):
         manifest = os.path.join(work, "m.json.zst")
         plain = os.path.join(work, "m.json")
 
-        def step(name, cmd, output=None, keep=False):
-            row = time_step(Step(name, cmd, **in_folder(output)), args.grid_repeats, keep=keep)
+        def step(name, cmd, output=None, keep=False, durable=False):
+            row = time_step(Step(name, cmd, durable=durable, **in_folder(output)), args.grid_repeats, keep=keep)
             row.update(grid=shape, files=files)
             rows.append(row)
             print(f"  {name:<40} {row['seconds']:8.2f} s  peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
@@ -329,6 +329,8 @@ def measure_grids(args, tool):
         step("inspect m.json.zst", [tool, "inspect", manifest])
         step("verify DIR", [tool, "verify", src])
         out = os.path.join(work, "out")
+        # the per-file cost's reference: copying the directory, made durable
+        step("cp -r DIR + sync", ["cp", "-r", src, os.path.join(out, "copy")], out, durable=True)
         step("stitch DIR", [tool, "stitch", "-q", src, "-o", os.path.join(out, "s.pt")], out)
         step("stitch m.json.zst", [tool, "stitch", "-q", manifest, "-o", os.path.join(out, "s.pt")], out)
         half = 1 << (max(1, dp // 2) - 1).bit_length()  # 124 -> 64 (the 8 x 64), 16 -> 8

@@ -22,6 +22,8 @@ MPIRUN = shutil.which("mpirun")
 # As root in a container: Open MPI refuses root without the flag, and more
 # ranks than cores without --oversubscribe.
 MPI = [MPIRUN, "--allow-run-as-root", "--oversubscribe"] if MPIRUN else []
+if not MPIRUN:
+    print("mpirun not found (apt-get install openmpi-bin): every test here is skipped")
 
 
 def mpi_run(ranks, args, expect=0, rank_env=None):
