@@ -75,6 +75,11 @@ Error of_rank(const Error& error, int rank, int ranks) {
   return Error(error.kind(), Location{}, fmt::format("rank {} of {}: {}", rank, ranks, error.what()));
 }
 
+// An error already said of a rank, on its way out of lead_job.
+struct RankError {
+  Error error;
+};
+
 int exit_code_of(ErrorKind kind) {
   return info_of(kind).exit_code;
 }
@@ -367,7 +372,7 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::s
       ByteReader in(reports[static_cast<std::size_t>(r)], "", "a rank's report");
       in.u8();
       Bytes notes = get_bytes(in);
-      if (check && r != 0) check->add_notes(notes);
+      if (check && r != 0) check->add_notes(notes, r);
       for (std::uint64_t i = 0, n = in.u64(); i < n; ++i) {
         std::uint64_t file = in.u64();
         auto at = std::lower_bound(split.shared.begin(), split.shared.end(), file);
@@ -394,7 +399,11 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::s
     // Rank 0's own whole files are its staged outputs.
     for (std::size_t i = 0; i < split.whole[0].size(); ++i)
       ordered[split.whole[0][i]] = std::move(share->staged.outputs[i]);
-    finish_check(check ? &*check : nullptr, options, stats.exec);
+    try {
+      finish_check(check ? &*check : nullptr, options, stats.exec);
+    } catch (const Error& error) {  // said of the rank that read the bytes
+      throw RankError{of_rank(error, check->failed_reader(), ranks)};
+    }
     auto t_commit = std::chrono::steady_clock::now();
     for (std::size_t s = 0; s < split.shared.size(); ++s) {
       finish_shared(plan, split.shared[s], *shared[s], sources, options, part_reports[s]);
@@ -407,6 +416,8 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::s
     made->keep();
     stats.exec.commit_seconds = seconds_since(t_commit);
     for (const RankFigures& figures : stats.ranks) stats.exec.bytes_written += figures.bytes_written;
+  } catch (const RankError& failed) {
+    throw fail(failed.error);
   } catch (const Error& error) {
     throw fail(of_rank(error, 0, ranks));
   }

@@ -95,7 +95,7 @@ std::vector<std::byte> SourceCrcCheck::notes() const {
   return out.take();
 }
 
-void SourceCrcCheck::add_notes(Bytes notes) {
+void SourceCrcCheck::add_notes(Bytes notes, int reader) {
   ByteReader in(notes, "", "CRC notes");
   std::lock_guard lock(mutex_);
   while (!in.at_end()) {
@@ -105,6 +105,7 @@ void SourceCrcCheck::add_notes(Bytes notes) {
     part.begin = in.u64();
     part.end = in.u64();
     part.crc = in.u32();
+    part.reader = reader;
     check_invariant(part.source < plan_.sources.size() && part.record < plan_.sources[part.source].records.size(),
                     "CRC notes of a record the plan does not have");
     covered_.push_back(part);
@@ -158,6 +159,14 @@ void SourceCrcCheck::finish(unsigned threads) {
         reread_bytes_ += reread;
       }
       if (crc != record.crc32) {
+        int reader = -1;
+        for (std::size_t i = job.first_covered; i < job.end_covered; ++i) {
+          if (reader < 0 || covered_[i].reader < reader) reader = covered_[i].reader;
+        }
+        {
+          std::lock_guard lock(reread_mutex);
+          failed_reader_ = std::max(reader, 0);
+        }
         throw Error(ErrorKind::CorruptData, Location{file.path(), record_name(file, record.offset), record.offset},
                     fmt::format("CRC-32 of the record's {} bytes of data (from this offset) is 0x{:08x}, the zip "
                                 "directory says 0x{:08x}: the input is corrupted",

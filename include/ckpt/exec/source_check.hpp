@@ -44,7 +44,10 @@ class SourceCrcCheck {
   // takes them in (add_notes): the processes of a job check their inputs once,
   // together (job_exec.hpp).
   std::vector<std::byte> notes() const;
-  void add_notes(Bytes notes);
+  void add_notes(Bytes notes, int reader);
+  // After finish() threw: the lowest rank that read bytes of the record that
+  // failed (this process's own notes are rank 0's; 0 when none did).
+  int failed_reader() const { return failed_reader_; }
 
   // Bytes read again by finish() (for --stats and the tests).
   std::uint64_t reread_bytes() const { return reread_bytes_; }
@@ -56,6 +59,7 @@ class SourceCrcCheck {
     std::uint64_t begin = 0;  // file offsets
     std::uint64_t end = 0;
     std::uint32_t crc = 0;
+    int reader = 0;  // the rank of a job whose notes these are (add_notes)
   };
   // The record of input `source` holding file byte `offset`, or -1.
   std::int64_t record_at(std::uint32_t source, std::uint64_t offset) const;
@@ -66,6 +70,7 @@ class SourceCrcCheck {
   std::mutex mutex_;
   std::vector<Covered> covered_;
   std::uint64_t reread_bytes_ = 0;
+  int failed_reader_ = 0;
 };
 
 }  // namespace ckpt
