@@ -75,6 +75,17 @@ Error of_rank(const Error& error, int rank, int ranks) {
   return Error(error.kind(), Location{}, fmt::format("rank {} of {}: {}", rank, ranks, error.what()));
 }
 
+// What went wrong, as an Error to send: a bug (InternalError) or a failed
+// allocation fails the job like any error, instead of leaving the other ranks
+// waiting for a report that never comes.
+Error as_error(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const Error*>(&e)) return *error;
+  if (dynamic_cast<const InternalError*>(&e) != nullptr) {
+    return Error(ErrorKind::Internal, std::string("internal error: ") + e.what());
+  }
+  return Error(ErrorKind::Io, e.what());
+}
+
 // An error already said of a rank, on its way out of lead_job.
 struct RankError {
   Error error;
@@ -325,8 +336,8 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::s
     make_paths_absolute(sent);  // the ranks share the file system, not the working directory
     put_bytes(out, serialize_plan(sent));
     word = out.take();
-  } catch (const Error& error) {
-    end_job(job, exit_code_of(error.kind()));
+  } catch (const std::exception& e) {
+    end_job(job, exit_code_of(as_error(e).kind()));
     throw;
   }
   job.broadcast(std::move(word));
@@ -343,8 +354,8 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::s
   try {
     share.emplace(write_share(plan, split, 0, {}, shared_outputs, sources, options, check ? &*check : nullptr));
     own = report_of(*share, split, 0, nullptr);  // (its notes are in `check` already)
-  } catch (const Error& error) {
-    own = failure_report(error);
+  } catch (const std::exception& e) {
+    own = failure_report(as_error(e));
   }
   std::vector<std::vector<std::byte>> reports = job.gather(own);
 
@@ -418,8 +429,8 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::s
     for (const RankFigures& figures : stats.ranks) stats.exec.bytes_written += figures.bytes_written;
   } catch (const RankError& failed) {
     throw fail(failed.error);
-  } catch (const Error& error) {
-    throw fail(of_rank(error, 0, ranks));
+  } catch (const std::exception& e) {
+    throw fail(of_rank(as_error(e), 0, ranks));
   }
   job.broadcast(outcome_word(Outcome::Committed, 0));
   stats.exec.seconds = seconds_since(start);
@@ -484,9 +495,9 @@ int follow_job(Job& job, const ExecOptions& local, std::string_view command) {
     JobSplit split = split_job(sizes, job.size());
     share.emplace(write_share(plan, split, job.rank(), shared_temps, {}, sources, options, check ? &*check : nullptr));
     report = report_of(*share, split, job.rank(), check ? &*check : nullptr);
-  } catch (const Error& error) {
+  } catch (const std::exception& e) {
     share.reset();  // its temporaries removed before rank 0 hears of the failure
-    report = failure_report(error);
+    report = failure_report(as_error(e));
   }
   job.gather(report);
   std::vector<std::byte> outcome = job.broadcast({});
