@@ -342,16 +342,17 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::s
   }
   job.broadcast(std::move(word));
 
-  // This rank's share, its inputs noted for the one check of the job.
+  // This rank's share, its inputs noted for the one check of the job. From
+  // here to the gather nothing may leave without a report: the others wait.
   std::optional<SourceCrcCheck> check;
-  std::vector<std::size_t> all(plan.files.size());
-  for (std::size_t k = 0; k < all.size(); ++k) all[k] = k;
-  if (options.check_crc) check.emplace(plan, all, sources);
-  std::vector<OutputFile*> shared_outputs;
-  for (const auto& file : shared) shared_outputs.push_back(file.get());
   std::optional<Share> share;
   std::vector<std::byte> own;
   try {
+    std::vector<std::size_t> all(plan.files.size());
+    for (std::size_t k = 0; k < all.size(); ++k) all[k] = k;
+    if (options.check_crc) check.emplace(plan, all, sources);
+    std::vector<OutputFile*> shared_outputs;
+    for (const auto& file : shared) shared_outputs.push_back(file.get());
     share.emplace(write_share(plan, split, 0, {}, shared_outputs, sources, options, check ? &*check : nullptr));
     own = report_of(*share, split, 0, nullptr);  // (its notes are in `check` already)
   } catch (const std::exception& e) {
