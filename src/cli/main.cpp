@@ -44,8 +44,13 @@ int main(int argc, char** argv) {
     if (rank == nullptr || std::string(rank) == "0") fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
     return ckpt::info_of(e.kind()).exit_code;
   }
-  std::string command;  // what every rank of a job must have been started with
-  for (int i = 1; i < argc; ++i) command += (i > 1 ? " " : "") + std::string(argv[i]);
+  if (job) {  // every rank runs one command line, checked before any runs it
+    std::optional<ckpt::Error> differs = ckpt::agree_on_command(*job, std::vector<std::string>(argv + 1, argv + argc));
+    if (differs) {
+      if (job->rank() == 0) fmt::print(stderr, "ckpt-tool: error: {}\n", differs->what());
+      return ckpt::info_of(differs->kind()).exit_code;
+    }
+  }
   if (job && job->rank() != 0) {
     // Rank 0 reads the command line, plans and reports; this rank writes its
     // share of the plan, if one comes.
@@ -54,13 +59,13 @@ int main(int argc, char** argv) {
     ckpt::ExecOptions local;
     local.convert = ckpt::convert_elements;
     try {
-      return ckpt::follow_job(*job, local, command);
+      return ckpt::follow_job(*job, local);
     } catch (const ckpt::Error& e) {  // the job's own exchange failed: the launcher ends the job
       fmt::print(stderr, "ckpt-tool: error: rank {}: {}\n", job->rank(), e.what());
       return ckpt::info_of(e.kind()).exit_code;
     }
   }
-  ckpt::cli::lead(job.get(), command);
+  ckpt::cli::lead(job.get());
   int code = run_command(argc, argv);
   if (job && !ckpt::cli::job_told()) ckpt::end_job(*job, code);
   return code;

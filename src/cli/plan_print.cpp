@@ -95,7 +95,6 @@ void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& t
 namespace {
 
 Job* g_job = nullptr;
-std::string g_job_command;
 bool g_job_told = false;
 
 void print_rank_figures(const JobStats& job) {
@@ -212,7 +211,7 @@ void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, 
   if (g_job != nullptr) {
     g_job_told = true;        // lead_job's first word goes out whatever happens
     exec.progress = nullptr;  // its share only: the line would stop short
-    JobStats job = lead_job(*g_job, plan, exec, g_job_command);
+    JobStats job = lead_job(*g_job, plan, exec);
     stats = job.exec;
     if (flags.stats) print_rank_figures(job);
   } else {
@@ -234,16 +233,12 @@ void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, 
   }
 }
 
-void lead(Job* job, std::string command) {
+void lead(Job* job) {
   g_job = job;
-  g_job_command = std::move(command);
 }
 Job* job_to_lead() {
   if (g_job != nullptr) g_job_told = true;
   return g_job;
-}
-const std::string& job_command() {
-  return g_job_command;
 }
 bool job_told() {
   return g_job_told;

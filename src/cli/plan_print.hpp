@@ -53,12 +53,10 @@ ProgressFn progress_line(bool quiet);
 // The job this process leads as rank 0 of several (mpirun, srun): run_plan
 // writes its plan over every rank (lead_job). `told()`: the other ranks have
 // had rank 0's first word, a plan or the end (main tells them the end otherwise).
-// `command`: the command line, which every rank must have been started with.
-void lead(Job* job, std::string command);
+void lead(Job* job);
 // The job, for a command that sends the other ranks work of its own (verify):
 // null when alone; the job counts as told from then on.
 Job* job_to_lead();
-const std::string& job_command();
 bool job_told();
 
 // Executes `plan` (or prints it with --dry-run, or writes it to --save-plan),

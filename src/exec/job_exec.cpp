@@ -181,7 +181,7 @@ std::vector<std::byte> report_of(const Share& share, const JobSplit& split, int 
   out.u64(whole.size());
   for (std::size_t i = 0; i < whole.size(); ++i) {
     out.u64(whole[i]);
-    put_str(out, share.staged.outputs[i]->temp_path());
+    put_str(out, std::filesystem::absolute(share.staged.outputs[i]->temp_path()).string());
   }
   out.u64(share.figures.bytes_written);
   out.u64(share.figures.files);
@@ -247,15 +247,51 @@ JobSplit split_job(const std::vector<std::uint64_t>& file_sizes, int ranks) {
   return split;
 }
 
+std::optional<Error> agree_on_command(Job& job, const std::vector<std::string>& args) {
+  ByteWriter out;
+  out.u64(args.size());
+  for (const std::string& arg : args) put_str(out, arg);
+  std::vector<std::vector<std::byte>> all = job.gather(out.take());
+  ByteWriter verdict;
+  if (job.rank() == 0) {
+    auto shown = [](Bytes encoded) {  // the arguments as a shell would take them back
+      ByteReader in(encoded, "", "a command line");
+      std::string text;
+      for (std::uint64_t i = 0, n = in.u64(); i < n; ++i) {
+        std::string arg = printable(get_str(in));
+        bool quote = arg.empty() || arg.find_first_of(" \t'\"") != std::string::npos;
+        if (i > 0) text.push_back(' ');
+        if (quote) text.push_back('\'');
+        text.append(arg);
+        if (quote) text.push_back('\'');
+      }
+      return text;
+    };
+    auto other = std::find_if(all.begin() + 1, all.end(), [&](const auto& bytes) { return bytes != all[0]; });
+    if (other == all.end()) {
+      verdict.u8(1);
+    } else {
+      verdict.u8(0);
+      put_str(verdict, fmt::format("rank {} of {}: started as `{}`, rank 0 as `{}`: every rank of a job runs one "
+                                   "command line",
+                                   other - all.begin(), job.size(), shown(*other), shown(all[0])));
+    }
+  }
+  std::vector<std::byte> said = job.broadcast(verdict.take());
+  ByteReader in(said, "", "rank 0's verdict");
+  if (in.u8() == 1) return std::nullopt;
+  return Error(ErrorKind::Usage, get_str(in));
+}
+
 void end_job(Job& job, int exit_code) {
   job.broadcast(end_word(exit_code));
 }
 
 namespace {
 
-// The files of `paths` each rank checks: split_job's cut by bytes, a file
-// across shares going to the rank of its first byte.
-std::vector<std::string> files_of_rank(const std::vector<std::string>& paths, int ranks, int rank) {
+// The files of `paths` (indices) each rank checks: split_job's cut by bytes,
+// a file across shares going to the rank of its first byte.
+std::vector<std::size_t> files_of_rank(const std::vector<std::string>& paths, int ranks, int rank) {
   std::vector<std::uint64_t> sizes;
   for (const std::string& path : paths) {
     std::error_code ec;
@@ -266,9 +302,9 @@ std::vector<std::string> files_of_rank(const std::vector<std::string>& paths, in
   std::vector<bool> mine(paths.size(), false);
   for (std::size_t k : split.whole[static_cast<std::size_t>(rank)]) mine[k] = true;
   for (const FilePart& part : split.parts[static_cast<std::size_t>(rank)]) mine[part.file] = part.first_unit == 0;
-  std::vector<std::string> out;
+  std::vector<std::size_t> out;
   for (std::size_t k = 0; k < paths.size(); ++k) {
-    if (mine[k]) out.push_back(paths[k]);
+    if (mine[k]) out.push_back(k);
   }
   return out;
 }
@@ -279,34 +315,34 @@ std::vector<std::byte> verify_report_bytes(const VerifyReport& report) {
   out.u64(report.bytes);
   out.u64(report.problems.size());
   for (const std::string& problem : report.problems) put_str(out, problem);
+  out.u64(report.unread.size());
+  for (std::size_t index : report.unread) out.u64(index);
   return out.take();
 }
 
 }  // namespace
 
-VerifyReport lead_crc_check(Job& job, const std::vector<std::string>& paths, unsigned threads,
-                            std::string_view command) {
+VerifyReport lead_crc_check(Job& job, const std::vector<std::string>& paths, unsigned threads) {
   ByteWriter out;
   out.u8(static_cast<std::uint8_t>(Word::Verify));
-  put_str(out, command);
   out.u32(threads);
   out.u64(paths.size());
   for (const std::string& path : paths) put_str(out, std::filesystem::absolute(path).lexically_normal().string());
   job.broadcast(out.take());
-  VerifyReport own = check_crcs_of(files_of_rank(paths, job.size(), 0), threads);
-  std::vector<std::vector<std::byte>> reports = job.gather(verify_report_bytes(own));
-  VerifyReport joined = std::move(own);
+  VerifyReport joined = check_crcs_of(paths, files_of_rank(paths, job.size(), 0), threads);
+  std::vector<std::vector<std::byte>> reports = job.gather(verify_report_bytes(joined));
   for (std::size_t r = 1; r < reports.size(); ++r) {
     ByteReader in(reports[r], "", "a rank's CRC report");
     if (in.u8() == 0) throw of_rank(get_error(in), static_cast<int>(r), job.size());
     joined.records += in.u64();
     joined.bytes += in.u64();
     for (std::uint64_t i = 0, n = in.u64(); i < n; ++i) joined.problems.push_back(get_str(in));
+    for (std::uint64_t i = 0, n = in.u64(); i < n; ++i) joined.unread.push_back(in.u64());
   }
   return joined;
 }
 
-JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::string_view command) {
+JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options) {
   auto start = std::chrono::steady_clock::now();
   const int ranks = job.size();
   JobSplit split;
@@ -328,10 +364,10 @@ JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::s
     for (const auto& file : mapped) sources.push_back(file.get());
     ByteWriter out;
     out.u8(static_cast<std::uint8_t>(Word::Plan));
-    put_str(out, command);
     put_options(out, options);
     out.u64(shared.size());
-    for (const auto& file : shared) put_str(out, file->temp_path());
+    // (absolute: a rank may run in another working directory)
+    for (const auto& file : shared) put_str(out, std::filesystem::absolute(file->temp_path()).string());
     Plan sent = plan;           // (packed: a few KB a file)
     make_paths_absolute(sent);  // the ranks share the file system, not the working directory
     put_bytes(out, serialize_plan(sent));
@@ -442,35 +478,27 @@ namespace {
 
 // A rank's share of verify's CRC pass; its report to rank 0 (u8 ok, then the
 // counts and problems, or the error). Verify's exit code is rank 0's.
-int follow_crc_check(Job& job, ByteReader& in, std::string_view command, std::string_view rank0_command) {
+int follow_crc_check(Job& job, ByteReader& in) {
   unsigned threads = in.u32();
   std::vector<std::string> paths(in.u64());
   for (std::string& path : paths) path = get_str(in);
   ByteWriter out;
-  if (command != rank0_command) {
-    out.u8(0);
-    put_error(out, Error(ErrorKind::Usage, fmt::format("started as `{}`, rank 0 as `{}`: every rank runs one "
-                                                       "command line",
-                                                       command, rank0_command)));
-  } else {
-    out.u8(1);
-    std::vector<std::byte> report =
-        verify_report_bytes(check_crcs_of(files_of_rank(paths, job.size(), job.rank()), threads));
-    out.text(std::string_view(reinterpret_cast<const char*>(report.data()), report.size()));
-  }
+  out.u8(1);
+  std::vector<std::size_t> mine = files_of_rank(paths, job.size(), job.rank());
+  std::vector<std::byte> report = verify_report_bytes(check_crcs_of(paths, mine, threads));
+  out.text(std::string_view(reinterpret_cast<const char*>(report.data()), report.size()));
   job.gather(out.take());
   return 0;
 }
 
 }  // namespace
 
-int follow_job(Job& job, const ExecOptions& local, std::string_view command) {
+int follow_job(Job& job, const ExecOptions& local) {
   std::vector<std::byte> word = job.broadcast({});
   ByteReader in(word, "", "rank 0's word");
   const auto kind = static_cast<Word>(in.u8());
   if (kind == Word::End) return static_cast<int>(in.u32());
-  std::string rank0_command = get_str(in);
-  if (kind == Word::Verify) return follow_crc_check(job, in, command, rank0_command);
+  if (kind == Word::Verify) return follow_crc_check(job, in);
   ExecOptions options = get_options(in, local);
   std::vector<std::string> shared_temps(in.u64());
   for (std::string& temp : shared_temps) temp = get_str(in);
@@ -479,12 +507,6 @@ int follow_job(Job& job, const ExecOptions& local, std::string_view command) {
   std::optional<Share> share;
   std::vector<std::byte> report;
   try {
-    // Every rank runs what rank 0 runs: another command line is a mistake
-    // (an MPMD launch), not an order to follow.
-    if (command != rank0_command) {
-      throw Error(ErrorKind::Usage, fmt::format("started as `{}`, rank 0 as `{}`: every rank runs one command line",
-                                                command, rank0_command));
-    }
     Plan plan = parse_plan(plan_bytes, "the plan of rank 0");
     std::vector<std::unique_ptr<MappedFile>> mapped = map_sources(plan);
     std::vector<const MappedFile*> sources;

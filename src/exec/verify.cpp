@@ -55,19 +55,21 @@ void check_crcs(const MappedFile& file, const std::vector<ZipRecord>& records, u
 
 }  // namespace
 
-VerifyReport check_crcs_of(const std::vector<std::string>& paths, unsigned threads) {
+VerifyReport check_crcs_of(const std::vector<std::string>& paths, const std::vector<std::size_t>& indices,
+                           unsigned threads) {
   threads = resolve_threads(threads);
   VerifyReport report;
   std::mutex mutex;
   FileDescriber describer;
-  for (const std::string& path : paths) {
+  for (std::size_t index : indices) {
     try {
-      const InputLayout& layout = input_layout_of_path(path);
+      const InputLayout& layout = input_layout_of_path(paths.at(index));
       if (!layout.has_crcs) continue;
-      MappedFile file(path);
+      MappedFile file(paths[index]);
       check_crcs(file, layout.crc_records(file, describer), threads, report, mutex);
     } catch (const Error& e) {
       report.problems.push_back(e.what());
+      report.unread.push_back(index);
     }
   }
   return report;
@@ -75,14 +77,20 @@ VerifyReport check_crcs_of(const std::vector<std::string>& paths, unsigned threa
 
 VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
                           std::optional<std::int64_t> model_parts, const std::vector<std::string>& inputs,
-                          bool crcs_checked) {
+                          const VerifyReport* crc_pass) {
   threads = resolve_threads(threads);
   VerifyReport report;
   std::mutex mutex;
   Manifest manifest;
   FileDescriber describer;  // each distinct pickle decoded once
-  for (const std::string& path : paths) {
+  std::vector<bool> unread(paths.size(), false);
+  if (crc_pass != nullptr) {
+    for (std::size_t index : crc_pass->unread) unread.at(index) = true;
+  }
+  for (std::size_t index = 0; index < paths.size(); ++index) {
+    const std::string& path = paths[index];
     ++report.files;
+    if (unread[index]) continue;  // its problem is the CRC pass's
     try {
       const InputLayout& layout = input_layout_of_path(path);
       if (!layout.has_crcs) {  // no checksum: the layout's own rules are what can be checked
@@ -90,7 +98,7 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
         report.records += manifest.files.back().tensors.size();
         continue;
       }
-      if (!crcs_checked) {
+      if (crc_pass == nullptr) {
         MappedFile file(path);
         check_crcs(file, layout.crc_records(file, describer), threads, report, mutex);
       }

@@ -185,6 +185,18 @@ def test_ranks_started_with_another_command_line_fail_the_job():
     lines = tool_lines(proc.stderr)
     assert len(lines) == 1 and "rank 1 of 2: started as" in lines[0], proc.stderr
     nothing_written(out)
+    # Checked before any rank runs its command: also where rank 0 alone would
+    # run it (a dry run, --save-plan), and argument by argument (one path with
+    # a space is not two arguments).
+    plan = os.path.join(out, "p.plan")
+    spaced = os.path.join(out, "a b.pt")
+    for left, right in [(["--save-plan", plan], []), (["--dry-run"], []), (["-o", spaced], ["-o", spaced[:-5], "b.pt"])]:
+        base = ["stitch", folder] + (["-o", os.path.join(out, "a.pt")] if "-o" not in left else [])
+        command = MPI + ["-np", "1", tool] + base + left + [":", "-np", "1", tool] + base + right
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", (left, right, proc.stdout, proc.stderr)
+        assert len(tool_lines(proc.stderr)) == 1 and "every rank of a job runs one command line" in proc.stderr
+        nothing_written(out)
 
 
 def test_a_corrupt_input_fails_the_job_naming_the_file():
@@ -238,6 +250,11 @@ def test_verify_splits_its_crc_pass_between_the_ranks():
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x10]))
+    # Files that are no checkpoint at all: one problem each, as alone (not one
+    # from the rank that checked its CRCs and one from rank 0's set check).
+    open(os.path.join(corrupt, "empty.pt"), "wb").close()
+    with open(os.path.join(corrupt, "random.pt"), "wb") as f:
+        f.write(os.urandom(5000))
     alone, _ = harness.run(["verify", corrupt], expect=1)
     out, _ = mpi_run(3, ["verify", corrupt], expect=1)
     problems = [line for line in out.splitlines() if "CRC-32" in line]
@@ -278,6 +295,23 @@ def test_a_rank_killed_mid_copy_leaves_no_output_and_the_next_run_cleans_up():
     assert filecmp.cmp(target, os.path.join(alone, "model.pt"), shallow=False)
 
 
+def test_ranks_in_other_working_directories_write_one_output():
+    if not MPIRUN:
+        return
+    folder = large_set()
+    out = harness.scratch("mpi-wdir")
+    elsewhere = harness.scratch("mpi-wdir-elsewhere")
+    args = ["stitch", os.path.relpath(folder, out), "-o", "model.pt", "-q"]
+    command = MPI + ["-np", "1", "-wdir", out, harness.TOOL] + args + [":", "-np", "1", "-wdir", elsewhere,
+                                                                          harness.TOOL] + args
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    alone = harness.scratch("mpi-wdir-alone")
+    harness.run(["stitch", folder, "-o", os.path.join(alone, "model.pt"), "-q"])
+    assert filecmp.cmp(os.path.join(out, "model.pt"), os.path.join(alone, "model.pt"), shallow=False)
+    nothing_written(elsewhere)
+
+
 def test_commands_without_a_plan_end_the_job_as_one_process():
     if not MPIRUN:
         return
@@ -308,6 +342,7 @@ if __name__ == "__main__":
         test_a_corrupt_input_fails_the_job_naming_the_file,
         test_verify_splits_its_crc_pass_between_the_ranks,
         test_a_rank_killed_mid_copy_leaves_no_output_and_the_next_run_cleans_up,
+        test_ranks_in_other_working_directories_write_one_output,
         test_commands_without_a_plan_end_the_job_as_one_process,
         test_every_fixture_same_bytes_with_2_and_3_ranks,
     ])

@@ -29,7 +29,8 @@
 #pragma once
 
 #include <cstdint>
-#include <string_view>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "ckpt/exec/exec.hpp"
@@ -67,24 +68,26 @@ struct JobStats {
   std::vector<RankFigures> ranks;  // [rank]
 };
 
+// Every rank, first: the command lines (argv past the program) compared. An
+// MPMD launch with other arguments on some rank would otherwise be led by
+// rank 0's silently: on every rank, the Error naming the first such rank
+// (Usage), or nothing when all agree.
+std::optional<Error> agree_on_command(Job& job, const std::vector<std::string>& args);
+
 // Rank 0, with the plan to write: the whole protocol above. Throws Error when
 // any rank failed (the first in rank order, named) or the commit failed.
-// `command` is this rank's command line: a rank started with another one
-// fails the job (rank 0's would be followed silently otherwise).
-JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options, std::string_view command);
+JobStats lead_job(Job& job, const Plan& plan, const ExecOptions& options);
 // Rank 0, when the command ends without a plan to write (a dry run, another
 // command, an error before): the other ranks end with `exit_code`.
 void end_job(Job& job, int exit_code);
 // Ranks 1..N-1: rank 0's word awaited, the share written; returns the job's
 // exit code. `local` gives what is not sent (convert, notice); the rest of the
 // options are rank 0's.
-int follow_job(Job& job, const ExecOptions& local, std::string_view command);
+int follow_job(Job& job, const ExecOptions& local);
 
 // Rank 0 of a job running verify: the CRC pass (check_crcs_of) of `paths`,
 // split between the ranks by bytes, each file whole; every rank's report
-// joined in file order. Throws Error naming a rank started with another
-// command line.
-VerifyReport lead_crc_check(Job& job, const std::vector<std::string>& paths, unsigned threads,
-                            std::string_view command);
+// joined in file order.
+VerifyReport lead_crc_check(Job& job, const std::vector<std::string>& paths, unsigned threads);
 
 }  // namespace ckpt
