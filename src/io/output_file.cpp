@@ -35,14 +35,18 @@ namespace fs = std::filesystem;
 // one leaked entry per output file a process creates is a few bytes.
 struct CleanupEntry {
   char* path = nullptr;
+  bool directory = false;  // a folder made for the outputs: removed (after the files in it) while empty
   std::atomic<bool> active{false};
   CleanupEntry* next = nullptr;
 };
 std::atomic<CleanupEntry*> g_cleanup_head{nullptr};
 std::mutex g_cleanup_mutex;
 
-CleanupEntry* register_cleanup(const std::string& path) {
+// (the list is walked newest first: files go before the folders made before
+// them, and a folder before the parent made before it)
+CleanupEntry* register_cleanup(const std::string& path, bool directory = false) {
   auto* entry = new CleanupEntry;
+  entry->directory = directory;
   entry->path = new char[path.size() + 1];
   std::memcpy(entry->path, path.c_str(), path.size() + 1);
   entry->active.store(true);
@@ -58,7 +62,12 @@ void unregister_cleanup(void* entry) {
 
 extern "C" void remove_temp_files_and_exit(int signal_number) {
   for (CleanupEntry* entry = g_cleanup_head.load(); entry != nullptr; entry = entry->next) {
-    if (entry->active.load()) ::unlink(entry->path);
+    if (!entry->active.load()) continue;
+    if (entry->directory) {
+      ::rmdir(entry->path);
+    } else {
+      ::unlink(entry->path);
+    }
   }
   ::signal(signal_number, SIG_DFL);
   ::raise(signal_number);
@@ -386,13 +395,23 @@ MadeDirectories::MadeDirectories(const std::vector<std::string>& paths) {
       throw Error(kind_of_errno(ec.value()), Location{path, "", std::nullopt},
                   "cannot create the folder: " + ec.message());
     }
-    made_.insert(made_.end(), missing.rbegin(), missing.rend());
+    for (auto it = missing.rbegin(); it != missing.rend(); ++it) {
+      made_.push_back(*it);
+      cleanup_.push_back(register_cleanup(*it, /*directory=*/true));  // a signal removes it too
+    }
   }
 }
 
 MadeDirectories::~MadeDirectories() {
   std::error_code ec;
   for (auto it = made_.rbegin(); it != made_.rend(); ++it) std::filesystem::remove(*it, ec);  // only while empty
+  keep();
+}
+
+void MadeDirectories::keep() {
+  made_.clear();
+  for (void* entry : cleanup_) unregister_cleanup(entry);
+  cleanup_.clear();
 }
 
 void sync_directory(const std::string& path) {

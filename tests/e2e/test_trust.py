@@ -411,6 +411,19 @@ def test_interrupted_reshard_leaves_nothing():
     proc.send_signal(signal.SIGTERM)
     proc.wait()
     assert proc.returncode == -signal.SIGTERM and os.listdir(out) == [], (proc.returncode, len(os.listdir(out)))
+    # the folders a DCP set's run made (with its parents) go too, after the files in them
+    out = harness.scratch("trust-signal-dcp")
+    dcp = os.path.join(out, "made", "dcp")
+    env = harness.preloaded(CKPT_SLOW_WRITES_MS="200")
+    proc = subprocess.Popen([harness.TOOL, "stitch", "-q", inputs, "--format", "dcp", "--threads", "1", "-o", dcp],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    end = time.time() + 60
+    while time.time() < end and proc.poll() is None and not (
+            os.path.isdir(dcp) and any(".ckpt-tmp-" in f for f in os.listdir(dcp))):
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    assert proc.returncode == -signal.SIGTERM and os.listdir(out) == [], (proc.returncode, os.listdir(out))
     assert digest(inputs) == before
 
 

@@ -98,21 +98,27 @@ class OutputFile {
 
 // Folders made for a run's outputs (and their missing parents), removed again
 // by the destructor, deepest first and only while empty, unless kept: a failed
-// run leaves no folder it made behind.
+// run leaves no folder it made behind, nor does one ended by SIGINT, SIGTERM
+// or SIGHUP (the cleanup handlers remove them after the temporary files).
 class MadeDirectories {
  public:
   MadeDirectories() = default;
   // Makes each folder; throws Error naming the first that cannot be made.
   explicit MadeDirectories(const std::vector<std::string>& paths);
   ~MadeDirectories();
-  MadeDirectories(MadeDirectories&& other) noexcept : made_(std::move(other.made_)) { other.made_.clear(); }
+  MadeDirectories(MadeDirectories&& other) noexcept
+      : made_(std::move(other.made_)), cleanup_(std::move(other.cleanup_)) {
+    other.made_.clear();
+    other.cleanup_.clear();
+  }
   MadeDirectories& operator=(MadeDirectories&&) = delete;
   MadeDirectories(const MadeDirectories&) = delete;
   MadeDirectories& operator=(const MadeDirectories&) = delete;
-  void keep() { made_.clear(); }
+  void keep();
 
  private:
   std::vector<std::string> made_;  // in the order made: parents first
+  std::vector<void*> cleanup_;     // their entries in the signal handler's list
 };
 
 // fsyncs a directory, making the renames in it durable; a failure loses no data
