@@ -2,6 +2,7 @@
 // writes, all or nothing.
 //
 //   rank 0                                   ranks 1..N-1
+//   <------- gather, then broadcast: every rank's argv the same? ---------->
 //   plan (the command: its checks, once)     wait
 //   validate, prepare, create the shared
 //   files' temporaries  ---- broadcast: options, plan, temporary names ---->
@@ -19,6 +20,10 @@
 //                  ---- broadcast: committed, or the exit code ---------->
 //                                            committed: its temporaries are now
 //                                            outputs; else it removes them
+//
+// verify sends its files instead of a plan: each rank checks the CRCs of its
+// share (lead_crc_check), rank 0 the set. Commands without work for the
+// others (inspect, dry runs, errors before) send the end (end_job).
 //
 // Which rank writes what changes no byte: a unit's bytes are the plan's, the
 // headers are the same function of the CRCs. A failure on any rank is reported
