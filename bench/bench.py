@@ -30,6 +30,7 @@ usage: bench.py [--sizes 0.25,1,4,16] [--grids 8x16,8x124|none] [--tensors 20000
                 [--mp 2] [--dp 4] [--work DIR] [--tool PATH]
 """
 import argparse
+import filecmp
 import os
 import platform
 import re
@@ -483,6 +484,7 @@ def measure_mpi(args, tool):
         cp = time_step(Step("cp -r + sync", ["cp", "-r", src, os.path.join(out, "copy")], durable=True,
                             **in_folder(out)), 1, inputs=src)
         rows.append(dict(cp, job=name, ranks="cp -r + sync", per_rank=""))
+        reference = os.path.join(work, "one-process")
         for ranks in [None, 1, 2, 4]:
             cmd = ([tool] if ranks is None else MPIRUN + ["-np", str(ranks), tool]) + job + ["-q", "--stats"]
             os.makedirs(out, exist_ok=True)
@@ -496,11 +498,21 @@ def measure_mpi(args, tool):
             per_rank = "; ".join(f"rank {m[0]}: {m[1]} ({m[2]} files, {m[3]} parts), peak RSS {m[5]}"
                                  for m in RANK_LINE.findall(proc.stderr))
             label = "one process" if ranks is None else f"mpirun -np {ranks}"
+            # The same bytes as one process, every output file (cmp).
+            if ranks is None:
+                os.rename(out, reference)
+                same = "reference"
+            else:
+                names = sorted(os.listdir(out))
+                same = "yes" if names == sorted(os.listdir(reference)) and all(
+                    filecmp.cmp(os.path.join(out, n), os.path.join(reference, n), shallow=False) for n in names) \
+                    else "NO"
+                shutil.rmtree(out)
             rows.append({"job": name, "ranks": label, "seconds": seconds, "cp_ratio": seconds / cp["seconds"],
-                         "per_rank": per_rank})
-            print(f"  {name:<32} {label:<14} {seconds:7.2f} s  ({seconds / cp['seconds']:.2f} x cp)  {per_rank}",
-                  flush=True)
-            shutil.rmtree(out)
+                         "per_rank": per_rank, "same": same})
+            print(f"  {name:<32} {label:<14} {seconds:7.2f} s  ({seconds / cp['seconds']:.2f} x cp)  "
+                  f"same bytes: {same}  {per_rank}", flush=True)
+        shutil.rmtree(reference)
     shutil.rmtree(work)
     return rows
 
@@ -612,10 +624,12 @@ def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, args, total_
                   "machine's 2 cores and one disk) beside one process and `cp -r` + `sync` of the input, one run "
                   "each, `sync` before each: the bytes each rank wrote and its peak RSS are what carries to a "
                   "cluster (README, \"Many processes and nodes\"); the wall time here is one machine's.", "",
-                  "| job | run | wall s | this / (cp -r + sync) | per rank |", "|---|---|---:|---:|---|"]
+                  "| job | run | wall s | this / (cp -r + sync) | bytes = one process's (cmp) | per rank |",
+                  "|---|---|---:|---:|---|---|"]
         for r in mpi_rows:
             ratio = f"{r['cp_ratio']:.2f}" if "cp_ratio" in r else ""
-            lines.append(f"| {r['job']} | {r['ranks']} | {r['seconds']:.2f} | {ratio} | {r['per_rank']} |")
+            lines.append(f"| {r['job']} | {r['ranks']} | {r['seconds']:.2f} | {ratio} | {r.get('same', '')} | "
+                         f"{r['per_rank']} |")
     text = "\n".join(lines) + "\n" + kept_section(args.results, MEASURED_WHILE_DESIGNING)
     open(args.results, "w").write(text)
     print("\n" + text)
