@@ -45,9 +45,6 @@ Action add_verify_command(CLI::App& app) {
     if (Job* job = job_to_lead()) {  // the CRC pass over every rank, the rest here
       VerifyReport crcs = lead_crc_check(*job, paths, options->threads);
       report = verify_files(paths, options->threads, options->model_parts, options->inputs, &crcs);
-      report.records += crcs.records;
-      report.bytes += crcs.bytes;
-      report.problems.insert(report.problems.begin(), crcs.problems.begin(), crcs.problems.end());
     } else {
       report = verify_files(paths, options->threads, options->model_parts, options->inputs);
     }

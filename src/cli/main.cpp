@@ -6,7 +6,6 @@
 
 #include <CLI/CLI.hpp>
 #include <csignal>
-#include <cstdlib>
 #include <map>
 #include <memory>
 #include <string>
@@ -38,10 +37,7 @@ int main(int argc, char** argv) {
     job = ckpt::join_job();
   } catch (const ckpt::Error& e) {
     // Said once, by the launcher's first process.
-    const char* rank = std::getenv("OMPI_COMM_WORLD_RANK");
-    if (rank == nullptr) rank = std::getenv("PMI_RANK");
-    if (rank == nullptr) rank = std::getenv("SLURM_PROCID");
-    if (rank == nullptr || std::string(rank) == "0") fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
+    if (ckpt::launched_rank() == 0) fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
     return ckpt::info_of(e.kind()).exit_code;
   }
   if (job) {  // every rank runs one command line, checked before any runs it

@@ -208,10 +208,9 @@ void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, 
   exec.notice = print_notice;
   auto planned = std::chrono::steady_clock::now();
   ExecStats stats;
-  if (g_job != nullptr) {
-    g_job_told = true;        // lead_job's first word goes out whatever happens
-    exec.progress = nullptr;  // its share only: the line would stop short
-    JobStats job = lead_job(*g_job, plan, exec);
+  if (Job* led = job_to_lead()) {  // lead_job's first word goes out whatever happens
+    exec.progress = nullptr;       // its share only: the line would stop short
+    JobStats job = lead_job(*led, plan, exec);
     stats = job.exec;
     if (flags.stats) print_rank_figures(job);
   } else {

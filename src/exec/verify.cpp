@@ -85,6 +85,9 @@ VerifyReport verify_files(const std::vector<std::string>& paths, unsigned thread
   FileDescriber describer;  // each distinct pickle decoded once
   std::vector<bool> unread(paths.size(), false);
   if (crc_pass != nullptr) {
+    report.records = crc_pass->records;
+    report.bytes = crc_pass->bytes;
+    report.problems = crc_pass->problems;
     for (std::size_t index : crc_pass->unread) unread.at(index) = true;
   }
   for (std::size_t index = 0; index < paths.size(); ++index) {

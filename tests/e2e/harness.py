@@ -3,6 +3,7 @@ fixtures generated once per build, running the tool, and a tiny test runner that
 prints the closing line `N passed, N failed` and exits non-zero on any failure."""
 import contextlib
 import fcntl
+import filecmp
 import functools
 import hashlib
 import importlib.util
@@ -90,6 +91,20 @@ def preloaded(**faults):
     before ASan's runtime: tell it that is fine."""
     return dict(os.environ, LD_PRELOAD=os.environ["CKPT_FAULTS"],
                 ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0", **faults)
+
+
+def same_tree(a, b, keep=lambda name: True):
+    """Folders `a` and `b` hold the same names (those `keep` takes), folders alike,
+    files byte for byte (cmp)."""
+    left = sorted(n for n in os.listdir(a) if keep(n))
+    right = sorted(n for n in os.listdir(b) if keep(n))
+    assert left == right, (a, left, right)
+    for name in left:
+        pa, pb = os.path.join(a, name), os.path.join(b, name)
+        if os.path.isdir(pa):
+            same_tree(pa, pb, keep)
+        else:
+            assert filecmp.cmp(pa, pb, shallow=False), (pa, pb)
 
 
 def run(args, expect=0, tool=None):

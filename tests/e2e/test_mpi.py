@@ -62,17 +62,6 @@ def tool_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("ckpt-tool:")]
 
 
-def same_tree(a, b):
-    left, right = sorted(os.listdir(a)), sorted(os.listdir(b))
-    assert left == right, (a, left, right)
-    for name in left:
-        pa, pb = os.path.join(a, name), os.path.join(b, name)
-        if os.path.isdir(pa):
-            same_tree(pa, pb)
-        else:
-            assert filecmp.cmp(pa, pb, shallow=False), (pa, pb)
-
-
 def nothing_written(folder):
     left = os.listdir(folder) if os.path.isdir(folder) else []
     assert left == [], f"{folder}: {left}"
@@ -99,7 +88,7 @@ def alone_then_ranks(name, template, folder, rank_counts):
     for ranks in rank_counts:
         out = harness.scratch(f"mpi-{name}-np")
         mpi_run(ranks, job_args(template, folder, out) + ["-q"])
-        same_tree(alone, out)
+        harness.same_tree(alone, out)
 
 
 def test_every_fixture_same_bytes_with_2_and_3_ranks():

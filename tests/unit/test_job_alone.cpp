@@ -59,6 +59,20 @@ TEST_SUITE("job") {
     }
   }
 
+  TEST_CASE("launched_rank: this process's number, from the first launcher variable that holds one; 0 alone") {
+    ScopedEnv ompi("OMPI_COMM_WORLD_RANK", nullptr);
+    ScopedEnv pmi("PMI_RANK", nullptr);
+    ScopedEnv slurm("SLURM_PROCID", nullptr);
+    CHECK(ckpt::launched_rank() == 0);
+    {
+      ScopedEnv two("OMPI_COMM_WORLD_RANK", "2");
+      CHECK(ckpt::launched_rank() == 2);
+    }
+    ScopedEnv junk("OMPI_COMM_WORLD_RANK", "x");
+    ScopedEnv srun("SLURM_PROCID", "5");
+    CHECK(ckpt::launched_rank() == 5);
+  }
+
   TEST_CASE("without MPI: alone, or one process of a launcher, runs; several refuse in one line") {
     ScopedEnv ompi("OMPI_COMM_WORLD_SIZE", nullptr);
     ScopedEnv pmi("PMI_SIZE", nullptr);

@@ -61,7 +61,7 @@ JobSplit split_job(const std::vector<std::uint64_t>& file_sizes, int ranks);
 
 // What a rank did, for --stats and the benchmark.
 struct RankFigures {
-  std::uint64_t bytes_written = 0;  // record bytes copied into outputs
+  std::uint64_t bytes_written = 0;  // its whole files' bytes and its parts' record bytes
   std::size_t files = 0;            // whole files it wrote
   std::size_t parts = 0;            // parts of shared files it wrote
   std::uint64_t peak_rss_bytes = 0;

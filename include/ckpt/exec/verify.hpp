@@ -28,9 +28,9 @@ struct VerifyReport {
 // among `inputs` (the arguments `paths` came from) is checked against the
 // files it names (index_problems).
 // With `crc_pass`, the CRC pass is left out: the caller made it
-// (check_crcs_of, split between the ranks of a job) and adds its report; the
-// files it could not read are counted and not read again (one problem each,
-// as here).
+// (check_crcs_of, split between the ranks of a job), and its counts and
+// problems come first in the report; the files it could not read are counted
+// and not read again (one problem each, as here).
 VerifyReport verify_files(const std::vector<std::string>& paths, unsigned threads,
                           std::optional<std::int64_t> model_parts = std::nullopt,
                           const std::vector<std::string>& inputs = {}, const VerifyReport* crc_pass = nullptr);

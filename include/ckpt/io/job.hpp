@@ -37,6 +37,9 @@ class Job {
 // its environment (Open MPI's OMPI_COMM_WORLD_SIZE, PMI's PMI_SIZE, Slurm's
 // SLURM_STEP_NUM_TASKS); 1 when started alone.
 int launched_ranks();
+// This process's number among them (OMPI_COMM_WORLD_RANK, PMI_RANK,
+// SLURM_PROCID); 0 when started alone.
+int launched_rank();
 
 // The job this process is a rank of, or nullptr when it runs alone (no
 // launcher, or a launcher that started one process). Throws Error (Usage) when
