@@ -155,16 +155,15 @@ std::uint64_t planned_file_size(const PlannedFile& file) {
   return file.is_packed() ? file.packed_file_size : layout_file(file).file_size;
 }
 
-const PlannedFile& unpacked(const PlannedFile& file, std::optional<PlannedFile>& holder) {
+const PlannedFile& unpacked(const PlannedFile& file, std::optional<PlannedFile>& holder, const std::string& origin) {
   if (!file.is_packed()) return file;
-  holder = unpack(file);
+  holder = unpack(file, origin);
   return *holder;
 }
 
 std::optional<PlannedFile> expand_inline(const PlannedFile& file) {
   std::optional<PlannedFile> holder;
-  if (file.is_packed()) holder = unpack(file);
-  const std::vector<PlannedRecord>& records = holder ? holder->records : file.records;
+  const std::vector<PlannedRecord>& records = unpacked(file, holder).records;
   bool any = std::any_of(records.begin(), records.end(), [](const PlannedRecord& r) { return r.inline_zstd; });
   if (!any) return holder;
   PlannedFile expanded = holder ? std::move(*holder) : file;
@@ -210,8 +209,7 @@ void check_plan(const Plan& plan, bool exhaustive, const std::string& origin, co
   }
   for (const PlannedFile& planned : plan.files) {
     std::optional<PlannedFile> holder;
-    if (planned.is_packed()) holder = unpack(planned, origin);
-    const PlannedFile& file = holder ? *holder : planned;
+    const PlannedFile& file = unpacked(planned, holder, origin);
     if (file.container == Container::Archives) {
       bool ordered = !file.archives.empty() && file.archives.front() == 0 && file.archives.back() < file.records.size();
       for (std::size_t a = 1; a < file.archives.size() && ordered; ++a)

@@ -316,8 +316,7 @@ Plan parse_plan(Bytes bytes, const std::string& origin) {
   std::uint64_t expanded_inline = 0;
   for (const PlannedFile& planned : plan.files) {
     std::optional<PlannedFile> holder;
-    if (planned.is_packed()) holder = unpack(planned, origin);
-    const PlannedFile& file = holder ? *holder : planned;
+    const PlannedFile& file = unpacked(planned, holder, origin);
     for (const PlannedRecord& record : file.records) {
       if (!record.inline_zstd) continue;
       Location where{origin, file.path + ": " + record.name, std::nullopt};

@@ -89,8 +89,10 @@ std::vector<ArchiveLayout> archive_layouts(const PlannedFile& file);
 ZipLayout layout_file(const PlannedFile& file);
 // The size of the file: layout_file(file).file_size, for a packed file too.
 std::uint64_t planned_file_size(const PlannedFile& file);
-// `file` itself, or when it is packed a copy unpacked into `holder`.
-const PlannedFile& unpacked(const PlannedFile& file, std::optional<PlannedFile>& holder);
+// `file` itself, or when it is packed a copy unpacked into `holder` (unpack:
+// `origin` names where a packed file read as input came from).
+const PlannedFile& unpacked(const PlannedFile& file, std::optional<PlannedFile>& holder,
+                            const std::string& origin = "a packed plan");
 // The largest element any copy of `record` converts to or generates: its data
 // must start at a multiple of it in the file, so that the executor's cuts at
 // aligned file offsets fall between elements (1 when every copy is plain).
