@@ -28,7 +28,8 @@ RANK["tensor"] = RANK["cli"]
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 FORMAT_NAMED = {"src/manifest/input_layouts.cpp", "include/ckpt/manifest/manifest.hpp",
                 "include/ckpt/manifest/input_layouts.hpp",
-                "src/manifest/manifest.cpp", "src/manifest/dcp_layout.cpp"}
+                "src/manifest/manifest.cpp", "src/manifest/dcp_layout.cpp",
+                "src/manifest/deepspeed_layout.cpp"}
 # A table key named outside the stages that own the table: the stages where it may appear.
 TABLE_KEYS = {"OutputFormat::": {"plan"}}
 

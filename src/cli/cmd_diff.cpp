@@ -311,6 +311,7 @@ Action add_diff_command(CLI::App& app) {
   struct Options {
     std::string a;
     std::string b;
+    std::string tag;
     double atol = 0.0;
     double rtol = 0.0;
     bool tolerance_given = false;
@@ -347,11 +348,13 @@ Action add_diff_command(CLI::App& app) {
                  "writes them")
       ->check(CLI::IsMember({"hf-opt"}));
   add_model_parts_flag(app, options->model_parts);
+  add_tag_flag(app, options->tag);
   app.add_option("--threads", options->threads, "comparison threads (default: all cores)")->check(thread_count());
   return [options]() -> int {
     auto start = std::chrono::steady_clock::now();
-    std::unique_ptr<Side> a = open_side(options->a, options->model_parts);
-    std::unique_ptr<Side> b = open_side(options->b, options->model_parts);
+    const std::vector<std::string> sides = with_tag({options->a, options->b}, options->tag);
+    std::unique_ptr<Side> a = open_side(sides[0], options->model_parts);
+    std::unique_ptr<Side> b = open_side(sides[1], options->model_parts);
     // A set (several files, or one FSDP-flattened file that is a whole set: one
     // rank) is compared by its model: the other side is then consolidated too,
     // and read for its model only. One shard of a larger set is a file.
@@ -379,10 +382,12 @@ Action add_diff_command(CLI::App& app) {
       if (!options->names.empty() && !side->state_dict_layout()) side->tensors = hf_opt_named(side->tensors);
       // A tie is one tensor in safetensors: its second name is not looked for
       // there. In DCP it is two items: compared as a copy of its tensor.
-      if (other->state_dict_layout() && !side->state_dict_layout()) {
+      const bool other_has_ties = std::any_of(other->tensors.begin(), other->tensors.end(),
+                                              [](const NamedTensor& t) { return t.alias_of.has_value(); });
+      if (other->state_dict_layout()) {
         if (other->layout->ties_as_copies) {
           resolve_ties(side->tensors);
-        } else {
+        } else if (!other_has_ties) {  // (a DeepSpeed set's shared_params are ties: compared as ties)
           std::erase_if(side->tensors, [](const NamedTensor& t) { return t.alias_of.has_value(); });
         }
       }

@@ -17,6 +17,7 @@ using json = nlohmann::ordered_json;
 Action add_inspect_command(CLI::App& app) {
   struct Options {
     std::vector<std::string> inputs;
+    std::string tag;
     bool json_output = false;
     bool tensors = false;
     bool wide = false;
@@ -33,6 +34,7 @@ Action add_inspect_command(CLI::App& app) {
                            "default a line per part: shard count, size range, the shards that stand out)",
                            kMaxTableShards));
   add_model_parts_flag(app, options->model_parts);
+  add_tag_flag(app, options->tag);
   app.add_option_function<std::string>(
       "--filter",
       [options](const std::string& text) {
@@ -46,7 +48,7 @@ Action add_inspect_command(CLI::App& app) {
       },
       "with --tensors: only tensors whose path matches this regex");
   return [options] {
-    Manifest manifest = load_inputs(options->inputs, options->model_parts);
+    Manifest manifest = load_inputs(with_tag(options->inputs, options->tag), options->model_parts);
     InspectRequest request{options->tensors, options->filter ? &*options->filter : nullptr, options->wide};
     if (options->json_output) {
       std::cout << inspect_json(manifest, request).dump(2, ' ', false, json::error_handler_t::replace) << "\n";

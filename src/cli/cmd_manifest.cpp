@@ -15,6 +15,7 @@ namespace ckpt::cli {
 Action add_manifest_command(CLI::App& app) {
   struct Options {
     std::vector<std::string> inputs;
+    std::string tag;
     std::string output;
     bool force = false;
   };
@@ -23,6 +24,7 @@ Action add_manifest_command(CLI::App& app) {
   CLI::Option* output =
       app.add_option("-o,--output", options->output, "write here instead of stdout (.zst: zstd-compressed)");
   app.add_flag("-f,--force", options->force, "overwrite an existing output");
+  add_tag_flag(app, options->tag);
   return [options, output] {
     bool to_stdout = output->count() == 0;
     if (!to_stdout) {
@@ -31,7 +33,7 @@ Action add_manifest_command(CLI::App& app) {
       check_output_pattern(options->output, no_fields);
       check_output_file(options->output, options->output);
     }
-    Manifest manifest = build_manifest(expand_inputs(options->inputs));
+    Manifest manifest = build_manifest(expand_inputs(with_tag(options->inputs, options->tag)));
     if (to_stdout) {
       std::cout << manifest_to_json(manifest).dump(1, ' ', false, nlohmann::ordered_json::error_handler_t::replace)
                 << "\n";

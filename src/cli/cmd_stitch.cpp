@@ -59,6 +59,7 @@ const OutputFormatInfo& set_format(const Options& options, StitchOptions& stitch
 Action add_stitch_command(CLI::App& app) {
   struct Options {
     std::vector<std::string> inputs;
+    std::string tag;
     std::string output;
     bool no_stitch_megatron = false;
     bool fused_qkv = false;
@@ -70,6 +71,7 @@ Action add_stitch_command(CLI::App& app) {
     bool weights_only = false;
     bool no_cfg = false;
     bool optimizer_state = false;
+    std::string weights_from = "fp32";
     bool max_shard_size_given = false;
     std::vector<std::string> hf_config;
     std::optional<std::regex> filter;  // compiled while parsing: a bad one is a usage error
@@ -78,6 +80,7 @@ Action add_stitch_command(CLI::App& app) {
   app.add_option("INPUT", options->inputs,
                  "shard files, globs, directories, or a manifest written by `ckpt-tool manifest`")
       ->required();
+  add_tag_flag(app, options->tag);
   app.add_option(
          "-o,--output", options->output,
          fmt::format("output file (--format {}: a folder); with --no-stitch-megatron a pattern containing {{m}}",
@@ -110,6 +113,10 @@ Action add_stitch_command(CLI::App& app) {
   app.add_flag("--fused-qkv", options->fused_qkv, "keep one qkv_proj per layer, laid out [k_all; v_all; q_all]");
   app.add_option("--dtype", options->dtype, "convert floating weights: fp16, bf16 or fp32")
       ->check(CLI::IsMember({"fp16", "bf16", "fp32", "float16", "bfloat16", "float32"}));
+  app.add_option("--weights-from", options->weights_from,
+                 "a DeepSpeed ZeRO-1/2 checkpoint: the fp32 masters of the optimizer files (fp32, the default, as "
+                 "zero_to_fp32) or the 16-bit module (module)")
+      ->check(CLI::IsMember({"fp32", "module"}));
   app.add_flag("--ema", options->ema, "take the weights from extra_state's EMA copy (ema_fp32_params or ema)");
   app.add_option_function<std::string>(
       "--filter",
@@ -144,7 +151,8 @@ Action add_stitch_command(CLI::App& app) {
     }
     auto started = std::chrono::steady_clock::now();
     note_phase(options->write, "reading the inputs");
-    std::optional<PlanInputs> opened = open_inputs(options->inputs, options->write.model_parts, /*grid_first=*/true);
+    std::optional<PlanInputs> opened =
+        open_inputs(with_tag(options->inputs, options->tag), options->write.model_parts, /*grid_first=*/true);
     PlanInputs& inputs = *opened;
     auto run = [&](StitchPlan plan) {
       report_replicated(plan.checks, inputs.files(), options->write.replicated_from_part_0);
@@ -157,6 +165,11 @@ Action add_stitch_command(CLI::App& app) {
       return 0;
     };
     if (!options->dtype.empty()) stitch.dtype = dtype_from_name(options->dtype);
+    stitch.weights_from_module = options->weights_from == "module";
+    if (stitch.weights_from_module && !input_layout(inputs.manifest()).module_weights) {
+      throw UsageError(fmt::format("--weights-from module reads a DeepSpeed checkpoint; this input is {}",
+                                   input_layout(inputs.manifest()).name));
+    }
     if (const InputLayout& layout = input_layout(inputs.manifest());
         reads_as_one_state_dict(inputs.manifest(), format_info(stitch.format))) {
       // One state dict (a DCP directory, a safetensors set): no grid to stitch.

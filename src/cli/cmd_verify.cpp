@@ -23,6 +23,7 @@ namespace ckpt::cli {
 Action add_verify_command(CLI::App& app) {
   struct Options {
     std::vector<std::string> inputs;
+    std::string tag;
     unsigned threads = 0;
     bool quiet = false;
     std::optional<std::int64_t> model_parts;
@@ -32,8 +33,10 @@ Action add_verify_command(CLI::App& app) {
   app.add_option("--threads", options->threads, "CRC threads (default: all cores)")->check(thread_count());
   app.add_flag("-q,--quiet", options->quiet, "print problems only, no summary");
   add_model_parts_flag(app, options->model_parts);
+  add_tag_flag(app, options->tag);
   return [options] {
     auto start = std::chrono::steady_clock::now();
+    options->inputs = with_tag(options->inputs, options->tag);
     std::vector<std::string> paths;
     if (options->inputs.size() == 1 && looks_like_manifest(options->inputs[0])) {
       Manifest manifest = read_checked_manifest(options->inputs[0]);

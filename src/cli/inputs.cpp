@@ -58,15 +58,30 @@ void add_model_parts_flag(CLI::App& app, std::optional<std::int64_t>& model_part
       ->check(CLI::Range(1, kMaxGridSide - 1));
 }
 
-std::string human_bytes(std::uint64_t nbytes) {
-  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  double value = static_cast<double>(nbytes);
-  int unit = 0;
-  while (value >= 1024.0 && unit < 4) {
-    value /= 1024.0;
-    ++unit;
+void add_tag_flag(CLI::App& app, std::string& tag) {
+  app.add_option("--tag", tag,
+                 "a DeepSpeed checkpoint: read this step folder (global_step1200) of the folder given, not the one "
+                 "its `latest` names");
+}
+
+std::vector<std::string> with_tag(std::vector<std::string> inputs, const std::string& tag) {
+  if (tag.empty()) return inputs;
+  if (tag.find('/') != std::string::npos || tag == "." || tag == "..") {
+    throw Error(ErrorKind::Usage, fmt::format("--tag {}: a step folder's name, without '/'", tag));
   }
-  return unit == 0 ? fmt::format("{} B", nbytes) : fmt::format("{:.1f} {}", value, kUnits[unit]);
+  bool found = false;
+  for (std::string& input : inputs) {
+    std::error_code ec;
+    if (fs::is_directory(input, ec) && fs::is_directory(fs::path(input) / tag, ec)) {
+      input = (fs::path(input) / tag).string();
+      found = true;
+    }
+  }
+  if (!found) {
+    throw Error(ErrorKind::Usage, Location{inputs.front(), "", std::nullopt},
+                fmt::format("--tag {}: no step folder of that name here", tag));
+  }
+  return inputs;
 }
 
 std::string rate_text(std::uint64_t nbytes, double seconds) {

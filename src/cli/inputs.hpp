@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "ckpt/io/units.hpp"
 #include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest.hpp"
@@ -40,8 +41,14 @@ PlanInputs open_inputs(const std::vector<std::string>& inputs, std::optional<std
 // declares (for stitch, reshard, inspect, verify and diff).
 void add_model_parts_flag(CLI::App& app, std::optional<std::int64_t>& model_parts);
 
-// "12.3 MiB"
-std::string human_bytes(std::uint64_t nbytes);
+// --tag TAG: the step folder of a DeepSpeed save to read, in place of the
+// one its `latest` names.
+void add_tag_flag(CLI::App& app, std::string& tag);
+// `inputs` with every folder that holds a folder `tag` replaced by that one;
+// unchanged when `tag` is empty. Throws a usage Error when none holds it.
+std::vector<std::string> with_tag(std::vector<std::string> inputs, const std::string& tag);
+
+using ckpt::human_bytes;  // "12.3 MiB" (io/units.hpp)
 // " (12.3 MiB/s)" for `nbytes` in `seconds`; "" below a millisecond, which no
 // clock here measures a rate from.
 std::string rate_text(std::uint64_t nbytes, double seconds);

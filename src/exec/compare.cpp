@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "ckpt/exec/gather.hpp"
+#include "ckpt/exec/tensor_math.hpp"
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/parallel.hpp"
@@ -36,10 +37,14 @@ std::vector<std::int64_t> unravel(std::uint64_t flat, const std::vector<std::int
 }
 
 // Two tensors of the same name, dtype and shape, to compare element by element.
+// Each side is compared as written (NamedTensor::dtype()): a source of another
+// dtype (a DeepSpeed buffer, int64, written as float32) is converted as read.
 struct Pair {
   const TensorSource* a;
   const TensorSource* b;
   std::size_t diff;  // index into the diffs
+  DType dtype_a;
+  DType dtype_b;
 };
 
 // A chunk of a pair: elements [begin, begin + numel) of both.
@@ -82,17 +87,18 @@ std::vector<Pair> pair_tensors(const std::vector<NamedTensor>& a, const std::vec
     TensorDiff diff;
     diff.name = ta.name;
     diff.numel = x->source.numel();
-    std::string_view dtype_x = dtype_info(x->source.dtype).name;
-    std::string_view dtype_y = dtype_info(y->source.dtype).name;
-    if (!comparable_dtypes(x->source.dtype, y->source.dtype, tolerance)) {
+    std::string_view dtype_x = dtype_info(x->dtype()).name;
+    std::string_view dtype_y = dtype_info(y->dtype()).name;
+    if (!comparable_dtypes(x->dtype(), y->dtype(), tolerance)) {
       diff.mismatch = fmt::format("dtype {} != {}", dtype_x, dtype_y);
     } else if (x->source.shape != y->source.shape) {
       diff.mismatch = fmt::format("shape {} != {}", shape_text(x->source.shape), shape_text(y->source.shape));
-    } else if (x->source.dtype != y->source.dtype) {
+    } else if (x->dtype() != y->dtype()) {
       diff.note = fmt::format("dtype {} != {}, compared by value", dtype_x, dtype_y);
     }
     diffs.push_back(std::move(diff));
-    if (diffs.back().mismatch.empty()) pairs.push_back({&x->source, &y->source, diffs.size() - 1});
+    if (diffs.back().mismatch.empty())
+      pairs.push_back({&x->source, &y->source, diffs.size() - 1, x->dtype(), y->dtype()});
   }
   return pairs;
 }
@@ -102,9 +108,10 @@ std::vector<Item> cut_chunks(const std::vector<Pair>& pairs, DiffReport& report)
   std::vector<Item> items;
   std::set<const TensorSource*> counted;  // a tie's two names are one tensor
   for (std::size_t p = 0; p < pairs.size(); ++p) {
-    std::uint64_t step = kChunkBytes / dtype_info(pairs[p].a->dtype).itemsize;
+    std::uint64_t step = kChunkBytes / dtype_info(pairs[p].dtype_a).itemsize;
     std::uint64_t numel = pairs[p].a->numel();
-    if (counted.insert(pairs[p].a).second) report.compared_tensor_bytes += pairs[p].a->nbytes();
+    if (counted.insert(pairs[p].a).second)
+      report.compared_tensor_bytes += numel * dtype_info(pairs[p].dtype_a).itemsize;
     for (std::uint64_t begin = 0; begin < numel; begin += step)
       items.push_back({p, begin, std::min(step, numel - begin)});
   }
@@ -127,22 +134,33 @@ std::vector<ElementComparison> compare_chunks(const std::vector<Item>& items, co
   struct Buffers {
     std::vector<std::byte> a;
     std::vector<std::byte> b;
+    std::vector<std::byte> read;  // a source's bytes before conversion
+  };
+  // Elements [begin, begin + numel) of `source` as `dtype` into `out`.
+  auto read_as = [&](const TensorSource& source, DType dtype, const std::vector<const MappedFile*>& files,
+                     SourceCrcCheck* check, const Item& item, std::vector<std::byte>& out,
+                     std::vector<std::byte>& read) {
+    out.resize(item.numel * dtype_info(dtype).itemsize);
+    const std::uint64_t itemsize = dtype_info(source.dtype).itemsize;
+    if (source.dtype == dtype) {
+      read_source_bytes(source, files, item.begin * itemsize, out.size(), out.data(), check);
+      return;
+    }
+    read.resize(item.numel * itemsize);
+    read_source_bytes(source, files, item.begin * itemsize, read.size(), read.data(), check);
+    convert_elements(source.dtype, dtype, read.data(), out.data(), item.numel);
   };
   // Chunk i compared, keeping at most `positions` of its differing elements;
   // nullopt when its bytes are equal.
   auto compare_item = [&](std::size_t i, std::size_t positions, Buffers& buffers) -> std::optional<ElementComparison> {
     const Item& item = items[i];
     const Pair& pair = pairs[item.pair];
-    std::uint64_t itemsize_a = dtype_info(pair.a->dtype).itemsize;
-    std::uint64_t itemsize_b = dtype_info(pair.b->dtype).itemsize;
-    buffers.a.resize(item.numel * itemsize_a);
-    buffers.b.resize(item.numel * itemsize_b);
-    read_source_bytes(*pair.a, files_a, item.begin * itemsize_a, buffers.a.size(), buffers.a.data(), options.check_a);
-    read_source_bytes(*pair.b, files_b, item.begin * itemsize_b, buffers.b.size(), buffers.b.data(), options.check_b);
-    if (pair.a->dtype == pair.b->dtype && std::memcmp(buffers.a.data(), buffers.b.data(), buffers.a.size()) == 0) {
+    read_as(*pair.a, pair.dtype_a, files_a, options.check_a, item, buffers.a, buffers.read);
+    read_as(*pair.b, pair.dtype_b, files_b, options.check_b, item, buffers.b, buffers.read);
+    if (pair.dtype_a == pair.dtype_b && std::memcmp(buffers.a.data(), buffers.b.data(), buffers.a.size()) == 0) {
       return std::nullopt;
     }
-    return compare_elements(pair.a->dtype, buffers.a.data(), pair.b->dtype, buffers.b.data(), item.numel,
+    return compare_elements(pair.dtype_a, buffers.a.data(), pair.dtype_b, buffers.b.data(), item.numel,
                             options.tolerance, positions);
   };
   parallel_for(items.size(), threads, [&] {

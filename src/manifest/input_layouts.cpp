@@ -127,10 +127,14 @@ std::vector<std::string> safetensors_index_problems_of(const std::string& input,
 
 // In the order a folder is searched (files_in); input_layout_of_path asks
 // every row's claims, the fallback row last.
-const std::array<InputLayout, 3> kLayouts = {{
+const std::array<InputLayout, 4> kLayouts = {{
     {FileFormat::Dcp, "dcp", claims_dcp, /*fallback=*/false, dcp_files_in, nullptr, describe_dcp_file, check_dcp_set,
      dcp_state_dict, count_dcp_model, /*has_crcs=*/true, /*training=*/false, dcp_crc_records, dcp_summary,
      dcp_object_items, /*ties_as_copies=*/true},
+    {FileFormat::DeepSpeed, "deepspeed", claims_deepspeed, /*fallback=*/false, deepspeed_files_in, nullptr,
+     describe_deepspeed_file, check_deepspeed_set, deepspeed_state_dict, count_deepspeed_model, /*has_crcs=*/true,
+     /*training=*/false, torch_crc_records, deepspeed_summary, nullptr, /*ties_as_copies=*/false,
+     /*module_weights=*/true},
     {FileFormat::Torch, "torch", claims_none, /*fallback=*/true, torch_files_in, nullptr, describe_torch_file,
      check_torch_set, torch_state_dict, count_torch_model, /*has_crcs=*/true, /*training=*/true, torch_crc_records},
     {FileFormat::Safetensors, "safetensors", claims_safetensors, /*fallback=*/false, safetensors_files_in,
@@ -196,7 +200,9 @@ std::vector<std::string> expand_inputs(const std::vector<std::string>& inputs) {
   std::sort(files.begin(), files.end(), [&](const std::string& a, const std::string& b) { return key(a) < key(b); });
   files.erase(std::unique(files.begin(), files.end()), files.end());
   if (files.empty()) {
-    throw Error("no input files (directories are searched for a DCP .metadata, else *.pt, else *.safetensors files)");
+    throw Error(
+        "no input files (directories are searched for a DCP .metadata, else a DeepSpeed `latest` or step folder, else "
+        "*.pt, else *.safetensors files)");
   }
   return files;
 }

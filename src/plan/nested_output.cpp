@@ -169,11 +169,19 @@ PlannedFile plan_nested_torch_file(const std::string& path, const std::vector<Na
                                    const std::vector<std::uint32_t>& sources, Plan& plan) {
   CheckpointBuilder builder;
   Nest nest(items_from, static_cast<std::int64_t>(items.size()) + kMaxListPadding);
+  std::unordered_map<std::string, pickle::NodeId> by_name;  // the tensors written, for a tie to name
   for (const NestedItem& item : items) {
     pickle::NodeId value = pickle::kNoNode;
     if (item.tensor) {
-      check_invariant(!tensors.at(*item.tensor).alias_of, "a tie in a nested torch output: " + item.key);
-      value = builder.add_tensor(tensors.at(*item.tensor));
+      const NamedTensor& tensor = tensors.at(*item.tensor);
+      if (tensor.alias_of) {  // one tensor object under both keys, as torch.save writes a tie
+        auto tied = by_name.find(*tensor.alias_of);
+        check_invariant(tied != by_name.end(), "a tie before its tensor in a torch output: " + item.key);
+        value = tied->second;
+      } else {
+        value = builder.add_tensor(tensor);
+      }
+      by_name.emplace(tensor.name, value);
     } else {
       value = add_object_item(builder, item, files);
     }

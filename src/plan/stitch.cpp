@@ -368,8 +368,8 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
                             format.label, layout.name));
   }
   StitchPlan out;
-  StateDict state =
-      layout.training ? plain_file_state_dict(manifest, format, out.notes) : layout.state_dict(manifest, {});
+  StateDict state = layout.training ? plain_file_state_dict(manifest, format, out.notes)
+                                    : layout.state_dict(manifest, {.weights_from_module = options.weights_from_module});
   out.checks = std::move(state.checks);
   if (state.items.empty()) {  // a flat set of tensors: each at the top level under its key
     for (std::size_t i = 0; i < state.tensors.size(); ++i) {

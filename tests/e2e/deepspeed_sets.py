@@ -70,6 +70,13 @@ class DynamicLossScaler:
         self.dtype = torch.float16
 
 
+class _StageByValue(int):
+    """ZeroStageEnum as Python before 3.11 pickles it: the class called with its value."""
+
+    def __reduce__(self):
+        return (ZeroStageEnum, (int(self),))
+
+
 _register("deepspeed.runtime.zero.config", ZeroStageEnum)
 _register("deepspeed.runtime.fp16.loss_scaler", DynamicLossScaler)
 
@@ -131,9 +138,14 @@ def _zero3_slices(t, world):
     return [full[r * per:(r + 1) * per].clone() for r in range(world)]
 
 
-def write_set(root, model, stage, world, bf16=False, tag="global_step7", step=7, write_latest=True):
+def write_set(root, model, stage, world, bf16=False, tag="global_step7", step=7, write_latest=True,
+              stage_form="enum", bf16_optimizer=False):
     """Writes `model` as DeepSpeed saves it at ZeRO `stage` over `world` ranks under
-    `root` (`latest` and the tag folder). Returns the tag folder."""
+    `root` (`latest` and the tag folder). Returns the tag folder.
+    `stage_form`: how zero_stage is pickled: "enum" (ZeroStageEnum, by name as Python
+    3.11+ does), "value" (the class called with the value, Python before 3.11) or "int"
+    (DeepSpeed before 0.7). `bf16_optimizer` (stage 1): DeepSpeed's BF16_Optimizer, whose
+    state has no zero_stage and keeps the padding in its partitions."""
     folder = os.path.join(root, tag)
     os.makedirs(folder, exist_ok=True)
     if write_latest:
@@ -190,18 +202,26 @@ def write_set(root, model, stage, world, bf16=False, tag="global_step7", step=7,
         base = {"state": moments,
                 "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0,
                                   "amsgrad": False, "params": [i]} for i in range(len(cut))]}
-        if stage <= 2:
+        zero_stage = {"enum": ZeroStageEnum(stage), "value": _StageByValue(stage), "int": stage}[stage_form]
+        if bf16_optimizer:
+            assert stage == 1
+            inner = OrderedDict([
+                ("clip_grad", 1.0), ("base_optimizer_state", base),
+                ("single_partition_of_fp32_groups", [group[0][r].clone() for group in cut]),
+                ("group_paddings", [group[1][r] for group in cut]), ("partition_count", [world] * len(cut)),
+                ("ds_version", "0.19.6"), ("param_slice_mappings", [OrderedDict() for _ in cut])])
+        elif stage <= 2:
             inner = OrderedDict([
                 ("loss_scaler", DynamicLossScaler()), ("dynamic_loss_scale", True), ("overflow", False),
                 ("clip_grad", 1.0), ("base_optimizer_state", base),
                 ("single_partition_of_fp32_groups",
                  [group[0][r][:group[0][r].numel() - group[1][r]].clone() for group in cut]),
-                ("zero_stage", ZeroStageEnum(stage)), ("group_paddings", [group[1][r] for group in cut]),
+                ("zero_stage", zero_stage), ("group_paddings", [group[1][r] for group in cut]),
                 ("partition_count", [world] * len(cut)), ("ds_version", "0.19.6"),
                 ("param_slice_mappings", [OrderedDict() for _ in cut])])
         else:
             inner = OrderedDict([
-                ("zero_stage", ZeroStageEnum.weights), ("loss_scaler", DynamicLossScaler()),
+                ("zero_stage", zero_stage), ("loss_scaler", DynamicLossScaler()),
                 ("dynamic_loss_scale", True), ("overflow", False), ("partition_count", world),
                 ("optimizer_state_dict", base), ("fp32_flat_groups", [group[r] for group in cut])])
         torch.save({"optimizer_state_dict": inner, "ds_config": ds_config, "ds_version": "0.19.6"},
@@ -281,8 +301,9 @@ def same(a, b):
 
 def self_check(work):
     """The writer against zero_to_fp32's algorithm: every stage, world 1, 3 and 4, fp16
-    and bf16, one and two groups, with and without frozen and shared parameters."""
-    cases = 0
+    and bf16, one and two groups, with and without frozen and shared parameters.
+    Returns the sets written: (root, tag folder, model, stage) each."""
+    sets = []
     for stage in (1, 2, 3):
         for world in (1, 3, 4):
             for bf16 in (False, True):
@@ -295,12 +316,12 @@ def self_check(work):
                     same(got, expected_state_dict(model, stage))
                     if shared:
                         assert got["lm_head.weight"] is got["head.weight"]
-                    cases += 1
-    return cases
+                    sets.append((root, folder, model, stage))
+    return sets
 
 
 if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"{self_check(tmp)} DeepSpeed sets written and consolidated as zero_to_fp32 does: ok")
+        print(f"{len(self_check(tmp))} DeepSpeed sets written and consolidated as zero_to_fp32 does: ok")

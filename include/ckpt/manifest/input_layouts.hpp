@@ -16,6 +16,10 @@
 // - dcp: a PyTorch Distributed Checkpoint directory (`.metadata` and the data
 //   files it names): each tensor a set of boxes, each box a torch.save item in
 //   a data file (src/manifest/dcp_layout.cpp).
+// - deepspeed: a DeepSpeed ZeRO checkpoint's step folder (the folder holding
+//   `latest`, or the tag folder it names): the fp32 masters in every rank's
+//   optimizer file, read as zero_to_fp32 reads them
+//   (src/manifest/deepspeed_layout.cpp, layout/zero.hpp).
 //
 // Adding a layout (docs/design.md, "Adding an input layout"): a FileFormat
 // value, one source file with the row's functions, and the row in
@@ -85,6 +89,9 @@ struct StateDictOptions {
   // pickled as two tensor objects over one view is a tie (against a state
   // dict of another layout or naming).
   bool state_dict_only = false;
+  // DeepSpeed ZeRO-1/2: the trainable weights from the 16-bit module, not the
+  // fp32 masters (--weights-from module).
+  bool weights_from_module = false;
 };
 
 struct InputLayout {
@@ -128,6 +135,9 @@ struct InputLayout {
   // (DCP saves model.state_dict() so), not as one tensor under one of the keys
   // (safetensors).
   bool ties_as_copies = false;
+  // The set holds its weights twice, the second copy in the 16-bit module
+  // (DeepSpeed): state_dict takes StateDictOptions::weights_from_module.
+  bool module_weights = false;
 };
 
 // What is wrong with files of several layouts given as one set ("safetensors
@@ -186,5 +196,12 @@ ModelCounts count_dcp_model(const Manifest& manifest);
 std::vector<ZipRecord> dcp_crc_records(const MappedFile& file, FileDescriber& describer);
 std::vector<std::string> dcp_summary(const Manifest& manifest);
 nlohmann::ordered_json dcp_object_items(const Manifest& manifest);
+bool claims_deepspeed(std::string_view path);
+std::optional<std::vector<std::string>> deepspeed_files_in(const std::string& input);
+ManifestFile describe_deepspeed_file(FileDescriber& describer, const std::string& path);
+Grid check_deepspeed_set(const std::vector<ManifestFile>& files, std::optional<std::int64_t> model_parts);
+StateDict deepspeed_state_dict(const Manifest& manifest, const StateDictOptions& options);
+ModelCounts count_deepspeed_model(const Manifest& manifest);
+std::vector<std::string> deepspeed_summary(const Manifest& manifest);
 
 }  // namespace ckpt

@@ -75,7 +75,7 @@ class Shared {
 // "model/<key>", each its own storage (storage_key: its index), with no CRC
 // (record_crc32 0); its object tree is {"model": {...}, "__metadata__": {...}}.
 // Manifests (JSON) hold torch files only.
-enum class FileFormat : std::uint8_t { Torch, Safetensors, Dcp };
+enum class FileFormat : std::uint8_t { Torch, Safetensors, Dcp, DeepSpeed };
 
 struct ManifestFile {
   std::string path;  // absolute

@@ -19,6 +19,7 @@
 namespace ckpt {
 
 // The file at `path`: `items` nested, a tensor item being `tensors[item.tensor]`
+// (a tie, alias_of an earlier tensor's name, that tensor's very object)
 // and an object item the torch.save archive at its range of `files[item.file]`
 // (decoded as data, its storages copied from their records). `sources[i]` is
 // the plan source of manifest file i. Throws Error naming `items_from` (the

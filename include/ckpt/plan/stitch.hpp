@@ -21,6 +21,7 @@ struct StitchOptions {
   bool stitch_megatron = true;  // false: one output per model part
   GlueOptions glue;
   std::optional<DType> dtype;                 // convert floating weights
+  bool weights_from_module = false;           // a DeepSpeed set's 16-bit module weights (StateDictOptions)
   std::string state_dict = "model";           // object path of the weights: "model" or an EMA copy in extra_state
   OutputFormat format = OutputFormat::Torch;  // its row: output_formats.hpp
   std::uint64_t max_shard_bytes = 0;          // safetensors and hf: 0 is one file
