@@ -34,6 +34,7 @@ import filecmp
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -197,6 +198,9 @@ def main():
     parser.add_argument("--dcp", default="1",
                         help="GiB of a DCP directory (torch's writer, 2 ranks) converted to each output; 'none' to "
                              "skip (default 1)")
+    parser.add_argument("--deepspeed", default="1",
+                        help="GiB of fp32 weights of the DeepSpeed ZeRO-3 world-4 checkpoint (3x that on disk with "
+                             "Adam's moments), or 'none' (default 1)")
     parser.add_argument("--grid-repeats", type=int, default=3,
                         help=f"runs per step of the grids and of the many-tensors file, once when the first takes "
                              f"over {ONE_RUN_OVER_SECONDS} s (default 3)")
@@ -214,10 +218,11 @@ def main():
     tensor_rows = [] if args.tensors == "none" else measure_many_tensors(args, tool)
     dcp_rows = [] if args.dcp == "none" else measure_dcp(args, tool)
     mpi_rows = [] if args.mpi == "none" or not shutil.which("mpirun") else measure_mpi(args, tool)
+    ds_rows = [] if args.deepspeed == "none" else measure_deepspeed(args, tool)
     rows = []
     for size in sizes:
         rows += measure_size(args, tool, size)
-    write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, args, time.perf_counter() - started,
+    write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, args, time.perf_counter() - started,
                   load_at_start)
 
 
@@ -412,6 +417,23 @@ torch.save(dcp_sets.nested_state_dict(dcp_sets.reference_state_dict(sys.argv[1])
 """
 
 
+def between_copy_and_python(steps, args, inputs):
+    """Times `steps` (a copy first, Python's way last, ckpt-tool's between); each
+    ckpt-tool row gets its time over the copy's and Python's time and peak RSS over its own."""
+    rows = []
+    for step in steps:
+        row = time_step(step, args.grid_repeats, inputs=inputs)
+        rows.append(row)
+        print(f"  {step.name:<44} median {row['seconds']:8.2f} s  worst {row['worst']:8.2f} s  "
+              f"peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
+    cp_row, torch_row = rows[0], rows[-1]
+    for row in rows[1:-1]:
+        row["cp_ratio"] = row["seconds"] / cp_row["seconds"]
+        row["torch_ratio"] = torch_row["seconds"] / row["seconds"]
+        row["torch_rss_ratio"] = torch_row["rss"] / row["rss"]
+    return rows
+
+
 def measure_dcp(args, tool):
     """A DCP directory written by torch's own writer (two ranks, Shard(0)) to each output,
     beside cp -r + sync of the directory and torch's reader + torch.save."""
@@ -434,18 +456,67 @@ def measure_dcp(args, tool):
                   [tool, "stitch", "-q", src, "--format", "dcp", "-o", os.path.join(out, "dcp")], **in_folder(out)),
              Step("torch's DCP reader + torch.save", [PYTHON, "-c", DCP_TO_TORCH_SAVE, src, os.path.join(out, "t.pt"),
                                                       e2e], **in_folder(out))]
-    rows = []
-    for step in steps:
-        row = time_step(step, args.grid_repeats, inputs=src)
+    rows = between_copy_and_python(steps, args, src)
+    for row in rows:
         row.update(bytes=nbytes)
-        rows.append(row)
-        print(f"  {step.name:<40} median {row['seconds']:8.2f} s  worst {row['worst']:8.2f} s  "
-              f"peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
-    cp_row, torch_row = rows[0], rows[-1]
-    for row in rows[1:-1]:
-        row["cp_ratio"] = row["seconds"] / cp_row["seconds"]
-        row["torch_ratio"] = torch_row["seconds"] / row["seconds"]
-        row["torch_rss_ratio"] = torch_row["rss"] / row["rss"]
+    shutil.rmtree(work)
+    return rows
+
+
+ZERO_TO_FP32 = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import deepspeed_sets, torch
+torch.save(deepspeed_sets.reference_zero_to_fp32(sys.argv[1]), sys.argv[2])
+"""
+
+
+def bytes_read_from_disk(cmd, folder):
+    """Bytes the command read from the disk, its input's pages evicted first
+    (posix_fadvise DONTNEED after sync): block input operations of the child
+    (getrusage ru_inblock, 512-byte units), page faults of mapped files included."""
+    sync()
+    for name in os.listdir(folder):
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock
+    subprocess.run(cmd, check=True, capture_output=True)
+    return (resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock - before) * 512
+
+
+def measure_deepspeed(args, tool):
+    """A DeepSpeed ZeRO-3 checkpoint over 4 ranks (fp32 weights plus Adam's two moments)
+    stitched to one torch file, beside a durable cp of the weights' bytes (the stitched
+    file copied) and zero_to_fp32's way (torch.load every optimizer file, cat, torch.save)."""
+    size = float(args.deepspeed)
+    work = os.path.join(args.work, f"deepspeed-{size:g}")
+    shutil.rmtree(work, ignore_errors=True)
+    root = os.path.join(work, "save")
+    made_s, _, _ = run_timed([PYTHON, os.path.join(HERE, "deepspeed_set.py"), root, str(size), "4"])
+    folder = os.path.join(root, "global_step1200")
+    nbytes = dir_bytes(folder)
+    out = os.path.join(work, "out")
+    os.makedirs(out)
+    stitched = os.path.join(work, "weights.pt")
+    stitch_cmd = [tool, "stitch", "-q", root, "-o", stitched]
+    read_bytes = bytes_read_from_disk(stitch_cmd, folder)
+    weights = os.path.getsize(stitched)
+    print(f"== DeepSpeed ZeRO-3, 4 ranks: {nbytes / GIB:.2f} GiB in {len(os.listdir(folder))} files (weights "
+          f"{weights / GIB:.2f} GiB), written in {made_s:.1f} s; stitch read {read_bytes / GIB:.2f} GiB from disk "
+          f"({read_bytes / nbytes:.2f} of the folder)", flush=True)
+    e2e = os.path.join(ROOT, "tests", "e2e")
+    steps = [Step("cp weights.pt + sync", ["cp", stitched, os.path.join(out, "copy.pt")], durable=True,
+                  **in_folder(out)),
+             Step("ckpt-tool stitch ZeRO-3 -o out.pt", [tool, "stitch", "-q", root, "-o", os.path.join(out, "o.pt")],
+                  **in_folder(out)),
+             Step("ckpt-tool stitch ZeRO-3 -o out.safetensors",
+                  [tool, "stitch", "-q", root, "-o", os.path.join(out, "o.safetensors")], **in_folder(out)),
+             Step("zero_to_fp32 (torch.load, cat, torch.save)",
+                  [PYTHON, "-c", ZERO_TO_FP32, folder, os.path.join(out, "z.pt"), e2e], **in_folder(out))]
+    rows = between_copy_and_python(steps, args, folder)
+    rows[1]["read"] = f"{read_bytes / GIB:.2f} GiB of {nbytes / GIB:.2f} GiB ({read_bytes / nbytes:.2f})"
+    rows[0]["bytes"] = weights
     shutil.rmtree(work)
     return rows
 
@@ -532,7 +603,7 @@ def kept_section(path, heading):
     return "\n" + text[at + 1:] if at >= 0 else ""
 
 
-def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, args, total_seconds, load_at_start):
+def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, args, total_seconds, load_at_start):
     by = {(r["size"], r["step"]): r for r in rows}
     sizes = sorted({r["size"] for r in rows})
     lines = ["# ckpt-tool benchmark", "",
@@ -630,6 +701,22 @@ def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, args, total_
             ratio = f"{r['cp_ratio']:.2f}" if "cp_ratio" in r else ""
             lines.append(f"| {r['job']} | {r['ranks']} | {r['seconds']:.2f} | {ratio} | {r.get('same', '')} | "
                          f"{r['per_rank']} |")
+    if ds_rows:
+        lines += ["", f"DeepSpeed: a ZeRO-3 checkpoint of {args.deepspeed} GiB of fp32 weights over 4 ranks "
+                  "(`bench/deepspeed_set.py`: 4096 x 4096 matrices and odd biases in two param groups, Adam's two "
+                  "moments beside them, so the folder is 3x the weights) stitched to one file, beside a durable cp of "
+                  "the weights' bytes (the stitched file copied, then `sync`) and zero_to_fp32's way (`torch.load` of "
+                  "every optimizer file, cat, `torch.save`; not fsynced). Bytes read from disk: one more stitch with "
+                  "the folder's pages evicted (posix_fadvise), its block reads (getrusage). Median and worst of "
+                  f"{args.grid_repeats} runs (one where the first took over {ONE_RUN_OVER_SECONDS} s), inputs read and "
+                  "`sync` before each.", "",
+                  "| step | median s | worst s | runs | peak RSS MiB | this / (cp + sync) | zero_to_fp32 / this, time | "
+                  "zero_to_fp32 / this, RSS | read from disk |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in ds_rows:
+            ratios = (f"{r['cp_ratio']:.2f} | {r['torch_ratio']:.2f} | {r['torch_rss_ratio']:.2f}"
+                      if "cp_ratio" in r else " | | ")
+            lines.append(f"| {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
+                         f"{r['rss'] / (1 << 20):.0f} | {ratios} | {r.get('read', '')} |")
     text = "\n".join(lines) + "\n" + kept_section(args.results, MEASURED_WHILE_DESIGNING)
     open(args.results, "w").write(text)
     print("\n" + text)

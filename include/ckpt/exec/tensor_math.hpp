@@ -4,7 +4,8 @@
 // LibTorch costs time and resident code just to load, so ckpt-tool
 // does not link it: convert_elements loads the plugin libckpt_torch.so (next to
 // the executable, or $CKPT_TORCH_PLUGIN) on first use. Commands that only copy
-// bytes, and diff (element_compare.hpp), never load it.
+// bytes never load it, nor diff but where a side is converted as read (a
+// DeepSpeed buffer); integers to float32 and float64 are cast here, without it.
 #pragma once
 
 #include <cstddef>
