@@ -105,7 +105,8 @@ Action add_stitch_command(CLI::App& app) {
   app.add_flag("--optimizer-state", options->optimizer_state,
                format_names_where(&OutputFormatInfo::carries_objects) +
                    ": keep last_optimizer_state, consolidated per parameter as torch's optimizer saves it "
-                   "(reshard cuts it again with the weights)");
+                   "(reshard cuts it again with the weights); of a DeepSpeed checkpoint, Adam's moments so, beside "
+                   "the state dict under `model`");
   app.add_option("--hf-config", options->hf_config,
                  format_names_where(&OutputFormatInfo::hf_config) +
                      ": set a config.json field, KEY=VALUE (VALUE as JSON, else a string); repeatable");
@@ -173,8 +174,8 @@ Action add_stitch_command(CLI::App& app) {
     if (const InputLayout& layout = input_layout(inputs.manifest());
         reads_as_one_state_dict(inputs.manifest(), format_info(stitch.format))) {
       // One state dict (a DCP directory, a safetensors set): no grid to stitch.
-      if (options->no_stitch_megatron || options->ema || options->optimizer_state || options->weights_only ||
-          options->fused_qkv) {
+      if (options->no_stitch_megatron || options->ema || options->weights_only || options->fused_qkv ||
+          (options->optimizer_state && layout.parameter_states == nullptr)) {
         throw UsageError(
             fmt::format("--no-stitch-megatron, --ema, --optimizer-state, --weights-only and --fused-qkv read a "
                         "training checkpoint; this input ({}) is one state dict",

@@ -687,6 +687,109 @@ StateDict deepspeed_state_dict(const Manifest& manifest, const StateDictOptions&
   return out;
 }
 
+ParameterStates deepspeed_parameter_states(const Manifest& manifest) {
+  ReadSet read = read_set(manifest.files);
+  DsSet& set = read.set;
+  if (!set.problems.empty()) throw Error(ErrorKind::IncompleteSet, set.problems.front());
+  const auto& files = manifest.files;
+  // Where the base optimizer's torch state is: ZeRO-1/2 keep it whole
+  // (base_optimizer_state, one state per group over the padded partition),
+  // ZeRO-3 as optimizer_state_dict (one state per sub-group).
+  const std::string base =
+      set.stage <= 2 ? "optimizer_state_dict/base_optimizer_state" : "optimizer_state_dict/optimizer_state_dict";
+  const ManifestFile& first = files[static_cast<std::size_t>(set.optim.front())];
+  auto fail = [&](const ManifestFile& file, const std::string& what) {
+    return Error(Location{file.path, base, std::nullopt}, "--optimizer-state: " + what);
+  };
+  const json* base_node = member(*first.objects, "optimizer_state_dict");
+  base_node = base_node == nullptr
+                  ? nullptr
+                  : member(*base_node, set.stage <= 2 ? "base_optimizer_state" : "optimizer_state_dict");
+  const json* states = base_node == nullptr ? nullptr : member(*base_node, "state");
+  const json* groups = base_node == nullptr ? nullptr : member(*base_node, "param_groups");
+  if (states == nullptr || !states->is_object() || groups == nullptr || !groups->is_array()) {
+    throw fail(first,
+               "no optimizer state in torch's form (state and param_groups): an elastic checkpoint, or one "
+               "saved without its optimizer, is not read yet");
+  }
+  ParameterStates out;
+  out.file = static_cast<std::uint32_t>(set.optim.front());
+  out.entries_from = base + "/state/0";
+  // The state's tensors as long as its flat partition are the parameters'
+  // (exp_avg, exp_avg_sq, max_exp_avg_sq); a scalar tensor (step) is shared.
+  std::vector<std::string> names;
+  const json* state0 = member(*states, "0");
+  if (state0 == nullptr || !state0->is_object()) throw fail(first, "no state 0");
+  for (const auto& [name, value] : state0->items()) {
+    const StoredTensor* tensor = find_tensor(first, out.entries_from + "/" + escape_label(name));
+    if (tensor == nullptr) continue;
+    if (tensor->shape.size() == 1 && tensor->numel() > 1) {
+      names.push_back(name);
+    } else {
+      out.shared.emplace_back(name, stored_source(files, set.optim.front(), *tensor));
+    }
+  }
+  if (names.empty()) throw fail(first, "state 0 holds no tensor over the flat partition (exp_avg)");
+  // ranks[name][r][k]: rank r's flat state `name` of group (or sub-group) k
+  for (const std::string& name : names) {
+    std::vector<std::vector<TensorSource>> ranks;
+    for (int index : set.optim) {
+      const ManifestFile& file = files[static_cast<std::size_t>(index)];
+      ranks.emplace_back();
+      for (std::size_t k = 0; k < set.groups.size(); ++k) {  // one flat state per (sub-)group
+        const std::string path = fmt::format("{}/state/{}/{}", base, k, escape_label(name));
+        const StoredTensor* tensor = find_tensor(file, path);
+        if (tensor == nullptr || tensor->shape.size() != 1) throw fail(file, path + " is not a 1-D tensor");
+        ranks.back().push_back(stored_source(files, index, *tensor));
+      }
+    }
+    std::vector<TensorSource> per_parameter;
+    auto take = [&](ZeroUnflattened made, const std::string& where) {
+      if (made.problem) {
+        throw Error(ErrorKind::IncompleteSet, Location{set.folder.string(), "", std::nullopt},
+                    fmt::format("--optimizer-state: {}{}: {}", name, where, *made.problem));
+      }
+      for (TensorSource& source : made.params) per_parameter.push_back(std::move(source));
+    };
+    if (set.stage <= 2) {
+      for (std::size_t g = 0; g < set.groups.size(); ++g) {
+        std::vector<TensorSource> partitions;
+        for (const std::vector<TensorSource>& rank : ranks) partitions.push_back(rank[g]);
+        take(zero12_group(partitions, set.groups[g], set.world), fmt::format(" of param group {}", g));
+      }
+    } else {
+      std::vector<ZeroParam> merged;
+      for (const std::vector<ZeroParam>& group : set.groups) merged.insert(merged.end(), group.begin(), group.end());
+      take(zero3_params(ranks, merged, set.world), "");
+    }
+    out.tensors.emplace_back(name, std::move(per_parameter));
+  }
+  // Parameters in order, and the groups that hold them: ZeRO-1/2's torch group g
+  // is param group g; ZeRO-3's lists its sub-groups.
+  std::vector<std::size_t> first_of_group;  // the first parameter index of each (sub-)group
+  for (const std::vector<ZeroParam>& group : set.groups) {
+    first_of_group.push_back(out.params.size());
+    for (const ZeroParam& param : group) out.params.push_back(std::string(kModelPrefix) + escape_label(param.name));
+  }
+  first_of_group.push_back(out.params.size());
+  for (std::size_t j = 0; j < groups->size(); ++j) {
+    out.group_paths.push_back(fmt::format("{}/param_groups/{}", base, j));
+    const json* params = member(resolved(*first.objects, (*groups)[j]), "params");
+    if (params == nullptr || !params->is_array()) throw fail(first, fmt::format("param_groups[{}] has no params", j));
+    std::vector<std::size_t> held;
+    for (const json& k : *params) {
+      if (!k.is_number_integer() || k.get<std::int64_t>() < 0 || k.get<std::size_t>() + 1 >= first_of_group.size()) {
+        throw fail(first, fmt::format("param_groups[{}] lists {}, and there are {} groups", j, k.dump(),
+                                      first_of_group.size() - 1));
+      }
+      for (std::size_t i = first_of_group[k.get<std::size_t>()]; i < first_of_group[k.get<std::size_t>() + 1]; ++i)
+        held.push_back(i);
+    }
+    out.group_params.push_back(std::move(held));
+  }
+  return out;
+}
+
 ModelCounts count_deepspeed_model(const Manifest& manifest) {
   ModelCounts counts;
   counts.counted_from = "DeepSpeed's param_shapes";

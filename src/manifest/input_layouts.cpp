@@ -134,7 +134,7 @@ const std::array<InputLayout, 4> kLayouts = {{
     {FileFormat::DeepSpeed, "deepspeed", claims_deepspeed, /*fallback=*/false, deepspeed_files_in, nullptr,
      describe_deepspeed_file, check_deepspeed_set, deepspeed_state_dict, count_deepspeed_model, /*has_crcs=*/true,
      /*training=*/false, torch_crc_records, deepspeed_summary, nullptr, /*ties_as_copies=*/false,
-     /*module_weights=*/true},
+     /*module_weights=*/true, deepspeed_parameter_states},
     {FileFormat::Torch, "torch", claims_none, /*fallback=*/true, torch_files_in, nullptr, describe_torch_file,
      check_torch_set, torch_state_dict, count_torch_model, /*has_crcs=*/true, /*training=*/true, torch_crc_records},
     {FileFormat::Safetensors, "safetensors", claims_safetensors, /*fallback=*/false, safetensors_files_in,

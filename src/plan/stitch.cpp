@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
 #include <map>
 #include <numeric>
 
@@ -162,7 +163,92 @@ struct ToPlan {
   std::vector<NamedTensor> tensors;
   const OptimizerStates* states;
   const StateDict* nested;
+  const ParameterStates* parameter_states = nullptr;
+  const Checkpoint* states_file = nullptr;
 };
+
+// The node at object path `path` of `graph` ("a/0/b": dict keys, an int key by
+// its text, list indices), or kNoNode.
+pickle::NodeId node_at(const pickle::Graph& graph, std::string_view path) {
+  pickle::NodeId at = graph.root;
+  std::size_t start = 0;
+  while (at != pickle::kNoNode && start <= path.size()) {
+    const std::size_t slash = std::min(path.find('/', start), path.size());
+    const std::string label = unescape_label(path.substr(start, slash - start));
+    pickle::NodeId next = pickle::kNoNode;
+    if (graph.is_mapping(at)) {
+      for (const auto& [key, value] : graph.mapping_entries(at)) {
+        const pickle::NodeView view = graph[key];
+        if ((view.kind == pickle::Kind::Str && view.text == label) ||
+            (view.kind == pickle::Kind::Int && std::to_string(view.integer) == label)) {
+          next = value;
+          break;
+        }
+      }
+    } else if (auto items = as_sequence(graph, at)) {
+      std::size_t index = 0;
+      auto [end, ec] = std::from_chars(label.data(), label.data() + label.size(), index);
+      if (ec == std::errc() && end == label.data() + label.size() && index < items->size()) next = (*items)[index];
+    }
+    at = next;
+    start = slash + 1;
+  }
+  return at;
+}
+
+// A torch file {"model": the tensors, "last_optimizer_state": the states in
+// torch's optimizer form} (ParameterStates): what stitch --optimizer-state
+// writes for a set that is no training checkpoint (DeepSpeed).
+PlannedFile plan_torch_with_parameter_states(const std::string& path, const std::vector<NamedTensor>& tensors,
+                                             const ParameterStates& states, const Checkpoint& states_file,
+                                             const std::vector<std::uint32_t>& sources, Plan& plan) {
+  CheckpointBuilder builder;
+  pickle::Graph& graph = builder.graph();
+  const pickle::Graph& from = states_file.graph();
+  auto fail = [&](const std::string& where, const std::string& message) {
+    return Error(Location{states_file.path(), where, std::nullopt}, "--optimizer-state: " + message);
+  };
+  const pickle::NodeId entries = node_at(from, states.entries_from);
+  if (!from.is_mapping(entries)) throw fail(states.entries_from, "not a dict");
+  pickle::NodeId model = builder.add_state_dict(tensors);
+  pickle::Node per_parameter;
+  per_parameter.kind = pickle::Kind::Dict;
+  for (std::size_t i = 0; i < states.params.size(); ++i) {
+    pickle::Node one;
+    one.kind = pickle::Kind::Dict;
+    for (const auto& [key, value] : from.mapping_entries(entries)) {
+      const std::optional<std::string> name = as_str(from, key);
+      pickle::NodeId copied = pickle::kNoNode;
+      for (const auto& [state, per] : states.tensors) {
+        if (name == state) copied = builder.add_tensor(NamedTensor(states.params[i], per.at(i)));
+      }
+      for (const auto& [state, source] : states.shared) {
+        if (name == state) copied = builder.add_tensor(NamedTensor(states.params[i], source));
+      }
+      if (copied == pickle::kNoNode) copied = copy_value(graph, from, value);
+      one.entries.emplace_back(copy_value(graph, from, key), copied);
+    }
+    per_parameter.entries.emplace_back(graph.integer(static_cast<std::int64_t>(i)), graph.add(std::move(one)));
+  }
+  std::vector<pickle::NodeId> groups;
+  for (std::size_t g = 0; g < states.group_paths.size(); ++g) {
+    const pickle::NodeId group = node_at(from, states.group_paths[g]);
+    if (!from.is_mapping(group)) throw fail(states.group_paths[g], "not a dict");
+    const pickle::NodeId copy = copy_value(graph, from, group);
+    std::vector<std::int64_t> params(states.group_params[g].begin(), states.group_params[g].end());
+    if (!builder.set_entry(copy, "params", add_int_list(graph, params))) {
+      throw fail(states.group_paths[g], "a param group without params");
+    }
+    groups.push_back(copy);
+  }
+  pickle::Node frame;
+  frame.kind = pickle::Kind::Dict;
+  frame.entries.emplace_back(graph.str(kOptimizerStates), graph.add(std::move(per_parameter)));
+  frame.entries.emplace_back(graph.str(kParamGroups), graph.add_items(pickle::Kind::List, groups));
+  builder.set_top_level("model", model);
+  builder.set_top_level(std::string(kOptimizerStateKey), graph.add(std::move(frame)));
+  return builder.finish(path, sources, plan);
+}
 
 // Each state dict written at its path in `format` (--dtype converting it): the
 // inputs made the plan's sources, a folder format's folders made, the files of
@@ -176,9 +262,9 @@ void plan_outputs(const PlanInputs& inputs, const OutputFormatInfo& format, cons
     ToPlan& output = outputs[k];
     if (options.dtype) convert_dtype(output.tensors, *options.dtype);
     if (format.folder) out.plan.directories.push_back(paths[k]);
-    format.plan(
-        {output.base, std::move(output.tensors), paths[k], output.states, sources, output.nested, &inputs.files()},
-        options, out);
+    format.plan({output.base, std::move(output.tensors), paths[k], output.states, sources, output.nested,
+                 &inputs.files(), output.parameter_states, output.states_file},
+                options, out);
   }
   if (format.replaces_set) out.plan.stale_files = stale_set_files(out.plan, paths, format.folder);
 }
@@ -220,6 +306,13 @@ PlannedFile plan_torch_output(const Checkpoint& base, std::vector<NamedTensor>& 
 }  // namespace
 
 void plan_torch_state_dict(StateDictOutput output, const StitchOptions& options, StitchPlan& out) {
+  if (output.base == nullptr && output.parameter_states != nullptr) {
+    out.plan.files.push_back(plan_torch_with_parameter_states(output.path, output.tensors, *output.parameter_states,
+                                                              *output.states_file, output.sources, out.plan));
+    if (!options.list_tensors) output.tensors.clear();
+    out.tensors.push_back(std::move(output.tensors));
+    return;
+  }
   if (output.base == nullptr) {
     check_invariant(output.nested != nullptr && output.files != nullptr, "a torch output planned without its input");
     out.plan.files.push_back(plan_nested_torch_file(output.path, output.tensors, output.nested->items,
@@ -432,8 +525,19 @@ StitchPlan plan_stitch_state_dict(const PlanInputs& inputs, const std::string& o
   if (options.filter && state.items.empty()) {
     throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt}, "--filter matches no key of the input");
   }
+  std::optional<ParameterStates> states;
+  if (options.optimizer_state) {
+    if (layout.parameter_states == nullptr || options.filter) {
+      throw Error(ErrorKind::Usage, Location{output_path, "", std::nullopt},
+                  options.filter
+                      ? std::string("--filter does not go with --optimizer-state: it holds the whole model")
+                      : fmt::format("--optimizer-state: a {} set holds no optimizer state to give", layout.name));
+    }
+    states = layout.parameter_states(manifest);
+  }
   std::vector<ToPlan> outputs;
-  outputs.push_back({nullptr, std::move(tensors), nullptr, &state});
+  outputs.push_back({nullptr, std::move(tensors), nullptr, &state, states ? &*states : nullptr,
+                     states ? &inputs.checkpoint(static_cast<int>(states->file)) : nullptr});
   plan_outputs(inputs, format, {output_path}, std::move(outputs), options, out);
   return out;
 }

@@ -104,6 +104,42 @@ def test_safetensors_sharded_dtype_and_module_weights():
     assert "ZeRO-3 module holds placeholders" in err and not os.path.exists(os.path.join(work, "no.pt")), err
 
 
+def test_optimizer_state_per_parameter_in_torchs_form():
+    """--optimizer-state: Adam's moments cut per parameter with the weights' rule, in
+    torch's optimizer form, which torch.optim.Adam loads to resume without DeepSpeed."""
+    work = harness.scratch("deepspeed-optimizer")
+    for stage, world in ((1, 3), (2, 4), (3, 3), (3, 4)):
+        root, folder, model = _write(work, f"z{stage}w{world}", stage, world)
+        out = os.path.join(work, f"z{stage}w{world}.pt")
+        harness.run(["stitch", "-q", root, "-o", out, "--optimizer-state"])
+        ck = _load(out)
+        assert list(ck) == ["model", "last_optimizer_state"], list(ck)
+        ds.same(ck["model"], ds.reference_zero_to_fp32(folder))
+        state = ck["last_optimizer_state"]
+        params = [(name, t) for group in model.groups for name, t in group.items()]
+        assert sorted(state["state"]) == list(range(len(params)))
+        for i, (name, t) in enumerate(params):
+            one = state["state"][i]
+            assert list(one) == ["step", "exp_avg", "exp_avg_sq"], list(one)
+            # the generator's moments are 0.1 x and 0.01 x the square of the fp32 master, element by element
+            assert torch.equal(one["exp_avg"], t.float() * 0.1), (stage, name)
+            assert torch.equal(one["exp_avg_sq"], t.float() * t.float() * 0.01), (stage, name)
+            assert torch.equal(one["step"], torch.tensor(7.0))
+        first = len(model.groups[0])
+        assert [g["params"] for g in state["param_groups"]] == [list(range(first)), list(range(first, len(params)))]
+        assert state["param_groups"][0]["betas"] == (0.9, 0.95)
+        # torch's own optimizer takes it: a run resumes without DeepSpeed
+        weights = [[torch.nn.Parameter(ck["model"][name].clone()) for name in group] for group in model.groups]
+        adam = torch.optim.Adam([{"params": w} for w in weights], lr=1e-4)
+        adam.load_state_dict(state)
+        for w in weights[0] + weights[1]:
+            w.grad = torch.ones_like(w)
+        adam.step()
+    _, err = harness.run(["stitch", root, "-o", os.path.join(work, "x.pt"), "--optimizer-state", "--filter", "bias"],
+                         expect=USAGE)
+    assert "--filter does not go with --optimizer-state" in err, err
+
+
 def test_latest_and_tag_pick_the_step_folder():
     work = harness.scratch("deepspeed-tag")
     root = os.path.join(work, "run")
@@ -296,6 +332,7 @@ if __name__ == "__main__":
                   test_stitch_writes_zero_to_fp32s_state_dict_for_every_set,
                   test_older_pickles_and_the_bf16_optimizer,
                   test_safetensors_sharded_dtype_and_module_weights,
+                  test_optimizer_state_per_parameter_in_torchs_form,
                   test_latest_and_tag_pick_the_step_folder,
                   test_sets_that_are_not_one_complete_save_are_refused_before_writing,
                   test_stitch_reads_only_the_fp32_partitions,

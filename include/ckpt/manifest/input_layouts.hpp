@@ -38,6 +38,7 @@
 #include "ckpt/manifest/consolidate.hpp"
 #include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/manifest.hpp"
+#include "ckpt/manifest/optimizer_state.hpp"
 
 namespace ckpt {
 
@@ -138,6 +139,9 @@ struct InputLayout {
   // The set holds its weights twice, the second copy in the 16-bit module
   // (DeepSpeed): state_dict takes StateDictOptions::weights_from_module.
   bool module_weights = false;
+  // The set's optimizer state per parameter (--optimizer-state of a layout
+  // that is no training checkpoint); null when it holds none to give.
+  ParameterStates (*parameter_states)(const Manifest& manifest) = nullptr;
 };
 
 // What is wrong with files of several layouts given as one set ("safetensors
@@ -203,5 +207,6 @@ Grid check_deepspeed_set(const std::vector<ManifestFile>& files, std::optional<s
 StateDict deepspeed_state_dict(const Manifest& manifest, const StateDictOptions& options);
 ModelCounts count_deepspeed_model(const Manifest& manifest);
 std::vector<std::string> deepspeed_summary(const Manifest& manifest);
+ParameterStates deepspeed_parameter_states(const Manifest& manifest);
 
 }  // namespace ckpt

@@ -66,6 +66,24 @@ void check_optimizer_states(const Manifest& manifest, const std::vector<std::vec
 // without their params (null when there are none).
 nlohmann::ordered_json optimizer_hyperparameters(const ManifestFile& file);
 
+// Per-parameter optimizer state that a layout reads out of its own form
+// (DeepSpeed's flat partitions), for an output in torch's optimizer form:
+// state i belongs to params[i] and holds, in the order of the entries at
+// `entries_from`, each of `tensors` (exp_avg, ...: the parameter's), a copy of
+// each of `shared` (a tensor every parameter has the same of: step), and the
+// other entries as they are; param group g holds `group_params[g]` and the
+// other entries of the dict at `group_paths[g]`. Object paths are in manifest
+// file `file`.
+struct ParameterStates {
+  std::vector<std::string> params;  // the parameters' state-dict keys
+  std::vector<std::pair<std::string, std::vector<TensorSource>>> tensors;
+  std::vector<std::pair<std::string, TensorSource>> shared;
+  std::uint32_t file = 0;
+  std::string entries_from;
+  std::vector<std::string> group_paths;
+  std::vector<std::vector<std::size_t>> group_params;
+};
+
 // How a parameter's optimizer state `name` is told apart from the parameter in
 // messages: "last_optimizer_state exp_avg of " + key.
 inline std::string optimizer_state_label(const std::string& name) {

@@ -47,6 +47,10 @@ struct StateDictOutput {
   // tensor item indexing `tensors`), its object items read from `files`.
   const StateDict* nested = nullptr;
   const std::vector<const MappedFile*>* files = nullptr;
+  // --optimizer-state of such a set (DeepSpeed): `tensors` under "model" and
+  // the states in torch's form, their other objects read from `states_file`.
+  const ParameterStates* parameter_states = nullptr;
+  const Checkpoint* states_file = nullptr;
 };
 
 // Adds the output's files to `out.plan`, the tensors of each file in its data
