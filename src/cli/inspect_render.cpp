@@ -384,6 +384,10 @@ json inspect_json(const Manifest& manifest, const InspectRequest& request) {
               {"training_checkpoint", training},
               {"problems", manifest.grid.problems}};
   if (!training) out["contents"] = describe_contents(manifest.files[0]);
+  // What the layout says of the set (a DCP directory's writer, a DeepSpeed save's stage and world), as the text.
+  if (const InputLayout& layout = input_layout(manifest); layout.summary != nullptr && !manifest.files.empty()) {
+    out["layout_summary"] = layout.summary(manifest);
+  }
   for (const auto& [dtype, counts] : summary.by_dtype) out["bytes_by_dtype"][dtype] = bytes_json(counts);
   for (const auto& [section, counts] : summary.by_section) out["bytes_by_section"][section] = bytes_json(counts);
   if (!manifest.files.empty()) out["objects"] = *manifest.files[0].objects;

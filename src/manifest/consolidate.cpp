@@ -35,19 +35,31 @@ TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offse
     --inner;
   }
   std::uint64_t run_bytes = run_elements * itemsize;
-  std::vector<std::int64_t> index(inner, 0);
+  // The innermost dimension that is not contiguous is one strided piece's rows:
+  // a piece per run there would cost memory per element of a strided or
+  // stride-0 view (a 10-element storage viewed as 2^28 elements: 24 GB).
+  const std::size_t rows_dim = inner == 0 ? 0 : inner - 1;
+  const std::uint64_t rows = inner == 0 ? 1 : static_cast<std::uint64_t>(tensor.shape[rows_dim]);
+  const std::uint64_t row_source_stride =
+      inner == 0 ? 0 : static_cast<std::uint64_t>(tensor.stride[rows_dim]) * itemsize;
+  std::vector<std::int64_t> index(rows_dim, 0);
   std::uint64_t logical = 0;
   while (true) {
     std::uint64_t element = 0;
-    for (std::size_t d = 0; d < inner; ++d) element += static_cast<std::uint64_t>(index[d] * tensor.stride[d]);
+    for (std::size_t d = 0; d < rows_dim; ++d) element += static_cast<std::uint64_t>(index[d] * tensor.stride[d]);
     Piece piece;
     piece.source = file;
     piece.source_offset = file_byte_offset + element * itemsize;
     piece.offset = logical;
     piece.nbytes = run_bytes;
+    if (rows > 1) {
+      piece.rows = rows;
+      piece.stride = run_bytes;
+      piece.source_stride = row_source_stride;
+    }
     append_piece(out.pieces, piece);
-    logical += run_bytes;
-    std::size_t d = inner;
+    logical += rows * run_bytes;
+    std::size_t d = rows_dim;
     while (true) {
       if (d == 0) return out;
       --d;

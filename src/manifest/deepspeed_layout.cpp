@@ -193,6 +193,8 @@ struct DsSet {
   std::vector<ZeroParam> frozen;
   std::vector<std::pair<std::string, std::string>> shared;  // alias -> source
   std::vector<std::string> buffer_names;
+  std::vector<std::pair<std::string, const StoredTensor*>> buffers;  // the module's buffers, in its order
+
   std::string ds_version;
   std::optional<std::int64_t> step;
   fs::path folder;
@@ -232,6 +234,14 @@ std::optional<std::vector<const StoredTensor*>> flat_groups(const ManifestFile& 
   return out;
 }
 
+// Why a rank's file is not in the set: not there, or there but not read (its
+// own error is reported where it was read).
+std::string absence(const fs::path& folder, const std::string& name) {
+  std::error_code ec;
+  const bool there = fs::exists(folder / name, ec) || fs::exists(folder / ("bf16_" + name), ec);
+  return there ? "is there but did not read" : "is missing";
+}
+
 // What the optimizer files say: stage, world, the files by rank.
 void read_optimizer_files(const std::vector<ManifestFile>& files, const std::vector<std::pair<int, DsName>>& optims,
                           DsSet& set) {
@@ -262,17 +272,22 @@ void read_optimizer_files(const std::vector<ManifestFile>& files, const std::vec
       continue;
     }
     std::optional<std::int64_t> file_world;
-    if (const json* count = member(*state, "partition_count")) {
+    const json* count = member(*state, "partition_count");
+    if (count != nullptr) {
       const json& value = resolved(*file.objects, *count);
       if (value.is_number_integer()) file_world = value.get<std::int64_t>();
-      if (value.is_array()) {
+      if (value.is_array()) {  // ZeRO-1/2: one per group; the largest is the world (zero_to_fp32's max)
         for (const json& item : value) {
           if (item.is_number_integer()) file_world = std::max(file_world.value_or(0), item.get<std::int64_t>());
         }
       }
     }
     if (!file_world || *file_world < 1 || *file_world > kMaxGridSide) {
-      set.problems.push_back(fmt::format("{}: no partition_count (the data-parallel world size)", file.path));
+      set.problems.push_back(
+          count == nullptr
+              ? fmt::format("{}: no partition_count (the data-parallel world size)", file.path)
+              : fmt::format("{}: partition_count {} is no world size (an int, or a list of them, from 1 to {})",
+                            file.path, count->dump().substr(0, 40), kMaxGridSide));
       continue;
     }
     if (!stage) {
@@ -306,10 +321,9 @@ void read_optimizer_files(const std::vector<ManifestFile>& files, const std::vec
   }
   for (std::size_t r = 0; r < set.optim.size(); ++r) {
     if (set.optim[r] < 0) {
-      set.problems.push_back(
-          fmt::format("{}: rank {}'s optimizer file (zero_pp_rank_{}_mp_rank_00_optim_states.pt) "
-                      "is missing: partition_count is {}",
-                      set.folder.string(), r, r, set.world));
+      const std::string name = fmt::format("zero_pp_rank_{}_mp_rank_00_optim_states.pt", r);
+      set.problems.push_back(fmt::format("{}: rank {}'s optimizer file ({}) {}: partition_count is {}",
+                                         set.folder.string(), r, name, absence(set.folder, name), set.world));
     }
   }
 }
@@ -345,10 +359,9 @@ void read_model_files(const std::vector<ManifestFile>& files, const std::vector<
     }
     for (std::size_t r = 0; r < set.model.size(); ++r) {
       if (set.model[r] < 0) {
-        set.problems.push_back(
-            fmt::format("{}: rank {}'s model file (zero_pp_rank_{}_mp_rank_00_model_states.pt) "
-                        "is missing: partition_count is {}",
-                        set.folder.string(), r, r, set.world));
+        const std::string name = fmt::format("zero_pp_rank_{}_mp_rank_00_model_states.pt", r);
+        set.problems.push_back(fmt::format("{}: rank {}'s model file ({}) {}: partition_count is {}",
+                                           set.folder.string(), r, name, absence(set.folder, name), set.world));
       }
     }
   }
@@ -362,8 +375,29 @@ void read_model_files(const std::vector<ManifestFile>& files, const std::vector<
         fmt::format("{}: no buffer_names and param_shapes: not a DeepSpeed ZeRO model state file", first.path));
     return;
   }
-  for (const json& name : resolved(root, *buffers)) {
-    if (name.is_string()) set.buffer_names.push_back(name.get<std::string>());
+  const json& names = resolved(root, *buffers);
+  if (!names.is_array() || !std::all_of(names.begin(), names.end(), [](const json& n) { return n.is_string(); })) {
+    set.problems.push_back(fmt::format("{}: buffer_names is not a list of names", first.path));
+    return;
+  }
+  for (const json& name : names) set.buffer_names.push_back(name.get<std::string>());
+  // The buffers zero_to_fp32 takes: the module's entries named in buffer_names,
+  // in the module's order, each a tensor (it calls .float() on them).
+  const json* module = member(root, "module");
+  if (module == nullptr || !module->is_object() || module->contains("$class")) {
+    set.problems.push_back(fmt::format("{}: module is not a state dict", first.path));
+    return;
+  }
+  const std::set<std::string> buffer_names(set.buffer_names.begin(), set.buffer_names.end());
+  for (const auto& [key, value] : module->items()) {
+    if (!buffer_names.contains(key)) continue;
+    const StoredTensor* tensor = find_tensor(first, tensor_path("module", key));
+    if (tensor != nullptr && tensor->alias_of) tensor = find_tensor(first, *tensor->alias_of);
+    if (tensor == nullptr) {
+      set.problems.push_back(fmt::format("{}: module/{}: a buffer (buffer_names) that is no tensor", first.path, key));
+      return;
+    }
+    set.buffers.emplace_back(key, tensor);
   }
   for (const json& group : resolved(root, *shapes)) {
     std::optional<std::vector<ZeroParam>> params = params_of(root, resolved(root, group));
@@ -577,12 +611,71 @@ ReadSet read_set(const std::vector<ManifestFile>& files) {
   if (!set.problems.empty()) return out;
   check_versions(files, set);
   if (!set.problems.empty()) return out;
+  // One name, one entry: zero_to_fp32's dict would keep one of two silently.
+  std::map<std::string, std::string_view> kinds;
+  auto once = [&](const std::string& name, std::string_view kind) {
+    auto [it, added] = kinds.emplace(name, kind);
+    if (!added) {
+      set.problems.push_back(
+          fmt::format("{}: {} is named twice, as a {} and as a {}: the state dict would hold one of "
+                      "them",
+                      set.folder.string(), name, it->second, kind));
+    }
+    return added;
+  };
+  for (const auto& [key, tensor] : set.buffers) {
+    if (!once(key, "buffer")) return out;
+  }
+  for (const ZeroParam& param : set.frozen) {
+    if (!once(param.name, "frozen parameter")) return out;
+  }
+  for (const std::vector<ZeroParam>& group : set.groups) {
+    for (const ZeroParam& param : group) {
+      if (!once(param.name, "trainable parameter")) return out;
+    }
+  }
   out.params = unflatten_set(files, set);
   return out;
 }
 
 bool is_moment(const StoredTensor& tensor) {
   return tensor.path.ends_with("/exp_avg") || tensor.path.ends_with("/exp_avg_sq");
+}
+
+// zero_to_fp32's `state_dict[alias] = state_dict[source]` for each shared
+// parameter whose source is there: the alias a tie to the source's tensor,
+// where it was when it is a key already (dict assignment keeps the place),
+// else appended. A tie must come after its tensor in an output, so where the
+// alias comes first it takes the tensor and the source becomes the tie.
+void tie_shared(std::vector<NamedTensor>& tensors, const std::vector<std::pair<std::string, std::string>>& shared) {
+  auto index_of = [&](const std::string& name) -> std::optional<std::size_t> {
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].name == name) return i;
+    }
+    return std::nullopt;
+  };
+  for (const auto& [alias, source] : shared) {
+    std::optional<std::size_t> root = index_of(std::string(kModelPrefix) + escape_label(source));
+    if (!root) continue;
+    while (tensors[*root].alias_of) root = index_of(*tensors[*root].alias_of);  // (a tie's tensor is always there)
+    const std::string alias_name = std::string(kModelPrefix) + escape_label(alias);
+    const std::string root_name = tensors[*root].name;
+    if (alias_name == root_name) continue;
+    std::optional<std::size_t> at = index_of(alias_name);
+    if (!at) {
+      tensors.emplace_back(alias_name, TensorSource{}, root_name);
+    } else if (*at > *root) {
+      tensors[*at] = NamedTensor(alias_name, TensorSource{}, root_name);
+    } else {  // the alias first: it holds the tensor, and every tie to it follows
+      NamedTensor holder = std::move(tensors[*root]);
+      holder.name = alias_name;
+      tensors[*at] = std::move(holder);
+      for (NamedTensor& tensor : tensors) {
+        if (tensor.alias_of == root_name) tensor.alias_of = alias_name;
+      }
+      tensors[*root] = NamedTensor(root_name, TensorSource{}, alias_name);
+    }
+  }
 }
 
 }  // namespace
@@ -641,18 +734,10 @@ StateDict deepspeed_state_dict(const Manifest& manifest, const StateDictOptions&
   StateDict out;
   out.consolidated = true;
   // Buffers: the module's, in its order, as fp32 (zero_to_fp32 calls .float()).
-  const std::set<std::string> buffer_names(set.buffer_names.begin(), set.buffer_names.end());
-  const json* module = member(*model.objects, "module");
-  if (module != nullptr && module->is_object()) {
-    for (const auto& [key, value] : module->items()) {
-      if (!buffer_names.contains(key)) continue;
-      const StoredTensor* tensor = find_tensor(model, tensor_path("module", key));
-      if (tensor != nullptr && tensor->alias_of) tensor = find_tensor(model, *tensor->alias_of);
-      if (tensor == nullptr) continue;
-      out.tensors.emplace_back(std::string(kModelPrefix) + escape_label(key), DType::Float32,
-                               stored_source(files, set.model.front(), *tensor));
-      if (tensor->dtype == DType::Float32) out.tensors.back().convert_to.reset();
-    }
+  for (const auto& [key, tensor] : set.buffers) {
+    out.tensors.emplace_back(std::string(kModelPrefix) + escape_label(key), DType::Float32,
+                             stored_source(files, set.model.front(), *tensor));
+    if (tensor->dtype == DType::Float32) out.tensors.back().convert_to.reset();
   }
   for (NamedTensor& tensor : read.params.frozen) out.tensors.push_back(std::move(tensor));
   if (options.weights_from_module) {
@@ -674,16 +759,8 @@ StateDict deepspeed_state_dict(const Manifest& manifest, const StateDictOptions&
       tensor.source = stored_source(files, set.model.front(), *stored);
     }
   }
-  std::set<std::string> present;
   for (NamedTensor& tensor : read.params.trainable) out.tensors.push_back(std::move(tensor));
-  for (const NamedTensor& tensor : out.tensors) present.insert(tensor.name);
-  for (const auto& [alias, source] : set.shared) {
-    const std::string source_name = std::string(kModelPrefix) + escape_label(source);
-    const std::string alias_name = std::string(kModelPrefix) + escape_label(alias);
-    if (!present.contains(source_name) || present.contains(alias_name)) continue;
-    out.tensors.emplace_back(alias_name, TensorSource{}, source_name);
-    present.insert(alias_name);
-  }
+  tie_shared(out.tensors, set.shared);
   return out;
 }
 
@@ -798,13 +875,7 @@ ModelCounts count_deepspeed_model(const Manifest& manifest) {
     for (const ZeroParam& param : group) counts.parameters += shape_numel(param.shape).value_or(0);
   }
   for (const ZeroParam& param : read.set.frozen) counts.parameters += shape_numel(param.shape).value_or(0);
-  if (!read.set.model.empty() && read.set.model.front() >= 0) {
-    const ManifestFile& model = manifest.files[static_cast<std::size_t>(read.set.model.front())];
-    for (const std::string& name : read.set.buffer_names) {
-      if (const StoredTensor* tensor = find_tensor(model, tensor_path("module", name)))
-        counts.buffers += tensor->numel();
-    }
-  }
+  for (const auto& [name, tensor] : read.set.buffers) counts.buffers += tensor->numel();
   for (int index : read.set.optim) {
     if (index < 0) continue;
     for (const StoredTensor& tensor : manifest.files[static_cast<std::size_t>(index)].tensors) {

@@ -235,6 +235,78 @@ def test_sets_that_are_not_one_complete_save_are_refused_before_writing():
     assert "rank 1's optimizer file" in text, text
 
 
+def _edit(path, change):
+    states = torch.load(path)
+    change(states)
+    torch.save(states, path)
+
+
+def test_what_a_stranger_broke():
+    """Regressions of a stranger's attack (issue 28): a strided or stride-0 view as a flat
+    group (memory per element before), buffers that are no tensors dropped silently, a
+    shared parameter that is also a parameter, a name twice, a bad partition_count."""
+    work = harness.scratch("deepspeed-stranger")
+    out = os.path.join(work, "out.pt")
+    # A strided view as rank 1's partition reads right; a 10-element storage viewed as
+    # 2^28 elements is refused by the numel check at once, not after 24 GB.
+    root, folder, model = _write(work, "strided", 2, 3)
+    want = ds.reference_zero_to_fp32(folder)
+    optim = os.path.join(folder, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+
+    def strided(states):
+        groups = states["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+        wide = torch.zeros(groups[0].numel() * 2)
+        wide[::2] = groups[0]
+        groups[0] = wide[::2]  # stride 2 over a storage twice as long
+    _edit(optim, strided)
+    harness.run(["stitch", "-q", root, "-o", out])
+    ds.same(_load(out), want)
+    os.remove(out)
+
+    def stride0(states):
+        groups = states["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+        groups[0] = torch.zeros(10).as_strided((1 << 28,), (0,))
+    _edit(optim, stride0)
+    for command in (["manifest", root, "-o", os.path.join(work, "m.json")], ["inspect", root]):
+        harness.run(command)  # (no tensor byte read, no memory per element)
+    _refused([root], "param group 0: the parameters take", out)
+    # buffers that are no tensors, a module that is None, buffer_names that is no list: zero_to_fp32 fails
+    for name, change, fragment in (
+            ("str-buffer", lambda m: m["module"].__setitem__("norm.running_mean", "x"),
+             "module/norm.running_mean: a buffer (buffer_names) that is no tensor"),
+            ("no-module", lambda m: m.__setitem__("module", None), "module is not a state dict"),
+            ("names", lambda m: m.__setitem__("buffer_names", "norm.running_mean"),
+             "buffer_names is not a list of names")):
+        root, folder, _ = _write(work, name, 2, 3)
+        _edit(os.path.join(folder, "mp_rank_00_model_states.pt"), change)
+        _refused([root], fragment, out)
+    # a name twice: a buffer that is a parameter too
+    root, folder, _ = _write(work, "twice", 1, 3)
+    _edit(os.path.join(folder, "mp_rank_00_model_states.pt"),
+          lambda m: m.__setitem__("buffer_names", m["buffer_names"] + ["layers.0.bias"]))
+    _refused([root], "layers.0.bias is named twice, as a buffer and as a trainable parameter", out)
+    # shared_params naming a parameter as the alias, after and before its source: zero_to_fp32
+    # assigns the source's tensor at the alias's place
+    for name, shared in (("alias-after", {"head.weight": "layers.1.weight"}),
+                         ("alias-before", {"layers.0.weight": "layers.1.weight"})):
+        root, folder, _ = _write(work, name, 3, 3)
+        for rank in range(3):
+            _edit(os.path.join(folder, f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"),
+                  lambda m: m.__setitem__("shared_params", dict(shared) if m["shared_params"] else {}))
+        want = ds.reference_zero_to_fp32(folder)
+        harness.run(["stitch", "-q", root, "-o", out])
+        got = _load(out)
+        ds.same(got, want)
+        (alias, source), = shared.items()
+        assert got[alias].data_ptr() == got[source].data_ptr(), name
+        os.remove(out)
+    # partition_count that is no world size
+    root, folder, _ = _write(work, "count", 3, 3)
+    _edit(os.path.join(folder, "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+          lambda o: o["optimizer_state_dict"].__setitem__("partition_count", 0))
+    _refused([root], "partition_count 0 is no world size", out)
+
+
 def _flip(path, offsets):
     with open(path, "r+b") as f:
         for offset in offsets:
@@ -304,6 +376,9 @@ def test_inspect_verify_diff_and_manifest_read_the_folder():
                  "head.weight", "bytes: fp32 weights 12.1 KiB, Adam moments 24.2 KiB", "problems: none found",
                  "deepspeed.runtime.zero.config.ZeroStageEnum"):
         assert line in text, (line, text)
+    data = json.loads(harness.run(["inspect", root, "--json"])[0])
+    assert data["format"] == "deepspeed" and data["problems"] == [], data["problems"]
+    assert any("ZeRO stage 3, bf16, 4 data-parallel rank(s)" in line for line in data["layout_summary"]), data
     harness.run(["verify", root, "-q"])
     # diff by value against zero_to_fp32's output: equal, then one element changed
     want = ds.reference_zero_to_fp32(folder)
@@ -335,5 +410,6 @@ if __name__ == "__main__":
                   test_optimizer_state_per_parameter_in_torchs_form,
                   test_latest_and_tag_pick_the_step_folder,
                   test_sets_that_are_not_one_complete_save_are_refused_before_writing,
+                  test_what_a_stranger_broke,
                   test_stitch_reads_only_the_fp32_partitions,
                   test_inspect_verify_diff_and_manifest_read_the_folder])

@@ -15,8 +15,9 @@
 namespace ckpt {
 
 // The bytes of a manifest tensor in row-major order: one piece when it is
-// contiguous, otherwise one per innermost contiguous run; `file` is the
-// pieces' source index.
+// contiguous, otherwise one strided piece (a row per index of the innermost
+// dimension that is not contiguous) per index of the dimensions before it;
+// `file` is the pieces' source index.
 TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file);
 
 // Throws Error naming the file and what it holds (describe_contents) when it
