@@ -688,7 +688,12 @@ std::optional<std::vector<std::string>> deepspeed_files_in(const std::string& in
   std::error_code ec;
   if (!fs::is_directory(input, ec)) return std::nullopt;
   const fs::path latest = fs::path(input) / "latest";
-  if (fs::is_regular_file(latest, ec)) {
+  const bool named_latest = fs::symlink_status(latest, ec).type() != fs::file_type::not_found && !ec;
+  if (named_latest && !fs::is_regular_file(latest, ec)) {
+    throw Error(Location{latest.string(), "", std::nullopt},
+                "not a file (DeepSpeed writes the tag of the newest save there): give the step folder itself");
+  }
+  if (named_latest) {
     const std::string tag = read_latest(latest);
     const fs::path folder = fs::path(input) / tag;
     if (!fs::is_directory(folder, ec)) {

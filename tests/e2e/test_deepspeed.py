@@ -162,6 +162,11 @@ def test_latest_and_tag_pick_the_step_folder():
         f.write("global_step300\n")
     _, err = harness.run(["stitch", root, "-o", out + "3"], expect=INCOMPLETE)
     assert "latest: names the step folder global_step300, which is not there" in err, err
+    os.remove(os.path.join(root, "latest"))
+    os.mkdir(os.path.join(root, "latest"))
+    _, err = harness.run(["stitch", root, "-o", out + "3"], expect=1)
+    assert "latest: not a file" in err, err
+    harness.run(["stitch", "-q", os.path.join(root, "global_step100"), "-o", out + "4"])  # the step folder itself
 
 
 def _refused(args, fragment, out, code=INCOMPLETE):

@@ -115,6 +115,20 @@ def test_every_output_kind_same_bytes_with_1_to_4_ranks():
         alone_then_ranks(f"kinds-{job}", template, folder, [1, 2, 3, 4])
 
 
+def test_a_deepspeed_checkpoint_same_bytes_with_2_and_3_ranks():
+    """A DeepSpeed ZeRO-3 folder (issue 28) stitched by one job: the same files as alone."""
+    if not MPIRUN:
+        return
+    import deepspeed_sets
+    root = harness.scratch("mpi-deepspeed-set")
+    deepspeed_sets.write_set(root, deepspeed_sets.Model(seed=4), 3, 4, bf16=True)
+    for job, template in (("ds-torch", ["stitch", "{in}", "-o", "{out}/model.pt"]),
+                          ("ds-optimizer", ["stitch", "{in}", "--optimizer-state", "-o", "{out}/model.pt"]),
+                          ("ds-safetensors", ["stitch", "{in}", "--max-shard-size", "4KB", "-o",
+                                              "{out}/model.safetensors"])):
+        alone_then_ranks(job, template, root, [2, 3])
+
+
 def large_set():
     """A training checkpoint whose stitched output (about 70 MiB) spans several
     8 MiB units: with 2..4 ranks it is one file written in parts."""
@@ -339,6 +353,7 @@ def test_commands_without_a_plan_end_the_job_as_one_process():
 if __name__ == "__main__":
     harness.main([
         test_every_output_kind_same_bytes_with_1_to_4_ranks,
+        test_a_deepspeed_checkpoint_same_bytes_with_2_and_3_ranks,
         test_one_large_output_written_in_parts_is_the_same_file,
         test_a_rank_out_of_space_fails_the_job_in_one_line_and_writes_nothing,
         test_a_failed_job_leaves_no_folder_it_made,
