@@ -381,10 +381,14 @@ Action add_diff_command(CLI::App& app) {
       if ((sets || other->state_dict_layout()) && !side->state_dict_layout() && !by_nesting) keep_model(*side);
       if (!options->names.empty() && !side->state_dict_layout()) side->tensors = hf_opt_named(side->tensors);
       // A tie is one tensor in safetensors: its second name is not looked for
-      // there. In DCP it is two items: compared as a copy of its tensor.
-      const bool other_has_ties = std::any_of(other->tensors.begin(), other->tensors.end(),
-                                              [](const NamedTensor& t) { return t.alias_of.has_value(); });
-      if (other->state_dict_layout()) {
+      // there. In DCP it is two items: compared as a copy of its tensor. Against
+      // a side that keeps ties (a DeepSpeed set's shared_params), a tie.
+      auto has_ties = [](const Side& s) {
+        return std::any_of(s.tensors.begin(), s.tensors.end(),
+                           [](const NamedTensor& t) { return t.alias_of.has_value(); });
+      };
+      const bool other_has_ties = has_ties(*other);
+      if (other->state_dict_layout() && (!side->state_dict_layout() || has_ties(*side))) {
         if (other->layout->ties_as_copies) {
           resolve_ties(side->tensors);
         } else if (!other_has_ties) {  // (a DeepSpeed set's shared_params are ties: compared as ties)

@@ -69,18 +69,20 @@ std::vector<std::string> with_tag(std::vector<std::string> inputs, const std::st
   if (tag.find('/') != std::string::npos || tag == "." || tag == "..") {
     throw Error(ErrorKind::Usage, fmt::format("--tag {}: a step folder's name, without '/'", tag));
   }
+  // Every folder given must hold it (diff A B --tag T reads step T of both);
+  // a file is left as it is.
   bool found = false;
   for (std::string& input : inputs) {
     std::error_code ec;
-    if (fs::is_directory(input, ec) && fs::is_directory(fs::path(input) / tag, ec)) {
-      input = (fs::path(input) / tag).string();
-      found = true;
+    if (!fs::is_directory(input, ec)) continue;
+    if (!fs::is_directory(fs::path(input) / tag, ec)) {
+      throw Error(ErrorKind::Usage, Location{input, "", std::nullopt},
+                  fmt::format("--tag {}: no step folder of that name here", tag));
     }
+    input = (fs::path(input) / tag).string();
+    found = true;
   }
-  if (!found) {
-    throw Error(ErrorKind::Usage, Location{inputs.front(), "", std::nullopt},
-                fmt::format("--tag {}: no step folder of that name here", tag));
-  }
+  if (!found) throw Error(ErrorKind::Usage, fmt::format("--tag {}: no input is a folder", tag));
   return inputs;
 }
 

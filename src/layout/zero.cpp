@@ -8,26 +8,36 @@ namespace ckpt {
 
 namespace {
 
-constexpr std::uint64_t kMaxNumel = std::uint64_t{1} << 62;
+// Elements of a tensor, and of any sum of them here: its bytes (x 16 at most)
+// stay far below 2^64, so no size computed from them wraps.
+constexpr std::uint64_t kMaxNumel = std::uint64_t{1} << 56;
 
 std::uint64_t round_up(std::uint64_t value, std::uint64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
 
-std::uint64_t total_numel(const std::vector<TensorSource>& parts) {
+// The elements of `parts` together; nullopt past kMaxNumel.
+std::optional<std::uint64_t> total_numel(const std::vector<TensorSource>& parts) {
   std::uint64_t total = 0;
-  for (const TensorSource& part : parts) total += part.numel();
+  for (const TensorSource& part : parts) {
+    std::optional<std::uint64_t> numel = shape_numel(part.shape);
+    if (!numel || *numel > kMaxNumel - total) return std::nullopt;
+    total += *numel;
+  }
   return total;
 }
 
-// The 1-D concatenation of `parts` (all of one dtype; `dtype` when empty).
-TensorSource flat(const std::vector<TensorSource>& parts, DType dtype) {
-  const auto numel = static_cast<std::int64_t>(total_numel(parts));
+constexpr std::string_view kTooLarge = "more than 2^56 elements together";
+
+// The 1-D concatenation of `parts` (all of one dtype; `dtype` when empty),
+// `numel` elements (total_numel's).
+TensorSource flat(const std::vector<TensorSource>& parts, DType dtype, std::uint64_t numel) {
   if (parts.empty()) return zeros_source(dtype, {0});
   std::vector<TensorSource> flattened;
-  for (const TensorSource& part : parts)
-    flattened.push_back(part.slice(0, part.nbytes(), {part.numel() > 0 ? static_cast<std::int64_t>(part.numel()) : 0}));
-  return concat(flattened, {numel});
+  for (const TensorSource& part : parts) {
+    flattened.push_back(part.slice(0, part.nbytes(), {static_cast<std::int64_t>(part.numel())}));
+  }
+  return concat(flattened, {static_cast<std::int64_t>(numel)});
 }
 
 }  // namespace
@@ -54,8 +64,13 @@ ZeroUnflattened zero12_group(const std::vector<TensorSource>& partitions, const 
       return out;
     }
   }
-  const TensorSource group = flat(partitions, dtype);
-  const std::uint64_t available = group.numel();
+  const std::optional<std::uint64_t> total = total_numel(partitions);
+  if (!total) {
+    out.problem = fmt::format("the partitions hold {}", kTooLarge);
+    return out;
+  }
+  const TensorSource group = flat(partitions, dtype, *total);
+  const std::uint64_t available = *total;
   const std::uint64_t itemsize = dtype_info(dtype).itemsize;
   std::uint64_t offset = 0;
   for (const ZeroParam& param : params) {
@@ -96,6 +111,10 @@ ZeroUnflattened zero3_params(const std::vector<std::vector<TensorSource>>& ranks
     }
     per_rank.push_back((*numel + ws - 1) / ws);
     partitioned += per_rank.back();
+    if (partitioned > kMaxNumel) {
+      out.problem = fmt::format("the parameters' slices hold {}", kTooLarge);
+      return out;
+    }
   }
   DType dtype = DType::Float32;
   if (!ranks.empty() && !ranks.front().empty()) dtype = ranks.front().front().dtype;
@@ -108,12 +127,16 @@ ZeroUnflattened zero3_params(const std::vector<std::vector<TensorSource>>& ranks
         return out;
       }
     }
-    flats.push_back(flat(ranks[r], dtype));
-    if (flats.back().numel() != partitioned) {
-      out.problem = fmt::format("rank {} holds {} elements, and the parameters' slices of ceil(numel / {}) take {}", r,
-                                flats.back().numel(), world, partitioned);
+    const std::optional<std::uint64_t> held = total_numel(ranks[r]);
+    if (!held || *held != partitioned) {
+      out.problem = held ? fmt::format(
+                               "rank {} holds {} elements, and the parameters' slices of ceil(numel / {}) "
+                               "take {}",
+                               r, *held, world, partitioned)
+                         : fmt::format("rank {}'s flat groups hold {}", r, kTooLarge);
       return out;
     }
+    flats.push_back(flat(ranks[r], dtype, *held));
   }
   const std::uint64_t itemsize = dtype_info(dtype).itemsize;
   std::uint64_t offset = 0;
@@ -144,12 +167,14 @@ ZeroUnflattened zero3_frozen(const std::vector<TensorSource>& fragments, const Z
       return out;
     }
   }
-  TensorSource whole = flat(fragments, dtype);
-  if (whole.numel() < *numel) {
-    out.problem = fmt::format("{} {} needs {} elements, and its fragments hold {}", param.name, shape_text(param.shape),
-                              *numel, whole.numel());
+  const std::optional<std::uint64_t> held = total_numel(fragments);
+  if (!held || *held < *numel) {
+    out.problem = held ? fmt::format("{} {} needs {} elements, and its fragments hold {}", param.name,
+                                     shape_text(param.shape), *numel, *held)
+                       : fmt::format("{}'s fragments hold {}", param.name, kTooLarge);
     return out;
   }
+  TensorSource whole = flat(fragments, dtype, *held);
   out.params.push_back(whole.slice(0, *numel * dtype_info(dtype).itemsize, param.shape));
   return out;
 }

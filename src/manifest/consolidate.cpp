@@ -16,6 +16,10 @@
 
 namespace ckpt {
 
+namespace {
+constexpr std::uint64_t kMaxViewPieces = std::uint64_t{1} << 22;
+}  // namespace
+
 TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file) {
   TensorSource out;
   out.dtype = tensor.dtype;
@@ -42,6 +46,19 @@ TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offse
   const std::uint64_t rows = inner == 0 ? 1 : static_cast<std::uint64_t>(tensor.shape[rows_dim]);
   const std::uint64_t row_source_stride =
       inner == 0 ? 0 : static_cast<std::uint64_t>(tensor.stride[rows_dim]) * itemsize;
+  // One piece per index of the dimensions before: bounded, so that a view
+  // laid out in more runs than any real checkpoint holds (a stride-0 [2^27, 2])
+  // is refused, not planned a piece at a time.
+  std::uint64_t pieces = 1;
+  for (std::size_t d = 0; d < rows_dim; ++d) {
+    pieces *= static_cast<std::uint64_t>(tensor.shape[d]);  // (each extent below numel, itself capped)
+    if (pieces > kMaxViewPieces) {
+      throw Error(Location{"", tensor.path, std::nullopt},
+                  fmt::format("a view of shape {} and strides {} lies in more than {} separate runs of its storage: "
+                              "more than ckpt-tool copies for one tensor",
+                              shape_text(tensor.shape), shape_text(tensor.stride), kMaxViewPieces));
+    }
+  }
   std::vector<std::int64_t> index(rows_dim, 0);
   std::uint64_t logical = 0;
   while (true) {

@@ -15,8 +15,9 @@
 // The state dict is zero_to_fp32's: buffers (as fp32) from the module, frozen
 // parameters from their fragments, trainable parameters from the fp32 masters
 // (layout/zero.hpp), then shared_params as ties; only those byte ranges are read.
-// A BF16_Optimizer's files (no zero_stage; partitions whole, padding kept) read
-// as ZeRO-1, which zero_to_fp32 refuses. Tensor-parallel (mp_rank_01 and up),
+// A BF16_Optimizer's files (no zero_stage; partitions whole, padding kept) are
+// read as ZeRO-1's, where zero_to_fp32 refuses them (the one place this reads
+// more than it). Tensor-parallel (mp_rank_01 and up),
 // pipeline (layer_*) and MoE expert files are refused by the set check.
 #include <fmt/format.h>
 
@@ -26,6 +27,7 @@
 #include <map>
 #include <regex>
 #include <set>
+#include <unordered_map>
 
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/io/units.hpp"
@@ -108,6 +110,13 @@ std::string read_latest(const fs::path& latest) {
 }
 
 // --- Reading the set ------------------------------------------------------
+
+// A value of the pickle for a message: its JSON, invalid UTF-8 replaced, cut at 40 bytes.
+std::string shown(const json& value) {
+  std::string text = value.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (text.size() > 40) text = text.substr(0, 40) + "...";
+  return text;
+}
 
 const json* member(const json& object, std::string_view key) {
   if (!object.is_object()) return nullptr;
@@ -242,6 +251,18 @@ std::string absence(const fs::path& folder, const std::string& name) {
   return there ? "is there but did not read" : "is missing";
 }
 
+// Whether the set's problems already say enough (a partition_count of 10^6
+// with one file would list a million missing ranks): true once there are
+// kMaxListed, after noting that the rest are left out.
+constexpr std::size_t kMaxListed = 8;
+bool enough_listed(DsSet& set, std::string_view what) {
+  if (set.problems.size() < kMaxListed) return false;
+  if (set.problems.size() == kMaxListed) {
+    set.problems.push_back(fmt::format("{}: more missing {} not listed", set.folder.string(), what));
+  }
+  return true;
+}
+
 // What the optimizer files say: stage, world, the files by rank.
 void read_optimizer_files(const std::vector<ManifestFile>& files, const std::vector<std::pair<int, DsName>>& optims,
                           DsSet& set) {
@@ -260,7 +281,7 @@ void read_optimizer_files(const std::vector<ManifestFile>& files, const std::vec
     if (const json* node = member(*state, "zero_stage")) {
       file_stage = zero_stage_of(resolved(*file.objects, *node));
       if (!file_stage || *file_stage < 1 || *file_stage > 3) {
-        set.problems.push_back(fmt::format("{}: zero_stage {} is no ZeRO stage 1, 2 or 3", file.path, node->dump()));
+        set.problems.push_back(fmt::format("{}: zero_stage {} is no ZeRO stage 1, 2 or 3", file.path, shown(*node)));
         continue;
       }
     } else if (member(*state, "single_partition_of_fp32_groups") != nullptr) {
@@ -287,7 +308,7 @@ void read_optimizer_files(const std::vector<ManifestFile>& files, const std::vec
           count == nullptr
               ? fmt::format("{}: no partition_count (the data-parallel world size)", file.path)
               : fmt::format("{}: partition_count {} is no world size (an int, or a list of them, from 1 to {})",
-                            file.path, count->dump().substr(0, 40), kMaxGridSide));
+                            file.path, shown(*count), kMaxGridSide));
       continue;
     }
     if (!stage) {
@@ -320,7 +341,7 @@ void read_optimizer_files(const std::vector<ManifestFile>& files, const std::vec
     }
   }
   for (std::size_t r = 0; r < set.optim.size(); ++r) {
-    if (set.optim[r] < 0) {
+    if (set.optim[r] < 0 && !enough_listed(set, "optimizer files")) {
       const std::string name = fmt::format("zero_pp_rank_{}_mp_rank_00_optim_states.pt", r);
       set.problems.push_back(fmt::format("{}: rank {}'s optimizer file ({}) {}: partition_count is {}",
                                          set.folder.string(), r, name, absence(set.folder, name), set.world));
@@ -335,6 +356,9 @@ void read_model_files(const std::vector<ManifestFile>& files, const std::vector<
     for (const auto& [index, name] : models) {
       if (name.rank) {
         set.problems.push_back(fmt::format("{}: a ZeRO-3 model file in a ZeRO-{} set", files[index].path, set.stage));
+      } else if (!set.model.empty()) {
+        set.problems.push_back(fmt::format("{}: a second model file (beside {})", files[index].path,
+                                           file_name(files[static_cast<std::size_t>(set.model.front())].path)));
       } else {
         set.model.push_back(index);
       }
@@ -358,7 +382,7 @@ void read_model_files(const std::vector<ManifestFile>& files, const std::vector<
       }
     }
     for (std::size_t r = 0; r < set.model.size(); ++r) {
-      if (set.model[r] < 0) {
+      if (set.model[r] < 0 && !enough_listed(set, "model files")) {
         const std::string name = fmt::format("zero_pp_rank_{}_mp_rank_00_model_states.pt", r);
         set.problems.push_back(fmt::format("{}: rank {}'s model file ({}) {}: partition_count is {}",
                                            set.folder.string(), r, name, absence(set.folder, name), set.world));
@@ -439,8 +463,8 @@ void read_model_files(const std::vector<ManifestFile>& files, const std::vector<
     } else if (const json* steps = member(root, "global_steps");
                steps != nullptr && (other_steps == nullptr || *other_steps != *steps)) {
       set.problems.push_back(fmt::format("{}: global_steps {}, {} says {}: files of two saves", other.path,
-                                         other_steps == nullptr ? "missing" : other_steps->dump(),
-                                         file_name(first.path), steps->dump()));
+                                         other_steps == nullptr ? "missing" : shown(*other_steps),
+                                         file_name(first.path), shown(*steps)));
     }
   }
 }
@@ -464,7 +488,40 @@ void check_versions(const std::vector<ManifestFile>& files, DsSet& set) {
   if (set.ds_version.empty()) set.ds_version = first;
 }
 
-// The parameters of the set (trainable, in param_shapes order), or a problem.
+// The trainable parameters, groups merged, in param_shapes order.
+std::vector<ZeroParam> trainable_params(const DsSet& set) {
+  std::vector<ZeroParam> all;
+  for (const std::vector<ZeroParam>& group : set.groups) all.insert(all.end(), group.begin(), group.end());
+  return all;
+}
+
+// Each trainable parameter's bytes (trainable_params' order) from the ranks'
+// flat tensors, ranks[r][g] being rank r's of group g (ZeRO-3: sub-group): the
+// fp32 masters, or an Adam moment over the same partitions.
+ZeroUnflattened unflatten_ranks(const DsSet& set, const std::vector<std::vector<TensorSource>>& ranks) {
+  if (set.stage >= 3) return zero3_params(ranks, trainable_params(set), set.world);
+  ZeroUnflattened out;
+  for (std::size_t r = 0; r < ranks.size(); ++r) {
+    if (ranks[r].size() != set.groups.size()) {
+      out.problem =
+          fmt::format("rank {} holds {} flat groups, and param_shapes has {}", r, ranks[r].size(), set.groups.size());
+      return out;
+    }
+  }
+  for (std::size_t g = 0; g < set.groups.size(); ++g) {
+    std::vector<TensorSource> partitions;
+    for (const std::vector<TensorSource>& rank : ranks) partitions.push_back(rank[g]);
+    ZeroUnflattened made = zero12_group(partitions, set.groups[g], set.world);
+    if (made.problem) {
+      out.problem = fmt::format("param group {}: {}", g, *made.problem);
+      return out;
+    }
+    for (TensorSource& param : made.params) out.params.push_back(std::move(param));
+  }
+  return out;
+}
+
+// The parameters of the set: trainable (in param_shapes order) and frozen.
 struct Unflattened {
   std::vector<NamedTensor> trainable;
   std::vector<NamedTensor> frozen;
@@ -500,37 +557,14 @@ Unflattened unflatten_set(const std::vector<ManifestFile>& files, DsSet& set) {
                       kind);
     }
   };
-  if (set.stage <= 2) {
-    for (std::size_t r = 0; r < ranks.size(); ++r) {
-      if (ranks[r].size() != set.groups.size()) {
-        set.problems.push_back(fmt::format("{}: {} flat groups, and param_shapes has {}",
-                                           files[static_cast<std::size_t>(set.optim[r])].path, ranks[r].size(),
-                                           set.groups.size()));
-        return out;
-      }
-    }
-    for (std::size_t g = 0; g < set.groups.size(); ++g) {
-      std::vector<TensorSource> partitions;
-      for (const std::vector<TensorSource>& rank : ranks) partitions.push_back(rank[g]);
-      ZeroUnflattened made = zero12_group(partitions, set.groups[g], set.world);
-      if (made.problem) {
-        set.problems.push_back(fmt::format("{}: param group {}: {}", set.folder.string(), g, *made.problem));
-        return out;
-      }
-      add(out.trainable, set.groups[g], std::move(made));
-    }
-  } else {
-    std::vector<ZeroParam> merged;
-    for (const std::vector<ZeroParam>& group : set.groups) merged.insert(merged.end(), group.begin(), group.end());
-    ZeroUnflattened made = zero3_params(ranks, merged, set.world);
-    if (made.problem) {
-      set.problems.push_back(fmt::format("{}: {}", set.folder.string(), *made.problem));
-      return out;
-    }
-    add(out.trainable, merged, std::move(made));
+  ZeroUnflattened made = unflatten_ranks(set, ranks);
+  if (made.problem) {
+    set.problems.push_back(fmt::format("{}: {}", set.folder.string(), *made.problem));
+    return out;
   }
-  // Frozen parameters: rank 0's whole 16-bit tensor (ZeRO-2), or every rank's
-  // fragment glued (ZeRO-3).
+  add(out.trainable, trainable_params(set), std::move(made));
+  // Frozen parameters: rank 0's whole 16-bit tensor (ZeRO-2; ZeRO-1 saves
+  // none), or every rank's fragment glued (ZeRO-3).
   for (const ZeroParam& param : set.frozen) {
     std::vector<TensorSource> fragments;
     for (int index : set.model) {
@@ -643,39 +677,45 @@ bool is_moment(const StoredTensor& tensor) {
 }
 
 // zero_to_fp32's `state_dict[alias] = state_dict[source]` for each shared
-// parameter whose source is there: the alias a tie to the source's tensor,
-// where it was when it is a key already (dict assignment keeps the place),
-// else appended. A tie must come after its tensor in an output, so where the
-// alias comes first it takes the tensor and the source becomes the tie.
+// parameter in order, whose source is a key by then: the alias's key (where it
+// was, as dict assignment keeps a key's place; else appended) then names the
+// object the source's key names at that moment. Each object is written once,
+// at the first key naming it; the later keys are ties to that one.
 void tie_shared(std::vector<NamedTensor>& tensors, const std::vector<std::pair<std::string, std::string>>& shared) {
-  auto index_of = [&](const std::string& name) -> std::optional<std::size_t> {
-    for (std::size_t i = 0; i < tensors.size(); ++i) {
-      if (tensors[i].name == name) return i;
-    }
-    return std::nullopt;
-  };
+  std::vector<std::string> keys;
+  std::vector<std::size_t> object_of;  // key i names object object_of[i] (a tensor of `tensors` before)
+  std::unordered_map<std::string, std::size_t> index;
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    keys.push_back(tensors[i].name);
+    object_of.push_back(i);
+    index.emplace(tensors[i].name, i);
+  }
   for (const auto& [alias, source] : shared) {
-    std::optional<std::size_t> root = index_of(std::string(kModelPrefix) + escape_label(source));
-    if (!root) continue;
-    while (tensors[*root].alias_of) root = index_of(*tensors[*root].alias_of);  // (a tie's tensor is always there)
-    const std::string alias_name = std::string(kModelPrefix) + escape_label(alias);
-    const std::string root_name = tensors[*root].name;
-    if (alias_name == root_name) continue;
-    std::optional<std::size_t> at = index_of(alias_name);
-    if (!at) {
-      tensors.emplace_back(alias_name, TensorSource{}, root_name);
-    } else if (*at > *root) {
-      tensors[*at] = NamedTensor(alias_name, TensorSource{}, root_name);
-    } else {  // the alias first: it holds the tensor, and every tie to it follows
-      NamedTensor holder = std::move(tensors[*root]);
-      holder.name = alias_name;
-      tensors[*at] = std::move(holder);
-      for (NamedTensor& tensor : tensors) {
-        if (tensor.alias_of == root_name) tensor.alias_of = alias_name;
-      }
-      tensors[*root] = NamedTensor(root_name, TensorSource{}, alias_name);
+    auto from = index.find(std::string(kModelPrefix) + escape_label(source));
+    if (from == index.end()) continue;
+    const std::size_t object = object_of[from->second];
+    const std::string alias_key = std::string(kModelPrefix) + escape_label(alias);
+    auto [at, added] = index.emplace(alias_key, keys.size());
+    if (added) {
+      keys.push_back(alias_key);
+      object_of.push_back(object);
+    } else {
+      object_of[at->second] = object;
     }
   }
+  std::vector<NamedTensor> out;
+  std::unordered_map<std::size_t, std::string> written;  // object -> the key holding it
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    auto [holder, first] = written.emplace(object_of[i], keys[i]);
+    if (first) {
+      NamedTensor tensor = tensors[object_of[i]];
+      tensor.name = keys[i];
+      out.push_back(std::move(tensor));
+    } else {
+      out.emplace_back(keys[i], TensorSource{}, holder->second);
+    }
+  }
+  tensors = std::move(out);
 }
 
 }  // namespace
@@ -805,7 +845,7 @@ ParameterStates deepspeed_parameter_states(const Manifest& manifest) {
   for (const auto& [name, value] : state0->items()) {
     const StoredTensor* tensor = find_tensor(first, out.entries_from + "/" + escape_label(name));
     if (tensor == nullptr) continue;
-    if (tensor->shape.size() == 1 && tensor->numel() > 1) {
+    if (!tensor->shape.empty()) {  // (a sub-group of one scalar parameter has moments of shape [1])
       names.push_back(name);
     } else {
       out.shared.emplace_back(name, stored_source(files, set.optim.front(), *tensor));
@@ -825,25 +865,12 @@ ParameterStates deepspeed_parameter_states(const Manifest& manifest) {
         ranks.back().push_back(stored_source(files, index, *tensor));
       }
     }
-    std::vector<TensorSource> per_parameter;
-    auto take = [&](ZeroUnflattened made, const std::string& where) {
-      if (made.problem) {
-        throw Error(ErrorKind::IncompleteSet, Location{set.folder.string(), "", std::nullopt},
-                    fmt::format("--optimizer-state: {}{}: {}", name, where, *made.problem));
-      }
-      for (TensorSource& source : made.params) per_parameter.push_back(std::move(source));
-    };
-    if (set.stage <= 2) {
-      for (std::size_t g = 0; g < set.groups.size(); ++g) {
-        std::vector<TensorSource> partitions;
-        for (const std::vector<TensorSource>& rank : ranks) partitions.push_back(rank[g]);
-        take(zero12_group(partitions, set.groups[g], set.world), fmt::format(" of param group {}", g));
-      }
-    } else {
-      std::vector<ZeroParam> merged;
-      for (const std::vector<ZeroParam>& group : set.groups) merged.insert(merged.end(), group.begin(), group.end());
-      take(zero3_params(ranks, merged, set.world), "");
+    ZeroUnflattened made = unflatten_ranks(set, ranks);
+    if (made.problem) {
+      throw Error(ErrorKind::IncompleteSet, Location{set.folder.string(), "", std::nullopt},
+                  fmt::format("--optimizer-state: {}: {}", name, *made.problem));
     }
+    std::vector<TensorSource> per_parameter = std::move(made.params);
     out.tensors.emplace_back(name, std::move(per_parameter));
   }
   // Parameters in order, and the groups that hold them: ZeRO-1/2's torch group g
@@ -854,15 +881,20 @@ ParameterStates deepspeed_parameter_states(const Manifest& manifest) {
     for (const ZeroParam& param : group) out.params.push_back(std::string(kModelPrefix) + escape_label(param.name));
   }
   first_of_group.push_back(out.params.size());
+  std::set<std::size_t> taken;
   for (std::size_t j = 0; j < groups->size(); ++j) {
     out.group_paths.push_back(fmt::format("{}/param_groups/{}", base, j));
     const json* params = member(resolved(*first.objects, (*groups)[j]), "params");
     if (params == nullptr || !params->is_array()) throw fail(first, fmt::format("param_groups[{}] has no params", j));
     std::vector<std::size_t> held;
+
     for (const json& k : *params) {
       if (!k.is_number_integer() || k.get<std::int64_t>() < 0 || k.get<std::size_t>() + 1 >= first_of_group.size()) {
-        throw fail(first, fmt::format("param_groups[{}] lists {}, and there are {} groups", j, k.dump(),
+        throw fail(first, fmt::format("param_groups[{}] lists {}, and there are {} groups", j, shown(k),
                                       first_of_group.size() - 1));
+      }
+      if (!taken.insert(k.get<std::size_t>()).second) {
+        throw fail(first, fmt::format("param_groups[{}] lists {}, which a param group listed already", j, shown(k)));
       }
       for (std::size_t i = first_of_group[k.get<std::size_t>()]; i < first_of_group[k.get<std::size_t>() + 1]; ++i)
         held.push_back(i);

@@ -210,23 +210,47 @@ PlannedFile plan_torch_with_parameter_states(const std::string& path, const std:
   };
   const pickle::NodeId entries = node_at(from, states.entries_from);
   if (!from.is_mapping(entries)) throw fail(states.entries_from, "not a dict");
+  // What is copied as it is (hyperparameters, a step that is a number) holds no
+  // tensor: its storage would name the input's record, not one of the output.
+  auto copied_once = [&](pickle::NodeId node, const std::string& where) {
+    for (pickle::NodeId reached : reachable(from, node)) {
+      if (from[reached].kind == pickle::Kind::PersId) throw fail(where, "holds a tensor, which is not carried yet");
+    }
+    return copy_value(graph, from, node);
+  };
+  // The entries of a parameter's state: its own tensors, a copy of each shared
+  // tensor, and the other values copied once (the parameters' states share them).
+  struct Entry {
+    pickle::NodeId key;
+    std::optional<std::string> name;
+    pickle::NodeId value = pickle::kNoNode;  // a value copied once, or kNoNode for a tensor
+  };
+  std::vector<Entry> layout;
+  for (const auto& [key, value] : from.mapping_entries(entries)) {
+    Entry entry{copy_value(graph, from, key), as_str(from, key)};
+    auto named = [&](const auto& list) {
+      return std::any_of(list.begin(), list.end(), [&](const auto& item) { return entry.name == item.first; });
+    };
+    if (!named(states.tensors) && !named(states.shared)) {
+      entry.value = copied_once(value, states.entries_from + "/" + entry.name.value_or("?"));
+    }
+    layout.push_back(std::move(entry));
+  }
   pickle::NodeId model = builder.add_state_dict(tensors);
   pickle::Node per_parameter;
   per_parameter.kind = pickle::Kind::Dict;
   for (std::size_t i = 0; i < states.params.size(); ++i) {
     pickle::Node one;
     one.kind = pickle::Kind::Dict;
-    for (const auto& [key, value] : from.mapping_entries(entries)) {
-      const std::optional<std::string> name = as_str(from, key);
-      pickle::NodeId copied = pickle::kNoNode;
+    for (const Entry& entry : layout) {
+      pickle::NodeId value = entry.value;
       for (const auto& [state, per] : states.tensors) {
-        if (name == state) copied = builder.add_tensor(NamedTensor(states.params[i], per.at(i)));
+        if (entry.name == state) value = builder.add_tensor(NamedTensor(states.params[i], per.at(i)));
       }
       for (const auto& [state, source] : states.shared) {
-        if (name == state) copied = builder.add_tensor(NamedTensor(states.params[i], source));
+        if (entry.name == state) value = builder.add_tensor(NamedTensor(states.params[i], source));
       }
-      if (copied == pickle::kNoNode) copied = copy_value(graph, from, value);
-      one.entries.emplace_back(copy_value(graph, from, key), copied);
+      one.entries.emplace_back(entry.key, value);
     }
     per_parameter.entries.emplace_back(graph.integer(static_cast<std::int64_t>(i)), graph.add(std::move(one)));
   }
@@ -234,7 +258,7 @@ PlannedFile plan_torch_with_parameter_states(const std::string& path, const std:
   for (std::size_t g = 0; g < states.group_paths.size(); ++g) {
     const pickle::NodeId group = node_at(from, states.group_paths[g]);
     if (!from.is_mapping(group)) throw fail(states.group_paths[g], "not a dict");
-    const pickle::NodeId copy = copy_value(graph, from, group);
+    const pickle::NodeId copy = copied_once(group, states.group_paths[g]);
     std::vector<std::int64_t> params(states.group_params[g].begin(), states.group_params[g].end());
     if (!builder.set_entry(copy, "params", add_int_list(graph, params))) {
       throw fail(states.group_paths[g], "a param group without params");

@@ -312,6 +312,69 @@ def test_what_a_stranger_broke():
     _refused([root], "partition_count 0 is no world size", out)
 
 
+def test_what_a_review_found():
+    """Regressions of a code review (issue 28): sizes that wrap, a param group listed
+    twice, chained shared parameters, a scalar parameter's moments, a second ZeRO-1/2
+    model file, a view in too many runs, a huge partition_count, --tag on both sides."""
+    work = harness.scratch("deepspeed-review")
+    out = os.path.join(work, "out.pt")
+    # four parameters of 2^62 elements: refused by shape, not summed past 2^64
+    root, folder, _ = _write(work, "huge", 3, 1)
+    _edit(os.path.join(folder, "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+          lambda m: m.__setitem__("param_shapes", [{f"p{i}": torch.Size([1 << 62]) for i in range(4)}]))
+    _refused([root], "p0 has the shape [4611686018427387904]", out)
+    # shared_params chained: z = y's tensor, then y = x's (zero_to_fp32 assigns in order)
+    root, folder, _ = _write(work, "chain", 2, 3)
+    _edit(os.path.join(folder, "mp_rank_00_model_states.pt"),
+          lambda m: m.__setitem__("shared_params", {"head.weight": "layers.1.bias", "layers.1.bias": "layers.0.bias"}))
+    harness.run(["stitch", "-q", root, "-o", out])
+    got, want = _load(out), ds.reference_zero_to_fp32(folder)
+    ds.same(got, want)
+    assert got["head.weight"].data_ptr() != got["layers.1.bias"].data_ptr()
+    assert got["layers.1.bias"].data_ptr() == got["layers.0.bias"].data_ptr()
+    os.remove(out)
+    # --optimizer-state: a param group listing a sub-group twice is refused (its parameters would repeat)
+    root, folder, _ = _write(work, "twice", 3, 3)
+    for r in range(3):
+        _edit(os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"),
+              lambda o: o["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"][1].__setitem__(
+                  "params", [1, 0]))
+    _refused([root, "--optimizer-state"], "param_groups[1] lists 0, which a param group listed already", out,
+             code=1)
+    # a scalar parameter alone in its group: its moments are of shape [1] at world 1
+    model = ds.Model(seed=3, frozen=False, shared=False)
+    model.groups[1] = ds.OrderedDict([("logit_scale", torch.tensor(2.5))])
+    root = os.path.join(work, "scalar")
+    folder = ds.write_set(root, model, 3, 1)
+    harness.run(["stitch", "-q", root, "-o", out, "--optimizer-state"])
+    state = _load(out)["last_optimizer_state"]["state"]
+    assert torch.equal(state[2]["exp_avg"], torch.tensor(2.5) * 0.1), state[2]
+    os.remove(out)
+    # a second ZeRO-1/2 model file (mp_rank_000 parses as part 0 too)
+    root, folder, _ = _write(work, "second-model", 2, 3)
+    shutil.copy(os.path.join(folder, "mp_rank_00_model_states.pt"), os.path.join(folder, "mp_rank_000_model_states.pt"))
+    _refused([root], "a second model file", out)
+    # a buffer viewed in more runs than any checkpoint holds: refused, not planned a piece at a time
+    root, folder, _ = _write(work, "runs", 2, 3)
+    _edit(os.path.join(folder, "mp_rank_00_model_states.pt"),
+          lambda m: m["module"].__setitem__("norm.running_mean", torch.zeros(1).as_strided((1 << 27, 2), (0, 0))))
+    _, err = harness.run(["stitch", root, "-o", out], expect=1)
+    assert "module/norm.running_mean: a view of shape [134217728, 2] and strides [0, 0]" in err, err
+    # partition_count of 2^20 with three files: a few missing ranks listed, not a million
+    root, folder, _ = _write(work, "count", 3, 3)
+    for r in range(3):
+        _edit(os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"),
+              lambda o: o["optimizer_state_dict"].__setitem__("partition_count", 1 << 20))
+    text, _ = harness.run(["verify", root], expect=1)
+    assert "more missing" in text and text.count("is missing") < 12, text[-2000:]
+    # --tag applies to every folder given: diff of two runs whose second lacks the step
+    a, b = os.path.join(work, "run-a"), os.path.join(work, "run-b")
+    ds.write_set(a, ds.Model(seed=1), 2, 3, tag="global_step5", step=5)
+    ds.write_set(b, ds.Model(seed=1), 2, 3, tag="global_step6", step=6)
+    _, err = harness.run(["diff", a, b, "--tag", "global_step5"], expect=2)
+    assert "run-b: --tag global_step5: no step folder of that name here" in err, err
+
+
 def _flip(path, offsets):
     with open(path, "r+b") as f:
         for offset in offsets:
@@ -416,5 +479,6 @@ if __name__ == "__main__":
                   test_latest_and_tag_pick_the_step_folder,
                   test_sets_that_are_not_one_complete_save_are_refused_before_writing,
                   test_what_a_stranger_broke,
+                  test_what_a_review_found,
                   test_stitch_reads_only_the_fp32_partitions,
                   test_inspect_verify_diff_and_manifest_read_the_folder])

@@ -32,7 +32,7 @@ struct ZeroParam {
 // The parameters of one rule, or what keeps the partitions from holding them
 // (a phrase naming the numbers: "consumed 1404 of 1400 elements").
 struct ZeroUnflattened {
-  std::vector<TensorSource> params;  // params[i] of shape params_in[i].shape
+  std::vector<TensorSource> params;  // one per parameter given, of its shape
   std::optional<std::string> problem;
 };
 
@@ -52,7 +52,8 @@ ZeroUnflattened zero3_params(const std::vector<std::vector<TensorSource>>& ranks
 // elements) concatenated and cut to the shape's numel.
 ZeroUnflattened zero3_frozen(const std::vector<TensorSource>& fragments, const ZeroParam& param);
 
-// Elements of a shape (1 for a scalar), nullopt when negative or past 2^62.
+// Elements of a shape (1 for a scalar), nullopt when negative or past 2^56
+// (the cap of every sum here too: no byte count made from them wraps).
 std::optional<std::uint64_t> shape_numel(const std::vector<std::int64_t>& shape);
 
 }  // namespace ckpt
