@@ -61,7 +61,9 @@ void add_model_parts_flag(CLI::App& app, std::optional<std::int64_t>& model_part
 void add_tag_flag(CLI::App& app, std::string& tag) {
   app.add_option("--tag", tag,
                  "a DeepSpeed checkpoint: read this step folder (global_step1200) of the folder given, not the one "
-                 "its `latest` names");
+                 "its `latest` names")
+      ->check(
+          [](const std::string& value) { return value.empty() ? std::string("a step folder's name") : std::string(); });
 }
 
 std::vector<std::string> with_tag(std::vector<std::string> inputs, const std::string& tag) {

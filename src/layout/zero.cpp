@@ -122,8 +122,8 @@ ZeroUnflattened zero3_params(const std::vector<std::vector<TensorSource>>& ranks
   for (std::size_t r = 0; r < ranks.size(); ++r) {
     for (const TensorSource& group : ranks[r]) {
       if (group.dtype != dtype) {
-        out.problem = fmt::format("rank {}'s flat groups are {}, rank 0's {}", r, dtype_info(group.dtype).name,
-                                  dtype_info(dtype).name);
+        out.problem = fmt::format("rank {} holds flat groups of {} and of {}: one dtype throughout", r,
+                                  dtype_info(group.dtype).name, dtype_info(dtype).name);
         return out;
       }
     }

@@ -836,32 +836,57 @@ ParameterStates deepspeed_parameter_states(const Manifest& manifest) {
   }
   ParameterStates out;
   out.file = static_cast<std::uint32_t>(set.optim.front());
-  out.entries_from = base + "/state/0";
-  // The state's tensors as long as its flat partition are the parameters'
-  // (exp_avg, exp_avg_sq, max_exp_avg_sq); a scalar tensor (step) is shared.
+  // One state per group (ZeRO-3: sub-group), k, as rank 0 holds it: its tensors
+  // of one or more dimensions are the moments (a sub-group of one scalar
+  // parameter has them of shape [1]), every state holding the same; its scalar
+  // tensors (step) go to each of its parameters.
   std::vector<std::string> names;
-  const json* state0 = member(*states, "0");
-  if (state0 == nullptr || !state0->is_object()) throw fail(first, "no state 0");
-  for (const auto& [name, value] : state0->items()) {
-    const StoredTensor* tensor = find_tensor(first, out.entries_from + "/" + escape_label(name));
-    if (tensor == nullptr) continue;
-    if (!tensor->shape.empty()) {  // (a sub-group of one scalar parameter has moments of shape [1])
-      names.push_back(name);
-    } else {
-      out.shared.emplace_back(name, stored_source(files, set.optim.front(), *tensor));
+  std::set<std::string> first_names;  // state 0's entries
+  for (std::size_t k = 0; k < set.groups.size(); ++k) {
+    out.state_paths.push_back(fmt::format("{}/state/{}", base, k));
+    const json* state = member(*states, std::to_string(k));
+    if (state == nullptr || !state->is_object() || state->contains("$class")) {
+      throw fail(first, fmt::format("state {} is missing or no dict: there is one per param group", k));
+    }
+    out.shared.emplace_back();
+    std::set<std::string> entry_names;
+    for (const auto& [name, value] : state->items()) entry_names.insert(name);
+    if (k == 0) first_names = entry_names;
+    if (entry_names != first_names) {
+      throw fail(first, fmt::format("state {} holds other entries than state 0 (a state per param group, each "
+                                    "with the same)",
+                                    k));
+    }
+    for (const auto& [name, value] : state->items()) {
+      const StoredTensor* tensor = find_tensor(first, out.state_paths[k] + "/" + escape_label(name));
+      if (tensor == nullptr) continue;
+      if (tensor->shape.empty()) {
+        out.shared[k].emplace_back(name, stored_source(files, set.optim.front(), *tensor));
+      } else if (std::find(names.begin(), names.end(), name) == names.end()) {
+        if (k > 0) throw fail(first, fmt::format("state {} holds {}, and state 0 does not", k, name));
+        names.push_back(name);
+      }
     }
   }
   if (names.empty()) throw fail(first, "state 0 holds no tensor over the flat partition (exp_avg)");
-  // ranks[name][r][k]: rank r's flat state `name` of group (or sub-group) k
+  // ranks[r][k]: rank r's flat state `name` of group k. At ZeRO-3 each must be
+  // as long as the rank's fp32 flat group k: the sub-groups' moments are cut
+  // across their boundaries, so a swap of two would go unseen otherwise.
   for (const std::string& name : names) {
     std::vector<std::vector<TensorSource>> ranks;
     for (int index : set.optim) {
       const ManifestFile& file = files[static_cast<std::size_t>(index)];
+      std::vector<std::string> problems;
+      std::optional<std::vector<const StoredTensor*>> weights = flat_groups(file, set.flat_key, problems);
       ranks.emplace_back();
-      for (std::size_t k = 0; k < set.groups.size(); ++k) {  // one flat state per (sub-)group
-        const std::string path = fmt::format("{}/state/{}/{}", base, k, escape_label(name));
+      for (std::size_t k = 0; k < set.groups.size(); ++k) {
+        const std::string path = fmt::format("{}/{}", out.state_paths[k], escape_label(name));
         const StoredTensor* tensor = find_tensor(file, path);
         if (tensor == nullptr || tensor->shape.size() != 1) throw fail(file, path + " is not a 1-D tensor");
+        if (set.stage == 3 && weights && k < weights->size() && tensor->numel() != (*weights)[k]->numel()) {
+          throw fail(file, fmt::format("{} holds {} elements, and {}/{} {}", path, tensor->numel(), set.flat_key, k,
+                                       (*weights)[k]->numel()));
+        }
         ranks.back().push_back(stored_source(files, index, *tensor));
       }
     }
@@ -870,15 +895,17 @@ ParameterStates deepspeed_parameter_states(const Manifest& manifest) {
       throw Error(ErrorKind::IncompleteSet, Location{set.folder.string(), "", std::nullopt},
                   fmt::format("--optimizer-state: {}: {}", name, *made.problem));
     }
-    std::vector<TensorSource> per_parameter = std::move(made.params);
-    out.tensors.emplace_back(name, std::move(per_parameter));
+    out.tensors.emplace_back(name, std::move(made.params));
   }
   // Parameters in order, and the groups that hold them: ZeRO-1/2's torch group g
   // is param group g; ZeRO-3's lists its sub-groups.
   std::vector<std::size_t> first_of_group;  // the first parameter index of each (sub-)group
-  for (const std::vector<ZeroParam>& group : set.groups) {
+  for (std::size_t k = 0; k < set.groups.size(); ++k) {
     first_of_group.push_back(out.params.size());
-    for (const ZeroParam& param : group) out.params.push_back(std::string(kModelPrefix) + escape_label(param.name));
+    for (const ZeroParam& param : set.groups[k]) {
+      out.params.push_back(std::string(kModelPrefix) + escape_label(param.name));
+      out.state_of.push_back(k);
+    }
   }
   first_of_group.push_back(out.params.size());
   std::set<std::size_t> taken;

@@ -208,8 +208,6 @@ PlannedFile plan_torch_with_parameter_states(const std::string& path, const std:
   auto fail = [&](const std::string& where, const std::string& message) {
     return Error(Location{states_file.path(), where, std::nullopt}, "--optimizer-state: " + message);
   };
-  const pickle::NodeId entries = node_at(from, states.entries_from);
-  if (!from.is_mapping(entries)) throw fail(states.entries_from, "not a dict");
   // What is copied as it is (hyperparameters, a step that is a number) holds no
   // tensor: its storage would name the input's record, not one of the output.
   auto copied_once = [&](pickle::NodeId node, const std::string& where) {
@@ -218,36 +216,43 @@ PlannedFile plan_torch_with_parameter_states(const std::string& path, const std:
     }
     return copy_value(graph, from, node);
   };
-  // The entries of a parameter's state: its own tensors, a copy of each shared
-  // tensor, and the other values copied once (the parameters' states share them).
+  // Each state's entries: a parameter's own tensors, a copy of each of the
+  // state's scalar tensors, and the other values copied once (its parameters'
+  // states share them).
   struct Entry {
     pickle::NodeId key;
     std::optional<std::string> name;
     pickle::NodeId value = pickle::kNoNode;  // a value copied once, or kNoNode for a tensor
   };
-  std::vector<Entry> layout;
-  for (const auto& [key, value] : from.mapping_entries(entries)) {
-    Entry entry{copy_value(graph, from, key), as_str(from, key)};
-    auto named = [&](const auto& list) {
-      return std::any_of(list.begin(), list.end(), [&](const auto& item) { return entry.name == item.first; });
-    };
-    if (!named(states.tensors) && !named(states.shared)) {
-      entry.value = copied_once(value, states.entries_from + "/" + entry.name.value_or("?"));
+  std::vector<std::vector<Entry>> layouts;
+  for (std::size_t k = 0; k < states.state_paths.size(); ++k) {
+    const pickle::NodeId entries = node_at(from, states.state_paths[k]);
+    if (!from.is_mapping(entries)) throw fail(states.state_paths[k], "not a dict");
+    layouts.emplace_back();
+    for (const auto& [key, value] : from.mapping_entries(entries)) {
+      Entry entry{copy_value(graph, from, key), as_str(from, key)};
+      auto named = [&](const auto& list) {
+        return std::any_of(list.begin(), list.end(), [&](const auto& item) { return entry.name == item.first; });
+      };
+      if (!named(states.tensors) && !named(states.shared[k])) {
+        entry.value = copied_once(value, states.state_paths[k] + "/" + entry.name.value_or("?"));
+      }
+      layouts.back().push_back(std::move(entry));
     }
-    layout.push_back(std::move(entry));
   }
   pickle::NodeId model = builder.add_state_dict(tensors);
   pickle::Node per_parameter;
   per_parameter.kind = pickle::Kind::Dict;
   for (std::size_t i = 0; i < states.params.size(); ++i) {
+    const std::size_t k = states.state_of[i];
     pickle::Node one;
     one.kind = pickle::Kind::Dict;
-    for (const Entry& entry : layout) {
+    for (const Entry& entry : layouts.at(k)) {
       pickle::NodeId value = entry.value;
       for (const auto& [state, per] : states.tensors) {
         if (entry.name == state) value = builder.add_tensor(NamedTensor(states.params[i], per.at(i)));
       }
-      for (const auto& [state, source] : states.shared) {
+      for (const auto& [state, source] : states.shared[k]) {
         if (entry.name == state) value = builder.add_tensor(NamedTensor(states.params[i], source));
       }
       one.entries.emplace_back(entry.key, value);

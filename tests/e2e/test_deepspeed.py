@@ -138,6 +138,34 @@ def test_optimizer_state_per_parameter_in_torchs_form():
     _, err = harness.run(["stitch", root, "-o", os.path.join(work, "x.pt"), "--optimizer-state", "--filter", "bias"],
                          expect=USAGE)
     assert "--filter does not go with --optimizer-state" in err, err
+    # Each parameter gets its own group's state: a step per group (a second tester's find)
+    for stage in (2, 3):
+        root, folder, model = _write(work, f"steps{stage}", stage, 3)
+        for r in range(3):
+            inner = "base_optimizer_state" if stage == 2 else "optimizer_state_dict"
+            _edit(os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"),
+                  lambda o: o["optimizer_state_dict"][inner]["state"][1].__setitem__("step", torch.tensor(3.0)))
+        out = os.path.join(work, f"steps{stage}.pt")
+        harness.run(["stitch", "-q", root, "-o", out, "--optimizer-state"])
+        state = _load(out)["last_optimizer_state"]["state"]
+        first = len(model.groups[0])
+        assert [float(state[i]["step"]) for i in sorted(state)] == [7.0] * first + [3.0] * (len(state) - first)
+    # ZeRO-3 sub-groups' moments checked each against its flat group (a swap kept the total)
+    root, folder, model = _write(work, "swapped", 3, 3)
+    for r in range(3):
+        def swap(o):
+            state = o["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+            state[0], state[1] = state[1], state[0]
+        _edit(os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"), swap)
+    _refused([root, "--optimizer-state"], "state/0/exp_avg holds 559 elements, and fp32_flat_groups/0 470",
+             os.path.join(work, "swapped.pt"), code=1)
+    # every group's state holds the same entries
+    root, folder, model = _write(work, "entries", 3, 3)
+    for r in range(3):
+        _edit(os.path.join(folder, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"),
+              lambda o: o["optimizer_state_dict"]["optimizer_state_dict"]["state"][0].pop("step"))
+    _refused([root, "--optimizer-state"], "state 1 holds other entries than state 0", os.path.join(work, "e.pt"),
+             code=1)
 
 
 def test_latest_and_tag_pick_the_step_folder():

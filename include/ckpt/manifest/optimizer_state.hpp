@@ -68,18 +68,19 @@ nlohmann::ordered_json optimizer_hyperparameters(const ManifestFile& file);
 
 // Per-parameter optimizer state that a layout reads out of its own form
 // (DeepSpeed's flat partitions), for an output in torch's optimizer form:
-// state i belongs to params[i] and holds, in the order of the entries at
-// `entries_from`, each of `tensors` (exp_avg, ...: the parameter's), a copy of
-// each of `shared` (a tensor every parameter has the same of: step), and the
-// other entries as they are; param group g holds `group_params[g]` and the
-// other entries of the dict at `group_paths[g]`. Object paths are in manifest
-// file `file`.
+// state i belongs to params[i] and is laid out as the dict at
+// state_paths[state_of[i]] (its group's state, in manifest file `file`): its
+// entries in order, each name of `tensors` taking the parameter's own tensor,
+// each scalar tensor of shared[state_of[i]] (step) a copy of it, the other
+// values as they are. Param group g holds group_params[g] and the other
+// entries of the dict at group_paths[g].
 struct ParameterStates {
-  std::vector<std::string> params;  // the parameters' state-dict keys
-  std::vector<std::pair<std::string, std::vector<TensorSource>>> tensors;
-  std::vector<std::pair<std::string, TensorSource>> shared;
+  std::vector<std::string> params;  // the parameters' state-dict names ("model/<escaped key>")
+  std::vector<std::pair<std::string, std::vector<TensorSource>>> tensors;  // "exp_avg" -> one per parameter
   std::uint32_t file = 0;
-  std::string entries_from;
+  std::vector<std::string> state_paths;
+  std::vector<std::vector<std::pair<std::string, TensorSource>>> shared;  // per state
+  std::vector<std::size_t> state_of;                                      // per parameter
   std::vector<std::string> group_paths;
   std::vector<std::vector<std::size_t>> group_params;
 };
