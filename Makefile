@@ -10,7 +10,7 @@ DEMO := $(BUILD)/demo
 PACKAGES := g++ meson ninja-build pkg-config cmake libtorch-dev libboost-dev libzstd-dev \
             nlohmann-json3-dev doctest-dev libfmt-dev libcli11-dev libisal-dev zlib1g-dev \
             python3-torch python3-omegaconf time clang-format libmimalloc-dev \
-            libopenmpi-dev openmpi-bin
+            libopenmpi-dev openmpi-bin pybind11-dev python3-dev
 
 .PHONY: all deps configure build demo test bench sanitize fuzz clean
 

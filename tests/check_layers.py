@@ -25,6 +25,7 @@ import sys
 STAGES = ["io", "format", "layout", "manifest", "plan", "exec", "cli"]
 RANK = {stage: i for i, stage in enumerate(STAGES)}
 RANK["tensor"] = RANK["cli"]
+RANK["python"] = RANK["cli"]  # the Python module's native half (src/python), beside the command line
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 FORMAT_NAMED = {"src/manifest/input_layouts.cpp", "include/ckpt/manifest/manifest.hpp",
                 "include/ckpt/manifest/input_layouts.hpp",

@@ -1,0 +1,122 @@
+"""ckpt_tool: load any checkpoint ckpt-tool reads as torch tensors, without torch.load.
+
+    import ckpt_tool
+    state_dict = ckpt_tool.load("checkpoints/")           # metaseq shards, a torch file,
+                                                          # safetensors, DCP, DeepSpeed, a manifest
+    state_dict = ckpt_tool.load(paths, filter=r"layers\\.0\\.", dtype=torch.bfloat16)
+
+No pickle is executed. A tensor whose bytes lie contiguous in one file, in its own
+dtype, is a view of the mapped file (read-only: copy it to change it); one glued from
+shards, cut from flat partitions or converted is read into a new tensor. Errors raise
+ckpt_tool.Error (UsageError, BadInputError, IncompleteSetError, CorruptDataError,
+IoError, NoSpaceError) with the line ckpt-tool prints.
+"""
+import collections.abc
+import json
+import os
+import re
+import warnings
+
+import torch
+
+from ._ckpt_tool import (BadInputError, CorruptDataError, Error, IncompleteSetError, IoError, NoSpaceError,
+                         Reader, UsageError)
+
+__all__ = ["load", "open", "Error", "UsageError", "BadInputError", "IncompleteSetError", "CorruptDataError", "IoError",
+           "NoSpaceError"]
+
+_DTYPES = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool, "complex64": torch.complex64, "complex128": torch.complex128,
+}
+
+
+def _numel(shape):
+    n = 1
+    for extent in shape:
+        n *= extent
+    return n
+
+
+def _tensor(reader, i, dtype_name, shape, mmap):
+    dtype = _DTYPES[dtype_name]
+    numel = _numel(shape)
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    view = reader.view(i) if mmap else None
+    if view is not None:
+        with warnings.catch_warnings():  # (the mapping is read-only: torch warns that it is not writable)
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(view, dtype=dtype, count=numel).view(shape)
+    data = bytearray(numel * torch.empty((), dtype=dtype).element_size())
+    reader.read_into(i, data)
+    return torch.frombuffer(data, dtype=dtype, count=numel).view(shape)
+
+
+class StateDict(collections.abc.Mapping):
+    """An input set's state dict read on access (ckpt_tool.open): keys and shapes
+    come from the files' metadata; a tensor's bytes are read (or mapped) when it is
+    looked up, once."""
+
+    def __init__(self, paths, dtype=None, mmap=True):
+        self._reader = Reader(paths)
+        self._entries = self._reader.entries()
+        self._index = {key: i for i, (key, _, _, _) in enumerate(self._entries)}
+        self._dtype, self._mmap, self._made = dtype, mmap, {}
+
+    def _at(self, i):
+        if i not in self._made:
+            key, dtype_name, shape, tied = self._entries[i]
+            if tied is not None:
+                self._made[i] = self._at(self._index[tied])
+            else:
+                t = _tensor(self._reader, i, dtype_name, shape, self._mmap)
+                if self._dtype is not None and t.is_floating_point() and t.dtype != self._dtype:
+                    t = t.to(self._dtype)
+                self._made[i] = t
+        return self._made[i]
+
+    def __getitem__(self, key):
+        return self._at(self._index[key])
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self):
+        return len(self._index)
+
+    def shape(self, key):
+        """The shape of `key`'s tensor, without reading it."""
+        return torch.Size(self._entries[self._index[key]][2])
+
+    def dtype(self, key):
+        return _DTYPES[self._entries[self._index[key]][1]]
+
+    def metadata(self):
+        """The first file's objects (cfg, hyperparameters, ...), tensors as {"$tensor": i}."""
+        return json.loads(self._reader.objects_json())
+
+
+def _paths(path_or_paths):
+    if isinstance(path_or_paths, (str, bytes, os.PathLike)):
+        return [os.fsdecode(path_or_paths)]
+    return [os.fsdecode(p) for p in path_or_paths]
+
+
+def open(path_or_paths, *, dtype=None, mmap=True):  # noqa: A001 (as the module's own name for it)
+    """The input set's state dict as a Mapping whose tensors are read on access."""
+    return StateDict(_paths(path_or_paths), dtype=dtype, mmap=mmap)
+
+
+def load(path_or_paths, *, filter=None, dtype=None, mmap=True):
+    """The state dict of the input set (a path, or a list of paths: files, folders,
+    globs, a manifest) as ckpt-tool's stitch reads it: {key: tensor} in the state
+    dict's order, a tie one tensor under both keys.
+
+    filter: a regular expression (re.search on the key): only the matching tensors
+        are read. dtype: convert floating tensors to it. mmap: False copies every
+        tensor into memory of its own."""
+    pattern = re.compile(filter) if isinstance(filter, str) else filter
+    state = StateDict(_paths(path_or_paths), dtype=dtype, mmap=mmap)
+    return {key: state[key] for key in state if pattern is None or pattern.search(key)}
