@@ -25,7 +25,7 @@ deps:
 	fi
 
 $(BUILD)/build.ninja:
-	meson setup $(BUILD) --buildtype=release -Dwerror=true
+	meson setup $(BUILD) --buildtype=release -Dwerror=true -Dpython=enabled
 
 configure: deps $(BUILD)/build.ninja
 

@@ -18,7 +18,7 @@ struct MappedFile::Region {
   bip::mapped_region region;
 };
 
-MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
+MappedFile::MappedFile(std::string path, Access access) : path_(std::move(path)), access_(access) {
   const Location where{path_, "", std::nullopt};
   // O_NONBLOCK: opening a FIFO would otherwise wait for a writer; only regular
   // files pass the check below, for which the flag means nothing.
@@ -44,7 +44,8 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
   auto nbytes = static_cast<std::uint64_t>(info.st_size);
   try {
     bip::file_mapping mapping(path_.c_str(), bip::read_only);  // its descriptor closes here; the mapping stays
-    region_ = std::make_unique<Region>(Region{bip::mapped_region(mapping, bip::read_only, 0, nbytes)});
+    const bip::mode_t mode = access == Access::CopyOnWrite ? bip::copy_on_write : bip::read_only;
+    region_ = std::make_unique<Region>(Region{bip::mapped_region(mapping, mode, 0, nbytes)});
   } catch (const bip::interprocess_exception& e) {
     fail(ErrorKind::Io, std::string("cannot map: ") + e.what());
   }
@@ -55,6 +56,11 @@ MappedFile::MappedFile(std::string path) : path_(std::move(path)) {
     fail(ErrorKind::Io, "replaced or truncated by another process while being opened");
   }
   bytes_ = Bytes(static_cast<const std::byte*>(region_->region.get_address()), nbytes);
+}
+
+std::byte* MappedFile::copy_on_write_data() const {
+  check_invariant(access_ == Access::CopyOnWrite, "a writable pointer into a read-only mapping");
+  return region_ ? static_cast<std::byte*>(region_->region.get_address()) : nullptr;
 }
 
 void MappedFile::drop_resident_pages() const {

@@ -2,10 +2,12 @@
 // ckpt_tool/__init__.py, makes torch tensors). It links no LibTorch and no
 // torch ABI: it reads any input set ckpt-tool reads as one state dict (the
 // layouts' state_dict, the same checks as stitch) and hands out each tensor's
-// bytes either as a read-only buffer over the mapped file (a tensor that lies
-// contiguous in one file, in its own dtype: zero copy) or by filling a buffer
-// the caller made (a tensor glued from shards, cut from partitions or
-// converted), through the executor's one reader of pieces.
+// bytes either as a buffer over the mapped file (a tensor that lies contiguous
+// in one file, in its own dtype: zero copy; mapped copy-on-write, so that a
+// tensor changed in place, as an optimizer step does, changes a page of the
+// process's own, never the file, where a read-only page would fault) or by
+// filling a buffer the caller made (a tensor glued from shards, cut from
+// partitions or converted), through the executor's one reader of pieces.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -34,16 +36,17 @@ namespace ckpt::python {
 
 namespace {
 
-// The state dict's key of a tensor the layouts name: "model/<escaped key>"
-// (a training set's model, every state-dict layout), or one plain file's
-// object path, its labels joined by '.' as torch's flatten_state_dict joins them.
+// The state dict's key of a tensor the layouts name, "model/<escaped key>" (a
+// training set's model, every state-dict layout) or one plain file's object
+// path: the labels after "model/", or all of them, joined by '.' as torch's
+// flatten_state_dict joins them ({"model": {"a": {"b": t}}} gives "a.b").
 std::string key_of(const std::string& name) {
-  if (name.starts_with(kModelPrefix)) return unescape_label(std::string_view(name).substr(kModelPrefix.size()));
+  const std::size_t first = name.starts_with(kModelPrefix) ? kModelPrefix.size() : 0;
   std::string key;
-  std::size_t start = 0;
+  std::size_t start = first;
   while (start <= name.size()) {
     const std::size_t slash = std::min(name.find('/', start), name.size());
-    if (!key.empty()) key += '.';
+    if (start != first) key += '.';
     key += unescape_label(std::string_view(name).substr(start, slash - start));
     start = slash + 1;
   }
@@ -53,6 +56,8 @@ std::string key_of(const std::string& name) {
 // An input set read as one state dict, its files mapped.
 struct Loaded {
   std::unique_ptr<PlanInputs> inputs;
+  // The files' copy-on-write mappings, made on a view's first need (under the GIL).
+  std::vector<std::unique_ptr<MappedFile>> writable;
   std::vector<NamedTensor> tensors;  // named by key_of
   std::vector<std::string> names;    // the layouts' names, for messages
 };
@@ -96,10 +101,10 @@ std::shared_ptr<Loaded> load(const std::vector<std::string>& paths) {
   return out;
 }
 
-// Read-only bytes of a mapped file, kept mapped while Python holds them.
+// Bytes of a copy-on-write mapping, kept mapped while Python holds them.
 struct MappedRange {
   std::shared_ptr<const Loaded> owner;
-  const std::byte* data;
+  std::byte* data;
   std::size_t size;
 };
 
@@ -127,8 +132,7 @@ class Reader {
         pieces[0].nbytes != tensor.source.nbytes()) {
       return std::nullopt;
     }
-    const MappedFile& file = *loaded_->inputs->files().at(pieces[0].source);
-    return MappedRange{loaded_, file.bytes().data() + pieces[0].source_offset, pieces[0].nbytes};
+    return MappedRange{loaded_, writable(pieces[0].source) + pieces[0].source_offset, pieces[0].nbytes};
   }
 
   // Tensor i's bytes, in its written dtype, into `out` (a writable buffer of
@@ -154,6 +158,24 @@ class Reader {
 
   std::size_t size() const { return loaded_->tensors.size(); }
 
+  // File `index` mapped copy-on-write: the same file as read (size, mtime and
+  // identity), or an Error naming it.
+  std::byte* writable(std::uint32_t index) const {
+    auto& slots = loaded_->writable;
+    if (slots.empty()) slots.resize(loaded_->inputs->files().size());
+    std::unique_ptr<MappedFile>& slot = slots.at(index);
+    if (!slot) {
+      const MappedFile& read = *loaded_->inputs->files().at(index);
+      auto mapped = std::make_unique<MappedFile>(read.path(), MappedFile::Access::CopyOnWrite);
+      if (mapped->device() != read.device() || mapped->inode() != read.inode() || mapped->size() != read.size() ||
+          mapped->mtime_ns() != read.mtime_ns()) {
+        throw Error(ErrorKind::Io, Location{read.path(), "", std::nullopt}, "changed since it was read");
+      }
+      slot = std::move(mapped);
+    }
+    return slot->copy_on_write_data();
+  }
+
   // The object tree of the set's first file (its cfg, its optimizer's
   // hyperparameters: everything but tensor bytes) as JSON text, tensors as
   // {"$tensor": i}, classes as {"$class": name}.
@@ -168,7 +190,7 @@ class Reader {
     if (i >= loaded_->tensors.size()) throw py::index_error("no tensor " + std::to_string(i));
     return loaded_->tensors[i];
   }
-  std::shared_ptr<const Loaded> loaded_;
+  std::shared_ptr<Loaded> loaded_;
 };
 
 }  // namespace
@@ -201,8 +223,8 @@ PYBIND11_MODULE(_ckpt_tool, m) {
     }
   });
   py::class_<MappedRange>(m, "MappedRange", py::buffer_protocol()).def_buffer([](MappedRange& range) {
-    return py::buffer_info(const_cast<std::byte*>(range.data), 1, py::format_descriptor<std::uint8_t>::format(), 1,
-                           {static_cast<py::ssize_t>(range.size)}, {py::ssize_t{1}}, /*readonly=*/true);
+    return py::buffer_info(range.data, 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                           {static_cast<py::ssize_t>(range.size)}, {py::ssize_t{1}}, /*readonly=*/false);
   });
   py::class_<Reader>(m, "Reader")
       .def(py::init<const std::vector<std::string>&>(), py::arg("paths"))

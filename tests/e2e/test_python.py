@@ -60,6 +60,14 @@ def test_a_tensor_whole_in_one_file_is_a_view_of_the_mapping():
     torch.save({"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, dtype=torch.bfloat16)}, path)
     loaded = ckpt_tool.load(path)
     assert torch.equal(loaded["w"], torch.arange(1000, dtype=torch.float32))
+    # A change in place (an optimizer step) is the process's own: no fault, the file unchanged.
+    before = open(path, "rb").read()
+    loaded["b"].add_(1)
+    loaded["w"][0] = 42.0
+    assert loaded["w"][0].item() == 42.0 and loaded["b"].tolist() == [2.0, 2.0, 2.0]
+    assert open(path, "rb").read() == before
+    assert ckpt_tool.load(path)["w"][0].item() == 0.0
+    loaded = ckpt_tool.load(path)
     # The bytes are the file's pages: a change to the file shows through (no copy was made).
     with open(path, "r+b") as f:
         data = f.read()
@@ -125,8 +133,33 @@ def test_errors_raise_their_class_with_the_line_ckpt_tool_prints():
             raise AssertionError(f"{path}: no {kind.__name__}")
 
 
+def test_arguments_of_the_wrong_kind():
+    if not _built():
+        return
+    work = harness.scratch("python-arguments")
+    path = os.path.join(work, "x.pt")
+    torch.save({"w": torch.ones(2)}, path)
+    for call, kind in ((lambda: ckpt_tool.load(""), ValueError), (lambda: ckpt_tool.load([]), ValueError),
+                       (lambda: ckpt_tool.load(5), TypeError), (lambda: ckpt_tool.load([path, 5]), TypeError),
+                       (lambda: ckpt_tool.load(path, dtype="float16"), TypeError),
+                       (lambda: ckpt_tool.load(path, dtype=torch.int64), TypeError),
+                       (lambda: ckpt_tool.load(path, filter=5), TypeError),
+                       (lambda: ckpt_tool.load(path, filter="("), ValueError)):
+        try:
+            call()
+        except kind:
+            continue
+        raise AssertionError(f"no {kind.__name__}")
+    # a file name that is no UTF-8 reaches the reader as it is
+    odd = os.path.join(os.fsencode(work), b"\xff.pt")
+    shutil.copy(path, odd)
+    assert torch.equal(ckpt_tool.load(odd)["w"], torch.ones(2))
+    assert list(ckpt_tool.load(path, filter=__import__("re").compile("w"))) == ["w"]
+
+
 if __name__ == "__main__":
     harness.main([test_load_equals_the_stitched_file_for_every_fixture,
                   test_a_tensor_whole_in_one_file_is_a_view_of_the_mapping,
                   test_deepspeed_safetensors_and_filter,
-                  test_errors_raise_their_class_with_the_line_ckpt_tool_prints])
+                  test_errors_raise_their_class_with_the_line_ckpt_tool_prints,
+                  test_arguments_of_the_wrong_kind])

@@ -25,14 +25,21 @@ namespace ckpt {
 
 class MappedFile {
  public:
+  // ReadOnly: the pages are the page cache's, and a write to them faults.
+  // CopyOnWrite (the Python module's tensors, which their users may change in
+  // place): a page written becomes the process's own; the file never changes.
+  enum class Access : std::uint8_t { ReadOnly, CopyOnWrite };
   // Throws Error naming `path` when it cannot be opened or mapped.
-  explicit MappedFile(std::string path);
+  explicit MappedFile(std::string path, Access access = Access::ReadOnly);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
 
   const std::string& path() const { return path_; }
   Bytes bytes() const { return bytes_; }
+  // The mapping's first byte, writable: a CopyOnWrite mapping's only (an
+  // InternalError otherwise); null for an empty file.
+  std::byte* copy_on_write_data() const;
   std::uint64_t size() const { return bytes_.size(); }
   std::int64_t mtime_ns() const { return mtime_ns_; }
   // The inode's change time: it moves with every write, whatever the mtime is set back to.
@@ -59,6 +66,7 @@ class MappedFile {
   std::int64_t ctime_ns_ = 0;
   std::uint64_t device_ = 0;
   std::uint64_t inode_ = 0;
+  Access access_ = Access::ReadOnly;
   int fd_ = -1;
 };
 

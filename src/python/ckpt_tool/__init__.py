@@ -6,16 +6,20 @@
     state_dict = ckpt_tool.load(paths, filter=r"layers\\.0\\.", dtype=torch.bfloat16)
 
 No pickle is executed. A tensor whose bytes lie contiguous in one file, in its own
-dtype, is a view of the mapped file (read-only: copy it to change it); one glued from
-shards, cut from flat partitions or converted is read into a new tensor. Errors raise
-ckpt_tool.Error (UsageError, BadInputError, IncompleteSetError, CorruptDataError,
-IoError, NoSpaceError) with the line ckpt-tool prints.
+dtype, is a view of the mapped file: its pages are read when used, and a change made
+to it in place (an optimizer step) goes to memory of the process's own, never to the
+file. Like torch.load(mmap=True), such a tensor reads the file as it is now: do not
+rewrite or truncate a file whose tensors are in use (a truncated file's pages fault
+with SIGBUS), or load with mmap=False. A tensor glued from shards, cut from flat
+partitions or converted is read into a new tensor. Errors raise ckpt_tool.Error
+(UsageError, BadInputError, IncompleteSetError, CorruptDataError, IoError,
+NoSpaceError) with the line ckpt-tool prints; arguments of the wrong kind raise
+TypeError or ValueError.
 """
 import collections.abc
 import json
 import os
 import re
-import warnings
 
 import torch
 
@@ -45,10 +49,8 @@ def _tensor(reader, i, dtype_name, shape, mmap):
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     view = reader.view(i) if mmap else None
-    if view is not None:
-        with warnings.catch_warnings():  # (the mapping is read-only: torch warns that it is not writable)
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(view, dtype=dtype, count=numel).view(shape)
+    if view is not None:  # (a copy-on-write mapping: writable, the file never written)
+        return torch.frombuffer(view, dtype=dtype, count=numel).view(shape)
     data = bytearray(numel * torch.empty((), dtype=dtype).element_size())
     reader.read_into(i, data)
     return torch.frombuffer(data, dtype=dtype, count=numel).view(shape)
@@ -99,14 +101,44 @@ class StateDict(collections.abc.Mapping):
 
 
 def _paths(path_or_paths):
-    if isinstance(path_or_paths, (str, bytes, os.PathLike)):
-        return [os.fsdecode(path_or_paths)]
-    return [os.fsdecode(p) for p in path_or_paths]
+    """The paths as bytes (any file name, UTF-8 or not, reaches the reader as it is)."""
+    one = (str, bytes, os.PathLike)
+    if isinstance(path_or_paths, one):
+        paths = [path_or_paths]
+    else:
+        try:
+            paths = list(path_or_paths)
+        except TypeError:
+            raise TypeError(f"a path or a list of paths, not {type(path_or_paths).__name__}") from None
+        for path in paths:
+            if not isinstance(path, one):
+                raise TypeError(f"a path is a str, bytes or os.PathLike, not {type(path).__name__}")
+    encoded = [os.fsencode(path) for path in paths]
+    if not encoded or any(not path for path in encoded):
+        raise ValueError("no path given" if not encoded else "an empty path")
+    return encoded
+
+
+def _checked_dtype(dtype):
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype converts floating tensors: a floating torch.dtype (torch.bfloat16, ...), not {dtype!r}")
+    return dtype
+
+
+def _pattern(filter):
+    if filter is None or hasattr(filter, "search"):
+        return filter
+    if not isinstance(filter, str):
+        raise TypeError(f"filter is a regular expression (str or re.Pattern), not {type(filter).__name__}")
+    try:
+        return re.compile(filter)
+    except re.error as e:
+        raise ValueError(f"filter {filter!r}: {e}") from None
 
 
 def open(path_or_paths, *, dtype=None, mmap=True):  # noqa: A001 (as the module's own name for it)
     """The input set's state dict as a Mapping whose tensors are read on access."""
-    return StateDict(_paths(path_or_paths), dtype=dtype, mmap=mmap)
+    return StateDict(_paths(path_or_paths), dtype=_checked_dtype(dtype), mmap=bool(mmap))
 
 
 def load(path_or_paths, *, filter=None, dtype=None, mmap=True):
@@ -117,6 +149,6 @@ def load(path_or_paths, *, filter=None, dtype=None, mmap=True):
     filter: a regular expression (re.search on the key): only the matching tensors
         are read. dtype: convert floating tensors to it. mmap: False copies every
         tensor into memory of its own."""
-    pattern = re.compile(filter) if isinstance(filter, str) else filter
-    state = StateDict(_paths(path_or_paths), dtype=dtype, mmap=mmap)
+    pattern = _pattern(filter)
+    state = StateDict(_paths(path_or_paths), dtype=_checked_dtype(dtype), mmap=bool(mmap))
     return {key: state[key] for key in state if pattern is None or pattern.search(key)}
