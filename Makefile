@@ -53,17 +53,20 @@ test: build
 # 200,000 tensors (BENCH_TENSORS=none skips it), and a 1 GiB DCP directory to each output
 # (BENCH_DCP=none skips it), and one job over 1, 2 and 4 MPI ranks: the 992-shard grid
 # to 8 x 64 and a 4 GiB stitch (BENCH_MPI=none skips it), and a DeepSpeed ZeRO-3 checkpoint
-# of 1 GiB of fp32 weights, 3 GiB with Adam's moments (BENCH_DEEPSPEED=none skips it);
-# writes bench/RESULTS.md.
+# of 1 GiB of fp32 weights, 3 GiB with Adam's moments (BENCH_DEEPSPEED=none skips it),
+# and the Python module's load of a 1 GiB file beside torch.load (BENCH_PYTHON_LOAD=none
+# skips it); writes bench/RESULTS.md.
 BENCH_SIZES ?= 0.25,1,4,16
 BENCH_GRIDS ?= 8x16,8x124
 BENCH_TENSORS ?= 200000
 BENCH_DCP ?= 1
 BENCH_MPI ?= 4
 BENCH_DEEPSPEED ?= 1
+BENCH_PYTHON_LOAD ?= 1
 bench: build
 	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES) --grids $(BENCH_GRIDS) --tensors $(BENCH_TENSORS) --dcp $(BENCH_DCP) \
-	  --mpi $(BENCH_MPI) --deepspeed $(BENCH_DEEPSPEED)
+	  --mpi $(BENCH_MPI) --deepspeed $(BENCH_DEEPSPEED) \
+	  --python-load $(BENCH_PYTHON_LOAD)
 
 # The suite under AddressSanitizer and UndefinedBehaviorSanitizer (5 to 10 times slower:
 # four times the timeouts).

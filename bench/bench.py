@@ -201,6 +201,9 @@ def main():
     parser.add_argument("--deepspeed", default="1",
                         help="GiB of fp32 weights of the DeepSpeed ZeRO-3 world-4 checkpoint (3x that on disk with "
                              "Adam's moments), or 'none' (default 1)")
+    parser.add_argument("--python-load", default="1",
+                        help="GiB of the consolidated torch file ckpt_tool.load reads beside torch.load, or 'none' "
+                             "(default 1; needs the Python module, build/src/python)")
     parser.add_argument("--grid-repeats", type=int, default=3,
                         help=f"runs per step of the grids and of the many-tensors file, once when the first takes "
                              f"over {ONE_RUN_OVER_SECONDS} s (default 3)")
@@ -219,11 +222,12 @@ def main():
     dcp_rows = [] if args.dcp == "none" else measure_dcp(args, tool)
     mpi_rows = [] if args.mpi == "none" or not shutil.which("mpirun") else measure_mpi(args, tool)
     ds_rows = [] if args.deepspeed == "none" else measure_deepspeed(args, tool)
+    load_rows = [] if args.python_load == "none" else measure_python_load(args, tool)
     rows = []
     for size in sizes:
         rows += measure_size(args, tool, size)
-    write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, args, time.perf_counter() - started,
-                  load_at_start)
+    write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, load_rows, args,
+                  time.perf_counter() - started, load_at_start)
 
 
 def measure_size(args, tool, size):
@@ -521,6 +525,57 @@ def measure_deepspeed(args, tool):
     return rows
 
 
+# Each reads a torch file's state dict and then every byte of it (the largest byte of
+# each tensor), so that a mapping's pages are read as torch.load reads them.
+LOAD_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+how, path = sys.argv[3], sys.argv[1]
+if how == "torch":
+    sd = torch.load(path)["model"]
+else:
+    import ckpt_tool
+    sd = ckpt_tool.load(path)
+if len(sys.argv) > 4:
+    top = max(int(t.reshape(-1).view(torch.uint8).max()) for t in sd.values() if t.numel())
+"""
+
+
+def measure_python_load(args, tool):
+    """ckpt_tool.load of a consolidated torch file beside torch.load of it (torch 1.13
+    has no mmap=True), each alone and then reading every byte of the state dict."""
+    size = float(args.python_load)
+    python_path = os.path.join(ROOT, "build", "src", "python")
+    if not os.path.isdir(os.path.join(python_path, "ckpt_tool")):
+        print("== Python load: no module in build/src/python (configure with -Dpython=enabled): skipped")
+        return []
+    work = os.path.join(args.work, f"load-{size:g}")
+    shutil.rmtree(work, ignore_errors=True)
+    shards = os.path.join(work, "shards")
+    params = int(size * GIB / 2)  # fp16
+    run_timed([tool, "synth", "-o", shards, "--params", str(params), "--mp", "1", "--dp", "2", "-q"])
+    path = os.path.join(work, "consolidated.pt")
+    run_timed([tool, "stitch", "-q", shards, "-o", path])
+    shutil.rmtree(shards)
+    nbytes = os.path.getsize(path)
+    print(f"== Python load: one consolidated torch file of {nbytes / GIB:.2f} GiB", flush=True)
+    steps = [Step(name, [PYTHON, "-c", LOAD_SCRIPT, path, python_path, how] + extra)
+             for name, how, extra in (("ckpt_tool.load", "ckpt", []), ("torch.load", "torch", []),
+                                      ("ckpt_tool.load + read every byte", "ckpt", ["all"]),
+                                      ("torch.load + read every byte", "torch", ["all"]))]
+    rows = []
+    for step in steps:
+        row = time_step(step, args.grid_repeats, inputs=work)
+        rows.append(row)
+        print(f"  {step.name:<44} median {row['seconds']:8.2f} s  worst {row['worst']:8.2f} s  "
+              f"peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
+    for mine, theirs in ((rows[0], rows[1]), (rows[2], rows[3])):
+        mine["torch_ratio"] = theirs["seconds"] / mine["seconds"]
+        mine["torch_rss_ratio"] = theirs["rss"] / mine["rss"]
+    shutil.rmtree(work)
+    return rows
+
+
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe"]
 RANK_LINE = re.compile(r"stats: rank (\d+) of \d+: ([\d.]+ \w+) written \((\d+) whole file\(s\), (\d+) part\(s\) "
                        r"of shared files\) in ([\d.]+) s, peak RSS ([\d.]+ \w+)")
@@ -603,7 +658,8 @@ def kept_section(path, heading):
     return "\n" + text[at + 1:] if at >= 0 else ""
 
 
-def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, args, total_seconds, load_at_start):
+def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, load_rows, args, total_seconds,
+                  load_at_start):
     by = {(r["size"], r["step"]): r for r in rows}
     sizes = sorted({r["size"] for r in rows})
     lines = ["# ckpt-tool benchmark", "",
@@ -717,6 +773,17 @@ def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, arg
                       if "cp_ratio" in r else " | | ")
             lines.append(f"| {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
                          f"{r['rss'] / (1 << 20):.0f} | {ratios} | {r.get('read', '')} |")
+    if load_rows:
+        lines += ["", f"Python: `ckpt_tool.load` of one consolidated torch file of {args.python_load} GiB (fp16, "
+                  "`ckpt-tool synth` then `stitch`) beside `torch.load` of it, each in a fresh `/usr/bin/python3` "
+                  "(the interpreter and torch's import included), alone and then reading every byte of the state "
+                  f"dict. Median and worst of {args.grid_repeats} runs, the file read and `sync` before each.", "",
+                  "| step | median s | worst s | runs | peak RSS MiB | torch / this, time | torch / this, RSS |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in load_rows:
+            ratios = f"{r['torch_ratio']:.2f} | {r['torch_rss_ratio']:.2f}" if "torch_ratio" in r else " | "
+            lines.append(f"| {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
+                         f"{r['rss'] / (1 << 20):.0f} | {ratios} |")
     text = "\n".join(lines) + "\n" + kept_section(args.results, MEASURED_WHILE_DESIGNING)
     open(args.results, "w").write(text)
     print("\n" + text)
