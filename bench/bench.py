@@ -421,15 +421,21 @@ torch.save(dcp_sets.nested_state_dict(dcp_sets.reference_state_dict(sys.argv[1])
 """
 
 
-def between_copy_and_python(steps, args, inputs):
-    """Times `steps` (a copy first, Python's way last, ckpt-tool's between); each
-    ckpt-tool row gets its time over the copy's and Python's time and peak RSS over its own."""
+def timed_steps(steps, args, inputs):
+    """Each step timed (time_step, --grid-repeats runs) and printed as it ends."""
     rows = []
     for step in steps:
         row = time_step(step, args.grid_repeats, inputs=inputs)
         rows.append(row)
         print(f"  {step.name:<44} median {row['seconds']:8.2f} s  worst {row['worst']:8.2f} s  "
               f"peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
+    return rows
+
+
+def between_copy_and_python(steps, args, inputs):
+    """Times `steps` (a copy first, Python's way last, ckpt-tool's between); each
+    ckpt-tool row gets its time over the copy's and Python's time and peak RSS over its own."""
+    rows = timed_steps(steps, args, inputs)
     cp_row, torch_row = rows[0], rows[-1]
     for row in rows[1:-1]:
         row["cp_ratio"] = row["seconds"] / cp_row["seconds"]
@@ -563,12 +569,7 @@ def measure_python_load(args, tool):
              for name, how, extra in (("ckpt_tool.load", "ckpt", []), ("torch.load", "torch", []),
                                       ("ckpt_tool.load + read every byte", "ckpt", ["all"]),
                                       ("torch.load + read every byte", "torch", ["all"]))]
-    rows = []
-    for step in steps:
-        row = time_step(step, args.grid_repeats, inputs=work)
-        rows.append(row)
-        print(f"  {step.name:<44} median {row['seconds']:8.2f} s  worst {row['worst']:8.2f} s  "
-              f"peak RSS {row['rss'] / (1 << 20):6.0f} MiB", flush=True)
+    rows = timed_steps(steps, args, work)
     for mine, theirs in ((rows[0], rows[1]), (rows[2], rows[3])):
         mine["torch_ratio"] = theirs["seconds"] / mine["seconds"]
         mine["torch_rss_ratio"] = theirs["rss"] / mine["rss"]
@@ -658,6 +659,14 @@ def kept_section(path, heading):
     return "\n" + text[at + 1:] if at >= 0 else ""
 
 
+def timed_row(r, ratios, extra=()):
+    """A table line of a timed step: step, median, worst, runs, peak RSS, then its
+    `ratios` (blank where the row has none: the copy and Python's rows) and `extra` cells."""
+    cells = [r["step"], f"{r['seconds']:.2f}", f"{r['worst']:.2f}", str(len(r["runs"])), f"{r['rss'] / (1 << 20):.0f}"]
+    cells += [f"{r[name]:.2f}" if name in r else "" for name in ratios] + list(extra)
+    return "| " + " | ".join(cells) + " |"
+
+
 def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, load_rows, args, total_seconds,
                   load_at_start):
     by = {(r["size"], r["step"]): r for r in rows}
@@ -741,11 +750,7 @@ def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, loa
                   f"first took over {ONE_RUN_OVER_SECONDS} s), inputs read and `sync` before each.", "",
                   "| step | median s | worst s | runs | peak RSS MiB | this / (cp -r + sync) | torch / this, time | "
                   "torch / this, RSS |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in dcp_rows:
-            ratios = (f"{r['cp_ratio']:.2f} | {r['torch_ratio']:.2f} | {r['torch_rss_ratio']:.2f}"
-                      if "cp_ratio" in r else " | | ")
-            lines.append(f"| {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
-                         f"{r['rss'] / (1 << 20):.0f} | {ratios} |")
+        lines += [timed_row(r, ["cp_ratio", "torch_ratio", "torch_rss_ratio"]) for r in dcp_rows]
     if mpi_rows:
         lines += ["", "MPI: one job over 1, 2 and 4 ranks (`mpirun --oversubscribe -np N`, every rank on this "
                   "machine's 2 cores and one disk) beside one process and `cp -r` + `sync` of the input, one run "
@@ -768,11 +773,8 @@ def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, loa
                   "`sync` before each.", "",
                   "| step | median s | worst s | runs | peak RSS MiB | this / (cp + sync) | zero_to_fp32 / this, time | "
                   "zero_to_fp32 / this, RSS | read from disk |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in ds_rows:
-            ratios = (f"{r['cp_ratio']:.2f} | {r['torch_ratio']:.2f} | {r['torch_rss_ratio']:.2f}"
-                      if "cp_ratio" in r else " | | ")
-            lines.append(f"| {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
-                         f"{r['rss'] / (1 << 20):.0f} | {ratios} | {r.get('read', '')} |")
+        lines += [timed_row(r, ["cp_ratio", "torch_ratio", "torch_rss_ratio"], [r.get("read", "")])
+                  for r in ds_rows]
     if load_rows:
         lines += ["", f"Python: `ckpt_tool.load` of one consolidated torch file of {args.python_load} GiB (fp16, "
                   "`ckpt-tool synth` then `stitch`) beside `torch.load` of it, each in a fresh `/usr/bin/python3` "
@@ -780,10 +782,7 @@ def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, loa
                   f"dict. Median and worst of {args.grid_repeats} runs, the file read and `sync` before each.", "",
                   "| step | median s | worst s | runs | peak RSS MiB | torch / this, time | torch / this, RSS |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in load_rows:
-            ratios = f"{r['torch_ratio']:.2f} | {r['torch_rss_ratio']:.2f}" if "torch_ratio" in r else " | "
-            lines.append(f"| {r['step']} | {r['seconds']:.2f} | {r['worst']:.2f} | {len(r['runs'])} | "
-                         f"{r['rss'] / (1 << 20):.0f} | {ratios} |")
+        lines += [timed_row(r, ["torch_ratio", "torch_rss_ratio"]) for r in load_rows]
     text = "\n".join(lines) + "\n" + kept_section(args.results, MEASURED_WHILE_DESIGNING)
     open(args.results, "w").write(text)
     print("\n" + text)

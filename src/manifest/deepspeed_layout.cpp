@@ -209,8 +209,10 @@ struct DsSet {
   fs::path folder;
 };
 
+// The object path of `key`'s tensor in a file's dict `section` ("module/<key>"),
+// its label as the describer makes it (an empty key too).
 std::string tensor_path(std::string_view section, const std::string& key) {
-  return fmt::format("{}/{}", section, escape_label(key));
+  return state_dict_path(std::string(section) + "/", key);
 }
 
 // The optimizer file's ZeRO state (its optimizer_state_dict), or null.
@@ -553,8 +555,7 @@ Unflattened unflatten_set(const std::vector<ManifestFile>& files, DsSet& set) {
   auto add = [&](std::vector<NamedTensor>& to, const std::vector<ZeroParam>& params, ZeroUnflattened made) {
     for (std::size_t i = 0; i < made.params.size(); ++i) {
       TensorKind kind{TensorWrap::Tensor, false};
-      to.emplace_back(std::string(kModelPrefix) + escape_label(params[i].name), std::move(made.params[i]), std::nullopt,
-                      kind);
+      to.emplace_back(state_dict_path(kModelPrefix, params[i].name), std::move(made.params[i]), std::nullopt, kind);
     }
   };
   ZeroUnflattened made = unflatten_ranks(set, ranks);
@@ -580,7 +581,7 @@ Unflattened unflatten_set(const std::vector<ManifestFile>& files, DsSet& set) {
       if (set.stage <= 2) break;
     }
     if (set.stage <= 2) {
-      out.frozen.emplace_back(std::string(kModelPrefix) + escape_label(param.name), std::move(fragments.front()));
+      out.frozen.emplace_back(state_dict_path(kModelPrefix, param.name), std::move(fragments.front()));
       continue;
     }
     ZeroUnflattened made = zero3_frozen(fragments, param);
@@ -691,10 +692,10 @@ void tie_shared(std::vector<NamedTensor>& tensors, const std::vector<std::pair<s
     index.emplace(tensors[i].name, i);
   }
   for (const auto& [alias, source] : shared) {
-    auto from = index.find(std::string(kModelPrefix) + escape_label(source));
+    auto from = index.find(state_dict_path(kModelPrefix, source));
     if (from == index.end()) continue;
     const std::size_t object = object_of[from->second];
-    const std::string alias_key = std::string(kModelPrefix) + escape_label(alias);
+    const std::string alias_key = state_dict_path(kModelPrefix, alias);
     auto [at, added] = index.emplace(alias_key, keys.size());
     if (added) {
       keys.push_back(alias_key);
@@ -780,7 +781,7 @@ StateDict deepspeed_state_dict(const Manifest& manifest, const StateDictOptions&
   out.consolidated = true;
   // Buffers: the module's, in its order, as fp32 (zero_to_fp32 calls .float()).
   for (const auto& [key, tensor] : set.buffers) {
-    out.tensors.emplace_back(std::string(kModelPrefix) + escape_label(key), DType::Float32,
+    out.tensors.emplace_back(state_dict_path(kModelPrefix, key), DType::Float32,
                              stored_source(files, set.model.front(), *tensor));
     if (tensor->dtype == DType::Float32) out.tensors.back().convert_to.reset();
   }
@@ -858,7 +859,7 @@ ParameterStates deepspeed_parameter_states(const Manifest& manifest) {
                                     k));
     }
     for (const auto& [name, value] : state->items()) {
-      const StoredTensor* tensor = find_tensor(first, out.state_paths[k] + "/" + escape_label(name));
+      const StoredTensor* tensor = find_tensor(first, tensor_path(out.state_paths[k], name));
       if (tensor == nullptr) continue;
       if (tensor->shape.empty()) {
         out.shared[k].emplace_back(name, stored_source(files, set.optim.front(), *tensor));
@@ -880,7 +881,7 @@ ParameterStates deepspeed_parameter_states(const Manifest& manifest) {
       std::optional<std::vector<const StoredTensor*>> weights = flat_groups(file, set.flat_key, problems);
       ranks.emplace_back();
       for (std::size_t k = 0; k < set.groups.size(); ++k) {
-        const std::string path = fmt::format("{}/{}", out.state_paths[k], escape_label(name));
+        const std::string path = tensor_path(out.state_paths[k], name);
         const StoredTensor* tensor = find_tensor(file, path);
         if (tensor == nullptr || tensor->shape.size() != 1) throw fail(file, path + " is not a 1-D tensor");
         if (set.stage == 3 && weights && k < weights->size() && tensor->numel() != (*weights)[k]->numel()) {
@@ -903,7 +904,7 @@ ParameterStates deepspeed_parameter_states(const Manifest& manifest) {
   for (std::size_t k = 0; k < set.groups.size(); ++k) {
     first_of_group.push_back(out.params.size());
     for (const ZeroParam& param : set.groups[k]) {
-      out.params.push_back(std::string(kModelPrefix) + escape_label(param.name));
+      out.params.push_back(state_dict_path(kModelPrefix, param.name));
       out.state_of.push_back(k);
     }
   }
