@@ -1,5 +1,6 @@
 // ckpt-tool diff A B: exit 0 when equal, 1 when different, 2 on error (main: the diff column of kErrorKinds).
 #include <fmt/format.h>
+#include <fmt/ostream.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include "ckpt/manifest/consolidate.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/plan/stitch.hpp"
+#include "command_line.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"
@@ -446,15 +448,15 @@ Action add_diff_command(CLI::App& app) {
           report.only_in_a.size(), report.only_in_b.size(), pairs);
     }
     if (options->json_output) {
-      json out = {{"equal", equal},
-                  {"model_only", sets},  // a set is compared by its model state dict
-                  {"only_in_a", report.only_in_a},
-                  {"only_in_b", report.only_in_b},
-                  {"objects", objects},
-                  {"compared_tensors", report.compared},
-                  {"not_comparable_tensors", not_comparable},
-                  {"compared_tensor_bytes", report.compared_tensor_bytes},
-                  {"seconds", seconds}};
+      json result = {{"equal", equal},
+                     {"model_only", sets},  // a set is compared by its model state dict
+                     {"only_in_a", report.only_in_a},
+                     {"only_in_b", report.only_in_b},
+                     {"objects", objects},
+                     {"compared_tensors", report.compared},
+                     {"not_comparable_tensors", not_comparable},
+                     {"compared_tensor_bytes", report.compared_tensor_bytes},
+                     {"seconds", seconds}};
       json differing = json::array();
       for (const TensorDiff& diff : report.differing) {
         json positions = json::array();
@@ -469,34 +471,34 @@ Action add_diff_command(CLI::App& app) {
                              {"max_rel", real_json(diff.max_rel)},
                              {"positions", positions}});
       }
-      out["differing"] = std::move(differing);
+      result["differing"] = std::move(differing);
       json notes = json::array();
       for (const TensorDiff& diff : report.noted) notes.push_back({{"name", diff.name}, {"note", diff.note}});
-      out["notes"] = std::move(notes);
-      if (!hint.empty()) out["hint"] = hint;
-      std::cout << out.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+      result["notes"] = std::move(notes);
+      if (!hint.empty()) result["hint"] = hint;
+      out() << result.dump(2, ' ', false, json::error_handler_t::replace) << "\n";
       return equal ? 0 : 1;
     }
     if (!hint.empty()) {
-      fmt::print("different: {}\n", hint);
+      fmt::print(out(), "different: {}\n", hint);
       return 1;
     }
-    for (const std::string& name : report.only_in_a) fmt::print("only in A: {}\n", printable(name));
-    for (const std::string& name : report.only_in_b) fmt::print("only in B: {}\n", printable(name));
+    for (const std::string& name : report.only_in_a) fmt::print(out(), "only in A: {}\n", printable(name));
+    for (const std::string& name : report.only_in_b) fmt::print(out(), "only in B: {}\n", printable(name));
     for (const TensorDiff& diff : report.differing) {
       const std::string name = printable(diff.name);
       if (!diff.mismatch.empty()) {
-        fmt::print("{}: {}\n", name, printable(diff.mismatch));
+        fmt::print(out(), "{}: {}\n", name, printable(diff.mismatch));
         continue;
       }
-      fmt::print("{}: {} of {} elements differ (max abs {}, max rel {:.6g}){}\n", name, diff.count, diff.numel,
+      fmt::print(out(), "{}: {} of {} elements differ (max abs {}, max rel {:.6g}){}\n", name, diff.count, diff.numel,
                  format_value(diff.max_abs), diff.max_rel, diff.note.empty() ? "" : "; " + diff.note);
       for (const DiffPosition& p : diff.positions)
-        fmt::print("  {} {}: {} != {}\n", name, index_text(p.index), format_value(p.a), format_value(p.b));
-      if (diff.count > diff.positions.size()) fmt::print("  ... {} more\n", diff.count - diff.positions.size());
+        fmt::print(out(), "  {} {}: {} != {}\n", name, index_text(p.index), format_value(p.a), format_value(p.b));
+      if (diff.count > diff.positions.size()) fmt::print(out(), "  ... {} more\n", diff.count - diff.positions.size());
     }
-    for (const TensorDiff& diff : report.noted) fmt::print("note: {}: {}\n", printable(diff.name), diff.note);
-    for (const std::string& line : objects) fmt::print("object {}\n", printable(line));
+    for (const TensorDiff& diff : report.noted) fmt::print(out(), "note: {}: {}\n", printable(diff.name), diff.note);
+    for (const std::string& line : objects) fmt::print(out(), "object {}\n", printable(line));
     fmt::print(
         "{}: {} tensors compared ({} tensor bytes in A) in {:.2f} s; {} differ, {}{} only in A, {} only in B{}\n",
         equal ? "equal" : "different", report.compared, human_bytes(report.compared_tensor_bytes), seconds, differ,

@@ -5,6 +5,7 @@
 #include <iostream>
 #include <regex>
 
+#include "command_line.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "inspect_render.hpp"
@@ -51,9 +52,9 @@ Action add_inspect_command(CLI::App& app) {
     Manifest manifest = load_inputs(with_tag(options->inputs, options->tag), options->model_parts);
     InspectRequest request{options->tensors, options->filter ? &*options->filter : nullptr, options->wide};
     if (options->json_output) {
-      std::cout << inspect_json(manifest, request).dump(2, ' ', false, json::error_handler_t::replace) << "\n";
+      out() << inspect_json(manifest, request).dump(2, ' ', false, json::error_handler_t::replace) << "\n";
     } else {
-      print_inspect_text(manifest, request, std::cout);
+      print_inspect_text(manifest, request, out());
     }
     return 0;
   };

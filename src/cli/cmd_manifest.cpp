@@ -6,6 +6,7 @@
 
 #include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/manifest_json.hpp"
+#include "command_line.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"
@@ -35,8 +36,7 @@ Action add_manifest_command(CLI::App& app) {
     }
     Manifest manifest = build_manifest(expand_inputs(with_tag(options->inputs, options->tag)));
     if (to_stdout) {
-      std::cout << manifest_to_json(manifest).dump(1, ' ', false, nlohmann::ordered_json::error_handler_t::replace)
-                << "\n";
+      out() << manifest_to_json(manifest).dump(1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
     } else {
       write_manifest(manifest, options->output, options->force);
     }

@@ -1,5 +1,6 @@
 // ckpt-tool verify INPUT...: every problem found, one per line; exit 1 if any.
 #include <fmt/format.h>
+#include <fmt/ostream.h>
 #include <fmt/ranges.h>
 
 #include <CLI/CLI.hpp>
@@ -13,6 +14,7 @@
 #include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest_json.hpp"
+#include "command_line.hpp"
 #include "commands.hpp"
 #include "inputs.hpp"
 #include "plan_print.hpp"
@@ -51,7 +53,7 @@ Action add_verify_command(CLI::App& app) {
     } else {
       report = verify_files(paths, options->threads, options->model_parts, options->inputs);
     }
-    for (const std::string& problem : report.problems) fmt::print("{}\n", printable(problem));
+    for (const std::string& problem : report.problems) fmt::print(out(), "{}\n", printable(problem));
     double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!options->quiet) {
       // What was checked: the record data of files with checksums (CRC-32),
@@ -69,7 +71,7 @@ Action add_verify_command(CLI::App& app) {
       if (without_crcs < paths.size()) checked.push_back(human_bytes(report.bytes) + " of record data checked");
       for (const auto& [name, files] : unchecked)
         checked.push_back(fmt::format("{} {} header(s) checked", files, name));
-      fmt::print("{}: {} file(s), {} record(s), {} in {:.2f} s{}; {} problem(s)\n",
+      fmt::print(out(), "{}: {} file(s), {} record(s), {} in {:.2f} s{}; {} problem(s)\n",
                  report.problems.empty() ? "ok" : "FAILED", report.files, report.records, fmt::join(checked, ", "),
                  seconds, report.bytes > 0 ? rate_text(report.bytes, seconds) : "", report.problems.size());
     }

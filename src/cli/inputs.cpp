@@ -13,27 +13,17 @@
 #include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/manifest_json.hpp"
 #include "ckpt/plan/stitch.hpp"
+#include "command_line.hpp"
 
 namespace ckpt::cli {
 
 namespace fs = std::filesystem;
 
-namespace {
-std::vector<std::string>& manifests_read_list() {
-  static std::vector<std::string> paths;
-  return paths;
-}
-}  // namespace
-
-const std::vector<std::string>& manifests_read() {
-  return manifests_read_list();
-}
-
 Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts,
                      DecodedFiles* keep) {
   Manifest manifest;
   if (inputs.size() == 1 && looks_like_manifest(inputs[0])) {
-    manifests_read_list().push_back(inputs[0]);
+    session().manifests_read.push_back(inputs[0]);
     manifest = read_checked_manifest(inputs[0], keep);
   } else {
     manifest = build_manifest(expand_inputs(inputs), keep);

@@ -22,14 +22,11 @@ namespace ckpt::cli {
 // (manifest/input_layouts.hpp: each layout says what its folders hold).
 
 // A single `.json`/`.json.zst` argument is read as a manifest (and checked to be
-// fresh); anything else is indexed now.
+// fresh, and noted in the session's manifests_read: run_plan tells the
+// executor they are inputs, never to be written); anything else is indexed now.
 // With `keep`, the checkpoints decoded on the way are kept there (DecodedFiles).
 Manifest load_inputs(const std::vector<std::string>& inputs, std::optional<std::int64_t> model_parts = std::nullopt,
                      DecodedFiles* keep = nullptr);
-
-// The manifests load_inputs has read in this process: inputs too, never
-// written (run_plan tells the executor).
-const std::vector<std::string>& manifests_read();
 
 // What stitch, reshard and diff read: load_inputs, then every file mapped. With
 // `grid_first`, the files must be one complete grid (complete_grid's Error),

@@ -6,7 +6,6 @@
 
 #include <CLI/CLI.hpp>
 #include <csignal>
-#include <map>
 #include <memory>
 #include <string>
 #include <system_error>
@@ -20,7 +19,7 @@
 #include "ckpt/io/job.hpp"
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/io/version.hpp"
-#include "commands.hpp"
+#include "command_line.hpp"
 #include "plan_print.hpp"
 
 namespace {
@@ -70,35 +69,14 @@ int main(int argc, char** argv) {
 namespace {
 
 int run_command(int argc, char** argv) {
-  CLI::App app{"ckpt-tool: index, inspect, stitch and reshard sharded PyTorch checkpoints, zero-copy"};
-  app.require_subcommand(1);
   std::string version = ckpt::kVersionString;
 #ifdef CKPT_MIMALLOC
   // (also what keeps the linker from dropping mimalloc, whose malloc replaces glibc's)
   version +=
       fmt::format(" (allocator: mimalloc {}.{}.{})", mi_version() / 100, mi_version() / 10 % 10, mi_version() % 10);
 #endif
-  app.set_version_flag("--version", version);
-  std::map<CLI::App*, ckpt::cli::Action> actions;
-  auto add = [&](const char* name, const char* description, auto adder) {
-    CLI::App* sub = app.add_subcommand(name, description);
-    actions[sub] = adder(*sub);
-  };
-  add("manifest", "index checkpoint files into a JSON manifest (no tensor data is read)",
-      ckpt::cli::add_manifest_command);
-  add("inspect", "show a manifest or checkpoint files: grid, sizes, object tree, problems",
-      ckpt::cli::add_inspect_command);
-  add("stitch", "remove the FSDP dimension and glue model-parallel parts into one checkpoint",
-      ckpt::cli::add_stitch_command);
-  add("reshard", "change the model-parallel and FSDP sizes of a training checkpoint, optimizer state included",
-      ckpt::cli::add_reshard_command);
-  add("diff", "compare two checkpoints (files or shard sets) tensor by tensor; exit 0 equal, 1 different, 2 error",
-      ckpt::cli::add_diff_command);
-  add("verify", "check CRCs, tensor ranges and FSDP/MP metadata; report every problem", ckpt::cli::add_verify_command);
-  add("synth", "write a synthetic metaseq training checkpoint of a given size and grid (benchmarks, rehearsals)",
-      ckpt::cli::add_synth_command);
-  add("apply", "write the outputs of a plan saved with --save-plan (inputs changed since are refused)",
-      ckpt::cli::add_apply_command);
+  ckpt::cli::CommandLine line(version);
+  CLI::App& app = line.app();
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -116,17 +94,14 @@ int run_command(int argc, char** argv) {
   // Past a file-size limit (RLIMIT_FSIZE) a write should fail with EFBIG and be
   // reported, not kill the process with its temp file still on disk.
   std::signal(SIGXFSZ, SIG_IGN);
-  CLI::App* command = nullptr;
-  for (auto& [sub, action] : actions) {
-    if (sub->parsed()) command = sub;
-  }
-  if (command == nullptr) return ckpt::info_of(ckpt::ErrorKind::Usage).exit_code;
+  const std::string command = line.command();
+  if (command.empty()) return ckpt::info_of(ckpt::ErrorKind::Usage).exit_code;
   // diff's 1 means "different": its errors take the table's diff column.
-  auto exit_code = [diff = command->get_name() == "diff"](ckpt::ErrorKind kind) {
+  auto exit_code = [diff = command == "diff"](ckpt::ErrorKind kind) {
     return diff ? ckpt::info_of(kind).diff_exit_code : ckpt::info_of(kind).exit_code;
   };
   try {
-    return actions.at(command)();
+    return line.run();
   } catch (const ckpt::InternalError& e) {
     fmt::print(stderr, "ckpt-tool: internal error: {}\n", ckpt::printable(e.what()));
     return exit_code(ckpt::ErrorKind::Internal);

@@ -1,6 +1,7 @@
 #include "plan_print.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ostream.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -13,6 +14,7 @@
 #include "ckpt/format/zip.hpp"
 #include "ckpt/io/output_file.hpp"
 #include "ckpt/plan/plan_file.hpp"
+#include "command_line.hpp"
 #include "inputs.hpp"
 #include "usage.hpp"
 
@@ -42,7 +44,7 @@ std::string describe_piece(const Plan& plan, const Piece& piece) {
 }
 
 // A record's first three copies, one line each, and how many more.
-void print_first_copies(const Plan& plan, const PlannedRecord& record, std::FILE* out) {
+void print_first_copies(const Plan& plan, const PlannedRecord& record, std::ostream& out) {
   for (std::size_t i = 0; i < record.copies.size() && i < 3; ++i) {
     fmt::print(out, "    {}\n", describe_piece(plan, record.copies[i]));
   }
@@ -51,7 +53,7 @@ void print_first_copies(const Plan& plan, const PlannedRecord& record, std::FILE
 
 }  // namespace
 
-void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, std::FILE* out) {
+void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, std::ostream& out) {
   std::uint64_t total_copy = 0;
   std::uint64_t total_size = 0;
   for (std::size_t k = 0; k < plan.files.size(); ++k) {
@@ -156,13 +158,14 @@ void print_notice(const std::string& text) {
   // A run killed while writing hundreds of outputs leaves hundreds of temporary
   // files: the first few removals are told, then that there are more.
   constexpr int kShown = 5;
-  static int told = 0;
+  int& told = session().notices_told;
   if (told < kShown) fmt::print(stderr, "ckpt-tool: note: {}\n", text);
   if (told == kShown) fmt::print(stderr, "ckpt-tool: note: more of the same not shown\n");
   ++told;
 }
 
 ProgressFn progress_line(bool quiet) {
+  if (session().progress) return session().progress;
   if (quiet || ::isatty(STDERR_FILENO) == 0) return {};
   auto start = std::chrono::steady_clock::now();
   return [start](std::uint64_t done, std::uint64_t total) {
@@ -177,9 +180,9 @@ ProgressFn progress_line(bool quiet) {
 
 void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, const WriteFlags& flags,
               std::chrono::steady_clock::time_point started) {
-  for (const std::string& path : manifests_read()) plan.read_only.push_back(path);
+  for (const std::string& path : session().manifests_read) plan.read_only.push_back(path);
   if (flags.dry_run) {
-    print_plan(plan, tensors, stdout);
+    print_plan(plan, tensors, out());
     return;
   }
   if (!flags.save_plan.empty()) {
@@ -216,6 +219,7 @@ void run_plan(Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, 
   } else {
     stats = execute(plan, exec);
   }
+  for (const PlannedFile& file : plan.files) session().written.push_back(file.path);
   if (flags.stats) print_stats(stats, plan.files.size(), std::chrono::duration<double>(planned - started).count());
   if (!flags.quiet) {
     // The whole command's time: reading and planning 200,000 tensors can take

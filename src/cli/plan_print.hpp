@@ -2,8 +2,8 @@
 #pragma once
 
 #include <chrono>
-#include <cstdio>
 #include <optional>
+#include <ostream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -23,7 +23,7 @@ namespace ckpt::cli {
 // `tensors[k]` is output file k's state dict, whose storages are the records
 // <archive>/data/0, 1, ... in order (aliases have none); in a safetensors file,
 // the records named by the tensors.
-void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, std::FILE* out);
+void print_plan(const Plan& plan, const std::vector<std::vector<NamedTensor>>& tensors, std::ostream& out);
 
 // The flags of every command that writes checkpoints, and running its plan.
 struct WriteFlags {
@@ -47,7 +47,7 @@ void add_exec_flags(CLI::App& app, WriteFlags& flags);
 void print_notice(const std::string& text);
 
 // The progress line on stderr ("12.0 / 40.0 MiB  900 MiB/s  ETA 0 s"); none when
-// `quiet` or stderr is not a terminal.
+// `quiet` or stderr is not a terminal. A session's own progress replaces it.
 ProgressFn progress_line(bool quiet);
 
 // The job this process leads as rank 0 of several (mpirun, srun): run_plan

@@ -21,9 +21,15 @@ struct Plugin {
   ckpt_torch_convert_fn convert = nullptr;
 };
 
+std::vector<std::string>& given_paths() {
+  static std::vector<std::string> paths;
+  return paths;
+}
+
 std::vector<std::string> candidates() {
   std::vector<std::string> out;
   if (const char* explicit_path = std::getenv("CKPT_TORCH_PLUGIN")) out.emplace_back(explicit_path);
+  out.insert(out.end(), given_paths().begin(), given_paths().end());
   std::error_code ec;
   std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (!ec) {
@@ -70,6 +76,10 @@ const Plugin& plugin() {
 }
 
 }  // namespace
+
+void add_torch_plugin_paths(const std::vector<std::string>& paths) {
+  given_paths().insert(given_paths().end(), paths.begin(), paths.end());
+}
 
 namespace {
 

@@ -7,7 +7,10 @@
 // tensor changed in place, as an optimizer step does, changes a page of the
 // process's own, never the file, where a read-only page would fault) or by
 // filling a buffer the caller made (a tensor glued from shards, cut from
-// partitions or converted), through the executor's one reader of pieces.
+// partitions or converted), through the executor's one reader of pieces, in
+// parallel. The bytes handed out are checked against their zip records' CRC-32
+// as stitch checks what it copies, each record once. It also runs the commands
+// (stitch, reshard, inspect, diff) in process, as the command line parses them.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -16,15 +19,22 @@
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <set>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "../cli/command_line.hpp"
+#include "../cli/inputs.hpp"
 #include "ckpt/exec/compare.hpp"
 #include "ckpt/exec/gather.hpp"
 #include "ckpt/exec/tensor_math.hpp"
 #include "ckpt/format/checkpoint.hpp"
+#include "ckpt/io/crc32.hpp"
+#include "ckpt/io/parallel.hpp"
 #include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest_json.hpp"
@@ -60,9 +70,14 @@ struct Loaded {
   std::vector<std::unique_ptr<MappedFile>> writable;
   std::vector<NamedTensor> tensors;  // named by key_of
   std::vector<std::string> names;    // the layouts' names, for messages
+  // The files' zip records and CRC-32s (plan_source), and the records checked so far.
+  std::vector<PlanSource> sources;
+  std::set<std::pair<std::uint32_t, std::size_t>> checked;
+  std::mutex checked_mutex;
 };
 
-std::shared_ptr<Loaded> load(const std::vector<std::string>& paths) {
+std::shared_ptr<Loaded> load(std::vector<std::string> paths, const std::string& tag) {
+  paths = cli::with_tag(std::move(paths), tag);
   Manifest manifest;
   if (paths.size() == 1 && looks_like_manifest(paths[0])) {
     manifest = read_checked_manifest(paths[0]);
@@ -76,6 +91,9 @@ std::shared_ptr<Loaded> load(const std::vector<std::string>& paths) {
   const InputLayout& layout = input_layout(manifest);
   StateDict state = layout.state_dict(manifest, {.state_dict_only = true});
   out->inputs = std::make_unique<PlanInputs>(std::move(manifest));
+  for (std::size_t i = 0; i < out->inputs->files().size(); ++i) {
+    out->sources.push_back(out->inputs->source(static_cast<int>(i)));
+  }
   // Part 0's copy of a replicated tensor stands for the others only when they agree (as stitch checks).
   std::vector<std::string> differing = compare_replicated(state.checks, out->inputs->files());
   if (!differing.empty()) {
@@ -108,9 +126,12 @@ struct MappedRange {
   std::size_t size;
 };
 
+// The bytes read by one thread of read_into at a time.
+constexpr std::uint64_t kWindowBytes = 8u << 20;
+
 class Reader {
  public:
-  explicit Reader(const std::vector<std::string>& paths) : loaded_(load(paths)) {}
+  Reader(const std::vector<std::string>& paths, const std::string& tag) : loaded_(load(paths, tag)) {}
 
   // (key, dtype, shape, the key it is tied to or None), in the state dict's order.
   std::vector<std::tuple<std::string, std::string, std::vector<std::int64_t>, std::optional<std::string>>> entries()
@@ -140,20 +161,83 @@ class Reader {
   void read_into(std::size_t i, const py::buffer& out) const {
     const NamedTensor& tensor = at(i);
     py::buffer_info info = out.request(/*writable=*/true);
-    const std::uint64_t nbytes = tensor.source.numel() * dtype_info(tensor.dtype()).itemsize;
+    const std::uint64_t itemsize = dtype_info(tensor.dtype()).itemsize;
+    const std::uint64_t nbytes = tensor.source.numel() * itemsize;
     if (static_cast<std::uint64_t>(info.size * info.itemsize) != nbytes) {
       throw Error(ErrorKind::Usage,
                   fmt::format("{}: a buffer of {} bytes for {} bytes", tensor.name, info.size * info.itemsize, nbytes));
     }
     auto* dest = static_cast<std::byte*>(info.ptr);
     py::gil_scoped_release unlocked;
-    if (tensor.dtype() == tensor.source.dtype) {
-      read_source_bytes(tensor.source, loaded_->inputs->files(), 0, nbytes, dest, nullptr);
-      return;
+    // In windows of whole elements, on every core: the pieces of a glued
+    // tensor lie in different files, each window's in one or a few.
+    const std::uint64_t source_itemsize = dtype_info(tensor.source.dtype).itemsize;
+    const std::uint64_t numel = tensor.source.numel();
+    const std::uint64_t window = std::max<std::uint64_t>(1, kWindowBytes / std::max(itemsize, source_itemsize));
+    const auto& files = loaded_->inputs->files();
+    const bool converts = tensor.dtype() != tensor.source.dtype;
+    parallel_for((numel + window - 1) / window, resolve_threads(0), [&] {
+      return [&, read = std::vector<std::byte>()](std::size_t w) mutable {
+        const std::uint64_t first = w * window;
+        const std::uint64_t count = std::min(window, numel - first);
+        if (!converts) {
+          read_source_bytes(tensor.source, files, first * itemsize, count * itemsize, dest + first * itemsize);
+          return;
+        }
+        read.resize(count * source_itemsize);
+        read_source_bytes(tensor.source, files, first * source_itemsize, read.size(), read.data());
+        convert_elements(tensor.source.dtype, tensor.dtype(), read.data(), dest + first * itemsize, count);
+      };
+    });
+  }
+
+  // Checks the zip records tensor i's bytes lie in against their CRC-32 (each
+  // record once per Reader; a safetensors or DCP file has none), read apart
+  // from the mapping (pread: no page of the process's own). Returns the bytes read.
+  std::uint64_t check(std::size_t i) const {
+    const NamedTensor& tensor = at(i);
+    std::vector<std::pair<std::uint32_t, std::size_t>> records;
+    {
+      std::lock_guard lock(loaded_->checked_mutex);
+      for (const Piece& piece : tensor.source.pieces) {
+        if (!piece.mapped() || piece.nbytes == 0) continue;
+        const PlanSource& source = loaded_->sources.at(piece.source);
+        if (!source.has_crcs) continue;
+        const std::uint64_t last =
+            piece.source_offset + (piece.rows - 1) * piece.source_stride + piece.source_nbytes() - 1;
+        for (std::uint64_t offset : {piece.source_offset, last}) {
+          std::optional<std::size_t> record = record_index(source, offset);
+          if (!record) {
+            throw Error(ErrorKind::CorruptData, Location{source.path, tensor.name, offset},
+                        "the tensor's bytes lie outside the file's storage records");
+          }
+          if (loaded_->checked.insert({piece.source, *record}).second) records.emplace_back(piece.source, *record);
+        }
+      }
     }
-    std::vector<std::byte> read(tensor.source.nbytes());
-    read_source_bytes(tensor.source, loaded_->inputs->files(), 0, read.size(), read.data(), nullptr);
-    convert_elements(tensor.source.dtype, tensor.dtype(), read.data(), dest, tensor.source.numel());
+    py::gil_scoped_release unlocked;
+    std::uint64_t read = 0;
+    std::mutex read_mutex;
+    parallel_for(records.size(), resolve_threads(0), [&] {
+      return [&, buffer = std::vector<std::byte>()](std::size_t r) mutable {
+        const auto [file, index] = records[r];
+        const CheckedRange& record = loaded_->sources[file].records[index];
+        const MappedFile& mapped = *loaded_->inputs->files()[file];
+        const std::uint32_t crc = crc32_update_from(0, mapped, record.offset, record.nbytes, buffer);
+        {
+          std::lock_guard lock(read_mutex);
+          read += record.nbytes;
+        }
+        if (crc != record.crc32) {
+          std::lock_guard lock(loaded_->checked_mutex);
+          loaded_->checked.erase({file, index});  // (still wrong when asked again)
+          throw Error(ErrorKind::CorruptData, Location{mapped.path(), tensor.name, record.offset},
+                      fmt::format("CRC-32 of the data is 0x{:08x}, the zip directory says 0x{:08x} (corrupted data)",
+                                  crc, record.crc32));
+        }
+      };
+    });
+    return read;
   }
 
   std::size_t size() const { return loaded_->tensors.size(); }
@@ -193,6 +277,45 @@ class Reader {
   std::shared_ptr<Loaded> loaded_;
 };
 
+// A command's run in process: its exit code, its stdout text and the outputs it wrote.
+using CommandResult = std::tuple<int, py::bytes, std::vector<py::bytes>>;
+
+// Runs a command line (the command and its arguments) as ckpt-tool would, the
+// GIL released. `progress(done, total)` is called from the copy threads (with
+// the GIL) every 200 ms at most; an exception it raises, KeyboardInterrupt
+// included, stops the copy (no output is left) and is raised here.
+CommandResult run(const std::vector<std::string>& args, const py::object& progress) {
+  cli::Session session;
+  std::ostringstream text;
+  session.out = &text;
+  std::optional<py::error_already_set> raised;
+  std::mutex raised_mutex;
+  session.progress = [&](std::uint64_t done, std::uint64_t total) {
+    py::gil_scoped_acquire gil;
+    std::lock_guard lock(raised_mutex);
+    if (!raised) {
+      try {
+        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+        if (!progress.is_none()) progress(done, total);
+      } catch (py::error_already_set& e) {
+        raised.emplace(std::move(e));
+      }
+    }
+    if (raised) throw Error(ErrorKind::Usage, "stopped by Python");
+  };
+  int code = 0;
+  try {
+    py::gil_scoped_release unlocked;
+    code = cli::run_in_process(args, session);
+  } catch (const Error&) {
+    if (raised) throw std::move(*raised);
+    throw;
+  }
+  std::vector<py::bytes> written;
+  for (const std::string& path : session.written) written.emplace_back(path);
+  return {code, py::bytes(text.str()), written};
+}
+
 }  // namespace
 
 }  // namespace ckpt::python
@@ -227,10 +350,21 @@ PYBIND11_MODULE(_ckpt_tool, m) {
                            {static_cast<py::ssize_t>(range.size)}, {py::ssize_t{1}}, /*readonly=*/false);
   });
   py::class_<Reader>(m, "Reader")
-      .def(py::init<const std::vector<std::string>&>(), py::arg("paths"))
+      .def(py::init<const std::vector<std::string>&, const std::string&>(), py::arg("paths"), py::arg("tag") = "")
       .def("entries", &Reader::entries)
       .def("view", &Reader::view)
       .def("read_into", &Reader::read_into)
+      .def("check", &Reader::check)
       .def("objects_json", &Reader::objects_json)
       .def("__len__", &Reader::size);
+  m.def("run", &run, py::arg("args"), py::arg("progress") = py::none());
+  // The LibTorch plugin (dtype conversion), where meson built and installs it.
+  std::vector<std::string> plugin;
+  std::string_view paths = CKPT_TORCH_PLUGIN_PATHS;
+  for (std::size_t start = 0; start <= paths.size();) {
+    const std::size_t colon = std::min(paths.find(':', start), paths.size());
+    if (colon > start) plugin.emplace_back(paths.substr(start, colon - start));
+    start = colon + 1;
+  }
+  ckpt::add_torch_plugin_paths(plugin);
 }

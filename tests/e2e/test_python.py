@@ -1,10 +1,17 @@
 #!/usr/bin/python3
-"""The Python module ckpt_tool (issue 29, first step): ckpt_tool.load of every fixture
-case equals torch.load of the file `ckpt-tool stitch` writes, tensor for tensor; a
-tensor that lies whole in one file is a view of the mapped file; DeepSpeed folders,
-safetensors and DCP read as stitch reads them; errors raise their class."""
+"""The Python module ckpt_tool (issue 29): ckpt_tool.load of every fixture case equals
+torch.load of the file `ckpt-tool stitch` writes, tensor for tensor; a tensor that lies
+whole in one file is a view of the mapped file, and loading 1 GiB so costs far less
+than 1 GiB of memory; glued tensors are filled window by window; open() reads only
+what is asked for; corrupt bytes raise; DeepSpeed folders, safetensors and DCP read
+as stitch reads them; the commands run in process, writing what the command line
+writes; errors raise their class."""
+import filecmp
+import json
 import os
+import resource
 import shutil
+import subprocess
 import sys
 
 import torch
@@ -76,7 +83,8 @@ def test_a_tensor_whole_in_one_file_is_a_view_of_the_mapping():
         f.seek(at)
         f.write(torch.tensor([-7.0], dtype=torch.float32).numpy().tobytes())
     assert loaded["w"][500].item() == -7.0
-    copied = ckpt_tool.load(path, mmap=False)  # mmap=False: memory of its own
+    copied = ckpt_tool.load(path, mmap=False, check_crc=False)  # mmap=False: memory of its own (the file no
+    # longer matches its CRC-32: unchecked)
     assert copied["w"][500].item() == -7.0
     with open(path, "r+b") as f:
         f.seek(at)
@@ -157,9 +165,189 @@ def test_arguments_of_the_wrong_kind():
     assert list(ckpt_tool.load(path, filter=__import__("re").compile("w"))) == ["w"]
 
 
+def test_glued_tensors_are_filled_window_by_window():
+    """A synthetic 2 x 2 grid whose embedding (51 MiB, glued from four shards) spans
+    several of the reader's 8 MiB windows."""
+    if not _built():
+        return
+    work = harness.scratch("python-windows")
+    folder = os.path.join(work, "synth")
+    harness.run(["synth", "-q", "--params", "30e6", "--mp", "2", "--dp", "2", "--layers", "2", "-o", folder])
+    out = os.path.join(work, "stitched.pt")
+    harness.run(["stitch", "-q", folder, "-o", out])
+    want = torch.load(out)["model"]
+    assert max(t.numel() * t.element_size() for t in want.values()) > 3 * (8 << 20)
+    _same(ckpt_tool.load(folder), want, "synth 2 x 2")
+    _same(ckpt_tool.load(folder, mmap=False, check_crc=False), want, "synth 2 x 2, no CRC check")
+
+
+def _rchar():
+    """Bytes this process has read through read(2)/pread(2) so far (/proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_open_reads_only_what_is_asked_for():
+    if not _built():
+        return
+    work = harness.scratch("python-open")
+    path = os.path.join(work, "big.pt")
+    torch.save({f"w{i}": torch.full((1 << 20,), float(i)) for i in range(8)}, path)  # 8 x 4 MiB
+    before = _rchar()
+    lazy = ckpt_tool.open(path, mmap=False)
+    opened = _rchar() - before
+    assert opened < (1 << 20), opened  # the index: the zip directory and the pickle, no tensor bytes
+    before = _rchar()
+    assert torch.equal(lazy["w3"], torch.full((1 << 20,), 3.0))
+    asked = _rchar() - before
+    # w3's bytes, read once into the tensor and once for its record's CRC-32
+    assert 2 * (4 << 20) <= asked < 2 * (4 << 20) + (1 << 20), asked
+    before = _rchar()
+    lazy["w3"]
+    assert _rchar() - before < 4096  # read once (the rest: /proc/self/io itself)
+    before = _rchar()
+    filtered = ckpt_tool.load(path, filter=r"^w[01]$", check_crc=False, mmap=False)
+    assert list(filtered) == ["w0", "w1"] and _rchar() - before < 2 * (4 << 20) + (1 << 20)
+
+
+def test_corrupt_bytes_raise_and_name_the_file_and_tensor():
+    if not _built():
+        return
+    work = harness.scratch("python-crc")
+    path = os.path.join(work, "model.pt")
+    torch.save({"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(1000)}, path)
+    data = bytearray(open(path, "rb").read())
+    at = data.find(torch.arange(1000, dtype=torch.float32)[700:702].numpy().tobytes())
+    data[at] ^= 0x40
+    with open(path, "wb") as f:
+        f.write(data)
+    for call in (lambda: ckpt_tool.load(path), lambda: ckpt_tool.open(path, mmap=False)["a"]):
+        try:
+            call()
+        except ckpt_tool.CorruptDataError as e:
+            assert "model.pt" in str(e) and "a" in str(e) and "CRC-32" in str(e), str(e)
+        else:
+            raise AssertionError("a corrupt byte loaded")
+    assert torch.equal(ckpt_tool.open(path)["b"], torch.ones(1000))  # the other record is sound
+    assert ckpt_tool.load(path, check_crc=False)["a"][700].item() != 700.0  # unchecked: the bytes as they are
+
+
+# The peak RSS of loading a 1 GiB file, and where a view's bytes lie, in a fresh process.
+_RSS_SCRIPT = r"""
+import resource, sys
+sys.path.insert(0, sys.argv[2])
+import ckpt_tool, torch
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+state = ckpt_tool.load(sys.argv[1], check_crc=sys.argv[3] == "check")
+total = sum(t.numel() * t.element_size() for t in state.values())
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+spans = []
+with open("/proc/self/maps") as f:
+    for line in f:
+        if line.rstrip().endswith(sys.argv[1]):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            spans.append((lo, hi))
+biggest = max(state.values(), key=lambda t: t.numel())
+inside = any(lo <= biggest.data_ptr() and biggest.data_ptr() + biggest.numel() * biggest.element_size() <= hi
+             for lo, hi in spans)
+print(total, peak - before, int(inside))
+"""
+
+
+def test_load_of_1_gib_shares_the_files_pages():
+    if not _built():
+        return
+    work = harness.scratch("python-rss")
+    folder = os.path.join(work, "synth")
+    harness.run(["synth", "-q", "--params", "537e6", "--layers", "8", "-o", folder])
+    path = os.path.join(work, "one.pt")
+    harness.run(["stitch", "-q", folder, "-o", path])
+    shutil.rmtree(folder)
+    for check in ("check", "no-check"):
+        out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, path, PYTHONPATH, check], capture_output=True,
+                             text=True, check=True).stdout.split()
+        total, grown, inside = int(out[0]), int(out[1]), out[2] == "1"
+        assert total > (1 << 30) * 0.95, total
+        assert grown < 128 << 20, (check, grown)  # far less than the 1 GiB loaded
+        assert inside, "the largest tensor's bytes are not the file's mapping"
+    os.remove(path)
+
+
+def test_the_commands_run_in_process_as_the_command_line_runs_them():
+    if not _built():
+        return
+    work = harness.scratch("python-commands")
+    case = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    # stitch and reshard: the same bytes as the command line's, progress told up to the total
+    py, cli = os.path.join(work, "py"), os.path.join(work, "cli")
+    for folder in (py, cli):
+        os.makedirs(os.path.join(folder, "rs"))
+    told = []
+    written = ckpt_tool.stitch(case, os.path.join(py, "model.pt"), progress=lambda done, total: told.append((done, total)))
+    assert written == [os.path.join(py, "model.pt")]
+    assert told and told[-1][0] == told[-1][1] > 0, told
+    harness.run(["stitch", "-q", case, "-o", os.path.join(cli, "model.pt")])
+    ckpt_tool.stitch(case, os.path.join(py, "model.safetensors"), dtype=torch.bfloat16, max_shard_size="300B")
+    harness.run(["stitch", "-q", case, "-o", os.path.join(cli, "model.safetensors"), "--dtype", "bf16",
+                 "--max-shard-size", "300B"])
+    ckpt_tool.reshard(case, os.path.join(py, "rs", "part-{m}-shard{d}.pt"), mp=1, dp=3)
+    harness.run(["reshard", "-q", case, "-o", os.path.join(cli, "rs", "part-{m}-shard{d}.pt"), "--mp", "1", "--dp", "3"])
+    assert len(os.listdir(os.path.join(py, "rs"))) == 3 and len([n for n in os.listdir(py) if "-of-" in n]) > 1
+    harness.same_tree(py, cli)
+    plan = ckpt_tool.stitch(case, os.path.join(work, "never.pt"), dry_run=True)
+    assert "decoder.embed_tokens.weight" in plan and not os.path.exists(os.path.join(work, "never.pt"))
+    # inspect: the dict of --json
+    stdout, _ = harness.run(["inspect", "--json", "--tensors", case])
+    assert ckpt_tool.inspect(case, tensors=True) == json.loads(stdout)
+    # diff: a result object
+    same = ckpt_tool.diff(case, os.path.join(cli, "model.pt"))
+    assert same.equal and same.differing == [] and same.compared_tensors > 0
+    changed = os.path.join(work, "changed.pt")
+    torch.save({"model": {k: (v + 1 if k == "decoder.layers.0.fc1.weight" else v)
+                          for k, v in torch.load(os.path.join(cli, "model.pt"))["model"].items()}}, changed)
+    other = ckpt_tool.diff(os.path.join(cli, "model.pt"), changed)
+    assert not other.equal and [d["name"] for d in other.differing] == ["model/decoder.layers.0.fc1.weight"], other
+    try:
+        bool(other)
+    except TypeError:
+        pass
+    else:
+        raise AssertionError("a DiffResult read as a bool")
+    # errors: their class and the command line's line
+    for call, kind, fragment in (
+            (lambda: ckpt_tool.stitch(case, os.path.join(py, "model.pt")), ckpt_tool.Error, "already exists"),
+            (lambda: ckpt_tool.stitch(case, os.path.join(work, "x.pt"), no_such_flag=1), ckpt_tool.UsageError,
+             "--no-such-flag"),
+            (lambda: ckpt_tool.reshard(case, os.path.join(work, "x.pt"), mp=1, dp=3), ckpt_tool.UsageError, "{d}"),
+            (lambda: ckpt_tool.inspect(os.path.join(work, "none")), ckpt_tool.IoError, "none")):
+        try:
+            call()
+        except kind as e:
+            assert fragment in str(e), (fragment, str(e))
+        else:
+            raise AssertionError(f"no {kind.__name__}: {fragment}")
+    # a progress callback that raises stops the copy: the exception is raised, no output or temp file is left
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    before = sorted(os.listdir(work))
+    try:
+        ckpt_tool.stitch(case, os.path.join(work, "stopped.pt"), progress=stop)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the callback's exception was lost")
+    assert sorted(os.listdir(work)) == before, set(os.listdir(work)) ^ set(before)
+
+
 if __name__ == "__main__":
     harness.main([test_load_equals_the_stitched_file_for_every_fixture,
                   test_a_tensor_whole_in_one_file_is_a_view_of_the_mapping,
                   test_deepspeed_safetensors_and_filter,
                   test_errors_raise_their_class_with_the_line_ckpt_tool_prints,
-                  test_arguments_of_the_wrong_kind])
+                  test_arguments_of_the_wrong_kind,
+                  test_glued_tensors_are_filled_window_by_window,
+                  test_open_reads_only_what_is_asked_for,
+                  test_corrupt_bytes_raise_and_name_the_file_and_tensor,
+                  test_load_of_1_gib_shares_the_files_pages,
+                  test_the_commands_run_in_process_as_the_command_line_runs_them])

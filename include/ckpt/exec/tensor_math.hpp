@@ -3,13 +3,15 @@
 //
 // LibTorch costs time and resident code just to load, so ckpt-tool
 // does not link it: convert_elements loads the plugin libckpt_torch.so (next to
-// the executable, or $CKPT_TORCH_PLUGIN) on first use. Commands that only copy
+// the executable, or $CKPT_TORCH_PLUGIN, or a path given) on first use. Commands that only copy
 // bytes never load it, nor diff but where a side is converted as read (a
 // DeepSpeed buffer); integers to float32 and float64 are cast here, without it.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "ckpt/format/dtype.hpp"
 
@@ -17,5 +19,10 @@ namespace ckpt {
 
 // Converts `numel` elements from `source` (of `from`) into `dest` (of `to`).
 void convert_elements(DType from, DType to, const std::byte* source, std::byte* dest, std::uint64_t numel);
+
+// More places to look for the plugin, after $CKPT_TORCH_PLUGIN and before the
+// executable's folder: a process that is not ckpt-tool (Python, with the module)
+// knows where meson built and installed it. Call before the first conversion.
+void add_torch_plugin_paths(const std::vector<std::string>& paths);
 
 }  // namespace ckpt

@@ -11,10 +11,20 @@ to it in place (an optimizer step) goes to memory of the process's own, never to
 file. Like torch.load(mmap=True), such a tensor reads the file as it is now: do not
 rewrite or truncate a file whose tensors are in use (a truncated file's pages fault
 with SIGBUS), or load with mmap=False. A tensor glued from shards, cut from flat
-partitions or converted is read into a new tensor. Errors raise ckpt_tool.Error
-(UsageError, BadInputError, IncompleteSetError, CorruptDataError, IoError,
-NoSpaceError) with the line ckpt-tool prints; arguments of the wrong kind raise
-TypeError or ValueError.
+partitions or converted is read into a new tensor. Every tensor's bytes are checked against their zip records' CRC-32, as stitch
+checks what it copies (each record once; check_crc=False skips it).
+
+The commands run in this process, with their flags as keyword arguments
+(max_shard_size="2GB" for --max-shard-size 2GB, force=True for --force):
+
+    ckpt_tool.stitch("checkpoints/", "model.safetensors", dtype="bf16", progress=print)
+    ckpt_tool.reshard("checkpoints/", "out/part-{m}-shard{d}.pt", mp=2, dp=4)
+    info = ckpt_tool.inspect("checkpoints/")        # the dict of `inspect --json`
+    result = ckpt_tool.diff("a.pt", "b.pt")         # result.equal, result.differing, ...
+
+Errors raise ckpt_tool.Error (UsageError, BadInputError, IncompleteSetError,
+CorruptDataError, IoError, NoSpaceError) with the line ckpt-tool prints;
+arguments of the wrong kind raise TypeError or ValueError.
 """
 import collections.abc
 import json
@@ -24,10 +34,10 @@ import re
 import torch
 
 from ._ckpt_tool import (BadInputError, CorruptDataError, Error, IncompleteSetError, IoError, NoSpaceError,
-                         Reader, UsageError)
+                         Reader, UsageError, run)
 
-__all__ = ["load", "open", "Error", "UsageError", "BadInputError", "IncompleteSetError", "CorruptDataError", "IoError",
-           "NoSpaceError"]
+__all__ = ["load", "open", "stitch", "reshard", "inspect", "diff", "DiffResult", "Error", "UsageError",
+           "BadInputError", "IncompleteSetError", "CorruptDataError", "IoError", "NoSpaceError"]
 
 _DTYPES = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -61,11 +71,11 @@ class StateDict(collections.abc.Mapping):
     come from the files' metadata; a tensor's bytes are read (or mapped) when it is
     looked up, once."""
 
-    def __init__(self, paths, dtype=None, mmap=True):
-        self._reader = Reader(paths)
+    def __init__(self, paths, dtype=None, mmap=True, tag="", check_crc=True):
+        self._reader = Reader(paths, tag)
         self._entries = self._reader.entries()
         self._index = {key: i for i, (key, _, _, _) in enumerate(self._entries)}
-        self._dtype, self._mmap, self._made = dtype, mmap, {}
+        self._dtype, self._mmap, self._check, self._made = dtype, mmap, check_crc, {}
 
     def _at(self, i):
         if i not in self._made:
@@ -73,6 +83,8 @@ class StateDict(collections.abc.Mapping):
             if tied is not None:
                 self._made[i] = self._at(self._index[tied])
             else:
+                if self._check:
+                    self._reader.check(i)
                 t = _tensor(self._reader, i, dtype_name, shape, self._mmap)
                 if self._dtype is not None and t.is_floating_point() and t.dtype != self._dtype:
                     t = t.to(self._dtype)
@@ -136,19 +148,125 @@ def _pattern(filter):
         raise ValueError(f"filter {filter!r}: {e}") from None
 
 
-def open(path_or_paths, *, dtype=None, mmap=True):  # noqa: A001 (as the module's own name for it)
-    """The input set's state dict as a Mapping whose tensors are read on access."""
-    return StateDict(_paths(path_or_paths), dtype=_checked_dtype(dtype), mmap=bool(mmap))
+def _tag(tag):
+    if tag is None:
+        return ""
+    if not isinstance(tag, (str, bytes)):
+        raise TypeError(f"tag is a str, not {type(tag).__name__}")
+    return os.fsencode(tag)
 
 
-def load(path_or_paths, *, filter=None, dtype=None, mmap=True):
+def open(path_or_paths, *, dtype=None, mmap=True, tag=None, check_crc=True):  # noqa: A001 (the module's own name)
+    """The input set's state dict as a Mapping whose tensors are read on access
+    (and their records' CRC-32 checked then)."""
+    return StateDict(_paths(path_or_paths), dtype=_checked_dtype(dtype), mmap=bool(mmap), tag=_tag(tag),
+                     check_crc=bool(check_crc))
+
+
+def load(path_or_paths, *, filter=None, dtype=None, mmap=True, tag=None, check_crc=True):
     """The state dict of the input set (a path, or a list of paths: files, folders,
     globs, a manifest) as ckpt-tool's stitch reads it: {key: tensor} in the state
     dict's order, a tie one tensor under both keys.
 
     filter: a regular expression (re.search on the key): only the matching tensors
         are read. dtype: convert floating tensors to it. mmap: False copies every
-        tensor into memory of its own."""
+        tensor into memory of its own. tag: a DeepSpeed step folder other than the
+        one `latest` names. check_crc: False skips the CRC-32 check of the bytes."""
     pattern = _pattern(filter)
-    state = StateDict(_paths(path_or_paths), dtype=_checked_dtype(dtype), mmap=bool(mmap))
+    state = open(path_or_paths, dtype=dtype, mmap=mmap, tag=tag, check_crc=check_crc)
     return {key: state[key] for key in state if pattern is None or pattern.search(key)}
+
+
+def _flags(flags):
+    """Keyword arguments as command-line flags: name_like_this=V is --name-like-this V;
+    True is the flag alone, False and None leave it out, a list repeats it."""
+    out = []
+    for name, value in flags.items():
+        flag = b"--" + name.replace("_", "-").encode()
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        for one in values:
+            if one is None or one is False:
+                continue
+            if one is True:
+                out.append(flag)
+            elif isinstance(one, torch.dtype):
+                out.append(flag + b"=" + str(one).removeprefix("torch.").encode())
+            elif isinstance(one, (str, bytes, os.PathLike, int, float)):
+                text = os.fsencode(one) if isinstance(one, (str, bytes, os.PathLike)) else str(one).encode()
+                out.append(flag + b"=" + text)
+            else:
+                raise TypeError(f"{name}: a str, number, bool or list of them, not {type(one).__name__}")
+    return out
+
+
+def _output(path):
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"output is a path (str, bytes or os.PathLike), not {type(path).__name__}")
+    return os.fsencode(path)
+
+
+def _run(command, flags, paths, progress):
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress is a callable (done_bytes, total_bytes), not {type(progress).__name__}")
+    # (a path that starts with '-' after "--", where it is no flag)
+    end = [b"--"] if any(path.startswith(b"-") for path in paths) else []
+    return run([command.encode()] + flags + end + paths, progress)
+
+
+def _write(command, inputs, output, progress, quiet, flags):
+    flags = dict(flags, quiet=quiet, output=_output(output))
+    code, text, written = _run(command, _flags(flags), _paths(inputs), progress)
+    if flags.get("dry_run"):
+        return text.decode("utf-8", "replace")
+    return [os.fsdecode(path) for path in written]
+
+
+def stitch(inputs, output, *, progress=None, quiet=True, **flags):
+    """`ckpt-tool stitch INPUTS -o OUTPUT` with `flags` as its options. Returns the
+    paths written (the plan's text with dry_run=True). progress(done_bytes,
+    total_bytes) is called while copying; an exception it raises stops the copy,
+    leaves no output and is raised here (KeyboardInterrupt too)."""
+    return _write("stitch", inputs, output, progress, quiet, flags)
+
+
+def reshard(inputs, output, *, progress=None, quiet=True, **flags):
+    """`ckpt-tool reshard INPUTS -o OUTPUT` with `flags` as its options (mp=, dp=,
+    ...); as stitch returns."""
+    return _write("reshard", inputs, output, progress, quiet, flags)
+
+
+def inspect(inputs, **flags):
+    """`ckpt-tool inspect --json INPUTS` as a dict (tensors=True lists every tensor)."""
+    code, text, _ = _run("inspect", _flags(dict(flags, json=True)), _paths(inputs), None)
+    return json.loads(text)
+
+
+class DiffResult:
+    """What `ckpt-tool diff --json` reports: equal, only_in_a, only_in_b, differing
+    (one dict per tensor: name, mismatch, count, max_abs, positions, ...), objects,
+    notes, compared_tensors, compared_tensor_bytes, seconds; `as_dict()` all of it.
+    Not a bool: ask for .equal."""
+
+    def __init__(self, report):
+        self._report = report
+        for key, value in report.items():
+            setattr(self, key, value)
+
+    def as_dict(self):
+        return dict(self._report)
+
+    def __bool__(self):
+        raise TypeError("a DiffResult is not a bool: use .equal")
+
+    def __repr__(self):
+        return (f"DiffResult(equal={self.equal}, differing={len(self.differing)}, only_in_a={len(self.only_in_a)}, "
+                f"only_in_b={len(self.only_in_b)})")
+
+
+def diff(a, b, **flags):
+    """`ckpt-tool diff A B` (atol=, rtol=, names="hf-opt", ...) as a DiffResult."""
+    sides = _paths(a) + _paths(b)
+    if len(sides) != 2:
+        raise ValueError("diff compares one path with one path (a folder, a file, a manifest or a quoted glob)")
+    code, text, _ = _run("diff", _flags(dict(flags, json=True)), sides, None)
+    return DiffResult(json.loads(text))

@@ -1,0 +1,101 @@
+#include "command_line.hpp"
+
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <iostream>
+#include <system_error>
+
+#include "ckpt/io/error.hpp"
+#include "ckpt/io/version.hpp"
+
+namespace ckpt::cli {
+
+namespace {
+thread_local Session* g_session = nullptr;
+}  // namespace
+
+Session& session() {
+  static thread_local Session terminal;  // ckpt-tool's own: stdout, the progress line
+  return g_session != nullptr ? *g_session : terminal;
+}
+
+std::ostream& out() {
+  std::ostream* stream = session().out;
+  return stream != nullptr ? *stream : std::cout;
+}
+
+SessionScope::SessionScope(Session& session) : previous_(g_session) {
+  g_session = &session;
+}
+SessionScope::~SessionScope() {
+  g_session = previous_;
+}
+
+CommandLine::CommandLine(const std::string& version)
+    : app_(std::make_unique<CLI::App>(
+          "ckpt-tool: index, inspect, stitch and reshard sharded PyTorch checkpoints, zero-copy")) {
+  CLI::App& app = *app_;
+  app.require_subcommand(1);
+  app.set_version_flag("--version", version);
+  auto add = [&](const char* name, const char* description, auto adder) {
+    CLI::App* sub = app.add_subcommand(name, description);
+    actions_[sub] = adder(*sub);
+  };
+  add("manifest", "index checkpoint files into a JSON manifest (no tensor data is read)", add_manifest_command);
+  add("inspect", "show a manifest or checkpoint files: grid, sizes, object tree, problems", add_inspect_command);
+  add("stitch", "remove the FSDP dimension and glue model-parallel parts into one checkpoint", add_stitch_command);
+  add("reshard", "change the model-parallel and FSDP sizes of a training checkpoint, optimizer state included",
+      add_reshard_command);
+  add("diff", "compare two checkpoints (files or shard sets) tensor by tensor; exit 0 equal, 1 different, 2 error",
+      add_diff_command);
+  add("verify", "check CRCs, tensor ranges and FSDP/MP metadata; report every problem", add_verify_command);
+  add("synth", "write a synthetic metaseq training checkpoint of a given size and grid (benchmarks, rehearsals)",
+      add_synth_command);
+  add("apply", "write the outputs of a plan saved with --save-plan (inputs changed since are refused)",
+      add_apply_command);
+}
+
+CommandLine::~CommandLine() = default;
+
+std::string CommandLine::command() const {
+  for (const auto& [sub, action] : actions_) {
+    if (sub->parsed()) return sub->get_name();
+  }
+  return "";
+}
+
+int CommandLine::run() const {
+  for (const auto& [sub, action] : actions_) {
+    if (sub->parsed()) return action();
+  }
+  throw Error(ErrorKind::Usage, "no command given");
+}
+
+int run_in_process(const std::vector<std::string>& args, Session& session) {
+  CommandLine line(kVersionString);
+  std::vector<std::string> reversed(args.rbegin(), args.rend());  // (CLI11 takes them last first)
+  try {
+    line.app().parse(reversed);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version are the terminal's: here, usage errors like any other.
+    throw Error(ErrorKind::Usage, fmt::format("{} (see `ckpt-tool {} --help`)", printable(e.what()),
+                                              args.empty() ? std::string() : printable(args.front())));
+  }
+  SessionScope scope(session);
+  try {
+    return line.run();
+  } catch (const Error&) {
+    throw;
+  } catch (const std::system_error& e) {  // std::filesystem's, of a system call
+    const bool os = e.code().category() == std::generic_category() || e.code().category() == std::system_category();
+    throw Error(os ? kind_of_errno(e.code().value()) : ErrorKind::BadInput, printable(e.what()));
+  } catch (const std::bad_alloc&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Error(ErrorKind::BadInput, printable(e.what()));
+  }
+}
+
+}  // namespace ckpt::cli
