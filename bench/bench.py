@@ -201,9 +201,9 @@ def main():
     parser.add_argument("--deepspeed", default="1",
                         help="GiB of fp32 weights of the DeepSpeed ZeRO-3 world-4 checkpoint (3x that on disk with "
                              "Adam's moments), or 'none' (default 1)")
-    parser.add_argument("--python-load", default="1",
-                        help="GiB of the consolidated torch file ckpt_tool.load reads beside torch.load, or 'none' "
-                             "(default 1; needs the Python module, build/src/python)")
+    parser.add_argument("--python-load", default="1,4",
+                        help="GiB of each consolidated torch file ckpt_tool.load reads beside torch.load (then the "
+                             "992-shard grid), or 'none' (default 1,4; needs the Python module, build/src/python)")
     parser.add_argument("--grid-repeats", type=int, default=3,
                         help=f"runs per step of the grids and of the many-tensors file, once when the first takes "
                              f"over {ONE_RUN_OVER_SECONDS} s (default 3)")
@@ -541,38 +541,62 @@ if how == "torch":
     sd = torch.load(path)["model"]
 else:
     import ckpt_tool
-    sd = ckpt_tool.load(path)
+    sd = ckpt_tool.load(path, check_crc=how == "ckpt")
 if len(sys.argv) > 4:
     top = max(int(t.reshape(-1).view(torch.uint8).max()) for t in sd.values() if t.numel())
 """
 
 
 def measure_python_load(args, tool):
-    """ckpt_tool.load of a consolidated torch file beside torch.load of it (torch 1.13
-    has no mmap=True), each alone and then reading every byte of the state dict."""
-    size = float(args.python_load)
+    """ckpt_tool.load of a consolidated torch file of each size beside torch.load of it
+    (torch 1.13 has no mmap=True), each alone and then reading every byte of the state
+    dict; then the 992-shard grid: ckpt_tool.load of the shards beside stitch to a
+    file followed by torch.load of it."""
     python_path = os.path.join(ROOT, "build", "src", "python")
     if not os.path.isdir(os.path.join(python_path, "ckpt_tool")):
         print("== Python load: no module in build/src/python (configure with -Dpython=enabled): skipped")
         return []
-    work = os.path.join(args.work, f"load-{size:g}")
+    rows = []
+    for size in [float(text) for text in args.python_load.split(",")]:
+        work = os.path.join(args.work, f"load-{size:g}")
+        shutil.rmtree(work, ignore_errors=True)
+        shards = os.path.join(work, "shards")
+        params = int(size * GIB / 2)  # fp16
+        run_timed([tool, "synth", "-o", shards, "--params", str(params), "--mp", "1", "--dp", "2", "-q"])
+        path = os.path.join(work, "consolidated.pt")
+        run_timed([tool, "stitch", "-q", shards, "-o", path])
+        shutil.rmtree(shards)
+        nbytes = os.path.getsize(path)
+        print(f"== Python load: one consolidated torch file of {nbytes / GIB:.2f} GiB", flush=True)
+        steps = [Step(f"{nbytes / GIB:.1f} GiB: {name}", [PYTHON, "-c", LOAD_SCRIPT, path, python_path, how] + extra)
+                 for name, how, extra in (("ckpt_tool.load", "ckpt", []),
+                                          ("ckpt_tool.load(check_crc=False)", "ckpt-nocrc", []),
+                                          ("torch.load", "torch", []),
+                                          ("ckpt_tool.load + read every byte", "ckpt", ["all"]),
+                                          ("torch.load + read every byte", "torch", ["all"]))]
+        timed = timed_steps(steps, args, work)
+        for mine, theirs in ((timed[0], timed[2]), (timed[1], timed[2]), (timed[3], timed[4])):
+            mine["torch_ratio"] = theirs["seconds"] / mine["seconds"]
+            mine["torch_rss_ratio"] = theirs["rss"] / mine["rss"]
+        rows += timed
+        shutil.rmtree(work)
+    # The 992-shard grid (8 x 124, OPT-175B's): load it where it lies, or stitch it first.
+    work = os.path.join(args.work, "load-grid")
     shutil.rmtree(work, ignore_errors=True)
-    shards = os.path.join(work, "shards")
-    params = int(size * GIB / 2)  # fp16
-    run_timed([tool, "synth", "-o", shards, "--params", str(params), "--mp", "1", "--dp", "2", "-q"])
-    path = os.path.join(work, "consolidated.pt")
-    run_timed([tool, "stitch", "-q", shards, "-o", path])
-    shutil.rmtree(shards)
-    nbytes = os.path.getsize(path)
-    print(f"== Python load: one consolidated torch file of {nbytes / GIB:.2f} GiB", flush=True)
-    steps = [Step(name, [PYTHON, "-c", LOAD_SCRIPT, path, python_path, how] + extra)
-             for name, how, extra in (("ckpt_tool.load", "ckpt", []), ("torch.load", "torch", []),
-                                      ("ckpt_tool.load + read every byte", "ckpt", ["all"]),
-                                      ("torch.load + read every byte", "torch", ["all"]))]
-    rows = timed_steps(steps, args, work)
-    for mine, theirs in ((rows[0], rows[1]), (rows[2], rows[3])):
-        mine["torch_ratio"] = theirs["seconds"] / mine["seconds"]
-        mine["torch_rss_ratio"] = theirs["rss"] / mine["rss"]
+    grid = os.path.join(work, "grid")
+    run_timed([tool, "synth", "-q", "-o", grid, "--mp", "8", "--dp", "124", "--layers", "96", "--embed-dim", "128",
+               "--ffn-dim", "512", "--vocab", "1024", "--optimizer-state"])
+    print(f"== Python load: the 992-shard grid, {dir_bytes(grid) / GIB:.2f} GiB", flush=True)
+    out = os.path.join(work, "stitched.pt")
+    steps = [Step("992 shards: ckpt_tool.load", [PYTHON, "-c", LOAD_SCRIPT, grid, python_path, "ckpt"]),
+             Step("992 shards: stitch, then torch.load",
+                  ["sh", "-c", '"$1" stitch -q "$2" -o "$3" && "$4" -c "$5" "$3" "$6" torch',
+                   "sh", tool, grid, out, PYTHON, LOAD_SCRIPT, python_path],
+                  cleanup=lambda: os.path.exists(out) and os.remove(out))]
+    timed = timed_steps(steps, args, grid)
+    timed[0]["torch_ratio"] = timed[1]["seconds"] / timed[0]["seconds"]
+    timed[0]["torch_rss_ratio"] = timed[1]["rss"] / timed[0]["rss"]
+    rows += timed
     shutil.rmtree(work)
     return rows
 
@@ -776,11 +800,14 @@ def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, loa
         lines += [timed_row(r, ["cp_ratio", "torch_ratio", "torch_rss_ratio"], [r.get("read", "")])
                   for r in ds_rows]
     if load_rows:
-        lines += ["", f"Python: `ckpt_tool.load` of one consolidated torch file of {args.python_load} GiB (fp16, "
-                  "`ckpt-tool synth` then `stitch`) beside `torch.load` of it, each in a fresh `/usr/bin/python3` "
-                  "(the interpreter and torch's import included), alone and then reading every byte of the state "
-                  f"dict. Median and worst of {args.grid_repeats} runs, the file read and `sync` before each.", "",
-                  "| step | median s | worst s | runs | peak RSS MiB | torch / this, time | torch / this, RSS |",
+        lines += ["", f"Python: `ckpt_tool.load` of one consolidated torch file of each size ({args.python_load} "
+                  "GiB; fp16, `ckpt-tool synth` then `stitch`) beside `torch.load` of it, each in a fresh "
+                  "`/usr/bin/python3` (the interpreter and torch's import included), alone and then reading every "
+                  "byte of the state dict; `ckpt_tool.load` checks every record's CRC-32 by default. Then the "
+                  "992-shard grid (8 x 124, 96 layers, Adam state): `ckpt_tool.load` of the shards beside `stitch` "
+                  "to a file followed by `torch.load` of it (one shell, its time and the largest RSS of its two "
+                  f"processes). Median and worst of {args.grid_repeats} runs, the input read and `sync` before each.",
+                  "", "| step | median s | worst s | runs | peak RSS MiB | torch / this, time | torch / this, RSS |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [timed_row(r, ["torch_ratio", "torch_rss_ratio"]) for r in load_rows]
     text = "\n".join(lines) + "\n" + kept_section(args.results, MEASURED_WHILE_DESIGNING)

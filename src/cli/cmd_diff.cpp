@@ -500,6 +500,7 @@ Action add_diff_command(CLI::App& app) {
     for (const TensorDiff& diff : report.noted) fmt::print(out(), "note: {}: {}\n", printable(diff.name), diff.note);
     for (const std::string& line : objects) fmt::print(out(), "object {}\n", printable(line));
     fmt::print(
+        out(),
         "{}: {} tensors compared ({} tensor bytes in A) in {:.2f} s; {} differ, {}{} only in A, {} only in B{}\n",
         equal ? "equal" : "different", report.compared, human_bytes(report.compared_tensor_bytes), seconds, differ,
         not_comparable == 0 ? "" : fmt::format("{} not comparable (shape/dtype), ", not_comparable),
@@ -507,6 +508,7 @@ Action add_diff_command(CLI::App& app) {
         objects.empty() ? "" : fmt::format(", {} object difference(s)", objects.size()));
     if (sets)
       fmt::print(
+          out(),
           "note: a set of files is compared by its model state dict: optimizer state and other objects are not\n");
     return equal ? 0 : 1;
   };

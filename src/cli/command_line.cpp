@@ -73,13 +73,28 @@ int CommandLine::run() const {
   throw Error(ErrorKind::Usage, "no command given");
 }
 
+std::vector<std::pair<std::string, bool>> CommandLine::flags_of(const std::string& command) const {
+  std::vector<std::pair<std::string, bool>> out;
+  for (const auto& [sub, action] : actions_) {
+    if (sub->get_name() != command) continue;
+    for (const CLI::Option* option : sub->get_options()) {
+      for (const std::string& name : option->get_lnames()) {
+        if (name != "help") out.emplace_back(name, option->get_expected_min() != 0);
+      }
+    }
+  }
+  return out;
+}
+
 int run_in_process(const std::vector<std::string>& args, Session& session) {
   CommandLine line(kVersionString);
   std::vector<std::string> reversed(args.rbegin(), args.rend());  // (CLI11 takes them last first)
   try {
     line.app().parse(reversed);
+  } catch (const CLI::Success&) {  // --help, --version: the terminal's
+    throw Error(ErrorKind::Usage, fmt::format("--help and --version are the command line's: run `ckpt-tool {} --help`",
+                                              args.empty() ? std::string() : printable(args.front())));
   } catch (const CLI::ParseError& e) {
-    // --help and --version are the terminal's: here, usage errors like any other.
     throw Error(ErrorKind::Usage, fmt::format("{} (see `ckpt-tool {} --help`)", printable(e.what()),
                                               args.empty() ? std::string() : printable(args.front())));
   }
@@ -87,6 +102,8 @@ int run_in_process(const std::vector<std::string>& args, Session& session) {
   try {
     return line.run();
   } catch (const Error&) {
+    throw;
+  } catch (const InternalError&) {  // a bug: never told as bad input
     throw;
   } catch (const std::system_error& e) {  // std::filesystem's, of a system call
     const bool os = e.code().category() == std::generic_category() || e.code().category() == std::system_category();

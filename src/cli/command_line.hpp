@@ -9,6 +9,7 @@
 #include <memory>
 #include <ostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ckpt/exec/exec.hpp"
@@ -58,6 +59,9 @@ class CommandLine {
   // After parsing: the command given ("" if none) and running it (its exit code).
   std::string command() const;
   int run() const;
+  // The long flags of `command` (no "--", --help left out), each with whether it
+  // takes a value; empty for no such command.
+  std::vector<std::pair<std::string, bool>> flags_of(const std::string& command) const;
 
  private:
   std::unique_ptr<CLI::App> app_;
@@ -66,8 +70,8 @@ class CommandLine {
 
 // Runs `args` (a command and its arguments, no program name) in this process
 // under `session`. Errors are thrown as ckpt::Error (a malformed command line as
-// a usage error with CLI11's message); the command's exit code is returned (diff:
-// 1 for "different").
+// a usage error with CLI11's message, std::filesystem's by their errno), a bug
+// as InternalError; the command's exit code is returned (diff: 1 for "different").
 int run_in_process(const std::vector<std::string>& args, Session& session);
 
 }  // namespace ckpt::cli

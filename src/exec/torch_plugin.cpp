@@ -46,7 +46,10 @@ const Plugin& plugin() {
   static std::once_flag once;
   static std::string failure;
   std::call_once(once, [] {
+    // The first that loads and has this ckpt-tool's interface; past one that
+    // does not (a stale build tree beside an installed module), the next.
     std::string tried;
+    std::string refused;
     for (const std::string& path : candidates()) {
       if (!std::filesystem::exists(path)) {
         tried += (tried.empty() ? "" : ", ") + path;
@@ -54,22 +57,30 @@ const Plugin& plugin() {
       }
       void* handle = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
       if (handle == nullptr) {
-        failure = fmt::format("cannot load {}: {}", path, ::dlerror());
-        return;
+        if (refused.empty()) refused = fmt::format("cannot load {}: {}", path, ::dlerror());
+        continue;
       }
       auto abi_version = reinterpret_cast<ckpt_torch_abi_version_fn>(::dlsym(handle, "ckpt_torch_abi_version"));
-      loaded.convert = reinterpret_cast<ckpt_torch_convert_fn>(::dlsym(handle, "ckpt_torch_convert"));
-      if (abi_version == nullptr || loaded.convert == nullptr) {
-        failure = path + " is not ckpt-tool's LibTorch plugin";
-      } else if (int version = abi_version(); version != CKPT_TORCH_PLUGIN_VERSION) {
-        failure = fmt::format(
-            "{} is ckpt-tool's LibTorch plugin of interface version {}, this ckpt-tool needs version {}: install "
-            "the libckpt_torch.so built with it (or point CKPT_TORCH_PLUGIN at it)",
-            path, version, CKPT_TORCH_PLUGIN_VERSION);
+      auto convert = reinterpret_cast<ckpt_torch_convert_fn>(::dlsym(handle, "ckpt_torch_convert"));
+      if (abi_version == nullptr || convert == nullptr) {
+        if (refused.empty()) refused = path + " is not ckpt-tool's LibTorch plugin";
+        continue;
       }
+      if (int version = abi_version(); version != CKPT_TORCH_PLUGIN_VERSION) {
+        if (refused.empty()) {
+          refused = fmt::format(
+              "{} is ckpt-tool's LibTorch plugin of interface version {}, this ckpt-tool needs version {}: install "
+              "the libckpt_torch.so built with it (or point CKPT_TORCH_PLUGIN at it)",
+              path, version, CKPT_TORCH_PLUGIN_VERSION);
+        }
+        continue;
+      }
+      loaded.convert = convert;
       return;
     }
-    failure = "this needs LibTorch, through libckpt_torch.so, which is not installed (looked for " + tried + ")";
+    failure = !refused.empty()
+                  ? refused
+                  : "this needs LibTorch, through libckpt_torch.so, which is not installed (looked for " + tried + ")";
   });
   if (!failure.empty()) throw Error(failure);
   return loaded;

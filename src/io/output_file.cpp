@@ -90,13 +90,29 @@ std::string temp_prefix(const std::string& target_path) {
   return fmt::format(".{}.ckpt-tmp-", fs::path(target_path).filename().string());
 }
 
-// True while a ckpt-tool process with this pid runs (on this machine).
+// True while a process with this pid runs ckpt-tool's code on this machine:
+// the command line, or a Python process with the module _ckpt_tool loaded.
 bool writer_alive(long pid) {
   if (pid <= 0 || (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH)) return false;
   std::ifstream comm(fmt::format("/proc/{}/comm", pid));
   std::string name;
   if (!std::getline(comm, name)) return true;  // cannot tell: leave it
-  return name.starts_with("ckpt-tool");
+  if (name.starts_with("ckpt-tool")) return true;
+  std::ifstream maps(fmt::format("/proc/{}/maps", pid));
+  if (!maps) return true;
+  for (std::string line; std::getline(maps, line);) {
+    if (line.find("/_ckpt_tool.") != std::string::npos) return true;
+  }
+  return false;
+}
+
+// True while another run of this process (a thread of a Python program) writes `path`.
+bool written_here(const std::string& path) {
+  std::lock_guard lock(g_cleanup_mutex);
+  for (CleanupEntry* entry = g_cleanup_head.load(); entry != nullptr; entry = entry->next) {
+    if (entry->active.load() && !entry->directory && path == entry->path) return true;
+  }
+  return false;
 }
 
 // Removes the temporary files of `target_path` whose writer no longer runs.
@@ -110,9 +126,13 @@ void remove_stale_temps(const std::string& target_path, const std::function<void
     if (pid_text.empty() || pid_text.find_first_not_of("0123456789") != std::string::npos || pid_text.size() > 9) {
       continue;
     }
-    // This process has not created its own yet: one with its pid was left by
-    // an earlier process that had the same pid.
+    // One with this process's pid and no run of this process writing it was
+    // left by an earlier process that had the same pid.
     long pid = std::stol(pid_text);
+    if (pid == ::getpid() && written_here(entry.path().string())) {
+      throw Error(ErrorKind::Usage, Location{target_path, "", std::nullopt},
+                  "another run of this process is writing this output now");
+    }
     if (pid != ::getpid() && writer_alive(pid)) continue;
     if (::unlink(entry.path().c_str()) == 0 && notice) {
       notice(fmt::format("removed {}, left by an interrupted run (process {} is no ckpt-tool run now)",

@@ -20,7 +20,12 @@ namespace {
 constexpr std::uint64_t kMaxViewPieces = std::uint64_t{1} << 22;
 }  // namespace
 
-TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file) {
+TensorSource source_of(const StoredTensor& tensor, const ManifestFile& in, std::uint32_t file) {
+  return source_of(tensor, in.place(tensor).file_byte_offset, file, in.path);
+}
+
+TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file,
+                       const std::string& path) {
   TensorSource out;
   out.dtype = tensor.dtype;
   out.shape = tensor.shape;
@@ -53,7 +58,7 @@ TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offse
   for (std::size_t d = 0; d < rows_dim; ++d) {
     pieces *= static_cast<std::uint64_t>(tensor.shape[d]);  // (each extent below numel, itself capped)
     if (pieces > kMaxViewPieces) {
-      throw Error(Location{"", tensor.path, std::nullopt},
+      throw Error(Location{path, tensor.path, file_byte_offset},
                   fmt::format("a view of shape {} and strides {} lies in more than {} separate runs of its storage: "
                               "more than ckpt-tool copies for one tensor",
                               shape_text(tensor.shape), shape_text(tensor.stride), kMaxViewPieces));
@@ -162,8 +167,7 @@ std::vector<NamedTensor> unflatten(const Manifest& manifest, const std::vector<i
           throw Error(Location{shard.path, path, shard.place(*tensor).file_byte_offset},
                       fmt::format("padding {} exceeds the {} elements held", padding, held));
         }
-        TensorSource whole =
-            source_of(*tensor, shard.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[d]));
+        TensorSource whole = source_of(*tensor, shard, static_cast<std::uint32_t>(shard_files[d]));
         std::uint64_t real_bytes = static_cast<std::uint64_t>(held - padding) * dtype_info(tensor->dtype).itemsize;
         real_parts.push_back(whole.slice(0, real_bytes, {held - padding}));
         if (instance.no_broadcast_optim_state) break;  // kept whole on every rank
@@ -218,10 +222,8 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
       if (tensor == nullptr)
         tensor = find_tensor(first, state_dict_path(kModelPrefix, buffer));  // an EMA copy may hold parameters only
       if (tensor == nullptr || !taken.insert(buffer).second) continue;
-      out.push_back(
-          {buffer,
-           source_of(*tensor, first.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
-           std::nullopt, kind_of(*tensor)});
+      out.push_back({buffer, source_of(*tensor, first, static_cast<std::uint32_t>(shard_files[0])), std::nullopt,
+                     kind_of(*tensor)});
     }
   };
 
@@ -273,9 +275,8 @@ std::vector<NamedTensor> consolidate_part(const Manifest& manifest, const std::v
       } else if (tensor->alias_of && tensor->alias_of->starts_with(prefix)) {
         out.push_back({key, {}, unescape_label(std::string_view(*tensor->alias_of).substr(prefix.size()))});
       } else {
-        out.push_back(
-            {key, source_of(*tensor, first.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
-             std::nullopt, kind_of(*tensor)});
+        out.push_back({key, source_of(*tensor, first, static_cast<std::uint32_t>(shard_files[0])), std::nullopt,
+                       kind_of(*tensor)});
       }
     }
     if (prefix != kModelPrefix) {

@@ -429,7 +429,7 @@ StateDict dcp_state_dict(const Manifest& manifest, const StateDictOptions& /*opt
       std::size_t index = by_name.at(tensor["chunks"][c]["file"].get<std::string>());
       const ManifestFile& file = manifest.files[index];
       const StoredTensor& chunk = *find_tensor(file, chunk_path(key, c));
-      parts.push_back(source_of(chunk, file.place(chunk).file_byte_offset, static_cast<std::uint32_t>(index)));
+      parts.push_back(source_of(chunk, file, static_cast<std::uint32_t>(index)));
     }
     NamedTensor named;  // (built field by field: GCC 12 warns of the brace form's default alias_of)
     named.name = state_dict_name(key);
@@ -461,7 +461,7 @@ StateDict dcp_state_dict(const Manifest& manifest, const StateDictOptions& /*opt
       if (tensor.alias_of) {
         named.alias_of = std::string(kModelPrefix) + *tensor.alias_of;
       } else {
-        named.source = source_of(tensor, file.places[i].file_byte_offset, static_cast<std::uint32_t>(index));
+        named.source = source_of(tensor, file, static_cast<std::uint32_t>(index));
       }
       out.tensors.push_back(std::move(named));
       ++out.object_tensors;

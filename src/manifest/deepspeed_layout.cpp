@@ -531,7 +531,7 @@ struct Unflattened {
 
 TensorSource stored_source(const std::vector<ManifestFile>& files, int index, const StoredTensor& tensor) {
   const ManifestFile& file = files[static_cast<std::size_t>(index)];
-  return source_of(tensor, file.place(tensor).file_byte_offset, static_cast<std::uint32_t>(index));
+  return source_of(tensor, file, static_cast<std::uint32_t>(index));
 }
 
 Unflattened unflatten_set(const std::vector<ManifestFile>& files, DsSet& set) {

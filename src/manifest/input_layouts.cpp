@@ -268,7 +268,7 @@ std::vector<ReplicatedCheck> data_parallel_checks(const Manifest& manifest, cons
         const ManifestFile& shard = manifest.files.at(static_cast<std::size_t>(index));
         const StoredTensor* copy = find_tensor(shard, tensor->path);
         if (copy == nullptr) break;  // the set check reports a shard without it
-        check.parts.push_back(source_of(*copy, shard.place(*copy).file_byte_offset, static_cast<std::uint32_t>(index)));
+        check.parts.push_back(source_of(*copy, shard, static_cast<std::uint32_t>(index)));
       }
       if (check.parts.size() == shards.size()) checks.push_back(std::move(check));
     }
@@ -290,7 +290,7 @@ StateDict torch_state_dict(const Manifest& manifest, const StateDictOptions& opt
       } else if (const StoredTensor* tie = options.state_dict_only ? views.tied_to(tensor) : nullptr) {
         out.tensors.push_back({tensor.path, {}, tie->path});
       } else {
-        out.tensors.push_back({tensor.path, source_of(tensor, file.place(tensor).file_byte_offset, 0), std::nullopt});
+        out.tensors.push_back({tensor.path, source_of(tensor, file, 0), std::nullopt});
       }
     }
     return out;
@@ -313,8 +313,7 @@ StateDict safetensors_state_dict(const Manifest& manifest, const StateDictOption
   const auto& files = manifest.files;
   for (std::size_t i = 0; i < files.size(); ++i) {
     for (const StoredTensor& tensor : files[i].tensors) {
-      out.tensors.push_back(
-          {tensor.path, source_of(tensor, files[i].place(tensor).file_byte_offset, static_cast<std::uint32_t>(i))});
+      out.tensors.push_back({tensor.path, source_of(tensor, files[i], static_cast<std::uint32_t>(i))});
     }
   }
   return out;

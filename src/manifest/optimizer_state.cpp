@@ -59,10 +59,8 @@ std::vector<NamedTensor> consolidate_optimizer_state(const Manifest& manifest, c
   for (std::size_t i = 0; i < params.size(); ++i) {
     const StoredTensor* state = find_tensor(first, optimizer_state_path(i, state_name));
     check_invariant(state != nullptr, "a state optimizer_state_names has checked");
-    out.push_back({params[i].first,
-                   source_of(*state, first.place(*state).file_byte_offset, static_cast<std::uint32_t>(shard_files[0])),
-                   std::nullopt,
-                   {}});
+    out.push_back(
+        {params[i].first, source_of(*state, first, static_cast<std::uint32_t>(shard_files[0])), std::nullopt, {}});
   }
   return out;
 }

@@ -107,7 +107,7 @@ std::optional<OptimizerStep> optimizer_step(const ManifestFile& file, int index)
   if (tensor == nullptr || tensor->alias_of) {
     throw Error(Location{file.path, path, std::nullopt}, "a step that is neither an int nor a tensor");
   }
-  TensorSource source = source_of(*tensor, file.place(*tensor).file_byte_offset, static_cast<std::uint32_t>(index));
+  TensorSource source = source_of(*tensor, file, static_cast<std::uint32_t>(index));
   return OptimizerStep{0, NamedTensor{path, tensor->dtype, source, std::nullopt}};
 }
 

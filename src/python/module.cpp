@@ -17,6 +17,9 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -24,6 +27,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -35,6 +39,7 @@
 #include "ckpt/format/checkpoint.hpp"
 #include "ckpt/io/crc32.hpp"
 #include "ckpt/io/parallel.hpp"
+#include "ckpt/io/version.hpp"
 #include "ckpt/manifest/describe.hpp"
 #include "ckpt/manifest/input_layouts.hpp"
 #include "ckpt/manifest/manifest_json.hpp"
@@ -73,7 +78,7 @@ struct Loaded {
   // The files' zip records and CRC-32s (plan_source), and the records checked so far.
   std::vector<PlanSource> sources;
   std::set<std::pair<std::uint32_t, std::size_t>> checked;
-  std::mutex checked_mutex;
+  std::mutex check_mutex;
 };
 
 std::shared_ptr<Loaded> load(std::vector<std::string> paths, const std::string& tag) {
@@ -103,11 +108,23 @@ std::shared_ptr<Loaded> load(std::vector<std::string> paths, const std::string& 
   // state): the model's tensors are the state dict.
   const bool has_model = std::any_of(state.tensors.begin(), state.tensors.end(),
                                      [](const NamedTensor& t) { return t.name.starts_with(kModelPrefix); });
-  std::map<std::string, std::string> keys;  // name -> key, for ties
+  std::map<std::string, std::string> keys;   // name -> key, for ties
+  std::map<std::string, std::string> named;  // key -> name: two names joined into one key are refused
   for (NamedTensor& tensor : state.tensors) {
     if (has_model && !tensor.name.starts_with(kModelPrefix)) continue;
+    const std::string key = key_of(tensor.name);
+    if (auto [other, added] = named.emplace(key, tensor.name); !added) {
+      std::string file;
+      for (const Piece& piece : tensor.source.pieces) {
+        if (piece.mapped()) file = out->inputs->files().at(piece.source)->path();
+      }
+      throw Error(ErrorKind::BadInput, Location{file, tensor.name, std::nullopt},
+                  fmt::format("it and {} are both the state dict key '{}' (names joined by '.'): load would keep one "
+                              "of them",
+                              printable(other->second), printable(key)));
+    }
     out->names.push_back(tensor.name);
-    keys.emplace(tensor.name, key_of(tensor.name));
+    keys.emplace(tensor.name, key);
     tensor.name = keys.at(tensor.name);
     out->tensors.push_back(std::move(tensor));
   }
@@ -161,6 +178,9 @@ class Reader {
   void read_into(std::size_t i, const py::buffer& out) const {
     const NamedTensor& tensor = at(i);
     py::buffer_info info = out.request(/*writable=*/true);
+    if (info.ndim != 1 || info.strides[0] != info.itemsize) {
+      throw Error(ErrorKind::Usage, tensor.name + ": read_into needs a contiguous one-dimensional buffer");
+    }
     const std::uint64_t itemsize = dtype_info(tensor.dtype()).itemsize;
     const std::uint64_t nbytes = tensor.source.numel() * itemsize;
     if (static_cast<std::uint64_t>(info.size * info.itemsize) != nbytes) {
@@ -196,48 +216,53 @@ class Reader {
   // from the mapping (pread: no page of the process's own). Returns the bytes read.
   std::uint64_t check(std::size_t i) const {
     const NamedTensor& tensor = at(i);
+    py::gil_scoped_release unlocked;
+    // One check at a time per Reader: a record is marked checked only once its
+    // CRC matched, and a second thread waits for the first's verdict.
+    std::lock_guard serial(loaded_->check_mutex);
     std::vector<std::pair<std::uint32_t, std::size_t>> records;
-    {
-      std::lock_guard lock(loaded_->checked_mutex);
-      for (const Piece& piece : tensor.source.pieces) {
-        if (!piece.mapped() || piece.nbytes == 0) continue;
-        const PlanSource& source = loaded_->sources.at(piece.source);
-        if (!source.has_crcs) continue;
-        const std::uint64_t last =
-            piece.source_offset + (piece.rows - 1) * piece.source_stride + piece.source_nbytes() - 1;
-        for (std::uint64_t offset : {piece.source_offset, last}) {
-          std::optional<std::size_t> record = record_index(source, offset);
-          if (!record) {
-            throw Error(ErrorKind::CorruptData, Location{source.path, tensor.name, offset},
-                        "the tensor's bytes lie outside the file's storage records");
-          }
-          if (loaded_->checked.insert({piece.source, *record}).second) records.emplace_back(piece.source, *record);
-        }
+    for (const Piece& piece : tensor.source.pieces) {
+      if (!piece.mapped() || piece.nbytes == 0) continue;
+      const PlanSource& source = loaded_->sources.at(piece.source);
+      if (!source.has_crcs) continue;
+      const std::uint64_t end = piece.source_offset + (piece.rows - 1) * piece.source_stride + piece.source_nbytes();
+      std::optional<std::size_t> record = record_index(source, piece.source_offset);
+      if (!record || end > source.records[*record].end()) {
+        throw Error(ErrorKind::CorruptData, Location{source.path, tensor.name, piece.source_offset},
+                    "the tensor's bytes do not lie in one storage record of the file");
+      }
+      const std::pair<std::uint32_t, std::size_t> key{piece.source, *record};
+      if (!loaded_->checked.contains(key) && std::find(records.begin(), records.end(), key) == records.end()) {
+        records.push_back(key);
       }
     }
-    py::gil_scoped_release unlocked;
-    std::uint64_t read = 0;
-    std::mutex read_mutex;
-    parallel_for(records.size(), resolve_threads(0), [&] {
-      return [&, buffer = std::vector<std::byte>()](std::size_t r) mutable {
-        const auto [file, index] = records[r];
-        const CheckedRange& record = loaded_->sources[file].records[index];
-        const MappedFile& mapped = *loaded_->inputs->files()[file];
-        const std::uint32_t crc = crc32_update_from(0, mapped, record.offset, record.nbytes, buffer);
-        {
-          std::lock_guard lock(read_mutex);
+    std::atomic<std::uint64_t> read{0};
+    std::vector<char> sound(records.size(), 0);
+    std::exception_ptr failure;
+    try {
+      parallel_for(records.size(), resolve_threads(0), [&] {
+        return [&, buffer = std::vector<std::byte>()](std::size_t r) mutable {
+          const auto [file, index] = records[r];
+          const CheckedRange& record = loaded_->sources[file].records[index];
+          const MappedFile& mapped = *loaded_->inputs->files()[file];
+          const std::uint32_t crc = crc32_update_from(0, mapped, record.offset, record.nbytes, buffer);
           read += record.nbytes;
-        }
-        if (crc != record.crc32) {
-          std::lock_guard lock(loaded_->checked_mutex);
-          loaded_->checked.erase({file, index});  // (still wrong when asked again)
-          throw Error(ErrorKind::CorruptData, Location{mapped.path(), tensor.name, record.offset},
-                      fmt::format("CRC-32 of the data is 0x{:08x}, the zip directory says 0x{:08x} (corrupted data)",
-                                  crc, record.crc32));
-        }
-      };
-    });
-    return read;
+          if (crc != record.crc32) {
+            throw Error(ErrorKind::CorruptData, Location{mapped.path(), tensor.name, record.offset},
+                        fmt::format("CRC-32 of the data is 0x{:08x}, the zip directory says 0x{:08x} (corrupted data)",
+                                    crc, record.crc32));
+          }
+          sound[r] = 1;
+        };
+      });
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    for (std::size_t r = 0; r < records.size(); ++r) {
+      if (sound[r] != 0) loaded_->checked.insert(records[r]);
+    }
+    if (failure) std::rethrow_exception(failure);
+    return read.load();
   }
 
   std::size_t size() const { return loaded_->tensors.size(); }
@@ -280,37 +305,61 @@ class Reader {
 // A command's run in process: its exit code, its stdout text and the outputs it wrote.
 using CommandResult = std::tuple<int, py::bytes, std::vector<py::bytes>>;
 
-// Runs a command line (the command and its arguments) as ckpt-tool would, the
-// GIL released. `progress(done, total)` is called from the copy threads (with
-// the GIL) every 200 ms at most; an exception it raises, KeyboardInterrupt
-// included, stops the copy (no output is left) and is raised here.
+// Runs a command line (the command and its arguments) as ckpt-tool would, on a
+// thread of its own. This thread waits for it without the GIL and, every 100
+// ms, takes the GIL to look for signals (Ctrl-C) and to call `progress(done,
+// total)` with the copy's latest figures. An exception either raises stops the
+// copy at its next unit (no output is left) and is raised here once the command
+// has returned; the copy threads never take the GIL.
 CommandResult run(const std::vector<std::string>& args, const py::object& progress) {
   cli::Session session;
   std::ostringstream text;
   session.out = &text;
-  std::optional<py::error_already_set> raised;
-  std::mutex raised_mutex;
-  session.progress = [&](std::uint64_t done, std::uint64_t total) {
-    py::gil_scoped_acquire gil;
-    std::lock_guard lock(raised_mutex);
-    if (!raised) {
-      try {
-        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-        if (!progress.is_none()) progress(done, total);
-      } catch (py::error_already_set& e) {
-        raised.emplace(std::move(e));
-      }
-    }
-    if (raised) throw Error(ErrorKind::Usage, "stopped by Python");
+  std::atomic<std::uint64_t> done{0};
+  std::atomic<std::uint64_t> total{0};
+  std::atomic<bool> reported{false};
+  std::atomic<bool> stop{false};
+  session.progress = [&](std::uint64_t now_done, std::uint64_t now_total) {
+    done.store(now_done);
+    total.store(now_total);
+    reported.store(true);
+    if (stop.load()) throw Error(ErrorKind::Usage, "stopped by Python");
   };
   int code = 0;
-  try {
-    py::gil_scoped_release unlocked;
-    code = cli::run_in_process(args, session);
-  } catch (const Error&) {
-    if (raised) throw std::move(*raised);
-    throw;
+  std::exception_ptr failure;
+  bool finished = false;
+  std::mutex mutex;
+  std::condition_variable ended;
+  std::thread command([&] {
+    try {
+      code = cli::run_in_process(args, session);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    std::lock_guard lock(mutex);
+    finished = true;
+    ended.notify_all();
+  });
+  std::optional<py::error_already_set> raised;
+  for (bool last = false; !last;) {
+    {
+      py::gil_scoped_release unlocked;
+      std::unique_lock lock(mutex);
+      ended.wait_for(lock, std::chrono::milliseconds(100), [&] { return finished; });
+      last = finished;
+    }
+    if (raised) continue;
+    try {
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (reported.exchange(false) && !progress.is_none()) progress(done.load(), total.load());
+    } catch (py::error_already_set& e) {
+      raised.emplace(std::move(e));
+      stop.store(true);
+    }
   }
+  command.join();
+  if (raised) throw std::move(*raised);
+  if (failure) std::rethrow_exception(failure);
   std::vector<py::bytes> written;
   for (const std::string& path : session.written) written.emplace_back(path);
   return {code, py::bytes(text.str()), written};
@@ -331,6 +380,7 @@ PYBIND11_MODULE(_ckpt_tool, m) {
   static py::exception<ckpt::Error> corrupt(m, "CorruptDataError", base.ptr());
   static py::exception<ckpt::Error> io(m, "IoError", base.ptr());
   static py::exception<ckpt::Error> no_space(m, "NoSpaceError", base.ptr());
+  static py::exception<ckpt::Error> internal(m, "InternalError", base.ptr());
   py::register_exception_translator([](std::exception_ptr thrown) {
     try {
       if (thrown) std::rethrow_exception(thrown);
@@ -343,6 +393,8 @@ PYBIND11_MODULE(_ckpt_tool, m) {
         case ckpt::ErrorKind::NoSpace: no_space(e.what()); return;
         default: bad_input(e.what()); return;
       }
+    } catch (const ckpt::InternalError& e) {
+      internal(e.what());
     }
   });
   py::class_<MappedRange>(m, "MappedRange", py::buffer_protocol()).def_buffer([](MappedRange& range) {
@@ -358,6 +410,10 @@ PYBIND11_MODULE(_ckpt_tool, m) {
       .def("objects_json", &Reader::objects_json)
       .def("__len__", &Reader::size);
   m.def("run", &run, py::arg("args"), py::arg("progress") = py::none());
+  m.def(
+      "flags_of",
+      [](const std::string& command) { return ckpt::cli::CommandLine(ckpt::kVersionString).flags_of(command); },
+      py::arg("command"));
   // The LibTorch plugin (dtype conversion), where meson built and installs it.
   std::vector<std::string> plugin;
   std::string_view paths = CKPT_TORCH_PLUGIN_PATHS;

@@ -26,7 +26,9 @@ if PYTHONPATH:
 
 
 def _built():
-    return bool(PYTHONPATH)  # (a build without pybind11 has no module: these tests are skipped)
+    if not PYTHONPATH:  # (a build without pybind11, a sanitizer build: no module)
+        print("skip: no Python module in this build (CKPT_PYTHONPATH unset)")
+    return bool(PYTHONPATH)
 
 
 def _same(got, want, where, ordered=True):
@@ -149,7 +151,8 @@ def test_arguments_of_the_wrong_kind():
     torch.save({"w": torch.ones(2)}, path)
     for call, kind in ((lambda: ckpt_tool.load(""), ValueError), (lambda: ckpt_tool.load([]), ValueError),
                        (lambda: ckpt_tool.load(5), TypeError), (lambda: ckpt_tool.load([path, 5]), TypeError),
-                       (lambda: ckpt_tool.load(path, dtype="float16"), TypeError),
+                       (lambda: ckpt_tool.load(path, dtype="float17"), TypeError),
+                       (lambda: ckpt_tool.load(path + "\0x"), ValueError),
                        (lambda: ckpt_tool.load(path, dtype=torch.int64), TypeError),
                        (lambda: ckpt_tool.load(path, filter=5), TypeError),
                        (lambda: ckpt_tool.load(path, filter="("), ValueError)):
@@ -158,6 +161,16 @@ def test_arguments_of_the_wrong_kind():
         except kind:
             continue
         raise AssertionError(f"no {kind.__name__}")
+    assert ckpt_tool.load(path, dtype="bf16")["w"].dtype == torch.bfloat16  # the command line's names too
+    # two tensors whose names join into one key: refused, not one of them dropped
+    both = os.path.join(work, "both.pt")
+    torch.save({"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}, both)
+    try:
+        ckpt_tool.load(both)
+    except ckpt_tool.BadInputError as e:
+        assert "both.pt: a/b: it and a.b are both the state dict key 'a.b'" in str(e), str(e)
+    else:
+        raise AssertionError("two tensors loaded under one key")
     # a file name that is no UTF-8 reaches the reader as it is
     odd = os.path.join(os.fsencode(work), b"\xff.pt")
     shutil.copy(path, odd)
@@ -225,7 +238,7 @@ def test_corrupt_bytes_raise_and_name_the_file_and_tensor():
         try:
             call()
         except ckpt_tool.CorruptDataError as e:
-            assert "model.pt" in str(e) and "a" in str(e) and "CRC-32" in str(e), str(e)
+            assert "model.pt: a: at byte" in str(e) and "CRC-32" in str(e), str(e)
         else:
             raise AssertionError("a corrupt byte loaded")
     assert torch.equal(ckpt_tool.open(path)["b"], torch.ones(1000))  # the other record is sound
@@ -316,8 +329,11 @@ def test_the_commands_run_in_process_as_the_command_line_runs_them():
     # errors: their class and the command line's line
     for call, kind, fragment in (
             (lambda: ckpt_tool.stitch(case, os.path.join(py, "model.pt")), ckpt_tool.Error, "already exists"),
-            (lambda: ckpt_tool.stitch(case, os.path.join(work, "x.pt"), no_such_flag=1), ckpt_tool.UsageError,
-             "--no-such-flag"),
+            (lambda: ckpt_tool.stitch(case, os.path.join(work, "x.pt"), no_such_flag=1), TypeError, "no_such_flag"),
+            # a flag that takes a value given True would take the next argument as its value
+            (lambda: ckpt_tool.stitch(case, os.path.join(work, "x.pt"), save_plan=True), TypeError, "takes a value"),
+            (lambda: ckpt_tool.stitch(case, os.path.join(work, "x\0.pt")), ValueError, "null byte"),
+            (lambda: ckpt_tool.stitch(case, os.path.join(work, "x.pt"), dtype="fp8"), ckpt_tool.UsageError, "fp8"),
             (lambda: ckpt_tool.reshard(case, os.path.join(work, "x.pt"), mp=1, dp=3), ckpt_tool.UsageError, "{d}"),
             (lambda: ckpt_tool.inspect(os.path.join(work, "none")), ckpt_tool.IoError, "none")):
         try:
@@ -326,18 +342,53 @@ def test_the_commands_run_in_process_as_the_command_line_runs_them():
             assert fragment in str(e), (fragment, str(e))
         else:
             raise AssertionError(f"no {kind.__name__}: {fragment}")
-    # a progress callback that raises stops the copy: the exception is raised, no output or temp file is left
-    def stop(done, total):
-        raise KeyboardInterrupt
+    # text output comes back too (diff without --json is not a function, but run() is the command line)
+    from ckpt_tool import _ckpt_tool
+    code, text, _ = _ckpt_tool.run([b"diff", os.fsencode(case), os.fsencode(os.path.join(cli, "model.pt"))])
+    assert code == 0 and text.startswith(b"equal: "), text
 
-    before = sorted(os.listdir(work))
-    try:
-        ckpt_tool.stitch(case, os.path.join(work, "stopped.pt"), progress=stop)
-    except KeyboardInterrupt:
+
+def test_ctrl_c_and_a_raising_callback_stop_the_copy_and_leave_nothing():
+    """A real SIGINT (from another thread, as a terminal's Ctrl-C reaches Python) and a
+    callback that raises, each during the copy of a 0.5 GiB stitch: the exception is
+    raised, no output and no temporary file is left; the next run writes it whole."""
+    if not _built():
+        return
+    import signal
+    import threading
+    work = harness.scratch("python-interrupt")
+    folder = os.path.join(work, "synth")
+    harness.run(["synth", "-q", "--params", "268e6", "--mp", "2", "--dp", "2", "--layers", "4", "-o", folder])
+    out = os.path.join(work, "out", "model.pt")
+    os.makedirs(os.path.dirname(out))
+    calls = []
+
+    def interrupt(done, total):
+        calls.append(done)
+        if len(calls) == 1:
+            threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)).start()
+
+    class Stop(Exception):
         pass
-    else:
-        raise AssertionError("the callback's exception was lost")
-    assert sorted(os.listdir(work)) == before, set(os.listdir(work)) ^ set(before)
+
+    def raising(done, total):
+        calls.append(done)
+        raise Stop
+
+    for callback, kind in ((interrupt, KeyboardInterrupt), (raising, Stop)):
+        calls.clear()
+        try:
+            # (one copy thread: the copy lasts about a second, the interrupt lands within 0.2 s)
+            ckpt_tool.stitch(folder, out, progress=callback, threads=1)
+        except kind:
+            pass
+        else:
+            raise AssertionError(f"no {kind.__name__}")
+        assert os.listdir(os.path.dirname(out)) == [], os.listdir(os.path.dirname(out))
+        assert calls and calls[0] < (512 << 20), calls  # stopped while copying
+    assert ckpt_tool.stitch(folder, out) == [out]
+    harness.run(["stitch", "-q", folder, "-o", os.path.join(work, "model.pt")])
+    assert filecmp.cmp(out, os.path.join(work, "model.pt"), shallow=False)
 
 
 if __name__ == "__main__":
@@ -350,4 +401,5 @@ if __name__ == "__main__":
                   test_open_reads_only_what_is_asked_for,
                   test_corrupt_bytes_raise_and_name_the_file_and_tensor,
                   test_load_of_1_gib_shares_the_files_pages,
-                  test_the_commands_run_in_process_as_the_command_line_runs_them])
+                  test_the_commands_run_in_process_as_the_command_line_runs_them,
+                  test_ctrl_c_and_a_raising_callback_stop_the_copy_and_leave_nothing])

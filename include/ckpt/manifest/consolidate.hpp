@@ -17,8 +17,12 @@ namespace ckpt {
 // The bytes of a manifest tensor in row-major order: one piece when it is
 // contiguous, otherwise one strided piece (a row per index of the innermost
 // dimension that is not contiguous) per index of the dimensions before it;
-// `file` is the pieces' source index.
-TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file);
+// `in` is the file holding it (where it is, and its path for messages), `file`
+// the pieces' source index.
+TensorSource source_of(const StoredTensor& tensor, const ManifestFile& in, std::uint32_t file);
+// The same at `file_byte_offset` of the file at `path`.
+TensorSource source_of(const StoredTensor& tensor, std::uint64_t file_byte_offset, std::uint32_t file,
+                       const std::string& path = {});
 
 // Throws Error naming the file and what it holds (describe_contents) when it
 // has no state dict of tensors at object path `state_dict`, flattened or not:

@@ -12,7 +12,9 @@ file. Like torch.load(mmap=True), such a tensor reads the file as it is now: do 
 rewrite or truncate a file whose tensors are in use (a truncated file's pages fault
 with SIGBUS), or load with mmap=False. A tensor glued from shards, cut from flat
 partitions or converted is read into a new tensor. Every tensor's bytes are checked against their zip records' CRC-32, as stitch
-checks what it copies (each record once; check_crc=False skips it).
+checks what it copies (each record once, read whole when its first tensor is
+asked for: load() so reads every byte of the file once, outside the mapping;
+check_crc=False skips it, and a view's pages are then read only when used).
 
 The commands run in this process, with their flags as keyword arguments
 (max_shard_size="2GB" for --max-shard-size 2GB, force=True for --force):
@@ -23,21 +25,23 @@ The commands run in this process, with their flags as keyword arguments
     result = ckpt_tool.diff("a.pt", "b.pt")         # result.equal, result.differing, ...
 
 Errors raise ckpt_tool.Error (UsageError, BadInputError, IncompleteSetError,
-CorruptDataError, IoError, NoSpaceError) with the line ckpt-tool prints;
+CorruptDataError, IoError, NoSpaceError; InternalError for a bug) with the line
+ckpt-tool prints;
 arguments of the wrong kind raise TypeError or ValueError.
 """
 import collections.abc
 import json
+import numbers
 import os
 import re
 
 import torch
 
-from ._ckpt_tool import (BadInputError, CorruptDataError, Error, IncompleteSetError, IoError, NoSpaceError,
-                         Reader, UsageError, run)
+from ._ckpt_tool import (BadInputError, CorruptDataError, Error, IncompleteSetError, InternalError, IoError,
+                         NoSpaceError, Reader, UsageError, flags_of, run)
 
 __all__ = ["load", "open", "stitch", "reshard", "inspect", "diff", "DiffResult", "Error", "UsageError",
-           "BadInputError", "IncompleteSetError", "CorruptDataError", "IoError", "NoSpaceError"]
+           "BadInputError", "IncompleteSetError", "CorruptDataError", "IoError", "NoSpaceError", "InternalError"]
 
 _DTYPES = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -125,15 +129,24 @@ def _paths(path_or_paths):
         for path in paths:
             if not isinstance(path, one):
                 raise TypeError(f"a path is a str, bytes or os.PathLike, not {type(path).__name__}")
-    encoded = [os.fsencode(path) for path in paths]
+    encoded = [_no_nul(os.fsencode(path), "a path") for path in paths]
     if not encoded or any(not path for path in encoded):
         raise ValueError("no path given" if not encoded else "an empty path")
     return encoded
 
 
+_DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
+                "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                "float64": torch.float64, "half": torch.float16, "float": torch.float32, "double": torch.float64}
+
+
 def _checked_dtype(dtype):
+    """A floating torch.dtype, or its name as the command line gives it ("bf16")."""
+    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"dtype converts floating tensors: a floating torch.dtype (torch.bfloat16, ...), not {dtype!r}")
+        raise TypeError(f"dtype converts floating tensors: a floating torch.dtype (torch.bfloat16, ...) or "
+                        f"one of {', '.join(_DTYPE_NAMES)}, not {dtype!r}")
     return dtype
 
 
@@ -177,32 +190,56 @@ def load(path_or_paths, *, filter=None, dtype=None, mmap=True, tag=None, check_c
     return {key: state[key] for key in state if pattern is None or pattern.search(key)}
 
 
-def _flags(flags):
-    """Keyword arguments as command-line flags: name_like_this=V is --name-like-this V;
-    True is the flag alone, False and None leave it out, a list repeats it."""
+_FLAGS = {}
+
+
+def _flags(command, flags):
+    """Keyword arguments as the command's flags: name_like_this=V is --name-like-this V;
+    True is a flag alone, False and None leave it out (a flag on by default stays
+    on: its opposite is a flag of its own, no_crc_check=True), a list repeats it.
+    A name the command has not, True for a flag that takes a value or a value for
+    one that takes none raise TypeError before anything runs."""
+    if command not in _FLAGS:
+        _FLAGS[command] = dict(flags_of(command))
+    known = _FLAGS[command]
     out = []
     for name, value in flags.items():
-        flag = b"--" + name.replace("_", "-").encode()
+        option = name.replace("_", "-")
+        if option not in known:
+            raise TypeError(f"{command}() got an unexpected keyword argument {name!r} (its flags: "
+                            f"{', '.join(sorted(k.replace('-', '_') for k in known))})")
+        flag = b"--" + option.encode()
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         for one in values:
             if one is None or one is False:
                 continue
-            if one is True:
+            if not known[option]:
+                if one is not True:
+                    raise TypeError(f"{name} is a flag: True or False, not {one!r}")
                 out.append(flag)
+            elif one is True:
+                raise TypeError(f"{name} takes a value (--{option} VALUE), not True")
             elif isinstance(one, torch.dtype):
                 out.append(flag + b"=" + str(one).removeprefix("torch.").encode())
-            elif isinstance(one, (str, bytes, os.PathLike, int, float)):
-                text = os.fsencode(one) if isinstance(one, (str, bytes, os.PathLike)) else str(one).encode()
-                out.append(flag + b"=" + text)
+            elif isinstance(one, (str, bytes, os.PathLike)):
+                out.append(flag + b"=" + _no_nul(os.fsencode(one), name))
+            elif isinstance(one, numbers.Real):
+                out.append(flag + b"=" + str(one).encode())
             else:
-                raise TypeError(f"{name}: a str, number, bool or list of them, not {type(one).__name__}")
+                raise TypeError(f"{name}: a str, path, number, bool or list of them, not {type(one).__name__}")
     return out
+
+
+def _no_nul(path, what):
+    if b"\0" in path:
+        raise ValueError(f"{what}: embedded null byte")
+    return path
 
 
 def _output(path):
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(f"output is a path (str, bytes or os.PathLike), not {type(path).__name__}")
-    return os.fsencode(path)
+    return _no_nul(os.fsencode(path), "output")
 
 
 def _run(command, flags, paths, progress):
@@ -214,8 +251,8 @@ def _run(command, flags, paths, progress):
 
 
 def _write(command, inputs, output, progress, quiet, flags):
-    flags = dict(flags, quiet=quiet, output=_output(output))
-    code, text, written = _run(command, _flags(flags), _paths(inputs), progress)
+    flags = dict(flags, quiet=bool(quiet), output=_output(output))
+    code, text, written = _run(command, _flags(command, flags), _paths(inputs), progress)
     if flags.get("dry_run"):
         return text.decode("utf-8", "replace")
     return [os.fsdecode(path) for path in written]
@@ -224,8 +261,11 @@ def _write(command, inputs, output, progress, quiet, flags):
 def stitch(inputs, output, *, progress=None, quiet=True, **flags):
     """`ckpt-tool stitch INPUTS -o OUTPUT` with `flags` as its options. Returns the
     paths written (the plan's text with dry_run=True). progress(done_bytes,
-    total_bytes) is called while copying; an exception it raises stops the copy,
-    leaves no output and is raised here (KeyboardInterrupt too)."""
+    total_bytes) is called while copying, from this thread, every 100 ms at most.
+    An exception it raises, or Ctrl-C's KeyboardInterrupt, stops the copy at its
+    next unit, leaves no output, and is raised here once the command has stopped
+    (reading and planning run to their end first; an interrupt after the copy
+    ended is raised with the outputs written)."""
     return _write("stitch", inputs, output, progress, quiet, flags)
 
 
@@ -237,7 +277,7 @@ def reshard(inputs, output, *, progress=None, quiet=True, **flags):
 
 def inspect(inputs, **flags):
     """`ckpt-tool inspect --json INPUTS` as a dict (tensors=True lists every tensor)."""
-    code, text, _ = _run("inspect", _flags(dict(flags, json=True)), _paths(inputs), None)
+    code, text, _ = _run("inspect", _flags("inspect", dict(flags, json=True)), _paths(inputs), None)
     return json.loads(text)
 
 
@@ -246,6 +286,9 @@ class DiffResult:
     (one dict per tensor: name, mismatch, count, max_abs, positions, ...), objects,
     notes, compared_tensors, compared_tensor_bytes, seconds; `as_dict()` all of it.
     Not a bool: ask for .equal."""
+
+    hint = None  # (set when the names differ in a way --names hf-opt explains)
+    model_only = False
 
     def __init__(self, report):
         self._report = report
@@ -268,5 +311,5 @@ def diff(a, b, **flags):
     sides = _paths(a) + _paths(b)
     if len(sides) != 2:
         raise ValueError("diff compares one path with one path (a folder, a file, a manifest or a quoted glob)")
-    code, text, _ = _run("diff", _flags(dict(flags, json=True)), sides, None)
+    code, text, _ = _run("diff", _flags("diff", dict(flags, json=True)), sides, None)
     return DiffResult(json.loads(text))
