@@ -54,15 +54,16 @@ test: build
 # (BENCH_DCP=none skips it), and one job over 1, 2 and 4 MPI ranks: the 992-shard grid
 # to 8 x 64 and a 4 GiB stitch (BENCH_MPI=none skips it), and a DeepSpeed ZeRO-3 checkpoint
 # of 1 GiB of fp32 weights, 3 GiB with Adam's moments (BENCH_DEEPSPEED=none skips it),
-# and the Python module's load of a 1 GiB file beside torch.load (BENCH_PYTHON_LOAD=none
-# skips it); writes bench/RESULTS.md.
+# and the Python module's load of 1 and 4 GiB files beside torch.load, then of the
+# 992-shard grid beside stitch + torch.load (BENCH_PYTHON_LOAD=none skips it); writes
+# bench/RESULTS.md.
 BENCH_SIZES ?= 0.25,1,4,16
 BENCH_GRIDS ?= 8x16,8x124
 BENCH_TENSORS ?= 200000
 BENCH_DCP ?= 1
 BENCH_MPI ?= 4
 BENCH_DEEPSPEED ?= 1
-BENCH_PYTHON_LOAD ?= 1
+BENCH_PYTHON_LOAD ?= 1,4
 bench: build
 	$(PYTHON) bench/bench.py --sizes $(BENCH_SIZES) --grids $(BENCH_GRIDS) --tensors $(BENCH_TENSORS) --dcp $(BENCH_DCP) \
 	  --mpi $(BENCH_MPI) --deepspeed $(BENCH_DEEPSPEED) \

@@ -580,24 +580,30 @@ def measure_python_load(args, tool):
             mine["torch_rss_ratio"] = theirs["rss"] / mine["rss"]
         rows += timed
         shutil.rmtree(work)
-    # The 992-shard grid (8 x 124, OPT-175B's): load it where it lies, or stitch it first.
-    work = os.path.join(args.work, "load-grid")
-    shutil.rmtree(work, ignore_errors=True)
-    grid = os.path.join(work, "grid")
-    run_timed([tool, "synth", "-q", "-o", grid, "--mp", "8", "--dp", "124", "--layers", "96", "--embed-dim", "128",
-               "--ffn-dim", "512", "--vocab", "1024", "--optimizer-state"])
-    print(f"== Python load: the 992-shard grid, {dir_bytes(grid) / GIB:.2f} GiB", flush=True)
-    out = os.path.join(work, "stitched.pt")
-    steps = [Step("992 shards: ckpt_tool.load", [PYTHON, "-c", LOAD_SCRIPT, grid, python_path, "ckpt"]),
-             Step("992 shards: stitch, then torch.load",
-                  ["sh", "-c", '"$1" stitch -q "$2" -o "$3" && "$4" -c "$5" "$3" "$6" torch',
-                   "sh", tool, grid, out, PYTHON, LOAD_SCRIPT, python_path],
-                  cleanup=lambda: os.path.exists(out) and os.remove(out))]
-    timed = timed_steps(steps, args, grid)
-    timed[0]["torch_ratio"] = timed[1]["seconds"] / timed[0]["seconds"]
-    timed[0]["torch_rss_ratio"] = timed[1]["rss"] / timed[0]["rss"]
-    rows += timed
-    shutil.rmtree(work)
+    # The 992-shard grid (8 x 124, OPT-175B's): load it where it lies, or stitch it
+    # first; as the other rows make it (small weights, Adam state), then with 16x
+    # the weights and no optimizer state.
+    for embed, extra in ((128, ["--optimizer-state"]), (512, [])):
+        work = os.path.join(args.work, "load-grid")
+        shutil.rmtree(work, ignore_errors=True)
+        grid = os.path.join(work, "grid")
+        run_timed([tool, "synth", "-q", "-o", grid, "--mp", "8", "--dp", "124", "--layers", "96", "--embed-dim",
+                   str(embed), "--ffn-dim", str(4 * embed), "--vocab", "1024"] + extra)
+        out = os.path.join(work, "stitched.pt")
+        run_timed([tool, "stitch", "-q", grid, "-o", out])
+        label = f"992 shards, {dir_bytes(grid) / GIB:.2f} GiB ({os.path.getsize(out) / GIB:.2f} GiB of weights)"
+        os.remove(out)
+        print(f"== Python load: {label}", flush=True)
+        steps = [Step(f"{label}: ckpt_tool.load", [PYTHON, "-c", LOAD_SCRIPT, grid, python_path, "ckpt"]),
+                 Step(f"{label}: stitch, then torch.load",
+                      ["sh", "-c", '"$1" stitch -q "$2" -o "$3" && "$4" -c "$5" "$3" "$6" torch',
+                       "sh", tool, grid, out, PYTHON, LOAD_SCRIPT, python_path],
+                      cleanup=lambda: os.path.exists(out) and os.remove(out))]
+        timed = timed_steps(steps, args, grid)
+        timed[0]["torch_ratio"] = timed[1]["seconds"] / timed[0]["seconds"]
+        timed[0]["torch_rss_ratio"] = timed[1]["rss"] / timed[0]["rss"]
+        rows += timed
+        shutil.rmtree(work)
     return rows
 
 
@@ -804,9 +810,10 @@ def write_results(rows, grid_rows, tensor_rows, dcp_rows, mpi_rows, ds_rows, loa
                   "GiB; fp16, `ckpt-tool synth` then `stitch`) beside `torch.load` of it, each in a fresh "
                   "`/usr/bin/python3` (the interpreter and torch's import included), alone and then reading every "
                   "byte of the state dict; `ckpt_tool.load` checks every record's CRC-32 by default. Then the "
-                  "992-shard grid (8 x 124, 96 layers, Adam state): `ckpt_tool.load` of the shards beside `stitch` "
-                  "to a file followed by `torch.load` of it (one shell, its time and the largest RSS of its two "
-                  f"processes). Median and worst of {args.grid_repeats} runs, the input read and `sync` before each.",
+                  "992-shard grid (8 x 124, 96 layers; embed-dim 128 with Adam state, then 512 without): "
+                  "`ckpt_tool.load` of the shards beside `stitch` to a file followed by `torch.load` of it (one "
+                  "shell, its time and the largest RSS of its two processes). Median and worst of "
+                  f"{args.grid_repeats} runs, the input read and `sync` before each.",
                   "", "| step | median s | worst s | runs | peak RSS MiB | torch / this, time | torch / this, RSS |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [timed_row(r, ["torch_ratio", "torch_rss_ratio"]) for r in load_rows]
