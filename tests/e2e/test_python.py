@@ -211,13 +211,18 @@ def test_open_reads_only_what_is_asked_for():
     opened = _rchar() - before
     assert opened < (1 << 20), opened  # the index: the zip directory and the pickle, no tensor bytes
     before = _rchar()
-    assert torch.equal(lazy["w3"], torch.full((1 << 20,), 3.0))
+    w3 = lazy["w3"]
+    assert torch.equal(w3, torch.full((1 << 20,), 3.0))
     asked = _rchar() - before
     # w3's bytes, read once into the tensor and once for its record's CRC-32
     assert 2 * (4 << 20) <= asked < 2 * (4 << 20) + (1 << 20), asked
     before = _rchar()
-    lazy["w3"]
-    assert _rchar() - before < 4096  # read once (the rest: /proc/self/io itself)
+    assert lazy["w3"] is w3
+    assert _rchar() - before < 4096  # held: not read again (the rest: /proc/self/io itself)
+    del w3  # dropped: its memory is freed, and a lookup reads its bytes again (its CRC only once)
+    before = _rchar()
+    assert torch.equal(lazy["w3"], torch.full((1 << 20,), 3.0))
+    assert (4 << 20) <= _rchar() - before < (4 << 20) + (1 << 20)
     before = _rchar()
     filtered = ckpt_tool.load(path, filter=r"^w[01]$", check_crc=False, mmap=False)
     assert list(filtered) == ["w0", "w1"] and _rchar() - before < 2 * (4 << 20) + (1 << 20)

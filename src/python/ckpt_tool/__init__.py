@@ -34,6 +34,7 @@ import json
 import numbers
 import os
 import re
+import weakref
 
 import torch
 
@@ -73,27 +74,33 @@ def _tensor(reader, i, dtype_name, shape, mmap):
 class StateDict(collections.abc.Mapping):
     """An input set's state dict read on access (ckpt_tool.open): keys and shapes
     come from the files' metadata; a tensor's bytes are read (or mapped) when it is
-    looked up, once."""
+    looked up. The Mapping keeps no tensor alive: one looked up again while the
+    caller still holds it is the same object (a tie too); once dropped, its memory
+    is freed and a later lookup reads it again, so a script walking a large model
+    layer by layer holds only the layers it keeps."""
 
     def __init__(self, paths, dtype=None, mmap=True, tag="", check_crc=True):
         self._reader = Reader(paths, tag)
         self._entries = self._reader.entries()
         self._index = {key: i for i, (key, _, _, _) in enumerate(self._entries)}
-        self._dtype, self._mmap, self._check, self._made = dtype, mmap, check_crc, {}
+        self._dtype, self._mmap, self._check = dtype, mmap, check_crc
+        self._made = weakref.WeakValueDictionary()
 
     def _at(self, i):
-        if i not in self._made:
-            key, dtype_name, shape, tied = self._entries[i]
-            if tied is not None:
-                self._made[i] = self._at(self._index[tied])
-            else:
-                if self._check:
-                    self._reader.check(i)
-                t = _tensor(self._reader, i, dtype_name, shape, self._mmap)
-                if self._dtype is not None and t.is_floating_point() and t.dtype != self._dtype:
-                    t = t.to(self._dtype)
-                self._made[i] = t
-        return self._made[i]
+        made = self._made.get(i)
+        if made is not None:
+            return made
+        key, dtype_name, shape, tied = self._entries[i]
+        if tied is not None:
+            made = self._at(self._index[tied])
+        else:
+            if self._check:
+                self._reader.check(i)
+            made = _tensor(self._reader, i, dtype_name, shape, self._mmap)
+            if self._dtype is not None and made.is_floating_point() and made.dtype != self._dtype:
+                made = made.to(self._dtype)
+        self._made[i] = made
+        return made
 
     def __getitem__(self, key):
         return self._at(self._index[key])
