@@ -237,7 +237,7 @@ namespace {
 // read from is checked against its CRC-32 (records of files that are not zips,
 // safetensors, are not).
 void check_records(const TensorSource& source, const std::vector<const MappedFile*>& files,
-                   std::map<std::uint32_t, std::optional<ZipArchive>>& zips) {
+                   std::map<std::uint32_t, std::optional<ZipArchive>>& zips, const ReplicatedCheck& check) {
   std::vector<std::byte> buffer;
   for (const Piece& piece : source.pieces) {
     if (piece.source >= files.size()) continue;
@@ -256,8 +256,10 @@ void check_records(const TensorSource& source, const std::vector<const MappedFil
       std::uint32_t crc = crc32_update_from(0, *files[piece.source], record.data_offset, record.nbytes, buffer);
       if (crc != record.crc32) {
         throw Error(ErrorKind::CorruptData, Location{files[piece.source]->path(), record.name, record.data_offset},
-                    fmt::format("CRC-32 of the data is 0x{:08x}, the zip directory says 0x{:08x} (corrupted data)", crc,
-                                record.crc32));
+                    fmt::format("CRC-32 of the data is 0x{:08x}, the zip directory says 0x{:08x} (corrupted data; "
+                                "found because {}, a replicated tensor read from this record, differs between the {}s: "
+                                "checked whatever the CRC option)",
+                                crc, record.crc32, printable(check.key), check.unit));
       }
     }
   }
@@ -303,8 +305,8 @@ std::vector<std::string> compare_replicated(const std::vector<ReplicatedCheck>& 
     if (it == differing.end()) continue;
     const auto& [i, m] = which[k];
     const TensorDiff& diff = *it->second;
-    check_records(checks[i].parts[m], files, zips);
-    check_records(checks[i].parts.front(), files, zips);
+    check_records(checks[i].parts[m], files, zips, checks[i]);
+    check_records(checks[i].parts.front(), files, zips, checks[i]);
     // "model part 1 differs from part 0", "data-parallel shard 1 differs from shard 0",
     // then the two files.
     std::string_view unit = checks[i].unit;

@@ -146,9 +146,41 @@ struct MappedRange {
 // The bytes read by one thread of read_into at a time.
 constexpr std::uint64_t kWindowBytes = 8u << 20;
 
+// The calls running without the GIL, and whether the interpreter is exiting.
+// Python ends a daemon thread that takes the GIL back after its finalization
+// began by unwinding its stack, which C++ frames turn into std::terminate: at
+// exit (atexit: shutdown) no call may still be out, so shutdown stops the
+// commands, waits for every call to take the GIL back, and refuses new ones.
+std::atomic<int> g_busy{0};
+std::atomic<bool> g_exiting{false};
+
+// Held, with the GIL, around a call's time without it: made before its
+// gil_scoped_release, ended after the GIL is back.
+class Busy {
+ public:
+  Busy() {
+    if (g_exiting.load()) throw Error(ErrorKind::Usage, "the Python interpreter is exiting");
+    ++g_busy;
+  }
+  ~Busy() { --g_busy; }
+  Busy(const Busy&) = delete;
+  Busy& operator=(const Busy&) = delete;
+};
+
+// atexit: stop the commands running, wait for every call to return.
+void shutdown() {
+  g_exiting.store(true);
+  py::gil_scoped_release unlocked;
+  while (g_busy.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+}
+
 class Reader {
  public:
-  Reader(const std::vector<std::string>& paths, const std::string& tag) : loaded_(load(paths, tag)) {}
+  Reader(const std::vector<std::string>& paths, const std::string& tag) {
+    Busy busy;
+    py::gil_scoped_release unlocked;
+    loaded_ = load(paths, tag);
+  }
 
   // (key, dtype, shape, the key it is tied to or None), in the state dict's order.
   std::vector<std::tuple<std::string, std::string, std::vector<std::int64_t>, std::optional<std::string>>> entries()
@@ -188,6 +220,7 @@ class Reader {
                   fmt::format("{}: a buffer of {} bytes for {} bytes", tensor.name, info.size * info.itemsize, nbytes));
     }
     auto* dest = static_cast<std::byte*>(info.ptr);
+    Busy busy;
     py::gil_scoped_release unlocked;
     // In windows of whole elements, on every core: the pieces of a glued
     // tensor lie in different files, each window's in one or a few.
@@ -216,6 +249,7 @@ class Reader {
   // from the mapping (pread: no page of the process's own). Returns the bytes read.
   std::uint64_t check(std::size_t i) const {
     const NamedTensor& tensor = at(i);
+    Busy busy;
     py::gil_scoped_release unlocked;
     // One check at a time per Reader: a record is marked checked only once its
     // CRC matched, and a second thread waits for the first's verdict.
@@ -312,6 +346,7 @@ using CommandResult = std::tuple<int, py::bytes, std::vector<py::bytes>>;
 // copy at its next unit (no output is left) and is raised here once the command
 // has returned; the copy threads never take the GIL.
 CommandResult run(const std::vector<std::string>& args, const py::object& progress) {
+  Busy busy;
   cli::Session session;
   std::ostringstream text;
   session.out = &text;
@@ -348,7 +383,8 @@ CommandResult run(const std::vector<std::string>& args, const py::object& progre
       ended.wait_for(lock, std::chrono::milliseconds(100), [&] { return finished; });
       last = finished;
     }
-    if (raised) continue;
+    if (g_exiting.load()) stop.store(true);  // (no callback then)
+    if (raised || g_exiting.load()) continue;
     try {
       if (PyErr_CheckSignals() != 0) throw py::error_already_set();
       if (reported.exchange(false) && !progress.is_none()) progress(done.load(), total.load());
@@ -358,6 +394,16 @@ CommandResult run(const std::vector<std::string>& args, const py::object& progre
     }
   }
   command.join();
+  if (raised && !failure && !session.written.empty()) {
+    // The copy had ended: say so, a rerun would find the outputs.
+    py::error_scope keep;  // (add_note runs Python)
+    py::object value = raised->value();
+    if (py::hasattr(value, "add_note")) {
+      std::string note = "ckpt-tool: the command had finished; its outputs were written:";
+      for (const std::string& path : session.written) note += " " + path;
+      value.attr("add_note")(note);
+    }
+  }
   if (raised) throw std::move(*raised);
   if (failure) std::rethrow_exception(failure);
   std::vector<py::bytes> written;
@@ -410,6 +456,7 @@ PYBIND11_MODULE(_ckpt_tool, m) {
       .def("objects_json", &Reader::objects_json)
       .def("__len__", &Reader::size);
   m.def("run", &run, py::arg("args"), py::arg("progress") = py::none());
+  m.def("shutdown", &shutdown);
   m.def(
       "flags_of",
       [](const std::string& command) { return ckpt::cli::CommandLine(ckpt::kVersionString).flags_of(command); },

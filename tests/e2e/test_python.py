@@ -153,6 +153,8 @@ def test_arguments_of_the_wrong_kind():
                        (lambda: ckpt_tool.load(5), TypeError), (lambda: ckpt_tool.load([path, 5]), TypeError),
                        (lambda: ckpt_tool.load(path, dtype="float17"), TypeError),
                        (lambda: ckpt_tool.load(path + "\0x"), ValueError),
+                       (lambda: ckpt_tool.load(path, mmap="no"), TypeError),
+                       (lambda: ckpt_tool.load(path, check_crc="false"), TypeError),
                        (lambda: ckpt_tool.load(path, dtype=torch.int64), TypeError),
                        (lambda: ckpt_tool.load(path, filter=5), TypeError),
                        (lambda: ckpt_tool.load(path, filter="("), ValueError)):
@@ -312,6 +314,8 @@ def test_the_commands_run_in_process_as_the_command_line_runs_them():
     harness.run(["reshard", "-q", case, "-o", os.path.join(cli, "rs", "part-{m}-shard{d}.pt"), "--mp", "1", "--dp", "3"])
     assert len(os.listdir(os.path.join(py, "rs"))) == 3 and len([n for n in os.listdir(py) if "-of-" in n]) > 1
     harness.same_tree(py, cli)
+    assert ckpt_tool.stitch(case, os.path.join(work, "later.pt"), save_plan=os.path.join(work, "plan.json")) == \
+        [os.path.join(work, "plan.json")] and not os.path.exists(os.path.join(work, "later.pt"))
     plan = ckpt_tool.stitch(case, os.path.join(work, "never.pt"), dry_run=True)
     assert "decoder.embed_tokens.weight" in plan and not os.path.exists(os.path.join(work, "never.pt"))
     # inspect: the dict of --json
@@ -394,6 +398,44 @@ def test_ctrl_c_and_a_raising_callback_stop_the_copy_and_leave_nothing():
     assert ckpt_tool.stitch(folder, out) == [out]
     harness.run(["stitch", "-q", folder, "-o", os.path.join(work, "model.pt")])
     assert filecmp.cmp(out, os.path.join(work, "model.pt"), shallow=False)
+    # The interpreter exiting while a daemon thread stitches: the copy is stopped at
+    # exit (atexit), the process ends cleanly (it aborted: std::terminate), nothing is left.
+    os.remove(out)
+    script = ("import sys, threading, time\n"
+              f"sys.path.insert(0, {PYTHONPATH!r})\n"
+              "import ckpt_tool\n"
+              "def work():\n"
+              f"    ckpt_tool.stitch({folder!r}, {out!r}, threads=1)\n"
+              "threading.Thread(target=work, daemon=True).start()\n"
+              "time.sleep(0.3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert os.listdir(os.path.dirname(out)) == [], os.listdir(os.path.dirname(out))
+
+
+def test_threads_asking_for_one_tensor_at_once_get_one_tensor():
+    if not _built():
+        return
+    import threading
+    case = harness.fixtures()["mp2_dp2_fp16_omega_opt"]
+    for mmap in (True, False):
+        lazy = ckpt_tool.open(case, mmap=mmap)
+        for key in list(lazy)[:6]:
+            got = [None] * 8
+            start = threading.Barrier(8)
+
+            def ask(k):
+                start.wait()
+                got[k] = lazy[key]
+
+            threads = [threading.Thread(target=ask, args=(k,)) for k in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert all(t is got[0] for t in got), (key, mmap)
+            assert lazy[key] is got[0]
+    assert "StateDict of" in repr(lazy)
 
 
 if __name__ == "__main__":
@@ -407,4 +449,5 @@ if __name__ == "__main__":
                   test_corrupt_bytes_raise_and_name_the_file_and_tensor,
                   test_load_of_1_gib_shares_the_files_pages,
                   test_the_commands_run_in_process_as_the_command_line_runs_them,
-                  test_ctrl_c_and_a_raising_callback_stop_the_copy_and_leave_nothing])
+                  test_ctrl_c_and_a_raising_callback_stop_the_copy_and_leave_nothing,
+                  test_threads_asking_for_one_tensor_at_once_get_one_tensor])

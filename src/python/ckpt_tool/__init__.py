@@ -29,17 +29,21 @@ CorruptDataError, IoError, NoSpaceError; InternalError for a bug) with the line
 ckpt-tool prints;
 arguments of the wrong kind raise TypeError or ValueError.
 """
+import atexit
 import collections.abc
 import json
 import numbers
 import os
 import re
+import threading
 import weakref
 
 import torch
 
 from ._ckpt_tool import (BadInputError, CorruptDataError, Error, IncompleteSetError, InternalError, IoError,
-                         NoSpaceError, Reader, UsageError, flags_of, run)
+                         NoSpaceError, Reader, UsageError, flags_of, run, shutdown)
+
+atexit.register(shutdown)  # (no call may still be out without the GIL when the interpreter ends)
 
 __all__ = ["load", "open", "stitch", "reshard", "inspect", "diff", "DiffResult", "Error", "UsageError",
            "BadInputError", "IncompleteSetError", "CorruptDataError", "IoError", "NoSpaceError", "InternalError"]
@@ -80,27 +84,43 @@ class StateDict(collections.abc.Mapping):
     layer by layer holds only the layers it keeps."""
 
     def __init__(self, paths, dtype=None, mmap=True, tag="", check_crc=True):
+        self._paths = paths
         self._reader = Reader(paths, tag)
         self._entries = self._reader.entries()
         self._index = {key: i for i, (key, _, _, _) in enumerate(self._entries)}
         self._dtype, self._mmap, self._check = dtype, mmap, check_crc
         self._made = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self._making = {}  # index -> the lock of its first lookup (threads asking at once make it once)
 
     def _at(self, i):
         made = self._made.get(i)
         if made is not None:
             return made
+        with self._lock:
+            making = self._making.setdefault(i, threading.Lock())
+        with making:
+            made = self._made.get(i)
+            if made is None:
+                made = self._make(i)
+                self._made[i] = made
+        return made
+
+    def _make(self, i):
         key, dtype_name, shape, tied = self._entries[i]
         if tied is not None:
-            made = self._at(self._index[tied])
-        else:
-            if self._check:
-                self._reader.check(i)
-            made = _tensor(self._reader, i, dtype_name, shape, self._mmap)
-            if self._dtype is not None and made.is_floating_point() and made.dtype != self._dtype:
-                made = made.to(self._dtype)
-        self._made[i] = made
+            return self._at(self._index[tied])
+        if self._check:
+            self._reader.check(i)
+        made = _tensor(self._reader, i, dtype_name, shape, self._mmap)
+        if self._dtype is not None and made.is_floating_point() and made.dtype != self._dtype:
+            made = made.to(self._dtype)
         return made
+
+    def __repr__(self):
+        shown = [os.fsdecode(path) for path in self._paths[:3]]
+        more = f" and {len(self._paths) - 3} more" if len(self._paths) > 3 else ""
+        return f"<ckpt_tool.StateDict of {len(self)} tensors read from {', '.join(shown)}{more}>"
 
     def __getitem__(self, key):
         return self._at(self._index[key])
@@ -168,6 +188,13 @@ def _pattern(filter):
         raise ValueError(f"filter {filter!r}: {e}") from None
 
 
+def _bool(value, name):
+    """True or False (numpy's bools too); anything else is a TypeError, not a truth value."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} is True or False, not {value!r}")
+
+
 def _tag(tag):
     if tag is None:
         return ""
@@ -179,8 +206,8 @@ def _tag(tag):
 def open(path_or_paths, *, dtype=None, mmap=True, tag=None, check_crc=True):  # noqa: A001 (the module's own name)
     """The input set's state dict as a Mapping whose tensors are read on access
     (and their records' CRC-32 checked then)."""
-    return StateDict(_paths(path_or_paths), dtype=_checked_dtype(dtype), mmap=bool(mmap), tag=_tag(tag),
-                     check_crc=bool(check_crc))
+    return StateDict(_paths(path_or_paths), dtype=_checked_dtype(dtype), mmap=_bool(mmap, "mmap"), tag=_tag(tag),
+                     check_crc=_bool(check_crc, "check_crc"))
 
 
 def load(path_or_paths, *, filter=None, dtype=None, mmap=True, tag=None, check_crc=True):
@@ -218,6 +245,8 @@ def _flags(command, flags):
         flag = b"--" + option.encode()
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         for one in values:
+            if type(one).__name__ == "bool_":  # (numpy's)
+                one = bool(one)
             if one is None or one is False:
                 continue
             if not known[option]:
@@ -258,16 +287,18 @@ def _run(command, flags, paths, progress):
 
 
 def _write(command, inputs, output, progress, quiet, flags):
-    flags = dict(flags, quiet=bool(quiet), output=_output(output))
+    flags = dict(flags, quiet=_bool(quiet, "quiet"), output=_output(output))
     code, text, written = _run(command, _flags(command, flags), _paths(inputs), progress)
     if flags.get("dry_run"):
         return text.decode("utf-8", "replace")
+    if flags.get("save_plan"):
+        return [os.fsdecode(flags["save_plan"])]
     return [os.fsdecode(path) for path in written]
 
 
 def stitch(inputs, output, *, progress=None, quiet=True, **flags):
     """`ckpt-tool stitch INPUTS -o OUTPUT` with `flags` as its options. Returns the
-    paths written (the plan's text with dry_run=True). progress(done_bytes,
+    paths written (the plan's text with dry_run=True, the plan's path with save_plan=). progress(done_bytes,
     total_bytes) is called while copying, from this thread, every 100 ms at most.
     An exception it raises, or Ctrl-C's KeyboardInterrupt, stops the copy at its
     next unit, leaves no output, and is raised here once the command has stopped
