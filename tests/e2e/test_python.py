@@ -13,6 +13,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import torch
 
@@ -351,6 +352,26 @@ def test_the_commands_run_in_process_as_the_command_line_runs_them():
             assert fragment in str(e), (fragment, str(e))
         else:
             raise AssertionError(f"no {kind.__name__}: {fragment}")
+    # verify: the problem lines of `verify -q`; manifest: the dict `manifest` prints, or its file
+    assert ckpt_tool.verify(case) == []
+    damaged = os.path.join(work, "damaged")
+    shutil.copytree(case, damaged)
+    shard = os.path.join(damaged, sorted(n for n in os.listdir(damaged) if n.endswith(".pt"))[0])
+    with zipfile.ZipFile(shard) as archive:  # the largest record's middle byte: tensor data
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(open(shard, "rb").read())
+    local = record.header_offset + 30 + int.from_bytes(data[record.header_offset + 26:record.header_offset + 28],
+                                                       "little") + \
+        int.from_bytes(data[record.header_offset + 28:record.header_offset + 30], "little")
+    data[local + record.file_size // 2] ^= 0x10
+    open(shard, "wb").write(data)
+    stdout, _ = harness.run(["verify", "-q", damaged], expect=1)
+    problems = ckpt_tool.verify(damaged)
+    assert problems and problems == stdout.splitlines(), (problems, stdout)
+    stdout, _ = harness.run(["manifest", case])
+    assert ckpt_tool.manifest(case) == json.loads(stdout)
+    written = ckpt_tool.manifest(case, os.path.join(work, "index.json"))
+    assert written == os.path.join(work, "index.json") and json.load(open(written)) == json.loads(stdout)
     # text output comes back too (diff without --json is not a function, but run() is the command line)
     from ckpt_tool import _ckpt_tool
     code, text, _ = _ckpt_tool.run([b"diff", os.fsencode(case), os.fsencode(os.path.join(cli, "model.pt"))])

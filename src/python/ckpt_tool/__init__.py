@@ -23,6 +23,8 @@ The commands run in this process, with their flags as keyword arguments
     ckpt_tool.reshard("checkpoints/", "out/part-{m}-shard{d}.pt", mp=2, dp=4)
     info = ckpt_tool.inspect("checkpoints/")        # the dict of `inspect --json`
     result = ckpt_tool.diff("a.pt", "b.pt")         # result.equal, result.differing, ...
+    problems = ckpt_tool.verify("checkpoints/")     # [] when sound
+    index = ckpt_tool.manifest("checkpoints/")      # the manifest as a dict
 
 Errors raise ckpt_tool.Error (UsageError, BadInputError, IncompleteSetError,
 CorruptDataError, IoError, NoSpaceError; InternalError for a bug) with the line
@@ -45,7 +47,8 @@ from ._ckpt_tool import (BadInputError, CorruptDataError, Error, IncompleteSetEr
 
 atexit.register(shutdown)  # (no call may still be out without the GIL when the interpreter ends)
 
-__all__ = ["load", "open", "stitch", "reshard", "inspect", "diff", "DiffResult", "Error", "UsageError",
+__all__ = ["load", "open", "stitch", "reshard", "inspect", "diff", "verify", "manifest", "DiffResult", "Error",
+           "UsageError",
            "BadInputError", "IncompleteSetError", "CorruptDataError", "IoError", "NoSpaceError", "InternalError"]
 
 _DTYPES = {
@@ -351,3 +354,19 @@ def diff(a, b, **flags):
         raise ValueError("diff compares one path with one path (a folder, a file, a manifest or a quoted glob)")
     code, text, _ = _run("diff", _flags("diff", dict(flags, json=True)), sides, None)
     return DiffResult(json.loads(text))
+
+
+def verify(inputs, **flags):
+    """`ckpt-tool verify INPUTS`: every problem found (CRCs, tensor ranges, FSDP and
+    model-parallel metadata), one line each; an empty list when the set is sound."""
+    code, text, _ = _run("verify", _flags("verify", dict(flags, quiet=True)), _paths(inputs), None)
+    return text.decode("utf-8", "replace").splitlines()
+
+
+def manifest(inputs, output=None, **flags):
+    """`ckpt-tool manifest INPUTS`: the manifest as a dict, or written to `output`
+    (.json, or .json.zst compressed) and its path returned."""
+    if output is not None:
+        flags = dict(flags, output=_output(output))
+    code, text, _ = _run("manifest", _flags("manifest", flags), _paths(inputs), None)
+    return os.fsdecode(flags["output"]) if output is not None else json.loads(text)
