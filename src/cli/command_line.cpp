@@ -86,6 +86,16 @@ std::vector<std::pair<std::string, bool>> CommandLine::flags_of(const std::strin
   return out;
 }
 
+Error as_error(const std::exception& e) {
+  if (const auto* error = dynamic_cast<const Error*>(&e)) return *error;
+  if (const auto* call = dynamic_cast<const std::system_error*>(&e)) {  // std::filesystem's, of a system call
+    const std::error_category& category = call->code().category();
+    const bool os = category == std::generic_category() || category == std::system_category();
+    return Error(os ? kind_of_errno(call->code().value()) : ErrorKind::BadInput, e.what());
+  }
+  return Error(ErrorKind::BadInput, e.what());
+}
+
 int run_in_process(const std::vector<std::string>& args, Session& session) {
   CommandLine line(kVersionString);
   std::vector<std::string> reversed(args.rbegin(), args.rend());  // (CLI11 takes them last first)
@@ -105,13 +115,10 @@ int run_in_process(const std::vector<std::string>& args, Session& session) {
     throw;
   } catch (const InternalError&) {  // a bug: never told as bad input
     throw;
-  } catch (const std::system_error& e) {  // std::filesystem's, of a system call
-    const bool os = e.code().category() == std::generic_category() || e.code().category() == std::system_category();
-    throw Error(os ? kind_of_errno(e.code().value()) : ErrorKind::BadInput, printable(e.what()));
   } catch (const std::bad_alloc&) {
     throw;
   } catch (const std::exception& e) {
-    throw Error(ErrorKind::BadInput, printable(e.what()));
+    throw as_error(e);
   }
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ckpt/exec/exec.hpp"
+#include "ckpt/io/error.hpp"
 #include "commands.hpp"
 
 namespace CLI {
@@ -67,6 +68,11 @@ class CommandLine {
   std::unique_ptr<CLI::App> app_;
   std::map<CLI::App*, Action> actions_;
 };
+
+// The Error an exception a command let out stands for, as main reports it and
+// run_in_process throws it: an Error as it is, std::filesystem's system_error by
+// its errno, any other std::exception as bad input.
+Error as_error(const std::exception& e);
 
 // Runs `args` (a command and its arguments, no program name) in this process
 // under `session`. Errors are thrown as ckpt::Error (a malformed command line as

@@ -8,7 +8,6 @@
 #include <csignal>
 #include <memory>
 #include <string>
-#include <system_error>
 #ifdef CKPT_MIMALLOC
 #include <mimalloc.h>
 #endif
@@ -105,17 +104,10 @@ int run_command(int argc, char** argv) {
   } catch (const ckpt::InternalError& e) {
     fmt::print(stderr, "ckpt-tool: internal error: {}\n", ckpt::printable(e.what()));
     return exit_code(ckpt::ErrorKind::Internal);
-  } catch (const ckpt::Error& e) {
-    fmt::print(stderr, "ckpt-tool: error: {}\n", e.what());
-    return exit_code(e.kind());
-  } catch (const std::system_error& e) {  // std::filesystem's, of a system call
-    fmt::print(stderr, "ckpt-tool: error: {}\n", ckpt::printable(e.what()));
-    return exit_code(e.code().category() == std::generic_category() || e.code().category() == std::system_category()
-                         ? ckpt::kind_of_errno(e.code().value())
-                         : ckpt::ErrorKind::BadInput);
-  } catch (const std::exception& e) {
-    fmt::print(stderr, "ckpt-tool: error: {}\n", ckpt::printable(e.what()));
-    return exit_code(ckpt::ErrorKind::BadInput);
+  } catch (const std::exception& e) {  // an Error, or one of the system's (ckpt::cli::as_error)
+    const ckpt::Error error = ckpt::cli::as_error(e);
+    fmt::print(stderr, "ckpt-tool: error: {}\n", error.what());
+    return exit_code(error.kind());
   }
 }
 

@@ -74,28 +74,24 @@ struct Loaded {
   // The files' copy-on-write mappings, made on a view's first need (under the GIL).
   std::vector<std::unique_ptr<MappedFile>> writable;
   std::vector<NamedTensor> tensors;  // named by key_of
-  std::vector<std::string> names;    // the layouts' names, for messages
   // The files' zip records and CRC-32s (plan_source), and the records checked so far.
   std::vector<PlanSource> sources;
   std::set<std::pair<std::uint32_t, std::size_t>> checked;
   std::mutex check_mutex;
 };
 
-std::shared_ptr<Loaded> load(std::vector<std::string> paths, const std::string& tag) {
-  paths = cli::with_tag(std::move(paths), tag);
-  Manifest manifest;
-  if (paths.size() == 1 && looks_like_manifest(paths[0])) {
-    manifest = read_checked_manifest(paths[0]);
-  } else {
-    manifest = build_manifest(expand_inputs(paths));
-    std::vector<std::string> problems = index_problems(paths, manifest.files);
-    if (!problems.empty()) throw Error(ErrorKind::IncompleteSet, problems.front());
-  }
-  if (std::optional<std::string> mixed = mixed_layouts(manifest.files)) throw Error(*mixed);
+std::shared_ptr<Loaded> load(const std::vector<std::string>& paths, const std::string& tag) {
   auto out = std::make_shared<Loaded>();
-  const InputLayout& layout = input_layout(manifest);
-  StateDict state = layout.state_dict(manifest, {.state_dict_only = true});
-  out->inputs = std::make_unique<PlanInputs>(std::move(manifest));
+  {
+    cli::Session session;  // (what load_inputs notes, a manifest read, is this call's)
+    cli::SessionScope scope(session);
+    // As stitch opens its inputs: a manifest or the files, then the complete grid.
+    out->inputs =
+        std::make_unique<PlanInputs>(cli::open_inputs(cli::with_tag(paths, tag), std::nullopt, /*grid_first=*/true));
+  }
+  const Manifest& manifest = out->inputs->manifest();
+  if (std::optional<std::string> mixed = mixed_layouts(manifest.files)) throw Error(*mixed);
+  StateDict state = input_layout(manifest).state_dict(manifest, {.state_dict_only = true});
   for (std::size_t i = 0; i < out->inputs->files().size(); ++i) {
     out->sources.push_back(out->inputs->source(static_cast<int>(i)));
   }
@@ -123,9 +119,8 @@ std::shared_ptr<Loaded> load(std::vector<std::string> paths, const std::string& 
                               "of them",
                               printable(other->second), printable(key)));
     }
-    out->names.push_back(tensor.name);
     keys.emplace(tensor.name, key);
-    tensor.name = keys.at(tensor.name);
+    tensor.name = key;
     out->tensors.push_back(std::move(tensor));
   }
   for (NamedTensor& tensor : out->tensors) {

@@ -48,8 +48,8 @@ from ._ckpt_tool import (BadInputError, CorruptDataError, Error, IncompleteSetEr
 atexit.register(shutdown)  # (no call may still be out without the GIL when the interpreter ends)
 
 __all__ = ["load", "open", "stitch", "reshard", "inspect", "diff", "verify", "manifest", "DiffResult", "Error",
-           "UsageError",
-           "BadInputError", "IncompleteSetError", "CorruptDataError", "IoError", "NoSpaceError", "InternalError"]
+           "UsageError", "BadInputError", "IncompleteSetError", "CorruptDataError", "IoError", "NoSpaceError",
+           "InternalError"]
 
 _DTYPES = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -191,9 +191,13 @@ def _pattern(filter):
         raise ValueError(f"filter {filter!r}: {e}") from None
 
 
+def _is_bool(value):
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # (numpy's too)
+
+
 def _bool(value, name):
-    """True or False (numpy's bools too); anything else is a TypeError, not a truth value."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    """True or False; anything else is a TypeError, not a truth value."""
+    if _is_bool(value):
         return bool(value)
     raise TypeError(f"{name} is True or False, not {value!r}")
 
@@ -248,7 +252,7 @@ def _flags(command, flags):
         flag = b"--" + option.encode()
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         for one in values:
-            if type(one).__name__ == "bool_":  # (numpy's)
+            if _is_bool(one):
                 one = bool(one)
             if one is None or one is False:
                 continue
