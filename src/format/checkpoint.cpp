@@ -78,6 +78,16 @@ std::string unescape_label(std::string_view label) {
   return out;
 }
 
+std::vector<std::string> path_labels(std::string_view path) {
+  std::vector<std::string> out;
+  for (std::size_t start = 0; start <= path.size();) {
+    const std::size_t slash = std::min(path.find('/', start), path.size());
+    out.push_back(unescape_label(path.substr(start, slash - start)));
+    start = slash + 1;
+  }
+  return out;
+}
+
 bool all_distinct(const std::vector<MappingKey>& keys, std::string MappingKey::*field) {
   std::unordered_set<std::string_view> seen;
   seen.reserve(keys.size());

@@ -129,12 +129,8 @@ const json& resolved(const json& root, const json& node) {
   const json* ref = member(node, "$ref");
   if (ref == nullptr || !ref->is_string()) return node;
   const json* at = &root;
-  const std::string& path = ref->get_ref<const std::string&>();
-  std::size_t start = 0;
-  while (at != nullptr && start <= path.size()) {
-    std::size_t slash = path.find('/', start);
-    std::string label =
-        unescape_label(path.substr(start, slash == std::string::npos ? std::string::npos : slash - start));
+  for (const std::string& label : path_labels(ref->get_ref<const std::string&>())) {
+    if (at == nullptr) break;
     if (at->is_array()) {
       char* end = nullptr;
       unsigned long index = std::strtoul(label.c_str(), &end, 10);
@@ -142,8 +138,6 @@ const json& resolved(const json& root, const json& node) {
     } else {
       at = member(*at, label);
     }
-    if (slash == std::string::npos) break;
-    start = slash + 1;
   }
   static const json kNull;
   return at == nullptr ? kNull : *at;

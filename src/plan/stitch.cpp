@@ -171,10 +171,8 @@ struct ToPlan {
 // its text, list indices), or kNoNode.
 pickle::NodeId node_at(const pickle::Graph& graph, std::string_view path) {
   pickle::NodeId at = graph.root;
-  std::size_t start = 0;
-  while (at != pickle::kNoNode && start <= path.size()) {
-    const std::size_t slash = std::min(path.find('/', start), path.size());
-    const std::string label = unescape_label(path.substr(start, slash - start));
+  for (const std::string& label : path_labels(path)) {
+    if (at == pickle::kNoNode) break;
     pickle::NodeId next = pickle::kNoNode;
     if (graph.is_mapping(at)) {
       for (const auto& [key, value] : graph.mapping_entries(at)) {
@@ -191,7 +189,6 @@ pickle::NodeId node_at(const pickle::Graph& graph, std::string_view path) {
       if (ec == std::errc() && end == label.data() + label.size() && index < items->size()) next = (*items)[index];
     }
     at = next;
-    start = slash + 1;
   }
   return at;
 }

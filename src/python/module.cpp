@@ -57,13 +57,11 @@ namespace {
 // flatten_state_dict joins them ({"model": {"a": {"b": t}}} gives "a.b").
 std::string key_of(const std::string& name) {
   const std::size_t first = name.starts_with(kModelPrefix) ? kModelPrefix.size() : 0;
+  const std::vector<std::string> labels = path_labels(std::string_view(name).substr(first));
   std::string key;
-  std::size_t start = first;
-  while (start <= name.size()) {
-    const std::size_t slash = std::min(name.find('/', start), name.size());
-    if (start != first) key += '.';
-    key += unescape_label(std::string_view(name).substr(start, slash - start));
-    start = slash + 1;
+  for (std::size_t i = 0; i < labels.size(); ++i) {
+    if (i > 0) key += '.';
+    key += labels[i];
   }
   return key;
 }

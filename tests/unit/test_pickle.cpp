@@ -1195,6 +1195,9 @@ TEST_CASE("object paths: labels escaped as JSON Pointer, unique per container, r
   CHECK(ckpt::append_path("model", "a/b") == "model/a~1b");
   CHECK(ckpt::path_label("") == "~~empty");
   CHECK(unescape_label("~~empty").empty());
+  CHECK(ckpt::path_labels("model/a~1b/~~empty/0") == std::vector<std::string>{"model", "a/b", "", "0"});
+  CHECK(ckpt::path_labels("") == std::vector<std::string>{""});
+  CHECK(ckpt::path_labels("a/") == std::vector<std::string>{"a", ""});
   CHECK(ckpt::path_label(std::string(300, 'k')) ==
         std::string(300, 'k'));  // not cut: another file's key may share 256 bytes
   std::string long_prefix(1000, 'a');

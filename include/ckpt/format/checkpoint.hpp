@@ -163,6 +163,9 @@ std::string append_path(const std::string& prefix, const std::string& key);
 // unescape_label("~~empty") == "").
 std::string escape_label(std::string_view label);
 std::string unescape_label(std::string_view label);
+// An object path's labels, split at every '/' and unescaped
+// (path_labels("a/b~1c") == {"a", "b/c"}; path_labels("") == {""}).
+std::vector<std::string> path_labels(std::string_view path);
 
 // The labels of one container's children, made unique (see above).
 class ChildLabels {
